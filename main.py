@@ -1,0 +1,193 @@
+"""Fashion visual-search pipeline: command line. Parses and validates flags, then dispatches to one
+mode function in pipeline/ (see README "How it fits together")."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import DEFAULT_DATASET, DEFAULT_MODEL, DEFAULT_ONNX, RunConfig
+from pipeline.dataset import DatasetSpec
+from pipeline.embedders import EmbedderSpec
+from pipeline.errors import PipelineError, UsageError
+from pipeline.report import EXIT_FATAL, EXIT_OK, EXIT_USAGE
+
+log = logging.getLogger("main")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _unit_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="main.py",
+        description="Fashion visual search: embed a catalogue, find look-alikes, match people in videos.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    modes = p.add_argument_group("modes (reference flags)")
+    modes.add_argument("--use-embeddings", action="store_true", help="reuse embeddings/ and images/ from an earlier run")
+    modes.add_argument("--use-segmentation", action="store_true", help="one white-background crop per detected person")
+    modes.add_argument("--use-embedded-segment", action="store_true", help="reuse images_segment/ and embeddings_segment/")
+
+    data = p.add_argument_group("dataset")
+    data.add_argument("--dataset", default=DEFAULT_DATASET, help="hub id, local dataset folder/parquet file, or folder of images")
+    data.add_argument("--split", default="train")
+    data.add_argument("--limit", type=_non_negative_int, default=10000, help="first N rows; 0 = all")
+    data.add_argument("--image-column", default="image")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder of a CLIP model")
+    model.add_argument("--onnx", default=DEFAULT_ONNX, help="ONNX image encoder file")
+    model.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto", help="auto: the ONNX file if it exists, else transformers")
+    model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    model.add_argument("--precision", choices=["auto", "fp32", "fp16", "int8"], default="auto", help="torch backend: fp32 on CPU; on CUDA auto picks int8 (bitsandbytes) if installed, else fp16")
+    model.add_argument("--batch-size", type=_positive_int, default=32)
+    model.add_argument("--threads", type=_non_negative_int, default=0, help="CPU threads for inference; 0 = all cores")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--output-dir", type=Path, default=Path("."), help="where images/, embeddings/, ... are written")
+    out.add_argument("--top-k", type=_positive_int, default=5)
+    out.add_argument("--max-matrix", type=_non_negative_int, default=20000, help="save the N x N distance matrix only when N <= this")
+    out.add_argument("--max-result-images", type=_non_negative_int, default=None, help="cap on result pictures (default: one per image)")
+    out.add_argument("--shard-rows", type=_positive_int, default=512, help="rows per resumable shard")
+    out.add_argument("--fresh", action="store_true", help="discard the shards of an interrupted run instead of resuming")
+
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars or summary")
+    return p
+
+
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse contradictory flags (parser.error exits with code 2)."""
+    cache_flags = [f for f in ("use_embeddings", "use_embedded_segment") if getattr(args, f)]
+    if len(cache_flags) > 1:
+        parser.error("--use-embeddings and --use-embedded-segment contradict: pick the cache to reuse")
+    if args.use_embeddings and args.use_segmentation:
+        parser.error("--use-embeddings reuses whole-image embeddings; for segmented crops use --use-embedded-segment")
+    if args.use_embedded_segment and args.use_segmentation:
+        parser.error("--use-embedded-segment already means segmentation; drop --use-segmentation to reuse the cache, or drop --use-embedded-segment to rebuild it")
+    if args.fresh and (args.use_embeddings or args.use_embedded_segment):
+        parser.error("--fresh rebuilds the gallery; it cannot be combined with a cache flag")
+    if args.backend == "onnx" and args.precision != "auto":
+        parser.error("--precision applies to the torch backend; the ONNX file's precision is fixed when it is exported")
+    if args.device == "cpu" and args.precision in ("fp16", "int8"):
+        parser.error(f"--precision {args.precision} needs --device cuda (on CPU use the int8 ONNX file)")
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> frozenset[str]:
+    """Names of the options the user typed (so cache checks compare requests, not defaults)."""
+    shadow = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public listing
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                kwargs["action"] = "store_const"
+                kwargs["const"] = True
+            else:
+                kwargs["nargs"] = action.nargs
+            shadow.add_argument(*action.option_strings, **kwargs)
+    ns, _ = shadow.parse_known_args(argv)
+    return frozenset(vars(ns))
+
+
+def config_from_args(args: argparse.Namespace, explicit: frozenset[str]) -> RunConfig:
+    return RunConfig(
+        dataset=DatasetSpec(args.dataset, args.split, args.limit or None, args.image_column),
+        embedder=EmbedderSpec(
+            model=args.model, onnx=args.onnx, backend=args.backend, device=args.device,
+            precision=args.precision, threads=args.threads,
+        ),
+        output_dir=args.output_dir,
+        batch_size=args.batch_size,
+        top_k=args.top_k,
+        max_matrix=args.max_matrix,
+        max_result_images=args.max_result_images,
+        shard_rows=args.shard_rows,
+        use_embeddings=args.use_embeddings,
+        use_segmentation=args.use_segmentation,
+        use_embedded_segment=args.use_embedded_segment,
+        fresh=args.fresh,
+        progress=not args.quiet,
+        explicit=explicit,
+    )
+
+
+def configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if not verbose:
+        for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub", "PIL", "matplotlib"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def dispatch(cfg: RunConfig):
+    """Pick the mode function for this configuration."""
+    from pipeline.runner import run_gallery
+
+    return run_gallery(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        validate(args, parser)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code or 0)
+    configure_logging(args.verbose, args.quiet)
+    cfg = config_from_args(args, explicit_options(parser, argv))
+    try:
+        summary = dispatch(cfg)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except PipelineError as e:
+        if args.verbose:
+            log.exception("fatal")
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        print("interrupted: complete shards are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected bug: one line unless -v
+        if args.verbose:
+            log.exception("unexpected error")
+        print(f"error: unexpected {type(e).__name__}: {e} (run with -v for the traceback)", file=sys.stderr)
+        return EXIT_FATAL
+    if not args.quiet:
+        print(summary.format())
+    return summary.exit_code if summary is not None else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

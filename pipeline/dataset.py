@@ -1,0 +1,219 @@
+"""Dataset reader: a hub id, a local dataset folder or file, or a folder of images in; a stream of
+`Record`s (encoded bytes of one row's image, undecoded) out, in dataset order.
+
+Nothing here decodes pixels, so a corrupt row becomes a recorded failure downstream, not a crash.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif"}
+_TABLE_SUFFIXES = {".parquet", ".arrow"}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One dataset row's image, still encoded.
+
+    Attributes:
+        source_row: the row's position in the dataset (or in the sorted folder listing).
+        source: where it came from: the file's relative path, or "<dataset>[row]".
+        data: the encoded bytes; None when the row has no image, with `error` saying why.
+    """
+
+    source_row: int
+    source: str
+    data: bytes | None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What to read: `name` is a hub id, a local dataset folder/file, or a folder of images."""
+
+    name: str
+    split: str = "train"
+    limit: int | None = 10000
+    image_column: str = "image"
+
+    def as_dict(self) -> dict[str, Any]:
+        name = self.name
+        if Path(name).exists():
+            name = str(Path(name).resolve())
+        return {"dataset": name, "split": self.split, "limit": self.limit, "image_column": self.image_column}
+
+
+def iter_records(spec: DatasetSpec, start: int = 0) -> Iterator[Record]:
+    """Yield records for rows start .. limit-1 in dataset order.
+
+    Args:
+        spec: the dataset to read.
+        start: first row to yield (rows before it are skipped without reading their images where
+            the format allows).
+    Raises:
+        PipelineError: the dataset cannot be opened, or has no such split or column.
+    """
+    path = Path(spec.name)
+    if path.is_dir() and _is_image_folder(path):
+        yield from _iter_image_folder(path, spec, start)
+    elif path.exists():
+        yield from _iter_hf(_open_local(path, spec), spec, start)
+    elif re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec.name) and not spec.name.startswith((".", "/")):
+        yield from _iter_hf(_open_hub(spec), spec, start)
+    else:
+        raise PipelineError(f"dataset {spec.name!r} is neither an existing path nor a hub id like 'owner/name'")
+
+
+def count_rows(spec: DatasetSpec) -> int | None:
+    """Number of rows that will be read (for progress bars), when it is cheap to know."""
+    path = Path(spec.name)
+    n: int | None = None
+    if path.is_dir() and _is_image_folder(path):
+        n = len(_list_images(path))
+    elif path.exists():
+        files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+        if files and all(f.suffix == ".parquet" for f in files):
+            import pyarrow.parquet as pq
+
+            split_files = [f for f in files if spec.split in f.name] or files
+            n = sum(pq.ParquetFile(f).metadata.num_rows for f in split_files)
+    if n is None:
+        return spec.limit
+    return n if spec.limit is None else min(n, spec.limit)
+
+
+# ----------------------------------------------------------------------------- image folders
+def _is_image_folder(path: Path) -> bool:
+    has_tables = any(p.suffix in _TABLE_SUFFIXES for p in path.rglob("*") if p.is_file())
+    return not has_tables and not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file()
+
+
+def _natural_key(rel: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", rel)]
+
+
+def _list_images(root: Path) -> list[str]:
+    rels = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
+                rels.append(os.path.relpath(os.path.join(dirpath, name), root))
+    # Natural order, so img_2 comes before img_10 whatever the padding.
+    rels.sort(key=_natural_key)
+    return rels
+
+
+def _iter_image_folder(root: Path, spec: DatasetSpec, start: int) -> Iterator[Record]:
+    rels = _list_images(root)
+    if not rels:
+        raise PipelineError(f"{root} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) and no parquet/arrow files")
+    stop = len(rels) if spec.limit is None else min(len(rels), spec.limit)
+    for i in range(start, stop):
+        rel = rels[i]
+        try:
+            data = (root / rel).read_bytes()
+            yield Record(i, rel, data)
+        except OSError as e:
+            yield Record(i, rel, None, f"cannot read file: {e.strerror or e}")
+
+
+# ----------------------------------------------------------------------------- Hugging Face datasets
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise PipelineError("reading this dataset needs the 'datasets' package: pip install datasets") from e
+    return datasets
+
+
+def _open_hub(spec: DatasetSpec):
+    datasets = _import_datasets()
+    try:
+        # Streaming reads only the parquet shards that the first `limit` rows live in.
+        return datasets.load_dataset(spec.name, split=spec.split, streaming=True)
+    except ValueError as e:
+        raise PipelineError(f"dataset {spec.name!r}: {e}") from e
+    except Exception as e:  # the hub client raises many types (offline, 404, auth)
+        raise PipelineError(
+            f"cannot open dataset {spec.name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Without network access, pass a local copy with --dataset DIR."
+        ) from e
+
+
+def _open_local(path: Path, spec: DatasetSpec):
+    datasets = _import_datasets()
+    try:
+        if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if spec.split not in ds:
+                    raise PipelineError(f"{path} has splits {list(ds)}, not {spec.split!r}; choose one with --split")
+                ds = ds[spec.split]
+            return ds
+        if path.is_file():
+            kind = {".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix)
+            if kind is None:
+                raise PipelineError(f"{path}: expected a folder, a .parquet or an .arrow file")
+            return datasets.load_dataset(kind, data_files=str(path), split="train", streaming=True)
+        return datasets.load_dataset(str(path), split=spec.split, streaming=True)
+    except PipelineError:
+        raise
+    except ValueError as e:
+        raise PipelineError(f"cannot read dataset {path}: {e}. Check --split (asked for {spec.split!r}).") from e
+    except Exception as e:
+        raise PipelineError(f"cannot read dataset {path} ({type(e).__name__}: {e})") from e
+
+
+def _iter_hf(ds, spec: DatasetSpec, start: int) -> Iterator[Record]:
+    datasets = _import_datasets()
+    features = ds.features
+    if features is not None and spec.image_column not in features:
+        raise PipelineError(
+            f"dataset {spec.name!r} has no column {spec.image_column!r}; its columns are {sorted(features)}. "
+            "Choose one with --image-column."
+        )
+    if features is not None and isinstance(features[spec.image_column], datasets.Image):
+        ds = ds.cast_column(spec.image_column, datasets.Image(decode=False))
+    ds = ds.select_columns([spec.image_column])
+    if isinstance(ds, datasets.Dataset):
+        stop = len(ds) if spec.limit is None else min(len(ds), spec.limit)
+        rows = (ds[i] for i in range(start, stop))
+    else:
+        if spec.limit is not None:
+            ds = ds.take(spec.limit)
+        if start:
+            ds = ds.skip(start)
+        rows = iter(ds)
+    for i, row in enumerate(rows, start=start):
+        yield _record_from_cell(i, f"{spec.name}[{i}]", row.get(spec.image_column))
+
+
+def _record_from_cell(i: int, source: str, cell: Any) -> Record:
+    """An image cell is {'bytes': ..., 'path': ...} (Image(decode=False)), raw bytes, or a path."""
+    if cell is None:
+        return Record(i, source, None, "row has no image (empty cell)")
+    if isinstance(cell, (bytes, bytearray)):
+        return Record(i, source, bytes(cell))
+    if isinstance(cell, dict):
+        if cell.get("bytes"):
+            return Record(i, cell.get("path") or source, bytes(cell["bytes"]))
+        if cell.get("path"):
+            cell = cell["path"]
+        else:
+            return Record(i, source, None, "row has no image (no bytes and no path)")
+    if isinstance(cell, str):
+        try:
+            return Record(i, cell, Path(cell).read_bytes())
+        except OSError as e:
+            return Record(i, cell, None, f"cannot read {cell}: {e.strerror or e}")
+    return Record(i, source, None, f"image cell of unexpected type {type(cell).__name__}")

@@ -1,0 +1,294 @@
+"""Embedders: float32 (B, 3, H, W) pixels in, float32 (B, D) L2-normalized embeddings out.
+
+One interface, two backends picked once by `make_embedder`: transformers' CLIPModel
+(`get_image_features`) and onnxruntime running an exported image tower. Both return the same shape,
+dtype and normalization, so nothing downstream asks which one it got. The ONNX backend imports
+neither torch nor transformers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import PipelineError
+from .preprocess import PreprocessConfig
+from .store import sha256_file
+
+log = logging.getLogger(__name__)
+
+# Keys written into the ONNX file's metadata by `pipeline.export` and read back here.
+META_SOURCE_MODEL = "fashion_pipeline.source_model"
+META_PREPROCESS = "fashion_pipeline.preprocess"
+META_PRECISION = "fashion_pipeline.precision"
+META_KIND = "fashion_pipeline.kind"
+
+
+class Embedder(Protocol):
+    """What every backend provides.
+
+    identity: what made the vectors (backend, model, precision, file hashes, preprocessing, dim);
+        stored in the sidecar and compared before a cache is reused.
+    """
+
+    preprocess_cfg: PreprocessConfig
+    dim: int
+    identity: dict[str, Any]
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """Args: pixels float32 (B, 3, H, W), RGB. Returns: float32 (B, D), unit L2 norm per row."""
+        ...
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """What the user asked for; `resolve_backend` turns backend "auto" into "onnx" or "torch"."""
+
+    model: str = "patrickjohncyh/fashion-clip"
+    onnx: str = "onnx/fashion_clip_image_int8_matmul.onnx"
+    backend: str = "auto"  # auto | onnx | torch
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | fp16 | int8 (torch backend only)
+    threads: int = 0  # 0: all cores this process may use
+
+    def resolve_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        # As the reference does: the ONNX file when it exists, transformers otherwise.
+        return "onnx" if Path(self.onnx).is_file() else "torch"
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalization in float32; zero rows stay zero (callers treat them as failures)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def model_reference(model: str) -> str:
+    """The model as recorded: absolute path for a local folder, the hub id otherwise."""
+    p = Path(model)
+    return str(p.resolve()) if p.exists() else model
+
+
+def model_weights_sha256(model: str) -> str:
+    """sha256 of a local model folder's weight file; "" for a hub id (the id names the weights)."""
+    p = Path(model)
+    if not p.is_dir():
+        return ""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (p / name).is_file():
+            return sha256_file(p / name)
+    return ""
+
+
+def requested_identity(spec: EmbedderSpec) -> dict[str, Any]:
+    """The part of an embedder's identity knowable without loading it; used to check caches.
+
+    Raises:
+        PipelineError: the ONNX backend is asked for and the file is missing.
+    """
+    backend = spec.resolve_backend()
+    if backend == "onnx":
+        if not Path(spec.onnx).is_file():
+            raise PipelineError(
+                f"ONNX file {spec.onnx} not found. Make it with: python main.py --export-onnx --model {spec.model} --onnx {spec.onnx}"
+            )
+        return {"backend": "onnx", "onnx_sha256": sha256_file(spec.onnx)}
+    ident = {"backend": "torch", "model": model_reference(spec.model)}
+    if sha := model_weights_sha256(spec.model):
+        ident["model_sha256"] = sha
+    if spec.precision != "auto":
+        ident["precision"] = spec.precision
+    return ident
+
+
+def make_embedder(spec: EmbedderSpec) -> Embedder:
+    """Build the backend the spec asks for (backend auto resolved here, once)."""
+    backend = spec.resolve_backend()
+    if backend == "onnx":
+        return OnnxEmbedder(spec.onnx, device=spec.device, threads=spec.threads, model_hint=spec.model)
+    if backend == "torch":
+        return TorchEmbedder(spec.model, device=spec.device, precision=spec.precision, threads=spec.threads)
+    raise PipelineError(f"unknown backend {backend!r}")
+
+
+# ----------------------------------------------------------------------------- onnxruntime
+class OnnxEmbedder:
+    """onnxruntime session over an exported CLIP image tower (input pixel_values, output image_embeds)."""
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int = 0, model_hint: str | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise PipelineError("the ONNX backend needs onnxruntime: pip install onnxruntime") from e
+        path = Path(path)
+        if not path.is_file():
+            raise PipelineError(f"ONNX file {path} not found. Make it with: python main.py --export-onnx --onnx {path}")
+        available = ort.get_available_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in available:
+            raise PipelineError(
+                f"--device cuda asked for, but this onnxruntime has no CUDA provider (it has {available}). "
+                "Install onnxruntime-gpu, or use --device cpu."
+            )
+        use_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or available_cores()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise PipelineError(f"cannot load ONNX file {path}: {type(e).__name__}: {e}. Re-create it with --export-onnx.") from e
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise PipelineError(f"onnxruntime could not start its CUDA provider for {path} (check CUDA/cuDNN versions)")
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        meta = self.session.get_modelmeta().custom_metadata_map
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise PipelineError(f"{path}: expected one image input, found {[i.name for i in inputs]}")
+        self.input = inputs[0]
+        if self.input.type != "tensor(float)" or len(self.input.shape) != 4:
+            raise PipelineError(f"{path}: input {self.input.name!r} is {self.input.type} {self.input.shape}; expected float (batch, 3, H, W)")
+        self.output_name = self.session.get_outputs()[0].name
+        if META_PREPROCESS in meta:
+            self.preprocess_cfg = PreprocessConfig.from_json(meta[META_PREPROCESS])
+        elif model_hint and Path(model_hint).is_dir():
+            self.preprocess_cfg = PreprocessConfig.from_model_dir(model_hint)
+        else:
+            log.warning("%s carries no preprocessing metadata; using CLIP defaults", path)
+            self.preprocess_cfg = PreprocessConfig()
+        _, c, h, w = self.input.shape
+        expected = (3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width)
+        for got, want, name in zip((c, h, w), expected, ("channels", "height", "width")):
+            if isinstance(got, int) and got != want:
+                raise PipelineError(f"{path}: input {name} is {got} but preprocessing makes {want}")
+        out_shape = self.session.get_outputs()[0].shape
+        self.dim = int(out_shape[-1]) if isinstance(out_shape[-1], int) else self._probe_dim()
+        self.identity = {
+            "backend": "onnx",
+            "model": meta.get(META_SOURCE_MODEL, ""),
+            "onnx_sha256": sha256_file(path),
+            "precision": "onnx-" + meta.get(META_PRECISION, "unknown"),
+            "preprocess": json.loads(self.preprocess_cfg.to_json()),
+            "dim": self.dim,
+        }
+
+    def _probe_dim(self) -> int:
+        x = np.zeros((1, 3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width), np.float32)
+        return int(self.session.run([self.output_name], {self.input.name: x})[0].shape[-1])
+
+    def check_input(self, pixels: np.ndarray) -> None:
+        """Raise PipelineError naming the mismatch when `pixels` does not fit the model's input."""
+        want = (3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width)
+        if pixels.dtype != np.float32:
+            raise PipelineError(f"ONNX input {self.input.name!r} takes float32, got {pixels.dtype}")
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
+            raise PipelineError(
+                f"ONNX input {self.input.name!r} takes (batch, {want[0]}, {want[1]}, {want[2]}), got {tuple(pixels.shape)}"
+            )
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        self.check_input(pixels)
+        out = self.session.run([self.output_name], {self.input.name: np.ascontiguousarray(pixels)})[0]
+        return l2_normalize(out)
+
+
+# ----------------------------------------------------------------------------- transformers
+class TorchEmbedder:
+    """transformers CLIPModel: fp32 on CPU; on CUDA bitsandbytes 8-bit or fp16 (see `precision`)."""
+
+    def __init__(self, model: str, device: str = "auto", precision: str = "auto", threads: int = 0) -> None:
+        try:
+            import torch
+            from transformers import CLIPModel
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise PipelineError("the torch backend needs torch and transformers: pip install -r requirements.txt") from e
+        if device == "cuda" and not torch.cuda.is_available():
+            raise PipelineError("--device cuda asked for, but torch sees no CUDA device")
+        self.device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.precision = resolve_torch_precision(precision, self.device)
+        if self.device == "cpu":
+            torch.set_num_threads(threads or available_cores())
+        kwargs: dict[str, Any] = {}
+        if self.precision == "int8":
+            from transformers import BitsAndBytesConfig
+
+            kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": 0}, "dtype": torch.float16}
+        elif self.precision == "fp16":
+            kwargs = {"dtype": torch.float16}
+        try:
+            self.model = CLIPModel.from_pretrained(model, **kwargs).eval()
+        except OSError as e:
+            raise PipelineError(
+                f"cannot load model {model!r}: {e}. Without network access pass a local folder with --model DIR."
+            ) from e
+        if self.precision != "int8":
+            self.model.to(self.device)
+        self._torch = torch
+        self._dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
+        self.preprocess_cfg = _preprocess_for_model(model)
+        self.dim = int(self.model.config.projection_dim)
+        self.identity = {
+            "backend": "torch",
+            "model": model_reference(model),
+            "precision": self.precision,
+            "preprocess": json.loads(self.preprocess_cfg.to_json()),
+            "dim": self.dim,
+        }
+        if sha := model_weights_sha256(model):
+            self.identity["model_sha256"] = sha
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, dtype=self._dtype)
+            out = self.model.get_image_features(pixel_values=x)
+            # transformers 5 returns an output object with the projected features in pooler_output.
+            feats = out if torch.is_tensor(out) else out.pooler_output
+            return l2_normalize(feats.float().cpu().numpy())
+
+
+def resolve_torch_precision(precision: str, device: str) -> str:
+    """auto: fp32 on CPU; on CUDA 8-bit through bitsandbytes when installed (as the reference), else fp16."""
+    if device == "cpu":
+        if precision not in ("auto", "fp32"):
+            raise PipelineError(f"--precision {precision} needs --device cuda; on CPU the torch backend runs fp32 (use the ONNX int8 file for int8)")
+        return "fp32"
+    if precision != "auto":
+        if precision == "int8" and not _has_bitsandbytes():
+            raise PipelineError("--precision int8 needs bitsandbytes: pip install bitsandbytes")
+        return precision
+    return "int8" if _has_bitsandbytes() else "fp16"
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _preprocess_for_model(model: str) -> PreprocessConfig:
+    if Path(model).is_dir():
+        return PreprocessConfig.from_model_dir(model)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return PreprocessConfig.from_processor_dict(json.loads(Path(hf_hub_download(model, "preprocessor_config.json")).read_text()))
+    except Exception as e:  # offline, missing file: fall back to the CLIP defaults, loudly
+        log.warning("no preprocessor_config.json for %s (%s); using CLIP defaults", model, e)
+        return PreprocessConfig()

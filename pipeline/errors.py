@@ -1,0 +1,14 @@
+"""Errors that end a run with a one-line message (exit code 1); bad items are recorded, not raised."""
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """A fatal problem the user can act on; the message says what and what to do."""
+
+
+class CacheMismatchError(PipelineError):
+    """A cached store does not match its files or what is asked for."""
+
+
+class UsageError(PipelineError):
+    """Contradictory or invalid arguments, found after parsing (exit code 2)."""

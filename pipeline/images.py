@@ -1,0 +1,159 @@
+"""Image decoding: bytes in, one normalized 8-bit RGB PIL image out, or a recorded reason why not.
+
+Every place that loads a picture (dataset rows, cached files, query images, crops) goes through
+`decode_image`, so EXIF orientation, transparency, CMYK, 16-bit and grayscale are handled once.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# A header may claim any size; we refuse before allocating. 100 Mpx is ~4x a 50 Mpx camera frame.
+MAX_PIXELS = 100_000_000
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class ImageDecodeError(ValueError):
+    """One image could not be turned into RGB pixels; the message says why."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An RGB image plus facts about its source.
+
+    Attributes:
+        image: 8-bit RGB PIL image, EXIF orientation applied. May be a reduced-size decode when
+            `min_side` was given (JPEG draft mode); `width`/`height` are always the source size.
+        width, height: size of the source picture after EXIF rotation, in pixels.
+        note: anything the caller should record (e.g. "animated: frame 1 of 12 used"), else "".
+    """
+
+    image: Image.Image
+    width: int
+    height: int
+    note: str = ""
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Return "jpg" or "png" when the bytes carry that signature, else None."""
+    if data.startswith(JPEG_MAGIC):
+        return "jpg"
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    return None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparent pixels are composited onto white.
+
+    Args:
+        image: a loaded PIL image of any mode (1, L, LA, P, RGBA, CMYK, I;16, I, F, YCbCr, ...).
+    Returns:
+        An RGB image of the same size.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        # Palette images may carry transparency through the tRNS chunk.
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit and 32-bit greyscale: scale to 8 bits by the value range of the type, not clipping.
+        import numpy as np
+
+        arr = np.asarray(image)
+        if arr.dtype.kind in "ui" and arr.dtype.itemsize >= 2:
+            top = 65535.0 if arr.max(initial=0) > 255 or mode.startswith("I;16") else 255.0
+        else:
+            top = max(float(arr.max(initial=0)), 1.0) if arr.dtype.kind == "f" else 255.0
+        scaled = np.clip(arr.astype(np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXELS) -> DecodedImage:
+    """Decode encoded image bytes into a normalized RGB image.
+
+    Args:
+        data: the encoded file (JPEG, PNG, WebP, GIF, TIFF, BMP, ...).
+        min_side: when set, a JPEG may be decoded at a reduced scale (1/2, 1/4, 1/8) as long as
+            both sides stay >= min_side; this is what makes 768x1024 sources cheap to embed.
+        max_pixels: refuse pictures whose header claims more pixels than this, before decoding.
+    Returns:
+        DecodedImage.
+    Raises:
+        ImageDecodeError: empty, unreadable, truncated, too large, or not an image.
+    """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError(f"not a recognized image format (starts with {data[:8]!r})") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"refused as a decompression bomb: {_short(e)}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"cannot read image header: {_short(e)}") from e
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"refused: header claims {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
+        )
+    note = ""
+    frames = getattr(image, "n_frames", 1)
+    if getattr(image, "is_animated", False) and frames > 1:
+        image.seek(0)
+        note = f"animated {image.format}: frame 1 of {frames} used"
+    try:
+        if min_side and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            # draft() picks the largest DCT reduction that keeps both sides >= the requested box,
+            # so the short side stays >= min_side whatever the EXIF rotation.
+            image.draft(image.mode, (min_side, min_side))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = to_rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(f"cannot decode pixels: {_short(e)}") from e
+    w, h = _oriented_size(width, height, image)
+    return DecodedImage(image=image, width=w, height=h, note=note)
+
+
+def _oriented_size(width: int, height: int, image: Image.Image) -> tuple[int, int]:
+    """Source size after EXIF rotation, judged from the decoded image's aspect."""
+    iw, ih = image.size
+    if (iw >= ih) == (width >= height) or width == height:
+        return width, height
+    return height, width
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """Encode an RGB image as PNG (lossless), for sources that are neither JPEG nor PNG."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def encode_jpeg(image: Image.Image, quality: int = 92) -> bytes:
+    """Encode an RGB image as JPEG, for derived pictures (crops, composites)."""
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

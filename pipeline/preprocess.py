@@ -1,0 +1,166 @@
+"""CLIP image preprocessing in numpy/PIL: RGB image in, float32 (3, H, W) tensor out.
+
+Both embedding backends use this, so the ONNX path needs neither torch nor transformers. It matches
+`transformers.CLIPImageProcessorPil` (the PIL-based processor, as OpenAI CLIP trained with) to 1e-6;
+transformers 5's default `CLIPImageProcessor` resizes with torchvision and differs by at most one
+8-bit step (~0.015 after normalization), see tests/test_preprocess.py.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Beyond this aspect ratio the long side is cut down around the centre before resizing, so a
+# 1x4000 strip is never resized to 224x896000. Below it the result is exactly the processor's.
+MAX_ASPECT_BEFORE_PRECROP = 8.0
+
+_RESAMPLE = {
+    0: Image.NEAREST,
+    1: Image.LANCZOS,
+    2: Image.BILINEAR,
+    3: Image.BICUBIC,
+    4: Image.BOX,
+    5: Image.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The parameters of a CLIPImageProcessor that matter for pixels."""
+
+    shortest_edge: int = 224
+    crop_height: int = 224
+    crop_width: int = 224
+    resample: int = 3  # PIL's numbering: 3 = bicubic
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = field(default=CLIP_MEAN)
+    image_std: tuple[float, float, float] = field(default=CLIP_STD)
+
+    @classmethod
+    def from_processor_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+        """Read a Hugging Face `preprocessor_config.json` dict (CLIPImageProcessor keys)."""
+        size = d.get("size", {"shortest_edge": 224})
+        if isinstance(size, int):
+            shortest = size
+        elif "shortest_edge" in size:
+            shortest = int(size["shortest_edge"])
+        else:
+            shortest = int(min(size.get("height", 224), size.get("width", 224)))
+        crop = d.get("crop_size", {"height": 224, "width": 224})
+        if isinstance(crop, int):
+            crop = {"height": crop, "width": crop}
+        return cls(
+            shortest_edge=shortest,
+            crop_height=int(crop["height"]),
+            crop_width=int(crop["width"]),
+            resample=int(d.get("resample", 3)),
+            do_resize=bool(d.get("do_resize", True)),
+            do_center_crop=bool(d.get("do_center_crop", True)),
+            do_rescale=bool(d.get("do_rescale", True)),
+            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
+            do_normalize=bool(d.get("do_normalize", True)),
+            image_mean=tuple(float(x) for x in d.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(float(x) for x in d.get("image_std", CLIP_STD)),
+        )
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> "PreprocessConfig":
+        """Read `preprocessor_config.json` from a model folder; CLIP defaults when it is absent."""
+        path = Path(model_dir) / "preprocessor_config.json"
+        if not path.is_file():
+            return cls()
+        return cls.from_processor_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def from_json(cls, text: str) -> "PreprocessConfig":
+        d = json.loads(text)
+        d["image_mean"] = tuple(d["image_mean"])
+        d["image_std"] = tuple(d["image_std"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @property
+    def decode_min_side(self) -> int:
+        """Smallest short side a reduced-scale decode may have without changing the resize input much."""
+        return self.shortest_edge if self.do_resize else max(self.crop_height, self.crop_width)
+
+
+def _resize_size(width: int, height: int, shortest: int) -> tuple[int, int]:
+    """transformers' get_resize_output_image_size(default_to_square=False) for a shortest_edge."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = shortest, int(shortest * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def _precrop_extreme(image: Image.Image) -> Image.Image:
+    """Cut the long side of a very elongated image to MAX_ASPECT_BEFORE_PRECROP x the short side."""
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    if long <= short * MAX_ASPECT_BEFORE_PRECROP:
+        return image
+    keep = int(short * MAX_ASPECT_BEFORE_PRECROP)
+    start = (long - keep) // 2
+    box = (start, 0, start + keep, h) if w > h else (0, start, w, start + keep)
+    return image.crop(box)
+
+
+def preprocess(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """Turn one RGB image into the model's input.
+
+    Args:
+        image: 8-bit RGB PIL image of any size.
+        cfg: preprocessing parameters.
+    Returns:
+        float32 array (3, crop_height, crop_width), channels in RGB order.
+    """
+    if image.mode != "RGB":
+        raise ValueError(f"preprocess expects an RGB image, got mode {image.mode!r}")
+    if cfg.do_resize:
+        image = _precrop_extreme(image)
+        size = _resize_size(image.width, image.height, cfg.shortest_edge)
+        if size != image.size:
+            image = image.resize(size, _RESAMPLE.get(cfg.resample, Image.BICUBIC))
+    arr = np.asarray(image)
+    if cfg.do_center_crop:
+        arr = _center_crop(arr, cfg.crop_height, cfg.crop_width)
+    out = arr.astype(np.float32)
+    if cfg.do_rescale:
+        out *= np.float32(cfg.rescale_factor)
+    if cfg.do_normalize:
+        out -= np.asarray(cfg.image_mean, dtype=np.float32)
+        out /= np.asarray(cfg.image_std, dtype=np.float32)
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    """transformers' center_crop: pads with zeros when the image is smaller than the crop."""
+    h, w = arr.shape[:2]
+    if h < crop_h or w < crop_w:
+        padded = np.zeros((max(h, crop_h), max(w, crop_w), arr.shape[2]), dtype=arr.dtype)
+        top, left = (padded.shape[0] - h) // 2, (padded.shape[1] - w) // 2
+        padded[top : top + h, left : left + w] = arr
+        arr, h, w = padded, padded.shape[0], padded.shape[1]
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    return arr[top : top + crop_h, left : left + crop_w]
+
+
+def preprocess_batch(images: Iterable[Image.Image], cfg: PreprocessConfig) -> np.ndarray:
+    """Stack preprocessed images into float32 (B, 3, H, W)."""
+    arrays = [preprocess(im, cfg) for im in images]
+    if not arrays:
+        return np.zeros((0, 3, cfg.crop_height, cfg.crop_width), dtype=np.float32)
+    return np.stack(arrays)

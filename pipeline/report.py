@@ -1,0 +1,70 @@
+"""Run reporting: stage timers, counts, recorded failures, peak memory, and the closing summary."""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_USAGE = 2
+EXIT_ITEM_FAILURES = 3
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / (1024 * 1024)
+
+
+@dataclass
+class RunSummary:
+    """What a run did: counts, failures (item, reason), seconds per stage, outputs, notes."""
+
+    mode: str
+    counts: dict[str, int] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def fail(self, item: str, reason: str) -> None:
+        self.failures.append((item, reason))
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_ITEM_FAILURES if self.failures else EXIT_OK
+
+    def format(self, max_failures: int = 10) -> str:
+        wall = time.perf_counter() - self.started
+        lines = [f"== {self.mode}: done in {wall:.1f} s, peak memory {peak_rss_mib():.0f} MiB"]
+        if self.counts:
+            lines.append("counts:   " + ", ".join(f"{k} {v}" for k, v in self.counts.items()))
+        if self.stages:
+            lines.append("stages:   " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items()))
+        for note in self.notes:
+            lines.append(f"note:     {note}")
+        if self.failures:
+            lines.append(f"failures: {len(self.failures)} item(s) (recorded in the manifest):")
+            for item, reason in self.failures[:max_failures]:
+                lines.append(f"  - {item}: {reason}")
+            if len(self.failures) > max_failures:
+                lines.append(f"  ... and {len(self.failures) - max_failures} more")
+        for name, where in self.outputs.items():
+            lines.append(f"output:   {name} -> {where}")
+        return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""Modes: each is one function from a RunConfig to a RunSummary. The gallery modes (standard and
+segmentation, built or from cache) share one path: gallery -> neighbours -> pictures -> matrix -> plots.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import RunConfig
+from .dataset import count_rows, iter_records
+from .embedders import make_embedder, requested_identity
+from .gallery import GalleryTarget, build_gallery, make_standard_items, record_failures
+from .plots import compose_matches, save_heatmap, save_histogram, save_jpeg
+from .report import RunSummary
+from .retrieval import iter_neighbour_rows, topk_neighbours, write_distance_matrix, write_neighbours_csv
+from .store import GalleryCache, ManifestRow, ThumbnailReader, check_writable, load_cache
+
+log = logging.getLogger(__name__)
+
+_SEGMENT_FILES = re.compile(r"seg_\d+_p\d+\.(jpg|png)$")
+
+
+def gallery_source(cfg: RunConfig) -> dict[str, Any]:
+    """What the gallery is made from; stored in the sidecar and part of the resume check."""
+    src = {"kind": "segment" if cfg.segmented else "standard", **cfg.dataset.as_dict()}
+    if cfg.segmented:
+        seg = cfg.segment
+        src.update(seg_model=seg.model, seg_conf=seg.conf, seg_imgsz=seg.imgsz, keep_unsegmented=seg.keep_unsegmented)
+    return src
+
+
+def requested_source(cfg: RunConfig) -> dict[str, Any]:
+    """The source keys the user typed, compared against a cache (defaults are not a request)."""
+    full = gallery_source(cfg)
+    keys = {"kind"} | {k for k in full if k in cfg.explicit}
+    return {k: full[k] for k in keys}
+
+
+def load_gallery_cache(cfg: RunConfig, identity: dict[str, Any] | None = None) -> GalleryCache:
+    """Load embeddings/ (or embeddings_segment/) and check it against files and the request."""
+    return load_cache(
+        cfg.store_dir,
+        cfg.images_dir,
+        identity=identity if identity is not None else requested_identity(cfg.embedder),
+        source=requested_source(cfg),
+    )
+
+
+def build_or_load_gallery(cfg: RunConfig, summary: RunSummary, embedder=None) -> tuple[np.ndarray, list[ManifestRow], Any]:
+    """The gallery for this run: from cache when asked, else built (or resumed).
+
+    Returns:
+        (embeddings float32 (N, D), manifest rows, the embedder or None when loaded from cache)
+    """
+    if cfg.from_cache:
+        with summary.stage("load cache"):
+            ident = embedder.identity if embedder is not None else None
+            cache = load_gallery_cache(cfg, identity=ident)
+        log.info("loaded %d embeddings from %s", len(cache.embeddings), cfg.store_dir)
+        return cache.embeddings, cache.rows, embedder
+    with summary.stage("load model"):
+        embedder = embedder or make_embedder(cfg.embedder)
+    if cfg.segmented:
+        from .segment import make_segment_items, make_segmenter
+
+        with summary.stage("load segmenter"):
+            segmenter = make_segmenter(cfg.segment)
+        make_items = make_segment_items(segmenter, cfg.segment, embedder.preprocess_cfg.decode_min_side)
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=_SEGMENT_FILES)
+    else:
+        make_items = make_standard_items(embedder.preprocess_cfg.decode_min_side)
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir)
+    source = gallery_source(cfg)
+    run_params = {
+        "source": source,
+        "identity": embedder.identity,
+        "batch_size": cfg.batch_size,
+        "shard_rows": cfg.shard_rows,
+    }
+    emb, rows = build_gallery(
+        records=lambda start: iter_records(cfg.dataset, start),
+        total_rows=count_rows(cfg.dataset),
+        make_items=make_items,
+        embedder=embedder,
+        target=target,
+        run_params=run_params,
+        source=source,
+        summary=summary,
+        batch_size=cfg.batch_size,
+        shard_rows=cfg.shard_rows,
+        fresh=cfg.fresh,
+        progress=cfg.progress,
+    )
+    return emb, rows, embedder
+
+
+def run_gallery(cfg: RunConfig) -> RunSummary:
+    """Standard or segmentation run: build or load the gallery, then neighbours, pictures, plots."""
+    mode = ("segmentation" if cfg.segmented else "standard") + (" (from cache)" if cfg.from_cache else "")
+    summary = RunSummary(mode=mode)
+    check_writable(cfg.output_dir)
+    emb, rows, _ = build_or_load_gallery(cfg, summary)
+    record_failures(rows, summary)
+    summary.count("rows", len({r.source_row for r in rows}))
+    if cfg.segmented:
+        summary.count("crops", sum(1 for r in rows if r.person >= 0 and r.status == "ok"))
+        summary.count("rows without person", sum(1 for r in rows if r.status == "no_person"))
+    summary.count("embedded", len(emb))
+    summary.count("failed", len(summary.failures))
+    summary.outputs["images"] = str(cfg.images_dir)
+    summary.outputs["embeddings"] = str(cfg.store_dir)
+    write_retrieval_outputs(cfg, emb, rows, summary)
+    return summary
+
+
+def write_retrieval_outputs(cfg: RunConfig, emb: np.ndarray, rows: list[ManifestRow], summary: RunSummary) -> None:
+    """Neighbour table, one composite picture per query, the distance matrix, heatmap, histogram."""
+    embedded = sorted((r for r in rows if r.embedding_row >= 0), key=lambda r: r.embedding_row)
+    n = len(embedded)
+    cfg.results_dir.mkdir(parents=True, exist_ok=True)
+    cfg.plots_dir.mkdir(parents=True, exist_ok=True)
+    if n < 2:
+        summary.notes.append(f"only {n} embedded item(s): no neighbours, matrix or plots")
+        return
+    ids = [r.index for r in embedded]
+    files = [r.file for r in embedded]
+    with summary.stage("neighbours"):
+        nb = topk_neighbours(emb, emb, cfg.top_k, exclude_self=True)
+        table = cfg.results_dir / "neighbours.csv"
+        write_neighbours_csv(table, iter_neighbour_rows(nb, ids, files, ids, files))
+    summary.outputs["neighbour table"] = str(table)
+    with summary.stage("result pictures"):
+        written = write_result_pictures(cfg, nb, files)
+    summary.count("result pictures", written)
+    summary.outputs["result pictures"] = f"{cfg.results_dir}/*_matches.jpg"
+    if n <= cfg.max_matrix:
+        with summary.stage("distance matrix"):
+            path = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy"
+            write_distance_matrix(emb, path)
+        summary.outputs["distance matrix"] = f"{path} (rows = manifest embedding_row)"
+    else:
+        summary.notes.append(f"{n} items > --max-matrix {cfg.max_matrix}: distance matrix not saved (neighbours were computed blockwise)")
+    with summary.stage("plots"):
+        heat = cfg.plots_dir / f"distance_heatmap{cfg.suffix}.png"
+        save_heatmap(emb, heat)
+        hist = cfg.plots_dir / f"nearest_neighbour_hist{cfg.suffix}.png"
+        save_histogram(nb.distances[:, 0], hist, title=f"Distance to the nearest other item ({n} items)")
+    summary.outputs["heatmap"] = str(heat)
+    summary.outputs["histogram"] = str(hist)
+
+
+def write_result_pictures(cfg: RunConfig, nb, files: list[str]) -> int:
+    """One composite per query (query + top-k with distances) from the stored thumbnails."""
+    for old in cfg.results_dir.glob("*_matches.jpg"):
+        old.unlink()
+    limit = len(files) if cfg.max_result_images is None else min(cfg.max_result_images, len(files))
+    if limit == 0:
+        return 0
+    reader = ThumbnailReader(cfg.store_dir / "thumbnails.npy")
+
+    def one(i: int) -> None:
+        labels, tiles = [], []
+        for j, d in zip(nb.indices[i], nb.distances[i]):
+            if j < 0:
+                continue
+            tiles.append(reader_get(j))
+            labels.append(f"d={d:.3f}\n{files[j]}")
+        pic = compose_matches(reader_get(i), f"query\n{files[i]}", tiles, labels)
+        save_jpeg(pic, cfg.results_dir / f"{Path(files[i]).stem}_matches.jpg")
+
+    lock = threading.Lock()
+
+    def reader_get(j: int) -> np.ndarray:
+        with lock:
+            return reader[j].copy()
+
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(tqdm(pool.map(one, range(limit)), total=limit, desc="result pictures", unit="pic", disable=not cfg.progress))
+    finally:
+        reader.close()
+    return limit

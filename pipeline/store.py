@@ -1,0 +1,540 @@
+"""Embedding store: atomic files, the manifest, the sidecar, resumable shards, and cache checks.
+
+Layout of one store folder (`embeddings/` or `embeddings_segment/`):
+    embeddings.npy    float32 (N_ok, D), L2-normalized; row r belongs to the manifest line whose
+                      embedding_row == r
+    manifest.csv      one line per dataset row (or per crop / per row without crops), see ManifestRow
+    thumbnails.npy    uint8 (N_ok, T, T, 3) RGB thumbnails, row-aligned with embeddings.npy
+    embeddings.json   the sidecar; written last, so its presence means the store is complete
+    .partial/         shards of an unfinished run (removed when the run completes)
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .errors import CacheMismatchError, PipelineError
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS_FILE = "embeddings.npy"
+MANIFEST_FILE = "manifest.csv"
+THUMBNAILS_FILE = "thumbnails.npy"
+SIDECAR_FILE = "embeddings.json"
+PARTIAL_DIR = ".partial"
+RUN_FILE = "run.json"
+STORE_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------- atomic files
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes to `path` through a temp file in the same folder and os.replace."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class AtomicNpyMemmap:
+    """An .npy file filled through a memory map and moved into place only when complete.
+
+    Use as a context manager; on an exception the temp file is removed and nothing appears at `path`.
+    """
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...], dtype: Any) -> None:
+        self.path = Path(path)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
+
+    def __enter__(self) -> np.ndarray:
+        return self.array
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.array.flush()
+                with open(self.tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+        finally:
+            del self.array
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            _unlink_quietly(self.tmp)
+
+
+def _unlink_quietly(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------- manifest
+@dataclass
+class ManifestRow:
+    """One line of manifest.csv.
+
+    index is the line number; source_row the row of the dataset it came from. For person crops,
+    person is the crop's number within its source row and the box is xyxy in source pixels.
+    status is "ok", "failed" or "no_person"; embedding_row is -1 when the item has no embedding.
+    """
+
+    index: int
+    file: str
+    source_row: int
+    source: str = ""
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    status: str = "ok"
+    error: str = ""
+    note: str = ""
+    embedding_row: int = -1
+    person: int = -1
+    box_x1: float | str = ""
+    box_y1: float | str = ""
+    box_x2: float | str = ""
+    box_y2: float | str = ""
+    mask_area: int | str = ""
+    confidence: float | str = ""
+
+
+MANIFEST_FIELDS = [f.name for f in fields(ManifestRow)]
+_INT_FIELDS = {"index", "source_row", "width", "height", "embedding_row", "person"}
+
+
+def manifest_to_csv(rows: Iterable[ManifestRow]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(asdict(row))
+    return buf.getvalue()
+
+
+def read_manifest(path: str | Path) -> list[ManifestRow]:
+    """Parse manifest.csv; raises CacheMismatchError naming the line when it is malformed."""
+    path = Path(path)
+    rows: list[ManifestRow] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != MANIFEST_FIELDS:
+            raise CacheMismatchError(f"{path}: unexpected columns {reader.fieldnames}; expected {MANIFEST_FIELDS}")
+        for lineno, d in enumerate(reader, start=2):
+            try:
+                kw: dict[str, Any] = {}
+                for k, v in d.items():
+                    if k in _INT_FIELDS:
+                        kw[k] = int(v)
+                    elif k in ("box_x1", "box_y1", "box_x2", "box_y2", "confidence"):
+                        kw[k] = float(v) if v != "" else ""
+                    elif k == "mask_area":
+                        kw[k] = int(v) if v != "" else ""
+                    else:
+                        kw[k] = v
+                rows.append(ManifestRow(**kw))
+            except (TypeError, ValueError) as e:
+                raise CacheMismatchError(f"{path}, line {lineno}: cannot parse ({e})") from e
+    return rows
+
+
+# ----------------------------------------------------------------------------- sidecar
+@dataclass
+class Sidecar:
+    """What a store holds and how it was made; compared field by field before reuse."""
+
+    identity: dict[str, Any]  # model, backend, precision, onnx_sha256, preprocess, dim
+    source: dict[str, Any]  # dataset, split, limit, image_column, kind (+ segmentation params)
+    count: int
+    dim: int
+    manifest_rows: int
+    manifest_sha256: str
+    embeddings_sha256: str
+    thumbnails_sha256: str
+    thumbnail_size: int
+    format: int = STORE_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def describe_differences(expected: dict[str, Any], found: dict[str, Any], prefix: str = "") -> list[str]:
+    """List 'key: cache has X, asked for Y' for every key of `expected` that differs in `found`
+    (recursing into dicts). Keys only in `found` are not compared: the request names what matters."""
+    out = []
+    for key in sorted(expected):
+        a, b = found.get(key, "<absent>"), expected.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += describe_differences(b, a, prefix=f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: cache has {a!r}, asked for {b!r}")
+    return out
+
+
+@dataclass
+class GalleryCache:
+    """A verified store: embeddings plus the manifest rows that own them."""
+
+    root: Path
+    images_dir: Path
+    embeddings: np.ndarray  # float32 (N, D)
+    rows: list[ManifestRow]  # all manifest lines
+    sidecar: Sidecar
+
+    @property
+    def embedded_rows(self) -> list[ManifestRow]:
+        """Manifest lines with an embedding, in embedding-row order."""
+        out = [r for r in self.rows if r.embedding_row >= 0]
+        out.sort(key=lambda r: r.embedding_row)
+        return out
+
+    def thumbnails(self) -> "ThumbnailReader":
+        return ThumbnailReader(self.root / THUMBNAILS_FILE)
+
+
+def load_cache(
+    root: str | Path,
+    images_dir: str | Path,
+    identity: dict[str, Any] | None,
+    source: dict[str, Any] | None = None,
+    check_images: bool = True,
+) -> GalleryCache:
+    """Load a store and check it against the files and against what is asked for.
+
+    Args:
+        root: the store folder (embeddings/ or embeddings_segment/).
+        images_dir: the folder the manifest's file names are relative to.
+        identity: the embedder identity asked for; None skips that comparison.
+        source: dataset parameters asked for; keys absent from it are not compared.
+        check_images: verify each image file exists and has the recorded sha256.
+    Raises:
+        CacheMismatchError: with a message naming every difference found.
+    """
+    root, images_dir = Path(root), Path(images_dir)
+    sidecar_path = root / SIDECAR_FILE
+    if not sidecar_path.is_file():
+        partial = " (an unfinished run left shards in .partial/; run again without the cache flag to resume)" if (
+            root / PARTIAL_DIR
+        ).is_dir() else ""
+        raise CacheMismatchError(f"no complete cache in {root}: {sidecar_path.name} is missing{partial}")
+    try:
+        sc_dict = json.loads(sidecar_path.read_text())
+        sidecar = Sidecar(**sc_dict)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CacheMismatchError(f"{sidecar_path}: unreadable sidecar ({e})") from e
+    if sidecar.format != STORE_FORMAT:
+        raise CacheMismatchError(f"{sidecar_path}: store format {sidecar.format}, this version reads {STORE_FORMAT}")
+    problems: list[str] = []
+    if identity is not None:
+        problems += describe_differences(identity, sidecar.identity)
+    if source:
+        problems += describe_differences(source, sidecar.source)
+    if problems:
+        raise CacheMismatchError(f"cache in {root} was made differently from what is asked:\n  " + "\n  ".join(problems))
+
+    emb_path, man_path = root / EMBEDDINGS_FILE, root / MANIFEST_FILE
+    for p in (emb_path, man_path, root / THUMBNAILS_FILE):
+        if not p.is_file():
+            raise CacheMismatchError(f"cache in {root} is incomplete: {p.name} is missing")
+    if (h := sha256_file(man_path)) != sidecar.manifest_sha256:
+        raise CacheMismatchError(f"{man_path} was changed after the run (sha256 {h[:12]}…, sidecar says {sidecar.manifest_sha256[:12]}…)")
+    if (h := sha256_file(emb_path)) != sidecar.embeddings_sha256:
+        raise CacheMismatchError(f"{emb_path} does not match the sidecar (sha256 {h[:12]}…, expected {sidecar.embeddings_sha256[:12]}…): truncated or replaced")
+    if (h := sha256_file(root / THUMBNAILS_FILE)) != sidecar.thumbnails_sha256:
+        raise CacheMismatchError(f"{root / THUMBNAILS_FILE} does not match the sidecar: truncated or replaced")
+    try:
+        emb = np.load(emb_path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise CacheMismatchError(f"{emb_path}: unreadable ({e})") from e
+    if emb.dtype != np.float32 or emb.shape != (sidecar.count, sidecar.dim):
+        raise CacheMismatchError(f"{emb_path}: shape {emb.shape} {emb.dtype}, sidecar says ({sidecar.count}, {sidecar.dim}) float32")
+    rows = read_manifest(man_path)
+    if len(rows) != sidecar.manifest_rows:
+        raise CacheMismatchError(f"{man_path}: {len(rows)} lines, sidecar says {sidecar.manifest_rows}")
+    emb_rows = sorted(r.embedding_row for r in rows if r.embedding_row >= 0)
+    if emb_rows != list(range(sidecar.count)):
+        raise CacheMismatchError(f"{man_path}: embedding_row values do not cover 0..{sidecar.count - 1} exactly once")
+    if check_images:
+        missing, changed = [], []
+        for r in rows:
+            if r.embedding_row < 0 or not r.file:
+                continue
+            p = images_dir / r.file
+            if not p.is_file():
+                missing.append(r.file)
+            elif sha256_file(p) != r.sha256:
+                changed.append(r.file)
+        if missing or changed:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} image(s) missing from {images_dir} (e.g. {', '.join(missing[:3])})")
+            if changed:
+                parts.append(f"{len(changed)} image(s) changed since embedding (e.g. {', '.join(changed[:3])})")
+            raise CacheMismatchError(f"cache in {root} no longer matches its images: " + "; ".join(parts))
+    return GalleryCache(root=root, images_dir=images_dir, embeddings=emb, rows=rows, sidecar=sidecar)
+
+
+class ThumbnailReader:
+    """Reads single thumbnails from thumbnails.npy with plain file reads (no growing memory map)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            self.offset = f.tell()
+        if dtype != np.uint8 or len(shape) != 4:
+            raise CacheMismatchError(f"{self.path}: expected uint8 (N, T, T, 3), got {shape} {dtype}")
+        self.shape = shape
+        self.item = int(np.prod(shape[1:]))
+        self._f = open(self.path, "rb")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        self._f.seek(self.offset + int(i) * self.item)
+        buf = self._f.read(self.item)
+        return np.frombuffer(buf, dtype=np.uint8).reshape(self.shape[1:])
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# ----------------------------------------------------------------------------- shards
+@dataclass
+class Shard:
+    """One completed shard: source rows [start, stop) and what they produced."""
+
+    number: int
+    start: int
+    stop: int
+    embeddings: np.ndarray  # float32 (n, D)
+    rows: list[ManifestRow]  # embedding_row is local to the shard here
+    thumbnails: np.ndarray | None = None  # uint8 (n, T, T, 3); only set on shards being written
+
+
+class ShardStore:
+    """Writes shards of an unfinished run into <root>/.partial and finds them again on resume.
+
+    A shard is complete only when its .done marker exists and the hashes in it match the files;
+    the marker is written last, so a kill at any moment leaves at worst an ignored half shard.
+    """
+
+    def __init__(self, root: str | Path, run_params: dict[str, Any], fresh: bool) -> None:
+        self.root = Path(root)
+        self.dir = self.root / PARTIAL_DIR
+        self.run_params = run_params
+        run_file = self.dir / RUN_FILE
+        if fresh and self.dir.exists():
+            shutil.rmtree(self.dir)
+        if run_file.is_file():
+            try:
+                old = json.loads(run_file.read_text())
+            except json.JSONDecodeError:
+                old = None
+            if old != run_params:
+                diffs = describe_differences(run_params, old or {})
+                raise PipelineError(
+                    f"{self.dir} holds shards of an unfinished run with different arguments:\n  "
+                    + "\n  ".join(diffs or ["run.json unreadable"])
+                    + "\nRun with the same arguments to resume it, or add --fresh to discard it."
+                )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not run_file.is_file():
+            atomic_write_text(run_file, json.dumps(run_params, sort_keys=True))
+
+    def _paths(self, number: int) -> dict[str, Path]:
+        stem = self.dir / f"shard_{number:05d}"
+        return {
+            "emb": stem.with_suffix(".npy"),
+            "thumbs": Path(f"{stem}.thumbs.npy"),
+            "rows": stem.with_suffix(".csv"),
+            "done": stem.with_suffix(".done"),
+        }
+
+    def completed(self) -> Iterator[Shard]:
+        """Yield complete, verified shards in order; stops at the first missing or damaged one."""
+        number = 0
+        while True:
+            shard = self.load(number)
+            if shard is None:
+                return
+            yield shard
+            number += 1
+
+    def load(self, number: int) -> Shard | None:
+        p = self._paths(number)
+        if not p["done"].is_file():
+            return None
+        try:
+            done = json.loads(p["done"].read_text())
+            for key in ("emb", "thumbs", "rows"):
+                if sha256_file(p[key]) != done[key]:
+                    log.warning("shard %d is damaged (%s changed); it will be recomputed", number, p[key].name)
+                    return None
+            emb = np.load(p["emb"], allow_pickle=False)
+            rows = read_manifest(p["rows"])
+        except (OSError, ValueError, KeyError, json.JSONDecodeError, CacheMismatchError) as e:
+            log.warning("shard %d unreadable (%s); it will be recomputed", number, e)
+            return None
+        return Shard(number, done["start"], done["stop"], emb, rows)
+
+    def thumbnails(self, number: int) -> np.ndarray:
+        return np.load(self._paths(number)["thumbs"], allow_pickle=False)
+
+    def write(self, shard: Shard) -> None:
+        p = self._paths(shard.number)
+        if shard.thumbnails is None:
+            raise ValueError("a shard is written with its thumbnails")
+        atomic_save_npy(p["emb"], shard.embeddings)
+        atomic_save_npy(p["thumbs"], shard.thumbnails)
+        atomic_write_text(p["rows"], manifest_to_csv(shard.rows))
+        done = {key: sha256_file(p[key]) for key in ("emb", "thumbs", "rows")}
+        done.update(start=shard.start, stop=shard.stop)
+        atomic_write_text(p["done"], json.dumps(done))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def finalize_store(
+    root: str | Path,
+    shard_store: ShardStore,
+    identity: dict[str, Any],
+    source: dict[str, Any],
+    dim: int,
+    thumbnail_size: int,
+) -> tuple[np.ndarray, list[ManifestRow]]:
+    """Join the completed shards into the final files, renumbering rows; the sidecar goes last.
+
+    Thumbnails are copied one shard at a time, so memory does not grow with the gallery.
+
+    Returns:
+        (embeddings float32 (N, D), manifest rows)
+    """
+    root = Path(root)
+    rows: list[ManifestRow] = []
+    emb_parts, shard_numbers = [], []
+    offset = 0
+    for shard in shard_store.completed():
+        for r in shard.rows:
+            r = ManifestRow(**asdict(r))
+            r.index = len(rows)
+            if r.embedding_row >= 0:
+                r.embedding_row += offset
+            rows.append(r)
+        offset += len(shard.embeddings)
+        emb_parts.append(shard.embeddings)
+        shard_numbers.append(shard.number)
+    emb = np.concatenate(emb_parts) if emb_parts else np.zeros((0, dim), np.float32)
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    _unlink_quietly(root / SIDECAR_FILE)
+    atomic_save_npy(root / EMBEDDINGS_FILE, emb)
+    atomic_write_npy_chunks(
+        root / THUMBNAILS_FILE,
+        (len(emb), thumbnail_size, thumbnail_size, 3),
+        np.uint8,
+        (shard_store.thumbnails(n) for n in shard_numbers),
+    )
+    atomic_write_text(root / MANIFEST_FILE, manifest_to_csv(rows))
+    sidecar = Sidecar(
+        identity=identity,
+        source=source,
+        count=int(emb.shape[0]),
+        dim=int(dim),
+        manifest_rows=len(rows),
+        manifest_sha256=sha256_file(root / MANIFEST_FILE),
+        embeddings_sha256=sha256_file(root / EMBEDDINGS_FILE),
+        thumbnails_sha256=sha256_file(root / THUMBNAILS_FILE),
+        thumbnail_size=thumbnail_size,
+    )
+    atomic_write_text(root / SIDECAR_FILE, sidecar.to_json())
+    return emb, rows
+
+
+def atomic_write_npy_chunks(path: str | Path, shape: tuple[int, ...], dtype: Any, chunks: Iterable[np.ndarray]) -> None:
+    """Write an .npy file from consecutive chunks along axis 0, atomically, holding one chunk at a time."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+            )
+            written = 0
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                if chunk.shape[1:] != shape[1:]:
+                    raise ValueError(f"chunk shape {chunk.shape} does not fit {shape}")
+                f.write(chunk.tobytes())
+                written += chunk.shape[0]
+            if written != shape[0]:
+                raise ValueError(f"{path.name}: wrote {written} rows, expected {shape[0]}")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def invalidate_store(root: str | Path) -> None:
+    """Remove the sidecar so a store being rebuilt is never taken as complete."""
+    _unlink_quietly(Path(root) / SIDECAR_FILE)
+
+
+def check_writable(path: str | Path) -> None:
+    """Create `path` if needed and prove a file can be written there; PipelineError otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise PipelineError(f"output folder {path} is not writable: {e.strerror or e}. Choose another with --output-dir.") from e

@@ -1,0 +1,152 @@
+"""Generated test assets: tiny CLIP models, images of known kinds, parquet datasets, videos.
+
+Nothing here is downloaded. Used by tests/conftest.py and by the benchmarks.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+TINY_VOCAB = ["<|startoftext|>", "<|endoftext|>", "red", "blue", "green", "dress", "shirt", "floral", "midi", "a", "photo", "of"]
+
+
+def save_tiny_clip(path: Path, projection_dim: int = 16, image_size: int = 224, patch_size: int = 32, seed: int = 0) -> Path:
+    """A CLIPModel with random weights, 2 layers per tower, saved with save_pretrained plus a
+    preprocessor_config.json (CLIP defaults) and tokenizer files generated here."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=dict(
+            hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+            vocab_size=len(TINY_VOCAB) + 300, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+            image_size=image_size, patch_size=patch_size,
+        ),
+        projection_dim=projection_dim,
+    )
+    model = CLIPModel(cfg).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(path)
+    return path
+
+
+def save_real_arch_clip(path: Path, seed: int = 0) -> Path:
+    """FashionCLIP's architecture (ViT-B/32 at 224, projection 512) with random weights."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(projection_dim=512)).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    CLIPImageProcessorPil().save_pretrained(path)
+    return path
+
+
+def rgb_image(w: int, h: int, seed: int = 0, color: tuple[int, int, int] | None = None) -> Image.Image:
+    """A smooth random picture (or a flat colour) of size w x h."""
+    if color is not None:
+        return Image.new("RGB", (w, h), color)
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.BILINEAR)
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def jpeg_bytes(w: int, h: int, seed: int = 0, quality: int = 90) -> bytes:
+    return encode(rgb_image(w, h, seed), "JPEG", quality=quality)
+
+
+def cmyk_jpeg(w: int = 60, h: int = 80, seed: int = 1) -> bytes:
+    return encode(rgb_image(w, h, seed).convert("CMYK"), "JPEG", quality=92)
+
+
+def rgba_png(w: int = 64, h: int = 48, seed: int = 2) -> bytes:
+    """Left half opaque picture, right half fully transparent (should become white)."""
+    im = rgb_image(w, h, seed).convert("RGBA")
+    a = np.asarray(im).copy()
+    a[:, w // 2 :, 3] = 0
+    return encode(Image.fromarray(a, "RGBA"), "PNG")
+
+
+def exif_rotated_jpeg(w: int = 80, h: int = 40, orientation: int = 6, seed: int = 3) -> bytes:
+    """A w x h JPEG whose EXIF says rotate (6 = 90 degrees clockwise), so it displays h x w."""
+    im = rgb_image(w, h, seed)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(im, "JPEG", quality=92, exif=exif.tobytes())
+
+
+def grayscale_png(w: int = 50, h: int = 70, seed: int = 4) -> bytes:
+    return encode(rgb_image(w, h, seed).convert("L"), "PNG")
+
+
+def gray16_png(w: int = 40, h: int = 40) -> bytes:
+    arr = (np.linspace(0, 65535, w * h).reshape(h, w)).astype(np.uint16)
+    return encode(Image.fromarray(arr), "PNG")
+
+
+def webp_bytes(w: int = 70, h: int = 50, seed: int = 5) -> bytes:
+    return encode(rgb_image(w, h, seed), "WEBP", quality=90)
+
+
+def corrupt_bytes() -> bytes:
+    return b"this is not an image at all"
+
+
+def write_parquet_dataset(folder: Path, cells: Sequence[bytes | None], extra: dict[str, Sequence] | None = None, column: str = "image") -> Path:
+    """A local Hugging Face dataset: folder/data/train-00000-of-00001.parquet with an Image column."""
+    import datasets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {column: [None if c is None else {"bytes": c, "path": None} for c in cells]}
+    features = {column: datasets.Image()}
+    for name, values in (extra or {}).items():
+        data[name] = list(values)
+        if values and isinstance(values[0], (bytes, type(None))):
+            data[name] = [None if c is None else {"bytes": c, "path": None} for c in values]
+            features[name] = datasets.Image()
+        else:
+            features[name] = datasets.Value("string" if isinstance(values[0], str) else "int64")
+    ds = datasets.Dataset.from_dict(data, features=datasets.Features(features))
+    (folder / "data").mkdir(exist_ok=True)
+    ds.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    return folder
+
+
+def write_video(path: Path, frames: int, size_wh: tuple[int, int] = (160, 120), fps: float = 30.0, color_fn=None) -> Path:
+    """An MJPG .avi or mp4v .mp4 written with cv2.VideoWriter; color_fn(i) -> BGR uint8 frame."""
+    import cv2
+
+    w, h = size_wh
+    fourcc = cv2.VideoWriter_fourcc(*("mp4v" if path.suffix == ".mp4" else "MJPG"))
+    writer = cv2.VideoWriter(str(path), fourcc, fps, (w, h))
+    if not writer.isOpened():
+        raise RuntimeError(f"cv2.VideoWriter cannot write {path}")
+    for i in range(frames):
+        frame = color_fn(i) if color_fn else np.full((h, w, 3), i % 256, np.uint8)
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def write_json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
