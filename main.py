@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--use-embeddings", action="store_true", help="reuse embeddings/ and images/ from an earlier run")
     modes.add_argument("--use-segmentation", action="store_true", help="one white-background crop per detected person")
     modes.add_argument("--use-embedded-segment", action="store_true", help="reuse images_segment/ and embeddings_segment/")
+    modes.add_argument("--export-onnx", action="store_true", help="export --model to --onnx (int8) and an fp32 file beside it, verified against torch")
 
     data = p.add_argument_group("dataset")
     data.add_argument("--dataset", default=DEFAULT_DATASET, help="hub id, local dataset folder/parquet file, or folder of images")
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto", help="auto: the ONNX file if it exists, else transformers")
     model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     model.add_argument("--precision", choices=["auto", "fp32", "fp16", "int8"], default="auto", help="torch backend: fp32 on CPU; on CUDA auto picks int8 (bitsandbytes) if installed, else fp16")
+    model.add_argument("--quantization", choices=["static", "dynamic"], default="static", help="with --export-onnx: static QDQ (calibrated, batch-independent) or dynamic")
+    model.add_argument("--per-tensor", action="store_true", help="with --export-onnx: one int8 scale per weight tensor instead of per channel")
     model.add_argument("--batch-size", type=_positive_int, default=32)
     model.add_argument("--threads", type=_non_negative_int, default=0, help="CPU threads for inference; 0 = all cores")
 
@@ -86,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit: frozenset[str]) -> None:
     """Refuse contradictory flags (parser.error exits with code 2)."""
     cache_flags = [f for f in ("use_embeddings", "use_embedded_segment") if getattr(args, f)]
     if len(cache_flags) > 1:
@@ -95,6 +98,11 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--use-embeddings reuses whole-image embeddings; for segmented crops use --use-embedded-segment")
     if args.use_embedded_segment and args.use_segmentation:
         parser.error("--use-embedded-segment already means segmentation; drop --use-segmentation to reuse the cache, or drop --use-embedded-segment to rebuild it")
+    others = [f for f in ("use_embeddings", "use_segmentation", "use_embedded_segment") if getattr(args, f)]
+    if args.export_onnx and others:
+        parser.error("--export-onnx makes the ONNX file and stops; run the pipeline as a second command")
+    if ({"per_tensor", "quantization"} & explicit) and not args.export_onnx:
+        parser.error("--per-tensor and --quantization only apply to --export-onnx")
     if args.fresh and (args.use_embeddings or args.use_embedded_segment):
         parser.error("--fresh rebuilds the gallery; it cannot be combined with a cache flag")
     if args.backend == "onnx" and args.precision != "auto":
@@ -149,11 +157,13 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def dispatch(cfg: RunConfig):
+def dispatch(cfg: RunConfig, args: argparse.Namespace):
     """Pick the mode function for this configuration."""
-    from pipeline.runner import run_gallery
+    from pipeline import runner
 
-    return run_gallery(cfg)
+    if args.export_onnx:
+        return runner.run_export(cfg, per_tensor=args.per_tensor, quantization=args.quantization)
+    return runner.run_gallery(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,13 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        validate(args, parser)
+        explicit = explicit_options(parser, argv)
+        validate(args, parser, explicit)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
     configure_logging(args.verbose, args.quiet)
-    cfg = config_from_args(args, explicit_options(parser, argv))
+    cfg = config_from_args(args, explicit)
     try:
-        summary = dispatch(cfg)
+        summary = dispatch(cfg, args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

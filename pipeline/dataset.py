@@ -133,6 +133,10 @@ def _import_datasets():
         import datasets
     except ImportError as e:  # pragma: no cover - depends on the install
         raise PipelineError("reading this dataset needs the 'datasets' package: pip install datasets") from e
+    # We only read encoded bytes, never tensors. Left on, datasets' streaming IterableDataset imports
+    # torch (1-2 s, ~300 MiB) just to share an epoch counter with DataLoader workers, which would
+    # make the torch-free ONNX path load torch anyway.
+    datasets.config.TORCH_AVAILABLE = False
     return datasets
 
 

@@ -241,7 +241,7 @@ class TorchEmbedder:
             self.model.to(self.device)
         self._torch = torch
         self._dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
-        self.preprocess_cfg = _preprocess_for_model(model)
+        self.preprocess_cfg = preprocess_config_for_model(model)
         self.dim = int(self.model.config.projection_dim)
         self.identity = {
             "backend": "torch",
@@ -282,7 +282,7 @@ def _has_bitsandbytes() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def _preprocess_for_model(model: str) -> PreprocessConfig:
+def preprocess_config_for_model(model: str) -> PreprocessConfig:
     if Path(model).is_dir():
         return PreprocessConfig.from_model_dir(model)
     try:

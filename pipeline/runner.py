@@ -187,3 +187,41 @@ def write_result_pictures(cfg: RunConfig, nb, files: list[str]) -> int:
     finally:
         reader.close()
     return limit
+
+
+def run_export(cfg: RunConfig, per_tensor: bool = False, quantization: str = "static", sample_rows: int = 96) -> RunSummary:
+    """--export-onnx: fp32 + int8 ONNX image encoders from --model, verified before they land.
+
+    When --dataset was given, its first `sample_rows` readable rows are split: two thirds calibrate
+    the int8 ranges, one third checks the result. Otherwise generated pictures serve both (two
+    different sets).
+    """
+    from .export import export_onnx, verification_images
+    from .images import ImageDecodeError, decode_image
+
+    summary = RunSummary(mode="export-onnx")
+    images, calibration = verification_images(), None
+    if "dataset" in cfg.explicit:
+        sample = []
+        for rec in iter_records(cfg.dataset):
+            if len(sample) >= sample_rows:
+                break
+            try:
+                if rec.data:
+                    sample.append(decode_image(rec.data).image)
+            except ImageDecodeError:
+                continue
+        if len(sample) >= 6:
+            cut = len(sample) * 2 // 3
+            calibration, images = sample[:cut], sample[cut:]
+            summary.notes.append(f"calibrated on {cut} and verified on {len(images)} rows of {cfg.dataset.name}")
+    with summary.stage("export+quantize+verify"):
+        report = export_onnx(
+            cfg.embedder.model, cfg.embedder.onnx, images=images, per_channel=not per_tensor,
+            quantization=quantization, calibration_images=calibration,
+        )
+    summary.notes.extend(report.lines())
+    summary.count("verification images", report.images)
+    summary.outputs["int8 model"] = str(report.int8_path)
+    summary.outputs["fp32 model"] = str(report.fp32_path)
+    return summary

@@ -1,0 +1,51 @@
+"""Shared fixtures: every asset is generated here, nothing is downloaded."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# No network in tests: the hub and Ultralytics must never be asked for anything.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from tests import assets  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    return assets.save_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_clip, tmp_path_factory) -> Path:
+    from pipeline.export import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "tiny_int8_matmul.onnx"
+    export_onnx(str(tiny_clip), path)
+    return path
+
+
+def mixed_cells() -> list[tuple[str, bytes | None]]:
+    """(kind, bytes) rows: plain JPEGs plus each awkward kind the issue names."""
+    rows: list[tuple[str, bytes | None]] = [("jpeg", assets.jpeg_bytes(90 + 7 * i, 120 + 3 * i, seed=i)) for i in range(24)]
+    rows[2] = ("corrupt", assets.corrupt_bytes())
+    rows[4] = ("cmyk", assets.cmyk_jpeg())
+    rows[5] = ("rgba", assets.rgba_png())
+    rows[6] = ("exif", assets.exif_rotated_jpeg())
+    rows[7] = ("gray", assets.grayscale_png())
+    rows[8] = ("webp", assets.webp_bytes())
+    rows[9] = ("empty", None)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def mixed_dataset(tmp_path_factory) -> Path:
+    return assets.write_parquet_dataset(tmp_path_factory.mktemp("data") / "mixed", [c for _, c in mixed_cells()])

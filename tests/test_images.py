@@ -1,0 +1,109 @@
+"""decode_image: every odd input becomes 8-bit RGB or a clear ImageDecodeError."""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.images import ImageDecodeError, decode_image, sniff_format, to_rgb
+from tests import assets
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height, with a tiny (wrong) data stream."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)  # noqa: E731
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
+
+
+def test_cmyk_becomes_rgb():
+    d = decode_image(assets.cmyk_jpeg(60, 80))
+    assert d.image.mode == "RGB" and d.image.size == (60, 80) and (d.width, d.height) == (60, 80)
+
+
+def test_rgba_transparent_area_is_white_and_opaque_area_kept():
+    data = assets.rgba_png(64, 48, seed=2)
+    d = decode_image(data)
+    arr = np.asarray(d.image)
+    assert d.image.mode == "RGB"
+    assert (arr[:, 40:] == 255).all()
+    src = np.asarray(Image.open(__import__("io").BytesIO(data)).convert("RGB"))
+    assert np.array_equal(arr[:, :30], src[:, :30])
+
+
+def test_palette_with_transparency_composited_on_white():
+    im = Image.new("P", (10, 10), 0)
+    im.putpalette([255, 0, 0] + [0, 0, 255] * 255)
+    im.paste(1, (5, 0, 10, 10))
+    im.info["transparency"] = 0
+    data = assets.encode(im, "PNG", transparency=0)
+    arr = np.asarray(decode_image(data).image)
+    assert (arr[:, :5] == 255).all()  # transparent red -> white
+    assert (arr[:, 5:] == [0, 0, 255]).all()
+
+
+def test_exif_orientation_applied():
+    d = decode_image(assets.exif_rotated_jpeg(80, 40, orientation=6))
+    assert d.image.size == (40, 80)
+    assert (d.width, d.height) == (40, 80)
+
+
+def test_exif_orientation_applied_with_reduced_decode():
+    d = decode_image(assets.exif_rotated_jpeg(800, 400, orientation=6), min_side=100)
+    assert d.image.width < d.image.height and min(d.image.size) >= 100
+    assert (d.width, d.height) == (400, 800)
+
+
+def test_grayscale_and_16bit_become_8bit_rgb():
+    g = np.asarray(decode_image(assets.grayscale_png()).image)
+    assert g.dtype == np.uint8 and g.shape[2] == 3 and (g[..., 0] == g[..., 1]).all()
+    d16 = np.asarray(decode_image(assets.gray16_png(40, 40)).image)
+    assert d16.dtype == np.uint8 and d16.min() == 0 and d16.max() == 255  # scaled, not clipped
+
+
+def test_draft_decode_keeps_short_side_at_least_requested():
+    d = decode_image(assets.jpeg_bytes(768, 1024), min_side=224)
+    assert min(d.image.size) >= 224 and d.image.size[0] < 768
+    assert (d.width, d.height) == (768, 1024)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty file"),
+        (b"just some text pretending to be a jpg", "not a recognized image format"),
+        (assets.jpeg_bytes(200, 200)[:1500], "cannot decode pixels"),
+        (png_header_only(50_000, 50_000), "decompression bomb|over the limit"),
+    ],
+    ids=["zero-bytes", "text", "truncated-jpeg", "bomb"],
+)
+def test_bad_inputs_raise_clear_errors(data, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(data)
+
+
+def test_limit_checked_before_allocation():
+    with pytest.raises(ImageDecodeError, match="over the limit"):
+        decode_image(png_header_only(2_000, 1_000), max_pixels=1_000_000)
+
+
+def test_animated_gif_uses_first_frame_and_says_so():
+    frames = [Image.new("RGB", (20, 20), c) for c in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
+    data = assets.encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    d = decode_image(data)
+    assert "frame 1 of 3" in d.note
+    assert tuple(np.asarray(d.image)[10, 10]) == (255, 0, 0)
+
+
+def test_sniff_format():
+    assert sniff_format(assets.jpeg_bytes(10, 10)) == "jpg"
+    assert sniff_format(assets.rgba_png()) == "png"
+    assert sniff_format(assets.webp_bytes()) is None
+
+
+def test_to_rgb_keeps_rgb_untouched():
+    im = Image.new("RGB", (3, 3), (1, 2, 3))
+    assert to_rgb(im) is im

@@ -1,0 +1,202 @@
+"""End-to-end runs of main([...]) on generated data: the standard pipeline and its cache."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import main as cli
+from pipeline.embedders import EmbedderSpec, make_embedder
+from pipeline.images import decode_image
+from pipeline.preprocess import preprocess
+from pipeline.store import read_manifest
+from tests import assets
+from tests.conftest import mixed_cells
+
+
+def run(*args) -> int:
+    return cli.main([*map(str, args), "-q"])
+
+
+@pytest.fixture(scope="module")
+def standard_run(tmp_path_factory, mixed_dataset, tiny_clip):
+    out = tmp_path_factory.mktemp("standard")
+    code = run("--dataset", mixed_dataset, "--model", tiny_clip, "--backend", "torch", "--output-dir", out, "--batch-size", 4, "--shard-rows", 8)
+    return out, code
+
+
+def test_standard_run_outputs(standard_run):
+    out, code = standard_run
+    assert code == 3  # finished, with recorded item failures
+    rows = read_manifest(out / "embeddings" / "manifest.csv")
+    kinds = [k for k, _ in mixed_cells()]
+    assert [r.source_row for r in rows] == list(range(len(kinds)))
+    assert [r.index for r in rows] == list(range(len(kinds)))
+    failed = {r.source_row: r.error for r in rows if r.status == "failed"}
+    assert set(failed) == {kinds.index("corrupt"), kinds.index("empty")}
+    assert "not a recognized image format" in failed[kinds.index("corrupt")]
+    emb = np.load(out / "embeddings" / "embeddings.npy")
+    assert emb.dtype == np.float32 and emb.shape == (len(kinds) - 2, 16)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert sorted(r.embedding_row for r in rows if r.status == "ok") == list(range(len(emb)))
+    # JPEG/PNG kept byte for byte; WebP encoded once as PNG; sha256 is of the written file.
+    for r, (kind, cell) in zip(rows, mixed_cells()):
+        if r.status != "ok":
+            assert r.file == "" and r.embedding_row == -1
+            continue
+        data = (out / "images" / r.file).read_bytes()
+        assert r.file == f"img_{r.source_row:05d}." + ("png" if kind in ("rgba", "gray", "webp") else "jpg")
+        if kind != "webp":
+            assert data == cell
+        assert __import__("hashlib").sha256(data).hexdigest() == r.sha256
+    exif = rows[kinds.index("exif")]
+    assert (exif.width, exif.height) == (40, 80)
+    side = json.loads((out / "embeddings" / "embeddings.json").read_text())
+    assert side["count"] == len(emb) and side["dim"] == 16 and side["identity"]["backend"] == "torch"
+    assert side["identity"]["precision"] == "fp32"
+    # retrieval table, pictures, matrix, plots
+    with open(out / "retrieval_results" / "neighbours.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(emb) * 5
+    assert all(t["query"] != t["neighbour"] for t in table)
+    pics = sorted((out / "retrieval_results").glob("*_matches.jpg"))
+    assert len(pics) == len(emb)
+    m = np.load(out / "outputs" / "distance_matrix.npy")
+    assert m.shape == (len(emb), len(emb)) and np.allclose(m, 1 - emb @ emb.T, atol=1e-5)
+    assert (out / "outputs" / "distance_heatmap.png").stat().st_size > 1000
+    assert (out / "outputs" / "nearest_neighbour_hist.png").stat().st_size > 1000
+    assert not (out / "embeddings" / ".partial").exists()
+
+
+def test_embedding_rows_equal_fresh_embeddings_of_their_files(standard_run, tiny_clip):
+    out, _ = standard_run
+    rows = read_manifest(out / "embeddings" / "manifest.csv")
+    emb = np.load(out / "embeddings" / "embeddings.npy")
+    embedder = make_embedder(EmbedderSpec(model=str(tiny_clip), backend="torch", device="cpu"))
+    for r in rows:
+        if r.status != "ok":
+            continue
+        img = decode_image((out / "images" / r.file).read_bytes(), min_side=embedder.preprocess_cfg.decode_min_side).image
+        fresh = embedder.embed(preprocess(img, embedder.preprocess_cfg)[None])[0]
+        assert np.allclose(emb[r.embedding_row], fresh, atol=1e-5), r.file
+        others = np.delete(emb, r.embedding_row, axis=0)
+        assert not np.any(np.all(np.isclose(others, fresh, atol=1e-5), axis=1))
+
+
+def test_neighbour_table_matches_embeddings(standard_run):
+    out, _ = standard_run
+    rows = read_manifest(out / "embeddings" / "manifest.csv")
+    by_index = {r.index: r for r in rows}
+    emb = np.load(out / "embeddings" / "embeddings.npy")
+    with open(out / "retrieval_results" / "neighbours.csv") as f:
+        for t in csv.DictReader(f):
+            q, n = by_index[int(t["query"])], by_index[int(t["neighbour"])]
+            assert q.file == t["query_file"] and n.file == t["neighbour_file"]
+            d = 1 - float(emb[q.embedding_row] @ emb[n.embedding_row])
+            assert abs(d - float(t["distance"])) < 1e-5
+
+
+def test_use_embeddings_reuses_then_refuses_after_tampering(standard_run, tiny_clip, tmp_path, capsys):
+    src, _ = standard_run
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    shutil.rmtree(out / "retrieval_results")
+    base = ("--use-embeddings", "--model", tiny_clip, "--backend", "torch", "--output-dir", out)
+    assert run(*base) == 3  # the recorded failures are reported again
+    assert len(list((out / "retrieval_results").glob("*_matches.jpg"))) == 22
+    # a different model asked for
+    other = assets.save_tiny_clip(tmp_path / "other-clip", seed=1)
+    capsys.readouterr()
+    assert run("--use-embeddings", "--model", other, "--backend", "torch", "--output-dir", out) == 1
+    assert "model" in capsys.readouterr().err
+    # a dataset other than the cache's
+    assert run(*base, "--limit", 5) == 1
+    assert "limit: cache has 10000, asked for 5" in capsys.readouterr().err
+    # an image deleted
+    (out / "images" / "img_00000.jpg").unlink()
+    assert run(*base) == 1
+    assert "missing" in capsys.readouterr().err and "img_00000.jpg" in capsys.readouterr().err + "img_00000.jpg"
+
+
+def test_use_embeddings_refuses_edited_manifest_and_truncated_embeddings(standard_run, tiny_clip, tmp_path, capsys):
+    src, _ = standard_run
+    base = lambda out: ("--use-embeddings", "--model", tiny_clip, "--backend", "torch", "--output-dir", out)  # noqa: E731
+    out = tmp_path / "a"
+    shutil.copytree(src, out)
+    man = out / "embeddings" / "manifest.csv"
+    man.write_text(man.read_text().replace("img_00001.jpg", "img_00003.jpg"))
+    assert run(*base(out)) == 1
+    assert "manifest.csv was changed" in capsys.readouterr().err
+    out = tmp_path / "b"
+    shutil.copytree(src, out)
+    p = out / "embeddings" / "embeddings.npy"
+    p.write_bytes(p.read_bytes()[:-100])
+    assert run(*base(out)) == 1
+    assert "truncated or replaced" in capsys.readouterr().err
+    assert run("--use-embeddings", "--output-dir", tmp_path / "nothing-here", "--model", tiny_clip, "--backend", "torch") == 1
+    assert "embeddings.json is missing" in capsys.readouterr().err
+
+
+def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
+    """Row/file pairing through the manifest, never directory order (img_1000 vs img_101)."""
+    n = 1030
+    cells = [assets.encode(assets.rgb_image(8, 8, color=(i % 256, (i * 7) % 256, (i // 256) * 40)), "PNG") for i in range(n)]
+    ds = assets.write_parquet_dataset(tmp_path / "many", cells)
+    out = tmp_path / "out"
+    assert run("--dataset", ds, "--onnx", tiny_onnx, "--output-dir", out, "--batch-size", 64, "--max-result-images", 3, "--limit", 0) == 0
+    rows = read_manifest(out / "embeddings" / "manifest.csv")
+    emb = np.load(out / "embeddings" / "embeddings.npy")
+    assert len(rows) == n and len(emb) == n
+    embedder = make_embedder(EmbedderSpec(onnx=str(tiny_onnx), backend="onnx"))
+    for r in (rows[101], rows[1000], rows[1029]):
+        assert r.file == f"img_{r.source_row:05d}.png"
+        img = decode_image((out / "images" / r.file).read_bytes()).image
+        assert tuple(np.asarray(img)[0, 0]) == (r.source_row % 256, (r.source_row * 7) % 256, (r.source_row // 256) * 40)
+        assert np.allclose(emb[r.embedding_row], embedder.embed(preprocess(img, embedder.preprocess_cfg)[None])[0], atol=1e-5)
+    assert len(list((out / "retrieval_results").glob("*_matches.jpg"))) == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--use-embeddings", "--use-embedded-segment"], "contradict"),
+        (["--use-embeddings", "--use-segmentation"], "use-embedded-segment"),
+        (["--batch-size", "0"], "must be >= 1"),
+        (["--top-k", "x"], "whole number"),
+        (["--backend", "tensorflow"], "invalid choice"),
+        (["--fresh", "--use-embeddings"], "--fresh"),
+        (["-v", "-q"], "not allowed with"),
+        (["--device", "cpu", "--precision", "fp16"], "needs --device cuda"),
+        (["--backend", "onnx", "--precision", "fp32"], "torch backend"),
+    ],
+)
+def test_bad_flags_exit_2(args, message, capsys):
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_output_dir_is_refused_before_work(tmp_path, tiny_clip, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert run("--dataset", tmp_path, "--model", tiny_clip, "--output-dir", blocker / "sub") == 1
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_missing_dataset_column_message(tmp_path, mixed_dataset, tiny_clip, capsys):
+    assert run("--dataset", mixed_dataset, "--image-column", "picture", "--model", tiny_clip, "--backend", "torch", "--output-dir", tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "no column 'picture'" in err and "'image'" in err
+
+
+def test_help_needs_no_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, main; rc = main.main(['--help']); assert rc == 0; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "--use-embeddings" in r.stdout

@@ -1,0 +1,71 @@
+"""CLIP preprocessing in numpy/PIL equals transformers' processors."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.preprocess import PreprocessConfig, preprocess, preprocess_batch
+from tests.assets import rgb_image
+
+SIZES = [(224, 224), (300, 400), (768, 1024), (1000, 333), (225, 223), (57, 91), (4000, 30), (640, 480), (224, 500)]
+
+
+@pytest.mark.parametrize("w,h", SIZES)
+def test_equals_clip_pil_processor(w, h):
+    from transformers import CLIPImageProcessorPil
+
+    im = rgb_image(w, h, seed=w + h)
+    ours = preprocess(im, PreprocessConfig())
+    ref = CLIPImageProcessorPil()(images=im, return_tensors="np")["pixel_values"][0]
+    assert ours.shape == (3, 224, 224) and ours.dtype == np.float32
+    if max(w, h) / min(w, h) <= 8:
+        assert np.abs(ours - ref).max() < 1e-5
+    else:  # beyond 8:1 we pre-crop the long side; the centre crop still agrees almost everywhere
+        assert np.mean(np.abs(ours - ref) < 1e-5) > 0.95
+
+
+@pytest.mark.parametrize("w,h", SIZES[:6])
+def test_within_one_8bit_step_of_torchvision_processor(w, h):
+    """transformers 5's default CLIPImageProcessor resizes with torchvision; it rounds differently."""
+    from transformers import CLIPImageProcessor
+
+    im = rgb_image(w, h, seed=w * h)
+    ours = preprocess(im, PreprocessConfig())
+    ref = CLIPImageProcessor()(images=im, return_tensors="np")["pixel_values"][0]
+    one_step = 1 / 255 / min(PreprocessConfig().image_std)
+    assert np.abs(ours - ref).max() <= 2 * one_step * 1.01  # rounding differs by up to two 8-bit steps
+    assert np.abs(ours - ref).mean() < 1e-3
+
+
+def test_config_read_from_preprocessor_json(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"shortest_edge": 64}, "crop_size": {"height": 48, "width": 56},
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "resample": 2,
+    }))
+    cfg = PreprocessConfig.from_model_dir(tmp_path)
+    assert (cfg.shortest_edge, cfg.crop_height, cfg.crop_width, cfg.resample) == (64, 48, 56, 2)
+    out = preprocess(rgb_image(100, 80), cfg)
+    assert out.shape == (3, 48, 56)
+    assert PreprocessConfig.from_json(cfg.to_json()) == cfg
+    assert PreprocessConfig.from_model_dir(tmp_path / "absent") == PreprocessConfig()
+
+
+def test_extreme_aspect_is_cheap():
+    from PIL import Image
+
+    strip = Image.new("RGB", (1, 4000), (10, 200, 30))
+    t = time.perf_counter()
+    out = preprocess(strip, PreprocessConfig())
+    assert time.perf_counter() - t < 2.0
+    assert out.shape == (3, 224, 224) and np.isfinite(out).all()
+
+
+def test_batch_shape_and_rejects_non_rgb():
+    b = preprocess_batch([rgb_image(50, 60), rgb_image(70, 40)], PreprocessConfig())
+    assert b.shape == (2, 3, 224, 224)
+    assert preprocess_batch([], PreprocessConfig()).shape == (0, 3, 224, 224)
+    with pytest.raises(ValueError, match="RGB"):
+        preprocess(rgb_image(10, 10).convert("L"), PreprocessConfig())
