@@ -1,0 +1,101 @@
+"""Both backends return the same thing; the ONNX one stands alone (no torch, no hub)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.embedders import EmbedderSpec, OnnxEmbedder, TorchEmbedder, make_embedder, requested_identity
+from pipeline.errors import PipelineError
+from pipeline.export import fp32_path_for
+from pipeline.preprocess import preprocess_batch
+from tests.assets import rgb_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return preprocess_batch([rgb_image(100 + 20 * i, 150, seed=i) for i in range(6)], __import__("pipeline.preprocess").preprocess.PreprocessConfig())
+
+
+def test_backends_agree(tiny_clip, tiny_onnx, pixels):
+    torch_e = TorchEmbedder(str(tiny_clip), device="cpu")
+    fp32 = OnnxEmbedder(fp32_path_for(tiny_onnx))
+    int8 = OnnxEmbedder(tiny_onnx)
+    a, b, c = torch_e.embed(pixels), fp32.embed(pixels), int8.embed(pixels)
+    for x in (a, b, c):
+        assert x.shape == (6, 16) and x.dtype == np.float32
+        assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    assert np.min(np.sum(a * b, axis=1)) > 0.9999
+    assert np.min(np.sum(a * c, axis=1)) > 0.99
+    assert torch_e.preprocess_cfg == fp32.preprocess_cfg
+    assert int8.identity["precision"].startswith("onnx-int8-static")
+
+
+def test_int8_vector_does_not_depend_on_batch_mates(tiny_onnx, pixels):
+    e = OnnxEmbedder(tiny_onnx)
+    together = e.embed(pixels)
+    alone = np.concatenate([e.embed(pixels[i : i + 1]) for i in range(len(pixels))])
+    assert np.allclose(together, alone, atol=1e-6)
+
+
+def test_onnx_path_never_imports_torch_or_transformers(tiny_onnx):
+    code = f"""
+import sys, numpy as np
+from pipeline.embedders import EmbedderSpec, make_embedder
+e = make_embedder(EmbedderSpec(onnx={str(tiny_onnx)!r}, backend="auto", model="not/used"))
+x = np.zeros((2, 3, 224, 224), np.float32)
+assert e.embed(x).shape == (2, 16)
+bad = [m for m in ("torch", "transformers") if m in sys.modules]
+assert not bad, bad
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_preprocessing_comes_from_onnx_metadata_without_model(tiny_onnx):
+    e = make_embedder(EmbedderSpec(onnx=str(tiny_onnx), model="does/not-exist"))
+    assert e.identity["model"].endswith("tiny-clip")
+    assert e.preprocess_cfg.crop_height == 224
+
+
+def test_wrong_input_shape_and_dtype_messages(tiny_onnx):
+    e = OnnxEmbedder(tiny_onnx)
+    with pytest.raises(PipelineError, match=r"takes \(batch, 3, 224, 224\), got \(1, 3, 200, 224\)"):
+        e.embed(np.zeros((1, 3, 200, 224), np.float32))
+    with pytest.raises(PipelineError, match="takes float32, got float64"):
+        e.embed(np.zeros((1, 3, 224, 224)))
+
+
+def test_cuda_required_means_required(tiny_onnx):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has the CUDA provider")
+    with pytest.raises(PipelineError, match="no CUDA provider"):
+        OnnxEmbedder(tiny_onnx, device="cuda")
+
+
+def test_missing_and_broken_onnx_files(tmp_path):
+    with pytest.raises(PipelineError, match="not found. Make it with"):
+        make_embedder(EmbedderSpec(onnx=str(tmp_path / "absent.onnx"), backend="onnx"))
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(PipelineError, match="cannot load ONNX file"):
+        OnnxEmbedder(bad)
+    with pytest.raises(PipelineError, match="not found"):
+        requested_identity(EmbedderSpec(onnx=str(tmp_path / "absent.onnx"), backend="onnx"))
+
+
+def test_auto_backend_follows_the_file(tmp_path, tiny_onnx):
+    assert EmbedderSpec(onnx=str(tiny_onnx)).resolve_backend() == "onnx"
+    assert EmbedderSpec(onnx=str(tmp_path / "none.onnx")).resolve_backend() == "torch"
+
+
+def test_torch_precision_rules(tiny_clip):
+    with pytest.raises(PipelineError, match="needs --device cuda|no CUDA device"):
+        TorchEmbedder(str(tiny_clip), device="cpu", precision="fp16")

@@ -1,0 +1,67 @@
+"""Atomic files, manifest round trip, shard resume rules."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.store import (
+    ManifestRow,
+    Shard,
+    ShardStore,
+    ThumbnailReader,
+    atomic_save_npy,
+    atomic_write_bytes,
+    manifest_to_csv,
+    read_manifest,
+)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "f.bin"
+    atomic_write_bytes(target, b"old")
+    with pytest.raises(TypeError):
+        atomic_write_bytes(target, object())  # type: ignore[arg-type]
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_manifest_round_trip(tmp_path):
+    rows = [
+        ManifestRow(0, "img_00000.jpg", 0, "ds[0]", "ab", 10, 20, "ok", "", "", 0),
+        ManifestRow(1, "", 1, "ds[1]", "", 0, 0, "failed", 'bad, "quoted"\nerror', "", -1),
+        ManifestRow(2, "seg_00002_p00.jpg", 2, "ds[2]", "cd", 5, 6, "ok", "", "", 1, 0, 1.5, 2.0, 30.0, 40.25, 777, 0.875),
+    ]
+    p = tmp_path / "m.csv"
+    p.write_text(manifest_to_csv(rows))
+    assert read_manifest(p) == rows
+
+
+def test_shards_resume_only_with_same_params(tmp_path):
+    params = {"a": 1}
+    store = ShardStore(tmp_path, params, fresh=False)
+    rows = [ManifestRow(0, "f", 0, embedding_row=0)]
+    store.write(Shard(0, 0, 1, np.ones((1, 4), np.float32), rows, np.zeros((1, 2, 2, 3), np.uint8)))
+    again = list(ShardStore(tmp_path, params, fresh=False).completed())
+    assert len(again) == 1 and again[0].stop == 1 and np.array_equal(again[0].embeddings, np.ones((1, 4)))
+    with pytest.raises(PipelineError, match=r"(?s)different arguments:\n  a: cache has 1, asked for 2.*--fresh"):
+        ShardStore(tmp_path, {"a": 2}, fresh=False)
+    assert list(ShardStore(tmp_path, {"a": 2}, fresh=True).completed()) == []
+
+
+def test_damaged_shard_is_recomputed_not_trusted(tmp_path):
+    store = ShardStore(tmp_path, {}, fresh=False)
+    for n in range(2):
+        store.write(Shard(n, n, n + 1, np.full((1, 4), n, np.float32), [ManifestRow(n, "f", n, embedding_row=0)], np.zeros((1, 2, 2, 3), np.uint8)))
+    (tmp_path / ".partial" / "shard_00001.npy").write_bytes(b"garbage")
+    assert [s.number for s in ShardStore(tmp_path, {}, fresh=False).completed()] == [0]
+    (tmp_path / ".partial" / "shard_00000.done").unlink()
+    assert list(ShardStore(tmp_path, {}, fresh=False).completed()) == []
+
+
+def test_thumbnail_reader(tmp_path):
+    t = np.arange(3 * 4 * 4 * 3, dtype=np.uint8).reshape(3, 4, 4, 3)
+    atomic_save_npy(tmp_path / "t.npy", t)
+    r = ThumbnailReader(tmp_path / "t.npy")
+    assert len(r) == 3 and np.array_equal(r[2], t[2]) and np.array_equal(r[0], t[0])
+    r.close()
