@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import DEFAULT_DATASET, DEFAULT_MODEL, DEFAULT_ONNX, RunConfig
+from pipeline.config import DEFAULT_DATASET, DEFAULT_MODEL, DEFAULT_ONNX, DEFAULT_SEG_MODEL, RunConfig, SegmentSpec
 from pipeline.dataset import DatasetSpec
 from pipeline.embedders import EmbedderSpec
 from pipeline.errors import PipelineError, UsageError
@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--batch-size", type=_positive_int, default=32)
     model.add_argument("--threads", type=_non_negative_int, default=0, help="CPU threads for inference; 0 = all cores")
 
+    seg = p.add_argument_group("segmentation (Ultralytics YOLO, person class)")
+    seg.add_argument("--seg-model", default=DEFAULT_SEG_MODEL, help="segmentation weights (.pt), exported .onnx, or model .yaml")
+    seg.add_argument("--seg-conf", type=_unit_float, default=0.25, help="minimum person confidence")
+    seg.add_argument("--seg-imgsz", type=_positive_int, default=640, help="inference size")
+    seg.add_argument("--keep-unsegmented", action="store_true", help="keep the whole image when no person is found")
+
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", type=Path, default=Path("."), help="where images/, embeddings/, ... are written")
     out.add_argument("--top-k", type=_positive_int, default=5)
@@ -103,6 +109,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit
         parser.error("--export-onnx makes the ONNX file and stops; run the pipeline as a second command")
     if ({"per_tensor", "quantization"} & explicit) and not args.export_onnx:
         parser.error("--per-tensor and --quantization only apply to --export-onnx")
+    seg_flags = {"seg_model", "seg_conf", "seg_imgsz", "keep_unsegmented"} & explicit
+    if seg_flags and not (args.use_segmentation or args.use_embedded_segment):
+        parser.error(f"{', '.join('--' + f.replace('_', '-') for f in sorted(seg_flags))} need --use-segmentation or --use-embedded-segment")
     if args.fresh and (args.use_embeddings or args.use_embedded_segment):
         parser.error("--fresh rebuilds the gallery; it cannot be combined with a cache flag")
     if args.backend == "onnx" and args.precision != "auto":
@@ -134,6 +143,7 @@ def config_from_args(args: argparse.Namespace, explicit: frozenset[str]) -> RunC
             model=args.model, onnx=args.onnx, backend=args.backend, device=args.device,
             precision=args.precision, threads=args.threads,
         ),
+        segment=SegmentSpec(model=args.seg_model, conf=args.seg_conf, imgsz=args.seg_imgsz, keep_unsegmented=args.keep_unsegmented),
         output_dir=args.output_dir,
         batch_size=args.batch_size,
         top_k=args.top_k,

@@ -56,7 +56,8 @@ class GalleryItem:
     data: bytes | None = None
 
 
-ItemMaker = Callable[[Record], list[GalleryItem]]
+# Records in, for each record its items (several crops, one image, or one recorded failure).
+ItemMaker = Callable[[list[Record]], list[list[GalleryItem]]]
 
 
 @dataclass
@@ -66,6 +67,7 @@ class GalleryTarget:
     images_dir: Path
     store_dir: Path
     owned_files: re.Pattern = field(default_factory=lambda: re.compile(r"img_\d+\.(jpg|png)$"))
+    group_size: int = 1  # records handed to the item maker at once (batched segmentation)
 
 
 def image_file_name(source_row: int, ext: str) -> str:
@@ -75,7 +77,10 @@ def image_file_name(source_row: int, ext: str) -> str:
 def make_standard_items(decode_min_side: int) -> ItemMaker:
     """Item maker for the standard run: one image per row, written unchanged when JPEG/PNG."""
 
-    def items(record: Record) -> list[GalleryItem]:
+    def items(records: list[Record]) -> list[list[GalleryItem]]:
+        return [one(r) for r in records]
+
+    def one(record: Record) -> list[GalleryItem]:
         row = ManifestRow(index=-1, file="", source_row=record.source_row, source=record.source)
         if record.data is None:
             row.status, row.error = "failed", record.error
@@ -131,6 +136,7 @@ def build_gallery(
     shard_rows: int = DEFAULT_SHARD_ROWS,
     fresh: bool = False,
     progress: bool = True,
+    item_stage_name: str = "decode",
 ) -> tuple[np.ndarray, list[ManifestRow]]:
     """Build (or resume building) a gallery store.
 
@@ -154,7 +160,7 @@ def build_gallery(
     cfg = embedder.preprocess_cfg
     q: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
-    producer_times = {"decode+write": 0.0, "preprocess": 0.0}
+    producer_times = {"items": 0.0, "write": 0.0, "preprocess": 0.0}
 
     def put(msg: Any) -> None:
         while not stop.is_set():
@@ -190,31 +196,49 @@ def build_gallery(
                 number += 1
                 shard_start = stop_row
 
-            for rec in records(next_row):
-                while rec.source_row >= (number + 1) * shard_rows:
-                    end_shard((number + 1) * shard_rows)
+            group: list[Record] = []
+
+            def run_group() -> None:
+                nonlocal rows_done
                 t0 = time.perf_counter()
-                items = make_items(rec)
-                for item in items:
-                    if item.data is not None:
-                        atomic_write_bytes(target.images_dir / item.row.file, item.data)
+                made = make_items(group)
                 t1 = time.perf_counter()
-                for item in items:
-                    local = len(rows)
-                    rows.append(item.row)
-                    if item.image is None or item.row.status != "ok":
-                        continue
-                    pixels.append(preprocess(item.image, cfg))
-                    thumbs[local] = make_thumbnail(item.image)
-                    ids.append(local)
-                    if len(pixels) >= batch_size:
-                        flush_batch()
-                producer_times["decode+write"] += t1 - t0
-                producer_times["preprocess"] += time.perf_counter() - t1
-                rows_done += 1
+                for items in made:
+                    for item in items:
+                        if item.data is not None:
+                            atomic_write_bytes(target.images_dir / item.row.file, item.data)
+                t2 = time.perf_counter()
+                for items in made:
+                    for item in items:
+                        local = len(rows)
+                        rows.append(item.row)
+                        if item.image is None or item.row.status != "ok":
+                            continue
+                        pixels.append(preprocess(item.image, cfg))
+                        thumbs[local] = make_thumbnail(item.image)
+                        ids.append(local)
+                        if len(pixels) >= batch_size:
+                            flush_batch()
+                    rows_done += 1
+                producer_times["items"] += t1 - t0
+                producer_times["write"] += t2 - t1
+                producer_times["preprocess"] += time.perf_counter() - t2
+                group.clear()
+
+            for rec in records(next_row):
+                if rec.source_row >= (number + 1) * shard_rows:
+                    if group:
+                        run_group()
+                    while rec.source_row >= (number + 1) * shard_rows:
+                        end_shard((number + 1) * shard_rows)
+                group.append(rec)
                 last_row = rec.source_row
+                if len(group) >= target.group_size:
+                    run_group()
                 if stop.is_set():
                     raise _Stop
+            if group:
+                run_group()
             if rows or last_row + 1 > shard_start:
                 end_shard(last_row + 1)
             put(None)
@@ -261,7 +285,8 @@ def build_gallery(
         stop.set()
         thread.join(timeout=30)
     summary.stages["embed stage (wall)"] = time.perf_counter() - t_start
-    summary.stages["  decode+write (producer)"] = producer_times["decode+write"]
+    summary.stages[f"  {item_stage_name} (producer)"] = producer_times["items"]
+    summary.stages["  write files (producer)"] = producer_times["write"]
     summary.stages["  preprocess+thumbnail (producer)"] = producer_times["preprocess"]
     summary.stages["  inference"] = infer_time
     with summary.stage("finalize store"):

@@ -6,6 +6,7 @@ Every place that loads a picture (dataset rows, cached files, query images, crop
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -100,7 +101,7 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = MAX
         with warnings.catch_warnings():
             # Our own max_pixels check below decides; PIL still raises past twice its own limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = _pil_open(io.BytesIO(data))
     except UnidentifiedImageError as e:
         raise ImageDecodeError(f"not a recognized image format (starts with {data[:8]!r})") from e
     except Image.DecompressionBombError as e:
@@ -131,6 +132,17 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = MAX
         raise ImageDecodeError(f"cannot decode pixels: {_short(e)}") from e
     w, h = _oriented_size(width, height, image)
     return DecodedImage(image=image, width=w, height=h, note=note)
+
+
+def _pil_open(fp) -> Image.Image:
+    """PIL's own Image.open. Importing ultralytics replaces PIL.Image.open process-wide with a wrapper
+    that, on any unidentified file, tries to pip-install pi-heif and retries; a corrupt catalogue
+    image must be a recorded failure here, not an install attempt."""
+    opener = Image.open
+    module = getattr(opener, "__module__", "") or ""
+    if module.startswith("ultralytics"):
+        opener = getattr(sys.modules.get(module), "_image_open", opener)
+    return opener(fp)
 
 
 def _oriented_size(width: int, height: int, image: Image.Image) -> tuple[int, int]:

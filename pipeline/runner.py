@@ -24,7 +24,14 @@ from .store import GalleryCache, ManifestRow, ThumbnailReader, check_writable, l
 
 log = logging.getLogger(__name__)
 
-_SEGMENT_FILES = re.compile(r"seg_\d+_p\d+\.(jpg|png)$")
+_SEGMENT_FILES = re.compile(r"seg_\d+_(p\d+|full)\.png$")
+
+
+def segmenter_factory(cfg: RunConfig):
+    """The segmenter for a run (a function, so tests can substitute one with known masks)."""
+    from .segment import make_segmenter
+
+    return make_segmenter(cfg.segment, device=cfg.embedder.device)
 
 
 def gallery_source(cfg: RunConfig) -> dict[str, Any]:
@@ -68,15 +75,17 @@ def build_or_load_gallery(cfg: RunConfig, summary: RunSummary, embedder=None) ->
     with summary.stage("load model"):
         embedder = embedder or make_embedder(cfg.embedder)
     if cfg.segmented:
-        from .segment import make_segment_items, make_segmenter
+        from .segment import make_segment_items
 
         with summary.stage("load segmenter"):
-            segmenter = make_segmenter(cfg.segment)
-        make_items = make_segment_items(segmenter, cfg.segment, embedder.preprocess_cfg.decode_min_side)
-        target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=_SEGMENT_FILES)
+            segmenter = segmenter_factory(cfg)
+        make_items = make_segment_items(segmenter, cfg.segment)
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=_SEGMENT_FILES, group_size=8)
+        stage_name = "decode+segment+crop"
     else:
         make_items = make_standard_items(embedder.preprocess_cfg.decode_min_side)
         target = GalleryTarget(cfg.images_dir, cfg.store_dir)
+        stage_name = "decode"
     source = gallery_source(cfg)
     run_params = {
         "source": source,
@@ -97,7 +106,10 @@ def build_or_load_gallery(cfg: RunConfig, summary: RunSummary, embedder=None) ->
         shard_rows=cfg.shard_rows,
         fresh=cfg.fresh,
         progress=cfg.progress,
+        item_stage_name=stage_name,
     )
+    if cfg.segmented and hasattr(segmenter, "predict_seconds"):
+        summary.stages["    of which segmentation predict"] = segmenter.predict_seconds
     return emb, rows, embedder
 
 

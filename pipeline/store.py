@@ -39,14 +39,18 @@ STORE_FORMAT = 1
 
 # ----------------------------------------------------------------------------- atomic files
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write bytes to `path` through a temp file in the same folder and os.replace."""
+    """Write bytes to `path` through a temp file in the same folder and os.replace.
+
+    A killed process leaves either the old file or the new one, never half of one. There is no
+    fsync: against power loss every file is covered by a sha256 recorded elsewhere (manifest,
+    shard marker, sidecar) and checked before it is trusted, and an fsync per image costs more
+    than the decode.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
@@ -82,8 +86,6 @@ class AtomicNpyMemmap:
         try:
             if exc_type is None:
                 self.array.flush()
-                with open(self.tmp, "rb+") as f:
-                    os.fsync(f.fileno())
         finally:
             del self.array
         if exc_type is None:
@@ -515,8 +517,6 @@ def atomic_write_npy_chunks(path: str | Path, shape: tuple[int, ...], dtype: Any
                 written += chunk.shape[0]
             if written != shape[0]:
                 raise ValueError(f"{path.name}: wrote {written} rows, expected {shape[0]}")
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)

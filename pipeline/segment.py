@@ -1,0 +1,238 @@
+"""Person segmentation: RGB images in; per person a box (xyxy, source pixels), a mask at source
+resolution and a confidence out; and the white-background crop made from them.
+
+Ultralytics results are turned into numpy here (`PersonMask`) and never passed on, so crops,
+retrieval, video matching and plots are testable with plain arrays.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .config import SegmentSpec
+from .dataset import Record
+from .errors import PipelineError
+from .gallery import GalleryItem, ItemMaker
+from .images import ImageDecodeError, decode_image, encode_png
+from .store import ManifestRow, sha256_bytes
+
+log = logging.getLogger(__name__)
+
+PERSON_CLASS = 0  # COCO "person"
+
+
+@dataclass(frozen=True)
+class PersonMask:
+    """One detected person.
+
+    box_xyxy: float32 (4,) x1, y1, x2, y2 in source pixels.
+    mask: bool (H, W) at the source image's resolution; True on the person.
+    confidence: detection score in [0, 1].
+    """
+
+    box_xyxy: np.ndarray
+    mask: np.ndarray
+    confidence: float
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+
+class Segmenter(Protocol):
+    def segment(self, images_rgb: Sequence[np.ndarray]) -> list[list[PersonMask]]:
+        """Args: uint8 (H, W, 3) RGB images. Returns: per image, its persons (best first)."""
+        ...
+
+
+def box_pixels(box_xyxy: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """Integer crop bounds that contain the box: floor of x1/y1, ceil of x2/y2, clipped to the image."""
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+    left = int(np.clip(np.floor(x1), 0, width))
+    top = int(np.clip(np.floor(y1), 0, height))
+    right = int(np.clip(np.ceil(x2), 0, width))
+    bottom = int(np.clip(np.ceil(y2), 0, height))
+    return left, top, right, bottom
+
+
+def white_background_crop(image_rgb: np.ndarray, mask: np.ndarray, box_xyxy: np.ndarray) -> np.ndarray | None:
+    """Cut the box out of the image and paint every pixel outside the person's mask white.
+
+    Args:
+        image_rgb: uint8 (H, W, 3).
+        mask: bool (H, W), same size as the image.
+        box_xyxy: (4,) box in source pixels; may extend past the borders (it is clipped).
+    Returns:
+        uint8 (h, w, 3) crop, or None when the clipped box is empty.
+    Raises:
+        ValueError: the mask does not have the image's size.
+    """
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+        raise ValueError(f"image must have shape (H, W, 3), but got {image_rgb.shape}")
+    if mask.shape != image_rgb.shape[:2]:
+        raise ValueError(f"mask shape {mask.shape} does not match image shape {image_rgb.shape[:2]}")
+    h, w = mask.shape
+    left, top, right, bottom = box_pixels(box_xyxy, w, h)
+    if right <= left or bottom <= top:
+        return None
+    crop = image_rgb[top:bottom, left:right].copy()
+    crop[~mask[top:bottom, left:right].astype(bool)] = 255
+    return crop
+
+
+# ----------------------------------------------------------------------------- Ultralytics
+def _import_ultralytics():
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    try:
+        from ultralytics import YOLO
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise PipelineError("segmentation needs ultralytics: pip install ultralytics") from e
+    return YOLO
+
+
+def load_yolo(model: str, task: str):
+    """Load Ultralytics weights (.pt), a model yaml (random weights), or an exported .onnx.
+
+    A bare name such as yolov8l-seg.pt is fetched by Ultralytics on first use (needs network);
+    the error says how to pass a local file instead.
+    """
+    YOLO = _import_ultralytics()
+    local = Path(model)
+    # A bare *.yaml name is one of Ultralytics' bundled model configs: no download needed.
+    if not local.exists() and not model.endswith(".yaml") and (os.sep in model or os.environ.get("YOLO_OFFLINE")):
+        raise PipelineError(
+            f"YOLO model {model!r} not found locally"
+            + (" and YOLO_OFFLINE is set" if os.environ.get("YOLO_OFFLINE") else "")
+            + ". Pass a local .pt, .onnx or model .yaml file."
+        )
+    try:
+        return YOLO(model, task=task)
+    except Exception as e:  # Ultralytics raises many types (download, parse, version)
+        raise PipelineError(f"cannot load YOLO model {model!r} ({type(e).__name__}: {e}). Pass a local .pt, .onnx or .yaml file.") from e
+
+
+def _yolo_device(device: str) -> str | None:
+    if device == "auto":
+        return None
+    return "0" if device == "cuda" else "cpu"
+
+
+class UltralyticsSegmenter:
+    """Ultralytics YOLO segmentation, person class only, masks at source resolution."""
+
+    def __init__(self, spec: SegmentSpec, device: str = "auto", batch: int = 8) -> None:
+        self.spec = spec
+        self.model = load_yolo(spec.model, task="segment")
+        self.device = _yolo_device(device)
+        self.batch = batch
+        self.predict_seconds = 0.0
+
+    def segment(self, images_rgb: Sequence[np.ndarray]) -> list[list[PersonMask]]:
+        if not images_rgb:
+            return []
+        # Ultralytics reads numpy arrays as BGR (OpenCV's order).
+        sources = [np.ascontiguousarray(im[..., ::-1]) for im in images_rgb]
+        results = self.model.predict(
+            source=sources,
+            classes=[PERSON_CLASS],
+            conf=self.spec.conf,
+            imgsz=self.spec.imgsz,
+            retina_masks=True,  # masks at the source resolution, not the 640 letterbox
+            device=self.device,
+            batch=self.batch,
+            stream=True,
+            verbose=False,
+        )
+        t = time.perf_counter()
+        out = [persons_from_result(r, im.shape[:2]) for r, im in zip(results, images_rgb)]
+        self.predict_seconds += time.perf_counter() - t
+        return out
+
+
+def persons_from_result(result, shape_hw: tuple[int, int]) -> list[PersonMask]:
+    """Convert one Ultralytics Results object to PersonMasks (numpy), best confidence first."""
+    boxes = result.boxes
+    if boxes is None or len(boxes) == 0 or result.masks is None:
+        return []
+    xyxy = boxes.xyxy.cpu().numpy().astype(np.float32)
+    conf = boxes.conf.cpu().numpy().astype(np.float32)
+    cls = boxes.cls.cpu().numpy().astype(np.int64)
+    masks = result.masks.data.cpu().numpy() > 0.5
+    if masks.shape[1:] != tuple(shape_hw):
+        raise PipelineError(f"segmentation masks are {masks.shape[1:]}, expected the source size {shape_hw}")
+    order = np.argsort(-conf, kind="stable")
+    return [PersonMask(xyxy[i], masks[i], float(conf[i])) for i in order if cls[i] == PERSON_CLASS]
+
+
+def make_segmenter(spec: SegmentSpec, device: str = "auto") -> Segmenter:
+    return UltralyticsSegmenter(spec, device=device)
+
+
+# ----------------------------------------------------------------------------- gallery items
+def crop_file_name(source_row: int, person: int | None) -> str:
+    return f"seg_{source_row:05d}_full.png" if person is None else f"seg_{source_row:05d}_p{person:02d}.png"
+
+
+def make_segment_items(segmenter: Segmenter, spec: SegmentSpec) -> ItemMaker:
+    """Item maker for --use-segmentation: each image decoded once at full size, segmented, and cut
+    into one white-background crop per person (PNG, so the file re-embeds to the same vector)."""
+
+    def items(records: list[Record]) -> list[list[GalleryItem]]:
+        out: list[list[GalleryItem] | None] = [None] * len(records)
+        decoded = []
+        for k, rec in enumerate(records):
+            row = ManifestRow(index=-1, file="", source_row=rec.source_row, source=rec.source)
+            if rec.data is None:
+                row.status, row.error = "failed", rec.error
+                out[k] = [GalleryItem(row)]
+                continue
+            try:
+                d = decode_image(rec.data)
+            except ImageDecodeError as e:
+                row.status, row.error, row.sha256 = "failed", str(e), sha256_bytes(rec.data)
+                out[k] = [GalleryItem(row)]
+                continue
+            decoded.append((k, rec, d))
+        arrays = [np.asarray(d.image) for _, _, d in decoded]
+        persons_per_image = segmenter.segment(arrays)
+        for (k, rec, d), arr, persons in zip(decoded, arrays, persons_per_image):
+            out[k] = _crops_for_row(rec, d.width, d.height, d.note, arr, persons, spec)
+        return [o if o is not None else [] for o in out]
+
+    return items
+
+
+def _crops_for_row(rec: Record, width: int, height: int, note: str, arr: np.ndarray, persons: Iterable[PersonMask], spec: SegmentSpec) -> list[GalleryItem]:
+    items = []
+    for p, person in enumerate(persons):
+        crop = white_background_crop(arr, person.mask, person.box_xyxy)
+        row = ManifestRow(
+            index=-1, file=crop_file_name(rec.source_row, p), source_row=rec.source_row, source=rec.source,
+            note=note, person=p, confidence=round(person.confidence, 6), mask_area=person.area,
+            box_x1=round(float(person.box_xyxy[0]), 2), box_y1=round(float(person.box_xyxy[1]), 2),
+            box_x2=round(float(person.box_xyxy[2]), 2), box_y2=round(float(person.box_xyxy[3]), 2),
+        )
+        if crop is None or person.area == 0:
+            row.status, row.error, row.file = "failed", "empty person mask or box", ""
+            items.append(GalleryItem(row))
+            continue
+        data = encode_png(Image.fromarray(crop))
+        row.sha256, row.height, row.width = sha256_bytes(data), crop.shape[0], crop.shape[1]
+        items.append(GalleryItem(row, Image.fromarray(crop), data))
+    if items:
+        return items
+    row = ManifestRow(index=-1, file="", source_row=rec.source_row, source=rec.source, width=width, height=height, note=note)
+    if spec.keep_unsegmented:
+        data = encode_png(Image.fromarray(arr))
+        row.file, row.sha256 = crop_file_name(rec.source_row, None), sha256_bytes(data)
+        row.note = "; ".join(x for x in (note, "no person found: whole image kept (--keep-unsegmented)") if x)
+        return [GalleryItem(row, Image.fromarray(arr), data)]
+    row.status, row.error = "no_person", "no person detected"
+    return [GalleryItem(row)]

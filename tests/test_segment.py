@@ -1,0 +1,128 @@
+"""Person crops: exact pixels, manifest links, the segmented run and its cache."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import main as cli
+from pipeline import runner
+from pipeline.segment import PersonMask, box_pixels, white_background_crop
+from pipeline.store import read_manifest
+from tests import assets
+
+
+def test_crop_keeps_inside_whitens_outside():
+    img = np.arange(10 * 12 * 3, dtype=np.uint8).reshape(10, 12, 3)
+    mask = np.zeros((10, 12), bool)
+    mask[2:6, 3:7] = True
+    mask[4, 8] = True  # an odd shape: a detached pixel inside the box
+    crop = white_background_crop(img, mask, np.array([3, 2, 9, 7], np.float32))
+    assert crop.shape == (5, 6, 3)
+    sub_img, sub_mask = img[2:7, 3:9], mask[2:7, 3:9]
+    assert np.array_equal(crop[sub_mask], sub_img[sub_mask])
+    assert (crop[~sub_mask] == 255).all()
+    assert (crop[2, 5] == img[4, 8]).all()
+
+
+def test_crop_box_fractional_and_past_the_border():
+    img = np.zeros((8, 8, 3), np.uint8)
+    mask = np.ones((8, 8), bool)
+    assert box_pixels(np.array([1.2, 0.5, 4.1, 3.0]), 8, 8) == (1, 0, 5, 3)
+    crop = white_background_crop(img, mask, np.array([-5, -3, 20, 4.5], np.float32))
+    assert crop.shape == (5, 8, 3) and (crop == 0).all()  # clipped to the image, mask touches the border
+    assert white_background_crop(img, mask, np.array([9, 9, 12, 12], np.float32)) is None
+
+
+def test_crop_refuses_mismatched_mask():
+    with pytest.raises(ValueError, match=r"mask shape \(4, 4\) does not match image shape \(8, 8\)"):
+        white_background_crop(np.zeros((8, 8, 3), np.uint8), np.ones((4, 4), bool), np.array([0, 0, 2, 2]))
+
+
+class FakeSegmenter:
+    """Known persons: image i gets i % 3 persons, left/right/centre stripes of the image."""
+
+    calls: list[int] = []
+
+    def segment(self, images_rgb):
+        FakeSegmenter.calls.append(len(images_rgb))
+        out = []
+        for im in images_rgb:
+            h, w = im.shape[:2]
+            key = int(im[0, 0, 0]) % 3  # the colour carries the row number
+            persons = []
+            for p in range(key):
+                mask = np.zeros((h, w), bool)
+                x0 = p * w // 2
+                mask[h // 4 : 3 * h // 4, x0 : x0 + w // 3] = True
+                persons.append(PersonMask(np.array([x0, h // 4, x0 + w // 3, 3 * h // 4], np.float32), mask, 0.9 - 0.1 * p))
+            out.append(persons)
+        return out
+
+
+@pytest.fixture()
+def fake_segmenter(monkeypatch):
+    monkeypatch.setattr(runner, "segmenter_factory", lambda cfg: FakeSegmenter())
+    FakeSegmenter.calls = []
+
+
+@pytest.fixture(scope="module")
+def people_dataset(tmp_path_factory):
+    cells = [assets.encode(assets.rgb_image(60, 90, color=(i, 100, 200)), "PNG") for i in range(9)]
+    cells[4] = assets.corrupt_bytes()
+    return assets.write_parquet_dataset(tmp_path_factory.mktemp("people") / "ds", cells)
+
+
+def test_segmented_run_with_known_masks(fake_segmenter, people_dataset, tiny_onnx, tmp_path):
+    out = tmp_path / "out"
+    code = cli.main(["--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q", "--top-k", "2"])
+    assert code == 3  # one corrupt row
+    rows = read_manifest(out / "embeddings_segment" / "manifest.csv")
+    crops = [r for r in rows if r.status == "ok"]
+    expected = sum(i % 3 for i in range(9) if i != 4)
+    assert len(crops) == expected > 8 - 1  # more crops than usable images
+    assert {r.source_row for r in rows} == set(range(9))
+    no_person = [r.source_row for r in rows if r.status == "no_person"]
+    assert no_person == [0, 3, 6]
+    emb = np.load(out / "embeddings_segment" / "embeddings.npy")
+    assert emb.shape == (expected, 16)
+    for r in crops:
+        assert r.file == f"seg_{r.source_row:05d}_p{r.person:02d}.png"
+        assert (r.box_x1, r.box_y1, r.box_x2, r.box_y2) == (r.person * 30, 22, r.person * 30 + 20, 67)
+        assert r.mask_area == 45 * 20 and r.confidence == pytest.approx(0.9 - 0.1 * r.person)
+        from PIL import Image
+
+        arr = np.asarray(Image.open(out / "images_segment" / r.file))
+        assert arr.shape == (45, 20, 3) and (arr[0, 0] == (r.source_row, 100, 200)).all()
+    assert FakeSegmenter.calls and max(FakeSegmenter.calls) > 1  # batched
+    assert len(list((out / "retrieval_results" / "segment").glob("*_matches.jpg"))) == expected
+    assert (out / "outputs" / "distance_matrix_segment.npy").is_file()
+    assert not (out / "embeddings").exists()
+
+    # --use-embedded-segment reuses it, and refuses it after tampering
+    assert cli.main(["--use-embedded-segment", "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 3
+    (out / "images_segment" / crops[0].file).write_bytes(b"changed")
+    assert cli.main(["--use-embedded-segment", "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 1
+
+
+def test_keep_unsegmented_keeps_whole_images(fake_segmenter, people_dataset, tiny_onnx, tmp_path):
+    out = tmp_path / "out"
+    cli.main(["--use-segmentation", "--keep-unsegmented", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"])
+    rows = read_manifest(out / "embeddings_segment" / "manifest.csv")
+    kept = [r for r in rows if r.file.endswith("_full.png")]
+    assert [r.source_row for r in kept] == [0, 3, 6] and all(r.status == "ok" and r.person == -1 for r in kept)
+
+
+def test_segmented_run_with_yolo_from_yaml(people_dataset, tiny_onnx, tmp_path):
+    out = tmp_path / "out"
+    code = cli.main(["--use-segmentation", "--seg-model", "yolov8n-seg.yaml", "--seg-imgsz", "160", "--dataset", str(people_dataset),
+                     "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q", "--limit", "4"])
+    assert code == 0
+    rows = read_manifest(out / "embeddings_segment" / "manifest.csv")
+    assert {r.source_row for r in rows} == {0, 1, 2, 3}
+    assert all(r.status in ("ok", "no_person") for r in rows)
+
+
+def test_segmentation_flags_need_segmentation(capsys):
+    assert cli.main(["--seg-conf", "0.5"]) == 2
+    assert "need --use-segmentation" in capsys.readouterr().err
+    assert cli.main(["--use-segmentation", "--seg-conf", "1.5"]) == 2
