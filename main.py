@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import DEFAULT_DATASET, DEFAULT_MODEL, DEFAULT_ONNX, DEFAULT_SEG_MODEL, RunConfig, SegmentSpec
+from pipeline.config import DEFAULT_DATASET, DEFAULT_MODEL, DEFAULT_ONNX, DEFAULT_DET_MODEL, DEFAULT_SEG_MODEL, RunConfig, SegmentSpec
 from pipeline.dataset import DatasetSpec
 from pipeline.embedders import EmbedderSpec
 from pipeline.errors import PipelineError, UsageError
@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--batch-size", type=_positive_int, default=32)
     model.add_argument("--threads", type=_non_negative_int, default=0, help="CPU threads for inference; 0 = all cores")
 
+    video = p.add_argument_group("video")
+    video.add_argument("--video_clip", "--video-clip", dest="video_clip", default=None, help="clip name: <video_dir>/<clip>.mp4")
+    video.add_argument("--video_dir", "--video-dir", dest="video_dir", type=Path, default=Path("videos"))
+    video.add_argument("--frame-stride", type=_positive_int, default=30, help="analyse every Nth frame")
+    video.add_argument("--det-model", default=DEFAULT_DET_MODEL, help="person detector: Ultralytics weights (.pt), .onnx or .yaml")
+    video.add_argument("--det-conf", type=_unit_float, default=0.25, help="minimum detection confidence")
+
     seg = p.add_argument_group("segmentation (Ultralytics YOLO, person class)")
     seg.add_argument("--seg-model", default=DEFAULT_SEG_MODEL, help="segmentation weights (.pt), exported .onnx, or model .yaml")
     seg.add_argument("--seg-conf", type=_unit_float, default=0.25, help="minimum person confidence")
@@ -109,6 +116,11 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit
         parser.error("--export-onnx makes the ONNX file and stops; run the pipeline as a second command")
     if ({"per_tensor", "quantization"} & explicit) and not args.export_onnx:
         parser.error("--per-tensor and --quantization only apply to --export-onnx")
+    video_flags = {"video_dir", "frame_stride", "det_model", "det_conf"} & explicit
+    if video_flags and not args.video_clip:
+        parser.error(f"{', '.join('--' + f for f in sorted(video_flags))} need --video_clip NAME")
+    if args.video_clip and args.export_onnx:
+        parser.error("--export-onnx makes the ONNX file and stops; run the video as a second command")
     seg_flags = {"seg_model", "seg_conf", "seg_imgsz", "keep_unsegmented"} & explicit
     if seg_flags and not (args.use_segmentation or args.use_embedded_segment):
         parser.error(f"{', '.join('--' + f.replace('_', '-') for f in sorted(seg_flags))} need --use-segmentation or --use-embedded-segment")
@@ -156,6 +168,11 @@ def config_from_args(args: argparse.Namespace, explicit: frozenset[str]) -> RunC
         fresh=args.fresh,
         progress=not args.quiet,
         explicit=explicit,
+        video_clip=args.video_clip,
+        video_dir=args.video_dir,
+        frame_stride=args.frame_stride,
+        det_model=args.det_model,
+        det_conf=args.det_conf,
     )
 
 
@@ -173,6 +190,10 @@ def dispatch(cfg: RunConfig, args: argparse.Namespace):
 
     if args.export_onnx:
         return runner.run_export(cfg, per_tensor=args.per_tensor, quantization=args.quantization)
+    if cfg.video_clip:
+        from pipeline.video import run_video
+
+        return run_video(cfg)
     return runner.run_gallery(cfg)
 
 

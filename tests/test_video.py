@@ -1,0 +1,134 @@
+"""Video mode: frame sampling, colour order, outputs, and each bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import main as cli
+from pipeline import video
+from pipeline.errors import PipelineError
+from pipeline.video import Detections, FrameReader, box_iou, person_crops
+from pipeline.segment import PersonMask
+from tests import assets
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("videos")
+    # frame i: blue level i (BGR order for VideoWriter), left half pure red in RGB terms
+    def frame(i):
+        f = np.zeros((120, 160, 3), np.uint8)
+        f[:, :80] = (0, 0, 255)  # BGR red
+        f[:, 80:] = (min(255, 2 * i), 0, 0)
+        return f
+    assets.write_video(d / "clip_1.mp4", 95, (160, 120), color_fn=frame)
+    assets.write_video(d / "short.mp4", 10, (160, 120), color_fn=frame)
+    (d / "text.mp4").write_text("not a video")
+    (d / "empty.mp4").write_bytes(b"")
+    return d
+
+
+def test_frames_are_every_30th_and_rgb(clip_dir):
+    reader = FrameReader(clip_dir / "clip_1.mp4", 30)
+    frames = list(reader)
+    assert [f.index for f in frames] == [0, 30, 60, 90]
+    assert reader.frames_read == 95
+    assert [round(f.time_s, 3) for f in frames] == [0.0, 1.0, 2.0, 3.0]
+    left = frames[1].rgb[60, 20].astype(int)
+    assert left[0] > 200 and left[1] < 50 and left[2] < 50  # red stays red: RGB order
+
+
+def test_box_iou_and_crops_with_masks():
+    assert np.allclose(box_iou(np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]])), [[1, 1 / 3, 0]])
+    frame = np.full((20, 20, 3), 7, np.uint8)
+    mask = np.zeros((20, 20), bool)
+    mask[2:8, 2:8] = True
+    det = Detections(np.array([[2, 2, 10, 10], [12, 12, 18, 18]], np.float32), np.array([0.9, 0.8], np.float32))
+    crops = person_crops(frame, det, [PersonMask(np.array([2, 2, 8, 8], np.float32), mask, 0.9)])
+    (c0, m0), (c1, m1) = crops
+    assert m0 and c0.shape == (8, 8, 3) and (c0[:6, :6] == 7).all() and (c0[7, 7] == 255).all()
+    assert not m1 and (c1 == 7).all()  # no overlapping mask: crop kept as is
+
+
+class FakeDetector:
+    """Two persons per frame at fixed boxes."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def detect(self, frames):
+        return [Detections(np.array([[0, 0, 80, 120], [90, 10, 150, 110]], np.float32), np.array([0.95, 0.6], np.float32)) for _ in frames]
+
+
+def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch):
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    seen = []
+    real = video.preprocess_batch
+    monkeypatch.setattr(video, "preprocess_batch", lambda ims, cfg: seen.extend(np.asarray(i) for i in ims) or real(ims, cfg))
+    out = tmp_path / "out"
+    code = cli.main(["--video_clip", "clip_1", "--video_dir", str(clip_dir), "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q", "--top-k", "3"])
+    assert code == 3  # the gallery has the mixed dataset's two bad rows
+    res = [json.loads(l) for l in (out / "video_results" / "clip_1" / "results.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in res] == [0, 30, 60, 90]
+    for r in res:
+        assert [p["person"] for p in r["persons"]] == [0, 1]
+        assert r["persons"][0]["box_xyxy"] == [0, 0, 80, 120] and r["persons"][1]["score"] == pytest.approx(0.6)
+        for p in r["persons"]:
+            assert [m["rank"] for m in p["matches"]] == [1, 2, 3]
+            assert all(m["file"].startswith("img_") for m in p["matches"])
+            assert sorted(m["distance"] for m in p["matches"]) == [m["distance"] for m in p["matches"]]
+    red = seen[0]
+    assert red.shape == (120, 80, 3) and (red[..., 0] > 200).all() and (red[..., 2] < 50).all()
+    pics = sorted((out / "video_results" / "clip_1").glob("frame_*.jpg"))
+    assert [p.name for p in pics] == ["frame_000000.jpg", "frame_000030.jpg", "frame_000060.jpg", "frame_000090.jpg"]
+    assert Image.open(pics[0]).height > 120 + 2 * 128  # the frame plus one match row per person
+    # the cache mode reuses the gallery
+    assert cli.main(["--video_clip", "clip_1", "--video_dir", str(clip_dir), "--use-embeddings", "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 3
+
+
+def test_video_with_yolo_from_yaml(clip_dir, mixed_dataset, tiny_onnx, tmp_path):
+    out = tmp_path / "out"
+    code = cli.main(["--video_clip", "clip_1", "--video_dir", str(clip_dir), "--det-model", "yolov8n.yaml", "--frame-stride", "45",
+                     "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"])
+    assert code == 3
+    res = [json.loads(l) for l in (out / "video_results" / "clip_1" / "results.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in res] == [0, 45, 90]
+
+
+@pytest.mark.parametrize(
+    "clip, message",
+    [("absent", "video not found"), ("text", "cannot open video.*H.264"), ("empty", "empty \\(0 bytes\\)")],
+)
+def test_bad_videos(clip, message, clip_dir, tmp_path, capsys):
+    code = cli.main(["--video_clip", clip, "--video_dir", str(clip_dir), "--output-dir", str(tmp_path), "-q"])
+    assert code == 1
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_video_shorter_than_stride_is_said(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    out = tmp_path / "o"
+    code = cli.main(["--video_clip", "short", "--video_dir", str(clip_dir), "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out)])
+    assert code == 3
+    assert "10 frame(s), fewer than --frame-stride 30" in capsys.readouterr().out
+    assert len((out / "video_results" / "short" / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_zero_frame_stream_is_an_error(tmp_path):
+    import cv2
+
+    p = tmp_path / "zero.avi"
+    w = cv2.VideoWriter(str(p), cv2.VideoWriter_fourcc(*"MJPG"), 30, (32, 32))
+    w.release()
+    with pytest.raises(PipelineError, match="no readable frames|cannot open|empty"):
+        list(FrameReader(p, 30))
+
+
+def test_video_flags_need_a_clip(capsys):
+    assert cli.main(["--frame-stride", "10"]) == 2
+    assert "need --video_clip" in capsys.readouterr().err
