@@ -19,7 +19,7 @@ def save_tiny_clip(path: Path, projection_dim: int = 16, image_size: int = 224, 
     """A CLIPModel with random weights, 2 layers per tower, saved with save_pretrained plus a
     preprocessor_config.json (CLIP defaults) and tokenizer files generated here."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+    from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
     cfg = CLIPConfig(
@@ -36,22 +36,30 @@ def save_tiny_clip(path: Path, projection_dim: int = 16, image_size: int = 224, 
     model = CLIPModel(cfg).eval()
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    ).save_pretrained(path)
+    write_preprocessor_config(path, image_size)
     return path
+
+
+def write_preprocessor_config(path: Path, image_size: int = 224) -> None:
+    """The preprocessor_config.json a CLIP checkpoint ships (CLIPImageProcessor, OpenAI values)."""
+    write_json(path / "preprocessor_config.json", {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    })
 
 
 def save_real_arch_clip(path: Path, seed: int = 0) -> Path:
     """FashionCLIP's architecture (ViT-B/32 at 224, projection 512) with random weights."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+    from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(projection_dim=512)).eval()
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    CLIPImageProcessorPil().save_pretrained(path)
+    write_preprocessor_config(path)
     return path
 
 
