@@ -26,7 +26,7 @@ from .embedders import Embedder
 from .errors import PipelineError
 from .images import ImageDecodeError, decode_image, encode_png, sniff_format
 from .plots import THUMB_SIZE, make_thumbnail
-from .preprocess import preprocess
+from .preprocess import resize_for_model, to_model_input
 from .report import RunSummary
 from .store import (
     ManifestRow,
@@ -214,8 +214,9 @@ def build_gallery(
                         rows.append(item.row)
                         if item.image is None or item.row.status != "ok":
                             continue
-                        pixels.append(preprocess(item.image, cfg))
-                        thumbs[local] = make_thumbnail(item.image)
+                        resized = resize_for_model(item.image, cfg)
+                        pixels.append(to_model_input(resized, cfg))
+                        thumbs[local] = make_thumbnail(resized)
                         ids.append(local)
                         if len(pixels) >= batch_size:
                             flush_batch()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -127,6 +128,12 @@ def preprocess(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     Returns:
         float32 array (3, crop_height, crop_width), channels in RGB order.
     """
+    return to_model_input(resize_for_model(image, cfg), cfg)
+
+
+def resize_for_model(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """The resize step alone (shortest side to cfg.shortest_edge); callers may reuse its output,
+    e.g. for a thumbnail, before `to_model_input`."""
     if image.mode != "RGB":
         raise ValueError(f"preprocess expects an RGB image, got mode {image.mode!r}")
     if cfg.do_resize:
@@ -134,16 +141,35 @@ def preprocess(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         size = _resize_size(image.width, image.height, cfg.shortest_edge)
         if size != image.size:
             image = image.resize(size, _RESAMPLE.get(cfg.resample, Image.BICUBIC))
-    arr = np.asarray(image)
+    return image
+
+
+def to_model_input(resized: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """Centre crop, rescale and normalize a resized image: float32 (3, crop_height, crop_width)."""
+    arr = np.asarray(resized)
     if cfg.do_center_crop:
         arr = _center_crop(arr, cfg.crop_height, cfg.crop_width)
-    out = arr.astype(np.float32)
+    # uint8 -> float through a 256-entry table per channel: the same float32 arithmetic as
+    # rescale-then-normalize, done once per value instead of once per pixel.
+    lut = _value_table(cfg)
+    chw = np.ascontiguousarray(arr.transpose(2, 0, 1))
+    out = np.empty(chw.shape, dtype=np.float32)
+    for c in range(3):
+        np.take(lut[c], chw[c], out=out[c])
+    return out
+
+
+@lru_cache(maxsize=8)
+def _value_table(cfg: PreprocessConfig) -> np.ndarray:
+    """float32 (3, 256): the model input value of each 8-bit level, per channel."""
+    v = np.arange(256, dtype=np.float32)[None, :].repeat(3, axis=0)
     if cfg.do_rescale:
-        out *= np.float32(cfg.rescale_factor)
+        v *= np.float32(cfg.rescale_factor)
     if cfg.do_normalize:
-        out -= np.asarray(cfg.image_mean, dtype=np.float32)
-        out /= np.asarray(cfg.image_std, dtype=np.float32)
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+        v -= np.asarray(cfg.image_mean, dtype=np.float32)[:, None]
+        v /= np.asarray(cfg.image_std, dtype=np.float32)[:, None]
+    v.flags.writeable = False
+    return v
 
 
 def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
