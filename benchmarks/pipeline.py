@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,9 @@ def main() -> int:
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    # The run reports its own peak RSS (ru_maxrss of that process alone).
+    m = re.search(r"peak memory (\d+) MiB", proc.stdout)
+    peak = float(m.group(1)) if m else float("nan")
     summary = [l for l in proc.stdout.splitlines() if l.strip()]
     print("\n".join(summary))
     if proc.returncode not in (0, 3):

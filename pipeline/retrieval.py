@@ -112,8 +112,9 @@ def write_distance_matrix(embeddings: np.ndarray, path: str | Path, block: int =
     with AtomicNpyMemmap(path, (n, n), np.float32) as out:
         for start in range(0, n, block):
             stop = min(start + block, n)
-            out[start:stop] = cosine_distances(e[start:stop], e)
-            np.fill_diagonal(out[start:stop, start:stop], 0.0)
+            rows = cosine_distances(e[start:stop], e)
+            np.fill_diagonal(rows[:, start:stop], 0.0)
+            out.write_rows(start, rows)
 
 
 def iter_neighbour_rows(

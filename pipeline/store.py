@@ -68,26 +68,37 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
 
 
 class AtomicNpyMemmap:
-    """An .npy file filled through a memory map and moved into place only when complete.
+    """A 2-D .npy file filled through memory-mapped row windows and moved into place only when
+    complete. Each window is unmapped after it is written, so resident memory stays at one
+    window however large the file (a single map of the whole file would keep every written page
+    resident: 400 MB at 10,000 x 10,000 float32).
 
     Use as a context manager; on an exception the temp file is removed and nothing appears at `path`.
     """
 
-    def __init__(self, path: str | Path, shape: tuple[int, ...], dtype: Any) -> None:
+    def __init__(self, path: str | Path, shape: tuple[int, int], dtype: Any) -> None:
         self.path = Path(path)
+        self.shape, self.dtype = shape, np.dtype(dtype)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
-        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
+        header = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype, shape=shape)
+        self.offset = header.offset
+        del header
 
-    def __enter__(self) -> np.ndarray:
-        return self.array
+    def write_rows(self, start: int, block: np.ndarray) -> None:
+        """Write rows [start, start + len(block)) through a temporary map of just those rows."""
+        if block.shape[1:] != self.shape[1:]:
+            raise ValueError(f"block shape {block.shape} does not fit {self.shape}")
+        row_bytes = self.shape[1] * self.dtype.itemsize
+        window = np.memmap(self.tmp, dtype=self.dtype, mode="r+", offset=self.offset + start * row_bytes, shape=block.shape)
+        window[:] = block
+        window.flush()
+        del window
+
+    def __enter__(self) -> "AtomicNpyMemmap":
+        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self.array.flush()
-        finally:
-            del self.array
         if exc_type is None:
             os.replace(self.tmp, self.path)
         else:

@@ -1,0 +1,156 @@
+"""Fault injection: kills, resumes, hostile files, full disks, tampered caches, determinism."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import main as cli
+from pipeline import gallery
+from pipeline.store import read_manifest
+from tests import assets
+from tests.test_images import png_header_only
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args) -> int:
+    return cli.main([*map(str, args), "-q"])
+
+
+@pytest.fixture(scope="module")
+def long_dataset(tmp_path_factory):
+    cells = [assets.encode(assets.rgb_image(24, 32, seed=i), "PNG") for i in range(1600)]
+    return assets.write_parquet_dataset(tmp_path_factory.mktemp("long") / "ds", cells)
+
+
+def _args(ds, onnx, out):
+    return ["--dataset", str(ds), "--onnx", str(onnx), "--output-dir", str(out), "--shard-rows", "16", "--batch-size", "8",
+            "--limit", "0", "--max-result-images", "0", "--max-matrix", "0"]
+
+
+def test_sigkill_then_resume_equals_clean_run(long_dataset, tiny_onnx, tmp_path):
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    assert run(*_args(long_dataset, tiny_onnx, clean)) == 0
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *_args(long_dataset, tiny_onnx, killed), "-q"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "embeddings" / ".partial" / "shard_00003.done"
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "embeddings" / "embeddings.json").exists()
+    # a killed run's store is never taken as complete
+    assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", killed) == 1
+    done_before = len(list((killed / "embeddings" / ".partial").glob("*.done")))
+    assert 4 <= done_before < 100
+    # different arguments never resume into the old shards
+    assert run(*_args(long_dataset, tiny_onnx, killed), "--batch-size", "4") == 1
+    assert run(*_args(long_dataset, tiny_onnx, killed)) == 0
+    assert (killed / "embeddings" / "manifest.csv").read_bytes() == (clean / "embeddings" / "manifest.csv").read_bytes()
+    a, b = np.load(killed / "embeddings" / "embeddings.npy"), np.load(clean / "embeddings" / "embeddings.npy")
+    assert a.shape == b.shape == (1600, 16) and np.abs(a - b).max() <= 1e-6
+    assert sorted(p.name for p in (killed / "images").iterdir()) == sorted(p.name for p in (clean / "images").iterdir())
+    assert not (killed / "embeddings" / ".partial").exists()
+
+
+def test_resume_refusal_names_the_difference_and_fresh_discards(long_dataset, tiny_onnx, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    calls = {"n": 0}
+    real = gallery.ShardStore.write
+
+    def write_then_die(self, shard):
+        real(self, shard)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(gallery.ShardStore, "write", write_then_die)
+    assert run(*_args(long_dataset, tiny_onnx, out)) == 130
+    monkeypatch.setattr(gallery.ShardStore, "write", real)
+    capsys.readouterr()
+    assert run(*_args(long_dataset, tiny_onnx, out)[:-6], "--limit", "40") == 1
+    err = capsys.readouterr().err
+    assert "different arguments" in err and "limit: cache has None, asked for 40" in err and "--fresh" in err
+    assert run(*_args(long_dataset, tiny_onnx, out)[:-6], "--limit", "40", "--fresh") == 0
+    assert len(read_manifest(out / "embeddings" / "manifest.csv")) == 40
+
+
+def test_hostile_files_are_recorded_and_the_run_goes_on(tmp_path, tiny_onnx):
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    frames = [Image.new("RGB", (20, 20), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    files = {
+        "a_ok.jpg": assets.jpeg_bytes(50, 60),
+        "b_bomb.png": png_header_only(50_000, 50_000),
+        "c_truncated.jpg": assets.jpeg_bytes(200, 200)[:1500],
+        "d_text.jpg": b"hello, I am text",
+        "e_zero.jpg": b"",
+        "f_unreadable.heic": b"\x00\x00\x00\x18ftypheic" + os.urandom(64),
+        "g_anim.gif": assets.encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=40),
+        "h_anim.webp": assets.encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=40),
+        "i_strip.png": assets.encode(Image.new("RGB", (1, 4000), (0, 128, 255)), "PNG"),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    out = tmp_path / "out"
+    assert run("--dataset", folder, "--onnx", tiny_onnx, "--output-dir", out) == 3
+    rows = {r.source: r for r in read_manifest(out / "embeddings" / "manifest.csv")}
+    assert set(rows) == set(files)
+    assert rows["a_ok.jpg"].status == rows["i_strip.png"].status == "ok"
+    assert "over the limit" in rows["b_bomb.png"].error or "decompression bomb" in rows["b_bomb.png"].error
+    assert "cannot decode pixels" in rows["c_truncated.jpg"].error
+    assert "not a recognized image format" in rows["d_text.jpg"].error
+    assert "empty file" in rows["e_zero.jpg"].error
+    assert rows["f_unreadable.heic"].status == "failed"
+    for anim in ("g_anim.gif", "h_anim.webp"):
+        assert rows[anim].status == "ok" and "frame 1 of 2" in rows[anim].note
+    assert (rows["i_strip.png"].width, rows["i_strip.png"].height) == (1, 4000)
+    emb = np.load(out / "embeddings" / "embeddings.npy")
+    assert emb.shape[0] == 4 and np.isfinite(emb).all()
+
+
+def test_full_disk_is_a_clear_fatal_error_without_partial_outputs(mixed_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
+    real = gallery.atomic_write_bytes
+    count = {"n": 0}
+
+    def flaky(path, data):
+        count["n"] += 1
+        if count["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(gallery, "atomic_write_bytes", flaky)
+    out = tmp_path / "o"
+    assert run("--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (out / "embeddings" / "embeddings.json").exists()
+    assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))
+    assert not (out / "retrieval_results").exists()
+
+
+def test_two_runs_are_identical(mixed_dataset, tiny_onnx, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        assert run("--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--batch-size", "5") == 3
+    assert (a / "embeddings" / "manifest.csv").read_bytes() == (b / "embeddings" / "manifest.csv").read_bytes()
+    ea, eb = np.load(a / "embeddings" / "embeddings.npy"), np.load(b / "embeddings" / "embeddings.npy")
+    assert np.abs(ea - eb).max() <= 1e-6
+    assert (a / "retrieval_results" / "neighbours.csv").read_bytes() == (b / "retrieval_results" / "neighbours.csv").read_bytes()
+
+
+def test_wrong_onnx_file_is_refused(tmp_path, mixed_dataset, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x01garbage")
+    assert run("--dataset", mixed_dataset, "--onnx", bad, "--backend", "onnx", "--output-dir", tmp_path / "o") == 1
+    assert "cannot load ONNX file" in capsys.readouterr().err
