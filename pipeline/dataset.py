@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,6 +36,7 @@ class Record:
     source: str
     data: bytes | None
     error: str = ""
+    extra: dict[str, Any] | None = None  # other columns asked for (images as bytes, or None)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class DatasetSpec:
     split: str = "train"
     limit: int | None = 10000
     image_column: str = "image"
+    extra_columns: tuple[str, ...] = ()  # read alongside (evaluation: "cloth", "item_ID")
 
     def as_dict(self) -> dict[str, Any]:
         name = self.name
@@ -67,6 +69,8 @@ def iter_records(spec: DatasetSpec, start: int = 0) -> Iterator[Record]:
     path = Path(spec.name)
     if path.is_dir() and _is_image_folder(path):
         yield from _iter_image_folder(path, spec, start)
+    elif files := _local_parquet_files(path, spec.split):
+        yield from _iter_parquet(files, spec, start)
     elif path.exists():
         yield from _iter_hf(_open_local(path, spec), spec, start)
     elif re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec.name) and not spec.name.startswith((".", "/")):
@@ -81,13 +85,10 @@ def count_rows(spec: DatasetSpec) -> int | None:
     n: int | None = None
     if path.is_dir() and _is_image_folder(path):
         n = len(_list_images(path))
-    elif path.exists():
-        files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
-        if files and all(f.suffix == ".parquet" for f in files):
-            import pyarrow.parquet as pq
+    elif files := _local_parquet_files(path, spec.split):
+        import pyarrow.parquet as pq
 
-            split_files = [f for f in files if spec.split in f.name] or files
-            n = sum(pq.ParquetFile(f).metadata.num_rows for f in split_files)
+        n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     if n is None:
         return spec.limit
     return n if spec.limit is None else min(n, spec.limit)
@@ -129,6 +130,63 @@ def _iter_image_folder(root: Path, spec: DatasetSpec, start: int) -> Iterator[Re
             yield Record(i, rel, None, f"cannot read file: {e.strerror or e}")
 
 
+# ----------------------------------------------------------------------------- local parquet
+def _local_parquet_files(path: Path, split: str) -> list[Path]:
+    """The parquet files of `split` in a local dataset (Hugging Face layout: files or folders named
+    after the split; a folder with unnamed files is all "train"). [] when this is not one."""
+    if path.is_file():
+        return [path] if path.suffix == ".parquet" else []
+    if not path.is_dir() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        return []
+    files = sorted(path.rglob("*.parquet"), key=lambda f: _natural_key(str(f.relative_to(path))))
+    if not files or any(f.suffix == ".arrow" for f in path.rglob("*.arrow")):
+        return []
+    split_re = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
+    named = [f for f in files if split_re.search(str(f.relative_to(path)))]
+    known = re.compile(r"(^|[/_.-])(train|test|validation|valid|dev)([/_.-]|$)")
+    if named:
+        return named
+    if split == "train" and not any(known.search(str(f.relative_to(path))) for f in files):
+        return files
+    raise PipelineError(f"{path} has no parquet files for split {split!r}; choose one with --split")
+
+
+def _iter_parquet(files: list[Path], spec: DatasetSpec, start: int) -> Iterator[Record]:
+    """Local parquet read with pyarrow directly, a few rows at a time.
+
+    Not through datasets' streaming reader: measured here on 10,000 768x1024 JPEGs, iterating it
+    while decoding each image grew resident memory to ~1.5 GB (the plain iteration stayed at
+    ~0.3 GB), whereas pyarrow's iter_batches without pre-buffering stays at ~0.2 GB.
+    """
+    import pyarrow.parquet as pq
+
+    columns = [spec.image_column, *spec.extra_columns]
+    stop = spec.limit if spec.limit is not None else None
+    row = 0
+    for f in files:
+        pf = pq.ParquetFile(f, pre_buffer=False)
+        names = pf.schema_arrow.names
+        for col in columns:
+            if col not in names:
+                hint = "Choose one with --image-column." if col == spec.image_column else "Check the evaluation column names."
+                raise PipelineError(f"dataset {spec.name!r} has no column {col!r}; its columns are {sorted(names)}. {hint}")
+        n = pf.metadata.num_rows
+        if row + n <= start:  # the whole file lies before the resume point
+            row += n
+            continue
+        for batch in pf.iter_batches(batch_size=16, columns=columns):
+            cols = {c: batch.column(c).to_pylist() for c in columns}
+            for k in range(batch.num_rows):
+                if stop is not None and row >= stop:
+                    return
+                if row >= start:
+                    rec = _record_from_cell(row, f"{spec.name}[{row}]", cols[spec.image_column][k])
+                    if spec.extra_columns:
+                        rec = replace(rec, extra={c: _extra_value(cols[c][k]) for c in spec.extra_columns})
+                    yield rec
+                row += 1
+
+
 # ----------------------------------------------------------------------------- Hugging Face datasets
 def _import_datasets():
     try:
@@ -151,7 +209,7 @@ def _parquet_options(spec: DatasetSpec) -> dict[str, Any]:
     """
     import pyarrow.dataset as pds
 
-    return {"columns": [spec.image_column], "fragment_scan_options": pds.ParquetFragmentScanOptions(pre_buffer=False)}
+    return {"columns": [spec.image_column, *spec.extra_columns], "fragment_scan_options": pds.ParquetFragmentScanOptions(pre_buffer=False)}
 
 
 def _load_streaming(datasets, path: str, spec: DatasetSpec, **kw):
@@ -162,7 +220,7 @@ def _load_streaming(datasets, path: str, spec: DatasetSpec, **kw):
         if "fragment_scan_options" not in str(e) and "columns" not in str(e):
             raise
         return datasets.load_dataset(path, streaming=True, **kw)
-    if ds.features is not None and spec.image_column not in ds.features:
+    if ds.features is not None and any(c not in ds.features for c in (spec.image_column, *spec.extra_columns)):
         # Projected onto a missing column: open it plainly so the error can list the real columns.
         return datasets.load_dataset(path, streaming=True, **kw)
     return ds
@@ -209,14 +267,14 @@ def _open_local(path: Path, spec: DatasetSpec):
 def _iter_hf(ds, spec: DatasetSpec, start: int) -> Iterator[Record]:
     datasets = _import_datasets()
     features = ds.features
-    if features is not None and spec.image_column not in features:
-        raise PipelineError(
-            f"dataset {spec.name!r} has no column {spec.image_column!r}; its columns are {sorted(features)}. "
-            "Choose one with --image-column."
-        )
-    if features is not None and isinstance(features[spec.image_column], datasets.Image):
-        ds = ds.cast_column(spec.image_column, datasets.Image(decode=False))
-    ds = ds.select_columns([spec.image_column])
+    columns = [spec.image_column, *spec.extra_columns]
+    for col in columns:
+        if features is not None and col not in features:
+            hint = "Choose one with --image-column." if col == spec.image_column else "Check the evaluation column names."
+            raise PipelineError(f"dataset {spec.name!r} has no column {col!r}; its columns are {sorted(features)}. {hint}")
+        if features is not None and isinstance(features[col], datasets.Image):
+            ds = ds.cast_column(col, datasets.Image(decode=False))
+    ds = ds.select_columns(columns)
     if isinstance(ds, datasets.Dataset):
         stop = len(ds) if spec.limit is None else min(len(ds), spec.limit)
         rows = (ds[i] for i in range(start, stop))
@@ -227,7 +285,18 @@ def _iter_hf(ds, spec: DatasetSpec, start: int) -> Iterator[Record]:
             ds = ds.skip(start)
         rows = iter(ds)
     for i, row in enumerate(rows, start=start):
-        yield _record_from_cell(i, f"{spec.name}[{i}]", row.get(spec.image_column))
+        rec = _record_from_cell(i, f"{spec.name}[{i}]", row.get(spec.image_column))
+        if spec.extra_columns:
+            rec = replace(rec, extra={c: _extra_value(row.get(c)) for c in spec.extra_columns})
+        yield rec
+
+
+def _extra_value(cell: Any) -> Any:
+    """Image cells become their bytes (None if absent); other values pass through."""
+    if isinstance(cell, dict) and ("bytes" in cell or "path" in cell):
+        rec = _record_from_cell(-1, "", cell)
+        return rec.data
+    return cell
 
 
 def _record_from_cell(i: int, source: str, cell: Any) -> Record:

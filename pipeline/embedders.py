@@ -27,6 +27,21 @@ META_SOURCE_MODEL = "fashion_pipeline.source_model"
 META_PREPROCESS = "fashion_pipeline.preprocess"
 META_PRECISION = "fashion_pipeline.precision"
 META_KIND = "fashion_pipeline.kind"
+META_PAD_ID = "fashion_pipeline.pad_token_id"
+TEXT_CONTEXT = 77  # CLIP's text context length; the text ONNX takes exactly this many tokens
+
+
+def text_onnx_path_for(image_onnx: str | Path) -> Path:
+    """onnx/fashion_clip_image_int8_matmul.onnx -> onnx/fashion_clip_text_fp32.onnx"""
+    p = Path(image_onnx)
+    stem = p.stem.replace("_int8_matmul", "").replace("_int8", "").replace("_fp32", "")
+    stem = stem.replace("_image", "_text") if "_image" in stem else f"{stem}_text"
+    return p.with_name(f"{stem}_fp32{p.suffix}")
+
+
+def tokenizer_path_for(text_onnx: str | Path) -> Path:
+    p = Path(text_onnx)
+    return p.with_name(p.stem.replace("_fp32", "") + "_tokenizer.json")
 
 
 class Embedder(Protocol):
@@ -42,6 +57,10 @@ class Embedder(Protocol):
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """Args: pixels float32 (B, 3, H, W), RGB. Returns: float32 (B, D), unit L2 norm per row."""
+        ...
+
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """Texts in, float32 (len(texts), D) unit vectors out, in the same space as `embed`."""
         ...
 
 
@@ -152,6 +171,7 @@ class OnnxEmbedder:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # Idle worker threads must not spin: the decoding thread needs those cycles.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.path, self._opts, self._providers, self._text = path, opts, providers, None
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
@@ -209,6 +229,44 @@ class OnnxEmbedder:
         out = self.session.run([self.output_name], {self.input.name: np.ascontiguousarray(pixels)})[0]
         return l2_normalize(out)
 
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """The text tower exported beside the image file, tokenized with the `tokenizers` library
+        (no torch, no transformers)."""
+        if self._text is None:
+            self._text = _OnnxText(self.path, self.identity["model"], self._opts, self._providers)
+        return self._text.embed(texts)
+
+
+class _OnnxText:
+    """Text ONNX (input_ids, attention_mask: int64 (B, 77)) -> text_embeds, plus its tokenizer."""
+
+    def __init__(self, image_onnx: Path, image_model: str, opts, providers) -> None:
+        import onnxruntime as ort
+
+        path, tok_path = text_onnx_path_for(image_onnx), tokenizer_path_for(text_onnx_path_for(image_onnx))
+        if not path.is_file() or not tok_path.is_file():
+            raise PipelineError(
+                f"text search with the ONNX backend needs {path.name} and {tok_path.name} beside {image_onnx}; "
+                "make them with --export-onnx (from a model that has a tokenizer)"
+            )
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise PipelineError("text search needs the tokenizers package: pip install tokenizers") from e
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get(META_SOURCE_MODEL, "") != image_model:
+            raise PipelineError(f"{path} was exported from {meta.get(META_SOURCE_MODEL)!r} but the image model from {image_model!r}: their vectors are not comparable")
+        self.tokenizer = Tokenizer.from_file(str(tok_path))
+        self.tokenizer.enable_truncation(TEXT_CONTEXT)
+        self.tokenizer.enable_padding(length=TEXT_CONTEXT, pad_id=int(meta.get(META_PAD_ID, 0)))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        enc = self.tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        return l2_normalize(self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0])
+
 
 # ----------------------------------------------------------------------------- transformers
 class TorchEmbedder:
@@ -242,6 +300,7 @@ class TorchEmbedder:
         if self.precision != "int8":
             self.model.to(self.device)
         self._torch = torch
+        self._model_name, self._tokenizer = model, None
         self._dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
         self.preprocess_cfg = preprocess_config_for_model(model)
         self.dim = int(self.model.config.projection_dim)
@@ -261,6 +320,21 @@ class TorchEmbedder:
             x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, dtype=self._dtype)
             out = self.model.get_image_features(pixel_values=x)
             # transformers 5 returns an output object with the projected features in pooler_output.
+            feats = out if torch.is_tensor(out) else out.pooler_output
+            return l2_normalize(feats.float().cpu().numpy())
+
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        if self._tokenizer is None:
+            try:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self._model_name)
+            except (OSError, ValueError) as e:
+                raise PipelineError(f"model {self._model_name!r} has no usable tokenizer ({e}); text search needs one") from e
+        tok = self._tokenizer(list(texts), padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt")
+        with torch.inference_mode():
+            out = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device))
             feats = out if torch.is_tensor(out) else out.pooler_output
             return l2_normalize(feats.float().cpu().numpy())
 
