@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--use-embedded-segment", action="store_true", help="reuse images_segment/ and embeddings_segment/")
     modes.add_argument("--export-onnx", action="store_true", help="export --model to --onnx (int8) and an fp32 file beside it, verified against torch")
 
+    search = p.add_argument_group("search and evaluation")
+    search.add_argument("--query-image", nargs="+", metavar="PATH", help="image files or folders to search the cached gallery with")
+    search.add_argument("--query-text", nargs="+", metavar="TEXT", help='texts to search with, e.g. "red floral midi dress"')
+    search.add_argument("--evaluate", action="store_true", help="measure Recall@1/5/10 and MRR against ground truth in --dataset")
+    search.add_argument("--eval-backends", default=None, help="comma list of torch,onnx-fp32,onnx-int8 (default: the backend in use)")
+    search.add_argument("--eval-id-column", default=None, help="same-product evaluation: column naming the product (e.g. item_ID)")
+    search.add_argument("--eval-cloth-column", default="cloth", help="person->garment evaluation: column with the garment image")
+
     data = p.add_argument_group("dataset")
     data.add_argument("--dataset", default=DEFAULT_DATASET, help="hub id, local dataset folder/parquet file, or folder of images")
     data.add_argument("--split", default="train")
@@ -116,6 +124,20 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit
         parser.error("--export-onnx makes the ONNX file and stops; run the pipeline as a second command")
     if ({"per_tensor", "quantization"} & explicit) and not args.export_onnx:
         parser.error("--per-tensor and --quantization only apply to --export-onnx")
+    query = bool(args.query_image or args.query_text)
+    exclusive = [name for name, on in (("--export-onnx", args.export_onnx), ("--video_clip", bool(args.video_clip)),
+                                       ("--query-image/--query-text", query), ("--evaluate", args.evaluate)) if on]
+    if len(exclusive) > 1:
+        parser.error(f"{' and '.join(exclusive)} are separate modes: run them as separate commands")
+    if args.evaluate and (args.use_embeddings or args.use_embedded_segment):
+        parser.error("--evaluate embeds the dataset itself; it does not read a cache")
+    eval_flags = {"eval_backends", "eval_id_column", "eval_cloth_column"} & explicit
+    if eval_flags and not args.evaluate:
+        parser.error(f"{', '.join('--' + f.replace('_', '-') for f in sorted(eval_flags))} need --evaluate")
+    if args.eval_backends:
+        bad = [b for b in args.eval_backends.split(",") if b not in ("torch", "onnx-fp32", "onnx-int8")]
+        if bad:
+            parser.error(f"--eval-backends: unknown {bad}; choose from torch, onnx-fp32, onnx-int8")
     video_flags = {"video_dir", "frame_stride", "det_model", "det_conf"} & explicit
     if video_flags and not args.video_clip:
         parser.error(f"{', '.join('--' + f for f in sorted(video_flags))} need --video_clip NAME")
@@ -194,6 +216,17 @@ def dispatch(cfg: RunConfig, args: argparse.Namespace):
         from pipeline.video import run_video
 
         return run_video(cfg)
+    if args.query_image or args.query_text:
+        from pipeline.search import run_query
+
+        return run_query(cfg, args.query_image or [], args.query_text or [])
+    if args.evaluate:
+        from pipeline.search import run_evaluate
+
+        backends = args.eval_backends.split(",") if args.eval_backends else [
+            "onnx-int8" if cfg.embedder.resolve_backend() == "onnx" else "torch"
+        ]
+        return run_evaluate(cfg, backends, args.eval_id_column, args.eval_cloth_column)
     return runner.run_gallery(cfg)
 
 

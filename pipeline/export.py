@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -53,6 +53,7 @@ class ExportReport:
     int8_cos_min: float
     int8_cos_mean: float
     passed: bool
+    text_lines: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         ok = lambda good: "ok" if good else "FAILED"  # noqa: E731
@@ -61,6 +62,7 @@ class ExportReport:
             f"  fp32 ONNX: min {self.fp32_cos_min:.6f}, mean {self.fp32_cos_mean:.6f} (need min >= {FP32_MIN_COSINE}) {ok(self.fp32_cos_min >= FP32_MIN_COSINE)}",
             f"  int8 ONNX: min {self.int8_cos_min:.6f}, mean {self.int8_cos_mean:.6f} (need min >= {INT8_MIN_COSINE}, mean >= {INT8_MEAN_COSINE}) "
             f"{ok(self.int8_cos_min >= INT8_MIN_COSINE and self.int8_cos_mean >= INT8_MEAN_COSINE)}",
+            *self.text_lines,
         ]
 
 
@@ -189,8 +191,11 @@ def export_onnx(
             log.info(line)
         if not report.passed:
             raise PipelineError("ONNX export failed verification; no file was written:\n" + "\n".join(report.lines()))
+        text = _export_text_tower(clip, model, int8_path, meta)
+        report.text_lines = text.lines
         os.replace(tmp_fp32, fp32_path)
         os.replace(tmp_int8, int8_path)
+        text.commit()
         return report
     except PipelineError:
         raise
@@ -200,6 +205,81 @@ def export_onnx(
         for p in (tmp_fp32, tmp_int8, tmp_pre):
             if p.exists():
                 p.unlink()
+
+
+TEXT_PROBES = ["a red floral midi dress", "blue denim jacket", "black leather ankle boots", "white cotton t-shirt", "striped shirt"]
+
+
+@dataclass
+class _TextExport:
+    """A verified text tower waiting in temp files; commit() moves it into place."""
+
+    lines: list[str]
+    moves: list[tuple[Path, Path]] = field(default_factory=list)
+
+    def commit(self) -> None:
+        for src, dst in self.moves:
+            os.replace(src, dst)
+
+
+def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) -> _TextExport:
+    """Export the text tower (fp32, 77 tokens, dynamic batch) and its tokenizer.json, verified
+    against torch. A model without a tokenizer gets no text tower, said in the report."""
+    import onnx
+    import torch
+    from transformers import AutoTokenizer
+
+    from .embedders import META_PAD_ID, TEXT_CONTEXT, text_onnx_path_for, tokenizer_path_for
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError, TypeError) as e:
+        return _TextExport([f"text tower not exported: {model} has no usable tokenizer ({type(e).__name__})"])
+    if not getattr(tok, "is_fast", False):
+        return _TextExport([f"text tower not exported: {model} has no fast (tokenizer.json) tokenizer"])
+    text_path = text_onnx_path_for(int8_path)
+    tok_path = tokenizer_path_for(text_path)
+    tmp_text = text_path.with_name(f".{text_path.name}.tmp")
+    tmp_tok = tok_path.with_name(f".{tok_path.name}.tmp")
+
+    class TextTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.clip = clip
+
+        def forward(self, input_ids, attention_mask):
+            out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+            return out if torch.is_tensor(out) else out.pooler_output
+
+    tower = TextTower().eval()
+    enc = tok(TEXT_PROBES, padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt")
+    batch = torch.export.Dim("batch")
+    try:
+        torch.onnx.export(
+            tower, (enc["input_ids"][:2], enc["attention_mask"][:2]), str(tmp_text),
+            input_names=["input_ids", "attention_mask"], output_names=["text_embeds"],
+            dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
+            opset_version=OPSET, dynamo=True, external_data=False,
+        )
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        _set_metadata(onnx, tmp_text, {**meta, META_KIND: "clip-text-tower", META_PRECISION: "fp32", META_PAD_ID: str(int(pad_id))})
+        tok.backend_tokenizer.save(str(tmp_tok))
+        with torch.inference_mode():
+            ref = tower(enc["input_ids"], enc["attention_mask"]).numpy()
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(tmp_text), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()})[0]
+        cos = _cosines(got, ref)
+        line = f"  text fp32 ONNX: min {cos.min():.6f} over {len(TEXT_PROBES)} texts (need >= {FP32_MIN_COSINE})"
+        if cos.min() < FP32_MIN_COSINE:
+            raise PipelineError("text tower export failed verification; no file was written:\n" + line)
+        return _TextExport([line], [(tmp_text, text_path), (tmp_tok, tok_path)])
+    except BaseException:
+        for p in (tmp_text, tmp_tok):
+            if p.exists():
+                p.unlink()
+        raise
 
 
 def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool) -> None:

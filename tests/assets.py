@@ -12,10 +12,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-TINY_VOCAB = ["<|startoftext|>", "<|endoftext|>", "red", "blue", "green", "dress", "shirt", "floral", "midi", "a", "photo", "of"]
 
-
-def save_tiny_clip(path: Path, projection_dim: int = 16, image_size: int = 224, patch_size: int = 32, seed: int = 0) -> Path:
+def save_tiny_clip(path: Path, projection_dim: int = 16, image_size: int = 224, patch_size: int = 32, seed: int = 0, with_tokenizer: bool = True) -> Path:
     """A CLIPModel with random weights, 2 layers per tower, saved with save_pretrained plus a
     preprocessor_config.json (CLIP defaults) and tokenizer files generated here."""
     import torch
@@ -25,7 +23,7 @@ def save_tiny_clip(path: Path, projection_dim: int = 16, image_size: int = 224, 
     cfg = CLIPConfig(
         text_config=dict(
             hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-            vocab_size=len(TINY_VOCAB) + 300, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            vocab_size=256, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
         ),
         vision_config=dict(
             hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
@@ -37,6 +35,8 @@ def save_tiny_clip(path: Path, projection_dim: int = 16, image_size: int = 224, 
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     write_preprocessor_config(path, image_size)
+    if with_tokenizer:
+        save_tiny_tokenizer(path)
     return path
 
 
@@ -48,6 +48,35 @@ def write_preprocessor_config(path: Path, image_size: int = 224) -> None:
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
     })
+
+
+def save_tiny_tokenizer(path: Path) -> Path:
+    """CLIP BPE tokenizer files made here: a vocabulary of single characters (with and without the
+    end-of-word mark) plus a few whole words, so any lower-case ASCII text tokenizes offline.
+    Saved as the slow files and as tokenizer.json (fast)."""
+    from transformers import AutoTokenizer
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789-,.!'")
+    words = ["red", "blue", "dress", "shirt", "floral"]
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    merges = []
+    for w in words:  # merges that build each word left to right
+        acc = w[0]
+        for c in w[1:-1]:
+            merges.append(f"{acc} {c}")
+            acc += c
+            tokens.append(acc)
+        merges.append(f"{acc} {w[-1]}</w>")
+        tokens.append(w + "</w>")
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    write_json(path / "tokenizer_config.json", {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+                                               "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>",
+                                               "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})
+    AutoTokenizer.from_pretrained(path).save_pretrained(path)  # writes tokenizer.json
+    return path
 
 
 def save_real_arch_clip(path: Path, seed: int = 0) -> Path:

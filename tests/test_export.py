@@ -23,7 +23,8 @@ def test_export_writes_both_files_with_metadata(tiny_clip, tmp_path, capsys):
         assert '"crop_height": 224' in meta[META_PREPROCESS]
     ops = {n.op_type for n in onnx.load(str(target)).graph.node}
     assert "QuantizeLinear" in ops and "Conv" in ops and "ConvInteger" not in ops
-    assert sorted(p.name for p in target.parent.iterdir()) == ["m_fp32.onnx", "m_int8_matmul.onnx"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m_fp32.onnx", "m_int8_matmul.onnx", "m_text_fp32.onnx", "m_text_tokenizer.json"]
+    assert "text fp32 ONNX: min" in out
 
 
 def test_dynamic_quantization_also_passes(tiny_clip, tmp_path):

@@ -1,0 +1,359 @@
+"""Search and evaluation.
+
+Query: image files or texts in; their top-k items of a cached gallery out (one composite picture per
+query and a results table). Evaluate: a dataset with ground truth in; Recall@1/5/10 and MRR per
+backend out (table, outputs/evaluation.json, outputs/evaluation.png).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from .config import RunConfig
+from .dataset import IMAGE_SUFFIXES, DatasetSpec, iter_records
+from .embedders import EmbedderSpec, make_embedder
+from .errors import PipelineError
+from .images import ImageDecodeError, decode_image
+from .plots import THUMB_SIZE, _font, _pyplot, _save_fig, compose_matches, make_thumbnail, save_jpeg
+from .preprocess import preprocess_batch
+from .report import RunSummary
+from .retrieval import topk_neighbours, write_neighbours_csv
+from .store import ManifestRow, ThumbnailReader, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RECALL_AT = (1, 5, 10)
+
+
+# ----------------------------------------------------------------------------- query
+@dataclass
+class Query:
+    label: str  # file name (and person) or the text itself
+    kind: str  # "image" | "text"
+    tile: np.ndarray  # uint8 (T, T, 3) for the composite
+
+
+def expand_image_paths(paths: Iterable[str]) -> list[Path]:
+    """Files as given, folders expanded to their image files (sorted); a missing path is an error."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise PipelineError(f"query image {p} does not exist")
+    if not out:
+        raise PipelineError("no query images found in " + ", ".join(map(str, paths)))
+    return out
+
+
+def text_tile(text: str, size: int = THUMB_SIZE) -> np.ndarray:
+    """A white tile with the query text wrapped on it."""
+    im = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle([0, 0, size - 1, size - 1], outline=(120, 120, 120))
+    for i, line in enumerate(textwrap.wrap(text, width=max(8, size // 7))[: size // 13]):
+        draw.text((5, 5 + 12 * i), line, fill=(0, 0, 0), font=_font())
+    return np.asarray(im)
+
+
+def run_query(cfg: RunConfig, image_paths: Sequence[str], texts: Sequence[str]) -> RunSummary:
+    """--query-image / --query-text against the cached gallery (embeddings/ or embeddings_segment/)."""
+    from .runner import load_gallery_cache, segmenter_factory
+
+    summary = RunSummary(mode="query")
+    with summary.stage("load model"):
+        embedder = make_embedder(cfg.embedder)
+    with summary.stage("load cache"):
+        cache = load_gallery_cache(cfg, identity=embedder.identity)
+    embedded = cache.embedded_rows
+    queries: list[Query] = []
+    vectors: list[np.ndarray] = []
+    if image_paths:
+        segmenter = segmenter_factory(cfg) if cfg.use_segmentation else None
+        with summary.stage("embed image queries"):
+            for path in expand_image_paths(image_paths):
+                try:
+                    image = decode_image(path.read_bytes()).image
+                except (ImageDecodeError, OSError) as e:
+                    summary.fail(str(path), str(e))
+                    continue
+                crops = [(path.name, image)]
+                if segmenter is not None:
+                    from .segment import white_background_crop
+
+                    arr = np.asarray(image)
+                    persons = segmenter.segment([arr])[0]
+                    found = [(f"{path.name}#p{k}", white_background_crop(arr, p.mask, p.box_xyxy)) for k, p in enumerate(persons)]
+                    found = [(label, Image.fromarray(c)) for label, c in found if c is not None]
+                    if found:
+                        crops = found
+                    else:
+                        summary.notes.append(f"{path.name}: no person found, the whole image is the query")
+                pixels = preprocess_batch([c for _, c in crops], embedder.preprocess_cfg)
+                vectors.append(embedder.embed(pixels))
+                queries += [Query(label, "image", make_thumbnail(c)) for label, c in crops]
+    if texts:
+        with summary.stage("embed text queries"):
+            vectors.append(embedder.embed_text(list(texts)))
+            queries += [Query(t, "text", text_tile(t)) for t in texts]
+    if not queries:
+        raise PipelineError("none of the query images could be read")
+    q = np.concatenate(vectors)
+    with summary.stage("search"):
+        nb = topk_neighbours(q, cache.embeddings, cfg.top_k)
+    out_dir = cfg.results_dir / "queries"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    thumbs = cache.thumbnails()
+    try:
+        with summary.stage("pictures"):
+            for i, query in enumerate(queries):
+                tiles, labels = [], []
+                for rank, (j, d) in enumerate(zip(nb.indices[i], nb.distances[i])):
+                    if j < 0:
+                        continue
+                    r: ManifestRow = embedded[j]
+                    rows.append((query.label, query.kind, rank + 1, r.file, r.index, float(d)))
+                    tiles.append(thumbs[j].copy())
+                    labels.append(f"d={d:.3f}\n{r.file}")
+                title = f"{query.kind} query: {query.label}"
+                save_jpeg(compose_matches(query.tile, query.kind, tiles, labels, title=title), out_dir / f"q{i:03d}_{_slug(query.label)}.jpg")
+    finally:
+        thumbs.close()
+    table = out_dir / "query_results.csv"
+    write_neighbours_csv(table, iter(rows), columns=("query", "kind", "rank", "gallery_file", "row", "distance"))
+    summary.count("queries", len(queries))
+    summary.outputs["results"] = str(table)
+    summary.outputs["pictures"] = f"{out_dir}/q*.jpg"
+    return summary
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:limit].strip("_") or "query"
+
+
+# ----------------------------------------------------------------------------- evaluation
+def ranks_of_positives(queries: np.ndarray, gallery: np.ndarray, positives: list[np.ndarray], exclude: np.ndarray | None = None, block: int = 512) -> np.ndarray:
+    """1-based rank of the best-ranked positive for each query (ties: the positive counts as worse).
+
+    Args:
+        queries: float32 (Q, D), gallery: float32 (N, D), both L2-normalized.
+        positives: per query, int array of gallery indices that are right answers.
+        exclude: per query, a gallery index not to rank (the query itself), or -1.
+    """
+    ranks = np.empty(len(queries), dtype=np.int64)
+    for s in range(0, len(queries), block):
+        sims = queries[s : s + block] @ gallery.T
+        for k in range(sims.shape[0]):
+            qi = s + k
+            row = sims[k]
+            if exclude is not None and exclude[qi] >= 0:
+                row[exclude[qi]] = -np.inf
+            best = row[positives[qi]].max()
+            # everything scoring at least as high as the best positive, other than positives
+            ahead = np.count_nonzero(row >= best) - np.count_nonzero(row[positives[qi]] >= best)
+            ranks[qi] = ahead + 1
+    return ranks
+
+
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    out = {f"recall@{k}": float(np.mean(ranks <= k)) if len(ranks) else float("nan") for k in RECALL_AT}
+    out["mrr"] = float(np.mean(1.0 / ranks)) if len(ranks) else float("nan")
+    out["queries"] = int(len(ranks))
+    return out
+
+
+def product_ids(values: Sequence) -> list[str]:
+    """The product an id names: the id_XXXXXXXX part when present (DeepFashion In-shop's item_ID
+    names product and view together), the whole value otherwise."""
+    out = []
+    for v in values:
+        m = re.search(r"id_\d+", str(v))
+        out.append(m.group(0) if m else str(v))
+    return out
+
+
+class _Batcher:
+    """Collects decoded images and embeds them a batch at a time, remembering each vector's row."""
+
+    def __init__(self, embedder, batch_size: int) -> None:
+        self.embedder, self.batch_size = embedder, batch_size
+        self.pending: list[Image.Image] = []
+        self.rows: list[int] = []
+        self.vectors: list[np.ndarray] = []
+
+    def add(self, row: int, image: Image.Image) -> None:
+        self.pending.append(image)
+        self.rows.append(row)
+        if len(self.pending) >= self.batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.vectors.append(self.embedder.embed(preprocess_batch(self.pending, self.embedder.preprocess_cfg)))
+            self.pending = []
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 (M, D) embeddings, int64 (M,) source rows)"""
+        self._flush()
+        emb = np.concatenate(self.vectors) if self.vectors else np.zeros((0, self.embedder.dim), np.float32)
+        return emb, np.array(self.rows, dtype=np.int64)
+
+
+def _embed_pass(spec: DatasetSpec, embedder, batch_size: int, summary: RunSummary, record_failures: bool,
+                cloth_column: str | None, id_column: str | None, segmenter) -> dict:
+    """One streaming pass over the dataset: person/product images, garments, segmented crops."""
+    from .segment import white_background_crop
+
+    def fail(what: str, reason: str) -> None:
+        if record_failures:
+            summary.fail(what, reason)
+
+    photos, garments, crops = _Batcher(embedder, batch_size), _Batcher(embedder, batch_size), _Batcher(embedder, batch_size)
+    ids: dict[int, str] = {}
+    min_side = embedder.preprocess_cfg.decode_min_side
+    for rec in tqdm(iter_records(spec), desc="evaluate", unit="row", leave=False):
+        if not rec.data:
+            fail(rec.source, rec.error or "no image")
+            continue
+        try:
+            photos.add(rec.source_row, decode_image(rec.data, min_side=min_side).image)
+        except ImageDecodeError as e:
+            fail(rec.source, str(e))
+            continue
+        extra = rec.extra or {}
+        if id_column:
+            ids[rec.source_row] = product_ids([extra.get(id_column)])[0]
+        if cloth_column:
+            try:
+                if not extra.get(cloth_column):
+                    raise ImageDecodeError("no garment image")
+                garments.add(rec.source_row, decode_image(extra[cloth_column], min_side=min_side).image)
+            except ImageDecodeError as e:
+                fail(f"{rec.source} ({cloth_column})", str(e))
+        if segmenter is not None:
+            arr = np.asarray(decode_image(rec.data).image)
+            persons = segmenter.segment([arr])[0]
+            crop = white_background_crop(arr, persons[0].mask, persons[0].box_xyxy) if persons else None
+            if crop is not None:
+                crops.add(rec.source_row, Image.fromarray(crop))
+    out = {"photos": photos.result(), "ids": ids}
+    if cloth_column:
+        out["garments"] = garments.result()
+    if segmenter is not None:
+        out["crops"] = crops.result()
+    return out
+
+
+def _person_to_garment(queries: np.ndarray, q_rows: np.ndarray, garments: np.ndarray, g_rows: np.ndarray) -> dict[str, float]:
+    """Rank of each photo's own garment among the garments of all evaluated rows."""
+    where = {int(r): k for k, r in enumerate(g_rows)}
+    keep = [k for k, r in enumerate(q_rows) if int(r) in where]
+    positives = [np.array([where[int(q_rows[k])]]) for k in keep]
+    return metrics_from_ranks(ranks_of_positives(queries[keep], garments, positives))
+
+
+BACKEND_CHOICES = ("torch", "onnx-fp32", "onnx-int8")
+
+
+def _spec_for(cfg: RunConfig, backend: str) -> EmbedderSpec:
+    from .export import fp32_path_for
+
+    e = cfg.embedder
+    if backend == "torch":
+        return EmbedderSpec(model=e.model, onnx=e.onnx, backend="torch", device=e.device, precision=e.precision, threads=e.threads)
+    path = e.onnx if backend == "onnx-int8" else str(fp32_path_for(e.onnx))
+    return EmbedderSpec(model=e.model, onnx=path, backend="onnx", device=e.device, threads=e.threads)
+
+
+def run_evaluate(cfg: RunConfig, backends: Sequence[str], id_column: str | None, cloth_column: str = "cloth") -> RunSummary:
+    """--evaluate: person->garment (a `cloth` column) or same-product retrieval (--eval-id-column),
+    for each backend asked for, streamed (only embeddings are kept)."""
+    summary = RunSummary(mode="evaluate")
+    extra = (id_column,) if id_column else (cloth_column,)
+    spec = DatasetSpec(cfg.dataset.name, cfg.dataset.split, cfg.dataset.limit, cfg.dataset.image_column, extra)
+    segmenter = None
+    if cfg.use_segmentation and not id_column:
+        from .runner import segmenter_factory
+
+        segmenter = segmenter_factory(cfg)
+    task = "same-product" if id_column else "person->garment"
+    results: dict[str, dict] = {}
+    for n, backend in enumerate(backends):
+        with summary.stage(backend):
+            embedder = make_embedder(_spec_for(cfg, backend))
+            try:
+                got = _embed_pass(spec, embedder, cfg.batch_size, summary, n == 0, None if id_column else cloth_column, id_column, segmenter)
+            except PipelineError as e:
+                if id_column is None and f"no column {cloth_column!r}" in str(e):
+                    raise PipelineError(f"{e}\n--evaluate needs a {cloth_column!r} column (person -> garment) or --eval-id-column NAME (same product)") from e
+                raise
+            q, q_rows = got["photos"]
+            if id_column:
+                ids = np.array([got["ids"][int(r)] for r in q_rows])
+                positives, keep = [], []
+                for i in range(len(ids)):
+                    pos = np.flatnonzero(ids == ids[i])
+                    pos = pos[pos != i]
+                    if len(pos):
+                        positives.append(pos)
+                        keep.append(i)
+                keep_arr = np.array(keep, dtype=np.int64)
+                results.setdefault(task, {})[backend] = metrics_from_ranks(ranks_of_positives(q[keep_arr], q, positives, exclude=keep_arr))
+                if n == 0 and len(ids) > len(keep):
+                    summary.notes.append(f"{len(ids) - len(keep)} queries skipped: their product has no other image")
+            else:
+                g, g_rows = got["garments"]
+                results.setdefault(task, {})[backend] = _person_to_garment(q, q_rows, g, g_rows)
+                if segmenter is not None:
+                    c, c_rows = got["crops"]
+                    results.setdefault(task + " (segmented person)", {})[backend] = _person_to_garment(c, c_rows, g, g_rows)
+                    if n == 0:
+                        summary.notes.append(f"segmented: {len(c_rows)} of {len(q_rows)} photos had a person")
+            del embedder
+    cfg.plots_dir.mkdir(parents=True, exist_ok=True)
+    report = {"dataset": cfg.dataset.name, "split": cfg.dataset.split, "limit": cfg.dataset.limit, "results": results}
+    path = cfg.plots_dir / "evaluation.json"
+    atomic_write_text(path, json.dumps(report, indent=2))
+    plot = cfg.plots_dir / "evaluation.png"
+    _plot_evaluation(results, plot)
+    summary.notes.extend(format_table(results).splitlines())
+    summary.outputs["evaluation"] = str(path)
+    summary.outputs["plot"] = str(plot)
+    return summary
+
+
+def format_table(results: dict[str, dict]) -> str:
+    lines = ["| task | backend | queries | R@1 | R@5 | R@10 | MRR |", "|---|---|---|---|---|---|---|"]
+    for task, per in results.items():
+        for backend, m in per.items():
+            lines.append(f"| {task} | {backend} | {m['queries']} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['recall@10']:.3f} | {m['mrr']:.3f} |")
+    return "\n".join(lines)
+
+
+def _plot_evaluation(results: dict[str, dict], path: Path) -> None:
+    plt = _pyplot()
+    bars = [(f"{task}\n{backend}", m) for task, per in results.items() for backend, m in per.items()]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(bars)), 4), dpi=110)
+    keys = [f"recall@{k}" for k in RECALL_AT] + ["mrr"]
+    width = 0.8 / len(keys)
+    for j, key in enumerate(keys):
+        ax.bar(np.arange(len(bars)) + j * width, [m[key] for _, m in bars], width, label=key)
+    ax.set_xticks(np.arange(len(bars)) + 0.4 - width / 2)
+    ax.set_xticklabels([b for b, _ in bars], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("Retrieval quality against ground truth")
+    fig.tight_layout()
+    _save_fig(fig, path)
