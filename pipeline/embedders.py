@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -162,11 +163,18 @@ class OnnxEmbedder:
                 f"--device cuda asked for, but this onnxruntime has no CUDA provider (it has {available}). "
                 "Install onnxruntime-gpu, or use --device cpu."
             )
+        # On the CPU: one single-threaded session per core, each running a slice of the batch.
+        # Measured on 2 cores with the int8 model: the same 61 img/s as one 2-thread session when
+        # alone, but while the decoding thread also needs CPU, the 2-thread session loses ~20% to
+        # its per-operator synchronisation (one preempted thread stalls both) and slices do not.
+        # Vectors do not depend on the slicing (static int8 and fp32 are batch-independent).
         use_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
+        cores = threads or available_cores()
+        replicas = 1 if use_cuda else max(1, cores)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or available_cores()
+        opts.intra_op_num_threads = 1 if replicas > 1 else cores
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # Idle worker threads must not spin: the decoding thread needs those cycles.
@@ -176,6 +184,10 @@ class OnnxEmbedder:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise PipelineError(f"cannot load ONNX file {path}: {type(e).__name__}: {e}. Re-create it with --export-onnx.") from e
+        self._replicas = [self.session] + [
+            ort.InferenceSession(str(path), sess_options=opts, providers=providers) for _ in range(replicas - 1)
+        ]
+        self._pool = ThreadPoolExecutor(max_workers=replicas, thread_name_prefix="onnx") if replicas > 1 else None
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise PipelineError(f"onnxruntime could not start its CUDA provider for {path} (check CUDA/cuDNN versions)")
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
@@ -224,9 +236,16 @@ class OnnxEmbedder:
                 f"ONNX input {self.input.name!r} takes (batch, {want[0]}, {want[1]}, {want[2]}), got {tuple(pixels.shape)}"
             )
 
+    def _run(self, session, x: np.ndarray) -> np.ndarray:
+        return session.run([self.output_name], {self.input.name: np.ascontiguousarray(x)})[0]
+
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         self.check_input(pixels)
-        out = self.session.run([self.output_name], {self.input.name: np.ascontiguousarray(pixels)})[0]
+        if self._pool is None or len(pixels) < 2:
+            out = self._run(self.session, pixels)
+        else:
+            parts = np.array_split(pixels, min(len(self._replicas), len(pixels)))
+            out = np.concatenate(list(self._pool.map(self._run, self._replicas[: len(parts)], parts)))
         return l2_normalize(out)
 
     def embed_text(self, texts: list[str]) -> np.ndarray:

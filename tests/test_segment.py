@@ -126,3 +126,19 @@ def test_segmentation_flags_need_segmentation(capsys):
     assert cli.main(["--seg-conf", "0.5"]) == 2
     assert "need --use-segmentation" in capsys.readouterr().err
     assert cli.main(["--use-segmentation", "--seg-conf", "1.5"]) == 2
+
+
+def test_segmented_query_uses_each_person(fake_segmenter, people_dataset, tiny_onnx, tmp_path):
+    out = tmp_path / "out"
+    cli.main(["--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"])
+    q = tmp_path / "q.png"
+    q.write_bytes(assets.encode(assets.rgb_image(60, 90, color=(5, 100, 200)), "PNG"))  # 5 % 3 = 2 persons
+    assert cli.main(["--query-image", str(q), "--use-segmentation", "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q", "--top-k", "2"]) == 0
+    import csv
+
+    with open(out / "retrieval_results" / "segment" / "queries" / "query_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({r["query"] for r in rows}) == ["q.png#p0", "q.png#p1"]
+    # person 0 of the query is the same crop as person 0 of gallery row 5
+    top = [r for r in rows if r["query"] == "q.png#p0"][0]
+    assert top["gallery_file"] == "seg_00005_p00.png" and float(top["distance"]) < 1e-5
