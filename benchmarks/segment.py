@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,7 @@ def main() -> int:
 
     work = args.work / "segment"
     work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)  # Ultralytics writes the ONNX export of a yaml-built model to the current folder
     records = []
     for i in range(args.images):
         buf = io.BytesIO()
