@@ -27,7 +27,7 @@ from .plots import THUMB_SIZE, _font, _pyplot, _save_fig, compose_matches, make_
 from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import topk_neighbours, write_neighbours_csv
-from .store import ManifestRow, ThumbnailReader, atomic_write_text
+from .store import ManifestRow, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import main as cli
-from pipeline.embedders import EmbedderSpec, OnnxEmbedder, TorchEmbedder, make_embedder
+from pipeline.embedders import OnnxEmbedder, TorchEmbedder
 from pipeline.search import metrics_from_ranks, product_ids, ranks_of_positives
 from tests import assets
 
