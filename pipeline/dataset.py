@@ -174,7 +174,11 @@ def _iter_parquet(files: list[Path], spec: DatasetSpec, start: int) -> Iterator[
         if row + n <= start:  # the whole file lies before the resume point
             row += n
             continue
-        for batch in pf.iter_batches(batch_size=16, columns=columns):
+        # Skip whole row groups before the resume point without reading their images.
+        groups = list(range(pf.num_row_groups))
+        while groups and row + pf.metadata.row_group(groups[0]).num_rows <= start:
+            row += pf.metadata.row_group(groups.pop(0)).num_rows
+        for batch in pf.iter_batches(batch_size=16, columns=columns, row_groups=groups):
             cols = {c: batch.column(c).to_pylist() for c in columns}
             for k in range(batch.num_rows):
                 if stop is not None and row >= stop:

@@ -158,6 +158,7 @@ def build_gallery(
         log.info("resuming: %d complete shard(s) found, continuing at row %d", len(done), next_row)
         summary.notes.append(f"resumed at row {next_row} from {len(done)} complete shard(s)")
     cfg = embedder.preprocess_cfg
+    first_shard = len(done)
     q: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
     producer_times = {"items": 0.0, "write": 0.0, "preprocess": 0.0}
@@ -173,7 +174,7 @@ def build_gallery(
 
     def produce() -> None:
         try:
-            number = len(done)
+            number = first_shard
             shard_start = next_row
             rows: list[ManifestRow] = []
             thumbs: dict[int, np.ndarray] = {}
@@ -275,7 +276,10 @@ def build_gallery(
                     current[local] = vec
                 bar.update(msg.rows_done)
                 continue
-            shards.write(_close_shard(msg, current, embedder.dim))
+            shard = _close_shard(msg, current, embedder.dim)
+            shards.write(shard)
+            shard.thumbnails = None  # on disk now; only embeddings and rows stay for the final join
+            done.append(shard)
             current = {}
             bar.update(msg.rows_done)
     except BaseException:
@@ -291,7 +295,8 @@ def build_gallery(
     summary.stages["  preprocess+thumbnail (producer)"] = producer_times["preprocess"]
     summary.stages["  inference"] = infer_time
     with summary.stage("finalize store"):
-        emb, rows = finalize_store(target.store_dir, shards, embedder.identity, source, embedder.dim, THUMB_SIZE)
+        # `done` holds every shard of this run, verified at resume or just written: no second read.
+        emb, rows = finalize_store(target.store_dir, shards, done, embedder.identity, source, embedder.dim, THUMB_SIZE)
         shards.remove()
         _remove_stale_files(target, rows)
     return emb, rows

@@ -23,7 +23,7 @@ from .dataset import IMAGE_SUFFIXES, DatasetSpec, iter_records
 from .embedders import EmbedderSpec, make_embedder
 from .errors import PipelineError
 from .images import ImageDecodeError, decode_image
-from .plots import THUMB_SIZE, _font, _pyplot, _save_fig, compose_matches, make_thumbnail, save_jpeg
+from .plots import THUMB_SIZE, caption_font, pyplot, save_figure, compose_matches, make_thumbnail, save_jpeg
 from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import topk_neighbours, write_neighbours_csv
@@ -63,7 +63,7 @@ def text_tile(text: str, size: int = THUMB_SIZE) -> np.ndarray:
     draw = ImageDraw.Draw(im)
     draw.rectangle([0, 0, size - 1, size - 1], outline=(120, 120, 120))
     for i, line in enumerate(textwrap.wrap(text, width=max(8, size // 7))[: size // 13]):
-        draw.text((5, 5 + 12 * i), line, fill=(0, 0, 0), font=_font())
+        draw.text((5, 5 + 12 * i), line, fill=(0, 0, 0), font=caption_font())
     return np.asarray(im)
 
 
@@ -343,7 +343,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def _plot_evaluation(results: dict[str, dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     bars = [(f"{task}\n{backend}", m) for task, per in results.items() for backend, m in per.items()]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(bars)), 4), dpi=110)
     keys = [f"recall@{k}" for k in RECALL_AT] + ["mrr"]
@@ -356,4 +356,4 @@ def _plot_evaluation(results: dict[str, dict], path: Path) -> None:
     ax.legend()
     ax.set_title("Retrieval quality against ground truth")
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_figure(fig, path)

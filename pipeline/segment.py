@@ -118,7 +118,7 @@ def load_yolo(model: str, task: str):
         raise PipelineError(f"cannot load YOLO model {model!r} ({type(e).__name__}: {e}). Pass a local .pt, .onnx or .yaml file.") from e
 
 
-def _yolo_device(device: str) -> str | None:
+def yolo_device(device: str) -> str | None:
     if device == "auto":
         return None
     return "0" if device == "cuda" else "cpu"
@@ -130,7 +130,7 @@ class UltralyticsSegmenter:
     def __init__(self, spec: SegmentSpec, device: str = "auto", batch: int = 8) -> None:
         self.spec = spec
         self.model = load_yolo(spec.model, task="segment")
-        self.device = _yolo_device(device)
+        self.device = yolo_device(device)
         self.batch = batch
         self.predict_seconds = 0.0
 

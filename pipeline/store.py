@@ -458,14 +458,15 @@ class ShardStore:
 def finalize_store(
     root: str | Path,
     shard_store: ShardStore,
+    shards: list[Shard],
     identity: dict[str, Any],
     source: dict[str, Any],
     dim: int,
     thumbnail_size: int,
 ) -> tuple[np.ndarray, list[ManifestRow]]:
-    """Join the completed shards into the final files, renumbering rows; the sidecar goes last.
-
-    Thumbnails are copied one shard at a time, so memory does not grow with the gallery.
+    """Join the run's completed shards (in order, as verified or written by this run) into the final
+    files, renumbering rows; the sidecar goes last. Thumbnails are read back from `shard_store` one
+    shard at a time, so memory does not grow with the gallery.
 
     Returns:
         (embeddings float32 (N, D), manifest rows)
@@ -474,7 +475,7 @@ def finalize_store(
     rows: list[ManifestRow] = []
     emb_parts, shard_numbers = [], []
     offset = 0
-    for shard in shard_store.completed():
+    for shard in shards:
         for r in shard.rows:
             r = ManifestRow(**asdict(r))
             r.index = len(rows)

@@ -21,7 +21,7 @@ from .plots import THUMB_SIZE, compose_matches, make_thumbnail
 from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import topk_neighbours
-from .segment import PERSON_CLASS, PersonMask, box_pixels, load_yolo, white_background_crop, _yolo_device
+from .segment import PERSON_CLASS, PersonMask, box_pixels, load_yolo, white_background_crop, yolo_device
 from .store import ManifestRow, ThumbnailReader, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class UltralyticsDetector:
 
     def __init__(self, model: str, conf: float, device: str = "auto", imgsz: int = 640) -> None:
         self.model = load_yolo(model, task="detect")
-        self.conf, self.device, self.imgsz = conf, _yolo_device(device), imgsz
+        self.conf, self.device, self.imgsz = conf, yolo_device(device), imgsz
 
     def detect(self, frames_rgb: Sequence[np.ndarray]) -> list[Detections]:
         sources = [np.ascontiguousarray(f[..., ::-1]) for f in frames_rgb]  # Ultralytics wants BGR
