@@ -69,7 +69,7 @@ def main() -> int:
     build_gallery(
         records=lambda start: iter_records(spec, start), total_rows=count_rows(spec),
         make_items=make_standard_items(emb.preprocess_cfg.decode_min_side), embedder=emb,
-        target=GalleryTarget(out / "images", out / "embeddings"), run_params={}, source={}, summary=summary,
+        target=GalleryTarget(out / "images", out / "embeddings", parallel_items=True), run_params={}, source={}, summary=summary,
         batch_size=32, progress=False,
     )
     e2e = n / summary.stages["embed stage (wall)"]

@@ -178,7 +178,7 @@ def _iter_parquet(files: list[Path], spec: DatasetSpec, start: int) -> Iterator[
         groups = list(range(pf.num_row_groups))
         while groups and row + pf.metadata.row_group(groups[0]).num_rows <= start:
             row += pf.metadata.row_group(groups.pop(0)).num_rows
-        for batch in pf.iter_batches(batch_size=16, columns=columns, row_groups=groups):
+        for batch in pf.iter_batches(batch_size=64, columns=columns, row_groups=groups):
             cols = {c: batch.column(c).to_pylist() for c in columns}
             for k in range(batch.num_rows):
                 if stop is not None and row >= stop:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,10 +185,14 @@ class OnnxEmbedder:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise PipelineError(f"cannot load ONNX file {path}: {type(e).__name__}: {e}. Re-create it with --export-onnx.") from e
-        self._replicas = [self.session] + [
-            ort.InferenceSession(str(path), sess_options=opts, providers=providers) for _ in range(replicas - 1)
-        ]
+        self._free: queue.SimpleQueue = queue.SimpleQueue()  # sessions not running right now
+        self._free.put(self.session)
+        for _ in range(replicas - 1):
+            self._free.put(ort.InferenceSession(str(path), sess_options=opts, providers=providers))
         self._pool = ThreadPoolExecutor(max_workers=replicas, thread_name_prefix="onnx") if replicas > 1 else None
+        # Callers with their own per-core threads (the gallery's lanes) may run this many
+        # `embed_serial` calls at once, each on one core.
+        self.lanes = replicas
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise PipelineError(f"onnxruntime could not start its CUDA provider for {path} (check CUDA/cuDNN versions)")
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
@@ -236,17 +241,27 @@ class OnnxEmbedder:
                 f"ONNX input {self.input.name!r} takes (batch, {want[0]}, {want[1]}, {want[2]}), got {tuple(pixels.shape)}"
             )
 
-    def _run(self, session, x: np.ndarray) -> np.ndarray:
-        return session.run([self.output_name], {self.input.name: np.ascontiguousarray(x)})[0]
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        session = self._free.get()  # a free session; blocks while all are busy
+        try:
+            return session.run([self.output_name], {self.input.name: np.ascontiguousarray(x)})[0]
+        finally:
+            self._free.put(session)
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         self.check_input(pixels)
         if self._pool is None or len(pixels) < 2:
-            out = self._run(self.session, pixels)
+            out = self._run(pixels)
         else:
-            parts = np.array_split(pixels, min(len(self._replicas), len(pixels)))
-            out = np.concatenate(list(self._pool.map(self._run, self._replicas[: len(parts)], parts)))
+            parts = np.array_split(pixels, min(self.lanes, len(pixels)))
+            out = np.concatenate(list(self._pool.map(self._run, parts)))
         return l2_normalize(out)
+
+    def embed_serial(self, pixels: np.ndarray) -> np.ndarray:
+        """`embed` on one core, in the calling thread: for callers that already run one thread per
+        core, so that no core is shared by two busy threads."""
+        self.check_input(pixels)
+        return l2_normalize(self._run(pixels))
 
     def embed_text(self, texts: list[str]) -> np.ndarray:
         """The text tower exported beside the image file, tokenized with the `tokenizers` library

@@ -126,7 +126,8 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = MAX
             # so the short side stays >= min_side whatever the EXIF rotation.
             image.draft(image.mode, (min_side, min_side))
         image.load()
-        image = ImageOps.exif_transpose(image)
+        # In place: without it Pillow returns a copy of every upright image (~0.8 ms a 384x512 decode).
+        ImageOps.exif_transpose(image, in_place=True)
         image = to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(f"cannot decode pixels: {_short(e)}") from e

@@ -84,7 +84,7 @@ def build_or_load_gallery(cfg: RunConfig, summary: RunSummary, embedder=None) ->
         stage_name = "decode+segment+crop"
     else:
         make_items = make_standard_items(embedder.preprocess_cfg.decode_min_side)
-        target = GalleryTarget(cfg.images_dir, cfg.store_dir)
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir, parallel_items=True)
         stage_name = "decode"
     source = gallery_source(cfg)
     run_params = {

@@ -149,6 +149,24 @@ def test_two_runs_are_identical(mixed_dataset, tiny_onnx, tmp_path):
     assert (a / "retrieval_results" / "neighbours.csv").read_bytes() == (b / "retrieval_results" / "neighbours.csv").read_bytes()
 
 
+def test_lanes_and_one_worker_build_the_same_store(mixed_dataset, tiny_onnx, tmp_path, capsys):
+    """--threads 3 runs three lanes that each decode and embed (units of 2 rows for batch 5);
+    --threads 1 runs one worker beside the main-thread embedder. Same files, same vectors."""
+    outs = {}
+    for threads in (3, 1):
+        out = outs[threads] = tmp_path / f"t{threads}"
+        argv = ["--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--batch-size", "5", "--threads", threads]
+        assert cli.main(list(map(str, argv))) == 3
+        said = capsys.readouterr().out
+        assert ("inference (3 lanes)" in said) == (threads == 3)
+        assert ("inference (main thread)" in said) == (threads == 1)
+    a, b = outs[3], outs[1]
+    assert (a / "embeddings" / "manifest.csv").read_bytes() == (b / "embeddings" / "manifest.csv").read_bytes()
+    ea, eb = np.load(a / "embeddings" / "embeddings.npy"), np.load(b / "embeddings" / "embeddings.npy")
+    assert ea.shape == eb.shape and ea.shape[0] > 5 and np.abs(ea - eb).max() <= 1e-6
+    assert np.array_equal(np.load(a / "embeddings" / "thumbnails.npy"), np.load(b / "embeddings" / "thumbnails.npy"))
+
+
 def test_wrong_onnx_file_is_refused(tmp_path, mixed_dataset, capsys):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x01garbage")
