@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--seg-model", default=DEFAULT_SEG_MODEL, help="segmentation weights (.pt), exported .onnx, or model .yaml")
     seg.add_argument("--seg-conf", type=_unit_float, default=0.25, help="minimum person confidence")
     seg.add_argument("--seg-imgsz", type=_positive_int, default=640, help="inference size")
+    seg.add_argument("--seg-backend", choices=["auto", "onnx", "torch"], default="auto",
+                     help="auto: on the CPU, .pt weights run as their ONNX export (made once, verified, kept beside the weights)")
     seg.add_argument("--keep-unsegmented", action="store_true", help="keep the whole image when no person is found")
 
     out = p.add_argument_group("output")
@@ -142,7 +144,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit
         parser.error(f"{', '.join('--' + f for f in sorted(video_flags))} need --video_clip NAME")
     if args.video_clip and args.export_onnx:
         parser.error("--export-onnx makes the ONNX file and stops; run the video as a second command")
-    seg_flags = {"seg_model", "seg_conf", "seg_imgsz", "keep_unsegmented"} & explicit
+    seg_flags = {"seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented"} & explicit
     if seg_flags and not (args.use_segmentation or args.use_embedded_segment):
         parser.error(f"{', '.join('--' + f.replace('_', '-') for f in sorted(seg_flags))} need --use-segmentation or --use-embedded-segment")
     if args.fresh and (args.use_embeddings or args.use_embedded_segment):
@@ -176,7 +178,7 @@ def config_from_args(args: argparse.Namespace, explicit: frozenset[str]) -> RunC
             model=args.model, onnx=args.onnx, backend=args.backend, device=args.device,
             precision=args.precision, threads=args.threads,
         ),
-        segment=SegmentSpec(model=args.seg_model, conf=args.seg_conf, imgsz=args.seg_imgsz, keep_unsegmented=args.keep_unsegmented),
+        segment=SegmentSpec(model=args.seg_model, conf=args.seg_conf, imgsz=args.seg_imgsz, keep_unsegmented=args.keep_unsegmented, backend=args.seg_backend),
         output_dir=args.output_dir,
         batch_size=args.batch_size,
         top_k=args.top_k,

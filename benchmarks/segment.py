@@ -1,10 +1,14 @@
-"""Segmentation speed on generated 768x1024 images: yolov8n-seg and yolov8l-seg built from their yaml
-(random weights; speed does not depend on them), Ultralytics predict alone, the share of the stage
-spent outside predict (decode, crops, PNG encode, write), and the same model exported by
-Ultralytics to ONNX and run by onnxruntime, with mask agreement (IoU) against the torch model.
+"""Segmentation speed and ONNX fidelity on generated 768x1024 images, for yolov8n-seg and yolov8l-seg
+built from their yaml (seeded random weights; speed does not depend on them):
 
-Random weights detect nothing, so the class-0 bias of the head is raised to make "persons" appear
-(max_det caps them at 4 per image); both the torch and the ONNX model carry the same weights.
+- predict alone and the whole segmentation stage (decode, predict, crops, PNG encode, write), so
+  the share of the stage spent outside predict shows;
+- the same for the ONNX export that `--seg-backend auto` makes and runs in onnxruntime, with the
+  persons it finds compared to torch's: same count per image, box difference in pixels, mask IoU.
+
+Random weights would find nobody, or masks that do not depend on the picture, so the models come
+from tests.assets.person_yolo (BatchNorm recalibrated, head biased to class 0, max 4 persons); the
+torch and ONNX models carry the same weights (the .pt saved from it, then exported).
 
     python benchmarks/segment.py [--images 8] [--models n l]
 """
@@ -22,35 +26,36 @@ import numpy as np
 from common import photo_like
 
 
-def biased_model(yaml: str, work: Path):
-    """An Ultralytics YOLO from its yaml whose head calls everything class 0 (person) with high score."""
-    import torch
-
-    from pipeline.segment import load_yolo
-
-    model = load_yolo(yaml, task="segment")
-    head = model.model.model[-1]
-    with torch.no_grad():
-        for branch in head.cv3:
-            branch[-1].bias[0] = 6.0
-    model.overrides["max_det"] = 4
-    return model
-
-
-def mask_iou(a: list, b: list) -> float:
-    """Mean IoU of masks matched by box IoU (greedy); 0 when one side has none."""
+def mask_iou(a: list, b: list) -> list[float]:
+    """IoU of each of a's masks with b's mask of the best-matching box."""
     from pipeline.video import box_iou
 
     if not a or not b:
-        return float("nan") if not a and not b else 0.0
+        return []
     ious = box_iou(np.stack([p.box_xyxy for p in a]), np.stack([p.box_xyxy for p in b]))
-    vals = []
+    out = []
     for i in range(len(a)):
-        j = int(ious[i].argmax())
-        m1, m2 = a[i].mask, b[j].mask
+        m1, m2 = a[i].mask, b[int(ious[i].argmax())].mask
         union = np.logical_or(m1, m2).sum()
-        vals.append(np.logical_and(m1, m2).sum() / union if union else 1.0)
-    return float(np.mean(vals))
+        out.append(float(np.logical_and(m1, m2).sum() / union) if union else 1.0)
+    return out
+
+
+def stage(seg, records, spec, work: Path) -> tuple[float, float, int]:
+    """(stage seconds, predict seconds, crops) for the gallery's segmentation item maker."""
+    from pipeline.segment import make_segment_items
+
+    make_items = make_segment_items(seg, spec)
+    make_items(records[:2])  # warm-up
+    seg.predict_seconds = 0.0
+    t, crops = time.perf_counter(), 0
+    for k in range(0, len(records), 8):
+        for its in make_items(records[k : k + 8]):
+            for it in its:
+                if it.data is not None:
+                    (work / it.row.file).write_bytes(it.data)
+                    crops += 1
+    return time.perf_counter() - t, seg.predict_seconds, crops
 
 
 def main() -> int:
@@ -59,53 +64,56 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--models", nargs="+", default=["n", "l"])
     args = ap.parse_args()
+    os.environ.setdefault("YOLO_OFFLINE", "1")
     from pipeline.config import SegmentSpec
     from pipeline.dataset import Record
-    from pipeline.segment import UltralyticsSegmenter, make_segment_items
+    from pipeline.images import decode_image
+    from pipeline.segment import UltralyticsSegmenter
+    from tests.assets import person_yolo
 
     work = args.work / "segment"
     work.mkdir(parents=True, exist_ok=True)
-    os.chdir(work)  # Ultralytics writes the ONNX export of a yaml-built model to the current folder
     records = []
     for i in range(args.images):
         buf = io.BytesIO()
         photo_like(i).save(buf, format="JPEG", quality=90)
         records.append(Record(i, f"gen[{i}]", buf.getvalue()))
-    lines = ["| model | predict ms/img | stage ms/img | outside predict | ONNX predict ms/img | ONNX mask IoU |", "|---|---|---|---|---|---|"]
+    arrays = [np.asarray(decode_image(r.data).image) for r in records]
+    calib = [np.asarray(photo_like(100 + i).resize((480, 640))) for i in range(4)]
+    lines = [
+        "| model | torch predict | torch stage | outside predict | ONNX predict | ONNX stage | persons torch / ONNX | box diff px | mask IoU min / mean |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for size in args.models:
-        yaml = f"yolov8{size}-seg.yaml"
-        seg = UltralyticsSegmenter(SegmentSpec(model=yaml), device="cpu")
-        seg.model = biased_model(yaml, work)
-        make_items = make_segment_items(seg, SegmentSpec(model=yaml))
-        make_items(records[:2])  # warm-up
-        seg.predict_seconds = 0.0
-        t = time.perf_counter()
-        persons = 0
-        for k in range(0, len(records), 8):
-            items = make_items(records[k : k + 8])
-            for its in items:
-                for it in its:
-                    if it.data is not None:
-                        (work / it.row.file).write_bytes(it.data)
-                        persons += 1
-        stage = time.perf_counter() - t
-        predict = seg.predict_seconds
-        # ONNX export by Ultralytics, run through the same segmenter class.
-        onnx_path = Path(seg.model.export(format="onnx", imgsz=640, simplify=False, dynamic=False, verbose=False))
-        arrays = [np.asarray(__import__("PIL.Image").Image.open(io.BytesIO(r.data)).convert("RGB")) for r in records]
-        ref = seg.segment(arrays)
-        oseg = UltralyticsSegmenter(SegmentSpec(model=str(onnx_path)), device="cpu", batch=1)
-        oseg.model.overrides["max_det"] = 4
-        oseg.segment(arrays[:1])
-        oseg.predict_seconds = 0.0
-        got = oseg.segment(arrays)
-        onnx_ms = oseg.predict_seconds / len(arrays) * 1000
-        iou = np.nanmean([mask_iou(a, b) for a, b in zip(ref, got)])
+        pt = work / f"person-yolov8{size}-seg.pt"
+        for old in work.glob(f"person-yolov8{size}-seg*"):
+            old.unlink()
+        person_yolo(f"yolov8{size}-seg.yaml", calibration=calib).save(pt)
+        results = {}
+        for backend in ("torch", "onnx"):
+            spec = SegmentSpec(model=str(pt), backend=backend)
+            t = time.perf_counter()
+            seg = UltralyticsSegmenter(spec, device="cpu")
+            load = time.perf_counter() - t
+            assert seg.backend == backend, seg.backend
+            seg.model.overrides["max_det"] = 4
+            wall, predict, crops = stage(seg, records, spec, work)
+            seg.predict_seconds = 0.0
+            persons = seg.segment(arrays)
+            results[backend] = (wall, predict, persons)
+            print(f"yolov8{size}-seg {backend}: load/export {load:.1f} s, stage {wall / len(records) * 1000:.0f} ms/img, "
+                  f"predict {predict / len(records) * 1000:.0f} ms/img, {crops} crops", flush=True)
+        (tw, tp, tpers), (ow, op, opers) = results["torch"], results["onnx"]
+        ious = [v for a, b in zip(tpers, opers) for v in mask_iou(a, b)]
+        box = max((float(np.abs(np.stack([p.box_xyxy for p in a]) - np.stack([p.box_xyxy for p in b])).max())
+                   for a, b in zip(tpers, opers) if a and len(a) == len(b)), default=float("nan"))
+        n = len(records)
         lines.append(
-            f"| yolov8{size}-seg | {predict / len(records) * 1000:.0f} | {stage / len(records) * 1000:.0f} | "
-            f"{(stage - predict) / stage:.1%} | {onnx_ms:.0f} | {iou:.4f} |"
+            f"| yolov8{size}-seg | {tp / n * 1000:.0f} ms | {tw / n * 1000:.0f} ms | {(tw - tp) / tw:.1%} | {op / n * 1000:.0f} ms | "
+            f"{ow / n * 1000:.0f} ms | {sum(map(len, tpers))} / {sum(map(len, opers))} (same per image: {[len(a) for a in tpers] == [len(b) for b in opers]}) | "
+            f"{box:.4f} | {min(ious, default=float('nan')):.4f} / {np.mean(ious) if ious else float('nan'):.4f} |"
         )
-        print(lines[-1], f"({persons} crops)", flush=True)
+        print(lines[-1], flush=True)
     print("\n" + "\n".join(lines))
     return 0
 

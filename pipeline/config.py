@@ -22,6 +22,7 @@ class SegmentSpec:
     conf: float = 0.25
     imgsz: int = 640
     keep_unsegmented: bool = False
+    backend: str = "auto"  # auto (ONNX export of .pt weights on the CPU) | onnx | torch
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def gallery_source(cfg: RunConfig) -> dict[str, Any]:
     src = {"kind": "segment" if cfg.segmented else "standard", **cfg.dataset.as_dict()}
     if cfg.segmented:
         seg = cfg.segment
-        src.update(seg_model=seg.model, seg_conf=seg.conf, seg_imgsz=seg.imgsz, keep_unsegmented=seg.keep_unsegmented)
+        src.update(seg_model=seg.model, seg_backend=seg.backend, seg_conf=seg.conf, seg_imgsz=seg.imgsz, keep_unsegmented=seg.keep_unsegmented)
     return src
 
 

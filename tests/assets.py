@@ -92,6 +92,50 @@ def save_real_arch_clip(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def person_yolo(yaml: str = "yolov8n-seg.yaml", seed: int = 0, calibration: Sequence[np.ndarray] | None = None, max_det: int = 4):
+    """An Ultralytics segmentation YOLO built from its yaml with seeded random weights, made to
+    "see" persons: every BatchNorm recalibrated on a few pictures (random convolutions otherwise
+    shrink activations to ~1e-9 by the last feature map, so nothing would depend on the picture),
+    the head calling everything class 0 with a high score, and masks = where prototype 0 exceeds
+    prototype 1 (random coefficients mix 32 prototypes into masks that are often empty, and
+    Ultralytics drops a detection with an empty mask). Boxes, masks and their number then depend on
+    the picture, which is what comparing two runtimes of one model needs.
+
+    Args:
+        calibration: RGB uint8 pictures (H, W, 3), all one size, sides multiples of 32;
+            default four generated 480x640 ones.
+    """
+    import torch
+
+    from pipeline.segment import load_yolo
+
+    torch.manual_seed(seed)
+    model = load_yolo(yaml, task="segment")
+    net = model.model
+    for mod in net.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.reset_running_stats()
+            mod.momentum = None  # cumulative average over the calibration passes
+    if calibration is None:
+        calibration = [np.asarray(rgb_image(480, 640, seed=100 + i).resize((60, 80)).resize((480, 640), Image.BICUBIC)) for i in range(4)]
+    batch = torch.from_numpy(np.stack(calibration)).permute(0, 3, 1, 2).float() / 255
+    net.train()
+    with torch.no_grad():
+        for _ in range(2):  # the second pass sees inputs normalized by the first pass's statistics
+            net(batch)
+    net.eval()
+    head = net.model[-1]
+    with torch.no_grad():
+        for branch in head.cv3:
+            branch[-1].bias[0] = 6.0
+        for branch in head.cv4:
+            branch[-1].weight.mul_(0.01)
+            branch[-1].bias.zero_()
+            branch[-1].bias[0], branch[-1].bias[1] = 1.0, -1.0
+    model.overrides["max_det"] = max_det
+    return model
+
+
 def rgb_image(w: int, h: int, seed: int = 0, color: tuple[int, int, int] | None = None) -> Image.Image:
     """A smooth random picture (or a flat colour) of size w x h."""
     if color is not None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageDecodeError, decode_image, sniff_format, to_rgb
+from pipeline.images import ImageDecodeError, decode_image, encode_png, sniff_format, to_rgb
 from tests import assets
 
 
@@ -107,3 +107,16 @@ def test_sniff_format():
 def test_to_rgb_keeps_rgb_untouched():
     im = Image.new("RGB", (3, 3), (1, 2, 3))
     assert to_rgb(im) is im
+
+
+def test_png_encoding_is_lossless_and_in_rgb_order():
+    rng = np.random.default_rng(7)
+    arr = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    arr[:, :10] = 255  # a white margin, as person crops have
+    arr[0, 0] = (255, 0, 0)
+    data = encode_png(Image.fromarray(arr))
+    assert sniff_format(data) == "png"
+    back = np.asarray(Image.open(__import__("io").BytesIO(data)))
+    assert back.shape == arr.shape and np.array_equal(back, arr)
+    grey = np.asarray(decode_image(encode_png(Image.fromarray(arr[..., 0], mode="L"))).image)
+    assert np.array_equal(grey[..., 0], arr[..., 0]) and np.array_equal(grey[..., 2], arr[..., 0])

@@ -142,3 +142,78 @@ def test_segmented_query_uses_each_person(fake_segmenter, people_dataset, tiny_o
     # person 0 of the query is the same crop as person 0 of gallery row 5
     top = [r for r in rows if r["query"] == "q.png#p0"][0]
     assert top["gallery_file"] == "seg_00005_p00.png" and float(top["distance"]) < 1e-5
+
+
+# ----------------------------------------------------------------------------- ONNX segmentation backend
+@pytest.fixture(scope="module")
+def person_pt(tmp_path_factory):
+    """.pt weights of a yolov8n-seg that finds up to 4 "persons" per picture (tests.assets.person_yolo)."""
+    pt = tmp_path_factory.mktemp("yolo") / "person-seg.pt"
+    assets.person_yolo("yolov8n-seg.yaml").save(pt)
+    return pt
+
+
+def _pictures(n: int = 4) -> list[np.ndarray]:
+    from PIL import Image
+
+    return [np.asarray(assets.rgb_image(12, 16, seed=50 + i).resize((120, 160), Image.BICUBIC)) for i in range(n)]
+
+
+def test_onnx_backend_exports_once_and_finds_the_same_persons(person_pt, monkeypatch):
+    from pipeline import segment
+    from pipeline.config import SegmentSpec
+
+    spec = SegmentSpec(model=str(person_pt), imgsz=160)
+    onnx_seg = segment.UltralyticsSegmenter(spec, device="cpu")
+    assert onnx_seg.backend == "onnx"
+    exported = segment.yolo_onnx_path(person_pt)
+    # only the verified export is left beside the weights: no temp folder, no <stem>.onnx of Ultralytics'
+    assert sorted(p.name for p in person_pt.parent.iterdir()) == sorted([person_pt.name, exported.name])
+    torch_seg = segment.UltralyticsSegmenter(SegmentSpec(model=str(person_pt), imgsz=160, backend="torch"), device="cpu")
+    assert torch_seg.backend == "torch"
+    for s in (onnx_seg, torch_seg):
+        s.model.overrides["max_det"] = 4
+    pictures = _pictures()
+    a, b = torch_seg.segment(pictures), onnx_seg.segment(pictures)
+    assert [len(x) for x in a] == [len(x) for x in b] and sum(map(len, a)) >= 4
+    for pa, pb in zip(a, b):
+        for p, q in zip(pa, pb):
+            assert np.abs(p.box_xyxy - q.box_xyxy).max() < 0.05
+            assert 0 < p.area < p.mask.size  # a real mask, not empty or the whole picture
+            assert np.logical_and(p.mask, q.mask).sum() / np.logical_or(p.mask, q.mask).sum() >= 0.99
+    # the next run loads the export without exporting again
+    monkeypatch.setattr(segment, "export_yolo_onnx", lambda *a, **k: pytest.fail("exported a second time"))
+    assert segment.UltralyticsSegmenter(spec, device="cpu").backend == "onnx"
+
+
+def test_export_that_fails_verification_is_not_kept(person_pt, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    from pipeline import segment
+    from pipeline.config import SegmentSpec
+    from pipeline.errors import PipelineError
+
+    pt = tmp_path / person_pt.name
+    shutil.copyfile(person_pt, pt)
+    monkeypatch.setattr(segment, "YOLO_ONNX_TOLERANCE", 0.0)  # any difference at all now fails
+    with pytest.raises(PipelineError, match="differs from the torch model"):
+        segment.load_segmentation_model(SegmentSpec(model=str(pt), imgsz=160, backend="onnx"), "cpu")
+    assert [p.name for p in tmp_path.iterdir()] == [pt.name]
+    with caplog.at_level("WARNING"):
+        _, backend = segment.load_segmentation_model(SegmentSpec(model=str(pt), imgsz=160), "cpu")
+    assert backend == "torch" and "segmenting with torch" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == [pt.name]
+
+
+@pytest.mark.parametrize("model, backend, device, message", [
+    ("x.onnx", "torch", "cpu", "is an ONNX file"),
+    ("yolov8n-seg.yaml", "onnx", "cpu", "is not a .pt file"),
+    ("x.pt", "onnx", "cuda", "runs on the CPU"),
+])
+def test_backend_choices_that_cannot_work_are_refused(model, backend, device, message):
+    from pipeline.config import SegmentSpec
+    from pipeline.errors import PipelineError
+    from pipeline.segment import load_segmentation_model
+
+    with pytest.raises(PipelineError, match=message):
+        load_segmentation_model(SegmentSpec(model=model, backend=backend), device)
