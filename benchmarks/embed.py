@@ -1,7 +1,8 @@
 """Embedding speed on the real FashionCLIP architecture (ViT-B/32, 224, projection 512; random weights):
 model-only images/s at batch 1, 8 and 32 for torch fp32, onnxruntime fp32 and onnxruntime int8
 (static QDQ, the default export, and dynamic), then the pipeline's embedding stage end to end
-(decode + preprocess + infer, from generated 768x1024 JPEGs), all in one run.
+(decode + preprocess + infer, from generated 768x1024 JPEGs), all in one run; last, this machine's
+own GEMM peak in onnxruntime and the ceiling it puts on each backend.
 
     python benchmarks/embed.py [--seconds 6] [--e2e-images 1000]
 """
@@ -27,6 +28,66 @@ def rate(fn, batch: int, seconds: float) -> float:
         fn(x)
         n += batch
     return n / (time.perf_counter() - t)
+
+
+def vit_macs(config_dir: Path) -> tuple[float, float]:
+    """(MACs per image in the ViT's MatMuls, MACs in its patch-embedding conv), from config.json."""
+    import json
+
+    v = json.loads((config_dir / "config.json").read_text())["vision_config"]
+    d, ff, layers = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
+    patches = (v["image_size"] // v["patch_size"]) ** 2
+    t = patches + 1
+    per_layer = t * (4 * d * d + 2 * d * ff) + 2 * t * t * d
+    projection = d * json.loads((config_dir / "config.json").read_text()).get("projection_dim", 512)
+    return layers * per_layer + projection, patches * 3 * v["patch_size"] ** 2 * d
+
+
+def gemm_peaks(seconds: float) -> dict[str, float]:
+    """onnxruntime's own matrix-multiply speed on this machine (GOP/s, all cores) at the model's
+    dominant shape (32 images x 50 tokens, 768 -> 3072): fp32 MatMul, and int8 MatMulInteger
+    (uint8 activations x int8 weights, the kernel the int8 model runs): what the model cannot beat."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    m, k, n = 32 * 50, 768, 3072
+    rng = np.random.default_rng(0)
+    graphs = {
+        "fp32": (
+            helper.make_graph(
+                [helper.make_node("MatMul", ["x", "w"], ["y"])], "fp32",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                [numpy_helper.from_array(rng.normal(size=(k, n)).astype(np.float32), "w")],
+            ),
+            rng.normal(size=(m, k)).astype(np.float32),
+        ),
+        "int8": (
+            helper.make_graph(
+                [helper.make_node("MatMulInteger", ["x", "w", "xz", "wz"], ["y"])], "int8",
+                [helper.make_tensor_value_info("x", TensorProto.UINT8, [m, k])], [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
+                [numpy_helper.from_array(rng.integers(-127, 128, size=(k, n)).astype(np.int8), "w"),
+                 numpy_helper.from_array(np.array(128, np.uint8), "xz"), numpy_helper.from_array(np.array(0, np.int8), "wz")],
+            ),
+            rng.integers(0, 256, size=(m, k)).astype(np.uint8),
+        ),
+    }
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (graph, x) in graphs.items():
+            path = f"{tmp}/{name}.onnx"
+            onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+            sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            sess.run(None, {"x": x})
+            best, t_end = float("inf"), time.perf_counter() + seconds
+            while time.perf_counter() < t_end:  # the fastest run: the peak, not the noise
+                t = time.perf_counter()
+                sess.run(None, {"x": x})
+                best = min(best, time.perf_counter() - t)
+            out[name] = 2 * m * k * n / best / 1e9
+    return out
 
 
 def main() -> int:
@@ -82,6 +143,16 @@ def main() -> int:
     print(f"\nint8 (static) / torch fp32 at batch 32: {int8 / table['torch fp32'][32]:.2f}x")
     print(f"int8 (dynamic) / torch fp32 at batch 32: {table['onnxruntime int8 (dynamic)'][32] / table['torch fp32'][32]:.2f}x")
     print(f"end to end / int8 model-only at batch 32: {e2e / int8:.0%}")
+    # The ceiling: every MatMul at this machine's own GEMM peak and everything else free.
+    peaks = gemm_peaks(args.seconds / 2)
+    matmul, conv = vit_macs(clip)
+    fp32_ceiling = peaks["fp32"] * 1e9 / (2 * (matmul + conv))
+    int8_ceiling = 1 / (2 * matmul / (peaks["int8"] * 1e9) + 2 * conv / (peaks["fp32"] * 1e9))  # the conv stays fp32
+    print(f"\nonnxruntime GEMM peak here: fp32 {peaks['fp32']:.0f} GFLOP/s, int8 {peaks['int8']:.0f} GOP/s ({peaks['int8'] / peaks['fp32']:.1f}x)")
+    print(f"model: {2 * matmul / 1e9:.2f} GOP in MatMuls + {2 * conv / 1e9:.2f} GOP in the patch conv per image")
+    print(f"ceiling (all MatMuls at peak, nothing else costs): fp32 {fp32_ceiling:.0f} img/s, int8 {int8_ceiling:.0f} img/s "
+          f"= {int8_ceiling / table['torch fp32'][32]:.1f}x torch fp32 at most")
+    print(f"measured int8 (static) = {int8 / int8_ceiling:.0%} of its ceiling; ort fp32 = {table['onnxruntime fp32'][32] / fp32_ceiling:.0%} of its ceiling")
     for k, v in summary.stages.items():
         print(f"  {k.strip():40s} {v:7.1f} s")
     return 0

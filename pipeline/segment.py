@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
@@ -41,9 +42,9 @@ class PersonMask:
     mask: np.ndarray
     confidence: float
 
-    @property
+    @cached_property
     def area(self) -> int:
-        return int(self.mask.sum())
+        return int(np.count_nonzero(self.mask))
 
 
 class Segmenter(Protocol):
@@ -82,8 +83,9 @@ def white_background_crop(image_rgb: np.ndarray, mask: np.ndarray, box_xyxy: np.
     left, top, right, bottom = box_pixels(box_xyxy, w, h)
     if right <= left or bottom <= top:
         return None
-    crop = image_rgb[top:bottom, left:right].copy()
-    crop[~mask[top:bottom, left:right].astype(bool)] = 255
+    inside = mask[top:bottom, left:right]
+    crop = np.full((bottom - top, right - left, 3), 255, np.uint8)
+    np.copyto(crop, image_rgb[top:bottom, left:right], where=(inside if inside.dtype == bool else inside.astype(bool))[..., None])
     return crop
 
 
