@@ -43,7 +43,7 @@ def main() -> int:
     if proc.returncode not in (0, 3):
         print(proc.stderr[-3000:])
         return proc.returncode
-    stages = dict(re.findall(r"([a-z+() ]+?) ([\d.]+) s", next((l for l in summary if l.startswith("stages:")), "")))
+    stages = dict(re.findall(r"([a-z0-9+() ]+?) ([\d.]+) s", next((l for l in summary if l.startswith("stages:")), "")))
     print(f"\n== N={args.n}: wall {wall:.1f} s ({args.n / wall:.1f} img/s end to end), peak RSS {peak:.0f} MiB")
     for name, sec in stages.items():
         sec = float(sec)
