@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--frame-stride", type=_positive_int, default=30, help="analyse every Nth frame")
     video.add_argument("--det-model", default=DEFAULT_DET_MODEL, help="person detector: Ultralytics weights (.pt), .onnx or .yaml")
     video.add_argument("--det-conf", type=_unit_float, default=0.25, help="minimum detection confidence")
+    video.add_argument("--det-backend", choices=["auto", "onnx", "torch"], default="auto",
+                       help="auto: on the CPU, .pt weights run as their ONNX export (made once, verified, kept beside the weights)")
 
     seg = p.add_argument_group("segmentation (Ultralytics YOLO, person class)")
     seg.add_argument("--seg-model", default=DEFAULT_SEG_MODEL, help="segmentation weights (.pt), exported .onnx, or model .yaml")
@@ -139,7 +141,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit
         bad = [b for b in args.eval_backends.split(",") if b not in ("torch", "onnx-fp32", "onnx-int8")]
         if bad:
             parser.error(f"--eval-backends: unknown {bad}; choose from torch, onnx-fp32, onnx-int8")
-    video_flags = {"video_dir", "frame_stride", "det_model", "det_conf"} & explicit
+    video_flags = {"video_dir", "frame_stride", "det_model", "det_conf", "det_backend"} & explicit
     if video_flags and not args.video_clip:
         parser.error(f"{', '.join('--' + f for f in sorted(video_flags))} need --video_clip NAME")
     if args.video_clip and args.export_onnx:
@@ -196,6 +198,7 @@ def config_from_args(args: argparse.Namespace, explicit: frozenset[str]) -> RunC
         frame_stride=args.frame_stride,
         det_model=args.det_model,
         det_conf=args.det_conf,
+        det_backend=args.det_backend,
     )
 
 

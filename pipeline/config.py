@@ -50,6 +50,7 @@ class RunConfig:
     frame_stride: int = 30
     det_model: str = DEFAULT_DET_MODEL
     det_conf: float = 0.25
+    det_backend: str = "auto"  # auto (ONNX export of .pt weights on the CPU) | onnx | torch
 
     @property
     def segmented(self) -> bool:

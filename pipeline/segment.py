@@ -139,46 +139,56 @@ def yolo_onnx_path(weights: Path) -> Path:
 
 
 def load_segmentation_model(spec: SegmentSpec, device: str = "auto"):
-    """The Ultralytics model segmentation runs, and its backend ("onnx" or "torch").
+    """The Ultralytics segmentation model and its backend ("onnx" or "torch"): load_cpu_yolo."""
+    return load_cpu_yolo(spec.model, "segment", spec.backend, spec.imgsz, device)
 
-    On the CPU, .pt weights run as their ONNX export in onnxruntime (--seg-backend auto, the
-    default): measured here ~2x faster than torch for yolov8l-seg, with the same persons and masks
+
+def load_cpu_yolo(model: str, task: str, backend: str = "auto", imgsz: int = 640, device: str = "auto"):
+    """An Ultralytics model ready to predict, and its backend ("onnx" or "torch").
+
+    On the CPU, .pt weights run as their ONNX export in onnxruntime (backend auto, the default):
+    measured here ~2x faster than torch for yolov8l-seg, with the same persons and masks
     (benchmarks/segment.py). The export is made once, verified against the torch model, and kept
     beside the weights. On CUDA, for a model .yaml (random weights, nothing worth keeping), or
-    with --seg-backend torch, the torch model runs. An export that fails or does not verify falls
-    back to torch with a warning (auto) or is an error (--seg-backend onnx).
+    with backend torch, the torch model runs. An export that fails or does not verify falls
+    back to torch with a warning (auto) or is an error (backend onnx).
+
+    Args:
+        model: .pt weights (a bare name is fetched by Ultralytics), an exported .onnx, or a .yaml.
+        task: "segment" or "detect".
+        imgsz: the inference size, used for the export's check.
     """
-    model, backend = spec.model, spec.backend
+    flag = "--seg-backend" if task == "segment" else "--det-backend"
     if backend not in ("auto", "onnx", "torch"):
-        raise PipelineError(f"unknown segmentation backend {backend!r}; expected auto, onnx or torch")
+        raise PipelineError(f"unknown {flag} {backend!r}; expected auto, onnx or torch")
     if model.endswith(".onnx"):
         if backend == "torch":
-            raise PipelineError(f"{model} is an ONNX file, which runs in onnxruntime: drop --seg-backend torch or pass .pt weights")
-        return load_yolo(model, task="segment"), "onnx"
+            raise PipelineError(f"{model} is an ONNX file, which runs in onnxruntime: drop {flag} torch or pass .pt weights")
+        return load_yolo(model, task=task), "onnx"
     if backend == "onnx" and device == "cuda":
-        raise PipelineError("--seg-backend onnx runs on the CPU (onnxruntime); with --device cuda use --seg-backend auto or torch")
+        raise PipelineError(f"{flag} onnx runs on the CPU (onnxruntime); with --device cuda use {flag} auto or torch")
     if backend == "onnx" and not model.endswith(".pt"):
-        raise PipelineError(f"--seg-backend onnx exports .pt weights once and reuses the export; {model} is not a .pt file")
+        raise PipelineError(f"{flag} onnx exports .pt weights once and reuses the export; {model} is not a .pt file")
     torch_model = None
     if model.endswith(".pt") and backend != "torch" and not _runs_on_gpu(device):
         weights = Path(model)
         if not weights.is_file():  # a bare name: Ultralytics fetches it, then it is a local file
-            torch_model = load_yolo(model, task="segment")
+            torch_model = load_yolo(model, task=task)
             weights = Path(getattr(torch_model, "ckpt_path", "") or model)
         target = yolo_onnx_path(weights) if weights.is_file() else None
         if target is not None and target.is_file():
-            return load_yolo(str(target), task="segment"), "onnx"
+            return load_yolo(str(target), task=task), "onnx"
         try:
             if target is None:
                 raise PipelineError(f"cannot find the weights file of {model!r} to export")
-            torch_model = torch_model or load_yolo(model, task="segment")
-            export_yolo_onnx(torch_model, weights, target, spec.imgsz)
-            return load_yolo(str(target), task="segment"), "onnx"
+            torch_model = torch_model or load_yolo(model, task=task)
+            export_yolo_onnx(torch_model, weights, target, imgsz, task)
+            return load_yolo(str(target), task=task), "onnx"
         except PipelineError as e:
             if backend == "onnx":
                 raise
-            log.warning("segmenting with torch: the ONNX export of %s is not usable (%s)", model, e)
-    return torch_model or load_yolo(model, task="segment"), "torch"
+            log.warning("running %s with torch: the ONNX export of %s is not usable (%s)", task, model, e)
+    return torch_model or load_yolo(model, task=task), "torch"
 
 
 def _runs_on_gpu(device: str) -> bool:
@@ -190,7 +200,7 @@ def _runs_on_gpu(device: str) -> bool:
     return torch.cuda.is_available()
 
 
-def export_yolo_onnx(torch_model, weights: Path, target: Path, imgsz: int) -> None:
+def export_yolo_onnx(torch_model, weights: Path, target: Path, imgsz: int, task: str = "segment") -> None:
     """Export with Ultralytics (dynamic batch and size, so the ONNX model gets the same minimal
     letterbox as torch and therefore the same input), verify against `torch_model`, and move the
     file to `target` only if it passes. Raises PipelineError; nothing is left behind on failure."""
@@ -209,7 +219,7 @@ def export_yolo_onnx(torch_model, weights: Path, target: Path, imgsz: int) -> No
         except OSError:
             shutil.copyfile(weights, link)
         log.info("exporting %s to ONNX for onnxruntime (once; kept as %s)", weights, target)
-        exported = Path(load_yolo(str(link), task="segment").export(format="onnx", dynamic=True, imgsz=imgsz, simplify=False, verbose=False))
+        exported = Path(load_yolo(str(link), task=task).export(format="onnx", dynamic=True, imgsz=imgsz, simplify=False, verbose=False))
         worst = verify_yolo_onnx(torch_model, exported, imgsz)
         if worst > YOLO_ONNX_TOLERANCE:
             raise PipelineError(f"the ONNX export differs from the torch model by {worst:.2e} (allowed {YOLO_ONNX_TOLERANCE:.0e})")

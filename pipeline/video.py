@@ -21,7 +21,7 @@ from .plots import THUMB_SIZE, compose_matches, make_thumbnail
 from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import topk_neighbours
-from .segment import PERSON_CLASS, PersonMask, box_pixels, load_yolo, white_background_crop, yolo_device
+from .segment import PERSON_CLASS, PersonMask, box_pixels, load_cpu_yolo, white_background_crop, yolo_device
 from .store import ManifestRow, ThumbnailReader, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,8 @@ def frame_count(path: Path) -> int:
 class UltralyticsDetector:
     """Ultralytics YOLO detection, person class only."""
 
-    def __init__(self, model: str, conf: float, device: str = "auto", imgsz: int = 640) -> None:
-        self.model = load_yolo(model, task="detect")
+    def __init__(self, model: str, conf: float, device: str = "auto", imgsz: int = 640, backend: str = "auto") -> None:
+        self.model, self.backend = load_cpu_yolo(model, "detect", backend, imgsz, device)
         self.conf, self.device, self.imgsz = conf, yolo_device(device), imgsz
 
     def detect(self, frames_rgb: Sequence[np.ndarray]) -> list[Detections]:
@@ -225,7 +225,7 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter=None) 
     if not embedded:
         raise PipelineError(f"the gallery in {cfg.store_dir} has no embedded items to match against")
     with summary.stage("load detector"):
-        detector = detector or UltralyticsDetector(cfg.det_model, cfg.det_conf, device=cfg.embedder.device)
+        detector = detector or UltralyticsDetector(cfg.det_model, cfg.det_conf, device=cfg.embedder.device, backend=cfg.det_backend)
         if cfg.segmented and segmenter is None:
             segmenter = segmenter_factory(cfg)
     thumbs = ThumbnailReader(cfg.store_dir / "thumbnails.npy")

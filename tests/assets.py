@@ -92,25 +92,29 @@ def save_real_arch_clip(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def person_yolo(yaml: str = "yolov8n-seg.yaml", seed: int = 0, calibration: Sequence[np.ndarray] | None = None, max_det: int = 4):
-    """An Ultralytics segmentation YOLO built from its yaml with seeded random weights, made to
-    "see" persons: every BatchNorm recalibrated on a few pictures (random convolutions otherwise
-    shrink activations to ~1e-9 by the last feature map, so nothing would depend on the picture),
-    the head calling everything class 0 with a high score, and masks = where prototype 0 exceeds
-    prototype 1 (random coefficients mix 32 prototypes into masks that are often empty, and
-    Ultralytics drops a detection with an empty mask). Boxes, masks and their number then depend on
+def person_yolo(yaml: str = "yolov8n-seg.yaml", seed: int = 0, calibration: Sequence[np.ndarray] | None = None, max_det: int = 4,
+                score_gain: float = 1.0, score_bias: float = 6.0):
+    """An Ultralytics segmentation (or, from a detection yaml, detection) YOLO built from its yaml
+    with seeded random weights, made to "see" persons: every BatchNorm recalibrated on a few
+    pictures (random convolutions otherwise shrink activations to ~1e-9 by the last feature map,
+    so nothing would depend on the picture), the head calling everything class 0 with a high
+    score, and masks = where prototype 0 exceeds prototype 1 (random coefficients mix 32
+    prototypes into masks that are often empty, and Ultralytics drops a detection with an empty
+    mask). Boxes, masks and their number then depend on
     the picture, which is what comparing two runtimes of one model needs.
 
     Args:
         calibration: RGB uint8 pictures (H, W, 3), all one size, sides multiples of 32;
             default four generated 480x640 ones.
+        score_gain, score_bias: the person logit becomes score_gain * (its random part) +
+            score_bias; a smaller gain keeps scores off 1.0, where ties make NMS's choice arbitrary.
     """
     import torch
 
     from pipeline.segment import load_yolo
 
     torch.manual_seed(seed)
-    model = load_yolo(yaml, task="segment")
+    model = load_yolo(yaml, task="segment" if "-seg" in yaml else "detect")
     net = model.model
     for mod in net.modules():
         if isinstance(mod, torch.nn.BatchNorm2d):
@@ -127,8 +131,9 @@ def person_yolo(yaml: str = "yolov8n-seg.yaml", seed: int = 0, calibration: Sequ
     head = net.model[-1]
     with torch.no_grad():
         for branch in head.cv3:
-            branch[-1].bias[0] = 6.0
-        for branch in head.cv4:
+            branch[-1].weight[0].mul_(score_gain)
+            branch[-1].bias[0] = score_bias
+        for branch in getattr(head, "cv4", []) if hasattr(head, "proto") else []:
             branch[-1].weight.mul_(0.01)
             branch[-1].bias.zero_()
             branch[-1].bias[0], branch[-1].bias[1] = 1.0, -1.0

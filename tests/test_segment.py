@@ -201,12 +201,13 @@ def test_export_that_fails_verification_is_not_kept(person_pt, tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == [pt.name]
     with caplog.at_level("WARNING"):
         _, backend = segment.load_segmentation_model(SegmentSpec(model=str(pt), imgsz=160), "cpu")
-    assert backend == "torch" and "segmenting with torch" in caplog.text
+    assert backend == "torch" and "running segment with torch" in caplog.text
     assert [p.name for p in tmp_path.iterdir()] == [pt.name]
 
 
 @pytest.mark.parametrize("model, backend, device, message", [
     ("x.onnx", "torch", "cpu", "is an ONNX file"),
+    ("x.pt", "tensorrt", "cpu", "unknown --seg-backend"),
     ("yolov8n-seg.yaml", "onnx", "cpu", "is not a .pt file"),
     ("x.pt", "onnx", "cuda", "runs on the CPU"),
 ])

@@ -11,7 +11,7 @@ import main as cli
 from pipeline import video
 from pipeline.errors import PipelineError
 from pipeline.video import Detections, FrameReader, box_iou, person_crops
-from pipeline.segment import PersonMask
+from pipeline.segment import PersonMask, yolo_onnx_path
 from tests import assets
 
 
@@ -132,3 +132,20 @@ def test_zero_frame_stream_is_an_error(tmp_path):
 def test_video_flags_need_a_clip(capsys):
     assert cli.main(["--frame-stride", "10"]) == 2
     assert "need --video_clip" in capsys.readouterr().err
+
+
+def test_detector_runs_its_verified_onnx_export_with_the_same_boxes(tmp_path):
+    pt = tmp_path / "person-det.pt"
+    assets.person_yolo("yolov8n.yaml", score_gain=0.1, score_bias=2.0).save(pt)
+    onnx_det = video.UltralyticsDetector(str(pt), 0.25, device="cpu", imgsz=160)
+    torch_det = video.UltralyticsDetector(str(pt), 0.25, device="cpu", imgsz=160, backend="torch")
+    assert (onnx_det.backend, torch_det.backend) == ("onnx", "torch")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([pt.name, yolo_onnx_path(pt).name])
+    for d in (onnx_det, torch_det):
+        d.model.overrides["max_det"] = 4
+    frames = [np.asarray(assets.rgb_image(12, 9, seed=70 + i).resize((160, 120), Image.BICUBIC)) for i in range(3)]
+    a, b = torch_det.detect(frames), onnx_det.detect(frames)
+    assert [len(x.xyxy) for x in a] == [len(x.xyxy) for x in b] and sum(len(x.xyxy) for x in a) >= 3
+    for x, y in zip(a, b):
+        assert np.abs(x.xyxy - y.xyxy).max() < 0.05 and np.abs(x.scores - y.scores).max() < 1e-3
+        assert len(set(np.round(x.scores, 4))) == len(x.scores)  # distinct scores: the order is not a tie-break
