@@ -205,12 +205,14 @@ def export_yolo_onnx(torch_model, weights: Path, target: Path, imgsz: int, task:
     letterbox as torch and therefore the same input), verify against `torch_model`, and move the
     file to `target` only if it passes. Raises PipelineError; nothing is left behind on failure."""
     import shutil
+    import tempfile
 
     t0 = time.perf_counter()
-    work = target.with_name(f".{target.name}.export")
+    work = None
     try:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        # A private folder beside the target (same file system for the final rename; two runs
+        # exporting at once do not share it).
+        work = Path(tempfile.mkdtemp(prefix=f".{target.stem}.", suffix=".export", dir=target.parent))
         # Ultralytics writes <weights stem>.onnx beside the weights it loaded; a link in our own
         # folder keeps it from overwriting a file of the user's.
         link = work / weights.name
@@ -230,7 +232,8 @@ def export_yolo_onnx(torch_model, weights: Path, target: Path, imgsz: int, task:
     except Exception as e:  # the exporter raises many types
         raise PipelineError(f"ONNX export failed: {type(e).__name__}: {e}") from e
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def verify_yolo_onnx(torch_model, onnx_path: Path, imgsz: int) -> float:

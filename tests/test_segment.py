@@ -126,6 +126,11 @@ def test_segmentation_flags_need_segmentation(capsys):
     assert cli.main(["--seg-conf", "0.5"]) == 2
     assert "need --use-segmentation" in capsys.readouterr().err
     assert cli.main(["--use-segmentation", "--seg-conf", "1.5"]) == 2
+    capsys.readouterr()
+    assert cli.main(["--seg-backend", "torch"]) == 2
+    assert "--seg-backend need --use-segmentation" in capsys.readouterr().err
+    assert cli.main(["--use-segmentation", "--seg-backend", "tensorrt"]) == 2
+    assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
 
 
 def test_segmented_query_uses_each_person(fake_segmenter, people_dataset, tiny_onnx, tmp_path):

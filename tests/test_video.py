@@ -132,6 +132,8 @@ def test_zero_frame_stream_is_an_error(tmp_path):
 def test_video_flags_need_a_clip(capsys):
     assert cli.main(["--frame-stride", "10"]) == 2
     assert "need --video_clip" in capsys.readouterr().err
+    assert cli.main(["--det-backend", "onnx"]) == 2
+    assert "--det-backend" in (err := capsys.readouterr().err) and "need --video_clip" in err
 
 
 def test_detector_runs_its_verified_onnx_export_with_the_same_boxes(tmp_path):
