@@ -214,8 +214,9 @@ def build_gallery(
     - lanes (the standard run on the CPU ONNX backend): one worker per core takes a unit of
       batch_size / cores rows and does everything for it: decode, write, preprocess, thumbnail,
       and inference on its own single-threaded session. No core ever has two busy threads and no
-      worker waits for another's half of a batch. Measured here on 2 cores, 768x1024 JPEGs: ~81%
-      of the model-only rate end to end, against ~74% with the producer/consumer split below.
+      worker waits for another's half of a batch. Measured here on 2 cores, 768x1024 JPEGs: 73-80%
+      of the model-only rate end to end over several runs, against 72-74% with the
+      producer/consumer split below.
     - producer/consumer (torch, CUDA, segmentation whose model is not thread-safe): one worker
       makes items a batch or two ahead while the main thread runs the embedder on full batches.
     Either way units are taken in order, batches never cross a shard, and the output does not
