@@ -21,7 +21,7 @@ from .plots import THUMB_SIZE, compose_matches, make_thumbnail
 from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import topk_neighbours
-from .segment import PERSON_CLASS, PersonMask, box_pixels, load_cpu_yolo, white_background_crop, yolo_device
+from .segment import PERSON_CLASS, PersonMask, box_pixels, load_cpu_yolo, rgb_to_bgr, white_background_crop, yolo_device
 from .store import ManifestRow, ThumbnailReader, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class UltralyticsDetector:
         self.conf, self.device, self.imgsz = conf, yolo_device(device), imgsz
 
     def detect(self, frames_rgb: Sequence[np.ndarray]) -> list[Detections]:
-        sources = [np.ascontiguousarray(f[..., ::-1]) for f in frames_rgb]  # Ultralytics wants BGR
+        sources = [rgb_to_bgr(f) for f in frames_rgb]  # Ultralytics wants BGR
         out = []
         for r in self.model.predict(source=sources, classes=[PERSON_CLASS], conf=self.conf, imgsz=self.imgsz, device=self.device, stream=True, verbose=False):
             b = r.boxes
