@@ -58,27 +58,6 @@ def stage(seg, records, spec, work: Path) -> tuple[float, float, int]:
     return time.perf_counter() - t, seg.predict_seconds, crops
 
 
-def forward_ms(pt: Path, batch: int = 8) -> tuple[float, float]:
-    """The network alone (no letterbox, NMS or masks), ms per image at 640x480 (a portrait photo's
-    letterbox), batch 8: (torch, onnxruntime on the verified export)."""
-    import onnxruntime as ort
-    import torch
-
-    from pipeline.segment import load_yolo, yolo_onnx_path
-
-    x = torch.rand(batch, 3, 640, 480, generator=torch.Generator().manual_seed(0))
-    net = load_yolo(str(pt), task="segment").model.float().eval().fuse()
-    sess = ort.InferenceSession(str(yolo_onnx_path(pt)), providers=["CPUExecutionProvider"])
-    out = []
-    for run in (lambda: net(x), lambda: sess.run(None, {"images": x.numpy()})):
-        with torch.no_grad():
-            run()
-            t = time.perf_counter()
-            run()
-        out.append((time.perf_counter() - t) / batch * 1000)
-    return out[0], out[1]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/fashion-bench"))
@@ -101,7 +80,6 @@ def main() -> int:
         records.append(Record(i, f"gen[{i}]", buf.getvalue()))
     arrays = [np.asarray(decode_image(r.data).image) for r in records]
     calib = [np.asarray(photo_like(100 + i).resize((480, 640))) for i in range(4)]
-    forwards: list[str] = []
     lines = [
         "| model | torch predict | torch stage | outside predict | ONNX predict | ONNX stage | outside predict | persons torch / ONNX | box diff px | mask IoU min / mean |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -136,13 +114,7 @@ def main() -> int:
             f"{box:.4f} | {min(ious, default=float('nan')):.4f} / {np.mean(ious) if ious else float('nan'):.4f} |"
         )
         print(lines[-1], flush=True)
-        fwd = forward_ms(pt)
-        forwards.append(f"yolov8{size}-seg network alone: torch {fwd[0]:.0f} ms/img, onnxruntime {fwd[1]:.0f} ms/img ({fwd[0] / fwd[1]:.2f}x)")
-        print(forwards[-1], flush=True)
     print("\n" + "\n".join(lines))
-    # The biased model makes nearly every anchor a person candidate, so predict's NMS and mask work
-    # weigh far more here than with real weights; the network alone shows the backends' own speed.
-    print("\n" + "\n".join(forwards))
     return 0
 
 
