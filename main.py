@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flag_names(parser: argparse.ArgumentParser, dests: set[str]) -> str:
+    """The flags as the user types them (--frame-stride, --video_dir), for messages."""
+    spelled = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}  # noqa: SLF001
+    return ", ".join(spelled.get(d, "--" + d) for d in sorted(dests))
+
+
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit: frozenset[str]) -> None:
     """Refuse contradictory flags (parser.error exits with code 2)."""
     cache_flags = [f for f in ("use_embeddings", "use_embedded_segment") if getattr(args, f)]
@@ -136,19 +142,19 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit
         parser.error("--evaluate embeds the dataset itself; it does not read a cache")
     eval_flags = {"eval_backends", "eval_id_column", "eval_cloth_column"} & explicit
     if eval_flags and not args.evaluate:
-        parser.error(f"{', '.join('--' + f.replace('_', '-') for f in sorted(eval_flags))} need --evaluate")
+        parser.error(f"{_flag_names(parser, eval_flags)} need --evaluate")
     if args.eval_backends:
         bad = [b for b in args.eval_backends.split(",") if b not in ("torch", "onnx-fp32", "onnx-int8")]
         if bad:
             parser.error(f"--eval-backends: unknown {bad}; choose from torch, onnx-fp32, onnx-int8")
     video_flags = {"video_dir", "frame_stride", "det_model", "det_conf", "det_backend"} & explicit
     if video_flags and not args.video_clip:
-        parser.error(f"{', '.join('--' + f for f in sorted(video_flags))} need --video_clip NAME")
+        parser.error(f"{_flag_names(parser, video_flags)} need --video_clip NAME")
     if args.video_clip and args.export_onnx:
         parser.error("--export-onnx makes the ONNX file and stops; run the video as a second command")
     seg_flags = {"seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented"} & explicit
     if seg_flags and not (args.use_segmentation or args.use_embedded_segment):
-        parser.error(f"{', '.join('--' + f.replace('_', '-') for f in sorted(seg_flags))} need --use-segmentation or --use-embedded-segment")
+        parser.error(f"{_flag_names(parser, seg_flags)} need --use-segmentation or --use-embedded-segment")
     if args.fresh and (args.use_embeddings or args.use_embedded_segment):
         parser.error("--fresh rebuilds the gallery; it cannot be combined with a cache flag")
     if args.backend == "onnx" and args.precision != "auto":
