@@ -179,6 +179,14 @@ def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> frozen
     return frozenset(vars(ns))
 
 
+# RunConfig fields that take the flag of the same name unchanged.
+_SAME_NAME = (
+    "output_dir", "batch_size", "top_k", "max_matrix", "max_result_images", "shard_rows", "use_embeddings",
+    "use_segmentation", "use_embedded_segment", "fresh", "video_clip", "video_dir", "frame_stride",
+    "det_model", "det_conf", "det_backend",
+)
+
+
 def config_from_args(args: argparse.Namespace, explicit: frozenset[str]) -> RunConfig:
     return RunConfig(
         dataset=DatasetSpec(args.dataset, args.split, args.limit or None, args.image_column),
@@ -187,24 +195,9 @@ def config_from_args(args: argparse.Namespace, explicit: frozenset[str]) -> RunC
             precision=args.precision, threads=args.threads,
         ),
         segment=SegmentSpec(model=args.seg_model, conf=args.seg_conf, imgsz=args.seg_imgsz, keep_unsegmented=args.keep_unsegmented, backend=args.seg_backend),
-        output_dir=args.output_dir,
-        batch_size=args.batch_size,
-        top_k=args.top_k,
-        max_matrix=args.max_matrix,
-        max_result_images=args.max_result_images,
-        shard_rows=args.shard_rows,
-        use_embeddings=args.use_embeddings,
-        use_segmentation=args.use_segmentation,
-        use_embedded_segment=args.use_embedded_segment,
-        fresh=args.fresh,
         progress=not args.quiet,
         explicit=explicit,
-        video_clip=args.video_clip,
-        video_dir=args.video_dir,
-        frame_stride=args.frame_stride,
-        det_model=args.det_model,
-        det_conf=args.det_conf,
-        det_backend=args.det_backend,
+        **{name: getattr(args, name) for name in _SAME_NAME},
     )
 
 

@@ -34,12 +34,13 @@ def vit_macs(config_dir: Path) -> tuple[float, float]:
     """(MACs per image in the ViT's MatMuls, MACs in its patch-embedding conv), from config.json."""
     import json
 
-    v = json.loads((config_dir / "config.json").read_text())["vision_config"]
+    config = json.loads((config_dir / "config.json").read_text())
+    v = config["vision_config"]
     d, ff, layers = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
     patches = (v["image_size"] // v["patch_size"]) ** 2
     t = patches + 1
     per_layer = t * (4 * d * d + 2 * d * ff) + 2 * t * t * d
-    projection = d * json.loads((config_dir / "config.json").read_text()).get("projection_dim", 512)
+    projection = d * config.get("projection_dim", 512)
     return layers * per_layer + projection, patches * 3 * v["patch_size"] ** 2 * d
 
 

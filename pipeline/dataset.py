@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import PipelineError
 
@@ -165,11 +165,7 @@ def _iter_parquet(files: list[Path], spec: DatasetSpec, start: int) -> Iterator[
     row = 0
     for f in files:
         pf = pq.ParquetFile(f, pre_buffer=False)
-        names = pf.schema_arrow.names
-        for col in columns:
-            if col not in names:
-                hint = "Choose one with --image-column." if col == spec.image_column else "Check the evaluation column names."
-                raise PipelineError(f"dataset {spec.name!r} has no column {col!r}; its columns are {sorted(names)}. {hint}")
+        _check_columns(spec, pf.schema_arrow.names)
         n = pf.metadata.num_rows
         if row + n <= start:  # the whole file lies before the resume point
             row += n
@@ -184,10 +180,7 @@ def _iter_parquet(files: list[Path], spec: DatasetSpec, start: int) -> Iterator[
                 if stop is not None and row >= stop:
                     return
                 if row >= start:
-                    rec = _record_from_cell(row, f"{spec.name}[{row}]", cols[spec.image_column][k])
-                    if spec.extra_columns:
-                        rec = replace(rec, extra={c: _extra_value(cols[c][k]) for c in spec.extra_columns})
-                    yield rec
+                    yield _row_record(spec, row, lambda c: cols[c][k])
                 row += 1
 
 
@@ -272,10 +265,9 @@ def _iter_hf(ds, spec: DatasetSpec, start: int) -> Iterator[Record]:
     datasets = _import_datasets()
     features = ds.features
     columns = [spec.image_column, *spec.extra_columns]
+    if features is not None:
+        _check_columns(spec, list(features))
     for col in columns:
-        if features is not None and col not in features:
-            hint = "Choose one with --image-column." if col == spec.image_column else "Check the evaluation column names."
-            raise PipelineError(f"dataset {spec.name!r} has no column {col!r}; its columns are {sorted(features)}. {hint}")
         if features is not None and isinstance(features[col], datasets.Image):
             ds = ds.cast_column(col, datasets.Image(decode=False))
     ds = ds.select_columns(columns)
@@ -289,10 +281,22 @@ def _iter_hf(ds, spec: DatasetSpec, start: int) -> Iterator[Record]:
             ds = ds.skip(start)
         rows = iter(ds)
     for i, row in enumerate(rows, start=start):
-        rec = _record_from_cell(i, f"{spec.name}[{i}]", row.get(spec.image_column))
-        if spec.extra_columns:
-            rec = replace(rec, extra={c: _extra_value(row.get(c)) for c in spec.extra_columns})
-        yield rec
+        yield _row_record(spec, i, row.get)
+
+
+def _check_columns(spec: DatasetSpec, names: list[str]) -> None:
+    for col in (spec.image_column, *spec.extra_columns):
+        if col not in names:
+            hint = "Choose one with --image-column." if col == spec.image_column else "Check the evaluation column names."
+            raise PipelineError(f"dataset {spec.name!r} has no column {col!r}; its columns are {sorted(names)}. {hint}")
+
+
+def _row_record(spec: DatasetSpec, i: int, cell: Callable[[str], Any]) -> Record:
+    """Row i as a Record: its image cell, plus the extra columns asked for (`cell(column)` reads one)."""
+    rec = _record_from_cell(i, f"{spec.name}[{i}]", cell(spec.image_column))
+    if spec.extra_columns:
+        rec = replace(rec, extra={c: _extra_value(cell(c)) for c in spec.extra_columns})
+    return rec
 
 
 def _extra_value(cell: Any) -> Any:

@@ -352,9 +352,7 @@ class TorchEmbedder:
         torch = self._torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, dtype=self._dtype)
-            out = self.model.get_image_features(pixel_values=x)
-            # transformers 5 returns an output object with the projected features in pooler_output.
-            feats = out if torch.is_tensor(out) else out.pooler_output
+            feats = projected(self.model.get_image_features(pixel_values=x))
             return l2_normalize(feats.float().cpu().numpy())
 
     def embed_text(self, texts: list[str]) -> np.ndarray:
@@ -368,9 +366,16 @@ class TorchEmbedder:
                 raise PipelineError(f"model {self._model_name!r} has no usable tokenizer ({e}); text search needs one") from e
         tok = self._tokenizer(list(texts), padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt")
         with torch.inference_mode():
-            out = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device))
-            feats = out if torch.is_tensor(out) else out.pooler_output
+            feats = projected(self.model.get_text_features(input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)))
             return l2_normalize(feats.float().cpu().numpy())
+
+
+def projected(out):
+    """The projected features from CLIPModel.get_image_features / get_text_features: a tensor in
+    transformers 4, an output object holding them in pooler_output in transformers 5."""
+    import torch
+
+    return out if torch.is_tensor(out) else out.pooler_output
 
 
 def resolve_torch_precision(precision: str, device: str) -> str:

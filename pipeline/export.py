@@ -31,6 +31,7 @@ from .embedders import (
     l2_normalize,
     model_reference,
     preprocess_config_for_model,
+    projected,
 )
 from .errors import PipelineError
 from .preprocess import preprocess_batch
@@ -248,8 +249,7 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) 
             self.clip = clip
 
         def forward(self, input_ids, attention_mask):
-            out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-            return out if torch.is_tensor(out) else out.pooler_output
+            return projected(self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
     tower = TextTower().eval()
     enc = tok(TEXT_PROBES, padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt")
@@ -341,7 +341,6 @@ def _image_tower(clip):
             self.clip = clip
 
         def forward(self, pixel_values):
-            out = self.clip.get_image_features(pixel_values=pixel_values)
-            return out if torch.is_tensor(out) else out.pooler_output
+            return projected(self.clip.get_image_features(pixel_values=pixel_values))
 
     return ImageTower().eval()

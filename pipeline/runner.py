@@ -20,7 +20,7 @@ from .gallery import GalleryTarget, build_gallery, make_standard_items, record_f
 from .plots import compose_matches, save_heatmap, save_histogram, save_jpeg
 from .report import RunSummary
 from .retrieval import iter_neighbour_rows, topk_neighbours, write_distance_matrix, write_neighbours_csv
-from .store import GalleryCache, ManifestRow, ThumbnailReader, check_writable, load_cache
+from .store import GalleryCache, ManifestRow, ThumbnailReader, check_writable, embedded_rows, load_cache
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
 
 def write_retrieval_outputs(cfg: RunConfig, emb: np.ndarray, rows: list[ManifestRow], summary: RunSummary) -> None:
     """Neighbour table, one composite picture per query, the distance matrix, heatmap, histogram."""
-    embedded = sorted((r for r in rows if r.embedding_row >= 0), key=lambda r: r.embedding_row)
+    embedded = embedded_rows(rows)
     n = len(embedded)
     cfg.results_dir.mkdir(parents=True, exist_ok=True)
     cfg.plots_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import json
 import logging
 import re
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -272,9 +272,9 @@ def _spec_for(cfg: RunConfig, backend: str) -> EmbedderSpec:
 
     e = cfg.embedder
     if backend == "torch":
-        return EmbedderSpec(model=e.model, onnx=e.onnx, backend="torch", device=e.device, precision=e.precision, threads=e.threads)
+        return replace(e, backend="torch")
     path = e.onnx if backend == "onnx-int8" else str(fp32_path_for(e.onnx))
-    return EmbedderSpec(model=e.model, onnx=path, backend="onnx", device=e.device, threads=e.threads)
+    return replace(e, onnx=path, backend="onnx", precision="auto")
 
 
 def run_evaluate(cfg: RunConfig, backends: Sequence[str], id_column: str | None, cloth_column: str = "cloth") -> RunSummary:
@@ -282,7 +282,7 @@ def run_evaluate(cfg: RunConfig, backends: Sequence[str], id_column: str | None,
     for each backend asked for, streamed (only embeddings are kept)."""
     summary = RunSummary(mode="evaluate")
     extra = (id_column,) if id_column else (cloth_column,)
-    spec = DatasetSpec(cfg.dataset.name, cfg.dataset.split, cfg.dataset.limit, cfg.dataset.image_column, extra)
+    spec = replace(cfg.dataset, extra_columns=extra)
     segmenter = None
     if cfg.use_segmentation and not id_column:
         from .runner import segmenter_factory

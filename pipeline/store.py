@@ -61,10 +61,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
+def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
+    atomic_write_bytes(path, npy_bytes(array))
 
 
 class AtomicNpyMemmap:
@@ -193,6 +197,11 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     return rows
 
 
+def embedded_rows(rows: Iterable[ManifestRow]) -> list[ManifestRow]:
+    """The manifest lines that own an embedding, in embedding-row order (line k owns row k)."""
+    return sorted((r for r in rows if r.embedding_row >= 0), key=lambda r: r.embedding_row)
+
+
 # ----------------------------------------------------------------------------- sidecar
 @dataclass
 class Sidecar:
@@ -240,9 +249,7 @@ class GalleryCache:
     @property
     def embedded_rows(self) -> list[ManifestRow]:
         """Manifest lines with an embedding, in embedding-row order."""
-        out = [r for r in self.rows if r.embedding_row >= 0]
-        out.sort(key=lambda r: r.embedding_row)
-        return out
+        return embedded_rows(self.rows)
 
     def thumbnails(self) -> "ThumbnailReader":
         return ThumbnailReader(self.root / THUMBNAILS_FILE)
@@ -444,10 +451,15 @@ class ShardStore:
         p = self._paths(shard.number)
         if shard.thumbnails is None:
             raise ValueError("a shard is written with its thumbnails")
-        atomic_save_npy(p["emb"], shard.embeddings)
-        atomic_save_npy(p["thumbs"], shard.thumbnails)
-        atomic_write_text(p["rows"], manifest_to_csv(shard.rows))
-        done = {key: sha256_file(p[key]) for key in ("emb", "thumbs", "rows")}
+        payloads = {
+            "emb": npy_bytes(shard.embeddings),
+            "thumbs": npy_bytes(shard.thumbnails),
+            "rows": manifest_to_csv(shard.rows).encode("utf-8"),
+        }
+        for key, data in payloads.items():
+            atomic_write_bytes(p[key], data)
+        # Hashed from the bytes just written, not read back.
+        done: dict[str, Any] = {key: sha256_bytes(data) for key, data in payloads.items()}
         done.update(start=shard.start, stop=shard.stop)
         atomic_write_text(p["done"], json.dumps(done))
 
@@ -488,44 +500,55 @@ def finalize_store(
     emb = np.concatenate(emb_parts) if emb_parts else np.zeros((0, dim), np.float32)
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     _unlink_quietly(root / SIDECAR_FILE)
-    atomic_save_npy(root / EMBEDDINGS_FILE, emb)
-    atomic_write_npy_chunks(
+    emb_bytes = npy_bytes(emb)
+    atomic_write_bytes(root / EMBEDDINGS_FILE, emb_bytes)
+    thumbs_sha = atomic_write_npy_chunks(
         root / THUMBNAILS_FILE,
         (len(emb), thumbnail_size, thumbnail_size, 3),
         np.uint8,
         (shard_store.thumbnails(n) for n in shard_numbers),
     )
-    atomic_write_text(root / MANIFEST_FILE, manifest_to_csv(rows))
-    sidecar = Sidecar(
+    manifest_bytes = manifest_to_csv(rows).encode("utf-8")
+    atomic_write_bytes(root / MANIFEST_FILE, manifest_bytes)
+    sidecar = Sidecar(  # hashes of the bytes just written, not read back
         identity=identity,
         source=source,
         count=int(emb.shape[0]),
         dim=int(dim),
         manifest_rows=len(rows),
-        manifest_sha256=sha256_file(root / MANIFEST_FILE),
-        embeddings_sha256=sha256_file(root / EMBEDDINGS_FILE),
-        thumbnails_sha256=sha256_file(root / THUMBNAILS_FILE),
+        manifest_sha256=sha256_bytes(manifest_bytes),
+        embeddings_sha256=sha256_bytes(emb_bytes),
+        thumbnails_sha256=thumbs_sha,
         thumbnail_size=thumbnail_size,
     )
     atomic_write_text(root / SIDECAR_FILE, sidecar.to_json())
     return emb, rows
 
 
-def atomic_write_npy_chunks(path: str | Path, shape: tuple[int, ...], dtype: Any, chunks: Iterable[np.ndarray]) -> None:
-    """Write an .npy file from consecutive chunks along axis 0, atomically, holding one chunk at a time."""
+def atomic_write_npy_chunks(path: str | Path, shape: tuple[int, ...], dtype: Any, chunks: Iterable[np.ndarray]) -> str:
+    """Write an .npy file from consecutive chunks along axis 0, atomically, holding one chunk at a
+    time. Returns the file's sha256, computed while writing."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    h = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as f:
+
+            def put(data: bytes) -> None:
+                f.write(data)
+                h.update(data)
+
+            header = io.BytesIO()
             np.lib.format.write_array_header_1_0(
-                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+                header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
             )
+            put(header.getvalue())
             written = 0
             for chunk in chunks:
                 chunk = np.ascontiguousarray(chunk, dtype=dtype)
                 if chunk.shape[1:] != shape[1:]:
                     raise ValueError(f"chunk shape {chunk.shape} does not fit {shape}")
-                f.write(chunk.tobytes())
+                put(chunk.tobytes())
                 written += chunk.shape[0]
             if written != shape[0]:
                 raise ValueError(f"{path.name}: wrote {written} rows, expected {shape[0]}")
@@ -533,6 +556,7 @@ def atomic_write_npy_chunks(path: str | Path, shape: tuple[int, ...], dtype: Any
     except BaseException:
         _unlink_quietly(tmp)
         raise
+    return h.hexdigest()
 
 
 def invalidate_store(root: str | Path) -> None:

@@ -22,7 +22,7 @@ from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import topk_neighbours
 from .segment import PERSON_CLASS, PersonMask, box_pixels, load_cpu_yolo, rgb_to_bgr, white_background_crop, yolo_device
-from .store import ManifestRow, ThumbnailReader, atomic_write_bytes, atomic_write_text
+from .store import ThumbnailReader, atomic_write_bytes, atomic_write_text, embedded_rows
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter=None) 
         embedder = make_embedder(cfg.embedder)
     gallery, rows, _ = build_or_load_gallery(cfg, summary, embedder=embedder)
     record_failures(rows, summary)
-    embedded: list[ManifestRow] = sorted((r for r in rows if r.embedding_row >= 0), key=lambda r: r.embedding_row)
+    embedded = embedded_rows(rows)
     if not embedded:
         raise PipelineError(f"the gallery in {cfg.store_dir} has no embedded items to match against")
     with summary.stage("load detector"):
@@ -251,9 +251,9 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter=None) 
             t2 = time.perf_counter()
             crops = person_crops(frame.rgb, det, masks)
             valid = [k for k, (c, _) in enumerate(crops) if c is not None and c.size]
+            crop_images = {k: Image.fromarray(crops[k][0]) for k in valid}
             if valid:
-                pixels = preprocess_batch([Image.fromarray(crops[k][0]) for k in valid], embedder.preprocess_cfg)
-                queries = embedder.embed(pixels)
+                queries = embedder.embed(preprocess_batch(list(crop_images.values()), embedder.preprocess_cfg))
             t3 = time.perf_counter()
             nb = topk_neighbours(queries, gallery, cfg.top_k) if valid else None
             t4 = time.perf_counter()
@@ -272,7 +272,7 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter=None) 
                 })
                 tiles = [thumbs[m_j].copy() for m_j in nb.indices[qi] if m_j >= 0]
                 labels = [f"d={m['distance']:.3f}\n{m['file']}" for m in matches]
-                pic_rows.append(compose_matches(make_thumbnail(Image.fromarray(crops[k][0]), THUMB_SIZE), f"person #{k}", tiles, labels))
+                pic_rows.append(compose_matches(make_thumbnail(crop_images[k], THUMB_SIZE), f"person #{k}", tiles, labels))
             picture = draw_frame_picture(frame.rgb, det, pic_rows)
             atomic_write_bytes(out_dir / f"frame_{frame.index:06d}.jpg", encode_jpeg(picture, quality=88))
             t5 = time.perf_counter()
