@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -78,6 +79,7 @@ def topk_neighbours(
     k: int,
     exclude_self: bool = False,
     block: int = DEFAULT_BLOCK,
+    matrix_path: str | Path | None = None,
 ) -> Neighbours:
     """Top-k nearest gallery rows for each query, computed block by block (never Q x N at once).
 
@@ -87,34 +89,36 @@ def topk_neighbours(
         k: neighbours per query.
         exclude_self: the queries are the gallery (same rows); row i never returns i.
         block: queries per block; memory is block x N float32.
+        matrix_path: with exclude_self, also write the N x N float32 distance matrix (diagonal 0)
+            to this .npy file, atomically, from the same blocks (the distances are computed once).
     """
     q, g = _check_embeddings(queries, "queries"), _check_embeddings(gallery, "gallery")
     if exclude_self and q.shape[0] != g.shape[0]:
         raise ValueError("exclude_self needs queries and gallery to be the same rows")
+    if matrix_path is not None and not exclude_self:
+        raise ValueError("matrix_path writes the gallery's own N x N matrix: it needs exclude_self")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     idx = np.empty((q.shape[0], k), dtype=np.int64)
     dist = np.empty((q.shape[0], k), dtype=np.float32)
-    for start in range(0, q.shape[0], block):
-        stop = min(start + block, q.shape[0])
-        d = cosine_distances(q[start:stop], g)
-        if exclude_self:
-            d[np.arange(stop - start), np.arange(start, stop)] = np.inf
-        i, dd = _topk_rows(d, k)
-        idx[start:stop], dist[start:stop] = i, dd
+    with AtomicNpyMemmap(matrix_path, (q.shape[0],) * 2, np.float32) if matrix_path is not None else nullcontext() as matrix:
+        for start in range(0, q.shape[0], block):
+            stop = min(start + block, q.shape[0])
+            d = cosine_distances(q[start:stop], g)
+            diagonal = (np.arange(stop - start), np.arange(start, stop))
+            if matrix is not None:
+                d[diagonal] = 0.0
+                matrix.write_rows(start, d)
+            if exclude_self:
+                d[diagonal] = np.inf
+            i, dd = _topk_rows(d, k)
+            idx[start:stop], dist[start:stop] = i, dd
     return Neighbours(idx, dist)
 
 
 def write_distance_matrix(embeddings: np.ndarray, path: str | Path, block: int = DEFAULT_BLOCK) -> None:
     """Write the N x N float32 cosine distance matrix to an .npy file through a memory map, atomically."""
-    e = _check_embeddings(embeddings, "embeddings")
-    n = e.shape[0]
-    with AtomicNpyMemmap(path, (n, n), np.float32) as out:
-        for start in range(0, n, block):
-            stop = min(start + block, n)
-            rows = cosine_distances(e[start:stop], e)
-            np.fill_diagonal(rows[:, start:stop], 0.0)
-            out.write_rows(start, rows)
+    topk_neighbours(embeddings, embeddings, 1, exclude_self=True, block=block, matrix_path=path)
 
 
 def iter_neighbour_rows(

@@ -19,7 +19,7 @@ from .embedders import make_embedder, requested_identity
 from .gallery import GalleryTarget, build_gallery, make_standard_items, record_failures
 from .plots import compose_matches, save_heatmap, save_histogram, save_jpeg
 from .report import RunSummary
-from .retrieval import iter_neighbour_rows, topk_neighbours, write_distance_matrix, write_neighbours_csv
+from .retrieval import iter_neighbour_rows, topk_neighbours, write_neighbours_csv
 from .store import GalleryCache, ManifestRow, ThumbnailReader, check_writable, embedded_rows, load_cache
 
 log = logging.getLogger(__name__)
@@ -143,22 +143,20 @@ def write_retrieval_outputs(cfg: RunConfig, emb: np.ndarray, rows: list[Manifest
         return
     ids = [r.index for r in embedded]
     files = [r.file for r in embedded]
-    with summary.stage("neighbours"):
-        nb = topk_neighbours(emb, emb, cfg.top_k, exclude_self=True)
+    matrix = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy" if n <= cfg.max_matrix else None
+    with summary.stage("neighbours" + (" + distance matrix" if matrix else "")):
+        nb = topk_neighbours(emb, emb, cfg.top_k, exclude_self=True, matrix_path=matrix)
         table = cfg.results_dir / "neighbours.csv"
         write_neighbours_csv(table, iter_neighbour_rows(nb, ids, files, ids, files))
     summary.outputs["neighbour table"] = str(table)
+    if matrix:
+        summary.outputs["distance matrix"] = f"{matrix} (rows = manifest embedding_row)"
+    else:
+        summary.notes.append(f"{n} items > --max-matrix {cfg.max_matrix}: distance matrix not saved (neighbours were computed blockwise)")
     with summary.stage("result pictures"):
         written = write_result_pictures(cfg, nb, files)
     summary.count("result pictures", written)
     summary.outputs["result pictures"] = f"{cfg.results_dir}/*_matches.jpg"
-    if n <= cfg.max_matrix:
-        with summary.stage("distance matrix"):
-            path = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy"
-            write_distance_matrix(emb, path)
-        summary.outputs["distance matrix"] = f"{path} (rows = manifest embedding_row)"
-    else:
-        summary.notes.append(f"{n} items > --max-matrix {cfg.max_matrix}: distance matrix not saved (neighbours were computed blockwise)")
     with summary.stage("plots"):
         heat = cfg.plots_dir / f"distance_heatmap{cfg.suffix}.png"
         save_heatmap(emb, heat)
