@@ -215,22 +215,23 @@ def dispatch(cfg: RunConfig, args: argparse.Namespace):
 
     if args.export_onnx:
         return runner.run_export(cfg, per_tensor=args.per_tensor, quantization=args.quantization)
-    if cfg.video_clip:
-        from pipeline.video import run_video
+    with runner.output_session(cfg.output_dir):
+        if cfg.video_clip:
+            from pipeline.video import run_video
 
-        return run_video(cfg)
-    if args.query_image or args.query_text:
-        from pipeline.search import run_query
+            return run_video(cfg)
+        if args.query_image or args.query_text:
+            from pipeline.search import run_query
 
-        return run_query(cfg, args.query_image or [], args.query_text or [])
-    if args.evaluate:
-        from pipeline.search import run_evaluate
+            return run_query(cfg, args.query_image or [], args.query_text or [])
+        if args.evaluate:
+            from pipeline.search import run_evaluate
 
-        backends = args.eval_backends.split(",") if args.eval_backends else [
-            "onnx-int8" if cfg.embedder.resolve_backend() == "onnx" else "torch"
-        ]
-        return run_evaluate(cfg, backends, args.eval_id_column, args.eval_cloth_column)
-    return runner.run_gallery(cfg)
+            backends = args.eval_backends.split(",") if args.eval_backends else [
+                "onnx-int8" if cfg.embedder.resolve_backend() == "onnx" else "torch"
+            ]
+            return run_evaluate(cfg, backends, args.eval_id_column, args.eval_cloth_column)
+        return runner.run_gallery(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

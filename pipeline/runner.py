@@ -7,8 +7,9 @@ import logging
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -20,11 +21,43 @@ from .gallery import GalleryTarget, build_gallery, make_standard_items, record_f
 from .plots import compose_matches, save_heatmap, save_histogram, save_jpeg
 from .report import RunSummary
 from .retrieval import iter_neighbour_rows, topk_neighbours, write_neighbours_csv
-from .store import GalleryCache, ManifestRow, ThumbnailReader, check_writable, embedded_rows, load_cache
+from .store import (
+    PARTIAL_DIR,
+    GalleryCache,
+    ManifestRow,
+    OutputLock,
+    ThumbnailReader,
+    check_writable,
+    embedded_rows,
+    load_cache,
+    remove_temp_leftovers,
+)
 
 log = logging.getLogger(__name__)
 
 _SEGMENT_FILES = re.compile(r"seg_\d+_(p\d+|full)\.png$")
+
+
+def output_folders(output_dir: Path) -> list[Path]:
+    """Every folder this tool writes under --output-dir (those that exist)."""
+    base = [output_dir] + [output_dir / d for d in ("images", "images_segment", "embeddings", "embeddings_segment", "outputs")]
+    base += [output_dir / d / PARTIAL_DIR for d in ("embeddings", "embeddings_segment")]
+    results = output_dir / "retrieval_results"
+    base += [results, results / "segment", results / "queries", results / "segment" / "queries"]
+    videos = output_dir / "video_results"
+    if videos.is_dir():
+        base += [p for p in videos.iterdir() if p.is_dir() and not p.is_symlink()]
+    return [p for p in base if p.is_dir()]
+
+
+@contextmanager
+def output_session(output_dir: Path) -> Iterator[None]:
+    """Hold --output-dir's lock for a run, and first clear the temp files a killed run left there."""
+    with OutputLock(output_dir):
+        removed = sum(remove_temp_leftovers(p) for p in output_folders(output_dir))
+        if removed:
+            log.info("removed %d temp file(s) left by an interrupted run in %s", removed, output_dir)
+        yield
 
 
 def segmenter_factory(cfg: RunConfig):

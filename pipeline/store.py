@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
@@ -107,6 +108,69 @@ class AtomicNpyMemmap:
             os.replace(self.tmp, self.path)
         else:
             _unlink_quietly(self.tmp)
+
+
+# The names tempfile.mkstemp gives the temp files above (prefix ".<name>.", 8 random characters,
+# suffix ".tmp") and check_writable's probe. A process killed between mkstemp and os.replace
+# leaves one behind; nothing else in an output folder is named like this.
+_TEMP_LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.write-test\.[a-z0-9_]{8}")
+
+
+def remove_temp_leftovers(folder: str | Path) -> int:
+    """Delete the temp files a killed run left in `folder` (not recursive); returns how many.
+
+    Only safe while no other run writes there: call it with the output folder's lock held.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for p in folder.iterdir():
+        if _TEMP_LEFTOVER.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            _unlink_quietly(p)
+            removed += 1
+    return removed
+
+
+class OutputLock:
+    """An exclusive lock on an output folder for the length of a run.
+
+    Two runs writing the same images/ and embeddings/ would interleave shards and overwrite each
+    other's files, so the second is refused. The lock is an flock on <folder>/.pipeline.lock: the
+    kernel drops it when the process ends, however it ends, so a killed run never leaves a stale
+    lock behind. Where fcntl does not exist (Windows) no lock is taken.
+    """
+
+    NAME = ".pipeline.lock"
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / self.NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        check_writable(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise PipelineError(
+                f"another run (pid {holder}) is writing to {self.path.parent}; wait for it to end or choose another --output-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
 
 
 def _unlink_quietly(path: str | Path) -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 
 import main as cli
 from pipeline import gallery
-from pipeline.store import read_manifest
+from pipeline.store import OutputLock, read_manifest
 from tests import assets
 from tests.test_images import png_header_only
 
@@ -62,6 +62,46 @@ def test_sigkill_then_resume_equals_clean_run(long_dataset, tiny_onnx, tmp_path)
     assert a.shape == b.shape == (1600, 16) and np.abs(a - b).max() <= 1e-6
     assert sorted(p.name for p in (killed / "images").iterdir()) == sorted(p.name for p in (clean / "images").iterdir())
     assert not (killed / "embeddings" / ".partial").exists()
+
+
+def test_temp_files_of_a_killed_run_are_cleared_and_nothing_else(mixed_dataset, tiny_onnx, tmp_path):
+    # A kill between mkstemp and os.replace leaves ".<name>.<8 chars>.tmp"; where it lands depends
+    # on timing, so the sigkill test above cannot be relied on to produce one. Plant them instead.
+    out = tmp_path / "out"
+    args = ["--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "2"]
+    assert run(*args) == 3  # 3: the mixed dataset's broken rows are recorded failures
+    planted = [
+        out / "images" / ".img_00003.png.n2tbocnw.tmp",
+        out / "embeddings" / ".embeddings.npy.a_b1c2d3.tmp",
+        out / "retrieval_results" / ".neighbours.csv.zzzzzzzz.tmp",
+        out / "outputs" / ".distance_heatmap.png.00000000.tmp",
+        out / ".write-test.q1w2e3r4",
+    ]
+    (out / "embeddings" / ".partial").mkdir()
+    planted.append(out / "embeddings" / ".partial" / ".shard_00001.npy.abcdefgh.tmp")
+    theirs = [out / "images" / ".notes.tmp", out / "images" / "draft.abcdefgh.tmp", out / "outputs" / ".x.abcdefghi.tmp",
+              out / ".img_00003.png.n2tbocnw.tmp.keep"]
+    for p in planted + theirs:
+        p.write_bytes(b"half")
+    images_before = sorted(p.name for p in (out / "images").iterdir() if not p.name.startswith(".") and p.suffix != ".tmp")
+    assert run(*args) == 3  # 3: the mixed dataset's broken rows are recorded failures
+    assert [p.name for p in planted if p.exists()] == []
+    assert all(p.read_bytes() == b"half" for p in theirs)
+    assert sorted(p.name for p in (out / "images").iterdir() if p not in theirs) == images_before
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused(mixed_dataset, tiny_onnx, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0"]
+    with OutputLock(out):
+        assert run(*args) == 1
+        err = capsys.readouterr().err
+        assert f"another run (pid {os.getpid()}) is writing to {out}" in err
+        assert not (out / "embeddings").exists()
+        assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out) == 1
+    assert run(*args) == 3  # 3: the mixed dataset's broken rows are recorded failures  # released with the holder
+    with OutputLock(tmp_path / "other"):  # another folder is not blocked
+        assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out) == 3
 
 
 def test_resume_refusal_names_the_difference_and_fresh_discards(long_dataset, tiny_onnx, tmp_path, capsys, monkeypatch):
