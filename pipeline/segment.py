@@ -142,8 +142,21 @@ YOLO_ONNX_TOLERANCE = 1e-3
 
 def yolo_onnx_path(weights: Path) -> Path:
     """Where the ONNX export of a .pt file lives: beside it, named with the weights' hash, so a
-    changed .pt never reuses an old export. Only verified exports are ever written there."""
-    return weights.with_name(f"{weights.stem}.{sha256_file(weights)[:12]}.onnx")
+    changed .pt never reuses an old export. Only verified exports are ever written there.
+
+    Weights in a folder this user cannot write (a shared, read-only model folder) get their
+    export in the user's cache instead, $XDG_CACHE_HOME/fashion-visual-search/yolo (default
+    ~/.cache/...), rather than falling back to the 2x slower torch model on every run.
+    """
+    beside = weights.with_name(f"{weights.stem}.{sha256_file(weights)[:12]}.onnx")
+    if beside.is_file() or _writable(weights.parent):
+        return beside
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-visual-search" / "yolo"
+    return cache / beside.name
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def load_segmentation_model(spec: SegmentSpec, device: str = "auto"):
@@ -220,6 +233,7 @@ def export_yolo_onnx(torch_model, weights: Path, target: Path, imgsz: int, task:
     try:
         # A private folder beside the target (same file system for the final rename; two runs
         # exporting at once do not share it).
+        target.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{target.stem}.", suffix=".export", dir=target.parent))
         # Ultralytics writes <weights stem>.onnx beside the weights it loaded; a link in our own
         # folder keeps it from overwriting a file of the user's.

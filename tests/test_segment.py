@@ -210,6 +210,30 @@ def test_export_that_fails_verification_is_not_kept(person_pt, tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == [pt.name]
 
 
+def test_weights_in_a_read_only_folder_export_to_the_user_cache(person_pt, tmp_path, monkeypatch):
+    import shutil
+
+    from pipeline import segment
+    from pipeline.config import SegmentSpec
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    pt = shared / person_pt.name
+    shutil.copyfile(person_pt, pt)
+    # The tests run as root, for whom chmod does not stop a write; the folder check is what decides.
+    real = segment._writable
+    monkeypatch.setattr(segment, "_writable", lambda folder: folder != shared and real(folder))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    spec = SegmentSpec(model=str(pt), imgsz=160)
+    _, backend = segment.load_segmentation_model(spec, "cpu")
+    cached = tmp_path / "cache" / "fashion-visual-search" / "yolo" / segment.yolo_onnx_path(pt).name
+    assert backend == "onnx" and segment.yolo_onnx_path(pt) == cached and cached.is_file()
+    assert [p.name for p in shared.iterdir()] == [pt.name]  # nothing written beside the weights
+    assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no export temp folder left
+    monkeypatch.setattr(segment, "export_yolo_onnx", lambda *a, **k: pytest.fail("exported a second time"))
+    assert segment.load_segmentation_model(spec, "cpu")[1] == "onnx"
+
+
 @pytest.mark.parametrize("model, backend, device, message", [
     ("x.onnx", "torch", "cpu", "is an ONNX file"),
     ("x.pt", "tensorrt", "cpu", "unknown --seg-backend"),
