@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import textwrap
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -20,11 +21,11 @@ from tqdm import tqdm
 
 from .config import RunConfig
 from .dataset import IMAGE_SUFFIXES, DatasetSpec, iter_records
-from .embedders import EmbedderSpec, make_embedder
+from .embedders import Embedder, EmbedderSpec, make_embedder
 from .errors import PipelineError
 from .images import ImageDecodeError, decode_image
 from .plots import THUMB_SIZE, caption_font, pyplot, save_figure, compose_matches, make_thumbnail, save_jpeg
-from .preprocess import preprocess_batch
+from .preprocess import PreprocessConfig, preprocess_batch
 from .report import RunSummary
 from .retrieval import topk_neighbours, write_neighbours_csv
 from .store import ManifestRow, atomic_write_text
@@ -185,52 +186,69 @@ def product_ids(values: Sequence) -> list[str]:
 
 
 class _Batcher:
-    """Collects decoded images and embeds them a batch at a time, remembering each vector's row."""
+    """Collects decoded images and embeds them a batch at a time with every backend, remembering
+    each vector's row. Pixels are preprocessed once per distinct preprocessing, not per backend."""
 
-    def __init__(self, embedder, batch_size: int) -> None:
-        self.embedder, self.batch_size = embedder, batch_size
-        self.pending: list[Image.Image] = []
+    def __init__(self, embedders: dict[str, Embedder], batch_size: int) -> None:
+        self.embedders, self.batch_size = embedders, batch_size
+        self.pending: list[dict[int, Image.Image]] = []  # per item: decode min_side -> image
         self.rows: list[int] = []
-        self.vectors: list[np.ndarray] = []
+        self.vectors: dict[str, list[np.ndarray]] = {name: [] for name in embedders}
+        self.seconds: dict[str, float] = dict.fromkeys(embedders, 0.0)
 
-    def add(self, row: int, image: Image.Image) -> None:
-        self.pending.append(image)
+    def add(self, row: int, images: dict[int, Image.Image]) -> None:
+        self.pending.append(images)
         self.rows.append(row)
         if len(self.pending) >= self.batch_size:
             self._flush()
 
     def _flush(self) -> None:
-        if self.pending:
-            self.vectors.append(self.embedder.embed(preprocess_batch(self.pending, self.embedder.preprocess_cfg)))
-            self.pending = []
+        if not self.pending:
+            return
+        pixels: dict[PreprocessConfig, np.ndarray] = {}
+        for name, embedder in self.embedders.items():
+            cfg = embedder.preprocess_cfg
+            if cfg not in pixels:
+                pixels[cfg] = preprocess_batch([im[cfg.decode_min_side] for im in self.pending], cfg)
+            t = time.perf_counter()
+            self.vectors[name].append(embedder.embed(pixels[cfg]))
+            self.seconds[name] += time.perf_counter() - t
+        self.pending = []
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """(float32 (M, D) embeddings, int64 (M,) source rows)"""
+    def result(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Backend `name`'s (float32 (M, D) embeddings, int64 (M,) source rows)."""
         self._flush()
-        emb = np.concatenate(self.vectors) if self.vectors else np.zeros((0, self.embedder.dim), np.float32)
+        parts = self.vectors[name]
+        emb = np.concatenate(parts) if parts else np.zeros((0, self.embedders[name].dim), np.float32)
         return emb, np.array(self.rows, dtype=np.int64)
 
 
-def _embed_pass(spec: DatasetSpec, embedder, batch_size: int, summary: RunSummary, record_failures: bool,
+def _embed_pass(spec: DatasetSpec, embedders: dict[str, Embedder], batch_size: int, summary: RunSummary,
                 cloth_column: str | None, id_column: str | None, segmenter) -> dict:
-    """One streaming pass over the dataset: person/product images, garments, segmented crops."""
+    """One streaming pass over the dataset for all backends at once: each row is read, decoded and
+    segmented once (not once per backend), and its pixels go to every backend.
+
+    Returns:
+        {"ids": {source_row: product}, backend: {"photos": (emb, rows), "garments": ..., "crops": ...}}
+    """
     from .segment import white_background_crop
 
-    def fail(what: str, reason: str) -> None:
-        if record_failures:
-            summary.fail(what, reason)
-
-    photos, garments, crops = _Batcher(embedder, batch_size), _Batcher(embedder, batch_size), _Batcher(embedder, batch_size)
+    photos, garments, crops = (_Batcher(embedders, batch_size) for _ in range(3))
     ids: dict[int, str] = {}
-    min_side = embedder.preprocess_cfg.decode_min_side
+    min_sides = sorted({e.preprocess_cfg.decode_min_side for e in embedders.values()})
+
+    def decoded(data: bytes) -> dict[int, Image.Image]:
+        # one reduced-size decode per distinct min_side (one in practice: the same model)
+        return {m: decode_image(data, min_side=m).image for m in min_sides}
+
     for rec in tqdm(iter_records(spec), desc="evaluate", unit="row", leave=False):
         if not rec.data:
-            fail(rec.source, rec.error or "no image")
+            summary.fail(rec.source, rec.error or "no image")
             continue
         try:
-            photos.add(rec.source_row, decode_image(rec.data, min_side=min_side).image)
+            photos.add(rec.source_row, decoded(rec.data))
         except ImageDecodeError as e:
-            fail(rec.source, str(e))
+            summary.fail(rec.source, str(e))
             continue
         extra = rec.extra or {}
         if id_column:
@@ -239,20 +257,25 @@ def _embed_pass(spec: DatasetSpec, embedder, batch_size: int, summary: RunSummar
             try:
                 if not extra.get(cloth_column):
                     raise ImageDecodeError("no garment image")
-                garments.add(rec.source_row, decode_image(extra[cloth_column], min_side=min_side).image)
+                garments.add(rec.source_row, decoded(extra[cloth_column]))
             except ImageDecodeError as e:
-                fail(f"{rec.source} ({cloth_column})", str(e))
+                summary.fail(f"{rec.source} ({cloth_column})", str(e))
         if segmenter is not None:
             arr = np.asarray(decode_image(rec.data).image)
             persons = segmenter.segment([arr])[0]
             crop = white_background_crop(arr, persons[0].mask, persons[0].box_xyxy) if persons else None
             if crop is not None:
-                crops.add(rec.source_row, Image.fromarray(crop))
-    out = {"photos": photos.result(), "ids": ids}
-    if cloth_column:
-        out["garments"] = garments.result()
-    if segmenter is not None:
-        out["crops"] = crops.result()
+                crop_image = Image.fromarray(crop)
+                crops.add(rec.source_row, dict.fromkeys(min_sides, crop_image))
+    for name, seconds in photos.seconds.items():
+        summary.stages[f"  inference {name}"] = seconds + garments.seconds[name] + crops.seconds[name]
+    out: dict = {"ids": ids}
+    for name in embedders:
+        out[name] = {"photos": photos.result(name)}
+        if cloth_column:
+            out[name]["garments"] = garments.result(name)
+        if segmenter is not None:
+            out[name]["crops"] = crops.result(name)
     return out
 
 
@@ -279,7 +302,8 @@ def _spec_for(cfg: RunConfig, backend: str) -> EmbedderSpec:
 
 def run_evaluate(cfg: RunConfig, backends: Sequence[str], id_column: str | None, cloth_column: str = "cloth") -> RunSummary:
     """--evaluate: person->garment (a `cloth` column) or same-product retrieval (--eval-id-column),
-    for each backend asked for, streamed (only embeddings are kept)."""
+    for every backend asked for. One streamed pass (only embeddings are kept) with all backends
+    loaded at once: the dataset is read, decoded and segmented once, not once per backend."""
     summary = RunSummary(mode="evaluate")
     extra = (id_column,) if id_column else (cloth_column,)
     spec = replace(cfg.dataset, extra_columns=extra)
@@ -289,39 +313,41 @@ def run_evaluate(cfg: RunConfig, backends: Sequence[str], id_column: str | None,
 
         segmenter = segmenter_factory(cfg)
     task = "same-product" if id_column else "person->garment"
+    with summary.stage("load models"):
+        embedders = {backend: make_embedder(_spec_for(cfg, backend)) for backend in backends}
+    with summary.stage("embed pass (all backends)"):
+        try:
+            got = _embed_pass(spec, embedders, cfg.batch_size, summary, None if id_column else cloth_column, id_column, segmenter)
+        except PipelineError as e:
+            if id_column is None and f"no column {cloth_column!r}" in str(e):
+                raise PipelineError(f"{e}\n--evaluate needs a {cloth_column!r} column (person -> garment) or --eval-id-column NAME (same product)") from e
+            raise
     results: dict[str, dict] = {}
-    for n, backend in enumerate(backends):
-        with summary.stage(backend):
-            embedder = make_embedder(_spec_for(cfg, backend))
-            try:
-                got = _embed_pass(spec, embedder, cfg.batch_size, summary, n == 0, None if id_column else cloth_column, id_column, segmenter)
-            except PipelineError as e:
-                if id_column is None and f"no column {cloth_column!r}" in str(e):
-                    raise PipelineError(f"{e}\n--evaluate needs a {cloth_column!r} column (person -> garment) or --eval-id-column NAME (same product)") from e
-                raise
-            q, q_rows = got["photos"]
-            if id_column:
-                ids = np.array([got["ids"][int(r)] for r in q_rows])
-                positives, keep = [], []
-                for i in range(len(ids)):
-                    pos = np.flatnonzero(ids == ids[i])
-                    pos = pos[pos != i]
-                    if len(pos):
-                        positives.append(pos)
-                        keep.append(i)
-                keep_arr = np.array(keep, dtype=np.int64)
-                results.setdefault(task, {})[backend] = metrics_from_ranks(ranks_of_positives(q[keep_arr], q, positives, exclude=keep_arr))
-                if n == 0 and len(ids) > len(keep):
-                    summary.notes.append(f"{len(ids) - len(keep)} queries skipped: their product has no other image")
-            else:
-                g, g_rows = got["garments"]
-                results.setdefault(task, {})[backend] = _person_to_garment(q, q_rows, g, g_rows)
-                if segmenter is not None:
-                    c, c_rows = got["crops"]
-                    results.setdefault(task + " (segmented person)", {})[backend] = _person_to_garment(c, c_rows, g, g_rows)
-                    if n == 0:
-                        summary.notes.append(f"segmented: {len(c_rows)} of {len(q_rows)} photos had a person")
-            del embedder
+    q_rows = got[backends[0]]["photos"][1]  # the same rows for every backend
+    if id_column:
+        ids = np.array([got["ids"][int(r)] for r in q_rows])
+        positives, keep = [], []
+        for i in range(len(ids)):
+            pos = np.flatnonzero(ids == ids[i])
+            pos = pos[pos != i]
+            if len(pos):
+                positives.append(pos)
+                keep.append(i)
+        keep_arr = np.array(keep, dtype=np.int64)
+        if len(ids) > len(keep):
+            summary.notes.append(f"{len(ids) - len(keep)} queries skipped: their product has no other image")
+    for backend in backends:
+        q = got[backend]["photos"][0]
+        if id_column:
+            results.setdefault(task, {})[backend] = metrics_from_ranks(ranks_of_positives(q[keep_arr], q, positives, exclude=keep_arr))
+            continue
+        g, g_rows = got[backend]["garments"]
+        results.setdefault(task, {})[backend] = _person_to_garment(q, q_rows, g, g_rows)
+        if segmenter is not None:
+            c, c_rows = got[backend]["crops"]
+            results.setdefault(task + " (segmented person)", {})[backend] = _person_to_garment(c, c_rows, g, g_rows)
+    if segmenter is not None:
+        summary.notes.append(f"segmented: {len(got[backends[0]]['crops'][1])} of {len(q_rows)} photos had a person")
     cfg.plots_dir.mkdir(parents=True, exist_ok=True)
     report = {"dataset": cfg.dataset.name, "split": cfg.dataset.split, "limit": cfg.dataset.limit, "results": results}
     path = cfg.plots_dir / "evaluation.json"

@@ -140,6 +140,43 @@ def test_evaluate_person_to_garment_backends_side_by_side(tiny_clip, tiny_onnx, 
     assert (out / "outputs" / "evaluation.png").stat().st_size > 1000
 
 
+def test_evaluate_segmented_reads_and_segments_each_row_once_for_all_backends(tiny_clip, tiny_onnx, tmp_path, monkeypatch):
+    from pipeline import runner
+    from pipeline.segment import PersonMask
+
+    n = 6
+    garments = [_garment(i) for i in range(n)]
+    ds = assets.write_parquet_dataset(tmp_path / "pairs", [assets.encode(_noisy(g, seed=i), "JPEG", quality=80) for i, g in enumerate(garments)],
+                                      extra={"cloth": [assets.encode(g, "JPEG", quality=95) for g in garments]})
+    seen: list[tuple[int, int]] = []
+
+    class CentrePerson:
+        """The middle of each picture is the person; the first picture has nobody."""
+
+        def segment(self, images_rgb):
+            out = []
+            for im in images_rgb:
+                h, w = im.shape[:2]
+                seen.append((h, w))
+                mask = np.zeros((h, w), bool)
+                mask[h // 8 : 7 * h // 8, w // 8 : 7 * w // 8] = True
+                out.append([] if len(seen) == 1 else [PersonMask(np.array([0, 0, w, h], np.float32), mask, 0.9)])
+            return out
+
+    monkeypatch.setattr(runner, "segmenter_factory", lambda cfg: CentrePerson())
+    out = tmp_path / "out"
+    assert cli.main(["--evaluate", "--use-segmentation", "--dataset", str(ds), "--model", str(tiny_clip), "--onnx", str(tiny_onnx),
+                     "--eval-backends", "torch,onnx-fp32,onnx-int8", "--output-dir", str(out), "-q"]) == 0
+    assert seen == [(128, 96)] * n  # each row segmented once, at full size, whatever the number of backends
+    res = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]
+    assert set(res) == {"person->garment", "person->garment (segmented person)"}
+    for task, queries in (("person->garment", n), ("person->garment (segmented person)", n - 1)):
+        assert set(res[task]) == {"torch", "onnx-fp32", "onnx-int8"}
+        assert all(m["queries"] == queries for m in res[task].values())
+    seg = res["person->garment (segmented person)"]
+    assert abs(seg["torch"]["mrr"] - seg["onnx-fp32"]["mrr"]) < 1e-6
+
+
 def test_evaluate_same_product(tiny_onnx, tmp_path):
     cells, ids = [], []
     for p in range(6):
