@@ -215,7 +215,7 @@ def dispatch(cfg: RunConfig, args: argparse.Namespace):
 
     if args.export_onnx:
         return runner.run_export(cfg, per_tensor=args.per_tensor, quantization=args.quantization)
-    with runner.output_session(cfg.output_dir):
+    with runner.output_session(cfg):
         if cfg.video_clip:
             from pipeline.video import run_video
 

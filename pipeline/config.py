@@ -1,11 +1,12 @@
 """Run configuration: the parsed command line as one typed value, with the output layout."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .dataset import DatasetSpec
 from .embedders import EmbedderSpec
+from .store import PARTIAL_DIR
 
 DEFAULT_DATASET = "lirus18/deepfashion"
 DEFAULT_MODEL = "patrickjohncyh/fashion-clip"
@@ -82,3 +83,25 @@ class RunConfig:
     @property
     def plots_dir(self) -> Path:
         return self.output_dir / "outputs"
+
+    @property
+    def queries_dir(self) -> Path:
+        return self.results_dir / "queries"
+
+    @property
+    def video_results_dir(self) -> Path:
+        """video_results/<clip>/ (video_results/ itself when no clip is set)."""
+        base = self.output_dir / "video_results"
+        return base / self.video_clip if self.video_clip else base
+
+    def owned_folders(self) -> list[Path]:
+        """Every folder of the output layout, standard and segmented, that exists now."""
+        folders = [self.output_dir]
+        for segmented in (False, True):
+            c = replace(self, use_segmentation=segmented, use_embedded_segment=False)
+            folders += [c.images_dir, c.store_dir, c.store_dir / PARTIAL_DIR, c.results_dir, c.queries_dir]
+        folders.append(self.plots_dir)
+        videos = replace(self, video_clip=None).video_results_dir
+        if videos.is_dir():
+            folders += [p for p in videos.iterdir() if p.is_dir() and not p.is_symlink()]
+        return [p for p in folders if p.is_dir()]

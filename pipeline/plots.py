@@ -77,8 +77,8 @@ def compose_matches(
     return canvas
 
 
-def save_jpeg(image: Image.Image, path: str | Path) -> None:
-    atomic_write_bytes(path, encode_jpeg(image, quality=90))
+def save_jpeg(image: Image.Image, path: str | Path, quality: int = 90) -> None:
+    atomic_write_bytes(path, encode_jpeg(image, quality=quality))
 
 
 # ----------------------------------------------------------------------------- matplotlib figures

@@ -22,12 +22,10 @@ from .plots import compose_matches, save_heatmap, save_histogram, save_jpeg
 from .report import RunSummary
 from .retrieval import iter_neighbour_rows, topk_neighbours, write_neighbours_csv
 from .store import (
-    PARTIAL_DIR,
     GalleryCache,
     ManifestRow,
     OutputLock,
     ThumbnailReader,
-    check_writable,
     embedded_rows,
     load_cache,
     remove_temp_leftovers,
@@ -38,25 +36,14 @@ log = logging.getLogger(__name__)
 _SEGMENT_FILES = re.compile(r"seg_\d+_(p\d+|full)\.png$")
 
 
-def output_folders(output_dir: Path) -> list[Path]:
-    """Every folder this tool writes under --output-dir (those that exist)."""
-    base = [output_dir] + [output_dir / d for d in ("images", "images_segment", "embeddings", "embeddings_segment", "outputs")]
-    base += [output_dir / d / PARTIAL_DIR for d in ("embeddings", "embeddings_segment")]
-    results = output_dir / "retrieval_results"
-    base += [results, results / "segment", results / "queries", results / "segment" / "queries"]
-    videos = output_dir / "video_results"
-    if videos.is_dir():
-        base += [p for p in videos.iterdir() if p.is_dir() and not p.is_symlink()]
-    return [p for p in base if p.is_dir()]
-
-
 @contextmanager
-def output_session(output_dir: Path) -> Iterator[None]:
-    """Hold --output-dir's lock for a run, and first clear the temp files a killed run left there."""
-    with OutputLock(output_dir):
-        removed = sum(remove_temp_leftovers(p) for p in output_folders(output_dir))
+def output_session(cfg: RunConfig) -> Iterator[None]:
+    """Hold --output-dir's lock for a run, and first clear the temp files a killed run left in the
+    folders of the output layout."""
+    with OutputLock(cfg.output_dir):
+        removed = sum(remove_temp_leftovers(p) for p in cfg.owned_folders())
         if removed:
-            log.info("removed %d temp file(s) left by an interrupted run in %s", removed, output_dir)
+            log.info("removed %d temp file(s) left by an interrupted run in %s", removed, cfg.output_dir)
         yield
 
 
@@ -150,7 +137,6 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
     """Standard or segmentation run: build or load the gallery, then neighbours, pictures, plots."""
     mode = ("segmentation" if cfg.segmented else "standard") + (" (from cache)" if cfg.from_cache else "")
     summary = RunSummary(mode=mode)
-    check_writable(cfg.output_dir)
     emb, rows, _ = build_or_load_gallery(cfg, summary)
     record_failures(rows, summary)
     summary.count("rows", len({r.source_row for r in rows}))

@@ -113,7 +113,7 @@ def run_query(cfg: RunConfig, image_paths: Sequence[str], texts: Sequence[str]) 
     q = np.concatenate(vectors)
     with summary.stage("search"):
         nb = topk_neighbours(q, cache.embeddings, cfg.top_k)
-    out_dir = cfg.results_dir / "queries"
+    out_dir = cfg.queries_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     thumbs = cache.thumbnails()

@@ -17,12 +17,12 @@ from tqdm import tqdm
 
 from .config import RunConfig
 from .errors import PipelineError
-from .plots import THUMB_SIZE, compose_matches, make_thumbnail
+from .plots import THUMB_SIZE, compose_matches, make_thumbnail, save_jpeg
 from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import topk_neighbours
 from .segment import PERSON_CLASS, PersonMask, box_pixels, load_cpu_yolo, rgb_to_bgr, white_background_crop, yolo_device
-from .store import ThumbnailReader, atomic_write_bytes, atomic_write_text, embedded_rows
+from .store import ThumbnailReader, atomic_write_text, embedded_rows
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,6 @@ def draw_frame_picture(
 def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter=None) -> RunSummary:
     """--video_clip: gallery (cache or built), then detect, (segment), embed, match, draw per frame."""
     from .embedders import make_embedder
-    from .images import encode_jpeg
     from .gallery import record_failures
     from .runner import build_or_load_gallery, segmenter_factory
     from .store import check_writable
@@ -215,7 +214,7 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter=None) 
     summary = RunSummary(mode=f"video {cfg.video_clip}" + (" (segmented)" if cfg.segmented else ""))
     path = find_video(cfg.video_dir, cfg.video_clip)
     open_video(path).release()  # fail on an unreadable file before any model is loaded
-    out_dir = cfg.output_dir / "video_results" / cfg.video_clip
+    out_dir = cfg.video_results_dir
     check_writable(out_dir)
     with summary.stage("load embedder"):
         embedder = make_embedder(cfg.embedder)
@@ -274,7 +273,7 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter=None) 
                 labels = [f"d={m['distance']:.3f}\n{m['file']}" for m in matches]
                 pic_rows.append(compose_matches(make_thumbnail(crop_images[k], THUMB_SIZE), f"person #{k}", tiles, labels))
             picture = draw_frame_picture(frame.rgb, det, pic_rows)
-            atomic_write_bytes(out_dir / f"frame_{frame.index:06d}.jpg", encode_jpeg(picture, quality=88))
+            save_jpeg(picture, out_dir / f"frame_{frame.index:06d}.jpg", quality=88)
             t5 = time.perf_counter()
             results.append(json.dumps({"frame": frame.index, "time_s": round(frame.time_s, 3), "persons": persons}))
             times["detect"] += t1 - t0
