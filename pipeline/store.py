@@ -237,9 +237,13 @@ def manifest_to_csv(rows: Iterable[ManifestRow]) -> str:
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:
     """Parse manifest.csv; raises CacheMismatchError naming the line when it is malformed."""
-    path = Path(path)
+    return parse_manifest(Path(path).read_bytes(), path)
+
+
+def parse_manifest(data: bytes, path: str | Path) -> list[ManifestRow]:
+    """Parse manifest.csv bytes already read (and hashed) by the caller; `path` names them in errors."""
     rows: list[ManifestRow] = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(data.decode("utf-8"), newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames != MANIFEST_FIELDS:
             raise CacheMismatchError(f"{path}: unexpected columns {reader.fieldnames}; expected {MANIFEST_FIELDS}")
@@ -363,19 +367,22 @@ def load_cache(
     for p in (emb_path, man_path, root / THUMBNAILS_FILE):
         if not p.is_file():
             raise CacheMismatchError(f"cache in {root} is incomplete: {p.name} is missing")
-    if (h := sha256_file(man_path)) != sidecar.manifest_sha256:
+    # Manifest and embeddings are read once: hashed and parsed from the same bytes.
+    man_bytes, emb_bytes = man_path.read_bytes(), emb_path.read_bytes()
+    if (h := sha256_bytes(man_bytes)) != sidecar.manifest_sha256:
         raise CacheMismatchError(f"{man_path} was changed after the run (sha256 {h[:12]}…, sidecar says {sidecar.manifest_sha256[:12]}…)")
-    if (h := sha256_file(emb_path)) != sidecar.embeddings_sha256:
+    if (h := sha256_bytes(emb_bytes)) != sidecar.embeddings_sha256:
         raise CacheMismatchError(f"{emb_path} does not match the sidecar (sha256 {h[:12]}…, expected {sidecar.embeddings_sha256[:12]}…): truncated or replaced")
     if (h := sha256_file(root / THUMBNAILS_FILE)) != sidecar.thumbnails_sha256:
         raise CacheMismatchError(f"{root / THUMBNAILS_FILE} does not match the sidecar: truncated or replaced")
     try:
-        emb = np.load(emb_path, allow_pickle=False)
+        emb = np.load(io.BytesIO(emb_bytes), allow_pickle=False)
     except (ValueError, OSError) as e:
         raise CacheMismatchError(f"{emb_path}: unreadable ({e})") from e
+    del emb_bytes
     if emb.dtype != np.float32 or emb.shape != (sidecar.count, sidecar.dim):
         raise CacheMismatchError(f"{emb_path}: shape {emb.shape} {emb.dtype}, sidecar says ({sidecar.count}, {sidecar.dim}) float32")
-    rows = read_manifest(man_path)
+    rows = parse_manifest(man_bytes, man_path)
     if len(rows) != sidecar.manifest_rows:
         raise CacheMismatchError(f"{man_path}: {len(rows)} lines, sidecar says {sidecar.manifest_rows}")
     emb_rows = sorted(r.embedding_row for r in rows if r.embedding_row >= 0)
@@ -497,12 +504,13 @@ class ShardStore:
             return None
         try:
             done = json.loads(p["done"].read_text())
+            data = {key: p[key].read_bytes() for key in ("emb", "rows")}  # read once: hashed, then parsed
             for key in ("emb", "thumbs", "rows"):
-                if sha256_file(p[key]) != done[key]:
+                if (sha256_bytes(data[key]) if key in data else sha256_file(p[key])) != done[key]:
                     log.warning("shard %d is damaged (%s changed); it will be recomputed", number, p[key].name)
                     return None
-            emb = np.load(p["emb"], allow_pickle=False)
-            rows = read_manifest(p["rows"])
+            emb = np.load(io.BytesIO(data["emb"]), allow_pickle=False)
+            rows = parse_manifest(data["rows"], p["rows"])
         except (OSError, ValueError, KeyError, json.JSONDecodeError, CacheMismatchError) as e:
             log.warning("shard %d unreadable (%s); it will be recomputed", number, e)
             return None
