@@ -96,7 +96,8 @@ def count_rows(spec: DatasetSpec) -> int | None:
 
 # ----------------------------------------------------------------------------- image folders
 def _is_image_folder(path: Path) -> bool:
-    has_tables = any(p.suffix in _TABLE_SUFFIXES for p in path.rglob("*") if p.is_file())
+    # The name is checked before the file system: one stat per table-named entry, not per image.
+    has_tables = any(p.suffix in _TABLE_SUFFIXES and p.is_file() for p in path.rglob("*"))
     return not has_tables and not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file()
 
 
@@ -139,7 +140,7 @@ def _local_parquet_files(path: Path, split: str) -> list[Path]:
     if not path.is_dir() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
         return []
     files = sorted(path.rglob("*.parquet"), key=lambda f: _natural_key(str(f.relative_to(path))))
-    if not files or any(f.suffix == ".arrow" for f in path.rglob("*.arrow")):
+    if not files or next(path.rglob("*.arrow"), None) is not None:
         return []
     split_re = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
     named = [f for f in files if split_re.search(str(f.relative_to(path)))]
@@ -161,7 +162,7 @@ def _iter_parquet(files: list[Path], spec: DatasetSpec, start: int) -> Iterator[
     import pyarrow.parquet as pq
 
     columns = [spec.image_column, *spec.extra_columns]
-    stop = spec.limit if spec.limit is not None else None
+    stop = spec.limit
     row = 0
     for f in files:
         pf = pq.ParquetFile(f, pre_buffer=False)

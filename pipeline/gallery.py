@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .dataset import Record
 from .embedders import Embedder
 from .errors import PipelineError
-from .images import ImageDecodeError, decode_image, encode_png, sniff_format
+from .images import DecodedImage, ImageDecodeError, decode_image, encode_png, sniff_format
 from .plots import THUMB_SIZE, make_thumbnail
 from .preprocess import resize_for_model, to_model_input
 from .report import RunSummary
@@ -78,6 +78,20 @@ def image_file_name(source_row: int, ext: str) -> str:
     return f"img_{source_row:05d}.{ext}"
 
 
+def decode_record(record: Record, min_side: int | None = None) -> tuple[ManifestRow, DecodedImage | None]:
+    """A record's manifest line and its decoded image; when the row has no image or it does not
+    decode, the image is None and the line records the failure (both item makers start here)."""
+    row = ManifestRow(index=-1, file="", source_row=record.source_row, source=record.source)
+    if record.data is None:
+        row.status, row.error = "failed", record.error
+        return row, None
+    try:
+        return row, decode_image(record.data, min_side=min_side)
+    except ImageDecodeError as e:
+        row.status, row.error, row.sha256 = "failed", str(e), sha256_bytes(record.data)
+        return row, None
+
+
 def make_standard_items(decode_min_side: int) -> ItemMaker:
     """Item maker for the standard run: one image per row, written unchanged when JPEG/PNG."""
 
@@ -85,14 +99,8 @@ def make_standard_items(decode_min_side: int) -> ItemMaker:
         return [one(r) for r in records]
 
     def one(record: Record) -> list[GalleryItem]:
-        row = ManifestRow(index=-1, file="", source_row=record.source_row, source=record.source)
-        if record.data is None:
-            row.status, row.error = "failed", record.error
-            return [GalleryItem(row)]
-        try:
-            decoded = decode_image(record.data, min_side=decode_min_side)
-        except ImageDecodeError as e:
-            row.status, row.error, row.sha256 = "failed", str(e), sha256_bytes(record.data)
+        row, decoded = decode_record(record, decode_min_side)
+        if decoded is None:
             return [GalleryItem(row)]
         ext = sniff_format(record.data)
         # JPEG and PNG are kept byte for byte; anything else is encoded once, losslessly.

@@ -116,11 +116,6 @@ def topk_neighbours(
     return Neighbours(idx, dist)
 
 
-def write_distance_matrix(embeddings: np.ndarray, path: str | Path, block: int = DEFAULT_BLOCK) -> None:
-    """Write the N x N float32 cosine distance matrix to an .npy file through a memory map, atomically."""
-    topk_neighbours(embeddings, embeddings, 1, exclude_self=True, block=block, matrix_path=path)
-
-
 def iter_neighbour_rows(
     nb: Neighbours,
     query_ids: Sequence[int],

@@ -20,8 +20,8 @@ from PIL import Image
 from .config import SegmentSpec
 from .dataset import Record
 from .errors import PipelineError
-from .gallery import GalleryItem, ItemMaker
-from .images import ImageDecodeError, decode_image, encode_png
+from .gallery import GalleryItem, ItemMaker, decode_record
+from .images import encode_png
 from .store import ManifestRow, sha256_bytes, sha256_file
 
 log = logging.getLogger(__name__)
@@ -360,15 +360,8 @@ def make_segment_items(segmenter: Segmenter, spec: SegmentSpec) -> ItemMaker:
         out: list[list[GalleryItem] | None] = [None] * len(records)
         decoded = []
         for k, rec in enumerate(records):
-            row = ManifestRow(index=-1, file="", source_row=rec.source_row, source=rec.source)
-            if rec.data is None:
-                row.status, row.error = "failed", rec.error
-                out[k] = [GalleryItem(row)]
-                continue
-            try:
-                d = decode_image(rec.data)
-            except ImageDecodeError as e:
-                row.status, row.error, row.sha256 = "failed", str(e), sha256_bytes(rec.data)
+            row, d = decode_record(rec)  # full size: the crops are cut from it
+            if d is None:
                 out[k] = [GalleryItem(row)]
                 continue
             decoded.append((k, rec, d))
@@ -395,16 +388,18 @@ def _crops_for_row(rec: Record, width: int, height: int, note: str, arr: np.ndar
             row.status, row.error, row.file = "failed", "empty person mask or box", ""
             items.append(GalleryItem(row))
             continue
-        data = encode_png(Image.fromarray(crop))
+        image = Image.fromarray(crop)
+        data = encode_png(image)
         row.sha256, row.height, row.width = sha256_bytes(data), crop.shape[0], crop.shape[1]
-        items.append(GalleryItem(row, Image.fromarray(crop), data))
+        items.append(GalleryItem(row, image, data))
     if items:
         return items
     row = ManifestRow(index=-1, file="", source_row=rec.source_row, source=rec.source, width=width, height=height, note=note)
     if spec.keep_unsegmented:
-        data = encode_png(Image.fromarray(arr))
+        image = Image.fromarray(arr)
+        data = encode_png(image)
         row.file, row.sha256 = crop_file_name(rec.source_row, None), sha256_bytes(data)
         row.note = "; ".join(x for x in (note, "no person found: whole image kept (--keep-unsegmented)") if x)
-        return [GalleryItem(row, Image.fromarray(arr), data)]
+        return [GalleryItem(row, image, data)]
     row.status, row.error = "no_person", "no person detected"
     return [GalleryItem(row)]

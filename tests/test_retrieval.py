@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.retrieval import cosine_distances, topk_neighbours, write_distance_matrix
+from pipeline.retrieval import cosine_distances, topk_neighbours
 
 
 def unit(n, d, seed=0):
@@ -59,7 +59,7 @@ def test_queries_against_gallery_and_errors():
 def test_distance_matrix_file(tmp_path):
     e = unit(45, 8, 3)
     path = tmp_path / "d.npy"
-    write_distance_matrix(e, path, block=16)
+    topk_neighbours(e, e, 1, exclude_self=True, block=16, matrix_path=path)
     m = np.load(path)
     assert m.shape == (45, 45) and m.dtype == np.float32
     want = 1 - e @ e.T
