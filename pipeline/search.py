@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from .config import RunConfig
-from .dataset import IMAGE_SUFFIXES, DatasetSpec, iter_records
+from .dataset import IMAGE_SUFFIXES, DatasetSpec, count_rows, iter_records
 from .embedders import Embedder, EmbedderSpec, make_embedder
 from .errors import PipelineError
 from .images import ImageDecodeError, decode_image
@@ -224,7 +224,7 @@ class _Batcher:
 
 
 def _embed_pass(spec: DatasetSpec, embedders: dict[str, Embedder], batch_size: int, summary: RunSummary,
-                cloth_column: str | None, id_column: str | None, segmenter) -> dict:
+                cloth_column: str | None, id_column: str | None, segmenter, progress: bool = True) -> dict:
     """One streaming pass over the dataset for all backends at once: each row is read, decoded and
     segmented once (not once per backend), and its pixels go to every backend.
 
@@ -241,7 +241,8 @@ def _embed_pass(spec: DatasetSpec, embedders: dict[str, Embedder], batch_size: i
         # one reduced-size decode per distinct min_side (one in practice: the same model)
         return {m: decode_image(data, min_side=m).image for m in min_sides}
 
-    for rec in tqdm(iter_records(spec), desc="evaluate", unit="row", leave=False):
+    bar = tqdm(iter_records(spec), total=count_rows(spec), desc="evaluate", unit="row", leave=False, disable=not progress)
+    for rec in bar:
         if not rec.data:
             summary.fail(rec.source, rec.error or "no image")
             continue
@@ -317,7 +318,7 @@ def run_evaluate(cfg: RunConfig, backends: Sequence[str], id_column: str | None,
         embedders = {backend: make_embedder(_spec_for(cfg, backend)) for backend in backends}
     with summary.stage("embed pass (all backends)"):
         try:
-            got = _embed_pass(spec, embedders, cfg.batch_size, summary, None if id_column else cloth_column, id_column, segmenter)
+            got = _embed_pass(spec, embedders, cfg.batch_size, summary, None if id_column else cloth_column, id_column, segmenter, cfg.progress)
         except PipelineError as e:
             if id_column is None and f"no column {cloth_column!r}" in str(e):
                 raise PipelineError(f"{e}\n--evaluate needs a {cloth_column!r} column (person -> garment) or --eval-id-column NAME (same product)") from e

@@ -140,7 +140,7 @@ def test_evaluate_person_to_garment_backends_side_by_side(tiny_clip, tiny_onnx, 
     assert (out / "outputs" / "evaluation.png").stat().st_size > 1000
 
 
-def test_evaluate_segmented_reads_and_segments_each_row_once_for_all_backends(tiny_clip, tiny_onnx, tmp_path, monkeypatch):
+def test_evaluate_segmented_reads_and_segments_each_row_once_for_all_backends(tiny_clip, tiny_onnx, tmp_path, monkeypatch, capsys):
     from pipeline import runner
     from pipeline.segment import PersonMask
 
@@ -168,6 +168,7 @@ def test_evaluate_segmented_reads_and_segments_each_row_once_for_all_backends(ti
     assert cli.main(["--evaluate", "--use-segmentation", "--dataset", str(ds), "--model", str(tiny_clip), "--onnx", str(tiny_onnx),
                      "--eval-backends", "torch,onnx-fp32,onnx-int8", "--output-dir", str(out), "-q"]) == 0
     assert seen == [(128, 96)] * n  # each row segmented once, at full size, whatever the number of backends
+    assert "evaluate" not in capsys.readouterr().err  # -q: no progress bar
     res = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]
     assert set(res) == {"person->garment", "person->garment (segmented person)"}
     for task, queries in (("person->garment", n), ("person->garment (segmented person)", n - 1)):
