@@ -11,7 +11,7 @@ from pipeline.config import DEFAULT_DATASET, DEFAULT_MODEL, DEFAULT_ONNX, DEFAUL
 from pipeline.dataset import DatasetSpec
 from pipeline.embedders import EmbedderSpec
 from pipeline.errors import PipelineError, UsageError
-from pipeline.report import EXIT_FATAL, EXIT_OK, EXIT_USAGE
+from pipeline.report import EXIT_FATAL, EXIT_USAGE
 
 log = logging.getLogger("main")
 
@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unexpected {type(e).__name__}: {e} (run with -v for the traceback)", file=sys.stderr)
         return EXIT_FATAL
     if not args.quiet:
-        print(summary.format())
-    return summary.exit_code if summary is not None else EXIT_OK
+        print(summary.format(verbose=args.verbose))
+    return summary.exit_code
 
 
 if __name__ == "__main__":

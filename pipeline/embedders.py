@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import PipelineError
 from .preprocess import PreprocessConfig
+from .probes import check_file, probe_pixels
 from .store import sha256_file
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,10 @@ class OnnxEmbedder:
                 raise PipelineError(f"{path}: input {name} is {got} but preprocessing makes {want}")
         out_shape = self.session.get_outputs()[0].shape
         self.dim = int(out_shape[-1]) if isinstance(out_shape[-1], int) else self._probe_dim()
+        # The file checks itself on this CPU before it embeds anything (pipeline/probes.py).
+        probes = probe_pixels(self.preprocess_cfg)
+        self.self_check = check_file(path, meta, [probes], lambda: self._run(probes))
+        log.debug("%s: %s", path, self.self_check)
         self.identity = {
             "backend": "onnx",
             "model": meta.get(META_SOURCE_MODEL, ""),
@@ -294,12 +299,24 @@ class _OnnxText:
         self.tokenizer = Tokenizer.from_file(str(tok_path))
         self.tokenizer.enable_truncation(TEXT_CONTEXT)
         self.tokenizer.enable_padding(length=TEXT_CONTEXT, pad_id=int(meta.get(META_PAD_ID, 0)))
+        from .probes import META_PROBES, ProbeRecord
+
+        texts = ProbeRecord.from_json(meta[META_PROBES]).texts if META_PROBES in meta else []
+        inputs = self.tokenize(texts)
+        check_file(path, meta, inputs, lambda: self._run(*inputs))
+
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """int64 (B, 77) input ids and attention mask."""
+        enc = self.tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(enc), TEXT_CONTEXT)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64).reshape(len(enc), TEXT_CONTEXT)
+        return ids, mask
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        enc = self.tokenizer.encode_batch(list(texts))
-        ids = np.array([e.ids for e in enc], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
-        return l2_normalize(self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0])
+        return l2_normalize(self._run(*self.tokenize(texts)))
 
 
 # ----------------------------------------------------------------------------- transformers

@@ -11,6 +11,18 @@ onnxruntime's CPU provider), int8 weights, two ways:
 - "dynamic": quantize_dynamic. About 10% faster here, but activations are quantized with one scale
   per batch tensor, so the same image embedded in two different batches differs (measured: up to
   0.056 absolute in the unnormalized features of the real architecture).
+
+Int8 weights are kept to 7 bits (onnxruntime's reduce_range) in both. onnxruntime multiplies uint8
+activations by int8 weights; on CPUs with VNNI or AMX the sums are exact, but on AVX2-only and
+AVX-512 CPUs without VNNI the kernel adds each pair of products into a saturating 16-bit sum
+(vpmaddubsw). With 8-bit weights a pair can reach 2 x 255 x 127 = 64,770 and is clipped to 32,767;
+with 7-bit weights it stays under 2 x 255 x 64 = 32,640, so every CPU computes the same result.
+Measured on the tiny test model by emulating that kernel (tests/int8_emulation.py): dynamic int8
+fell to cosine min 0.906 with 8-bit weights, as on a real AVX2-only EPYC, and scores 0.9996 with
+7-bit weights, the same with or without the emulation.
+
+Every file also carries self-check probes (pipeline/probes.py): the fp32 torch model's outputs for
+a few fixed inputs, which the file must reproduce wherever it is loaded.
 """
 from __future__ import annotations
 
@@ -35,6 +47,7 @@ from .embedders import (
 )
 from .errors import PipelineError
 from .preprocess import preprocess_batch
+from .probes import META_PROBES, ProbeRecord, probe_pixels
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +55,8 @@ OPSET = 18
 FP32_MIN_COSINE = 0.9999
 INT8_MIN_COSINE = 0.99
 INT8_MEAN_COSINE = 0.995
+# 7-bit int8 weights: no u8 x s8 pair sum saturates on AVX2 / AVX-512 without VNNI (module docstring).
+REDUCE_RANGE = True
 
 
 @dataclass
@@ -54,6 +69,8 @@ class ExportReport:
     int8_cos_min: float
     int8_cos_mean: float
     passed: bool
+    probe_fp32_min: float = 1.0
+    probe_int8_min: float = 1.0
     text_lines: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -63,6 +80,8 @@ class ExportReport:
             f"  fp32 ONNX: min {self.fp32_cos_min:.6f}, mean {self.fp32_cos_mean:.6f} (need min >= {FP32_MIN_COSINE}) {ok(self.fp32_cos_min >= FP32_MIN_COSINE)}",
             f"  int8 ONNX: min {self.int8_cos_min:.6f}, mean {self.int8_cos_mean:.6f} (need min >= {INT8_MIN_COSINE}, mean >= {INT8_MEAN_COSINE}) "
             f"{ok(self.int8_cos_min >= INT8_MIN_COSINE and self.int8_cos_mean >= INT8_MEAN_COSINE)}",
+            f"  self-check probes stored in both files: fp32 min {self.probe_fp32_min:.6f}, int8 min {self.probe_int8_min:.6f} "
+            f"{ok(self.probe_fp32_min >= FP32_MIN_COSINE and self.probe_int8_min >= INT8_MIN_COSINE)}",
             *self.text_lines,
         ]
 
@@ -161,37 +180,44 @@ def export_onnx(
             META_PREPROCESS: cfg.to_json(),
             META_KIND: "clip-image-tower",
         }
-        _set_metadata(onnx, tmp_fp32, {**meta, META_PRECISION: "fp32"})
         mode = "per-channel" if per_channel else "per-tensor"
         if quantization == "dynamic":
-            log.info("quantizing MatMul to int8 (dynamic, %s weights)", mode)
+            log.info("quantizing MatMul to int8 (dynamic, %s 7-bit weights)", mode)
             quantize_dynamic(
-                str(tmp_fp32), str(tmp_int8), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=per_channel
+                str(tmp_fp32), str(tmp_int8), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=per_channel,
+                reduce_range=REDUCE_RANGE,
             )
         elif quantization == "static":
             calib = list(calibration_images) if calibration_images is not None else verification_images(64, seed=1)
-            log.info("quantizing MatMul to int8 (static QDQ, %s weights, ranges from %d images)", mode, len(calib))
+            log.info("quantizing MatMul to int8 (static QDQ, %s 7-bit weights, ranges from %d images)", mode, len(calib))
             _quantize_static(tmp_fp32, tmp_pre, tmp_int8, preprocess_batch(calib, cfg), per_channel)
         else:
             raise PipelineError(f"unknown quantization {quantization!r}; expected 'static' or 'dynamic'")
-        _set_metadata(onnx, tmp_int8, {**meta, META_PRECISION: f"int8-{quantization}-matmul-{mode}"})
-
         imgs = list(images) if images is not None else verification_images()
-        pixels = preprocess_batch(imgs, cfg)
+        pixels, probes = preprocess_batch(imgs, cfg), probe_pixels(cfg)
         with torch.inference_mode():
             ref = tower(torch.from_numpy(pixels)).numpy()
-        fp32_out = _run(ort, tmp_fp32, pixels)
-        int8_out = _run(ort, tmp_int8, pixels)
-        c32, c8 = _cosines(fp32_out, ref), _cosines(int8_out, ref)
+            probe_ref = tower(torch.from_numpy(probes)).numpy()
+        c32, c8 = _cosines(_run(ort, tmp_fp32, pixels), ref), _cosines(_run(ort, tmp_int8, pixels), ref)
+        records = {
+            path: ProbeRecord.make("image", [probes], probe_ref, _run(ort, path, probes), bar)
+            for path, bar in ((tmp_fp32, FP32_MIN_COSINE), (tmp_int8, INT8_MIN_COSINE))
+        }
+        p32, p8 = min(records[tmp_fp32].exported_cosines), min(records[tmp_int8].exported_cosines)
         report = ExportReport(
             fp32_path, int8_path, len(imgs),
             float(c32.min()), float(c32.mean()), float(c8.min()), float(c8.mean()),
-            passed=bool(c32.min() >= FP32_MIN_COSINE and c8.min() >= INT8_MIN_COSINE and c8.mean() >= INT8_MEAN_COSINE),
+            passed=bool(c32.min() >= FP32_MIN_COSINE and c8.min() >= INT8_MIN_COSINE and c8.mean() >= INT8_MEAN_COSINE
+                        and p32 >= FP32_MIN_COSINE and p8 >= INT8_MIN_COSINE),
+            probe_fp32_min=p32, probe_int8_min=p8,
         )
         for line in report.lines():
             log.info(line)
         if not report.passed:
             raise PipelineError("ONNX export failed verification; no file was written:\n" + "\n".join(report.lines()))
+        precision = f"int8-{quantization}-matmul-{mode}-7bit"
+        _set_metadata(onnx, tmp_fp32, {**meta, META_PRECISION: "fp32", META_PROBES: records[tmp_fp32].to_json()})
+        _set_metadata(onnx, tmp_int8, {**meta, META_PRECISION: precision, META_PROBES: records[tmp_int8].to_json()})
         text = _export_text_tower(clip, model, int8_path, meta)
         report.text_lines = text.lines
         os.replace(tmp_fp32, fp32_path)
@@ -262,18 +288,21 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) 
             opset_version=OPSET, dynamo=True, external_data=False,
         )
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        _set_metadata(onnx, tmp_text, {**meta, META_KIND: "clip-text-tower", META_PRECISION: "fp32", META_PAD_ID: str(int(pad_id))})
         tok.backend_tokenizer.save(str(tmp_tok))
         with torch.inference_mode():
             ref = tower(enc["input_ids"], enc["attention_mask"]).numpy()
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(tmp_text), providers=["CPUExecutionProvider"])
-        got = sess.run(None, {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()})[0]
+        inputs = [enc["input_ids"].numpy().astype(np.int64), enc["attention_mask"].numpy().astype(np.int64)]
+        got = sess.run(None, {"input_ids": inputs[0], "attention_mask": inputs[1]})[0]
         cos = _cosines(got, ref)
-        line = f"  text fp32 ONNX: min {cos.min():.6f} over {len(TEXT_PROBES)} texts (need >= {FP32_MIN_COSINE})"
+        line = f"  text fp32 ONNX: min {cos.min():.6f} over {len(TEXT_PROBES)} texts (need >= {FP32_MIN_COSINE}); stored as its self-check probes"
         if cos.min() < FP32_MIN_COSINE:
             raise PipelineError("text tower export failed verification; no file was written:\n" + line)
+        probes = ProbeRecord.make("text", inputs, ref, got, FP32_MIN_COSINE, texts=TEXT_PROBES)
+        _set_metadata(onnx, tmp_text, {**meta, META_KIND: "clip-text-tower", META_PRECISION: "fp32", META_PAD_ID: str(int(pad_id)),
+                                      META_PROBES: probes.to_json()})
         return _TextExport([line], [(tmp_text, text_path), (tmp_tok, tok_path)])
     except BaseException:
         for p in (tmp_text, tmp_tok):
@@ -283,7 +312,7 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) 
 
 
 def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool) -> None:
-    """QDQ int8 for MatMul: uint8 asymmetric activations (MinMax ranges), int8 weights."""
+    """QDQ int8 for MatMul: uint8 asymmetric activations (MinMax ranges), 7-bit int8 weights."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -309,6 +338,7 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
         weight_type=QuantType.QInt8,
         per_channel=per_channel,
         calibrate_method=CalibrationMethod.MinMax,
+        reduce_range=REDUCE_RANGE,
     )
 
 

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from .machine import cpu_info, cpu_label
+
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_USAGE = 2
@@ -50,9 +52,11 @@ class RunSummary:
     def exit_code(self) -> int:
         return EXIT_ITEM_FAILURES if self.failures else EXIT_OK
 
-    def format(self, max_failures: int = 10) -> str:
+    def format(self, max_failures: int = 10, verbose: bool = False) -> str:
         wall = time.perf_counter() - self.started
         lines = [f"== {self.mode}: done in {wall:.1f} s, peak memory {peak_rss_mib():.0f} MiB"]
+        if verbose:  # int8 results and speeds depend on the CPU's instruction sets
+            lines.append(f"cpu:      {cpu_label()}, {cpu_info()['cores']} cores")
         if self.counts:
             lines.append("counts:   " + ", ".join(f"{k} {v}" for k, v in self.counts.items()))
         if self.stages:

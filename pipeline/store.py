@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .errors import CacheMismatchError, PipelineError
+from .machine import cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,8 @@ class Sidecar:
     thumbnail_size: int
     format: int = STORE_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
+    # The CPU that computed the vectors (model, int8 instruction sets): recorded, never compared.
+    machine: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -592,6 +595,7 @@ def finalize_store(
         embeddings_sha256=sha256_bytes(emb_bytes),
         thumbnails_sha256=thumbs_sha,
         thumbnail_size=thumbnail_size,
+        machine=dict(cpu_info()),
     )
     atomic_write_text(root / SIDECAR_FILE, sidecar.to_json())
     return emb, rows

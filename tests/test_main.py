@@ -200,3 +200,16 @@ def test_help_needs_no_torch():
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "--use-embeddings" in r.stdout
+
+
+def test_sidecar_and_verbose_summary_name_the_cpu(standard_run, tmp_path, tiny_clip, mixed_dataset, capsys):
+    from pipeline.machine import cpu_info
+
+    out, _ = standard_run
+    side = json.loads((out / "embeddings" / "embeddings.json").read_text())
+    assert side["machine"]["model"] == cpu_info()["model"] and side["machine"]["isa"] == cpu_info()["isa"]
+    shutil.copytree(out, tmp_path / "v")
+    capsys.readouterr()
+    assert cli.main(["--use-embeddings", "--model", str(tiny_clip), "--backend", "torch", "--output-dir", str(tmp_path / "v"), "-v"]) == 3
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu:"))
+    assert cpu_info()["model"] in line and all(f in line for f in cpu_info()["isa"])

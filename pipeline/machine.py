@@ -1,0 +1,51 @@
+"""This machine's CPU: its model and the instruction sets that decide int8 speed and accuracy.
+
+Recorded in every sidecar, benchmark output and verbose run summary, so figures (and int8 results)
+from different machines are never compared blindly. On x86, u8 x s8 int8 GEMMs run on VNNI or AMX
+where the CPU has them (exact int32 sums) and otherwise on AVX2 / AVX-512BW pair sums that saturate
+at int16, which is why the int8 export keeps its weights to 7 bits (see export.py).
+"""
+from __future__ import annotations
+
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+# The flags /proc/cpuinfo spells, in the order they are reported.
+INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@lru_cache(maxsize=1)
+def cpu_info() -> dict[str, object]:
+    """{"model": "AMD EPYC 7B13", "isa": ["avx2", "avx512f", ...], "cores": 2, "arch": "x86_64"}.
+
+    The instruction sets are those of INT8_FLAGS that this CPU has; on a machine without
+    /proc/cpuinfo (macOS, Windows) the list is empty and the model is platform.processor().
+    """
+    model, flags = "", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    import os
+
+    return {
+        "model": model or platform.processor() or "unknown",
+        "isa": [f for f in INT8_FLAGS if f in flags],
+        "cores": os.cpu_count() or 1,
+        "arch": platform.machine(),
+    }
+
+
+def cpu_label(info: dict[str, object] | None = None) -> str:
+    """One line for messages: 'AMD EPYC [avx2 avx512f avx512bw avx512_vnni]'."""
+    info = info or cpu_info()
+    isa = " ".join(info.get("isa") or []) or "no AVX2/AVX-512/VNNI/AMX flags found"
+    return f"{info.get('model', 'unknown')} [{isa}]"

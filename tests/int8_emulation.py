@@ -1,0 +1,103 @@
+"""Run an int8 ONNX file as a CPU without VNNI would: an emulation of onnxruntime's (MLAS) u8 x s8 GEMM
+on AVX2 and AVX-512BW, for tests that must hold on every x86 CPU whatever CPU runs them.
+
+There the kernel multiplies uint8 activations by int8 weights with vpmaddubsw, which adds each
+pair of neighbouring products (k, k+1) into a 16-bit sum that saturates at [-32768, 32767], then
+widens to 32 bits (vpmaddwd); zero points are corrected afterwards from row and column sums. VNNI
+(vpdpbusd) and AMX add into 32 bits and never saturate. u8 x u8 products (activation x activation
+MatMuls of the static QDQ model) run a widening kernel and are exact on every CPU.
+
+The graph is evaluated by onnx's reference evaluator, with each quantized MatMul replaced by the
+saturating version. Slow (numpy), but exact; meant for tiny test models.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+DOMAIN = "test.int8emulation"
+
+
+def saturating_dot(a_u8: np.ndarray, b_s8: np.ndarray) -> np.ndarray:
+    """sum over k of a[..., k] * b[k, n], with each pair (2j, 2j+1) summed in int16 with saturation.
+
+    Args:
+        a_u8: uint8 (..., K) activations; b_s8: int8 (K, N) weights.
+    Returns:
+        int64 (..., N).
+    """
+    a = a_u8.astype(np.int32)
+    b = b_s8.astype(np.int32)
+    if a.shape[-1] % 2:  # MLAS pads K with zeros
+        a = np.concatenate([a, np.zeros(a.shape[:-1] + (1,), np.int32)], -1)
+        b = np.concatenate([b, np.zeros((1, b.shape[1]), np.int32)], 0)
+    flat = a.reshape(-1, a.shape[-1])
+    out = np.zeros((flat.shape[0], b.shape[1]), np.int64)
+    for j in range(0, flat.shape[1], 2):
+        pair = flat[:, j : j + 1] * b[j][None, :] + flat[:, j + 1 : j + 2] * b[j + 1][None, :]
+        out += np.clip(pair, -32768, 32767)
+    return out.reshape(a.shape[:-1] + (b.shape[1],))
+
+
+def integer_matmul(a: np.ndarray, b: np.ndarray, a_zp=None, b_zp=None) -> np.ndarray:
+    """MatMulInteger as AVX2 computes it: int64 result of (a - a_zp) @ (b - b_zp)."""
+    za = np.int64(0) if a_zp is None else np.asarray(a_zp).astype(np.int64)
+    zb = np.int64(0) if b_zp is None else np.asarray(b_zp).astype(np.int64)
+    if a.dtype == np.uint8 and b.dtype == np.int8 and b.ndim == 2:
+        zb = np.broadcast_to(zb.reshape(-1), (b.shape[1],))
+        za = int(za.reshape(-1)[0])
+        raw = saturating_dot(a, b)
+        return raw - za * b.astype(np.int64).sum(0) - zb * a.astype(np.int64).sum(-1, keepdims=True) + a.shape[-1] * za * zb
+    return np.matmul(a.astype(np.int64) - za, b.astype(np.int64) - zb)
+
+
+class SaturatingMatMulInteger(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, a, b, a_zp=None, b_zp=None):
+        return (integer_matmul(a, b, a_zp, b_zp).astype(np.int32),)
+
+
+class SaturatingQdqMatMul(OpRun):
+    """MatMul(DequantizeLinear(xq), DequantizeLinear(wq)) as onnxruntime fuses it: integer GEMM, then scales."""
+
+    op_domain = DOMAIN
+
+    def _run(self, xq, xs, xzp, wq, ws, wzp):
+        acc = integer_matmul(xq, wq, xzp, wzp).astype(np.float64)
+        return ((acc * float(np.asarray(xs).reshape(-1)[0]) * np.asarray(ws, np.float64).reshape(-1)).astype(np.float32),)
+
+
+def emulated_session(path: str | Path) -> ReferenceEvaluator:
+    """An evaluator of the int8 file at `path` with every u8 x s8 GEMM computed as on AVX2."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "MatMulInteger":
+            nodes.append(helper.make_node("SaturatingMatMulInteger", list(node.input), list(node.output), domain=DOMAIN, name=node.name))
+        elif node.op_type == "MatMul" and all(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input):
+            x, w = producer[node.input[0]], producer[node.input[1]]
+            nodes.append(helper.make_node("SaturatingQdqMatMul", [*x.input, *w.input], list(node.output), domain=DOMAIN, name=node.name))
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version < 19:
+            op.version = 19  # the reference evaluator implements (De)QuantizeLinear from opset 19 on
+    model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return ReferenceEvaluator(model, new_ops=[SaturatingMatMulInteger, SaturatingQdqMatMul])
+
+
+def run_emulated(path: str | Path, pixels: np.ndarray, batch: int = 16) -> np.ndarray:
+    """The file's outputs for `pixels` (float32 (B, 3, H, W)) as an AVX2-only CPU computes them."""
+    session = emulated_session(path)
+    name = session.input_names[0]
+    return np.concatenate([session.run(None, {name: pixels[i : i + batch]})[0] for i in range(0, len(pixels), batch)])
