@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -204,8 +205,10 @@ def config_from_args(args: argparse.Namespace, explicit: frozenset[str]) -> RunC
 def configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if quiet:  # the hub's and transformers' own bars (downloads, "Loading weights") follow -q too
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if not verbose:
-        for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub", "PIL", "matplotlib"):
+        for noisy in ("httpx", "httpx2", "urllib3", "filelock", "datasets", "huggingface_hub", "PIL", "matplotlib", "onnx_ir", "onnxscript"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

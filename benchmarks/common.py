@@ -16,6 +16,14 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 
+def machine_line() -> str:
+    """The CPU this benchmark ran on (model and int8 instruction sets): figures are comparable only
+    between runs on the same kind of CPU."""
+    from pipeline.machine import cpu_info, cpu_label
+
+    return f"machine: {cpu_label()}, {cpu_info()['cores']} cores"
+
+
 def photo_like(i: int, w: int = 768, h: int = 1024) -> Image.Image:
     """A 768x1024 picture with smooth regions, edges and sensor-like noise, so JPEG sizes and
     decode costs resemble catalogue photos (~100-200 KB at quality 90)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import make_jpeg_dataset, real_arch_clip, real_arch_onnx
+from common import machine_line, make_jpeg_dataset, real_arch_clip, real_arch_onnx
 
 
 def rate(fn, batch: int, seconds: float) -> float:
@@ -97,6 +97,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--e2e-images", type=int, default=1000)
     args = ap.parse_args()
+    print(machine_line(), flush=True)
     from pipeline.embedders import OnnxEmbedder, TorchEmbedder, available_cores
     from pipeline.export import fp32_path_for
 

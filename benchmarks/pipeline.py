@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, make_jpeg_dataset, real_arch_onnx
+from common import ROOT, machine_line, make_jpeg_dataset, real_arch_onnx
 
 
 def main() -> int:
@@ -23,6 +23,7 @@ def main() -> int:
     ap.add_argument("--quantization", choices=["static", "dynamic"], default="static")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for main.py")
     args = ap.parse_args()
+    print(machine_line(), flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     ds = make_jpeg_dataset(args.work, args.n)

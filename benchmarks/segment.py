@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import photo_like
+from common import machine_line, photo_like
 
 
 def mask_iou(a: list, b: list) -> list[float]:
@@ -64,6 +64,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--models", nargs="+", default=["n", "l"])
     args = ap.parse_args()
+    print(machine_line(), flush=True)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from pipeline.config import SegmentSpec
     from pipeline.dataset import Record

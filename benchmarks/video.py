@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import make_jpeg_dataset, photo_like, real_arch_onnx
+from common import machine_line, make_jpeg_dataset, photo_like, real_arch_onnx
 
 
 def make_clip(path: Path, seconds: int, fps: int = 30) -> Path:
@@ -59,6 +59,7 @@ def main() -> int:
     ap.add_argument("--det-backend", choices=["auto", "onnx", "torch"], default="auto",
                     help="detector backend, as --det-backend in main.py (auto: the .pt's ONNX export on the CPU)")
     args = ap.parse_args()
+    print(machine_line(), flush=True)
     from pipeline.config import RunConfig, SegmentSpec
     from pipeline.dataset import DatasetSpec
     from pipeline.embedders import EmbedderSpec

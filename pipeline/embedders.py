@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 from .preprocess import PreprocessConfig
 from .probes import check_file, probe_pixels
 from .store import sha256_file
@@ -346,7 +346,7 @@ class TorchEmbedder:
             self.model = CLIPModel.from_pretrained(model, **kwargs).eval()
         except OSError as e:
             raise PipelineError(
-                f"cannot load model {model!r}: {e}. Without network access pass a local folder with --model DIR."
+                f"cannot load model {model!r}: {first_line(e)} Without network access pass a local folder with --model DIR."
             ) from e
         if self.precision != "int8":
             self.model.to(self.device)

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 META_PROBES = "fashion_pipeline.probes"
 PROBE_VERSION = 1
 PROBE_COUNT = 4
+# How far below its own export-time score a file may fall where it is loaded. The same file on
+# another CPU computes the same integer sums (7-bit weights never saturate) and differs only in
+# float rounding (~1e-6); a damaged file or a saturating kernel falls by 0.01 to 1.
+PROBE_SLACK = 0.002
 
 
 def _lcg(seed: int) -> Callable[[], int]:
@@ -112,6 +116,9 @@ class ProbeRecord:
     reference: base64 of float32 (count, D), L2-normalized outputs of the fp32 torch model.
     input_sha256: digest of the inputs the exporter fed; a loader that generates other inputs
         (a later version of this generator) cannot check and says so.
+    min_cosine: the bar: the export's verification threshold, or PROBE_SLACK under what the file
+        scored on the probes at export if that is lower (synthetic probes are not catalogue
+        photos, and int8 ranges calibrated on photos may fit them less well).
     exported_cosines: what this file scored where it was exported, on `exported_on` (a CPU).
     """
 
@@ -129,12 +136,14 @@ class ProbeRecord:
     @classmethod
     def make(cls, kind: str, inputs: Sequence[np.ndarray], reference: np.ndarray, got: np.ndarray, min_cosine: float,
              texts: Sequence[str] = ()) -> "ProbeRecord":
+        """The record for a file whose outputs for `inputs` are `got`, against the fp32 `reference`."""
         ref = _unit_rows(reference).astype(np.float32)
+        scores = cosines(got, ref)
         return cls(
             kind=kind, count=len(ref), dim=int(ref.shape[1]),
             reference=base64.b64encode(ref.tobytes()).decode("ascii"),
-            input_sha256=input_digest(inputs), min_cosine=float(min_cosine),
-            exported_cosines=[round(float(c), 6) for c in cosines(got, ref)],
+            input_sha256=input_digest(inputs), min_cosine=round(min(float(min_cosine), float(scores.min()) - PROBE_SLACK), 6),
+            exported_cosines=[round(float(c), 6) for c in scores],
             exported_on=dict(cpu_info()), texts=list(texts),
         )
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from .config import RunConfig
 from .dataset import count_rows, iter_records
 from .embedders import make_embedder, requested_identity
+from .errors import PipelineError
 from .gallery import GalleryTarget, build_gallery, make_standard_items, record_failures
 from .plots import compose_matches, save_heatmap, save_histogram, save_jpeg
 from .report import RunSummary
@@ -92,6 +93,7 @@ def build_or_load_gallery(cfg: RunConfig, summary: RunSummary, embedder=None) ->
             cache = load_gallery_cache(cfg, identity=ident)
         log.info("loaded %d embeddings from %s", len(cache.embeddings), cfg.store_dir)
         return cache.embeddings, cache.rows, embedder
+    total_rows = count_rows(cfg.dataset)  # opens the dataset: a bad one fails before the model loads
     with summary.stage("load model"):
         embedder = embedder or make_embedder(cfg.embedder)
     if cfg.segmented:
@@ -115,7 +117,7 @@ def build_or_load_gallery(cfg: RunConfig, summary: RunSummary, embedder=None) ->
     }
     emb, rows = build_gallery(
         records=lambda start: iter_records(cfg.dataset, start),
-        total_rows=count_rows(cfg.dataset),
+        total_rows=total_rows,
         make_items=make_items,
         embedder=embedder,
         target=target,
@@ -221,29 +223,27 @@ def write_result_pictures(cfg: RunConfig, nb, files: list[str]) -> int:
 def run_export(cfg: RunConfig, per_tensor: bool = False, quantization: str = "static", sample_rows: int = 96) -> RunSummary:
     """--export-onnx: fp32 + int8 ONNX image encoders from --model, verified before they land.
 
-    When --dataset was given, its first `sample_rows` readable rows are split: two thirds calibrate
-    the int8 ranges, one third checks the result. Otherwise generated pictures serve both (two
-    different sets).
+    The first `sample_rows` readable rows of --dataset (the default dataset unless another is
+    given) are split: two thirds calibrate the int8 ranges, one third checks the result. Only
+    when the dataset cannot be read (offline, say) do generated pictures serve both (two
+    different sets), with a warning: static int8 ranges fitted to synthetic pictures are
+    worse than ranges fitted to the catalogue.
     """
     from .export import export_onnx, verification_images
-    from .images import ImageDecodeError, decode_image
 
     summary = RunSummary(mode="export-onnx")
     images, calibration = verification_images(), None
-    if "dataset" in cfg.explicit:
-        sample = []
-        for rec in iter_records(cfg.dataset):
-            if len(sample) >= sample_rows:
-                break
-            try:
-                if rec.data:
-                    sample.append(decode_image(rec.data).image)
-            except ImageDecodeError:
-                continue
-        if len(sample) >= 6:
-            cut = len(sample) * 2 // 3
-            calibration, images = sample[:cut], sample[cut:]
-            summary.notes.append(f"calibrated on {cut} and verified on {len(images)} rows of {cfg.dataset.name}")
+    with summary.stage("read calibration rows"):
+        sample, why = calibration_sample(cfg, sample_rows)
+    if len(sample) >= 6:
+        cut = len(sample) * 2 // 3
+        calibration, images = sample[:cut], sample[cut:]
+        summary.notes.append(f"calibrated on {cut} and verified on {len(images)} rows of {cfg.dataset.name}")
+    else:
+        why = why or f"only {len(sample)} readable image(s)"
+        log.warning("cannot calibrate on %s (%s): calibrating and verifying on generated pictures instead; "
+                    "pass a readable --dataset to fit the int8 ranges to real photos", cfg.dataset.name, why)
+        summary.notes.append(f"calibrated on generated pictures: {cfg.dataset.name} could not be read ({why})")
     with summary.stage("export+quantize+verify"):
         report = export_onnx(
             cfg.embedder.model, cfg.embedder.onnx, images=images, per_channel=not per_tensor,
@@ -254,3 +254,23 @@ def run_export(cfg: RunConfig, per_tensor: bool = False, quantization: str = "st
     summary.outputs["int8 model"] = str(report.int8_path)
     summary.outputs["fp32 model"] = str(report.fp32_path)
     return summary
+
+
+def calibration_sample(cfg: RunConfig, rows: int) -> tuple[list, str]:
+    """The first `rows` decodable images of the run's dataset, and why none could be read ("" if
+    the dataset opened). Only the rows needed are fetched (see dataset.iter_records)."""
+    from .images import ImageDecodeError, decode_image
+
+    sample = []
+    try:
+        for rec in iter_records(cfg.dataset):
+            if len(sample) >= rows:
+                break
+            try:
+                if rec.data:
+                    sample.append(decode_image(rec.data).image)
+            except ImageDecodeError:
+                continue
+    except PipelineError as e:
+        return sample, str(e).splitlines()[0]
+    return sample, ""

@@ -26,6 +26,8 @@ def test_export_writes_both_files_with_metadata(tiny_clip, tmp_path, capsys):
     assert "QuantizeLinear" in ops and "Conv" in ops and "ConvInteger" not in ops
     assert sorted(p.name for p in target.parent.iterdir()) == ["m_fp32.onnx", "m_int8_matmul.onnx", "m_text_fp32.onnx", "m_text_tokenizer.json"]
     assert "text fp32 ONNX: min" in out
+    # The default dataset is out of reach here (HF_HUB_OFFLINE): generated pictures, said so.
+    assert "calibrated on generated pictures: lirus18/deepfashion could not be read" in out
 
 
 def test_dynamic_quantization_also_passes(tiny_clip, tmp_path):

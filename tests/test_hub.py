@@ -1,0 +1,146 @@
+"""The default invocation's own path: dataset and model from the Hugging Face Hub, served offline by a
+stand-in on 127.0.0.1 (tests/hub_server.py). Each run is a fresh `python main.py` with HF_ENDPOINT
+pointing at the stand-in, an empty HF_HOME and no offline flags, as a new user would run it."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.store import read_manifest
+from tests import assets
+from tests.hub_server import HubServer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARDS, ROWS, GROUP = 3, 60, 20
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    base = tmp_path_factory.mktemp("hub")
+    dataset = assets.write_hub_dataset(base / "deepfashion", shards=SHARDS, rows_per_shard=ROWS, row_group=GROUP)
+    model = assets.save_tiny_clip(base / "fashion-clip")
+    broken = base / "broken"  # a model repo without weights
+    broken.mkdir()
+    (broken / "config.json").write_text((model / "config.json").read_text())
+    repos = {("dataset", "lirus18/deepfashion"): dataset, ("model", "patrickjohncyh/fashion-clip"): model, ("model", "someone/broken"): broken}
+    with HubServer(repos) as server:
+        server.dataset = dataset
+        yield server
+
+
+@pytest.fixture
+def run_main(hub, tmp_path):
+    """Run main.py in a fresh process in tmp_path (so the default onnx/ and outputs land there)."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), PYTHONPATH=str(ROOT))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    return run
+
+
+def _shard(hub, k: int) -> Path:
+    return hub.dataset / "data" / f"train-{k:05d}-of-{SHARDS:05d}.parquet"
+
+
+def _column_ranges(path: Path, groups: list[int], columns: tuple[str, ...]) -> list[tuple[int, int]]:
+    """Byte ranges [start, end] of the column chunks of `columns` (leaf paths start with the name) in `groups`."""
+    md = pq.ParquetFile(path).metadata
+    out = []
+    for g in groups:
+        rg = md.row_group(g)
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            if col.path_in_schema.split(".")[0] in columns:
+                start = col.dictionary_page_offset if col.has_dictionary_page and col.dictionary_page_offset else col.data_page_offset
+                out.append((start, start + col.total_compressed_size - 1))
+    return out
+
+
+def _fetched_ranges(hub, path: Path) -> list[tuple[int, int]]:
+    size = path.stat().st_size
+    out = []
+    for r in hub.log:
+        if r.method == "GET" and r.path.endswith(path.name) and r.status == 206:
+            a, b = r.range.split("=")[1].split("-")
+            out.append((int(a), min(int(b), size - 1)) if a else (size - int(b), size - 1))
+        elif r.method == "GET" and r.path.endswith(path.name):
+            out.append((0, size - 1))
+    return out
+
+
+def test_default_run_fetches_only_what_the_limit_needs(hub, run_main, tmp_path):
+    hub.reset()
+    r = run_main("--limit", "10", "-q")
+    assert r.returncode == 0, r.stderr
+    rows = read_manifest(tmp_path / "embeddings" / "manifest.csv")
+    assert [x.source_row for x in rows] == list(range(10)) and all(x.status == "ok" for x in rows)
+    assert rows[0].source == "0.jpg"  # the image cell's own path
+    assert len(list((tmp_path / "retrieval_results").glob("*_matches.jpg"))) == 10
+    assert (tmp_path / "outputs" / "distance_heatmap.png").is_file()
+    side = json.loads((tmp_path / "embeddings" / "embeddings.json").read_text())
+    assert side["identity"]["model"] == "patrickjohncyh/fashion-clip" and side["source"]["dataset"] == "lirus18/deepfashion"
+    first = _shard(hub, 0)
+    assert hub.bytes_for(first.name) < first.stat().st_size / 2
+    assert hub.bytes_for(_shard(hub, 1).name) == 0 and hub.bytes_for(_shard(hub, 2).name) == 0
+    # Every byte fetched from the shard is the footer or the image column of row group 0: never
+    # the openpose or cloth columns, never row groups 1 and 2.
+    size = first.stat().st_size
+    footer = size - 8 - int.from_bytes(first.read_bytes()[-8:-4], "little")
+    allowed = _column_ranges(first, [0], ("image",)) + [(footer, size - 1)]
+    for a, b in _fetched_ranges(hub, first):
+        assert any(lo <= a and b <= hi for lo, hi in allowed), (a, b, allowed)
+    images = sum(b - a + 1 for a, b in _column_ranges(first, [0], ("image",)))
+    assert hub.bytes_for(first.name) <= 2 * images + (size - footer)
+
+
+def test_limit_reads_the_row_groups_it_needs(hub, run_main, tmp_path):
+    hub.reset()
+    r = run_main("--limit", "70", "-q", "--max-result-images", "0")
+    assert r.returncode == 0, r.stderr
+    assert len(read_manifest(tmp_path / "embeddings" / "manifest.csv")) == 70
+    first, second = _shard(hub, 0), _shard(hub, 1)
+    for path, groups in ((first, [0, 1, 2]), (second, [0])):
+        size = path.stat().st_size
+        footer = size - 8 - int.from_bytes(path.read_bytes()[-8:-4], "little")
+        allowed = _column_ranges(path, groups, ("image",)) + [(footer, size - 1)]
+        for a, b in _fetched_ranges(hub, path):
+            assert any(lo <= a and b <= hi for lo, hi in allowed), (path.name, a, b)
+    assert hub.bytes_for(_shard(hub, 2).name) == 0
+
+
+def test_export_from_the_hub_calibrates_on_the_default_dataset_then_runs(hub, run_main, tmp_path):
+    r = run_main("--export-onnx")
+    assert r.returncode == 0, r.stderr
+    assert "calibrated on 64 and verified on 32 rows of lirus18/deepfashion" in r.stdout
+    assert (tmp_path / "onnx" / "fashion_clip_image_int8_matmul.onnx").is_file()
+    r = run_main("--limit", "12", "-q")  # --backend auto now finds the ONNX file
+    assert r.returncode == 0, r.stderr
+    side = json.loads((tmp_path / "embeddings" / "embeddings.json").read_text())
+    assert side["identity"]["backend"] == "onnx" and side["count"] == 12
+    r = run_main("--query-text", "red dress", "-q")
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "retrieval_results" / "queries" / "query_results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "nobody/nothing"], "error: cannot open dataset 'nobody/nothing' from the Hugging Face hub (DatasetNotFoundError"),
+    (["--split", "test"], "has splits ['train'], not 'test'"),
+    (["--model", "nobody/nomodel", "--backend", "torch"], "error: cannot load model 'nobody/nomodel'"),
+    (["--model", "someone/broken", "--backend", "torch"], "error: cannot load model 'someone/broken'"),
+])
+def test_missing_repo_or_file_is_one_line(args, message, run_main):
+    r = run_main(*args, "--limit", "3", "-q")
+    assert r.returncode == 1
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
