@@ -64,6 +64,31 @@ def test_grayscale_and_16bit_become_8bit_rgb():
     assert d16.dtype == np.uint8 and d16.min() == 0 and d16.max() == 255  # scaled, not clipped
 
 
+def test_16bit_mid_grey_is_scaled_not_clipped():
+    arr = np.full((8, 8), 32768, np.uint16)
+    got = np.asarray(decode_image(assets.encode(Image.fromarray(arr), "PNG")).image)
+    assert (got == 128).all()  # 32768 / 65535 * 255 = 127.5 -> 128; clipping would give 255
+    low = np.asarray(decode_image(assets.encode(Image.fromarray(np.full((8, 8), 200, np.uint16)), "PNG")).image)
+    assert (low == 1).all()  # 200 of 65535 is nearly black, not 200 of 255
+
+
+@pytest.mark.parametrize("size", [(1600, 2400), (2400, 1000), (900, 230)])
+def test_draft_decode_never_goes_below_the_model_side_and_embeds_like_a_full_decode(size, tiny_onnx):
+    """Tolerance: the draft decode's embedding is within cosine 0.999 of the full decode's."""
+    from pipeline.embedders import OnnxEmbedder
+    from pipeline.preprocess import preprocess
+
+    e = OnnxEmbedder(tiny_onnx)
+    side = e.preprocess_cfg.decode_min_side
+    data = assets.encode(assets.rgb_image(*size, seed=7), "JPEG", quality=92)
+    draft, full = decode_image(data, min_side=side), decode_image(data)
+    assert min(draft.image.size) >= side and full.image.size == size
+    if min(size) >= 2 * side:  # room for at least a 1/2 reduction
+        assert draft.image.size[0] <= size[0] // 2
+    a, b = (e.embed(preprocess(d.image, e.preprocess_cfg)[None])[0] for d in (draft, full))
+    assert float(a @ b) >= 0.999
+
+
 def test_draft_decode_keeps_short_side_at_least_requested():
     d = decode_image(assets.jpeg_bytes(768, 1024), min_side=224)
     assert min(d.image.size) >= 224 and d.image.size[0] < 768

@@ -62,6 +62,10 @@ def test_standard_run_outputs(standard_run):
         table = list(csv.DictReader(f))
     assert len(table) == len(emb) * 5
     assert all(t["query"] != t["neighbour"] for t in table)
+    for q in {t["query"] for t in table}:  # ranks 1..k per query, distances ascending with rank
+        mine = [t for t in table if t["query"] == q]
+        assert [int(t["rank"]) for t in mine] == [1, 2, 3, 4, 5]
+        assert [float(t["distance"]) for t in mine] == sorted(float(t["distance"]) for t in mine)
     pics = sorted((out / "retrieval_results").glob("*_matches.jpg"))
     assert len(pics) == len(emb)
     m = np.load(out / "outputs" / "distance_matrix.npy")
@@ -170,6 +174,9 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
         (["--fresh", "--use-embeddings"], "--fresh"),
         (["-v", "-q"], "not allowed with"),
         (["--device", "cpu", "--precision", "fp16"], "needs --device cuda"),
+        (["--use-embedded-segment", "--use-segmentation"], "already means segmentation"),
+        (["--evaluate", "--use-embeddings"], "does not read a cache"),
+        (["--evaluate", "--use-embedded-segment"], "does not read a cache"),
         (["--backend", "onnx", "--precision", "fp32"], "torch backend"),
     ],
 )
@@ -213,3 +220,47 @@ def test_sidecar_and_verbose_summary_name_the_cpu(standard_run, tmp_path, tiny_c
     assert cli.main(["--use-embeddings", "--model", str(tiny_clip), "--backend", "torch", "--output-dir", str(tmp_path / "v"), "-v"]) == 3
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu:"))
     assert cpu_info()["model"] in line and all(f in line for f in cpu_info()["isa"])
+
+
+def test_use_embeddings_refuses_tampered_thumbnails(standard_run, tiny_clip, tmp_path, capsys):
+    src, _ = standard_run
+    out = tmp_path / "t"
+    shutil.copytree(src, out)
+    thumbs = out / "embeddings" / "thumbnails.npy"
+    data = bytearray(thumbs.read_bytes())
+    data[-1] ^= 0xFF  # one pixel of the last thumbnail: the file still parses
+    thumbs.write_bytes(bytes(data))
+    assert np.load(thumbs).shape == np.load(src / "embeddings" / "thumbnails.npy").shape
+    assert run("--use-embeddings", "--model", tiny_clip, "--backend", "torch", "--output-dir", out) == 1
+    assert "thumbnails.npy does not match the sidecar" in capsys.readouterr().err
+
+
+class _NanForRed:
+    """A fake embedder: vectors from the mean colour; NaN for a reddish picture, zeros for a greenish one."""
+
+    def __init__(self, base):
+        self.preprocess_cfg, self.dim, self.identity = base.preprocess_cfg, 4, {"backend": "fake"}
+
+    def embed(self, pixels):
+        m = pixels.mean(axis=(2, 3))
+        out = np.concatenate([m, np.ones((len(m), 1), np.float32)], axis=1).astype(np.float32)
+        out[m[:, 0] - m[:, 1] > 1.0] = np.nan
+        out[m[:, 1] - m[:, 0] > 1.0] = 0.0
+        return out
+
+
+def test_nan_or_zero_embedding_fails_its_item(tmp_path, tiny_onnx, monkeypatch):
+    from pipeline import runner
+
+    colours = [(128, 128, 128), (250, 5, 5), (90, 90, 90), (5, 250, 5), (60, 60, 60)]
+    ds = assets.write_parquet_dataset(tmp_path / "ds", [assets.encode(assets.rgb_image(40, 40, color=c), "PNG") for c in colours])
+    monkeypatch.setattr(runner, "make_embedder", lambda spec: _NanForRed(make_embedder(EmbedderSpec(onnx=str(tiny_onnx), backend="onnx"))))
+    out = tmp_path / "out"
+    assert run("--dataset", ds, "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0") == 3
+    rows = read_manifest(out / "embeddings" / "manifest.csv")
+    assert [r.status for r in rows] == ["ok", "failed", "ok", "failed", "ok"]
+    for r in (rows[1], rows[3]):
+        assert r.embedding_row == -1 and "non-finite or zero embedding" in r.error
+    emb = np.load(out / "embeddings" / "embeddings.npy")
+    assert emb.shape == (3, 4) and np.isfinite(emb).all() and (np.abs(emb).sum(axis=1) > 0).all()
+    assert [r.embedding_row for r in rows if r.status == "ok"] == [0, 1, 2]

@@ -212,3 +212,75 @@ def test_wrong_onnx_file_is_refused(tmp_path, mixed_dataset, capsys):
     bad.write_bytes(b"\x08\x01garbage")
     assert run("--dataset", mixed_dataset, "--onnx", bad, "--backend", "onnx", "--output-dir", tmp_path / "o") == 1
     assert "cannot load ONNX file" in capsys.readouterr().err
+
+
+def _stop_after_shards(monkeypatch, n: int) -> None:
+    """Interrupt a run (as Ctrl-C would) right after its n-th shard is written."""
+    real = gallery.ShardStore.write
+    written = {"n": 0}
+
+    def write_then_stop(self, shard):
+        real(self, shard)
+        written["n"] += 1
+        if written["n"] == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(gallery.ShardStore, "write", write_then_stop)
+
+
+@pytest.fixture(scope="module")
+def ragged_dataset(tmp_path_factory):
+    """100 rows with failures on shard edges (rows 15, 16, 31, 32 of 16-row shards) and one in the middle."""
+    cells = [assets.encode(assets.rgb_image(24, 32, seed=i), "PNG") for i in range(100)]
+    for bad in (15, 16, 31, 32, 50):
+        cells[bad] = assets.corrupt_bytes()
+    return assets.write_parquet_dataset(tmp_path_factory.mktemp("ragged") / "ds", cells)
+
+
+def test_interrupted_run_resumes_each_row_exactly_once(ragged_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
+    """Deterministic (no kill timing): stopped after shard 3, every shard holds exactly its rows, and
+    the resumed run starts at row 48 and equals a clean run byte for byte."""
+    import json
+
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    args = lambda out: [*_args(ragged_dataset, tiny_onnx, out), "--batch-size", "5"]  # noqa: E731 - units cross shard edges
+    assert run(*args(clean)) == 3
+    _stop_after_shards(monkeypatch, 3)
+    assert run(*args(stopped)) == 130
+    monkeypatch.undo()
+    partial = stopped / "embeddings" / ".partial"
+    for k in range(3):
+        done = json.loads((partial / f"shard_{k:05d}.done").read_text())
+        assert (done["start"], done["stop"]) == (16 * k, 16 * (k + 1))
+        assert [r.source_row for r in read_manifest(partial / f"shard_{k:05d}.csv")] == list(range(16 * k, 16 * (k + 1)))
+    assert not (partial / "shard_00003.done").exists()
+    capsys.readouterr()
+    assert cli.main([*map(str, args(stopped))]) == 3
+    assert "resumed at row 48 from 3 complete shard(s)" in capsys.readouterr().out
+    rows = read_manifest(stopped / "embeddings" / "manifest.csv")
+    assert [r.source_row for r in rows] == list(range(100))
+    assert (stopped / "embeddings" / "manifest.csv").read_bytes() == (clean / "embeddings" / "manifest.csv").read_bytes()
+    a, b = np.load(stopped / "embeddings" / "embeddings.npy"), np.load(clean / "embeddings" / "embeddings.npy")
+    assert a.shape == b.shape == (95, 16) and np.abs(a - b).max() <= 1e-6
+
+
+@pytest.mark.parametrize("replace", ["npy", "csv"])
+def test_resume_recomputes_a_shard_replaced_by_a_valid_different_file(replace, ragged_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    assert run(*_args(ragged_dataset, tiny_onnx, clean)) == 3
+    _stop_after_shards(monkeypatch, 3)
+    assert run(*_args(ragged_dataset, tiny_onnx, out)) == 130
+    monkeypatch.undo()
+    partial = out / "embeddings" / ".partial"
+    if replace == "npy":  # shard 1's vectors in shard 0's file: parses, right shape, wrong content
+        n0 = len(np.load(partial / "shard_00000.npy"))
+        np.save(partial / "shard_00000.npy", np.load(partial / "shard_00001.npy")[:n0])
+    else:  # two rows' files swapped: a valid manifest that lies
+        text = (partial / "shard_00000.csv").read_text()
+        (partial / "shard_00000.csv").write_text(text.replace("img_00001.png", "img_0000X.png").replace("img_00002.png", "img_00001.png")
+                                                 .replace("img_0000X.png", "img_00002.png"))
+    capsys.readouterr()
+    assert cli.main([*map(str, _args(ragged_dataset, tiny_onnx, out))]) == 3
+    assert "resumed" not in capsys.readouterr().out  # shard 0 is not trusted, so nothing after it is either
+    assert (out / "embeddings" / "manifest.csv").read_bytes() == (clean / "embeddings" / "manifest.csv").read_bytes()
+    assert np.abs(np.load(out / "embeddings" / "embeddings.npy") - np.load(clean / "embeddings" / "embeddings.npy")).max() <= 1e-6

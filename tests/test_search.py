@@ -59,6 +59,8 @@ def test_query_image_finds_itself_first(gallery, tiny_onnx, mixed_dataset, tmp_p
     by_query = {r["query"]: [x for x in rows if x["query"] == r["query"]] for r in rows}
     assert by_query["same.jpg"][0]["gallery_file"] == "img_00011.jpg" and float(by_query["same.jpg"][0]["distance"]) < 1e-5
     assert by_query["other.png"][0]["gallery_file"] == "img_00012.jpg"
+    for mine in by_query.values():
+        assert [int(x["rank"]) for x in mine] == [1, 2, 3]
     assert len(list((gallery / "retrieval_results" / "queries").glob("q*.jpg"))) == 2
 
 
@@ -196,3 +198,36 @@ def test_evaluate_needs_ground_truth(mixed_dataset, tiny_onnx, tmp_path, capsys)
     assert cli.main(["--evaluate", "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(tmp_path), "-q"]) == 1
     assert "--eval-id-column" in capsys.readouterr().err
     assert cli.main(["--evaluate", "--eval-backends", "tensorrt"]) == 2
+
+
+class _AngleEmbedder:
+    """A fake embedder: each picture's red level is an angle in degrees; its vector is (cos, sin)."""
+
+    def __init__(self):
+        from pipeline.preprocess import PreprocessConfig
+
+        self.preprocess_cfg, self.dim, self.identity = PreprocessConfig(), 2, {"backend": "fake"}
+
+    def embed(self, pixels):
+        cfg = self.preprocess_cfg
+        red = (pixels[:, 0].mean(axis=(1, 2)) * cfg.image_std[0] + cfg.image_mean[0]) * 255
+        a = np.deg2rad(np.round(red))
+        return np.stack([np.cos(a), np.sin(a)], axis=1).astype(np.float32)
+
+
+def test_same_product_recall_is_the_known_answer(tmp_path, monkeypatch):
+    """Products A (views at 0 and 30 degrees) and B (40 and 90): A0 and B1 find their other view
+    first, A1 and B0 find the other product first (ranks 1, 2, 3, 1). A query counted as its own
+    positive would make every rank 1."""
+    from pipeline import search
+
+    angles, ids = [0, 30, 40, 90], ["id_00000001-1", "id_00000001-2", "id_00000002-1", "id_00000002-2"]
+    cells = [assets.encode(assets.rgb_image(32, 32, color=(a, 0, 0)), "PNG") for a in angles]
+    ds = assets.write_parquet_dataset(tmp_path / "ds", cells, extra={"item_ID": ids})
+    monkeypatch.setattr(search, "make_embedder", lambda spec: _AngleEmbedder())
+    out = tmp_path / "out"
+    assert cli.main(["--evaluate", "--eval-id-column", "item_ID", "--dataset", str(ds), "--backend", "torch",
+                     "--output-dir", str(out), "-q"]) == 0
+    m = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]["same-product"]["torch"]
+    assert m["queries"] == 4 and m["recall@1"] == 0.5 and m["recall@5"] == 1.0
+    assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1) / 4)

@@ -247,3 +247,31 @@ def test_backend_choices_that_cannot_work_are_refused(model, backend, device, me
 
     with pytest.raises(PipelineError, match=message):
         load_segmentation_model(SegmentSpec(model=model, backend=backend), device)
+
+
+class EmptyMaskSecond:
+    """Two persons per picture; the second has a box but an empty mask."""
+
+    def segment(self, images_rgb):
+        out = []
+        for im in images_rgb:
+            h, w = im.shape[:2]
+            full = np.zeros((h, w), bool)
+            full[: h // 2] = True
+            out.append([PersonMask(np.array([0, 0, w, h // 2], np.float32), full, 0.9),
+                        PersonMask(np.array([0, h // 2, w, h], np.float32), np.zeros((h, w), bool), 0.8)])
+        return out
+
+
+def test_person_with_empty_mask_is_recorded_not_embedded_as_white(people_dataset, tiny_onnx, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "segmenter_factory", lambda cfg: EmptyMaskSecond())
+    out = tmp_path / "out"
+    assert cli.main(["--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q",
+                     "--max-result-images", "0"]) == 3
+    rows = [r for r in read_manifest(out / "embeddings_segment" / "manifest.csv") if r.person == 1]
+    assert len(rows) == 8  # every readable row
+    for r in rows:
+        assert r.status == "failed" and r.error == "empty person mask or box" and r.embedding_row == -1 and r.file == ""
+        assert r.mask_area == 0
+    assert not list((out / "images_segment").glob("*_p01.png"))
+    assert np.load(out / "embeddings_segment" / "embeddings.npy").shape[0] == 8  # person 0 of each row only

@@ -151,3 +151,59 @@ def test_detector_runs_its_verified_onnx_export_with_the_same_boxes(tmp_path):
     for x, y in zip(a, b):
         assert np.abs(x.xyxy - y.xyxy).max() < 0.05 and np.abs(x.scores - y.scores).max() < 1e-3
         assert len(set(np.round(x.scores, 4))) == len(x.scores)  # distinct scores: the order is not a tie-break
+
+
+class _CapturingModel:
+    """Stands in for an Ultralytics YOLO: records what predict() receives, finds nobody."""
+
+    def __init__(self):
+        self.sources = []
+
+    def predict(self, source, **kw):
+        self.sources.extend(source)
+
+        class Result:
+            boxes = None
+            masks = None
+
+        return [Result() for _ in source]
+
+
+def test_detector_and_segmenter_hand_ultralytics_bgr():
+    from pipeline.config import SegmentSpec
+    from pipeline.segment import UltralyticsSegmenter
+
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[..., 0] = 250  # red in RGB
+    rgb[..., 2] = 10
+    det = object.__new__(video.UltralyticsDetector)
+    det.model, det.conf, det.device, det.imgsz = _CapturingModel(), 0.25, None, 640
+    assert det.detect([rgb])[0].xyxy.shape == (0, 4)
+    seg = object.__new__(UltralyticsSegmenter)
+    seg.model, seg.spec, seg.device, seg.batch, seg.predict_seconds = _CapturingModel(), SegmentSpec(), None, 8, 0.0
+    assert seg.segment([rgb]) == [[]]
+    for model in (det.model, seg.model):
+        got = model.sources[0]
+        assert got.shape == rgb.shape and (got[..., 2] == 250).all() and (got[..., 0] == 10).all()  # BGR
+
+
+class ThreeWithEmptyMiddle:
+    """Three detections a frame; #1 has no area, so it yields no crop."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def detect(self, frames):
+        boxes = np.array([[0, 0, 70, 120], [100, 50, 100, 50], [90, 10, 150, 110]], np.float32)
+        return [Detections(boxes, np.array([0.9, 0.8, 0.7], np.float32)) for _ in frames]
+
+
+def test_person_numbers_stay_detection_indices_when_a_crop_is_empty(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch):
+    monkeypatch.setattr(video, "UltralyticsDetector", ThreeWithEmptyMiddle)
+    out = tmp_path / "out"
+    assert cli.main(["--video_clip", "clip_1", "--video_dir", str(clip_dir), "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx),
+                     "--output-dir", str(out), "-q", "--top-k", "2"]) == 3
+    for line in (out / "video_results" / "clip_1" / "results.jsonl").read_text().splitlines():
+        persons = json.loads(line)["persons"]
+        assert [p["person"] for p in persons] == [0, 2]  # the numbers drawn on the frame (#0, #2)
+        assert persons[1]["box_xyxy"] == [90, 10, 150, 110] and persons[1]["score"] == pytest.approx(0.7)
