@@ -19,17 +19,26 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from tests import assets  # noqa: E402
 
 
+# Mutation runs (tools/mutation.py) start a fresh test session per mutant; they set this so the
+# tiny model and its ONNX export are made once and reused, not rebuilt for every mutant.
+ASSET_CACHE = os.environ.get("FASHION_TEST_ASSET_CACHE")
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
-    return assets.save_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+    if ASSET_CACHE and (Path(ASSET_CACHE) / "tiny-clip" / "config.json").is_file():
+        return Path(ASSET_CACHE) / "tiny-clip"
+    return assets.save_tiny_clip((Path(ASSET_CACHE) if ASSET_CACHE else tmp_path_factory.mktemp("models")) / "tiny-clip")
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_clip, tmp_path_factory) -> Path:
     from pipeline.export import export_onnx
 
-    path = tmp_path_factory.mktemp("onnx") / "tiny_int8_matmul.onnx"
-    export_onnx(str(tiny_clip), path)
+    folder = Path(ASSET_CACHE) / "onnx" if ASSET_CACHE else tmp_path_factory.mktemp("onnx")
+    path = folder / "tiny_int8_matmul.onnx"
+    if not (ASSET_CACHE and path.is_file()):
+        export_onnx(str(tiny_clip), path)
     return path
 
 

@@ -68,8 +68,72 @@ def test_distance_matrix_file(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temp file left
 
 
+@pytest.mark.subprocess
 def test_retrieval_does_not_import_torch():
     import subprocess
 
     code = "import sys, numpy as np; import pipeline.retrieval as r; e=np.eye(4, dtype=np.float32); r.topk_neighbours(e,e,2,exclude_self=True); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=__import__("pathlib").Path(__file__).parents[1])
+
+
+def test_error_messages_name_the_argument_and_the_rule():
+    g = unit(5, 4)
+    for bad, name in ((g[0], "queries"), (None, "gallery")):
+        q, gg = (bad, g) if name == "queries" else (g, g[0])
+        with pytest.raises(ValueError, match=rf"^{name} must be a 2D array \(N, D\), but got shape \(4,\)$"):
+            cosine_distances(q, gg)
+        with pytest.raises(ValueError, match=rf"^{name} must be a 2D array"):
+            topk_neighbours(q, gg, 2)
+    with pytest.raises(ValueError, match="^queries have dimension 3 but the gallery has 4$"):
+        cosine_distances(unit(2, 3), g)
+    with pytest.raises(ValueError, match="^exclude_self needs queries and gallery to be the same rows$"):
+        topk_neighbours(g[:2], g, 2, exclude_self=True)
+    with pytest.raises(ValueError, match="^matrix_path writes the gallery's own N x N matrix: it needs exclude_self$"):
+        topk_neighbours(g, g, 2, matrix_path="x.npy")
+    with pytest.raises(ValueError, match="^k must be >= 1, got 0$"):
+        topk_neighbours(g, g, 0)
+
+
+def test_float64_input_gives_float32_distances_and_int64_indices():
+    e = unit(6, 4).astype(np.float64)
+    d = cosine_distances(e, e)
+    assert d.dtype == np.float32
+    nb = topk_neighbours(e, e, 10)  # k > n: padded slots too
+    assert nb.indices.dtype == np.int64 and nb.distances.dtype == np.float32
+    assert nb.indices.shape == (6, 10) and (nb.indices[:, 6:] == -1).all() and np.isinf(nb.distances[:, 6:]).all()
+    assert list(nb.indices[:, 0]) == list(range(6))  # each row's nearest is itself (no exclusion)
+
+
+def test_k_equal_to_gallery_excluding_self_never_returns_self():
+    e = unit(4, 4)
+    nb = topk_neighbours(e, e, 4, exclude_self=True)
+    for i in range(4):
+        assert sorted(nb.indices[i, :3]) == sorted(set(range(4)) - {i})
+        assert nb.indices[i, 3] == -1 and np.isinf(nb.distances[i, 3])
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_tiny_galleries(n):
+    g = unit(max(n, 1), 4)[:n]
+    nb = topk_neighbours(unit(2, 4, 9), g, 2)
+    assert nb.indices.shape == (2, 2)
+    assert (nb.indices[:, n:] == -1).all() and np.isinf(nb.distances[:, n:]).all()
+    if n:
+        assert (nb.indices[:, 0] == 0).all() and np.isfinite(nb.distances[:, 0]).all()
+
+
+def test_neighbour_csv_format(tmp_path):
+    from pipeline.retrieval import iter_neighbour_rows, write_neighbours_csv
+
+    e = unit(4, 4)
+    nb = topk_neighbours(e, e, 5, exclude_self=True)
+    path = tmp_path / "n.csv"
+    n = write_neighbours_csv(path, iter_neighbour_rows(nb, [10, 11, 12, 13], list("abcd"), [10, 11, 12, 13], list("abcd")))
+    assert n == 12  # 3 real neighbours each; padded slots are not written
+    data = path.read_bytes()
+    assert b"\r" not in data and data.endswith(b"\n")
+    lines = data.decode().splitlines()
+    assert lines[0] == "query,query_file,rank,neighbour,neighbour_file,distance" and len(lines) == 13
+    first = lines[1].split(",")
+    assert first[:3] == ["10", "a", "1"] and len(first[5].split(".")[1]) == 6
+    assert float(first[5]) == pytest.approx(float(nb.distances[0, 0]), abs=1e-6)

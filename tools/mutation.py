@@ -1,0 +1,124 @@
+"""Mutation testing of the core modules with mutmut: run, then score.
+
+Each mutant is a small edit that looks like a real bug (a flipped comparison, a changed constant, a
+dropped argument); the score is the share of mutants some test catches. Mutants that cannot change
+behaviour (listed with the reason in tools/mutation_equivalent.txt) are left out of the score.
+Slow: every mutant runs the tests that reach it, in a fresh process; not part of CI.
+
+    python tools/mutation.py                 # run every core module, then print the scores
+    python tools/mutation.py images search   # only these
+    python tools/mutation.py --report        # scores of the last run, and the survivors to look at
+
+Needs `pip install mutmut` (3.x). Configuration: [tool.mutmut] in pyproject.toml.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EQUIVALENT = ROOT / "tools" / "mutation_equivalent.txt"
+
+# module -> mutmut name globs (segment: the person crops, not the YOLO export; main: the flag checks)
+TARGETS = {
+    "retrieval": ["pipeline.retrieval.*"],
+    "store": ["pipeline.store.*"],
+    "gallery": ["pipeline.gallery.*"],
+    "images": ["pipeline.images.*"],
+    "preprocess": ["pipeline.preprocess.*"],
+    "search": ["pipeline.search.*"],
+    "segment": ["pipeline.segment.x_white_background_crop*", "pipeline.segment.x_box_pixels*", "pipeline.segment.x__crops_for_row*",
+                "pipeline.segment.x_make_segment_items*", "pipeline.segment.x_crop_file_name*"],
+    "main": ["main.x_validate*"],
+}
+
+
+def _module_of(name: str) -> str | None:
+    for module, globs in TARGETS.items():
+        if any(re.fullmatch(g.replace(".", r"\.").replace("*", ".*"), name) for g in globs):
+            return module
+    return None
+
+
+def _results() -> dict[str, str]:
+    out = subprocess.run(["mutmut", "results", "--all", "true"], cwd=ROOT, capture_output=True, text=True).stdout
+    found = {}
+    for line in out.splitlines():
+        name, _, status = line.strip().rpartition(": ")
+        if name:
+            found[name] = status
+    return found
+
+
+def _equivalent() -> dict[str, str]:
+    eq = {}
+    if EQUIVALENT.is_file():
+        for line in EQUIVALENT.read_text().splitlines():
+            name, _, why = line.partition("#")
+            if name.strip():
+                eq[name.strip()] = why.strip()
+    return eq
+
+
+def report() -> int:
+    results, equivalent = _results(), _equivalent()
+    per: dict[str, Counter] = {}
+    survivors: list[str] = []
+    for name, status in sorted(results.items()):
+        module = _module_of(name)
+        if module is None:
+            continue
+        c = per.setdefault(module, Counter())
+        if name in equivalent:
+            c["equivalent"] += 1
+        elif status == "killed":
+            c["killed"] += 1
+        elif status in ("survived", "timeout", "suspicious", "no tests"):
+            c[status] += 1
+            survivors.append(f"{name}: {status}")
+        else:
+            c["not run"] += 1
+    print("| module | mutants | equivalent | killed | survived | no tests | timeout | not run | score |\n|---|---|---|---|---|---|---|---|---|")
+    total = Counter()
+    for module in TARGETS:
+        c = per.get(module, Counter())
+        total.update(c)
+        scored = c["killed"] + c["survived"] + c["no tests"] + c["timeout"] + c["suspicious"]
+        print(f"| {module} | {sum(c.values())} | {c['equivalent']} | {c['killed']} | {c['survived']} | {c['no tests']} | {c['timeout']} | "
+              f"{c['not run']} | {c['killed'] / scored:.1%} |" if scored else f"| {module} | {sum(c.values())} | | | | | | {c['not run']} | - |")
+    scored = total["killed"] + total["survived"] + total["no tests"] + total["timeout"] + total["suspicious"]
+    if scored:
+        print(f"\nall: {total['killed']} of {scored} non-equivalent mutants killed ({total['killed'] / scored:.1%}); "
+              f"{total['equivalent']} judged equivalent (tools/mutation_equivalent.txt)")
+    if survivors:
+        print("\nsurvivors (see each with `mutmut show NAME`):\n  " + "\n  ".join(survivors))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("modules", nargs="*", help=f"modules to run, of {', '.join(TARGETS)} (default: all)")
+    ap.add_argument("--report", action="store_true", help="only print the scores of the last run")
+    ap.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    if unknown := [m for m in args.modules if m not in TARGETS]:
+        ap.error(f"unknown module(s) {unknown}; choose from {', '.join(TARGETS)}")
+    if not args.report:
+        globs = [g for m in (args.modules or TARGETS) for g in TARGETS[m]]
+        env = {**os.environ, "FASHION_TEST_ASSET_CACHE": str(ROOT / "mutants" / ".test-assets")}
+        (ROOT / "mutants" / ".test-assets").mkdir(parents=True, exist_ok=True)
+        try:
+            subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *globs], cwd=ROOT, env=env, check=False)
+        except FileNotFoundError:
+            print("mutmut is not installed: pip install 'mutmut>=3.8'", file=sys.stderr)
+            return 2
+    return report()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
