@@ -1,5 +1,5 @@
-"""Fashion visual-search pipeline: command line. Parses and validates flags, then dispatches to one
-mode function in pipeline/ (see README "How it fits together")."""
+"""Fashion visual-search pipeline: command line. Parses and validates flags into one RunConfig, then
+runs the mode it asks for (pipeline.runner.run; see README "How it fits together")."""
 from __future__ import annotations
 
 import argparse
@@ -8,11 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import DEFAULT_DATASET, DEFAULT_MODEL, DEFAULT_ONNX, DEFAULT_DET_MODEL, DEFAULT_SEG_MODEL, RunConfig, SegmentSpec
-from pipeline.dataset import DatasetSpec
-from pipeline.embedders import EmbedderSpec
-from pipeline.errors import PipelineError, UsageError
-from pipeline.report import EXIT_FATAL, EXIT_USAGE
+from pipeline.config import EVAL_BACKENDS, config_from_flags, flag_default
+from pipeline.errors import PipelineError
+from pipeline.report import EXIT_FATAL
 
 log = logging.getLogger("main")
 
@@ -52,64 +50,73 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fashion visual search: embed a catalogue, find look-alikes, match people in videos.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+
+    def add(group, *names: str, **kw) -> None:
+        """An option whose default is its config field's (pipeline.config.FLAGS)."""
+        dest = kw.get("dest") or names[0].lstrip("-").replace("-", "_")
+        if kw.get("action") != "store_true":
+            kw.setdefault("default", flag_default(dest))
+        group.add_argument(*names, **kw)
+
     modes = p.add_argument_group("modes (reference flags)")
-    modes.add_argument("--use-embeddings", action="store_true", help="reuse embeddings/ and images/ from an earlier run")
-    modes.add_argument("--use-segmentation", action="store_true", help="one white-background crop per detected person")
-    modes.add_argument("--use-embedded-segment", action="store_true", help="reuse images_segment/ and embeddings_segment/")
-    modes.add_argument("--export-onnx", action="store_true", help="export --model to --onnx (int8) and an fp32 file beside it, verified against torch")
+    add(modes, "--use-embeddings", action="store_true", help="reuse embeddings/ and images/ from an earlier run")
+    add(modes, "--use-segmentation", action="store_true", help="one white-background crop per detected person")
+    add(modes, "--use-embedded-segment", action="store_true", help="reuse images_segment/ and embeddings_segment/")
+    add(modes, "--export-onnx", action="store_true", help="export --model to --onnx (int8) and an fp32 file beside it, verified against torch")
 
     search = p.add_argument_group("search and evaluation")
-    search.add_argument("--query-image", nargs="+", metavar="PATH", help="image files or folders to search the cached gallery with")
-    search.add_argument("--query-text", nargs="+", metavar="TEXT", help='texts to search with, e.g. "red floral midi dress"')
-    search.add_argument("--evaluate", action="store_true", help="measure Recall@1/5/10 and MRR against ground truth in --dataset")
-    search.add_argument("--eval-backends", default=None, help="comma list of torch,onnx-fp32,onnx-int8 (default: the backend in use)")
-    search.add_argument("--eval-id-column", default=None, help="same-product evaluation: column naming the product (e.g. item_ID)")
-    search.add_argument("--eval-cloth-column", default="cloth", help="person->garment evaluation: column with the garment image")
+    add(search, "--query-image", nargs="+", metavar="PATH", help="image files or folders to search the cached gallery with")
+    add(search, "--query-text", nargs="+", metavar="TEXT", help='texts to search with, e.g. "red floral midi dress"')
+    add(search, "--evaluate", action="store_true", help="measure Recall@1/5/10 and MRR against ground truth in --dataset")
+    add(search, "--eval-backends", help=f"comma list of {','.join(EVAL_BACKENDS)} (default: the backend in use)")
+    add(search, "--eval-id-column", help="same-product evaluation: column naming the product (e.g. item_ID)")
+    add(search, "--eval-cloth-column", help="person->garment evaluation: column with the garment image")
 
     data = p.add_argument_group("dataset")
-    data.add_argument("--dataset", default=DEFAULT_DATASET, help="hub id, local dataset folder/parquet file, or folder of images")
-    data.add_argument("--split", default="train")
-    data.add_argument("--limit", type=_non_negative_int, default=10000, help="first N rows; 0 = all")
-    data.add_argument("--image-column", default="image")
+    add(data, "--dataset", help="hub id, local dataset folder/parquet file, or folder of images")
+    add(data, "--split")
+    add(data, "--limit", type=_non_negative_int, help="first N rows; 0 = all")
+    add(data, "--image-column")
 
     model = p.add_argument_group("model")
-    model.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder of a CLIP model")
-    model.add_argument("--onnx", default=DEFAULT_ONNX, help="ONNX image encoder file")
-    model.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto", help="auto: the ONNX file if it exists, else transformers")
-    model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    model.add_argument("--precision", choices=["auto", "fp32", "fp16", "int8"], default="auto", help="torch backend: auto = fp32 on CPU, fp16 on CUDA (measured faster than bitsandbytes int8)")
-    model.add_argument("--quantization", choices=["static", "dynamic"], default="static", help="with --export-onnx: static QDQ (calibrated, batch-independent) or dynamic")
-    model.add_argument("--per-tensor", action="store_true", help="with --export-onnx: one int8 scale per weight tensor instead of per channel")
-    model.add_argument("--batch-size", type=_positive_int, default=32)
-    model.add_argument("--threads", type=_non_negative_int, default=0, help="CPU threads for inference; 0 = all cores")
+    add(model, "--model", help="hub id or local folder of a CLIP model")
+    add(model, "--onnx", help="ONNX image encoder file")
+    add(model, "--backend", choices=["auto", "onnx", "torch"], help="auto: the ONNX file if it exists, else transformers")
+    add(model, "--device", choices=["auto", "cpu", "cuda"])
+    add(model, "--precision", choices=["auto", "fp32", "fp16", "int8"],
+        help="torch backend: auto = fp32 on CPU, fp16 on CUDA (measured faster than bitsandbytes int8)")
+    add(model, "--quantization", choices=["static", "dynamic"], help="with --export-onnx: static QDQ (calibrated, batch-independent) or dynamic")
+    add(model, "--per-tensor", action="store_true", help="with --export-onnx: one int8 scale per weight tensor instead of per channel")
+    add(model, "--batch-size", type=_positive_int)
+    add(model, "--threads", type=_non_negative_int, help="CPU threads for inference; 0 = all cores")
 
     video = p.add_argument_group("video")
-    video.add_argument("--video_clip", "--video-clip", dest="video_clip", default=None, help="clip name: <video_dir>/<clip>.mp4")
-    video.add_argument("--video_dir", "--video-dir", dest="video_dir", type=Path, default=Path("videos"))
-    video.add_argument("--frame-stride", type=_positive_int, default=30, help="analyse every Nth frame")
-    video.add_argument("--det-model", default=DEFAULT_DET_MODEL, help="person detector: Ultralytics weights (.pt), .onnx or .yaml")
-    video.add_argument("--det-conf", type=_unit_float, default=0.25, help="minimum detection confidence")
-    video.add_argument("--det-backend", choices=["auto", "onnx", "torch"], default="auto",
-                       help="auto: on the CPU, .pt weights run as their ONNX export (made once, verified, kept beside the weights)")
+    add(video, "--video_clip", "--video-clip", dest="video_clip", help="clip name: <video_dir>/<clip>.mp4")
+    add(video, "--video_dir", "--video-dir", dest="video_dir", type=Path)
+    add(video, "--frame-stride", type=_positive_int, help="analyse every Nth frame")
+    add(video, "--det-model", help="person detector: Ultralytics weights (.pt), .onnx or .yaml")
+    add(video, "--det-conf", type=_unit_float, help="minimum detection confidence")
+    add(video, "--det-backend", choices=["auto", "onnx", "torch"],
+        help="auto: on the CPU, .pt weights run as their ONNX export (made once, verified, kept beside the weights)")
 
     seg = p.add_argument_group("segmentation (Ultralytics YOLO, person class)")
-    seg.add_argument("--seg-model", default=DEFAULT_SEG_MODEL, help="segmentation weights (.pt), exported .onnx, or model .yaml")
-    seg.add_argument("--seg-conf", type=_unit_float, default=0.25, help="minimum person confidence")
-    seg.add_argument("--seg-imgsz", type=_positive_int, default=640, help="inference size")
-    seg.add_argument("--seg-backend", choices=["auto", "onnx", "torch"], default="auto",
-                     help="auto: on the CPU, .pt weights run as their ONNX export (made once, verified, kept beside the weights)")
-    seg.add_argument("--keep-unsegmented", action="store_true", help="keep the whole image when no person is found")
+    add(seg, "--seg-model", help="segmentation weights (.pt), exported .onnx, or model .yaml")
+    add(seg, "--seg-conf", type=_unit_float, help="minimum person confidence")
+    add(seg, "--seg-imgsz", type=_positive_int, help="inference size")
+    add(seg, "--seg-backend", choices=["auto", "onnx", "torch"],
+        help="auto: on the CPU, .pt weights run as their ONNX export (made once, verified, kept beside the weights)")
+    add(seg, "--keep-unsegmented", action="store_true", help="keep the whole image when no person is found")
 
     out = p.add_argument_group("output")
-    out.add_argument("--output-dir", type=Path, default=Path("."), help="where images/, embeddings/, ... are written")
-    out.add_argument("--top-k", type=_positive_int, default=5)
-    out.add_argument("--max-matrix", type=_non_negative_int, default=20000, help="save the N x N distance matrix only when N <= this")
-    out.add_argument("--max-result-images", type=_non_negative_int, default=None, help="cap on result pictures (default: one per image)")
-    out.add_argument("--shard-rows", type=_positive_int, default=512, help="rows per resumable shard")
-    out.add_argument("--fresh", action="store_true", help="discard the shards of an interrupted run instead of resuming")
+    add(out, "--output-dir", type=Path, help="where images/, embeddings/, ... are written")
+    add(out, "--top-k", type=_positive_int)
+    add(out, "--max-matrix", type=_non_negative_int, help="save the N x N distance matrix only when N <= this")
+    add(out, "--max-result-images", type=_non_negative_int, help="cap on result pictures (default: one per image)")
+    add(out, "--shard-rows", type=_positive_int, help="rows per resumable shard")
+    add(out, "--fresh", action="store_true", help="discard the shards of an interrupted run instead of resuming")
 
     verbosity = p.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks and the CPU in the summary")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars or summary")
     return p
 
@@ -120,17 +127,21 @@ def _flag_names(parser: argparse.ArgumentParser, dests: set[str]) -> str:
     return ", ".join(spelled.get(d, "--" + d) for d in sorted(dests))
 
 
+def _need(parser: argparse.ArgumentParser, dests: set[str], what: str) -> str:
+    """'--det-model needs --video_clip NAME' / '--det-model, --det-conf need ...'."""
+    return f"{_flag_names(parser, dests)} {'needs' if len(dests) == 1 else 'need'} {what}"
+
+
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit: frozenset[str]) -> None:
     """Refuse contradictory flags (parser.error exits with code 2)."""
-    cache_flags = [f for f in ("use_embeddings", "use_embedded_segment") if getattr(args, f)]
-    if len(cache_flags) > 1:
+    if args.use_embeddings and args.use_embedded_segment:
         parser.error("--use-embeddings and --use-embedded-segment contradict: pick the cache to reuse")
     if args.use_embeddings and args.use_segmentation:
         parser.error("--use-embeddings reuses whole-image embeddings; for segmented crops use --use-embedded-segment")
     if args.use_embedded_segment and args.use_segmentation:
-        parser.error("--use-embedded-segment already means segmentation; drop --use-segmentation to reuse the cache, or drop --use-embedded-segment to rebuild it")
-    others = [f for f in ("use_embeddings", "use_segmentation", "use_embedded_segment") if getattr(args, f)]
-    if args.export_onnx and others:
+        parser.error("--use-embedded-segment already means segmentation; drop --use-segmentation to reuse the cache, "
+                     "or drop --use-embedded-segment to rebuild it")
+    if args.export_onnx and (args.use_embeddings or args.use_segmentation or args.use_embedded_segment):
         parser.error("--export-onnx makes the ONNX file and stops; run the pipeline as a second command")
     if ({"per_tensor", "quantization"} & explicit) and not args.export_onnx:
         parser.error("--per-tensor and --quantization only apply to --export-onnx")
@@ -143,19 +154,17 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit
         parser.error("--evaluate embeds the dataset itself; it does not read a cache")
     eval_flags = {"eval_backends", "eval_id_column", "eval_cloth_column"} & explicit
     if eval_flags and not args.evaluate:
-        parser.error(f"{_flag_names(parser, eval_flags)} need --evaluate")
+        parser.error(_need(parser, eval_flags, "--evaluate"))
     if args.eval_backends:
-        bad = [b for b in args.eval_backends.split(",") if b not in ("torch", "onnx-fp32", "onnx-int8")]
+        bad = [b for b in args.eval_backends.split(",") if b not in EVAL_BACKENDS]
         if bad:
-            parser.error(f"--eval-backends: unknown {bad}; choose from torch, onnx-fp32, onnx-int8")
+            parser.error(f"--eval-backends: unknown {bad}; choose from {', '.join(EVAL_BACKENDS)}")
     video_flags = {"video_dir", "frame_stride", "det_model", "det_conf", "det_backend"} & explicit
     if video_flags and not args.video_clip:
-        parser.error(f"{_flag_names(parser, video_flags)} need --video_clip NAME")
-    if args.video_clip and args.export_onnx:
-        parser.error("--export-onnx makes the ONNX file and stops; run the video as a second command")
+        parser.error(_need(parser, video_flags, "--video_clip NAME"))
     seg_flags = {"seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented"} & explicit
     if seg_flags and not (args.use_segmentation or args.use_embedded_segment):
-        parser.error(f"{_flag_names(parser, seg_flags)} need --use-segmentation or --use-embedded-segment")
+        parser.error(_need(parser, seg_flags, "--use-segmentation or --use-embedded-segment"))
     if args.fresh and (args.use_embeddings or args.use_embedded_segment):
         parser.error("--fresh rebuilds the gallery; it cannot be combined with a cache flag")
     if args.backend == "onnx" and args.precision != "auto":
@@ -180,28 +189,6 @@ def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> frozen
     return frozenset(vars(ns))
 
 
-# RunConfig fields that take the flag of the same name unchanged.
-_SAME_NAME = (
-    "output_dir", "batch_size", "top_k", "max_matrix", "max_result_images", "shard_rows", "use_embeddings",
-    "use_segmentation", "use_embedded_segment", "fresh", "video_clip", "video_dir", "frame_stride",
-    "det_model", "det_conf", "det_backend",
-)
-
-
-def config_from_args(args: argparse.Namespace, explicit: frozenset[str]) -> RunConfig:
-    return RunConfig(
-        dataset=DatasetSpec(args.dataset, args.split, args.limit or None, args.image_column),
-        embedder=EmbedderSpec(
-            model=args.model, onnx=args.onnx, backend=args.backend, device=args.device,
-            precision=args.precision, threads=args.threads,
-        ),
-        segment=SegmentSpec(model=args.seg_model, conf=args.seg_conf, imgsz=args.seg_imgsz, keep_unsegmented=args.keep_unsegmented, backend=args.seg_backend),
-        progress=not args.quiet,
-        explicit=explicit,
-        **{name: getattr(args, name) for name in _SAME_NAME},
-    )
-
-
 def configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
@@ -210,31 +197,6 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
     if not verbose:
         for noisy in ("httpx", "httpx2", "urllib3", "filelock", "datasets", "huggingface_hub", "PIL", "matplotlib", "onnx_ir", "onnxscript"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def dispatch(cfg: RunConfig, args: argparse.Namespace):
-    """Pick the mode function for this configuration."""
-    from pipeline import runner
-
-    if args.export_onnx:
-        return runner.run_export(cfg, per_tensor=args.per_tensor, quantization=args.quantization)
-    with runner.output_session(cfg):
-        if cfg.video_clip:
-            from pipeline.video import run_video
-
-            return run_video(cfg)
-        if args.query_image or args.query_text:
-            from pipeline.search import run_query
-
-            return run_query(cfg, args.query_image or [], args.query_text or [])
-        if args.evaluate:
-            from pipeline.search import run_evaluate
-
-            backends = args.eval_backends.split(",") if args.eval_backends else [
-                "onnx-int8" if cfg.embedder.resolve_backend() == "onnx" else "torch"
-            ]
-            return run_evaluate(cfg, backends, args.eval_id_column, args.eval_cloth_column)
-        return runner.run_gallery(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,12 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
     configure_logging(args.verbose, args.quiet)
-    cfg = config_from_args(args, explicit)
+    cfg = config_from_flags(vars(args), explicit, progress=not args.quiet)
     try:
-        summary = dispatch(cfg, args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        from pipeline.runner import run
+
+        summary = run(cfg)
     except PipelineError as e:
         if args.verbose:
             log.exception("fatal")

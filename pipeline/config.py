@@ -1,38 +1,77 @@
-"""Run configuration: the parsed command line as one typed value, with the output layout."""
+"""Run configuration: the parsed command line as one typed value, with the output layout.
+
+Every default is written once, here or in the stage that owns the setting (DatasetSpec,
+EmbedderSpec, SegmentSpec); the command line takes its defaults from these dataclasses through
+FLAGS, and every mode reads the same RunConfig.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from .dataset import DatasetSpec
 from .embedders import EmbedderSpec
 from .store import PARTIAL_DIR
+from .yolo import SegmentSpec
 
-DEFAULT_DATASET = "lirus18/deepfashion"
-DEFAULT_MODEL = "patrickjohncyh/fashion-clip"
-DEFAULT_ONNX = "onnx/fashion_clip_image_int8_matmul.onnx"
-DEFAULT_SEG_MODEL = "yolov8l-seg.pt"
-DEFAULT_DET_MODEL = "yolov8n.pt"
+EVAL_BACKENDS = ("torch", "onnx-fp32", "onnx-int8")
 
 
 @dataclass(frozen=True)
-class SegmentSpec:
-    """Ultralytics segmentation settings (the person class only)."""
+class VideoSpec:
+    """--video_clip: which clip, how often a frame is analysed, and the person detector."""
 
-    model: str = DEFAULT_SEG_MODEL
-    conf: float = 0.25
-    imgsz: int = 640
-    keep_unsegmented: bool = False
-    backend: str = "auto"  # auto (ONNX export of .pt weights on the CPU) | onnx | torch
+    clip: str | None = None
+    folder: Path = Path("videos")
+    frame_stride: int = 30
+    det_model: str = "yolov8n.pt"
+    det_conf: float = 0.25
+    det_backend: str = "auto"  # auto (ONNX export of .pt weights on the CPU) | onnx | torch
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """--query-image / --query-text."""
+
+    images: tuple[str, ...] = ()
+    texts: tuple[str, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.images or self.texts)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """--evaluate: which backends, and where the ground truth is."""
+
+    enabled: bool = False
+    backends: tuple[str, ...] = ()  # empty: the backend in use
+    id_column: str | None = None  # same-product evaluation (e.g. item_ID)
+    cloth_column: str = "cloth"  # person -> garment evaluation
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """--export-onnx."""
+
+    enabled: bool = False
+    quantization: str = "static"  # static (QDQ, calibrated) | dynamic
+    per_tensor: bool = False
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs. `explicit` names the options the user typed (not defaults)."""
 
-    dataset: DatasetSpec = field(default_factory=lambda: DatasetSpec(DEFAULT_DATASET))
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
     embedder: EmbedderSpec = field(default_factory=EmbedderSpec)
     segment: SegmentSpec = field(default_factory=SegmentSpec)
+    video: VideoSpec = field(default_factory=VideoSpec)
+    query: QuerySpec = field(default_factory=QuerySpec)
+    evaluate: EvalSpec = field(default_factory=EvalSpec)
+    export: ExportSpec = field(default_factory=ExportSpec)
     output_dir: Path = Path(".")
     batch_size: int = 32
     top_k: int = 5
@@ -45,13 +84,6 @@ class RunConfig:
     fresh: bool = False
     progress: bool = True
     explicit: frozenset[str] = frozenset()
-    # video
-    video_clip: str | None = None
-    video_dir: Path = Path("videos")
-    frame_stride: int = 30
-    det_model: str = DEFAULT_DET_MODEL
-    det_conf: float = 0.25
-    det_backend: str = "auto"  # auto (ONNX export of .pt weights on the CPU) | onnx | torch
 
     @property
     def segmented(self) -> bool:
@@ -92,7 +124,7 @@ class RunConfig:
     def video_results_dir(self) -> Path:
         """video_results/<clip>/ (video_results/ itself when no clip is set)."""
         base = self.output_dir / "video_results"
-        return base / self.video_clip if self.video_clip else base
+        return base / self.video.clip if self.video.clip else base
 
     def owned_folders(self) -> list[Path]:
         """Every folder of the output layout, standard and segmented, that exists now."""
@@ -101,7 +133,64 @@ class RunConfig:
             c = replace(self, use_segmentation=segmented, use_embedded_segment=False)
             folders += [c.images_dir, c.store_dir, c.store_dir / PARTIAL_DIR, c.results_dir, c.queries_dir]
         folders.append(self.plots_dir)
-        videos = replace(self, video_clip=None).video_results_dir
+        videos = replace(self, video=replace(self.video, clip=None)).video_results_dir
         if videos.is_dir():
             folders += [p for p in videos.iterdir() if p.is_dir() and not p.is_symlink()]
         return [p for p in folders if p.is_dir()]
+
+
+# Command-line option (argparse dest) -> (RunConfig section, field); section None: RunConfig itself.
+FLAGS: dict[str, tuple[str | None, str]] = {
+    "dataset": ("dataset", "name"), "split": ("dataset", "split"), "limit": ("dataset", "limit"),
+    "image_column": ("dataset", "image_column"),
+    "model": ("embedder", "model"), "onnx": ("embedder", "onnx"), "backend": ("embedder", "backend"),
+    "device": ("embedder", "device"), "precision": ("embedder", "precision"), "threads": ("embedder", "threads"),
+    "seg_model": ("segment", "model"), "seg_conf": ("segment", "conf"), "seg_imgsz": ("segment", "imgsz"),
+    "seg_backend": ("segment", "backend"), "keep_unsegmented": ("segment", "keep_unsegmented"),
+    "video_clip": ("video", "clip"), "video_dir": ("video", "folder"), "frame_stride": ("video", "frame_stride"),
+    "det_model": ("video", "det_model"), "det_conf": ("video", "det_conf"), "det_backend": ("video", "det_backend"),
+    "query_image": ("query", "images"), "query_text": ("query", "texts"),
+    "evaluate": ("evaluate", "enabled"), "eval_backends": ("evaluate", "backends"),
+    "eval_id_column": ("evaluate", "id_column"), "eval_cloth_column": ("evaluate", "cloth_column"),
+    "export_onnx": ("export", "enabled"), "quantization": ("export", "quantization"), "per_tensor": ("export", "per_tensor"),
+    **{name: (None, name) for name in (
+        "output_dir", "batch_size", "top_k", "max_matrix", "max_result_images", "shard_rows", "use_embeddings",
+        "use_segmentation", "use_embedded_segment", "fresh",
+    )},
+}
+
+
+def _spec_class(section: str | None) -> type:
+    if section is None:
+        return RunConfig
+    return next(f for f in fields(RunConfig) if f.name == section).default_factory  # type: ignore[return-value]
+
+
+def flag_default(dest: str) -> Any:
+    """The default of a command-line option: its dataclass field's default."""
+    section, name = FLAGS[dest]
+    f = next(f for f in fields(_spec_class(section)) if f.name == name)
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def config_from_flags(values: dict[str, Any], explicit: frozenset[str] = frozenset(), progress: bool = True) -> RunConfig:
+    """Build the RunConfig from parsed option values (argparse dests, as in FLAGS).
+
+    --limit 0 means every row (limit None); list options become tuples; --eval-backends is a comma list.
+    """
+    sections: dict[str | None, dict[str, Any]] = {}
+    for dest, value in values.items():
+        if dest not in FLAGS:
+            continue
+        if dest == "limit":
+            value = value or None
+        elif dest in ("query_image", "query_text"):
+            value = tuple(value or ())
+        elif dest == "eval_backends" and isinstance(value, str):
+            value = tuple(b for b in value.split(",") if b)
+        section, name = FLAGS[dest]
+        sections.setdefault(section, {})[name] = value
+    specs = {s: _spec_class(s)(**kw) for s, kw in sections.items() if s is not None}
+    return RunConfig(**specs, **sections.get(None, {}), progress=progress, explicit=explicit)

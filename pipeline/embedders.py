@@ -20,8 +20,8 @@ import numpy as np
 
 from .errors import PipelineError, first_line
 from .preprocess import PreprocessConfig
-from .probes import check_file, probe_pixels
-from .store import sha256_file
+from .fileio import sha256_file
+from .probes import META_PROBES, ProbeRecord, check_file, probe_pixels
 
 log = logging.getLogger(__name__)
 
@@ -48,31 +48,42 @@ def tokenizer_path_for(text_onnx: str | Path) -> Path:
 
 
 class Embedder(Protocol):
-    """What every backend provides.
+    """What every backend provides (backends subclass it to inherit the defaults).
 
     identity: what made the vectors (backend, model, precision, file hashes, preprocessing, dim);
         stored in the sidecar and compared before a cache is reused.
+    lanes: how many `embed_serial` calls may run at once, one per core, from callers that run one
+        thread per core (the gallery's lanes); 1 when the backend is not built for that.
     """
 
     preprocess_cfg: PreprocessConfig
     dim: int
     identity: dict[str, Any]
+    lanes: int = 1
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """Args: pixels float32 (B, 3, H, W), RGB. Returns: float32 (B, D), unit L2 norm per row."""
         ...
 
+    def embed_serial(self, pixels: np.ndarray) -> np.ndarray:
+        """`embed` on the calling thread's core only (default: `embed`)."""
+        return self.embed(pixels)
+
     def embed_text(self, texts: list[str]) -> np.ndarray:
         """Texts in, float32 (len(texts), D) unit vectors out, in the same space as `embed`."""
-        ...
+        raise PipelineError(f"{type(self).__name__} has no text tower")
+
+
+DEFAULT_MODEL = "patrickjohncyh/fashion-clip"
+DEFAULT_ONNX = "onnx/fashion_clip_image_int8_matmul.onnx"
 
 
 @dataclass(frozen=True)
 class EmbedderSpec:
     """What the user asked for; `resolve_backend` turns backend "auto" into "onnx" or "torch"."""
 
-    model: str = "patrickjohncyh/fashion-clip"
-    onnx: str = "onnx/fashion_clip_image_int8_matmul.onnx"
+    model: str = DEFAULT_MODEL
+    onnx: str = DEFAULT_ONNX
     backend: str = "auto"  # auto | onnx | torch
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | fp16 | int8 (torch backend only)
@@ -148,7 +159,7 @@ def make_embedder(spec: EmbedderSpec) -> Embedder:
 
 
 # ----------------------------------------------------------------------------- onnxruntime
-class OnnxEmbedder:
+class OnnxEmbedder(Embedder):
     """onnxruntime session over an exported CLIP image tower (input pixel_values, output image_embeds)."""
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int = 0, model_hint: str | None = None) -> None:
@@ -165,11 +176,11 @@ class OnnxEmbedder:
                 f"--device cuda asked for, but this onnxruntime has no CUDA provider (it has {available}). "
                 "Install onnxruntime-gpu, or use --device cpu."
             )
-        # On the CPU: one single-threaded session per core, each running a slice of the batch.
-        # Measured on 2 cores with the int8 model: the same 61 img/s as one 2-thread session when
-        # alone, but while the decoding thread also needs CPU, the 2-thread session loses ~20% to
-        # its per-operator synchronisation (one preempted thread stalls both) and slices do not.
-        # Vectors do not depend on the slicing (static int8 and fp32 are batch-independent).
+        # On the CPU: one single-threaded session per core, each running a slice of the batch. Alone
+        # it is as fast as one multi-threaded session, but while other threads also need the CPU
+        # (decoding), a multi-threaded session loses time to its per-operator synchronisation (one
+        # preempted thread stalls all) and slices do not. Vectors do not depend on the slicing
+        # (static int8 and fp32 are batch-independent).
         use_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
         cores = threads or available_cores()
         replicas = 1 if use_cuda else max(1, cores)
@@ -299,8 +310,6 @@ class _OnnxText:
         self.tokenizer = Tokenizer.from_file(str(tok_path))
         self.tokenizer.enable_truncation(TEXT_CONTEXT)
         self.tokenizer.enable_padding(length=TEXT_CONTEXT, pad_id=int(meta.get(META_PAD_ID, 0)))
-        from .probes import META_PROBES, ProbeRecord
-
         texts = ProbeRecord.from_json(meta[META_PROBES]).texts if META_PROBES in meta else []
         inputs = self.tokenize(texts)
         check_file(path, meta, inputs, lambda: self._run(*inputs))
@@ -320,7 +329,7 @@ class _OnnxText:
 
 
 # ----------------------------------------------------------------------------- transformers
-class TorchEmbedder:
+class TorchEmbedder(Embedder):
     """transformers CLIPModel: fp32 on CPU; on CUDA fp16, or bitsandbytes 8-bit (see resolve_torch_precision)."""
 
     def __init__(self, model: str, device: str = "auto", precision: str = "auto", threads: int = 0) -> None:
@@ -398,11 +407,9 @@ def projected(out):
 def resolve_torch_precision(precision: str, device: str) -> str:
     """auto: fp32 on CPU, fp16 on CUDA.
 
-    The reference loaded bitsandbytes 8-bit whenever it was installed. Measured on an H100 with the
-    FashionCLIP architecture (benchmarks/results/gpu_check_h100.json), bitsandbytes 8-bit ran at
-    1,108 img/s (batch 32) and 2,693 (batch 128) against fp16's 4,659 and 7,597, and agreed less
-    with fp32 (cosine >= 0.99985 vs >= 0.999999), so fp16 is the CUDA default and 8-bit is there
-    with --precision int8 for cards short of memory.
+    The reference loaded bitsandbytes 8-bit whenever it was installed. On an H100, bitsandbytes
+    8-bit was slower than fp16 and agreed less with fp32 (README, GPU benchmarks), so fp16 is the
+    CUDA default and 8-bit is there with --precision int8 for cards short of memory.
     """
     if device == "cpu":
         if precision not in ("auto", "fp32"):

@@ -10,10 +10,6 @@ class CacheMismatchError(PipelineError):
     """A cached store does not match its files or what is asked for."""
 
 
-class UsageError(PipelineError):
-    """Contradictory or invalid arguments, found after parsing (exit code 2)."""
-
-
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (library errors often add paragraphs of advice)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]

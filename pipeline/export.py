@@ -8,18 +8,15 @@ onnxruntime's CPU provider), int8 weights, two ways:
 - "static" (default): QDQ with activation ranges calibrated on gallery images. An image's vector does
   not depend on which other images share its batch, so a file embedded again (a query, a resumed
   run, a video crop) gets exactly its gallery vector.
-- "dynamic": quantize_dynamic. About 10% faster here, but activations are quantized with one scale
-  per batch tensor, so the same image embedded in two different batches differs (measured: up to
-  0.056 absolute in the unnormalized features of the real architecture).
+- "dynamic": quantize_dynamic. Activations are quantized with one scale per batch tensor, so the
+  same image embedded in two different batches differs (README, Benchmarks).
 
 Int8 weights are kept to 7 bits (onnxruntime's reduce_range) in both. onnxruntime multiplies uint8
 activations by int8 weights; on CPUs with VNNI or AMX the sums are exact, but on AVX2-only and
 AVX-512 CPUs without VNNI the kernel adds each pair of products into a saturating 16-bit sum
 (vpmaddubsw). With 8-bit weights a pair can reach 2 x 255 x 127 = 64,770 and is clipped to 32,767;
-with 7-bit weights it stays under 2 x 255 x 64 = 32,640, so every CPU computes the same result.
-Measured on the tiny test model by emulating that kernel (tests/int8_emulation.py): dynamic int8
-fell to cosine min 0.906 with 8-bit weights, as on a real AVX2-only EPYC, and scores 0.9996 with
-7-bit weights, the same with or without the emulation.
+with 7-bit weights it stays under 2 x 255 x 64 = 32,640, so every CPU computes the same result
+(tests/int8_emulation.py emulates that kernel; README, "Int8 that holds on every x86 CPU").
 
 Every file also carries self-check probes (pipeline/probes.py): the fp32 torch model's outputs for
 a few fixed inputs, which the file must reproduce wherever it is loaded.
@@ -37,13 +34,17 @@ from PIL import Image
 
 from .embedders import (
     META_KIND,
+    META_PAD_ID,
     META_PRECISION,
     META_PREPROCESS,
     META_SOURCE_MODEL,
     l2_normalize,
     model_reference,
+    TEXT_CONTEXT,
     preprocess_config_for_model,
     projected,
+    text_onnx_path_for,
+    tokenizer_path_for,
 )
 from .errors import PipelineError, first_line
 from .preprocess import preprocess_batch
@@ -255,8 +256,6 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) 
     import onnx
     import torch
     from transformers import AutoTokenizer
-
-    from .embedders import META_PAD_ID, TEXT_CONTEXT, text_onnx_path_for, tokenizer_path_for
 
     try:
         tok = AutoTokenizer.from_pretrained(model)

@@ -119,62 +119,62 @@ def _precrop_extreme(image: Image.Image) -> Image.Image:
     return image.crop(box)
 
 
-def preprocess(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+def preprocess(image: Image.Image, prep: PreprocessConfig) -> np.ndarray:
     """Turn one RGB image into the model's input.
 
     Args:
         image: 8-bit RGB PIL image of any size.
-        cfg: preprocessing parameters.
+        prep: preprocessing parameters.
     Returns:
         float32 array (3, crop_height, crop_width), channels in RGB order.
     """
-    return to_model_input(resize_for_model(image, cfg), cfg)
+    return to_model_input(resize_for_model(image, prep), prep)
 
 
-def resize_for_model(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
-    """The resize step alone (shortest side to cfg.shortest_edge); callers may reuse its output,
+def resize_for_model(image: Image.Image, prep: PreprocessConfig) -> Image.Image:
+    """The resize step alone (shortest side to prep.shortest_edge); callers may reuse its output,
     e.g. for a thumbnail, before `to_model_input`."""
     if image.mode != "RGB":
         raise ValueError(f"preprocess expects an RGB image, got mode {image.mode!r}")
-    if cfg.do_resize:
+    if prep.do_resize:
         image = _precrop_extreme(image)
-        size = _resize_size(image.width, image.height, cfg.shortest_edge)
+        size = _resize_size(image.width, image.height, prep.shortest_edge)
         if size != image.size:
-            image = image.resize(size, _RESAMPLE.get(cfg.resample, Image.BICUBIC))
+            image = image.resize(size, _RESAMPLE.get(prep.resample, Image.BICUBIC))
     return image
 
 
-def to_model_input(resized: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+def to_model_input(resized: Image.Image, prep: PreprocessConfig) -> np.ndarray:
     """Centre crop, rescale and normalize a resized image: float32 (3, crop_height, crop_width)."""
     arr = np.asarray(resized)
-    if cfg.do_center_crop:
-        arr = _center_crop(arr, cfg.crop_height, cfg.crop_width)
+    if prep.do_center_crop:
+        arr = _center_crop(arr, prep.crop_height, prep.crop_width)
     # uint8 -> float through a 256-entry table per channel: the same float32 arithmetic as
     # rescale-then-normalize, done once per value instead of once per pixel. OpenCV's LUT maps
     # the three channels in one pass (~3x faster than numpy's take per channel, same values).
     import cv2
 
-    hwc = cv2.LUT(np.ascontiguousarray(arr), _value_table_hwc(cfg))
+    hwc = cv2.LUT(np.ascontiguousarray(arr), _value_table_hwc(prep))
     return np.ascontiguousarray(hwc.transpose(2, 0, 1))
 
 
 @lru_cache(maxsize=8)
-def _value_table(cfg: PreprocessConfig) -> np.ndarray:
+def _value_table(prep: PreprocessConfig) -> np.ndarray:
     """float32 (3, 256): the model input value of each 8-bit level, per channel."""
     v = np.arange(256, dtype=np.float32)[None, :].repeat(3, axis=0)
-    if cfg.do_rescale:
-        v *= np.float32(cfg.rescale_factor)
-    if cfg.do_normalize:
-        v -= np.asarray(cfg.image_mean, dtype=np.float32)[:, None]
-        v /= np.asarray(cfg.image_std, dtype=np.float32)[:, None]
+    if prep.do_rescale:
+        v *= np.float32(prep.rescale_factor)
+    if prep.do_normalize:
+        v -= np.asarray(prep.image_mean, dtype=np.float32)[:, None]
+        v /= np.asarray(prep.image_std, dtype=np.float32)[:, None]
     v.flags.writeable = False
     return v
 
 
 @lru_cache(maxsize=8)
-def _value_table_hwc(cfg: PreprocessConfig) -> np.ndarray:
+def _value_table_hwc(prep: PreprocessConfig) -> np.ndarray:
     """_value_table laid out as OpenCV's LUT wants it: float32 (1, 256, 3)."""
-    return np.ascontiguousarray(_value_table(cfg).T.reshape(1, 256, 3))
+    return np.ascontiguousarray(_value_table(prep).T.reshape(1, 256, 3))
 
 
 def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
@@ -189,9 +189,9 @@ def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return arr[top : top + crop_h, left : left + crop_w]
 
 
-def preprocess_batch(images: Iterable[Image.Image], cfg: PreprocessConfig) -> np.ndarray:
+def preprocess_batch(images: Iterable[Image.Image], prep: PreprocessConfig) -> np.ndarray:
     """Stack preprocessed images into float32 (B, 3, H, W)."""
-    arrays = [preprocess(im, cfg) for im in images]
+    arrays = [preprocess(im, prep) for im in images]
     if not arrays:
-        return np.zeros((0, 3, cfg.crop_height, cfg.crop_width), dtype=np.float32)
+        return np.zeros((0, 3, prep.crop_height, prep.crop_width), dtype=np.float32)
     return np.stack(arrays)

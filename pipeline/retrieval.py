@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .store import AtomicNpyMemmap, atomic_write_text
+from .fileio import AtomicNpyMemmap, atomic_write_text
 
 DEFAULT_BLOCK = 1024
 

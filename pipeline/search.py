@@ -19,16 +19,19 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from .catalog import load_gallery_cache, segmenter_factory
 from .config import RunConfig
 from .dataset import IMAGE_SUFFIXES, DatasetSpec, count_rows, iter_records
 from .embedders import Embedder, EmbedderSpec, make_embedder
 from .errors import PipelineError
+from .export import fp32_path_for
+from .fileio import atomic_write_text
 from .images import ImageDecodeError, decode_image
-from .plots import THUMB_SIZE, caption_font, pyplot, save_figure, compose_matches, make_thumbnail, save_jpeg
+from .persons import Segmenter, person_crop
+from .plots import THUMB_SIZE, caption_font, compose_matches, make_thumbnail, neighbour_tiles, pyplot, save_figure, save_jpeg
 from .preprocess import PreprocessConfig, preprocess_batch
 from .report import RunSummary
-from .retrieval import topk_neighbours, write_neighbours_csv
-from .store import ManifestRow, atomic_write_text
+from .retrieval import iter_neighbour_rows, topk_neighbours, write_neighbours_csv
 
 log = logging.getLogger(__name__)
 
@@ -68,76 +71,70 @@ def text_tile(text: str, size: int = THUMB_SIZE) -> np.ndarray:
     return np.asarray(im)
 
 
-def run_query(cfg: RunConfig, image_paths: Sequence[str], texts: Sequence[str]) -> RunSummary:
+def run_query(cfg: RunConfig) -> RunSummary:
     """--query-image / --query-text against the cached gallery (embeddings/ or embeddings_segment/)."""
-    from .runner import load_gallery_cache, segmenter_factory
-
     summary = RunSummary(mode="query")
     with summary.stage("load model"):
         embedder = make_embedder(cfg.embedder)
     with summary.stage("load cache"):
         cache = load_gallery_cache(cfg, identity=embedder.identity)
-    embedded = cache.embedded_rows
     queries: list[Query] = []
     vectors: list[np.ndarray] = []
-    if image_paths:
+    if cfg.query.images:
         segmenter = segmenter_factory(cfg) if cfg.use_segmentation else None
         with summary.stage("embed image queries"):
-            for path in expand_image_paths(image_paths):
-                try:
-                    image = decode_image(path.read_bytes()).image
-                except (ImageDecodeError, OSError) as e:
-                    summary.fail(str(path), str(e))
-                    continue
-                crops = [(path.name, image)]
-                if segmenter is not None:
-                    from .segment import white_background_crop
-
-                    arr = np.asarray(image)
-                    persons = segmenter.segment([arr])[0]
-                    found = [(f"{path.name}#p{k}", white_background_crop(arr, p.mask, p.box_xyxy)) for k, p in enumerate(persons)]
-                    found = [(label, Image.fromarray(c)) for label, c in found if c is not None]
-                    if found:
-                        crops = found
-                    else:
-                        summary.notes.append(f"{path.name}: no person found, the whole image is the query")
-                pixels = preprocess_batch([c for _, c in crops], embedder.preprocess_cfg)
-                vectors.append(embedder.embed(pixels))
-                queries += [Query(label, "image", make_thumbnail(c)) for label, c in crops]
-    if texts:
+            for path in expand_image_paths(cfg.query.images):
+                crops = _query_crops(path, segmenter, summary)
+                if crops:
+                    vectors.append(embedder.embed(preprocess_batch([c for _, c in crops], embedder.preprocess_cfg)))
+                    queries += [Query(label, "image", make_thumbnail(c)) for label, c in crops]
+    if cfg.query.texts:
         with summary.stage("embed text queries"):
-            vectors.append(embedder.embed_text(list(texts)))
-            queries += [Query(t, "text", text_tile(t)) for t in texts]
+            vectors.append(embedder.embed_text(list(cfg.query.texts)))
+            queries += [Query(t, "text", text_tile(t)) for t in cfg.query.texts]
     if not queries:
         raise PipelineError("none of the query images could be read")
-    q = np.concatenate(vectors)
     with summary.stage("search"):
-        nb = topk_neighbours(q, cache.embeddings, cfg.top_k)
+        nb = topk_neighbours(np.concatenate(vectors), cache.embeddings, cfg.top_k)
     out_dir = cfg.queries_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    embedded = cache.embedded_rows
+    names, ids = [r.file for r in embedded], [r.index for r in embedded]
     thumbs = cache.thumbnails()
     try:
         with summary.stage("pictures"):
             for i, query in enumerate(queries):
-                tiles, labels = [], []
-                for rank, (j, d) in enumerate(zip(nb.indices[i], nb.distances[i])):
-                    if j < 0:
-                        continue
-                    r: ManifestRow = embedded[j]
-                    rows.append((query.label, query.kind, rank + 1, r.file, r.index, float(d)))
-                    tiles.append(thumbs[j].copy())
-                    labels.append(f"d={d:.3f}\n{r.file}")
-                title = f"{query.kind} query: {query.label}"
-                save_jpeg(compose_matches(query.tile, query.kind, tiles, labels, title=title), out_dir / f"q{i:03d}_{_slug(query.label)}.jpg")
+                tiles, labels = neighbour_tiles(nb.indices[i], nb.distances[i], lambda j: thumbs[j].copy(), names)
+                pic = compose_matches(query.tile, query.kind, tiles, labels, title=f"{query.kind} query: {query.label}")
+                save_jpeg(pic, out_dir / f"q{i:03d}_{_slug(query.label)}.jpg")
     finally:
         thumbs.close()
     table = out_dir / "query_results.csv"
-    write_neighbours_csv(table, iter(rows), columns=("query", "kind", "rank", "gallery_file", "row", "distance"))
+    flat = iter_neighbour_rows(nb, [q.label for q in queries], [q.kind for q in queries], ids, names)
+    rows = ((label, kind, rank, name, row, d) for label, kind, rank, row, name, d in flat)
+    write_neighbours_csv(table, rows, columns=("query", "kind", "rank", "gallery_file", "row", "distance"))
     summary.count("queries", len(queries))
     summary.outputs["results"] = str(table)
     summary.outputs["pictures"] = f"{out_dir}/q*.jpg"
     return summary
+
+
+def _query_crops(path: Path, segmenter: Segmenter | None, summary: RunSummary) -> list[tuple[str, Image.Image]]:
+    """A query image as (label, picture) pairs: the whole picture, or with a segmenter each person
+    in it (the whole picture when nobody is found). [] when it cannot be read (recorded)."""
+    try:
+        image = decode_image(path.read_bytes()).image
+    except (ImageDecodeError, OSError) as e:
+        summary.fail(str(path), str(e))
+        return []
+    if segmenter is None:
+        return [(path.name, image)]
+    arr = np.asarray(image)
+    crops = [(f"{path.name}#p{k}", person_crop(arr, p)) for k, p in enumerate(segmenter.segment([arr])[0])]
+    found = [(label, Image.fromarray(c)) for label, c in crops if c is not None]
+    if not found:
+        summary.notes.append(f"{path.name}: no person found, the whole image is the query")
+    return found or [(path.name, image)]
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -231,8 +228,6 @@ def _embed_pass(spec: DatasetSpec, embedders: dict[str, Embedder], batch_size: i
     Returns:
         {"ids": {source_row: product}, backend: {"photos": (emb, rows), "garments": ..., "crops": ...}}
     """
-    from .segment import white_background_crop
-
     photos, garments, crops = (_Batcher(embedders, batch_size) for _ in range(3))
     ids: dict[int, str] = {}
     min_sides = sorted({e.preprocess_cfg.decode_min_side for e in embedders.values()})
@@ -264,7 +259,7 @@ def _embed_pass(spec: DatasetSpec, embedders: dict[str, Embedder], batch_size: i
         if segmenter is not None:
             arr = np.asarray(decode_image(rec.data).image)
             persons = segmenter.segment([arr])[0]
-            crop = white_background_crop(arr, persons[0].mask, persons[0].box_xyxy) if persons else None
+            crop = person_crop(arr, persons[0]) if persons else None
             if crop is not None:
                 crop_image = Image.fromarray(crop)
                 crops.add(rec.source_row, dict.fromkeys(min_sides, crop_image))
@@ -288,12 +283,7 @@ def _person_to_garment(queries: np.ndarray, q_rows: np.ndarray, garments: np.nda
     return metrics_from_ranks(ranks_of_positives(queries[keep], garments, positives))
 
 
-BACKEND_CHOICES = ("torch", "onnx-fp32", "onnx-int8")
-
-
 def _spec_for(cfg: RunConfig, backend: str) -> EmbedderSpec:
-    from .export import fp32_path_for
-
     e = cfg.embedder
     if backend == "torch":
         return replace(e, backend="torch")
@@ -301,18 +291,16 @@ def _spec_for(cfg: RunConfig, backend: str) -> EmbedderSpec:
     return replace(e, onnx=path, backend="onnx", precision="auto")
 
 
-def run_evaluate(cfg: RunConfig, backends: Sequence[str], id_column: str | None, cloth_column: str = "cloth") -> RunSummary:
+def run_evaluate(cfg: RunConfig) -> RunSummary:
     """--evaluate: person->garment (a `cloth` column) or same-product retrieval (--eval-id-column),
-    for every backend asked for. One streamed pass (only embeddings are kept) with all backends
-    loaded at once: the dataset is read, decoded and segmented once, not once per backend."""
+    for every backend asked for (default: the one in use). One streamed pass (only embeddings are
+    kept) with all backends loaded at once: the dataset is read, decoded and segmented once, not
+    once per backend."""
     summary = RunSummary(mode="evaluate")
-    extra = (id_column,) if id_column else (cloth_column,)
-    spec = replace(cfg.dataset, extra_columns=extra)
-    segmenter = None
-    if cfg.use_segmentation and not id_column:
-        from .runner import segmenter_factory
-
-        segmenter = segmenter_factory(cfg)
+    id_column, cloth_column = cfg.evaluate.id_column, cfg.evaluate.cloth_column
+    backends = list(cfg.evaluate.backends) or ["onnx-int8" if cfg.embedder.resolve_backend() == "onnx" else "torch"]
+    spec = replace(cfg.dataset, extra_columns=(id_column,) if id_column else (cloth_column,))
+    segmenter = segmenter_factory(cfg) if cfg.use_segmentation and not id_column else None
     task = "same-product" if id_column else "person->garment"
     with summary.stage("load models"):
         embedders = {backend: make_embedder(_spec_for(cfg, backend)) for backend in backends}

@@ -9,20 +9,24 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from .catalog import open_gallery, segmenter_factory
 from .config import RunConfig
+from .embedders import make_embedder
 from .errors import PipelineError
-from .plots import THUMB_SIZE, compose_matches, make_thumbnail, save_jpeg
+from .fileio import atomic_write_text, check_writable
+from .persons import Detector, Person, person_crop, with_masks
+from .plots import THUMB_SIZE, compose_matches, make_thumbnail, neighbour_tiles, save_jpeg
 from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import topk_neighbours
-from .segment import PERSON_CLASS, PersonMask, box_pixels, load_cpu_yolo, rgb_to_bgr, white_background_crop, yolo_device
-from .store import ThumbnailReader, atomic_write_text, embedded_rows
+from .store import THUMBNAILS_FILE, ThumbnailReader
+from .yolo import UltralyticsDetector
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +41,6 @@ class Frame:
     index: int
     time_s: float
     rgb: np.ndarray
-
-
-@dataclass(frozen=True)
-class Detections:
-    """Persons in one frame: xyxy float32 (N, 4) in frame pixels, scores float32 (N,)."""
-
-    xyxy: np.ndarray
-    scores: np.ndarray
-
-
-class Detector(Protocol):
-    def detect(self, frames_rgb: Sequence[np.ndarray]) -> list[Detections]: ...
 
 
 def find_video(video_dir: Path, clip: str) -> Path:
@@ -124,70 +116,16 @@ def frame_count(path: Path) -> int:
         cap.release()
 
 
-class UltralyticsDetector:
-    """Ultralytics YOLO detection, person class only."""
-
-    def __init__(self, model: str, conf: float, device: str = "auto", imgsz: int = 640, backend: str = "auto") -> None:
-        self.model, self.backend = load_cpu_yolo(model, "detect", backend, imgsz, device)
-        self.conf, self.device, self.imgsz = conf, yolo_device(device), imgsz
-
-    def detect(self, frames_rgb: Sequence[np.ndarray]) -> list[Detections]:
-        sources = [rgb_to_bgr(f) for f in frames_rgb]  # Ultralytics wants BGR
-        out = []
-        for r in self.model.predict(source=sources, classes=[PERSON_CLASS], conf=self.conf, imgsz=self.imgsz, device=self.device, stream=True, verbose=False):
-            b = r.boxes
-            if b is None or len(b) == 0:
-                out.append(Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32)))
-                continue
-            keep = b.cls.cpu().numpy().astype(int) == PERSON_CLASS
-            out.append(Detections(b.xyxy.cpu().numpy().astype(np.float32)[keep], b.conf.cpu().numpy().astype(np.float32)[keep]))
-        return out
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU between boxes a (N, 4) and b (M, 4), xyxy: float32 (N, M)."""
-    a, b = np.asarray(a, np.float32).reshape(-1, 4), np.asarray(b, np.float32).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
-def person_crops(frame_rgb: np.ndarray, det: Detections, masks: list[PersonMask] | None, min_iou: float = 0.5) -> list[tuple[np.ndarray, bool]]:
-    """One crop per detection; with masks, pixels outside the best-overlapping person mask (box IoU
-    >= min_iou) are white. Returns (uint8 crop, whether a mask was applied) per detection."""
-    h, w = frame_rgb.shape[:2]
-    ious = box_iou(det.xyxy, np.stack([m.box_xyxy for m in masks])) if masks else None
-    crops = []
-    for i, box in enumerate(det.xyxy):
-        if ious is not None and ious.shape[1] and ious[i].max() >= min_iou:
-            m = masks[int(ious[i].argmax())]
-            crop = white_background_crop(frame_rgb, m.mask, box)
-            masked = True
-        else:
-            x1, y1, x2, y2 = box_pixels(box, w, h)
-            crop = frame_rgb[y1:y2, x1:x2].copy() if x2 > x1 and y2 > y1 else None
-            masked = False
-        crops.append((crop, masked))
-    return crops
-
-
-def draw_frame_picture(
-    frame_rgb: np.ndarray,
-    det: Detections,
-    rows: list[Image.Image],
-    max_width: int = 1280,
-) -> Image.Image:
+def draw_frame_picture(frame_rgb: np.ndarray, persons: Sequence[Person], rows: list[Image.Image], max_width: int = 1280) -> Image.Image:
     """The frame (scaled to max_width) with numbered boxes, above one match row per person."""
     im = Image.fromarray(frame_rgb)
     scale = min(1.0, max_width / im.width)
     if scale < 1.0:
         im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BILINEAR)
     draw = ImageDraw.Draw(im)
-    for k, (box, score) in enumerate(zip(det.xyxy, det.scores)):
-        x1, y1, x2, y2 = (float(v) * scale for v in box)
+    for k, person in enumerate(persons):
+        x1, y1, x2, y2 = (float(v) * scale for v in person.box_xyxy)
+        score = person.confidence
         draw.rectangle([x1, y1, x2, y2], outline=(255, 40, 40), width=3)
         label = f"#{k} {score:.2f}"
         draw.rectangle([x1, max(0, y1 - 14), x1 + 7 * len(label), max(0, y1 - 14) + 14], fill=(255, 40, 40))
@@ -203,31 +141,27 @@ def draw_frame_picture(
     return canvas
 
 
-def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter=None) -> RunSummary:
+def run_video(cfg: RunConfig, detector: Detector | None = None) -> RunSummary:
     """--video_clip: gallery (cache or built), then detect, (segment), embed, match, draw per frame."""
-    from .embedders import make_embedder
-    from .gallery import record_failures
-    from .runner import build_or_load_gallery, segmenter_factory
-    from .store import check_writable
-
-    assert cfg.video_clip is not None
-    summary = RunSummary(mode=f"video {cfg.video_clip}" + (" (segmented)" if cfg.segmented else ""))
-    path = find_video(cfg.video_dir, cfg.video_clip)
+    video = cfg.video
+    if video.clip is None:
+        raise PipelineError("run_video needs --video_clip")
+    summary = RunSummary(mode=f"video {video.clip}" + (" (segmented)" if cfg.segmented else ""))
+    path = find_video(video.folder, video.clip)
     open_video(path).release()  # fail on an unreadable file before any model is loaded
     out_dir = cfg.video_results_dir
     check_writable(out_dir)
     with summary.stage("load embedder"):
         embedder = make_embedder(cfg.embedder)
-    gallery, rows, _ = build_or_load_gallery(cfg, summary, embedder=embedder)
-    record_failures(rows, summary)
-    embedded = embedded_rows(rows)
+    gallery = open_gallery(cfg, summary, embedder=embedder)
+    embedded = gallery.embedded
     if not embedded:
         raise PipelineError(f"the gallery in {cfg.store_dir} has no embedded items to match against")
     with summary.stage("load detector"):
-        detector = detector or UltralyticsDetector(cfg.det_model, cfg.det_conf, device=cfg.embedder.device, backend=cfg.det_backend)
-        if cfg.segmented and segmenter is None:
-            segmenter = segmenter_factory(cfg)
-    thumbs = ThumbnailReader(cfg.store_dir / "thumbnails.npy")
+        detector = detector or UltralyticsDetector(video.det_model, video.det_conf, device=cfg.embedder.device, backend=video.det_backend)
+        segmenter = segmenter_factory(cfg) if cfg.segmented else None
+    thumbs = ThumbnailReader(cfg.store_dir / THUMBNAILS_FILE)
+    names = [r.file for r in embedded]
     for old in out_dir.glob("frame_*.jpg"):
         old.unlink()
     total = frame_count(path)
@@ -235,55 +169,53 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter=None) 
     results: list[str] = []
     n_frames = n_persons = n_empty = 0
     t_read = time.perf_counter()
-    bar = tqdm(total=total or None, unit="frame", desc=f"video {cfg.video_clip}", disable=not cfg.progress)
+    bar = tqdm(total=total or None, unit="frame", desc=f"video {video.clip}", disable=not cfg.progress)
     last_index = -1
-    reader = FrameReader(path, cfg.frame_stride)
+    reader = FrameReader(path, video.frame_stride)
     try:
         for frame in reader:
             t0 = time.perf_counter()
             times["read"] += t0 - t_read
             bar.update(frame.index - last_index)
             last_index = frame.index
-            det = detector.detect([frame.rgb])[0]
+            persons = detector.detect([frame.rgb])[0]
             t1 = time.perf_counter()
-            masks = segmenter.segment([frame.rgb])[0] if (segmenter is not None and len(det.xyxy)) else None
+            if segmenter is not None and persons:
+                persons = with_masks(persons, segmenter.segment([frame.rgb])[0])
             t2 = time.perf_counter()
-            crops = person_crops(frame.rgb, det, masks)
-            valid = [k for k, (c, _) in enumerate(crops) if c is not None and c.size]
-            crop_images = {k: Image.fromarray(crops[k][0]) for k in valid}
-            if valid:
+            # person k keeps number k (the #k drawn on the frame) even when another has no crop
+            crops = {k: c for k, p in enumerate(persons) if (c := person_crop(frame.rgb, p)) is not None and c.size}
+            crop_images = {k: Image.fromarray(c) for k, c in crops.items()}
+            if crops:
                 queries = embedder.embed(preprocess_batch(list(crop_images.values()), embedder.preprocess_cfg))
             t3 = time.perf_counter()
-            nb = topk_neighbours(queries, gallery, cfg.top_k) if valid else None
+            nb = topk_neighbours(queries, gallery.embeddings, cfg.top_k) if crops else None
             t4 = time.perf_counter()
-            persons, pic_rows = [], []
-            for qi, k in enumerate(valid):
+            found, pic_rows = [], []
+            for qi, k in enumerate(crops):
                 matches = [
-                    {"rank": r + 1, "file": embedded[j].file, "row": embedded[j].index, "source_row": embedded[j].source_row, "distance": round(float(d), 6)}
+                    {"rank": r + 1, "file": embedded[j].file, "row": embedded[j].index, "source_row": embedded[j].source_row,
+                     "distance": round(float(d), 6)}
                     for r, (j, d) in enumerate(zip(nb.indices[qi], nb.distances[qi])) if j >= 0
                 ]
-                persons.append({
+                found.append({
                     "person": k,
-                    "box_xyxy": [round(float(v), 2) for v in det.xyxy[k]],
-                    "score": round(float(det.scores[k]), 6),
-                    "masked": crops[k][1],
+                    "box_xyxy": [round(float(v), 2) for v in persons[k].box_xyxy],
+                    "score": round(float(persons[k].confidence), 6),
+                    "masked": persons[k].mask is not None,
                     "matches": matches,
                 })
-                tiles = [thumbs[m_j].copy() for m_j in nb.indices[qi] if m_j >= 0]
-                labels = [f"d={m['distance']:.3f}\n{m['file']}" for m in matches]
+                tiles, labels = neighbour_tiles(nb.indices[qi], nb.distances[qi], lambda j: thumbs[j].copy(), names)
                 pic_rows.append(compose_matches(make_thumbnail(crop_images[k], THUMB_SIZE), f"person #{k}", tiles, labels))
-            picture = draw_frame_picture(frame.rgb, det, pic_rows)
+            picture = draw_frame_picture(frame.rgb, persons, pic_rows)
             save_jpeg(picture, out_dir / f"frame_{frame.index:06d}.jpg", quality=88)
             t5 = time.perf_counter()
-            results.append(json.dumps({"frame": frame.index, "time_s": round(frame.time_s, 3), "persons": persons}))
-            times["detect"] += t1 - t0
-            times["segment"] += t2 - t1
-            times["embed"] += t3 - t2
-            times["match"] += t4 - t3
-            times["draw"] += t5 - t4
+            results.append(json.dumps({"frame": frame.index, "time_s": round(frame.time_s, 3), "persons": found}))
+            for key, (a, b) in {"detect": (t0, t1), "segment": (t1, t2), "embed": (t2, t3), "match": (t3, t4), "draw": (t4, t5)}.items():
+                times[key] += b - a
             n_frames += 1
-            n_persons += len(persons)
-            n_empty += not persons
+            n_persons += len(found)
+            n_empty += not found
             t_read = time.perf_counter()
     finally:
         bar.update(max(0, reader.frames_read - 1 - last_index))
@@ -292,8 +224,8 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter=None) 
     results_path = out_dir / "results.jsonl"
     atomic_write_text(results_path, "\n".join(results) + ("\n" if results else ""))
     read_frames = reader.frames_read
-    if read_frames < cfg.frame_stride:
-        summary.notes.append(f"the video has {read_frames} frame(s), fewer than --frame-stride {cfg.frame_stride}: only frame 0 was analysed")
+    if read_frames < video.frame_stride:
+        summary.notes.append(f"the video has {read_frames} frame(s), fewer than --frame-stride {video.frame_stride}: only frame 0 was analysed")
     summary.counts.update({"frames read": read_frames, "frames processed": n_frames, "persons": n_persons, "frames without persons": n_empty})
     video_wall = sum(times.values())
     for k, v in times.items():

@@ -111,7 +111,7 @@ def person_yolo(yaml: str = "yolov8n-seg.yaml", seed: int = 0, calibration: Sequ
     """
     import torch
 
-    from pipeline.segment import load_yolo
+    from pipeline.yolo import load_yolo
 
     torch.manual_seed(seed)
     model = load_yolo(yaml, task="segment" if "-seg" in yaml else "detect")

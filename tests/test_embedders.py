@@ -43,6 +43,7 @@ def test_int8_vector_does_not_depend_on_batch_mates(tiny_onnx, pixels):
     assert np.allclose(together, alone, atol=1e-6)
 
 
+@pytest.mark.subprocess
 def test_onnx_path_never_imports_torch_or_transformers(tiny_onnx):
     code = f"""
 import sys, numpy as np

@@ -18,6 +18,7 @@ from tests import assets
 from tests.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.subprocess  # every test here runs main.py in a fresh process
 SHARDS, ROWS, GROUP = 3, 60, 20
 
 

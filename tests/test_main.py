@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import main as cli
-from pipeline.embedders import EmbedderSpec, make_embedder
+from pipeline.embedders import Embedder, EmbedderSpec, make_embedder
 from pipeline.images import decode_image
 from pipeline.preprocess import preprocess
 from pipeline.store import read_manifest
@@ -198,6 +198,7 @@ def test_missing_dataset_column_message(tmp_path, mixed_dataset, tiny_clip, caps
     assert "no column 'picture'" in err and "'image'" in err
 
 
+@pytest.mark.subprocess
 def test_help_needs_no_torch():
     import subprocess
     import sys
@@ -235,7 +236,7 @@ def test_use_embeddings_refuses_tampered_thumbnails(standard_run, tiny_clip, tmp
     assert "thumbnails.npy does not match the sidecar" in capsys.readouterr().err
 
 
-class _NanForRed:
+class _NanForRed(Embedder):
     """A fake embedder: vectors from the mean colour; NaN for a reddish picture, zeros for a greenish one."""
 
     def __init__(self, base):
@@ -250,11 +251,11 @@ class _NanForRed:
 
 
 def test_nan_or_zero_embedding_fails_its_item(tmp_path, tiny_onnx, monkeypatch):
-    from pipeline import runner
+    from pipeline import catalog
 
     colours = [(128, 128, 128), (250, 5, 5), (90, 90, 90), (5, 250, 5), (60, 60, 60)]
     ds = assets.write_parquet_dataset(tmp_path / "ds", [assets.encode(assets.rgb_image(40, 40, color=c), "PNG") for c in colours])
-    monkeypatch.setattr(runner, "make_embedder", lambda spec: _NanForRed(make_embedder(EmbedderSpec(onnx=str(tiny_onnx), backend="onnx"))))
+    monkeypatch.setattr(catalog, "make_embedder", lambda spec: _NanForRed(make_embedder(EmbedderSpec(onnx=str(tiny_onnx), backend="onnx"))))
     out = tmp_path / "out"
     assert run("--dataset", ds, "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0") == 3
     rows = read_manifest(out / "embeddings" / "manifest.csv")

@@ -15,7 +15,8 @@ from PIL import Image
 
 import main as cli
 from pipeline import gallery
-from pipeline.store import OutputLock, read_manifest
+from pipeline.fileio import OutputLock
+from pipeline.store import read_manifest
 from tests import assets
 from tests.test_images import png_header_only
 
@@ -37,6 +38,7 @@ def _args(ds, onnx, out):
             "--limit", "0", "--max-result-images", "0", "--max-matrix", "0"]
 
 
+@pytest.mark.subprocess
 def test_sigkill_then_resume_equals_clean_run(long_dataset, tiny_onnx, tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert run(*_args(long_dataset, tiny_onnx, clean)) == 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import main as cli
-from pipeline.embedders import OnnxEmbedder, TorchEmbedder
+from pipeline.embedders import Embedder, OnnxEmbedder, TorchEmbedder
 from pipeline.search import metrics_from_ranks, product_ids, ranks_of_positives
 from tests import assets
 
@@ -30,6 +30,7 @@ def read_results(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.subprocess
 def test_text_tower_onnx_equals_torch_and_needs_no_torch(tiny_clip, tiny_onnx):
     texts = ["a red floral dress", "blue shirt", "zz top 99"]
     t = TorchEmbedder(str(tiny_clip), device="cpu").embed_text(texts)
@@ -143,8 +144,8 @@ def test_evaluate_person_to_garment_backends_side_by_side(tiny_clip, tiny_onnx, 
 
 
 def test_evaluate_segmented_reads_and_segments_each_row_once_for_all_backends(tiny_clip, tiny_onnx, tmp_path, monkeypatch, capsys):
-    from pipeline import runner
-    from pipeline.segment import PersonMask
+    from pipeline import catalog
+    from pipeline.persons import Person, Segmenter
 
     n = 6
     garments = [_garment(i) for i in range(n)]
@@ -152,7 +153,7 @@ def test_evaluate_segmented_reads_and_segments_each_row_once_for_all_backends(ti
                                       extra={"cloth": [assets.encode(g, "JPEG", quality=95) for g in garments]})
     seen: list[tuple[int, int]] = []
 
-    class CentrePerson:
+    class CentrePerson(Segmenter):
         """The middle of each picture is the person; the first picture has nobody."""
 
         def segment(self, images_rgb):
@@ -162,10 +163,10 @@ def test_evaluate_segmented_reads_and_segments_each_row_once_for_all_backends(ti
                 seen.append((h, w))
                 mask = np.zeros((h, w), bool)
                 mask[h // 8 : 7 * h // 8, w // 8 : 7 * w // 8] = True
-                out.append([] if len(seen) == 1 else [PersonMask(np.array([0, 0, w, h], np.float32), mask, 0.9)])
+                out.append([] if len(seen) == 1 else [Person(np.array([0, 0, w, h], np.float32), 0.9, mask)])
             return out
 
-    monkeypatch.setattr(runner, "segmenter_factory", lambda cfg: CentrePerson())
+    monkeypatch.setattr(catalog, "make_segmenter", lambda spec, device: CentrePerson())
     out = tmp_path / "out"
     assert cli.main(["--evaluate", "--use-segmentation", "--dataset", str(ds), "--model", str(tiny_clip), "--onnx", str(tiny_onnx),
                      "--eval-backends", "torch,onnx-fp32,onnx-int8", "--output-dir", str(out), "-q"]) == 0
@@ -200,7 +201,7 @@ def test_evaluate_needs_ground_truth(mixed_dataset, tiny_onnx, tmp_path, capsys)
     assert cli.main(["--evaluate", "--eval-backends", "tensorrt"]) == 2
 
 
-class _AngleEmbedder:
+class _AngleEmbedder(Embedder):
     """A fake embedder: each picture's red level is an angle in degrees; its vector is (cos, sin)."""
 
     def __init__(self):

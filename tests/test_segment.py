@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import main as cli
-from pipeline import runner
-from pipeline.segment import PersonMask, box_pixels, white_background_crop
+from pipeline import catalog, yolo
+from pipeline.persons import Person, Segmenter, box_pixels, white_background_crop
 from pipeline.store import read_manifest
 from tests import assets
 
@@ -38,7 +38,7 @@ def test_crop_refuses_mismatched_mask():
         white_background_crop(np.zeros((8, 8, 3), np.uint8), np.ones((4, 4), bool), np.array([0, 0, 2, 2]))
 
 
-class FakeSegmenter:
+class FakeSegmenter(Segmenter):
     """Known persons: image i gets i % 3 persons, left/right/centre stripes of the image."""
 
     calls: list[int] = []
@@ -54,14 +54,14 @@ class FakeSegmenter:
                 mask = np.zeros((h, w), bool)
                 x0 = p * w // 2
                 mask[h // 4 : 3 * h // 4, x0 : x0 + w // 3] = True
-                persons.append(PersonMask(np.array([x0, h // 4, x0 + w // 3, 3 * h // 4], np.float32), mask, 0.9 - 0.1 * p))
+                persons.append(Person(np.array([x0, h // 4, x0 + w // 3, 3 * h // 4], np.float32), 0.9 - 0.1 * p, mask))
             out.append(persons)
         return out
 
 
 @pytest.fixture()
 def fake_segmenter(monkeypatch):
-    monkeypatch.setattr(runner, "segmenter_factory", lambda cfg: FakeSegmenter())
+    monkeypatch.setattr(catalog, "make_segmenter", lambda spec, device: FakeSegmenter())
     FakeSegmenter.calls = []
 
 
@@ -124,11 +124,11 @@ def test_segmented_run_with_yolo_from_yaml(people_dataset, tiny_onnx, tmp_path):
 
 def test_segmentation_flags_need_segmentation(capsys):
     assert cli.main(["--seg-conf", "0.5"]) == 2
-    assert "need --use-segmentation" in capsys.readouterr().err
+    assert "needs --use-segmentation" in capsys.readouterr().err
     assert cli.main(["--use-segmentation", "--seg-conf", "1.5"]) == 2
     capsys.readouterr()
     assert cli.main(["--seg-backend", "torch"]) == 2
-    assert "--seg-backend need --use-segmentation" in capsys.readouterr().err
+    assert "--seg-backend needs --use-segmentation" in capsys.readouterr().err
     assert cli.main(["--use-segmentation", "--seg-backend", "tensorrt"]) == 2
     assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
 
@@ -165,8 +165,8 @@ def _pictures(n: int = 4) -> list[np.ndarray]:
 
 
 def test_onnx_backend_exports_once_and_finds_the_same_persons(person_pt, monkeypatch):
-    from pipeline import segment
-    from pipeline.config import SegmentSpec
+    from pipeline import yolo as segment
+    from pipeline.yolo import SegmentSpec
 
     spec = SegmentSpec(model=str(person_pt), imgsz=160)
     onnx_seg = segment.UltralyticsSegmenter(spec, device="cpu")
@@ -194,18 +194,18 @@ def test_onnx_backend_exports_once_and_finds_the_same_persons(person_pt, monkeyp
 def test_export_that_fails_verification_is_not_kept(person_pt, tmp_path, monkeypatch, caplog):
     import shutil
 
-    from pipeline import segment
-    from pipeline.config import SegmentSpec
+    from pipeline import yolo as segment
+    from pipeline.yolo import SegmentSpec
     from pipeline.errors import PipelineError
 
     pt = tmp_path / person_pt.name
     shutil.copyfile(person_pt, pt)
     monkeypatch.setattr(segment, "YOLO_ONNX_TOLERANCE", 0.0)  # any difference at all now fails
     with pytest.raises(PipelineError, match="differs from the torch model"):
-        segment.load_segmentation_model(SegmentSpec(model=str(pt), imgsz=160, backend="onnx"), "cpu")
+        segment.load_cpu_yolo(*_args(SegmentSpec(model=str(pt), imgsz=160, backend="onnx")), "cpu")
     assert [p.name for p in tmp_path.iterdir()] == [pt.name]
     with caplog.at_level("WARNING"):
-        _, backend = segment.load_segmentation_model(SegmentSpec(model=str(pt), imgsz=160), "cpu")
+        _, backend = segment.load_cpu_yolo(*_args(SegmentSpec(model=str(pt), imgsz=160)), "cpu")
     assert backend == "torch" and "running segment with torch" in caplog.text
     assert [p.name for p in tmp_path.iterdir()] == [pt.name]
 
@@ -213,8 +213,8 @@ def test_export_that_fails_verification_is_not_kept(person_pt, tmp_path, monkeyp
 def test_weights_in_a_read_only_folder_export_to_the_user_cache(person_pt, tmp_path, monkeypatch):
     import shutil
 
-    from pipeline import segment
-    from pipeline.config import SegmentSpec
+    from pipeline import yolo as segment
+    from pipeline.yolo import SegmentSpec
 
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -225,13 +225,13 @@ def test_weights_in_a_read_only_folder_export_to_the_user_cache(person_pt, tmp_p
     monkeypatch.setattr(segment, "_writable", lambda folder: folder != shared and real(folder))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     spec = SegmentSpec(model=str(pt), imgsz=160)
-    _, backend = segment.load_segmentation_model(spec, "cpu")
+    _, backend = segment.load_cpu_yolo(*_args(spec), "cpu")
     cached = tmp_path / "cache" / "fashion-visual-search" / "yolo" / segment.yolo_onnx_path(pt).name
     assert backend == "onnx" and segment.yolo_onnx_path(pt) == cached and cached.is_file()
     assert [p.name for p in shared.iterdir()] == [pt.name]  # nothing written beside the weights
     assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no export temp folder left
     monkeypatch.setattr(segment, "export_yolo_onnx", lambda *a, **k: pytest.fail("exported a second time"))
-    assert segment.load_segmentation_model(spec, "cpu")[1] == "onnx"
+    assert segment.load_cpu_yolo(*_args(spec), "cpu")[1] == "onnx"
 
 
 @pytest.mark.parametrize("model, backend, device, message", [
@@ -241,15 +241,14 @@ def test_weights_in_a_read_only_folder_export_to_the_user_cache(person_pt, tmp_p
     ("x.pt", "onnx", "cuda", "runs on the CPU"),
 ])
 def test_backend_choices_that_cannot_work_are_refused(model, backend, device, message):
-    from pipeline.config import SegmentSpec
+    from pipeline.yolo import SegmentSpec
     from pipeline.errors import PipelineError
-    from pipeline.segment import load_segmentation_model
 
     with pytest.raises(PipelineError, match=message):
-        load_segmentation_model(SegmentSpec(model=model, backend=backend), device)
+        yolo.load_cpu_yolo(*_args(SegmentSpec(model=model, backend=backend)), device)
 
 
-class EmptyMaskSecond:
+class EmptyMaskSecond(Segmenter):
     """Two persons per picture; the second has a box but an empty mask."""
 
     def segment(self, images_rgb):
@@ -258,13 +257,13 @@ class EmptyMaskSecond:
             h, w = im.shape[:2]
             full = np.zeros((h, w), bool)
             full[: h // 2] = True
-            out.append([PersonMask(np.array([0, 0, w, h // 2], np.float32), full, 0.9),
-                        PersonMask(np.array([0, h // 2, w, h], np.float32), np.zeros((h, w), bool), 0.8)])
+            out.append([Person(np.array([0, 0, w, h // 2], np.float32), 0.9, full),
+                        Person(np.array([0, h // 2, w, h], np.float32), 0.8, np.zeros((h, w), bool))])
         return out
 
 
 def test_person_with_empty_mask_is_recorded_not_embedded_as_white(people_dataset, tiny_onnx, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "segmenter_factory", lambda cfg: EmptyMaskSecond())
+    monkeypatch.setattr(catalog, "make_segmenter", lambda spec, device: EmptyMaskSecond())
     out = tmp_path / "out"
     assert cli.main(["--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q",
                      "--max-result-images", "0"]) == 3
@@ -275,3 +274,8 @@ def test_person_with_empty_mask_is_recorded_not_embedded_as_white(people_dataset
         assert r.mask_area == 0
     assert not list((out / "images_segment").glob("*_p01.png"))
     assert np.load(out / "embeddings_segment" / "embeddings.npy").shape[0] == 8  # person 0 of each row only
+
+
+def _args(spec):
+    """load_cpu_yolo's arguments for a segmentation spec."""
+    return spec.model, "segment", spec.backend, spec.imgsz

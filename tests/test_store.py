@@ -5,16 +5,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.store import (
-    ManifestRow,
-    Shard,
-    ShardStore,
-    ThumbnailReader,
-    atomic_save_npy,
-    atomic_write_bytes,
-    manifest_to_csv,
-    read_manifest,
-)
+from pipeline.fileio import atomic_write_bytes, npy_bytes
+from pipeline.store import ManifestRow, Shard, ShardStore, ThumbnailReader, manifest_to_csv, read_manifest
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -61,7 +53,7 @@ def test_damaged_shard_is_recomputed_not_trusted(tmp_path):
 
 def test_thumbnail_reader(tmp_path):
     t = np.arange(3 * 4 * 4 * 3, dtype=np.uint8).reshape(3, 4, 4, 3)
-    atomic_save_npy(tmp_path / "t.npy", t)
+    atomic_write_bytes(tmp_path / "t.npy", npy_bytes(t))
     r = ThumbnailReader(tmp_path / "t.npy")
     assert len(r) == 3 and np.array_equal(r[2], t[2]) and np.array_equal(r[0], t[0])
     r.close()

@@ -10,8 +10,9 @@ from PIL import Image
 import main as cli
 from pipeline import video
 from pipeline.errors import PipelineError
-from pipeline.video import Detections, FrameReader, box_iou, person_crops
-from pipeline.segment import PersonMask, yolo_onnx_path
+from pipeline.persons import Person, box_iou, person_crop, with_masks
+from pipeline.video import FrameReader
+from pipeline.yolo import yolo_onnx_path
 from tests import assets
 
 
@@ -46,11 +47,15 @@ def test_box_iou_and_crops_with_masks():
     frame = np.full((20, 20, 3), 7, np.uint8)
     mask = np.zeros((20, 20), bool)
     mask[2:8, 2:8] = True
-    det = Detections(np.array([[2, 2, 10, 10], [12, 12, 18, 18]], np.float32), np.array([0.9, 0.8], np.float32))
-    crops = person_crops(frame, det, [PersonMask(np.array([2, 2, 8, 8], np.float32), mask, 0.9)])
-    (c0, m0), (c1, m1) = crops
+    det = [Person(np.array([2, 2, 10, 10], np.float32), 0.9), Person(np.array([12, 12, 18, 18], np.float32), 0.8)]
+    persons = with_masks(det, [Person(np.array([2, 2, 8, 8], np.float32), 0.9, mask)])
+    (c0, m0), (c1, m1) = [(person_crop(frame, p), p.mask is not None) for p in persons]
     assert m0 and c0.shape == (8, 8, 3) and (c0[:6, :6] == 7).all() and (c0[7, 7] == 255).all()
     assert not m1 and (c1 == 7).all()  # no overlapping mask: crop kept as is
+
+
+def persons(xyxy, scores):
+    return [Person(np.array(b, np.float32), float(s)) for b, s in zip(xyxy, scores)]
 
 
 class FakeDetector:
@@ -60,7 +65,7 @@ class FakeDetector:
         pass
 
     def detect(self, frames):
-        return [Detections(np.array([[0, 0, 80, 120], [90, 10, 150, 110]], np.float32), np.array([0.95, 0.6], np.float32)) for _ in frames]
+        return [persons([[0, 0, 80, 120], [90, 10, 150, 110]], [0.95, 0.6]) for _ in frames]
 
 
 def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch):
@@ -131,7 +136,7 @@ def test_zero_frame_stream_is_an_error(tmp_path):
 
 def test_video_flags_need_a_clip(capsys):
     assert cli.main(["--frame-stride", "10"]) == 2
-    assert "need --video_clip" in capsys.readouterr().err
+    assert "--frame-stride needs --video_clip" in capsys.readouterr().err
     assert cli.main(["--det-backend", "onnx", "--frame-stride", "3", "--video_dir", "v"]) == 2
     assert "error: --det-backend, --frame-stride, --video_dir need --video_clip NAME" in capsys.readouterr().err
 
@@ -146,11 +151,19 @@ def test_detector_runs_its_verified_onnx_export_with_the_same_boxes(tmp_path):
     for d in (onnx_det, torch_det):
         d.model.overrides["max_det"] = 4
     frames = [np.asarray(assets.rgb_image(12, 9, seed=70 + i).resize((160, 120), Image.BICUBIC)) for i in range(3)]
-    a, b = torch_det.detect(frames), onnx_det.detect(frames)
+    a, b = ([_arrays(f) for f in det.detect(frames)] for det in (torch_det, onnx_det))
     assert [len(x.xyxy) for x in a] == [len(x.xyxy) for x in b] and sum(len(x.xyxy) for x in a) >= 3
     for x, y in zip(a, b):
         assert np.abs(x.xyxy - y.xyxy).max() < 0.05 and np.abs(x.scores - y.scores).max() < 1e-3
         assert len(set(np.round(x.scores, 4))) == len(x.scores)  # distinct scores: the order is not a tie-break
+
+
+def _arrays(found):
+    """A frame's persons as arrays: .xyxy float32 (N, 4), .scores float32 (N,)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(xyxy=np.array([p.box_xyxy for p in found], np.float32).reshape(-1, 4),
+                           scores=np.array([p.confidence for p in found], np.float32))
 
 
 class _CapturingModel:
@@ -170,15 +183,14 @@ class _CapturingModel:
 
 
 def test_detector_and_segmenter_hand_ultralytics_bgr():
-    from pipeline.config import SegmentSpec
-    from pipeline.segment import UltralyticsSegmenter
+    from pipeline.yolo import SegmentSpec, UltralyticsSegmenter
 
     rgb = np.zeros((16, 16, 3), np.uint8)
     rgb[..., 0] = 250  # red in RGB
     rgb[..., 2] = 10
     det = object.__new__(video.UltralyticsDetector)
     det.model, det.conf, det.device, det.imgsz = _CapturingModel(), 0.25, None, 640
-    assert det.detect([rgb])[0].xyxy.shape == (0, 4)
+    assert det.detect([rgb])[0] == []
     seg = object.__new__(UltralyticsSegmenter)
     seg.model, seg.spec, seg.device, seg.batch, seg.predict_seconds = _CapturingModel(), SegmentSpec(), None, 8, 0.0
     assert seg.segment([rgb]) == [[]]
@@ -194,8 +206,7 @@ class ThreeWithEmptyMiddle:
         pass
 
     def detect(self, frames):
-        boxes = np.array([[0, 0, 70, 120], [100, 50, 100, 50], [90, 10, 150, 110]], np.float32)
-        return [Detections(boxes, np.array([0.9, 0.8, 0.7], np.float32)) for _ in frames]
+        return [persons([[0, 0, 70, 120], [100, 50, 100, 50], [90, 10, 150, 110]], [0.9, 0.8, 0.7]) for _ in frames]
 
 
 def test_person_numbers_stay_detection_indices_when_a_crop_is_empty(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch):

@@ -1,0 +1,125 @@
+"""The gallery a mode works on: built (or resumed) from the dataset, or loaded from the cache and
+checked against its files and against what was asked for. Every mode (standard, segmentation,
+video, query) gets its gallery here.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import RunConfig
+from .dataset import count_rows, iter_records
+from .embedders import Embedder, make_embedder, requested_identity
+from .gallery import GalleryTarget, build_gallery, record_failures
+from .items import make_segment_items, make_standard_items
+from .persons import Segmenter
+from .report import RunSummary
+from .store import GalleryCache, ManifestRow, embedded_rows, load_cache
+from .yolo import make_segmenter
+
+log = logging.getLogger(__name__)
+
+_SEGMENT_FILES = re.compile(r"seg_\d+_(p\d+|full)\.png$")
+
+
+@dataclass
+class Gallery:
+    """A mode's gallery: embeddings float32 (N, D) and every manifest line; `embedder` is the one
+    that built it, or the one passed in (None when loaded from the cache without one)."""
+
+    embeddings: np.ndarray
+    rows: list[ManifestRow]
+    embedder: Embedder | None
+
+    @property
+    def embedded(self) -> list[ManifestRow]:
+        """Manifest lines with an embedding, in embedding-row order (line k owns row k)."""
+        return embedded_rows(self.rows)
+
+
+def segmenter_factory(cfg: RunConfig) -> Segmenter:
+    """The segmenter for a run (a function, so tests can substitute one with known masks)."""
+    return make_segmenter(cfg.segment, device=cfg.embedder.device)
+
+
+def gallery_source(cfg: RunConfig) -> dict[str, Any]:
+    """What the gallery is made from; stored in the sidecar and part of the resume check."""
+    src = {"kind": "segment" if cfg.segmented else "standard", **cfg.dataset.as_dict()}
+    if cfg.segmented:
+        seg = cfg.segment
+        src.update(seg_model=seg.model, seg_backend=seg.backend, seg_conf=seg.conf, seg_imgsz=seg.imgsz,
+                   keep_unsegmented=seg.keep_unsegmented)
+    return src
+
+
+def requested_source(cfg: RunConfig) -> dict[str, Any]:
+    """The source keys the user typed, compared against a cache (defaults are not a request)."""
+    full = gallery_source(cfg)
+    keys = {"kind"} | {k for k in full if k in cfg.explicit}
+    return {k: full[k] for k in keys}
+
+
+def load_gallery_cache(cfg: RunConfig, identity: dict[str, Any] | None = None) -> GalleryCache:
+    """Load embeddings/ (or embeddings_segment/) and check it against files and the request."""
+    return load_cache(
+        cfg.store_dir,
+        cfg.images_dir,
+        identity=identity if identity is not None else requested_identity(cfg.embedder),
+        source=requested_source(cfg),
+    )
+
+
+def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
+    """The gallery for this run: from the cache when asked, else built (or resumed); its failed
+    rows are recorded in the summary."""
+    if cfg.from_cache:
+        with summary.stage("load cache"):
+            cache = load_gallery_cache(cfg, identity=embedder.identity if embedder is not None else None)
+        log.info("loaded %d embeddings from %s", len(cache.embeddings), cfg.store_dir)
+        gallery = Gallery(cache.embeddings, cache.rows, embedder)
+    else:
+        gallery = build(cfg, summary, embedder)
+    record_failures(gallery.rows, summary)
+    return gallery
+
+
+def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
+    """Build (or resume) the run's gallery store from its dataset."""
+    total_rows = count_rows(cfg.dataset)  # opens the dataset: a bad one fails before the model loads
+    with summary.stage("load model"):
+        embedder = embedder or make_embedder(cfg.embedder)
+    segmenter = None
+    if cfg.segmented:
+        with summary.stage("load segmenter"):
+            segmenter = segmenter_factory(cfg)
+        make_items = make_segment_items(segmenter, cfg.segment)
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=_SEGMENT_FILES, group_size=8)
+        stage_name = "decode+segment+crop"
+    else:
+        make_items = make_standard_items(embedder.preprocess_cfg.decode_min_side)
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir, parallel_items=True)
+        stage_name = "decode"
+    source = gallery_source(cfg)
+    run_params = {"source": source, "identity": embedder.identity, "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
+    emb, rows = build_gallery(
+        records=lambda start: iter_records(cfg.dataset, start),
+        total_rows=total_rows,
+        make_items=make_items,
+        embedder=embedder,
+        target=target,
+        run_params=run_params,
+        source=source,
+        summary=summary,
+        batch_size=cfg.batch_size,
+        shard_rows=cfg.shard_rows,
+        fresh=cfg.fresh,
+        progress=cfg.progress,
+        item_stage_name=stage_name,
+    )
+    if segmenter is not None:
+        summary.stages["    of which segmentation predict"] = segmenter.predict_seconds
+    return Gallery(emb, rows, embedder)

@@ -1,0 +1,212 @@
+"""File helpers every stage may use: atomic writes, memory-mapped .npy output, hashing, the output
+folder's lock and the clean-up of a killed run's temp files. Knows files, not the pipeline.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import PipelineError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes to `path` through a temp file in the same folder and os.replace.
+
+    A killed process leaves either the old file or the new one, never half of one. There is no
+    fsync: against power loss every file is covered by a sha256 recorded elsewhere (manifest,
+    shard marker, sidecar) and checked before it is trusted, and an fsync per image costs more
+    than the decode.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+class AtomicNpyMemmap:
+    """A 2-D .npy file filled through memory-mapped row windows and moved into place only when
+    complete. Each window is unmapped after it is written, so resident memory stays at one
+    window however large the file (a single map of the whole file would keep every written page
+    resident: 400 MB at 10,000 x 10,000 float32).
+
+    Use as a context manager; on an exception the temp file is removed and nothing appears at `path`.
+    """
+
+    def __init__(self, path: str | Path, shape: tuple[int, int], dtype: Any) -> None:
+        self.path = Path(path)
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        header = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype, shape=shape)
+        self.offset = header.offset
+        del header
+
+    def write_rows(self, start: int, block: np.ndarray) -> None:
+        """Write rows [start, start + len(block)) through a temporary map of just those rows."""
+        if block.shape[1:] != self.shape[1:]:
+            raise ValueError(f"block shape {block.shape} does not fit {self.shape}")
+        row_bytes = self.shape[1] * self.dtype.itemsize
+        window = np.memmap(self.tmp, dtype=self.dtype, mode="r+", offset=self.offset + start * row_bytes, shape=block.shape)
+        window[:] = block
+        window.flush()
+        del window
+
+    def __enter__(self) -> "AtomicNpyMemmap":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            unlink_quietly(self.tmp)
+
+
+# The names tempfile.mkstemp gives the temp files above (prefix ".<name>.", 8 random characters,
+# suffix ".tmp") and check_writable's probe. A process killed between mkstemp and os.replace
+# leaves one behind; nothing else in an output folder is named like this.
+_TEMP_LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.write-test\.[a-z0-9_]{8}")
+
+
+def remove_temp_leftovers(folder: str | Path) -> int:
+    """Delete the temp files a killed run left in `folder` (not recursive); returns how many.
+
+    Only safe while no other run writes there: call it with the output folder's lock held.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for p in folder.iterdir():
+        if _TEMP_LEFTOVER.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            unlink_quietly(p)
+            removed += 1
+    return removed
+
+
+class OutputLock:
+    """An exclusive lock on an output folder for the length of a run.
+
+    Two runs writing the same images/ and embeddings/ would interleave shards and overwrite each
+    other's files, so the second is refused. The lock is an flock on <folder>/.pipeline.lock: the
+    kernel drops it when the process ends, however it ends, so a killed run never leaves a stale
+    lock behind. Where fcntl does not exist (Windows) no lock is taken.
+    """
+
+    NAME = ".pipeline.lock"
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / self.NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        check_writable(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise PipelineError(
+                f"another run (pid {holder}) is writing to {self.path.parent}; wait for it to end or choose another --output-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def unlink_quietly(path: str | Path) -> None:
+    """Remove a file if it is there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_npy_chunks(path: str | Path, shape: tuple[int, ...], dtype: Any, chunks: Iterable[np.ndarray]) -> str:
+    """Write an .npy file from consecutive chunks along axis 0, atomically, holding one chunk at a
+    time. Returns the file's sha256, computed while writing."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as f:
+
+            def put(data: bytes) -> None:
+                f.write(data)
+                h.update(data)
+
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(
+                header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+            )
+            put(header.getvalue())
+            written = 0
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                if chunk.shape[1:] != shape[1:]:
+                    raise ValueError(f"chunk shape {chunk.shape} does not fit {shape}")
+                put(chunk.tobytes())
+                written += chunk.shape[0]
+            if written != shape[0]:
+                raise ValueError(f"{path.name}: wrote {written} rows, expected {shape[0]}")
+        os.replace(tmp, path)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    return h.hexdigest()
+
+
+def check_writable(path: str | Path) -> None:
+    """Create `path` if needed and prove a file can be written there; PipelineError otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise PipelineError(f"output folder {path} is not writable: {e.strerror or e}. Choose another with --output-dir.") from e

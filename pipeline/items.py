@@ -1,0 +1,133 @@
+"""Gallery items: dataset records in; for each record its items out: the picture to embed, the bytes of
+its image file and its manifest line, or a recorded failure. One item per row in the standard run,
+one per person crop in the segmentation run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .dataset import Record
+from .fileio import sha256_bytes
+from .images import DecodedImage, ImageDecodeError, decode_image, encode_png, sniff_format
+from .persons import Person, Segmenter, person_crop
+from .store import ManifestRow
+from .yolo import SegmentSpec
+
+
+@dataclass
+class GalleryItem:
+    """One thing to embed (or a recorded failure): its manifest line, its pixels, its file bytes.
+
+    image: RGB pixels to embed; None when the item failed or has nothing to embed (row.status says).
+    data: bytes to write to images_dir / row.file; None to write nothing.
+    """
+
+    row: ManifestRow
+    image: Image.Image | None = None
+    data: bytes | None = None
+
+
+# Records in, for each record its items (several crops, one image, or one recorded failure).
+ItemMaker = Callable[[list[Record]], list[list[GalleryItem]]]
+
+
+def image_file_name(source_row: int, ext: str) -> str:
+    return f"img_{source_row:05d}.{ext}"
+
+
+def crop_file_name(source_row: int, person: int | None) -> str:
+    return f"seg_{source_row:05d}_full.png" if person is None else f"seg_{source_row:05d}_p{person:02d}.png"
+
+
+def decode_record(record: Record, min_side: int | None = None) -> tuple[ManifestRow, DecodedImage | None]:
+    """A record's manifest line and its decoded image; when the row has no image or it does not
+    decode, the image is None and the line records the failure (both item makers start here)."""
+    row = ManifestRow(index=-1, file="", source_row=record.source_row, source=record.source)
+    if record.data is None:
+        row.status, row.error = "failed", record.error
+        return row, None
+    try:
+        return row, decode_image(record.data, min_side=min_side)
+    except ImageDecodeError as e:
+        row.status, row.error, row.sha256 = "failed", str(e), sha256_bytes(record.data)
+        return row, None
+
+
+def make_standard_items(decode_min_side: int) -> ItemMaker:
+    """Item maker for the standard run: one image per row, written unchanged when JPEG/PNG."""
+
+    def items(records: list[Record]) -> list[list[GalleryItem]]:
+        return [one(r) for r in records]
+
+    def one(record: Record) -> list[GalleryItem]:
+        row, decoded = decode_record(record, decode_min_side)
+        if decoded is None:
+            return [GalleryItem(row)]
+        ext = sniff_format(record.data)
+        # JPEG and PNG are kept byte for byte; anything else is encoded once, losslessly.
+        data = record.data if ext else encode_png(decoded.image)
+        row.file = image_file_name(record.source_row, ext or "png")
+        row.sha256 = sha256_bytes(data)
+        row.width, row.height, row.note = decoded.width, decoded.height, decoded.note
+        return [GalleryItem(row, decoded.image, data)]
+
+    return items
+
+
+def make_segment_items(segmenter: Segmenter, spec: SegmentSpec) -> ItemMaker:
+    """Item maker for --use-segmentation: each image decoded once at full size, segmented, and cut
+    into one white-background crop per person (PNG, so the file re-embeds to the same vector)."""
+
+    def items(records: list[Record]) -> list[list[GalleryItem]]:
+        out: list[list[GalleryItem]] = [[] for _ in records]
+        decoded = []
+        for k, rec in enumerate(records):
+            row, d = decode_record(rec)  # full size: the crops are cut from it
+            if d is None:
+                out[k] = [GalleryItem(row)]
+            else:
+                decoded.append((k, rec, d, np.asarray(d.image)))
+        persons_per_image = segmenter.segment([arr for *_, arr in decoded])
+        for (k, rec, d, arr), persons in zip(decoded, persons_per_image):
+            out[k] = crops_of_row(rec, d, arr, persons, spec)
+        return out
+
+    return items
+
+
+def crops_of_row(rec: Record, decoded: DecodedImage, arr: np.ndarray, persons: Sequence[Person], spec: SegmentSpec) -> list[GalleryItem]:
+    """One item per person (a failure for a person with nothing to cut), or the row's single item
+    when nobody was found: the whole picture with --keep-unsegmented, else a no_person line."""
+    items = []
+    for p, person in enumerate(persons):
+        crop = person_crop(arr, person)
+        x1, y1, x2, y2 = (round(float(v), 2) for v in person.box_xyxy)
+        row = ManifestRow(
+            index=-1, file=crop_file_name(rec.source_row, p), source_row=rec.source_row, source=rec.source,
+            note=decoded.note, person=p, confidence=round(person.confidence, 6), mask_area=person.area,
+            box_x1=x1, box_y1=y1, box_x2=x2, box_y2=y2,
+        )
+        if crop is None:
+            row.status, row.error, row.file = "failed", "empty person mask or box", ""
+            items.append(GalleryItem(row))
+            continue
+        image = Image.fromarray(crop)
+        data = encode_png(image)
+        row.sha256, row.height, row.width = sha256_bytes(data), crop.shape[0], crop.shape[1]
+        items.append(GalleryItem(row, image, data))
+    if items:
+        return items
+    row = ManifestRow(index=-1, file="", source_row=rec.source_row, source=rec.source, width=decoded.width,
+                      height=decoded.height, note=decoded.note)
+    if spec.keep_unsegmented:
+        image = Image.fromarray(arr)
+        data = encode_png(image)
+        row.file, row.sha256 = crop_file_name(rec.source_row, None), sha256_bytes(data)
+        row.note = "; ".join(x for x in (decoded.note, "no person found: whole image kept (--keep-unsegmented)") if x)
+        return [GalleryItem(row, image, data)]
+    row.status, row.error = "no_person", "no person detected"
+    return [GalleryItem(row)]

@@ -1,0 +1,305 @@
+"""Ultralytics YOLO, for segmentation and for video detection: loading (.pt, exported .onnx or a model
+.yaml), the one-time verified ONNX export that runs on the CPU, and the adapters that turn
+Ultralytics results into `persons.Person` where they enter, so nothing downstream sees a
+framework object.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import PipelineError
+from .fileio import sha256_file
+from .persons import Detector, Person, Segmenter
+
+log = logging.getLogger(__name__)
+
+PERSON_CLASS = 0  # COCO "person"
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """Ultralytics segmentation settings (the person class only)."""
+
+    model: str = "yolov8l-seg.pt"
+    conf: float = 0.25
+    imgsz: int = 640
+    keep_unsegmented: bool = False
+    backend: str = "auto"  # auto (ONNX export of .pt weights on the CPU) | onnx | torch
+
+
+def _import_ultralytics():
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    try:
+        from ultralytics import YOLO
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise PipelineError("segmentation needs ultralytics: pip install ultralytics") from e
+    return YOLO
+
+
+def load_yolo(model: str, task: str):
+    """Load Ultralytics weights (.pt), a model yaml (random weights), or an exported .onnx.
+
+    A bare name such as yolov8l-seg.pt is fetched by Ultralytics on first use (needs network);
+    the error says how to pass a local file instead.
+    """
+    YOLO = _import_ultralytics()
+    local = Path(model)
+    # A bare *.yaml name is one of Ultralytics' bundled model configs: no download needed.
+    if not local.exists() and not model.endswith(".yaml") and (os.sep in model or os.environ.get("YOLO_OFFLINE")):
+        raise PipelineError(
+            f"YOLO model {model!r} not found locally"
+            + (" and YOLO_OFFLINE is set" if os.environ.get("YOLO_OFFLINE") else "")
+            + ". Pass a local .pt, .onnx or model .yaml file."
+        )
+    try:
+        return YOLO(model, task=task)
+    except Exception as e:  # Ultralytics raises many types (download, parse, version)
+        raise PipelineError(f"cannot load YOLO model {model!r} ({type(e).__name__}: {e}). Pass a local .pt, .onnx or .yaml file.") from e
+
+
+def rgb_to_bgr(image_rgb: np.ndarray) -> np.ndarray:
+    """A contiguous BGR copy (Ultralytics reads numpy arrays as OpenCV's BGR), by OpenCV's channel
+    swap, which is much cheaper than numpy's reversed-stride copy of a large picture."""
+    import cv2
+
+    return cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
+
+
+def yolo_device(device: str) -> str | None:
+    if device == "auto":
+        return None
+    return "0" if device == "cuda" else "cpu"
+
+
+# Largest difference allowed between the torch model and its ONNX export, per output channel,
+# relative to that channel's largest magnitude (at least 1): boxes in pixels, scores, mask
+# coefficients and prototypes are each judged on their own scale.
+YOLO_ONNX_TOLERANCE = 1e-3
+
+
+def yolo_onnx_path(weights: Path) -> Path:
+    """Where the ONNX export of a .pt file lives: beside it, named with the weights' hash, so a
+    changed .pt never reuses an old export. Only verified exports are ever written there.
+
+    Weights in a folder this user cannot write (a shared, read-only model folder) get their
+    export in the user's cache instead, $XDG_CACHE_HOME/fashion-visual-search/yolo (default
+    ~/.cache/...), rather than falling back to the slower torch model on every run.
+    """
+    beside = weights.with_name(f"{weights.stem}.{sha256_file(weights)[:12]}.onnx")
+    if beside.is_file() or _writable(weights.parent):
+        return beside
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-visual-search" / "yolo"
+    return cache / beside.name
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def load_cpu_yolo(model: str, task: str, backend: str = "auto", imgsz: int = 640, device: str = "auto"):
+    """An Ultralytics model ready to predict, and its backend ("onnx" or "torch").
+
+    On the CPU, .pt weights run as their ONNX export in onnxruntime (backend auto, the default),
+    which is faster than torch with the same persons and masks (README, Benchmarks). The export is
+    made once, verified against the torch model, and kept beside the weights. On CUDA, for a model .yaml (random weights, nothing worth keeping), or
+    with backend torch, the torch model runs. An export that fails or does not verify falls
+    back to torch with a warning (auto) or is an error (backend onnx).
+
+    Args:
+        model: .pt weights (a bare name is fetched by Ultralytics), an exported .onnx, or a .yaml.
+        task: "segment" or "detect".
+        imgsz: the inference size, used for the export's check.
+    """
+    flag = "--seg-backend" if task == "segment" else "--det-backend"
+    if backend not in ("auto", "onnx", "torch"):
+        raise PipelineError(f"unknown {flag} {backend!r}; expected auto, onnx or torch")
+    if model.endswith(".onnx"):
+        if backend == "torch":
+            raise PipelineError(f"{model} is an ONNX file, which runs in onnxruntime: drop {flag} torch or pass .pt weights")
+        return load_yolo(model, task=task), "onnx"
+    if backend == "onnx" and device == "cuda":
+        raise PipelineError(f"{flag} onnx runs on the CPU (onnxruntime); with --device cuda use {flag} auto or torch")
+    if backend == "onnx" and not model.endswith(".pt"):
+        raise PipelineError(f"{flag} onnx exports .pt weights once and reuses the export; {model} is not a .pt file")
+    torch_model = None
+    if model.endswith(".pt") and backend != "torch" and not _runs_on_gpu(device):
+        weights = Path(model)
+        if not weights.is_file():  # a bare name: Ultralytics fetches it, then it is a local file
+            torch_model = load_yolo(model, task=task)
+            weights = Path(getattr(torch_model, "ckpt_path", "") or model)
+        target = yolo_onnx_path(weights) if weights.is_file() else None
+        if target is not None and target.is_file():
+            return load_yolo(str(target), task=task), "onnx"
+        try:
+            if target is None:
+                raise PipelineError(f"cannot find the weights file of {model!r} to export")
+            torch_model = torch_model or load_yolo(model, task=task)
+            export_yolo_onnx(torch_model, weights, target, imgsz, task)
+            return load_yolo(str(target), task=task), "onnx"
+        except PipelineError as e:
+            if backend == "onnx":
+                raise
+            log.warning("running %s with torch: the ONNX export of %s is not usable (%s)", task, model, e)
+    return torch_model or load_yolo(model, task=task), "torch"
+
+
+def _runs_on_gpu(device: str) -> bool:
+    """Whether Ultralytics' torch model would run on a GPU for this --device."""
+    if device != "auto":
+        return device == "cuda"
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def export_yolo_onnx(torch_model, weights: Path, target: Path, imgsz: int, task: str = "segment") -> None:
+    """Export with Ultralytics (dynamic batch and size, so the ONNX model gets the same minimal
+    letterbox as torch and therefore the same input), verify against `torch_model`, and move the
+    file to `target` only if it passes. Raises PipelineError; nothing is left behind on failure."""
+    t0 = time.perf_counter()
+    work = None
+    try:
+        # A private folder beside the target (same file system for the final rename; two runs
+        # exporting at once do not share it).
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{target.stem}.", suffix=".export", dir=target.parent))
+        # Ultralytics writes <weights stem>.onnx beside the weights it loaded; a link in our own
+        # folder keeps it from overwriting a file of the user's.
+        link = work / weights.name
+        try:
+            link.symlink_to(weights.resolve())
+        except OSError:
+            shutil.copyfile(weights, link)
+        log.info("exporting %s to ONNX for onnxruntime (once; kept as %s)", weights, target)
+        exported = Path(load_yolo(str(link), task=task).export(format="onnx", dynamic=True, imgsz=imgsz, simplify=False, verbose=False))
+        worst = verify_yolo_onnx(torch_model, exported, imgsz)
+        if worst > YOLO_ONNX_TOLERANCE:
+            raise PipelineError(f"the ONNX export differs from the torch model by {worst:.2e} (allowed {YOLO_ONNX_TOLERANCE:.0e})")
+        os.replace(exported, target)
+        log.info("ONNX export verified (largest relative difference %.1e) in %.1f s", worst, time.perf_counter() - t0)
+    except PipelineError:
+        raise
+    except Exception as e:  # the exporter raises many types
+        raise PipelineError(f"ONNX export failed: {type(e).__name__}: {e}") from e
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def verify_yolo_onnx(torch_model, onnx_path: Path, imgsz: int) -> float:
+    """Run the torch network and the ONNX file on the same fixed input (a portrait letterbox
+    shape, as a 768x1024 photo gets) and return the largest per-channel relative difference over
+    the ONNX outputs (detections and mask prototypes)."""
+    import onnxruntime as ort
+    import torch
+
+    h, w = imgsz, max(32, int(round(imgsz * 0.75 / 32)) * 32)
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    net = torch_model.model.float().eval()
+    with torch.no_grad():
+        ref = [t.numpy() for t in _tensors(net(x))]
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    worst = 0.0
+    for g in got:
+        r = next((r for r in ref if r.shape == g.shape), None)
+        if r is None:
+            raise PipelineError(f"the ONNX output of shape {g.shape} has no torch counterpart (torch gave {[r.shape for r in ref]})")
+        r2, g2 = r.reshape(r.shape[0], r.shape[1], -1), g.reshape(g.shape[0], g.shape[1], -1)
+        scale = np.maximum(np.abs(r2).max(axis=(0, 2)), 1.0)
+        worst = max(worst, float((np.abs(g2 - r2).max(axis=(0, 2)) / scale).max()))
+    return worst
+
+
+def _tensors(out) -> list:
+    """Every tensor in a nested model output, in order."""
+    import torch
+
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def persons_from_ultralytics(result, shape_hw: tuple[int, int], need_masks: bool = False) -> list[Person]:
+    """Convert one Ultralytics Results object to Persons (numpy), best confidence first.
+
+    Args:
+        result: one image's Results (boxes, and masks for a segmentation model).
+        shape_hw: the source picture's size; masks must be at that size (retina_masks=True).
+        need_masks: a result without masks has no persons (segmentation); otherwise its persons
+            are boxes alone (detection).
+    """
+    boxes = result.boxes
+    if boxes is None or len(boxes) == 0 or (need_masks and result.masks is None):
+        return []
+    xyxy = boxes.xyxy.cpu().numpy().astype(np.float32)
+    conf = boxes.conf.cpu().numpy().astype(np.float32)
+    cls = boxes.cls.cpu().numpy().astype(np.int64)
+    masks = None
+    if result.masks is not None:
+        masks = result.masks.data.cpu().numpy() > 0.5
+        if masks.shape[1:] != tuple(shape_hw):
+            raise PipelineError(f"segmentation masks are {masks.shape[1:]}, expected the source size {shape_hw}")
+    order = np.argsort(-conf, kind="stable")
+    return [Person(xyxy[i], float(conf[i]), None if masks is None else masks[i]) for i in order if cls[i] == PERSON_CLASS]
+
+
+class UltralyticsSegmenter(Segmenter):
+    """Ultralytics YOLO segmentation, person class only, masks at source resolution."""
+
+    def __init__(self, spec: SegmentSpec, device: str = "auto", batch: int = 8) -> None:
+        self.spec = spec
+        self.model, self.backend = load_cpu_yolo(spec.model, "segment", spec.backend, spec.imgsz, device)
+        self.device = yolo_device(device)
+        self.batch = batch
+        self.predict_seconds = 0.0
+
+    def segment(self, images_rgb: Sequence[np.ndarray]) -> list[list[Person]]:
+        if not images_rgb:
+            return []
+        results = self.model.predict(
+            source=[rgb_to_bgr(im) for im in images_rgb],  # Ultralytics reads numpy arrays as BGR
+            classes=[PERSON_CLASS],
+            conf=self.spec.conf,
+            imgsz=self.spec.imgsz,
+            retina_masks=True,  # masks at the source resolution, not the 640 letterbox
+            device=self.device,
+            batch=self.batch,
+            stream=True,
+            verbose=False,
+        )
+        t = time.perf_counter()
+        out = [persons_from_ultralytics(r, im.shape[:2], need_masks=True) for r, im in zip(results, images_rgb)]
+        self.predict_seconds += time.perf_counter() - t
+        return out
+
+
+class UltralyticsDetector(Detector):
+    """Ultralytics YOLO detection, person class only: boxes without masks."""
+
+    def __init__(self, model: str, conf: float, device: str = "auto", imgsz: int = 640, backend: str = "auto") -> None:
+        self.model, self.backend = load_cpu_yolo(model, "detect", backend, imgsz, device)
+        self.conf, self.device, self.imgsz = conf, yolo_device(device), imgsz
+
+    def detect(self, frames_rgb: Sequence[np.ndarray]) -> list[list[Person]]:
+        results = self.model.predict(source=[rgb_to_bgr(f) for f in frames_rgb], classes=[PERSON_CLASS], conf=self.conf,
+                                     imgsz=self.imgsz, device=self.device, stream=True, verbose=False)
+        return [[Person(p.box_xyxy, p.confidence) for p in persons_from_ultralytics(r, f.shape[:2])]
+                for r, f in zip(results, frames_rgb)]
+
+
+def make_segmenter(spec: SegmentSpec, device: str = "auto") -> Segmenter:
+    return UltralyticsSegmenter(spec, device=device)
