@@ -1,5 +1,6 @@
 """Fashion visual-search pipeline: command line. Parses and validates flags into one RunConfig, then
 runs the mode it asks for (pipeline.runner.run; see README "How it fits together")."""
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,10 @@ def _unit_float(text: str) -> float:
     return v
 
 
+YOLO_BACKENDS = ["auto", "onnx", "torch"]
+YOLO_BACKEND_HELP = "auto: on the CPU, .pt weights run as their ONNX export (made once, verified, kept beside the weights)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="main.py",
@@ -62,12 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
     add(modes, "--use-embeddings", action="store_true", help="reuse embeddings/ and images/ from an earlier run")
     add(modes, "--use-segmentation", action="store_true", help="one white-background crop per detected person")
     add(modes, "--use-embedded-segment", action="store_true", help="reuse images_segment/ and embeddings_segment/")
-    add(modes, "--export-onnx", action="store_true", help="export --model to --onnx (int8) and an fp32 file beside it, verified against torch")
+    add(
+        modes,
+        "--export-onnx",
+        action="store_true",
+        help="export --model to --onnx (int8) and an fp32 file beside it, verified against torch",
+    )
 
     search = p.add_argument_group("search and evaluation")
-    add(search, "--query-image", nargs="+", metavar="PATH", help="image files or folders to search the cached gallery with")
+    add(
+        search,
+        "--query-image",
+        nargs="+",
+        metavar="PATH",
+        help="image files or folders to search the cached gallery with",
+    )
     add(search, "--query-text", nargs="+", metavar="TEXT", help='texts to search with, e.g. "red floral midi dress"')
-    add(search, "--evaluate", action="store_true", help="measure Recall@1/5/10 and MRR against ground truth in --dataset")
+    add(
+        search,
+        "--evaluate",
+        action="store_true",
+        help="measure Recall@1/5/10 and MRR against ground truth in --dataset",
+    )
     add(search, "--eval-backends", help=f"comma list of {','.join(EVAL_BACKENDS)} (default: the backend in use)")
     add(search, "--eval-id-column", help="same-product evaluation: column naming the product (e.g. item_ID)")
     add(search, "--eval-cloth-column", help="person->garment evaluation: column with the garment image")
@@ -81,12 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     add(model, "--model", help="hub id or local folder of a CLIP model")
     add(model, "--onnx", help="ONNX image encoder file")
-    add(model, "--backend", choices=["auto", "onnx", "torch"], help="auto: the ONNX file if it exists, else transformers")
+    add(
+        model,
+        "--backend",
+        choices=["auto", "onnx", "torch"],
+        help="auto: the ONNX file if it exists, else transformers",
+    )
     add(model, "--device", choices=["auto", "cpu", "cuda"])
-    add(model, "--precision", choices=["auto", "fp32", "fp16", "int8"],
-        help="torch backend: auto = fp32 on CPU, fp16 on CUDA (measured faster than bitsandbytes int8)")
-    add(model, "--quantization", choices=["static", "dynamic"], help="with --export-onnx: static QDQ (calibrated, batch-independent) or dynamic")
-    add(model, "--per-tensor", action="store_true", help="with --export-onnx: one int8 scale per weight tensor instead of per channel")
+    add(
+        model,
+        "--precision",
+        choices=["auto", "fp32", "fp16", "int8"],
+        help="torch backend: auto = fp32 on CPU, fp16 on CUDA (measured faster than bitsandbytes int8)",
+    )
+    add(
+        model,
+        "--quantization",
+        choices=["static", "dynamic"],
+        help="with --export-onnx: static QDQ (calibrated, batch-independent) or dynamic",
+    )
+    add(
+        model,
+        "--per-tensor",
+        action="store_true",
+        help="with --export-onnx: one int8 scale per weight tensor instead of per channel",
+    )
     add(model, "--batch-size", type=_positive_int)
     add(model, "--threads", type=_non_negative_int, help="CPU threads for inference; 0 = all cores")
 
@@ -96,15 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     add(video, "--frame-stride", type=_positive_int, help="analyse every Nth frame")
     add(video, "--det-model", help="person detector: Ultralytics weights (.pt), .onnx or .yaml")
     add(video, "--det-conf", type=_unit_float, help="minimum detection confidence")
-    add(video, "--det-backend", choices=["auto", "onnx", "torch"],
-        help="auto: on the CPU, .pt weights run as their ONNX export (made once, verified, kept beside the weights)")
+    add(video, "--det-backend", choices=YOLO_BACKENDS, help=YOLO_BACKEND_HELP)
 
     seg = p.add_argument_group("segmentation (Ultralytics YOLO, person class)")
     add(seg, "--seg-model", help="segmentation weights (.pt), exported .onnx, or model .yaml")
     add(seg, "--seg-conf", type=_unit_float, help="minimum person confidence")
     add(seg, "--seg-imgsz", type=_positive_int, help="inference size")
-    add(seg, "--seg-backend", choices=["auto", "onnx", "torch"],
-        help="auto: on the CPU, .pt weights run as their ONNX export (made once, verified, kept beside the weights)")
+    add(seg, "--seg-backend", choices=YOLO_BACKENDS, help=YOLO_BACKEND_HELP)
     add(seg, "--keep-unsegmented", action="store_true", help="keep the whole image when no person is found")
 
     out = p.add_argument_group("output")
@@ -116,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(out, "--fresh", action="store_true", help="discard the shards of an interrupted run instead of resuming")
 
     verbosity = p.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks and the CPU in the summary")
+    verbosity.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, tracebacks and the CPU in the summary"
+    )
     verbosity.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars or summary")
     return p
 
@@ -139,15 +179,25 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit
     if args.use_embeddings and args.use_segmentation:
         parser.error("--use-embeddings reuses whole-image embeddings; for segmented crops use --use-embedded-segment")
     if args.use_embedded_segment and args.use_segmentation:
-        parser.error("--use-embedded-segment already means segmentation; drop --use-segmentation to reuse the cache, "
-                     "or drop --use-embedded-segment to rebuild it")
+        parser.error(
+            "--use-embedded-segment already means segmentation; drop --use-segmentation to reuse the cache, "
+            "or drop --use-embedded-segment to rebuild it"
+        )
     if args.export_onnx and (args.use_embeddings or args.use_segmentation or args.use_embedded_segment):
         parser.error("--export-onnx makes the ONNX file and stops; run the pipeline as a second command")
     if ({"per_tensor", "quantization"} & explicit) and not args.export_onnx:
         parser.error("--per-tensor and --quantization only apply to --export-onnx")
     query = bool(args.query_image or args.query_text)
-    exclusive = [name for name, on in (("--export-onnx", args.export_onnx), ("--video_clip", bool(args.video_clip)),
-                                       ("--query-image/--query-text", query), ("--evaluate", args.evaluate)) if on]
+    exclusive = [
+        name
+        for name, on in (
+            ("--export-onnx", args.export_onnx),
+            ("--video_clip", bool(args.video_clip)),
+            ("--query-image/--query-text", query),
+            ("--evaluate", args.evaluate),
+        )
+        if on
+    ]
     if len(exclusive) > 1:
         parser.error(f"{' and '.join(exclusive)} are separate modes: run them as separate commands")
     if args.evaluate and (args.use_embeddings or args.use_embedded_segment):
@@ -195,7 +245,18 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
     if quiet:  # the hub's and transformers' own bars (downloads, "Loading weights") follow -q too
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if not verbose:
-        for noisy in ("httpx", "httpx2", "urllib3", "filelock", "datasets", "huggingface_hub", "PIL", "matplotlib", "onnx_ir", "onnxscript"):
+        for noisy in (
+            "httpx",
+            "httpx2",
+            "urllib3",
+            "filelock",
+            "datasets",
+            "huggingface_hub",
+            "PIL",
+            "matplotlib",
+            "onnx_ir",
+            "onnxscript",
+        ):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -1,19 +1,16 @@
 """Shared benchmark helpers: generated catalogues and the real FashionCLIP architecture with random
 weights (speed does not depend on weight values). Everything lands under --work (default
 /tmp/fashion-bench) and is reused between runs."""
+
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-# This folder holds pipeline.py (the benchmark), which would shadow the pipeline package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 
 def machine_line() -> str:

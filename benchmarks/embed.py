@@ -4,8 +4,9 @@ model-only images/s at batch 1, 8 and 32 for torch fp32, onnxruntime fp32 and on
 (decode + preprocess + infer, from generated 768x1024 JPEGs), all in one run; last, this machine's
 own GEMM peak in onnxruntime and the ceiling it puts on each backend.
 
-    python benchmarks/embed.py [--seconds 6] [--e2e-images 1000]
+    python -m benchmarks.embed [--seconds 6] [--e2e-images 1000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine_line, make_jpeg_dataset, real_arch_clip, real_arch_onnx
+from benchmarks.common import machine_line, make_jpeg_dataset, real_arch_clip, real_arch_onnx
 
 
 def rate(fn, batch: int, seconds: float) -> float:
@@ -50,8 +51,9 @@ def gemm_peaks(seconds: float) -> dict[str, float]:
     (uint8 activations x int8 weights, the kernel the int8 model runs): what the model cannot beat."""
     import tempfile
 
-    import onnx
     import onnxruntime as ort
+
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     m, k, n = 32 * 50, 768, 3072
@@ -59,18 +61,25 @@ def gemm_peaks(seconds: float) -> dict[str, float]:
     graphs = {
         "fp32": (
             helper.make_graph(
-                [helper.make_node("MatMul", ["x", "w"], ["y"])], "fp32",
-                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                [helper.make_node("MatMul", ["x", "w"], ["y"])],
+                "fp32",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
                 [numpy_helper.from_array(rng.normal(size=(k, n)).astype(np.float32), "w")],
             ),
             rng.normal(size=(m, k)).astype(np.float32),
         ),
         "int8": (
             helper.make_graph(
-                [helper.make_node("MatMulInteger", ["x", "w", "xz", "wz"], ["y"])], "int8",
-                [helper.make_tensor_value_info("x", TensorProto.UINT8, [m, k])], [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
-                [numpy_helper.from_array(rng.integers(-127, 128, size=(k, n)).astype(np.int8), "w"),
-                 numpy_helper.from_array(np.array(128, np.uint8), "xz"), numpy_helper.from_array(np.array(0, np.int8), "wz")],
+                [helper.make_node("MatMulInteger", ["x", "w", "xz", "wz"], ["y"])],
+                "int8",
+                [helper.make_tensor_value_info("x", TensorProto.UINT8, [m, k])],
+                [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
+                [
+                    numpy_helper.from_array(rng.integers(-127, 128, size=(k, n)).astype(np.int8), "w"),
+                    numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+                    numpy_helper.from_array(np.array(0, np.int8), "wz"),
+                ],
             ),
             rng.integers(0, 256, size=(m, k)).astype(np.uint8),
         ),
@@ -119,7 +128,8 @@ def main() -> int:
 
     # End to end: the gallery stage (decode + preprocess + thumbnail + infer + shards) on JPEGs.
     from pipeline.dataset import DatasetSpec, count_rows, iter_records
-    from pipeline.gallery import GalleryTarget, build_gallery, make_standard_items
+    from pipeline.gallery import GalleryTarget, build_gallery
+    from pipeline.items import make_standard_items
     from pipeline.report import RunSummary
 
     ds = make_jpeg_dataset(args.work, 1000)
@@ -130,10 +140,16 @@ def main() -> int:
     emb = OnnxEmbedder(static, device="cpu")
     summary = RunSummary(mode="embed e2e")
     build_gallery(
-        records=lambda start: iter_records(spec, start), total_rows=count_rows(spec),
-        make_items=make_standard_items(emb.preprocess_cfg.decode_min_side), embedder=emb,
-        target=GalleryTarget(out / "images", out / "embeddings", parallel_items=True), run_params={}, source={}, summary=summary,
-        batch_size=32, progress=False,
+        records=lambda start: iter_records(spec, start),
+        total_rows=count_rows(spec),
+        make_items=make_standard_items(emb.preprocess_cfg.decode_min_side),
+        embedder=emb,
+        target=GalleryTarget(out / "images", out / "embeddings", parallel_items=True),
+        run_params={},
+        source={},
+        summary=summary,
+        batch_size=32,
+        progress=False,
     )
     e2e = n / summary.stages["embed stage (wall)"]
     int8 = table["onnxruntime int8 (static QDQ, default)"][32]
@@ -143,18 +159,30 @@ def main() -> int:
         print(f"| {name} | " + " | ".join(f"{row[b]:.1f}" for b in batches) + " |")
     print(f"| embedding stage end to end (int8 static, batch 32, {n} JPEGs 768x1024) | | | {e2e:.1f} |")
     print(f"\nint8 (static) / torch fp32 at batch 32: {int8 / table['torch fp32'][32]:.2f}x")
-    print(f"int8 (dynamic) / torch fp32 at batch 32: {table['onnxruntime int8 (dynamic)'][32] / table['torch fp32'][32]:.2f}x")
+    print(
+        f"int8 (dynamic) / torch fp32 at batch 32: "
+        f"{table['onnxruntime int8 (dynamic)'][32] / table['torch fp32'][32]:.2f}x"
+    )
     print(f"end to end / int8 model-only at batch 32: {e2e / int8:.0%}")
     # The ceiling: every MatMul at this machine's own GEMM peak and everything else free.
     peaks = gemm_peaks(args.seconds / 2)
     matmul, conv = vit_macs(clip)
     fp32_ceiling = peaks["fp32"] * 1e9 / (2 * (matmul + conv))
     int8_ceiling = 1 / (2 * matmul / (peaks["int8"] * 1e9) + 2 * conv / (peaks["fp32"] * 1e9))  # the conv stays fp32
-    print(f"\nonnxruntime GEMM peak here: fp32 {peaks['fp32']:.0f} GFLOP/s, int8 {peaks['int8']:.0f} GOP/s ({peaks['int8'] / peaks['fp32']:.1f}x)")
+    print(
+        f"\nonnxruntime GEMM peak here: fp32 {peaks['fp32']:.0f} GFLOP/s, int8 {peaks['int8']:.0f} GOP/s "
+        f"({peaks['int8'] / peaks['fp32']:.1f}x)"
+    )
     print(f"model: {2 * matmul / 1e9:.2f} GOP in MatMuls + {2 * conv / 1e9:.2f} GOP in the patch conv per image")
-    print(f"ceiling (all MatMuls at peak, nothing else costs): fp32 {fp32_ceiling:.0f} img/s, int8 {int8_ceiling:.0f} img/s "
-          f"= {int8_ceiling / table['torch fp32'][32]:.1f}x torch fp32 at most")
-    print(f"measured int8 (static) = {int8 / int8_ceiling:.0%} of its ceiling; ort fp32 = {table['onnxruntime fp32'][32] / fp32_ceiling:.0%} of its ceiling")
+    print(
+        f"ceiling (all MatMuls at peak, nothing else costs): fp32 {fp32_ceiling:.0f} img/s, int8 {int8_ceiling:.0f} "
+        f"img/s "
+        f"= {int8_ceiling / table['torch fp32'][32]:.1f}x torch fp32 at most"
+    )
+    print(
+        f"measured int8 (static) = {int8 / int8_ceiling:.0%} of its ceiling; ort fp32 = "
+        f"{table['onnxruntime fp32'][32] / fp32_ceiling:.0%} of its ceiling"
+    )
     for k, v in summary.stages.items():
         print(f"  {k.strip():40s} {v:7.1f} s")
     return 0

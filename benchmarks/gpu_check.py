@@ -1,8 +1,9 @@
 """CUDA paths of the torch backend: parity with fp32 and throughput for fp16 and bitsandbytes 8-bit,
 plus onnxruntime's providers and one end-to-end run on the GPU. One short script for a lent GPU:
 
-    python benchmarks/gpu_check.py --out results.json
+    python -m benchmarks.gpu_check --out results.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, photo_like
+from benchmarks.common import ROOT, photo_like
 
 
 def parity(model_dir: Path, pixels: np.ndarray, precisions: list[str], device: str = "cuda") -> dict:
@@ -69,11 +70,19 @@ def end_to_end(model_dir: Path, work: Path, n: int = 256) -> dict:
     res = {}
     for prec in ("auto", "fp16"):
         out = work / f"run_{prec}"
-        cmd = [sys.executable, str(ROOT / "main.py"), "--dataset", str(images), "--model", str(model_dir), "--backend", "torch",
-               "--device", "cuda", "--precision", prec, "--output-dir", str(out), "--batch-size", "64", "--max-result-images", "8"]
+        cmd = [
+            sys.executable, str(ROOT / "main.py"), "--dataset", str(images), "--model", str(model_dir), "--backend",
+            "torch", "--device", "cuda", "--precision", prec, "--output-dir", str(out), "--batch-size", "64",
+            "--max-result-images", "8",
+        ]
         t = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True)
-        res[prec] = {"exit": r.returncode, "wall_s": round(time.perf_counter() - t, 1), "summary": r.stdout.strip().splitlines()[:3], "stderr_tail": r.stderr[-400:] if r.returncode else ""}
+        res[prec] = {
+            "exit": r.returncode,
+            "wall_s": round(time.perf_counter() - t, 1),
+            "summary": r.stdout.strip().splitlines()[:3],
+            "stderr_tail": r.stderr[-400:] if r.returncode else "",
+        }
         side = out / "embeddings" / "embeddings.json"
         if side.is_file():
             res[prec]["precision"] = json.loads(side.read_text())["identity"]["precision"]

@@ -6,8 +6,9 @@ verification pictures. On an emulated AVX2 / AVX-512-without-VNNI kernel (tests/
 slow, numpy): the same cosine on the first --emulate pictures. Speed on an AVX2-only CPU can only be
 measured there: run this script on one.
 
-    python benchmarks/int8_cpus.py [--seconds 6] [--emulate 4]
+    python -m benchmarks.int8_cpus [--seconds 6] [--emulate 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine_line, real_arch_clip
+from benchmarks.common import machine_line, real_arch_clip
 
 
 def main() -> int:
@@ -60,11 +61,27 @@ def main() -> int:
                 n += 32
             speed = n / (time.perf_counter() - t)
             native = export._cosines(export._run(__import__("onnxruntime"), path, pixels), ref)
-            emulated = export._cosines(run_emulated(path, pixels[: args.emulate], batch=2), ref[: args.emulate]) if args.emulate else None
+            emulated = (
+                export._cosines(run_emulated(path, pixels[: args.emulate], batch=2), ref[: args.emulate])
+                if args.emulate
+                else None
+            )
             rows.append((quantization, bits, speed, native, emulated))
-            print(f"{quantization} {bits}-bit: {speed:.1f} img/s; cosine here min {native.min():.5f} mean {native.mean():.5f}"
-                  + (f"; emulated AVX2 min {emulated.min():.5f} mean {emulated.mean():.5f}" if emulated is not None else ""), flush=True)
-    print("\n| int8 export | weights | img/s here (batch 32) | cosine here min / mean | emulated AVX2 (no VNNI) min / mean |\n|---|---|---|---|---|")
+            print(
+                f"{quantization} {bits}-bit: {speed:.1f} img/s; cosine here min {native.min():.5f} mean "
+                f"{native.mean():.5f}"
+                + (
+                    f"; emulated AVX2 min {emulated.min():.5f} mean {emulated.mean():.5f}"
+                    if emulated is not None
+                    else ""
+                ),
+                flush=True,
+            )
+    print(
+        "\n| int8 export | weights | img/s here (batch 32) | cosine here min / mean "
+        "| emulated AVX2 (no VNNI) min / mean |"
+        "\n|---|---|---|---|---|"
+    )
     for q, bits, speed, native, emulated in rows:
         emu = f"{emulated.min():.4f} / {emulated.mean():.4f} ({args.emulate} pictures)" if emulated is not None else "-"
         print(f"| {q} | {bits}-bit | {speed:.1f} | {native.min():.4f} / {native.mean():.4f} | {emu} |")

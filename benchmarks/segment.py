@@ -10,8 +10,9 @@ Random weights would find nobody, or masks that do not depend on the picture, so
 from tests.assets.person_yolo (BatchNorm recalibrated, head biased to class 0, max 4 persons); the
 torch and ONNX models carry the same weights (the .pt saved from it, then exported).
 
-    python benchmarks/segment.py [--images 8] [--models n l]
+    python -m benchmarks.segment [--images 8] [--models n l]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine_line, photo_like
+from benchmarks.common import machine_line, photo_like
 
 
 def mask_iou(a: list, b: list) -> list[float]:
     """IoU of each of a's masks with b's mask of the best-matching box."""
-    from pipeline.video import box_iou
+    from pipeline.persons import box_iou
 
     if not a or not b:
         return []
@@ -43,7 +44,7 @@ def mask_iou(a: list, b: list) -> list[float]:
 
 def stage(seg, records, spec, work: Path) -> tuple[float, float, int]:
     """(stage seconds, predict seconds, crops) for the gallery's segmentation item maker."""
-    from pipeline.segment import make_segment_items
+    from pipeline.items import make_segment_items
 
     make_items = make_segment_items(seg, spec)
     make_items(records[:2])  # warm-up
@@ -66,10 +67,9 @@ def main() -> int:
     args = ap.parse_args()
     print(machine_line(), flush=True)
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    from pipeline.config import SegmentSpec
     from pipeline.dataset import Record
     from pipeline.images import decode_image
-    from pipeline.segment import UltralyticsSegmenter
+    from pipeline.yolo import SegmentSpec, UltralyticsSegmenter
     from tests.assets import person_yolo
 
     work = args.work / "segment"
@@ -82,7 +82,8 @@ def main() -> int:
     arrays = [np.asarray(decode_image(r.data).image) for r in records]
     calib = [np.asarray(photo_like(100 + i).resize((480, 640))) for i in range(4)]
     lines = [
-        "| model | torch predict | torch stage | outside predict | ONNX predict | ONNX stage | outside predict | persons torch / ONNX | box diff px | mask IoU min / mean |",
+        "| model | torch predict | torch stage | outside predict | ONNX predict | ONNX stage | outside predict "
+        "| persons torch / ONNX | box diff px | mask IoU min / mean |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size in args.models:
@@ -102,16 +103,27 @@ def main() -> int:
             seg.predict_seconds = 0.0
             persons = seg.segment(arrays)
             results[backend] = (wall, predict, persons)
-            print(f"yolov8{size}-seg {backend}: load/export {load:.1f} s, stage {wall / len(records) * 1000:.0f} ms/img, "
-                  f"predict {predict / len(records) * 1000:.0f} ms/img, {crops} crops", flush=True)
+            print(
+                f"yolov8{size}-seg {backend}: load/export {load:.1f} s, stage {wall / len(records) * 1000:.0f} ms/img, "
+                f"predict {predict / len(records) * 1000:.0f} ms/img, {crops} crops",
+                flush=True,
+            )
         (tw, tp, tpers), (ow, op, opers) = results["torch"], results["onnx"]
         ious = [v for a, b in zip(tpers, opers) for v in mask_iou(a, b)]
-        box = max((float(np.abs(np.stack([p.box_xyxy for p in a]) - np.stack([p.box_xyxy for p in b])).max())
-                   for a, b in zip(tpers, opers) if a and len(a) == len(b)), default=float("nan"))
+        box = max(
+            (
+                float(np.abs(np.stack([p.box_xyxy for p in a]) - np.stack([p.box_xyxy for p in b])).max())
+                for a, b in zip(tpers, opers)
+                if a and len(a) == len(b)
+            ),
+            default=float("nan"),
+        )
         n = len(records)
         lines.append(
-            f"| yolov8{size}-seg | {tp / n * 1000:.0f} ms | {tw / n * 1000:.0f} ms | {(tw - tp) / tw:.1%} | {op / n * 1000:.0f} ms | "
-            f"{ow / n * 1000:.0f} ms | {(ow - op) / ow:.1%} | {sum(map(len, tpers))} / {sum(map(len, opers))} (same per image: {[len(a) for a in tpers] == [len(b) for b in opers]}) | "
+            f"| yolov8{size}-seg | {tp / n * 1000:.0f} ms | {tw / n * 1000:.0f} ms | {(tw - tp) / tw:.1%} | "
+            f"{op / n * 1000:.0f} ms | "
+            f"{ow / n * 1000:.0f} ms | {(ow - op) / ow:.1%} | {sum(map(len, tpers))} / {sum(map(len, opers))} (same "
+            f"per image: {[len(a) for a in tpers] == [len(b) for b in opers]}) | "
             f"{box:.4f} | {min(ious, default=float('nan')):.4f} / {np.mean(ious) if ious else float('nan'):.4f} |"
         )
         print(lines[-1], flush=True)

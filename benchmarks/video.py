@@ -6,8 +6,9 @@ processed frame; since random weights find nobody, its output is replaced by thr
 boxes so the embed, match and draw stages do their real work. The gallery is N generated JPEGs
 embedded with the int8 ONNX model of the real FashionCLIP architecture.
 
-    python benchmarks/video.py [--seconds 20] [--segmented]
+    python -m benchmarks.video [--seconds 20] [--segmented]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine_line, make_jpeg_dataset, photo_like, real_arch_onnx
+from benchmarks.common import machine_line, make_jpeg_dataset, photo_like, real_arch_onnx
 
 
 def make_clip(path: Path, seconds: int, fps: int = 30) -> Path:
@@ -42,11 +43,11 @@ class FixedBoxes:
         self.real = real
 
     def detect(self, frames):
-        from pipeline.video import Detections
+        from pipeline.persons import Person
 
         self.real.detect(frames)
-        boxes = np.array([[200, 150, 600, 1050], [800, 100, 1150, 1000], [1400, 200, 1750, 1070]], np.float32)
-        return [Detections(boxes, np.array([0.9, 0.8, 0.7], np.float32)) for _ in frames]
+        boxes = [[200, 150, 600, 1050], [800, 100, 1150, 1000], [1400, 200, 1750, 1070]]
+        return [[Person(np.array(b, np.float32), s) for b, s in zip(boxes, (0.9, 0.8, 0.7))] for _ in frames]
 
 
 def main() -> int:
@@ -56,15 +57,20 @@ def main() -> int:
     ap.add_argument("--gallery", type=int, default=1000)
     ap.add_argument("--segmented", action="store_true", help="also mask persons with a segmentation model")
     ap.add_argument("--seg-model", default="yolov8n-seg.yaml")
-    ap.add_argument("--det-backend", choices=["auto", "onnx", "torch"], default="auto",
-                    help="detector backend, as --det-backend in main.py (auto: the .pt's ONNX export on the CPU)")
+    ap.add_argument(
+        "--det-backend",
+        choices=["auto", "onnx", "torch"],
+        default="auto",
+        help="detector backend, as --det-backend in main.py (auto: the .pt's ONNX export on the CPU)",
+    )
     args = ap.parse_args()
     print(machine_line(), flush=True)
-    from pipeline.config import RunConfig, SegmentSpec
+    from pipeline.config import RunConfig, VideoSpec
     from pipeline.dataset import DatasetSpec
     from pipeline.embedders import EmbedderSpec
-    from pipeline.segment import PersonMask
-    from pipeline.video import UltralyticsDetector, run_video
+    from pipeline.persons import Person
+    from pipeline.video import run_video
+    from pipeline.yolo import SegmentSpec, UltralyticsDetector
 
     (args.work / "videos").mkdir(parents=True, exist_ok=True)
     clip = make_clip(args.work / "videos" / f"bench_1080p_{args.seconds}s.mp4", args.seconds)
@@ -72,14 +78,18 @@ def main() -> int:
     ds = make_jpeg_dataset(args.work, 1000)
     out = args.work / "video-run"
     cfg = RunConfig(
-        dataset=DatasetSpec(str(ds), limit=args.gallery), embedder=EmbedderSpec(onnx=str(onnx), backend="onnx"),
-        segment=SegmentSpec(model=args.seg_model), output_dir=out, progress=False, video_clip=clip.stem, video_dir=clip.parent,
-        det_model="yolov8n.yaml", use_embeddings=(out / "embeddings" / "embeddings.json").is_file(),
+        dataset=DatasetSpec(str(ds), limit=args.gallery),
+        embedder=EmbedderSpec(onnx=str(onnx), backend="onnx"),
+        segment=SegmentSpec(model=args.seg_model),
+        output_dir=out,
+        progress=False,
+        video=VideoSpec(clip=clip.stem, folder=clip.parent, det_model="yolov8n.yaml"),
+        use_embeddings=(out / "embeddings" / "embeddings.json").is_file(),
     )
     shutil.rmtree(out / "video_results", ignore_errors=True)
     segmenter = None
     if args.segmented:
-        from pipeline.segment import UltralyticsSegmenter
+        from pipeline.yolo import UltralyticsSegmenter
 
         class MaskedFixed(UltralyticsSegmenter):
             """Runs the real segmentation model (for its cost) and returns masks for the fixed boxes."""
@@ -93,7 +103,7 @@ def main() -> int:
                     for x1, y1, x2, y2 in [[200, 150, 600, 1050], [800, 100, 1150, 1000], [1400, 200, 1750, 1070]]:
                         m = np.zeros((h, w), bool)
                         m[y1 + 50 : y2 - 50, x1 + 40 : x2 - 40] = True
-                        persons.append(PersonMask(np.array([x1, y1, x2, y2], np.float32), m, 0.9))
+                        persons.append(Person(np.array([x1, y1, x2, y2], np.float32), 0.9, m))
                     out.append(persons)
                 return out
 
@@ -114,9 +124,12 @@ def main() -> int:
     stages = {k.replace("video ", ""): v for k, v in summary.stages.items() if k.startswith("video ")}
     total = sum(stages.values())
     frames = summary.counts["frames processed"]
-    print(f"\n== 1080p {args.seconds} s clip, stride 30, detector {real.backend}{', segmented (' + args.seg_model + ')' if args.segmented else ''}: "
-          f"{frames} frames processed in {total:.1f} s = {frames / total:.2f} processed frames/s "
-          f"({frames * 30 / total:.1f} video frames/s, {'faster' if frames / total >= 1 else 'slower'} than real time)")
+    print(
+        f"\n== 1080p {args.seconds} s clip, stride 30, detector "
+        f"{real.backend}{', segmented (' + args.seg_model + ')' if args.segmented else ''}: "
+        f"{frames} frames processed in {total:.1f} s = {frames / total:.2f} processed frames/s "
+        f"({frames * 30 / total:.1f} video frames/s, {'faster' if frames / total >= 1 else 'slower'} than real time)"
+    )
     for k, v in stages.items():
         print(f"  {k:8s} {v:6.1f} s  {v / total:6.1%}")
     print(f"(whole call including gallery load: {time.perf_counter() - t:.1f} s)")

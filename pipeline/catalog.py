@@ -2,6 +2,7 @@
 checked against its files and against what was asked for. Every mode (standard, segmentation,
 video, query) gets its gallery here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,13 @@ def gallery_source(cfg: RunConfig) -> dict[str, Any]:
     src = {"kind": "segment" if cfg.segmented else "standard", **cfg.dataset.as_dict()}
     if cfg.segmented:
         seg = cfg.segment
-        src.update(seg_model=seg.model, seg_backend=seg.backend, seg_conf=seg.conf, seg_imgsz=seg.imgsz,
-                   keep_unsegmented=seg.keep_unsegmented)
+        src.update(
+            seg_model=seg.model,
+            seg_backend=seg.backend,
+            seg_conf=seg.conf,
+            seg_imgsz=seg.imgsz,
+            keep_unsegmented=seg.keep_unsegmented,
+        )
     return src
 
 
@@ -104,7 +110,12 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None)
         target = GalleryTarget(cfg.images_dir, cfg.store_dir, parallel_items=True)
         stage_name = "decode"
     source = gallery_source(cfg)
-    run_params = {"source": source, "identity": embedder.identity, "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
+    run_params = {
+        "source": source,
+        "identity": embedder.identity,
+        "batch_size": cfg.batch_size,
+        "shard_rows": cfg.shard_rows,
+    }
     emb, rows = build_gallery(
         records=lambda start: iter_records(cfg.dataset, start),
         total_rows=total_rows,

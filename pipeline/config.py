@@ -4,6 +4,7 @@ Every default is written once, here or in the stage that owns the setting (Datas
 EmbedderSpec, SegmentSpec); the command line takes its defaults from these dataclasses through
 FLAGS, and every mode reads the same RunConfig.
 """
+
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -141,22 +142,43 @@ class RunConfig:
 
 # Command-line option (argparse dest) -> (RunConfig section, field); section None: RunConfig itself.
 FLAGS: dict[str, tuple[str | None, str]] = {
-    "dataset": ("dataset", "name"), "split": ("dataset", "split"), "limit": ("dataset", "limit"),
+    "dataset": ("dataset", "name"),
+    "split": ("dataset", "split"),
+    "limit": ("dataset", "limit"),
     "image_column": ("dataset", "image_column"),
-    "model": ("embedder", "model"), "onnx": ("embedder", "onnx"), "backend": ("embedder", "backend"),
-    "device": ("embedder", "device"), "precision": ("embedder", "precision"), "threads": ("embedder", "threads"),
-    "seg_model": ("segment", "model"), "seg_conf": ("segment", "conf"), "seg_imgsz": ("segment", "imgsz"),
-    "seg_backend": ("segment", "backend"), "keep_unsegmented": ("segment", "keep_unsegmented"),
-    "video_clip": ("video", "clip"), "video_dir": ("video", "folder"), "frame_stride": ("video", "frame_stride"),
-    "det_model": ("video", "det_model"), "det_conf": ("video", "det_conf"), "det_backend": ("video", "det_backend"),
-    "query_image": ("query", "images"), "query_text": ("query", "texts"),
-    "evaluate": ("evaluate", "enabled"), "eval_backends": ("evaluate", "backends"),
-    "eval_id_column": ("evaluate", "id_column"), "eval_cloth_column": ("evaluate", "cloth_column"),
-    "export_onnx": ("export", "enabled"), "quantization": ("export", "quantization"), "per_tensor": ("export", "per_tensor"),
-    **{name: (None, name) for name in (
-        "output_dir", "batch_size", "top_k", "max_matrix", "max_result_images", "shard_rows", "use_embeddings",
-        "use_segmentation", "use_embedded_segment", "fresh",
-    )},
+    "model": ("embedder", "model"),
+    "onnx": ("embedder", "onnx"),
+    "backend": ("embedder", "backend"),
+    "device": ("embedder", "device"),
+    "precision": ("embedder", "precision"),
+    "threads": ("embedder", "threads"),
+    "seg_model": ("segment", "model"),
+    "seg_conf": ("segment", "conf"),
+    "seg_imgsz": ("segment", "imgsz"),
+    "seg_backend": ("segment", "backend"),
+    "keep_unsegmented": ("segment", "keep_unsegmented"),
+    "video_clip": ("video", "clip"),
+    "video_dir": ("video", "folder"),
+    "frame_stride": ("video", "frame_stride"),
+    "det_model": ("video", "det_model"),
+    "det_conf": ("video", "det_conf"),
+    "det_backend": ("video", "det_backend"),
+    "query_image": ("query", "images"),
+    "query_text": ("query", "texts"),
+    "evaluate": ("evaluate", "enabled"),
+    "eval_backends": ("evaluate", "backends"),
+    "eval_id_column": ("evaluate", "id_column"),
+    "eval_cloth_column": ("evaluate", "cloth_column"),
+    "export_onnx": ("export", "enabled"),
+    "quantization": ("export", "quantization"),
+    "per_tensor": ("export", "per_tensor"),
+    **{
+        name: (None, name)
+        for name in (
+            "output_dir", "batch_size", "top_k", "max_matrix", "max_result_images", "shard_rows", "use_embeddings",
+            "use_segmentation", "use_embedded_segment", "fresh",
+        )
+    },
 }
 
 
@@ -175,7 +197,9 @@ def flag_default(dest: str) -> Any:
     return f.default_factory()  # type: ignore[misc]
 
 
-def config_from_flags(values: dict[str, Any], explicit: frozenset[str] = frozenset(), progress: bool = True) -> RunConfig:
+def config_from_flags(
+    values: dict[str, Any], explicit: frozenset[str] = frozenset(), progress: bool = True
+) -> RunConfig:
     """Build the RunConfig from parsed option values (argparse dests, as in FLAGS).
 
     --limit 0 means every row (limit None); list options become tuples; --eval-backends is a comma list.

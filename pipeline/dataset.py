@@ -3,16 +3,18 @@
 
 Nothing here decodes pixels, so a corrupt row becomes a recorded failure downstream, not a crash.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import re
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any
 
 from .errors import PipelineError, first_line
 
@@ -20,7 +22,22 @@ log = logging.getLogger(__name__)
 
 # Listed even where Pillow cannot decode them (heic, avif, svg, jxl): such files become recorded
 # failures instead of being skipped without a word.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".heic", ".heif", ".avif", ".svg", ".jxl"}
+IMAGE_SUFFIXES = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".gif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".jfif",
+    ".heic",
+    ".heif",
+    ".avif",
+    ".svg",
+    ".jxl",
+}
 _TABLE_SUFFIXES = {".parquet", ".arrow"}
 
 
@@ -132,7 +149,9 @@ def _list_images(root: Path) -> list[str]:
 def _iter_image_folder(root: Path, spec: DatasetSpec, start: int) -> Iterator[Record]:
     rels = _list_images(root)
     if not rels:
-        raise PipelineError(f"{root} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) and no parquet/arrow files")
+        raise PipelineError(
+            f"{root} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) and no parquet/arrow files"
+        )
     stop = len(rels) if spec.limit is None else min(len(rels), spec.limit)
     for i in range(start, stop):
         rel = rels[i]
@@ -164,7 +183,7 @@ def _local_parquet_files(path: Path, split: str) -> list[Path]:
     raise PipelineError(f"{path} has no parquet files for split {split!r}; choose one with --split")
 
 
-def _open_local_file(path: Path) -> ContextManager[Any]:
+def _open_local_file(path: Path) -> AbstractContextManager[Any]:
     return nullcontext(path)
 
 
@@ -186,7 +205,9 @@ def _read_footer(source: Any):
     return pq.read_metadata(pa.BufferReader(b"PAR1" + source.read(length) + tail))
 
 
-def _iter_parquet(files: Sequence[Any], spec: DatasetSpec, start: int, open_file: Callable[[Any], ContextManager[Any]]) -> Iterator[Record]:
+def _iter_parquet(
+    files: Sequence[Any], spec: DatasetSpec, start: int, open_file: Callable[[Any], AbstractContextManager[Any]]
+) -> Iterator[Record]:
     """Parquet read with pyarrow directly: only the columns used, and only the row groups that
     hold rows start .. limit-1, a few rows at a time. `open_file` turns an entry of `files` into
     what pyarrow opens (a local path, or a file on the hub read by HTTP ranges).
@@ -222,7 +243,7 @@ def _iter_parquet(files: Sequence[Any], spec: DatasetSpec, start: int, open_file
                     if stop is not None and first >= stop:
                         return
                     if first >= start:
-                        yield _row_record(spec, first, lambda c: cols[c][k])
+                        yield _row_record(spec, first, {c: values[k] for c, values in cols.items()}.get)
                     first += 1
         row += sum(sizes)
 
@@ -249,7 +270,10 @@ def _parquet_options(spec: DatasetSpec) -> dict[str, Any]:
     """
     import pyarrow.dataset as pds
 
-    return {"columns": [spec.image_column, *spec.extra_columns], "fragment_scan_options": pds.ParquetFragmentScanOptions(pre_buffer=False)}
+    return {
+        "columns": [spec.image_column, *spec.extra_columns],
+        "fragment_scan_options": pds.ParquetFragmentScanOptions(pre_buffer=False),
+    }
 
 
 def _load_streaming(datasets, path: str, spec: DatasetSpec, **kw):
@@ -292,14 +316,17 @@ def _hub_split(spec: DatasetSpec) -> HubSplit:
         ) from e
     files = (builder.config.data_files or {}).get(spec.split)
     if files is None:
-        raise PipelineError(f"dataset {spec.name!r} has splits {sorted(builder.config.data_files or {})}, not {spec.split!r}; choose one with --split")
+        raise PipelineError(
+            f"dataset {spec.name!r} has splits {sorted(builder.config.data_files or {})}, not {spec.split!r}; choose "
+            f"one with --split"
+        )
     splits = builder.info.splits or {}
     num_rows = splits[spec.split].num_examples if spec.split in splits and splits[spec.split].num_examples else None
     parquet = tuple(str(f) for f in files) if files and all(str(f).endswith(".parquet") for f in files) else ()
     return HubSplit(parquet, num_rows)
 
 
-def _hub_file_opener() -> Callable[[str], ContextManager[Any]]:
+def _hub_file_opener() -> Callable[[str], AbstractContextManager[Any]]:
     """Open hf:// files for random access with one HTTP range request per read and no read-ahead.
 
     fsspec's default cache reads ahead 5 MiB per request; with cache_type "none" pyarrow's reads
@@ -313,7 +340,9 @@ def _hub_file_opener() -> Callable[[str], ContextManager[Any]]:
         try:
             return fs.open(path, "rb", block_size=1 << 20, cache_type="none")
         except Exception as e:  # 404, auth, network
-            raise PipelineError(f"cannot open {path} on the Hugging Face hub ({type(e).__name__}: {first_line(e)})") from e
+            raise PipelineError(
+                f"cannot open {path} on the Hugging Face hub ({type(e).__name__}: {first_line(e)})"
+            ) from e
 
     return open_file
 
@@ -382,7 +411,9 @@ def _iter_hf(ds, spec: DatasetSpec, start: int) -> Iterator[Record]:
 def _check_columns(spec: DatasetSpec, names: list[str]) -> None:
     for col in (spec.image_column, *spec.extra_columns):
         if col not in names:
-            hint = "Choose one with --image-column." if col == spec.image_column else "Check the evaluation column names."
+            hint = (
+                "Choose one with --image-column." if col == spec.image_column else "Check the evaluation column names."
+            )
             raise PipelineError(f"dataset {spec.name!r} has no column {col!r}; its columns are {sorted(names)}. {hint}")
 
 

@@ -5,6 +5,7 @@ One interface, two backends picked once by `make_embedder`: transformers' CLIPMo
 dtype and normalization, so nothing downstream asks which one it got. The ONNX backend imports
 neither torch nor transformers.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import PipelineError, first_line
-from .preprocess import PreprocessConfig
 from .fileio import sha256_file
+from .preprocess import PreprocessConfig
 from .probes import META_PROBES, ProbeRecord, check_file, probe_pixels
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,8 @@ def requested_identity(spec: EmbedderSpec) -> dict[str, Any]:
     if backend == "onnx":
         if not Path(spec.onnx).is_file():
             raise PipelineError(
-                f"ONNX file {spec.onnx} not found. Make it with: python main.py --export-onnx --model {spec.model} --onnx {spec.onnx}"
+                f"ONNX file {spec.onnx} not found. Make it with: python main.py --export-onnx --model {spec.model} "
+                f"--onnx {spec.onnx}"
             )
         return {"backend": "onnx", "onnx_sha256": sha256_file(spec.onnx)}
     ident = {"backend": "torch", "model": model_reference(spec.model)}
@@ -196,7 +198,9 @@ class OnnxEmbedder(Embedder):
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise PipelineError(f"cannot load ONNX file {path}: {type(e).__name__}: {e}. Re-create it with --export-onnx.") from e
+            raise PipelineError(
+                f"cannot load ONNX file {path}: {type(e).__name__}: {e}. Re-create it with --export-onnx."
+            ) from e
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # sessions not running right now
         self._free.put(self.session)
         for _ in range(replicas - 1):
@@ -214,7 +218,10 @@ class OnnxEmbedder(Embedder):
             raise PipelineError(f"{path}: expected one image input, found {[i.name for i in inputs]}")
         self.input = inputs[0]
         if self.input.type != "tensor(float)" or len(self.input.shape) != 4:
-            raise PipelineError(f"{path}: input {self.input.name!r} is {self.input.type} {self.input.shape}; expected float (batch, 3, H, W)")
+            raise PipelineError(
+                f"{path}: input {self.input.name!r} is {self.input.type} {self.input.shape}; expected float (batch, 3, "
+                f"H, W)"
+            )
         self.output_name = self.session.get_outputs()[0].name
         if META_PREPROCESS in meta:
             self.preprocess_cfg = PreprocessConfig.from_json(meta[META_PREPROCESS])
@@ -254,7 +261,8 @@ class OnnxEmbedder(Embedder):
             raise PipelineError(f"ONNX input {self.input.name!r} takes float32, got {pixels.dtype}")
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
             raise PipelineError(
-                f"ONNX input {self.input.name!r} takes (batch, {want[0]}, {want[1]}, {want[2]}), got {tuple(pixels.shape)}"
+                f"ONNX input {self.input.name!r} takes (batch, {want[0]}, {want[1]}, {want[2]}), got "
+                f"{tuple(pixels.shape)}"
             )
 
     def _run(self, x: np.ndarray) -> np.ndarray:
@@ -306,7 +314,10 @@ class _OnnxText:
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get(META_SOURCE_MODEL, "") != image_model:
-            raise PipelineError(f"{path} was exported from {meta.get(META_SOURCE_MODEL)!r} but the image model from {image_model!r}: their vectors are not comparable")
+            raise PipelineError(
+                f"{path} was exported from {meta.get(META_SOURCE_MODEL)!r} but the image model from {image_model!r}: "
+                f"their vectors are not comparable"
+            )
         self.tokenizer = Tokenizer.from_file(str(tok_path))
         self.tokenizer.enable_truncation(TEXT_CONTEXT)
         self.tokenizer.enable_padding(length=TEXT_CONTEXT, pad_id=int(meta.get(META_PAD_ID, 0)))
@@ -337,7 +348,9 @@ class TorchEmbedder(Embedder):
             import torch
             from transformers import CLIPModel
         except ImportError as e:  # pragma: no cover - depends on the install
-            raise PipelineError("the torch backend needs torch and transformers: pip install -r requirements.txt") from e
+            raise PipelineError(
+                "the torch backend needs torch and transformers: pip install -r requirements.txt"
+            ) from e
         if device == "cuda" and not torch.cuda.is_available():
             raise PipelineError("--device cuda asked for, but torch sees no CUDA device")
         self.device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -348,14 +361,19 @@ class TorchEmbedder(Embedder):
         if self.precision == "int8":
             from transformers import BitsAndBytesConfig
 
-            kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": 0}, "dtype": torch.float16}
+            kwargs = {
+                "quantization_config": BitsAndBytesConfig(load_in_8bit=True),
+                "device_map": {"": 0},
+                "dtype": torch.float16,
+            }
         elif self.precision == "fp16":
             kwargs = {"dtype": torch.float16}
         try:
             self.model = CLIPModel.from_pretrained(model, **kwargs).eval()
         except OSError as e:
             raise PipelineError(
-                f"cannot load model {model!r}: {first_line(e)} Without network access pass a local folder with --model DIR."
+                f"cannot load model {model!r}: {first_line(e)} Without network access pass a local folder with --model "
+                f"DIR."
             ) from e
         if self.precision != "int8":
             self.model.to(self.device)
@@ -389,10 +407,18 @@ class TorchEmbedder(Embedder):
 
                 self._tokenizer = AutoTokenizer.from_pretrained(self._model_name)
             except (OSError, ValueError) as e:
-                raise PipelineError(f"model {self._model_name!r} has no usable tokenizer ({e}); text search needs one") from e
-        tok = self._tokenizer(list(texts), padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt")
+                raise PipelineError(
+                    f"model {self._model_name!r} has no usable tokenizer ({e}); text search needs one"
+                ) from e
+        tok = self._tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt"
+        )
         with torch.inference_mode():
-            feats = projected(self.model.get_text_features(input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)))
+            feats = projected(
+                self.model.get_text_features(
+                    input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
+                )
+            )
             return l2_normalize(feats.float().cpu().numpy())
 
 
@@ -413,7 +439,10 @@ def resolve_torch_precision(precision: str, device: str) -> str:
     """
     if device == "cpu":
         if precision not in ("auto", "fp32"):
-            raise PipelineError(f"--precision {precision} needs --device cuda; on CPU the torch backend runs fp32 (use the ONNX int8 file for int8)")
+            raise PipelineError(
+                f"--precision {precision} needs --device cuda; on CPU the torch backend runs fp32 (use the ONNX int8 "
+                f"file for int8)"
+            )
         return "fp32"
     if precision == "int8" and not _has_bitsandbytes():
         raise PipelineError("--precision int8 needs bitsandbytes: pip install bitsandbytes")
@@ -432,7 +461,9 @@ def preprocess_config_for_model(model: str) -> PreprocessConfig:
     try:
         from huggingface_hub import hf_hub_download
 
-        return PreprocessConfig.from_processor_dict(json.loads(Path(hf_hub_download(model, "preprocessor_config.json")).read_text()))
+        return PreprocessConfig.from_processor_dict(
+            json.loads(Path(hf_hub_download(model, "preprocessor_config.json")).read_text())
+        )
     except Exception as e:  # offline, missing file: fall back to the CLIP defaults, loudly
         log.warning("no preprocessor_config.json for %s (%s); using CLIP defaults", model, e)
         return PreprocessConfig()

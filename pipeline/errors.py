@@ -1,4 +1,5 @@
 """Errors that end a run with a one-line message (exit code 1); bad items are recorded, not raised."""
+
 from __future__ import annotations
 
 

@@ -21,13 +21,14 @@ with 7-bit weights it stays under 2 x 255 x 64 = 32,640, so every CPU computes t
 Every file also carries self-check probes (pipeline/probes.py): the fp32 torch model's outputs for
 a few fixed inputs, which the file must reproduce wherever it is loaded.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -38,9 +39,9 @@ from .embedders import (
     META_PRECISION,
     META_PREPROCESS,
     META_SOURCE_MODEL,
+    TEXT_CONTEXT,
     l2_normalize,
     model_reference,
-    TEXT_CONTEXT,
     preprocess_config_for_model,
     projected,
     text_onnx_path_for,
@@ -79,10 +80,13 @@ class ExportReport:
         ok = lambda good: "ok" if good else "FAILED"  # noqa: E731
         return [
             f"verified on {self.images} images against torch (cosine of unnormalized-then-normalized features):",
-            f"  fp32 ONNX: min {self.fp32_cos_min:.6f}, mean {self.fp32_cos_mean:.6f} (need min >= {FP32_MIN_COSINE}) {ok(self.fp32_cos_min >= FP32_MIN_COSINE)}",
-            f"  int8 ONNX: min {self.int8_cos_min:.6f}, mean {self.int8_cos_mean:.6f} (need min >= {INT8_MIN_COSINE}, mean >= {INT8_MEAN_COSINE}) "
+            f"  fp32 ONNX: min {self.fp32_cos_min:.6f}, mean {self.fp32_cos_mean:.6f} (need min >= {FP32_MIN_COSINE}) "
+            f"{ok(self.fp32_cos_min >= FP32_MIN_COSINE)}",
+            f"  int8 ONNX: min {self.int8_cos_min:.6f}, mean {self.int8_cos_mean:.6f} (need min >= {INT8_MIN_COSINE}, "
+            f"mean >= {INT8_MEAN_COSINE}) "
             f"{ok(self.int8_cos_min >= INT8_MIN_COSINE and self.int8_cos_mean >= INT8_MEAN_COSINE)}",
-            f"  self-check probes stored in both files: fp32 min {self.probe_fp32_min:.6f}, int8 min {self.probe_int8_min:.6f} "
+            f"  self-check probes stored in both files: fp32 min {self.probe_fp32_min:.6f}, int8 min "
+            f"{self.probe_int8_min:.6f} "
             f"(the int8 file refuses to run where it scores below {self.probe_int8_bar:.4f})",
             *self.text_lines,
         ]
@@ -107,7 +111,9 @@ def verification_images(n: int = 24, seed: int = 0) -> list[Image.Image]:
             im = Image.fromarray(small).resize((w, h), Image.BICUBIC)
         elif i % 3 == 1:  # gradients with a block, like a garment on a plain background
             yy, xx = np.mgrid[0:h, 0:w]
-            arr = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), np.full_like(xx, 128)], -1).astype(np.uint8)
+            arr = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), np.full_like(xx, 128)], -1).astype(
+                np.uint8
+            )
             arr[h // 4 : 3 * h // 4, w // 3 : 2 * w // 3] = rng.integers(0, 256, 3)
             im = Image.fromarray(arr)
         else:  # texture
@@ -143,13 +149,16 @@ def export_onnx(
         PipelineError: the export, quantization or verification failed (nothing is left behind).
     """
     try:
-        import onnx
         import onnxruntime as ort
         import torch
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from transformers import CLIPModel
+
+        import onnx
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise PipelineError(f"--export-onnx needs torch, transformers, onnx and onnxruntime ({e}): pip install -r requirements.txt") from e
+        raise PipelineError(
+            f"--export-onnx needs torch, transformers, onnx and onnxruntime ({e}): pip install -r requirements.txt"
+        ) from e
 
     int8_path = Path(int8_path)
     fp32_path = fp32_path_for(int8_path)
@@ -157,14 +166,16 @@ def export_onnx(
     try:
         clip = CLIPModel.from_pretrained(model, attn_implementation="eager").eval()
     except OSError as e:
-        raise PipelineError(f"cannot load model {model!r}: {first_line(e)} Without network access pass a local folder with --model DIR.") from e
-    cfg = preprocess_config_for_model(model)
+        raise PipelineError(
+            f"cannot load model {model!r}: {first_line(e)} Without network access pass a local folder with --model DIR."
+        ) from e
+    prep = preprocess_config_for_model(model)
     tower = _image_tower(clip)
     tmp_fp32 = fp32_path.with_name(f".{fp32_path.name}.tmp")
     tmp_int8 = int8_path.with_name(f".{int8_path.name}.tmp")
     tmp_pre = int8_path.with_name(f".{int8_path.name}.pre.tmp")
     try:
-        example = torch.zeros(2, 3, cfg.crop_height, cfg.crop_width)
+        example = torch.zeros(2, 3, prep.crop_height, prep.crop_width)
         log.info("exporting %s to ONNX (torch.export, opset %d)", model, OPSET)
         torch.onnx.export(
             tower,
@@ -179,24 +190,30 @@ def export_onnx(
         )
         meta = {
             META_SOURCE_MODEL: model_reference(model),
-            META_PREPROCESS: cfg.to_json(),
+            META_PREPROCESS: prep.to_json(),
             META_KIND: "clip-image-tower",
         }
         mode = "per-channel" if per_channel else "per-tensor"
         if quantization == "dynamic":
             log.info("quantizing MatMul to int8 (dynamic, %s 7-bit weights)", mode)
             quantize_dynamic(
-                str(tmp_fp32), str(tmp_int8), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=per_channel,
+                str(tmp_fp32),
+                str(tmp_int8),
+                op_types_to_quantize=["MatMul"],
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
                 reduce_range=REDUCE_RANGE,
             )
         elif quantization == "static":
             calib = list(calibration_images) if calibration_images is not None else verification_images(64, seed=1)
-            log.info("quantizing MatMul to int8 (static QDQ, %s 7-bit weights, ranges from %d images)", mode, len(calib))
-            _quantize_static(tmp_fp32, tmp_pre, tmp_int8, preprocess_batch(calib, cfg), per_channel)
+            log.info(
+                "quantizing MatMul to int8 (static QDQ, %s 7-bit weights, ranges from %d images)", mode, len(calib)
+            )
+            _quantize_static(tmp_fp32, tmp_pre, tmp_int8, preprocess_batch(calib, prep), per_channel)
         else:
             raise PipelineError(f"unknown quantization {quantization!r}; expected 'static' or 'dynamic'")
         imgs = list(images) if images is not None else verification_images()
-        pixels, probes = preprocess_batch(imgs, cfg), probe_pixels(cfg)
+        pixels, probes = preprocess_batch(imgs, prep), probe_pixels(prep)
         with torch.inference_mode():
             ref = tower(torch.from_numpy(pixels)).numpy()
             probe_ref = tower(torch.from_numpy(probes)).numpy()
@@ -207,10 +224,17 @@ def export_onnx(
         }
         p32, p8 = min(records[tmp_fp32].exported_cosines), min(records[tmp_int8].exported_cosines)
         report = ExportReport(
-            fp32_path, int8_path, len(imgs),
-            float(c32.min()), float(c32.mean()), float(c8.min()), float(c8.mean()),
+            fp32_path,
+            int8_path,
+            len(imgs),
+            float(c32.min()),
+            float(c32.mean()),
+            float(c8.min()),
+            float(c8.mean()),
             passed=bool(c32.min() >= FP32_MIN_COSINE and c8.min() >= INT8_MIN_COSINE and c8.mean() >= INT8_MEAN_COSINE),
-            probe_fp32_min=p32, probe_int8_min=p8, probe_int8_bar=records[tmp_int8].min_cosine,
+            probe_fp32_min=p32,
+            probe_int8_min=p8,
+            probe_int8_bar=records[tmp_int8].min_cosine,
         )
         for line in report.lines():
             log.info(line)
@@ -235,7 +259,10 @@ def export_onnx(
                 p.unlink()
 
 
-TEXT_PROBES = ["a red floral midi dress", "blue denim jacket", "black leather ankle boots", "white cotton t-shirt", "striped shirt"]
+TEXT_PROBES = [
+    "a red floral midi dress", "blue denim jacket", "black leather ankle boots", "white cotton t-shirt",
+    "striped shirt",
+]
 
 
 @dataclass
@@ -253,9 +280,10 @@ class _TextExport:
 def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) -> _TextExport:
     """Export the text tower (fp32, 77 tokens, dynamic batch) and its tokenizer.json, verified
     against torch. A model without a tokenizer gets no text tower, said in the report."""
-    import onnx
     import torch
     from transformers import AutoTokenizer
+
+    import onnx
 
     try:
         tok = AutoTokenizer.from_pretrained(model)
@@ -281,10 +309,15 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) 
     batch = torch.export.Dim("batch")
     try:
         torch.onnx.export(
-            tower, (enc["input_ids"][:2], enc["attention_mask"][:2]), str(tmp_text),
-            input_names=["input_ids", "attention_mask"], output_names=["text_embeds"],
+            tower,
+            (enc["input_ids"][:2], enc["attention_mask"][:2]),
+            str(tmp_text),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["text_embeds"],
             dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
-            opset_version=OPSET, dynamo=True, external_data=False,
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
         )
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         tok.backend_tokenizer.save(str(tmp_tok))
@@ -296,12 +329,24 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) 
         inputs = [enc["input_ids"].numpy().astype(np.int64), enc["attention_mask"].numpy().astype(np.int64)]
         got = sess.run(None, {"input_ids": inputs[0], "attention_mask": inputs[1]})[0]
         cos = _cosines(got, ref)
-        line = f"  text fp32 ONNX: min {cos.min():.6f} over {len(TEXT_PROBES)} texts (need >= {FP32_MIN_COSINE}); stored as its self-check probes"
+        line = (
+            f"  text fp32 ONNX: min {cos.min():.6f} over {len(TEXT_PROBES)} texts (need >= {FP32_MIN_COSINE}); "
+            f"stored as its self-check probes"
+        )
         if cos.min() < FP32_MIN_COSINE:
             raise PipelineError("text tower export failed verification; no file was written:\n" + line)
         probes = ProbeRecord.make("text", inputs, ref, got, FP32_MIN_COSINE, texts=TEXT_PROBES)
-        _set_metadata(onnx, tmp_text, {**meta, META_KIND: "clip-text-tower", META_PRECISION: "fp32", META_PAD_ID: str(int(pad_id)),
-                                      META_PROBES: probes.to_json()})
+        _set_metadata(
+            onnx,
+            tmp_text,
+            {
+                **meta,
+                META_KIND: "clip-text-tower",
+                META_PRECISION: "fp32",
+                META_PAD_ID: str(int(pad_id)),
+                META_PROBES: probes.to_json(),
+            },
+        )
         return _TextExport([line], [(tmp_text, text_path), (tmp_tok, tok_path)])
     except BaseException:
         for p in (tmp_text, tmp_tok):
@@ -312,7 +357,13 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) 
 
 def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool) -> None:
     """QDQ int8 for MatMul: uint8 asymmetric activations (MinMax ranges), 7-bit int8 weights."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):

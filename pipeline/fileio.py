@@ -1,6 +1,7 @@
 """File helpers every stage may use: atomic writes, memory-mapped .npy output, hashing, the output
 folder's lock and the clean-up of a killed run's temp files. Knows files, not the pipeline.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -8,8 +9,9 @@ import io
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -68,12 +70,14 @@ class AtomicNpyMemmap:
         if block.shape[1:] != self.shape[1:]:
             raise ValueError(f"block shape {block.shape} does not fit {self.shape}")
         row_bytes = self.shape[1] * self.dtype.itemsize
-        window = np.memmap(self.tmp, dtype=self.dtype, mode="r+", offset=self.offset + start * row_bytes, shape=block.shape)
+        window = np.memmap(
+            self.tmp, dtype=self.dtype, mode="r+", offset=self.offset + start * row_bytes, shape=block.shape
+        )
         window[:] = block
         window.flush()
         del window
 
-    def __enter__(self) -> "AtomicNpyMemmap":
+    def __enter__(self) -> AtomicNpyMemmap:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -120,7 +124,7 @@ class OutputLock:
         self.path = Path(folder) / self.NAME
         self.fd: int | None = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
@@ -133,7 +137,8 @@ class OutputLock:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             raise PipelineError(
-                f"another run (pid {holder}) is writing to {self.path.parent}; wait for it to end or choose another --output-dir"
+                f"another run (pid {holder}) is writing to {self.path.parent}; wait for it to end or choose another "
+                f"--output-dir"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
@@ -209,4 +214,6 @@ def check_writable(path: str | Path) -> None:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise PipelineError(f"output folder {path} is not writable: {e.strerror or e}. Choose another with --output-dir.") from e
+        raise PipelineError(
+            f"output folder {path} is not writable: {e.strerror or e}. Choose another with --output-dir."
+        ) from e

@@ -7,6 +7,7 @@ order and a `ShardAssembler` collects them into shards. Each finished shard is s
 completion marker, so a killed run resumes from the last complete shard and produces exactly what
 an uninterrupted run would (batches never cross a shard).
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,10 +16,11 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -93,7 +95,7 @@ class Parallelism:
     ahead: int  # units queued ahead of the one being taken
 
     @classmethod
-    def choose(cls, embedder: Embedder, target: GalleryTarget, batch_size: int) -> "Parallelism":
+    def choose(cls, embedder: Embedder, target: GalleryTarget, batch_size: int) -> Parallelism:
         lanes = embedder.lanes if target.parallel_items else 1
         if lanes > 1:
             return cls(workers=lanes, lanes=lanes, unit_rows=max(1, -(-batch_size // lanes)), ahead=2 * lanes)
@@ -194,7 +196,9 @@ class ShardAssembler:
         return shard
 
 
-def _plan(records: Iterator[Record], first_shard: int, next_row: int, shard_rows: int, unit_rows: int) -> Iterator[Unit | ShardMark]:
+def _plan(
+    records: Iterator[Record], first_shard: int, next_row: int, shard_rows: int, unit_rows: int
+) -> Iterator[Unit | ShardMark]:
     """Cut the record stream into units of at most unit_rows records that never cross a shard,
     with a mark after each shard's last unit (a shard may have no records, e.g. all skipped)."""
     number, shard_start, last_row = first_shard, next_row, next_row - 1
@@ -318,11 +322,15 @@ def build_gallery(
     plan = Parallelism.choose(embedder, target, batch_size)
     assembler = ShardAssembler(embedder.embed, batch_size, embedder.dim)
     times = dict.fromkeys(("items", "write", "preprocess", "infer"), 0.0)
-    bar = tqdm(total=total_rows, initial=next_row, unit="row", desc=f"embed -> {target.store_dir.name}", disable=not progress)
+    bar = tqdm(
+        total=total_rows, initial=next_row, unit="row", desc=f"embed -> {target.store_dir.name}", disable=not progress
+    )
     workers = _Workers(plan.workers, UnitWorker(make_items, embedder, target.images_dir, in_lane=plan.lanes > 1))
     t_start = time.perf_counter()
     try:
-        for step in _in_order(_plan(records(next_row), len(done), next_row, shard_rows, plan.unit_rows), workers, plan.ahead):
+        for step in _in_order(
+            _plan(records(next_row), len(done), next_row, shard_rows, plan.unit_rows), workers, plan.ahead
+        ):
             if isinstance(step, ShardMark):
                 shard = assembler.close(step)
                 shards.write(shard)
@@ -342,10 +350,14 @@ def build_gallery(
     summary.stages[f"  {item_stage_name} ({where})"] = times["items"]
     summary.stages[f"  write files ({where})"] = times["write"]
     summary.stages[f"  preprocess+thumbnail ({where})"] = times["preprocess"]
-    summary.stages[f"  inference ({where if plan.lanes > 1 else 'main thread'})"] = times["infer"] + assembler.infer_seconds
+    summary.stages[f"  inference ({where if plan.lanes > 1 else 'main thread'})"] = (
+        times["infer"] + assembler.infer_seconds
+    )
     with summary.stage("finalize store"):
         # `done` holds every shard of this run, verified at resume or just written: no second read.
-        emb, all_rows = finalize_store(target.store_dir, shards, done, embedder.identity, source, embedder.dim, THUMB_SIZE)
+        emb, all_rows = finalize_store(
+            target.store_dir, shards, done, embedder.identity, source, embedder.dim, THUMB_SIZE
+        )
         shards.remove()
         _remove_stale_files(target, all_rows)
     return emb, all_rows

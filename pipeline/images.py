@@ -3,6 +3,7 @@
 Every place that loads a picture (dataset rows, cached files, query images, crops) goes through
 `decode_image`, so EXIF orientation, transparency, CMYK, 16-bit and grayscale are handled once.
 """
+
 from __future__ import annotations
 
 import io
@@ -167,7 +168,10 @@ def encode_png(image: Image.Image) -> bytes:
     import cv2
 
     arr = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
-    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+    params = [
+        cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE, cv2.IMWRITE_PNG_FILTER,
+        cv2.IMWRITE_PNG_FILTER_SUB,
+    ]
     ok, data = cv2.imencode(".png", cv2.cvtColor(arr, cv2.COLOR_RGB2BGR), params)
     if not ok:  # pragma: no cover - OpenCV reports no reason
         raise ValueError(f"PNG encoding of a {image.size} image failed")

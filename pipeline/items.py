@@ -2,10 +2,11 @@
 its image file and its manifest line, or a recorded failure. One item per row in the standard run,
 one per person crop in the segmentation run.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -99,7 +100,9 @@ def make_segment_items(segmenter: Segmenter, spec: SegmentSpec) -> ItemMaker:
     return items
 
 
-def crops_of_row(rec: Record, decoded: DecodedImage, arr: np.ndarray, persons: Sequence[Person], spec: SegmentSpec) -> list[GalleryItem]:
+def crops_of_row(
+    rec: Record, decoded: DecodedImage, arr: np.ndarray, persons: Sequence[Person], spec: SegmentSpec
+) -> list[GalleryItem]:
     """One item per person (a failure for a person with nothing to cut), or the row's single item
     when nobody was found: the whole picture with --keep-unsegmented, else a no_person line."""
     items = []
@@ -107,9 +110,18 @@ def crops_of_row(rec: Record, decoded: DecodedImage, arr: np.ndarray, persons: S
         crop = person_crop(arr, person)
         x1, y1, x2, y2 = (round(float(v), 2) for v in person.box_xyxy)
         row = ManifestRow(
-            index=-1, file=crop_file_name(rec.source_row, p), source_row=rec.source_row, source=rec.source,
-            note=decoded.note, person=p, confidence=round(person.confidence, 6), mask_area=person.area,
-            box_x1=x1, box_y1=y1, box_x2=x2, box_y2=y2,
+            index=-1,
+            file=crop_file_name(rec.source_row, p),
+            source_row=rec.source_row,
+            source=rec.source,
+            note=decoded.note,
+            person=p,
+            confidence=round(person.confidence, 6),
+            mask_area=person.area,
+            box_x1=x1,
+            box_y1=y1,
+            box_x2=x2,
+            box_y2=y2,
         )
         if crop is None:
             row.status, row.error, row.file = "failed", "empty person mask or box", ""
@@ -121,8 +133,15 @@ def crops_of_row(rec: Record, decoded: DecodedImage, arr: np.ndarray, persons: S
         items.append(GalleryItem(row, image, data))
     if items:
         return items
-    row = ManifestRow(index=-1, file="", source_row=rec.source_row, source=rec.source, width=decoded.width,
-                      height=decoded.height, note=decoded.note)
+    row = ManifestRow(
+        index=-1,
+        file="",
+        source_row=rec.source_row,
+        source=rec.source,
+        width=decoded.width,
+        height=decoded.height,
+        note=decoded.note,
+    )
     if spec.keep_unsegmented:
         image = Image.fromarray(arr)
         data = encode_png(image)

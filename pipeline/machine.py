@@ -5,6 +5,7 @@ from different machines are never compared blindly. On x86, u8 x s8 int8 GEMMs r
 where the CPU has them (exact int32 sums) and otherwise on AVX2 / AVX-512BW pair sums that saturate
 at int16, which is why the int8 export keeps its weights to 7 bits (see export.py).
 """
+
 from __future__ import annotations
 
 import platform

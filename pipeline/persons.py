@@ -4,11 +4,13 @@ query, and the one way to cut a person out of it.
 A `Person` is plain numpy (Ultralytics results are converted where they enter, in yolo.py), so
 crops, matching and plots are testable with arrays made by hand.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -95,7 +97,11 @@ def white_background_crop(image_rgb: np.ndarray, mask: np.ndarray, box_xyxy: np.
         return None
     inside = mask[top:bottom, left:right]
     crop = np.full((bottom - top, right - left, 3), 255, np.uint8)
-    np.copyto(crop, image_rgb[top:bottom, left:right], where=(inside if inside.dtype == bool else inside.astype(bool))[..., None])
+    np.copyto(
+        crop,
+        image_rgb[top:bottom, left:right],
+        where=(inside if inside.dtype == bool else inside.astype(bool))[..., None],
+    )
     return crop
 
 

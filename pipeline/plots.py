@@ -1,11 +1,12 @@
 """Pictures: thumbnails, result composites (query + top-k, drawn with PIL from thumbnails made once),
 the distance-matrix heatmap and the nearest-neighbour histogram (matplotlib, Agg).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -77,8 +78,9 @@ def compose_matches(
     return canvas
 
 
-def neighbour_tiles(indices: Sequence[int], distances: Sequence[float], tile: Callable[[int], np.ndarray],
-                    names: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
+def neighbour_tiles(
+    indices: Sequence[int], distances: Sequence[float], tile: Callable[[int], np.ndarray], names: Sequence[str]
+) -> tuple[list[np.ndarray], list[str]]:
     """One query's neighbours as composite tiles and captions ("d=0.123" over the file name).
 
     Args:

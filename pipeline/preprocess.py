@@ -5,13 +5,15 @@ Both embedding backends use this, so the ONNX path needs neither torch nor trans
 transformers 5's default `CLIPImageProcessor` resizes with torchvision and differs by at most one
 8-bit step (~0.015 after normalization), see tests/test_preprocess.py.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -50,7 +52,7 @@ class PreprocessConfig:
     image_std: tuple[float, float, float] = field(default=CLIP_STD)
 
     @classmethod
-    def from_processor_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+    def from_processor_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         """Read a Hugging Face `preprocessor_config.json` dict (CLIPImageProcessor keys)."""
         size = d.get("size", {"shortest_edge": 224})
         if isinstance(size, int):
@@ -77,7 +79,7 @@ class PreprocessConfig:
         )
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "PreprocessConfig":
+    def from_model_dir(cls, model_dir: str | Path) -> PreprocessConfig:
         """Read `preprocessor_config.json` from a model folder; CLIP defaults when it is absent."""
         path = Path(model_dir) / "preprocessor_config.json"
         if not path.is_file():
@@ -85,7 +87,7 @@ class PreprocessConfig:
         return cls.from_processor_dict(json.loads(path.read_text()))
 
     @classmethod
-    def from_json(cls, text: str) -> "PreprocessConfig":
+    def from_json(cls, text: str) -> PreprocessConfig:
         d = json.loads(text)
         d["image_mean"] = tuple(d["image_mean"])
         d["image_std"] = tuple(d["image_std"])

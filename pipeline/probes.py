@@ -8,19 +8,22 @@ them) and mapped to model inputs by the file's own preprocessing; the reference 
 inputs. Size: 4 x D float32 (8 KiB for D = 512, base64 in the metadata). Checking costs one batch of
 four through the model at load.
 """
+
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 from .errors import PipelineError
 from .machine import cpu_info, cpu_label
+from .preprocess import PreprocessConfig, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +81,11 @@ def probe_images(height: int, width: int) -> list[np.ndarray]:
     return [np.rint(np.clip(p, 0, 255)).astype(np.uint8) for p in (smooth, block, texture, stripes)]
 
 
-def probe_pixels(preprocess_cfg) -> np.ndarray:
+def probe_pixels(prep: PreprocessConfig) -> np.ndarray:
     """float32 (PROBE_COUNT, 3, crop_height, crop_width): the probes through the file's own
     rescale/normalize (no resize: they are made at the input size)."""
-    from PIL import Image
-
-    from .preprocess import to_model_input
-
-    images = probe_images(preprocess_cfg.crop_height, preprocess_cfg.crop_width)
-    return np.stack([to_model_input(Image.fromarray(im), preprocess_cfg) for im in images])
+    images = probe_images(prep.crop_height, prep.crop_width)
+    return np.stack([to_model_input(Image.fromarray(im), prep) for im in images])
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -134,17 +133,28 @@ class ProbeRecord:
     version: int = PROBE_VERSION
 
     @classmethod
-    def make(cls, kind: str, inputs: Sequence[np.ndarray], reference: np.ndarray, got: np.ndarray, min_cosine: float,
-             texts: Sequence[str] = ()) -> "ProbeRecord":
+    def make(
+        cls,
+        kind: str,
+        inputs: Sequence[np.ndarray],
+        reference: np.ndarray,
+        got: np.ndarray,
+        min_cosine: float,
+        texts: Sequence[str] = (),
+    ) -> ProbeRecord:
         """The record for a file whose outputs for `inputs` are `got`, against the fp32 `reference`."""
         ref = _unit_rows(reference).astype(np.float32)
         scores = cosines(got, ref)
         return cls(
-            kind=kind, count=len(ref), dim=int(ref.shape[1]),
+            kind=kind,
+            count=len(ref),
+            dim=int(ref.shape[1]),
             reference=base64.b64encode(ref.tobytes()).decode("ascii"),
-            input_sha256=input_digest(inputs), min_cosine=round(min(float(min_cosine), float(scores.min()) - PROBE_SLACK), 6),
+            input_sha256=input_digest(inputs),
+            min_cosine=round(min(float(min_cosine), float(scores.min()) - PROBE_SLACK), 6),
             exported_cosines=[round(float(c), 6) for c in scores],
-            exported_on=dict(cpu_info()), texts=list(texts),
+            exported_on=dict(cpu_info()),
+            texts=list(texts),
         )
 
     def reference_array(self) -> np.ndarray:
@@ -154,7 +164,7 @@ class ProbeRecord:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ProbeRecord":
+    def from_json(cls, text: str) -> ProbeRecord:
         return cls(**json.loads(text))
 
 
@@ -173,28 +183,42 @@ def check_file(path, meta: dict[str, str], inputs: Sequence[np.ndarray], run: Ca
             message names the measured cosine and this CPU's int8 instruction sets.
     """
     if META_PROBES not in meta:
-        log.warning("%s has no self-check probes (made by another tool or an older version): its outputs on this CPU "
-                    "are unverified; re-export it with --export-onnx to add them", path)
+        log.warning(
+            "%s has no self-check probes (made by another tool or an older version): its outputs on this CPU "
+            "are unverified; re-export it with --export-onnx to add them",
+            path,
+        )
         return "no probes"
     try:
         record = ProbeRecord.from_json(meta[META_PROBES])
         reference = record.reference_array()
     except (TypeError, ValueError, KeyError) as e:
-        raise PipelineError(f"{path}: its self-check probes are unreadable ({e}); re-export it with --export-onnx") from e
+        raise PipelineError(
+            f"{path}: its self-check probes are unreadable ({e}); re-export it with --export-onnx"
+        ) from e
     if record.version != PROBE_VERSION or record.input_sha256 != input_digest(inputs):
-        log.warning("%s: its probes were made by another version of this tool (probe format %s); not checked", path, record.version)
+        log.warning(
+            "%s: its probes were made by another version of this tool (probe format %s); not checked",
+            path,
+            record.version,
+        )
         return "probes of another version: not checked"
     got = run()
     if got.shape != reference.shape:
-        raise PipelineError(f"{path} failed its self-check: it returns {got.shape[1:]} vectors, its probes say ({record.dim},)")
+        raise PipelineError(
+            f"{path} failed its self-check: it returns {got.shape[1:]} vectors, its probes say ({record.dim},)"
+        )
     cos = cosines(got, reference)
     worst = float(cos.min()) if len(cos) else 1.0
     if not np.all(np.isfinite(cos)) or worst < record.min_cosine:
         then = min(record.exported_cosines) if record.exported_cosines else float("nan")
         raise PipelineError(
-            f"{path} failed its self-check on this CPU: on its {record.count} built-in {record.kind} probes the cosine to "
+            f"{path} failed its self-check on this CPU: on its {record.count} built-in {record.kind} probes the cosine "
+            f"to "
             f"the fp32 model's outputs is {worst:.4f} (needs >= {record.min_cosine}; it was {then:.4f} where it was "
             f"exported, on {cpu_label(record.exported_on)}). This CPU: {cpu_label()}. The file is damaged, or this CPU "
             "computes its int8 kernels differently: re-export it here with --export-onnx, or use the fp32 file."
         )
-    return f"self-check passed: min cosine {worst:.6f} over {record.count} {record.kind} probes (bar {record.min_cosine})"
+    return (
+        f"self-check passed: min cosine {worst:.6f} over {record.count} {record.kind} probes (bar {record.min_cosine})"
+    )

@@ -1,12 +1,13 @@
 """Run reporting: stage timers, counts, recorded failures, peak memory, and the closing summary."""
+
 from __future__ import annotations
 
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from .machine import cpu_info, cpu_label
 

@@ -5,14 +5,15 @@ Exact search by blocked matrix products is used rather than FAISS because the re
 and deterministic (ties broken by index), and at the gallery sizes this tool targets (10^4-10^5)
 a float32 GEMM over blocks is as fast as a flat FAISS index.
 """
+
 from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -101,7 +102,11 @@ def topk_neighbours(
         raise ValueError(f"k must be >= 1, got {k}")
     idx = np.empty((q.shape[0], k), dtype=np.int64)
     dist = np.empty((q.shape[0], k), dtype=np.float32)
-    with AtomicNpyMemmap(matrix_path, (q.shape[0],) * 2, np.float32) if matrix_path is not None else nullcontext() as matrix:
+    with (
+        AtomicNpyMemmap(matrix_path, (q.shape[0],) * 2, np.float32)
+        if matrix_path is not None
+        else nullcontext() as matrix
+    ):
         for start in range(0, q.shape[0], block):
             stop = min(start + block, q.shape[0])
             d = cosine_distances(q[start:stop], g)
@@ -129,7 +134,14 @@ def iter_neighbour_rows(
             j = int(nb.indices[qi, rank])
             if j < 0:
                 continue
-            yield (query_ids[qi], query_files[qi], rank + 1, gallery_ids[j], gallery_files[j], float(nb.distances[qi, rank]))
+            yield (
+                query_ids[qi],
+                query_files[qi],
+                rank + 1,
+                gallery_ids[j],
+                gallery_files[j],
+                float(nb.distances[qi, rank]),
+            )
 
 
 NEIGHBOUR_COLUMNS = ("query", "query_file", "rank", "neighbour", "neighbour_file", "distance")

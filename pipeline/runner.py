@@ -2,14 +2,15 @@
 (standard and segmentation, built or from cache) share one path: gallery -> neighbours -> pictures
 -> matrix -> plots.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -94,7 +95,9 @@ def write_retrieval_outputs(cfg: RunConfig, emb: np.ndarray, rows: list[Manifest
     if matrix:
         summary.outputs["distance matrix"] = f"{matrix} (rows = manifest embedding_row)"
     else:
-        summary.notes.append(f"{n} items > --max-matrix {cfg.max_matrix}: distance matrix not saved (neighbours were computed blockwise)")
+        summary.notes.append(
+            f"{n} items > --max-matrix {cfg.max_matrix}: distance matrix not saved (neighbours were computed blockwise)"
+        )
     with summary.stage("result pictures"):
         written = write_result_pictures(cfg, nb, files)
     summary.count("result pictures", written)
@@ -129,7 +132,15 @@ def write_result_pictures(cfg: RunConfig, nb: Neighbours, files: list[str]) -> i
 
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
-            list(tqdm(pool.map(one, range(limit)), total=limit, desc="result pictures", unit="pic", disable=not cfg.progress))
+            list(
+                tqdm(
+                    pool.map(one, range(limit)),
+                    total=limit,
+                    desc="result pictures",
+                    unit="pic",
+                    disable=not cfg.progress,
+                )
+            )
     finally:
         reader.close()
     return limit
@@ -154,13 +165,21 @@ def run_export(cfg: RunConfig, sample_rows: int = 96) -> RunSummary:
         summary.notes.append(f"calibrated on {cut} and verified on {len(images)} rows of {cfg.dataset.name}")
     else:
         why = why or f"only {len(sample)} readable image(s)"
-        log.warning("cannot calibrate on %s (%s): calibrating and verifying on generated pictures instead; "
-                    "pass a readable --dataset to fit the int8 ranges to real photos", cfg.dataset.name, why)
+        log.warning(
+            "cannot calibrate on %s (%s): calibrating and verifying on generated pictures instead; "
+            "pass a readable --dataset to fit the int8 ranges to real photos",
+            cfg.dataset.name,
+            why,
+        )
         summary.notes.append(f"calibrated on generated pictures: {cfg.dataset.name} could not be read ({why})")
     with summary.stage("export+quantize+verify"):
         report = export_onnx(
-            cfg.embedder.model, cfg.embedder.onnx, images=images, per_channel=not cfg.export.per_tensor,
-            quantization=cfg.export.quantization, calibration_images=calibration,
+            cfg.embedder.model,
+            cfg.embedder.onnx,
+            images=images,
+            per_channel=not cfg.export.per_tensor,
+            quantization=cfg.export.quantization,
+            calibration_images=calibration,
         )
     summary.notes.extend(report.lines())
     summary.count("verification images", report.images)

@@ -4,6 +4,7 @@ Query: image files or texts in; their top-k items of a cached gallery out (one c
 query and a results table). Evaluate: a dataset with ground truth in; Recall@1/5/10 and MRR per
 backend out (table, outputs/evaluation.json, outputs/evaluation.png).
 """
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import logging
 import re
 import textwrap
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -28,7 +29,16 @@ from .export import fp32_path_for
 from .fileio import atomic_write_text
 from .images import ImageDecodeError, decode_image
 from .persons import Segmenter, person_crop
-from .plots import THUMB_SIZE, caption_font, compose_matches, make_thumbnail, neighbour_tiles, pyplot, save_figure, save_jpeg
+from .plots import (
+    THUMB_SIZE,
+    caption_font,
+    compose_matches,
+    make_thumbnail,
+    neighbour_tiles,
+    pyplot,
+    save_figure,
+    save_jpeg,
+)
 from .preprocess import PreprocessConfig, preprocess_batch
 from .report import RunSummary
 from .retrieval import iter_neighbour_rows, topk_neighbours, write_neighbours_csv
@@ -142,7 +152,13 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def ranks_of_positives(queries: np.ndarray, gallery: np.ndarray, positives: list[np.ndarray], exclude: np.ndarray | None = None, block: int = 512) -> np.ndarray:
+def ranks_of_positives(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    positives: list[np.ndarray],
+    exclude: np.ndarray | None = None,
+    block: int = 512,
+) -> np.ndarray:
     """1-based rank of the best-ranked positive for each query (ties: the positive counts as worse).
 
     Args:
@@ -204,11 +220,11 @@ class _Batcher:
             return
         pixels: dict[PreprocessConfig, np.ndarray] = {}
         for name, embedder in self.embedders.items():
-            cfg = embedder.preprocess_cfg
-            if cfg not in pixels:
-                pixels[cfg] = preprocess_batch([im[cfg.decode_min_side] for im in self.pending], cfg)
+            prep = embedder.preprocess_cfg
+            if prep not in pixels:
+                pixels[prep] = preprocess_batch([im[prep.decode_min_side] for im in self.pending], prep)
             t = time.perf_counter()
-            self.vectors[name].append(embedder.embed(pixels[cfg]))
+            self.vectors[name].append(embedder.embed(pixels[prep]))
             self.seconds[name] += time.perf_counter() - t
         self.pending = []
 
@@ -220,8 +236,16 @@ class _Batcher:
         return emb, np.array(self.rows, dtype=np.int64)
 
 
-def _embed_pass(spec: DatasetSpec, embedders: dict[str, Embedder], batch_size: int, summary: RunSummary,
-                cloth_column: str | None, id_column: str | None, segmenter, progress: bool = True) -> dict:
+def _embed_pass(
+    spec: DatasetSpec,
+    embedders: dict[str, Embedder],
+    batch_size: int,
+    summary: RunSummary,
+    cloth_column: str | None,
+    id_column: str | None,
+    segmenter,
+    progress: bool = True,
+) -> dict:
     """One streaming pass over the dataset for all backends at once: each row is read, decoded and
     segmented once (not once per backend), and its pixels go to every backend.
 
@@ -236,7 +260,9 @@ def _embed_pass(spec: DatasetSpec, embedders: dict[str, Embedder], batch_size: i
         # one reduced-size decode per distinct min_side (one in practice: the same model)
         return {m: decode_image(data, min_side=m).image for m in min_sides}
 
-    bar = tqdm(iter_records(spec), total=count_rows(spec), desc="evaluate", unit="row", leave=False, disable=not progress)
+    bar = tqdm(
+        iter_records(spec), total=count_rows(spec), desc="evaluate", unit="row", leave=False, disable=not progress
+    )
     for rec in bar:
         if not rec.data:
             summary.fail(rec.source, rec.error or "no image")
@@ -275,7 +301,9 @@ def _embed_pass(spec: DatasetSpec, embedders: dict[str, Embedder], batch_size: i
     return out
 
 
-def _person_to_garment(queries: np.ndarray, q_rows: np.ndarray, garments: np.ndarray, g_rows: np.ndarray) -> dict[str, float]:
+def _person_to_garment(
+    queries: np.ndarray, q_rows: np.ndarray, garments: np.ndarray, g_rows: np.ndarray
+) -> dict[str, float]:
     """Rank of each photo's own garment among the garments of all evaluated rows."""
     where = {int(r): k for k, r in enumerate(g_rows)}
     keep = [k for k, r in enumerate(q_rows) if int(r) in where]
@@ -306,10 +334,22 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
         embedders = {backend: make_embedder(_spec_for(cfg, backend)) for backend in backends}
     with summary.stage("embed pass (all backends)"):
         try:
-            got = _embed_pass(spec, embedders, cfg.batch_size, summary, None if id_column else cloth_column, id_column, segmenter, cfg.progress)
+            got = _embed_pass(
+                spec,
+                embedders,
+                cfg.batch_size,
+                summary,
+                None if id_column else cloth_column,
+                id_column,
+                segmenter,
+                cfg.progress,
+            )
         except PipelineError as e:
             if id_column is None and f"no column {cloth_column!r}" in str(e):
-                raise PipelineError(f"{e}\n--evaluate needs a {cloth_column!r} column (person -> garment) or --eval-id-column NAME (same product)") from e
+                raise PipelineError(
+                    f"{e}\n--evaluate needs a {cloth_column!r} column (person -> garment) or --eval-id-column NAME "
+                    f"(same product)"
+                ) from e
             raise
     results: dict[str, dict] = {}
     q_rows = got[backends[0]]["photos"][1]  # the same rows for every backend
@@ -328,7 +368,9 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
     for backend in backends:
         q = got[backend]["photos"][0]
         if id_column:
-            results.setdefault(task, {})[backend] = metrics_from_ranks(ranks_of_positives(q[keep_arr], q, positives, exclude=keep_arr))
+            results.setdefault(task, {})[backend] = metrics_from_ranks(
+                ranks_of_positives(q[keep_arr], q, positives, exclude=keep_arr)
+            )
             continue
         g, g_rows = got[backend]["garments"]
         results.setdefault(task, {})[backend] = _person_to_garment(q, q_rows, g, g_rows)
@@ -353,7 +395,10 @@ def format_table(results: dict[str, dict]) -> str:
     lines = ["| task | backend | queries | R@1 | R@5 | R@10 | MRR |", "|---|---|---|---|---|---|---|"]
     for task, per in results.items():
         for backend, m in per.items():
-            lines.append(f"| {task} | {backend} | {m['queries']} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['recall@10']:.3f} | {m['mrr']:.3f} |")
+            lines.append(
+                f"| {task} | {backend} | {m['queries']} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | "
+                f"{m['recall@10']:.3f} | {m['mrr']:.3f} |"
+            )
     return "\n".join(lines)
 
 

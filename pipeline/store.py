@@ -9,6 +9,7 @@ Layout of one store folder (`embeddings/` or `embeddings_segment/`):
     embeddings.json   the sidecar; written last, so its presence means the store is complete
     .partial/         shards of an unfinished run (removed when the run completes)
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,9 +17,10 @@ import io
 import json
 import logging
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -173,7 +175,7 @@ class GalleryCache:
         """Manifest lines with an embedding, in embedding-row order."""
         return embedded_rows(self.rows)
 
-    def thumbnails(self) -> "ThumbnailReader":
+    def thumbnails(self) -> ThumbnailReader:
         return ThumbnailReader(self.root / THUMBNAILS_FILE)
 
 
@@ -198,9 +200,11 @@ def load_cache(
     root, images_dir = Path(root), Path(images_dir)
     sidecar_path = root / SIDECAR_FILE
     if not sidecar_path.is_file():
-        partial = " (an unfinished run left shards in .partial/; run again without the cache flag to resume)" if (
-            root / PARTIAL_DIR
-        ).is_dir() else ""
+        partial = (
+            " (an unfinished run left shards in .partial/; run again without the cache flag to resume)"
+            if (root / PARTIAL_DIR).is_dir()
+            else ""
+        )
         raise CacheMismatchError(f"no complete cache in {root}: {sidecar_path.name} is missing{partial}")
     try:
         sc_dict = json.loads(sidecar_path.read_text())
@@ -215,7 +219,9 @@ def load_cache(
     if source:
         problems += describe_differences(source, sidecar.source)
     if problems:
-        raise CacheMismatchError(f"cache in {root} was made differently from what is asked:\n  " + "\n  ".join(problems))
+        raise CacheMismatchError(
+            f"cache in {root} was made differently from what is asked:\n  " + "\n  ".join(problems)
+        )
 
     emb_path, man_path = root / EMBEDDINGS_FILE, root / MANIFEST_FILE
     for p in (emb_path, man_path, root / THUMBNAILS_FILE):
@@ -224,9 +230,14 @@ def load_cache(
     # Manifest and embeddings are read once: hashed and parsed from the same bytes.
     man_bytes, emb_bytes = man_path.read_bytes(), emb_path.read_bytes()
     if (h := sha256_bytes(man_bytes)) != sidecar.manifest_sha256:
-        raise CacheMismatchError(f"{man_path} was changed after the run (sha256 {h[:12]}…, sidecar says {sidecar.manifest_sha256[:12]}…)")
+        raise CacheMismatchError(
+            f"{man_path} was changed after the run (sha256 {h[:12]}…, sidecar says {sidecar.manifest_sha256[:12]}…)"
+        )
     if (h := sha256_bytes(emb_bytes)) != sidecar.embeddings_sha256:
-        raise CacheMismatchError(f"{emb_path} does not match the sidecar (sha256 {h[:12]}…, expected {sidecar.embeddings_sha256[:12]}…): truncated or replaced")
+        raise CacheMismatchError(
+            f"{emb_path} does not match the sidecar (sha256 {h[:12]}…, expected {sidecar.embeddings_sha256[:12]}…): "
+            f"truncated or replaced"
+        )
     if (h := sha256_file(root / THUMBNAILS_FILE)) != sidecar.thumbnails_sha256:
         raise CacheMismatchError(f"{root / THUMBNAILS_FILE} does not match the sidecar: truncated or replaced")
     try:
@@ -235,7 +246,9 @@ def load_cache(
         raise CacheMismatchError(f"{emb_path}: unreadable ({e})") from e
     del emb_bytes
     if emb.dtype != np.float32 or emb.shape != (sidecar.count, sidecar.dim):
-        raise CacheMismatchError(f"{emb_path}: shape {emb.shape} {emb.dtype}, sidecar says ({sidecar.count}, {sidecar.dim}) float32")
+        raise CacheMismatchError(
+            f"{emb_path}: shape {emb.shape} {emb.dtype}, sidecar says ({sidecar.count}, {sidecar.dim}) float32"
+        )
     rows = parse_manifest(man_bytes, man_path)
     if len(rows) != sidecar.manifest_rows:
         raise CacheMismatchError(f"{man_path}: {len(rows)} lines, sidecar says {sidecar.manifest_rows}")

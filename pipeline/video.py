@@ -2,14 +2,15 @@
 optional white-background masks), their top-k catalogue matches, one picture per processed frame
 and one JSONL results file out (video_results/<clip>/).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -20,7 +21,7 @@ from .config import RunConfig
 from .embedders import make_embedder
 from .errors import PipelineError
 from .fileio import atomic_write_text, check_writable
-from .persons import Detector, Person, person_crop, with_masks
+from .persons import Detector, Person, Segmenter, person_crop, with_masks
 from .plots import THUMB_SIZE, compose_matches, make_thumbnail, neighbour_tiles, save_jpeg
 from .preprocess import preprocess_batch
 from .report import RunSummary
@@ -52,7 +53,10 @@ def find_video(video_dir: Path, clip: str) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    raise PipelineError(f"video not found: {video_dir / (clip + '.mp4')} (also looked for {', '.join(c.suffix for c in candidates[1:])}); check --video_dir and --video_clip")
+    raise PipelineError(
+        f"video not found: {video_dir / (clip + '.mp4')} (also looked for "
+        f"{', '.join(c.suffix for c in candidates[1:])}); check --video_dir and --video_clip"
+    )
 
 
 def open_video(path: Path):
@@ -116,7 +120,9 @@ def frame_count(path: Path) -> int:
         cap.release()
 
 
-def draw_frame_picture(frame_rgb: np.ndarray, persons: Sequence[Person], rows: list[Image.Image], max_width: int = 1280) -> Image.Image:
+def draw_frame_picture(
+    frame_rgb: np.ndarray, persons: Sequence[Person], rows: list[Image.Image], max_width: int = 1280
+) -> Image.Image:
     """The frame (scaled to max_width) with numbered boxes, above one match row per person."""
     im = Image.fromarray(frame_rgb)
     scale = min(1.0, max_width / im.width)
@@ -141,8 +147,11 @@ def draw_frame_picture(frame_rgb: np.ndarray, persons: Sequence[Person], rows: l
     return canvas
 
 
-def run_video(cfg: RunConfig, detector: Detector | None = None) -> RunSummary:
-    """--video_clip: gallery (cache or built), then detect, (segment), embed, match, draw per frame."""
+def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segmenter | None = None) -> RunSummary:
+    """--video_clip: gallery (cache or built), then detect, (segment), embed, match, draw per frame.
+
+    detector, segmenter: stand-ins for the Ultralytics models (benchmarks, tests).
+    """
     video = cfg.video
     if video.clip is None:
         raise PipelineError("run_video needs --video_clip")
@@ -158,8 +167,11 @@ def run_video(cfg: RunConfig, detector: Detector | None = None) -> RunSummary:
     if not embedded:
         raise PipelineError(f"the gallery in {cfg.store_dir} has no embedded items to match against")
     with summary.stage("load detector"):
-        detector = detector or UltralyticsDetector(video.det_model, video.det_conf, device=cfg.embedder.device, backend=video.det_backend)
-        segmenter = segmenter_factory(cfg) if cfg.segmented else None
+        detector = detector or UltralyticsDetector(
+            video.det_model, video.det_conf, device=cfg.embedder.device, backend=video.det_backend
+        )
+        if cfg.segmented and segmenter is None:
+            segmenter = segmenter_factory(cfg)
     thumbs = ThumbnailReader(cfg.store_dir / THUMBNAILS_FILE)
     names = [r.file for r in embedded]
     for old in out_dir.glob("frame_*.jpg"):
@@ -194,24 +206,40 @@ def run_video(cfg: RunConfig, detector: Detector | None = None) -> RunSummary:
             found, pic_rows = [], []
             for qi, k in enumerate(crops):
                 matches = [
-                    {"rank": r + 1, "file": embedded[j].file, "row": embedded[j].index, "source_row": embedded[j].source_row,
-                     "distance": round(float(d), 6)}
-                    for r, (j, d) in enumerate(zip(nb.indices[qi], nb.distances[qi])) if j >= 0
+                    {
+                        "rank": r + 1,
+                        "file": embedded[j].file,
+                        "row": embedded[j].index,
+                        "source_row": embedded[j].source_row,
+                        "distance": round(float(d), 6),
+                    }
+                    for r, (j, d) in enumerate(zip(nb.indices[qi], nb.distances[qi]))
+                    if j >= 0
                 ]
-                found.append({
-                    "person": k,
-                    "box_xyxy": [round(float(v), 2) for v in persons[k].box_xyxy],
-                    "score": round(float(persons[k].confidence), 6),
-                    "masked": persons[k].mask is not None,
-                    "matches": matches,
-                })
+                found.append(
+                    {
+                        "person": k,
+                        "box_xyxy": [round(float(v), 2) for v in persons[k].box_xyxy],
+                        "score": round(float(persons[k].confidence), 6),
+                        "masked": persons[k].mask is not None,
+                        "matches": matches,
+                    }
+                )
                 tiles, labels = neighbour_tiles(nb.indices[qi], nb.distances[qi], lambda j: thumbs[j].copy(), names)
-                pic_rows.append(compose_matches(make_thumbnail(crop_images[k], THUMB_SIZE), f"person #{k}", tiles, labels))
+                pic_rows.append(
+                    compose_matches(make_thumbnail(crop_images[k], THUMB_SIZE), f"person #{k}", tiles, labels)
+                )
             picture = draw_frame_picture(frame.rgb, persons, pic_rows)
             save_jpeg(picture, out_dir / f"frame_{frame.index:06d}.jpg", quality=88)
             t5 = time.perf_counter()
             results.append(json.dumps({"frame": frame.index, "time_s": round(frame.time_s, 3), "persons": found}))
-            for key, (a, b) in {"detect": (t0, t1), "segment": (t1, t2), "embed": (t2, t3), "match": (t3, t4), "draw": (t4, t5)}.items():
+            for key, (a, b) in {
+                "detect": (t0, t1),
+                "segment": (t1, t2),
+                "embed": (t2, t3),
+                "match": (t3, t4),
+                "draw": (t4, t5),
+            }.items():
                 times[key] += b - a
             n_frames += 1
             n_persons += len(found)
@@ -225,8 +253,18 @@ def run_video(cfg: RunConfig, detector: Detector | None = None) -> RunSummary:
     atomic_write_text(results_path, "\n".join(results) + ("\n" if results else ""))
     read_frames = reader.frames_read
     if read_frames < video.frame_stride:
-        summary.notes.append(f"the video has {read_frames} frame(s), fewer than --frame-stride {video.frame_stride}: only frame 0 was analysed")
-    summary.counts.update({"frames read": read_frames, "frames processed": n_frames, "persons": n_persons, "frames without persons": n_empty})
+        summary.notes.append(
+            f"the video has {read_frames} frame(s), fewer than --frame-stride {video.frame_stride}: only frame 0 was "
+            f"analysed"
+        )
+    summary.counts.update(
+        {
+            "frames read": read_frames,
+            "frames processed": n_frames,
+            "persons": n_persons,
+            "frames without persons": n_empty,
+        }
+    )
     video_wall = sum(times.values())
     for k, v in times.items():
         summary.stages[f"video {k}"] = v

@@ -3,6 +3,7 @@
 Ultralytics results into `persons.Person` where they enter, so nothing downstream sees a
 framework object.
 """
+
 from __future__ import annotations
 
 import logging
@@ -10,9 +11,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -63,7 +64,9 @@ def load_yolo(model: str, task: str):
     try:
         return YOLO(model, task=task)
     except Exception as e:  # Ultralytics raises many types (download, parse, version)
-        raise PipelineError(f"cannot load YOLO model {model!r} ({type(e).__name__}: {e}). Pass a local .pt, .onnx or .yaml file.") from e
+        raise PipelineError(
+            f"cannot load YOLO model {model!r} ({type(e).__name__}: {e}). Pass a local .pt, .onnx or .yaml file."
+        ) from e
 
 
 def rgb_to_bgr(image_rgb: np.ndarray) -> np.ndarray:
@@ -110,9 +113,10 @@ def load_cpu_yolo(model: str, task: str, backend: str = "auto", imgsz: int = 640
 
     On the CPU, .pt weights run as their ONNX export in onnxruntime (backend auto, the default),
     which is faster than torch with the same persons and masks (README, Benchmarks). The export is
-    made once, verified against the torch model, and kept beside the weights. On CUDA, for a model .yaml (random weights, nothing worth keeping), or
-    with backend torch, the torch model runs. An export that fails or does not verify falls
-    back to torch with a warning (auto) or is an error (backend onnx).
+    made once, verified against the torch model, and kept beside the weights. On CUDA, for a model
+    .yaml (random weights, nothing worth keeping), or with backend torch, the torch model runs. An
+    export that fails or does not verify falls back to torch with a warning (auto) or is an error
+    (backend onnx).
 
     Args:
         model: .pt weights (a bare name is fetched by Ultralytics), an exported .onnx, or a .yaml.
@@ -124,7 +128,9 @@ def load_cpu_yolo(model: str, task: str, backend: str = "auto", imgsz: int = 640
         raise PipelineError(f"unknown {flag} {backend!r}; expected auto, onnx or torch")
     if model.endswith(".onnx"):
         if backend == "torch":
-            raise PipelineError(f"{model} is an ONNX file, which runs in onnxruntime: drop {flag} torch or pass .pt weights")
+            raise PipelineError(
+                f"{model} is an ONNX file, which runs in onnxruntime: drop {flag} torch or pass .pt weights"
+            )
         return load_yolo(model, task=task), "onnx"
     if backend == "onnx" and device == "cuda":
         raise PipelineError(f"{flag} onnx runs on the CPU (onnxruntime); with --device cuda use {flag} auto or torch")
@@ -180,10 +186,16 @@ def export_yolo_onnx(torch_model, weights: Path, target: Path, imgsz: int, task:
         except OSError:
             shutil.copyfile(weights, link)
         log.info("exporting %s to ONNX for onnxruntime (once; kept as %s)", weights, target)
-        exported = Path(load_yolo(str(link), task=task).export(format="onnx", dynamic=True, imgsz=imgsz, simplify=False, verbose=False))
+        exported = Path(
+            load_yolo(str(link), task=task).export(
+                format="onnx", dynamic=True, imgsz=imgsz, simplify=False, verbose=False
+            )
+        )
         worst = verify_yolo_onnx(torch_model, exported, imgsz)
         if worst > YOLO_ONNX_TOLERANCE:
-            raise PipelineError(f"the ONNX export differs from the torch model by {worst:.2e} (allowed {YOLO_ONNX_TOLERANCE:.0e})")
+            raise PipelineError(
+                f"the ONNX export differs from the torch model by {worst:.2e} (allowed {YOLO_ONNX_TOLERANCE:.0e})"
+            )
         os.replace(exported, target)
         log.info("ONNX export verified (largest relative difference %.1e) in %.1f s", worst, time.perf_counter() - t0)
     except PipelineError:
@@ -213,7 +225,9 @@ def verify_yolo_onnx(torch_model, onnx_path: Path, imgsz: int) -> float:
     for g in got:
         r = next((r for r in ref if r.shape == g.shape), None)
         if r is None:
-            raise PipelineError(f"the ONNX output of shape {g.shape} has no torch counterpart (torch gave {[r.shape for r in ref]})")
+            raise PipelineError(
+                f"the ONNX output of shape {g.shape} has no torch counterpart (torch gave {[r.shape for r in ref]})"
+            )
         r2, g2 = r.reshape(r.shape[0], r.shape[1], -1), g.reshape(g.shape[0], g.shape[1], -1)
         scale = np.maximum(np.abs(r2).max(axis=(0, 2)), 1.0)
         worst = max(worst, float((np.abs(g2 - r2).max(axis=(0, 2)) / scale).max()))
@@ -254,7 +268,9 @@ def persons_from_ultralytics(result, shape_hw: tuple[int, int], need_masks: bool
         if masks.shape[1:] != tuple(shape_hw):
             raise PipelineError(f"segmentation masks are {masks.shape[1:]}, expected the source size {shape_hw}")
     order = np.argsort(-conf, kind="stable")
-    return [Person(xyxy[i], float(conf[i]), None if masks is None else masks[i]) for i in order if cls[i] == PERSON_CLASS]
+    return [
+        Person(xyxy[i], float(conf[i]), None if masks is None else masks[i]) for i in order if cls[i] == PERSON_CLASS
+    ]
 
 
 class UltralyticsSegmenter(Segmenter):
@@ -295,10 +311,19 @@ class UltralyticsDetector(Detector):
         self.conf, self.device, self.imgsz = conf, yolo_device(device), imgsz
 
     def detect(self, frames_rgb: Sequence[np.ndarray]) -> list[list[Person]]:
-        results = self.model.predict(source=[rgb_to_bgr(f) for f in frames_rgb], classes=[PERSON_CLASS], conf=self.conf,
-                                     imgsz=self.imgsz, device=self.device, stream=True, verbose=False)
-        return [[Person(p.box_xyxy, p.confidence) for p in persons_from_ultralytics(r, f.shape[:2])]
-                for r, f in zip(results, frames_rgb)]
+        results = self.model.predict(
+            source=[rgb_to_bgr(f) for f in frames_rgb],
+            classes=[PERSON_CLASS],
+            conf=self.conf,
+            imgsz=self.imgsz,
+            device=self.device,
+            stream=True,
+            verbose=False,
+        )
+        return [
+            [Person(p.box_xyxy, p.confidence) for p in persons_from_ultralytics(r, f.shape[:2])]
+            for r, f in zip(results, frames_rgb)
+        ]
 
 
 def make_segmenter(spec: SegmentSpec, device: str = "auto") -> Segmenter:

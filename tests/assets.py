@@ -2,18 +2,26 @@
 
 Nothing here is downloaded. Used by tests/conftest.py and by the benchmarks.
 """
+
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 
-def save_tiny_clip(path: Path, projection_dim: int = 16, image_size: int = 224, patch_size: int = 32, seed: int = 0, with_tokenizer: bool = True) -> Path:
+def save_tiny_clip(
+    path: Path,
+    projection_dim: int = 16,
+    image_size: int = 224,
+    patch_size: int = 32,
+    seed: int = 0,
+    with_tokenizer: bool = True,
+) -> Path:
     """A CLIPModel with random weights, 2 layers per tower, saved with save_pretrained plus a
     preprocessor_config.json (CLIP defaults) and tokenizer files generated here."""
     import torch
@@ -22,12 +30,23 @@ def save_tiny_clip(path: Path, projection_dim: int = 16, image_size: int = 224, 
     torch.manual_seed(seed)
     cfg = CLIPConfig(
         text_config=dict(
-            hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-            vocab_size=256, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=256,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-            image_size=image_size, patch_size=patch_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            image_size=image_size,
+            patch_size=patch_size,
         ),
         projection_dim=projection_dim,
     )
@@ -42,12 +61,23 @@ def save_tiny_clip(path: Path, projection_dim: int = 16, image_size: int = 224, 
 
 def write_preprocessor_config(path: Path, image_size: int = 224) -> None:
     """The preprocessor_config.json a CLIP checkpoint ships (CLIPImageProcessor, OpenAI values)."""
-    write_json(path / "preprocessor_config.json", {
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
-        "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-    })
+    write_json(
+        path / "preprocessor_config.json",
+        {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": image_size},
+            "resample": 3,
+            "do_center_crop": True,
+            "crop_size": {"height": image_size, "width": image_size},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "do_convert_rgb": True,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+        },
+    )
 
 
 def save_tiny_tokenizer(path: Path) -> Path:
@@ -72,9 +102,17 @@ def save_tiny_tokenizer(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.json").write_text(json.dumps(vocab))
     (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    write_json(path / "tokenizer_config.json", {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
-                                               "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>",
-                                               "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})
+    write_json(
+        path / "tokenizer_config.json",
+        {
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": 77,
+            "pad_token": "<|endoftext|>",
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+        },
+    )
     AutoTokenizer.from_pretrained(path).save_pretrained(path)  # writes tokenizer.json
     return path
 
@@ -92,8 +130,14 @@ def save_real_arch_clip(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def person_yolo(yaml: str = "yolov8n-seg.yaml", seed: int = 0, calibration: Sequence[np.ndarray] | None = None, max_det: int = 4,
-                score_gain: float = 1.0, score_bias: float = 6.0):
+def person_yolo(
+    yaml: str = "yolov8n-seg.yaml",
+    seed: int = 0,
+    calibration: Sequence[np.ndarray] | None = None,
+    max_det: int = 4,
+    score_gain: float = 1.0,
+    score_bias: float = 6.0,
+):
     """An Ultralytics segmentation (or, from a detection yaml, detection) YOLO built from its yaml
     with seeded random weights, made to "see" persons: every BatchNorm recalibrated on a few
     pictures (random convolutions otherwise shrink activations to ~1e-9 by the last feature map,
@@ -121,7 +165,10 @@ def person_yolo(yaml: str = "yolov8n-seg.yaml", seed: int = 0, calibration: Sequ
             mod.reset_running_stats()
             mod.momentum = None  # cumulative average over the calibration passes
     if calibration is None:
-        calibration = [np.asarray(rgb_image(480, 640, seed=100 + i).resize((60, 80)).resize((480, 640), Image.BICUBIC)) for i in range(4)]
+        calibration = [
+            np.asarray(rgb_image(480, 640, seed=100 + i).resize((60, 80)).resize((480, 640), Image.BICUBIC))
+            for i in range(4)
+        ]
     batch = torch.from_numpy(np.stack(calibration)).permute(0, 3, 1, 2).float() / 255
     net.train()
     with torch.no_grad():
@@ -197,7 +244,9 @@ def corrupt_bytes() -> bytes:
     return b"this is not an image at all"
 
 
-def write_parquet_dataset(folder: Path, cells: Sequence[bytes | None], extra: dict[str, Sequence] | None = None, column: str = "image") -> Path:
+def write_parquet_dataset(
+    folder: Path, cells: Sequence[bytes | None], extra: dict[str, Sequence] | None = None, column: str = "image"
+) -> Path:
     """A local Hugging Face dataset: folder/data/train-00000-of-00001.parquet with an Image column."""
     import datasets
 
@@ -217,7 +266,9 @@ def write_parquet_dataset(folder: Path, cells: Sequence[bytes | None], extra: di
     return folder
 
 
-def write_video(path: Path, frames: int, size_wh: tuple[int, int] = (160, 120), fps: float = 30.0, color_fn=None) -> Path:
+def write_video(
+    path: Path, frames: int, size_wh: tuple[int, int] = (160, 120), fps: float = 30.0, color_fn=None
+) -> Path:
     """An MJPG .avi or mp4v .mp4 written with cv2.VideoWriter; color_fn(i) -> BGR uint8 frame."""
     import cv2
 
@@ -238,7 +289,9 @@ def write_json(path: Path, obj) -> Path:
     return path
 
 
-def write_hub_dataset(folder: Path, shards: int = 3, rows_per_shard: int = 60, row_group: int = 20, size_wh: tuple[int, int] = (96, 128)) -> Path:
+def write_hub_dataset(
+    folder: Path, shards: int = 3, rows_per_shard: int = 60, row_group: int = 20, size_wh: tuple[int, int] = (96, 128)
+) -> Path:
     """A dataset repository laid out like lirus18/deepfashion: data/train-0000k-of-0000n.parquet shards
     with Image columns image, openpose, cloth and a string caption, row groups of `row_group` rows,
     and a README whose YAML names the config, the features and the split size."""
@@ -246,20 +299,29 @@ def write_hub_dataset(folder: Path, shards: int = 3, rows_per_shard: int = 60, r
     import pyarrow.parquet as pq
 
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    features = {"image": {"_type": "Image"}, "openpose": {"_type": "Image"}, "cloth": {"_type": "Image"},
-                "caption": {"dtype": "string", "_type": "Value"}}
-    schema = pa.schema([("image", image_type), ("openpose", image_type), ("cloth", image_type), ("caption", pa.string())],
-                       metadata={b"huggingface": json.dumps({"info": {"features": features}}).encode()})
+    features = {
+        "image": {"_type": "Image"},
+        "openpose": {"_type": "Image"},
+        "cloth": {"_type": "Image"},
+        "caption": {"dtype": "string", "_type": "Value"},
+    }
+    schema = pa.schema(
+        [("image", image_type), ("openpose", image_type), ("cloth", image_type), ("caption", pa.string())],
+        metadata={b"huggingface": json.dumps({"info": {"features": features}}).encode()},
+    )
     (folder / "data").mkdir(parents=True, exist_ok=True)
     w, h = size_wh
     for s in range(shards):
         rows = range(s * rows_per_shard, (s + 1) * rows_per_shard)
-        table = pa.table({
-            "image": [{"bytes": jpeg_bytes(w, h, seed=i), "path": f"{i}.jpg"} for i in rows],
-            "openpose": [{"bytes": jpeg_bytes(w, h, seed=10_000 + i), "path": None} for i in rows],
-            "cloth": [{"bytes": jpeg_bytes(w, h, seed=20_000 + i), "path": None} for i in rows],
-            "caption": [f"a garment, row {i}" for i in rows],
-        }, schema=schema)
+        table = pa.table(
+            {
+                "image": [{"bytes": jpeg_bytes(w, h, seed=i), "path": f"{i}.jpg"} for i in rows],
+                "openpose": [{"bytes": jpeg_bytes(w, h, seed=10_000 + i), "path": None} for i in rows],
+                "cloth": [{"bytes": jpeg_bytes(w, h, seed=20_000 + i), "path": None} for i in rows],
+                "caption": [f"a garment, row {i}" for i in rows],
+            },
+            schema=schema,
+        )
         pq.write_table(table, folder / "data" / f"train-{s:05d}-of-{shards:05d}.parquet", row_group_size=row_group)
     n = shards * rows_per_shard
     (folder / "README.md").write_text(

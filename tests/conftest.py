@@ -1,4 +1,5 @@
 """Shared fixtures: every asset is generated here, nothing is downloaded."""
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from tests import assets  # noqa: E402
 
-
 # Mutation runs (tools/mutation.py) start a fresh test session per mutant; they set this so the
 # tiny model and its ONNX export are made once and reused, not rebuilt for every mutant.
 ASSET_CACHE = os.environ.get("FASHION_TEST_ASSET_CACHE")
@@ -28,7 +28,9 @@ ASSET_CACHE = os.environ.get("FASHION_TEST_ASSET_CACHE")
 def tiny_clip(tmp_path_factory) -> Path:
     if ASSET_CACHE and (Path(ASSET_CACHE) / "tiny-clip" / "config.json").is_file():
         return Path(ASSET_CACHE) / "tiny-clip"
-    return assets.save_tiny_clip((Path(ASSET_CACHE) if ASSET_CACHE else tmp_path_factory.mktemp("models")) / "tiny-clip")
+    return assets.save_tiny_clip(
+        (Path(ASSET_CACHE) if ASSET_CACHE else tmp_path_factory.mktemp("models")) / "tiny-clip"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +46,9 @@ def tiny_onnx(tiny_clip, tmp_path_factory) -> Path:
 
 def mixed_cells() -> list[tuple[str, bytes | None]]:
     """(kind, bytes) rows: plain JPEGs plus each awkward kind the issue names."""
-    rows: list[tuple[str, bytes | None]] = [("jpeg", assets.jpeg_bytes(90 + 7 * i, 120 + 3 * i, seed=i)) for i in range(24)]
+    rows: list[tuple[str, bytes | None]] = [
+        ("jpeg", assets.jpeg_bytes(90 + 7 * i, 120 + 3 * i, seed=i)) for i in range(24)
+    ]
     rows[2] = ("corrupt", assets.corrupt_bytes())
     rows[4] = ("cmyk", assets.cmyk_jpeg())
     rows[5] = ("rgba", assets.rgba_png())

@@ -8,6 +8,7 @@ every request with the bytes it sent, so tests can assert what a run downloaded.
     with HubServer({("dataset", "lirus18/deepfashion"): folder}) as hub:
         os.environ["HF_ENDPOINT"] = hub.url
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 
 @dataclass
@@ -80,7 +81,7 @@ class HubServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="hub-stand-in", daemon=True)
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         self._thread.start()
         return self
 
@@ -118,24 +119,26 @@ class HubServer:
         with self._lock:
             self.log.append(Request(h.command, path, h.headers.get("Range", ""), status, 0 if head else len(payload)))
 
-    def _route(self, method: str, path: str, query: str, body: bytes, range_header: str):
-        m = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
-        if m:
-            return self._info(self._kind(m.group(1)), m.group(2))
-        m = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
-        if m:
-            return self._tree(self._kind(m.group(1)), m.group(2), m.group(4) or "", "recursive=true" in query.lower() or "recursive=1" in query)
-        m = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/paths-info/([^/]+)", path)
-        if m and method == "POST":
-            return self._paths_info(self._kind(m.group(1)), m.group(2), body)
-        m = re.fullmatch(r"/(datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-        if m:
-            return self._resolve("dataset" if m.group(1) else "model", m.group(2), m.group(4), range_header)
-        return self._error(404, "EntryNotFound", f"no route for {path}")
+    # (pattern, handler name, HTTP method or None for any); group "kind" is models/datasets or the
+    # datasets/ prefix of a resolve URL, group "repo" the owner/name.
+    ROUTES = [
+        (r"/api/(?P<kind>models|datasets)/(?P<repo>[^/]+/[^/]+)(?:/revision/[^/]+)?", "_info", None),
+        (r"/api/(?P<kind>models|datasets)/(?P<repo>[^/]+/[^/]+)/tree/[^/]+(?:/(?P<rest>.*))?", "_tree", None),
+        (r"/api/(?P<kind>models|datasets)/(?P<repo>[^/]+/[^/]+)/paths-info/[^/]+", "_paths_info", "POST"),
+        (r"/(?P<kind>datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/[^/]+/(?P<rest>.+)", "_resolve", None),
+    ]
 
-    @staticmethod
-    def _kind(plural: str) -> str:
-        return "model" if plural == "models" else "dataset"
+    def _route(self, method: str, path: str, query: str, body: bytes, range_header: str):
+        for pattern, handler, only in self.ROUTES:
+            m = re.fullmatch(pattern, path)
+            if m and only in (None, method):
+                kind = "dataset" if m.group("kind") in ("datasets", "datasets/") else "model"
+                repo = self._repo(kind, m.group("repo"))
+                if repo is None:
+                    return self._error(404, "RepoNotFound", f"Repository Not Found for {kind} {m.group('repo')}")
+                request = {"rest": m.groupdict().get("rest") or "", "query": query, "body": body, "range": range_header}
+                return getattr(self, handler)(repo, request)
+        return self._error(404, "EntryNotFound", f"no route for {path}")
 
     @staticmethod
     def _json(obj, status: int = 200):
@@ -143,10 +146,11 @@ class HubServer:
 
     @staticmethod
     def _error(status: int, code: str, message: str):
-        return status, {"Content-Type": "application/json", "X-Error-Code": code, "X-Error-Message": message}, json.dumps({"error": message}).encode()
-
-    def _missing_repo(self, kind: str, repo_id: str):
-        return self._error(404, "RepoNotFound", f"Repository Not Found for {kind} {repo_id}")
+        return (
+            status,
+            {"Content-Type": "application/json", "X-Error-Code": code, "X-Error-Message": message},
+            json.dumps({"error": message}).encode(),
+        )
 
     def _entry(self, repo: Repo, rel: str) -> dict:
         p = repo.root / rel
@@ -159,52 +163,57 @@ class HubServer:
             entry["lfs"] = {"oid": oid, "size": size, "pointerSize": 134}
         return entry
 
-    def _info(self, kind: str, repo_id: str):
-        repo = self._repo(kind, repo_id)
-        if repo is None:
-            return self._missing_repo(kind, repo_id)
-        return self._json({
-            "id": repo_id, "_id": repo.sha[:24], "sha": repo.sha, "private": False, "disabled": False, "gated": False,
-            "downloads": 0, "likes": 0, "tags": [], "lastModified": "2026-01-01T00:00:00.000Z",
-            "createdAt": "2026-01-01T00:00:00.000Z", "siblings": [{"rfilename": f} for f in repo.files()],
-            "cardData": {},
-        })
+    def _info(self, repo: Repo, request: dict):
+        repo_id = repo.repo_id
+        return self._json(
+            {
+                "id": repo_id,
+                "_id": repo.sha[:24],
+                "sha": repo.sha,
+                "private": False,
+                "disabled": False,
+                "gated": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "lastModified": "2026-01-01T00:00:00.000Z",
+                "createdAt": "2026-01-01T00:00:00.000Z",
+                "siblings": [{"rfilename": f} for f in repo.files()],
+                "cardData": {},
+            }
+        )
 
-    def _tree(self, kind: str, repo_id: str, sub: str, recursive: bool):
-        repo = self._repo(kind, repo_id)
-        if repo is None:
-            return self._missing_repo(kind, repo_id)
+    def _tree(self, repo: Repo, request: dict):
+        sub, query = request["rest"], request["query"].lower()
+        recursive = "recursive=true" in query or "recursive=1" in query
         base = repo.root / sub
         if not base.is_dir():
             return self._error(404, "EntryNotFound", f"{sub} does not exist")
         children = sorted(base.rglob("*") if recursive else base.iterdir())
         return self._json([self._entry(repo, str(p.relative_to(repo.root))) for p in children])
 
-    def _paths_info(self, kind: str, repo_id: str, body: bytes):
-        repo = self._repo(kind, repo_id)
-        if repo is None:
-            return self._missing_repo(kind, repo_id)
-        text = body.decode()
+    def _paths_info(self, repo: Repo, request: dict):
+        text = request["body"].decode()
         try:
             paths = json.loads(text).get("paths", [])
         except json.JSONDecodeError:  # form-encoded: paths=a&paths=b
-            from urllib.parse import parse_qs
-
             paths = parse_qs(text).get("paths", [])
         return self._json([self._entry(repo, p) for p in paths if (repo.root / p).exists()])
 
-    def _resolve(self, kind: str, repo_id: str, rel: str, range_header: str):
-        repo = self._repo(kind, repo_id)
-        if repo is None:
-            return self._missing_repo(kind, repo_id)
+    def _resolve(self, repo: Repo, request: dict):
+        rel, range_header = request["rest"], request["range"]
         p = repo.root / rel
         if not p.is_file():
-            return self._error(404, "EntryNotFound", f"{rel} does not exist in {repo_id}")
+            return self._error(404, "EntryNotFound", f"{rel} does not exist in {repo.repo_id}")
         data = p.read_bytes()
         oid = _file_oid(p)
         headers = {
-            "X-Repo-Commit": repo.sha, "ETag": f'"{oid}"', "X-Linked-Etag": f'"{oid}"', "X-Linked-Size": str(len(data)),
-            "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
+            "X-Repo-Commit": repo.sha,
+            "ETag": f'"{oid}"',
+            "X-Linked-Etag": f'"{oid}"',
+            "X-Linked-Size": str(len(data)),
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
         }
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", range_header.strip())
         if not m:

@@ -10,15 +10,17 @@ MatMuls of the static QDQ model) run a widening kernel and are exact on every CP
 The graph is evaluated by onnx's reference evaluator, with each quantized MatMul replaced by the
 saturating version. Slow (numpy), but exact; meant for tiny test models.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+
+import onnx
+from onnx import helper
 
 DOMAIN = "test.int8emulation"
 
@@ -52,7 +54,12 @@ def integer_matmul(a: np.ndarray, b: np.ndarray, a_zp=None, b_zp=None) -> np.nda
         zb = np.broadcast_to(zb.reshape(-1), (b.shape[1],))
         za = int(za.reshape(-1)[0])
         raw = saturating_dot(a, b)
-        return raw - za * b.astype(np.int64).sum(0) - zb * a.astype(np.int64).sum(-1, keepdims=True) + a.shape[-1] * za * zb
+        return (
+            raw
+            - za * b.astype(np.int64).sum(0)
+            - zb * a.astype(np.int64).sum(-1, keepdims=True)
+            + a.shape[-1] * za * zb
+        )
     return np.matmul(a.astype(np.int64) - za, b.astype(np.int64) - zb)
 
 
@@ -70,7 +77,9 @@ class SaturatingQdqMatMul(OpRun):
 
     def _run(self, xq, xs, xzp, wq, ws, wzp):
         acc = integer_matmul(xq, wq, xzp, wzp).astype(np.float64)
-        return ((acc * float(np.asarray(xs).reshape(-1)[0]) * np.asarray(ws, np.float64).reshape(-1)).astype(np.float32),)
+        return (
+            (acc * float(np.asarray(xs).reshape(-1)[0]) * np.asarray(ws, np.float64).reshape(-1)).astype(np.float32),
+        )
 
 
 def emulated_session(path: str | Path) -> ReferenceEvaluator:
@@ -81,10 +90,20 @@ def emulated_session(path: str | Path) -> ReferenceEvaluator:
     nodes = []
     for node in graph.node:
         if node.op_type == "MatMulInteger":
-            nodes.append(helper.make_node("SaturatingMatMulInteger", list(node.input), list(node.output), domain=DOMAIN, name=node.name))
-        elif node.op_type == "MatMul" and all(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input):
+            nodes.append(
+                helper.make_node(
+                    "SaturatingMatMulInteger", list(node.input), list(node.output), domain=DOMAIN, name=node.name
+                )
+            )
+        elif node.op_type == "MatMul" and all(
+            producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input
+        ):
             x, w = producer[node.input[0]], producer[node.input[1]]
-            nodes.append(helper.make_node("SaturatingQdqMatMul", [*x.input, *w.input], list(node.output), domain=DOMAIN, name=node.name))
+            nodes.append(
+                helper.make_node(
+                    "SaturatingQdqMatMul", [*x.input, *w.input], list(node.output), domain=DOMAIN, name=node.name
+                )
+            )
         else:
             nodes.append(node)
     del graph.node[:]

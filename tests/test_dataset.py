@@ -1,4 +1,5 @@
 """Dataset reader: order, limits, resume offsets, folders, and clear errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,9 @@ from tests import assets
 def parquet_ds(tmp_path_factory):
     cells = [assets.encode(assets.rgb_image(4, 4, color=(i, 0, 0)), "PNG") for i in range(12)]
     cells[3] = None
-    return assets.write_parquet_dataset(tmp_path_factory.mktemp("pq") / "ds", cells, extra={"label": [f"l{i}" for i in range(12)]})
+    return assets.write_parquet_dataset(
+        tmp_path_factory.mktemp("pq") / "ds", cells, extra={"label": [f"l{i}" for i in range(12)]}
+    )
 
 
 def test_parquet_order_limit_and_start(parquet_ds):

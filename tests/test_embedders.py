@@ -1,4 +1,5 @@
 """Both backends return the same thing; the ONNX one stands alone (no torch, no hub)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -19,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def pixels():
-    return preprocess_batch([rgb_image(100 + 20 * i, 150, seed=i) for i in range(6)], __import__("pipeline.preprocess").preprocess.PreprocessConfig())
+    return preprocess_batch(
+        [rgb_image(100 + 20 * i, 150, seed=i) for i in range(6)],
+        __import__("pipeline.preprocess").preprocess.PreprocessConfig(),
+    )
 
 
 def test_backends_agree(tiny_clip, tiny_onnx, pixels):

@@ -1,11 +1,12 @@
 """--export-onnx: thresholds, metadata, and nothing left behind on failure."""
+
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 
 import main as cli
+import onnx
 from pipeline import export
 from pipeline.embedders import META_PREPROCESS, META_SOURCE_MODEL
 from pipeline.errors import PipelineError
@@ -24,7 +25,12 @@ def test_export_writes_both_files_with_metadata(tiny_clip, tmp_path, capsys):
         assert '"crop_height": 224' in meta[META_PREPROCESS]
     ops = {n.op_type for n in onnx.load(str(target)).graph.node}
     assert "QuantizeLinear" in ops and "Conv" in ops and "ConvInteger" not in ops
-    assert sorted(p.name for p in target.parent.iterdir()) == ["m_fp32.onnx", "m_int8_matmul.onnx", "m_text_fp32.onnx", "m_text_tokenizer.json"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [
+        "m_fp32.onnx",
+        "m_int8_matmul.onnx",
+        "m_text_fp32.onnx",
+        "m_text_tokenizer.json",
+    ]
     assert "text fp32 ONNX: min" in out
     # The default dataset is out of reach here (HF_HUB_OFFLINE): generated pictures, said so.
     assert "calibrated on generated pictures: lirus18/deepfashion could not be read" in out
@@ -67,7 +73,9 @@ def reference(tiny_clip):
 def _int8_weights(path):
     from onnx import numpy_helper
 
-    return [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    return [
+        numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.INT8
+    ]
 
 
 @pytest.mark.parametrize("quantization", ["static", "dynamic"])
@@ -117,7 +125,9 @@ def _scramble_int8_weights(model):
     for i, t in enumerate(model.graph.initializer):
         if t.data_type == onnx.TensorProto.INT8:
             w = numpy_helper.to_array(t)
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(rng.permutation(w.reshape(-1)).reshape(w.shape), t.name))
+            model.graph.initializer[i].CopyFrom(
+                numpy_helper.from_array(rng.permutation(w.reshape(-1)).reshape(w.shape), t.name)
+            )
 
 
 def test_damaged_int8_file_is_refused_where_it_loads(tiny_onnx, tmp_path, mixed_dataset, capsys):
@@ -157,7 +167,6 @@ def test_damaged_text_tower_is_refused(tiny_onnx, tmp_path):
     import shutil
 
     from onnx import numpy_helper
-
     from pipeline.embedders import OnnxEmbedder, text_onnx_path_for, tokenizer_path_for
 
     folder = tmp_path / "copy"

@@ -1,6 +1,7 @@
 """The default invocation's own path: dataset and model from the Hugging Face Hub, served offline by a
 stand-in on 127.0.0.1 (tests/hub_server.py). Each run is a fresh `python main.py` with HF_ENDPOINT
 pointing at the stand-in, an empty HF_HOME and no offline flags, as a new user would run it."""
+
 from __future__ import annotations
 
 import csv
@@ -30,7 +31,11 @@ def hub(tmp_path_factory):
     broken = base / "broken"  # a model repo without weights
     broken.mkdir()
     (broken / "config.json").write_text((model / "config.json").read_text())
-    repos = {("dataset", "lirus18/deepfashion"): dataset, ("model", "patrickjohncyh/fashion-clip"): model, ("model", "someone/broken"): broken}
+    repos = {
+        ("dataset", "lirus18/deepfashion"): dataset,
+        ("model", "patrickjohncyh/fashion-clip"): model,
+        ("model", "someone/broken"): broken,
+    }
     with HubServer(repos) as server:
         server.dataset = dataset
         yield server
@@ -43,7 +48,14 @@ def run_main(hub, tmp_path):
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), PYTHONPATH=str(ROOT))
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, str(ROOT / "main.py"), *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     return run
 
@@ -61,7 +73,11 @@ def _column_ranges(path: Path, groups: list[int], columns: tuple[str, ...]) -> l
         for c in range(rg.num_columns):
             col = rg.column(c)
             if col.path_in_schema.split(".")[0] in columns:
-                start = col.dictionary_page_offset if col.has_dictionary_page and col.dictionary_page_offset else col.data_page_offset
+                start = (
+                    col.dictionary_page_offset
+                    if col.has_dictionary_page and col.dictionary_page_offset
+                    else col.data_page_offset
+                )
                 out.append((start, start + col.total_compressed_size - 1))
     return out
 
@@ -88,7 +104,10 @@ def test_default_run_fetches_only_what_the_limit_needs(hub, run_main, tmp_path):
     assert len(list((tmp_path / "retrieval_results").glob("*_matches.jpg"))) == 10
     assert (tmp_path / "outputs" / "distance_heatmap.png").is_file()
     side = json.loads((tmp_path / "embeddings" / "embeddings.json").read_text())
-    assert side["identity"]["model"] == "patrickjohncyh/fashion-clip" and side["source"]["dataset"] == "lirus18/deepfashion"
+    assert (
+        side["identity"]["model"] == "patrickjohncyh/fashion-clip"
+        and side["source"]["dataset"] == "lirus18/deepfashion"
+    )
     first = _shard(hub, 0)
     assert hub.bytes_for(first.name) < first.stat().st_size / 2
     assert hub.bytes_for(_shard(hub, 1).name) == 0 and hub.bytes_for(_shard(hub, 2).name) == 0
@@ -133,12 +152,18 @@ def test_export_from_the_hub_calibrates_on_the_default_dataset_then_runs(hub, ru
         assert len(list(csv.DictReader(f))) == 5
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dataset", "nobody/nothing"], "error: cannot open dataset 'nobody/nothing' from the Hugging Face hub (DatasetNotFoundError"),
-    (["--split", "test"], "has splits ['train'], not 'test'"),
-    (["--model", "nobody/nomodel", "--backend", "torch"], "error: cannot load model 'nobody/nomodel'"),
-    (["--model", "someone/broken", "--backend", "torch"], "error: cannot load model 'someone/broken'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--dataset", "nobody/nothing"],
+            "error: cannot open dataset 'nobody/nothing' from the Hugging Face hub (DatasetNotFoundError",
+        ),
+        (["--split", "test"], "has splits ['train'], not 'test'"),
+        (["--model", "nobody/nomodel", "--backend", "torch"], "error: cannot load model 'nobody/nomodel'"),
+        (["--model", "someone/broken", "--backend", "torch"], "error: cannot load model 'someone/broken'"),
+    ],
+)
 def test_missing_repo_or_file_is_one_line(args, message, run_main):
     r = run_main(*args, "--limit", "3", "-q")
     assert r.returncode == 1

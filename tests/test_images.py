@@ -1,4 +1,5 @@
 """decode_image: every odd input becomes 8-bit RGB or a clear ImageDecodeError."""
+
 from __future__ import annotations
 
 import struct
@@ -16,7 +17,9 @@ def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height, with a tiny (wrong) data stream."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)  # noqa: E731
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
+    )
 
 
 def test_cmyk_becomes_rgb():

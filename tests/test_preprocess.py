@@ -1,4 +1,5 @@
 """CLIP preprocessing in numpy/PIL equals transformers' processors."""
+
 from __future__ import annotations
 
 import json
@@ -40,10 +41,17 @@ def test_within_one_8bit_step_of_torchvision_processor(w, h):
 
 
 def test_config_read_from_preprocessor_json(tmp_path):
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
-        "size": {"shortest_edge": 64}, "crop_size": {"height": 48, "width": 56},
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "resample": 2,
-    }))
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "size": {"shortest_edge": 64},
+                "crop_size": {"height": 48, "width": 56},
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.25, 0.25, 0.25],
+                "resample": 2,
+            }
+        )
+    )
     cfg = PreprocessConfig.from_model_dir(tmp_path)
     assert (cfg.shortest_edge, cfg.crop_height, cfg.crop_width, cfg.resample) == (64, 48, 56, 2)
     out = preprocess(rgb_image(100, 80), cfg)

@@ -1,4 +1,5 @@
 """Fault injection: kills, resumes, hostile files, full disks, tampered caches, determinism."""
+
 from __future__ import annotations
 
 import errno
@@ -34,16 +35,22 @@ def long_dataset(tmp_path_factory):
 
 
 def _args(ds, onnx, out):
-    return ["--dataset", str(ds), "--onnx", str(onnx), "--output-dir", str(out), "--shard-rows", "16", "--batch-size", "8",
-            "--limit", "0", "--max-result-images", "0", "--max-matrix", "0"]
+    return [
+        "--dataset", str(ds), "--onnx", str(onnx), "--output-dir", str(out), "--shard-rows", "16", "--batch-size", "8",
+        "--limit", "0", "--max-result-images", "0", "--max-matrix", "0",
+    ]
 
 
 @pytest.mark.subprocess
 def test_sigkill_then_resume_equals_clean_run(long_dataset, tiny_onnx, tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert run(*_args(long_dataset, tiny_onnx, clean)) == 0
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *_args(long_dataset, tiny_onnx, killed), "-q"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), *_args(long_dataset, tiny_onnx, killed), "-q"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     marker = killed / "embeddings" / ".partial" / "shard_00003.done"
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -81,11 +88,17 @@ def test_temp_files_of_a_killed_run_are_cleared_and_nothing_else(mixed_dataset, 
     ]
     (out / "embeddings" / ".partial").mkdir()
     planted.append(out / "embeddings" / ".partial" / ".shard_00001.npy.abcdefgh.tmp")
-    theirs = [out / "images" / ".notes.tmp", out / "images" / "draft.abcdefgh.tmp", out / "outputs" / ".x.abcdefghi.tmp",
-              out / ".img_00003.png.n2tbocnw.tmp.keep"]
+    theirs = [
+        out / "images" / ".notes.tmp",
+        out / "images" / "draft.abcdefgh.tmp",
+        out / "outputs" / ".x.abcdefghi.tmp",
+        out / ".img_00003.png.n2tbocnw.tmp.keep",
+    ]
     for p in planted + theirs:
         p.write_bytes(b"half")
-    images_before = sorted(p.name for p in (out / "images").iterdir() if not p.name.startswith(".") and p.suffix != ".tmp")
+    images_before = sorted(
+        p.name for p in (out / "images").iterdir() if not p.name.startswith(".") and p.suffix != ".tmp"
+    )
     assert run(*args) == 3  # 3: the mixed dataset's broken rows are recorded failures
     assert [p.name for p in planted if p.exists()] == []
     assert all(p.read_bytes() == b"half" for p in theirs)
@@ -162,7 +175,9 @@ def test_hostile_files_are_recorded_and_the_run_goes_on(tmp_path, tiny_onnx):
     assert emb.shape[0] == 4 and np.isfinite(emb).all()
 
 
-def test_full_disk_is_a_clear_fatal_error_without_partial_outputs(mixed_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
+def test_full_disk_is_a_clear_fatal_error_without_partial_outputs(
+    mixed_dataset, tiny_onnx, tmp_path, monkeypatch, capsys
+):
     real = gallery.atomic_write_bytes
     count = {"n": 0}
 
@@ -188,7 +203,9 @@ def test_two_runs_are_identical(mixed_dataset, tiny_onnx, tmp_path):
     assert (a / "embeddings" / "manifest.csv").read_bytes() == (b / "embeddings" / "manifest.csv").read_bytes()
     ea, eb = np.load(a / "embeddings" / "embeddings.npy"), np.load(b / "embeddings" / "embeddings.npy")
     assert np.abs(ea - eb).max() <= 1e-6
-    assert (a / "retrieval_results" / "neighbours.csv").read_bytes() == (b / "retrieval_results" / "neighbours.csv").read_bytes()
+    assert (a / "retrieval_results" / "neighbours.csv").read_bytes() == (
+        b / "retrieval_results" / "neighbours.csv"
+    ).read_bytes()
 
 
 def test_lanes_and_one_worker_build_the_same_store(mixed_dataset, tiny_onnx, tmp_path, capsys):
@@ -197,7 +214,10 @@ def test_lanes_and_one_worker_build_the_same_store(mixed_dataset, tiny_onnx, tmp
     outs = {}
     for threads in (3, 1):
         out = outs[threads] = tmp_path / f"t{threads}"
-        argv = ["--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--batch-size", "5", "--threads", threads]
+        argv = [
+            "--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--batch-size", "5", "--threads",
+            threads,
+        ]
         assert cli.main(list(map(str, argv))) == 3
         said = capsys.readouterr().out
         assert ("inference (3 lanes)" in said) == (threads == 3)
@@ -254,20 +274,26 @@ def test_interrupted_run_resumes_each_row_exactly_once(ragged_dataset, tiny_onnx
     for k in range(3):
         done = json.loads((partial / f"shard_{k:05d}.done").read_text())
         assert (done["start"], done["stop"]) == (16 * k, 16 * (k + 1))
-        assert [r.source_row for r in read_manifest(partial / f"shard_{k:05d}.csv")] == list(range(16 * k, 16 * (k + 1)))
+        assert [r.source_row for r in read_manifest(partial / f"shard_{k:05d}.csv")] == list(
+            range(16 * k, 16 * (k + 1))
+        )
     assert not (partial / "shard_00003.done").exists()
     capsys.readouterr()
     assert cli.main([*map(str, args(stopped))]) == 3
     assert "resumed at row 48 from 3 complete shard(s)" in capsys.readouterr().out
     rows = read_manifest(stopped / "embeddings" / "manifest.csv")
     assert [r.source_row for r in rows] == list(range(100))
-    assert (stopped / "embeddings" / "manifest.csv").read_bytes() == (clean / "embeddings" / "manifest.csv").read_bytes()
+    assert (stopped / "embeddings" / "manifest.csv").read_bytes() == (
+        clean / "embeddings" / "manifest.csv"
+    ).read_bytes()
     a, b = np.load(stopped / "embeddings" / "embeddings.npy"), np.load(clean / "embeddings" / "embeddings.npy")
     assert a.shape == b.shape == (95, 16) and np.abs(a - b).max() <= 1e-6
 
 
 @pytest.mark.parametrize("replace", ["npy", "csv"])
-def test_resume_recomputes_a_shard_replaced_by_a_valid_different_file(replace, ragged_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
+def test_resume_recomputes_a_shard_replaced_by_a_valid_different_file(
+    replace, ragged_dataset, tiny_onnx, tmp_path, monkeypatch, capsys
+):
     out, clean = tmp_path / "out", tmp_path / "clean"
     assert run(*_args(ragged_dataset, tiny_onnx, clean)) == 3
     _stop_after_shards(monkeypatch, 3)
@@ -279,10 +305,16 @@ def test_resume_recomputes_a_shard_replaced_by_a_valid_different_file(replace, r
         np.save(partial / "shard_00000.npy", np.load(partial / "shard_00001.npy")[:n0])
     else:  # two rows' files swapped: a valid manifest that lies
         text = (partial / "shard_00000.csv").read_text()
-        (partial / "shard_00000.csv").write_text(text.replace("img_00001.png", "img_0000X.png").replace("img_00002.png", "img_00001.png")
-                                                 .replace("img_0000X.png", "img_00002.png"))
+        (partial / "shard_00000.csv").write_text(
+            text.replace("img_00001.png", "img_0000X.png")
+            .replace("img_00002.png", "img_00001.png")
+            .replace("img_0000X.png", "img_00002.png")
+        )
     capsys.readouterr()
     assert cli.main([*map(str, _args(ragged_dataset, tiny_onnx, out))]) == 3
     assert "resumed" not in capsys.readouterr().out  # shard 0 is not trusted, so nothing after it is either
     assert (out / "embeddings" / "manifest.csv").read_bytes() == (clean / "embeddings" / "manifest.csv").read_bytes()
-    assert np.abs(np.load(out / "embeddings" / "embeddings.npy") - np.load(clean / "embeddings" / "embeddings.npy")).max() <= 1e-6
+    assert (
+        np.abs(np.load(out / "embeddings" / "embeddings.npy") - np.load(clean / "embeddings" / "embeddings.npy")).max()
+        <= 1e-6
+    )

@@ -1,4 +1,5 @@
 """Blockwise top-k and the distance matrix against brute force."""
+
 from __future__ import annotations
 
 import sys
@@ -72,7 +73,10 @@ def test_distance_matrix_file(tmp_path):
 def test_retrieval_does_not_import_torch():
     import subprocess
 
-    code = "import sys, numpy as np; import pipeline.retrieval as r; e=np.eye(4, dtype=np.float32); r.topk_neighbours(e,e,2,exclude_self=True); assert 'torch' not in sys.modules"
+    code = (
+        "import sys, numpy as np; import pipeline.retrieval as r; e=np.eye(4, dtype=np.float32); "
+        "r.topk_neighbours(e,e,2,exclude_self=True); assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=__import__("pathlib").Path(__file__).parents[1])
 
 
@@ -128,7 +132,9 @@ def test_neighbour_csv_format(tmp_path):
     e = unit(4, 4)
     nb = topk_neighbours(e, e, 5, exclude_self=True)
     path = tmp_path / "n.csv"
-    n = write_neighbours_csv(path, iter_neighbour_rows(nb, [10, 11, 12, 13], list("abcd"), [10, 11, 12, 13], list("abcd")))
+    n = write_neighbours_csv(
+        path, iter_neighbour_rows(nb, [10, 11, 12, 13], list("abcd"), [10, 11, 12, 13], list("abcd"))
+    )
     assert n == 12  # 3 real neighbours each; padded slots are not written
     data = path.read_bytes()
     assert b"\r" not in data and data.endswith(b"\n")

@@ -1,4 +1,5 @@
 """Query by image and by text, and evaluation against known answers."""
+
 from __future__ import annotations
 
 import csv
@@ -54,11 +55,18 @@ def test_query_image_finds_itself_first(gallery, tiny_onnx, mixed_dataset, tmp_p
     q.mkdir()
     (q / "same.jpg").write_bytes((gallery / "images" / "img_00011.jpg").read_bytes())
     (q / "other.png").write_bytes((gallery / "images" / "img_00012.jpg").read_bytes())
-    assert cli.main(["--query-image", str(q), "--onnx", str(tiny_onnx), "--output-dir", str(gallery), "-q", "--top-k", "3"]) == 0
+    assert (
+        cli.main(
+            ["--query-image", str(q), "--onnx", str(tiny_onnx), "--output-dir", str(gallery), "-q", "--top-k", "3"]
+        )
+        == 0
+    )
     rows = read_results(gallery)
     assert len(rows) == 6
     by_query = {r["query"]: [x for x in rows if x["query"] == r["query"]] for r in rows}
-    assert by_query["same.jpg"][0]["gallery_file"] == "img_00011.jpg" and float(by_query["same.jpg"][0]["distance"]) < 1e-5
+    assert (
+        by_query["same.jpg"][0]["gallery_file"] == "img_00011.jpg" and float(by_query["same.jpg"][0]["distance"]) < 1e-5
+    )
     assert by_query["other.png"][0]["gallery_file"] == "img_00012.jpg"
     for mine in by_query.values():
         assert [int(x["rank"]) for x in mine] == [1, 2, 3]
@@ -67,7 +75,10 @@ def test_query_image_finds_itself_first(gallery, tiny_onnx, mixed_dataset, tmp_p
 
 def test_query_text_ranks_as_the_model_says(gallery, tiny_onnx, tiny_clip):
     text = "a red floral dress"
-    assert cli.main(["--query-text", text, "--onnx", str(tiny_onnx), "--output-dir", str(gallery), "-q", "--top-k", "5"]) == 0
+    assert (
+        cli.main(["--query-text", text, "--onnx", str(tiny_onnx), "--output-dir", str(gallery), "-q", "--top-k", "5"])
+        == 0
+    )
     rows = read_results(gallery)
     assert [r["kind"] for r in rows] == ["text"] * 5
     emb = np.load(gallery / "embeddings" / "embeddings.npy")
@@ -83,7 +94,12 @@ def test_query_text_ranks_as_the_model_says(gallery, tiny_onnx, tiny_clip):
 
 
 def test_query_errors(gallery, tiny_onnx, tmp_path, capsys):
-    assert cli.main(["--query-image", str(tmp_path / "nope.jpg"), "--onnx", str(tiny_onnx), "--output-dir", str(gallery), "-q"]) == 1
+    assert (
+        cli.main(
+            ["--query-image", str(tmp_path / "nope.jpg"), "--onnx", str(tiny_onnx), "--output-dir", str(gallery), "-q"]
+        )
+        == 1
+    )
     assert "does not exist" in capsys.readouterr().err
     lonely = tmp_path / "lonely_int8.onnx"
     lonely.write_bytes(tiny_onnx.read_bytes())
@@ -98,8 +114,16 @@ def test_rank_metrics_on_known_answers():
     ranks = ranks_of_positives(q, g, [np.array([0]), np.array([1]), np.array([2])])
     assert list(ranks) == [1, 2, 2]
     m = metrics_from_ranks(ranks)
-    assert m["recall@1"] == pytest.approx(1 / 3) and m["recall@5"] == 1.0 and m["mrr"] == pytest.approx((1 + 0.5 + 0.5) / 3)
-    assert product_ids(["MEN-Denim-id_00000080-01_7_additional", "WOMEN-id_00000080-02_1_front", "plain"]) == ["id_00000080", "id_00000080", "plain"]
+    assert (
+        m["recall@1"] == pytest.approx(1 / 3)
+        and m["recall@5"] == 1.0
+        and m["mrr"] == pytest.approx((1 + 0.5 + 0.5) / 3)
+    )
+    assert product_ids(["MEN-Denim-id_00000080-01_7_additional", "WOMEN-id_00000080-02_1_front", "plain"]) == [
+        "id_00000080",
+        "id_00000080",
+        "plain",
+    ]
     g2 = np.array([[1, 0], [0.8, 0.6], [0, 1]], np.float32)
     assert list(ranks_of_positives(g2[:2], g2, [np.array([0, 1]), np.array([0])], exclude=np.array([0, 1]))) == [1, 1]
     # the query itself is excluded: without that, row 0 would find itself
@@ -108,7 +132,7 @@ def test_rank_metrics_on_known_answers():
     assert list(ranks_of_positives(g[:1], g, [np.array([1])], exclude=np.array([0]))) == [3]
 
 
-def _garment(i: int) -> "assets.Image.Image":
+def _garment(i: int) -> assets.Image.Image:
     return assets.rgb_image(96, 128, seed=100 + i)
 
 
@@ -122,11 +146,18 @@ def test_evaluate_person_to_garment_backends_side_by_side(tiny_clip, tiny_onnx, 
     garments = [_garment(i) for i in range(n)]
     # the "person photo" is its garment with noise and stronger JPEG loss: close to it, far from the others
     photos = [_noisy(g, seed=i) for i, g in enumerate(garments)]
-    ds = assets.write_parquet_dataset(tmp_path / "pairs", [assets.encode(p, "JPEG", quality=80) for p in photos],
-                                      extra={"cloth": [assets.encode(g, "JPEG", quality=95) for g in garments]})
+    ds = assets.write_parquet_dataset(
+        tmp_path / "pairs",
+        [assets.encode(p, "JPEG", quality=80) for p in photos],
+        extra={"cloth": [assets.encode(g, "JPEG", quality=95) for g in garments]},
+    )
     out = tmp_path / "out"
-    code = cli.main(["--evaluate", "--dataset", str(ds), "--model", str(tiny_clip), "--onnx", str(tiny_onnx),
-                     "--eval-backends", "torch,onnx-fp32,onnx-int8", "--output-dir", str(out), "-q"])
+    code = cli.main(
+        [
+            "--evaluate", "--dataset", str(ds), "--model", str(tiny_clip), "--onnx", str(tiny_onnx), "--eval-backends",
+            "torch,onnx-fp32,onnx-int8", "--output-dir", str(out), "-q",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "outputs" / "evaluation.json").read_text())
     res = report["results"]["person->garment"]
@@ -135,22 +166,33 @@ def test_evaluate_person_to_garment_backends_side_by_side(tiny_clip, tiny_onnx, 
         assert m["queries"] == n and m["recall@1"] >= 0.75 and m["recall@10"] == 1.0 and 0 < m["mrr"] <= 1
     assert abs(res["torch"]["mrr"] - res["onnx-fp32"]["mrr"]) < 1e-6
     # shuffled garments: the same code must find it much worse
-    shuffled = assets.write_parquet_dataset(tmp_path / "shuffled", [assets.encode(p, "JPEG", quality=80) for p in photos],
-                                            extra={"cloth": [assets.encode(garments[(i + 5) % n], "JPEG", quality=95) for i in range(n)]})
-    assert cli.main(["--evaluate", "--dataset", str(shuffled), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 0
+    shuffled = assets.write_parquet_dataset(
+        tmp_path / "shuffled",
+        [assets.encode(p, "JPEG", quality=80) for p in photos],
+        extra={"cloth": [assets.encode(garments[(i + 5) % n], "JPEG", quality=95) for i in range(n)]},
+    )
+    assert (
+        cli.main(["--evaluate", "--dataset", str(shuffled), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"])
+        == 0
+    )
     bad = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]["person->garment"]["onnx-int8"]
     assert bad["recall@1"] <= 0.25
     assert (out / "outputs" / "evaluation.png").stat().st_size > 1000
 
 
-def test_evaluate_segmented_reads_and_segments_each_row_once_for_all_backends(tiny_clip, tiny_onnx, tmp_path, monkeypatch, capsys):
+def test_evaluate_segmented_reads_and_segments_each_row_once_for_all_backends(
+    tiny_clip, tiny_onnx, tmp_path, monkeypatch, capsys
+):
     from pipeline import catalog
     from pipeline.persons import Person, Segmenter
 
     n = 6
     garments = [_garment(i) for i in range(n)]
-    ds = assets.write_parquet_dataset(tmp_path / "pairs", [assets.encode(_noisy(g, seed=i), "JPEG", quality=80) for i, g in enumerate(garments)],
-                                      extra={"cloth": [assets.encode(g, "JPEG", quality=95) for g in garments]})
+    ds = assets.write_parquet_dataset(
+        tmp_path / "pairs",
+        [assets.encode(_noisy(g, seed=i), "JPEG", quality=80) for i, g in enumerate(garments)],
+        extra={"cloth": [assets.encode(g, "JPEG", quality=95) for g in garments]},
+    )
     seen: list[tuple[int, int]] = []
 
     class CentrePerson(Segmenter):
@@ -168,8 +210,15 @@ def test_evaluate_segmented_reads_and_segments_each_row_once_for_all_backends(ti
 
     monkeypatch.setattr(catalog, "make_segmenter", lambda spec, device: CentrePerson())
     out = tmp_path / "out"
-    assert cli.main(["--evaluate", "--use-segmentation", "--dataset", str(ds), "--model", str(tiny_clip), "--onnx", str(tiny_onnx),
-                     "--eval-backends", "torch,onnx-fp32,onnx-int8", "--output-dir", str(out), "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "--evaluate", "--use-segmentation", "--dataset", str(ds), "--model", str(tiny_clip), "--onnx",
+                str(tiny_onnx), "--eval-backends", "torch,onnx-fp32,onnx-int8", "--output-dir", str(out), "-q",
+            ]
+        )
+        == 0
+    )
     assert seen == [(128, 96)] * n  # each row segmented once, at full size, whatever the number of backends
     assert "evaluate" not in capsys.readouterr().err  # -q: no progress bar
     res = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]
@@ -190,13 +239,29 @@ def test_evaluate_same_product(tiny_onnx, tmp_path):
             ids.append(f"WOMEN-Dresses-id_{p:08d}-0{view}_1_front")
     ds = assets.write_parquet_dataset(tmp_path / "inshop", cells, extra={"item_ID": ids})
     out = tmp_path / "out"
-    assert cli.main(["--evaluate", "--eval-id-column", "item_ID", "--dataset", str(ds), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "--evaluate", "--eval-id-column", "item_ID", "--dataset", str(ds), "--onnx", str(tiny_onnx),
+                "--output-dir", str(out), "-q",
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]["same-product"]["onnx-int8"]
     assert m["queries"] == 12 and m["recall@1"] >= 0.75
 
 
 def test_evaluate_needs_ground_truth(mixed_dataset, tiny_onnx, tmp_path, capsys):
-    assert cli.main(["--evaluate", "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(tmp_path), "-q"]) == 1
+    assert (
+        cli.main(
+            [
+                "--evaluate", "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(tmp_path),
+                "-q",
+            ]
+        )
+        == 1
+    )
     assert "--eval-id-column" in capsys.readouterr().err
     assert cli.main(["--evaluate", "--eval-backends", "tensorrt"]) == 2
 
@@ -227,8 +292,15 @@ def test_same_product_recall_is_the_known_answer(tmp_path, monkeypatch):
     ds = assets.write_parquet_dataset(tmp_path / "ds", cells, extra={"item_ID": ids})
     monkeypatch.setattr(search, "make_embedder", lambda spec: _AngleEmbedder())
     out = tmp_path / "out"
-    assert cli.main(["--evaluate", "--eval-id-column", "item_ID", "--dataset", str(ds), "--backend", "torch",
-                     "--output-dir", str(out), "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "--evaluate", "--eval-id-column", "item_ID", "--dataset", str(ds), "--backend", "torch", "--output-dir",
+                str(out), "-q",
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]["same-product"]["torch"]
     assert m["queries"] == 4 and m["recall@1"] == 0.5 and m["recall@5"] == 1.0
     assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1) / 4)

@@ -1,4 +1,5 @@
 """Person crops: exact pixels, manifest links, the segmented run and its cache."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -74,7 +75,12 @@ def people_dataset(tmp_path_factory):
 
 def test_segmented_run_with_known_masks(fake_segmenter, people_dataset, tiny_onnx, tmp_path):
     out = tmp_path / "out"
-    code = cli.main(["--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q", "--top-k", "2"])
+    code = cli.main(
+        [
+            "--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out),
+            "-q", "--top-k", "2",
+        ]
+    )
     assert code == 3  # one corrupt row
     rows = read_manifest(out / "embeddings_segment" / "manifest.csv")
     crops = [r for r in rows if r.status == "ok"]
@@ -106,7 +112,12 @@ def test_segmented_run_with_known_masks(fake_segmenter, people_dataset, tiny_onn
 
 def test_keep_unsegmented_keeps_whole_images(fake_segmenter, people_dataset, tiny_onnx, tmp_path):
     out = tmp_path / "out"
-    cli.main(["--use-segmentation", "--keep-unsegmented", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"])
+    cli.main(
+        [
+            "--use-segmentation", "--keep-unsegmented", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx),
+            "--output-dir", str(out), "-q",
+        ]
+    )
     rows = read_manifest(out / "embeddings_segment" / "manifest.csv")
     kept = [r for r in rows if r.file.endswith("_full.png")]
     assert [r.source_row for r in kept] == [0, 3, 6] and all(r.status == "ok" and r.person == -1 for r in kept)
@@ -114,8 +125,12 @@ def test_keep_unsegmented_keeps_whole_images(fake_segmenter, people_dataset, tin
 
 def test_segmented_run_with_yolo_from_yaml(people_dataset, tiny_onnx, tmp_path):
     out = tmp_path / "out"
-    code = cli.main(["--use-segmentation", "--seg-model", "yolov8n-seg.yaml", "--seg-imgsz", "160", "--dataset", str(people_dataset),
-                     "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q", "--limit", "4"])
+    code = cli.main(
+        [
+            "--use-segmentation", "--seg-model", "yolov8n-seg.yaml", "--seg-imgsz", "160", "--dataset",
+            str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q", "--limit", "4",
+        ]
+    )
     assert code == 0
     rows = read_manifest(out / "embeddings_segment" / "manifest.csv")
     assert {r.source_row for r in rows} == {0, 1, 2, 3}
@@ -135,10 +150,23 @@ def test_segmentation_flags_need_segmentation(capsys):
 
 def test_segmented_query_uses_each_person(fake_segmenter, people_dataset, tiny_onnx, tmp_path):
     out = tmp_path / "out"
-    cli.main(["--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"])
+    cli.main(
+        [
+            "--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out),
+            "-q",
+        ]
+    )
     q = tmp_path / "q.png"
     q.write_bytes(assets.encode(assets.rgb_image(60, 90, color=(5, 100, 200)), "PNG"))  # 5 % 3 = 2 persons
-    assert cli.main(["--query-image", str(q), "--use-segmentation", "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q", "--top-k", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "--query-image", str(q), "--use-segmentation", "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q",
+                "--top-k", "2",
+            ]
+        )
+        == 0
+    )
     import csv
 
     with open(out / "retrieval_results" / "segment" / "queries" / "query_results.csv") as f:
@@ -174,7 +202,9 @@ def test_onnx_backend_exports_once_and_finds_the_same_persons(person_pt, monkeyp
     exported = segment.yolo_onnx_path(person_pt)
     # only the verified export is left beside the weights: no temp folder, no <stem>.onnx of Ultralytics'
     assert sorted(p.name for p in person_pt.parent.iterdir()) == sorted([person_pt.name, exported.name])
-    torch_seg = segment.UltralyticsSegmenter(SegmentSpec(model=str(person_pt), imgsz=160, backend="torch"), device="cpu")
+    torch_seg = segment.UltralyticsSegmenter(
+        SegmentSpec(model=str(person_pt), imgsz=160, backend="torch"), device="cpu"
+    )
     assert torch_seg.backend == "torch"
     for s in (onnx_seg, torch_seg):
         s.model.overrides["max_det"] = 4
@@ -195,8 +225,8 @@ def test_export_that_fails_verification_is_not_kept(person_pt, tmp_path, monkeyp
     import shutil
 
     from pipeline import yolo as segment
-    from pipeline.yolo import SegmentSpec
     from pipeline.errors import PipelineError
+    from pipeline.yolo import SegmentSpec
 
     pt = tmp_path / person_pt.name
     shutil.copyfile(person_pt, pt)
@@ -234,15 +264,18 @@ def test_weights_in_a_read_only_folder_export_to_the_user_cache(person_pt, tmp_p
     assert segment.load_cpu_yolo(*_args(spec), "cpu")[1] == "onnx"
 
 
-@pytest.mark.parametrize("model, backend, device, message", [
-    ("x.onnx", "torch", "cpu", "is an ONNX file"),
-    ("x.pt", "tensorrt", "cpu", "unknown --seg-backend"),
-    ("yolov8n-seg.yaml", "onnx", "cpu", "is not a .pt file"),
-    ("x.pt", "onnx", "cuda", "runs on the CPU"),
-])
+@pytest.mark.parametrize(
+    "model, backend, device, message",
+    [
+        ("x.onnx", "torch", "cpu", "is an ONNX file"),
+        ("x.pt", "tensorrt", "cpu", "unknown --seg-backend"),
+        ("yolov8n-seg.yaml", "onnx", "cpu", "is not a .pt file"),
+        ("x.pt", "onnx", "cuda", "runs on the CPU"),
+    ],
+)
 def test_backend_choices_that_cannot_work_are_refused(model, backend, device, message):
-    from pipeline.yolo import SegmentSpec
     from pipeline.errors import PipelineError
+    from pipeline.yolo import SegmentSpec
 
     with pytest.raises(PipelineError, match=message):
         yolo.load_cpu_yolo(*_args(SegmentSpec(model=model, backend=backend)), device)
@@ -257,16 +290,27 @@ class EmptyMaskSecond(Segmenter):
             h, w = im.shape[:2]
             full = np.zeros((h, w), bool)
             full[: h // 2] = True
-            out.append([Person(np.array([0, 0, w, h // 2], np.float32), 0.9, full),
-                        Person(np.array([0, h // 2, w, h], np.float32), 0.8, np.zeros((h, w), bool))])
+            out.append(
+                [
+                    Person(np.array([0, 0, w, h // 2], np.float32), 0.9, full),
+                    Person(np.array([0, h // 2, w, h], np.float32), 0.8, np.zeros((h, w), bool)),
+                ]
+            )
         return out
 
 
 def test_person_with_empty_mask_is_recorded_not_embedded_as_white(people_dataset, tiny_onnx, tmp_path, monkeypatch):
     monkeypatch.setattr(catalog, "make_segmenter", lambda spec, device: EmptyMaskSecond())
     out = tmp_path / "out"
-    assert cli.main(["--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q",
-                     "--max-result-images", "0"]) == 3
+    assert (
+        cli.main(
+            [
+                "--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir",
+                str(out), "-q", "--max-result-images", "0",
+            ]
+        )
+        == 3
+    )
     rows = [r for r in read_manifest(out / "embeddings_segment" / "manifest.csv") if r.person == 1]
     assert len(rows) == 8  # every readable row
     for r in rows:

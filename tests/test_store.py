@@ -1,4 +1,5 @@
 """Atomic files, manifest round trip, shard resume rules."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,7 +23,9 @@ def test_manifest_round_trip(tmp_path):
     rows = [
         ManifestRow(0, "img_00000.jpg", 0, "ds[0]", "ab", 10, 20, "ok", "", "", 0),
         ManifestRow(1, "", 1, "ds[1]", "", 0, 0, "failed", 'bad, "quoted"\nerror', "", -1),
-        ManifestRow(2, "seg_00002_p00.jpg", 2, "ds[2]", "cd", 5, 6, "ok", "", "", 1, 0, 1.5, 2.0, 30.0, 40.25, 777, 0.875),
+        ManifestRow(
+            2, "seg_00002_p00.jpg", 2, "ds[2]", "cd", 5, 6, "ok", "", "", 1, 0, 1.5, 2.0, 30.0, 40.25, 777, 0.875
+        ),
     ]
     p = tmp_path / "m.csv"
     p.write_text(manifest_to_csv(rows))
@@ -44,7 +47,16 @@ def test_shards_resume_only_with_same_params(tmp_path):
 def test_damaged_shard_is_recomputed_not_trusted(tmp_path):
     store = ShardStore(tmp_path, {}, fresh=False)
     for n in range(2):
-        store.write(Shard(n, n, n + 1, np.full((1, 4), n, np.float32), [ManifestRow(n, "f", n, embedding_row=0)], np.zeros((1, 2, 2, 3), np.uint8)))
+        store.write(
+            Shard(
+                n,
+                n,
+                n + 1,
+                np.full((1, 4), n, np.float32),
+                [ManifestRow(n, "f", n, embedding_row=0)],
+                np.zeros((1, 2, 2, 3), np.uint8),
+            )
+        )
     (tmp_path / ".partial" / "shard_00001.npy").write_bytes(b"garbage")
     assert [s.number for s in ShardStore(tmp_path, {}, fresh=False).completed()] == [0]
     (tmp_path / ".partial" / "shard_00000.done").unlink()

@@ -1,4 +1,5 @@
 """Video mode: frame sampling, colour order, outputs, and each bad input."""
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,14 @@ from tests import assets
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("videos")
+
     # frame i: blue level i (BGR order for VideoWriter), left half pure red in RGB terms
     def frame(i):
         f = np.zeros((120, 160, 3), np.uint8)
         f[:, :80] = (0, 0, 255)  # BGR red
         f[:, 80:] = (min(255, 2 * i), 0, 0)
         return f
+
     assets.write_video(d / "clip_1.mp4", 95, (160, 120), color_fn=frame)
     assets.write_video(d / "short.mp4", 10, (160, 120), color_fn=frame)
     (d / "text.mp4").write_text("not a video")
@@ -43,7 +46,10 @@ def test_frames_are_every_30th_and_rgb(clip_dir):
 
 
 def test_box_iou_and_crops_with_masks():
-    assert np.allclose(box_iou(np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]])), [[1, 1 / 3, 0]])
+    assert np.allclose(
+        box_iou(np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]])),
+        [[1, 1 / 3, 0]],
+    )
     frame = np.full((20, 20, 3), 7, np.uint8)
     mask = np.zeros((20, 20), bool)
     mask[2:8, 2:8] = True
@@ -72,11 +78,18 @@ def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx,
     monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
     seen = []
     real = video.preprocess_batch
-    monkeypatch.setattr(video, "preprocess_batch", lambda ims, cfg: seen.extend(np.asarray(i) for i in ims) or real(ims, cfg))
+    monkeypatch.setattr(
+        video, "preprocess_batch", lambda ims, cfg: seen.extend(np.asarray(i) for i in ims) or real(ims, cfg)
+    )
     out = tmp_path / "out"
-    code = cli.main(["--video_clip", "clip_1", "--video_dir", str(clip_dir), "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q", "--top-k", "3"])
+    code = cli.main(
+        [
+            "--video_clip", "clip_1", "--video_dir", str(clip_dir), "--dataset", str(mixed_dataset), "--onnx",
+            str(tiny_onnx), "--output-dir", str(out), "-q", "--top-k", "3",
+        ]
+    )
     assert code == 3  # the gallery has the mixed dataset's two bad rows
-    res = [json.loads(l) for l in (out / "video_results" / "clip_1" / "results.jsonl").read_text().splitlines()]
+    res = [json.loads(line) for line in (out / "video_results" / "clip_1" / "results.jsonl").read_text().splitlines()]
     assert [r["frame"] for r in res] == [0, 30, 60, 90]
     for r in res:
         assert [p["person"] for p in r["persons"]] == [0, 1]
@@ -91,15 +104,27 @@ def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx,
     assert [p.name for p in pics] == ["frame_000000.jpg", "frame_000030.jpg", "frame_000060.jpg", "frame_000090.jpg"]
     assert Image.open(pics[0]).height > 120 + 2 * 128  # the frame plus one match row per person
     # the cache mode reuses the gallery
-    assert cli.main(["--video_clip", "clip_1", "--video_dir", str(clip_dir), "--use-embeddings", "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 3
+    assert (
+        cli.main(
+            [
+                "--video_clip", "clip_1", "--video_dir", str(clip_dir), "--use-embeddings", "--onnx", str(tiny_onnx),
+                "--output-dir", str(out), "-q",
+            ]
+        )
+        == 3
+    )
 
 
 def test_video_with_yolo_from_yaml(clip_dir, mixed_dataset, tiny_onnx, tmp_path):
     out = tmp_path / "out"
-    code = cli.main(["--video_clip", "clip_1", "--video_dir", str(clip_dir), "--det-model", "yolov8n.yaml", "--frame-stride", "45",
-                     "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"])
+    code = cli.main(
+        [
+            "--video_clip", "clip_1", "--video_dir", str(clip_dir), "--det-model", "yolov8n.yaml", "--frame-stride",
+            "45", "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q",
+        ]
+    )
     assert code == 3
-    res = [json.loads(l) for l in (out / "video_results" / "clip_1" / "results.jsonl").read_text().splitlines()]
+    res = [json.loads(line) for line in (out / "video_results" / "clip_1" / "results.jsonl").read_text().splitlines()]
     assert [r["frame"] for r in res] == [0, 45, 90]
 
 
@@ -118,7 +143,12 @@ def test_bad_videos(clip, message, clip_dir, tmp_path, capsys):
 def test_video_shorter_than_stride_is_said(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
     out = tmp_path / "o"
-    code = cli.main(["--video_clip", "short", "--video_dir", str(clip_dir), "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out)])
+    code = cli.main(
+        [
+            "--video_clip", "short", "--video_dir", str(clip_dir), "--dataset", str(mixed_dataset), "--onnx",
+            str(tiny_onnx), "--output-dir", str(out),
+        ]
+    )
     assert code == 3
     assert "10 frame(s), fewer than --frame-stride 30" in capsys.readouterr().out
     assert len((out / "video_results" / "short" / "results.jsonl").read_text().splitlines()) == 1
@@ -162,8 +192,10 @@ def _arrays(found):
     """A frame's persons as arrays: .xyxy float32 (N, 4), .scores float32 (N,)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(xyxy=np.array([p.box_xyxy for p in found], np.float32).reshape(-1, 4),
-                           scores=np.array([p.confidence for p in found], np.float32))
+    return SimpleNamespace(
+        xyxy=np.array([p.box_xyxy for p in found], np.float32).reshape(-1, 4),
+        scores=np.array([p.confidence for p in found], np.float32),
+    )
 
 
 class _CapturingModel:
@@ -209,11 +241,20 @@ class ThreeWithEmptyMiddle:
         return [persons([[0, 0, 70, 120], [100, 50, 100, 50], [90, 10, 150, 110]], [0.9, 0.8, 0.7]) for _ in frames]
 
 
-def test_person_numbers_stay_detection_indices_when_a_crop_is_empty(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch):
+def test_person_numbers_stay_detection_indices_when_a_crop_is_empty(
+    clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch
+):
     monkeypatch.setattr(video, "UltralyticsDetector", ThreeWithEmptyMiddle)
     out = tmp_path / "out"
-    assert cli.main(["--video_clip", "clip_1", "--video_dir", str(clip_dir), "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx),
-                     "--output-dir", str(out), "-q", "--top-k", "2"]) == 3
+    assert (
+        cli.main(
+            [
+                "--video_clip", "clip_1", "--video_dir", str(clip_dir), "--dataset", str(mixed_dataset), "--onnx",
+                str(tiny_onnx), "--output-dir", str(out), "-q", "--top-k", "2",
+            ]
+        )
+        == 3
+    )
     for line in (out / "video_results" / "clip_1" / "results.jsonl").read_text().splitlines():
         persons = json.loads(line)["persons"]
         assert [p["person"] for p in persons] == [0, 2]  # the numbers drawn on the frame (#0, #2)

@@ -11,6 +11,7 @@ Slow: every mutant runs the tests that reach it, in a fresh process; not part of
 
 Needs `pip install mutmut` (3.x). Configuration: [tool.mutmut] in pyproject.toml.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,13 @@ TARGETS = {
     "images": ["pipeline.images.*"],
     "preprocess": ["pipeline.preprocess.*"],
     "search": ["pipeline.search.*"],
-    "segment": ["pipeline.segment.x_white_background_crop*", "pipeline.segment.x_box_pixels*", "pipeline.segment.x__crops_for_row*",
-                "pipeline.segment.x_make_segment_items*", "pipeline.segment.x_crop_file_name*"],
+    "segment": [
+        "pipeline.segment.x_white_background_crop*",
+        "pipeline.segment.x_box_pixels*",
+        "pipeline.segment.x__crops_for_row*",
+        "pipeline.segment.x_make_segment_items*",
+        "pipeline.segment.x_crop_file_name*",
+    ],
     "main": ["main.x_validate*"],
 }
 
@@ -83,18 +89,28 @@ def report() -> int:
             survivors.append(f"{name}: {status}")
         else:
             c["not run"] += 1
-    print("| module | mutants | equivalent | killed | survived | no tests | timeout | not run | score |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| module | mutants | equivalent | killed | survived | no tests | timeout | not run | score |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
     total = Counter()
     for module in TARGETS:
         c = per.get(module, Counter())
         total.update(c)
         scored = c["killed"] + c["survived"] + c["no tests"] + c["timeout"] + c["suspicious"]
-        print(f"| {module} | {sum(c.values())} | {c['equivalent']} | {c['killed']} | {c['survived']} | {c['no tests']} | {c['timeout']} | "
-              f"{c['not run']} | {c['killed'] / scored:.1%} |" if scored else f"| {module} | {sum(c.values())} | | | | | | {c['not run']} | - |")
+        print(
+            f"| {module} | {sum(c.values())} | {c['equivalent']} | {c['killed']} | {c['survived']} | {c['no tests']} | "
+            f"{c['timeout']} | "
+            f"{c['not run']} | {c['killed'] / scored:.1%} |"
+            if scored
+            else f"| {module} | {sum(c.values())} | | | | | | {c['not run']} | - |"
+        )
     scored = total["killed"] + total["survived"] + total["no tests"] + total["timeout"] + total["suspicious"]
     if scored:
-        print(f"\nall: {total['killed']} of {scored} non-equivalent mutants killed ({total['killed'] / scored:.1%}); "
-              f"{total['equivalent']} judged equivalent (tools/mutation_equivalent.txt)")
+        print(
+            f"\nall: {total['killed']} of {scored} non-equivalent mutants killed ({total['killed'] / scored:.1%}); "
+            f"{total['equivalent']} judged equivalent (tools/mutation_equivalent.txt)"
+        )
     if survivors:
         print("\nsurvivors (see each with `mutmut show NAME`):\n  " + "\n  ".join(survivors))
     return 0
@@ -113,7 +129,9 @@ def main() -> int:
         env = {**os.environ, "FASHION_TEST_ASSET_CACHE": str(ROOT / "mutants" / ".test-assets")}
         (ROOT / "mutants" / ".test-assets").mkdir(parents=True, exist_ok=True)
         try:
-            subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *globs], cwd=ROOT, env=env, check=False)
+            subprocess.run(
+                ["mutmut", "run", "--max-children", str(args.max_children), *globs], cwd=ROOT, env=env, check=False
+            )
         except FileNotFoundError:
             print("mutmut is not installed: pip install 'mutmut>=3.8'", file=sys.stderr)
             return 2

@@ -1,8 +1,9 @@
 """Standard pipeline at scale: N generated 768x1024 JPEGs, ONNX int8 backend, real FashionCLIP
 architecture (random weights). Prints wall time, images/s per stage, and peak RSS.
 
-    python benchmarks/pipeline.py --n 10000
+    python -m benchmarks.standard_run --n 10000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, machine_line, make_jpeg_dataset, real_arch_onnx
+from benchmarks.common import ROOT, machine_line, make_jpeg_dataset, real_arch_onnx
 
 
 def main() -> int:
@@ -31,7 +32,19 @@ def main() -> int:
     print(f"assets ready in {time.perf_counter() - t:.0f} s: {ds}, {onnx}")
     out = args.work / f"run{args.n}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(ROOT / "main.py"), "--dataset", str(ds), "--onnx", str(onnx), "--output-dir", str(out), "--limit", str(args.n), *args.extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "main.py"),
+        "--dataset",
+        str(ds),
+        "--onnx",
+        str(onnx),
+        "--output-dir",
+        str(out),
+        "--limit",
+        str(args.n),
+        *args.extra,
+    ]
     print(" ".join(cmd))
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -39,12 +52,13 @@ def main() -> int:
     # The run reports its own peak RSS (ru_maxrss of that process alone).
     m = re.search(r"peak memory (\d+) MiB", proc.stdout)
     peak = float(m.group(1)) if m else float("nan")
-    summary = [l for l in proc.stdout.splitlines() if l.strip()]
+    summary = [line for line in proc.stdout.splitlines() if line.strip()]
     print("\n".join(summary))
     if proc.returncode not in (0, 3):
         print(proc.stderr[-3000:])
         return proc.returncode
-    stages = dict(re.findall(r"([a-z0-9+() ]+?) ([\d.]+) s", next((l for l in summary if l.startswith("stages:")), "")))
+    stage_line = next((line for line in summary if line.startswith("stages:")), "")
+    stages = dict(re.findall(r"([a-z0-9+() ]+?) ([\d.]+) s", stage_line))
     print(f"\n== N={args.n}: wall {wall:.1f} s ({args.n / wall:.1f} img/s end to end), peak RSS {peak:.0f} MiB")
     for name, sec in stages.items():
         sec = float(sec)
