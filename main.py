@@ -46,7 +46,9 @@ def _unit_float(text: str) -> float:
 
 
 YOLO_BACKENDS = ["auto", "onnx", "torch"]
-YOLO_BACKEND_HELP = "auto: on the CPU, .pt weights run as their ONNX export (made once, verified, kept beside the weights)"
+YOLO_BACKEND_HELP = (
+    "auto: on the CPU, .pt weights run as their ONNX export (made once, verified, kept beside the weights)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
