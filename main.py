@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --export-onnx: one int8 scale per weight tensor instead of per channel",
     )
+    add(model, "--decode", choices=["auto", "cpu", "device"],
+        help="where JPEGs are decoded and preprocessed: device = torchvision on the model's device (auto: on the GPU "
+             "when the model runs there; other formats always on the CPU)")
     add(model, "--batch-size", type=_positive_int)
     add(model, "--threads", type=_non_negative_int, help="CPU threads for inference; 0 = all cores")
 

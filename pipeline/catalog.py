@@ -15,7 +15,7 @@ import numpy as np
 from .config import RunConfig
 from .dataset import count_rows, iter_records
 from .embedders import Embedder, make_embedder, requested_identity
-from .gallery import GalleryTarget, build_gallery, record_failures
+from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failures
 from .items import make_segment_items, make_standard_items
 from .persons import Segmenter
 from .report import RunSummary
@@ -45,6 +45,15 @@ class Gallery:
 def segmenter_factory(cfg: RunConfig) -> Segmenter:
     """The segmenter for a run (a function, so tests can substitute one with known masks)."""
     return make_segmenter(cfg.segment, device=cfg.embedder.device)
+
+
+def decodes_on_device(cfg: RunConfig, embedder: Embedder) -> bool:
+    """JPEGs are decoded and preprocessed by torchvision on the embedder's device: with --decode
+    device, or by default when the model runs on CUDA (whole-image galleries; crops are cut on the
+    CPU)."""
+    if cfg.segmented or cfg.embedder.decode == "cpu":
+        return False
+    return cfg.embedder.decode == "device" or getattr(embedder, "device", "cpu") == "cuda"
 
 
 def gallery_source(cfg: RunConfig) -> dict[str, Any]:
@@ -98,24 +107,28 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None)
     total_rows = count_rows(cfg.dataset)  # opens the dataset: a bad one fails before the model loads
     with summary.stage("load model"):
         embedder = embedder or make_embedder(cfg.embedder)
-    segmenter = None
+    segmenter, embed_batch = None, None
+    min_side = embedder.preprocess_cfg.decode_min_side
+    on_device = decodes_on_device(cfg, embedder)
     if cfg.segmented:
         with summary.stage("load segmenter"):
             segmenter = segmenter_factory(cfg)
         make_items = make_segment_items(segmenter, cfg.segment)
         target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=_SEGMENT_FILES, group_size=8)
         stage_name = "decode+segment+crop"
+    elif on_device:
+        make_items = make_standard_items(min_side, device_decode=True)
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir, device_decode=True)
+        embed_batch = DeviceEmbedding(embedder, getattr(embedder, "device", "cpu"), min_side)
+        stage_name = "headers+CPU decode"
     else:
-        make_items = make_standard_items(embedder.preprocess_cfg.decode_min_side)
+        make_items = make_standard_items(min_side)
         target = GalleryTarget(cfg.images_dir, cfg.store_dir, parallel_items=True)
         stage_name = "decode"
     source = gallery_source(cfg)
-    run_params = {
-        "source": source,
-        "identity": embedder.identity,
-        "batch_size": cfg.batch_size,
-        "shard_rows": cfg.shard_rows,
-    }
+    # Which code made the pixels is part of what made the vectors: a resume never mixes them.
+    identity = {**embedder.identity, "pixels": "torchvision" if on_device else "pil"}
+    run_params = {"source": source, "identity": identity, "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
     emb, rows = build_gallery(
         records=lambda start: iter_records(cfg.dataset, start),
         total_rows=total_rows,
@@ -130,6 +143,8 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None)
         fresh=cfg.fresh,
         progress=cfg.progress,
         item_stage_name=stage_name,
+        identity=identity,
+        embed_batch=embed_batch,
     )
     if segmenter is not None:
         summary.stages["    of which segmentation predict"] = segmenter.predict_seconds

@@ -152,6 +152,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "device": ("embedder", "device"),
     "precision": ("embedder", "precision"),
     "threads": ("embedder", "threads"),
+    "decode": ("embedder", "decode"),
     "seg_model": ("segment", "model"),
     "seg_conf": ("segment", "conf"),
     "seg_imgsz": ("segment", "imgsz"),

@@ -70,6 +70,11 @@ class Embedder(Protocol):
         """`embed` on the calling thread's core only (default: `embed`)."""
         return self.embed(pixels)
 
+    def embed_tensor(self, pixels: Any) -> np.ndarray:
+        """`embed` for a torch tensor (B, 3, H, W), possibly on the GPU; backends that run there
+        take it where it is (default: through host memory)."""
+        return self.embed(pixels.detach().float().cpu().numpy())
+
     def embed_text(self, texts: list[str]) -> np.ndarray:
         """Texts in, float32 (len(texts), D) unit vectors out, in the same space as `embed`."""
         raise PipelineError(f"{type(self).__name__} has no text tower")
@@ -89,6 +94,7 @@ class EmbedderSpec:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | fp16 | int8 (torch backend only)
     threads: int = 0  # 0: all cores this process may use
+    decode: str = "auto"  # auto (on the GPU when the model runs there) | cpu (PIL) | device (torchvision)
 
     def resolve_backend(self) -> str:
         if self.backend != "auto":
@@ -135,14 +141,15 @@ def requested_identity(spec: EmbedderSpec) -> dict[str, Any]:
         PipelineError: the ONNX backend is asked for and the file is missing.
     """
     backend = spec.resolve_backend()
+    pixels = {"cpu": {"pixels": "pil"}, "device": {"pixels": "torchvision"}}.get(spec.decode, {})
     if backend == "onnx":
         if not Path(spec.onnx).is_file():
             raise PipelineError(
                 f"ONNX file {spec.onnx} not found. Make it with: python main.py --export-onnx --model {spec.model} "
                 f"--onnx {spec.onnx}"
             )
-        return {"backend": "onnx", "onnx_sha256": sha256_file(spec.onnx)}
-    ident = {"backend": "torch", "model": model_reference(spec.model)}
+        return {"backend": "onnx", "onnx_sha256": sha256_file(spec.onnx), **pixels}
+    ident = {"backend": "torch", "model": model_reference(spec.model), **pixels}
     if sha := model_weights_sha256(spec.model):
         ident["model_sha256"] = sha
     if spec.precision != "auto":
@@ -287,6 +294,24 @@ class OnnxEmbedder(Embedder):
         self.check_input(pixels)
         return l2_normalize(self._run(pixels))
 
+    def embed_tensor(self, pixels: Any) -> np.ndarray:
+        """A torch float32 tensor bound where it is (IO binding, no host copy on the GPU)."""
+        x = pixels.detach().float().contiguous()
+        want = (3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width)
+        if x.ndim != 4 or tuple(x.shape[1:]) != want:
+            shape = ", ".join(map(str, want))
+            raise PipelineError(f"ONNX input {self.input.name!r} takes (batch, {shape}), got {tuple(x.shape)}")
+        session = self._free.get()
+        try:
+            binding = session.io_binding()
+            device, index = x.device.type, x.device.index or 0
+            binding.bind_input(self.input.name, device, index, np.float32, list(x.shape), x.data_ptr())
+            binding.bind_output(self.output_name, "cpu")
+            session.run_with_iobinding(binding)
+            return l2_normalize(binding.copy_outputs_to_cpu()[0])
+        finally:
+            self._free.put(session)
+
     def embed_text(self, texts: list[str]) -> np.ndarray:
         """The text tower exported beside the image file, tokenized with the `tokenizers` library
         (no torch, no transformers)."""
@@ -380,6 +405,7 @@ class TorchEmbedder(Embedder):
         self._torch = torch
         self._model_name, self._tokenizer = model, None
         self._dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
+        self.input_dtype = self._dtype  # what a device preprocessor should hand embed_tensor
         self.preprocess_cfg = preprocess_config_for_model(model)
         self.dim = int(self.model.config.projection_dim)
         self.identity = {
@@ -393,9 +419,12 @@ class TorchEmbedder(Embedder):
             self.identity["model_sha256"] = sha
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
+        return self.embed_tensor(self._torch.from_numpy(np.ascontiguousarray(pixels)))
+
+    def embed_tensor(self, pixels: Any) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, dtype=self._dtype)
+            x = pixels.to(self.device, dtype=self._dtype, non_blocking=True)
             feats = projected(self.model.get_image_features(pixel_values=x))
             return l2_normalize(feats.float().cpu().numpy())
 

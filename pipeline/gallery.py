@@ -17,8 +17,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .dataset import Record
-from .embedders import Embedder
+from .embedders import Embedder, available_cores
 from .errors import PipelineError
 from .fileio import atomic_write_bytes
+from .gpu import DevicePreprocessor, EncodedJpeg, to_host
+from .images import ImageDecodeError, decode_image
 from .items import ItemMaker
 from .plots import THUMB_SIZE, make_thumbnail
 from .preprocess import resize_for_model, to_model_input
@@ -47,6 +50,7 @@ class GalleryTarget:
     owned_files: re.Pattern = field(default_factory=lambda: re.compile(r"img_\d+\.(jpg|png)$"))
     group_size: int = 1  # records handed to the item maker at once (batched segmentation)
     parallel_items: bool = False  # make_items may run in several threads at once (lanes)
+    device_decode: bool = False  # JPEGs go to the device encoded; workers only read headers and write files
 
 
 @dataclass
@@ -66,12 +70,86 @@ class ShardMark:
     stop: int
 
 
+# One item's input to the model: float32 (3, H, W) pixels made on the CPU, or a JPEG the device decodes.
+ModelInput = np.ndarray | EncodedJpeg
+
+
+@dataclass
+class Embedded:
+    """What a batch embedding returns, one entry per input: vectors float32 (B, D); thumbnails made
+    on the device (None where the worker made one); an error for an input that could not be
+    decoded after all (None where it could; its vector is then meaningless)."""
+
+    vectors: np.ndarray
+    thumbs: list[Any]
+    errors: list[str | None]
+
+
+# Embeds a batch of model inputs (the main thread's embedder).
+BatchEmbed = Callable[[list[ModelInput]], Embedded]
+
+
+def embed_pixels(embedder: Embedder) -> BatchEmbed:
+    """The CPU path's batch embedding: every input is pixels already."""
+
+    def embed(inputs: list[ModelInput]) -> Embedded:
+        return Embedded(embedder.embed(np.stack(inputs)), [None] * len(inputs), [None] * len(inputs))
+
+    return embed
+
+
+class DeviceEmbedding:
+    """The device path's batch embedding: JPEGs decoded and preprocessed on the embedder's device
+    (gpu.DevicePreprocessor), CPU-made pixels copied in beside them, one model call per batch in row
+    order. A JPEG the device decoder refuses after all is decoded on the CPU here (same result as
+    the CPU path, or its error). Thumbnails go back to the host on a background thread."""
+
+    def __init__(self, embedder: Embedder, device: str, decode_min_side: int) -> None:
+        import torch
+
+        self.torch, self.embedder, self.decode_min_side = torch, embedder, decode_min_side
+        self.pre = DevicePreprocessor(embedder.preprocess_cfg, device, dtype=getattr(embedder, "input_dtype", None))
+        self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thumbs-to-host")
+
+    def __call__(self, inputs: list[ModelInput]) -> Embedded:
+        torch, prep = self.torch, self.embedder.preprocess_cfg
+        jpeg_at = [k for k, x in enumerate(inputs) if isinstance(x, EncodedJpeg)]
+        device_x, device_thumbs, kept = self.pre.process([inputs[k] for k in jpeg_at])
+        thumbs: list[Any] = [None] * len(inputs)
+        errors: list[str | None] = [None] * len(inputs)
+        rows: dict[int, Any] = {jpeg_at[j]: device_x[i] for i, j in enumerate(kept)}
+        if kept:
+            host = self.copier.submit(to_host, device_thumbs)
+            for i, j in enumerate(kept):
+                thumbs[jpeg_at[j]] = partial(_row_of, host, i)
+        for k, x in enumerate(inputs):
+            if k in rows:
+                continue
+            if isinstance(x, EncodedJpeg):  # refused by the device decoder: the CPU decoder decides
+                try:
+                    resized = resize_for_model(decode_image(x.data, min_side=self.decode_min_side).image, prep)
+                except ImageDecodeError as e:
+                    errors[k] = str(e)
+                    continue
+                thumbs[k], x = make_thumbnail(resized), to_model_input(resized, prep)
+            rows[k] = torch.from_numpy(x).to(self.pre.device, self.pre.dtype)
+        order = [k for k in range(len(inputs)) if k in rows]
+        vectors = np.zeros((len(inputs), self.embedder.dim), np.float32)
+        if order:
+            vectors[order] = self.embedder.embed_tensor(torch.stack([rows[k] for k in order]))
+        return Embedded(vectors, thumbs, errors)
+
+
+def _row_of(future: Future, i: int) -> np.ndarray:
+    return future.result()[i]
+
+
 @dataclass
 class UnitResult:
     rows: list[ManifestRow]
     embedded: list[int] = field(default_factory=list)  # positions in `rows` of the items that have pixels to embed
-    thumbs: list[np.ndarray] = field(default_factory=list)  # one per embedded item
-    pixels: list[np.ndarray] = field(default_factory=list)  # model inputs, one per embedded item (empty once embedded)
+    thumbs: list[np.ndarray | None] = field(default_factory=list)  # one per embedded item (None: the device makes it)
+    inputs: list[ModelInput] = field(default_factory=list)  # one per embedded item (empty once embedded)
     vectors: np.ndarray | None = None  # (len(embedded), D) when the worker embedded them itself
     times: dict[str, float] = field(default_factory=dict)
     records: int = 0  # source rows this unit finished
@@ -87,6 +165,8 @@ class Parallelism:
       half of a batch, which keeps end-to-end speed closest to the model-only rate.
     - one worker (torch, CUDA, segmentation whose model is not thread-safe): it makes items a
       batch or two ahead while the main thread runs the embedder on full batches.
+    - device decoding: a worker per core reads headers, hashes and writes files, and decodes on the
+      CPU what the device cannot take; the main thread decodes JPEGs on the GPU and embeds.
     """
 
     workers: int
@@ -95,7 +175,13 @@ class Parallelism:
     ahead: int  # units queued ahead of the one being taken
 
     @classmethod
-    def choose(cls, embedder: Embedder, target: GalleryTarget, batch_size: int) -> Parallelism:
+    def choose(
+        cls, embedder: Embedder, target: GalleryTarget, batch_size: int, cores: int | None = None
+    ) -> Parallelism:
+        if target.device_decode:
+            workers = max(1, min(8, cores or available_cores()))
+            unit_rows = max(1, -(-batch_size // workers))
+            return cls(workers=workers, lanes=1, unit_rows=unit_rows, ahead=2 * workers)
         lanes = embedder.lanes if target.parallel_items else 1
         if lanes > 1:
             return cls(workers=lanes, lanes=lanes, unit_rows=max(1, -(-batch_size // lanes)), ahead=2 * lanes)
@@ -122,16 +208,20 @@ class UnitWorker:
         res = UnitResult(rows=[], records=len(unit.records))
         for item in (i for items in made for i in items):
             res.rows.append(item.row)
-            if item.image is None or item.row.status != "ok":
+            if not item.to_embed:
                 continue
-            resized = resize_for_model(item.image, prep)
-            res.pixels.append(to_model_input(resized, prep))
-            res.thumbs.append(make_thumbnail(resized))
+            if item.encoded is not None:
+                res.inputs.append(item.encoded)
+                res.thumbs.append(None)
+            else:
+                resized = resize_for_model(item.image, prep)
+                res.inputs.append(to_model_input(resized, prep))
+                res.thumbs.append(make_thumbnail(resized))
             res.embedded.append(len(res.rows) - 1)
         t3 = time.perf_counter()
-        if self.in_lane and res.pixels:
-            res.vectors = self.embedder.embed_serial(np.stack(res.pixels))
-            res.pixels = []
+        if self.in_lane and res.inputs:
+            res.vectors = self.embedder.embed_serial(np.stack(res.inputs))
+            res.inputs = []
         res.times = {"items": t1 - t0, "write": t2 - t1, "preprocess": t3 - t2, "infer": time.perf_counter() - t3}
         return res
 
@@ -139,22 +229,23 @@ class UnitWorker:
 class ShardAssembler:
     """Owns the open shard: its rows in order, and the thumbnail and vector of each embedded row.
 
-    Units arrive in order (`add`); pixels that still need the model wait until a full batch is
+    Units arrive in order (`add`); inputs that still need the model wait until a full batch is
     there and are embedded with `embed` (the main thread's embedder). `close` embeds what waits,
-    numbers the shard's embeddings in row order (a non-finite or zero vector fails its item) and
-    starts the next shard. No threads here: it can be tested on its own.
+    numbers the shard's embeddings in row order (a non-finite or zero vector, or an input that
+    could not be decoded, fails its item) and starts the next shard. No threads here: it can be
+    tested on its own.
     """
 
-    def __init__(self, embed: Callable[[np.ndarray], np.ndarray], batch_size: int, dim: int) -> None:
+    def __init__(self, embed: BatchEmbed, batch_size: int, dim: int) -> None:
         self.embed, self.batch_size, self.dim = embed, batch_size, dim
         self.infer_seconds = 0.0
         self._start_shard()
 
     def _start_shard(self) -> None:
         self.rows: list[ManifestRow] = []
-        self.thumbs: dict[int, np.ndarray] = {}  # position in rows -> thumbnail
+        self.thumbs: dict[int, Any] = {}  # position in rows -> thumbnail (or a device thumbnail on its way)
         self.vectors: dict[int, np.ndarray] = {}  # position in rows -> embedding
-        self.waiting: list[tuple[int, np.ndarray]] = []  # (position, pixels) not yet embedded
+        self.waiting: list[tuple[int, ModelInput]] = []  # (position, input) not yet embedded
 
     def add(self, res: UnitResult) -> None:
         base = len(self.rows)
@@ -164,23 +255,29 @@ class ShardAssembler:
             if res.vectors is not None:
                 self.vectors[base + pos] = res.vectors[k]
             else:
-                self.waiting.append((base + pos, res.pixels[k]))
+                self.waiting.append((base + pos, res.inputs[k]))
         self._embed_waiting(self.batch_size)
 
     def _embed_waiting(self, at_least: int) -> None:
         while self.waiting and len(self.waiting) >= at_least:
             batch, self.waiting = self.waiting[: self.batch_size], self.waiting[self.batch_size :]
             t = time.perf_counter()
-            vectors = self.embed(np.stack([px for _, px in batch]))
+            out = self.embed([x for _, x in batch])
             self.infer_seconds += time.perf_counter() - t
-            for (pos, _), vec in zip(batch, vectors):
-                self.vectors[pos] = vec
+            for k, (pos, _) in enumerate(batch):
+                if out.errors[k] is not None:
+                    row = self.rows[pos]  # as the CPU path records a row that does not decode
+                    row.status, row.error, row.file, row.width, row.height = "failed", out.errors[k], "", 0, 0
+                    continue
+                self.vectors[pos] = out.vectors[k]
+                if out.thumbs[k] is not None:
+                    self.thumbs[pos] = out.thumbs[k]
 
     def close(self, mark: ShardMark) -> Shard:
         self._embed_waiting(1)
         embs, kept = [], []
         for local, row in enumerate(self.rows):
-            if local not in self.thumbs:
+            if local not in self.thumbs or row.status == "failed":
                 continue
             vec = self.vectors.get(local)
             if vec is None or not np.all(np.isfinite(vec)) or not np.any(vec):
@@ -188,7 +285,8 @@ class ShardAssembler:
                 continue
             row.embedding_row = len(embs)
             embs.append(vec)
-            kept.append(self.thumbs[local])
+            thumb = self.thumbs[local]
+            kept.append(thumb() if callable(thumb) else thumb)
         emb = np.stack(embs).astype(np.float32) if embs else np.zeros((0, self.dim), np.float32)
         th = np.stack(kept) if kept else np.zeros((0, THUMB_SIZE, THUMB_SIZE, 3), np.uint8)
         shard = Shard(mark.shard, mark.start, mark.stop, emb, self.rows, th)
@@ -277,6 +375,84 @@ def _in_order(steps: Iterator[Unit | ShardMark], workers: _Workers, ahead: int) 
     yield from pending
 
 
+class _Prefetch:
+    """Reads an iterator on a background thread into a bounded queue (the dataset's parquet reads
+    stay off the main thread); iterating it re-raises the reader's error where it happened."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator[Any], size: int) -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), name="gallery-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self, source: Iterator[Any]) -> None:
+        try:
+            for item in source:
+                if self._stop.is_set():
+                    return
+                self._put((item, None))
+        except BaseException as e:  # handed to the consumer
+            self._put((self._END, e))
+            return
+        self._put((self._END, None))
+
+    def _put(self, entry: tuple) -> None:
+        while not self._stop.is_set():
+            try:
+                self._q.put(entry, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item, error = self._q.get()
+            if error is not None:
+                raise error
+            if item is self._END:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class _ShardWriter:
+    """Writes finished shards on one background thread, in order; a failed write stops the ones
+    after it and is raised in the caller at its next submit or at close."""
+
+    def __init__(self, shards: ShardStore) -> None:
+        self.shards = shards
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self.pending: deque[Future] = deque()
+        self.failed = threading.Event()
+
+    def _write(self, shard: Shard) -> None:
+        if self.failed.is_set():
+            return
+        try:
+            self.shards.write(shard)
+        except BaseException:
+            self.failed.set()
+            raise
+        shard.thumbnails = None  # on disk now; only embeddings and rows stay for the final join
+
+    def submit(self, shard: Shard) -> None:
+        while self.pending and self.pending[0].done():
+            self.pending.popleft().result()  # raises a write's error here
+        if len(self.pending) >= 2:  # bounded: at most two shards' thumbnails in memory
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self._write, shard))
+
+    def close(self, wait: bool = True) -> None:
+        if wait:
+            while self.pending:
+                self.pending.popleft().result()
+        self.pool.shutdown(wait=wait, cancel_futures=not wait)
+
+
 def _unit_result(future: Future, images_dir: Path) -> UnitResult:
     try:
         return future.result()
@@ -299,6 +475,8 @@ def build_gallery(
     fresh: bool = False,
     progress: bool = True,
     item_stage_name: str = "decode",
+    identity: dict[str, Any] | None = None,
+    embed_batch: BatchEmbed | None = None,
 ) -> tuple[np.ndarray, list[ManifestRow]]:
     """Build (or resume building) a gallery store.
 
@@ -307,8 +485,14 @@ def build_gallery(
         total_rows: rows expected, for the progress bar (None if unknown).
         make_items: turns Records into their GalleryItems (this is where decoding happens).
         run_params: everything that determines the output; a resume with other params is refused.
+        identity: what made the vectors, for the sidecar (default: embedder.identity).
+        embed_batch: the main thread's batch embedding (default: pixels made by the workers;
+            DeviceEmbedding decodes JPEGs on the GPU).
     Returns:
         (embeddings float32 (N, D), manifest rows) as finally written.
+
+    Records are read, and finished shards written, on background threads with bounded queues, so
+    the main thread only feeds the model.
     """
     target.images_dir.mkdir(parents=True, exist_ok=True)
     target.store_dir.mkdir(parents=True, exist_ok=True)
@@ -320,21 +504,21 @@ def build_gallery(
         log.info("resuming: %d complete shard(s) found, continuing at row %d", len(done), next_row)
         summary.notes.append(f"resumed at row {next_row} from {len(done)} complete shard(s)")
     plan = Parallelism.choose(embedder, target, batch_size)
-    assembler = ShardAssembler(embedder.embed, batch_size, embedder.dim)
+    assembler = ShardAssembler(embed_batch or embed_pixels(embedder), batch_size, embedder.dim)
+    writer = _ShardWriter(shards)
     times = dict.fromkeys(("items", "write", "preprocess", "infer"), 0.0)
     bar = tqdm(
         total=total_rows, initial=next_row, unit="row", desc=f"embed -> {target.store_dir.name}", disable=not progress
     )
     workers = _Workers(plan.workers, UnitWorker(make_items, embedder, target.images_dir, in_lane=plan.lanes > 1))
     t_start = time.perf_counter()
+    reader = _Prefetch(records(next_row), size=4 * plan.unit_rows * plan.workers + batch_size)
     try:
-        for step in _in_order(
-            _plan(records(next_row), len(done), next_row, shard_rows, plan.unit_rows), workers, plan.ahead
-        ):
+        steps = _plan(iter(reader), len(done), next_row, shard_rows, plan.unit_rows)
+        for step in _in_order(steps, workers, plan.ahead):
             if isinstance(step, ShardMark):
                 shard = assembler.close(step)
-                shards.write(shard)
-                shard.thumbnails = None  # on disk now; only embeddings and rows stay for the final join
+                writer.submit(shard)
                 done.append(shard)
                 continue
             res = _unit_result(step, target.images_dir)
@@ -342,9 +526,12 @@ def build_gallery(
             for key, value in res.times.items():
                 times[key] += value
             bar.update(res.records)
+        writer.close()
     finally:
         bar.close()
+        reader.close()
         workers.close(timeout=30)
+        writer.close(wait=False)
     summary.stages["embed stage (wall)"] = time.perf_counter() - t_start
     where = f"{plan.lanes} lanes" if plan.lanes > 1 else "worker"
     summary.stages[f"  {item_stage_name} ({where})"] = times["items"]
@@ -356,7 +543,7 @@ def build_gallery(
     with summary.stage("finalize store"):
         # `done` holds every shard of this run, verified at resume or just written: no second read.
         emb, all_rows = finalize_store(
-            target.store_dir, shards, done, embedder.identity, source, embedder.dim, THUMB_SIZE
+            target.store_dir, shards, done, identity or embedder.identity, source, embedder.dim, THUMB_SIZE
         )
         shards.remove()
         _remove_stale_files(target, all_rows)

@@ -101,7 +101,7 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = MAX
         with warnings.catch_warnings():
             # Our own max_pixels check below decides; PIL still raises past twice its own limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = _pil_open(io.BytesIO(data))
+            image = pil_open(io.BytesIO(data))
     except UnidentifiedImageError as e:
         raise ImageDecodeError(f"not a recognized image format (starts with {data[:8]!r})") from e
     except Image.DecompressionBombError as e:
@@ -135,7 +135,7 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = MAX
     return DecodedImage(image=image, width=w, height=h, note=note)
 
 
-def _pil_open(fp) -> Image.Image:
+def pil_open(fp) -> Image.Image:
     """PIL's own Image.open. Importing ultralytics replaces PIL.Image.open process-wide with a wrapper
     that, on any unidentified file, tries to pip-install pi-heif and retries; a corrupt catalogue
     image must be a recorded failure here, not an install attempt."""

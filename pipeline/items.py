@@ -13,6 +13,7 @@ from PIL import Image
 
 from .dataset import Record
 from .fileio import sha256_bytes
+from .gpu import EncodedJpeg, inspect_jpeg
 from .images import DecodedImage, ImageDecodeError, decode_image, encode_png, sniff_format
 from .persons import Person, Segmenter, person_crop
 from .store import ManifestRow
@@ -23,13 +24,20 @@ from .yolo import SegmentSpec
 class GalleryItem:
     """One thing to embed (or a recorded failure): its manifest line, its pixels, its file bytes.
 
-    image: RGB pixels to embed; None when the item failed or has nothing to embed (row.status says).
+    image: RGB pixels to embed; None when the item failed, has nothing to embed (row.status says),
+        or is left encoded for the device decoder.
     data: bytes to write to images_dir / row.file; None to write nothing.
+    encoded: a JPEG the device decodes and preprocesses itself (gpu.py), instead of `image`.
     """
 
     row: ManifestRow
     image: Image.Image | None = None
     data: bytes | None = None
+    encoded: EncodedJpeg | None = None
+
+    @property
+    def to_embed(self) -> bool:
+        return self.row.status == "ok" and (self.image is not None or self.encoded is not None)
 
 
 # Records in, for each record its items (several crops, one image, or one recorded failure).
@@ -58,13 +66,22 @@ def decode_record(record: Record, min_side: int | None = None) -> tuple[Manifest
         return row, None
 
 
-def make_standard_items(decode_min_side: int) -> ItemMaker:
-    """Item maker for the standard run: one image per row, written unchanged when JPEG/PNG."""
+def make_standard_items(decode_min_side: int, device_decode: bool = False) -> ItemMaker:
+    """Item maker for the standard run: one image per row, written unchanged when JPEG/PNG.
+
+    With device_decode, JPEGs the device decoder takes are left encoded (only their header is read
+    here); everything else is decoded on the CPU as always.
+    """
 
     def items(records: list[Record]) -> list[list[GalleryItem]]:
         return [one(r) for r in records]
 
     def one(record: Record) -> list[GalleryItem]:
+        if device_decode and (jpeg := inspect_jpeg(record.data)) is not None:
+            row = ManifestRow(index=-1, file=image_file_name(record.source_row, "jpg"), source_row=record.source_row,
+                              source=record.source, sha256=sha256_bytes(record.data))
+            row.width, row.height = jpeg.oriented_size
+            return [GalleryItem(row, data=record.data, encoded=jpeg)]
         row, decoded = decode_record(record, decode_min_side)
         if decoded is None:
             return [GalleryItem(row)]

@@ -102,23 +102,27 @@ class PreprocessConfig:
         return self.shortest_edge if self.do_resize else max(self.crop_height, self.crop_width)
 
 
-def _resize_size(width: int, height: int, shortest: int) -> tuple[int, int]:
+def resize_size(width: int, height: int, shortest: int) -> tuple[int, int]:
     """transformers' get_resize_output_image_size(default_to_square=False) for a shortest_edge."""
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = shortest, int(shortest * long / short)
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
-def _precrop_extreme(image: Image.Image) -> Image.Image:
-    """Cut the long side of a very elongated image to MAX_ASPECT_BEFORE_PRECROP x the short side."""
-    w, h = image.size
-    short, long = min(w, h), max(w, h)
+def precrop_box(width: int, height: int) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) that cuts the long side of a very elongated image down to
+    MAX_ASPECT_BEFORE_PRECROP x the short side, around the centre; None when no cut is needed."""
+    short, long = min(width, height), max(width, height)
     if long <= short * MAX_ASPECT_BEFORE_PRECROP:
-        return image
+        return None
     keep = int(short * MAX_ASPECT_BEFORE_PRECROP)
     start = (long - keep) // 2
-    box = (start, 0, start + keep, h) if w > h else (0, start, w, start + keep)
-    return image.crop(box)
+    return (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
+
+
+def _precrop_extreme(image: Image.Image) -> Image.Image:
+    box = precrop_box(*image.size)
+    return image if box is None else image.crop(box)
 
 
 def preprocess(image: Image.Image, prep: PreprocessConfig) -> np.ndarray:
@@ -140,7 +144,7 @@ def resize_for_model(image: Image.Image, prep: PreprocessConfig) -> Image.Image:
         raise ValueError(f"preprocess expects an RGB image, got mode {image.mode!r}")
     if prep.do_resize:
         image = _precrop_extreme(image)
-        size = _resize_size(image.width, image.height, prep.shortest_edge)
+        size = resize_size(image.width, image.height, prep.shortest_edge)
         if size != image.size:
             image = image.resize(size, _RESAMPLE.get(prep.resample, Image.BICUBIC))
     return image
@@ -161,7 +165,7 @@ def to_model_input(resized: Image.Image, prep: PreprocessConfig) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def _value_table(prep: PreprocessConfig) -> np.ndarray:
+def value_table(prep: PreprocessConfig) -> np.ndarray:
     """float32 (3, 256): the model input value of each 8-bit level, per channel."""
     v = np.arange(256, dtype=np.float32)[None, :].repeat(3, axis=0)
     if prep.do_rescale:
@@ -176,7 +180,7 @@ def _value_table(prep: PreprocessConfig) -> np.ndarray:
 @lru_cache(maxsize=8)
 def _value_table_hwc(prep: PreprocessConfig) -> np.ndarray:
     """_value_table laid out as OpenCV's LUT wants it: float32 (1, 256, 3)."""
-    return np.ascontiguousarray(_value_table(prep).T.reshape(1, 256, 3))
+    return np.ascontiguousarray(value_table(prep).T.reshape(1, 256, 3))
 
 
 def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:

@@ -81,6 +81,7 @@ def topk_neighbours(
     exclude_self: bool = False,
     block: int = DEFAULT_BLOCK,
     matrix_path: str | Path | None = None,
+    device: str | None = None,
 ) -> Neighbours:
     """Top-k nearest gallery rows for each query, computed block by block (never Q x N at once).
 
@@ -92,6 +93,8 @@ def topk_neighbours(
         block: queries per block; memory is block x N float32.
         matrix_path: with exclude_self, also write the N x N float32 distance matrix (diagonal 0)
             to this .npy file, atomically, from the same blocks (the distances are computed once).
+        device: a torch device ("cuda", "cpu") to compute the distances and the top-k on; None:
+            numpy. Same results either way: ties are broken by index on both.
     """
     q, g = _check_embeddings(queries, "queries"), _check_embeddings(gallery, "gallery")
     if exclude_self and q.shape[0] != g.shape[0]:
@@ -102,6 +105,7 @@ def topk_neighbours(
         raise ValueError(f"k must be >= 1, got {k}")
     idx = np.empty((q.shape[0], k), dtype=np.int64)
     dist = np.empty((q.shape[0], k), dtype=np.float32)
+    blocks = _TorchBlocks(g, device) if device is not None else None
     with (
         AtomicNpyMemmap(matrix_path, (q.shape[0],) * 2, np.float32)
         if matrix_path is not None
@@ -109,7 +113,10 @@ def topk_neighbours(
     ):
         for start in range(0, q.shape[0], block):
             stop = min(start + block, q.shape[0])
-            d = cosine_distances(q[start:stop], g)
+            if blocks is not None and matrix is None:
+                idx[start:stop], dist[start:stop] = blocks.topk(q[start:stop], start, k, exclude_self)
+                continue
+            d = cosine_distances(q[start:stop], g) if blocks is None else blocks.distances(q[start:stop])
             diagonal = (np.arange(stop - start), np.arange(start, stop))
             if matrix is not None:
                 d[diagonal] = 0.0
@@ -119,6 +126,58 @@ def topk_neighbours(
             i, dd = _topk_rows(d, k)
             idx[start:stop], dist[start:stop] = i, dd
     return Neighbours(idx, dist)
+
+
+class _TorchBlocks:
+    """The gallery on a torch device, for distances and top-k computed there block by block.
+
+    The top-k takes a few more candidates than k on the device and settles ties by index on the
+    host, exactly as _topk_rows does; a row whose ties run past the candidates is settled from its
+    whole distance row.
+    """
+
+    EXTRA = 16
+
+    def __init__(self, gallery: np.ndarray, device: str) -> None:
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        self.g = torch.from_numpy(gallery).to(self.device)
+
+    def _block(self, q: np.ndarray):
+        torch = self.torch
+        with torch.inference_mode():
+            d = torch.from_numpy(q).to(self.device) @ self.g.T
+            return torch.sub(1.0, d, out=d)
+
+    def distances(self, q: np.ndarray) -> np.ndarray:
+        return self._block(q).cpu().numpy()
+
+    def topk(self, q: np.ndarray, start: int, k: int, exclude_self: bool) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        n = self.g.shape[0]
+        with torch.inference_mode():
+            d = self._block(q)
+            if exclude_self:
+                rows = torch.arange(d.shape[0], device=self.device)
+                d[rows, rows + start] = float("inf")
+            m = min(n, k + self.EXTRA)
+            vals, cand = torch.topk(d, m, dim=1, largest=False, sorted=True) if m else (d[:, :0], d[:, :0].long())
+            vals, cand = vals.cpu().numpy(), cand.cpu().numpy()
+        idx = np.full((len(q), k), -1, dtype=np.int64)
+        dist = np.full((len(q), k), np.inf, dtype=np.float32)
+        kk = min(k, n)
+        for r in range(len(q)):
+            finite = np.isfinite(vals[r])
+            if kk and m < n and finite[kk - 1] and vals[r, -1] <= vals[r, kk - 1]:
+                # ties at the k-th value may continue past the candidates: settle from the whole row
+                i, dd = _topk_rows(d[r : r + 1].cpu().numpy(), k)
+                idx[r], dist[r] = i[0], dd[0]
+                continue
+            v, c = vals[r][finite], cand[r][finite]
+            order = np.lexsort((c, v))[:kk]
+            idx[r, : len(order)], dist[r, : len(order)] = c[order], v[order]
+        return idx, dist
 
 
 def iter_neighbour_rows(

@@ -71,12 +71,16 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
     summary.count("failed", len(summary.failures))
     summary.outputs["images"] = str(cfg.images_dir)
     summary.outputs["embeddings"] = str(cfg.store_dir)
-    write_retrieval_outputs(cfg, gallery.embeddings, rows, summary)
+    on_gpu = cfg.embedder.device == "cuda" or getattr(gallery.embedder, "device", None) == "cuda"
+    write_retrieval_outputs(cfg, gallery.embeddings, rows, summary, device="cuda" if on_gpu else None)
     return summary
 
 
-def write_retrieval_outputs(cfg: RunConfig, emb: np.ndarray, rows: list[ManifestRow], summary: RunSummary) -> None:
-    """Neighbour table, one composite picture per query, the distance matrix, heatmap, histogram."""
+def write_retrieval_outputs(
+    cfg: RunConfig, emb: np.ndarray, rows: list[ManifestRow], summary: RunSummary, device: str | None = None
+) -> None:
+    """Neighbour table, one composite picture per query, the distance matrix, heatmap, histogram.
+    device: "cuda" computes the distances and top-k on the GPU (the same results)."""
     embedded = embedded_rows(rows)
     n = len(embedded)
     cfg.results_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +92,7 @@ def write_retrieval_outputs(cfg: RunConfig, emb: np.ndarray, rows: list[Manifest
     files = [r.file for r in embedded]
     matrix = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy" if n <= cfg.max_matrix else None
     with summary.stage("neighbours" + (" + distance matrix" if matrix else "")):
-        nb = topk_neighbours(emb, emb, cfg.top_k, exclude_self=True, matrix_path=matrix)
+        nb = topk_neighbours(emb, emb, cfg.top_k, exclude_self=True, matrix_path=matrix, device=device)
         table = cfg.results_dir / "neighbours.csv"
         write_neighbours_csv(table, iter_neighbour_rows(nb, ids, files, ids, files))
     summary.outputs["neighbour table"] = str(table)

@@ -214,6 +214,7 @@ def load_cache(
     if sidecar.format != STORE_FORMAT:
         raise CacheMismatchError(f"{sidecar_path}: store format {sidecar.format}, this version reads {STORE_FORMAT}")
     problems: list[str] = []
+    sidecar.identity.setdefault("pixels", "pil")  # stores made before the device path had only PIL's
     if identity is not None:
         problems += describe_differences(identity, sidecar.identity)
     if source:

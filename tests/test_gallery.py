@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.embedders import Embedder
-from pipeline.gallery import GalleryTarget, Parallelism, ShardAssembler, ShardMark, UnitResult
+from pipeline.gallery import Embedded, GalleryTarget, Parallelism, ShardAssembler, ShardMark, UnitResult
 from pipeline.plots import THUMB_SIZE
 from pipeline.store import ManifestRow
 
@@ -25,7 +25,7 @@ def _unit(first_row: int, n: int, skip: set[int] = frozenset(), value: float | N
             continue
         res.embedded.append(k)
         res.thumbs.append(np.full((THUMB_SIZE, THUMB_SIZE, 3), first_row + k, np.uint8))
-        res.pixels.append(np.full((3, 2, 2), first_row + k if value is None else value, np.float32))
+        res.inputs.append(np.full((3, 2, 2), first_row + k if value is None else value, np.float32))
     return res
 
 
@@ -35,11 +35,12 @@ class Recorder:
     def __init__(self):
         self.batches = []
 
-    def __call__(self, pixels):
+    def __call__(self, inputs):
+        pixels = np.stack(inputs)
         self.batches.append(len(pixels))
         v = np.stack([pixels[:, 0, 0, 0], np.ones(len(pixels), np.float32)], axis=1)
         v[v[:, 0] == 7] = np.nan
-        return v
+        return Embedded(v, [None] * len(v), [None] * len(v))
 
 
 def test_assembler_batches_numbers_and_fails_bad_vectors():
@@ -73,7 +74,7 @@ def test_assembler_takes_vectors_a_lane_already_computed():
     embed = Recorder()
     a = ShardAssembler(embed, batch_size=2, dim=2)
     res = _unit(0, 3)
-    res.vectors, res.pixels = np.array([[1, 0], [0, 1], [0, 0]], np.float32), []
+    res.vectors, res.inputs = np.array([[1, 0], [0, 1], [0, 0]], np.float32), []
     a.add(res)
     shard = a.close(ShardMark(0, 0, 3))
     assert embed.batches == []

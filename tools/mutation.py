@@ -25,21 +25,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT = ROOT / "tools" / "mutation_equivalent.txt"
 
-# module -> mutmut name globs (segment: the person crops, not the YOLO export; main: the flag checks)
+# module -> mutmut name globs (main: the flag checks)
 TARGETS = {
     "retrieval": ["pipeline.retrieval.*"],
     "store": ["pipeline.store.*"],
+    "fileio": ["pipeline.fileio.*"],
     "gallery": ["pipeline.gallery.*"],
+    "items": ["pipeline.items.*"],
     "images": ["pipeline.images.*"],
     "preprocess": ["pipeline.preprocess.*"],
     "search": ["pipeline.search.*"],
-    "segment": [
-        "pipeline.segment.x_white_background_crop*",
-        "pipeline.segment.x_box_pixels*",
-        "pipeline.segment.x__crops_for_row*",
-        "pipeline.segment.x_make_segment_items*",
-        "pipeline.segment.x_crop_file_name*",
-    ],
+    "persons": ["pipeline.persons.*"],
     "main": ["main.x_validate*"],
 }
 
