@@ -20,7 +20,18 @@ from pipeline.retrieval import topk_neighbours
 from pipeline.store import read_manifest
 from tests import assets
 
-SIZES = [(768, 1024), (1024, 768), (300, 900), (640, 480), (250, 251), (224, 224), (96, 128), (1200, 400), (2000, 150), (181, 999)]
+SIZES = [
+    (768, 1024),
+    (1024, 768),
+    (300, 900),
+    (640, 480),
+    (250, 251),
+    (224, 224),
+    (96, 128),
+    (1200, 400),
+    (2000, 150),
+    (181, 999),
+]
 
 
 def _photo(i: int, w: int, h: int) -> bytes:
@@ -43,7 +54,11 @@ def test_device_preprocessing_matches_the_cpu_path(photos, tiny_onnx):
     e = OnnxEmbedder(tiny_onnx)
     prep = e.preprocess_cfg
     x, thumbs, kept = DevicePreprocessor(prep, "cpu").process([inspect_jpeg(d) for d in photos])
-    assert kept == list(range(len(photos))) and x.shape == (len(photos), 3, 224, 224) and thumbs.shape == (len(photos), 128, 128, 3)
+    assert (
+        kept == list(range(len(photos)))
+        and x.shape == (len(photos), 3, 224, 224)
+        and thumbs.shape == (len(photos), 128, 128, 3)
+    )
     cpu = np.stack([preprocess(decode_image(d, min_side=prep.decode_min_side).image, prep) for d in photos])
     diff = np.abs(x.numpy() - cpu).mean(axis=(1, 2, 3))
     assert diff.max() <= 0.03, diff
@@ -64,14 +79,17 @@ def test_exif_orientation_is_applied_to_the_tensor(orientation):
     assert got.shape == want.shape and np.abs(got.astype(int) - want).mean() < 2
 
 
-@pytest.mark.parametrize("data, why", [
-    (assets.rgba_png(), "png"),
-    (assets.cmyk_jpeg(), "cmyk"),
-    (assets.encode(assets.rgb_image(40, 30).convert("L"), "JPEG"), "greyscale"),
-    (assets.webp_bytes(), "webp"),
-    (b"\xff\xd8\xff\xe0 not really", "broken header"),
-    (None, "no bytes"),
-])
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        (assets.rgba_png(), "png"),
+        (assets.cmyk_jpeg(), "cmyk"),
+        (assets.encode(assets.rgb_image(40, 30).convert("L"), "JPEG"), "greyscale"),
+        (assets.webp_bytes(), "webp"),
+        (b"\xff\xd8\xff\xe0 not really", "broken header"),
+        (None, "no bytes"),
+    ],
+)
 def test_what_the_device_decoder_does_not_take(data, why):
     assert inspect_jpeg(data) is None, why
 
@@ -98,16 +116,38 @@ def mixed_formats(tmp_path_factory, photos):
     """JPEGs the device takes, beside everything it does not: PNG, WebP, CMYK and greyscale JPEGs,
     an EXIF-rotated JPEG, a truncated JPEG, text, an empty cell."""
     cells = list(photos[:6]) + [
-        assets.rgba_png(), assets.webp_bytes(), assets.cmyk_jpeg(), assets.encode(assets.rgb_image(40, 30).convert("L"), "JPEG"),
-        assets.exif_rotated_jpeg(120, 60, orientation=6), assets.jpeg_bytes(200, 200)[:1500], assets.corrupt_bytes(), None,
+        assets.rgba_png(),
+        assets.webp_bytes(),
+        assets.cmyk_jpeg(),
+        assets.encode(assets.rgb_image(40, 30).convert("L"), "JPEG"),
+        assets.exif_rotated_jpeg(120, 60, orientation=6),
+        assets.jpeg_bytes(200, 200)[:1500],
+        assets.corrupt_bytes(),
+        None,
         assets.gray16_png(),
     ]
     return assets.write_parquet_dataset(tmp_path_factory.mktemp("mixed-formats") / "ds", cells)
 
 
 def _run(ds, model, out, *extra) -> int:
-    return cli.main(["--dataset", str(ds), "--model", str(model), "--backend", "torch", "--output-dir", str(out),
-                     "--batch-size", "4", "--shard-rows", "8", "-q", *extra])
+    return cli.main(
+        [
+            "--dataset",
+            str(ds),
+            "--model",
+            str(model),
+            "--backend",
+            "torch",
+            "--output-dir",
+            str(out),
+            "--batch-size",
+            "4",
+            "--shard-rows",
+            "8",
+            "-q",
+            *extra,
+        ]
+    )
 
 
 def test_device_path_gives_the_cpu_path_manifest(mixed_formats, tiny_clip, tmp_path, capsys):
@@ -178,7 +218,10 @@ def test_embed_tensor_equals_embed(tiny_onnx, tiny_clip):
     import torch
 
     x = np.random.default_rng(1).normal(size=(3, 3, 224, 224)).astype(np.float32)
-    for e in (OnnxEmbedder(tiny_onnx), make_embedder(EmbedderSpec(model=str(tiny_clip), backend="torch", device="cpu"))):
+    for e in (
+        OnnxEmbedder(tiny_onnx),
+        make_embedder(EmbedderSpec(model=str(tiny_clip), backend="torch", device="cpu")),
+    ):
         assert np.allclose(e.embed(x), e.embed_tensor(torch.from_numpy(x)), atol=1e-6)
 
 
