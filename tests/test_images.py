@@ -148,3 +148,13 @@ def test_png_encoding_is_lossless_and_in_rgb_order():
     assert back.shape == arr.shape and np.array_equal(back, arr)
     grey = np.asarray(decode_image(encode_png(Image.fromarray(arr[..., 0], mode="L"))).image)
     assert np.array_equal(grey[..., 0], arr[..., 0]) and np.array_equal(grey[..., 2], arr[..., 0])
+
+
+def test_error_messages_are_shortened_to_200_characters():
+    from pipeline.images import _short
+
+    assert _short(ValueError("x" * 200)) == "x" * 200
+    long = _short(ValueError("y" * 201))
+    assert len(long) == 200 and long.endswith("...") and long.startswith("y" * 197)
+    assert _short(OSError("  spaced  ")) == "spaced"
+    assert _short(KeyError()) == "KeyError"  # no message: the type names the problem

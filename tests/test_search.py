@@ -304,3 +304,52 @@ def test_same_product_recall_is_the_known_answer(tmp_path, monkeypatch):
     m = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]["same-product"]["torch"]
     assert m["queries"] == 4 and m["recall@1"] == 0.5 and m["recall@5"] == 1.0
     assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1) / 4)
+
+
+def test_query_paths_text_tiles_and_slugs(tmp_path):
+    from pipeline.errors import PipelineError
+    from pipeline.search import _slug, expand_image_paths, text_tile
+
+    (tmp_path / "sub").mkdir()
+    for name in ("b.jpg", "a.PNG", "notes.txt", "sub/c.webp"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "d.jpg").mkdir()  # a folder named like an image is not one
+    single = tmp_path / "notes.txt"
+    assert expand_image_paths([str(tmp_path), str(single)]) == [
+        tmp_path / "a.PNG",
+        tmp_path / "b.jpg",
+        tmp_path / "sub" / "c.webp",
+        single,
+    ]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match=f"^no query images found in {tmp_path / 'empty'}, {tmp_path / 'empty'}$"):
+        expand_image_paths([str(tmp_path / "empty"), str(tmp_path / "empty")])
+    assert _slug("red floral / midi?") == "red_floral_midi" and _slug("?!") == "query" and len(_slug("a" * 99)) == 40
+    tile = text_tile("a red floral midi dress with long sleeves and a belt", size=128)
+    assert tile.shape == (128, 128, 3) and tile.dtype == np.uint8
+    assert (tile[0, :] == 120).all() and (tile[:, 127] == 120).all()  # the grey frame
+    assert (tile[64:127, 40:100] == 255).all()  # white below the text
+    dark = (tile[:, 1:127].min(axis=2) < 100).any(axis=1)
+    assert dark[5:17].any() and dark[17:29].any()  # wrapped onto a second line
+
+
+def test_unreadable_query_image_is_recorded_and_a_personless_one_is_said(tmp_path):
+    from pipeline.persons import Segmenter
+    from pipeline.report import RunSummary
+    from pipeline.search import _query_crops
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    summary = RunSummary("query")
+    assert _query_crops(bad, None, summary) == []
+    assert summary.failures == [(str(bad), "not a recognized image format (starts with b'not an i')")]
+
+    class Nobody(Segmenter):
+        def segment(self, images_rgb):
+            return [[] for _ in images_rgb]
+
+    good = tmp_path / "good.png"
+    good.write_bytes(assets.encode(assets.rgb_image(30, 40), "PNG"))
+    crops = _query_crops(good, Nobody(), summary)
+    assert [label for label, _ in crops] == ["good.png"] and crops[0][1].size == (30, 40)
+    assert summary.notes == ["good.png: no person found, the whole image is the query"]

@@ -259,3 +259,27 @@ def test_person_numbers_stay_detection_indices_when_a_crop_is_empty(
         persons = json.loads(line)["persons"]
         assert [p["person"] for p in persons] == [0, 2]  # the numbers drawn on the frame (#0, #2)
         assert persons[1]["box_xyxy"] == [90, 10, 150, 110] and persons[1]["score"] == pytest.approx(0.7)
+
+
+def test_box_iou_values_and_degenerate_boxes():
+    a = [[0, 0, 4, 2]]  # 8 px, wider than tall: x and y extents differ
+    b = np.array([[2, 0, 6, 2], [0, 1, 4, 3], [0, 0, 4, 2], [5, 5, 5, 9], [3, 3, 1, 1]], np.float64)
+    got = box_iou(a, b)
+    assert got.dtype == np.float32 and got.shape == (1, 5)
+    assert np.allclose(got, [[4 / 12, 4 / 12, 1.0, 0.0, 0.0]])
+    assert box_iou(np.zeros((0, 4)), b).shape == (0, 5)
+    assert box_iou([[1, 1, 1, 1]], [[1, 1, 1, 1]])[0, 0] == 0.0  # empty boxes: no overlap, not NaN
+
+
+def test_with_masks_attaches_the_best_mask_at_the_threshold_and_keeps_the_rest():
+    mask_a, mask_b = np.zeros((10, 10), bool), np.ones((10, 10), bool)
+    det = [Person(np.array([0, 0, 4, 4], np.float32), 0.8), Person(np.array([6, 6, 10, 10], np.float32), 0.7)]
+    masked = [
+        Person(np.array([0, 0, 4, 2], np.float32), 0.3, mask_a),
+        Person(np.array([0, 0, 4, 4], np.float32), 0.2, mask_b),
+    ]
+    out = with_masks(det, masked, min_iou=0.5)
+    assert out[0].mask is mask_b and out[0].confidence == 0.8 and np.array_equal(out[0].box_xyxy, det[0].box_xyxy)
+    assert out[1] is det[1]  # no overlap: the detection as it was
+    assert with_masks(det, masked, min_iou=1.0)[0].mask is mask_b  # IoU exactly at the threshold counts
+    assert with_masks([], masked) == [] and with_masks(det, []) == det
