@@ -134,84 +134,88 @@ class DevicePreprocessor:
             out.append(None if im is None else orient(im, j.orientation))
         return out
 
-    def resize(self, image: Any) -> Any:
+    def resize(self, images: Any) -> Any:
         """Pre-crop extreme aspects, then resize the shortest side to prep.shortest_edge (bicubic,
-        antialiased, rounded to 8-bit levels like PIL's): uint8 (3, h, w)."""
-        _, h, w = image.shape
+        antialiased, rounded to 8-bit levels like PIL's): uint8 (N, 3, h, w) of one size in, the
+        same out at the new size."""
+        _, _, h, w = images.shape
         if not self.prep.do_resize:
-            return image
+            return images
         box = precrop_box(w, h)
         if box is not None:
             left, top, right, bottom = box
-            image, w, h = image[:, top:bottom, left:right], right - left, bottom - top
+            images, w, h = images[:, :, top:bottom, left:right], right - left, bottom - top
         new_w, new_h = resize_size(w, h, self.prep.shortest_edge)
         if (new_w, new_h) == (w, h):
-            return image
-        return _interpolate(image, new_h, new_w, "bicubic" if self.prep.resample == 3 else "bilinear")
+            return images
+        return _interpolate(images, new_h, new_w, "bicubic" if self.prep.resample == 3 else "bilinear")
 
     def to_model_input(self, resized: Any) -> Any:
         """Centre crop (zero padding when smaller, as transformers does), then rescale and normalize
-        through the value table: (3, crop_h, crop_w) in self.dtype."""
+        through the value table: (N, 3, crop_h, crop_w) in self.dtype."""
         torch = self.torch
         ch, cw = self.prep.crop_height, self.prep.crop_width
         x = resized
         if self.prep.do_center_crop:
-            _, h, w = x.shape
+            n, _, h, w = x.shape
             if h < ch or w < cw:
-                padded = torch.zeros((3, max(h, ch), max(w, cw)), dtype=x.dtype, device=x.device)
-                top, left = (padded.shape[1] - h) // 2, (padded.shape[2] - w) // 2
-                padded[:, top : top + h, left : left + w] = x
-                x, h, w = padded, padded.shape[1], padded.shape[2]
+                padded = torch.zeros((n, 3, max(h, ch), max(w, cw)), dtype=x.dtype, device=x.device)
+                top, left = (padded.shape[2] - h) // 2, (padded.shape[3] - w) // 2
+                padded[:, :, top : top + h, left : left + w] = x
+                x, h, w = padded, padded.shape[2], padded.shape[3]
             top, left = (h - ch) // 2, (w - cw) // 2
-            x = x[:, top : top + ch, left : left + cw]
-        values = torch.gather(self.table, 1, x.reshape(3, -1).long()).reshape(x.shape)
+            x = x[:, :, top : top + ch, left : left + cw]
+        flat = x.permute(1, 0, 2, 3).reshape(3, -1).long()
+        values = torch.gather(self.table, 1, flat).reshape(3, x.shape[0], *x.shape[2:]).permute(1, 0, 2, 3)
         return values.to(self.dtype)
 
     def thumbnail(self, resized: Any, size: int = THUMB_SIZE) -> Any:
         """Fit into a size x size white square, keeping the aspect (as plots.make_thumbnail does):
-        uint8 (size, size, 3)."""
+        uint8 (N, size, size, 3)."""
         torch = self.torch
-        _, h, w = resized.shape
+        n, _, h, w = resized.shape
         scale = min(size / w, size / h, 1.0)
         tw, th = max(1, round(w * scale)), max(1, round(h * scale))
-        small = resized
-        if (tw, th) != (w, h):
-            small = _interpolate(resized, th, tw, "bilinear")
-        canvas = torch.full((3, size, size), 255, dtype=torch.uint8, device=resized.device)
+        small = resized if (tw, th) == (w, h) else _interpolate(resized, th, tw, "bilinear")
+        canvas = torch.full((n, 3, size, size), 255, dtype=torch.uint8, device=resized.device)
         top, left = (size - th) // 2, (size - tw) // 2
-        canvas[:, top : top + th, left : left + tw] = small
-        return canvas.permute(1, 2, 0)
+        canvas[:, :, top : top + th, left : left + tw] = small
+        return canvas.permute(0, 2, 3, 1)
 
     def process(self, jpegs: Sequence[EncodedJpeg]) -> tuple[Any, Any, list[int]]:
-        """Decode and preprocess a batch on the device.
+        """Decode and preprocess a batch on the device; pictures of one size are resized together.
 
         Returns:
             (model inputs (B', 3, H, W) in self.dtype, thumbnails uint8 (B', T, T, 3), and the
             positions in `jpegs` those B' rows belong to; the others were refused by the decoder).
         """
         torch = self.torch
-        inputs, thumbs, kept = [], [], []
+        groups: dict[tuple[int, int], list[tuple[int, Any]]] = {}
         for k, image in enumerate(self.decode(jpegs)):
-            if image is None:
-                continue
-            resized = self.resize(image)
-            inputs.append(self.to_model_input(resized))
-            thumbs.append(self.thumbnail(resized))
-            kept.append(k)
-        if not kept:
+            if image is not None:
+                groups.setdefault(tuple(image.shape[1:]), []).append((k, image))
+        if not groups:
             ch, cw = self.prep.crop_height, self.prep.crop_width
             empty = torch.zeros((0, 3, ch, cw), dtype=self.dtype, device=self.device)
             return empty, torch.zeros((0, THUMB_SIZE, THUMB_SIZE, 3), dtype=torch.uint8, device=self.device), []
-        return torch.stack(inputs), torch.stack(thumbs), kept
+        inputs, thumbs, kept = [], [], []
+        for members in groups.values():
+            resized = self.resize(torch.stack([im for _, im in members]))
+            inputs.append(self.to_model_input(resized))
+            thumbs.append(self.thumbnail(resized))
+            kept += [k for k, _ in members]
+        order = sorted(range(len(kept)), key=kept.__getitem__)  # back to the batch's order
+        index = torch.tensor(order, device=self.device)
+        return torch.cat(inputs)[index], torch.cat(thumbs)[index], sorted(kept)
 
 
-def _interpolate(image: Any, height: int, width: int, mode: str) -> Any:
-    """Resize uint8 (3, h, w) with antialiasing, rounded to 8-bit levels as PIL's resize is."""
+def _interpolate(images: Any, height: int, width: int, mode: str) -> Any:
+    """Resize uint8 (N, 3, h, w) with antialiasing, rounded to 8-bit levels as PIL's resize is."""
     import torch
 
-    x = image[None].float()
+    x = images.float()
     x = torch.nn.functional.interpolate(x, (height, width), mode=mode, antialias=True, align_corners=False)
-    return x[0].round_().clamp_(0, 255).to(torch.uint8)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def to_host(tensor: Any) -> np.ndarray:

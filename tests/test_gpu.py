@@ -233,3 +233,13 @@ def test_jpeg_header_reads_no_pixels(monkeypatch):
     jpeg = inspect_jpeg(bytes(data))
     assert jpeg is not None and (jpeg.width, jpeg.height) == (64, 48)
     assert Image.open(io.BytesIO(bytes(data))).size == (64, 48)
+
+
+def test_pictures_of_one_size_are_processed_together_and_returned_in_order(photos):
+    pre = DevicePreprocessor(PreprocessConfig(), "cpu")
+    batch = [photos[0], photos[3], _photo(50, 768, 1024), photos[3], photos[1]]  # sizes A, B, A, B, C
+    x, thumbs, kept = pre.process([inspect_jpeg(d) for d in batch])
+    assert kept == [0, 1, 2, 3, 4]
+    for k, data in enumerate(batch):
+        alone, thumb, _ = pre.process([inspect_jpeg(data)])
+        assert np.array_equal(x[k].numpy(), alone[0].numpy()) and np.array_equal(thumbs[k].numpy(), thumb[0].numpy())
