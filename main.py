@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.config import EVAL_BACKENDS, config_from_flags, flag_default
 from pipeline.errors import PipelineError
+from pipeline.index import INDEX_KINDS
 from pipeline.report import EXIT_FATAL
 
 log = logging.getLogger("main")
@@ -154,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(out, "--output-dir", type=Path, help="where images/, embeddings/, ... are written")
     add(out, "--top-k", type=_positive_int)
     add(out, "--max-matrix", type=_non_negative_int, help="save the N x N distance matrix only when N <= this")
-    add(out, "--max-result-images", type=_non_negative_int, help="cap on result pictures (default: one per image)")
+    add(out, "--max-result-images", type=_non_negative_int, help="cap on result pictures (neighbours.csv: all)")
+    add(out, "--index", choices=INDEX_KINDS,
+        help="nearest-neighbour index: auto = exact up to 50,000 items, FAISS HNSW or IVF-PQ above; none = exact")
     add(out, "--shard-rows", type=_positive_int, help="rows per resumable shard")
     add(out, "--fresh", action="store_true", help="discard the shards of an interrupted run instead of resuming")
 

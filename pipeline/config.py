@@ -77,8 +77,9 @@ class RunConfig:
     batch_size: int = 32
     top_k: int = 5
     max_matrix: int = 20000
-    max_result_images: int | None = None
+    max_result_images: int = 10_000  # result pictures are for looking at: the neighbour table covers everyone
     shard_rows: int = 512
+    index: str = "auto"  # auto | flat | hnsw | ivfpq | none (index.py)
     use_embeddings: bool = False
     use_segmentation: bool = False
     use_embedded_segment: bool = False
@@ -177,7 +178,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
         name: (None, name)
         for name in (
             "output_dir", "batch_size", "top_k", "max_matrix", "max_result_images", "shard_rows", "use_embeddings",
-            "use_segmentation", "use_embedded_segment", "fresh",
+            "use_segmentation", "use_embedded_segment", "fresh", "index",
         )
     },
 }

@@ -22,11 +22,12 @@ from .errors import PipelineError
 from .export import export_onnx, verification_images
 from .fileio import OutputLock, remove_temp_leftovers
 from .images import ImageDecodeError, decode_image
+from .index import INDEX_FILE, GalleryIndex, ensure_index
 from .plots import compose_matches, neighbour_tiles, save_heatmap, save_histogram, save_jpeg
 from .report import RunSummary
 from .retrieval import Neighbours, iter_neighbour_rows, topk_neighbours, write_neighbours_csv
 from .search import run_evaluate, run_query
-from .store import THUMBNAILS_FILE, ManifestRow, ThumbnailReader, embedded_rows
+from .store import THUMBNAILS_FILE, ManifestRow, ThumbnailReader, embedded_rows, store_sha256
 from .video import run_video
 
 log = logging.getLogger(__name__)
@@ -72,15 +73,31 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
     summary.outputs["images"] = str(cfg.images_dir)
     summary.outputs["embeddings"] = str(cfg.store_dir)
     on_gpu = cfg.embedder.device == "cuda" or getattr(gallery.embedder, "device", None) == "cuda"
-    write_retrieval_outputs(cfg, gallery.embeddings, rows, summary, device="cuda" if on_gpu else None)
+    index = None
+    if cfg.index != "none" and len(gallery.embeddings) >= 2:
+        with summary.stage("index"):
+            index = ensure_index(
+                cfg.store_dir, gallery.embeddings, store_sha256(cfg.store_dir), cfg.index, cfg.embedder.threads
+            )
+        summary.outputs["index"] = f"{cfg.store_dir / INDEX_FILE} ({index.info.describe()})"
+    write_retrieval_outputs(cfg, gallery.embeddings, rows, summary, device="cuda" if on_gpu else None, index=index)
     return summary
 
 
 def write_retrieval_outputs(
-    cfg: RunConfig, emb: np.ndarray, rows: list[ManifestRow], summary: RunSummary, device: str | None = None
+    cfg: RunConfig,
+    emb: np.ndarray,
+    rows: list[ManifestRow],
+    summary: RunSummary,
+    device: str | None = None,
+    index: GalleryIndex | None = None,
 ) -> None:
     """Neighbour table, one composite picture per query, the distance matrix, heatmap, histogram.
-    device: "cuda" computes the distances and top-k on the GPU (the same results)."""
+
+    device: "cuda" computes exact distances and top-k on the GPU (the same results).
+    index: an approximate index answers the neighbours instead of exact all-pairs search (no
+        matrix then); the summary says which it was, with the index's measured recall.
+    """
     embedded = embedded_rows(rows)
     n = len(embedded)
     cfg.results_dir.mkdir(parents=True, exist_ok=True)
@@ -90,12 +107,17 @@ def write_retrieval_outputs(
         return
     ids = [r.index for r in embedded]
     files = [r.file for r in embedded]
-    matrix = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy" if n <= cfg.max_matrix else None
+    approximate = index is not None and not index.info.exact
+    matrix = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy" if n <= cfg.max_matrix and not approximate else None
     with summary.stage("neighbours" + (" + distance matrix" if matrix else "")):
-        nb = topk_neighbours(emb, emb, cfg.top_k, exclude_self=True, matrix_path=matrix, device=device)
+        if approximate:
+            nb = index.all_neighbours(cfg.top_k)
+        else:
+            nb = topk_neighbours(emb, emb, cfg.top_k, exclude_self=True, matrix_path=matrix, device=device)
         table = cfg.results_dir / "neighbours.csv"
         write_neighbours_csv(table, iter_neighbour_rows(nb, ids, files, ids, files))
     summary.outputs["neighbour table"] = str(table)
+    summary.notes.append("neighbours: " + (index.info.describe() if approximate else "exact"))
     if matrix:
         summary.outputs["distance matrix"] = f"{matrix} (rows = manifest embedding_row)"
     else:
@@ -105,6 +127,10 @@ def write_retrieval_outputs(
     with summary.stage("result pictures"):
         written = write_result_pictures(cfg, nb, files)
     summary.count("result pictures", written)
+    if written < n:
+        summary.notes.append(
+            f"{written:,} of {n:,} result pictures written (--max-result-images); neighbours.csv lists everyone"
+        )
     summary.outputs["result pictures"] = f"{cfg.results_dir}/*_matches.jpg"
     with summary.stage("plots"):
         heat = cfg.plots_dir / f"distance_heatmap{cfg.suffix}.png"

@@ -28,6 +28,7 @@ from .errors import PipelineError
 from .export import fp32_path_for
 from .fileio import atomic_write_text
 from .images import ImageDecodeError, decode_image
+from .index import load_index
 from .persons import Segmenter, person_crop
 from .plots import (
     THUMB_SIZE,
@@ -104,8 +105,16 @@ def run_query(cfg: RunConfig) -> RunSummary:
             queries += [Query(t, "text", text_tile(t)) for t in cfg.query.texts]
     if not queries:
         raise PipelineError("none of the query images could be read")
+    index = None
+    if cfg.index != "none":
+        with summary.stage("load index"):
+            index = load_index(cfg.store_dir, cache.embeddings, cache.sidecar.embeddings_sha256, cfg.embedder.threads)
     with summary.stage("search"):
-        nb = topk_neighbours(np.concatenate(vectors), cache.embeddings, cfg.top_k)
+        q = np.concatenate(vectors)
+        nb = index.search(q, cfg.top_k) if index is not None else topk_neighbours(q, cache.embeddings, cfg.top_k)
+    summary.notes.append(
+        "search: " + (index.info.describe() if index is not None else "exact (no index beside the store)")
+    )
     out_dir = cfg.queries_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     embedded = cache.embedded_rows

@@ -466,6 +466,15 @@ def finalize_store(
     return emb, rows
 
 
+def store_sha256(root: str | Path) -> str:
+    """The store's identity for things built from it (an index): its embeddings' sha256, from the
+    sidecar."""
+    try:
+        return json.loads((Path(root) / SIDECAR_FILE).read_text())["embeddings_sha256"]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise CacheMismatchError(f"no complete store in {root} ({e})") from e
+
+
 def invalidate_store(root: str | Path) -> None:
     """Remove the sidecar so a store being rebuilt is never taken as complete."""
     unlink_quietly(Path(root) / SIDECAR_FILE)
