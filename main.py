@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from pipeline.config import EVAL_BACKENDS, config_from_flags, flag_default
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UsageError
 from pipeline.index import INDEX_KINDS
-from pipeline.report import EXIT_FATAL
+from pipeline.report import EXIT_FATAL, EXIT_USAGE
 
 log = logging.getLogger("main")
 
@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
              "when the model runs there; other formats always on the CPU)")
     add(model, "--batch-size", type=_positive_int)
     add(model, "--threads", type=_non_negative_int, help="CPU threads for inference; 0 = all cores")
+    add(model, "--engine", choices=["local", "ray"], help="ray: build the gallery on Ray Data")
+    add(model, "--ray-address", help="a Ray cluster for --engine ray (default: RAY_ADDRESS, else a local Ray)")
 
     video = p.add_argument_group("video")
     add(video, "--video_clip", "--video-clip", dest="video_clip", help="clip name: <video_dir>/<clip>.mp4")
@@ -223,6 +225,11 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit
     seg_flags = {"seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented"} & explicit
     if seg_flags and not (args.use_segmentation or args.use_embedded_segment):
         parser.error(_need(parser, seg_flags, "--use-segmentation or --use-embedded-segment"))
+    if "ray_address" in explicit and args.engine != "ray":
+        parser.error("--ray-address needs --engine ray")
+    other_mode = args.video_clip or args.query_image or args.query_text or args.evaluate or args.export_onnx
+    if args.engine == "ray" and other_mode:
+        parser.error("--engine ray builds galleries (standard and --use-segmentation runs); other modes run locally")
     if args.fresh and (args.use_embeddings or args.use_embedded_segment):
         parser.error("--fresh rebuilds the gallery; it cannot be combined with a cache flag")
     if args.backend == "onnx" and args.precision != "auto":
@@ -283,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.runner import run
 
         summary = run(cfg)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except PipelineError as e:
         if args.verbose:
             log.exception("fatal")

@@ -15,9 +15,10 @@ import numpy as np
 from .config import RunConfig
 from .dataset import count_rows, iter_records
 from .embedders import Embedder, make_embedder, requested_identity
-from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failures
+from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .items import make_segment_items, make_standard_items
 from .persons import Segmenter
+from .ray_engine import build_gallery_ray
 from .report import RunSummary
 from .store import GalleryCache, ManifestRow, embedded_rows, load_cache
 from .yolo import make_segmenter
@@ -128,6 +129,10 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None)
     source = gallery_source(cfg)
     # Which code made the pixels is part of what made the vectors: a resume never mixes them.
     identity = {**embedder.identity, "pixels": "torchvision" if on_device else "pil"}
+    if cfg.engine == "ray":
+        emb, rows = build_gallery_ray(cfg, summary, embedder, {**embedder.identity, "pixels": "pil"}, source)
+        remove_stale_files(target, rows)
+        return Gallery(emb, rows, embedder)
     run_params = {"source": source, "identity": identity, "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
     emb, rows = build_gallery(
         records=lambda start: iter_records(cfg.dataset, start),

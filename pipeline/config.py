@@ -80,6 +80,8 @@ class RunConfig:
     max_result_images: int = 10_000  # result pictures are for looking at: the neighbour table covers everyone
     shard_rows: int = 512
     index: str = "auto"  # auto | flat | hnsw | ivfpq | none (index.py)
+    engine: str = "local"  # local | ray (ray_engine.py)
+    ray_address: str | None = None  # an existing Ray cluster (default: RAY_ADDRESS, else a local Ray)
     use_embeddings: bool = False
     use_segmentation: bool = False
     use_embedded_segment: bool = False
@@ -179,6 +181,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
         for name in (
             "output_dir", "batch_size", "top_k", "max_matrix", "max_result_images", "shard_rows", "use_embeddings",
             "use_segmentation", "use_embedded_segment", "fresh", "index",
+            "engine", "ray_address",
         )
     },
 }

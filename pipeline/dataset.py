@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineError, first_line
+from .errors import PipelineError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -452,3 +452,94 @@ def _record_from_cell(i: int, source: str, cell: Any) -> Record:
         except OSError as e:
             return Record(i, cell, None, f"cannot read {cell}: {e.strerror or e}")
     return Record(i, source, None, f"image cell of unexpected type {type(cell).__name__}")
+
+
+# ----------------------------------------------------------------------------- pieces (parallel reading)
+@dataclass(frozen=True)
+class Piece:
+    """A part of a dataset one worker reads on its own: one parquet row group, or a run of image
+    files; `first_row` is the dataset row of its first record, `rows` how many records it yields."""
+
+    kind: str  # "parquet" | "folder"
+    location: str  # parquet file (local path or hf:// path), or the image folder
+    first_row: int
+    rows: int
+    group: int = -1  # parquet row group
+    offset: int = 0  # parquet: records of the group before first_row (a piece cut inside a group)
+    names: tuple[str, ...] = ()  # image files, relative to the folder
+
+    def cut(self, start: int, stop: int) -> Piece:
+        """The part of this piece that holds dataset rows start .. stop-1."""
+        skip = start - self.first_row
+        names = self.names[skip : skip + stop - start] if self.names else ()
+        return Piece(self.kind, self.location, start, stop - start, self.group, self.offset + skip, names)
+
+
+def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
+    """Cut rows 0 .. limit-1 into pieces that workers can read in parallel, each record keeping its
+    dataset row. Parquet datasets (local or on the hub) and image folders only.
+
+    Raises:
+        UsageError: another format (a save_to_disk folder, arrow files, a hub dataset that is not
+            parquet), which only the local engine reads.
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(spec.name)
+    stop = spec.limit
+    if path.is_dir() and _is_image_folder(path):
+        rels = _list_images(path)[:stop]
+        return [
+            Piece("folder", str(path), s, len(rels[s : s + rows_per_piece]), names=tuple(rels[s : s + rows_per_piece]))
+            for s in range(0, len(rels), rows_per_piece)
+        ]
+    if files := _local_parquet_files(path, spec.split):
+        located, opener = [str(f) for f in files], _open_local_file
+    elif not path.exists() and _is_hub_id(spec.name) and _hub_split(spec).parquet_files:
+        located, opener = list(_hub_split(spec).parquet_files), _hub_file_opener()
+    else:
+        raise UsageError(
+            f"--engine ray reads parquet datasets (a folder or the hub) and image folders; {spec.name!r} is neither: "
+            "use --engine local, or convert it to parquet"
+        )
+    pieces, row = [], 0
+    for f in located:
+        if stop is not None and row >= stop:
+            break
+        with opener(f) as source:
+            pf = pq.ParquetFile(source, pre_buffer=False, metadata=_read_footer(source))
+            _check_columns(spec, pf.schema_arrow.names)
+            for g in range(pf.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                take = n if stop is None else max(0, min(n, stop - row))
+                if take:
+                    pieces.append(Piece("parquet", f, row, take, group=g))
+                row += n
+    return pieces
+
+
+def read_piece(spec: DatasetSpec, piece: Piece) -> Iterator[Record]:
+    """The records of one piece, with their dataset rows."""
+    import pyarrow.parquet as pq
+
+    if piece.kind == "folder":
+        root = Path(piece.location)
+        for k, rel in enumerate(piece.names):
+            try:
+                yield Record(piece.first_row + k, rel, (root / rel).read_bytes())
+            except OSError as e:
+                yield Record(piece.first_row + k, rel, None, f"cannot read file: {e.strerror or e}")
+        return
+    opener = _hub_file_opener() if piece.location.startswith("hf://") else _open_local_file
+    columns = [spec.image_column, *spec.extra_columns]
+    with opener(piece.location) as source:
+        pf = pq.ParquetFile(source, pre_buffer=False, metadata=_read_footer(source))
+        row = piece.first_row - piece.offset  # the dataset row of the group's first record
+        for batch in pf.iter_batches(batch_size=64, columns=columns, row_groups=[piece.group]):
+            cols = {c: batch.column(c).to_pylist() for c in columns}
+            for k in range(batch.num_rows):
+                if row >= piece.first_row + piece.rows:
+                    return
+                if row >= piece.first_row:
+                    yield _row_record(spec, row, {c: values[k] for c, values in cols.items()}.get)
+                row += 1

@@ -11,6 +11,11 @@ class CacheMismatchError(PipelineError):
     """A cached store does not match its files or what is asked for."""
 
 
+class UsageError(PipelineError):
+    """A request that cannot work as given (a missing optional package, a format an engine does not
+    read), found after parsing: exit code 2, like a bad flag."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (library errors often add paragraphs of advice)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -546,11 +546,11 @@ def build_gallery(
             target.store_dir, shards, done, identity or embedder.identity, source, embedder.dim, THUMB_SIZE
         )
         shards.remove()
-        _remove_stale_files(target, all_rows)
+        remove_stale_files(target, all_rows)
     return emb, all_rows
 
 
-def _remove_stale_files(target: GalleryTarget, rows: list[ManifestRow]) -> None:
+def remove_stale_files(target: GalleryTarget, rows: list[ManifestRow]) -> None:
     """Delete files this tool named (img_*.jpg, ...) that the new manifest does not list, so the
     folder holds exactly this run's images."""
     keep = {r.file for r in rows if r.file}

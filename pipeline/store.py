@@ -366,6 +366,16 @@ class ShardStore:
             yield shard
             number += 1
 
+    def all_complete(self) -> dict[int, Shard]:
+        """Every complete, verified shard by number, in any order (engines that finish shards out of
+        order resume from all of them, not only from the first run of them)."""
+        found = {}
+        for done in sorted(self.dir.glob("shard_*.done")):
+            number = int(done.stem.split("_")[1])
+            if (shard := self.load(number)) is not None:
+                found[number] = shard
+        return found
+
     def load(self, number: int) -> Shard | None:
         p = self._paths(number)
         if not p["done"].is_file():

@@ -1,0 +1,381 @@
+"""Ray Data engine for the gallery builds (--engine ray): the same store as the local loop, built on
+one machine or a cluster.
+
+Rows are read in parallel tasks (parquet row groups, local or on the hub, or runs of image files),
+made into items (decoded, segmented, written, preprocessed) in CPU tasks, and embedded in an actor
+pool. Ray Data does not keep order, so every item carries its dataset row; the driver collects them
+into the local engine's shards (by row id: a shard is closed when all its rows are in) and writes
+them with the same ShardStore, so a killed run resumes from every shard already written and the
+final store equals the local engine's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import RunConfig
+from .dataset import Piece, plan_pieces, read_piece
+from .embedders import Embedder, EmbedderSpec, make_embedder
+from .errors import PipelineError, UsageError
+from .fileio import atomic_write_bytes
+from .gallery import ShardAssembler, ShardMark, UnitResult
+from .items import make_segment_items, make_standard_items
+from .plots import THUMB_SIZE, make_thumbnail
+from .preprocess import resize_for_model, to_model_input
+from .report import RunSummary
+from .store import ManifestRow, Shard, ShardStore, finalize_store, invalidate_store
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'ray[data]'"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"--engine ray needs Ray Data: {INSTALL_HINT}") from e
+    return ray
+
+
+def init_ray(cfg: RunConfig):
+    """Join the cluster at --ray-address (or RAY_ADDRESS), or start a local Ray instance with
+    --threads CPUs (all cores by default); a Ray already initialized in this process is used as it is."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        env = {
+            "env_vars": {
+                "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+            }
+        }
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+        if address:
+            ray.init(address=address, runtime_env=env, **quiet)
+        else:
+            from .embedders import available_cores
+
+            ray.init(
+                num_cpus=cfg.embedder.threads or available_cores(), include_dashboard=False, runtime_env=env, **quiet
+            )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return ray
+
+
+def check_shared_folder(ray, folder: Path) -> None:
+    """Refuse an output folder that some node of the cluster cannot see (every node must write the
+    images and read nothing else, so a node-local path would scatter the gallery)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(8)
+    probe = folder / f".ray-shared-check.{token}"
+    probe.write_text(token)
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if len(nodes) <= 1:
+            return
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        @ray.remote(num_cpus=0)
+        def sees(path: str, expected: str) -> bool:
+            try:
+                return Path(path).read_text() == expected
+            except OSError:
+                return False
+
+        checks = {
+            n["NodeManagerAddress"]: sees.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(probe), token)
+            for n in nodes
+        }
+        blind = [addr for addr, ref in checks.items() if not ray.get(ref)]
+        if blind:
+            raise PipelineError(
+                f"--output-dir {folder} is not shared with every node of the Ray cluster "
+                f"({', '.join(blind)} cannot see it): use a folder on a filesystem all nodes mount"
+            )
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every task needs, picklable: the dataset and the output layout."""
+
+    cfg_dataset: Any
+    images_dir: str
+    segmented: bool
+    segment: Any
+    embedder: dict  # EmbedderSpec fields
+    device: str
+    prep: Any  # the model's PreprocessConfig
+
+
+class _ItemMaker:
+    """Ray task body (an actor for segmentation, whose model loads once): a piece's records become
+    their items, files written, pixels preprocessed; one output row per item."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan, self.prep = plan, plan.prep
+        if plan.segmented:
+            from .yolo import make_segmenter
+
+            self.make = make_segment_items(make_segmenter(plan.segment, device=plan.device), plan.segment)
+        else:
+            self.make = make_standard_items(plan.prep.decode_min_side)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pieces = [Piece(**json.loads(p)) for p in batch["piece"]]
+        out: dict[str, list] = {
+            "row": [],
+            "source_row": [],
+            "items_in_row": [],
+            "pixels": [],
+            "thumb": [],
+            "has_pixels": [],
+        }
+        prep, images = self.prep, Path(self.plan.images_dir)
+        for piece in pieces:
+            records = list(read_piece(self.plan.cfg_dataset, piece))
+            for k in range(0, len(records), 8):
+                group = records[k : k + 8]
+                for rec, items in zip(group, self.make(group)):
+                    for item in items:
+                        if item.data is not None:
+                            atomic_write_bytes(images / item.row.file, item.data)
+                        embed = item.to_embed
+                        if embed:
+                            resized = resize_for_model(item.image, prep)
+                            pixels, thumb = to_model_input(resized, prep), make_thumbnail(resized)
+                        else:
+                            pixels = np.zeros((3, prep.crop_height, prep.crop_width), np.float32)
+                            thumb = np.zeros((THUMB_SIZE, THUMB_SIZE, 3), np.uint8)
+                        out["row"].append(json.dumps(asdict(item.row)))
+                        out["source_row"].append(rec.source_row)
+                        out["items_in_row"].append(len(items))
+                        out["pixels"].append(pixels)
+                        out["thumb"].append(thumb)
+                        out["has_pixels"].append(embed)
+        return {
+            "row": np.array(out["row"], dtype=object),
+            "source_row": np.array(out["source_row"], dtype=np.int64),
+            "items_in_row": np.array(out["items_in_row"], dtype=np.int64),
+            "pixels": np.stack(out["pixels"])
+            if out["pixels"]
+            else np.zeros((0, 3, prep.crop_height, prep.crop_width), np.float32),
+            "thumb": np.stack(out["thumb"]) if out["thumb"] else np.zeros((0, THUMB_SIZE, THUMB_SIZE, 3), np.uint8),
+            "has_pixels": np.array(out["has_pixels"], dtype=bool),
+        }
+
+
+class _EmbedActor:
+    """Ray actor: one embedder (single-threaded on the CPU), vectors for the items that have pixels.
+    jitter_s: sleep up to this long before each batch (tests: batches come back out of order)."""
+
+    def __init__(self, plan: _Plan, jitter_s: float = 0.0) -> None:
+        spec = make_embedder_spec(plan)
+        if spec.device != "cuda":
+            spec = EmbedderSpec(**{**asdict(spec), "threads": 1})
+        self.embedder: Embedder = make_embedder(spec)
+        self.jitter = jitter_s
+        self.rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.jitter:
+            time.sleep(float(self.rng.uniform(0, self.jitter)))
+        n = len(batch["row"])
+        vectors = np.zeros((n, self.embedder.dim), np.float32)
+        has = batch["has_pixels"]
+        if has.any():
+            vectors[has] = self.embedder.embed_serial(np.ascontiguousarray(batch["pixels"][has]))
+        return {
+            "row": batch["row"],
+            "source_row": batch["source_row"],
+            "items_in_row": batch["items_in_row"],
+            "thumb": batch["thumb"],
+            "has_pixels": has,
+            "vector": vectors,
+        }
+
+
+def make_embedder_spec(plan: _Plan) -> EmbedderSpec:
+    return EmbedderSpec(**plan.embedder)
+
+
+def _no_embedding(inputs: list) -> Any:
+    raise AssertionError("the Ray engine's items arrive embedded")
+
+
+class _Collector:
+    """The driver's side: items arrive in any order; a shard is closed (rows in order, numbered by the
+    same ShardAssembler as the local loop) once every row of its range is in, and written at once."""
+
+    def __init__(self, shards: ShardStore, plan_rows: dict[int, tuple[int, int]], batch_size: int, dim: int) -> None:
+        self.shards, self.plan_rows, self.dim = shards, plan_rows, dim
+        self.assembler = ShardAssembler(_no_embedding, batch_size, dim)  # vectors arrive made
+        self.items: dict[int, dict[int, list]] = {n: {} for n in plan_rows}
+        self.shard_of: dict[int, int] = {}
+        self.done: dict[int, Shard] = {}
+
+    def add(self, batch: dict[str, np.ndarray], shard_rows: int) -> int:
+        finished = 0
+        for k in range(len(batch["row"])):
+            row = int(batch["source_row"][k])
+            number = row // shard_rows
+            bucket = self.items[number].setdefault(row, [])
+            bucket.append(
+                (
+                    ManifestRow(**json.loads(batch["row"][k])),
+                    bool(batch["has_pixels"][k]),
+                    batch["thumb"][k],
+                    batch["vector"][k],
+                    int(batch["items_in_row"][k]),
+                )
+            )
+            if len(bucket) == bucket[0][4]:
+                finished += 1
+                start, stop = self.plan_rows[number]
+                if len(self.items[number]) == stop - start and all(
+                    len(v) == v[0][4] for v in self.items[number].values()
+                ):
+                    self._close(number)
+        return finished
+
+    def _close(self, number: int) -> None:
+        start, stop = self.plan_rows[number]
+        for row in sorted(self.items[number]):
+            entries = sorted(self.items[number][row], key=lambda e: e[0].person)
+            res = UnitResult(rows=[e[0] for e in entries], records=1)
+            for pos, (_, has, thumb, _, _) in enumerate(entries):
+                if has:
+                    res.embedded.append(pos)
+                    res.thumbs.append(np.asarray(thumb))
+            res.vectors = np.array([e[3] for e in entries if e[1]], np.float32).reshape(-1, self.dim)
+            self.assembler.add(res)
+        shard = self.assembler.close(ShardMark(number, start, stop))
+        self.shards.write(shard)
+        shard.thumbnails = None
+        self.done[number] = shard
+        del self.items[number]
+
+
+def build_gallery_ray(
+    cfg: RunConfig,
+    summary: RunSummary,
+    embedder: Embedder,
+    identity: dict[str, Any],
+    source: dict[str, Any],
+) -> tuple[np.ndarray, list[ManifestRow]]:
+    """Build (or resume) the run's gallery store on Ray Data; the same store as gallery.build_gallery.
+
+    FASHION_RAY_EMBED_JITTER (seconds, tests only) makes each embedding batch wait up to that long,
+    so that batches come back out of order.
+    """
+    jitter_s = float(os.environ.get("FASHION_RAY_EMBED_JITTER", "0") or 0)
+    ray = init_ray(cfg)
+    check_shared_folder(ray, cfg.output_dir)
+    cfg.images_dir.mkdir(parents=True, exist_ok=True)
+    cfg.store_dir.mkdir(parents=True, exist_ok=True)
+    invalidate_store(cfg.store_dir)
+    run_params = {"source": source, "identity": identity, "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
+    shards = ShardStore(cfg.store_dir, run_params, fresh=cfg.fresh)
+    done = shards.all_complete()
+    pieces = plan_pieces(cfg.dataset)
+    total = sum(p.rows for p in pieces)
+    ranges = {n: (n * cfg.shard_rows, min(total, (n + 1) * cfg.shard_rows)) for n in range(-(-total // cfg.shard_rows))}
+    todo = {n: r for n, r in ranges.items() if n not in done}
+    if done:
+        summary.notes.append(f"resumed: {len(done)} of {len(ranges)} shard(s) already complete")
+    # Pieces that touch a shard still to do (a piece crossing into a done shard is cut: rows by id).
+    wanted = [p for p in _split_at_shards(pieces, cfg.shard_rows) if p.first_row // cfg.shard_rows in todo]
+    plan = _Plan(
+        cfg.dataset,
+        str(cfg.images_dir),
+        cfg.segmented,
+        cfg.segment,
+        asdict(cfg.embedder),
+        getattr(embedder, "device", "cpu"),
+        embedder.preprocess_cfg,
+    )
+    cores = int(ray.cluster_resources().get("CPU", 1))
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if plan.device == "cuda" else 0
+    collector = _Collector(shards, todo, cfg.batch_size, embedder.dim)
+    t0 = time.perf_counter()
+    if wanted:
+        ds = ray.data.from_items([{"piece": json.dumps(asdict(p))} for p in wanted], override_num_blocks=len(wanted))
+        item_args = {"batch_size": 1, "num_cpus": 0.5}
+        if cfg.segmented:
+            ds = ds.map_batches(
+                _ItemMaker,
+                fn_constructor_args=(plan,),
+                compute=ray.data.ActorPoolStrategy(size=max(1, cores // 2)),
+                **item_args,
+            )
+        else:
+            ds = ds.map_batches(
+                _ItemMaker,
+                fn_constructor_args=(plan,),
+                compute=ray.data.ActorPoolStrategy(size=max(1, cores)),
+                **item_args,
+            )
+        embed_args = {"num_gpus": 1} if gpus else {"num_cpus": 0.5}
+        ds = ds.map_batches(
+            _EmbedActor,
+            fn_constructor_args=(plan, jitter_s),
+            batch_size=cfg.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=max(1, gpus or cores)),
+            **embed_args,
+        )
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=total,
+            initial=sum(r[1] - r[0] for n, r in ranges.items() if n in done),
+            unit="row",
+            desc=f"ray -> {cfg.store_dir.name}",
+            disable=not cfg.progress,
+        )
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                bar.update(collector.add(batch, cfg.shard_rows))
+        finally:
+            bar.close()
+    missing = [n for n in todo if n not in collector.done]
+    if missing:
+        raise PipelineError(
+            f"the Ray run ended without rows of shard(s) {missing[:5]}: rerun the same command to resume"
+        )
+    summary.stages["embed stage (wall, ray)"] = time.perf_counter() - t0
+    summary.notes.append(
+        f"engine: Ray Data on {cores} CPU(s){f' and {gpus} GPU(s)' if gpus else ''}, {len(wanted)} piece(s)"
+    )
+    all_shards = [(done | collector.done)[n] for n in sorted(ranges)]
+    with summary.stage("finalize store"):
+        emb, rows = finalize_store(cfg.store_dir, shards, all_shards, identity, source, embedder.dim, THUMB_SIZE)
+        shards.remove()
+    return emb, rows
+
+
+def _split_at_shards(pieces: list[Piece], shard_rows: int) -> list[Piece]:
+    """Cut pieces where shards start, so every piece belongs to one shard."""
+    out = []
+    for p in pieces:
+        start = p.first_row
+        while start < p.first_row + p.rows:
+            end = min(p.first_row + p.rows, (start // shard_rows + 1) * shard_rows)
+            out.append(p.cut(start, end))
+            start = end
+    return out

@@ -1,0 +1,239 @@
+"""--engine ray on one 2-core machine: the same store as the local engine, rows out of order, a killed
+run resumed, a cluster joined by address, and Ray optional. One Ray instance serves the in-process
+tests; the address test starts (and stops) its own head on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import main as cli
+from pipeline import gallery, ray_engine
+from pipeline.store import read_manifest
+from tests import assets
+from tests.conftest import mixed_cells
+
+ROOT = Path(__file__).resolve().parents[1]
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    import logging
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=300 << 20,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory):
+    """60 rows over two parquet files of row groups of 7 (pieces cross shard edges), failures included."""
+    folder = tmp_path_factory.mktemp("ragged") / "ds"
+    cells = [c for _, c in mixed_cells()] + [assets.encode(assets.rgb_image(30, 40, seed=i), "PNG") for i in range(36)]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    (folder / "data").mkdir(parents=True)
+    for k, part in enumerate((cells[:33], cells[33:])):
+        rows = [None if c is None else {"bytes": c, "path": None} for c in part]
+        pq.write_table(
+            pa.table({"image": pa.array(rows, type=image)}),
+            folder / "data" / f"train-{k:05d}-of-00002.parquet",
+            row_group_size=7,
+        )
+    return folder
+
+
+def _args(ds, onnx, out, *extra):
+    return [
+        "--dataset",
+        str(ds),
+        "--onnx",
+        str(onnx),
+        "--output-dir",
+        str(out),
+        "--shard-rows",
+        "16",
+        "--batch-size",
+        "4",
+        "--max-result-images",
+        "0",
+        "-q",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def local_run(ragged, tiny_onnx, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local")
+    assert cli.main(_args(ragged, tiny_onnx, out)) == 3
+    return out
+
+
+def _same_store(a: Path, b: Path) -> None:
+    assert (a / "embeddings" / "manifest.csv").read_bytes() == (b / "embeddings" / "manifest.csv").read_bytes()
+    ea, eb = np.load(a / "embeddings" / "embeddings.npy"), np.load(b / "embeddings" / "embeddings.npy")
+    assert ea.shape == eb.shape and np.abs(ea - eb).max() <= 1e-6
+    assert np.array_equal(np.load(a / "embeddings" / "thumbnails.npy"), np.load(b / "embeddings" / "thumbnails.npy"))
+    assert sorted(p.name for p in (a / "images").iterdir()) == sorted(p.name for p in (b / "images").iterdir())
+
+
+def test_ray_builds_the_local_store_with_rows_out_of_order(
+    ray_instance, ragged, tiny_onnx, local_run, tmp_path, monkeypatch
+):
+    arrived = []
+    real = ray_engine._Collector.add
+
+    def add(self, batch, shard_rows):
+        arrived.extend(int(r) for r in batch["source_row"])
+        return real(self, batch, shard_rows)
+
+    monkeypatch.setattr(ray_engine._Collector, "add", add)
+    monkeypatch.setenv("FASHION_RAY_EMBED_JITTER", "0.3")
+    out = tmp_path / "ray"
+    assert cli.main(_args(ragged, tiny_onnx, out, "--engine", "ray")) == 3
+    assert sorted(arrived) == list(range(60)) and arrived != sorted(arrived)  # every row once, out of order
+    _same_store(local_run, out)
+    rows = read_manifest(out / "embeddings" / "manifest.csv")
+    assert [r.source_row for r in rows if r.status == "failed"] == [2, 9]  # recorded, not dropped
+    side = json.loads((out / "embeddings" / "embeddings.json").read_text())
+    assert side["identity"]["backend"] == "onnx" and side["count"] == 58
+
+
+def test_a_killed_ray_run_resumes_each_row_once(
+    ray_instance, ragged, tiny_onnx, local_run, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "ray"
+    real = gallery.ShardStore.write
+    written = []
+
+    def write_twice_then_stop(self, shard):
+        real(self, shard)
+        written.append(shard.number)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(gallery.ShardStore, "write", write_twice_then_stop)
+    assert cli.main(_args(ragged, tiny_onnx, out, "--engine", "ray")) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli.main([a for a in _args(ragged, tiny_onnx, out, "--engine", "ray") if a != "-q"]) == 3
+    assert "resumed: 2 of 4 shard(s) already complete" in capsys.readouterr().out
+    _same_store(local_run, out)
+    assert [r.source_row for r in read_manifest(out / "embeddings" / "manifest.csv")] == list(range(60))
+
+
+def test_ray_segmented_build_equals_local(ray_instance, tiny_onnx, tmp_path):
+    pt = tmp_path / "person-seg.pt"
+    assets.person_yolo("yolov8n-seg.yaml").save(pt)
+    cells = [assets.encode(assets.rgb_image(96, 128, seed=40 + i), "JPEG") for i in range(12)]
+    ds = assets.write_parquet_dataset(tmp_path / "people", cells)
+    seg = ["--use-segmentation", "--seg-model", str(pt), "--seg-imgsz", "160"]
+    assert cli.main([*_args(ds, tiny_onnx, tmp_path / "local"), *seg]) in (0, 3)
+    assert cli.main([*_args(ds, tiny_onnx, tmp_path / "ray"), *seg, "--engine", "ray"]) in (0, 3)
+    a, b = tmp_path / "local" / "embeddings_segment", tmp_path / "ray" / "embeddings_segment"
+    assert (a / "manifest.csv").read_bytes() == (b / "manifest.csv").read_bytes()
+    assert sum(r.person >= 0 for r in read_manifest(a / "manifest.csv")) >= 6  # persons were found
+    assert np.abs(np.load(a / "embeddings.npy") - np.load(b / "embeddings.npy")).max() <= 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.subprocess
+def test_ray_address_joins_a_cluster_started_on_loopback(ragged, tiny_onnx, local_run, tmp_path):
+    """`ray start --head` on 127.0.0.1 (its own temp dir), a run that joins it, then the head's
+    processes (and only them) stopped."""
+    temp = Path(f"/tmp/rt{secrets.token_hex(3)}")  # short: Ray's socket paths have a length limit
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    start = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+        "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats",
+    ]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    try:
+        out = tmp_path / "cluster"
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "main.py"),
+                *_args(ragged, tiny_onnx, out, "--engine", "ray", "--ray-address", f"127.0.0.1:{port}"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+        )
+        assert r.returncode == 3, r.stderr[-2000:]
+        _same_store(local_run, out)
+    finally:
+        import psutil
+
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(str(temp) in part or f":{port}" in part for part in proc.info["cmdline"] or []):
+                proc.kill()
+        time.sleep(1)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.subprocess
+def test_ray_is_optional(ragged, tiny_onnx, tmp_path):
+    code = (
+        "import sys; sys.modules['ray'] = None; import main; "
+        f"rc = main.main(['--dataset', {str(ragged)!r}, '--onnx', {str(tiny_onnx)!r}, "
+        f"'--output-dir', {str(tmp_path)!r}, '--engine', 'ray', '-q']); assert rc == 2, rc"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "--engine ray needs Ray Data: pip install 'ray[data]'" in r.stderr
+    local = (
+        f"import sys, main; rc = main.main(['--dataset', {str(ragged)!r}, '--onnx', {str(tiny_onnx)!r}, "
+        f"'--output-dir', {str(tmp_path / 'l')!r}, '-q', '--limit', '5']); "
+        "assert 'ray' not in sys.modules, 'ray imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", local], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_ray_refuses_a_format_it_does_not_read(ray_instance, tiny_onnx, tmp_path, capsys):
+    import datasets
+
+    ds = tmp_path / "saved"
+    datasets.Dataset.from_dict(
+        {"image": [{"bytes": assets.jpeg_bytes(20, 20), "path": None}]},
+        features=datasets.Features({"image": datasets.Image()}),
+    ).save_to_disk(str(ds))
+    assert (
+        cli.main(
+            [
+                "--dataset", str(ds), "--onnx", str(tiny_onnx), "--output-dir", str(tmp_path / "o"), "--engine", "ray",
+                "-q",
+            ]
+        )
+        == 2
+    )
+    assert "--engine ray reads parquet datasets" in capsys.readouterr().err
