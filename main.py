@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files or folders to search the cached gallery with",
     )
     add(search, "--query-text", nargs="+", metavar="TEXT", help='texts to search with, e.g. "red floral midi dress"')
+    add(search, "--serve", action="store_true", help="a local search page over the cached gallery, and the report")
+    add(search, "--port", type=_positive_int, help="with --serve")
+    add(search, "--host", help="with --serve (127.0.0.1: this machine only)")
     add(
         search,
         "--evaluate",
@@ -205,6 +208,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit
             ("--video_clip", bool(args.video_clip)),
             ("--query-image/--query-text", query),
             ("--evaluate", args.evaluate),
+            ("--serve", args.serve),
         )
         if on
     ]
@@ -225,9 +229,15 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit
     seg_flags = {"seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented"} & explicit
     if seg_flags and not (args.use_segmentation or args.use_embedded_segment):
         parser.error(_need(parser, seg_flags, "--use-segmentation or --use-embedded-segment"))
+    serve_flags = {"port", "host"} & explicit
+    if serve_flags and not args.serve:
+        parser.error(_need(parser, serve_flags, "--serve"))
+    if args.serve and (args.use_segmentation and not args.use_embedded_segment):
+        parser.error("--serve serves a cached gallery: for the segmented one use --use-embedded-segment")
     if "ray_address" in explicit and args.engine != "ray":
         parser.error("--ray-address needs --engine ray")
     other_mode = args.video_clip or args.query_image or args.query_text or args.evaluate or args.export_onnx
+    other_mode = other_mode or args.serve
     if args.engine == "ray" and other_mode:
         parser.error("--engine ray builds galleries (standard and --use-segmentation runs); other modes run locally")
     if args.fresh and (args.use_embeddings or args.use_embedded_segment):
@@ -271,6 +281,7 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
             "matplotlib",
             "onnx_ir",
             "onnxscript",
+            "faiss",
         ):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 

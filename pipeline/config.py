@@ -63,6 +63,15 @@ class ExportSpec:
 
 
 @dataclass(frozen=True)
+class ServeSpec:
+    """--serve: the local search page."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs. `explicit` names the options the user typed (not defaults)."""
 
@@ -73,6 +82,7 @@ class RunConfig:
     query: QuerySpec = field(default_factory=QuerySpec)
     evaluate: EvalSpec = field(default_factory=EvalSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
+    serve: ServeSpec = field(default_factory=ServeSpec)
     output_dir: Path = Path(".")
     batch_size: int = 32
     top_k: int = 5
@@ -176,6 +186,9 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "export_onnx": ("export", "enabled"),
     "quantization": ("export", "quantization"),
     "per_tensor": ("export", "per_tensor"),
+    "serve": ("serve", "enabled"),
+    "host": ("serve", "host"),
+    "port": ("serve", "port"),
     **{
         name: (None, name)
         for name in (

@@ -27,8 +27,10 @@ from .plots import compose_matches, neighbour_tiles, save_heatmap, save_histogra
 from .report import RunSummary
 from .retrieval import Neighbours, iter_neighbour_rows, topk_neighbours, write_neighbours_csv
 from .search import run_evaluate, run_query
+from .serve import run_serve
 from .store import THUMBNAILS_FILE, ManifestRow, ThumbnailReader, embedded_rows, store_sha256
 from .video import run_video
+from .webreport import REPORT_DIR, Section, write_gallery_pages, write_section
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ def run(cfg: RunConfig) -> RunSummary:
     """Run the mode the configuration asks for."""
     if cfg.export.enabled:
         return run_export(cfg)
+    if cfg.serve.enabled:  # reads only: the output folder stays free for other runs
+        return run_serve(cfg)
     with output_session(cfg):
         if cfg.video.clip:
             return run_video(cfg)
@@ -80,8 +84,33 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
                 cfg.store_dir, gallery.embeddings, store_sha256(cfg.store_dir), cfg.index, cfg.embedder.threads
             )
         summary.outputs["index"] = f"{cfg.store_dir / INDEX_FILE} ({index.info.describe()})"
-    write_retrieval_outputs(cfg, gallery.embeddings, rows, summary, device="cuda" if on_gpu else None, index=index)
+    nb = write_retrieval_outputs(cfg, gallery.embeddings, rows, summary, device="cuda" if on_gpu else None, index=index)
+    with summary.stage("report"):
+        write_gallery_report(cfg, summary, rows, nb)
     return summary
+
+
+def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[ManifestRow], nb: Neighbours | None) -> None:
+    """The gallery's section of outputs/report.html: every item with its neighbours, and the plots."""
+    embedded = embedded_rows(rows)
+    section_id = "gallery" + cfg.suffix
+    data: dict = {"plots": []}
+    if nb is not None:
+        reader = ThumbnailReader(cfg.store_dir / THUMBNAILS_FILE)
+        try:
+            data["gallery"] = write_gallery_pages(
+                cfg.plots_dir / REPORT_DIR,
+                section_id,
+                [r.file for r in embedded],
+                [r.index for r in embedded],
+                nb,
+                lambda i: reader[i],
+            )
+        finally:
+            reader.close()
+        data["plots"] = [f"distance_heatmap{cfg.suffix}.png", f"nearest_neighbour_hist{cfg.suffix}.png"]
+    title = ("Segmented gallery" if cfg.segmented else "Gallery") + f" ({len(embedded):,} items)"
+    summary.outputs["report"] = str(write_section(cfg.plots_dir, Section(section_id, "gallery", title, summary, data)))
 
 
 def write_retrieval_outputs(
@@ -91,7 +120,7 @@ def write_retrieval_outputs(
     summary: RunSummary,
     device: str | None = None,
     index: GalleryIndex | None = None,
-) -> None:
+) -> Neighbours | None:
     """Neighbour table, one composite picture per query, the distance matrix, heatmap, histogram.
 
     device: "cuda" computes exact distances and top-k on the GPU (the same results).
@@ -104,7 +133,7 @@ def write_retrieval_outputs(
     cfg.plots_dir.mkdir(parents=True, exist_ok=True)
     if n < 2:
         summary.notes.append(f"only {n} embedded item(s): no neighbours, matrix or plots")
-        return
+        return None
     ids = [r.index for r in embedded]
     files = [r.file for r in embedded]
     approximate = index is not None and not index.info.exact
@@ -139,6 +168,7 @@ def write_retrieval_outputs(
         save_histogram(nb.distances[:, 0], hist, title=f"Distance to the nearest other item ({n} items)")
     summary.outputs["heatmap"] = str(heat)
     summary.outputs["histogram"] = str(hist)
+    return nb
 
 
 def write_result_pictures(cfg: RunConfig, nb: Neighbours, files: list[str]) -> int:

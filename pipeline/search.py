@@ -43,6 +43,7 @@ from .plots import (
 from .preprocess import PreprocessConfig, preprocess_batch
 from .report import RunSummary
 from .retrieval import iter_neighbour_rows, topk_neighbours, write_neighbours_csv
+from .webreport import Section, relative_link, write_section
 
 log = logging.getLogger(__name__)
 
@@ -120,22 +121,31 @@ def run_query(cfg: RunConfig) -> RunSummary:
     embedded = cache.embedded_rows
     names, ids = [r.file for r in embedded], [r.index for r in embedded]
     thumbs = cache.thumbnails()
+    pictures = []
     try:
         with summary.stage("pictures"):
             for i, query in enumerate(queries):
                 tiles, labels = neighbour_tiles(nb.indices[i], nb.distances[i], lambda j: thumbs[j].copy(), names)
                 pic = compose_matches(query.tile, query.kind, tiles, labels, title=f"{query.kind} query: {query.label}")
-                save_jpeg(pic, out_dir / f"q{i:03d}_{_slug(query.label)}.jpg")
+                pictures.append(out_dir / f"q{i:03d}_{_slug(query.label)}.jpg")
+                save_jpeg(pic, pictures[-1])
     finally:
         thumbs.close()
     table = out_dir / "query_results.csv"
     flat = iter_neighbour_rows(nb, [q.label for q in queries], [q.kind for q in queries], ids, names)
-    rows = ((label, kind, rank, name, row, d) for label, kind, rank, row, name, d in flat)
-    write_neighbours_csv(table, rows, columns=("query", "kind", "rank", "gallery_file", "row", "distance"))
+    rows = [(label, kind, rank, name, row, d) for label, kind, rank, row, name, d in flat]
+    write_neighbours_csv(table, iter(rows), columns=("query", "kind", "rank", "gallery_file", "row", "distance"))
     summary.count("queries", len(queries))
     summary.outputs["results"] = str(table)
     summary.outputs["pictures"] = f"{out_dir}/q*.jpg"
+    with summary.stage("report"):
+        pics = [relative_link(p, cfg.plots_dir) for p in pictures]
+        data = {"pictures": pics, "rows": [[r[0], r[1], r[2], r[3], r[5]] for r in rows]}
+        title = f"Queries ({len(queries)})" + (" on the segmented gallery" if cfg.segmented else "")
+        section = Section("query" + cfg.suffix, "query", title, summary, data)
+        summary.outputs["report"] = str(write_section(cfg.plots_dir, section))
     return summary
+
 
 
 def _query_crops(path: Path, segmenter: Segmenter | None, summary: RunSummary) -> list[tuple[str, Image.Image]]:
@@ -397,6 +407,15 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
     summary.notes.extend(format_table(results).splitlines())
     summary.outputs["evaluation"] = str(path)
     summary.outputs["plot"] = str(plot)
+    with summary.stage("report"):
+        section = Section(
+            "evaluation",
+            "evaluation",
+            f"Evaluation on {cfg.dataset.name}",
+            summary,
+            {"results": results, "chart": plot.name},
+        )
+        summary.outputs["report"] = str(write_section(cfg.plots_dir, section))
     return summary
 
 

@@ -27,6 +27,7 @@ from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import topk_neighbours
 from .store import THUMBNAILS_FILE, ThumbnailReader
+from .webreport import Section, relative_link, write_section
 from .yolo import UltralyticsDetector
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
     total = frame_count(path)
     times = dict.fromkeys(("read", "detect", "segment", "embed", "match", "draw"), 0.0)
     results: list[str] = []
+    shown: list[dict] = []  # for the report
     n_frames = n_persons = n_empty = 0
     t_read = time.perf_counter()
     bar = tqdm(total=total or None, unit="frame", desc=f"video {video.clip}", disable=not cfg.progress)
@@ -233,6 +235,14 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
             save_jpeg(picture, out_dir / f"frame_{frame.index:06d}.jpg", quality=88)
             t5 = time.perf_counter()
             results.append(json.dumps({"frame": frame.index, "time_s": round(frame.time_s, 3), "persons": found}))
+            shown.append(
+                {
+                    "frame": frame.index,
+                    "time_s": round(frame.time_s, 3),
+                    "persons": found,
+                    "picture": relative_link(out_dir / f"frame_{frame.index:06d}.jpg", cfg.plots_dir),
+                }
+            )
             for key, (a, b) in {
                 "detect": (t0, t1),
                 "segment": (t1, t2),
@@ -272,4 +282,8 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
         summary.notes.append(f"{n_frames / video_wall:.2f} processed frames per second of wall time (gallery excluded)")
     summary.outputs["frame pictures"] = f"{out_dir}/frame_*.jpg"
     summary.outputs["results"] = str(results_path)
+    with summary.stage("report"):
+        section = Section(f"video_{video.clip}", "video", f"Video {video.clip}", summary, {"frames": shown})
+        summary.outputs["report"] = str(write_section(cfg.plots_dir, section))
     return summary
+

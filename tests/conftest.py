@@ -62,3 +62,41 @@ def mixed_cells() -> list[tuple[str, bytes | None]]:
 @pytest.fixture(scope="session")
 def mixed_dataset(tmp_path_factory) -> Path:
     return assets.write_parquet_dataset(tmp_path_factory.mktemp("data") / "mixed", [c for _, c in mixed_cells()])
+
+
+def _browser_paths() -> tuple[str, str] | None:
+    import shutil
+
+    chrome = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    return (chrome, driver) if chrome and driver else None
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A real headless Chromium driven by Selenium (Debian's chromium and chromium-driver; .ci/run
+    installs them). Without them the browser tests are skipped here, and fail in CI, which sets
+    FASHION_REQUIRE_BROWSER=1."""
+    paths = _browser_paths()
+    if paths is None:
+        if os.environ.get("FASHION_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required (apt-get install chromium chromium-driver)")
+        pytest.skip("no chromium/chromedriver on this machine (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1366,900",
+        "--autoplay-policy=no-user-gesture-required",
+    ):
+        options.add_argument(arg)
+    options.binary_location = paths[0]
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(paths[1]), options=options)
+    yield driver
+    driver.quit()

@@ -1,0 +1,148 @@
+"""The HTML report: outputs/report.html, a page a person opens to look at a run's results.
+
+Every gallery, query, evaluation and video run writes its own section (report/sections/<id>.js) and
+re-writes report.html, which shows every section present, so a later run adds to the page instead of
+replacing it. The page is static: vanilla JavaScript, relative links only, no CDN, so it works from
+file:// and from any static server. Big galleries stay fast: items are written as data pages
+(report/<section>/page_NNNN.js, PAGE_SIZE items each, loaded when shown) with one thumbnail sprite
+per page (JPEG, loaded lazily), and a compact index of names for the filter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .fileio import atomic_write_bytes, atomic_write_text
+from .images import encode_jpeg
+from .plots import THUMB_SIZE
+from .report import RunSummary, peak_rss_mib
+
+PAGE_SIZE = 120
+SPRITE_COLUMNS = 12  # a page's thumbnails in a 12 x 10 sprite
+REPORT_HTML = "report.html"
+REPORT_DIR = "report"
+
+
+def _js(callback: str, payload: Any) -> str:
+    """A data file the page loads with a <script> tag (file:// forbids fetch): it calls a callback."""
+    return f"window.__report.{callback}({json.dumps(payload, separators=(',', ':'), allow_nan=False)});\n"
+
+
+def relative_link(path: Path, report_dir: Path) -> str:
+    """How report.html (in report_dir) links to a file of the output folder: relative, so the folder
+    works from file:// and from any static server."""
+    return Path(os.path.relpath(path, report_dir)).as_posix()
+
+
+def summary_payload(summary: RunSummary) -> dict[str, Any]:
+    """What the report shows of a run's summary."""
+    return {
+        "mode": summary.mode,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "wall_s": round(time.perf_counter() - summary.started, 1),
+        "peak_mib": round(peak_rss_mib()),
+        "counts": summary.counts,
+        "stages": {k.strip(): round(v, 2) for k, v in summary.stages.items()},
+        "notes": summary.notes,
+        "outputs": summary.outputs,
+        "failures": [{"item": item, "reason": reason} for item, reason in summary.failures],
+    }
+
+
+@dataclass
+class Section:
+    """One run's part of the report. `data` is the kind's own payload (see the page's renderers)."""
+
+    id: str
+    kind: str  # gallery | query | evaluation | video
+    title: str
+    summary: RunSummary
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def write_gallery_pages(
+    folder: Path, section_id: str, files: Sequence[str], rows: Sequence[int], neighbours: Any, thumbnail: Any
+) -> dict[str, Any]:
+    """A gallery's items as data pages and thumbnail sprites.
+
+    Args:
+        folder: outputs/report.
+        files, rows: per embedded item (embedding order), its file name and manifest line.
+        neighbours: retrieval.Neighbours of the gallery (top-k other items per item).
+        thumbnail: item -> uint8 (T, T, 3).
+    Returns:
+        the section's gallery data: item count, page count, k, and where the pages are.
+    """
+    out = folder / section_id
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("page_*"):
+        old.unlink()
+    n = len(files)
+    pages = -(-n // PAGE_SIZE)
+    nearest = []
+    for p in range(pages):
+        start, stop = p * PAGE_SIZE, min(n, (p + 1) * PAGE_SIZE)
+        items = []
+        for i in range(start, stop):
+            nb = [
+                [int(j), round(float(d), 4), files[int(j)]]
+                for j, d in zip(neighbours.indices[i], neighbours.distances[i])
+                if j >= 0
+            ]
+            items.append({"i": i, "file": files[i], "row": int(rows[i]), "nb": nb})
+            nearest.append(nb[0][1] if nb else None)
+        atomic_write_text(out / f"page_{p:04d}.js", _js("page", {"section": section_id, "page": p, "items": items}))
+        sprite = Image.new(
+            "RGB", (SPRITE_COLUMNS * THUMB_SIZE, -(-(stop - start) // SPRITE_COLUMNS) * THUMB_SIZE), (255, 255, 255)
+        )
+        for k, i in enumerate(range(start, stop)):
+            tile = Image.fromarray(np.ascontiguousarray(thumbnail(i)))
+            sprite.paste(tile, ((k % SPRITE_COLUMNS) * THUMB_SIZE, (k // SPRITE_COLUMNS) * THUMB_SIZE))
+        atomic_write_bytes(out / f"page_{p:04d}.jpg", encode_jpeg(sprite, quality=85))
+    atomic_write_text(out / "names.js", _js("names", {"section": section_id, "files": list(files), "nearest": nearest}))
+    return {
+        "items": n,
+        "pages": pages,
+        "page_size": PAGE_SIZE,
+        "columns": SPRITE_COLUMNS,
+        "thumb": THUMB_SIZE,
+        "k": int(neighbours.indices.shape[1]) if n else 0,
+        "folder": f"{REPORT_DIR}/{section_id}",
+    }
+
+
+def write_section(plots_dir: Path, section: Section) -> Path:
+    """Write one section and re-write the page with every section present; returns report.html."""
+    folder = plots_dir / REPORT_DIR
+    (folder / "sections").mkdir(parents=True, exist_ok=True)
+    payload = {
+        "id": section.id,
+        "kind": section.kind,
+        "title": section.title,
+        "summary": summary_payload(section.summary),
+        "data": section.data,
+        "written": time.time(),
+    }
+    atomic_write_text(folder / "sections" / f"{section.id}.js", _js("section", payload))
+    ids = sorted((p.stem for p in (folder / "sections").glob("*.js")), key=_section_order)
+    atomic_write_text(folder / "sections.js", _js("sections", ids))
+    page = plots_dir / REPORT_HTML
+    atomic_write_text(page, PAGE)
+    return page
+
+
+def _section_order(section_id: str) -> tuple[int, str]:
+    order = ("gallery", "gallery_segment", "query", "evaluation")
+    return (order.index(section_id), section_id) if section_id in order else (len(order), section_id)
+
+
+PAGE = (Path(__file__).parent / "templates" / "report.html").read_text(encoding="utf-8")

@@ -1,0 +1,149 @@
+"""--serve on 127.0.0.1: queries through the page in Chromium equal --query-text/--query-image on the
+same cache, bad uploads get a 4xx without harming the next query, and a bounded load test."""
+
+from __future__ import annotations
+
+import csv
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from selenium.webdriver.common.by import By
+
+import main as cli
+from pipeline.config import config_from_flags
+from pipeline.serve import MAX_UPLOAD_BYTES, SearchService, create_app
+from tests.test_images import png_header_only
+from tests.test_webreport import console_errors, wait
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, mixed_dataset, tiny_onnx):
+    """A gallery, then the app over it on a free port of 127.0.0.1, stopped at the end."""
+    import uvicorn
+
+    out = tmp_path_factory.mktemp("served")
+    assert cli.main(["--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 3
+    port = _free_port()
+    cfg = config_from_flags(
+        vars(
+            cli.build_parser().parse_args(
+                ["--onnx", str(tiny_onnx), "--output-dir", str(out), "--serve", "--port", str(port)]
+            )
+        )
+    )
+    service = SearchService.load(cfg)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(url + "/api/info", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url, out, service
+    server.should_exit = True
+    thread.join(10)
+
+
+def _cli_results(out, tiny_onnx, *query) -> list[tuple[str, float]]:
+    assert cli.main([*query, "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 0
+    with open(out / "retrieval_results" / "queries" / "query_results.csv") as f:
+        return [(r["gallery_file"], round(float(r["distance"]), 3)) for r in csv.DictReader(f)]
+
+
+def _page_results(browser) -> list[tuple[str, float]]:
+    tiles = browser.find_elements(By.CSS_SELECTOR, "#results .tile[data-file]")
+    return [(t.get_attribute("data-file"), round(float(t.get_attribute("data-distance")), 3)) for t in tiles]
+
+
+def test_text_and_image_queries_through_the_page_equal_the_query_mode(served, browser, tiny_onnx, tmp_path):
+    url, out, _ = served
+    browser.get(url + "/")
+    wait(browser, "document.getElementById('info').textContent.includes('22 items')")
+    browser.find_element(By.ID, "text").send_keys("red floral dress")
+    browser.find_element(By.ID, "text-go").click()
+    wait(browser, "document.querySelectorAll('#results .tile[data-file]').length === 5")
+    assert _page_results(browser) == _cli_results(out, tiny_onnx, "--query-text", "red floral dress")
+    picture = tmp_path / "look.jpg"
+    picture.write_bytes((out / "images" / "img_00011.jpg").read_bytes())
+    browser.find_element(By.ID, "file").send_keys(str(picture))
+    browser.find_element(By.ID, "image-go").click()
+    wait(
+        browser,
+        "document.querySelector('#results .query')?.dataset.query === 'look.jpg'",
+    )
+    wait(
+        browser, "[...document.images].filter(i => i.closest('#results')).every(i => i.complete && i.naturalWidth > 0)"
+    )
+    got = _page_results(browser)
+    assert got == _cli_results(out, tiny_onnx, "--query-image", str(picture))
+    assert got[0] == ("img_00011.jpg", 0.0)  # the picture finds itself first
+    assert console_errors(browser) == []
+
+
+@pytest.mark.parametrize(
+    "name, data, status, message",
+    [
+        ("notes.txt", b"just some text", 415, "not a recognized image format"),
+        ("bomb.png", png_header_only(50_000, 50_000), 413, "decompression bomb"),
+        ("huge.jpg", b"\xff\xd8\xff" + bytes(MAX_UPLOAD_BYTES), 413, "over 20 MB"),
+        ("empty.jpg", b"", 422, "empty"),
+    ],
+)
+def test_bad_uploads_get_a_4xx_and_the_next_query_still_works(served, name, data, status, message):
+    url, _, _ = served
+    r = httpx.post(url + "/api/image", files={"file": (name, data)}, timeout=30)
+    assert r.status_code == status and message in r.json()["detail"]
+    ok = httpx.post(url + "/api/text", json={"text": "blue shirt"}, timeout=30)
+    assert ok.status_code == 200 and len(ok.json()["results"]) == 5
+
+
+def test_bad_text_requests_are_refused_with_a_reason(served):
+    url, _, _ = served
+    assert httpx.post(url + "/api/text", json={"text": "  "}).status_code == 422
+    assert httpx.post(url + "/api/text", json={"text": "x" * 501}).status_code == 413
+    assert httpx.post(url + "/api/text", json={"text": "dress", "k": 0}).status_code == 422
+    assert httpx.get(url + "/thumb/9999.jpg").status_code == 404
+    assert httpx.get(url + "/thumb/0.jpg").headers["content-type"] == "image/jpeg"
+
+
+def test_the_report_is_served(served):
+    url, _, _ = served
+    r = httpx.get(url + "/report", follow_redirects=True)
+    assert r.status_code == 200 and "run report" in r.text
+    assert httpx.get(url + "/files/outputs/report/sections.js").status_code == 200
+
+
+def test_bounded_load_200_requests_from_8_clients(served):
+    """200 requests (text and image, mixed), 8 at a time, each bounded by a timeout: no errors."""
+    url, out, _ = served
+    picture = (out / "images" / "img_00003.jpg").read_bytes()
+
+    def one(k: int) -> float:
+        t = time.perf_counter()
+        with httpx.Client(timeout=30) as c:
+            if k % 4 == 3:
+                r = c.post(url + "/api/image", files={"file": ("q.jpg", picture)})
+            else:
+                r = c.post(url + "/api/text", json={"text": f"red dress number {k % 7}"})
+        assert r.status_code == 200, r.text
+        return time.perf_counter() - t
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        latencies = np.array(list(pool.map(one, range(200)))) * 1000
+    p50, p95 = np.percentile(latencies, [50, 95])
+    print(f"\nload test: 200 requests, 8 clients: p50 {p50:.0f} ms, p95 {p95:.0f} ms")
+    assert len(latencies) == 200 and p95 < 30_000
