@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(video, "--det-conf", type=_unit_float, help="minimum detection confidence")
     add(video, "--det-backend", choices=YOLO_BACKENDS, help=YOLO_BACKEND_HELP)
 
+    add(video, "--track-gap", type=_positive_int, help="analysed frames a person may go unseen before their track ends")
+    add(video, "--no-annotated-video", action="store_true", help="skip video_results/<clip>/annotated.mp4")
+
     seg = p.add_argument_group("segmentation (Ultralytics YOLO, person class)")
     add(seg, "--seg-model", help="segmentation weights (.pt), exported .onnx, or model .yaml")
     add(seg, "--seg-conf", type=_unit_float, help="minimum person confidence")
@@ -223,7 +226,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit
         bad = [b for b in args.eval_backends.split(",") if b not in EVAL_BACKENDS]
         if bad:
             parser.error(f"--eval-backends: unknown {bad}; choose from {', '.join(EVAL_BACKENDS)}")
-    video_flags = {"video_dir", "frame_stride", "det_model", "det_conf", "det_backend"} & explicit
+    video_flags = explicit & {"video_dir", "frame_stride", "det_model", "det_conf", "det_backend", "track_gap",
+                              "no_annotated_video"}
     if video_flags and not args.video_clip:
         parser.error(_need(parser, video_flags, "--video_clip NAME"))
     seg_flags = {"seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented"} & explicit

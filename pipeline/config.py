@@ -29,6 +29,8 @@ class VideoSpec:
     det_model: str = "yolov8n.pt"
     det_conf: float = 0.25
     det_backend: str = "auto"  # auto (ONNX export of .pt weights on the CPU) | onnx | torch
+    track_gap: int = 2  # analysed frames a person may go unseen before their track ends
+    no_annotated_video: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,8 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "det_model": ("video", "det_model"),
     "det_conf": ("video", "det_conf"),
     "det_backend": ("video", "det_backend"),
+    "track_gap": ("video", "track_gap"),
+    "no_annotated_video": ("video", "no_annotated_video"),
     "query_image": ("query", "images"),
     "query_text": ("query", "texts"),
     "evaluate": ("evaluate", "enabled"),

@@ -1,6 +1,7 @@
 """Video matching: a video file in; for every --frame-stride-th frame the people in it (boxes,
-optional white-background masks), their top-k catalogue matches, one picture per processed frame
-and one JSONL results file out (video_results/<clip>/).
+optional white-background masks) and their catalogue matches; each person followed through the clip
+(tracking.py) and given one look; out in video_results/<clip>/: one picture per analysed frame,
+results.jsonl, tracks.json, a contact sheet per track and the annotated video (annotate.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from .annotate import AnnotatedVideoWriter, Drawing, draw, output_size
 from .catalog import open_gallery, segmenter_factory
 from .config import RunConfig
 from .embedders import make_embedder
@@ -27,6 +29,7 @@ from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import topk_neighbours
 from .store import THUMBNAILS_FILE, ThumbnailReader
+from .tracking import Tracker
 from .webreport import Section, relative_link, write_section
 from .yolo import UltralyticsDetector
 
@@ -38,11 +41,14 @@ REENCODE_HINT = "re-encode it to H.264, e.g. ffmpeg -i INPUT -c:v libx264 -pix_f
 
 @dataclass(frozen=True)
 class Frame:
-    """A decoded frame: index in the stream, time in seconds, uint8 (H, W, 3) RGB pixels."""
+    """A frame: index in the stream, time in seconds, uint8 (H, W, 3) RGB pixels (analysed frames),
+    and, when the reader decodes every frame, the BGR pixels at the annotated video's size."""
 
     index: int
     time_s: float
-    rgb: np.ndarray
+    rgb: np.ndarray | None
+    analysed: bool = True
+    small_bgr: np.ndarray | None = None
 
 
 def find_video(video_dir: Path, clip: str) -> Path:
@@ -74,32 +80,41 @@ def open_video(path: Path):
 
 
 class FrameReader:
-    """Read a video front to back: grab() every frame, decode only every stride-th one.
+    """Read a video front to back: decode every stride-th frame (the analysed ones), and the others
+    too when `small_size` asks for every frame at that size (the annotated video); else only
+    grab() them.
 
     Never seeks (seeking is slow and inexact for inter-frame codecs). Frames leave OpenCV here,
     converted from BGR to RGB once. After iteration, `frames_read` is the number of frames the
     stream really had (the container's count is only a hint).
     """
 
-    def __init__(self, path: Path, stride: int) -> None:
-        self.path, self.stride = path, stride
+    def __init__(self, path: Path, stride: int, small_size: tuple[int, int] | None = None) -> None:
+        self.path, self.stride, self.small_size = path, stride, small_size
         self.frames_read = 0
+        self.fps = 0.0
 
     def __iter__(self) -> Iterator[Frame]:
         import cv2
 
         cap = open_video(self.path)
         try:
-            fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+            fps = self.fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
             index = 0
             while True:
-                if index % self.stride == 0:
+                analysed = index % self.stride == 0
+                if analysed or self.small_size:
                     ok, bgr = cap.read()
                     if not ok:
                         break
                     t = index / fps if fps > 0 else cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
                     self.frames_read = index + 1
-                    yield Frame(index, float(t), cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                    small = None
+                    if self.small_size:
+                        same = (bgr.shape[1], bgr.shape[0]) == self.small_size
+                        small = bgr.copy() if same else cv2.resize(bgr, self.small_size, interpolation=cv2.INTER_AREA)
+                    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if analysed else None
+                    yield Frame(index, float(t), rgb, analysed, small)
                 elif not cap.grab():
                     break
                 index += 1
@@ -110,13 +125,19 @@ class FrameReader:
             cap.release()
 
 
-def frame_count(path: Path) -> int:
-    """The container's frame count (for the progress bar only; it may be wrong or 0)."""
+def probe(path: Path) -> tuple[int, float, int, int]:
+    """(frame count, fps, width, height) as the container says (the count only guides the progress
+    bar: it may be wrong or 0)."""
     import cv2
 
     cap = cv2.VideoCapture(str(path))
     try:
-        return max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+        return (
+            max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))),
+            float(cap.get(cv2.CAP_PROP_FPS) or 0.0),
+            int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+        )
     finally:
         cap.release()
 
@@ -148,8 +169,112 @@ def draw_frame_picture(
     return canvas
 
 
+class VideoRun:
+    """One --video_clip run's state: the frame loop's pieces, so that run_video reads as the loop."""
+
+    def __init__(self, cfg: RunConfig, embedder, gallery, out_dir: Path, thumbs: ThumbnailReader) -> None:
+        self.cfg, self.embedder, self.gallery, self.out_dir, self.thumbs = cfg, embedder, gallery, out_dir, thumbs
+        self.embedded = gallery.embedded
+        self.names = [r.file for r in self.embedded]
+        self.tracker = Tracker(max_gap=cfg.video.track_gap)
+        # track -> (time, area x score x uncovered share, thumbnail) per crop
+        self.crops: dict[int, list[tuple[float, float, np.ndarray]]] = {}
+        self._best: dict[int, tuple[int, str, np.ndarray | None]] = {}  # track -> (sightings, caption, tile)
+        self.results: list[dict] = []
+
+    def matches(self, nb, qi: int) -> list[dict]:
+        return [
+            {
+                "rank": r + 1,
+                "file": self.embedded[j].file,
+                "row": self.embedded[j].index,
+                "source_row": self.embedded[j].source_row,
+                "distance": round(float(d), 6),
+            }
+            for r, (j, d) in enumerate(zip(nb.indices[qi], nb.distances[qi]))
+            if j >= 0
+        ]
+
+    def best_match(self, track_id: int) -> tuple[str, np.ndarray | None]:
+        """A track's current top-1: its caption and its thumbnail (searched again only when the
+        track has been seen again)."""
+        track = self.tracker.tracks[track_id - 1]
+        cached = self._best.get(track_id)
+        if cached is None or cached[0] != len(track.sightings):
+            nb = topk_neighbours(track.look[None], self.gallery.embeddings, 1)
+            j = int(nb.indices[0, 0])
+            best = (f"{self.names[j]} d={nb.distances[0, 0]:.2f}", self.thumbs[j].copy()) if j >= 0 else ("", None)
+            cached = self._best[track_id] = (len(track.sightings), *best)
+        return cached[1], cached[2]
+
+    def track_summaries(self) -> list[dict]:
+        """tracks.json: per track its sightings and its look's top-k."""
+        out = []
+        for t in self.tracker.tracks:
+            nb = topk_neighbours(t.look[None], self.gallery.embeddings, self.cfg.top_k)
+            best = max(self.crops.get(t.id, []), key=lambda c: c[1], default=None)
+            out.append(
+                {
+                    "id": t.id,
+                    "first_frame": t.sightings[0].frame,
+                    "last_frame": t.last.frame,
+                    "first_s": round(t.sightings[0].time_s, 3),
+                    "last_s": round(t.last.time_s, 3),
+                    "frames": len(t.sightings),
+                    "sightings": [
+                        {
+                            "frame": s.frame,
+                            "time_s": round(s.time_s, 3),
+                            "box_xyxy": [round(float(v), 2) for v in s.box_xyxy],
+                            "score": round(s.confidence, 6),
+                        }
+                        for s in t.sightings
+                    ],
+                    "best_crop_s": round(best[0], 3) if best else None,
+                    "matches": self.matches(nb, 0),
+                    "sheet": f"track_{t.id:03d}.jpg",
+                }
+            )
+        return out
+
+    def contact_sheet(self, track: dict) -> Path:
+        """A track's crops over time (up to 8, evenly spread) above its look's matches."""
+        crops = self.crops.get(track["id"], [])
+        picks = [crops[int(k)] for k in np.linspace(0, len(crops) - 1, min(8, len(crops)))] if crops else []
+        strip = (
+            compose_matches(
+                picks[0][2],
+                f"{picks[0][0]:.1f} s",
+                [c[2] for c in picks[1:]],
+                [f"{c[0]:.1f} s" for c in picks[1:]],
+                title=f"Track {track['id']}: the person over time",
+            )
+            if picks
+            else None
+        )
+        nb_idx = [self.names.index(m["file"]) for m in track["matches"]]
+        best = max(crops, key=lambda c: c[1])[2] if crops else np.full((THUMB_SIZE, THUMB_SIZE, 3), 255, np.uint8)
+        looks = compose_matches(
+            best,
+            "best crop",
+            [self.thumbs[j].copy() for j in nb_idx],
+            [f"d={m['distance']:.3f}\n{m['file']}" for m in track["matches"]],
+            title=f"Track {track['id']}: its look's catalogue matches ({track['first_s']:.1f}-{track['last_s']:.1f} s)",
+        )
+        parts = [p for p in (strip, looks) if p is not None]
+        sheet = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), (255, 255, 255))
+        y = 0
+        for p in parts:
+            sheet.paste(p, (0, y))
+            y += p.height
+        path = self.out_dir / track["sheet"]
+        save_jpeg(sheet, path)
+        return path
+
+
 def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segmenter | None = None) -> RunSummary:
-    """--video_clip: gallery (cache or built), then detect, (segment), embed, match, draw per frame.
+    """--video_clip: gallery (cache or built), then for each analysed frame detect, (segment), embed,
+    match, track and draw; every frame into the annotated video; tracks and their looks at the end.
 
     detector, segmenter: stand-ins for the Ultralytics models (benchmarks, tests).
     """
@@ -164,8 +289,7 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
     with summary.stage("load embedder"):
         embedder = make_embedder(cfg.embedder)
     gallery = open_gallery(cfg, summary, embedder=embedder)
-    embedded = gallery.embedded
-    if not embedded:
+    if not gallery.embedded:
         raise PipelineError(f"the gallery in {cfg.store_dir} has no embedded items to match against")
     with summary.stage("load detector"):
         detector = detector or UltralyticsDetector(
@@ -173,117 +297,186 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
         )
         if cfg.segmented and segmenter is None:
             segmenter = segmenter_factory(cfg)
-    thumbs = ThumbnailReader(cfg.store_dir / THUMBNAILS_FILE)
-    names = [r.file for r in embedded]
-    for old in out_dir.glob("frame_*.jpg"):
+    for old in [*out_dir.glob("frame_*.jpg"), *out_dir.glob("track_*.jpg")]:
         old.unlink()
-    total = frame_count(path)
-    times = dict.fromkeys(("read", "detect", "segment", "embed", "match", "draw"), 0.0)
-    results: list[str] = []
-    shown: list[dict] = []  # for the report
+    total, fps, width, height = probe(path)
+    small = output_size(width, height) if not video.no_annotated_video and width and height else None
+    scale = small[0] / width if small else 1.0
+    writer = AnnotatedVideoWriter(out_dir / "annotated.mp4", fps, small) if small else None
+    thumbs = ThumbnailReader(cfg.store_dir / THUMBNAILS_FILE)
+    run = VideoRun(cfg, embedder, gallery, out_dir, thumbs)
+    times = dict.fromkeys(("read", "detect", "segment", "embed", "match", "track", "draw", "video"), 0.0)
+    pending: list[Frame] = []  # frames since the last analysed one, waiting for the next to interpolate
     n_frames = n_persons = n_empty = 0
-    t_read = time.perf_counter()
     bar = tqdm(total=total or None, unit="frame", desc=f"video {video.clip}", disable=not cfg.progress)
-    last_index = -1
-    reader = FrameReader(path, video.frame_stride)
+    reader = FrameReader(path, video.frame_stride, small)
+    t_read = time.perf_counter()
+    ok = False
     try:
         for frame in reader:
             t0 = time.perf_counter()
             times["read"] += t0 - t_read
-            bar.update(frame.index - last_index)
-            last_index = frame.index
-            persons = detector.detect([frame.rgb])[0]
-            t1 = time.perf_counter()
-            if segmenter is not None and persons:
-                persons = with_masks(persons, segmenter.segment([frame.rgb])[0])
-            t2 = time.perf_counter()
-            # person k keeps number k (the #k drawn on the frame) even when another has no crop
-            crops = {k: c for k, p in enumerate(persons) if (c := person_crop(frame.rgb, p)) is not None and c.size}
-            crop_images = {k: Image.fromarray(c) for k, c in crops.items()}
-            if crops:
-                queries = embedder.embed(preprocess_batch(list(crop_images.values()), embedder.preprocess_cfg))
-            t3 = time.perf_counter()
-            nb = topk_neighbours(queries, gallery.embeddings, cfg.top_k) if crops else None
-            t4 = time.perf_counter()
-            found, pic_rows = [], []
-            for qi, k in enumerate(crops):
-                matches = [
-                    {
-                        "rank": r + 1,
-                        "file": embedded[j].file,
-                        "row": embedded[j].index,
-                        "source_row": embedded[j].source_row,
-                        "distance": round(float(d), 6),
-                    }
-                    for r, (j, d) in enumerate(zip(nb.indices[qi], nb.distances[qi]))
-                    if j >= 0
-                ]
-                found.append(
-                    {
-                        "person": k,
-                        "box_xyxy": [round(float(v), 2) for v in persons[k].box_xyxy],
-                        "score": round(float(persons[k].confidence), 6),
-                        "masked": persons[k].mask is not None,
-                        "matches": matches,
-                    }
-                )
-                tiles, labels = neighbour_tiles(nb.indices[qi], nb.distances[qi], lambda j: thumbs[j].copy(), names)
-                pic_rows.append(
-                    compose_matches(make_thumbnail(crop_images[k], THUMB_SIZE), f"person #{k}", tiles, labels)
-                )
-            picture = draw_frame_picture(frame.rgb, persons, pic_rows)
-            save_jpeg(picture, out_dir / f"frame_{frame.index:06d}.jpg", quality=88)
-            t5 = time.perf_counter()
-            results.append(json.dumps({"frame": frame.index, "time_s": round(frame.time_s, 3), "persons": found}))
-            shown.append(
-                {
-                    "frame": frame.index,
-                    "time_s": round(frame.time_s, 3),
-                    "persons": found,
-                    "picture": relative_link(out_dir / f"frame_{frame.index:06d}.jpg", cfg.plots_dir),
-                }
-            )
-            for key, (a, b) in {
-                "detect": (t0, t1),
-                "segment": (t1, t2),
-                "embed": (t2, t3),
-                "match": (t3, t4),
-                "draw": (t4, t5),
-            }.items():
-                times[key] += b - a
+            bar.update(1 if small else (frame.index - (run.results[-1]["frame"] if run.results else -1)))
+            if not frame.analysed:
+                pending.append(frame)
+                t_read = time.perf_counter()
+                continue
+            found = analyse(run, frame, detector, segmenter, times)
             n_frames += 1
             n_persons += len(found)
             n_empty += not found
+            if writer is not None:
+                t = time.perf_counter()
+                for f in [*pending, frame]:
+                    writer.write(draw(f.small_bgr, drawings_at(run, f.index), scale))
+                pending.clear()
+                times["video"] += time.perf_counter() - t
             t_read = time.perf_counter()
+        if writer is not None:
+            t = time.perf_counter()
+            for f in pending:  # after the last analysed frame
+                writer.write(draw(f.small_bgr, drawings_at(run, f.index), scale))
+            times["video"] += time.perf_counter() - t
+        ok = True
     finally:
-        bar.update(max(0, reader.frames_read - 1 - last_index))
+        bar.update(max(0, (total or reader.frames_read) - bar.n))
         bar.close()
+        if writer is not None and not ok:
+            writer.abort()
+    with summary.stage("tracks"):
+        t = time.perf_counter()
+        annotated = writer.close() if writer is not None else None
+        times["video"] += time.perf_counter() - t
+        tracks = run.track_summaries()
+        for track in tracks:
+            run.contact_sheet(track)
         thumbs.close()
     results_path = out_dir / "results.jsonl"
-    atomic_write_text(results_path, "\n".join(results) + ("\n" if results else ""))
+    atomic_write_text(results_path, "".join(json.dumps(r) + "\n" for r in run.results))
+    atomic_write_text(
+        out_dir / "tracks.json",
+        json.dumps(
+            {
+                "clip": video.clip,
+                "fps": fps,
+                "frames": reader.frames_read,
+                "stride": video.frame_stride,
+                "tracks": tracks,
+            },
+            indent=1,
+        ),
+    )
     read_frames = reader.frames_read
     if read_frames < video.frame_stride:
         summary.notes.append(
-            f"the video has {read_frames} frame(s), fewer than --frame-stride {video.frame_stride}: only frame 0 was "
-            f"analysed"
+            f"the video has {read_frames} frame(s), fewer than --frame-stride {video.frame_stride}: "
+            "only frame 0 was analysed"
         )
+    long_tracks = sum(t["frames"] > 1 for t in tracks)
     summary.counts.update(
         {
             "frames read": read_frames,
             "frames processed": n_frames,
             "persons": n_persons,
             "frames without persons": n_empty,
+            "tracks": len(tracks),
+            "tracks seen twice or more": long_tracks,
         }
     )
     video_wall = sum(times.values())
     for k, v in times.items():
         summary.stages[f"video {k}"] = v
     if video_wall > 0:
-        summary.notes.append(f"{n_frames / video_wall:.2f} processed frames per second of wall time (gallery excluded)")
+        summary.notes.append(
+            f"{n_frames / video_wall:.2f} analysed frames per second, {read_frames / video_wall:.1f} video frames "
+            f"per second of wall time (gallery excluded; {read_frames / max(fps, 1e-9) / video_wall:.2f}x real time)"
+        )
     summary.outputs["frame pictures"] = f"{out_dir}/frame_*.jpg"
     summary.outputs["results"] = str(results_path)
+    summary.outputs["tracks"] = f"{out_dir / 'tracks.json'} and {out_dir}/track_*.jpg"
+    if annotated:
+        summary.outputs["annotated video"] = str(annotated)
     with summary.stage("report"):
-        section = Section(f"video_{video.clip}", "video", f"Video {video.clip}", summary, {"frames": shown})
-        summary.outputs["report"] = str(write_section(cfg.plots_dir, section))
+        data = {
+            "frames": [
+                {**r, "picture": relative_link(out_dir / f"frame_{r['frame']:06d}.jpg", cfg.plots_dir)}
+                for r in run.results
+            ],
+            "tracks": [{**t, "sheet": relative_link(out_dir / t["sheet"], cfg.plots_dir)} for t in tracks],
+            "video": relative_link(annotated, cfg.plots_dir) if annotated else None,
+        }
+        summary.outputs["report"] = str(
+            write_section(cfg.plots_dir, Section(f"video_{video.clip}", "video", f"Video {video.clip}", summary, data))
+        )
     return summary
 
+
+def analyse(
+    run: VideoRun, frame: Frame, detector: Detector, segmenter: Segmenter | None, times: dict[str, float]
+) -> list[dict]:
+    """One analysed frame: persons, crops, their vectors and matches, their tracks, the frame picture
+    and its results line. Person k keeps number k (the #k drawn) even when another has no crop."""
+    cfg, embedder = run.cfg, run.embedder
+    t0 = time.perf_counter()
+    persons = detector.detect([frame.rgb])[0]
+    t1 = time.perf_counter()
+    if segmenter is not None and persons:
+        persons = with_masks(persons, segmenter.segment([frame.rgb])[0])
+    t2 = time.perf_counter()
+    crops = {k: c for k, p in enumerate(persons) if (c := person_crop(frame.rgb, p)) is not None and c.size}
+    images = {k: Image.fromarray(c) for k, c in crops.items()}
+    vectors = embedder.embed(preprocess_batch(list(images.values()), embedder.preprocess_cfg)) if crops else None
+    t3 = time.perf_counter()
+    nb = topk_neighbours(vectors, run.gallery.embeddings, cfg.top_k) if crops else None
+    t4 = time.perf_counter()
+    track_of = run.tracker.update(frame.index, frame.time_s, persons, {k: vectors[q] for q, k in enumerate(crops)})
+    t5 = time.perf_counter()
+    found, rows = [], []
+    for qi, k in enumerate(crops):
+        tile = make_thumbnail(images[k], THUMB_SIZE)
+        x1, y1, x2, y2 = (float(v) for v in persons[k].box_xyxy)
+        uncovered = 1.0 - run.tracker.tracks[track_of[k] - 1].last.covered
+        run.crops.setdefault(track_of[k], []).append(
+            (frame.time_s, (x2 - x1) * (y2 - y1) * persons[k].confidence * uncovered, tile)
+        )
+        found.append(
+            {
+                "person": k,
+                "track": track_of[k],
+                "box_xyxy": [round(float(v), 2) for v in persons[k].box_xyxy],
+                "score": round(float(persons[k].confidence), 6),
+                "masked": persons[k].mask is not None,
+                "matches": run.matches(nb, qi),
+            }
+        )
+        tiles, labels = neighbour_tiles(nb.indices[qi], nb.distances[qi], lambda j: run.thumbs[j].copy(), run.names)
+        rows.append(compose_matches(tile, f"person #{k} (track {track_of[k]})", tiles, labels))
+    save_jpeg(draw_frame_picture(frame.rgb, persons, rows), run.out_dir / f"frame_{frame.index:06d}.jpg", quality=88)
+    run.results.append({"frame": frame.index, "time_s": round(frame.time_s, 3), "persons": found})
+    t6 = time.perf_counter()
+    for key, (a, b) in {
+        "detect": (t0, t1),
+        "segment": (t1, t2),
+        "embed": (t2, t3),
+        "match": (t3, t4),
+        "track": (t4, t5),
+        "draw": (t5, t6),
+    }.items():
+        times[key] += b - a
+    return found
+
+
+def drawings_at(run: VideoRun, frame: int) -> list[Drawing]:
+    """What the annotated video shows at `frame`: every track whose sightings span it, its box
+    interpolated between the analysed frames around it, with its current best match; after the last
+    analysed frame, the tracks seen there, moved on by their last velocity for up to one stride."""
+    out = []
+    seen = run.tracker.frames_seen
+    for t in run.tracker.tracks:
+        box = t.box_at(frame)
+        if box is None and seen and t.last.frame == seen[-1] < frame <= seen[-1] + run.cfg.video.frame_stride:
+            box = t.predicted_box(frame)
+        if box is not None:
+            caption, tile = run.best_match(t.id)
+            out.append(Drawing(box, t.id, caption, tile))
+    return out

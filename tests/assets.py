@@ -332,3 +332,34 @@ def write_hub_dataset(
         "---\n# A stand-in of lirus18/deepfashion\n"
     )
     return folder
+
+
+GARMENT_COLOURS = [((230, 30, 30), (250, 250, 250)), ((150, 0, 150), (0, 200, 200)), ((20, 40, 200), (250, 220, 0))]
+
+
+def garment(kind: int, w: int = 48, h: int = 96) -> np.ndarray:
+    """A garment-like pattern, uint8 (h, w, 3) RGB: 0 red/white stripes, 1 purple/cyan rings,
+    2 blue/yellow checks. Kinds 0 and 1 are far apart for the tiny CLIP of the tests (cosine ~0.6)."""
+    y, x = np.mgrid[0:h, 0:w]
+    if kind == 0:
+        on = (y * 96 // h // 10) % 2 == 0
+    elif kind == 1:
+        on = (np.hypot((x - w / 2) * 60 / w, (y - h / 2) * 120 / h) // 10) % 2 == 0
+    else:
+        on = ((x * 60 // w // 12) + (y * 120 // h // 12)) % 2 == 0
+    a, b = GARMENT_COLOURS[kind]
+    return np.where(on[..., None], np.array(a, np.uint8), np.array(b, np.uint8)).astype(np.uint8)
+
+
+def write_walking_clip(path: Path, scene, frames: int, size_wh: tuple[int, int] = (320, 180), fps: float = 30.0):
+    """A clip of garment blocks on a grey floor. scene(i) -> [(garment kind, [x1, y1, x2, y2])] for
+    frame i, drawn in that order (the later one in front)."""
+
+    def frame(i):
+        f = np.full((size_wh[1], size_wh[0], 3), 128, np.uint8)
+        for kind, box in scene(i):
+            x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+            f[y1:y2, x1:x2] = garment(kind, x2 - x1, y2 - y1)[..., ::-1]  # BGR for the writer
+        return f
+
+    return write_video(path, frames, size_wh, fps, color_fn=frame)
