@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class AnnotatedVideoWriter:
         if codec == "libx264":
             self.stream.options = {"preset": "veryfast", "crf": "26", "movflags": "+faststart"}
         self._av = av
+        self.encode_seconds = 0.0  # time the background thread spent converting and encoding
         self._q: queue.Queue = queue.Queue(maxsize=16)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="annotated-video", daemon=True)
@@ -91,9 +93,11 @@ class AnnotatedVideoWriter:
     def _run(self) -> None:
         try:
             while (frame := self._q.get()) is not None:
+                t = time.perf_counter()
                 vf = self._av.VideoFrame.from_ndarray(frame, format="bgr24")
                 for packet in self.stream.encode(vf):
                     self.container.mux(packet)
+                self.encode_seconds += time.perf_counter() - t
         except BaseException as e:  # handed to the caller at the next write or at close
             self._error = e
 
@@ -113,9 +117,11 @@ class AnnotatedVideoWriter:
             self.container.close()
             self.tmp.unlink(missing_ok=True)
             raise PipelineError(f"writing {self.path} failed: {self._error}") from self._error
+        t = time.perf_counter()
         for packet in self.stream.encode():
             self.container.mux(packet)
         self.container.close()
+        self.encode_seconds += time.perf_counter() - t
         os.replace(self.tmp, self.path)
         return self.path
 

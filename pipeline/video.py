@@ -67,79 +67,103 @@ def find_video(video_dir: Path, clip: str) -> Path:
 
 
 def open_video(path: Path):
-    """cv2.VideoCapture that is known to open; PipelineError naming the file otherwise."""
-    import cv2
+    """The PyAV container of a file known to open and to hold a video stream; PipelineError naming
+    the file otherwise."""
+    import av
 
     if path.stat().st_size == 0:
         raise PipelineError(f"video {path} is empty (0 bytes)")
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        cap.release()
-        raise PipelineError(f"OpenCV cannot open video {path}: unsupported or damaged; {REENCODE_HINT}")
-    return cap
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as e:
+        raise PipelineError(f"cannot open video {path}: unsupported or damaged ({e}); {REENCODE_HINT}") from e
+    if not container.streams.video:
+        container.close()
+        raise PipelineError(f"cannot open video {path}: it has no video stream; {REENCODE_HINT}")
+    return container
+
+
+def upright(frame, **reformat) -> np.ndarray:
+    """A decoded frame as an array turned as it is meant to be shown (phone clips carry a rotation
+    in their display matrix, which players, OpenCV and we apply)."""
+    turns = int(round((frame.rotation or 0) / 90)) % 4
+    if turns % 2 and "width" in reformat:  # the coded frame is the displayed one turned on its side
+        reformat["width"], reformat["height"] = reformat["height"], reformat["width"]
+    array = frame.to_ndarray(**reformat)
+    return np.ascontiguousarray(np.rot90(array, turns)) if turns else array
 
 
 class FrameReader:
-    """Read a video front to back: decode every stride-th frame (the analysed ones), and the others
-    too when `small_size` asks for every frame at that size (the annotated video); else only
-    grab() them.
+    """Read a video front to back with PyAV (FFmpeg's decoder on all cores): every stride-th frame
+    (the analysed ones) as RGB at full size, and when `small_size` asks for it every frame as BGR
+    at that size (the annotated video), scaled by FFmpeg in the same pass as the colour conversion.
 
-    Never seeks (seeking is slow and inexact for inter-frame codecs). Frames leave OpenCV here,
-    converted from BGR to RGB once. After iteration, `frames_read` is the number of frames the
-    stream really had (the container's count is only a hint).
+    Never seeks (seeking is slow and inexact for inter-frame codecs). A damaged packet is skipped
+    and counted (`damaged_packets`), not fatal. After iteration, `frames_read` is the number of
+    frames the stream really had (the container's count is only a hint).
     """
 
     def __init__(self, path: Path, stride: int, small_size: tuple[int, int] | None = None) -> None:
         self.path, self.stride, self.small_size = path, stride, small_size
         self.frames_read = 0
+        self.damaged_packets = 0
         self.fps = 0.0
 
     def __iter__(self) -> Iterator[Frame]:
-        import cv2
+        import av
 
-        cap = open_video(self.path)
+        container = open_video(self.path)
         try:
-            fps = self.fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame and slice threads: decoding is most of a video's read cost
+            rate = stream.average_rate or stream.guessed_rate
+            fps = self.fps = float(rate) if rate else 0.0
             index = 0
-            while True:
-                analysed = index % self.stride == 0
-                if analysed or self.small_size:
-                    ok, bgr = cap.read()
-                    if not ok:
-                        break
-                    t = index / fps if fps > 0 else cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
-                    self.frames_read = index + 1
-                    small = None
-                    if self.small_size:
-                        same = (bgr.shape[1], bgr.shape[0]) == self.small_size
-                        small = bgr.copy() if same else cv2.resize(bgr, self.small_size, interpolation=cv2.INTER_AREA)
-                    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if analysed else None
-                    yield Frame(index, float(t), rgb, analysed, small)
-                elif not cap.grab():
-                    break
-                index += 1
-                self.frames_read = index
+            for packet in container.demux(stream):
+                try:
+                    decoded = packet.decode()
+                except av.FFmpegError as e:
+                    self.damaged_packets += 1
+                    if self.damaged_packets == 1:
+                        log.warning("%s: skipping a damaged packet at frame %d (%s)", self.path.name, index, e)
+                    continue
+                for frame in decoded:
+                    analysed = index % self.stride == 0
+                    if analysed or self.small_size:
+                        t = index / fps if fps > 0 else float(frame.time or 0.0)
+                        self.frames_read = index + 1
+                        rgb = upright(frame, format="rgb24") if analysed else None
+                        small = None
+                        if self.small_size:
+                            w, h = self.small_size
+                            small = upright(frame, width=w, height=h, format="bgr24", interpolation="AREA")
+                        yield Frame(index, float(t), rgb, analysed, small)
+                    index += 1
+                    self.frames_read = index
             if index == 0:
                 raise PipelineError(f"video {self.path} has no readable frames (empty or damaged); {REENCODE_HINT}")
         finally:
-            cap.release()
+            container.close()
 
 
 def probe(path: Path) -> tuple[int, float, int, int]:
-    """(frame count, fps, width, height) as the container says (the count only guides the progress
-    bar: it may be wrong or 0)."""
-    import cv2
+    """(frame count, fps, width, height as shown) as the container says (the count only guides the
+    progress bar: it may be wrong or 0)."""
+    import av
 
-    cap = cv2.VideoCapture(str(path))
-    try:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        width, height = stream.codec_context.width, stream.codec_context.height
+        turned = False
+        for frame in container.decode(stream):  # the rotation is known from the first frame
+            turned = int(round((frame.rotation or 0) / 90)) % 2 == 1
+            break
         return (
-            max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))),
-            float(cap.get(cv2.CAP_PROP_FPS) or 0.0),
-            int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
-            int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+            max(0, int(stream.frames or 0)),
+            float(rate) if rate else 0.0,
+            *((height, width) if turned else (width, height)),
         )
-    finally:
-        cap.release()
 
 
 def draw_frame_picture(
@@ -283,7 +307,7 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
         raise PipelineError("run_video needs --video_clip")
     summary = RunSummary(mode=f"video {video.clip}" + (" (segmented)" if cfg.segmented else ""))
     path = find_video(video.folder, video.clip)
-    open_video(path).release()  # fail on an unreadable file before any model is loaded
+    open_video(path).close()  # fail on an unreadable file before any model is loaded
     out_dir = cfg.video_results_dir
     check_writable(out_dir)
     with summary.stage("load embedder"):
@@ -372,6 +396,8 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
             f"the video has {read_frames} frame(s), fewer than --frame-stride {video.frame_stride}: "
             "only frame 0 was analysed"
         )
+    if reader.damaged_packets:
+        summary.notes.append(f"{reader.damaged_packets} damaged packet(s) in the video were skipped")
     long_tracks = sum(t["frames"] > 1 for t in tracks)
     summary.counts.update(
         {
@@ -386,6 +412,8 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
     video_wall = sum(times.values())
     for k, v in times.items():
         summary.stages[f"video {k}"] = v
+    if writer is not None:  # on its own thread, overlapping the rest: not part of the sum
+        summary.stages["video encoding (background thread)"] = writer.encode_seconds
     if video_wall > 0:
         summary.notes.append(
             f"{n_frames / video_wall:.2f} analysed frames per second, {read_frames / video_wall:.1f} video frames "

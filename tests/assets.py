@@ -284,6 +284,21 @@ def write_video(
     return path
 
 
+def mark_mp4_rotated_clockwise(path: Path) -> Path:
+    """Give an .mp4 the display matrix of a phone held upright (shown turned 90 degrees clockwise),
+    by rewriting the identity matrix in its track header (tkhd)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    identity = struct.pack(">9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+    at = data.find(identity, data.find(b"tkhd"))
+    if at < 0:
+        raise ValueError(f"{path}: no identity matrix in a tkhd box")
+    data[at : at + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def write_json(path: Path, obj) -> Path:
     path.write_text(json.dumps(obj))
     return path

@@ -45,6 +45,39 @@ def test_frames_are_every_30th_and_rgb(clip_dir):
     assert left[0] > 200 and left[1] < 50 and left[2] < 50  # red stays red: RGB order
 
 
+def test_phone_clips_are_read_upright(tmp_path):
+    # 64 wide, 32 high as coded, white on the left; shown turned clockwise: 32 wide, 64 high, white on top
+    def frame(i):
+        f = np.zeros((32, 64, 3), np.uint8)
+        f[:, :16] = 255
+        return f
+
+    path = assets.mark_mp4_rotated_clockwise(assets.write_video(tmp_path / "phone.mp4", 3, (64, 32), color_fn=frame))
+    assert video.probe(path)[2:] == (32, 64)
+    frames = list(FrameReader(path, 1, small_size=(16, 32)))
+    assert len(frames) == 3
+    for f in frames:
+        assert f.rgb.shape == (64, 32, 3) and f.small_bgr.shape == (32, 16, 3)
+        assert f.rgb[:12].min() > 200 and f.rgb[20:].max() < 60  # white on top
+        assert f.small_bgr[:5].min() > 200 and f.small_bgr[10:].max() < 60
+
+
+def test_a_damaged_packet_is_skipped_not_fatal(tmp_path):
+    path = assets.write_video(
+        tmp_path / "ok.avi", 40, (64, 48), color_fn=lambda i: np.full((48, 64, 3), 5 * i, np.uint8)
+    )
+    data = bytearray(path.read_bytes())
+    second = data.find(b"00dc", data.find(b"00dc", data.find(b"movi")) + 4)  # the second frame's chunk
+    size = int.from_bytes(data[second + 4 : second + 8], "little")
+    data[second + 8 : second + 8 + size] = bytes(size)  # its JPEG zeroed
+    path.write_bytes(bytes(data))
+    reader = FrameReader(path, 10)
+    frames = list(reader)
+    assert reader.damaged_packets == 1 and reader.frames_read == 39  # frames are counted as decoded
+    assert [f.index for f in frames] == [0, 10, 20, 30]
+    assert frames[1].rgb.mean() == pytest.approx(55, abs=3)  # the 11th good frame: the source's frame 11
+
+
 def test_box_iou_and_crops_with_masks():
     assert np.allclose(
         box_iou(np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]])),
@@ -84,8 +117,19 @@ def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx,
     out = tmp_path / "out"
     code = cli.main(
         [
-            "--video_clip", "clip_1", "--video_dir", str(clip_dir), "--dataset", str(mixed_dataset), "--onnx",
-            str(tiny_onnx), "--output-dir", str(out), "-q", "--top-k", "3",
+            "--video_clip",
+            "clip_1",
+            "--video_dir",
+            str(clip_dir),
+            "--dataset",
+            str(mixed_dataset),
+            "--onnx",
+            str(tiny_onnx),
+            "--output-dir",
+            str(out),
+            "-q",
+            "--top-k",
+            "3",
         ]
     )
     assert code == 3  # the gallery has the mixed dataset's two bad rows
@@ -107,8 +151,16 @@ def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx,
     assert (
         cli.main(
             [
-                "--video_clip", "clip_1", "--video_dir", str(clip_dir), "--use-embeddings", "--onnx", str(tiny_onnx),
-                "--output-dir", str(out), "-q",
+                "--video_clip",
+                "clip_1",
+                "--video_dir",
+                str(clip_dir),
+                "--use-embeddings",
+                "--onnx",
+                str(tiny_onnx),
+                "--output-dir",
+                str(out),
+                "-q",
             ]
         )
         == 3
@@ -119,8 +171,21 @@ def test_video_with_yolo_from_yaml(clip_dir, mixed_dataset, tiny_onnx, tmp_path)
     out = tmp_path / "out"
     code = cli.main(
         [
-            "--video_clip", "clip_1", "--video_dir", str(clip_dir), "--det-model", "yolov8n.yaml", "--frame-stride",
-            "45", "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q",
+            "--video_clip",
+            "clip_1",
+            "--video_dir",
+            str(clip_dir),
+            "--det-model",
+            "yolov8n.yaml",
+            "--frame-stride",
+            "45",
+            "--dataset",
+            str(mixed_dataset),
+            "--onnx",
+            str(tiny_onnx),
+            "--output-dir",
+            str(out),
+            "-q",
         ]
     )
     assert code == 3
@@ -145,8 +210,16 @@ def test_video_shorter_than_stride_is_said(clip_dir, mixed_dataset, tiny_onnx, t
     out = tmp_path / "o"
     code = cli.main(
         [
-            "--video_clip", "short", "--video_dir", str(clip_dir), "--dataset", str(mixed_dataset), "--onnx",
-            str(tiny_onnx), "--output-dir", str(out),
+            "--video_clip",
+            "short",
+            "--video_dir",
+            str(clip_dir),
+            "--dataset",
+            str(mixed_dataset),
+            "--onnx",
+            str(tiny_onnx),
+            "--output-dir",
+            str(out),
         ]
     )
     assert code == 3
@@ -249,8 +322,19 @@ def test_person_numbers_stay_detection_indices_when_a_crop_is_empty(
     assert (
         cli.main(
             [
-                "--video_clip", "clip_1", "--video_dir", str(clip_dir), "--dataset", str(mixed_dataset), "--onnx",
-                str(tiny_onnx), "--output-dir", str(out), "-q", "--top-k", "2",
+                "--video_clip",
+                "clip_1",
+                "--video_dir",
+                str(clip_dir),
+                "--dataset",
+                str(mixed_dataset),
+                "--onnx",
+                str(tiny_onnx),
+                "--output-dir",
+                str(out),
+                "-q",
+                "--top-k",
+                "2",
             ]
         )
         == 3
