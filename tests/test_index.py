@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import main as cli
+from pipeline import index as index_module
 from pipeline.errors import PipelineError
 from pipeline.index import INDEX_META, build_index, choose_kind, ensure_index, load_index, recall_at_10, save_index
 from pipeline.retrieval import topk_neighbours
@@ -47,6 +48,25 @@ def test_approximate_index_recall_against_exact_on_20k_clustered_vectors(kind, v
     exact = topk_neighbours(vectors[sample], vectors, 11).indices
     exact_others = [[j for j in row if j != i][:10] for i, row in zip(sample, exact)]
     assert recall_at_10(nb.indices[sample], np.array(exact_others)) >= 0.95
+
+
+def test_the_recorded_recall_is_the_one_a_gallery_run_gets(vectors, monkeypatch):
+    # search effort held low, so that recall is far from 1 and an item finding itself would show
+    monkeypatch.setitem(index_module.KNOBS, "ivfpq", ("nprobe", (1,)))
+    gi = build_index(vectors, "ivfpq", store_sha256="s")
+    sample = np.random.default_rng(3).choice(20_000, 1000, replace=False)
+    exact = topk_neighbours(vectors[sample], vectors, 11).indices
+    truth = np.array([[j for j in row if j != i][:10] for i, row in zip(sample, exact)])
+    measured = recall_at_10(gi.search(vectors[sample], 10, self_ids=sample).indices, truth)
+    assert measured < 0.9 and abs(gi.info.recall_at_10 - measured) < 0.03
+
+
+def test_galleries_of_one_and_two():
+    for n in (1, 2):
+        v = np.eye(n, 4, dtype=np.float32)
+        gi = build_index(v, "flat", store_sha256="s")
+        assert gi.info.recall_at_10 == 1.0 and gi.info.recall_queries == n
+        assert gi.all_neighbours(2).indices.tolist() == {1: [[-1, -1]], 2: [[1, -1], [0, -1]]}[n]
 
 
 def test_flat_index_answers_exactly_as_exact_search(vectors):
