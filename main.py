@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(model, "--batch-size", type=_positive_int)
     add(model, "--threads", type=_non_negative_int, help="CPU threads for inference; 0 = all cores")
     add(model, "--engine", choices=["local", "ray"], help="ray: build the gallery on Ray Data")
-    add(model, "--ray-address", help="a Ray cluster for --engine ray (default: RAY_ADDRESS, else a local Ray)")
+    add(model, "--ray-address", help="a Ray cluster for --engine ray; unset: $RAY_ADDRESS, else a local Ray")
 
     video = p.add_argument_group("video")
     add(video, "--video_clip", "--video-clip", dest="video_clip", help="clip name: <video_dir>/<clip>.mp4")
