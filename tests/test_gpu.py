@@ -243,3 +243,42 @@ def test_pictures_of_one_size_are_processed_together_and_returned_in_order(photo
     for k, data in enumerate(batch):
         alone, thumb, _ = pre.process([inspect_jpeg(data)])
         assert np.array_equal(x[k].numpy(), alone[0].numpy()) and np.array_equal(thumbs[k].numpy(), thumb[0].numpy())
+
+
+def test_device_topk_settles_from_the_whole_row_only_when_ties_need_it(monkeypatch):
+    """The device top-k takes k + EXTRA candidates; a row goes back to the exact host top-k only when
+    ties at its k-th distance may run past them. Results equal numpy's either way."""
+    from pipeline import retrieval
+
+    calls = []
+    exact = retrieval._topk_rows
+
+    def counted(d, k):
+        calls.append(len(d))
+        return exact(d, k)
+
+    monkeypatch.setattr(retrieval, "_topk_rows", counted)
+
+    def check(q, g, k, exclude_self=False):
+        calls.clear()
+        b = topk_neighbours(q, g, k, exclude_self=exclude_self, block=64, device="cpu")
+        n_device = len(calls)
+        a = topk_neighbours(q, g, k, exclude_self=exclude_self, block=64)
+        assert np.array_equal(a.indices, b.indices) and np.allclose(a.distances, b.distances, atol=1e-6)
+        return n_device
+
+    rng = np.random.default_rng(5)
+    e = rng.normal(size=(300, 16)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    assert check(e, e, 7, exclude_self=True) == 0 and check(e, e, 7) == 0  # no ties: all on the device
+    small = np.concatenate([np.repeat(e[:1], 12, axis=0), e[1:9]])  # 20 rows, 12 tied: every candidate is there
+    assert check(small, small, 5, exclude_self=True) == 0
+    same = np.repeat(e[:1], 20, axis=0)  # all 20 tied, all 20 candidates
+    assert check(same, same, 5) == 0
+    tied = np.concatenate([np.repeat(e[:1], 40, axis=0), e[1:60]])
+    assert check(tied[:1], tied, 5) == 1  # 40 ties at the 5th distance, past the 21 candidates
+    # distinct up to the k-th, then 40 ties further out: the candidates settle it, no fallback
+    angles = np.concatenate([np.linspace(0.1, 0.6, 6), np.full(40, 1.0)])
+    ring = np.zeros((46, 16), np.float32)
+    ring[:, 0], ring[:, 1] = np.cos(angles), np.sin(angles)
+    assert check(np.eye(16, dtype=np.float32)[:1], ring, 5) == 0

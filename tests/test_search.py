@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ def test_text_tower_onnx_equals_torch_and_needs_no_torch(tiny_clip, tiny_onnx):
     assert not np.allclose(t[0], t[1])  # different texts, different vectors
     code = f"""
 import sys
+import warnings
 from pipeline.embedders import OnnxEmbedder
 v = OnnxEmbedder({str(tiny_onnx)!r}).embed_text(["a red floral dress"])
 assert v.shape == (1, 16) and abs((v ** 2).sum() - 1) < 1e-5
@@ -154,8 +156,18 @@ def test_evaluate_person_to_garment_backends_side_by_side(tiny_clip, tiny_onnx, 
     out = tmp_path / "out"
     code = cli.main(
         [
-            "--evaluate", "--dataset", str(ds), "--model", str(tiny_clip), "--onnx", str(tiny_onnx), "--eval-backends",
-            "torch,onnx-fp32,onnx-int8", "--output-dir", str(out), "-q",
+            "--evaluate",
+            "--dataset",
+            str(ds),
+            "--model",
+            str(tiny_clip),
+            "--onnx",
+            str(tiny_onnx),
+            "--eval-backends",
+            "torch,onnx-fp32,onnx-int8",
+            "--output-dir",
+            str(out),
+            "-q",
         ]
     )
     assert code == 0
@@ -213,8 +225,19 @@ def test_evaluate_segmented_reads_and_segments_each_row_once_for_all_backends(
     assert (
         cli.main(
             [
-                "--evaluate", "--use-segmentation", "--dataset", str(ds), "--model", str(tiny_clip), "--onnx",
-                str(tiny_onnx), "--eval-backends", "torch,onnx-fp32,onnx-int8", "--output-dir", str(out), "-q",
+                "--evaluate",
+                "--use-segmentation",
+                "--dataset",
+                str(ds),
+                "--model",
+                str(tiny_clip),
+                "--onnx",
+                str(tiny_onnx),
+                "--eval-backends",
+                "torch,onnx-fp32,onnx-int8",
+                "--output-dir",
+                str(out),
+                "-q",
             ]
         )
         == 0
@@ -242,8 +265,16 @@ def test_evaluate_same_product(tiny_onnx, tmp_path):
     assert (
         cli.main(
             [
-                "--evaluate", "--eval-id-column", "item_ID", "--dataset", str(ds), "--onnx", str(tiny_onnx),
-                "--output-dir", str(out), "-q",
+                "--evaluate",
+                "--eval-id-column",
+                "item_ID",
+                "--dataset",
+                str(ds),
+                "--onnx",
+                str(tiny_onnx),
+                "--output-dir",
+                str(out),
+                "-q",
             ]
         )
         == 0
@@ -256,7 +287,13 @@ def test_evaluate_needs_ground_truth(mixed_dataset, tiny_onnx, tmp_path, capsys)
     assert (
         cli.main(
             [
-                "--evaluate", "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(tmp_path),
+                "--evaluate",
+                "--dataset",
+                str(mixed_dataset),
+                "--onnx",
+                str(tiny_onnx),
+                "--output-dir",
+                str(tmp_path),
                 "-q",
             ]
         )
@@ -295,8 +332,16 @@ def test_same_product_recall_is_the_known_answer(tmp_path, monkeypatch):
     assert (
         cli.main(
             [
-                "--evaluate", "--eval-id-column", "item_ID", "--dataset", str(ds), "--backend", "torch", "--output-dir",
-                str(out), "-q",
+                "--evaluate",
+                "--eval-id-column",
+                "item_ID",
+                "--dataset",
+                str(ds),
+                "--backend",
+                "torch",
+                "--output-dir",
+                str(out),
+                "-q",
             ]
         )
         == 0
@@ -325,9 +370,12 @@ def test_query_paths_text_tiles_and_slugs(tmp_path):
     with pytest.raises(PipelineError, match=f"^no query images found in {tmp_path / 'empty'}, {tmp_path / 'empty'}$"):
         expand_image_paths([str(tmp_path / "empty"), str(tmp_path / "empty")])
     assert _slug("red floral / midi?") == "red_floral_midi" and _slug("?!") == "query" and len(_slug("a" * 99)) == 40
+    assert _slug("Xmas Red Dress X") == "Xmas_Red_Dress_X"  # capitals kept; only underscores trimmed
+    # a file before a folder: both kept, in the order given
+    assert expand_image_paths([str(single), str(tmp_path / "sub")]) == [single, tmp_path / "sub" / "c.webp"]
     tile = text_tile("a red floral midi dress with long sleeves and a belt", size=128)
     assert tile.shape == (128, 128, 3) and tile.dtype == np.uint8
-    assert (tile[0, :] == 120).all() and (tile[:, 127] == 120).all()  # the grey frame
+    assert all((edge == 120).all() for edge in (tile[0], tile[127], tile[:, 0], tile[:, 127]))  # the grey frame
     assert (tile[64:127, 40:100] == 255).all()  # white below the text
     dark = (tile[:, 1:127].min(axis=2) < 100).any(axis=1)
     assert dark[5:17].any() and dark[17:29].any()  # wrapped onto a second line
@@ -353,3 +401,132 @@ def test_unreadable_query_image_is_recorded_and_a_personless_one_is_said(tmp_pat
     crops = _query_crops(good, Nobody(), summary)
     assert [label for label, _ in crops] == ["good.png"] and crops[0][1].size == (30, 40)
     assert summary.notes == ["good.png: no person found, the whole image is the query"]
+
+
+class _CountingEmbedder(_AngleEmbedder):
+    """_AngleEmbedder that remembers the size of every batch it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def embed(self, pixels):
+        self.batches.append(len(pixels))
+        return super().embed(pixels)
+
+
+def test_batcher_batches_rows_times_and_empty_results(monkeypatch):
+    from pipeline import search
+
+    clock = iter(range(100))
+    monkeypatch.setattr(search.time, "perf_counter", lambda: float(next(clock)))  # each call: one second on
+    e = _CountingEmbedder()
+    b = search._Batcher({"fake": e}, batch_size=2)
+    empty, rows = b.result("fake")  # nothing added
+    assert empty.shape == (0, 2) and empty.dtype == np.float32 and rows.dtype == np.int64 and rows.shape == (0,)
+    for row, angle in ((7, 0), (3, 90), (9, 180), (4, 270), (8, 30)):
+        image = assets.rgb_image(32, 32, color=(angle, 0, 0))
+        b.add(row, {e.preprocess_cfg.decode_min_side: image})
+    assert e.batches == [2, 2]  # a batch goes as soon as it is full
+    emb, rows = b.result("fake")
+    assert e.batches == [2, 2, 1] and rows.tolist() == [7, 3, 9, 4, 8] and rows.dtype == np.int64
+    assert (
+        emb.dtype == np.float32 and np.allclose(emb[1], [0, 1], atol=1e-6) and np.allclose(emb[2], [-1, 0], atol=1e-6)
+    )
+    assert b.seconds == {"fake": 3.0}  # three batches of one fake second each, added up
+
+
+def test_rank_metrics_of_no_queries_and_blocks():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no mean of an empty array
+        m = metrics_from_ranks(np.array([], np.int64))
+    assert m["queries"] == 0 and all(np.isnan(m[k]) for k in ("recall@1", "recall@5", "recall@10", "mrr"))
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(30, 8)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    positives = [np.array([(i + 1) % 30, (i + 7) % 30]) for i in range(30)]
+    exclude = np.arange(30)
+    whole = ranks_of_positives(g, g, positives, exclude=exclude)
+    blocked = ranks_of_positives(g, g, positives, exclude=exclude, block=4)  # 30 queries in blocks of 4
+    assert whole.dtype == np.int64 and np.array_equal(whole, blocked) and whole.min() >= 1
+
+
+def test_evaluation_records_unreadable_rows_and_goes_on(tmp_path, capsys):
+    from pipeline.dataset import DatasetSpec
+    from pipeline.report import RunSummary
+    from pipeline.search import _embed_pass
+
+    cells = [assets.encode(assets.rgb_image(32, 32, color=(a, 0, 0)), "PNG") for a in (0, 30, 40, 90)]
+    cells[1], cells[2] = None, b"not a picture"
+    ds = assets.write_parquet_dataset(tmp_path / "ds", cells, extra={"item_ID": ["id_1", "id_1", "id_2", "id_2"]})
+    summary = RunSummary(mode="evaluate")
+    out = _embed_pass(
+        DatasetSpec(name=str(ds), limit=None, extra_columns=("item_ID",)),
+        {"fake": _AngleEmbedder()},
+        2,
+        summary,
+        None,
+        "item_ID",
+        None,
+        progress=True,
+    )
+    _, rows = out["fake"]["photos"]
+    assert rows.tolist() == [0, 3]  # the rows after the bad ones are evaluated
+    err = capsys.readouterr().err
+    assert "evaluate: " in err and "/4 [" in err and "row/s" in err  # the progress bar: label, total, unit
+    assert err.endswith("\r") and not err.endswith("\n")  # and it leaves no line behind when done
+    assert [item for item, _ in summary.failures] == [f"{ds}[1]", f"{ds}[2]"]
+    reasons = [reason for _, reason in summary.failures]
+    assert reasons[0] == "row has no image (empty cell)" and "not a recognized image format" in reasons[1]
+
+
+def test_short_error_messages():
+    from pipeline.images import _short
+
+    assert _short(ValueError("  bad header \n")) == "bad header"
+    assert _short(KeyError()) == "KeyError"  # no message: the exception's type
+    assert _short(ValueError("x" * 200)) == "x" * 200
+    long = _short(ValueError("y" * 201))
+    assert len(long) == 200 and long == "y" * 197 + "..."
+
+
+def test_evaluation_table_format():
+    from pipeline.search import format_table
+
+    m = {"queries": 4, "recall@1": 0.5, "recall@5": 1.0, "recall@10": 1.0, "mrr": 0.70833}
+    assert format_table({"same-product": {"onnx": m}}).splitlines() == [
+        "| task | backend | queries | R@1 | R@5 | R@10 | MRR |",
+        "|---|---|---|---|---|---|---|",
+        "| same-product | onnx | 4 | 0.500 | 1.000 | 1.000 | 0.708 |",
+    ]
+
+
+def test_evaluation_chart_shows_the_numbers(monkeypatch, tmp_path):
+    from pipeline import search
+
+    saved = []
+    monkeypatch.setattr(search, "save_figure", lambda fig, path: saved.append((fig, path)))
+    a = {"queries": 4, "recall@1": 0.25, "recall@5": 0.5, "recall@10": 0.75, "mrr": 0.4}
+    b = {"queries": 4, "recall@1": 0.5, "recall@5": 1.0, "recall@10": 1.0, "mrr": 0.7}
+    search._plot_evaluation({"person-garment": {"torch": a, "onnx": b}}, tmp_path / "e.png")
+    ((fig, path),) = saved
+    ax = fig.axes[0]
+    assert path == tmp_path / "e.png" and fig.dpi == 110 and tuple(fig.get_size_inches()) == (6, 4)
+    keys = ["recall@1", "recall@5", "recall@10", "mrr"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == keys
+    bars = ax.patches
+    assert [round(p.get_height(), 6) for p in bars] == [a[k] if i == 0 else b[k] for k in keys for i in (0, 1)]
+    width = 0.8 / 4
+    assert all(p.get_width() == pytest.approx(width) for p in bars)
+    # bar j of backend i is at i + j * width (centred), and each tick under the middle of its group
+    assert [p.get_x() + p.get_width() / 2 for p in bars] == pytest.approx(
+        [i + j * width for j in range(4) for i in (0, 1)]
+    )
+    assert list(ax.get_xticks()) == pytest.approx([0.3, 1.3])
+    labels = ax.get_xticklabels()
+    assert [t.get_text() for t in labels] == ["person-garment\ntorch", "person-garment\nonnx"]
+    assert all(t.get_fontsize() == 8 for t in labels)
+    assert ax.get_ylim() == (0, 1) and ax.get_title() == "Retrieval quality against ground truth"
+    saved.clear()
+    search._plot_evaluation({"t": {f"b{i}": a for i in range(5)}}, tmp_path / "e.png")
+    assert tuple(saved[0][0].get_size_inches()) == pytest.approx((8, 4))  # wider with more bars

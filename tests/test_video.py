@@ -353,6 +353,13 @@ def test_box_iou_values_and_degenerate_boxes():
     assert np.allclose(got, [[4 / 12, 4 / 12, 1.0, 0.0, 0.0]])
     assert box_iou(np.zeros((0, 4)), b).shape == (0, 5)
     assert box_iou([[1, 1, 1, 1]], [[1, 1, 1, 1]])[0, 0] == 0.0  # empty boxes: no overlap, not NaN
+    empty = np.tile([[2.0, 2, 2, 5]], (64, 1))
+    for _ in range(3):  # freed memory full of non-zeros, where an unwritten result would come from
+        junk = np.full((64, 64), 7.0, np.float32)
+        del junk
+        assert not box_iou(empty, empty).any()
+    # boxes smaller than a pixel (normalized coordinates) are boxes like any other
+    assert np.allclose(box_iou([[0, 0, 0.5, 0.5]], [[0, 0, 0.5, 0.5], [0, 0, 0.5, 0.25]]), [[1.0, 0.5]])
 
 
 def test_with_masks_attaches_the_best_mask_at_the_threshold_and_keeps_the_rest():
