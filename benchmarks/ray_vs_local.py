@@ -60,7 +60,9 @@ def run(engine: str, ds: Path, onnx: Path, out: Path, n: int) -> tuple[float, fl
     if proc.returncode not in (0, 3):
         raise SystemExit(f"{engine} run failed ({proc.returncode}):\n{stderr[-3000:]}")
     line = next((x for x in stdout.splitlines() if x.startswith("stages:")), "")
-    stages = {k.strip(): float(v) for k, v in re.findall(r"([a-z0-9+() ]+?) ([\d.]+) s", line)}
+    stages = {
+        k.strip(", "): float(v) for k, v in re.findall(r"([a-z0-9+(), ]+?) ([\d.]+) s", line.removeprefix("stages:"))
+    }
     return wall, peak / 2**20, stages
 
 
@@ -77,8 +79,9 @@ def main() -> int:
     for r in range(args.repeats):
         for engine in ("local", "ray"):
             wall, peak, stages = run(engine, ds, onnx, args.work / f"engine-{engine}", args.n)
-            embed = stages.get("embed stage (wall)", float("nan"))
+            embed = stages.get("embed stage (wall)", stages.get("embed stage (wall, ray)", float("nan")))
             rows.append((engine, wall, peak, embed))
+            print(f"  stages: {', '.join(f'{k} {v:.1f} s' for k, v in stages.items())}")
             print(
                 f"{engine:5s} run {r + 1}: wall {wall:6.1f} s ({args.n / wall:5.1f} img/s), embedding stage "
                 f"{embed:6.1f} s, peak RSS of the process tree {peak:,.0f} MiB",
