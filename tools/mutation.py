@@ -9,6 +9,7 @@ Slow: every mutant runs the tests that reach it, in a fresh process; not part of
     python tools/mutation.py images search   # only these
     python tools/mutation.py --report        # scores of the last run, and the survivors to look at
     python tools/mutation.py --sample 40     # 40 mutants drawn at random (seeded) from each module
+    python tools/mutation.py --survivors     # after adding tests: only the last run's survivors
 
 On 2 cores every mutant costs seconds to minutes (the tests that reach it include end-to-end runs),
 and the core modules have ~4,000 mutants: --sample scores a random sample of each module, which
@@ -137,11 +138,28 @@ def main() -> int:
     ap.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--sample", type=int, default=0, help="run this many mutants per module, drawn at random")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--survivors", action="store_true", help="run again only the mutants that survived the last run")
     args = ap.parse_args()
     if unknown := [m for m in args.modules if m not in TARGETS]:
         ap.error(f"unknown module(s) {unknown}; choose from {', '.join(TARGETS)}")
     if not args.report:
-        globs = [g for m in (args.modules or TARGETS) for g in TARGETS[m]]
+        modules = args.modules or list(TARGETS)
+        if args.survivors:  # after new tests: only the mutants the last run left alive
+            equivalent = _equivalent()
+            globs = [
+                n
+                for n, status in _results().items()
+                if _module_of(n) in modules
+                and status in ("survived", "timeout", "suspicious", "no tests")
+                and n not in equivalent
+            ]
+        elif args.sample:
+            globs = _sample(modules, args.sample, args.seed)
+        else:
+            globs = [g for m in modules for g in TARGETS[m]]
+        if not globs:
+            print("no mutants to run")
+            return report()
         env = {**os.environ, "FASHION_TEST_ASSET_CACHE": str(ROOT / "mutants" / ".test-assets")}
         (ROOT / "mutants" / ".test-assets").mkdir(parents=True, exist_ok=True)
         try:
