@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -419,7 +420,8 @@ def test_batcher_batches_rows_times_and_empty_results(monkeypatch):
     from pipeline import search
 
     clock = iter(range(100))
-    monkeypatch.setattr(search.time, "perf_counter", lambda: float(next(clock)))  # each call: one second on
+    # each call: one second on (the module's own `time`: the real one stays for everyone else)
+    monkeypatch.setattr(search, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
     e = _CountingEmbedder()
     b = search._Batcher({"fake": e}, batch_size=2)
     empty, rows = b.result("fake")  # nothing added
