@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(out, "--max-matrix", type=_non_negative_int, help="save the N x N distance matrix only when N <= this")
     add(out, "--max-result-images", type=_non_negative_int, help="cap on result pictures (neighbours.csv: all)")
     add(out, "--index", choices=INDEX_KINDS,
-        help="nearest-neighbour index: auto = exact up to 50,000 items, FAISS IVF-PQ (exact re-rank) above; none = exact")
+        help="nearest-neighbour index: auto = exact up to 50,000 items, FAISS IVF-PQ above; none = exact")
     add(out, "--shard-rows", type=_positive_int, help="rows per resumable shard")
     add(out, "--fresh", action="store_true", help="discard the shards of an interrupted run instead of resuming")
 

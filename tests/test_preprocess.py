@@ -78,3 +78,20 @@ def test_batch_shape_and_rejects_non_rgb():
     assert preprocess_batch([], PreprocessConfig()).shape == (0, 3, 224, 224)
     with pytest.raises(ValueError, match="RGB"):
         preprocess(rgb_image(10, 10).convert("L"), PreprocessConfig())
+
+
+def test_processor_config_keys_are_read():
+    """Every key a preprocessor_config.json may set is taken, in each of its spellings."""
+    c = PreprocessConfig.from_processor_dict(
+        {"size": {"height": 300, "width": 200}, "crop_size": 192, "do_normalize": False, "do_center_crop": False}
+    )
+    assert (c.shortest_edge, c.crop_height, c.crop_width, c.do_normalize, c.do_center_crop) == (
+        200,
+        192,
+        192,
+        False,
+        False,
+    )
+    assert PreprocessConfig.from_processor_dict({"size": {"height": 180, "width": 260}}).shortest_edge == 180
+    assert PreprocessConfig.from_processor_dict({"size": 256}).shortest_edge == 256
+    assert PreprocessConfig.from_processor_dict({}) == PreprocessConfig()
