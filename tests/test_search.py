@@ -532,3 +532,24 @@ def test_evaluation_chart_shows_the_numbers(monkeypatch, tmp_path):
     saved.clear()
     search._plot_evaluation({"t": {f"b{i}": a for i in range(5)}}, tmp_path / "e.png")
     assert tuple(saved[0][0].get_size_inches()) == pytest.approx((8, 4))  # wider with more bars
+
+
+def test_an_unreadable_query_image_is_recorded_and_the_rest_answered(gallery, tiny_onnx, tmp_path, capsys):
+    bad, good = tmp_path / "bad.jpg", tmp_path / "good.jpg"
+    bad.write_bytes(b"not a picture")
+    good.write_bytes((gallery / "images" / "img_00011.jpg").read_bytes())
+    argv = [
+        "--query-image",
+        str(bad),
+        str(good),
+        "--onnx",
+        str(tiny_onnx),
+        "--output-dir",
+        str(gallery),
+        "--top-k",
+        "2",
+    ]
+    assert cli.main(argv) == 3  # some items failed
+    said = capsys.readouterr().out
+    assert "failures: 1 item(s)" in said and str(bad) in said and "not a recognized image format" in said
+    assert {r["query"] for r in read_results(gallery)} == {"good.jpg"}
