@@ -144,6 +144,25 @@ def _noisy(image, seed: int, sigma: float = 4.0):
     return assets.Image.fromarray(np.clip(np.asarray(image, np.float64) + noise, 0, 255).astype(np.uint8))
 
 
+def _three_backends_argv(ds, model, onnx, out, *extra: str) -> list[str]:
+    """--evaluate on ds with the torch, ONNX fp32 and ONNX int8 backends side by side, then extra."""
+    return [
+        "--evaluate",
+        *extra,
+        "--dataset",
+        str(ds),
+        "--model",
+        str(model),
+        "--onnx",
+        str(onnx),
+        "--eval-backends",
+        "torch,onnx-fp32,onnx-int8",
+        "--output-dir",
+        str(out),
+        "-q",
+    ]
+
+
 def test_evaluate_person_to_garment_backends_side_by_side(tiny_clip, tiny_onnx, tmp_path):
     n = 12
     garments = [_garment(i) for i in range(n)]
@@ -155,22 +174,7 @@ def test_evaluate_person_to_garment_backends_side_by_side(tiny_clip, tiny_onnx, 
         extra={"cloth": [assets.encode(g, "JPEG", quality=95) for g in garments]},
     )
     out = tmp_path / "out"
-    code = cli.main(
-        [
-            "--evaluate",
-            "--dataset",
-            str(ds),
-            "--model",
-            str(tiny_clip),
-            "--onnx",
-            str(tiny_onnx),
-            "--eval-backends",
-            "torch,onnx-fp32,onnx-int8",
-            "--output-dir",
-            str(out),
-            "-q",
-        ]
-    )
+    code = cli.main(_three_backends_argv(ds, tiny_clip, tiny_onnx, out))
     assert code == 0
     report = json.loads((out / "outputs" / "evaluation.json").read_text())
     res = report["results"]["person->garment"]
@@ -223,26 +227,7 @@ def test_evaluate_segmented_reads_and_segments_each_row_once_for_all_backends(
 
     monkeypatch.setattr(catalog, "make_segmenter", lambda spec, device: CentrePerson())
     out = tmp_path / "out"
-    assert (
-        cli.main(
-            [
-                "--evaluate",
-                "--use-segmentation",
-                "--dataset",
-                str(ds),
-                "--model",
-                str(tiny_clip),
-                "--onnx",
-                str(tiny_onnx),
-                "--eval-backends",
-                "torch,onnx-fp32,onnx-int8",
-                "--output-dir",
-                str(out),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert cli.main(_three_backends_argv(ds, tiny_clip, tiny_onnx, out, "--use-segmentation")) == 0
     assert seen == [(128, 96)] * n  # each row segmented once, at full size, whatever the number of backends
     assert "evaluate" not in capsys.readouterr().err  # -q: no progress bar
     res = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]

@@ -17,6 +17,23 @@ from pipeline.yolo import yolo_onnx_path
 from tests import assets
 
 
+def _video_argv(clip_dir, dataset, onnx, out, *extra: str) -> list[str]:
+    """The video run's flags on clip_1 of clip_dir, then extra."""
+    return [
+        "--video_clip",
+        "clip_1",
+        "--video_dir",
+        str(clip_dir),
+        "--dataset",
+        str(dataset),
+        "--onnx",
+        str(onnx),
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("videos")
@@ -115,23 +132,7 @@ def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx,
         video, "preprocess_batch", lambda ims, cfg: seen.extend(np.asarray(i) for i in ims) or real(ims, cfg)
     )
     out = tmp_path / "out"
-    code = cli.main(
-        [
-            "--video_clip",
-            "clip_1",
-            "--video_dir",
-            str(clip_dir),
-            "--dataset",
-            str(mixed_dataset),
-            "--onnx",
-            str(tiny_onnx),
-            "--output-dir",
-            str(out),
-            "-q",
-            "--top-k",
-            "3",
-        ]
-    )
+    code = cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q", "--top-k", "3"))
     assert code == 3  # the gallery has the mixed dataset's two bad rows
     res = [json.loads(line) for line in (out / "video_results" / "clip_1" / "results.jsonl").read_text().splitlines()]
     assert [r["frame"] for r in res] == [0, 30, 60, 90]
@@ -319,26 +320,7 @@ def test_person_numbers_stay_detection_indices_when_a_crop_is_empty(
 ):
     monkeypatch.setattr(video, "UltralyticsDetector", ThreeWithEmptyMiddle)
     out = tmp_path / "out"
-    assert (
-        cli.main(
-            [
-                "--video_clip",
-                "clip_1",
-                "--video_dir",
-                str(clip_dir),
-                "--dataset",
-                str(mixed_dataset),
-                "--onnx",
-                str(tiny_onnx),
-                "--output-dir",
-                str(out),
-                "-q",
-                "--top-k",
-                "2",
-            ]
-        )
-        == 3
-    )
+    assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q", "--top-k", "2")) == 3
     for line in (out / "video_results" / "clip_1" / "results.jsonl").read_text().splitlines():
         persons = json.loads(line)["persons"]
         assert [p["person"] for p in persons] == [0, 2]  # the numbers drawn on the frame (#0, #2)
