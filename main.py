@@ -133,9 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --export-onnx: one int8 scale per weight tensor instead of per channel",
     )
-    add(model, "--decode", choices=["auto", "cpu", "device"],
+    add(
+        model,
+        "--decode",
+        choices=["auto", "cpu", "device"],
         help="where JPEGs are decoded and preprocessed: device = torchvision on the model's device (auto: on the GPU "
-             "when the model runs there; other formats always on the CPU)")
+        "when the model runs there; other formats always on the CPU)",
+    )
     add(model, "--batch-size", type=_positive_int)
     add(model, "--threads", type=_non_negative_int, help="CPU threads for inference; 0 = all cores")
     add(model, "--engine", choices=["local", "ray"], help="ray: build the gallery on Ray Data")
@@ -164,8 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     add(out, "--top-k", type=_positive_int)
     add(out, "--max-matrix", type=_non_negative_int, help="save the N x N distance matrix only when N <= this")
     add(out, "--max-result-images", type=_non_negative_int, help="cap on result pictures (neighbours.csv: all)")
-    add(out, "--index", choices=INDEX_KINDS,
-        help="nearest-neighbour index: auto = exact up to 50,000 items, FAISS IVF-PQ above; none = exact")
+    add(
+        out,
+        "--index",
+        choices=INDEX_KINDS,
+        help="nearest-neighbour index: auto = exact up to 50,000 items, FAISS IVF-PQ above; none = exact",
+    )
     add(out, "--shard-rows", type=_positive_int, help="rows per resumable shard")
     add(out, "--fresh", action="store_true", help="discard the shards of an interrupted run instead of resuming")
 
@@ -173,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument(
         "-v", "--verbose", action="store_true", help="debug logging, tracebacks and the CPU in the summary"
     )
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars or summary")
+    verbosity.add_argument(
+        "-q", "--quiet", action="store_true", help="errors and failed items only: no progress bars or summary"
+    )
     return p
 
 
@@ -226,8 +236,15 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit
         bad = [b for b in args.eval_backends.split(",") if b not in EVAL_BACKENDS]
         if bad:
             parser.error(f"--eval-backends: unknown {bad}; choose from {', '.join(EVAL_BACKENDS)}")
-    video_flags = explicit & {"video_dir", "frame_stride", "det_model", "det_conf", "det_backend", "track_gap",
-                              "no_annotated_video"}
+    video_flags = explicit & {
+        "video_dir",
+        "frame_stride",
+        "det_model",
+        "det_conf",
+        "det_backend",
+        "track_gap",
+        "no_annotated_video",
+    }
     if video_flags and not args.video_clip:
         parser.error(_need(parser, video_flags, "--video_clip NAME"))
     seg_flags = {"seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented"} & explicit
@@ -323,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FATAL
     if not args.quiet:
         print(summary.format(verbose=args.verbose))
+    elif summary.failures:  # -q: errors only, and a failed item is one
+        print("\n".join(summary.failure_lines()), file=sys.stderr)
     return summary.exit_code
 
 

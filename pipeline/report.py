@@ -53,6 +53,16 @@ class RunSummary:
     def exit_code(self) -> int:
         return EXIT_ITEM_FAILURES if self.failures else EXIT_OK
 
+    def failure_lines(self, max_failures: int = 10) -> list[str]:
+        """The failed items and why (the first max_failures), or nothing."""
+        if not self.failures:
+            return []
+        lines = [f"failures: {len(self.failures)} item(s):"]
+        lines += [f"  - {item}: {reason}" for item, reason in self.failures[:max_failures]]
+        if len(self.failures) > max_failures:
+            lines.append(f"  ... and {len(self.failures) - max_failures} more")
+        return lines
+
     def format(self, max_failures: int = 10, verbose: bool = False) -> str:
         wall = time.perf_counter() - self.started
         lines = [f"== {self.mode}: done in {wall:.1f} s, peak memory {peak_rss_mib():.0f} MiB"]
@@ -64,12 +74,7 @@ class RunSummary:
             lines.append("stages:   " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items()))
         for note in self.notes:
             lines.append(f"note:     {note}")
-        if self.failures:
-            lines.append(f"failures: {len(self.failures)} item(s) (recorded in the manifest):")
-            for item, reason in self.failures[:max_failures]:
-                lines.append(f"  - {item}: {reason}")
-            if len(self.failures) > max_failures:
-                lines.append(f"  ... and {len(self.failures) - max_failures} more")
+        lines += self.failure_lines(max_failures)
         for name, where in self.outputs.items():
             lines.append(f"output:   {name} -> {where}")
         return "\n".join(lines)

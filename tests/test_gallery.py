@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.dataset import Record
 from pipeline.embedders import Embedder
-from pipeline.gallery import Embedded, GalleryTarget, Parallelism, ShardAssembler, ShardMark, UnitResult
+from pipeline.gallery import Embedded, GalleryTarget, Parallelism, ShardAssembler, ShardMark, Unit, UnitResult, _plan
 from pipeline.plots import THUMB_SIZE
 from pipeline.store import ManifestRow
 
@@ -99,3 +100,29 @@ class Fake(Embedder):
 def test_parallelism_choice(lanes, parallel, group, batch, want):
     target = GalleryTarget(Path("i"), Path("s"), group_size=group, parallel_items=parallel)
     assert Parallelism.choose(Fake(lanes), target, batch) == want
+
+
+def _rec(row: int) -> Record:
+    return Record(row, f"r{row}", b"x")
+
+
+def test_plan_cuts_units_at_shard_ends_and_marks_each_shard():
+    # resumed at row 205 of shard 2 (100 rows a shard); rows 300-399 all skipped; units of at most 40
+    rows = [*range(205, 300), *range(400, 410)]
+    plan = list(_plan(iter(map(_rec, rows)), first_shard=2, next_row=205, shard_rows=100, unit_rows=40))
+    shape = [(type(p).__name__, p.shard, len(p.records)) if isinstance(p, Unit) else p for p in plan]
+    assert shape == [
+        ("Unit", 2, 40),
+        ("Unit", 2, 40),
+        ("Unit", 2, 15),
+        ShardMark(2, 205, 300),
+        ShardMark(3, 300, 400),
+        ("Unit", 4, 10),
+        ShardMark(4, 400, 410),
+    ]
+    assert [r.source_row for p in plan if isinstance(p, Unit) for r in p.records] == rows
+
+
+def test_plan_of_nothing_left_marks_nothing():
+    # a resumed run whose dataset has no rows past the last shard written
+    assert list(_plan(iter([]), first_shard=3, next_row=300, shard_rows=100, unit_rows=40)) == []

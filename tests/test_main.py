@@ -26,8 +26,18 @@ def run(*args) -> int:
 def standard_run(tmp_path_factory, mixed_dataset, tiny_clip):
     out = tmp_path_factory.mktemp("standard")
     code = run(
-        "--dataset", mixed_dataset, "--model", tiny_clip, "--backend", "torch", "--output-dir", out, "--batch-size", 4,
-        "--shard-rows", 8,
+        "--dataset",
+        mixed_dataset,
+        "--model",
+        tiny_clip,
+        "--backend",
+        "torch",
+        "--output-dir",
+        out,
+        "--batch-size",
+        4,
+        "--shard-rows",
+        8,
     )
     return out, code
 
@@ -164,8 +174,18 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
     out = tmp_path / "out"
     assert (
         run(
-            "--dataset", ds, "--onnx", tiny_onnx, "--output-dir", out, "--batch-size", 64, "--max-result-images", 3,
-            "--limit", 0,
+            "--dataset",
+            ds,
+            "--onnx",
+            tiny_onnx,
+            "--output-dir",
+            out,
+            "--batch-size",
+            64,
+            "--max-result-images",
+            3,
+            "--limit",
+            0,
         )
         == 0
     )
@@ -202,6 +222,12 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
         (["--evaluate", "--use-embeddings"], "does not read a cache"),
         (["--evaluate", "--use-embedded-segment"], "does not read a cache"),
         (["--backend", "onnx", "--precision", "fp32"], "torch backend"),
+        (["--export-onnx", "--use-embeddings"], "--export-onnx makes the ONNX file and stops"),
+        (["--export-onnx", "--use-segmentation"], "--export-onnx makes the ONNX file and stops"),
+        (["--export-onnx", "--evaluate"], "--export-onnx and --evaluate are separate modes"),
+        (["--evaluate", "--serve", "--video_clip", "c"], "--video_clip and --evaluate and --serve are separate"),
+        (["--no-annotated-video"], "--no-annotated-video needs --video_clip NAME"),
+        (["--video_dir", "v"], "--video_dir needs --video_clip NAME"),
     ],
 )
 def test_bad_flags_exit_2(args, message, capsys):
@@ -219,8 +245,16 @@ def test_unwritable_output_dir_is_refused_before_work(tmp_path, tiny_clip, capsy
 def test_missing_dataset_column_message(tmp_path, mixed_dataset, tiny_clip, capsys):
     assert (
         run(
-            "--dataset", mixed_dataset, "--image-column", "picture", "--model", tiny_clip, "--backend", "torch",
-            "--output-dir", tmp_path,
+            "--dataset",
+            mixed_dataset,
+            "--image-column",
+            "picture",
+            "--model",
+            tiny_clip,
+            "--backend",
+            "torch",
+            "--output-dir",
+            tmp_path,
         )
         == 1
     )
@@ -254,8 +288,14 @@ def test_sidecar_and_verbose_summary_name_the_cpu(standard_run, tmp_path, tiny_c
     assert (
         cli.main(
             [
-                "--use-embeddings", "--model", str(tiny_clip), "--backend", "torch", "--output-dir",
-                str(tmp_path / "v"), "-v",
+                "--use-embeddings",
+                "--model",
+                str(tiny_clip),
+                "--backend",
+                "torch",
+                "--output-dir",
+                str(tmp_path / "v"),
+                "-v",
             ]
         )
         == 3

@@ -538,3 +538,20 @@ def test_an_unreadable_query_image_is_recorded_and_the_rest_answered(gallery, ti
     said = capsys.readouterr().out
     assert "failures: 1 item(s)" in said and str(bad) in said and "not a recognized image format" in said
     assert {r["query"] for r in read_results(gallery)} == {"good.jpg"}
+
+
+def test_evaluate_records_a_row_without_garment_and_scores_the_rest(tiny_onnx, tmp_path, capsys):
+    n = 6
+    garments = [_garment(i) for i in range(n)]
+    ds = assets.write_parquet_dataset(
+        tmp_path / "pairs",
+        [assets.encode(_noisy(g, seed=i), "JPEG", quality=80) for i, g in enumerate(garments)],
+        extra={"cloth": [None if i == 3 else assets.encode(g, "JPEG", quality=95) for i, g in enumerate(garments)]},
+    )
+    out = tmp_path / "out"
+    code = cli.main(["--evaluate", "--dataset", str(ds), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"])
+    assert code == 3  # an item failed, and the run still finished
+    captured = capsys.readouterr()
+    assert "pairs[3] (cloth): no garment image" in captured.out + captured.err
+    res = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]["person->garment"]["onnx-int8"]
+    assert res["queries"] == n - 1
