@@ -85,16 +85,25 @@ def choose_kind(n: int, dim: int) -> str:
     return "flat" if n <= EXACT_MAX else "ivfpq"
 
 
-def _ivfpq_params(n: int, dim: int) -> dict[str, Any]:
+def gpu_faiss(faiss) -> bool:
+    """faiss-gpu is installed and sees a GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _ivfpq_params(n: int, dim: int, gpu: bool = False) -> dict[str, Any]:
     """nlist about 4 sqrt(N); D/2 sub-quantizers of 4 bits (D/4 bytes a vector), scanned with SIMD
     ("fast scan"): at the same bytes a vector it found as many neighbours as 8-bit codes and ran
-    twice as fast on 2 cores (benchmarks/scale.py)."""
+    twice as fast on 2 cores (benchmarks/scale.py). faiss-gpu has no fast scan and takes at most 96
+    bytes a code: there, 8-bit codes of D/8 bytes."""
     nlist = int(min(65536, max(16, 2 ** round(np.log2(4 * np.sqrt(n))))))
+    if gpu:
+        m = next((m for m in (dim // 8, dim // 16, dim // 32) if 1 <= m <= 96 and dim % m == 0), 1)
+        return {"nlist": nlist, "m": m, "bits": 8}
     m = next(m for m in (dim // 2, dim // 4, dim) if m >= 1 and dim % m == 0)
     return {"nlist": nlist, "m": m, "bits": 4}
 
 
-def _new_index(faiss, kind: str, dim: int, n: int):
+def _new_index(faiss, kind: str, dim: int, n: int, gpu: bool = False):
     metric = faiss.METRIC_INNER_PRODUCT
     if kind == "flat":
         return faiss.IndexFlatIP(dim), {}
@@ -103,8 +112,9 @@ def _new_index(faiss, kind: str, dim: int, n: int):
         index.hnsw.efConstruction = 40
         return index, {"M": 32, "efConstruction": 40}
     if kind == "ivfpq":
-        p = _ivfpq_params(n, dim)
-        return faiss.index_factory(dim, f"IVF{p['nlist']},PQ{p['m']}x{p['bits']}fs", metric), p
+        p = _ivfpq_params(n, dim, gpu)
+        fast_scan = "fs" if p["bits"] == 4 else ""
+        return faiss.index_factory(dim, f"IVF{p['nlist']},PQ{p['m']}x{p['bits']}{fast_scan}", metric), p
     raise PipelineError(f"unknown index kind {kind!r}; choose from {', '.join(INDEX_KINDS)}")
 
 
@@ -152,8 +162,29 @@ class GalleryIndex:
 
     def __init__(self, index, info: IndexInfo, embeddings: np.ndarray, threads: int = 0) -> None:
         self.index, self.info, self.embeddings = index, info, embeddings
+        self.searcher, self.on_gpu = index, False  # the index searched: this one, or its copy on the GPU
         if threads:
             _faiss().omp_set_num_threads(threads)
+
+    def use_gpu(self) -> bool:
+        """Search a copy on GPU 0 when faiss-gpu is installed and sees one. Flat and 8-bit IVF-PQ
+        indexes move; HNSW and fast-scan codes have no GPU version and stay on the CPU (logged)."""
+        faiss = _faiss()
+        if not gpu_faiss(faiss):
+            return False
+        try:
+            self._gpu_resources = faiss.StandardGpuResources()
+            searcher = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index)
+            if self.info.kind in KNOBS:
+                _set_knob(searcher, self.info.kind, self.info.params[KNOBS[self.info.kind][0]])
+        except (RuntimeError, AttributeError) as e:
+            log.info("the %s index is searched on the CPU (faiss-gpu cannot take it: %s)", self.info.kind, e)
+            return False
+        self.searcher, self.on_gpu = searcher, True
+        return True
+
+    def describe(self) -> str:
+        return self.info.describe() + (", searched on the GPU" if self.on_gpu else "")
 
     def search(self, queries: np.ndarray, k: int, self_ids: np.ndarray | None = None) -> Neighbours:
         """Top-k of the gallery for each query (float32 (Q, D), L2-normalized).
@@ -169,7 +200,7 @@ class GalleryIndex:
         out = np.full((len(q), k), np.inf, np.float32)
         if want == 0 or len(q) == 0:
             return Neighbours(idx, out)
-        sims, ids = self.index.search(q, want)
+        sims, ids = self.searcher.search(q, want)
         if rerank:  # compressed codes find candidates; the stored vectors rank them
             sims = _inner_products_by_idx(q, self.embeddings, ids)
             order = np.argsort(-sims, axis=1, kind="stable")
@@ -214,8 +245,11 @@ class GalleryIndex:
         return Neighbours(np.concatenate([p.indices for p in parts]), np.concatenate([p.distances for p in parts]))
 
 
-def build_index(embeddings: np.ndarray, kind: str, store_sha256: str, threads: int = 0, seed: int = 0) -> GalleryIndex:
-    """Build, tune and measure an index of `embeddings` (float32 (N, D), L2-normalized)."""
+def build_index(
+    embeddings: np.ndarray, kind: str, store_sha256: str, threads: int = 0, seed: int = 0, gpu: bool = False
+) -> GalleryIndex:
+    """Build, tune and measure an index of `embeddings` (float32 (N, D), L2-normalized).
+    gpu: the run's model is on a GPU: with faiss-gpu, an index the GPU can search, searched there."""
     faiss = _faiss()
     if threads:
         faiss.omp_set_num_threads(threads)
@@ -224,7 +258,7 @@ def build_index(embeddings: np.ndarray, kind: str, store_sha256: str, threads: i
     if kind == "auto":
         kind = choose_kind(n, dim)
     t = time.perf_counter()
-    index, params = _new_index(faiss, kind, dim, n)
+    index, params = _new_index(faiss, kind, dim, n, gpu=gpu and gpu_faiss(faiss))
     if not index.is_trained:  # k-means on a sample: 64 points a list is plenty
         rng = np.random.default_rng(seed)
         index.train(emb[rng.choice(n, size=min(n, 64 * params.get("nlist", 1)), replace=False)])
@@ -263,6 +297,8 @@ def build_index(embeddings: np.ndarray, kind: str, store_sha256: str, threads: i
         info.recall_at_10 = round(recall_at_10(found, truth), 4)
         if info.recall_at_10 >= TARGET_RECALL + TUNING_MARGIN:
             break
+    if gpu:
+        gi.use_gpu()
     return gi
 
 
@@ -285,7 +321,9 @@ def read_info(folder: Path) -> IndexInfo | None:
         ) from e
 
 
-def load_index(folder: Path, embeddings: np.ndarray, store_sha256: str, threads: int = 0) -> GalleryIndex | None:
+def load_index(
+    folder: Path, embeddings: np.ndarray, store_sha256: str, threads: int = 0, gpu: bool = False
+) -> GalleryIndex | None:
     """The index beside a store, or None when there is none. Raises PipelineError when it was built
     for other embeddings (a stale index is never used)."""
     info = read_info(folder)
@@ -302,11 +340,14 @@ def load_index(folder: Path, embeddings: np.ndarray, store_sha256: str, threads:
     index = faiss.deserialize_index(data)
     if info.kind in KNOBS:
         _set_knob(index, info.kind, info.params[KNOBS[info.kind][0]])
-    return GalleryIndex(index, info, np.ascontiguousarray(embeddings, dtype=np.float32), threads)
+    gi = GalleryIndex(index, info, np.ascontiguousarray(embeddings, dtype=np.float32), threads)
+    if gpu:
+        gi.use_gpu()
+    return gi
 
 
 def ensure_index(
-    folder: Path, embeddings: np.ndarray, store_sha256: str, kind: str, threads: int = 0
+    folder: Path, embeddings: np.ndarray, store_sha256: str, kind: str, threads: int = 0, gpu: bool = False
 ) -> GalleryIndex | None:
     """The index a gallery run uses: the one on disk when it is fresh and of the kind asked for,
     else built (a stale one is rebuilt, with a message). None for --index none."""
@@ -316,9 +357,9 @@ def ensure_index(
     wanted = choose_kind(len(embeddings), embeddings.shape[1]) if kind == "auto" else kind
     if info is not None:
         if info.store_sha256 == store_sha256 and info.count == len(embeddings) and info.kind == wanted:
-            return load_index(folder, embeddings, store_sha256, threads)
+            return load_index(folder, embeddings, store_sha256, threads, gpu)
         why = "the store changed" if info.store_sha256 != store_sha256 else f"{wanted} asked for, {info.kind} found"
         log.info("rebuilding %s (%s)", folder / INDEX_FILE, why)
-    gi = build_index(embeddings, wanted, store_sha256, threads)
+    gi = build_index(embeddings, wanted, store_sha256, threads, gpu=gpu)
     save_index(folder, gi)
     return gi

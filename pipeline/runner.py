@@ -81,9 +81,14 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
     if cfg.index != "none" and len(gallery.embeddings) >= 2:
         with summary.stage("index"):
             index = ensure_index(
-                cfg.store_dir, gallery.embeddings, store_sha256(cfg.store_dir), cfg.index, cfg.embedder.threads
+                cfg.store_dir,
+                gallery.embeddings,
+                store_sha256(cfg.store_dir),
+                cfg.index,
+                cfg.embedder.threads,
+                gpu=on_gpu,
             )
-        summary.outputs["index"] = f"{cfg.store_dir / INDEX_FILE} ({index.info.describe()})"
+        summary.outputs["index"] = f"{cfg.store_dir / INDEX_FILE} ({index.describe()})"
     nb = write_retrieval_outputs(cfg, gallery.embeddings, rows, summary, device="cuda" if on_gpu else None, index=index)
     with summary.stage("report"):
         write_gallery_report(cfg, summary, rows, nb)
@@ -146,7 +151,7 @@ def write_retrieval_outputs(
         table = cfg.results_dir / "neighbours.csv"
         write_neighbours_csv(table, iter_neighbour_rows(nb, ids, files, ids, files))
     summary.outputs["neighbour table"] = str(table)
-    summary.notes.append("neighbours: " + (index.info.describe() if approximate else "exact"))
+    summary.notes.append("neighbours: " + (index.describe() if approximate else "exact"))
     if matrix:
         summary.outputs["distance matrix"] = f"{matrix} (rows = manifest embedding_row)"
     else:

@@ -109,13 +109,14 @@ def run_query(cfg: RunConfig) -> RunSummary:
     index = None
     if cfg.index != "none":
         with summary.stage("load index"):
-            index = load_index(cfg.store_dir, cache.embeddings, cache.sidecar.embeddings_sha256, cfg.embedder.threads)
+            on_gpu = getattr(embedder, "device", None) == "cuda"
+            index = load_index(
+                cfg.store_dir, cache.embeddings, cache.sidecar.embeddings_sha256, cfg.embedder.threads, gpu=on_gpu
+            )
     with summary.stage("search"):
         q = np.concatenate(vectors)
         nb = index.search(q, cfg.top_k) if index is not None else topk_neighbours(q, cache.embeddings, cfg.top_k)
-    summary.notes.append(
-        "search: " + (index.info.describe() if index is not None else "exact (no index beside the store)")
-    )
+    summary.notes.append("search: " + (index.describe() if index is not None else "exact (no index beside the store)"))
     out_dir = cfg.queries_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     embedded = cache.embedded_rows
@@ -145,7 +146,6 @@ def run_query(cfg: RunConfig) -> RunSummary:
         section = Section("query" + cfg.suffix, "query", title, summary, data)
         summary.outputs["report"] = str(write_section(cfg.plots_dir, section))
     return summary
-
 
 
 def _query_crops(path: Path, segmenter: Segmenter | None, summary: RunSummary) -> list[tuple[str, Image.Image]]:

@@ -59,7 +59,12 @@ class SearchService:
         index = (
             None
             if cfg.index == "none"
-            else load_index(cfg.store_dir, cache.embeddings, cache.sidecar.embeddings_sha256)
+            else load_index(
+                cfg.store_dir,
+                cache.embeddings,
+                cache.sidecar.embeddings_sha256,
+                gpu=getattr(embedder, "device", None) == "cuda",
+            )
         )
         return cls(cfg, embedder, cache, index)
 
@@ -158,7 +163,7 @@ def create_app(service: SearchService):
             "model": service.embedder.identity.get("model", ""),
             "backend": service.embedder.identity.get("backend"),
             "k": cfg.top_k,
-            "search": service.index.info.describe() if service.index else "exact",
+            "search": service.index.describe() if service.index else "exact",
             "report": (cfg.plots_dir / "report.html").is_file(),
         }
 

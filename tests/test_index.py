@@ -130,3 +130,49 @@ def test_gallery_runs_and_queries_use_the_index(mixed_dataset, tiny_onnx, tmp_pa
         == 0
     )
     shutil.rmtree(out)
+
+
+class _StandInGpuFaiss:
+    """faiss-gpu's API on a machine without it: 'moving' an index clones it on the CPU, as faiss-gpu
+    refuses the kinds it has no GPU version of (HNSW, fast-scan codes)."""
+
+    def __init__(self, monkeypatch):
+        import faiss
+
+        self.moved: list[str] = []
+
+        def index_cpu_to_gpu(resources, device, index):
+            name = type(faiss.downcast_index(index)).__name__
+            if "HNSW" in name or "FastScan" in name:
+                raise RuntimeError(f"{name} not supported on the GPU")
+            self.moved.append(name)
+            return faiss.clone_index(index)
+
+        monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+        monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+        monkeypatch.setattr(faiss, "index_cpu_to_gpu", index_cpu_to_gpu, raising=False)
+
+
+def test_on_a_gpu_run_the_index_is_built_for_and_searched_on_faiss_gpu(vectors, monkeypatch, tmp_path):
+    cpu = build_index(vectors, "ivfpq", store_sha256="s", gpu=True)  # no faiss-gpu: fast-scan codes, on the CPU
+    assert cpu.info.params["bits"] == 4 and not cpu.on_gpu
+    gpu_api = _StandInGpuFaiss(monkeypatch)
+    gi = build_index(vectors, "ivfpq", store_sha256="s", gpu=True)
+    # 8-bit codes faiss-gpu takes (D/8 bytes), tuned to the same recall, and searched on the "GPU" copy
+    assert gi.info.params["bits"] == 8 and gi.info.params["m"] == 8 and gi.info.recall_at_10 >= 0.95
+    assert gi.on_gpu and gpu_api.moved == ["IndexIVFPQ"] and gi.searcher is not gi.index
+    assert gi.searcher.nprobe == gi.info.params["nprobe"]
+    assert "searched on the GPU" in gi.describe()
+    q = vectors[:50]
+    cpu_copy = load_index_from(gi, tmp_path)  # the saved file is the CPU index; loaded without a GPU
+    assert not cpu_copy.on_gpu
+    np.testing.assert_array_equal(gi.search(q, 10).indices, cpu_copy.search(q, 10).indices)
+    assert load_index(tmp_path, vectors, "s", gpu=True).on_gpu
+    # kinds with no GPU version stay on the CPU and still answer
+    hnsw = build_index(vectors[:2000], "hnsw", store_sha256="h", gpu=True)
+    assert not hnsw.on_gpu and "GPU" not in hnsw.describe() and hnsw.search(q[:5], 3).indices.shape == (5, 3)
+
+
+def load_index_from(gi, folder):
+    save_index(folder, gi)
+    return load_index(folder, gi.embeddings, gi.info.store_sha256)
