@@ -152,9 +152,19 @@ def resize_for_model(image: Image.Image, prep: PreprocessConfig) -> Image.Image:
 
 def to_model_input(resized: Image.Image, prep: PreprocessConfig) -> np.ndarray:
     """Centre crop, rescale and normalize a resized image: float32 (3, crop_height, crop_width)."""
+    return normalize_crop(model_crop(resized, prep), prep)
+
+
+def model_crop(resized: Image.Image, prep: PreprocessConfig) -> np.ndarray:
+    """The pixels the model sees, still uint8 (H, W, 3): a quarter of the bytes of its input."""
     arr = np.asarray(resized)
     if prep.do_center_crop:
         arr = _center_crop(arr, prep.crop_height, prep.crop_width)
+    return arr
+
+
+def normalize_crop(arr: np.ndarray, prep: PreprocessConfig) -> np.ndarray:
+    """model_crop's pixels rescaled and normalized: float32 (3, H, W)."""
     # uint8 -> float through a 256-entry table per channel: the same float32 arithmetic as
     # rescale-then-normalize, done once per value instead of once per pixel. OpenCV's LUT maps
     # the three channels in one pass (~3x faster than numpy's take per channel, same values).

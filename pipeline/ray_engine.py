@@ -30,7 +30,7 @@ from .fileio import atomic_write_bytes
 from .gallery import ShardAssembler, ShardMark, UnitResult
 from .items import make_segment_items, make_standard_items
 from .plots import THUMB_SIZE, make_thumbnail
-from .preprocess import resize_for_model, to_model_input
+from .preprocess import model_crop, normalize_crop, resize_for_model
 from .report import RunSummary
 from .store import ManifestRow, Shard, ShardStore, finalize_store, invalidate_store
 
@@ -157,11 +157,11 @@ class _ItemMaker:
                         if item.data is not None:
                             atomic_write_bytes(images / item.row.file, item.data)
                         embed = item.to_embed
-                        if embed:
+                        if embed:  # uint8 through the object store; the embedder normalizes
                             resized = resize_for_model(item.image, prep)
-                            pixels, thumb = to_model_input(resized, prep), make_thumbnail(resized)
+                            pixels, thumb = model_crop(resized, prep), make_thumbnail(resized)
                         else:
-                            pixels = np.zeros((3, prep.crop_height, prep.crop_width), np.float32)
+                            pixels = np.zeros((prep.crop_height, prep.crop_width, 3), np.uint8)
                             thumb = np.zeros((THUMB_SIZE, THUMB_SIZE, 3), np.uint8)
                         out["row"].append(json.dumps(asdict(item.row)))
                         out["source_row"].append(rec.source_row)
@@ -175,7 +175,7 @@ class _ItemMaker:
             "items_in_row": np.array(out["items_in_row"], dtype=np.int64),
             "pixels": np.stack(out["pixels"])
             if out["pixels"]
-            else np.zeros((0, 3, prep.crop_height, prep.crop_width), np.float32),
+            else np.zeros((0, prep.crop_height, prep.crop_width, 3), np.uint8),
             "thumb": np.stack(out["thumb"]) if out["thumb"] else np.zeros((0, THUMB_SIZE, THUMB_SIZE, 3), np.uint8),
             "has_pixels": np.array(out["has_pixels"], dtype=bool),
         }
@@ -190,7 +190,7 @@ class _EmbedActor:
         if spec.device != "cuda":
             spec = EmbedderSpec(**{**asdict(spec), "threads": 1})
         self.embedder: Embedder = make_embedder(spec)
-        self.jitter = jitter_s
+        self.prep, self.jitter = plan.prep, jitter_s
         self.rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -200,7 +200,8 @@ class _EmbedActor:
         vectors = np.zeros((n, self.embedder.dim), np.float32)
         has = batch["has_pixels"]
         if has.any():
-            vectors[has] = self.embedder.embed_serial(np.ascontiguousarray(batch["pixels"][has]))
+            pixels = np.stack([normalize_crop(p, self.prep) for p in batch["pixels"][has]])
+            vectors[has] = self.embedder.embed_serial(pixels)
         return {
             "row": batch["row"],
             "source_row": batch["source_row"],
@@ -285,8 +286,9 @@ def build_gallery_ray(
     so that batches come back out of order.
     """
     jitter_s = float(os.environ.get("FASHION_RAY_EMBED_JITTER", "0") or 0)
-    ray = init_ray(cfg)
-    check_shared_folder(ray, cfg.output_dir)
+    with summary.stage("ray start"):
+        ray = init_ray(cfg)
+        check_shared_folder(ray, cfg.output_dir)
     cfg.images_dir.mkdir(parents=True, exist_ok=True)
     cfg.store_dir.mkdir(parents=True, exist_ok=True)
     invalidate_store(cfg.store_dir)
@@ -348,11 +350,15 @@ def build_gallery_ray(
             desc=f"ray -> {cfg.store_dir.name}",
             disable=not cfg.progress,
         )
+        first = None
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                first = first or time.perf_counter() - t0
                 bar.update(collector.add(batch, cfg.shard_rows))
         finally:
             bar.close()
+        summary.notes.append(f"ray: first rows back {first or 0:.1f} s after the start")
+        log.debug("Ray Data stats:\n%s", ds.stats())
     missing = [n for n in todo if n not in collector.done]
     if missing:
         raise PipelineError(
