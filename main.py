@@ -12,6 +12,7 @@ from pathlib import Path
 from pipeline.config import EVAL_BACKENDS, config_from_flags, flag_default
 from pipeline.errors import PipelineError, UsageError
 from pipeline.index import INDEX_KINDS
+from pipeline.remote import is_url
 from pipeline.report import EXIT_FATAL, EXIT_USAGE
 
 log = logging.getLogger("main")
@@ -164,7 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     add(seg, "--keep-unsegmented", action="store_true", help="keep the whole image when no person is found")
 
     out = p.add_argument_group("output")
-    add(out, "--output-dir", type=Path, help="where images/, embeddings/, ... are written")
+    add(
+        out,
+        "--output-dir",
+        help="where images/, embeddings/, ... are written: a folder, or an fsspec URL (s3://bucket/run needs s3fs)",
+    )
+    add(
+        out,
+        "--work-dir",
+        type=Path,
+        help="with a URL --output-dir: its local working copy (None: one per URL in ~/.cache/fashion-visual-search)",
+    )
     add(out, "--top-k", type=_positive_int)
     add(out, "--max-matrix", type=_non_negative_int, help="save the N x N distance matrix only when N <= this")
     add(out, "--max-result-images", type=_non_negative_int, help="cap on result pictures (neighbours.csv: all)")
@@ -255,6 +266,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit
         parser.error(_need(parser, serve_flags, "--serve"))
     if args.serve and (args.use_segmentation and not args.use_embedded_segment):
         parser.error("--serve serves a cached gallery: for the segmented one use --use-embedded-segment")
+    if "work_dir" in explicit and not is_url(args.output_dir):
+        parser.error("--work-dir is the working copy of an --output-dir URL (s3://...); with a folder it is not used")
     if "ray_address" in explicit and args.engine != "ray":
         parser.error("--ray-address needs --engine ray")
     other_mode = args.video_clip or args.query_image or args.query_text or args.evaluate or args.export_onnx

@@ -19,6 +19,7 @@ from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failu
 from .items import make_segment_items, make_standard_items
 from .persons import Segmenter
 from .ray_engine import build_gallery_ray
+from .remote import list_names, remove_stale_at_url
 from .report import RunSummary
 from .store import GalleryCache, ManifestRow, embedded_rows, load_cache
 from .yolo import make_segmenter
@@ -79,13 +80,29 @@ def requested_source(cfg: RunConfig) -> dict[str, Any]:
     return {k: full[k] for k in keys}
 
 
+def _images_url(cfg: RunConfig) -> str:
+    return f"{cfg.output_url.rstrip('/')}/{cfg.images_dir.relative_to(cfg.output_dir).as_posix()}"
+
+
+def _remove_stale_images_at_url(cfg: RunConfig, target: GalleryTarget, rows: list[ManifestRow]) -> None:
+    keep = {r.file for r in rows if r.file}
+    n = remove_stale_at_url(_images_url(cfg), target.owned_files, keep)
+    if n:
+        log.info("removed %d image file(s) of an earlier, different run from %s", n, _images_url(cfg))
+
+
 def load_gallery_cache(cfg: RunConfig, identity: dict[str, Any] | None = None) -> GalleryCache:
     """Load embeddings/ (or embeddings_segment/) and check it against files and the request."""
+    images_at = None
+    if cfg.output_url:  # the images stay in the bucket: listed, not fetched
+        url = _images_url(cfg)
+        images_at = (url, list_names(url))
     return load_cache(
         cfg.store_dir,
         cfg.images_dir,
         identity=identity if identity is not None else requested_identity(cfg.embedder),
         source=requested_source(cfg),
+        images_at=images_at,
     )
 
 
@@ -131,7 +148,10 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None)
     identity = {**embedder.identity, "pixels": "torchvision" if on_device else "pil"}
     if cfg.engine == "ray":
         emb, rows = build_gallery_ray(cfg, summary, embedder, {**embedder.identity, "pixels": "pil"}, source)
-        remove_stale_files(target, rows)
+        if cfg.output_url:  # the workers wrote the images to the URL
+            _remove_stale_images_at_url(cfg, target, rows)
+        else:
+            remove_stale_files(target, rows)
         return Gallery(emb, rows, embedder)
     run_params = {"source": source, "identity": identity, "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
     emb, rows = build_gallery(
@@ -151,6 +171,8 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None)
         identity=identity,
         embed_batch=embed_batch,
     )
+    if cfg.output_url:  # an earlier run from another working copy may have left images there
+        _remove_stale_images_at_url(cfg, target, rows)
     if segmenter is not None:
         summary.stages["    of which segmentation predict"] = segmenter.predict_seconds
     return Gallery(emb, rows, embedder)

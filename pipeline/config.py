@@ -13,6 +13,7 @@ from typing import Any
 
 from .dataset import DatasetSpec
 from .embedders import EmbedderSpec
+from .remote import default_work_dir, is_url
 from .store import PARTIAL_DIR
 from .yolo import SegmentSpec
 
@@ -85,7 +86,9 @@ class RunConfig:
     evaluate: EvalSpec = field(default_factory=EvalSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
     serve: ServeSpec = field(default_factory=ServeSpec)
-    output_dir: Path = Path(".")
+    output_dir: Path = Path(".")  # with a URL output: its local working copy
+    output_url: str | None = None  # --output-dir as an fsspec URL (remote.py)
+    work_dir: Path | None = None  # --work-dir: the working copy of output_url
     batch_size: int = 32
     top_k: int = 5
     max_matrix: int = 20000
@@ -196,9 +199,20 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     **{
         name: (None, name)
         for name in (
-            "output_dir", "batch_size", "top_k", "max_matrix", "max_result_images", "shard_rows", "use_embeddings",
-            "use_segmentation", "use_embedded_segment", "fresh", "index",
-            "engine", "ray_address",
+            "output_dir",
+            "batch_size",
+            "top_k",
+            "max_matrix",
+            "max_result_images",
+            "shard_rows",
+            "use_embeddings",
+            "use_segmentation",
+            "use_embedded_segment",
+            "fresh",
+            "index",
+            "engine",
+            "ray_address",
+            "work_dir",
         )
     },
 }
@@ -238,5 +252,11 @@ def config_from_flags(
             value = tuple(b for b in value.split(",") if b)
         section, name = FLAGS[dest]
         sections.setdefault(section, {})[name] = value
+    top = sections.setdefault(None, {})
+    if is_url(top.get("output_dir")):  # s3://...: the run works in a local copy (remote.py)
+        top["output_url"] = str(top["output_dir"])
+        top["output_dir"] = Path(top.get("work_dir") or default_work_dir(top["output_url"]))
+    elif "output_dir" in top:
+        top["output_dir"] = Path(top["output_dir"])
     specs = {s: _spec_class(s)(**kw) for s, kw in sections.items() if s is not None}
     return RunConfig(**specs, **sections.get(None, {}), progress=progress, explicit=explicit)

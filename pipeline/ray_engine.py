@@ -31,6 +31,7 @@ from .gallery import ShardAssembler, ShardMark, UnitResult
 from .items import make_segment_items, make_standard_items
 from .plots import THUMB_SIZE, make_thumbnail
 from .preprocess import model_crop, normalize_crop, resize_for_model
+from .remote import is_url, write_bytes
 from .report import RunSummary
 from .store import ManifestRow, Shard, ShardStore, finalize_store, invalidate_store
 
@@ -116,7 +117,7 @@ class _Plan:
     """What every task needs, picklable: the dataset and the output layout."""
 
     cfg_dataset: Any
-    images_dir: str
+    images_dir: str  # a folder every node sees, or a URL (--output-dir s3://...)
     segmented: bool
     segment: Any
     embedder: dict  # EmbedderSpec fields
@@ -147,7 +148,8 @@ class _ItemMaker:
             "thumb": [],
             "has_pixels": [],
         }
-        prep, images = self.prep, Path(self.plan.images_dir)
+        prep, images = self.prep, self.plan.images_dir
+        write = write_bytes if is_url(images) else lambda path, data: atomic_write_bytes(Path(path), data)
         for piece in pieces:
             records = list(read_piece(self.plan.cfg_dataset, piece))
             for k in range(0, len(records), 8):
@@ -155,7 +157,7 @@ class _ItemMaker:
                 for rec, items in zip(group, self.make(group)):
                     for item in items:
                         if item.data is not None:
-                            atomic_write_bytes(images / item.row.file, item.data)
+                            write(f"{images}/{item.row.file}", item.data)
                         embed = item.to_embed
                         if embed:  # uint8 through the object store; the embedder normalizes
                             resized = resize_for_model(item.image, prep)
@@ -288,8 +290,10 @@ def build_gallery_ray(
     jitter_s = float(os.environ.get("FASHION_RAY_EMBED_JITTER", "0") or 0)
     with summary.stage("ray start"):
         ray = init_ray(cfg)
-        check_shared_folder(ray, cfg.output_dir)
-    cfg.images_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.output_url:  # a URL output: the workers write the images there, the driver the rest
+            check_shared_folder(ray, cfg.output_dir)
+    if not cfg.output_url:
+        cfg.images_dir.mkdir(parents=True, exist_ok=True)
     cfg.store_dir.mkdir(parents=True, exist_ok=True)
     invalidate_store(cfg.store_dir)
     run_params = {"source": source, "identity": identity, "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
@@ -303,9 +307,12 @@ def build_gallery_ray(
         summary.notes.append(f"resumed: {len(done)} of {len(ranges)} shard(s) already complete")
     # Pieces that touch a shard still to do (a piece crossing into a done shard is cut: rows by id).
     wanted = [p for p in _split_at_shards(pieces, cfg.shard_rows) if p.first_row // cfg.shard_rows in todo]
+    images = str(cfg.images_dir)
+    if cfg.output_url:
+        images = f"{cfg.output_url.rstrip('/')}/{cfg.images_dir.relative_to(cfg.output_dir).as_posix()}"
     plan = _Plan(
         cfg.dataset,
-        str(cfg.images_dir),
+        images,
         cfg.segmented,
         cfg.segment,
         asdict(cfg.embedder),

@@ -9,7 +9,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from .fileio import OutputLock, remove_temp_leftovers
 from .images import ImageDecodeError, decode_image
 from .index import INDEX_FILE, GalleryIndex, ensure_index
 from .plots import compose_matches, neighbour_tiles, save_heatmap, save_histogram, save_jpeg
+from .remote import mirrored
 from .report import RunSummary
 from .retrieval import Neighbours, iter_neighbour_rows, topk_neighbours, write_neighbours_csv
 from .search import run_evaluate, run_query
@@ -36,19 +37,26 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig) -> RunSummary:
-    """Run the mode the configuration asks for."""
+    """Run the mode the configuration asks for; with a URL --output-dir, in its local working copy,
+    fetched first and sent back after (remote.py)."""
     if cfg.export.enabled:
         return run_export(cfg)
+    remote = mirrored(cfg.output_url, cfg.output_dir) if cfg.output_url else nullcontext()
     if cfg.serve.enabled:  # reads only: the output folder stays free for other runs
-        return run_serve(cfg)
-    with output_session(cfg):
+        with remote:
+            return run_serve(cfg)
+    with output_session(cfg), remote as copy:
         if cfg.video.clip:
-            return run_video(cfg)
-        if cfg.query.active:
-            return run_query(cfg)
-        if cfg.evaluate.enabled:
-            return run_evaluate(cfg)
-        return run_gallery(cfg)
+            summary = run_video(cfg)
+        elif cfg.query.active:
+            summary = run_query(cfg)
+        elif cfg.evaluate.enabled:
+            summary = run_evaluate(cfg)
+        else:
+            summary = run_gallery(cfg)
+    if copy is not None:
+        summary.notes.append(f"outputs sent to {cfg.output_url} ({copy.sent} file(s); working copy {cfg.output_dir})")
+    return summary
 
 
 @contextmanager

@@ -185,6 +185,7 @@ def load_cache(
     identity: dict[str, Any] | None,
     source: dict[str, Any] | None = None,
     check_images: bool = True,
+    images_at: tuple[str, set[str]] | None = None,
 ) -> GalleryCache:
     """Load a store and check it against the files and against what is asked for.
 
@@ -194,6 +195,8 @@ def load_cache(
         identity: the embedder identity asked for; None skips that comparison.
         source: dataset parameters asked for; keys absent from it are not compared.
         check_images: verify each image file exists and has the recorded sha256.
+        images_at: (URL, names there) when the images are at a URL (--output-dir s3://...): each
+            must be there; they are not hashed, which would download them.
     Raises:
         CacheMismatchError: with a message naming every difference found.
     """
@@ -262,14 +265,18 @@ def load_cache(
             if r.embedding_row < 0 or not r.file:
                 continue
             p = images_dir / r.file
-            if not p.is_file():
+            if images_at is not None:
+                if r.file not in images_at[1]:
+                    missing.append(r.file)
+            elif not p.is_file():
                 missing.append(r.file)
             elif sha256_file(p) != r.sha256:
                 changed.append(r.file)
         if missing or changed:
             parts = []
             if missing:
-                parts.append(f"{len(missing)} image(s) missing from {images_dir} (e.g. {', '.join(missing[:3])})")
+                where = images_at[0] if images_at is not None else images_dir
+                parts.append(f"{len(missing)} image(s) missing from {where} (e.g. {', '.join(missing[:3])})")
             if changed:
                 parts.append(f"{len(changed)} image(s) changed since embedding (e.g. {', '.join(changed[:3])})")
             raise CacheMismatchError(f"cache in {root} no longer matches its images: " + "; ".join(parts))

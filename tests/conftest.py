@@ -100,3 +100,33 @@ def browser():
     driver = webdriver.Chrome(service=Service(paths[1]), options=options)
     yield driver
     driver.quit()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3 stand-in (moto's server) on 127.0.0.1 with one bucket, `bucket`; the AWS variables point
+    every client of this process, and the processes it starts, at it. Yields (filesystem, env)."""
+    server_mod = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("bucket")
+    try:
+        yield fs, env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

@@ -28,16 +28,20 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def ray_instance():
+def ray_instance(request):
     import logging
 
+    try:  # the workers reach the S3 stand-in too, when it runs here
+        s3_env = request.getfixturevalue("s3")[1]
+    except pytest.skip.Exception:
+        s3_env = {}
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=300 << 20,
         logging_level=logging.WARNING,
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **s3_env}},
     )
     yield
     ray.shutdown()
@@ -142,6 +146,25 @@ def test_a_killed_ray_run_resumes_each_row_once(
     assert [r.source_row for r in read_manifest(out / "embeddings" / "manifest.csv")] == list(range(60))
 
 
+def test_ray_workers_write_the_images_to_a_bucket_and_the_driver_the_store(
+    ray_instance, s3, ragged, tiny_onnx, local_run, tmp_path
+):
+    import io
+
+    fs, _ = s3
+    url, copy = f"s3://bucket/{secrets.token_hex(4)}/ray", tmp_path / "copy"
+    assert cli.main([*_args(ragged, tiny_onnx, url, "--engine", "ray"), "--work-dir", str(copy)]) == 3
+    root = url.removeprefix("s3://")
+    fs.invalidate_cache()
+    images = sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{root}/images"))
+    assert images == sorted(p.name for p in (local_run / "images").iterdir())
+    assert not (copy / "images").exists()  # written by the workers straight to the bucket, not by the driver
+    manifest = fs.cat_file(f"{root}/embeddings/manifest.csv")
+    assert manifest == (local_run / "embeddings" / "manifest.csv").read_bytes()
+    emb = np.load(io.BytesIO(fs.cat_file(f"{root}/embeddings/embeddings.npy")))
+    assert np.abs(emb - np.load(local_run / "embeddings" / "embeddings.npy")).max() <= 1e-6
+
+
 def test_ray_segmented_build_equals_local(ray_instance, tiny_onnx, tmp_path):
     pt = tmp_path / "person-seg.pt"
     assets.person_yolo("yolov8n-seg.yaml").save(pt)
@@ -170,8 +193,17 @@ def test_ray_address_joins_a_cluster_started_on_loopback(ragged, tiny_onnx, loca
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     start = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-        "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats",
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
     ]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     try:
@@ -230,7 +262,14 @@ def test_ray_refuses_a_format_it_does_not_read(ray_instance, tiny_onnx, tmp_path
     assert (
         cli.main(
             [
-                "--dataset", str(ds), "--onnx", str(tiny_onnx), "--output-dir", str(tmp_path / "o"), "--engine", "ray",
+                "--dataset",
+                str(ds),
+                "--onnx",
+                str(tiny_onnx),
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--engine",
+                "ray",
                 "-q",
             ]
         )

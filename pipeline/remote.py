@@ -1,0 +1,194 @@
+"""--output-dir as an fsspec URL (s3://bucket/run, gs://..., any filesystem fsspec knows): the run
+works in a local working copy and the URL holds the outputs.
+
+Before a run, what it reads is fetched from the URL: the stores (embeddings/, embeddings_segment/,
+their shards of an unfinished run, so a run resumes from wherever the last one got to) and the
+report (outputs/). Images and result pictures are never fetched. After the run, and after a
+failed or interrupted one, every file of the working copy that is new or changed since it was last
+fetched or sent is uploaded, so the URL is never behind the working copy by more than one run.
+With `--engine ray`, workers write the images straight to the URL: the nodes need no shared
+filesystem.
+
+The working copy is --work-dir, by default a folder per URL under ~/.cache/fashion-visual-search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import PipelineError, UsageError
+from .fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.+)$")
+SYNC_FILE = ".remote-sync.json"  # in the working copy: {relative path: [size, mtime_ns]} as last fetched or sent
+FETCHED = ("embeddings", "embeddings_segment", "outputs")  # what a run may read back
+SKIPPED = re.compile(r"(^|/)(\.pipeline\.lock|\.remote-sync\.json|[^/]*\.tmp[^/]*)$")
+
+
+def is_url(text: str | os.PathLike | None) -> bool:
+    """An fsspec URL other than file:// (a local path stays a path)."""
+    m = URL.match(str(text or ""))
+    return bool(m) and m.group(1).lower() not in ("file", "local")
+
+
+def default_work_dir(url: str) -> Path:
+    """~/.cache/fashion-visual-search/outputs/<bucket-and-path>-<hash>: one working copy per URL."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-visual-search" / "outputs"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", URL.match(url).group(2)).strip("-")[:60]
+    return base / f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, root path without the protocol) for url; UsageError when its package is
+    missing (s3fs for s3://, gcsfs for gs://, ...)."""
+    try:
+        import fsspec
+    except ImportError as e:
+        raise UsageError(f"--output-dir {url} needs fsspec: pip install fsspec") from e
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise UsageError(f"--output-dir {url}: {e}") from e
+    return fs, root.rstrip("/")
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """One file at a URL (an object store's put is all or nothing: no temp file needed)."""
+    fs, path = filesystem(url)
+    fs.pipe_file(path, data)
+
+
+def list_names(url: str) -> set[str]:
+    """The paths of the files under url, relative to it (empty when there is nothing)."""
+    fs, root = filesystem(url)
+    fs.invalidate_cache(root)  # other processes (Ray workers) write there too
+    try:
+        return {p[len(root) :].lstrip("/") for p in fs.find(root)}
+    except FileNotFoundError:
+        return set()
+
+
+def remove_stale_at_url(url: str, owned: re.Pattern, keep: set[str]) -> int:
+    """Delete the files directly under url that this tool names (owned) and keep does not list."""
+    fs, root = filesystem(url)
+    stale = [f"{root}/{name}" for name in list_names(url) if "/" not in name and owned.fullmatch(name)]
+    stale = [p for p in stale if p.rsplit("/", 1)[1] not in keep]
+    if stale:
+        fs.rm(stale)
+    return len(stale)
+
+
+class RemoteOutput:
+    """The URL and its working copy."""
+
+    def __init__(self, url: str, work_dir: Path) -> None:
+        self.url, self.work_dir = url.rstrip("/"), Path(work_dir)
+        self.fs, self.root = filesystem(self.url)
+        self.sent = 0
+
+    def _state(self) -> dict[str, list[int]]:
+        try:
+            return json.loads((self.work_dir / SYNC_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _save_state(self, state: dict[str, list[int]]) -> None:
+        atomic_write_text(self.work_dir / SYNC_FILE, json.dumps(state, sort_keys=True))
+
+    def check_access(self) -> None:
+        """Fail before any work when the URL cannot be listed or written."""
+        probe = f"{self.root}/.fashion-write-check"
+        try:
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm_file(probe)
+        except Exception as e:  # every filesystem has its own errors: credentials, bucket, network
+            raise PipelineError(f"--output-dir {self.url} cannot be written: {type(e).__name__}: {e}") from e
+
+    def fetch(self) -> int:
+        """Download the stores and the report the URL has and the working copy lacks or holds
+        another size of; returns the number of files fetched."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.fs.invalidate_cache()  # listings another process's writes made stale
+        state, fetched = self._state(), 0
+        for top in FETCHED:
+            base = f"{self.root}/{top}"
+            try:
+                found = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                continue
+            for path, info in found.items():
+                rel = f"{top}/{path[len(base) :].lstrip('/')}"
+                if info.get("type") == "directory" or SKIPPED.search(rel):
+                    continue
+                local = self.work_dir / rel
+                if local.is_file() and local.stat().st_size == info.get("size"):
+                    continue
+                local.parent.mkdir(parents=True, exist_ok=True)
+                tmp = local.with_name(local.name + ".tmp-fetch")
+                self.fs.get_file(path, str(tmp))
+                os.replace(tmp, local)
+                st = local.stat()
+                state[rel] = [st.st_size, st.st_mtime_ns]
+                fetched += 1
+        self._save_state(state)
+        return fetched
+
+    def changed(self) -> Iterator[tuple[str, os.stat_result]]:
+        state = self._state()
+        for local in sorted(self.work_dir.rglob("*")):
+            rel = local.relative_to(self.work_dir).as_posix()
+            if not local.is_file() or local.is_symlink() or SKIPPED.search(rel):
+                continue
+            st = local.stat()
+            if state.get(rel) != [st.st_size, st.st_mtime_ns]:
+                yield rel, st
+
+    def send(self) -> int:
+        """Upload every file new or changed since it was last fetched or sent, and remove from the
+        URL the files of a store folder the run removed (its finished shards); returns the count sent."""
+        state, sent = self._state(), 0
+        for rel, st in self.changed():
+            self.fs.put_file(str(self.work_dir / rel), f"{self.root}/{rel}")
+            state[rel] = [st.st_size, st.st_mtime_ns]
+            sent += 1
+        for rel in [r for r in state if not (self.work_dir / r).is_file()]:
+            if rel.split("/", 1)[0] in FETCHED:  # e.g. the .partial shards once the store is final
+                try:
+                    self.fs.rm_file(f"{self.root}/{rel}")
+                except FileNotFoundError:
+                    pass
+            del state[rel]
+        self._save_state(state)
+        self.sent += sent
+        return sent
+
+
+@contextmanager
+def mirrored(url: str, work_dir: Path) -> Iterator[RemoteOutput]:
+    """Fetch before the run; send after it, whether it finished, failed or was interrupted."""
+    remote = RemoteOutput(url, work_dir)
+    remote.check_access()
+    n = remote.fetch()
+    if n:
+        log.info("fetched %d file(s) from %s into %s", n, url, work_dir)
+    try:
+        yield remote
+    finally:
+        try:
+            n = remote.send()
+            log.info("sent %d file(s) to %s", n, url)
+        except Exception as e:  # the run's own error, if any, is the one to see; this one is said too
+            raise PipelineError(
+                f"uploading to {url} failed ({type(e).__name__}: {e}); the outputs are in {work_dir}: "
+                "run the same command again to send them"
+            ) from e

@@ -1,0 +1,112 @@
+"""--output-dir as a URL, against an S3 stand-in on 127.0.0.1: the outputs land in the bucket, equal
+to a local run's; a fresh working copy reuses or resumes from what the bucket holds; a URL that
+cannot be written, or whose filesystem package is missing, is refused before any work."""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import pytest
+
+import main as cli
+from pipeline import gallery
+from pipeline.store import read_manifest
+from tests import assets
+
+
+def run(*args) -> int:
+    return cli.main([*map(str, args), "-q"])
+
+
+def _url() -> str:
+    return f"s3://bucket/{secrets.token_hex(4)}/run"
+
+
+def _args(ds, onnx, out, work, *extra):
+    return ["--dataset", ds, "--onnx", onnx, "--output-dir", out, "--work-dir", work, "--shard-rows", "16", *extra]
+
+
+def _files(fs, url: str) -> dict[str, bytes]:
+    root = url.removeprefix("s3://")
+    fs.invalidate_cache()  # the run wrote through its own client
+    return {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)}
+
+
+@pytest.fixture(scope="module")
+def rows40(tmp_path_factory):
+    cells = [assets.encode(assets.rgb_image(24, 32, seed=i), "PNG") for i in range(40)]
+    cells[20] = assets.corrupt_bytes()
+    return assets.write_parquet_dataset(tmp_path_factory.mktemp("rows40") / "ds", cells)
+
+
+def test_a_gallery_run_to_s3_equals_a_local_run_and_is_reused_from_a_fresh_copy(
+    rows40, tiny_onnx, tmp_path, s3, capsys
+):
+    fs, _ = s3
+    url, local = _url(), tmp_path / "local"
+    assert run("--dataset", rows40, "--onnx", tiny_onnx, "--output-dir", local, "--shard-rows", "16") == 3
+    stale = f"{url.removeprefix('s3://')}/images/img_99999.png"  # an earlier, bigger run's image
+    fs.pipe_file(stale, b"old")
+    assert run(*_args(rows40, tiny_onnx, url, tmp_path / "copy1")) == 3  # row 20 is recorded as failed
+    files = _files(fs, url)
+    assert sorted(k for k in files if k.startswith("images/")) == sorted(
+        f"images/{p.name}" for p in (local / "images").iterdir()
+    )
+    assert "images/img_99999.png" not in files
+    assert files["embeddings/manifest.csv"] == (local / "embeddings" / "manifest.csv").read_bytes()
+    assert files["embeddings/embeddings.npy"] == (local / "embeddings" / "embeddings.npy").read_bytes()
+    assert "retrieval_results/neighbours.csv" in files and "outputs/report.html" in files
+    assert not [k for k in files if ".partial/" in k or k.endswith((".pipeline.lock", ".remote-sync.json"))]
+    # another machine: an empty working copy fetches the store (not the images) and reuses it
+    capsys.readouterr()
+    copy2 = tmp_path / "copy2"
+    assert cli.main(["--use-embeddings", *map(str, _args(rows40, tiny_onnx, url, copy2))]) == 3
+    said = capsys.readouterr().out
+    assert "standard (from cache)" in said and f"outputs sent to {url}" in said
+    assert (copy2 / "embeddings" / "manifest.csv").is_file() and not (copy2 / "images").exists()
+    # the bucket's store edited behind our back: refused like a local cache
+    root = url.removeprefix("s3://")
+    manifest = fs.cat_file(f"{root}/embeddings/manifest.csv")
+    fs.pipe_file(f"{root}/embeddings/manifest.csv", manifest.replace(b"img_00003", b"img_00004", 1))
+    assert run("--use-embeddings", *_args(rows40, tiny_onnx, url, tmp_path / "copy3")) == 1
+    assert "manifest" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_resumes_from_the_bucket_in_another_working_copy(
+    rows40, tiny_onnx, tmp_path, s3, monkeypatch, capsys
+):
+    fs, _ = s3
+    url = _url()
+    real, written = gallery.ShardStore.write, []
+
+    def write_then_stop(self, shard):
+        real(self, shard)
+        written.append(shard)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(gallery.ShardStore, "write", write_then_stop)
+    assert run(*_args(rows40, tiny_onnx, url, tmp_path / "first")) == 130
+    monkeypatch.undo()
+    partial = [k for k in _files(fs, url) if k.startswith("embeddings/.partial/")]
+    assert {k.rsplit("/", 1)[1] for k in partial} >= {"shard_00000.done", "shard_00001.done"}
+    capsys.readouterr()
+    assert cli.main(list(map(str, _args(rows40, tiny_onnx, url, tmp_path / "second", "-v")))) == 3
+    assert "resumed at row 32 from 2 complete shard(s)" in capsys.readouterr().out
+    files = _files(fs, url)
+    assert [r.source_row for r in read_manifest(tmp_path / "second" / "embeddings" / "manifest.csv")] == list(range(40))
+    assert files["embeddings/manifest.csv"] == (tmp_path / "second" / "embeddings" / "manifest.csv").read_bytes()
+    assert not [k for k in files if ".partial/" in k]  # the finished store's shards are gone from the bucket too
+    emb = np.load(tmp_path / "second" / "embeddings" / "embeddings.npy")
+    assert emb.shape == (39, 16)
+
+
+def test_urls_that_cannot_be_used_are_refused_before_any_work(rows40, tiny_onnx, tmp_path, s3, capsys):
+    assert run(*_args(rows40, tiny_onnx, "s3://no-such-bucket/run", tmp_path / "w")) == 1
+    assert "s3://no-such-bucket/run cannot be written" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "embeddings").exists()
+    assert run(*_args(rows40, tiny_onnx, "gs://bucket/run", tmp_path / "w")) == 2
+    assert "gcsfs" in capsys.readouterr().err  # its filesystem package is not installed
+    assert run("--work-dir", tmp_path / "w", "--output-dir", tmp_path / "out") == 2
+    assert "--work-dir is the working copy of an --output-dir URL" in capsys.readouterr().err
