@@ -9,7 +9,17 @@ import pytest
 
 from pipeline.dataset import Record
 from pipeline.embedders import Embedder
-from pipeline.gallery import Embedded, GalleryTarget, Parallelism, ShardAssembler, ShardMark, Unit, UnitResult, _plan
+from pipeline.gallery import (
+    Embedded,
+    GalleryTarget,
+    Parallelism,
+    ShardAssembler,
+    ShardMark,
+    Unit,
+    UnitResult,
+    _in_order,
+    _plan,
+)
 from pipeline.plots import THUMB_SIZE
 from pipeline.store import ManifestRow
 
@@ -126,3 +136,26 @@ def test_plan_cuts_units_at_shard_ends_and_marks_each_shard():
 def test_plan_of_nothing_left_marks_nothing():
     # a resumed run whose dataset has no rows past the last shard written
     assert list(_plan(iter([]), first_shard=3, next_row=300, shard_rows=100, unit_rows=40)) == []
+
+
+def test_in_order_keeps_at_most_ahead_units_in_flight():
+    from concurrent.futures import Future
+
+    class Held:
+        """Workers whose units never finish by themselves: only the bound lets results out."""
+
+        def __init__(self):
+            self.submitted: list[Future] = []
+
+        def submit(self, unit):
+            self.submitted.append(Future())
+            return self.submitted[-1]
+
+    workers = Held()
+    steps = [Unit(0, [_rec(i)]) for i in range(10)]
+    out = _in_order(iter(steps), workers, ahead=2)
+    first = next(out)
+    assert first is workers.submitted[0] and len(workers.submitted) == 3  # the oldest is waited for at 3 in flight
+    first.set_result(None)
+    next(out)
+    assert len(workers.submitted) == 4

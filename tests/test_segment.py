@@ -89,6 +89,7 @@ def test_segmented_run_with_known_masks(fake_segmenter, people_dataset, tiny_onn
     assert {r.source_row for r in rows} == set(range(9))
     no_person = [r.source_row for r in rows if r.status == "no_person"]
     assert no_person == [0, 3, 6]
+    assert {(r.width, r.height) for r in rows if r.status == "no_person"} == {(60, 90)}  # the row's picture
     emb = np.load(out / "embeddings_segment" / "embeddings.npy")
     assert emb.shape == (expected, 16)
     for r in crops:

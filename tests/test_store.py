@@ -23,6 +23,7 @@ def test_manifest_round_trip(tmp_path):
     rows = [
         ManifestRow(0, "img_00000.jpg", 0, "ds[0]", "ab", 10, 20, "ok", "", "", 0),
         ManifestRow(1, "", 1, "ds[1]", "", 0, 0, "failed", 'bad, "quoted"\nerror', "", -1),
+        ManifestRow(3, "", 3, "shop\r\nfolder/a.jpg", "", 0, 0, "failed", "line one\r\nline two\r", "", -1),
         ManifestRow(
             2, "seg_00002_p00.jpg", 2, "ds[2]", "cd", 5, 6, "ok", "", "", 1, 0, 1.5, 2.0, 30.0, 40.25, 777, 0.875
         ),
