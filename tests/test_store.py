@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline import fileio
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write_bytes, npy_bytes
 from pipeline.store import ManifestRow, Shard, ShardStore, ThumbnailReader, manifest_to_csv, read_manifest
@@ -70,3 +71,17 @@ def test_thumbnail_reader(tmp_path):
     r = ThumbnailReader(tmp_path / "t.npy")
     assert len(r) == 3 and np.array_equal(r[2], t[2]) and np.array_equal(r[0], t[0])
     r.close()
+
+
+def test_a_write_test_file_left_by_a_killed_check_is_cleared_next_time(tmp_path, monkeypatch):
+    def killed(path):
+        raise KeyboardInterrupt  # the run dies between making the probe file and removing it
+
+    monkeypatch.setattr(fileio.os, "unlink", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fileio.check_writable(tmp_path)
+    monkeypatch.undo()
+    (tmp_path / "img_00001.jpg").write_bytes(b"x")  # not a temp file: kept
+    assert len(list(tmp_path.iterdir())) == 2
+    assert fileio.remove_temp_leftovers(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["img_00001.jpg"]
