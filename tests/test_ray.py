@@ -101,9 +101,11 @@ def _same_store(a: Path, b: Path) -> None:
     assert sorted(p.name for p in (a / "images").iterdir()) == sorted(p.name for p in (b / "images").iterdir())
 
 
+@pytest.mark.parametrize("layout", ["lanes", "split"])
 def test_ray_builds_the_local_store_with_rows_out_of_order(
-    ray_instance, ragged, tiny_onnx, local_run, tmp_path, monkeypatch
+    layout, ray_instance, ragged, tiny_onnx, local_run, tmp_path, monkeypatch
 ):
+    # lanes: CPU actors make and embed items; split: item tasks feed an embedding actor pool (the GPU layout)
     arrived = []
     real = ray_engine._Collector.add
 
@@ -113,6 +115,7 @@ def test_ray_builds_the_local_store_with_rows_out_of_order(
 
     monkeypatch.setattr(ray_engine._Collector, "add", add)
     monkeypatch.setenv("FASHION_RAY_EMBED_JITTER", "0.3")
+    monkeypatch.setenv("FASHION_RAY_SPLIT_STAGES", "1" if layout == "split" else "0")
     out = tmp_path / "ray"
     assert cli.main(_args(ragged, tiny_onnx, out, "--engine", "ray")) == 3
     assert sorted(arrived) == list(range(60)) and arrived != sorted(arrived)  # every row once, out of order
