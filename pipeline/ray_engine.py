@@ -71,8 +71,9 @@ def init_ray(cfg: RunConfig):
                 num_cpus=cfg.embedder.threads or available_cores(), include_dashboard=False, runtime_env=env, **quiet
             )
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
-    logging.getLogger("ray.data").setLevel(logging.WARNING if cfg.progress else logging.ERROR)
+    ctx.enable_progress_bars = False  # one bar: the run's own, which counts rows
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours shows
     return ray
 
 
