@@ -80,23 +80,18 @@ def requested_source(cfg: RunConfig) -> dict[str, Any]:
     return {k: full[k] for k in keys}
 
 
-def _images_url(cfg: RunConfig) -> str:
-    return f"{cfg.output_url.rstrip('/')}/{cfg.images_dir.relative_to(cfg.output_dir).as_posix()}"
-
-
 def _remove_stale_images_at_url(cfg: RunConfig, target: GalleryTarget, rows: list[ManifestRow]) -> None:
     keep = {r.file for r in rows if r.file}
-    n = remove_stale_at_url(_images_url(cfg), target.owned_files, keep)
+    n = remove_stale_at_url(cfg.images_url, target.owned_files, keep)
     if n:
-        log.info("removed %d image file(s) of an earlier, different run from %s", n, _images_url(cfg))
+        log.info("removed %d image file(s) of an earlier, different run from %s", n, cfg.images_url)
 
 
 def load_gallery_cache(cfg: RunConfig, identity: dict[str, Any] | None = None) -> GalleryCache:
     """Load embeddings/ (or embeddings_segment/) and check it against files and the request."""
     images_at = None
-    if cfg.output_url:  # the images stay in the bucket: listed, not fetched
-        url = _images_url(cfg)
-        images_at = (url, list_names(url))
+    if cfg.images_url:  # the images stay in the bucket: listed, not fetched
+        images_at = (cfg.images_url, list_names(cfg.images_url))
     return load_cache(
         cfg.store_dir,
         cfg.images_dir,

@@ -118,6 +118,13 @@ class RunConfig:
         return self.output_dir / ("images_segment" if self.segmented else "images")
 
     @property
+    def images_url(self) -> str | None:
+        """Where the images are kept with a URL --output-dir (they stay there: remote.py); else None."""
+        if not self.output_url:
+            return None
+        return f"{self.output_url.rstrip('/')}/{self.images_dir.relative_to(self.output_dir).as_posix()}"
+
+    @property
     def store_dir(self) -> Path:
         return self.output_dir / ("embeddings_segment" if self.segmented else "embeddings")
 

@@ -327,12 +327,9 @@ def build_gallery_ray(
         summary.notes.append(f"resumed: {len(done)} of {len(ranges)} shard(s) already complete")
     # Pieces that touch a shard still to do (a piece crossing into a done shard is cut: rows by id).
     wanted = [p for p in _split_at_shards(pieces, cfg.shard_rows) if p.first_row // cfg.shard_rows in todo]
-    images = str(cfg.images_dir)
-    if cfg.output_url:
-        images = f"{cfg.output_url.rstrip('/')}/{cfg.images_dir.relative_to(cfg.output_dir).as_posix()}"
     plan = _Plan(
         cfg.dataset,
-        images,
+        cfg.images_url or str(cfg.images_dir),
         cfg.segmented,
         cfg.segment,
         asdict(cfg.embedder),
