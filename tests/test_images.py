@@ -37,6 +37,13 @@ def test_rgba_transparent_area_is_white_and_opaque_area_kept():
     assert np.array_equal(arr[:, :30], src[:, :30])
 
 
+def test_grey_with_alpha_composited_on_white():
+    arr = np.zeros((6, 10, 2), np.uint8)  # black, left half transparent
+    arr[:, 5:, 1] = 255
+    out = np.asarray(decode_image(assets.encode(Image.fromarray(arr, "LA"), "PNG")).image)
+    assert (out[:, :5] == 255).all() and (out[:, 5:] == 0).all()
+
+
 def test_palette_with_transparency_composited_on_white():
     im = Image.new("P", (10, 10), 0)
     im.putpalette([255, 0, 0] + [0, 0, 255] * 255)

@@ -16,6 +16,7 @@ from PIL import Image
 
 import main as cli
 from pipeline import gallery
+from pipeline.errors import PipelineError
 from pipeline.fileio import OutputLock
 from pipeline.store import read_manifest
 from tests import assets
@@ -117,6 +118,17 @@ def test_a_second_run_on_the_same_output_folder_is_refused(mixed_dataset, tiny_o
     assert run(*args) == 3  # 3: the mixed dataset's broken rows are recorded failures  # released with the holder
     with OutputLock(tmp_path / "other"):  # another folder is not blocked
         assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out) == 3
+
+
+def test_a_lock_file_with_garbage_in_it_still_gives_the_message(tmp_path):
+    import fcntl
+
+    (tmp_path / OutputLock.NAME).write_bytes(b"\xff\xfe not a pid")  # left by some other tool
+    with open(tmp_path / OutputLock.NAME, "rb+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(PipelineError, match=r"another run \(pid .*not a pid\) is writing to"):
+            with OutputLock(tmp_path):
+                pass
 
 
 def test_resume_refusal_names_the_difference_and_fresh_discards(long_dataset, tiny_onnx, tmp_path, capsys, monkeypatch):
