@@ -95,3 +95,15 @@ def test_processor_config_keys_are_read():
     assert PreprocessConfig.from_processor_dict({"size": {"height": 180, "width": 260}}).shortest_edge == 180
     assert PreprocessConfig.from_processor_dict({"size": 256}).shortest_edge == 256
     assert PreprocessConfig.from_processor_dict({}) == PreprocessConfig()
+
+
+def test_a_crop_larger_than_the_resize_is_padded_as_transformers_pads():
+    from transformers import CLIPImageProcessorPil
+
+    im = rgb_image(300, 400, seed=5)
+    ours = preprocess(im, PreprocessConfig.from_processor_dict({"size": {"shortest_edge": 200}, "crop_size": 224}))
+    ref = CLIPImageProcessorPil(size={"shortest_edge": 200}, crop_size={"height": 224, "width": 224})(
+        images=im, return_tensors="np"
+    )["pixel_values"][0]
+    assert ours.shape == ref.shape == (3, 224, 224)
+    assert np.abs(ours - ref).max() < 1e-5  # 12 columns of zeros (padding) each side, then normalized
