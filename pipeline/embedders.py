@@ -103,6 +103,11 @@ class EmbedderSpec:
         return "onnx" if Path(self.onnx).is_file() else "torch"
 
 
+def on_cuda(embedder: object) -> bool:
+    """The embedder runs on a CUDA device (embedders without a device attribute run on the CPU)."""
+    return getattr(embedder, "device", None) == "cuda"
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

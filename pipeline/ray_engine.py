@@ -31,7 +31,7 @@ from .gallery import ShardAssembler, ShardMark, UnitResult
 from .items import make_segment_items, make_standard_items
 from .plots import THUMB_SIZE, make_thumbnail
 from .preprocess import model_crop, normalize_crop, resize_for_model
-from .remote import is_url, write_bytes
+from .remote import is_url, url_writer
 from .report import RunSummary
 from .store import ManifestRow, Shard, ShardStore, finalize_store, invalidate_store
 
@@ -150,7 +150,9 @@ class _ItemMaker:
             "has_pixels": [],
         }
         prep, images = self.prep, self.plan.images_dir
-        write = write_bytes if is_url(images) else lambda path, data: atomic_write_bytes(Path(path), data)
+        write = (
+            url_writer(images) if is_url(images) else lambda name, data: atomic_write_bytes(Path(images, name), data)
+        )
         for piece in pieces:
             records = list(read_piece(self.plan.cfg_dataset, piece))
             for k in range(0, len(records), 8):
@@ -158,7 +160,7 @@ class _ItemMaker:
                 for rec, items in zip(group, self.make(group)):
                     for item in items:
                         if item.data is not None:
-                            write(f"{images}/{item.row.file}", item.data)
+                            write(item.row.file, item.data)
                         embed = item.to_embed
                         if embed:  # uint8 through the object store; the embedder normalizes
                             resized = resize_for_model(item.image, prep)

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,10 +62,11 @@ def filesystem(url: str) -> tuple[Any, str]:
     return fs, root.rstrip("/")
 
 
-def write_bytes(url: str, data: bytes) -> None:
-    """One file at a URL (an object store's put is all or nothing: no temp file needed)."""
-    fs, path = filesystem(url)
-    fs.pipe_file(path, data)
+def url_writer(url: str) -> Callable[[str, bytes], None]:
+    """write(name, data): one file under url, its filesystem resolved once (an object store's put is
+    all or nothing: no temp file needed)."""
+    fs, root = filesystem(url)
+    return lambda name, data: fs.pipe_file(f"{root}/{name}", data)
 
 
 def list_names(url: str) -> set[str]:

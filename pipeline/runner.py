@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .catalog import open_gallery
 from .config import RunConfig
 from .dataset import iter_records
+from .embedders import on_cuda
 from .errors import PipelineError
 from .export import export_onnx, verification_images
 from .fileio import OutputLock, remove_temp_leftovers
@@ -84,7 +85,7 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
     summary.count("failed", len(summary.failures))
     summary.outputs["images"] = str(cfg.images_dir)
     summary.outputs["embeddings"] = str(cfg.store_dir)
-    on_gpu = cfg.embedder.device == "cuda" or getattr(gallery.embedder, "device", None) == "cuda"
+    on_gpu = cfg.embedder.device == "cuda" or on_cuda(gallery.embedder)
     index = None
     if cfg.index != "none" and len(gallery.embeddings) >= 2:
         with summary.stage("index"):

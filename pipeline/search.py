@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .catalog import load_gallery_cache, segmenter_factory
 from .config import RunConfig
 from .dataset import IMAGE_SUFFIXES, DatasetSpec, count_rows, iter_records
-from .embedders import Embedder, EmbedderSpec, make_embedder
+from .embedders import Embedder, EmbedderSpec, make_embedder, on_cuda
 from .errors import PipelineError
 from .export import fp32_path_for
 from .fileio import atomic_write_text
@@ -109,9 +109,12 @@ def run_query(cfg: RunConfig) -> RunSummary:
     index = None
     if cfg.index != "none":
         with summary.stage("load index"):
-            on_gpu = getattr(embedder, "device", None) == "cuda"
             index = load_index(
-                cfg.store_dir, cache.embeddings, cache.sidecar.embeddings_sha256, cfg.embedder.threads, gpu=on_gpu
+                cfg.store_dir,
+                cache.embeddings,
+                cache.sidecar.embeddings_sha256,
+                cfg.embedder.threads,
+                gpu=on_cuda(embedder),
             )
     with summary.stage("search"):
         q = np.concatenate(vectors)

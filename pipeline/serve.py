@@ -22,7 +22,7 @@ from PIL import Image
 
 from .catalog import load_gallery_cache, segmenter_factory
 from .config import RunConfig
-from .embedders import Embedder, make_embedder
+from .embedders import Embedder, make_embedder, on_cuda
 from .errors import PipelineError, UsageError
 from .images import ImageDecodeError, decode_image, encode_jpeg
 from .index import GalleryIndex, load_index
@@ -63,7 +63,7 @@ class SearchService:
                 cfg.store_dir,
                 cache.embeddings,
                 cache.sidecar.embeddings_sha256,
-                gpu=getattr(embedder, "device", None) == "cuda",
+                gpu=on_cuda(embedder),
             )
         )
         return cls(cfg, embedder, cache, index)
