@@ -115,9 +115,27 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
     return gallery
 
 
+def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None) -> Gallery:
+    """The gallery built by Ray (--engine ray): the driver's model loads while Ray starts."""
+    target = GalleryTarget(cfg.images_dir, cfg.store_dir)
+    if cfg.segmented:  # the actors load their own; this one checks the model before Ray starts
+        with summary.stage("load segmenter"):
+            segmenter_factory(cfg)
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=_SEGMENT_FILES)
+    load = (lambda: embedder) if embedder is not None else (lambda: make_embedder(cfg.embedder))
+    emb, rows, embedder = build_gallery_ray(cfg, summary, load, gallery_source(cfg))
+    if cfg.output_url:  # the workers wrote the images to the URL
+        _remove_stale_images_at_url(cfg, target, rows)
+    else:
+        remove_stale_files(target, rows)
+    return Gallery(emb, rows, embedder)
+
+
 def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
     """Build (or resume) the run's gallery store from its dataset."""
     total_rows = count_rows(cfg.dataset)  # opens the dataset: a bad one fails before the model loads
+    if cfg.engine == "ray":
+        return _build_on_ray(cfg, summary, embedder)
     with summary.stage("load model"):
         embedder = embedder or make_embedder(cfg.embedder)
     segmenter, embed_batch = None, None
@@ -141,13 +159,6 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None)
     source = gallery_source(cfg)
     # Which code made the pixels is part of what made the vectors: a resume never mixes them.
     identity = {**embedder.identity, "pixels": "torchvision" if on_device else "pil"}
-    if cfg.engine == "ray":
-        emb, rows = build_gallery_ray(cfg, summary, embedder, {**embedder.identity, "pixels": "pil"}, source)
-        if cfg.output_url:  # the workers wrote the images to the URL
-            _remove_stale_images_at_url(cfg, target, rows)
-        else:
-            remove_stale_files(target, rows)
-        return Gallery(emb, rows, embedder)
     run_params = {"source": source, "identity": identity, "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
     emb, rows = build_gallery(
         records=lambda start: iter_records(cfg.dataset, start),

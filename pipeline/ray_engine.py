@@ -11,11 +11,15 @@ final store equals the local engine's.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import secrets
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,11 +54,19 @@ def import_ray():
     return ray
 
 
+_ours = threading.Event()  # set while this process holds a Ray it started (or joined) itself
+_stopping: list[threading.Thread] = []
+
+
 def init_ray(cfg: RunConfig):
     """Join the cluster at --ray-address (or RAY_ADDRESS), or start a local Ray instance with
     --threads CPUs (all cores by default); a Ray already initialized in this process is used as it is."""
     ray = import_ray()
+    for thread in _stopping:  # an earlier run's Ray, still stopping
+        thread.join()
+    _stopping.clear()
     if not ray.is_initialized():
+        _ours.set()
         env = {
             "env_vars": {
                 "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -75,6 +87,22 @@ def init_ray(cfg: RunConfig):
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours shows
     return ray
+
+
+def release_ray() -> None:
+    """Stop the Ray that init_ray started (or disconnect from the cluster it joined), in a thread:
+    a local instance takes 1-2 s to stop, which then overlaps the driver's own stages after the
+    build instead of adding to the run. A Ray the caller initialized is left running. The
+    interpreter waits for the thread before it exits; the next init_ray waits for it too."""
+    if not _ours.is_set():
+        return
+    _ours.clear()
+    import ray
+
+    gc.collect()  # no object references of the build left to be freed while Ray stops
+    thread = threading.Thread(target=ray.shutdown, name="ray shutdown")
+    thread.start()
+    _stopping.append(thread)
 
 
 def check_shared_folder(ray, folder: Path) -> None:
@@ -298,22 +326,32 @@ class _Collector:
 def build_gallery_ray(
     cfg: RunConfig,
     summary: RunSummary,
-    embedder: Embedder,
-    identity: dict[str, Any],
+    load_embedder: Callable[[], Embedder],
     source: dict[str, Any],
-) -> tuple[np.ndarray, list[ManifestRow]]:
+) -> tuple[np.ndarray, list[ManifestRow], Embedder]:
     """Build (or resume) the run's gallery store on Ray Data; the same store as gallery.build_gallery.
+    The driver's model (for the store's identity, and the run's later stages) loads while Ray starts.
 
     FASHION_RAY_EMBED_JITTER (seconds, tests only) makes each embedding batch wait up to that long,
     so that batches come back out of order. FASHION_RAY_SPLIT_STAGES=1 (tests) lays a CPU run out as
     a GPU run is: item tasks feeding a separate embedding actor pool.
     """
-    jitter_s = float(os.environ.get("FASHION_RAY_EMBED_JITTER", "0") or 0)
-    split_stages = os.environ.get("FASHION_RAY_SPLIT_STAGES") == "1"
-    with summary.stage("ray start"):
+    with summary.stage("ray start + load model"), ThreadPoolExecutor(1, thread_name_prefix="model") as pool:
+        loading = pool.submit(load_embedder)
         ray = init_ray(cfg)
         if not cfg.output_url:  # a URL output: the workers write the images there, the driver the rest
             check_shared_folder(ray, cfg.output_dir)
+        embedder = loading.result()
+    # A failed run leaves Ray to its exit handler, as the run's objects are released before it.
+    emb, rows = _build(ray, cfg, summary, embedder, {**embedder.identity, "pixels": "pil"}, source)
+    return emb, rows, embedder
+
+
+def _build(
+    ray, cfg: RunConfig, summary: RunSummary, embedder: Embedder, identity: dict[str, Any], source: dict[str, Any]
+) -> tuple[np.ndarray, list[ManifestRow]]:
+    jitter_s = float(os.environ.get("FASHION_RAY_EMBED_JITTER", "0") or 0)
+    split_stages = os.environ.get("FASHION_RAY_SPLIT_STAGES") == "1"
     if not cfg.output_url:
         cfg.images_dir.mkdir(parents=True, exist_ok=True)
     cfg.store_dir.mkdir(parents=True, exist_ok=True)
@@ -396,11 +434,13 @@ def build_gallery_ray(
             bar.close()
         summary.notes.append(f"ray: first rows back {first or 0:.1f} s after the start")
         log.debug("Ray Data stats:\n%s", ds.stats())
+        batch = ds = None
     missing = [n for n in todo if n not in collector.done]
     if missing:
         raise PipelineError(
             f"the Ray run ended without rows of shard(s) {missing[:5]}: rerun the same command to resume"
         )
+    release_ray()  # the rest is the driver's, and no views of Ray's object store are left
     summary.stages["embed stage (wall, ray)"] = time.perf_counter() - t0
     summary.notes.append(
         f"engine: Ray Data on {cores} CPU(s){f' and {gpus} GPU(s)' if gpus else ''}, {len(wanted)} piece(s)"

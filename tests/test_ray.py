@@ -122,6 +122,7 @@ def test_ray_builds_the_local_store_with_rows_out_of_order(
     monkeypatch.setenv("FASHION_RAY_SPLIT_STAGES", "1" if layout == "split" else "0")
     out = tmp_path / "ray"
     assert cli.main(_args(ragged, tiny_onnx, out, "--engine", "ray")) == 3
+    assert ray.is_initialized()  # a Ray the caller started is left to it
     assert sorted(arrived) == list(range(60)) and arrived != sorted(arrived)  # every row once, out of order
     _same_store(local_run, out)
     rows = read_manifest(out / "embeddings" / "manifest.csv")
@@ -236,6 +237,36 @@ def test_ray_address_joins_a_cluster_started_on_loopback(ragged, tiny_onnx, loca
             if any(str(temp) in part or f":{port}" in part for part in proc.info["cmdline"] or []):
                 proc.kill()
         time.sleep(1)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.subprocess
+def test_a_ray_the_run_starts_is_stopped_before_it_exits(ragged, tiny_onnx, local_run, tmp_path):
+    """No address: the run starts its own Ray (its model loading meanwhile) and stops it in the
+    background once the build is done; it exits with none of Ray's processes left."""
+    temp = Path(f"/tmp/rt{secrets.token_hex(3)}")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "own"
+    args = [a for a in _args(ragged, tiny_onnx, out, "--engine", "ray", "--threads", "2") if a != "-q"]
+    import psutil
+
+    def left() -> list[psutil.Process]:
+        return [
+            p for p in psutil.process_iter(["cmdline"]) if any(str(temp) in part for part in p.info["cmdline"] or [])
+        ]
+
+    try:
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "main.py"), *args], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert r.returncode == 3, r.stderr[-2000:]
+        assert "ray start + load model" in r.stdout
+        _same_store(local_run, out)
+        assert not left()
+    finally:
+        for proc in left():
+            proc.kill()
         shutil.rmtree(temp, ignore_errors=True)
 
 
