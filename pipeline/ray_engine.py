@@ -378,6 +378,7 @@ def _build(
     )
     cores = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0)) if plan.device == "cuda" else 0
+    wanted = _smaller_at_the_end(wanted, workers=cores)
     collector = _Collector(shards, todo, cfg.batch_size, embedder.dim)
     split = bool(gpus) or split_stages
     t0 = time.perf_counter()
@@ -462,3 +463,23 @@ def _split_at_shards(pieces: list[Piece], shard_rows: int) -> list[Piece]:
             out.append(p.cut(start, end))
             start = end
     return out
+
+
+def _smaller_at_the_end(pieces: list[Piece], workers: int, min_rows: int = 8) -> list[Piece]:
+    """Cut the last pieces smaller, so that the workers run out of work together (guided
+    self-scheduling): walking back from the end, a piece holds at most a (2 * workers - 1)th of the
+    rows after it, and at least min_rows. On 2 cores, 2,000 rows in row groups of 50, one actor
+    otherwise idled 1.6-2 s at the end. Pieces on the hub are left whole: each cut of a row group
+    reads all of it again over the network."""
+    out: list[Piece] = []
+    tail = 0
+    for p in reversed(pieces):
+        stop = p.first_row + p.rows
+        while stop > p.first_row:
+            start = max(p.first_row, stop - max(min_rows, tail // (2 * workers - 1)))
+            if start - p.first_row < min_rows or p.location.startswith("hf://"):
+                start = p.first_row  # no sliver left over
+            out.append(p.cut(start, stop))
+            tail += stop - start
+            stop = start
+    return out[::-1]

@@ -19,6 +19,7 @@ import pytest
 
 import main as cli
 from pipeline import gallery, ray_engine
+from pipeline.dataset import Piece
 from pipeline.store import read_manifest
 from tests import assets
 from tests.conftest import mixed_cells
@@ -185,6 +186,25 @@ def test_ray_segmented_build_equals_local(ray_instance, tiny_onnx, tmp_path):
     assert (a / "manifest.csv").read_bytes() == (b / "manifest.csv").read_bytes()
     assert sum(r.person >= 0 for r in read_manifest(a / "manifest.csv")) >= 6  # persons were found
     assert np.abs(np.load(a / "embeddings.npy") - np.load(b / "embeddings.npy")).max() <= 1e-6
+
+
+@pytest.mark.parametrize("workers", [1, 2, 16])
+def test_the_last_pieces_are_cut_smaller_so_the_workers_finish_together(workers):
+    groups = [Piece("parquet", "/d/train.parquet", 50 * g, 50, group=g) for g in range(40)]
+    pieces = ray_engine._split_at_shards(groups, 512)
+    cut = ray_engine._smaller_at_the_end(pieces, workers)
+    assert [r for p in cut for r in range(p.first_row, p.first_row + p.rows)] == list(range(2000))
+    assert len(cut) > len(pieces) and cut[-1].rows == 8
+    tail = 0
+    for p in reversed(cut):
+        whole = next(q for q in pieces if q.first_row <= p.first_row < q.first_row + q.rows)
+        assert p.first_row + p.rows <= whole.first_row + whole.rows and p.group == whole.group
+        assert p.offset == whole.offset + p.first_row - whole.first_row  # where its rows start in the group
+        if p.rows < whole.rows:  # a cut: a (2w-1)th of the rows after it, at least 8, no sliver left behind
+            assert 8 <= p.rows < max(8, tail // (2 * workers - 1)) + 8
+        tail += p.rows
+    hub = [Piece("parquet", "hf://datasets/a/b/train.parquet", 50 * g, 50, group=g) for g in range(4)]
+    assert ray_engine._smaller_at_the_end(hub, 2) == hub  # every cut would fetch its row group again
 
 
 def _free_port() -> int:
