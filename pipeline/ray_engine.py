@@ -66,7 +66,6 @@ def init_ray(cfg: RunConfig):
         thread.join()
     _stopping.clear()
     if not ray.is_initialized():
-        _ours.set()
         env = {
             "env_vars": {
                 "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -82,6 +81,7 @@ def init_ray(cfg: RunConfig):
             ray.init(
                 num_cpus=cfg.embedder.threads or available_cores(), include_dashboard=False, runtime_env=env, **quiet
             )
+        _ours.set()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar: the run's own, which counts rows
     logging.getLogger("ray.data").setLevel(logging.WARNING)
