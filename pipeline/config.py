@@ -259,6 +259,13 @@ def config_from_flags(
             value = tuple(b for b in value.split(",") if b)
         section, name = FLAGS[dest]
         sections.setdefault(section, {})[name] = value
+    embedder = sections.setdefault("embedder", {})
+    if (
+        "onnx" in explicit
+        and embedder.get("backend", "auto") == "auto"
+        and not sections.get("export", {}).get("enabled")
+    ):
+        embedder["backend"] = "onnx"  # a file the user named is used, or its absence reported; not the hub model
     top = sections.setdefault(None, {})
     if is_url(top.get("output_dir")):  # s3://...: the run works in a local copy (remote.py)
         top["output_url"] = str(top["output_dir"])

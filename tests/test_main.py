@@ -242,6 +242,16 @@ def test_unwritable_output_dir_is_refused_before_work(tmp_path, tiny_clip, capsy
     assert "not writable" in capsys.readouterr().err
 
 
+def test_an_onnx_file_named_but_missing_is_reported_not_replaced(tmp_path, mixed_dataset, tiny_clip, capsys):
+    # --backend auto falls back to the transformers model only when --onnx is left at its default
+    absent = tmp_path / "edge" / "model_int8.onnx"
+    args = ("--dataset", mixed_dataset, "--model", tiny_clip, "--output-dir", tmp_path / "out", "-q")
+    assert run(*args, "--onnx", absent) == 1
+    assert f"ONNX file {absent} not found" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "embeddings" / "embeddings.npy").exists()
+    assert run(*args, "--onnx", absent, "--backend", "torch", "--limit", "4") in (0, 3)  # asked for: ignored
+
+
 def test_missing_dataset_column_message(tmp_path, mixed_dataset, tiny_clip, capsys):
     assert (
         run(
