@@ -117,11 +117,12 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
 
 def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None) -> Gallery:
     """The gallery built by Ray (--engine ray): the driver's model loads while Ray starts."""
-    target = GalleryTarget(cfg.images_dir, cfg.store_dir)
     if cfg.segmented:  # the actors load their own; this one checks the model before Ray starts
         with summary.stage("load segmenter"):
             segmenter_factory(cfg)
         target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=_SEGMENT_FILES)
+    else:
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir)
     load = (lambda: embedder) if embedder is not None else (lambda: make_embedder(cfg.embedder))
     emb, rows, embedder = build_gallery_ray(cfg, summary, load, gallery_source(cfg))
     if cfg.output_url:  # the workers wrote the images to the URL
