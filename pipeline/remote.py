@@ -176,20 +176,27 @@ class RemoteOutput:
 
 @contextmanager
 def mirrored(url: str, work_dir: Path) -> Iterator[RemoteOutput]:
-    """Fetch before the run; send after it, whether it finished, failed or was interrupted."""
+    """Fetch before the run; send after it, whether it finished, failed or was interrupted. When
+    the upload fails too, the run's own error is the one raised and the upload's is logged."""
     remote = RemoteOutput(url, work_dir)
     remote.check_access()
     n = remote.fetch()
     if n:
         log.info("fetched %d file(s) from %s into %s", n, url, work_dir)
+    failed = True
     try:
         yield remote
+        failed = False
     finally:
         try:
             n = remote.send()
             log.info("sent %d file(s) to %s", n, url)
-        except Exception as e:  # the run's own error, if any, is the one to see; this one is said too
-            raise PipelineError(
+        except Exception as e:
+            message = (
                 f"uploading to {url} failed ({type(e).__name__}: {e}); the outputs are in {work_dir}: "
                 "run the same command again to send them"
-            ) from e
+            )
+            if failed:
+                log.error(message)
+            else:
+                raise PipelineError(message) from e

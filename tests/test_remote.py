@@ -110,3 +110,20 @@ def test_urls_that_cannot_be_used_are_refused_before_any_work(rows40, tiny_onnx,
     assert "gcsfs" in capsys.readouterr().err  # its filesystem package is not installed
     assert run("--work-dir", tmp_path / "w", "--output-dir", tmp_path / "out") == 2
     assert "--work-dir is the working copy of an --output-dir URL" in capsys.readouterr().err
+
+
+def test_an_upload_that_fails_after_a_failed_run_leaves_the_runs_error_to_see(tmp_path, monkeypatch, caplog):
+    from pipeline.errors import PipelineError
+    from pipeline.remote import RemoteOutput, mirrored
+
+    def send(self):
+        raise ConnectionError("bucket unreachable")
+
+    monkeypatch.setattr(RemoteOutput, "send", send)
+    url = f"memory://{secrets.token_hex(4)}/run"
+    with pytest.raises(KeyboardInterrupt), mirrored(url, tmp_path / "a"):
+        raise KeyboardInterrupt  # the run's own end: what the user sees
+    assert f"uploading to {url} failed (ConnectionError: bucket unreachable)" in caplog.text
+    with pytest.raises(PipelineError, match="uploading to .* failed .*run the same command again"):
+        with mirrored(url, tmp_path / "b"):
+            pass  # a run that finished: the failed upload is the error
