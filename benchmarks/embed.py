@@ -127,6 +127,7 @@ def main() -> int:
     del backends
 
     # End to end: the gallery stage (decode + preprocess + thumbnail + infer + shards) on JPEGs.
+    from pipeline.config import RunConfig
     from pipeline.dataset import DatasetSpec, count_rows, iter_records
     from pipeline.gallery import GalleryTarget, build_gallery
     from pipeline.items import make_standard_items
@@ -149,6 +150,7 @@ def main() -> int:
         source={},
         summary=summary,
         batch_size=32,
+        shard_rows=RunConfig.shard_rows,  # the product's default, written once in pipeline/config.py
         progress=False,
     )
     e2e = n / summary.stages["embed stage (wall)"]
