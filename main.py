@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.config import EVAL_BACKENDS, config_from_flags, flag_default
 from pipeline.errors import PipelineError, UsageError
 from pipeline.index import INDEX_KINDS
-from pipeline.remote import is_url
+from pipeline.modes import check_config
 from pipeline.report import EXIT_FATAL, EXIT_USAGE
 
 log = logging.getLogger("main")
@@ -204,84 +204,6 @@ def _flag_names(parser: argparse.ArgumentParser, dests: set[str]) -> str:
     return ", ".join(spelled.get(d, "--" + d) for d in sorted(dests))
 
 
-def _need(parser: argparse.ArgumentParser, dests: set[str], what: str) -> str:
-    """'--det-model needs --video_clip NAME' / '--det-model, --det-conf need ...'."""
-    return f"{_flag_names(parser, dests)} {'needs' if len(dests) == 1 else 'need'} {what}"
-
-
-def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, explicit: frozenset[str]) -> None:
-    """Refuse contradictory flags (parser.error exits with code 2)."""
-    if args.use_embeddings and args.use_embedded_segment:
-        parser.error("--use-embeddings and --use-embedded-segment contradict: pick the cache to reuse")
-    if args.use_embeddings and args.use_segmentation:
-        parser.error("--use-embeddings reuses whole-image embeddings; for segmented crops use --use-embedded-segment")
-    if args.use_embedded_segment and args.use_segmentation:
-        parser.error(
-            "--use-embedded-segment already means segmentation; drop --use-segmentation to reuse the cache, "
-            "or drop --use-embedded-segment to rebuild it"
-        )
-    if args.export_onnx and (args.use_embeddings or args.use_segmentation or args.use_embedded_segment):
-        parser.error("--export-onnx makes the ONNX file and stops; run the pipeline as a second command")
-    if ({"per_tensor", "quantization"} & explicit) and not args.export_onnx:
-        parser.error("--per-tensor and --quantization only apply to --export-onnx")
-    query = bool(args.query_image or args.query_text)
-    exclusive = [
-        name
-        for name, on in (
-            ("--export-onnx", args.export_onnx),
-            ("--video_clip", bool(args.video_clip)),
-            ("--query-image/--query-text", query),
-            ("--evaluate", args.evaluate),
-            ("--serve", args.serve),
-        )
-        if on
-    ]
-    if len(exclusive) > 1:
-        parser.error(f"{' and '.join(exclusive)} are separate modes: run them as separate commands")
-    if args.evaluate and (args.use_embeddings or args.use_embedded_segment):
-        parser.error("--evaluate embeds the dataset itself; it does not read a cache")
-    eval_flags = {"eval_backends", "eval_id_column", "eval_cloth_column"} & explicit
-    if eval_flags and not args.evaluate:
-        parser.error(_need(parser, eval_flags, "--evaluate"))
-    if args.eval_backends:
-        bad = [b for b in args.eval_backends.split(",") if b not in EVAL_BACKENDS]
-        if bad:
-            parser.error(f"--eval-backends: unknown {bad}; choose from {', '.join(EVAL_BACKENDS)}")
-    video_flags = explicit & {
-        "video_dir",
-        "frame_stride",
-        "det_model",
-        "det_conf",
-        "det_backend",
-        "track_gap",
-        "no_annotated_video",
-    }
-    if video_flags and not args.video_clip:
-        parser.error(_need(parser, video_flags, "--video_clip NAME"))
-    seg_flags = {"seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented"} & explicit
-    if seg_flags and not (args.use_segmentation or args.use_embedded_segment):
-        parser.error(_need(parser, seg_flags, "--use-segmentation or --use-embedded-segment"))
-    serve_flags = {"port", "host"} & explicit
-    if serve_flags and not args.serve:
-        parser.error(_need(parser, serve_flags, "--serve"))
-    if args.serve and (args.use_segmentation and not args.use_embedded_segment):
-        parser.error("--serve serves a cached gallery: for the segmented one use --use-embedded-segment")
-    if "work_dir" in explicit and not is_url(args.output_dir):
-        parser.error("--work-dir is the working copy of an --output-dir URL (s3://...); with a folder it is not used")
-    if "ray_address" in explicit and args.engine != "ray":
-        parser.error("--ray-address needs --engine ray")
-    other_mode = args.video_clip or args.query_image or args.query_text or args.evaluate or args.export_onnx
-    other_mode = other_mode or args.serve
-    if args.engine == "ray" and other_mode:
-        parser.error("--engine ray builds galleries (standard and --use-segmentation runs); other modes run locally")
-    if args.fresh and (args.use_embeddings or args.use_embedded_segment):
-        parser.error("--fresh rebuilds the gallery; it cannot be combined with a cache flag")
-    if args.backend == "onnx" and args.precision != "auto":
-        parser.error("--precision applies to the torch backend; the ONNX file's precision is fixed when it is exported")
-    if args.device == "cpu" and args.precision in ("fp16", "int8"):
-        parser.error(f"--precision {args.precision} needs --device cuda (on CPU use the int8 ONNX file)")
-
-
 def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> frozenset[str]:
     """Names of the options the user typed (so cache checks compare requests, not defaults)."""
     shadow = argparse.ArgumentParser(add_help=False)
@@ -326,11 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         explicit = explicit_options(parser, argv)
-        validate(args, parser, explicit)
+        cfg = config_from_flags(vars(args), explicit, progress=not args.quiet)
+        problem = check_config(cfg, lambda dests: _flag_names(parser, dests))
+        if problem:
+            parser.error(problem)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
     configure_logging(args.verbose, args.quiet)
-    cfg = config_from_flags(vars(args), explicit, progress=not args.quiet)
     try:
         from pipeline.runner import run
 

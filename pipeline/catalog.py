@@ -1,185 +1,235 @@
-"""The gallery a mode works on: built (or resumed) from the dataset, or loaded from the cache and
-checked against its files and against what was asked for. Every mode (standard, segmentation,
-video, query) gets its gallery here.
+"""The public Python API: a built gallery store, opened for search.
+
+    from pipeline import Catalog
+    cat = Catalog.open("runs/today/embeddings", model="./fashion-clip")
+    cat.search_text("red floral midi dress", k=5)      # [Hit(rank=1, file='img_00042.jpg', ...), ...]
+    cat.search_image("look.jpg", k=5)                  # one QueryResult per query picture
+    cat.neighbours("img_00042.jpg", k=5)               # an item's look-alikes (never itself)
+
+The same `Searcher` answers the CLI's queries, --serve and video, so the hits are the ones they give.
 """
 
 from __future__ import annotations
 
-import logging
-import re
-from dataclasses import dataclass
-from typing import Any
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from .config import RunConfig
-from .dataset import count_rows, iter_records
-from .embedders import Embedder, make_embedder, requested_identity
-from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
-from .items import make_segment_items, make_standard_items
+from .embedders import Embedder, EmbedderSpec, make_embedder
+from .errors import CacheMismatchError, PipelineError
+from .images import decode_image
 from .persons import Segmenter
-from .ray_engine import build_gallery_ray
-from .remote import list_names, remove_stale_at_url
-from .report import RunSummary
-from .store import GalleryCache, ManifestRow, embedded_rows, load_cache
-from .yolo import make_segmenter
+from .preprocess import preprocess_batch
+from .searcher import Hit, QueryCrop, Searcher, query_crops
+from .store import (
+    SIDECAR_FILE,
+    THUMBNAILS_FILE,
+    GalleryCache,
+    ManifestRow,
+    ThumbnailReader,
+    describe_differences,
+    load_cache,
+)
+from .yolo import SegmentSpec, make_segmenter
 
-log = logging.getLogger(__name__)
 
-_SEGMENT_FILES = re.compile(r"seg_\d+_(p\d+|full)\.png$")
+@dataclass(frozen=True)
+class QueryResult:
+    """The hits of one query picture (the whole picture, or one person in it: label `name#p0`)."""
+
+    label: str
+    hits: list[Hit]
 
 
-@dataclass
-class Gallery:
-    """A mode's gallery: embeddings float32 (N, D) and every manifest line; `embedder` is the one
-    that built it, or the one passed in (None when loaded from the cache without one)."""
+def store_folder(folder: str | Path) -> Path:
+    """The store a folder names: the folder itself (embeddings/, embeddings_segment/) or, for a run's
+    output folder, its embeddings/."""
+    folder = Path(folder)
+    if (folder / SIDECAR_FILE).is_file():
+        return folder
+    if (folder / "embeddings" / SIDECAR_FILE).is_file():
+        return folder / "embeddings"
+    raise PipelineError(
+        f"{folder} holds no gallery store ({SIDECAR_FILE} not found there or in {folder / 'embeddings'}); "
+        "build one first: python main.py --output-dir DIR"
+    )
 
-    embeddings: np.ndarray
-    rows: list[ManifestRow]
-    embedder: Embedder | None
+
+def images_folder(store_dir: Path, cache_kind: str) -> Path:
+    """The images a store's manifest names sit beside it: images/ or images_segment/."""
+    return store_dir.parent / ("images_segment" if cache_kind == "segment" else "images")
+
+
+class Catalog:
+    """A verified gallery store with its searcher; the embedder (for text and picture queries) and
+    the segmenter load on first use. Thread-safe for queries."""
+
+    def __init__(
+        self,
+        cache: GalleryCache,
+        searcher: Searcher,
+        embedder: Callable[[], Embedder],
+        segmenter: Callable[[], Segmenter] | None = None,
+    ) -> None:
+        self.cache, self.searcher = cache, searcher
+        self._embedder_factory, self._segmenter_factory = embedder, segmenter
+        self._embedder: Embedder | None = None
+        self._segmenter: Segmenter | None = None
+        self._load_lock = threading.Lock()  # loading the models, reading thumbnails
+        self._segment_lock = threading.Lock()  # Ultralytics models are not thread-safe
+
+    @classmethod
+    def open(
+        cls,
+        folder: str | Path,
+        *,
+        model: str | None = None,
+        onnx: str | None = None,
+        device: str = "auto",
+        threads: int = 0,
+        index: str = "auto",
+        seg_model: str | None = None,
+    ) -> Catalog:
+        """Open a store folder (or a run's output folder) for search.
+
+        model / onnx: the embedder for text and picture queries: a transformers CLIP id or folder, or
+            an ONNX image encoder file (its text tower beside it). Default: the model the store
+            records, when it was made with transformers. The embedder is checked against the store
+            when it first loads (vectors of another model are never compared).
+        index: "auto" uses the index file beside the store when there is one; "none": exact search.
+        seg_model: the person segmenter for `search_image(..., segment=True)`.
+        """
+        root = store_folder(folder)
+        cache = load_cache(root, Path(), identity=None, check_images=False)
+        kind = cache.sidecar.source.get("kind", "standard")
+        cache = replace(cache, images_dir=images_folder(root, kind))
+        searcher = Searcher.open(root, cache.embeddings, cache.embedded_rows, cache.sidecar.embeddings_sha256, index,
+                                 threads)
+        spec = _embedder_spec(cache, model, onnx, device, threads)
+        segment = SegmentSpec(model=seg_model) if seg_model else SegmentSpec()
+        return cls(cache, searcher, lambda: _checked_embedder(spec, cache),
+                   lambda: make_segmenter(segment, device=device))
+
+    # ------------------------------------------------------------------ what is in it
+    @property
+    def items(self) -> list[ManifestRow]:
+        """The manifest lines of the searchable items; items[row] owns embeddings[row]."""
+        return self.searcher.rows
 
     @property
-    def embedded(self) -> list[ManifestRow]:
-        """Manifest lines with an embedding, in embedding-row order (line k owns row k)."""
-        return embedded_rows(self.rows)
+    def embeddings(self) -> np.ndarray:
+        """float32 (N, D), L2-normalized."""
+        return self.searcher.embeddings
+
+    def __len__(self) -> int:
+        return len(self.searcher.rows)
+
+    def describe(self) -> str:
+        return f"{len(self):,} items in {self.cache.root}; search: {self.searcher.describe()}"
+
+    def thumbnail(self, row: int) -> np.ndarray:
+        """uint8 (T, T, 3) RGB thumbnail of embedding row `row`."""
+        with self._load_lock:
+            reader = ThumbnailReader(self.cache.root / THUMBNAILS_FILE)
+            try:
+                return reader[row].copy()
+            finally:
+                reader.close()
+
+    @property
+    def embedder(self) -> Embedder:
+        with self._load_lock:
+            if self._embedder is None:
+                self._embedder = self._embedder_factory()
+            return self._embedder
+
+    # ------------------------------------------------------------------ search
+    def search_vectors(self, vectors: np.ndarray, k: int = 5) -> list[list[Hit]]:
+        """Top-k hits for each vector: float32 (D,) or (Q, D), L2-normalized."""
+        q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if q.shape[1] != self.embeddings.shape[1]:
+            raise PipelineError(f"query vectors have {q.shape[1]} dimensions, the store {self.embeddings.shape[1]}")
+        return self.searcher.search(q, k)
+
+    def search_text(self, text: str, k: int = 5) -> list[Hit]:
+        """The top-k items for a description."""
+        return self.searcher.search(self.embedder.embed_text([text]), k)[0]
+
+    def query_crops(self, picture: str | Path | bytes | Image.Image, segment: bool = False,
+                    name: str | None = None) -> tuple[list[QueryCrop], bool]:
+        """A query picture as the pictures searched (each person in it with segment=True), and
+        whether a person was found. Raises ImageDecodeError for bytes that are not a picture."""
+        if isinstance(picture, Image.Image):
+            image, label = picture.convert("RGB"), name or "picture"
+        else:
+            data = Path(picture).read_bytes() if isinstance(picture, (str, Path)) else picture
+            image = decode_image(data).image
+            label = name or (Path(picture).name if isinstance(picture, (str, Path)) else "picture")
+        if not segment:
+            return query_crops(image, label, None)
+        segmenter = self._segmenter_now()
+        with self._segment_lock:
+            return query_crops(image, label, segmenter)
+
+    def embed_crops(self, crops: Sequence[QueryCrop]) -> np.ndarray:
+        """float32 (len(crops), D) vectors of query pictures."""
+        emb = self.embedder
+        return emb.embed(preprocess_batch([c.image for c in crops], emb.preprocess_cfg))
+
+    def search_image(self, picture: str | Path | bytes | Image.Image, k: int = 5, segment: bool = False,
+                     name: str | None = None) -> list[QueryResult]:
+        """The top-k items for a picture (a path, its bytes, or a PIL image); with segment=True, for
+        each person in it (the whole picture when nobody is found)."""
+        crops, _ = self.query_crops(picture, segment, name)
+        hits = self.searcher.search(self.embed_crops(crops), k)
+        return [QueryResult(c.label, h) for c, h in zip(crops, hits)]
+
+    def neighbours(self, item: int | str, k: int = 5) -> list[Hit]:
+        """An item's top-k other items; item: its embedding row, or its file name."""
+        row = self._row_of(item)
+        nb = self.searcher.neighbours(self.embeddings[row : row + 1], k + 1)
+        return [replace(h, rank=r + 1) for r, h in enumerate(h for h in self.searcher.hits(nb, 0) if h.row != row)][:k]
+
+    def _row_of(self, item: int | str) -> int:
+        if isinstance(item, (int, np.integer)):
+            if not 0 <= int(item) < len(self):
+                raise PipelineError(f"no item {item}: the store has rows 0..{len(self) - 1}")
+            return int(item)
+        for r in self.items:
+            if r.file == item:
+                return r.embedding_row
+        raise PipelineError(f"no item named {item!r} in {self.cache.root}")
+
+    def _segmenter_now(self) -> Segmenter:
+        with self._load_lock:  # one segmenter, loaded on first use
+            if self._segmenter is None:
+                if self._segmenter_factory is None:
+                    raise PipelineError("this catalog has no segmenter")
+                self._segmenter = self._segmenter_factory()
+            return self._segmenter
 
 
-def segmenter_factory(cfg: RunConfig) -> Segmenter:
-    """The segmenter for a run (a function, so tests can substitute one with known masks)."""
-    return make_segmenter(cfg.segment, device=cfg.embedder.device)
+def _embedder_spec(cache: GalleryCache, model: str | None, onnx: str | None, device: str, threads: int) -> EmbedderSpec:
+    made = cache.sidecar.identity
+    if onnx:
+        return EmbedderSpec(model=model or made.get("model", ""), onnx=onnx, backend="onnx", device=device,
+                            threads=threads)
+    if model is None and made.get("backend") == "onnx":
+        return EmbedderSpec(backend="onnx", device=device, threads=threads)  # the default file, checked on load
+    return EmbedderSpec(model=model or made.get("model", ""), backend="torch", device=device, threads=threads)
 
 
-def decodes_on_device(cfg: RunConfig, embedder: Embedder) -> bool:
-    """JPEGs are decoded and preprocessed by torchvision on the embedder's device: with --decode
-    device, or by default when the model runs on CUDA (whole-image galleries; crops are cut on the
-    CPU)."""
-    if cfg.segmented or cfg.embedder.decode == "cpu":
-        return False
-    return cfg.embedder.decode == "device" or getattr(embedder, "device", "cpu") == "cuda"
-
-
-def gallery_source(cfg: RunConfig) -> dict[str, Any]:
-    """What the gallery is made from; stored in the sidecar and part of the resume check."""
-    src = {"kind": "segment" if cfg.segmented else "standard", **cfg.dataset.as_dict()}
-    if cfg.segmented:
-        seg = cfg.segment
-        src.update(
-            seg_model=seg.model,
-            seg_backend=seg.backend,
-            seg_conf=seg.conf,
-            seg_imgsz=seg.imgsz,
-            keep_unsegmented=seg.keep_unsegmented,
+def _checked_embedder(spec: EmbedderSpec, cache: GalleryCache) -> Embedder:
+    """The embedder, refused when it is not the one that made the store's vectors."""
+    embedder = make_embedder(spec)
+    problems = describe_differences(embedder.identity, cache.sidecar.identity)
+    if problems:
+        raise CacheMismatchError(
+            f"the store in {cache.root} was made by another embedder than this one:\n  " + "\n  ".join(problems)
+            + "\npass the model (model=...) or ONNX file (onnx=...) that made it"
         )
-    return src
-
-
-def requested_source(cfg: RunConfig) -> dict[str, Any]:
-    """The source keys the user typed, compared against a cache (defaults are not a request)."""
-    full = gallery_source(cfg)
-    keys = {"kind"} | {k for k in full if k in cfg.explicit}
-    return {k: full[k] for k in keys}
-
-
-def _remove_stale_images_at_url(cfg: RunConfig, target: GalleryTarget, rows: list[ManifestRow]) -> None:
-    keep = {r.file for r in rows if r.file}
-    n = remove_stale_at_url(cfg.images_url, target.owned_files, keep)
-    if n:
-        log.info("removed %d image file(s) of an earlier, different run from %s", n, cfg.images_url)
-
-
-def load_gallery_cache(cfg: RunConfig, identity: dict[str, Any] | None = None) -> GalleryCache:
-    """Load embeddings/ (or embeddings_segment/) and check it against files and the request."""
-    images_at = None
-    if cfg.images_url:  # the images stay in the bucket: listed, not fetched
-        images_at = (cfg.images_url, list_names(cfg.images_url))
-    return load_cache(
-        cfg.store_dir,
-        cfg.images_dir,
-        identity=identity if identity is not None else requested_identity(cfg.embedder),
-        source=requested_source(cfg),
-        images_at=images_at,
-    )
-
-
-def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
-    """The gallery for this run: from the cache when asked, else built (or resumed); its failed
-    rows are recorded in the summary."""
-    if cfg.from_cache:
-        with summary.stage("load cache"):
-            cache = load_gallery_cache(cfg, identity=embedder.identity if embedder is not None else None)
-        log.info("loaded %d embeddings from %s", len(cache.embeddings), cfg.store_dir)
-        gallery = Gallery(cache.embeddings, cache.rows, embedder)
-    else:
-        gallery = build(cfg, summary, embedder)
-    record_failures(gallery.rows, summary)
-    return gallery
-
-
-def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None) -> Gallery:
-    """The gallery built by Ray (--engine ray): the driver's model loads while Ray starts."""
-    if cfg.segmented:  # the actors load their own; this one checks the model before Ray starts
-        with summary.stage("load segmenter"):
-            segmenter_factory(cfg)
-        target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=_SEGMENT_FILES)
-    else:
-        target = GalleryTarget(cfg.images_dir, cfg.store_dir)
-    load = (lambda: embedder) if embedder is not None else (lambda: make_embedder(cfg.embedder))
-    emb, rows, embedder = build_gallery_ray(cfg, summary, load, gallery_source(cfg))
-    if cfg.output_url:  # the workers wrote the images to the URL
-        _remove_stale_images_at_url(cfg, target, rows)
-    else:
-        remove_stale_files(target, rows)
-    return Gallery(emb, rows, embedder)
-
-
-def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
-    """Build (or resume) the run's gallery store from its dataset."""
-    total_rows = count_rows(cfg.dataset)  # opens the dataset: a bad one fails before the model loads
-    if cfg.engine == "ray":
-        return _build_on_ray(cfg, summary, embedder)
-    with summary.stage("load model"):
-        embedder = embedder or make_embedder(cfg.embedder)
-    segmenter, embed_batch = None, None
-    min_side = embedder.preprocess_cfg.decode_min_side
-    on_device = decodes_on_device(cfg, embedder)
-    if cfg.segmented:
-        with summary.stage("load segmenter"):
-            segmenter = segmenter_factory(cfg)
-        make_items = make_segment_items(segmenter, cfg.segment)
-        target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=_SEGMENT_FILES, group_size=8)
-        stage_name = "decode+segment+crop"
-    elif on_device:
-        make_items = make_standard_items(min_side, device_decode=True)
-        target = GalleryTarget(cfg.images_dir, cfg.store_dir, device_decode=True)
-        embed_batch = DeviceEmbedding(embedder, getattr(embedder, "device", "cpu"), min_side)
-        stage_name = "headers+CPU decode"
-    else:
-        make_items = make_standard_items(min_side)
-        target = GalleryTarget(cfg.images_dir, cfg.store_dir, parallel_items=True)
-        stage_name = "decode"
-    source = gallery_source(cfg)
-    # Which code made the pixels is part of what made the vectors: a resume never mixes them.
-    identity = {**embedder.identity, "pixels": "torchvision" if on_device else "pil"}
-    run_params = {"source": source, "identity": identity, "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
-    emb, rows = build_gallery(
-        records=lambda start: iter_records(cfg.dataset, start),
-        total_rows=total_rows,
-        make_items=make_items,
-        embedder=embedder,
-        target=target,
-        run_params=run_params,
-        source=source,
-        summary=summary,
-        batch_size=cfg.batch_size,
-        shard_rows=cfg.shard_rows,
-        fresh=cfg.fresh,
-        progress=cfg.progress,
-        item_stage_name=stage_name,
-        identity=identity,
-        embed_batch=embed_batch,
-    )
-    if cfg.output_url:  # an earlier run from another working copy may have left images there
-        _remove_stale_images_at_url(cfg, target, rows)
-    if segmenter is not None:
-        summary.stages["    of which segmentation predict"] = segmenter.predict_seconds
-    return Gallery(emb, rows, embedder)
+    return embedder

@@ -15,46 +15,35 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .catalog import open_gallery
 from .config import RunConfig
 from .dataset import iter_records
 from .embedders import on_cuda
 from .errors import PipelineError
 from .export import export_onnx, verification_images
 from .fileio import OutputLock, remove_temp_leftovers
+from .galleries import open_gallery, open_searcher
 from .images import ImageDecodeError, decode_image
-from .index import INDEX_FILE, GalleryIndex, ensure_index
+from .index import INDEX_FILE
+from .modes import selected_mode
 from .plots import compose_matches, neighbour_tiles, save_heatmap, save_histogram, save_jpeg
 from .remote import mirrored
 from .report import RunSummary
-from .retrieval import Neighbours, iter_neighbour_rows, topk_neighbours, write_neighbours_csv
-from .search import run_evaluate, run_query
-from .serve import run_serve
-from .store import THUMBNAILS_FILE, ManifestRow, ThumbnailReader, embedded_rows, store_sha256
-from .video import run_video
+from .retrieval import Neighbours, iter_neighbour_rows, write_neighbours_csv
+from .searcher import Searcher
+from .store import THUMBNAILS_FILE, ManifestRow, ThumbnailReader, embedded_rows
 from .webreport import REPORT_DIR, Section, write_gallery_pages, write_section
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig) -> RunSummary:
-    """Run the mode the configuration asks for; with a URL --output-dir, in its local working copy,
-    fetched first and sent back after (remote.py)."""
-    if cfg.export.enabled:
-        return run_export(cfg)
-    remote = mirrored(cfg.output_url, cfg.output_dir) if cfg.output_url else nullcontext()
-    if cfg.serve.enabled:  # reads only: the output folder stays free for other runs
-        with remote:
-            return run_serve(cfg)
-    with output_session(cfg), remote as copy:
-        if cfg.video.clip:
-            summary = run_video(cfg)
-        elif cfg.query.active:
-            summary = run_query(cfg)
-        elif cfg.evaluate.enabled:
-            summary = run_evaluate(cfg)
-        else:
-            summary = run_gallery(cfg)
+    """Run the mode the configuration asks for (modes.MODES); with a URL --output-dir, in its local
+    working copy, fetched first and sent back after (remote.py)."""
+    mode = selected_mode(cfg)
+    run_mode = mode.load()
+    remote = mirrored(cfg.output_url, cfg.output_dir) if cfg.output_url and mode.mirrors_output else nullcontext()
+    with output_session(cfg) if mode.holds_output else nullcontext(), remote as copy:
+        summary = run_mode(cfg)
     if copy is not None:
         summary.notes.append(f"outputs sent to {cfg.output_url} ({copy.sent} file(s); working copy {cfg.output_dir})")
     return summary
@@ -86,19 +75,11 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
     summary.outputs["images"] = str(cfg.images_dir)
     summary.outputs["embeddings"] = str(cfg.store_dir)
     on_gpu = cfg.embedder.device == "cuda" or on_cuda(gallery.embedder)
-    index = None
-    if cfg.index != "none" and len(gallery.embeddings) >= 2:
-        with summary.stage("index"):
-            index = ensure_index(
-                cfg.store_dir,
-                gallery.embeddings,
-                store_sha256(cfg.store_dir),
-                cfg.index,
-                cfg.embedder.threads,
-                gpu=on_gpu,
-            )
-        summary.outputs["index"] = f"{cfg.store_dir / INDEX_FILE} ({index.describe()})"
-    nb = write_retrieval_outputs(cfg, gallery.embeddings, rows, summary, device="cuda" if on_gpu else None, index=index)
+    with summary.stage("index"):
+        searcher = open_searcher(cfg, gallery.embeddings, gallery.embedded, gpu=on_gpu, build_auto=True)
+    if searcher.index is not None:
+        summary.outputs["index"] = f"{cfg.store_dir / INDEX_FILE} ({searcher.describe()})"
+    nb = write_retrieval_outputs(cfg, searcher, summary)
     with summary.stage("report"):
         write_gallery_report(cfg, summary, rows, nb)
     return summary
@@ -127,21 +108,14 @@ def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[Manifes
     summary.outputs["report"] = str(write_section(cfg.plots_dir, Section(section_id, "gallery", title, summary, data)))
 
 
-def write_retrieval_outputs(
-    cfg: RunConfig,
-    emb: np.ndarray,
-    rows: list[ManifestRow],
-    summary: RunSummary,
-    device: str | None = None,
-    index: GalleryIndex | None = None,
-) -> Neighbours | None:
-    """Neighbour table, one composite picture per query, the distance matrix, heatmap, histogram.
+def write_retrieval_outputs(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> Neighbours | None:
+    """Neighbour table, one composite picture per item, the distance matrix, heatmap, histogram.
 
-    device: "cuda" computes exact distances and top-k on the GPU (the same results).
-    index: an approximate index answers the neighbours instead of exact all-pairs search (no
-        matrix then); the summary says which it was, with the index's measured recall.
+    The searcher answers every item's neighbours: exactly (and then the distance matrix comes from
+    the same distance blocks), or through an approximate index (no matrix then); the summary says
+    which it was, with the index's measured recall.
     """
-    embedded = embedded_rows(rows)
+    embedded = searcher.rows
     n = len(embedded)
     cfg.results_dir.mkdir(parents=True, exist_ok=True)
     cfg.plots_dir.mkdir(parents=True, exist_ok=True)
@@ -150,17 +124,14 @@ def write_retrieval_outputs(
         return None
     ids = [r.index for r in embedded]
     files = [r.file for r in embedded]
-    approximate = index is not None and not index.info.exact
-    matrix = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy" if n <= cfg.max_matrix and not approximate else None
+    with_matrix = n <= cfg.max_matrix and not searcher.approximate
+    matrix = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy" if with_matrix else None
     with summary.stage("neighbours" + (" + distance matrix" if matrix else "")):
-        if approximate:
-            nb = index.all_neighbours(cfg.top_k)
-        else:
-            nb = topk_neighbours(emb, emb, cfg.top_k, exclude_self=True, matrix_path=matrix, device=device)
+        nb = searcher.all_neighbours(cfg.top_k, matrix_path=matrix)
         table = cfg.results_dir / "neighbours.csv"
         write_neighbours_csv(table, iter_neighbour_rows(nb, ids, files, ids, files))
     summary.outputs["neighbour table"] = str(table)
-    summary.notes.append("neighbours: " + (index.describe() if approximate else "exact"))
+    summary.notes.append("neighbours: " + searcher.describe())
     if matrix:
         summary.outputs["distance matrix"] = f"{matrix} (rows = manifest embedding_row)"
     else:
@@ -177,7 +148,7 @@ def write_retrieval_outputs(
     summary.outputs["result pictures"] = f"{cfg.results_dir}/*_matches.jpg"
     with summary.stage("plots"):
         heat = cfg.plots_dir / f"distance_heatmap{cfg.suffix}.png"
-        save_heatmap(emb, heat)
+        save_heatmap(searcher.embeddings, heat)
         hist = cfg.plots_dir / f"nearest_neighbour_hist{cfg.suffix}.png"
         save_histogram(nb.distances[:, 0], hist, title=f"Distance to the nearest other item ({n} items)")
     summary.outputs["heatmap"] = str(heat)

@@ -20,16 +20,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .catalog import load_gallery_cache, segmenter_factory
+from .catalog import Catalog
 from .config import RunConfig
 from .dataset import IMAGE_SUFFIXES, DatasetSpec, count_rows, iter_records
-from .embedders import Embedder, EmbedderSpec, make_embedder, on_cuda
+from .embedders import Embedder, EmbedderSpec, make_embedder
 from .errors import PipelineError
 from .export import fp32_path_for
 from .fileio import atomic_write_text
+from .galleries import open_catalog, segmenter_factory
 from .images import ImageDecodeError, decode_image
-from .index import load_index
-from .persons import Segmenter, person_crop
 from .plots import (
     THUMB_SIZE,
     caption_font,
@@ -42,7 +41,8 @@ from .plots import (
 )
 from .preprocess import PreprocessConfig, preprocess_batch
 from .report import RunSummary
-from .retrieval import iter_neighbour_rows, topk_neighbours, write_neighbours_csv
+from .retrieval import iter_neighbour_rows, write_neighbours_csv
+from .searcher import query_crops
 from .webreport import Section, relative_link, write_section
 
 log = logging.getLogger(__name__)
@@ -86,55 +86,21 @@ def text_tile(text: str, size: int = THUMB_SIZE) -> np.ndarray:
 def run_query(cfg: RunConfig) -> RunSummary:
     """--query-image / --query-text against the cached gallery (embeddings/ or embeddings_segment/)."""
     summary = RunSummary(mode="query")
-    with summary.stage("load model"):
-        embedder = make_embedder(cfg.embedder)
-    with summary.stage("load cache"):
-        cache = load_gallery_cache(cfg, identity=embedder.identity)
-    queries: list[Query] = []
-    vectors: list[np.ndarray] = []
-    if cfg.query.images:
-        segmenter = segmenter_factory(cfg) if cfg.use_segmentation else None
-        with summary.stage("embed image queries"):
-            for path in expand_image_paths(cfg.query.images):
-                crops = _query_crops(path, segmenter, summary)
-                if crops:
-                    vectors.append(embedder.embed(preprocess_batch([c for _, c in crops], embedder.preprocess_cfg)))
-                    queries += [Query(label, "image", make_thumbnail(c)) for label, c in crops]
-    if cfg.query.texts:
-        with summary.stage("embed text queries"):
-            vectors.append(embedder.embed_text(list(cfg.query.texts)))
-            queries += [Query(t, "text", text_tile(t)) for t in cfg.query.texts]
-    if not queries:
-        raise PipelineError("none of the query images could be read")
-    index = None
-    if cfg.index != "none":
-        with summary.stage("load index"):
-            index = load_index(
-                cfg.store_dir,
-                cache.embeddings,
-                cache.sidecar.embeddings_sha256,
-                cfg.embedder.threads,
-                gpu=on_cuda(embedder),
-            )
+    catalog = open_catalog(cfg, summary)
+    queries, vectors = embed_queries(cfg, catalog, summary)
     with summary.stage("search"):
-        q = np.concatenate(vectors)
-        nb = index.search(q, cfg.top_k) if index is not None else topk_neighbours(q, cache.embeddings, cfg.top_k)
-    summary.notes.append("search: " + (index.describe() if index is not None else "exact (no index beside the store)"))
+        nb = catalog.searcher.neighbours(np.concatenate(vectors), cfg.top_k)
+    summary.notes.append("search: " + catalog.searcher.describe())
     out_dir = cfg.queries_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    embedded = cache.embedded_rows
-    names, ids = [r.file for r in embedded], [r.index for r in embedded]
-    thumbs = cache.thumbnails()
-    pictures = []
-    try:
-        with summary.stage("pictures"):
-            for i, query in enumerate(queries):
-                tiles, labels = neighbour_tiles(nb.indices[i], nb.distances[i], lambda j: thumbs[j].copy(), names)
-                pic = compose_matches(query.tile, query.kind, tiles, labels, title=f"{query.kind} query: {query.label}")
-                pictures.append(out_dir / f"q{i:03d}_{_slug(query.label)}.jpg")
-                save_jpeg(pic, pictures[-1])
-    finally:
-        thumbs.close()
+    names, ids = [r.file for r in catalog.items], [r.index for r in catalog.items]
+    with summary.stage("pictures"):
+        pictures = []
+        for i, query in enumerate(queries):
+            tiles, labels = neighbour_tiles(nb.indices[i], nb.distances[i], catalog.thumbnail, names)
+            pic = compose_matches(query.tile, query.kind, tiles, labels, title=f"{query.kind} query: {query.label}")
+            pictures.append(out_dir / f"q{i:03d}_{_slug(query.label)}.jpg")
+            save_jpeg(pic, pictures[-1])
     table = out_dir / "query_results.csv"
     flat = iter_neighbour_rows(nb, [q.label for q in queries], [q.kind for q in queries], ids, names)
     rows = [(label, kind, rank, name, row, d) for label, kind, rank, row, name, d in flat]
@@ -151,22 +117,30 @@ def run_query(cfg: RunConfig) -> RunSummary:
     return summary
 
 
-def _query_crops(path: Path, segmenter: Segmenter | None, summary: RunSummary) -> list[tuple[str, Image.Image]]:
-    """A query image as (label, picture) pairs: the whole picture, or with a segmenter each person
-    in it (the whole picture when nobody is found). [] when it cannot be read (recorded)."""
-    try:
-        image = decode_image(path.read_bytes()).image
-    except (ImageDecodeError, OSError) as e:
-        summary.fail(str(path), str(e))
-        return []
-    if segmenter is None:
-        return [(path.name, image)]
-    arr = np.asarray(image)
-    crops = [(f"{path.name}#p{k}", person_crop(arr, p)) for k, p in enumerate(segmenter.segment([arr])[0])]
-    found = [(label, Image.fromarray(c)) for label, c in crops if c is not None]
-    if not found:
-        summary.notes.append(f"{path.name}: no person found, the whole image is the query")
-    return found or [(path.name, image)]
+def embed_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary) -> tuple[list[Query], list[np.ndarray]]:
+    """The run's query pictures (each person in them with --use-segmentation) and texts, with their
+    vectors; a picture that cannot be read is recorded in the summary."""
+    queries: list[Query] = []
+    vectors: list[np.ndarray] = []
+    if cfg.query.images:
+        with summary.stage("embed image queries"):
+            for path in expand_image_paths(cfg.query.images):
+                try:
+                    crops, found = catalog.query_crops(path, segment=cfg.use_segmentation)
+                except (ImageDecodeError, OSError) as e:
+                    summary.fail(str(path), str(e))
+                    continue
+                if cfg.use_segmentation and not found:
+                    summary.notes.append(f"{path.name}: no person found, the whole image is the query")
+                vectors.append(catalog.embed_crops(crops))
+                queries += [Query(c.label, "image", make_thumbnail(c.image)) for c in crops]
+    if cfg.query.texts:
+        with summary.stage("embed text queries"):
+            vectors.append(catalog.embedder.embed_text(list(cfg.query.texts)))
+            queries += [Query(t, "text", text_tile(t)) for t in cfg.query.texts]
+    if not queries:
+        raise PipelineError("none of the query images could be read")
+    return queries, vectors
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -304,13 +278,10 @@ def _embed_pass(
                 garments.add(rec.source_row, decoded(extra[cloth_column]))
             except ImageDecodeError as e:
                 summary.fail(f"{rec.source} ({cloth_column})", str(e))
-        if segmenter is not None:
-            arr = np.asarray(decode_image(rec.data).image)
-            persons = segmenter.segment([arr])[0]
-            crop = person_crop(arr, persons[0]) if persons else None
-            if crop is not None:
-                crop_image = Image.fromarray(crop)
-                crops.add(rec.source_row, dict.fromkeys(min_sides, crop_image))
+        if segmenter is not None:  # the photo's first person is its query
+            person, found = query_crops(decode_image(rec.data).image, rec.source, segmenter)
+            if found:
+                crops.add(rec.source_row, dict.fromkeys(min_sides, person[0].image))
     for name, seconds in photos.seconds.items():
         summary.stages[f"  inference {name}"] = seconds + garments.seconds[name] + crops.seconds[name]
     out: dict = {"ids": ids}

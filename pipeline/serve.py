@@ -11,7 +11,6 @@ on serving.
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime,
 # and those name classes imported inside create_app (FastAPI loads only for --serve).
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +19,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .catalog import load_gallery_cache, segmenter_factory
+from .catalog import Catalog
 from .config import RunConfig
-from .embedders import Embedder, make_embedder, on_cuda
 from .errors import PipelineError, UsageError
-from .images import ImageDecodeError, decode_image, encode_jpeg
-from .index import GalleryIndex, load_index
-from .persons import Segmenter, person_crop
-from .preprocess import preprocess_batch
+from .galleries import open_catalog
+from .images import ImageDecodeError, encode_jpeg
 from .report import RunSummary
-from .retrieval import topk_neighbours
-from .store import GalleryCache
+from .searcher import Hit
 
 log = logging.getLogger(__name__)
 
@@ -42,81 +37,35 @@ PAGE = Path(__file__).parent / "templates" / "search.html"
 
 @dataclass
 class SearchService:
-    """What the app answers with: the model, the cached gallery and its index, loaded once."""
+    """What the app answers with: the run's settings and the opened catalog (model, gallery and index,
+    loaded once), and the latency of each answer."""
 
     cfg: RunConfig
-    embedder: Embedder
-    cache: GalleryCache
-    index: GalleryIndex | None
-    segmenter: Segmenter | None = None
+    catalog: Catalog
     latencies: list[float] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def load(cls, cfg: RunConfig) -> "SearchService":
-        embedder = make_embedder(cfg.embedder)
-        cache = load_gallery_cache(cfg, identity=embedder.identity)
-        index = (
-            None
-            if cfg.index == "none"
-            else load_index(
-                cfg.store_dir,
-                cache.embeddings,
-                cache.sidecar.embeddings_sha256,
-                gpu=on_cuda(embedder),
-            )
-        )
-        return cls(cfg, embedder, cache, index)
+    def load(cls, cfg: RunConfig, summary: RunSummary | None = None) -> "SearchService":
+        return cls(cfg, open_catalog(cfg, summary or RunSummary(mode="serve")))
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
-        """Top-k for each query vector, as the query mode ranks them."""
-        nb = (
-            self.index.search(vectors, k)
-            if self.index is not None
-            else topk_neighbours(vectors, self.cache.embeddings, k)
-        )
-        embedded = self.cache.embedded_rows
+    @staticmethod
+    def as_json(hits: list[Hit]) -> list[dict[str, Any]]:
+        """row: the embedding row (the thumbnail's number); line: the manifest line."""
         return [
-            [
-                {
-                    "rank": r + 1,
-                    "row": int(j),
-                    "file": embedded[j].file,
-                    "line": embedded[j].index,
-                    "distance": round(float(d), 6),
-                }
-                for r, (j, d) in enumerate(zip(nb.indices[q], nb.distances[q]))
-                if j >= 0
-            ]
-            for q in range(len(vectors))
+            {"rank": h.rank, "row": h.row, "file": h.file, "line": h.line, "distance": round(h.distance, 6)}
+            for h in hits
         ]
 
     def text(self, text: str, k: int) -> list[dict[str, Any]]:
-        return self.search(self.embedder.embed_text([text]), k)[0]
+        return self.as_json(self.catalog.search_text(text, k))
 
     def image(self, data: bytes, name: str, k: int, segment: bool) -> list[dict[str, Any]]:
         """An uploaded picture's queries: the picture, or each person in it. Raises ImageDecodeError."""
-        image = decode_image(data).image
-        crops = [(name, image)]
-        if segment:
-            with self.lock:  # one segmenter, loaded on first use; Ultralytics models are not thread-safe
-                if self.segmenter is None:
-                    self.segmenter = segmenter_factory(self.cfg)
-                arr = np.asarray(image)
-                persons = self.segmenter.segment([arr])[0]
-            found = [(f"{name}#p{k_}", person_crop(arr, p)) for k_, p in enumerate(persons)]
-            crops = [(label, Image.fromarray(c)) for label, c in found if c is not None] or crops
-        vectors = self.embedder.embed(preprocess_batch([c for _, c in crops], self.embedder.preprocess_cfg))
-        return [{"label": label, "results": res} for (label, _), res in zip(crops, self.search(vectors, k))]
+        found = self.catalog.search_image(data, k, segment=segment, name=name)
+        return [{"label": q.label, "results": self.as_json(q.hits)} for q in found]
 
     def thumbnail_jpeg(self, row: int) -> bytes:
-        with self.lock:
-            reader = self.cache.thumbnails()
-            try:
-                tile = reader[row].copy()
-            finally:
-                reader.close()
-        return encode_jpeg(Image.fromarray(tile), quality=88)
+        return encode_jpeg(Image.fromarray(self.catalog.thumbnail(row)), quality=88)
 
 
 def create_app(service: SearchService):
@@ -132,7 +81,7 @@ def create_app(service: SearchService):
         ) from e
 
     app = FastAPI(title="Fashion visual search", docs_url=None, redoc_url=None)
-    cfg, embedded = service.cfg, service.cache.embedded_rows
+    cfg, catalog = service.cfg, service.catalog
     page = PAGE.read_text(encoding="utf-8")
 
     class TextQuery(BaseModel):
@@ -158,12 +107,12 @@ def create_app(service: SearchService):
     @app.get("/api/info")
     def info() -> dict[str, Any]:
         return {
-            "items": len(embedded),
+            "items": len(catalog),
             "store": str(cfg.store_dir),
-            "model": service.embedder.identity.get("model", ""),
-            "backend": service.embedder.identity.get("backend"),
+            "model": catalog.embedder.identity.get("model", ""),
+            "backend": catalog.embedder.identity.get("backend"),
             "k": cfg.top_k,
-            "search": service.index.describe() if service.index else "exact",
+            "search": catalog.searcher.describe(),
             "report": (cfg.plots_dir / "report.html").is_file(),
         }
 
@@ -195,7 +144,7 @@ def create_app(service: SearchService):
 
     @app.get("/thumb/{row}.jpg")
     def thumb(row: int) -> Response:
-        if not 0 <= row < len(embedded):
+        if not 0 <= row < len(catalog):
             raise HTTPException(404, f"no gallery item {row}")
         return Response(service.thumbnail_jpeg(row), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
@@ -214,12 +163,11 @@ def run_serve(cfg: RunConfig) -> RunSummary:
     except ImportError as e:
         raise UsageError("--serve needs uvicorn: pip install fastapi uvicorn python-multipart") from e
     summary = RunSummary(mode="serve")
-    with summary.stage("load model, gallery and index"):
-        service = SearchService.load(cfg)
+    service = SearchService.load(cfg, summary)
     app = create_app(service)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/"
     print(
-        f"serving {len(service.cache.embedded_rows):,} items from {cfg.store_dir} at {url} (Ctrl-C to stop)", flush=True
+        f"serving {len(service.catalog):,} items from {cfg.store_dir} at {url} (Ctrl-C to stop)", flush=True
     )
     try:
         uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning")

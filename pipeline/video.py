@@ -18,16 +18,16 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from .annotate import AnnotatedVideoWriter, Drawing, draw, output_size
-from .catalog import open_gallery, segmenter_factory
 from .config import RunConfig
-from .embedders import make_embedder
+from .embedders import make_embedder, on_cuda
 from .errors import PipelineError
 from .fileio import atomic_write_text, check_writable
-from .persons import Detector, Person, Segmenter, person_crop, with_masks
+from .galleries import open_gallery, open_searcher, segmenter_factory
+from .persons import Detector, Person, Segmenter, with_masks
 from .plots import THUMB_SIZE, compose_matches, make_thumbnail, neighbour_tiles, save_jpeg
 from .preprocess import preprocess_batch
 from .report import RunSummary
-from .retrieval import topk_neighbours
+from .searcher import Hit, Searcher, person_crops
 from .store import THUMBNAILS_FILE, ThumbnailReader
 from .tracking import Tracker
 from .webreport import Section, relative_link, write_section
@@ -196,27 +196,23 @@ def draw_frame_picture(
 class VideoRun:
     """One --video_clip run's state: the frame loop's pieces, so that run_video reads as the loop."""
 
-    def __init__(self, cfg: RunConfig, embedder, gallery, out_dir: Path, thumbs: ThumbnailReader) -> None:
-        self.cfg, self.embedder, self.gallery, self.out_dir, self.thumbs = cfg, embedder, gallery, out_dir, thumbs
-        self.embedded = gallery.embedded
-        self.names = [r.file for r in self.embedded]
+    def __init__(self, cfg: RunConfig, embedder, searcher: Searcher, out_dir: Path, thumbs: ThumbnailReader) -> None:
+        self.cfg, self.embedder, self.searcher, self.out_dir, self.thumbs = cfg, embedder, searcher, out_dir, thumbs
+        self.names = [r.file for r in searcher.rows]
         self.tracker = Tracker(max_gap=cfg.video.track_gap)
         # track -> (time, area x score x uncovered share, thumbnail) per crop
         self.crops: dict[int, list[tuple[float, float, np.ndarray]]] = {}
         self._best: dict[int, tuple[int, str, np.ndarray | None]] = {}  # track -> (sightings, caption, tile)
         self.results: list[dict] = []
 
-    def matches(self, nb, qi: int) -> list[dict]:
+    @staticmethod
+    def matches(hits: list[Hit]) -> list[dict]:
+        """A person's or a track's matches as results.jsonl and tracks.json write them ("row": the
+        manifest line)."""
         return [
-            {
-                "rank": r + 1,
-                "file": self.embedded[j].file,
-                "row": self.embedded[j].index,
-                "source_row": self.embedded[j].source_row,
-                "distance": round(float(d), 6),
-            }
-            for r, (j, d) in enumerate(zip(nb.indices[qi], nb.distances[qi]))
-            if j >= 0
+            {"rank": h.rank, "file": h.file, "row": h.line, "source_row": h.source_row,
+             "distance": round(h.distance, 6)}
+            for h in hits
         ]
 
     def best_match(self, track_id: int) -> tuple[str, np.ndarray | None]:
@@ -225,9 +221,8 @@ class VideoRun:
         track = self.tracker.tracks[track_id - 1]
         cached = self._best.get(track_id)
         if cached is None or cached[0] != len(track.sightings):
-            nb = topk_neighbours(track.look[None], self.gallery.embeddings, 1)
-            j = int(nb.indices[0, 0])
-            best = (f"{self.names[j]} d={nb.distances[0, 0]:.2f}", self.thumbs[j].copy()) if j >= 0 else ("", None)
+            hits = self.searcher.search(track.look[None], 1)[0]
+            best = (f"{hits[0].file} d={hits[0].distance:.2f}", self.thumbs[hits[0].row].copy()) if hits else ("", None)
             cached = self._best[track_id] = (len(track.sightings), *best)
         return cached[1], cached[2]
 
@@ -235,7 +230,7 @@ class VideoRun:
         """tracks.json: per track its sightings and its look's top-k."""
         out = []
         for t in self.tracker.tracks:
-            nb = topk_neighbours(t.look[None], self.gallery.embeddings, self.cfg.top_k)
+            hits = self.searcher.search(t.look[None], self.cfg.top_k)[0]
             best = max(self.crops.get(t.id, []), key=lambda c: c[1], default=None)
             out.append(
                 {
@@ -255,7 +250,7 @@ class VideoRun:
                         for s in t.sightings
                     ],
                     "best_crop_s": round(best[0], 3) if best else None,
-                    "matches": self.matches(nb, 0),
+                    "matches": self.matches(hits),
                     "sheet": f"track_{t.id:03d}.jpg",
                 }
             )
@@ -328,7 +323,10 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
     scale = small[0] / width if small else 1.0
     writer = AnnotatedVideoWriter(out_dir / "annotated.mp4", fps, small) if small else None
     thumbs = ThumbnailReader(cfg.store_dir / THUMBNAILS_FILE)
-    run = VideoRun(cfg, embedder, gallery, out_dir, thumbs)
+    with summary.stage("load index"):
+        searcher = open_searcher(cfg, gallery.embeddings, gallery.embedded, gpu=on_cuda(embedder))
+    summary.notes.append("search: " + searcher.describe())
+    run = VideoRun(cfg, embedder, searcher, out_dir, thumbs)
     times = dict.fromkeys(("read", "detect", "segment", "embed", "match", "track", "draw", "video"), 0.0)
     pending: list[Frame] = []  # frames since the last analysed one, waiting for the next to interpolate
     n_frames = n_persons = n_empty = 0
@@ -451,11 +449,11 @@ def analyse(
     if segmenter is not None and persons:
         persons = with_masks(persons, segmenter.segment([frame.rgb])[0])
     t2 = time.perf_counter()
-    crops = {k: c for k, p in enumerate(persons) if (c := person_crop(frame.rgb, p)) is not None and c.size}
+    crops = person_crops(frame.rgb, persons)
     images = {k: Image.fromarray(c) for k, c in crops.items()}
     vectors = embedder.embed(preprocess_batch(list(images.values()), embedder.preprocess_cfg)) if crops else None
     t3 = time.perf_counter()
-    nb = topk_neighbours(vectors, run.gallery.embeddings, cfg.top_k) if crops else None
+    nb = run.searcher.neighbours(vectors, cfg.top_k) if vectors is not None else None
     t4 = time.perf_counter()
     track_of = run.tracker.update(frame.index, frame.time_s, persons, {k: vectors[q] for q, k in enumerate(crops)})
     t5 = time.perf_counter()
@@ -474,7 +472,7 @@ def analyse(
                 "box_xyxy": [round(float(v), 2) for v in persons[k].box_xyxy],
                 "score": round(float(persons[k].confidence), 6),
                 "masked": persons[k].mask is not None,
-                "matches": run.matches(nb, qi),
+                "matches": run.matches(run.searcher.hits(nb, qi)),
             }
         )
         tiles, labels = neighbour_tiles(nb.indices[qi], nb.distances[qi], lambda j: run.thumbs[j].copy(), run.names)

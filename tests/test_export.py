@@ -99,9 +99,8 @@ def test_int8_export_passes_on_avx2_without_vnni(quantization, tiny_clip, tmp_pa
 def test_emulation_reproduces_the_avx2_failure_of_8bit_weights(tiny_clip, tmp_path, reference, monkeypatch):
     """The cause, confirmed: with 8-bit weights dynamic int8 passes on a VNNI CPU and falls to ~0.906 on
     the emulated AVX2 kernel, the figure an AVX2-only EPYC gave for this very test model."""
-    from tests.int8_emulation import run_emulated
-
     from pipeline.machine import cpu_info
+    from tests.int8_emulation import run_emulated
 
     min_bar, mean_bar = export.INT8_MIN_COSINE, export.INT8_MEAN_COSINE
     monkeypatch.setattr(export, "REDUCE_RANGE", False)

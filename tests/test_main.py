@@ -342,14 +342,14 @@ class _NanForRed(Embedder):
 
 
 def test_nan_or_zero_embedding_fails_its_item(tmp_path, tiny_onnx, monkeypatch):
-    from pipeline import catalog
+    from pipeline import galleries
 
     colours = [(128, 128, 128), (250, 5, 5), (90, 90, 90), (5, 250, 5), (60, 60, 60)]
     ds = assets.write_parquet_dataset(
         tmp_path / "ds", [assets.encode(assets.rgb_image(40, 40, color=c), "PNG") for c in colours]
     )
     monkeypatch.setattr(
-        catalog,
+        galleries,
         "make_embedder",
         lambda spec: _NanForRed(make_embedder(EmbedderSpec(onnx=str(tiny_onnx), backend="onnx"))),
     )

@@ -200,7 +200,7 @@ def test_evaluate_person_to_garment_backends_side_by_side(tiny_clip, tiny_onnx, 
 def test_evaluate_segmented_reads_and_segments_each_row_once_for_all_backends(
     tiny_clip, tiny_onnx, tmp_path, monkeypatch, capsys
 ):
-    from pipeline import catalog
+    from pipeline import galleries
     from pipeline.persons import Person, Segmenter
 
     n = 6
@@ -225,7 +225,7 @@ def test_evaluate_segmented_reads_and_segments_each_row_once_for_all_backends(
                 out.append([] if len(seen) == 1 else [Person(np.array([0, 0, w, h], np.float32), 0.9, mask)])
             return out
 
-    monkeypatch.setattr(catalog, "make_segmenter", lambda spec, device: CentrePerson())
+    monkeypatch.setattr(galleries, "make_segmenter", lambda spec, device: CentrePerson())
     out = tmp_path / "out"
     assert cli.main(_three_backends_argv(ds, tiny_clip, tiny_onnx, out, "--use-segmentation")) == 0
     assert seen == [(128, 96)] * n  # each row segmented once, at full size, whatever the number of backends
@@ -368,25 +368,38 @@ def test_query_paths_text_tiles_and_slugs(tmp_path):
 
 
 def test_unreadable_query_image_is_recorded_and_a_personless_one_is_said(tmp_path):
+    from pipeline.config import QuerySpec, RunConfig
     from pipeline.persons import Segmenter
     from pipeline.report import RunSummary
-    from pipeline.search import _query_crops
-
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"not an image")
-    summary = RunSummary("query")
-    assert _query_crops(bad, None, summary) == []
-    assert summary.failures == [(str(bad), "not a recognized image format (starts with b'not an i')")]
+    from pipeline.search import embed_queries
+    from pipeline.searcher import query_crops
 
     class Nobody(Segmenter):
         def segment(self, images_rgb):
             return [[] for _ in images_rgb]
 
-    good = tmp_path / "good.png"
+    class PictureOnly:
+        """The two Catalog methods a picture query uses, with the real query_crops."""
+
+        def query_crops(self, picture, segment=False):
+            from pipeline.images import decode_image
+
+            return query_crops(decode_image(Path(picture).read_bytes()).image, Path(picture).name, Nobody())
+
+        def embed_crops(self, crops):
+            return np.ones((len(crops), 4), np.float32) / 2
+
+    bad, good = tmp_path / "bad.jpg", tmp_path / "good.png"
+    bad.write_bytes(b"not an image")
     good.write_bytes(assets.encode(assets.rgb_image(30, 40), "PNG"))
-    crops = _query_crops(good, Nobody(), summary)
-    assert [label for label, _ in crops] == ["good.png"] and crops[0][1].size == (30, 40)
+    summary = RunSummary("query")
+    cfg = RunConfig(query=QuerySpec(images=(str(bad), str(good))), use_segmentation=True)
+    queries, vectors = embed_queries(cfg, PictureOnly(), summary)
+    assert summary.failures == [(str(bad), "not a recognized image format (starts with b'not an i')")]
+    assert [q.label for q in queries] == ["good.png"] and len(vectors) == 1 and vectors[0].shape == (1, 4)
     assert summary.notes == ["good.png: no person found, the whole image is the query"]
+    crops, found = query_crops(assets.rgb_image(30, 40), "good.png", Nobody())
+    assert not found and [c.label for c in crops] == ["good.png"] and crops[0].image.size == (30, 40)
 
 
 class _CountingEmbedder(_AngleEmbedder):

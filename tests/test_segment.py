@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import main as cli
-from pipeline import catalog, yolo
+from pipeline import galleries, yolo
 from pipeline.persons import Person, Segmenter, box_pixels, white_background_crop
 from pipeline.store import read_manifest
 from tests import assets
@@ -62,7 +62,7 @@ class FakeSegmenter(Segmenter):
 
 @pytest.fixture()
 def fake_segmenter(monkeypatch):
-    monkeypatch.setattr(catalog, "make_segmenter", lambda spec, device: FakeSegmenter())
+    monkeypatch.setattr(galleries, "make_segmenter", lambda spec, device: FakeSegmenter())
     FakeSegmenter.calls = []
 
 
@@ -301,7 +301,7 @@ class EmptyMaskSecond(Segmenter):
 
 
 def test_person_with_empty_mask_is_recorded_not_embedded_as_white(people_dataset, tiny_onnx, tmp_path, monkeypatch):
-    monkeypatch.setattr(catalog, "make_segmenter", lambda spec, device: EmptyMaskSecond())
+    monkeypatch.setattr(galleries, "make_segmenter", lambda spec, device: EmptyMaskSecond())
     out = tmp_path / "out"
     assert (
         cli.main(

@@ -356,3 +356,29 @@ def test_with_masks_attaches_the_best_mask_at_the_threshold_and_keeps_the_rest()
     assert out[1] is det[1]  # no overlap: the detection as it was
     assert with_masks(det, masked, min_iou=1.0)[0].mask is mask_b  # IoU exactly at the threshold counts
     assert with_masks([], masked) == [] and with_masks(det, []) == det
+
+
+def test_video_honours_index_and_matches_exact_search(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch):
+    """--index hnsw: every person and track is searched through the HNSW index (counted), and on a small
+    gallery it finds the same matches as exact search."""
+    from pipeline.index import GalleryIndex
+
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    calls = []
+    real_search = GalleryIndex.search
+    monkeypatch.setattr(GalleryIndex, "search", lambda self, q, k, **kw: calls.append(self.info.kind) or real_search(
+        self, q, k, **kw))
+
+    def results(out, *flags):
+        assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q", "--top-k", "3", *flags)) == 3
+        folder = out / "video_results" / "clip_1"
+        lines = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+        return lines, json.loads((folder / "tracks.json").read_text())["tracks"]
+
+    exact = results(tmp_path / "exact", "--index", "none")
+    assert calls == []
+    indexed = results(tmp_path / "hnsw", "--index", "hnsw")
+    persons = sum(len(r["persons"]) for r in indexed[0])
+    assert persons == 8 and calls and set(calls) == {"hnsw"} and len(calls) >= persons // 2
+    assert json.loads((tmp_path / "hnsw" / "embeddings" / "index.json").read_text())["kind"] == "hnsw"
+    assert indexed == exact

@@ -1,0 +1,214 @@
+"""The gallery a mode works on: built (or resumed) from the dataset, or loaded from the cache and
+checked against its files and against what was asked for. Every mode (standard, segmentation,
+video, query) gets its gallery here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .catalog import Catalog
+from .config import RunConfig
+from .dataset import count_rows, iter_records
+from .embedders import Embedder, make_embedder, on_cuda, requested_identity
+from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
+from .items import make_segment_items, make_standard_items
+from .persons import Segmenter
+from .ray_engine import build_gallery_ray
+from .remote import list_names, remove_stale_at_url
+from .report import RunSummary
+from .searcher import Searcher
+from .store import GalleryCache, ManifestRow, embedded_rows, load_cache, store_sha256
+from .yolo import make_segmenter
+
+log = logging.getLogger(__name__)
+
+_SEGMENT_FILES = re.compile(r"seg_\d+_(p\d+|full)\.png$")
+
+
+@dataclass
+class Gallery:
+    """A mode's gallery: embeddings float32 (N, D) and every manifest line; `embedder` is the one
+    that built it, or the one passed in (None when loaded from the cache without one)."""
+
+    embeddings: np.ndarray
+    rows: list[ManifestRow]
+    embedder: Embedder | None
+
+    @property
+    def embedded(self) -> list[ManifestRow]:
+        """Manifest lines with an embedding, in embedding-row order (line k owns row k)."""
+        return embedded_rows(self.rows)
+
+
+def segmenter_factory(cfg: RunConfig) -> Segmenter:
+    """The segmenter for a run (a function, so tests can substitute one with known masks)."""
+    return make_segmenter(cfg.segment, device=cfg.embedder.device)
+
+
+def decodes_on_device(cfg: RunConfig, embedder: Embedder) -> bool:
+    """JPEGs are decoded and preprocessed by torchvision on the embedder's device: with --decode
+    device, or by default when the model runs on CUDA (whole-image galleries; crops are cut on the
+    CPU)."""
+    if cfg.segmented or cfg.embedder.decode == "cpu":
+        return False
+    return cfg.embedder.decode == "device" or getattr(embedder, "device", "cpu") == "cuda"
+
+
+def gallery_source(cfg: RunConfig) -> dict[str, Any]:
+    """What the gallery is made from; stored in the sidecar and part of the resume check."""
+    src = {"kind": "segment" if cfg.segmented else "standard", **cfg.dataset.as_dict()}
+    if cfg.segmented:
+        seg = cfg.segment
+        src.update(
+            seg_model=seg.model,
+            seg_backend=seg.backend,
+            seg_conf=seg.conf,
+            seg_imgsz=seg.imgsz,
+            keep_unsegmented=seg.keep_unsegmented,
+        )
+    return src
+
+
+def requested_source(cfg: RunConfig) -> dict[str, Any]:
+    """The source keys the user typed, compared against a cache (defaults are not a request)."""
+    full = gallery_source(cfg)
+    keys = {"kind"} | {k for k in full if k in cfg.explicit}
+    return {k: full[k] for k in keys}
+
+
+def _remove_stale_images_at_url(cfg: RunConfig, target: GalleryTarget, rows: list[ManifestRow]) -> None:
+    keep = {r.file for r in rows if r.file}
+    n = remove_stale_at_url(cfg.images_url, target.owned_files, keep)
+    if n:
+        log.info("removed %d image file(s) of an earlier, different run from %s", n, cfg.images_url)
+
+
+def load_gallery_cache(cfg: RunConfig, identity: dict[str, Any] | None = None) -> GalleryCache:
+    """Load embeddings/ (or embeddings_segment/) and check it against files and the request."""
+    images_at = None
+    if cfg.images_url:  # the images stay in the bucket: listed, not fetched
+        images_at = (cfg.images_url, list_names(cfg.images_url))
+    return load_cache(
+        cfg.store_dir,
+        cfg.images_dir,
+        identity=identity if identity is not None else requested_identity(cfg.embedder),
+        source=requested_source(cfg),
+        images_at=images_at,
+    )
+
+
+def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
+    """The gallery for this run: from the cache when asked, else built (or resumed); its failed
+    rows are recorded in the summary."""
+    if cfg.from_cache:
+        with summary.stage("load cache"):
+            cache = load_gallery_cache(cfg, identity=embedder.identity if embedder is not None else None)
+        log.info("loaded %d embeddings from %s", len(cache.embeddings), cfg.store_dir)
+        gallery = Gallery(cache.embeddings, cache.rows, embedder)
+    else:
+        gallery = build(cfg, summary, embedder)
+    record_failures(gallery.rows, summary)
+    return gallery
+
+
+def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None) -> Gallery:
+    """The gallery built by Ray (--engine ray): the driver's model loads while Ray starts."""
+    if cfg.segmented:  # the actors load their own; this one checks the model before Ray starts
+        with summary.stage("load segmenter"):
+            segmenter_factory(cfg)
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=_SEGMENT_FILES)
+    else:
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir)
+    load = (lambda: embedder) if embedder is not None else (lambda: make_embedder(cfg.embedder))
+    emb, rows, embedder = build_gallery_ray(cfg, summary, load, gallery_source(cfg))
+    if cfg.output_url:  # the workers wrote the images to the URL
+        _remove_stale_images_at_url(cfg, target, rows)
+    else:
+        remove_stale_files(target, rows)
+    return Gallery(emb, rows, embedder)
+
+
+def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
+    """Build (or resume) the run's gallery store from its dataset."""
+    total_rows = count_rows(cfg.dataset)  # opens the dataset: a bad one fails before the model loads
+    if cfg.engine == "ray":
+        return _build_on_ray(cfg, summary, embedder)
+    with summary.stage("load model"):
+        embedder = embedder or make_embedder(cfg.embedder)
+    segmenter, embed_batch = None, None
+    min_side = embedder.preprocess_cfg.decode_min_side
+    on_device = decodes_on_device(cfg, embedder)
+    if cfg.segmented:
+        with summary.stage("load segmenter"):
+            segmenter = segmenter_factory(cfg)
+        make_items = make_segment_items(segmenter, cfg.segment)
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=_SEGMENT_FILES, group_size=8)
+        stage_name = "decode+segment+crop"
+    elif on_device:
+        make_items = make_standard_items(min_side, device_decode=True)
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir, device_decode=True)
+        embed_batch = DeviceEmbedding(embedder, getattr(embedder, "device", "cpu"), min_side)
+        stage_name = "headers+CPU decode"
+    else:
+        make_items = make_standard_items(min_side)
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir, parallel_items=True)
+        stage_name = "decode"
+    source = gallery_source(cfg)
+    # Which code made the pixels is part of what made the vectors: a resume never mixes them.
+    identity = {**embedder.identity, "pixels": "torchvision" if on_device else "pil"}
+    run_params = {"source": source, "identity": identity, "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
+    emb, rows = build_gallery(
+        records=lambda start: iter_records(cfg.dataset, start),
+        total_rows=total_rows,
+        make_items=make_items,
+        embedder=embedder,
+        target=target,
+        run_params=run_params,
+        source=source,
+        summary=summary,
+        batch_size=cfg.batch_size,
+        shard_rows=cfg.shard_rows,
+        fresh=cfg.fresh,
+        progress=cfg.progress,
+        item_stage_name=stage_name,
+        identity=identity,
+        embed_batch=embed_batch,
+    )
+    if cfg.output_url:  # an earlier run from another working copy may have left images there
+        _remove_stale_images_at_url(cfg, target, rows)
+    if segmenter is not None:
+        summary.stages["    of which segmentation predict"] = segmenter.predict_seconds
+    return Gallery(emb, rows, embedder)
+
+
+def open_searcher(cfg: RunConfig, embeddings: np.ndarray, rows: list[ManifestRow], gpu: bool,
+                  build_auto: bool = False) -> Searcher:
+    """The searcher of the run's store, with the index --index asks for: a kind named on the command
+    line is built when missing or different; auto uses the index beside the store (built first when
+    build_auto: gallery runs); none searches exactly."""
+    if cfg.index == "none" or len(embeddings) < 2:
+        return Searcher(embeddings, rows, None, device="cuda" if gpu else None)
+    build = build_auto if cfg.index == "auto" else True
+    return Searcher.open(
+        cfg.store_dir, embeddings, rows, store_sha256(cfg.store_dir), cfg.index, cfg.embedder.threads, gpu=gpu,
+        build=build,
+    )
+
+
+def open_catalog(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Catalog:
+    """The cached gallery of a search mode (--query-*, --serve), checked against the files and the model
+    asked for, with its searcher (per --index, --threads, on the GPU when the model is there)."""
+    with summary.stage("load model"):
+        embedder = embedder or make_embedder(cfg.embedder)
+    with summary.stage("load cache"):
+        cache = load_gallery_cache(cfg, identity=embedder.identity)
+    with summary.stage("load index"):
+        searcher = open_searcher(cfg, cache.embeddings, cache.embedded_rows, gpu=on_cuda(embedder))
+    loaded = embedder
+    return Catalog(cache, searcher, lambda: loaded, lambda: segmenter_factory(cfg))

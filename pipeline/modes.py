@@ -1,0 +1,185 @@
+"""The modes of the command line, each declared once: what selects it, the options only it takes,
+what it refuses, whether it holds the output folder, and the function that runs it.
+
+`main.py` checks the flags with `check_config` and `runner.run` dispatches with `selected_mode`, both
+from `MODES`. Adding a mode is one module with its run function (RunConfig -> RunSummary) and one
+entry here. Run functions are named, not imported, so `main.py --help` loads no model code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import EVAL_BACKENDS, RunConfig
+from .report import RunSummary
+
+# A refusal: when the predicate holds for the configuration, the message says why and what to do.
+Check = tuple[Callable[[RunConfig], bool], str]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One mode of main.py.
+
+    name: for messages and the summary. flag: the option that selects it, as typed.
+    selected: whether a configuration asks for it. run: "module:function" of its run function.
+    options: argparse dests that only this mode takes (refused without it).
+    checks: combinations it refuses. engines: the --engine values it runs under.
+    holds_output: holds --output-dir's lock for the run (a mode that only reads does not).
+    mirrors_output: with a URL --output-dir, works in its local copy, fetched before and sent after.
+    """
+
+    name: str
+    flag: str
+    selected: Callable[[RunConfig], bool]
+    run: str
+    options: frozenset[str] = frozenset()
+    checks: tuple[Check, ...] = ()
+    engines: tuple[str, ...] = ("local",)
+    holds_output: bool = True
+    mirrors_output: bool = True
+
+    def load(self) -> Callable[[RunConfig], RunSummary]:
+        module, _, function = self.run.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+def _unknown_backends(cfg: RunConfig) -> list[str]:
+    return [b for b in cfg.evaluate.backends if b not in EVAL_BACKENDS]
+
+
+# In dispatch order: the first selected mode runs; the gallery is what runs when no other is asked for.
+MODES: tuple[Mode, ...] = (
+    Mode(
+        "export-onnx",
+        "--export-onnx",
+        lambda c: c.export.enabled,
+        "pipeline.runner:run_export",
+        options=frozenset({"per_tensor", "quantization"}),
+        checks=(
+            (
+                lambda c: c.from_cache or c.use_segmentation,
+                "--export-onnx makes the ONNX file and stops; run the pipeline as a second command",
+            ),
+        ),
+        holds_output=False,
+        mirrors_output=False,
+    ),
+    Mode(
+        "serve",
+        "--serve",
+        lambda c: c.serve.enabled,
+        "pipeline.serve:run_serve",
+        options=frozenset({"port", "host"}),
+        checks=(
+            (
+                lambda c: c.use_segmentation and not c.use_embedded_segment,
+                "--serve serves a cached gallery: for the segmented one use --use-embedded-segment",
+            ),
+        ),
+        holds_output=False,  # reads only: the output folder stays free for other runs
+    ),
+    Mode(
+        "video",
+        "--video_clip",
+        lambda c: bool(c.video.clip),
+        "pipeline.video:run_video",
+        options=frozenset(
+            {"video_dir", "frame_stride", "det_model", "det_conf", "det_backend", "track_gap", "no_annotated_video"}
+        ),
+    ),
+    Mode("query", "--query-image/--query-text", lambda c: c.query.active, "pipeline.search:run_query"),
+    Mode(
+        "evaluate",
+        "--evaluate",
+        lambda c: c.evaluate.enabled,
+        "pipeline.search:run_evaluate",
+        options=frozenset({"eval_backends", "eval_id_column", "eval_cloth_column"}),
+        checks=(
+            (lambda c: c.from_cache, "--evaluate embeds the dataset itself; it does not read a cache"),
+            (
+                lambda c: bool(_unknown_backends(c)),
+                "--eval-backends: unknown {unknown}; choose from " + ", ".join(EVAL_BACKENDS),
+            ),
+        ),
+    ),
+    Mode("gallery", "", lambda c: True, "pipeline.runner:run_gallery", engines=("local", "ray")),
+)
+
+_SEGMENT_OPTIONS = frozenset({"seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented"})
+
+# Checks that hold whatever the mode; the first list before the modes' own, the second after.
+_BEFORE: tuple[Check, ...] = (
+    (
+        lambda c: c.use_embeddings and c.use_embedded_segment,
+        "--use-embeddings and --use-embedded-segment contradict: pick the cache to reuse",
+    ),
+    (
+        lambda c: c.use_embeddings and c.use_segmentation,
+        "--use-embeddings reuses whole-image embeddings; for segmented crops use --use-embedded-segment",
+    ),
+    (
+        lambda c: c.use_embedded_segment and c.use_segmentation,
+        "--use-embedded-segment already means segmentation; drop --use-segmentation to reuse the cache, "
+        "or drop --use-embedded-segment to rebuild it",
+    ),
+)
+_AFTER: tuple[Check, ...] = (
+    (
+        lambda c: "work_dir" in c.explicit and not c.output_url,
+        "--work-dir is the working copy of an --output-dir URL (s3://...); with a folder it is not used",
+    ),
+    (lambda c: "ray_address" in c.explicit and c.engine != "ray", "--ray-address needs --engine ray"),
+    (
+        lambda c: c.fresh and c.from_cache,
+        "--fresh rebuilds the gallery; it cannot be combined with a cache flag",
+    ),
+    (
+        lambda c: "backend" in c.explicit and c.embedder.backend == "onnx" and c.embedder.precision != "auto",
+        "--precision applies to the torch backend; the ONNX file's precision is fixed when it is exported",
+    ),
+    (
+        lambda c: c.embedder.device == "cpu" and c.embedder.precision in ("fp16", "int8"),
+        "--precision {precision} needs --device cuda (on CPU use the int8 ONNX file)",
+    ),
+)
+
+
+def selected_mode(cfg: RunConfig) -> Mode:
+    """The mode a configuration asks for."""
+    return next(m for m in MODES if m.selected(cfg))
+
+
+def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None:
+    """The first reason the configuration is refused, or None.
+
+    spell: turns argparse dests into the flags as the user types them (--frame-stride, --video_dir).
+    """
+    asked = [m for m in MODES[:-1] if m.selected(cfg)]
+    values = {"unknown": _unknown_backends(cfg), "precision": cfg.embedder.precision}
+    for when, message in _BEFORE:
+        if when(cfg):
+            return message.format(**values)
+    if len(asked) > 1:
+        return f"{' and '.join(m.flag for m in asked)} are separate modes: run them as separate commands"
+    for mode in MODES:
+        stray = set(mode.options & cfg.explicit)
+        if stray and not mode.selected(cfg):
+            return f"{spell(stray)} {'needs' if len(stray) == 1 else 'need'} {mode.flag}" + (
+                " NAME" if mode.name == "video" else ""
+            )
+        for when, message in mode.checks if mode.selected(cfg) else ():
+            if when(cfg):
+                return message.format(**values)
+    stray = set(_SEGMENT_OPTIONS & cfg.explicit)
+    if stray and not cfg.segmented:
+        return f"{spell(stray)} {'needs' if len(stray) == 1 else 'need'} --use-segmentation or --use-embedded-segment"
+    mode = selected_mode(cfg)
+    if cfg.engine not in mode.engines:
+        return f"--engine {cfg.engine} builds galleries (standard and --use-segmentation runs); other modes run locally"
+    for when, message in _AFTER:
+        if when(cfg):
+            return message.format(**values)
+    return None

@@ -1,0 +1,157 @@
+"""Search: one type answers every top-k question about a store.
+
+A `Searcher` holds a store's vectors, the manifest lines that own them, and (per --index) the FAISS
+index beside the store. Gallery runs, --query-image/--query-text, --serve, video, and the public
+`Catalog` API all ask it, so a rule about searching (the index, threads, the GPU) is written once.
+Hits come back as typed values that name the embedding row, the manifest line and the file.
+
+`query_crops` turns a query picture into the pictures that are searched: the whole picture, or with
+a segmenter each person in it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .index import GalleryIndex, ensure_index, load_index
+from .persons import Person, Segmenter, person_crop
+from .retrieval import Neighbours, topk_neighbours
+from .store import ManifestRow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result.
+
+    rank: 1-based. row: the embedding row (line of embeddings.npy). line: the manifest line
+    (ManifestRow.index). file: the image file, relative to the images folder. source_row: the
+    dataset row it came from. person: the person number of a crop (-1 for a whole image).
+    distance: cosine distance (1 - cosine similarity), ascending with rank.
+    """
+
+    rank: int
+    row: int
+    line: int
+    file: str
+    source_row: int
+    person: int
+    distance: float
+
+
+@dataclass(frozen=True)
+class QueryCrop:
+    """A picture to search with: its label (the file name, `name#p0` for a person) and pixels."""
+
+    label: str
+    image: Image.Image
+
+
+class Searcher:
+    """A store's vectors and the lines that own them, searched exactly or through an index.
+
+    embeddings: float32 (N, D), L2-normalized; rows: the manifest lines of those vectors, in
+    embedding-row order (rows[j] owns embeddings[j]). index: a FAISS index over the same vectors
+    (None: exact search). device: "cuda" runs exact search on the GPU (the same results).
+    """
+
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        rows: Sequence[ManifestRow],
+        index: GalleryIndex | None = None,
+        device: str | None = None,
+    ) -> None:
+        if len(rows) != len(embeddings):
+            raise ValueError(f"{len(rows)} manifest lines for {len(embeddings)} vectors")
+        self.embeddings, self.rows, self.index, self.device = embeddings, list(rows), index, device
+
+    @classmethod
+    def open(
+        cls,
+        store_dir: Path,
+        embeddings: np.ndarray,
+        rows: Sequence[ManifestRow],
+        store_sha256: str,
+        index: str = "auto",
+        threads: int = 0,
+        gpu: bool = False,
+        build: bool = False,
+    ) -> Searcher:
+        """The searcher of a store, with its index as --index asks.
+
+        index: "none" searches exactly; otherwise the index file beside the store is used when there
+            is one (a stale one is refused, see index.load_index). build: make the index first when
+            it is missing, stale or of another kind (gallery runs; index.ensure_index).
+        """
+        found = None
+        if index != "none" and len(embeddings) >= 2:
+            if build:
+                found = ensure_index(store_dir, embeddings, store_sha256, index, threads, gpu=gpu)
+            else:
+                found = load_index(store_dir, embeddings, store_sha256, threads, gpu=gpu)
+        return cls(embeddings, rows, found, device="cuda" if gpu else None)
+
+    @property
+    def approximate(self) -> bool:
+        return self.index is not None and not self.index.info.exact
+
+    def describe(self) -> str:
+        return self.index.describe() if self.index is not None else "exact"
+
+    def neighbours(self, queries: np.ndarray, k: int) -> Neighbours:
+        """Top-k for each query vector (float32 (Q, D), L2-normalized), as arrays."""
+        if self.index is not None:
+            return self.index.search(queries, k)
+        return topk_neighbours(queries, self.embeddings, k, device=self.device)
+
+    def all_neighbours(self, k: int, matrix_path: Path | None = None) -> Neighbours:
+        """Every item's top-k other items. matrix_path: also write the N x N distance matrix
+        (exact search only: an approximate index never computes it)."""
+        if self.approximate:
+            assert self.index is not None
+            return self.index.all_neighbours(k)
+        e = self.embeddings
+        return topk_neighbours(e, e, k, exclude_self=True, matrix_path=matrix_path, device=self.device)
+
+    def hits(self, nb: Neighbours, q: int) -> list[Hit]:
+        """Query q's hits in a Neighbours result (the empty slots of a small gallery left out)."""
+        out = []
+        for r, (j, d) in enumerate(zip(nb.indices[q], nb.distances[q])):
+            if j < 0:
+                continue
+            line = self.rows[int(j)]
+            out.append(Hit(r + 1, int(j), line.index, line.file, line.source_row, line.person, float(d)))
+        return out
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-k hits for each query vector."""
+        nb = self.neighbours(queries, k)
+        return [self.hits(nb, q) for q in range(len(queries))]
+
+
+def person_crops(rgb: np.ndarray, persons: Sequence[Person]) -> dict[int, np.ndarray]:
+    """Person k's white-background crop (uint8 (h, w, 3)) for each person that has one; person k keeps
+    its number even when another has nothing to cut."""
+    return {k: c for k, p in enumerate(persons) if (c := person_crop(rgb, p)) is not None and c.size}
+
+
+def query_crops(image: Image.Image, label: str, segmenter: Segmenter | None) -> tuple[list[QueryCrop], bool]:
+    """A query picture as the pictures to search with, and whether a person was found.
+
+    Without a segmenter: the whole picture. With one: each person in it (labelled `label#pK`), or the
+    whole picture when nobody is found.
+    """
+    if segmenter is None:
+        return [QueryCrop(label, image)], False
+    arr = np.asarray(image)
+    crops = person_crops(arr, segmenter.segment([arr])[0])
+    found = [QueryCrop(f"{label}#p{k}", Image.fromarray(c)) for k, c in crops.items()]
+    return (found, True) if found else ([QueryCrop(label, image)], False)

@@ -1,0 +1,132 @@
+"""The public API (pipeline.Catalog) and the one searcher under it: typed hits that agree with the CLI."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import main as cli
+from pipeline import Catalog, Hit
+from pipeline.errors import CacheMismatchError, PipelineError
+from pipeline.searcher import Searcher, query_crops
+from pipeline.store import ManifestRow
+from tests import assets
+
+
+def _rows(n: int) -> list[ManifestRow]:
+    return [ManifestRow(index=10 + i, file=f"img_{i:05d}.jpg", source_row=i, source=str(i), embedding_row=i)
+            for i in range(n)]
+
+
+def test_searcher_hits_name_row_line_and_file_and_agree_with_exact_search():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    s = Searcher(emb, _rows(40))
+    hits = s.search(emb[[3, 7]], 4)
+    sims = emb[[3, 7]] @ emb.T
+    for q, found in zip((3, 7), hits):
+        assert [h.rank for h in found] == [1, 2, 3, 4]
+        assert found[0].row == q and found[0].distance == pytest.approx(0.0, abs=1e-6)
+        truth = np.argsort(-sims[[3, 7].index(q)], kind="stable")[:4]
+        assert [h.row for h in found] == list(truth)
+        assert all(h.line == 10 + h.row and h.file == f"img_{h.row:05d}.jpg" and h.source_row == h.row for h in found)
+    # all_neighbours never returns an item itself
+    nb = s.all_neighbours(3)
+    assert (nb.indices != np.arange(40)[:, None]).all()
+    with pytest.raises(ValueError, match="3 manifest lines for 40 vectors"):
+        Searcher(emb, _rows(3))
+
+
+def test_query_crops_cut_each_person_or_keep_the_whole_picture():
+    from pipeline.persons import Person, Segmenter
+
+    class TwoPersons(Segmenter):
+        def segment(self, images_rgb):
+            return [[Person(np.array([0, 0, 10, 20], np.float32), 0.9),
+                     Person(np.array([12, 2, 30, 38], np.float32), 0.8)] for _ in images_rgb]
+
+    picture = assets.rgb_image(40, 40, seed=3)
+    crops, found = query_crops(picture, "a.jpg", TwoPersons())
+    assert found and [c.label for c in crops] == ["a.jpg#p0", "a.jpg#p1"]
+    assert [c.image.size for c in crops] == [(10, 20), (18, 36)]
+    assert np.array_equal(np.asarray(crops[1].image), np.asarray(picture)[2:38, 12:30])
+    whole, found = query_crops(picture, "a.jpg", None)
+    assert not found and whole[0].label == "a.jpg" and whole[0].image is picture
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_clip):
+    """A standard gallery of 12 pictures built by the CLI with the torch backend."""
+    tmp = tmp_path_factory.mktemp("catalog")
+    ds = assets.write_parquet_dataset(tmp / "ds", [assets.jpeg_bytes(60 + 3 * i, 80, seed=i) for i in range(12)])
+    out = tmp / "out"
+    assert cli.main(["--dataset", str(ds), "--model", str(tiny_clip), "--backend", "torch", "--output-dir", str(out),
+                     "--max-result-images", "0", "-q"]) == 0
+    return out, ds
+
+
+def test_catalog_answers_as_the_cli_does(built, tiny_clip, tmp_path):
+    out, _ = built
+    cat = Catalog.open(out, model=str(tiny_clip))  # a run's folder: its embeddings/
+    assert len(cat) == 12 and cat.cache.root == out / "embeddings"
+    # an item's neighbours equal the gallery run's neighbours.csv
+    with open(out / "retrieval_results" / "neighbours.csv") as f:
+        table = [r for r in csv.DictReader(f) if r["query_file"] == "img_00004.jpg"]
+    hits = cat.neighbours("img_00004.jpg", k=5)
+    assert [h.file for h in hits] == [r["neighbour_file"] for r in table]
+    assert [round(h.distance, 6) for h in hits] == [float(r["distance"]) for r in table]
+    assert all(isinstance(h, Hit) and h.file != "img_00004.jpg" for h in hits)
+    assert cat.neighbours(4, k=5) == hits
+    # a picture of the gallery finds itself first; a text query returns k typed hits
+    picture = out / "images" / "img_00007.jpg"
+    result = cat.search_image(picture, k=3)
+    assert len(result) == 1 and result[0].label == "img_00007.jpg"
+    assert result[0].hits[0].file == "img_00007.jpg" and result[0].hits[0].distance < 1e-4
+    assert cat.search_image(picture.read_bytes(), k=3)[0].hits == result[0].hits
+    text = cat.search_text("red dress", k=4)
+    assert [h.rank for h in text] == [1, 2, 3, 4]
+    # the same text through the CLI gives the same files and distances
+    assert cli.main(["--query-text", "red dress", "--model", str(tiny_clip), "--backend", "torch", "--output-dir",
+                     str(out), "--top-k", "4", "-q"]) == 0
+    with open(out / "retrieval_results" / "queries" / "query_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["gallery_file"] for r in rows] == [h.file for h in text]
+    assert [float(r["distance"]) for r in rows] == [round(h.distance, 6) for h in text]
+    by_vector = cat.search_vectors(cat.embeddings[7], k=1)
+    assert by_vector[0][0].row == 7 and by_vector[0][0].file == "img_00007.jpg"
+
+
+def test_catalog_refuses_what_does_not_fit(built, tmp_path):
+    out, _ = built
+    with pytest.raises(PipelineError, match="holds no gallery store"):
+        Catalog.open(tmp_path)
+    other = assets.save_tiny_clip(tmp_path / "other-clip", seed=5)
+    cat = Catalog.open(out / "embeddings", model=str(other))
+    with pytest.raises(CacheMismatchError, match="made by another embedder"):
+        cat.search_text("red dress")
+    cat = Catalog.open(out / "embeddings", model=str(other))
+    with pytest.raises(PipelineError, match="no item named 'nope.jpg'"):
+        cat.neighbours("nope.jpg")
+    with pytest.raises(PipelineError, match="the store has rows 0..11"):
+        cat.neighbours(12)
+    with pytest.raises(PipelineError, match="query vectors have 3 dimensions"):
+        cat.search_vectors(np.ones(3, np.float32))
+
+
+def test_readme_api_example_runs(built, tiny_clip):
+    """The README's Python example, with the tiny model and the built folder put in."""
+    out, _ = built
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"```python\n(from pipeline import Catalog.*?)```", text, re.S)
+    assert example, "README has no Catalog example"
+    code = example.group(1).replace('"runs/today"', repr(str(out))).replace('"./fashion-clip"', repr(str(tiny_clip)))
+    code = code.replace('"look.jpg"', repr(str(out / "images" / "img_00001.jpg")))
+    code = code.replace('"img_00042.jpg"', '"img_00003.jpg"')
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example, on test data
+    assert scope["hits"] and scope["hits"][0].rank == 1

@@ -1,0 +1,77 @@
+"""The mode registry: each mode declared once, the CLI's checks and the runner's dispatch built from it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from pipeline.config import EvalSpec, ExportSpec, QuerySpec, RunConfig, ServeSpec, VideoSpec
+from pipeline.modes import MODES, check_config, selected_mode
+
+
+def _spell(dests: set[str]) -> str:
+    return ", ".join("--" + d.replace("_", "-") for d in sorted(dests))
+
+
+@pytest.mark.parametrize(
+    "cfg, mode",
+    [
+        (RunConfig(), "gallery"),
+        (RunConfig(use_embeddings=True), "gallery"),
+        (RunConfig(export=ExportSpec(enabled=True)), "export-onnx"),
+        (RunConfig(serve=ServeSpec(enabled=True)), "serve"),
+        (RunConfig(video=VideoSpec(clip="clip_1")), "video"),
+        (RunConfig(query=QuerySpec(texts=("red dress",))), "query"),
+        (RunConfig(evaluate=EvalSpec(enabled=True)), "evaluate"),
+    ],
+)
+def test_each_configuration_selects_one_mode_whose_run_function_exists(cfg, mode):
+    assert selected_mode(cfg).name == mode
+    assert check_config(cfg, _spell) is None
+    assert callable(selected_mode(cfg).load())
+
+
+def test_modes_are_declared_once_and_the_gallery_comes_last():
+    names = [m.name for m in MODES]
+    assert len(set(names)) == len(names) and names[-1] == "gallery"
+    owned = [d for m in MODES for d in m.options]
+    assert len(owned) == len(set(owned))  # an option belongs to one mode
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (RunConfig(explicit=frozenset({"port"})), "--port needs --serve"),
+        (RunConfig(explicit=frozenset({"frame_stride", "det_conf"})),
+         "--det-conf, --frame-stride need --video_clip NAME"),
+        (RunConfig(evaluate=EvalSpec(enabled=True), serve=ServeSpec(enabled=True)),
+         "--serve and --evaluate are separate modes"),
+        (RunConfig(evaluate=EvalSpec(enabled=True, backends=("tpu",))), "--eval-backends: unknown ['tpu']"),
+        (RunConfig(evaluate=EvalSpec(enabled=True), use_embeddings=True), "does not read a cache"),
+        (RunConfig(query=QuerySpec(texts=("x",)), engine="ray"), "--engine ray builds galleries"),
+        (RunConfig(export=ExportSpec(enabled=True), use_segmentation=True), "makes the ONNX file and stops"),
+        (RunConfig(explicit=frozenset({"seg_conf"})), "--seg-conf needs --use-segmentation"),
+        (RunConfig(use_embeddings=True, fresh=True), "--fresh rebuilds the gallery"),
+    ],
+)
+def test_refusals_come_from_the_registry(cfg, message):
+    problem = check_config(cfg, _spell)
+    assert problem is not None and message in problem
+
+
+def test_a_new_mode_is_one_entry(monkeypatch):
+    """A mode added to the table is selected, has its own options checked, and is dispatched by runner.run."""
+    from pipeline import modes, runner
+    from pipeline.modes import Mode
+    from pipeline.report import RunSummary
+
+    ran = []
+    probe = Mode("probe", "--probe", lambda c: c.top_k == 99, "pipeline.report:RunSummary",
+                 options=frozenset({"max_matrix"}), holds_output=False)
+    monkeypatch.setattr(modes, "MODES", (probe, *MODES))
+    monkeypatch.setattr(Mode, "load", lambda self: (lambda cfg: ran.append(self.name) or RunSummary(mode=self.name)))
+    cfg = replace(RunConfig(), top_k=99)
+    assert selected_mode(cfg) is probe and check_config(cfg, _spell) is None
+    assert check_config(RunConfig(explicit=frozenset({"max_matrix"})), _spell) == "--max-matrix needs --probe"
+    assert runner.run(cfg).mode == "probe" and ran == ["probe"]
