@@ -15,12 +15,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
+
+# The encoders tried, best first, with their container's suffix. A Literal, so PyAV's typing knows
+# add_stream returns a video stream.
+VideoCodec = Literal["libx264", "h264", "libvpx-vp9"]
+_CODECS: tuple[tuple[VideoCodec, str], ...] = (("libx264", ".mp4"), ("h264", ".mp4"), ("libvpx-vp9", ".webm"))
 
 MAX_WIDTH = 1280  # the annotated video is for watching: 720p at most keeps encoding cheap
 COLOURS_BGR = [
@@ -51,11 +57,11 @@ def output_size(width: int, height: int, max_width: int = MAX_WIDTH) -> tuple[in
     return w - w % 2, h - h % 2
 
 
-def pick_codec() -> tuple[str, str]:
+def pick_codec() -> tuple[VideoCodec, str]:
     """(codec, container suffix): H.264 if this FFmpeg has it, else VP9."""
     import av
 
-    for codec, suffix in (("libx264", ".mp4"), ("h264", ".mp4"), ("libvpx-vp9", ".webm")):
+    for codec, suffix in _CODECS:
         try:
             av.Codec(codec, "w")
             return codec, suffix

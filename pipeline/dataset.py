@@ -183,7 +183,7 @@ def _local_parquet_files(path: Path, split: str) -> list[Path]:
     raise PipelineError(f"{path} has no parquet files for split {split!r}; choose one with --split")
 
 
-def _open_local_file(path: Path) -> AbstractContextManager[Any]:
+def _open_local_file(path: str | Path) -> AbstractContextManager[Any]:
     return nullcontext(path)
 
 
@@ -493,6 +493,7 @@ def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
             Piece("folder", str(path), s, len(rels[s : s + rows_per_piece]), names=tuple(rels[s : s + rows_per_piece]))
             for s in range(0, len(rels), rows_per_piece)
         ]
+    opener: Callable[[str], AbstractContextManager[Any]]
     if files := _local_parquet_files(path, spec.split):
         located, opener = [str(f) for f in files], _open_local_file
     elif not path.exists() and _is_hub_id(spec.name) and _hub_split(spec).parquet_files:

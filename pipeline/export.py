@@ -77,7 +77,9 @@ class ExportReport:
     text_lines: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        ok = lambda good: "ok" if good else "FAILED"  # noqa: E731
+        def ok(good: bool) -> str:
+            return "ok" if good else "FAILED"
+
         return [
             f"verified on {self.images} images against torch (cosine of unnormalized-then-normalized features):",
             f"  fp32 ONNX: min {self.fp32_cos_min:.6f}, mean {self.fp32_cos_mean:.6f} (need min >= {FP32_MIN_COSINE}) "
@@ -108,7 +110,7 @@ def verification_images(n: int = 24, seed: int = 0) -> list[Image.Image]:
         w, h = sizes[i % len(sizes)]
         if i % 3 == 0:  # smooth colour fields
             small = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
-            im = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+            im = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
         elif i % 3 == 1:  # gradients with a block, like a garment on a plain background
             yy, xx = np.mgrid[0:h, 0:w]
             arr = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), np.full_like(xx, 128)], -1).astype(
@@ -118,7 +120,7 @@ def verification_images(n: int = 24, seed: int = 0) -> list[Image.Image]:
             im = Image.fromarray(arr)
         else:  # texture
             small = rng.integers(0, 256, size=(h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
-            im = Image.fromarray(small).resize((w, h), Image.NEAREST)
+            im = Image.fromarray(small).resize((w, h), Image.Resampling.NEAREST)
         out.append(im)
     return out
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from PIL.JpegImagePlugin import JpegImageFile
 
 from .images import JPEG_MAGIC, MAX_PIXELS, pil_open
 from .plots import THUMB_SIZE
@@ -55,7 +56,7 @@ def inspect_jpeg(data: bytes | None, max_pixels: int = MAX_PIXELS) -> EncodedJpe
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = pil_open(io.BytesIO(data))
-            if im.format != "JPEG" or im.mode != "RGB" or im.bits != 8:
+            if im.format != "JPEG" or not isinstance(im, JpegImageFile) or im.mode != "RGB" or im.bits != 8:
                 return None
             width, height = im.size
             if width * height > max_pixels or width < 1 or height < 1:

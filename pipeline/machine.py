@@ -9,6 +9,7 @@ at int16, which is why the int8 export keeps its weights to 7 bits (see export.p
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def cpu_info() -> dict[str, object]:
     The instruction sets are those of INT8_FLAGS that this CPU has; on a machine without
     /proc/cpuinfo (macOS, Windows) the list is empty and the model is platform.processor().
     """
-    model, flags = "", set()
+    model, flags = "", set[str]()
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
@@ -48,5 +49,6 @@ def cpu_info() -> dict[str, object]:
 def cpu_label(info: dict[str, object] | None = None) -> str:
     """One line for messages: 'AMD EPYC [avx2 avx512f avx512bw avx512_vnni]'."""
     info = info or cpu_info()
-    isa = " ".join(info.get("isa") or []) or "no AVX2/AVX-512/VNNI/AMX flags found"
+    flags = info.get("isa") or []
+    isa = (" ".join(flags) if isinstance(flags, Iterable) else "") or "no AVX2/AVX-512/VNNI/AMX flags found"
     return f"{info.get('model', 'unknown')} [{isa}]"

@@ -26,12 +26,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_BEFORE_PRECROP = 8.0
 
 _RESAMPLE = {
-    0: Image.NEAREST,
-    1: Image.LANCZOS,
-    2: Image.BILINEAR,
-    3: Image.BICUBIC,
-    4: Image.BOX,
-    5: Image.HAMMING,
+    0: Image.Resampling.NEAREST,
+    1: Image.Resampling.LANCZOS,
+    2: Image.Resampling.BILINEAR,
+    3: Image.Resampling.BICUBIC,
+    4: Image.Resampling.BOX,
+    5: Image.Resampling.HAMMING,
 }
 
 
@@ -48,8 +48,9 @@ class PreprocessConfig:
     do_rescale: bool = True
     rescale_factor: float = 1 / 255
     do_normalize: bool = True
-    image_mean: tuple[float, float, float] = field(default=CLIP_MEAN)
-    image_std: tuple[float, float, float] = field(default=CLIP_STD)
+    # Per channel in RGB order; any length that broadcasts over the channels, as the processor allows.
+    image_mean: tuple[float, ...] = field(default=CLIP_MEAN)
+    image_std: tuple[float, ...] = field(default=CLIP_STD)
 
     @classmethod
     def from_processor_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
@@ -146,7 +147,7 @@ def resize_for_model(image: Image.Image, prep: PreprocessConfig) -> Image.Image:
         image = _precrop_extreme(image)
         size = resize_size(image.width, image.height, prep.shortest_edge)
         if size != image.size:
-            image = image.resize(size, _RESAMPLE.get(prep.resample, Image.BICUBIC))
+            image = image.resize(size, _RESAMPLE.get(prep.resample, Image.Resampling.BICUBIC))
     return image
 
 

@@ -38,13 +38,16 @@ SKIPPED = re.compile(r"(^|/)(\.pipeline\.lock|\.remote-sync\.json|[^/]*\.tmp[^/]
 def is_url(text: str | os.PathLike | None) -> bool:
     """An fsspec URL other than file:// (a local path stays a path)."""
     m = URL.match(str(text or ""))
-    return bool(m) and m.group(1).lower() not in ("file", "local")
+    return m is not None and m.group(1).lower() not in ("file", "local")
 
 
 def default_work_dir(url: str) -> Path:
     """~/.cache/fashion-visual-search/outputs/<bucket-and-path>-<hash>: one working copy per URL."""
+    m = URL.match(url)
+    if m is None:
+        raise ValueError(f"default_work_dir needs a URL such as s3://bucket/run, got {url!r}")
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-visual-search" / "outputs"
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", URL.match(url).group(2)).strip("-")[:60]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", m.group(2)).strip("-")[:60]
     return base / f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
 
 

@@ -64,6 +64,8 @@ class Track:
         """The normalized mean of the unit vectors of its uncovered crops (of all its crops while it
         has no uncovered one): float32 (D,)."""
         v = self._clean if self._clean is not None else self._all
+        if v is None:
+            raise ValueError(f"track {self.id} has no sighting yet, so no look")
         n = float(np.linalg.norm(v))
         return (v / n if n > 0 else v).astype(np.float32)
 
