@@ -21,6 +21,7 @@ from PIL import Image
 
 from .embedders import Embedder, EmbedderSpec, make_embedder
 from .errors import CacheMismatchError, PipelineError
+from .identity import differences
 from .images import decode_image
 from .persons import Segmenter
 from .preprocess import preprocess_batch
@@ -31,7 +32,6 @@ from .store import (
     GalleryCache,
     ManifestRow,
     ThumbnailReader,
-    describe_differences,
     load_cache,
 )
 from .yolo import SegmentSpec, make_segmenter
@@ -105,8 +105,7 @@ class Catalog:
         """
         root = store_folder(folder)
         cache = load_cache(root, Path(), identity=None, check_images=False)
-        kind = cache.sidecar.source.get("kind", "standard")
-        cache = replace(cache, images_dir=images_folder(root, kind))
+        cache = replace(cache, images_dir=images_folder(root, cache.sidecar.source.kind or "standard"))
         searcher = Searcher.open(root, cache.embeddings, cache.embedded_rows, cache.sidecar.embeddings_sha256, index,
                                  threads)
         spec = _embedder_spec(cache, model, onnx, device, threads)
@@ -216,17 +215,16 @@ class Catalog:
 def _embedder_spec(cache: GalleryCache, model: str | None, onnx: str | None, device: str, threads: int) -> EmbedderSpec:
     made = cache.sidecar.identity
     if onnx:
-        return EmbedderSpec(model=model or made.get("model", ""), onnx=onnx, backend="onnx", device=device,
-                            threads=threads)
-    if model is None and made.get("backend") == "onnx":
+        return EmbedderSpec(model=model or made.model or "", onnx=onnx, backend="onnx", device=device, threads=threads)
+    if model is None and made.backend == "onnx":
         return EmbedderSpec(backend="onnx", device=device, threads=threads)  # the default file, checked on load
-    return EmbedderSpec(model=model or made.get("model", ""), backend="torch", device=device, threads=threads)
+    return EmbedderSpec(model=model or made.model or "", backend="torch", device=device, threads=threads)
 
 
 def _checked_embedder(spec: EmbedderSpec, cache: GalleryCache) -> Embedder:
     """The embedder, refused when it is not the one that made the store's vectors."""
     embedder = make_embedder(spec)
-    problems = describe_differences(embedder.identity, cache.sidecar.identity)
+    problems = differences(embedder.identity, cache.sidecar.identity)
     if problems:
         raise CacheMismatchError(
             f"the store in {cache.root} was made by another embedder than this one:\n  " + "\n  ".join(problems)

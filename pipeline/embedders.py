@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import PipelineError, first_line
 from .fileio import sha256_file
+from .identity import VectorIdentity
 from .preprocess import PreprocessConfig
 from .probes import META_PROBES, ProbeRecord, check_file, probe_pixels
 
@@ -59,7 +60,7 @@ class Embedder(Protocol):
 
     preprocess_cfg: PreprocessConfig
     dim: int
-    identity: dict[str, Any]
+    identity: VectorIdentity
     lanes: int = 1
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
@@ -139,27 +140,28 @@ def model_weights_sha256(model: str) -> str:
     return ""
 
 
-def requested_identity(spec: EmbedderSpec) -> dict[str, Any]:
+def requested_identity(spec: EmbedderSpec) -> VectorIdentity:
     """The part of an embedder's identity knowable without loading it; used to check caches.
 
     Raises:
         PipelineError: the ONNX backend is asked for and the file is missing.
     """
     backend = spec.resolve_backend()
-    pixels = {"cpu": {"pixels": "pil"}, "device": {"pixels": "torchvision"}}.get(spec.decode, {})
+    pixels = {"cpu": "pil", "device": "torchvision"}.get(spec.decode)
     if backend == "onnx":
         if not Path(spec.onnx).is_file():
             raise PipelineError(
                 f"ONNX file {spec.onnx} not found. Make it with: python main.py --export-onnx --model {spec.model} "
                 f"--onnx {spec.onnx}"
             )
-        return {"backend": "onnx", "onnx_sha256": sha256_file(spec.onnx), **pixels}
-    ident = {"backend": "torch", "model": model_reference(spec.model), **pixels}
-    if sha := model_weights_sha256(spec.model):
-        ident["model_sha256"] = sha
-    if spec.precision != "auto":
-        ident["precision"] = spec.precision
-    return ident
+        return VectorIdentity(backend="onnx", onnx_sha256=sha256_file(spec.onnx), pixels=pixels)
+    return VectorIdentity(
+        backend="torch",
+        model=model_reference(spec.model),
+        model_sha256=model_weights_sha256(spec.model) or None,
+        precision=None if spec.precision == "auto" else spec.precision,
+        pixels=pixels,
+    )
 
 
 def make_embedder(spec: EmbedderSpec) -> Embedder:
@@ -253,14 +255,14 @@ class OnnxEmbedder(Embedder):
         probes = probe_pixels(self.preprocess_cfg)
         self.self_check = check_file(path, meta, [probes], lambda: self._run(probes))
         log.debug("%s: %s", path, self.self_check)
-        self.identity = {
-            "backend": "onnx",
-            "model": meta.get(META_SOURCE_MODEL, ""),
-            "onnx_sha256": sha256_file(path),
-            "precision": "onnx-" + meta.get(META_PRECISION, "unknown"),
-            "preprocess": json.loads(self.preprocess_cfg.to_json()),
-            "dim": self.dim,
-        }
+        self.identity = VectorIdentity(
+            backend="onnx",
+            model=meta.get(META_SOURCE_MODEL, ""),
+            onnx_sha256=sha256_file(path),
+            precision="onnx-" + meta.get(META_PRECISION, "unknown"),
+            preprocess=json.loads(self.preprocess_cfg.to_json()),
+            dim=self.dim,
+        )
 
     def _probe_dim(self) -> int:
         x = np.zeros((1, 3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width), np.float32)
@@ -321,7 +323,7 @@ class OnnxEmbedder(Embedder):
         """The text tower exported beside the image file, tokenized with the `tokenizers` library
         (no torch, no transformers)."""
         if self._text is None:
-            self._text = _OnnxText(self.path, self.identity["model"], self._opts, self._providers)
+            self._text = _OnnxText(self.path, self.identity.model or "", self._opts, self._providers)
         return self._text.embed(texts)
 
 
@@ -413,15 +415,14 @@ class TorchEmbedder(Embedder):
         self.input_dtype = self._dtype  # what a device preprocessor should hand embed_tensor
         self.preprocess_cfg = preprocess_config_for_model(model)
         self.dim = int(self.model.config.projection_dim)
-        self.identity = {
-            "backend": "torch",
-            "model": model_reference(model),
-            "precision": self.precision,
-            "preprocess": json.loads(self.preprocess_cfg.to_json()),
-            "dim": self.dim,
-        }
-        if sha := model_weights_sha256(model):
-            self.identity["model_sha256"] = sha
+        self.identity = VectorIdentity(
+            backend="torch",
+            model=model_reference(model),
+            model_sha256=model_weights_sha256(model) or None,
+            precision=self.precision,
+            preprocess=json.loads(self.preprocess_cfg.to_json()),
+            dim=self.dim,
+        )
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         return self.embed_tensor(self._torch.from_numpy(np.ascontiguousarray(pixels)))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -17,13 +16,14 @@ from .config import RunConfig
 from .dataset import count_rows, iter_records
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
 from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
+from .identity import GallerySource, VectorIdentity
 from .items import make_segment_items, make_standard_items
 from .persons import Segmenter
 from .ray_engine import build_gallery_ray
 from .remote import list_names, remove_stale_at_url
 from .report import RunSummary
 from .searcher import Searcher
-from .store import GalleryCache, ManifestRow, embedded_rows, load_cache, store_sha256
+from .store import GalleryCache, ManifestRow, embedded_rows, load_cache, run_params, store_sha256
 from .yolo import make_segmenter
 
 log = logging.getLogger(__name__)
@@ -60,26 +60,32 @@ def decodes_on_device(cfg: RunConfig, embedder: Embedder) -> bool:
     return cfg.embedder.decode == "device" or getattr(embedder, "device", "cpu") == "cuda"
 
 
-def gallery_source(cfg: RunConfig) -> dict[str, Any]:
+def gallery_source(cfg: RunConfig) -> GallerySource:
     """What the gallery is made from; stored in the sidecar and part of the resume check."""
-    src = {"kind": "segment" if cfg.segmented else "standard", **cfg.dataset.as_dict()}
-    if cfg.segmented:
-        seg = cfg.segment
-        src.update(
-            seg_model=seg.model,
-            seg_backend=seg.backend,
-            seg_conf=seg.conf,
-            seg_imgsz=seg.imgsz,
-            keep_unsegmented=seg.keep_unsegmented,
-        )
-    return src
+    data = cfg.dataset.as_dict()
+    source = GallerySource(
+        kind="segment" if cfg.segmented else "standard",
+        dataset=data["dataset"],
+        split=data["split"],
+        limit=data["limit"],
+        image_column=data["image_column"],
+    )
+    if not cfg.segmented:
+        return source
+    seg = cfg.segment
+    return source.asks(
+        seg_model=seg.model,
+        seg_backend=seg.backend,
+        seg_conf=seg.conf,
+        seg_imgsz=seg.imgsz,
+        keep_unsegmented=seg.keep_unsegmented,
+    )
 
 
-def requested_source(cfg: RunConfig) -> dict[str, Any]:
-    """The source keys the user typed, compared against a cache (defaults are not a request)."""
-    full = gallery_source(cfg)
-    keys = {"kind"} | {k for k in full if k in cfg.explicit}
-    return {k: full[k] for k in keys}
+def requested_fields(cfg: RunConfig) -> frozenset[str]:
+    """The source fields compared against a cache: the kind, and those the user typed (defaults are
+    not a request)."""
+    return frozenset({"kind"} | {f for f in gallery_source(cfg).to_json() if f in cfg.explicit})
 
 
 def _remove_stale_images_at_url(cfg: RunConfig, target: GalleryTarget, rows: list[ManifestRow]) -> None:
@@ -89,7 +95,7 @@ def _remove_stale_images_at_url(cfg: RunConfig, target: GalleryTarget, rows: lis
         log.info("removed %d image file(s) of an earlier, different run from %s", n, cfg.images_url)
 
 
-def load_gallery_cache(cfg: RunConfig, identity: dict[str, Any] | None = None) -> GalleryCache:
+def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -> GalleryCache:
     """Load embeddings/ (or embeddings_segment/) and check it against files and the request."""
     images_at = None
     if cfg.images_url:  # the images stay in the bucket: listed, not fetched
@@ -98,7 +104,8 @@ def load_gallery_cache(cfg: RunConfig, identity: dict[str, Any] | None = None) -
         cfg.store_dir,
         cfg.images_dir,
         identity=identity if identity is not None else requested_identity(cfg.embedder),
-        source=requested_source(cfg),
+        source=gallery_source(cfg),
+        source_fields=requested_fields(cfg),
         images_at=images_at,
     )
 
@@ -161,15 +168,14 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None)
         stage_name = "decode"
     source = gallery_source(cfg)
     # Which code made the pixels is part of what made the vectors: a resume never mixes them.
-    identity = {**embedder.identity, "pixels": "torchvision" if on_device else "pil"}
-    run_params = {"source": source, "identity": identity, "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
+    identity = embedder.identity.asks(pixels="torchvision" if on_device else "pil")
     emb, rows = build_gallery(
         records=lambda start: iter_records(cfg.dataset, start),
         total_rows=total_rows,
         make_items=make_items,
         embedder=embedder,
         target=target,
-        run_params=run_params,
+        run_params=run_params(source, identity, cfg.batch_size, cfg.shard_rows),
         source=source,
         summary=summary,
         batch_size=cfg.batch_size,

@@ -31,6 +31,7 @@ from .embedders import Embedder, available_cores
 from .errors import PipelineError
 from .fileio import atomic_write_bytes
 from .gpu import DevicePreprocessor, EncodedJpeg, to_host
+from .identity import GallerySource, VectorIdentity
 from .images import ImageDecodeError, decode_image
 from .items import ItemMaker
 from .plots import THUMB_SIZE, make_thumbnail
@@ -467,7 +468,7 @@ def build_gallery(
     embedder: Embedder,
     target: GalleryTarget,
     run_params: dict[str, Any],
-    source: dict[str, Any],
+    source: GallerySource,
     summary: RunSummary,
     *,
     batch_size: int,
@@ -475,7 +476,7 @@ def build_gallery(
     fresh: bool = False,
     progress: bool = True,
     item_stage_name: str = "decode",
-    identity: dict[str, Any] | None = None,
+    identity: VectorIdentity | None = None,
     embed_batch: BatchEmbed | None = None,
 ) -> tuple[np.ndarray, list[ManifestRow]]:
     """Build (or resume building) a gallery store.

@@ -32,12 +32,13 @@ from .embedders import Embedder, EmbedderSpec, make_embedder
 from .errors import PipelineError, UsageError
 from .fileio import atomic_write_bytes
 from .gallery import ShardAssembler, ShardMark, UnitResult
+from .identity import GallerySource, VectorIdentity
 from .items import make_segment_items, make_standard_items
 from .plots import THUMB_SIZE, make_thumbnail
 from .preprocess import model_crop, normalize_crop, resize_for_model
 from .remote import is_url, url_writer
 from .report import RunSummary
-from .store import ManifestRow, Shard, ShardStore, finalize_store, invalidate_store
+from .store import ManifestRow, Shard, ShardStore, finalize_store, invalidate_store, run_params
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ def build_gallery_ray(
     cfg: RunConfig,
     summary: RunSummary,
     load_embedder: Callable[[], Embedder],
-    source: dict[str, Any],
+    source: GallerySource,
 ) -> tuple[np.ndarray, list[ManifestRow], Embedder]:
     """Build (or resume) the run's gallery store on Ray Data; the same store as gallery.build_gallery.
     The driver's model (for the store's identity, and the run's later stages) loads while Ray starts.
@@ -343,12 +344,12 @@ def build_gallery_ray(
             check_shared_folder(ray, cfg.output_dir)
         embedder = loading.result()
     # A failed run leaves Ray to its exit handler, as the run's objects are released before it.
-    emb, rows = _build(ray, cfg, summary, embedder, {**embedder.identity, "pixels": "pil"}, source)
+    emb, rows = _build(ray, cfg, summary, embedder, embedder.identity.asks(pixels="pil"), source)
     return emb, rows, embedder
 
 
 def _build(
-    ray, cfg: RunConfig, summary: RunSummary, embedder: Embedder, identity: dict[str, Any], source: dict[str, Any]
+    ray, cfg: RunConfig, summary: RunSummary, embedder: Embedder, identity: VectorIdentity, source: GallerySource
 ) -> tuple[np.ndarray, list[ManifestRow]]:
     jitter_s = float(os.environ.get("FASHION_RAY_EMBED_JITTER", "0") or 0)
     split_stages = os.environ.get("FASHION_RAY_SPLIT_STAGES") == "1"
@@ -356,8 +357,7 @@ def _build(
         cfg.images_dir.mkdir(parents=True, exist_ok=True)
     cfg.store_dir.mkdir(parents=True, exist_ok=True)
     invalidate_store(cfg.store_dir)
-    run_params = {"source": source, "identity": identity, "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
-    shards = ShardStore(cfg.store_dir, run_params, fresh=cfg.fresh)
+    shards = ShardStore(cfg.store_dir, run_params(source, identity, cfg.batch_size, cfg.shard_rows), fresh=cfg.fresh)
     done = shards.all_complete()
     pieces = plan_pieces(cfg.dataset)
     total = sum(p.rows for p in pieces)

@@ -109,8 +109,8 @@ def create_app(service: SearchService):
         return {
             "items": len(catalog),
             "store": str(cfg.store_dir),
-            "model": catalog.embedder.identity.get("model", ""),
-            "backend": catalog.embedder.identity.get("backend"),
+            "model": catalog.embedder.identity.model or "",
+            "backend": catalog.embedder.identity.backend,
             "k": cfg.top_k,
             "search": catalog.searcher.describe(),
             "report": (cfg.plots_dir / "report.html").is_file(),

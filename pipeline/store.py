@@ -34,6 +34,7 @@ from .fileio import (
     sha256_file,
     unlink_quietly,
 )
+from .identity import STORE_FORMAT, GallerySource, VectorIdentity, describe_differences, differences
 from .machine import cpu_info
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ THUMBNAILS_FILE = "thumbnails.npy"
 SIDECAR_FILE = "embeddings.json"
 PARTIAL_DIR = ".partial"
 RUN_FILE = "run.json"
-STORE_FORMAT = 1
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -130,8 +130,8 @@ def embedded_rows(rows: Iterable[ManifestRow]) -> list[ManifestRow]:
 class Sidecar:
     """What a store holds and how it was made; compared field by field before reuse."""
 
-    identity: dict[str, Any]  # model, backend, precision, onnx_sha256, preprocess, dim
-    source: dict[str, Any]  # dataset, split, limit, image_column, kind (+ segmentation params)
+    identity: VectorIdentity  # what made the vectors
+    source: GallerySource  # what the gallery was made from
     count: int
     dim: int
     manifest_rows: int
@@ -144,20 +144,50 @@ class Sidecar:
     machine: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        data = {**asdict(self), "identity": self.identity.to_json(), "source": self.source.to_json()}
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def read(cls, path: Path) -> Sidecar:
+        """The sidecar at `path`; a store of another format version is refused with what to do."""
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != STORE_FORMAT:
+                raise CacheMismatchError(_format_message(path, data.get("format")))
+            data["identity"] = VectorIdentity.from_json(data["identity"], "identity")
+            data["source"] = GallerySource.from_json(data["source"], "source")
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError) as e:
+            raise CacheMismatchError(f"{path}: unreadable sidecar ({e})") from e
 
 
-def describe_differences(expected: dict[str, Any], found: dict[str, Any], prefix: str = "") -> list[str]:
-    """List 'key: cache has X, asked for Y' for every key of `expected` that differs in `found`
-    (recursing into dicts). Keys only in `found` are not compared: the request names what matters."""
-    out = []
-    for key in sorted(expected):
-        a, b = found.get(key, "<absent>"), expected.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += describe_differences(b, a, prefix=f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: cache has {a!r}, asked for {b!r}")
-    return out
+def _format_message(path: Path, found: Any) -> str:
+    if found == 1:
+        return (
+            f"{path}: store format 1, made by an older version; this version reads format {STORE_FORMAT}. "
+            f"Upgrade it in place (seconds, nothing is re-embedded): python -m pipeline.store upgrade {path.parent}"
+        )
+    return f"{path}: store format {found!r}, this version reads {STORE_FORMAT}: build the gallery again with --fresh"
+
+
+def upgrade_store(root: str | Path) -> bool:
+    """Rewrite a format-1 store's sidecar as format 2: the identity gains "pixels": "pil" (format 1
+    stores were all made by PIL's preprocessing) and the source is checked against the typed fields.
+    Returns False when the store is already current. Raises CacheMismatchError for anything else."""
+    path = Path(root) / SIDECAR_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CacheMismatchError(f"{path}: unreadable sidecar ({e})") from e
+    if data.get("format") == STORE_FORMAT:
+        return False
+    if data.get("format") != 1:
+        raise CacheMismatchError(_format_message(path, data.get("format")))
+    data["identity"] = {"pixels": "pil", **data["identity"]}
+    data["format"] = STORE_FORMAT
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
+    Sidecar.read(path)  # the result must read back; if not, say so now, not at the next run
+    return True
 
 
 @dataclass
@@ -182,18 +212,19 @@ class GalleryCache:
 def load_cache(
     root: str | Path,
     images_dir: str | Path,
-    identity: dict[str, Any] | None,
-    source: dict[str, Any] | None = None,
+    identity: VectorIdentity | None,
+    source: GallerySource | None = None,
     check_images: bool = True,
     images_at: tuple[str, set[str]] | None = None,
+    source_fields: frozenset[str] | None = None,
 ) -> GalleryCache:
     """Load a store and check it against the files and against what is asked for.
 
     Args:
         root: the store folder (embeddings/ or embeddings_segment/).
         images_dir: the folder the manifest's file names are relative to.
-        identity: the embedder identity asked for; None skips that comparison.
-        source: dataset parameters asked for; keys absent from it are not compared.
+        identity: the embedder identity asked for (its None fields are not compared); None skips it.
+        source: what the gallery is asked to be made from, compared on `source_fields` (all when None).
         check_images: verify each image file exists and has the recorded sha256.
         images_at: (URL, names there) when the images are at a URL (--output-dir s3://...): each
             must be there; they are not hashed, which would download them.
@@ -209,19 +240,12 @@ def load_cache(
             else ""
         )
         raise CacheMismatchError(f"no complete cache in {root}: {sidecar_path.name} is missing{partial}")
-    try:
-        sc_dict = json.loads(sidecar_path.read_text())
-        sidecar = Sidecar(**sc_dict)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise CacheMismatchError(f"{sidecar_path}: unreadable sidecar ({e})") from e
-    if sidecar.format != STORE_FORMAT:
-        raise CacheMismatchError(f"{sidecar_path}: store format {sidecar.format}, this version reads {STORE_FORMAT}")
+    sidecar = Sidecar.read(sidecar_path)
     problems: list[str] = []
-    sidecar.identity.setdefault("pixels", "pil")  # stores made before the device path had only PIL's
     if identity is not None:
-        problems += describe_differences(identity, sidecar.identity)
-    if source:
-        problems += describe_differences(source, sidecar.source)
+        problems += differences(identity, sidecar.identity)
+    if source is not None:
+        problems += differences(source, sidecar.source, source_fields)
     if problems:
         raise CacheMismatchError(
             f"cache in {root} was made differently from what is asked:\n  " + "\n  ".join(problems)
@@ -428,8 +452,8 @@ def finalize_store(
     root: str | Path,
     shard_store: ShardStore,
     shards: list[Shard],
-    identity: dict[str, Any],
-    source: dict[str, Any],
+    identity: VectorIdentity,
+    source: GallerySource,
     dim: int,
     thumbnail_size: int,
 ) -> tuple[np.ndarray, list[ManifestRow]]:
@@ -495,3 +519,31 @@ def store_sha256(root: str | Path) -> str:
 def invalidate_store(root: str | Path) -> None:
     """Remove the sidecar so a store being rebuilt is never taken as complete."""
     unlink_quietly(Path(root) / SIDECAR_FILE)
+
+
+def run_params(source: GallerySource, identity: VectorIdentity, batch_size: int, shard_rows: int) -> dict[str, Any]:
+    """What a resumed run must share with the run whose shards it finds (ShardStore's run.json)."""
+    return {"source": source.to_json(), "identity": identity.to_json(), "batch_size": batch_size,
+            "shard_rows": shard_rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m pipeline.store upgrade DIR [DIR ...]: bring older stores to this format, in place."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2 or args[0] != "upgrade":
+        print("usage: python -m pipeline.store upgrade STORE_DIR [STORE_DIR ...]", file=sys.stderr)
+        return 2
+    for folder in args[1:]:
+        try:
+            done = upgrade_store(folder)
+        except CacheMismatchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{folder}: {'upgraded to' if done else 'already'} store format {STORE_FORMAT}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

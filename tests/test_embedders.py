@@ -37,7 +37,7 @@ def test_backends_agree(tiny_clip, tiny_onnx, pixels):
     assert np.min(np.sum(a * b, axis=1)) > 0.9999
     assert np.min(np.sum(a * c, axis=1)) > 0.99
     assert torch_e.preprocess_cfg == fp32.preprocess_cfg
-    assert int8.identity["precision"].startswith("onnx-int8-static")
+    assert int8.identity.precision.startswith("onnx-int8-static")
 
 
 def test_int8_vector_does_not_depend_on_batch_mates(tiny_onnx, pixels):
@@ -64,7 +64,7 @@ assert not bad, bad
 
 def test_preprocessing_comes_from_onnx_metadata_without_model(tiny_onnx):
     e = make_embedder(EmbedderSpec(onnx=str(tiny_onnx), model="does/not-exist"))
-    assert e.identity["model"].endswith("tiny-clip")
+    assert e.identity.model.endswith("tiny-clip")
     assert e.preprocess_cfg.crop_height == 224
 
 

@@ -15,6 +15,7 @@ from pipeline import index as index_module
 from pipeline.errors import PipelineError
 from pipeline.index import INDEX_META, build_index, choose_kind, ensure_index, load_index, recall_at_10, save_index
 from pipeline.retrieval import topk_neighbours
+from tests.helpers import assert_same_up_to_rounding
 
 
 def clustered(n: int, dim: int = 64, clusters: int = 200, noise: float = 1.2, seed: int = 0) -> np.ndarray:
@@ -69,17 +70,6 @@ def test_galleries_of_one_and_two():
         assert gi.all_neighbours(2).indices.tolist() == {1: [[-1, -1]], 2: [[1, -1], [0, -1]]}[n]
 
 
-def _assert_same_up_to_rounding(a, b, q, g, tol=1e-5):
-    """The index's top-k is exact search's: the same distances, and the same items except where two
-    items' distances differ by float rounding only (FAISS's and numpy's kernels round differently on
-    some CPUs, AVX2-only EPYCs among them); exactly tied vectors still come in index order."""
-    assert np.allclose(a.distances, b.distances, atol=tol)
-    differ = a.indices != b.indices
-    true_a = 1.0 - np.einsum("qd,qkd->qk", q, g[a.indices])
-    assert np.allclose(true_a[differ], b.distances[differ], atol=tol)
-    assert all(len(set(r)) == len(r) for r in a.indices)
-
-
 def test_flat_index_answers_exactly_as_exact_search(vectors):
     x = vectors[:3000]
     tied = np.concatenate([np.repeat(x[:1], 30, axis=0), x[1:500]])  # 30 identical vectors: ties by index
@@ -92,9 +82,9 @@ def test_flat_index_answers_exactly_as_exact_search(vectors):
         q /= np.linalg.norm(q, axis=1, keepdims=True)
         for k in (1, 10, 40):
             a, b = gi.search(q, k), topk_neighbours(q, g, k)
-            _assert_same_up_to_rounding(a, b, q, g)
+            assert_same_up_to_rounding(a, b, q, g)
         a, b = gi.all_neighbours(5), topk_neighbours(g, g, 5, exclude_self=True)
-        _assert_same_up_to_rounding(a, b, g, g)
+        assert_same_up_to_rounding(a, b, g, g)
 
 
 def test_the_automatic_choice():

@@ -11,6 +11,7 @@ import pytest
 
 import main as cli
 from pipeline.embedders import Embedder, EmbedderSpec, make_embedder
+from pipeline.identity import VectorIdentity
 from pipeline.images import decode_image
 from pipeline.preprocess import preprocess
 from pipeline.store import read_manifest
@@ -331,7 +332,7 @@ class _NanForRed(Embedder):
     """A fake embedder: vectors from the mean colour; NaN for a reddish picture, zeros for a greenish one."""
 
     def __init__(self, base):
-        self.preprocess_cfg, self.dim, self.identity = base.preprocess_cfg, 4, {"backend": "fake"}
+        self.preprocess_cfg, self.dim, self.identity = base.preprocess_cfg, 4, VectorIdentity(backend="fake")
 
     def embed(self, pixels):
         m = pixels.mean(axis=(2, 3))

@@ -15,6 +15,7 @@ import pytest
 
 import main as cli
 from pipeline.embedders import Embedder, OnnxEmbedder, TorchEmbedder
+from pipeline.identity import VectorIdentity
 from pipeline.search import metrics_from_ranks, product_ids, ranks_of_positives
 from tests import assets
 
@@ -295,7 +296,7 @@ class _AngleEmbedder(Embedder):
     def __init__(self):
         from pipeline.preprocess import PreprocessConfig
 
-        self.preprocess_cfg, self.dim, self.identity = PreprocessConfig(), 2, {"backend": "fake"}
+        self.preprocess_cfg, self.dim, self.identity = PreprocessConfig(), 2, VectorIdentity(backend="fake")
 
     def embed(self, pixels):
         cfg = self.preprocess_cfg

@@ -1,0 +1,107 @@
+"""What made a store's vectors and what its gallery was made from: two frozen types, written to the
+sidecar and compared in one place, and the store format they belong to.
+
+A field left None is not known or not asked for: a request (the flags the user typed) names only
+what it cares about, and `differences` compares just those fields. A store written by another
+format version is refused with what to do, never patched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
+
+# 2: identities typed, "pixels" always recorded (format 1 stores made before the device path lacked it).
+STORE_FORMAT = 2
+
+T = TypeVar("T", bound="_Comparable")
+
+
+class _Comparable:
+    """JSON form (None fields left out) and field-by-field comparison, shared by both identities."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}  # type: ignore[call-overload]  # dataclass
+
+    @classmethod
+    def from_json(cls: type[T], data: dict[str, Any], where: str) -> T:
+        """Read a sidecar's or run file's dict; a key this version does not know is refused."""
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]  # subclasses are dataclasses
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown {cls.__name__} field(s) {unknown}")
+        return cls(**data)
+
+    def asks(self: T, **values: Any) -> T:
+        """A copy with more fields known (dataclasses.replace for the subclasses)."""
+        return type(self)(**{**asdict(self), **values})  # type: ignore[call-overload, return-value]  # dataclass
+
+
+def differences(asked: _Comparable, found: _Comparable, only: frozenset[str] | None = None) -> list[str]:
+    """'field: cache has X, asked for Y' for every field that `asked` records (and `only` names, when
+    given) and that differs in `found` (dicts such as the preprocessing compared key by key)."""
+    want = asked.to_json()
+    if only is not None:
+        want = {k: v for k, v in want.items() if k in only}
+    return describe_differences(want, found.to_json())
+
+
+def describe_differences(expected: dict[str, Any], found: dict[str, Any], prefix: str = "") -> list[str]:
+    """The same for plain dicts (keys of `expected` only; nested dicts recursed)."""
+    out = []
+    for key in sorted(expected):
+        a, b = found.get(key, "<absent>"), expected.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += describe_differences(b, a, prefix=f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: cache has {a!r}, asked for {b!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class VectorIdentity(_Comparable):
+    """What made the vectors: change any field and vectors are no longer comparable.
+
+    backend: "torch" | "onnx". model: the hub id or the absolute path of the model folder (the ONNX
+    file's source model). model_sha256: a local folder's weights. onnx_sha256: the ONNX file's bytes.
+    precision: "fp32", "fp16", "int8", "onnx-int8-static", ... preprocess: the model's preprocessing
+    (size, crop, mean, std, ...). dim: the vector length. pixels: which code made the model input
+    ("pil" on the CPU, "torchvision" on the device).
+    """
+
+    backend: str | None = None
+    model: str | None = None
+    model_sha256: str | None = None
+    onnx_sha256: str | None = None
+    precision: str | None = None
+    preprocess: dict[str, Any] | None = None
+    dim: int | None = None
+    pixels: str | None = None
+
+
+@dataclass(frozen=True)
+class GallerySource(_Comparable):
+    """What the gallery was made from: the dataset rows and, for person crops, the segmenter.
+
+    kind: "standard" (one item per row) | "segment" (one per person crop). dataset: the hub id or
+    the absolute path. limit: None for every row. seg_*: the segmentation run's settings.
+    """
+
+    kind: str | None = None
+    dataset: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    image_column: str | None = None
+    seg_model: str | None = None
+    seg_backend: str | None = None
+    seg_conf: float | None = None
+    seg_imgsz: int | None = None
+    keep_unsegmented: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field of its kind, None included (limit None means every row); the segmenter's
+        settings only for a segmented gallery."""
+        data = asdict(self)
+        if self.kind != "segment":
+            data = {k: v for k, v in data.items() if not k.startswith("seg_") and k != "keep_unsegmented"}
+        return data

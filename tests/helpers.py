@@ -1,0 +1,18 @@
+"""Helpers the test modules share (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def assert_same_up_to_rounding(a, b, q, g, tol=1e-5):
+    """Two top-k results (retrieval.Neighbours of queries q over gallery g) are the same search: equal
+    distances, and the same items except where items' distances differ by float rounding only. BLAS
+    and FAISS kernels may round the products of identical vectors differently (OpenBLAS on AVX2-only
+    EPYCs does), so ties among copies need not come in index order there."""
+    assert np.allclose(a.distances, b.distances, atol=tol)
+    assert np.array_equal(a.indices < 0, b.indices < 0)  # the same empty slots
+    differ = a.indices != b.indices
+    true_a = 1.0 - np.einsum("qd,qkd->qk", q, g[a.indices])
+    assert np.allclose(true_a[differ], b.distances[differ], atol=tol)
+    assert all(len(set(r[r >= 0])) == int((r >= 0).sum()) for r in a.indices)  # no item twice

@@ -1,0 +1,113 @@
+"""Typed identities: what made the vectors and what the gallery was made from, compared field by field,
+and the store's format version (refused with what to do; format 1 upgraded by an explicit step)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import fields
+
+import pytest
+
+import main as cli
+from pipeline.errors import CacheMismatchError
+from pipeline.identity import STORE_FORMAT, GallerySource, VectorIdentity, differences
+from pipeline.store import SIDECAR_FILE, load_cache
+from pipeline.store import main as store_main
+from tests import assets
+
+MADE = VectorIdentity(backend="onnx", model="/m", model_sha256="a", onnx_sha256="b", precision="onnx-int8-static",
+                      preprocess={"crop_size": 224, "mean": [0.5]}, dim=512, pixels="pil")
+SOURCE = GallerySource(kind="segment", dataset="/d", split="train", limit=None, image_column="image",
+                       seg_model="y.pt", seg_backend="auto", seg_conf=0.25, seg_imgsz=640, keep_unsegmented=False)
+OTHER = {str: "other", int: 7, float: 0.5, bool: True}
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(VectorIdentity)])
+def test_every_identity_field_that_differs_is_named(name):
+    value = {"crop_size": 256, "mean": [0.5]} if name == "preprocess" else OTHER[type(getattr(MADE, name))]
+    asked = MADE.asks(**{name: value})
+    problems = differences(asked, MADE)
+    shown = repr(256 if name == "preprocess" else value)
+    assert len(problems) == 1 and problems[0].startswith(name) and shown in problems[0]
+    assert differences(MADE, MADE) == [] and differences(VectorIdentity(backend="onnx"), MADE) == []
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(GallerySource)])
+def test_every_source_field_that_differs_is_named(name):
+    current = getattr(SOURCE, name)
+    value = 100 if name == "limit" else OTHER[type(current)]
+    asked = SOURCE.asks(**{name: value})
+    problems = differences(asked, SOURCE)
+    assert len(problems) == 1 and problems[0].startswith(f"{name}: cache has {current!r}, asked for {value!r}")
+    assert differences(asked, SOURCE, only=frozenset({"kind"} - {name})) == []  # a field not asked is not compared
+
+
+def test_limit_none_is_every_row_and_is_compared():
+    """limit None (every row) is a value: a gallery of 100 rows is not one of every row."""
+    assert differences(SOURCE, SOURCE.asks(limit=100)) == ["limit: cache has 100, asked for None"]
+    standard = GallerySource(kind="standard", dataset="/d", split="train", limit=None, image_column="image")
+    assert "seg_model" not in standard.to_json() and standard.to_json()["limit"] is None
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_clip):
+    tmp = tmp_path_factory.mktemp("identity")
+    ds = assets.write_parquet_dataset(tmp / "ds", [assets.jpeg_bytes(50, 60, seed=i) for i in range(5)])
+    out = tmp / "out"
+    assert cli.main(["--dataset", str(ds), "--model", str(tiny_clip), "--backend", "torch", "--output-dir", str(out),
+                     "--max-result-images", "0", "-q"]) == 0
+    return out
+
+
+def _rewrite(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_store_records_format_and_typed_identity(store):
+    side = json.loads((store / "embeddings" / SIDECAR_FILE).read_text())
+    assert side["format"] == STORE_FORMAT == 2
+    assert side["identity"]["pixels"] == "pil" and side["identity"]["backend"] == "torch"
+    assert side["source"]["kind"] == "standard" and "seg_model" not in side["source"]
+
+
+def test_format_1_store_is_refused_then_upgraded_by_the_explicit_step(store, tiny_clip, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(store, out)
+    sidecar = out / "embeddings" / SIDECAR_FILE
+    _rewrite(sidecar, lambda d: (d.update(format=1), d["identity"].pop("pixels")))  # as format 1 wrote it
+    argv = ["--use-embeddings", "--model", str(tiny_clip), "--backend", "torch", "--output-dir", str(out), "-q",
+            "--max-result-images", "0"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "store format 1" in err and f"python -m pipeline.store upgrade {out / 'embeddings'}" in err
+    assert store_main(["upgrade", str(out / "embeddings")]) == 0
+    assert "upgraded to store format 2" in capsys.readouterr().out
+    upgraded = json.loads(sidecar.read_text())
+    assert upgraded["format"] == 2 and upgraded["identity"]["pixels"] == "pil"
+    assert cli.main(argv) == 0
+    assert store_main(["upgrade", str(out / "embeddings")]) == 0
+    assert "already store format 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(format=3), "store format 3, this version reads 2"),
+        (lambda d: d["identity"].update(colour="red"), "unknown VectorIdentity field(s) ['colour']"),
+        (lambda d: d["source"].update(shop="x"), "unknown GallerySource field(s) ['shop']"),
+    ],
+)
+def test_sidecars_this_version_cannot_read_are_refused(store, tmp_path, change, message):
+    import shutil
+
+    root = tmp_path / "embeddings"
+    shutil.copytree(store / "embeddings", root)
+    _rewrite(root / SIDECAR_FILE, change)
+    with pytest.raises(CacheMismatchError, match=re.escape(message)):
+        load_cache(root, store / "images", identity=None)
+    assert store_main(["upgrade", str(root)]) == (0 if "field" in message else 1)
