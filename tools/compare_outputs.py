@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -303,7 +304,7 @@ def cmd_run(out: Path, repo: Path, assets_dir: Path | None) -> int:
         "repo": str(repo),
         "commit": commit.stdout.strip(),
         "exit_codes": codes,
-        "commands": {m: " ".join(c).replace(f"{out}/", "$OUT/") for m, c in commands.items()},
+        "commands": {m: shlex.join(c).replace(f"{out}/", "$OUT/") for m, c in commands.items()},
         "assets": assets_digest(a),
         "files": files,
         "logs": hash_tree(out / "logs", places)[0],
