@@ -19,7 +19,7 @@ from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failu
 from .identity import GallerySource, VectorIdentity
 from .items import make_segment_items, make_standard_items
 from .persons import Segmenter
-from .ray_engine import build_gallery_ray
+from .ray_engine import RayBuild, build_gallery_ray
 from .remote import list_names, remove_stale_at_url
 from .report import RunSummary
 from .searcher import Searcher
@@ -90,6 +90,7 @@ def requested_fields(cfg: RunConfig) -> frozenset[str]:
 
 def _remove_stale_images_at_url(cfg: RunConfig, target: GalleryTarget, rows: list[ManifestRow]) -> None:
     keep = {r.file for r in rows if r.file}
+    assert cfg.images_url is not None  # called for URL outputs only
     n = remove_stale_at_url(cfg.images_url, target.owned_files, keep)
     if n:
         log.info("removed %d image file(s) of an earlier, different run from %s", n, cfg.images_url)
@@ -132,8 +133,25 @@ def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None
         target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=_SEGMENT_FILES)
     else:
         target = GalleryTarget(cfg.images_dir, cfg.store_dir)
-    load = (lambda: embedder) if embedder is not None else (lambda: make_embedder(cfg.embedder))
-    emb, rows, embedder = build_gallery_ray(cfg, summary, load, gallery_source(cfg))
+    given = embedder
+
+    def load() -> Embedder:
+        return given if given is not None else make_embedder(cfg.embedder)
+
+    build = RayBuild(
+        dataset=cfg.dataset,
+        embedder=cfg.embedder,
+        segment=cfg.segment if cfg.segmented else None,
+        images=cfg.images_url or str(cfg.images_dir),
+        store_dir=cfg.store_dir,
+        batch_size=cfg.batch_size,
+        shard_rows=cfg.shard_rows,
+        fresh=cfg.fresh,
+        progress=cfg.progress,
+        address=cfg.ray_address,
+        cpus=cfg.embedder.threads,
+    )
+    emb, rows, embedder = build_gallery_ray(build, summary, load, gallery_source(cfg))
     if cfg.output_url:  # the workers wrote the images to the URL
         _remove_stale_images_at_url(cfg, target, rows)
     else:

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from tqdm import tqdm
@@ -33,11 +33,11 @@ from .fileio import atomic_write_bytes
 from .gpu import DevicePreprocessor, EncodedJpeg, to_host
 from .identity import GallerySource, VectorIdentity
 from .images import ImageDecodeError, decode_image
-from .items import ItemMaker
+from .items import ItemMaker, ItemPipeline
 from .plots import THUMB_SIZE, make_thumbnail
 from .preprocess import resize_for_model, to_model_input
 from .report import RunSummary
-from .store import ManifestRow, Shard, ShardStore, finalize_store, invalidate_store
+from .store import ManifestRow, Shard, ShardStore, StoreBuild
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ def embed_pixels(embedder: Embedder) -> BatchEmbed:
     """The CPU path's batch embedding: every input is pixels already."""
 
     def embed(inputs: list[ModelInput]) -> Embedded:
-        return Embedded(embedder.embed(np.stack(inputs)), [None] * len(inputs), [None] * len(inputs))
+        pixels = np.stack(cast(list[np.ndarray], inputs))  # the CPU path makes every input as pixels
+        return Embedded(embedder.embed(pixels), [None] * len(inputs), [None] * len(inputs))
 
     return embed
 
@@ -114,8 +115,9 @@ class DeviceEmbedding:
 
     def __call__(self, inputs: list[ModelInput]) -> Embedded:
         torch, prep = self.torch, self.embedder.preprocess_cfg
-        jpeg_at = [k for k, x in enumerate(inputs) if isinstance(x, EncodedJpeg)]
-        device_x, device_thumbs, kept = self.pre.process([inputs[k] for k in jpeg_at])
+        jpegs = [(k, x) for k, x in enumerate(inputs) if isinstance(x, EncodedJpeg)]
+        jpeg_at = [k for k, _ in jpegs]
+        device_x, device_thumbs, kept = self.pre.process([x for _, x in jpegs])
         thumbs: list[Any] = [None] * len(inputs)
         errors: list[str | None] = [None] * len(inputs)
         rows: dict[int, Any] = {jpeg_at[j]: device_x[i] for i, j in enumerate(kept)}
@@ -191,39 +193,27 @@ class Parallelism:
 
 
 class UnitWorker:
-    """Turns a unit into items, writes their files, preprocesses them and makes their thumbnails;
-    in a lane, it embeds them too (`embedder.embed_serial`, on the calling thread's core)."""
+    """Runs the item pipeline (items.ItemPipeline) on a unit; in a lane, embeds its items too
+    (`embedder.embed_serial`, on the calling thread's core)."""
 
-    def __init__(self, make_items: ItemMaker, embedder: Embedder, images_dir: Path, in_lane: bool) -> None:
-        self.make_items, self.embedder, self.images_dir, self.in_lane = make_items, embedder, images_dir, in_lane
+    def __init__(self, pipeline: ItemPipeline, embedder: Embedder, in_lane: bool) -> None:
+        self.pipeline, self.embedder, self.in_lane = pipeline, embedder, in_lane
 
     def __call__(self, unit: Unit) -> UnitResult:
-        prep = self.embedder.preprocess_cfg
-        t0 = time.perf_counter()
-        made = self.make_items(unit.records)
-        t1 = time.perf_counter()
-        for item in (i for items in made for i in items):
-            if item.data is not None:
-                atomic_write_bytes(self.images_dir / item.row.file, item.data)
-        t2 = time.perf_counter()
-        res = UnitResult(rows=[], records=len(unit.records))
-        for item in (i for items in made for i in items):
+        prepared = self.pipeline(unit.records)
+        res = UnitResult(rows=[], records=len(unit.records), times=dict(prepared.times))
+        for item in (i for items in prepared.items for i in items):
             res.rows.append(item.row)
-            if not item.to_embed:
+            if item.pixels is None:
                 continue
-            if item.encoded is not None:
-                res.inputs.append(item.encoded)
-                res.thumbs.append(None)
-            else:
-                resized = resize_for_model(item.image, prep)
-                res.inputs.append(to_model_input(resized, prep))
-                res.thumbs.append(make_thumbnail(resized))
+            res.inputs.append(item.pixels)
+            res.thumbs.append(item.thumb)
             res.embedded.append(len(res.rows) - 1)
-        t3 = time.perf_counter()
+        t = time.perf_counter()
         if self.in_lane and res.inputs:
-            res.vectors = self.embedder.embed_serial(np.stack(res.inputs))
+            res.vectors = self.embedder.embed_serial(np.stack(cast(list[np.ndarray], res.inputs)))  # lanes: pixels
             res.inputs = []
-        res.times = {"items": t1 - t0, "write": t2 - t1, "preprocess": t3 - t2, "infer": time.perf_counter() - t3}
+        res.times["infer"] = time.perf_counter() - t
         return res
 
 
@@ -266,9 +256,9 @@ class ShardAssembler:
             out = self.embed([x for _, x in batch])
             self.infer_seconds += time.perf_counter() - t
             for k, (pos, _) in enumerate(batch):
-                if out.errors[k] is not None:
+                if (error := out.errors[k]) is not None:
                     row = self.rows[pos]  # as the CPU path records a row that does not decode
-                    row.status, row.error, row.file, row.width, row.height = "failed", out.errors[k], "", 0, 0
+                    row.status, row.error, row.file, row.width, row.height = "failed", error, "", 0, 0
                     continue
                 self.vectors[pos] = out.vectors[k]
                 if out.thumbs[k] is not None:
@@ -276,7 +266,8 @@ class ShardAssembler:
 
     def close(self, mark: ShardMark) -> Shard:
         self._embed_waiting(1)
-        embs, kept = [], []
+        embs: list[np.ndarray] = []
+        kept: list[np.ndarray] = []
         for local, row in enumerate(self.rows):
             if local not in self.thumbs or row.status == "failed":
                 continue
@@ -326,7 +317,8 @@ class _Workers:
     exits without waiting for a long job (a segmentation batch) to finish."""
 
     def __init__(self, n: int, fn: Callable[[Any], Any]) -> None:
-        self._fn, self._q, self._stop = fn, queue.SimpleQueue(), threading.Event()
+        self._fn, self._stop = fn, threading.Event()
+        self._q: queue.SimpleQueue[tuple[Future, Any] | None] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._work, name=f"gallery-worker-{i}", daemon=True) for i in range(n)]
         for t in self._threads:
             t.start()
@@ -496,27 +488,47 @@ def build_gallery(
     the main thread only feeds the model.
     """
     target.images_dir.mkdir(parents=True, exist_ok=True)
-    target.store_dir.mkdir(parents=True, exist_ok=True)
-    invalidate_store(target.store_dir)
-    shards = ShardStore(target.store_dir, run_params, fresh=fresh)
-    done = list(shards.completed())
-    next_row = done[-1].stop if done else 0
-    if done:
-        log.info("resuming: %d complete shard(s) found, continuing at row %d", len(done), next_row)
-        summary.notes.append(f"resumed at row {next_row} from {len(done)} complete shard(s)")
+    build = StoreBuild(target.store_dir, run_params, fresh=fresh)
+    done, next_row = _resume(build, summary)
     plan = Parallelism.choose(embedder, target, batch_size)
     assembler = ShardAssembler(embed_batch or embed_pixels(embedder), batch_size, embedder.dim)
-    writer = _ShardWriter(shards)
-    times = dict.fromkeys(("items", "write", "preprocess", "infer"), 0.0)
+    pipeline = ItemPipeline(make_items, partial(_write_image, target.images_dir), embedder.preprocess_cfg)
+    workers = _Workers(plan.workers, UnitWorker(pipeline, embedder, in_lane=plan.lanes > 1))
     bar = tqdm(
         total=total_rows, initial=next_row, unit="row", desc=f"embed -> {target.store_dir.name}", disable=not progress
     )
-    workers = _Workers(plan.workers, UnitWorker(make_items, embedder, target.images_dir, in_lane=plan.lanes > 1))
     t_start = time.perf_counter()
     reader = _Prefetch(records(next_row), size=4 * plan.unit_rows * plan.workers + batch_size)
     try:
         steps = _plan(iter(reader), len(done), next_row, shard_rows, plan.unit_rows)
-        for step in _in_order(steps, workers, plan.ahead):
+        times = _assemble(_in_order(steps, workers, plan.ahead), assembler, build.shards, done, target, bar)
+    finally:
+        bar.close()
+        reader.close()
+        workers.close(timeout=30)
+    summary.stages["embed stage (wall)"] = time.perf_counter() - t_start
+    _record_times(summary, plan, times, assembler.infer_seconds, item_stage_name)
+    with summary.stage("finalize store"):
+        # `done` holds every shard of this run, verified at resume or just written: no second read.
+        emb, all_rows = build.finalize(done, identity or embedder.identity, source, embedder.dim, THUMB_SIZE)
+        remove_stale_files(target, all_rows)
+    return emb, all_rows
+
+
+def _assemble(
+    steps: Iterator[Future | ShardMark],
+    assembler: ShardAssembler,
+    shards: ShardStore,
+    done: list[Shard],
+    target: GalleryTarget,
+    bar: tqdm,
+) -> dict[str, float]:
+    """The main thread's part: take the units back in order into the open shard, close and write
+    each shard at its mark (appended to `done`), and sum the workers' stage times."""
+    times = dict.fromkeys(("items", "write", "preprocess", "infer"), 0.0)
+    writer = _ShardWriter(shards)
+    try:
+        for step in steps:
             if isinstance(step, ShardMark):
                 shard = assembler.close(step)
                 writer.submit(shard)
@@ -529,26 +541,32 @@ def build_gallery(
             bar.update(res.records)
         writer.close()
     finally:
-        bar.close()
-        reader.close()
-        workers.close(timeout=30)
         writer.close(wait=False)
-    summary.stages["embed stage (wall)"] = time.perf_counter() - t_start
+    return times
+
+
+def _resume(build: StoreBuild, summary: RunSummary) -> tuple[list[Shard], int]:
+    """The shards an interrupted run completed, and the row to go on from."""
+    done = list(build.shards.completed())
+    next_row = done[-1].stop if done else 0
+    if done:
+        log.info("resuming: %d complete shard(s) found, continuing at row %d", len(done), next_row)
+        summary.notes.append(f"resumed at row {next_row} from {len(done)} complete shard(s)")
+    return done, next_row
+
+
+def _record_times(
+    summary: RunSummary, plan: Parallelism, times: dict[str, float], main_infer_s: float, item_stage_name: str
+) -> None:
     where = f"{plan.lanes} lanes" if plan.lanes > 1 else "worker"
     summary.stages[f"  {item_stage_name} ({where})"] = times["items"]
     summary.stages[f"  write files ({where})"] = times["write"]
     summary.stages[f"  preprocess+thumbnail ({where})"] = times["preprocess"]
-    summary.stages[f"  inference ({where if plan.lanes > 1 else 'main thread'})"] = (
-        times["infer"] + assembler.infer_seconds
-    )
-    with summary.stage("finalize store"):
-        # `done` holds every shard of this run, verified at resume or just written: no second read.
-        emb, all_rows = finalize_store(
-            target.store_dir, shards, done, identity or embedder.identity, source, embedder.dim, THUMB_SIZE
-        )
-        shards.remove()
-        remove_stale_files(target, all_rows)
-    return emb, all_rows
+    summary.stages[f"  inference ({where if plan.lanes > 1 else 'main thread'})"] = times["infer"] + main_infer_s
+
+
+def _write_image(images_dir: Path, name: str, data: bytes) -> None:
+    atomic_write_bytes(images_dir / name, data)
 
 
 def remove_stale_files(target: GalleryTarget, rows: list[ManifestRow]) -> None:

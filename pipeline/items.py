@@ -85,13 +85,13 @@ def make_standard_items(decode_min_side: int, device_decode: bool = False) -> It
         return [one(r) for r in records]
 
     def one(record: Record) -> list[GalleryItem]:
-        if device_decode and (jpeg := inspect_jpeg(record.data)) is not None:
+        if device_decode and record.data is not None and (jpeg := inspect_jpeg(record.data)) is not None:
             row = ManifestRow(index=-1, file=image_file_name(record.source_row, "jpg"), source_row=record.source_row,
                               source=record.source, sha256=sha256_bytes(record.data))
             row.width, row.height = jpeg.oriented_size
             return [GalleryItem(row, data=record.data, encoded=jpeg)]
         row, decoded = decode_record(record, decode_min_side)
-        if decoded is None:
+        if decoded is None or record.data is None:  # decode_record recorded why
             return [GalleryItem(row)]
         ext = sniff_format(record.data)
         # JPEG and PNG are kept byte for byte; anything else is encoded once, losslessly.
@@ -142,7 +142,7 @@ def crops_of_row(
             note=decoded.note,
             person=p,
             confidence=round(person.confidence, 6),
-            mask_area=person.area,
+            mask_area="" if person.area is None else person.area,
             box_x1=x1,
             box_y1=y1,
             box_x2=x2,

@@ -7,6 +7,9 @@ pool. Ray Data does not keep order, so every item carries its dataset row; the d
 into the local engine's shards (by row id: a shard is closed when all its rows are in) and writes
 them with the same ShardStore, so a killed run resumes from every shard already written and the
 final store equals the local engine's.
+
+Test seams (tests replace them; nothing else does): `plan_pieces` (the order pieces are handed over),
+`split_layout` (the GPU layout on CPUs), `Collector.add` (the order rows come back in).
 """
 
 from __future__ import annotations
@@ -20,25 +23,26 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import RunConfig
-from .dataset import Piece, plan_pieces, read_piece
-from .embedders import Embedder, EmbedderSpec, make_embedder
+from .dataset import DatasetSpec, Piece, plan_pieces, read_piece
+from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, on_cuda
 from .errors import PipelineError, UsageError
 from .fileio import atomic_write_bytes
 from .gallery import ShardAssembler, ShardMark, UnitResult
 from .identity import GallerySource, VectorIdentity
-from .items import make_segment_items, make_standard_items
-from .plots import THUMB_SIZE, make_thumbnail
-from .preprocess import model_crop, normalize_crop, resize_for_model
+from .items import ItemPipeline, make_segment_items, make_standard_items
+from .plots import THUMB_SIZE
+from .preprocess import PreprocessConfig, normalize_crop
 from .remote import is_url, url_writer
 from .report import RunSummary
-from .store import ManifestRow, Shard, ShardStore, finalize_store, invalidate_store, run_params
+from .store import ManifestRow, Shard, ShardStore, StoreBuild, run_params
+from .yolo import SegmentSpec
 
 log = logging.getLogger(__name__)
 
@@ -55,55 +59,69 @@ def import_ray():
     return ray
 
 
-_ours = threading.Event()  # set while this process holds a Ray it started (or joined) itself
-_stopping: list[threading.Thread] = []
+SHUTDOWN_THREAD = "ray shutdown"
 
 
-def init_ray(cfg: RunConfig):
-    """Join the cluster at --ray-address (or RAY_ADDRESS), or start a local Ray instance with
-    --threads CPUs (all cores by default); a Ray already initialized in this process is used as it is."""
-    ray = import_ray()
-    for thread in _stopping:  # an earlier run's Ray, still stopping
-        thread.join()
-    _stopping.clear()
-    if not ray.is_initialized():
-        env = {
-            "env_vars": {
-                "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+@dataclass(frozen=True)
+class RayBuild:
+    """What a Ray gallery build needs (galleries.py makes it from the run's configuration).
+
+    images: the folder every node writes the images to, or a URL (--output-dir s3://...).
+    segment: the segmenter's settings for a segmented gallery; None for whole images.
+    address: a Ray cluster to join (None: $RAY_ADDRESS, else a local Ray with `cpus` CPUs, 0: all).
+    """
+
+    dataset: DatasetSpec
+    embedder: EmbedderSpec
+    segment: SegmentSpec | None
+    images: str
+    store_dir: Path
+    batch_size: int
+    shard_rows: int
+    fresh: bool = False
+    progress: bool = True
+    address: str | None = None
+    cpus: int = 0
+
+
+class RaySession:
+    """The Ray a build runs on: one this process started or joined (`ours`: stopped again by
+    `release`, in a thread named SHUTDOWN_THREAD, so that it overlaps the driver's later stages), or
+    one the caller had initialized (left running). A new session waits for an earlier one's stop."""
+
+    def __init__(self, address: str | None, cpus: int) -> None:
+        ray = import_ray()
+        for thread in threading.enumerate():  # an earlier run's Ray, still stopping
+            if thread.name == SHUTDOWN_THREAD:
+                thread.join()
+        self.ray, self.ours = ray, not ray.is_initialized()
+        if self.ours:
+            env = {
+                "env_vars": {
+                    "PYTHONPATH": os.pathsep.join(
+                        p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
+                    )
+                }
             }
-        }
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-        quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
-        if address:
-            ray.init(address=address, runtime_env=env, **quiet)
-        else:
-            from .embedders import available_cores
+            address = address or os.environ.get("RAY_ADDRESS")
+            quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+            if address:
+                ray.init(address=address, runtime_env=env, **quiet)
+            else:
+                ray.init(num_cpus=cpus or available_cores(), include_dashboard=False, runtime_env=env, **quiet)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # one bar: the run's own, which counts rows
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
-            ray.init(
-                num_cpus=cfg.embedder.threads or available_cores(), include_dashboard=False, runtime_env=env, **quiet
-            )
-        _ours.set()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # one bar: the run's own, which counts rows
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours shows
-    return ray
-
-
-def release_ray() -> None:
-    """Stop the Ray that init_ray started (or disconnect from the cluster it joined), in a thread:
-    a local instance takes 1-2 s to stop, which then overlaps the driver's own stages after the
-    build instead of adding to the run. A Ray the caller initialized is left running. The
-    interpreter waits for the thread before it exits; the next init_ray waits for it too."""
-    if not _ours.is_set():
-        return
-    _ours.clear()
-    import ray
-
-    gc.collect()  # no object references of the build left to be freed while Ray stops
-    thread = threading.Thread(target=ray.shutdown, name="ray shutdown")
-    thread.start()
-    _stopping.append(thread)
+    def release(self) -> None:
+        """Stop the Ray this session started (or leave the cluster it joined); a local instance
+        takes 1-2 s to stop. The interpreter waits for the thread before it exits."""
+        if not self.ours:
+            return
+        self.ours = False
+        gc.collect()  # no object references of the build left to be freed while Ray stops
+        threading.Thread(target=self.ray.shutdown, name=SHUTDOWN_THREAD).start()
 
 
 def check_shared_folder(ray, folder: Path) -> None:
@@ -144,29 +162,30 @@ def check_shared_folder(ray, folder: Path) -> None:
 
 @dataclass(frozen=True)
 class _Plan:
-    """What every task needs, picklable: the dataset and the output layout."""
+    """What every task needs, picklable: the build and the model's device and preprocessing."""
 
-    cfg_dataset: Any
-    images_dir: str  # a folder every node sees, or a URL (--output-dir s3://...)
-    segmented: bool
-    segment: Any
-    embedder: dict  # EmbedderSpec fields
+    build: RayBuild
     device: str
-    prep: Any  # the model's PreprocessConfig
+    prep: PreprocessConfig
 
 
 class _ItemMaker:
-    """Ray task body (an actor for segmentation, whose model loads once): a piece's records become
-    their items, files written, pixels preprocessed; one output row per item."""
+    """Ray task body (an actor for segmentation, whose model loads once): a piece's records go
+    through the item pipeline (items.ItemPipeline, as in the local engine); one output row per item,
+    its pixels still the uint8 crop (a quarter of the bytes through the object store)."""
 
     def __init__(self, plan: _Plan) -> None:
         self.plan, self.prep = plan, plan.prep
-        if plan.segmented:
+        segment = plan.build.segment
+        if segment is not None:
             from .yolo import make_segmenter
 
-            self.make = make_segment_items(make_segmenter(plan.segment, device=plan.device), plan.segment)
+            make = make_segment_items(make_segmenter(segment, device=plan.device), segment)
         else:
-            self.make = make_standard_items(plan.prep.decode_min_side)
+            make = make_standard_items(plan.prep.decode_min_side)
+        images = plan.build.images
+        write = url_writer(images) if is_url(images) else partial(_write_image, images)
+        self.pipeline = ItemPipeline(make, write, plan.prep, crop_only=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pieces = [Piece(**json.loads(p)) for p in batch["piece"]]
@@ -178,41 +197,34 @@ class _ItemMaker:
             "thumb": [],
             "has_pixels": [],
         }
-        prep, images = self.prep, self.plan.images_dir
-        write = (
-            url_writer(images) if is_url(images) else lambda name, data: atomic_write_bytes(Path(images, name), data)
-        )
+        prep = self.prep
+        blank_pixels = np.zeros((prep.crop_height, prep.crop_width, 3), np.uint8)
+        blank_thumb = np.zeros((THUMB_SIZE, THUMB_SIZE, 3), np.uint8)
         for piece in pieces:
-            records = list(read_piece(self.plan.cfg_dataset, piece))
+            records = list(read_piece(self.plan.build.dataset, piece))
             for k in range(0, len(records), 8):
                 group = records[k : k + 8]
-                for rec, items in zip(group, self.make(group)):
+                for rec, items in zip(group, self.pipeline(group).items):
                     for item in items:
-                        if item.data is not None:
-                            write(item.row.file, item.data)
-                        embed = item.to_embed
-                        if embed:  # uint8 through the object store; the embedder normalizes
-                            resized = resize_for_model(item.image, prep)
-                            pixels, thumb = model_crop(resized, prep), make_thumbnail(resized)
-                        else:
-                            pixels = np.zeros((prep.crop_height, prep.crop_width, 3), np.uint8)
-                            thumb = np.zeros((THUMB_SIZE, THUMB_SIZE, 3), np.uint8)
+                        embed = item.pixels is not None
                         out["row"].append(json.dumps(asdict(item.row)))
                         out["source_row"].append(rec.source_row)
                         out["items_in_row"].append(len(items))
-                        out["pixels"].append(pixels)
-                        out["thumb"].append(thumb)
+                        out["pixels"].append(item.pixels if embed else blank_pixels)
+                        out["thumb"].append(item.thumb if embed else blank_thumb)
                         out["has_pixels"].append(embed)
         return {
             "row": np.array(out["row"], dtype=object),
             "source_row": np.array(out["source_row"], dtype=np.int64),
             "items_in_row": np.array(out["items_in_row"], dtype=np.int64),
-            "pixels": np.stack(out["pixels"])
-            if out["pixels"]
-            else np.zeros((0, prep.crop_height, prep.crop_width, 3), np.uint8),
-            "thumb": np.stack(out["thumb"]) if out["thumb"] else np.zeros((0, THUMB_SIZE, THUMB_SIZE, 3), np.uint8),
+            "pixels": np.stack(out["pixels"]) if out["pixels"] else blank_pixels[None][:0],
+            "thumb": np.stack(out["thumb"]) if out["thumb"] else blank_thumb[None][:0],
             "has_pixels": np.array(out["has_pixels"], dtype=bool),
         }
+
+
+def _write_image(folder: str, name: str, data: bytes) -> None:
+    atomic_write_bytes(Path(folder, name), data)
 
 
 def _make_items(batch: dict[str, np.ndarray], plan: _Plan) -> dict[str, np.ndarray]:
@@ -221,20 +233,16 @@ def _make_items(batch: dict[str, np.ndarray], plan: _Plan) -> dict[str, np.ndarr
 
 
 class _EmbedActor:
-    """Ray actor: one embedder (single-threaded on the CPU), vectors for the items that have pixels.
-    jitter_s: sleep up to this long before each batch (tests: batches come back out of order)."""
+    """Ray actor: one embedder (single-threaded on the CPU), vectors for the items that have pixels."""
 
-    def __init__(self, plan: _Plan, jitter_s: float = 0.0, batch_size: int = 32) -> None:
-        spec = make_embedder_spec(plan)
+    def __init__(self, plan: _Plan) -> None:
+        spec = plan.build.embedder
         if spec.device != "cuda":
-            spec = EmbedderSpec(**{**asdict(spec), "threads": 1})
+            spec = replace(spec, threads=1)
         self.embedder: Embedder = make_embedder(spec)
-        self.prep, self.jitter, self.batch_size = plan.prep, jitter_s, batch_size
-        self.rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+        self.prep, self.batch_size = plan.prep, plan.build.batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.jitter:
-            time.sleep(float(self.rng.uniform(0, self.jitter)))
         n = len(batch["row"])
         vectors = np.zeros((n, self.embedder.dim), np.float32)
         has = batch["has_pixels"]
@@ -256,22 +264,24 @@ class _EmbedActor:
 class _ItemsAndVectors:
     """Ray actor for CPU builds: a piece's items made and embedded in one process."""
 
-    def __init__(self, plan: _Plan, jitter_s: float = 0.0, batch_size: int = 32) -> None:
-        self.items, self.vectors = _ItemMaker(plan), _EmbedActor(plan, jitter_s, batch_size)
+    def __init__(self, plan: _Plan) -> None:
+        self.items, self.vectors = _ItemMaker(plan), _EmbedActor(plan)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.vectors(self.items(batch))
 
 
-def make_embedder_spec(plan: _Plan) -> EmbedderSpec:
-    return EmbedderSpec(**plan.embedder)
+def split_layout(gpus: int) -> bool:
+    """Whether item tasks feed a separate embedding actor pool (the GPU layout) rather than one actor
+    a core making and embedding its own items. The tests replace this to run the GPU layout on CPUs."""
+    return gpus > 0
 
 
 def _no_embedding(inputs: list) -> Any:
     raise AssertionError("the Ray engine's items arrive embedded")
 
 
-class _Collector:
+class Collector:
     """The driver's side: items arrive in any order; a shard is closed (rows in order, numbered by the
     same ShardAssembler as the local loop) once every row of its range is in, and written at once."""
 
@@ -325,135 +335,129 @@ class _Collector:
 
 
 def build_gallery_ray(
-    cfg: RunConfig,
+    build: RayBuild,
     summary: RunSummary,
     load_embedder: Callable[[], Embedder],
     source: GallerySource,
 ) -> tuple[np.ndarray, list[ManifestRow], Embedder]:
-    """Build (or resume) the run's gallery store on Ray Data; the same store as gallery.build_gallery.
-    The driver's model (for the store's identity, and the run's later stages) loads while Ray starts.
-
-    FASHION_RAY_EMBED_JITTER (seconds, tests only) makes each embedding batch wait up to that long,
-    so that batches come back out of order. FASHION_RAY_SPLIT_STAGES=1 (tests) lays a CPU run out as
-    a GPU run is: item tasks feeding a separate embedding actor pool.
-    """
+    """Build (or resume) a gallery store on Ray Data; the same store as gallery.build_gallery.
+    The driver's model (for the store's identity, and the run's later stages) loads while Ray starts."""
     with summary.stage("ray start + load model"), ThreadPoolExecutor(1, thread_name_prefix="model") as pool:
         loading = pool.submit(load_embedder)
-        ray = init_ray(cfg)
-        if not cfg.output_url:  # a URL output: the workers write the images there, the driver the rest
-            check_shared_folder(ray, cfg.output_dir)
+        session = RaySession(build.address, build.cpus)
+        if not is_url(build.images):  # a URL output: the workers write the images there, the driver the rest
+            check_shared_folder(session.ray, build.store_dir.parent)
         embedder = loading.result()
     # A failed run leaves Ray to its exit handler, as the run's objects are released before it.
-    emb, rows = _build(ray, cfg, summary, embedder, embedder.identity.asks(pixels="pil"), source)
+    emb, rows = _build(session, build, summary, embedder, embedder.identity.asks(pixels="pil"), source)
     return emb, rows, embedder
 
 
 def _build(
-    ray, cfg: RunConfig, summary: RunSummary, embedder: Embedder, identity: VectorIdentity, source: GallerySource
+    session: RaySession,
+    build: RayBuild,
+    summary: RunSummary,
+    embedder: Embedder,
+    identity: VectorIdentity,
+    source: GallerySource,
 ) -> tuple[np.ndarray, list[ManifestRow]]:
-    jitter_s = float(os.environ.get("FASHION_RAY_EMBED_JITTER", "0") or 0)
-    split_stages = os.environ.get("FASHION_RAY_SPLIT_STAGES") == "1"
-    if not cfg.output_url:
-        cfg.images_dir.mkdir(parents=True, exist_ok=True)
-    cfg.store_dir.mkdir(parents=True, exist_ok=True)
-    invalidate_store(cfg.store_dir)
-    shards = ShardStore(cfg.store_dir, run_params(source, identity, cfg.batch_size, cfg.shard_rows), fresh=cfg.fresh)
+    ray = session.ray
+    if not is_url(build.images):
+        Path(build.images).mkdir(parents=True, exist_ok=True)
+    store = StoreBuild(build.store_dir, run_params(source, identity, build.batch_size, build.shard_rows), build.fresh)
+    shards = store.shards
     done = shards.all_complete()
-    pieces = plan_pieces(cfg.dataset)
+    pieces = plan_pieces(build.dataset)
     total = sum(p.rows for p in pieces)
-    ranges = {n: (n * cfg.shard_rows, min(total, (n + 1) * cfg.shard_rows)) for n in range(-(-total // cfg.shard_rows))}
+    size = build.shard_rows
+    ranges = {n: (n * size, min(total, (n + 1) * size)) for n in range(-(-total // size))}
     todo = {n: r for n, r in ranges.items() if n not in done}
     if done:
         summary.notes.append(f"resumed: {len(done)} of {len(ranges)} shard(s) already complete")
     # Pieces that touch a shard still to do (a piece crossing into a done shard is cut: rows by id).
-    wanted = [p for p in _split_at_shards(pieces, cfg.shard_rows) if p.first_row // cfg.shard_rows in todo]
-    plan = _Plan(
-        cfg.dataset,
-        cfg.images_url or str(cfg.images_dir),
-        cfg.segmented,
-        cfg.segment,
-        asdict(cfg.embedder),
-        getattr(embedder, "device", "cpu"),
-        embedder.preprocess_cfg,
-    )
+    wanted = [p for p in split_at_shards(pieces, build.shard_rows) if p.first_row // build.shard_rows in todo]
+    plan = _Plan(build, "cuda" if on_cuda(embedder) else "cpu", embedder.preprocess_cfg)
     cores = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0)) if plan.device == "cuda" else 0
-    wanted = _smaller_at_the_end(wanted, workers=cores)
-    collector = _Collector(shards, todo, cfg.batch_size, embedder.dim)
-    split = bool(gpus) or split_stages
+    wanted = smaller_at_the_end(wanted, workers=cores)
+    collector = Collector(shards, todo, build.batch_size, embedder.dim)
     t0 = time.perf_counter()
     if wanted:
-        ds = ray.data.from_items([{"piece": json.dumps(asdict(p))} for p in wanted], override_num_blocks=len(wanted))
-        if cfg.segmented:  # the segmenter loads once per actor
-            ds = ds.map_batches(
-                _ItemMaker,
-                fn_constructor_args=(plan,),
-                compute=ray.data.ActorPoolStrategy(size=max(1, cores // 2)),
-                batch_size=1,
-                num_cpus=0.5,
-            )
-            embed_args = {"num_gpus": 1} if gpus else {"num_cpus": 0.5}
-        elif split:  # items in CPU tasks feed the GPU actors
-            ds = ds.map_batches(_make_items, fn_kwargs={"plan": plan}, batch_size=1, num_cpus=1)
-            embed_args = {"num_gpus": 1} if gpus else {"num_cpus": 0.5}
-        else:
-            # Embedding on the CPU: one actor a core makes a piece's items and embeds them, as a
-            # lane of the local engine does; the pixels never cross processes. Measured on 2 cores,
-            # 2,000 images: Ray's overhead against local was +40% with item actors feeding
-            # embedding actors, +35% with Ray Data fusing item tasks into them, and the README's
-            # figure this way.
-            ds = ds.map_batches(
-                _ItemsAndVectors,
-                fn_constructor_args=(plan, jitter_s, cfg.batch_size),
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=max(1, cores)),
-                num_cpus=1,
-            )
-        if cfg.segmented or split:
-            ds = ds.map_batches(
-                _EmbedActor,
-                fn_constructor_args=(plan, jitter_s, cfg.batch_size),
-                batch_size=cfg.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=max(1, gpus or cores)),
-                **embed_args,
-            )
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=total,
-            initial=sum(r[1] - r[0] for n, r in ranges.items() if n in done),
-            unit="row",
-            desc=f"ray -> {cfg.store_dir.name}",
-            disable=not cfg.progress,
-        )
-        first = None
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                first = first or time.perf_counter() - t0
-                bar.update(collector.add(batch, cfg.shard_rows))
-        finally:
-            bar.close()
-        summary.notes.append(f"ray: first rows back {first or 0:.1f} s after the start")
-        log.debug("Ray Data stats:\n%s", ds.stats())
-        batch = ds = None
+        initial = sum(r[1] - r[0] for n, r in ranges.items() if n in done)
+        _gather(_layout(ray, wanted, plan, cores, gpus), collector, build, (total, initial), summary)
     missing = [n for n in todo if n not in collector.done]
     if missing:
         raise PipelineError(
             f"the Ray run ended without rows of shard(s) {missing[:5]}: rerun the same command to resume"
         )
-    release_ray()  # the rest is the driver's, and no views of Ray's object store are left
+    session.release()  # the rest is the driver's, and no views of Ray's object store are left
     summary.stages["embed stage (wall, ray)"] = time.perf_counter() - t0
     summary.notes.append(
         f"engine: Ray Data on {cores} CPU(s){f' and {gpus} GPU(s)' if gpus else ''}, {len(wanted)} piece(s)"
     )
     all_shards = [(done | collector.done)[n] for n in sorted(ranges)]
     with summary.stage("finalize store"):
-        emb, rows = finalize_store(cfg.store_dir, shards, all_shards, identity, source, embedder.dim, THUMB_SIZE)
-        shards.remove()
+        emb, rows = store.finalize(all_shards, identity, source, embedder.dim, THUMB_SIZE)
     return emb, rows
 
 
-def _split_at_shards(pieces: list[Piece], shard_rows: int) -> list[Piece]:
+def _layout(ray, wanted: list[Piece], plan: _Plan, cores: int, gpus: int):
+    """The Ray Data pipeline over the pieces: items made (and embedded) in actors or tasks."""
+    ds = ray.data.from_items([{"piece": json.dumps(asdict(p))} for p in wanted], override_num_blocks=len(wanted))
+    segmented, split = plan.build.segment is not None, split_layout(gpus)
+    embed_args = {"num_gpus": 1} if gpus else {"num_cpus": 0.5}
+    if segmented:  # the segmenter loads once per actor
+        ds = ds.map_batches(
+            _ItemMaker,
+            fn_constructor_args=(plan,),
+            compute=ray.data.ActorPoolStrategy(size=max(1, cores // 2)),
+            batch_size=1,
+            num_cpus=0.5,
+        )
+    elif split:  # items in CPU tasks feed the GPU actors
+        ds = ds.map_batches(_make_items, fn_kwargs={"plan": plan}, batch_size=1, num_cpus=1)
+    else:
+        # Embedding on the CPU: one actor a core makes a piece's items and embeds them, as a
+        # lane of the local engine does; the pixels never cross processes. Measured on 2 cores,
+        # 2,000 images: Ray's overhead against local was +40% with item actors feeding
+        # embedding actors, +35% with Ray Data fusing item tasks into them, and the README's
+        # figure this way.
+        return ds.map_batches(
+            _ItemsAndVectors,
+            fn_constructor_args=(plan,),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=max(1, cores)),
+            num_cpus=1,
+        )
+    return ds.map_batches(
+        _EmbedActor,
+        fn_constructor_args=(plan,),
+        batch_size=plan.build.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=max(1, gpus or cores)),
+        **embed_args,
+    )
+
+
+def _gather(ds, collector: Collector, build: RayBuild, rows: tuple[int, int], summary: RunSummary) -> None:
+    """Take the batches as they come back into the collector (rows: the total, and those already done)."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=rows[0], initial=rows[1], unit="row", desc=f"ray -> {build.store_dir.name}", disable=not build.progress
+    )
+    first = None
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            first = first or time.perf_counter() - t0
+            bar.update(collector.add(batch, build.shard_rows))
+    finally:
+        bar.close()
+    summary.notes.append(f"ray: first rows back {first or 0:.1f} s after the start")
+    log.debug("Ray Data stats:\n%s", ds.stats())
+
+
+def split_at_shards(pieces: list[Piece], shard_rows: int) -> list[Piece]:
     """Cut pieces where shards start, so every piece belongs to one shard."""
     out = []
     for p in pieces:
@@ -465,7 +469,7 @@ def _split_at_shards(pieces: list[Piece], shard_rows: int) -> list[Piece]:
     return out
 
 
-def _smaller_at_the_end(pieces: list[Piece], workers: int, min_rows: int = 8) -> list[Piece]:
+def smaller_at_the_end(pieces: list[Piece], workers: int, min_rows: int = 8) -> list[Piece]:
     """Cut the last pieces smaller, so that the workers run out of work together (guided
     self-scheduling): walking back from the end, a piece holds at most a (2 * workers - 1)th of the
     rows after it, and at least min_rows. On 2 cores, 2,000 rows in row groups of 50, one actor

@@ -13,6 +13,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from .config import RunConfig
@@ -131,7 +132,7 @@ def write_retrieval_outputs(cfg: RunConfig, searcher: Searcher, summary: RunSumm
         table = cfg.results_dir / "neighbours.csv"
         write_neighbours_csv(table, iter_neighbour_rows(nb, ids, files, ids, files))
     summary.outputs["neighbour table"] = str(table)
-    summary.notes.append("neighbours: " + searcher.describe())
+    summary.notes.append("neighbours: " + (searcher.describe() if searcher.approximate else "exact"))
     if matrix:
         summary.outputs["distance matrix"] = f"{matrix} (rows = manifest embedding_row)"
     else:
@@ -236,7 +237,7 @@ def run_export(cfg: RunConfig, sample_rows: int = 96) -> RunSummary:
 def calibration_sample(cfg: RunConfig, rows: int) -> tuple[list, str]:
     """The first `rows` decodable images of the run's dataset, and why none could be read ("" if
     the dataset opened). Only the rows needed are fetched (see dataset.iter_records)."""
-    sample = []
+    sample: list[Image.Image] = []
     try:
         for rec in iter_records(cfg.dataset):
             if len(sample) >= rows:

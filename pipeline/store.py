@@ -250,7 +250,14 @@ def load_cache(
         raise CacheMismatchError(
             f"cache in {root} was made differently from what is asked:\n  " + "\n  ".join(problems)
         )
+    emb, rows = _read_verified(root, sidecar)
+    if check_images:
+        _check_images(root, rows, images_dir, images_at)
+    return GalleryCache(root=root, images_dir=images_dir, embeddings=emb, rows=rows, sidecar=sidecar)
 
+
+def _read_verified(root: Path, sidecar: Sidecar) -> tuple[np.ndarray, list[ManifestRow]]:
+    """A store's embeddings and manifest, each checked against the sidecar's hashes and counts."""
     emb_path, man_path = root / EMBEDDINGS_FILE, root / MANIFEST_FILE
     for p in (emb_path, man_path, root / THUMBNAILS_FILE):
         if not p.is_file():
@@ -283,28 +290,33 @@ def load_cache(
     emb_rows = sorted(r.embedding_row for r in rows if r.embedding_row >= 0)
     if emb_rows != list(range(sidecar.count)):
         raise CacheMismatchError(f"{man_path}: embedding_row values do not cover 0..{sidecar.count - 1} exactly once")
-    if check_images:
-        missing, changed = [], []
-        for r in rows:
-            if r.embedding_row < 0 or not r.file:
-                continue
-            p = images_dir / r.file
-            if images_at is not None:
-                if r.file not in images_at[1]:
-                    missing.append(r.file)
-            elif not p.is_file():
+    return emb, rows
+
+
+def _check_images(
+    root: Path, rows: list[ManifestRow], images_dir: Path, images_at: tuple[str, set[str]] | None
+) -> None:
+    """Every embedded row's image is there (and, on a local disk, has the recorded sha256)."""
+    missing, changed = [], []
+    for r in rows:
+        if r.embedding_row < 0 or not r.file:
+            continue
+        p = images_dir / r.file
+        if images_at is not None:
+            if r.file not in images_at[1]:
                 missing.append(r.file)
-            elif sha256_file(p) != r.sha256:
-                changed.append(r.file)
-        if missing or changed:
-            parts = []
-            if missing:
-                where = images_at[0] if images_at is not None else images_dir
-                parts.append(f"{len(missing)} image(s) missing from {where} (e.g. {', '.join(missing[:3])})")
-            if changed:
-                parts.append(f"{len(changed)} image(s) changed since embedding (e.g. {', '.join(changed[:3])})")
-            raise CacheMismatchError(f"cache in {root} no longer matches its images: " + "; ".join(parts))
-    return GalleryCache(root=root, images_dir=images_dir, embeddings=emb, rows=rows, sidecar=sidecar)
+        elif not p.is_file():
+            missing.append(r.file)
+        elif sha256_file(p) != r.sha256:
+            changed.append(r.file)
+    if missing or changed:
+        parts = []
+        if missing:
+            where = images_at[0] if images_at is not None else images_dir
+            parts.append(f"{len(missing)} image(s) missing from {where} (e.g. {', '.join(missing[:3])})")
+        if changed:
+            parts.append(f"{len(changed)} image(s) changed since embedding (e.g. {', '.join(changed[:3])})")
+        raise CacheMismatchError(f"cache in {root} no longer matches its images: " + "; ".join(parts))
 
 
 class ThumbnailReader:
@@ -446,6 +458,26 @@ class ShardStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class StoreBuild:
+    """One build of a store folder, whichever engine runs it: the folder made and its old store
+    invalidated (a half-replaced store is never read as whole), the unfinished run's shards found
+    (ShardStore: a resume with other parameters is refused), and at the end every shard joined into
+    the store and the shards removed."""
+
+    def __init__(self, store_dir: Path, params: dict[str, Any], fresh: bool) -> None:
+        store_dir.mkdir(parents=True, exist_ok=True)
+        invalidate_store(store_dir)
+        self.store_dir = store_dir
+        self.shards = ShardStore(store_dir, params, fresh=fresh)
+
+    def finalize(
+        self, shards: list[Shard], identity: VectorIdentity, source: GallerySource, dim: int, thumbnail_size: int
+    ) -> tuple[np.ndarray, list[ManifestRow]]:
+        emb, rows = finalize_store(self.store_dir, self.shards, shards, identity, source, dim, thumbnail_size)
+        self.shards.remove()
+        return emb, rows
 
 
 def finalize_store(

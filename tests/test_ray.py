@@ -8,7 +8,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,11 +17,12 @@ import numpy as np
 import pytest
 
 import main as cli
-from pipeline import gallery, ray_engine
+from pipeline import ray_engine
 from pipeline.dataset import Piece
 from pipeline.store import read_manifest
 from tests import assets
 from tests.conftest import mixed_cells
+from tests.helpers import free_port, stop_after_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 ray = pytest.importorskip("ray")
@@ -108,19 +108,18 @@ def test_ray_builds_the_local_store_with_rows_out_of_order(
 ):
     # lanes: CPU actors make and embed items; split: item tasks feed an embedding actor pool (the GPU layout)
     arrived = []
-    real = ray_engine._Collector.add
+    real = ray_engine.Collector.add
 
     def add(self, batch, shard_rows):
         arrived.extend(int(r) for r in batch["source_row"])
         return real(self, batch, shard_rows)
 
-    monkeypatch.setattr(ray_engine._Collector, "add", add)
+    monkeypatch.setattr(ray_engine.Collector, "add", add)
     # pieces handed to Ray last first, so rows arrive out of order however the actors are scheduled
-    # (one actor started late takes its pieces in the order given); random sleeps shuffle them more
+    # (one actor started late takes its pieces in the order given)
     plan = ray_engine.plan_pieces
     monkeypatch.setattr(ray_engine, "plan_pieces", lambda spec: plan(spec)[::-1])
-    monkeypatch.setenv("FASHION_RAY_EMBED_JITTER", "0.3")
-    monkeypatch.setenv("FASHION_RAY_SPLIT_STAGES", "1" if layout == "split" else "0")
+    monkeypatch.setattr(ray_engine, "split_layout", lambda gpus: layout == "split")
     out = tmp_path / "ray"
     assert cli.main(_args(ragged, tiny_onnx, out, "--engine", "ray")) == 3
     assert ray.is_initialized()  # a Ray the caller started is left to it
@@ -136,16 +135,7 @@ def test_a_killed_ray_run_resumes_each_row_once(
     ray_instance, ragged, tiny_onnx, local_run, tmp_path, monkeypatch, capsys
 ):
     out = tmp_path / "ray"
-    real = gallery.ShardStore.write
-    written = []
-
-    def write_twice_then_stop(self, shard):
-        real(self, shard)
-        written.append(shard.number)
-        if len(written) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(gallery.ShardStore, "write", write_twice_then_stop)
+    stop_after_shards(monkeypatch, 2)
     assert cli.main(_args(ragged, tiny_onnx, out, "--engine", "ray")) == 130
     monkeypatch.undo()
     capsys.readouterr()
@@ -191,8 +181,8 @@ def test_ray_segmented_build_equals_local(ray_instance, tiny_onnx, tmp_path):
 @pytest.mark.parametrize("workers", [1, 2, 16])
 def test_the_last_pieces_are_cut_smaller_so_the_workers_finish_together(workers):
     groups = [Piece("parquet", "/d/train.parquet", 50 * g, 50, group=g) for g in range(40)]
-    pieces = ray_engine._split_at_shards(groups, 512)
-    cut = ray_engine._smaller_at_the_end(pieces, workers)
+    pieces = ray_engine.split_at_shards(groups, 512)
+    cut = ray_engine.smaller_at_the_end(pieces, workers)
     assert [r for p in cut for r in range(p.first_row, p.first_row + p.rows)] == list(range(2000))
     assert len(cut) > len(pieces) and cut[-1].rows == 8
     tail = 0
@@ -204,13 +194,7 @@ def test_the_last_pieces_are_cut_smaller_so_the_workers_finish_together(workers)
             assert 8 <= p.rows < max(8, tail // (2 * workers - 1)) + 8
         tail += p.rows
     hub = [Piece("parquet", "hf://datasets/a/b/train.parquet", 50 * g, 50, group=g) for g in range(4)]
-    assert ray_engine._smaller_at_the_end(hub, 2) == hub  # every cut would fetch its row group again
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert ray_engine.smaller_at_the_end(hub, 2) == hub  # every cut would fetch its row group again
 
 
 @pytest.mark.subprocess
@@ -218,7 +202,7 @@ def test_ray_address_joins_a_cluster_started_on_loopback(ragged, tiny_onnx, loca
     """`ray start --head` on 127.0.0.1 (its own temp dir), a run that joins it, then the head's
     processes (and only them) stopped."""
     temp = Path(f"/tmp/rt{secrets.token_hex(3)}")  # short: Ray's socket paths have a length limit
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     start = [
         sys.executable,
