@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import EVAL_BACKENDS, config_from_flags, flag_default
 from pipeline.errors import PipelineError, UsageError
@@ -53,25 +54,21 @@ YOLO_BACKEND_HELP = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="main.py",
-        description="Fashion visual search: embed a catalogue, find look-alikes, match people in videos.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def _add(group: Any, *names: str, **kw: Any) -> None:
+    """An option whose default is its config field's (pipeline.config.FLAGS)."""
+    dest = kw.get("dest") or names[0].lstrip("-").replace("-", "_")
+    if kw.get("action") != "store_true":
+        kw.setdefault("default", flag_default(dest))
+    group.add_argument(*names, **kw)
 
-    def add(group, *names: str, **kw) -> None:
-        """An option whose default is its config field's (pipeline.config.FLAGS)."""
-        dest = kw.get("dest") or names[0].lstrip("-").replace("-", "_")
-        if kw.get("action") != "store_true":
-            kw.setdefault("default", flag_default(dest))
-        group.add_argument(*names, **kw)
 
+def _add_mode_flags(p: argparse.ArgumentParser) -> None:
+    """The reference modes, search and evaluation."""
     modes = p.add_argument_group("modes (reference flags)")
-    add(modes, "--use-embeddings", action="store_true", help="reuse embeddings/ and images/ from an earlier run")
-    add(modes, "--use-segmentation", action="store_true", help="one white-background crop per detected person")
-    add(modes, "--use-embedded-segment", action="store_true", help="reuse images_segment/ and embeddings_segment/")
-    add(
+    _add(modes, "--use-embeddings", action="store_true", help="reuse embeddings/ and images/ from an earlier run")
+    _add(modes, "--use-segmentation", action="store_true", help="one white-background crop per detected person")
+    _add(modes, "--use-embedded-segment", action="store_true", help="reuse images_segment/ and embeddings_segment/")
+    _add(
         modes,
         "--export-onnx",
         action="store_true",
@@ -79,114 +76,125 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     search = p.add_argument_group("search and evaluation")
-    add(
+    _add(
         search,
         "--query-image",
         nargs="+",
         metavar="PATH",
         help="image files or folders to search the cached gallery with",
     )
-    add(search, "--query-text", nargs="+", metavar="TEXT", help='texts to search with, e.g. "red floral midi dress"')
-    add(search, "--serve", action="store_true", help="a local search page over the cached gallery, and the report")
-    add(search, "--port", type=_positive_int, help="with --serve")
-    add(search, "--host", help="with --serve (127.0.0.1: this machine only)")
-    add(
+    _add(search, "--query-text", nargs="+", metavar="TEXT", help='texts to search with, e.g. "red floral midi dress"')
+    _add(search, "--serve", action="store_true", help="a local search page over the cached gallery, and the report")
+    _add(search, "--port", type=_positive_int, help="with --serve")
+    _add(search, "--host", help="with --serve (127.0.0.1: this machine only)")
+    _add(
         search,
         "--evaluate",
         action="store_true",
         help="measure Recall@1/5/10 and MRR against ground truth in --dataset",
     )
-    add(search, "--eval-backends", help=f"comma list of {','.join(EVAL_BACKENDS)} (default: the backend in use)")
-    add(search, "--eval-id-column", help="same-product evaluation: column naming the product (e.g. item_ID)")
-    add(search, "--eval-cloth-column", help="person->garment evaluation: column with the garment image")
+    _add(search, "--eval-backends", help=f"comma list of {','.join(EVAL_BACKENDS)} (default: the backend in use)")
+    _add(search, "--eval-id-column", help="same-product evaluation: column naming the product (e.g. item_ID)")
+    _add(search, "--eval-cloth-column", help="person->garment evaluation: column with the garment image")
 
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """What is read and what embeds it."""
     data = p.add_argument_group("dataset")
-    add(data, "--dataset", help="hub id, local dataset folder/parquet file, or folder of images")
-    add(data, "--split")
-    add(data, "--limit", type=_non_negative_int, help="first N rows; 0 = all")
-    add(data, "--image-column")
+    _add(data, "--dataset", help="hub id, local dataset folder/parquet file, or folder of images")
+    _add(data, "--split")
+    _add(data, "--limit", type=_non_negative_int, help="first N rows; 0 = all")
+    _add(data, "--image-column")
 
     model = p.add_argument_group("model")
-    add(model, "--model", help="hub id or local folder of a CLIP model")
-    add(model, "--onnx", help="ONNX image encoder file")
-    add(
+    _add(model, "--model", help="hub id or local folder of a CLIP model")
+    _add(model, "--onnx", help="ONNX image encoder file")
+    _add(
         model,
         "--backend",
         choices=["auto", "onnx", "torch"],
         help="auto: the ONNX file if it exists, else transformers",
     )
-    add(model, "--device", choices=["auto", "cpu", "cuda"])
-    add(
+    _add(model, "--device", choices=["auto", "cpu", "cuda"])
+    _add(
         model,
         "--precision",
         choices=["auto", "fp32", "fp16", "int8"],
         help="torch backend: auto = fp32 on CPU, fp16 on CUDA (measured faster than bitsandbytes int8)",
     )
-    add(
+    _add(
         model,
         "--quantization",
         choices=["static", "dynamic"],
         help="with --export-onnx: static QDQ (calibrated, batch-independent) or dynamic",
     )
-    add(
+    _add(
         model,
         "--per-tensor",
         action="store_true",
         help="with --export-onnx: one int8 scale per weight tensor instead of per channel",
     )
-    add(
+    _add(
         model,
         "--decode",
         choices=["auto", "cpu", "device"],
         help="where JPEGs are decoded and preprocessed: device = torchvision on the model's device (auto: on the GPU "
         "when the model runs there; other formats always on the CPU)",
     )
-    add(model, "--batch-size", type=_positive_int)
-    add(model, "--threads", type=_non_negative_int, help="CPU threads for inference; 0 = all cores")
-    add(model, "--engine", choices=["local", "ray"], help="ray: build the gallery on Ray Data")
-    add(model, "--ray-address", help="a Ray cluster for --engine ray; unset: $RAY_ADDRESS, else a local Ray")
+    _add(model, "--batch-size", type=_positive_int)
+    _add(model, "--threads", type=_non_negative_int, help="CPU threads for inference; 0 = all cores")
+    _add(model, "--engine", choices=["local", "ray"], help="ray: build the gallery on Ray Data")
+    _add(model, "--ray-address", help="a Ray cluster for --engine ray; unset: $RAY_ADDRESS, else a local Ray")
 
+
+
+def _add_person_flags(p: argparse.ArgumentParser) -> None:
+    """Video and segmentation."""
     video = p.add_argument_group("video")
-    add(video, "--video_clip", "--video-clip", dest="video_clip", help="clip name: <video_dir>/<clip>.mp4")
-    add(video, "--video_dir", "--video-dir", dest="video_dir", type=Path)
-    add(video, "--frame-stride", type=_positive_int, help="analyse every Nth frame")
-    add(video, "--det-model", help="person detector: Ultralytics weights (.pt), .onnx or .yaml")
-    add(video, "--det-conf", type=_unit_float, help="minimum detection confidence")
-    add(video, "--det-backend", choices=YOLO_BACKENDS, help=YOLO_BACKEND_HELP)
-
-    add(video, "--track-gap", type=_positive_int, help="analysed frames a person may go unseen before their track ends")
-    add(video, "--no-annotated-video", action="store_true", help="skip video_results/<clip>/annotated.mp4")
+    _add(video, "--video_clip", "--video-clip", dest="video_clip", help="clip name: <video_dir>/<clip>.mp4")
+    _add(video, "--video_dir", "--video-dir", dest="video_dir", type=Path)
+    _add(video, "--frame-stride", type=_positive_int, help="analyse every Nth frame")
+    _add(video, "--det-model", help="person detector: Ultralytics weights (.pt), .onnx or .yaml")
+    _add(video, "--det-conf", type=_unit_float, help="minimum detection confidence")
+    _add(video, "--det-backend", choices=YOLO_BACKENDS, help=YOLO_BACKEND_HELP)
+    _add(video, "--track-gap", type=_positive_int, help="analysed frames a person may go unseen before a track ends")
+    _add(video, "--no-annotated-video", action="store_true", help="skip video_results/<clip>/annotated.mp4")
 
     seg = p.add_argument_group("segmentation (Ultralytics YOLO, person class)")
-    add(seg, "--seg-model", help="segmentation weights (.pt), exported .onnx, or model .yaml")
-    add(seg, "--seg-conf", type=_unit_float, help="minimum person confidence")
-    add(seg, "--seg-imgsz", type=_positive_int, help="inference size")
-    add(seg, "--seg-backend", choices=YOLO_BACKENDS, help=YOLO_BACKEND_HELP)
-    add(seg, "--keep-unsegmented", action="store_true", help="keep the whole image when no person is found")
+    _add(seg, "--seg-model", help="segmentation weights (.pt), exported .onnx, or model .yaml")
+    _add(seg, "--seg-conf", type=_unit_float, help="minimum person confidence")
+    _add(seg, "--seg-imgsz", type=_positive_int, help="inference size")
+    _add(seg, "--seg-backend", choices=YOLO_BACKENDS, help=YOLO_BACKEND_HELP)
+    _add(seg, "--keep-unsegmented", action="store_true", help="keep the whole image when no person is found")
 
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    """Where outputs go, and how much is said."""
     out = p.add_argument_group("output")
-    add(
+    _add(
         out,
         "--output-dir",
         help="where images/, embeddings/, ... are written: a folder, or an fsspec URL (s3://bucket/run needs s3fs)",
     )
-    add(
+    _add(
         out,
         "--work-dir",
         type=Path,
         help="with a URL --output-dir: its local working copy (None: one per URL in ~/.cache/fashion-visual-search)",
     )
-    add(out, "--top-k", type=_positive_int)
-    add(out, "--max-matrix", type=_non_negative_int, help="save the N x N distance matrix only when N <= this")
-    add(out, "--max-result-images", type=_non_negative_int, help="cap on result pictures (neighbours.csv: all)")
-    add(
+    _add(out, "--top-k", type=_positive_int)
+    _add(out, "--max-matrix", type=_non_negative_int, help="save the N x N distance matrix only when N <= this")
+    _add(out, "--max-result-images", type=_non_negative_int, help="cap on result pictures (neighbours.csv: all)")
+    _add(
         out,
         "--index",
         choices=INDEX_KINDS,
         help="nearest-neighbour index: auto = exact up to 50,000 items, FAISS IVF-PQ above; none = exact",
     )
-    add(out, "--shard-rows", type=_positive_int, help="rows per resumable shard")
-    add(out, "--fresh", action="store_true", help="discard the shards of an interrupted run instead of resuming")
+    _add(out, "--shard-rows", type=_positive_int, help="rows per resumable shard")
+    _add(out, "--fresh", action="store_true", help="discard the shards of an interrupted run instead of resuming")
 
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument(
@@ -195,6 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument(
         "-q", "--quiet", action="store_true", help="errors and failed items only: no progress bars or summary"
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="main.py",
+        description="Fashion visual search: embed a catalogue, find look-alikes, match people in videos.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    _add_mode_flags(p)
+    _add_model_flags(p)
+    _add_person_flags(p)
+    _add_output_flags(p)
     return p
 
 
@@ -209,7 +230,7 @@ def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> frozen
     shadow = argparse.ArgumentParser(add_help=False)
     for action in parser._actions:  # noqa: SLF001 - argparse has no public listing
         if action.option_strings and action.dest != "help":
-            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            kwargs: dict[str, Any] = {"dest": action.dest, "default": argparse.SUPPRESS}
             if action.nargs == 0:
                 kwargs["action"] = "store_const"
                 kwargs["const"] = True

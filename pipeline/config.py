@@ -228,7 +228,9 @@ FLAGS: dict[str, tuple[str | None, str]] = {
 def _spec_class(section: str | None) -> type:
     if section is None:
         return RunConfig
-    return next(f for f in fields(RunConfig) if f.name == section).default_factory  # type: ignore[return-value]
+    factory = next(f for f in fields(RunConfig) if f.name == section).default_factory
+    assert isinstance(factory, type)  # every section is a dataclass made by its own class
+    return factory
 
 
 def flag_default(dest: str) -> Any:
@@ -237,7 +239,8 @@ def flag_default(dest: str) -> Any:
     f = next(f for f in fields(_spec_class(section)) if f.name == name)
     if f.default is not MISSING:
         return f.default
-    return f.default_factory()  # type: ignore[misc]
+    assert callable(f.default_factory)  # no default: then a default_factory
+    return f.default_factory()
 
 
 def config_from_flags(

@@ -34,7 +34,7 @@ class _Comparable:
 
     def asks(self: T, **values: Any) -> T:
         """A copy with more fields known (dataclasses.replace for the subclasses)."""
-        return type(self)(**{**asdict(self), **values})  # type: ignore[call-overload, return-value]  # dataclass
+        return type(self)(**{**asdict(self), **values})  # type: ignore[call-overload]  # subclasses are dataclasses
 
 
 def differences(asked: _Comparable, found: _Comparable, only: frozenset[str] | None = None) -> list[str]:

@@ -105,9 +105,9 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = MAX
     except UnidentifiedImageError as e:
         raise ImageDecodeError(f"not a recognized image format (starts with {data[:8]!r})") from e
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"refused as a decompression bomb: {_short(e)}") from e
+        raise ImageDecodeError(f"refused as a decompression bomb: {short_reason(e)}") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"cannot read image header: {_short(e)}") from e
+        raise ImageDecodeError(f"cannot read image header: {short_reason(e)}") from e
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
@@ -130,7 +130,7 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = MAX
         ImageOps.exif_transpose(image, in_place=True)
         image = to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise ImageDecodeError(f"cannot decode pixels: {_short(e)}") from e
+        raise ImageDecodeError(f"cannot decode pixels: {short_reason(e)}") from e
     w, h = _oriented_size(width, height, image)
     return DecodedImage(image=image, width=w, height=h, note=note)
 
@@ -154,7 +154,7 @@ def _oriented_size(width: int, height: int, image: Image.Image) -> tuple[int, in
     return height, width
 
 
-def _short(e: BaseException) -> str:
+def short_reason(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 

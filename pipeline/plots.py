@@ -35,8 +35,16 @@ def caption_font() -> ImageFont.ImageFont:
     return ImageFont.load_default_imagefont()
 
 
-def _fit_text(text: str, limit: int) -> str:
-    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
+def drawable(text: str) -> str:
+    """Text the bitmap font can draw: it has Latin-1 only, so other characters (an ellipsis, a CJK
+    file name or query) become '?' instead of failing the drawing with UnicodeEncodeError."""
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
+def fit_text(text: str, limit: int) -> str:
+    """The end of a caption that is longer than `limit` characters, after '...' (names differ at the end)."""
+    text = drawable(text)
+    return text if len(text) <= limit else "..." + text[-max(1, limit - 3) :]
 
 
 def compose_matches(
@@ -61,7 +69,7 @@ def compose_matches(
     draw = ImageDraw.Draw(canvas)
     font = caption_font()
     if title:
-        draw.text((_PAD, 8), title, fill=(0, 0, 0), font=font)
+        draw.text((_PAD, 8), drawable(title), fill=(0, 0, 0), font=font)
     chars = max(8, t // 6)
     x = _PAD
     for i, (tile, label) in enumerate(zip(tiles, [query_label, *labels])):
@@ -71,7 +79,7 @@ def compose_matches(
         canvas.paste(Image.fromarray(tile), (x, head))
         color = (200, 0, 0) if i == 0 else (0, 0, 0)
         for line_no, part in enumerate(label.split("\n")[:2]):
-            draw.text((x, head + t + 2 + 12 * line_no), _fit_text(part, chars), fill=color, font=font)
+            draw.text((x, head + t + 2 + 12 * line_no), fit_text(part, chars), fill=color, font=font)
         x += t + _PAD
     return canvas
 

@@ -50,7 +50,7 @@ def cosine_distances(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     return d
 
 
-def _topk_rows(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def topk_rows(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact per-row top-k of a distance block, ascending, ties broken by the smaller index."""
     q, n = dist.shape
     kk = min(k, n)
@@ -123,7 +123,7 @@ def topk_neighbours(
                 matrix.write_rows(start, d)
             if exclude_self:
                 d[diagonal] = np.inf
-            i, dd = _topk_rows(d, k)
+            i, dd = topk_rows(d, k)
             idx[start:stop], dist[start:stop] = i, dd
     return Neighbours(idx, dist)
 
@@ -132,7 +132,7 @@ class _TorchBlocks:
     """The gallery on a torch device, for distances and top-k computed there block by block.
 
     The top-k takes a few more candidates than k on the device and settles ties by index on the
-    host, exactly as _topk_rows does; a row whose ties run past the candidates is settled from its
+    host, exactly as topk_rows does; a row whose ties run past the candidates is settled from its
     whole distance row.
     """
 
@@ -171,7 +171,7 @@ class _TorchBlocks:
             finite = np.isfinite(vals[r])
             if kk and m < n and finite[kk - 1] and vals[r, -1] <= vals[r, kk - 1]:
                 # ties at the k-th value may continue past the candidates: settle from the whole row
-                i, dd = _topk_rows(d[r : r + 1].cpu().numpy(), k)
+                i, dd = topk_rows(d[r : r + 1].cpu().numpy(), k)
                 idx[r], dist[r] = i[0], dd[0]
                 continue
             v, c = vals[r][finite], cand[r][finite]

@@ -2,7 +2,40 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
+import pytest
+
+import main as cli
+from pipeline.store import ShardStore
+
+
+def run(*args) -> int:
+    """main.py with these arguments (paths allowed) and -q; its exit code."""
+    return cli.main([*map(str, args), "-q"])
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_after_shards(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
+    """Interrupt a run (as Ctrl-C would) right after its n-th shard is written, by either engine.
+    Returns the list the numbers of the written shards are appended to; monkeypatch.undo() ends it."""
+    real, written = ShardStore.write, []
+
+    def write_then_stop(self, shard):
+        real(self, shard)
+        written.append(shard.number)
+        if len(written) == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardStore, "write", write_then_stop)
+    return written
 
 
 def assert_same_up_to_rounding(a, b, q, g, tol=1e-5):

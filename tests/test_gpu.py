@@ -19,7 +19,7 @@ from pipeline.preprocess import PreprocessConfig, preprocess
 from pipeline.retrieval import topk_neighbours
 from pipeline.store import read_manifest
 from tests import assets
-from tests.helpers import assert_same_up_to_rounding
+from tests.helpers import assert_same_up_to_rounding, stop_after_shards
 
 SIZES = [
     (768, 1024),
@@ -175,16 +175,9 @@ def test_device_path_gives_the_cpu_path_manifest(mixed_formats, tiny_clip, tmp_p
 
 
 def test_a_resume_never_mixes_cpu_and_device_pixels(mixed_formats, tiny_clip, tmp_path, monkeypatch, capsys):
-    from pipeline import gallery
 
     out = tmp_path / "o"
-    real = gallery.ShardStore.write
-
-    def write_then_stop(self, shard):
-        real(self, shard)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(gallery.ShardStore, "write", write_then_stop)
+    stop_after_shards(monkeypatch, 1)
     assert _run(mixed_formats, tiny_clip, out, "--decode", "device") == 130
     monkeypatch.undo()
     capsys.readouterr()
@@ -252,13 +245,13 @@ def test_device_topk_settles_from_the_whole_row_only_when_ties_need_it(monkeypat
     from pipeline import retrieval
 
     calls = []
-    exact = retrieval._topk_rows
+    exact = retrieval.topk_rows
 
     def counted(d, k):
         calls.append(len(d))
         return exact(d, k)
 
-    monkeypatch.setattr(retrieval, "_topk_rows", counted)
+    monkeypatch.setattr(retrieval, "topk_rows", counted)
 
     def check(q, g, k, exclude_self=False):
         calls.clear()

@@ -165,10 +165,10 @@ def test_png_encoding_is_lossless_and_in_rgb_order():
 
 
 def test_error_messages_are_shortened_to_200_characters():
-    from pipeline.images import _short
+    from pipeline.images import short_reason
 
-    assert _short(ValueError("x" * 200)) == "x" * 200
-    long = _short(ValueError("y" * 201))
+    assert short_reason(ValueError("x" * 200)) == "x" * 200
+    long = short_reason(ValueError("y" * 201))
     assert len(long) == 200 and long.endswith("...") and long.startswith("y" * 197)
-    assert _short(OSError("  spaced  ")) == "spaced"
-    assert _short(KeyError()) == "KeyError"  # no message: the type names the problem
+    assert short_reason(OSError("  spaced  ")) == "spaced"
+    assert short_reason(KeyError()) == "KeyError"  # no message: the type names the problem

@@ -17,10 +17,7 @@ from pipeline.preprocess import preprocess
 from pipeline.store import read_manifest
 from tests import assets
 from tests.conftest import mixed_cells
-
-
-def run(*args) -> int:
-    return cli.main([*map(str, args), "-q"])
+from tests.helpers import run
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,10 @@ from pipeline.errors import PipelineError
 from pipeline.fileio import OutputLock
 from pipeline.store import read_manifest
 from tests import assets
+from tests.helpers import run, stop_after_shards
 from tests.test_images import png_header_only
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args) -> int:
-    return cli.main([*map(str, args), "-q"])
 
 
 @pytest.fixture(scope="module")
@@ -133,18 +130,9 @@ def test_a_lock_file_with_garbage_in_it_still_gives_the_message(tmp_path):
 
 def test_resume_refusal_names_the_difference_and_fresh_discards(long_dataset, tiny_onnx, tmp_path, capsys, monkeypatch):
     out = tmp_path / "o"
-    calls = {"n": 0}
-    real = gallery.ShardStore.write
-
-    def write_then_die(self, shard):
-        real(self, shard)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(gallery.ShardStore, "write", write_then_die)
+    stop_after_shards(monkeypatch, 2)
     assert run(*_args(long_dataset, tiny_onnx, out)) == 130
-    monkeypatch.setattr(gallery.ShardStore, "write", real)
+    monkeypatch.undo()
     capsys.readouterr()
     assert run(*_args(long_dataset, tiny_onnx, out)[:-6], "--limit", "40") == 1
     err = capsys.readouterr().err
@@ -248,20 +236,6 @@ def test_wrong_onnx_file_is_refused(tmp_path, mixed_dataset, capsys):
     assert "cannot load ONNX file" in capsys.readouterr().err
 
 
-def _stop_after_shards(monkeypatch, n: int) -> None:
-    """Interrupt a run (as Ctrl-C would) right after its n-th shard is written."""
-    real = gallery.ShardStore.write
-    written = {"n": 0}
-
-    def write_then_stop(self, shard):
-        real(self, shard)
-        written["n"] += 1
-        if written["n"] == n:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(gallery.ShardStore, "write", write_then_stop)
-
-
 @pytest.fixture(scope="module")
 def ragged_dataset(tmp_path_factory):
     """100 rows with failures on shard edges (rows 15, 16, 31, 32 of 16-row shards) and one in the middle."""
@@ -279,7 +253,7 @@ def test_interrupted_run_resumes_each_row_exactly_once(ragged_dataset, tiny_onnx
     clean, stopped = tmp_path / "clean", tmp_path / "stopped"
     args = lambda out: [*_args(ragged_dataset, tiny_onnx, out), "--batch-size", "5"]  # noqa: E731 - units cross shard edges
     assert run(*args(clean)) == 3
-    _stop_after_shards(monkeypatch, 3)
+    stop_after_shards(monkeypatch, 3)
     assert run(*args(stopped)) == 130
     monkeypatch.undo()
     partial = stopped / "embeddings" / ".partial"
@@ -308,7 +282,7 @@ def test_resume_recomputes_a_shard_replaced_by_a_valid_different_file(
 ):
     out, clean = tmp_path / "out", tmp_path / "clean"
     assert run(*_args(ragged_dataset, tiny_onnx, clean)) == 3
-    _stop_after_shards(monkeypatch, 3)
+    stop_after_shards(monkeypatch, 3)
     assert run(*_args(ragged_dataset, tiny_onnx, out)) == 130
     monkeypatch.undo()
     partial = out / "embeddings" / ".partial"

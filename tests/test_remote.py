@@ -10,13 +10,9 @@ import numpy as np
 import pytest
 
 import main as cli
-from pipeline import gallery
 from pipeline.store import read_manifest
 from tests import assets
-
-
-def run(*args) -> int:
-    return cli.main([*map(str, args), "-q"])
+from tests.helpers import run, stop_after_shards
 
 
 def _url() -> str:
@@ -78,15 +74,7 @@ def test_an_interrupted_run_resumes_from_the_bucket_in_another_working_copy(
 ):
     fs, _ = s3
     url = _url()
-    real, written = gallery.ShardStore.write, []
-
-    def write_then_stop(self, shard):
-        real(self, shard)
-        written.append(shard)
-        if len(written) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(gallery.ShardStore, "write", write_then_stop)
+    stop_after_shards(monkeypatch, 2)
     assert run(*_args(rows40, tiny_onnx, url, tmp_path / "first")) == 130
     monkeypatch.undo()
     partial = [k for k in _files(fs, url) if k.startswith("embeddings/.partial/")]

@@ -482,12 +482,12 @@ def test_evaluation_records_unreadable_rows_and_goes_on(tmp_path, capsys):
 
 
 def test_short_error_messages():
-    from pipeline.images import _short
+    from pipeline.images import short_reason
 
-    assert _short(ValueError("  bad header \n")) == "bad header"
-    assert _short(KeyError()) == "KeyError"  # no message: the exception's type
-    assert _short(ValueError("x" * 200)) == "x" * 200
-    long = _short(ValueError("y" * 201))
+    assert short_reason(ValueError("  bad header \n")) == "bad header"
+    assert short_reason(KeyError()) == "KeyError"  # no message: the exception's type
+    assert short_reason(ValueError("x" * 200)) == "x" * 200
+    long = short_reason(ValueError("y" * 201))
     assert len(long) == 200 and long == "y" * 197 + "..."
 
 

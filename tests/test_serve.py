@@ -4,7 +4,6 @@ same cache, bad uploads get a 4xx without harming the next query, and a bounded 
 from __future__ import annotations
 
 import csv
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,14 +16,9 @@ from selenium.webdriver.common.by import By
 import main as cli
 from pipeline.config import config_from_flags
 from pipeline.serve import MAX_UPLOAD_BYTES, SearchService, create_app
+from tests.helpers import free_port
 from tests.test_images import png_header_only
 from tests.test_webreport import console_errors, wait
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def served(tmp_path_factory, mixed_dataset, tiny_onnx):
 
     out = tmp_path_factory.mktemp("served")
     assert cli.main(["--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 3
-    port = _free_port()
+    port = free_port()
     cfg = config_from_flags(
         vars(
             cli.build_parser().parse_args(
