@@ -1,16 +1,70 @@
-"""Shared benchmark helpers: generated catalogues and the real FashionCLIP architecture with random
-weights (speed does not depend on weight values). Everything lands under --work (default
-/tmp/fashion-bench) and is reused between runs."""
+"""Shared benchmark helpers: the command line every benchmark shares (--work, --tiny), generated
+catalogues, the models, and main.py run in a fresh process with its summary parsed.
+
+By default a benchmark measures the real FashionCLIP architecture with random weights (speed does
+not depend on weight values) on 768x1024 pictures. With --tiny it takes the same steps on a tiny
+random CLIP built from a config (tests/assets.py), small pictures and a few rows, in seconds: that
+checks the script, not the speed (tests/test_benchmarks.py runs every benchmark so). Everything
+lands under --work (default /tmp/fashion-bench) and is reused between runs.
+"""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import io
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WORK = Path("/tmp/fashion-bench")
+PHOTO_WH = (768, 1024)
+TINY_WH = (192, 256)  # still portrait, sides multiples of 32 (YOLO calibration pictures)
+# Hugging Face's Image feature, so `datasets` reads the column as images.
+HF_IMAGE_META = {b"huggingface": b'{"info": {"features": {"image": {"_type": "Image"}}}}'}
+
+
+def make_parser(doc: str | None, work: Path | None = DEFAULT_WORK, model: bool = True) -> argparse.ArgumentParser:
+    """The benchmark's parser with the flags every benchmark has: --work (where assets and runs go,
+    when it has any), --model and --onnx (when it runs CLIP) and --tiny."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if work is not None:
+        ap.add_argument("--work", type=Path, default=work, help="assets and runs, reused between runs")
+    if model:
+        ap.add_argument(
+            "--model", type=Path, default=None, help="a transformers CLIP folder instead of the generated one"
+        )
+        ap.add_argument(
+            "--onnx", type=Path, default=None, help="the int8 static export of --model (default: exported here)"
+        )
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the same steps on a tiny random model and a few small pictures, in seconds: checks the "
+        "script (its figures mean nothing)",
+    )
+    return ap
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None, tiny: dict[str, Any]) -> argparse.Namespace:
+    """Parse argv; with --tiny, `tiny` replaces the defaults (flags given on the command line still win)."""
+    args = ap.parse_args(argv)
+    if args.tiny:
+        ap.set_defaults(**tiny)
+        args = ap.parse_args(argv)
+    if getattr(args, "onnx", None) and not args.model:
+        ap.error("--onnx is the export of --model: give both")
+    return args
 
 
 def machine_line() -> str:
@@ -21,60 +75,189 @@ def machine_line() -> str:
     return f"machine: {cpu_label()}, {cpu_info()['cores']} cores"
 
 
-def photo_like(i: int, w: int = 768, h: int = 1024) -> Image.Image:
-    """A 768x1024 picture with smooth regions, edges and sensor-like noise, so JPEG sizes and
-    decode costs resemble catalogue photos (~100-200 KB at quality 90)."""
+def photo_like(i: int, w: int = PHOTO_WH[0], h: int = PHOTO_WH[1]) -> Image.Image:
+    """A picture with smooth regions, edges and sensor-like noise, so JPEG sizes and decode costs
+    resemble catalogue photos (~100-200 KB at 768x1024, quality 90)."""
     rng = np.random.default_rng(i)
     small = rng.integers(0, 256, size=(12, 9, 3), dtype=np.uint8)
     base = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
     y0, x0 = rng.integers(100, 500, 2)
-    base[y0 : y0 + 400, x0 : x0 + 220] = rng.integers(0, 256, 3)  # a garment-like block
+    y0, x0 = y0 * h // PHOTO_WH[1], x0 * w // PHOTO_WH[0]
+    bh, bw = 400 * h // PHOTO_WH[1], 220 * w // PHOTO_WH[0]
+    base[y0 : y0 + bh, x0 : x0 + bw] = rng.integers(0, 256, 3)  # a garment-like block
     noise = rng.normal(0, 9, size=(h, w, 3))
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
 
 
-def make_jpeg_dataset(folder: Path, n: int, w: int = 768, h: int = 1024) -> Path:
-    """A parquet dataset of n JPEGs (rows written in chunks, so memory stays small)."""
+def encode_picture(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    """JPEG at quality 90 (catalogue photos), or PNG at the fastest compression."""
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": 1}))
+    return buf.getvalue()
+
+
+def write_image_parquet(target: Path, pictures: Iterable[bytes], chunk: int, row_group_size: int) -> Path:
+    """A local parquet dataset at target (…/data/train-00000-of-00001.parquet) with one Image
+    column, written in chunks so memory stays small; it appears whole or not at all."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = folder / f"jpeg{n}_{w}x{h}"
-    target = out / "data" / "train-00000-of-00001.parquet"
-    if target.is_file():
-        return out
     target.parent.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))])
-    # Hugging Face's Image feature, so datasets reads the column as images.
-    meta = {b"huggingface": b'{"info": {"features": {"image": {"_type": "Image"}}}}'}
-    schema = schema.with_metadata(meta)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([("image", image)], metadata=HF_IMAGE_META)
     tmp = target.with_suffix(".tmp")
     with pq.ParquetWriter(tmp, schema) as writer:
-        chunk = []
-        for i in range(n):
-            buf = io.BytesIO()
-            photo_like(i % 500 + 1000 * (i // 500), w, h).save(buf, format="JPEG", quality=90)
-            chunk.append({"bytes": buf.getvalue(), "path": None})
-            if len(chunk) == 250 or i == n - 1:
-                writer.write_table(pa.table({"image": chunk}, schema=schema), row_group_size=50)
-                chunk = []
+        rows: list[dict] = []
+        for data in pictures:
+            rows.append({"bytes": data, "path": None})
+            if len(rows) == chunk:
+                writer.write_table(pa.table({"image": rows}, schema=schema), row_group_size=row_group_size)
+                rows = []
+        if rows:
+            writer.write_table(pa.table({"image": rows}, schema=schema), row_group_size=row_group_size)
     tmp.rename(target)
+    return target
+
+
+def make_jpeg_dataset(folder: Path, n: int, w: int = PHOTO_WH[0], h: int = PHOTO_WH[1]) -> Path:
+    """A parquet dataset of n distinct photo-like JPEGs (rows of 50)."""
+    out = folder / f"jpeg{n}_{w}x{h}"
+    target = out / "data" / "train-00000-of-00001.parquet"
+    if not target.is_file():
+        pictures = (encode_picture(photo_like(i % 500 + 1000 * (i // 500), w, h)) for i in range(n))
+        write_image_parquet(target, pictures, chunk=250, row_group_size=50)
     return out
 
 
 def real_arch_clip(work: Path) -> Path:
-    from tests.assets import save_real_arch_clip
+    """FashionCLIP's architecture with random weights, and a tokenizer, so that its ONNX export has
+    a text tower (text search, --serve)."""
+    from tests.assets import save_real_arch_clip, save_tiny_tokenizer
 
     path = work / "fashion-clip-arch"
     if not (path / "model.safetensors").is_file():
         save_real_arch_clip(path)
+    if not (path / "tokenizer.json").is_file():
+        save_tiny_tokenizer(path)  # a small vocabulary: text costs the same, 77 tokens a text
     return path
+
+
+def tiny_clip(work: Path) -> Path:
+    """A 2-layer CLIP with random weights and a tokenizer (tests/assets.py), for --tiny."""
+    from tests.assets import save_tiny_clip
+
+    path = work / "tiny-clip"
+    if not (path / "tokenizer.json").is_file():
+        save_tiny_clip(path)
+    return path
+
+
+@dataclass(frozen=True)
+class Assets:
+    """A benchmark's model and pictures: the real architecture on 768x1024 pictures, --tiny's, or the
+    CLIP folder (and its int8 static export) given with --model (and --onnx)."""
+
+    work: Path
+    tiny: bool = False
+    model: Path | None = None
+    static_onnx: Path | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Assets:
+        return cls(args.work, args.tiny, getattr(args, "model", None), getattr(args, "onnx", None))
+
+    @property
+    def size_wh(self) -> tuple[int, int]:
+        return TINY_WH if self.tiny else PHOTO_WH
+
+    def photo(self, i: int) -> Image.Image:
+        return photo_like(i, *self.size_wh)
+
+    def dataset(self, n: int) -> Path:
+        return make_jpeg_dataset(self.work, n, *self.size_wh)
+
+    def clip(self) -> Path:
+        if self.model is not None:
+            return self.model
+        return tiny_clip(self.work) if self.tiny else real_arch_clip(self.work)
+
+    @property
+    def model_tag(self) -> str:
+        """The model's part of the names of the files made from it."""
+        if self.model is not None:  # one --work may see several folders of the same name
+            return f"{self.model.name}-{hashlib.sha1(str(self.model.resolve()).encode()).hexdigest()[:8]}"
+        return "tiny_clip" if self.tiny else "fashion_clip"
+
+    def onnx(self, quantization: str = "static") -> Path:
+        """int8 ONNX (and fp32 beside it, and the text tower), made with the pipeline's own export."""
+        from pipeline.embedders import text_onnx_path_for
+        from pipeline.export import export_onnx
+
+        if quantization == "static" and self.static_onnx is not None:
+            return self.static_onnx
+        path = self.work / "onnx" / f"{self.model_tag}_image_int8_{quantization}.onnx"
+        if not (path.is_file() and text_onnx_path_for(path).is_file()):
+            export_onnx(str(self.clip()), path, quantization=quantization)
+        return path
 
 
 def real_arch_onnx(work: Path, quantization: str = "static") -> Path:
     """fp32 + int8 ONNX of the real architecture, made with the pipeline's own export."""
-    from pipeline.export import export_onnx
+    return Assets(work).onnx(quantization)
 
-    path = work / "onnx" / f"fashion_clip_image_int8_{quantization}.onnx"
-    if not path.is_file():
-        export_onnx(str(real_arch_clip(work)), path, quantization=quantization)
-    return path
+
+@dataclass
+class MainRun:
+    """One main.py run: exit status, output, wall seconds, and the largest value a sampler saw."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    sampled_peak: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode in (0, 3)  # 3: finished, with failed items listed
+
+    @property
+    def stages(self) -> dict[str, float]:
+        """The summary's `stages:` line: {stage name: seconds}."""
+        line = next((x for x in self.stdout.splitlines() if x.startswith("stages:")), "")
+        return {k.strip(): float(v) for k, v in re.findall(r"(.+?) ([\d.]+) s(?:, |$)", line.removeprefix("stages:"))}
+
+    @property
+    def peak_rss_mib(self) -> float | None:
+        """The run's own peak RSS (ru_maxrss of that process alone), from its summary."""
+        m = re.search(r"peak memory (\d+) MiB", self.stdout)
+        return float(m.group(1)) if m else None
+
+    def check(self, what: str) -> MainRun:
+        """Self, or SystemExit with the end of its stderr if the run failed."""
+        if not self.ok:
+            raise SystemExit(f"{what} failed ({self.returncode}):\n{self.stderr[-3000:]}")
+        return self
+
+
+def run_main_py(args: list[str], sample: Callable[[int], int] | None = None, every_s: float = 0.2) -> MainRun:
+    """main.py in a fresh process (what a user runs), its output captured; sample(pid) is called
+    every every_s seconds while it runs (peak memory of its process tree, of the GPU) and the
+    largest value kept."""
+    cmd = [sys.executable, str(ROOT / "main.py"), *args]
+    t = time.perf_counter()
+    peak = 0
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT)
+        while proc.poll() is None:
+            if sample is not None:
+                peak = max(peak, sample(proc.pid))
+            time.sleep(every_s)
+        wall = time.perf_counter() - t
+        out.seek(0)
+        err.seek(0)
+        return MainRun(proc.returncode, out.read(), err.read(), wall, peak)
+
+
+def standard_run_args(dataset: Path, onnx: Path, out: Path, n: int) -> list[str]:
+    """main.py's flags for the standard run on the first n rows of a dataset with an int8 ONNX file."""
+    return ["--dataset", str(dataset), "--onnx", str(onnx), "--output-dir", str(out), "--limit", str(n)]

@@ -5,19 +5,25 @@ model-only images/s at batch 1, 8 and 32 for torch fp32, onnxruntime fp32 and on
 own GEMM peak in onnxruntime and the ceiling it puts on each backend.
 
     python -m benchmarks.embed [--seconds 6] [--e2e-images 1000]
+    python -m benchmarks.embed --tiny                 # tiny model, 16 small JPEGs, static int8 only: checks the script
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from benchmarks.common import machine_line, make_jpeg_dataset, real_arch_clip, real_arch_onnx
+from benchmarks.common import Assets, machine_line, make_parser, parse_args
+
+if TYPE_CHECKING:
+    from pipeline.report import RunSummary
+
+STATIC, DYNAMIC = "onnxruntime int8 (static QDQ, default)", "onnxruntime int8 (dynamic)"
 
 
 def rate(fn, batch: int, seconds: float) -> float:
@@ -100,74 +106,75 @@ def gemm_peaks(seconds: float) -> dict[str, float]:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/fashion-bench"))
-    ap.add_argument("--seconds", type=float, default=6.0)
-    ap.add_argument("--e2e-images", type=int, default=1000)
-    args = ap.parse_args()
-    print(machine_line(), flush=True)
-    from pipeline.embedders import OnnxEmbedder, TorchEmbedder, available_cores
+def model_rates(assets: Assets, seconds: float, batches: list[int], int8: list[str]) -> dict[str, dict[int, float]]:
+    """Images/s of each backend's model alone, at each batch size; int8: the int8 exports measured
+    (static, dynamic)."""
+    from pipeline.embedders import OnnxEmbedder, TorchEmbedder
     from pipeline.export import fp32_path_for
 
-    clip = real_arch_clip(args.work)
-    static = real_arch_onnx(args.work, "static")
-    dynamic = real_arch_onnx(args.work, "dynamic")
+    static = assets.onnx("static")
     backends = {
-        "torch fp32": TorchEmbedder(str(clip), device="cpu"),
-        "onnxruntime fp32": OnnxEmbedder(fp32_path_for(static), device="cpu"),
-        "onnxruntime int8 (static QDQ, default)": OnnxEmbedder(static, device="cpu"),
-        "onnxruntime int8 (dynamic)": OnnxEmbedder(dynamic, device="cpu"),
+        "torch fp32": lambda: TorchEmbedder(str(assets.clip()), device="cpu"),
+        "onnxruntime fp32": lambda: OnnxEmbedder(fp32_path_for(static), device="cpu"),
+        STATIC: lambda: OnnxEmbedder(static, device="cpu"),
     }
-    batches = [1, 8, 32]
+    if "dynamic" in int8:
+        backends[DYNAMIC] = lambda: OnnxEmbedder(assets.onnx("dynamic"), device="cpu")
     table: dict[str, dict[int, float]] = {}
-    for name, emb in backends.items():
-        table[name] = {b: rate(emb.embed, b, args.seconds) for b in batches}
+    for name, load in backends.items():
+        emb = load()  # one model in memory at a time
+        table[name] = {b: rate(emb.embed, b, seconds) for b in batches}
         print(f"{name:40s} " + "  ".join(f"b{b}: {table[name][b]:6.1f} img/s" for b in batches), flush=True)
-    del backends
+        del emb
+    return table
 
-    # End to end: the gallery stage (decode + preprocess + thumbnail + infer + shards) on JPEGs.
+
+def end_to_end(assets: Assets, n: int) -> RunSummary:
+    """The gallery stage (decode + preprocess + thumbnail + infer + shards) on n JPEGs, int8 static,
+    batch 32: the standard run's own gallery build, with its default settings otherwise."""
     from pipeline.config import RunConfig
-    from pipeline.dataset import DatasetSpec, count_rows, iter_records
-    from pipeline.gallery import GalleryTarget, build_gallery
-    from pipeline.items import make_standard_items
+    from pipeline.dataset import DatasetSpec
+    from pipeline.embedders import EmbedderSpec, OnnxEmbedder
+    from pipeline.galleries import build
     from pipeline.report import RunSummary
 
-    ds = make_jpeg_dataset(args.work, 1000)
-    n = min(args.e2e_images, 1000)
-    spec = DatasetSpec(str(ds), limit=n)
-    out = args.work / "embed-e2e"
-    shutil.rmtree(out, ignore_errors=True)
-    emb = OnnxEmbedder(static, device="cpu")
-    summary = RunSummary(mode="embed e2e")
-    build_gallery(
-        records=lambda start: iter_records(spec, start),
-        total_rows=count_rows(spec),
-        make_items=make_standard_items(emb.preprocess_cfg.decode_min_side),
-        embedder=emb,
-        target=GalleryTarget(out / "images", out / "embeddings", parallel_items=True),
-        run_params={},
-        source={},
-        summary=summary,
+    static = assets.onnx("static")
+    cfg = RunConfig(
+        dataset=DatasetSpec(str(assets.dataset(n)), limit=n),
+        embedder=EmbedderSpec(onnx=str(static), backend="onnx", device="cpu"),
+        output_dir=assets.work / "embed-e2e",
         batch_size=32,
-        shard_rows=RunConfig.shard_rows,  # the product's default, written once in pipeline/config.py
         progress=False,
     )
-    e2e = n / summary.stages["embed stage (wall)"]
-    int8 = table["onnxruntime int8 (static QDQ, default)"][32]
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    emb = OnnxEmbedder(static, device="cpu")  # loaded before the clock starts, as the model-only rows
+    summary = RunSummary(mode="embed e2e")
+    build(cfg, summary, emb)
+    return summary
+
+
+def print_table(table: dict[str, dict[int, float]], batches: list[int], e2e: float, n: int, wh) -> None:
+    from pipeline.embedders import available_cores
+
+    torch32, int8 = table["torch fp32"][32], table[STATIC][32]
     print(f"\ncores: {available_cores()}")
-    print("\n| backend | batch 1 | batch 8 | batch 32 |\n|---|---|---|---|")
+    print("\n| backend | " + " | ".join(f"batch {b}" for b in batches) + " |\n|---|" + "---|" * len(batches))
     for name, row in table.items():
         print(f"| {name} | " + " | ".join(f"{row[b]:.1f}" for b in batches) + " |")
-    print(f"| embedding stage end to end (int8 static, batch 32, {n} JPEGs 768x1024) | | | {e2e:.1f} |")
-    print(f"\nint8 (static) / torch fp32 at batch 32: {int8 / table['torch fp32'][32]:.2f}x")
     print(
-        f"int8 (dynamic) / torch fp32 at batch 32: "
-        f"{table['onnxruntime int8 (dynamic)'][32] / table['torch fp32'][32]:.2f}x"
+        f"| embedding stage end to end (int8 static, batch 32, {n} JPEGs {wh[0]}x{wh[1]}) |"
+        + " |" * (len(batches) - 1)
+        + f" {e2e:.1f} |"
     )
+    print(f"\nint8 (static) / torch fp32 at batch 32: {int8 / torch32:.2f}x")
+    if DYNAMIC in table:
+        print(f"int8 (dynamic) / torch fp32 at batch 32: {table[DYNAMIC][32] / torch32:.2f}x")
     print(f"end to end / int8 model-only at batch 32: {e2e / int8:.0%}")
-    # The ceiling: every MatMul at this machine's own GEMM peak and everything else free.
-    peaks = gemm_peaks(args.seconds / 2)
+
+
+def print_ceiling(table: dict[str, dict[int, float]], clip: Path, seconds: float) -> None:
+    """The ceiling: every MatMul at this machine's own GEMM peak and everything else free."""
+    peaks = gemm_peaks(seconds)
     matmul, conv = vit_macs(clip)
     fp32_ceiling = peaks["fp32"] * 1e9 / (2 * (matmul + conv))
     int8_ceiling = 1 / (2 * matmul / (peaks["int8"] * 1e9) + 2 * conv / (peaks["fp32"] * 1e9))  # the conv stays fp32
@@ -178,13 +185,28 @@ def main() -> int:
     print(f"model: {2 * matmul / 1e9:.2f} GOP in MatMuls + {2 * conv / 1e9:.2f} GOP in the patch conv per image")
     print(
         f"ceiling (all MatMuls at peak, nothing else costs): fp32 {fp32_ceiling:.0f} img/s, int8 {int8_ceiling:.0f} "
-        f"img/s "
-        f"= {int8_ceiling / table['torch fp32'][32]:.1f}x torch fp32 at most"
+        f"img/s = {int8_ceiling / table['torch fp32'][32]:.1f}x torch fp32 at most"
     )
     print(
-        f"measured int8 (static) = {int8 / int8_ceiling:.0%} of its ceiling; ort fp32 = "
+        f"measured int8 (static) = {table[STATIC][32] / int8_ceiling:.0%} of its ceiling; ort fp32 = "
         f"{table['onnxruntime fp32'][32] / fp32_ceiling:.0%} of its ceiling"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser(__doc__)
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--e2e-images", type=int, default=1000)
+    ap.add_argument("--int8", default="static,dynamic", help="int8 exports measured (static is always measured)")
+    args = parse_args(ap, argv, tiny={"seconds": 0.1, "e2e_images": 16, "int8": "static"})
+    print(machine_line(), flush=True)
+    assets = Assets.from_args(args)
+    batches = [1, 8, 32]
+    table = model_rates(assets, args.seconds, batches, args.int8.split(","))
+    summary = end_to_end(assets, args.e2e_images)
+    e2e = args.e2e_images / summary.stages["embed stage (wall)"]
+    print_table(table, batches, e2e, args.e2e_images, assets.size_wh)
+    print_ceiling(table, assets.clip(), args.seconds / 2)
     for k, v in summary.stages.items():
         print(f"  {k.strip():40s} {v:7.1f} s")
     return 0

@@ -3,20 +3,15 @@
 process tree (the run, and for Ray its raylet, GCS and worker processes), sampled every 0.2 s.
 
     python -m benchmarks.ray_vs_local [--n 2000] [--repeats 2]
+    python -m benchmarks.ray_vs_local --tiny          # 16 small pictures, tiny model: checks the script
 """
 
 from __future__ import annotations
 
-import argparse
-import re
-import shutil
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, machine_line, make_jpeg_dataset, real_arch_onnx
+from benchmarks.common import Assets, machine_line, make_parser, parse_args, run_main_py, standard_run_args
 
 
 def tree_rss(pid: int) -> int:
@@ -37,44 +32,24 @@ def tree_rss(pid: int) -> int:
 
 
 def run(engine: str, ds: Path, onnx: Path, out: Path, n: int) -> tuple[float, float, dict[str, float]]:
+    """(wall seconds, peak RSS of the process tree in MiB, stages) of one standard run."""
+    import shutil
+
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(ROOT / "main.py"), "--dataset", str(ds), "--onnx", str(onnx), "--output-dir", str(out)]
-    cmd += ["--limit", str(n), "--engine", engine]
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, tree_rss(proc.pid))
-            time.sleep(0.2)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    stdout, stderr = proc.communicate()
-    wall = time.perf_counter() - t
-    done.set()
-    sampler.join()
-    if proc.returncode not in (0, 3):
-        raise SystemExit(f"{engine} run failed ({proc.returncode}):\n{stderr[-3000:]}")
-    line = next((x for x in stdout.splitlines() if x.startswith("stages:")), "")
-    stages = {
-        k.strip(", "): float(v) for k, v in re.findall(r"([a-z0-9+(), ]+?) ([\d.]+) s", line.removeprefix("stages:"))
-    }
-    return wall, peak / 2**20, stages
+    result = run_main_py([*standard_run_args(ds, onnx, out, n), "--engine", engine], sample=tree_rss)
+    result.check(f"{engine} run")
+    return result.wall_s, result.sampled_peak / 2**20, result.stages
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser(__doc__)
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/fashion-bench"))
-    args = ap.parse_args()
+    args = parse_args(ap, argv, tiny={"n": 16, "repeats": 1})
     print(machine_line(), flush=True)
-    ds = make_jpeg_dataset(args.work, args.n)
-    onnx = real_arch_onnx(args.work, "static")
+    assets = Assets.from_args(args)
+    ds = assets.dataset(args.n)
+    onnx = assets.onnx("static")
     rows = []
     for r in range(args.repeats):
         for engine in ("local", "ray"):
@@ -87,12 +62,19 @@ def main() -> int:
                 f"{embed:6.1f} s, peak RSS of the process tree {peak:,.0f} MiB",
                 flush=True,
             )
+    print("\n| engine | wall | images/s | peak RSS, process tree |\n|---|---|---|---|")
+    for engine in ("local", "ray"):
+        walls = [w for e, w, _, _ in rows if e == engine]
+        peaks = [p for e, _, p, _ in rows if e == engine]
+        print(
+            f"| {engine} | {', '.join(f'{w:.1f} s' for w in walls)} | {args.n * len(walls) / sum(walls):.0f} "
+            f"| {min(peaks):,.0f}-{max(peaks):,.0f} MiB |"
+        )
     local = [w for e, w, _, _ in rows if e == "local"]
     ray = [w for e, w, _, _ in rows if e == "ray"]
     overhead = (sum(ray) / len(ray)) / (sum(local) / len(local)) - 1
     print(f"\n== {args.n:,} images: Ray's wall time is {overhead:+.1%} against local (mean of {args.repeats} each)")
-    same = _same_store(args.work / "engine-local", args.work / "engine-ray")
-    print(f"stores equal: {same}")
+    print(f"stores equal: {_same_store(args.work / 'engine-local', args.work / 'engine-ray')}")
     return 0
 
 

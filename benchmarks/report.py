@@ -3,13 +3,13 @@ the run's wall time, how soon its first page shows in headless Chromium, and how
 answers text queries (ONNX text tower of the real FashionCLIP architecture, random weights).
 
     python -m benchmarks.report [--n 10000]
+    python -m benchmarks.report --tiny                # 16 small pictures, tiny model, 10 queries: checks the script
 
 Needs Debian's chromium and chromium-driver for the page timing (skipped without them).
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import shutil
 import socket
@@ -21,24 +21,23 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import ROOT, machine_line, make_jpeg_dataset, real_arch_onnx
+from benchmarks.common import (
+    ROOT,
+    Assets,
+    machine_line,
+    make_parser,
+    parse_args,
+    run_main_py,
+    standard_run_args,
+)
 
 
-def gallery_run(work: Path, n: int, onnx: Path) -> tuple[Path, float, float]:
+def gallery_run(assets: Assets, n: int, onnx: Path) -> tuple[Path, float, float]:
     """The standard run on n generated JPEGs: (output folder, wall seconds, report stage seconds)."""
-    ds = make_jpeg_dataset(work, n)
-    out = work / f"report-run{n}"
+    out = assets.work / f"report-run{n}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(ROOT / "main.py"), "--dataset", str(ds), "--onnx", str(onnx), "--output-dir", str(out)]
-    cmd += ["--limit", str(n)]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode not in (0, 3):
-        raise SystemExit(f"the run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    stages = next(line for line in proc.stdout.splitlines() if line.startswith("stages:"))
-    report = float(re.search(r"report ([\d.]+) s", stages).group(1))
-    return out, wall, report
+    run = run_main_py(standard_run_args(assets.dataset(n), onnx, out, n)).check("the run")
+    return out, run.wall_s, run.stages["report"]
 
 
 def first_page_seconds(report: Path) -> tuple[float, int, int] | None:
@@ -123,20 +122,21 @@ def serve_latencies(out: Path, onnx: Path, queries: int = 200) -> tuple[np.ndarr
         server.wait(10)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser(__doc__)
     ap.add_argument("--n", type=int, default=10000)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/fashion-bench"))
+    ap.add_argument("--queries", type=int, default=200, help="text queries sent to --serve, by each client setting")
     ap.add_argument("--reuse", action="store_true", help="reuse the last run's output folder: page and --serve only")
-    args = ap.parse_args()
+    args = parse_args(ap, argv, tiny={"n": 16, "queries": 10})
     print(machine_line(), flush=True)
-    onnx = real_arch_onnx(args.work, "static")
+    assets = Assets.from_args(args)
+    onnx = assets.onnx("static")
     out = args.work / f"report-run{args.n}"
     if args.reuse and (out / "outputs" / "report.html").is_file():
         print(f"reusing {out} (the report's share of a run is not measured again)")
         wall = report = float("nan")
     else:
-        out, wall, report = gallery_run(args.work, args.n, onnx)
+        out, wall, report = gallery_run(assets, args.n, onnx)
     data = sum(f.stat().st_size for f in (out / "outputs" / "report").rglob("*") if f.is_file())
     html = (out / "outputs" / "report.html").stat().st_size
     print(
@@ -147,13 +147,12 @@ def main() -> int:
     if page is None:
         print("no chromium/chromedriver: first-page time not measured")
     else:
-        print(
-            f"first page in headless Chromium: {page[0]:.2f} s ({page[2]} tiles, sprite loaded; grid of {page[1]:,})"
-        )
-    single, eight, started = serve_latencies(out, onnx)
+        print(f"first page in headless Chromium: {page[0]:.2f} s ({page[2]} tiles, sprite loaded; grid of {page[1]:,})")
+    single, eight, started = serve_latencies(out, onnx, args.queries)
+    print("\n| --serve text query | requests | p50 | p95 | p99 |\n|---|---|---|---|---|")
     for name, lat in (("1 client", single), ("8 clients", eight)):
         p50, p95, p99 = np.percentile(lat, [50, 95, 99])
-        print(f"--serve text query, {name}, {len(lat)} requests: p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms")
+        print(f"| {name} | {len(lat)} | {p50:.1f} ms | {p95:.1f} ms | {p99:.1f} ms |")
     print(f"(--serve was answering {started:.1f} s after it was started)")
     return 0
 

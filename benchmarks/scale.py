@@ -2,7 +2,7 @@
 512-d unit vectors, at 100k and 1M.
 
 For each size and index kind: build time (training, adding and the recall tuning the product does),
-index memory, recall@10 against exact search on 1,000 held-out gallery rows (not the rows the build
+index memory, recall@10 against exact search on 1,000 held-out gallery rows (--held-out) (not the rows the build
 tuned on), single-query latency p50/p99 (batch 1), and the all-neighbours top-10 of the whole
 gallery (what a gallery run computes), timed in full or, for exact search at 1M, timed on a slice
 and scaled (its cost is linear in the rows).
@@ -15,17 +15,17 @@ than any other) has none, and no index can search it. Figures depend on the data
 own embeddings before trusting them.
 
     python -m benchmarks.scale [--sizes 100000,1000000] [--kinds flat,hnsw,ivfpq]
+    python -m benchmarks.scale --tiny                 # 1,000 vectors x 32: checks the script
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import numpy as np
 
-from benchmarks.common import machine_line
+from benchmarks.common import machine_line, make_parser, parse_args
 
 
 def clustered(n: int, dim: int = 512, categories: int = 50, group: int = 10, seed: int = 0) -> np.ndarray:
@@ -102,30 +102,37 @@ def one_kind(emb: np.ndarray, kind: str, held_out: np.ndarray, truth: np.ndarray
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def held_out_truth(emb: np.ndarray, held: int) -> tuple[np.ndarray, np.ndarray]:
+    """`held` gallery rows drawn at random, and their exact top-10 (the row itself left out)."""
+    from pipeline.retrieval import topk_neighbours
+
+    n = len(emb)
+    held_out = np.sort(np.random.default_rng(99).choice(n, min(held, n), replace=False))
+    truth = topk_neighbours(emb[held_out], emb, 11).indices
+    return held_out, np.array([[j for j in row if j != i][:10] for i, row in zip(held_out, truth)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser(__doc__, work=None, model=False)
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--kinds", default="flat,hnsw,ivfpq")
     ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--held-out", type=int, default=1000, help="gallery rows whose recall and latency are measured")
     ap.add_argument("--slice", type=int, default=20_000, help="rows timed for exact all-neighbours above this size")
-    args = ap.parse_args()
+    args = parse_args(ap, argv, tiny={"sizes": "1000", "dim": 32, "held_out": 50, "slice": 500})
     print(machine_line(), flush=True)
     import faiss
 
     from pipeline.index import choose_kind
-    from pipeline.retrieval import topk_neighbours
 
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads", flush=True)
     for n in (int(s) for s in args.sizes.split(",")):
         t = time.perf_counter()
         emb = clustered(n, args.dim)
-        rng = np.random.default_rng(99)
-        held_out = np.sort(rng.choice(n, 1000, replace=False))
-        truth = topk_neighbours(emb[held_out], emb, 11).indices
-        truth = np.array([[j for j in row if j != i][:10] for i, row in zip(held_out, truth)])
+        held_out, truth = held_out_truth(emb, args.held_out)
         print(
-            f"\n== {n:,} vectors x {args.dim} ({emb.nbytes / 2**20:,.0f} MiB), made and exact truth for 1,000 rows "
-            f"in {time.perf_counter() - t:.1f} s; auto picks {choose_kind(n, args.dim)}",
+            f"\n== {n:,} vectors x {args.dim} ({emb.nbytes / 2**20:,.0f} MiB), made and exact truth for "
+            f"{len(held_out):,} rows in {time.perf_counter() - t:.1f} s; auto picks {choose_kind(n, args.dim)}",
             flush=True,
         )
         print(

@@ -11,12 +11,11 @@ from tests.assets.person_yolo (BatchNorm recalibrated, head biased to class 0, m
 torch and ONNX models carry the same weights (the .pt saved from it, then exported).
 
     python -m benchmarks.segment [--images 8] [--models n l]
+    python -m benchmarks.segment --tiny               # yolov8n-seg on 2 small pictures: checks the script
 """
 
 from __future__ import annotations
 
-import argparse
-import io
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine_line, photo_like
+from benchmarks.common import Assets, encode_picture, machine_line, make_parser, parse_args
 
 
 def mask_iou(a: list, b: list) -> list[float]:
@@ -59,28 +58,68 @@ def stage(seg, records, spec, work: Path) -> tuple[float, float, int]:
     return time.perf_counter() - t, seg.predict_seconds, crops
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/fashion-bench"))
+def run_backends(pt: Path, records, arrays, work: Path, imgsz: int | None) -> dict[str, tuple[float, float, list]]:
+    """{backend: (stage seconds, predict seconds, persons found in `arrays`)} for torch and ONNX."""
+    from pipeline.yolo import SegmentSpec, UltralyticsSegmenter
+
+    results = {}
+    for backend in ("torch", "onnx"):
+        spec = SegmentSpec(model=str(pt), backend=backend, **({"imgsz": imgsz} if imgsz else {}))
+        t = time.perf_counter()
+        seg = UltralyticsSegmenter(spec, device="cpu")
+        load = time.perf_counter() - t
+        assert seg.backend == backend, seg.backend
+        seg.model.overrides["max_det"] = 4
+        wall, predict, crops = stage(seg, records, spec, work)
+        seg.predict_seconds = 0.0
+        results[backend] = (wall, predict, seg.segment(arrays))
+        print(
+            f"{pt.stem} {backend}: load/export {load:.1f} s, stage {wall / len(records) * 1000:.0f} ms/img, "
+            f"predict {predict / len(records) * 1000:.0f} ms/img, {crops} crops",
+            flush=True,
+        )
+    return results
+
+
+def table_row(size: str, results: dict[str, tuple[float, float, list]], n: int) -> str:
+    (tw, tp, tpers), (ow, op, opers) = results["torch"], results["onnx"]
+    ious = [v for a, b in zip(tpers, opers) for v in mask_iou(a, b)]
+    box = max(
+        (
+            float(np.abs(np.stack([p.box_xyxy for p in a]) - np.stack([p.box_xyxy for p in b])).max())
+            for a, b in zip(tpers, opers)
+            if a and len(a) == len(b)
+        ),
+        default=float("nan"),
+    )
+    return (
+        f"| yolov8{size}-seg | {tp / n * 1000:.0f} ms | {tw / n * 1000:.0f} ms | {(tw - tp) / tw:.1%} | "
+        f"{op / n * 1000:.0f} ms | "
+        f"{ow / n * 1000:.0f} ms | {(ow - op) / ow:.1%} | {sum(map(len, tpers))} / {sum(map(len, opers))} (same "
+        f"per image: {[len(a) for a in tpers] == [len(b) for b in opers]}) | "
+        f"{box:.4f} | {min(ious, default=float('nan')):.4f} / {np.mean(ious) if ious else float('nan'):.4f} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser(__doc__, model=False)
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--models", nargs="+", default=["n", "l"])
-    args = ap.parse_args()
+    ap.add_argument("--imgsz", type=int, default=None, help="YOLO input size (default: the product's, --seg-imgsz)")
+    args = parse_args(ap, argv, tiny={"images": 2, "models": ["n"], "imgsz": 256})
     print(machine_line(), flush=True)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from pipeline.dataset import Record
     from pipeline.images import decode_image
-    from pipeline.yolo import SegmentSpec, UltralyticsSegmenter
     from tests.assets import person_yolo
 
+    assets = Assets.from_args(args)
     work = args.work / "segment"
     work.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(args.images):
-        buf = io.BytesIO()
-        photo_like(i).save(buf, format="JPEG", quality=90)
-        records.append(Record(i, f"gen[{i}]", buf.getvalue()))
+    records = [Record(i, f"gen[{i}]", encode_picture(assets.photo(i))) for i in range(args.images)]
     arrays = [np.asarray(decode_image(r.data).image) for r in records]
-    calib = [np.asarray(photo_like(100 + i).resize((480, 640))) for i in range(4)]
+    calib_wh = assets.size_wh if args.tiny else (480, 640)  # sides multiples of 32
+    calib = [np.asarray(assets.photo(100 + i).resize(calib_wh)) for i in range(4)]
     lines = [
         "| model | torch predict | torch stage | outside predict | ONNX predict | ONNX stage | outside predict "
         "| persons torch / ONNX | box diff px | mask IoU min / mean |",
@@ -91,41 +130,7 @@ def main() -> int:
         for old in work.glob(f"person-yolov8{size}-seg*"):
             old.unlink()
         person_yolo(f"yolov8{size}-seg.yaml", calibration=calib).save(pt)
-        results = {}
-        for backend in ("torch", "onnx"):
-            spec = SegmentSpec(model=str(pt), backend=backend)
-            t = time.perf_counter()
-            seg = UltralyticsSegmenter(spec, device="cpu")
-            load = time.perf_counter() - t
-            assert seg.backend == backend, seg.backend
-            seg.model.overrides["max_det"] = 4
-            wall, predict, crops = stage(seg, records, spec, work)
-            seg.predict_seconds = 0.0
-            persons = seg.segment(arrays)
-            results[backend] = (wall, predict, persons)
-            print(
-                f"yolov8{size}-seg {backend}: load/export {load:.1f} s, stage {wall / len(records) * 1000:.0f} ms/img, "
-                f"predict {predict / len(records) * 1000:.0f} ms/img, {crops} crops",
-                flush=True,
-            )
-        (tw, tp, tpers), (ow, op, opers) = results["torch"], results["onnx"]
-        ious = [v for a, b in zip(tpers, opers) for v in mask_iou(a, b)]
-        box = max(
-            (
-                float(np.abs(np.stack([p.box_xyxy for p in a]) - np.stack([p.box_xyxy for p in b])).max())
-                for a, b in zip(tpers, opers)
-                if a and len(a) == len(b)
-            ),
-            default=float("nan"),
-        )
-        n = len(records)
-        lines.append(
-            f"| yolov8{size}-seg | {tp / n * 1000:.0f} ms | {tw / n * 1000:.0f} ms | {(tw - tp) / tw:.1%} | "
-            f"{op / n * 1000:.0f} ms | "
-            f"{ow / n * 1000:.0f} ms | {(ow - op) / ow:.1%} | {sum(map(len, tpers))} / {sum(map(len, opers))} (same "
-            f"per image: {[len(a) for a in tpers] == [len(b) for b in opers]}) | "
-            f"{box:.4f} | {min(ious, default=float('nan')):.4f} / {np.mean(ious) if ious else float('nan'):.4f} |"
-        )
+        lines.append(table_row(size, run_backends(pt, records, arrays, work, args.imgsz), len(records)))
         print(lines[-1], flush=True)
     print("\n" + "\n".join(lines))
     return 0

@@ -2,68 +2,49 @@
 architecture (random weights). Prints wall time, images/s per stage, and peak RSS.
 
     python -m benchmarks.standard_run --n 10000
+    python -m benchmarks.standard_run --tiny          # 16 small pictures, tiny model: checks the script
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from benchmarks.common import ROOT, machine_line, make_jpeg_dataset, real_arch_onnx
+from benchmarks.common import Assets, machine_line, make_parser, parse_args, run_main_py, standard_run_args
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser(__doc__)
     ap.add_argument("--n", type=int, default=10000)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/fashion-bench"))
     ap.add_argument("--quantization", choices=["static", "dynamic"], default="static")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for main.py")
-    args = ap.parse_args()
+    args = parse_args(ap, argv, tiny={"n": 16})
     print(machine_line(), flush=True)
+    assets = Assets.from_args(args)
     args.work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    ds = make_jpeg_dataset(args.work, args.n)
-    onnx = real_arch_onnx(args.work, args.quantization)
+    ds = assets.dataset(args.n)
+    onnx = assets.onnx(args.quantization)
     print(f"assets ready in {time.perf_counter() - t:.0f} s: {ds}, {onnx}")
     out = args.work / f"run{args.n}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [
-        sys.executable,
-        str(ROOT / "main.py"),
-        "--dataset",
-        str(ds),
-        "--onnx",
-        str(onnx),
-        "--output-dir",
-        str(out),
-        "--limit",
-        str(args.n),
-        *args.extra,
-    ]
-    print(" ".join(cmd))
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    # The run reports its own peak RSS (ru_maxrss of that process alone).
-    m = re.search(r"peak memory (\d+) MiB", proc.stdout)
-    peak = float(m.group(1)) if m else float("nan")
-    summary = [line for line in proc.stdout.splitlines() if line.strip()]
-    print("\n".join(summary))
-    if proc.returncode not in (0, 3):
-        print(proc.stderr[-3000:])
-        return proc.returncode
-    stage_line = next((line for line in summary if line.startswith("stages:")), "")
-    stages = dict(re.findall(r"([a-z0-9+() ]+?) ([\d.]+) s", stage_line))
-    print(f"\n== N={args.n}: wall {wall:.1f} s ({args.n / wall:.1f} img/s end to end), peak RSS {peak:.0f} MiB")
-    for name, sec in stages.items():
-        sec = float(sec)
+    cmd = [*standard_run_args(ds, onnx, out, args.n), *args.extra]
+    print("main.py " + " ".join(cmd))
+    run = run_main_py(cmd)
+    print("\n".join(line for line in run.stdout.splitlines() if line.strip()))
+    if not run.ok:
+        print(run.stderr[-3000:])
+        return run.returncode
+    peak = run.peak_rss_mib or float("nan")
+    print(
+        f"\n== N={args.n}: wall {run.wall_s:.1f} s ({args.n / run.wall_s:.1f} img/s end to end), "
+        f"peak RSS {peak:.0f} MiB"
+    )
+    for name, sec in run.stages.items():
         if sec > 0:
-            print(f"  {name.strip():40s} {sec:8.1f} s  {args.n / sec:9.1f} img/s")
+            print(f"  {name:40s} {sec:8.1f} s  {args.n / sec:9.1f} img/s")
     return 0
 
 

@@ -8,52 +8,57 @@ the embed, match, track and draw stages do their real work. The gallery is N gen
 with the int8 ONNX model of the real FashionCLIP architecture.
 
     python -m benchmarks.video [--seconds 20] [--segmented] [--repeats 1]
+    python -m benchmarks.video --tiny                 # 2 s at 320x180, tiny model, 16 items: checks the script
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine_line, make_jpeg_dataset, photo_like, real_arch_onnx
+from benchmarks.common import Assets, machine_line, make_parser, parse_args, photo_like
 
-W, H, FPS = 1920, 1080, 30
+FPS, STRIDE = 30, 30
+FULL_HD = (1920, 1080)
 
 
-def walkers(frame: int) -> list[list[float]]:
-    """Three persons (400 x 900 boxes) walking at 2-4 px a frame, bouncing off the frame's sides."""
+def walkers(frame: int, size_wh: tuple[int, int] = FULL_HD) -> list[list[float]]:
+    """Three persons (400 x 900 boxes at 1080p) walking at 2-4 px a frame, bouncing off the frame's
+    sides; everything scaled with the frame."""
+    sx, sy = size_wh[0] / FULL_HD[0], size_wh[1] / FULL_HD[1]
     out = []
     for k, (x0, speed, y1) in enumerate(((100, 4, 150), (900, -3, 100), (1400, 2, 170))):
-        span = W - 400
+        span = FULL_HD[0] - 400
         x = (x0 + speed * frame) % (2 * span)
         x = x if x <= span else 2 * span - x
-        out.append([x, y1, x + 400, y1 + 900 - 60 * k])
+        out.append([x * sx, y1 * sy, (x + 400) * sx, (y1 + 900 - 60 * k) * sy])
     return out
 
 
-def make_clip(path: Path, seconds: int) -> Path:
+def make_clip(path: Path, seconds: int, size_wh: tuple[int, int] = FULL_HD) -> Path:
     """The clip: a photo-like floor with three garment blocks moving as `walkers` says, H.264."""
     import av
 
     if path.is_file():
         return path
-    base = np.asarray(photo_like(7, W, H)).copy()
+    base = np.asarray(photo_like(7, *size_wh)).copy()
     colours = [(200, 30, 30), (30, 60, 200), (240, 200, 40)]
+    stripe = max(2, round(40 * size_wh[1] / FULL_HD[1]))
     tmp = path.with_suffix(".part.mp4")
     with av.open(str(tmp), "w") as container:
         stream = container.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = size_wh[0], size_wh[1], "yuv420p"
         stream.options = {"preset": "veryfast", "crf": "20"}
         for i in range(seconds * FPS):
             frame = base.copy()
-            for (x1, y1, x2, y2), c in zip(walkers(i), colours):
+            for (x1, y1, x2, y2), c in zip(walkers(i, size_wh), colours):
                 frame[int(y1) : int(y2), int(x1) : int(x2)] = c
-                frame[int(y1) : int(y2) : 40, int(x1) : int(x2)] = 255  # stripes
+                frame[int(y1) : int(y2) : stripe, int(x1) : int(x2)] = 255  # stripes
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -65,8 +70,8 @@ def make_clip(path: Path, seconds: int) -> Path:
 class Walkers:
     """Runs the real detector (for its cost) and reports the three walkers (call n = frame n x 30)."""
 
-    def __init__(self, real, stride: int = 30) -> None:
-        self.real, self.stride, self.calls = real, stride, 0
+    def __init__(self, real, size_wh: tuple[int, int], stride: int = STRIDE) -> None:
+        self.real, self.size_wh, self.stride, self.calls = real, size_wh, stride, 0
 
     def detect(self, frames):
         from pipeline.persons import Person
@@ -74,16 +79,58 @@ class Walkers:
         self.real.detect(frames)
         out = []
         for _ in frames:
-            boxes = walkers(self.calls * self.stride)
+            boxes = walkers(self.calls * self.stride, self.size_wh)
             self.calls += 1
             out.append([Person(np.array(b, np.float32), s) for b, s in zip(boxes, (0.9, 0.8, 0.7))])
         return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/fashion-bench"))
+def masked_walkers(spec, size_wh: tuple[int, int]):
+    """A segmenter that runs the real segmentation model (for its cost) and returns masks for the walkers."""
+    from pipeline.persons import Person
+    from pipeline.yolo import UltralyticsSegmenter
+
+    class MaskedWalkers(UltralyticsSegmenter):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.calls = 0
+
+        def segment(self, images_rgb):
+            super().segment(images_rgb)
+            out = []
+            for im in images_rgb:
+                h, w = im.shape[:2]
+                mx, my = round(40 * w / FULL_HD[0]), round(50 * h / FULL_HD[1])
+                persons = []
+                for box in walkers(self.calls * STRIDE, size_wh):
+                    x1, y1, x2, y2 = (int(v) for v in box)
+                    m = np.zeros((h, w), bool)
+                    m[y1 + my : y2 - my, x1 + mx : x2 - mx] = True
+                    persons.append(Person(np.array(box, np.float32), 0.9, m))
+                self.calls += 1
+                out.append(persons)
+            return out
+
+    return MaskedWalkers(spec, device="cpu")
+
+
+def person_detector(work: Path, backend: str):
+    """yolov8n's architecture saved as .pt (random weights made to see persons), so that the product's
+    own rule applies: on the CPU a .pt runs as its verified ONNX export unless --det-backend torch."""
+    from pipeline.yolo import UltralyticsDetector
+
+    det_pt = work / "person-yolov8n.pt"
+    if not det_pt.is_file():
+        from tests.assets import person_yolo
+
+        person_yolo("yolov8n.yaml", score_gain=0.1, score_bias=2.0).save(det_pt)
+    return UltralyticsDetector(str(det_pt), 0.25, device="cpu", backend=backend)
+
+
+def parse(argv: list[str] | None):
+    ap = make_parser(__doc__)
     ap.add_argument("--seconds", type=int, default=20)
+    ap.add_argument("--size", default="1920x1080", help="the clip's frame size, WxH")
     ap.add_argument("--gallery", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=1, help="runs of each setting, interleaved")
     ap.add_argument("--segmented", action="store_true", help="also mask persons with a segmentation model")
@@ -94,65 +141,15 @@ def main() -> int:
         default="auto",
         help="detector backend, as --det-backend in main.py (auto: the .pt's ONNX export on the CPU)",
     )
-    args = ap.parse_args()
-    print(machine_line(), flush=True)
-    from dataclasses import replace
+    return parse_args(ap, argv, tiny={"seconds": 2, "size": "320x180", "gallery": 16})
 
-    from pipeline.config import RunConfig, VideoSpec
-    from pipeline.dataset import DatasetSpec
-    from pipeline.embedders import EmbedderSpec
-    from pipeline.persons import Person
+
+def run_settings(args, cfg, real, size_wh: tuple[int, int]) -> list[tuple]:
+    """Each setting (annotated video on, off) run --repeats times, interleaved: (annotated, whole
+    call seconds, stages of the clip wall, counts, encoder thread seconds) per run."""
     from pipeline.video import run_video
-    from pipeline.yolo import SegmentSpec, UltralyticsDetector
 
-    (args.work / "videos").mkdir(parents=True, exist_ok=True)
-    clip = make_clip(args.work / "videos" / f"walkers_1080p_{args.seconds}s.mp4", args.seconds)
-    onnx = real_arch_onnx(args.work, "static")
-    ds = make_jpeg_dataset(args.work, 1000)
-    out = args.work / "video-run"
-    cfg = RunConfig(
-        dataset=DatasetSpec(str(ds), limit=args.gallery),
-        embedder=EmbedderSpec(onnx=str(onnx), backend="onnx"),
-        segment=SegmentSpec(model=args.seg_model),
-        output_dir=out,
-        progress=False,
-        video=VideoSpec(clip=clip.stem, folder=clip.parent, det_model="yolov8n.yaml"),
-    )
-    if args.segmented:
-        from pipeline.yolo import UltralyticsSegmenter
-
-        class MaskedWalkers(UltralyticsSegmenter):
-            """Runs the real segmentation model (for its cost) and returns masks for the walkers."""
-
-            def __init__(self, *a, **k):
-                super().__init__(*a, **k)
-                self.calls = 0
-
-            def segment(self, images_rgb):
-                super().segment(images_rgb)
-                out = []
-                for im in images_rgb:
-                    h, w = im.shape[:2]
-                    persons = []
-                    for box in walkers(self.calls * 30):
-                        x1, y1, x2, y2 = (int(v) for v in box)
-                        m = np.zeros((h, w), bool)
-                        m[y1 + 50 : y2 - 50, x1 + 40 : x2 - 40] = True
-                        persons.append(Person(np.array(box, np.float32), 0.9, m))
-                    self.calls += 1
-                    out.append(persons)
-                return out
-
-    # yolov8n's architecture saved as .pt (random weights made to see persons), so that the product's
-    # own rule applies: on the CPU a .pt runs as its verified ONNX export unless --det-backend torch.
-    det_pt = args.work / "person-yolov8n.pt"
-    if not det_pt.is_file():
-        from tests.assets import person_yolo
-
-        person_yolo("yolov8n.yaml", score_gain=0.1, score_bias=2.0).save(det_pt)
-    real = UltralyticsDetector(str(det_pt), 0.25, device="cpu", backend=args.det_backend)
-    print(f"detector: yolov8n, {real.backend}; clip {clip.name}: {args.seconds} s, {W}x{H}, {FPS} fps, stride 30")
-    rows = []
+    out, rows = cfg.output_dir, []
     for r in range(args.repeats):
         for annotated in (True, False):
             run_cfg = replace(
@@ -161,9 +158,9 @@ def main() -> int:
                 use_embeddings=(out / "embeddings" / "embeddings.json").is_file(),
             )
             shutil.rmtree(out / "video_results", ignore_errors=True)
-            segmenter_now = MaskedWalkers(cfg.segment, device="cpu") if args.segmented else None
+            segmenter = masked_walkers(cfg.segment, size_wh) if args.segmented else None
             t = time.perf_counter()
-            summary = run_video(run_cfg, detector=Walkers(real), segmenter=segmenter_now)
+            summary = run_video(run_cfg, detector=Walkers(real, size_wh), segmenter=segmenter)
             whole = time.perf_counter() - t
             if r == 0 and annotated:
                 print(summary.format())
@@ -174,10 +171,10 @@ def main() -> int:
             }
             encode = summary.stages.get("video encoding (background thread)", 0.0)
             rows.append((annotated, whole, stages, summary.counts, encode))
-    print(
-        f"\n== 1080p {args.seconds} s clip, stride 30, detector {real.backend}"
-        f"{', segmented (' + args.seg_model + ')' if args.segmented else ''}, gallery {args.gallery}"
-    )
+    return rows
+
+
+def print_table(rows: list[tuple], seconds: int) -> None:
     print(
         f"{'annotated video':16s} {'clip wall':>9s} {'x real time':>11s} {'analysed/s':>10s} {'tracks':>6s}  "
         "stage shares of the clip wall"
@@ -186,12 +183,47 @@ def main() -> int:
         total = sum(stages.values())
         shares = "  ".join(f"{k} {v / total:.0%}" for k, v in stages.items() if v / total >= 0.005)
         print(
-            f"{'on' if annotated else 'off':16s} {total:8.1f}s {args.seconds / total:10.2f}x "
+            f"{'on' if annotated else 'off':16s} {total:8.1f}s {seconds / total:10.2f}x "
             f"{counts['frames processed'] / total:10.2f} {counts['tracks']:6d}  {shares}"
         )
         if annotated:
             print(f"{'':16s} encoder thread busy {encode:.1f} s = {encode / total:.0%} of the clip wall (overlapped)")
         print(f"{'':16s} (whole call with gallery load and outputs: {whole:.1f} s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    print(machine_line(), flush=True)
+    from pipeline.config import RunConfig, VideoSpec
+    from pipeline.dataset import DatasetSpec
+    from pipeline.embedders import EmbedderSpec
+    from pipeline.yolo import SegmentSpec
+
+    assets = Assets.from_args(args)
+    size_wh = tuple(int(v) for v in args.size.lower().split("x"))
+    (args.work / "videos").mkdir(parents=True, exist_ok=True)
+    clip = make_clip(
+        args.work / "videos" / f"walkers_{size_wh[0]}x{size_wh[1]}_{args.seconds}s.mp4", args.seconds, size_wh
+    )
+    cfg = RunConfig(
+        dataset=DatasetSpec(str(assets.dataset(args.gallery)), limit=args.gallery),
+        embedder=EmbedderSpec(onnx=str(assets.onnx("static")), backend="onnx"),
+        segment=SegmentSpec(model=args.seg_model),
+        output_dir=args.work / ("video-run-tiny" if args.tiny else "video-run"),
+        progress=False,
+        video=VideoSpec(clip=clip.stem, folder=clip.parent, det_model="yolov8n.yaml"),
+    )
+    real = person_detector(args.work, args.det_backend)
+    print(
+        f"detector: yolov8n, {real.backend}; clip {clip.name}: {args.seconds} s, {size_wh[0]}x{size_wh[1]}, "
+        f"{FPS} fps, stride {STRIDE}"
+    )
+    rows = run_settings(args, cfg, real, size_wh)
+    print(
+        f"\n== {size_wh[1]}p {args.seconds} s clip, stride {STRIDE}, detector {real.backend}"
+        f"{', segmented (' + args.seg_model + ')' if args.segmented else ''}, gallery {args.gallery}"
+    )
+    print_table(rows, args.seconds)
     return 0
 
 

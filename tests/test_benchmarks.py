@@ -1,0 +1,151 @@
+"""Every benchmark's --tiny mode, end to end, so that a change that breaks a benchmark fails here:
+the same steps as the real measurement on a tiny random CLIP (tests/assets.py), a few small
+pictures and rows. Each runs in this process through its main(argv) (those that start main.py, Ray
+or --serve start them as the real benchmark does) and must print its table with numbers in it.
+
+One --work folder serves the whole module, and the CLIP benchmarks take the session's tiny model
+and its int8 export (tests/conftest.py) with --model and --onnx, so those are made once."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks import embed, gpu_check, int8_cpus, ray_vs_local, report, scale, segment, standard_run, video
+
+NUMBER = r"\d+(?:\.\d+)?"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def clip_args(work, tiny_clip, tiny_onnx) -> list[str]:
+    return ["--work", str(work), "--model", str(tiny_clip), "--onnx", str(tiny_onnx)]
+
+
+def run_tiny(module, capsys, *args: str) -> str:
+    """The benchmark's main(["--tiny", *args]); its exit status must be 0; returns what it printed."""
+    code = module.main(["--tiny", *args])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    return out
+
+
+def assert_rows(out: str, *patterns: str) -> None:
+    """Each pattern (a regex; NUMBER stands for a number) matches a line of the output."""
+    for pattern in patterns:
+        assert re.search(pattern.replace("NUMBER", NUMBER), out, re.MULTILINE), f"no line like {pattern!r} in:\n{out}"
+
+
+def test_scale(capsys):
+    out = run_tiny(scale, capsys)
+    assert_rows(
+        out,
+        r"^kind +build +index .*recall@10",
+        r"^flat +NUMBERs .* 1\.0000 ",
+        r"^hnsw +NUMBERs .*'efSearch'",
+        r"^ivfpq +NUMBERs .* 0\.\d{4} .*'nprobe'",
+    )
+
+
+def test_embed(clip_args, capsys):
+    out = run_tiny(embed, capsys, *clip_args)
+    assert_rows(
+        out,
+        r"^\| backend \| batch 1 \| batch 8 \| batch 32 \|$",
+        r"^\| torch fp32 \| NUMBER \| NUMBER \| NUMBER \|$",
+        r"^\| onnxruntime int8 \(static QDQ, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
+        r"^\| embedding stage end to end .*16 JPEGs 192x256\) \| \| \| NUMBER \|$",
+        r"^onnxruntime GEMM peak here: fp32 NUMBER GFLOP/s",
+    )
+
+
+def test_int8_cpus(clip_args, capsys):
+    out = run_tiny(int8_cpus, capsys, *clip_args)
+    assert_rows(
+        out,
+        r"^\| int8 export \| weights \| img/s here \(batch 32\) \|",
+        r"^\| static \| 7-bit \| NUMBER \| NUMBER / NUMBER \| NUMBER / NUMBER \(1 pictures\) \|$",
+        r"^(\| static \| 8-bit \| NUMBER \||static 8-bit: export failed: )",  # 8-bit may fail its check on a CPU
+    )
+
+
+def test_segment(work, capsys):
+    out = run_tiny(segment, capsys, "--work", str(work))
+    assert_rows(
+        out,
+        r"^\| model \| torch predict \| torch stage \|",
+        r"^\| yolov8n-seg \| NUMBER ms \| NUMBER ms \| NUMBER% \| NUMBER ms \| NUMBER ms \| NUMBER% \| NUMBER / NUMBER",
+    )
+
+
+def test_video(clip_args, capsys):
+    out = run_tiny(video, capsys, *clip_args)
+    assert_rows(
+        out,
+        r"^annotated video +clip wall +x real time +analysed/s +tracks",
+        r"^on +NUMBERs +NUMBERx +NUMBER +3  read NUMBER%",
+        r"^off +NUMBERs +NUMBERx +NUMBER +3  ",
+    )
+
+
+@pytest.mark.subprocess
+def test_standard_run(clip_args, capsys):
+    out = run_tiny(standard_run, capsys, *clip_args)
+    assert_rows(
+        out,
+        r"^== N=16: wall NUMBER s \(NUMBER img/s end to end\), peak RSS NUMBER MiB$",
+        r"^  embed stage \(wall\) +NUMBER s +NUMBER img/s$",
+    )
+
+
+@pytest.mark.subprocess
+def test_report(clip_args, capsys):
+    out = run_tiny(report, capsys, *clip_args)
+    assert_rows(
+        out,
+        r"^== 16-image standard run: wall NUMBER s; report written in NUMBER s",
+        r"^\| --serve text query \| requests \| p50 \| p95 \| p99 \|$",
+        r"^\| 1 client \| 10 \| NUMBER ms \| NUMBER ms \| NUMBER ms \|$",
+        r"^\| 8 clients \| 10 \| NUMBER ms \| NUMBER ms \| NUMBER ms \|$",
+    )
+
+
+# What main.py prints when Ray itself could not be started (not when the Ray engine breaks).
+RAY_START_FAILED = re.compile(r"Failed to (start|launch)|Could not (start|connect)|raylet|GCS server", re.IGNORECASE)
+
+
+@pytest.mark.subprocess
+def test_ray_vs_local(clip_args, capsys):
+    pytest.importorskip("ray", reason="Ray is not installed, so it cannot start")
+    try:
+        out = run_tiny(ray_vs_local, capsys, *clip_args)
+    except SystemExit as e:  # the benchmark stops with the failed run's stderr
+        if RAY_START_FAILED.search(str(e)):
+            pytest.skip(f"Ray could not start here: {str(e).splitlines()[-1]}")
+        raise
+    assert_rows(
+        out,
+        r"^\| engine \| wall \| images/s \| peak RSS, process tree \|$",
+        r"^\| local \| NUMBER s \| NUMBER \| [\d,]+-[\d,]+ MiB \|$",
+        r"^\| ray \| NUMBER s \| NUMBER \| [\d,]+-[\d,]+ MiB \|$",
+        r"^stores equal: manifest byte-identical: True; embeddings max difference 0\.00e\+00$",
+    )
+
+
+@pytest.mark.subprocess
+def test_gpu_check_dry_run(clip_args, capsys):
+    out = run_tiny(gpu_check, capsys, *clip_args)
+    assert_rows(
+        out,
+        r"^\| run \| exit \| embedding stage img/s \| after model load \|",
+        r"^\| jpeg_16 \| 0 \| NUMBER \| NUMBER s \| NUMBER MiB \|",
+        r"^\| jpeg_png10_16 \| 0 \| NUMBER \| NUMBER s \|",
+        r"^\| lanes threads_2 \| 0 \| .* \| NUMBER s \|",
+        r"^\| segmentation \| 0 \| NUMBER \| NUMBER s \|",
+    )
