@@ -15,7 +15,7 @@ import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from .fileio import sha256_file
 from .identity import VectorIdentity
 from .preprocess import PreprocessConfig
 from .probes import META_PROBES, ProbeRecord, check_file, probe_pixels
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -186,69 +189,18 @@ class OnnxEmbedder(Embedder):
         path = Path(path)
         if not path.is_file():
             raise PipelineError(f"ONNX file {path} not found. Make it with: python main.py --export-onnx --onnx {path}")
-        available = ort.get_available_providers()
-        if device == "cuda" and "CUDAExecutionProvider" not in available:
-            raise PipelineError(
-                f"--device cuda asked for, but this onnxruntime has no CUDA provider (it has {available}). "
-                "Install onnxruntime-gpu, or use --device cpu."
-            )
-        # On the CPU: one single-threaded session per core, each running a slice of the batch. Alone
-        # it is as fast as one multi-threaded session, but while other threads also need the CPU
-        # (decoding), a multi-threaded session loses time to its per-operator synchronisation (one
-        # preempted thread stalls all) and slices do not. Vectors do not depend on the slicing
-        # (static int8 and fp32 are batch-independent).
-        use_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
-        cores = threads or available_cores()
-        replicas = 1 if use_cuda else max(1, cores)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = 1 if replicas > 1 else cores
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Idle worker threads must not spin: the decoding thread needs those cycles.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.path, self._opts, self._providers, self._text = path, opts, providers, None
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise PipelineError(
-                f"cannot load ONNX file {path}: {type(e).__name__}: {e}. Re-create it with --export-onnx."
-            ) from e
-        self._free: queue.SimpleQueue = queue.SimpleQueue()  # sessions not running right now
-        self._free.put(self.session)
-        for _ in range(replicas - 1):
-            self._free.put(ort.InferenceSession(str(path), sess_options=opts, providers=providers))
-        self._pool = ThreadPoolExecutor(max_workers=replicas, thread_name_prefix="onnx") if replicas > 1 else None
-        # Callers with their own per-core threads (the gallery's lanes) may run this many
-        # `embed_serial` calls at once, each on one core.
-        self.lanes = replicas
+        self.path = path
+        self._providers = _providers_for(ort, device)
+        self._text: _OnnxText | None = None  # opened by the first embed_text
+        self._start_sessions(ort, threads)
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise PipelineError(f"onnxruntime could not start its CUDA provider for {path} (check CUDA/cuDNN versions)")
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         meta = self.session.get_modelmeta().custom_metadata_map
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise PipelineError(f"{path}: expected one image input, found {[i.name for i in inputs]}")
-        self.input = inputs[0]
-        if self.input.type != "tensor(float)" or len(self.input.shape) != 4:
-            raise PipelineError(
-                f"{path}: input {self.input.name!r} is {self.input.type} {self.input.shape}; expected float (batch, 3, "
-                f"H, W)"
-            )
+        self.input = self._image_input()
         self.output_name = self.session.get_outputs()[0].name
-        if META_PREPROCESS in meta:
-            self.preprocess_cfg = PreprocessConfig.from_json(meta[META_PREPROCESS])
-        elif model_hint and Path(model_hint).is_dir():
-            self.preprocess_cfg = PreprocessConfig.from_model_dir(model_hint)
-        else:
-            log.warning("%s carries no preprocessing metadata; using CLIP defaults", path)
-            self.preprocess_cfg = PreprocessConfig()
-        _, c, h, w = self.input.shape
-        expected = (3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width)
-        for got, want, name in zip((c, h, w), expected, ("channels", "height", "width")):
-            if isinstance(got, int) and got != want:
-                raise PipelineError(f"{path}: input {name} is {got} but preprocessing makes {want}")
+        self.preprocess_cfg = _preprocess_config_for_file(path, meta, model_hint)
+        self._check_input_size()
         out_shape = self.session.get_outputs()[0].shape
         self.dim = int(out_shape[-1]) if isinstance(out_shape[-1], int) else self._probe_dim()
         # The file checks itself on this CPU before it embeds anything (pipeline/probes.py).
@@ -263,6 +215,53 @@ class OnnxEmbedder(Embedder):
             preprocess=json.loads(self.preprocess_cfg.to_json()),
             dim=self.dim,
         )
+
+    def _start_sessions(self, ort: Any, threads: int) -> None:
+        """Open `self.session` and its replicas, queued in `self._free`, and the pool that runs them.
+
+        On the CPU: one single-threaded session per core, each running a slice of the batch. Alone
+        it is as fast as one multi-threaded session, but while other threads also need the CPU
+        (decoding), a multi-threaded session loses time to its per-operator synchronisation (one
+        preempted thread stalls all) and slices do not. Vectors do not depend on the slicing
+        (static int8 and fp32 are batch-independent).
+        """
+        cores = threads or available_cores()
+        replicas = 1 if "CUDAExecutionProvider" in self._providers else max(1, cores)
+        self._opts = _session_options(ort, intra_op_threads=1 if replicas > 1 else cores)
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=self._opts, providers=self._providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise PipelineError(
+                f"cannot load ONNX file {self.path}: {type(e).__name__}: {e}. Re-create it with --export-onnx."
+            ) from e
+        self._free: queue.SimpleQueue = queue.SimpleQueue()  # sessions not running right now
+        self._free.put(self.session)
+        for _ in range(replicas - 1):
+            self._free.put(ort.InferenceSession(str(self.path), sess_options=self._opts, providers=self._providers))
+        self._pool = ThreadPoolExecutor(max_workers=replicas, thread_name_prefix="onnx") if replicas > 1 else None
+        # Callers with their own per-core threads (the gallery's lanes) may run this many
+        # `embed_serial` calls at once, each on one core.
+        self.lanes = replicas
+
+    def _image_input(self) -> Any:
+        """The session's one input, checked to be float (batch, 3, H, W)."""
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise PipelineError(f"{self.path}: expected one image input, found {[i.name for i in inputs]}")
+        image = inputs[0]
+        if image.type != "tensor(float)" or len(image.shape) != 4:
+            raise PipelineError(
+                f"{self.path}: input {image.name!r} is {image.type} {image.shape}; expected float (batch, 3, H, W)"
+            )
+        return image
+
+    def _check_input_size(self) -> None:
+        """The file's fixed input sizes (symbolic ones pass) must be what the preprocessing makes."""
+        _, c, h, w = self.input.shape
+        expected = (3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width)
+        for got, want, name in zip((c, h, w), expected, ("channels", "height", "width")):
+            if isinstance(got, int) and got != want:
+                raise PipelineError(f"{self.path}: input {name} is {got} but preprocessing makes {want}")
 
     def _probe_dim(self) -> int:
         x = np.zeros((1, 3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width), np.float32)
@@ -325,6 +324,43 @@ class OnnxEmbedder(Embedder):
         if self._text is None:
             self._text = _OnnxText(self.path, self.identity.model or "", self._opts, self._providers)
         return self._text.embed(texts)
+
+
+def _providers_for(ort: Any, device: str) -> list[str]:
+    """onnxruntime execution providers for --device (auto: CUDA when this onnxruntime has it).
+
+    Raises:
+        PipelineError: --device cuda, and this onnxruntime has no CUDA provider.
+    """
+    available = ort.get_available_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise PipelineError(
+            f"--device cuda asked for, but this onnxruntime has no CUDA provider (it has {available}). "
+            "Install onnxruntime-gpu, or use --device cpu."
+        )
+    use_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+
+
+def _session_options(ort: Any, intra_op_threads: int) -> Any:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = intra_op_threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle worker threads must not spin: the decoding thread needs those cycles.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def _preprocess_config_for_file(path: Path, meta: dict[str, str], model_hint: str | None) -> PreprocessConfig:
+    """The preprocessing the export recorded in the file; else the hinted model folder's; else CLIP's defaults."""
+    if META_PREPROCESS in meta:
+        return PreprocessConfig.from_json(meta[META_PREPROCESS])
+    if model_hint and Path(model_hint).is_dir():
+        return PreprocessConfig.from_model_dir(model_hint)
+    log.warning("%s carries no preprocessing metadata; using CLIP defaults", path)
+    return PreprocessConfig()
 
 
 class _OnnxText:
@@ -410,7 +446,8 @@ class TorchEmbedder(Embedder):
         if self.precision != "int8":
             self.model.to(self.device)
         self._torch = torch
-        self._model_name, self._tokenizer = model, None
+        self._model_name = model
+        self._tokenizer: PreTrainedTokenizerBase | None = None  # loaded by the first embed_text
         self._dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
         self.input_dtype = self._dtype  # what a device preprocessor should hand embed_tensor
         self.preprocess_cfg = preprocess_config_for_model(model)

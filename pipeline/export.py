@@ -150,39 +150,73 @@ def export_onnx(
     Raises:
         PipelineError: the export, quantization or verification failed (nothing is left behind).
     """
+    _require_export_packages()
+    job = _ImageExport(model, Path(int8_path), per_channel, quantization)
     try:
-        import onnxruntime as ort
-        import torch
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        from transformers import CLIPModel
+        job.export_fp32()
+        job.quantize(calibration_images)
+        report, records = job.verify(images)
+        job.write(report, records)
+        return report
+    except PipelineError:
+        raise
+    except Exception as e:  # exporter and quantizer raise many types
+        raise PipelineError(f"ONNX export of {model!r} failed: {type(e).__name__}: {e}") from e
+    finally:
+        job.remove_temp_files()
 
-        import onnx
+
+def _require_export_packages() -> None:
+    """Fail before any work, with an install hint; the steps import what they use where they use it."""
+    try:  # unused here: imported only to fail before loading the model
+        import onnxruntime  # noqa: F401
+        import torch  # noqa: F401
+        from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: F401
+        from transformers import CLIPModel  # noqa: F401
+
+        import onnx  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the install
         raise PipelineError(
             f"--export-onnx needs torch, transformers, onnx and onnxruntime ({e}): pip install -r requirements.txt"
         ) from e
 
-    int8_path = Path(int8_path)
-    fp32_path = fp32_path_for(int8_path)
-    int8_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        clip = CLIPModel.from_pretrained(model, attn_implementation="eager").eval()
-    except OSError as e:
-        raise PipelineError(
-            f"cannot load model {model!r}: {first_line(e)} Without network access pass a local folder with --model DIR."
-        ) from e
-    prep = preprocess_config_for_model(model)
-    tower = _image_tower(clip)
-    tmp_fp32 = fp32_path.with_name(f".{fp32_path.name}.tmp")
-    tmp_int8 = int8_path.with_name(f".{int8_path.name}.tmp")
-    tmp_pre = int8_path.with_name(f".{int8_path.name}.pre.tmp")
-    try:
-        example = torch.zeros(2, 3, prep.crop_height, prep.crop_width)
-        log.info("exporting %s to ONNX (torch.export, opset %d)", model, OPSET)
+
+class _ImageExport:
+    """One image-tower export: the loaded model and the temp files that become the final files
+    only once both are verified (remove_temp_files clears whatever is left)."""
+
+    def __init__(self, model: str, int8_path: Path, per_channel: bool, quantization: str) -> None:
+        from transformers import CLIPModel
+
+        self.model, self.quantization, self.per_channel = model, quantization, per_channel
+        self.int8_path, self.fp32_path = int8_path, fp32_path_for(int8_path)
+        int8_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.clip = CLIPModel.from_pretrained(model, attn_implementation="eager").eval()
+        except OSError as e:
+            raise PipelineError(
+                f"cannot load model {model!r}: {first_line(e)} Without network access pass a local folder with "
+                f"--model DIR."
+            ) from e
+        self.prep = preprocess_config_for_model(model)
+        self.tower = _image_tower(self.clip)
+        self.tmp_fp32 = self.fp32_path.with_name(f".{self.fp32_path.name}.tmp")
+        self.tmp_int8 = int8_path.with_name(f".{int8_path.name}.tmp")
+        self.tmp_pre = int8_path.with_name(f".{int8_path.name}.pre.tmp")
+
+    @property
+    def weight_mode(self) -> str:
+        return "per-channel" if self.per_channel else "per-tensor"
+
+    def export_fp32(self) -> None:
+        import torch
+
+        example = torch.zeros(2, 3, self.prep.crop_height, self.prep.crop_width)
+        log.info("exporting %s to ONNX (torch.export, opset %d)", self.model, OPSET)
         torch.onnx.export(
-            tower,
+            self.tower,
             (example,),
-            str(tmp_fp32),
+            str(self.tmp_fp32),
             input_names=["pixel_values"],
             output_names=["image_embeds"],
             dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
@@ -190,44 +224,55 @@ def export_onnx(
             dynamo=True,
             external_data=False,
         )
-        meta = {
-            META_SOURCE_MODEL: model_reference(model),
-            META_PREPROCESS: prep.to_json(),
-            META_KIND: "clip-image-tower",
-        }
-        mode = "per-channel" if per_channel else "per-tensor"
-        if quantization == "dynamic":
+
+    def quantize(self, calibration_images: Sequence[Image.Image] | None) -> None:
+        """fp32 temp file -> int8 temp file, MatMul only (module docstring)."""
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        mode = self.weight_mode
+        if self.quantization == "dynamic":
             log.info("quantizing MatMul to int8 (dynamic, %s 7-bit weights)", mode)
             quantize_dynamic(
-                str(tmp_fp32),
-                str(tmp_int8),
+                str(self.tmp_fp32),
+                str(self.tmp_int8),
                 op_types_to_quantize=["MatMul"],
                 weight_type=QuantType.QInt8,
-                per_channel=per_channel,
+                per_channel=self.per_channel,
                 reduce_range=REDUCE_RANGE,
             )
-        elif quantization == "static":
+        elif self.quantization == "static":
             calib = list(calibration_images) if calibration_images is not None else verification_images(64, seed=1)
             log.info(
                 "quantizing MatMul to int8 (static QDQ, %s 7-bit weights, ranges from %d images)", mode, len(calib)
             )
-            _quantize_static(tmp_fp32, tmp_pre, tmp_int8, preprocess_batch(calib, prep), per_channel)
+            calib_pixels = preprocess_batch(calib, self.prep)
+            _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels, self.per_channel)
         else:
-            raise PipelineError(f"unknown quantization {quantization!r}; expected 'static' or 'dynamic'")
+            raise PipelineError(f"unknown quantization {self.quantization!r}; expected 'static' or 'dynamic'")
+
+    def verify(self, images: Sequence[Image.Image] | None) -> tuple[ExportReport, dict[Path, ProbeRecord]]:
+        """Both temp files against torch, logged; their probe records keyed by temp path.
+
+        Raises:
+            PipelineError: a file misses its bar (the report's lines say which).
+        """
+        import onnxruntime as ort
+        import torch
+
         imgs = list(images) if images is not None else verification_images()
-        pixels, probes = preprocess_batch(imgs, prep), probe_pixels(prep)
+        pixels, probes = preprocess_batch(imgs, self.prep), probe_pixels(self.prep)
         with torch.inference_mode():
-            ref = tower(torch.from_numpy(pixels)).numpy()
-            probe_ref = tower(torch.from_numpy(probes)).numpy()
-        c32, c8 = _cosines(_run(ort, tmp_fp32, pixels), ref), _cosines(_run(ort, tmp_int8, pixels), ref)
+            ref = self.tower(torch.from_numpy(pixels)).numpy()
+            probe_ref = self.tower(torch.from_numpy(probes)).numpy()
+        c32, c8 = _cosines(_run(ort, self.tmp_fp32, pixels), ref), _cosines(_run(ort, self.tmp_int8, pixels), ref)
         records = {
             path: ProbeRecord.make("image", [probes], probe_ref, _run(ort, path, probes), bar)
-            for path, bar in ((tmp_fp32, FP32_MIN_COSINE), (tmp_int8, INT8_MIN_COSINE))
+            for path, bar in ((self.tmp_fp32, FP32_MIN_COSINE), (self.tmp_int8, INT8_MIN_COSINE))
         }
-        p32, p8 = min(records[tmp_fp32].exported_cosines), min(records[tmp_int8].exported_cosines)
+        p32, p8 = min(records[self.tmp_fp32].exported_cosines), min(records[self.tmp_int8].exported_cosines)
         report = ExportReport(
-            fp32_path,
-            int8_path,
+            self.fp32_path,
+            self.int8_path,
             len(imgs),
             float(c32.min()),
             float(c32.mean()),
@@ -236,27 +281,37 @@ def export_onnx(
             passed=bool(c32.min() >= FP32_MIN_COSINE and c8.min() >= INT8_MIN_COSINE and c8.mean() >= INT8_MEAN_COSINE),
             probe_fp32_min=p32,
             probe_int8_min=p8,
-            probe_int8_bar=records[tmp_int8].min_cosine,
+            probe_int8_bar=records[self.tmp_int8].min_cosine,
         )
         for line in report.lines():
             log.info(line)
         if not report.passed:
             raise PipelineError("ONNX export failed verification; no file was written:\n" + "\n".join(report.lines()))
-        precision = f"int8-{quantization}-matmul-{mode}-7bit"
-        _set_metadata(onnx, tmp_fp32, {**meta, META_PRECISION: "fp32", META_PROBES: records[tmp_fp32].to_json()})
-        _set_metadata(onnx, tmp_int8, {**meta, META_PRECISION: precision, META_PROBES: records[tmp_int8].to_json()})
-        text = _export_text_tower(clip, model, int8_path, meta)
+        return report, records
+
+    def write(self, report: ExportReport, records: dict[Path, ProbeRecord]) -> None:
+        """Stamp the verified files' metadata, add the text tower, then move everything into place:
+        the renames come last so that a failure before them leaves no file behind."""
+        import onnx
+
+        meta = {
+            META_SOURCE_MODEL: model_reference(self.model),
+            META_PREPROCESS: self.prep.to_json(),
+            META_KIND: "clip-image-tower",
+        }
+        precision = f"int8-{self.quantization}-matmul-{self.weight_mode}-7bit"
+        fp32_meta = {**meta, META_PRECISION: "fp32", META_PROBES: records[self.tmp_fp32].to_json()}
+        int8_meta = {**meta, META_PRECISION: precision, META_PROBES: records[self.tmp_int8].to_json()}
+        _set_metadata(onnx, self.tmp_fp32, fp32_meta)
+        _set_metadata(onnx, self.tmp_int8, int8_meta)
+        text = _export_text_tower(self.clip, self.model, self.int8_path, meta)
         report.text_lines = text.lines
-        os.replace(tmp_fp32, fp32_path)
-        os.replace(tmp_int8, int8_path)
+        os.replace(self.tmp_fp32, self.fp32_path)
+        os.replace(self.tmp_int8, self.int8_path)
         text.commit()
-        return report
-    except PipelineError:
-        raise
-    except Exception as e:  # exporter and quantizer raise many types
-        raise PipelineError(f"ONNX export of {model!r} failed: {type(e).__name__}: {e}") from e
-    finally:
-        for p in (tmp_fp32, tmp_int8, tmp_pre):
+
+    def remove_temp_files(self) -> None:
+        for p in (self.tmp_fp32, self.tmp_int8, self.tmp_pre):
             if p.exists():
                 p.unlink()
 
@@ -282,7 +337,6 @@ class _TextExport:
 def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) -> _TextExport:
     """Export the text tower (fp32, 77 tokens, dynamic batch) and its tokenizer.json, verified
     against torch. A model without a tokenizer gets no text tower, said in the report."""
-    import torch
     from transformers import AutoTokenizer
 
     import onnx
@@ -297,6 +351,33 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) 
     tok_path = tokenizer_path_for(text_path)
     tmp_text = text_path.with_name(f".{text_path.name}.tmp")
     tmp_tok = tok_path.with_name(f".{tok_path.name}.tmp")
+    tower = _text_tower(clip)
+    enc = tok(TEXT_PROBES, padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt")
+    try:
+        _export_text_graph(tower, enc, tmp_text)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        tok.backend_tokenizer.save(str(tmp_tok))
+        line, probes = _verify_text_graph(tower, enc, tmp_text)
+        text_meta = {
+            **meta,
+            META_KIND: "clip-text-tower",
+            META_PRECISION: "fp32",
+            META_PAD_ID: str(int(pad_id)),
+            META_PROBES: probes.to_json(),
+        }
+        _set_metadata(onnx, tmp_text, text_meta)
+        return _TextExport([line], [(tmp_text, text_path), (tmp_tok, tok_path)])
+    except BaseException:
+        for p in (tmp_text, tmp_tok):
+            if p.exists():
+                p.unlink()
+        raise
+
+
+def _text_tower(clip):
+    """Wrap a CLIPModel as (input_ids, attention_mask) (B, 77) -> projected text features (B, D),
+    before normalization: what CLIPModel.get_text_features returns."""
+    import torch
 
     class TextTower(torch.nn.Module):
         def __init__(self) -> None:
@@ -306,55 +387,50 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) 
         def forward(self, input_ids, attention_mask):
             return projected(self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
-    tower = TextTower().eval()
-    enc = tok(TEXT_PROBES, padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt")
-    batch = torch.export.Dim("batch")
-    try:
-        torch.onnx.export(
-            tower,
-            (enc["input_ids"][:2], enc["attention_mask"][:2]),
-            str(tmp_text),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["text_embeds"],
-            dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=False,
-        )
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        tok.backend_tokenizer.save(str(tmp_tok))
-        with torch.inference_mode():
-            ref = tower(enc["input_ids"], enc["attention_mask"]).numpy()
-        import onnxruntime as ort
+    return TextTower().eval()
 
-        sess = ort.InferenceSession(str(tmp_text), providers=["CPUExecutionProvider"])
-        inputs = [enc["input_ids"].numpy().astype(np.int64), enc["attention_mask"].numpy().astype(np.int64)]
-        got = sess.run(None, {"input_ids": inputs[0], "attention_mask": inputs[1]})[0]
-        cos = _cosines(got, ref)
-        line = (
-            f"  text fp32 ONNX: min {cos.min():.6f} over {len(TEXT_PROBES)} texts (need >= {FP32_MIN_COSINE}); "
-            f"stored as its self-check probes"
-        )
-        if cos.min() < FP32_MIN_COSINE:
-            raise PipelineError("text tower export failed verification; no file was written:\n" + line)
-        probes = ProbeRecord.make("text", inputs, ref, got, FP32_MIN_COSINE, texts=TEXT_PROBES)
-        _set_metadata(
-            onnx,
-            tmp_text,
-            {
-                **meta,
-                META_KIND: "clip-text-tower",
-                META_PRECISION: "fp32",
-                META_PAD_ID: str(int(pad_id)),
-                META_PROBES: probes.to_json(),
-            },
-        )
-        return _TextExport([line], [(tmp_text, text_path), (tmp_tok, tok_path)])
-    except BaseException:
-        for p in (tmp_text, tmp_tok):
-            if p.exists():
-                p.unlink()
-        raise
+
+def _export_text_graph(tower, enc, path: Path) -> None:
+    """The text tower to ONNX, traced on two of the probe texts with a dynamic batch axis."""
+    import torch
+
+    batch = torch.export.Dim("batch")
+    torch.onnx.export(
+        tower,
+        (enc["input_ids"][:2], enc["attention_mask"][:2]),
+        str(path),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["text_embeds"],
+        dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
+        opset_version=OPSET,
+        dynamo=True,
+        external_data=False,
+    )
+
+
+def _verify_text_graph(tower, enc, path: Path) -> tuple[str, ProbeRecord]:
+    """The exported text tower against torch on the probe texts: the report line and the probe
+    record the file will carry.
+
+    Raises:
+        PipelineError: the file misses the fp32 bar.
+    """
+    import onnxruntime as ort
+    import torch
+
+    with torch.inference_mode():
+        ref = tower(enc["input_ids"], enc["attention_mask"]).numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = [enc["input_ids"].numpy().astype(np.int64), enc["attention_mask"].numpy().astype(np.int64)]
+    got = sess.run(None, {"input_ids": inputs[0], "attention_mask": inputs[1]})[0]
+    cos = _cosines(got, ref)
+    line = (
+        f"  text fp32 ONNX: min {cos.min():.6f} over {len(TEXT_PROBES)} texts (need >= {FP32_MIN_COSINE}); "
+        f"stored as its self-check probes"
+    )
+    if cos.min() < FP32_MIN_COSINE:
+        raise PipelineError("text tower export failed verification; no file was written:\n" + line)
+    return line, ProbeRecord.make("text", inputs, ref, got, FP32_MIN_COSINE, texts=TEXT_PROBES)
 
 
 def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool) -> None:
