@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import EVAL_BACKENDS, config_from_flags, flag_default
+from pipeline.backends import BACKEND_CHOICES, DEVICES, EVAL_BACKENDS, PRECISIONS
+from pipeline.config import config_from_flags, flag_default
 from pipeline.errors import PipelineError, UsageError
 from pipeline.index import INDEX_KINDS
 from pipeline.modes import check_config
@@ -113,14 +114,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     _add(
         model,
         "--backend",
-        choices=["auto", "onnx", "torch"],
+        choices=BACKEND_CHOICES,
         help="auto: the ONNX file if it exists, else transformers",
     )
-    _add(model, "--device", choices=["auto", "cpu", "cuda"])
+    _add(model, "--device", choices=DEVICES)
     _add(
         model,
         "--precision",
-        choices=["auto", "fp32", "fp16", "int8"],
+        choices=PRECISIONS,
         help="torch backend: auto = fp32 on CPU, fp16 on CUDA (measured faster than bitsandbytes int8)",
     )
     _add(

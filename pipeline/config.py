@@ -17,8 +17,6 @@ from .remote import default_work_dir, is_url
 from .store import PARTIAL_DIR
 from .yolo import SegmentSpec
 
-EVAL_BACKENDS = ("torch", "onnx-fp32", "onnx-int8")
-
 
 @dataclass(frozen=True)
 class VideoSpec:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from .backends import BACKENDS, family_of
 from .errors import PipelineError, first_line
 from .fileio import sha256_file
 from .identity import VectorIdentity
@@ -168,18 +169,20 @@ def requested_identity(spec: EmbedderSpec) -> VectorIdentity:
 
 
 def make_embedder(spec: EmbedderSpec) -> Embedder:
-    """Build the backend the spec asks for (backend auto resolved here, once)."""
+    """Build the backend the spec asks for (backend auto resolved here, once; backends.BACKENDS)."""
     backend = spec.resolve_backend()
-    if backend == "onnx":
-        return OnnxEmbedder(spec.onnx, device=spec.device, threads=spec.threads, model_hint=spec.model)
-    if backend == "torch":
-        return TorchEmbedder(spec.model, device=spec.device, precision=spec.precision, threads=spec.threads)
-    raise PipelineError(f"unknown backend {backend!r}")
+    if backend not in BACKENDS:
+        raise PipelineError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    return BACKENDS[backend].build(spec)
 
 
 # ----------------------------------------------------------------------------- onnxruntime
 class OnnxEmbedder(Embedder):
     """onnxruntime session over an exported CLIP image tower (input pixel_values, output image_embeds)."""
+
+    @classmethod
+    def from_spec(cls, spec: EmbedderSpec) -> OnnxEmbedder:
+        return cls(spec.onnx, device=spec.device, threads=spec.threads, model_hint=spec.model)
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int = 0, model_hint: str | None = None) -> None:
         try:
@@ -411,10 +414,14 @@ class _OnnxText:
 class TorchEmbedder(Embedder):
     """transformers CLIPModel: fp32 on CPU; on CUDA fp16, or bitsandbytes 8-bit (see resolve_torch_precision)."""
 
+    @classmethod
+    def from_spec(cls, spec: EmbedderSpec) -> TorchEmbedder:
+        return cls(spec.model, device=spec.device, precision=spec.precision, threads=spec.threads)
+
     def __init__(self, model: str, device: str = "auto", precision: str = "auto", threads: int = 0) -> None:
         try:
             import torch
-            from transformers import CLIPModel
+            import transformers  # noqa: F401 - checked here, where the message can say what to install
         except ImportError as e:  # pragma: no cover - depends on the install
             raise PipelineError(
                 "the torch backend needs torch and transformers: pip install -r requirements.txt"
@@ -437,7 +444,7 @@ class TorchEmbedder(Embedder):
         elif self.precision == "fp16":
             kwargs = {"dtype": torch.float16}
         try:
-            self.model = CLIPModel.from_pretrained(model, **kwargs).eval()
+            self.model = family_of(model).load(model, **kwargs).eval()
         except OSError as e:
             raise PipelineError(
                 f"cannot load model {model!r}: {first_line(e)} Without network access pass a local folder with --model "
@@ -510,7 +517,7 @@ def resolve_torch_precision(precision: str, device: str) -> str:
     CUDA default and 8-bit is there with --precision int8 for cards short of memory.
     """
     if device == "cpu":
-        if precision not in ("auto", "fp32"):
+        if precision not in BACKENDS["torch"].cpu_precisions:
             raise PipelineError(
                 f"--precision {precision} needs --device cuda; on CPU the torch backend runs fp32 (use the ONNX int8 "
                 f"file for int8)"

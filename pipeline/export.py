@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .backends import family_of
 from .embedders import (
     META_KIND,
     META_PAD_ID,
@@ -186,13 +187,11 @@ class _ImageExport:
     only once both are verified (remove_temp_files clears whatever is left)."""
 
     def __init__(self, model: str, int8_path: Path, per_channel: bool, quantization: str) -> None:
-        from transformers import CLIPModel
-
         self.model, self.quantization, self.per_channel = model, quantization, per_channel
         self.int8_path, self.fp32_path = int8_path, fp32_path_for(int8_path)
         int8_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.clip = CLIPModel.from_pretrained(model, attn_implementation="eager").eval()
+            self.clip = family_of(model).load(model, attn_implementation="eager").eval()
         except OSError as e:
             raise PipelineError(
                 f"cannot load model {model!r}: {first_line(e)} Without network access pass a local folder with "

@@ -12,7 +12,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import EVAL_BACKENDS, RunConfig
+from .backends import BACKENDS, EVAL_BACKENDS
+from .config import RunConfig
 from .report import RunSummary
 
 # A refusal: when the predicate holds for the configuration, the message says why and what to do.
@@ -137,11 +138,14 @@ _AFTER: tuple[Check, ...] = (
         "--fresh rebuilds the gallery; it cannot be combined with a cache flag",
     ),
     (
-        lambda c: "backend" in c.explicit and c.embedder.backend == "onnx" and c.embedder.precision != "auto",
+        lambda c: "backend" in c.explicit
+        and c.embedder.backend in BACKENDS
+        and c.embedder.precision not in BACKENDS[c.embedder.backend].precisions,
         "--precision applies to the torch backend; the ONNX file's precision is fixed when it is exported",
     ),
     (
-        lambda c: c.embedder.device == "cpu" and c.embedder.precision in ("fp16", "int8"),
+        lambda c: c.embedder.device == "cpu"
+        and c.embedder.precision not in {p for b in BACKENDS.values() for p in b.cpu_precisions},
         "--precision {precision} needs --device cuda (on CPU use the int8 ONNX file)",
     ),
 )
