@@ -207,7 +207,7 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None)
     if cfg.output_url:  # an earlier run from another working copy may have left images there
         _remove_stale_images_at_url(cfg, target, rows)
     if segmenter is not None:
-        summary.stages["    of which segmentation predict"] = segmenter.predict_seconds
+        summary.timed("embed/items/segment", segmenter.predict_seconds, "of which segmentation predict")
     return Gallery(emb, rows, embedder)
 
 

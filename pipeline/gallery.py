@@ -506,7 +506,7 @@ def build_gallery(
         bar.close()
         reader.close()
         workers.close(timeout=30)
-    summary.stages["embed stage (wall)"] = time.perf_counter() - t_start
+    summary.timed("embed", time.perf_counter() - t_start, "embed stage (wall)")
     _record_times(summary, plan, times, assembler.infer_seconds, item_stage_name)
     with summary.stage("finalize store"):
         # `done` holds every shard of this run, verified at resume or just written: no second read.
@@ -559,10 +559,11 @@ def _record_times(
     summary: RunSummary, plan: Parallelism, times: dict[str, float], main_infer_s: float, item_stage_name: str
 ) -> None:
     where = f"{plan.lanes} lanes" if plan.lanes > 1 else "worker"
-    summary.stages[f"  {item_stage_name} ({where})"] = times["items"]
-    summary.stages[f"  write files ({where})"] = times["write"]
-    summary.stages[f"  preprocess+thumbnail ({where})"] = times["preprocess"]
-    summary.stages[f"  inference ({where if plan.lanes > 1 else 'main thread'})"] = times["infer"] + main_infer_s
+    summary.timed("embed/items", times["items"], f"{item_stage_name} ({where})")
+    summary.timed("embed/write", times["write"], f"write files ({where})")
+    summary.timed("embed/preprocess", times["preprocess"], f"preprocess+thumbnail ({where})")
+    infer_where = where if plan.lanes > 1 else "main thread"
+    summary.timed("embed/infer", times["infer"] + main_infer_s, f"inference ({infer_where})")
 
 
 def _write_image(images_dir: Path, name: str, data: bytes) -> None:

@@ -391,7 +391,7 @@ def _build(
             f"the Ray run ended without rows of shard(s) {missing[:5]}: rerun the same command to resume"
         )
     session.release()  # the rest is the driver's, and no views of Ray's object store are left
-    summary.stages["embed stage (wall, ray)"] = time.perf_counter() - t0
+    summary.timed("embed", time.perf_counter() - t0, "embed stage (wall, ray)")
     summary.notes.append(
         f"engine: Ray Data on {cores} CPU(s){f' and {gpus} GPU(s)' if gpus else ''}, {len(wanted)} piece(s)"
     )

@@ -30,18 +30,40 @@ class RunSummary:
     mode: str
     counts: dict[str, int] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    # Seconds per stage, keyed by a stable name; "embed/infer" is a part of "embed". Programs read
+    # these names; people read the labels (stage_labels, where a label is not the name itself).
     stages: dict[str, float] = field(default_factory=dict)
+    stage_labels: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str, label: str | None = None) -> Iterator[None]:
         t = time.perf_counter()
         try:
             yield
         finally:
-            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t
+            self.timed(name, time.perf_counter() - t, label)
+
+    def timed(self, name: str, seconds: float, label: str | None = None) -> None:
+        """Add seconds to stage `name` (shown as `label` when given)."""
+        self.stages[name] = self.stages.get(name, 0.0) + seconds
+        if label is not None:
+            self.stage_labels[name] = label
+
+    def stage_rows(self) -> list[tuple[str, str, int, float]]:
+        """(name, label, depth, seconds) per stage, each part right after the stage it belongs to."""
+        def key(name: str) -> list[int]:
+            parts = name.split("/")
+            return [order["/".join(parts[: k + 1])] for k in range(len(parts))]
+
+        order = {n: k for k, n in enumerate(self.stages)}
+        for name in self.stages:  # a part whose whole was never timed still sorts with its siblings
+            for k in range(1, name.count("/") + 1):
+                order.setdefault("/".join(name.split("/")[:k]), order[name])
+        rows = sorted(self.stages, key=key)
+        return [(n, self.stage_labels.get(n, n), n.count("/"), self.stages[n]) for n in rows]
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
@@ -71,7 +93,8 @@ class RunSummary:
         if self.counts:
             lines.append("counts:   " + ", ".join(f"{k} {v}" for k, v in self.counts.items()))
         if self.stages:
-            lines.append("stages:   " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items()))
+            rows = self.stage_rows()
+            lines.append("stages:   " + ", ".join(f"{'  ' * depth}{label} {v:.1f} s" for _, label, depth, v in rows))
         for note in self.notes:
             lines.append(f"note:     {note}")
         lines += self.failure_lines(max_failures)

@@ -135,6 +135,11 @@ def write_retrieval_outputs(cfg: RunConfig, searcher: Searcher, summary: RunSumm
     summary.notes.append("neighbours: " + (searcher.describe() if searcher.approximate else "exact"))
     if matrix:
         summary.outputs["distance matrix"] = f"{matrix} (rows = manifest embedding_row)"
+    elif searcher.approximate:
+        summary.notes.append(
+            "distance matrix not saved: the neighbours came from the approximate index, which computes no "
+            "all-pairs distances (--index none or flat computes them)"
+        )
     else:
         summary.notes.append(
             f"{n} items > --max-matrix {cfg.max_matrix}: distance matrix not saved (neighbours were computed blockwise)"

@@ -51,7 +51,10 @@ def summary_payload(summary: RunSummary) -> dict[str, Any]:
         "wall_s": round(time.perf_counter() - summary.started, 1),
         "peak_mib": round(peak_rss_mib()),
         "counts": summary.counts,
-        "stages": {k.strip(): round(v, 2) for k, v in summary.stages.items()},
+        "stages": [
+            {"name": name, "label": label, "depth": depth, "s": round(v, 2)}
+            for name, label, depth, v in summary.stage_rows()
+        ],
         "notes": summary.notes,
         "outputs": summary.outputs,
         "failures": [{"item": item, "reason": reason} for item, reason in summary.failures],

@@ -130,3 +130,18 @@ def test_readme_api_example_runs(built, tiny_clip):
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example, on test data
     assert scope["hits"] and scope["hits"][0].rank == 1
+
+
+def test_the_no_matrix_note_states_its_real_cause(built, tiny_clip, tmp_path, capsys):
+    """An approximate index computes no all-pairs distances; that, not --max-matrix, is why 12 items get no matrix."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(built[0], out)
+    argv = ["--use-embeddings", "--model", str(tiny_clip), "--backend", "torch", "--output-dir", str(out),
+            "--max-result-images", "0"]
+    assert cli.main([*argv, "--index", "hnsw"]) == 0
+    said = capsys.readouterr().out
+    assert "the neighbours came from the approximate index" in said and "--max-matrix" not in said
+    assert cli.main([*argv, "--index", "none", "--max-matrix", "5"]) == 0
+    assert "12 items > --max-matrix 5: distance matrix not saved" in capsys.readouterr().out

@@ -1,0 +1,25 @@
+"""The run summary: stages keyed by name, printed by label, each part under the stage it belongs to."""
+
+from __future__ import annotations
+
+from pipeline.report import RunSummary
+
+
+def test_stages_are_keyed_by_name_and_parts_follow_their_stage():
+    s = RunSummary(mode="standard")
+    s.timed("load model", 1.0)
+    s.timed("embed", 10.0, "embed stage (wall)")
+    s.timed("embed/items", 4.0, "decode+segment+crop (worker)")
+    s.timed("embed/infer", 5.0, "inference (main thread)")
+    s.timed("finalize store", 0.5)
+    s.timed("embed/items/segment", 3.0, "of which segmentation predict")  # known only after the build
+    s.timed("embed/infer", 1.0)
+    assert s.stages["embed/infer"] == 6.0 and s.stages["embed"] == 10.0
+    assert [name for name, *_ in s.stage_rows()] == [
+        "load model", "embed", "embed/items", "embed/items/segment", "embed/infer", "finalize store"
+    ]
+    line = next(x for x in s.format().splitlines() if x.startswith("stages:"))
+    assert line == (
+        "stages:   load model 1.0 s, embed stage (wall) 10.0 s,   decode+segment+crop (worker) 4.0 s,     of which "
+        "segmentation predict 3.0 s,   inference (main thread) 6.0 s, finalize store 0.5 s"
+    )
