@@ -4,11 +4,12 @@ runs the mode it asks for (pipeline.runner.run; see README "How it fits together
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pipeline.backends import BACKEND_CHOICES, DEVICES, EVAL_BACKENDS, PRECISIONS
 from pipeline.config import config_from_flags, flag_default
@@ -104,9 +105,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     """What is read and what embeds it."""
     data = p.add_argument_group("dataset")
     _add(data, "--dataset", help="hub id, local dataset folder/parquet file, or folder of images")
-    _add(data, "--split")
+    _add(data, "--split", help="dataset split to read")
     _add(data, "--limit", type=_non_negative_int, help="first N rows; 0 = all")
-    _add(data, "--image-column")
+    _add(data, "--image-column", help="column holding the pictures")
 
     model = p.add_argument_group("model")
     _add(model, "--model", help="hub id or local folder of a CLIP model")
@@ -117,7 +118,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         choices=BACKEND_CHOICES,
         help="auto: the ONNX file if it exists, else transformers",
     )
-    _add(model, "--device", choices=DEVICES)
+    _add(model, "--device", choices=DEVICES, help="auto: CUDA when torch sees a GPU, else the CPU")
     _add(
         model,
         "--precision",
@@ -143,7 +144,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="where JPEGs are decoded and preprocessed: device = torchvision on the model's device (auto: on the GPU "
         "when the model runs there; other formats always on the CPU)",
     )
-    _add(model, "--batch-size", type=_positive_int)
+    _add(model, "--batch-size", type=_positive_int, help="pictures per model call")
     _add(model, "--threads", type=_non_negative_int, help="CPU threads for inference; 0 = all cores")
     _add(model, "--engine", choices=["local", "ray"], help="ray: build the gallery on Ray Data")
     _add(model, "--ray-address", help="a Ray cluster for --engine ray; unset: $RAY_ADDRESS, else a local Ray")
@@ -154,7 +155,7 @@ def _add_person_flags(p: argparse.ArgumentParser) -> None:
     """Video and segmentation."""
     video = p.add_argument_group("video")
     _add(video, "--video_clip", "--video-clip", dest="video_clip", help="clip name: <video_dir>/<clip>.mp4")
-    _add(video, "--video_dir", "--video-dir", dest="video_dir", type=Path)
+    _add(video, "--video_dir", "--video-dir", dest="video_dir", type=Path, help="folder of the clips")
     _add(video, "--frame-stride", type=_positive_int, help="analyse every Nth frame")
     _add(video, "--det-model", help="person detector: Ultralytics weights (.pt), .onnx or .yaml")
     _add(video, "--det-conf", type=_unit_float, help="minimum detection confidence")
@@ -185,7 +186,7 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="with a URL --output-dir: its local working copy (None: one per URL in ~/.cache/fashion-visual-search)",
     )
-    _add(out, "--top-k", type=_positive_int)
+    _add(out, "--top-k", type=_positive_int, help="matches per item or query")
     _add(out, "--max-matrix", type=_non_negative_int, help="save the N x N distance matrix only when N <= this")
     _add(out, "--max-result-images", type=_non_negative_int, help="cap on result pictures (neighbours.csv: all)")
     _add(
@@ -206,11 +207,46 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+EPILOG = """examples:
+  python main.py --dataset ./my_catalogue --limit 0        embed every photo, then neighbours, pictures, report
+  python main.py --query-text "red floral midi dress"      search the gallery built before
+  python main.py --video_clip clip_1 --video_dir videos    follow the people in videos/clip_1.mp4
+
+exit codes: 0 all went well; 1 a fatal error; 2 bad or contradictory flags; 3 finished, some items failed"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown where they say something: not for switches (off), empty lists or unset values, and
+    not twice where the help text already names its default; the epilog keeps its lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, (), "", argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line (the reason, and the closest flag to a misspelled one), not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            flags = [a for s in self._actions for a in s.option_strings]
+            hints = [
+                f"{word}: did you mean {close[0]}?"
+                for word in message.split(":", 1)[1].split()
+                if word.startswith("-") and (close := difflib.get_close_matches(word.split("=")[0], flags, n=1))
+            ]
+            message = "; ".join([message, *hints])
+        self.exit(2, f"{self.prog}: error: {message} (python {self.prog} --help lists every flag)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="main.py",
         description="Fashion visual search: embed a catalogue, find look-alikes, match people in videos.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
+        epilog=EPILOG,
     )
 
     _add_mode_flags(p)

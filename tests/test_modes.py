@@ -75,3 +75,27 @@ def test_a_new_mode_is_one_entry(monkeypatch):
     assert selected_mode(cfg) is probe and check_config(cfg, _spell) is None
     assert check_config(RunConfig(explicit=frozenset({"max_matrix"})), _spell) == "--max-matrix needs --probe"
     assert runner.run(cfg).mode == "probe" and ran == ["probe"]
+
+
+def test_flag_errors_are_one_line_with_a_suggestion(capsys):
+    import main as cli
+
+    assert cli.main(["--frame-stide", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "usage:" not in err
+    assert "unrecognized arguments: --frame-stide 3; --frame-stide: did you mean --frame-stride?" in err
+    assert cli.main(["--top-k", "0"]) == 2
+    assert capsys.readouterr().err.startswith("main.py: error: argument --top-k: must be >= 1, got 0")
+
+
+def test_help_shows_each_default_once_and_examples():
+    import main as cli
+
+    text = cli.build_parser().format_help()
+    assert "(default: False)" not in text and "(default: ())" not in text and "(default: None)" not in text
+    flat = " ".join(text.split())
+    assert flat.count("(default: the backend in use)") == 1 and "(default: the backend in use) (default" not in flat
+    for flag, default in (("--split", "train"), ("--batch-size", "32"), ("--top-k", "5"), ("--video_dir", "videos")):
+        block = text[text.index(flag) :].split("\n  -")[0]
+        assert f"(default: {default})" in " ".join(block.split()), flag
+    assert "examples:" in text and "exit codes: 0 all went well" in text
