@@ -96,6 +96,6 @@ def test_help_shows_each_default_once_and_examples():
     flat = " ".join(text.split())
     assert flat.count("(default: the backend in use)") == 1 and "(default: the backend in use) (default" not in flat
     for flag, default in (("--split", "train"), ("--batch-size", "32"), ("--top-k", "5"), ("--video_dir", "videos")):
-        block = text[text.index(flag) :].split("\n  -")[0]
+        block = text[text.index(f"\n  {flag} ") :].split("\n  -")[1]
         assert f"(default: {default})" in " ".join(block.split()), flag
     assert "examples:" in text and "exit codes: 0 all went well" in text
