@@ -51,7 +51,7 @@ def _unknown_backends(cfg: RunConfig) -> list[str]:
     return [b for b in cfg.evaluate.backends if b not in EVAL_BACKENDS]
 
 
-# In dispatch order: the first selected mode runs; the gallery is what runs when no other is asked for.
+# At most one mode besides the gallery may be selected (check_config); the gallery runs when no other is.
 MODES: tuple[Mode, ...] = (
     Mode(
         "export-onnx",
@@ -67,20 +67,6 @@ MODES: tuple[Mode, ...] = (
         ),
         holds_output=False,
         mirrors_output=False,
-    ),
-    Mode(
-        "serve",
-        "--serve",
-        lambda c: c.serve.enabled,
-        "pipeline.serve:run_serve",
-        options=frozenset({"port", "host"}),
-        checks=(
-            (
-                lambda c: c.use_segmentation and not c.use_embedded_segment,
-                "--serve serves a cached gallery: for the segmented one use --use-embedded-segment",
-            ),
-        ),
-        holds_output=False,  # reads only: the output folder stays free for other runs
     ),
     Mode(
         "video",
@@ -105,6 +91,20 @@ MODES: tuple[Mode, ...] = (
                 "--eval-backends: unknown {unknown}; choose from " + ", ".join(EVAL_BACKENDS),
             ),
         ),
+    ),
+    Mode(
+        "serve",
+        "--serve",
+        lambda c: c.serve.enabled,
+        "pipeline.serve:run_serve",
+        options=frozenset({"port", "host"}),
+        checks=(
+            (
+                lambda c: c.use_segmentation and not c.use_embedded_segment,
+                "--serve serves a cached gallery: for the segmented one use --use-embedded-segment",
+            ),
+        ),
+        holds_output=False,  # reads only: the output folder stays free for other runs
     ),
     Mode("gallery", "", lambda c: True, "pipeline.runner:run_gallery", engines=("local", "ray")),
 )

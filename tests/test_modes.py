@@ -46,7 +46,7 @@ def test_modes_are_declared_once_and_the_gallery_comes_last():
         (RunConfig(explicit=frozenset({"frame_stride", "det_conf"})),
          "--det-conf, --frame-stride need --video_clip NAME"),
         (RunConfig(evaluate=EvalSpec(enabled=True), serve=ServeSpec(enabled=True)),
-         "--serve and --evaluate are separate modes"),
+         "--evaluate and --serve are separate modes"),
         (RunConfig(evaluate=EvalSpec(enabled=True, backends=("tpu",))), "--eval-backends: unknown ['tpu']"),
         (RunConfig(evaluate=EvalSpec(enabled=True), use_embeddings=True), "does not read a cache"),
         (RunConfig(query=QuerySpec(texts=("x",)), engine="ray"), "--engine ray builds galleries"),
