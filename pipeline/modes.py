@@ -51,63 +51,36 @@ def _unknown_backends(cfg: RunConfig) -> list[str]:
     return [b for b in cfg.evaluate.backends if b not in EVAL_BACKENDS]
 
 
+_VIDEO_OPTIONS = {"video_dir", "frame_stride", "det_model", "det_conf", "det_backend", "track_gap",
+                  "no_annotated_video"}
+_EXPORT_STOPS = "--export-onnx makes the ONNX file and stops; run the pipeline as a second command"
+_SERVE_READS = "--serve serves a cached gallery: for the segmented one use --use-embedded-segment"
+_EVAL_READS_NO_CACHE = "--evaluate embeds the dataset itself; it does not read a cache"
+_EVAL_UNKNOWN = "--eval-backends: unknown {unknown}; choose from " + ", ".join(EVAL_BACKENDS)
+_EVAL_CHECKS: tuple[Check, ...] = (
+    (lambda c: c.from_cache, _EVAL_READS_NO_CACHE),
+    (lambda c: bool(_unknown_backends(c)), _EVAL_UNKNOWN),
+)
+
 # At most one mode besides the gallery may be selected (check_config); the gallery runs when no other is.
 MODES: tuple[Mode, ...] = (
-    Mode(
-        "export-onnx",
-        "--export-onnx",
-        lambda c: c.export.enabled,
-        "pipeline.runner:run_export",
-        options=frozenset({"per_tensor", "quantization"}),
-        checks=(
-            (
-                lambda c: c.from_cache or c.use_segmentation,
-                "--export-onnx makes the ONNX file and stops; run the pipeline as a second command",
-            ),
-        ),
-        holds_output=False,
-        mirrors_output=False,
-    ),
-    Mode(
-        "video",
-        "--video_clip",
-        lambda c: bool(c.video.clip),
-        "pipeline.video:run_video",
-        options=frozenset(
-            {"video_dir", "frame_stride", "det_model", "det_conf", "det_backend", "track_gap", "no_annotated_video"}
-        ),
-    ),
+    Mode("export-onnx", "--export-onnx", lambda c: c.export.enabled, "pipeline.runner:run_export",
+         options=frozenset({"per_tensor", "quantization"}),
+         checks=((lambda c: c.from_cache or c.use_segmentation, _EXPORT_STOPS),),
+         holds_output=False, mirrors_output=False),
+    Mode("video", "--video_clip", lambda c: bool(c.video.clip), "pipeline.video:run_video",
+         options=frozenset(_VIDEO_OPTIONS)),
     Mode("query", "--query-image/--query-text", lambda c: c.query.active, "pipeline.search:run_query"),
-    Mode(
-        "evaluate",
-        "--evaluate",
-        lambda c: c.evaluate.enabled,
-        "pipeline.search:run_evaluate",
-        options=frozenset({"eval_backends", "eval_id_column", "eval_cloth_column"}),
-        checks=(
-            (lambda c: c.from_cache, "--evaluate embeds the dataset itself; it does not read a cache"),
-            (
-                lambda c: bool(_unknown_backends(c)),
-                "--eval-backends: unknown {unknown}; choose from " + ", ".join(EVAL_BACKENDS),
-            ),
-        ),
-    ),
-    Mode(
-        "serve",
-        "--serve",
-        lambda c: c.serve.enabled,
-        "pipeline.serve:run_serve",
-        options=frozenset({"port", "host"}),
-        checks=(
-            (
-                lambda c: c.use_segmentation and not c.use_embedded_segment,
-                "--serve serves a cached gallery: for the segmented one use --use-embedded-segment",
-            ),
-        ),
-        holds_output=False,  # reads only: the output folder stays free for other runs
-    ),
+    Mode("evaluate", "--evaluate", lambda c: c.evaluate.enabled, "pipeline.search:run_evaluate",
+         options=frozenset({"eval_backends", "eval_id_column", "eval_cloth_column"}),
+         checks=_EVAL_CHECKS),
+    # --serve reads only: the output folder stays free for other runs.
+    Mode("serve", "--serve", lambda c: c.serve.enabled, "pipeline.serve:run_serve",
+         options=frozenset({"port", "host"}),
+         checks=((lambda c: c.use_segmentation and not c.use_embedded_segment, _SERVE_READS),),
+         holds_output=False),
     Mode("gallery", "", lambda c: True, "pipeline.runner:run_gallery", engines=("local", "ray")),
-)
+)  # fmt: skip
 
 _SEGMENT_OPTIONS = frozenset({"seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented"})
 
