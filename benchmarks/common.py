@@ -21,10 +21,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from pipeline.report import RunSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = Path("/tmp/fashion-bench")
@@ -45,7 +48,11 @@ def make_parser(doc: str | None, work: Path | None = DEFAULT_WORK, model: bool =
             "--model", type=Path, default=None, help="a transformers CLIP folder instead of the generated one"
         )
         ap.add_argument(
-            "--onnx", type=Path, default=None, help="the int8 static export of --model (default: exported here)"
+            "--onnx",
+            type=Path,
+            default=None,
+            help="an int8 static export to use instead of exporting one here (of --model, where the benchmark "
+            "runs the model too)",
         )
     ap.add_argument(
         "--tiny",
@@ -62,8 +69,6 @@ def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None, tiny: dict[s
     if args.tiny:
         ap.set_defaults(**tiny)
         args = ap.parse_args(argv)
-    if getattr(args, "onnx", None) and not args.model:
-        ap.error("--onnx is the export of --model: give both")
     return args
 
 
@@ -179,6 +184,8 @@ class Assets:
     def clip(self) -> Path:
         if self.model is not None:
             return self.model
+        if self.static_onnx is not None:  # a generated model would not be the one the file was made from
+            raise SystemExit(f"--onnx {self.static_onnx} needs the model it was exported from: give it with --model")
         return tiny_clip(self.work) if self.tiny else real_arch_clip(self.work)
 
     @property
@@ -196,14 +203,16 @@ class Assets:
         if quantization == "static" and self.static_onnx is not None:
             return self.static_onnx
         path = self.work / "onnx" / f"{self.model_tag}_image_int8_{quantization}.onnx"
-        if not (path.is_file() and text_onnx_path_for(path).is_file()):
+        # A file made before its model had a tokenizer has no text tower: made again.
+        text = text_onnx_path_for(path).is_file() or not (self.clip() / "tokenizer.json").is_file()
+        if not (path.is_file() and text):
             export_onnx(str(self.clip()), path, quantization=quantization)
         return path
 
 
-def real_arch_onnx(work: Path, quantization: str = "static") -> Path:
-    """fp32 + int8 ONNX of the real architecture, made with the pipeline's own export."""
-    return Assets(work).onnx(quantization)
+def stage_seconds(summary: RunSummary) -> dict[str, float]:
+    """A run summary's stage times by the labels it prints (as main.py shows them), unrounded."""
+    return {label.strip(): seconds for _, label, _, seconds in summary.stage_rows()}
 
 
 @dataclass

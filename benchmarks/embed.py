@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from benchmarks.common import Assets, machine_line, make_parser, parse_args
+from benchmarks.common import Assets, machine_line, make_parser, parse_args, stage_seconds
 
 if TYPE_CHECKING:
     from pipeline.report import RunSummary
@@ -203,12 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     assets = Assets.from_args(args)
     batches = [1, 8, 32]
     table = model_rates(assets, args.seconds, batches, args.int8.split(","))
-    summary = end_to_end(assets, args.e2e_images)
-    e2e = args.e2e_images / summary.stages["embed stage (wall)"]
+    stages = stage_seconds(end_to_end(assets, args.e2e_images))
+    e2e = args.e2e_images / stages["embed stage (wall)"]
     print_table(table, batches, e2e, args.e2e_images, assets.size_wh)
     print_ceiling(table, assets.clip(), args.seconds / 2)
-    for k, v in summary.stages.items():
-        print(f"  {k.strip():40s} {v:7.1f} s")
+    for k, v in stages.items():
+        print(f"  {k:40s} {v:7.1f} s")
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Assets, machine_line, make_parser, parse_args, photo_like
+from benchmarks.common import Assets, machine_line, make_parser, parse_args, photo_like, stage_seconds
 
 FPS, STRIDE = 30, 30
 FULL_HD = (1920, 1080)
@@ -164,12 +164,13 @@ def run_settings(args, cfg, real, size_wh: tuple[int, int]) -> list[tuple]:
             whole = time.perf_counter() - t
             if r == 0 and annotated:
                 print(summary.format())
+            shown = stage_seconds(summary)
             stages = {
-                k.replace("video ", ""): v
-                for k, v in summary.stages.items()
-                if k.startswith("video ") and "background" not in k
+                k.replace("video ", ""): v for k, v in shown.items() if k.startswith("video ") and "background" not in k
             }
-            encode = summary.stages.get("video encoding (background thread)", 0.0)
+            if not stages:
+                raise SystemExit(f"no 'video <step>' stages in the run's summary: {sorted(shown)}")
+            encode = shown.get("video encoding (background thread)", 0.0)
             rows.append((annotated, whole, stages, summary.counts, encode))
     return rows
 
