@@ -68,7 +68,13 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
     """The reference modes, search and evaluation."""
     modes = p.add_argument_group("modes (reference flags)")
     _add(modes, "--use-embeddings", action="store_true", help="reuse embeddings/ and images/ from an earlier run")
-    _add(modes, "--use-segmentation", action="store_true", help="one white-background crop per detected person")
+    _add(
+        modes,
+        "--use-segmentation",
+        action="store_true",
+        help="one white-background crop per detected person; with --query-* or --serve: search the segmented "
+        "gallery, each person of a query picture a query",
+    )
     _add(modes, "--use-embedded-segment", action="store_true", help="reuse images_segment/ and embeddings_segment/")
     _add(
         modes,

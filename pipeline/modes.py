@@ -54,7 +54,6 @@ def _unknown_backends(cfg: RunConfig) -> list[str]:
 _VIDEO_OPTIONS = {"video_dir", "frame_stride", "det_model", "det_conf", "det_backend", "track_gap",
                   "no_annotated_video"}
 _EXPORT_STOPS = "--export-onnx makes the ONNX file and stops; run the pipeline as a second command"
-_SERVE_READS = "--serve serves a cached gallery: for the segmented one use --use-embedded-segment"
 _EVAL_READS_NO_CACHE = "--evaluate embeds the dataset itself; it does not read a cache"
 _EVAL_UNKNOWN = "--eval-backends: unknown {unknown}; choose from " + ", ".join(EVAL_BACKENDS)
 _EVAL_CHECKS: tuple[Check, ...] = (
@@ -74,11 +73,10 @@ MODES: tuple[Mode, ...] = (
     Mode("evaluate", "--evaluate", lambda c: c.evaluate.enabled, "pipeline.search:run_evaluate",
          options=frozenset({"eval_backends", "eval_id_column", "eval_cloth_column"}),
          checks=_EVAL_CHECKS),
-    # --serve reads only: the output folder stays free for other runs.
+    # --serve reads only: the output folder stays free for other runs. Like the queries, it reads the
+    # segmented gallery with --use-segmentation or --use-embedded-segment alike.
     Mode("serve", "--serve", lambda c: c.serve.enabled, "pipeline.serve:run_serve",
-         options=frozenset({"port", "host"}),
-         checks=((lambda c: c.use_segmentation and not c.use_embedded_segment, _SERVE_READS),),
-         holds_output=False),
+         options=frozenset({"port", "host"}), holds_output=False),
     Mode("gallery", "", lambda c: True, "pipeline.runner:run_gallery", engines=("local", "ray")),
 )  # fmt: skip
 
