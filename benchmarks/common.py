@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import re
 import subprocess
 import sys
@@ -211,8 +212,17 @@ class Assets:
 
 
 def stage_seconds(summary: RunSummary) -> dict[str, float]:
-    """A run summary's stage times by the labels it prints (as main.py shows them), unrounded."""
+    """A run summary's stage times by the labels it prints (as main.py shows them), unrounded: for
+    tables people read. Programs look stages up by name (summary.stages["embed"])."""
     return {label.strip(): seconds for _, label, _, seconds in summary.stage_rows()}
+
+
+def section_stages(out: Path, section: str = "gallery") -> dict[str, float]:
+    """The stage times, by name ("embed", "embed/infer", ...), that a main.py run into `out` wrote to
+    its report section (outputs/report/sections/<section>.js)."""
+    text = (out / "outputs" / "report" / "sections" / f"{section}.js").read_text()
+    payload = json.loads(text[text.index("(") + 1 : text.rindex(")")])
+    return {st["name"]: st["s"] for st in payload["summary"]["stages"]}
 
 
 @dataclass

@@ -203,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     assets = Assets.from_args(args)
     batches = [1, 8, 32]
     table = model_rates(assets, args.seconds, batches, args.int8.split(","))
-    stages = stage_seconds(end_to_end(assets, args.e2e_images))
-    e2e = args.e2e_images / stages["embed stage (wall)"]
+    summary = end_to_end(assets, args.e2e_images)
+    stages = stage_seconds(summary)
+    e2e = args.e2e_images / summary.stages["embed"]
     print_table(table, batches, e2e, args.e2e_images, assets.size_wh)
     print_ceiling(table, assets.clip(), args.seconds / 2)
     for k, v in stages.items():

@@ -38,6 +38,7 @@ from benchmarks.common import (
     parse_args,
     photo_like,
     run_main_py,
+    section_stages,
     write_image_parquet,
 )
 
@@ -85,19 +86,21 @@ def _gpu_used_mib(pid: int = 0) -> int:
 def run_main(args: list[str], gpu_memory: bool) -> dict:
     """main.py in a fresh process; its summary parsed, with peak RSS and (sampled) peak GPU memory."""
     run = run_main_py(args, sample=_gpu_used_mib if gpu_memory else None)
-    return summarize(run, gpu_memory)
+    section = "gallery_segment" if "--use-segmentation" in args else "gallery"
+    return summarize(run, gpu_memory, Path(args[args.index("--output-dir") + 1]), section)
 
 
-def summarize(run: MainRun, gpu_memory: bool) -> dict:
+def summarize(run: MainRun, gpu_memory: bool, out: Path, section: str) -> dict:
+    """The run's exit, wall time, memory and stage times by name (from its report section)."""
     res: dict = {"exit": run.returncode, "wall_s": round(run.wall_s, 1)}
     if not run.ok:
         res["error"] = run.stderr[-1500:]
         return res
-    res["stages_s"] = run.stages
+    res["stages_s"] = stages = section_stages(out, section)
     res["peak_rss_mib"] = run.peak_rss_mib
     if gpu_memory:
         res["peak_gpu_mib"] = run.sampled_peak
-    res["after_model_load_s"] = round(run.wall_s - run.stages.get("load model", 0.0), 1)
+    res["after_model_load_s"] = round(run.wall_s - stages.get("load model", 0.0), 1)
     return res
 
 
@@ -146,7 +149,7 @@ def standard_runs(args, base: list[str], sizes: list[int], size_wh) -> dict[str,
     out = ["--dataset", str(mixed), "--output-dir", str(work / "out-mixed")]
     runs[f"jpeg_png10_{sizes[0]}"] = run_main([*base, *out], gpu_memory=not dry)
     for name, r in runs.items():
-        stage = r.get("stages_s", {}).get("embed stage (wall)")
+        stage = r.get("stages_s", {}).get("embed")
         rows = int(name.rsplit("_", 1)[1])
         r["embed_stage_img_s"] = round(rows / stage, 1) if stage else None
         print(name, json.dumps(r), flush=True)
@@ -172,7 +175,7 @@ def segmentation(args, base: list[str], size: int) -> dict | str:
         ],
         gpu_memory=not args.tiny,
     )
-    seg_stage = seg.get("stages_s", {}).get("embed stage (wall)")
+    seg_stage = seg.get("stages_s", {}).get("embed")
     seg["segmentation_stage_img_s"] = round(args.seg_rows / seg_stage, 1) if seg_stage else None
     return seg
 
@@ -189,7 +192,7 @@ def cpu_lanes(assets: Assets, rows: int, size_wh) -> dict:
             + ["--output-dir", str(assets.work / f"out-lanes{threads}")],
             gpu_memory=False,
         )
-    a, b = (lanes[f"threads_{t}"].get("stages_s", {}).get("embed stage (wall)") for t in (2, 16))
+    a, b = (lanes[f"threads_{t}"].get("stages_s", {}).get("embed") for t in (2, 16))
     lanes["speedup_16_over_2"] = round(a / b, 2) if a and b else None
     print("lanes:", json.dumps(lanes), flush=True)
     return lanes

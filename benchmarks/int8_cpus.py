@@ -31,7 +31,7 @@ def reference(clip: Path) -> tuple[np.ndarray, np.ndarray]:
     from pipeline.preprocess import preprocess_batch
 
     pixels = preprocess_batch(export.verification_images(), preprocess_config_for_model(str(clip)))
-    tower = export._image_tower(CLIPModel.from_pretrained(str(clip), attn_implementation="eager").eval())
+    tower = export.image_tower(CLIPModel.from_pretrained(str(clip), attn_implementation="eager").eval())
     with torch.inference_mode():
         return pixels, tower(torch.from_numpy(pixels)).numpy()
 
@@ -75,8 +75,8 @@ def measure(path: Path, pixels: np.ndarray, ref: np.ndarray, seconds: float, emu
         emb.embed(x)
         n += 32
     speed = n / (time.perf_counter() - t)
-    native = export._cosines(export._run(ort, path, pixels), ref)
-    emulated = export._cosines(run_emulated(path, pixels[:emulate], batch=2), ref[:emulate]) if emulate else None
+    native = export.feature_cosines(export.run_onnx(ort, path, pixels), ref)
+    emulated = export.feature_cosines(run_emulated(path, pixels[:emulate], batch=2), ref[:emulate]) if emulate else None
     return speed, native, emulated
 
 

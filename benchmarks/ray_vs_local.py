@@ -11,7 +11,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from benchmarks.common import Assets, machine_line, make_parser, parse_args, run_main_py, standard_run_args
+from benchmarks.common import (
+    Assets,
+    machine_line,
+    make_parser,
+    parse_args,
+    run_main_py,
+    section_stages,
+    standard_run_args,
+)
 
 
 def tree_rss(pid: int) -> int:
@@ -38,7 +46,7 @@ def run(engine: str, ds: Path, onnx: Path, out: Path, n: int) -> tuple[float, fl
     shutil.rmtree(out, ignore_errors=True)
     result = run_main_py([*standard_run_args(ds, onnx, out, n), "--engine", engine], sample=tree_rss)
     result.check(f"{engine} run")
-    return result.wall_s, result.sampled_peak / 2**20, result.stages
+    return result.wall_s, result.sampled_peak / 2**20, section_stages(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.repeats):
         for engine in ("local", "ray"):
             wall, peak, stages = run(engine, ds, onnx, args.work / f"engine-{engine}", args.n)
-            embed = stages.get("embed stage (wall)", stages.get("embed stage (wall, ray)", float("nan")))
+            embed = stages.get("embed", float("nan"))
             rows.append((engine, wall, peak, embed))
             print(f"  stages: {', '.join(f'{k} {v:.1f} s' for k, v in stages.items())}")
             print(

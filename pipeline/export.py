@@ -126,7 +126,7 @@ def verification_images(n: int = 24, seed: int = 0) -> list[Image.Image]:
     return out
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def feature_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(l2_normalize(a) * l2_normalize(b), axis=1)
 
 
@@ -198,7 +198,7 @@ class _ImageExport:
                 f"--model DIR."
             ) from e
         self.prep = preprocess_config_for_model(model)
-        self.tower = _image_tower(self.clip)
+        self.tower = image_tower(self.clip)
         self.tmp_fp32 = self.fp32_path.with_name(f".{self.fp32_path.name}.tmp")
         self.tmp_int8 = int8_path.with_name(f".{int8_path.name}.tmp")
         self.tmp_pre = int8_path.with_name(f".{int8_path.name}.pre.tmp")
@@ -263,9 +263,10 @@ class _ImageExport:
         with torch.inference_mode():
             ref = self.tower(torch.from_numpy(pixels)).numpy()
             probe_ref = self.tower(torch.from_numpy(probes)).numpy()
-        c32, c8 = _cosines(_run(ort, self.tmp_fp32, pixels), ref), _cosines(_run(ort, self.tmp_int8, pixels), ref)
+        c32 = feature_cosines(run_onnx(ort, self.tmp_fp32, pixels), ref)
+        c8 = feature_cosines(run_onnx(ort, self.tmp_int8, pixels), ref)
         records = {
-            path: ProbeRecord.make("image", [probes], probe_ref, _run(ort, path, probes), bar)
+            path: ProbeRecord.make("image", [probes], probe_ref, run_onnx(ort, path, probes), bar)
             for path, bar in ((self.tmp_fp32, FP32_MIN_COSINE), (self.tmp_int8, INT8_MIN_COSINE))
         }
         p32, p8 = min(records[self.tmp_fp32].exported_cosines), min(records[self.tmp_int8].exported_cosines)
@@ -422,7 +423,7 @@ def _verify_text_graph(tower, enc, path: Path) -> tuple[str, ProbeRecord]:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = [enc["input_ids"].numpy().astype(np.int64), enc["attention_mask"].numpy().astype(np.int64)]
     got = sess.run(None, {"input_ids": inputs[0], "attention_mask": inputs[1]})[0]
-    cos = _cosines(got, ref)
+    cos = feature_cosines(got, ref)
     line = (
         f"  text fp32 ONNX: min {cos.min():.6f} over {len(TEXT_PROBES)} texts (need >= {FP32_MIN_COSINE}); "
         f"stored as its self-check probes"
@@ -481,13 +482,13 @@ def _set_metadata(onnx, path: Path, props: dict[str, str]) -> None:
     onnx.save(m, str(path))
 
 
-def _run(ort, path: Path, pixels: np.ndarray) -> np.ndarray:
+def run_onnx(ort, path: Path, pixels: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: pixels[i : i + 16]})[0] for i in range(0, len(pixels), 16)])
 
 
-def _image_tower(clip):
+def image_tower(clip):
     """Wrap a CLIPModel as pixel_values (B, 3, H, W) -> projected image features (B, D), before
     normalization: what CLIPModel.get_image_features returns."""
     import torch

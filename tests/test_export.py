@@ -65,7 +65,7 @@ def reference(tiny_clip):
     from pipeline.preprocess import preprocess_batch
 
     pixels = preprocess_batch(export.verification_images(), preprocess_config_for_model(str(tiny_clip)))
-    tower = export._image_tower(CLIPModel.from_pretrained(str(tiny_clip), attn_implementation="eager").eval())
+    tower = export.image_tower(CLIPModel.from_pretrained(str(tiny_clip), attn_implementation="eager").eval())
     with torch.inference_mode():
         return pixels, tower(torch.from_numpy(pixels)).numpy()
 
@@ -89,11 +89,11 @@ def test_int8_export_passes_on_avx2_without_vnni(quantization, tiny_clip, tmp_pa
     weights = _int8_weights(path)
     assert weights and max(int(np.abs(w.astype(int)).max()) for w in weights) <= 64
     pixels, ref = reference
-    emulated = export._cosines(run_emulated(path, pixels), ref)
+    emulated = export.feature_cosines(run_emulated(path, pixels), ref)
     assert emulated.min() >= export.INT8_MIN_COSINE and emulated.mean() >= export.INT8_MEAN_COSINE
     # Without saturation the emulation is the same arithmetic as this CPU's onnxruntime.
-    native = export._run(__import__("onnxruntime"), path, pixels)
-    assert export._cosines(run_emulated(path, pixels), native).min() > 0.9999
+    native = export.run_onnx(__import__("onnxruntime"), path, pixels)
+    assert export.feature_cosines(run_emulated(path, pixels), native).min() > 0.9999
 
 
 def test_emulation_reproduces_the_avx2_failure_of_8bit_weights(tiny_clip, tmp_path, reference, monkeypatch):
@@ -111,9 +111,9 @@ def test_emulation_reproduces_the_avx2_failure_of_8bit_weights(tiny_clip, tmp_pa
     export.export_onnx(str(tiny_clip), path, quantization="dynamic", images=export.verification_images())
     assert max(int(np.abs(w.astype(int)).max()) for w in _int8_weights(path)) == 127
     pixels, ref = reference
-    emulated = export._cosines(run_emulated(path, pixels), ref)
+    emulated = export.feature_cosines(run_emulated(path, pixels), ref)
     assert emulated.min() < 0.95 and emulated.mean() < mean_bar
-    native = export._cosines(export._run(__import__("onnxruntime"), path, pixels), ref)
+    native = export.feature_cosines(export.run_onnx(__import__("onnxruntime"), path, pixels), ref)
     flags = set(cpu_info()["isa"])
     if "avx512_vnni" in flags or "avx_vnni" in flags:
         assert native.min() >= min_bar  # VNNI adds in 32 bits: no saturation here
