@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from .backends import EVAL_BACKENDS
 from .catalog import Catalog
 from .config import RunConfig
 from .dataset import IMAGE_SUFFIXES, DatasetSpec, count_rows, iter_records
@@ -29,6 +30,7 @@ from .export import fp32_path_for
 from .fileio import atomic_write_text
 from .galleries import open_catalog, segmenter_factory
 from .images import ImageDecodeError, decode_image
+from .persons import Segmenter
 from .plots import (
     THUMB_SIZE,
     caption_font,
@@ -102,8 +104,9 @@ def run_query(cfg: RunConfig) -> RunSummary:
             pictures.append(out_dir / f"q{i:03d}_{_slug(query.label)}.jpg")
             save_jpeg(pic, pictures[-1])
     table = out_dir / "query_results.csv"
-    flat = iter_neighbour_rows(nb, [q.label for q in queries], [q.kind for q in queries], ids, names)
-    rows = [(label, kind, rank, name, row, d) for label, kind, rank, row, name, d in flat]
+    # the queries go in by number (iter_neighbour_rows takes int query ids) and come out as their labels
+    flat = iter_neighbour_rows(nb, range(len(queries)), [q.label for q in queries], ids, names)
+    rows = [(label, queries[qi].kind, rank, name, row, d) for qi, label, rank, row, name, d in flat]
     write_neighbours_csv(table, iter(rows), columns=("query", "kind", "rank", "gallery_file", "row", "distance"))
     summary.count("queries", len(queries))
     summary.outputs["results"] = str(table)
@@ -304,12 +307,13 @@ def _person_to_garment(
     return metrics_from_ranks(ranks_of_positives(queries[keep], garments, positives))
 
 
-def _spec_for(cfg: RunConfig, backend: str) -> EmbedderSpec:
-    e = cfg.embedder
-    if backend == "torch":
-        return replace(e, backend="torch")
-    path = e.onnx if backend == "onnx-int8" else str(fp32_path_for(e.onnx))
-    return replace(e, onnx=path, backend="onnx", precision="auto")
+def _spec_for(cfg: RunConfig, name: str) -> EmbedderSpec:
+    """The embedder an --eval-backends name stands for (backends.EVAL_BACKENDS)."""
+    e, wanted = cfg.embedder, EVAL_BACKENDS[name]
+    if wanted.onnx_file is None:
+        return replace(e, backend=wanted.backend)
+    path = e.onnx if wanted.onnx_file == "int8" else str(fp32_path_for(e.onnx))
+    return replace(e, onnx=path, backend=wanted.backend, precision="auto")
 
 
 def run_evaluate(cfg: RunConfig) -> RunSummary:
@@ -318,16 +322,30 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
     kept) with all backends loaded at once: the dataset is read, decoded and segmented once, not
     once per backend."""
     summary = RunSummary(mode="evaluate")
-    id_column, cloth_column = cfg.evaluate.id_column, cfg.evaluate.cloth_column
+    id_column = cfg.evaluate.id_column
     backends = list(cfg.evaluate.backends) or ["onnx-int8" if cfg.embedder.resolve_backend() == "onnx" else "torch"]
-    spec = replace(cfg.dataset, extra_columns=(id_column,) if id_column else (cloth_column,))
     segmenter = segmenter_factory(cfg) if cfg.use_segmentation and not id_column else None
-    task = "same-product" if id_column else "person->garment"
+    got = _embed_for_evaluation(cfg, summary, backends, segmenter)
+    if id_column:
+        results = _same_product_metrics(got, backends, summary)
+    else:
+        results = _person_to_garment_metrics(got, backends, segmenter is not None, summary)
+    _write_evaluation(cfg, summary, results)
+    return summary
+
+
+def _embed_for_evaluation(
+    cfg: RunConfig, summary: RunSummary, backends: list[str], segmenter: Segmenter | None
+) -> dict:
+    """Every backend loaded, then _embed_pass over the dataset with the columns the task needs; a
+    missing `cloth` column is explained."""
+    id_column, cloth_column = cfg.evaluate.id_column, cfg.evaluate.cloth_column
+    spec = replace(cfg.dataset, extra_columns=(id_column,) if id_column else (cloth_column,))
     with summary.stage("load models"):
         embedders = {backend: make_embedder(_spec_for(cfg, backend)) for backend in backends}
     with summary.stage("embed pass (all backends)"):
         try:
-            got = _embed_pass(
+            return _embed_pass(
                 spec,
                 embedders,
                 cfg.batch_size,
@@ -344,34 +362,51 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
                     f"(same product)"
                 ) from e
             raise
-    results: dict[str, dict] = {}
+
+
+def _same_product_metrics(got: dict, backends: list[str], summary: RunSummary) -> dict[str, dict]:
+    """Per backend, the rank of each photo's best-ranked other photo of the same product among all
+    photos but itself; photos whose product has no other are skipped (and counted in a note)."""
     q_rows = got[backends[0]]["photos"][1]  # the same rows for every backend
-    if id_column:
-        ids = np.array([got["ids"][int(r)] for r in q_rows])
-        positives, keep = [], []
-        for i in range(len(ids)):
-            pos = np.flatnonzero(ids == ids[i])
-            pos = pos[pos != i]
-            if len(pos):
-                positives.append(pos)
-                keep.append(i)
-        keep_arr = np.array(keep, dtype=np.int64)
-        if len(ids) > len(keep):
-            summary.notes.append(f"{len(ids) - len(keep)} queries skipped: their product has no other image")
+    ids = np.array([got["ids"][int(r)] for r in q_rows])
+    positives, keep = [], []
+    for i in range(len(ids)):
+        pos = np.flatnonzero(ids == ids[i])
+        pos = pos[pos != i]
+        if len(pos):
+            positives.append(pos)
+            keep.append(i)
+    keep_arr = np.array(keep, dtype=np.int64)
+    if len(ids) > len(keep):
+        summary.notes.append(f"{len(ids) - len(keep)} queries skipped: their product has no other image")
+    results: dict[str, dict] = {}
     for backend in backends:
         q = got[backend]["photos"][0]
-        if id_column:
-            results.setdefault(task, {})[backend] = metrics_from_ranks(
-                ranks_of_positives(q[keep_arr], q, positives, exclude=keep_arr)
-            )
-            continue
+        results.setdefault("same-product", {})[backend] = metrics_from_ranks(
+            ranks_of_positives(q[keep_arr], q, positives, exclude=keep_arr)
+        )
+    return results
+
+
+def _person_to_garment_metrics(got: dict, backends: list[str], segmented: bool, summary: RunSummary) -> dict[str, dict]:
+    """Per backend, the rank of each photo's own garment (and, segmented, of its first person's)."""
+    task = "person->garment"
+    q_rows = got[backends[0]]["photos"][1]  # the same rows for every backend
+    results: dict[str, dict] = {}
+    for backend in backends:
+        q = got[backend]["photos"][0]
         g, g_rows = got[backend]["garments"]
         results.setdefault(task, {})[backend] = _person_to_garment(q, q_rows, g, g_rows)
-        if segmenter is not None:
+        if segmented:
             c, c_rows = got[backend]["crops"]
             results.setdefault(task + " (segmented person)", {})[backend] = _person_to_garment(c, c_rows, g, g_rows)
-    if segmenter is not None:
+    if segmented:
         summary.notes.append(f"segmented: {len(got[backends[0]]['crops'][1])} of {len(q_rows)} photos had a person")
+    return results
+
+
+def _write_evaluation(cfg: RunConfig, summary: RunSummary, results: dict[str, dict]) -> None:
+    """evaluation.json, evaluation.png, the table in the summary's notes and the report's section."""
     cfg.plots_dir.mkdir(parents=True, exist_ok=True)
     report = {"dataset": cfg.dataset.name, "split": cfg.dataset.split, "limit": cfg.dataset.limit, "results": results}
     path = cfg.plots_dir / "evaluation.json"
@@ -390,7 +425,6 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
             {"results": results, "chart": plot.name},
         )
         summary.outputs["report"] = str(write_section(cfg.plots_dir, section))
-    return summary
 
 
 def format_table(results: dict[str, dict]) -> str:

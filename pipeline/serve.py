@@ -9,7 +9,8 @@ on serving.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime,
-# and those name classes imported inside create_app (FastAPI loads only for --serve).
+# and those name classes imported inside the functions that add the endpoints (FastAPI loads only for
+# --serve).
 import logging
 import time
 from dataclasses import dataclass, field
@@ -69,36 +70,30 @@ class SearchService:
 
 
 def create_app(service: SearchService):
-    """The FastAPI app over a loaded SearchService."""
+    """The FastAPI app over a loaded SearchService: the search page, its query endpoints, the
+    thumbnails and the output folder's files (the report)."""
     try:
-        from fastapi import FastAPI, File, Form, HTTPException, UploadFile
-        from fastapi.responses import HTMLResponse, RedirectResponse, Response
+        from fastapi import FastAPI
         from fastapi.staticfiles import StaticFiles
-        from pydantic import BaseModel
     except ImportError as e:
         raise UsageError(
             f"--serve needs FastAPI and uvicorn ({e}): pip install fastapi uvicorn python-multipart"
         ) from e
 
     app = FastAPI(title="Fashion visual search", docs_url=None, redoc_url=None)
+    _add_page_endpoints(app, service)
+    _add_query_endpoints(app, service)
+    _add_file_endpoints(app, service)
+    app.mount("/files", StaticFiles(directory=str(service.cfg.output_dir)), name="files")
+    return app
+
+
+def _add_page_endpoints(app, service: SearchService) -> None:
+    """/ (the search page) and /api/info (what the page says it searches)."""
+    from fastapi.responses import HTMLResponse
+
     cfg, catalog = service.cfg, service.catalog
     page = PAGE.read_text(encoding="utf-8")
-
-    class TextQuery(BaseModel):
-        text: str
-        k: int = cfg.top_k
-
-    def timed(fn):
-        t = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            service.latencies.append(time.perf_counter() - t)
-
-    def check_k(k: int) -> int:
-        if not 1 <= k <= MAX_K:
-            raise HTTPException(422, f"k must be between 1 and {MAX_K}, got {k}")
-        return k
 
     @app.get("/", response_class=HTMLResponse)
     def index_page() -> str:
@@ -115,6 +110,30 @@ def create_app(service: SearchService):
             "search": catalog.searcher.describe(),
             "report": (cfg.plots_dir / "report.html").is_file(),
         }
+
+
+def _add_query_endpoints(app, service: SearchService) -> None:
+    """/api/text and /api/image: a query's top-k, its latency recorded; bad requests get a 4xx."""
+    from fastapi import File, Form, HTTPException, UploadFile
+    from pydantic import BaseModel
+
+    cfg = service.cfg
+
+    class TextQuery(BaseModel):
+        text: str
+        k: int = cfg.top_k
+
+    def timed(fn):
+        t = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            service.latencies.append(time.perf_counter() - t)
+
+    def check_k(k: int) -> int:
+        if not 1 <= k <= MAX_K:
+            raise HTTPException(422, f"k must be between 1 and {MAX_K}, got {k}")
+        return k
 
     @app.post("/api/text")
     def text(query: TextQuery) -> dict[str, Any]:
@@ -142,6 +161,14 @@ def create_app(service: SearchService):
         except PipelineError as e:  # e.g. the segmentation model cannot be loaded
             raise HTTPException(503, str(e)) from None
 
+
+def _add_file_endpoints(app, service: SearchService) -> None:
+    """/thumb/<row>.jpg (a gallery item's thumbnail) and /report (the run's HTML report)."""
+    from fastapi import HTTPException
+    from fastapi.responses import RedirectResponse, Response
+
+    cfg, catalog = service.cfg, service.catalog
+
     @app.get("/thumb/{row}.jpg")
     def thumb(row: int) -> Response:
         if not 0 <= row < len(catalog):
@@ -151,9 +178,6 @@ def create_app(service: SearchService):
     @app.get("/report")
     def report() -> RedirectResponse:
         return RedirectResponse(f"/files/{cfg.plots_dir.relative_to(cfg.output_dir).as_posix()}/report.html")
-
-    app.mount("/files", StaticFiles(directory=str(cfg.output_dir)), name="files")
-    return app
 
 
 def run_serve(cfg: RunConfig) -> RunSummary:

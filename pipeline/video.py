@@ -19,14 +19,15 @@ from tqdm import tqdm
 
 from .annotate import AnnotatedVideoWriter, Drawing, draw, output_size
 from .config import RunConfig
-from .embedders import make_embedder, on_cuda
+from .embedders import Embedder, make_embedder, on_cuda
 from .errors import PipelineError
 from .fileio import atomic_write_text, check_writable
-from .galleries import open_gallery, open_searcher, segmenter_factory
+from .galleries import Gallery, open_gallery, open_searcher, segmenter_factory
 from .persons import Detector, Person, Segmenter, with_masks
 from .plots import THUMB_SIZE, compose_matches, make_thumbnail, neighbour_tiles, save_jpeg
 from .preprocess import preprocess_batch
 from .report import RunSummary
+from .retrieval import Neighbours
 from .searcher import Hit, Searcher, person_crops
 from .store import THUMBNAILS_FILE, ThumbnailReader
 from .tracking import Tracker
@@ -49,6 +50,18 @@ class Frame:
     rgb: np.ndarray | None
     analysed: bool = True
     small_bgr: np.ndarray | None = None
+
+    def rgb_pixels(self) -> np.ndarray:
+        """The RGB pixels, which only analysed frames carry."""
+        if self.rgb is None:
+            raise ValueError(f"frame {self.index} is not an analysed frame: it has no RGB pixels")
+        return self.rgb
+
+    def small_bgr_pixels(self) -> np.ndarray:
+        """The BGR pixels at the annotated video's size, which frames carry when one is written."""
+        if self.small_bgr is None:
+            raise ValueError(f"frame {self.index} has no BGR pixels: the reader was given no small_size")
+        return self.small_bgr
 
 
 def find_video(video_dir: Path, clip: str) -> Path:
@@ -173,7 +186,7 @@ def draw_frame_picture(
     im = Image.fromarray(frame_rgb)
     scale = min(1.0, max_width / im.width)
     if scale < 1.0:
-        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BILINEAR)
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(im)
     for k, person in enumerate(persons):
         x1, y1, x2, y2 = (float(v) * scale for v in person.box_xyxy)
@@ -193,17 +206,55 @@ def draw_frame_picture(
     return canvas
 
 
-class VideoRun:
-    """One --video_clip run's state: the frame loop's pieces, so that run_video reads as the loop."""
+@dataclass(frozen=True)
+class Clip:
+    """The clip being matched: its file, what its container says (the frame count only guides the
+    progress bar: it may be wrong or 0), and the annotated video's (width, height) (None: none is
+    written) with its scale relative to the frames."""
 
-    def __init__(self, cfg: RunConfig, embedder, searcher: Searcher, out_dir: Path, thumbs: ThumbnailReader) -> None:
+    path: Path
+    frames_hint: int
+    fps: float
+    small_size: tuple[int, int] | None
+    scale: float
+
+    @classmethod
+    def from_file(cls, path: Path, annotated_video: bool) -> Clip:
+        total, fps, width, height = probe(path)
+        small = output_size(width, height) if annotated_video and width and height else None
+        return cls(path, total, fps, small, small[0] / width if small else 1.0)
+
+
+# the frame loop's steps, timed one by one for the summary's stages (in this order)
+LOOP_STEPS = ("read", "detect", "segment", "embed", "match", "track", "draw", "video")
+
+
+class VideoRun:
+    """One --video_clip run's state: the frame loop's pieces, the matches and tracks found so far, its
+    counts and timings, and the annotated video being written (writer None: none is)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        embedder,
+        searcher: Searcher,
+        out_dir: Path,
+        thumbs: ThumbnailReader,
+        clip: Clip,
+        writer: AnnotatedVideoWriter | None,
+    ) -> None:
         self.cfg, self.embedder, self.searcher, self.out_dir, self.thumbs = cfg, embedder, searcher, out_dir, thumbs
+        self.clip, self.writer = clip, writer
+        self.reader = FrameReader(clip.path, cfg.video.frame_stride, clip.small_size)
         self.names = [r.file for r in searcher.rows]
         self.tracker = Tracker(max_gap=cfg.video.track_gap)
         # track -> (time, area x score x uncovered share, thumbnail) per crop
         self.crops: dict[int, list[tuple[float, float, np.ndarray]]] = {}
         self._best: dict[int, tuple[int, str, np.ndarray | None]] = {}  # track -> (sightings, caption, tile)
         self.results: list[dict] = []
+        self.times = dict.fromkeys(LOOP_STEPS, 0.0)
+        self.n_frames = self.n_persons = self.n_empty = 0
+        self.annotated: Path | None = None  # the annotated video, once finished
 
     @staticmethod
     def matches(hits: list[Hit]) -> list[dict]:
@@ -215,6 +266,89 @@ class VideoRun:
             for h in hits
         ]
 
+    def analyse_frames(self, detector: Detector, segmenter: Segmenter | None) -> None:
+        """The frame loop: every analysed frame analysed; with an annotated video, the frames up to
+        each analysed one drawn once it is known (their boxes are interpolated up to it)."""
+        pending: list[Frame] = []  # frames since the last analysed one, waiting for the next to interpolate
+        clip, reader = self.clip, self.reader
+        bar = tqdm(
+            total=clip.frames_hint or None,
+            unit="frame",
+            desc=f"video {self.cfg.video.clip}",
+            disable=not self.cfg.progress,
+        )
+        t_read = time.perf_counter()
+        ok = False
+        try:
+            for frame in reader:
+                self.times["read"] += time.perf_counter() - t_read
+                last = self.results[-1]["frame"] if self.results else -1
+                bar.update(1 if clip.small_size else frame.index - last)
+                if not frame.analysed:
+                    pending.append(frame)
+                    t_read = time.perf_counter()
+                    continue
+                self.count(analyse(self, frame, detector, segmenter, self.times))
+                if self.writer is not None:
+                    self.write_video(self.writer, [*pending, frame])
+                    pending.clear()
+                t_read = time.perf_counter()
+            if self.writer is not None:
+                self.write_video(self.writer, pending)  # after the last analysed frame
+            ok = True
+        finally:
+            bar.update(max(0, (clip.frames_hint or reader.frames_read) - bar.n))
+            bar.close()
+            if self.writer is not None and not ok:
+                self.writer.abort()
+
+    def count(self, found: list[dict]) -> None:
+        """An analysed frame and the persons found in it."""
+        self.n_frames += 1
+        self.n_persons += len(found)
+        self.n_empty += not found
+
+    def write_video(self, writer: AnnotatedVideoWriter, frames: list[Frame]) -> None:
+        """Frames into the annotated video, each with the tracks spanning it."""
+        t = time.perf_counter()
+        for f in frames:
+            writer.write(draw(f.small_bgr_pixels(), drawings_at(self, f.index), self.clip.scale))
+        self.times["video"] += time.perf_counter() - t
+
+    def record_persons(
+        self,
+        frame: Frame,
+        persons: list[Person],
+        images: dict[int, Image.Image],
+        track_of: dict[int, int],
+        nb: Neighbours,
+    ) -> tuple[list[dict], list[Image.Image]]:
+        """Each cropped person's results entry and picture row (its tile, then its matches); its tile
+        kept for its track, weighted by area x score x the share of it not covered by others."""
+        found, rows = [], []
+        for qi, k in enumerate(images):
+            tile = make_thumbnail(images[k], THUMB_SIZE)
+            x1, y1, x2, y2 = (float(v) for v in persons[k].box_xyxy)
+            uncovered = 1.0 - self.tracker.tracks[track_of[k] - 1].last.covered
+            self.crops.setdefault(track_of[k], []).append(
+                (frame.time_s, (x2 - x1) * (y2 - y1) * persons[k].confidence * uncovered, tile)
+            )
+            found.append(
+                {
+                    "person": k,
+                    "track": track_of[k],
+                    "box_xyxy": [round(float(v), 2) for v in persons[k].box_xyxy],
+                    "score": round(float(persons[k].confidence), 6),
+                    "masked": persons[k].mask is not None,
+                    "matches": self.matches(self.searcher.hits(nb, qi)),
+                }
+            )
+            tiles, labels = neighbour_tiles(
+                nb.indices[qi], nb.distances[qi], lambda j: self.thumbs[j].copy(), self.names
+            )
+            rows.append(compose_matches(tile, f"person #{k} (track {track_of[k]})", tiles, labels))
+        return found, rows
+
     def best_match(self, track_id: int) -> tuple[str, np.ndarray | None]:
         """A track's current top-1: its caption and its thumbnail (searched again only when the
         track has been seen again)."""
@@ -225,6 +359,19 @@ class VideoRun:
             best = (f"{hits[0].file} d={hits[0].distance:.2f}", self.thumbs[hits[0].row].copy()) if hits else ("", None)
             cached = self._best[track_id] = (len(track.sightings), *best)
         return cached[1], cached[2]
+
+    def finish_tracks(self, summary: RunSummary) -> list[dict]:
+        """The "tracks" stage: the annotated video finished, then every track's summary (tracks.json's
+        entries) and contact sheet."""
+        with summary.stage("tracks"):
+            t = time.perf_counter()
+            self.annotated = self.writer.close() if self.writer is not None else None
+            self.times["video"] += time.perf_counter() - t
+            tracks = self.track_summaries()
+            for track in tracks:
+                self.contact_sheet(track)
+            self.thumbs.close()
+        return tracks
 
     def track_summaries(self) -> list[dict]:
         """tracks.json: per track its sightings and its look's top-k."""
@@ -290,6 +437,57 @@ class VideoRun:
         save_jpeg(sheet, path)
         return path
 
+    def write_results(self, tracks: list[dict]) -> Path:
+        """results.jsonl (a line per analysed frame) and tracks.json; returns results.jsonl's path."""
+        video = self.cfg.video
+        results_path = self.out_dir / "results.jsonl"
+        atomic_write_text(results_path, "".join(json.dumps(r) + "\n" for r in self.results))
+        atomic_write_text(
+            self.out_dir / "tracks.json",
+            json.dumps(
+                {
+                    "clip": video.clip,
+                    "fps": self.clip.fps,
+                    "frames": self.reader.frames_read,
+                    "stride": video.frame_stride,
+                    "tracks": tracks,
+                },
+                indent=1,
+            ),
+        )
+        return results_path
+
+    def summarize(self, summary: RunSummary, tracks: list[dict]) -> None:
+        """The run's notes, counts and per-step times into the summary."""
+        stride, read_frames = self.cfg.video.frame_stride, self.reader.frames_read
+        if read_frames < stride:
+            summary.notes.append(
+                f"the video has {read_frames} frame(s), fewer than --frame-stride {stride}: only frame 0 was analysed"
+            )
+        if self.reader.damaged_packets:
+            summary.notes.append(f"{self.reader.damaged_packets} damaged packet(s) in the video were skipped")
+        summary.counts.update(
+            {
+                "frames read": read_frames,
+                "frames processed": self.n_frames,
+                "persons": self.n_persons,
+                "frames without persons": self.n_empty,
+                "tracks": len(tracks),
+                "tracks seen twice or more": sum(t["frames"] > 1 for t in tracks),
+            }
+        )
+        video_wall = sum(self.times.values())
+        for k, v in self.times.items():
+            summary.stages[f"video {k}"] = v
+        if self.writer is not None:  # on its own thread, overlapping the rest: not part of the sum
+            summary.stages["video encoding (background thread)"] = self.writer.encode_seconds
+        if video_wall > 0:
+            summary.notes.append(
+                f"{self.n_frames / video_wall:.2f} analysed frames per second, {read_frames / video_wall:.1f} video "
+                f"frames per second of wall time (gallery excluded; "
+                f"{read_frames / max(self.clip.fps, 1e-9) / video_wall:.2f}x real time)"
+            )
+
 
 def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segmenter | None = None) -> RunSummary:
     """--video_clip: gallery (cache or built), then for each analysed frame detect, (segment), embed,
@@ -303,125 +501,66 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
     summary = RunSummary(mode=f"video {video.clip}" + (" (segmented)" if cfg.segmented else ""))
     path = find_video(video.folder, video.clip)
     open_video(path).close()  # fail on an unreadable file before any model is loaded
-    out_dir = cfg.video_results_dir
-    check_writable(out_dir)
+    check_writable(cfg.video_results_dir)
+    embedder, gallery = load_gallery(cfg, summary)
+    detector, segmenter = load_detector(cfg, summary, detector, segmenter)
+    run = start_run(cfg, summary, path, embedder, gallery)
+    run.analyse_frames(detector, segmenter)
+    tracks = run.finish_tracks(summary)
+    results_path = run.write_results(tracks)
+    run.summarize(summary, tracks)
+    out_dir = run.out_dir
+    summary.outputs["frame pictures"] = f"{out_dir}/frame_*.jpg"
+    summary.outputs["results"] = str(results_path)
+    summary.outputs["tracks"] = f"{out_dir / 'tracks.json'} and {out_dir}/track_*.jpg"
+    if run.annotated:
+        summary.outputs["annotated video"] = str(run.annotated)
+    write_video_section(cfg, summary, run, tracks)
+    return summary
+
+
+def load_gallery(cfg: RunConfig, summary: RunSummary) -> tuple[Embedder, Gallery]:
+    """The embedder and the gallery (cache or built) it matches against, which must hold embeddings."""
     with summary.stage("load embedder"):
         embedder = make_embedder(cfg.embedder)
     gallery = open_gallery(cfg, summary, embedder=embedder)
     if not gallery.embedded:
         raise PipelineError(f"the gallery in {cfg.store_dir} has no embedded items to match against")
+    return embedder, gallery
+
+
+def load_detector(
+    cfg: RunConfig, summary: RunSummary, detector: Detector | None, segmenter: Segmenter | None
+) -> tuple[Detector, Segmenter | None]:
+    """The person detector (and the segmenter of a segmented run) unless stand-ins were given."""
+    video = cfg.video
     with summary.stage("load detector"):
         detector = detector or UltralyticsDetector(
             video.det_model, video.det_conf, device=cfg.embedder.device, backend=video.det_backend
         )
         if cfg.segmented and segmenter is None:
             segmenter = segmenter_factory(cfg)
+    return detector, segmenter
+
+
+def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedder, gallery: Gallery) -> VideoRun:
+    """The run's outputs made ready (an earlier run's pictures removed, the annotated video opened)
+    and the gallery's index loaded."""
+    out_dir = cfg.video_results_dir
     for old in [*out_dir.glob("frame_*.jpg"), *out_dir.glob("track_*.jpg")]:
         old.unlink()
-    total, fps, width, height = probe(path)
-    small = output_size(width, height) if not video.no_annotated_video and width and height else None
-    scale = small[0] / width if small else 1.0
-    writer = AnnotatedVideoWriter(out_dir / "annotated.mp4", fps, small) if small else None
+    clip = Clip.from_file(path, annotated_video=not cfg.video.no_annotated_video)
+    writer = AnnotatedVideoWriter(out_dir / "annotated.mp4", clip.fps, clip.small_size) if clip.small_size else None
     thumbs = ThumbnailReader(cfg.store_dir / THUMBNAILS_FILE)
     with summary.stage("load index"):
         searcher = open_searcher(cfg, gallery.embeddings, gallery.embedded, gpu=on_cuda(embedder))
     summary.notes.append("search: " + searcher.describe())
-    run = VideoRun(cfg, embedder, searcher, out_dir, thumbs)
-    times = dict.fromkeys(("read", "detect", "segment", "embed", "match", "track", "draw", "video"), 0.0)
-    pending: list[Frame] = []  # frames since the last analysed one, waiting for the next to interpolate
-    n_frames = n_persons = n_empty = 0
-    bar = tqdm(total=total or None, unit="frame", desc=f"video {video.clip}", disable=not cfg.progress)
-    reader = FrameReader(path, video.frame_stride, small)
-    t_read = time.perf_counter()
-    ok = False
-    try:
-        for frame in reader:
-            t0 = time.perf_counter()
-            times["read"] += t0 - t_read
-            bar.update(1 if small else (frame.index - (run.results[-1]["frame"] if run.results else -1)))
-            if not frame.analysed:
-                pending.append(frame)
-                t_read = time.perf_counter()
-                continue
-            found = analyse(run, frame, detector, segmenter, times)
-            n_frames += 1
-            n_persons += len(found)
-            n_empty += not found
-            if writer is not None:
-                t = time.perf_counter()
-                for f in [*pending, frame]:
-                    writer.write(draw(f.small_bgr, drawings_at(run, f.index), scale))
-                pending.clear()
-                times["video"] += time.perf_counter() - t
-            t_read = time.perf_counter()
-        if writer is not None:
-            t = time.perf_counter()
-            for f in pending:  # after the last analysed frame
-                writer.write(draw(f.small_bgr, drawings_at(run, f.index), scale))
-            times["video"] += time.perf_counter() - t
-        ok = True
-    finally:
-        bar.update(max(0, (total or reader.frames_read) - bar.n))
-        bar.close()
-        if writer is not None and not ok:
-            writer.abort()
-    with summary.stage("tracks"):
-        t = time.perf_counter()
-        annotated = writer.close() if writer is not None else None
-        times["video"] += time.perf_counter() - t
-        tracks = run.track_summaries()
-        for track in tracks:
-            run.contact_sheet(track)
-        thumbs.close()
-    results_path = out_dir / "results.jsonl"
-    atomic_write_text(results_path, "".join(json.dumps(r) + "\n" for r in run.results))
-    atomic_write_text(
-        out_dir / "tracks.json",
-        json.dumps(
-            {
-                "clip": video.clip,
-                "fps": fps,
-                "frames": reader.frames_read,
-                "stride": video.frame_stride,
-                "tracks": tracks,
-            },
-            indent=1,
-        ),
-    )
-    read_frames = reader.frames_read
-    if read_frames < video.frame_stride:
-        summary.notes.append(
-            f"the video has {read_frames} frame(s), fewer than --frame-stride {video.frame_stride}: "
-            "only frame 0 was analysed"
-        )
-    if reader.damaged_packets:
-        summary.notes.append(f"{reader.damaged_packets} damaged packet(s) in the video were skipped")
-    long_tracks = sum(t["frames"] > 1 for t in tracks)
-    summary.counts.update(
-        {
-            "frames read": read_frames,
-            "frames processed": n_frames,
-            "persons": n_persons,
-            "frames without persons": n_empty,
-            "tracks": len(tracks),
-            "tracks seen twice or more": long_tracks,
-        }
-    )
-    video_wall = sum(times.values())
-    for k, v in times.items():
-        summary.stages[f"video {k}"] = v
-    if writer is not None:  # on its own thread, overlapping the rest: not part of the sum
-        summary.stages["video encoding (background thread)"] = writer.encode_seconds
-    if video_wall > 0:
-        summary.notes.append(
-            f"{n_frames / video_wall:.2f} analysed frames per second, {read_frames / video_wall:.1f} video frames "
-            f"per second of wall time (gallery excluded; {read_frames / max(fps, 1e-9) / video_wall:.2f}x real time)"
-        )
-    summary.outputs["frame pictures"] = f"{out_dir}/frame_*.jpg"
-    summary.outputs["results"] = str(results_path)
-    summary.outputs["tracks"] = f"{out_dir / 'tracks.json'} and {out_dir}/track_*.jpg"
-    if annotated:
-        summary.outputs["annotated video"] = str(annotated)
+    return VideoRun(cfg, embedder, searcher, out_dir, thumbs, clip, writer)
+
+
+def write_video_section(cfg: RunConfig, summary: RunSummary, run: VideoRun, tracks: list[dict]) -> None:
+    """The run's section of the HTML report: its frames, its tracks and the annotated video."""
+    out_dir = run.out_dir
     with summary.stage("report"):
         data = {
             "frames": [
@@ -429,12 +568,10 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
                 for r in run.results
             ],
             "tracks": [{**t, "sheet": relative_link(out_dir / t["sheet"], cfg.plots_dir)} for t in tracks],
-            "video": relative_link(annotated, cfg.plots_dir) if annotated else None,
+            "video": relative_link(run.annotated, cfg.plots_dir) if run.annotated else None,
         }
-        summary.outputs["report"] = str(
-            write_section(cfg.plots_dir, Section(f"video_{video.clip}", "video", f"Video {video.clip}", summary, data))
-        )
-    return summary
+        section = Section(f"video_{cfg.video.clip}", "video", f"Video {cfg.video.clip}", summary, data)
+        summary.outputs["report"] = str(write_section(cfg.plots_dir, section))
 
 
 def analyse(
@@ -443,41 +580,24 @@ def analyse(
     """One analysed frame: persons, crops, their vectors and matches, their tracks, the frame picture
     and its results line. Person k keeps number k (the #k drawn) even when another has no crop."""
     cfg, embedder = run.cfg, run.embedder
+    rgb = frame.rgb_pixels()
     t0 = time.perf_counter()
-    persons = detector.detect([frame.rgb])[0]
+    persons = detector.detect([rgb])[0]
     t1 = time.perf_counter()
     if segmenter is not None and persons:
-        persons = with_masks(persons, segmenter.segment([frame.rgb])[0])
+        persons = with_masks(persons, segmenter.segment([rgb])[0])
     t2 = time.perf_counter()
-    crops = person_crops(frame.rgb, persons)
+    crops = person_crops(rgb, persons)
     images = {k: Image.fromarray(c) for k, c in crops.items()}
     vectors = embedder.embed(preprocess_batch(list(images.values()), embedder.preprocess_cfg)) if crops else None
     t3 = time.perf_counter()
     nb = run.searcher.neighbours(vectors, cfg.top_k) if vectors is not None else None
     t4 = time.perf_counter()
-    track_of = run.tracker.update(frame.index, frame.time_s, persons, {k: vectors[q] for q, k in enumerate(crops)})
+    by_person = {k: vectors[q] for q, k in enumerate(crops)} if vectors is not None else {}
+    track_of = run.tracker.update(frame.index, frame.time_s, persons, by_person)
     t5 = time.perf_counter()
-    found, rows = [], []
-    for qi, k in enumerate(crops):
-        tile = make_thumbnail(images[k], THUMB_SIZE)
-        x1, y1, x2, y2 = (float(v) for v in persons[k].box_xyxy)
-        uncovered = 1.0 - run.tracker.tracks[track_of[k] - 1].last.covered
-        run.crops.setdefault(track_of[k], []).append(
-            (frame.time_s, (x2 - x1) * (y2 - y1) * persons[k].confidence * uncovered, tile)
-        )
-        found.append(
-            {
-                "person": k,
-                "track": track_of[k],
-                "box_xyxy": [round(float(v), 2) for v in persons[k].box_xyxy],
-                "score": round(float(persons[k].confidence), 6),
-                "masked": persons[k].mask is not None,
-                "matches": run.matches(run.searcher.hits(nb, qi)),
-            }
-        )
-        tiles, labels = neighbour_tiles(nb.indices[qi], nb.distances[qi], lambda j: run.thumbs[j].copy(), run.names)
-        rows.append(compose_matches(tile, f"person #{k} (track {track_of[k]})", tiles, labels))
-    save_jpeg(draw_frame_picture(frame.rgb, persons, rows), run.out_dir / f"frame_{frame.index:06d}.jpg", quality=88)
+    found, rows = run.record_persons(frame, persons, images, track_of, nb) if nb is not None else ([], [])
+    save_jpeg(draw_frame_picture(rgb, persons, rows), run.out_dir / f"frame_{frame.index:06d}.jpg", quality=88)
     run.results.append({"frame": frame.index, "time_s": round(frame.time_s, 3), "persons": found})
     t6 = time.perf_counter()
     for key, (a, b) in {
