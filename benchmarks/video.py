@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Assets, machine_line, make_parser, parse_args, photo_like, stage_seconds
+from benchmarks.common import Assets, machine_line, make_parser, parse_args, photo_like
 
 FPS, STRIDE = 30, 30
 FULL_HD = (1920, 1080)
@@ -164,13 +164,11 @@ def run_settings(args, cfg, real, size_wh: tuple[int, int]) -> list[tuple]:
             whole = time.perf_counter() - t
             if r == 0 and annotated:
                 print(summary.format())
-            shown = stage_seconds(summary)
-            stages = {
-                k.replace("video ", ""): v for k, v in shown.items() if k.startswith("video ") and "background" not in k
-            }
+            # the clip's steps by name: clip/read, clip/detect, ..., clip/video (drawing the annotated video)
+            stages = {k.removeprefix("clip/"): v for k, v in summary.stages.items() if k.startswith("clip/")}
             if not stages:
-                raise SystemExit(f"no 'video <step>' stages in the run's summary: {sorted(shown)}")
-            encode = shown.get("video encoding (background thread)", 0.0)
+                raise SystemExit(f"no 'clip/<step>' stages in the run's summary: {sorted(summary.stages)}")
+            encode = summary.stages.get("encode video", 0.0)
             rows.append((annotated, whole, stages, summary.counts, encode))
     return rows
 

@@ -35,6 +35,7 @@ from .plots import (
     THUMB_SIZE,
     caption_font,
     compose_matches,
+    drawable,
     make_thumbnail,
     neighbour_tiles,
     pyplot,
@@ -81,7 +82,7 @@ def text_tile(text: str, size: int = THUMB_SIZE) -> np.ndarray:
     draw = ImageDraw.Draw(im)
     draw.rectangle([0, 0, size - 1, size - 1], outline=(120, 120, 120))
     for i, line in enumerate(textwrap.wrap(text, width=max(8, size // 7))[: size // 13]):
-        draw.text((5, 5 + 12 * i), line, fill=(0, 0, 0), font=caption_font())
+        draw.text((5, 5 + 12 * i), drawable(line), fill=(0, 0, 0), font=caption_font())
     return np.asarray(im)
 
 
@@ -101,7 +102,7 @@ def run_query(cfg: RunConfig) -> RunSummary:
         for i, query in enumerate(queries):
             tiles, labels = neighbour_tiles(nb.indices[i], nb.distances[i], catalog.thumbnail, names)
             pic = compose_matches(query.tile, query.kind, tiles, labels, title=f"{query.kind} query: {query.label}")
-            pictures.append(out_dir / f"q{i:03d}_{_slug(query.label)}.jpg")
+            pictures.append(out_dir / f"q{i:03d}_{query_slug(query.label)}.jpg")
             save_jpeg(pic, pictures[-1])
     table = out_dir / "query_results.csv"
     # the queries go in by number (iter_neighbour_rows takes int query ids) and come out as their labels
@@ -129,11 +130,11 @@ def embed_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary) -> tupl
         with summary.stage("embed image queries"):
             for path in expand_image_paths(cfg.query.images):
                 try:
-                    crops, found = catalog.query_crops(path, segment=cfg.use_segmentation)
+                    crops, found = catalog.query_crops(path, segment=cfg.segmented)
                 except (ImageDecodeError, OSError) as e:
                     summary.fail(str(path), str(e))
                     continue
-                if cfg.use_segmentation and not found:
+                if cfg.segmented and not found:
                     summary.notes.append(f"{path.name}: no person found, the whole image is the query")
                 vectors.append(catalog.embed_crops(crops))
                 queries += [Query(c.label, "image", make_thumbnail(c.image)) for c in crops]
@@ -146,7 +147,7 @@ def embed_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary) -> tupl
     return queries, vectors
 
 
-def _slug(text: str, limit: int = 40) -> str:
+def query_slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:limit].strip("_") or "query"
 
 
@@ -197,7 +198,7 @@ def product_ids(values: Sequence) -> list[str]:
     return out
 
 
-class _Batcher:
+class EvalBatcher:
     """Collects decoded images and embeds them a batch at a time with every backend, remembering
     each vector's row. Pixels are preprocessed once per distinct preprocessing, not per backend."""
 
@@ -235,7 +236,7 @@ class _Batcher:
         return emb, np.array(self.rows, dtype=np.int64)
 
 
-def _embed_pass(
+def embed_pass(
     spec: DatasetSpec,
     embedders: dict[str, Embedder],
     batch_size: int,
@@ -251,7 +252,7 @@ def _embed_pass(
     Returns:
         {"ids": {source_row: product}, backend: {"photos": (emb, rows), "garments": ..., "crops": ...}}
     """
-    photos, garments, crops = (_Batcher(embedders, batch_size) for _ in range(3))
+    photos, garments, crops = (EvalBatcher(embedders, batch_size) for _ in range(3))
     ids: dict[int, str] = {}
     min_sides = sorted({e.preprocess_cfg.decode_min_side for e in embedders.values()})
 
@@ -286,7 +287,8 @@ def _embed_pass(
             if found:
                 crops.add(rec.source_row, dict.fromkeys(min_sides, person[0].image))
     for name, seconds in photos.seconds.items():
-        summary.stages[f"  inference {name}"] = seconds + garments.seconds[name] + crops.seconds[name]
+        total = seconds + garments.seconds[name] + crops.seconds[name]
+        summary.timed(f"embed/infer {name}", total, f"inference {name}")
     out: dict = {"ids": ids}
     for name in embedders:
         out[name] = {"photos": photos.result(name)}
@@ -337,15 +339,15 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
 def _embed_for_evaluation(
     cfg: RunConfig, summary: RunSummary, backends: list[str], segmenter: Segmenter | None
 ) -> dict:
-    """Every backend loaded, then _embed_pass over the dataset with the columns the task needs; a
+    """Every backend loaded, then embed_pass over the dataset with the columns the task needs; a
     missing `cloth` column is explained."""
     id_column, cloth_column = cfg.evaluate.id_column, cfg.evaluate.cloth_column
     spec = replace(cfg.dataset, extra_columns=(id_column,) if id_column else (cloth_column,))
     with summary.stage("load models"):
         embedders = {backend: make_embedder(_spec_for(cfg, backend)) for backend in backends}
-    with summary.stage("embed pass (all backends)"):
+    with summary.stage("embed", "embed pass (all backends)"):
         try:
-            return _embed_pass(
+            return embed_pass(
                 spec,
                 embedders,
                 cfg.batch_size,
@@ -412,7 +414,7 @@ def _write_evaluation(cfg: RunConfig, summary: RunSummary, results: dict[str, di
     path = cfg.plots_dir / "evaluation.json"
     atomic_write_text(path, json.dumps(report, indent=2))
     plot = cfg.plots_dir / "evaluation.png"
-    _plot_evaluation(results, plot)
+    plot_evaluation(results, plot)
     summary.notes.extend(format_table(results).splitlines())
     summary.outputs["evaluation"] = str(path)
     summary.outputs["plot"] = str(plot)
@@ -438,7 +440,7 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot_evaluation(results: dict[str, dict], path: Path) -> None:
+def plot_evaluation(results: dict[str, dict], path: Path) -> None:
     plt = pyplot()
     bars = [(f"{task}\n{backend}", m) for task, per in results.items() for backend, m in per.items()]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(bars)), 4), dpi=110)

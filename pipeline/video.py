@@ -477,10 +477,10 @@ class VideoRun:
             }
         )
         video_wall = sum(self.times.values())
-        for k, v in self.times.items():
-            summary.stages[f"video {k}"] = v
+        for k, v in self.times.items():  # the parts of the clip's wall time
+            summary.timed(f"clip/{k}", v, "draw annotated video" if k == "video" else k)
         if self.writer is not None:  # on its own thread, overlapping the rest: not part of the sum
-            summary.stages["video encoding (background thread)"] = self.writer.encode_seconds
+            summary.timed("encode video", self.writer.encode_seconds, "video encoding (background thread)")
         if video_wall > 0:
             summary.notes.append(
                 f"{self.n_frames / video_wall:.2f} analysed frames per second, {read_frames / video_wall:.1f} video "

@@ -340,7 +340,7 @@ def test_same_product_recall_is_the_known_answer(tmp_path, monkeypatch):
 
 def test_query_paths_text_tiles_and_slugs(tmp_path):
     from pipeline.errors import PipelineError
-    from pipeline.search import _slug, expand_image_paths, text_tile
+    from pipeline.search import expand_image_paths, query_slug, text_tile
 
     (tmp_path / "sub").mkdir()
     for name in ("b.jpg", "a.PNG", "notes.txt", "sub/c.webp"):
@@ -356,8 +356,9 @@ def test_query_paths_text_tiles_and_slugs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PipelineError, match=f"^no query images found in {tmp_path / 'empty'}, {tmp_path / 'empty'}$"):
         expand_image_paths([str(tmp_path / "empty"), str(tmp_path / "empty")])
-    assert _slug("red floral / midi?") == "red_floral_midi" and _slug("?!") == "query" and len(_slug("a" * 99)) == 40
-    assert _slug("Xmas Red Dress X") == "Xmas_Red_Dress_X"  # capitals kept; only underscores trimmed
+    assert query_slug("red floral / midi?") == "red_floral_midi" and query_slug("?!") == "query"
+    assert len(query_slug("a" * 99)) == 40
+    assert query_slug("Xmas Red Dress X") == "Xmas_Red_Dress_X"  # capitals kept; only underscores trimmed
     # a file before a folder: both kept, in the order given
     assert expand_image_paths([str(single), str(tmp_path / "sub")]) == [single, tmp_path / "sub" / "c.webp"]
     tile = text_tile("a red floral midi dress with long sleeves and a belt", size=128)
@@ -422,7 +423,7 @@ def test_batcher_batches_rows_times_and_empty_results(monkeypatch):
     # each call: one second on (the module's own `time`: the real one stays for everyone else)
     monkeypatch.setattr(search, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
     e = _CountingEmbedder()
-    b = search._Batcher({"fake": e}, batch_size=2)
+    b = search.EvalBatcher({"fake": e}, batch_size=2)
     empty, rows = b.result("fake")  # nothing added
     assert empty.shape == (0, 2) and empty.dtype == np.float32 and rows.dtype == np.int64 and rows.shape == (0,)
     for row, angle in ((7, 0), (3, 90), (9, 180), (4, 270), (8, 30)):
@@ -455,13 +456,13 @@ def test_rank_metrics_of_no_queries_and_blocks():
 def test_evaluation_records_unreadable_rows_and_goes_on(tmp_path, capsys):
     from pipeline.dataset import DatasetSpec
     from pipeline.report import RunSummary
-    from pipeline.search import _embed_pass
+    from pipeline.search import embed_pass
 
     cells = [assets.encode(assets.rgb_image(32, 32, color=(a, 0, 0)), "PNG") for a in (0, 30, 40, 90)]
     cells[1], cells[2] = None, b"not a picture"
     ds = assets.write_parquet_dataset(tmp_path / "ds", cells, extra={"item_ID": ["id_1", "id_1", "id_2", "id_2"]})
     summary = RunSummary(mode="evaluate")
-    out = _embed_pass(
+    out = embed_pass(
         DatasetSpec(name=str(ds), limit=None, extra_columns=("item_ID",)),
         {"fake": _AngleEmbedder()},
         2,
@@ -509,7 +510,7 @@ def test_evaluation_chart_shows_the_numbers(monkeypatch, tmp_path):
     monkeypatch.setattr(search, "save_figure", lambda fig, path: saved.append((fig, path)))
     a = {"queries": 4, "recall@1": 0.25, "recall@5": 0.5, "recall@10": 0.75, "mrr": 0.4}
     b = {"queries": 4, "recall@1": 0.5, "recall@5": 1.0, "recall@10": 1.0, "mrr": 0.7}
-    search._plot_evaluation({"person-garment": {"torch": a, "onnx": b}}, tmp_path / "e.png")
+    search.plot_evaluation({"person-garment": {"torch": a, "onnx": b}}, tmp_path / "e.png")
     ((fig, path),) = saved
     ax = fig.axes[0]
     assert path == tmp_path / "e.png" and fig.dpi == 110 and tuple(fig.get_size_inches()) == (6, 4)
@@ -529,7 +530,7 @@ def test_evaluation_chart_shows_the_numbers(monkeypatch, tmp_path):
     assert all(t.get_fontsize() == 8 for t in labels)
     assert ax.get_ylim() == (0, 1) and ax.get_title() == "Retrieval quality against ground truth"
     saved.clear()
-    search._plot_evaluation({"t": {f"b{i}": a for i in range(5)}}, tmp_path / "e.png")
+    search.plot_evaluation({"t": {f"b{i}": a for i in range(5)}}, tmp_path / "e.png")
     assert tuple(saved[0][0].get_size_inches()) == pytest.approx((8, 4))  # wider with more bars
 
 
@@ -569,3 +570,30 @@ def test_evaluate_records_a_row_without_garment_and_scores_the_rest(tiny_onnx, t
     assert "pairs[3] (cloth): no garment image" in captured.out + captured.err
     res = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]["person->garment"]["onnx-int8"]
     assert res["queries"] == n - 1
+
+
+def test_both_segmentation_flags_make_each_person_a_query(tmp_path):
+    """In the search modes --use-segmentation and --use-embedded-segment mean the same: the segmented
+    gallery, and each person of a query picture a query."""
+    from pipeline.config import QuerySpec, RunConfig
+    from pipeline.report import RunSummary
+    from pipeline.search import embed_queries
+    from pipeline.searcher import QueryCrop
+
+    class Recording:
+        asked: list[bool] = []
+
+        def query_crops(self, picture, segment=False):
+            self.asked.append(segment)
+            return [QueryCrop("p#p0", assets.rgb_image(8, 8))], True
+
+        def embed_crops(self, crops):
+            return np.ones((len(crops), 2), np.float32)
+
+    picture = tmp_path / "p.png"
+    picture.write_bytes(assets.encode(assets.rgb_image(8, 8), "PNG"))
+    catalog = Recording()
+    for flags in ({"use_segmentation": True}, {"use_embedded_segment": True}, {}):
+        cfg = RunConfig(query=QuerySpec(images=(str(picture),)), **flags)
+        embed_queries(cfg, catalog, RunSummary("query"))
+    assert catalog.asked == [True, True, False]
