@@ -21,7 +21,7 @@ class _Comparable:
     """JSON form (None fields left out) and field-by-field comparison, shared by both identities."""
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}  # type: ignore[call-overload]  # dataclass
+        return {k: v for k, v in asdict(self).items() if v is not None}  # type: ignore[call-overload]  # subclasses are dataclasses
 
     @classmethod
     def from_json(cls: type[T], data: dict[str, Any], where: str) -> T:

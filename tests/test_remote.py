@@ -115,3 +115,21 @@ def test_an_upload_that_fails_after_a_failed_run_leaves_the_runs_error_to_see(tm
     with pytest.raises(PipelineError, match="uploading to .* failed .*run the same command again"):
         with mirrored(url, tmp_path / "b"):
             pass  # a run that finished: the failed upload is the error
+
+
+def test_files_a_rerun_rewrites_reach_the_bucket_with_their_new_bytes(rows40, tiny_onnx, tmp_path, s3):
+    """A second run from the same working copy with --top-k 2 rewrites the neighbour table, the result
+    pictures and the report section: the bucket holds the new bytes, not the first run's."""
+    fs, _ = s3
+    url, work = _url(), tmp_path / "copy"
+    assert run(*_args(rows40, tiny_onnx, url, work, "--top-k", "4")) == 3
+    first = _files(fs, url)
+    assert run("--use-embeddings", *_args(rows40, tiny_onnx, url, work, "--top-k", "2")) == 3
+    second = _files(fs, url)
+    for name in ("retrieval_results/neighbours.csv", "retrieval_results/img_00000_matches.jpg",
+                 "outputs/report/sections/gallery.js"):
+        assert second[name] != first[name], name
+        assert second[name] == (work / name).read_bytes(), name  # what the run wrote, byte for byte
+    table = second["retrieval_results/neighbours.csv"].decode().splitlines()
+    assert {line.split(",")[2] for line in table[1:]} == {"1", "2"}  # ranks of --top-k 2 only
+    assert second["embeddings/embeddings.npy"] == first["embeddings/embeddings.npy"]  # the store was reused
