@@ -46,7 +46,7 @@ BACKENDS: dict[str, Backend] = {
 }
 BACKEND_CHOICES = ("auto", *sorted(BACKENDS))  # auto: the ONNX file when it exists, else torch
 PRECISIONS = tuple(dict.fromkeys(p for b in BACKENDS.values() for p in b.precisions))
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = tuple(dict.fromkeys(d for b in BACKENDS.values() for d in b.devices))
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,9 @@ FAMILIES: dict[str, ModelFamily] = {
 
 
 def family_of(model: str, read_config: Callable[[str], dict[str, Any] | None] | None = None) -> ModelFamily:
-    """The family of a model folder (from its config.json's model_type) or hub id (CLIP unless its
-    config says otherwise). A folder of a family this version does not know is refused by name,
-    rather than failing later with a size mismatch."""
+    """The family of a model folder, from its config.json's model_type; a hub id, whose config is not
+    fetched here, is taken as CLIP. A folder of a family this version does not know is refused by
+    name, rather than failing later with a size mismatch."""
     config = (read_config or _local_config)(model)
     model_type = (config or {}).get("model_type", "clip")
     for family in FAMILIES.values():

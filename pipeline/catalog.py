@@ -66,7 +66,8 @@ def images_folder(store_dir: Path, cache_kind: str) -> Path:
 
 class Catalog:
     """A verified gallery store with its searcher; the embedder (for text and picture queries) and
-    the segmenter load on first use. Thread-safe for queries."""
+    the segmenter load on first use. Queries may come from several threads (the --serve app): each
+    model loads once, under its own lock, and a text query never waits for the segmenter."""
 
     def __init__(
         self,
@@ -79,8 +80,10 @@ class Catalog:
         self._embedder_factory, self._segmenter_factory = embedder, segmenter
         self._embedder: Embedder | None = None
         self._segmenter: Segmenter | None = None
-        self._load_lock = threading.Lock()  # loading the models, reading thumbnails
-        self._segment_lock = threading.Lock()  # Ultralytics models are not thread-safe
+        self._embedder_lock = threading.Lock()  # taken only until the embedder is loaded
+        self._segmenter_lock = threading.Lock()  # loading it, and each call: Ultralytics models are not thread-safe
+        self._thumbs = ThumbnailReader(cache.root / THUMBNAILS_FILE)
+        self._thumbs_lock = threading.Lock()  # one file handle
 
     @classmethod
     def open(
@@ -132,19 +135,18 @@ class Catalog:
 
     def thumbnail(self, row: int) -> np.ndarray:
         """uint8 (T, T, 3) RGB thumbnail of embedding row `row`."""
-        with self._load_lock:
-            reader = ThumbnailReader(self.cache.root / THUMBNAILS_FILE)
-            try:
-                return reader[row].copy()
-            finally:
-                reader.close()
+        if not 0 <= row < len(self):
+            raise PipelineError(f"no item {row}: the store has rows 0..{len(self) - 1}")
+        with self._thumbs_lock:
+            return self._thumbs[row].copy()
 
     @property
     def embedder(self) -> Embedder:
-        with self._load_lock:
-            if self._embedder is None:
-                self._embedder = self._embedder_factory()
-            return self._embedder
+        if self._embedder is None:
+            with self._embedder_lock:
+                if self._embedder is None:
+                    self._embedder = self._embedder_factory()
+        return self._embedder
 
     # ------------------------------------------------------------------ search
     def search_vectors(self, vectors: np.ndarray, k: int = 5) -> list[list[Hit]]:
@@ -170,9 +172,8 @@ class Catalog:
             label = name or (Path(picture).name if isinstance(picture, (str, Path)) else "picture")
         if not segment:
             return query_crops(image, label, None)
-        segmenter = self._segmenter_now()
-        with self._segment_lock:
-            return query_crops(image, label, segmenter)
+        with self._segmenter_lock:
+            return query_crops(image, label, self._segmenter_now())
 
     def embed_crops(self, crops: Sequence[QueryCrop]) -> np.ndarray:
         """float32 (len(crops), D) vectors of query pictures."""
@@ -204,12 +205,12 @@ class Catalog:
         raise PipelineError(f"no item named {item!r} in {self.cache.root}")
 
     def _segmenter_now(self) -> Segmenter:
-        with self._load_lock:  # one segmenter, loaded on first use
-            if self._segmenter is None:
-                if self._segmenter_factory is None:
-                    raise PipelineError("this catalog has no segmenter")
-                self._segmenter = self._segmenter_factory()
-            return self._segmenter
+        """The segmenter, loaded on first use (the caller holds _segmenter_lock)."""
+        if self._segmenter is None:
+            if self._segmenter_factory is None:
+                raise PipelineError("this catalog has no segmenter")
+            self._segmenter = self._segmenter_factory()
+        return self._segmenter
 
 
 def _embedder_spec(cache: GalleryCache, model: str | None, onnx: str | None, device: str, threads: int) -> EmbedderSpec:

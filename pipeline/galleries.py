@@ -212,13 +212,14 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None)
 
 
 def open_searcher(cfg: RunConfig, embeddings: np.ndarray, rows: list[ManifestRow], gpu: bool,
-                  build_auto: bool = False) -> Searcher:
-    """The searcher of the run's store, with the index --index asks for: a kind named on the command
-    line is built when missing or different; auto uses the index beside the store (built first when
-    build_auto: gallery runs); none searches exactly."""
+                  build_auto: bool = False, build_named: bool = False) -> Searcher:
+    """The searcher of the run's store and its index: --index none searches exactly; otherwise the
+    index beside the store is used. build_auto (gallery runs) makes or renews it first; build_named
+    (video, which holds the output folder) does so when --index names a kind. The read-only modes
+    (--query-*, --serve) never write an index."""
     if cfg.index == "none" or len(embeddings) < 2:
         return Searcher(embeddings, rows, None, device="cuda" if gpu else None)
-    build = build_auto if cfg.index == "auto" else True
+    build = build_auto if cfg.index == "auto" else build_auto or build_named
     return Searcher.open(
         cfg.store_dir, embeddings, rows, store_sha256(cfg.store_dir), cfg.index, cfg.embedder.threads, gpu=gpu,
         build=build,

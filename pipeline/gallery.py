@@ -29,11 +29,10 @@ from tqdm import tqdm
 from .dataset import Record
 from .embedders import Embedder, available_cores
 from .errors import PipelineError
-from .fileio import atomic_write_bytes
 from .gpu import DevicePreprocessor, EncodedJpeg, to_host
 from .identity import GallerySource, VectorIdentity
 from .images import ImageDecodeError, decode_image
-from .items import ItemMaker, ItemPipeline
+from .items import ItemMaker, ItemPipeline, write_image
 from .plots import THUMB_SIZE, make_thumbnail
 from .preprocess import resize_for_model, to_model_input
 from .report import RunSummary
@@ -492,7 +491,7 @@ def build_gallery(
     done, next_row = _resume(build, summary)
     plan = Parallelism.choose(embedder, target, batch_size)
     assembler = ShardAssembler(embed_batch or embed_pixels(embedder), batch_size, embedder.dim)
-    pipeline = ItemPipeline(make_items, partial(_write_image, target.images_dir), embedder.preprocess_cfg)
+    pipeline = ItemPipeline(make_items, partial(write_image, target.images_dir), embedder.preprocess_cfg)
     workers = _Workers(plan.workers, UnitWorker(pipeline, embedder, in_lane=plan.lanes > 1))
     bar = tqdm(
         total=total_rows, initial=next_row, unit="row", desc=f"embed -> {target.store_dir.name}", disable=not progress
@@ -564,10 +563,6 @@ def _record_times(
     summary.timed("embed/preprocess", times["preprocess"], f"preprocess+thumbnail ({where})")
     infer_where = where if plan.lanes > 1 else "main thread"
     summary.timed("embed/infer", times["infer"] + main_infer_s, f"inference ({infer_where})")
-
-
-def _write_image(images_dir: Path, name: str, data: bytes) -> None:
-    atomic_write_bytes(images_dir / name, data)
 
 
 def remove_stale_files(target: GalleryTarget, rows: list[ManifestRow]) -> None:

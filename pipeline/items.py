@@ -12,13 +12,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from .dataset import Record
-from .fileio import sha256_bytes
+from .fileio import atomic_write_bytes, sha256_bytes
 from .gpu import EncodedJpeg, inspect_jpeg
 from .images import DecodedImage, ImageDecodeError, decode_image, encode_png, sniff_format
 from .persons import Person, Segmenter, person_crop
@@ -175,6 +176,11 @@ def crops_of_row(
         return [GalleryItem(row, image, data)]
     row.status, row.error = "no_person", "no person detected"
     return [GalleryItem(row)]
+
+
+def write_image(images_dir: Path, name: str, data: bytes) -> None:
+    """An item's image file, written atomically (both engines' workers; URLs go through remote.url_writer)."""
+    atomic_write_bytes(images_dir / name, data)
 
 
 @dataclass

@@ -130,3 +130,9 @@ def with_masks(detections: Sequence[Person], masked: Sequence[Person], min_iou: 
         best = int(row.argmax())
         out.append(Person(d.box_xyxy, d.confidence, masked[best].mask) if row[best] >= min_iou else d)
     return out
+
+
+def person_crops(rgb: np.ndarray, persons: Sequence[Person]) -> dict[int, np.ndarray]:
+    """Person k's white-background crop (uint8 (h, w, 3)) for each person that has one; person k keeps
+    its number even when another has nothing to cut."""
+    return {k: c for k, p in enumerate(persons) if (c := person_crop(rgb, p)) is not None}

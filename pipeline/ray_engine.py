@@ -33,16 +33,15 @@ import numpy as np
 from .dataset import DatasetSpec, Piece, plan_pieces, read_piece
 from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, on_cuda
 from .errors import PipelineError, UsageError
-from .fileio import atomic_write_bytes
 from .gallery import ShardAssembler, ShardMark, UnitResult
 from .identity import GallerySource, VectorIdentity
-from .items import ItemPipeline, make_segment_items, make_standard_items
+from .items import ItemPipeline, make_segment_items, make_standard_items, write_image
 from .plots import THUMB_SIZE
 from .preprocess import PreprocessConfig, normalize_crop
 from .remote import is_url, url_writer
 from .report import RunSummary
 from .store import ManifestRow, Shard, ShardStore, StoreBuild, run_params
-from .yolo import SegmentSpec
+from .yolo import SegmentSpec, make_segmenter
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +177,11 @@ class _ItemMaker:
         self.plan, self.prep = plan, plan.prep
         segment = plan.build.segment
         if segment is not None:
-            from .yolo import make_segmenter
-
             make = make_segment_items(make_segmenter(segment, device=plan.device), segment)
         else:
             make = make_standard_items(plan.prep.decode_min_side)
         images = plan.build.images
-        write = url_writer(images) if is_url(images) else partial(_write_image, images)
+        write = url_writer(images) if is_url(images) else partial(write_image, Path(images))
         self.pipeline = ItemPipeline(make, write, plan.prep, crop_only=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -221,10 +218,6 @@ class _ItemMaker:
             "thumb": np.stack(out["thumb"]) if out["thumb"] else blank_thumb[None][:0],
             "has_pixels": np.array(out["has_pixels"], dtype=bool),
         }
-
-
-def _write_image(folder: str, name: str, data: bytes) -> None:
-    atomic_write_bytes(Path(folder, name), data)
 
 
 def _make_items(batch: dict[str, np.ndarray], plan: _Plan) -> dict[str, np.ndarray]:
@@ -348,8 +341,11 @@ def build_gallery_ray(
         if not is_url(build.images):  # a URL output: the workers write the images there, the driver the rest
             check_shared_folder(session.ray, build.store_dir.parent)
         embedder = loading.result()
-    # A failed run leaves Ray to its exit handler, as the run's objects are released before it.
-    emb, rows = _build(session, build, summary, embedder, embedder.identity.asks(pixels="pil"), source)
+    try:
+        emb, rows = _build(session, build, summary, embedder, embedder.identity.asks(pixels="pil"), source)
+    except BaseException:
+        session.release()  # a Ray this run started is stopped after a failure too (the next run starts its own)
+        raise
     return emb, rows, embedder
 
 

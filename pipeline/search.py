@@ -30,7 +30,7 @@ from .export import fp32_path_for
 from .fileio import atomic_write_text
 from .galleries import open_catalog, segmenter_factory
 from .images import ImageDecodeError, decode_image
-from .persons import Segmenter
+from .persons import Segmenter, person_crops
 from .plots import (
     THUMB_SIZE,
     caption_font,
@@ -45,7 +45,6 @@ from .plots import (
 from .preprocess import PreprocessConfig, preprocess_batch
 from .report import RunSummary
 from .retrieval import iter_neighbour_rows, write_neighbours_csv
-from .searcher import query_crops
 from .webreport import Section, relative_link, write_section
 
 log = logging.getLogger(__name__)
@@ -236,6 +235,14 @@ class EvalBatcher:
         return emb, np.array(self.rows, dtype=np.int64)
 
 
+def first_person(data: bytes, segmenter: Segmenter) -> Image.Image | None:
+    """The photo's first detected person, cut out: the evaluation's segmented query (none when the
+    first detection has nothing to cut, as before the search modes shared query_crops)."""
+    arr = np.asarray(decode_image(data).image)
+    crop = person_crops(arr, segmenter.segment([arr])[0]).get(0)
+    return Image.fromarray(crop) if crop is not None else None
+
+
 def embed_pass(
     spec: DatasetSpec,
     embedders: dict[str, Embedder],
@@ -282,10 +289,8 @@ def embed_pass(
                 garments.add(rec.source_row, decoded(extra[cloth_column]))
             except ImageDecodeError as e:
                 summary.fail(f"{rec.source} ({cloth_column})", str(e))
-        if segmenter is not None:  # the photo's first person is its query
-            person, found = query_crops(decode_image(rec.data).image, rec.source, segmenter)
-            if found:
-                crops.add(rec.source_row, dict.fromkeys(min_sides, person[0].image))
+        if segmenter is not None and (crop := first_person(rec.data, segmenter)) is not None:
+            crops.add(rec.source_row, dict.fromkeys(min_sides, crop))
     for name, seconds in photos.seconds.items():
         total = seconds + garments.seconds[name] + crops.seconds[name]
         summary.timed(f"embed/infer {name}", total, f"inference {name}")

@@ -12,6 +12,7 @@ a segmenter each person in it.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .index import GalleryIndex, ensure_index, load_index
-from .persons import Person, Segmenter, person_crop
+from .persons import Segmenter, person_crops
 from .retrieval import Neighbours, topk_neighbours
 from .store import ManifestRow
 
@@ -59,7 +60,9 @@ class Searcher:
 
     embeddings: float32 (N, D), L2-normalized; rows: the manifest lines of those vectors, in
     embedding-row order (rows[j] owns embeddings[j]). index: a FAISS index over the same vectors
-    (None: exact search). device: "cuda" runs exact search on the GPU (the same results).
+    (None: exact search). device: "cuda" runs the all-pairs pass of a gallery run on the GPU (the
+    same results); a few query vectors are searched on the CPU, which costs less than copying the
+    gallery to the GPU for them. Safe to search from several threads.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class Searcher:
         if len(rows) != len(embeddings):
             raise ValueError(f"{len(rows)} manifest lines for {len(embeddings)} vectors")
         self.embeddings, self.rows, self.index, self.device = embeddings, list(rows), index, device
+        self._gpu_lock = threading.Lock()  # a FAISS index on the GPU takes one search at a time
 
     @classmethod
     def open(
@@ -85,11 +89,12 @@ class Searcher:
         gpu: bool = False,
         build: bool = False,
     ) -> Searcher:
-        """The searcher of a store, with its index as --index asks.
+        """The searcher of a store and its index.
 
-        index: "none" searches exactly; otherwise the index file beside the store is used when there
-            is one (a stale one is refused, see index.load_index). build: make the index first when
-            it is missing, stale or of another kind (gallery runs; index.ensure_index).
+        index: "none" searches exactly. Otherwise, with build, the index of that kind ("auto": chosen
+            by size) is made first when it is missing, stale or of another kind (index.ensure_index);
+            without build, the index file beside the store is used as it is, when there is one (a
+            stale one is refused: index.load_index), whatever kind it is.
         """
         found = None
         if index != "none" and len(embeddings) >= 2:
@@ -108,9 +113,12 @@ class Searcher:
 
     def neighbours(self, queries: np.ndarray, k: int) -> Neighbours:
         """Top-k for each query vector (float32 (Q, D), L2-normalized), as arrays."""
-        if self.index is not None:
+        if self.index is None:
+            return topk_neighbours(queries, self.embeddings, k)
+        if not self.index.on_gpu:
             return self.index.search(queries, k)
-        return topk_neighbours(queries, self.embeddings, k, device=self.device)
+        with self._gpu_lock:
+            return self.index.search(queries, k)
 
     def all_neighbours(self, k: int, matrix_path: Path | None = None) -> Neighbours:
         """Every item's top-k other items. matrix_path: also write the N x N distance matrix
@@ -135,12 +143,6 @@ class Searcher:
         """Top-k hits for each query vector."""
         nb = self.neighbours(queries, k)
         return [self.hits(nb, q) for q in range(len(queries))]
-
-
-def person_crops(rgb: np.ndarray, persons: Sequence[Person]) -> dict[int, np.ndarray]:
-    """Person k's white-background crop (uint8 (h, w, 3)) for each person that has one; person k keeps
-    its number even when another has nothing to cut."""
-    return {k: c for k, p in enumerate(persons) if (c := person_crop(rgb, p)) is not None and c.size}
 
 
 def query_crops(image: Image.Image, label: str, segmenter: Segmenter | None) -> tuple[list[QueryCrop], bool]:

@@ -152,12 +152,19 @@ class Sidecar:
         """The sidecar at `path`; a store of another format version is refused with what to do."""
         try:
             data = json.loads(path.read_text())
-            if data.get("format") != STORE_FORMAT:
-                raise CacheMismatchError(_format_message(path, data.get("format")))
-            data["identity"] = VectorIdentity.from_json(data["identity"], "identity")
-            data["source"] = GallerySource.from_json(data["source"], "source")
-            return cls(**data)
-        except (json.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError) as e:
+        except (OSError, json.JSONDecodeError) as e:
+            raise CacheMismatchError(f"{path}: unreadable sidecar ({e})") from e
+        if data.get("format") != STORE_FORMAT:
+            raise CacheMismatchError(_format_message(path, data.get("format")))
+        return cls.parse(data, path)
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], path: Path) -> Sidecar:
+        try:
+            typed = {**data, "identity": VectorIdentity.from_json(data["identity"], "identity"),
+                     "source": GallerySource.from_json(data["source"], "source")}
+            return cls(**typed)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise CacheMismatchError(f"{path}: unreadable sidecar ({e})") from e
 
 
@@ -180,13 +187,13 @@ def upgrade_store(root: str | Path) -> bool:
     except (OSError, json.JSONDecodeError) as e:
         raise CacheMismatchError(f"{path}: unreadable sidecar ({e})") from e
     if data.get("format") == STORE_FORMAT:
+        Sidecar.read(path)  # current, and readable: nothing to do
         return False
     if data.get("format") != 1:
         raise CacheMismatchError(_format_message(path, data.get("format")))
-    data["identity"] = {"pixels": "pil", **data["identity"]}
-    data["format"] = STORE_FORMAT
+    data = {**data, "identity": {"pixels": "pil", **data["identity"]}, "format": STORE_FORMAT}
+    Sidecar.parse(data, path)  # checked before it is written: a failed upgrade leaves format 1 as it was
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
-    Sidecar.read(path)  # the result must read back; if not, say so now, not at the next run
     return True
 
 

@@ -23,12 +23,12 @@ from .embedders import Embedder, make_embedder, on_cuda
 from .errors import PipelineError
 from .fileio import atomic_write_text, check_writable
 from .galleries import Gallery, open_gallery, open_searcher, segmenter_factory
-from .persons import Detector, Person, Segmenter, with_masks
+from .persons import Detector, Person, Segmenter, person_crops, with_masks
 from .plots import THUMB_SIZE, compose_matches, make_thumbnail, neighbour_tiles, save_jpeg
 from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import Neighbours
-from .searcher import Hit, Searcher, person_crops
+from .searcher import Hit, Searcher
 from .store import THUMBNAILS_FILE, ThumbnailReader
 from .tracking import Tracker
 from .webreport import Section, relative_link, write_section
@@ -553,7 +553,8 @@ def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedde
     writer = AnnotatedVideoWriter(out_dir / "annotated.mp4", clip.fps, clip.small_size) if clip.small_size else None
     thumbs = ThumbnailReader(cfg.store_dir / THUMBNAILS_FILE)
     with summary.stage("load index"):
-        searcher = open_searcher(cfg, gallery.embeddings, gallery.embedded, gpu=on_cuda(embedder))
+        gpu = on_cuda(embedder)
+        searcher = open_searcher(cfg, gallery.embeddings, gallery.embedded, gpu=gpu, build_named=True)
     summary.notes.append("search: " + searcher.describe())
     return VideoRun(cfg, embedder, searcher, out_dir, thumbs, clip, writer)
 

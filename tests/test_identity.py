@@ -110,4 +110,11 @@ def test_sidecars_this_version_cannot_read_are_refused(store, tmp_path, change, 
     _rewrite(root / SIDECAR_FILE, change)
     with pytest.raises(CacheMismatchError, match=re.escape(message)):
         load_cache(root, store / "images", identity=None)
-    assert store_main(["upgrade", str(root)]) == (0 if "field" in message else 1)
+    assert store_main(["upgrade", str(root)]) == 1  # "already current" only for a sidecar that reads
+    unchanged = (root / SIDECAR_FILE).read_text()
+    _rewrite(root / SIDECAR_FILE, lambda d: d.update(format=1))  # a format-1 store that cannot be upgraded
+    if "field" in message:
+        before = (root / SIDECAR_FILE).read_bytes()
+        assert store_main(["upgrade", str(root)]) == 1
+        assert (root / SIDECAR_FILE).read_bytes() == before  # left as it was, still saying format 1
+    assert unchanged
