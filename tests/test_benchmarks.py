@@ -42,78 +42,66 @@ def assert_rows(out: str, *patterns: str) -> None:
         assert re.search(pattern.replace("NUMBER", NUMBER), out, re.MULTILINE), f"no line like {pattern!r} in:\n{out}"
 
 
-def test_scale(capsys):
-    out = run_tiny(scale, capsys)
-    assert_rows(
-        out,
+# In-process benchmarks: (module, what it is given, lines its output must have). "clip": the shared
+# tiny model and its int8 file; "work": only a work folder; "": nothing.
+IN_PROCESS = [
+    (scale, "", [
         r"^kind +build +index .*recall@10",
         r"^flat +NUMBERs .* 1\.0000 ",
         r"^hnsw +NUMBERs .*'efSearch'",
         r"^ivfpq +NUMBERs .* NUMBER +NUMBER +NUMBERms +NUMBERms .*'nprobe'",
-    )
-
-
-def test_embed(clip_args, capsys):
-    out = run_tiny(embed, capsys, *clip_args)
-    assert_rows(
-        out,
+    ]),
+    (embed, "clip", [
         r"^\| backend \| batch 1 \| batch 8 \| batch 32 \|$",
         r"^\| torch fp32 \| NUMBER \| NUMBER \| NUMBER \|$",
         r"^\| onnxruntime int8 \(static QDQ, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
         r"^\| embedding stage end to end .*16 JPEGs 192x256\) \| \| \| NUMBER \|$",
         r"^onnxruntime GEMM peak here: fp32 NUMBER GFLOP/s",
-    )
-
-
-def test_int8_cpus(clip_args, capsys):
-    out = run_tiny(int8_cpus, capsys, *clip_args)
-    assert_rows(
-        out,
+    ]),
+    (int8_cpus, "clip", [
         r"^\| int8 export \| weights \| img/s here \(batch 32\) \|",
         r"^\| static \| 7-bit \| NUMBER \| NUMBER / NUMBER \| NUMBER / NUMBER \(1 pictures\) \|$",
         r"^(\| static \| 8-bit \| NUMBER \||static 8-bit: export failed: )",  # 8-bit may fail its check on a CPU
-    )
-
-
-def test_segment(work, capsys):
-    out = run_tiny(segment, capsys, "--work", str(work))
-    assert_rows(
-        out,
+    ]),
+    (segment, "work", [
         r"^\| model \| torch predict \| torch stage \|",
         r"^\| yolov8n-seg \| NUMBER ms \| NUMBER ms \| NUMBER% \| NUMBER ms \| NUMBER ms \| NUMBER% \| NUMBER / NUMBER",
-    )
-
-
-def test_video(clip_args, capsys):
-    out = run_tiny(video, capsys, *clip_args)
-    assert_rows(
-        out,
+    ]),
+    (video, "clip", [
         r"^annotated video +clip wall +x real time +analysed/s +tracks",
         r"^on +NUMBERs +NUMBERx +NUMBER +3  read NUMBER%",
         r"^off +NUMBERs +NUMBERx +NUMBER +3  ",
-    )
+    ]),
+]  # fmt: skip
 
 
-@pytest.mark.subprocess
-def test_standard_run(clip_args, capsys):
-    out = run_tiny(standard_run, capsys, *clip_args)
-    assert_rows(
-        out,
+@pytest.mark.parametrize("module, given, patterns", IN_PROCESS, ids=[m.__name__.split(".")[-1] for m, *_ in IN_PROCESS])
+def test_in_process_benchmark(module, given, patterns, request, capsys):
+    args = request.getfixturevalue("clip_args") if given == "clip" else []
+    if given == "work":
+        args = ["--work", str(request.getfixturevalue("work"))]
+    assert_rows(run_tiny(module, capsys, *args), *patterns)
+
+
+# Benchmarks that start main.py (and --serve) as a user would, on the shared tiny model.
+MAIN_PY = [
+    (standard_run, [
         r"^== N=16: wall NUMBER s \(NUMBER img/s end to end\), peak RSS NUMBER MiB$",
         r"^  \S.*\S +NUMBER s +NUMBER img/s$",  # the stages that took 0.1 s or more
-    )
-
-
-@pytest.mark.subprocess
-def test_report(clip_args, capsys):
-    out = run_tiny(report, capsys, *clip_args)
-    assert_rows(
-        out,
+    ]),
+    (report, [
         r"^== 16-image standard run: wall NUMBER s; report written in NUMBER s",
         r"^\| --serve text query \| requests \| p50 \| p95 \| p99 \|$",
         r"^\| 1 client \| 10 \| NUMBER ms \| NUMBER ms \| NUMBER ms \|$",
         r"^\| 8 clients \| 10 \| NUMBER ms \| NUMBER ms \| NUMBER ms \|$",
-    )
+    ]),
+]  # fmt: skip
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("module, patterns", MAIN_PY, ids=["standard_run", "report"])
+def test_main_py_benchmark(module, patterns, clip_args, capsys):
+    assert_rows(run_tiny(module, capsys, *clip_args), *patterns)
 
 
 # What main.py prints when Ray itself could not be started (not when the Ray engine breaks).
