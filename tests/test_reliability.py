@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import main as cli
-from pipeline import gallery
+from pipeline import items
 from pipeline.errors import PipelineError
 from pipeline.fileio import OutputLock
 from pipeline.store import read_manifest
@@ -178,7 +178,7 @@ def test_hostile_files_are_recorded_and_the_run_goes_on(tmp_path, tiny_onnx):
 def test_full_disk_is_a_clear_fatal_error_without_partial_outputs(
     mixed_dataset, tiny_onnx, tmp_path, monkeypatch, capsys
 ):
-    real = gallery.atomic_write_bytes
+    real = items.atomic_write_bytes  # the image files: items.write_image, in both engines
     count = {"n": 0}
 
     def flaky(path, data):
@@ -187,7 +187,7 @@ def test_full_disk_is_a_clear_fatal_error_without_partial_outputs(
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(gallery, "atomic_write_bytes", flaky)
+    monkeypatch.setattr(items, "atomic_write_bytes", flaky)
     out = tmp_path / "o"
     assert run("--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out) == 1
     assert "No space left on device" in capsys.readouterr().err
