@@ -11,7 +11,10 @@ on serving.
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime,
 # and those name classes imported inside the functions that add the endpoints (FastAPI loads only for
 # --serve).
+import errno
 import logging
+import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +183,24 @@ def _add_file_endpoints(app, service: SearchService) -> None:
         return RedirectResponse(f"/files/{cfg.plots_dir.relative_to(cfg.output_dir).as_posix()}/report.html")
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now, so that a port in use is one clear line, not uvicorn's error
+    after the model has loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PipelineError(f"port {port} is in use; choose another with --port") from e
+        why = e.strerror or e
+        raise PipelineError(f"cannot listen on {host}:{port}: {why}; choose another --host or --port") from e
+    sock.listen(2048)  # connections wait in the backlog from the moment the address is announced
+    return sock
+
+
 def run_serve(cfg: RunConfig) -> RunSummary:
     """--serve: load once, then answer until interrupted; the summary counts what was answered."""
     try:
@@ -187,16 +208,23 @@ def run_serve(cfg: RunConfig) -> RunSummary:
     except ImportError as e:
         raise UsageError("--serve needs uvicorn: pip install fastapi uvicorn python-multipart") from e
     summary = RunSummary(mode="serve")
-    service = SearchService.load(cfg, summary)
-    app = create_app(service)
-    url = f"http://{cfg.serve.host}:{cfg.serve.port}/"
-    print(
-        f"serving {len(service.catalog):,} items from {cfg.store_dir} at {url} (Ctrl-C to stop)", flush=True
-    )
+    sock = bind(cfg.serve.host, cfg.serve.port)  # before the model loads: a busy port is said at once
     try:
-        uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning")
-    except KeyboardInterrupt:
-        pass
+        service = SearchService.load(cfg, summary)
+        server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+        url = f"http://{cfg.serve.host}:{cfg.serve.port}/"
+        print(f"serving {len(service.catalog):,} items from {cfg.store_dir} at {url} (Ctrl-C to stop)", flush=True)
+        # SIGTERM and Ctrl-C: uvicorn shuts down cleanly, then raises the signal again for the handler
+        # it found; ours takes SIGTERM as the end asked for, so the run ends with its summary, exit 0.
+        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    finally:
+        sock.close()
     lat = np.array(service.latencies) * 1000
     summary.count("queries answered", len(lat))
     if len(lat):

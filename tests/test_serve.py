@@ -7,6 +7,7 @@ import csv
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -141,3 +142,41 @@ def test_bounded_load_200_requests_from_8_clients(served):
     p50, p95 = np.percentile(latencies, [50, 95])
     print(f"\nload test: 200 requests, 8 clients: p50 {p50:.0f} ms, p95 {p95:.0f} ms")
     assert len(latencies) == 200 and p95 < 30_000
+
+
+def test_a_busy_port_is_one_line_and_exit_1_before_any_model_loads(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["--serve", "--port", str(port), "--output-dir", str(tmp_path / "none")]) == 1
+    said = capsys.readouterr()
+    assert said.err == f"error: port {port} is in use; choose another with --port\n"
+    assert "serving" not in said.out
+
+
+@pytest.mark.subprocess
+def test_sigterm_stops_the_server_cleanly_with_exit_0(served, tiny_onnx):
+    import signal
+    import subprocess
+    import sys
+
+    _, out, _ = served
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, str(root / "main.py"), "--serve", "--port", str(port), "--onnx", str(tiny_onnx),
+         "--output-dir", str(out)],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stdout.readline()  # printed once the socket is bound and the model loaded
+        assert line.startswith("serving ") and f"127.0.0.1:{port}" in line
+        assert httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+    assert "queries answered 0" in proc.stdout.read()
