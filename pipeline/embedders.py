@@ -25,6 +25,7 @@ from .fileio import sha256_file
 from .identity import VectorIdentity
 from .preprocess import PreprocessConfig
 from .probes import META_PROBES, ProbeRecord, check_file, probe_pixels
+from .tokens import TEXT_CONTEXT, TokenizerError, check_distinct, load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -37,7 +38,6 @@ META_PREPROCESS = "fashion_pipeline.preprocess"
 META_PRECISION = "fashion_pipeline.precision"
 META_KIND = "fashion_pipeline.kind"
 META_PAD_ID = "fashion_pipeline.pad_token_id"
-TEXT_CONTEXT = 77  # CLIP's text context length; the text ONNX takes exactly this many tokens
 
 
 def text_onnx_path_for(image_onnx: str | Path) -> Path:
@@ -392,6 +392,11 @@ class _OnnxText:
         self.tokenizer = Tokenizer.from_file(str(tok_path))
         self.tokenizer.enable_truncation(TEXT_CONTEXT)
         self.tokenizer.enable_padding(length=TEXT_CONTEXT, pad_id=int(meta.get(META_PAD_ID, 0)))
+        try:
+            check_distinct(lambda texts: self.tokenize(texts)[0].tolist(), None, str(tok_path))
+        except TokenizerError as e:
+            remedy = "export again with --export-onnx from a model folder that has its tokenizer"
+            raise TokenizerError(f"{e}: {remedy}") from None
         texts = ProbeRecord.from_json(meta[META_PROBES]).texts if META_PROBES in meta else []
         inputs = self.tokenize(texts)
         check_file(path, meta, inputs, lambda: self._run(*inputs))
@@ -481,14 +486,7 @@ class TorchEmbedder(Embedder):
     def embed_text(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
         if self._tokenizer is None:
-            try:
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(self._model_name)
-            except (OSError, ValueError) as e:
-                raise PipelineError(
-                    f"model {self._model_name!r} has no usable tokenizer ({e}); text search needs one"
-                ) from e
+            self._tokenizer = load_tokenizer(self._model_name)  # refused when it cannot tell texts apart
         tok = self._tokenizer(
             list(texts), padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt"
         )

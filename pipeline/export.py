@@ -40,7 +40,6 @@ from .embedders import (
     META_PRECISION,
     META_PREPROCESS,
     META_SOURCE_MODEL,
-    TEXT_CONTEXT,
     l2_normalize,
     model_reference,
     preprocess_config_for_model,
@@ -51,6 +50,7 @@ from .embedders import (
 from .errors import PipelineError, first_line
 from .preprocess import preprocess_batch
 from .probes import META_PROBES, ProbeRecord, probe_pixels
+from .tokens import TEXT_CONTEXT, TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -328,27 +328,28 @@ class _TextExport:
 
     lines: list[str]
     moves: list[tuple[Path, Path]] = field(default_factory=list)
+    removes: list[Path] = field(default_factory=list)  # an earlier export's text tower, when this one has none
 
     def commit(self) -> None:
         for src, dst in self.moves:
             os.replace(src, dst)
+        for old in self.removes:
+            old.unlink(missing_ok=True)
 
 
 def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) -> _TextExport:
     """Export the text tower (fp32, 77 tokens, dynamic batch) and its tokenizer.json, verified
     against torch. A model without a tokenizer gets no text tower, said in the report."""
-    from transformers import AutoTokenizer
-
     import onnx
 
-    try:
-        tok = AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError, TypeError) as e:
-        return _TextExport([f"text tower not exported: {model} has no usable tokenizer ({type(e).__name__})"])
-    if not getattr(tok, "is_fast", False):
-        return _TextExport([f"text tower not exported: {model} has no fast (tokenizer.json) tokenizer"])
     text_path = text_onnx_path_for(int8_path)
     tok_path = tokenizer_path_for(text_path)
+    try:
+        tok = load_tokenizer(model)
+    except TokenizerError as e:
+        return _no_text_tower(f"{e}", text_path, tok_path)
+    if not getattr(tok, "is_fast", False):
+        return _no_text_tower(f"{model} has no fast (tokenizer.json) tokenizer", text_path, tok_path)
     tmp_text = text_path.with_name(f".{text_path.name}.tmp")
     tmp_tok = tok_path.with_name(f".{tok_path.name}.tmp")
     tower = _text_tower(clip)
@@ -372,6 +373,14 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) 
             if p.exists():
                 p.unlink()
         raise
+
+
+def _no_text_tower(why: str, text_path: Path, tok_path: Path) -> _TextExport:
+    """The report's one line for an export without text search; an earlier export's text tower beside
+    the new image file is removed, since it belongs to other weights."""
+    stale = [p for p in (text_path, tok_path) if p.exists()]
+    removed = f" (the earlier export's {', '.join(p.name for p in stale)} removed)" if stale else ""
+    return _TextExport([f"text tower not exported, so no text search with this file: {why}{removed}"], removes=stale)
 
 
 def _text_tower(clip):
