@@ -103,7 +103,7 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = MAX
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = pil_open(io.BytesIO(data))
     except UnidentifiedImageError as e:
-        raise ImageDecodeError(f"not a recognized image format (starts with {data[:8]!r})") from e
+        raise ImageDecodeError(f"not a recognized image format ({what_it_looks_like(data)})") from e
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"refused as a decompression bomb: {short_reason(e)}") from e
     except (OSError, SyntaxError, ValueError) as e:
@@ -133,6 +133,49 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = MAX
         raise ImageDecodeError(f"cannot decode pixels: {short_reason(e)}") from e
     w, h = _oriented_size(width, height, image)
     return DecodedImage(image=image, width=w, height=h, note=note)
+
+
+def what_it_looks_like(data: bytes) -> str:
+    """What a file that is no image seems to be, in words a person reads in a failure list (not its
+    bytes): "it starts like a text file", "it is a PDF document", ..."""
+    head = data[:512]
+    stripped = head.lstrip().lower()
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
+            return "it is a HEIC/HEIF photo, which this install cannot read: pip install pillow-heif"
+        if brand in (b"avif", b"avis"):
+            return "it is an AVIF picture, which this Pillow cannot read"
+        return "it is a video or other MP4/MOV file"
+    for magic, what in _NOT_IMAGES:
+        if head.startswith(magic):
+            return what
+    if stripped.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "it is an HTML page, e.g. an error page saved in place of the picture"
+    if stripped.startswith(b"<svg") or (stripped.startswith(b"<?xml") and b"<svg" in stripped):
+        return "it is an SVG drawing; convert it to PNG"
+    if _looks_like_text(head):
+        return "it starts like a text file"
+    return "unknown binary data"
+
+
+_NOT_IMAGES = (
+    (b"%PDF", "it is a PDF document"),
+    (b"PK\x03\x04", "it is a ZIP archive"),
+    (b"\x1f\x8b", "it is gzip-compressed data"),
+    (b"\x1a\x45\xdf\xa3", "it is a WebM/Matroska video"),
+)
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """UTF-8 (a character cut by the 512-byte sample allowed) without control characters."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:
+            return False
+        text = head[: e.start].decode("utf-8")
+    return bool(text) and all(c.isprintable() or c in "\t\n\r\f" for c in text)
 
 
 def pil_open(fp) -> Image.Image:

@@ -127,6 +127,30 @@ def test_bad_inputs_raise_clear_errors(data, message):
         decode_image(data)
 
 
+@pytest.mark.parametrize(
+    "data, said",
+    [
+        (b"hello\n", "it starts like a text file"),
+        ("robe à fleurs 连衣裙\n".encode() * 40, "it starts like a text file"),  # UTF-8 cut mid-character at 512
+        (b"  <!DOCTYPE html><html><body>404</body></html>", "it is an HTML page"),
+        (b"%PDF-1.7\n%\xe2\xe3", "it is a PDF document"),
+        (b"PK\x03\x04\x14\x00", "it is a ZIP archive"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00", "HEIC/HEIF photo, which this install cannot read: pip install"),
+        (b"\x00\x00\x00\x18ftypisom\x00\x00", "it is a video or other MP4/MOV file"),
+        (b"<?xml version='1.0'?><svg xmlns='http://www.w3.org/2000/svg'/>", "it is an SVG drawing"),
+        (b"\x00\x01\x02\x03\xfe\xff", "unknown binary data"),
+    ],
+    ids=["text", "utf8", "html", "pdf", "zip", "heic", "mp4", "svg", "binary"],
+)
+def test_a_file_that_is_no_image_is_described_in_words_not_bytes(data, said):
+    """The failure list names what the file seems to be, never a Python bytes repr (b'hello\\n')."""
+    with pytest.raises(ImageDecodeError) as e:
+        decode_image(data)
+    message = str(e.value)
+    assert message.startswith("not a recognized image format (") and said in message
+    assert "b'" not in message and "\\x" not in message
+
+
 def test_limit_checked_before_allocation():
     with pytest.raises(ImageDecodeError, match="over the limit"):
         decode_image(png_header_only(2_000, 1_000), max_pixels=1_000_000)
