@@ -102,6 +102,21 @@ def iter_records(spec: DatasetSpec, start: int = 0) -> Iterator[Record]:
         raise PipelineError(f"dataset {spec.name!r} is neither an existing path nor a hub id like 'owner/name'")
 
 
+def check_dataset(spec: DatasetSpec) -> int | None:
+    """Open the dataset and read its first row, so a wrong name, split or column fails here, before
+    a run writes anything; then the rows that will be read (count_rows).
+
+    Raises:
+        PipelineError: as iter_records.
+    """
+    records = iter_records(spec, 0)
+    try:
+        next(records, None)
+    finally:
+        records.close()
+    return count_rows(spec)
+
+
 def count_rows(spec: DatasetSpec) -> int | None:
     """Number of rows that will be read (for progress bars), when it is cheap to know."""
     path = Path(spec.name)

@@ -9,7 +9,8 @@ import io
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +148,31 @@ class OutputLock:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.fd is not None:
+            if exc_type is not None and os.listdir(self.path.parent) == [self.NAME]:
+                unlink_quietly(self.path)  # a run that failed before writing anything leaves nothing
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
+
+
+@contextmanager
+def removed_if_left_empty(folders: Sequence[Path]) -> Iterator[None]:
+    """On a failure, remove those of `folders` (and of their parents) that did not exist before and
+    are still empty, deepest first, so a run that failed early leaves no empty folders behind."""
+    missing: set[Path] = set()
+    for p in map(Path, folders):
+        while not p.exists() and p != p.parent:
+            missing.add(p)
+            p = p.parent
+    new = sorted(missing, key=lambda p: len(p.absolute().parts), reverse=True)
+    try:
+        yield
+    except BaseException:
+        for p in new:
+            try:
+                p.rmdir()
+            except OSError:  # not empty, or never made
+                pass
+        raise
 
 
 def unlink_quietly(path: str | Path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .catalog import Catalog
 from .config import RunConfig
-from .dataset import count_rows, iter_records
+from .dataset import check_dataset, iter_records
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
 from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
@@ -161,7 +161,8 @@ def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None
 
 def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
     """Build (or resume) the run's gallery store from its dataset."""
-    total_rows = count_rows(cfg.dataset)  # opens the dataset: a bad one fails before the model loads
+    # A wrong dataset, split or column fails here: before the model loads and before the run's state is written.
+    total_rows = check_dataset(cfg.dataset)
     if cfg.engine == "ray":
         return _build_on_ray(cfg, summary, embedder)
     with summary.stage("load model"):

@@ -21,7 +21,7 @@ from .dataset import iter_records
 from .embedders import on_cuda
 from .errors import PipelineError
 from .export import export_onnx, verification_images
-from .fileio import OutputLock, remove_temp_leftovers
+from .fileio import OutputLock, remove_temp_leftovers, removed_if_left_empty
 from .galleries import open_gallery, open_searcher
 from .images import ImageDecodeError, decode_image
 from .index import INDEX_FILE
@@ -31,7 +31,7 @@ from .remote import mirrored
 from .report import RunSummary
 from .retrieval import Neighbours, iter_neighbour_rows, write_neighbours_csv
 from .searcher import Searcher
-from .store import THUMBNAILS_FILE, ManifestRow, ThumbnailReader, embedded_rows
+from .store import PARTIAL_DIR, THUMBNAILS_FILE, ManifestRow, ThumbnailReader, embedded_rows
 from .webreport import REPORT_DIR, Section, write_gallery_pages, write_section
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,9 @@ def run(cfg: RunConfig) -> RunSummary:
 def output_session(cfg: RunConfig) -> Iterator[None]:
     """Hold --output-dir's lock for a run, and first clear the temp files a killed run left in the
     folders of the output layout."""
-    with OutputLock(cfg.output_dir):
+    layout = [cfg.output_dir, cfg.images_dir, cfg.store_dir, cfg.store_dir / PARTIAL_DIR, cfg.results_dir,
+              cfg.plots_dir, cfg.queries_dir]
+    with removed_if_left_empty(layout), OutputLock(cfg.output_dir):
         removed = sum(remove_temp_leftovers(p) for p in cfg.owned_folders())
         if removed:
             log.info("removed %d temp file(s) left by an interrupted run in %s", removed, cfg.output_dir)

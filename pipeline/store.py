@@ -386,7 +386,10 @@ class ShardStore:
                 old = json.loads(run_file.read_text())
             except json.JSONDecodeError:
                 old = None
-            if old != run_params:
+            if old != run_params and not any(self.dir.glob("shard_*.done")):
+                log.info("discarding an unfinished run in %s that completed no shard", self.dir)
+                shutil.rmtree(self.dir)
+            elif old != run_params:
                 diffs = describe_differences(run_params, old or {})
                 raise PipelineError(
                     f"{self.dir} holds shards of an unfinished run with different arguments:\n  "

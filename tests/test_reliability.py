@@ -304,3 +304,35 @@ def test_resume_recomputes_a_shard_replaced_by_a_valid_different_file(
         np.abs(np.load(out / "embeddings" / "embeddings.npy") - np.load(clean / "embeddings" / "embeddings.npy")).max()
         <= 1e-6
     )
+
+
+@pytest.mark.parametrize(
+    "wrong, why",
+    [
+        (["--dataset", "{missing}"], "is neither an existing path nor a hub id"),
+        (["--image-column", "photo"], "has no column 'photo'; its columns are ['image']"),
+        (["--split", "test"], "no parquet files for split 'test'"),
+    ],
+    ids=["dataset", "column", "split"],
+)
+def test_a_run_that_fails_before_any_row_leaves_nothing_and_its_fix_runs(
+    wrong, why, mixed_dataset, tiny_onnx, tmp_path, capsys
+):
+    """The dataset, its split and its columns are checked before the run's state is written, so the
+    corrected command is not refused as 'an unfinished run with different arguments'."""
+    out = tmp_path / "runs" / "x"
+    args = ["--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0"]
+    bad = [a.replace("{missing}", str(tmp_path / "does_not_exist")) for a in wrong]
+    assert run(*args, *bad) == 1
+    assert why in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # no empty folders, no lock file
+    assert run(*args) == 3  # the corrected command runs (3: the mixed dataset's broken rows)
+    assert len(read_manifest(out / "embeddings" / "manifest.csv")) == 24
+
+
+def test_a_failed_run_keeps_the_folders_it_did_not_make(mixed_dataset, tiny_onnx, tmp_path):
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    assert run("--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--image-column", "photo") == 1
+    assert sorted(p.name for p in out.iterdir()) == [".pipeline.lock", "images", "notes.txt"]  # as a good run leaves it

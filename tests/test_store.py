@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from pipeline import fileio
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write_bytes, npy_bytes
-from pipeline.store import ManifestRow, Shard, ShardStore, ThumbnailReader, manifest_to_csv, read_manifest
+from pipeline.store import PARTIAL_DIR, ManifestRow, Shard, ShardStore, ThumbnailReader, manifest_to_csv, read_manifest
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -85,3 +87,15 @@ def test_a_write_test_file_left_by_a_killed_check_is_cleared_next_time(tmp_path,
     assert len(list(tmp_path.iterdir())) == 2
     assert fileio.remove_temp_leftovers(tmp_path) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["img_00001.jpg"]
+
+
+def test_an_unfinished_run_without_a_complete_shard_is_not_resumed(tmp_path, caplog):
+    """A run that stopped before its first shard was done left only its run.json (and maybe a half
+    shard): nothing to resume, so other arguments start afresh instead of being refused."""
+    ShardStore(tmp_path, {"a": 1}, fresh=False)
+    (tmp_path / PARTIAL_DIR / "shard_00000.npy").write_bytes(b"half a shard")
+    with caplog.at_level("INFO"):
+        store = ShardStore(tmp_path, {"a": 2}, fresh=False)
+    assert "completed no shard" in caplog.text
+    assert sorted(p.name for p in store.dir.iterdir()) == ["run.json"]
+    assert json.loads((store.dir / "run.json").read_text()) == {"a": 2}
