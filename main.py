@@ -175,6 +175,13 @@ def _add_person_flags(p: argparse.ArgumentParser) -> None:
     _add(seg, "--seg-imgsz", type=_positive_int, help="inference size")
     _add(seg, "--seg-backend", choices=YOLO_BACKENDS, help=YOLO_BACKEND_HELP)
     _add(seg, "--keep-unsegmented", action="store_true", help="keep the whole image when no person is found")
+    _add(
+        seg,
+        "--max-persons",
+        type=_positive_int,
+        help="persons kept per catalogue or query photo, the most confident (the summary counts photos that had "
+        "more); video frames are not capped",
+    )
 
 
 

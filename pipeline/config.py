@@ -181,6 +181,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "seg_imgsz": ("segment", "imgsz"),
     "seg_backend": ("segment", "backend"),
     "keep_unsegmented": ("segment", "keep_unsegmented"),
+    "max_persons": ("segment", "max_persons"),
     "video_clip": ("video", "clip"),
     "video_dir": ("video", "folder"),
     "frame_stride": ("video", "frame_stride"),

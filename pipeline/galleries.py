@@ -17,7 +17,7 @@ from .dataset import check_dataset, iter_records
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
 from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
-from .items import make_segment_items, make_standard_items
+from .items import make_segment_items, make_standard_items, note_persons_cut
 from .persons import Segmenter
 from .ray_engine import RayBuild, build_gallery_ray
 from .remote import list_names, remove_stale_at_url
@@ -79,6 +79,7 @@ def gallery_source(cfg: RunConfig) -> GallerySource:
         seg_conf=seg.conf,
         seg_imgsz=seg.imgsz,
         keep_unsegmented=seg.keep_unsegmented,
+        max_persons=seg.max_persons,
     )
 
 
@@ -121,6 +122,8 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
         gallery = Gallery(cache.embeddings, cache.rows, embedder)
     else:
         gallery = build(cfg, summary, embedder)
+        if cfg.segmented:
+            note_persons_cut(gallery.rows, cfg.segment.max_persons, summary)
     record_failures(gallery.rows, summary)
     return gallery
 

@@ -84,7 +84,9 @@ class GallerySource(_Comparable):
     """What the gallery was made from: the dataset rows and, for person crops, the segmenter.
 
     kind: "standard" (one item per row) | "segment" (one per person crop). dataset: the hub id or
-    the absolute path. limit: None for every row. seg_*: the segmentation run's settings.
+    the absolute path. limit: None for every row. seg_*, keep_unsegmented, max_persons: the
+    segmentation run's settings (max_persons: the crops kept per photo; None in a store made
+    before the cap, which kept every person found).
     """
 
     kind: str | None = None
@@ -97,11 +99,15 @@ class GallerySource(_Comparable):
     seg_conf: float | None = None
     seg_imgsz: int | None = None
     keep_unsegmented: bool | None = None
+    max_persons: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Every field of its kind, None included (limit None means every row); the segmenter's
         settings only for a segmented gallery."""
         data = asdict(self)
         if self.kind != "segment":
-            data = {k: v for k, v in data.items() if not k.startswith("seg_") and k != "keep_unsegmented"}
+            data = {k: v for k, v in data.items() if not k.startswith("seg_") and k not in _SEGMENT_ONLY}
         return data
+
+
+_SEGMENT_ONLY = frozenset({"keep_unsegmented", "max_persons"})

@@ -9,6 +9,7 @@ differ only in how they spread the records and gather the results.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,11 +23,14 @@ from .dataset import Record
 from .fileio import atomic_write_bytes, sha256_bytes
 from .gpu import EncodedJpeg, inspect_jpeg
 from .images import DecodedImage, ImageDecodeError, decode_image, encode_png, sniff_format
-from .persons import Person, Segmenter, person_crop
+from .persons import CappedPersons, Segmenter, person_crop
 from .plots import make_thumbnail
 from .preprocess import PreprocessConfig, model_crop, resize_for_model, to_model_input
+from .report import RunSummary
 from .store import ManifestRow
 from .yolo import SegmentSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,7 +111,9 @@ def make_standard_items(decode_min_side: int, device_decode: bool = False) -> It
 
 def make_segment_items(segmenter: Segmenter, spec: SegmentSpec) -> ItemMaker:
     """Item maker for --use-segmentation: each image decoded once at full size, segmented, and cut
-    into one white-background crop per person (PNG, so the file re-embeds to the same vector)."""
+    into one white-background crop per person (PNG, so the file re-embeds to the same vector), at
+    most spec.max_persons of them (the most confident; a photo that held more says so in its lines'
+    note)."""
 
     def items(records: list[Record]) -> list[list[GalleryItem]]:
         out: list[list[GalleryItem]] = [[] for _ in records]
@@ -118,21 +124,50 @@ def make_segment_items(segmenter: Segmenter, spec: SegmentSpec) -> ItemMaker:
                 out[k] = [GalleryItem(row)]
             else:
                 decoded.append((k, rec, d, np.asarray(d.image)))
-        persons_per_image = segmenter.segment([arr for *_, arr in decoded])
-        for (k, rec, d, arr), persons in zip(decoded, persons_per_image):
-            out[k] = crops_of_row(rec, d, arr, persons, spec)
+        persons_per_image = segmenter.segment_capped([arr for *_, arr in decoded], spec.max_persons)
+        for (k, rec, d, arr), found in zip(decoded, persons_per_image):
+            out[k] = crops_of_row(rec, d, arr, found, spec)
         return out
 
     return items
 
 
+# The note on every line of a photo that held more persons than --max-persons; the summary counts them.
+CUT_MARK = "(--max-persons)"
+
+
+def cut_note(cap: int) -> str:
+    return f"more than {cap} person(s) found: the {cap} most confident kept {CUT_MARK}"
+
+
+def photos_cut(rows: Sequence[ManifestRow]) -> int:
+    """How many source rows (photos) had persons left out by the --max-persons cap."""
+    return len({r.source_row for r in rows if CUT_MARK in r.note})
+
+
+def note_persons_cut(rows: Sequence[ManifestRow], cap: int, summary: RunSummary) -> None:
+    """Count and say, in the summary and the log, how many photos the --max-persons cap cut."""
+    n = photos_cut(rows)
+    if not n:
+        return
+    summary.count("photos over --max-persons", n)
+    text = f"{n} photo(s) had more than {cap} persons; the {cap} most confident of each were kept (--max-persons)"
+    summary.notes.append(text)
+    log.warning("%s", text)
+
+
+def join_notes(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
 def crops_of_row(
-    rec: Record, decoded: DecodedImage, arr: np.ndarray, persons: Sequence[Person], spec: SegmentSpec
+    rec: Record, decoded: DecodedImage, arr: np.ndarray, found: CappedPersons, spec: SegmentSpec
 ) -> list[GalleryItem]:
     """One item per person (a failure for a person with nothing to cut), or the row's single item
     when nobody was found: the whole picture with --keep-unsegmented, else a no_person line."""
     items = []
-    for p, person in enumerate(persons):
+    note = join_notes(decoded.note, cut_note(spec.max_persons) if found.cut else "")
+    for p, person in enumerate(found.persons):
         crop = person_crop(arr, person)
         x1, y1, x2, y2 = (round(float(v), 2) for v in person.box_xyxy)
         row = ManifestRow(
@@ -140,7 +175,7 @@ def crops_of_row(
             file=crop_file_name(rec.source_row, p),
             source_row=rec.source_row,
             source=rec.source,
-            note=decoded.note,
+            note=note,
             person=p,
             confidence=round(person.confidence, 6),
             mask_area="" if person.area is None else person.area,
@@ -172,9 +207,15 @@ def crops_of_row(
         image = Image.fromarray(arr)
         data = encode_png(image)
         row.file, row.sha256 = crop_file_name(rec.source_row, None), sha256_bytes(data)
-        row.note = "; ".join(x for x in (decoded.note, "no person found: whole image kept (--keep-unsegmented)") if x)
+        row.note = join_notes(note, "no person found: whole image kept (--keep-unsegmented)")
         return [GalleryItem(row, image, data)]
-    row.status, row.error = "no_person", "no person detected"
+    row.status, row.note = "no_person", note
+    # Ultralytics drops persons whose mask is empty: all of the most confident may have had one.
+    row.error = (
+        f"no person with a mask among the {spec.max_persons} most confident"
+        if found.cut
+        else "no person detected"
+    )
     return [GalleryItem(row)]
 
 

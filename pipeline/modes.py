@@ -80,7 +80,7 @@ MODES: tuple[Mode, ...] = (
     Mode("gallery", "", lambda c: True, "pipeline.runner:run_gallery", engines=("local", "ray")),
 )  # fmt: skip
 
-_SEGMENT_OPTIONS = frozenset({"seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented"})
+_SEGMENT_OPTIONS = frozenset({"seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented", "max_persons"})
 
 # Checks that hold whatever the mode; the first list before the modes' own, the second after.
 _BEFORE: tuple[Check, ...] = (

@@ -35,14 +35,36 @@ class Person:
         return None if self.mask is None else int(np.count_nonzero(self.mask))
 
 
+@dataclass(frozen=True)
+class CappedPersons:
+    """A picture's persons under a cap: at most `cap` of them, the most confident first, and whether
+    the picture held more (then the least confident were left out)."""
+
+    persons: list[Person]
+    cut: bool
+
+
+def most_confident(persons: Sequence[Person], cap: int) -> CappedPersons:
+    """The `cap` most confident persons (ties keep their order) and whether any were left out."""
+    ranked = sorted(persons, key=lambda p: -p.confidence)
+    return CappedPersons(ranked[:cap], len(ranked) > cap)
+
+
 class Segmenter(Protocol):
     """Finds persons with masks. predict_seconds: time spent in the model itself, for the summary."""
 
     predict_seconds: float = 0.0
 
     def segment(self, images_rgb: Sequence[np.ndarray]) -> list[list[Person]]:
-        """Args: uint8 (H, W, 3) RGB images. Returns: per image, its persons with masks, best first."""
+        """Args: uint8 (H, W, 3) RGB images. Returns: per image, its persons with masks, best first
+        (at most the segmenter's own cap, SegmentSpec.max_persons for Ultralytics)."""
         ...
+
+    def segment_capped(self, images_rgb: Sequence[np.ndarray], cap: int) -> list[CappedPersons]:
+        """Per image its `cap` most confident persons and whether it held more. A segmenter that can
+        stop at the cap inside its model (Ultralytics' max_det) overrides this, so that no mask
+        beyond the cap is made; this default cuts what `segment` returns."""
+        return [most_confident(found, cap) for found in self.segment(images_rgb)]
 
 
 class Detector(Protocol):

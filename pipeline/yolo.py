@@ -13,17 +13,19 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 from .errors import PipelineError
 from .fileio import sha256_file
-from .persons import Detector, Person, Segmenter
+from .persons import CappedPersons, Detector, Person, Segmenter
 
 log = logging.getLogger(__name__)
 
 PERSON_CLASS = 0  # COCO "person"
+ULTRALYTICS_MAX_DET = 300  # Ultralytics' own default max_det: the most persons a video frame keeps
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class SegmentSpec:
     imgsz: int = 640
     keep_unsegmented: bool = False
     backend: str = "auto"  # auto (ONNX export of .pt weights on the CPU) | onnx | torch
+    # Persons kept per picture, the most confident: a catalogue or query photo plausibly holds a few;
+    # a detector that fires everywhere would otherwise make hundreds of full-size masks per photo.
+    max_persons: int = 10
 
 
 def _import_ultralytics():
@@ -273,8 +278,25 @@ def persons_from_ultralytics(result, shape_hw: tuple[int, int], need_masks: bool
     ]
 
 
+@cache
+def counting_predictor() -> type:
+    """Ultralytics' segmentation predictor, recording on each result how many persons its NMS kept
+    (`nms_persons`) before Ultralytics drops those whose mask has no pixel: how we know that a
+    picture held more persons than max_det let through, even when some of those had empty masks."""
+    from ultralytics.models.yolo.segment import SegmentationPredictor
+
+    class CountingSegmentationPredictor(SegmentationPredictor):
+        def construct_result(self, pred, img, orig_img, img_path, proto):
+            result = super().construct_result(pred, img, orig_img, img_path, proto)
+            result.nms_persons = int(pred.shape[0])
+            return result
+
+    return CountingSegmentationPredictor
+
+
 class UltralyticsSegmenter(Segmenter):
-    """Ultralytics YOLO segmentation, person class only, masks at source resolution."""
+    """Ultralytics YOLO segmentation, person class only, masks at source resolution, at most
+    spec.max_persons persons a picture (the most confident)."""
 
     def __init__(self, spec: SegmentSpec, device: str = "auto", batch: int = 8) -> None:
         self.spec = spec
@@ -284,6 +306,18 @@ class UltralyticsSegmenter(Segmenter):
         self.predict_seconds = 0.0
 
     def segment(self, images_rgb: Sequence[np.ndarray]) -> list[list[Person]]:
+        cap = self.spec.max_persons
+        found = self.segment_capped(images_rgb, cap)
+        if cut := sum(f.cut for f in found):
+            log.info("%d picture(s) held more than %d persons: the most confident kept (--max-persons)", cut, cap)
+        return [f.persons for f in found]
+
+    def segment_capped(self, images_rgb: Sequence[np.ndarray], cap: int) -> list[CappedPersons]:
+        """Ultralytics stops at cap + 1 persons a picture: its NMS keeps the most confident of the
+        person class (classes=[person] filters before max_det), and masks are only made for those,
+        so a detector that fires everywhere costs at most cap + 1 full-size masks a picture. The
+        one past the cap only says that the picture held more; it is dropped here. Of the persons
+        considered, Ultralytics drops those with an empty mask, so fewer than `cap` may be kept."""
         if not images_rgb:
             return []
         results = self.model.predict(
@@ -291,14 +325,19 @@ class UltralyticsSegmenter(Segmenter):
             classes=[PERSON_CLASS],
             conf=self.spec.conf,
             imgsz=self.spec.imgsz,
+            max_det=cap + 1,
             retina_masks=True,  # masks at the source resolution, not the 640 letterbox
             device=self.device,
             batch=self.batch,
             stream=True,
             verbose=False,
+            predictor=counting_predictor(),
         )
         t = time.perf_counter()
-        out = [persons_from_ultralytics(r, im.shape[:2], need_masks=True) for r, im in zip(results, images_rgb)]
+        out = [
+            CappedPersons(persons_from_ultralytics(r, im.shape[:2], need_masks=True)[:cap], r.nms_persons > cap)
+            for r, im in zip(results, images_rgb)
+        ]
         self.predict_seconds += time.perf_counter() - t
         return out
 

@@ -19,7 +19,8 @@ from tests import assets
 MADE = VectorIdentity(backend="onnx", model="/m", model_sha256="a", onnx_sha256="b", precision="onnx-int8-static",
                       preprocess={"crop_size": 224, "mean": [0.5]}, dim=512, pixels="pil")
 SOURCE = GallerySource(kind="segment", dataset="/d", split="train", limit=None, image_column="image",
-                       seg_model="y.pt", seg_backend="auto", seg_conf=0.25, seg_imgsz=640, keep_unsegmented=False)
+                       seg_model="y.pt", seg_backend="auto", seg_conf=0.25, seg_imgsz=640, keep_unsegmented=False,
+                       max_persons=10)
 OTHER = {str: "other", int: 7, float: 0.5, bool: True}
 
 
@@ -48,6 +49,7 @@ def test_limit_none_is_every_row_and_is_compared():
     assert differences(SOURCE, SOURCE.asks(limit=100)) == ["limit: cache has 100, asked for None"]
     standard = GallerySource(kind="standard", dataset="/d", split="train", limit=None, image_column="image")
     assert "seg_model" not in standard.to_json() and standard.to_json()["limit"] is None
+    assert "max_persons" not in standard.asks(max_persons=10).to_json()  # a segmented gallery's setting only
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +120,41 @@ def test_sidecars_this_version_cannot_read_are_refused(store, tmp_path, change, 
         assert store_main(["upgrade", str(root)]) == 1
         assert (root / SIDECAR_FILE).read_bytes() == before  # left as it was, still saying format 1
     assert unchanged
+
+
+def test_a_segmented_cache_made_with_another_max_persons_is_refused(tiny_onnx, tmp_path, monkeypatch, capsys):
+    """--max-persons changes which crops a segmented gallery holds: a cache or an unfinished run made with
+    another cap is refused, naming it; a store made before the cap (no max_persons) is refused too."""
+    import numpy as np
+
+    from pipeline import galleries
+    from pipeline.config import config_from_flags
+    from pipeline.galleries import gallery_source
+    from pipeline.persons import Person, Segmenter
+    from pipeline.store import run_params
+
+    class FivePersons(Segmenter):
+        def segment(self, images_rgb):
+            h, w = images_rgb[0].shape[:2]
+            mask = np.ones((h, w), bool)
+            return [[Person(np.array([0, 0, w, h], np.float32), 0.9 - 0.1 * p, mask) for p in range(5)]
+                    for _ in images_rgb]
+
+    monkeypatch.setattr(galleries, "make_segmenter", lambda spec, device: FivePersons())
+    ds = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(40, 60, seed=i) for i in range(3)])
+    out = tmp_path / "out"
+    common = ["--onnx", str(tiny_onnx), "--output-dir", str(out), "-q", "--max-result-images", "0"]
+    assert cli.main(["--use-segmentation", "--dataset", str(ds), "--max-persons", "2", *common]) == 0
+    sidecar = out / "embeddings_segment" / SIDECAR_FILE
+    assert json.loads(sidecar.read_text())["source"]["max_persons"] == 2
+    assert cli.main(["--use-embedded-segment", "--max-persons", "2", *common]) == 0
+    capsys.readouterr()
+    assert cli.main(["--use-embedded-segment", "--max-persons", "3", *common]) == 1
+    assert "max_persons: cache has 2, asked for 3" in capsys.readouterr().err
+    # an unfinished run's shards are resumed only with the same cap: it is part of what a resume compares
+    asked = config_from_flags({"use_segmentation": True, "max_persons": 3, "dataset": str(ds)})
+    assert run_params(gallery_source(asked), MADE, 32, 512)["source"]["max_persons"] == 3
+    # a store made before the cap kept every person: not what a capped request asks for
+    _rewrite(sidecar, lambda d: d["source"].pop("max_persons"))
+    assert cli.main(["--use-embedded-segment", "--max-persons", "10", *common]) == 1
+    assert "max_persons: cache has None, asked for 10" in capsys.readouterr().err

@@ -52,6 +52,7 @@ def test_modes_are_declared_once_and_the_gallery_comes_last():
         (RunConfig(query=QuerySpec(texts=("x",)), engine="ray"), "--engine ray builds galleries"),
         (RunConfig(export=ExportSpec(enabled=True), use_segmentation=True), "makes the ONNX file and stops"),
         (RunConfig(explicit=frozenset({"seg_conf"})), "--seg-conf needs --use-segmentation"),
+        (RunConfig(explicit=frozenset({"max_persons"})), "--max-persons needs --use-segmentation"),
         (RunConfig(use_embeddings=True, fresh=True), "--fresh rebuilds the gallery"),
     ],
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -147,6 +149,10 @@ def test_segmentation_flags_need_segmentation(capsys):
     assert "--seg-backend needs --use-segmentation" in capsys.readouterr().err
     assert cli.main(["--use-segmentation", "--seg-backend", "tensorrt"]) == 2
     assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
+    assert cli.main(["--max-persons", "3"]) == 2
+    assert "--max-persons needs --use-segmentation" in capsys.readouterr().err
+    assert cli.main(["--use-segmentation", "--max-persons", "0"]) == 2
+    assert "--max-persons: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_segmented_query_uses_each_person(fake_segmenter, people_dataset, tiny_onnx, tmp_path):
@@ -197,18 +203,16 @@ def test_onnx_backend_exports_once_and_finds_the_same_persons(person_pt, monkeyp
     from pipeline import yolo as segment
     from pipeline.yolo import SegmentSpec
 
-    spec = SegmentSpec(model=str(person_pt), imgsz=160)
+    spec = SegmentSpec(model=str(person_pt), imgsz=160, max_persons=4)
     onnx_seg = segment.UltralyticsSegmenter(spec, device="cpu")
     assert onnx_seg.backend == "onnx"
     exported = segment.yolo_onnx_path(person_pt)
     # only the verified export is left beside the weights: no temp folder, no <stem>.onnx of Ultralytics'
     assert sorted(p.name for p in person_pt.parent.iterdir()) == sorted([person_pt.name, exported.name])
     torch_seg = segment.UltralyticsSegmenter(
-        SegmentSpec(model=str(person_pt), imgsz=160, backend="torch"), device="cpu"
+        SegmentSpec(model=str(person_pt), imgsz=160, backend="torch", max_persons=4), device="cpu"
     )
     assert torch_seg.backend == "torch"
-    for s in (onnx_seg, torch_seg):
-        s.model.overrides["max_det"] = 4
     pictures = _pictures()
     a, b = torch_seg.segment(pictures), onnx_seg.segment(pictures)
     assert [len(x) for x in a] == [len(x) for x in b] and sum(map(len, a)) >= 4
@@ -324,3 +328,96 @@ def test_person_with_empty_mask_is_recorded_not_embedded_as_white(people_dataset
 def _args(spec):
     """load_cpu_yolo's arguments for a segmentation spec."""
     return spec.model, "segment", spec.backend, spec.imgsz
+
+
+# ----------------------------------------------------------------------------- --max-persons
+class Crowd(Segmenter):
+    """Image i holds 3 * (i % 3) persons in a row of narrow stripes, with confidences out of order."""
+
+    def segment(self, images_rgb):
+        out = []
+        for im in images_rgb:
+            h, w = im.shape[:2]
+            persons = []
+            for p in range(3 * (int(im[0, 0, 0]) % 3)):
+                mask = np.zeros((h, w), bool)
+                mask[10:80, 2 * p : 2 * p + 2] = True
+                confidence = 0.5 + 0.05 * ((p * 7) % 6)  # 0.5 .. 0.75, not sorted
+                persons.append(Person(np.array([2 * p, 10, 2 * p + 2, 80], np.float32), confidence, mask))
+            out.append(persons)
+        return out
+
+
+def test_max_persons_keeps_the_most_confident_and_the_summary_counts_the_photos(
+    people_dataset, tiny_onnx, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(galleries, "make_segmenter", lambda spec, device: Crowd())
+    out = tmp_path / "out"
+    argv = ["--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out),
+            "--max-result-images", "0", "--max-persons", "4"]
+    assert cli.main(argv) == 3  # the corrupt row
+    rows = read_manifest(out / "embeddings_segment" / "manifest.csv")
+    crowd = Crowd().segment
+    for i in (1, 2, 5, 7, 8):  # 3 or 6 persons
+        found = crowd([np.full((90, 60, 3), i, np.uint8)])[0]
+        best = sorted(found, key=lambda p: -p.confidence)[:4]
+        mine = [r for r in rows if r.source_row == i]
+        assert [r.confidence for r in mine] == pytest.approx([p.confidence for p in best])
+        assert [r.box_x1 for r in mine] == [p.box_xyxy[0] for p in best]  # the same persons, best first
+        assert all(("(--max-persons)" in r.note) == (len(found) > 4) for r in mine)
+    summary = capsys.readouterr().out
+    assert "photos over --max-persons 3" in summary  # rows 2, 5 and 8 have 6 persons
+    assert "3 photo(s) had more than 4 persons; the 4 most confident of each were kept (--max-persons)" in summary
+
+
+def _spy_on_predict(segmenter):
+    """Record what each predict() call asks of Ultralytics and how many masks each of its results holds."""
+    calls: list[dict] = []
+    real = segmenter.model.predict
+
+    def predict(**kw):
+        call = {"max_det": kw.get("max_det"), "masks": []}
+        calls.append(call)
+        for r in real(**kw):
+            call["masks"].append(0 if r.masks is None else len(r.masks.data))
+            yield r
+
+    segmenter.model.predict = predict
+    return calls
+
+
+def test_ultralytics_stops_at_the_cap_and_says_which_pictures_held_more(person_pt):
+    """The person-biased tiny YOLO finds dozens of persons a picture; capped, Ultralytics makes at most
+    cap + 1 masks a picture, and a picture is said to hold more when its NMS kept more than the cap."""
+    from pipeline.yolo import SegmentSpec, UltralyticsSegmenter
+
+    pictures = _pictures(4)
+    spec = SegmentSpec(model=str(person_pt), imgsz=160, backend="torch")
+    every = UltralyticsSegmenter(replace(spec, max_persons=300), device="cpu").segment_capped(pictures, 300)
+    assert min(len(f.persons) for f in every) > 20 and not any(f.cut for f in every)
+    capped = UltralyticsSegmenter(replace(spec, max_persons=3), device="cpu")
+    calls = _spy_on_predict(capped)
+    found = capped.segment_capped(pictures, 3)
+    assert [c["max_det"] for c in calls] == [4] and max(calls[0]["masks"]) <= 4  # no mask past cap + 1
+    assert all(f.cut and len(f.persons) <= 3 for f in found)
+    for f, all_of_them in zip(found, every):  # the persons kept are among the most confident of all
+        top = {tuple(np.round(p.box_xyxy, 2)) for p in all_of_them.persons[:4]}
+        assert {tuple(np.round(p.box_xyxy, 2)) for p in f.persons} <= top
+    assert [len(p) for p in capped.segment(pictures)] == [len(f.persons) for f in found]  # segment() keeps the cap
+
+
+def test_max_persons_with_the_person_biased_yolo_counts_every_cut_photo(person_pt, tiny_onnx, tmp_path, capsys):
+    from PIL import Image
+
+    cells = [assets.encode(Image.fromarray(p), "PNG") for p in _pictures(3)]
+    ds = assets.write_parquet_dataset(tmp_path / "ds", cells)
+    out = tmp_path / "out"
+    argv = ["--use-segmentation", "--seg-model", str(person_pt), "--seg-imgsz", "160", "--seg-backend", "torch",
+            "--dataset", str(ds), "--onnx", str(tiny_onnx), "--output-dir", str(out), "--max-result-images", "0",
+            "--max-persons", "2"]
+    assert cli.main(argv) == 0
+    rows = read_manifest(out / "embeddings_segment" / "manifest.csv")
+    assert len([r for r in rows if r.status == "ok"]) <= 3 * 2
+    assert {r.source_row for r in rows if "(--max-persons)" in r.note} == {0, 1, 2}
+    summary = capsys.readouterr().out
+    assert "photos over --max-persons 3" in summary and "3 photo(s) had more than 2 persons" in summary

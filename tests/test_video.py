@@ -284,6 +284,7 @@ class _CapturingModel:
         class Result:
             boxes = None
             masks = None
+            nms_persons = 0  # what yolo.counting_predictor records
 
         return [Result() for _ in source]
 
