@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from .annotate import AnnotatedVideoWriter, Drawing, draw, output_size
-from .config import RunConfig
+from .config import RunConfig, VideoSpec
 from .embedders import Embedder, make_embedder, on_cuda
 from .errors import PipelineError
 from .fileio import atomic_write_text, check_writable
@@ -32,7 +32,7 @@ from .searcher import Hit, Searcher
 from .store import THUMBNAILS_FILE, ThumbnailReader
 from .tracking import Tracker
 from .webreport import Section, relative_link, write_section
-from .yolo import UltralyticsDetector
+from .yolo import ULTRALYTICS_MAX_DET, UltralyticsDetector
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +225,18 @@ class Clip:
         return cls(path, total, fps, small, small[0] / width if small else 1.0)
 
 
-# the frame loop's steps, timed one by one for the summary's stages (in this order)
-LOOP_STEPS = ("read", "detect", "segment", "embed", "match", "track", "draw", "video")
+# the frame loop's steps, timed one by one for the summary's stages "clip/<step>" (in this order),
+# with the label each is shown by
+LOOP_STEPS = {
+    "read": "read frames",
+    "detect": "detect persons",
+    "segment": "segment persons",
+    "embed": "embed crops",
+    "match": "match",
+    "track": "track",
+    "draw": "frame pictures",
+    "video": "annotated video",
+}
 
 
 class VideoRun:
@@ -360,13 +370,15 @@ class VideoRun:
             cached = self._best[track_id] = (len(track.sightings), *best)
         return cached[1], cached[2]
 
+    def finish_video(self) -> None:
+        """The annotated video's last frames encoded and the file closed (part of its loop step)."""
+        t = time.perf_counter()
+        self.annotated = self.writer.close() if self.writer is not None else None
+        self.times["video"] += time.perf_counter() - t
+
     def finish_tracks(self, summary: RunSummary) -> list[dict]:
-        """The "tracks" stage: the annotated video finished, then every track's summary (tracks.json's
-        entries) and contact sheet."""
-        with summary.stage("tracks"):
-            t = time.perf_counter()
-            self.annotated = self.writer.close() if self.writer is not None else None
-            self.times["video"] += time.perf_counter() - t
+        """The "tracks" stage: every track's summary (tracks.json's entries) and contact sheet."""
+        with summary.stage("tracks", "track looks and contact sheets"):
             tracks = self.track_summaries()
             for track in tracks:
                 self.contact_sheet(track)
@@ -466,6 +478,10 @@ class VideoRun:
             )
         if self.reader.damaged_packets:
             summary.notes.append(f"{self.reader.damaged_packets} damaged packet(s) in the video were skipped")
+        if self.n_frames and not self.n_persons:
+            note = nobody_found_note(self.cfg.video, self.n_frames)
+            log.warning("%s", note)
+            summary.notes.append(note)
         summary.counts.update(
             {
                 "frames read": read_frames,
@@ -478,9 +494,11 @@ class VideoRun:
         )
         video_wall = sum(self.times.values())
         for k, v in self.times.items():  # the parts of the clip's wall time
-            summary.timed(f"clip/{k}", v, "draw annotated video" if k == "video" else k)
+            if k == "segment" and not self.cfg.segmented or k == "video" and self.writer is None:
+                continue  # a step this run does not have
+            summary.timed(f"clip/{k}", v, LOOP_STEPS[k])
         if self.writer is not None:  # on its own thread, overlapping the rest: not part of the sum
-            summary.timed("encode video", self.writer.encode_seconds, "video encoding (background thread)")
+            summary.timed("encode video", self.writer.encode_seconds, "video encoding (background thread, overlapped)")
         if video_wall > 0:
             summary.notes.append(
                 f"{self.n_frames / video_wall:.2f} analysed frames per second, {read_frames / video_wall:.1f} video "
@@ -505,14 +523,18 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
     embedder, gallery = load_gallery(cfg, summary)
     detector, segmenter = load_detector(cfg, summary, detector, segmenter)
     run = start_run(cfg, summary, path, embedder, gallery)
-    run.analyse_frames(detector, segmenter)
+    with summary.stage("clip", "clip (frame loop)"):
+        run.analyse_frames(detector, segmenter)
+        run.finish_video()
     tracks = run.finish_tracks(summary)
     results_path = run.write_results(tracks)
     run.summarize(summary, tracks)
     out_dir = run.out_dir
-    summary.outputs["frame pictures"] = f"{out_dir}/frame_*.jpg"
+    summary.outputs["frame pictures"] = f"{out_dir}/frame_*.jpg ({run.n_frames})"
     summary.outputs["results"] = str(results_path)
-    summary.outputs["tracks"] = f"{out_dir / 'tracks.json'} and {out_dir}/track_*.jpg"
+    summary.outputs["tracks"] = str(out_dir / "tracks.json")
+    if tracks:  # a contact sheet per track; none when nobody was found
+        summary.outputs["track sheets"] = f"{out_dir}/track_*.jpg ({len(tracks)})"
     if run.annotated:
         summary.outputs["annotated video"] = str(run.annotated)
     write_video_section(cfg, summary, run, tracks)
@@ -521,7 +543,7 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
 
 def load_gallery(cfg: RunConfig, summary: RunSummary) -> tuple[Embedder, Gallery]:
     """The embedder and the gallery (cache or built) it matches against, which must hold embeddings."""
-    with summary.stage("load embedder"):
+    with summary.stage("load model"):  # the same stage as a gallery build's, which then finds it loaded
         embedder = make_embedder(cfg.embedder)
     gallery = open_gallery(cfg, summary, embedder=embedder)
     if not gallery.embedded:
@@ -532,15 +554,33 @@ def load_gallery(cfg: RunConfig, summary: RunSummary) -> tuple[Embedder, Gallery
 def load_detector(
     cfg: RunConfig, summary: RunSummary, detector: Detector | None, segmenter: Segmenter | None
 ) -> tuple[Detector, Segmenter | None]:
-    """The person detector (and the segmenter of a segmented run) unless stand-ins were given."""
+    """The person detector (and the segmenter of a segmented run) unless stand-ins were given.
+
+    Frames are not capped by --max-persons (a frame may hold a crowd, and the detector's boxes cost
+    no masks): detection and the frames' masks keep Ultralytics' own limit a frame.
+    """
     video = cfg.video
-    with summary.stage("load detector"):
+    with summary.stage("load detector", "load detector + segmenter" if cfg.segmented else None):
         detector = detector or UltralyticsDetector(
             video.det_model, video.det_conf, device=cfg.embedder.device, backend=video.det_backend
         )
         if cfg.segmented and segmenter is None:
-            segmenter = segmenter_factory(cfg)
+            segmenter = segmenter_factory(replace(cfg, segment=replace(cfg.segment, max_persons=ULTRALYTICS_MAX_DET)))
     return detector, segmenter
+
+
+def nobody_found_note(video: VideoSpec, frames: int) -> str:
+    """Why no analysed frame may have had a person, and what to try."""
+    said = f"no person found in any of the {frames} analysed frame(s)"
+    if video.det_model.endswith(".yaml"):
+        return (
+            f"{said}: --det-model {video.det_model} is a model .yaml, which builds the network with random "
+            "weights; pass trained weights (.pt or .onnx), e.g. --det-model yolov8n.pt"
+        )
+    return (
+        f"{said} at --det-conf {video.det_conf:g}: try a lower --det-conf (e.g. {video.det_conf / 2:g}), "
+        "and check that the clip shows people"
+    )
 
 
 def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedder, gallery: Gallery) -> VideoRun:

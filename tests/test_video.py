@@ -383,3 +383,71 @@ def test_video_honours_index_and_matches_exact_search(clip_dir, mixed_dataset, t
     assert persons == 8 and calls and set(calls) == {"hnsw"} and len(calls) >= persons // 2
     assert json.loads((tmp_path / "hnsw" / "embeddings" / "index.json").read_text())["kind"] == "hnsw"
     assert indexed == exact
+
+
+class Nobody:
+    """A detector that finds nobody."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def detect(self, frames):
+        return [[] for _ in frames]
+
+
+def _summary(text: str) -> dict[str, list[str]]:
+    """A printed summary's lines by kind ("stages", "note", "output"); stages split into their labels."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        kind, _, rest = line.partition(":")
+        if kind in ("stages", "note", "output"):
+            out.setdefault(kind, []).extend(rest.strip().split(", ") if kind == "stages" else [rest.strip()])
+    return out
+
+
+@pytest.mark.parametrize(
+    "det_flags, why",
+    [
+        (["--det-model", "yolov8n.yaml"], "--det-model yolov8n.yaml is a model .yaml, which builds the network with "
+                                          "random weights; pass trained weights"),
+        ([], "at --det-conf 0.25: try a lower --det-conf (e.g. 0.125)"),
+        (["--det-conf", "0.6"], "at --det-conf 0.6: try a lower --det-conf (e.g. 0.3)"),
+    ],
+)
+def test_a_video_where_nobody_is_found_says_why_and_lists_only_real_outputs(
+    det_flags, why, clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(video, "UltralyticsDetector", Nobody)
+    out = tmp_path / "out"
+    assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, *det_flags)) == 3
+    printed = capsys.readouterr()
+    said = _summary(printed.out)
+    note = "no person found in any of the 4 analysed frame(s)"
+    assert [n for n in said["note"] if n.startswith(note)] == [next(n for n in said["note"] if why in n)]
+    assert f"WARNING pipeline.video: {note}" in printed.err and why in printed.err  # the log says it too
+    folder = out / "video_results" / "clip_1"
+    assert not list(folder.glob("track_*.jpg"))
+    assert not any("track_" in o for o in said["output"])  # no contact sheet is listed when none was written
+    assert f"tracks -> {folder / 'tracks.json'}" in said["output"]
+    assert f"frame pictures -> {folder}/frame_*.jpg (4)" in said["output"]
+    assert len(list(folder.glob("frame_*.jpg"))) == 4
+
+
+def test_a_video_runs_stages_read_once_each(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
+    """One label per stage, the model loaded under one name, the frame loop's steps under their whole, and
+    the contact sheets listed when tracks were found."""
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    out = tmp_path / "out"
+    assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out)) == 3
+    said = _summary(capsys.readouterr().out)
+    labels = [s.rsplit(" ", 2)[0] for s in said["stages"]]
+    assert len(labels) == len(set(labels)), labels
+    assert "load model" in labels and not any("embedder" in s for s in labels)
+    assert not any(s.split()[0] == s.split()[-1] for s in labels if len(s.split()) > 1)  # no "video video"
+    loop = labels.index("clip (frame loop)")
+    steps = ["read frames", "detect persons", "embed crops", "match", "track", "frame pictures", "annotated video"]
+    assert labels[loop + 1 : loop + 1 + len(steps)] == ["  " + s for s in steps]  # its parts, indented, in order
+    assert "  segment persons" not in labels  # this run does not segment
+    folder = out / "video_results" / "clip_1"
+    sheets = sorted(folder.glob("track_*.jpg"))
+    assert sheets and f"track sheets -> {folder}/track_*.jpg ({len(sheets)})" in said["output"]
