@@ -36,6 +36,9 @@ class RunSummary:
     stage_labels: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Results as a plain-text table for the terminal (e.g. --evaluate's markdown table). The HTML
+    # report draws the same results as a real table from the mode's own data, so it shows no copy.
+    tables: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
     @contextmanager
@@ -97,6 +100,8 @@ class RunSummary:
             lines.append("stages:   " + ", ".join(f"{'  ' * depth}{label} {v:.1f} s" for _, label, depth, v in rows))
         for note in self.notes:
             lines.append(f"note:     {note}")
+        for table in self.tables:
+            lines += ["results:"] + [f"  {row}" for row in table.splitlines()]
         lines += self.failure_lines(max_failures)
         for name, where in self.outputs.items():
             lines.append(f"output:   {name} -> {where}")

@@ -413,14 +413,14 @@ def _person_to_garment_metrics(got: dict, backends: list[str], segmented: bool, 
 
 
 def _write_evaluation(cfg: RunConfig, summary: RunSummary, results: dict[str, dict]) -> None:
-    """evaluation.json, evaluation.png, the table in the summary's notes and the report's section."""
+    """evaluation.json, evaluation.png, the table in the printed summary and the report's section."""
     cfg.plots_dir.mkdir(parents=True, exist_ok=True)
     report = {"dataset": cfg.dataset.name, "split": cfg.dataset.split, "limit": cfg.dataset.limit, "results": results}
     path = cfg.plots_dir / "evaluation.json"
     atomic_write_text(path, json.dumps(report, indent=2))
     plot = cfg.plots_dir / "evaluation.png"
     plot_evaluation(results, plot)
-    summary.notes.extend(format_table(results).splitlines())
+    summary.tables.append(format_table(results))
     summary.outputs["evaluation"] = str(path)
     summary.outputs["plot"] = str(plot)
     with summary.stage("report"):

@@ -23,3 +23,23 @@ def test_stages_are_keyed_by_name_and_parts_follow_their_stage():
         "stages:   load model 1.0 s, embed stage (wall) 10.0 s,   decode+segment+crop (worker) 4.0 s,     of which "
         "segmentation predict 3.0 s,   inference (main thread) 6.0 s, finalize store 0.5 s"
     )
+
+
+def test_a_results_table_is_printed_once_and_never_repeated_as_notes():
+    """--evaluate's markdown table is for the terminal; the HTML report draws the results as a real
+    table, so the table is not among the notes the report lists."""
+    from pipeline.search import format_table
+    from pipeline.webreport import summary_payload
+
+    s = RunSummary(mode="evaluate")
+    s.notes.append("2 queries skipped: their product has no other image")
+    m = {"queries": 6, "recall@1": 0.5, "recall@5": 1.0, "recall@10": 1.0, "mrr": 0.75}
+    s.tables.append(format_table({"same-product": {"onnx-int8": m}}))
+    printed = s.format().splitlines()
+    at = printed.index("results:")
+    assert printed[at + 1 :] == [
+        "  | task | backend | queries | R@1 | R@5 | R@10 | MRR |",
+        "  |---|---|---|---|---|---|---|",
+        "  | same-product | onnx-int8 | 6 | 0.500 | 1.000 | 1.000 | 0.750 |",
+    ]
+    assert summary_payload(s)["notes"] == ["2 queries skipped: their product has no other image"]
