@@ -146,11 +146,10 @@ def photos_cut(rows: Sequence[ManifestRow]) -> int:
 
 
 def note_persons_cut(rows: Sequence[ManifestRow], cap: int, summary: RunSummary) -> None:
-    """Count and say, in the summary and the log, how many photos the --max-persons cap cut."""
+    """Say, in the summary's notes and the log, how many photos the --max-persons cap cut."""
     n = photos_cut(rows)
     if not n:
         return
-    summary.count("photos over --max-persons", n)
     text = f"{n} photo(s) had more than {cap} persons; the {cap} most confident of each were kept (--max-persons)"
     summary.notes.append(text)
     log.warning("%s", text)
