@@ -31,8 +31,8 @@ from .remote import mirrored
 from .report import RunSummary
 from .retrieval import Neighbours, iter_neighbour_rows, write_neighbours_csv
 from .searcher import Searcher
-from .store import PARTIAL_DIR, THUMBNAILS_FILE, ManifestRow, ThumbnailReader, embedded_rows
-from .webreport import REPORT_DIR, Section, write_gallery_pages, write_section
+from .store import PARTIAL_DIR, THUMBNAILS_FILE, ManifestRow, ThumbnailReader, embedded_rows, store_sha256
+from .webreport import REPORT_DIR, Section, build_summary, count_of, write_gallery_pages, write_section
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,19 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
 
 
 def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[ManifestRow], nb: Neighbours | None) -> None:
-    """The gallery's section of outputs/report.html: every item with its neighbours, and the plots."""
+    """The gallery's section of outputs/report.html: every item with its neighbours, and the plots. A
+    run that reuses the store keeps the summary of the run that built it (counts, stage times)."""
     embedded = embedded_rows(rows)
     section_id = "gallery" + cfg.suffix
-    data: dict = {"plots": []}
+    try:
+        store = store_sha256(cfg.store_dir)
+    except PipelineError:
+        store = ""
+    data: dict = {"plots": [], "store": store, "built": not cfg.from_cache}
+    if cfg.from_cache and (build := build_summary(cfg.plots_dir, section_id, store)) is not None:
+        data["build"] = build
+    if nb is None and len(embedded) == 1:  # one item: shown, with no neighbours to show
+        nb = Neighbours(np.zeros((1, 0), np.int64), np.zeros((1, 0), np.float32))
     if nb is not None:
         reader = ThumbnailReader(cfg.store_dir / THUMBNAILS_FILE)
         try:
@@ -106,8 +115,9 @@ def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[Manifes
             )
         finally:
             reader.close()
-        data["plots"] = [f"distance_heatmap{cfg.suffix}.png", f"nearest_neighbour_hist{cfg.suffix}.png"]
-    title = ("Segmented gallery" if cfg.segmented else "Gallery") + f" ({len(embedded):,} items)"
+        if len(embedded) > 1:
+            data["plots"] = [f"distance_heatmap{cfg.suffix}.png", f"nearest_neighbour_hist{cfg.suffix}.png"]
+    title = ("Segmented gallery" if cfg.segmented else "Gallery") + f" ({count_of(len(embedded), 'item')})"
     summary.outputs["report"] = str(write_section(cfg.plots_dir, Section(section_id, "gallery", title, summary, data)))
 
 
@@ -123,7 +133,8 @@ def write_retrieval_outputs(cfg: RunConfig, searcher: Searcher, summary: RunSumm
     cfg.results_dir.mkdir(parents=True, exist_ok=True)
     cfg.plots_dir.mkdir(parents=True, exist_ok=True)
     if n < 2:
-        summary.notes.append(f"only {n} embedded item(s): no neighbours, matrix or plots")
+        what = "one embedded item" if n == 1 else "no embedded items"
+        summary.notes.append(f"{what}: no neighbours, distance matrix or plots (they need two items)")
         return None
     ids = [r.index for r in embedded]
     files = [r.file for r in embedded]

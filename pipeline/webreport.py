@@ -37,6 +37,26 @@ def _js(callback: str, payload: Any) -> str:
     return f"window.__report.{callback}({json.dumps(payload, separators=(',', ':'), allow_nan=False)});\n"
 
 
+def _read_js(path: Path, callback: str) -> Any:
+    """The payload of a data file _js wrote, or None when it is missing or not one."""
+    head = f"window.__report.{callback}("
+    try:
+        text = path.read_text(encoding="utf-8").rstrip()
+    except OSError:
+        return None
+    if not (text.startswith(head) and text.endswith(");")):
+        return None
+    try:
+        return json.loads(text[len(head) : -2])
+    except json.JSONDecodeError:
+        return None
+
+
+def count_of(n: int, one: str, many: str | None = None) -> str:
+    """"1 item", "2 items", "1,000 items"."""
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"
+
+
 def relative_link(path: Path, report_dir: Path) -> str:
     """How report.html (in report_dir) links to a file of the output folder: relative, so the folder
     works from file:// and from any static server."""
@@ -48,7 +68,7 @@ def summary_payload(summary: RunSummary) -> dict[str, Any]:
     return {
         "mode": summary.mode,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "wall_s": round(time.perf_counter() - summary.started, 1),
+        "wall_s": round(time.perf_counter() - summary.started, 2),
         "peak_mib": round(peak_rss_mib()),
         "counts": summary.counts,
         "stages": [
@@ -121,6 +141,24 @@ def write_gallery_pages(
         "k": int(neighbours.indices.shape[1]) if n else 0,
         "folder": f"{REPORT_DIR}/{section_id}",
     }
+
+
+def read_section(plots_dir: Path, section_id: str) -> dict[str, Any] | None:
+    """The payload an earlier run wrote for a section (id, kind, title, summary, data), or None."""
+    found = _read_js(plots_dir / REPORT_DIR / "sections" / f"{section_id}.js", "section")
+    return found if isinstance(found, dict) else None
+
+
+def build_summary(plots_dir: Path, section_id: str, store: str) -> dict[str, Any] | None:
+    """The report's summary of the run that built the store `store` (its embeddings' sha256), so that
+    a run which reuses the store (--use-embeddings) shows the build's counts and stage times beside
+    its own instead of replacing them: the earlier section's own summary when that run built the
+    store, or the build summary it carried. None when the section is of another store."""
+    old = read_section(plots_dir, section_id) or {}
+    data = old.get("data")
+    if not isinstance(data, dict) or not store or data.get("store") != store:
+        return None
+    return old.get("summary") if data.get("built") else data.get("build")
 
 
 def write_section(plots_dir: Path, section: Section) -> Path:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 
+import numpy as np
 import pytest
 
 import main as cli
-from pipeline.webreport import PAGE_SIZE
+from pipeline import galleries
+from pipeline.persons import Person, Segmenter
+from pipeline.webreport import PAGE_SIZE, build_summary, read_section
 from tests import assets
 from tests.conftest import mixed_cells
 
@@ -28,6 +32,33 @@ def wait(driver, script: str, timeout: float = 15.0):
 def console_errors(driver) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
+
+@contextmanager
+def viewport(driver, width: int, height: int = 900):
+    """The page laid out as on a screen `width` CSS pixels wide (a phone at 420)."""
+    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+# Everything a card shows lies inside the card (a table too wide for it scrolls inside its .scroll
+# box, which itself fits; a long title wraps), and the page never scrolls sideways.
+OUT_OF_CARDS = """(() => { const bad = [];
+  if (document.documentElement.scrollWidth > innerWidth) bad.push('page ' + document.documentElement.scrollWidth);
+  for (const card of document.querySelectorAll('section.run')) {
+    if (card.scrollWidth > card.clientWidth) bad.push(`${card.id} content ${card.scrollWidth} > ${card.clientWidth}`);
+    const edge = card.getBoundingClientRect().right;
+    for (const e of card.querySelectorAll('*')) {
+      const box = e.closest('.scroll');
+      if (box && box !== e) continue;
+      const r = e.getBoundingClientRect();
+      if (r.width && r.right > edge + 0.5) bad.push(`${card.id} ${e.tagName}.${e.className} ${r.right} > ${edge}`);
+    }
+  }
+  return bad; })()"""
 
 VISIBLE_IMAGES_LOADED = """(() => { const imgs = [...document.images].filter(i => { const r = i.getBoundingClientRect();
   return r.bottom > 0 && r.top < innerHeight && r.width > 0; });
@@ -58,7 +89,8 @@ def test_the_report_shows_every_item_pages_and_follows_neighbours(report_run, br
     assert info == "page 1 of 3 · 262 items"
     assert wait(browser, VISIBLE_IMAGES_LOADED)
     failures = browser.execute_script("return [...document.querySelectorAll('tr.failure')].map(r => r.textContent)")
-    assert len(failures) == 2 and any("ds[2]" in f and "not a recognized image format" in f for f in failures)
+    assert len(failures) == 2 and any("ds[2]" in f and "(it starts like a text file)" in f for f in failures)
+    assert not any("b'" in f for f in failures)  # what the file is, in words, not its bytes
     # paging
     browser.execute_script("document.querySelector('[data-role=next]').click()")
     wait(browser, "document.querySelector('[data-role=grid] .tile').dataset.item === '120'")
@@ -125,9 +157,170 @@ def test_query_and_evaluation_sections_join_the_gallery(report_run, tiny_onnx, t
         ".map(r => r.cells[0].textContent + '|' + r.cells[1].textContent)"
     )
     assert rows == ["person->garment|onnx-int8"]
+    # the results are shown once, as the table; the notes do not repeat them as markdown
+    notes = browser.execute_script(
+        "return [...document.querySelectorAll('#evaluation .notes li')].map(li => li.textContent)"
+    )
+    assert not any("|" in n for n in notes)
+    assert browser.execute_script(
+        "return [...document.querySelectorAll('#evaluation')].map(e => e.textContent.split('R@10').length - 1)"
+    ) == [1]
     assert browser.execute_script("return document.querySelectorAll('#query .pics img').length") == 1
     browser.execute_script("document.getElementById('evaluation').scrollIntoView()")
     assert wait(browser, VISIBLE_IMAGES_LOADED)
     assert console_errors(browser) == []
     sections = json.loads((out / "outputs" / "report" / "sections.js").read_text().split("(", 1)[1].rsplit(")", 1)[0])
     assert sections == ["gallery", "query", "evaluation"]
+
+
+def test_pictures_keep_their_aspect_ratio(report_run, browser):
+    """The heatmap and the histogram sit in one row; the histogram is not stretched to the
+    heatmap's height (nor any picture squeezed), at a desktop's width and at a phone's."""
+    out, _ = report_run
+    for width in (1366, 420):
+        with viewport(browser, width):
+            browser.get((out / "outputs" / "report.html").as_uri())
+            wait(browser, "document.querySelectorAll('#gallery .plots img').length === 2")
+            browser.execute_script("document.querySelectorAll('.plots img').forEach(i => i.loading = 'eager')")
+            wait(browser, "[...document.querySelectorAll('.plots img')].every(i => i.complete && i.naturalWidth > 0)")
+            shapes = browser.execute_script(
+                "return [...document.querySelectorAll('.plots img')].map(i => [i.getAttribute('src'), "
+                "i.naturalWidth / i.naturalHeight, i.clientWidth / i.clientHeight, i.clientWidth])"
+            )
+            assert len(shapes) >= 2
+            for src, natural, shown, shown_width in shapes:
+                assert shown == pytest.approx(natural, rel=0.02), (width, src)
+                assert shown_width > 0.5 * min(width, 560), (width, src)  # and not shrunk to a stamp
+
+
+def test_nothing_overflows_a_card_at_420_px(report_run, browser):
+    """On a phone (420 px) the stage bars, the tables and the pictures stay inside their cards."""
+    out, _ = report_run
+    with viewport(browser, 420):
+        browser.get((out / "outputs" / "report.html").as_uri())
+        wait(browser, "document.querySelectorAll('section.run').length >= 1 && "
+                      "document.querySelectorAll('[data-role=grid] .tile').length")
+        assert browser.execute_script("return document.querySelectorAll('.bar').length") > 5
+        assert browser.execute_script(f"return {OUT_OF_CARDS}") == []
+        browser.execute_script("document.querySelectorAll('details').forEach(d => d.open = true)")
+        assert browser.execute_script(f"return {OUT_OF_CARDS}") == []
+    assert console_errors(browser) == []
+
+
+def test_sub_stages_sit_under_the_stage_they_belong_to(report_run, browser):
+    out, _ = report_run
+    browser.get((out / "outputs" / "report.html").as_uri())
+    wait(browser, "document.querySelectorAll('#gallery tr[data-stage]').length")
+    rows = browser.execute_script(
+        "return [...document.querySelectorAll('#gallery tr[data-stage]')].map(r => [r.dataset.stage, +r.dataset.depth,"
+        " parseFloat(getComputedStyle(r.cells[0]).paddingLeft)])"
+    )
+    assert_parts_follow_their_stage(rows)
+    assert {name for name, *_ in rows} >= {"embed", "embed/items", "embed/infer", "finalize store"}
+
+
+def assert_parts_follow_their_stage(rows: list) -> None:
+    """Each part (a/b) comes after its stage (a) with nothing of depth <= a's between, indented more."""
+    for k, (name, depth, indent) in enumerate(rows):
+        assert depth == name.count("/")
+        if depth:
+            parent = name.rsplit("/", 1)[0]
+            above = next(r for r in reversed(rows[:k]) if r[1] < depth)
+            assert above[0] == parent and indent > above[2], (name, rows)
+
+
+class _CentrePerson(Segmenter):
+    """A person in the middle of every picture, found at once (a stand-in for YOLO)."""
+
+    predict_seconds = 0.0
+
+    def segment(self, images_rgb):
+        self.predict_seconds += 0.001 * len(images_rgb)
+        return [[Person(np.array([w / 4, h / 8, 3 * w / 4, 7 * h / 8], np.float32), 0.9)]
+                for h, w in (im.shape[:2] for im in images_rgb)]
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory, tiny_onnx):
+    """Six garments built, then reused twice (--use-embeddings); a segmented gallery of them (its
+    segmentation time is known only after the store is finalized); galleries of one and no items."""
+    out = tmp_path_factory.mktemp("small")
+    pictures = [assets.encode(assets.rgb_image(120, 160, seed=40 + i), "JPEG", quality=90) for i in range(6)]
+    six = assets.write_parquet_dataset(out / "six", pictures)
+    one = assets.write_parquet_dataset(out / "one", pictures[:1])
+    none = assets.write_parquet_dataset(out / "none", [assets.corrupt_bytes()])
+    common = ["--onnx", str(tiny_onnx), "-q"]
+    assert cli.main(["--dataset", str(six), "--output-dir", str(out / "run"), *common]) == 0
+    built = read_section(out / "run" / "outputs", "gallery")
+    for _ in range(2):
+        assert cli.main(["--dataset", str(six), "--output-dir", str(out / "run"), "--use-embeddings", *common]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(galleries, "make_segmenter", lambda spec, device: _CentrePerson())
+        assert cli.main(["--dataset", str(six), "--output-dir", str(out / "run"), "--use-segmentation", *common]) == 0
+    assert cli.main(["--dataset", str(one), "--output-dir", str(out / "one"), *common]) == 0
+    assert cli.main(["--dataset", str(none), "--output-dir", str(out / "none"), *common]) == 3
+    return out, built
+
+
+def test_a_reuse_run_keeps_the_builds_figures(small_runs, browser):
+    """--use-embeddings reports its own run and keeps the summary of the run that built the store
+    (counts, stage times), through any number of reuses; the build's failures are not listed twice."""
+    out, built = small_runs
+    section = read_section(out / "run" / "outputs", "gallery")
+    assert section["summary"]["mode"] == "standard (from cache)"
+    assert section["data"]["build"] == built["summary"] and built["data"]["built"] is True
+    assert built["summary"]["counts"]["embedded"] == 6 and "embed" in {s["name"] for s in built["summary"]["stages"]}
+    browser.get((out / "run" / "outputs" / "report.html").as_uri())
+    wait(browser, "document.querySelector('#gallery [data-role=build] tr[data-stage=embed]')")
+    block = browser.execute_script(
+        "const b = document.querySelector('#gallery [data-role=build]');"
+        "return [b.open, b.querySelector('summary').textContent, b.querySelectorAll('.failures-box').length,"
+        "[...b.querySelectorAll('.stat')].map(s => s.textContent)]"
+    )
+    assert block[0] is True and block[1].startswith("How this gallery was built: standard · finished ")
+    assert block[2] == 0 and "6embedded" in block[3]
+    # the segmented gallery's section: its segmentation time sits under the item stage, not at the end
+    rows = browser.execute_script(
+        "return [...document.querySelectorAll('#gallery_segment > div tr[data-stage]')].map(r => [r.dataset.stage,"
+        " +r.dataset.depth, parseFloat(getComputedStyle(r.cells[0]).paddingLeft)])"
+    )
+    names = [r[0] for r in rows]
+    assert names.index("embed/items/segment") == names.index("embed/items") + 1 < names.index("finalize store")
+    assert_parts_follow_their_stage(rows)
+    assert console_errors(browser) == []
+
+
+def test_a_build_summary_is_carried_only_for_its_own_store(small_runs):
+    out, built = small_runs
+    plots = out / "run" / "outputs"
+    store = built["data"]["store"]
+    assert build_summary(plots, "gallery", store) == built["summary"]
+    assert build_summary(plots, "gallery", "another store's sha256") is None
+    assert build_summary(plots, "gallery", "") is None
+    assert build_summary(plots, "no_such_section", store) is None
+
+
+def test_one_item_is_shown_and_no_items_is_said(small_runs, browser):
+    out, _ = small_runs
+    browser.get((out / "one" / "outputs" / "report.html").as_uri())
+    wait(browser, "document.querySelectorAll('[data-role=grid] .tile').length === 1")
+    said = browser.execute_script(
+        "return [document.querySelector('#gallery h2').textContent, document.querySelector('#nav').textContent,"
+        " [...document.querySelectorAll('#gallery h3')].map(h => h.textContent),"
+        " document.querySelector('.tools .sub').textContent,"
+        " document.querySelector('#gallery').textContent.includes('No embedded items')]"
+    )
+    assert said[0] == said[1] == "Gallery (1 item)"
+    assert "The item (neighbours need at least two items)" in said[2] and said[3] == "page 1 of 1 · 1 item"
+    assert said[4] is False
+    browser.execute_script("document.querySelector('[data-role=grid] .tile').click()")
+    wait(browser, "document.querySelector('.detail .sub')?.textContent.includes('no neighbours')")
+    notes = browser.execute_script("return [...document.querySelectorAll('.notes li')].map(li => li.textContent)")
+    assert notes == ["one embedded item: no neighbours, distance matrix or plots (they need two items)"]
+    browser.get((out / "none" / "outputs" / "report.html").as_uri())
+    wait(browser, "document.querySelector('#gallery .empty')")
+    assert browser.execute_script("return document.querySelector('#gallery h2').textContent") == "Gallery (0 items)"
+    assert browser.execute_script("return document.querySelector('#gallery .empty').textContent") == (
+        "No embedded items to show."
+    )
+    assert console_errors(browser) == []
