@@ -242,6 +242,25 @@ def flag_default(dest: str) -> Any:
     return f.default_factory()
 
 
+def onnx_fallback(cfg: RunConfig) -> str | None:
+    """Backend auto, no --model typed, and no file at the default --onnx: the run uses the transformers
+    model, as the reference does. What to say about it: the file looked for (the default is relative
+    to the current folder) and the project's own copy when there is one. None: no fallback."""
+    spec = cfg.embedder
+    if spec.backend != "auto" or "model" in cfg.explicit or cfg.export.enabled or spec.resolve_backend() != "torch":
+        return None  # a --model the user typed is the model they want
+    looked = Path(spec.onnx).absolute()
+    project = Path(__file__).resolve().parents[1] / spec.onnx
+    if project.is_file() and project != looked.resolve():
+        hint = f"the project's folder has one: pass --onnx {project}"
+    else:
+        hint = "make one with --export-onnx, or pass --onnx FILE"
+    return (
+        f"no ONNX file at {looked} (the default --onnx, from the current folder): using the transformers model "
+        f"{spec.model} instead; {hint}"
+    )
+
+
 def config_from_flags(
     values: dict[str, Any], explicit: frozenset[str] = frozenset(), progress: bool = True
 ) -> RunConfig:

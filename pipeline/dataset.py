@@ -92,7 +92,7 @@ def iter_records(spec: DatasetSpec, start: int = 0) -> Iterator[Record]:
         yield from _iter_parquet(files, spec, start, _open_local_file)
     elif path.exists():
         yield from _iter_hf(_open_local(path, spec), spec, start)
-    elif _is_hub_id(spec.name):
+    elif is_hub_id(spec.name):
         hub = _hub_split(spec)
         if hub.parquet_files:
             yield from _iter_parquet(hub.parquet_files, spec, start, _hub_file_opener())
@@ -102,18 +102,35 @@ def iter_records(spec: DatasetSpec, start: int = 0) -> Iterator[Record]:
         raise PipelineError(f"dataset {spec.name!r} is neither an existing path nor a hub id like 'owner/name'")
 
 
+_FOOTERS: dict[str, Any] = {}  # a parquet file's footer that check_dataset read, until the run reads the file
+
+
 def check_dataset(spec: DatasetSpec) -> int | None:
-    """Open the dataset and read its first row, so a wrong name, split or column fails here, before
-    a run writes anything; then the rows that will be read (count_rows).
+    """Open the dataset, so a wrong name, split or column fails here, before a run writes anything;
+    then the rows that will be read (count_rows). Parquet files are checked by their first file's
+    footer (no image is read twice); other datasets by reading their first row.
 
     Raises:
         PipelineError: as iter_records.
     """
-    records = iter_records(spec, 0)
-    try:
-        next(records, None)
-    finally:
-        records.close()
+    path = Path(spec.name)
+    parquet, opener = _local_parquet_files(path, spec.split), _open_local_file
+    if not parquet and not path.exists() and is_hub_id(spec.name):
+        parquet, opener = list(_hub_split(spec).parquet_files), _hub_file_opener()
+    if parquet:
+        import pyarrow.parquet as pq
+
+        with opener(parquet[0]) as source:
+            footer = _read_footer(source) or pq.read_metadata(source)
+        if opener is not _open_local_file:
+            _FOOTERS[str(parquet[0])] = footer  # a remote footer is kept for the read that follows
+        _check_columns(spec, footer.schema.to_arrow_schema().names)
+    elif not (path.is_dir() and _is_image_folder(path)):
+        records = iter_records(spec, 0)
+        try:
+            next(records, None)
+        finally:
+            records.close()
     return count_rows(spec)
 
 
@@ -127,14 +144,14 @@ def count_rows(spec: DatasetSpec) -> int | None:
         import pyarrow.parquet as pq
 
         n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    elif not path.exists() and _is_hub_id(spec.name):
+    elif not path.exists() and is_hub_id(spec.name):
         n = _hub_split(spec).num_rows  # from the dataset card: no shard is opened to count
     if n is None:
         return spec.limit
     return n if spec.limit is None else min(n, spec.limit)
 
 
-def _is_hub_id(name: str) -> bool:
+def is_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith((".", "/"))
 
 
@@ -241,7 +258,8 @@ def _iter_parquet(
         if stop is not None and row >= stop:
             return
         with open_file(f) as source:
-            pf = pq.ParquetFile(source, pre_buffer=False, metadata=_read_footer(source))
+            footer = _FOOTERS.pop(str(f), None) or _read_footer(source)
+            pf = pq.ParquetFile(source, pre_buffer=False, metadata=footer)
             _check_columns(spec, pf.schema_arrow.names)
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
             first = row  # dataset row of the first group read
@@ -511,7 +529,7 @@ def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
     opener: Callable[[str], AbstractContextManager[Any]]
     if files := _local_parquet_files(path, spec.split):
         located, opener = [str(f) for f in files], _open_local_file
-    elif not path.exists() and _is_hub_id(spec.name) and _hub_split(spec).parquet_files:
+    elif not path.exists() and is_hub_id(spec.name) and _hub_split(spec).parquet_files:
         located, opener = list(_hub_split(spec).parquet_files), _hub_file_opener()
     else:
         raise UsageError(
@@ -523,7 +541,8 @@ def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
         if stop is not None and row >= stop:
             break
         with opener(f) as source:
-            pf = pq.ParquetFile(source, pre_buffer=False, metadata=_read_footer(source))
+            footer = _FOOTERS.pop(str(f), None) or _read_footer(source)
+            pf = pq.ParquetFile(source, pre_buffer=False, metadata=footer)
             _check_columns(spec, pf.schema_arrow.names)
             for g in range(pf.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows

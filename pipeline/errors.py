@@ -8,7 +8,17 @@ class PipelineError(Exception):
 
 
 class CacheMismatchError(PipelineError):
-    """A cached store does not match its files or what is asked for."""
+    """A cached store does not match its files or what is asked for.
+
+    missing: there is no store at all. differing: the identity and source fields that differ from
+    the request, and made_by: the sidecar that says what made the store (both only for that case),
+    so the caller can name the flags that would reuse it.
+    """
+
+    def __init__(self, message: str, *, missing: bool = False, differing: tuple[str, ...] = (),
+                 made_by: object = None) -> None:
+        super().__init__(message)
+        self.missing, self.differing, self.made_by = missing, differing, made_by
 
 
 class UsageError(PipelineError):

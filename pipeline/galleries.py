@@ -15,15 +15,26 @@ from .catalog import Catalog
 from .config import RunConfig
 from .dataset import check_dataset, iter_records
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
+from .errors import CacheMismatchError
 from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
 from .items import make_segment_items, make_standard_items, note_persons_cut
 from .persons import Segmenter
 from .ray_engine import RayBuild, build_gallery_ray
+from .remedy import build_first, reuse_or_rebuild
 from .remote import list_names, remove_stale_at_url
 from .report import RunSummary
 from .searcher import Searcher
-from .store import GalleryCache, ManifestRow, embedded_rows, load_cache, run_params, store_sha256
+from .store import (
+    PARTIAL_DIR,
+    GalleryCache,
+    ManifestRow,
+    Sidecar,
+    embedded_rows,
+    load_cache,
+    run_params,
+    store_sha256,
+)
 from .yolo import make_segmenter
 
 log = logging.getLogger(__name__)
@@ -102,14 +113,23 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
     images_at = None
     if cfg.images_url:  # the images stay in the bucket: listed, not fetched
         images_at = (cfg.images_url, list_names(cfg.images_url))
-    return load_cache(
-        cfg.store_dir,
-        cfg.images_dir,
-        identity=identity if identity is not None else requested_identity(cfg.embedder),
-        source=gallery_source(cfg),
-        source_fields=requested_fields(cfg),
-        images_at=images_at,
-    )
+    try:
+        return load_cache(
+            cfg.store_dir,
+            cfg.images_dir,
+            identity=identity if identity is not None else requested_identity(cfg.embedder),
+            source=gallery_source(cfg),
+            source_fields=requested_fields(cfg),
+            images_at=images_at,
+        )
+    except CacheMismatchError as e:
+        if e.missing and not (cfg.store_dir / PARTIAL_DIR).is_dir():
+            raise CacheMismatchError(f"{e}\n{build_first(cfg.store_dir, cfg.segmented)}") from None
+        if isinstance(e.made_by, Sidecar):
+            made = e.made_by
+            line = reuse_or_rebuild(e.differing, made.identity, made.source, cfg.segmented, cfg.embedder.onnx)
+            raise CacheMismatchError(f"{e}\n{line}") from None
+        raise
 
 
 def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:

@@ -16,13 +16,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .config import RunConfig
+from .config import RunConfig, onnx_fallback
 from .dataset import iter_records
 from .embedders import on_cuda
 from .errors import PipelineError
 from .export import export_onnx, verification_images
 from .fileio import OutputLock, remove_temp_leftovers, removed_if_left_empty
 from .galleries import open_gallery, open_searcher
+from .hub import go_offline_unless_reachable
 from .images import ImageDecodeError, decode_image
 from .index import INDEX_FILE
 from .modes import selected_mode
@@ -42,11 +43,18 @@ def run(cfg: RunConfig) -> RunSummary:
     working copy, fetched first and sent back after (remote.py)."""
     mode = selected_mode(cfg)
     run_mode = mode.load()
+    if fallback := onnx_fallback(cfg):
+        log.info(fallback)  # and in the summary's notes
+    offline = go_offline_unless_reachable(cfg)  # before anything asks the hub
     remote = mirrored(cfg.output_url, cfg.output_dir) if cfg.output_url and mode.mirrors_output else nullcontext()
     with output_session(cfg) if mode.holds_output else nullcontext(), remote as copy:
         summary = run_mode(cfg)
     if copy is not None:
         summary.notes.append(f"outputs sent to {cfg.output_url} ({copy.sent} file(s); working copy {cfg.output_dir})")
+    if fallback:
+        summary.notes.append(fallback)
+    if offline:
+        summary.notes.append("worked offline: the Hugging Face hub could not be reached (see the warning above)")
     return summary
 
 

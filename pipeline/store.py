@@ -246,7 +246,7 @@ def load_cache(
             if (root / PARTIAL_DIR).is_dir()
             else ""
         )
-        raise CacheMismatchError(f"no complete cache in {root}: {sidecar_path.name} is missing{partial}")
+        raise CacheMismatchError(f"no complete cache in {root}: {sidecar_path.name} is missing{partial}", missing=True)
     sidecar = Sidecar.read(sidecar_path)
     problems: list[str] = []
     if identity is not None:
@@ -255,7 +255,9 @@ def load_cache(
         problems += differences(source, sidecar.source, source_fields)
     if problems:
         raise CacheMismatchError(
-            f"cache in {root} was made differently from what is asked:\n  " + "\n  ".join(problems)
+            f"cache in {root} was made differently from what is asked:\n  " + "\n  ".join(problems),
+            differing=tuple(p.split(":", 1)[0].split(".", 1)[0] for p in problems),
+            made_by=sidecar,
         )
     emb, rows = _read_verified(root, sidecar)
     if check_images:

@@ -1,0 +1,91 @@
+"""What to type when a gallery cache is refused: the flags that made it, or building it first.
+
+A refusal that only lists differences (`onnx_sha256: cache has 'a1…', asked for '9f…'`) leaves the
+user to work out which file or flag that was. The sidecar records what made the store, so the way
+back can be named: the flags to reuse it as it is, or the command that builds it afresh.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .fileio import sha256_file
+from .identity import GallerySource, VectorIdentity
+
+# Sidecar field -> the flag that asks for it (identity fields first, then the gallery source's).
+FLAG_OF = {
+    "backend": "--backend",
+    "model": "--model",
+    "precision": "--precision",
+    "dataset": "--dataset",
+    "split": "--split",
+    "limit": "--limit",
+    "image_column": "--image-column",
+    "seg_model": "--seg-model",
+    "seg_backend": "--seg-backend",
+    "seg_conf": "--seg-conf",
+    "seg_imgsz": "--seg-imgsz",
+    "max_persons": "--max-persons",
+}
+DECODE_OF_PIXELS = {"pil": "cpu", "torchvision": "device"}
+MAX_ONNX_FILES = 16  # hashed at most, to name the file a cache was made with
+
+
+def cache_flag(segmented: bool) -> str:
+    return "--use-embedded-segment" if segmented else "--use-embeddings"
+
+
+def build_first(store: Path, segmented: bool) -> str:
+    """The refusal's last line when there is no store yet."""
+    return (
+        f"Build it first: run the same command without {cache_flag(segmented)} "
+        f"(it writes {store}); later runs add {cache_flag(segmented)} to reuse it."
+    )
+
+
+def reuse_or_rebuild(
+    differing: Iterable[str], identity: VectorIdentity, source: GallerySource, segmented: bool, onnx_asked: str | None
+) -> str:
+    """The refusal's last line for a store made differently: the flags that made it, then rebuilding.
+
+    Args:
+        differing: the sidecar fields that differ from the request.
+        identity, source: what the sidecar says made the store.
+        onnx_asked: the --onnx of the request, whose folder is searched for the file that made it.
+    """
+    flags: list[str] = []
+    for name in dict.fromkeys(differing):
+        flags += _flags_for(name, {**source.to_json(), **identity.to_json()}, onnx_asked)
+    reuse = f"To reuse it, ask for what made it: {' '.join(flags)}; or " if flags else "Either "
+    return reuse + f"rebuild it by running without {cache_flag(segmented)} (the old store is replaced)."
+
+
+def _flags_for(name: str, made: dict[str, Any], onnx_asked: str | None) -> list[str]:
+    value = made.get(name)
+    if name == "onnx_sha256" and value:
+        found = find_file_with_sha256(value, onnx_asked)
+        if found is None:
+            return [f"--onnx FILE (the file whose sha256 is {value[:12]}…; none here has it)"]
+        return [f"--onnx {shlex.quote(str(found))}"]
+    if name == "pixels" and value in DECODE_OF_PIXELS:
+        return [f"--decode {DECODE_OF_PIXELS[value]}"]
+    if name == "keep_unsegmented":
+        return ["--keep-unsegmented"] if value else ["(without --keep-unsegmented)"]
+    if name == "limit":
+        return [f"--limit {value}"] if value is not None else ["(without --limit)"]
+    if name in FLAG_OF and value is not None:
+        return [f"{FLAG_OF[name]} {shlex.quote(str(value))}"]
+    return []  # model_sha256, preprocess, dim: the model's files changed; only rebuilding helps
+
+
+def find_file_with_sha256(sha256: str, near: str | None) -> Path | None:
+    """An .onnx file beside `near` (or in ./onnx) whose bytes hash to `sha256`."""
+    folders = {Path(near).parent if near else Path("onnx"), Path("onnx")}
+    candidates = sorted(p for folder in folders if folder.is_dir() for p in folder.glob("*.onnx") if p.is_file())
+    for p in candidates[:MAX_ONNX_FILES]:
+        if sha256_file(p) == sha256:
+            return p
+    return None

@@ -1,0 +1,89 @@
+"""Where things are looked for, the run says so: the ONNX file behind a fallback, the flags that made a
+refused cache, building a cache first, and an unreachable hub, found once and fast."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import onnx
+from pipeline.config import config_from_flags, onnx_fallback
+from tests.helpers import free_port, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_fallback_to_the_hub_model_names_the_onnx_file_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    note = onnx_fallback(config_from_flags({}))
+    looked = tmp_path / "onnx" / "fashion_clip_image_int8_matmul.onnx"
+    assert note is not None
+    assert note.startswith(f"no ONNX file at {looked} (the default --onnx, from the current folder)")
+    assert "using the transformers model patrickjohncyh/fashion-clip instead" in note
+    project = ROOT / "onnx" / "fashion_clip_image_int8_matmul.onnx"
+    assert (f"pass --onnx {project}" if project.is_file() else "make one with --export-onnx") in note
+    # No fallback to speak of: a file there, a backend or a model the user chose.
+    looked.parent.mkdir()
+    looked.write_bytes(b"x")
+    assert onnx_fallback(config_from_flags({})) is None
+    looked.unlink()
+    assert onnx_fallback(config_from_flags({"backend": "torch"})) is None
+    assert onnx_fallback(config_from_flags({"model": "m"}, explicit=frozenset({"model"}))) is None
+
+
+@pytest.fixture
+def two_onnx(tiny_onnx, tmp_path) -> tuple[Path, Path]:
+    """The tiny export, and a copy whose bytes differ (another metadata value): two files, two sha256s."""
+    a = Path(shutil.copy(tiny_onnx, tmp_path / "a_int8.onnx"))
+    model = onnx.load(str(a))
+    model.doc_string = "another export"
+    b = tmp_path / "models" / "b_int8.onnx"
+    b.parent.mkdir()
+    onnx.save(model, str(b))
+    shutil.copy(a, b.parent / "a_int8.onnx")  # the folder of the asked file holds the one that made the cache
+    return b.parent / "a_int8.onnx", b
+
+
+def test_a_refused_cache_names_the_flags_that_made_it(two_onnx, mixed_dataset, tmp_path, capsys):
+    made_with, asked = two_onnx
+    out = tmp_path / "out"
+    base = ["--dataset", mixed_dataset, "--output-dir", out, "--max-result-images", "0"]
+    assert run(*base, "--onnx", made_with, "--limit", "8") in (0, 3)
+    capsys.readouterr()
+    assert run(*base, "--onnx", asked, "--limit", "6", "--use-embeddings") == 1
+    err = capsys.readouterr().err
+    assert "onnx_sha256: cache has" in err and "limit: cache has 8, asked for 6" in err
+    assert f"To reuse it, ask for what made it: --onnx {made_with} --limit 8; or rebuild it by running without " \
+           "--use-embeddings" in err
+
+
+def test_using_a_cache_that_was_never_built_says_to_build_it_first(tiny_onnx, tmp_path, capsys):
+    out = tmp_path / "new"
+    assert run("--onnx", tiny_onnx, "--output-dir", out, "--use-embeddings") == 1
+    err = capsys.readouterr().err
+    assert f"no complete cache in {out / 'embeddings'}" in err
+    assert "Build it first: run the same command without --use-embeddings" in err
+    assert not out.exists()
+
+
+@pytest.mark.subprocess
+def test_an_unreachable_hub_is_found_once_and_the_run_ends_fast(tiny_onnx, tmp_path):
+    """No HF_HUB_OFFLINE, and nothing listens at the hub's address: one probe, one warning, then the
+    dataset's own error, with none of huggingface_hub's retries."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT))
+    args = ["--dataset", "owner/catalogue", "--onnx", str(tiny_onnx), "--output-dir", str(tmp_path / "o"), "-q"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("cannot be reached") == 1 and "Retrying" not in done.stderr
+    said = "works offline, as HF_HUB_OFFLINE=1 would: --dataset owner/catalogue must be in this machine's hub cache"
+    assert said in done.stderr
+    assert "--dataset DIR" in done.stderr
+    assert "--model patrickjohncyh" not in done.stderr  # the ONNX file needs no model
