@@ -1,5 +1,9 @@
 """Pictures: thumbnails, result composites (query + top-k, drawn with PIL from thumbnails made once),
 the distance-matrix heatmap and the nearest-neighbour histogram (matplotlib, Agg).
+
+Captions are drawn in DejaVu Sans, the TrueType font matplotlib ships (a dependency already), at a
+size that follows the tiles; each distinct caption is rendered once and pasted after that, which
+keeps 10,000 composites of a dozen captions each as cheap as a bitmap font.
 """
 
 from __future__ import annotations
@@ -14,9 +18,14 @@ from PIL import Image, ImageDraw, ImageFont
 from .fileio import atomic_write_bytes
 from .images import encode_jpeg
 
-THUMB_SIZE = 128
-_CAPTION_H = 30
+THUMB_SIZE = 128  # the store's thumbnails (thumbnails.npy), and so the gallery pictures' tiles
 _PAD = 6
+_TILE_EDGE = (222, 226, 232)
+_QUERY_INK = (190, 20, 20)
+_INK = (20, 24, 30)
+_MUTED_INK = (90, 98, 112)
+
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 
 def make_thumbnail(image: Image.Image, size: int = THUMB_SIZE) -> np.ndarray:
@@ -28,23 +37,106 @@ def make_thumbnail(image: Image.Image, size: int = THUMB_SIZE) -> np.ndarray:
     return np.asarray(canvas)
 
 
-@lru_cache(maxsize=1)
-def caption_font() -> ImageFont.ImageFont:
-    """Pillow's built-in bitmap font: far cheaper to draw than the FreeType default, which matters
-    at 10,000 composites of a dozen captions each. (load_default_imagefont: Pillow >= 10.1; we need 11.)"""
-    return ImageFont.load_default_imagefont()
+@lru_cache(maxsize=2)
+def font_file(bold: bool = False) -> str | None:
+    """DejaVu Sans (bold) from matplotlib's data folder: Latin, Greek, Cyrillic, Arabic, Hebrew and
+    more; None when it is not there."""
+    try:
+        import matplotlib
+    except ImportError:  # pragma: no cover - a dependency; Pillow's own font stands in
+        return None
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / ("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf")
+    return str(path) if path.is_file() else None
 
 
-def drawable(text: str) -> str:
-    """Text the bitmap font can draw: it has Latin-1 only, so other characters (an ellipsis, a CJK
-    file name or query) become '?' instead of failing the drawing with UnicodeEncodeError."""
-    return text.encode("latin-1", "replace").decode("latin-1")
+@lru_cache(maxsize=16)
+def caption_font(size: int = 12, bold: bool = False) -> Font:
+    """The captions' TrueType font at `size` pixels; without DejaVu, Pillow's own TrueType font."""
+    path = font_file(bold)
+    return ImageFont.truetype(path, size) if path else ImageFont.load_default(size)
 
 
-def fit_text(text: str, limit: int) -> str:
-    """The end of a caption that is longer than `limit` characters, after '...' (names differ at the end)."""
-    text = drawable(text)
-    return text if len(text) <= limit else "..." + text[-max(1, limit - 3) :]
+@lru_cache(maxsize=2)
+def _glyphs(bold: bool) -> frozenset[int] | None:
+    """The code points the caption font has glyphs for; None when unknown (Pillow's font)."""
+    path = font_file(bold)
+    if path is None:
+        return None
+    from matplotlib.ft2font import FT2Font
+
+    return frozenset(FT2Font(path).get_charmap())
+
+
+def drawable(text: str, bold: bool = False) -> str:
+    """Text the caption font can draw: a character it has no glyph for (a CJK file name or query
+    with DejaVu; anything past Latin-1 with Pillow's font) becomes '?', not an empty box."""
+    glyphs = _glyphs(bold)
+    if glyphs is None:
+        return text.encode("latin-1", "replace").decode("latin-1")
+    return "".join(c if ord(c) in glyphs or c.isspace() else "?" for c in text)
+
+
+def fit_text(text: str, width_px: int, size: int = 12, bold: bool = False) -> str:
+    """The caption as drawn in `width_px` pixels: whole, or its end after '…' (names differ at the end)."""
+    text = drawable(text, bold)
+    font = caption_font(size, bold)
+    if font.getlength(text) <= width_px:
+        return text
+    lo, hi = 0, len(text)  # the most trailing characters that fit after the ellipsis
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if font.getlength("…" + text[len(text) - mid :]) <= width_px:
+            lo = mid
+        else:
+            hi = mid - 1
+    return "…" + text[len(text) - lo :] if lo else "…"
+
+
+@lru_cache(maxsize=16384)
+def _caption_mask(text: str, width_px: int, size: int, bold: bool) -> Image.Image:
+    """A caption rendered once as an 8-bit coverage mask (fitted to width_px), to paste in any colour."""
+    font = caption_font(size, bold)
+    fitted = fit_text(text, width_px, size, bold)
+    ascent, descent = font.getmetrics() if isinstance(font, ImageFont.FreeTypeFont) else (size, size // 4)
+    mask = Image.new("L", (max(1, min(width_px, int(font.getlength(fitted)) + 2)), ascent + descent), 0)
+    ImageDraw.Draw(mask).text((0, 0), fitted, fill=255, font=font)
+    return mask
+
+
+def draw_caption(
+    canvas: Image.Image, xy: tuple[int, int], text: str, width_px: int, size: int,
+    colour: tuple[int, int, int] = _INK, bold: bool = False,
+) -> None:
+    """Draw one line of text at xy (its top left), cut to width_px from the left with '…'."""
+    mask = _caption_mask(text, width_px, size, bold)
+    canvas.paste(colour, (xy[0], xy[1], xy[0] + mask.width, xy[1] + mask.height), mask)
+
+
+def caption_size(tile: int) -> int:
+    """Caption font size in pixels for tiles of `tile` pixels: 12 at 128, 15 at 224."""
+    return max(11, round(8 + tile / 32))
+
+
+def text_tile(text: str, size: int = THUMB_SIZE) -> np.ndarray:
+    """A white tile with a text query written on it, wrapped to the tile: uint8 (size, size, 3)."""
+    im = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle([0, 0, size - 1, size - 1], outline=(170, 176, 186))
+    font_px = round(caption_size(size) * 1.2)
+    font, inner = caption_font(font_px), size - 16
+    lines: list[str] = []
+    for word in drawable(text).split():
+        if lines and font.getlength(lines[-1] + " " + word) <= inner:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    step = round(font_px * 1.3)
+    shown = max(1, (size - 16) // step)
+    if len(lines) > shown:
+        lines = lines[: shown - 1] + [lines[shown - 1] + " …"]
+    for i, line in enumerate(lines):
+        draw_caption(im, (8, 8 + step * i), line, inner, font_px)
+    return np.asarray(im)
 
 
 def compose_matches(
@@ -54,34 +146,41 @@ def compose_matches(
     labels: Sequence[str],
     title: str = "",
 ) -> Image.Image:
-    """One row: the query tile, then each match tile with its caption (e.g. "d=0.123 img_00042.jpg").
+    """One row: the query tile, then each match tile with its caption (e.g. "d=0.123" over
+    "img_00042.jpg"), in a TrueType font sized to the tiles.
 
     Args:
-        query: uint8 (T, T, 3) RGB tile.
-        matches: uint8 (T, T, 3) RGB tiles, best first.
-        labels: one caption per match.
+        query: uint8 (T, T, 3) RGB tile; T sets the size of every tile and of the text.
+        matches: uint8 RGB tiles, best first (resized to T x T if they are another size).
+        labels: one caption per match: up to two lines, the first drawn darker.
+        title: a line above the row (bold), or nothing.
     """
-    tiles = [query, *matches]
     t = query.shape[0]
-    head = _CAPTION_H if title else 0
-    width = len(tiles) * (t + _PAD) + _PAD + (_PAD if matches else 0)
-    canvas = Image.new("RGB", (width, head + t + _CAPTION_H + _PAD), (255, 255, 255))
+    tiles = [query, *(m if m.shape[:2] == (t, t) else _resized(m, t) for m in matches)]
+    size = caption_size(t)
+    line_h = round(size * 1.35)
+    top = (round(line_h * 1.5) if title else 0) + 2  # the tiles' top edge
+    width = len(tiles) * (t + _PAD) + _PAD + (2 * _PAD if matches else 0)
+    canvas = Image.new("RGB", (width, top + t + 4 + 2 * line_h + _PAD), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    font = caption_font()
     if title:
-        draw.text((_PAD, 8), drawable(title), fill=(0, 0, 0), font=font)
-    chars = max(8, t // 6)
+        draw_caption(canvas, (_PAD, round(line_h * 0.3)), title, width - 2 * _PAD, size + 1, _INK, bold=True)
     x = _PAD
     for i, (tile, label) in enumerate(zip(tiles, [query_label, *labels])):
         if i == 1:
-            x += _PAD  # a gap between the query and its matches
-            draw.line([(x - _PAD, head), (x - _PAD, head + t)], fill=(180, 180, 180), width=1)
-        canvas.paste(Image.fromarray(tile), (x, head))
-        color = (200, 0, 0) if i == 0 else (0, 0, 0)
+            x += 2 * _PAD  # a gap, with a rule, between the query and its matches
+            draw.line([(x - _PAD - 4, top), (x - _PAD - 4, top + t)], fill=(170, 176, 186), width=1)
+        draw.rectangle([x - 1, top - 1, x + t, top + t], outline=_TILE_EDGE)  # white tiles show their edge
+        canvas.paste(Image.fromarray(tile), (x, top))
         for line_no, part in enumerate(label.split("\n")[:2]):
-            draw.text((x, head + t + 2 + 12 * line_no), fit_text(part, chars), fill=color, font=font)
+            colour = _QUERY_INK if i == 0 else (_INK if line_no == 0 else _MUTED_INK)
+            draw_caption(canvas, (x, top + t + 4 + line_h * line_no), part, t, size, colour, bold=line_no == 0)
         x += t + _PAD
     return canvas
+
+
+def _resized(tile: np.ndarray, t: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(tile).resize((t, t), Image.Resampling.LANCZOS))
 
 
 def neighbour_tiles(

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import textwrap
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 from .backends import EVAL_BACKENDS
@@ -33,14 +32,13 @@ from .images import ImageDecodeError, decode_image
 from .persons import Segmenter, person_crops
 from .plots import (
     THUMB_SIZE,
-    caption_font,
     compose_matches,
-    drawable,
     make_thumbnail,
     neighbour_tiles,
     pyplot,
     save_figure,
     save_jpeg,
+    text_tile,
 )
 from .preprocess import PreprocessConfig, preprocess_batch
 from .report import RunSummary
@@ -50,6 +48,12 @@ from .webreport import Section, relative_link, write_section
 log = logging.getLogger(__name__)
 
 RECALL_AT = (1, 5, 10)
+# Tiles of the query pictures: the query picture itself and the matches' image files hold more than
+# the store's THUMB_SIZE thumbnails, and a query run draws a handful of pictures, not one per item.
+QUERY_TILE = 224
+# The pictures a query run writes (q000_<query>.jpg); another run's that this one did not write go.
+QUERY_PICTURE = re.compile(r"q\d{3,}_.+\.jpg")
+_IMAGE_SUFFIX = re.compile("(?:" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES) + ")(?=#|$)", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------- query
@@ -75,16 +79,6 @@ def expand_image_paths(paths: Iterable[str]) -> list[Path]:
     return out
 
 
-def text_tile(text: str, size: int = THUMB_SIZE) -> np.ndarray:
-    """A white tile with the query text wrapped on it."""
-    im = Image.new("RGB", (size, size), (255, 255, 255))
-    draw = ImageDraw.Draw(im)
-    draw.rectangle([0, 0, size - 1, size - 1], outline=(120, 120, 120))
-    for i, line in enumerate(textwrap.wrap(text, width=max(8, size // 7))[: size // 13]):
-        draw.text((5, 5 + 12 * i), drawable(line), fill=(0, 0, 0), font=caption_font())
-    return np.asarray(im)
-
-
 def run_query(cfg: RunConfig) -> RunSummary:
     """--query-image / --query-text against the cached gallery (embeddings/ or embeddings_segment/)."""
     summary = RunSummary(mode="query")
@@ -99,10 +93,11 @@ def run_query(cfg: RunConfig) -> RunSummary:
     with summary.stage("pictures"):
         pictures = []
         for i, query in enumerate(queries):
-            tiles, labels = neighbour_tiles(nb.indices[i], nb.distances[i], catalog.thumbnail, names)
+            tiles, labels = neighbour_tiles(nb.indices[i], nb.distances[i], lambda j: match_tile(catalog, j), names)
             pic = compose_matches(query.tile, query.kind, tiles, labels, title=f"{query.kind} query: {query.label}")
-            pictures.append(out_dir / f"q{i:03d}_{query_slug(query.label)}.jpg")
+            pictures.append(out_dir / picture_name(i, query))
             save_jpeg(pic, pictures[-1])
+        remove_other_pictures(out_dir, pictures)
     table = out_dir / "query_results.csv"
     # the queries go in by number (iter_neighbour_rows takes int query ids) and come out as their labels
     flat = iter_neighbour_rows(nb, range(len(queries)), [q.label for q in queries], ids, names)
@@ -136,11 +131,11 @@ def embed_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary) -> tupl
                 if cfg.segmented and not found:
                     summary.notes.append(f"{path.name}: no person found, the whole image is the query")
                 vectors.append(catalog.embed_crops(crops))
-                queries += [Query(c.label, "image", make_thumbnail(c.image)) for c in crops]
+                queries += [Query(c.label, "image", make_thumbnail(c.image, QUERY_TILE)) for c in crops]
     if cfg.query.texts:
         with summary.stage("embed text queries"):
             vectors.append(catalog.embedder.embed_text(list(cfg.query.texts)))
-            queries += [Query(t, "text", text_tile(t)) for t in cfg.query.texts]
+            queries += [Query(t, "text", text_tile(t, QUERY_TILE)) for t in cfg.query.texts]
     if not queries:
         raise PipelineError("none of the query images could be read")
     return queries, vectors
@@ -148,6 +143,33 @@ def embed_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary) -> tupl
 
 def query_slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:limit].strip("_") or "query"
+
+
+def picture_name(i: int, query: Query) -> str:
+    """The i-th query's picture: q000_img_00042.jpg for img_00042.jpg (its own suffix dropped, not
+    doubled), q001_look_p0.jpg for a person in look.png, q002_red_floral_dress.jpg for a text."""
+    return f"q{i:03d}_{query_slug(_IMAGE_SUFFIX.sub('', query.label))}.jpg"
+
+
+def remove_other_pictures(folder: Path, written: Sequence[Path]) -> int:
+    """Delete the query pictures (QUERY_PICTURE names only) that this run did not write, so the folder
+    holds this run's pictures and no stale ones of earlier queries. Returns how many went."""
+    keep = {p.name for p in written}
+    stale = [p for p in folder.glob("q*.jpg") if QUERY_PICTURE.fullmatch(p.name) and p.name not in keep]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+def match_tile(catalog: Catalog, row: int, size: int = QUERY_TILE) -> np.ndarray:
+    """A gallery item's tile for a query picture, uint8 (size, size, 3): made from its image file when
+    that is here (the store keeps THUMB_SIZE thumbnails only), else its thumbnail enlarged."""
+    path = catalog.cache.images_dir / catalog.items[row].file
+    try:
+        return make_thumbnail(decode_image(path.read_bytes(), min_side=size).image, size)
+    except (OSError, ImageDecodeError):  # not here (a URL --output-dir keeps images in the bucket)
+        thumb = Image.fromarray(catalog.thumbnail(row))
+        return np.asarray(thumb if size == THUMB_SIZE else thumb.resize((size, size), Image.Resampling.LANCZOS))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -456,7 +478,7 @@ def plot_evaluation(results: dict[str, dict], path: Path) -> None:
     ax.set_xticks(np.arange(len(bars)) + 0.4 - width / 2)
     ax.set_xticklabels([b for b, _ in bars], fontsize=8)
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars, never over them
     ax.set_title("Retrieval quality against ground truth")
     fig.tight_layout()
     save_figure(fig, path)

@@ -1,23 +1,100 @@
-"""Pictures: captions the bitmap font cannot draw as given are drawn, not fatal."""
+"""Pictures: captions in a TrueType font sized to the tiles, cut to the tile's width, drawn for any
+text (characters the font lacks become '?'); tiles of another size are fitted to the query's."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from PIL import Image, ImageFont
 
-from pipeline.plots import compose_matches, drawable, fit_text
+from pipeline import plots
+from pipeline.plots import caption_font, caption_size, compose_matches, drawable, fit_text, text_tile
 
 
-def test_long_and_non_latin_captions_are_drawn():
-    """A caption longer than the tile keeps its end after '...', and characters outside Latin-1 (which
-    the bitmap font lacks: an ellipsis, a CJK query) become '?' instead of a UnicodeEncodeError."""
-    assert fit_text("person #123 (track 45)", 10) == "...ack 45)"
-    assert fit_text("short", 10) == "short"
-    assert drawable("robe à fleurs 连衣裙…") == "robe à fleurs ????"
-    tile = np.full((64, 64, 3), 200, np.uint8)
-    pic = compose_matches(tile, "query 连衣裙 " * 5, [tile], ["d=0.1\n" + "x" * 40], title="text query: 连衣裙…")
+def test_captions_are_drawn_in_dejavu_sans_at_a_size_that_follows_the_tiles():
+    font = caption_font(caption_size(128))
+    assert isinstance(font, ImageFont.FreeTypeFont) and font.getname()[0] == "DejaVu Sans"
+    assert font.size == 12 and caption_size(224) == 15  # larger tiles, larger text
+    assert caption_font(12, bold=True).getname() == ("DejaVu Sans", "Bold")
+
+
+def test_long_captions_keep_their_end_within_the_tile():
+    font = caption_font(12)
+    assert fit_text("short.jpg", 128) == "short.jpg"
+    cut = fit_text("a_very_long_catalogue_file_name_000042.jpg", 128)
+    assert cut.startswith("…") and cut.endswith("000042.jpg") and font.getlength(cut) <= 128
+    assert font.getlength("…" + "a_very_long_catalogue_file_name_000042.jpg"[-len(cut) :]) > 128  # the most that fits
+    assert fit_text("anything", 2) == "…"
+
+
+def test_characters_the_font_lacks_become_question_marks_and_the_rest_draw():
+    """DejaVu Sans draws accents, Greek, Cyrillic and the ellipsis; it has no CJK glyphs, which would
+    draw as empty boxes: those become '?'."""
+    assert drawable("robe à fleurs, платье, φόρεμα…") == "robe à fleurs, платье, φόρεμα…"
+    assert drawable("连衣裙 dress") == "??? dress"
+
+
+def test_without_dejavu_pillows_own_font_draws_latin_1(monkeypatch):
+    """The fallback when matplotlib's font file is missing: Pillow's TrueType font, Latin-1 only."""
+    monkeypatch.setattr(plots, "font_file", lambda bold=False: None)
+    for cached in (plots.caption_font, plots._glyphs, plots._caption_mask):
+        cached.cache_clear()
+    try:
+        assert isinstance(plots.caption_font(12), ImageFont.FreeTypeFont)
+        assert plots.drawable("robe à fleurs 连衣裙…") == "robe à fleurs ????"
+        pic = compose_matches(np.full((64, 64, 3), 200, np.uint8), "query 连衣裙", [], [])
+        assert (np.asarray(pic).min(axis=2) < 100).any()
+    finally:
+        monkeypatch.undo()
+        for cached in (plots.caption_font, plots._glyphs, plots._caption_mask):
+            cached.cache_clear()
+
+
+def _caption_band(pic: Image.Image, t: int, title: bool) -> np.ndarray:
+    size = caption_size(t)
+    line_h = round(size * 1.35)
+    top = (round(line_h * 1.5) if title else 0) + 2
+    return np.asarray(pic)[top + t + 2 :]
+
+
+def test_a_composite_has_smooth_readable_captions_under_each_tile():
+    tile = np.full((128, 128, 3), 200, np.uint8)
+    pic = compose_matches(tile, "query\nimg_00042.jpg", [tile] * 3, [f"d=0.{i}00\nimg_0000{i}.jpg" for i in range(3)])
+    band = _caption_band(pic, 128, title=False)
+    grey = band.min(axis=2)
+    assert len(np.unique(grey)) > 20  # anti-aliased TrueType, not a 1-bit bitmap font
+    rows = np.flatnonzero((grey < 128).any(axis=1))
+    assert rows.max() - rows.min() >= 20  # two lines of text about 9 px high each, not 7 px bitmap glyphs
+    first = band[:, 6 : 6 + 128]
+    assert ((first[..., 0] > 150) & (first[..., 1] < 80)).any()  # the query's caption is red
+    assert pic.size == (4 * (128 + 6) + 6 + 12, 2 + 128 + 4 + 2 * 16 + 6)
+
+
+def test_titles_long_captions_and_tiles_of_another_size():
+    t = 224
+    query = text_tile("a red floral midi dress with long sleeves and a belt 连衣裙", t)
+    match = np.zeros((128, 128, 3), np.uint8)  # a stored thumbnail beside a 224 px query tile
+    pic = compose_matches(query, "text", [match], ["d=0.1\n" + "x" * 60], title="text query: 连衣裙…")
     arr = np.asarray(pic)
-    assert pic.size[0] > 2 * 64
-    head, pad = 30, 6  # the title line's height; the margin
-    caption, title = arr[head + 64 + 2 : head + 64 + 12, pad : pad + 64], arr[5:20, :200]
-    assert (caption[..., 0] > 150).any() and (caption[..., 1] < 80).any()  # red query caption drawn
-    assert (title.min(axis=2) < 80).any()  # black title text drawn
+    assert pic.size[0] == 2 * (t + 6) + 6 + 12
+    title_band = arr[: round(caption_size(t) * 1.35 * 1.5)]
+    assert (title_band.min(axis=2) < 80).any()  # the title is drawn
+    top = round(caption_size(t) * 1.35 * 1.5) + 2
+    x = 6 + t + 6 + 12
+    assert (arr[top + 10 : top + t - 10, x + 10 : x + t - 10] == 0).all()  # the 128 px tile fills 224 px
+
+
+def test_text_tiles_wrap_the_query_inside_a_frame():
+    tile = text_tile("a red floral midi dress with long sleeves and a belt", size=128)
+    assert tile.shape == (128, 128, 3) and tile.dtype == np.uint8
+    assert all((edge == (170, 176, 186)).all() for edge in (tile[0], tile[127], tile[:, 0], tile[:, 127]))
+    dark = (tile[1:127, 1:127].min(axis=2) < 100).any(axis=1)
+    lines = np.flatnonzero(np.diff(dark.astype(int)) == 1)
+    assert len(lines) >= 3  # wrapped onto several lines
+    inner = tile[1:127, 1:127].min(axis=2)
+    assert (inner[:, :6] == 255).all() and (inner[:, -6:] == 255).all()  # nothing drawn over the margins
+
+
+@pytest.mark.parametrize("text", ["", "   ", "x" * 200])
+def test_text_tiles_take_any_text(text):
+    assert text_tile(text, 64).shape == (64, 64, 3)

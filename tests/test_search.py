@@ -338,9 +338,9 @@ def test_same_product_recall_is_the_known_answer(tmp_path, monkeypatch):
     assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1) / 4)
 
 
-def test_query_paths_text_tiles_and_slugs(tmp_path):
+def test_query_paths_and_slugs(tmp_path):
     from pipeline.errors import PipelineError
-    from pipeline.search import expand_image_paths, query_slug, text_tile
+    from pipeline.search import Query, expand_image_paths, picture_name, query_slug
 
     (tmp_path / "sub").mkdir()
     for name in ("b.jpg", "a.PNG", "notes.txt", "sub/c.webp"):
@@ -361,12 +361,11 @@ def test_query_paths_text_tiles_and_slugs(tmp_path):
     assert query_slug("Xmas Red Dress X") == "Xmas_Red_Dress_X"  # capitals kept; only underscores trimmed
     # a file before a folder: both kept, in the order given
     assert expand_image_paths([str(single), str(tmp_path / "sub")]) == [single, tmp_path / "sub" / "c.webp"]
-    tile = text_tile("a red floral midi dress with long sleeves and a belt", size=128)
-    assert tile.shape == (128, 128, 3) and tile.dtype == np.uint8
-    assert all((edge == 120).all() for edge in (tile[0], tile[127], tile[:, 0], tile[:, 127]))  # the grey frame
-    assert (tile[64:127, 40:100] == 255).all()  # white below the text
-    dark = (tile[:, 1:127].min(axis=2) < 100).any(axis=1)
-    assert dark[5:17].any() and dark[17:29].any()  # wrapped onto a second line
+    # a query picture's name: the query's own suffix dropped, not doubled (q000_img_00042.jpg.jpg)
+    tile = np.zeros((2, 2, 3), np.uint8)
+    assert [picture_name(i, Query(label, kind, tile)) for i, (label, kind) in enumerate([
+        ("img_00042.jpg", "image"), ("look.PNG#p1", "image"), ("shot.webp", "image"), ("red dress.jpg", "text"),
+    ])] == ["q000_img_00042.jpg", "q001_look_p1.jpg", "q002_shot.jpg", "q003_red_dress.jpg"]
 
 
 def test_unreadable_query_image_is_recorded_and_a_personless_one_is_said(tmp_path):
@@ -529,6 +528,8 @@ def test_evaluation_chart_shows_the_numbers(monkeypatch, tmp_path):
     assert [t.get_text() for t in labels] == ["person-garment\ntorch", "person-garment\nonnx"]
     assert all(t.get_fontsize() == 8 for t in labels)
     assert ax.get_ylim() == (0, 1) and ax.get_title() == "Retrieval quality against ground truth"
+    fig.canvas.draw()  # the legend sits beside the bars, where it hides none of them
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
     saved.clear()
     search.plot_evaluation({"t": {f"b{i}": a for i in range(5)}}, tmp_path / "e.png")
     assert tuple(saved[0][0].get_size_inches()) == pytest.approx((8, 4))  # wider with more bars

@@ -1,0 +1,111 @@
+"""The pictures a run writes, as a person finds them in the output folder: result pictures of the
+store's thumbnails, query pictures with larger tiles made from the image files, named once
+(q000_img_00042.jpg) and never mixed with an earlier query's."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import main as cli
+from pipeline.images import decode_image
+from pipeline.plots import THUMB_SIZE, caption_size, make_thumbnail
+from pipeline.search import QUERY_TILE, match_tile
+from pipeline.webreport import read_section
+from tests import assets
+
+K = 3
+
+
+def garment_jpeg(i: int) -> bytes:
+    """A photo-sized garment (300 x 400), so a 224 px tile has more to show than a 128 px thumbnail."""
+    g = assets.garment(i % 3, 300, 400).astype(np.int16) - np.array([(37 * i) % 80, (53 * i) % 80, 0], np.int16)
+    return assets.encode(Image.fromarray(np.clip(g, 0, 255).astype(np.uint8)), "JPEG", quality=92)
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory, tiny_onnx):
+    out = tmp_path_factory.mktemp("pictures")
+    ds = assets.write_parquet_dataset(out / "ds", [garment_jpeg(i) for i in range(8)])
+    assert cli.main(["--dataset", str(ds), "--onnx", str(tiny_onnx), "--output-dir", str(out), "--top-k", str(K),
+                     "-q"]) == 0
+    return out
+
+
+def query(out, tiny_onnx, *args) -> int:
+    return cli.main([*map(str, args), "--onnx", str(tiny_onnx), "--output-dir", str(out), "--top-k", str(K), "-q"])
+
+
+def composite_size(tile: int, k: int = K, title: bool = False) -> tuple[int, int]:
+    line_h = round(caption_size(tile) * 1.35)
+    top = (round(line_h * 1.5) if title else 0) + 2
+    return (k + 1) * (tile + 6) + 6 + 12, top + tile + 4 + 2 * line_h + 6
+
+
+def test_result_pictures_show_the_stores_thumbnails_with_two_caption_lines(catalogue):
+    pictures = sorted((catalogue / "retrieval_results").glob("*_matches.jpg"))
+    assert len(pictures) == 8
+    with Image.open(pictures[0]) as pic:
+        assert pic.size == composite_size(THUMB_SIZE)
+
+
+def test_query_pictures_are_named_once_and_an_earlier_querys_go(catalogue, tiny_onnx, tmp_path):
+    folder = catalogue / "retrieval_results" / "queries"
+    folder.mkdir(parents=True, exist_ok=True)
+    # an earlier run's pictures (one with the old double suffix), and files the tool did not name
+    for name in ("q000_old_query.jpg", "q007_img_00001.jpg.jpg", "notes.jpg", "q1.jpg"):
+        (folder / name).write_bytes(b"x")
+    looks = tmp_path / "looks"
+    looks.mkdir()
+    (looks / "img_00042.jpg").write_bytes((catalogue / "images" / "img_00002.jpg").read_bytes())
+    (looks / "look.png").write_bytes(assets.encode(assets.rgb_image(60, 80, seed=3), "PNG"))
+    assert query(catalogue, tiny_onnx, "--query-image", looks) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "notes.jpg", "q000_img_00042.jpg", "q001_look.jpg", "q1.jpg", "query_results.csv"
+    ]
+    section = read_section(catalogue / "outputs", "query")
+    assert section["data"]["pictures"] == [
+        "../retrieval_results/queries/q000_img_00042.jpg", "../retrieval_results/queries/q001_look.jpg"
+    ]
+    assert query(catalogue, tiny_onnx, "--query-text", "red striped dress") == 0
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "notes.jpg", "q000_red_striped_dress.jpg", "q1.jpg", "query_results.csv"
+    ]
+
+
+def test_query_pictures_use_larger_tiles_made_from_the_image_files(catalogue, tiny_onnx, tmp_path):
+    """The query and its matches are QUERY_TILE px: the query from its own picture, each match from its
+    image file (the store keeps 128 px thumbnails only), not a thumbnail blown up."""
+    picture = tmp_path / "same.jpg"
+    picture.write_bytes((catalogue / "images" / "img_00004.jpg").read_bytes())
+    assert query(catalogue, tiny_onnx, "--query-image", picture) == 0
+    with Image.open(catalogue / "retrieval_results" / "queries" / "q000_same.jpg") as pic:
+        arr = np.asarray(pic.convert("RGB")).astype(int)
+        assert pic.size == composite_size(QUERY_TILE, title=True)
+    top = round(caption_size(QUERY_TILE) * 1.35 * 1.5) + 2
+    first_match = arr[top : top + QUERY_TILE, 6 + QUERY_TILE + 6 + 12 :][:, :QUERY_TILE]
+    own = make_thumbnail(decode_image(picture.read_bytes()).image, QUERY_TILE).astype(int)
+    assert np.abs(first_match - own).mean() < 4  # the picture finds itself, drawn from its file
+    query_tile = arr[top : top + QUERY_TILE, 6 : 6 + QUERY_TILE]
+    assert np.abs(query_tile - own).mean() < 4
+    small = make_thumbnail(decode_image(picture.read_bytes()).image, THUMB_SIZE)
+    blown_up = np.asarray(Image.fromarray(small).resize((QUERY_TILE,) * 2, Image.Resampling.LANCZOS)).astype(int)
+    assert np.abs(first_match - own).mean() < np.abs(first_match - blown_up).mean()
+
+
+def test_a_match_whose_file_is_not_here_is_drawn_from_its_thumbnail(tmp_path):
+    """A URL --output-dir keeps the images in the bucket: the stored thumbnail, enlarged, stands in."""
+    thumb = np.zeros((THUMB_SIZE, THUMB_SIZE, 3), np.uint8)
+    thumb[:, THUMB_SIZE // 2 :] = 255
+    catalog = types.SimpleNamespace(
+        cache=types.SimpleNamespace(images_dir=tmp_path),
+        items=[types.SimpleNamespace(file="not_here.jpg")],
+        thumbnail=lambda row: thumb,
+    )
+    tile = match_tile(catalog, 0)
+    assert tile.shape == (QUERY_TILE, QUERY_TILE, 3)
+    assert tile[:, : QUERY_TILE // 2 - 4].max() < 10 and tile[:, QUERY_TILE // 2 + 4 :].min() > 245
+    assert match_tile(catalog, 0, THUMB_SIZE) is not None and (match_tile(catalog, 0, THUMB_SIZE) == thumb).all()
