@@ -37,6 +37,10 @@ MAX_UPLOAD_BYTES = 20 << 20
 MAX_TEXT_CHARS = 500
 MAX_K = 100
 PAGE = Path(__file__).parent / "templates" / "search.html"
+NO_SEGMENTER = (
+    "this server does not cut pictures into persons (it serves the whole-picture gallery); "
+    "start it with --serve --use-segmentation to search with each person in a picture"
+)
 
 
 @dataclass
@@ -52,6 +56,12 @@ class SearchService:
     def load(cls, cfg: RunConfig, summary: RunSummary | None = None) -> "SearchService":
         return cls(cfg, open_catalog(cfg, summary or RunSummary(mode="serve")))
 
+    @property
+    def can_segment(self) -> bool:
+        """Whether an upload may be cut into its persons: when serving the segmented gallery
+        (--use-segmentation), whose items are persons too; the segmenter loads on first use."""
+        return self.cfg.segmented
+
     @staticmethod
     def as_json(hits: list[Hit]) -> list[dict[str, Any]]:
         """row: the embedding row (the thumbnail's number); line: the manifest line."""
@@ -64,7 +74,10 @@ class SearchService:
         return self.as_json(self.catalog.search_text(text, k))
 
     def image(self, data: bytes, name: str, k: int, segment: bool) -> list[dict[str, Any]]:
-        """An uploaded picture's queries: the picture, or each person in it. Raises ImageDecodeError."""
+        """An uploaded picture's queries: the picture, or each person in it. Raises ImageDecodeError,
+        and UsageError for segment=True on a server that does not segment."""
+        if segment and not self.can_segment:
+            raise UsageError(NO_SEGMENTER)
         found = self.catalog.search_image(data, k, segment=segment, name=name)
         return [{"label": q.label, "results": self.as_json(q.hits)} for q in found]
 
@@ -112,6 +125,7 @@ def _add_page_endpoints(app, service: SearchService) -> None:
             "k": cfg.top_k,
             "search": catalog.searcher.describe(),
             "report": (cfg.plots_dir / "report.html").is_file(),
+            "segment": service.can_segment,
         }
 
 
@@ -151,6 +165,8 @@ def _add_query_endpoints(app, service: SearchService) -> None:
     @app.post("/api/image")
     def image(file: UploadFile = File(...), segment: bool = Form(False), k: int = Form(cfg.top_k)) -> dict[str, Any]:
         check_k(k)
+        if segment and not service.can_segment:
+            raise HTTPException(422, NO_SEGMENTER)
         data = file.file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"the upload is over {MAX_UPLOAD_BYTES >> 20} MB")

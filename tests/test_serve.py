@@ -7,6 +7,8 @@ import csv
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -22,22 +24,12 @@ from tests.test_images import png_header_only
 from tests.test_webreport import console_errors, wait
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, mixed_dataset, tiny_onnx):
-    """A gallery, then the app over it on a free port of 127.0.0.1, stopped at the end."""
+@contextmanager
+def serving(service: SearchService):
+    """The app over a loaded service on a free port of 127.0.0.1; yields its URL, stops at the end."""
     import uvicorn
 
-    out = tmp_path_factory.mktemp("served")
-    assert cli.main(["--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 3
     port = free_port()
-    cfg = config_from_flags(
-        vars(
-            cli.build_parser().parse_args(
-                ["--onnx", str(tiny_onnx), "--output-dir", str(out), "--serve", "--port", str(port)]
-            )
-        )
-    )
-    service = SearchService.load(cfg)
     server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -48,9 +40,24 @@ def served(tmp_path_factory, mixed_dataset, tiny_onnx):
                 break
         except httpx.HTTPError:
             time.sleep(0.1)
-    yield url, out, service
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, mixed_dataset, tiny_onnx):
+    """A gallery, then the app over it on a free port of 127.0.0.1, stopped at the end."""
+    out = tmp_path_factory.mktemp("served")
+    assert cli.main(["--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 3
+    cfg = config_from_flags(
+        vars(cli.build_parser().parse_args(["--onnx", str(tiny_onnx), "--output-dir", str(out), "--serve"]))
+    )
+    service = SearchService.load(cfg)
+    with serving(service) as url:
+        yield url, out, service
 
 
 def _cli_results(out, tiny_onnx, *query) -> list[tuple[str, float]]:
@@ -104,6 +111,64 @@ def test_bad_uploads_get_a_4xx_and_the_next_query_still_works(served, name, data
     assert r.status_code == status and message in r.json()["detail"]
     ok = httpx.post(url + "/api/text", json={"text": "blue shirt"}, timeout=30)
     assert ok.status_code == 200 and len(ok.json()["results"]) == 5
+
+
+def test_a_failed_upload_clears_the_previous_results(served, browser, tmp_path):
+    """The error is said where the results were: no earlier query's results stay under it."""
+    url, _, _ = served
+    browser.get(url + "/")
+    wait(browser, "document.getElementById('info').textContent.includes('items')")
+    browser.find_element(By.ID, "text").send_keys("blue shirt")
+    browser.find_element(By.ID, "text-go").click()
+    wait(browser, "document.querySelectorAll('#results .tile[data-file]').length === 5")
+    notes = tmp_path / "notes.jpg"
+    notes.write_bytes(b"hello\nthis is text, not a picture\n")
+    browser.find_element(By.ID, "file").send_keys(str(notes))
+    browser.find_element(By.ID, "image-go").click()
+    said = wait(browser, "document.getElementById('status').className === 'error' && "
+                         "document.getElementById('status').textContent")
+    assert said == "Could not search: notes.jpg: not a recognized image format (it starts like a text file)"
+    assert browser.execute_script("return document.getElementById('results').children.length") == 0
+    assert all("status of 415" in e for e in console_errors(browser))  # the refused upload, and nothing else
+
+
+def test_the_person_option_is_offered_only_by_a_server_that_segments(served, browser):
+    """A server of the whole-picture gallery cannot cut a picture into persons: the page does not offer
+    it, and the API refuses such a request with the reason and the flag to use; a server of the
+    segmented gallery (--use-segmentation) offers it, checked."""
+    url, _, service = served
+    assert httpx.get(url + "/api/info").json()["segment"] is False
+    browser.get(url + "/")
+    wait(browser, "document.getElementById('info').textContent.includes('items')")
+    assert browser.execute_script("return document.getElementById('segment-option').offsetParent") is None
+    picture = (service.cfg.output_dir / "images" / "img_00003.jpg").read_bytes()
+    r = httpx.post(url + "/api/image", files={"file": ("q.jpg", picture)}, data={"segment": "true"}, timeout=30)
+    assert r.status_code == 422 and "--use-segmentation" in r.json()["detail"]
+    assert httpx.post(url + "/api/image", files={"file": ("q.jpg", picture)}, timeout=30).status_code == 200
+    segmenting = SearchService(replace(service.cfg, use_segmentation=True), service.catalog)
+    with serving(segmenting) as other:
+        assert httpx.get(other + "/api/info").json()["segment"] is True
+        browser.get(other + "/")
+        wait(browser, "document.getElementById('segment-option').offsetParent !== null")
+        assert browser.execute_script("return document.getElementById('segment').checked") is True
+
+
+def test_the_page_fits_a_phone(served, browser):
+    url, _, _ = served
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 420, "height": 900, "deviceScaleFactor": 1, "mobile": False}
+    )
+    try:
+        browser.get(url + "/")
+        browser.find_element(By.ID, "text").send_keys("red dress")
+        browser.find_element(By.ID, "text-go").click()
+        wait(browser, "document.querySelectorAll('#results .tile[data-file]').length === 5")
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 420
+        assert browser.execute_script(
+            "return [...document.querySelectorAll('.panel, .query')].every(p => p.scrollWidth <= p.clientWidth)"
+        )
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def test_bad_text_requests_are_refused_with_a_reason(served):
