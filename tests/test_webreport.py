@@ -166,6 +166,11 @@ def test_query_and_evaluation_sections_join_the_gallery(report_run, tiny_onnx, t
         "return [...document.querySelectorAll('#evaluation')].map(e => e.textContent.split('R@10').length - 1)"
     ) == [1]
     assert browser.execute_script("return document.querySelectorAll('#query .pics img').length") == 1
+    # a query picture shown smaller than it is opens at full size
+    assert browser.execute_script(
+        "const a = document.querySelector('#query .pics a');"
+        "return a.getAttribute('href') === a.firstChild.getAttribute('src')"
+    )
     browser.execute_script("document.getElementById('evaluation').scrollIntoView()")
     assert wait(browser, VISIBLE_IMAGES_LOADED)
     assert console_errors(browser) == []
