@@ -311,6 +311,9 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
             "faiss",
         ):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Even with -v: faiss's loader reports failing to load per-SIMD libraries that today's single-library
+    # wheels do not have; index.py says instead which build runs.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

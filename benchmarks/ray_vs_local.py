@@ -20,23 +20,7 @@ from benchmarks.common import (
     section_stages,
     standard_run_args,
 )
-
-
-def tree_rss(pid: int) -> int:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
+from pipeline.machine import tree_rss_bytes
 
 
 def run(engine: str, ds: Path, onnx: Path, out: Path, n: int) -> tuple[float, float, dict[str, float]]:
@@ -44,7 +28,7 @@ def run(engine: str, ds: Path, onnx: Path, out: Path, n: int) -> tuple[float, fl
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    result = run_main_py([*standard_run_args(ds, onnx, out, n), "--engine", engine], sample=tree_rss)
+    result = run_main_py([*standard_run_args(ds, onnx, out, n), "--engine", engine], sample=tree_rss_bytes)
     result.check(f"{engine} run")
     return result.wall_s, result.sampled_peak / 2**20, section_stages(out)
 

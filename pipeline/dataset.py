@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -75,7 +75,7 @@ class DatasetSpec:
         return {"dataset": name, "split": self.split, "limit": self.limit, "image_column": self.image_column}
 
 
-def iter_records(spec: DatasetSpec, start: int = 0) -> Iterator[Record]:
+def iter_records(spec: DatasetSpec, start: int = 0) -> Generator[Record, None, None]:
     """Yield records for rows start .. limit-1 in dataset order.
 
     Args:
@@ -114,7 +114,8 @@ def check_dataset(spec: DatasetSpec) -> int | None:
         PipelineError: as iter_records.
     """
     path = Path(spec.name)
-    parquet, opener = _local_parquet_files(path, spec.split), _open_local_file
+    parquet: list[Any] = list(_local_parquet_files(path, spec.split))
+    opener: Callable[[Any], AbstractContextManager[Any]] = _open_local_file
     if not parquet and not path.exists() and is_hub_id(spec.name):
         parquet, opener = list(_hub_split(spec).parquet_files), _hub_file_opener()
     if parquet:

@@ -6,6 +6,7 @@ video, query) gets its gallery here.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from .errors import CacheMismatchError
 from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
 from .items import make_segment_items, make_standard_items, note_persons_cut
+from .machine import TreeMemory
 from .persons import Segmenter
 from .ray_engine import RayBuild, build_gallery_ray
 from .remedy import build_first, reuse_or_rebuild
@@ -174,7 +176,13 @@ def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None
         address=cfg.ray_address,
         cpus=cfg.embedder.threads,
     )
-    emb, rows, embedder = build_gallery_ray(build, summary, load, gallery_source(cfg))
+    with TreeMemory() as memory:
+        emb, rows, embedder = build_gallery_ray(build, summary, load, gallery_source(cfg))
+    where = " (workers on other machines are not counted)" if cfg.ray_address or os.environ.get("RAY_ADDRESS") else ""
+    summary.notes.append(
+        f"peak memory during the Ray build, this process and its Ray processes together: {memory.peak_mib:,.0f} MiB"
+        f"{where}; the peak memory above counts this process alone"
+    )
     if cfg.output_url:  # the workers wrote the images to the URL
         _remove_stale_images_at_url(cfg, target, rows)
     else:

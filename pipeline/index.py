@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,20 @@ def _faiss():
         raise PipelineError(
             "a FAISS index needs faiss: pip install faiss-cpu (or --index none for exact search)"
         ) from e
+    _describe_faiss(faiss)
     return faiss
+
+
+@lru_cache(maxsize=1)
+def _describe_faiss(faiss) -> None:
+    """Say once (with -v) which faiss build runs. faiss's own loader tries the per-SIMD libraries of
+    older wheels first and logs 'Could not load library with AVX2 support' when a wheel has none:
+    recent faiss-cpu wheels (1.15.1 here) are one library that picks AVX2 or AVX-512 at run time
+    ('DD', dynamic dispatch, in its compile options), so that line is silenced (main.py) and this
+    one says what was loaded."""
+    options = faiss.get_compile_options() if hasattr(faiss, "get_compile_options") else "unknown"
+    dispatch = "; SIMD chosen at run time" if "DD" in options.split() else ""
+    log.debug("faiss %s loaded (compile options: %s%s)", getattr(faiss, "__version__", "?"), options.strip(), dispatch)
 
 
 def choose_kind(n: int, dim: int) -> str:

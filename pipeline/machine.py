@@ -8,7 +8,9 @@ at int16, which is why the int8 export keeps its weights to 7 bits (see export.p
 
 from __future__ import annotations
 
+import os
 import platform
+import threading
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -52,3 +54,52 @@ def cpu_label(info: dict[str, object] | None = None) -> str:
     flags = info.get("isa") or []
     isa = (" ".join(flags) if isinstance(flags, Iterable) else "") or "no AVX2/AVX-512/VNNI/AMX flags found"
     return f"{info.get('model', 'unknown')} [{isa}]"
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants, in bytes (0 once it is gone). Needs
+    psutil, which Ray brings."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:  # ended between the listing and the reading
+            pass
+    return total
+
+
+class TreeMemory:
+    """The peak resident memory of this process and its descendants while a block runs, sampled on
+    a thread every `every_s` seconds: with a Ray the run starts itself, its raylet, GCS and worker
+    processes are this process's descendants, which getrusage(RUSAGE_SELF) does not count."""
+
+    def __init__(self, every_s: float = 0.25) -> None:
+        self.every_s, self.peak = every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="tree-memory", daemon=True)
+
+    def _sample(self) -> None:
+        pid = os.getpid()
+        while True:
+            self.peak = max(self.peak, tree_rss_bytes(pid))
+            if self._stop.wait(self.every_s):
+                return
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak / 2**20

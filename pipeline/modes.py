@@ -54,6 +54,10 @@ def _unknown_backends(cfg: RunConfig) -> list[str]:
 _VIDEO_OPTIONS = {"video_dir", "frame_stride", "det_model", "det_conf", "det_backend", "track_gap",
                   "no_annotated_video"}
 _EXPORT_STOPS = "--export-onnx makes the ONNX file and stops; run the pipeline as a second command"
+_EXPORT_WRITES_ONNX = (
+    "--export-onnx writes where --onnx says (its text tower and tokenizer beside it), not in --output-dir: "
+    "drop --output-dir, or name the file with --onnx DIR/NAME_int8.onnx"
+)
 _EVAL_READS_NO_CACHE = "--evaluate embeds the dataset itself; it does not read a cache"
 _EVAL_UNKNOWN = "--eval-backends: unknown {unknown}; choose from " + ", ".join(EVAL_BACKENDS)
 _EVAL_CHECKS: tuple[Check, ...] = (
@@ -65,7 +69,8 @@ _EVAL_CHECKS: tuple[Check, ...] = (
 MODES: tuple[Mode, ...] = (
     Mode("export-onnx", "--export-onnx", lambda c: c.export.enabled, "pipeline.runner:run_export",
          options=frozenset({"per_tensor", "quantization"}),
-         checks=((lambda c: c.from_cache or c.use_segmentation, _EXPORT_STOPS),),
+         checks=((lambda c: c.from_cache or c.use_segmentation, _EXPORT_STOPS),
+                 (lambda c: "output_dir" in c.explicit, _EXPORT_WRITES_ONNX)),
          holds_output=False, mirrors_output=False),
     Mode("video", "--video_clip", lambda c: bool(c.video.clip), "pipeline.video:run_video",
          options=frozenset(_VIDEO_OPTIONS)),

@@ -21,6 +21,7 @@ import os
 import secrets
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -104,6 +105,9 @@ class RaySession:
             }
             address = address or os.environ.get("RAY_ADDRESS")
             quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+            # A Ray this run starts keeps Ray's default token authentication; its notice that it did so
+            # is not printed on every run.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             if address:
                 ray.init(address=address, runtime_env=env, **quiet)
             else:
@@ -112,6 +116,8 @@ class RaySession:
         ctx.enable_progress_bars = False  # one bar: the run's own, which counts rows
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+        # A dataset of fewer pieces than actors (a small catalogue) is not a problem worth a warning.
+        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
 
     def release(self) -> None:
         """Stop the Ray this session started (or leave the cluster it joined); a local instance

@@ -179,3 +179,19 @@ def test_on_a_gpu_run_the_index_is_built_for_and_searched_on_faiss_gpu(vectors, 
 def load_index_from(gi, folder):
     save_index(folder, gi)
     return load_index(folder, gi.embeddings, gi.info.store_sha256)
+
+
+@pytest.mark.subprocess
+def test_verbose_says_which_faiss_runs_without_the_loaders_alarming_lines():
+    """faiss's loader logs 'Could not load library with AVX2 support' when a wheel has no per-SIMD
+    libraries; -v shows instead one line of ours naming the build."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import main; main.configure_logging(True, False); from pipeline import index; index._faiss()"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Could not load library" not in done.stderr and "faiss.loader" not in done.stderr
+    assert "DEBUG pipeline.index: faiss " in done.stderr and "compile options:" in done.stderr

@@ -223,6 +223,7 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
         (["--export-onnx", "--use-embeddings"], "--export-onnx makes the ONNX file and stops"),
         (["--export-onnx", "--use-segmentation"], "--export-onnx makes the ONNX file and stops"),
         (["--export-onnx", "--evaluate"], "--export-onnx and --evaluate are separate modes"),
+        (["--export-onnx", "--output-dir", "runs/x"], "--export-onnx writes where --onnx says"),
         (["--evaluate", "--serve", "--video_clip", "c"], "--video_clip and --evaluate and --serve are separate"),
         (["--no-annotated-video"], "--no-annotated-video needs --video_clip NAME"),
         (["--video_dir", "v"], "--video_dir needs --video_clip NAME"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -266,6 +267,10 @@ def test_a_ray_the_run_starts_is_stopped_before_it_exits(ragged, tiny_onnx, loca
         )
         assert r.returncode == 3, r.stderr[-2000:]
         assert "ray start + load model" in r.stdout
+        assert "Token authentication is enabled" not in r.stderr  # Ray's default, kept, not announced
+        peak = re.search(r"peak memory during the Ray build, this process and its Ray processes together: ([\d,]+) MiB",
+                         r.stdout)
+        assert peak and int(peak[1].replace(",", "")) > 300  # the driver alone is more; the workers add theirs
         _same_store(local_run, out)
         assert not left()
     finally:
