@@ -78,6 +78,13 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
     _add(modes, "--use-embedded-segment", action="store_true", help="reuse images_segment/ and embeddings_segment/")
     _add(
         modes,
+        "--update",
+        action="store_true",
+        help="bring the gallery in --output-dir up to date with its dataset: embed only new and changed photos, "
+        "reuse every unchanged vector, drop the photos that are gone",
+    )
+    _add(
+        modes,
         "--export-onnx",
         action="store_true",
         help="export --model to --onnx (int8) and an fp32 file beside it, verified against torch",
@@ -114,6 +121,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     _add(data, "--split", help="dataset split to read")
     _add(data, "--limit", type=_non_negative_int, help="first N rows; 0 = all")
     _add(data, "--image-column", help="column holding the pictures")
+    _add(data, "--id-column", help="column naming each photo for --update (default: a photo is known by its bytes)")
 
     model = p.add_argument_group("model")
     _add(model, "--model", help="hub id or local folder of a CLIP model")

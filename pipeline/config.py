@@ -98,6 +98,7 @@ class RunConfig:
     use_embeddings: bool = False
     use_segmentation: bool = False
     use_embedded_segment: bool = False
+    update: bool = False  # --update: bring the store up to date with the dataset (update.py)
     fresh: bool = False
     progress: bool = True
     explicit: frozenset[str] = frozenset()
@@ -169,6 +170,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "split": ("dataset", "split"),
     "limit": ("dataset", "limit"),
     "image_column": ("dataset", "image_column"),
+    "id_column": ("dataset", "id_column"),
     "model": ("embedder", "model"),
     "onnx": ("embedder", "onnx"),
     "backend": ("embedder", "backend"),
@@ -214,6 +216,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
             "use_embeddings",
             "use_segmentation",
             "use_embedded_segment",
+            "update",
             "fresh",
             "index",
             "engine",

@@ -56,6 +56,7 @@ class Record:
     data: bytes | None
     error: str = ""
     extra: dict[str, Any] | None = None  # other columns asked for (images as bytes, or None)
+    item_id: str = ""  # the --id-column value, as text ("" without one)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,12 @@ class DatasetSpec:
     limit: int | None = 10000
     image_column: str = "image"
     extra_columns: tuple[str, ...] = ()  # read alongside (evaluation: "cloth", "item_ID")
+    id_column: str | None = None  # --id-column: what --update knows a photo by (default: its bytes' sha256)
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column read: the image's, the extra ones, the id column."""
+        return [self.image_column, *self.extra_columns, *([self.id_column] if self.id_column else [])]
 
     def as_dict(self) -> dict[str, Any]:
         name = self.name
@@ -126,7 +133,13 @@ def check_dataset(spec: DatasetSpec) -> int | None:
         if opener is not _open_local_file:
             _FOOTERS[str(parquet[0])] = footer  # a remote footer is kept for the read that follows
         _check_columns(spec, footer.schema.to_arrow_schema().names)
-    elif not (path.is_dir() and _is_image_folder(path)):
+    elif path.is_dir() and _is_image_folder(path):
+        if spec.id_column:
+            raise PipelineError(
+                f"{path} is a folder of images: it has no column {spec.id_column!r}. Without --id-column an update "
+                "knows each photo by its content"
+            )
+    else:
         records = iter_records(spec, 0)
         try:
             next(records, None)
@@ -252,7 +265,7 @@ def _iter_parquet(
     """
     import pyarrow.parquet as pq
 
-    columns = [spec.image_column, *spec.extra_columns]
+    columns = spec.columns
     stop = spec.limit
     row = 0  # the dataset row of the current file's first row
     for f in files:
@@ -305,7 +318,7 @@ def _parquet_options(spec: DatasetSpec) -> dict[str, Any]:
     import pyarrow.dataset as pds
 
     return {
-        "columns": [spec.image_column, *spec.extra_columns],
+        "columns": spec.columns,
         "fragment_scan_options": pds.ParquetFragmentScanOptions(pre_buffer=False),
     }
 
@@ -318,7 +331,7 @@ def _load_streaming(datasets, path: str, spec: DatasetSpec, **kw):
         if "fragment_scan_options" not in str(e) and "columns" not in str(e):
             raise
         return datasets.load_dataset(path, streaming=True, **kw)
-    if ds.features is not None and any(c not in ds.features for c in (spec.image_column, *spec.extra_columns)):
+    if ds.features is not None and any(c not in ds.features for c in spec.columns):
         # Projected onto a missing column: open it plainly so the error can list the real columns.
         return datasets.load_dataset(path, streaming=True, **kw)
     return ds
@@ -422,7 +435,7 @@ def _open_local(path: Path, spec: DatasetSpec):
 def _iter_hf(ds, spec: DatasetSpec, start: int) -> Iterator[Record]:
     datasets = _import_datasets()
     features = ds.features
-    columns = [spec.image_column, *spec.extra_columns]
+    columns = spec.columns
     if features is not None:
         _check_columns(spec, list(features))
     for col in columns:
@@ -443,11 +456,10 @@ def _iter_hf(ds, spec: DatasetSpec, start: int) -> Iterator[Record]:
 
 
 def _check_columns(spec: DatasetSpec, names: list[str]) -> None:
-    for col in (spec.image_column, *spec.extra_columns):
+    hints = {spec.image_column: "Choose one with --image-column.", spec.id_column: "Choose one with --id-column."}
+    for col in spec.columns:
         if col not in names:
-            hint = (
-                "Choose one with --image-column." if col == spec.image_column else "Check the evaluation column names."
-            )
+            hint = hints.get(col, "Check the evaluation column names.")
             raise PipelineError(f"dataset {spec.name!r} has no column {col!r}; its columns are {sorted(names)}. {hint}")
 
 
@@ -456,6 +468,9 @@ def _row_record(spec: DatasetSpec, i: int, cell: Callable[[str], Any]) -> Record
     rec = _record_from_cell(i, f"{spec.name}[{i}]", cell(spec.image_column))
     if spec.extra_columns:
         rec = replace(rec, extra={c: _extra_value(cell(c)) for c in spec.extra_columns})
+    if spec.id_column:
+        value = cell(spec.id_column)
+        rec = replace(rec, item_id="" if value is None else str(value))
     return rec
 
 
@@ -567,7 +582,7 @@ def read_piece(spec: DatasetSpec, piece: Piece) -> Iterator[Record]:
                 yield Record(piece.first_row + k, rel, None, f"cannot read file: {e.strerror or e}")
         return
     opener = _hub_file_opener() if piece.location.startswith("hf://") else _open_local_file
-    columns = [spec.image_column, *spec.extra_columns]
+    columns = spec.columns
     with opener(piece.location) as source:
         pf = pq.ParquetFile(source, pre_buffer=False, metadata=_read_footer(source))
         row = piece.first_row - piece.offset  # the dataset row of the group's first record

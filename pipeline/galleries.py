@@ -8,15 +8,18 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .catalog import Catalog
 from .config import RunConfig
-from .dataset import check_dataset, iter_records
+from .dataset import Record, check_dataset, iter_records
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError
+from .fileio import sha256_bytes
 from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
 from .items import make_segment_items, make_standard_items, note_persons_cut
@@ -41,7 +44,7 @@ from .yolo import make_segmenter
 
 log = logging.getLogger(__name__)
 
-_SEGMENT_FILES = re.compile(r"seg_\d+_(p\d+|full)\.png$")
+SEGMENT_FILES = re.compile(r"seg_\d+_(p\d+|full)\.png$")  # the file names a segmented gallery owns
 
 
 @dataclass
@@ -142,6 +145,10 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
             cache = load_gallery_cache(cfg, identity=embedder.identity if embedder is not None else None)
         log.info("loaded %d embeddings from %s", len(cache.embeddings), cfg.store_dir)
         gallery = Gallery(cache.embeddings, cache.rows, embedder)
+    elif cfg.update:
+        from .update import update_gallery  # update.py builds on this module
+
+        gallery = update_gallery(cfg, summary, embedder)
     else:
         gallery = build(cfg, summary, embedder)
         if cfg.segmented:
@@ -155,7 +162,7 @@ def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None
     if cfg.segmented:  # the actors load their own; this one checks the model before Ray starts
         with summary.stage("load segmenter"):
             segmenter_factory(cfg)
-        target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=_SEGMENT_FILES)
+        target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=SEGMENT_FILES)
     else:
         target = GalleryTarget(cfg.images_dir, cfg.store_dir)
     given = embedder
@@ -190,12 +197,29 @@ def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None
     return Gallery(emb, rows, embedder)
 
 
-def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
-    """Build (or resume) the run's gallery store from its dataset."""
+@dataclass(frozen=True)
+class BuildPart:
+    """Some rows of the dataset built into their own store and image folders (--update's new photos)."""
+
+    store_dir: Path
+    images_dir: Path
+    rows: frozenset[int]  # the dataset rows to build
+
+    @property
+    def key(self) -> str:
+        """What the part's run file records of its rows (a resume with other rows is another build)."""
+        return sha256_bytes(np.array(sorted(self.rows), np.int64).tobytes())
+
+
+def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None, part: BuildPart | None = None
+          ) -> Gallery:
+    """Build (or resume) the run's gallery store from its dataset (or, with `part`, some of its rows
+    into other folders)."""
     # A wrong dataset, split or column fails here: before the model loads and before the run's state is written.
-    total_rows = check_dataset(cfg.dataset)
+    total_rows = check_dataset(cfg.dataset) if part is None else len(part.rows)
     if cfg.engine == "ray":
         return _build_on_ray(cfg, summary, embedder)
+    images_dir, store_dir = (cfg.images_dir, cfg.store_dir) if part is None else (part.images_dir, part.store_dir)
     with summary.stage("load model"):
         embedder = embedder or make_embedder(cfg.embedder)
     segmenter, embed_batch = None, None
@@ -205,27 +229,30 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None)
         with summary.stage("load segmenter"):
             segmenter = segmenter_factory(cfg)
         make_items = make_segment_items(segmenter, cfg.segment)
-        target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=_SEGMENT_FILES, group_size=8)
+        target = GalleryTarget(images_dir, store_dir, owned_files=SEGMENT_FILES, group_size=8)
         stage_name = "decode+segment+crop"
     elif on_device:
         make_items = make_standard_items(min_side, device_decode=True)
-        target = GalleryTarget(cfg.images_dir, cfg.store_dir, device_decode=True)
+        target = GalleryTarget(images_dir, store_dir, device_decode=True)
         embed_batch = DeviceEmbedding(embedder, getattr(embedder, "device", "cpu"), min_side)
         stage_name = "headers+CPU decode"
     else:
         make_items = make_standard_items(min_side)
-        target = GalleryTarget(cfg.images_dir, cfg.store_dir, parallel_items=True)
+        target = GalleryTarget(images_dir, store_dir, parallel_items=True)
         stage_name = "decode"
     source = gallery_source(cfg)
     # Which code made the pixels is part of what made the vectors: a resume never mixes them.
     identity = embedder.identity.asks(pixels="torchvision" if on_device else "pil")
+    params = run_params(source, identity, cfg.batch_size, cfg.shard_rows)
+    if part is not None:
+        params["rows"] = part.key
     emb, rows = build_gallery(
-        records=lambda start: iter_records(cfg.dataset, start),
+        records=lambda start: _records(cfg, start, None if part is None else part.rows),
         total_rows=total_rows,
         make_items=make_items,
         embedder=embedder,
         target=target,
-        run_params=run_params(source, identity, cfg.batch_size, cfg.shard_rows),
+        run_params=params,
         source=source,
         summary=summary,
         batch_size=cfg.batch_size,
@@ -236,11 +263,16 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None)
         identity=identity,
         embed_batch=embed_batch,
     )
-    if cfg.output_url:  # an earlier run from another working copy may have left images there
+    if cfg.output_url and part is None:  # an earlier run from another working copy may have left images there
         _remove_stale_images_at_url(cfg, target, rows)
     if segmenter is not None:
         summary.timed("embed/items/segment", segmenter.predict_seconds, "of which segmentation predict")
     return Gallery(emb, rows, embedder)
+
+
+def _records(cfg: RunConfig, start: int, only: frozenset[int] | None) -> Iterator[Record]:
+    records = iter_records(cfg.dataset, start)
+    return records if only is None else (r for r in records if r.source_row in only)
 
 
 def open_searcher(cfg: RunConfig, embeddings: np.ndarray, rows: list[ManifestRow], gpu: bool,

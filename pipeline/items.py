@@ -65,10 +65,17 @@ def crop_file_name(source_row: int, person: int | None) -> str:
     return f"seg_{source_row:05d}_full.png" if person is None else f"seg_{source_row:05d}_p{person:02d}.png"
 
 
+def source_sha256(record: Record) -> str:
+    """The sha256 of the record's cell bytes, for its manifest lines (ManifestRow.source_sha256): with
+    the --id-column value (item_id), what --update knows the photo by."""
+    return sha256_bytes(record.data) if record.data is not None else ""
+
+
 def decode_record(record: Record, min_side: int | None = None) -> tuple[ManifestRow, DecodedImage | None]:
     """A record's manifest line and its decoded image; when the row has no image or it does not
     decode, the image is None and the line records the failure (both item makers start here)."""
-    row = ManifestRow(index=-1, file="", source_row=record.source_row, source=record.source)
+    row = ManifestRow(index=-1, file="", source_row=record.source_row, source=record.source,
+                      item_id=record.item_id, source_sha256=source_sha256(record))
     if record.data is None:
         row.status, row.error = "failed", record.error
         return row, None
@@ -92,7 +99,8 @@ def make_standard_items(decode_min_side: int, device_decode: bool = False) -> It
     def one(record: Record) -> list[GalleryItem]:
         if device_decode and record.data is not None and (jpeg := inspect_jpeg(record.data)) is not None:
             row = ManifestRow(index=-1, file=image_file_name(record.source_row, "jpg"), source_row=record.source_row,
-                              source=record.source, sha256=sha256_bytes(record.data))
+                              source=record.source, sha256=sha256_bytes(record.data),
+                              item_id=record.item_id, source_sha256=source_sha256(record))
             row.width, row.height = jpeg.oriented_size
             return [GalleryItem(row, data=record.data, encoded=jpeg)]
         row, decoded = decode_record(record, decode_min_side)
@@ -165,6 +173,7 @@ def crops_of_row(
     """One item per person (a failure for a person with nothing to cut), or the row's single item
     when nobody was found: the whole picture with --keep-unsegmented, else a no_person line."""
     items = []
+    sha = source_sha256(rec)
     note = join_notes(decoded.note, cut_note(spec.max_persons) if found.cut else "")
     for p, person in enumerate(found.persons):
         crop = person_crop(arr, person)
@@ -182,6 +191,8 @@ def crops_of_row(
             box_y1=y1,
             box_x2=x2,
             box_y2=y2,
+            item_id=rec.item_id,
+            source_sha256=sha,
         )
         if crop is None:
             row.status, row.error, row.file = "failed", "empty person mask or box", ""
@@ -201,6 +212,8 @@ def crops_of_row(
         width=decoded.width,
         height=decoded.height,
         note=decoded.note,
+        item_id=rec.item_id,
+        source_sha256=sha,
     )
     if spec.keep_unsegmented:
         image = Image.fromarray(arr)

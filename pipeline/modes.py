@@ -105,6 +105,17 @@ _BEFORE: tuple[Check, ...] = (
 )
 _AFTER: tuple[Check, ...] = (
     (
+        lambda c: c.update and c.from_cache,
+        "--update brings the store up to date; a cache flag reuses it as it is: choose one",
+    ),
+    (lambda c: c.update and c.fresh, "--update keeps what it can; --fresh discards everything: choose one"),
+    (
+        lambda c: c.update and selected_mode(c).name != "gallery",
+        "--update is a gallery run of its own: update first, then search or play the video as a second command",
+    ),
+    (lambda c: c.update and c.engine == "ray", "--update runs on the local engine; drop --engine ray"),
+    (lambda c: c.update and bool(c.output_url), "--update works on a local --output-dir"),
+    (
         lambda c: "work_dir" in c.explicit and not c.output_url,
         "--work-dir is the working copy of an --output-dir URL (s3://...); with a folder it is not used",
     ),

@@ -75,9 +75,15 @@ class ManifestRow:
     box_y2: float | str = ""
     mask_area: int | str = ""
     confidence: float | str = ""
+    # What --update knows a photo by: the --id-column value ("" without one) and the sha256 of the
+    # dataset cell's bytes (the photo as it came, before any re-encoding; "" when the row had none).
+    item_id: str = ""
+    source_sha256: str = ""
 
 
 MANIFEST_FIELDS = [f.name for f in fields(ManifestRow)]
+# Columns a manifest may lack: stores made before --update (format 2 all the same) read with them empty.
+OPTIONAL_FIELDS = ("item_id", "source_sha256")
 _INT_FIELDS = {"index", "source_row", "width", "height", "embedding_row", "person"}
 
 
@@ -100,7 +106,8 @@ def parse_manifest(data: bytes, path: str | Path) -> list[ManifestRow]:
     rows: list[ManifestRow] = []
     with io.StringIO(data.decode("utf-8"), newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != MANIFEST_FIELDS:
+        names = list(reader.fieldnames or [])
+        if names != MANIFEST_FIELDS and names + [f for f in OPTIONAL_FIELDS if f not in names] != MANIFEST_FIELDS:
             raise CacheMismatchError(f"{path}: unexpected columns {reader.fieldnames}; expected {MANIFEST_FIELDS}")
         for lineno, d in enumerate(reader, start=2):
             try:
@@ -524,14 +531,28 @@ def finalize_store(
         shard_numbers.append(shard.number)
     emb = np.concatenate(emb_parts) if emb_parts else np.zeros((0, dim), np.float32)
     emb = np.ascontiguousarray(emb, dtype=np.float32)
+    thumbs = (shard_store.thumbnails(n) for n in shard_numbers)
+    write_store(root, emb, rows, thumbs, identity, source, thumbnail_size)
+    return emb, rows
+
+
+def write_store(
+    root: Path,
+    emb: np.ndarray,
+    rows: list[ManifestRow],
+    thumbs: Iterable[np.ndarray],
+    identity: VectorIdentity,
+    source: GallerySource,
+    thumbnail_size: int,
+) -> None:
+    """Write a store's files into `root`: the sidecar removed first and written last, from the hashes
+    of the bytes written (not read back). `thumbs`: uint8 (n, T, T, 3) chunks, in embedding-row order,
+    written one at a time, so memory does not grow with the gallery."""
     unlink_quietly(root / SIDECAR_FILE)
     emb_bytes = npy_bytes(emb)
     atomic_write_bytes(root / EMBEDDINGS_FILE, emb_bytes)
     thumbs_sha = atomic_write_npy_chunks(
-        root / THUMBNAILS_FILE,
-        (len(emb), thumbnail_size, thumbnail_size, 3),
-        np.uint8,
-        (shard_store.thumbnails(n) for n in shard_numbers),
+        root / THUMBNAILS_FILE, (len(emb), thumbnail_size, thumbnail_size, 3), np.uint8, thumbs
     )
     manifest_bytes = manifest_to_csv(rows).encode("utf-8")
     atomic_write_bytes(root / MANIFEST_FILE, manifest_bytes)
@@ -539,7 +560,7 @@ def finalize_store(
         identity=identity,
         source=source,
         count=int(emb.shape[0]),
-        dim=int(dim),
+        dim=int(emb.shape[1]),
         manifest_rows=len(rows),
         manifest_sha256=sha256_bytes(manifest_bytes),
         embeddings_sha256=sha256_bytes(emb_bytes),
@@ -548,7 +569,6 @@ def finalize_store(
         machine=dict(cpu_info()),
     )
     atomic_write_text(root / SIDECAR_FILE, sidecar.to_json())
-    return emb, rows
 
 
 def store_sha256(root: str | Path) -> str:

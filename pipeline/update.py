@@ -1,0 +1,308 @@
+"""--update: bring a gallery store up to date with its dataset as it is now.
+
+Every photo of the dataset is matched to the store by what it is: its `--id-column` value when one
+is given (a photo whose bytes changed under the same id is *changed*), else the sha256 of its bytes
+(a re-shot photo is then one removed and one added). Matched photos are *unchanged*: their manifest
+lines, vectors and thumbnails are carried over byte for byte (only their dataset row, and the file
+name that carries it, follow the row). The others are embedded, by the same item pipeline as a
+build, into a staging store. Photos the dataset no longer holds are dropped with everything of
+theirs.
+
+Order rule: the new store lists the photos it kept in the old store's order, then the new ones in
+dataset order. Sorted by (source_row, person), its manifest lines and vectors are a fresh build's.
+
+Safe to interrupt: all the work happens in `<store>/.update/` and `<images>/.update/`; the old store
+is untouched and usable (`--use-embeddings`, `--serve`) until the switch. The switch is decided by a
+marker written once the new store is complete; it moves the new files into place, the sidecar last
+(a reader in those milliseconds is refused, never served a mix), and a run killed during it
+finishes it the next time. Rerunning an interrupted update resumes its embedding from its shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections import defaultdict, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import RunConfig
+from .dataset import Record, check_dataset, iter_records
+from .embedders import Embedder, requested_identity
+from .errors import CacheMismatchError, PipelineError
+from .fileio import sha256_bytes, unlink_quietly
+from .galleries import SEGMENT_FILES, BuildPart, Gallery, build, gallery_source
+from .gallery import GalleryTarget
+from .identity import differences
+from .items import crop_file_name, image_file_name
+from .report import RunSummary
+from .store import (
+    EMBEDDINGS_FILE,
+    MANIFEST_FILE,
+    SIDECAR_FILE,
+    THUMBNAILS_FILE,
+    GalleryCache,
+    ManifestRow,
+    ThumbnailReader,
+    load_cache,
+    write_store,
+)
+
+log = logging.getLogger(__name__)
+
+STAGING = ".update"  # in the store folder and in the image folder
+SWITCH = "SWITCH"  # in the store's staging folder: the new store is complete, move it into place
+THUMB_CHUNK = 4096  # thumbnails copied at a time
+
+
+@dataclass
+class Plan:
+    """What an update does: `kept` pairs (old source row, new source row) in the old store's order;
+    `embed` the dataset rows to embed; the counts the summary reports."""
+
+    kept: list[tuple[int, int]] = field(default_factory=list)
+    embed: list[int] = field(default_factory=list)
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    no_image: int = 0  # rows without a picture: always redone (there is nothing to reuse)
+    unkeyed: int = 0  # photos of a store made before --update (no source_sha256): embedded again
+
+    def describe(self) -> str:
+        line = f"added {self.added}, changed {self.changed}, removed {self.removed}, unchanged {self.unchanged}"
+        if self.no_image:
+            line += f"; {self.no_image} row(s) without a picture redone"
+        if self.unkeyed:
+            line += f"; {self.unkeyed} photo(s) of a store made before --update had no key and were embedded again"
+        return line
+
+
+def photo_groups(rows: Iterable[ManifestRow]) -> dict[int, list[ManifestRow]]:
+    """The store's lines grouped by the dataset row they came from, in manifest order."""
+    groups: dict[int, list[ManifestRow]] = {}
+    for r in sorted(rows, key=lambda r: r.index):
+        groups.setdefault(r.source_row, []).append(r)
+    return groups
+
+
+def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[Record], by_id: bool) -> Plan:
+    """Match the dataset's records to the store's photos (by id, or by the sha256 of their bytes;
+    equal photos are matched in order, so copies keep their number)."""
+    plan = Plan()
+    pool: dict[str, deque[int]] = defaultdict(deque)
+    for old_row, lines in groups.items():
+        key = lines[0].item_id if by_id else lines[0].source_sha256
+        if key:
+            pool[key].append(old_row)
+    matched: dict[int, int] = {}
+    for rec in records:
+        if rec.data is None:
+            plan.embed.append(rec.source_row)
+            plan.no_image += 1
+            continue
+        sha = sha256_bytes(rec.data)
+        key = rec.item_id if by_id else sha
+        if key and pool.get(key):
+            old_row = pool[key].popleft()
+            if groups[old_row][0].source_sha256 == sha:
+                matched[old_row] = rec.source_row
+                plan.unchanged += 1
+                continue
+            plan.changed += 1
+        else:
+            plan.added += 1
+        plan.embed.append(rec.source_row)
+    plan.kept = [(old, matched[old]) for old in groups if old in matched]
+    gone = [lines for old, lines in groups.items() if old not in matched]
+    plan.unkeyed = sum(1 for lines in gone if not lines[0].source_sha256 and lines[0].sha256)  # had a picture
+    plan.removed = sum(1 for lines in gone if lines[0].source_sha256) - plan.changed
+    return plan
+
+
+def renamed(line: ManifestRow, new_row: int) -> str:
+    """The file name a kept line takes at its new dataset row (names carry the row, as a build's do)."""
+    if not line.file:
+        return ""
+    if line.file.startswith("seg_"):
+        return crop_file_name(new_row, None if line.person < 0 else line.person)
+    return image_file_name(new_row, line.file.rsplit(".", 1)[-1])
+
+
+def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
+    """--update: the store brought up to date, then switched into place (see the module's doc)."""
+    store = cfg.store_dir
+    stage = store / STAGING
+    if (stage / SWITCH).is_file():
+        with summary.stage("finish an interrupted switch"):
+            switch(cfg)
+    check_dataset(cfg.dataset)
+    with summary.stage("load store"):
+        old = _old_store(cfg)
+        _check_embedder(cfg, old)
+    groups = photo_groups(old.rows)
+    by_id = cfg.dataset.id_column is not None
+    if by_id and not any(r.item_id for r in old.rows):
+        raise PipelineError(
+            f"{store} was built without --id-column, so its photos have no ids to match: update without "
+            "--id-column (photos are then matched by content), or build afresh with "
+            f"--id-column {cfg.dataset.id_column}"
+        )
+    with summary.stage("compare with the dataset"):
+        plan = plan_update(groups, iter_records(cfg.dataset), by_id)
+    log.info("update: %s", plan.describe())
+    new = _embed_new(cfg, summary, embedder, plan)
+    with summary.stage("write the new store"):
+        emb, rows = _write_next(cfg, old, groups, plan, new)
+        (stage / SWITCH).write_text("the new store in next/ is complete: move it into place\n")
+    with summary.stage("switch"):
+        switch(cfg)
+    for name in ("added", "changed", "removed", "unchanged"):
+        summary.count(name, getattr(plan, name))
+    summary.notes.append(f"update: {plan.describe()}")
+    return Gallery(emb, rows, new.embedder if new is not None else embedder)
+
+
+def _old_store(cfg: RunConfig) -> GalleryCache:
+    """The store to update, checked: made by the embedder asked for, from the same dataset, split,
+    column and segmentation (the row limit may differ)."""
+    fields = frozenset({"kind", "dataset", "split", "image_column", "seg_model", "seg_backend", "seg_conf",
+                        "seg_imgsz", "keep_unsegmented", "max_persons"})
+    try:
+        return load_cache(cfg.store_dir, cfg.images_dir, identity=None, source=gallery_source(cfg),
+                          source_fields=fields)
+    except CacheMismatchError as e:
+        if e.missing:
+            raise PipelineError(f"{e}\nThere is no store to update: build it first, without --update.") from None
+        raise PipelineError(f"{e}\nAn update keeps the photos the store has: use the flags that built it, or "
+                            "build afresh without --update.") from None
+
+
+def _check_embedder(cfg: RunConfig, old: GalleryCache) -> None:
+    problems = differences(requested_identity(cfg.embedder), old.sidecar.identity)
+    if problems:
+        raise PipelineError(
+            f"{cfg.store_dir} was embedded differently from what is asked:\n  " + "\n  ".join(problems)
+            + "\nAn update reuses the vectors the store has, so it needs the embedder that made them. A new embedder "
+            "(model, backend, precision, preprocessing) means building afresh: run without --update."
+        )
+
+
+@dataclass
+class _New:
+    emb: np.ndarray
+    rows: list[ManifestRow]
+    embedder: Embedder | None
+
+
+def _embed_new(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, plan: Plan) -> _New | None:
+    """The new and changed photos, built by the gallery's own build into the staging folders
+    (resumable: its shards stay there until the switch)."""
+    if not plan.embed:
+        return None
+    part = BuildPart(cfg.store_dir / STAGING / "new", cfg.images_dir / STAGING, frozenset(plan.embed))
+    if (part.store_dir / ".partial" / "run.json").is_file() and not _same_rows(part):
+        shutil.rmtree(part.store_dir)  # an earlier update's staging for other rows: ours to discard
+    gallery = build(cfg, summary, embedder, part=part)
+    return _New(gallery.embeddings, gallery.rows, gallery.embedder)
+
+
+def _same_rows(part: BuildPart) -> bool:
+    try:
+        run = json.loads((part.store_dir / ".partial" / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return run.get("rows") == part.key
+
+
+def _write_next(
+    cfg: RunConfig, old: GalleryCache, groups: dict[int, list[ManifestRow]], plan: Plan, new: _New | None
+) -> tuple[np.ndarray, list[ManifestRow]]:
+    """The merged store in <store>/.update/next, and the kept photos' files under their new names
+    in <images>/.update (hard links where the file system allows)."""
+    next_dir = cfg.store_dir / STAGING / "next"
+    next_dir.mkdir(parents=True, exist_ok=True)
+    staged_images = cfg.images_dir / STAGING
+    staged_images.mkdir(parents=True, exist_ok=True)
+    rows: list[ManifestRow] = []
+    take: list[int] = []  # old embedding rows kept, in order
+    for old_row, new_row in plan.kept:
+        for line in groups[old_row]:
+            kept = replace(line, index=len(rows), source_row=new_row, file=renamed(line, new_row))
+            if line.embedding_row >= 0:
+                kept.embedding_row = len(take)
+                take.append(line.embedding_row)
+            if kept.file and kept.file != line.file:
+                _link(cfg.images_dir / line.file, staged_images / kept.file)
+            rows.append(kept)
+    for line in new.rows if new is not None else []:
+        rows.append(replace(line, index=len(rows), embedding_row=line.embedding_row + len(take)
+                            if line.embedding_row >= 0 else -1))
+    dim = old.embeddings.shape[1]
+    parts = [old.embeddings[np.asarray(take, np.int64)] if take else np.zeros((0, dim), np.float32)]
+    if new is not None:
+        parts.append(new.emb)
+    emb = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+    identity = old.sidecar.identity
+    write_store(next_dir, emb, rows, _thumbnails(old, take, new, cfg), identity, gallery_source(cfg),
+                old.sidecar.thumbnail_size)
+    return emb, rows
+
+
+def _thumbnails(old: GalleryCache, take: list[int], new: _New | None, cfg: RunConfig) -> Iterator[np.ndarray]:
+    """The kept photos' thumbnails from the old store, then the new ones', a chunk at a time."""
+    reader = ThumbnailReader(old.root / THUMBNAILS_FILE)
+    try:
+        for start in range(0, len(take), THUMB_CHUNK):
+            yield np.stack([reader[i] for i in take[start : start + THUMB_CHUNK]])
+    finally:
+        reader.close()
+    if new is not None and len(new.emb):
+        fresh = ThumbnailReader(cfg.store_dir / STAGING / "new" / THUMBNAILS_FILE)
+        try:
+            for start in range(0, len(fresh), THUMB_CHUNK):
+                yield np.stack([fresh[i] for i in range(start, min(len(fresh), start + THUMB_CHUNK))])
+        finally:
+            fresh.close()
+
+
+def _link(src: Path, dst: Path) -> None:
+    unlink_quietly(dst)
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed: a copy
+        shutil.copy2(src, dst)
+
+
+def move(src: Path, dst: Path) -> None:
+    """One step of the switch (a rename within the folder's file system)."""
+    os.replace(src, dst)
+
+
+def switch(cfg: RunConfig) -> None:
+    """Move the staged store into place, the sidecar last; then remove the files no line names and
+    the staging folders. Repeatable: a switch killed midway is finished by running it again."""
+    store, images = cfg.store_dir, cfg.images_dir
+    stage, staged_images = store / STAGING, images / STAGING
+    next_dir = stage / "next"
+    if (next_dir / SIDECAR_FILE).is_file():
+        unlink_quietly(store / SIDECAR_FILE)  # from here until the sidecar moves, readers are refused
+    if staged_images.is_dir():
+        for p in staged_images.iterdir():
+            if p.is_file():
+                move(p, images / p.name)
+    for name in (EMBEDDINGS_FILE, THUMBNAILS_FILE, MANIFEST_FILE, SIDECAR_FILE):
+        if (next_dir / name).is_file():
+            move(next_dir / name, store / name)
+    keep = {r.file for r in load_cache(store, images, identity=None, check_images=False).rows if r.file}
+    pattern = SEGMENT_FILES if cfg.segmented else GalleryTarget(images, store).owned_files
+    for p in images.iterdir():
+        if p.is_file() and pattern.fullmatch(p.name) and p.name not in keep:
+            p.unlink()
+    shutil.rmtree(staged_images, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)

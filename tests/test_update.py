@@ -1,0 +1,172 @@
+"""--update: a store brought up to date with its dataset equals a fresh build over the dataset as it
+is now (photos, vectors, files, neighbours), whatever changed; interrupted, it leaves the old store
+whole and finishes when run again; a changed embedder is refused."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import update as update_module
+from pipeline.store import read_manifest
+from tests import assets
+from tests.helpers import run, stop_after_shards
+
+PRODUCTS = 30
+
+
+def photo(k: int, version: int = 0) -> bytes:
+    """Product k's photo (a re-shot one for another version): distinct sizes and pixels."""
+    return assets.jpeg_bytes(60 + k % 7 * 4, 80 + k % 5 * 4, seed=1000 * version + k)
+
+
+def write_catalogue(folder: Path, products: list[int], reshot: frozenset[int] = frozenset()) -> Path:
+    cells = [photo(k, 1 if k in reshot else 0) for k in products]
+    return assets.write_parquet_dataset(folder, cells, extra={"item_id": [f"P{k:03d}" for k in products]})
+
+
+def args(data: Path, onnx: Path, out: Path, *more: object) -> list[object]:
+    return ["--dataset", data, "--onnx", onnx, "--output-dir", out, "--limit", "0", "--max-result-images", "5",
+            "--shard-rows", "8", "--batch-size", "4", *more]
+
+
+def comparable(out: Path) -> tuple[list[tuple], np.ndarray, dict[str, bytes]]:
+    """A store's lines in (source_row, person) order without their positions, the vectors in that
+    order, and its image files."""
+    rows = sorted(read_manifest(out / "embeddings" / "manifest.csv"), key=lambda r: (r.source_row, r.person))
+    emb = np.load(out / "embeddings" / "embeddings.npy")
+    lines = [(r.source_row, r.person, r.file, r.sha256, r.status, r.width, r.height, r.item_id, r.source_sha256)
+             for r in rows]
+    vectors = np.stack([emb[r.embedding_row] for r in rows if r.embedding_row >= 0])
+    files = {p.name: p.read_bytes() for p in (out / "images").iterdir() if p.is_file()}
+    return lines, vectors, files
+
+
+def neighbours(out: Path) -> dict[str, list[str]]:
+    with open(out / "retrieval_results" / "neighbours.csv", newline="") as f:
+        table: dict[str, list[str]] = {}
+        for line in csv.DictReader(f):
+            table.setdefault(line["query_file"], []).append(line["neighbour_file"])
+    return table
+
+
+def assert_same_as_fresh(updated: Path, fresh: Path) -> None:
+    a_lines, a_vec, a_files = comparable(updated)
+    b_lines, b_vec, b_files = comparable(fresh)
+    assert a_lines == b_lines
+    assert np.array_equal(a_vec, b_vec)  # the static int8 export: vectors do not depend on the batch
+    assert a_files == b_files
+    assert neighbours(updated) == neighbours(fresh)
+    assert not (updated / "embeddings" / ".update").exists() and not (updated / "images" / ".update").exists()
+
+
+@pytest.mark.parametrize(
+    "by_id, after, said",
+    [
+        # Two photos gone (the rows after them move up), one added in the middle, three at the end.
+        (False, [*range(0, 5), 31, *range(6, 12), *range(13, 30), 40, 41, 42], "added 4, changed 0, removed 2"),
+        # The same, and product 20 re-shot: by id it is changed, by content one removed and one added.
+        (True, [*range(0, 5), 31, *range(6, 12), *range(13, 30), 40, 41, 42], "added 4, changed 1, removed 2"),
+        (False, [*range(0, 5), 31, *range(6, 12), *range(13, 30), 40, 41, 42], "added 5, changed 0, removed 3"),
+    ],
+    ids=["by-content", "by-id-reshot", "by-content-reshot"],
+)
+def test_an_update_equals_a_fresh_build(by_id, after, said, tiny_onnx, tmp_path, capsys):
+    data = write_catalogue(tmp_path / "catalogue", list(range(PRODUCTS)))
+    ids = ["--id-column", "item_id"] if by_id else []
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out, *ids)) == 0
+    reshot = frozenset({20}) if said != "added 4, changed 0, removed 2" else frozenset()
+    write_catalogue(data, after, reshot)
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out, *ids) == 0
+    assert said in capsys.readouterr().out
+    assert run(*args(data, tiny_onnx, fresh, *ids)) == 0
+    assert_same_as_fresh(out, fresh)
+
+
+def cli_update(data: Path, onnx: Path, out: Path, *more: object) -> int:
+    import main as cli
+
+    return cli.main([*map(str, args(data, onnx, out, "--update", *more))])
+
+
+def test_a_larger_limit_embeds_only_the_new_rows(tiny_onnx, tmp_path, capsys, monkeypatch):
+    data = write_catalogue(tmp_path / "catalogue", list(range(PRODUCTS)))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out), "--limit", "20") == 0
+    before = np.load(out / "embeddings" / "embeddings.npy")
+    embedded: list[int] = []
+    real = update_module.build
+
+    def counting_build(cfg, summary, embedder=None, part=None):
+        embedded.extend(sorted(part.rows))
+        return real(cfg, summary, embedder, part=part)
+
+    monkeypatch.setattr(update_module, "build", counting_build)
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    assert embedded == list(range(20, PRODUCTS))
+    after = np.load(out / "embeddings" / "embeddings.npy")
+    assert np.array_equal(after[:20], before)  # the kept vectors, byte for byte, in their old order
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+
+
+def test_an_interrupted_update_leaves_the_old_store_and_finishes_when_run_again(tiny_onnx, tmp_path, monkeypatch):
+    data = write_catalogue(tmp_path / "catalogue", list(range(PRODUCTS)))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    old = comparable(out)
+    write_catalogue(data, [*range(3, PRODUCTS), *range(50, 70)])
+    stop_after_shards(monkeypatch, 1)  # the new photos' build stops after its first shard
+    assert run(*args(data, tiny_onnx, out, "--update")) == 130
+    monkeypatch.undo()
+    assert (out / "embeddings" / ".update" / "new" / ".partial").is_dir()
+    # The old store is whole and usable meanwhile.
+    lines, vectors, files = comparable(out)
+    assert lines == old[0] and np.array_equal(vectors, old[1]) and files == old[2]
+    assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0") == 0
+    # Killed again, this time in the middle of the switch: the next run finishes it first.
+    real_move, moves = update_module.move, []
+
+    def move_then_die(src, dst):
+        real_move(src, dst)
+        moves.append(dst)
+        if len(moves) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(update_module, "move", move_then_die)
+    assert run(*args(data, tiny_onnx, out, "--update")) == 130
+    monkeypatch.undo()
+    assert (out / "embeddings" / ".update" / update_module.SWITCH).is_file()
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+
+
+def test_a_changed_embedder_is_refused(tiny_onnx, tiny_clip, tmp_path, capsys):
+    data = write_catalogue(tmp_path / "catalogue", list(range(8)))
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    before = (out / "embeddings" / "embeddings.json").read_bytes()
+    capsys.readouterr()
+    assert run("--dataset", data, "--model", tiny_clip, "--backend", "torch", "--output-dir", out, "--update") == 1
+    err = capsys.readouterr().err
+    assert "was embedded differently from what is asked" in err
+    assert "backend: cache has 'onnx', asked for 'torch'" in err
+    assert "building afresh: run without --update" in err
+    assert (out / "embeddings" / "embeddings.json").read_bytes() == before
+
+
+def test_an_update_needs_a_store_and_ids_it_was_built_with(tiny_onnx, tmp_path, capsys):
+    data = write_catalogue(tmp_path / "catalogue", list(range(8)))
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out, "--update")) == 1
+    assert "There is no store to update: build it first, without --update." in capsys.readouterr().err
+    assert run(*args(data, tiny_onnx, out)) == 0
+    capsys.readouterr()
+    assert run(*args(data, tiny_onnx, out, "--update", "--id-column", "item_id")) == 1
+    assert "was built without --id-column" in capsys.readouterr().err
