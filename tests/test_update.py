@@ -170,3 +170,39 @@ def test_an_update_needs_a_store_and_ids_it_was_built_with(tiny_onnx, tmp_path, 
     capsys.readouterr()
     assert run(*args(data, tiny_onnx, out, "--update", "--id-column", "item_id")) == 1
     assert "was built without --id-column" in capsys.readouterr().err
+
+
+def test_a_segmented_update_equals_a_fresh_build(monkeypatch, tiny_onnx, tmp_path, capsys):
+    """Person crops: a kept photo keeps all its crops (files renamed with its row), a removed one
+    loses them all; a photo that does not decode keeps its failed line."""
+    from pipeline import galleries
+    from tests.test_segment import FakeSegmenter
+
+    monkeypatch.setattr(galleries, "make_segmenter", lambda spec, device: FakeSegmenter())
+
+    def people(rows: list[int]) -> list[bytes]:
+        cells = [assets.encode(assets.rgb_image(60, 90, color=(i, 100, 200)), "PNG") for i in rows]
+        return [assets.corrupt_bytes() if i == 4 else c for i, c in zip(rows, cells)]
+
+    data = assets.write_parquet_dataset(tmp_path / "people", people(list(range(12))))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    seg = ["--use-segmentation", "--max-result-images", "0"]
+    assert run(*args(data, tiny_onnx, out), *seg) == 3  # 3: the photo that does not decode
+    assert (out / "embeddings_segment" / "embeddings.json").is_file()
+    assets.write_parquet_dataset(data, people([0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 20, 22, 23]))
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out, *seg) == 3
+    assert "added 3, changed 0, removed 1, unchanged 11" in capsys.readouterr().out
+    assert run(*args(data, tiny_onnx, fresh), *seg) in (0, 3)
+
+    def crops(folder: Path) -> tuple[list[tuple], np.ndarray, dict[str, bytes]]:
+        rows = sorted(read_manifest(folder / "embeddings_segment" / "manifest.csv"),
+                      key=lambda r: (r.source_row, r.person))
+        emb = np.load(folder / "embeddings_segment" / "embeddings.npy")
+        lines = [(r.source_row, r.person, r.file, r.sha256, r.status, r.box_x1, r.mask_area) for r in rows]
+        files = {p.name: p.read_bytes() for p in (folder / "images_segment").iterdir() if p.is_file()}
+        return lines, np.stack([emb[r.embedding_row] for r in rows if r.embedding_row >= 0]), files
+
+    a, b = crops(out), crops(fresh)
+    assert a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    assert any(line[4] == "failed" for line in a[0])  # the photo that does not decode: kept as a failure
