@@ -157,14 +157,15 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
     return gallery
 
 
-def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None) -> Gallery:
+def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, part: BuildPart | None) -> Gallery:
     """The gallery built by Ray (--engine ray): the driver's model loads while Ray starts."""
+    images_dir, store_dir = (cfg.images_dir, cfg.store_dir) if part is None else (part.images_dir, part.store_dir)
     if cfg.segmented:  # the actors load their own; this one checks the model before Ray starts
         with summary.stage("load segmenter"):
             segmenter_factory(cfg)
-        target = GalleryTarget(cfg.images_dir, cfg.store_dir, owned_files=SEGMENT_FILES)
+        target = GalleryTarget(images_dir, store_dir, owned_files=SEGMENT_FILES)
     else:
-        target = GalleryTarget(cfg.images_dir, cfg.store_dir)
+        target = GalleryTarget(images_dir, store_dir)
     given = embedder
 
     def load() -> Embedder:
@@ -174,14 +175,15 @@ def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None
         dataset=cfg.dataset,
         embedder=cfg.embedder,
         segment=cfg.segment if cfg.segmented else None,
-        images=cfg.images_url or str(cfg.images_dir),
-        store_dir=cfg.store_dir,
+        images=cfg.images_url or str(images_dir),
+        store_dir=store_dir,
         batch_size=cfg.batch_size,
         shard_rows=cfg.shard_rows,
         fresh=cfg.fresh,
         progress=cfg.progress,
         address=cfg.ray_address,
         cpus=cfg.embedder.threads,
+        rows=None if part is None else part.rows,
     )
     with TreeMemory() as memory:
         emb, rows, embedder = build_gallery_ray(build, summary, load, gallery_source(cfg))
@@ -218,7 +220,7 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
     # A wrong dataset, split or column fails here: before the model loads and before the run's state is written.
     total_rows = check_dataset(cfg.dataset) if part is None else len(part.rows)
     if cfg.engine == "ray":
-        return _build_on_ray(cfg, summary, embedder)
+        return _build_on_ray(cfg, summary, embedder, part)
     images_dir, store_dir = (cfg.images_dir, cfg.store_dir) if part is None else (part.images_dir, part.store_dir)
     with summary.stage("load model"):
         embedder = embedder or make_embedder(cfg.embedder)

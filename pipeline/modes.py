@@ -113,7 +113,6 @@ _AFTER: tuple[Check, ...] = (
         lambda c: c.update and selected_mode(c).name != "gallery",
         "--update is a gallery run of its own: update first, then search or play the video as a second command",
     ),
-    (lambda c: c.update and c.engine == "ray", "--update runs on the local engine; drop --engine ray"),
     (lambda c: c.update and bool(c.output_url), "--update works on a local --output-dir"),
     (
         lambda c: "work_dir" in c.explicit and not c.output_url,

@@ -82,6 +82,7 @@ class RayBuild:
     progress: bool = True
     address: str | None = None
     cpus: int = 0
+    rows: frozenset[int] | None = None  # only these dataset rows (--update's new photos); None: every row
 
 
 class RaySession:
@@ -204,7 +205,8 @@ class _ItemMaker:
         blank_pixels = np.zeros((prep.crop_height, prep.crop_width, 3), np.uint8)
         blank_thumb = np.zeros((THUMB_SIZE, THUMB_SIZE, 3), np.uint8)
         for piece in pieces:
-            records = list(read_piece(self.plan.build.dataset, piece))
+            build = self.plan.build
+            records = [r for r in read_piece(build.dataset, piece) if wanted_row(build, r.source_row)]
             for k in range(0, len(records), 8):
                 group = records[k : k + 8]
                 for rec, items in zip(group, self.pipeline(group).items):
@@ -280,12 +282,25 @@ def _no_embedding(inputs: list) -> Any:
     raise AssertionError("the Ray engine's items arrive embedded")
 
 
+def wanted_row(build: RayBuild, row: int) -> bool:
+    return build.rows is None or row in build.rows
+
+
+def _wanted_in(build: RayBuild, rows: tuple[int, int]) -> int:
+    """How many rows of [start, stop) the build asks for."""
+    start, stop = rows
+    return stop - start if build.rows is None else sum(1 for row in build.rows if start <= row < stop)
+
+
 class Collector:
     """The driver's side: items arrive in any order; a shard is closed (rows in order, numbered by the
     same ShardAssembler as the local loop) once every row of its range is in, and written at once."""
 
-    def __init__(self, shards: ShardStore, plan_rows: dict[int, tuple[int, int]], batch_size: int, dim: int) -> None:
+    def __init__(self, shards: ShardStore, plan_rows: dict[int, tuple[int, int]], batch_size: int, dim: int,
+                 expected: dict[int, int] | None = None) -> None:
         self.shards, self.plan_rows, self.dim = shards, plan_rows, dim
+        # rows each shard waits for: its whole range, or the rows of it a partial build asks for
+        self.expected = expected or {n: stop - start for n, (start, stop) in plan_rows.items()}
         self.assembler = ShardAssembler(_no_embedding, batch_size, dim)  # vectors arrive made
         self.items: dict[int, dict[int, list]] = {n: {} for n in plan_rows}
         self.shard_of: dict[int, int] = {}
@@ -308,14 +323,13 @@ class Collector:
             )
             if len(bucket) == bucket[0][4]:
                 finished += 1
-                start, stop = self.plan_rows[number]
-                if len(self.items[number]) == stop - start and all(
+                if len(self.items[number]) == self.expected[number] and all(
                     len(v) == v[0][4] for v in self.items[number].values()
                 ):
-                    self._close(number)
+                    self.close(number)
         return finished
 
-    def _close(self, number: int) -> None:
+    def close(self, number: int) -> None:
         start, stop = self.plan_rows[number]
         for row in sorted(self.items[number]):
             entries = sorted(self.items[number][row], key=lambda e: e[0].person)
@@ -374,19 +388,24 @@ def _build(
     size = build.shard_rows
     ranges = {n: (n * size, min(total, (n + 1) * size)) for n in range(-(-total // size))}
     todo = {n: r for n, r in ranges.items() if n not in done}
+    expected = {n: _wanted_in(build, r) for n, r in todo.items()}
     if done:
         summary.notes.append(f"resumed: {len(done)} of {len(ranges)} shard(s) already complete")
     # Pieces that touch a shard still to do (a piece crossing into a done shard is cut: rows by id).
-    wanted = [p for p in split_at_shards(pieces, build.shard_rows) if p.first_row // build.shard_rows in todo]
+    wanted = [p for p in split_at_shards(pieces, build.shard_rows) if p.first_row // build.shard_rows in todo
+              and any(wanted_row(build, row) for row in range(p.first_row, p.first_row + p.rows))]
     plan = _Plan(build, "cuda" if on_cuda(embedder) else "cpu", embedder.preprocess_cfg)
     cores = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0)) if plan.device == "cuda" else 0
     wanted = smaller_at_the_end(wanted, workers=cores)
-    collector = Collector(shards, todo, build.batch_size, embedder.dim)
+    collector = Collector(shards, todo, build.batch_size, embedder.dim, expected)
+    for n in [n for n in todo if expected[n] == 0]:  # nothing asked for in its rows: an empty shard
+        collector.close(n)
     t0 = time.perf_counter()
     if wanted:
-        initial = sum(r[1] - r[0] for n, r in ranges.items() if n in done)
-        _gather(_layout(ray, wanted, plan, cores, gpus), collector, build, (total, initial), summary)
+        initial = sum(_wanted_in(build, r) for n, r in ranges.items() if n in done)
+        asked = total if build.rows is None else len(build.rows)
+        _gather(_layout(ray, wanted, plan, cores, gpus), collector, build, (asked, initial), summary)
     missing = [n for n in todo if n not in collector.done]
     if missing:
         raise PipelineError(

@@ -323,3 +323,19 @@ def test_ray_refuses_a_format_it_does_not_read(ray_instance, tiny_onnx, tmp_path
         == 2
     )
     assert "--engine ray reads parquet datasets" in capsys.readouterr().err
+
+
+def test_an_update_on_ray_equals_a_fresh_local_build(ray_instance, tiny_onnx, tmp_path):
+    """--update --engine ray: the new photos are built by Ray Data (only their rows, the shards
+    around them empty), merged like a local update's, and the store equals a fresh local build."""
+    from tests.test_update import assert_same_as_fresh, write_catalogue
+
+    data = write_catalogue(tmp_path / "catalogue", list(range(24)))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    base = ["--dataset", data, "--onnx", tiny_onnx, "--limit", "0", "--shard-rows", "8", "--batch-size", "4",
+            "--max-result-images", "5", "-q"]
+    assert cli.main([*map(str, base), "--output-dir", str(out)]) == 0
+    write_catalogue(data, [*range(0, 3), *range(4, 24), 60, 61, 62])  # row 3 gone; three added at the end
+    assert cli.main([*map(str, base), "--output-dir", str(out), "--update", "--engine", "ray"]) == 0
+    assert cli.main([*map(str, base), "--output-dir", str(fresh)]) == 0
+    assert_same_as_fresh(out, fresh)
