@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import embed, gpu_check, int8_cpus, ray_vs_local, report, scale, segment, standard_run, video
+from benchmarks import (
+    embed,
+    gpu_check,
+    int8_cpus,
+    ray_vs_local,
+    report,
+    scale,
+    segment,
+    standard_run,
+    update,
+    video,
+)
 
 NUMBER = r"\d+(?:\.\d+)?"
 
@@ -95,11 +106,17 @@ MAIN_PY = [
         r"^\| 1 client \| 10 \| NUMBER ms \| NUMBER ms \| NUMBER ms \|$",
         r"^\| 8 clients \| 10 \| NUMBER ms \| NUMBER ms \| NUMBER ms \|$",
     ]),
+    (update, [
+        r"^\| fresh build \| NUMBER s \| 100\.0% \|",
+        r"^\| update: 4 added \| NUMBER s \| NUMBER% \|",
+        r"^\|   \| update: added 4, changed 0, removed 0, unchanged 40 \|",
+        r"^\|   \| update: added 0, changed 0, removed 4, unchanged 40 \|",
+    ]),
 ]  # fmt: skip
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("module, patterns", MAIN_PY, ids=["standard_run", "report"])
+@pytest.mark.parametrize("module, patterns", MAIN_PY, ids=["standard_run", "report", "update"])
 def test_main_py_benchmark(module, patterns, clip_args, capsys):
     assert_rows(run_tiny(module, capsys, *clip_args), *patterns)
 

@@ -1,0 +1,68 @@
+"""--update against a fresh build: a gallery of N generated 768x1024 JPEGs (int8 ONNX, the real
+FashionCLIP architecture with random weights) built once, then brought up to date after 1% new
+photos were added, and after 1% were removed. Each run is main.py in a fresh process, as a user
+runs it; the table gives each one's wall time and its share of the fresh build's.
+
+    python -m benchmarks.update --n 10000
+    python -m benchmarks.update --tiny          # 40 small pictures, tiny model: checks the script
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from benchmarks.common import (
+    Assets,
+    encode_picture,
+    machine_line,
+    make_parser,
+    parse_args,
+    run_main_py,
+    write_image_parquet,
+)
+
+
+def catalogue(assets: Assets, folder: Path, rows: list[int]) -> Path:
+    """The catalogue at `folder` holding photos `rows` (photo i is the same picture wherever it sits)."""
+    target = folder / "data" / "train-00000-of-00001.parquet"
+    if target.exists():
+        target.unlink()
+    write_image_parquet(target, (encode_picture(assets.photo(i)) for i in rows), chunk=250, row_group_size=50)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser(__doc__)
+    ap.add_argument("--n", type=int, default=10000, help="photos in the gallery")
+    ap.add_argument("--percent", type=float, default=1.0, help="share of photos added, then removed")
+    args = parse_args(ap, argv, tiny={"n": 40, "percent": 10.0})
+    print(machine_line(), flush=True)
+    assets = Assets.from_args(args)
+    onnx = assets.onnx("static")
+    k = max(1, round(args.n * args.percent / 100))
+    data, out = args.work / f"update{args.n}" / "catalogue", args.work / f"update{args.n}" / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    flags = ["--dataset", str(data), "--onnx", str(onnx), "--output-dir", str(out), "--limit", "0"]
+    catalogue(assets, data, list(range(args.n)))
+    runs = {"fresh build": run_main_py(flags).check("the fresh build")}
+    catalogue(assets, data, list(range(args.n + k)))
+    runs[f"update: {k} added"] = run_main_py([*flags, "--update"]).check("the update that adds")
+    kept = [i for i in range(args.n + k) if i % (args.n // k + 1) != 7] if k else list(range(args.n))
+    catalogue(assets, data, kept)
+    removed = args.n + k - len(kept)
+    runs[f"update: {removed} removed"] = run_main_py([*flags, "--update"]).check("the update that removes")
+    fresh = runs["fresh build"].wall_s
+    print(f"\n| N = {args.n} | wall | share of the fresh build | stages over 1 s |\n|---|---|---|---|")
+    for name, run in runs.items():
+        slow = ", ".join(f"{stage} {s:.1f} s" for stage, s in run.stages.items() if s >= 1.0)
+        print(f"| {name} | {run.wall_s:.1f} s | {100 * run.wall_s / fresh:.1f}% | {slow} |")
+        said = next((line for line in run.stdout.splitlines() if line.startswith("note:     update:")), "")
+        if said:
+            print(f"|   | {said.removeprefix('note:     ')} | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
