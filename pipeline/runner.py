@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -16,12 +17,21 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from . import plots as plots_module
 from .config import RunConfig, onnx_fallback
 from .dataset import iter_records
 from .embedders import on_cuda
 from .errors import PipelineError
 from .export import export_onnx, verification_images
-from .fileio import OutputLock, remove_temp_leftovers, removed_if_left_empty
+from .fileio import (
+    OutputLock,
+    atomic_write_text,
+    remove_temp_leftovers,
+    removed_if_left_empty,
+    sha256_bytes,
+    sha256_file,
+    unlink_quietly,
+)
 from .galleries import open_gallery, open_searcher
 from .hub import go_offline_unless_reachable
 from .images import ImageDecodeError, decode_image
@@ -166,8 +176,10 @@ def write_retrieval_outputs(cfg: RunConfig, searcher: Searcher, summary: RunSumm
             f"{n} items > --max-matrix {cfg.max_matrix}: distance matrix not saved (neighbours were computed blockwise)"
         )
     with summary.stage("result pictures"):
-        written = write_result_pictures(cfg, nb, files)
+        written, drawn = write_result_pictures(cfg, nb, files, [r.sha256 for r in embedded])
     summary.count("result pictures", written)
+    if drawn < written:
+        summary.notes.append(f"result pictures: {drawn:,} drawn, {written - drawn:,} unchanged since the last run kept")
     if written < n:
         summary.notes.append(
             f"{written:,} of {n:,} result pictures written (--max-result-images); neighbours.csv lists everyone"
@@ -183,13 +195,49 @@ def write_retrieval_outputs(cfg: RunConfig, searcher: Searcher, summary: RunSumm
     return nb
 
 
-def write_result_pictures(cfg: RunConfig, nb: Neighbours, files: list[str]) -> int:
-    """One composite per query (query + top-k with distances) from the stored thumbnails."""
-    for old in cfg.results_dir.glob("*_matches.jpg"):
-        old.unlink()
+PICTURES_FILE = ".result_pictures.json"  # in the results folder: each picture's signature
+
+
+def picture_signatures(nb: Neighbours, files: list[str], shas: list[str], limit: int) -> dict[str, str]:
+    """Picture name -> what it shows: the query's and each neighbour's file and bytes, the distances
+    as drawn, and the drawing code itself (plots.py), so a picture is redrawn only when one of them
+    changed (after an update, most pictures are the same)."""
+    code = sha256_file(Path(plots_module.__file__))
+    out = {}
+    for i in range(limit):
+        shown = [(files[j], shas[j], f"{d:.3f}") for j, d in zip(nb.indices[i], nb.distances[i]) if j >= 0]
+        key = json.dumps([code, files[i], shas[i], shown])
+        out[f"{Path(files[i]).stem}_matches.jpg"] = sha256_bytes(key.encode())
+    return out
+
+
+def write_result_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], shas: list[str]) -> tuple[int, int]:
+    """One composite per query (query + top-k with distances) from the stored thumbnails; a picture
+    whose signature (picture_signatures) is the one recorded beside it is kept as it is.
+
+    Returns:
+        (pictures there now, pictures drawn by this run)
+    """
     limit = len(files) if cfg.max_result_images is None else min(cfg.max_result_images, len(files))
-    if limit == 0:
-        return 0
+    wanted = picture_signatures(nb, files, shas, limit)
+    record = cfg.results_dir / PICTURES_FILE
+    try:
+        before = json.loads(record.read_text()) if record.is_file() else {}
+    except (OSError, ValueError):
+        before = {}
+    for old in cfg.results_dir.glob("*_matches.jpg"):
+        if wanted.get(old.name) is None or wanted[old.name] != before.get(old.name):
+            old.unlink()
+    todo = [i for i, name in enumerate(wanted) if not (cfg.results_dir / name).is_file()]
+    unlink_quietly(record)  # rewritten once the pictures are: a killed run redraws rather than trusts
+    _draw_pictures(cfg, nb, files, todo)
+    atomic_write_text(record, json.dumps(wanted, sort_keys=True))
+    return limit, len(todo)
+
+
+def _draw_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], todo: list[int]) -> None:
+    if not todo:
+        return
     reader = ThumbnailReader(cfg.store_dir / THUMBNAILS_FILE)
     lock = threading.Lock()
 
@@ -206,8 +254,8 @@ def write_result_pictures(cfg: RunConfig, nb: Neighbours, files: list[str]) -> i
         with ThreadPoolExecutor(max_workers=2) as pool:
             list(
                 tqdm(
-                    pool.map(one, range(limit)),
-                    total=limit,
+                    pool.map(one, todo),
+                    total=len(todo),
                     desc="result pictures",
                     unit="pic",
                     disable=not cfg.progress,
@@ -215,7 +263,6 @@ def write_result_pictures(cfg: RunConfig, nb: Neighbours, files: list[str]) -> i
             )
     finally:
         reader.close()
-    return limit
 
 
 def run_export(cfg: RunConfig, sample_rows: int = 96) -> RunSummary:

@@ -206,3 +206,24 @@ def test_a_segmented_update_equals_a_fresh_build(monkeypatch, tiny_onnx, tmp_pat
     a, b = crops(out), crops(fresh)
     assert a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2] == b[2]
     assert any(line[4] == "failed" for line in a[0])  # the photo that does not decode: kept as a failure
+
+
+def test_result_pictures_are_redrawn_only_where_something_changed(tiny_onnx, tmp_path, capsys):
+    """After adding photos at the end, only the pictures whose neighbours changed are drawn again;
+    every picture equals the fresh build's, and a picture of a removed photo is gone."""
+    data = write_catalogue(tmp_path / "catalogue", list(range(PRODUCTS)))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    every = ["--max-result-images", "100"]
+    assert run(*args(data, tiny_onnx, out), *every) == 0
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out, *every) == 0  # nothing changed: nothing drawn
+    assert f"result pictures: 0 drawn, {PRODUCTS} unchanged since the last run kept" in capsys.readouterr().out
+    write_catalogue(data, [*range(PRODUCTS - 1), 40, 41])  # the last photo gone, two added
+    assert cli_update(data, tiny_onnx, out, *every) == 0
+    said = capsys.readouterr().out
+    drawn = int(said.split("result pictures: ")[1].split(" drawn")[0])
+    assert 2 <= drawn < PRODUCTS + 1  # the new photos' pictures, and those of their new neighbours
+    assert run(*args(data, tiny_onnx, fresh), *every) == 0
+    pictures = {p.name: p.read_bytes() for p in (out / "retrieval_results").glob("*_matches.jpg")}
+    assert pictures == {p.name: p.read_bytes() for p in (fresh / "retrieval_results").glob("*_matches.jpg")}
+    assert len(pictures) == PRODUCTS + 1
