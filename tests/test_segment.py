@@ -203,19 +203,20 @@ def test_onnx_backend_exports_once_and_finds_the_same_persons(person_pt, monkeyp
     from pipeline import yolo as segment
     from pipeline.yolo import SegmentSpec
 
-    spec = SegmentSpec(model=str(person_pt), imgsz=160, max_persons=4)
+    # max_persons 3: Ultralytics is asked for the 4 most confident, as many as this test always compared
+    spec = SegmentSpec(model=str(person_pt), imgsz=160, max_persons=3)
     onnx_seg = segment.UltralyticsSegmenter(spec, device="cpu")
     assert onnx_seg.backend == "onnx"
     exported = segment.yolo_onnx_path(person_pt)
     # only the verified export is left beside the weights: no temp folder, no <stem>.onnx of Ultralytics'
     assert sorted(p.name for p in person_pt.parent.iterdir()) == sorted([person_pt.name, exported.name])
     torch_seg = segment.UltralyticsSegmenter(
-        SegmentSpec(model=str(person_pt), imgsz=160, backend="torch", max_persons=4), device="cpu"
+        SegmentSpec(model=str(person_pt), imgsz=160, backend="torch", max_persons=3), device="cpu"
     )
     assert torch_seg.backend == "torch"
     pictures = _pictures()
     a, b = torch_seg.segment(pictures), onnx_seg.segment(pictures)
-    assert [len(x) for x in a] == [len(x) for x in b] and sum(map(len, a)) >= 4
+    assert [len(x) for x in a] == [len(x) for x in b] and sum(map(len, a)) >= 3
     for pa, pb in zip(a, b):
         for p, q in zip(pa, pb):
             assert np.abs(p.box_xyxy - q.box_xyxy).max() < 0.05
