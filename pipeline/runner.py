@@ -53,7 +53,7 @@ def run(cfg: RunConfig) -> RunSummary:
     working copy, fetched first and sent back after (remote.py)."""
     mode = selected_mode(cfg)
     run_mode = mode.load()
-    if fallback := onnx_fallback(cfg):
+    if (fallback := onnx_fallback(cfg)) and mode.name != "serve":  # serve says it once its port is bound
         log.info(fallback)  # and in the summary's notes
     offline = go_offline_unless_reachable(cfg)  # before anything asks the hub
     remote = mirrored(cfg.output_url, cfg.output_dir) if cfg.output_url and mode.mirrors_output else nullcontext()

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .catalog import Catalog
-from .config import RunConfig
+from .config import RunConfig, onnx_fallback
 from .errors import PipelineError, UsageError
 from .galleries import open_catalog
 from .images import ImageDecodeError, encode_jpeg
@@ -225,6 +225,8 @@ def run_serve(cfg: RunConfig) -> RunSummary:
         raise UsageError("--serve needs uvicorn: pip install fastapi uvicorn python-multipart") from e
     summary = RunSummary(mode="serve")
     sock = bind(cfg.serve.host, cfg.serve.port)  # before the model loads: a busy port is said at once
+    if fallback := onnx_fallback(cfg):
+        log.info(fallback)
     try:
         service = SearchService.load(cfg, summary)
         server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
