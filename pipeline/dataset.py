@@ -120,6 +120,7 @@ def check_dataset(spec: DatasetSpec) -> int | None:
     Raises:
         PipelineError: as iter_records.
     """
+    _FOOTERS.clear()  # a footer is kept from this check to the read that follows it, never longer
     path = Path(spec.name)
     parquet: list[Any] = list(_local_parquet_files(path, spec.split))
     opener: Callable[[Any], AbstractContextManager[Any]] = _open_local_file
@@ -136,8 +137,8 @@ def check_dataset(spec: DatasetSpec) -> int | None:
     elif path.is_dir() and _is_image_folder(path):
         if spec.id_column:
             raise PipelineError(
-                f"{path} is a folder of images: it has no column {spec.id_column!r}. Without --id-column an update "
-                "knows each photo by its content"
+                f"{path} is a folder of images: it has no column {spec.id_column!r} for --id-column. Drop the flag: "
+                "without it, --update knows each photo by its content"
             )
     else:
         records = iter_records(spec, 0)

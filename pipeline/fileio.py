@@ -131,16 +131,23 @@ class OutputLock:
         except ImportError:  # pragma: no cover - not POSIX
             return self
         check_writable(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise PipelineError(
+                    f"another run (pid {holder}) is writing to {self.path.parent}; wait for it to end or choose "
+                    f"another --output-dir"
+                ) from None
+            try:  # a failed run removes its lock file (__exit__): a lock on a file no longer there counts for nothing
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise PipelineError(
-                f"another run (pid {holder}) is writing to {self.path.parent}; wait for it to end or choose another "
-                f"--output-dir"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         self.fd = fd

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,6 @@ from .config import RunConfig
 from .dataset import Record, check_dataset, iter_records
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError
-from .fileio import sha256_bytes
 from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
 from .items import make_segment_items, make_standard_items, note_persons_cut
@@ -32,6 +32,8 @@ from .report import RunSummary
 from .searcher import Searcher
 from .store import (
     PARTIAL_DIR,
+    SWITCH_FILE,
+    UPDATE_DIR,
     GalleryCache,
     ManifestRow,
     Sidecar,
@@ -140,6 +142,16 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
 def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
     """The gallery for this run: from the cache when asked, else built (or resumed); its failed
     rows are recorded in the summary."""
+    pending = (cfg.store_dir / UPDATE_DIR / SWITCH_FILE).is_file()
+    if pending and cfg.from_cache:
+        raise CacheMismatchError(
+            f"an update of {cfg.store_dir} was interrupted in the middle of its switch: run the update's command "
+            "(with --update) to finish it"
+        )
+    if pending and not cfg.update:  # a build replaces the store: the interrupted update's work is moot
+        log.info("discarding an interrupted update's staging in %s", cfg.store_dir / UPDATE_DIR)
+        for folder in (cfg.store_dir / UPDATE_DIR, cfg.images_dir / UPDATE_DIR):
+            shutil.rmtree(folder, ignore_errors=True)
     if cfg.from_cache:
         with summary.stage("load cache"):
             cache = load_gallery_cache(cfg, identity=embedder.identity if embedder is not None else None)
@@ -151,8 +163,8 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
         gallery = update_gallery(cfg, summary, embedder)
     else:
         gallery = build(cfg, summary, embedder)
-        if cfg.segmented:
-            note_persons_cut(gallery.rows, cfg.segment.max_persons, summary)
+    if cfg.segmented and not cfg.from_cache:
+        note_persons_cut(gallery.rows, cfg.segment.max_persons, summary)
     record_failures(gallery.rows, summary)
     return gallery
 
@@ -207,11 +219,6 @@ class BuildPart:
     images_dir: Path
     rows: frozenset[int]  # the dataset rows to build
 
-    @property
-    def key(self) -> str:
-        """What the part's run file records of its rows (a resume with other rows is another build)."""
-        return sha256_bytes(np.array(sorted(self.rows), np.int64).tobytes())
-
 
 def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None, part: BuildPart | None = None
           ) -> Gallery:
@@ -245,9 +252,7 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
     source = gallery_source(cfg)
     # Which code made the pixels is part of what made the vectors: a resume never mixes them.
     identity = embedder.identity.asks(pixels="torchvision" if on_device else "pil")
-    params = run_params(source, identity, cfg.batch_size, cfg.shard_rows)
-    if part is not None:
-        params["rows"] = part.key
+    params = run_params(source, identity, cfg.batch_size, cfg.shard_rows, None if part is None else part.rows)
     emb, rows = build_gallery(
         records=lambda start: _records(cfg, start, None if part is None else part.rows),
         total_rows=total_rows,

@@ -204,17 +204,8 @@ def crops_of_row(
         items.append(GalleryItem(row, image, data))
     if items:
         return items
-    row = ManifestRow(
-        index=-1,
-        file="",
-        source_row=rec.source_row,
-        source=rec.source,
-        width=decoded.width,
-        height=decoded.height,
-        note=decoded.note,
-        item_id=rec.item_id,
-        source_sha256=sha,
-    )
+    row = ManifestRow(index=-1, file="", source_row=rec.source_row, source=rec.source, width=decoded.width,
+                      height=decoded.height, note=decoded.note, item_id=rec.item_id, source_sha256=sha)
     if spec.keep_unsegmented:
         image = Image.fromarray(arr)
         data = encode_png(image)

@@ -380,7 +380,8 @@ def _build(
     ray = session.ray
     if not is_url(build.images):
         Path(build.images).mkdir(parents=True, exist_ok=True)
-    store = StoreBuild(build.store_dir, run_params(source, identity, build.batch_size, build.shard_rows), build.fresh)
+    params = run_params(source, identity, build.batch_size, build.shard_rows, build.rows)
+    store = StoreBuild(build.store_dir, params, build.fresh)
     shards = store.shards
     done = shards.all_complete()
     pieces = plan_pieces(build.dataset)

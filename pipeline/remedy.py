@@ -75,7 +75,7 @@ def _flags_for(name: str, made: dict[str, Any], onnx_asked: str | None) -> list[
     if name == "keep_unsegmented":
         return ["--keep-unsegmented"] if value else ["(without --keep-unsegmented)"]
     if name == "limit":
-        return [f"--limit {value}"] if value is not None else ["(without --limit)"]
+        return [f"--limit {value if value is not None else 0}"]  # None: every row, which --limit 0 asks for
     if name in FLAG_OF and value is not None:
         return [f"{FLAG_OF[name]} {shlex.quote(str(value))}"]
     return []  # model_sha256, preprocess, dim: the model's files changed; only rebuilding helps

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from . import images as images_module
 from . import plots as plots_module
 from .config import RunConfig, onnx_fallback
 from .dataset import iter_records
@@ -202,7 +203,10 @@ def picture_signatures(nb: Neighbours, files: list[str], shas: list[str], limit:
     """Picture name -> what it shows: the query's and each neighbour's file and bytes, the distances
     as drawn, and the drawing code itself (plots.py), so a picture is redrawn only when one of them
     changed (after an update, most pictures are the same)."""
-    code = sha256_file(Path(plots_module.__file__))
+    import matplotlib
+
+    # The drawing code and what it draws with: the composites, the JPEG encoder, the font's package.
+    code = "".join(sha256_file(Path(str(m.__file__))) for m in (plots_module, images_module)) + matplotlib.__version__
     out = {}
     for i in range(limit):
         shown = [(files[j], shas[j], f"{d:.3f}") for j, d in zip(nb.indices[i], nb.distances[i]) if j >= 0]

@@ -44,6 +44,8 @@ MANIFEST_FILE = "manifest.csv"
 THUMBNAILS_FILE = "thumbnails.npy"
 SIDECAR_FILE = "embeddings.json"
 PARTIAL_DIR = ".partial"
+UPDATE_DIR = ".update"  # --update's staging, in the store folder and in the image folder
+SWITCH_FILE = "SWITCH"  # in the store's UPDATE_DIR: the staged store is complete, to be moved into place
 RUN_FILE = "run.json"
 
 
@@ -585,10 +587,15 @@ def invalidate_store(root: str | Path) -> None:
     unlink_quietly(Path(root) / SIDECAR_FILE)
 
 
-def run_params(source: GallerySource, identity: VectorIdentity, batch_size: int, shard_rows: int) -> dict[str, Any]:
-    """What a resumed run must share with the run whose shards it finds (ShardStore's run.json)."""
-    return {"source": source.to_json(), "identity": identity.to_json(), "batch_size": batch_size,
-            "shard_rows": shard_rows}
+def run_params(source: GallerySource, identity: VectorIdentity, batch_size: int, shard_rows: int,
+               rows: frozenset[int] | None = None) -> dict[str, Any]:
+    """What a resumed run must share with the run whose shards it finds (ShardStore's run.json);
+    `rows`: the dataset rows of a partial build (--update's new photos), recorded by their hash."""
+    params = {"source": source.to_json(), "identity": identity.to_json(), "batch_size": batch_size,
+              "shard_rows": shard_rows}
+    if rows is not None:
+        params["rows"] = sha256_bytes(np.array(sorted(rows), np.int64).tobytes())
+    return params
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,25 +38,28 @@ from .errors import CacheMismatchError, PipelineError
 from .fileio import sha256_bytes, unlink_quietly
 from .galleries import SEGMENT_FILES, BuildPart, Gallery, build, gallery_source
 from .gallery import GalleryTarget
-from .identity import differences
+from .identity import VectorIdentity, differences
 from .items import crop_file_name, image_file_name
 from .report import RunSummary
 from .store import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
     SIDECAR_FILE,
+    SWITCH_FILE,
     THUMBNAILS_FILE,
+    UPDATE_DIR,
     GalleryCache,
     ManifestRow,
     ThumbnailReader,
     load_cache,
+    read_manifest,
+    run_params,
     write_store,
 )
 
 log = logging.getLogger(__name__)
 
-STAGING = ".update"  # in the store folder and in the image folder
-SWITCH = "SWITCH"  # in the store's staging folder: the new store is complete, move it into place
+STAGING, SWITCH = UPDATE_DIR, SWITCH_FILE  # see store.py
 THUMB_CHUNK = 4096  # thumbnails copied at a time
 
 
@@ -101,6 +104,7 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[Record],
         if key:
             pool[key].append(old_row)
     matched: dict[int, int] = {}
+    replaced: set[int] = set()  # old rows whose id came back with other bytes
     for rec in records:
         if rec.data is None:
             plan.embed.append(rec.source_row)
@@ -109,19 +113,22 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[Record],
         sha = sha256_bytes(rec.data)
         key = rec.item_id if by_id else sha
         if key and pool.get(key):
-            old_row = pool[key].popleft()
+            queue = pool[key]  # an id may repeat: the old row with these very bytes, if there is one
+            old_row = next((r for r in queue if groups[r][0].source_sha256 == sha), queue[0])
+            queue.remove(old_row)
             if groups[old_row][0].source_sha256 == sha:
                 matched[old_row] = rec.source_row
                 plan.unchanged += 1
                 continue
+            replaced.add(old_row)
             plan.changed += 1
         else:
             plan.added += 1
         plan.embed.append(rec.source_row)
     plan.kept = [(old, matched[old]) for old in groups if old in matched]
-    gone = [lines for old, lines in groups.items() if old not in matched]
+    gone = [lines for old, lines in groups.items() if old not in matched and old not in replaced]
     plan.unkeyed = sum(1 for lines in gone if not lines[0].source_sha256 and lines[0].sha256)  # had a picture
-    plan.removed = sum(1 for lines in gone if lines[0].source_sha256) - plan.changed
+    plan.removed = sum(1 for lines in gone if lines[0].source_sha256)
     return plan
 
 
@@ -132,6 +139,12 @@ def renamed(line: ManifestRow, new_row: int) -> str:
     if line.file.startswith("seg_"):
         return crop_file_name(new_row, None if line.person < 0 else line.person)
     return image_file_name(new_row, line.file.rsplit(".", 1)[-1])
+
+
+def moved_source(source: str, dataset: str, old_row: int, new_row: int) -> str:
+    """A line's `source` at its new row: a cell without a path of its own is named "<dataset>[row]"
+    (dataset._row_record), which follows the row; a file's path stays."""
+    return f"{dataset}[{new_row}]" if source == f"{dataset}[{old_row}]" else source
 
 
 def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
@@ -156,15 +169,20 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     with summary.stage("compare with the dataset"):
         plan = plan_update(groups, iter_records(cfg.dataset), by_id)
     log.info("update: %s", plan.describe())
+    for name in ("added", "changed", "removed", "unchanged"):
+        summary.count(name, getattr(plan, name))
+    summary.notes.append(f"update: {plan.describe()}")
+    same = not plan.embed and len(plan.kept) == len(groups) and all(old == new for old, new in plan.kept)
+    if same and old.sidecar.source == gallery_source(cfg):
+        shutil.rmtree(stage, ignore_errors=True)  # nothing changed: the store stays as it is, not rewritten
+        shutil.rmtree(cfg.images_dir / STAGING, ignore_errors=True)
+        return Gallery(old.embeddings, old.rows, embedder)
     new = _embed_new(cfg, summary, embedder, plan)
     with summary.stage("write the new store"):
         emb, rows = _write_next(cfg, old, groups, plan, new)
         (stage / SWITCH).write_text("the new store in next/ is complete: move it into place\n")
     with summary.stage("switch"):
         switch(cfg)
-    for name in ("added", "changed", "removed", "unchanged"):
-        summary.count(name, getattr(plan, name))
-    summary.notes.append(f"update: {plan.describe()}")
     return Gallery(emb, rows, new.embedder if new is not None else embedder)
 
 
@@ -206,18 +224,21 @@ def _embed_new(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, p
     if not plan.embed:
         return None
     part = BuildPart(cfg.store_dir / STAGING / "new", cfg.images_dir / STAGING, frozenset(plan.embed))
-    if (part.store_dir / ".partial" / "run.json").is_file() and not _same_rows(part):
-        shutil.rmtree(part.store_dir)  # an earlier update's staging for other rows: ours to discard
+    if (part.store_dir / ".partial" / "run.json").is_file() and not _same_part(cfg, part):
+        shutil.rmtree(part.store_dir)  # an earlier update's staging for other rows or flags: ours to discard
     gallery = build(cfg, summary, embedder, part=part)
     return _New(gallery.embeddings, gallery.rows, gallery.embedder)
 
 
-def _same_rows(part: BuildPart) -> bool:
+def _same_part(cfg: RunConfig, part: BuildPart) -> bool:
+    """The staging build on disk was started for these rows with these batch and shard sizes (its
+    identity and source were checked against the store already)."""
     try:
         run = json.loads((part.store_dir / ".partial" / "run.json").read_text())
     except (OSError, ValueError):
         return False
-    return run.get("rows") == part.key
+    asked = run_params(gallery_source(cfg), VectorIdentity(), cfg.batch_size, cfg.shard_rows, part.rows)
+    return all(run.get(k) == asked[k] for k in ("rows", "batch_size", "shard_rows"))
 
 
 def _write_next(
@@ -229,11 +250,16 @@ def _write_next(
     next_dir.mkdir(parents=True, exist_ok=True)
     staged_images = cfg.images_dir / STAGING
     staged_images.mkdir(parents=True, exist_ok=True)
+    built = {r.file for r in new.rows if r.file} if new is not None else set()
+    for p in staged_images.iterdir():  # an abandoned update's files: never the new store's
+        if p.is_file() and p.name not in built:
+            p.unlink()
     rows: list[ManifestRow] = []
     take: list[int] = []  # old embedding rows kept, in order
     for old_row, new_row in plan.kept:
         for line in groups[old_row]:
-            kept = replace(line, index=len(rows), source_row=new_row, file=renamed(line, new_row))
+            kept = replace(line, index=len(rows), source_row=new_row, file=renamed(line, new_row),
+                           source=moved_source(line.source, cfg.dataset.name, old_row, new_row))
             if line.embedding_row >= 0:
                 kept.embedding_row = len(take)
                 take.append(line.embedding_row)
@@ -292,9 +318,9 @@ def switch(cfg: RunConfig) -> None:
     next_dir = stage / "next"
     if (next_dir / SIDECAR_FILE).is_file():
         unlink_quietly(store / SIDECAR_FILE)  # from here until the sidecar moves, readers are refused
-    if staged_images.is_dir():
-        for p in staged_images.iterdir():
-            if p.is_file():
+        named = {r.file for r in read_manifest(next_dir / MANIFEST_FILE) if r.file}
+        for p in sorted(staged_images.iterdir()) if staged_images.is_dir() else []:
+            if p.is_file() and p.name in named:  # an earlier, abandoned update's files are not the new store's
                 move(p, images / p.name)
     for name in (EMBEDDINGS_FILE, THUMBNAILS_FILE, MANIFEST_FILE, SIDECAR_FILE):
         if (next_dir / name).is_file():

@@ -335,11 +335,17 @@ class UltralyticsSegmenter(Segmenter):
         )
         t = time.perf_counter()
         out = [
-            CappedPersons(persons_from_ultralytics(r, im.shape[:2], need_masks=True)[:cap], r.nms_persons > cap)
+            CappedPersons(persons_from_ultralytics(r, im.shape[:2], need_masks=True)[:cap], _found(r) > cap)
             for r, im in zip(results, images_rgb)
         ]
         self.predict_seconds += time.perf_counter() - t
         return out
+
+
+def _found(result) -> int:
+    """Persons NMS kept for a picture (counting_predictor's count; without its hook, in an Ultralytics
+    that lacks it, the persons returned, which may miss those dropped for an empty mask)."""
+    return int(getattr(result, "nms_persons", len(result.boxes)))
 
 
 class UltralyticsDetector(Detector):

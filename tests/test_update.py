@@ -38,11 +38,13 @@ def comparable(out: Path) -> tuple[list[tuple], np.ndarray, dict[str, bytes]]:
     order, and its image files."""
     rows = sorted(read_manifest(out / "embeddings" / "manifest.csv"), key=lambda r: (r.source_row, r.person))
     emb = np.load(out / "embeddings" / "embeddings.npy")
-    lines = [(r.source_row, r.person, r.file, r.sha256, r.status, r.width, r.height, r.item_id, r.source_sha256)
-             for r in rows]
+    lines = [(r.source_row, r.person, r.file, r.source, r.sha256, r.status, r.error, r.note, r.width, r.height,
+              r.item_id, r.source_sha256) for r in rows]
     vectors = np.stack([emb[r.embedding_row] for r in rows if r.embedding_row >= 0])
     files = {p.name: p.read_bytes() for p in (out / "images").iterdir() if p.is_file()}
-    return lines, vectors, files
+    thumbs = np.load(out / "embeddings" / "thumbnails.npy")
+    thumbs_in_order = np.stack([thumbs[r.embedding_row] for r in rows if r.embedding_row >= 0])
+    return lines, np.concatenate([vectors.ravel(), thumbs_in_order.ravel().astype(np.float32)]), files
 
 
 def neighbours(out: Path) -> dict[str, list[str]]:
@@ -227,3 +229,72 @@ def test_result_pictures_are_redrawn_only_where_something_changed(tiny_onnx, tmp
     pictures = {p.name: p.read_bytes() for p in (out / "retrieval_results").glob("*_matches.jpg")}
     assert pictures == {p.name: p.read_bytes() for p in (fresh / "retrieval_results").glob("*_matches.jpg")}
     assert len(pictures) == PRODUCTS + 1
+
+
+def test_an_abandoned_update_leaves_nothing_that_a_later_one_takes(tiny_onnx, tmp_path, monkeypatch):
+    """Killed while building a photo that then goes back to what it was: the staged file of the
+    abandoned photo must not replace the kept photo's file."""
+    data = write_catalogue(tmp_path / "catalogue", list(range(12)))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    write_catalogue(data, [*range(7), 99, *range(8, 12)])  # row 7 replaced by another photo
+    stop_after_shards(monkeypatch, 1)
+    assert run(*args(data, tiny_onnx, out, "--update")) == 130
+    monkeypatch.undo()
+    assert (out / "images" / update_module.STAGING / "img_00007.jpg").is_file()
+    write_catalogue(data, list(range(11)))  # photo 7 put back, the last one removed: nothing to embed
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+
+
+def test_a_switch_killed_midway_is_named_by_a_cache_run_and_dropped_by_a_build(tiny_onnx, tmp_path, monkeypatch,
+                                                                               capsys):
+    data = write_catalogue(tmp_path / "catalogue", list(range(12)))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    write_catalogue(data, [*range(1, 12), 50])
+
+    def die(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(update_module, "move", die)
+    assert run(*args(data, tiny_onnx, out, "--update")) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out) == 1
+    said = capsys.readouterr().err
+    assert "interrupted in the middle of its switch: run the update's command (with --update)" in said
+    write_catalogue(data, list(range(5)))  # the user builds afresh instead: the pending switch must not come back
+    assert run(*args(data, tiny_onnx, out)) == 0
+    assert not (out / "embeddings" / update_module.STAGING).exists()
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+
+
+def test_counts_with_ids_rows_without_pictures_and_repeated_ids(tiny_onnx, tmp_path, capsys):
+    cells: list[bytes | None] = [photo(k) for k in range(6)]
+    cells[2] = None  # a row without a picture at build time
+    ids = ["P0", "P1", "P2", "P3", "P3", "P5"]  # P3 twice: two photos of one product
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells, extra={"item_id": ids})
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id")) == 3  # 3: the row without a picture
+    cells = [photo(k) for k in range(6)]
+    cells = [cells[0], cells[1], cells[2], cells[4], cells[5]]  # P2 now has a picture; P3's first photo gone
+    assets.write_parquet_dataset(data, cells, extra={"item_id": ["P0", "P1", "P2", "P3", "P5"]})
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out, "--id-column", "item_id") == 0
+    # P2 got a picture: changed; P3's first photo gone; its second kept (matched by bytes among the P3s)
+    assert "added 0, changed 1, removed 1, unchanged 4" in capsys.readouterr().out
+    assert run(*args(data, tiny_onnx, fresh, "--id-column", "item_id")) == 0
+    assert_same_as_fresh(out, fresh)
+
+
+def test_an_update_that_changes_nothing_rewrites_nothing(tiny_onnx, tmp_path):
+    data = write_catalogue(tmp_path / "catalogue", list(range(8)))
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()}
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()} == before
