@@ -345,7 +345,9 @@ class UltralyticsSegmenter(Segmenter):
 def _found(result) -> int:
     """Persons NMS kept for a picture (counting_predictor's count; without its hook, in an Ultralytics
     that lacks it, the persons returned, which may miss those dropped for an empty mask)."""
-    return int(getattr(result, "nms_persons", len(result.boxes)))
+    if hasattr(result, "nms_persons"):
+        return int(result.nms_persons)
+    return 0 if result.boxes is None else len(result.boxes)
 
 
 class UltralyticsDetector(Detector):
