@@ -1,11 +1,15 @@
 """FAISS index: recall of the approximate kinds against exact search, the exact kind equal to exact
-search, the automatic choice, stale indexes refused, and the index in gallery runs and queries."""
+search, the automatic choice, stale indexes refused, the index in gallery runs and queries, and the
+index kept current through store updates (renumbered, grown, measured, rebuilt by its rule)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +17,19 @@ import pytest
 import main as cli
 from pipeline import index as index_module
 from pipeline.errors import PipelineError
-from pipeline.index import INDEX_META, build_index, choose_kind, ensure_index, load_index, recall_at_10, save_index
+from pipeline.index import (
+    INDEX_META,
+    TARGET_RECALL,
+    IndexInfo,
+    RenewRule,
+    build_index,
+    choose_kind,
+    ensure_index,
+    load_index,
+    recall_at_10,
+    save_index,
+    update_index,
+)
 from pipeline.retrieval import topk_neighbours
 from tests.helpers import assert_same_up_to_rounding
 
@@ -195,3 +211,272 @@ def test_verbose_says_which_faiss_runs_without_the_loaders_alarming_lines():
     assert done.returncode == 0, done.stderr
     assert "Could not load library" not in done.stderr and "faiss.loader" not in done.stderr
     assert "DEBUG pipeline.index: faiss " in done.stderr and "compile options:" in done.stderr
+
+
+# ---- updates: the index kept current through store updates (update_index) --------------------------
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    """An old store's vectors and the new photos' vectors of an update."""
+    x = clustered(3500, dim=32, clusters=100, seed=5)
+    return x[:3000], x[3000:]
+
+
+def store_update(old: np.ndarray, new: np.ndarray, removed: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """What a store update hands the index: the old rows kept (in order) and the new store's vectors
+    (the kept ones in their old order, then the new ones)."""
+    kept = np.sort(np.random.default_rng(seed).choice(len(old), len(old) - removed, replace=False))
+    return kept, np.concatenate([old[kept], new])
+
+
+def held_ids(index) -> np.ndarray:
+    """Every id an index holds, sorted (an IVF index's from its lists)."""
+    import faiss
+
+    if "IVF" not in type(index).__name__:
+        return np.arange(index.ntotal)
+    lists = faiss.extract_index_ivf(index).invlists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(lists.nlist)]
+    return np.sort(np.concatenate(parts))
+
+
+def history(folder) -> list[dict]:
+    return json.loads((folder / INDEX_META).read_text())["history"]
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq", "hnsw"])
+def test_an_updated_index_answers_as_one_built_on_the_new_store(kind, catalogue, tmp_path):
+    old, new = catalogue
+    save_index(tmp_path, build_index(old, kind, store_sha256="old"))
+    kept, after = store_update(old, new, removed=300)
+    said = update_index(tmp_path, kept, new, after, "new", kind=kind)
+    assert said.startswith(f"index {'rebuilt' if kind == 'hnsw' else 'updated'} ({kind}")  # HNSW cannot delete
+    gi = load_index(tmp_path, after, "new")
+    assert gi.info.count == len(after) == 3200 and gi.info.store_sha256 == "new"
+    # it holds every row of the new store once and nothing else (so no removed vector), each under its
+    # own row: searched with every list probed, each row finds itself first
+    np.testing.assert_array_equal(held_ids(gi.index), np.arange(len(after)))
+    index_module._set_knob(gi.index, kind, 256 if kind == "hnsw" else 1024)
+    assert (gi.index.search(after, 1)[1][:, 0] == np.arange(len(after))).mean() >= (1.0 if kind == "flat" else 0.99)
+    index_module._set_knob(gi.index, kind, gi.info.params.get("nprobe", gi.info.params.get("efSearch", 0)))
+    fresh = build_index(after, kind, store_sha256="fresh")
+    rng = np.random.default_rng(4)
+    q = after[rng.choice(len(after), 300, replace=False)] + 0.05 * rng.normal(size=(300, 32)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    if kind == "flat":  # its vectors are the new store's, in order: the same answers as a fresh build, exactly
+        np.testing.assert_array_equal(gi.index.reconstruct_n(0, len(after)), after)
+        a, b = gi.search(q, 10), fresh.search(q, 10)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.distances, b.distances)
+        a, b = gi.all_neighbours(5), fresh.all_neighbours(5)
+        np.testing.assert_array_equal(a.indices, b.indices)
+    else:  # as many of the true top-10 as a fresh build finds, up to the recall bar
+        truth = topk_neighbours(q, after, 10).indices
+        assert recall_at_10(gi.search(q, 10).indices, truth) >= TARGET_RECALL
+        assert recall_at_10(fresh.search(q, 10).indices, truth) >= TARGET_RECALL
+        assert gi.info.recall_at_10 >= TARGET_RECALL
+
+
+def test_a_store_update_renumbers_every_row_and_the_sample_keeps_the_exact_truth(catalogue, tmp_path):
+    old, new = catalogue
+    save_index(tmp_path, build_index(old, "ivfpq", store_sha256="old"))
+    kept, after = store_update(old, new, removed=600)
+    update_index(tmp_path, kept, new, after, "new", kind="ivfpq")
+    info = index_module.read_info(tmp_path)
+    sample = index_module.read_sample(tmp_path, info)
+    assert sample is not None and len(sample.rows) == info.recall_queries == 1000
+    assert 60 < int((sample.rows >= len(kept)).sum()) < 240  # the new rows' share (500 of 2,900) of a uniform draw
+    # the carried top-10 (renumbered, merged with the new rows, recomputed where a neighbour left) is exact
+    nearest = topk_neighbours(after[sample.rows], after, 11).indices
+    exact = np.array([[j for j in row if j != i][:10] for i, row in zip(sample.rows, nearest)])
+    np.testing.assert_array_equal(sample.ids, exact)
+    # and the recall recorded is the one measured on it
+    gi = load_index(tmp_path, after, "new")
+    found = gi.search(after[sample.rows], 10, self_ids=sample.rows).indices
+    assert info.recall_at_10 == round(recall_at_10(found, exact), 4)
+
+
+def test_history_grows_one_line_per_update_and_a_repeated_call_changes_nothing(catalogue, tmp_path):
+    old, new = catalogue
+    save_index(tmp_path, build_index(old, "ivfpq", store_sha256="s0"))
+    assert history(tmp_path) == []
+    kept, after = store_update(old, new[:200], removed=100)
+    update_index(tmp_path, kept, new[:200], after, "s1", kind="ivfpq")
+    line = history(tmp_path)[0]
+    assert (line["count"], line["added"], line["removed"]) == (3100, 200, 100)
+    assert line["action"] == "updated" and line["why"] == []
+    assert line["store_sha256"] == "s1" and line["nprobe"] >= 1 and line["imbalance"] >= 1.0
+    assert line["recall_at_10"] == json.loads((tmp_path / INDEX_META).read_text())["recall_at_10"]
+    assert "already current" in update_index(tmp_path, kept, new[:200], after, "s1", kind="ivfpq")
+    assert len(history(tmp_path)) == 1
+    kept2, after2 = store_update(after, new[200:], removed=50, seed=2)  # the next day's update
+    update_index(tmp_path, kept2, new[200:], after2, "s2", kind="ivfpq")
+    assert [h["store_sha256"] for h in history(tmp_path)] == ["s1", "s2"]
+    assert load_index(tmp_path, after2, "s2").info.count == len(after2)
+
+
+@pytest.mark.parametrize(
+    "rule, why",
+    [
+        (RenewRule(min_recall=1.01), r"recall@10 0\.\d+ is under 1\.01 at nprobe \d+ \(2x the build's \d+\)"),
+        (RenewRule(max_growth=1.05), r"the catalogue is 1\.07x the 3,000 vectors its lists were made for"),
+        (RenewRule(max_imbalance=0.5), r"its lists are \d\.\d\dx as uneven as built"),
+    ],
+    ids=["recall", "growth", "imbalance"],
+)
+def test_the_rule_rebuilds_when_forced(rule, why, catalogue, tmp_path):
+    old, new = catalogue
+    save_index(tmp_path, build_index(old, "ivfpq", store_sha256="old"))
+    kept, after = store_update(old, new, removed=300)
+    said = update_index(tmp_path, kept, new, after, "new", kind="ivfpq", rule=rule)
+    line = history(tmp_path)[-1]
+    assert line["action"] == "rebuilt" and any(re.match(why, w) for w in line["why"]), line
+    assert re.search(why, said) and "recall_before" in line
+    gi = load_index(tmp_path, after, "new")  # built afresh for the new store: trained on it, tuned again
+    assert gi.info.trained_count == len(after) == 3200 and gi.info.recall_at_10 >= TARGET_RECALL
+    np.testing.assert_array_equal(held_ids(gi.index), np.arange(len(after)))
+
+
+def test_recall_is_first_repaired_by_searching_more_lists_up_to_the_rules_effort(catalogue, tmp_path, monkeypatch):
+    old, new = catalogue
+    monkeypatch.setitem(index_module.KNOBS, "ivfpq", ("nprobe", (1,)))
+    save_index(tmp_path, build_index(old, "ivfpq", store_sha256="old"))  # tuned to nprobe 1 only: recall far below
+    monkeypatch.undo()
+    built = index_module.read_info(tmp_path)
+    assert built.built_knob == 1 and built.recall_at_10 < 0.9
+    kept, after = store_update(old, new, removed=300)
+    update_index(tmp_path, kept, new, after, "a", kind="ivfpq", rule=RenewRule(min_recall=0.9, max_effort=64))
+    line = history(tmp_path)[-1]
+    assert line["action"] == "updated" and 1 < line["nprobe"] <= 64 and line["recall_at_10"] >= 0.9
+    # the same update allowed no more effort than the build's: rebuilt
+    monkeypatch.setitem(index_module.KNOBS, "ivfpq", ("nprobe", (1,)))
+    save_index(tmp_path, build_index(old, "ivfpq", store_sha256="old"))
+    monkeypatch.undo()
+    update_index(tmp_path, kept, new, after, "b", kind="ivfpq", rule=RenewRule(min_recall=0.9, max_effort=1))
+    assert history(tmp_path)[-1]["action"] == "rebuilt"
+    # never: kept as it is, whatever its recall
+    monkeypatch.setitem(index_module.KNOBS, "ivfpq", ("nprobe", (1,)))
+    save_index(tmp_path, build_index(old, "ivfpq", store_sha256="old"))
+    monkeypatch.undo()
+    update_index(tmp_path, kept, new, after, "c", kind="ivfpq", rule=RenewRule.never())
+    line = history(tmp_path)[-1]
+    assert line["action"] == "updated" and line["nprobe"] == 1 and line["recall_at_10"] < 0.9
+
+
+def test_hnsw_takes_appended_vectors_and_is_rebuilt_when_vectors_are_removed(catalogue, tmp_path):
+    old, new = catalogue
+    save_index(tmp_path, build_index(old, "hnsw", store_sha256="old"))
+    after = np.concatenate([old, new])
+    assert update_index(tmp_path, np.arange(len(old)), new, after, "grown", kind="hnsw").startswith("index updated")
+    gi = load_index(tmp_path, after, "grown")
+    assert gi.index.ntotal == 3500 and gi.info.recall_at_10 >= TARGET_RECALL
+    kept = np.arange(1, len(after))
+    said = update_index(tmp_path, kept, new[:0], after[kept], "shrunk", kind="hnsw")
+    assert "rebuilt because HNSW cannot delete (1 removed)" in said
+
+
+def test_crossing_the_automatic_size_threshold_builds_the_other_kind(catalogue, tmp_path, monkeypatch):
+    old, new = catalogue
+    monkeypatch.setattr(index_module, "EXACT_MAX", 3100)
+    save_index(tmp_path, build_index(old, "auto", store_sha256="old"))
+    assert index_module.read_info(tmp_path).kind == "flat"
+    kept, after = store_update(old, new, removed=300)  # 3,200 vectors: above the threshold
+    said = update_index(tmp_path, kept, new, after, "new", kind="auto")
+    assert "index rebuilt (ivfpq" in said and "ivfpq is wanted at 3,200 vectors, flat found" in said
+    # the gallery run that follows uses it as it is
+    monkeypatch.setattr(index_module, "build_index", lambda *a, **k: pytest.fail("rebuilt"))
+    assert ensure_index(tmp_path, after, "new", "auto").info.kind == "ivfpq"
+    monkeypatch.undo()
+    # a named kind stays that kind, whatever the size
+    save_index(tmp_path, build_index(old, "flat", store_sha256="old"))
+    assert update_index(tmp_path, kept, new, after, "new", kind="flat").startswith("index updated (flat")
+
+
+def test_an_interrupted_update_leaves_the_old_index_valid_or_no_index_and_is_finished(catalogue, tmp_path, monkeypatch):
+    old, new = catalogue
+    save_index(tmp_path, build_index(old, "ivfpq", store_sha256="old"))
+    kept, after = store_update(old, new, removed=300)
+    # killed while the new index is written: the old one is untouched and serves the old store
+    monkeypatch.setattr(index_module, "atomic_write_text", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        update_index(tmp_path, kept, new, after, "new", kind="ivfpq")
+    monkeypatch.undo()
+    assert load_index(tmp_path, old, "old").info.count == 3000
+    # killed in the switch, between its renames: no index at all (never the old meta over the new file)
+    real = os.replace
+
+    def replace_but_the_meta(src, dst):
+        if Path(src).name == INDEX_META and Path(src).parent.name == index_module.STAGING_DIR:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(index_module.os, "replace", replace_but_the_meta)
+    with pytest.raises(KeyboardInterrupt):
+        update_index(tmp_path, kept, new, after, "new", kind="ivfpq")
+    monkeypatch.undo()
+    assert load_index(tmp_path, after, "new") is None and load_index(tmp_path, old, "old") is None
+    # the next gallery run finishes the switch: the updated index, not a rebuilt one
+    monkeypatch.setattr(index_module, "build_index", lambda *a, **k: pytest.fail("rebuilt"))
+    gi = ensure_index(tmp_path, after, "new", "ivfpq")
+    assert gi.info.store_sha256 == "new" and len(gi.info.history) == 1
+    assert not (tmp_path / index_module.STAGING_DIR).exists()
+
+
+def test_an_update_staged_beside_the_new_store_switches_with_it(catalogue, tmp_path):
+    old, new = catalogue
+    save_index(tmp_path, build_index(old, "ivfpq", store_sha256="old"))
+    kept, after = store_update(old, new, removed=300)
+    staged = tmp_path / ".update" / "next"
+    update_index(tmp_path, kept, new, after, "new", kind="ivfpq", out_dir=staged, old_store_sha256="old")
+    assert load_index(tmp_path, old, "old").info.count == 3000  # until the store's switch, the old store's index
+    assert index_module.switch_index(staged, tmp_path) and not index_module.switch_index(staged, tmp_path)
+    assert load_index(tmp_path, after, "new").info.count == 3200
+
+
+def test_an_index_that_is_not_the_old_stores_is_rebuilt_not_renumbered(catalogue, tmp_path):
+    old, new = catalogue
+    save_index(tmp_path, build_index(old, "ivfpq", store_sha256="other"))
+    kept, after = store_update(old, new, removed=300)
+    said = update_index(tmp_path, kept, new, after, "new", kind="ivfpq", old_store_sha256="old")
+    assert "rebuilt because it was not the old store's index (3,000 vectors, store other" in said
+    assert load_index(tmp_path, after, "new").info.trained_count == 3200
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda k, a, e: (k[::-1], a, e), "kept_old_rows must be increasing old rows"),
+        (lambda k, a, e: (k, a, e[:-1]), "2,700 kept rows and 500 added make 3,200 rows, but embeddings_after has"),
+        (lambda k, a, e: (k, a[::-1], e), "added must equal the last rows of embeddings_after"),
+    ],
+    ids=["order", "count", "added"],
+)
+def test_a_store_update_that_breaks_the_contract_is_refused_before_anything_changes(
+    change, message, catalogue, tmp_path
+):
+    old, new = catalogue
+    save_index(tmp_path, build_index(old, "flat", store_sha256="old"))
+    before = (tmp_path / INDEX_META).read_bytes()
+    kept, after = store_update(old, new, removed=300)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        update_index(tmp_path, *change(kept, new, after), "new")
+    assert (tmp_path / INDEX_META).read_bytes() == before
+
+
+def test_an_index_from_before_updates_is_updated_and_a_newer_format_refused(catalogue, tmp_path):
+    old, new = catalogue
+    save_index(tmp_path, build_index(old, "ivfpq", store_sha256="old"))
+    meta = json.loads((tmp_path / INDEX_META).read_text())
+    v1 = {k: v for k, v in meta.items() if k in IndexInfo.__dataclass_fields__ and k not in FORMAT_2_FIELDS}
+    (tmp_path / INDEX_META).write_text(json.dumps({**v1, "format": 1}))
+    kept, after = store_update(old, new, removed=300)
+    assert update_index(tmp_path, kept, new, after, "new", kind="ivfpq").startswith("index updated (ivfpq")
+    info = index_module.read_info(tmp_path)
+    assert info.format == 2 and info.trained_count == 3000 and len(info.history) == 1
+    (tmp_path / INDEX_META).write_text(json.dumps({**meta, "format": 3}))
+    with pytest.raises(PipelineError, match="index format 3 is newer than this program reads"):
+        load_index(tmp_path, old, "old")
+
+
+FORMAT_2_FIELDS = {"trained_count", "built_knob", "built_imbalance", "imbalance", "sample_sha256", "history"}
