@@ -14,31 +14,62 @@ catalogues have this kind of structure; a uniform cloud in 512 dimensions (no ne
 than any other) has none, and no index can search it. Figures depend on the data: measure on your
 own embeddings before trusting them.
 
+The index as the catalogue changes (--updates; pipeline/index.py update_index): an IVF-PQ index is
+trained on --base vectors, then --added more arrive in --steps updates whose content drifts (each
+update's categories have moved a further 1/steps of the way towards new random ones, all new by the
+last: the catalogue's content changes, as in DeDrift). Two copies of the index take the same updates:
+one never re-tuned or rebuilt (what a plain add_with_ids gives), one under RenewRule (nprobe raised
+up to 2x, rebuilt on recall, imbalance or growth). After each update: its wall time (update_index
+end to end: read, renumber, add, recall on the carried sample, write), what it did, recall@10 on the
+index's own sample and on 500 fresh held-out rows, nprobe, the lists' imbalance factor, and the
+search time per query of a 500-query batch (exact re-rank included). Then the speed target: 10,000
+new vectors (and 10,000 new with 10,000 removed) into the ruled index at base + added vectors.
+
     python -m benchmarks.scale [--sizes 100000,1000000] [--kinds flat,hnsw,ivfpq]
-    python -m benchmarks.scale --tiny                 # 1,000 vectors x 32: checks the script
+    python -m benchmarks.scale --updates              # drift: 500k + 10 x 50k, then 10k into 1M
+    python -m benchmarks.scale --tiny                 # both, 1,000 / 2,000 vectors x 32: checks the script
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import machine_line, make_parser, parse_args
 
+FUTURE = 1_000_003  # the seed of the categories a drifting catalogue moves towards
 
-def clustered(n: int, dim: int = 512, categories: int = 50, group: int = 10, seed: int = 0) -> np.ndarray:
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def drifted_categories(drift: float, dim: int, categories: int = 50) -> np.ndarray:
+    """The categories of `clustered` (seed 0) moved `drift` (0..1) of the way towards other random
+    ones (seed FUTURE): 0 is the catalogue as trained, 1 all new content."""
+
+    def cats(seed: int) -> np.ndarray:
+        return unit(np.random.default_rng(seed).standard_normal((categories, dim)).astype(np.float32))
+
+    return unit((1 - drift) * cats(0) + drift * cats(FUTURE)).astype(np.float32)
+
+
+def clustered(
+    n: int, dim: int = 512, categories: int = 50, group: int = 10, seed: int = 0, cats: np.ndarray | None = None
+) -> np.ndarray:
     """n unit vectors in three levels: categories (unit centres), groups of `group` vectors in a
     category (the group's centre: the category's plus a random direction of the same norm), and the
     vectors of a group (its centre plus a 16-dim variation of norm ~0.5 shared by the group's
-    vectors' span, plus isotropic noise of norm ~0.2)."""
+    vectors' span, plus isotropic noise of norm ~0.2). cats: these category centres instead of
+    random ones (drifted_categories)."""
     rng = np.random.default_rng(seed)
-
-    def unit(x):
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-    cats = unit(rng.standard_normal((categories, dim)).astype(np.float32))
+    if cats is None:
+        cats = unit(rng.standard_normal((categories, dim)).astype(np.float32))
     n_groups = max(1, n // group)
     centres = unit(cats[rng.integers(0, categories, n_groups)] + unit(rng.standard_normal((n_groups, dim))))
     out = np.empty((n, dim), np.float32)
@@ -102,13 +133,13 @@ def one_kind(emb: np.ndarray, kind: str, held_out: np.ndarray, truth: np.ndarray
     }
 
 
-def held_out_truth(emb: np.ndarray, held: int) -> tuple[np.ndarray, np.ndarray]:
+def held_out_truth(emb: np.ndarray, held: int, seed: int = 99) -> tuple[np.ndarray, np.ndarray]:
     """`held` gallery rows drawn at random, and their exact top-10 (the row itself left out)."""
     from pipeline.retrieval import topk_neighbours
 
     n = len(emb)
-    held_out = np.sort(np.random.default_rng(99).choice(n, min(held, n), replace=False))
-    truth = topk_neighbours(emb[held_out], emb, 11).indices
+    held_out = np.sort(np.random.default_rng(seed).choice(n, min(held, n), replace=False))
+    truth = topk_neighbours(emb[held_out], emb, 11, block=256).indices
     return held_out, np.array([[j for j in row if j != i][:10] for i, row in zip(held_out, truth)])
 
 
@@ -119,13 +150,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--held-out", type=int, default=1000, help="gallery rows whose recall and latency are measured")
     ap.add_argument("--slice", type=int, default=20_000, help="rows timed for exact all-neighbours above this size")
-    args = parse_args(ap, argv, tiny={"sizes": "1000", "dim": 32, "held_out": 50, "slice": 500})
+    ap.add_argument("--updates", action="store_true", help="measure the index through updates (drift, speed target)")
+    ap.add_argument("--base", type=int, default=500_000, help="--updates: vectors the index is trained on")
+    ap.add_argument("--added", type=int, default=500_000, help="--updates: vectors added, in --steps updates")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--target-add", type=int, default=10_000, help="--updates: the update timed for the target")
+    tiny = {"sizes": "1000", "dim": 32, "held_out": 50, "slice": 500, "base": 2000, "added": 2000, "steps": 4}
+    args = parse_args(ap, argv, tiny={**tiny, "target_add": 200})
     print(machine_line(), flush=True)
     import faiss
 
+    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads", flush=True)
+    if args.updates or args.tiny:
+        updates(args)
+    if not args.updates:
+        sizes(args)
+    return 0
+
+
+def sizes(args) -> None:
+    """The index kinds at each of --sizes: build, memory, recall, latency, all neighbours."""
     from pipeline.index import choose_kind
 
-    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads", flush=True)
     for n in (int(s) for s in args.sizes.split(",")):
         t = time.perf_counter()
         emb = clustered(n, args.dim)
@@ -150,7 +196,116 @@ def main(argv: list[str] | None = None) -> int:
             )
         del emb
     print("\n* timed on the first --slice rows and scaled to all (exact search costs the same for every row)")
-    return 0
+
+
+HELD = 500  # held-out rows whose recall and search time are measured after each update
+
+
+class Arm:
+    """One copy of the index, in its own store folder, taking the updates under one rule."""
+
+    def __init__(self, name: str, rule, folder: Path) -> None:
+        self.name, self.rule, self.folder = name, rule, folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def update(self, kept: np.ndarray, added: np.ndarray, emb: np.ndarray, sha: str) -> tuple[float, dict]:
+        from pipeline.index import INDEX_META, update_index
+
+        t = time.perf_counter()
+        update_index(self.folder, kept, added, emb, sha, kind="ivfpq", rule=self.rule)
+        wall = time.perf_counter() - t
+        return wall, json.loads((self.folder / INDEX_META).read_text())
+
+    def measure(self, emb: np.ndarray, sha: str, held: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+        """Held-out recall@10 and search time per query (ms) of a batch of the held-out rows."""
+        from pipeline.index import load_index, recall_at_10
+
+        gi = load_index(self.folder, emb, sha)
+        assert gi is not None
+        t = time.perf_counter()
+        found = gi.search(emb[held], 10, self_ids=held).indices
+        ms = (time.perf_counter() - t) * 1000 / len(held)
+        return recall_at_10(found, truth), ms
+
+
+def updates(args) -> None:
+    """The index through --steps drifting updates, without and with RenewRule; then the speed target."""
+    from pipeline.index import RenewRule, build_index, save_index
+
+    dim, steps = args.dim, args.steps
+    per_step = args.added // steps
+    total = args.base + per_step * steps
+    emb = np.empty((total + args.target_add, dim), np.float32)  # the catalogue grows in place: views are passed
+    t = time.perf_counter()
+    emb[: args.base] = clustered(args.base, dim)
+    gi = build_index(emb[: args.base], "ivfpq", "step0")
+    print(
+        f"\n== updates: IVF-PQ trained on {args.base:,} vectors x {dim} in {time.perf_counter() - t:.1f} s "
+        f"({gi.info.describe()}; imbalance {gi.info.imbalance:.2f}), then {steps} updates of {per_step:,} "
+        "drifting vectors",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="scale-updates-") as tmp:
+        arms = [Arm("never", RenewRule.never(), Path(tmp) / "never"), Arm("rule", RenewRule(), Path(tmp) / "rule")]
+        for arm in arms:
+            save_index(arm.folder, gi)
+        del gi
+        print(
+            f"{'rule':6s} {'step':>4s} {'vectors':>10s} {'update':>8s} {'action':8s} {'recall@10':>9s} "
+            f"{'held-out':>8s} {'nprobe':>6s} {'imbalance':>9s} {'ms/query':>8s}  why"
+        )
+        n = args.base
+        for step in range(1, steps + 1):
+            drift = step / steps
+            emb[n : n + per_step] = clustered(per_step, dim, seed=step, cats=drifted_categories(drift, dim))
+            n += per_step
+            after, sha = emb[:n], f"step{step}"
+            held, truth = held_out_truth(after, HELD, seed=step)
+            for arm in arms:
+                wall, meta = arm.update(np.arange(n - per_step), emb[n - per_step : n], after, sha)
+                print_update(arm.name, str(step), n, wall, meta, *arm.measure(after, sha, held, truth))
+        target(args, emb, n, arms[1])
+
+
+def print_update(name: str, step: str, n: int, wall: float, meta: dict, held: float, ms: float) -> None:
+    line = meta["history"][-1]
+    print(
+        f"{name:6s} {step:>4s} {n:10,d} {wall:7.1f}s {line['action']:8s} {line['recall_at_10']:9.4f} {held:8.4f} "
+        f"{line.get('nprobe', 0):6d} {line.get('imbalance', 0.0):9.2f} {ms:8.3f}  {'; '.join(line['why'])}",
+        flush=True,
+    )
+
+
+def target(args, emb: np.ndarray, n: int, arm: Arm) -> None:
+    """The issue's target: an update of --target-add new vectors into the ruled index, <= 10 s with
+    recall@10 >= 0.95; then the same with as many removed (every store row after them renumbered)."""
+    m = args.target_add
+    print(
+        f"\n== speed target: {m:,} new vectors into the {n:,}-vector IVF-PQ index (target <= 10 s, recall@10 >= 0.95)"
+    )
+    print(f"{'update':28s} {'wall':>7s} {'action':8s} {'recall@10':>9s} {'held-out':>8s} {'nprobe':>6s}")
+    emb[n : n + m] = clustered(m, args.dim, seed=10_001, cats=drifted_categories(1.0, args.dim))
+    after = emb[: n + m]
+    held, truth = held_out_truth(after, HELD, seed=10_001)
+    wall, meta = arm.update(np.arange(n), emb[n : n + m], after, "target-added")
+    report_target(f"{m:,} added", wall, meta, *arm.measure(after, "target-added", held, truth))
+    # then as many removed, spread over the catalogue, and as many new again: every row renumbered
+    gone = np.sort(np.random.default_rng(7).choice(n + m, m, replace=False))
+    kept = np.setdiff1d(np.arange(n + m), gone)
+    fresh = clustered(m, args.dim, seed=10_002, cats=drifted_categories(1.0, args.dim))
+    after = np.concatenate([emb[kept], fresh])
+    held, truth = held_out_truth(after, HELD, seed=10_002)
+    wall, meta = arm.update(kept, fresh, after, "target-removed")
+    report_target(f"{m:,} added, {m:,} removed", wall, meta, *arm.measure(after, "target-removed", held, truth))
+
+
+def report_target(what: str, wall: float, meta: dict, held: float, ms: float) -> None:
+    line = meta["history"][-1]
+    print(
+        f"{what:28s} {wall:6.1f}s {line['action']:8s} {line['recall_at_10']:9.4f} {held:8.4f} "
+        f"{line.get('nprobe', 0):6d}  {'; '.join(line['why'])}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -61,6 +61,11 @@ IN_PROCESS = [
         r"^flat +NUMBERs .* 1\.0000 ",
         r"^hnsw +NUMBERs .*'efSearch'",
         r"^ivfpq +NUMBERs .* NUMBER +NUMBER +NUMBERms +NUMBERms .*'nprobe'",
+        r"^rule +step +vectors +update +action +recall@10 +held-out +nprobe +imbalance +ms/query  why$",
+        r"^never +4 +4,000 +NUMBERs updated +NUMBER +NUMBER +NUMBER +NUMBER +NUMBER  $",  # never rebuilt
+        r"^rule +4 +4,000 +NUMBERs (updated|rebuilt) +NUMBER +NUMBER +NUMBER +NUMBER +NUMBER ",
+        r"^200 added +NUMBERs (updated|rebuilt) +NUMBER +NUMBER +NUMBER",
+        r"^200 added, 200 removed +NUMBERs (updated|rebuilt) +NUMBER +NUMBER +NUMBER",
     ]),
     (embed, "clip", [
         r"^\| backend \| batch 1 \| batch 8 \| batch 32 \|$",
