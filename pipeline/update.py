@@ -39,6 +39,7 @@ from .fileio import sha256_bytes, unlink_quietly
 from .galleries import SEGMENT_FILES, BuildPart, Gallery, build, gallery_source
 from .gallery import GalleryTarget
 from .identity import VectorIdentity, differences
+from .index import INDEX_META, switch_index, update_index
 from .items import crop_file_name, image_file_name
 from .report import RunSummary
 from .store import (
@@ -54,6 +55,7 @@ from .store import (
     load_cache,
     read_manifest,
     run_params,
+    store_sha256,
     write_store,
 )
 
@@ -179,8 +181,16 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
         return Gallery(old.embeddings, old.rows, embedder)
     new = _embed_new(cfg, summary, embedder, plan)
     with summary.stage("write the new store"):
-        emb, rows = _write_next(cfg, old, groups, plan, new)
-        (stage / SWITCH).write_text("the new store in next/ is complete: move it into place\n")
+        emb, rows, take = _write_next(cfg, old, groups, plan, new)
+    if cfg.index != "none" and (cfg.store_dir / INDEX_META).is_file():
+        with summary.stage("update index"):
+            said = update_index(
+                cfg.store_dir, np.asarray(take, np.int64), emb[len(take):], emb, store_sha256(stage / "next"),
+                kind=cfg.index, old_store_sha256=old.sidecar.embeddings_sha256, out_dir=stage / "index",
+                threads=cfg.embedder.threads,
+            )
+        summary.notes.append(f"index: {said}")
+    (stage / SWITCH).write_text("the new store in next/ (and its index in index/) is complete: move them into place\n")
     with summary.stage("switch"):
         switch(cfg)
     return Gallery(emb, rows, new.embedder if new is not None else embedder)
@@ -243,7 +253,7 @@ def _same_part(cfg: RunConfig, part: BuildPart) -> bool:
 
 def _write_next(
     cfg: RunConfig, old: GalleryCache, groups: dict[int, list[ManifestRow]], plan: Plan, new: _New | None
-) -> tuple[np.ndarray, list[ManifestRow]]:
+) -> tuple[np.ndarray, list[ManifestRow], list[int]]:
     """The merged store in <store>/.update/next, and the kept photos' files under their new names
     in <images>/.update (hard links where the file system allows)."""
     next_dir = cfg.store_dir / STAGING / "next"
@@ -277,7 +287,7 @@ def _write_next(
     identity = old.sidecar.identity
     write_store(next_dir, emb, rows, _thumbnails(old, take, new, cfg), identity, gallery_source(cfg),
                 old.sidecar.thumbnail_size)
-    return emb, rows
+    return emb, rows, take
 
 
 def _thumbnails(old: GalleryCache, take: list[int], new: _New | None, cfg: RunConfig) -> Iterator[np.ndarray]:
@@ -322,6 +332,7 @@ def switch(cfg: RunConfig) -> None:
         for p in sorted(staged_images.iterdir()) if staged_images.is_dir() else []:
             if p.is_file() and p.name in named:  # an earlier, abandoned update's files are not the new store's
                 move(p, images / p.name)
+    switch_index(stage / "index", store)  # the index with its store, before the sidecar
     for name in (EMBEDDINGS_FILE, THUMBNAILS_FILE, MANIFEST_FILE, SIDECAR_FILE):
         if (next_dir / name).is_file():
             move(next_dir / name, store / name)

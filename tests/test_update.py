@@ -5,6 +5,7 @@ whole and finishes when run again; a changed embedder is refused."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,18 @@ def test_an_update_that_changes_nothing_rewrites_nothing(tiny_onnx, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()}
     assert run(*args(data, tiny_onnx, out, "--update")) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()} == before
+
+
+def test_the_index_is_updated_with_its_store_not_rebuilt(tiny_onnx, tmp_path, caplog):
+    data = write_catalogue(tmp_path / "catalogue", list(range(PRODUCTS)))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out, "--index", "flat")) == 0
+    write_catalogue(data, [*range(2, PRODUCTS), 60, 61, 62])
+    with caplog.at_level("INFO"):
+        assert run(*args(data, tiny_onnx, out, "--index", "flat", "--update")) == 0
+    assert "rebuilding" not in caplog.text  # the run found the index current: update_index renumbered it
+    meta = json.loads((out / "embeddings" / "index.json").read_text())
+    assert len(meta["history"]) == 1 and meta["count"] == PRODUCTS + 1
+    assert meta["store_sha256"] == json.loads((out / "embeddings" / "embeddings.json").read_text())["embeddings_sha256"]
+    assert run(*args(data, tiny_onnx, fresh, "--index", "flat")) == 0
+    assert_same_as_fresh(out, fresh)
