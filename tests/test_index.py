@@ -480,3 +480,17 @@ def test_an_index_from_before_updates_is_updated_and_a_newer_format_refused(cata
 
 
 FORMAT_2_FIELDS = {"trained_count", "built_knob", "built_imbalance", "imbalance", "sample_sha256", "history"}
+
+
+def test_an_index_built_for_faiss_gpu_is_updated_too(catalogue, monkeypatch, tmp_path):
+    """8-bit codes in plain inverted lists (faiss-gpu's kind), not the fast-scan blocks: the same update."""
+    old, new = catalogue
+    _StandInGpuFaiss(monkeypatch)
+    save_index(tmp_path, build_index(old, "ivfpq", store_sha256="old", gpu=True))
+    monkeypatch.undo()
+    assert index_module.read_info(tmp_path).params["bits"] == 8
+    kept, after = store_update(old, new, removed=300)
+    assert update_index(tmp_path, kept, new, after, "new", kind="ivfpq").startswith("index updated (ivfpq")
+    gi = load_index(tmp_path, after, "new")
+    np.testing.assert_array_equal(held_ids(gi.index), np.arange(len(after)))
+    assert gi.info.recall_at_10 >= TARGET_RECALL
