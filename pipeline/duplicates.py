@@ -1,0 +1,710 @@
+"""Duplicates: exact copies (the same decoded pixels) and near copies (the same photo re-encoded,
+resized, cropped a few per cent, lightly colour-shifted) among a gallery's photos, found without
+comparing every pair, for outputs/duplicates.csv. Nothing here depends on the embedding model.
+
+Per photo, computed once when it is decoded (`PhotoSignals` holds N of them):
+
+- `pixel_hash(rgb) -> str`: sha256 of the decoded pixels and their shape, 32 hex digits; equal
+  means an exact copy. Take it from a full-size decode: a JPEG decoded at a reduced DCT scale has
+  other pixels than the same picture saved as PNG.
+- `look_signature(image) -> int8 (SIGNATURE_SIZE,)`: the photo at a coarse scale, in three parts:
+  structure (the 35 lowest 2-D DCT frequencies of its 32x32 luminance, borders faded, unit length),
+  colour (log chroma and lightness of 3x3 soft cells relative to the photo's mean, so a white
+  balance or brightness change of the whole photo cancels) and texture (vertical and horizontal
+  detail of the same cells at 128 px, relative to the photo's mean detail). `signature_text` and
+  `signatures_from_text` store it in a CSV column (108 characters). A grey-level 64-bit pHash or
+  dHash cannot be the decision: it does not see a garment's colourway, nor a print of one colour
+  (benchmarks/duplicates.py measures both beside this rule).
+
+Finding (`find_duplicates` for a build), cheapest signal first, no step over all pairs:
+
+1. exact: equal pixel hashes are grouped (one sort); only the first photo of each set goes on;
+2. hashes: `HashCoder` turns signatures into 64-bit SimHash codes (64 fixed random projections,
+   each cut at the gallery's median), so close signatures have close codes;
+3. near candidates, multi-index hashing (`DuplicateIndex`): each of TABLES tables cuts a fixed
+   permutation of the 64 bits into BANDS bands of 16; photos sharing a band value are candidates.
+   By the pigeonhole principle a pair within Hamming distance 3 always shares a band of the first
+   table; farther ones share one with a probability the benchmark measures. Random codes collide
+   in a band with probability 2^-16: about TABLES * BANDS * N^2 / 2^17 pairs (6 * 10^7 at 1M),
+   generated and filtered a step at a time; a photo meets at most `max_bucket` others of one bucket,
+   so even a gallery of identical codes costs linear work;
+4. optionally the embedding index's top-k neighbours (`neighbour_pairs`) as more candidates;
+5. each candidate is confirmed by its Hamming distance (<= rule.max_bits, a cheap filter) and then
+   by the signature rule (`NearRule`): each part's RMS difference within its calibrated bound. The
+   embedding only proposes pairs and never accepts one, so precision does not depend on the model;
+6. groups: connected components over the confirmed pairs (union-find). A group's first photo
+   (lowest position) represents it.
+
+`distance` in the results: 0 for an exact copy; for a near copy the signature distance to the
+group's first photo, normalised: the largest of the three parts' RMS differences, each divided by
+its bound (1.0 is the edge of the rule; a member joined through another member may be above 1).
+
+Updates: `check_new(index, new)` checks new photos against the kept gallery's `DuplicateIndex`
+(its band tables probed with its coder, nothing rebuilt) and against each other; `update_groups`
+turns the previous groups (`renumber_groups`) and those pairs into the groups a fresh run with the
+same coder finds.
+
+Results: `DuplicateGroup` lists; `write_duplicates_csv(path, groups, source_rows, files)` writes
+group, source_row, file, kind, distance atomically; `representatives(groups, n)` and
+`hide_duplicates(indices, group_of)` keep one photo per group in a top-k result.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.fft import dctn
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_VERSION = "look-1"  # changes whenever a signature or hash of the same picture would change
+STRUCTURE_COEFFS = 35  # DCT coefficients with u + v <= 7, minus the mean
+GRID = 3  # cells per side
+COLOUR_SIZE = 3 * GRID * GRID  # log R/G, log RG/B, log lightness per cell
+TEXTURE_SIZE = 2 * GRID * GRID  # vertical and horizontal detail per cell
+SIGNATURE_SIZE = STRUCTURE_COEFFS + COLOUR_SIZE + TEXTURE_SIZE
+PARTS = {
+    "structure": slice(0, STRUCTURE_COEFFS),
+    "colour": slice(STRUCTURE_COEFFS, STRUCTURE_COEFFS + COLOUR_SIZE),
+    "texture": slice(STRUCTURE_COEFFS + COLOUR_SIZE, SIGNATURE_SIZE),
+}
+# int8 units per signature unit, per part: structure components lie in [-1, 1]; log colour ratios
+# in about [-2, 2]; log texture ratios in [log 0.02, ~3].
+_SCALE = np.concatenate(
+    [np.full(STRUCTURE_COEFFS, 127.0), np.full(COLOUR_SIZE, 64.0), np.full(TEXTURE_SIZE, 32.0)]
+).astype(np.float32)
+_WORK_SIDE = 128  # the photo is reduced once to this square; everything is computed from it
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_CELL_SIGMA = 0.6  # soft cells: Gaussian weights, this many cell widths wide, so a crop moves no edge
+_FADE = 0.15  # share of each side over which the structure part fades the picture to its mean
+_TEXTURE_FLOOR = 0.02  # a flat cell's detail: keeps the log finite and a blank cell's noise out
+_ZIGZAG = sorted(((u, v) for u in range(8) for v in range(8)), key=lambda t: (t[0] + t[1], t[0]))[
+    1 : STRUCTURE_COEFFS + 1
+]
+
+BANDS = 4  # bands of 16 bits in each table
+TABLES = 2  # the first table keeps the bit order (the pigeonhole guarantee), the others permute it
+_HASH_SEED = 20261203  # the projections and permutations: fixed forever for one SIGNATURE_VERSION
+_HASH_BOUNDS = {"structure": 0.06, "colour": 0.05, "texture": 0.065}
+
+
+def pixel_hash(rgb: np.ndarray) -> str:
+    """sha256 of a decoded photo's pixels and shape, first 32 hex digits (128 bits).
+
+    Args:
+        rgb: uint8 (H, W, 3), RGB order, the full-size decode.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb must be a uint8 array of shape (H, W, 3), but got {rgb.dtype} {rgb.shape}")
+    h = hashlib.sha256(f"{rgb.shape[0]}x{rgb.shape[1]}x3:".encode("ascii"))
+    h.update(np.ascontiguousarray(rgb).data)
+    return h.hexdigest()[:32]
+
+
+def _soft_cells(n: int) -> np.ndarray:
+    """float32 (GRID, n): each cell's Gaussian weights along one side of n pixels, summing to 1."""
+    x = (np.arange(n) + 0.5) / n
+    centres = (np.arange(GRID) + 0.5) / GRID
+    w = np.exp(-0.5 * ((x[None, :] - centres[:, None]) / (_CELL_SIGMA / GRID)) ** 2)
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _cells(values: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, C) -> (GRID * GRID,) or (GRID * GRID, C): weighted means of the soft cells."""
+    wy, wx = _soft_cells(values.shape[0]), _soft_cells(values.shape[1])
+    out = np.einsum("iy,jx,yx...->ij...", wy, wx, values)
+    return out.reshape(GRID * GRID, *values.shape[2:])
+
+
+def _structure(luma: np.ndarray) -> np.ndarray:
+    small = luma.reshape(32, _WORK_SIDE // 32, 32, _WORK_SIDE // 32).mean(axis=(1, 3))
+    t = (np.arange(32) + 0.5) / 32
+    fade = np.clip(np.minimum(t, 1 - t) / _FADE, 0, 1)
+    w = np.outer(fade, fade)
+    small = small * w + (1 - w) * small.mean()  # what a crop cuts away counts least
+    c = dctn(small, type=2, norm="ortho")
+    v = np.array([c[u, k] for u, k in _ZIGZAG], np.float32)
+    return v / max(float(np.linalg.norm(v)), 1e-6)  # a flat picture: all zeros
+
+
+def _colour(rgb: np.ndarray) -> np.ndarray:
+    mean = rgb.reshape(-1, 3).mean(axis=0) + 1.0
+    logs = _cells(np.log((rgb + 1.0) / mean))  # grey-world: a gain per channel cancels
+    return np.concatenate([logs[:, 0] - logs[:, 1], (logs[:, 0] + logs[:, 1]) / 2 - logs[:, 2], logs.mean(axis=1)])
+
+
+def _texture(luma: np.ndarray) -> np.ndarray:
+    dy, dx = np.abs(np.diff(luma, axis=0)), np.abs(np.diff(luma, axis=1))
+    total = (dy.mean() + dx.mean()) / 2 + 1e-3
+    return np.log(np.concatenate([_cells(dy), _cells(dx)]) / total + _TEXTURE_FLOOR)
+
+
+def look_signature(image: Image.Image) -> np.ndarray:
+    """int8 (SIGNATURE_SIZE,): structure, colour and texture of the photo at a coarse scale (see
+    the module docstring). Independent of the photo's size and of its encoding."""
+    rgb_image = image if image.mode == "RGB" else image.convert("RGB")
+    small = rgb_image.resize((_WORK_SIDE, _WORK_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    rgb = np.asarray(small, np.float32)
+    luma = rgb @ _LUMA
+    values = np.concatenate([_structure(luma), _colour(rgb), _texture(luma)])
+    return np.clip(np.round(values * _SCALE), -127, 127).astype(np.int8)
+
+
+def signature_text(signature: np.ndarray) -> str:
+    """A signature as text for a CSV column (base64, 108 characters)."""
+    return base64.b64encode(_check_signatures(signature[None, :])[0].tobytes()).decode("ascii")
+
+
+def signatures_from_text(texts: Sequence[str]) -> np.ndarray:
+    """int8 (N, SIGNATURE_SIZE) from `signature_text` strings."""
+    raw = b"".join(base64.b64decode(t) for t in texts)
+    if len(raw) != SIGNATURE_SIZE * len(texts):
+        raise ValueError(f"signatures must decode to {SIGNATURE_SIZE} bytes each ({SIGNATURE_VERSION})")
+    return np.frombuffer(raw, np.int8).reshape(len(texts), SIGNATURE_SIZE).copy()
+
+
+def _check_signatures(signatures: np.ndarray) -> np.ndarray:
+    sig = np.asarray(signatures)
+    if sig.dtype != np.int8 or sig.ndim != 2 or sig.shape[1] != SIGNATURE_SIZE:
+        raise ValueError(f"signatures must be int8 (N, {SIGNATURE_SIZE}), but got {sig.dtype} {sig.shape}")
+    return sig
+
+
+@dataclass(frozen=True)
+class NearRule:
+    """When two photos are near copies: each part's RMS signature difference (in signature units)
+    at most its bound, and their hashes at most max_bits apart (a cheap first filter). Calibrated by
+    benchmarks/duplicates.py on generated copies and look-alikes."""
+
+    structure: float
+    colour: float
+    texture: float
+    max_bits: int
+
+    def bound(self, part: str) -> float:
+        return float(getattr(self, part))
+
+
+DEFAULT_RULE = NearRule(structure=0.045, colour=0.022, texture=0.049, max_bits=10)
+
+
+def signature_distances(a: np.ndarray, b: np.ndarray, rule: NearRule = DEFAULT_RULE) -> np.ndarray:
+    """float32 (N,): for signature rows a[i], b[i] (int8 (N, SIGNATURE_SIZE)), the largest of the
+    parts' RMS differences each divided by its bound: <= 1 passes the rule."""
+    diff = (a.astype(np.int16) - b.astype(np.int16)).astype(np.float32)
+    squares = diff * diff  # exact in float32: at most 254^2 each, sums below 2^24
+    per_part = squares @ _part_weights(rule)  # (N, 3): each part's mean square over its bound squared
+    return np.sqrt(per_part.max(axis=1)) if len(per_part) else np.zeros(0, np.float32)
+
+
+def _part_weights(rule: NearRule) -> np.ndarray:
+    """float32 (SIGNATURE_SIZE, 3): column p sums part p's squared differences into its mean
+    square in signature units over its bound squared."""
+    w = np.zeros((SIGNATURE_SIZE, len(PARTS)), np.float32)
+    for column, (name, part) in enumerate(PARTS.items()):
+        w[part, column] = 1.0 / (_SCALE[part] ** 2 * (part.stop - part.start) * rule.bound(name) ** 2)
+    return w
+
+
+@dataclass(frozen=True)
+class PhotoSignals:
+    """The duplicate signals of N photos, row i = photo position i.
+
+    pixel: str (N,), the pixel hashes ("" for a photo without one: never an exact copy).
+    signature: int8 (N, SIGNATURE_SIZE), the look signatures.
+    """
+
+    pixel: np.ndarray
+    signature: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pixel", np.asarray(self.pixel, dtype=str))
+        _check_signatures(self.signature)
+        if self.pixel.shape != (len(self.signature),):
+            raise ValueError(
+                f"pixel {self.pixel.shape} and signature {self.signature.shape} must have one row a photo"
+            )
+
+    def __len__(self) -> int:
+        return len(self.signature)
+
+    @classmethod
+    def of_images(cls, images: Sequence[Image.Image]) -> PhotoSignals:
+        """Signals of decoded photos (tests and benchmarks: the pipeline computes them per photo as
+        it decodes, and reads them back from the manifest)."""
+        sig = np.stack([look_signature(im) for im in images]) if images else np.zeros((0, SIGNATURE_SIZE), np.int8)
+        return cls(np.array([pixel_hash(np.asarray(im.convert("RGB"))) for im in images], dtype=str), sig)
+
+    def take(self, rows: np.ndarray) -> PhotoSignals:
+        return PhotoSignals(self.pixel[rows], self.signature[rows])
+
+    def concat(self, other: PhotoSignals) -> PhotoSignals:
+        pixel = np.concatenate([self.pixel, other.pixel])
+        return PhotoSignals(pixel, np.concatenate([self.signature, other.signature]))
+
+
+@dataclass(frozen=True)
+class HashCoder:
+    """Turns look signatures into 64-bit hashes (SimHash): bit k says whether the signature's
+    projection on a fixed random direction k lies above thresholds[k]. The directions weight each
+    part by one over its bound and its length, so a part counts in the hash as in the rule; the
+    thresholds are the gallery's medians (`fit`), so every bit splits the gallery in half even
+    when its photos share a composition (on catalogue-like photos zero thresholds put ~half of all
+    pairs in a common bucket)."""
+
+    thresholds: np.ndarray  # float32 (64,)
+    rule: NearRule = field(default_factory=lambda: DEFAULT_RULE)
+
+    @classmethod
+    def fit(cls, signatures: np.ndarray, rule: NearRule | None = None, sample: int = 100_000) -> HashCoder:
+        """Median thresholds over (an evenly spaced sample of) the gallery's signatures."""
+        rule = rule or DEFAULT_RULE
+        sig = _check_signatures(signatures)
+        if len(sig) == 0:
+            return cls(np.zeros(64, np.float32), rule)
+        step = max(1, len(sig) // sample)
+        return cls(np.median(_project(sig[::step], rule), axis=0).astype(np.float32), rule)
+
+    def codes(self, signatures: np.ndarray) -> np.ndarray:
+        """uint64 (N,) for int8 (N, SIGNATURE_SIZE) signatures."""
+        sig = _check_signatures(signatures)
+        out = np.empty(len(sig), np.uint64)
+        for s in range(0, len(sig), 1 << 18):
+            out[s : s + (1 << 18)] = _pack_bits(_project(sig[s : s + (1 << 18)], self.rule) > self.thresholds)
+        return out
+
+
+def _project(signatures: np.ndarray, rule: NearRule) -> np.ndarray:
+    """float32 (N, 64): the signatures on the coder's 64 fixed random directions."""
+    planes = np.random.default_rng(_HASH_SEED).standard_normal((SIGNATURE_SIZE, 64)).astype(np.float32)
+    weight = np.empty(SIGNATURE_SIZE, np.float32)
+    for name, part in PARTS.items():
+        weight[part] = 1.0 / (_SCALE[part] * rule.bound(name) * np.sqrt(part.stop - part.start))
+    return signatures.astype(np.float32) @ (planes * weight[:, None])
+
+
+def _pack_bits(bits: np.ndarray) -> np.ndarray:
+    """bool (N, 64) -> uint64 (N,), column i = bit i."""
+    packed = np.packbits(np.ascontiguousarray(bits), axis=1, bitorder="little")
+    return packed.view("<u8").ravel().astype(np.uint64)
+
+
+def _unpack_bits(codes: np.ndarray) -> np.ndarray:
+    """uint64 (N,) -> bool (N, 64), bit i = column i."""
+    raw = np.ascontiguousarray(codes, dtype="<u8").view(np.uint8).reshape(-1, 8)
+    return np.unpackbits(raw, axis=1, bitorder="little").astype(bool)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Photo pairs a[i] < b[i] (positions), int64 each; kind "exact" or "near"; distance float32."""
+
+    a: np.ndarray
+    b: np.ndarray
+    kind: np.ndarray
+    distance: np.ndarray
+
+    @classmethod
+    def of(cls, a: np.ndarray, b: np.ndarray, kind: str, distance: np.ndarray | None = None) -> Pairs:
+        d = np.zeros(len(a), np.float32) if distance is None else distance.astype(np.float32)
+        return cls(np.asarray(a, np.int64), np.asarray(b, np.int64), np.full(len(a), kind, dtype="U5"), d)
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def concat(self, other: Pairs) -> Pairs:
+        return Pairs(*(np.concatenate([x, y]) for x, y in zip(self._fields(), other._fields())))
+
+    def _fields(self) -> tuple[np.ndarray, ...]:
+        return self.a, self.b, self.kind, self.distance
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Photos (positions) that are copies of each other; members[0] is the first photo (lowest
+    position), which represents the group. kinds[i]: "exact" when members[i] has the first photo's
+    pixels, else "near"; the first photo's own kind says whether the group holds an exact copy of
+    it. distances[i]: to the first photo (module docstring), 0 for the first photo and exact copies."""
+
+    members: list[int]
+    kinds: list[str]
+    distances: list[float]
+
+
+def _bit_permutations(tables: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(_HASH_SEED + 1)
+    return [np.arange(64)] + [rng.permutation(64) for _ in range(tables - 1)]
+
+
+def band_keys(codes: np.ndarray, tables: int = TABLES) -> list[np.ndarray]:
+    """tables * BANDS arrays of uint16 (N,): the band values of every table (table t: bits
+    permuted by its permutation, then cut into BANDS runs of 16)."""
+    bits = _unpack_bits(codes)
+    keys = []
+    for perm in _bit_permutations(tables):
+        code = _pack_bits(bits[:, perm])
+        for band in range(BANDS):
+            keys.append(((code >> np.uint64(16 * band)) & np.uint64(0xFFFF)).astype(np.uint16))
+    return keys
+
+
+def _runs_pairs(sorted_keys: np.ndarray, order: np.ndarray, max_bucket: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Pairs of positions whose keys are equal, from keys sorted by (key, hash), in chunks of at
+    most N: step s pairs each photo with the one s places further in its run, up to max_bucket.
+    Work and memory are proportional to the pairs of one step, never to all of them."""
+    n = len(sorted_keys)
+    active = np.nonzero(sorted_keys[1:] == sorted_keys[:-1])[0]
+    step = 1
+    while active.size and step <= max_bucket:
+        yield order[active].astype(np.int64), order[active + step].astype(np.int64)
+        nxt = active[active + step + 1 < n]
+        active = nxt[sorted_keys[nxt + step + 1] == sorted_keys[nxt]]
+        step += 1
+
+
+class DuplicateIndex:
+    """A gallery's signals, their hashes, and band tables over the first photo of each exact-copy
+    set. Built once, O(N log N); `candidates` joins the tables with themselves, `probe` looks other
+    photos up in them (an update's new photos, hashed by the same coder).
+
+    Args:
+        coder: the hash coder; by default fitted on these signatures.
+        max_bucket: a photo is paired with at most this many others of one band bucket (those
+            nearest in hash order), so that a bucket of thousands costs no quadratic step.
+        tables: band tables (TABLES).
+    """
+
+    def __init__(self, signals: PhotoSignals, rule: NearRule = DEFAULT_RULE, coder: HashCoder | None = None,
+                 max_bucket: int = 256, tables: int = TABLES) -> None:
+        self.signals, self.rule, self.max_bucket, self.n_tables = signals, rule, max_bucket, tables
+        self.coder = coder or HashCoder.fit(signals.signature, rule)
+        self.codes = self.coder.codes(signals.signature)
+        self.exact_first = _exact_firsts(signals.pixel)  # (N,) first position with these pixels
+        self.firsts = np.nonzero(self.exact_first == np.arange(len(signals)))[0]
+        codes = self.codes[self.firsts]
+        self.tables = []
+        for keys in band_keys(codes, tables):
+            order = np.lexsort((codes, keys))  # by key, then by the whole hash (see max_bucket)
+            self.tables.append((keys[order], self.firsts[order]))
+        self._pixels_sorted = np.argsort(signals.pixel, kind="stable")
+
+    def __len__(self) -> int:
+        return len(self.signals)
+
+    def exact_pairs(self) -> Pairs:
+        """Each photo with the first photo of its exact-copy set."""
+        copies = np.nonzero(self.exact_first != np.arange(len(self)))[0]
+        return Pairs.of(self.exact_first[copies], copies, "exact")
+
+    def candidates(self) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate near pairs (a < b) among first photos: a band value in common and hashes at
+        most rule.max_bits apart. Counted in the log."""
+        a_parts, b_parts, raw = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], 0
+        for keys, order in self.tables:
+            for a, b in _runs_pairs(keys, order, self.max_bucket):
+                raw += len(a)
+                keep = _hamming(self.codes[a], self.codes[b]) <= self.rule.max_bits
+                a_parts.append(a[keep])
+                b_parts.append(b[keep])
+        a, b = _unique_pairs(np.concatenate(a_parts), np.concatenate(b_parts))
+        log.info("duplicates: %d band collisions, %d candidates within %d bits", raw, len(a), self.rule.max_bits)
+        return a, b
+
+    def probe(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query row, gallery position) pairs for query hashes: a band value in common, at most
+        rule.max_bits apart."""
+        q_parts, g_parts = [], []
+        for (keys, order), qkeys in zip(self.tables, band_keys(codes, self.n_tables)):
+            lo = np.searchsorted(keys, qkeys, side="left")
+            counts = np.minimum(np.searchsorted(keys, qkeys, side="right") - lo, self.max_bucket)
+            q = np.repeat(np.arange(len(codes)), counts)
+            offsets = np.arange(len(q)) - np.repeat(np.cumsum(counts) - counts, counts)
+            g = order[np.repeat(lo, counts) + offsets].astype(np.int64)
+            keep = _hamming(codes[q], self.codes[g]) <= self.rule.max_bits
+            q_parts.append(q[keep])
+            g_parts.append(g[keep])
+        n = max(len(self), 1)
+        key = _sorted_unique(np.concatenate(q_parts) * n + np.concatenate(g_parts))
+        return key // n, key % n
+
+    def exact_matches(self, pixel: np.ndarray) -> np.ndarray:
+        """int64 (Q,): the first gallery photo with these pixels, -1 where none."""
+        sorted_pixels = self.signals.pixel[self._pixels_sorted]
+        at = np.searchsorted(sorted_pixels, pixel)
+        found = (at < len(sorted_pixels)) & (pixel != "")
+        found[found] = sorted_pixels[at[found]] == pixel[found]
+        out = np.full(len(pixel), -1, np.int64)
+        out[found] = self.exact_first[self._pixels_sorted[at[found]]]
+        return out
+
+
+def _exact_firsts(pixel: np.ndarray) -> np.ndarray:
+    """int64 (N,): for each photo the first position with the same pixel hash (itself if none or
+    no hash)."""
+    n = len(pixel)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    _, inverse = np.unique(pixel, return_inverse=True)
+    first = np.full(inverse.max() + 1, n, np.int64)
+    np.minimum.at(first, inverse, np.arange(n))
+    out = first[inverse]
+    empty = pixel == ""
+    out[empty] = np.nonzero(empty)[0]
+    return out
+
+
+def _hamming(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(np.bitwise_xor(x, y))
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    keep = lo != hi
+    if not keep.any():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo, hi = lo[keep], hi[keep]
+    width = int(hi.max()) + 1
+    key = _sorted_unique(lo * width + hi)
+    return key // width, key % width
+
+
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (numpy 2's hash-based unique is several times slower on 10^7 int64)."""
+    x = np.sort(x)
+    return x[np.r_[True, x[1:] != x[:-1]]] if len(x) else x
+
+
+def neighbour_pairs(
+    indices: np.ndarray, distances: np.ndarray, max_distance: float = np.inf
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs (a < b) from each photo's top-k neighbours, as the Searcher gives them.
+
+    Args:
+        indices: int (N, k), gallery positions, -1 where there is none.
+        distances: float (N, k), cosine distances; pairs farther than max_distance are left out.
+    """
+    indices, distances = np.asarray(indices), np.asarray(distances)
+    if indices.shape != distances.shape or indices.ndim != 2:
+        raise ValueError(f"indices {indices.shape} and distances {distances.shape} must be the same (N, k) shape")
+    rows = np.repeat(np.arange(len(indices)), indices.shape[1])
+    cols = indices.ravel().astype(np.int64)
+    keep = (cols >= 0) & (distances.ravel() <= max_distance)
+    return _unique_pairs(rows[keep], cols[keep])
+
+
+def _confirm(a: tuple[np.ndarray, np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray, np.ndarray],
+             rule: NearRule, chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
+    """(passes, distance) of the near rule for pairs of rows: a and b are (signatures, hashes,
+    rows), pair i is a's row a[2][i] with b's row b[2][i]. Pairs whose hashes are more than
+    rule.max_bits apart get distance inf. Gathered in chunks: memory stays small at any count."""
+    (sig_a, codes_a, rows_a), (sig_b, codes_b, rows_b) = a, b
+    d = np.empty(len(rows_a), np.float32)
+    for s in range(0, len(rows_a), chunk):
+        ra, rb = rows_a[s : s + chunk], rows_b[s : s + chunk]
+        part = signature_distances(sig_a[ra], sig_b[rb], rule)
+        part[_hamming(codes_a[ra], codes_b[rb]) > rule.max_bits] = np.inf
+        d[s : s + chunk] = part
+    return d <= 1.0, d
+
+
+def near_pairs(index: DuplicateIndex, extra: tuple[np.ndarray, np.ndarray] | None = None) -> Pairs:
+    """Confirmed near pairs among a gallery's first photos: band candidates, plus `extra`
+    candidates (neighbour_pairs) mapped to the first photos of their exact-copy sets."""
+    a, b = index.candidates()
+    if extra is not None:
+        ea, eb = index.exact_first[extra[0]], index.exact_first[extra[1]]
+        a, b = _unique_pairs(np.concatenate([a, ea]), np.concatenate([b, eb]))
+    gallery = (index.signals.signature, index.codes)
+    ok, d = _confirm((*gallery, a), (*gallery, b), index.rule)
+    return Pairs.of(a[ok], b[ok], "near", d[ok])
+
+
+def groups_from_pairs(signals: PhotoSignals, pairs: Pairs, rule: NearRule = DEFAULT_RULE) -> list[DuplicateGroup]:
+    """Connected components of the pairs (union-find), each with its kinds and distances to its
+    first photo; groups in the order of their first photos."""
+    n = len(signals)
+    if len(pairs) == 0:
+        return []
+    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs.a, pairs.b)), shape=(n, n))
+    labels = connected_components(graph, directed=False)[1]
+    members = np.nonzero(np.bincount(labels)[labels] > 1)[0]
+    members = members[np.argsort(labels[members], kind="stable")]  # by group, ascending inside each
+    starts = np.nonzero(np.r_[True, labels[members][1:] != labels[members][:-1]])[0]
+    first = np.repeat(members[starts], np.diff(np.r_[starts, len(members)]))
+    exact = (signals.pixel[members] == signals.pixel[first]) & (signals.pixel[members] != "")
+    dist = signature_distances(signals.signature[members], signals.signature[first], rule)
+    dist[exact] = 0.0
+    groups = []
+    for s, e in zip(starts.tolist(), np.r_[starts[1:], len(members)].tolist()):
+        kinds = ["exact" if x else "near" for x in exact[s:e].tolist()]
+        kinds[0] = "exact" if "exact" in kinds[1:] else "near"  # the first photo: has the group its pixels?
+        groups.append(DuplicateGroup(members[s:e].tolist(), kinds, [round(d, 4) for d in dist[s:e].tolist()]))
+    return sorted(groups, key=lambda g: g.members[0])
+
+
+def find_duplicates(signals: PhotoSignals, rule: NearRule = DEFAULT_RULE,
+                    neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+                    coder: HashCoder | None = None) -> list[DuplicateGroup]:
+    """Every duplicate group among N photos (a build).
+
+    Args:
+        signals: the photos' signals, position i = photo i.
+        neighbours: optionally (indices (N, k), cosine distances (N, k)) from the embedding index:
+            more candidates, confirmed by the same rule.
+        coder: the hash coder (default: fitted on these photos).
+    Returns:
+        groups in the order of their first photos.
+    """
+    index = DuplicateIndex(signals, rule, coder)
+    extra = neighbour_pairs(*neighbours) if neighbours is not None else None
+    return groups_from_pairs(signals, index.exact_pairs().concat(near_pairs(index, extra)), rule)
+
+
+def check_new(index: DuplicateIndex, new: PhotoSignals) -> Pairs:
+    """New photos checked against the whole gallery (its band tables, probed with the gallery's
+    coder) and against each other.
+
+    Positions: the gallery's 0..N-1, then the new photos' N..N+M-1 (the update's order: kept
+    photos first, new ones after). Returns confirmed pairs (exact and near) involving a new photo.
+    """
+    n = len(index)
+    exact_to = index.exact_matches(new.pixel)
+    hit = np.nonzero(exact_to >= 0)[0]
+    pairs = Pairs.of(exact_to[hit], hit + n, "exact")
+    fresh = np.nonzero(exact_to < 0)[0]  # a new photo with a gallery photo's pixels joins through it
+    codes = index.coder.codes(new.signature)
+    q, g = index.probe(codes[fresh])
+    q = fresh[q]
+    ok, d = _confirm((new.signature, codes, q), (index.signals.signature, index.codes, g), index.rule)
+    pairs = pairs.concat(Pairs.of(g[ok], q[ok] + n, "near", d[ok]))
+    among = DuplicateIndex(new, index.rule, index.coder, index.max_bucket, index.n_tables)
+    inner = among.exact_pairs().concat(near_pairs(among))
+    return pairs.concat(Pairs(inner.a + n, inner.b + n, inner.kind, inner.distance))
+
+
+def update_groups(previous: Sequence[DuplicateGroup], index: DuplicateIndex, new: PhotoSignals) -> list[DuplicateGroup]:
+    """The groups after an update: those a fresh run over the kept and new photos finds with the
+    same coder.
+
+    Args:
+        previous: the groups before the update, renumbered to the kept photos' positions with
+            removed photos dropped (`renumber_groups`).
+        index: the kept photos' index (positions 0..N-1).
+        new: the new photos (positions N..N+M-1).
+    Pairs of kept photos are checked again only inside previous groups (a pair across two groups
+    would have joined them); the new photos go through `check_new`.
+    """
+    kept = _pairs_within(previous, index)
+    return groups_from_pairs(index.signals.concat(new), kept.concat(check_new(index, new)), index.rule)
+
+
+def _pairs_within(groups: Sequence[DuplicateGroup], index: DuplicateIndex) -> Pairs:
+    """Confirmed pairs inside each group (exact, or near among band candidates): a removed photo
+    may have been what linked two others, so what still holds is checked again."""
+    if not groups:
+        return Pairs.of(np.zeros(0), np.zeros(0), "exact")
+    ends = [np.triu_indices(len(g.members), 1) for g in groups]
+    a = np.concatenate([np.asarray(g.members, np.int64)[i] for g, (i, _) in zip(groups, ends)])
+    b = np.concatenate([np.asarray(g.members, np.int64)[j] for g, (_, j) in zip(groups, ends)])
+    exact = index.exact_first[a] == index.exact_first[b]
+    pairs = Pairs.of(a[exact], b[exact], "exact")
+    a, b = _unique_pairs(index.exact_first[a[~exact]], index.exact_first[b[~exact]])
+    shared = np.zeros(len(a), bool)
+    for keys in band_keys(index.codes, index.n_tables):
+        shared |= keys[a] == keys[b]
+    a, b = a[shared], b[shared]
+    gallery = (index.signals.signature, index.codes)
+    ok, d = _confirm((*gallery, a), (*gallery, b), index.rule)
+    return pairs.concat(Pairs.of(a[ok], b[ok], "near", d[ok]))
+
+
+def renumber_groups(groups: Sequence[DuplicateGroup], new_position: np.ndarray) -> list[DuplicateGroup]:
+    """Groups with positions mapped through new_position (int (N_old,), -1 for a removed photo);
+    removed members are dropped and groups left with one photo disappear. Kinds and distances
+    are recomputed by update_groups, so they are carried as they were."""
+    out = []
+    for g in groups:
+        kept = [(int(new_position[m]), k, d) for m, k, d in zip(g.members, g.kinds, g.distances)
+                if new_position[m] >= 0]
+        if len(kept) > 1:
+            kept.sort()
+            out.append(DuplicateGroup([m for m, _, _ in kept], [k for _, k, _ in kept], [d for _, _, d in kept]))
+    return out
+
+
+DUPLICATES_FIELDS = ["group", "source_row", "file", "kind", "distance"]
+
+
+def duplicates_csv(groups: Sequence[DuplicateGroup], source_rows: Sequence[int], files: Sequence[str]) -> str:
+    """The CSV text: one line per photo in a group, groups in order, each group's first photo first."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(DUPLICATES_FIELDS)
+    for number, g in enumerate(groups):
+        for m, kind, dist in zip(g.members, g.kinds, g.distances):
+            writer.writerow([number, source_rows[m], files[m], kind, f"{dist:.4f}"])
+    return buf.getvalue()
+
+
+def write_duplicates_csv(path: str | Path, groups: Sequence[DuplicateGroup], source_rows: Sequence[int],
+                         files: Sequence[str]) -> None:
+    """Write outputs/duplicates.csv atomically (columns DUPLICATES_FIELDS); positions index
+    source_rows and files."""
+    atomic_write_text(path, duplicates_csv(groups, source_rows, files))
+
+
+def read_duplicates_csv(path: str | Path) -> list[DuplicateGroup]:
+    """The groups of a duplicates.csv, members given by their source_row (map them to positions
+    with `renumber_groups`, an array indexed by source row)."""
+    groups: dict[int, DuplicateGroup] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != DUPLICATES_FIELDS:
+            raise ValueError(f"{path}: columns {reader.fieldnames}, expected {DUPLICATES_FIELDS}")
+        for row in reader:
+            g = groups.setdefault(int(row["group"]), DuplicateGroup([], [], []))
+            g.members.append(int(row["source_row"]))
+            g.kinds.append(row["kind"])
+            g.distances.append(float(row["distance"]))
+    return [groups[k] for k in sorted(groups)]
+
+
+def representatives(groups: Sequence[DuplicateGroup], n: int) -> np.ndarray:
+    """int64 (n,): each photo's group's first photo, or the photo itself outside any group."""
+    out = np.arange(n, dtype=np.int64)
+    for g in groups:
+        out[g.members] = g.members[0]
+    return out
+
+
+def hide_duplicates(indices: np.ndarray, group_of: np.ndarray) -> np.ndarray:
+    """A top-k result with one photo per duplicate group: the group's first photo, in the slot of
+    its best-ranked member; later members are dropped and the row closes up, padded with -1.
+
+    Args:
+        indices: int (Q, k) or (k,) gallery positions, -1 where there is none.
+        group_of: `representatives(groups, N)`.
+    """
+    idx = np.asarray(indices)
+    rows = np.atleast_2d(idx)
+    rep = np.where(rows >= 0, group_of[np.maximum(rows, 0)], -1)
+    out = np.full_like(rows, -1)
+    for q, row in enumerate(rep):
+        _, first_at = np.unique(row, return_index=True)
+        keep = np.sort(first_at[row[first_at] >= 0])
+        out[q, : len(keep)] = row[keep]
+    return out if idx.ndim == 2 else out[0]
