@@ -26,7 +26,7 @@ Scale: N synthetic photos (random 64-bit hashes and signatures, 1% exact copies 
 planted), find_duplicates timed end to end; with the embedding's top-10 lists as extra candidates;
 and 10,000 new photos checked against the N with check_new.
 
-    python -m benchmarks.duplicates                      # 120 + 40 originals, 1M synthetic: ~15 min on 2 cores
+    python -m benchmarks.duplicates                      # 120 + 40 originals, 1M synthetic: ~4 min on 2 cores
     python -m benchmarks.duplicates --tiny               # 8 small originals, 20k synthetic: checks the script
 """
 
