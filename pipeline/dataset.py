@@ -112,6 +112,11 @@ def iter_records(spec: DatasetSpec, start: int = 0) -> Generator[Record, None, N
 _FOOTERS: dict[str, Any] = {}  # a parquet file's footer that check_dataset read, until the run reads the file
 
 
+def _footer(name: Any, source: Any):
+    """The footer check_dataset kept for this file, else read now (_read_footer)."""
+    return _FOOTERS.pop(str(name), None) or _read_footer(source)
+
+
 def check_dataset(spec: DatasetSpec) -> int | None:
     """Open the dataset, so a wrong name, split or column fails here, before a run writes anything;
     then the rows that will be read (count_rows). Parquet files are checked by their first file's
@@ -273,7 +278,7 @@ def _iter_parquet(
         if stop is not None and row >= stop:
             return
         with open_file(f) as source:
-            footer = _FOOTERS.pop(str(f), None) or _read_footer(source)
+            footer = _footer(f, source)
             pf = pq.ParquetFile(source, pre_buffer=False, metadata=footer)
             _check_columns(spec, pf.schema_arrow.names)
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
@@ -558,7 +563,7 @@ def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
         if stop is not None and row >= stop:
             break
         with opener(f) as source:
-            footer = _FOOTERS.pop(str(f), None) or _read_footer(source)
+            footer = _footer(f, source)
             pf = pq.ParquetFile(source, pre_buffer=False, metadata=footer)
             _check_columns(spec, pf.schema_arrow.names)
             for g in range(pf.num_row_groups):

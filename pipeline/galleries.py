@@ -20,7 +20,7 @@ from .config import RunConfig
 from .dataset import Record, check_dataset, iter_records
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError
-from .gallery import DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
+from .gallery import STANDARD_FILES, DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
 from .items import make_segment_items, make_standard_items, note_persons_cut
 from .machine import TreeMemory
@@ -171,13 +171,11 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
 
 def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, part: BuildPart | None) -> Gallery:
     """The gallery built by Ray (--engine ray): the driver's model loads while Ray starts."""
-    images_dir, store_dir = (cfg.images_dir, cfg.store_dir) if part is None else (part.images_dir, part.store_dir)
+    images_dir, store_dir = _folders(cfg, part)
     if cfg.segmented:  # the actors load their own; this one checks the model before Ray starts
         with summary.stage("load segmenter"):
             segmenter_factory(cfg)
-        target = GalleryTarget(images_dir, store_dir, owned_files=SEGMENT_FILES)
-    else:
-        target = GalleryTarget(images_dir, store_dir)
+    target = GalleryTarget(images_dir, store_dir, owned_files=owned_files(cfg))
     given = embedder
 
     def load() -> Embedder:
@@ -228,7 +226,7 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
     total_rows = check_dataset(cfg.dataset) if part is None else len(part.rows)
     if cfg.engine == "ray":
         return _build_on_ray(cfg, summary, embedder, part)
-    images_dir, store_dir = (cfg.images_dir, cfg.store_dir) if part is None else (part.images_dir, part.store_dir)
+    images_dir, store_dir = _folders(cfg, part)
     with summary.stage("load model"):
         embedder = embedder or make_embedder(cfg.embedder)
     segmenter, embed_batch = None, None
@@ -238,7 +236,7 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
         with summary.stage("load segmenter"):
             segmenter = segmenter_factory(cfg)
         make_items = make_segment_items(segmenter, cfg.segment)
-        target = GalleryTarget(images_dir, store_dir, owned_files=SEGMENT_FILES, group_size=8)
+        target = GalleryTarget(images_dir, store_dir, owned_files=owned_files(cfg), group_size=8)
         stage_name = "decode+segment+crop"
     elif on_device:
         make_items = make_standard_items(min_side, device_decode=True)
@@ -275,6 +273,16 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
     if segmenter is not None:
         summary.timed("embed/items/segment", segmenter.predict_seconds, "of which segmentation predict")
     return Gallery(emb, rows, embedder)
+
+
+def _folders(cfg: RunConfig, part: BuildPart | None) -> tuple[Path, Path]:
+    """(images, store) folders of a build: the run's, or a part's."""
+    return (cfg.images_dir, cfg.store_dir) if part is None else (part.images_dir, part.store_dir)
+
+
+def owned_files(cfg: RunConfig) -> re.Pattern:
+    """The image file names the run's gallery owns (stale ones of them are removed)."""
+    return SEGMENT_FILES if cfg.segmented else STANDARD_FILES
 
 
 def _records(cfg: RunConfig, start: int, only: frozenset[int] | None) -> Iterator[Record]:

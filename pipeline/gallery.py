@@ -41,13 +41,16 @@ from .store import ManifestRow, Shard, ShardStore, StoreBuild
 log = logging.getLogger(__name__)
 
 
+STANDARD_FILES = re.compile(r"img_\d+\.(jpg|png)$")  # the file names a standard gallery owns
+
+
 @dataclass
 class GalleryTarget:
     """Where a gallery goes: its image folder, its store folder, and the file names it owns."""
 
     images_dir: Path
     store_dir: Path
-    owned_files: re.Pattern = field(default_factory=lambda: re.compile(r"img_\d+\.(jpg|png)$"))
+    owned_files: re.Pattern = STANDARD_FILES
     group_size: int = 1  # records handed to the item maker at once (batched segmentation)
     parallel_items: bool = False  # make_items may run in several threads at once (lanes)
     device_decode: bool = False  # JPEGs go to the device encoded; workers only read headers and write files

@@ -594,8 +594,13 @@ def run_params(source: GallerySource, identity: VectorIdentity, batch_size: int,
     params = {"source": source.to_json(), "identity": identity.to_json(), "batch_size": batch_size,
               "shard_rows": shard_rows}
     if rows is not None:
-        params["rows"] = sha256_bytes(np.array(sorted(rows), np.int64).tobytes())
+        params["rows"] = rows_key(rows)
     return params
+
+
+def rows_key(rows: frozenset[int]) -> str:
+    """A partial build's dataset rows, as its run file records them."""
+    return sha256_bytes(np.array(sorted(rows), np.int64).tobytes())
 
 
 def main(argv: list[str] | None = None) -> int:

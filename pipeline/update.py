@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,9 +36,8 @@ from .dataset import Record, check_dataset, iter_records
 from .embedders import Embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError
 from .fileio import sha256_bytes, unlink_quietly
-from .galleries import SEGMENT_FILES, BuildPart, Gallery, build, gallery_source
-from .gallery import GalleryTarget
-from .identity import VectorIdentity, differences
+from .galleries import BuildPart, Gallery, build, gallery_source, owned_files
+from .identity import differences
 from .index import INDEX_META, switch_index, update_index
 from .items import crop_file_name, image_file_name
 from .report import RunSummary
@@ -54,7 +53,7 @@ from .store import (
     ThumbnailReader,
     load_cache,
     read_manifest,
-    run_params,
+    rows_key,
     store_sha256,
     write_store,
 )
@@ -221,14 +220,7 @@ def _check_embedder(cfg: RunConfig, old: GalleryCache) -> None:
         )
 
 
-@dataclass
-class _New:
-    emb: np.ndarray
-    rows: list[ManifestRow]
-    embedder: Embedder | None
-
-
-def _embed_new(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, plan: Plan) -> _New | None:
+def _embed_new(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, plan: Plan) -> Gallery | None:
     """The new and changed photos, built by the gallery's own build into the staging folders
     (resumable: its shards stay there until the switch)."""
     if not plan.embed:
@@ -236,8 +228,7 @@ def _embed_new(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, p
     part = BuildPart(cfg.store_dir / STAGING / "new", cfg.images_dir / STAGING, frozenset(plan.embed))
     if (part.store_dir / ".partial" / "run.json").is_file() and not _same_part(cfg, part):
         shutil.rmtree(part.store_dir)  # an earlier update's staging for other rows or flags: ours to discard
-    gallery = build(cfg, summary, embedder, part=part)
-    return _New(gallery.embeddings, gallery.rows, gallery.embedder)
+    return build(cfg, summary, embedder, part=part)
 
 
 def _same_part(cfg: RunConfig, part: BuildPart) -> bool:
@@ -247,12 +238,12 @@ def _same_part(cfg: RunConfig, part: BuildPart) -> bool:
         run = json.loads((part.store_dir / ".partial" / "run.json").read_text())
     except (OSError, ValueError):
         return False
-    asked = run_params(gallery_source(cfg), VectorIdentity(), cfg.batch_size, cfg.shard_rows, part.rows)
-    return all(run.get(k) == asked[k] for k in ("rows", "batch_size", "shard_rows"))
+    asked = {"rows": rows_key(part.rows), "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
+    return all(run.get(k) == v for k, v in asked.items())
 
 
 def _write_next(
-    cfg: RunConfig, old: GalleryCache, groups: dict[int, list[ManifestRow]], plan: Plan, new: _New | None
+    cfg: RunConfig, old: GalleryCache, groups: dict[int, list[ManifestRow]], plan: Plan, new: Gallery | None
 ) -> tuple[np.ndarray, list[ManifestRow], list[int]]:
     """The merged store in <store>/.update/next, and the kept photos' files under their new names
     in <images>/.update (hard links where the file system allows)."""
@@ -282,7 +273,7 @@ def _write_next(
     dim = old.embeddings.shape[1]
     parts = [old.embeddings[np.asarray(take, np.int64)] if take else np.zeros((0, dim), np.float32)]
     if new is not None:
-        parts.append(new.emb)
+        parts.append(new.embeddings)
     emb = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
     identity = old.sidecar.identity
     write_store(next_dir, emb, rows, _thumbnails(old, take, new, cfg), identity, gallery_source(cfg),
@@ -290,21 +281,21 @@ def _write_next(
     return emb, rows, take
 
 
-def _thumbnails(old: GalleryCache, take: list[int], new: _New | None, cfg: RunConfig) -> Iterator[np.ndarray]:
+def _thumbnails(old: GalleryCache, take: list[int], new: Gallery | None, cfg: RunConfig) -> Iterator[np.ndarray]:
     """The kept photos' thumbnails from the old store, then the new ones', a chunk at a time."""
-    reader = ThumbnailReader(old.root / THUMBNAILS_FILE)
+    yield from _thumbnail_chunks(old.root / THUMBNAILS_FILE, take)
+    if new is not None and len(new.embeddings):
+        yield from _thumbnail_chunks(cfg.store_dir / STAGING / "new" / THUMBNAILS_FILE, range(len(new.embeddings)))
+
+
+def _thumbnail_chunks(path: Path, rows: Sequence[int]) -> Iterator[np.ndarray]:
+    """uint8 (n, T, T, 3) chunks of the thumbnails at `rows` of a store's thumbnails.npy."""
+    reader = ThumbnailReader(path)
     try:
-        for start in range(0, len(take), THUMB_CHUNK):
-            yield np.stack([reader[i] for i in take[start : start + THUMB_CHUNK]])
+        for start in range(0, len(rows), THUMB_CHUNK):
+            yield np.stack([reader[i] for i in rows[start : start + THUMB_CHUNK]])
     finally:
         reader.close()
-    if new is not None and len(new.emb):
-        fresh = ThumbnailReader(cfg.store_dir / STAGING / "new" / THUMBNAILS_FILE)
-        try:
-            for start in range(0, len(fresh), THUMB_CHUNK):
-                yield np.stack([fresh[i] for i in range(start, min(len(fresh), start + THUMB_CHUNK))])
-        finally:
-            fresh.close()
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -337,7 +328,7 @@ def switch(cfg: RunConfig) -> None:
         if (next_dir / name).is_file():
             move(next_dir / name, store / name)
     keep = {r.file for r in load_cache(store, images, identity=None, check_images=False).rows if r.file}
-    pattern = SEGMENT_FILES if cfg.segmented else GalleryTarget(images, store).owned_files
+    pattern = owned_files(cfg)
     for p in images.iterdir():
         if p.is_file() and pattern.fullmatch(p.name) and p.name not in keep:
             p.unlink()

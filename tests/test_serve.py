@@ -71,13 +71,18 @@ def _page_results(browser) -> list[tuple[str, float]]:
     return [(t.get_attribute("data-file"), round(float(t.get_attribute("data-distance")), 3)) for t in tiles]
 
 
-def test_text_and_image_queries_through_the_page_equal_the_query_mode(served, browser, tiny_onnx, tmp_path):
-    url, out, _ = served
+def search_text(browser, url: str, text: str, loaded: str = "items") -> None:
+    """Open the search page, wait until it says `loaded`, search for `text` and wait for 5 results."""
     browser.get(url + "/")
-    wait(browser, "document.getElementById('info').textContent.includes('22 items')")
-    browser.find_element(By.ID, "text").send_keys("red floral dress")
+    wait(browser, f"document.getElementById('info').textContent.includes('{loaded}')")
+    browser.find_element(By.ID, "text").send_keys(text)
     browser.find_element(By.ID, "text-go").click()
     wait(browser, "document.querySelectorAll('#results .tile[data-file]').length === 5")
+
+
+def test_text_and_image_queries_through_the_page_equal_the_query_mode(served, browser, tiny_onnx, tmp_path):
+    url, out, _ = served
+    search_text(browser, url, "red floral dress", loaded="22 items")
     assert _page_results(browser) == _cli_results(out, tiny_onnx, "--query-text", "red floral dress")
     picture = tmp_path / "look.jpg"
     picture.write_bytes((out / "images" / "img_00011.jpg").read_bytes())
@@ -116,11 +121,7 @@ def test_bad_uploads_get_a_4xx_and_the_next_query_still_works(served, name, data
 def test_a_failed_upload_clears_the_previous_results(served, browser, tmp_path):
     """The error is said where the results were: no earlier query's results stay under it."""
     url, _, _ = served
-    browser.get(url + "/")
-    wait(browser, "document.getElementById('info').textContent.includes('items')")
-    browser.find_element(By.ID, "text").send_keys("blue shirt")
-    browser.find_element(By.ID, "text-go").click()
-    wait(browser, "document.querySelectorAll('#results .tile[data-file]').length === 5")
+    search_text(browser, url, "blue shirt")
     notes = tmp_path / "notes.jpg"
     notes.write_bytes(b"hello\nthis is text, not a picture\n")
     browser.find_element(By.ID, "file").send_keys(str(notes))
@@ -159,10 +160,7 @@ def test_the_page_fits_a_phone(served, browser):
         "Emulation.setDeviceMetricsOverride", {"width": 420, "height": 900, "deviceScaleFactor": 1, "mobile": False}
     )
     try:
-        browser.get(url + "/")
-        browser.find_element(By.ID, "text").send_keys("red dress")
-        browser.find_element(By.ID, "text-go").click()
-        wait(browser, "document.querySelectorAll('#results .tile[data-file]').length === 5")
+        search_text(browser, url, "red dress")
         assert browser.execute_script("return document.documentElement.scrollWidth") <= 420
         assert browser.execute_script(
             "return [...document.querySelectorAll('.panel, .query')].every(p => p.scrollWidth <= p.clientWidth)"
