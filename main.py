@@ -212,6 +212,12 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
     _add(out, "--max-result-images", type=_non_negative_int, help="cap on result pictures (neighbours.csv: all)")
     _add(
         out,
+        "--dedup",
+        action="store_true",
+        help="one photo per duplicate group (outputs/duplicates.csv) in search results and neighbours",
+    )
+    _add(
+        out,
         "--index",
         choices=INDEX_KINDS,
         help="nearest-neighbour index: auto = exact up to 50,000 items, FAISS IVF-PQ above; none = exact",

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .duplicates import stored_groups
 from .embedders import Embedder, EmbedderSpec, make_embedder
 from .errors import CacheMismatchError, PipelineError
 from .identity import differences
@@ -96,6 +97,7 @@ class Catalog:
         threads: int = 0,
         index: str = "auto",
         seg_model: str | None = None,
+        dedup: bool = False,
     ) -> Catalog:
         """Open a store folder (or a run's output folder) for search.
 
@@ -105,12 +107,15 @@ class Catalog:
             when it first loads (vectors of another model are never compared).
         index: "auto" uses the index file beside the store when there is one; "none": exact search.
         seg_model: the person segmenter for `search_image(..., segment=True)`.
+        dedup: one photo per duplicate group in every answer (the groups of outputs/duplicates.csv).
         """
         root = store_folder(folder)
         cache = load_cache(root, Path(), identity=None, check_images=False)
         cache = replace(cache, images_dir=images_folder(root, cache.sidecar.source.kind or "standard"))
         searcher = Searcher.open(root, cache.embeddings, cache.embedded_rows, cache.sidecar.embeddings_sha256, index,
                                  threads)
+        if dedup:
+            searcher.dedup(stored_groups(root, searcher.rows, cache.sidecar.manifest_sha256))
         spec = _embedder_spec(cache, model, onnx, device, threads)
         segment = SegmentSpec(model=seg_model) if seg_model else SegmentSpec()
         return cls(cache, searcher, lambda: _checked_embedder(spec, cache),
@@ -129,6 +134,12 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self.searcher.rows)
+
+    def duplicates(self) -> list[list[ManifestRow]]:
+        """The store's duplicate groups (outputs/duplicates.csv), each a list of items, its first
+        photo first."""
+        groups = stored_groups(self.cache.root, self.searcher.rows, self.cache.sidecar.manifest_sha256)
+        return [[self.searcher.rows[m] for m in g.members] for g in groups]
 
     def describe(self) -> str:
         return f"{len(self):,} items in {self.cache.root}; search: {self.searcher.describe()}"
@@ -190,9 +201,8 @@ class Catalog:
 
     def neighbours(self, item: int | str, k: int = 5) -> list[Hit]:
         """An item's top-k other items; item: its embedding row, or its file name."""
-        row = self._row_of(item)
-        nb = self.searcher.neighbours(self.embeddings[row : row + 1], k + 1)
-        return [replace(h, rank=r + 1) for r, h in enumerate(h for h in self.searcher.hits(nb, 0) if h.row != row)][:k]
+        nb = self.searcher.item_neighbours(np.array([self._row_of(item)]), k)
+        return self.searcher.hits(nb, 0)
 
     def _row_of(self, item: int | str) -> int:
         if isinstance(item, (int, np.integer)):

@@ -91,6 +91,7 @@ class RunConfig:
     top_k: int = 5
     max_matrix: int = 20000
     max_result_images: int = 10_000  # result pictures are for looking at: the neighbour table covers everyone
+    dedup: bool = False  # one photo per duplicate group in search results and neighbours (duplicates.py)
     shard_rows: int = 512
     index: str = "auto"  # auto | flat | hnsw | ivfpq | none (index.py)
     engine: str = "local"  # local | ray (ray_engine.py)
@@ -212,6 +213,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
             "top_k",
             "max_matrix",
             "max_result_images",
+            "dedup",
             "shard_rows",
             "use_embeddings",
             "use_segmentation",

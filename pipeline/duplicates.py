@@ -46,7 +46,10 @@ same coder finds.
 
 Results: `DuplicateGroup` lists; `write_duplicates_csv(path, groups, source_rows, files)` writes
 group, source_row, file, kind, distance atomically; `representatives(groups, n)` and
-`hide_duplicates(indices, group_of)` keep one photo per group in a top-k result.
+`keep_one_per_group` keep one photo per group in a top-k result (--dedup).
+
+In the pipeline: `item_signals` per item as it is decoded (manifest columns pixel_hash and look),
+`gallery_duplicates` over a store's lines, `write_groups`/`read_groups` beside the store.
 """
 
 from __future__ import annotations
@@ -55,9 +58,10 @@ import base64
 import csv
 import hashlib
 import io
+import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -521,14 +525,28 @@ def _confirm(a: tuple[np.ndarray, np.ndarray, np.ndarray], b: tuple[np.ndarray, 
     return d <= 1.0, d
 
 
+ALL_PAIRS_UP_TO = 2048  # first photos: below this every pair is compared (hashes need a gallery)
+
+
 def near_pairs(index: DuplicateIndex, extra: tuple[np.ndarray, np.ndarray] | None = None) -> Pairs:
     """Confirmed near pairs among a gallery's first photos: band candidates, plus `extra`
-    candidates (neighbour_pairs) mapped to the first photos of their exact-copy sets."""
+    candidates (neighbour_pairs) mapped to the first photos of their exact-copy sets.
+
+    A gallery of at most ALL_PAIRS_UP_TO first photos has every pair compared by the signature rule
+    alone (at most 2 million pairs, under a second): the hash thresholds are medians of the gallery,
+    too unsteady over a few dozen photos to filter by (measured: a 16-photo gallery put two planted
+    copies 14 bits apart that a 300-photo one put 2 and 7 bits apart).
+    """
+    gallery = (index.signals.signature, index.codes)
+    if len(index.firsts) <= ALL_PAIRS_UP_TO:
+        i, j = np.triu_indices(len(index.firsts), 1)
+        a, b = index.firsts[i], index.firsts[j]
+        ok, d = _confirm((*gallery, a), (*gallery, b), replace(index.rule, max_bits=64))
+        return Pairs.of(a[ok], b[ok], "near", d[ok])
     a, b = index.candidates()
     if extra is not None:
         ea, eb = index.exact_first[extra[0]], index.exact_first[extra[1]]
         a, b = _unique_pairs(np.concatenate([a, ea]), np.concatenate([b, eb]))
-    gallery = (index.signals.signature, index.codes)
     ok, d = _confirm((*gallery, a), (*gallery, b), index.rule)
     return Pairs.of(a[ok], b[ok], "near", d[ok])
 
@@ -664,7 +682,7 @@ def write_duplicates_csv(path: str | Path, groups: Sequence[DuplicateGroup], sou
                          files: Sequence[str]) -> None:
     """Write outputs/duplicates.csv atomically (columns DUPLICATES_FIELDS); positions index
     source_rows and files."""
-    atomic_write_text(path, duplicates_csv(groups, source_rows, files))
+    _write_if_changed(Path(path), duplicates_csv(groups, source_rows, files))
 
 
 def read_duplicates_csv(path: str | Path) -> list[DuplicateGroup]:
@@ -691,20 +709,134 @@ def representatives(groups: Sequence[DuplicateGroup], n: int) -> np.ndarray:
     return out
 
 
-def hide_duplicates(indices: np.ndarray, group_of: np.ndarray) -> np.ndarray:
-    """A top-k result with one photo per duplicate group: the group's first photo, in the slot of
-    its best-ranked member; later members are dropped and the row closes up, padded with -1.
+def keep_one_per_group(indices: np.ndarray, distances: np.ndarray, group_of: np.ndarray, k: int,
+                       own: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A top-k result with one photo per duplicate group (--dedup): the group's best-ranked member
+    stands for it, with its own distance; later members are dropped and the row closes up to k,
+    padded with -1 (and +inf).
 
     Args:
-        indices: int (Q, k) or (k,) gallery positions, -1 where there is none.
+        indices, distances: (Q, K) gallery positions ascending by distance, -1 where there is none;
+            K >= k, so that k remain after the drop when the gallery has them.
         group_of: `representatives(groups, N)`.
+        own: optional int (Q,), a gallery position per query whose group is left out entirely (a
+            photo's own copies are not its neighbours); -1 for none.
+    Returns:
+        int64 (Q, k) indices, float32 (Q, k) distances.
     """
-    idx = np.asarray(indices)
-    rows = np.atleast_2d(idx)
-    rep = np.where(rows >= 0, group_of[np.maximum(rows, 0)], -1)
-    out = np.full_like(rows, -1)
+    idx = np.atleast_2d(np.asarray(indices))
+    dist = np.atleast_2d(np.asarray(distances, np.float32))
+    rep = np.where(idx >= 0, group_of[np.maximum(idx, 0)], -1)
+    out_i = np.full((len(idx), k), -1, np.int64)
+    out_d = np.full((len(idx), k), np.inf, np.float32)
     for q, row in enumerate(rep):
         _, first_at = np.unique(row, return_index=True)
         keep = np.sort(first_at[row[first_at] >= 0])
-        out[q, : len(keep)] = row[keep]
-    return out if idx.ndim == 2 else out[0]
+        if own is not None and own[q] >= 0:
+            keep = keep[row[keep] != group_of[own[q]]]
+        keep = keep[:k]
+        out_i[q, : len(keep)], out_d[q, : len(keep)] = idx[q, keep], dist[q, keep]
+    return out_i, out_d
+
+
+# ----------------------------------------------------------------------------- in the pipeline
+# Each manifest line carries its item's signals (store.ManifestRow.pixel_hash and .look); the
+# gallery run finds the groups over its embedded items (positions = embedding rows), writes
+# outputs/duplicates.csv and keeps the groups beside the store (GROUPS_FILE) for --dedup.
+
+GROUPS_FILE = "duplicates.json"  # in the store folder, keyed by the store's manifest
+
+
+def look_text(signature: np.ndarray) -> str:
+    """A look signature for a manifest column: its version, then `signature_text`."""
+    return f"{SIGNATURE_VERSION}:{signature_text(signature)}"
+
+
+def item_signals(image: Image.Image) -> tuple[str, str]:
+    """(pixel hash, look text) of an item's full-size decoded picture."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return pixel_hash(np.asarray(rgb)), look_text(look_signature(rgb))
+
+
+def signals_of_rows(rows: Sequence) -> tuple[PhotoSignals, np.ndarray]:
+    """The signals of the manifest lines that have them (of this SIGNATURE_VERSION), in dataset
+    order (source_row, person), and their positions in `rows`. Lines of a store made before
+    duplicates have none."""
+    head = SIGNATURE_VERSION + ":"
+    have = [i for i, r in enumerate(rows) if r.look.startswith(head)]
+    at = np.array(sorted(have, key=lambda i: (rows[i].source_row, rows[i].person)), np.int64)
+    texts = [rows[i].look[len(head):] for i in at.tolist()]
+    sig = signatures_from_text(texts) if texts else np.zeros((0, SIGNATURE_SIZE), np.int8)
+    return PhotoSignals(np.array([rows[i].pixel_hash for i in at.tolist()], dtype=str), sig), at
+
+
+def gallery_duplicates(rows: Sequence, neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+                       rule: NearRule = DEFAULT_RULE) -> tuple[list[DuplicateGroup], int]:
+    """The duplicate groups of a gallery's embedded items.
+
+    Found in dataset order, so that a group's first photo is its lowest dataset row and an updated
+    store's groups are a fresh build's (whose lines are in another order).
+
+    Args:
+        rows: the manifest lines in embedding-row order (position i = embedding row i).
+        neighbours: optionally each item's top-k (indices, distances) in the same positions.
+    Returns:
+        (groups over the positions, members in dataset order; how many items had no signals and
+        were left out).
+    """
+    signals, at = signals_of_rows(rows)
+    if len(at) < 2:
+        return [], len(rows) - len(at)
+    extra = None
+    if neighbours is not None:
+        local = np.full(len(rows), -1, np.int64)
+        local[at] = np.arange(len(at))
+        idx, dist = neighbours
+        idx = idx[at]
+        mapped = np.where(idx >= 0, local[np.maximum(idx, 0)], -1)
+        extra = (mapped, np.asarray(dist)[at])
+    groups = find_duplicates(signals, rule, neighbours=extra)
+    return [DuplicateGroup([int(at[m]) for m in g.members], g.kinds, g.distances) for g in groups], len(rows) - len(at)
+
+
+def groups_key(manifest_sha256: str) -> str:
+    return f"{SIGNATURE_VERSION}/{manifest_sha256}"
+
+
+def write_groups(store_dir: Path, manifest_sha256: str, groups: Sequence[DuplicateGroup]) -> None:
+    """The groups beside the store, for --dedup in the modes that only read it."""
+    data = {"key": groups_key(manifest_sha256),
+            "groups": [[g.members, g.kinds, g.distances] for g in groups]}
+    _write_if_changed(Path(store_dir) / GROUPS_FILE, json.dumps(data, separators=(",", ":")))
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Atomically, and not at all when the file already says it (an update that changed nothing
+    rewrites nothing)."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
+
+
+def read_groups(store_dir: Path, manifest_sha256: str) -> list[DuplicateGroup] | None:
+    """The groups a gallery run found for this store, or None when there are none for its manifest."""
+    try:
+        data = json.loads((Path(store_dir) / GROUPS_FILE).read_text())
+        if data.get("key") != groups_key(manifest_sha256):
+            return None
+        return [DuplicateGroup(list(m), list(k), list(d)) for m, k, d in data["groups"]]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def stored_groups(store_dir: Path, rows: Sequence, manifest_sha256: str) -> list[DuplicateGroup]:
+    """The groups of a store for --dedup: those its last gallery run found (GROUPS_FILE, with the
+    embedding neighbours' candidates), else found now from the lines' signals alone."""
+    groups = read_groups(store_dir, manifest_sha256)
+    if groups is None:
+        log.info("no duplicate groups saved for %s by a gallery run: finding them from the photos' signals", store_dir)
+        groups, _ = gallery_duplicates(rows)
+    return groups

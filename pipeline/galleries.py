@@ -18,6 +18,7 @@ import numpy as np
 from .catalog import Catalog
 from .config import RunConfig
 from .dataset import Record, check_dataset, iter_records
+from .duplicates import stored_groups
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError
 from .gallery import STANDARD_FILES, DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
@@ -39,6 +40,7 @@ from .store import (
     Sidecar,
     embedded_rows,
     load_cache,
+    manifest_sha256,
     run_params,
     store_sha256,
 )
@@ -297,12 +299,16 @@ def open_searcher(cfg: RunConfig, embeddings: np.ndarray, rows: list[ManifestRow
     (video, which holds the output folder) does so when --index names a kind. The read-only modes
     (--query-*, --serve) never write an index."""
     if cfg.index == "none" or len(embeddings) < 2:
-        return Searcher(embeddings, rows, None, device="cuda" if gpu else None)
-    build = build_auto if cfg.index == "auto" else build_auto or build_named
-    return Searcher.open(
-        cfg.store_dir, embeddings, rows, store_sha256(cfg.store_dir), cfg.index, cfg.embedder.threads, gpu=gpu,
-        build=build,
-    )
+        searcher = Searcher(embeddings, rows, None, device="cuda" if gpu else None)
+    else:
+        build = build_auto if cfg.index == "auto" else build_auto or build_named
+        searcher = Searcher.open(
+            cfg.store_dir, embeddings, rows, store_sha256(cfg.store_dir), cfg.index, cfg.embedder.threads, gpu=gpu,
+            build=build,
+        )
+    if cfg.dedup and not build_auto:  # a gallery run finds the groups itself, from its neighbours
+        searcher.dedup(stored_groups(cfg.store_dir, searcher.rows, manifest_sha256(cfg.store_dir)))
+    return searcher
 
 
 def open_catalog(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Catalog:

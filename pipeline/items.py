@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .dataset import Record
+from .duplicates import item_signals
 from .fileio import atomic_write_bytes, sha256_bytes
 from .gpu import EncodedJpeg, inspect_jpeg
 from .images import DecodedImage, ImageDecodeError, decode_image, encode_png, sniff_format
@@ -86,6 +87,14 @@ def decode_record(record: Record, min_side: int | None = None) -> tuple[Manifest
         return row, None
 
 
+def signals_of(data: bytes, decoded: DecodedImage, min_side: int | None = None) -> tuple[str, str]:
+    """(pixel hash, look) of a photo for its manifest line (duplicates.item_signals), both of its
+    full-size pixels (exact copies are by them, and a signature then does not depend on the model's
+    decode scale): a JPEG decoded at a reduced scale is decoded once more in full."""
+    reduced = decoded.image.size != (decoded.width, decoded.height) and min_side is not None
+    return item_signals(decode_image(data).image if reduced else decoded.image)
+
+
 def make_standard_items(decode_min_side: int, device_decode: bool = False) -> ItemMaker:
     """Item maker for the standard run: one image per row, written unchanged when JPEG/PNG.
 
@@ -102,6 +111,11 @@ def make_standard_items(decode_min_side: int, device_decode: bool = False) -> It
                               source=record.source, sha256=sha256_bytes(record.data),
                               item_id=record.item_id, source_sha256=source_sha256(record))
             row.width, row.height = jpeg.oriented_size
+            try:  # the duplicate signals are the CPU's: the same as a CPU build's
+                row.pixel_hash, row.look = signals_of(record.data, decode_image(record.data, decode_min_side),
+                                                      decode_min_side)
+            except ImageDecodeError:
+                pass  # the device decoder says what is wrong with it
             return [GalleryItem(row, data=record.data, encoded=jpeg)]
         row, decoded = decode_record(record, decode_min_side)
         if decoded is None or record.data is None:  # decode_record recorded why
@@ -112,6 +126,7 @@ def make_standard_items(decode_min_side: int, device_decode: bool = False) -> It
         row.file = image_file_name(record.source_row, ext or "png")
         row.sha256 = sha256_bytes(data)
         row.width, row.height, row.note = decoded.width, decoded.height, decoded.note
+        row.pixel_hash, row.look = signals_of(record.data, decoded, decode_min_side)
         return [GalleryItem(row, decoded.image, data)]
 
     return items
@@ -201,6 +216,7 @@ def crops_of_row(
         image = Image.fromarray(crop)
         data = encode_png(image)
         row.sha256, row.height, row.width = sha256_bytes(data), crop.shape[0], crop.shape[1]
+        row.pixel_hash, row.look = item_signals(image)
         items.append(GalleryItem(row, image, data))
     if items:
         return items
@@ -210,6 +226,7 @@ def crops_of_row(
         image = Image.fromarray(arr)
         data = encode_png(image)
         row.file, row.sha256 = crop_file_name(rec.source_row, None), sha256_bytes(data)
+        row.pixel_hash, row.look = item_signals(image)
         row.note = join_notes(note, "no person found: whole image kept (--keep-unsegmented)")
         return [GalleryItem(row, image, data)]
     row.status, row.note = "no_person", note

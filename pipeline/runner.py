@@ -21,6 +21,7 @@ from . import images as images_module
 from . import plots as plots_module
 from .config import RunConfig, onnx_fallback
 from .dataset import iter_records
+from .duplicates import DuplicateGroup, gallery_duplicates, write_duplicates_csv, write_groups
 from .embedders import on_cuda
 from .errors import PipelineError
 from .export import export_onnx, verification_images
@@ -43,7 +44,15 @@ from .remote import mirrored
 from .report import RunSummary
 from .retrieval import Neighbours, iter_neighbour_rows, write_neighbours_csv
 from .searcher import Searcher
-from .store import PARTIAL_DIR, THUMBNAILS_FILE, ManifestRow, ThumbnailReader, embedded_rows, store_sha256
+from .store import (
+    PARTIAL_DIR,
+    THUMBNAILS_FILE,
+    ManifestRow,
+    ThumbnailReader,
+    embedded_rows,
+    manifest_sha256,
+    store_sha256,
+)
 from .webreport import REPORT_DIR, Section, build_summary, count_of, write_gallery_pages, write_section
 
 log = logging.getLogger(__name__)
@@ -101,15 +110,20 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
         searcher = open_searcher(cfg, gallery.embeddings, gallery.embedded, gpu=on_gpu, build_auto=True)
     if searcher.index is not None:
         summary.outputs["index"] = f"{cfg.store_dir / INDEX_FILE} ({searcher.describe()})"
-    nb = write_retrieval_outputs(cfg, searcher, summary)
+    nb, groups = write_retrieval_outputs(cfg, searcher, summary)
     with summary.stage("report"):
-        write_gallery_report(cfg, summary, rows, nb)
+        write_gallery_report(cfg, summary, rows, nb, groups)
     return summary
 
 
-def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[ManifestRow], nb: Neighbours | None) -> None:
-    """The gallery's section of outputs/report.html: every item with its neighbours, and the plots. A
-    run that reuses the store keeps the summary of the run that built it (counts, stage times)."""
+REPORT_GROUPS = 60  # duplicate groups shown side by side in the report (duplicates.csv lists all)
+
+
+def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[ManifestRow], nb: Neighbours | None,
+                         groups: list[DuplicateGroup]) -> None:
+    """The gallery's section of outputs/report.html: every item with its neighbours, the duplicate
+    groups, and the plots. A run that reuses the store keeps the summary of the run that built it
+    (counts, stage times)."""
     embedded = embedded_rows(rows)
     section_id = "gallery" + cfg.suffix
     try:
@@ -136,46 +150,48 @@ def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[Manifes
             reader.close()
         if len(embedded) > 1:
             data["plots"] = [f"distance_heatmap{cfg.suffix}.png", f"nearest_neighbour_hist{cfg.suffix}.png"]
+    data["duplicates"] = {
+        "groups": len(groups),
+        "photos": sum(len(g.members) for g in groups),
+        "csv": f"duplicates{cfg.suffix}.csv",
+        "shown": [[[m, k, d] for m, k, d in zip(g.members, g.kinds, g.distances)] for g in groups[:REPORT_GROUPS]],
+    }
     title = ("Segmented gallery" if cfg.segmented else "Gallery") + f" ({count_of(len(embedded), 'item')})"
     summary.outputs["report"] = str(write_section(cfg.plots_dir, Section(section_id, "gallery", title, summary, data)))
 
 
-def write_retrieval_outputs(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> Neighbours | None:
-    """Neighbour table, one composite picture per item, the distance matrix, heatmap, histogram.
+def write_retrieval_outputs(
+    cfg: RunConfig, searcher: Searcher, summary: RunSummary
+) -> tuple[Neighbours | None, list[DuplicateGroup]]:
+    """Neighbour table, duplicates, one composite picture per item, the distance matrix, heatmap,
+    histogram.
 
     The searcher answers every item's neighbours: exactly (and then the distance matrix comes from
     the same distance blocks), or through an approximate index (no matrix then); the summary says
-    which it was, with the index's measured recall.
+    which it was, with the index's measured recall. The neighbours also propose duplicate pairs;
+    with --dedup they are asked again, one photo per duplicate group.
     """
     embedded = searcher.rows
     n = len(embedded)
     cfg.results_dir.mkdir(parents=True, exist_ok=True)
     cfg.plots_dir.mkdir(parents=True, exist_ok=True)
     if n < 2:
+        write_duplicates(cfg, searcher, None, summary)
         what = "one embedded item" if n == 1 else "no embedded items"
         summary.notes.append(f"{what}: no neighbours, distance matrix or plots (they need two items)")
-        return None
+        return None, []
+    nb = gallery_neighbours(cfg, searcher, summary)
+    groups = write_duplicates(cfg, searcher, nb, summary)
+    if cfg.dedup and groups:
+        with summary.stage("neighbours (--dedup)"):
+            searcher.dedup(groups)
+            nb = searcher.all_neighbours(cfg.top_k)
+        summary.notes.append("--dedup: each duplicate group stands once in every neighbour list")
     ids = [r.index for r in embedded]
     files = [r.file for r in embedded]
-    with_matrix = n <= cfg.max_matrix and not searcher.approximate
-    matrix = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy" if with_matrix else None
-    with summary.stage("neighbours" + (" + distance matrix" if matrix else "")):
-        nb = searcher.all_neighbours(cfg.top_k, matrix_path=matrix)
-        table = cfg.results_dir / "neighbours.csv"
-        write_neighbours_csv(table, iter_neighbour_rows(nb, ids, files, ids, files))
+    table = cfg.results_dir / "neighbours.csv"
+    write_neighbours_csv(table, iter_neighbour_rows(nb, ids, files, ids, files))
     summary.outputs["neighbour table"] = str(table)
-    summary.notes.append("neighbours: " + (searcher.describe() if searcher.approximate else "exact"))
-    if matrix:
-        summary.outputs["distance matrix"] = f"{matrix} (rows = manifest embedding_row)"
-    elif searcher.approximate:
-        summary.notes.append(
-            "distance matrix not saved: the neighbours came from the approximate index, which computes no "
-            "all-pairs distances (--index none or flat computes them)"
-        )
-    else:
-        summary.notes.append(
-            f"{n} items > --max-matrix {cfg.max_matrix}: distance matrix not saved (neighbours were computed blockwise)"
-        )
     with summary.stage("result pictures"):
         written, drawn = write_result_pictures(cfg, nb, files, [r.sha256 for r in embedded])
     summary.count("result pictures", written)
@@ -193,7 +209,60 @@ def write_retrieval_outputs(cfg: RunConfig, searcher: Searcher, summary: RunSumm
         save_histogram(nb.distances[:, 0], hist, title=f"Distance to the nearest other item ({n} items)")
     summary.outputs["heatmap"] = str(heat)
     summary.outputs["histogram"] = str(hist)
+    return nb, groups
+
+
+def gallery_neighbours(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> Neighbours:
+    """Every item's top-k (and the distance matrix when exact and small enough), with notes."""
+    n = len(searcher.rows)
+    with_matrix = n <= cfg.max_matrix and not searcher.approximate
+    matrix = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy" if with_matrix else None
+    with summary.stage("neighbours" + (" + distance matrix" if matrix else "")):
+        nb = searcher.all_neighbours(cfg.top_k, matrix_path=matrix)
+    summary.notes.append("neighbours: " + (searcher.describe() if searcher.approximate else "exact"))
+    if matrix:
+        summary.outputs["distance matrix"] = f"{matrix} (rows = manifest embedding_row)"
+    elif searcher.approximate:
+        summary.notes.append(
+            "distance matrix not saved: the neighbours came from the approximate index, which computes no "
+            "all-pairs distances (--index none or flat computes them)"
+        )
+    else:
+        summary.notes.append(
+            f"{n} items > --max-matrix {cfg.max_matrix}: distance matrix not saved (neighbours were computed blockwise)"
+        )
     return nb
+
+
+def write_duplicates(cfg: RunConfig, searcher: Searcher, nb: Neighbours | None,
+                     summary: RunSummary) -> list[DuplicateGroup]:
+    """Duplicate groups among the embedded items (duplicates.py): outputs/duplicates.csv, and the
+    groups beside the store for --dedup. Every gallery run writes them, so they follow the store."""
+    rows = searcher.rows
+    path = cfg.plots_dir / f"duplicates{cfg.suffix}.csv"
+    with summary.stage("duplicates"):
+        groups, unsigned = gallery_duplicates(rows, (nb.indices, nb.distances) if nb is not None else None)
+        write_duplicates_csv(path, groups, [r.source_row for r in rows], [r.file for r in rows])
+        try:
+            write_groups(cfg.store_dir, manifest_sha256(cfg.store_dir), groups)
+        except PipelineError:
+            pass  # no complete store (nothing embedded): nothing for --dedup to read
+    photos = sum(len(g.members) for g in groups)
+    exact = sum(1 for g in groups for k in g.kinds[1:] if k == "exact")
+    summary.count("duplicate groups", len(groups))
+    summary.outputs["duplicates"] = f"{path} ({count_of(photos, 'photo')} in {count_of(len(groups), 'group')})"
+    if groups:
+        hint = "" if cfg.dedup else "; --dedup shows one photo per group"
+        summary.notes.append(
+            f"duplicates: {count_of(len(groups), 'group')} of {photos:,} photos ({exact:,} exact "
+            f"cop{'y' if exact == 1 else 'ies'}, {photos - len(groups) - exact:,} near){hint}"
+        )
+    if unsigned:
+        summary.notes.append(
+            f"duplicates: {count_of(unsigned, 'item')} of a store made before duplicates were found have no "
+            "signals and were left out: build afresh (without --update) to include them"
+        )
+    return groups
 
 
 PICTURES_FILE = ".result_pictures.json"  # in the results folder: each picture's signature

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .duplicates import DuplicateGroup, keep_one_per_group, representatives
 from .index import GalleryIndex, ensure_index, load_index
 from .persons import Segmenter, person_crops
 from .retrieval import Neighbours, topk_neighbours
@@ -76,6 +77,30 @@ class Searcher:
             raise ValueError(f"{len(rows)} manifest lines for {len(embeddings)} vectors")
         self.embeddings, self.rows, self.index, self.device = embeddings, list(rows), index, device
         self._gpu_lock = threading.Lock()  # a FAISS index on the GPU takes one search at a time
+        self.group_of: np.ndarray | None = None  # --dedup: each row's duplicate group (see dedup)
+        self.hidden = 0
+
+    def dedup(self, groups: Sequence[DuplicateGroup] | None) -> None:
+        """--dedup: from now on every answer shows one photo per duplicate group (the best-ranked,
+        with its own distance), and a photo's own copies are not its neighbours. None: all again."""
+        if not groups:
+            self.group_of, self.hidden = None, 0
+            return
+        self.group_of = representatives(groups, len(self.embeddings))
+        self.hidden = sum(len(g.members) - 1 for g in groups)
+
+    def _deduped(self, ask: Callable[[int], Neighbours], k: int, own: np.ndarray | None) -> Neighbours:
+        """ask(K) for K > k until k photos of distinct groups fill every row (or the gallery is spent)."""
+        assert self.group_of is not None
+        n = len(self.embeddings)
+        want = min(k, n - 1 if own is not None else n)
+        fetch = min(n, k + min(self.hidden, 4 * k) + (1 if own is not None else 0))
+        while True:
+            nb = ask(fetch)
+            idx, dist = keep_one_per_group(nb.indices, nb.distances, self.group_of, k, own)
+            if fetch >= n or want <= 0 or bool((idx[:, want - 1] >= 0).all()):
+                return Neighbours(idx, dist)
+            fetch = min(n, fetch * 4)
 
     @classmethod
     def open(
@@ -113,6 +138,11 @@ class Searcher:
 
     def neighbours(self, queries: np.ndarray, k: int) -> Neighbours:
         """Top-k for each query vector (float32 (Q, D), L2-normalized), as arrays."""
+        if self.group_of is not None:
+            return self._deduped(lambda m: self._neighbours(queries, m), k, None)
+        return self._neighbours(queries, k)
+
+    def _neighbours(self, queries: np.ndarray, k: int) -> Neighbours:
         if self.index is None:
             return topk_neighbours(queries, self.embeddings, k)
         if not self.index.on_gpu:
@@ -123,6 +153,28 @@ class Searcher:
     def all_neighbours(self, k: int, matrix_path: Path | None = None) -> Neighbours:
         """Every item's top-k other items. matrix_path: also write the N x N distance matrix
         (exact search only: an approximate index never computes it)."""
+        if self.group_of is not None:
+            own = np.arange(len(self.embeddings))
+            return self._deduped(lambda m: self._all_neighbours(m, matrix_path), k, own)
+        return self._all_neighbours(k, matrix_path)
+
+    def item_neighbours(self, rows: np.ndarray, k: int) -> Neighbours:
+        """Top-k other items of some of the store's own items (embedding rows): never the item
+        itself, and with --dedup never one of its copies."""
+        rows = np.asarray(rows, np.int64)
+
+        def ask(m: int) -> Neighbours:
+            nb = self._neighbours(self.embeddings[rows], m + 1)
+            idx = np.full((len(rows), m), -1, np.int64)
+            dist = np.full((len(rows), m), np.inf, np.float32)
+            for q in range(len(rows)):
+                keep = np.nonzero(nb.indices[q] != rows[q])[0][:m]
+                idx[q, : len(keep)], dist[q, : len(keep)] = nb.indices[q, keep], nb.distances[q, keep]
+            return Neighbours(idx, dist)
+
+        return self._deduped(ask, k, rows) if self.group_of is not None else ask(k)
+
+    def _all_neighbours(self, k: int, matrix_path: Path | None) -> Neighbours:
         if self.approximate:
             assert self.index is not None
             return self.index.all_neighbours(k)

@@ -81,11 +81,16 @@ class ManifestRow:
     # dataset cell's bytes (the photo as it came, before any re-encoding; "" when the row had none).
     item_id: str = ""
     source_sha256: str = ""
+    # What duplicates.py finds copies by ("" where there was no picture): the hash of the item's
+    # decoded pixels at full size, and its look signature (duplicates.look_text).
+    pixel_hash: str = ""
+    look: str = ""
 
 
 MANIFEST_FIELDS = [f.name for f in fields(ManifestRow)]
-# Columns a manifest may lack: stores made before --update (format 2 all the same) read with them empty.
-OPTIONAL_FIELDS = ("item_id", "source_sha256")
+# Columns a manifest may lack: stores made before --update or before duplicates (format 2 all the
+# same) read with them empty.
+OPTIONAL_FIELDS = ("item_id", "source_sha256", "pixel_hash", "look")
 _INT_FIELDS = {"index", "source_row", "width", "height", "embedding_row", "person"}
 
 
@@ -578,6 +583,15 @@ def store_sha256(root: str | Path) -> str:
     sidecar."""
     try:
         return json.loads((Path(root) / SIDECAR_FILE).read_text())["embeddings_sha256"]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise CacheMismatchError(f"no complete store in {root} ({e})") from e
+
+
+def manifest_sha256(root: str | Path) -> str:
+    """The sha256 of the store's manifest, from the sidecar (what derived files such as the
+    duplicate groups are keyed by)."""
+    try:
+        return json.loads((Path(root) / SIDECAR_FILE).read_text())["manifest_sha256"]
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise CacheMismatchError(f"no complete store in {root} ({e})") from e
 

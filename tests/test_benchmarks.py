@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import (
+    duplicates,
     embed,
     gpu_check,
     int8_cpus,
@@ -66,6 +67,16 @@ IN_PROCESS = [
         r"^rule +4 +4,000 +NUMBERs (updated|rebuilt) +NUMBER +NUMBER +NUMBER +NUMBER +NUMBER ",
         r"^200 added +NUMBERs (updated|rebuilt) +NUMBER +NUMBER +NUMBER",
         r"^200 added, 200 removed +NUMBERs (updated|rebuilt) +NUMBER +NUMBER +NUMBER",
+    ]),
+    (duplicates, "", [
+        r"^calibrated \(structure, colour, texture, max_bits\): .*recall NUMBER at precision NUMBER",
+        r"^\| transformation \| strength \| copies \| recall \| precision \|",
+        r"^\| crop \| all \| NUMBER \| NUMBER \| NUMBER \|",
+        r"^\| overall \| \| NUMBER \| NUMBER \| NUMBER \|",
+        r"^\| colourway \| NUMBER \| NUMBER \|",
+        r"^band candidates, share of the rule's true pairs proposed: 1 table NUMBER",
+        r"^\| 20,000 random \| find_duplicates \| NUMBER s",
+        r"^\| 20,000 clustered \| check_new: 200 new \| NUMBER s",
     ]),
     (embed, "clip", [
         r"^\| backend \| batch 1 \| batch 8 \| batch 32 \|$",

@@ -273,17 +273,19 @@ def test_duplicates_csv(tmp_path):
     assert [g.members for g in dup.renumber_groups(back, position_of_row)] == [[0, 2], [1, 3]]
 
 
-def test_hide_duplicates_keeps_the_first_photo_of_each_group():
+def test_keep_one_per_group_keeps_the_best_ranked_photo_of_each_group():
     groups = [dup.DuplicateGroup([2, 3, 7], ["near"] * 3, [0.0, 0.5, 0.6])]
     group_of = dup.representatives(groups, 10)
     assert group_of.tolist() == [0, 1, 2, 2, 4, 5, 6, 2, 8, 9]
     result = np.array([[5, 3, 7, 2, 1], [2, 9, -1, -1, -1], [7, 7, 3, 8, -1]])
-    assert dup.hide_duplicates(result, group_of).tolist() == [
-        [5, 2, 1, -1, -1],
-        [2, 9, -1, -1, -1],
-        [2, 8, -1, -1, -1],
-    ]
-    assert dup.hide_duplicates(np.array([3, 4, 7]), group_of).tolist() == [2, 4, -1]
+    dist = np.array([[0.1, 0.2, 0.3, 0.4, 0.5], [0.1, 0.2, 9, 9, 9], [0.1, 0.1, 0.2, 0.3, 9]], np.float32)
+    idx, d = dup.keep_one_per_group(result, dist, group_of, k=3)
+    assert idx.tolist() == [[5, 3, 1], [2, 9, -1], [7, 8, -1]]
+    assert d.tolist() == [[np.float32(0.1), np.float32(0.2), np.float32(0.5)],
+                          [np.float32(0.1), np.float32(0.2), np.inf], [np.float32(0.1), np.float32(0.3), np.inf]]
+    # a photo's own copies are not its neighbours
+    idx, _ = dup.keep_one_per_group(result, dist, group_of, k=3, own=np.array([7, -1, 4]))
+    assert idx.tolist() == [[5, 1, -1], [2, 9, -1], [7, 8, -1]]
 
 
 def test_signature_text_round_trip_and_refusal():

@@ -87,6 +87,7 @@ def test_the_report_shows_every_item_pages_and_follows_neighbours(report_run, br
     assert browser.execute_script("return document.querySelectorAll('[data-role=grid] .tile').length") == PAGE_SIZE
     info = browser.execute_script("return document.querySelector('.tools .sub').textContent")
     assert info == "page 1 of 3 · 262 items"
+    browser.execute_script("document.querySelector('[data-role=grid]').scrollIntoView()")
     assert wait(browser, VISIBLE_IMAGES_LOADED)
     failures = browser.execute_script("return [...document.querySelectorAll('tr.failure')].map(r => r.textContent)")
     assert len(failures) == 2 and any("ds[2]" in f and "(it starts like a text file)" in f for f in failures)

@@ -1,0 +1,189 @@
+"""Duplicates in the pipeline: every gallery run writes outputs/duplicates.csv (planted exact and
+near copies found, look-alikes and distinct photos not), an update's groups equal a fresh build's,
+--dedup shows one photo per group in neighbours, queries and the API, and a store made before the
+signals existed says what it left out."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import main as cli
+from benchmarks.duplicates import Garment, _colour_shift, _crop, _resize, catalogue_photo
+from pipeline import Catalog
+from pipeline.store import MANIFEST_FILE, read_manifest
+from tests import assets
+from tests.helpers import run
+
+WH = (240, 320)
+
+
+def jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def product(i: int) -> bytes:
+    return jpeg(catalogue_photo(i % 3, 100 + i, Garment.of_product(300 + i), WH))
+
+
+def decoded(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def catalogue(products: int = 10) -> tuple[list[bytes], dict[str, str]]:
+    """Distinct product photos, then planted copies of products 0..3 (each labelled by the copy's
+    row): the same bytes, the same pixels as PNG, re-encoded, resized, cropped, colour-shifted."""
+    cells = [product(i) for i in range(products)]
+    rng = np.random.default_rng(7)
+    planted = [
+        ("exact", 0, cells[0]),
+        ("exact", 1, png(decoded(cells[1]))),
+        ("near", 2, jpeg(decoded(cells[2]), 70)),
+        ("near", 3, jpeg(_resize(decoded(cells[3]), 0.8))),
+        ("near", 0, jpeg(_crop(decoded(cells[0]), 0.03, rng))),
+        ("near", 1, jpeg(_colour_shift(decoded(cells[1]), 0.04, rng))),
+    ]
+    kinds = {}
+    for kind, of, data in planted:
+        kinds[f"{len(cells)}"] = f"{kind} of {of}"
+        cells.append(data)
+    return cells, kinds
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def groups_by_row(path: Path) -> list[set[int]]:
+    groups: dict[str, set[int]] = {}
+    for line in read_csv(path):
+        groups.setdefault(line["group"], set()).add(int(line["source_row"]))
+    return sorted(groups.values(), key=min)
+
+
+def args(data: Path, onnx: Path, out: Path, *more: object) -> list[object]:
+    return ["--dataset", data, "--onnx", onnx, "--output-dir", out, "--limit", "0", "--max-result-images", "0",
+            "--shard-rows", "8", "--batch-size", "4", *more]
+
+
+def test_a_build_finds_the_planted_copies_and_nothing_else(tiny_onnx, tmp_path, capsys):
+    cells, _ = catalogue()
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
+    out = tmp_path / "out"
+    assert cli.main([*map(str, args(data, tiny_onnx, out))]) == 0
+    lines = read_csv(out / "outputs" / "duplicates.csv")
+    assert list(lines[0]) == ["group", "source_row", "file", "kind", "distance"]
+    assert groups_by_row(out / "outputs" / "duplicates.csv") == [{0, 10, 14}, {1, 11, 15}, {2, 12}, {3, 13}]
+    by_row = {int(r["source_row"]): r for r in lines}
+    assert by_row[10]["kind"] == by_row[11]["kind"] == "exact"  # same bytes; same pixels as PNG
+    assert float(by_row[10]["distance"]) == float(by_row[11]["distance"]) == 0.0
+    for row in (12, 13, 14, 15):
+        assert by_row[row]["kind"] == "near" and 0.0 < float(by_row[row]["distance"]) <= 1.5
+    assert by_row[0]["kind"] == "exact" and by_row[2]["kind"] == "near"  # does the group hold its pixels?
+    manifest = {r.source_row: r for r in read_manifest(out / "embeddings" / MANIFEST_FILE)}
+    assert all(by_row[k]["file"] == manifest[k].file for k in by_row)  # the CSV names the gallery's files
+    assert manifest[0].pixel_hash == manifest[10].pixel_hash == manifest[0].pixel_hash
+    assert manifest[1].pixel_hash == manifest[11].pixel_hash and manifest[1].file != manifest[11].file
+    said = capsys.readouterr().out
+    assert "duplicates: 4 groups of 10 photos (2 exact copies, 4 near)" in said
+    report = (out / "outputs" / "report" / "sections" / "gallery.js").read_text()
+    assert '"duplicates":{"groups":4,"photos":10,"csv":"duplicates.csv"' in report
+
+
+def neighbour_lists(out: Path) -> dict[str, list[str]]:
+    table: dict[str, list[str]] = {}
+    for line in read_csv(out / "retrieval_results" / "neighbours.csv"):
+        table.setdefault(line["query_file"], []).append(line["neighbour_file"])
+    return table
+
+
+def test_dedup_shows_one_photo_per_group(tiny_onnx, tmp_path):
+    cells, _ = catalogue()
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out, "--top-k", "6")) == 0
+    plain = neighbour_lists(out)
+    group_of = {}
+    for line in read_csv(out / "outputs" / "duplicates.csv"):
+        group_of[line["file"]] = line["group"]
+    assert any(len({group_of.get(f, f) for f in nb}) < len(nb) for nb in plain.values())  # copies crowd them
+
+    assert run(*args(data, tiny_onnx, out, "--top-k", "6", "--use-embeddings", "--dedup")) == 0
+    deduped = neighbour_lists(out)
+    assert deduped.keys() == plain.keys()
+    for query, nb in deduped.items():
+        assert len(nb) == 6  # filled up to k from further down
+        groups = [group_of.get(f, f) for f in nb]
+        assert len(set(groups)) == len(groups)
+        assert group_of.get(query, query) not in groups  # a photo's own copies are not its neighbours
+
+    query = tmp_path / "copy.jpg"
+    query.write_bytes(cells[0])
+    assert run(*args(data, tiny_onnx, out, "--query-image", query, "--top-k", "5", "--dedup")) == 0
+    found = [line["gallery_file"] for line in read_csv(out / "retrieval_results" / "queries" / "query_results.csv")]
+    assert len(found) == 5 and len({group_of.get(f, f) for f in found}) == 5
+
+    cat = Catalog.open(out, dedup=True)
+    hits = cat.neighbours(cat.items[0].file, k=15)
+    assert len(hits) == 9  # 16 photos in 10 groups or singles: all but the photo's own group
+    shown = [group_of.get(h.file, h.file) for h in hits]
+    assert len(set(shown)) == len(shown)
+    assert [h.distance for h in hits] == sorted(h.distance for h in hits)
+    assert [[r.source_row for r in g] for g in cat.duplicates()] == [[0, 10, 14], [1, 11, 15], [2, 12], [3, 13]]
+    hits = cat.search_vectors(cat.embeddings[[0]], k=15)[0]
+    assert len(hits) == 10 and hits[0].source_row in (0, 10)  # an exact copy ties with the photo itself
+
+
+def test_an_update_finds_the_groups_a_fresh_build_finds(tiny_onnx, tmp_path):
+    cells, _ = catalogue()
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    # Product 0's original goes (its two copies stay a group), product 2's re-encoded copy goes (no
+    # group left), and a resized copy of product 5 arrives before its original's row.
+    rng = np.random.default_rng(3)
+    after = [cells[i] for i in range(len(cells)) if i not in (0, 12)]
+    after.insert(2, jpeg(_crop(_resize(decoded(cells[5]), 0.9), 0.02, rng)))
+    assets.write_parquet_dataset(tmp_path / "catalogue", after)
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    updated_csv = (out / "outputs" / "duplicates.csv").read_text()
+    assert updated_csv == (fresh / "outputs" / "duplicates.csv").read_text()
+    # rows after the update: 0 product 1, 1 product 2, 2 the new copy of 5, 3..9 products 3..9, then
+    # the copies: 10 exact of 0, 11 PNG of 1, 12 resized 3, 13 cropped 0, 14 colour-shifted 1
+    assert groups_by_row(out / "outputs" / "duplicates.csv") == [{0, 11, 14}, {2, 5}, {3, 12}, {10, 13}]
+
+
+def test_a_store_without_signals_says_what_it_left_out(tiny_onnx, tmp_path, capsys):
+    cells, _ = catalogue(products=4)
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    manifest = out / "embeddings" / MANIFEST_FILE
+    lines = manifest.read_text().splitlines()
+    cut = [",".join(line.split(",")[:-2]) for line in lines]  # as a store made before duplicates wrote it
+    manifest.write_text("\n".join(cut) + "\n")
+    sidecar = out / "embeddings" / "embeddings.json"
+    meta = json.loads(sidecar.read_text())
+    meta["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    sidecar.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--use-embeddings"))]) == 0
+    said = capsys.readouterr().out
+    assert "10 items of a store made before duplicates were found have no signals" in said
+    assert read_csv(out / "outputs" / "duplicates.csv") == []
