@@ -4,9 +4,12 @@ comparing every pair, for outputs/duplicates.csv. Nothing here depends on the em
 
 Per photo, computed once when it is decoded (`PhotoSignals` holds N of them):
 
-- `pixel_hash(rgb) -> str`: sha256 of the decoded pixels and their shape, 32 hex digits; equal
-  means an exact copy. Take it from a full-size decode: a JPEG decoded at a reduced DCT scale has
-  other pixels than the same picture saved as PNG.
+- `pixel_hash(rgb, full_size) -> str`: sha256 of the decoded pixels and their shape, 32 hex
+  digits; equal means an exact copy. The pipeline hashes the pixels it decodes for the model: a
+  large JPEG at a reduced DCT scale (with its full size in the hash), which two JPEG files holding
+  the same picture share whatever their metadata, for a fraction of a second full decode. A JPEG
+  and a PNG of its full-size pixels are decoded differently and so are found as a near copy at a
+  small distance, not an exact one.
 - `look_signature(image) -> int8 (SIGNATURE_SIZE,)`: the photo at a coarse scale, in three parts:
   structure (the 35 lowest 2-D DCT frequencies of its 32x32 luminance, borders faded, unit length),
   colour (log chroma and lightness of 3x3 soft cells relative to the photo's mean, so a white
@@ -74,7 +77,7 @@ from .fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_VERSION = "look-1"  # changes whenever a signature or hash of the same picture would change
+SIGNATURE_VERSION = "look-2"  # changes whenever a signature or hash of the same picture would change
 STRUCTURE_COEFFS = 35  # DCT coefficients with u + v <= 7, minus the mean
 GRID = 3  # cells per side
 COLOUR_SIZE = 3 * GRID * GRID  # log R/G, log RG/B, log lightness per cell
@@ -105,16 +108,20 @@ _HASH_SEED = 20261203  # the projections and permutations: fixed forever for one
 _HASH_BOUNDS = {"structure": 0.06, "colour": 0.05, "texture": 0.065}
 
 
-def pixel_hash(rgb: np.ndarray) -> str:
+def pixel_hash(rgb: np.ndarray, full_size: tuple[int, int] | None = None) -> str:
     """sha256 of a decoded photo's pixels and shape, first 32 hex digits (128 bits).
 
     Args:
-        rgb: uint8 (H, W, 3), RGB order, the full-size decode.
+        rgb: uint8 (H, W, 3), RGB order.
+        full_size: (width, height) of the photo when `rgb` is a decode at a reduced scale (a JPEG's
+            DCT scaling): part of the hash, so that a reduced decode never equals a full one.
     """
     rgb = np.asarray(rgb)
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"rgb must be a uint8 array of shape (H, W, 3), but got {rgb.dtype} {rgb.shape}")
-    h = hashlib.sha256(f"{rgb.shape[0]}x{rgb.shape[1]}x3:".encode("ascii"))
+    reduced = full_size is not None and tuple(full_size) != (rgb.shape[1], rgb.shape[0])
+    scale = f" of {full_size[0]}x{full_size[1]}" if reduced and full_size is not None else ""
+    h = hashlib.sha256(f"{rgb.shape[0]}x{rgb.shape[1]}x3{scale}:".encode("ascii"))
     h.update(np.ascontiguousarray(rgb).data)
     return h.hexdigest()[:32]
 
@@ -130,7 +137,8 @@ def _soft_cells(n: int) -> np.ndarray:
 def _cells(values: np.ndarray) -> np.ndarray:
     """(H, W) or (H, W, C) -> (GRID * GRID,) or (GRID * GRID, C): weighted means of the soft cells."""
     wy, wx = _soft_cells(values.shape[0]), _soft_cells(values.shape[1])
-    out = np.einsum("iy,jx,yx...->ij...", wy, wx, values)
+    rows = np.tensordot(wy, values, axes=(1, 0))  # (GRID, W, ...)
+    out = np.moveaxis(np.tensordot(rows, wx, axes=(1, 1)), -1, 1)  # (GRID, GRID, ...)
     return out.reshape(GRID * GRID, *values.shape[2:])
 
 
@@ -752,10 +760,21 @@ def look_text(signature: np.ndarray) -> str:
     return f"{SIGNATURE_VERSION}:{signature_text(signature)}"
 
 
-def item_signals(image: Image.Image) -> tuple[str, str]:
-    """(pixel hash, look text) of an item's full-size decoded picture."""
+SIGNATURE_MIN_SIDE = 192  # a signature is taken from a decode at least this large (or full size)
+
+
+def item_signals(image: Image.Image, full_size: tuple[int, int] | None = None,
+                 larger: Image.Image | None = None) -> tuple[str, str]:
+    """(pixel hash, look text) of an item as the pipeline decoded it.
+
+    Args:
+        image: the decoded picture (a JPEG may be decoded at a reduced scale for the model).
+        full_size: the photo's (width, height) when `image` is reduced.
+        larger: a decode of the same photo at least SIGNATURE_MIN_SIDE on its short side, for the
+            signature, when `image` is reduced below that.
+    """
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    return pixel_hash(np.asarray(rgb)), look_text(look_signature(rgb))
+    return pixel_hash(np.asarray(rgb), full_size), look_text(look_signature(larger or rgb))
 
 
 def signals_of_rows(rows: Sequence) -> tuple[PhotoSignals, np.ndarray]:

@@ -187,7 +187,7 @@ def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None
         dataset=cfg.dataset,
         embedder=cfg.embedder,
         segment=cfg.segment if cfg.segmented else None,
-        images=cfg.images_url or str(images_dir),
+        images=_url_images(cfg, part) or str(images_dir),
         store_dir=store_dir,
         batch_size=cfg.batch_size,
         shard_rows=cfg.shard_rows,
@@ -204,11 +204,21 @@ def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None
         f"peak memory during the Ray build, this process and its Ray processes together: {memory.peak_mib:,.0f} MiB"
         f"{where}; the peak memory above counts this process alone"
     )
-    if cfg.output_url:  # the workers wrote the images to the URL
+    if part is not None:
+        pass  # an update's new photos: the update's switch puts them in place
+    elif cfg.output_url:  # the workers wrote the images to the URL
         _remove_stale_images_at_url(cfg, target, rows)
     else:
         remove_stale_files(target, rows)
     return Gallery(emb, rows, embedder)
+
+
+def _url_images(cfg: RunConfig, part: BuildPart | None) -> str | None:
+    """Where Ray workers write the images with a URL --output-dir: its images folder, or for an
+    update's new photos that folder's staging (the old store's files stay as they are)."""
+    if cfg.images_url is None:
+        return None
+    return cfg.images_url if part is None else f"{cfg.images_url}/{UPDATE_DIR}"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .dataset import Record
-from .duplicates import item_signals
+from .duplicates import SIGNATURE_MIN_SIDE, item_signals
 from .fileio import atomic_write_bytes, sha256_bytes
 from .gpu import EncodedJpeg, inspect_jpeg
 from .images import DecodedImage, ImageDecodeError, decode_image, encode_png, sniff_format
@@ -87,12 +87,15 @@ def decode_record(record: Record, min_side: int | None = None) -> tuple[Manifest
         return row, None
 
 
-def signals_of(data: bytes, decoded: DecodedImage, min_side: int | None = None) -> tuple[str, str]:
-    """(pixel hash, look) of a photo for its manifest line (duplicates.item_signals), both of its
-    full-size pixels (exact copies are by them, and a signature then does not depend on the model's
-    decode scale): a JPEG decoded at a reduced scale is decoded once more in full."""
-    reduced = decoded.image.size != (decoded.width, decoded.height) and min_side is not None
-    return item_signals(decode_image(data).image if reduced else decoded.image)
+def signals_of(data: bytes, decoded: DecodedImage) -> tuple[str, str]:
+    """(pixel hash, look) of a photo for its manifest line (duplicates.item_signals), from the decode
+    the model gets; only a JPEG reduced below the signature's size (for a model under 192 px) is
+    decoded once more, at that size."""
+    full = (decoded.width, decoded.height)
+    if decoded.image.size == full:
+        return item_signals(decoded.image)
+    small = min(decoded.image.size) < SIGNATURE_MIN_SIDE
+    return item_signals(decoded.image, full, decode_image(data, SIGNATURE_MIN_SIDE).image if small else None)
 
 
 def make_standard_items(decode_min_side: int, device_decode: bool = False) -> ItemMaker:
@@ -112,8 +115,7 @@ def make_standard_items(decode_min_side: int, device_decode: bool = False) -> It
                               item_id=record.item_id, source_sha256=source_sha256(record))
             row.width, row.height = jpeg.oriented_size
             try:  # the duplicate signals are the CPU's: the same as a CPU build's
-                row.pixel_hash, row.look = signals_of(record.data, decode_image(record.data, decode_min_side),
-                                                      decode_min_side)
+                row.pixel_hash, row.look = signals_of(record.data, decode_image(record.data, decode_min_side))
             except ImageDecodeError:
                 pass  # the device decoder says what is wrong with it
             return [GalleryItem(row, data=record.data, encoded=jpeg)]
@@ -126,7 +128,7 @@ def make_standard_items(decode_min_side: int, device_decode: bool = False) -> It
         row.file = image_file_name(record.source_row, ext or "png")
         row.sha256 = sha256_bytes(data)
         row.width, row.height, row.note = decoded.width, decoded.height, decoded.note
-        row.pixel_hash, row.look = signals_of(record.data, decoded, decode_min_side)
+        row.pixel_hash, row.look = signals_of(record.data, decoded)
         return [GalleryItem(row, decoded.image, data)]
 
     return items

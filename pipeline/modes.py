@@ -114,10 +114,6 @@ _AFTER: tuple[Check, ...] = (
         "--update is a gallery run of its own: update first, then search or play the video as a second command",
     ),
     (
-        lambda c: c.update and bool(c.output_url),
-        "--update works on a local --output-dir for now: build afresh at the URL, or update a local copy",
-    ),
-    (
         lambda c: "work_dir" in c.explicit and not c.output_url,
         "--work-dir is the working copy of an --output-dir URL (s3://...); with a folder it is not used",
     ),

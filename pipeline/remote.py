@@ -33,6 +33,9 @@ URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.+)$")
 SYNC_FILE = ".remote-sync.json"  # in the working copy: {relative path: [size, mtime_ns]} as last fetched or sent
 FETCHED = ("embeddings", "embeddings_segment", "outputs")  # what a run may read back
 SKIPPED = re.compile(r"(^|/)(\.pipeline\.lock|\.remote-sync\.json|[^/]*\.tmp[^/]*)$")
+# Sent after everything else: a store's sidecar names the files it describes by their hashes, so a
+# reader of the URL finds it only once they are there (store.SIDECAR_FILE; remote.py knows no store).
+SENT_LAST = re.compile(r"(^|/)embeddings\.json$")
 
 
 def is_url(text: str | os.PathLike | None) -> bool:
@@ -161,7 +164,7 @@ class RemoteOutput:
         """Upload every file new or changed since it was last fetched or sent, and remove from the
         URL the files of a store folder the run removed (its finished shards); returns the count sent."""
         state, sent = self._state(), 0
-        for rel, st in self.changed():
+        for rel, st in sorted(self.changed(), key=lambda c: (SENT_LAST.search(c[0]) is not None, c[0])):
             self.fs.put_file(str(self.work_dir / rel), f"{self.root}/{rel}")
             state[rel] = [st.st_size, st.st_mtime_ns]
             sent += 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -177,6 +178,8 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     if same and old.sidecar.source == gallery_source(cfg):
         shutil.rmtree(stage, ignore_errors=True)  # nothing changed: the store stays as it is, not rewritten
         shutil.rmtree(cfg.images_dir / STAGING, ignore_errors=True)
+        if cfg.images_url:
+            UrlImages(cfg.images_url).drop_staged(keep=set())
         return Gallery(old.embeddings, old.rows, embedder)
     new = _embed_new(cfg, summary, embedder, plan)
     with summary.stage("write the new store"):
@@ -200,9 +203,14 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
     column and segmentation (the row limit may differ)."""
     fields = frozenset({"kind", "dataset", "split", "image_column", "seg_model", "seg_backend", "seg_conf",
                         "seg_imgsz", "keep_unsegmented", "max_persons"})
+    images_at = None
+    if cfg.images_url:  # the images stay at the URL: listed, not fetched
+        from .remote import list_names
+
+        images_at = (cfg.images_url, list_names(cfg.images_url))
     try:
         return load_cache(cfg.store_dir, cfg.images_dir, identity=None, source=gallery_source(cfg),
-                          source_fields=fields)
+                          source_fields=fields, images_at=images_at)
     except CacheMismatchError as e:
         if e.missing:
             raise PipelineError(f"{e}\nThere is no store to update: build it first, without --update.") from None
@@ -257,6 +265,7 @@ def _write_next(
             p.unlink()
     rows: list[ManifestRow] = []
     take: list[int] = []  # old embedding rows kept, in order
+    moves: list[tuple[str, str]] = []  # kept photos' files whose name follows their new row
     for old_row, new_row in plan.kept:
         for line in groups[old_row]:
             kept = replace(line, index=len(rows), source_row=new_row, file=renamed(line, new_row),
@@ -265,8 +274,16 @@ def _write_next(
                 kept.embedding_row = len(take)
                 take.append(line.embedding_row)
             if kept.file and kept.file != line.file:
-                _link(cfg.images_dir / line.file, staged_images / kept.file)
+                moves.append((line.file, kept.file))
             rows.append(kept)
+    if cfg.images_url:  # the images are at the URL: copied there, beside the old store's
+        at_url = UrlImages(cfg.images_url)
+        at_url.drop_staged(keep=built | {new_name for _, new_name in moves})
+        for old_name, new_name in moves:
+            at_url.stage_copy(old_name, new_name)
+    else:
+        for old_name, new_name in moves:
+            _link(cfg.images_dir / old_name, staged_images / new_name)
     for line in new.rows if new is not None else []:
         rows.append(replace(line, index=len(rows), embedding_row=line.embedding_row + len(take)
                             if line.embedding_row >= 0 else -1))
@@ -317,6 +334,11 @@ def switch(cfg: RunConfig) -> None:
     store, images = cfg.store_dir, cfg.images_dir
     stage, staged_images = store / STAGING, images / STAGING
     next_dir = stage / "next"
+    at_url = UrlImages(cfg.images_url) if cfg.images_url else None
+    if at_url is not None and cfg.output_url:
+        # The URL's store is refused from here until the new one is sent (its sidecar last).
+        sidecar = (store / SIDECAR_FILE).relative_to(cfg.output_dir).as_posix()
+        at_url.remove_file(f"{cfg.output_url.rstrip('/')}/{sidecar}")
     if (next_dir / SIDECAR_FILE).is_file():
         unlink_quietly(store / SIDECAR_FILE)  # from here until the sidecar moves, readers are refused
         named = {r.file for r in read_manifest(next_dir / MANIFEST_FILE) if r.file}
@@ -329,8 +351,63 @@ def switch(cfg: RunConfig) -> None:
             move(next_dir / name, store / name)
     keep = {r.file for r in load_cache(store, images, identity=None, check_images=False).rows if r.file}
     pattern = owned_files(cfg)
-    for p in images.iterdir():
+    for p in images.iterdir() if images.is_dir() else []:
         if p.is_file() and pattern.fullmatch(p.name) and p.name not in keep:
             p.unlink()
+    if at_url is not None:
+        at_url.switch(keep, pattern, images)
     shutil.rmtree(staged_images, ignore_errors=True)
     shutil.rmtree(stage, ignore_errors=True)
+
+
+class UrlImages:
+    """The images of a URL --output-dir, which stay at the URL (remote.py): an update copies the
+    kept photos whose name changes into the URL's staging folder, beside the old store's files, and
+    its switch moves them into place there, after the URL's sidecar is removed (the new store,
+    sent after the run, brings its sidecar last). Every step may run again."""
+
+    def __init__(self, url: str) -> None:
+        from .remote import filesystem
+
+        self.url = url.rstrip("/")
+        self.fs, self.root = filesystem(self.url)
+        self.staged = f"{self.root}/{STAGING}"
+
+    def staged_names(self) -> set[str]:
+        self.fs.invalidate_cache(self.staged)
+        try:
+            return {p.rsplit("/", 1)[1] for p in self.fs.find(self.staged)}
+        except FileNotFoundError:
+            return set()
+
+    def drop_staged(self, keep: set[str]) -> None:
+        """Remove an abandoned update's staged files (those not in keep)."""
+        stale = [f"{self.staged}/{name}" for name in self.staged_names() if name not in keep]
+        if stale:
+            self.fs.rm(stale)
+
+    def stage_copy(self, old_name: str, new_name: str) -> None:
+        self.fs.copy(f"{self.root}/{old_name}", f"{self.staged}/{new_name}")
+
+    def remove_file(self, path: str) -> None:
+        try:
+            self.fs.rm_file(path.split("://", 1)[-1])
+        except FileNotFoundError:
+            pass
+
+    def switch(self, keep: set[str], pattern: re.Pattern, local_images: Path) -> None:
+        """Staged files the new store names into place; files it does not name removed; a local
+        copy of a renamed file (the working copy's, which may hold another photo's bytes under
+        that name) removed, unless it is a new photo's, still to be sent."""
+        from .remote import remove_stale_at_url
+
+        moved = self.staged_names() & keep
+        for name in sorted(moved):
+            self.fs.mv(f"{self.staged}/{name}", f"{self.root}/{name}")
+        remove_stale_at_url(self.url, pattern, keep)
+        try:
+            self.fs.rm(self.staged, recursive=True)
+        except FileNotFoundError:
+            pass
+        for name in moved:
+            unlink_quietly(local_images / name)

@@ -83,6 +83,11 @@ def test_pixel_hash_is_the_decoded_pixels():
     # the same bytes in another shape are other pixels
     flat = np.asarray(im).reshape(WH[0], WH[1], 3)
     assert dup.pixel_hash(flat) != dup.pixel_hash(np.asarray(im))
+    # a decode at a reduced scale names the photo's full size: never equal to a full decode
+    half = np.asarray(im.resize((WH[0] // 2, WH[1] // 2)))
+    assert dup.pixel_hash(half, WH) != dup.pixel_hash(half)
+    assert dup.pixel_hash(half, WH) == dup.pixel_hash(half.copy(), WH)
+    assert dup.pixel_hash(np.asarray(im), WH) == dup.pixel_hash(np.asarray(im))  # full size: nothing added
 
 
 @pytest.mark.parametrize(

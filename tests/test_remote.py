@@ -133,3 +133,62 @@ def test_files_a_rerun_rewrites_reach_the_bucket_with_their_new_bytes(rows40, ti
     table = second["retrieval_results/neighbours.csv"].decode().splitlines()
     assert {line.split(",")[2] for line in table[1:]} == {"1", "2"}  # ranks of --top-k 2 only
     assert second["embeddings/embeddings.npy"] == first["embeddings/embeddings.npy"]  # the store was reused
+
+
+def test_an_update_at_a_url_equals_a_fresh_build_and_keeps_the_old_store_until_its_switch(
+    tiny_onnx, tmp_path, s3, monkeypatch, capsys
+):
+    from pipeline import update as update_module
+    from tests.test_update import write_catalogue
+
+    fs, _ = s3
+    url = _url()
+    data = write_catalogue(tmp_path / "catalogue", list(range(20)))
+    more = ["--limit", "0", "--max-result-images", "3", "--batch-size", "4"]
+    assert run(*_args(data, tiny_onnx, url, tmp_path / "copy1", *more)) == 0
+    before = _files(fs, url)
+    # Two photos gone early (every file after them is renamed), three new ones.
+    write_catalogue(data, [0, *range(3, 20), 30, 31, 32])
+
+    real = update_module._write_next
+
+    def killed(*a, **kw):  # killed once the new store and the renamed files are staged
+        real(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(update_module, "_write_next", killed)
+    assert run(*_args(data, tiny_onnx, url, tmp_path / "copy2", "--update", *more)) == 130
+    monkeypatch.undo()
+    during = _files(fs, url)
+    for name in ("embeddings/embeddings.json", "embeddings/manifest.csv", "embeddings/embeddings.npy"):
+        assert during[name] == before[name]  # the old store, whole
+    assert {k: v for k, v in during.items() if k.startswith("images/img_")} == {
+        k: v for k, v in before.items() if k.startswith("images/img_")
+    }
+    assert run("--use-embeddings", *_args(data, tiny_onnx, url, tmp_path / "reader", *more)) == 0
+
+    # another working copy finishes it: the switch, then the new store sent, its sidecar last
+    capsys.readouterr()
+    assert cli.main([*map(str, _args(data, tiny_onnx, url, tmp_path / "copy3", "--update", *more))]) == 0
+    assert "added 3, changed 0, removed 2, unchanged 18" in capsys.readouterr().out
+    fresh = tmp_path / "fresh"
+    assert run("--dataset", data, "--onnx", tiny_onnx, "--output-dir", fresh, *more) == 0
+    after = _files(fs, url)
+    assert {k: v for k, v in after.items() if k.startswith("images/")} == {
+        f"images/{p.name}": p.read_bytes() for p in (fresh / "images").iterdir()
+    }
+    from tests.test_update import comparable
+
+    updated = tmp_path / "updated"
+    for name in ("manifest.csv", "embeddings.npy", "thumbnails.npy", "embeddings.json"):
+        (updated / "embeddings").mkdir(parents=True, exist_ok=True)
+        (updated / "embeddings" / name).write_bytes(after[f"embeddings/{name}"])
+    (updated / "images").mkdir()
+    for k, v in after.items():
+        if k.startswith("images/"):
+            (updated / k).write_bytes(v)
+    a_lines, a_vec, _ = comparable(updated)
+    b_lines, b_vec, _ = comparable(fresh)
+    assert a_lines == b_lines and np.array_equal(a_vec, b_vec)
+    assert not [k for k in after if "/.update" in k]
+    assert run("--use-embeddings", *_args(data, tiny_onnx, url, tmp_path / "reader2", *more)) == 0
