@@ -122,6 +122,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     _add(data, "--limit", type=_non_negative_int, help="first N rows; 0 = all")
     _add(data, "--image-column", help="column holding the pictures")
     _add(data, "--id-column", help="column naming each photo for --update (default: a photo is known by its bytes)")
+    _add(
+        data,
+        "--meta-columns",
+        help="comma list of the dataset columns kept as metadata, for --filter and every hit (default: every "
+        "column of plain values: text, numbers, true/false, dates)",
+    )
 
     model = p.add_argument_group("model")
     _add(model, "--model", help="hub id or local folder of a CLIP model")
@@ -210,6 +216,12 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
     _add(out, "--top-k", type=_positive_int, help="matches per item or query")
     _add(out, "--max-matrix", type=_non_negative_int, help="save the N x N distance matrix only when N <= this")
     _add(out, "--max-result-images", type=_non_negative_int, help="cap on result pictures (neighbours.csv: all)")
+    _add(
+        out,
+        "--filter",
+        help="metadata filter inside the search, SQL-like: \"category = 'dress' AND price < 50\" "
+        "(= != < <= > >=, IN (...), IS NULL, AND OR NOT, parentheses)",
+    )
     _add(
         out,
         "--dedup",

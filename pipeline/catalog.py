@@ -24,6 +24,7 @@ from .embedders import Embedder, EmbedderSpec, make_embedder
 from .errors import CacheMismatchError, PipelineError
 from .identity import differences
 from .images import decode_image
+from .metadata import load_metadata
 from .persons import Segmenter
 from .preprocess import preprocess_batch
 from .searcher import Hit, QueryCrop, Searcher, query_crops
@@ -116,6 +117,7 @@ class Catalog:
                                  threads)
         if dedup:
             searcher.dedup(stored_groups(root, searcher.rows, cache.sidecar.manifest_sha256))
+        searcher.metadata = load_metadata(root, searcher.rows)
         spec = _embedder_spec(cache, model, onnx, device, threads)
         segment = SegmentSpec(model=seg_model) if seg_model else SegmentSpec()
         return cls(cache, searcher, lambda: _checked_embedder(spec, cache),
@@ -160,16 +162,18 @@ class Catalog:
         return self._embedder
 
     # ------------------------------------------------------------------ search
-    def search_vectors(self, vectors: np.ndarray, k: int = 5) -> list[list[Hit]]:
-        """Top-k hits for each vector: float32 (D,) or (Q, D), L2-normalized."""
+    def search_vectors(self, vectors: np.ndarray, k: int = 5, filter: str | None = None) -> list[list[Hit]]:
+        """Top-k hits for each vector: float32 (D,) or (Q, D), L2-normalized. filter: a metadata
+        filter ("category = 'dress' AND price < 50", filters.py), applied inside the search."""
         q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if q.shape[1] != self.embeddings.shape[1]:
             raise PipelineError(f"query vectors have {q.shape[1]} dimensions, the store {self.embeddings.shape[1]}")
-        return self.searcher.search(q, k)
+        return self.searcher.search(q, k, self.searcher.allowed(filter))
 
-    def search_text(self, text: str, k: int = 5) -> list[Hit]:
-        """The top-k items for a description."""
-        return self.searcher.search(self.embedder.embed_text([text]), k)[0]
+    def search_text(self, text: str, k: int = 5, filter: str | None = None) -> list[Hit]:
+        """The top-k items for a description (filter: as in search_vectors)."""
+        allowed = self.searcher.allowed(filter)
+        return self.searcher.search(self.embedder.embed_text([text]), k, allowed)[0]
 
     def query_crops(self, picture: str | Path | bytes | Image.Image, segment: bool = False,
                     name: str | None = None) -> tuple[list[QueryCrop], bool]:
@@ -192,16 +196,18 @@ class Catalog:
         return emb.embed(preprocess_batch([c.image for c in crops], emb.preprocess_cfg))
 
     def search_image(self, picture: str | Path | bytes | Image.Image, k: int = 5, segment: bool = False,
-                     name: str | None = None) -> list[QueryResult]:
+                     name: str | None = None, filter: str | None = None) -> list[QueryResult]:
         """The top-k items for a picture (a path, its bytes, or a PIL image); with segment=True, for
-        each person in it (the whole picture when nobody is found)."""
+        each person in it (the whole picture when nobody is found). filter: as in search_vectors."""
+        allowed = self.searcher.allowed(filter)
         crops, _ = self.query_crops(picture, segment, name)
-        hits = self.searcher.search(self.embed_crops(crops), k)
+        hits = self.searcher.search(self.embed_crops(crops), k, allowed)
         return [QueryResult(c.label, h) for c, h in zip(crops, hits)]
 
-    def neighbours(self, item: int | str, k: int = 5) -> list[Hit]:
-        """An item's top-k other items; item: its embedding row, or its file name."""
-        nb = self.searcher.item_neighbours(np.array([self._row_of(item)]), k)
+    def neighbours(self, item: int | str, k: int = 5, filter: str | None = None) -> list[Hit]:
+        """An item's top-k other items; item: its embedding row, or its file name (filter: as in
+        search_vectors)."""
+        nb = self.searcher.item_neighbours(np.array([self._row_of(item)]), k, self.searcher.allowed(filter))
         return self.searcher.hits(nb, 0)
 
     def _row_of(self, item: int | str) -> int:

@@ -92,6 +92,8 @@ class RunConfig:
     max_matrix: int = 20000
     max_result_images: int = 10_000  # result pictures are for looking at: the neighbour table covers everyone
     dedup: bool = False  # one photo per duplicate group in search results and neighbours (duplicates.py)
+    filter: str | None = None  # --filter: a metadata filter applied inside every search (filters.py)
+    meta_columns: tuple[str, ...] | None = None  # the dataset columns kept as metadata (None: every plain one)
     shard_rows: int = 512
     index: str = "auto"  # auto | flat | hnsw | ivfpq | none (index.py)
     engine: str = "local"  # local | ray (ray_engine.py)
@@ -214,6 +216,8 @@ FLAGS: dict[str, tuple[str | None, str]] = {
             "max_matrix",
             "max_result_images",
             "dedup",
+            "filter",
+            "meta_columns",
             "shard_rows",
             "use_embeddings",
             "use_segmentation",
@@ -281,8 +285,8 @@ def config_from_flags(
             value = value or None
         elif dest in ("query_image", "query_text"):
             value = tuple(value or ())
-        elif dest == "eval_backends" and isinstance(value, str):
-            value = tuple(b for b in value.split(",") if b)
+        elif dest in ("eval_backends", "meta_columns") and isinstance(value, str):
+            value = tuple(b.strip() for b in value.split(",") if b.strip())
         section, name = FLAGS[dest]
         sections.setdefault(section, {})[name] = value
     embedder = sections.setdefault("embedder", {})

@@ -600,3 +600,92 @@ def read_piece(spec: DatasetSpec, piece: Piece) -> Iterator[Record]:
                 if row >= piece.first_row:
                     yield _row_record(spec, row, {c: values[k] for c, values in cols.items()}.get)
                 row += 1
+
+
+# ----------------------------------------------------------------------------- metadata columns
+def scalar_columns(schema: Any, spec: DatasetSpec) -> list[str]:
+    """The columns of a dataset's arrow schema that hold one plain value per row (text, number,
+    true/false, date): what a gallery keeps as metadata. Images, bytes, lists and structs are not."""
+    import pyarrow as pa
+
+    def plain(t: Any) -> bool:
+        if pa.types.is_dictionary(t):
+            return plain(t.value_type)
+        return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+                or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_temporal(t)
+                or pa.types.is_decimal(t))
+
+    return [f.name for f in schema if f.name != spec.image_column and plain(f.type)]
+
+
+def _chosen(available: list[str], asked: Sequence[str] | None, names: list[str], spec: DatasetSpec) -> list[str]:
+    if asked is None:
+        return available
+    for c in asked:
+        if c not in names:
+            raise PipelineError(
+                f"--meta-columns: dataset {spec.name!r} has no column {c!r}; its columns are {sorted(names)}"
+            )
+        if c not in available:
+            raise PipelineError(f"--meta-columns: column {c!r} of {spec.name!r} holds no plain values (text, "
+                                f"numbers, true/false, dates): it cannot be kept as metadata")
+    return list(asked)
+
+
+def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None) -> Any:
+    """The dataset's metadata columns (all plain ones, or those asked), rows 0 .. limit-1, as a
+    pyarrow Table with a leading `source_row` column; None for a folder of images or a hub
+    dataset that is not parquet (they have no columns to keep). Only these columns are read."""
+    import pyarrow as pa
+
+    path = Path(spec.name)
+    folder = path.is_dir() and _is_image_folder(path)
+    files: list[Any] = [] if folder else list(_local_parquet_files(path, spec.split))
+    opener: Callable[[Any], AbstractContextManager[Any]] = _open_local_file
+    if not files and not path.exists() and is_hub_id(spec.name):
+        files, opener = list(_hub_split(spec).parquet_files), _hub_file_opener()
+    table = None
+    if files:
+        table = _parquet_metadata(files, opener, spec, asked)
+    elif path.exists() and not folder:
+        ds = _open_local(path, spec)
+        if isinstance(ds, _import_datasets().Dataset):
+            schema = ds.features.arrow_schema
+            columns = _chosen(scalar_columns(schema, spec), asked, schema.names, spec)
+            stop = len(ds) if spec.limit is None else min(len(ds), spec.limit)
+            table = ds.select_columns(columns).with_format("arrow")[:stop] if columns else pa.table({})
+            table = table if columns else pa.table({"source_row": pa.array(range(stop), pa.int64())})
+    if table is None:
+        if asked:
+            raise PipelineError(f"--meta-columns: {spec.name!r} is a folder of images or a streamed dataset: it "
+                                "has no columns to keep")
+        return None
+    if "source_row" not in table.column_names:
+        table = table.add_column(0, "source_row", pa.array(range(table.num_rows), pa.int64()))
+    return table
+
+
+def _parquet_metadata(files: list[Any], opener: Callable[[Any], AbstractContextManager[Any]], spec: DatasetSpec,
+                      asked: Sequence[str] | None) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts, columns, seen = [], None, 0
+    for f in files:
+        if spec.limit is not None and seen >= spec.limit:
+            break
+        with opener(f) as source:
+            pf = pq.ParquetFile(source, pre_buffer=False)
+            if columns is None:
+                columns = _chosen(scalar_columns(pf.schema_arrow, spec), asked, pf.schema_arrow.names, spec)
+            n = pf.metadata.num_rows if spec.limit is None else min(pf.metadata.num_rows, spec.limit - seen)
+            groups, at = [], 0  # only the row groups that hold rows < limit (a hub file is read by ranges)
+            for g in range(pf.num_row_groups):
+                if at < n:
+                    groups.append(g)
+                at += pf.metadata.row_group(g).num_rows
+            part = pf.read_row_groups(groups, columns=columns).slice(0, n) if columns else None
+        rows = pa.array(range(seen, seen + n), pa.int64())
+        parts.append(part.add_column(0, "source_row", rows) if part is not None else pa.table({"source_row": rows}))
+        seen += n
+    return pa.concat_tables(parts) if parts else pa.table({"source_row": pa.array([], pa.int64())})

@@ -12,19 +12,22 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .catalog import Catalog
 from .config import RunConfig
-from .dataset import Record, check_dataset, iter_records
+from .dataset import Record, check_dataset, iter_records, read_metadata
 from .duplicates import stored_groups
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError
+from .fileio import unlink_quietly
 from .gallery import STANDARD_FILES, DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
 from .items import make_segment_items, make_standard_items, note_persons_cut
 from .machine import TreeMemory
+from .metadata import METADATA_FILE, load_metadata, write_metadata
 from .persons import Segmenter
 from .ray_engine import RayBuild, build_gallery_ray
 from .remedy import build_first, reuse_or_rebuild
@@ -159,16 +162,35 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
             cache = load_gallery_cache(cfg, identity=embedder.identity if embedder is not None else None)
         log.info("loaded %d embeddings from %s", len(cache.embeddings), cfg.store_dir)
         gallery = Gallery(cache.embeddings, cache.rows, embedder)
-    elif cfg.update:
-        from .update import update_gallery  # update.py builds on this module
-
-        gallery = update_gallery(cfg, summary, embedder)
     else:
-        gallery = build(cfg, summary, embedder)
+        with summary.stage("metadata"):  # read first: an unknown --meta-columns fails before the build
+            check_dataset(cfg.dataset)
+            table = read_metadata(cfg.dataset, cfg.meta_columns)
+        if cfg.update:
+            from .update import update_gallery  # update.py builds on this module
+
+            gallery = update_gallery(cfg, summary, embedder)
+        else:
+            gallery = build(cfg, summary, embedder)
+        keep_metadata(cfg, table, gallery.rows, summary)
     if cfg.segmented and not cfg.from_cache:
         note_persons_cut(gallery.rows, cfg.segment.max_persons, summary)
     record_failures(gallery.rows, summary)
     return gallery
+
+
+def keep_metadata(cfg: RunConfig, table: Any, rows: list[ManifestRow], summary: RunSummary) -> None:
+    """metadata.parquet beside the store (metadata.py): the dataset's plain columns for its rows."""
+    path = cfg.store_dir / METADATA_FILE
+    if table is None:
+        unlink_quietly(path)
+        summary.notes.append(f"metadata: none ({cfg.dataset.name} is a folder of images or a streamed dataset)")
+        return
+    write_metadata(cfg.store_dir, table, rows)
+    columns = [c for c in table.column_names if c != "source_row"]
+    summary.notes.append(
+        f"metadata: {len(columns)} column(s) kept for --filter and every hit: {', '.join(columns) or 'none'}"
+    )
 
 
 def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, part: BuildPart | None) -> Gallery:
@@ -330,5 +352,6 @@ def open_catalog(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
         cache = load_gallery_cache(cfg, identity=embedder.identity)
     with summary.stage("load index"):
         searcher = open_searcher(cfg, cache.embeddings, cache.embedded_rows, gpu=on_cuda(embedder))
+    searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
     loaded = embedder
     return Catalog(cache, searcher, lambda: loaded, lambda: segmenter_factory(cfg))

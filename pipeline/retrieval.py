@@ -217,3 +217,34 @@ def write_neighbours_csv(path: str | Path, rows: Iterator[tuple], columns: Seque
         n += 1
     atomic_write_text(path, buf.getvalue())
     return n
+
+
+def masked_topk(queries: np.ndarray, gallery: np.ndarray, allowed: np.ndarray, k: int, block: int = 64) -> Neighbours:
+    """Exact top-k among the allowed gallery rows only (a metadata filter, inside the search): k
+    results whenever k rows are allowed, all of them when fewer; ties broken by index.
+
+    Few allowed rows (under a quarter) are gathered and searched; otherwise every row is scored and
+    the others are masked out, which costs one full exact search.
+    """
+    q, g = _check_embeddings(queries, "queries"), _check_embeddings(gallery, "gallery")
+    allowed = np.asarray(allowed, bool)
+    if allowed.shape != (g.shape[0],):
+        raise ValueError(f"allowed must be bool ({g.shape[0]},), got {allowed.shape}")
+    ids = np.flatnonzero(allowed)
+    m = min(k, len(ids))
+    idx = np.full((q.shape[0], k), -1, np.int64)
+    dist = np.full((q.shape[0], k), np.inf, np.float32)
+    if m == 0 or q.shape[0] == 0:
+        return Neighbours(idx, dist)
+    gathered = len(ids) * 4 < g.shape[0]
+    sub = g[ids] if gathered else g
+    for start in range(0, q.shape[0], block):
+        sims = q[start : start + block] @ sub.T
+        if not gathered:
+            sims = sims[:, ids]  # the allowed columns, in index order, as gathered ones are
+        part = np.argpartition(-sims, m - 1, axis=1)[:, :m]
+        top = np.take_along_axis(sims, part, 1)
+        chosen = np.take_along_axis(part, np.lexsort((part, -top), axis=1), 1)  # ties: lower index first
+        idx[start : start + len(sims), :m] = ids[chosen]
+        dist[start : start + len(sims), :m] = 1.0 - np.take_along_axis(sims, chosen, 1)
+    return Neighbours(idx, dist)

@@ -83,10 +83,18 @@ def run_query(cfg: RunConfig) -> RunSummary:
     """--query-image / --query-text against the cached gallery (embeddings/ or embeddings_segment/)."""
     summary = RunSummary(mode="query")
     catalog = open_catalog(cfg, summary)
+    allowed = catalog.searcher.allowed(cfg.filter)  # a bad filter fails before any query is embedded
     queries, vectors = embed_queries(cfg, catalog, summary)
     with summary.stage("search"):
-        nb = catalog.searcher.neighbours(np.concatenate(vectors), cfg.top_k)
+        nb = catalog.searcher.neighbours(np.concatenate(vectors), cfg.top_k, allowed)
     summary.notes.append("search: " + catalog.searcher.describe())
+    if allowed is not None:
+        matching = int(allowed.sum())
+        summary.count("items matching the filter", matching)
+        summary.notes.append(
+            f"--filter {cfg.filter!r}: {matching:,} of {len(allowed):,} items match; searched exactly among them"
+            + ("" if matching else ": nothing to return")
+        )
     out_dir = cfg.queries_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     names, ids = [r.file for r in catalog.items], [r.index for r in catalog.items]
@@ -102,7 +110,13 @@ def run_query(cfg: RunConfig) -> RunSummary:
     # the queries go in by number (iter_neighbour_rows takes int query ids) and come out as their labels
     flat = iter_neighbour_rows(nb, range(len(queries)), [q.label for q in queries], ids, names)
     rows = [(label, queries[qi].kind, rank, name, row, d) for qi, label, rank, row, name, d in flat]
-    write_neighbours_csv(table, iter(rows), columns=("query", "kind", "rank", "gallery_file", "row", "distance"))
+    meta = catalog.searcher.metadata
+    extra = meta.columns if meta is not None else []
+    if meta is not None:  # each hit's metadata values after its columns (same order as `flat`)
+        hits = [int(j) for row in nb.indices for j in row if j >= 0]
+        rows = [(*r, *meta.values(j).values()) for r, j in zip(rows, hits)]
+    columns = ("query", "kind", "rank", "gallery_file", "row", "distance", *extra)
+    write_neighbours_csv(table, iter(rows), columns=columns)
     summary.count("queries", len(queries))
     summary.outputs["results"] = str(table)
     summary.outputs["pictures"] = f"{out_dir}/q*.jpg"

@@ -14,16 +14,19 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from .duplicates import DuplicateGroup, keep_one_per_group, representatives
+from .filters import FilterError
 from .index import GalleryIndex, ensure_index, load_index
+from .metadata import Metadata
 from .persons import Segmenter, person_crops
-from .retrieval import Neighbours, topk_neighbours
+from .retrieval import Neighbours, masked_topk, topk_neighbours
 from .store import ManifestRow
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,8 @@ class Hit:
     rank: 1-based. row: the embedding row (line of embeddings.npy). line: the manifest line
     (ManifestRow.index). file: the image file, relative to the images folder. source_row: the
     dataset row it came from. person: the person number of a crop (-1 for a whole image).
-    distance: cosine distance (1 - cosine similarity), ascending with rank.
+    distance: cosine distance (1 - cosine similarity), ascending with rank. meta: the item's
+    metadata values (metadata.py; empty for a store without metadata).
     """
 
     rank: int
@@ -46,6 +50,7 @@ class Hit:
     source_row: int
     person: int
     distance: float
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,19 @@ class Searcher:
         self._gpu_lock = threading.Lock()  # a FAISS index on the GPU takes one search at a time
         self.group_of: np.ndarray | None = None  # --dedup: each row's duplicate group (see dedup)
         self.hidden = 0
+        self.metadata: Metadata | None = None  # each hit's values, and what filters read
+
+    def allowed(self, filter_text: str | None) -> np.ndarray | None:
+        """bool (N,): the rows a metadata filter keeps (None: no filter). FilterError (exit 2) for a
+        filter that cannot be used, or a store without metadata."""
+        if not filter_text:
+            return None
+        if self.metadata is None:
+            raise FilterError(
+                "--filter: this store keeps no metadata (a folder of images has none, and stores built before "
+                "metadata was kept have none either: build it again, or --update it)"
+            )
+        return self.metadata.mask(filter_text)
 
     def dedup(self, groups: Sequence[DuplicateGroup] | None) -> None:
         """--dedup: from now on every answer shows one photo per duplicate group (the best-ranked,
@@ -136,13 +154,19 @@ class Searcher:
     def describe(self) -> str:
         return self.index.describe() if self.index is not None else "exact"
 
-    def neighbours(self, queries: np.ndarray, k: int) -> Neighbours:
-        """Top-k for each query vector (float32 (Q, D), L2-normalized), as arrays."""
-        if self.group_of is not None:
-            return self._deduped(lambda m: self._neighbours(queries, m), k, None)
-        return self._neighbours(queries, k)
+    def neighbours(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Neighbours:
+        """Top-k for each query vector (float32 (Q, D), L2-normalized), as arrays.
 
-    def _neighbours(self, queries: np.ndarray, k: int) -> Neighbours:
+        allowed: bool (N,), the rows a metadata filter keeps: searched exactly among them
+        (retrieval.masked_topk), so k come back whenever k match.
+        """
+        if self.group_of is not None:
+            return self._deduped(lambda m: self._neighbours(queries, m, allowed), k, None)
+        return self._neighbours(queries, k, allowed)
+
+    def _neighbours(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Neighbours:
+        if allowed is not None:
+            return masked_topk(queries, self.embeddings, allowed, k)
         if self.index is None:
             return topk_neighbours(queries, self.embeddings, k)
         if not self.index.on_gpu:
@@ -158,13 +182,13 @@ class Searcher:
             return self._deduped(lambda m: self._all_neighbours(m, matrix_path), k, own)
         return self._all_neighbours(k, matrix_path)
 
-    def item_neighbours(self, rows: np.ndarray, k: int) -> Neighbours:
+    def item_neighbours(self, rows: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Neighbours:
         """Top-k other items of some of the store's own items (embedding rows): never the item
-        itself, and with --dedup never one of its copies."""
+        itself, and with --dedup never one of its copies. allowed: as in `neighbours`."""
         rows = np.asarray(rows, np.int64)
 
         def ask(m: int) -> Neighbours:
-            nb = self._neighbours(self.embeddings[rows], m + 1)
+            nb = self._neighbours(self.embeddings[rows], m + 1, allowed)
             idx = np.full((len(rows), m), -1, np.int64)
             dist = np.full((len(rows), m), np.inf, np.float32)
             for q in range(len(rows)):
@@ -188,12 +212,13 @@ class Searcher:
             if j < 0:
                 continue
             line = self.rows[int(j)]
-            out.append(Hit(r + 1, int(j), line.index, line.file, line.source_row, line.person, float(d)))
+            meta = self.metadata.values(int(j)) if self.metadata is not None else {}
+            out.append(Hit(r + 1, int(j), line.index, line.file, line.source_row, line.person, float(d), meta))
         return out
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        """Top-k hits for each query vector."""
-        nb = self.neighbours(queries, k)
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[Hit]]:
+        """Top-k hits for each query vector (allowed: as in `neighbours`)."""
+        nb = self.neighbours(queries, k, allowed)
         return [self.hits(nb, q) for q in range(len(queries))]
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 from .catalog import Catalog
 from .config import RunConfig, onnx_fallback
 from .errors import PipelineError, UsageError
+from .filters import FilterError, column_kind
 from .galleries import open_catalog
 from .images import ImageDecodeError, encode_jpeg
 from .report import RunSummary
@@ -66,23 +67,53 @@ class SearchService:
     def as_json(hits: list[Hit]) -> list[dict[str, Any]]:
         """row: the embedding row (the thumbnail's number); line: the manifest line."""
         return [
-            {"rank": h.rank, "row": h.row, "file": h.file, "line": h.line, "distance": round(h.distance, 6)}
+            {"rank": h.rank, "row": h.row, "file": h.file, "line": h.line, "distance": round(h.distance, 6),
+             "meta": {k: _json_value(v) for k, v in h.meta.items()}}
             for h in hits
         ]
 
-    def text(self, text: str, k: int) -> list[dict[str, Any]]:
-        return self.as_json(self.catalog.search_text(text, k))
+    def text(self, text: str, k: int, filter: str | None = None) -> list[dict[str, Any]]:
+        return self.as_json(self.catalog.search_text(text, k, filter=filter))
 
-    def image(self, data: bytes, name: str, k: int, segment: bool) -> list[dict[str, Any]]:
+    def image(self, data: bytes, name: str, k: int, segment: bool, filter: str | None = None) -> list[dict[str, Any]]:
         """An uploaded picture's queries: the picture, or each person in it. Raises ImageDecodeError,
         and UsageError for segment=True on a server that does not segment."""
         if segment and not self.can_segment:
             raise UsageError(NO_SEGMENTER)
-        found = self.catalog.search_image(data, k, segment=segment, name=name)
+        found = self.catalog.search_image(data, k, segment=segment, name=name, filter=filter)
         return [{"label": q.label, "results": self.as_json(q.hits)} for q in found]
 
     def thumbnail_jpeg(self, row: int) -> bytes:
         return encode_jpeg(Image.fromarray(self.catalog.thumbnail(row)), quality=88)
+
+
+def _json_value(v: Any) -> Any:
+    """A metadata value as JSON has it (dates as ISO text)."""
+    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+
+def filter_controls(catalog: Catalog, most_values: int = 40) -> list[dict[str, Any]]:
+    """What the page builds its filter controls from: per metadata column its kind, and the values
+    of a text column with few of them (a menu), or a number column's range."""
+    import pyarrow.compute as pc
+
+    meta = catalog.searcher.metadata
+    if meta is None:
+        return []
+    out = []
+    for name in meta.columns:
+        col = meta.table.column(name)
+        kind = column_kind(col.type)
+        entry: dict[str, Any] = {"name": name, "kind": kind}
+        if kind == "text":
+            values = pc.unique(col.drop_null()).to_pylist()
+            if len(values) <= most_values:
+                entry["values"] = sorted(str(v) for v in values)
+        elif kind == "number" and len(col.drop_null()):
+            bounds = pc.min_max(col)
+            entry["min"], entry["max"] = bounds["min"].as_py(), bounds["max"].as_py()
+        out.append(entry)
+    return out
 
 
 def create_app(service: SearchService):
@@ -126,6 +157,7 @@ def _add_page_endpoints(app, service: SearchService) -> None:
             "search": catalog.searcher.describe(),
             "report": (cfg.plots_dir / "report.html").is_file(),
             "segment": service.can_segment,
+            "columns": filter_controls(catalog),
         }
 
 
@@ -139,6 +171,7 @@ def _add_query_endpoints(app, service: SearchService) -> None:
     class TextQuery(BaseModel):
         text: str
         k: int = cfg.top_k
+        filter: str | None = None
 
     def timed(fn):
         t = time.perf_counter()
@@ -160,10 +193,14 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         if len(words) > MAX_TEXT_CHARS:
             raise HTTPException(413, f"the text is {len(words)} characters; at most {MAX_TEXT_CHARS}")
         k = check_k(query.k)
-        return {"query": words, "results": timed(lambda: service.text(words, k))}
+        try:
+            return {"query": words, "results": timed(lambda: service.text(words, k, query.filter or cfg.filter))}
+        except FilterError as e:  # the filter is parsed, checked and never run as code
+            raise HTTPException(422, str(e)) from None
 
     @app.post("/api/image")
-    def image(file: UploadFile = File(...), segment: bool = Form(False), k: int = Form(cfg.top_k)) -> dict[str, Any]:
+    def image(file: UploadFile = File(...), segment: bool = Form(False), k: int = Form(cfg.top_k),
+              filter: str = Form("")) -> dict[str, Any]:
         check_k(k)
         if segment and not service.can_segment:
             raise HTTPException(422, NO_SEGMENTER)
@@ -173,7 +210,10 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         if not data:
             raise HTTPException(422, "the upload is empty")
         try:
-            return {"queries": timed(lambda: service.image(data, file.filename or "upload", k, segment))}
+            found = timed(lambda: service.image(data, file.filename or "upload", k, segment, filter or cfg.filter))
+            return {"queries": found}
+        except FilterError as e:
+            raise HTTPException(422, str(e)) from None
         except ImageDecodeError as e:
             status = 413 if ("refused" in str(e) or "bomb" in str(e)) else 415
             raise HTTPException(status, f"{file.filename or 'the upload'}: {e}") from None

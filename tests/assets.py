@@ -259,7 +259,9 @@ def write_parquet_dataset(
             data[name] = [None if c is None else {"bytes": c, "path": None} for c in values]
             features[name] = datasets.Image()
         else:
-            features[name] = datasets.Value("string" if isinstance(values[0], str) else "int64")
+            kinds = {bool: "bool", str: "string", float: "float64"}
+            first = next((v for v in values if v is not None), "")
+            features[name] = datasets.Value(kinds.get(type(first), "int64"))
     ds = datasets.Dataset.from_dict(data, features=datasets.Features(features))
     (folder / "data").mkdir(exist_ok=True)
     ds.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))

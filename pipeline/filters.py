@@ -1,0 +1,349 @@
+"""Metadata filters: `--filter "category = 'dress' AND price < 50"`, the SQL-like form LanceDB and
+DuckDB users know, parsed (never evaluated as Python) into a tree and run by pyarrow.compute over a
+gallery's metadata table (metadata.py), giving the rows that match.
+
+Grammar (keywords in any case):
+
+    filter     := or
+    or         := and ("OR" and)*
+    and        := not ("AND" not)*
+    not        := "NOT" not | "(" filter ")" | test
+    test       := column op value
+                | column ["NOT"] "IN" "(" value ("," value)* ")"
+                | column "IS" ["NOT"] "NULL"
+    op         := "=" | "!=" | "<>" | "<" | "<=" | ">" | ">="
+    value      := 'text' ('' inside is a quote) | number | TRUE | FALSE
+    column     := name | "quoted name" | `quoted name`
+
+Comparisons with a missing (null) value are false, as in SQL, and so is NOT of them. `check` holds a
+parsed filter against a table's columns and their types (an unknown column, or a text compared with
+a number, is an error naming both); errors point at the place in the text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import UsageError
+
+OPS = ("=", "!=", "<>", "<=", ">=", "<", ">")
+
+
+class FilterError(UsageError):
+    """A filter that cannot be used: bad syntax, an unknown column, a type mismatch (exit 2)."""
+
+
+def _point(text: str, at: int, message: str) -> FilterError:
+    return FilterError(f"--filter: {message} (at character {at + 1})\n  {text}\n  {' ' * at}^")
+
+
+# ----------------------------------------------------------------------------- tree
+@dataclass(frozen=True)
+class Test:
+    """column op value(s). op: one of OPS, "in", "not in", "is null", "is not null"."""
+
+    column: str
+    op: str
+    values: tuple[Any, ...]
+    at: int  # where the column name starts in the text
+
+
+@dataclass(frozen=True)
+class Not:
+    arg: Any
+
+
+@dataclass(frozen=True)
+class And:
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Or:
+    args: tuple[Any, ...]
+
+
+Node = Test | Not | And | Or
+
+
+# ----------------------------------------------------------------------------- tokens
+_TOKEN = re.compile(
+    r"""\s*(?:
+      (?P<text>'(?:[^']|'')*')
+    | (?P<open_text>'[^']*$)
+    | (?P<quoted>"[^"]+"|`[^`]+`)
+    | (?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?![A-Za-z_])
+    | (?P<op><=|>=|!=|<>|=|<|>)
+    | (?P<punct>[(),])
+    | (?P<word>[A-Za-z_][A-Za-z0-9_.]*)
+    | (?P<bad>\S)
+    )""",
+    re.VERBOSE,
+)
+KEYWORDS = {"and", "or", "not", "in", "is", "null", "true", "false"}
+
+
+@dataclass(frozen=True)
+class _Tok:
+    kind: str  # text | number | op | punct | word | quoted | end
+    value: Any
+    at: int
+
+
+def _tokens(text: str) -> list[_Tok]:
+    out, pos = [], 0
+    while True:
+        m = _TOKEN.match(text, pos)
+        if m is None or m.end() == pos:
+            break
+        kind = m.lastgroup or "bad"
+        at = m.start(kind)
+        raw = m.group(kind)
+        if kind == "bad":
+            raise _point(text, at, f"unexpected character {raw!r}")
+        if kind == "open_text":
+            raise _point(text, at, "a quoted text is not closed (a quote inside a text is written '')")
+        if kind == "text":
+            out.append(_Tok("text", raw[1:-1].replace("''", "'"), at))
+        elif kind == "number":
+            out.append(_Tok("number", float(raw) if any(c in raw for c in ".eE") else int(raw), at))
+        elif kind == "quoted":
+            out.append(_Tok("column", raw[1:-1], at))
+        elif kind == "word":
+            low = raw.lower()
+            out.append(_Tok(low if low in KEYWORDS else "column", low if low in KEYWORDS else raw, at))
+        else:
+            out.append(_Tok(kind, raw, at))
+        pos = m.end()
+    out.append(_Tok("end", None, len(text.rstrip())))
+    return out
+
+
+# ----------------------------------------------------------------------------- parser
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text, self.toks, self.i = text, _tokens(text), 0
+
+    @property
+    def tok(self) -> _Tok:
+        return self.toks[self.i]
+
+    def take(self, kind: str, value: Any = None) -> _Tok | None:
+        t = self.tok
+        if t.kind == kind and (value is None or t.value == value):
+            self.i += 1
+            return t
+        return None
+
+    def expect(self, kind: str, what: str, value: Any = None) -> _Tok:
+        t = self.take(kind, value)
+        if t is None:
+            raise _point(self.text, self.tok.at, f"expected {what}, found {self._said(self.tok)}")
+        return t
+
+    @staticmethod
+    def _said(t: _Tok) -> str:
+        if t.kind == "end":
+            return "the end of the filter"
+        if t.kind == "text":
+            return f"the text '{t.value}'"
+        return f"{t.value!r}" if t.kind != "number" else f"the number {t.value}"
+
+    def parse(self) -> Node:
+        if self.tok.kind == "end":
+            raise _point(self.text, 0, "the filter is empty")
+        node = self.or_()
+        if self.tok.kind != "end":
+            raise _point(self.text, self.tok.at, f"expected AND, OR or the end, found {self._said(self.tok)}")
+        return node
+
+    def or_(self) -> Node:
+        args = [self.and_()]
+        while self.take("or"):
+            args.append(self.and_())
+        return args[0] if len(args) == 1 else Or(tuple(args))
+
+    def and_(self) -> Node:
+        args = [self.not_()]
+        while self.take("and"):
+            args.append(self.not_())
+        return args[0] if len(args) == 1 else And(tuple(args))
+
+    def not_(self) -> Node:
+        if self.take("not"):
+            return Not(self.not_())
+        if self.take("punct", "("):
+            node = self.or_()
+            self.expect("punct", "')'", ")")
+            return node
+        return self.test()
+
+    def test(self) -> Node:
+        col = self.tok
+        if col.kind != "column":
+            raise _point(self.text, col.at, f"expected a column name, found {self._said(col)}")
+        self.i += 1
+        if self.take("is"):
+            negated = self.take("not") is not None
+            self.expect("null", "NULL after IS")
+            return Test(col.value, "is not null" if negated else "is null", (), col.at)
+        negated = self.take("not") is not None
+        if negated or self.tok.kind == "in":
+            self.expect("in", "IN after NOT")
+            self.expect("punct", "'(' after IN", "(")
+            values = [self.value()]
+            while self.take("punct", ","):
+                values.append(self.value())
+            self.expect("punct", "')' or ',' in the IN list", ")")
+            return Test(col.value, "not in" if negated else "in", tuple(values), col.at)
+        op = self.expect("op", f"a comparison (one of {', '.join(OPS)}), IN or IS after {col.value!r}")
+        return Test(col.value, "!=" if op.value == "<>" else op.value, (self.value(),), col.at)
+
+    def value(self) -> Any:
+        t = self.tok
+        if t.kind in ("text", "number"):
+            self.i += 1
+            return t.value
+        if t.kind in ("true", "false"):
+            self.i += 1
+            return t.kind == "true"
+        hint = " (texts are quoted: 'dress')" if t.kind == "column" else ""
+        raise _point(self.text, t.at, f"expected a value, found {self._said(t)}{hint}")
+
+
+def parse_filter(text: str) -> Node:
+    """The filter's tree; FilterError (a message pointing at the place) when it cannot be parsed."""
+    return _Parser(text).parse()
+
+
+def columns_of(node: Node) -> list[Test]:
+    if isinstance(node, Test):
+        return [node]
+    if isinstance(node, Not):
+        return columns_of(node.arg)
+    return [t for a in node.args for t in columns_of(a)]
+
+
+# ----------------------------------------------------------------------------- types and evaluation
+def column_kind(arrow_type: Any) -> str:
+    """boolean | number | text | date | other: how a filter compares a column of this arrow type."""
+    return _kind(arrow_type)
+
+
+def _kind(arrow_type: Any) -> str:
+    import pyarrow as pa
+
+    t = arrow_type
+    if pa.types.is_boolean(t):
+        return "boolean"
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "number"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
+        return "text"
+    if pa.types.is_temporal(t):
+        return "date"
+    return "other"
+
+
+def _value_kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    return "text"
+
+
+def check_filter(node: Node, text: str, schema: Any) -> None:
+    """Every column exists in the table and is compared with values of its type (dates with texts
+    such as '2026-01-31'); FilterError otherwise."""
+    names = list(schema.names)
+    for t in columns_of(node):
+        if t.column not in names:
+            shown = ", ".join(n for n in names if n != "source_row")
+            raise _point(text, t.at, f"unknown column {t.column!r}; the catalogue's columns are: {shown or 'none'}")
+        kind = _kind(schema.field(t.column).type)
+        for v in t.values:
+            vk = _value_kind(v)
+            if kind == "date" and vk == "text":
+                continue
+            if kind == "other":
+                held = schema.field(t.column).type
+                raise _point(text, t.at, f"column {t.column!r} holds {held}, which a filter cannot compare")
+            if vk != kind:
+                raise _point(
+                    text, t.at, f"type mismatch: {t.column!r} is a {kind} column, compared with {vk} {v!r}"
+                    + (" (quote texts: 'dress'; leave numbers bare: 50)" if {vk, kind} == {"text", "number"} else "")
+                )
+        if t.op in ("<", "<=", ">", ">=") and kind == "boolean":
+            raise _point(text, t.at, f"{t.column!r} is true/false: compare it with = or !=")
+
+
+def _evaluate(node: Node, table: Any) -> Any:
+    """A pyarrow boolean array (nulls where a comparison met a missing value)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(node, And):
+        out = _evaluate(node.args[0], table)
+        for a in node.args[1:]:
+            out = pc.and_kleene(out, _evaluate(a, table))
+        return out
+    if isinstance(node, Or):
+        out = _evaluate(node.args[0], table)
+        for a in node.args[1:]:
+            out = pc.or_kleene(out, _evaluate(a, table))
+        return out
+    if isinstance(node, Not):
+        return pc.invert(_evaluate(node.arg, table))
+    col = table.column(node.column)
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if node.op == "is null":
+        return pc.is_null(col)
+    if node.op == "is not null":
+        return pc.is_valid(col)
+    values = [_scalar(v, col.type) for v in node.values]
+    if node.op in ("in", "not in"):
+        found = pc.is_in(col, value_set=pa.array([v.as_py() for v in values], type=col.type), skip_nulls=True)
+        found = pc.if_else(pc.is_null(col), pa.scalar(None, pa.bool_()), found)
+        return pc.invert(found) if node.op == "not in" else found
+    fn = {"=": pc.equal, "!=": pc.not_equal, "<": pc.less, "<=": pc.less_equal, ">": pc.greater,
+          ">=": pc.greater_equal}[node.op]
+    return fn(col, values[0])
+
+
+def _scalar(value: Any, arrow_type: Any) -> Any:
+    import pyarrow as pa
+
+    if pa.types.is_temporal(arrow_type) and isinstance(value, str):
+        return pa.scalar(value).cast(arrow_type)
+    if pa.types.is_integer(arrow_type) and isinstance(value, float):
+        return pa.scalar(value, pa.float64())
+    try:
+        return pa.scalar(value, arrow_type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return pa.scalar(value)
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A parsed, checked filter and its text."""
+
+    text: str
+    node: Node
+
+    @classmethod
+    def parse(cls, text: str, schema: Any) -> Filter:
+        node = parse_filter(text)
+        check_filter(node, text, schema)
+        return cls(text, node)
+
+    def mask(self, table: Any) -> np.ndarray:
+        """bool (table rows,): the rows that match (a missing value never matches)."""
+        import pyarrow.compute as pc
+
+        return np.asarray(pc.fill_null(_evaluate(self.node, table), False).to_numpy(zero_copy_only=False), bool)

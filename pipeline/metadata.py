@@ -1,0 +1,101 @@
+"""A gallery's metadata: the dataset's plain columns (category, colour, price, ...) kept beside the
+store as `metadata.parquet`, typed, one row per dataset row the store holds, keyed by `source_row`
+like the manifest. Every build and update writes it (dataset.read_metadata reads only these
+columns); searches read it back aligned to the embedding rows, to filter (filters.py) and to return
+each hit's values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CacheMismatchError
+from .filters import Filter
+from .store import ManifestRow
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.parquet"
+
+
+def keep_for_store(table: Any, rows: Sequence[ManifestRow]) -> Any:
+    """The table's rows of the store's source rows, in source_row order."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = pa.array(sorted({r.source_row for r in rows}), pa.int64())
+    kept = table.filter(pc.is_in(table.column("source_row"), value_set=wanted))
+    return kept.sort_by("source_row")
+
+
+def write_metadata(store_dir: Path, table: Any, rows: Sequence[ManifestRow]) -> bool:
+    """metadata.parquet for the store's rows; not rewritten when it already holds the same.
+    Returns whether it was written."""
+    import pyarrow.parquet as pq
+
+    from .fileio import atomic_write_bytes
+
+    table = keep_for_store(table, rows)
+    path = Path(store_dir) / METADATA_FILE
+    if path.is_file():
+        try:
+            if pq.read_table(path).equals(table):
+                return False
+        except (OSError, ValueError):
+            pass
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return True
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """The metadata of a store's searchable items: `table` row j belongs to embedding row j."""
+
+    table: Any  # pyarrow.Table, without source_row
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.table.column_names)
+
+    def values(self, j: int) -> dict[str, Any]:
+        """Embedding row j's values (None where missing)."""
+        return {c: self.table.column(c)[j].as_py() for c in self.table.column_names}
+
+    def mask(self, text: str) -> np.ndarray:
+        """bool (N,): the items a filter keeps (filters.Filter: parsed, checked, never run as code)."""
+        return Filter.parse(text, self.table.schema).mask(self.table)
+
+
+def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow]) -> Metadata | None:
+    """The store's metadata aligned to its embedding rows, or None when it has none. A table that
+    lacks some of the store's rows (written for another version of the store) is refused."""
+    import pyarrow.parquet as pq
+
+    path = Path(store_dir) / METADATA_FILE
+    if not path.is_file():
+        return None
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as e:
+        raise CacheMismatchError(f"{path}: unreadable ({e}); run the gallery build again to rewrite it") from e
+    keys = np.asarray(table.column("source_row").to_numpy(), np.int64)
+    want = np.array([r.source_row for r in embedded], np.int64)
+    at = np.searchsorted(keys, want)
+    at = np.minimum(at, max(len(keys) - 1, 0))
+    if len(want) and (len(keys) == 0 or not np.array_equal(keys[at], want)):
+        missing = len(want) if len(keys) == 0 else int(np.sum(keys[at] != want))
+        raise CacheMismatchError(
+            f"{path} does not cover the store ({missing} of its items have no row there): it was written for "
+            "another version of the store. Run the build (or --update) again to rewrite it"
+        )
+    return Metadata(table.take(at).drop_columns(["source_row"]))

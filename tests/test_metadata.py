@@ -1,0 +1,201 @@
+"""Metadata kept and filtered on (issue 27, points 1 and 2): the dataset's plain columns stored
+beside the store, typed and keyed by source_row; --update keeps them current; --filter runs inside
+the search, giving k results whenever k items match, checked against a brute-force search over the
+matching rows; every hit carries its values."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import main as cli
+from pipeline import Catalog
+from pipeline.retrieval import topk_neighbours
+from tests import assets
+from tests.helpers import run
+
+N = 40
+CATEGORIES = ["dress", "top", "skirt", "coat"]
+
+
+def shop(n: int = N, price_of: dict[int, float] | None = None) -> dict[str, list]:
+    rng = np.random.default_rng(11)
+    price = [float(round(x, 2)) for x in rng.uniform(5, 150, n)]
+    for i, p in (price_of or {}).items():
+        price[i] = p
+    return {
+        "category": [CATEGORIES[i % 4] for i in range(n)],
+        "colour": [["red", "blue", "black"][i % 3] for i in range(n)],
+        "price": price,
+        "stock": [int(i % 7) for i in range(n)],
+        "item_id": [f"P{i // 2:03d}" for i in range(n)],  # two photos a product
+    }
+
+
+def write_shop(folder: Path, n: int = N, price_of: dict[int, float] | None = None) -> Path:
+    cells = [assets.jpeg_bytes(40 + i % 5 * 4, 56, seed=300 + i) for i in range(n)]
+    return assets.write_parquet_dataset(folder, cells, extra=shop(n, price_of))
+
+
+def args(data: Path, onnx: Path, out: Path, *more: object) -> list[str]:
+    return [str(a) for a in ["--dataset", data, "--onnx", onnx, "--output-dir", out, "--limit", "0",
+                             "--max-result-images", "0", *more]]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_onnx) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("meta")
+    data = write_shop(root / "shop")
+    out = root / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    return data, out
+
+
+def test_the_plain_columns_are_kept_typed_and_keyed_by_row(built):
+    data, out = built
+    table = pq.read_table(out / "embeddings" / "metadata.parquet")
+    assert table.column_names == ["source_row", "category", "colour", "price", "stock", "item_id"]
+    assert table.column("source_row").to_pylist() == list(range(N))
+    assert str(table.schema.field("price").type) == "double" and str(table.schema.field("stock").type) == "int64"
+    assert table.column("price").to_pylist() == shop()["price"]
+
+
+def brute_force(cat: Catalog, query: np.ndarray, mask: np.ndarray, k: int) -> list[int]:
+    ids = np.flatnonzero(mask)
+    if not len(ids):
+        return []
+    nb = topk_neighbours(query[None, :], cat.embeddings[ids], min(k, len(ids)))
+    return [int(ids[j]) for j in nb.indices[0] if j >= 0]
+
+
+@pytest.mark.parametrize(
+    "text, truth",
+    [
+        ("category = 'dress'", lambda m: m["category"] == "dress"),
+        ("category = 'dress' AND price < 60", lambda m: m["category"] == "dress" and m["price"] < 60),
+        ("colour IN ('red', 'black') OR stock >= 6", lambda m: m["colour"] in ("red", "black") or m["stock"] >= 6),
+        ("item_id = 'P003'", lambda m: m["item_id"] == "P003"),
+        ("price > 1000", lambda m: False),
+    ],
+)
+def test_a_filtered_search_is_the_exact_search_over_the_matching_items(built, text, truth):
+    _, out = built
+    cat = Catalog.open(out)
+    mask = np.array([truth(cat.searcher.metadata.values(j)) for j in range(len(cat))])
+    for k in (1, 5, 12):
+        for q in (0, 17, 33):
+            hits = cat.search_vectors(cat.embeddings[q], k=k, filter=text)[0]
+            assert len(hits) == min(k, int(mask.sum()))  # k whenever k match; all of them when fewer
+            assert [h.row for h in hits] == brute_force(cat, cat.embeddings[q], mask, k)
+            assert all(truth(h.meta) for h in hits)
+            assert [h.rank for h in hits] == list(range(1, len(hits) + 1))
+    hits = cat.neighbours(0, k=3, filter=text)
+    assert all(truth(h.meta) and h.row != 0 for h in hits)
+
+
+def test_every_hit_carries_its_values(built):
+    _, out = built
+    hit = Catalog.open(out).search_vectors(Catalog.open(out).embeddings[5], k=1)[0][0]
+    assert hit.row == 5 and hit.meta == {k: v[5] for k, v in shop().items()}
+
+
+def test_query_results_carry_the_metadata_and_honour_the_filter(built, tiny_onnx, tmp_path):
+    data, out = built
+    query = tmp_path / "q.jpg"
+    query.write_bytes(assets.jpeg_bytes(44, 56, seed=305))
+    assert run(*args(data, tiny_onnx, out, "--query-image", query, "--top-k", "4",
+                     "--filter", "category = 'top' AND price < 100")) == 0
+    with open(out / "retrieval_results" / "queries" / "query_results.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert list(lines[0])[-5:] == ["category", "colour", "price", "stock", "item_id"]
+    assert len(lines) == 4 and all(r["category"] == "top" and float(r["price"]) < 100 for r in lines)
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ("colour = 'red' AND", "--filter: expected a column name, found the end of the filter (at character 19)"),
+        ("size = 'M'",
+         "--filter: unknown column 'size'; the catalogue's columns are: category, colour, price, stock, item_id"),
+        ("price = 'cheap'", "type mismatch: 'price' is a number column, compared with text 'cheap'"),
+    ],
+)
+def test_a_bad_filter_is_a_clear_message_and_exit_2(built, tiny_onnx, text, said, capsys):
+    data, out = built
+    code = cli.main([*args(data, tiny_onnx, out, "--query-text", "red dress", "--filter", text)])
+    err = capsys.readouterr().err
+    assert code == 2 and said in err and "Traceback" not in err
+
+
+def test_chosen_columns_and_a_missing_one(tiny_onnx, tmp_path, capsys):
+    data = write_shop(tmp_path / "shop", n=8)
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out, "--meta-columns", "price,category")) == 0
+    assert pq.read_table(out / "embeddings" / "metadata.parquet").column_names == ["source_row", "price", "category"]
+    capsys.readouterr()
+    assert run(*args(data, tiny_onnx, tmp_path / "out2", "--meta-columns", "price,size")) == 1
+    err = capsys.readouterr().err
+    assert "--meta-columns: dataset" in err and "has no column 'size'; its columns are" in err
+    assert not (tmp_path / "out2" / "embeddings").exists()  # refused before the build
+
+
+def test_an_update_keeps_the_metadata_current(tiny_onnx, tmp_path):
+    data = write_shop(tmp_path / "shop")
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    write_shop(tmp_path / "shop", price_of={3: 1.5})  # same photos, a new price
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    table = pq.read_table(out / "embeddings" / "metadata.parquet")
+    assert table.column("price").to_pylist()[3] == 1.5
+    hits = Catalog.open(out).search_vectors(Catalog.open(out).embeddings[3], k=5, filter="price < 2")[0]
+    assert [h.source_row for h in hits] == [3]
+
+
+def test_the_search_page_filters_with_controls_built_from_the_columns(built, tiny_onnx, browser, tmp_path):
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from pipeline.config import config_from_flags
+    from pipeline.serve import SearchService
+    from tests.test_serve import serving
+    from tests.test_webreport import console_errors, wait
+
+    _, out = built
+    cfg = config_from_flags(vars(cli.build_parser().parse_args(
+        ["--onnx", str(tiny_onnx), "--output-dir", str(out), "--serve", "--top-k", "6"])))
+    with serving(SearchService.load(cfg)) as url:
+        info = httpx.get(url + "/api/info").json()
+        assert {c["name"]: c["kind"] for c in info["columns"]} == {
+            "category": "text", "colour": "text", "price": "number", "stock": "number", "item_id": "text"}
+        assert next(c for c in info["columns"] if c["name"] == "category")["values"] == sorted(CATEGORIES)
+        # the API: a filter in the query, the metadata in each hit, a bad filter is a 422 with its message
+        body = httpx.post(url + "/api/text", json={"text": "a coat", "k": 4, "filter": "category = 'coat'"}).json()
+        assert len(body["results"]) == 4 and all(r["meta"]["category"] == "coat" for r in body["results"])
+        bad = httpx.post(url + "/api/text", json={"text": "a coat", "filter": "category = coat"})
+        assert bad.status_code == 422 and "texts are quoted" in bad.json()["detail"]
+        evil = httpx.post(url + "/api/text", json={"text": "x", "filter": "__import__('os').system('false')"})
+        assert evil.status_code == 422  # parsed, never run
+        # the page: choose skirt, a price bound, search; every tile is a skirt under the bound
+        browser.get(url + "/")
+        wait(browser, "document.querySelectorAll('#filter-controls [data-column]').length === 7")
+        Select(browser.find_element(By.CSS_SELECTOR, "select[data-column=category]")).select_by_visible_text("skirt")
+        browser.find_element(By.CSS_SELECTOR, "input[data-column=price][data-bound=max]").send_keys("120")
+        browser.find_element(By.ID, "text").send_keys("a skirt")
+        browser.find_element(By.ID, "text-go").click()
+        wait(browser, "document.querySelectorAll('#results .tile[data-file]').length > 0")
+        metas = browser.execute_script(
+            "return [...document.querySelectorAll('#results .tile .meta')].map(m => m.title)")
+        assert metas and all("category: skirt" in m for m in metas)
+        assert all(float(m.split("price: ")[1].split("\n")[0]) <= 120 for m in metas)
+        browser.save_screenshot(str(tmp_path / "filtered.png"))
+        # a filter that matches nothing says so, with no stale results under it
+        browser.find_element(By.ID, "filter-text").send_keys("stock > 100")
+        browser.find_element(By.ID, "text-go").click()
+        wait(browser, "document.getElementById('status').textContent.startsWith('No item matches the filter')")
+        assert browser.execute_script("return document.querySelectorAll('#results .tile[data-file]').length") == 0
+        assert not console_errors(browser)
