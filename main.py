@@ -224,6 +224,12 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
     )
     _add(
         out,
+        "--group-by",
+        help="one result per value of this metadata column (a product id): scored by its best photo, filled until "
+        "k products; an item's neighbours are never other photos of its product",
+    )
+    _add(
+        out,
         "--dedup",
         action="store_true",
         help="one photo per duplicate group (outputs/duplicates.csv) in search results and neighbours",

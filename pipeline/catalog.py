@@ -99,6 +99,7 @@ class Catalog:
         index: str = "auto",
         seg_model: str | None = None,
         dedup: bool = False,
+        group_by: str | None = None,
     ) -> Catalog:
         """Open a store folder (or a run's output folder) for search.
 
@@ -109,6 +110,7 @@ class Catalog:
         index: "auto" uses the index file beside the store when there is one; "none": exact search.
         seg_model: the person segmenter for `search_image(..., segment=True)`.
         dedup: one photo per duplicate group in every answer (the groups of outputs/duplicates.csv).
+        group_by: a metadata column (a product id): one result per value in every answer.
         """
         root = store_folder(folder)
         cache = load_cache(root, Path(), identity=None, check_images=False)
@@ -118,6 +120,7 @@ class Catalog:
         if dedup:
             searcher.dedup(stored_groups(root, searcher.rows, cache.sidecar.manifest_sha256))
         searcher.metadata = load_metadata(root, searcher.rows)
+        searcher.group_by(group_by)
         spec = _embedder_spec(cache, model, onnx, device, threads)
         segment = SegmentSpec(model=seg_model) if seg_model else SegmentSpec()
         return cls(cache, searcher, lambda: _checked_embedder(spec, cache),

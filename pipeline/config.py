@@ -93,6 +93,7 @@ class RunConfig:
     max_result_images: int = 10_000  # result pictures are for looking at: the neighbour table covers everyone
     dedup: bool = False  # one photo per duplicate group in search results and neighbours (duplicates.py)
     filter: str | None = None  # --filter: a metadata filter applied inside every search (filters.py)
+    group_by: str | None = None  # --group-by: one result per value of this metadata column (a product id)
     meta_columns: tuple[str, ...] | None = None  # the dataset columns kept as metadata (None: every plain one)
     shard_rows: int = 512
     index: str = "auto"  # auto | flat | hnsw | ivfpq | none (index.py)
@@ -217,6 +218,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
             "max_result_images",
             "dedup",
             "filter",
+            "group_by",
             "meta_columns",
             "shard_rows",
             "use_embeddings",

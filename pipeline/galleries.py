@@ -179,6 +179,19 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
     return gallery
 
 
+def group_by(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> None:
+    """--group-by on a searcher whose metadata is loaded; the summary says how many items had no value."""
+    if cfg.group_by is None:
+        return
+    missing = searcher.group_by(cfg.group_by)
+    products = len(np.unique(searcher.group_of)) if searcher.group_of is not None else 0
+    summary.notes.append(f"--group-by {cfg.group_by}: {products:,} products among {len(searcher.rows):,} items")
+    if missing:
+        summary.notes.append(
+            f"--group-by {cfg.group_by}: {missing:,} item(s) have no value there; each stands as a product of its own"
+        )
+
+
 def keep_metadata(cfg: RunConfig, table: Any, rows: list[ManifestRow], summary: RunSummary) -> None:
     """metadata.parquet beside the store (metadata.py): the dataset's plain columns for its rows."""
     path = cfg.store_dir / METADATA_FILE
@@ -353,5 +366,6 @@ def open_catalog(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
     with summary.stage("load index"):
         searcher = open_searcher(cfg, cache.embeddings, cache.embedded_rows, gpu=on_cuda(embedder))
     searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
+    group_by(cfg, searcher, summary)
     loaded = embedder
     return Catalog(cache, searcher, lambda: loaded, lambda: segmenter_factory(cfg))

@@ -34,10 +34,11 @@ from .fileio import (
     sha256_file,
     unlink_quietly,
 )
-from .galleries import open_gallery, open_searcher
+from .galleries import group_by, open_gallery, open_searcher
 from .hub import go_offline_unless_reachable
 from .images import ImageDecodeError, decode_image
 from .index import INDEX_FILE
+from .metadata import load_metadata
 from .modes import selected_mode
 from .plots import compose_matches, neighbour_tiles, save_heatmap, save_histogram, save_jpeg
 from .remote import mirrored
@@ -182,11 +183,7 @@ def write_retrieval_outputs(
         return None, []
     nb = gallery_neighbours(cfg, searcher, summary)
     groups = write_duplicates(cfg, searcher, nb, summary)
-    if cfg.dedup and groups:
-        with summary.stage("neighbours (--dedup)"):
-            searcher.dedup(groups)
-            nb = searcher.all_neighbours(cfg.top_k)
-        summary.notes.append("--dedup: each duplicate group stands once in every neighbour list")
+    nb = regrouped_neighbours(cfg, searcher, groups, summary) or nb
     ids = [r.index for r in embedded]
     files = [r.file for r in embedded]
     table = cfg.results_dir / "neighbours.csv"
@@ -210,6 +207,24 @@ def write_retrieval_outputs(
     summary.outputs["heatmap"] = str(heat)
     summary.outputs["histogram"] = str(hist)
     return nb, groups
+
+
+def regrouped_neighbours(cfg: RunConfig, searcher: Searcher, groups: list[DuplicateGroup],
+                         summary: RunSummary) -> Neighbours | None:
+    """With --dedup or --group-by, every item's neighbours asked again, one per duplicate group or
+    product (the first pass proposed the duplicate pairs); None when neither applies."""
+    if not ((cfg.dedup and groups) or cfg.group_by):
+        return None
+    how = " ".join(flag for flag, on in (("--dedup", cfg.dedup), ("--group-by", cfg.group_by)) if on)
+    with summary.stage(f"neighbours ({how})"):
+        searcher.dedup(groups if cfg.dedup else None)
+        if cfg.group_by:
+            searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
+            group_by(cfg, searcher, summary)
+        nb = searcher.all_neighbours(cfg.top_k)
+    if cfg.dedup and groups:
+        summary.notes.append("--dedup: each duplicate group stands once in every neighbour list")
+    return nb
 
 
 def gallery_neighbours(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> Neighbours:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .duplicates import DuplicateGroup, keep_one_per_group, representatives
+from .errors import UsageError
 from .filters import FilterError
 from .index import GalleryIndex, ensure_index, load_index
 from .metadata import Metadata
@@ -85,6 +86,8 @@ class Searcher:
         self.group_of: np.ndarray | None = None  # --dedup: each row's duplicate group (see dedup)
         self.hidden = 0
         self.metadata: Metadata | None = None  # each hit's values, and what filters read
+        self._copies: np.ndarray | None = None  # --dedup: each row's duplicate group's first row
+        self._product: np.ndarray | None = None  # --group-by: each row's value of the column, as a number
 
     def allowed(self, filter_text: str | None) -> np.ndarray | None:
         """bool (N,): the rows a metadata filter keeps (None: no filter). FilterError (exit 2) for a
@@ -101,11 +104,56 @@ class Searcher:
     def dedup(self, groups: Sequence[DuplicateGroup] | None) -> None:
         """--dedup: from now on every answer shows one photo per duplicate group (the best-ranked,
         with its own distance), and a photo's own copies are not its neighbours. None: all again."""
-        if not groups:
+        self._copies = representatives(groups, len(self.embeddings)) if groups else None
+        self._regroup()
+
+    def group_by(self, column: str | None) -> int:
+        """--group-by: from now on every answer shows one item per value of a metadata column (one
+        result per product, scored by its best photo, filled until k products), and an item's
+        neighbours are never other photos of its product. Items without a value stand alone.
+        Returns how many items had no value. UsageError for a column the store does not keep."""
+        if column is None:
+            self._product = None
+            self._regroup()
+            return 0
+        import pyarrow.compute as pc
+
+        if self.metadata is None or column not in self.metadata.columns:
+            kept = "none (the store keeps no metadata)"
+            if self.metadata is not None:
+                kept = ", ".join(self.metadata.columns)
+            raise UsageError(f"--group-by: unknown column {column!r}; the catalogue's columns are: {kept}")
+        values = self.metadata.table.column(column)
+        codes = np.asarray(pc.dictionary_encode(values).combine_chunks().indices.to_numpy(zero_copy_only=False))
+        missing = np.asarray(values.is_null().to_numpy(zero_copy_only=False), bool)
+        n_codes = int(codes[~missing].max()) + 1 if (~missing).any() else 0
+        labels = np.where(missing, n_codes + np.arange(len(codes)), codes)  # no value: a product of its own
+        self._product = labels.astype(np.int64)
+        self._regroup()
+        return int(missing.sum())
+
+    def _regroup(self) -> None:
+        """group_of from the duplicate groups and the --group-by column: items joined by either are one."""
+        copies, product = self._copies, self._product
+        if copies is None and product is None:
             self.group_of, self.hidden = None, 0
             return
-        self.group_of = representatives(groups, len(self.embeddings))
-        self.hidden = sum(len(g.members) - 1 for g in groups)
+        n = len(self.embeddings)
+        if product is None or copies is None:
+            labels = copies if product is None else product
+        else:
+            from scipy.sparse import coo_matrix
+            from scipy.sparse.csgraph import connected_components
+
+            first = np.full(int(product.max()) + 1, n, np.int64)
+            np.minimum.at(first, product, np.arange(n))
+            rows = np.concatenate([np.arange(n), np.arange(n)])
+            cols = np.concatenate([copies, first[product]])
+            graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
+            labels = connected_components(graph, directed=False)[1]
+        assert labels is not None
+        self.group_of = np.asarray(labels, np.int64)
+        self.hidden = n - len(np.unique(self.group_of))
 
     def _deduped(self, ask: Callable[[int], Neighbours], k: int, own: np.ndarray | None) -> Neighbours:
         """ask(K) for K > k until k photos of distinct groups fill every row (or the gallery is spent)."""

@@ -199,3 +199,57 @@ def test_the_search_page_filters_with_controls_built_from_the_columns(built, tin
         wait(browser, "document.getElementById('status').textContent.startsWith('No item matches the filter')")
         assert browser.execute_script("return document.querySelectorAll('#results .tile[data-file]').length") == 0
         assert not console_errors(browser)
+
+
+def test_group_by_gives_one_result_per_product_filled_until_k(built):
+    _, out = built
+    cat = Catalog.open(out, group_by="item_id")
+    plain = Catalog.open(out)
+    for q in (0, 9, 26):
+        hits = cat.search_vectors(cat.embeddings[q], k=6)[0]
+        products = [h.meta["item_id"] for h in hits]
+        assert len(hits) == 6 and len(set(products)) == 6  # six products, not six photos
+        # each product scored by its best photo: the first photo of each product in the plain ranking
+        ranking = plain.search_vectors(plain.embeddings[q], k=N)[0]
+        best: dict[str, int] = {}
+        for h in ranking:
+            best.setdefault(h.meta["item_id"], h.row)
+        assert [h.row for h in hits] == list(best.values())[:6]
+    # an item's neighbours are never other photos of its product
+    for item in (0, 1, 30):
+        own = cat.searcher.metadata.values(item)["item_id"]
+        nb = cat.neighbours(item, k=5)
+        assert len(nb) == 5 and own not in [h.meta["item_id"] for h in nb]
+    # with a filter: products among the matching items
+    hits = cat.search_vectors(cat.embeddings[4], k=30, filter="category = 'dress'")[0]
+    assert len(hits) == 10 and len({h.meta["item_id"] for h in hits}) == 10  # 10 dresses, each its own product
+
+
+def test_group_by_in_the_gallery_run_and_its_messages(built, tiny_onnx, capsys):
+    data, out = built
+    capsys.readouterr()
+    assert cli.main(args(data, tiny_onnx, out, "--use-embeddings", "--group-by", "item_id")) == 0
+    said = capsys.readouterr().out
+    assert "--group-by item_id: 20 products among 40 items" in said
+    with open(out / "retrieval_results" / "neighbours.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    product = {f"img_{i:05d}.jpg": f"P{i // 2:03d}" for i in range(N)}
+    for query in {r["query_file"] for r in lines}:
+        shown = [product[r["neighbour_file"]] for r in lines if r["query_file"] == query]
+        assert len(shown) == 5 and len(set(shown)) == 5 and product[query] not in shown
+    code = cli.main(args(data, tiny_onnx, out, "--query-text", "red", "--group-by", "size"))
+    err = capsys.readouterr().err
+    assert code == 2 and "--group-by: unknown column 'size'; the catalogue's columns are: category" in err
+
+
+def test_items_without_a_value_stand_alone(tiny_onnx, tmp_path, capsys):
+    cells = [assets.jpeg_bytes(40, 56, seed=700 + i) for i in range(6)]
+    data = assets.write_parquet_dataset(tmp_path / "shop", cells, extra={"item_id": ["A", "A", None, None, "B", "B"]})
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    cat = Catalog.open(out, group_by="item_id")
+    hits = cat.search_vectors(cat.embeddings[0], k=10)[0]
+    assert sorted(h.meta["item_id"] or f"none{h.row}" for h in hits) == ["A", "B", "none2", "none3"]
+    capsys.readouterr()
+    assert cli.main(args(data, tiny_onnx, out, "--use-embeddings", "--group-by", "item_id")) == 0
+    assert "2 item(s) have no value there; each stands as a product of its own" in capsys.readouterr().out
