@@ -98,7 +98,14 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="image files or folders to search the cached gallery with",
     )
-    _add(search, "--query-text", nargs="+", metavar="TEXT", help='texts to search with, e.g. "red floral midi dress"')
+    _add(search, "--query-text", nargs="+", metavar="TEXT", help='texts to search with, e.g. "red floral midi dress"; '
+         'with --query-image, each picture and the texts make one query ("this dress, but in red")')
+    _add(search, "--negative-text", nargs="+", metavar="TEXT",
+         help='with --query-image: what the results should not have ("buttons"), subtracted from the query')
+    _add(search, "--fusion", choices=("sum", "rrf"),
+         help="how a picture and texts make one query: sum = weighted sum of the normalized vectors; rrf = "
+         "reciprocal-rank fusion of their result lists")
+    _add(search, "--text-weight", type=float, help="in a picture-plus-text sum: the texts' weight against the picture's 1")
     _add(search, "--serve", action="store_true", help="a local search page over the cached gallery, and the report")
     _add(search, "--port", type=_positive_int, help="with --serve")
     _add(search, "--host", help="with --serve (127.0.0.1: this machine only)")

@@ -21,13 +21,13 @@ from PIL import Image
 
 from .duplicates import stored_groups
 from .embedders import Embedder, EmbedderSpec, make_embedder
-from .errors import CacheMismatchError, PipelineError
+from .errors import CacheMismatchError, PipelineError, UsageError
 from .identity import differences
 from .images import decode_image
 from .metadata import load_metadata
 from .persons import Segmenter
 from .preprocess import preprocess_batch
-from .searcher import Hit, QueryCrop, Searcher, query_crops
+from .searcher import Hit, QueryCrop, Searcher, combine, query_crops
 from .store import (
     SIDECAR_FILE,
     THUMBNAILS_FILE,
@@ -197,6 +197,34 @@ class Catalog:
         """float32 (len(crops), D) vectors of query pictures."""
         emb = self.embedder
         return emb.embed(preprocess_batch([c.image for c in crops], emb.preprocess_cfg))
+
+    def search_combined(self, picture: str | Path | bytes | Image.Image, texts: Sequence[str],
+                        negative: Sequence[str] = (), k: int = 5, fusion: str = "sum", text_weight: float = 0.5,
+                        segment: bool = False, name: str | None = None,
+                        filter: str | None = None) -> list[QueryResult]:
+        """"This dress, but in red": one query from a picture and texts (for each person in the picture
+        with segment=True). fusion "sum": the weighted sum of the normalized vectors (searcher.combine;
+        negative texts are subtracted); "rrf": reciprocal-rank fusion of the picture's and each text's
+        result lists (no negative texts). filter: as in search_vectors."""
+        if fusion not in ("sum", "rrf"):
+            raise PipelineError(f"fusion must be 'sum' or 'rrf', got {fusion!r}")
+        if fusion == "rrf" and negative:
+            raise UsageError("negative texts need --fusion sum: a rank fusion cannot subtract a list")
+        if not texts and not negative:
+            raise UsageError("a picture-plus-text query needs a text")
+        allowed = self.searcher.allowed(filter)
+        crops, _ = self.query_crops(picture, segment, name)
+        pictures = self.embed_crops(crops)
+        said = self.embedder.embed_text(list(texts)) if texts else np.zeros((0, pictures.shape[1]), np.float32)
+        minus = self.embedder.embed_text(list(negative)) if negative else None
+        out = []
+        for crop, v in zip(crops, pictures):
+            if fusion == "sum":
+                nb = self.searcher.neighbours(combine(v, said, minus, text_weight)[None, :], k, allowed)
+            else:
+                nb = self.searcher.fused(np.concatenate([v[None, :], said]), k, allowed)
+            out.append(QueryResult(crop.label, self.searcher.hits(nb, 0)))
+        return out
 
     def search_image(self, picture: str | Path | bytes | Image.Image, k: int = 5, segment: bool = False,
                      name: str | None = None, filter: str | None = None) -> list[QueryResult]:

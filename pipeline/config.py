@@ -38,6 +38,9 @@ class QuerySpec:
 
     images: tuple[str, ...] = ()
     texts: tuple[str, ...] = ()
+    negative: tuple[str, ...] = ()  # --negative-text: subtracted from a picture-plus-text query
+    fusion: str = "sum"  # sum (weighted sum of the normalized vectors) | rrf (reciprocal-rank fusion)
+    text_weight: float = 0.5  # the texts' weight against the picture's 1 in a sum
 
     @property
     def active(self) -> bool:
@@ -198,6 +201,9 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "no_annotated_video": ("video", "no_annotated_video"),
     "query_image": ("query", "images"),
     "query_text": ("query", "texts"),
+    "negative_text": ("query", "negative"),
+    "fusion": ("query", "fusion"),
+    "text_weight": ("query", "text_weight"),
     "evaluate": ("evaluate", "enabled"),
     "eval_backends": ("evaluate", "backends"),
     "eval_id_column": ("evaluate", "id_column"),
@@ -285,7 +291,7 @@ def config_from_flags(
             continue
         if dest == "limit":
             value = value or None
-        elif dest in ("query_image", "query_text"):
+        elif dest in ("query_image", "query_text", "negative_text"):
             value = tuple(value or ())
         elif dest in ("eval_backends", "meta_columns") and isinstance(value, str):
             value = tuple(b.strip() for b in value.split(",") if b.strip())

@@ -24,7 +24,7 @@ from .catalog import Catalog
 from .config import RunConfig
 from .dataset import IMAGE_SUFFIXES, DatasetSpec, count_rows, iter_records
 from .embedders import Embedder, EmbedderSpec, make_embedder
-from .errors import PipelineError
+from .errors import PipelineError, UsageError
 from .export import fp32_path_for
 from .fileio import atomic_write_text
 from .galleries import open_catalog, segmenter_factory
@@ -42,7 +42,7 @@ from .plots import (
 )
 from .preprocess import PreprocessConfig, preprocess_batch
 from .report import RunSummary
-from .retrieval import iter_neighbour_rows, write_neighbours_csv
+from .retrieval import Neighbours, iter_neighbour_rows, write_neighbours_csv
 from .webreport import Section, relative_link, write_section
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,14 @@ def run_query(cfg: RunConfig) -> RunSummary:
     summary = RunSummary(mode="query")
     catalog = open_catalog(cfg, summary)
     allowed = catalog.searcher.allowed(cfg.filter)  # a bad filter fails before any query is embedded
-    queries, vectors = embed_queries(cfg, catalog, summary)
-    with summary.stage("search"):
-        nb = catalog.searcher.neighbours(np.concatenate(vectors), cfg.top_k, allowed)
+    if cfg.query.images and (cfg.query.texts or cfg.query.negative):
+        queries, nb = combined_queries(cfg, catalog, summary)
+    else:
+        if cfg.query.negative:
+            raise UsageError("--negative-text subtracts from a picture: give --query-image too")
+        queries, vectors = embed_queries(cfg, catalog, summary)
+        with summary.stage("search"):
+            nb = catalog.searcher.neighbours(np.concatenate(vectors), cfg.top_k, allowed)
     summary.notes.append("search: " + catalog.searcher.describe())
     if allowed is not None:
         matching = int(allowed.sum())
@@ -127,6 +132,37 @@ def run_query(cfg: RunConfig) -> RunSummary:
         section = Section("query" + cfg.suffix, "query", title, summary, data)
         summary.outputs["report"] = str(write_section(cfg.plots_dir, section))
     return summary
+
+
+def combined_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary) -> tuple[list[Query], Neighbours]:
+    """--query-image with --query-text (and --negative-text): one query per picture (per person in
+    it with --use-segmentation), the picture and the texts fused (Catalog.search_combined)."""
+    q = cfg.query
+    words = " + ".join(f"“{t}”" for t in q.texts) + "".join(f" − “{t}”" for t in q.negative)
+    queries: list[Query] = []
+    rows: list[list[tuple[int, float]]] = []
+    with summary.stage("picture + text queries"):
+        for path in expand_image_paths(q.images):
+            try:
+                crops, _ = catalog.query_crops(path, segment=cfg.segmented)
+                found = catalog.search_combined(path, q.texts, q.negative, cfg.top_k, q.fusion, q.text_weight,
+                                                segment=cfg.segmented, filter=cfg.filter)
+            except (ImageDecodeError, OSError) as e:
+                summary.fail(str(path), str(e))
+                continue
+            for crop, result in zip(crops, found):
+                queries.append(Query(f"{result.label} {words}", "image+text", make_thumbnail(crop.image, QUERY_TILE)))
+                rows.append([(h.row, h.distance) for h in result.hits])
+    if not queries:
+        raise PipelineError("none of the query images could be read")
+    how = f"weighted sum, texts x {q.text_weight:g}" if q.fusion == "sum" else "reciprocal-rank fusion"
+    summary.notes.append(f"picture + text: one query per picture ({how})")
+    idx = np.full((len(rows), cfg.top_k), -1, np.int64)
+    dist = np.full((len(rows), cfg.top_k), np.inf, np.float32)
+    for i, hits in enumerate(rows):
+        for r, (j, d) in enumerate(hits):
+            idx[i, r], dist[i, r] = j, d
+    return queries, Neighbours(idx, dist)
 
 
 def embed_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary) -> tuple[list[Query], list[np.ndarray]]:

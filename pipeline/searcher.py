@@ -32,6 +32,8 @@ from .store import ManifestRow
 
 log = logging.getLogger(__name__)
 
+RRF_C = 60  # the constant of reciprocal-rank fusion (Cormack et al.; Qdrant, Elasticsearch use it)
+
 
 @dataclass(frozen=True)
 class Hit:
@@ -253,6 +255,27 @@ class Searcher:
         e = self.embeddings
         return topk_neighbours(e, e, k, exclude_self=True, matrix_path=matrix_path, device=self.device)
 
+    def fused(self, lists: np.ndarray, k: int, allowed: np.ndarray | None = None, depth: int = 100,
+              c: int = RRF_C) -> Neighbours:
+        """Reciprocal-rank fusion (Cormack et al., 2009): one ranking from several query vectors'
+        result lists (float32 (L, D)), each item scored sum(1 / (c + rank)) over the lists it is in
+        within `depth`; returned with its smallest distance to any of the queries. Ties: lower row."""
+        depth = max(depth, k)
+        nb = self.neighbours(lists, depth, allowed)
+        score: dict[int, float] = {}
+        near: dict[int, float] = {}
+        for q in range(len(lists)):
+            for r, (j, d) in enumerate(zip(nb.indices[q].tolist(), nb.distances[q].tolist())):
+                if j >= 0:
+                    score[j] = score.get(j, 0.0) + 1.0 / (c + r + 1)
+                    near[j] = min(near.get(j, np.inf), d)
+        order = sorted(score, key=lambda j: (-score[j], j))[:k]
+        idx = np.full((1, k), -1, np.int64)
+        dist = np.full((1, k), np.inf, np.float32)
+        idx[0, : len(order)] = order
+        dist[0, : len(order)] = [near[j] for j in order]
+        return Neighbours(idx, dist)
+
     def hits(self, nb: Neighbours, q: int) -> list[Hit]:
         """Query q's hits in a Neighbours result (the empty slots of a small gallery left out)."""
         out = []
@@ -268,6 +291,20 @@ class Searcher:
         """Top-k hits for each query vector (allowed: as in `neighbours`)."""
         nb = self.neighbours(queries, k, allowed)
         return [self.hits(nb, q) for q in range(len(queries))]
+
+
+def combine(picture: np.ndarray, texts: np.ndarray, negative: np.ndarray | None = None,
+            text_weight: float = 0.5) -> np.ndarray:
+    """A picture-plus-text query (Marqo's and clip-retrieval's weighted form): the picture's vector
+    plus text_weight times each text's, minus text_weight times each negative text's, normalized.
+    All inputs L2-normalized float32: (D,), (T, D), (U, D). Returns float32 (D,)."""
+    v = np.asarray(picture, np.float64) + text_weight * np.asarray(texts, np.float64).sum(axis=0)
+    if negative is not None and len(negative):
+        v = v - text_weight * np.asarray(negative, np.float64).sum(axis=0)
+    norm = float(np.linalg.norm(v))
+    if norm < 1e-6:
+        raise UsageError("the picture and texts cancel out: lower --text-weight or drop a negative text")
+    return (v / norm).astype(np.float32)
 
 
 def query_crops(image: Image.Image, label: str, segmenter: Segmenter | None) -> tuple[list[QueryCrop], bool]:

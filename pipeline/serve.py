@@ -75,13 +75,21 @@ class SearchService:
     def text(self, text: str, k: int, filter: str | None = None) -> list[dict[str, Any]]:
         return self.as_json(self.catalog.search_text(text, k, filter=filter))
 
-    def image(self, data: bytes, name: str, k: int, segment: bool, filter: str | None = None) -> list[dict[str, Any]]:
-        """An uploaded picture's queries: the picture, or each person in it. Raises ImageDecodeError,
-        and UsageError for segment=True on a server that does not segment."""
+    def image(self, data: bytes, name: str, k: int, segment: bool, filter: str | None = None,
+              text: str = "") -> list[dict[str, Any]]:
+        """An uploaded picture's queries: the picture, or each person in it; with a text, the picture
+        and the text as one query (--fusion, --text-weight). Raises ImageDecodeError, and
+        UsageError for segment=True on a server that does not segment."""
         if segment and not self.can_segment:
             raise UsageError(NO_SEGMENTER)
-        found = self.catalog.search_image(data, k, segment=segment, name=name, filter=filter)
-        return [{"label": q.label, "results": self.as_json(q.hits)} for q in found]
+        if text:
+            q = self.cfg.query
+            found = self.catalog.search_combined(data, [text], (), k, q.fusion, q.text_weight, segment=segment,
+                                                 name=name, filter=filter)
+        else:
+            found = self.catalog.search_image(data, k, segment=segment, name=name, filter=filter)
+        said = f" + “{text}”" if text else ""
+        return [{"label": q.label + said, "results": self.as_json(q.hits)} for q in found]
 
     def thumbnail_jpeg(self, row: int) -> bytes:
         return encode_jpeg(Image.fromarray(self.catalog.thumbnail(row)), quality=88)
@@ -200,7 +208,7 @@ def _add_query_endpoints(app, service: SearchService) -> None:
 
     @app.post("/api/image")
     def image(file: UploadFile = File(...), segment: bool = Form(False), k: int = Form(cfg.top_k),
-              filter: str = Form("")) -> dict[str, Any]:
+              filter: str = Form(""), text: str = Form("")) -> dict[str, Any]:
         check_k(k)
         if segment and not service.can_segment:
             raise HTTPException(422, NO_SEGMENTER)
@@ -210,7 +218,9 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         if not data:
             raise HTTPException(422, "the upload is empty")
         try:
-            found = timed(lambda: service.image(data, file.filename or "upload", k, segment, filter or cfg.filter))
+            words = text.strip()[:MAX_TEXT_CHARS]
+            found = timed(lambda: service.image(data, file.filename or "upload", k, segment, filter or cfg.filter,
+                                                words))
             return {"queries": found}
         except FilterError as e:
             raise HTTPException(422, str(e)) from None

@@ -180,6 +180,12 @@ def test_the_search_page_filters_with_controls_built_from_the_columns(built, tin
         assert bad.status_code == 422 and "texts are quoted" in bad.json()["detail"]
         evil = httpx.post(url + "/api/text", json={"text": "x", "filter": "__import__('os').system('false')"})
         assert evil.status_code == 422  # parsed, never run
+        # a picture and a text as one query, filtered
+        both = httpx.post(url + "/api/image", files={"file": ("look.jpg", assets.jpeg_bytes(44, 56, seed=3))},
+                          data={"text": "in red", "filter": "colour = 'red'", "k": "3"}).json()
+        assert [q["label"] for q in both["queries"]] == ["look.jpg + “in red”"]
+        assert len(both["queries"][0]["results"]) == 3
+        assert all(r["meta"]["colour"] == "red" for r in both["queries"][0]["results"])
         # the page: choose skirt, a price bound, search; every tile is a skirt under the bound
         browser.get(url + "/")
         wait(browser, "document.querySelectorAll('#filter-controls [data-column]').length === 7")
