@@ -105,7 +105,8 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
     _add(search, "--fusion", choices=("sum", "rrf"),
          help="how a picture and texts make one query: sum = weighted sum of the normalized vectors; rrf = "
          "reciprocal-rank fusion of their result lists")
-    _add(search, "--text-weight", type=float, help="in a picture-plus-text sum: the texts' weight against the picture's 1")
+    _add(search, "--text-weight", type=float,
+         help="in a picture-plus-text sum: the texts' weight against the picture's 1")
     _add(search, "--serve", action="store_true", help="a local search page over the cached gallery, and the report")
     _add(search, "--port", type=_positive_int, help="with --serve")
     _add(search, "--host", help="with --serve (127.0.0.1: this machine only)")
