@@ -107,6 +107,9 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
          "reciprocal-rank fusion of their result lists")
     _add(search, "--text-weight", type=float,
          help="in a picture-plus-text sum: the texts' weight against the picture's 1")
+    _add(search, "--export", dest="exports", action="append", metavar="KIND:DIR", default=None,
+         help="export the store with its metadata to lancedb:DIR, qdrant:DIR (local mode) or parquet:DIR; "
+         "again after --update, only what changed is written (repeatable)")
     _add(search, "--serve", action="store_true", help="a local search page over the cached gallery, and the report")
     _add(search, "--port", type=_positive_int, help="with --serve")
     _add(search, "--host", help="with --serve (127.0.0.1: this machine only)")

@@ -97,6 +97,7 @@ class RunConfig:
     dedup: bool = False  # one photo per duplicate group in search results and neighbours (duplicates.py)
     filter: str | None = None  # --filter: a metadata filter applied inside every search (filters.py)
     group_by: str | None = None  # --group-by: one result per value of this metadata column (a product id)
+    exports: tuple[str, ...] = ()  # --export KIND:DIR: the store exported to LanceDB / Qdrant / parquet (vectordb.py)
     meta_columns: tuple[str, ...] | None = None  # the dataset columns kept as metadata (None: every plain one)
     shard_rows: int = 512
     index: str = "auto"  # auto | flat | hnsw | ivfpq | none (index.py)
@@ -225,6 +226,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
             "dedup",
             "filter",
             "group_by",
+            "exports",
             "meta_columns",
             "shard_rows",
             "use_embeddings",
@@ -291,7 +293,7 @@ def config_from_flags(
             continue
         if dest == "limit":
             value = value or None
-        elif dest in ("query_image", "query_text", "negative_text"):
+        elif dest in ("query_image", "query_text", "negative_text", "exports"):
             value = tuple(value or ())
         elif dest in ("eval_backends", "meta_columns") and isinstance(value, str):
             value = tuple(b.strip() for b in value.split(",") if b.strip())

@@ -75,6 +75,7 @@ MODES: tuple[Mode, ...] = (
     Mode("video", "--video_clip", lambda c: bool(c.video.clip), "pipeline.video:run_video",
          options=frozenset(_VIDEO_OPTIONS)),
     Mode("query", "--query-image/--query-text", lambda c: c.query.active, "pipeline.search:run_query"),
+    Mode("export", "--export", lambda c: bool(c.exports), "pipeline.vectordb:run_export_db", holds_output=False),
     Mode("evaluate", "--evaluate", lambda c: c.evaluate.enabled, "pipeline.search:run_evaluate",
          options=frozenset({"eval_backends", "eval_id_column", "eval_cloth_column"}),
          checks=_EVAL_CHECKS),

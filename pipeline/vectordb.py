@@ -1,0 +1,313 @@
+"""`--export KIND:DIR`: a gallery store taken to the vector database a shop runs, with its metadata.
+
+- `lancedb:DIR`: an embedded LanceDB database, table `gallery` (vector column `vector`, cosine);
+- `qdrant:DIR`: Qdrant's local mode (no server), collection `gallery` (cosine);
+- `parquet:DIR`: one table in parts (`DIR/part_00000.parquet` ...) with an `embedding` column
+  (list of float32) and the metadata, as autofaiss reads it (`--file_format parquet
+  --embedding_column_name embedding`) and clip-retrieval's parquet inputs.
+
+Each row is one item: `key` (stable across updates: the sha256 of the photo's bytes, its person
+number and, for byte-identical copies, which copy it is), `file`, `source_row`, `person`, the
+metadata columns, and a `digest` of its vector and values. The embedder's identity and the store's
+hash are kept in DIR/fashion_export.json; an export of vectors from another embedder is refused.
+
+Incremental: a second export into the same DIR compares digests and writes only what changed:
+LanceDB deletes the removed and changed keys and inserts the new rows (merge_insert), Qdrant
+deletes and upserts points, parquet rewrites only the parts whose rows changed and appends a part
+for new rows. Nothing is rewritten when nothing changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import PipelineError, UsageError
+from .fileio import atomic_write_text
+from .metadata import Metadata
+from .store import ManifestRow
+
+log = logging.getLogger(__name__)
+
+KINDS = ("lancedb", "qdrant", "parquet")
+TABLE = "gallery"
+EXPORT_FILE = "fashion_export.json"
+PART_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    kind: str
+    folder: Path
+
+    @classmethod
+    def parse(cls, text: str) -> ExportTarget:
+        kind, sep, folder = text.partition(":")
+        if not sep or kind not in KINDS or not folder:
+            raise UsageError(f"--export {text!r}: expected KIND:DIR with KIND one of {', '.join(KINDS)} "
+                             "(e.g. lancedb:./shop.lance)")
+        return cls(kind, Path(folder))
+
+
+@dataclass
+class ExportReport:
+    target: ExportTarget
+    added: int
+    changed: int
+    removed: int
+    unchanged: int
+
+    def line(self) -> str:
+        return (f"{self.target.kind} at {self.target.folder}: added {self.added}, changed {self.changed}, "
+                f"removed {self.removed}, unchanged {self.unchanged}")
+
+
+def item_keys(rows: Sequence[ManifestRow]) -> list[str]:
+    """A stable key per item: its photo's bytes (sha256), person number, and which byte-identical
+    copy it is, in dataset order; a store made before --update (no sha) is keyed by its row."""
+    seen: Counter[tuple[str, int]] = Counter()
+    keys = []
+    for r in rows:
+        base = (r.source_sha256 or f"row{r.source_row}", r.person)
+        keys.append(f"{base[0][:32]}:{r.person}:{seen[base]}")
+        seen[base] += 1
+    return keys
+
+
+def export_table(embeddings: np.ndarray, rows: Sequence[ManifestRow], meta: Metadata | None) -> Any:
+    """The items as a pyarrow Table: key, file, source_row, person, digest, the metadata, vector."""
+    import pyarrow as pa
+
+    order = sorted(range(len(rows)), key=lambda j: (rows[j].source_row, rows[j].person))
+    keys = item_keys([rows[j] for j in order])
+    columns: dict[str, Any] = {
+        "key": keys,
+        "file": [rows[j].file for j in order],
+        "source_row": pa.array([rows[j].source_row for j in order], pa.int64()),
+        "person": pa.array([rows[j].person for j in order], pa.int64()),
+    }
+    if meta is not None:
+        taken = meta.table.take(pa.array(order, pa.int64()))
+        for name in taken.column_names:
+            if name not in columns:
+                columns[name] = taken.column(name)
+    vectors = np.ascontiguousarray(embeddings[order], np.float32)
+    table = pa.table(columns)
+    digests = [_digest(vectors[i], table.slice(i, 1).to_pylist()[0]) for i in range(len(order))]
+    table = table.append_column("digest", pa.array(digests))
+    flat = pa.array(vectors.ravel(), pa.float32())
+    return table.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
+
+
+def _digest(vector: np.ndarray, values: dict[str, Any]) -> str:
+    h = hashlib.sha256(vector.tobytes())
+    h.update(json.dumps(values, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def _check_identity(target: ExportTarget, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The export's record, or None for a new one; another embedder's export is refused."""
+    path = target.folder / EXPORT_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("identity") != identity:
+        raise PipelineError(
+            f"{target.folder} holds vectors of another embedder ({record.get('identity', {}).get('model')!r}, "
+            f"{record.get('identity', {}).get('backend')!r}); vectors of two models never mix: export to another "
+            "folder, or remove it first"
+        )
+    return record
+
+
+def export_store(target: ExportTarget, embeddings: np.ndarray, rows: Sequence[ManifestRow], meta: Metadata | None,
+                 identity: dict[str, Any], store_sha256: str) -> ExportReport:
+    """Export (or bring up to date) one target; see the module docstring."""
+    table = export_table(embeddings, rows, meta)
+    record = _check_identity(target, identity)
+    target.folder.mkdir(parents=True, exist_ok=True)
+    writer: Any = {"lancedb": _LanceDB, "qdrant": _Qdrant, "parquet": _Parquet}[target.kind](target.folder)
+    before = writer.digests() if record is not None else {}
+    now = dict(zip(table.column("key").to_pylist(), table.column("digest").to_pylist()))
+    removed = [k for k in before if k not in now]
+    changed = [k for k, d in now.items() if k in before and before[k] != d]
+    added = [k for k in now if k not in before]
+    if removed or changed or added or record is None:
+        writer.apply(table, removed + changed, set(changed) | set(added))
+        atomic_write_text(target.folder / EXPORT_FILE, json.dumps(
+            {"identity": identity, "store_sha256": store_sha256, "kind": target.kind, "rows": len(now),
+             "dim": int(embeddings.shape[1]) if embeddings.ndim == 2 else 0}, indent=2, sort_keys=True))
+    return ExportReport(target, len(added), len(changed), len(removed), len(now) - len(added) - len(changed))
+
+
+# ----------------------------------------------------------------------------- the three writers
+class _LanceDB:
+    def __init__(self, folder: Path) -> None:
+        try:
+            import lancedb
+        except ImportError as e:
+            raise UsageError(f"--export lancedb: needs LanceDB ({e}): pip install lancedb") from e
+        self.db = lancedb.connect(str(folder))
+
+    def _table(self) -> Any:
+        try:
+            return self.db.open_table(TABLE)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def digests(self) -> dict[str, str]:
+        t = self._table()
+        if t is None:
+            return {}
+        data = t.to_arrow().select(["key", "digest"])
+        return dict(zip(data.column("key").to_pylist(), data.column("digest").to_pylist()))
+
+    def apply(self, table: Any, drop: list[str], put: set[str]) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        t = self._table()
+        if t is None:
+            self.db.create_table(TABLE, table)
+            return
+        for start in range(0, len(drop), 500):
+            keys = ", ".join("'" + k.replace("'", "''") + "'" for k in drop[start : start + 500])
+            t.delete(f"key IN ({keys})")
+        if put:
+            t.add(table.filter(pc.is_in(table.column("key"), value_set=pa.array(sorted(put)))))
+
+
+def _point_id(key: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "fashion-visual-search:" + key))
+
+
+class _Qdrant:
+    def __init__(self, folder: Path) -> None:
+        try:
+            from qdrant_client import QdrantClient
+        except ImportError as e:
+            raise UsageError(f"--export qdrant: needs qdrant-client ({e}): pip install qdrant-client") from e
+        self.client = QdrantClient(path=str(folder))
+
+    def digests(self) -> dict[str, str]:
+        if not self.client.collection_exists(TABLE):
+            return {}
+        out, offset = {}, None
+        while True:
+            points, offset = self.client.scroll(TABLE, limit=1000, offset=offset, with_payload=["key", "digest"])
+            out.update({p.payload["key"]: p.payload["digest"] for p in points if p.payload})
+            if offset is None:
+                return out
+
+    def apply(self, table: Any, drop: list[str], put: set[str]) -> None:
+        from qdrant_client import models
+
+        dim = table.schema.field("vector").type.list_size
+        if not self.client.collection_exists(TABLE):
+            self.client.create_collection(TABLE, vectors_config=models.VectorParams(size=dim,
+                                                                                    distance=models.Distance.COSINE))
+        if drop:
+            self.client.delete(TABLE, points_selector=models.PointIdsList(points=[_point_id(k) for k in drop]))
+        payload_columns = [c for c in table.column_names if c != "vector"]
+        batch = []
+        keys = table.column("key").to_pylist()
+        vectors = table.column("vector")
+        for i, key in enumerate(keys):
+            if key not in put:
+                continue
+            values = {c: _plain(table.column(c)[i].as_py()) for c in payload_columns}
+            batch.append(models.PointStruct(id=_point_id(key), vector=vectors[i].as_py(), payload=values))
+            if len(batch) == 512:
+                self.client.upsert(TABLE, points=batch)
+                batch = []
+        if batch:
+            self.client.upsert(TABLE, points=batch)
+        self.client.close()
+
+
+def _plain(v: Any) -> Any:
+    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+
+class _Parquet:
+    """Parts of PART_ROWS rows, in dataset order; a part is rewritten only when one of its rows
+    changed or went, new rows go into a new part."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def parts(self) -> list[Path]:
+        return sorted(self.folder.glob("part_*.parquet"))
+
+    def digests(self) -> dict[str, str]:
+        import pyarrow.parquet as pq
+
+        out: dict[str, str] = {}
+        for p in self.parts():
+            t = pq.read_table(p, columns=["key", "digest"])
+            out.update(zip(t.column("key").to_pylist(), t.column("digest").to_pylist()))
+        return out
+
+    def apply(self, table: Any, drop: list[str], put: set[str]) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        table = table.rename_columns([("embedding" if c == "vector" else c) for c in table.column_names])
+        table = table.set_column(table.column_names.index("embedding"), "embedding",
+                                 table.column("embedding").cast(pa.list_(pa.float32())))
+        gone = set(drop)
+        existing = self.parts()
+        for p in existing:  # a part with a row that went or changed: rewritten without it (changed rows move)
+            keys = pq.read_table(p, columns=["key"]).column("key").to_pylist()
+            if gone.intersection(keys):
+                old = pq.read_table(p)
+                kept = old.filter(pc.invert(pc.is_in(old.column("key"), value_set=pa.array(sorted(gone)))))
+                self._write(p, kept) if kept.num_rows else p.unlink()
+        new = table.filter(pc.is_in(table.column("key"), value_set=pa.array(sorted(put) or [""])))
+        number = int(existing[-1].stem.split("_")[1]) + 1 if existing else 0
+        for start in range(0, new.num_rows, PART_ROWS):
+            self._write(self.folder / f"part_{number:05d}.parquet", new.slice(start, PART_ROWS))
+            number += 1
+
+    @staticmethod
+    def _write(path: Path, table: Any) -> None:
+        import pyarrow.parquet as pq
+
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+
+
+def run_export_db(cfg: Any) -> Any:
+    """--export KIND:DIR (repeatable): the run's store (embeddings/, or embeddings_segment/ with
+    --use-segmentation) with its metadata, exported or brought up to date."""
+    from .galleries import load_gallery_cache
+    from .metadata import load_metadata
+    from .report import RunSummary
+
+    targets = [ExportTarget.parse(t) for t in cfg.exports]  # a bad target fails before any work
+    summary = RunSummary(mode="export")
+    with summary.stage("load store"):
+        cache = load_gallery_cache(cfg, identity=None)
+        meta = load_metadata(cfg.store_dir, cache.embedded_rows)
+    identity = cache.sidecar.identity.to_json()
+    for target in targets:
+        with summary.stage(f"export to {target.kind}"):
+            report = export_store(target, cache.embeddings, cache.embedded_rows, meta, identity,
+                                  cache.sidecar.embeddings_sha256)
+        summary.notes.append(f"export: {report.line()}")
+        summary.outputs[f"{target.kind} export"] = str(target.folder)
+    summary.count("items", len(cache.embeddings))
+    if meta is None:
+        summary.notes.append("export: the store keeps no metadata; only file, row and vector were exported")
+    return summary

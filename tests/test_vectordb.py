@@ -1,0 +1,98 @@
+"""--export lancedb:DIR / qdrant:DIR / parquet:DIR (issue 27, point 5): the store with its metadata
+read back by embedded LanceDB and Qdrant's local mode, where the same filter gives the same top-k as
+ours; after --update a second export writes only what changed; another embedder's export is refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import main as cli
+from pipeline import Catalog
+from pipeline.vectordb import item_keys
+from tests.helpers import run
+from tests.test_metadata import args, write_shop
+
+lancedb = pytest.importorskip("lancedb")
+qdrant_client = pytest.importorskip("qdrant_client")
+
+
+@pytest.fixture()
+def exported(tmp_path, tiny_onnx):
+    data = write_shop(tmp_path / "shop")
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    targets = {k: tmp_path / f"export.{k}" for k in ("lancedb", "qdrant", "parquet")}
+    flags = [x for k, p in targets.items() for x in ("--export", f"{k}:{p}")]
+    assert run(*args(data, tiny_onnx, out, *flags)) == 0
+    return data, out, targets, flags
+
+
+FILTER = "category = 'dress' AND price < 100"
+
+
+def test_the_databases_answer_as_we_do(exported):
+    _, out, targets, _ = exported
+    cat = Catalog.open(out)
+    keys = dict(zip([r.embedding_row for r in sorted(cat.items, key=lambda r: (r.source_row, r.person))],
+                    item_keys(sorted(cat.items, key=lambda r: (r.source_row, r.person)))))
+    table = lancedb.connect(str(targets["lancedb"])).open_table("gallery")
+    assert table.count_rows() == len(cat)
+    from qdrant_client import QdrantClient, models
+
+    client = QdrantClient(path=str(targets["qdrant"]))
+    must = models.Filter(must=[models.FieldCondition(key="category", match=models.MatchValue(value="dress")),
+                               models.FieldCondition(key="price", range=models.Range(lt=100))])
+    for q in (0, 13, 27):
+        ours = [keys[h.row] for h in cat.search_vectors(cat.embeddings[q], k=5, filter=FILTER)[0]]
+        lance = table.search(cat.embeddings[q]).metric("cosine").where(FILTER, prefilter=True).limit(5).to_arrow()
+        assert lance.column("key").to_pylist() == ours
+        found = client.query_points("gallery", query=cat.embeddings[q].tolist(), query_filter=must, limit=5).points
+        assert [p.payload["key"] for p in found] == ours
+        assert all(p.payload["category"] == "dress" and p.payload["price"] < 100 for p in found)
+    client.close()
+    parts = sorted(targets["parquet"].glob("part_*.parquet"))
+    back = pq.read_table(parts[0])
+    assert back.num_rows == len(cat) and {"key", "file", "category", "price", "embedding"} <= set(back.column_names)
+    row = back.slice(5, 1).to_pylist()[0]
+    assert np.allclose(row["embedding"], cat.embeddings[[r.embedding_row for r in cat.items if r.source_row == 5][0]])
+    record = json.loads((targets["lancedb"] / "fashion_export.json").read_text())
+    assert record["identity"]["backend"] == "onnx" and record["rows"] == len(cat)
+
+
+def test_after_an_update_only_what_changed_is_written(exported, tiny_onnx, capsys):
+    data, out, targets, flags = exported
+    parts_before = {p.name: p.stat().st_mtime_ns for p in targets["parquet"].glob("part_*.parquet")}
+    write_shop(data, n=40, price_of={7: 3.25})  # one price changes
+    capsys.readouterr()
+    assert cli.main(args(data, tiny_onnx, out, *flags)) == 0
+    said = capsys.readouterr().out
+    for kind in ("lancedb", "qdrant", "parquet"):
+        assert f"{kind} at {targets[kind]}: added 0, changed 0, removed 0, unchanged 40" in said  # store unchanged
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0  # the metadata follows the dataset
+    assert cli.main(args(data, tiny_onnx, out, *flags)) == 0
+    said = capsys.readouterr().out
+    for kind in ("lancedb", "qdrant", "parquet"):
+        assert f"{kind} at {targets[kind]}: added 0, changed 1, removed 0, unchanged 39" in said
+    table = lancedb.connect(str(targets["lancedb"])).open_table("gallery")
+    assert table.count_rows() == 40
+    assert table.search().where("source_row = 7").to_arrow().column("price").to_pylist() == [3.25]
+    # parquet: the changed row's part is rewritten, the row moves to a new part
+    after = sorted(p.name for p in targets["parquet"].glob("part_*.parquet"))
+    assert after == ["part_00000.parquet", "part_00001.parquet"] and list(parts_before) == ["part_00000.parquet"]
+    assert sum(pq.read_table(targets["parquet"] / p).num_rows for p in after) == 40
+
+
+def test_another_embedders_export_is_refused(exported, tiny_onnx, capsys):
+    data, out, targets, flags = exported
+    path = targets["qdrant"] / "fashion_export.json"
+    record = json.loads(path.read_text())
+    record["identity"]["model"] = "another/model"
+    path.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert cli.main(args(data, tiny_onnx, out, "--export", f"qdrant:{targets['qdrant']}")) == 1
+    assert "holds vectors of another embedder ('another/model'" in capsys.readouterr().err
+    assert cli.main(args(data, tiny_onnx, out, "--export", "mongo:./x")) == 2
