@@ -112,7 +112,10 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
          "again after --update, only what changed is written (repeatable)")
     _add(search, "--serve", action="store_true", help="a local search page over the cached gallery, and the report")
     _add(search, "--port", type=_positive_int, help="with --serve")
-    _add(search, "--host", help="with --serve (127.0.0.1: this machine only)")
+    _add(search, "--host", help="with --serve (127.0.0.1: this machine only; any other address needs the token in "
+         "$FASHION_SEARCH_TOKEN)")
+    _add(search, "--no-auth", action="store_true",
+         help="with --serve --host beyond loopback: serve without a token (anyone who reaches it can search)")
     _add(
         search,
         "--evaluate",

@@ -73,6 +73,7 @@ class ServeSpec:
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
+    no_auth: bool = False  # --no-auth: beyond loopback, serve without the token (serve.TOKEN_ENV)
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "serve": ("serve", "enabled"),
     "host": ("serve", "host"),
     "port": ("serve", "port"),
+    "no_auth": ("serve", "no_auth"),
     **{
         name: (None, name)
         for name in (

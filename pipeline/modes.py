@@ -82,7 +82,7 @@ MODES: tuple[Mode, ...] = (
     # --serve reads only: the output folder stays free for other runs. Like the queries, it reads the
     # segmented gallery with --use-segmentation or --use-embedded-segment alike.
     Mode("serve", "--serve", lambda c: c.serve.enabled, "pipeline.serve:run_serve",
-         options=frozenset({"port", "host"}), holds_output=False),
+         options=frozenset({"port", "host", "no_auth"}), holds_output=False),
     Mode("gallery", "", lambda c: True, "pipeline.runner:run_gallery", engines=("local", "ray")),
 )  # fmt: skip
 

@@ -13,6 +13,7 @@ on serving.
 # --serve).
 import errno
 import logging
+import os
 import signal
 import socket
 import time
@@ -95,6 +96,48 @@ class SearchService:
         return encode_jpeg(Image.fromarray(self.catalog.thumbnail(row)), quality=88)
 
 
+TOKEN_ENV = "FASHION_SEARCH_TOKEN"
+TOKEN_COOKIE = "fashion_search_token"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+OPEN_PATHS = {"/"}  # the page's shell: it holds no data, and asks for the token
+
+
+def required_token(cfg: RunConfig) -> str | None:
+    """The token the app requires: none on loopback or with --no-auth; beyond loopback, the one in
+    $FASHION_SEARCH_TOKEN, and without it the server does not start."""
+    if cfg.serve.host in LOOPBACK or cfg.serve.no_auth:
+        return None
+    token = os.environ.get(TOKEN_ENV, "")
+    if len(token) < 16:
+        raise UsageError(
+            f"--serve --host {cfg.serve.host} lets other machines search the catalogue: set a token of 16 or more "
+            f"characters in ${TOKEN_ENV} (e.g. export {TOKEN_ENV}=$(python -c 'import secrets; "
+            "print(secrets.token_urlsafe(24))')), the page asks for it once; or pass --no-auth to serve it open"
+        )
+    return token
+
+
+def _add_auth(app, token: str) -> None:
+    """Every path but the page's shell needs the token: an `Authorization: Bearer` header or the
+    cookie the page sets, compared in constant time; otherwise 401."""
+    import hmac
+
+    from fastapi.responses import JSONResponse
+
+    expected = token.encode()
+
+    @app.middleware("http")
+    async def check_token(request, call_next):
+        if request.url.path in OPEN_PATHS:
+            return await call_next(request)
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        given = given or request.cookies.get(TOKEN_COOKIE, "")
+        if not hmac.compare_digest(given.encode(), expected):
+            return JSONResponse({"detail": "this search page needs its token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+
 def _json_value(v: Any) -> Any:
     """A metadata value as JSON has it (dates as ISO text)."""
     return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
@@ -136,6 +179,8 @@ def create_app(service: SearchService):
         ) from e
 
     app = FastAPI(title="Fashion visual search", docs_url=None, redoc_url=None)
+    if (token := required_token(service.cfg)) is not None:
+        _add_auth(app, token)
     _add_page_endpoints(app, service)
     _add_query_endpoints(app, service)
     _add_file_endpoints(app, service)
@@ -274,6 +319,7 @@ def run_serve(cfg: RunConfig) -> RunSummary:
     except ImportError as e:
         raise UsageError("--serve needs uvicorn: pip install fastapi uvicorn python-multipart") from e
     summary = RunSummary(mode="serve")
+    token = required_token(cfg)  # beyond loopback without a token: refused before anything binds
     sock = bind(cfg.serve.host, cfg.serve.port)  # before the model loads: a busy port is said at once
     if fallback := onnx_fallback(cfg):
         log.info(fallback)
@@ -282,6 +328,10 @@ def run_serve(cfg: RunConfig) -> RunSummary:
         server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
         url = f"http://{cfg.serve.host}:{cfg.serve.port}/"
         print(f"serving {len(service.catalog):,} items from {cfg.store_dir} at {url} (Ctrl-C to stop)", flush=True)
+        if token is not None:
+            print(f"the page and its API need the token in ${TOKEN_ENV}: the page asks for it once", flush=True)
+        elif cfg.serve.host not in LOOPBACK:
+            log.warning("serving on %s without a token (--no-auth): anyone who reaches it can search", cfg.serve.host)
         # SIGTERM and Ctrl-C: uvicorn shuts down cleanly, then raises the signal again for the handler
         # it found; ours takes SIGTERM as the end asked for, so the run ends with its summary, exit 0.
         previous = signal.signal(signal.SIGTERM, lambda *_: None)

@@ -243,3 +243,47 @@ def test_sigterm_stops_the_server_cleanly_with_exit_0(served, tiny_onnx):
     finally:
         proc.kill()
     assert "queries answered 0" in proc.stdout.read()
+
+
+def test_beyond_loopback_the_page_and_its_api_need_the_token(served, tiny_onnx, browser, monkeypatch):
+    """--host 0.0.0.0 (the app is still bound to 127.0.0.1 here): every path but the page's shell
+    answers 401 without the token; the page asks for it once, then searches; --no-auth opens it;
+    without a token in the environment the server does not start."""
+    from pipeline.serve import TOKEN_ENV, required_token
+
+    _, out, _ = served
+    flags = ["--onnx", str(tiny_onnx), "--output-dir", str(out), "--serve", "--host", "0.0.0.0"]
+    cfg = config_from_flags(vars(cli.build_parser().parse_args(flags)))
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(Exception, match=f"set a token of 16 or more characters in \\${TOKEN_ENV}"):
+        required_token(cfg)
+    assert required_token(config_from_flags(vars(cli.build_parser().parse_args([*flags, "--no-auth"])))) is None
+    token = "s3cret-token-for-the-shop-page"
+    monkeypatch.setenv(TOKEN_ENV, token)
+    with serving(SearchService.load(cfg)) as url:
+        assert httpx.get(url + "/").status_code == 200  # the shell, which asks for the token
+        for path in ("/api/info", "/thumb/0.jpg", "/report"):
+            assert httpx.get(url + path).status_code == 401
+        assert httpx.post(url + "/api/text", json={"text": "red"}).status_code == 401
+        assert httpx.post(url + "/api/text", json={"text": "red"},
+                          headers={"Authorization": "Bearer wrong-token-of-the-same-len"}).status_code == 401
+        ok = httpx.post(url + "/api/text", json={"text": "red"}, headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 200 and ok.json()["results"]
+        browser.delete_all_cookies()
+        browser.get(url + "/")
+        wait(browser, "!document.getElementById('token-form').hidden")
+        said = browser.execute_script("return document.getElementById('status').textContent")
+        assert said.startswith("Type the token")
+        browser.find_element(By.ID, "token").send_keys("not it")
+        browser.find_element(By.ID, "token-go").click()
+        wait(browser, "document.getElementById('status').textContent.startsWith('That token was not accepted')")
+        browser.find_element(By.ID, "token").clear()
+        browser.find_element(By.ID, "token").send_keys(token)
+        browser.find_element(By.ID, "token-go").click()
+        wait(browser, "document.getElementById('info').textContent.includes('items')")
+        browser.find_element(By.ID, "text").send_keys("red dress")
+        browser.find_element(By.ID, "text-go").click()
+        wait(browser, "document.querySelectorAll('#results .tile img').length === 5")
+        wait(browser, "[...document.querySelectorAll('#results .tile img')]"
+                      ".every(i => i.complete && i.naturalWidth > 0)")  # the thumbnails carry the cookie
+        browser.delete_all_cookies()
