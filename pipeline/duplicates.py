@@ -818,8 +818,10 @@ def gallery_duplicates(rows: Sequence, neighbours: tuple[np.ndarray, np.ndarray]
     return [DuplicateGroup([int(at[m]) for m in g.members], g.kinds, g.distances) for g in groups], len(rows) - len(at)
 
 
-def groups_key(manifest_sha256: str) -> str:
-    return f"{SIGNATURE_VERSION}/{manifest_sha256}"
+def groups_key(manifest_sha256: str, rule: NearRule = DEFAULT_RULE) -> str:
+    """What saved groups hold for: the signature, the rule, the finder's settings and the manifest."""
+    settings = f"{rule.structure},{rule.colour},{rule.texture},{rule.max_bits};{ALL_PAIRS_UP_TO};{TABLES}x{BANDS}"
+    return f"{SIGNATURE_VERSION}/{settings}/{manifest_sha256}"
 
 
 def write_groups(store_dir: Path, manifest_sha256: str, groups: Sequence[DuplicateGroup]) -> None:
@@ -840,21 +842,25 @@ def _write_if_changed(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def read_groups(store_dir: Path, manifest_sha256: str) -> list[DuplicateGroup] | None:
+def read_groups(store_dir: Path, manifest_sha256: str, n_rows: int | None = None) -> list[DuplicateGroup] | None:
     """The groups a gallery run found for this store, or None when there are none for its manifest."""
     try:
         data = json.loads((Path(store_dir) / GROUPS_FILE).read_text())
         if data.get("key") != groups_key(manifest_sha256):
             return None
-        return [DuplicateGroup(list(m), list(k), list(d)) for m, k, d in data["groups"]]
+        groups = [DuplicateGroup([int(x) for x in m], list(k), list(d)) for m, k, d in data["groups"]]
+        if n_rows is not None and any(not 0 <= x < n_rows for g in groups for x in g.members):
+            log.warning("%s names rows outside the store: finding the groups again", Path(store_dir) / GROUPS_FILE)
+            return None
+        return groups
     except (OSError, ValueError, TypeError, KeyError):
         return None
 
 
 def stored_groups(store_dir: Path, rows: Sequence, manifest_sha256: str) -> list[DuplicateGroup]:
-    """The groups of a store for --dedup: those its last gallery run found (GROUPS_FILE, with the
-    embedding neighbours' candidates), else found now from the lines' signals alone."""
-    groups = read_groups(store_dir, manifest_sha256)
+    """The groups of a store for --dedup: those its last gallery run found (GROUPS_FILE), else found
+    now from the lines' signals (the same groups: both come from the signals alone)."""
+    groups = read_groups(store_dir, manifest_sha256, len(rows))
     if groups is None:
         log.info("no duplicate groups saved for %s by a gallery run: finding them from the photos' signals", store_dir)
         groups, _ = gallery_duplicates(rows)

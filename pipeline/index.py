@@ -366,13 +366,19 @@ class GalleryIndex:
     def describe(self) -> str:
         return self.info.describe() + (", searched on the GPU" if self.on_gpu else "")
 
-    def search(self, queries: np.ndarray, k: int, self_ids: np.ndarray | None = None) -> Neighbours:
+    def search(self, queries: np.ndarray, k: int, self_ids: np.ndarray | None = None,
+               allowed: np.ndarray | None = None) -> Neighbours:
         """Top-k of the gallery for each query (float32 (Q, D), L2-normalized).
 
         self_ids: the gallery row of each query when the queries are gallery items (never returned).
+        allowed: bool (N,), a metadata filter applied inside the search (a FAISS IDSelectorBitmap),
+            with nprobe / efSearch raised by one over the share of rows allowed, so that as many
+            allowed candidates are met as an unfiltered search meets; an approximate kind only.
         An exact (flat) index settles ties by index, as retrieval.topk_neighbours does.
         """
         q = np.ascontiguousarray(queries, dtype=np.float32)
+        if allowed is not None:
+            return self._search_allowed(q, k, np.asarray(allowed, bool))
         n, exact = self.info.count, self.info.exact
         rerank = self.info.kind == "ivfpq"
         want = min(n, k * (RERANK if rerank else 1) + (16 if exact else 0) + (1 if self_ids is not None else 0))
@@ -406,6 +412,36 @@ class GalleryIndex:
             m = min(k, len(c))
             idx[r, :m], out[r, :m] = c[:m], v[:m]
         return Neighbours(idx, out)
+
+    def _search_allowed(self, q: np.ndarray, k: int, allowed: np.ndarray) -> Neighbours:
+        faiss = _faiss()
+        share = max(float(allowed.mean()), 1.0 / max(len(allowed), 1))
+        bitmap = np.packbits(allowed, bitorder="little")  # alive until the search returns
+        sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+        kind = self.info.kind
+        if kind == "ivfpq":
+            nprobe = min(int(self.index.nlist), int(np.ceil(self.index.nprobe / share)))
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+        elif kind == "hnsw":
+            ef = min(4096, int(np.ceil(self.index.hnsw.efSearch / share)))
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=ef)
+        else:
+            params = faiss.SearchParameters(sel=sel)
+        want = min(int(allowed.sum()), k * (RERANK if kind == "ivfpq" else 1))
+        idx = np.full((len(q), k), -1, np.int64)
+        out = np.full((len(q), k), np.inf, np.float32)
+        if want == 0 or len(q) == 0:
+            return Neighbours(idx, out)
+        sims, ids = self.index.search(q, want, params=params)  # the CPU index: GPU indexes take no selector
+        if kind == "ivfpq":
+            sims = _inner_products_by_idx(q, self.embeddings, ids)
+        sims = np.where(ids >= 0, sims, -np.inf)
+        order = np.lexsort((ids, -sims), axis=1)[:, :k]
+        m = min(k, ids.shape[1])
+        chosen_ids = np.take_along_axis(ids, order, 1)[:, :m]
+        idx[:, :m] = np.where(chosen_ids >= 0, chosen_ids, -1)
+        out[:, :m] = np.where(chosen_ids >= 0, 1.0 - np.take_along_axis(sims, order, 1)[:, :m], np.inf)
+        return Neighbours(idx, out.astype(np.float32))
 
     def _exact_row(self, q: np.ndarray, k: int, self_id: int | None) -> tuple[np.ndarray, np.ndarray]:
         """One query's top-k by the exact rule, for a row whose ties run past the candidates."""

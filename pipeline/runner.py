@@ -21,7 +21,7 @@ from . import images as images_module
 from . import plots as plots_module
 from .config import RunConfig, onnx_fallback
 from .dataset import iter_records
-from .duplicates import DuplicateGroup, gallery_duplicates, write_duplicates_csv, write_groups
+from .duplicates import SIGNATURE_VERSION, DuplicateGroup, gallery_duplicates, write_duplicates_csv, write_groups
 from .embedders import on_cuda
 from .errors import PipelineError
 from .export import export_onnx, verification_images
@@ -177,13 +177,13 @@ def write_retrieval_outputs(
     cfg.results_dir.mkdir(parents=True, exist_ok=True)
     cfg.plots_dir.mkdir(parents=True, exist_ok=True)
     if n < 2:
-        write_duplicates(cfg, searcher, None, summary)
+        write_duplicates(cfg, searcher, summary)
         what = "one embedded item" if n == 1 else "no embedded items"
         summary.notes.append(f"{what}: no neighbours, distance matrix or plots (they need two items)")
         return None, []
     nb = gallery_neighbours(cfg, searcher, summary)
-    groups = write_duplicates(cfg, searcher, nb, summary)
-    nb = regrouped_neighbours(cfg, searcher, groups, summary) or nb
+    groups = write_duplicates(cfg, searcher, summary)
+    nb = regrouped_neighbours(cfg, searcher, groups, nb, summary) or nb
     ids = [r.index for r in embedded]
     files = [r.file for r in embedded]
     table = cfg.results_dir / "neighbours.csv"
@@ -209,10 +209,10 @@ def write_retrieval_outputs(
     return nb, groups
 
 
-def regrouped_neighbours(cfg: RunConfig, searcher: Searcher, groups: list[DuplicateGroup],
+def regrouped_neighbours(cfg: RunConfig, searcher: Searcher, groups: list[DuplicateGroup], first: Neighbours,
                          summary: RunSummary) -> Neighbours | None:
-    """With --dedup or --group-by, every item's neighbours asked again, one per duplicate group or
-    product (the first pass proposed the duplicate pairs); None when neither applies."""
+    """With --dedup or --group-by, every item's neighbours one per duplicate group or product: the
+    plain first pass, with only the rows it leaves short asked again; None when neither applies."""
     if not ((cfg.dedup and groups) or cfg.group_by):
         return None
     how = " ".join(flag for flag, on in (("--dedup", cfg.dedup), ("--group-by", cfg.group_by)) if on)
@@ -221,7 +221,7 @@ def regrouped_neighbours(cfg: RunConfig, searcher: Searcher, groups: list[Duplic
         if cfg.group_by:
             searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
             group_by(cfg, searcher, summary)
-        nb = searcher.all_neighbours(cfg.top_k)
+        nb = searcher.all_neighbours(cfg.top_k, first=first)
     if cfg.dedup and groups:
         summary.notes.append("--dedup: each duplicate group stands once in every neighbour list")
     return nb
@@ -249,14 +249,15 @@ def gallery_neighbours(cfg: RunConfig, searcher: Searcher, summary: RunSummary) 
     return nb
 
 
-def write_duplicates(cfg: RunConfig, searcher: Searcher, nb: Neighbours | None,
-                     summary: RunSummary) -> list[DuplicateGroup]:
+def write_duplicates(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> list[DuplicateGroup]:
     """Duplicate groups among the embedded items (duplicates.py): outputs/duplicates.csv, and the
     groups beside the store for --dedup. Every gallery run writes them, so they follow the store."""
     rows = searcher.rows
     path = cfg.plots_dir / f"duplicates{cfg.suffix}.csv"
     with summary.stage("duplicates"):
-        groups, unsigned = gallery_duplicates(rows, (nb.indices, nb.distances) if nb is not None else None)
+        # From the photos' signals alone, not the embedding's neighbours: then the groups depend on
+        # the photos only (not on --top-k or the index), and an update's are a fresh build's.
+        groups, unsigned = gallery_duplicates(rows)
         write_duplicates_csv(path, groups, [r.source_row for r in rows], [r.file for r in rows])
         try:
             write_groups(cfg.store_dir, manifest_sha256(cfg.store_dir), groups)
@@ -274,8 +275,9 @@ def write_duplicates(cfg: RunConfig, searcher: Searcher, nb: Neighbours | None,
         )
     if unsigned:
         summary.notes.append(
-            f"duplicates: {count_of(unsigned, 'item')} of a store made before duplicates were found have no "
-            "signals and were left out: build afresh (without --update) to include them"
+            f"duplicates: {count_of(unsigned, 'item')} have no duplicate signals of this version "
+            f"({SIGNATURE_VERSION}: made before duplicates were found, by an earlier signature, or not decodable "
+            "on the CPU) and were left out: build afresh (without --update) to include them"
         )
     return groups
 

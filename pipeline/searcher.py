@@ -11,6 +11,7 @@ a segmenter each person in it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from .store import ManifestRow
 
 log = logging.getLogger(__name__)
 
+FILTER_EXACT_MAX = 50_000  # matching rows searched exactly (under 5 ms a query at 512 dimensions, 2 cores)
 RRF_C = 60  # the constant of reciprocal-rank fusion (Cormack et al.; Qdrant, Elasticsearch use it)
 
 
@@ -88,6 +90,8 @@ class Searcher:
         self.group_of: np.ndarray | None = None  # --dedup: each row's duplicate group (see dedup)
         self.hidden = 0
         self.metadata: Metadata | None = None  # each hit's values, and what filters read
+        self._subsets: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # filtered rows' vectors, by filter
+        self._subsets_lock = threading.Lock()
         self._copies: np.ndarray | None = None  # --dedup: each row's duplicate group's first row
         self._product: np.ndarray | None = None  # --group-by: each row's value of the column, as a number
 
@@ -157,18 +161,29 @@ class Searcher:
         self.group_of = np.asarray(labels, np.int64)
         self.hidden = n - len(np.unique(self.group_of))
 
-    def _deduped(self, ask: Callable[[int], Neighbours], k: int, own: np.ndarray | None) -> Neighbours:
-        """ask(K) for K > k until k photos of distinct groups fill every row (or the gallery is spent)."""
+    def _deduped(self, ask: Callable[[int, np.ndarray], Neighbours], k: int, n_queries: int,
+                 own: np.ndarray | None, first: Neighbours | None = None) -> Neighbours:
+        """One photo per group (--dedup, --group-by): ask(K, which) answers the queries `which` with
+        K raw results; the rows that k distinct groups do not fill are asked again with 4x K, only
+        they, until they fill, their raw answer runs out (a -1: nothing more to find), or K reaches
+        k + the hidden photos + 1 (every group then has a photo in reach). first: a raw answer at K
+        = its width that is already there (the gallery run's first pass)."""
         assert self.group_of is not None
-        n = len(self.embeddings)
-        want = min(k, n - 1 if own is not None else n)
-        fetch = min(n, k + min(self.hidden, 4 * k) + (1 if own is not None else 0))
-        while True:
-            nb = ask(fetch)
-            idx, dist = keep_one_per_group(nb.indices, nb.distances, self.group_of, k, own)
-            if fetch >= n or want <= 0 or bool((idx[:, want - 1] >= 0).all()):
-                return Neighbours(idx, dist)
-            fetch = min(n, fetch * 4)
+        cap = min(len(self.embeddings), k + self.hidden + 1)
+        idx = np.full((n_queries, k), -1, np.int64)
+        dist = np.full((n_queries, k), np.inf, np.float32)
+        todo = np.arange(n_queries)
+        fetch = first.indices.shape[1] if first is not None else min(cap, k + min(self.hidden, 4 * k) + 1)
+        while len(todo):
+            nb = first if first is not None else ask(fetch, todo)
+            first = None
+            got_i, got_d = keep_one_per_group(nb.indices, nb.distances, self.group_of, k,
+                                              None if own is None else own[todo])
+            idx[todo], dist[todo] = got_i, got_d
+            spent = (nb.indices < 0).any(axis=1) | (nb.indices.shape[1] < fetch) | (fetch >= cap)
+            todo = todo[~(spent | (got_i[:, -1] >= 0))]
+            fetch = min(cap, fetch * 4)
+        return Neighbours(idx, dist)
 
     @classmethod
     def open(
@@ -211,12 +226,12 @@ class Searcher:
         (retrieval.masked_topk), so k come back whenever k match.
         """
         if self.group_of is not None:
-            return self._deduped(lambda m: self._neighbours(queries, m, allowed), k, None)
+            return self._deduped(lambda m, w: self._neighbours(queries[w], m, allowed), k, len(queries), None)
         return self._neighbours(queries, k, allowed)
 
     def _neighbours(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Neighbours:
         if allowed is not None:
-            return masked_topk(queries, self.embeddings, allowed, k)
+            return self._filtered(queries, k, allowed)
         if self.index is None:
             return topk_neighbours(queries, self.embeddings, k)
         if not self.index.on_gpu:
@@ -224,29 +239,72 @@ class Searcher:
         with self._gpu_lock:
             return self.index.search(queries, k)
 
-    def all_neighbours(self, k: int, matrix_path: Path | None = None) -> Neighbours:
+    def all_neighbours(self, k: int, matrix_path: Path | None = None, first: Neighbours | None = None) -> Neighbours:
         """Every item's top-k other items. matrix_path: also write the N x N distance matrix
-        (exact search only: an approximate index never computes it)."""
+        (exact search only: an approximate index never computes it). first: with --dedup or
+        --group-by, the plain answer already computed (only the rows it leaves short are asked
+        again)."""
         if self.group_of is not None:
-            own = np.arange(len(self.embeddings))
-            return self._deduped(lambda m: self._all_neighbours(m, matrix_path), k, own)
+            n = len(self.embeddings)
+
+            def ask(m: int, which: np.ndarray) -> Neighbours:
+                if len(which) == n:
+                    return self._all_neighbours(m, matrix_path)
+                return self._item_rows(which, m, None)
+
+            return self._deduped(ask, k, n, np.arange(n), first)
         return self._all_neighbours(k, matrix_path)
+
+    def _filtered(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> Neighbours:
+        """The planner of a filtered search, on exact counts: up to FILTER_EXACT_MAX matching rows
+        (or without an approximate index) they are searched exactly, their vectors gathered once per
+        filter; more go through the index with the filter inside it (a FAISS ID selector); a row the
+        index leaves short of min(k, matches) is searched exactly."""
+        allowed = np.asarray(allowed, bool)
+        m = int(allowed.sum())
+        if not self.approximate or m <= FILTER_EXACT_MAX or (self.index is not None and self.index.on_gpu):
+            return self._exact_among(queries, k, allowed)
+        assert self.index is not None
+        nb = self.index.search(queries, k, allowed=allowed)
+        short = np.nonzero((nb.indices >= 0).sum(axis=1) < min(k, m))[0]
+        if len(short):
+            redo = self._exact_among(queries[short], k, allowed)
+            nb.indices[short], nb.distances[short] = redo.indices, redo.distances
+        return nb
+
+    def _exact_among(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> Neighbours:
+        if not allowed.any() or allowed.sum() * 4 >= len(allowed):
+            return masked_topk(queries, self.embeddings, allowed, k)
+        key = hashlib.sha1(np.packbits(allowed).tobytes()).hexdigest()
+        with self._subsets_lock:
+            found = self._subsets.get(key)
+            if found is None:
+                ids = np.flatnonzero(allowed)
+                found = (ids, np.ascontiguousarray(self.embeddings[ids]))
+                self._subsets[key] = found
+                while len(self._subsets) > 4:  # the last few filters' vectors, for the queries that follow
+                    self._subsets.pop(next(iter(self._subsets)))
+        ids, sub = found
+        nb = masked_topk(queries, sub, np.ones(len(ids), bool), k)
+        return Neighbours(np.where(nb.indices >= 0, ids[np.maximum(nb.indices, 0)], -1), nb.distances)
 
     def item_neighbours(self, rows: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Neighbours:
         """Top-k other items of some of the store's own items (embedding rows): never the item
-        itself, and with --dedup never one of its copies. allowed: as in `neighbours`."""
+        itself, and with --dedup / --group-by never one of its group. allowed: as in `neighbours`."""
         rows = np.asarray(rows, np.int64)
+        if self.group_of is not None:
+            return self._deduped(lambda m, w: self._item_rows(rows[w], m, allowed), k, len(rows), rows)
+        return self._item_rows(rows, k, allowed)
 
-        def ask(m: int) -> Neighbours:
-            nb = self._neighbours(self.embeddings[rows], m + 1, allowed)
-            idx = np.full((len(rows), m), -1, np.int64)
-            dist = np.full((len(rows), m), np.inf, np.float32)
-            for q in range(len(rows)):
-                keep = np.nonzero(nb.indices[q] != rows[q])[0][:m]
-                idx[q, : len(keep)], dist[q, : len(keep)] = nb.indices[q, keep], nb.distances[q, keep]
-            return Neighbours(idx, dist)
-
-        return self._deduped(ask, k, rows) if self.group_of is not None else ask(k)
+    def _item_rows(self, rows: np.ndarray, m: int, allowed: np.ndarray | None) -> Neighbours:
+        """The raw top-m of items `rows`, each without itself."""
+        nb = self._neighbours(self.embeddings[rows], m + 1, allowed)
+        idx = np.full((len(rows), m), -1, np.int64)
+        dist = np.full((len(rows), m), np.inf, np.float32)
+        for q in range(len(rows)):
+            keep = np.nonzero(nb.indices[q] != rows[q])[0][:m]
+            idx[q, : len(keep)], dist[q, : len(keep)] = nb.indices[q, keep], nb.distances[q, keep]
+        return Neighbours(idx, dist)
 
     def _all_neighbours(self, k: int, matrix_path: Path | None) -> Neighbours:
         if self.approximate:
@@ -269,7 +327,12 @@ class Searcher:
                 if j >= 0:
                     score[j] = score.get(j, 0.0) + 1.0 / (c + r + 1)
                     near[j] = min(near.get(j, np.inf), d)
-        order = sorted(score, key=lambda j: (-score[j], j))[:k]
+        order = sorted(score, key=lambda j: (-score[j], j))
+        if self.group_of is not None:  # each list kept one photo per group; the fused list keeps one too
+            labels = self.group_of[np.asarray(order, np.int64)] if order else np.zeros(0, np.int64)
+            _, first_of = np.unique(labels, return_index=True)
+            order = [order[i] for i in sorted(first_of.tolist())]
+        order = order[:k]
         idx = np.full((1, k), -1, np.int64)
         dist = np.full((1, k), np.inf, np.float32)
         idx[0, : len(order)] = order

@@ -16,6 +16,7 @@ import pytest
 from benchmarks import (
     duplicates,
     embed,
+    filtered,
     gpu_check,
     int8_cpus,
     ray_vs_local,
@@ -77,6 +78,11 @@ IN_PROCESS = [
         r"^band candidates, share of the rule's true pairs proposed: 1 table NUMBER",
         r"^\| 20,000 random \| find_duplicates \| NUMBER s",
         r"^\| 20,000 clustered \| check_new: 200 new \| NUMBER s",
+    ]),
+    (filtered, "", [
+        r"^\| rows kept \| matching \| path \| p50 \| p95 \| recall@10 \|$",
+        r"^\| 1% \| [\d,]+ \| exact among them \| NUMBER ms \| NUMBER ms \| NUMBER \|$",
+        r"^\| 50% \| [\d,]+ \| exact among them \| NUMBER ms \| NUMBER ms \| 1\.000 \|$",
     ]),
     (embed, "clip", [
         r"^\| backend \| batch 1 \| batch 8 \| batch 32 \|$",

@@ -185,9 +185,10 @@ def test_a_store_without_signals_says_what_it_left_out(tiny_onnx, tmp_path, caps
     out = tmp_path / "out"
     assert run(*args(data, tiny_onnx, out)) == 0
     manifest = out / "embeddings" / MANIFEST_FILE
-    lines = manifest.read_text().splitlines()
-    cut = [",".join(line.split(",")[:-2]) for line in lines]  # as a store made before duplicates wrote it
-    manifest.write_text("\n".join(cut) + "\n")
+    with open(manifest, newline="") as f:
+        lines = list(csv.reader(f))
+    with open(manifest, "w", newline="") as f:  # as a store made before duplicates wrote it
+        csv.writer(f, lineterminator="\n").writerows(line[:-2] for line in lines)
     sidecar = out / "embeddings" / "embeddings.json"
     meta = json.loads(sidecar.read_text())
     meta["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
@@ -195,5 +196,5 @@ def test_a_store_without_signals_says_what_it_left_out(tiny_onnx, tmp_path, caps
     capsys.readouterr()
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--use-embeddings"))]) == 0
     said = capsys.readouterr().out
-    assert "11 items of a store made before duplicates were found have no signals" in said
+    assert "duplicates: 11 items have no duplicate signals of this version (look-2: made before" in said
     assert read_csv(out / "outputs" / "duplicates.csv") == []

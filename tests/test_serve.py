@@ -287,3 +287,5 @@ def test_beyond_loopback_the_page_and_its_api_need_the_token(served, tiny_onnx, 
         wait(browser, "[...document.querySelectorAll('#results .tile img')]"
                       ".every(i => i.complete && i.naturalWidth > 0)")  # the thumbnails carry the cookie
         browser.delete_all_cookies()
+        errors = console_errors(browser)  # read here, so the next test starts with an empty log
+        assert errors and all("401 (Unauthorized)" in e for e in errors)  # the two refused /api/info

@@ -1,0 +1,86 @@
+"""The Searcher's one-per-group answers (--dedup, --group-by) and its filtered search through an
+approximate index, on synthetic vectors: a group larger than the first fetch fills every row
+without asking the whole gallery again; rank fusion keeps one photo per group; the index's filtered
+search keeps only the allowed rows, k whenever k match, near the exact answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import searcher as searcher_module
+from pipeline.duplicates import DuplicateGroup
+from pipeline.index import build_index
+from pipeline.retrieval import masked_topk
+from pipeline.searcher import Searcher
+from pipeline.store import ManifestRow
+
+N, D = 3000, 32
+
+
+def vectors(seed: int = 0, copies: int = 600) -> np.ndarray:
+    """N unit vectors; the first `copies` are near copies of one picture (a placeholder image)."""
+    rng = np.random.default_rng(seed)
+    e = rng.standard_normal((N, D)).astype(np.float32)
+    e[:copies] = e[0] + 0.001 * rng.standard_normal((copies, D)).astype(np.float32)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def rows(n: int = N) -> list[ManifestRow]:
+    return [ManifestRow(index=i, file=f"f{i}", source_row=i, embedding_row=i) for i in range(n)]
+
+
+def counting(searcher: Searcher) -> list[tuple[int, int]]:
+    """(fetch, rows asked) of every raw search the searcher makes from here on."""
+    asked: list[tuple[int, int]] = []
+    plain, items = searcher._all_neighbours, searcher._item_rows
+    searcher._all_neighbours = lambda m, p: (asked.append((m, N)), plain(m, p))[1]
+    searcher._item_rows = lambda r, m, a: (asked.append((m, len(r))), items(r, m, a))[1]
+    return asked
+
+
+@pytest.mark.parametrize("kind", ["none", "hnsw"])
+def test_a_large_group_fills_every_row_without_asking_everything_again(kind):
+    e = vectors()
+    index = None if kind == "none" else build_index(e, kind, "test")
+    s = Searcher(e, rows(), index)
+    s.dedup([DuplicateGroup(list(range(600)), ["near"] * 600, [0.0] * 600)])
+    asked = counting(s)
+    nb = s.all_neighbours(5)
+    assert (nb.indices >= 0).all()  # every row filled with 5 others
+    for r in range(N):
+        groups = [0 if j < 600 else j for j in nb.indices[r]]
+        assert len(set(groups)) == 5 and (r >= 600 or 0 not in groups)  # a copy never meets its group
+    assert asked[0] == (5 + 20 + 1, N)  # one full pass...
+    assert all(rows_asked <= 700 for _, rows_asked in asked[1:])  # ...then only the rows it left short
+    assert max(m for m, _ in asked) <= 5 + 599 + 1  # never beyond k + the hidden photos + 1
+
+
+def test_rank_fusion_keeps_one_photo_per_group():
+    e = vectors(copies=50)
+    s = Searcher(e, rows(), None)
+    s.dedup([DuplicateGroup(list(range(50)), ["near"] * 50, [0.0] * 50)])
+    queries = np.stack([e[0], e[1]])
+    nb = s.fused(queries, 10)
+    shown = [0 if j < 50 else j for j in nb.indices[0] if j >= 0]
+    assert len(shown) == 10 and len(set(shown)) == 10
+
+
+def test_a_filtered_search_through_the_index(monkeypatch):
+    e = vectors(seed=3, copies=1)
+    index = build_index(e, "ivfpq", "test")
+    s = Searcher(e, rows(), index)
+    monkeypatch.setattr(searcher_module, "FILTER_EXACT_MAX", 0)  # the index path even at this size
+    rng = np.random.default_rng(4)
+    queries = e[rng.integers(0, N, 30)] + 0.05 * rng.standard_normal((30, D)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    for share in (0.01, 0.1, 0.5):
+        allowed = rng.random(N) < share
+        nb = s.neighbours(queries, 10, allowed)
+        truth = masked_topk(queries, e, allowed, 10)
+        m = int(allowed.sum())
+        assert ((nb.indices >= 0).sum(axis=1) == min(10, m)).all()
+        assert allowed[nb.indices[nb.indices >= 0]].all()
+        pairs = zip(nb.indices.tolist(), truth.indices.tolist())
+        recall = np.mean([len(set(a) & set(b)) / min(10, m) for a, b in pairs])
+        assert recall >= 0.9, (share, recall)
