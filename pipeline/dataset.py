@@ -632,6 +632,28 @@ def _chosen(available: list[str], asked: Sequence[str] | None, names: list[str],
     return list(asked)
 
 
+def check_meta_columns(spec: DatasetSpec, asked: Sequence[str]) -> None:
+    """--meta-columns names columns of plain values that the dataset has (its schema only: a
+    parquet footer, or the first row of another format); PipelineError otherwise."""
+    path = Path(spec.name)
+    folder = path.is_dir() and _is_image_folder(path)
+    files: list[Any] = [] if folder else list(_local_parquet_files(path, spec.split))
+    opener: Callable[[Any], AbstractContextManager[Any]] = _open_local_file
+    if not files and not path.exists() and is_hub_id(spec.name):
+        files, opener = list(_hub_split(spec).parquet_files), _hub_file_opener()
+    if not files:
+        read_metadata(spec, asked)  # not parquet: the same check, by reading the columns
+        return
+    import pyarrow.parquet as pq
+
+    with opener(files[0]) as source:
+        footer = _FOOTERS.get(str(files[0])) or _read_footer(source) or pq.read_metadata(source)
+    if opener is not _open_local_file:
+        _FOOTERS[str(files[0])] = footer  # kept for the build's read, as check_dataset does
+    schema = footer.schema.to_arrow_schema()
+    _chosen(scalar_columns(schema, spec), asked, schema.names, spec)
+
+
 def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None) -> Any:
     """The dataset's metadata columns (all plain ones, or those asked), rows 0 .. limit-1, as a
     pyarrow Table with a leading `source_row` column; None for a folder of images or a hub
@@ -675,7 +697,8 @@ def _parquet_metadata(files: list[Any], opener: Callable[[Any], AbstractContextM
         if spec.limit is not None and seen >= spec.limit:
             break
         with opener(f) as source:
-            pf = pq.ParquetFile(source, pre_buffer=False)
+            # a remote file's footer by two exact reads (_read_footer), not pyarrow's 64 KiB tail read
+            pf = pq.ParquetFile(source, pre_buffer=False, metadata=_read_footer(source))
             if columns is None:
                 columns = _chosen(scalar_columns(pf.schema_arrow, spec), asked, pf.schema_arrow.names, spec)
             n = pf.metadata.num_rows if spec.limit is None else min(pf.metadata.num_rows, spec.limit - seen)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .catalog import Catalog
 from .config import RunConfig
-from .dataset import Record, check_dataset, iter_records, read_metadata
+from .dataset import Record, check_dataset, check_meta_columns, iter_records, read_metadata
 from .duplicates import stored_groups
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError
@@ -163,15 +163,16 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
         log.info("loaded %d embeddings from %s", len(cache.embeddings), cfg.store_dir)
         gallery = Gallery(cache.embeddings, cache.rows, embedder)
     else:
-        with summary.stage("metadata"):  # read first: an unknown --meta-columns fails before the build
-            check_dataset(cfg.dataset)
-            table = read_metadata(cfg.dataset, cfg.meta_columns)
+        if cfg.meta_columns:  # a name the dataset lacks fails before the build, not after it
+            check_meta_columns(cfg.dataset, cfg.meta_columns)
         if cfg.update:
             from .update import update_gallery  # update.py builds on this module
 
             gallery = update_gallery(cfg, summary, embedder)
         else:
             gallery = build(cfg, summary, embedder)
+        with summary.stage("metadata"):  # the plain columns only: on the hub, the row groups under --limit
+            table = read_metadata(cfg.dataset, cfg.meta_columns)
         keep_metadata(cfg, table, gallery.rows, summary)
     if cfg.segmented and not cfg.from_cache:
         note_persons_cut(gallery.rows, cfg.segment.max_persons, summary)
@@ -201,9 +202,9 @@ def keep_metadata(cfg: RunConfig, table: Any, rows: list[ManifestRow], summary: 
         return
     write_metadata(cfg.store_dir, table, rows)
     columns = [c for c in table.column_names if c != "source_row"]
-    summary.notes.append(
-        f"metadata: {len(columns)} column(s) kept for --filter and every hit: {', '.join(columns) or 'none'}"
-    )
+    if columns:
+        kept = ", ".join(columns)
+        summary.notes.append(f"metadata: {len(columns)} column(s) kept for --filter and every hit: {kept}")
 
 
 def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, part: BuildPart | None) -> Gallery:

@@ -111,15 +111,17 @@ def test_default_run_fetches_only_what_the_limit_needs(hub, run_main, tmp_path):
     first = _shard(hub, 0)
     assert hub.bytes_for(first.name) < first.stat().st_size / 2
     assert hub.bytes_for(_shard(hub, 1).name) == 0 and hub.bytes_for(_shard(hub, 2).name) == 0
-    # Every byte fetched from the shard is the footer or the image column of row group 0: never
-    # the openpose or cloth columns, never row groups 1 and 2.
+    # Every byte fetched from the shard is the footer, the image column or the caption (metadata) of
+    # row group 0: never the openpose or cloth columns, never row groups 1 and 2.
     size = first.stat().st_size
     footer = size - 8 - int.from_bytes(first.read_bytes()[-8:-4], "little")
-    allowed = _column_ranges(first, [0], ("image",)) + [(footer, size - 1)]
+    allowed = _column_ranges(first, [0], ("image", "caption")) + [(footer, size - 1)]
     for a, b in _fetched_ranges(hub, first):
         assert any(lo <= a and b <= hi for lo, hi in allowed), (a, b, allowed)
     images = sum(b - a + 1 for a, b in _column_ranges(first, [0], ("image",)))
-    assert hub.bytes_for(first.name) <= 2 * images + (size - footer)
+    captions = sum(b - a + 1 for a, b in _column_ranges(first, [0], ("caption",)))
+    # the metadata read fetches the footer once more
+    assert hub.bytes_for(first.name) <= 2 * images + captions + 2 * (size - footer)
 
 
 def test_limit_reads_the_row_groups_it_needs(hub, run_main, tmp_path):
@@ -131,7 +133,7 @@ def test_limit_reads_the_row_groups_it_needs(hub, run_main, tmp_path):
     for path, groups in ((first, [0, 1, 2]), (second, [0])):
         size = path.stat().st_size
         footer = size - 8 - int.from_bytes(path.read_bytes()[-8:-4], "little")
-        allowed = _column_ranges(path, groups, ("image",)) + [(footer, size - 1)]
+        allowed = _column_ranges(path, groups, ("image", "caption")) + [(footer, size - 1)]
         for a, b in _fetched_ranges(hub, path):
             assert any(lo <= a and b <= hi for lo, hi in allowed), (path.name, a, b)
     assert hub.bytes_for(_shard(hub, 2).name) == 0
