@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 OPS = ("=", "!=", "<>", "<=", ">=", "<", ">")
+MAX_FILTER_CHARS = 2000
 
 
 class FilterError(UsageError):
@@ -306,6 +307,8 @@ def _evaluate(node: Node, table: Any) -> Any:
         return pc.is_null(col)
     if node.op == "is not null":
         return pc.is_valid(col)
+    if pa.types.is_integer(col.type) and any(isinstance(v, float) for v in node.values):
+        col = col.cast(pa.float64())  # 49.5 must not become 49
     values = [_scalar(v, col.type) for v in node.values]
     if node.op in ("in", "not in"):
         found = pc.is_in(col, value_set=pa.array([v.as_py() for v in values], type=col.type), skip_nulls=True)
@@ -338,12 +341,23 @@ class Filter:
 
     @classmethod
     def parse(cls, text: str, schema: Any) -> Filter:
-        node = parse_filter(text)
+        if len(text) > MAX_FILTER_CHARS:
+            raise FilterError(f"--filter: {len(text)} characters; at most {MAX_FILTER_CHARS}")
+        try:
+            node = parse_filter(text)
+        except RecursionError:
+            raise FilterError("--filter: nested too deeply") from None
         check_filter(node, text, schema)
         return cls(text, node)
 
     def mask(self, table: Any) -> np.ndarray:
-        """bool (table rows,): the rows that match (a missing value never matches)."""
+        """bool (table rows,): the rows that match (a missing value never matches). A value the
+        column's type cannot take ('yesterday' for a date) is a FilterError, not a crash."""
+        import pyarrow as pa
         import pyarrow.compute as pc
 
-        return np.asarray(pc.fill_null(_evaluate(self.node, table), False).to_numpy(zero_copy_only=False), bool)
+        try:
+            found = pc.fill_null(_evaluate(self.node, table), False)
+        except (pa.ArrowException, OverflowError, TypeError, ValueError, RecursionError) as e:
+            raise FilterError(f"--filter {self.text!r}: a value does not fit its column ({first_line(e)})") from None
+        return np.asarray(found.to_numpy(zero_copy_only=False), bool)

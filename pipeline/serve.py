@@ -13,6 +13,7 @@ on serving.
 # --serve).
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 from PIL import Image
@@ -131,15 +133,23 @@ def _add_auth(app, token: str) -> None:
         if request.url.path in OPEN_PATHS:
             return await call_next(request)
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        given = given or request.cookies.get(TOKEN_COOKIE, "")
+        given = given or unquote(request.cookies.get(TOKEN_COOKIE, ""))  # the page percent-encodes it
         if not hmac.compare_digest(given.encode(), expected):
             return JSONResponse({"detail": "this search page needs its token"}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
 
+def both_filters(server: str | None, client: str | None) -> str | None:
+    """The server's --filter and a client's, both applying: a client narrows, never widens."""
+    parts = [f for f in (server, client) if f and f.strip()]
+    return " AND ".join(f"({f})" for f in parts) or None
+
+
 def _json_value(v: Any) -> Any:
     """A metadata value as JSON has it (dates as ISO text)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN
     return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
 
 
@@ -247,7 +257,8 @@ def _add_query_endpoints(app, service: SearchService) -> None:
             raise HTTPException(413, f"the text is {len(words)} characters; at most {MAX_TEXT_CHARS}")
         k = check_k(query.k)
         try:
-            return {"query": words, "results": timed(lambda: service.text(words, k, query.filter or cfg.filter))}
+            asked = both_filters(cfg.filter, query.filter)
+            return {"query": words, "results": timed(lambda: service.text(words, k, asked))}
         except FilterError as e:  # the filter is parsed, checked and never run as code
             raise HTTPException(422, str(e)) from None
 
@@ -264,7 +275,8 @@ def _add_query_endpoints(app, service: SearchService) -> None:
             raise HTTPException(422, "the upload is empty")
         try:
             words = text.strip()[:MAX_TEXT_CHARS]
-            found = timed(lambda: service.image(data, file.filename or "upload", k, segment, filter or cfg.filter,
+            asked = both_filters(cfg.filter, filter)
+            found = timed(lambda: service.image(data, file.filename or "upload", k, segment, asked,
                                                 words))
             return {"queries": found}
         except FilterError as e:

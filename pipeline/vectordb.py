@@ -141,8 +141,14 @@ def export_store(target: ExportTarget, embeddings: np.ndarray, rows: Sequence[Ma
     removed = [k for k in before if k not in now]
     changed = [k for k, d in now.items() if k in before and before[k] != d]
     added = [k for k in now if k not in before]
+    try:
+        if removed or changed or added or record is None:
+            writer.apply(table, removed + changed, set(changed) | set(added))
+    finally:
+        close = getattr(writer, "close", None)
+        if close is not None:
+            close()
     if removed or changed or added or record is None:
-        writer.apply(table, removed + changed, set(changed) | set(added))
         atomic_write_text(target.folder / EXPORT_FILE, json.dumps(
             {"identity": identity, "store_sha256": store_sha256, "kind": target.kind, "rows": len(now),
              "dim": int(embeddings.shape[1]) if embeddings.ndim == 2 else 0}, indent=2, sort_keys=True))
@@ -231,7 +237,9 @@ class _Qdrant:
                 batch = []
         if batch:
             self.client.upsert(TABLE, points=batch)
-        self.client.close()
+
+    def close(self) -> None:
+        self.client.close()  # local mode holds a lock on the folder
 
 
 def _plain(v: Any) -> Any:

@@ -130,3 +130,22 @@ def test_columns_and_types_are_checked(shop, text, message):
 def test_the_text_is_parsed_never_run():
     node = parse_filter("name = '__import__(\"os\").system(\"false\")'")
     assert node.values == ('__import__("os").system("false")',)
+
+
+def test_decimals_on_an_integer_column_and_values_a_column_cannot_take():
+    table = pa.table({"stock": pa.array([49, 50, 10], pa.int64()),
+                      "day": pa.array([0, 1, 2], pa.int32()).cast(pa.date32())})
+    assert Filter.parse("stock IN (49.5, 10)", table.schema).mask(table).tolist() == [False, False, True]
+    assert Filter.parse("day >= '1970-01-02'", table.schema).mask(table).tolist() == [False, True, True]
+    with pytest.raises(FilterError, match="a value does not fit its column"):
+        Filter.parse("day = 'yesterday'", table.schema).mask(table)
+    with pytest.raises(FilterError, match="nested too deeply|characters; at most"):
+        Filter.parse("(" * 5000 + "stock = 1" + ")" * 5000, table.schema)
+
+
+def test_a_client_filter_narrows_the_servers_never_widens():
+    from pipeline.serve import _json_value, both_filters
+
+    assert both_filters("category = 'dress'", "price < 5") == "(category = 'dress') AND (price < 5)"
+    assert both_filters("category = 'dress'", "") == "(category = 'dress')" and both_filters(None, None) is None
+    assert _json_value(float("nan")) is None and _json_value(1.5) == 1.5
