@@ -632,15 +632,22 @@ def _chosen(available: list[str], asked: Sequence[str] | None, names: list[str],
     return list(asked)
 
 
+def _parquet_files(spec: DatasetSpec, folder: bool) -> tuple[list[Any], Callable[[Any], AbstractContextManager[Any]]]:
+    """The dataset's parquet files (local, or on the hub) and how to open them; [] when it is not one."""
+    path = Path(spec.name)
+    files: list[Any] = [] if folder else list(_local_parquet_files(path, spec.split))
+    opener: Callable[[Any], AbstractContextManager[Any]] = _open_local_file
+    if not files and not path.exists() and is_hub_id(spec.name):
+        files, opener = list(_hub_split(spec).parquet_files), _hub_file_opener()
+    return files, opener
+
+
 def check_meta_columns(spec: DatasetSpec, asked: Sequence[str]) -> None:
     """--meta-columns names columns of plain values that the dataset has (its schema only: a
     parquet footer, or the first row of another format); PipelineError otherwise."""
     path = Path(spec.name)
     folder = path.is_dir() and _is_image_folder(path)
-    files: list[Any] = [] if folder else list(_local_parquet_files(path, spec.split))
-    opener: Callable[[Any], AbstractContextManager[Any]] = _open_local_file
-    if not files and not path.exists() and is_hub_id(spec.name):
-        files, opener = list(_hub_split(spec).parquet_files), _hub_file_opener()
+    files, opener = _parquet_files(spec, folder)
     if not files:
         read_metadata(spec, asked)  # not parquet: the same check, by reading the columns
         return
@@ -662,10 +669,7 @@ def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None) -> Any:
 
     path = Path(spec.name)
     folder = path.is_dir() and _is_image_folder(path)
-    files: list[Any] = [] if folder else list(_local_parquet_files(path, spec.split))
-    opener: Callable[[Any], AbstractContextManager[Any]] = _open_local_file
-    if not files and not path.exists() and is_hub_id(spec.name):
-        files, opener = list(_hub_split(spec).parquet_files), _hub_file_opener()
+    files, opener = _parquet_files(spec, folder)
     table = None
     if files:
         table = _parquet_metadata(files, opener, spec, asked)
