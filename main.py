@@ -234,13 +234,15 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
         out,
         "--filter",
         help="metadata filter inside the search, SQL-like: \"category = 'dress' AND price < 50\" "
-        "(= != < <= > >=, IN (...), IS NULL, AND OR NOT, parentheses)",
+        "(= != < <= > >=, IN (...), IS NULL, AND OR NOT, parentheses); in a gallery run each item's neighbours "
+        "come from the items it keeps, in --evaluate it chooses the rows evaluated",
     )
     _add(
         out,
         "--group-by",
         help="one result per value of this metadata column (a product id): scored by its best photo, filled until "
-        "k products; an item's neighbours are never other photos of its product",
+        "k products; an item's neighbours are never other photos of its product; in --evaluate the ranks count "
+        "products",
     )
     _add(
         out,

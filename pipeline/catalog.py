@@ -165,18 +165,28 @@ class Catalog:
         return self._embedder
 
     # ------------------------------------------------------------------ search
-    def search_vectors(self, vectors: np.ndarray, k: int = 5, filter: str | None = None) -> list[list[Hit]]:
+    def _searcher(self, group_by: str | None) -> Searcher:
+        """The searcher grouped as asked: None, as the catalog was opened; "" each photo; a column
+        name, one result per value of it."""
+        return self.searcher if group_by is None else self.searcher.grouped(group_by or None)
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 5, filter: str | None = None,
+                       group_by: str | None = None) -> list[list[Hit]]:
         """Top-k hits for each vector: float32 (D,) or (Q, D), L2-normalized. filter: a metadata
-        filter ("category = 'dress' AND price < 50", filters.py), applied inside the search."""
+        filter ("category = 'dress' AND price < 50", filters.py), applied inside the search.
+        group_by: a metadata column, one result per value of it ("" : each photo; None: as the
+        catalog was opened)."""
         q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if q.shape[1] != self.embeddings.shape[1]:
             raise PipelineError(f"query vectors have {q.shape[1]} dimensions, the store {self.embeddings.shape[1]}")
-        return self.searcher.search(q, k, self.searcher.allowed(filter))
+        searcher = self._searcher(group_by)
+        return searcher.search(q, k, searcher.allowed(filter))
 
-    def search_text(self, text: str, k: int = 5, filter: str | None = None) -> list[Hit]:
-        """The top-k items for a description (filter: as in search_vectors)."""
-        allowed = self.searcher.allowed(filter)
-        return self.searcher.search(self.embedder.embed_text([text]), k, allowed)[0]
+    def search_text(self, text: str, k: int = 5, filter: str | None = None, group_by: str | None = None) -> list[Hit]:
+        """The top-k items for a description (filter, group_by: as in search_vectors)."""
+        searcher = self._searcher(group_by)
+        allowed = searcher.allowed(filter)
+        return searcher.search(self.embedder.embed_text([text]), k, allowed)[0]
 
     def query_crops(self, picture: str | Path | bytes | Image.Image, segment: bool = False,
                     name: str | None = None) -> tuple[list[QueryCrop], bool]:
@@ -201,18 +211,19 @@ class Catalog:
     def search_combined(self, picture: str | Path | bytes | Image.Image, texts: Sequence[str],
                         negative: Sequence[str] = (), k: int = 5, fusion: str = "sum", text_weight: float = 0.5,
                         segment: bool = False, name: str | None = None,
-                        filter: str | None = None) -> list[QueryResult]:
+                        filter: str | None = None, group_by: str | None = None) -> list[QueryResult]:
         """"This dress, but in red": one query from a picture and texts (for each person in the picture
         with segment=True). fusion "sum": the weighted sum of the normalized vectors (searcher.combine;
         negative texts are subtracted); "rrf": reciprocal-rank fusion of the picture's and each text's
-        result lists (no negative texts). filter: as in search_vectors."""
+        result lists (no negative texts). filter, group_by: as in search_vectors."""
         if fusion not in ("sum", "rrf"):
             raise PipelineError(f"fusion must be 'sum' or 'rrf', got {fusion!r}")
         if fusion == "rrf" and negative:
             raise UsageError("negative texts need --fusion sum: a rank fusion cannot subtract a list")
         if not texts and not negative:
             raise UsageError("a picture-plus-text query needs a text")
-        allowed = self.searcher.allowed(filter)
+        searcher = self._searcher(group_by)
+        allowed = searcher.allowed(filter)
         crops, _ = self.query_crops(picture, segment, name)
         pictures = self.embed_crops(crops)
         said = self.embedder.embed_text(list(texts)) if texts else np.zeros((0, pictures.shape[1]), np.float32)
@@ -220,26 +231,31 @@ class Catalog:
         out = []
         for crop, v in zip(crops, pictures):
             if fusion == "sum":
-                nb = self.searcher.neighbours(combine(v, said, minus, text_weight)[None, :], k, allowed)
+                nb = searcher.neighbours(combine(v, said, minus, text_weight)[None, :], k, allowed)
             else:
-                nb = self.searcher.fused(np.concatenate([v[None, :], said]), k, allowed)
-            out.append(QueryResult(crop.label, self.searcher.hits(nb, 0)))
+                nb = searcher.fused(np.concatenate([v[None, :], said]), k, allowed)
+            out.append(QueryResult(crop.label, searcher.hits(nb, 0)))
         return out
 
     def search_image(self, picture: str | Path | bytes | Image.Image, k: int = 5, segment: bool = False,
-                     name: str | None = None, filter: str | None = None) -> list[QueryResult]:
+                     name: str | None = None, filter: str | None = None,
+                     group_by: str | None = None) -> list[QueryResult]:
         """The top-k items for a picture (a path, its bytes, or a PIL image); with segment=True, for
-        each person in it (the whole picture when nobody is found). filter: as in search_vectors."""
-        allowed = self.searcher.allowed(filter)
+        each person in it (the whole picture when nobody is found). filter, group_by: as in
+        search_vectors."""
+        searcher = self._searcher(group_by)
+        allowed = searcher.allowed(filter)
         crops, _ = self.query_crops(picture, segment, name)
-        hits = self.searcher.search(self.embed_crops(crops), k, allowed)
+        hits = searcher.search(self.embed_crops(crops), k, allowed)
         return [QueryResult(c.label, h) for c, h in zip(crops, hits)]
 
-    def neighbours(self, item: int | str, k: int = 5, filter: str | None = None) -> list[Hit]:
-        """An item's top-k other items; item: its embedding row, or its file name (filter: as in
-        search_vectors)."""
-        nb = self.searcher.item_neighbours(np.array([self._row_of(item)]), k, self.searcher.allowed(filter))
-        return self.searcher.hits(nb, 0)
+    def neighbours(self, item: int | str, k: int = 5, filter: str | None = None,
+                   group_by: str | None = None) -> list[Hit]:
+        """An item's top-k other items; item: its embedding row, or its file name (filter, group_by:
+        as in search_vectors)."""
+        searcher = self._searcher(group_by)
+        nb = searcher.item_neighbours(np.array([self._row_of(item)]), k, searcher.allowed(filter))
+        return searcher.hits(nb, 0)
 
     def _row_of(self, item: int | str) -> int:
         if isinstance(item, (int, np.integer)):

@@ -603,6 +603,9 @@ def read_piece(spec: DatasetSpec, piece: Piece) -> Iterator[Record]:
 
 
 # ----------------------------------------------------------------------------- metadata columns
+RESERVED_META = frozenset({"source_row"})  # the metadata table's key (metadata.py): never a dataset column
+
+
 def scalar_columns(schema: Any, spec: DatasetSpec) -> list[str]:
     """The columns of a dataset's arrow schema that hold one plain value per row (text, number,
     true/false, date): what a gallery keeps as metadata. Images, bytes, lists and structs are not."""
@@ -615,7 +618,7 @@ def scalar_columns(schema: Any, spec: DatasetSpec) -> list[str]:
                 or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_temporal(t)
                 or pa.types.is_decimal(t))
 
-    return [f.name for f in schema if f.name != spec.image_column and plain(f.type)]
+    return [f.name for f in schema if f.name != spec.image_column and f.name not in RESERVED_META and plain(f.type)]
 
 
 def _chosen(available: list[str], asked: Sequence[str] | None, names: list[str], spec: DatasetSpec) -> list[str]:
@@ -626,6 +629,9 @@ def _chosen(available: list[str], asked: Sequence[str] | None, names: list[str],
             raise PipelineError(
                 f"--meta-columns: dataset {spec.name!r} has no column {c!r}; its columns are {sorted(names)}"
             )
+        if c in RESERVED_META:
+            raise PipelineError(f"--meta-columns: {c!r} is the name the store keys its rows by; a dataset column "
+                                "of that name cannot be kept as metadata (rename it in the dataset)")
         if c not in available:
             raise PipelineError(f"--meta-columns: column {c!r} of {spec.name!r} holds no plain values (text, "
                                 f"numbers, true/false, dates): it cannot be kept as metadata")
@@ -642,15 +648,18 @@ def _parquet_files(spec: DatasetSpec, folder: bool) -> tuple[list[Any], Callable
     return files, opener
 
 
-def check_meta_columns(spec: DatasetSpec, asked: Sequence[str]) -> None:
+def check_meta_columns(spec: DatasetSpec, asked: Sequence[str] | None) -> Any:
     """--meta-columns names columns of plain values that the dataset has (its schema only: a
-    parquet footer, or the first row of another format); PipelineError otherwise."""
+    parquet footer, or the first row of another format); PipelineError otherwise. Returns the
+    schema of the columns that will be kept (None: the dataset keeps none), which a --filter is
+    checked against before the build."""
     path = Path(spec.name)
     folder = path.is_dir() and _is_image_folder(path)
     files, opener = _parquet_files(spec, folder)
     if not files:
-        read_metadata(spec, asked)  # not parquet: the same check, by reading the columns
-        return
+        table = read_metadata(spec, asked)  # not parquet: the same check, by reading the columns
+        return None if table is None else table.schema
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with opener(files[0]) as source:
@@ -658,7 +667,8 @@ def check_meta_columns(spec: DatasetSpec, asked: Sequence[str]) -> None:
     if opener is not _open_local_file:
         _FOOTERS[str(files[0])] = footer  # kept for the build's read, as check_dataset does
     schema = footer.schema.to_arrow_schema()
-    _chosen(scalar_columns(schema, spec), asked, schema.names, spec)
+    kept = _chosen(scalar_columns(schema, spec), asked, schema.names, spec)
+    return pa.schema([schema.field(c) for c in kept])
 
 
 def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None) -> Any:
@@ -711,8 +721,17 @@ def _parquet_metadata(files: list[Any], opener: Callable[[Any], AbstractContextM
                 if at < n:
                     groups.append(g)
                 at += pf.metadata.row_group(g).num_rows
-            part = pf.read_row_groups(groups, columns=columns).slice(0, n) if columns else None
+            here = [c for c in columns or () if c in pf.schema_arrow.names]  # a shard may lack a column: nulls
+            part = pf.read_row_groups(groups, columns=here).slice(0, n) if here else None
         rows = pa.array(range(seen, seen + n), pa.int64())
         parts.append(part.add_column(0, "source_row", rows) if part is not None else pa.table({"source_row": rows}))
         seen += n
-    return pa.concat_tables(parts) if parts else pa.table({"source_row": pa.array([], pa.int64())})
+    if not parts:
+        return pa.table({"source_row": pa.array([], pa.int64())})
+    try:  # shards written apart: int32 in one, int64 in another; a column one lacks
+        return pa.concat_tables(parts, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise PipelineError(
+            f"{spec.name!r}: its parquet files disagree on a metadata column's type ({first_line(e)}); keep the "
+            "agreeing columns with --meta-columns, or rewrite the files with one schema"
+        ) from None

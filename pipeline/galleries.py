@@ -163,8 +163,10 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
         log.info("loaded %d embeddings from %s", len(cache.embeddings), cfg.store_dir)
         gallery = Gallery(cache.embeddings, cache.rows, embedder)
     else:
-        if cfg.meta_columns:  # a name the dataset lacks fails before the build, not after it
-            check_meta_columns(cfg.dataset, cfg.meta_columns)
+        if cfg.meta_columns or cfg.filter:  # a name the dataset lacks fails before the build, not after it
+            schema = check_meta_columns(cfg.dataset, cfg.meta_columns)
+            if cfg.filter:
+                check_gallery_filter(cfg.filter, schema)
         if cfg.update:
             from .update import update_gallery  # update.py builds on this module
 
@@ -178,6 +180,17 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
         note_persons_cut(gallery.rows, cfg.segment.max_persons, summary)
     record_failures(gallery.rows, summary)
     return gallery
+
+
+def check_gallery_filter(text: str, schema: Any) -> None:
+    """A gallery run's --filter checked against the columns the build will keep (FilterError, exit
+    2, before any photo is embedded)."""
+    from .filters import Filter, FilterError
+
+    if schema is None or not len(schema):
+        raise FilterError("--filter: this dataset keeps no metadata (a folder of images, a streamed dataset, or "
+                          "--meta-columns chose none), so there is nothing to filter on")
+    Filter.parse(text, schema)
 
 
 def group_by(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> None:

@@ -8,6 +8,7 @@ each hit's values.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 
 from .errors import CacheMismatchError
 from .filters import Filter
-from .store import ManifestRow
+from .store import ManifestRow, manifest_sha256
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +35,25 @@ def keep_for_store(table: Any, rows: Sequence[ManifestRow]) -> Any:
     return kept.sort_by("source_row")
 
 
+STORE_KEY = b"fashion.manifest_sha256"  # the parquet's key-value metadata: the store version it was written for
+
+
 def write_metadata(store_dir: Path, table: Any, rows: Sequence[ManifestRow]) -> bool:
-    """metadata.parquet for the store's rows; not rewritten when it already holds the same.
-    Returns whether it was written."""
+    """metadata.parquet for the store's rows, stamped with the store's manifest sha256 (so that
+    a table left from before an update's switch is known); not rewritten when it already holds
+    the same for this store. Returns whether it was written."""
     import pyarrow.parquet as pq
 
     from .fileio import atomic_write_bytes
 
+    stamp = manifest_sha256(store_dir).encode()
     table = keep_for_store(table, rows)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), STORE_KEY: stamp})
     path = Path(store_dir) / METADATA_FILE
     if path.is_file():
         try:
-            if pq.read_table(path).equals(table):
+            old = pq.read_table(path)
+            if old.equals(table) and (old.schema.metadata or {}).get(STORE_KEY) == stamp:
                 return False
         except (OSError, ValueError):
             pass
@@ -55,6 +63,14 @@ def write_metadata(store_dir: Path, table: Any, rows: Sequence[ManifestRow]) -> 
     pq.write_table(table, sink)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
     return True
+
+
+def json_value(v: Any) -> Any:
+    """A metadata value as JSON has it: NaN and infinities as null (JSON has none), dates,
+    decimals and the like as their text."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
 
 
 @dataclass(frozen=True)
@@ -71,9 +87,26 @@ class Metadata:
         """Embedding row j's values (None where missing)."""
         return {c: self.table.column(c)[j].as_py() for c in self.table.column_names}
 
+    def json_values(self, j: int) -> dict[str, Any]:
+        """Embedding row j's values as JSON has them (json_value)."""
+        return {c: json_value(v) for c, v in self.values(j).items()}
+
     def mask(self, text: str) -> np.ndarray:
         """bool (N,): the items a filter keeps (filters.Filter: parsed, checked, never run as code)."""
         return Filter.parse(text, self.table.schema).mask(self.table)
+
+
+def product_labels(values: Any) -> tuple[np.ndarray, int]:
+    """--group-by: an int64 label per row of a metadata column (pyarrow), equal for equal values;
+    a row without a value gets a label of its own (it stands alone). Returns the labels and how
+    many rows had no value."""
+    import pyarrow.compute as pc
+
+    codes = np.asarray(pc.dictionary_encode(values).combine_chunks().indices.to_numpy(zero_copy_only=False))
+    missing = np.asarray(values.is_null().to_numpy(zero_copy_only=False), bool)
+    n_codes = int(codes[~missing].max()) + 1 if (~missing).any() else 0
+    labels = np.where(missing, n_codes + np.arange(len(codes)), codes)
+    return labels.astype(np.int64), int(missing.sum())
 
 
 def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow]) -> Metadata | None:
@@ -88,6 +121,12 @@ def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow]) -> Metadata 
         table = pq.read_table(path)
     except (OSError, ValueError) as e:
         raise CacheMismatchError(f"{path}: unreadable ({e}); run the gallery build again to rewrite it") from e
+    stamp = (table.schema.metadata or {}).get(STORE_KEY)
+    if stamp is not None and stamp.decode() != manifest_sha256(store_dir):
+        raise CacheMismatchError(
+            f"{path} was written for another version of the store (an update stopped after its switch, before "
+            "the metadata was written): run the same command with --update again, or the build, to rewrite it"
+        )
     keys = np.asarray(table.column("source_row").to_numpy(), np.int64)
     want = np.array([r.source_row for r in embedded], np.int64)
     at = np.searchsorted(keys, want)

@@ -172,4 +172,18 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     for when, message in _AFTER:
         if when(cfg):
             return message.format(**values)
+    return _filter_syntax(cfg.filter)
+
+
+def _filter_syntax(text: str | None) -> str | None:
+    """A --filter that does not parse is refused with the flags (its columns are checked against
+    the catalogue's when the catalogue is read)."""
+    if not text:
+        return None
+    from .filters import FilterError, parse_filter
+
+    try:
+        parse_filter(text)
+    except FilterError as e:
+        return str(e)
     return None

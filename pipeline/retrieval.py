@@ -219,6 +219,18 @@ def write_neighbours_csv(path: str | Path, rows: Iterator[tuple], columns: Seque
     return n
 
 
+def _lowest_on_the_edge(sims: np.ndarray, part: np.ndarray, top: np.ndarray) -> None:
+    """In place: where the k-th best score is tied beyond the k kept, argpartition keeps any of the
+    tied columns; keep the lowest-numbered ones instead, so a result never depends on the partition."""
+    edge = top.min(axis=1)
+    short = np.nonzero((sims == edge[:, None]).sum(axis=1) > (top == edge[:, None]).sum(axis=1))[0]
+    for r in short:
+        above = part[r][top[r] > edge[r]]
+        tied = np.flatnonzero(sims[r] == edge[r])[: part.shape[1] - len(above)]
+        part[r] = np.concatenate([above, tied])
+        top[r] = sims[r][part[r]]
+
+
 def masked_topk(queries: np.ndarray, gallery: np.ndarray, allowed: np.ndarray, k: int, block: int = 64) -> Neighbours:
     """Exact top-k among the allowed gallery rows only (a metadata filter, inside the search): k
     results whenever k rows are allowed, all of them when fewer; ties broken by index.
@@ -244,6 +256,7 @@ def masked_topk(queries: np.ndarray, gallery: np.ndarray, allowed: np.ndarray, k
             sims = sims[:, ids]  # the allowed columns, in index order, as gathered ones are
         part = np.argpartition(-sims, m - 1, axis=1)[:, :m]
         top = np.take_along_axis(sims, part, 1)
+        _lowest_on_the_edge(sims, part, top)
         chosen = np.take_along_axis(part, np.lexsort((part, -top), axis=1), 1)  # ties: lower index first
         idx[start : start + len(sims), :m] = ids[chosen]
         dist[start : start + len(sims), :m] = 1.0 - np.take_along_axis(sims, chosen, 1)

@@ -138,6 +138,7 @@ def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[Manifes
         nb = Neighbours(np.zeros((1, 0), np.int64), np.zeros((1, 0), np.float32))
     if nb is not None:
         reader = ThumbnailReader(cfg.store_dir / THUMBNAILS_FILE)
+        meta = load_metadata(cfg.store_dir, embedded)
         try:
             data["gallery"] = write_gallery_pages(
                 cfg.plots_dir / REPORT_DIR,
@@ -146,6 +147,7 @@ def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[Manifes
                 [r.index for r in embedded],
                 nb,
                 lambda i: reader[i],
+                None if meta is None else meta.json_values,
             )
         finally:
             reader.close()
@@ -219,23 +221,30 @@ def regrouped_neighbours(cfg: RunConfig, searcher: Searcher, groups: list[Duplic
     with summary.stage(f"neighbours ({how})"):
         searcher.dedup(groups if cfg.dedup else None)
         if cfg.group_by:
-            searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
+            if searcher.metadata is None:
+                searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
             group_by(cfg, searcher, summary)
-        nb = searcher.all_neighbours(cfg.top_k, first=first)
+        allowed = searcher.allowed(cfg.filter)
+        nb = searcher.all_neighbours(cfg.top_k, first=None if allowed is not None else first, allowed=allowed)
     if cfg.dedup and groups:
         summary.notes.append("--dedup: each duplicate group stands once in every neighbour list")
     return nb
 
 
 def gallery_neighbours(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> Neighbours:
-    """Every item's top-k (and the distance matrix when exact and small enough), with notes."""
+    """Every item's top-k (and the distance matrix when exact and small enough), with notes. With
+    --filter, every item's neighbours among the items the filter keeps (no matrix then)."""
     n = len(searcher.rows)
-    with_matrix = n <= cfg.max_matrix and not searcher.approximate
+    allowed = filtered_rows(cfg, searcher, summary)
+    with_matrix = n <= cfg.max_matrix and not searcher.approximate and allowed is None
     matrix = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy" if with_matrix else None
     with summary.stage("neighbours" + (" + distance matrix" if matrix else "")):
-        nb = searcher.all_neighbours(cfg.top_k, matrix_path=matrix)
+        nb = searcher.all_neighbours(cfg.top_k, matrix_path=matrix, allowed=allowed)
     summary.notes.append("neighbours: " + (searcher.describe() if searcher.approximate else "exact"))
-    if matrix:
+    if allowed is not None:
+        unlink_quietly(cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy")  # an earlier run's, of other neighbours
+        summary.notes.append("distance matrix not saved: --filter asks for neighbours among some items only")
+    elif matrix:
         summary.outputs["distance matrix"] = f"{matrix} (rows = manifest embedding_row)"
     elif searcher.approximate:
         summary.notes.append(
@@ -247,6 +256,22 @@ def gallery_neighbours(cfg: RunConfig, searcher: Searcher, summary: RunSummary) 
             f"{n} items > --max-matrix {cfg.max_matrix}: distance matrix not saved (neighbours were computed blockwise)"
         )
     return nb
+
+
+def filtered_rows(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> np.ndarray | None:
+    """--filter on a gallery run: the rows it keeps (the store's metadata loaded for it), counted
+    in the summary; None without a filter."""
+    if not cfg.filter:
+        return None
+    if searcher.metadata is None:
+        searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
+    allowed = searcher.allowed(cfg.filter)
+    assert allowed is not None
+    matching = int(allowed.sum())
+    summary.count("items matching the filter", matching)
+    summary.notes.append(f"--filter {cfg.filter!r}: every item's neighbours among the {matching:,} of "
+                         f"{len(allowed):,} items it keeps" + (" (none: the neighbour lists are empty)" if not matching else ""))
+    return allowed
 
 
 def write_duplicates(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> list[DuplicateGroup]:

@@ -229,6 +229,7 @@ def ranks_of_positives(
     positives: list[np.ndarray],
     exclude: np.ndarray | None = None,
     block: int = 512,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """1-based rank of the best-ranked positive for each query (ties: the positive counts as worse).
 
@@ -236,18 +237,28 @@ def ranks_of_positives(
         queries: float32 (Q, D), gallery: float32 (N, D), both L2-normalized.
         positives: per query, int array of gallery indices that are right answers.
         exclude: per query, a gallery index not to rank (the query itself), or -1.
+        groups: int (N,), --group-by: each gallery item's product. Ranks then count products,
+            each scored by its best item, and a product holding any positive is a right answer.
     """
     ranks = np.empty(len(queries), dtype=np.int64)
+    order = starts = None
+    if groups is not None:
+        order = np.argsort(groups, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(groups[order]) != 0])
+        dense = np.empty(len(groups), np.int64)
+        dense[order] = np.cumsum(np.r_[0, np.diff(groups[order]) != 0])  # group -> 0 .. G-1
     for s in range(0, len(queries), block):
         sims = queries[s : s + block] @ gallery.T
         for k in range(sims.shape[0]):
             qi = s + k
-            row = sims[k]
+            row, pos = sims[k], positives[qi]
             if exclude is not None and exclude[qi] >= 0:
                 row[exclude[qi]] = -np.inf
-            best = row[positives[qi]].max()
+            if order is not None:
+                row, pos = np.maximum.reduceat(row[order], starts), np.unique(dense[pos])
+            best = row[pos].max()
             # everything scoring at least as high as the best positive, other than positives
-            ahead = np.count_nonzero(row >= best) - np.count_nonzero(row[positives[qi]] >= best)
+            ahead = np.count_nonzero(row >= best) - np.count_nonzero(row[pos] >= best)
             ranks[qi] = ahead + 1
     return ranks
 
@@ -377,13 +388,16 @@ def embed_pass(
 
 
 def _person_to_garment(
-    queries: np.ndarray, q_rows: np.ndarray, garments: np.ndarray, g_rows: np.ndarray
+    queries: np.ndarray, q_rows: np.ndarray, garments: np.ndarray, g_rows: np.ndarray,
+    scope: EvaluationScope | None = None,
 ) -> dict[str, float]:
-    """Rank of each photo's own garment among the garments of all evaluated rows."""
+    """Rank of each photo's own garment among the garments of all evaluated rows (with --group-by,
+    of its product among the products)."""
     where = {int(r): k for k, r in enumerate(g_rows)}
     keep = [k for k, r in enumerate(q_rows) if int(r) in where]
     positives = [np.array([where[int(q_rows[k])]]) for k in keep]
-    return metrics_from_ranks(ranks_of_positives(queries[keep], garments, positives))
+    groups = scope.groups(g_rows) if scope is not None else None
+    return metrics_from_ranks(ranks_of_positives(queries[keep], garments, positives, groups=groups))
 
 
 def _spec_for(cfg: RunConfig, name: str) -> EmbedderSpec:
@@ -403,14 +417,79 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
     summary = RunSummary(mode="evaluate")
     id_column = cfg.evaluate.id_column
     backends = list(cfg.evaluate.backends) or ["onnx-int8" if cfg.embedder.resolve_backend() == "onnx" else "torch"]
+    scope = evaluation_scope(cfg, summary)  # a bad --filter / --group-by fails before anything is embedded
     segmenter = segmenter_factory(cfg) if cfg.use_segmentation and not id_column else None
     got = _embed_for_evaluation(cfg, summary, backends, segmenter)
+    if scope is not None:
+        got = scope.narrowed(got, backends)
     if id_column:
-        results = _same_product_metrics(got, backends, summary)
+        results = _same_product_metrics(got, backends, summary, scope)
     else:
-        results = _person_to_garment_metrics(got, backends, segmenter is not None, summary)
+        results = _person_to_garment_metrics(got, backends, segmenter is not None, summary, scope)
     _write_evaluation(cfg, summary, results)
     return summary
+
+
+@dataclass(frozen=True)
+class EvaluationScope:
+    """--filter and --group-by in --evaluate, from the dataset's metadata columns (keyed by
+    source_row): the rows the filter keeps are both the queries and the gallery searched; with
+    --group-by the ranks count products, each scored by its best item, and a hit on any item of
+    the right product counts."""
+
+    kept: np.ndarray | None  # bool, by source_row (None: every row)
+    product: np.ndarray | None  # int64 label, by source_row (None: no --group-by)
+
+    def narrowed(self, got: dict, backends: list[str]) -> dict:
+        """The embedded vectors of the rows the filter keeps."""
+        if self.kept is None:
+            return got
+        out: dict = {"ids": got["ids"]}
+        for name in backends:
+            out[name] = {}
+            for part, (vectors, rows) in got[name].items():
+                rows = np.asarray(rows, np.int64)
+                keep = (rows < len(self.kept)) & self.kept[np.minimum(rows, len(self.kept) - 1)]
+                out[name][part] = (vectors[keep], rows[keep])
+        return out
+
+    def groups(self, rows: np.ndarray) -> np.ndarray | None:
+        return None if self.product is None else self.product[np.asarray(rows, np.int64)]
+
+
+def evaluation_scope(cfg: RunConfig, summary: RunSummary) -> EvaluationScope | None:
+    """The rows and products an evaluation counts (EvaluationScope), read from the dataset's plain
+    columns; None without --filter and --group-by. FilterError / UsageError (exit 2) for a column
+    the dataset does not have."""
+    if not (cfg.filter or cfg.group_by):
+        return None
+    from .dataset import read_metadata
+    from .filters import Filter, FilterError
+    from .metadata import product_labels
+
+    table = read_metadata(cfg.dataset, cfg.meta_columns)
+    if table is None:
+        raise FilterError(f"--evaluate with --filter/--group-by: {cfg.dataset.name!r} has no metadata columns "
+                          "(a folder of images or a streamed dataset)")
+    source = np.asarray(table.column("source_row").to_numpy(), np.int64)
+    table = table.drop_columns(["source_row"])
+    size = int(source.max()) + 1 if len(source) else 0
+    kept = product = None
+    if cfg.filter:
+        kept = np.zeros(size, bool)
+        kept[source] = Filter.parse(cfg.filter, table.schema).mask(table)
+        summary.notes.append(f"--filter {cfg.filter!r}: {int(kept.sum()):,} of {len(source):,} rows evaluated "
+                             "(they are the queries and the gallery searched)")
+    if cfg.group_by:
+        if cfg.group_by not in table.column_names:
+            raise UsageError(f"--group-by: unknown column {cfg.group_by!r}; the dataset's columns are: "
+                             + ", ".join(table.column_names))
+        labels, missing = product_labels(table.column(cfg.group_by))
+        product = np.full(size, -1, np.int64)
+        product[source] = labels
+        summary.notes.append(f"--group-by {cfg.group_by}: ranks count products (each scored by its best item)"
+                             + (f"; {missing:,} row(s) without a value stand alone" if missing else ""))
+    return EvaluationScope(kept, product)
 
 
 def _embed_for_evaluation(
@@ -443,10 +522,12 @@ def _embed_for_evaluation(
             raise
 
 
-def _same_product_metrics(got: dict, backends: list[str], summary: RunSummary) -> dict[str, dict]:
+def _same_product_metrics(got: dict, backends: list[str], summary: RunSummary,
+                          scope: EvaluationScope | None = None) -> dict[str, dict]:
     """Per backend, the rank of each photo's best-ranked other photo of the same product among all
     photos but itself; photos whose product has no other are skipped (and counted in a note)."""
     q_rows = got[backends[0]]["photos"][1]  # the same rows for every backend
+    groups = scope.groups(q_rows) if scope is not None else None
     ids = np.array([got["ids"][int(r)] for r in q_rows])
     positives, keep = [], []
     for i in range(len(ids)):
@@ -462,12 +543,13 @@ def _same_product_metrics(got: dict, backends: list[str], summary: RunSummary) -
     for backend in backends:
         q = got[backend]["photos"][0]
         results.setdefault("same-product", {})[backend] = metrics_from_ranks(
-            ranks_of_positives(q[keep_arr], q, positives, exclude=keep_arr)
+            ranks_of_positives(q[keep_arr], q, positives, exclude=keep_arr, groups=groups)
         )
     return results
 
 
-def _person_to_garment_metrics(got: dict, backends: list[str], segmented: bool, summary: RunSummary) -> dict[str, dict]:
+def _person_to_garment_metrics(got: dict, backends: list[str], segmented: bool, summary: RunSummary,
+                               scope: EvaluationScope | None = None) -> dict[str, dict]:
     """Per backend, the rank of each photo's own garment (and, segmented, of its first person's)."""
     task = "person->garment"
     q_rows = got[backends[0]]["photos"][1]  # the same rows for every backend
@@ -475,10 +557,11 @@ def _person_to_garment_metrics(got: dict, backends: list[str], segmented: bool, 
     for backend in backends:
         q = got[backend]["photos"][0]
         g, g_rows = got[backend]["garments"]
-        results.setdefault(task, {})[backend] = _person_to_garment(q, q_rows, g, g_rows)
+        results.setdefault(task, {})[backend] = _person_to_garment(q, q_rows, g, g_rows, scope)
         if segmented:
             c, c_rows = got[backend]["crops"]
-            results.setdefault(task + " (segmented person)", {})[backend] = _person_to_garment(c, c_rows, g, g_rows)
+            results.setdefault(task + " (segmented person)", {})[backend] = _person_to_garment(
+                c, c_rows, g, g_rows, scope)
     if segmented:
         summary.notes.append(f"segmented: {len(got[backends[0]]['crops'][1])} of {len(q_rows)} photos had a person")
     return results
@@ -487,7 +570,8 @@ def _person_to_garment_metrics(got: dict, backends: list[str], segmented: bool, 
 def _write_evaluation(cfg: RunConfig, summary: RunSummary, results: dict[str, dict]) -> None:
     """evaluation.json, evaluation.png, the table in the printed summary and the report's section."""
     cfg.plots_dir.mkdir(parents=True, exist_ok=True)
-    report = {"dataset": cfg.dataset.name, "split": cfg.dataset.split, "limit": cfg.dataset.limit, "results": results}
+    report = {"dataset": cfg.dataset.name, "split": cfg.dataset.split, "limit": cfg.dataset.limit,
+              "filter": cfg.filter, "group_by": cfg.group_by, "results": results}
     path = cfg.plots_dir / "evaluation.json"
     atomic_write_text(path, json.dumps(report, indent=2))
     plot = cfg.plots_dir / "evaluation.png"

@@ -11,6 +11,7 @@ a segmenter each person in it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import threading
@@ -26,7 +27,7 @@ from .duplicates import DuplicateGroup, keep_one_per_group, representatives
 from .errors import UsageError
 from .filters import FilterError
 from .index import GalleryIndex, ensure_index, load_index
-from .metadata import Metadata
+from .metadata import Metadata, product_labels
 from .persons import Segmenter, person_crops
 from .retrieval import Neighbours, masked_topk, topk_neighbours
 from .store import ManifestRow
@@ -94,6 +95,8 @@ class Searcher:
         self._subsets_lock = threading.Lock()
         self._copies: np.ndarray | None = None  # --dedup: each row's duplicate group's first row
         self._product: np.ndarray | None = None  # --group-by: each row's value of the column, as a number
+        self.grouped_by: str | None = None  # the --group-by column
+        self._views: dict[str | None, Searcher] = {}  # grouped(): this searcher by other columns
 
     def allowed(self, filter_text: str | None) -> np.ndarray | None:
         """bool (N,): the rows a metadata filter keeps (None: no filter). FilterError (exit 2) for a
@@ -111,6 +114,7 @@ class Searcher:
         """--dedup: from now on every answer shows one photo per duplicate group (the best-ranked,
         with its own distance), and a photo's own copies are not its neighbours. None: all again."""
         self._copies = representatives(groups, len(self.embeddings)) if groups else None
+        self._views = {}
         self._regroup()
 
     def group_by(self, column: str | None) -> int:
@@ -119,24 +123,35 @@ class Searcher:
         neighbours are never other photos of its product. Items without a value stand alone.
         Returns how many items had no value. UsageError for a column the store does not keep."""
         if column is None:
-            self._product = None
+            self._product, self.grouped_by = None, None
             self._regroup()
             return 0
-        import pyarrow.compute as pc
-
         if self.metadata is None or column not in self.metadata.columns:
             kept = "none (the store keeps no metadata)"
             if self.metadata is not None:
                 kept = ", ".join(self.metadata.columns)
             raise UsageError(f"--group-by: unknown column {column!r}; the catalogue's columns are: {kept}")
-        values = self.metadata.table.column(column)
-        codes = np.asarray(pc.dictionary_encode(values).combine_chunks().indices.to_numpy(zero_copy_only=False))
-        missing = np.asarray(values.is_null().to_numpy(zero_copy_only=False), bool)
-        n_codes = int(codes[~missing].max()) + 1 if (~missing).any() else 0
-        labels = np.where(missing, n_codes + np.arange(len(codes)), codes)  # no value: a product of its own
-        self._product = labels.astype(np.int64)
+        self._product, missing = product_labels(self.metadata.table.column(column))
+        self.grouped_by = column
+        self._views = {}
         self._regroup()
-        return int(missing.sum())
+        return missing
+
+    def grouped(self, column: str | None) -> Searcher:
+        """This searcher with another --group-by column (None: each photo), as a copy that shares
+        the vectors, index and metadata (a request's own grouping, leaving this one as it is).
+        Copies are kept per column. UsageError for a column the store does not keep."""
+        if column == self.grouped_by:
+            return self
+        with self._subsets_lock:
+            found = self._views.get(column)
+        if found is None:
+            found = copy.copy(self)
+            found._views = {}  # a view of a view is asked of the original
+            found.group_by(column)
+            with self._subsets_lock:
+                found = self._views.setdefault(column, found)
+        return found
 
     def _regroup(self) -> None:
         """group_of from the duplicate groups and the --group-by column: items joined by either are one."""
@@ -235,17 +250,40 @@ class Searcher:
         if self.index is None:
             return topk_neighbours(queries, self.embeddings, k)
         if not self.index.on_gpu:
-            return self.index.search(queries, k)
-        with self._gpu_lock:
-            return self.index.search(queries, k)
+            nb = self.index.search(queries, k)
+        else:
+            with self._gpu_lock:
+                nb = self.index.search(queries, k)
+        return self._filled(nb, queries, k)
 
-    def all_neighbours(self, k: int, matrix_path: Path | None = None, first: Neighbours | None = None) -> Neighbours:
+    def _filled(self, nb: Neighbours, queries: np.ndarray, k: int, own: np.ndarray | None = None) -> Neighbours:
+        """An approximate answer's rows that came back short (an IVF probe that found fewer than k,
+        a -1 where the catalogue has more) are searched exactly, so a -1 always means "nothing
+        more to find". own: each query's own row, when it must not be its own neighbour."""
+        want = min(k, len(self.embeddings) - (own is not None))
+        short = np.nonzero((nb.indices >= 0).sum(axis=1) < want)[0]
+        if not len(short) or not self.approximate:
+            return nb
+        if own is None:
+            redo = topk_neighbours(queries[short], self.embeddings, k)
+        else:
+            redo = topk_neighbours(queries[short], self.embeddings, k + 1)
+            keep = redo.indices != own[short][:, None]
+            order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # its own row dropped, the order kept
+            redo = Neighbours(np.take_along_axis(redo.indices, order, 1), np.take_along_axis(redo.distances, order, 1))
+        nb.indices[short], nb.distances[short] = redo.indices, redo.distances
+        return nb
+
+    def all_neighbours(self, k: int, matrix_path: Path | None = None, first: Neighbours | None = None,
+                       allowed: np.ndarray | None = None) -> Neighbours:
         """Every item's top-k other items. matrix_path: also write the N x N distance matrix
-        (exact search only: an approximate index never computes it). first: with --dedup or
-        --group-by, the plain answer already computed (only the rows it leaves short are asked
-        again)."""
+        (exact search only: an approximate index never computes it; not with allowed). first: with
+        --dedup or --group-by, the plain answer already computed (only the rows it leaves short are
+        asked again). allowed: bool (N,), a --filter's rows: every item's neighbours among them."""
+        n = len(self.embeddings)
+        if allowed is not None:
+            return self.item_neighbours(np.arange(n), k, allowed)
         if self.group_of is not None:
-            n = len(self.embeddings)
 
             def ask(m: int, which: np.ndarray) -> Neighbours:
                 if len(which) == n:
@@ -309,7 +347,8 @@ class Searcher:
     def _all_neighbours(self, k: int, matrix_path: Path | None) -> Neighbours:
         if self.approximate:
             assert self.index is not None
-            return self.index.all_neighbours(k)
+            n = len(self.embeddings)
+            return self._filled(self.index.all_neighbours(k), self.embeddings, k, own=np.arange(n))
         e = self.embeddings
         return topk_neighbours(e, e, k, exclude_self=True, matrix_path=matrix_path, device=self.device)
 
@@ -317,26 +356,27 @@ class Searcher:
               c: int = RRF_C) -> Neighbours:
         """Reciprocal-rank fusion (Cormack et al., 2009): one ranking from several query vectors'
         result lists (float32 (L, D)), each item scored sum(1 / (c + rank)) over the lists it is in
-        within `depth`; returned with its smallest distance to any of the queries. Ties: lower row."""
+        within `depth`; returned with its smallest distance to any of the queries. Ties: lower row.
+        With --dedup / --group-by a group is scored over the lists whichever of its photos each
+        list shows, and is shown by its photo nearest to a query."""
         depth = max(depth, k)
         nb = self.neighbours(lists, depth, allowed)
+        # with --dedup / --group-by each list holds one photo per group, not always the same photo:
+        # a group's score sums over the lists, shown by its photo nearest to any of the queries
+        group = self.group_of
         score: dict[int, float] = {}
-        near: dict[int, float] = {}
+        near: dict[int, tuple[float, int]] = {}
         for q in range(len(lists)):
             for r, (j, d) in enumerate(zip(nb.indices[q].tolist(), nb.distances[q].tolist())):
                 if j >= 0:
-                    score[j] = score.get(j, 0.0) + 1.0 / (c + r + 1)
-                    near[j] = min(near.get(j, np.inf), d)
-        order = sorted(score, key=lambda j: (-score[j], j))
-        if self.group_of is not None:  # each list kept one photo per group; the fused list keeps one too
-            labels = self.group_of[np.asarray(order, np.int64)] if order else np.zeros(0, np.int64)
-            _, first_of = np.unique(labels, return_index=True)
-            order = [order[i] for i in sorted(first_of.tolist())]
-        order = order[:k]
+                    key = int(group[j]) if group is not None else j
+                    score[key] = score.get(key, 0.0) + 1.0 / (c + r + 1)
+                    near[key] = min(near.get(key, (np.inf, j)), (d, j))
+        order = sorted(score, key=lambda g: (-score[g], near[g][1]))[:k]
         idx = np.full((1, k), -1, np.int64)
         dist = np.full((1, k), np.inf, np.float32)
-        idx[0, : len(order)] = order
-        dist[0, : len(order)] = [near[j] for j in order]
+        idx[0, : len(order)] = [near[g][1] for g in order]
+        dist[0, : len(order)] = [near[g][0] for g in order]
         return Neighbours(idx, dist)
 
     def hits(self, nb: Neighbours, q: int) -> list[Hit]:

@@ -13,7 +13,6 @@ on serving.
 # --serve).
 import errno
 import logging
-import math
 import os
 import signal
 import socket
@@ -29,9 +28,10 @@ from PIL import Image
 from .catalog import Catalog
 from .config import RunConfig, onnx_fallback
 from .errors import PipelineError, UsageError
-from .filters import FilterError, column_kind
+from .filters import column_kind
 from .galleries import open_catalog
 from .images import ImageDecodeError, encode_jpeg
+from .metadata import json_value
 from .report import RunSummary
 from .searcher import Hit
 
@@ -71,26 +71,27 @@ class SearchService:
         """row: the embedding row (the thumbnail's number); line: the manifest line."""
         return [
             {"rank": h.rank, "row": h.row, "file": h.file, "line": h.line, "distance": round(h.distance, 6),
-             "meta": {k: _json_value(v) for k, v in h.meta.items()}}
+             "meta": {k: json_value(v) for k, v in h.meta.items()}}
             for h in hits
         ]
 
-    def text(self, text: str, k: int, filter: str | None = None) -> list[dict[str, Any]]:
-        return self.as_json(self.catalog.search_text(text, k, filter=filter))
+    def text(self, text: str, k: int, filter: str | None = None, group_by: str | None = None) -> list[dict[str, Any]]:
+        return self.as_json(self.catalog.search_text(text, k, filter=filter, group_by=group_by))
 
     def image(self, data: bytes, name: str, k: int, segment: bool, filter: str | None = None,
-              text: str = "") -> list[dict[str, Any]]:
+              text: str = "", group_by: str | None = None) -> list[dict[str, Any]]:
         """An uploaded picture's queries: the picture, or each person in it; with a text, the picture
-        and the text as one query (--fusion, --text-weight). Raises ImageDecodeError, and
-        UsageError for segment=True on a server that does not segment."""
+        and the text as one query (--fusion, --text-weight). group_by: None the server's
+        --group-by, "" each photo, or a column. Raises ImageDecodeError, and UsageError for
+        segment=True on a server that does not segment (or a column it does not keep)."""
         if segment and not self.can_segment:
             raise UsageError(NO_SEGMENTER)
         if text:
             q = self.cfg.query
             found = self.catalog.search_combined(data, [text], (), k, q.fusion, q.text_weight, segment=segment,
-                                                 name=name, filter=filter)
+                                                 name=name, filter=filter, group_by=group_by)
         else:
-            found = self.catalog.search_image(data, k, segment=segment, name=name, filter=filter)
+            found = self.catalog.search_image(data, k, segment=segment, name=name, filter=filter, group_by=group_by)
         said = f" + “{text}”" if text else ""
         return [{"label": q.label + said, "results": self.as_json(q.hits)} for q in found]
 
@@ -144,13 +145,6 @@ def both_filters(server: str | None, client: str | None) -> str | None:
     """The server's --filter and a client's, both applying: a client narrows, never widens."""
     parts = [f for f in (server, client) if f and f.strip()]
     return " AND ".join(f"({f})" for f in parts) or None
-
-
-def _json_value(v: Any) -> Any:
-    """A metadata value as JSON has it (dates as ISO text)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # JSON has no NaN
-    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
 
 
 def filter_controls(catalog: Catalog, most_values: int = 40) -> list[dict[str, Any]]:
@@ -221,6 +215,7 @@ def _add_page_endpoints(app, service: SearchService) -> None:
             "report": (cfg.plots_dir / "report.html").is_file(),
             "segment": service.can_segment,
             "columns": filter_controls(catalog),
+            "group_by": catalog.searcher.grouped_by,  # the page's default; a query may choose another
         }
 
 
@@ -235,6 +230,7 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         text: str
         k: int = cfg.top_k
         filter: str | None = None
+        group_by: str | None = None  # None: the server's --group-by; "": each photo; else a column
 
     def timed(fn):
         t = time.perf_counter()
@@ -258,13 +254,14 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         k = check_k(query.k)
         try:
             asked = both_filters(cfg.filter, query.filter)
-            return {"query": words, "results": timed(lambda: service.text(words, k, asked))}
-        except FilterError as e:  # the filter is parsed, checked and never run as code
+            return {"query": words, "results": timed(lambda: service.text(words, k, asked, query.group_by))}
+        except UsageError as e:  # the filter is parsed, checked and never run as code; an unknown column
             raise HTTPException(422, str(e)) from None
 
     @app.post("/api/image")
     def image(file: UploadFile = File(...), segment: bool = Form(False), k: int = Form(cfg.top_k),
-              filter: str = Form(""), text: str = Form("")) -> dict[str, Any]:
+              filter: str = Form(""), text: str = Form(""),
+              group_by: str | None = Form(None)) -> dict[str, Any]:
         check_k(k)
         if segment and not service.can_segment:
             raise HTTPException(422, NO_SEGMENTER)
@@ -277,9 +274,9 @@ def _add_query_endpoints(app, service: SearchService) -> None:
             words = text.strip()[:MAX_TEXT_CHARS]
             asked = both_filters(cfg.filter, filter)
             found = timed(lambda: service.image(data, file.filename or "upload", k, segment, asked,
-                                                words))
+                                                words, group_by))
             return {"queries": found}
-        except FilterError as e:
+        except UsageError as e:  # a bad filter or group-by column (segment was checked above)
             raise HTTPException(422, str(e)) from None
         except ImageDecodeError as e:
             status = 413 if ("refused" in str(e) or "bomb" in str(e)) else 415

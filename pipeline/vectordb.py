@@ -98,14 +98,23 @@ def export_table(embeddings: np.ndarray, rows: Sequence[ManifestRow], meta: Meta
     if meta is not None:
         taken = meta.table.take(pa.array(order, pa.int64()))
         for name in taken.column_names:
-            if name not in columns:
-                columns[name] = taken.column(name)
+            columns[exported_name(name)] = taken.column(name)
     vectors = np.ascontiguousarray(embeddings[order], np.float32)
     table = pa.table(columns)
     digests = [_digest(vectors[i], table.slice(i, 1).to_pylist()[0]) for i in range(len(order))]
     table = table.append_column("digest", pa.array(digests))
     flat = pa.array(vectors.ravel(), pa.float32())
     return table.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
+
+
+OWN_COLUMNS = frozenset({"key", "file", "source_row", "person", "digest", "vector", "embedding"})
+
+
+def exported_name(column: str) -> str:
+    """A metadata column's name in the export: its own, or `meta_<name>` where the export uses the
+    name itself (a catalogue column called `file` or `vector`), so that no value is lost."""
+    return f"meta_{column}" if column in OWN_COLUMNS or column.startswith("meta_") and column[5:] in OWN_COLUMNS \
+        else column
 
 
 def _digest(vector: np.ndarray, values: dict[str, Any]) -> str:
@@ -115,9 +124,16 @@ def _digest(vector: np.ndarray, values: dict[str, Any]) -> str:
 
 
 def _check_identity(target: ExportTarget, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The export's record, or None for a new one; another embedder's export is refused."""
+    """The export's record, or None for a new one; another embedder's export is refused, and so is
+    a folder that holds data but no record (not made by --export: nothing there is overwritten)."""
     path = target.folder / EXPORT_FILE
     if not path.is_file():
+        if target.folder.is_dir() and any(target.folder.iterdir()):
+            raise PipelineError(
+                f"{target.folder} already holds files but no {EXPORT_FILE}: it was not made by --export (or by an "
+                "earlier version of it), and nothing there is overwritten or added to. Export to a new folder, or "
+                "remove this one first"
+            )
         return None
     record = json.loads(path.read_text())
     if record.get("identity") != identity:
@@ -135,20 +151,24 @@ def export_store(target: ExportTarget, embeddings: np.ndarray, rows: Sequence[Ma
     table = export_table(embeddings, rows, meta)
     record = _check_identity(target, identity)
     target.folder.mkdir(parents=True, exist_ok=True)
+    if record is None:  # claimed before the first write: an interrupted first export is finished by the next
+        record = {"identity": identity, "store_sha256": "", "kind": target.kind, "rows": 0, "dim": 0}
+        atomic_write_text(target.folder / EXPORT_FILE, json.dumps(record, indent=2, sort_keys=True))
+        record["new"] = True
     writer: Any = {"lancedb": _LanceDB, "qdrant": _Qdrant, "parquet": _Parquet}[target.kind](target.folder)
-    before = writer.digests() if record is not None else {}
+    before = writer.digests()
     now = dict(zip(table.column("key").to_pylist(), table.column("digest").to_pylist()))
     removed = [k for k in before if k not in now]
     changed = [k for k, d in now.items() if k in before and before[k] != d]
     added = [k for k in now if k not in before]
     try:
-        if removed or changed or added or record is None:
+        if removed or changed or added or record.get("new"):
             writer.apply(table, removed + changed, set(changed) | set(added))
     finally:
         close = getattr(writer, "close", None)
         if close is not None:
             close()
-    if removed or changed or added or record is None:
+    if removed or changed or added or record.get("new") or record.get("store_sha256") != store_sha256:
         atomic_write_text(target.folder / EXPORT_FILE, json.dumps(
             {"identity": identity, "store_sha256": store_sha256, "kind": target.kind, "rows": len(now),
              "dim": int(embeddings.shape[1]) if embeddings.ndim == 2 else 0}, indent=2, sort_keys=True))

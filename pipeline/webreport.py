@@ -93,7 +93,8 @@ class Section:
 
 
 def write_gallery_pages(
-    folder: Path, section_id: str, files: Sequence[str], rows: Sequence[int], neighbours: Any, thumbnail: Any
+    folder: Path, section_id: str, files: Sequence[str], rows: Sequence[int], neighbours: Any, thumbnail: Any,
+    meta: Any = None,
 ) -> dict[str, Any]:
     """A gallery's items as data pages and thumbnail sprites.
 
@@ -102,6 +103,7 @@ def write_gallery_pages(
         files, rows: per embedded item (embedding order), its file name and manifest line.
         neighbours: retrieval.Neighbours of the gallery (top-k other items per item).
         thumbnail: item -> uint8 (T, T, 3).
+        meta: item -> its metadata values, JSON-ready (metadata.Metadata.json_values), or None.
     Returns:
         the section's gallery data: item count, page count, k, and where the pages are.
     """
@@ -121,7 +123,10 @@ def write_gallery_pages(
                 for j, d in zip(neighbours.indices[i], neighbours.distances[i])
                 if j >= 0
             ]
-            items.append({"i": i, "file": files[i], "row": int(rows[i]), "nb": nb})
+            item = {"i": i, "file": files[i], "row": int(rows[i]), "nb": nb}
+            if meta is not None:
+                item["meta"] = meta(i)
+            items.append(item)
             nearest.append(nb[0][1] if nb else None)
         atomic_write_text(out / f"page_{p:04d}.js", _js("page", {"section": section_id, "page": p, "items": items}))
         sprite = Image.new(

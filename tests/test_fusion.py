@@ -104,3 +104,27 @@ def test_the_cli_makes_one_query_per_picture(tiny_onnx, tmp_path):
         assert len(lines) == 6
     assert run("--dataset", data, "--onnx", tiny_onnx, "--output-dir", out, "--query-text", "red",
                "--negative-text", "blue") == 2
+
+
+def test_rank_fusion_scores_a_product_over_the_lists_whichever_photo_each_shows():
+    """Product A's two photos each lead one list (a1 for the first query, a2 for the second), B is
+    second in both. Fused per photo, A would score once (1/61) and lose to B (2/62); per product it
+    scores 2/61 and leads, shown by its photo nearest to a query."""
+    import pyarrow as pa
+
+    from pipeline.metadata import Metadata
+    from pipeline.searcher import Searcher
+
+    def at(deg: float) -> np.ndarray:
+        return np.array([np.cos(np.deg2rad(deg)), np.sin(np.deg2rad(deg))], np.float32)
+
+    photos = np.stack([at(0), at(90), at(45)])  # a1, a2, b1
+    searcher = Searcher(photos, [None] * 3)
+    searcher.metadata = Metadata(pa.table({"item": ["A", "A", "B"]}))
+    queries = np.stack([at(-10), at(100)])
+    # lists two deep: the first query's is a1, b1; the second's a2, b1
+    assert searcher.fused(queries, 2, depth=2).indices[0].tolist() == [2, 0]  # each photo: B first
+    searcher.group_by("item")
+    fused = searcher.fused(queries, 2, depth=2)
+    assert fused.indices[0].tolist() == [0, 2]  # A (a1: 10 degrees from a query, as a2 is; lower row) then B
+    assert fused.distances[0][0] == pytest.approx(1 - np.cos(np.deg2rad(10)), abs=1e-6)

@@ -494,3 +494,25 @@ def test_an_index_built_for_faiss_gpu_is_updated_too(catalogue, monkeypatch, tmp
     gi = load_index(tmp_path, after, "new")
     np.testing.assert_array_equal(held_ids(gi.index), np.arange(len(after)))
     assert gi.info.recall_at_10 >= TARGET_RECALL
+
+
+def test_rows_an_ivf_probe_leaves_short_are_searched_exactly(vectors, monkeypatch):
+    """nprobe 1 and k larger than a list: the index alone answers with -1s although the catalogue
+    has more; the searcher fills those rows by exact search, so a -1 always means nothing more."""
+    from pipeline.searcher import Searcher
+
+    monkeypatch.setitem(index_module.KNOBS, "ivfpq", ("nprobe", (1,)))
+    gi = build_index(vectors, "ivfpq", store_sha256="s")
+    queries = vectors[:50]
+    k = 400
+    raw = gi.search(queries, k)
+    short = (raw.indices < 0).any(axis=1)
+    assert short.any()  # the case exists
+    searcher = Searcher(vectors, [None] * len(vectors), gi)  # rows are not read by neighbours
+    nb = searcher.neighbours(queries, k)
+    assert (nb.indices >= 0).all()
+    exact = topk_neighbours(queries[short], vectors, k)
+    assert np.array_equal(nb.indices[short], exact.indices)
+    assert np.array_equal(nb.indices[~short], raw.indices[~short])  # the index's own answer where it filled
+    items = searcher.item_neighbours(np.arange(5), 30)
+    assert (items.indices >= 0).all() and not (items.indices == np.arange(5)[:, None]).any()

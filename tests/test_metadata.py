@@ -14,6 +14,7 @@ import pytest
 
 import main as cli
 from pipeline import Catalog
+from pipeline.errors import CacheMismatchError
 from pipeline.retrieval import topk_neighbours
 from tests import assets
 from tests.helpers import run
@@ -153,6 +154,15 @@ def test_an_update_keeps_the_metadata_current(tiny_onnx, tmp_path):
     assert table.column("price").to_pylist()[3] == 1.5
     hits = Catalog.open(out).search_vectors(Catalog.open(out).embeddings[3], k=5, filter="price < 2")[0]
     assert [h.source_row for h in hits] == [3]
+    # a table left from before an update's switch (stamped with another store) is refused, and the
+    # update run again rewrites it
+    path = out / "embeddings" / "metadata.parquet"
+    old = pq.read_table(path)
+    pq.write_table(old.replace_schema_metadata({b"fashion.manifest_sha256": b"0" * 64}), path)
+    with pytest.raises(CacheMismatchError, match="written for another version of the store .* --update again"):
+        Catalog.open(out)
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    assert Catalog.open(out).searcher.metadata.values(3)["price"] == 1.5
 
 
 def test_the_search_page_filters_with_controls_built_from_the_columns(built, tiny_onnx, browser, tmp_path):
@@ -259,3 +269,150 @@ def test_items_without_a_value_stand_alone(tiny_onnx, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(args(data, tiny_onnx, out, "--use-embeddings", "--group-by", "item_id")) == 0
     assert "2 item(s) have no value there; each stands as a product of its own" in capsys.readouterr().out
+
+
+def test_the_gallery_run_filters_every_items_neighbours(built, tiny_onnx, capsys):
+    """--filter on a gallery run: every item's neighbours among the items the filter keeps (the
+    exact top-k over them, the item itself never), with --group-by too."""
+    data, out = built
+    capsys.readouterr()
+    text = "category IN ('dress', 'coat') AND price < 120"
+    assert cli.main(args(data, tiny_onnx, out, "--use-embeddings", "--filter", text, "--top-k", "4")) == 0
+    said = capsys.readouterr().out
+    truth = shop()
+    keep = np.array([c in ("dress", "coat") and p < 120 for c, p in zip(truth["category"], truth["price"])])
+    assert f"every item's neighbours among the {int(keep.sum())} of 40 items it keeps" in said
+    with open(out / "retrieval_results" / "neighbours.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    cat = Catalog.open(out)
+    row_of = {r.file: j for j, r in enumerate(cat.searcher.rows)}
+    for item in range(N):
+        shown = [row_of[r["neighbour_file"]] for r in lines if r["query_file"] == f"img_{item:05d}.jpg"]
+        others = keep.copy()
+        others[item] = False
+        assert shown == brute_force(cat, cat.embeddings[item], others, 4)
+    assert not (out / "outputs" / "distance_matrix.npy").exists()  # all-pairs distances of other neighbours
+    assert cli.main(args(data, tiny_onnx, out, "--use-embeddings", "--filter", "category = 'dress'",
+                         "--group-by", "item_id", "--top-k", "3")) == 0
+    with open(out / "retrieval_results" / "neighbours.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    product = {f"img_{i:05d}.jpg": truth["item_id"][i] for i in range(N)}
+    for query in {r["query_file"] for r in lines}:
+        shown = [r["neighbour_file"] for r in lines if r["query_file"] == query]
+        assert len(shown) == 3 and all(truth["category"][row_of[f]] == "dress" for f in shown)
+        assert len({product[f] for f in shown}) == 3 and product[query] not in {product[f] for f in shown}
+
+
+def test_a_gallery_runs_filter_is_checked_before_anything_is_embedded(tiny_onnx, tmp_path, capsys):
+    data = write_shop(tmp_path / "shop", n=6)
+    out = tmp_path / "out"
+    code = cli.main(args(data, tiny_onnx, out, "--filter", "size = 'M'"))
+    err = capsys.readouterr().err
+    assert code == 2 and "--filter: unknown column 'size'" in err and "category, colour, price" in err
+    assert not (out / "embeddings" / "embeddings.npy").exists()
+    code = cli.main(args(data, tiny_onnx, out, "--filter", "price <"))
+    assert code == 2 and "expected a value" in capsys.readouterr().err
+
+
+def test_the_report_shows_each_items_metadata(built, tiny_onnx, browser):
+    from selenium.webdriver.common.by import By
+
+    from tests.test_webreport import console_errors, wait
+
+    data, out = built
+    assert run(*args(data, tiny_onnx, out, "--use-embeddings")) == 0
+    browser.get((out / "outputs" / "report.html").as_uri())
+    wait(browser, "document.querySelectorAll('[data-role=grid] .tile').length > 0")
+    browser.find_elements(By.CSS_SELECTOR, "[data-role=grid] .tile")[7].click()
+    wait(browser, "document.querySelector('[data-role=meta]') !== null")
+    shown = browser.execute_script(
+        "const d = document.querySelector('[data-role=meta]');"
+        "return [...d.querySelectorAll('dt')].map((t, i) => [t.textContent, d.querySelectorAll('dd')[i].textContent])")
+    assert dict(shown) == {k: str(v[7]) for k, v in shop().items()}
+    assert not console_errors(browser)
+
+
+def test_group_by_per_query_in_the_api_and_on_the_page(built, tiny_onnx, browser, tmp_path):
+    """A query chooses its own grouping (the API's group_by, the page's "One result per" menu),
+    leaving the server's and other queries' as they are."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from pipeline.config import config_from_flags
+    from pipeline.serve import SearchService
+    from tests.test_serve import serving
+    from tests.test_webreport import console_errors, wait
+
+    _, out = built
+    cat = Catalog.open(out)
+    grouped = cat.search_vectors(cat.embeddings[3], k=6, group_by="item_id")[0]
+    assert len({h.meta["item_id"] for h in grouped}) == 6
+    assert cat.searcher.grouped_by is None and len(cat.search_vectors(cat.embeddings[3], k=40)[0]) == 40
+    assert cat.neighbours(3, k=4, group_by="item_id")[0].meta["item_id"] != "P001"  # never its own product
+    cfg = config_from_flags(vars(cli.build_parser().parse_args(
+        ["--onnx", str(tiny_onnx), "--output-dir", str(out), "--serve", "--top-k", "8", "--group-by", "item_id"])))
+    with serving(SearchService.load(cfg)) as url:
+        assert httpx.get(url + "/api/info").json()["group_by"] == "item_id"
+        by_server = httpx.post(url + "/api/text", json={"text": "a coat", "k": 8}).json()["results"]
+        by_photo = httpx.post(url + "/api/text", json={"text": "a coat", "k": 8, "group_by": ""}).json()["results"]
+        assert len({r["meta"]["item_id"] for r in by_server}) == 8
+        assert len({r["meta"]["item_id"] for r in by_photo}) < 8  # two photos a product: some come together
+        bad = httpx.post(url + "/api/text", json={"text": "a coat", "group_by": "size"})
+        assert bad.status_code == 422 and "--group-by: unknown column 'size'" in bad.json()["detail"]
+        browser.get(url + "/")
+        wait(browser, "document.querySelectorAll('#group-by option').length === 6")
+        assert Select(browser.find_element(By.ID, "group-by")).first_selected_option.text == "item_id"
+        Select(browser.find_element(By.ID, "group-by")).select_by_visible_text("photo")
+        browser.find_element(By.ID, "text").send_keys("a coat")
+        browser.find_element(By.ID, "text-go").click()
+        wait(browser, "document.querySelectorAll('#results .tile[data-file]').length === 8")
+        files = browser.execute_script("return [...document.querySelectorAll('#results .tile[data-file]')]"
+                                       ".map(t => t.dataset.file)")
+        assert files == [r["file"] for r in by_photo]
+        Select(browser.find_element(By.ID, "group-by")).select_by_visible_text("category")
+        browser.find_element(By.ID, "text-go").click()
+        wait(browser, "document.querySelectorAll('#results .tile[data-file]').length === 4")  # four categories
+        browser.save_screenshot(str(tmp_path / "grouped.png"))
+        assert not console_errors(browser)
+
+
+def test_shards_that_disagree_on_a_columns_type_or_lack_one(tmp_path):
+    """Shards written apart: an int32 and an int64 price are one int64 column, a shard without a
+    column gives nulls there; a text in one and a number in another is a clear refusal."""
+    import pyarrow as pa
+
+    from pipeline.dataset import DatasetSpec, read_metadata
+    from pipeline.errors import PipelineError
+
+    def shard(folder: Path, name: str, **columns) -> None:
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        n = len(next(iter(columns.values())))
+        image = pa.array([{"bytes": assets.jpeg_bytes(16, 16, seed=i), "path": None} for i in range(n)])
+        pq.write_table(pa.table({"image": image, **columns}), folder / "data" / name)
+
+    good = tmp_path / "good"
+    shard(good, "train-00000-of-00002.parquet", price=pa.array([1, 2], pa.int32()), colour=pa.array(["red", "tan"]))
+    shard(good, "train-00001-of-00002.parquet", price=pa.array([3], pa.int64()))
+    table = read_metadata(DatasetSpec(name=str(good)))
+    assert table.column("source_row").to_pylist() == [0, 1, 2]
+    assert table.column("price").to_pylist() == [1, 2, 3] and str(table.schema.field("price").type) == "int64"
+    assert table.column("colour").to_pylist() == ["red", "tan", None]
+    bad = tmp_path / "bad"
+    shard(bad, "train-00000-of-00002.parquet", size=pa.array(["M", "L"]))
+    shard(bad, "train-00001-of-00002.parquet", size=pa.array([40], pa.int64()))
+    with pytest.raises(PipelineError, match="disagree on a metadata column's type .* --meta-columns"):
+        read_metadata(DatasetSpec(name=str(bad)))
+
+
+def test_a_dataset_column_named_source_row_is_not_taken_for_the_key(tiny_onnx, tmp_path, capsys):
+    cells = [assets.jpeg_bytes(40, 56, seed=800 + i) for i in range(4)]
+    data = assets.write_parquet_dataset(tmp_path / "shop", cells, extra={"source_row": [9, 8, 7, 6],
+                                                                        "colour": ["a", "b", "c", "d"]})
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    table = pq.read_table(out / "embeddings" / "metadata.parquet")
+    assert table.column_names == ["source_row", "colour"] and table.column("source_row").to_pylist() == [0, 1, 2, 3]
+    capsys.readouterr()
+    assert cli.main(args(data, tiny_onnx, tmp_path / "o2", "--meta-columns", "source_row")) == 1
+    assert "'source_row' is the name the store keys its rows by" in capsys.readouterr().err

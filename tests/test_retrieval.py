@@ -143,3 +143,19 @@ def test_neighbour_csv_format(tmp_path):
     first = lines[1].split(",")
     assert first[:3] == ["10", "a", "1"] and len(first[5].split(".")[1]) == 6
     assert float(first[5]) == pytest.approx(float(nb.distances[0, 0]), abs=1e-6)
+
+
+def test_masked_topk_keeps_the_lowest_rows_of_a_tie_on_the_edge():
+    """Scores tied at the k-th place beyond k: the lowest-numbered rows are kept, whatever order
+    argpartition leaves them in (three better rows, then 60 equal ones)."""
+    from pipeline.retrieval import masked_topk
+
+    g = np.zeros((200, 4), np.float32)
+    g[:, 1] = 1.0
+    g[[150, 20, 90]] = [1.0, 0, 0, 0]
+    g[40:100, :] = [0.6, 0.8, 0, 0]  # the tie: 60 rows at the same score (90 among them, overwritten)
+    q = np.array([[1.0, 0, 0, 0]], np.float32)
+    allowed = np.ones(200, bool)
+    allowed[41] = False
+    nb = masked_topk(q, g, allowed, 6)
+    assert nb.indices[0].tolist() == [20, 150, 40, 42, 43, 44]

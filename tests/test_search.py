@@ -598,3 +598,48 @@ def test_both_segmentation_flags_make_each_person_a_query(tmp_path):
         cfg = RunConfig(query=QuerySpec(images=(str(picture),)), **flags)
         embed_queries(cfg, catalog, RunSummary("query"))
     assert catalog.asked == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    "more, ranks",
+    [
+        ([], [2, 3, 4, 1]),
+        # the bag at 15 degrees is out of the gallery: A0 and A1 move up a place, B0 two
+        (["--filter", "category = 'dress'"], [1, 2, 3, 1]),
+        # products, not photos: the bag and B's views are one collection (Z), scored by its best photo
+        (["--group-by", "collection"], [2, 2, 2, 1]),
+    ],
+)
+def test_evaluation_honours_filter_and_group_by_with_known_ranks(tmp_path, monkeypatch, more, ranks):
+    """Photos at 0, 30 (product A), 40, 90 (product B) and a bag at 15 degrees (C). The queries are
+    A0, A1, B0, B1 (the bag's product has no other photo); their ranks are worked out by hand."""
+    from pipeline import search
+
+    angles, ids = [0, 30, 40, 90, 15], ["id_00000001-1", "id_00000001-2", "id_00000002-1", "id_00000002-2",
+                                        "id_00000003-1"]
+    cells = [assets.encode(assets.rgb_image(32, 32, color=(a, 0, 0)), "PNG") for a in angles]
+    extra = {"item_ID": ids, "category": ["dress"] * 4 + ["bag"], "collection": ["X", "Y", "Z", "Z", "Z"]}
+    ds = assets.write_parquet_dataset(tmp_path / "ds", cells, extra=extra)
+    monkeypatch.setattr(search, "make_embedder", lambda spec: _AngleEmbedder())
+    out = tmp_path / "out"
+    code = cli.main(["--evaluate", "--eval-id-column", "item_ID", "--dataset", str(ds), "--backend", "torch",
+                     "--output-dir", str(out), "-q", *more])
+    assert code == 0
+    report = json.loads((out / "outputs" / "evaluation.json").read_text())
+    m = report["results"]["same-product"]["torch"]
+    assert m["queries"] == 4 and m["mrr"] == pytest.approx(np.mean([1 / r for r in ranks]))
+    assert m["recall@1"] == pytest.approx(np.mean([r <= 1 for r in ranks]))
+    assert report["filter"] == (more[1] if more[:1] == ["--filter"] else None)
+
+
+def test_evaluation_refuses_an_unknown_filter_or_group_column_before_embedding(tmp_path, monkeypatch, capsys):
+    from pipeline import search
+
+    cells = [assets.encode(assets.rgb_image(32, 32, color=(a, 0, 0)), "PNG") for a in (0, 10)]
+    ds = assets.write_parquet_dataset(tmp_path / "ds", cells, extra={"item_ID": ["a", "a"]})
+    monkeypatch.setattr(search, "make_embedder", lambda spec: pytest.fail("embedded before the check"))
+    base = ["--evaluate", "--eval-id-column", "item_ID", "--dataset", str(ds), "--output-dir", str(tmp_path / "o")]
+    assert cli.main([*base, "--filter", "size = 'M'"]) == 2
+    assert "--filter: unknown column 'size'" in capsys.readouterr().err
+    assert cli.main([*base, "--group-by", "size"]) == 2
+    assert "--group-by: unknown column 'size'; the dataset's columns are: item_ID" in capsys.readouterr().err

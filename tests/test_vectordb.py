@@ -48,7 +48,7 @@ def test_the_databases_answer_as_we_do(exported):
                                models.FieldCondition(key="price", range=models.Range(lt=100))])
     for q in (0, 13, 27):
         ours = [keys[h.row] for h in cat.search_vectors(cat.embeddings[q], k=5, filter=FILTER)[0]]
-        lance = table.search(cat.embeddings[q]).metric("cosine").where(FILTER, prefilter=True).limit(5).to_arrow()
+        lance = table.search(cat.embeddings[q]).distance_type("cosine").where(FILTER, prefilter=True).limit(5).to_arrow()
         assert lance.column("key").to_pylist() == ours
         found = client.query_points("gallery", query=cat.embeddings[q].tolist(), query_filter=must, limit=5).points
         assert [p.payload["key"] for p in found] == ours
@@ -96,3 +96,49 @@ def test_another_embedders_export_is_refused(exported, tiny_onnx, capsys):
     assert cli.main(args(data, tiny_onnx, out, "--export", f"qdrant:{targets['qdrant']}")) == 1
     assert "holds vectors of another embedder ('another/model'" in capsys.readouterr().err
     assert cli.main(args(data, tiny_onnx, out, "--export", "mongo:./x")) == 2
+
+
+def test_a_folder_not_made_by_export_is_left_alone(exported, tiny_onnx, tmp_path, capsys):
+    data, out, targets, _ = exported
+    (targets["lancedb"] / "fashion_export.json").unlink()  # a LanceDB folder of the user's own
+    before = lancedb.connect(str(targets["lancedb"])).open_table("gallery").count_rows()
+    capsys.readouterr()
+    assert cli.main(args(data, tiny_onnx, out, "--export", f"lancedb:{targets['lancedb']}")) == 1
+    assert "already holds files but no fashion_export.json" in capsys.readouterr().err
+    assert lancedb.connect(str(targets["lancedb"])).open_table("gallery").count_rows() == before  # nothing added
+
+
+def test_an_interrupted_first_export_is_finished_and_catalogue_columns_keep_their_values(tiny_onnx, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """A catalogue column named like one of the export's own (file, vector) is exported as
+    meta_<name>, never dropped; a first export killed after its first batch is finished by the next."""
+    from pipeline import vectordb
+    from tests import assets
+
+    cells = [assets.jpeg_bytes(40, 56, seed=900 + i) for i in range(6)]
+    data = assets.write_parquet_dataset(tmp_path / "shop", cells, extra={
+        "file": [f"shot{i}.jpg" for i in range(6)], "vector": [float(i) for i in range(6)]})
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    target = tmp_path / "export.qdrant"
+    real = vectordb._Qdrant.apply
+
+    def dies_midway(self, table, drop, put):
+        real(self, table.slice(0, 2), drop, put & set(table.slice(0, 2).column("key").to_pylist()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vectordb._Qdrant, "apply", dies_midway)
+    assert cli.main(args(data, tiny_onnx, out, "--export", f"qdrant:{target}")) == 130
+    monkeypatch.setattr(vectordb._Qdrant, "apply", real)
+    capsys.readouterr()
+    assert cli.main(args(data, tiny_onnx, out, "--export", f"qdrant:{target}")) == 0
+    assert f"qdrant at {target}: added 4, changed 0, removed 0, unchanged 2" in capsys.readouterr().out
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(path=str(target))
+    points, _ = client.scroll("gallery", limit=10, with_payload=True)
+    client.close()
+    assert len(points) == 6
+    by_row = {p.payload["source_row"]: p.payload for p in points}
+    assert by_row[4]["meta_file"] == "shot4.jpg" and by_row[4]["meta_vector"] == 4.0
+    assert by_row[4]["file"] != "shot4.jpg"  # the export's own column: the store's picture
