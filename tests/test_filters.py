@@ -144,7 +144,8 @@ def test_decimals_on_an_integer_column_and_values_a_column_cannot_take():
 
 
 def test_a_client_filter_narrows_the_servers_never_widens():
-    from pipeline.serve import _json_value, both_filters
+    from pipeline.metadata import json_value as _json_value
+    from pipeline.serve import both_filters
 
     assert both_filters("category = 'dress'", "price < 5") == "(category = 'dress') AND (price < 5)"
     assert both_filters("category = 'dress'", "") == "(category = 'dress')" and both_filters(None, None) is None
