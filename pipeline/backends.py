@@ -67,11 +67,14 @@ EVAL_BACKENDS: dict[str, EvalBackend] = {
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """A kind of image-text model: the config.json model_types that name it, and its transformers class."""
+    """A kind of image-text model: the config.json model_types that name it, its transformers
+    class, and how its text tower is fed: text_mask, whether it reads an attention mask (CLIP) or
+    was trained on texts padded to its full context and attends to the padding too (SigLIP)."""
 
     name: str
     model_types: tuple[str, ...]
     model_class: str  # "module:Class" with from_pretrained
+    text_mask: bool = True
 
     def load(self, model: str, **kwargs: Any) -> Any:
         module, _, cls = self.model_class.partition(":")
@@ -80,24 +83,40 @@ class ModelFamily:
 
 FAMILIES: dict[str, ModelFamily] = {
     "clip": ModelFamily("clip", ("clip",), "transformers:CLIPModel"),
+    # SigLIP: pictures squashed to a square (no crop), mean/std 0.5, texts padded to 64 tokens, unmasked
+    "siglip": ModelFamily("siglip", ("siglip",), "transformers:SiglipModel", text_mask=False),
+}
+NOT_YET = {  # model types known by name, refused with the reason rather than a size mismatch
+    "siglip2": "SigLIP 2 takes pictures as variable-resolution patches (NaFlex), which this version does not feed",
 }
 
 
 def family_of(model: str, read_config: Callable[[str], dict[str, Any] | None] | None = None) -> ModelFamily:
-    """The family of a model folder, from its config.json's model_type; a hub id, whose config is not
-    fetched here, is taken as CLIP. A folder of a family this version does not know is refused by
-    name, rather than failing later with a size mismatch."""
-    config = (read_config or _local_config)(model)
+    """The family of a model folder or hub id, from its config.json's model_type (CLIP when there is
+    none to read). A model of a family this version does not know is refused by name, rather than
+    failing later with a size mismatch."""
+    config = (read_config or _model_config)(model)
     model_type = (config or {}).get("model_type", "clip")
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family
+    if model_type in NOT_YET:
+        raise PipelineError(f"{model}: model type {model_type!r}: {NOT_YET[model_type]}")
     known = ", ".join(sorted(t for f in FAMILIES.values() for t in f.model_types))
     raise PipelineError(f"{model}: model type {model_type!r} is not supported (this version embeds with: {known})")
 
 
-def _local_config(model: str) -> dict[str, Any] | None:
+def _model_config(model: str) -> dict[str, Any] | None:
+    """A model's config.json: a folder's own, or a hub id's (from the hub's cache, or the hub when
+    it can be reached); None when it cannot be had (the model's loading then says why)."""
     path = Path(model) / "config.json"
+    if not path.is_file() and not Path(model).exists() and "/" in model:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, "config.json"))
+        except Exception:  # offline, gated, not a hub id: loading the model says why
+            return None
     if not path.is_file():
         return None
     try:

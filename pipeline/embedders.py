@@ -38,6 +38,8 @@ META_PREPROCESS = "fashion_pipeline.preprocess"
 META_PRECISION = "fashion_pipeline.precision"
 META_KIND = "fashion_pipeline.kind"
 META_PAD_ID = "fashion_pipeline.pad_token_id"
+META_FAMILY = "fashion_pipeline.family"  # backends.FAMILIES; absent in files made before SigLIP: "clip"
+META_TEXT_CONTEXT = "fashion_pipeline.text_context"  # tokens the text tower takes; absent: 77
 
 
 def text_onnx_path_for(image_onnx: str | Path) -> Path:
@@ -161,6 +163,7 @@ def requested_identity(spec: EmbedderSpec) -> VectorIdentity:
         return VectorIdentity(backend="onnx", onnx_sha256=sha256_file(spec.onnx), pixels=pixels)
     return VectorIdentity(
         backend="torch",
+        family=family_of(spec.model).name,  # from its config.json: SigLIP vectors never meet CLIP's
         model=model_reference(spec.model),
         model_sha256=model_weights_sha256(spec.model) or None,
         precision=None if spec.precision == "auto" else spec.precision,
@@ -212,6 +215,7 @@ class OnnxEmbedder(Embedder):
         log.debug("%s: %s", path, self.self_check)
         self.identity = VectorIdentity(
             backend="onnx",
+            family=meta.get(META_FAMILY, "clip"),
             model=meta.get(META_SOURCE_MODEL, ""),
             onnx_sha256=sha256_file(path),
             precision="onnx-" + meta.get(META_PRECISION, "unknown"),
@@ -389,9 +393,11 @@ class _OnnxText:
                 f"{path} was exported from {meta.get(META_SOURCE_MODEL)!r} but the image model from {image_model!r}: "
                 f"their vectors are not comparable"
             )
+        self.context = int(meta.get(META_TEXT_CONTEXT, TEXT_CONTEXT))
+        self.masked = "attention_mask" in {i.name for i in self.session.get_inputs()}  # SigLIP's takes none
         self.tokenizer = Tokenizer.from_file(str(tok_path))
-        self.tokenizer.enable_truncation(TEXT_CONTEXT)
-        self.tokenizer.enable_padding(length=TEXT_CONTEXT, pad_id=int(meta.get(META_PAD_ID, 0)))
+        self.tokenizer.enable_truncation(self.context)
+        self.tokenizer.enable_padding(length=self.context, pad_id=int(meta.get(META_PAD_ID, 0)))
         try:
             check_distinct(lambda texts: self.tokenize(texts)[0].tolist(), None, str(tok_path))
         except TokenizerError as e:
@@ -402,14 +408,15 @@ class _OnnxText:
         check_file(path, meta, inputs, lambda: self._run(*inputs))
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """int64 (B, 77) input ids and attention mask."""
+        """int64 (B, context) input ids and attention mask (77 tokens for CLIP, 64 for SigLIP)."""
         enc = self.tokenizer.encode_batch(list(texts))
-        ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(enc), TEXT_CONTEXT)
-        mask = np.array([e.attention_mask for e in enc], dtype=np.int64).reshape(len(enc), TEXT_CONTEXT)
+        ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(enc), self.context)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64).reshape(len(enc), self.context)
         return ids, mask
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        feeds = {"input_ids": ids, "attention_mask": mask} if self.masked else {"input_ids": ids}
+        return self.session.run(None, feeds)[0]
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return l2_normalize(self._run(*self.tokenize(texts)))
@@ -448,8 +455,9 @@ class TorchEmbedder(Embedder):
             }
         elif self.precision == "fp16":
             kwargs = {"dtype": torch.float16}
+        self.family = family_of(model)
         try:
-            self.model = family_of(model).load(model, **kwargs).eval()
+            self.model = self.family.load(model, **kwargs).eval()
         except OSError as e:
             raise PipelineError(
                 f"cannot load model {model!r}: {first_line(e)} Without network access pass a local folder with --model "
@@ -463,9 +471,11 @@ class TorchEmbedder(Embedder):
         self._dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
         self.input_dtype = self._dtype  # what a device preprocessor should hand embed_tensor
         self.preprocess_cfg = preprocess_config_for_model(model)
-        self.dim = int(self.model.config.projection_dim)
+        self.dim = model_dim(self.model.config)
+        self.text_context = text_context(self.model.config)
         self.identity = VectorIdentity(
             backend="torch",
+            family=self.family.name,
             model=model_reference(model),
             model_sha256=model_weights_sha256(model) or None,
             precision=self.precision,
@@ -488,15 +498,25 @@ class TorchEmbedder(Embedder):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self._model_name)  # refused when it cannot tell texts apart
         tok = self._tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt"
+            list(texts), padding="max_length", truncation=True, max_length=self.text_context, return_tensors="pt"
         )
+        inputs = {"input_ids": tok["input_ids"].to(self.device)}
+        if self.family.text_mask:  # SigLIP was trained on padded texts, unmasked
+            inputs["attention_mask"] = tok["attention_mask"].to(self.device)
         with torch.inference_mode():
-            feats = projected(
-                self.model.get_text_features(
-                    input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
-                )
-            )
+            feats = projected(self.model.get_text_features(**inputs))
             return l2_normalize(feats.float().cpu().numpy())
+
+
+def model_dim(config: Any) -> int:
+    """The length of a model's vectors: CLIP's projection_dim; SigLIP's towers end at their width."""
+    dim = getattr(config, "projection_dim", None)
+    return int(dim if dim else config.vision_config.hidden_size)
+
+
+def text_context(config: Any) -> int:
+    """How many tokens the text tower takes (CLIP 77, SigLIP 64), from its position embeddings."""
+    return int(min(TEXT_CONTEXT, config.text_config.max_position_embeddings))
 
 
 def projected(out):

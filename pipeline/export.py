@@ -35,22 +35,25 @@ from PIL import Image
 
 from .backends import family_of
 from .embedders import (
+    META_FAMILY,
     META_KIND,
     META_PAD_ID,
     META_PRECISION,
     META_PREPROCESS,
     META_SOURCE_MODEL,
+    META_TEXT_CONTEXT,
     l2_normalize,
     model_reference,
     preprocess_config_for_model,
     projected,
+    text_context,
     text_onnx_path_for,
     tokenizer_path_for,
 )
 from .errors import PipelineError, first_line
 from .preprocess import preprocess_batch
 from .probes import META_PROBES, ProbeRecord, probe_pixels
-from .tokens import TEXT_CONTEXT, TokenizerError, load_tokenizer
+from .tokens import TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +193,9 @@ class _ImageExport:
         self.model, self.quantization, self.per_channel = model, quantization, per_channel
         self.int8_path, self.fp32_path = int8_path, fp32_path_for(int8_path)
         int8_path.parent.mkdir(parents=True, exist_ok=True)
+        self.family = family_of(model)
         try:
-            self.clip = family_of(model).load(model, attn_implementation="eager").eval()
+            self.clip = self.family.load(model, attn_implementation="eager").eval()
         except OSError as e:
             raise PipelineError(
                 f"cannot load model {model!r}: {first_line(e)} Without network access pass a local folder with "
@@ -297,14 +301,15 @@ class _ImageExport:
         meta = {
             META_SOURCE_MODEL: model_reference(self.model),
             META_PREPROCESS: self.prep.to_json(),
-            META_KIND: "clip-image-tower",
+            META_KIND: f"{self.family.name}-image-tower",
+            META_FAMILY: self.family.name,
         }
         precision = f"int8-{self.quantization}-matmul-{self.weight_mode}-7bit"
         fp32_meta = {**meta, META_PRECISION: "fp32", META_PROBES: records[self.tmp_fp32].to_json()}
         int8_meta = {**meta, META_PRECISION: precision, META_PROBES: records[self.tmp_int8].to_json()}
         _set_metadata(onnx, self.tmp_fp32, fp32_meta)
         _set_metadata(onnx, self.tmp_int8, int8_meta)
-        text = _export_text_tower(self.clip, self.model, self.int8_path, meta)
+        text = _export_text_tower(self.clip, self.model, self.int8_path, meta, self.family.text_mask)
         report.text_lines = text.lines
         os.replace(self.tmp_fp32, self.fp32_path)
         os.replace(self.tmp_int8, self.int8_path)
@@ -337,9 +342,11 @@ class _TextExport:
             old.unlink(missing_ok=True)
 
 
-def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) -> _TextExport:
-    """Export the text tower (fp32, 77 tokens, dynamic batch) and its tokenizer.json, verified
-    against torch. A model without a tokenizer gets no text tower, said in the report."""
+def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str], masked: bool = True) -> _TextExport:
+    """Export the text tower (fp32, the model's context: 77 tokens for CLIP, 64 for SigLIP; dynamic
+    batch) and its tokenizer.json, verified against torch. A model without a tokenizer gets no
+    text tower, said in the report. masked: the tower reads an attention mask (CLIP); SigLIP's
+    takes the padded ids alone, as it was trained."""
     import onnx
 
     text_path = text_onnx_path_for(int8_path)
@@ -352,16 +359,18 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str]) 
         return _no_text_tower(f"{model} has no fast (tokenizer.json) tokenizer", text_path, tok_path)
     tmp_text = text_path.with_name(f".{text_path.name}.tmp")
     tmp_tok = tok_path.with_name(f".{tok_path.name}.tmp")
-    tower = _text_tower(clip)
-    enc = tok(TEXT_PROBES, padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt")
+    tower = _text_tower(clip, masked)
+    context = text_context(clip.config)
+    enc = tok(TEXT_PROBES, padding="max_length", truncation=True, max_length=context, return_tensors="pt")
     try:
-        _export_text_graph(tower, enc, tmp_text)
+        _export_text_graph(tower, enc, tmp_text, masked)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         tok.backend_tokenizer.save(str(tmp_tok))
-        line, probes = _verify_text_graph(tower, enc, tmp_text)
+        line, probes = _verify_text_graph(tower, enc, tmp_text, masked)
         text_meta = {
             **meta,
-            META_KIND: "clip-text-tower",
+            META_KIND: f"{meta.get(META_FAMILY, 'clip')}-text-tower",
+            META_TEXT_CONTEXT: str(context),
             META_PRECISION: "fp32",
             META_PAD_ID: str(int(pad_id)),
             META_PROBES: probes.to_json(),
@@ -383,9 +392,9 @@ def _no_text_tower(why: str, text_path: Path, tok_path: Path) -> _TextExport:
     return _TextExport([f"text tower not exported, so no text search with this file: {why}{removed}"], removes=stale)
 
 
-def _text_tower(clip):
-    """Wrap a CLIPModel as (input_ids, attention_mask) (B, 77) -> projected text features (B, D),
-    before normalization: what CLIPModel.get_text_features returns."""
+def _text_tower(clip, masked: bool = True):
+    """Wrap a CLIP or SigLIP model as (input_ids[, attention_mask]) (B, context) -> projected text
+    features (B, D), before normalization: what get_text_features returns."""
     import torch
 
     class TextTower(torch.nn.Module):
@@ -393,31 +402,34 @@ def _text_tower(clip):
             super().__init__()
             self.clip = clip
 
-        def forward(self, input_ids, attention_mask):
+        def forward(self, input_ids, attention_mask=None):
+            if not masked:
+                return projected(self.clip.get_text_features(input_ids=input_ids))
             return projected(self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
     return TextTower().eval()
 
 
-def _export_text_graph(tower, enc, path: Path) -> None:
+def _export_text_graph(tower, enc, path: Path, masked: bool = True) -> None:
     """The text tower to ONNX, traced on two of the probe texts with a dynamic batch axis."""
     import torch
 
     batch = torch.export.Dim("batch")
+    names = ["input_ids", "attention_mask"] if masked else ["input_ids"]
     torch.onnx.export(
         tower,
-        (enc["input_ids"][:2], enc["attention_mask"][:2]),
+        tuple(enc[n][:2] for n in names),
         str(path),
-        input_names=["input_ids", "attention_mask"],
+        input_names=names,
         output_names=["text_embeds"],
-        dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
+        dynamic_shapes={n: {0: batch} for n in names},
         opset_version=OPSET,
         dynamo=True,
         external_data=False,
     )
 
 
-def _verify_text_graph(tower, enc, path: Path) -> tuple[str, ProbeRecord]:
+def _verify_text_graph(tower, enc, path: Path, masked: bool = True) -> tuple[str, ProbeRecord]:
     """The exported text tower against torch on the probe texts: the report line and the probe
     record the file will carry.
 
@@ -431,7 +443,8 @@ def _verify_text_graph(tower, enc, path: Path) -> tuple[str, ProbeRecord]:
         ref = tower(enc["input_ids"], enc["attention_mask"]).numpy()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = [enc["input_ids"].numpy().astype(np.int64), enc["attention_mask"].numpy().astype(np.int64)]
-    got = sess.run(None, {"input_ids": inputs[0], "attention_mask": inputs[1]})[0]
+    feeds = {"input_ids": inputs[0], "attention_mask": inputs[1]} if masked else {"input_ids": inputs[0]}
+    got = sess.run(None, feeds)[0]
     cos = feature_cosines(got, ref)
     line = (
         f"  text fp32 ONNX: min {cos.min():.6f} over {len(TEXT_PROBES)} texts (need >= {FP32_MIN_COSINE}); "

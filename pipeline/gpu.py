@@ -142,6 +142,11 @@ class DevicePreprocessor:
         _, _, h, w = images.shape
         if not self.prep.do_resize:
             return images
+        if self.prep.squash:  # SigLIP: to exactly this size, no pre-crop (as its processor)
+            new_h, new_w = self.prep.resize_height, self.prep.resize_width
+            if (new_w, new_h) == (w, h):
+                return images
+            return _interpolate(images, new_h, new_w, "bicubic" if self.prep.resample == 3 else "bilinear")
         box = precrop_box(w, h)
         if box is not None:
             left, top, right, bottom = box

@@ -62,7 +62,8 @@ def describe_differences(expected: dict[str, Any], found: dict[str, Any], prefix
 class VectorIdentity(_Comparable):
     """What made the vectors: change any field and vectors are no longer comparable.
 
-    backend: "torch" | "onnx". model: the hub id or the absolute path of the model folder (the ONNX
+    backend: "torch" | "onnx". family: "clip", "siglip" (backends.FAMILIES; a store made before
+    families were recorded is CLIP's). model: the hub id or the absolute path of the model folder (the ONNX
     file's source model). model_sha256: a local folder's weights. onnx_sha256: the ONNX file's bytes.
     precision: "fp32", "fp16", "int8", "onnx-int8-static", ... preprocess: the model's preprocessing
     (size, crop, mean, std, ...). dim: the vector length. pixels: which code made the model input
@@ -70,6 +71,7 @@ class VectorIdentity(_Comparable):
     """
 
     backend: str | None = None
+    family: str | None = None
     model: str | None = None
     model_sha256: str | None = None
     onnx_sha256: str | None = None
@@ -77,6 +79,13 @@ class VectorIdentity(_Comparable):
     preprocess: dict[str, Any] | None = None
     dim: int | None = None
     pixels: str | None = None
+
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> VectorIdentity:
+        if data.get("backend") and "family" not in data:  # made before families were recorded: CLIP's
+            data = {**data, "family": "clip"}
+        return super().from_json(data, where)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,12 @@ _RESAMPLE = {
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """The parameters of a CLIPImageProcessor that matter for pixels."""
+    """The parameters of a CLIP or SigLIP image processor that matter for pixels.
+
+    shortest_edge: CLIP's resize, the short side to this size, the aspect kept. resize_height and
+    resize_width (when set): SigLIP's, the picture squashed to exactly this size, the aspect not
+    kept (its processor's `size: {height, width}`); then usually no crop.
+    """
 
     shortest_edge: int = 224
     crop_height: int = 224
@@ -51,27 +56,34 @@ class PreprocessConfig:
     # Per channel in RGB order; any length that broadcasts over the channels, as the processor allows.
     image_mean: tuple[float, ...] = field(default=CLIP_MEAN)
     image_std: tuple[float, ...] = field(default=CLIP_STD)
+    resize_height: int = 0  # 0: not squashed (CLIP); left out of the JSON then, as stores made before it lack it
+    resize_width: int = 0
 
     @classmethod
     def from_processor_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         """Read a Hugging Face `preprocessor_config.json` dict (CLIPImageProcessor keys)."""
         size = d.get("size", {"shortest_edge": 224})
+        squash = isinstance(size, dict) and "shortest_edge" not in size and "height" in size and "width" in size
         if isinstance(size, int):
             shortest = size
         elif "shortest_edge" in size:
             shortest = int(size["shortest_edge"])
         else:
             shortest = int(min(size.get("height", 224), size.get("width", 224)))
-        crop = d.get("crop_size", {"height": 224, "width": 224})
+        crop = d.get("crop_size", size if squash else {"height": 224, "width": 224})
         if isinstance(crop, int):
             crop = {"height": crop, "width": crop}
+        # SigLIP's processor has no crop at all; CLIP's crops unless told not to
+        center_crop = d.get("do_center_crop", "crop_size" in d or not squash)
         return cls(
+            resize_height=int(size["height"]) if squash else 0,
+            resize_width=int(size["width"]) if squash else 0,
             shortest_edge=shortest,
             crop_height=int(crop["height"]),
             crop_width=int(crop["width"]),
             resample=int(d.get("resample", 3)),
             do_resize=bool(d.get("do_resize", True)),
-            do_center_crop=bool(d.get("do_center_crop", True)),
+            do_center_crop=bool(center_crop),
             do_rescale=bool(d.get("do_rescale", True)),
             rescale_factor=float(d.get("rescale_factor", 1 / 255)),
             do_normalize=bool(d.get("do_normalize", True)),
@@ -95,11 +107,20 @@ class PreprocessConfig:
         return cls(**d)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        if not self.resize_height:  # CLIP's: the JSON of stores made before SigLIP, unchanged
+            del d["resize_height"], d["resize_width"]
+        return json.dumps(d, sort_keys=True)
+
+    @property
+    def squash(self) -> bool:
+        return self.resize_height > 0
 
     @property
     def decode_min_side(self) -> int:
         """Smallest short side a reduced-scale decode may have without changing the resize input much."""
+        if self.do_resize and self.squash:  # both sides must stay at least the target's
+            return max(self.resize_height, self.resize_width)
         return self.shortest_edge if self.do_resize else max(self.crop_height, self.crop_width)
 
 
@@ -143,6 +164,9 @@ def resize_for_model(image: Image.Image, prep: PreprocessConfig) -> Image.Image:
     e.g. for a thumbnail, before `to_model_input`."""
     if image.mode != "RGB":
         raise ValueError(f"preprocess expects an RGB image, got mode {image.mode!r}")
+    if prep.do_resize and prep.squash:  # SigLIP: to exactly this size, as its processor does
+        size = (prep.resize_width, prep.resize_height)
+        return image if size == image.size else image.resize(size, _RESAMPLE.get(prep.resample, Image.Resampling.BICUBIC))
     if prep.do_resize:
         image = _precrop_extreme(image)
         size = resize_size(image.width, image.height, prep.shortest_edge)

@@ -59,6 +59,47 @@ def save_tiny_clip(
     return path
 
 
+def save_tiny_siglip(path: Path, image_size: int = 64, patch_size: int = 16, seed: int = 0,
+                     with_tokenizer: bool = True) -> Path:
+    """A transformers SiglipModel with random weights, 2 layers per tower, saved with
+    save_pretrained, with the preprocessor_config.json SiglipImageProcessor writes (squash to a
+    square, mean/std 0.5, no crop) and a character-level fast tokenizer padded to 64 tokens."""
+    import torch
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    torch.manual_seed(seed)
+    tower = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
+    cfg = SiglipConfig(
+        text_config=dict(**tower, vocab_size=128, max_position_embeddings=64, pad_token_id=1, eos_token_id=1,
+                         bos_token_id=0),
+        vision_config=dict(**tower, image_size=image_size, patch_size=patch_size),
+    )
+    model = SiglipModel(cfg).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    SiglipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    if with_tokenizer:
+        save_tiny_char_tokenizer(path, context=64)
+    return path
+
+
+def save_tiny_char_tokenizer(path: Path, context: int) -> None:
+    """A tokenizers WordLevel tokenizer over single characters (SigLIP-like: `</s>` ends and pads),
+    saved as tokenizer.json with a PreTrainedTokenizerFast config, so AutoTokenizer and the
+    torch-free `tokenizers` both read it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789-,.!' ")
+    vocab = {t: i for i, t in enumerate(["<unk>", "</s>", *chars])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="</s>", eos_token="</s>",
+                                   model_max_length=context)
+    fast.save_pretrained(path)
+
+
 def write_preprocessor_config(path: Path, image_size: int = 224) -> None:
     """The preprocessor_config.json a CLIP checkpoint ships (CLIPImageProcessor, OpenAI values)."""
     write_json(

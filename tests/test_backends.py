@@ -42,12 +42,17 @@ def test_model_families_are_recognised_by_their_config(tmp_path, tiny_clip, caps
     siglip = tmp_path / "siglip"
     siglip.mkdir()
     (siglip / "config.json").write_text(json.dumps({"model_type": "siglip"}))
-    with pytest.raises(PipelineError, match="model type 'siglip' is not supported .*embeds with: clip"):
+    assert family_of(str(siglip)).name == "siglip" and not family_of(str(siglip)).text_mask
+    (siglip / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
+    with pytest.raises(PipelineError, match="model type 'siglip2': SigLIP 2 takes pictures as variable-resolution"):
+        family_of(str(siglip))
+    (siglip / "config.json").write_text(json.dumps({"model_type": "blip"}))
+    with pytest.raises(PipelineError, match="model type 'blip' is not supported .*embeds with: clip, siglip"):
         family_of(str(siglip))
     # the CLI says so before any work, instead of a size-mismatch error from transformers
     assert cli.main(["--query-text", "red", "--model", str(siglip), "--backend", "torch", "--output-dir",
                      str(tmp_path / "o"), "-q"]) == 1
-    assert "model type 'siglip' is not supported" in capsys.readouterr().err
+    assert "model type 'blip' is not supported" in capsys.readouterr().err
 
 
 def test_a_family_added_to_the_table_is_loaded_with_its_class(monkeypatch, tmp_path):

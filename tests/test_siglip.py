@@ -1,0 +1,124 @@
+"""SigLIP beside CLIP (issue 28, point 1 and 2 for transformers' SiglipModel): a tiny SigLIP folder
+with random weights, built here from a SiglipConfig. Its pictures are prepared as SiglipImageProcessor
+prepares them (squashed to a square, no crop, mean/std 0.5) and embed as get_image_features does;
+--export-onnx makes a verified int8 image tower and a 64-token, unmasked text tower; the family is in
+every identity, and vectors of two families never meet in one store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import main as cli
+from pipeline.preprocess import PreprocessConfig, preprocess_batch
+from tests import assets
+from tests.helpers import run
+
+
+@pytest.fixture(scope="module")
+def tiny_siglip(tmp_path_factory) -> Path:
+    return assets.save_tiny_siglip(tmp_path_factory.mktemp("models") / "tiny-siglip")
+
+
+@pytest.fixture(scope="module")
+def siglip_onnx(tiny_siglip, tmp_path_factory) -> Path:
+    from pipeline.export import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "siglip_image_int8_matmul.onnx"
+    export_onnx(str(tiny_siglip), path)
+    return path
+
+
+def pictures(n: int = 6) -> list[Image.Image]:
+    sizes = [(300, 400), (768, 1024), (1000, 333), (57, 91), (64, 64), (640, 480)]
+    return [assets.rgb_image(w, h, seed=w + h) for w, h in sizes[:n]]
+
+
+def test_the_preprocessing_is_siglips_own(tiny_siglip):
+    from transformers import SiglipImageProcessor, SiglipImageProcessorPil
+
+    prep = PreprocessConfig.from_model_dir(tiny_siglip)
+    assert prep.squash and (prep.resize_height, prep.resize_width) == (64, 64) and not prep.do_center_crop
+    assert prep.image_mean == (0.5, 0.5, 0.5) and prep.decode_min_side == 64
+    ours = preprocess_batch(pictures(), prep)
+    pil = SiglipImageProcessorPil.from_pretrained(tiny_siglip)(images=pictures(), return_tensors="np")["pixel_values"]
+    assert ours.shape == pil.shape == (6, 3, 64, 64)  # squashed whole, not cropped
+    assert np.abs(ours - pil).max() < 1e-5  # the PIL processor (as SigLIP was trained), exactly
+    theirs = SiglipImageProcessor.from_pretrained(tiny_siglip)(images=pictures(), return_tensors="np")["pixel_values"]
+    one_step = 1 / 255 / 0.5  # transformers 5's default resizes with torchvision, which rounds otherwise
+    assert np.abs(ours - theirs).max() <= 2 * one_step * 1.01 and np.abs(ours - theirs).mean() < 2e-3
+    # a CLIP processor's JSON is the one stores made before SigLIP recorded
+    assert "resize_height" not in json.loads(PreprocessConfig().to_json())
+
+
+def test_torch_vectors_are_transformers_own(tiny_siglip):
+    import torch
+    from transformers import SiglipImageProcessor, SiglipModel
+
+    from pipeline.embedders import TorchEmbedder
+
+    emb = TorchEmbedder(str(tiny_siglip))
+    assert emb.identity.family == "siglip" and emb.dim == 32 and emb.text_context == 64
+    ours = emb.embed(preprocess_batch(pictures(), emb.preprocess_cfg))
+    model = SiglipModel.from_pretrained(tiny_siglip).eval()
+    inputs = SiglipImageProcessor.from_pretrained(tiny_siglip)(images=pictures(), return_tensors="pt")
+    with torch.inference_mode():
+        out = model.get_image_features(**inputs)
+        ref = (out if torch.is_tensor(out) else out.pooler_output).numpy()
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    assert (ours * ref).sum(axis=1).min() >= 0.999
+    # texts padded to 64 tokens and not masked, as SigLIP was trained
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_siglip)(["red dress"], padding="max_length", max_length=64,
+                                                     return_tensors="pt")
+    with torch.inference_mode():
+        out = model.get_text_features(input_ids=tok["input_ids"])
+        text_ref = (out if torch.is_tensor(out) else out.pooler_output).numpy()[0]
+    assert float(emb.embed_text(["red dress"])[0] @ (text_ref / np.linalg.norm(text_ref))) >= 0.9999
+
+
+def test_the_onnx_export_agrees_with_torch_and_names_the_family(tiny_siglip, siglip_onnx):
+    import onnxruntime as ort
+
+    from pipeline.embedders import OnnxEmbedder, TorchEmbedder, text_onnx_path_for
+
+    meta = ort.InferenceSession(str(siglip_onnx)).get_modelmeta().custom_metadata_map
+    assert meta["fashion_pipeline.family"] == "siglip" and meta["fashion_pipeline.kind"] == "siglip-image-tower"
+    text = ort.InferenceSession(str(text_onnx_path_for(siglip_onnx)))
+    assert [i.name for i in text.get_inputs()] == ["input_ids"]  # unmasked
+    assert text.get_modelmeta().custom_metadata_map["fashion_pipeline.text_context"] == "64"
+    torch_emb, onnx_emb = TorchEmbedder(str(tiny_siglip)), OnnxEmbedder(siglip_onnx)
+    assert onnx_emb.identity.family == "siglip" and onnx_emb.preprocess_cfg == torch_emb.preprocess_cfg
+    x = preprocess_batch(pictures(), torch_emb.preprocess_cfg)
+    assert (torch_emb.embed(x) * onnx_emb.embed(x)).sum(axis=1).min() >= 0.99  # the int8 bar
+    texts = ["red dress", "blue floral shirt", "tan shoes"]
+    assert (torch_emb.embed_text(texts) * onnx_emb.embed_text(texts)).sum(axis=1).min() >= 0.9999
+    # one picture alone is the same picture in a batch (static int8 is batch-independent)
+    assert np.allclose(onnx_emb.embed(x[:1])[0], onnx_emb.embed(x)[0], atol=1e-6)
+
+
+def test_a_store_records_its_family_and_never_mixes_two(tiny_siglip, siglip_onnx, tiny_clip, tmp_path, capsys):
+    cells = [assets.jpeg_bytes(40 + i, 56, seed=40 + i) for i in range(6)]
+    data = assets.write_parquet_dataset(tmp_path / "shop", cells)
+    out = tmp_path / "out"
+    common = ["--dataset", str(data), "--limit", "0", "--output-dir", str(out), "--max-result-images", "0"]
+    assert run(*common, "--onnx", str(siglip_onnx)) == 0
+    sidecar = json.loads((out / "embeddings" / "embeddings.json").read_text())
+    assert sidecar["identity"]["family"] == "siglip" and sidecar["identity"]["dim"] == 32
+    capsys.readouterr()
+    code = cli.main([*common, "--use-embeddings", "--model", str(tiny_clip), "--backend", "torch", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and "family: cache has 'siglip', asked for 'clip'" in err
+    assert run(*common, "--query-text", "red dress", "--onnx", str(siglip_onnx), "--top-k", "3") == 0
+
+
+def test_a_store_made_before_families_is_clips():
+    from pipeline.identity import VectorIdentity
+
+    old = VectorIdentity.from_json({"backend": "onnx", "model": "m", "dim": 512}, "old sidecar")
+    assert old.family == "clip"
