@@ -166,7 +166,8 @@ def resize_for_model(image: Image.Image, prep: PreprocessConfig) -> Image.Image:
         raise ValueError(f"preprocess expects an RGB image, got mode {image.mode!r}")
     if prep.do_resize and prep.squash:  # SigLIP: to exactly this size, as its processor does
         size = (prep.resize_width, prep.resize_height)
-        return image if size == image.size else image.resize(size, _RESAMPLE.get(prep.resample, Image.Resampling.BICUBIC))
+        resample = _RESAMPLE.get(prep.resample, Image.Resampling.BICUBIC)
+        return image if size == image.size else image.resize(size, resample)
     if prep.do_resize:
         image = _precrop_extreme(image)
         size = resize_size(image.width, image.height, prep.shortest_edge)

@@ -269,8 +269,9 @@ def filtered_rows(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> np
     assert allowed is not None
     matching = int(allowed.sum())
     summary.count("items matching the filter", matching)
+    empty = "" if matching else " (none: the neighbour lists are empty)"
     summary.notes.append(f"--filter {cfg.filter!r}: every item's neighbours among the {matching:,} of "
-                         f"{len(allowed):,} items it keeps" + (" (none: the neighbour lists are empty)" if not matching else ""))
+                         f"{len(allowed):,} items it keeps{empty}")
     return allowed
 
 

@@ -254,7 +254,7 @@ def ranks_of_positives(
             row, pos = sims[k], positives[qi]
             if exclude is not None and exclude[qi] >= 0:
                 row[exclude[qi]] = -np.inf
-            if order is not None:
+            if order is not None and starts is not None:
                 row, pos = np.maximum.reduceat(row[order], starts), np.unique(dense[pos])
             best = row[pos].max()
             # everything scoring at least as high as the best positive, other than positives

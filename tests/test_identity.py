@@ -16,8 +16,8 @@ from pipeline.store import SIDECAR_FILE, load_cache
 from pipeline.store import main as store_main
 from tests import assets
 
-MADE = VectorIdentity(backend="onnx", family="siglip", model="/m", model_sha256="a", onnx_sha256="b", precision="onnx-int8-static",
-                      preprocess={"crop_size": 224, "mean": [0.5]}, dim=512, pixels="pil")
+MADE = VectorIdentity(backend="onnx", family="siglip", model="/m", model_sha256="a", onnx_sha256="b",
+                      precision="onnx-int8-static", preprocess={"crop_size": 224, "mean": [0.5]}, dim=512, pixels="pil")
 SOURCE = GallerySource(kind="segment", dataset="/d", split="train", limit=None, image_column="image",
                        seg_model="y.pt", seg_backend="auto", seg_conf=0.25, seg_imgsz=640, keep_unsegmented=False,
                        max_persons=10)

@@ -48,7 +48,8 @@ def test_the_databases_answer_as_we_do(exported):
                                models.FieldCondition(key="price", range=models.Range(lt=100))])
     for q in (0, 13, 27):
         ours = [keys[h.row] for h in cat.search_vectors(cat.embeddings[q], k=5, filter=FILTER)[0]]
-        lance = table.search(cat.embeddings[q]).distance_type("cosine").where(FILTER, prefilter=True).limit(5).to_arrow()
+        search = table.search(cat.embeddings[q]).distance_type("cosine")
+        lance = search.where(FILTER, prefilter=True).limit(5).to_arrow()
         assert lance.column("key").to_pylist() == ours
         found = client.query_points("gallery", query=cat.embeddings[q].tolist(), query_filter=must, limit=5).points
         assert [p.payload["key"] for p in found] == ours
