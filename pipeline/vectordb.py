@@ -136,7 +136,12 @@ def _check_identity(target: ExportTarget, identity: dict[str, Any]) -> dict[str,
             )
         return None
     record = json.loads(path.read_text())
-    if record.get("identity") != identity:
+    from .identity import VectorIdentity
+
+    def same(a: dict[str, Any]) -> dict[str, Any]:  # both read as a sidecar is (an old record gains family "clip")
+        return VectorIdentity.from_json(dict(a), str(path)).to_json()
+
+    if same(record.get("identity") or {}) != same(identity):
         raise PipelineError(
             f"{target.folder} holds vectors of another embedder ({record.get('identity', {}).get('model')!r}, "
             f"{record.get('identity', {}).get('backend')!r}); vectors of two models never mix: export to another "

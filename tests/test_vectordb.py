@@ -143,3 +143,14 @@ def test_an_interrupted_first_export_is_finished_and_catalogue_columns_keep_thei
     by_row = {p.payload["source_row"]: p.payload for p in points}
     assert by_row[4]["meta_file"] == "shot4.jpg" and by_row[4]["meta_vector"] == 4.0
     assert by_row[4]["file"] != "shot4.jpg"  # the export's own column: the store's picture
+
+
+def test_an_export_made_before_families_were_recorded_is_still_brought_up_to_date(exported, tiny_onnx, capsys):
+    data, out, targets, _ = exported
+    path = targets["parquet"] / "fashion_export.json"
+    record = json.loads(path.read_text())
+    record["identity"].pop("family")  # as an export written before SigLIP
+    path.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert cli.main(args(data, tiny_onnx, out, "--export", f"parquet:{targets['parquet']}")) == 0
+    assert "unchanged 40" in capsys.readouterr().out
