@@ -221,11 +221,10 @@ def regrouped_neighbours(cfg: RunConfig, searcher: Searcher, groups: list[Duplic
     with summary.stage(f"neighbours ({how})"):
         searcher.dedup(groups if cfg.dedup else None)
         if cfg.group_by:
-            if searcher.metadata is None:
-                searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
+            with_metadata(cfg, searcher)
             group_by(cfg, searcher, summary)
-        allowed = searcher.allowed(cfg.filter)
-        nb = searcher.all_neighbours(cfg.top_k, first=None if allowed is not None else first, allowed=allowed)
+        # the first pass was already among the filter's rows: only the rows it leaves short are asked again
+        nb = searcher.all_neighbours(cfg.top_k, first=first, allowed=searcher.allowed(cfg.filter))
     if cfg.dedup and groups:
         summary.notes.append("--dedup: each duplicate group stands once in every neighbour list")
     return nb
@@ -258,14 +257,19 @@ def gallery_neighbours(cfg: RunConfig, searcher: Searcher, summary: RunSummary) 
     return nb
 
 
+def with_metadata(cfg: RunConfig, searcher: Searcher) -> Searcher:
+    """The searcher with the store's metadata loaded (once), for --filter and --group-by."""
+    if searcher.metadata is None:
+        searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
+    return searcher
+
+
 def filtered_rows(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> np.ndarray | None:
     """--filter on a gallery run: the rows it keeps (the store's metadata loaded for it), counted
     in the summary; None without a filter."""
     if not cfg.filter:
         return None
-    if searcher.metadata is None:
-        searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
-    allowed = searcher.allowed(cfg.filter)
+    allowed = with_metadata(cfg, searcher).allowed(cfg.filter)
     assert allowed is not None
     matching = int(allowed.sum())
     summary.count("items matching the filter", matching)

@@ -282,7 +282,7 @@ class Searcher:
         asked again). allowed: bool (N,), a --filter's rows: every item's neighbours among them."""
         n = len(self.embeddings)
         if allowed is not None:
-            return self.item_neighbours(np.arange(n), k, allowed)
+            return self.item_neighbours(np.arange(n), k, allowed, first)
         if self.group_of is not None:
 
             def ask(m: int, which: np.ndarray) -> Neighbours:
@@ -326,12 +326,14 @@ class Searcher:
         nb = masked_topk(queries, sub, np.ones(len(ids), bool), k)
         return Neighbours(np.where(nb.indices >= 0, ids[np.maximum(nb.indices, 0)], -1), nb.distances)
 
-    def item_neighbours(self, rows: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Neighbours:
+    def item_neighbours(self, rows: np.ndarray, k: int, allowed: np.ndarray | None = None,
+                        first: Neighbours | None = None) -> Neighbours:
         """Top-k other items of some of the store's own items (embedding rows): never the item
-        itself, and with --dedup / --group-by never one of its group. allowed: as in `neighbours`."""
+        itself, and with --dedup / --group-by never one of its group. allowed: as in `neighbours`.
+        first: with --dedup / --group-by, their plain answer already computed (with `allowed`)."""
         rows = np.asarray(rows, np.int64)
         if self.group_of is not None:
-            return self._deduped(lambda m, w: self._item_rows(rows[w], m, allowed), k, len(rows), rows)
+            return self._deduped(lambda m, w: self._item_rows(rows[w], m, allowed), k, len(rows), rows, first)
         return self._item_rows(rows, k, allowed)
 
     def _item_rows(self, rows: np.ndarray, m: int, allowed: np.ndarray | None) -> Neighbours:
