@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pipeline.backends import BACKEND_CHOICES, DEVICES, EVAL_BACKENDS, PRECISIONS
+from pipeline.backends import BACKEND_CHOICES, DEVICES, EVAL_BACKENDS, MODELS, PRECISIONS
 from pipeline.config import config_from_flags, flag_default
 from pipeline.errors import PipelineError, UsageError
 from pipeline.index import INDEX_KINDS
@@ -123,6 +123,8 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
         help="measure Recall@1/5/10 and MRR against ground truth in --dataset",
     )
     _add(search, "--eval-backends", help=f"comma list of {','.join(EVAL_BACKENDS)} (default: the backend in use)")
+    _add(search, "--eval-models", help="comma list of models evaluated side by side in one pass: short names ("
+         + ", ".join(MODELS) + "), hub ids, folders, or exported .onnx files")
     _add(search, "--eval-id-column", help="same-product evaluation: column naming the product (e.g. item_ID)")
     _add(search, "--eval-cloth-column", help="person->garment evaluation: column with the garment image")
 

@@ -65,6 +65,16 @@ EVAL_BACKENDS: dict[str, EvalBackend] = {
 }
 
 
+# Short names --eval-models (and --model) take for the models worth comparing (README, "Choosing the model").
+MODELS: dict[str, str] = {
+    "fashion-clip": "patrickjohncyh/fashion-clip",
+    "marqo-fashionsiglip": "hf-hub:Marqo/marqo-fashionSigLIP",
+    "marqo-fashionclip": "hf-hub:Marqo/marqo-fashionCLIP",
+    "siglip-base": "google/siglip-base-patch16-224",
+    "clip-vit-b32": "openai/clip-vit-base-patch32",
+}
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """A kind of image-text model: the config.json model_types that name it, its transformers
@@ -85,6 +95,8 @@ FAMILIES: dict[str, ModelFamily] = {
     "clip": ModelFamily("clip", ("clip",), "transformers:CLIPModel"),
     # SigLIP: pictures squashed to a square (no crop), mean/std 0.5, texts padded to 64 tokens, unmasked
     "siglip": ModelFamily("siglip", ("siglip",), "transformers:SiglipModel", text_mask=False),
+    # open_clip (Marqo-FashionSigLIP, ...): named by its form, not a config.json (pipeline/openclip.py)
+    "open_clip": ModelFamily("open_clip", (), "pipeline.openclip:OpenClipModel", text_mask=False),
 }
 NOT_YET = {  # model types known by name, refused with the reason rather than a size mismatch
     "siglip2": "SigLIP 2 takes pictures as variable-resolution patches (NaFlex), which this version does not feed",
@@ -95,6 +107,8 @@ def family_of(model: str, read_config: Callable[[str], dict[str, Any] | None] | 
     """The family of a model folder or hub id, from its config.json's model_type (CLIP when there is
     none to read). A model of a family this version does not know is refused by name, rather than
     failing later with a size mismatch."""
+    if model.startswith(("open_clip:", "hf-hub:")) or (Path(model) / "open_clip_config.json").is_file():
+        return FAMILIES["open_clip"]
     config = (read_config or _model_config)(model)
     model_type = (config or {}).get("model_type", "clip")
     for family in FAMILIES.values():

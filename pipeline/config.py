@@ -11,6 +11,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .backends import MODELS
 from .dataset import DatasetSpec
 from .embedders import EmbedderSpec
 from .remote import default_work_dir, is_url
@@ -53,6 +54,7 @@ class EvalSpec:
 
     enabled: bool = False
     backends: tuple[str, ...] = ()  # empty: the backend in use
+    models: tuple[str, ...] = ()  # --eval-models: backends.MODELS names, ids, folders, .onnx
     id_column: str | None = None  # same-product evaluation (e.g. item_ID)
     cloth_column: str = "cloth"  # person -> garment evaluation
 
@@ -208,6 +210,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "text_weight": ("query", "text_weight"),
     "evaluate": ("evaluate", "enabled"),
     "eval_backends": ("evaluate", "backends"),
+    "eval_models": ("evaluate", "models"),
     "eval_id_column": ("evaluate", "id_column"),
     "eval_cloth_column": ("evaluate", "cloth_column"),
     "export_onnx": ("export", "enabled"),
@@ -297,11 +300,13 @@ def config_from_flags(
             value = value or None
         elif dest in ("query_image", "query_text", "negative_text", "exports"):
             value = tuple(value or ())
-        elif dest in ("eval_backends", "meta_columns") and isinstance(value, str):
+        elif dest in ("eval_backends", "eval_models", "meta_columns") and isinstance(value, str):
             value = tuple(b.strip() for b in value.split(",") if b.strip())
         section, name = FLAGS[dest]
         sections.setdefault(section, {})[name] = value
     embedder = sections.setdefault("embedder", {})
+    if embedder.get("model") in MODELS and not Path(embedder["model"]).exists():  # a short name (backends.MODELS)
+        embedder["model"] = MODELS[embedder["model"]]
     if (
         "onnx" in explicit
         and embedder.get("backend", "auto") == "auto"

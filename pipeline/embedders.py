@@ -130,17 +130,29 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def model_reference(model: str) -> str:
-    """The model as recorded: absolute path for a local folder, the hub id otherwise."""
+    """The model as recorded: absolute path for a local folder, the hub id otherwise
+    (open_clip:ARCH:FILE with the file's absolute path)."""
+    if model.startswith("open_clip:"):
+        arch, _, weights = model[len("open_clip:"):].partition(":")
+        return f"open_clip:{arch}:{Path(weights).resolve()}" if weights else model
     p = Path(model)
     return str(p.resolve()) if p.exists() else model
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
+                "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
+
+
 def model_weights_sha256(model: str) -> str:
-    """sha256 of a local model folder's weight file; "" for a hub id (the id names the weights)."""
+    """sha256 of a local model's weight file (a folder's, or open_clip:ARCH:FILE's); "" for a hub
+    id (the id names the weights)."""
+    if model.startswith("open_clip:"):
+        weights = Path(model[len("open_clip:"):].partition(":")[2])
+        return sha256_file(weights) if weights.is_file() else ""
     p = Path(model)
     if not p.is_dir():
         return ""
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    for name in WEIGHT_FILES:
         if (p / name).is_file():
             return sha256_file(p / name)
     return ""
@@ -468,9 +480,9 @@ class TorchEmbedder(Embedder):
         self._torch = torch
         self._model_name = model
         self._tokenizer: PreTrainedTokenizerBase | None = None  # loaded by the first embed_text
-        self._dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
+        self._dtype = next(iter(self.model.parameters())).dtype
         self.input_dtype = self._dtype  # what a device preprocessor should hand embed_tensor
-        self.preprocess_cfg = preprocess_config_for_model(model)
+        self.preprocess_cfg = preprocess_config_of(model, self.model)
         self.dim = model_dim(self.model.config)
         self.text_context = text_context(self.model.config)
         self.identity = VectorIdentity(
@@ -495,14 +507,17 @@ class TorchEmbedder(Embedder):
 
     def embed_text(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self._model_name)  # refused when it cannot tell texts apart
-        tok = self._tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=self.text_context, return_tensors="pt"
-        )
-        inputs = {"input_ids": tok["input_ids"].to(self.device)}
-        if self.family.text_mask:  # SigLIP was trained on padded texts, unmasked
-            inputs["attention_mask"] = tok["attention_mask"].to(self.device)
+        if hasattr(self.model, "tokenize"):  # open_clip: its own tokenizer and cleaning
+            inputs = {"input_ids": self.model.tokenize(texts).to(self.device)}
+        else:
+            if self._tokenizer is None:
+                self._tokenizer = load_tokenizer(self._model_name)  # refused when it cannot tell texts apart
+            tok = self._tokenizer(
+                list(texts), padding="max_length", truncation=True, max_length=self.text_context, return_tensors="pt"
+            )
+            inputs = {"input_ids": tok["input_ids"].to(self.device)}
+            if self.family.text_mask:  # SigLIP was trained on padded texts, unmasked
+                inputs["attention_mask"] = tok["attention_mask"].to(self.device)
         with torch.inference_mode():
             feats = projected(self.model.get_text_features(**inputs))
             return l2_normalize(feats.float().cpu().numpy())
@@ -550,6 +565,13 @@ def _has_bitsandbytes() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def preprocess_config_of(model: str, loaded: Any) -> PreprocessConfig:
+    """A loaded model's preprocessing: open_clip's from its own configuration, a transformers
+    model's from its preprocessor_config.json."""
+    own = getattr(loaded, "preprocess_config", None)
+    return own() if callable(own) else preprocess_config_for_model(model)
 
 
 def preprocess_config_for_model(model: str) -> PreprocessConfig:

@@ -44,7 +44,7 @@ from .embedders import (
     META_TEXT_CONTEXT,
     l2_normalize,
     model_reference,
-    preprocess_config_for_model,
+    preprocess_config_of,
     projected,
     text_context,
     text_onnx_path_for,
@@ -201,7 +201,7 @@ class _ImageExport:
                 f"cannot load model {model!r}: {first_line(e)} Without network access pass a local folder with "
                 f"--model DIR."
             ) from e
-        self.prep = preprocess_config_for_model(model)
+        self.prep = preprocess_config_of(model, self.clip)
         self.tower = image_tower(self.clip)
         self.tmp_fp32 = self.fp32_path.with_name(f".{self.fp32_path.name}.tmp")
         self.tmp_int8 = int8_path.with_name(f".{int8_path.name}.tmp")
@@ -351,6 +351,11 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str], 
 
     text_path = text_onnx_path_for(int8_path)
     tok_path = tokenizer_path_for(text_path)
+    if hasattr(clip, "tokenize"):
+        return _no_text_tower(
+            "open_clip tokenizes with its own Python code (its text cleaning, and CLIP's BPE or a hub tokenizer), "
+            "which has no torch-free equivalent here: text search with this model runs with --backend torch",
+            text_path, tok_path)
     try:
         tok = load_tokenizer(model)
     except TokenizerError as e:

@@ -63,6 +63,9 @@ _EVAL_UNKNOWN = "--eval-backends: unknown {unknown}; choose from " + ", ".join(E
 _EVAL_CHECKS: tuple[Check, ...] = (
     (lambda c: c.from_cache, _EVAL_READS_NO_CACHE),
     (lambda c: bool(_unknown_backends(c)), _EVAL_UNKNOWN),
+    (lambda c: bool(c.evaluate.models and c.evaluate.backends),
+     "--eval-models and --eval-backends: name each model's backend in --eval-models instead (an exported .onnx "
+     "file runs on onnxruntime, anything else on torch)"),
 )
 
 # At most one mode besides the gallery may be selected (check_config); the gallery runs when no other is.
@@ -77,7 +80,7 @@ MODES: tuple[Mode, ...] = (
     Mode("query", "--query-image/--query-text", lambda c: c.query.active, "pipeline.search:run_query"),
     Mode("export", "--export", lambda c: bool(c.exports), "pipeline.vectordb:run_export_db", holds_output=False),
     Mode("evaluate", "--evaluate", lambda c: c.evaluate.enabled, "pipeline.search:run_evaluate",
-         options=frozenset({"eval_backends", "eval_id_column", "eval_cloth_column"}),
+         options=frozenset({"eval_backends", "eval_models", "eval_id_column", "eval_cloth_column"}),
          checks=_EVAL_CHECKS),
     # --serve reads only: the output folder stays free for other runs. Like the queries, it reads the
     # segmented gallery with --use-segmentation or --use-embedded-segment alike.

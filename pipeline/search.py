@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .backends import EVAL_BACKENDS
+from .backends import EVAL_BACKENDS, MODELS
 from .catalog import Catalog
 from .config import RunConfig
 from .dataset import IMAGE_SUFFIXES, DatasetSpec, count_rows, iter_records
@@ -295,9 +295,9 @@ class EvalBatcher:
         self.pending.append(images)
         self.rows.append(row)
         if len(self.pending) >= self.batch_size:
-            self._flush()
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         if not self.pending:
             return
         pixels: dict[PreprocessConfig, np.ndarray] = {}
@@ -312,7 +312,7 @@ class EvalBatcher:
 
     def result(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Backend `name`'s (float32 (M, D) embeddings, int64 (M,) source rows)."""
-        self._flush()
+        self.flush()
         parts = self.vectors[name]
         emb = np.concatenate(parts) if parts else np.zeros((0, self.embedders[name].dim), np.float32)
         return emb, np.array(self.rows, dtype=np.int64)
@@ -374,10 +374,14 @@ def embed_pass(
                 summary.fail(f"{rec.source} ({cloth_column})", str(e))
         if segmenter is not None and (crop := first_person(rec.data, segmenter)) is not None:
             crops.add(rec.source_row, dict.fromkeys(min_sides, crop))
+    out: dict = {"ids": ids, "speed": {}}
+    for batcher in (photos, garments, crops):
+        batcher.flush()  # the last partial batch counts in the timing
     for name, seconds in photos.seconds.items():
         total = seconds + garments.seconds[name] + crops.seconds[name]
         summary.timed(f"embed/infer {name}", total, f"inference {name}")
-    out: dict = {"ids": ids}
+        count = sum(len(b.rows) for b in (photos, garments, crops))
+        out["speed"][name] = count / total if total > 0 else float("nan")  # pictures a second, inference only
     for name in embedders:
         out[name] = {"photos": photos.result(name)}
         if cloth_column:
@@ -416,18 +420,40 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
     once per backend."""
     summary = RunSummary(mode="evaluate")
     id_column = cfg.evaluate.id_column
-    backends = list(cfg.evaluate.backends) or ["onnx-int8" if cfg.embedder.resolve_backend() == "onnx" else "torch"]
+    specs = evaluation_specs(cfg)
+    backends = list(specs)
     scope = evaluation_scope(cfg, summary)  # a bad --filter / --group-by fails before anything is embedded
     segmenter = segmenter_factory(cfg) if cfg.use_segmentation and not id_column else None
-    got = _embed_for_evaluation(cfg, summary, backends, segmenter)
+    got = _embed_for_evaluation(cfg, summary, specs, segmenter)
     if scope is not None:
         got = scope.narrowed(got, backends)
     if id_column:
         results = _same_product_metrics(got, backends, summary, scope)
     else:
         results = _person_to_garment_metrics(got, backends, segmenter is not None, summary, scope)
+    for per in results.values():
+        for name, m in per.items():
+            speed = float(got["speed"].get(name, float("nan")))
+            m["img_per_s"] = round(speed, 1) if np.isfinite(speed) else None  # JSON has no NaN
     _write_evaluation(cfg, summary, results)
     return summary
+
+
+def evaluation_specs(cfg: RunConfig) -> dict[str, EmbedderSpec]:
+    """What --evaluate compares, by the name its table shows: --eval-models' models (a short name
+    of backends.MODELS, a hub id or folder on torch, an exported .onnx file on onnxruntime), or
+    the model in use under each of --eval-backends (default: the backend in use)."""
+    if cfg.evaluate.models:
+        out = {}
+        for entry in cfg.evaluate.models:
+            if entry.endswith(".onnx"):
+                out[f"{Path(entry).name} (onnx)"] = replace(cfg.embedder, onnx=entry, backend="onnx", precision="auto")
+            else:
+                model = entry if Path(entry).exists() else MODELS.get(entry, entry)  # a folder wins over a short name
+                out[entry] = replace(cfg.embedder, model=model, backend="torch")
+        return out
+    backends = list(cfg.evaluate.backends) or ["onnx-int8" if cfg.embedder.resolve_backend() == "onnx" else "torch"]
+    return {b: _spec_for(cfg, b) for b in backends}
 
 
 @dataclass(frozen=True)
@@ -444,7 +470,7 @@ class EvaluationScope:
         """The embedded vectors of the rows the filter keeps."""
         if self.kept is None:
             return got
-        out: dict = {"ids": got["ids"]}
+        out: dict = {k: v for k, v in got.items() if k not in backends}  # ids, speed
         for name in backends:
             out[name] = {}
             for part, (vectors, rows) in got[name].items():
@@ -493,14 +519,14 @@ def evaluation_scope(cfg: RunConfig, summary: RunSummary) -> EvaluationScope | N
 
 
 def _embed_for_evaluation(
-    cfg: RunConfig, summary: RunSummary, backends: list[str], segmenter: Segmenter | None
+    cfg: RunConfig, summary: RunSummary, specs: dict[str, EmbedderSpec], segmenter: Segmenter | None
 ) -> dict:
-    """Every backend loaded, then embed_pass over the dataset with the columns the task needs; a
-    missing `cloth` column is explained."""
+    """Every model and backend loaded, then embed_pass over the dataset with the columns the task
+    needs; a missing `cloth` column is explained."""
     id_column, cloth_column = cfg.evaluate.id_column, cfg.evaluate.cloth_column
     spec = replace(cfg.dataset, extra_columns=(id_column,) if id_column else (cloth_column,))
     with summary.stage("load models"):
-        embedders = {backend: make_embedder(_spec_for(cfg, backend)) for backend in backends}
+        embedders = {name: make_embedder(spec) for name, spec in specs.items()}
     with summary.stage("embed", "embed pass (all backends)"):
         try:
             return embed_pass(
@@ -591,14 +617,19 @@ def _write_evaluation(cfg: RunConfig, summary: RunSummary, results: dict[str, di
 
 
 def format_table(results: dict[str, dict]) -> str:
-    lines = ["| task | backend | queries | R@1 | R@5 | R@10 | MRR |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | model / backend | queries | R@1 | R@5 | R@10 | MRR | img/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for task, per in results.items():
         for backend, m in per.items():
             lines.append(
                 f"| {task} | {backend} | {m['queries']} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | "
-                f"{m['recall@10']:.3f} | {m['mrr']:.3f} |"
+                f"{m['recall@10']:.3f} | {m['mrr']:.3f} | {_speed(m.get('img_per_s'))} |"
             )
     return "\n".join(lines)
+
+
+def _speed(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f}"
 
 
 def plot_evaluation(results: dict[str, dict], path: Path) -> None:

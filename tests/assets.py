@@ -83,6 +83,43 @@ def save_tiny_siglip(path: Path, image_size: int = 64, patch_size: int = 16, see
     return path
 
 
+TINY_OPEN_CLIP = "fashion-test-tiny"  # an open_clip architecture registered by save_tiny_open_clip
+
+
+def save_tiny_open_clip(folder: Path, resize_mode: str = "squash", seed: int = 0) -> tuple[Path, Path]:
+    """A tiny open_clip model with random weights: its config registered with open_clip under
+    TINY_OPEN_CLIP (a ViT of 2 layers per tower, 64x64 pictures, CLIP's BPE tokenizer, which
+    open_clip carries), saved two ways: a weights file (for open_clip:ARCH:FILE) and a folder with
+    open_clip_config.json and open_clip_pytorch_model.bin, as the hub's open_clip repositories hold
+    them. resize_mode "squash" with mean/std 0.5 prepares pictures as Marqo-FashionSigLIP does.
+    Returns (weights file, folder)."""
+    import open_clip
+    import torch
+
+    cfg = {
+        "embed_dim": 24,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
+    preprocess = {"size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
+                  "resize_mode": resize_mode}
+    if resize_mode == "shortest":
+        preprocess.update(mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711])
+    configs = folder / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    write_json(configs / f"{TINY_OPEN_CLIP}.json", cfg)
+    open_clip.add_model_config(configs / f"{TINY_OPEN_CLIP}.json")
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_OPEN_CLIP, pretrained=None).eval()
+    weights = folder / "tiny_open_clip.bin"
+    torch.save(model.state_dict(), weights)
+    hub = folder / "repo"
+    hub.mkdir(exist_ok=True)
+    torch.save(model.state_dict(), hub / "open_clip_pytorch_model.bin")
+    write_json(hub / "open_clip_config.json", {"model_cfg": cfg, "preprocess_cfg": preprocess})
+    return weights, hub
+
+
 def save_tiny_char_tokenizer(path: Path, context: int) -> None:
     """A tokenizers WordLevel tokenizer over single characters (SigLIP-like: `</s>` ends and pads),
     saved as tokenizer.json with a PreTrainedTokenizerFast config, so AutoTokenizer and the

@@ -494,11 +494,12 @@ def test_short_error_messages():
 def test_evaluation_table_format():
     from pipeline.search import format_table
 
-    m = {"queries": 4, "recall@1": 0.5, "recall@5": 1.0, "recall@10": 1.0, "mrr": 0.70833}
-    assert format_table({"same-product": {"onnx": m}}).splitlines() == [
-        "| task | backend | queries | R@1 | R@5 | R@10 | MRR |",
-        "|---|---|---|---|---|---|---|",
-        "| same-product | onnx | 4 | 0.500 | 1.000 | 1.000 | 0.708 |",
+    m = {"queries": 4, "recall@1": 0.5, "recall@5": 1.0, "recall@10": 1.0, "mrr": 0.70833, "img_per_s": 61.25}
+    assert format_table({"same-product": {"onnx": m, "torch": {**m, "img_per_s": None}}}).splitlines() == [
+        "| task | model / backend | queries | R@1 | R@5 | R@10 | MRR | img/s |",
+        "|---|---|---|---|---|---|---|---|",
+        "| same-product | onnx | 4 | 0.500 | 1.000 | 1.000 | 0.708 | 61.2 |",
+        "| same-product | torch | 4 | 0.500 | 1.000 | 1.000 | 0.708 | — |",
     ]
 
 
@@ -643,3 +644,57 @@ def test_evaluation_refuses_an_unknown_filter_or_group_column_before_embedding(t
     assert "--filter: unknown column 'size'" in capsys.readouterr().err
     assert cli.main([*base, "--group-by", "size"]) == 2
     assert "--group-by: unknown column 'size'; the dataset's columns are: item_ID" in capsys.readouterr().err
+
+
+class _BlindEmbedder(_AngleEmbedder):
+    """Every picture at the same place: nothing can be told apart (ties count against the query)."""
+
+    def embed(self, pixels):
+        return np.tile(np.array([[1.0, 0.0]], np.float32), (len(pixels), 1))
+
+
+def test_eval_models_compares_models_side_by_side_in_one_pass(tmp_path, monkeypatch):
+    """Two models, one pass: each row is decoded once, each model ranks with its own vectors. The
+    angle model finds ranks 1, 2, 3, 1 (as above); the blind one ranks every photo's twin behind
+    the two others (rank 3)."""
+    from pipeline import search
+
+    angles, ids = [0, 30, 40, 90], ["id_00000001-1", "id_00000001-2", "id_00000002-1", "id_00000002-2"]
+    cells = [assets.encode(assets.rgb_image(32, 32, color=(a, 0, 0)), "PNG") for a in angles]
+    ds = assets.write_parquet_dataset(tmp_path / "ds", cells, extra={"item_ID": ids})
+    monkeypatch.setattr(search, "make_embedder", lambda spec: _AngleEmbedder() if spec.model == "angles"
+                        else _BlindEmbedder())
+    decoded = []
+    real_decode = search.decode_image
+    monkeypatch.setattr(search, "decode_image", lambda data, **kw: decoded.append(1) or real_decode(data, **kw))
+    out = tmp_path / "out"
+    assert cli.main(["--evaluate", "--eval-id-column", "item_ID", "--eval-models", "angles,blind", "--dataset", str(ds),
+                     "--output-dir", str(out), "-q"]) == 0
+    res = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]["same-product"]
+    assert list(res) == ["angles", "blind"] and len(decoded) == 4  # four rows, decoded once for both
+    assert res["angles"]["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1) / 4)
+    assert res["blind"]["mrr"] == pytest.approx(1 / 3) and res["blind"]["recall@1"] == 0.0
+    assert all(m["img_per_s"] is None or m["img_per_s"] > 0 for m in res.values())
+    assert cli.main(["--evaluate", "--eval-models", "a,b", "--eval-backends", "torch"]) == 2
+
+
+def test_eval_models_with_real_models_of_three_families(tiny_onnx, tiny_clip, tmp_path):
+    """A CLIP folder, its int8 ONNX export, a SigLIP folder and an open_clip folder, each with its
+    own preprocessing (224 crop, 64 squash), in one table with their speeds."""
+    pytest.importorskip("open_clip")
+    siglip = assets.save_tiny_siglip(tmp_path / "siglip")
+    _, open_clip_dir = assets.save_tiny_open_clip(tmp_path / "open_clip")
+    cells, ids = [], []
+    for p in range(4):
+        for view in range(2):
+            cells.append(assets.encode(_noisy(_garment(p), seed=p * 10 + view, sigma=4.0 * view), "JPEG", quality=90))
+            ids.append(f"id_{p:08d}-{view}")
+    ds = assets.write_parquet_dataset(tmp_path / "inshop", cells, extra={"item_ID": ids})
+    out = tmp_path / "out"
+    models = f"{tiny_clip},{tiny_onnx},{siglip},{open_clip_dir}"
+    assert cli.main(["--evaluate", "--eval-id-column", "item_ID", "--eval-models", models, "--dataset", str(ds),
+                     "--output-dir", str(out), "-q"]) == 0
+    res = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]["same-product"]
+    assert list(res) == [str(tiny_clip), f"{tiny_onnx.name} (onnx)", str(siglip), str(open_clip_dir)]
+    assert all(m["queries"] == 8 and m["img_per_s"] > 0 for m in res.values())
+    assert res[str(tiny_clip)]["mrr"] == pytest.approx(res[f"{tiny_onnx.name} (onnx)"]["mrr"], abs=0.15)

@@ -1,0 +1,136 @@
+"""open_clip models beside transformers' (issue 28, point 1 and 2): a tiny open_clip ViT registered
+here from a config (random weights), named as open_clip:ARCH:FILE or as a folder laid out like the
+hub's open_clip repositories (Marqo-FashionSigLIP's form). Pictures are prepared as open_clip's own
+eval transform prepares them, vectors equal encode_image / encode_text, --export-onnx makes a
+verified int8 image tower (and says why there is no torch-free text tower), the family is in every
+identity, and the default path never imports open_clip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import main as cli
+from pipeline.preprocess import preprocess_batch
+from tests import assets
+from tests.helpers import run
+
+open_clip = pytest.importorskip("open_clip")
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    return assets.save_tiny_open_clip(tmp_path_factory.mktemp("open_clip"))
+
+
+def pictures() -> list:
+    # sizes whose centre crop leaves an even margin (open_clip's torchvision crop rounds an odd one
+    # the other way, a one-pixel shift)
+    return [assets.rgb_image(w, h, seed=w + h) for w, h in [(300, 400), (64, 64), (1000, 332), (96, 64)]]
+
+
+@pytest.mark.parametrize("mode", ["squash", "shortest"])
+def test_the_preprocessing_is_open_clips_own(mode, tmp_path):
+    from pipeline.openclip import preprocess_config
+
+    _, hub = assets.save_tiny_open_clip(tmp_path, resize_mode=mode)
+    cfg = json.loads((hub / "open_clip_config.json").read_text())["preprocess_cfg"]
+    prep = preprocess_config(cfg)
+    assert prep.squash == (mode == "squash") and prep.do_center_crop == (mode == "shortest")
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    transform = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    theirs = torch.stack([transform(p) for p in pictures()]).numpy()
+    assert np.abs(preprocess_batch(pictures(), prep) - theirs).max() < 1e-5
+
+
+def test_vectors_equal_open_clips_and_the_two_namings_agree(tiny):
+    from pipeline.embedders import TorchEmbedder
+
+    weights, hub = tiny
+    emb = TorchEmbedder(str(hub))
+    assert emb.identity.family == "open_clip" and emb.dim == 24 and emb.text_context == 32
+    assert emb.identity.model == str(hub.resolve()) and emb.identity.model_sha256
+    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{hub}")
+    model.eval()
+    pixels = torch.stack([transform(p) for p in pictures()])
+    with torch.inference_mode():
+        ref = model.encode_image(pixels).numpy()
+        text_ref = model.encode_text(open_clip.get_tokenizer(f"local-dir:{hub}")(["red dress"])).numpy()[0]
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    assert (emb.embed(preprocess_batch(pictures(), emb.preprocess_cfg)) * ref).sum(axis=1).min() >= 0.999
+    assert float(emb.embed_text(["red dress"])[0] @ (text_ref / np.linalg.norm(text_ref))) >= 0.9999
+    by_file = TorchEmbedder(f"open_clip:{assets.TINY_OPEN_CLIP}:{weights}")  # the same weights, by file
+    assert by_file.identity.model == f"open_clip:{assets.TINY_OPEN_CLIP}:{weights.resolve()}"
+    x = preprocess_batch(pictures(), emb.preprocess_cfg)
+    assert np.allclose(by_file.embed(x), emb.embed(x), atol=1e-5)
+
+
+def test_a_missing_weights_file_or_bad_name_is_one_message(tmp_path, capsys):
+    from pipeline.embedders import TorchEmbedder
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="no weights file"):
+        TorchEmbedder(f"open_clip:ViT-B-32:{tmp_path / 'none.bin'}")
+    with pytest.raises(PipelineError, match=r"expected open_clip:ARCH:FILE"):
+        TorchEmbedder("open_clip:ViT-B-32")
+
+
+def test_onnx_export_verifies_the_image_tower_and_says_why_no_text_tower(tiny, tmp_path):
+    import onnxruntime as ort
+
+    from pipeline.embedders import OnnxEmbedder, TorchEmbedder, text_onnx_path_for
+    from pipeline.export import export_onnx
+
+    _, hub = tiny
+    path = tmp_path / "marqo_image_int8_matmul.onnx"
+    report = export_onnx(str(hub), path)
+    assert any("open_clip tokenizes with its own Python code" in line for line in report.text_lines)
+    assert not text_onnx_path_for(path).exists()
+    meta = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
+    assert meta["fashion_pipeline.family"] == "open_clip"
+    torch_emb, onnx_emb = TorchEmbedder(str(hub)), OnnxEmbedder(path)
+    assert onnx_emb.identity.family == "open_clip" and onnx_emb.preprocess_cfg == torch_emb.preprocess_cfg
+    x = preprocess_batch(pictures(), torch_emb.preprocess_cfg)
+    assert (torch_emb.embed(x) * onnx_emb.embed(x)).sum(axis=1).min() >= 0.99
+    assert np.allclose(onnx_emb.embed(x[:1])[0], onnx_emb.embed(x)[0], atol=1e-6)  # batch-independent
+
+
+def test_a_store_of_open_clip_vectors_is_refused_for_another_family(tiny, tiny_clip, tmp_path, capsys):
+    _, hub = tiny
+    data = assets.write_parquet_dataset(tmp_path / "shop", [assets.jpeg_bytes(40 + i, 56, seed=i) for i in range(5)])
+    common = ["--dataset", str(data), "--limit", "0", "--output-dir", str(tmp_path / "out"),
+              "--max-result-images", "0", "--backend", "torch"]
+    assert run(*common, "--model", str(hub)) == 0
+    sidecar = json.loads((tmp_path / "out" / "embeddings" / "embeddings.json").read_text())
+    assert sidecar["identity"]["family"] == "open_clip"
+    assert run(*common, "--model", str(hub), "--query-text", "red dress", "--top-k", "2") == 0
+    capsys.readouterr()
+    assert cli.main([*common, "--model", str(tiny_clip), "--use-embeddings", "-q"]) == 1
+    assert "family: cache has 'open_clip', asked for 'clip'" in capsys.readouterr().err
+
+
+def test_the_default_path_never_imports_open_clip(tiny_clip):
+    code = ("import sys; from pipeline.embedders import TorchEmbedder; from pipeline.backends import family_of; "
+            f"TorchEmbedder({str(tiny_clip)!r}).embed_text(['red']); family_of('patrickjohncyh/fashion-clip'); "
+            "print('open_clip' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_short_names_name_the_hub_models_unless_a_folder_has_that_name(tmp_path, monkeypatch):
+    from pipeline.backends import MODELS
+    from pipeline.config import config_from_flags
+
+    assert config_from_flags({"model": "marqo-fashionsiglip"}).embedder.model == "hf-hub:Marqo/marqo-fashionSigLIP"
+    assert MODELS["fashion-clip"] == "patrickjohncyh/fashion-clip"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fashion-clip").mkdir()
+    assert config_from_flags({"model": "fashion-clip"}).embedder.model == "fashion-clip"
