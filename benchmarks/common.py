@@ -148,6 +148,41 @@ def real_arch_clip(work: Path) -> Path:
     return path
 
 
+# Marqo-FashionSigLIP's preprocessing (its open_clip_config.json): squashed to 224, mean/std 0.5.
+SIGLIP_PREPROCESS = {"size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
+                     "resize_mode": "squash"}
+
+
+def real_arch_fashion_siglip(work: Path) -> Path:
+    """Marqo-FashionSigLIP's architecture (open_clip ViT-B-16-SigLIP: timm ViT-B/16 at 224 with
+    attention pooling, SigLIP's text tower) with random weights, laid out as its hub repository
+    (open_clip_config.json and open_clip_pytorch_model.bin)."""
+    import open_clip
+    import torch
+
+    path = work / "fashion-siglip-arch"
+    weights = path / "open_clip_pytorch_model.bin"
+    if not weights.is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        model = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None)
+        config = {"model_cfg": open_clip.get_model_config("ViT-B-16-SigLIP"), "preprocess_cfg": SIGLIP_PREPROCESS}
+        (path / "open_clip_config.json").write_text(json.dumps(config, indent=1))
+        torch.save(model.state_dict(), weights.with_suffix(".tmp"))
+        weights.with_suffix(".tmp").rename(weights)
+    return path
+
+
+def tiny_fashion_siglip(work: Path) -> Path:
+    """A 2-layer open_clip ViT with SigLIP's preprocessing (tests/assets.py), for --tiny."""
+    from tests.assets import save_tiny_open_clip
+
+    path = work / "tiny-open-clip"
+    if not (path / "repo" / "open_clip_config.json").is_file():
+        return save_tiny_open_clip(path)[1]
+    return path / "repo"
+
+
 def tiny_clip(work: Path) -> Path:
     """A 2-layer CLIP with random weights and a tokenizer (tests/assets.py), for --tiny."""
     from tests.assets import save_tiny_clip

@@ -1,11 +1,15 @@
 """Embedding speed on the real FashionCLIP architecture (ViT-B/32, 224, projection 512; random weights):
 model-only images/s at batch 1, 8 and 32 for torch fp32, onnxruntime fp32 and onnxruntime int8
 (static QDQ, the default export, and dynamic), then the pipeline's embedding stage end to end
-(decode + preprocess + infer, from generated 768x1024 JPEGs), all in one run; last, this machine's
-own GEMM peak in onnxruntime and the ceiling it puts on each backend.
+(decode + preprocess + infer, from generated 768x1024 JPEGs), all in one run; this machine's own
+GEMM peak in onnxruntime and the ceiling it puts on each backend; where each int8 file's kernel
+time goes, by op type (onnxruntime's profiler, batch 32); last, the same model-only rates for
+Marqo-FashionSigLIP's architecture (open_clip ViT-B-16-SigLIP: ViT-B/16 at 224, 196 patches
+against 49; random weights, exported and verified by the pipeline's own --export-onnx), so that
+the price of the better model is measured on the same machine in the same run.
 
-    python -m benchmarks.embed [--seconds 6] [--e2e-images 1000]
-    python -m benchmarks.embed --tiny                 # tiny model, 16 small JPEGs, static int8 only: checks the script
+    python -m benchmarks.embed [--seconds 6] [--e2e-images 1000] [--compare fashion-siglip|none|DIR]
+    python -m benchmarks.embed --tiny                 # tiny models, 16 small JPEGs, static int8 only: checks the script
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ if TYPE_CHECKING:
 STATIC, DYNAMIC = "onnxruntime int8 (static QDQ, default)", "onnxruntime int8 (dynamic)"
 
 
-def rate(fn, batch: int, seconds: float) -> float:
-    x = np.random.default_rng(0).normal(size=(batch, 3, 224, 224)).astype(np.float32)
+def rate(fn, batch: int, seconds: float, hw: tuple[int, int] = (224, 224)) -> float:
+    x = np.random.default_rng(0).normal(size=(batch, 3, *hw)).astype(np.float32)
     fn(x)
     fn(x)
     n, t = 0, time.perf_counter()
@@ -123,10 +127,73 @@ def model_rates(assets: Assets, seconds: float, batches: list[int], int8: list[s
     table: dict[str, dict[int, float]] = {}
     for name, load in backends.items():
         emb = load()  # one model in memory at a time
-        table[name] = {b: rate(emb.embed, b, seconds) for b in batches}
+        hw = (emb.preprocess_cfg.crop_height, emb.preprocess_cfg.crop_width)
+        table[name] = {b: rate(emb.embed, b, seconds, hw) for b in batches}
         print(f"{name:40s} " + "  ".join(f"b{b}: {table[name][b]:6.1f} img/s" for b in batches), flush=True)
         del emb
     return table
+
+
+CONVERSION = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Add")  # issue 29's bar: <= 10%
+
+
+def op_profile(path: Path, batch: int = 32, runs: int = 3) -> dict[str, float]:
+    """Share of kernel time by op type of an ONNX file at `batch`, from onnxruntime's profiler, with
+    the session options the pipeline runs it with (every core, full graph optimization): so the op
+    names are those of the optimized graph (QLinearMatMul, fused ops), as they really run."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    from pipeline.embedders import _session_options, available_cores
+
+    sess_in = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0]
+    hw = [d if isinstance(d, int) else 224 for d in sess_in.shape[2:]]
+    x = np.random.default_rng(0).normal(size=(batch, 3, *hw)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = _session_options(ort, available_cores())
+        opts.enable_profiling = True
+        opts.profile_file_prefix = f"{tmp}/profile"
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            sess.run(None, {sess_in.name: x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + float(e.get("dur", 0))
+    total = sum(by_op.values()) or 1.0
+    return {op: t / total for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])}
+
+
+def print_profiles(files: dict[str, Path], batch: int = 32) -> None:
+    """Kernel time by op type of each int8 file, and the share of conversion and float Adds."""
+    print(f"\nkernel time by op type (onnxruntime profiler, batch {batch}, every core):")
+    for name, path in files.items():
+        shares = op_profile(path, batch)
+        top = ", ".join(f"{op} {share:.1%}" for op, share in list(shares.items())[:9])
+        conversion = sum(shares.get(op, 0.0) for op in CONVERSION)
+        print(f"  {name}: {top}")
+        print(f"  {name}: conversion (Quantize/DequantizeLinear) + float Add = {conversion:.1%} of kernel time")
+
+
+def compare_models(assets: Assets, other: Assets, seconds: float, batches: list[int],
+                   first: dict[str, dict[int, float]], labels: tuple[str, str]) -> None:
+    """The second model's model-only rates (torch fp32, onnxruntime fp32, int8 static), then both
+    models side by side at batch 1 and 32: what the second costs against the first."""
+    print(f"\n{labels[1]}:", flush=True)
+    second = model_rates(other, seconds, batches, ["static"])
+    print("\n| model | backend | " + " | ".join(f"batch {b}" for b in batches) + " |")
+    print("|---|---|" + "---|" * len(batches))
+    for label, table in zip(labels, (first, second)):
+        for backend in ("torch fp32", "onnxruntime fp32", STATIC):
+            print(f"| {label} | {backend} | " + " | ".join(f"{table[backend][b]:.1f}" for b in batches) + " |")
+    for backend in ("torch fp32", STATIC):
+        print(f"{labels[1]} / {labels[0]}, {backend}, batch 32: {second[backend][32] / first[backend][32]:.2f}x "
+              f"the speed ({first[backend][32] / second[backend][32]:.1f}x the time per picture)")
+    print_profiles({f"{labels[1]} int8 static": other.onnx("static")})
 
 
 def end_to_end(assets: Assets, n: int) -> RunSummary:
@@ -198,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--e2e-images", type=int, default=1000)
     ap.add_argument("--int8", default="static,dynamic", help="int8 exports measured (static is always measured)")
+    ap.add_argument(
+        "--compare",
+        default="fashion-siglip",
+        help="the model measured against the first: fashion-siglip (Marqo-FashionSigLIP's architecture, random "
+        "weights), an open_clip or transformers folder, or none",
+    )
     args = parse_args(ap, argv, tiny={"seconds": 0.1, "e2e_images": 16, "int8": "static"})
     print(machine_line(), flush=True)
     assets = Assets.from_args(args)
@@ -210,7 +283,27 @@ def main(argv: list[str] | None = None) -> int:
     print_ceiling(table, assets.clip(), args.seconds / 2)
     for k, v in stages.items():
         print(f"  {k:40s} {v:7.1f} s")
+    int8_files = {STATIC: assets.onnx("static")}
+    if DYNAMIC in table:
+        int8_files[DYNAMIC] = assets.onnx("dynamic")
+    print_profiles(int8_files)
+    if args.compare != "none":
+        other = compare_assets(args)
+        first = "FashionCLIP ViT-B/32" if args.model is None else args.model.name
+        second = "FashionSigLIP ViT-B/16" if args.compare == "fashion-siglip" else Path(args.compare).name
+        compare_models(assets, other, args.seconds, batches, table, (first, second))
     return 0
+
+
+def compare_assets(args) -> Assets:
+    """The second model: Marqo-FashionSigLIP's architecture (or --tiny's small open_clip), or a folder."""
+    from benchmarks.common import real_arch_fashion_siglip, tiny_fashion_siglip
+
+    if args.compare == "fashion-siglip":
+        folder = tiny_fashion_siglip(args.work) if args.tiny else real_arch_fashion_siglip(args.work)
+    else:
+        folder = Path(args.compare)
+    return Assets(args.work, args.tiny, model=folder)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,8 @@ def family_of(model: str, read_config: Callable[[str], dict[str, Any] | None] | 
     if model.startswith(("open_clip:", "hf-hub:")) or (Path(model) / "open_clip_config.json").is_file():
         return FAMILIES["open_clip"]
     config = (read_config or _model_config)(model)
+    if (config or {}).get("open_clip_model_name"):  # Marqo's repositories: a transformers shim over open_clip
+        return FAMILIES["open_clip"]
     model_type = (config or {}).get("model_type", "clip")
     for family in FAMILIES.values():
         if model_type in family.model_types:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from . import textclean
 from .backends import BACKENDS, family_of
 from .errors import PipelineError, first_line
 from .fileio import sha256_file
@@ -40,6 +41,7 @@ META_KIND = "fashion_pipeline.kind"
 META_PAD_ID = "fashion_pipeline.pad_token_id"
 META_FAMILY = "fashion_pipeline.family"  # backends.FAMILIES; absent in files made before SigLIP: "clip"
 META_TEXT_CONTEXT = "fashion_pipeline.text_context"  # tokens the text tower takes; absent: 77
+META_TEXT_CLEAN = "fashion_pipeline.text_clean"  # open_clip's cleaning before tokenizing (textclean.py); absent: none
 
 
 def text_onnx_path_for(image_onnx: str | Path) -> Path:
@@ -406,6 +408,9 @@ class _OnnxText:
                 f"their vectors are not comparable"
             )
         self.context = int(meta.get(META_TEXT_CONTEXT, TEXT_CONTEXT))
+        self.clean = meta.get(META_TEXT_CLEAN, "")  # open_clip's, repeated torch-free
+        if self.clean and self.clean not in textclean.MODES:
+            raise PipelineError(f"{path}: text cleaning {self.clean!r} is not one this version knows; export again")
         self.masked = "attention_mask" in {i.name for i in self.session.get_inputs()}  # SigLIP's takes none
         self.tokenizer = Tokenizer.from_file(str(tok_path))
         self.tokenizer.enable_truncation(self.context)
@@ -421,7 +426,7 @@ class _OnnxText:
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """int64 (B, context) input ids and attention mask (77 tokens for CLIP, 64 for SigLIP)."""
-        enc = self.tokenizer.encode_batch(list(texts))
+        enc = self.tokenizer.encode_batch([textclean.clean(t, self.clean) for t in texts])
         ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(enc), self.context)
         mask = np.array([e.attention_mask for e in enc], dtype=np.int64).reshape(len(enc), self.context)
         return ids, mask

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import textclean
 from .backends import family_of
 from .embedders import (
     META_FAMILY,
@@ -41,6 +42,7 @@ from .embedders import (
     META_PRECISION,
     META_PREPROCESS,
     META_SOURCE_MODEL,
+    META_TEXT_CLEAN,
     META_TEXT_CONTEXT,
     l2_normalize,
     model_reference,
@@ -351,22 +353,27 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str], 
 
     text_path = text_onnx_path_for(int8_path)
     tok_path = tokenizer_path_for(text_path)
-    if hasattr(clip, "tokenize"):
-        return _no_text_tower(
-            "open_clip tokenizes with its own Python code (its text cleaning, and CLIP's BPE or a hub tokenizer), "
-            "which has no torch-free equivalent here: text search with this model runs with --backend torch",
-            text_path, tok_path)
-    try:
-        tok = load_tokenizer(model)
-    except TokenizerError as e:
-        return _no_text_tower(f"{e}", text_path, tok_path)
-    if not getattr(tok, "is_fast", False):
-        return _no_text_tower(f"{model} has no fast (tokenizer.json) tokenizer", text_path, tok_path)
+    context = text_context(clip.config)
+    clean_mode = ""
+    if hasattr(clip, "text_export"):  # open_clip: its tokenizer, when `tokenizers` can repeat it
+        got = clip.text_export()
+        if isinstance(got, str):
+            return _no_text_tower(f"{got}: text search with this model runs with --backend torch", text_path, tok_path)
+        tok, clean_mode = got
+    else:
+        try:
+            tok = load_tokenizer(model)
+        except TokenizerError as e:
+            return _no_text_tower(f"{e}", text_path, tok_path)
+        if not getattr(tok, "is_fast", False):
+            return _no_text_tower(f"{model} has no fast (tokenizer.json) tokenizer", text_path, tok_path)
+    cleaned = [textclean.clean(t, clean_mode) for t in TEXT_PROBES]
+    enc = tok(cleaned, padding="max_length", truncation=True, max_length=context, return_tensors="pt")
+    if hasattr(clip, "tokenize") and not bool((clip.tokenize(TEXT_PROBES) == enc["input_ids"]).all()):
+        return _no_text_tower("the tokenizer's ids differ from open_clip's on the probe texts", text_path, tok_path)
     tmp_text = text_path.with_name(f".{text_path.name}.tmp")
     tmp_tok = tok_path.with_name(f".{tok_path.name}.tmp")
     tower = _text_tower(clip, masked)
-    context = text_context(clip.config)
-    enc = tok(TEXT_PROBES, padding="max_length", truncation=True, max_length=context, return_tensors="pt")
     try:
         _export_text_graph(tower, enc, tmp_text, masked)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -378,6 +385,7 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str], 
             META_TEXT_CONTEXT: str(context),
             META_PRECISION: "fp32",
             META_PAD_ID: str(int(pad_id)),
+            **({META_TEXT_CLEAN: clean_mode} if clean_mode else {}),
             META_PROBES: probes.to_json(),
         }
         _set_metadata(onnx, tmp_text, text_meta)

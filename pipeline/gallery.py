@@ -132,11 +132,12 @@ class DeviceEmbedding:
                 continue
             if isinstance(x, EncodedJpeg):  # refused by the device decoder: the CPU decoder decides
                 try:
-                    resized = resize_for_model(decode_image(x.data, min_side=self.decode_min_side).image, prep)
+                    image = decode_image(x.data, min_side=self.decode_min_side).image
                 except ImageDecodeError as e:
                     errors[k] = str(e)
                     continue
-                thumbs[k], x = make_thumbnail(resized), to_model_input(resized, prep)
+                resized = resize_for_model(image, prep)
+                thumbs[k], x = make_thumbnail(image if prep.squash else resized), to_model_input(resized, prep)
             rows[k] = torch.from_numpy(x).to(self.pre.device, self.pre.dtype)
         order = [k for k in range(len(inputs)) if k in rows]
         vectors = np.zeros((len(inputs), self.embedder.dim), np.float32)

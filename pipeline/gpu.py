@@ -206,9 +206,10 @@ class DevicePreprocessor:
             return empty, torch.zeros((0, THUMB_SIZE, THUMB_SIZE, 3), dtype=torch.uint8, device=self.device), []
         inputs, thumbs, kept = [], [], []
         for members in groups.values():
-            resized = self.resize(torch.stack([im for _, im in members]))
+            decoded = torch.stack([im for _, im in members])
+            resized = self.resize(decoded)
             inputs.append(self.to_model_input(resized))
-            thumbs.append(self.thumbnail(resized))
+            thumbs.append(self.thumbnail(decoded if self.prep.squash else resized))  # squashed: out of proportion
             kept += [k for k, _ in members]
         order = sorted(range(len(kept)), key=kept.__getitem__)  # back to the batch's order
         index = torch.tensor(order, device=self.device)

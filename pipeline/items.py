@@ -301,4 +301,5 @@ class ItemPipeline:
         assert item.image is not None  # to_embed: an image or an encoded JPEG
         resized = resize_for_model(item.image, self.prep)
         pixels = model_crop(resized, self.prep) if self.crop_only else to_model_input(resized, self.prep)
-        return PreparedItem(item.row, pixels, make_thumbnail(resized))
+        # a squashing model's resized picture is out of proportion: the thumbnail is made from the photo
+        return PreparedItem(item.row, pixels, make_thumbnail(item.image if self.prep.squash else resized))

@@ -7,7 +7,9 @@ A model is named three ways (`--model`):
 - `hf-hub:Marqo/marqo-fashionSigLIP`: open_clip's hub form (its open_clip_config.json and weights);
 - a folder holding `open_clip_config.json` and the weights (what that hub repository holds);
 - `open_clip:ARCH:FILE`: an open_clip architecture name and a local weights file
-  (`open_clip:ViT-B-32:/models/vit-b-32.bin`).
+  (`open_clip:ViT-B-32:/models/vit-b-32.bin`);
+- the plain hub id (`Marqo/marqo-fashionSigLIP`), whose config.json names its open_clip model
+  (`open_clip_model_name`): loaded through open_clip, not transformers' remote code.
 
 open_clip is imported only here, and only for such a model: the default path never needs it.
 """
@@ -46,7 +48,9 @@ def open_clip_source(model: str) -> tuple[str, str | None]:
         if not Path(weights).is_file():
             raise PipelineError(f"--model {model!r}: no weights file {weights}")
         return arch, str(Path(weights).resolve())
-    return "local-dir:" + str(Path(model).resolve()), None
+    if Path(model).is_dir():
+        return "local-dir:" + str(Path(model).resolve()), None
+    return HUB_PREFIX + model, None  # a hub id whose config.json names open_clip (Marqo/marqo-fashionSigLIP)
 
 
 def _open_clip() -> Any:
@@ -79,16 +83,31 @@ def preprocess_config(cfg: dict[str, Any]) -> PreprocessConfig:
     raise PipelineError(f"open_clip resize_mode {mode!r} with size {size} is not supported (shortest or squash)")
 
 
+def _embed_dim(model: Any) -> int:
+    """The length of the model's vectors: CLIP keeps it as its text projection's width, CustomTextCLIP
+    (SigLIP's ViT-B-16-SigLIP) as its text tower's output_dim."""
+    projection = getattr(model, "text_projection", None)
+    if projection is not None and hasattr(projection, "shape"):
+        return int(projection.shape[-1])
+    for tower in (getattr(model, "text", None), getattr(model, "visual", None)):
+        dim = getattr(tower, "output_dim", None)
+        if dim:
+            return int(dim)
+    raise PipelineError(f"cannot tell the vector length of open_clip model {type(model).__name__}")
+
+
 class OpenClipModel(torch.nn.Module):
     """An open_clip model dressed as a transformers image-text model (module docstring); a torch
     module, so that the ONNX export traces its weights."""
 
-    def __init__(self, model: Any, tokenizer: Any, preprocess: dict[str, Any], name: str) -> None:
+    def __init__(self, model: Any, tokenizer_name: str, preprocess: dict[str, Any], name: str) -> None:
         super().__init__()
-        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.model, self.name = model, name
+        self._tokenizer_name = tokenizer_name
+        self._tokenizer: Any = None  # loaded by the first tokenize
         self._preprocess = preprocess
-        embed_dim = int(getattr(model, "embed_dim", 0) or model.text_projection.shape[-1])
-        context = int(getattr(model, "context_length", 0) or getattr(tokenizer, "context_length", 77))
+        embed_dim = _embed_dim(model)
+        context = int(getattr(model, "context_length", 0) or 77)
         self.config = types.SimpleNamespace(
             projection_dim=embed_dim, text_config=types.SimpleNamespace(max_position_embeddings=context)
         )
@@ -101,12 +120,11 @@ class OpenClipModel(torch.nn.Module):
         name, pretrained = open_clip_source(model)
         try:
             net = open_clip.create_model(name, pretrained=pretrained, load_weights=True, require_pretrained=True)
-            tokenizer = open_clip.get_tokenizer(name)
         except (RuntimeError, ValueError, OSError) as e:  # open_clip raises these for names, files and downloads
             raise PipelineError(f"cannot load open_clip model {model!r}: {type(e).__name__}: {e}") from e
         if dtype is not None:
             net = net.to(dtype)
-        return cls(net.eval(), tokenizer, dict(open_clip.get_model_preprocess_cfg(net)), model)
+        return cls(net.eval(), name, dict(open_clip.get_model_preprocess_cfg(net)), model)
 
     # ---------------------------------------------------------------- what transformers' models offer
     def get_image_features(self, pixel_values: Any) -> Any:
@@ -119,6 +137,32 @@ class OpenClipModel(torch.nn.Module):
     def preprocess_config(self) -> PreprocessConfig:
         return preprocess_config(self._preprocess)
 
+    def text_export(self) -> tuple[Any, str] | str:
+        """(the fast Hugging Face tokenizer, the cleaning mode) when open_clip tokenizes this model's
+        texts with one (SigLIP's: HFTokenizer), which `tokenizers` can then repeat without torch;
+        else why not (CLIP's BPE is open_clip's own Python)."""
+        self.tokenize(["probe"])  # loads it
+        tok = self._tokenizer
+        inner = getattr(tok, "tokenizer", None)
+        if type(tok).__name__ != "HFTokenizer" or not getattr(inner, "is_fast", False):
+            return (f"open_clip tokenizes with its own Python code ({type(tok).__name__}), which has no "
+                    "torch-free equivalent here")
+        if getattr(tok, "tokenizer_mode", "") or getattr(tok, "strip_sep_token", False):
+            return "open_clip post-processes this tokenizer's ids (tokenizer_mode / strip_sep_token)"
+        modes = {"_clean_whitespace": "whitespace", "_clean_lower": "lower", "_clean_canonicalize": "canonicalize"}
+        mode = modes.get(getattr(tok.clean_fn, "__name__", ""))
+        if mode is None:
+            return f"open_clip cleans texts with {tok.clean_fn!r}, which textclean.py does not repeat"
+        return inner, mode
+
     def tokenize(self, texts: list[str]) -> Any:
-        """int64 (B, context) token ids, as open_clip tokenizes (its cleaning included)."""
-        return self.tokenizer(list(texts)).long()
+        """int64 (B, context) token ids, as open_clip tokenizes (its cleaning included). The tokenizer
+        is loaded here, not with the model: a picture-only run or export never needs it (SigLIP's
+        comes from the hub)."""
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = _open_clip().get_tokenizer(self._tokenizer_name)
+            except (RuntimeError, ValueError, OSError) as e:
+                raise PipelineError(f"cannot load the tokenizer of open_clip model {self.name!r}: "
+                                    f"{type(e).__name__}: {e}") from e
+        return self._tokenizer(list(texts)).long()

@@ -86,13 +86,17 @@ def save_tiny_siglip(path: Path, image_size: int = 64, patch_size: int = 16, see
 TINY_OPEN_CLIP = "fashion-test-tiny"  # an open_clip architecture registered by save_tiny_open_clip
 
 
-def save_tiny_open_clip(folder: Path, resize_mode: str = "squash", seed: int = 0) -> tuple[Path, Path]:
+def save_tiny_open_clip(
+    folder: Path, resize_mode: str = "squash", seed: int = 0, hf_tokenizer: bool = False
+) -> tuple[Path, Path]:
     """A tiny open_clip model with random weights: its config registered with open_clip under
     TINY_OPEN_CLIP (a ViT of 2 layers per tower, 64x64 pictures, CLIP's BPE tokenizer, which
     open_clip carries), saved two ways: a weights file (for open_clip:ARCH:FILE) and a folder with
     open_clip_config.json and open_clip_pytorch_model.bin, as the hub's open_clip repositories hold
     them. resize_mode "squash" with mean/std 0.5 prepares pictures as Marqo-FashionSigLIP does.
-    Returns (weights file, folder)."""
+    hf_tokenizer: texts tokenized as Marqo-FashionSigLIP's are, by a Hugging Face tokenizer (a
+    character tokenizer saved in the folder, with open_clip's "canonicalize" cleaning) into a SigLIP-like
+    text tower (no causal mask, the last token pooled). Returns (weights file, folder)."""
     import open_clip
     import torch
 
@@ -103,18 +107,24 @@ def save_tiny_open_clip(folder: Path, resize_mode: str = "squash", seed: int = 0
     }
     preprocess = {"size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
                   "resize_mode": resize_mode}
+    if hf_tokenizer:
+        cfg["text_cfg"].update(vocab_size=45, hf_tokenizer_name="timm/ViT-B-16-SigLIP", pool_type="last",
+                               no_causal_mask=True, tokenizer_kwargs={"clean": "canonicalize"})
     if resize_mode == "shortest":
         preprocess.update(mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711])
+    name = TINY_OPEN_CLIP + ("-hf-tokenizer" if hf_tokenizer else "")  # one registered name per config
     configs = folder / "configs"
     configs.mkdir(parents=True, exist_ok=True)
-    write_json(configs / f"{TINY_OPEN_CLIP}.json", cfg)
-    open_clip.add_model_config(configs / f"{TINY_OPEN_CLIP}.json")
+    write_json(configs / f"{name}.json", cfg)
+    open_clip.add_model_config(configs / f"{name}.json")
     torch.manual_seed(seed)
-    model = open_clip.create_model(TINY_OPEN_CLIP, pretrained=None).eval()
+    model = open_clip.create_model(name, pretrained=None).eval()
     weights = folder / "tiny_open_clip.bin"
     torch.save(model.state_dict(), weights)
     hub = folder / "repo"
     hub.mkdir(exist_ok=True)
+    if hf_tokenizer:  # open_clip reads a local-dir model's Hugging Face tokenizer from the folder itself
+        save_tiny_char_tokenizer(hub, context=32)
     torch.save(model.state_dict(), hub / "open_clip_pytorch_model.bin")
     write_json(hub / "open_clip_config.json", {"model_cfg": cfg, "preprocess_cfg": preprocess})
     return weights, hub

@@ -90,6 +90,10 @@ IN_PROCESS = [
         r"^\| onnxruntime int8 \(static QDQ, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
         r"^\| embedding stage end to end .*16 JPEGs 192x256\) \| \| \| NUMBER \|$",
         r"^onnxruntime GEMM peak here: fp32 NUMBER GFLOP/s",
+        r"^  onnxruntime int8 \(static QDQ, default\): conversion .* = NUMBER% of kernel time$",
+        r"^\| FashionSigLIP ViT-B/16 \| onnxruntime int8 \(static QDQ, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
+        r"^FashionSigLIP ViT-B/16 / tiny-clip, torch fp32, batch 32: NUMBERx the speed",
+        r"^  FashionSigLIP ViT-B/16 int8 static: .*QLinearMatMul NUMBER%",
     ]),
     (int8_cpus, "clip", [
         r"^\| int8 export \| weights \| img/s here \(batch 32\) \|",

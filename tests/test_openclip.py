@@ -134,3 +134,54 @@ def test_short_names_name_the_hub_models_unless_a_folder_has_that_name(tmp_path,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fashion-clip").mkdir()
     assert config_from_flags({"model": "fashion-clip"}).embedder.model == "fashion-clip"
+
+
+def test_a_siglip_like_tokenizer_gets_a_torch_free_text_tower_equal_to_open_clips(tmp_path):
+    """Marqo-FashionSigLIP's case: open_clip tokenizes with a Hugging Face tokenizer after its
+    "canonicalize" cleaning. The export writes the text tower with tokenizer.json and the cleaning
+    mode; the ONNX backend's ids equal open_clip's and its vectors equal encode_text's, in a process
+    that never imports torch."""
+    import onnxruntime as ort
+
+    from pipeline.embedders import text_onnx_path_for
+    from pipeline.export import export_onnx
+
+    _, hub = assets.save_tiny_open_clip(tmp_path / "m", hf_tokenizer=True)
+    path = tmp_path / "onnx" / "siglip_like_image_int8_matmul.onnx"
+    path.parent.mkdir()
+    report = export_onnx(str(hub), path)
+    assert not any("not exported" in line for line in report.text_lines), report.text_lines
+    text = text_onnx_path_for(path)
+    meta = ort.InferenceSession(str(text)).get_modelmeta().custom_metadata_map
+    assert meta["fashion_pipeline.text_clean"] == "canonicalize" and meta["fashion_pipeline.text_context"] == "32"
+    texts = ["A RED dress, with buttons!", "blue_jeans   (slim)", "&amp; hat"]
+    model = open_clip.create_model(f"local-dir:{hub}").eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{hub}")
+    with torch.inference_mode():
+        ref = model.encode_text(tokenizer(texts)).numpy()
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    code = (
+        "import json, sys; from pipeline.embedders import OnnxEmbedder; "
+        f"e = OnnxEmbedder({str(path)!r}); texts = {texts!r}; "
+        "v = e.embed_text(texts); t = e._text; "
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'ids': t.tokenize(texts)[0].tolist(), "
+        "'vectors': v.tolist()}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["torch"] is False
+    assert got["ids"] == tokenizer(texts).tolist()
+    assert (np.array(got["vectors"]) * ref).sum(axis=1).min() >= 0.9999
+
+
+def test_a_hub_id_whose_config_names_open_clip_is_loaded_through_open_clip():
+    """Marqo's repositories carry a config.json with model_type "siglip" (for transformers' remote
+    code) and open_clip_model_name: read as SigLIP it would fail on its weights."""
+    from pipeline.backends import family_of
+    from pipeline.openclip import open_clip_source
+
+    config = {"model_type": "siglip", "open_clip_model_name": "hf-hub:Marqo/marqo-fashionSigLIP"}
+    assert family_of("Marqo/marqo-fashionSigLIP", read_config=lambda _: config).name == "open_clip"
+    assert open_clip_source("Marqo/marqo-fashionSigLIP") == ("hf-hub:Marqo/marqo-fashionSigLIP", None)
+    assert family_of("google/siglip-base-patch16-224", read_config=lambda _: {"model_type": "siglip"}).name == "siglip"

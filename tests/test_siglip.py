@@ -122,3 +122,24 @@ def test_a_store_made_before_families_is_clips():
 
     old = VectorIdentity.from_json({"backend": "onnx", "model": "m", "dim": 512}, "old sidecar")
     assert old.family == "clip"
+
+
+def test_thumbnails_keep_the_photos_proportions_though_the_model_squashes(tiny_siglip, siglip_onnx, tmp_path):
+    """SigLIP squashes a 40x80 photo to a square for the model; its thumbnail is the photo fitted
+    into the tile (white bands left and right), as for CLIP, on the CPU path and on the device path."""
+    from pipeline.gpu import DevicePreprocessor, inspect_jpeg
+    from pipeline.plots import THUMB_SIZE
+
+    cells = [assets.encode(Image.new("RGB", (40, 80), (200, 30, 30)), "JPEG", quality=95) for _ in range(2)]
+    data = assets.write_parquet_dataset(tmp_path / "shop", cells)
+    out = tmp_path / "out"
+    assert run("--dataset", str(data), "--limit", "0", "--output-dir", str(out), "--max-result-images", "0",
+               "--onnx", str(siglip_onnx)) == 0
+    thumbs = np.load(out / "embeddings" / "thumbnails.npy")
+    middle, edge = thumbs[0, THUMB_SIZE // 2, THUMB_SIZE // 2], thumbs[0, THUMB_SIZE // 2, 2]
+    assert middle[0] > 150 and middle[1] < 80 and (edge > 240).all()  # red photo, white band at its side
+    prep = PreprocessConfig.from_model_dir(tiny_siglip)
+    assert prep.squash
+    _, device_thumbs, _ = DevicePreprocessor(prep, "cpu").process([inspect_jpeg(cells[0])])
+    t = device_thumbs[0].numpy()
+    assert t[THUMB_SIZE // 2, THUMB_SIZE // 2, 0] > 150 and (t[THUMB_SIZE // 2, 2] > 240).all()
