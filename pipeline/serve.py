@@ -47,6 +47,16 @@ NO_SEGMENTER = (
 )
 
 
+# "One result per photo" as a form sends it: FastAPI reads an empty form field as absent (the
+# server's --group-by), so the page sends this marker instead.
+EACH_PHOTO = "(photo)"
+
+
+def each_photo(group_by: str | None) -> str | None:
+    """A query's group_by as Catalog takes it: "" for each photo, None for the server's."""
+    return "" if group_by == EACH_PHOTO else group_by
+
+
 @dataclass
 class SearchService:
     """What the app answers with: the run's settings and the opened catalog (model, gallery and index,
@@ -230,7 +240,7 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         text: str
         k: int = cfg.top_k
         filter: str | None = None
-        group_by: str | None = None  # None: the server's --group-by; "": each photo; else a column
+        group_by: str | None = None  # None: the server's --group-by; "" or EACH_PHOTO: each photo; else a column
 
     def timed(fn):
         t = time.perf_counter()
@@ -254,7 +264,8 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         k = check_k(query.k)
         try:
             asked = both_filters(cfg.filter, query.filter)
-            return {"query": words, "results": timed(lambda: service.text(words, k, asked, query.group_by))}
+            grouping = each_photo(query.group_by)
+            return {"query": words, "results": timed(lambda: service.text(words, k, asked, grouping))}
         except UsageError as e:  # the filter is parsed, checked and never run as code; an unknown column
             raise HTTPException(422, str(e)) from None
 
@@ -274,7 +285,7 @@ def _add_query_endpoints(app, service: SearchService) -> None:
             words = text.strip()[:MAX_TEXT_CHARS]
             asked = both_filters(cfg.filter, filter)
             found = timed(lambda: service.image(data, file.filename or "upload", k, segment, asked,
-                                                words, group_by))
+                                                words, each_photo(group_by)))
             return {"queries": found}
         except UsageError as e:  # a bad filter or group-by column (segment was checked above)
             raise HTTPException(422, str(e)) from None

@@ -358,6 +358,13 @@ def test_group_by_per_query_in_the_api_and_on_the_page(built, tiny_onnx, browser
         by_photo = httpx.post(url + "/api/text", json={"text": "a coat", "k": 8, "group_by": ""}).json()["results"]
         assert len({r["meta"]["item_id"] for r in by_server}) == 8
         assert len({r["meta"]["item_id"] for r in by_photo}) < 8  # two photos a product: some come together
+        # the form of a picture query: "(photo)" means each photo, as "" does in JSON (an empty form
+        # field would read as absent, the server's item_id)
+        picture = {"file": ("q.jpg", (out / "images" / by_photo[0]["file"]).read_bytes(), "image/jpeg")}
+        form = httpx.post(url + "/api/image", files=picture, data={"k": "8", "group_by": "(photo)"}).json()
+        assert len({r["meta"]["item_id"] for r in form["queries"][0]["results"]}) < 8
+        form = httpx.post(url + "/api/image", files=picture, data={"k": "8", "group_by": ""}).json()
+        assert len({r["meta"]["item_id"] for r in form["queries"][0]["results"]}) == 8
         bad = httpx.post(url + "/api/text", json={"text": "a coat", "group_by": "size"})
         assert bad.status_code == 422 and "--group-by: unknown column 'size'" in bad.json()["detail"]
         browser.get(url + "/")
