@@ -9,6 +9,7 @@ in `FAMILIES` and its loader. Nothing heavy is imported here: `main.py --help` r
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from collections.abc import Callable
@@ -122,20 +123,41 @@ def family_of(model: str, read_config: Callable[[str], dict[str, Any] | None] | 
     raise PipelineError(f"{model}: model type {model_type!r} is not supported (this version embeds with: {known})")
 
 
+@functools.lru_cache(maxsize=32)
+def _hub_config_path(model: str) -> str | None:
+    """A hub id's config.json, downloaded or from the cache, once per process (each run asks for
+    the family several times); None when it cannot be had."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(model, "config.json")
+    except Exception:  # offline, gated, not a hub id: loading the model says why
+        return None
+
+
 def _model_config(model: str) -> dict[str, Any] | None:
     """A model's config.json: a folder's own, or a hub id's (from the hub's cache, or the hub when
     it can be reached); None when it cannot be had (the model's loading then says why)."""
     path = Path(model) / "config.json"
     if not path.is_file() and not Path(model).exists() and "/" in model:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(model, "config.json"))
-        except Exception:  # offline, gated, not a hub id: loading the model says why
+        hub = _hub_config_path(model)
+        if hub is None:
             return None
+        path = Path(hub)
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise PipelineError(f"{path}: unreadable model config ({e})") from e
+
+
+def known_family(model: str) -> str | None:
+    """The family's name when it can be told without loading the model; None when a hub id's
+    config.json cannot be had (offline, not cached): a cache check then leaves the family to the
+    loaded model's identity rather than guessing CLIP and refusing a SigLIP store."""
+    if model.startswith(("open_clip:", "hf-hub:")) or (Path(model) / "open_clip_config.json").is_file():
+        return "open_clip"
+    if not Path(model).exists() and _model_config(model) is None:
+        return None
+    return family_of(model).name

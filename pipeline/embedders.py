@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from . import textclean
-from .backends import BACKENDS, family_of
+from .backends import BACKENDS, family_of, known_family
 from .errors import PipelineError, first_line
 from .fileio import sha256_file
 from .identity import VectorIdentity
@@ -177,7 +177,7 @@ def requested_identity(spec: EmbedderSpec) -> VectorIdentity:
         return VectorIdentity(backend="onnx", onnx_sha256=sha256_file(spec.onnx), pixels=pixels)
     return VectorIdentity(
         backend="torch",
-        family=family_of(spec.model).name,  # from its config.json: SigLIP vectors never meet CLIP's
+        family=known_family(spec.model),  # from its config.json: SigLIP vectors never meet CLIP's
         model=model_reference(spec.model),
         model_sha256=model_weights_sha256(spec.model) or None,
         precision=None if spec.precision == "auto" else spec.precision,

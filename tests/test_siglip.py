@@ -124,6 +124,22 @@ def test_a_store_made_before_families_is_clips():
     assert old.family == "clip"
 
 
+def test_a_hub_model_whose_config_cannot_be_read_asks_for_no_family(tiny_siglip, monkeypatch):
+    """Offline, with the hub id's config.json not cached, the family is unknown before loading: the
+    cache check leaves it out (the model id and weights still decide) rather than guessing CLIP and
+    refusing a SigLIP store made online with the same id."""
+    from pipeline import backends
+    from pipeline.embedders import EmbedderSpec, requested_identity
+    from pipeline.identity import VectorIdentity, differences
+
+    monkeypatch.setattr(backends, "_hub_config_path", lambda model: None)
+    asked = requested_identity(EmbedderSpec(model="google/siglip-base-patch16-224", backend="torch"))
+    assert asked.family is None
+    stored = VectorIdentity(backend="torch", family="siglip", model="google/siglip-base-patch16-224", dim=768)
+    assert differences(asked, stored) == []
+    assert requested_identity(EmbedderSpec(model=str(tiny_siglip), backend="torch")).family == "siglip"
+
+
 def test_thumbnails_keep_the_photos_proportions_though_the_model_squashes(tiny_siglip, siglip_onnx, tmp_path):
     """SigLIP squashes a 40x80 photo to a square for the model; its thumbnail is the photo fitted
     into the tile (white bands left and right), as for CLIP, on the CPU path and on the device path."""
