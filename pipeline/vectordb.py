@@ -210,6 +210,9 @@ class _LanceDB:
         if t is None:
             self.db.create_table(TABLE, table)
             return
+        if not t.schema.equals(table.schema):  # a column came or went: LanceDB adds rows of its own schema only
+            self.db.create_table(TABLE, table, mode="overwrite")
+            return
         for start in range(0, len(drop), 500):
             keys = ", ".join("'" + k.replace("'", "''") + "'" for k in drop[start : start + 500])
             t.delete(f"key IN ({keys})")

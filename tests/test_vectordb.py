@@ -14,7 +14,7 @@ import main as cli
 from pipeline import Catalog
 from pipeline.vectordb import item_keys
 from tests.helpers import run
-from tests.test_metadata import args, write_shop
+from tests.test_metadata import N, args, write_shop
 
 lancedb = pytest.importorskip("lancedb")
 qdrant_client = pytest.importorskip("qdrant_client")
@@ -154,3 +154,19 @@ def test_an_export_made_before_families_were_recorded_is_still_brought_up_to_dat
     capsys.readouterr()
     assert cli.main(args(data, tiny_onnx, out, "--export", f"parquet:{targets['parquet']}")) == 0
     assert "unchanged 40" in capsys.readouterr().out
+
+
+def test_a_lancedb_export_whose_columns_changed_is_rewritten(tiny_onnx, tmp_path, capsys):
+    """The catalogue gains a column (here: more --meta-columns): LanceDB cannot add rows of another
+    schema to its table, so the export rewrites the table, every row counted changed."""
+    data = write_shop(tmp_path / "shop")
+    out, target = tmp_path / "out", tmp_path / "export.lancedb"
+    assert run(*args(data, tiny_onnx, out, "--meta-columns", "category")) == 0
+    assert run(*args(data, tiny_onnx, out, "--meta-columns", "category", "--export", f"lancedb:{target}")) == 0
+    capsys.readouterr()
+    assert cli.main(args(data, tiny_onnx, out, "--meta-columns", "category,price", "--update")) == 0
+    assert cli.main(args(data, tiny_onnx, out, "--meta-columns", "category,price",
+                         "--export", f"lancedb:{target}")) == 0
+    assert f"changed {N}, removed 0, unchanged 0" in capsys.readouterr().out
+    table = lancedb.connect(str(target)).open_table("gallery").to_arrow()
+    assert {"category", "price"} <= set(table.column_names) and table.num_rows == N
