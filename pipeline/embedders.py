@@ -24,6 +24,7 @@ from .backends import BACKENDS, family_of, known_family
 from .errors import PipelineError, first_line
 from .fileio import sha256_file
 from .identity import VectorIdentity
+from .int8graph import cpu_model
 from .preprocess import PreprocessConfig
 from .probes import META_PROBES, ProbeRecord, check_file, probe_pixels
 from .tokens import TEXT_CONTEXT, TokenizerError, check_distinct, load_tokenizer
@@ -249,8 +250,14 @@ class OnnxEmbedder(Embedder):
         cores = threads or available_cores()
         replicas = 1 if "CUDAExecutionProvider" in self._providers else max(1, cores)
         self._opts = _session_options(ort, intra_op_threads=1 if replicas > 1 else cores)
+        source: str | bytes = str(self.path)
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=self._opts, providers=self._providers)
+            self.session = ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
+            if self._providers == ["CPUExecutionProvider"]:  # the bias fused into the int8 GEMM (int8graph.py)
+                fused = cpu_model(self.path, self.session.get_modelmeta().custom_metadata_map)
+                if fused is not None:
+                    source = fused
+                    self.session = ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise PipelineError(
                 f"cannot load ONNX file {self.path}: {type(e).__name__}: {e}. Re-create it with --export-onnx."
@@ -258,7 +265,7 @@ class OnnxEmbedder(Embedder):
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # sessions not running right now
         self._free.put(self.session)
         for _ in range(replicas - 1):
-            self._free.put(ort.InferenceSession(str(self.path), sess_options=self._opts, providers=self._providers))
+            self._free.put(ort.InferenceSession(source, sess_options=self._opts, providers=self._providers))
         self._pool = ThreadPoolExecutor(max_workers=replicas, thread_name_prefix="onnx") if replicas > 1 else None
         # Callers with their own per-core threads (the gallery's lanes) may run this many
         # `embed_serial` calls at once, each on one core.

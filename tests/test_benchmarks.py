@@ -19,6 +19,7 @@ from benchmarks import (
     filtered,
     gpu_check,
     int8_cpus,
+    int8_recipes,
     ray_vs_local,
     report,
     scale,
@@ -93,7 +94,13 @@ IN_PROCESS = [
         r"^  onnxruntime int8 \(static QDQ, default\): conversion .* = NUMBER% of kernel time$",
         r"^\| FashionSigLIP ViT-B/16 \| onnxruntime int8 \(static QDQ, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
         r"^FashionSigLIP ViT-B/16 / tiny-clip, torch fp32, batch 32: NUMBERx the speed",
-        r"^  FashionSigLIP ViT-B/16 int8 static: .*QLinearMatMul NUMBER%",
+        r"^  FashionSigLIP ViT-B/16 int8 static: .*MatMulIntegerToFloat NUMBER%",
+    ]),
+    (int8_recipes, "clip", [
+        r"^\| qdq-out \| NUMBER \| 1\.00x \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
+        r"^\| float-out \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
+        r"^\| float-out\+bias \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
+        r"^\| all-ops \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
     ]),
     (int8_cpus, "clip", [
         r"^\| int8 export \| weights \| img/s here \(batch 32\) \|",

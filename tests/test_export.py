@@ -223,3 +223,38 @@ def test_damaged_text_tower_is_refused(tiny_onnx, tmp_path):
         e.embed_text(["red dress"])
     shutil.copy(text, folder / text.name)
     assert OnnxEmbedder(image).embed_text(["red dress"]).shape == (1, 16)
+
+
+def test_the_static_int8_file_runs_without_dequantizing_between_ops(tiny_onnx, tmp_path):
+    """Issue 29: the MatMuls' outputs stay float (no QuantizeLinear after them), so onnxruntime runs
+    each as MatMulIntegerToFloat and the optimized graph holds no DequantizeLinear at all: the only
+    format conversion left is one QuantizeLinear per MatMul input. The recipe is named in the file;
+    one picture alone gives its vector in a batch of 32, bit for bit."""
+    import collections
+
+    import onnxruntime as ort
+
+    from pipeline.embedders import OnnxEmbedder, _session_options
+    from pipeline.preprocess import preprocess_batch
+
+    meta = ort.InferenceSession(str(tiny_onnx)).get_modelmeta().custom_metadata_map
+    assert meta[export.META_INT8_RECIPE] == "matmul-float-out"
+    opts = _session_options(ort, 2)
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tiny_onnx), opts, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert ops["DequantizeLinear"] == 0 and ops["MatMul"] == 0, ops
+    assert ops["MatMulIntegerToFloat"] >= 4 and ops["QuantizeLinear"] <= ops["MatMulIntegerToFloat"], ops
+    # On the CPU the embedder runs the graph with each bias Add fused into its MatMulIntegerToFloat
+    from pipeline.int8graph import cpu_model
+
+    fused = onnx.load_from_string(cpu_model(tiny_onnx, meta))
+    with_bias = [n for n in fused.graph.node if n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7]
+    assert len(with_bias) >= 4 and not any(n.op_type == "DequantizeLinear" and "weight" in n.input[0].lower()
+                                           for n in fused.graph.node)
+    emb = OnnxEmbedder(tiny_onnx, device="cpu")
+    pixels = preprocess_batch(export.verification_images(32), emb.preprocess_cfg)
+    batch = emb.embed(pixels)
+    assert all(np.array_equal(emb.embed(pixels[i : i + 1])[0], batch[i]) for i in (0, 17, 31))
+    plain = export.run_onnx(ort, tiny_onnx, pixels)  # the file as written, unfused
+    assert export.feature_cosines(batch, plain).min() >= 0.99999

@@ -38,8 +38,8 @@ def test_a_results_table_is_printed_once_and_never_repeated_as_notes():
     printed = s.format().splitlines()
     at = printed.index("results:")
     assert printed[at + 1 :] == [
-        "  | task | backend | queries | R@1 | R@5 | R@10 | MRR |",
-        "  |---|---|---|---|---|---|---|",
-        "  | same-product | onnx-int8 | 6 | 0.500 | 1.000 | 1.000 | 0.750 |",
+        "  | task | model / backend | queries | R@1 | R@5 | R@10 | MRR | img/s |",
+        "  |---|---|---|---|---|---|---|---|",
+        "  | same-product | onnx-int8 | 6 | 0.500 | 1.000 | 1.000 | 0.750 | — |",  # no speed measured: a dash
     ]
     assert summary_payload(s)["notes"] == ["2 queries skipped: their product has no other image"]
