@@ -140,7 +140,8 @@ CONVERSION = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Ad
 def op_profile(path: Path, batch: int = 32, runs: int = 3) -> dict[str, float]:
     """Share of kernel time by op type of an ONNX file at `batch`, from onnxruntime's profiler, with
     the session options the pipeline runs it with (every core, full graph optimization): so the op
-    names are those of the optimized graph (QLinearMatMul, fused ops), as they really run."""
+    names are those of the optimized graph (MatMulIntegerToFloat, fused ops), as they really run; a
+    static int8 file with the bias fused as a CPU session fuses it (pipeline/int8graph.py)."""
     import json
     import tempfile
 
@@ -148,14 +149,18 @@ def op_profile(path: Path, batch: int = 32, runs: int = 3) -> dict[str, float]:
 
     from pipeline.embedders import _session_options, available_cores
 
-    sess_in = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0]
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess_in = plain.get_inputs()[0]
+    from pipeline.int8graph import cpu_model
+
+    model: str | bytes = cpu_model(path, plain.get_modelmeta().custom_metadata_map) or str(path)  # as the CPU runs it
     hw = [d if isinstance(d, int) else 224 for d in sess_in.shape[2:]]
     x = np.random.default_rng(0).normal(size=(batch, 3, *hw)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         opts = _session_options(ort, available_cores())
         opts.enable_profiling = True
         opts.profile_file_prefix = f"{tmp}/profile"
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         for _ in range(runs):
             sess.run(None, {sess_in.name: x})
         events = json.loads(Path(sess.end_profiling()).read_text())

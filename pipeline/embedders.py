@@ -155,7 +155,10 @@ def model_weights_sha256(model: str) -> str:
     p = Path(model)
     if not p.is_dir():
         return ""
-    for name in WEIGHT_FILES:
+    names = WEIGHT_FILES
+    if (p / "open_clip_config.json").is_file():  # the file open_clip loads (its _find_checkpoint_in_dir order)
+        names = WEIGHT_FILES[2:] + WEIGHT_FILES[:2]
+    for name in names:
         if (p / name).is_file():
             return sha256_file(p / name)
     return ""
@@ -253,7 +256,7 @@ class OnnxEmbedder(Embedder):
         source: str | bytes = str(self.path)
         try:
             self.session = ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
-            if self._providers == ["CPUExecutionProvider"]:  # the bias fused into the int8 GEMM (int8graph.py)
+            if self.session.get_providers() == ["CPUExecutionProvider"]:  # bias fused into the int8 GEMM (int8graph.py)
                 fused = cpu_model(self.path, self.session.get_modelmeta().custom_metadata_map)
                 if fused is not None:
                     source = fused
@@ -480,6 +483,9 @@ class TorchEmbedder(Embedder):
         elif self.precision == "fp16":
             kwargs = {"dtype": torch.float16}
         self.family = family_of(model)
+        if self.precision == "int8" and self.family.name == "open_clip":  # bitsandbytes loads transformers models only
+            raise PipelineError("--precision int8 (bitsandbytes) is for transformers models; an open_clip model runs "
+                                "fp32 or fp16 on torch, or int8 through --export-onnx")
         try:
             self.model = self.family.load(model, **kwargs).eval()
         except OSError as e:

@@ -35,6 +35,13 @@ def cpu_model(path: Path, meta: dict[str, str]) -> bytes | None:
     return model.SerializeToString()
 
 
+def _size(init: Any) -> int:
+    n = 1
+    for d in getattr(init, "dims", []):
+        n *= d
+    return n if init is not None else 0
+
+
 def fuse_bias(model: Any) -> int:
     """Rewrite, in place, MatMul(DQ(xq), DQ(W)) [+ Add(bias)] into com.microsoft MatMulIntegerToFloat
     (xq, W, x_scale, W_scale, x_zero_point, W_zero_point[, bias]) where W is an int8 initializer and
@@ -45,6 +52,7 @@ def fuse_bias(model: Any) -> int:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
+    graph_outputs = {o.name for o in graph.output}
     consumers: dict[str, list[Any]] = {}
     for node in graph.node:
         for name in node.input:
@@ -59,12 +67,19 @@ def fuse_bias(model: Any) -> int:
             continue
         if w_dq.input[0] not in inits or len(x_dq.input) < 3 or len(w_dq.input) < 3:
             continue
+        weight = inits[w_dq.input[0]]
+        axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
+        per_column = axis in (1, -1) and len(weight.dims) == 2
+        if not per_column and _size(inits.get(w_dq.input[1])) != 1:  # per-row scales: not what the kernel takes
+            continue
+        if node.output[0] in graph_outputs:
+            continue
         users = consumers.get(node.output[0], [])
         add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
         bias = None
         if add is not None:
             other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-            if other in inits and len(inits[other].dims) == 1:
+            if other in inits and list(inits[other].dims) == [weight.dims[-1]] and add.output[0] not in graph_outputs:
                 bias = other
         inputs = [x_dq.input[0], w_dq.input[0], x_dq.input[1], w_dq.input[1], x_dq.input[2], w_dq.input[2]]
         out = add.output[0] if bias is not None and add is not None else node.output[0]
@@ -79,6 +94,12 @@ def fuse_bias(model: Any) -> int:
     if not replace:
         return 0
     nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
+    while True:  # a DequantizeLinear shared by several rewritten MatMuls (q, k, v) is read by none now
+        read = {name for n in nodes for name in n.input} | graph_outputs
+        dead = [n for n in nodes if n.op_type == "DequantizeLinear" and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        nodes = [n for n in nodes if n not in dead]
     del graph.node[:]
     graph.node.extend(nodes)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):

@@ -141,7 +141,10 @@ class OpenClipModel(torch.nn.Module):
         """(the fast Hugging Face tokenizer, the cleaning mode) when open_clip tokenizes this model's
         texts with one (SigLIP's: HFTokenizer), which `tokenizers` can then repeat without torch;
         else why not (CLIP's BPE is open_clip's own Python)."""
-        self.tokenize(["probe"])  # loads it
+        try:
+            self.tokenize(["probe"])  # loads it
+        except PipelineError as e:  # offline, say: the verified image files are still written
+            return str(e)
         tok = self._tokenizer
         inner = getattr(tok, "tokenizer", None)
         if type(tok).__name__ != "HFTokenizer" or not getattr(inner, "is_fast", False):

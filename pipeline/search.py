@@ -447,7 +447,9 @@ def evaluation_specs(cfg: RunConfig) -> dict[str, EmbedderSpec]:
         out = {}
         for entry in cfg.evaluate.models:
             if entry.endswith(".onnx"):
-                out[f"{Path(entry).name} (onnx)"] = replace(cfg.embedder, onnx=entry, backend="onnx", precision="auto")
+                same_name = sum(Path(e).name == Path(entry).name for e in cfg.evaluate.models) > 1
+                name = f"{entry if same_name else Path(entry).name} (onnx)"  # two files of one name: their paths
+                out[name] = replace(cfg.embedder, onnx=entry, backend="onnx", precision="auto")
             else:
                 model = entry if Path(entry).exists() else MODELS.get(entry, entry)  # a folder wins over a short name
                 out[entry] = replace(cfg.embedder, model=model, backend="torch")
