@@ -41,27 +41,12 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dict[str, Any]) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from pipeline.export import REDUCE_RANGE
+    from pipeline.export import REDUCE_RANGE, calibration_reader
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.start = 0
-
-        def get_next(self):
-            if self.start >= len(calib):
-                return None
-            self.start += 8
-            return {"pixel_values": calib[self.start - 8 : self.start]}
-
+    Reader = calibration_reader(calib)  # as the export calibrates
     if not pre.is_file():
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     kwargs = dict(kwargs)

@@ -476,17 +476,10 @@ def _verify_text_graph(tower, enc, path: Path, masked: bool = True) -> tuple[str
 INT8_RECIPES = {"static": FUSED_RECIPE, "dynamic": "matmul-dynamic"}
 
 
-def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool) -> None:
-    """QDQ int8 for MatMul: uint8 asymmetric activations (MinMax ranges), 7-bit int8 weights, float
-    outputs."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def calibration_reader(calib_pixels: np.ndarray):
+    """onnxruntime's CalibrationDataReader over preprocessed pictures, 8 at a time (a class: a fresh
+    instance reads from the start)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -498,6 +491,17 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
             batch = {"pixel_values": calib_pixels[self.start : self.start + 8]}
             self.start += 8
             return batch
+
+    return Reader
+
+
+def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool) -> None:
+    """QDQ int8 for MatMul: uint8 asymmetric activations (MinMax ranges), 7-bit int8 weights, float
+    outputs."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    Reader = calibration_reader(calib_pixels)
 
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     quantize_static(
