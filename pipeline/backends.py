@@ -76,6 +76,12 @@ MODELS: dict[str, str] = {
 }
 
 
+def model_by_name(model: str) -> str:
+    """--model / --eval-models as given: a short name of MODELS names its model, unless a folder of
+    that name exists here."""
+    return MODELS[model] if model in MODELS and not Path(model).exists() else model
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """A kind of image-text model: the config.json model_types that name it, its transformers
@@ -104,11 +110,28 @@ NOT_YET = {  # model types known by name, refused with the reason rather than a 
 }
 
 
+# How --model names an open_clip model (pipeline/openclip.py), told apart here without importing it.
+OPEN_CLIP_PREFIX, OPEN_CLIP_HUB, OPEN_CLIP_CONFIG = "open_clip:", "hf-hub:", "open_clip_config.json"
+
+
+def names_open_clip(model: str) -> bool:
+    """`open_clip:ARCH:FILE`, `hf-hub:...`, or a folder holding open_clip_config.json."""
+    return model.startswith((OPEN_CLIP_PREFIX, OPEN_CLIP_HUB)) or (Path(model) / OPEN_CLIP_CONFIG).is_file()
+
+
+def open_clip_weights(model: str) -> tuple[str, str] | None:
+    """(architecture, weights file) of `open_clip:ARCH:FILE`; None for any other name."""
+    if not model.startswith(OPEN_CLIP_PREFIX):
+        return None
+    arch, _, weights = model[len(OPEN_CLIP_PREFIX):].partition(":")
+    return arch, weights
+
+
 def family_of(model: str, read_config: Callable[[str], dict[str, Any] | None] | None = None) -> ModelFamily:
     """The family of a model folder or hub id, from its config.json's model_type (CLIP when there is
     none to read). A model of a family this version does not know is refused by name, rather than
     failing later with a size mismatch."""
-    if model.startswith(("open_clip:", "hf-hub:")) or (Path(model) / "open_clip_config.json").is_file():
+    if names_open_clip(model):
         return FAMILIES["open_clip"]
     config = (read_config or _model_config)(model)
     if (config or {}).get("open_clip_model_name"):  # Marqo's repositories: a transformers shim over open_clip
@@ -156,8 +179,6 @@ def known_family(model: str) -> str | None:
     """The family's name when it can be told without loading the model; None when a hub id's
     config.json cannot be had (offline, not cached): a cache check then leaves the family to the
     loaded model's identity rather than guessing CLIP and refusing a SigLIP store."""
-    if model.startswith(("open_clip:", "hf-hub:")) or (Path(model) / "open_clip_config.json").is_file():
-        return "open_clip"
-    if not Path(model).exists() and _model_config(model) is None:
+    if not names_open_clip(model) and not Path(model).exists() and _model_config(model) is None:
         return None
     return family_of(model).name

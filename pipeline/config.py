@@ -11,7 +11,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .backends import MODELS
+from .backends import model_by_name
 from .dataset import DatasetSpec
 from .embedders import EmbedderSpec
 from .remote import default_work_dir, is_url
@@ -305,8 +305,8 @@ def config_from_flags(
         section, name = FLAGS[dest]
         sections.setdefault(section, {})[name] = value
     embedder = sections.setdefault("embedder", {})
-    if embedder.get("model") in MODELS and not Path(embedder["model"]).exists():  # a short name (backends.MODELS)
-        embedder["model"] = MODELS[embedder["model"]]
+    if embedder.get("model"):  # a short name of backends.MODELS
+        embedder["model"] = model_by_name(embedder["model"])
     if (
         "onnx" in explicit
         and embedder.get("backend", "auto") == "auto"

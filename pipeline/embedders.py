@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from . import textclean
-from .backends import BACKENDS, family_of, known_family
+from .backends import BACKENDS, OPEN_CLIP_CONFIG, OPEN_CLIP_PREFIX, family_of, known_family, open_clip_weights
 from .errors import PipelineError, first_line
 from .fileio import sha256_file
 from .identity import VectorIdentity
@@ -135,9 +135,10 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 def model_reference(model: str) -> str:
     """The model as recorded: absolute path for a local folder, the hub id otherwise
     (open_clip:ARCH:FILE with the file's absolute path)."""
-    if model.startswith("open_clip:"):
-        arch, _, weights = model[len("open_clip:"):].partition(":")
-        return f"open_clip:{arch}:{Path(weights).resolve()}" if weights else model
+    named = open_clip_weights(model)
+    if named is not None:
+        arch, weights = named
+        return f"{OPEN_CLIP_PREFIX}{arch}:{Path(weights).resolve()}" if weights else model
     p = Path(model)
     return str(p.resolve()) if p.exists() else model
 
@@ -149,14 +150,15 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safet
 def model_weights_sha256(model: str) -> str:
     """sha256 of a local model's weight file (a folder's, or open_clip:ARCH:FILE's); "" for a hub
     id (the id names the weights)."""
-    if model.startswith("open_clip:"):
-        weights = Path(model[len("open_clip:"):].partition(":")[2])
-        return sha256_file(weights) if weights.is_file() else ""
+    named = open_clip_weights(model)
+    if named is not None:
+        weights = Path(named[1])
+        return sha256_file(weights) if named[1] and weights.is_file() else ""
     p = Path(model)
     if not p.is_dir():
         return ""
     names = WEIGHT_FILES
-    if (p / "open_clip_config.json").is_file():  # the file open_clip loads (its _find_checkpoint_in_dir order)
+    if (p / OPEN_CLIP_CONFIG).is_file():  # the file open_clip loads (its _find_checkpoint_in_dir order)
         names = WEIGHT_FILES[2:] + WEIGHT_FILES[:2]
     for name in names:
         if (p / name).is_file():

@@ -82,7 +82,7 @@ def fuse_bias(model: Any) -> int:
             if other in inits and list(inits[other].dims) == [weight.dims[-1]] and add.output[0] not in graph_outputs:
                 bias = other
         inputs = [x_dq.input[0], w_dq.input[0], x_dq.input[1], w_dq.input[1], x_dq.input[2], w_dq.input[2]]
-        out = add.output[0] if bias is not None and add is not None else node.output[0]
+        out = add.output[0] if add is not None and bias is not None else node.output[0]
         replace[id(node)] = helper.make_node("MatMulIntegerToFloat", inputs + ([bias] if bias else []), [out],
                                              name=f"{node.name}_int8", domain="com.microsoft")
         if bias is not None and add is not None:

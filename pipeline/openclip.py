@@ -23,34 +23,28 @@ from typing import Any
 
 import torch
 
+from .backends import OPEN_CLIP_HUB, open_clip_weights
 from .errors import PipelineError
 from .preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 
-PREFIX = "open_clip:"
-HUB_PREFIX = "hf-hub:"
-CONFIG_FILE = "open_clip_config.json"
 _RESAMPLE = {"bicubic": 3, "bilinear": 2}
-
-
-def is_open_clip(model: str) -> bool:
-    """Whether `--model` names an open_clip model (module docstring)."""
-    return model.startswith((PREFIX, HUB_PREFIX)) or (Path(model) / CONFIG_FILE).is_file()
 
 
 def open_clip_source(model: str) -> tuple[str, str | None]:
     """(model_name, pretrained) as open_clip.create_model takes them."""
-    if model.startswith(HUB_PREFIX):
+    if model.startswith(OPEN_CLIP_HUB):
         return model, None
-    if model.startswith(PREFIX):
-        arch, sep, weights = model[len(PREFIX):].partition(":")
-        if not arch or not sep or not weights:
+    named = open_clip_weights(model)
+    if named is not None:
+        arch, weights = named
+        if not arch or not weights:
             raise PipelineError(f"--model {model!r}: expected open_clip:ARCH:FILE (e.g. open_clip:ViT-B-32:./vit.bin)")
         if not Path(weights).is_file():
             raise PipelineError(f"--model {model!r}: no weights file {weights}")
         return arch, str(Path(weights).resolve())
     if Path(model).is_dir():
         return "local-dir:" + str(Path(model).resolve()), None
-    return HUB_PREFIX + model, None  # a hub id whose config.json names open_clip (Marqo/marqo-fashionSigLIP)
+    return OPEN_CLIP_HUB + model, None  # a hub id whose config.json names open_clip (Marqo/marqo-fashionSigLIP)
 
 
 def _open_clip() -> Any:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .backends import EVAL_BACKENDS, MODELS
+from .backends import EVAL_BACKENDS, model_by_name
 from .catalog import Catalog
 from .config import RunConfig
 from .dataset import IMAGE_SUFFIXES, DatasetSpec, count_rows, iter_records
@@ -377,10 +377,10 @@ def embed_pass(
     out: dict = {"ids": ids, "speed": {}}
     for batcher in (photos, garments, crops):
         batcher.flush()  # the last partial batch counts in the timing
+    count = sum(len(b.rows) for b in (photos, garments, crops))
     for name, seconds in photos.seconds.items():
         total = seconds + garments.seconds[name] + crops.seconds[name]
         summary.timed(f"embed/infer {name}", total, f"inference {name}")
-        count = sum(len(b.rows) for b in (photos, garments, crops))
         out["speed"][name] = count / total if total > 0 else float("nan")  # pictures a second, inference only
     for name in embedders:
         out[name] = {"photos": photos.result(name)}
@@ -451,8 +451,7 @@ def evaluation_specs(cfg: RunConfig) -> dict[str, EmbedderSpec]:
                 name = f"{entry if same_name else Path(entry).name} (onnx)"  # two files of one name: their paths
                 out[name] = replace(cfg.embedder, onnx=entry, backend="onnx", precision="auto")
             else:
-                model = entry if Path(entry).exists() else MODELS.get(entry, entry)  # a folder wins over a short name
-                out[entry] = replace(cfg.embedder, model=model, backend="torch")
+                out[entry] = replace(cfg.embedder, model=model_by_name(entry), backend="torch")
         return out
     backends = list(cfg.evaluate.backends) or ["onnx-int8" if cfg.embedder.resolve_backend() == "onnx" else "torch"]
     return {b: _spec_for(cfg, b) for b in backends}
