@@ -2,9 +2,9 @@
 
     from pipeline import Catalog
     cat = Catalog.open("runs/today/embeddings", model="./fashion-clip")
-    cat.search_text("red floral midi dress", k=5)      # [Hit(rank=1, file='img_00042.jpg', ...), ...]
+    cat.search_text("red floral midi dress", k=5)      # [Hit(rank=1, file='img_3f2a9c1e0b4d5a6f.jpg', ...), ...]
     cat.search_image("look.jpg", k=5)                  # one QueryResult per query picture
-    cat.neighbours("img_00042.jpg", k=5)               # an item's look-alikes (never itself)
+    cat.neighbours("img_3f2a9c1e0b4d5a6f.jpg", k=5)               # an item's look-alikes (never itself)
 
 The same `Searcher` answers the CLI's queries, --serve and video, so the hits are the ones they give.
 """

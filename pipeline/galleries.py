@@ -51,7 +51,7 @@ from .yolo import make_segmenter
 
 log = logging.getLogger(__name__)
 
-SEGMENT_FILES = re.compile(r"seg_\d+_(p\d+|full)\.png$")  # the file names a segmented gallery owns
+SEGMENT_FILES = re.compile(r"seg_([0-9a-f]{16}|\d+_(p\d+|full))\.png$")  # the file names a segmented gallery owns
 
 
 @dataclass

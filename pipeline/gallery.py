@@ -41,7 +41,9 @@ from .store import ManifestRow, Shard, ShardStore, StoreBuild
 log = logging.getLogger(__name__)
 
 
-STANDARD_FILES = re.compile(r"img_\d+\.(jpg|png)$")  # the file names a standard gallery owns
+# The file names a standard gallery owns: named by content (items.image_file_name), or by dataset
+# row as stores made before 2026-12 were (an update renames those once).
+STANDARD_FILES = re.compile(r"img_([0-9a-f]{16}|\d+)\.(jpg|png)$")
 
 
 @dataclass

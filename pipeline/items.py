@@ -58,12 +58,22 @@ class GalleryItem:
 ItemMaker = Callable[[list[Record]], list[list[GalleryItem]]]
 
 
-def image_file_name(source_row: int, ext: str) -> str:
-    return f"img_{source_row:05d}.{ext}"
+# A gallery file is named by its own bytes: img_<first 16 hex digits of their sha256>.jpg. The name
+# never depends on where the photo sits in the dataset, so an update that removes or inserts rows
+# renames nothing (and redraws nothing that shows the name), and a fresh build over the same photos
+# names them alike. Equal bytes are one file, whichever rows hold them. 64 bits: a clash is not
+# expected below ~10^8 files, and write_store refuses one.
+NAME_DIGITS = 16
 
 
-def crop_file_name(source_row: int, person: int | None) -> str:
-    return f"seg_{source_row:05d}_full.png" if person is None else f"seg_{source_row:05d}_p{person:02d}.png"
+def image_file_name(file_sha256: str, ext: str) -> str:
+    """A standard gallery's file for bytes with this sha256."""
+    return f"img_{file_sha256[:NAME_DIGITS]}.{ext}"
+
+
+def crop_file_name(file_sha256: str) -> str:
+    """A segmented gallery's PNG crop (or whole picture) with this sha256."""
+    return f"seg_{file_sha256[:NAME_DIGITS]}.png"
 
 
 def source_sha256(record: Record) -> str:
@@ -110,8 +120,9 @@ def make_standard_items(decode_min_side: int, device_decode: bool = False) -> It
 
     def one(record: Record) -> list[GalleryItem]:
         if device_decode and record.data is not None and (jpeg := inspect_jpeg(record.data)) is not None:
-            row = ManifestRow(index=-1, file=image_file_name(record.source_row, "jpg"), source_row=record.source_row,
-                              source=record.source, sha256=sha256_bytes(record.data),
+            sha = sha256_bytes(record.data)
+            row = ManifestRow(index=-1, file=image_file_name(sha, "jpg"), source_row=record.source_row,
+                              source=record.source, sha256=sha,
                               item_id=record.item_id, source_sha256=source_sha256(record))
             row.width, row.height = jpeg.oriented_size
             try:  # the duplicate signals are the CPU's: the same as a CPU build's
@@ -125,8 +136,8 @@ def make_standard_items(decode_min_side: int, device_decode: bool = False) -> It
         ext = sniff_format(record.data)
         # JPEG and PNG are kept byte for byte; anything else is encoded once, losslessly.
         data = record.data if ext else encode_png(decoded.image)
-        row.file = image_file_name(record.source_row, ext or "png")
-        row.sha256 = sha256_bytes(data)
+        row.sha256 = row.source_sha256 if data is record.data else sha256_bytes(data)
+        row.file = image_file_name(row.sha256, ext or "png")
         row.width, row.height, row.note = decoded.width, decoded.height, decoded.note
         row.pixel_hash, row.look = signals_of(record.data, decoded)
         return [GalleryItem(row, decoded.image, data)]
@@ -197,7 +208,7 @@ def crops_of_row(
         x1, y1, x2, y2 = (round(float(v), 2) for v in person.box_xyxy)
         row = ManifestRow(
             index=-1,
-            file=crop_file_name(rec.source_row, p),
+            file="",
             source_row=rec.source_row,
             source=rec.source,
             note=note,
@@ -218,6 +229,7 @@ def crops_of_row(
         image = Image.fromarray(crop)
         data = encode_png(image)
         row.sha256, row.height, row.width = sha256_bytes(data), crop.shape[0], crop.shape[1]
+        row.file = crop_file_name(row.sha256)
         row.pixel_hash, row.look = item_signals(image)
         items.append(GalleryItem(row, image, data))
     if items:
@@ -227,7 +239,8 @@ def crops_of_row(
     if spec.keep_unsegmented:
         image = Image.fromarray(arr)
         data = encode_png(image)
-        row.file, row.sha256 = crop_file_name(rec.source_row, None), sha256_bytes(data)
+        row.sha256 = sha256_bytes(data)
+        row.file = crop_file_name(row.sha256)
         row.pixel_hash, row.look = item_signals(image)
         row.note = join_notes(note, "no person found: whole image kept (--keep-unsegmented)")
         return [GalleryItem(row, image, data)]

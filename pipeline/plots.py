@@ -147,7 +147,7 @@ def compose_matches(
     title: str = "",
 ) -> Image.Image:
     """One row: the query tile, then each match tile with its caption (e.g. "d=0.123" over
-    "img_00042.jpg"), in a TrueType font sized to the tiles.
+    "img_3f2a9c1e0b4d5a6f.jpg"), in a TrueType font sized to the tiles.
 
     Args:
         query: uint8 (T, T, 3) RGB tile; T sets the size of every tile and of the text.

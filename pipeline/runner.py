@@ -348,7 +348,9 @@ def write_result_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], shas
     for old in cfg.results_dir.glob("*_matches.jpg"):
         if wanted.get(old.name) is None or wanted[old.name] != before.get(old.name):
             old.unlink()
-    todo = [i for i, name in enumerate(wanted) if not (cfg.results_dir / name).is_file()]
+    # Items with equal bytes share a file, and so a picture (the same tiles, the same names): drawn once.
+    first = {f"{Path(files[i]).stem}_matches.jpg": i for i in reversed(range(limit))}
+    todo = sorted(i for name, i in first.items() if not (cfg.results_dir / name).is_file())
     unlink_quietly(record)  # rewritten once the pictures are: a killed run redraws rather than trusts
     _draw_pictures(cfg, nb, files, todo)
     atomic_write_text(record, json.dumps(wanted, sort_keys=True))

@@ -196,7 +196,7 @@ def query_slug(text: str, limit: int = 40) -> str:
 
 
 def picture_name(i: int, query: Query) -> str:
-    """The i-th query's picture: q000_img_00042.jpg for img_00042.jpg (its own suffix dropped, not
+    """The i-th query's picture: q000_img_3f2a9c1e0b4d5a6f.jpg for img_3f2a9c1e0b4d5a6f.jpg (its own suffix dropped, not
     doubled), q001_look_p0.jpg for a person in look.png, q002_red_floral_dress.jpg for a text."""
     return f"q{i:03d}_{query_slug(_IMAGE_SUFFIX.sub('', query.label))}.jpg"
 

@@ -543,6 +543,19 @@ def finalize_store(
     return emb, rows
 
 
+def check_file_names(rows: Iterable[ManifestRow]) -> None:
+    """Files are named by their bytes' sha256 (items.image_file_name): lines sharing a name must
+    share the bytes. A clash (two contents, one name) is refused rather than one file overwriting
+    the other."""
+    seen: dict[str, str] = {}
+    for r in rows:
+        if r.file and r.sha256 and seen.setdefault(r.file, r.sha256) != r.sha256:
+            raise PipelineError(
+                f"two different pictures would both be stored as {r.file} (sha256 {seen[r.file][:16]}… and "
+                f"{r.sha256[:16]}…): please report this; nothing was written"
+            )
+
+
 def write_store(
     root: Path,
     emb: np.ndarray,
@@ -555,6 +568,7 @@ def write_store(
     """Write a store's files into `root`: the sidecar removed first and written last, from the hashes
     of the bytes written (not read back). `thumbs`: uint8 (n, T, T, 3) chunks, in embedding-row order,
     written one at a time, so memory does not grow with the gallery."""
+    check_file_names(rows)
     unlink_quietly(root / SIDECAR_FILE)
     emb_bytes = npy_bytes(emb)
     atomic_write_bytes(root / EMBEDDINGS_FILE, emb_bytes)

@@ -3,8 +3,9 @@
 Every photo of the dataset is matched to the store by what it is: its `--id-column` value when one
 is given (a photo whose bytes changed under the same id is *changed*), else the sha256 of its bytes
 (a re-shot photo is then one removed and one added). Matched photos are *unchanged*: their manifest
-lines, vectors and thumbnails are carried over byte for byte (only their dataset row, and the file
-name that carries it, follow the row). The others are embedded, by the same item pipeline as a
+lines, vectors, thumbnails and files are carried over byte for byte (only their dataset row follows
+the row; files are named by their content, so no file is renamed, except once, those of a store
+made when names carried the row). The others are embedded, by the same item pipeline as a
 build, into a staging store. Photos the dataset no longer holds are dropped with everything of
 theirs.
 
@@ -134,13 +135,14 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[Record],
     return plan
 
 
-def renamed(line: ManifestRow, new_row: int) -> str:
-    """The file name a kept line takes at its new dataset row (names carry the row, as a build's do)."""
-    if not line.file:
-        return ""
+def renamed(line: ManifestRow) -> str:
+    """The file name a kept line has in the new store: its content name (items.image_file_name),
+    which is its name already unless the store was made when names carried the dataset row."""
+    if not line.file or not line.sha256:
+        return line.file
     if line.file.startswith("seg_"):
-        return crop_file_name(new_row, None if line.person < 0 else line.person)
-    return image_file_name(new_row, line.file.rsplit(".", 1)[-1])
+        return crop_file_name(line.sha256)
+    return image_file_name(line.sha256, line.file.rsplit(".", 1)[-1])
 
 
 def moved_source(source: str, dataset: str, old_row: int, new_row: int) -> str:
@@ -174,7 +176,8 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     for name in ("added", "changed", "removed", "unchanged"):
         summary.count(name, getattr(plan, name))
     summary.notes.append(f"update: {plan.describe()}")
-    same = not plan.embed and len(plan.kept) == len(groups) and all(old == new for old, new in plan.kept)
+    same = (not plan.embed and len(plan.kept) == len(groups) and all(old == new for old, new in plan.kept)
+            and all(renamed(r) == r.file for r in old.rows))  # a store named by row is renamed once
     if same and old.sidecar.source == gallery_source(cfg):
         shutil.rmtree(stage, ignore_errors=True)  # nothing changed: the store stays as it is, not rewritten
         shutil.rmtree(cfg.images_dir / STAGING, ignore_errors=True)
@@ -253,8 +256,9 @@ def _same_part(cfg: RunConfig, part: BuildPart) -> bool:
 def _write_next(
     cfg: RunConfig, old: GalleryCache, groups: dict[int, list[ManifestRow]], plan: Plan, new: Gallery | None
 ) -> tuple[np.ndarray, list[ManifestRow], list[int]]:
-    """The merged store in <store>/.update/next, and the kept photos' files under their new names
-    in <images>/.update (hard links where the file system allows)."""
+    """The merged store in <store>/.update/next; kept photos whose file a store made before content
+    names named by row get their content name in <images>/.update (hard links where the file system
+    allows)."""
     next_dir = cfg.store_dir / STAGING / "next"
     next_dir.mkdir(parents=True, exist_ok=True)
     staged_images = cfg.images_dir / STAGING
@@ -265,10 +269,10 @@ def _write_next(
             p.unlink()
     rows: list[ManifestRow] = []
     take: list[int] = []  # old embedding rows kept, in order
-    moves: list[tuple[str, str]] = []  # kept photos' files whose name follows their new row
+    moves: list[tuple[str, str]] = []  # files of a store named by row, renamed once to their content names
     for old_row, new_row in plan.kept:
         for line in groups[old_row]:
-            kept = replace(line, index=len(rows), source_row=new_row, file=renamed(line, new_row),
+            kept = replace(line, index=len(rows), source_row=new_row, file=renamed(line),
                            source=moved_source(line.source, cfg.dataset.name, old_row, new_row))
             if line.embedding_row >= 0:
                 kept.embedding_row = len(take)

@@ -49,3 +49,28 @@ def assert_same_up_to_rounding(a, b, q, g, tol=1e-5):
     true_a = 1.0 - np.einsum("qd,qkd->qk", q, g[a.indices])
     assert np.allclose(true_a[differ], b.distances[differ], atol=tol)
     assert all(len(set(r[r >= 0])) == int((r >= 0).sum()) for r in a.indices)  # no item twice
+
+
+def file_of(out, source_row: int, store: str = "embeddings") -> str:
+    """The image file of a dataset row in the run at `out`, read from its manifest (file names carry
+    the picture's content, never its row)."""
+    from pathlib import Path
+
+    from pipeline.store import read_manifest
+
+    files = [r.file for r in read_manifest(Path(out) / store / "manifest.csv") if r.source_row == source_row and r.file]
+    assert files, f"row {source_row} has no file in {out}"
+    return files[0]
+
+
+def row_files(out, store: str = "embeddings") -> dict[int, str]:
+    """Dataset row -> its image file (the first line's, for a segmented store), from the run's manifest."""
+    from pathlib import Path
+
+    from pipeline.store import read_manifest
+
+    found: dict[int, str] = {}
+    for r in read_manifest(Path(out) / store / "manifest.csv"):
+        if r.file:
+            found.setdefault(r.source_row, r.file)
+    return found

@@ -15,6 +15,7 @@ from pipeline.errors import CacheMismatchError, PipelineError
 from pipeline.searcher import Searcher, query_crops
 from pipeline.store import ManifestRow
 from tests import assets
+from tests.helpers import file_of
 
 
 def _rows(n: int) -> list[ManifestRow]:
@@ -75,18 +76,19 @@ def test_catalog_answers_as_the_cli_does(built, tiny_clip, tmp_path):
     cat = Catalog.open(out, model=str(tiny_clip))  # a run's folder: its embeddings/
     assert len(cat) == 12 and cat.cache.root == out / "embeddings"
     # an item's neighbours equal the gallery run's neighbours.csv
+    four, seven = file_of(out, 4), file_of(out, 7)
     with open(out / "retrieval_results" / "neighbours.csv") as f:
-        table = [r for r in csv.DictReader(f) if r["query_file"] == "img_00004.jpg"]
-    hits = cat.neighbours("img_00004.jpg", k=5)
+        table = [r for r in csv.DictReader(f) if r["query_file"] == four]
+    hits = cat.neighbours(four, k=5)
     assert [h.file for h in hits] == [r["neighbour_file"] for r in table]
     assert [round(h.distance, 6) for h in hits] == [float(r["distance"]) for r in table]
-    assert all(isinstance(h, Hit) and h.file != "img_00004.jpg" for h in hits)
+    assert all(isinstance(h, Hit) and h.file != four for h in hits)
     assert cat.neighbours(4, k=5) == hits
     # a picture of the gallery finds itself first; a text query returns k typed hits
-    picture = out / "images" / "img_00007.jpg"
+    picture = out / "images" / seven
     result = cat.search_image(picture, k=3)
-    assert len(result) == 1 and result[0].label == "img_00007.jpg"
-    assert result[0].hits[0].file == "img_00007.jpg" and result[0].hits[0].distance < 1e-4
+    assert len(result) == 1 and result[0].label == seven
+    assert result[0].hits[0].file == seven and result[0].hits[0].distance < 1e-4
     assert cat.search_image(picture.read_bytes(), k=3)[0].hits == result[0].hits
     text = cat.search_text("red dress", k=4)
     assert [h.rank for h in text] == [1, 2, 3, 4]
@@ -98,7 +100,7 @@ def test_catalog_answers_as_the_cli_does(built, tiny_clip, tmp_path):
     assert [r["gallery_file"] for r in rows] == [h.file for h in text]
     assert [float(r["distance"]) for r in rows] == [round(h.distance, 6) for h in text]
     by_vector = cat.search_vectors(cat.embeddings[7], k=1)
-    assert by_vector[0][0].row == 7 and by_vector[0][0].file == "img_00007.jpg"
+    assert by_vector[0][0].row == 7 and by_vector[0][0].file == seven
 
 
 def test_catalog_refuses_what_does_not_fit(built, tmp_path):
@@ -125,8 +127,8 @@ def test_readme_api_example_runs(built, tiny_clip):
     example = re.search(r"```python\n(from pipeline import Catalog.*?)```", text, re.S)
     assert example, "README has no Catalog example"
     code = example.group(1).replace('"runs/today"', repr(str(out))).replace('"./fashion-clip"', repr(str(tiny_clip)))
-    code = code.replace('"look.jpg"', repr(str(out / "images" / "img_00001.jpg")))
-    code = code.replace('"img_00042.jpg"', '"img_00003.jpg"')
+    code = code.replace('"look.jpg"', repr(str(out / "images" / file_of(out, 1))))
+    code = code.replace('"img_3f2a9c1e0b4d5a6f.jpg"', repr(file_of(out, 3)))
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example, on test data
     assert scope["hits"] and scope["hits"][0].rank == 1

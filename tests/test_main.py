@@ -17,7 +17,7 @@ from pipeline.preprocess import preprocess
 from pipeline.store import read_manifest
 from tests import assets
 from tests.conftest import mixed_cells
-from tests.helpers import run
+from tests.helpers import file_of, run
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_standard_run_outputs(standard_run):
             assert r.file == "" and r.embedding_row == -1
             continue
         data = (out / "images" / r.file).read_bytes()
-        assert r.file == f"img_{r.source_row:05d}." + ("png" if kind in ("rgba", "gray", "webp") else "jpg")
+        assert r.file == f"img_{r.sha256[:16]}." + ("png" if kind in ("rgba", "gray", "webp") else "jpg")
         if kind != "webp":
             assert data == cell
         assert __import__("hashlib").sha256(data).hexdigest() == r.sha256
@@ -134,10 +134,11 @@ def test_use_embeddings_reuses_then_refuses_after_tampering(standard_run, tiny_c
     assert run(*base, "--limit", 5) == 1
     assert "limit: cache has 10000, asked for 5" in capsys.readouterr().err
     # an image deleted
-    (out / "images" / "img_00000.jpg").unlink()
+    first = file_of(out, 0)
+    (out / "images" / first).unlink()
     assert run(*base) == 1
     err = capsys.readouterr().err
-    assert "1 image(s) missing" in err and "img_00000.jpg" in err
+    assert "1 image(s) missing" in err and first in err
 
 
 def test_use_embeddings_refuses_edited_manifest_and_truncated_embeddings(standard_run, tiny_clip, tmp_path, capsys):
@@ -146,7 +147,7 @@ def test_use_embeddings_refuses_edited_manifest_and_truncated_embeddings(standar
     out = tmp_path / "a"
     shutil.copytree(src, out)
     man = out / "embeddings" / "manifest.csv"
-    man.write_text(man.read_text().replace("img_00001.jpg", "img_00003.jpg"))
+    man.write_text(man.read_text().replace(file_of(out, 1), file_of(out, 3)))
     assert run(*base(out)) == 1
     assert "manifest.csv was changed" in capsys.readouterr().err
     out = tmp_path / "b"
@@ -163,7 +164,7 @@ def test_use_embeddings_refuses_edited_manifest_and_truncated_embeddings(standar
 
 
 def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
-    """Row/file pairing through the manifest, never directory order (img_1000 vs img_101)."""
+    """Row/file pairing through the manifest, never directory order, past 1000 rows."""
     n = 1030
     cells = [
         assets.encode(assets.rgb_image(8, 8, color=(i % 256, (i * 7) % 256, (i // 256) * 40)), "PNG") for i in range(n)
@@ -192,7 +193,7 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
     assert len(rows) == n and len(emb) == n
     embedder = make_embedder(EmbedderSpec(onnx=str(tiny_onnx), backend="onnx"))
     for r in (rows[101], rows[1000], rows[1029]):
-        assert r.file == f"img_{r.source_row:05d}.png"
+        assert r.file == f"img_{r.sha256[:16]}.png"
         img = decode_image((out / "images" / r.file).read_bytes()).image
         assert tuple(np.asarray(img)[0, 0]) == (
             r.source_row % 256,

@@ -17,7 +17,7 @@ from pipeline import Catalog
 from pipeline.errors import CacheMismatchError
 from pipeline.retrieval import topk_neighbours
 from tests import assets
-from tests.helpers import run
+from tests.helpers import row_files, run
 
 N = 40
 CATEGORIES = ["dress", "top", "skirt", "coat"]
@@ -249,7 +249,7 @@ def test_group_by_in_the_gallery_run_and_its_messages(built, tiny_onnx, capsys):
     assert "--group-by item_id: 20 products among 40 items" in said
     with open(out / "retrieval_results" / "neighbours.csv", newline="") as f:
         lines = list(csv.DictReader(f))
-    product = {f"img_{i:05d}.jpg": f"P{i // 2:03d}" for i in range(N)}
+    product = {f: f"P{i // 2:03d}" for i, f in row_files(out).items()}
     for query in {r["query_file"] for r in lines}:
         shown = [product[r["neighbour_file"]] for r in lines if r["query_file"] == query]
         assert len(shown) == 5 and len(set(shown)) == 5 and product[query] not in shown
@@ -286,8 +286,9 @@ def test_the_gallery_run_filters_every_items_neighbours(built, tiny_onnx, capsys
         lines = list(csv.DictReader(f))
     cat = Catalog.open(out)
     row_of = {r.file: j for j, r in enumerate(cat.searcher.rows)}
+    files = row_files(out)
     for item in range(N):
-        shown = [row_of[r["neighbour_file"]] for r in lines if r["query_file"] == f"img_{item:05d}.jpg"]
+        shown = [row_of[r["neighbour_file"]] for r in lines if r["query_file"] == files[item]]
         others = keep.copy()
         others[item] = False
         assert shown == brute_force(cat, cat.embeddings[item], others, 4)
@@ -296,7 +297,7 @@ def test_the_gallery_run_filters_every_items_neighbours(built, tiny_onnx, capsys
                          "--group-by", "item_id", "--top-k", "3")) == 0
     with open(out / "retrieval_results" / "neighbours.csv", newline="") as f:
         lines = list(csv.DictReader(f))
-    product = {f"img_{i:05d}.jpg": truth["item_id"][i] for i in range(N)}
+    product = {f: truth["item_id"][i] for i, f in files.items()}
     for query in {r["query_file"] for r in lines}:
         shown = [r["neighbour_file"] for r in lines if r["query_file"] == query]
         assert len(shown) == 3 and all(truth["category"][row_of[f]] == "dress" for f in shown)

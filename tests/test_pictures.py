@@ -16,6 +16,7 @@ from pipeline.plots import THUMB_SIZE, caption_size, make_thumbnail
 from pipeline.search import QUERY_TILE, match_tile
 from pipeline.webreport import read_section
 from tests import assets
+from tests.helpers import file_of
 
 K = 3
 
@@ -60,7 +61,7 @@ def test_query_pictures_are_named_once_and_an_earlier_querys_go(catalogue, tiny_
         (folder / name).write_bytes(b"x")
     looks = tmp_path / "looks"
     looks.mkdir()
-    (looks / "img_00042.jpg").write_bytes((catalogue / "images" / "img_00002.jpg").read_bytes())
+    (looks / "img_00042.jpg").write_bytes((catalogue / "images" / file_of(catalogue, 2)).read_bytes())
     (looks / "look.png").write_bytes(assets.encode(assets.rgb_image(60, 80, seed=3), "PNG"))
     assert query(catalogue, tiny_onnx, "--query-image", looks) == 0
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -80,7 +81,7 @@ def test_query_pictures_use_larger_tiles_made_from_the_image_files(catalogue, ti
     """The query and its matches are QUERY_TILE px: the query from its own picture, each match from its
     image file (the store keeps 128 px thumbnails only), not a thumbnail blown up."""
     picture = tmp_path / "same.jpg"
-    picture.write_bytes((catalogue / "images" / "img_00004.jpg").read_bytes())
+    picture.write_bytes((catalogue / "images" / file_of(catalogue, 4)).read_bytes())
     assert query(catalogue, tiny_onnx, "--query-image", picture) == 0
     with Image.open(catalogue / "retrieval_results" / "queries" / "q000_same.jpg") as pic:
         arr = np.asarray(pic.convert("RGB")).astype(int)

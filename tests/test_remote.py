@@ -4,7 +4,9 @@ cannot be written, or whose filesystem package is missing, is refused before any
 
 from __future__ import annotations
 
+import re
 import secrets
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import pytest
 import main as cli
 from pipeline.store import read_manifest
 from tests import assets
-from tests.helpers import run, stop_after_shards
+from tests.helpers import file_of, run, stop_after_shards
 
 
 def _url() -> str:
@@ -64,7 +66,8 @@ def test_a_gallery_run_to_s3_equals_a_local_run_and_is_reused_from_a_fresh_copy(
     # the bucket's store edited behind our back: refused like a local cache
     root = url.removeprefix("s3://")
     manifest = fs.cat_file(f"{root}/embeddings/manifest.csv")
-    fs.pipe_file(f"{root}/embeddings/manifest.csv", manifest.replace(b"img_00003", b"img_00004", 1))
+    names = re.findall(rb"img_[0-9a-f]{16}\.\w+", manifest)
+    fs.pipe_file(f"{root}/embeddings/manifest.csv", manifest.replace(names[3], names[4], 1))
     assert run("--use-embeddings", *_args(rows40, tiny_onnx, url, tmp_path / "copy3")) == 1
     assert "manifest" in capsys.readouterr().err
 
@@ -126,7 +129,7 @@ def test_files_a_rerun_rewrites_reach_the_bucket_with_their_new_bytes(rows40, ti
     first = _files(fs, url)
     assert run("--use-embeddings", *_args(rows40, tiny_onnx, url, work, "--top-k", "2")) == 3
     second = _files(fs, url)
-    for name in ("retrieval_results/neighbours.csv", "retrieval_results/img_00000_matches.jpg",
+    for name in ("retrieval_results/neighbours.csv", f"retrieval_results/{Path(file_of(work, 0)).stem}_matches.jpg",
                  "outputs/report/sections/gallery.js"):
         assert second[name] != first[name], name
         assert second[name] == (work / name).read_bytes(), name  # what the run wrote, byte for byte

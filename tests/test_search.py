@@ -18,6 +18,7 @@ from pipeline.embedders import Embedder, OnnxEmbedder, TorchEmbedder
 from pipeline.identity import VectorIdentity
 from pipeline.search import metrics_from_ranks, product_ids, ranks_of_positives
 from tests import assets
+from tests.helpers import file_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,8 +58,8 @@ assert "torch" not in sys.modules and "transformers" not in sys.modules
 def test_query_image_finds_itself_first(gallery, tiny_onnx, mixed_dataset, tmp_path):
     q = tmp_path / "q"
     q.mkdir()
-    (q / "same.jpg").write_bytes((gallery / "images" / "img_00011.jpg").read_bytes())
-    (q / "other.png").write_bytes((gallery / "images" / "img_00012.jpg").read_bytes())
+    (q / "same.jpg").write_bytes((gallery / "images" / file_of(gallery, 11)).read_bytes())
+    (q / "other.png").write_bytes((gallery / "images" / file_of(gallery, 12)).read_bytes())
     assert (
         cli.main(
             ["--query-image", str(q), "--onnx", str(tiny_onnx), "--output-dir", str(gallery), "-q", "--top-k", "3"]
@@ -68,10 +69,9 @@ def test_query_image_finds_itself_first(gallery, tiny_onnx, mixed_dataset, tmp_p
     rows = read_results(gallery)
     assert len(rows) == 6
     by_query = {r["query"]: [x for x in rows if x["query"] == r["query"]] for r in rows}
-    assert (
-        by_query["same.jpg"][0]["gallery_file"] == "img_00011.jpg" and float(by_query["same.jpg"][0]["distance"]) < 1e-5
-    )
-    assert by_query["other.png"][0]["gallery_file"] == "img_00012.jpg"
+    same = by_query["same.jpg"][0]
+    assert same["gallery_file"] == file_of(gallery, 11) and float(same["distance"]) < 1e-5
+    assert by_query["other.png"][0]["gallery_file"] == file_of(gallery, 12)
     for mine in by_query.values():
         assert [int(x["rank"]) for x in mine] == [1, 2, 3]
     assert len(list((gallery / "retrieval_results" / "queries").glob("q*.jpg"))) == 2
@@ -539,7 +539,7 @@ def test_evaluation_chart_shows_the_numbers(monkeypatch, tmp_path):
 def test_an_unreadable_query_image_is_recorded_and_the_rest_answered(gallery, tiny_onnx, tmp_path, capsys):
     bad, good = tmp_path / "bad.jpg", tmp_path / "good.jpg"
     bad.write_bytes(b"not a picture")
-    good.write_bytes((gallery / "images" / "img_00011.jpg").read_bytes())
+    good.write_bytes((gallery / "images" / file_of(gallery, 11)).read_bytes())
     argv = [
         "--query-image",
         str(bad),

@@ -19,7 +19,7 @@ from selenium.webdriver.common.by import By
 import main as cli
 from pipeline.config import config_from_flags
 from pipeline.serve import MAX_UPLOAD_BYTES, SearchService, create_app
-from tests.helpers import free_port
+from tests.helpers import file_of, free_port
 from tests.test_images import png_header_only
 from tests.test_webreport import console_errors, wait
 
@@ -85,7 +85,7 @@ def test_text_and_image_queries_through_the_page_equal_the_query_mode(served, br
     search_text(browser, url, "red floral dress", loaded="22 items")
     assert _page_results(browser) == _cli_results(out, tiny_onnx, "--query-text", "red floral dress")
     picture = tmp_path / "look.jpg"
-    picture.write_bytes((out / "images" / "img_00011.jpg").read_bytes())
+    picture.write_bytes((out / "images" / file_of(out, 11)).read_bytes())
     browser.find_element(By.ID, "file").send_keys(str(picture))
     browser.find_element(By.ID, "image-go").click()
     wait(
@@ -97,7 +97,7 @@ def test_text_and_image_queries_through_the_page_equal_the_query_mode(served, br
     )
     got = _page_results(browser)
     assert got == _cli_results(out, tiny_onnx, "--query-image", str(picture))
-    assert got[0] == ("img_00011.jpg", 0.0)  # the picture finds itself first
+    assert got[0] == (file_of(out, 11), 0.0)  # the picture finds itself first
     assert console_errors(browser) == []
 
 
@@ -142,7 +142,7 @@ def test_the_person_option_is_offered_only_by_a_server_that_segments(served, bro
     browser.get(url + "/")
     wait(browser, "document.getElementById('info').textContent.includes('items')")
     assert browser.execute_script("return document.getElementById('segment-option').offsetParent") is None
-    picture = (service.cfg.output_dir / "images" / "img_00003.jpg").read_bytes()
+    picture = (service.cfg.output_dir / "images" / file_of(service.cfg.output_dir, 3)).read_bytes()
     r = httpx.post(url + "/api/image", files={"file": ("q.jpg", picture)}, data={"segment": "true"}, timeout=30)
     assert r.status_code == 422 and "--use-segmentation" in r.json()["detail"]
     assert httpx.post(url + "/api/image", files={"file": ("q.jpg", picture)}, timeout=30).status_code == 200
@@ -188,7 +188,7 @@ def test_the_report_is_served(served):
 def test_bounded_load_200_requests_from_8_clients(served):
     """200 requests (text and image, mixed), 8 at a time, each bounded by a timeout: no errors."""
     url, out, _ = served
-    picture = (out / "images" / "img_00003.jpg").read_bytes()
+    picture = (out / "images" / file_of(out, 3)).read_bytes()
 
     def one(k: int) -> float:
         t = time.perf_counter()

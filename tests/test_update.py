@@ -14,7 +14,7 @@ import pytest
 from pipeline import update as update_module
 from pipeline.store import read_manifest
 from tests import assets
-from tests.helpers import run, stop_after_shards
+from tests.helpers import row_files, run, stop_after_shards
 
 PRODUCTS = 30
 
@@ -232,6 +232,60 @@ def test_result_pictures_are_redrawn_only_where_something_changed(tiny_onnx, tmp
     assert len(pictures) == PRODUCTS + 1
 
 
+def name_by_row(out: Path) -> None:
+    """Make the store at `out` what builds made before files were named by content: img_00007.jpg for
+    row 7 (manifest and sidecar rewritten to match)."""
+    from dataclasses import replace
+
+    from pipeline.store import load_cache, write_store
+
+    cache = load_cache(out / "embeddings", out / "images", identity=None)
+    rows = []
+    for r in cache.rows:
+        if r.file:
+            by_row = f"img_{r.source_row:05d}.{r.file.rsplit('.', 1)[1]}"
+            (out / "images" / r.file).rename(out / "images" / by_row)
+            r = replace(r, file=by_row)
+        rows.append(r)
+    thumbs = np.load(out / "embeddings" / "thumbnails.npy")
+    write_store(out / "embeddings", cache.embeddings, rows, [thumbs], cache.sidecar.identity, cache.sidecar.source,
+                cache.sidecar.thumbnail_size)
+
+
+@pytest.mark.parametrize("change", [False, True], ids=["nothing-else", "one-removed"])
+def test_a_store_named_by_row_gets_content_names_from_its_first_update(change, tiny_onnx, tmp_path, capsys):
+    data = write_catalogue(tmp_path / "catalogue", list(range(12)))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    name_by_row(out)
+    assert sorted(p.name for p in (out / "images").iterdir())[:2] == ["img_00000.jpg", "img_00001.jpg"]
+    if change:
+        write_catalogue(data, [*range(5), *range(6, 12)])
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out) == 0
+    assert ("removed 1" if change else "removed 0, unchanged 12") in capsys.readouterr().out
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+
+
+def test_removing_a_photo_renames_no_file_and_redraws_only_the_pictures_that_showed_it(tiny_onnx, tmp_path, capsys):
+    data = write_catalogue(tmp_path / "catalogue", list(range(12)))
+    out = tmp_path / "updated"
+    assert run(*args(data, tiny_onnx, out, "--max-result-images", "12")) == 0
+    before = {p.name: p.stat().st_ino for p in (out / "images").iterdir()}
+    shown = neighbours(out)
+    gone = row_files(out)[3]
+    write_catalogue(data, [*range(3), *range(4, 12)])
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out, "--max-result-images", "12") == 0
+    said = capsys.readouterr().out
+    after = {p.name: p.stat().st_ino for p in (out / "images").iterdir()}
+    assert after == {k: v for k, v in before.items() if k != gone}  # the same files, not copies
+    redrawn = [q for q, nb in shown.items() if q != gone and gone in nb]
+    assert 0 < len(redrawn) < 11
+    assert f"result pictures: {len(redrawn)} drawn, {11 - len(redrawn)} unchanged since the last run kept" in said
+
+
 def test_an_abandoned_update_leaves_nothing_that_a_later_one_takes(tiny_onnx, tmp_path, monkeypatch):
     """Killed while building a photo that then goes back to what it was: the staged file of the
     abandoned photo must not replace the kept photo's file."""
@@ -242,7 +296,8 @@ def test_an_abandoned_update_leaves_nothing_that_a_later_one_takes(tiny_onnx, tm
     stop_after_shards(monkeypatch, 1)
     assert run(*args(data, tiny_onnx, out, "--update")) == 130
     monkeypatch.undo()
-    assert (out / "images" / update_module.STAGING / "img_00007.jpg").is_file()
+    staged = sorted(p.name for p in (out / "images" / update_module.STAGING).iterdir())
+    assert len(staged) == 1 and staged[0] not in {r.file for r in read_manifest(out / "embeddings" / "manifest.csv")}
     write_catalogue(data, list(range(11)))  # photo 7 put back, the last one removed: nothing to embed
     assert run(*args(data, tiny_onnx, out, "--update")) == 0
     assert run(*args(data, tiny_onnx, fresh)) == 0
