@@ -211,7 +211,7 @@ def atomic_write_npy_chunks(path: str | Path, shape: tuple[int, ...], dtype: Any
     try:
         with os.fdopen(fd, "wb") as f:
 
-            def put(data: bytes) -> None:
+            def put(data: bytes | memoryview) -> None:
                 f.write(data)
                 h.update(data)
 
@@ -225,7 +225,8 @@ def atomic_write_npy_chunks(path: str | Path, shape: tuple[int, ...], dtype: Any
                 chunk = np.ascontiguousarray(chunk, dtype=dtype)
                 if chunk.shape[1:] != shape[1:]:
                     raise ValueError(f"chunk shape {chunk.shape} does not fit {shape}")
-                put(chunk.tobytes())
+                if chunk.size:
+                    put(chunk.data.cast("B"))  # no copy
                 written += chunk.shape[0]
             if written != shape[0]:
                 raise ValueError(f"{path.name}: wrote {written} rows, expected {shape[0]}")

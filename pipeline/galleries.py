@@ -46,6 +46,7 @@ from .store import (
     manifest_sha256,
     run_params,
     store_sha256,
+    verify_images,
 )
 from .yolo import make_segmenter
 
@@ -173,6 +174,9 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
             gallery = update_gallery(cfg, summary, embedder)
         else:
             gallery = build(cfg, summary, embedder)
+        if not cfg.images_url:  # hashed now, while in memory, so the next run that loads the store hashes none
+            with summary.stage("verify image files"):
+                verify_images(cfg.store_dir, cfg.images_dir, gallery.rows)
         with summary.stage("metadata"):  # the plain columns only: on the hub, the row groups under --limit
             table = read_metadata(cfg.dataset, cfg.meta_columns)
         keep_metadata(cfg, table, gallery.rows, summary)

@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ PARTIAL_DIR = ".partial"
 UPDATE_DIR = ".update"  # --update's staging, in the store folder and in the image folder
 SWITCH_FILE = "SWITCH"  # in the store's UPDATE_DIR: the staged store is complete, to be moved into place
 RUN_FILE = "run.json"
+# Image files this store has hashed and found as recorded, with their size and modification time
+# then: a file whose size and time are unchanged is not hashed again (git's index does the same).
+VERIFIED_FILE = "images.verified.json"
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -319,19 +323,39 @@ def _read_verified(root: Path, sidecar: Sidecar) -> tuple[np.ndarray, list[Manif
 def _check_images(
     root: Path, rows: list[ManifestRow], images_dir: Path, images_at: tuple[str, set[str]] | None
 ) -> None:
-    """Every embedded row's image is there (and, on a local disk, has the recorded sha256)."""
+    """Every embedded row's image is there (and, on a local disk, has the recorded sha256: hashed
+    once, then trusted while its size and modification time stay those it had, see VERIFIED_FILE)."""
     missing, changed = [], []
+    known = _verified_images(root, images_dir) if images_at is None else {}
+    verified: dict[str, list] = {}
+    to_hash: dict[str, list] = {}
     for r in rows:
         if r.embedding_row < 0 or not r.file:
             continue
-        p = images_dir / r.file
         if images_at is not None:
             if r.file not in images_at[1]:
                 missing.append(r.file)
-        elif not p.is_file():
+            continue
+        try:
+            st = (images_dir / r.file).stat()  # before hashing: a file changed meanwhile is hashed again next time
+        except OSError:
             missing.append(r.file)
-        elif sha256_file(p) != r.sha256:
+            continue
+        stamp = [st.st_size, st.st_mtime_ns, r.sha256]
+        if known.get(r.file) == stamp:
+            verified[r.file] = stamp
+        elif r.file not in to_hash:
+            to_hash[r.file] = stamp
+        elif to_hash[r.file] != stamp:  # two lines name one file with different bytes
             changed.append(r.file)
+    names = list(to_hash)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # hashlib hashes without the GIL
+        hashes = list(pool.map(lambda name: _file_sha256_or_none(images_dir / name), names))
+    for name, h in zip(names, hashes):
+        if h == to_hash[name][2]:
+            verified[name] = to_hash[name]
+        else:
+            changed.append(name)
     if missing or changed:
         parts = []
         if missing:
@@ -340,6 +364,39 @@ def _check_images(
         if changed:
             parts.append(f"{len(changed)} image(s) changed since embedding (e.g. {', '.join(changed[:3])})")
         raise CacheMismatchError(f"cache in {root} no longer matches its images: " + "; ".join(parts))
+    if images_at is None and verified != known:
+        try:
+            record = {"images": str(images_dir.resolve()), "files": verified}
+            atomic_write_text(root / VERIFIED_FILE, json.dumps(record))
+        except OSError:  # a store on a read-only disk: verified again next time
+            pass
+
+
+def verify_images(root: str | Path, images_dir: str | Path, rows: list[ManifestRow]) -> None:
+    """Check a store's image files against its lines now (after a build or an update wrote them), so
+    that the next run that loads the store hashes none of them again.
+
+    Raises:
+        CacheMismatchError: a file is missing or holds other bytes.
+    """
+    _check_images(Path(root), rows, Path(images_dir), None)
+
+
+def _file_sha256_or_none(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:  # a folder, or gone since its stat
+        return None
+
+
+def _verified_images(root: Path, images_dir: Path) -> dict[str, list]:
+    """VERIFIED_FILE's files, when it was written for this image folder."""
+    try:
+        data = json.loads((root / VERIFIED_FILE).read_text())
+        files = data["files"]
+        return files if isinstance(files, dict) and data.get("images") == str(images_dir.resolve()) else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 class ThumbnailReader:
@@ -365,6 +422,16 @@ class ThumbnailReader:
         self._f.seek(self.offset + int(i) * self.item)
         buf = self._f.read(self.item)
         return np.frombuffer(buf, dtype=np.uint8).reshape(self.shape[1:])
+
+    def read_into(self, start: int, out: np.ndarray) -> np.ndarray:
+        """Thumbnails start .. start+len(out)-1 read straight into `out` (a buffer the caller reuses,
+        so that copying a store's thumbnails touches no fresh memory)."""
+        self._f.seek(self.offset + int(start) * self.item)
+        view = out.reshape(-1).data
+        got = self._f.readinto(view)
+        if got != view.nbytes:
+            raise CacheMismatchError(f"{self.path}: ends before thumbnail {start + len(out) - 1}")
+        return out
 
     def close(self) -> None:
         self._f.close()

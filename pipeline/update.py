@@ -63,7 +63,7 @@ from .store import (
 log = logging.getLogger(__name__)
 
 STAGING, SWITCH = UPDATE_DIR, SWITCH_FILE  # see store.py
-THUMB_CHUNK = 4096  # thumbnails copied at a time
+THUMB_CHUNK = 256  # thumbnails copied at a time (12 MiB at 128 px)
 
 
 @dataclass
@@ -108,12 +108,11 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[Record],
             pool[key].append(old_row)
     matched: dict[int, int] = {}
     replaced: set[int] = set()  # old rows whose id came back with other bytes
-    for rec in records:
+    for rec, sha in hashed(records):
         if rec.data is None:
             plan.embed.append(rec.source_row)
             plan.no_image += 1
             continue
-        sha = sha256_bytes(rec.data)
         key = rec.item_id if by_id else sha
         if key and pool.get(key):
             queue = pool[key]  # an id may repeat: the old row with these very bytes, if there is one
@@ -133,6 +132,32 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[Record],
     plan.unkeyed = sum(1 for lines in gone if not lines[0].source_sha256 and lines[0].sha256)  # had a picture
     plan.removed = sum(1 for lines in gone if lines[0].source_sha256)
     return plan
+
+
+def hashed(records: Iterable[Record], chunk: int = 64) -> Iterator[tuple[Record, str]]:
+    """Each record with the sha256 of its bytes ("" without): hashed by two threads (hashlib lets go
+    of the GIL) while the dataset is read on, in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def shas(recs: list[Record]) -> list[str]:
+        return [sha256_bytes(r.data) if r.data is not None else "" for r in recs]
+
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        batch: list[Record] = []
+        for rec in records:
+            batch.append(rec)
+            if len(batch) == chunk:
+                pending.append((batch, pool.submit(shas, batch)))
+                batch = []
+                while len(pending) > 4:
+                    recs, fut = pending.popleft()
+                    yield from zip(recs, fut.result())
+        if batch:
+            pending.append((batch, pool.submit(shas, batch)))
+        while pending:
+            recs, fut = pending.popleft()
+            yield from zip(recs, fut.result())
 
 
 def renamed(line: ManifestRow) -> str:
@@ -310,11 +335,19 @@ def _thumbnails(old: GalleryCache, take: list[int], new: Gallery | None, cfg: Ru
 
 
 def _thumbnail_chunks(path: Path, rows: Sequence[int]) -> Iterator[np.ndarray]:
-    """uint8 (n, T, T, 3) chunks of the thumbnails at `rows` of a store's thumbnails.npy."""
+    """uint8 (n, T, T, 3) chunks of the thumbnails at `rows` of a store's thumbnails.npy: each run of
+    consecutive rows (most of a kept store) read at once, at most THUMB_CHUNK rows, into one buffer
+    reused for every chunk (each is valid until the next is asked for: the writer consumes it first)."""
     reader = ThumbnailReader(path)
     try:
-        for start in range(0, len(rows), THUMB_CHUNK):
-            yield np.stack([reader[i] for i in rows[start : start + THUMB_CHUNK]])
+        buf = np.empty((min(THUMB_CHUNK, max(1, len(rows))), *reader.shape[1:]), np.uint8)
+        i = 0
+        while i < len(rows):
+            j = i + 1
+            while j < len(rows) and j - i < THUMB_CHUNK and rows[j] == rows[j - 1] + 1:
+                j += 1
+            yield reader.read_into(rows[i], buf[: j - i])
+            i = j
     finally:
         reader.close()
 
@@ -353,7 +386,7 @@ def switch(cfg: RunConfig) -> None:
     for name in (EMBEDDINGS_FILE, THUMBNAILS_FILE, MANIFEST_FILE, SIDECAR_FILE):
         if (next_dir / name).is_file():
             move(next_dir / name, store / name)
-    keep = {r.file for r in load_cache(store, images, identity=None, check_images=False).rows if r.file}
+    keep = {r.file for r in read_manifest(store / MANIFEST_FILE) if r.file}  # the store in place now
     pattern = owned_files(cfg)
     for p in images.iterdir() if images.is_dir() else []:
         if p.is_file() and pattern.fullmatch(p.name) and p.name not in keep:

@@ -7,8 +7,11 @@
   --embedding_column_name embedding`) and clip-retrieval's parquet inputs.
 
 Each row is one item: `key` (stable across updates: the sha256 of the photo's bytes, its person
-number and, for byte-identical copies, which copy it is), `file`, `source_row`, `person`, the
-metadata columns, and a `digest` of its vector and values. The embedder's identity and the store's
+number and, for byte-identical copies, which copy it is), `file` (named by content, so stable too),
+`person`, the metadata columns, and a `digest` of its vector and values. The dataset row is not
+exported: it is a position, which a removal upstream shifts for every item after it, so each of
+them would be written again after every update; `file` and the catalogue's own id column say which
+photo and product an item is. The embedder's identity and the store's
 hash are kept in DIR/fashion_export.json; an export of vectors from another embedder is refused.
 
 Incremental: a second export into the same DIR compares digests and writes only what changed:
@@ -84,7 +87,7 @@ def item_keys(rows: Sequence[ManifestRow]) -> list[str]:
 
 
 def export_table(embeddings: np.ndarray, rows: Sequence[ManifestRow], meta: Metadata | None) -> Any:
-    """The items as a pyarrow Table: key, file, source_row, person, digest, the metadata, vector."""
+    """The items as a pyarrow Table: key, file, person, digest, the metadata, vector (in dataset order)."""
     import pyarrow as pa
 
     order = sorted(range(len(rows)), key=lambda j: (rows[j].source_row, rows[j].person))
@@ -92,7 +95,6 @@ def export_table(embeddings: np.ndarray, rows: Sequence[ManifestRow], meta: Meta
     columns: dict[str, Any] = {
         "key": keys,
         "file": [rows[j].file for j in order],
-        "source_row": pa.array([rows[j].source_row for j in order], pa.int64()),
         "person": pa.array([rows[j].person for j in order], pa.int64()),
     }
     if meta is not None:

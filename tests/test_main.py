@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,34 @@ def test_use_embeddings_reuses_then_refuses_after_tampering(standard_run, tiny_c
     assert run(*base) == 1
     err = capsys.readouterr().err
     assert "1 image(s) missing" in err and first in err
+
+
+def test_image_files_are_hashed_once_then_trusted_while_their_size_and_time_hold(
+    standard_run, tiny_clip, tmp_path, monkeypatch, capsys
+):
+    from pipeline import store
+
+    src, _ = standard_run
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    base = ("--use-embeddings", "--model", tiny_clip, "--backend", "torch", "--output-dir", out)
+    assert run(*base) == 3  # another folder than the one recorded: every image hashed once
+    record = json.loads((out / "embeddings" / store.VERIFIED_FILE).read_text())
+    files = [r.file for r in read_manifest(out / "embeddings" / "manifest.csv") if r.embedding_row >= 0]
+    assert record["images"] == str((out / "images").resolve()) and set(record["files"]) == set(files)
+    hashed: list[str] = []
+    real = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda p, *a: hashed.append(Path(p).name) or real(p, *a))
+    assert run(*base) == 3
+    assert not [name for name in hashed if name in files]  # none hashed again
+    victim = out / "images" / files[0]
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF  # the same size, other bytes, a later modification time
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert run(*base) == 1
+    assert f"1 image(s) changed since embedding (e.g. {files[0]})" in capsys.readouterr().err
+    assert [name for name in hashed if name in files] == [files[0]]  # that one alone was hashed
 
 
 def test_use_embeddings_refuses_edited_manifest_and_truncated_embeddings(standard_run, tiny_clip, tmp_path, capsys):

@@ -13,8 +13,9 @@ import pytest
 import main as cli
 from pipeline import Catalog
 from pipeline.vectordb import item_keys
-from tests.helpers import run
-from tests.test_metadata import N, args, write_shop
+from tests import assets
+from tests.helpers import row_files, run
+from tests.test_metadata import N, args, shop, write_shop
 
 lancedb = pytest.importorskip("lancedb")
 qdrant_client = pytest.importorskip("qdrant_client")
@@ -80,11 +81,30 @@ def test_after_an_update_only_what_changed_is_written(exported, tiny_onnx, capsy
         assert f"{kind} at {targets[kind]}: added 0, changed 1, removed 0, unchanged 39" in said
     table = lancedb.connect(str(targets["lancedb"])).open_table("gallery")
     assert table.count_rows() == 40
-    assert table.search().where("source_row = 7").to_arrow().column("price").to_pylist() == [3.25]
+    seven = row_files(out)[7]
+    assert table.search().where(f"file = '{seven}'").to_arrow().column("price").to_pylist() == [3.25]
     # parquet: the changed row's part is rewritten, the row moves to a new part
     after = sorted(p.name for p in targets["parquet"].glob("part_*.parquet"))
     assert after == ["part_00000.parquet", "part_00001.parquet"] and list(parts_before) == ["part_00000.parquet"]
     assert sum(pq.read_table(targets["parquet"] / p).num_rows for p in after) == 40
+
+
+def test_an_update_that_removes_a_photo_writes_only_that_removal(exported, tiny_onnx, capsys):
+    """The rows after a removed one move up: their items are the same (key, file, values, vector),
+    so no export writes them again."""
+    data, out, targets, flags = exported
+    before = {k: v for k, v in shop(N).items()}
+    keep = [i for i in range(N) if i != 3]
+    cells = [assets.jpeg_bytes(40 + i % 5 * 4, 56, seed=300 + i) for i in keep]
+    assets.write_parquet_dataset(data, cells, extra={k: [v[i] for i in keep] for k, v in before.items()})
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    capsys.readouterr()
+    assert cli.main(args(data, tiny_onnx, out, *flags)) == 0
+    said = capsys.readouterr().out
+    for kind in ("lancedb", "qdrant", "parquet"):
+        assert f"{kind} at {targets[kind]}: added 0, changed 0, removed 1, unchanged {N - 1}" in said
+    table = lancedb.connect(str(targets["lancedb"])).open_table("gallery")
+    assert sorted(table.to_arrow().column("file").to_pylist()) == sorted(row_files(out).values())
 
 
 def test_another_embedders_export_is_refused(exported, tiny_onnx, capsys):
@@ -140,9 +160,9 @@ def test_an_interrupted_first_export_is_finished_and_catalogue_columns_keep_thei
     points, _ = client.scroll("gallery", limit=10, with_payload=True)
     client.close()
     assert len(points) == 6
-    by_row = {p.payload["source_row"]: p.payload for p in points}
-    assert by_row[4]["meta_file"] == "shot4.jpg" and by_row[4]["meta_vector"] == 4.0
-    assert by_row[4]["file"] != "shot4.jpg"  # the export's own column: the store's picture
+    by_shot = {p.payload["meta_file"]: p.payload for p in points}
+    assert by_shot["shot4.jpg"]["meta_vector"] == 4.0
+    assert by_shot["shot4.jpg"]["file"] == row_files(out)[4]  # the export's own column: the store's picture
 
 
 def test_an_export_made_before_families_were_recorded_is_still_brought_up_to_date(exported, tiny_onnx, capsys):
