@@ -48,8 +48,9 @@ PARTIAL_DIR = ".partial"
 UPDATE_DIR = ".update"  # --update's staging, in the store folder and in the image folder
 SWITCH_FILE = "SWITCH"  # in the store's UPDATE_DIR: the staged store is complete, to be moved into place
 RUN_FILE = "run.json"
-# Image files this store has hashed and found as recorded, with their size and modification time
-# then: a file whose size and time are unchanged is not hashed again (git's index does the same).
+# Image files (and thumbnails.npy) this store has hashed and found as recorded, with their size and
+# modification time then: a file whose size and time are unchanged is not hashed again (git's index
+# does the same).
 VERIFIED_FILE = "images.verified.json"
 
 
@@ -300,7 +301,7 @@ def _read_verified(root: Path, sidecar: Sidecar) -> tuple[np.ndarray, list[Manif
             f"{emb_path} does not match the sidecar (sha256 {h[:12]}…, expected {sidecar.embeddings_sha256[:12]}…): "
             f"truncated or replaced"
         )
-    if (h := sha256_file(root / THUMBNAILS_FILE)) != sidecar.thumbnails_sha256:
+    if not _thumbnails_verified(root, sidecar.thumbnails_sha256):
         raise CacheMismatchError(f"{root / THUMBNAILS_FILE} does not match the sidecar: truncated or replaced")
     try:
         emb = np.load(io.BytesIO(emb_bytes), allow_pickle=False)
@@ -365,11 +366,9 @@ def _check_images(
             parts.append(f"{len(changed)} image(s) changed since embedding (e.g. {', '.join(changed[:3])})")
         raise CacheMismatchError(f"cache in {root} no longer matches its images: " + "; ".join(parts))
     if images_at is None and verified != known:
-        try:
-            record = {"images": str(images_dir.resolve()), "files": verified}
-            atomic_write_text(root / VERIFIED_FILE, json.dumps(record))
-        except OSError:  # a store on a read-only disk: verified again next time
-            pass
+        record = _read_verified_record(root)
+        record.update(images=str(images_dir.resolve()), files=verified)
+        _write_verified_record(root, record)
 
 
 def verify_images(root: str | Path, images_dir: str | Path, rows: list[ManifestRow]) -> None:
@@ -389,14 +388,57 @@ def _file_sha256_or_none(path: Path) -> str | None:
         return None
 
 
+def _thumbnails_verified(root: Path, expected: str) -> bool:
+    """thumbnails.npy has the sidecar's sha256: hashed, unless VERIFIED_FILE saw it with these bytes
+    at this size and modification time (it is by far the largest file of a store)."""
+    path = root / THUMBNAILS_FILE
+    st = path.stat()
+    stamp = [st.st_size, st.st_mtime_ns, expected]
+    record = _read_verified_record(root)
+    if record.get("thumbnails") == stamp:
+        return True
+    if sha256_file(path) != expected:
+        return False
+    record["thumbnails"] = stamp
+    _write_verified_record(root, record)
+    return True
+
+
+def remember_thumbnails(root: Path, sha256: str, stamp_from: Path | None = None) -> None:
+    """Record in VERIFIED_FILE that root's thumbnails.npy, as it is now, has this sha256 (it was
+    just written and hashed). With `stamp_from`, the stamp another store folder recorded is taken
+    instead, and kept only if it is the file's here (a rename keeps size and time)."""
+    record = _read_verified_record(root)
+    if stamp_from is not None:
+        stamp = _read_verified_record(stamp_from).get("thumbnails")
+    else:
+        st = (root / THUMBNAILS_FILE).stat()
+        stamp = [st.st_size, st.st_mtime_ns, sha256]
+    if stamp is not None:
+        record["thumbnails"] = stamp
+        _write_verified_record(root, record)
+
+
+def _read_verified_record(root: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((root / VERIFIED_FILE).read_text())
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_verified_record(root: Path, record: dict[str, Any]) -> None:
+    try:
+        atomic_write_text(root / VERIFIED_FILE, json.dumps(record))
+    except OSError:  # a store on a read-only disk: verified again next time
+        pass
+
+
 def _verified_images(root: Path, images_dir: Path) -> dict[str, list]:
     """VERIFIED_FILE's files, when it was written for this image folder."""
-    try:
-        data = json.loads((root / VERIFIED_FILE).read_text())
-        files = data["files"]
-        return files if isinstance(files, dict) and data.get("images") == str(images_dir.resolve()) else {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
+    record = _read_verified_record(root)
+    files = record.get("files")
+    return files if isinstance(files, dict) and record.get("images") == str(images_dir.resolve()) else {}
 
 
 class ThumbnailReader:
@@ -642,6 +684,7 @@ def write_store(
     thumbs_sha = atomic_write_npy_chunks(
         root / THUMBNAILS_FILE, (len(emb), thumbnail_size, thumbnail_size, 3), np.uint8, thumbs
     )
+    remember_thumbnails(root, thumbs_sha)  # hashed while written: the next load need not read it again
     manifest_bytes = manifest_to_csv(rows).encode("utf-8")
     atomic_write_bytes(root / MANIFEST_FILE, manifest_bytes)
     sidecar = Sidecar(  # hashes of the bytes just written, not read back

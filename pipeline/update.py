@@ -55,6 +55,7 @@ from .store import (
     ThumbnailReader,
     load_cache,
     read_manifest,
+    remember_thumbnails,
     rows_key,
     store_sha256,
     write_store,
@@ -383,9 +384,12 @@ def switch(cfg: RunConfig) -> None:
             if p.is_file() and p.name in named:  # an earlier, abandoned update's files are not the new store's
                 move(p, images / p.name)
     switch_index(stage / "index", store)  # the index with its store, before the sidecar
+    staged_thumbnails = (next_dir / THUMBNAILS_FILE).is_file()
     for name in (EMBEDDINGS_FILE, THUMBNAILS_FILE, MANIFEST_FILE, SIDECAR_FILE):
         if (next_dir / name).is_file():
             move(next_dir / name, store / name)
+    if staged_thumbnails:  # hashed when written: its stamp follows it (checked against the file when loaded)
+        remember_thumbnails(store, "", stamp_from=next_dir)
     keep = {r.file for r in read_manifest(store / MANIFEST_FILE) if r.file}  # the store in place now
     pattern = owned_files(cfg)
     for p in images.iterdir() if images.is_dir() else []:

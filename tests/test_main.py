@@ -185,6 +185,15 @@ def test_use_embeddings_refuses_edited_manifest_and_truncated_embeddings(standar
     p.write_bytes(p.read_bytes()[:-100])
     assert run(*base(out)) == 1
     assert "truncated or replaced" in capsys.readouterr().err
+    out = tmp_path / "c"  # a thumbnail's byte changed, the size kept: its stamp no longer holds, so it is hashed
+    shutil.copytree(src, out)
+    assert run(*base(out)) == 3
+    p = out / "embeddings" / "thumbnails.npy"
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0xFF
+    p.write_bytes(bytes(data))
+    assert run(*base(out)) == 1
+    assert "thumbnails.npy does not match the sidecar" in capsys.readouterr().err
     assert (
         run("--use-embeddings", "--output-dir", tmp_path / "nothing-here", "--model", tiny_clip, "--backend", "torch")
         == 1
