@@ -24,7 +24,7 @@ from .backends import BACKENDS, OPEN_CLIP_CONFIG, OPEN_CLIP_PREFIX, family_of, k
 from .errors import PipelineError, first_line
 from .fileio import sha256_file
 from .identity import VectorIdentity
-from .int8graph import cpu_model
+from .int8graph import cached_cpu_model, cpu_model, keep_cpu_model
 from .preprocess import PreprocessConfig
 from .probes import META_PROBES, ProbeRecord, check_file, probe_pixels
 from .tokens import TEXT_CONTEXT, TokenizerError, check_distinct, load_tokenizer
@@ -237,7 +237,7 @@ class OnnxEmbedder(Embedder):
             backend="onnx",
             family=meta.get(META_FAMILY, "clip"),
             model=meta.get(META_SOURCE_MODEL, ""),
-            onnx_sha256=sha256_file(path),
+            onnx_sha256=self.file_sha256,
             precision="onnx-" + meta.get(META_PRECISION, "unknown"),
             preprocess=json.loads(self.preprocess_cfg.to_json()),
             dim=self.dim,
@@ -255,13 +255,17 @@ class OnnxEmbedder(Embedder):
         cores = threads or available_cores()
         replicas = 1 if "CUDAExecutionProvider" in self._providers else max(1, cores)
         self._opts = _session_options(ort, intra_op_threads=1 if replicas > 1 else cores)
-        source: str | bytes = str(self.path)
+        # On the CPU, the bias is fused into the int8 GEMM (int8graph.py), from the cache when it is there.
+        self.file_sha256 = sha256_file(self.path)
+        cached = cached_cpu_model(self.file_sha256) if list(self._providers) == ["CPUExecutionProvider"] else None
+        source: str | bytes = str(cached) if isinstance(cached, Path) else str(self.path)
         try:
             self.session = ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
-            if self.session.get_providers() == ["CPUExecutionProvider"]:  # bias fused into the int8 GEMM (int8graph.py)
+            if cached is None and self.session.get_providers() == ["CPUExecutionProvider"]:
                 fused = cpu_model(self.path, self.session.get_modelmeta().custom_metadata_map)
+                kept = keep_cpu_model(self.file_sha256, fused)
                 if fused is not None:
-                    source = fused
+                    source = str(kept) if kept is not None else fused
                     self.session = ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise PipelineError(

@@ -11,10 +11,16 @@ onnxruntime): measured 1.07x the speed of the unfused file (benchmarks/int8_reci
 The file on disk stays QDQ, so other providers (CUDA) and tools still read it; only a CPU session
 sees the rewrite, and the file's probes check the rewritten graph as it runs. Files of another
 recipe (or fp32) are left as they are: their vectors must not move.
+
+The rewrite is kept in the user's cache ($XDG_CACHE_HOME/fashion-visual-search/int8graph, keyed by
+the file's sha256 and this module's own code), so a run opens its CPU sessions straight from it:
+no `onnx` import, no rewrite and no session opened only to read the file's recipe.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,39 @@ def cpu_model(path: Path, meta: dict[str, str]) -> bytes | None:
     if fuse_bias(model) == 0:
         return None
     return model.SerializeToString()
+
+
+AS_IS = "as-is"  # cached answer for a file with nothing to fuse: open the file itself
+
+
+def _cache_key(file_sha256: str) -> Path:
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]  # a changed rewrite is a new key
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-visual-search" / "int8graph"
+    return base / f"{file_sha256[:32]}-{code}"
+
+
+def cached_cpu_model(file_sha256: str) -> Path | str | None:
+    """The CPU graph of the ONNX file with this sha256 from the cache: the path of its rewrite,
+    AS_IS when it has nothing to fuse, None when not cached yet."""
+    key = _cache_key(file_sha256)
+    if key.with_suffix(".onnx").is_file():
+        return key.with_suffix(".onnx")
+    return AS_IS if key.with_suffix(".as-is").is_file() else None
+
+
+def keep_cpu_model(file_sha256: str, fused: bytes | None) -> Path | None:
+    """Put a file's rewrite (None: nothing to fuse) in the cache; its path, or None when the cache
+    cannot be written (the run goes on from memory) or there was nothing to fuse."""
+    from .fileio import atomic_write_bytes
+
+    key = _cache_key(file_sha256)
+    target = key.with_suffix(".onnx" if fused is not None else ".as-is")
+    try:
+        key.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, fused if fused is not None else b"")
+    except OSError:
+        return None
+    return target if fused is not None else None
 
 
 def _size(init: Any) -> int:

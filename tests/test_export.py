@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -259,3 +261,27 @@ def test_the_static_int8_file_runs_without_dequantizing_between_ops(tiny_onnx, t
     assert all(np.array_equal(emb.embed(pixels[i : i + 1])[0], batch[i]) for i in (0, 17, 31))
     plain = export.run_onnx(ort, tiny_onnx, pixels)  # the file as written, unfused
     assert export.feature_cosines(batch, plain).min() >= 0.99999
+
+
+def test_the_cpu_graph_is_kept_in_the_cache_and_opened_from_there(tiny_onnx, tmp_path, monkeypatch):
+    """The rewrite is made once per file and code: the next embedder opens its sessions from the
+    cached graph (no rewrite), with the same vectors; a file with nothing to fuse is remembered so."""
+    from pipeline import int8graph
+    from pipeline.embedders import OnnxEmbedder
+    from pipeline.fileio import sha256_file
+    from pipeline.preprocess import preprocess_batch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    sha = sha256_file(tiny_onnx)
+    assert int8graph.cached_cpu_model(sha) is None
+    first = OnnxEmbedder(tiny_onnx, device="cpu")
+    cached = int8graph.cached_cpu_model(sha)
+    assert isinstance(cached, Path) and cached.parent == tmp_path / "cache" / "fashion-visual-search" / "int8graph"
+    monkeypatch.setattr(int8graph, "fuse_bias", lambda model: pytest.fail("rewritten again"))
+    again = OnnxEmbedder(tiny_onnx, device="cpu")
+    pixels = preprocess_batch(export.verification_images(8), first.preprocess_cfg)
+    assert np.array_equal(first.embed(pixels), again.embed(pixels))
+    assert again.identity.onnx_sha256 == sha  # the identity is the file's, not the cached graph's
+    fp32 = tiny_onnx.with_name("tiny_fp32.onnx")  # written beside it by the export
+    OnnxEmbedder(fp32, device="cpu")
+    assert int8graph.cached_cpu_model(sha256_file(fp32)) == int8graph.AS_IS

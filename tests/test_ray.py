@@ -165,6 +165,40 @@ def test_ray_workers_write_the_images_to_a_bucket_and_the_driver_the_store(
     assert np.abs(emb - np.load(local_run / "embeddings" / "embeddings.npy")).max() <= 1e-6
 
 
+def test_an_update_on_ray_at_a_url_equals_a_fresh_local_build(ray_instance, s3, tiny_onnx, tmp_path):
+    """--update --engine ray with the store in a bucket, from another working copy: the workers
+    write the new photos' files into the bucket's staging folder, the switch moves them into place,
+    and the bucket then holds what a fresh local build makes, with nothing staged left."""
+    from tests.test_update import comparable, write_catalogue
+
+    fs, _ = s3
+    url = f"s3://bucket/{secrets.token_hex(4)}/ray-update"
+    root = url.removeprefix("s3://")
+    data = write_catalogue(tmp_path / "catalogue", list(range(24)))
+    base = ["--dataset", str(data), "--onnx", str(tiny_onnx), "--limit", "0", "--shard-rows", "8", "--batch-size", "4",
+            "--max-result-images", "5", "-q"]
+    assert cli.main([*base, "--output-dir", url, "--work-dir", str(tmp_path / "copy1")]) == 0
+    write_catalogue(data, [*range(0, 3), *range(4, 24), 60, 61, 62])  # row 3 gone; three added at the end
+    assert cli.main([*base, "--output-dir", url, "--work-dir", str(tmp_path / "copy2"), "--update", "--engine", "ray"]
+                    ) == 0
+    fresh = tmp_path / "fresh"
+    assert cli.main([*base, "--output-dir", str(fresh)]) == 0
+    fs.invalidate_cache()
+    images = {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in fs.find(f"{root}/images")}
+    assert images == {p.name: p.read_bytes() for p in (fresh / "images").iterdir()}
+    updated = tmp_path / "updated"
+    (updated / "embeddings").mkdir(parents=True)
+    for name in ("manifest.csv", "embeddings.npy", "thumbnails.npy", "embeddings.json"):
+        (updated / "embeddings" / name).write_bytes(fs.cat_file(f"{root}/embeddings/{name}"))
+    (updated / "images").mkdir()
+    for name, data_bytes in images.items():
+        (updated / "images" / name).write_bytes(data_bytes)
+    a_lines, a_vec, _ = comparable(updated)
+    b_lines, b_vec, _ = comparable(fresh)
+    assert a_lines == b_lines and np.array_equal(a_vec, b_vec)
+    assert not [p for p in fs.find(root) if "/.update" in p]
+
+
 def test_ray_segmented_build_equals_local(ray_instance, tiny_onnx, tmp_path):
     pt = tmp_path / "person-seg.pt"
     assets.person_yolo("yolov8n-seg.yaml").save(pt)

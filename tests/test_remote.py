@@ -150,7 +150,7 @@ def test_an_update_at_a_url_equals_a_fresh_build_and_keeps_the_old_store_until_i
     more = ["--limit", "0", "--max-result-images", "3", "--batch-size", "4"]
     assert run(*_args(data, tiny_onnx, url, tmp_path / "copy1", *more)) == 0
     before = _files(fs, url)
-    # Two photos gone early (every file after them is renamed), three new ones.
+    # Two photos gone early (the rows after them move up; no file is renamed), three new ones.
     write_catalogue(data, [0, *range(3, 20), 30, 31, 32])
 
     real = update_module._write_next
