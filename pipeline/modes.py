@@ -89,6 +89,8 @@ MODES: tuple[Mode, ...] = (
     Mode("gallery", "", lambda c: True, "pipeline.runner:run_gallery", engines=("local", "ray")),
 )  # fmt: skip
 
+# Modes that never search the catalogue: --filter and --group-by would be silently ignored there.
+_NO_SEARCH_OPTIONS = frozenset({"export-onnx", "export", "video"})
 _SEGMENT_OPTIONS = frozenset({"seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented", "max_persons"})
 
 # Checks that hold whatever the mode; the first list before the modes' own, the second after.
@@ -123,6 +125,11 @@ _AFTER: tuple[Check, ...] = (
     ),
     (lambda c: "ray_address" in c.explicit and c.engine != "ray", "--ray-address needs --engine ray"),
     (
+        lambda c: bool(c.filter or c.group_by) and selected_mode(c).name in _NO_SEARCH_OPTIONS,
+        "{search_flags} shape searches (queries, neighbours, --evaluate, --serve, the Python API); "
+        "{mode_flag} does not search the catalogue, so it would ignore them: drop them",
+    ),
+    (
         lambda c: c.fresh and c.from_cache,
         "--fresh rebuilds the gallery; it cannot be combined with a cache flag",
     ),
@@ -151,7 +158,9 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     spell: turns argparse dests into the flags as the user types them (--frame-stride, --video_dir).
     """
     asked = [m for m in MODES[:-1] if m.selected(cfg)]
-    values = {"unknown": _unknown_backends(cfg), "precision": cfg.embedder.precision}
+    shaping = (("--filter", cfg.filter), ("--group-by", cfg.group_by))
+    values = {"unknown": _unknown_backends(cfg), "precision": cfg.embedder.precision,
+              "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag}
     for when, message in _BEFORE:
         if when(cfg):
             return message.format(**values)
