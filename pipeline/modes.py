@@ -90,7 +90,7 @@ MODES: tuple[Mode, ...] = (
 )  # fmt: skip
 
 # Modes that never search the catalogue: --filter and --group-by would be silently ignored there.
-_NO_SEARCH_OPTIONS = frozenset({"export-onnx", "export", "video"})
+_NO_SEARCH_OPTIONS = frozenset({"export-onnx", "export"})
 _SEGMENT_OPTIONS = frozenset({"seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented", "max_persons"})
 
 # Checks that hold whatever the mode; the first list before the modes' own, the second after.
@@ -126,7 +126,7 @@ _AFTER: tuple[Check, ...] = (
     (lambda c: "ray_address" in c.explicit and c.engine != "ray", "--ray-address needs --engine ray"),
     (
         lambda c: bool(c.filter or c.group_by) and selected_mode(c).name in _NO_SEARCH_OPTIONS,
-        "{search_flags} shape searches (queries, neighbours, --evaluate, --serve, the Python API); "
+        "{search_flags} shape searches (queries, neighbours, --evaluate, --serve, --video_clip, the Python API); "
         "{mode_flag} does not search the catalogue, so it would ignore them: drop them",
     ),
     (

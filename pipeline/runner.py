@@ -196,9 +196,13 @@ def write_retrieval_outputs(
     summary.count("result pictures", written)
     if drawn < written:
         summary.notes.append(f"result pictures: {drawn:,} drawn, {written - drawn:,} unchanged since the last run kept")
-    if written < n:
+    shown = n if cfg.max_result_images is None else min(cfg.max_result_images, n)
+    if written < shown:
+        summary.notes.append(f"{written:,} result pictures for {shown:,} items: items with equal bytes share a file, "
+                             "and so a picture")
+    if shown < n:
         summary.notes.append(
-            f"{written:,} of {n:,} result pictures written (--max-result-images); neighbours.csv lists everyone"
+            f"result pictures for {shown:,} of {n:,} items (--max-result-images); neighbours.csv lists everyone"
         )
     summary.outputs["result pictures"] = f"{cfg.results_dir}/*_matches.jpg"
     with summary.stage("plots"):
@@ -315,25 +319,30 @@ def write_duplicates(cfg: RunConfig, searcher: Searcher, summary: RunSummary) ->
 PICTURES_FILE = ".result_pictures.json"  # in the results folder: each picture's signature
 
 
-def picture_signatures(nb: Neighbours, files: list[str], shas: list[str], limit: int) -> dict[str, str]:
-    """Picture name -> what it shows: the query's and each neighbour's file and bytes, the distances
-    as drawn, and the drawing code itself (plots.py), so a picture is redrawn only when one of them
-    changed (after an update, most pictures are the same)."""
+def picture_signatures(nb: Neighbours, files: list[str], shas: list[str], limit: int) -> dict[str, tuple[int, str]]:
+    """Picture name -> (the item it shows, what it shows): the query's and each neighbour's file and
+    bytes, the distances as drawn, and the drawing code itself (plots.py), so a picture is redrawn
+    only when one of them changed (after an update, most pictures are the same). Items with equal
+    bytes share a file and so a picture name: the first of them is the one drawn."""
     import matplotlib
 
     # The drawing code and what it draws with: the composites, the JPEG encoder, the font's package.
     code = "".join(sha256_file(Path(str(m.__file__))) for m in (plots_module, images_module)) + matplotlib.__version__
-    out = {}
+    out: dict[str, tuple[int, str]] = {}
     for i in range(limit):
+        name = f"{Path(files[i]).stem}_matches.jpg"
+        if name in out:
+            continue
         shown = [(files[j], shas[j], f"{d:.3f}") for j, d in zip(nb.indices[i], nb.distances[i]) if j >= 0]
         key = json.dumps([code, files[i], shas[i], shown])
-        out[f"{Path(files[i]).stem}_matches.jpg"] = sha256_bytes(key.encode())
+        out[name] = (i, sha256_bytes(key.encode()))
     return out
 
 
 def write_result_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], shas: list[str]) -> tuple[int, int]:
-    """One composite per query (query + top-k with distances) from the stored thumbnails; a picture
-    whose signature (picture_signatures) is the one recorded beside it is kept as it is.
+    """One composite per query (query + top-k with distances) from the stored thumbnails, one per
+    distinct file (items with equal bytes share it); a picture whose signature (picture_signatures)
+    is the one recorded beside it is kept as it is.
 
     Returns:
         (pictures there now, pictures drawn by this run)
@@ -346,15 +355,13 @@ def write_result_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], shas
     except (OSError, ValueError):
         before = {}
     for old in cfg.results_dir.glob("*_matches.jpg"):
-        if wanted.get(old.name) is None or wanted[old.name] != before.get(old.name):
+        if old.name not in wanted or wanted[old.name][1] != before.get(old.name):
             old.unlink()
-    # Items with equal bytes share a file, and so a picture (the same tiles, the same names): drawn once.
-    first = {f"{Path(files[i]).stem}_matches.jpg": i for i in reversed(range(limit))}
-    todo = sorted(i for name, i in first.items() if not (cfg.results_dir / name).is_file())
+    todo = sorted(i for name, (i, _) in wanted.items() if not (cfg.results_dir / name).is_file())
     unlink_quietly(record)  # rewritten once the pictures are: a killed run redraws rather than trusts
     _draw_pictures(cfg, nb, files, todo)
-    atomic_write_text(record, json.dumps(wanted, sort_keys=True))
-    return limit, len(todo)
+    atomic_write_text(record, json.dumps({name: sig for name, (_, sig) in wanted.items()}, sort_keys=True))
+    return len(wanted), len(todo)
 
 
 def _draw_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], todo: list[int]) -> None:

@@ -22,7 +22,8 @@ from .config import RunConfig, VideoSpec
 from .embedders import Embedder, make_embedder, on_cuda
 from .errors import PipelineError
 from .fileio import atomic_write_text, check_writable
-from .galleries import Gallery, open_gallery, open_searcher, segmenter_factory
+from .galleries import Gallery, group_by, open_gallery, open_searcher, segmenter_factory
+from .metadata import load_metadata
 from .persons import Detector, Person, Segmenter, person_crops, with_masks
 from .plots import THUMB_SIZE, compose_matches, make_thumbnail, neighbour_tiles, save_jpeg
 from .preprocess import preprocess_batch
@@ -265,6 +266,7 @@ class VideoRun:
         self.times = dict.fromkeys(LOOP_STEPS, 0.0)
         self.n_frames = self.n_persons = self.n_empty = 0
         self.annotated: Path | None = None  # the annotated video, once finished
+        self.allowed: np.ndarray | None = None  # --filter: the items matches may come from
 
     @staticmethod
     def matches(hits: list[Hit]) -> list[dict]:
@@ -365,7 +367,7 @@ class VideoRun:
         track = self.tracker.tracks[track_id - 1]
         cached = self._best.get(track_id)
         if cached is None or cached[0] != len(track.sightings):
-            hits = self.searcher.search(track.look[None], 1)[0]
+            hits = self.searcher.search(track.look[None], 1, self.allowed)[0]
             best = (f"{hits[0].file} d={hits[0].distance:.2f}", self.thumbs[hits[0].row].copy()) if hits else ("", None)
             cached = self._best[track_id] = (len(track.sightings), *best)
         return cached[1], cached[2]
@@ -389,7 +391,7 @@ class VideoRun:
         """tracks.json: per track its sightings and its look's top-k."""
         out = []
         for t in self.tracker.tracks:
-            hits = self.searcher.search(t.look[None], self.cfg.top_k)[0]
+            hits = self.searcher.search(t.look[None], self.cfg.top_k, self.allowed)[0]
             best = max(self.crops.get(t.id, []), key=lambda c: c[1], default=None)
             out.append(
                 {
@@ -596,7 +598,16 @@ def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedde
         gpu = on_cuda(embedder)
         searcher = open_searcher(cfg, gallery.embeddings, gallery.embedded, gpu=gpu, build_named=True)
     summary.notes.append("search: " + searcher.describe())
-    return VideoRun(cfg, embedder, searcher, out_dir, thumbs, clip, writer)
+    run = VideoRun(cfg, embedder, searcher, out_dir, thumbs, clip, writer)
+    if cfg.filter or cfg.group_by:  # every person's and track's matches among the items the filter keeps
+        if searcher.metadata is None:
+            searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
+        group_by(cfg, searcher, summary)
+        run.allowed = searcher.allowed(cfg.filter)
+        if run.allowed is not None:
+            summary.notes.append(f"--filter {cfg.filter!r}: matches among {int(run.allowed.sum()):,} of "
+                                 f"{len(run.allowed):,} items")
+    return run
 
 
 def write_video_section(cfg: RunConfig, summary: RunSummary, run: VideoRun, tracks: list[dict]) -> None:
@@ -632,7 +643,7 @@ def analyse(
     images = {k: Image.fromarray(c) for k, c in crops.items()}
     vectors = embedder.embed(preprocess_batch(list(images.values()), embedder.preprocess_cfg)) if crops else None
     t3 = time.perf_counter()
-    nb = run.searcher.neighbours(vectors, cfg.top_k) if vectors is not None else None
+    nb = run.searcher.neighbours(vectors, cfg.top_k, run.allowed) if vectors is not None else None
     t4 = time.perf_counter()
     by_person = {k: vectors[q] for q, k in enumerate(crops)} if vectors is not None else {}
     track_of = run.tracker.update(frame.index, frame.time_s, persons, by_person)

@@ -115,6 +115,24 @@ def test_a_build_finds_the_planted_copies_and_nothing_else(tiny_onnx, tmp_path, 
     assert '"duplicates":{"groups":4,"photos":11,"csv":"duplicates.csv"' in report
 
 
+def test_equal_photos_share_one_file_and_one_result_picture(tiny_onnx, tmp_path, capsys):
+    cells, _ = catalogue()
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
+    out = tmp_path / "out"
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--max-result-images", "100"))]) == 0
+    said = capsys.readouterr().out
+    rows = [r for r in read_manifest(out / "embeddings" / MANIFEST_FILE) if r.embedding_row >= 0]
+    names = {r.file for r in rows}
+    assert len(rows) == 17 and len(names) == 16  # rows 0 and 10 hold the same bytes
+    assert {p.name for p in (out / "images").iterdir()} == names
+    pictures = {p.name for p in (out / "retrieval_results").glob("*_matches.jpg")}
+    assert pictures == {f"{Path(f).stem}_matches.jpg" for f in names}
+    assert "16 result pictures for 17 items: items with equal bytes share a file" in said
+    assert "unchanged since the last run kept" not in said
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--max-result-images", "100", "--use-embeddings"))]) == 0
+    assert "result pictures: 0 drawn, 16 unchanged since the last run kept" in capsys.readouterr().out
+
+
 def neighbour_lists(out: Path) -> dict[tuple[str, str], list[str]]:
     """(query line, query file) -> neighbour files (copies of equal bytes share a file, not a line)."""
     table: dict[tuple[str, str], list[str]] = {}

@@ -54,8 +54,9 @@ def test_modes_are_declared_once_and_the_gallery_comes_last():
         (RunConfig(explicit=frozenset({"seg_conf"})), "--seg-conf needs --use-segmentation"),
         (RunConfig(explicit=frozenset({"max_persons"})), "--max-persons needs --use-segmentation"),
         (RunConfig(use_embeddings=True, fresh=True), "--fresh rebuilds the gallery"),
-        (RunConfig(video=VideoSpec(clip="clip_1"), filter="price < 50"),
-         "--filter shape searches (queries, neighbours, --evaluate, --serve, the Python API); --video_clip does not"),
+        (RunConfig(exports=("lancedb:shop.lance",), filter="price < 50"),
+         "--filter shape searches (queries, neighbours, --evaluate, --serve, --video_clip, the Python API); --export "
+         "does not search"),
         (RunConfig(exports=("parquet:out.parquet",), group_by="item_id", filter="price < 5"),
          "--filter and --group-by shape searches"),
         (RunConfig(export=ExportSpec(enabled=True), group_by="item_id"), "--export-onnx does not search"),

@@ -15,6 +15,7 @@ from pipeline.persons import Person, box_iou, person_crop, with_masks
 from pipeline.video import FrameReader
 from pipeline.yolo import yolo_onnx_path
 from tests import assets
+from tests.helpers import row_files
 
 
 def _video_argv(clip_dir, dataset, onnx, out, *extra: str) -> list[str]:
@@ -166,6 +167,37 @@ def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx,
         )
         == 3
     )
+
+
+def test_video_matches_honour_filter_and_group_by(clip_dir, tiny_onnx, tmp_path, monkeypatch, capsys):
+    """--filter: every person's and every track's matches among the items the filter keeps;
+    --group-by: one match per product."""
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    cells = [assets.jpeg_bytes(60 + i % 4 * 8, 90, seed=900 + i) for i in range(16)]
+    kind = ["dress" if i % 4 == 0 else "coat" for i in range(16)]
+    product = [f"P{i // 2}" for i in range(16)]
+    data = assets.write_parquet_dataset(tmp_path / "shop", cells, extra={"category": kind, "item_id": product})
+    out = tmp_path / "out"
+    files = None
+    for extra in ((), ("--filter", "category = 'dress'"), ("--group-by", "item_id")):
+        capsys.readouterr()
+        assert cli.main(_video_argv(clip_dir, data, tiny_onnx, out, "--top-k", "4", *extra)) == 0
+        said = capsys.readouterr().out
+        files = files or row_files(out)
+        row_of = {f: r for r, f in files.items()}
+        res = [json.loads(x) for x in (out / "video_results" / "clip_1" / "results.jsonl").read_text().splitlines()]
+        found = [[row_of[m["file"]] for m in p["matches"]] for r in res for p in r["persons"]]
+        tracks = json.loads((out / "video_results" / "clip_1" / "tracks.json").read_text())
+        found += [[row_of[m["file"]] for m in t["matches"]] for t in tracks["tracks"]]
+        assert found and all(len(rows) == 4 for rows in found)
+        if extra and extra[0] == "--filter":
+            assert all(kind[r] == "dress" for rows in found for r in rows)  # 4 of 16 items
+            assert "--filter \"category = 'dress'\": matches among 4 of 16 items" in said
+        elif extra:
+            assert all(len({product[r] for r in rows}) == 4 for rows in found)
+        else:
+            assert any(kind[r] == "coat" for rows in found for r in rows)
+            assert any(len({product[r] for r in rows}) < 4 for rows in found)  # two photos of a product
 
 
 def test_video_with_yolo_from_yaml(clip_dir, mixed_dataset, tiny_onnx, tmp_path):
