@@ -251,8 +251,9 @@ class Catalog:
 
     def neighbours(self, item: int | str, k: int = 5, filter: str | None = None,
                    group_by: str | None = None) -> list[Hit]:
-        """An item's top-k other items; item: its embedding row, or its file name (filter, group_by:
-        as in search_vectors)."""
+        """An item's top-k other items; item: its embedding row, or its file name (refused when
+        several items share it: equal photos are one file). Another item with the same bytes is
+        another item, and comes first (dedup=True hides it). filter, group_by: as in search_vectors."""
         searcher = self._searcher(group_by)
         nb = searcher.item_neighbours(np.array([self._row_of(item)]), k, searcher.allowed(filter))
         return searcher.hits(nb, 0)
@@ -262,10 +263,14 @@ class Catalog:
             if not 0 <= int(item) < len(self):
                 raise PipelineError(f"no item {item}: the store has rows 0..{len(self) - 1}")
             return int(item)
-        for r in self.items:
-            if r.file == item:
-                return r.embedding_row
-        raise PipelineError(f"no item named {item!r} in {self.cache.root}")
+        rows = [r.embedding_row for r in self.items if r.file == item]
+        if len(rows) > 1:  # files are named by their bytes: equal photos are one file
+            listed = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            raise PipelineError(f"{item!r} is the file of {len(rows)} items with the same bytes (rows {listed}): "
+                                f"ask for one by its row, e.g. neighbours({rows[0]})")
+        if not rows:
+            raise PipelineError(f"no item named {item!r} in {self.cache.root}")
+        return rows[0]
 
     def _segmenter_now(self) -> Segmenter:
         """The segmenter, loaded on first use (the caller holds _segmenter_lock)."""

@@ -22,7 +22,7 @@ import numpy as np
 from . import textclean
 from .backends import BACKENDS, OPEN_CLIP_CONFIG, OPEN_CLIP_PREFIX, family_of, known_family, open_clip_weights
 from .errors import PipelineError, first_line
-from .fileio import sha256_file
+from .fileio import sha256_file, unlink_quietly
 from .identity import VectorIdentity
 from .int8graph import cached_cpu_model, cpu_model, keep_cpu_model
 from .preprocess import PreprocessConfig
@@ -259,8 +259,16 @@ class OnnxEmbedder(Embedder):
         self.file_sha256 = sha256_file(self.path)
         cached = cached_cpu_model(self.file_sha256) if list(self._providers) == ["CPUExecutionProvider"] else None
         source: str | bytes = str(cached) if isinstance(cached, Path) else str(self.path)
+        if isinstance(cached, Path):
+            try:
+                self.session = ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
+            except Exception as e:  # a damaged cache entry (the file itself is opened below): dropped, made again
+                log.warning("the cached CPU graph %s does not load (%s): made again from %s", cached, e, self.path)
+                unlink_quietly(cached)
+                cached, source = None, str(self.path)
         try:
-            self.session = ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
+            if cached is None:
+                self.session = ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
             if cached is None and self.session.get_providers() == ["CPUExecutionProvider"]:
                 fused = cpu_model(self.path, self.session.get_modelmeta().custom_metadata_map)
                 kept = keep_cpu_model(self.file_sha256, fused)

@@ -174,7 +174,7 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
             gallery = update_gallery(cfg, summary, embedder)
         else:
             gallery = build(cfg, summary, embedder)
-        if not cfg.images_url:  # hashed now, while in memory, so the next run that loads the store hashes none
+        if not cfg.images_url:  # hashed now (just written: read back from the page cache), so later loads hash none
             with summary.stage("verify image files"):
                 verify_images(cfg.store_dir, cfg.images_dir, gallery.rows)
         with summary.stage("metadata"):  # the plain columns only: on the hub, the row groups under --limit

@@ -68,6 +68,9 @@ def keep_cpu_model(file_sha256: str, fused: bytes | None) -> Path | None:
     target = key.with_suffix(".onnx" if fused is not None else ".as-is")
     try:
         key.parent.mkdir(parents=True, exist_ok=True)
+        for stale in key.parent.glob(f"{file_sha256[:32]}-*"):  # this file's rewrites by other code: dropped
+            if not stale.name.startswith(key.name):
+                stale.unlink(missing_ok=True)
         atomic_write_bytes(target, fused if fused is not None else b"")
     except OSError:
         return None

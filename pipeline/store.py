@@ -407,7 +407,7 @@ def _thumbnails_verified(root: Path, expected: str) -> bool:
 def remember_thumbnails(root: Path, sha256: str, stamp_from: Path | None = None) -> None:
     """Record in VERIFIED_FILE that root's thumbnails.npy, as it is now, has this sha256 (it was
     just written and hashed). With `stamp_from`, the stamp another store folder recorded is taken
-    instead, and kept only if it is the file's here (a rename keeps size and time)."""
+    instead (a rename keeps size and time); a load compares it with the file before trusting it."""
     record = _read_verified_record(root)
     if stamp_from is not None:
         stamp = _read_verified_record(stamp_from).get("thumbnails")
@@ -661,7 +661,7 @@ def check_file_names(rows: Iterable[ManifestRow]) -> None:
         if r.file and r.sha256 and seen.setdefault(r.file, r.sha256) != r.sha256:
             raise PipelineError(
                 f"two different pictures would both be stored as {r.file} (sha256 {seen[r.file][:16]}… and "
-                f"{r.sha256[:16]}…): please report this; nothing was written"
+                f"{r.sha256[:16]}…): please report this; the store was not written"
             )
 
 

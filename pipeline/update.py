@@ -438,8 +438,9 @@ class UrlImages:
 
     def switch(self, keep: set[str], pattern: re.Pattern, local_images: Path) -> None:
         """Staged files the new store names into place; files it does not name removed; a local
-        copy of a renamed file (the working copy's, which may hold another photo's bytes under
-        that name) removed, unless it is a new photo's, still to be sent."""
+        copy of a renamed file (only a store named by row is renamed, once: the working copy's
+        file of that row name may be another photo's) removed, unless it is a new photo's, still
+        to be sent."""
         from .remote import remove_stale_at_url
 
         moved = self.staged_names() & keep

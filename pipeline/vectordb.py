@@ -8,7 +8,8 @@
 
 Each row is one item: `key` (stable across updates: the sha256 of the photo's bytes, its person
 number and, for byte-identical copies, which copy it is), `file` (named by content, so stable too),
-`person`, the metadata columns, and a `digest` of its vector and values. The dataset row is not
+`source` (the photo's own path, for an image folder or a cell that carries one; else null), `person`,
+the metadata columns, and a `digest` of its vector and values. The dataset row is not
 exported: it is a position, which a removal upstream shifts for every item after it, so each of
 them would be written again after every update; `file` and the catalogue's own id column say which
 photo and product an item is. The embedder's identity and the store's
@@ -87,7 +88,7 @@ def item_keys(rows: Sequence[ManifestRow]) -> list[str]:
 
 
 def export_table(embeddings: np.ndarray, rows: Sequence[ManifestRow], meta: Metadata | None) -> Any:
-    """The items as a pyarrow Table: key, file, person, digest, the metadata, vector (in dataset order)."""
+    """The items as a pyarrow Table: key, file, source, person, digest, the metadata, vector (in dataset order)."""
     import pyarrow as pa
 
     order = sorted(range(len(rows)), key=lambda j: (rows[j].source_row, rows[j].person))
@@ -95,6 +96,7 @@ def export_table(embeddings: np.ndarray, rows: Sequence[ManifestRow], meta: Meta
     columns: dict[str, Any] = {
         "key": keys,
         "file": [rows[j].file for j in order],
+        "source": [source_of(rows[j]) for j in order],
         "person": pa.array([rows[j].person for j in order], pa.int64()),
     }
     if meta is not None:
@@ -109,7 +111,14 @@ def export_table(embeddings: np.ndarray, rows: Sequence[ManifestRow], meta: Meta
     return table.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
 
 
-OWN_COLUMNS = frozenset({"key", "file", "source_row", "person", "digest", "vector", "embedding"})
+OWN_COLUMNS = frozenset({"key", "file", "source", "source_row", "person", "digest", "vector", "embedding"})
+
+
+def source_of(row: ManifestRow) -> str | None:
+    """Where the photo came from, when that is a name of its own (a file of an image folder, or the
+    path a dataset's image cell carries); None for a cell known only by its row ("dataset[12]"),
+    which a removal upstream would shift."""
+    return None if not row.source or row.source.endswith(f"[{row.source_row}]") else row.source
 
 
 def exported_name(column: str) -> str:
@@ -347,5 +356,5 @@ def run_export_db(cfg: Any) -> Any:
         summary.outputs[f"{target.kind} export"] = str(target.folder)
     summary.count("items", len(cache.embeddings))
     if meta is None:
-        summary.notes.append("export: the store keeps no metadata; only file, row and vector were exported")
+        summary.notes.append("export: the store keeps no metadata; key, file, source, person and vector were exported")
     return summary

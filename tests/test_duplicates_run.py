@@ -12,11 +12,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import main as cli
 from benchmarks.duplicates import Garment, _colour_shift, _crop, _resize, catalogue_photo
 from pipeline import Catalog
+from pipeline.errors import PipelineError
 from pipeline.store import MANIFEST_FILE, read_manifest
 from tests import assets
 from tests.helpers import run
@@ -131,6 +133,12 @@ def test_equal_photos_share_one_file_and_one_result_picture(tiny_onnx, tmp_path,
     assert "unchanged since the last run kept" not in said
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--max-result-images", "100", "--use-embeddings"))]) == 0
     assert "result pictures: 0 drawn, 16 unchanged since the last run kept" in capsys.readouterr().out
+    cat = Catalog.open(out)
+    shared = next(r for r in rows if r.source_row == 0)
+    with pytest.raises(PipelineError, match=r"is the file of 2 items with the same bytes \(rows 0, 10\): ask for one"):
+        cat.neighbours(shared.file)
+    hits = cat.neighbours(shared.embedding_row, k=3)
+    assert hits[0].source_row == 10 and hits[0].file == shared.file and hits[0].distance < 1e-6  # its copy first
 
 
 def neighbour_lists(out: Path) -> dict[tuple[str, str], list[str]]:

@@ -282,6 +282,14 @@ def test_the_cpu_graph_is_kept_in_the_cache_and_opened_from_there(tiny_onnx, tmp
     pixels = preprocess_batch(export.verification_images(8), first.preprocess_cfg)
     assert np.array_equal(first.embed(pixels), again.embed(pixels))
     assert again.identity.onnx_sha256 == sha  # the identity is the file's, not the cached graph's
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cached.write_bytes(b"not a model")  # damaged: dropped and made again from the file
+    stale = cached.with_name(cached.name.split("-")[0] + "-0123456789ab.onnx")  # a rewrite by other code
+    stale.write_bytes(b"old")
+    mended = OnnxEmbedder(tiny_onnx, device="cpu")
+    assert np.array_equal(mended.embed(pixels), first.embed(pixels))
+    assert cached.stat().st_size > 1000 and not stale.exists()
     fp32 = tiny_onnx.with_name("tiny_fp32.onnx")  # written beside it by the export
     OnnxEmbedder(fp32, device="cpu")
     assert int8graph.cached_cpu_model(sha256_file(fp32)) == int8graph.AS_IS

@@ -190,3 +190,14 @@ def test_a_lancedb_export_whose_columns_changed_is_rewritten(tiny_onnx, tmp_path
     assert f"changed {N}, removed 0, unchanged 0" in capsys.readouterr().out
     table = lancedb.connect(str(target)).open_table("gallery").to_arrow()
     assert {"category", "price"} <= set(table.column_names) and table.num_rows == N
+
+
+def test_an_items_source_is_exported_only_when_it_is_a_name_of_its_own():
+    from pipeline.store import ManifestRow
+    from pipeline.vectordb import source_of
+
+    assert source_of(ManifestRow(index=0, file="f", source_row=3, source="/data/shop[3]")) is None  # a position
+    assert source_of(ManifestRow(index=0, file="f", source_row=3, source="/data/photos/red/d1.jpg")) == (
+        "/data/photos/red/d1.jpg"
+    )
+    assert source_of(ManifestRow(index=0, file="f", source_row=3, source="")) is None
