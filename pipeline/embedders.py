@@ -259,16 +259,16 @@ class OnnxEmbedder(Embedder):
         self.file_sha256 = sha256_file(self.path)
         cached = cached_cpu_model(self.file_sha256) if list(self._providers) == ["CPUExecutionProvider"] else None
         source: str | bytes = str(cached) if isinstance(cached, Path) else str(self.path)
+        session = None
         if isinstance(cached, Path):
             try:
-                self.session = ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
+                session = ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
             except Exception as e:  # a damaged cache entry (the file itself is opened below): dropped, made again
                 log.warning("the cached CPU graph %s does not load (%s): made again from %s", cached, e, self.path)
                 unlink_quietly(cached)
                 cached, source = None, str(self.path)
         try:
-            if cached is None:
-                self.session = ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
+            self.session = session or ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
             if cached is None and self.session.get_providers() == ["CPUExecutionProvider"]:
                 fused = cpu_model(self.path, self.session.get_modelmeta().custom_metadata_map)
                 kept = keep_cpu_model(self.file_sha256, fused)

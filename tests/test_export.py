@@ -293,3 +293,4 @@ def test_the_cpu_graph_is_kept_in_the_cache_and_opened_from_there(tiny_onnx, tmp
     fp32 = tiny_onnx.with_name("tiny_fp32.onnx")  # written beside it by the export
     OnnxEmbedder(fp32, device="cpu")
     assert int8graph.cached_cpu_model(sha256_file(fp32)) == int8graph.AS_IS
+    assert OnnxEmbedder(fp32, device="cpu").embed(pixels).shape == (8, first.dim)  # opened as it is, from the answer
