@@ -47,6 +47,7 @@ from .retrieval import Neighbours, iter_neighbour_rows, write_neighbours_csv
 from .searcher import Searcher
 from .store import (
     PARTIAL_DIR,
+    SIDECAR_FILE,
     THUMBNAILS_FILE,
     ManifestRow,
     ThumbnailReader,
@@ -148,6 +149,7 @@ def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[Manifes
                 nb,
                 lambda i: reader[i],
                 None if meta is None else meta.json_values,
+                tile_keys=_tile_keys(cfg.store_dir, embedded),
             )
         finally:
             reader.close()
@@ -161,6 +163,22 @@ def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[Manifes
     }
     title = ("Segmented gallery" if cfg.segmented else "Gallery") + f" ({count_of(len(embedded), 'item')})"
     summary.outputs["report"] = str(write_section(cfg.plots_dir, Section(section_id, "gallery", title, summary, data)))
+
+
+def _tile_keys(store_dir: Path, embedded: list[ManifestRow]) -> list[str] | None:
+    """Per item, what its stored thumbnail is a function of: its file's bytes, the store's
+    preprocessing and thumbnail size, and the code that decodes and shrinks (so report sprites of
+    unchanged pages are kept, webreport.write_gallery_pages); None when the sidecar is unreadable."""
+    from . import items as items_module
+
+    try:
+        sidecar = json.loads((store_dir / SIDECAR_FILE).read_text())
+        made = json.dumps([sidecar["identity"].get("preprocess"), sidecar["thumbnail_size"]], sort_keys=True)
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    code = "".join(sha256_file(Path(str(m.__file__))) for m in (plots_module, images_module, items_module))
+    prefix = sha256_bytes((made + code).encode())[:16]
+    return [f"{prefix} {r.file} {r.sha256}" for r in embedded]
 
 
 def write_retrieval_outputs(

@@ -10,6 +10,7 @@ per page (JPEG, loaded lazily), and a compact index of names for the filter.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -21,13 +22,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text, unlink_quietly
 from .images import encode_jpeg
 from .plots import THUMB_SIZE
 from .report import RunSummary, peak_rss_mib
 
 PAGE_SIZE = 120
 SPRITE_COLUMNS = 12  # a page's thumbnails in a 12 x 10 sprite
+SPRITE_QUALITY = 85
 REPORT_HTML = "report.html"
 REPORT_DIR = "report"
 
@@ -94,7 +96,7 @@ class Section:
 
 def write_gallery_pages(
     folder: Path, section_id: str, files: Sequence[str], rows: Sequence[int], neighbours: Any, thumbnail: Any,
-    meta: Any = None,
+    meta: Any = None, tile_keys: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """A gallery's items as data pages and thumbnail sprites.
 
@@ -104,15 +106,23 @@ def write_gallery_pages(
         neighbours: retrieval.Neighbours of the gallery (top-k other items per item).
         thumbnail: item -> uint8 (T, T, 3).
         meta: item -> its metadata values, JSON-ready (metadata.Metadata.json_values), or None.
+        tile_keys: per item, a string its thumbnail is a function of: a page's sprite whose items'
+            keys are those recorded for it (SPRITES_FILE) is kept, not drawn and encoded again
+            (after an update most pages are the same). None: every sprite is drawn.
     Returns:
         the section's gallery data: item count, page count, k, and where the pages are.
     """
     out = folder / section_id
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("page_*"):
-        old.unlink()
     n = len(files)
     pages = -(-n // PAGE_SIZE)
+    wanted = {f"page_{p:04d}.jpg": _sprite_key(tile_keys, p * PAGE_SIZE, min(n, (p + 1) * PAGE_SIZE))
+              for p in range(pages)}
+    before = _read_sprite_record(out / SPRITES_FILE)
+    unlink_quietly(out / SPRITES_FILE)  # written again once the sprites are: a killed run redraws, never trusts
+    for old in out.glob("page_*"):
+        if old.suffix != ".jpg" or wanted.get(old.name) is None or wanted[old.name] != before.get(old.name):
+            old.unlink()
     nearest = []
     for p in range(pages):
         start, stop = p * PAGE_SIZE, min(n, (p + 1) * PAGE_SIZE)
@@ -129,14 +139,17 @@ def write_gallery_pages(
             items.append(item)
             nearest.append(nb[0][1] if nb else None)
         atomic_write_text(out / f"page_{p:04d}.js", _js("page", {"section": section_id, "page": p, "items": items}))
+        if (out / f"page_{p:04d}.jpg").is_file():  # the same items' thumbnails as when it was drawn
+            continue
         sprite = Image.new(
             "RGB", (SPRITE_COLUMNS * THUMB_SIZE, -(-(stop - start) // SPRITE_COLUMNS) * THUMB_SIZE), (255, 255, 255)
         )
         for k, i in enumerate(range(start, stop)):
             tile = Image.fromarray(np.ascontiguousarray(thumbnail(i)))
             sprite.paste(tile, ((k % SPRITE_COLUMNS) * THUMB_SIZE, (k // SPRITE_COLUMNS) * THUMB_SIZE))
-        atomic_write_bytes(out / f"page_{p:04d}.jpg", encode_jpeg(sprite, quality=85))
+        atomic_write_bytes(out / f"page_{p:04d}.jpg", encode_jpeg(sprite, quality=SPRITE_QUALITY))
     atomic_write_text(out / "names.js", _js("names", {"section": section_id, "files": list(files), "nearest": nearest}))
+    atomic_write_text(out / SPRITES_FILE, json.dumps({k: v for k, v in wanted.items() if v is not None}))
     return {
         "items": n,
         "pages": pages,
@@ -146,6 +159,26 @@ def write_gallery_pages(
         "k": int(neighbours.indices.shape[1]) if n else 0,
         "folder": f"{REPORT_DIR}/{section_id}",
     }
+
+
+SPRITES_FILE = "sprites.json"  # per page sprite, the key of the thumbnails drawn in it
+
+
+def _sprite_key(tile_keys: Sequence[str] | None, start: int, stop: int) -> str | None:
+    if tile_keys is None:
+        return None
+    h = hashlib.sha256(f"{THUMB_SIZE} {SPRITE_COLUMNS} {SPRITE_QUALITY}".encode())
+    for key in tile_keys[start:stop]:
+        h.update(key.encode() + b"\n")
+    return h.hexdigest()
+
+
+def _read_sprite_record(path: Path) -> dict[str, str]:
+    try:
+        record = json.loads(path.read_text())
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def read_section(plots_dir: Path, section_id: str) -> dict[str, Any] | None:

@@ -38,6 +38,36 @@ def test_report_pages_past_the_first_show_each_items_own_thumbnail(tmp_path):
         assert np.abs(sprite[y, x] - np.array(_colour(i))).max() <= 8, (k, i)
 
 
+
+def test_a_pages_sprite_is_drawn_again_only_when_its_items_thumbnails_changed(tmp_path):
+    n = 2 * PAGE_SIZE + 5
+    files = [f"img_{i:05d}.jpg" for i in range(n)]
+    nb = SimpleNamespace(indices=np.array([[(i + 1) % n] for i in range(n)]), distances=np.full((n, 1), 0.25))
+    colour = {i: _colour(i) for i in range(n)}
+    drawn: list[int] = []
+
+    def thumbnail(i):
+        drawn.append(i)
+        return np.full((THUMB_SIZE, THUMB_SIZE, 3), colour[i], np.uint8)
+
+    def write(keys):
+        drawn.clear()
+        write_gallery_pages(tmp_path, "gallery", files, list(range(n)), nb, thumbnail, tile_keys=keys)
+        return sorted({i // PAGE_SIZE for i in drawn})
+
+    keys = [f"k{i}" for i in range(n)]
+    assert write(keys) == [0, 1, 2]
+    assert write(keys) == []  # nothing changed: no sprite drawn, every page's data written
+    colour[PAGE_SIZE + 3], keys[PAGE_SIZE + 3] = (250, 10, 10), "changed"  # one item of page 1
+    assert write(keys) == [1]
+    sprite = np.asarray(Image.open(tmp_path / "gallery" / "page_0001.jpg").convert("RGB")).astype(int)
+    y, x = THUMB_SIZE // 2, 3 * THUMB_SIZE + THUMB_SIZE // 2
+    assert np.abs(sprite[y, x] - np.array((250, 10, 10))).max() <= 8
+    (tmp_path / "gallery" / "sprites.json").unlink()  # a run killed while drawing: nothing is trusted
+    assert write(keys) == [0, 1, 2]
+    assert write(None) == [0, 1, 2]  # without keys, always drawn
+
+
 @pytest.fixture(scope="module")
 def gallery_with_failures(tmp_path_factory, tiny_clip):
     """Rows 0 and 3 do not decode, so embedding rows and manifest lines differ."""
