@@ -93,7 +93,7 @@ def decode_record(record: Record, min_side: int | None = None) -> tuple[Manifest
     try:
         return row, decode_image(record.data, min_side=min_side)
     except ImageDecodeError as e:
-        row.status, row.error, row.sha256 = "failed", str(e), sha256_bytes(record.data)
+        row.status, row.error, row.sha256 = "failed", str(e), row.source_sha256  # the cell's bytes, hashed above
         return row, None
 
 
@@ -120,10 +120,9 @@ def make_standard_items(decode_min_side: int, device_decode: bool = False) -> It
 
     def one(record: Record) -> list[GalleryItem]:
         if device_decode and record.data is not None and (jpeg := inspect_jpeg(record.data)) is not None:
-            sha = sha256_bytes(record.data)
+            sha = sha256_bytes(record.data)  # the file is the cell's bytes: one hash for both
             row = ManifestRow(index=-1, file=image_file_name(sha, "jpg"), source_row=record.source_row,
-                              source=record.source, sha256=sha,
-                              item_id=record.item_id, source_sha256=source_sha256(record))
+                              source=record.source, sha256=sha, item_id=record.item_id, source_sha256=sha)
             row.width, row.height = jpeg.oriented_size
             try:  # the duplicate signals are the CPU's: the same as a CPU build's
                 row.pixel_hash, row.look = signals_of(record.data, decode_image(record.data, decode_min_side))

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
@@ -165,6 +166,12 @@ def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[Manifes
     summary.outputs["report"] = str(write_section(cfg.plots_dir, Section(section_id, "gallery", title, summary, data)))
 
 
+def code_signature(*modules: ModuleType) -> str:
+    """The source files of the modules that draw an output, hashed: a kept output whose drawing
+    code changed is drawn again."""
+    return "".join(sha256_file(Path(str(m.__file__))) for m in modules)
+
+
 def _tile_keys(store_dir: Path, embedded: list[ManifestRow]) -> list[str] | None:
     """Per item, what its stored thumbnail is a function of: its file's bytes, the store's
     preprocessing and thumbnail size, and the code that decodes and shrinks (so report sprites of
@@ -176,8 +183,7 @@ def _tile_keys(store_dir: Path, embedded: list[ManifestRow]) -> list[str] | None
         made = json.dumps([sidecar["identity"].get("preprocess"), sidecar["thumbnail_size"]], sort_keys=True)
     except (OSError, ValueError, KeyError, AttributeError):
         return None
-    code = "".join(sha256_file(Path(str(m.__file__))) for m in (plots_module, images_module, items_module))
-    prefix = sha256_bytes((made + code).encode())[:16]
+    prefix = sha256_bytes((made + code_signature(plots_module, images_module, items_module)).encode())[:16]
     return [f"{prefix} {r.file} {r.sha256}" for r in embedded]
 
 
@@ -345,7 +351,7 @@ def picture_signatures(nb: Neighbours, files: list[str], shas: list[str], limit:
     import matplotlib
 
     # The drawing code and what it draws with: the composites, the JPEG encoder, the font's package.
-    code = "".join(sha256_file(Path(str(m.__file__))) for m in (plots_module, images_module)) + matplotlib.__version__
+    code = code_signature(plots_module, images_module) + matplotlib.__version__
     out: dict[str, tuple[int, str]] = {}
     for i in range(limit):
         name = f"{Path(files[i]).stem}_matches.jpg"

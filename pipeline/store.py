@@ -338,11 +338,10 @@ def _check_images(
                 missing.append(r.file)
             continue
         try:
-            st = (images_dir / r.file).stat()  # before hashing: a file changed meanwhile is hashed again next time
+            stamp = _stamp(images_dir / r.file, r.sha256)  # before hashing: a file changed meanwhile is hashed again
         except OSError:
             missing.append(r.file)
             continue
-        stamp = [st.st_size, st.st_mtime_ns, r.sha256]
         if known.get(r.file) == stamp:
             verified[r.file] = stamp
         elif r.file not in to_hash:
@@ -392,31 +391,40 @@ def _thumbnails_verified(root: Path, expected: str) -> bool:
     """thumbnails.npy has the sidecar's sha256: hashed, unless VERIFIED_FILE saw it with these bytes
     at this size and modification time (it is by far the largest file of a store)."""
     path = root / THUMBNAILS_FILE
-    st = path.stat()
-    stamp = [st.st_size, st.st_mtime_ns, expected]
+    stamp = _stamp(path, expected)
     record = _read_verified_record(root)
     if record.get("thumbnails") == stamp:
         return True
     if sha256_file(path) != expected:
         return False
-    record["thumbnails"] = stamp
-    _write_verified_record(root, record)
+    _remember(root, "thumbnails", stamp)
     return True
 
 
-def remember_thumbnails(root: Path, sha256: str, stamp_from: Path | None = None) -> None:
+def remember_thumbnails(root: Path, sha256: str) -> None:
     """Record in VERIFIED_FILE that root's thumbnails.npy, as it is now, has this sha256 (it was
-    just written and hashed). With `stamp_from`, the stamp another store folder recorded is taken
-    instead (a rename keeps size and time); a load compares it with the file before trusting it."""
-    record = _read_verified_record(root)
-    if stamp_from is not None:
-        stamp = _read_verified_record(stamp_from).get("thumbnails")
-    else:
-        st = (root / THUMBNAILS_FILE).stat()
-        stamp = [st.st_size, st.st_mtime_ns, sha256]
+    just written and hashed)."""
+    _remember(root, "thumbnails", _stamp(root / THUMBNAILS_FILE, sha256))
+
+
+def carry_thumbnails_stamp(source: Path, root: Path) -> None:
+    """The thumbnails stamp `source` recorded, recorded for `root` after thumbnails.npy moved there
+    (a rename keeps size and time; a load compares the stamp with the file before trusting it)."""
+    stamp = _read_verified_record(source).get("thumbnails")
     if stamp is not None:
-        record["thumbnails"] = stamp
-        _write_verified_record(root, record)
+        _remember(root, "thumbnails", stamp)
+
+
+def _stamp(path: Path, sha256: str) -> list:
+    """What VERIFIED_FILE keeps of a file: its size and modification time with the sha256 it has."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, sha256]
+
+
+def _remember(root: Path, key: str, value: Any) -> None:
+    record = _read_verified_record(root)
+    record[key] = value
+    _write_verified_record(root, record)
 
 
 def _read_verified_record(root: Path) -> dict[str, Any]:

@@ -53,9 +53,9 @@ from .store import (
     GalleryCache,
     ManifestRow,
     ThumbnailReader,
+    carry_thumbnails_stamp,
     load_cache,
     read_manifest,
-    remember_thumbnails,
     rows_key,
     store_sha256,
     write_store,
@@ -389,7 +389,7 @@ def switch(cfg: RunConfig) -> None:
         if (next_dir / name).is_file():
             move(next_dir / name, store / name)
     if staged_thumbnails:  # hashed when written: its stamp follows it (checked against the file when loaded)
-        remember_thumbnails(store, "", stamp_from=next_dir)
+        carry_thumbnails_stamp(next_dir, store)
     keep = {r.file for r in read_manifest(store / MANIFEST_FILE) if r.file}  # the store in place now
     pattern = owned_files(cfg)
     for p in images.iterdir() if images.is_dir() else []:
