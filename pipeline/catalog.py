@@ -30,10 +30,8 @@ from .preprocess import preprocess_batch
 from .searcher import Hit, QueryCrop, Searcher, combine, query_crops
 from .store import (
     SIDECAR_FILE,
-    THUMBNAILS_FILE,
     GalleryCache,
     ManifestRow,
-    ThumbnailReader,
     load_cache,
 )
 from .yolo import SegmentSpec, make_segmenter
@@ -84,7 +82,7 @@ class Catalog:
         self._segmenter: Segmenter | None = None
         self._embedder_lock = threading.Lock()  # taken only until the embedder is loaded
         self._segmenter_lock = threading.Lock()  # loading it, and each call: Ultralytics models are not thread-safe
-        self._thumbs = ThumbnailReader(cache.root / THUMBNAILS_FILE)
+        self._thumbs = cache.thumbnails()
         self._thumbs_lock = threading.Lock()  # one file handle
 
     @classmethod

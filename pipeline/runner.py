@@ -49,7 +49,6 @@ from .searcher import Searcher
 from .store import (
     PARTIAL_DIR,
     SIDECAR_FILE,
-    THUMBNAILS_FILE,
     ManifestRow,
     ThumbnailReader,
     embedded_rows,
@@ -139,7 +138,7 @@ def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[Manifes
     if nb is None and len(embedded) == 1:  # one item: shown, with no neighbours to show
         nb = Neighbours(np.zeros((1, 0), np.int64), np.zeros((1, 0), np.float32))
     if nb is not None:
-        reader = ThumbnailReader(cfg.store_dir / THUMBNAILS_FILE)
+        reader = ThumbnailReader.of(cfg.store_dir)
         meta = load_metadata(cfg.store_dir, embedded)
         try:
             data["gallery"] = write_gallery_pages(
@@ -391,7 +390,7 @@ def write_result_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], shas
 def _draw_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], todo: list[int]) -> None:
     if not todo:
         return
-    reader = ThumbnailReader(cfg.store_dir / THUMBNAILS_FILE)
+    reader = ThumbnailReader.of(cfg.store_dir)
     lock = threading.Lock()
 
     def tile(j: int) -> np.ndarray:

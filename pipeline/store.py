@@ -5,21 +5,28 @@ Layout of one store folder (`embeddings/` or `embeddings_segment/`):
     embeddings.npy    float32 (N_ok, D), L2-normalized; row r belongs to the manifest line whose
                       embedding_row == r
     manifest.csv      one line per dataset row (or per crop / per row without crops), see ManifestRow
-    thumbnails.npy    uint8 (N_ok, T, T, 3) RGB thumbnails, row-aligned with embeddings.npy
+    thumbnails.npy    uint8 (N_ok, T, T, 3) RGB thumbnails, row-aligned with embeddings.npy; after an
+                      update that added photos, the first rows only: the rest follow in
+    thumbnails-<16 hex>.npy  segments (named by their sha256) the sidecar lists in order, so that an
+                      update writes only its new photos' thumbnails (see ThumbnailParts)
     embeddings.json   the sidecar; written last, so its presence means the store is complete
     .partial/         shards of an unfinished run (removed when the run completes)
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
 import logging
+import os
+import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +50,11 @@ log = logging.getLogger(__name__)
 EMBEDDINGS_FILE = "embeddings.npy"
 MANIFEST_FILE = "manifest.csv"
 THUMBNAILS_FILE = "thumbnails.npy"
+THUMBNAIL_SEGMENT = re.compile(r"thumbnails-[0-9a-f]{16}\.npy")
+# An update appends a segment; past this many, the segments are joined into one (the base file
+# stays), and once the segments hold more thumbnails than the base, everything is written as a new
+# base: each thumbnail is then rewritten O(1) times on average, however many updates there are.
+MAX_THUMBNAIL_SEGMENTS = 8
 SIDECAR_FILE = "embeddings.json"
 PARTIAL_DIR = ".partial"
 UPDATE_DIR = ".update"  # --update's staging, in the store folder and in the image folder
@@ -96,15 +108,14 @@ MANIFEST_FIELDS = [f.name for f in fields(ManifestRow)]
 # Columns a manifest may lack: stores made before --update or before duplicates (format 2 all the
 # same) read with them empty.
 OPTIONAL_FIELDS = ("item_id", "source_sha256", "pixel_hash", "look")
-_INT_FIELDS = {"index", "source_row", "width", "height", "embedding_row", "person"}
 
 
 def manifest_to_csv(rows: Iterable[ManifestRow]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(asdict(row))
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(MANIFEST_FIELDS)
+    values = attrgetter(*MANIFEST_FIELDS)  # the fields' values in column order (asdict deep-copies: 10x slower)
+    writer.writerows(values(row) for row in rows)
     return buf.getvalue()
 
 
@@ -113,26 +124,41 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     return parse_manifest(Path(path).read_bytes(), path)
 
 
+def _parse_float(v: str) -> float | str:
+    return float(v) if v != "" else ""
+
+
+def _parse_int_or_empty(v: str) -> int | str:
+    return int(v) if v != "" else ""
+
+
+# How each column's text becomes its value (plain text where a column is not named here).
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    **{name: int for name in ("index", "source_row", "width", "height", "embedding_row", "person")},
+    **{name: _parse_float for name in ("box_x1", "box_y1", "box_x2", "box_y2", "confidence")},
+    "mask_area": _parse_int_or_empty,
+}
+
+
 def parse_manifest(data: bytes, path: str | Path) -> list[ManifestRow]:
     """Parse manifest.csv bytes already read (and hashed) by the caller; `path` names them in errors."""
     rows: list[ManifestRow] = []
     with io.StringIO(data.decode("utf-8"), newline="") as f:
-        reader = csv.DictReader(f)
-        names = list(reader.fieldnames or [])
+        reader = csv.reader(f)
+        names = next(reader, [])
         if names != MANIFEST_FIELDS and names + [f for f in OPTIONAL_FIELDS if f not in names] != MANIFEST_FIELDS:
-            raise CacheMismatchError(f"{path}: unexpected columns {reader.fieldnames}; expected {MANIFEST_FIELDS}")
-        for lineno, d in enumerate(reader, start=2):
+            raise CacheMismatchError(f"{path}: unexpected columns {names}; expected {MANIFEST_FIELDS}")
+        parsers = [_PARSERS.get(name) for name in names]
+        width = len(names)
+        for lineno, values in enumerate(reader, start=2):
+            if not values:  # a blank line (csv.DictReader skipped them too)
+                continue
             try:
-                kw: dict[str, Any] = {}
-                for k, v in d.items():
-                    if k in _INT_FIELDS:
-                        kw[k] = int(v)
-                    elif k in ("box_x1", "box_y1", "box_x2", "box_y2", "confidence"):
-                        kw[k] = float(v) if v != "" else ""
-                    elif k == "mask_area":
-                        kw[k] = int(v) if v != "" else ""
-                    else:
-                        kw[k] = v
+                if len(values) != width:
+                    raise ValueError(f"{len(values)} values for {width} columns")
+                kw: dict[str, Any] = {
+                    name: (parse(v) if parse is not None else v) for name, parse, v in zip(names, parsers, values)
+                }
                 rows.append(ManifestRow(**kw))
             except (TypeError, ValueError) as e:
                 raise CacheMismatchError(f"{path}, line {lineno}: cannot parse ({e})") from e
@@ -156,9 +182,11 @@ class Sidecar:
     manifest_rows: int
     manifest_sha256: str
     embeddings_sha256: str
-    thumbnails_sha256: str
+    thumbnails_sha256: str  # thumbnails.npy's
     thumbnail_size: int
     format: int = STORE_FORMAT
+    # The thumbnails after thumbnails.npy's, in order: [{"file", "count", "sha256"}] (see ThumbnailParts).
+    thumbnail_segments: list[dict[str, Any]] = field(default_factory=list)
     # The CPU that computed the vectors (model, int8 instruction sets): recorded, never compared.
     machine: dict[str, Any] = field(default_factory=dict)
 
@@ -232,7 +260,7 @@ class GalleryCache:
         return embedded_rows(self.rows)
 
     def thumbnails(self) -> ThumbnailReader:
-        return ThumbnailReader(self.root / THUMBNAILS_FILE)
+        return ThumbnailReader.of(self.root, self.sidecar)
 
 
 def load_cache(
@@ -287,7 +315,8 @@ def load_cache(
 def _read_verified(root: Path, sidecar: Sidecar) -> tuple[np.ndarray, list[ManifestRow]]:
     """A store's embeddings and manifest, each checked against the sidecar's hashes and counts."""
     emb_path, man_path = root / EMBEDDINGS_FILE, root / MANIFEST_FILE
-    for p in (emb_path, man_path, root / THUMBNAILS_FILE):
+    parts = thumbnail_parts(sidecar)
+    for p in (emb_path, man_path, *(root / part.file for part in parts)):
         if not p.is_file():
             raise CacheMismatchError(f"cache in {root} is incomplete: {p.name} is missing")
     # Manifest and embeddings are read once: hashed and parsed from the same bytes.
@@ -301,8 +330,9 @@ def _read_verified(root: Path, sidecar: Sidecar) -> tuple[np.ndarray, list[Manif
             f"{emb_path} does not match the sidecar (sha256 {h[:12]}…, expected {sidecar.embeddings_sha256[:12]}…): "
             f"truncated or replaced"
         )
-    if not _thumbnails_verified(root, sidecar.thumbnails_sha256):
-        raise CacheMismatchError(f"{root / THUMBNAILS_FILE} does not match the sidecar: truncated or replaced")
+    for part in parts:
+        if not _thumbnails_verified(root, part):
+            raise CacheMismatchError(f"{root / part.file} does not match the sidecar: truncated or replaced")
     try:
         emb = np.load(io.BytesIO(emb_bytes), allow_pickle=False)
     except (ValueError, OSError) as e:
@@ -387,32 +417,44 @@ def _file_sha256_or_none(path: Path) -> str | None:
         return None
 
 
-def _thumbnails_verified(root: Path, expected: str) -> bool:
-    """thumbnails.npy has the sidecar's sha256: hashed, unless VERIFIED_FILE saw it with these bytes
-    at this size and modification time (it is by far the largest file of a store)."""
-    path = root / THUMBNAILS_FILE
-    stamp = _stamp(path, expected)
-    record = _read_verified_record(root)
-    if record.get("thumbnails") == stamp:
+def _thumbnails_verified(root: Path, part: ThumbnailPart) -> bool:
+    """A thumbnails file has the sidecar's sha256: hashed, unless VERIFIED_FILE saw it with these
+    bytes at this size and modification time (they are by far the largest files of a store)."""
+    path = root / part.file
+    stamp = _stamp(path, part.sha256)
+    if _thumbnail_stamps(root).get(part.file) == stamp:
         return True
-    if sha256_file(path) != expected:
+    if sha256_file(path) != part.sha256:
         return False
-    _remember(root, "thumbnails", stamp)
+    remember_thumbnails(root, {part.file: stamp})
     return True
 
 
-def remember_thumbnails(root: Path, sha256: str) -> None:
-    """Record in VERIFIED_FILE that root's thumbnails.npy, as it is now, has this sha256 (it was
-    just written and hashed)."""
-    _remember(root, "thumbnails", _stamp(root / THUMBNAILS_FILE, sha256))
+def _thumbnail_stamps(root: Path) -> dict[str, list]:
+    found = _read_verified_record(root).get("thumbnails")
+    if isinstance(found, list):  # written before segments: thumbnails.npy's alone
+        return {THUMBNAILS_FILE: found}
+    return found if isinstance(found, dict) else {}
 
 
-def carry_thumbnails_stamp(source: Path, root: Path) -> None:
-    """The thumbnails stamp `source` recorded, recorded for `root` after thumbnails.npy moved there
-    (a rename keeps size and time; a load compares the stamp with the file before trusting it)."""
-    stamp = _read_verified_record(source).get("thumbnails")
-    if stamp is not None:
-        _remember(root, "thumbnails", stamp)
+def remember_thumbnails(root: Path, stamps: dict[str, list]) -> None:
+    """Record in VERIFIED_FILE these thumbnails files' stamps (name -> size, time, sha256), each
+    hashed when it was written or checked; stamps of files no longer in the folder are dropped."""
+    known = {name: st for name, st in _thumbnail_stamps(root).items() if (root / name).is_file()}
+    _remember(root, "thumbnails", {**known, **stamps})
+
+
+def thumbnail_stamp(path: Path, sha256: str) -> dict[str, list]:
+    """The stamp of one thumbnails file just written with this sha256, for remember_thumbnails."""
+    return {path.name: _stamp(path, sha256)}
+
+
+def carry_thumbnails_stamp(source: Path, root: Path, names: Iterable[str]) -> None:
+    """The stamps `source` recorded for thumbnails files `names`, recorded for `root` after the files
+    moved there (a rename keeps size and time; a load compares the stamp with the file before
+    trusting it)."""
+    stamps = _thumbnail_stamps(source)
+    remember_thumbnails(root, {name: stamps[name] for name in names if name in stamps})
 
 
 def _stamp(path: Path, sha256: str) -> list:
@@ -449,42 +491,114 @@ def _verified_images(root: Path, images_dir: Path) -> dict[str, list]:
     return files if isinstance(files, dict) and record.get("images") == str(images_dir.resolve()) else {}
 
 
-class ThumbnailReader:
-    """Reads single thumbnails from thumbnails.npy with plain file reads (no growing memory map)."""
+@dataclass(frozen=True)
+class ThumbnailPart:
+    """One file of a store's thumbnails: its name in the store folder, its rows, its sha256."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        with open(self.path, "rb") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(f)
-            self.offset = f.tell()
-        if dtype != np.uint8 or len(shape) != 4:
-            raise CacheMismatchError(f"{self.path}: expected uint8 (N, T, T, 3), got {shape} {dtype}")
-        self.shape = shape
-        self.item = int(np.prod(shape[1:]))
-        self._f = open(self.path, "rb")
+    file: str
+    count: int
+    sha256: str
+
+
+def thumbnail_parts(sidecar: Sidecar) -> list[ThumbnailPart]:
+    """A store's thumbnails files in row order: thumbnails.npy, then the segments updates added."""
+    try:
+        segments = [ThumbnailPart(str(d["file"]), int(d["count"]), str(d["sha256"]))
+                    for d in sidecar.thumbnail_segments]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CacheMismatchError(f"unreadable thumbnail_segments in the sidecar ({e})") from e
+    for part in segments:
+        if not THUMBNAIL_SEGMENT.fullmatch(part.file) or part.count < 0:
+            raise CacheMismatchError(f"the sidecar lists a thumbnails segment it cannot hold: {part}")
+    base = sidecar.count - sum(part.count for part in segments)
+    if base < 0:
+        raise CacheMismatchError(f"the sidecar's thumbnails segments hold more rows than its {sidecar.count} vectors")
+    return [ThumbnailPart(THUMBNAILS_FILE, base, sidecar.thumbnails_sha256), *segments]
+
+
+def remove_unlisted_segments(root: Path, parts: Iterable[ThumbnailPart]) -> None:
+    """Delete the thumbnails segments in `root` its store no longer lists (after its sidecar moved
+    into place: a reader of the store before has its files open)."""
+    listed = {part.file for part in parts}
+    for p in root.iterdir() if root.is_dir() else []:
+        if THUMBNAIL_SEGMENT.fullmatch(p.name) and p.name not in listed:
+            unlink_quietly(p)
+
+
+class ThumbnailReader:
+    """Reads a store's thumbnails (thumbnails.npy and its segments, one row space) with plain file
+    reads (no growing memory map)."""
+
+    def __init__(self, *paths: str | Path) -> None:
+        if not paths:
+            raise ValueError("ThumbnailReader needs at least one file")
+        self.paths = [Path(p) for p in paths]
+        self.path = self.paths[0]
+        self._files: list[tuple[int, int, Any]] = []  # (first row, header bytes, open file)
+        total, item_shape = 0, None
+        try:
+            for path in self.paths:
+                f = open(path, "rb")
+                self._files.append((total, 0, f))
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+                self._files[-1] = (total, f.tell(), f)
+                if dtype != np.uint8 or len(shape) != 4 or (item_shape is not None and shape[1:] != item_shape):
+                    raise CacheMismatchError(f"{path}: expected uint8 (N, T, T, 3), got {shape} {dtype}")
+                item_shape = shape[1:]
+                total += shape[0]
+        except BaseException:
+            self.close()
+            raise
+        assert item_shape is not None
+        self.shape = (total, *item_shape)
+        self.item = int(np.prod(item_shape))
+        self._starts = [start for start, _, _ in self._files]
+
+    @classmethod
+    def of(cls, root: str | Path, sidecar: Sidecar | None = None) -> ThumbnailReader:
+        """The thumbnails of the store at `root` (its sidecar read when not given)."""
+        root = Path(root)
+        sidecar = sidecar if sidecar is not None else Sidecar.read(root / SIDECAR_FILE)
+        return cls(*(root / part.file for part in thumbnail_parts(sidecar)))
 
     def __len__(self) -> int:
         return self.shape[0]
 
+    def _at(self, i: int) -> tuple[int, int, Any]:
+        """(rows before its file, header bytes, open file) of the file holding row i."""
+        return self._files[bisect.bisect_right(self._starts, i) - 1]
+
     def __getitem__(self, i: int) -> np.ndarray:
-        self._f.seek(self.offset + int(i) * self.item)
-        buf = self._f.read(self.item)
+        start, header, f = self._at(int(i))
+        f.seek(header + (int(i) - start) * self.item)
+        buf = f.read(self.item)
         return np.frombuffer(buf, dtype=np.uint8).reshape(self.shape[1:])
 
     def read_into(self, start: int, out: np.ndarray) -> np.ndarray:
         """Thumbnails start .. start+len(out)-1 read straight into `out` (a buffer the caller reuses,
         so that copying a store's thumbnails touches no fresh memory)."""
-        self._f.seek(self.offset + int(start) * self.item)
-        view = out.reshape(-1).data
-        got = self._f.readinto(view)
-        if got != view.nbytes:
-            raise CacheMismatchError(f"{self.path}: ends before thumbnail {start + len(out) - 1}")
+        view = out.reshape(-1).data.cast("B")
+        done, row = 0, int(start)
+        while done < view.nbytes:
+            if not 0 <= row < len(self):
+                raise CacheMismatchError(f"{self.path}: ends before thumbnail {start + len(out) - 1}")
+            first, header, f = self._at(row)
+            k = bisect.bisect_right(self._starts, row)
+            end = self._starts[k] if k < len(self._starts) else len(self)  # this file's rows end here
+            want = min(view.nbytes - done, (end - row) * self.item)
+            f.seek(header + (row - first) * self.item)
+            got = f.readinto(view[done : done + want])
+            if got != want:
+                raise CacheMismatchError(f"{self.path}: ends before thumbnail {start + len(out) - 1}")
+            done += want
+            row += want // self.item
         return out
 
     def close(self) -> None:
-        self._f.close()
+        for _, _, f in self._files:
+            f.close()
 
 
 # ----------------------------------------------------------------------------- shards
@@ -645,8 +759,7 @@ def finalize_store(
     offset = 0
     for shard in shards:
         for r in shard.rows:
-            r = ManifestRow(**asdict(r))
-            r.index = len(rows)
+            r = replace(r, index=len(rows))
             if r.embedding_row >= 0:
                 r.embedding_row += offset
             rows.append(r)
@@ -681,18 +794,38 @@ def write_store(
     identity: VectorIdentity,
     source: GallerySource,
     thumbnail_size: int,
+    kept_thumbnails: Sequence[ThumbnailPart] = (),
 ) -> None:
     """Write a store's files into `root`: the sidecar removed first and written last, from the hashes
     of the bytes written (not read back). `thumbs`: uint8 (n, T, T, 3) chunks, in embedding-row order,
-    written one at a time, so memory does not grow with the gallery."""
+    written one at a time, so memory does not grow with the gallery.
+
+    kept_thumbnails: the first rows' thumbnails files, kept from the store this one replaces (an
+    update: thumbnails.npy first, then segments, all in the store's folder, not `root`); `thumbs` are
+    then the remaining rows, written as one new segment. Without them, `thumbs` are every row's,
+    written as thumbnails.npy.
+    """
     check_file_names(rows)
     unlink_quietly(root / SIDECAR_FILE)
     emb_bytes = npy_bytes(emb)
     atomic_write_bytes(root / EMBEDDINGS_FILE, emb_bytes)
-    thumbs_sha = atomic_write_npy_chunks(
-        root / THUMBNAILS_FILE, (len(emb), thumbnail_size, thumbnail_size, 3), np.uint8, thumbs
-    )
-    remember_thumbnails(root, thumbs_sha)  # hashed while written: the next load need not read it again
+    parts = list(kept_thumbnails)
+    if parts and parts[0].file != THUMBNAILS_FILE:
+        raise ValueError(f"kept thumbnails start with {THUMBNAILS_FILE}, not {parts[0].file}")
+    rest = len(emb) - sum(part.count for part in parts)
+    written = root / (THUMBNAILS_FILE if not parts else ".thumbnails-segment.npy")
+    sha = atomic_write_npy_chunks(written, (rest, thumbnail_size, thumbnail_size, 3), np.uint8, thumbs)
+    if parts:
+        if rest:
+            segment = written.with_name(f"thumbnails-{sha[:16]}.npy")
+            os.replace(written, segment)
+            parts.append(ThumbnailPart(segment.name, rest, sha))
+            remember_thumbnails(root, thumbnail_stamp(segment, sha))
+        else:
+            unlink_quietly(written)
+    else:
+        parts = [ThumbnailPart(THUMBNAILS_FILE, rest, sha)]
+        remember_thumbnails(root, thumbnail_stamp(written, sha))  # hashed while written: not read again
     manifest_bytes = manifest_to_csv(rows).encode("utf-8")
     atomic_write_bytes(root / MANIFEST_FILE, manifest_bytes)
     sidecar = Sidecar(  # hashes of the bytes just written, not read back
@@ -703,11 +836,14 @@ def write_store(
         manifest_rows=len(rows),
         manifest_sha256=sha256_bytes(manifest_bytes),
         embeddings_sha256=sha256_bytes(emb_bytes),
-        thumbnails_sha256=thumbs_sha,
+        thumbnails_sha256=parts[0].sha256,
         thumbnail_size=thumbnail_size,
         machine=dict(cpu_info()),
+        thumbnail_segments=[asdict(part) for part in parts[1:]],
     )
     atomic_write_text(root / SIDECAR_FILE, sidecar.to_json())
+    if not kept_thumbnails:  # a whole store written in place: an older one's segments are not its
+        remove_unlisted_segments(root, parts)
 
 
 def store_sha256(root: str | Path) -> str:

@@ -46,18 +46,22 @@ from .report import RunSummary
 from .store import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
+    MAX_THUMBNAIL_SEGMENTS,
     SIDECAR_FILE,
     SWITCH_FILE,
-    THUMBNAILS_FILE,
     UPDATE_DIR,
     GalleryCache,
     ManifestRow,
+    Sidecar,
+    ThumbnailPart,
     ThumbnailReader,
     carry_thumbnails_stamp,
     load_cache,
     read_manifest,
+    remove_unlisted_segments,
     rows_key,
     store_sha256,
+    thumbnail_parts,
     write_store,
 )
 
@@ -322,24 +326,52 @@ def _write_next(
     if new is not None:
         parts.append(new.embeddings)
     emb = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
-    identity = old.sidecar.identity
-    write_store(next_dir, emb, rows, _thumbnails(old, take, new, cfg), identity, gallery_source(cfg),
-                old.sidecar.thumbnail_size)
+    kept_parts = kept_thumbnails(thumbnail_parts(old.sidecar), take, len(emb))
+    at = sum(part.count for part in kept_parts)
+    thumbs = _thumbnails(old, take[at:], new, cfg.store_dir / STAGING / "new")
+    write_store(next_dir, emb, rows, thumbs, old.sidecar.identity, gallery_source(cfg), old.sidecar.thumbnail_size,
+                kept_thumbnails=kept_parts)
     return emb, rows, take
 
 
-def _thumbnails(old: GalleryCache, take: list[int], new: Gallery | None, cfg: RunConfig) -> Iterator[np.ndarray]:
-    """The kept photos' thumbnails from the old store, then the new ones', a chunk at a time."""
-    yield from _thumbnail_chunks(old.root / THUMBNAILS_FILE, take)
+def kept_thumbnails(parts: list[ThumbnailPart], take: Sequence[int], total: int) -> list[ThumbnailPart]:
+    """The old store's thumbnails files the new store keeps as they are: thumbnails.npy and the
+    segments after it, while every row of each is kept, in place (the new store lists its kept
+    photos in the old store's order, so after photos are only added, all of them). The rows after
+    them are written again, with the new photos', as one new segment. A file with a removed photo is
+    never kept: nothing of a removed photo stays.
+
+    Compaction: past MAX_THUMBNAIL_SEGMENTS segments, only thumbnails.npy is kept (the segments
+    joined into one); once the segments would hold more rows than it, nothing is (one new
+    thumbnails.npy). Each thumbnail is so written again O(1) times on average, whatever the updates.
+    `total`: the new store's rows."""
+    moved = np.flatnonzero(np.asarray(take, np.int64) != np.arange(len(take)))
+    in_place = int(moved[0]) if len(moved) else len(take)
+    kept: list[ThumbnailPart] = []
+    at = 0
+    for part in parts:
+        if at + part.count > in_place or (not kept and part.count == 0):
+            break
+        kept.append(part)
+        at += part.count
+    if len(kept) > MAX_THUMBNAIL_SEGMENTS:  # thumbnails.npy and more segments than allowed (the new one to come)
+        kept = kept[:1]
+    if kept and total - kept[0].count > kept[0].count:  # the segments would outweigh the base
+        kept = []
+    return kept
+
+
+def _thumbnails(old: GalleryCache, take: Sequence[int], new: Gallery | None, new_dir: Path) -> Iterator[np.ndarray]:
+    """The thumbnails of old rows `take`, then the new photos' (built in new_dir), a chunk at a time."""
+    yield from _thumbnail_chunks(old.thumbnails(), take)
     if new is not None and len(new.embeddings):
-        yield from _thumbnail_chunks(cfg.store_dir / STAGING / "new" / THUMBNAILS_FILE, range(len(new.embeddings)))
+        yield from _thumbnail_chunks(ThumbnailReader.of(new_dir), range(len(new.embeddings)))
 
 
-def _thumbnail_chunks(path: Path, rows: Sequence[int]) -> Iterator[np.ndarray]:
-    """uint8 (n, T, T, 3) chunks of the thumbnails at `rows` of a store's thumbnails.npy: each run of
-    consecutive rows (most of a kept store) read at once, at most THUMB_CHUNK rows, into one buffer
-    reused for every chunk (each is valid until the next is asked for: the writer consumes it first)."""
-    reader = ThumbnailReader(path)
+def _thumbnail_chunks(reader: ThumbnailReader, rows: Sequence[int]) -> Iterator[np.ndarray]:
+    """uint8 (n, T, T, 3) chunks of the thumbnails at `rows` of a store: each run of consecutive rows
+    (most of a kept store) read at once, at most THUMB_CHUNK rows, into one buffer reused for every
+    chunk (each is valid until the next is asked for: the writer consumes it first)."""
     try:
         buf = np.empty((min(THUMB_CHUNK, max(1, len(rows))), *reader.shape[1:]), np.uint8)
         i = 0
@@ -384,12 +416,16 @@ def switch(cfg: RunConfig) -> None:
             if p.is_file() and p.name in named:  # an earlier, abandoned update's files are not the new store's
                 move(p, images / p.name)
     switch_index(stage / "index", store)  # the index with its store, before the sidecar
-    staged_thumbnails = (next_dir / THUMBNAILS_FILE).is_file()
-    for name in (EMBEDDINGS_FILE, THUMBNAILS_FILE, MANIFEST_FILE, SIDECAR_FILE):
+    staged = [part.file for part in thumbnail_parts(Sidecar.read(next_dir / SIDECAR_FILE))
+              if (next_dir / part.file).is_file()] if (next_dir / SIDECAR_FILE).is_file() else []
+    for name in (*staged, EMBEDDINGS_FILE, MANIFEST_FILE, SIDECAR_FILE):
         if (next_dir / name).is_file():
             move(next_dir / name, store / name)
-    if staged_thumbnails:  # hashed when written: its stamp follows it (checked against the file when loaded)
-        carry_thumbnails_stamp(next_dir, store)
+    # The thumbnails files written were hashed then: their stamps follow them (checked against the files when
+    # loaded); the segments the new store no longer lists go (a reader of the old store has them open).
+    carry_thumbnails_stamp(next_dir, store, staged)
+    if (store / SIDECAR_FILE).is_file():
+        remove_unlisted_segments(store, thumbnail_parts(Sidecar.read(store / SIDECAR_FILE)))
     keep = {r.file for r in read_manifest(store / MANIFEST_FILE) if r.file}  # the store in place now
     pattern = owned_files(cfg)
     for p in images.iterdir() if images.is_dir() else []:

@@ -30,7 +30,7 @@ from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import Neighbours
 from .searcher import Hit, Searcher
-from .store import THUMBNAILS_FILE, ThumbnailReader
+from .store import ThumbnailReader
 from .tracking import Tracker
 from .webreport import Section, relative_link, write_section
 from .yolo import ULTRALYTICS_MAX_DET, UltralyticsDetector
@@ -593,7 +593,7 @@ def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedde
         old.unlink()
     clip = Clip.from_file(path, annotated_video=not cfg.video.no_annotated_video)
     writer = AnnotatedVideoWriter(out_dir / "annotated.mp4", clip.fps, clip.small_size) if clip.small_size else None
-    thumbs = ThumbnailReader(cfg.store_dir / THUMBNAILS_FILE)
+    thumbs = ThumbnailReader.of(cfg.store_dir)
     with summary.stage("load index"):
         gpu = on_cuda(embedder)
         searcher = open_searcher(cfg, gallery.embeddings, gallery.embedded, gpu=gpu, build_named=True)

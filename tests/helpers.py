@@ -74,3 +74,24 @@ def row_files(out, store: str = "embeddings") -> dict[int, str]:
         if r.file:
             found.setdefault(r.source_row, r.file)
     return found
+
+
+def thumbnails(store_dir) -> np.ndarray:
+    """Every thumbnail of the store at `store_dir`, in embedding-row order (thumbnails.npy and the
+    segments updates appended, as the sidecar lists them)."""
+    from pipeline.store import ThumbnailReader
+
+    reader = ThumbnailReader.of(store_dir)
+    try:
+        return reader.read_into(0, np.empty(reader.shape, np.uint8))
+    finally:
+        reader.close()
+
+
+def store_file_names(sidecar_json: bytes | str) -> list[str]:
+    """The files of a store, from its sidecar's text: manifest, vectors, every thumbnails file, sidecar."""
+    import json
+
+    data = json.loads(sidecar_json)
+    return ["manifest.csv", "embeddings.npy", "thumbnails.npy",
+            *(part["file"] for part in data.get("thumbnail_segments", [])), "embeddings.json"]

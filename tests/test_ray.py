@@ -23,7 +23,7 @@ from pipeline.dataset import Piece
 from pipeline.store import read_manifest
 from tests import assets
 from tests.conftest import mixed_cells
-from tests.helpers import free_port, stop_after_shards
+from tests.helpers import free_port, stop_after_shards, store_file_names
 
 ROOT = Path(__file__).resolve().parents[1]
 ray = pytest.importorskip("ray")
@@ -188,7 +188,7 @@ def test_an_update_on_ray_at_a_url_equals_a_fresh_local_build(ray_instance, s3, 
     assert images == {p.name: p.read_bytes() for p in (fresh / "images").iterdir()}
     updated = tmp_path / "updated"
     (updated / "embeddings").mkdir(parents=True)
-    for name in ("manifest.csv", "embeddings.npy", "thumbnails.npy", "embeddings.json"):
+    for name in store_file_names(fs.cat_file(f"{root}/embeddings/embeddings.json")):
         (updated / "embeddings" / name).write_bytes(fs.cat_file(f"{root}/embeddings/{name}"))
     (updated / "images").mkdir()
     for name, data_bytes in images.items():

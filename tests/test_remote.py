@@ -14,7 +14,7 @@ import pytest
 import main as cli
 from pipeline.store import read_manifest
 from tests import assets
-from tests.helpers import file_of, run, stop_after_shards
+from tests.helpers import file_of, run, stop_after_shards, store_file_names
 
 
 def _url() -> str:
@@ -183,7 +183,7 @@ def test_an_update_at_a_url_equals_a_fresh_build_and_keeps_the_old_store_until_i
     from tests.test_update import comparable
 
     updated = tmp_path / "updated"
-    for name in ("manifest.csv", "embeddings.npy", "thumbnails.npy", "embeddings.json"):
+    for name in store_file_names(after["embeddings/embeddings.json"]):
         (updated / "embeddings").mkdir(parents=True, exist_ok=True)
         (updated / "embeddings" / name).write_bytes(after[f"embeddings/{name}"])
     (updated / "images").mkdir()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import fileio
-from pipeline.errors import PipelineError
+from pipeline.errors import CacheMismatchError, PipelineError
 from pipeline.fileio import atomic_write_bytes, npy_bytes
 from pipeline.store import PARTIAL_DIR, ManifestRow, Shard, ShardStore, ThumbnailReader, manifest_to_csv, read_manifest
 
@@ -99,3 +99,23 @@ def test_an_unfinished_run_without_a_complete_shard_is_not_resumed(tmp_path, cap
     assert "completed no shard" in caplog.text
     assert sorted(p.name for p in store.dir.iterdir()) == ["run.json"]
     assert json.loads((store.dir / "run.json").read_text()) == {"a": 2}
+
+
+def test_a_thumbnail_reader_reads_across_segments(tmp_path):
+    from pipeline import store as st
+
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 255, size=(n, 4, 4, 3), dtype=np.uint8) for n in (3, 0, 2, 4)]
+    paths = []
+    for i, part in enumerate(parts):
+        paths.append(tmp_path / f"part{i}.npy")
+        np.save(paths[-1], part)
+    reader = st.ThumbnailReader(*paths)
+    whole = np.concatenate(parts)
+    assert reader.shape == whole.shape and len(reader) == 9
+    assert all(np.array_equal(reader[i], whole[i]) for i in range(9))
+    out = np.empty((6, 4, 4, 3), np.uint8)
+    assert np.array_equal(reader.read_into(2, out), whole[2:8])  # spans three files, one of them empty
+    with pytest.raises(CacheMismatchError, match="ends before thumbnail 9"):
+        reader.read_into(4, np.empty((6, 4, 4, 3), np.uint8))
+    reader.close()

@@ -14,7 +14,7 @@ import pytest
 from pipeline import update as update_module
 from pipeline.store import read_manifest
 from tests import assets
-from tests.helpers import row_files, run, stop_after_shards
+from tests.helpers import row_files, run, stop_after_shards, thumbnails
 
 PRODUCTS = 30
 
@@ -43,7 +43,7 @@ def comparable(out: Path) -> tuple[list[tuple], np.ndarray, dict[str, bytes]]:
               r.item_id, r.source_sha256) for r in rows]
     vectors = np.stack([emb[r.embedding_row] for r in rows if r.embedding_row >= 0])
     files = {p.name: p.read_bytes() for p in (out / "images").iterdir() if p.is_file()}
-    thumbs = np.load(out / "embeddings" / "thumbnails.npy")
+    thumbs = thumbnails(out / "embeddings")
     thumbs_in_order = np.stack([thumbs[r.embedding_row] for r in rows if r.embedding_row >= 0])
     return lines, np.concatenate([vectors.ravel(), thumbs_in_order.ravel().astype(np.float32)]), files
 
@@ -369,3 +369,112 @@ def test_the_index_is_updated_with_its_store_not_rebuilt(tiny_onnx, tmp_path, ca
     assert meta["store_sha256"] == json.loads((out / "embeddings" / "embeddings.json").read_text())["embeddings_sha256"]
     assert run(*args(data, tiny_onnx, fresh, "--index", "flat")) == 0
     assert_same_as_fresh(out, fresh)
+
+
+def segment_files(out: Path) -> list[str]:
+    """The thumbnails segments the store's sidecar lists, in order."""
+    sidecar = json.loads((out / "embeddings" / "embeddings.json").read_text())
+    return [part["file"] for part in sidecar["thumbnail_segments"]]
+
+
+def thumbnail_of(out: Path, product: int) -> bytes:
+    """The stored thumbnail of a product's photo (found by its bytes' sha256)."""
+    import hashlib
+
+    sha = hashlib.sha256(photo(product)).hexdigest()
+    line = next(r for r in read_manifest(out / "embeddings" / "manifest.csv") if r.source_sha256 == sha)
+    return thumbnails(out / "embeddings")[line.embedding_row].tobytes()
+
+
+def assert_nowhere_in_the_store(out: Path, thumb: bytes) -> None:
+    for p in (out / "embeddings").rglob("*"):
+        assert not p.is_file() or thumb not in p.read_bytes(), f"a removed photo's thumbnail is still in {p}"
+
+
+def test_added_photos_thumbnails_go_in_a_segment_and_a_removed_photo_leaves_no_thumbnail(tiny_onnx, tmp_path,
+                                                                                       monkeypatch):
+    data = write_catalogue(tmp_path / "catalogue", list(range(20)))
+    out = tmp_path / "updated"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    base = out / "embeddings" / "thumbnails.npy"
+    inode, base_bytes = base.stat().st_ino, base.read_bytes()
+
+    def same_as_fresh(products: list[int], name: str) -> None:
+        fresh = tmp_path / name
+        write_catalogue(data, products)
+        assert run(*args(data, tiny_onnx, out, "--update")) == 0
+        assert run(*args(data, tiny_onnx, fresh)) == 0
+        assert_same_as_fresh(out, fresh)
+
+    # Five added at the end: thumbnails.npy kept as it is, the five in one new segment. Killed in the switch
+    # right after the segment moved into place, the old store is refused and the next run finishes the switch.
+    write_catalogue(data, list(range(25)))
+    real_move = update_module.move
+
+    def move_then_die(src, dst):
+        real_move(src, dst)
+        if dst.name.startswith("thumbnails-"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(update_module, "move", move_then_die)
+    assert run(*args(data, tiny_onnx, out, "--update")) == 130
+    monkeypatch.undo()
+    same_as_fresh(list(range(25)), "fresh1")
+    assert base.stat().st_ino == inode and base.read_bytes() == base_bytes
+    first = segment_files(out)
+    assert len(first) == 1 and np.load(out / "embeddings" / first[0]).shape[0] == 5
+    # Three more: a second segment, the first kept.
+    same_as_fresh(list(range(28)), "fresh2")
+    assert segment_files(out)[0] == first[0] and len(segment_files(out)) == 2
+    assert base.stat().st_ino == inode
+    # A photo of the first segment removed: thumbnails.npy kept, the segments from there written again without it.
+    gone = thumbnail_of(out, 22)
+    same_as_fresh([*range(22), *range(23, 28)], "fresh3")
+    assert base.stat().st_ino == inode and len(segment_files(out)) == 1
+    assert_nowhere_in_the_store(out, gone)
+    # A photo of thumbnails.npy removed: one new thumbnails.npy, no segment left in the folder.
+    gone = thumbnail_of(out, 0)
+    same_as_fresh([*range(1, 22), *range(23, 28)], "fresh4")
+    assert segment_files(out) == [] and not list((out / "embeddings").glob("thumbnails-*.npy"))
+    assert_nowhere_in_the_store(out, gone)
+
+
+def test_thumbnail_segments_are_joined_before_they_pile_up():
+    from pipeline.store import MAX_THUMBNAIL_SEGMENTS, THUMBNAILS_FILE, ThumbnailPart
+
+    base = ThumbnailPart(THUMBNAILS_FILE, 100, "b")
+    segs = [ThumbnailPart(f"thumbnails-{i:016x}.npy", 2, str(i)) for i in range(MAX_THUMBNAIL_SEGMENTS)]
+    kept = update_module.kept_thumbnails
+    # all kept in place, under the limit: every file kept (the new photos make one more segment)
+    assert kept([base, *segs[:3]], list(range(106)), 110) == [base, *segs[:3]]
+    # a removed row in the second segment: thumbnails.npy and the first segment kept
+    assert kept([base, *segs[:3]], [*range(102), *range(103, 106)], 105) == [base, segs[0]]
+    # a removed row in thumbnails.npy: nothing kept
+    assert kept([base, *segs[:3]], [*range(1, 106)], 105) == []
+    # the limit reached: only thumbnails.npy kept, the segments joined into the new one
+    n = 100 + 2 * MAX_THUMBNAIL_SEGMENTS
+    assert kept([base, *segs], list(range(n)), n + 1) == [base]
+    # the segments would hold more than thumbnails.npy: everything written as one thumbnails.npy
+    assert kept([base, *segs[:3]], list(range(106)), 201) == []
+
+
+def test_a_changed_or_missing_segment_is_refused(tiny_onnx, tmp_path, capsys):
+    data = write_catalogue(tmp_path / "catalogue", list(range(10)))
+    out = tmp_path / "updated"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    write_catalogue(data, list(range(12)))
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    [name] = segment_files(out)
+    segment = out / "embeddings" / name
+    good = segment.read_bytes()
+    flipped = bytearray(good)
+    flipped[-1] ^= 1
+    segment.write_bytes(bytes(flipped))  # the same size: found by its hash
+    capsys.readouterr()
+    assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out) == 1
+    assert f"{name} does not match the sidecar" in capsys.readouterr().err
+    segment.unlink()
+    assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out) == 1
+    assert f"incomplete: {name} is missing" in capsys.readouterr().err
+    segment.write_bytes(good)
+    assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0") == 0
