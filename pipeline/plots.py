@@ -231,15 +231,30 @@ def order_for_heatmap(embeddings: np.ndarray, seed: int = 0) -> np.ndarray:
         return np.arange(n)
     k = int(min(max(2, np.sqrt(n) / 2), 64, n - 1))
     rng = np.random.default_rng(seed)
-    # 2,000 rows are 30+ per cluster, enough to place the centroids: k-means++ on 5,000 took 2.1 s of a
-    # 10,000-item run against 0.35 s (its seeding grows faster than the sample).
+    # 2,000 rows are 30+ per cluster, enough to place the centroids (k-means++ on 5,000 took 2.1 s of a
+    # 10,000-item run).
     sample = embeddings[rng.choice(n, size=min(n, 2000), replace=False)].astype(np.float64)
-    centroids, _ = kmeans2(sample, k, minit="++", seed=seed)
+    centroids, _ = kmeans2(sample, kmeans_pp_seeds(sample, k, rng), minit="matrix")
     d = 1.0 - embeddings.astype(np.float64) @ centroids.T
     labels = d.argmin(axis=1)
     leaf_rank = np.empty(k, dtype=np.int64)
     leaf_rank[leaves_list(linkage(centroids, method="average", metric="cosine"))] = np.arange(k)
     return np.lexsort((np.arange(n), d[np.arange(n), labels], leaf_rank[labels]))
+
+
+def kmeans_pp_seeds(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeds: each next seed drawn with probability proportional to its squared distance
+    to the nearest seed so far, kept up to date one seed at a time (scipy's minit="++" measures
+    every row against all seeds again at each step: 0.37 s for 50 seeds on 2,000 rows, this 0.03 s)."""
+    seeds = np.empty((k, x.shape[1]), dtype=x.dtype)
+    seeds[0] = x[rng.integers(len(x))]
+    d2 = ((x - seeds[0]) ** 2).sum(axis=1)
+    for j in range(1, k):
+        total = d2.sum()
+        i = rng.choice(len(x), p=d2 / total) if total > 0 else rng.integers(len(x))
+        seeds[j] = x[i]
+        np.minimum(d2, ((x - seeds[j]) ** 2).sum(axis=1), out=d2)
+    return seeds
 
 
 def block_mean_distances(embeddings: np.ndarray, order: np.ndarray, cells: int) -> np.ndarray:

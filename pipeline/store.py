@@ -148,18 +148,18 @@ def parse_manifest(data: bytes, path: str | Path) -> list[ManifestRow]:
         names = next(reader, [])
         if names != MANIFEST_FIELDS and names + [f for f in OPTIONAL_FIELDS if f not in names] != MANIFEST_FIELDS:
             raise CacheMismatchError(f"{path}: unexpected columns {names}; expected {MANIFEST_FIELDS}")
-        parsers = [_PARSERS.get(name) for name in names]
-        width = len(names)
+        parsed = [(i, _PARSERS[name]) for i, name in enumerate(names) if name in _PARSERS]
+        width, complete = len(names), names == MANIFEST_FIELDS
         for lineno, values in enumerate(reader, start=2):
             if not values:  # a blank line (csv.DictReader skipped them too)
                 continue
             try:
                 if len(values) != width:
                     raise ValueError(f"{len(values)} values for {width} columns")
-                kw: dict[str, Any] = {
-                    name: (parse(v) if parse is not None else v) for name, parse, v in zip(names, parsers, values)
-                }
-                rows.append(ManifestRow(**kw))
+                typed: list[Any] = values
+                for i, parse in parsed:
+                    typed[i] = parse(values[i])
+                rows.append(ManifestRow(*typed) if complete else ManifestRow(**dict(zip(names, typed))))
             except (TypeError, ValueError) as e:
                 raise CacheMismatchError(f"{path}, line {lineno}: cannot parse ({e})") from e
     return rows

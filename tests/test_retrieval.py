@@ -159,3 +159,23 @@ def test_masked_topk_keeps_the_lowest_rows_of_a_tie_on_the_edge():
     allowed[41] = False
     nb = masked_topk(q, g, allowed, 6)
     assert nb.indices[0].tolist() == [20, 150, 40, 42, 43, 44]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_topk_rows_on_wide_rows_with_ties_and_gaps_is_exact(seed):
+    """Wide rows take their bound from a sample of the columns: it must never lose a neighbour,
+    whatever the ties (few distinct values) and the inf gaps (excluded items)."""
+    from pipeline.retrieval import SAMPLE_STRIDE, topk_rows
+
+    rng = np.random.default_rng(seed)
+    k = 11
+    n = 64 * k * SAMPLE_STRIDE + int(rng.integers(0, 50))  # wide enough for the sampled bound
+    d = (rng.integers(0, [3, 40, 1000, 10**6][seed], size=(40, n)) / 7).astype(np.float32)
+    d[rng.random(d.shape) < 0.3] = np.inf
+    d[5, : n - 3] = np.inf  # a row with fewer finite values than k
+    d[6, ::SAMPLE_STRIDE] = 0.0  # the sampled columns all tie at the smallest value
+    idx, dist = topk_rows(d, k)
+    for r in range(len(d)):
+        want = np.lexsort((np.arange(n), d[r]))[:k]
+        assert list(idx[r]) == list(want)
+        assert np.array_equal(dist[r], d[r, want])
