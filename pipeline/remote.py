@@ -164,10 +164,14 @@ class RemoteOutput:
         """Upload every file new or changed since it was last fetched or sent, and remove from the
         URL the files of a store folder the run removed (its finished shards); returns the count sent."""
         state, sent = self._state(), 0
-        for rel, st in sorted(self.changed(), key=lambda c: (SENT_LAST.search(c[0]) is not None, c[0])):
+        changed = sorted(self.changed(), key=lambda c: c[0])
+        last = [(rel, st) for rel, st in changed if SENT_LAST.search(rel)]
+        for rel, st in [c for c in changed if not SENT_LAST.search(c[0])]:
             self.fs.put_file(str(self.work_dir / rel), f"{self.root}/{rel}")
             state[rel] = [st.st_size, st.st_mtime_ns]
             sent += 1
+        # Files the run removed go before the sidecars: a store's sidecar reaches the URL only once the files it
+        # no longer lists (a thumbnails segment that held a removed photo) are gone from there.
         for rel in [r for r in state if not (self.work_dir / r).is_file()]:
             if rel.split("/", 1)[0] in FETCHED:  # e.g. the .partial shards once the store is final
                 try:
@@ -175,6 +179,10 @@ class RemoteOutput:
                 except FileNotFoundError:
                     pass
             del state[rel]
+        for rel, st in last:
+            self.fs.put_file(str(self.work_dir / rel), f"{self.root}/{rel}")
+            state[rel] = [st.st_size, st.st_mtime_ns]
+            sent += 1
         self._save_state(state)
         self.sent += sent
         return sent

@@ -71,10 +71,17 @@ def topk_rows(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return idx_out, dist_out
     if kk < n:
         sample = dist[:, ::SAMPLE_STRIDE] if n >= 64 * kk else dist  # a bound from few columns: ~4k candidates
-        kth = np.partition(sample, kk - 1, axis=1)[:, kk - 1]
-        rows, cols = np.nonzero(dist <= kth[:, None])
+        candidate = dist <= np.partition(sample, kk - 1, axis=1)[:, kk - 1][:, None]
     else:
-        rows, cols = np.nonzero(np.isfinite(dist))
+        candidate = np.isfinite(dist)
+    # A row whose bound lets through many entries (ties: copies of one photo, or excluded items) is
+    # settled on its own, so that the candidates of a block never grow to q x n.
+    heavy = np.flatnonzero(candidate.sum(axis=1) > 64 * kk + 256)
+    for r in heavy:
+        sel = _row_topk(dist[r], kk)
+        idx_out[r, : len(sel)], dist_out[r, : len(sel)] = sel, dist[r, sel]
+    candidate[heavy] = False
+    rows, cols = np.nonzero(candidate)
     values = dist[rows, cols]
     order = np.lexsort((cols, values, rows))
     rows, cols, values = rows[order], cols[order], values[order]
@@ -83,6 +90,15 @@ def topk_rows(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     idx_out[rows[keep], rank[keep]] = cols[keep]
     dist_out[rows[keep], rank[keep]] = values[keep]
     return idx_out, dist_out
+
+
+def _row_topk(row: np.ndarray, kk: int) -> np.ndarray:
+    """One row's kk smallest entries (kk < len(row)), ascending, ties by index: those below the
+    kk-th value, then the first of those equal to it."""
+    kth = np.partition(row, kk - 1)[kk - 1]
+    below = np.flatnonzero(row < kth)
+    cand = np.concatenate([below, np.flatnonzero(row == kth)[: kk - len(below)]])
+    return cand[np.lexsort((cand, row[cand]))]
 
 
 def topk_neighbours(

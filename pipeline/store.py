@@ -192,6 +192,8 @@ class Sidecar:
 
     def to_json(self) -> str:
         data = {**asdict(self), "identity": self.identity.to_json(), "source": self.source.to_json()}
+        if not self.thumbnail_segments:  # a store without segments stays readable by versions before them
+            del data["thumbnail_segments"]
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
@@ -841,9 +843,11 @@ def write_store(
         machine=dict(cpu_info()),
         thumbnail_segments=[asdict(part) for part in parts[1:]],
     )
-    atomic_write_text(root / SIDECAR_FILE, sidecar.to_json())
-    if not kept_thumbnails:  # a whole store written in place: an older one's segments are not its
+    if not kept_thumbnails:
+        # A whole store written in place: an older one's segments are not its. Removed before the sidecar is
+        # written, so that a run killed here leaves no store rather than a stale file.
         remove_unlisted_segments(root, parts)
+    atomic_write_text(root / SIDECAR_FILE, sidecar.to_json())
 
 
 def store_sha256(root: str | Path) -> str:

@@ -290,6 +290,9 @@ def _write_next(
     names named by row get their content name in <images>/.update (hard links where the file system
     allows)."""
     next_dir = cfg.store_dir / STAGING / "next"
+    # An abandoned update's files (no switch was decided: the marker comes after this) are never this one's: a
+    # thumbnails.npy it left there must not be moved over the one this update keeps.
+    shutil.rmtree(next_dir, ignore_errors=True)
     next_dir.mkdir(parents=True, exist_ok=True)
     staged_images = cfg.images_dir / STAGING
     staged_images.mkdir(parents=True, exist_ok=True)

@@ -174,6 +174,8 @@ def test_topk_rows_on_wide_rows_with_ties_and_gaps_is_exact(seed):
     d[rng.random(d.shape) < 0.3] = np.inf
     d[5, : n - 3] = np.inf  # a row with fewer finite values than k
     d[6, ::SAMPLE_STRIDE] = 0.0  # the sampled columns all tie at the smallest value
+    d[7] = 0.25  # one value throughout (copies of one photo): settled on its own, not as n candidates
+    d[8] = np.inf  # every item excluded
     idx, dist = topk_rows(d, k)
     for r in range(len(d)):
         want = np.lexsort((np.arange(n), d[r]))[:k]

@@ -374,7 +374,7 @@ def test_the_index_is_updated_with_its_store_not_rebuilt(tiny_onnx, tmp_path, ca
 def segment_files(out: Path) -> list[str]:
     """The thumbnails segments the store's sidecar lists, in order."""
     sidecar = json.loads((out / "embeddings" / "embeddings.json").read_text())
-    return [part["file"] for part in sidecar["thumbnail_segments"]]
+    return [part["file"] for part in sidecar.get("thumbnail_segments", [])]
 
 
 def thumbnail_of(out: Path, product: int) -> bytes:
@@ -419,6 +419,7 @@ def test_added_photos_thumbnails_go_in_a_segment_and_a_removed_photo_leaves_no_t
     monkeypatch.setattr(update_module, "move", move_then_die)
     assert run(*args(data, tiny_onnx, out, "--update")) == 130
     monkeypatch.undo()
+    assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out) == 1  # refused, never a mix
     same_as_fresh(list(range(25)), "fresh1")
     assert base.stat().st_ino == inode and base.read_bytes() == base_bytes
     first = segment_files(out)
@@ -478,3 +479,33 @@ def test_a_changed_or_missing_segment_is_refused(tiny_onnx, tmp_path, capsys):
     assert f"incomplete: {name} is missing" in capsys.readouterr().err
     segment.write_bytes(good)
     assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0") == 0
+    # A build over it (not an update) leaves no segment behind, and its sidecar names none.
+    assert run(*args(data, tiny_onnx, out)) == 0
+    assert not list((out / "embeddings").glob("thumbnails-*.npy"))
+    assert "thumbnail_segments" not in json.loads((out / "embeddings" / "embeddings.json").read_text())
+
+
+def test_an_abandoned_update_s_thumbnails_never_replace_the_kept_ones(tiny_onnx, tmp_path, monkeypatch):
+    """An update that rewrote thumbnails.npy, killed before its switch was decided, then another
+    that only adds photos (and so keeps thumbnails.npy): the first one's file must not come back."""
+    data = write_catalogue(tmp_path / "catalogue", list(range(12)))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    base = out / "embeddings" / "thumbnails.npy"
+    kept = base.read_bytes()
+    write_catalogue(data, list(range(1, 12)))  # photo 0 removed: a new thumbnails.npy is staged
+    real = update_module._write_next
+
+    def write_then_die(*a, **kw):
+        real(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(update_module, "_write_next", write_then_die)
+    assert run(*args(data, tiny_onnx, out, "--update")) == 130
+    monkeypatch.undo()
+    assert (out / "embeddings" / update_module.STAGING / "next" / "thumbnails.npy").is_file()
+    write_catalogue(data, list(range(14)))  # photo 0 back, two added: thumbnails.npy kept
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    assert base.read_bytes() == kept and len(segment_files(out)) == 1
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
