@@ -235,6 +235,20 @@ def _local_parquet_files(path: Path, split: str) -> list[Path]:
     raise PipelineError(f"{path} has no parquet files for split {split!r}; choose one with --split")
 
 
+def local_parquet_files(spec: DatasetSpec) -> list[Path]:
+    """The parquet files iter_records reads this dataset from, in order, when it is a local parquet
+    dataset; [] for any other kind (an image folder, a saved dataset, the hub)."""
+    path = Path(spec.name)
+    if path.is_dir() and _is_image_folder(path):
+        return []
+    return _local_parquet_files(path, spec.split)
+
+
+def iter_parquet_file(spec: DatasetSpec, path: Path) -> Iterator[Record]:
+    """Every row of one local parquet file, numbered from 0 within it (whatever spec's limit)."""
+    return _iter_parquet([path], replace(spec, limit=None), 0, _open_local_file)
+
+
 def _open_local_file(path: str | Path) -> AbstractContextManager[Any]:
     return nullcontext(path)
 

@@ -38,6 +38,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def user_cache_dir(name: str) -> Path:
+    """$XDG_CACHE_HOME/fashion-visual-search/<name> (~/.cache when unset): what this tool keeps for
+    later runs that no output folder owns (the int8 CPU graphs, URL working copies, YOLO exports,
+    datasets' hashes)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-visual-search" / name
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

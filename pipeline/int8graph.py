@@ -20,9 +20,10 @@ no `onnx` import, no rewrite and no session opened only to read the file's recip
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
+
+from .fileio import user_cache_dir
 
 FUSED_RECIPE = "matmul-float-out"
 META_INT8_RECIPE = "fashion_pipeline.int8_recipe"  # also pipeline/export.py's
@@ -46,7 +47,7 @@ AS_IS = "as-is"  # cached answer for a file with nothing to fuse: open the file 
 
 def _cache_key(file_sha256: str) -> Path:
     code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]  # a changed rewrite is a new key
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-visual-search" / "int8graph"
+    base = user_cache_dir("int8graph")
     return base / f"{file_sha256[:32]}-{code}"
 
 

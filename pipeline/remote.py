@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PipelineError, UsageError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def default_work_dir(url: str) -> Path:
     m = URL.match(url)
     if m is None:
         raise ValueError(f"default_work_dir needs a URL such as s3://bucket/run, got {url!r}")
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-visual-search" / "outputs"
+    base = user_cache_dir("outputs")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", m.group(2)).strip("-")[:60]
     return base / f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
 

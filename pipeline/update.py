@@ -21,6 +21,7 @@ finishes it the next time. Rerunning an interrupted update resumes its embedding
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,15 +30,16 @@ import shutil
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from .config import RunConfig
-from .dataset import Record, check_dataset, iter_records
+from .dataset import DatasetSpec, Record, check_dataset, iter_parquet_file, iter_records, local_parquet_files
 from .embedders import Embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError
-from .fileio import sha256_bytes, unlink_quietly
+from .fileio import atomic_write_text, sha256_bytes, unlink_quietly, user_cache_dir
 from .galleries import BuildPart, Gallery, build, gallery_source, owned_files
 from .identity import differences
 from .index import INDEX_META, switch_index, update_index
@@ -68,6 +70,10 @@ from .store import (
 log = logging.getLogger(__name__)
 
 STAGING, SWITCH = UPDATE_DIR, SWITCH_FILE  # see store.py
+# In the user's cache (fileio.user_cache_dir), one file per local parquet dataset: each of its files as
+# the last update read it (size, modification time, and per row the sha256, id and error), so that an
+# unchanged file is not read again. A cache: never part of a store, and losing it only costs a read.
+HASHES_DIR = "dataset-hashes"
 THUMB_CHUNK = 256  # thumbnails copied at a time (12 MiB at 128 px)
 
 
@@ -102,9 +108,10 @@ def photo_groups(rows: Iterable[ManifestRow]) -> dict[int, list[ManifestRow]]:
     return groups
 
 
-def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[Record], by_id: bool) -> Plan:
-    """Match the dataset's records to the store's photos (by id, or by the sha256 of their bytes;
-    equal photos are matched in order, so copies keep their number)."""
+def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Record, str]], by_id: bool) -> Plan:
+    """Match the dataset's records, in order, each with the sha256 of its bytes ("" for a row without
+    a picture; see dataset_hashes), to the store's photos (by id, or by that sha256; equal photos
+    are matched in order, so copies keep their number)."""
     plan = Plan()
     pool: dict[str, deque[int]] = defaultdict(deque)
     for old_row, lines in groups.items():
@@ -113,8 +120,8 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[Record],
             pool[key].append(old_row)
     matched: dict[int, int] = {}
     replaced: set[int] = set()  # old rows whose id came back with other bytes
-    for rec, sha in hashed(records):
-        if rec.data is None:
+    for rec, sha in records:
+        if not sha:
             plan.embed.append(rec.source_row)
             plan.no_image += 1
             continue
@@ -137,6 +144,68 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[Record],
     plan.unkeyed = sum(1 for lines in gone if not lines[0].source_sha256 and lines[0].sha256)  # had a picture
     plan.removed = sum(1 for lines in gone if lines[0].source_sha256)
     return plan
+
+
+def dataset_hashes(spec: DatasetSpec) -> Iterator[tuple[Record, str]]:
+    """Every record of the dataset as it is now, in order, without its bytes, with their sha256 (""
+    for a row without a picture). A local parquet file whose size and modification time are those
+    recorded (HASHES_DIR) when it was last read is not read again: its rows' hashes, ids and errors
+    come from there (git's index trusts a file the same way). Other files, and other datasets, are
+    read and hashed (hashed); the files read whole are recorded."""
+    files = local_parquet_files(spec)
+    if not files:
+        for rec, sha in hashed(iter_records(spec)):
+            yield replace(rec, data=None), sha
+        return
+    import pyarrow.parquet as pq
+
+    columns = [spec.image_column, spec.id_column or ""]
+    where = hashes_file(spec)
+    known, record = _read_hashes(where), {}
+    row, stop = 0, spec.limit
+    for f in files:
+        if stop is not None and row >= stop:
+            break
+        st, key = f.stat(), str(f.resolve())
+        entry = {"stamp": [st.st_size, st.st_mtime_ns], "columns": columns}
+        before = known.get(key)
+        if isinstance(before, dict) and {k: v for k, v in before.items() if k != "rows"} == entry and _rows_ok(before):
+            rows = before["rows"]
+        else:
+            records = iter_parquet_file(spec, f)
+            if stop is not None and row + pq.read_metadata(f).num_rows > stop:  # the limit ends inside: read up to it
+                records, entry = islice(records, stop - row), {}
+            rows = [[sha, rec.item_id, rec.error] for rec, sha in hashed(records)]
+        if entry:
+            record[key] = {**entry, "rows": rows}
+        for sha, item_id, error in rows[: None if stop is None else stop - row]:
+            yield Record(row, "", None, error, item_id=item_id), sha
+            row += 1
+    if record != known:
+        try:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(where, json.dumps(record))
+        except OSError:  # no writable cache: hashed again next time
+            pass
+
+
+def hashes_file(spec: DatasetSpec) -> Path:
+    """Where dataset_hashes keeps what it read of this dataset (its folder and split)."""
+    key = hashlib.sha256(json.dumps([str(Path(spec.name).resolve()), spec.split]).encode()).hexdigest()[:32]
+    return user_cache_dir(HASHES_DIR) / f"{key}.json"
+
+
+def _rows_ok(entry: dict) -> bool:
+    rows = entry.get("rows")
+    return isinstance(rows, list) and all(isinstance(r, list) and len(r) == 3 for r in rows)
+
+
+def _read_hashes(path: Path) -> dict[str, dict]:
+    try:
+        found = json.loads(path.read_text())
+        return found if isinstance(found, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def hashed(records: Iterable[Record], chunk: int = 64) -> Iterator[tuple[Record, str]]:
@@ -201,7 +270,7 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
             f"--id-column {cfg.dataset.id_column}"
         )
     with summary.stage("compare with the dataset"):
-        plan = plan_update(groups, iter_records(cfg.dataset), by_id)
+        plan = plan_update(groups, dataset_hashes(cfg.dataset), by_id)
     log.info("update: %s", plan.describe())
     for name in ("added", "changed", "removed", "unchanged"):
         summary.count(name, getattr(plan, name))

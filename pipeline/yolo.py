@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PipelineError
-from .fileio import sha256_file
+from .fileio import sha256_file, user_cache_dir
 from .persons import CappedPersons, Detector, Person, Segmenter
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def yolo_onnx_path(weights: Path) -> Path:
     beside = weights.with_name(f"{weights.stem}.{sha256_file(weights)[:12]}.onnx")
     if beside.is_file() or _writable(weights.parent):
         return beside
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-visual-search" / "yolo"
+    cache = user_cache_dir("yolo")
     return cache / beside.name
 
 

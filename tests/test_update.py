@@ -509,3 +509,77 @@ def test_an_abandoned_update_s_thumbnails_never_replace_the_kept_ones(tiny_onnx,
     assert base.read_bytes() == kept and len(segment_files(out)) == 1
     assert run(*args(data, tiny_onnx, fresh)) == 0
     assert_same_as_fresh(out, fresh)
+
+
+def write_shards(folder: Path, shards: list[list[int]], rewrite: frozenset[int] = frozenset()) -> list[Path]:
+    """A catalogue in several parquet files (train-0000i.parquet), product k's photo in row order;
+    a file already there is left as it is unless its shard is in `rewrite`."""
+    import datasets
+
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    paths = [data / f"train-{i:05d}.parquet" for i in range(len(shards))]
+    for old in data.glob("*.parquet"):
+        if old not in paths:
+            old.unlink()
+    for i, products in enumerate(shards):
+        if paths[i].is_file() and i not in rewrite:
+            continue
+        ds = datasets.Dataset.from_dict(
+            {"image": [{"bytes": photo(k), "path": None} for k in products],
+             "item_id": [f"P{k:03d}" for k in products]},
+            features=datasets.Features({"image": datasets.Image(), "item_id": datasets.Value("string")}),
+        )
+        ds.to_parquet(str(paths[i]))
+    return paths
+
+
+def test_an_update_reads_only_the_parquet_files_that_changed(tiny_onnx, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data, out = tmp_path / "catalogue", tmp_path / "updated"
+    shards = [list(range(10)), list(range(10, 20))]
+    write_shards(data, shards)
+    assert run(*args(data, tiny_onnx, out)) == 0
+    read: list[str] = []
+    real = update_module.iter_parquet_file
+
+    def counted(spec, path):
+        read.append(path.name)
+        return real(spec, path)
+
+    monkeypatch.setattr(update_module, "iter_parquet_file", counted)
+
+    def update(name: str, *more: object) -> str:
+        read.clear()
+        capsys.readouterr()
+        assert cli_update(data, tiny_onnx, out, *more) == 0
+        said = capsys.readouterr().out
+        fresh = tmp_path / name
+        assert run(*args(data, tiny_onnx, fresh, *more)) == 0
+        assert_same_as_fresh(out, fresh)
+        return said
+
+    files = write_shards(data, [*shards, list(range(20, 25))])
+    assert "added 5, changed 0, removed 0" in update("fresh1")
+    assert read == [f.name for f in files]  # no record yet: every file read once
+    files = write_shards(data, [*shards, list(range(20, 25)), [25, 26, 27]])
+    assert "added 3, changed 0, removed 0" in update("fresh2")
+    assert read == [files[3].name]  # the new file alone
+    files = write_shards(data, [shards[0], [*range(10, 15), *range(16, 20)], list(range(20, 25)), [25, 26, 27]],
+                         rewrite=frozenset({1}))
+    assert "added 0, changed 0, removed 1" in update("fresh3")
+    assert read == [files[1].name]  # the rows after it moved up, their files unchanged: not read
+    assert "added 0, changed 0, removed 0" in update("fresh3b")
+    assert read == []  # nothing changed: nothing read
+    import os
+
+    st = files[1].stat()
+    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # touched, same bytes: read again, all unchanged
+    assert "added 0, changed 0, removed 0" in update("fresh4")
+    assert read == [files[1].name]
+    cache = update_module.hashes_file(update_module.DatasetSpec(str(data)))
+    assert cache.is_relative_to(tmp_path / "cache")  # the user's cache, not the store
+    cache.unlink()  # with a --limit ending inside the second file:
+    assert "removed 12" in update("fresh5", "--limit", "15")  # it is read up to the limit and not recorded
+    assert read == [files[0].name, files[1].name]
+    assert [Path(name).name for name in json.loads(cache.read_text())] == [files[0].name]
