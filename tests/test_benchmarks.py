@@ -144,6 +144,9 @@ MAIN_PY = [
         r"^\| update: 4 added \| NUMBER s \| NUMBER% \|",
         r"^\|   \| update: added 4, changed 0, removed 0, unchanged 40 \|",
         r"^\|   \| update: added 0, changed 0, removed 4, unchanged 40 \|",
+        r"^\| in 5-row files: nothing changed \| NUMBER s \| NUMBER% \|",
+        r"^\|   \| update: added 0, changed 0, removed 0, unchanged 40 \|",
+        r"^\| in 5-row files: 4 added, in new files \| NUMBER s \| NUMBER% \|",
     ]),
 ]  # fmt: skip
 
