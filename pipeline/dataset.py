@@ -57,6 +57,7 @@ class Record:
     error: str = ""
     extra: dict[str, Any] | None = None  # other columns asked for (images as bytes, or None)
     item_id: str = ""  # the --id-column value, as text ("" without one)
+    linked: bool = False  # the bytes came from a file the cell names, not from the dataset itself
 
 
 @dataclass(frozen=True)
@@ -522,9 +523,9 @@ def _record_from_cell(i: int, source: str, cell: Any) -> Record:
             return Record(i, source, None, "row has no image (no bytes and no path)")
     if isinstance(cell, str):
         try:
-            return Record(i, cell, Path(cell).read_bytes())
+            return Record(i, cell, Path(cell).read_bytes(), linked=True)
         except OSError as e:
-            return Record(i, cell, None, f"cannot read {cell}: {e.strerror or e}")
+            return Record(i, cell, None, f"cannot read {cell}: {e.strerror or e}", linked=True)
     return Record(i, source, None, f"image cell of unexpected type {type(cell).__name__}")
 
 

@@ -63,6 +63,9 @@ class Gallery:
     embeddings: np.ndarray
     rows: list[ManifestRow]
     embedder: Embedder | None
+    # After --update: the old store's embedding rows it kept, in its order (the new items follow), and
+    # the old store's embeddings sha256, so that neighbours can be carried over (runner.gallery_neighbours).
+    carried: tuple[np.ndarray, str] | None = None
 
     @property
     def embedded(self) -> list[ManifestRow]:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import threading
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -28,6 +30,7 @@ from .errors import PipelineError
 from .export import export_onnx, verification_images
 from .fileio import (
     OutputLock,
+    atomic_write_bytes,
     atomic_write_text,
     remove_temp_leftovers,
     removed_if_left_empty,
@@ -112,7 +115,7 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
         searcher = open_searcher(cfg, gallery.embeddings, gallery.embedded, gpu=on_gpu, build_auto=True)
     if searcher.index is not None:
         summary.outputs["index"] = f"{cfg.store_dir / INDEX_FILE} ({searcher.describe()})"
-    nb, groups = write_retrieval_outputs(cfg, searcher, summary)
+    nb, groups = write_retrieval_outputs(cfg, searcher, summary, gallery.carried)
     with summary.stage("report"):
         write_gallery_report(cfg, summary, rows, nb, groups)
     return summary
@@ -187,7 +190,7 @@ def _tile_keys(store_dir: Path, embedded: list[ManifestRow]) -> list[str] | None
 
 
 def write_retrieval_outputs(
-    cfg: RunConfig, searcher: Searcher, summary: RunSummary
+    cfg: RunConfig, searcher: Searcher, summary: RunSummary, carried: tuple[np.ndarray, str] | None = None
 ) -> tuple[Neighbours | None, list[DuplicateGroup]]:
     """Neighbour table, duplicates, one composite picture per item, the distance matrix, heatmap,
     histogram.
@@ -206,7 +209,7 @@ def write_retrieval_outputs(
         what = "one embedded item" if n == 1 else "no embedded items"
         summary.notes.append(f"{what}: no neighbours, distance matrix or plots (they need two items)")
         return None, []
-    nb = gallery_neighbours(cfg, searcher, summary)
+    nb = gallery_neighbours(cfg, searcher, summary, carried)
     groups = write_duplicates(cfg, searcher, summary)
     nb = regrouped_neighbours(cfg, searcher, groups, nb, summary) or nb
     ids = [r.index for r in embedded]
@@ -257,15 +260,25 @@ def regrouped_neighbours(cfg: RunConfig, searcher: Searcher, groups: list[Duplic
     return nb
 
 
-def gallery_neighbours(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> Neighbours:
+def gallery_neighbours(cfg: RunConfig, searcher: Searcher, summary: RunSummary,
+                       carried: tuple[np.ndarray, str] | None = None) -> Neighbours:
     """Every item's top-k (and the distance matrix when exact and small enough), with notes. With
-    --filter, every item's neighbours among the items the filter keeps (no matrix then)."""
+    --filter, every item's neighbours among the items the filter keeps (no matrix then). Without a
+    matrix to write, the lists of the last run are carried over where that costs less (see
+    carried_neighbours): through an update (`carried`: the old rows kept and the old store), or
+    as they are over the same store."""
     n = len(searcher.rows)
     allowed = filtered_rows(cfg, searcher, summary)
     with_matrix = n <= cfg.max_matrix and not searcher.approximate and allowed is None
     matrix = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy" if with_matrix else None
     with summary.stage("neighbours" + (" + distance matrix" if matrix else "")):
-        nb = searcher.all_neighbours(cfg.top_k, matrix_path=matrix, allowed=allowed)
+        nb = None
+        if matrix is None and allowed is None:
+            nb = carried_neighbours(cfg, searcher, carried, summary)
+        if nb is None:
+            nb = searcher.all_neighbours(cfg.top_k, matrix_path=matrix, allowed=allowed)
+        if allowed is None:
+            save_neighbours(cfg, searcher, nb)
     summary.notes.append("neighbours: " + (searcher.describe() if searcher.approximate else "exact"))
     if allowed is not None:
         unlink_quietly(cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy")  # an earlier run's, of other neighbours
@@ -281,6 +294,55 @@ def gallery_neighbours(cfg: RunConfig, searcher: Searcher, summary: RunSummary) 
         summary.notes.append(
             f"{n} items > --max-matrix {cfg.max_matrix}: distance matrix not saved (neighbours were computed blockwise)"
         )
+    return nb
+
+
+NEIGHBOURS_FILE = ".neighbours.npz"  # in the results folder: the last run's plain lists, and of what
+
+
+def _neighbours_key(cfg: RunConfig, searcher: Searcher, store: str) -> str:
+    """What saved lists are of: the store, k, and the search (exact, or the index's kind and parameters:
+    lists of another index, or of another nprobe, are not carried over)."""
+    index = searcher.index
+    search: Any = "exact" if index is None or not searcher.approximate else {"kind": index.info.kind,
+                                                                             "params": index.info.params}
+    return json.dumps({"store": store, "k": cfg.top_k, "search": search}, sort_keys=True, default=str)
+
+
+def save_neighbours(cfg: RunConfig, searcher: Searcher, nb: Neighbours) -> None:
+    """The plain lists of this run, for the next one to carry over (a cache: losing it costs a pass)."""
+    path = cfg.results_dir / f"{NEIGHBOURS_FILE.removesuffix('.npz')}{cfg.suffix}.npz"
+    try:
+        key = _neighbours_key(cfg, searcher, store_sha256(cfg.store_dir))
+        buf = io.BytesIO()
+        np.savez(buf, indices=nb.indices, distances=nb.distances, key=np.array(key))
+        atomic_write_bytes(path, buf.getvalue())
+    except (PipelineError, OSError):
+        unlink_quietly(path)
+
+
+def carried_neighbours(cfg: RunConfig, searcher: Searcher, carried: tuple[np.ndarray, str] | None,
+                       summary: RunSummary) -> Neighbours | None:
+    """The last run's lists carried over to this store, or None (no lists of the store before, or of
+    another k or kind of search, or no saving in it)."""
+    path = cfg.results_dir / f"{NEIGHBOURS_FILE.removesuffix('.npz')}{cfg.suffix}.npz"
+    if not path.is_file():
+        return None
+    n = len(searcher.rows)
+    try:
+        take, before = carried if carried is not None else (np.arange(n), store_sha256(cfg.store_dir))
+        with np.load(path, allow_pickle=False) as saved:
+            if str(saved["key"]) != _neighbours_key(cfg, searcher, before):
+                return None
+            old = Neighbours(saved["indices"], saved["distances"])
+    except Exception:  # a cache: damaged or unreadable (a bad zip, another format) costs a full pass, nothing else
+        return None
+    found = searcher.carried_neighbours(old, take, cfg.top_k)
+    if found is None:
+        return None
+    nb, asked = found
+    summary.notes.append(f"neighbours: {n - asked:,} of {n:,} items' lists carried over from the last run, "
+                         f"{asked:,} asked again")
     return nb
 
 

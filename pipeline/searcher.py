@@ -29,7 +29,7 @@ from .filters import FilterError
 from .index import GalleryIndex, ensure_index, load_index
 from .metadata import Metadata, product_labels
 from .persons import Segmenter, person_crops
-from .retrieval import Neighbours, masked_topk, topk_neighbours
+from .retrieval import Neighbours, cosine_distances, masked_topk, topk_neighbours, topk_rows
 from .store import ManifestRow
 
 log = logging.getLogger(__name__)
@@ -292,6 +292,49 @@ class Searcher:
 
             return self._deduped(ask, k, n, np.arange(n), first)
         return self._all_neighbours(k, matrix_path)
+
+    def carried_neighbours(self, old: Neighbours, take: np.ndarray, k: int) -> tuple[Neighbours, int] | None:
+        """Every item's top-k from the lists of the store before (plain lists, by its rows): `take`
+        are the old rows this store kept, in its order, and the items after them are new (the
+        update's order rule). A kept item whose list lost an item (or was short), and every new
+        item, are asked again; every other kept item keeps its list, merged with its nearest new
+        items by their distances. Exact search gives the lists a full pass gives (the old lists
+        were exact among the items kept, and a new item enters a list only by its distance; ties
+        by index, which the kept items' order preserves). None when this would not cost under
+        half a full pass, or with --dedup / --group-by (whose lists are made from the plain ones).
+        Returns the lists and how many items were asked again."""
+        n, kept = len(self.embeddings), len(take)
+        if self.group_of is not None or old.indices.shape[1] != k or kept > n:
+            return None
+        if kept and (take.min() < 0 or take.max() >= len(old.indices) or np.any(np.diff(take) <= 0)):
+            return None
+        remap = np.full(len(old.indices) + 1, -1, np.int64)  # the extra last entry maps -1 (no item) to -1
+        remap[take] = np.arange(kept)
+        idx, dist = remap[old.indices[take]], old.distances[take]
+        redo = np.flatnonzero((idx < 0).any(axis=1))
+        per_query = n if not self.approximate else min(n, 5000)  # an index query ~ a few thousand distances
+        cost = (kept - len(redo)) * (n - kept) + (len(redo) + n - kept) * per_query
+        if 2 * cost > n * per_query:
+            return None
+        out_idx, out_dist = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+        ask = np.concatenate([redo, np.arange(kept, n)])
+        if len(ask):
+            again = self.item_neighbours(ask, k)
+            out_idx[ask], out_dist[ask] = again.indices, again.distances
+        rest = np.setdiff1d(np.arange(kept), redo)
+        out_idx[rest], out_dist[rest] = idx[rest], dist[rest]
+        if kept < n and len(rest):
+            new = self.embeddings[kept:]
+            last = np.iinfo(np.int64).max
+            for s in range(0, len(rest), 1024):
+                r = rest[s : s + 1024]
+                near, near_dist = topk_rows(cosine_distances(self.embeddings[r], new), k)
+                cand = np.concatenate([idx[r], np.where(near >= 0, near + kept, -1)], axis=1)
+                cand_dist = np.concatenate([dist[r], near_dist], axis=1)
+                order = np.lexsort((np.where(cand >= 0, cand, last), cand_dist))[:, :k]  # by distance, then index
+                out_idx[r] = np.take_along_axis(cand, order, axis=1)
+                out_dist[r] = np.take_along_axis(cand_dist, order, axis=1)
+        return Neighbours(out_idx, out_dist), len(ask)
 
     def _filtered(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> Neighbours:
         """The planner of a filtered search, on exact counts: up to FILTER_EXACT_MAX matching rows

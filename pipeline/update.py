@@ -150,8 +150,10 @@ def dataset_hashes(spec: DatasetSpec) -> Iterator[tuple[Record, str]]:
     """Every record of the dataset as it is now, in order, without its bytes, with their sha256 (""
     for a row without a picture). A local parquet file whose size and modification time are those
     recorded (HASHES_DIR) when it was last read is not read again: its rows' hashes, ids and errors
-    come from there (git's index trusts a file the same way). Other files, and other datasets, are
-    read and hashed (hashed); the files read whole are recorded."""
+    come from there (as git's index trusts a file whose stat is unchanged: size, modification and
+    change times, inode). Other files, and other datasets, are read and hashed (hashed); a file
+    read whole is recorded unless it changed while it was read or a row's picture is a file the
+    cell names (whose changes its stat would not show)."""
     files = local_parquet_files(spec)
     if not files:
         for rec, sha in hashed(iter_records(spec)):
@@ -161,13 +163,14 @@ def dataset_hashes(spec: DatasetSpec) -> Iterator[tuple[Record, str]]:
 
     columns = [spec.image_column, spec.id_column or ""]
     where = hashes_file(spec)
-    known, record = _read_hashes(where), {}
+    known, record, seen = _read_hashes(where), {}, set()
     row, stop = 0, spec.limit
     for f in files:
         if stop is not None and row >= stop:
             break
-        st, key = f.stat(), str(f.resolve())
-        entry = {"stamp": [st.st_size, st.st_mtime_ns], "columns": columns}
+        key, stamp = str(f.resolve()), _file_stamp(f)
+        seen.add(key)
+        entry: dict = {"stamp": stamp, "columns": columns}
         before = known.get(key)
         if isinstance(before, dict) and {k: v for k, v in before.items() if k != "rows"} == entry and _rows_ok(before):
             rows = before["rows"]
@@ -175,12 +178,19 @@ def dataset_hashes(spec: DatasetSpec) -> Iterator[tuple[Record, str]]:
             records = iter_parquet_file(spec, f)
             if stop is not None and row + pq.read_metadata(f).num_rows > stop:  # the limit ends inside: read up to it
                 records, entry = islice(records, stop - row), {}
-            rows = [[sha, rec.item_id, rec.error] for rec, sha in hashed(records)]
+            rows, linked = [], False
+            for rec, sha in hashed(records):
+                rows.append([sha, rec.item_id, rec.error])
+                linked = linked or rec.linked
+            if linked or _file_stamp(f) != stamp:
+                entry = {}
         if entry:
             record[key] = {**entry, "rows": rows}
         for sha, item_id, error in rows[: None if stop is None else stop - row]:
             yield Record(row, "", None, error, item_id=item_id), sha
             row += 1
+    unseen = {str(f.resolve()) for f in files} - seen  # past a --limit: kept as they were known
+    record = {**{k: v for k, v in known.items() if k in unseen}, **record}
     if record != known:
         try:
             where.parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +203,11 @@ def hashes_file(spec: DatasetSpec) -> Path:
     """Where dataset_hashes keeps what it read of this dataset (its folder and split)."""
     key = hashlib.sha256(json.dumps([str(Path(spec.name).resolve()), spec.split]).encode()).hexdigest()[:32]
     return user_cache_dir(HASHES_DIR) / f"{key}.json"
+
+
+def _file_stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _rows_ok(entry: dict) -> bool:
@@ -297,7 +312,8 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     (stage / SWITCH).write_text("the new store in next/ (and its index in index/) is complete: move them into place\n")
     with summary.stage("switch"):
         switch(cfg)
-    return Gallery(emb, rows, new.embedder if new is not None else embedder)
+    return Gallery(emb, rows, new.embedder if new is not None else embedder,
+                   carried=(np.asarray(take, np.int64), old.sidecar.embeddings_sha256))
 
 
 def _old_store(cfg: RunConfig) -> GalleryCache:

@@ -24,6 +24,15 @@ from tests import assets  # noqa: E402
 ASSET_CACHE = os.environ.get("FASHION_TEST_ASSET_CACHE")
 
 
+@pytest.fixture(autouse=True)
+def _dataset_hashes_in_tmp(tmp_path, monkeypatch):
+    """--update's record of the dataset files it read (update.HASHES_DIR) goes to the test's own folder,
+    not the user's ~/.cache."""
+    from pipeline import update
+
+    monkeypatch.setattr(update, "user_cache_dir", lambda name: tmp_path / ".user-cache" / name)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     if ASSET_CACHE and (Path(ASSET_CACHE) / "tiny-clip" / "config.json").is_file():

@@ -92,3 +92,71 @@ def test_a_filtered_search_through_the_index(kind, monkeypatch):
         recall = np.mean([len(set(a) & set(b)) / min(10, m) for a, b in pairs])
         assert recall >= 0.9, (share, recall)
     assert sum(redone) <= 0.1 * 3 * 30, redone  # at most a tenth of the rows fell back to exact search
+
+
+@pytest.mark.parametrize("change", ["added", "removed", "both", "nothing"])
+def test_lists_carried_through_an_update_are_a_full_pass_s(change):
+    """An update's neighbours from the lists before it (searcher.carried_neighbours): kept items keep
+    their lists, merged with the new items; those that lost a neighbour and the new ones are asked
+    again. Exact search: the very lists a full pass gives, planted copies (ties) included."""
+    from pipeline.retrieval import topk_neighbours
+
+    rng = np.random.default_rng(7)
+    old = rng.normal(size=(400, 16)).astype(np.float32)
+    old[50] = old[49]  # copies: equal distances, settled by index
+    old[300] = old[49]
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+    k = 6
+    before = topk_neighbours(old, old, k, exclude_self=True)
+    gone = set(rng.choice(400, size=25, replace=False).tolist()) if change in ("removed", "both") else set()
+    take = np.array([i for i in range(400) if i not in gone])
+    new = rng.normal(size=(30 if change in ("added", "both") else 0, 16)).astype(np.float32)
+    if len(new):
+        new[3] = old[49]  # a new copy of a kept photo
+    new /= np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-12)
+    now = np.concatenate([old[take], new]).astype(np.float32)
+    searcher = Searcher(now, [None] * len(now))
+    carried = searcher.carried_neighbours(before, take, k)
+    assert carried is not None
+    got, asked = carried
+    assert asked == len(new) + sum(1 for i in take if any(j in gone for j in before.indices[i]))
+    want = topk_neighbours(now, now, k, exclude_self=True)
+    assert np.array_equal(got.indices, want.indices)
+    assert np.allclose(got.distances, want.distances, atol=1e-6)
+
+
+def test_carried_lists_are_refused_when_they_would_not_save_work():
+    from pipeline.retrieval import topk_neighbours
+
+    rng = np.random.default_rng(8)
+    old = rng.normal(size=(40, 8)).astype(np.float32)
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+    before = topk_neighbours(old, old, 5, exclude_self=True)
+    now = np.concatenate([old, old[:30] + 0.01]).astype(np.float32)  # the gallery nearly doubles
+    assert Searcher(now, [None] * 70).carried_neighbours(before, np.arange(40), 5) is None
+    assert Searcher(old, [None] * 40).carried_neighbours(before, np.arange(40), 4) is None  # another k
+
+
+def test_carried_lists_at_the_model_s_width_match_a_full_pass_up_to_rounding():
+    """At 512 dimensions a distance computed in another block shape can differ by a float32 rounding
+    step, so copies (equal distances) may trade places; every carried neighbour must still be as near
+    as the full pass's at its rank."""
+    from pipeline.retrieval import cosine_distances, topk_neighbours
+
+    rng = np.random.default_rng(9)
+    old = rng.normal(size=(1500, 512)).astype(np.float32)
+    old[700:705] = old[699]  # copies
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+    before = topk_neighbours(old, old, 8, exclude_self=True)
+    take = np.array([i for i in range(1500) if i % 97 != 5])
+    new = np.concatenate([old[699:700], rng.normal(size=(20, 512)).astype(np.float32)])
+    new /= np.linalg.norm(new, axis=1, keepdims=True)
+    now = np.concatenate([old[take], new]).astype(np.float32)
+    got, _ = Searcher(now, [None] * len(now)).carried_neighbours(before, take, 8)
+    want = topk_neighbours(now, now, 8, exclude_self=True)
+    full = cosine_distances(now, now)
+    exact_at_rank = np.take_along_axis(full, got.indices, axis=1)
+    assert np.allclose(exact_at_rank, want.distances, atol=1e-6)  # as near as the full pass's, rank by rank
+    assert np.allclose(got.distances, want.distances, atol=1e-6)
+    assert (got.indices != np.arange(len(now))[:, None]).all()
+    assert (got.indices == want.indices).mean() > 0.99

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -535,7 +536,6 @@ def write_shards(folder: Path, shards: list[list[int]], rewrite: frozenset[int] 
 
 
 def test_an_update_reads_only_the_parquet_files_that_changed(tiny_onnx, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data, out = tmp_path / "catalogue", tmp_path / "updated"
     shards = [list(range(10)), list(range(10, 20))]
     write_shards(data, shards)
@@ -578,8 +578,58 @@ def test_an_update_reads_only_the_parquet_files_that_changed(tiny_onnx, tmp_path
     assert "added 0, changed 0, removed 0" in update("fresh4")
     assert read == [files[1].name]
     cache = update_module.hashes_file(update_module.DatasetSpec(str(data)))
-    assert cache.is_relative_to(tmp_path / "cache")  # the user's cache, not the store
+    assert cache.is_relative_to(tmp_path / ".user-cache")  # the user's cache (here the test's), not the store
     cache.unlink()  # with a --limit ending inside the second file:
     assert "removed 12" in update("fresh5", "--limit", "15")  # it is read up to the limit and not recorded
     assert read == [files[0].name, files[1].name]
     assert [Path(name).name for name in json.loads(cache.read_text())] == [files[0].name]
+
+
+def test_neighbours_are_carried_through_an_update_when_no_matrix_is_written(tiny_onnx, tmp_path, capsys):
+    data = write_catalogue(tmp_path / "catalogue", list(range(PRODUCTS)))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    more = ("--max-matrix", "0", "--top-k", "4")  # no N x N matrix to write: the lists can be carried over
+    assert run(*args(data, tiny_onnx, out, *more)) == 0
+    write_catalogue(data, [*range(0, 5), *range(6, PRODUCTS), 40, 41])  # one gone, two added
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out, *more) == 0
+    said = capsys.readouterr().out
+    carried = re.search(r"neighbours: (\d+) of 31 items' lists carried over from the last run, (\d+) asked again", said)
+    assert carried is not None, said
+    assert 2 <= int(carried.group(2)) < 31 and int(carried.group(1)) + int(carried.group(2)) == 31
+    assert run(*args(data, tiny_onnx, fresh, *more)) == 0
+    assert_same_as_fresh(out, fresh)
+    capsys.readouterr()  # a run over the same store carries every list as it is
+    import main as cli
+
+    assert cli.main([*map(str, ("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out, *more))]) == 0
+    assert "31 of 31 items' lists carried over from the last run, 0 asked again" in capsys.readouterr().out
+    assert neighbours(out) == neighbours(fresh)
+
+
+def test_files_named_by_a_dataset_are_not_trusted_by_its_stamp(tiny_onnx, tmp_path, capsys):
+    """Cells that name picture files: the parquet file's stamp says nothing of them, so its rows are
+    not recorded, and a picture changed under the same path is found."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for k in range(8):
+        (pictures / f"p{k}.jpg").write_bytes(photo(k))
+    data = tmp_path / "catalogue"
+    (data / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"image": [str(pictures / f"p{k}.jpg") for k in range(8)]}),
+                   data / "data" / "train-00000.parquet")
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out) == 0
+    assert "added 0, changed 0, removed 0, unchanged 8" in capsys.readouterr().out
+    cache = update_module.hashes_file(update_module.DatasetSpec(str(data)))
+    assert not cache.is_file() or json.loads(cache.read_text()) == {}
+    (pictures / "p3.jpg").write_bytes(photo(3, version=1))  # re-shot under the same name
+    assert cli_update(data, tiny_onnx, out) == 0
+    assert "added 1, changed 0, removed 1, unchanged 7" in capsys.readouterr().out
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
