@@ -27,7 +27,13 @@ new vectors (and 10,000 new with 10,000 removed) into the ruled index at base + 
 
     python -m benchmarks.scale [--sizes 100000,1000000] [--kinds flat,hnsw,ivfpq]
     python -m benchmarks.scale --updates              # drift: 500k + 10 x 50k, then 10k into 1M
-    python -m benchmarks.scale --tiny                 # both, 1,000 / 2,000 vectors x 32: checks the script
+    python -m benchmarks.scale --carried [--carried-sizes 50000:exact,200000:ivfpq]
+    python -m benchmarks.scale --tiny                 # all, 1,000 / 2,000 vectors x 32: checks the script
+
+Neighbours through an update (--carried; Searcher.carried_neighbours): a gallery's all-neighbours
+top-10, then --carried-change of it removed and as many added; the new gallery's lists by a full
+pass and carried over from the old ones, each timed, with how many lists were asked again, the
+share of lists equal to the full pass's and, on 1,000 rows, recall@10 against exact search.
 """
 
 from __future__ import annotations
@@ -155,17 +161,66 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--added", type=int, default=500_000, help="--updates: vectors added, in --steps updates")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--target-add", type=int, default=10_000, help="--updates: the update timed for the target")
-    tiny = {"sizes": "1000", "dim": 32, "held_out": 50, "slice": 500, "base": 2000, "added": 2000, "steps": 4}
+    ap.add_argument("--carried", action="store_true", help="measure neighbours carried through an update")
+    ap.add_argument("--carried-sizes", default="50000:exact,200000:ivfpq", help="--carried: N:search, ...")
+    ap.add_argument("--carried-change", default="0.001,0.01", help="--carried: shares removed (and as many added)")
+    tiny = {"sizes": "1000", "dim": 32, "held_out": 50, "slice": 500, "base": 2000, "added": 2000, "steps": 4,
+            "carried_sizes": "1500:exact,3000:ivfpq"}
     args = parse_args(ap, argv, tiny={**tiny, "target_add": 200})
     print(machine_line(), flush=True)
     import faiss
 
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads", flush=True)
+    if args.carried or args.tiny:
+        carried(args)
     if args.updates or args.tiny:
         updates(args)
-    if not args.updates:
+    if not args.updates and not args.carried:
         sizes(args)
     return 0
+
+
+def carried(args) -> None:
+    """Neighbours through an update: a full pass against the lists carried over (see the module doc)."""
+    from pipeline.index import build_index, recall_at_10
+    from pipeline.searcher import Searcher
+
+    print("\n== neighbours through an update: full pass against carried over (top-10)")
+    print(f"{'N':>9s} {'search':6s} {'change':>8s} {'full pass':>10s} {'carried':>9s} {'asked again':>12s} "
+          f"{'same lists':>10s} {'recall full':>11s} {'recall carried':>14s}")
+    for spec in args.carried_sizes.split(","):
+        n_text, kind = spec.split(":")
+        n = int(n_text)
+        emb = clustered(n * 11 // 10, args.dim, seed=3)
+        old = emb[:n]
+        before = searcher_for(old, kind, build_index, Searcher).all_neighbours(10)
+        for share in (float(x) for x in args.carried_change.split(",")):
+            m = max(1, round(n * share))
+            rng = np.random.default_rng(m)
+            gone = np.zeros(n, bool)
+            gone[rng.choice(n, m, replace=False)] = True
+            take = np.flatnonzero(~gone)
+            now = np.ascontiguousarray(np.concatenate([old[take], emb[n : n + m]]))
+            searcher = searcher_for(now, kind, build_index, Searcher)
+            t = time.perf_counter()
+            full = searcher.all_neighbours(10)
+            full_s = time.perf_counter() - t
+            t = time.perf_counter()
+            found = searcher.carried_neighbours(before, take, 10)
+            carried_s = time.perf_counter() - t
+            held_out, truth = held_out_truth(now, args.held_out)
+            if found is None:
+                print(f"{len(now):9,d} {kind:6s} {m:>8,d} {full_s:9.1f}s   (not carried: no saving)", flush=True)
+                continue
+            nb, asked = found
+            same = float((nb.indices == full.indices).all(axis=1).mean())
+            print(f"{len(now):9,d} {kind:6s} {'-' + str(m) + '+' + str(m):>8s} {full_s:9.1f}s {carried_s:8.2f}s "
+                  f"{asked:12,d} {same:10.4f} {recall_at_10(full.indices[held_out], truth):11.4f} "
+                  f"{recall_at_10(nb.indices[held_out], truth):14.4f}", flush=True)
+
+
+def searcher_for(emb: np.ndarray, kind: str, build_index, searcher_cls):
+    return searcher_cls(emb, [None] * len(emb), None if kind == "exact" else build_index(emb, kind, "benchmark"))
 
 
 def sizes(args) -> None:

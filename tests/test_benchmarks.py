@@ -60,6 +60,9 @@ def assert_rows(out: str, *patterns: str) -> None:
 # tiny model and its int8 file; "work": only a work folder; "": nothing.
 IN_PROCESS = [
     (scale, "", [
+        r"^ +N search +change +full pass +carried +asked again +same lists +recall full +recall carried$",
+        r"^ +1,500 exact +-2\+2 +NUMBERs +NUMBERs +NUMBER +NUMBER +1\.0000 +1\.0000$",  # exact: recall 1 both ways
+        r"^ +3,000 ivfpq +-30\+30 +NUMBERs +NUMBERs +NUMBER +NUMBER +NUMBER +NUMBER$",
         r"^kind +build +index .*recall@10",
         r"^flat +NUMBERs .* 1\.0000 ",
         r"^hnsw +NUMBERs .*'efSearch'",
