@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import tempfile
@@ -36,6 +37,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         unlink_quietly(tmp)
         raise
+
+
+def read_json_dict(path: str | Path) -> dict[str, Any]:
+    """The JSON object in a small record file this tool keeps beside its outputs or in its cache;
+    {} when it is missing, unreadable or not an object (a record only saves work: losing it is safe)."""
+    try:
+        found = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def user_cache_dir(name: str) -> Path:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PipelineError, UsageError
-from .fileio import atomic_write_text, user_cache_dir
+from .fileio import atomic_write_text, read_json_dict, user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,7 @@ class RemoteOutput:
         self.sent = 0
 
     def _state(self) -> dict[str, list[int]]:
-        try:
-            return json.loads((self.work_dir / SYNC_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
+        return read_json_dict(self.work_dir / SYNC_FILE)
 
     def _save_state(self, state: dict[str, list[int]]) -> None:
         atomic_write_text(self.work_dir / SYNC_FILE, json.dumps(state, sort_keys=True))

@@ -32,6 +32,7 @@ from .fileio import (
     OutputLock,
     atomic_write_bytes,
     atomic_write_text,
+    read_json_dict,
     remove_temp_leftovers,
     removed_if_left_empty,
     sha256_bytes,
@@ -435,10 +436,7 @@ def write_result_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], shas
     limit = len(files) if cfg.max_result_images is None else min(cfg.max_result_images, len(files))
     wanted = picture_signatures(nb, files, shas, limit)
     record = cfg.results_dir / PICTURES_FILE
-    try:
-        before = json.loads(record.read_text()) if record.is_file() else {}
-    except (OSError, ValueError):
-        before = {}
+    before = read_json_dict(record)
     for old in cfg.results_dir.glob("*_matches.jpg"):
         if old.name not in wanted or wanted[old.name][1] != before.get(old.name):
             old.unlink()

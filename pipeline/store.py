@@ -38,6 +38,7 @@ from .fileio import (
     atomic_write_npy_chunks,
     atomic_write_text,
     npy_bytes,
+    read_json_dict,
     sha256_bytes,
     sha256_file,
     unlink_quietly,
@@ -472,11 +473,7 @@ def _remember(root: Path, key: str, value: Any) -> None:
 
 
 def _read_verified_record(root: Path) -> dict[str, Any]:
-    try:
-        record = json.loads((root / VERIFIED_FILE).read_text())
-        return record if isinstance(record, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return read_json_dict(root / VERIFIED_FILE)
 
 
 def _write_verified_record(root: Path, record: dict[str, Any]) -> None:

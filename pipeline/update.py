@@ -39,7 +39,7 @@ from .config import RunConfig
 from .dataset import DatasetSpec, Record, check_dataset, iter_parquet_file, iter_records, local_parquet_files
 from .embedders import Embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError
-from .fileio import atomic_write_text, sha256_bytes, unlink_quietly, user_cache_dir
+from .fileio import atomic_write_text, read_json_dict, sha256_bytes, unlink_quietly, user_cache_dir
 from .galleries import BuildPart, Gallery, build, gallery_source, owned_files
 from .identity import differences
 from .index import INDEX_META, switch_index, update_index
@@ -163,7 +163,7 @@ def dataset_hashes(spec: DatasetSpec) -> Iterator[tuple[Record, str]]:
 
     columns = [spec.image_column, spec.id_column or ""]
     where = hashes_file(spec)
-    known, record, seen = _read_hashes(where), {}, set()
+    known, record, seen = read_json_dict(where), {}, set()
     row, stop = 0, spec.limit
     for f in files:
         if stop is not None and row >= stop:
@@ -213,14 +213,6 @@ def _file_stamp(path: Path) -> list[int]:
 def _rows_ok(entry: dict) -> bool:
     rows = entry.get("rows")
     return isinstance(rows, list) and all(isinstance(r, list) and len(r) == 3 for r in rows)
-
-
-def _read_hashes(path: Path) -> dict[str, dict]:
-    try:
-        found = json.loads(path.read_text())
-        return found if isinstance(found, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def hashed(records: Iterable[Record], chunk: int = 64) -> Iterator[tuple[Record, str]]:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .fileio import atomic_write_bytes, atomic_write_text, unlink_quietly
+from .fileio import atomic_write_bytes, atomic_write_text, read_json_dict, unlink_quietly
 from .images import encode_jpeg
 from .plots import THUMB_SIZE
 from .report import RunSummary, peak_rss_mib
@@ -118,7 +118,7 @@ def write_gallery_pages(
     pages = -(-n // PAGE_SIZE)
     wanted = {f"page_{p:04d}.jpg": _sprite_key(tile_keys, p * PAGE_SIZE, min(n, (p + 1) * PAGE_SIZE))
               for p in range(pages)}
-    before = _read_sprite_record(out / SPRITES_FILE)
+    before = read_json_dict(out / SPRITES_FILE)
     unlink_quietly(out / SPRITES_FILE)  # written again once the sprites are: a killed run redraws, never trusts
     for old in out.glob("page_*"):
         if old.suffix != ".jpg" or wanted.get(old.name) is None or wanted[old.name] != before.get(old.name):
@@ -171,14 +171,6 @@ def _sprite_key(tile_keys: Sequence[str] | None, start: int, stop: int) -> str |
     for key in tile_keys[start:stop]:
         h.update(key.encode() + b"\n")
     return h.hexdigest()
-
-
-def _read_sprite_record(path: Path) -> dict[str, str]:
-    try:
-        record = json.loads(path.read_text())
-        return record if isinstance(record, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def read_section(plots_dir: Path, section_id: str) -> dict[str, Any] | None:
