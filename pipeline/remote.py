@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.+)$")
 SYNC_FILE = ".remote-sync.json"  # in the working copy: {relative path: [size, mtime_ns]} as last fetched or sent
 FETCHED = ("embeddings", "embeddings_segment", "outputs")  # what a run may read back
-SKIPPED = re.compile(r"(^|/)(\.pipeline\.lock|\.remote-sync\.json|[^/]*\.tmp[^/]*)$")
+# Never sent: the lock, the sync state, temp files, and the neighbour lists a run keeps for the next
+# run in this working copy (runner.NEIGHBOURS_FILE: 120 MB at a million items, read back by no one else).
+SKIPPED = re.compile(r"(^|/)(\.pipeline\.lock|\.remote-sync\.json|[^/]*\.tmp[^/]*|\.neighbours[^/]*\.npz)$")
 # Sent after everything else: a store's sidecar names the files it describes by their hashes, so a
 # reader of the URL finds it only once they are there (store.SIDECAR_FILE; remote.py knows no store).
 SENT_LAST = re.compile(r"(^|/)embeddings\.json$")

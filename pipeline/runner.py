@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +30,6 @@ from .errors import PipelineError
 from .export import export_onnx, verification_images
 from .fileio import (
     OutputLock,
-    atomic_write_bytes,
     atomic_write_text,
     read_json_dict,
     remove_temp_leftovers,
@@ -313,12 +312,14 @@ def _neighbours_key(cfg: RunConfig, searcher: Searcher, store: str) -> str:
 def save_neighbours(cfg: RunConfig, searcher: Searcher, nb: Neighbours) -> None:
     """The plain lists of this run, for the next one to carry over (a cache: losing it costs a pass)."""
     path = cfg.results_dir / f"{NEIGHBOURS_FILE.removesuffix('.npz')}{cfg.suffix}.npz"
+    tmp = path.with_name(path.name + ".tmp")
     try:
         key = _neighbours_key(cfg, searcher, store_sha256(cfg.store_dir))
-        buf = io.BytesIO()
-        np.savez(buf, indices=nb.indices, distances=nb.distances, key=np.array(key))
-        atomic_write_bytes(path, buf.getvalue())
+        with open(tmp, "wb") as f:  # straight to the file (120 MB at a million items), moved into place whole
+            np.savez(f, indices=nb.indices, distances=nb.distances, key=np.array(key))
+        os.replace(tmp, path)
     except (PipelineError, OSError):
+        unlink_quietly(tmp)
         unlink_quietly(path)
 
 

@@ -156,7 +156,8 @@ MAIN_PY = [
 
 @pytest.mark.subprocess
 @pytest.mark.parametrize("module, patterns", MAIN_PY, ids=["standard_run", "report", "update"])
-def test_main_py_benchmark(module, patterns, clip_args, capsys):
+def test_main_py_benchmark(module, patterns, clip_args, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # main.py's caches (dataset hashes): not the user's
     assert_rows(run_tiny(module, capsys, *clip_args), *patterns)
 
 

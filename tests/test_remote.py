@@ -195,3 +195,13 @@ def test_an_update_at_a_url_equals_a_fresh_build_and_keeps_the_old_store_until_i
     assert a_lines == b_lines and np.array_equal(a_vec, b_vec)
     assert not [k for k in after if "/.update" in k]
     assert run("--use-embeddings", *_args(data, tiny_onnx, url, tmp_path / "reader2", *more)) == 0
+
+
+def test_the_neighbour_lists_kept_for_the_next_run_are_never_sent():
+    from pipeline.remote import SKIPPED
+
+    for rel in ("retrieval_results/.neighbours.npz", "retrieval_results/segment/.neighbours_segment.npz",
+                "retrieval_results/.neighbours.npz.tmp"):
+        assert SKIPPED.search(rel), rel
+    for rel in ("retrieval_results/neighbours.csv", "embeddings/thumbnails-0123456789abcdef.npy"):
+        assert not SKIPPED.search(rel), rel
