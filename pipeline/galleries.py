@@ -200,6 +200,13 @@ def check_gallery_filter(text: str, schema: Any) -> None:
     Filter.parse(text, schema)
 
 
+def with_metadata(cfg: RunConfig, searcher: Searcher) -> Searcher:
+    """The searcher with the store's metadata loaded (once), for --filter and --group-by."""
+    if searcher.metadata is None:
+        searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
+    return searcher
+
+
 def group_by(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> None:
     """--group-by on a searcher whose metadata is loaded; the summary says how many items had no value."""
     if cfg.group_by is None:

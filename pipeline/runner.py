@@ -26,7 +26,7 @@ from .config import RunConfig, onnx_fallback
 from .dataset import iter_records
 from .duplicates import SIGNATURE_VERSION, DuplicateGroup, gallery_duplicates, write_duplicates_csv, write_groups
 from .embedders import on_cuda
-from .errors import PipelineError
+from .errors import CacheMismatchError, PipelineError
 from .export import export_onnx, verification_images
 from .fileio import (
     OutputLock,
@@ -38,7 +38,7 @@ from .fileio import (
     sha256_file,
     unlink_quietly,
 )
-from .galleries import group_by, open_gallery, open_searcher
+from .galleries import group_by, open_gallery, open_searcher, with_metadata
 from .hub import go_offline_unless_reachable
 from .images import ImageDecodeError, decode_image
 from .index import INDEX_FILE
@@ -53,6 +53,7 @@ from .store import (
     PARTIAL_DIR,
     SIDECAR_FILE,
     ManifestRow,
+    Sidecar,
     ThumbnailReader,
     embedded_rows,
     manifest_sha256,
@@ -181,10 +182,10 @@ def _tile_keys(store_dir: Path, embedded: list[ManifestRow]) -> list[str] | None
     from . import items as items_module
 
     try:
-        sidecar = json.loads((store_dir / SIDECAR_FILE).read_text())
-        made = json.dumps([sidecar["identity"].get("preprocess"), sidecar["thumbnail_size"]], sort_keys=True)
-    except (OSError, ValueError, KeyError, AttributeError):
+        sidecar = Sidecar.read(store_dir / SIDECAR_FILE)
+    except CacheMismatchError:
         return None
+    made = json.dumps([sidecar.identity.to_json().get("preprocess"), sidecar.thumbnail_size], sort_keys=True)
     prefix = sha256_bytes((made + code_signature(plots_module, images_module, items_module)).encode())[:16]
     return [f"{prefix} {r.file} {r.sha256}" for r in embedded]
 
@@ -300,6 +301,10 @@ def gallery_neighbours(cfg: RunConfig, searcher: Searcher, summary: RunSummary,
 NEIGHBOURS_FILE = ".neighbours.npz"  # in the results folder: the last run's plain lists, and of what
 
 
+def _neighbours_path(cfg: RunConfig) -> Path:
+    return cfg.results_dir / f"{NEIGHBOURS_FILE.removesuffix('.npz')}{cfg.suffix}.npz"
+
+
 def _neighbours_key(cfg: RunConfig, searcher: Searcher, store: str) -> str:
     """What saved lists are of: the store, k, and the search (exact, or the index's kind and parameters:
     lists of another index, or of another nprobe, are not carried over)."""
@@ -311,7 +316,7 @@ def _neighbours_key(cfg: RunConfig, searcher: Searcher, store: str) -> str:
 
 def save_neighbours(cfg: RunConfig, searcher: Searcher, nb: Neighbours) -> None:
     """The plain lists of this run, for the next one to carry over (a cache: losing it costs a pass)."""
-    path = cfg.results_dir / f"{NEIGHBOURS_FILE.removesuffix('.npz')}{cfg.suffix}.npz"
+    path = _neighbours_path(cfg)
     tmp = path.with_name(path.name + ".tmp")
     try:
         key = _neighbours_key(cfg, searcher, store_sha256(cfg.store_dir))
@@ -327,7 +332,7 @@ def carried_neighbours(cfg: RunConfig, searcher: Searcher, carried: tuple[np.nda
                        summary: RunSummary) -> Neighbours | None:
     """The last run's lists carried over to this store, or None (no lists of the store before, or of
     another k or kind of search, or no saving in it)."""
-    path = cfg.results_dir / f"{NEIGHBOURS_FILE.removesuffix('.npz')}{cfg.suffix}.npz"
+    path = _neighbours_path(cfg)
     if not path.is_file():
         return None
     n = len(searcher.rows)
@@ -346,13 +351,6 @@ def carried_neighbours(cfg: RunConfig, searcher: Searcher, carried: tuple[np.nda
     summary.notes.append(f"neighbours: {n - asked:,} of {n:,} items' lists carried over from the last run, "
                          f"{asked:,} asked again")
     return nb
-
-
-def with_metadata(cfg: RunConfig, searcher: Searcher) -> Searcher:
-    """The searcher with the store's metadata loaded (once), for --filter and --group-by."""
-    if searcher.metadata is None:
-        searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
-    return searcher
 
 
 def filtered_rows(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> np.ndarray | None:

@@ -565,12 +565,14 @@ class ThumbnailReader:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _at(self, i: int) -> tuple[int, int, Any]:
-        """(rows before its file, header bytes, open file) of the file holding row i."""
-        return self._files[bisect.bisect_right(self._starts, i) - 1]
+    def _at(self, i: int) -> tuple[int, int, Any, int]:
+        """(rows before its file, header bytes, open file, the row its file ends before) of the file
+        holding row i."""
+        k = bisect.bisect_right(self._starts, i)
+        return (*self._files[k - 1], self._starts[k] if k < len(self._starts) else len(self))
 
     def __getitem__(self, i: int) -> np.ndarray:
-        start, header, f = self._at(int(i))
+        start, header, f, _ = self._at(int(i))
         f.seek(header + (int(i) - start) * self.item)
         buf = f.read(self.item)
         return np.frombuffer(buf, dtype=np.uint8).reshape(self.shape[1:])
@@ -583,9 +585,7 @@ class ThumbnailReader:
         while done < view.nbytes:
             if not 0 <= row < len(self):
                 raise CacheMismatchError(f"{self.path}: ends before thumbnail {start + len(out) - 1}")
-            first, header, f = self._at(row)
-            k = bisect.bisect_right(self._starts, row)
-            end = self._starts[k] if k < len(self._starts) else len(self)  # this file's rows end here
+            first, header, f, end = self._at(row)
             want = min(view.nbytes - done, (end - row) * self.item)
             f.seek(header + (row - first) * self.item)
             got = f.readinto(view[done : done + want])

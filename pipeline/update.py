@@ -496,16 +496,18 @@ def switch(cfg: RunConfig) -> None:
             if p.is_file() and p.name in named:  # an earlier, abandoned update's files are not the new store's
                 move(p, images / p.name)
     switch_index(stage / "index", store)  # the index with its store, before the sidecar
-    staged = [part.file for part in thumbnail_parts(Sidecar.read(next_dir / SIDECAR_FILE))
-              if (next_dir / part.file).is_file()] if (next_dir / SIDECAR_FILE).is_file() else []
+    # The new store's thumbnails files (from its sidecar: still staged, or already moved by a switch that was killed)
+    new_sidecar = next_dir / SIDECAR_FILE if (next_dir / SIDECAR_FILE).is_file() else store / SIDECAR_FILE
+    parts = thumbnail_parts(Sidecar.read(new_sidecar)) if new_sidecar.is_file() else None
+    staged = [part.file for part in parts or [] if (next_dir / part.file).is_file()]
     for name in (*staged, EMBEDDINGS_FILE, MANIFEST_FILE, SIDECAR_FILE):
         if (next_dir / name).is_file():
             move(next_dir / name, store / name)
     # The thumbnails files written were hashed then: their stamps follow them (checked against the files when
     # loaded); the segments the new store no longer lists go (a reader of the old store has them open).
     carry_thumbnails_stamp(next_dir, store, staged)
-    if (store / SIDECAR_FILE).is_file():
-        remove_unlisted_segments(store, thumbnail_parts(Sidecar.read(store / SIDECAR_FILE)))
+    if parts is not None:
+        remove_unlisted_segments(store, parts)
     keep = {r.file for r in read_manifest(store / MANIFEST_FILE) if r.file}  # the store in place now
     pattern = owned_files(cfg)
     for p in images.iterdir() if images.is_dir() else []:

@@ -22,8 +22,7 @@ from .config import RunConfig, VideoSpec
 from .embedders import Embedder, make_embedder, on_cuda
 from .errors import PipelineError
 from .fileio import atomic_write_text, check_writable
-from .galleries import Gallery, group_by, open_gallery, open_searcher, segmenter_factory
-from .metadata import load_metadata
+from .galleries import Gallery, group_by, open_gallery, open_searcher, segmenter_factory, with_metadata
 from .persons import Detector, Person, Segmenter, person_crops, with_masks
 from .plots import THUMB_SIZE, compose_matches, make_thumbnail, neighbour_tiles, save_jpeg
 from .preprocess import preprocess_batch
@@ -600,9 +599,7 @@ def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedde
     summary.notes.append("search: " + searcher.describe())
     run = VideoRun(cfg, embedder, searcher, out_dir, thumbs, clip, writer)
     if cfg.filter or cfg.group_by:  # every person's and track's matches among the items the filter keeps
-        if searcher.metadata is None:
-            searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
-        group_by(cfg, searcher, summary)
+        group_by(cfg, with_metadata(cfg, searcher), summary)
         run.allowed = searcher.allowed(cfg.filter)
         if run.allowed is not None:
             summary.notes.append(f"--filter {cfg.filter!r}: matches among {int(run.allowed.sum()):,} of "
