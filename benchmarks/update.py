@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out, ignore_errors=True)
     flags = ["--dataset", str(data), "--onnx", str(onnx), "--output-dir", str(out), "--limit", "0"]
     photos = photo_file(assets, args.work / f"update{args.n}", args.n + k)
-    from pipeline.update import hashes_file
+    from pipeline.datarecord import hashes_file
 
     hashes_file(DatasetSpec(str(data))).unlink(missing_ok=True)  # an earlier run's record of these files
     catalogue(photos, data, list(range(args.n)))

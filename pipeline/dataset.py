@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
@@ -83,31 +84,35 @@ class DatasetSpec:
         return {"dataset": name, "split": self.split, "limit": self.limit, "image_column": self.image_column}
 
 
-def iter_records(spec: DatasetSpec, start: int = 0) -> Generator[Record, None, None]:
+def iter_records(spec: DatasetSpec, start: int = 0, only: frozenset[int] | None = None
+                 ) -> Generator[Record, None, None]:
     """Yield records for rows start .. limit-1 in dataset order.
 
     Args:
         spec: the dataset to read.
         start: first row to yield (rows before it are skipped without reading their images where
             the format allows).
+        only: when given, just these rows (--update's new photos): a parquet dataset reads only the
+            row groups that hold them, not the whole file.
     Raises:
         PipelineError: the dataset cannot be opened, or has no such split or column.
     """
     path = Path(spec.name)
     if path.is_dir() and _is_image_folder(path):
-        yield from _iter_image_folder(path, spec, start)
+        records = _iter_image_folder(path, spec, start)
     elif files := _local_parquet_files(path, spec.split):
-        yield from _iter_parquet(files, spec, start, _open_local_file)
+        records = _iter_parquet(files, spec, start, _open_local_file, only)
     elif path.exists():
-        yield from _iter_hf(_open_local(path, spec), spec, start)
+        records = _iter_hf(_open_local(path, spec), spec, start)
     elif is_hub_id(spec.name):
         hub = _hub_split(spec)
         if hub.parquet_files:
-            yield from _iter_parquet(hub.parquet_files, spec, start, _hub_file_opener())
+            records = _iter_parquet(hub.parquet_files, spec, start, _hub_file_opener(), only)
         else:
-            yield from _iter_hf(_open_hub(spec), spec, start)
+            records = _iter_hf(_open_hub(spec), spec, start)
     else:
         raise PipelineError(f"dataset {spec.name!r} is neither an existing path nor a hub id like 'owner/name'")
+    yield from records if only is None else (r for r in records if r.source_row in only)
 
 
 _FOOTERS: dict[str, Any] = {}  # a parquet file's footer that check_dataset read, until the run reads the file
@@ -245,9 +250,10 @@ def local_parquet_files(spec: DatasetSpec) -> list[Path]:
     return _local_parquet_files(path, spec.split)
 
 
-def iter_parquet_file(spec: DatasetSpec, path: Path) -> Iterator[Record]:
-    """Every row of one local parquet file, numbered from 0 within it (whatever spec's limit)."""
-    return _iter_parquet([path], replace(spec, limit=None), 0, _open_local_file)
+def iter_parquet_file(spec: DatasetSpec, path: Path, only: frozenset[int] | None = None) -> Iterator[Record]:
+    """Every row of one local parquet file (or those in `only`), numbered from 0 within it (whatever
+    spec's limit)."""
+    return _iter_parquet([path], replace(spec, limit=None), 0, _open_local_file, only)
 
 
 def _open_local_file(path: str | Path) -> AbstractContextManager[Any]:
@@ -273,11 +279,13 @@ def _read_footer(source: Any):
 
 
 def _iter_parquet(
-    files: Sequence[Any], spec: DatasetSpec, start: int, open_file: Callable[[Any], AbstractContextManager[Any]]
+    files: Sequence[Any], spec: DatasetSpec, start: int, open_file: Callable[[Any], AbstractContextManager[Any]],
+    only: frozenset[int] | None = None,
 ) -> Iterator[Record]:
     """Parquet read with pyarrow directly: only the columns used, and only the row groups that
-    hold rows start .. limit-1, a few rows at a time. `open_file` turns an entry of `files` into
-    what pyarrow opens (a local path, or a file on the hub read by HTTP ranges).
+    hold rows start .. limit-1 (and, with `only`, one of those rows), a few rows at a time.
+    `open_file` turns an entry of `files` into what pyarrow opens (a local path, or a file on the
+    hub read by HTTP ranges).
 
     Not through datasets' streaming reader: iterating it while decoding each image grew resident
     memory with the number of rows, whereas pyarrow's iter_batches without pre-buffering stays
@@ -286,8 +294,8 @@ def _iter_parquet(
     """
     import pyarrow.parquet as pq
 
-    columns = spec.columns
     stop = spec.limit
+    wanted = None if only is None else sorted(only)
     row = 0  # the dataset row of the current file's first row
     for f in files:
         if stop is not None and row >= stop:
@@ -297,23 +305,32 @@ def _iter_parquet(
             pf = pq.ParquetFile(source, pre_buffer=False, metadata=footer)
             _check_columns(spec, pf.schema_arrow.names)
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
-            first = row  # dataset row of the first group read
-            groups, at = [], row
+            at = row
             for g, n in enumerate(sizes):
-                if at + n > start and (stop is None or at < stop):
-                    groups.append(g)
-                elif not groups:
-                    first += n  # a whole group before the resume point: never read
+                if at + n > start and (stop is None or at < stop) and (wanted is None or _holds(wanted, at, at + n)):
+                    yield from _group_records(pf, g, at, spec, start, stop, only)
                 at += n
-            for batch in pf.iter_batches(batch_size=64, columns=columns, row_groups=groups) if groups else ():
-                cols = {c: batch.column(c).to_pylist() for c in columns}
-                for k in range(batch.num_rows):
-                    if stop is not None and first >= stop:
-                        return
-                    if first >= start:
-                        yield _row_record(spec, first, _cell_of(cols, k))
-                    first += 1
         row += sum(sizes)
+
+
+def _holds(wanted: list[int], lo: int, hi: int) -> bool:
+    """Some of the sorted rows `wanted` lie in lo .. hi-1."""
+    i = bisect_left(wanted, lo)
+    return i < len(wanted) and wanted[i] < hi
+
+
+def _group_records(pf: Any, group: int, first: int, spec: DatasetSpec, start: int, stop: int | None,
+                   only: frozenset[int] | None) -> Iterator[Record]:
+    """The records of one row group (its first row is dataset row `first`) within start .. stop-1
+    and `only`, read a few rows at a time."""
+    for batch in pf.iter_batches(batch_size=64, columns=spec.columns, row_groups=[group]):
+        cols = {c: batch.column(c).to_pylist() for c in spec.columns}
+        for k in range(batch.num_rows):
+            if stop is not None and first >= stop:
+                return
+            if first >= start and (only is None or first in only):
+                yield _row_record(spec, first, _cell_of(cols, k))
+            first += 1
 
 
 # ----------------------------------------------------------------------------- Hugging Face datasets

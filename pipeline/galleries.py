@@ -18,7 +18,8 @@ import numpy as np
 
 from .catalog import Catalog
 from .config import RunConfig
-from .dataset import Record, check_dataset, check_meta_columns, iter_records, read_metadata
+from .datarecord import file_stamps, record_build
+from .dataset import DatasetSpec, Record, check_dataset, check_meta_columns, iter_records, read_metadata
 from .duplicates import stored_groups
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError
@@ -326,8 +327,10 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
     # Which code made the pixels is part of what made the vectors: a resume never mixes them.
     identity = embedder.identity.asks(pixels="torchvision" if on_device else "pil")
     params = run_params(source, identity, cfg.batch_size, cfg.shard_rows, None if part is None else part.rows)
+    reading = _Reading(cfg.dataset) if part is None else None
     emb, rows = build_gallery(
-        records=lambda start: _records(cfg, start, None if part is None else part.rows),
+        records=lambda start: reading.watch(_records(cfg, start, None), start) if reading else _records(
+            cfg, start, part.rows if part else None),
         total_rows=total_rows,
         make_items=make_items,
         embedder=embedder,
@@ -347,7 +350,28 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
         _remove_stale_images_at_url(cfg, target, rows)
     if segmenter is not None:
         summary.timed("embed/items/segment", segmenter.predict_seconds, "of which segmentation predict")
+    if reading is not None and reading.whole:
+        with summary.stage("record the dataset for --update"):
+            record_build(cfg.dataset, reading.stamps, rows, reading.linked)
     return Gallery(emb, rows, embedder)
+
+
+class _Reading:
+    """What a local build reads of a local parquet dataset, for datarecord.record_build: the files'
+    stamps before the read, the rows whose cells named picture files, and whether this process read
+    every row (a resumed build read some in an earlier one)."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self.stamps = file_stamps(spec)
+        self.linked: set[int] = set()
+        self.whole = False  # set once every row was read here, from the first
+
+    def watch(self, records: Iterator[Record], start: int) -> Iterator[Record]:
+        for rec in records:
+            if rec.linked:
+                self.linked.add(rec.source_row)
+            yield rec
+        self.whole = start == 0 and bool(self.stamps)
 
 
 def _folders(cfg: RunConfig, part: BuildPart | None) -> tuple[Path, Path]:
@@ -361,8 +385,7 @@ def owned_files(cfg: RunConfig) -> re.Pattern:
 
 
 def _records(cfg: RunConfig, start: int, only: frozenset[int] | None) -> Iterator[Record]:
-    records = iter_records(cfg.dataset, start)
-    return records if only is None else (r for r in records if r.source_row in only)
+    return iter_records(cfg.dataset, start, only)
 
 
 def open_searcher(cfg: RunConfig, embeddings: np.ndarray, rows: list[ManifestRow], gpu: bool,

@@ -21,7 +21,6 @@ finishes it the next time. Rerunning an interrupted update resumes its embedding
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,16 +29,16 @@ import shutil
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from .config import RunConfig
-from .dataset import DatasetSpec, Record, check_dataset, iter_parquet_file, iter_records, local_parquet_files
+from .datarecord import dataset_hashes
+from .dataset import Record, check_dataset
 from .embedders import Embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError
-from .fileio import atomic_write_text, read_json_dict, sha256_bytes, unlink_quietly, user_cache_dir
+from .fileio import unlink_quietly
 from .galleries import BuildPart, Gallery, build, gallery_source, owned_files
 from .identity import differences
 from .index import INDEX_META, switch_index, update_index
@@ -70,10 +69,6 @@ from .store import (
 log = logging.getLogger(__name__)
 
 STAGING, SWITCH = UPDATE_DIR, SWITCH_FILE  # see store.py
-# In the user's cache (fileio.user_cache_dir), one file per local parquet dataset: each of its files as
-# the last update read it (size, modification time, and per row the sha256, id and error), so that an
-# unchanged file is not read again. A cache: never part of a store, and losing it only costs a read.
-HASHES_DIR = "dataset-hashes"
 THUMB_CHUNK = 256  # thumbnails copied at a time (12 MiB at 128 px)
 
 
@@ -144,101 +139,6 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
     plan.unkeyed = sum(1 for lines in gone if not lines[0].source_sha256 and lines[0].sha256)  # had a picture
     plan.removed = sum(1 for lines in gone if lines[0].source_sha256)
     return plan
-
-
-def dataset_hashes(spec: DatasetSpec) -> Iterator[tuple[Record, str]]:
-    """Every record of the dataset as it is now, in order, without its bytes, with their sha256 (""
-    for a row without a picture). A local parquet file whose size and modification time are those
-    recorded (HASHES_DIR) when it was last read is not read again: its rows' hashes, ids and errors
-    come from there (as git's index trusts a file whose stat is unchanged: size, modification and
-    change times, inode). Other files, and other datasets, are read and hashed (hashed); a file
-    read whole is recorded unless it changed while it was read or a row's picture is a file the
-    cell names (whose changes its stat would not show)."""
-    files = local_parquet_files(spec)
-    if not files:
-        for rec, sha in hashed(iter_records(spec)):
-            yield replace(rec, data=None), sha
-        return
-    import pyarrow.parquet as pq
-
-    columns = [spec.image_column, spec.id_column or ""]
-    where = hashes_file(spec)
-    known, record, seen = read_json_dict(where), {}, set()
-    row, stop = 0, spec.limit
-    for f in files:
-        if stop is not None and row >= stop:
-            break
-        key, stamp = str(f.resolve()), _file_stamp(f)
-        seen.add(key)
-        entry: dict = {"stamp": stamp, "columns": columns}
-        before = known.get(key)
-        if isinstance(before, dict) and {k: v for k, v in before.items() if k != "rows"} == entry and _rows_ok(before):
-            rows = before["rows"]
-        else:
-            records = iter_parquet_file(spec, f)
-            if stop is not None and row + pq.read_metadata(f).num_rows > stop:  # the limit ends inside: read up to it
-                records, entry = islice(records, stop - row), {}
-            rows, linked = [], False
-            for rec, sha in hashed(records):
-                rows.append([sha, rec.item_id, rec.error])
-                linked = linked or rec.linked
-            if linked or _file_stamp(f) != stamp:
-                entry = {}
-        if entry:
-            record[key] = {**entry, "rows": rows}
-        for sha, item_id, error in rows[: None if stop is None else stop - row]:
-            yield Record(row, "", None, error, item_id=item_id), sha
-            row += 1
-    unseen = {str(f.resolve()) for f in files} - seen  # past a --limit: kept as they were known
-    record = {**{k: v for k, v in known.items() if k in unseen}, **record}
-    if record != known:
-        try:
-            where.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(where, json.dumps(record))
-        except OSError:  # no writable cache: hashed again next time
-            pass
-
-
-def hashes_file(spec: DatasetSpec) -> Path:
-    """Where dataset_hashes keeps what it read of this dataset (its folder and split)."""
-    key = hashlib.sha256(json.dumps([str(Path(spec.name).resolve()), spec.split]).encode()).hexdigest()[:32]
-    return user_cache_dir(HASHES_DIR) / f"{key}.json"
-
-
-def _file_stamp(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
-def _rows_ok(entry: dict) -> bool:
-    rows = entry.get("rows")
-    return isinstance(rows, list) and all(isinstance(r, list) and len(r) == 3 for r in rows)
-
-
-def hashed(records: Iterable[Record], chunk: int = 64) -> Iterator[tuple[Record, str]]:
-    """Each record with the sha256 of its bytes ("" without): hashed by two threads (hashlib lets go
-    of the GIL) while the dataset is read on, in order."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def shas(recs: list[Record]) -> list[str]:
-        return [sha256_bytes(r.data) if r.data is not None else "" for r in recs]
-
-    pending: deque = deque()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        batch: list[Record] = []
-        for rec in records:
-            batch.append(rec)
-            if len(batch) == chunk:
-                pending.append((batch, pool.submit(shas, batch)))
-                batch = []
-                while len(pending) > 4:
-                    recs, fut = pending.popleft()
-                    yield from zip(recs, fut.result())
-        if batch:
-            pending.append((batch, pool.submit(shas, batch)))
-        while pending:
-            recs, fut = pending.popleft()
-            yield from zip(recs, fut.result())
 
 
 def renamed(line: ManifestRow) -> str:

@@ -26,11 +26,11 @@ ASSET_CACHE = os.environ.get("FASHION_TEST_ASSET_CACHE")
 
 @pytest.fixture(autouse=True)
 def _dataset_hashes_in_tmp(tmp_path, monkeypatch):
-    """--update's record of the dataset files it read (update.HASHES_DIR) goes to the test's own folder,
-    not the user's ~/.cache."""
-    from pipeline import update
+    """The record of the dataset files read (datarecord.HASHES_DIR) goes to the test's own folder, not
+    the user's ~/.cache."""
+    from pipeline import datarecord
 
-    monkeypatch.setattr(update, "user_cache_dir", lambda name: tmp_path / ".user-cache" / name)
+    monkeypatch.setattr(datarecord, "user_cache_dir", lambda name: tmp_path / ".user-cache" / name)
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,35 @@ def test_parquet_order_limit_and_start(parquet_ds):
     assert count_rows(DatasetSpec(str(parquet_ds), limit=5)) == 5
 
 
+def test_only_some_rows_reads_only_their_row_groups(tmp_path, monkeypatch):
+    """--update's new photos: the rows asked for, in order, from just the row groups that hold them
+    (3 shards of 60 rows in groups of 20)."""
+    import pyarrow.parquet as pq
+
+    ds = assets.write_hub_dataset(tmp_path / "ds", shards=3, rows_per_shard=60, row_group=20, size_wh=(8, 8))
+    spec = DatasetSpec(str(ds), limit=None)
+    every = {r.source_row: r for r in iter_records(spec)}
+    read: list[int] = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def spy(self, *a, row_groups=None, **kw):
+        read.extend(row_groups)
+        return iter_batches(self, *a, row_groups=row_groups, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    only = frozenset({3, 5, 61, 179})
+    recs = list(iter_records(spec, only=only))
+    assert [r.source_row for r in recs] == [3, 5, 61, 179]
+    assert [r.data for r in recs] == [every[k].data for k in (3, 5, 61, 179)]
+    assert read == [0, 0, 2], read  # shard 1's group 0 (3, 5), shard 2's group 0 (61), shard 3's group 2 (179)
+    read.clear()
+    assert [r.source_row for r in iter_records(spec, start=4, only=only)] == [5, 61, 179]
+    assert [r.source_row for r in iter_records(DatasetSpec(str(ds), limit=100), only=only)] == [3, 5, 61]
+    assert read == [0, 0, 2, 0, 0]  # the limit stops before shard 3
+    read.clear()
+    assert list(iter_records(spec, only=frozenset())) == [] and read == []
+
+
 def test_single_parquet_file_and_save_to_disk(parquet_ds, tmp_path):
     import datasets
 

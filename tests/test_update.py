@@ -5,6 +5,7 @@ whole and finishes when run again; a changed embedder is refused."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline import datarecord
 from pipeline import update as update_module
+from pipeline.dataset import DatasetSpec
 from pipeline.store import read_manifest
 from tests import assets
 from tests.helpers import row_files, run, stop_after_shards, thumbnails
@@ -541,19 +544,30 @@ def test_an_update_reads_only_the_parquet_files_that_changed(tiny_onnx, tmp_path
     write_shards(data, shards)
     assert run(*args(data, tiny_onnx, out)) == 0
     read: list[str] = []
-    real = update_module.iter_parquet_file
+    real = datarecord.iter_parquet_file
 
-    def counted(spec, path):
+    def counted(spec, path, only=None):
         read.append(path.name)
-        return real(spec, path)
+        return real(spec, path, only)
 
-    monkeypatch.setattr(update_module, "iter_parquet_file", counted)
+    monkeypatch.setattr(datarecord, "iter_parquet_file", counted)
+    digested: list[str] = []
+    digests = datarecord.row_group_digests
+
+    def spied(path, columns):
+        digested.append(path.name)
+        return digests(path, columns)
+
+    monkeypatch.setattr(datarecord, "row_group_digests", spied)
+    reads: dict[str, tuple[list[str], list[str]]] = {}  # per update: files decoded, files whose groups were hashed
 
     def update(name: str, *more: object) -> str:
         read.clear()
+        digested.clear()
         capsys.readouterr()
         assert cli_update(data, tiny_onnx, out, *more) == 0
         said = capsys.readouterr().out
+        reads[name] = (list(read), list(digested))
         fresh = tmp_path / name
         assert run(*args(data, tiny_onnx, fresh, *more)) == 0
         assert_same_as_fresh(out, fresh)
@@ -561,7 +575,7 @@ def test_an_update_reads_only_the_parquet_files_that_changed(tiny_onnx, tmp_path
 
     files = write_shards(data, [*shards, list(range(20, 25))])
     assert "added 5, changed 0, removed 0" in update("fresh1")
-    assert read == [f.name for f in files]  # no record yet: every file read once
+    assert read == [files[2].name]  # the build recorded the files it read: the new one alone is read
     files = write_shards(data, [*shards, list(range(20, 25)), [25, 26, 27]])
     assert "added 3, changed 0, removed 0" in update("fresh2")
     assert read == [files[3].name]  # the new file alone
@@ -574,15 +588,77 @@ def test_an_update_reads_only_the_parquet_files_that_changed(tiny_onnx, tmp_path
     import os
 
     st = files[1].stat()
-    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # touched, same bytes: read again, all unchanged
-    assert "added 0, changed 0, removed 0" in update("fresh4")
-    assert read == [files[1].name]
-    cache = update_module.hashes_file(update_module.DatasetSpec(str(data)))
+    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # touched, same bytes: its stored bytes are
+    assert "added 0, changed 0, removed 0" in update("fresh4")  # hashed, found recorded, and nothing decoded
+    assert reads["fresh4"] == ([], [files[1].name])
+    assert "added 0, changed 0, removed 0" in update("fresh4b")
+    assert reads["fresh4b"] == ([], [])  # its new stamp was recorded
+    cache = datarecord.hashes_file(DatasetSpec(str(data)))
     assert cache.is_relative_to(tmp_path / ".user-cache")  # the user's cache (here the test's), not the store
     cache.unlink()  # with a --limit ending inside the second file:
     assert "removed 12" in update("fresh5", "--limit", "15")  # it is read up to the limit and not recorded
     assert read == [files[0].name, files[1].name]
     assert [Path(name).name for name in json.loads(cache.read_text())] == [files[0].name]
+
+
+def write_grouped(folder: Path, products: list[int], reshot: frozenset[int] = frozenset()) -> Path:
+    """One parquet file of the products' photos in row groups of 4 rows (as a dataset exported with a
+    fixed number of rows a group)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = folder / "data" / "train-00000-of-00001.parquet"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"image": [{"bytes": photo(k, 1 if k in reshot else 0), "path": None} for k in products],
+                      "item_id": [f"P{k:03d}" for k in products]})
+    pq.write_table(table, f, row_group_size=4)
+    return folder
+
+
+def test_a_rewritten_file_is_decoded_only_in_its_row_groups_that_changed(tiny_onnx, tmp_path, monkeypatch, capsys):
+    """The catalogue exported again as one file: row groups whose stored bytes a recorded group had
+    keep its rows; only the others are decoded. The build records what it read, exactly what an
+    update reading the file would."""
+    data, out = write_grouped(tmp_path / "catalogue", list(range(12))), tmp_path / "updated"  # groups 0-3 4-7 8-11
+    ids = ("--id-column", "item_id")
+    assert run(*args(data, tiny_onnx, out, *ids)) == 0
+    spec = DatasetSpec(str(data), limit=None, id_column="item_id")
+    cache = datarecord.hashes_file(spec)
+    built = json.loads(cache.read_text())
+    cache.unlink()
+    listed = list(datarecord.dataset_hashes(spec))
+    assert json.loads(cache.read_text()) == built  # the build's record is the one reading the file makes
+    assert [(rec.source_row, rec.item_id, sha) for rec, sha in listed] == [
+        (k, f"P{k:03d}", hashlib.sha256(photo(k)).hexdigest()) for k in range(12)]
+    [entry] = built.values()
+    assert [n for _, n in entry["groups"]] == [4, 4, 4]
+    asked: list[list[int] | None] = []
+    real = datarecord.iter_parquet_file
+
+    def counted(spec, path, only=None):
+        asked.append(None if only is None else sorted(only))
+        return real(spec, path, only)
+
+    monkeypatch.setattr(datarecord, "iter_parquet_file", counted)
+
+    def update(name: str, products: list[int], reshot: frozenset[int] = frozenset()) -> str:
+        write_grouped(data, products, reshot)
+        asked.clear()
+        capsys.readouterr()
+        assert cli_update(data, tiny_onnx, out, *ids) == 0
+        said = capsys.readouterr().out
+        fresh = tmp_path / name
+        assert run(*args(data, tiny_onnx, fresh, *ids)) == 0
+        assert_same_as_fresh(out, fresh)
+        return said
+
+    assert "added 3, changed 0, removed 0, unchanged 12" in update("appended", list(range(15)))
+    assert asked == [[12, 13, 14]]  # the new group alone
+    less = [k for k in range(15) if k != 5]
+    assert "added 0, changed 0, removed 1, unchanged 14" in update("one gone", less)
+    assert asked == [list(range(4, 14))]  # every group from the removed row on holds other rows; the first is kept
+    assert "added 0, changed 1, removed 0, unchanged 13" in update("re-shot", less, frozenset({1}))
+    assert asked == [[0, 1, 2, 3]]  # the re-shot photo's group alone
 
 
 def test_neighbours_are_carried_through_an_update_when_no_matrix_is_written(tiny_onnx, tmp_path, capsys):
@@ -626,7 +702,7 @@ def test_files_named_by_a_dataset_are_not_trusted_by_its_stamp(tiny_onnx, tmp_pa
     capsys.readouterr()
     assert cli_update(data, tiny_onnx, out) == 0
     assert "added 0, changed 0, removed 0, unchanged 8" in capsys.readouterr().out
-    cache = update_module.hashes_file(update_module.DatasetSpec(str(data)))
+    cache = datarecord.hashes_file(DatasetSpec(str(data)))
     assert not cache.is_file() or json.loads(cache.read_text()) == {}
     (pictures / "p3.jpg").write_bytes(photo(3, version=1))  # re-shot under the same name
     assert cli_update(data, tiny_onnx, out) == 0
