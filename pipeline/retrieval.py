@@ -155,6 +155,33 @@ def topk_neighbours(
     return Neighbours(idx, dist)
 
 
+def carried_matrix(old: np.ndarray, take: np.ndarray, embeddings: np.ndarray, path: str | Path,
+                   block: int = DEFAULT_BLOCK) -> None:
+    """The N x N distance matrix of a store made from an earlier store's (`old`, its matrix, read
+    through a map): `take` are the old rows kept, strictly increasing, as this store's first rows;
+    the rows after them are new. Kept pairs are copied, pairs with a new item computed; written to
+    `path` atomically as topk_neighbours writes it (diagonal 0). The copied distances are those the
+    earlier run computed, equal to a full pass's up to float32 rounding (the blocks differ)."""
+    e = _check_embeddings(embeddings, "embeddings")
+    n, kept = len(e), len(take)
+    if old.ndim != 2 or old.shape[0] != old.shape[1] or kept > n or (kept and take.max() >= old.shape[0]):
+        raise ValueError(f"a {old.shape} matrix cannot give {kept} kept rows of a {n}-item store")
+    prefix = kept == 0 or int(take[-1]) == kept - 1  # strictly increasing from 0: the first rows, as they were
+    with AtomicNpyMemmap(path, (n, n), np.float32) as matrix:
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            rows = np.empty((stop - start, n), np.float32)
+            hi = min(stop, kept)
+            if start < hi:
+                rows[: hi - start, :kept] = old[start:hi, :kept] if prefix else old[take[start:hi]][:, take]
+                rows[: hi - start, kept:] = cosine_distances(e[start:hi], e[kept:])
+            if stop > kept:
+                first = max(start, kept)
+                rows[first - start :] = cosine_distances(e[first:stop], e)
+            rows[np.arange(stop - start), np.arange(start, stop)] = 0.0
+            matrix.write_rows(start, rows)
+
+
 class _TorchBlocks:
     """The gallery on a torch device, for distances and top-k computed there block by block.
 

@@ -47,7 +47,7 @@ from .modes import selected_mode
 from .plots import compose_matches, neighbour_tiles, save_heatmap, save_histogram, save_jpeg
 from .remote import mirrored
 from .report import RunSummary
-from .retrieval import Neighbours, iter_neighbour_rows, write_neighbours_csv
+from .retrieval import Neighbours, carried_matrix, iter_neighbour_rows, write_neighbours_csv
 from .searcher import Searcher
 from .store import (
     PARTIAL_DIR,
@@ -264,22 +264,22 @@ def regrouped_neighbours(cfg: RunConfig, searcher: Searcher, groups: list[Duplic
 def gallery_neighbours(cfg: RunConfig, searcher: Searcher, summary: RunSummary,
                        carried: tuple[np.ndarray, str] | None = None) -> Neighbours:
     """Every item's top-k (and the distance matrix when exact and small enough), with notes. With
-    --filter, every item's neighbours among the items the filter keeps (no matrix then). Without a
-    matrix to write, the lists of the last run are carried over where that costs less (see
-    carried_neighbours): through an update (`carried`: the old rows kept and the old store), or
-    as they are over the same store."""
+    --filter, every item's neighbours among the items the filter keeps (no matrix then). The lists
+    of the last run (and its matrix, when it wrote one and it is there as it wrote it) are carried
+    over where that costs less (see carried_neighbours): through an update (`carried`: the old rows
+    kept and the old store), or as they are over the same store."""
     n = len(searcher.rows)
     allowed = filtered_rows(cfg, searcher, summary)
     with_matrix = n <= cfg.max_matrix and not searcher.approximate and allowed is None
     matrix = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy" if with_matrix else None
     with summary.stage("neighbours" + (" + distance matrix" if matrix else "")):
         nb = None
-        if matrix is None and allowed is None:
-            nb = carried_neighbours(cfg, searcher, carried, summary)
+        if allowed is None:
+            nb = carried_neighbours(cfg, searcher, carried, summary, matrix)
         if nb is None:
             nb = searcher.all_neighbours(cfg.top_k, matrix_path=matrix, allowed=allowed)
         if allowed is None:
-            save_neighbours(cfg, searcher, nb)
+            save_neighbours(cfg, searcher, nb, matrix)
     summary.notes.append("neighbours: " + (searcher.describe() if searcher.approximate else "exact"))
     if allowed is not None:
         unlink_quietly(cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy")  # an earlier run's, of other neighbours
@@ -314,14 +314,16 @@ def _neighbours_key(cfg: RunConfig, searcher: Searcher, store: str) -> str:
     return json.dumps({"store": store, "k": cfg.top_k, "search": search}, sort_keys=True, default=str)
 
 
-def save_neighbours(cfg: RunConfig, searcher: Searcher, nb: Neighbours) -> None:
-    """The plain lists of this run, for the next one to carry over (a cache: losing it costs a pass)."""
+def save_neighbours(cfg: RunConfig, searcher: Searcher, nb: Neighbours, matrix: Path | None = None) -> None:
+    """The plain lists of this run, for the next one to carry over, with the stamp of the distance
+    matrix the run wrote (a cache: losing it costs a pass)."""
     path = _neighbours_path(cfg)
     tmp = path.with_name(path.name + ".tmp")
     try:
         key = _neighbours_key(cfg, searcher, store_sha256(cfg.store_dir))
+        stamp = _matrix_stamp(matrix) if matrix is not None and matrix.is_file() else ""
         with open(tmp, "wb") as f:  # straight to the file (120 MB at a million items), moved into place whole
-            np.savez(f, indices=nb.indices, distances=nb.distances, key=np.array(key))
+            np.savez(f, indices=nb.indices, distances=nb.distances, key=np.array(key), matrix=np.array(stamp))
         os.replace(tmp, path)
     except (PipelineError, OSError):
         unlink_quietly(tmp)
@@ -329,9 +331,12 @@ def save_neighbours(cfg: RunConfig, searcher: Searcher, nb: Neighbours) -> None:
 
 
 def carried_neighbours(cfg: RunConfig, searcher: Searcher, carried: tuple[np.ndarray, str] | None,
-                       summary: RunSummary) -> Neighbours | None:
+                       summary: RunSummary, matrix: Path | None = None) -> Neighbours | None:
     """The last run's lists carried over to this store, or None (no lists of the store before, or of
-    another k or kind of search, or no saving in it)."""
+    another k or kind of search, or no saving in it). With `matrix` (the N x N distance matrix this
+    run writes) only when the last run wrote one there and it is as that run left it (its stamp):
+    the kept pairs' distances are copied from it, the new items' computed (retrieval.carried_matrix);
+    over the same store it is kept as it is."""
     path = _neighbours_path(cfg)
     if not path.is_file():
         return None
@@ -342,15 +347,28 @@ def carried_neighbours(cfg: RunConfig, searcher: Searcher, carried: tuple[np.nda
             if str(saved["key"]) != _neighbours_key(cfg, searcher, before):
                 return None
             old = Neighbours(saved["indices"], saved["distances"])
+            old_matrix = str(saved["matrix"]) if "matrix" in saved.files else ""
+        if matrix is not None and (not old_matrix or not matrix.is_file() or _matrix_stamp(matrix) != old_matrix):
+            return None
     except Exception:  # a cache: damaged or unreadable (a bad zip, another format) costs a full pass, nothing else
         return None
     found = searcher.carried_neighbours(old, take, cfg.top_k)
     if found is None:
         return None
     nb, asked = found
+    if matrix is not None and carried is not None:
+        try:
+            carried_matrix(np.load(matrix, mmap_mode="r"), take, searcher.embeddings, matrix)
+        except (OSError, ValueError):  # not the matrix it was (another shape, damaged): a full pass writes it
+            return None
     summary.notes.append(f"neighbours: {n - asked:,} of {n:,} items' lists carried over from the last run, "
-                         f"{asked:,} asked again")
+                         f"{asked:,} asked again" + ("; the distance matrix carried over" if matrix else ""))
     return nb
+
+
+def _matrix_stamp(path: Path) -> str:
+    st = path.stat()
+    return json.dumps([st.st_size, st.st_mtime_ns, st.st_ino])
 
 
 def filtered_rows(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> np.ndarray | None:

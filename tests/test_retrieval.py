@@ -69,6 +69,31 @@ def test_distance_matrix_file(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temp file left
 
 
+@pytest.mark.parametrize("take", [list(range(30)), [0, 2, 3, 7, *range(9, 28), 29]], ids=["prefix", "gaps"])
+def test_carried_matrix_is_the_new_stores_matrix(tmp_path, take):
+    """Kept rows' pairs copied from the old matrix (rows and columns renumbered), a new item's computed."""
+    from pipeline.retrieval import carried_matrix
+
+    old_e = unit(30, 8, 4)
+    old_path, path = tmp_path / "old.npy", tmp_path / "new.npy"
+    topk_neighbours(old_e, old_e, 1, exclude_self=True, block=16, matrix_path=old_path)
+    np.save(old_path, np.load(old_path) + np.float32(1e-3) * (1 - np.eye(30, dtype=np.float32)))  # marks copies
+    new_e = np.concatenate([old_e[take], unit(7, 8, 5)])
+    carried_matrix(np.load(old_path, mmap_mode="r"), np.asarray(take), new_e, path, block=8)
+    m = np.load(path)
+    want = 1 - new_e @ new_e.T
+    np.fill_diagonal(want, 0)
+    kept = len(take)
+    copied = np.zeros_like(want, bool)
+    copied[:kept, :kept] = ~np.eye(kept, dtype=bool)
+    assert m.shape == want.shape and np.all(np.diag(m) == 0)
+    assert np.allclose(m[copied], want[copied] + 1e-3, atol=1e-6)  # from the old file
+    assert np.allclose(m[~copied], want[~copied], atol=1e-6)  # computed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.npy", "old.npy"]  # no temp file left
+    with pytest.raises(ValueError, match="kept rows"):
+        carried_matrix(np.load(old_path, mmap_mode="r"), np.arange(31), unit(40, 8, 6), path)
+
+
 @pytest.mark.subprocess
 def test_retrieval_does_not_import_torch():
     import subprocess
