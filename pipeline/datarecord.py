@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from .dataset import DatasetSpec, Record, iter_parquet_file, iter_records, local
 from .fileio import atomic_write_text, read_json_dict, sha256_bytes, user_cache_dir
 
 HASHES_DIR = "dataset-hashes"
+READ_BYTES = 16 << 20  # row_group_digests reads a column chunk this much at a time
 
 
 def hashes_file(spec: DatasetSpec) -> Path:
@@ -91,12 +93,17 @@ def dataset_hashes(spec: DatasetSpec) -> Iterator[tuple[Record, str]]:
 
 def record_build(spec: DatasetSpec, stamps: dict[str, list[int]], lines: Iterable[Any], linked: set[int]) -> int:
     """After a build that read every row of a local parquet dataset: record what it read (from its
-    manifest lines: the cell's sha256, id and no-picture reason), for each file whose stamp is still
-    the one taken before the build read it (`stamps`, from file_stamps), holds no row that named a
-    picture file (`linked`, source rows), and lies whole within the limit. Returns how many files
-    were recorded."""
+    manifest lines: the cell's sha256, id and no-picture reason) for each file that lies whole
+    within the limit and holds no row that named a picture file (`linked`, source rows). Nothing
+    is recorded unless the dataset's files, in order, and each one's stamp are those taken before
+    the build read them (`stamps`, from file_stamps): a file changed, added or removed meanwhile
+    would number the rows otherwise than the build did. Returns how many files were recorded."""
     import pyarrow.parquet as pq
 
+    files = local_parquet_files(spec)
+    if [str(f.resolve()) for f in files] != list(stamps) or any(_file_stamp(f) != stamps[str(f.resolve())]
+                                                                 for f in files):
+        return 0
     first: dict[int, list] = {}
     for line in lines:  # a row's first line (a segmented row has one per person; all carry the cell's hash)
         if line.source_row not in first:
@@ -105,13 +112,14 @@ def record_build(spec: DatasetSpec, stamps: dict[str, list[int]], lines: Iterabl
     where = hashes_file(spec)
     known, record = read_json_dict(where), {}
     row = 0
-    for f in local_parquet_files(spec):
+    for f in files:
+        if spec.limit is not None and row >= spec.limit:
+            break
         n = pq.read_metadata(f).num_rows
         span = range(row, row + n)
         row += n
         key = str(f.resolve())
-        if (spec.limit is not None and span.stop > spec.limit) or stamps.get(key) != _file_stamp(f) \
-                or any(r in linked for r in span) or any(r not in first for r in span):
+        if (spec.limit is not None and span.stop > spec.limit) or any(r in linked or r not in first for r in span):
             continue
         digests = row_group_digests(f, columns)
         if _file_stamp(f) == stamps[key]:
@@ -122,27 +130,35 @@ def record_build(spec: DatasetSpec, stamps: dict[str, list[int]], lines: Iterabl
 
 
 def file_stamps(spec: DatasetSpec) -> dict[str, list[int]]:
-    """The stat of each local parquet file of the dataset, taken before a build reads it."""
+    """The stat of each local parquet file of the dataset, in the dataset's order, taken before a
+    build reads it."""
     return {str(f.resolve()): _file_stamp(f) for f in local_parquet_files(spec)}
 
 
 def row_group_digests(path: Path, columns: Sequence[str]) -> list[list] | None:
     """[sha256, rows] for each row group of a local parquet file: the sha256 covers the stored bytes
     of every leaf column under `columns` (each column chunk's byte range as pyarrow computes it to
-    read the chunk, with its path, schema, codec and size), so two groups with the same digest
-    decode to the same cells. Hashed by two threads (pread and hashlib let go of the GIL). None when
-    the file cannot be read as parquet."""
+    read the chunk, with its path, codec and size), their parquet and Arrow schema (an Arrow type
+    such as a timestamp's zone changes what the same bytes decode to), so two groups with the same
+    digest decode to the same cells. Hashed by two threads, 16 MiB at a time (pread and hashlib let
+    go of the GIL). None when the file cannot be read as parquet, or was written by a parquet-mr
+    older than 1.2.9 (whose chunk sizes pyarrow pads when it reads them, PARQUET-816)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         md = pq.read_metadata(path)
+        arrow = md.schema.to_arrow_schema()
     except (OSError, pa.ArrowException):
+        return None
+    old_writer = re.match(r"parquet-mr version (\d+)\.(\d+)\.(\d+)", md.created_by or "")
+    if old_writer and tuple(int(v) for v in old_writer.groups()) < (1, 2, 9):
         return None
     used = [c for c in columns if c]
     leaves = [i for i in range(md.num_columns)
               if any(md.schema.column(i).path == c or md.schema.column(i).path.startswith(c + ".") for c in used)]
     schema = [str(md.schema.column(i)) for i in leaves]
+    schema += [str(arrow.field(c)) + repr(arrow.field(c).metadata) for c in used if c in arrow.names]
     fd = os.open(path, os.O_RDONLY)
     try:
         def digest(g: int) -> list | None:
@@ -155,10 +171,11 @@ def row_group_digests(path: Path, columns: Sequence[str]) -> list[list] | None:
                     start = chunk.dictionary_page_offset
                 size = chunk.total_compressed_size
                 h.update(json.dumps([chunk.path_in_schema, chunk.compression, size]).encode())
-                data = os.pread(fd, size, start)
-                if len(data) != size:
-                    return None
-                h.update(data)
+                for at in range(start, start + size, READ_BYTES):
+                    data = os.pread(fd, min(READ_BYTES, start + size - at), at)
+                    if len(data) != min(READ_BYTES, start + size - at):
+                        return None
+                    h.update(data)
             return [h.hexdigest(), group.num_rows]
 
         with ThreadPoolExecutor(max_workers=2) as pool:

@@ -99,7 +99,7 @@ def iter_records(spec: DatasetSpec, start: int = 0, only: frozenset[int] | None 
     """
     path = Path(spec.name)
     if path.is_dir() and _is_image_folder(path):
-        records = _iter_image_folder(path, spec, start)
+        records = _iter_image_folder(path, spec, start, only)
     elif files := _local_parquet_files(path, spec.split):
         records = _iter_parquet(files, spec, start, _open_local_file, only)
     elif path.exists():
@@ -204,14 +204,15 @@ def _list_images(root: Path) -> list[str]:
     return rels
 
 
-def _iter_image_folder(root: Path, spec: DatasetSpec, start: int) -> Iterator[Record]:
+def _iter_image_folder(root: Path, spec: DatasetSpec, start: int, only: frozenset[int] | None = None
+                       ) -> Iterator[Record]:
     rels = _list_images(root)
     if not rels:
         raise PipelineError(
             f"{root} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) and no parquet/arrow files"
         )
     stop = len(rels) if spec.limit is None else min(len(rels), spec.limit)
-    for i in range(start, stop):
+    for i in range(start, stop) if only is None else sorted(r for r in only if start <= r < stop):
         rel = rels[i]
         try:
             data = (root / rel).read_bytes()
@@ -307,7 +308,8 @@ def _iter_parquet(
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
             at = row
             for g, n in enumerate(sizes):
-                if at + n > start and (stop is None or at < stop) and (wanted is None or _holds(wanted, at, at + n)):
+                lo, hi = max(at, start), at + n if stop is None else min(at + n, stop)
+                if lo < hi and (wanted is None or _holds(wanted, lo, hi)):
                     yield from _group_records(pf, g, at, spec, start, stop, only)
                 at += n
         row += sum(sizes)

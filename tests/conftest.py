@@ -25,12 +25,14 @@ ASSET_CACHE = os.environ.get("FASHION_TEST_ASSET_CACHE")
 
 
 @pytest.fixture(autouse=True)
-def _dataset_hashes_in_tmp(tmp_path, monkeypatch):
+def _dataset_hashes_in_tmp(tmp_path):
     """The record of the dataset files read (datarecord.HASHES_DIR) goes to the test's own folder, not
-    the user's ~/.cache."""
+    the user's ~/.cache (patched on its own, so that a test's monkeypatch.undo() leaves it)."""
     from pipeline import datarecord
 
-    monkeypatch.setattr(datarecord, "user_cache_dir", lambda name: tmp_path / ".user-cache" / name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datarecord, "user_cache_dir", lambda name: tmp_path / ".user-cache" / name)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -37,3 +37,35 @@ def test_a_group_digest_follows_its_cells_not_where_it_lies(tmp_path):
     assert e is not None and not {d for d, _ in e} & {d for d, _ in a}
     (tmp_path / "f.parquet").write_bytes(b"not parquet")
     assert row_group_digests(tmp_path / "f.parquet", ["image", ""]) is None
+
+
+def test_a_build_records_nothing_when_the_files_changed_while_it_read(tmp_path):
+    """record_build numbers rows by the files as they are after the build: a file added (or changed)
+    meanwhile would shift them, so nothing is recorded then."""
+    from types import SimpleNamespace
+
+    from pipeline.datarecord import file_stamps, hashes_file, record_build
+    from pipeline.dataset import DatasetSpec
+
+    data = tmp_path / "ds" / "data"
+    data.mkdir(parents=True)
+    cells = [bytes([k]) * 50 for k in range(6)]
+    write(data / "train-00000.parquet", cells[:3], ["a", "b", "c"])
+    write(data / "train-00002.parquet", cells[3:], ["d", "e", "f"])
+    spec = DatasetSpec(str(tmp_path / "ds"), limit=None)
+    lines = [SimpleNamespace(source_row=r, source_sha256=f"{r:064x}", item_id="", error="") for r in range(6)]
+    stamps = file_stamps(spec)
+    write(data / "train-00001.parquet", cells[:1], ["x"])  # sorts between the two, appeared during the build
+    assert record_build(spec, stamps, lines, set()) == 0 and not hashes_file(spec).exists()
+    (data / "train-00001.parquet").unlink()
+    assert record_build(spec, stamps, lines, set()) == 2
+    assert record_build(spec, stamps, lines, linked={4}) == 1  # a row that named a picture file: its file left out
+
+
+def test_a_chunk_is_hashed_piece_by_piece_to_the_same_digest(tmp_path, monkeypatch):
+    from pipeline import datarecord
+
+    write(tmp_path / "a.parquet", [bytes([k]) * 1000 for k in range(9)], [f"P{k}" for k in range(9)])
+    whole = row_group_digests(tmp_path / "a.parquet", ["image", "item_id"])
+    monkeypatch.setattr(datarecord, "READ_BYTES", 100)  # each chunk read in many pieces
+    assert row_group_digests(tmp_path / "a.parquet", ["image", "item_id"]) == whole and whole is not None

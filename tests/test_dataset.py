@@ -55,6 +55,9 @@ def test_only_some_rows_reads_only_their_row_groups(tmp_path, monkeypatch):
     assert [r.source_row for r in iter_records(DatasetSpec(str(ds), limit=100), only=only)] == [3, 5, 61]
     assert read == [0, 0, 2, 0, 0]  # the limit stops before shard 3
     read.clear()
+    assert [r.source_row for r in iter_records(spec, start=62, only=only)] == [179]
+    assert read == [2]  # shard 2's first group holds 61 only, before the start: not read
+    read.clear()
     assert list(iter_records(spec, only=frozenset())) == [] and read == []
 
 

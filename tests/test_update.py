@@ -615,6 +615,38 @@ def write_grouped(folder: Path, products: list[int], reshot: frozenset[int] = fr
     return folder
 
 
+def test_the_builds_record_is_what_reading_records_and_a_resumed_build_records_nothing(tiny_onnx, tmp_path,
+                                                                                         monkeypatch):
+    """Rows without a picture (no cell, no bytes) and a cell that does not decode: the build's record
+    equals the one reading the file makes. A build resumed in a second process did not read every
+    row itself: it records nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "catalogue"
+    (data / "data").mkdir(parents=True)
+    cells = [{"bytes": photo(0), "path": None}, None, {"bytes": None, "path": None},
+             {"bytes": b"not a picture", "path": None}, *({"bytes": photo(k), "path": None} for k in range(1, 12))]
+    pq.write_table(pa.table({"image": cells, "item_id": [f"P{k:03d}" for k in range(len(cells))]}),
+                   data / "data" / "train-00000-of-00001.parquet", row_group_size=4)
+    assert run(*args(data, tiny_onnx, tmp_path / "out")) == 3  # 3: rows that failed, listed
+    spec = DatasetSpec(str(data), limit=None)
+    cache = datarecord.hashes_file(spec)
+    built = json.loads(cache.read_text())
+    cache.unlink()
+    list(datarecord.dataset_hashes(spec))
+    assert json.loads(cache.read_text()) == built
+    [entry] = built.values()
+    assert [bool(sha) for sha, _, _ in entry["rows"][:5]] == [True, False, False, True, True]
+    assert "empty cell" in entry["rows"][1][2] and "no bytes" in entry["rows"][2][2] and entry["rows"][3][2] == ""
+    cache.unlink()
+    stop_after_shards(monkeypatch, 1)  # 15 rows in shards of 8: stopped after the first
+    assert run(*args(data, tiny_onnx, tmp_path / "resumed")) == 130
+    monkeypatch.undo()
+    assert run(*args(data, tiny_onnx, tmp_path / "resumed")) == 3
+    assert not cache.exists()
+
+
 def test_a_rewritten_file_is_decoded_only_in_its_row_groups_that_changed(tiny_onnx, tmp_path, monkeypatch, capsys):
     """The catalogue exported again as one file: row groups whose stored bytes a recorded group had
     keep its rows; only the others are decoded. The build records what it read, exactly what an
