@@ -125,6 +125,8 @@ def record_build(spec: DatasetSpec, stamps: dict[str, list[int]], lines: Iterabl
         if _file_stamp(f) == stamps[key]:
             rows = [first[r] for r in span]
             record[key] = {"stamp": stamps[key], "columns": columns, "groups": digests, "rows": rows}
+    if file_stamps(spec) != stamps:  # a file changed while this ran: the row counts above may be another's
+        return 0
     _save(where, known, {**known, **record})
     return len(record)
 
@@ -151,8 +153,7 @@ def row_group_digests(path: Path, columns: Sequence[str]) -> list[list] | None:
         arrow = md.schema.to_arrow_schema()
     except (OSError, pa.ArrowException):
         return None
-    old_writer = re.match(r"parquet-mr version (\d+)\.(\d+)\.(\d+)", md.created_by or "")
-    if old_writer and tuple(int(v) for v in old_writer.groups()) < (1, 2, 9):
+    if _old_parquet_mr(md.created_by or ""):
         return None
     used = [c for c in columns if c]
     leaves = [i for i in range(md.num_columns)
@@ -185,6 +186,16 @@ def row_group_digests(path: Path, columns: Sequence[str]) -> list[list] | None:
     finally:
         os.close(fd)
     return None if any(d is None for d in digests) else [d for d in digests if d is not None]
+
+
+def _old_parquet_mr(created_by: str) -> bool:
+    """Written by parquet-mr before 1.2.9, or by a parquet-mr whose version does not parse (pyarrow
+    pads such files' column chunk ranges when it reads them)."""
+    name, _, version = created_by.partition(" version ")
+    if name.strip() != "parquet-mr":
+        return False
+    parts = re.match(r"\s*(\d+)(?:\.(\d+))?(?:\.(\d+))?", version)
+    return parts is None or tuple(int(v or 0) for v in parts.groups()) < (1, 2, 9)
 
 
 class _KnownGroups:

@@ -351,12 +351,10 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
     if segmenter is not None:
         summary.timed("embed/items/segment", segmenter.predict_seconds, "of which segmentation predict")
     if reading is not None and reading.whole:
-        import pyarrow as pa
-
         with summary.stage("record the dataset for --update"):
             try:
                 record_build(cfg.dataset, reading.stamps, rows, reading.linked)
-            except (OSError, ValueError, pa.ArrowException) as e:  # a cache: the build stands; updates read the files
+            except Exception as e:  # a cache, whatever went wrong: the build stands; updates read the files
                 log.warning("could not record what the build read of %s for --update: %s", cfg.dataset.name, e)
     return Gallery(emb, rows, embedder)
 

@@ -166,6 +166,8 @@ def carried_matrix(old: np.ndarray, take: np.ndarray, embeddings: np.ndarray, pa
     n, kept = len(e), len(take)
     if old.ndim != 2 or old.shape[0] != old.shape[1] or kept > n or (kept and take.max() >= old.shape[0]):
         raise ValueError(f"a {old.shape} matrix cannot give {kept} kept rows of a {n}-item store")
+    if kept and (take[0] < 0 or np.any(np.diff(take) <= 0)):
+        raise ValueError("the kept rows must be strictly increasing old rows")
     prefix = kept == 0 or int(take[-1]) == kept - 1  # strictly increasing from 0: the first rows, as they were
     with AtomicNpyMemmap(path, (n, n), np.float32) as matrix:
         for start in range(0, n, block):

@@ -281,8 +281,9 @@ def gallery_neighbours(cfg: RunConfig, searcher: Searcher, summary: RunSummary,
         if allowed is None:
             save_neighbours(cfg, searcher, nb, matrix)
     summary.notes.append("neighbours: " + (searcher.describe() if searcher.approximate else "exact"))
+    if matrix is None:  # an earlier run's, of another store or other neighbours: not left beside these
+        unlink_quietly(cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy")
     if allowed is not None:
-        unlink_quietly(cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy")  # an earlier run's, of other neighbours
         summary.notes.append("distance matrix not saved: --filter asks for neighbours among some items only")
     elif matrix:
         summary.outputs["distance matrix"] = f"{matrix} (rows = manifest embedding_row)"
@@ -362,7 +363,8 @@ def carried_neighbours(cfg: RunConfig, searcher: Searcher, carried: tuple[np.nda
         except (OSError, ValueError):  # not the matrix it was (another shape, damaged): a full pass writes it
             return None
     summary.notes.append(f"neighbours: {n - asked:,} of {n:,} items' lists carried over from the last run, "
-                         f"{asked:,} asked again" + ("; the distance matrix carried over" if matrix else ""))
+                         f"{asked:,} asked again" + ("" if matrix is None else "; the distance matrix carried over"
+                                                     if carried is not None else "; the distance matrix kept as it is"))
     return nb
 
 

@@ -69,3 +69,13 @@ def test_a_chunk_is_hashed_piece_by_piece_to_the_same_digest(tmp_path, monkeypat
     whole = row_group_digests(tmp_path / "a.parquet", ["image", "item_id"])
     monkeypatch.setattr(datarecord, "READ_BYTES", 100)  # each chunk read in many pieces
     assert row_group_digests(tmp_path / "a.parquet", ["image", "item_id"]) == whole and whole is not None
+
+
+def test_old_parquet_mr_files_are_not_hashed_by_their_ranges():
+    from pipeline.datarecord import _old_parquet_mr
+
+    assert _old_parquet_mr("parquet-mr version 1.2.8 (build abc)")
+    assert _old_parquet_mr(" parquet-mr  version 1.2")  # a version pyarrow reads without its patch
+    assert _old_parquet_mr("parquet-mr version unknown")
+    assert not _old_parquet_mr("parquet-mr version 1.12.3 (build f8dced182c4c1fbdec6ccb3185537b5a01e6ed6b)")
+    assert not _old_parquet_mr("parquet-cpp-arrow version 26.0.1")

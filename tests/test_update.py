@@ -717,12 +717,22 @@ def test_neighbours_are_carried_through_an_update_when_no_matrix_is_written(tiny
 
 def test_the_distance_matrix_is_carried_through_an_update(tiny_onnx, tmp_path, capsys):
     """With the N x N matrix written (N <= --max-matrix): the kept pairs' distances come from the
-    last run's matrix, the new items' are computed; the matrix and the lists are a fresh build's
-    (up to float32 rounding). A matrix that is not as the last run left it is not trusted."""
+    last run's matrix (marked here, in place, with its stamp kept, to tell copies from computed
+    values), the new items' are computed, and the lists are a fresh build's. A matrix that is not
+    as the last run left it is not trusted; over the same store the matrix is kept as it is."""
+    import os
+
     data = write_catalogue(tmp_path / "catalogue", list(range(PRODUCTS)))
     out, fresh = tmp_path / "updated", tmp_path / "fresh"
     more = ("--top-k", "4")
     assert run(*args(data, tiny_onnx, out, *more)) == 0
+    path = out / "outputs" / "distance_matrix.npy"
+    st = path.stat()
+    marked = np.load(path, mmap_mode="r+")
+    marked += np.float32(1e-3) * (1 - np.eye(PRODUCTS, dtype=np.float32))
+    marked.flush()
+    del marked
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, inode and modification time
     write_catalogue(data, [*range(0, 5), *range(6, PRODUCTS), 40, 41])  # one gone, two added
     capsys.readouterr()
     assert cli_update(data, tiny_onnx, out, *more) == 0
@@ -730,31 +740,38 @@ def test_the_distance_matrix_is_carried_through_an_update(tiny_onnx, tmp_path, c
     assert re.search(r"neighbours: \d+ of 31 items' lists carried over from the last run, \d+ asked again; "
                      r"the distance matrix carried over", said), said
     assert run(*args(data, tiny_onnx, fresh, *more)) == 0
-    assert_same_as_fresh(out, fresh)
+    assert_same_as_fresh(out, fresh)  # the lists (from the old lists, not the marked matrix)
 
     def matrix(where: Path) -> np.ndarray:  # by (source_row, person), as comparable orders the lines
         rows = read_manifest(where / "embeddings" / "manifest.csv")
         order = np.array([r.embedding_row for r in sorted(rows, key=lambda r: (r.source_row, r.person))])
         return np.load(where / "outputs" / "distance_matrix.npy")[np.ix_(order, order)]
 
-    assert np.allclose(matrix(out), matrix(fresh), atol=1e-6)  # the lists: compared by assert_same_as_fresh
-    path = out / "outputs" / "distance_matrix.npy"
+    copied = np.zeros((31, 31), bool)
+    copied[:29, :29] = ~np.eye(29, dtype=bool)  # the kept photos come first by row, the 2 new ones last
+    got, want = matrix(out), matrix(fresh)
+    assert np.allclose(got[copied], want[copied] + 1e-3, atol=1e-6)  # copied from the last run's matrix
+    assert np.allclose(got[~copied], want[~copied], atol=1e-6)  # computed: a new photo's, and the diagonal
     np.save(path, np.zeros((31, 31), np.float32))  # not the matrix the last run wrote
     write_catalogue(data, [*range(0, 5), *range(6, PRODUCTS), 40, 41, 42])
     capsys.readouterr()
     assert cli_update(data, tiny_onnx, out, *more) == 0
     said = capsys.readouterr().out
-    assert "the distance matrix carried over" not in said
+    assert "carried over" not in said  # a full pass, which writes the matrix
     assert run(*args(data, tiny_onnx, fresh, *more)) == 0
-    assert np.allclose(matrix(out), matrix(fresh), atol=1e-6)
+    assert_same_as_fresh(out, fresh)
+    assert np.allclose(matrix(out), matrix(fresh), atol=1e-6)  # written by a full pass
     capsys.readouterr()  # a run over the same store keeps the matrix as it is
     import main as cli
 
     before = path.stat().st_mtime_ns
     assert cli.main([*map(str, ("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out, *more))]) == 0
-    assert "32 of 32 items' lists carried over from the last run, 0 asked again; the distance matrix carried over" in (
+    assert "32 of 32 items' lists carried over from the last run, 0 asked again; the distance matrix kept as it is" in (
         capsys.readouterr().out)
     assert path.stat().st_mtime_ns == before and np.allclose(matrix(out), matrix(fresh), atol=1e-6)
+    assert cli.main([*map(str, ("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out, *more,
+                                "--max-matrix", "10"))]) == 0
+    assert not path.exists()  # no matrix written by this run: none left from another
 
 
 def test_files_named_by_a_dataset_are_not_trusted_by_its_stamp(tiny_onnx, tmp_path, capsys):
