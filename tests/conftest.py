@@ -24,6 +24,16 @@ from tests import assets  # noqa: E402
 ASSET_CACHE = os.environ.get("FASHION_TEST_ASSET_CACHE")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _user_cache_in_tmp(tmp_path_factory):
+    """What main.py keeps in the user's cache (fileio.user_cache_dir: int8 graphs, dataset records,
+    YOLO exports) goes to the session's own folder, for the runs in this process and the main.py
+    subprocesses alike, not to the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _dataset_hashes_in_tmp(tmp_path):
     """The record of the dataset files read (datarecord.HASHES_DIR) goes to the test's own folder, not
