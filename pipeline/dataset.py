@@ -103,16 +103,21 @@ def iter_records(spec: DatasetSpec, start: int = 0, only: frozenset[int] | None 
     elif files := _local_parquet_files(path, spec.split):
         records = _iter_parquet(files, spec, start, _open_local_file, only)
     elif path.exists():
-        records = _iter_hf(_open_local(path, spec), spec, start)
+        records = _picked(_iter_hf(_open_local(path, spec), spec, start), only)
     elif is_hub_id(spec.name):
         hub = _hub_split(spec)
         if hub.parquet_files:
             records = _iter_parquet(hub.parquet_files, spec, start, _hub_file_opener(), only)
         else:
-            records = _iter_hf(_open_hub(spec), spec, start)
+            records = _picked(_iter_hf(_open_hub(spec), spec, start), only)
     else:
         raise PipelineError(f"dataset {spec.name!r} is neither an existing path nor a hub id like 'owner/name'")
-    yield from records if only is None else (r for r in records if r.source_row in only)
+    yield from records
+
+
+def _picked(records: Iterator[Record], only: frozenset[int] | None) -> Iterator[Record]:
+    """A streamed dataset's records, read through, of which only `only` are kept (when given)."""
+    return records if only is None else (r for r in records if r.source_row in only)
 
 
 _FOOTERS: dict[str, Any] = {}  # a parquet file's footer that check_dataset read, until the run reads the file

@@ -328,9 +328,15 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
     identity = embedder.identity.asks(pixels="torchvision" if on_device else "pil")
     params = run_params(source, identity, cfg.batch_size, cfg.shard_rows, None if part is None else part.rows)
     reading = _Reading(cfg.dataset) if part is None else None
+
+    def records(start: int) -> Iterator[Record]:
+        if part is not None:  # an update's new photos: their rows alone
+            return iter_records(cfg.dataset, start, part.rows)
+        assert reading is not None
+        return reading.watch(iter_records(cfg.dataset, start), start)
+
     emb, rows = build_gallery(
-        records=lambda start: reading.watch(_records(cfg, start, None), start) if reading else _records(
-            cfg, start, part.rows if part else None),
+        records=records,
         total_rows=total_rows,
         make_items=make_items,
         embedder=embedder,
@@ -385,10 +391,6 @@ def _folders(cfg: RunConfig, part: BuildPart | None) -> tuple[Path, Path]:
 def owned_files(cfg: RunConfig) -> re.Pattern:
     """The image file names the run's gallery owns (stale ones of them are removed)."""
     return SEGMENT_FILES if cfg.segmented else STANDARD_FILES
-
-
-def _records(cfg: RunConfig, start: int, only: frozenset[int] | None) -> Iterator[Record]:
-    return iter_records(cfg.dataset, start, only)
 
 
 def open_searcher(cfg: RunConfig, embeddings: np.ndarray, rows: list[ManifestRow], gpu: bool,
