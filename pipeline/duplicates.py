@@ -65,6 +65,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .fileio import atomic_write_text
+from .images import rgb_array
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +128,15 @@ def pixel_hash(rgb: np.ndarray, full_size: tuple[int, int] | None = None) -> str
     return h.hexdigest()[:32]
 
 
+@lru_cache(maxsize=4)
 def _soft_cells(n: int) -> np.ndarray:
     """float32 (GRID, n): each cell's Gaussian weights along one side of n pixels, summing to 1."""
     x = (np.arange(n) + 0.5) / n
     centres = (np.arange(GRID) + 0.5) / GRID
     w = np.exp(-0.5 * ((x[None, :] - centres[:, None]) / (_CELL_SIGMA / GRID)) ** 2)
-    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+    cells = (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+    cells.flags.writeable = False
+    return cells
 
 
 def _cells(values: np.ndarray) -> np.ndarray:
@@ -774,7 +779,7 @@ def item_signals(image: Image.Image, full_size: tuple[int, int] | None = None,
             signature, when `image` is reduced below that.
     """
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    return pixel_hash(np.asarray(rgb), full_size), look_text(look_signature(larger or rgb))
+    return pixel_hash(rgb_array(rgb), full_size), look_text(look_signature(larger or rgb))
 
 
 def signals_of_rows(rows: Sequence) -> tuple[PhotoSignals, np.ndarray]:

@@ -42,6 +42,26 @@ class DecodedImage:
     note: str = ""
 
 
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """An RGB image's pixels: uint8 (H, W, 3), a new array; the same values as np.asarray(image).
+
+    Pillow keeps RGB as 4 bytes a pixel; np.asarray packs them through tobytes (0.7 ms for a
+    384x512 photo). Its Arrow export lends the 4-byte rows without a copy and OpenCV drops the
+    fourth byte (0.06 ms). An image whose rows are not in one block (large ones), or a Pillow
+    without the export, goes the long way.
+    """
+    if image.mode != "RGB":
+        raise ValueError(f"rgb_array expects an RGB image, got mode {image.mode!r}")
+    import cv2
+    import pyarrow as pa
+
+    try:
+        rgbx = pa.array(image).flatten().to_numpy(zero_copy_only=True)
+    except (AttributeError, TypeError, ValueError, pa.ArrowException):
+        return np.array(image)
+    return cv2.cvtColor(rgbx.reshape(image.height, image.width, 4), cv2.COLOR_RGBA2RGB)
+
+
 def sniff_format(data: bytes) -> str | None:
     """Return "jpg" or "png" when the bytes carry that signature, else None."""
     if data.startswith(JPEG_MAGIC):

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .images import rgb_array
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -183,7 +185,7 @@ def to_model_input(resized: Image.Image, prep: PreprocessConfig) -> np.ndarray:
 
 def model_crop(resized: Image.Image, prep: PreprocessConfig) -> np.ndarray:
     """The pixels the model sees, still uint8 (H, W, 3): a quarter of the bytes of its input."""
-    arr = np.asarray(resized)
+    arr = rgb_array(resized)
     if prep.do_center_crop:
         arr = _center_crop(arr, prep.crop_height, prep.crop_width)
     return arr

@@ -18,6 +18,7 @@ from PIL import Image
 import main as cli
 from benchmarks.duplicates import Garment, _colour_shift, _crop, _resize, catalogue_photo
 from pipeline import Catalog
+from pipeline.duplicates import SIGNATURE_VERSION
 from pipeline.errors import PipelineError
 from pipeline.store import MANIFEST_FILE, read_manifest
 from tests import assets
@@ -224,5 +225,5 @@ def test_a_store_without_signals_says_what_it_left_out(tiny_onnx, tmp_path, caps
     capsys.readouterr()
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--use-embeddings"))]) == 0
     said = capsys.readouterr().out
-    assert "duplicates: 11 items have no duplicate signals of this version (look-2: made before" in said
+    assert f"duplicates: 11 items have no duplicate signals of this version ({SIGNATURE_VERSION}: made before" in said
     assert read_csv(out / "outputs" / "duplicates.csv") == []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageDecodeError, decode_image, encode_png, sniff_format, to_rgb
+from pipeline.images import ImageDecodeError, decode_image, encode_png, rgb_array, sniff_format, to_rgb
 from tests import assets
 
 
@@ -196,3 +196,40 @@ def test_error_messages_are_shortened_to_200_characters():
     assert len(long) == 200 and long.endswith("...") and long.startswith("y" * 197)
     assert short_reason(OSError("  spaced  ")) == "spaced"
     assert short_reason(KeyError()) == "KeyError"  # no message: the type names the problem
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (3, 5), (512, 384)])
+def test_rgb_array_is_the_pixels_np_asarray_gives(hw):
+    rng = np.random.default_rng(hw[0])
+    pixels = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    got = rgb_array(image)
+    assert got.dtype == np.uint8 and got.shape == (*hw, 3) and got.flags.c_contiguous and got.flags.writeable
+    np.testing.assert_array_equal(got, pixels)
+    # a crop and a decoded JPEG (Pillow's own 4-byte rows, filled by its decoder)
+    half = max(1, hw[1] // 2)
+    np.testing.assert_array_equal(rgb_array(image.crop((0, 0, half, hw[0]))), pixels[:, :half])
+    jpeg = decode_image(assets.jpeg_bytes(hw[1], hw[0], seed=hw[0])).image
+    np.testing.assert_array_equal(rgb_array(jpeg), np.asarray(jpeg))
+
+
+def test_rgb_array_of_an_image_in_several_memory_blocks_goes_the_long_way():
+    """Pillow keeps a large image in blocks of rows that Arrow cannot lend as one: the same pixels
+    come back through np.array."""
+    old = Image.core.get_block_size()
+    Image.core.set_block_size(4096)  # a 200x300 image in ~60 blocks, as a 100 Mpx one in 16 MiB blocks
+    try:
+        pixels = np.random.default_rng(1).integers(0, 256, (300, 200, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        with pytest.raises(ValueError, match="not contiguous"):
+            import pyarrow as pa
+
+            pa.array(image)
+        np.testing.assert_array_equal(rgb_array(image), pixels)
+    finally:
+        Image.core.set_block_size(old)
+
+
+def test_rgb_array_refuses_other_modes():
+    with pytest.raises(ValueError, match="expects an RGB image, got mode 'L'"):
+        rgb_array(Image.new("L", (4, 4)))
