@@ -26,17 +26,21 @@ import logging
 import os
 import re
 import shutil
+import sys
+import threading
+import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .config import RunConfig
-from .datarecord import dataset_hashes
+from .datarecord import dataset_hashes, known_as_is
 from .dataset import Record, check_dataset
-from .embedders import Embedder, requested_identity
+from .embedders import Embedder, EmbedderSpec, make_embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError
 from .fileio import unlink_quietly
 from .galleries import BuildPart, Gallery, build, gallery_source, owned_files
@@ -176,8 +180,13 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
             "--id-column (photos are then matched by content), or build afresh with "
             f"--id-column {cfg.dataset.id_column}"
         )
+    # Comparing changed files takes seconds, mostly outside the GIL (reading, hashing): the model
+    # loads beside it (its sessions are made outside the GIL too), in case photos are to be embedded.
+    loading = _ModelLoad(cfg) if embedder is None and cfg.engine != "ray" and not known_as_is(cfg.dataset) else None
     with summary.stage("compare with the dataset"):
         plan = plan_update(groups, dataset_hashes(cfg.dataset), by_id)
+    if loading is not None:
+        embedder = loading.result(summary, needed=bool(plan.embed))
     log.info("update: %s", plan.describe())
     for name in ("added", "changed", "removed", "unchanged"):
         summary.count(name, getattr(plan, name))
@@ -206,6 +215,46 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
         switch(cfg)
     return Gallery(emb, rows, new.embedder if new is not None else embedder,
                    carried=(np.asarray(take, np.int64), old.sidecar.embeddings_sha256))
+
+
+class _ModelLoad:
+    """The run's embedder, loaded in a thread from the moment it starts."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="load-model")
+        self._future = self._pool.submit(self._load, cfg.embedder)
+
+    @staticmethod
+    def _load(spec: EmbedderSpec) -> tuple[Embedder, float]:
+        t = time.perf_counter()
+        _yield_cpu()  # it may not be needed: the compare goes first where both want a core
+        return make_embedder(spec), time.perf_counter() - t
+
+    def result(self, summary: RunSummary, needed: bool) -> Embedder | None:
+        """The embedder once loaded (its loading time is the stage "load model"); a load that failed
+        raises when the model is needed, else leaves it to be loaded by whoever needs it."""
+        try:
+            embedder, seconds = self._future.result()
+        except Exception as e:
+            if needed:
+                raise
+            log.debug("the model did not load beside the compare, and nothing is to be embedded: %s", e)
+            return None
+        finally:
+            self._pool.shutdown()
+        summary.timed("load model", seconds, "load model (beside the compare)")
+        return embedder
+
+
+def _yield_cpu(steps: int = 10) -> None:
+    """Lower the calling thread's CPU priority (Linux: a thread's nice value is its own); elsewhere
+    nothing, as setpriority there takes a process id."""
+    if sys.platform == "linux":
+        try:
+            me = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + steps))
+        except OSError:
+            pass
 
 
 def _old_store(cfg: RunConfig) -> GalleryCache:

@@ -601,6 +601,64 @@ def test_an_update_reads_only_the_parquet_files_that_changed(tiny_onnx, tmp_path
     assert [Path(name).name for name in json.loads(cache.read_text())] == [files[0].name]
 
 
+def test_the_model_loads_beside_the_compare_when_files_changed(tiny_onnx, tmp_path, monkeypatch, capsys):
+    """The model loads in its own thread while changed files are compared; not at all when the
+    files are as recorded and nothing is to be embedded; a load that fails matters only when photos
+    are to be embedded."""
+    from pipeline.errors import PipelineError
+
+    data, out = tmp_path / "catalogue", tmp_path / "updated"
+    shards = [list(range(10)), list(range(10, 20))]
+    write_shards(data, shards)
+    assert run(*args(data, tiny_onnx, out)) == 0
+    spec = DatasetSpec(str(data))
+    assert datarecord.known_as_is(spec)  # the build recorded both files
+    loads: list[str] = []
+    real = update_module.make_embedder
+
+    def loading(embedder_spec):
+        import threading
+
+        loads.append(threading.current_thread().name)
+        return real(embedder_spec)
+
+    monkeypatch.setattr(update_module, "make_embedder", loading)
+
+    def update() -> tuple[int, str]:
+        capsys.readouterr()
+        rc = cli_update(data, tiny_onnx, out)
+        captured = capsys.readouterr()
+        return rc, captured.out + captured.err
+
+    write_shards(data, [*shards, list(range(20, 25))])
+    assert not datarecord.known_as_is(spec)  # a file it has no record of
+    rc, said = update()
+    assert rc == 0 and "added 5, changed 0, removed 0" in said
+    assert len(loads) == 1 and loads[0].startswith("load-model")
+    assert re.search(r"load model \(beside the compare\) \d", said)
+    assert datarecord.known_as_is(spec)
+    loads.clear()
+    rc, said = update()  # nothing changed: nothing loaded beside a compare that reads nothing
+    assert rc == 0 and "added 0, changed 0, removed 0" in said and loads == []
+
+    def broken(embedder_spec):
+        raise PipelineError("the model file is broken")
+
+    monkeypatch.setattr(update_module, "make_embedder", broken)
+    write_shards(data, [shards[0], shards[1][1:], list(range(20, 25))], rewrite=frozenset({1}))
+    rc, said = update()  # nothing to embed: the failed load does not matter
+    assert rc == 0 and "added 0, changed 0, removed 1" in said
+    write_shards(data, [shards[0], shards[1][1:], list(range(20, 26))], rewrite=frozenset({2}))
+    rc, said = update()  # a photo to embed: the failed load is the run's error
+    assert rc != 0 and "the model file is broken" in said
+    monkeypatch.setattr(update_module, "make_embedder", real)
+    rc, said = update()
+    assert rc == 0 and "added 1, changed 0, removed 0" in said
+    fresh = tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+
+
 def write_grouped(folder: Path, products: list[int], reshot: frozenset[int] = frozenset()) -> Path:
     """One parquet file of the products' photos in row groups of 4 rows (as a dataset exported with a
     fixed number of rows a group)."""
