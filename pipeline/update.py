@@ -168,7 +168,7 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     if (stage / SWITCH).is_file():
         with summary.stage("finish an interrupted switch"):
             switch(cfg)
-    check_dataset(cfg.dataset)
+    rows_now = check_dataset(cfg.dataset)
     with summary.stage("load store"):
         old = _old_store(cfg)
         _check_embedder(cfg, old)
@@ -180,9 +180,12 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
             "--id-column (photos are then matched by content), or build afresh with "
             f"--id-column {cfg.dataset.id_column}"
         )
-    # Comparing changed files takes seconds, mostly outside the GIL (reading, hashing): the model
-    # loads beside it (its sessions are made outside the GIL too), in case photos are to be embedded.
-    loading = _ModelLoad(cfg) if embedder is None and cfg.engine != "ray" and not known_as_is(cfg.dataset) else None
+    # Comparing changed files takes seconds, mostly outside the GIL (reading, hashing): where the
+    # dataset has more rows than the store has photos, the model loads beside it (its sessions are
+    # made outside the GIL too), as photos are likely to be embedded.
+    grown = rows_now is None or rows_now > len(groups)
+    loading = (_ModelLoad(cfg) if embedder is None and cfg.engine != "ray" and grown and not known_as_is(cfg.dataset)
+               else None)
     with summary.stage("compare with the dataset"):
         plan = plan_update(groups, dataset_hashes(cfg.dataset), by_id)
     if loading is not None:

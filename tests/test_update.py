@@ -15,7 +15,9 @@ import pytest
 
 from pipeline import datarecord
 from pipeline import update as update_module
+from pipeline.config import RunConfig
 from pipeline.dataset import DatasetSpec
+from pipeline.report import RunSummary
 from pipeline.store import read_manifest
 from tests import assets
 from tests.helpers import row_files, run, stop_after_shards, thumbnails
@@ -601,10 +603,10 @@ def test_an_update_reads_only_the_parquet_files_that_changed(tiny_onnx, tmp_path
     assert [Path(name).name for name in json.loads(cache.read_text())] == [files[0].name]
 
 
-def test_the_model_loads_beside_the_compare_when_files_changed(tiny_onnx, tmp_path, monkeypatch, capsys):
-    """The model loads in its own thread while changed files are compared; not at all when the
-    files are as recorded and nothing is to be embedded; a load that fails matters only when photos
-    are to be embedded."""
+def test_the_model_loads_beside_the_compare_when_files_changed_and_grew(tiny_onnx, tmp_path, monkeypatch, capsys):
+    """The model loads in its own thread while changed files are compared, where the dataset has
+    more rows than the store has photos; not beside a compare that reads nothing, nor for a removal;
+    a load that fails matters only when photos are to be embedded."""
     from pipeline.errors import PipelineError
 
     data, out = tmp_path / "catalogue", tmp_path / "updated"
@@ -641,13 +643,19 @@ def test_the_model_loads_beside_the_compare_when_files_changed(tiny_onnx, tmp_pa
     rc, said = update()  # nothing changed: nothing loaded beside a compare that reads nothing
     assert rc == 0 and "added 0, changed 0, removed 0" in said and loads == []
 
+    write_shards(data, [shards[0], shards[1][1:], list(range(20, 25))], rewrite=frozenset({1}))
+    rc, said = update()  # a removal: fewer rows than photos, nothing to embed, no model
+    assert rc == 0 and "added 0, changed 0, removed 1" in said and loads == []
+
     def broken(embedder_spec):
         raise PipelineError("the model file is broken")
 
     monkeypatch.setattr(update_module, "make_embedder", broken)
-    write_shards(data, [shards[0], shards[1][1:], list(range(20, 25))], rewrite=frozenset({1}))
-    rc, said = update()  # nothing to embed: the failed load does not matter
-    assert rc == 0 and "added 0, changed 0, removed 1" in said
+    summary = RunSummary(mode="standard")
+    assert update_module._ModelLoad(RunConfig()).result(summary, needed=False) is None  # not needed: let go
+    with pytest.raises(PipelineError, match="the model file is broken"):
+        update_module._ModelLoad(RunConfig()).result(summary, needed=True)
+    assert "load model" not in summary.stages
     write_shards(data, [shards[0], shards[1][1:], list(range(20, 26))], rewrite=frozenset({2}))
     rc, said = update()  # a photo to embed: the failed load is the run's error
     assert rc != 0 and "the model file is broken" in said
