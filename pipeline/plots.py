@@ -183,23 +183,30 @@ def _resized(tile: np.ndarray, t: int) -> np.ndarray:
     return np.asarray(Image.fromarray(tile).resize((t, t), Image.Resampling.LANCZOS))
 
 
-def neighbour_tiles(
-    indices: Sequence[int], distances: Sequence[float], tile: Callable[[int], np.ndarray], names: Sequence[str]
-) -> tuple[list[np.ndarray], list[str]]:
-    """One query's neighbours as composite tiles and captions ("d=0.123" over the file name).
+def neighbour_labels(
+    indices: Sequence[int], distances: Sequence[float], names: Sequence[str]
+) -> tuple[list[int], list[str]]:
+    """One query's neighbours as gallery rows and captions ("d=0.123" over the file name).
 
     Args:
         indices, distances: one row of a Neighbours result (slots of -1 are skipped).
-        tile: gallery row -> uint8 (T, T, 3) thumbnail.
         names: gallery row -> file name.
     """
-    tiles, labels = [], []
+    rows, labels = [], []
     for j, d in zip(indices, distances):
         if j < 0:
             continue
-        tiles.append(tile(int(j)))
+        rows.append(int(j))
         labels.append(f"d={d:.3f}\n{names[int(j)]}")
-    return tiles, labels
+    return rows, labels
+
+
+def neighbour_tiles(
+    indices: Sequence[int], distances: Sequence[float], tile: Callable[[int], np.ndarray], names: Sequence[str]
+) -> tuple[list[np.ndarray], list[str]]:
+    """neighbour_labels with each row's tile (tile: gallery row -> uint8 (T, T, 3) thumbnail)."""
+    rows, labels = neighbour_labels(indices, distances, names)
+    return [tile(j) for j in rows], labels
 
 
 def save_jpeg(image: Image.Image, path: str | Path, quality: int = 90) -> None:

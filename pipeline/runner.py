@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import ModuleType
@@ -44,7 +43,8 @@ from .images import ImageDecodeError, decode_image
 from .index import INDEX_FILE
 from .metadata import load_metadata
 from .modes import selected_mode
-from .plots import compose_matches, neighbour_tiles, save_heatmap, save_histogram, save_jpeg
+from .pictures import PictureJob, draw_pictures, picture_name
+from .plots import neighbour_labels, save_heatmap, save_histogram
 from .remote import mirrored
 from .report import RunSummary
 from .retrieval import Neighbours, carried_matrix, iter_neighbour_rows, write_neighbours_csv
@@ -435,7 +435,7 @@ def picture_signatures(nb: Neighbours, files: list[str], shas: list[str], limit:
     code = code_signature(plots_module, images_module) + matplotlib.__version__
     out: dict[str, tuple[int, str]] = {}
     for i in range(limit):
-        name = f"{Path(files[i]).stem}_matches.jpg"
+        name = picture_name(files[i])
         if name in out:
             continue
         shown = [(files[j], shas[j], f"{d:.3f}") for j, d in zip(nb.indices[i], nb.distances[i]) if j >= 0]
@@ -470,30 +470,20 @@ def _draw_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], todo: list[
     if not todo:
         return
     reader = ThumbnailReader.of(cfg.store_dir)
+    reader.close()  # its files, for whichever process draws
+    jobs = []
+    for i in todo:
+        rows, labels = neighbour_labels(nb.indices[i], nb.distances[i], files)
+        jobs.append(PictureJob(str(cfg.results_dir / picture_name(files[i])), i, f"query\n{files[i]}", tuple(rows),
+                               tuple(labels)))
     lock = threading.Lock()
+    with tqdm(total=len(jobs), desc="result pictures", unit="pic", disable=not cfg.progress) as bar:
 
-    def tile(j: int) -> np.ndarray:
-        with lock:  # one file handle, shared by the two drawing threads
-            return reader[j].copy()
+        def done(n: int) -> None:
+            with lock:  # both sides report
+                bar.update(n)
 
-    def one(i: int) -> None:
-        tiles, labels = neighbour_tiles(nb.indices[i], nb.distances[i], tile, files)
-        pic = compose_matches(tile(i), f"query\n{files[i]}", tiles, labels)
-        save_jpeg(pic, cfg.results_dir / f"{Path(files[i]).stem}_matches.jpg")
-
-    try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            list(
-                tqdm(
-                    pool.map(one, todo),
-                    total=len(todo),
-                    desc="result pictures",
-                    unit="pic",
-                    disable=not cfg.progress,
-                )
-            )
-    finally:
-        reader.close()
+        draw_pictures([str(p) for p in reader.paths], jobs, done)
 
 
 def run_export(cfg: RunConfig, sample_rows: int = 96) -> RunSummary:

@@ -110,3 +110,78 @@ def test_a_match_whose_file_is_not_here_is_drawn_from_its_thumbnail(tmp_path):
     assert tile.shape == (QUERY_TILE, QUERY_TILE, 3)
     assert tile[:, : QUERY_TILE // 2 - 4].max() < 10 and tile[:, QUERY_TILE // 2 + 4 :].min() > 245
     assert match_tile(catalog, 0, THUMB_SIZE) is not None and (match_tile(catalog, 0, THUMB_SIZE) == thumb).all()
+
+
+def thumbnail_files(folder, n: int = 40, parts: int = 2) -> list[str]:
+    """n distinct thumbnails in `parts` .npy files (a store's thumbnails.npy and a segment)."""
+    rng = np.random.default_rng(3)
+    thumbs = rng.integers(0, 256, (n, THUMB_SIZE, THUMB_SIZE, 3), dtype=np.uint8)
+    paths = []
+    for k, part in enumerate(np.array_split(thumbs, parts)):
+        paths.append(str(folder / f"thumbs-{k}.npy"))
+        np.save(paths[-1], part)
+    return paths
+
+
+def picture_jobs(folder, n: int) -> list:
+    from pipeline.pictures import PictureJob
+
+    rng = np.random.default_rng(4)
+    return [PictureJob(str(folder / f"img_{i:04d}_matches.jpg"), i, f"query\nimg_{i:04d}.jpg",
+                       tuple(int(j) for j in rng.integers(0, n, 5)),
+                       tuple(f"d=0.{i:03d}\nimg_{j}.jpg" for j in range(5)))
+            for i in range(n)]
+
+
+def test_a_long_list_of_pictures_is_shared_with_a_worker_process_and_drawn_the_same(tmp_path):
+    from pipeline import pictures
+
+    files = thumbnail_files(tmp_path)
+    here, shared = tmp_path / "here", tmp_path / "shared"
+    here.mkdir()
+    shared.mkdir()
+    counted: list[int] = []
+    assert pictures.draw_pictures(files, picture_jobs(here, 40), counted.append, process_at=10**9) == 0
+    assert sum(counted) == 40
+    counted.clear()
+    by_worker = pictures.draw_pictures(files, picture_jobs(shared, 40), counted.append, process_at=1)
+    assert sum(counted) == 40 and 0 < by_worker <= 40  # the worker drew some; every chunk reported once
+    names = sorted(p.name for p in here.iterdir())
+    assert len(names) == 40 and names == sorted(p.name for p in shared.iterdir())
+    for name in names:  # the same code on the same thumbnails: the same bytes, whichever process drew
+        assert (here / name).read_bytes() == (shared / name).read_bytes()
+    pic = Image.open(shared / names[7])
+    assert pic.format == "JPEG" and pic.height > THUMB_SIZE
+
+
+def test_a_worker_that_fails_leaves_its_pictures_to_this_process(tmp_path, monkeypatch, caplog):
+    from pipeline import pictures
+
+    class Dying:
+        closed = False
+
+        def draw(self, files, jobs):
+            raise RuntimeError("exit code 1: MemoryError")
+
+        def close(self):
+            Dying.closed = True
+
+    monkeypatch.setattr(pictures, "_Worker", Dying)
+    files = thumbnail_files(tmp_path)
+    counted: list[int] = []
+    assert pictures.draw_pictures(files, picture_jobs(tmp_path, 40), counted.append, process_at=1) == 0
+    assert sum(counted) == 40 and len(list(tmp_path.glob("*_matches.jpg"))) == 40 and Dying.closed
+    assert "the drawing worker failed (exit code 1: MemoryError); drawing here instead" in caplog.text
+
+
+def test_a_worker_that_cannot_draw_says_why(tmp_path):
+    """The real worker, given a thumbnail file that is not there: its last words reach the error."""
+    from pipeline import pictures
+
+    worker = pictures._Worker()
+    try:
+        with pytest.raises(RuntimeError, match=r"exit code 1: FileNotFoundError: .*no-such\.npy"):
+            worker.draw([str(tmp_path / "no-such.npy")], picture_jobs(tmp_path, 1))
+    finally:
+        worker.close()
+    assert worker.proc.returncode is not None
