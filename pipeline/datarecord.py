@@ -70,9 +70,8 @@ def dataset_hashes(spec: DatasetSpec) -> Iterator[tuple[Record, str]]:
         key, stamp = str(f.resolve()), _file_stamp(f)
         seen.add(key)
         entry: dict = {"stamp": stamp, "columns": columns}
-        before = known.get(key)
-        if isinstance(before, dict) and {k: v for k, v in before.items() if k not in ("rows", "groups")} == entry \
-                and _rows_ok(before):
+        before: Any = known.get(key)
+        if _recorded_as_is(before, stamp, columns):
             rows, entry["groups"] = before["rows"], before.get("groups")
         elif stop is not None and row + pq.read_metadata(f).num_rows > stop:  # the limit ends inside: read up to it
             records = islice(iter_parquet_file(spec, f), stop - row)
@@ -96,12 +95,7 @@ def known_as_is(spec: DatasetSpec) -> bool:
     times, inode, columns): comparing it with a store then reads none of them."""
     files = local_parquet_files(spec)
     known, columns = read_json_dict(hashes_file(spec)), _columns(spec)
-    for f in files:
-        before = known.get(str(f.resolve()))
-        if not (isinstance(before, dict) and before.get("stamp") == _file_stamp(f)
-                and before.get("columns") == columns and _rows_ok(before)):
-            return False
-    return bool(files)
+    return bool(files) and all(_recorded_as_is(known.get(str(f.resolve())), _file_stamp(f), columns) for f in files)
 
 
 def record_build(spec: DatasetSpec, stamps: dict[str, list[int]], lines: Iterable[Any], linked: set[int]) -> int:
@@ -294,6 +288,12 @@ def _columns(spec: DatasetSpec) -> list[str]:
 def _file_stamp(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _recorded_as_is(before: Any, stamp: list[int], columns: list[str]) -> bool:
+    """A file's record (`before`) is of the file as it is now (`stamp`), read for these columns."""
+    return (isinstance(before, dict) and {k: v for k, v in before.items() if k not in ("rows", "groups")}
+            == {"stamp": stamp, "columns": columns} and _rows_ok(before))
 
 
 def _rows_ok(entry: dict) -> bool:

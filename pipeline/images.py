@@ -47,19 +47,24 @@ def rgb_array(image: Image.Image) -> np.ndarray:
 
     Pillow keeps RGB as 4 bytes a pixel; np.asarray packs them through tobytes (0.7 ms for a
     384x512 photo). Its Arrow export lends the 4-byte rows without a copy and OpenCV drops the
-    fourth byte (0.06 ms). An image whose rows are not in one block (large ones), or a Pillow
-    without the export, goes the long way.
+    fourth byte (0.06 ms). An image whose rows are not in one block (large ones) or are padded
+    (Pillow's row alignment set), an empty one, or a Pillow without the export, goes the long way.
     """
     if image.mode != "RGB":
         raise ValueError(f"rgb_array expects an RGB image, got mode {image.mode!r}")
     import cv2
     import pyarrow as pa
 
+    w, h = image.size
+    if w * h == 0 or getattr(Image.core, "get_alignment", lambda: 1)() != 1:  # padded rows: not one packed block
+        return np.array(image)
     try:
         rgbx = pa.array(image).flatten().to_numpy(zero_copy_only=True)
     except (AttributeError, TypeError, ValueError, pa.ArrowException):
         return np.array(image)
-    return cv2.cvtColor(rgbx.reshape(image.height, image.width, 4), cv2.COLOR_RGBA2RGB)
+    if rgbx.size != w * h * 4:
+        return np.array(image)
+    return cv2.cvtColor(rgbx.reshape(h, w, 4), cv2.COLOR_RGBA2RGB)
 
 
 def sniff_format(data: bytes) -> str | None:

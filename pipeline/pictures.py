@@ -95,7 +95,13 @@ def draw_pictures(thumbnail_files: Sequence[str], jobs: Sequence[PictureJob],
             except IndexError:
                 return
 
-    worker = _Worker()
+    try:
+        worker = _Worker()
+    except OSError as e:
+        log.warning("result pictures: the drawing worker did not start (%s); drawing here instead", e)
+        for chunk in chunks:
+            done(draw_jobs(files, chunk))
+        return 0
     # the worker's first chunk is taken here, so that it has one however fast this side goes
     feeder = threading.Thread(target=feed, args=(worker, chunks.pop()), name="pictures-feed", daemon=True)
     feeder.start()

@@ -26,12 +26,10 @@ import logging
 import os
 import re
 import shutil
-import sys
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -182,7 +180,8 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
         )
     # Comparing changed files takes seconds, mostly outside the GIL (reading, hashing): where the
     # dataset has more rows than the store has photos, the model loads beside it (its sessions are
-    # made outside the GIL too), as photos are likely to be embedded.
+    # made outside the GIL too), as photos are likely to be embedded. Not on Ray (its workers load
+    # it), nor when the caller has one.
     grown = rows_now is None or rows_now > len(groups)
     loading = (_ModelLoad(cfg) if embedder is None and cfg.engine != "ray" and grown and not known_as_is(cfg.dataset)
                else None)
@@ -221,43 +220,40 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
 
 
 class _ModelLoad:
-    """The run's embedder, loaded in a thread from the moment it starts."""
+    """The run's embedder, loaded in a daemon thread from the moment it starts (a run that stops
+    before it needs it never waits for it)."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="load-model")
-        self._future = self._pool.submit(self._load, cfg.embedder)
+        self._done = threading.Event()
+        self._got: tuple[Embedder, float] | BaseException | None = None
+        threading.Thread(target=self._load, args=(cfg.embedder,), name="load-model", daemon=True).start()
 
-    @staticmethod
-    def _load(spec: EmbedderSpec) -> tuple[Embedder, float]:
+    def _load(self, spec: EmbedderSpec) -> None:
         t = time.perf_counter()
-        _yield_cpu()  # it may not be needed: the compare goes first where both want a core
-        return make_embedder(spec), time.perf_counter() - t
+        try:
+            self._got = (make_embedder(spec), time.perf_counter() - t)
+        except BaseException as e:  # handed to whoever asks for the model
+            self._got = e
+        finally:
+            self._done.set()
 
     def result(self, summary: RunSummary, needed: bool) -> Embedder | None:
-        """The embedder once loaded (its loading time is the stage "load model"); a load that failed
-        raises when the model is needed, else leaves it to be loaded by whoever needs it."""
-        try:
-            embedder, seconds = self._future.result()
-        except Exception as e:
+        """The embedder once loaded (its loading time is the stage "load model", the time waited for
+        it after the compare "wait for the model"); a load that failed raises when the model is
+        needed, else leaves it to be loaded by whoever needs it."""
+        t = time.perf_counter()
+        self._done.wait()
+        if time.perf_counter() - t >= 0.05:
+            summary.timed("wait for the model", time.perf_counter() - t)
+        if isinstance(self._got, BaseException):
             if needed:
-                raise
-            log.debug("the model did not load beside the compare, and nothing is to be embedded: %s", e)
+                raise self._got
+            log.debug("the model did not load beside the compare, and nothing is to be embedded: %s", self._got)
             return None
-        finally:
-            self._pool.shutdown()
+        assert self._got is not None
+        embedder, seconds = self._got
         summary.timed("load model", seconds, "load model (beside the compare)")
         return embedder
-
-
-def _yield_cpu(steps: int = 10) -> None:
-    """Lower the calling thread's CPU priority (Linux: a thread's nice value is its own); elsewhere
-    nothing, as setpriority there takes a process id."""
-    if sys.platform == "linux":
-        try:
-            me = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + steps))
-        except OSError:
-            pass
 
 
 def _old_store(cfg: RunConfig) -> GalleryCache:

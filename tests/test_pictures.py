@@ -174,6 +174,20 @@ def test_a_worker_that_fails_leaves_its_pictures_to_this_process(tmp_path, monke
     assert "the drawing worker failed (exit code 1: MemoryError); drawing here instead" in caplog.text
 
 
+def test_a_worker_that_cannot_start_leaves_everything_to_this_process(tmp_path, monkeypatch, caplog):
+    from pipeline import pictures
+
+    def no_python(*a, **kw):
+        raise FileNotFoundError(2, "No such file or directory", "/no/python")
+
+    monkeypatch.setattr(pictures.subprocess, "Popen", no_python)
+    counted: list[int] = []
+    assert pictures.draw_pictures(thumbnail_files(tmp_path), picture_jobs(tmp_path, 40), counted.append,
+                                  process_at=1) == 0
+    assert sum(counted) == 40 and len(list(tmp_path.glob("*_matches.jpg"))) == 40
+    assert "the drawing worker did not start" in caplog.text and "/no/python" in caplog.text
+
+
 def test_a_worker_that_cannot_draw_says_why(tmp_path):
     """The real worker, given a thumbnail file that is not there: its last words reach the error."""
     from pipeline import pictures
