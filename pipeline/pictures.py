@@ -4,8 +4,10 @@ Drawing a picture (tiles pasted, captions fitted, a JPEG encoded) holds the GIL 
 so two threads draw no faster than one (slower, measured). A list of at least PROCESS_AT pictures is
 shared with a worker process, `python -m pipeline.pictures` (a plain subprocess, not
 multiprocessing, so that it never imports the caller's __main__: a user's script without a main
-guard is not run again). It imports only this module, Pillow and numpy (~0.5 s) and reads chunks of
-jobs, pickled, from its stdin, answering each with the count it drew. Both sides take chunks from
+guard is not run again; -P and its PYTHONPATH make it import this process's `pipeline`). It imports
+the drawing code and the store reader, with Pillow and numpy (~0.5 s), and reads chunks of
+jobs, pickled, from its stdin, answering each with the count it drew (only the answers go to its
+stdout). Both sides take chunks from
 the two ends of the list until they meet. The worker reads the same thumbnail files; its pictures
 are byte-identical to this process's (the same code, the same inputs). A worker that cannot start
 or fails leaves its chunks to this process, which draws them itself.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import site
 import struct
 import subprocess
 import sys
@@ -71,7 +74,7 @@ def draw_pictures(thumbnail_files: Sequence[str], jobs: Sequence[PictureJob],
     """
     files = [str(f) for f in thumbnail_files]
     chunks = deque(list(jobs[i : i + CHUNK]) for i in range(0, len(jobs), CHUNK))
-    if len(jobs) < process_at or available_cores() < 2:
+    if not jobs or len(jobs) < process_at or available_cores() < 2 or getattr(sys, "frozen", False):
         for chunk in chunks:
             done(draw_jobs(files, chunk))
         return 0
@@ -102,19 +105,21 @@ def draw_pictures(thumbnail_files: Sequence[str], jobs: Sequence[PictureJob],
         for chunk in chunks:
             done(draw_jobs(files, chunk))
         return 0
-    # the worker's first chunk is taken here, so that it has one however fast this side goes
-    feeder = threading.Thread(target=feed, args=(worker, chunks.pop()), name="pictures-feed", daemon=True)
-    feeder.start()
     try:
-        while True:
-            try:
-                chunk = chunks.popleft()
-            except IndexError:
-                break
-            done(draw_jobs(files, chunk))
-    finally:
-        stop.set()
-        feeder.join()
+        # the worker's first chunk is taken here, so that it has one however fast this side goes
+        feeder = threading.Thread(target=feed, args=(worker, chunks.pop()), name="pictures-feed", daemon=True)
+        feeder.start()
+        try:
+            while True:
+                try:
+                    chunk = chunks.popleft()
+                except IndexError:
+                    break
+                done(draw_jobs(files, chunk))
+        finally:
+            stop.set()
+            feeder.join()
+    finally:  # a second Ctrl-C during the join still ends the worker
         worker.close()
     for chunk in left:
         done(draw_jobs(files, chunk))
@@ -126,13 +131,22 @@ class _Worker:
     stdin, each answered by a line with the count it drew."""
 
     def __init__(self) -> None:
-        root = str(Path(__file__).resolve().parents[1])  # where `pipeline` is imported from here
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        # The `pipeline` this process runs, not one in the current folder (-P) or an older install:
+        # its folder first, unless it is a site-packages folder (already on the path, after the
+        # standard library, where it must stay).
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ)
+        if root not in {*site.getsitepackages(), site.getusersitepackages()}:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         self.err = tempfile.TemporaryFile()  # not a pipe: a worker with much to say never blocks on it
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.pictures"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self.err, env=env, start_new_session=True,  # Ctrl-C is the run's, which stops it
-        )
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "pipeline.pictures"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=self.err, env=env, start_new_session=True,  # Ctrl-C is the run's, which stops it
+            )
+        except BaseException:
+            self.err.close()
+            raise
 
     def draw(self, files: list[str], jobs: list[PictureJob]) -> int:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -142,9 +156,11 @@ class _Worker:
             self.proc.stdin.flush()
             answer = self.proc.stdout.readline()
         except OSError as e:
-            raise RuntimeError(f"{type(e).__name__}: {e}{self._said()}") from None
+            said = self._said()  # waits for the worker's end first
+            raise RuntimeError(f"{type(e).__name__}: {e}{said}") from None
         if not answer.strip().isdigit():
-            raise RuntimeError(f"exit code {self.proc.poll()}{self._said()}")
+            said = self._said()
+            raise RuntimeError(f"exit code {self.proc.poll()}{said}")
         return int(answer)
 
     def _said(self) -> str:
@@ -172,7 +188,8 @@ class _Worker:
 
 
 def _serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
-    """The worker's loop: draw each message's jobs, answer with the count; stop at EOF."""
+    """The worker's loop: draw each message's jobs, answer with the count; stop at EOF. `stdout`
+    carries only the answers (see the `__main__` block: anything printed goes to stderr)."""
     while True:
         head = stdin.read(8)
         if len(head) < 8:
@@ -188,4 +205,7 @@ def picture_name(file: str) -> str:
 
 
 if __name__ == "__main__":
-    _serve(sys.stdin.buffer, sys.stdout.buffer)
+    answers = os.fdopen(os.dup(1), "wb")  # the answers' own descriptor; whatever a library prints
+    os.dup2(2, 1)  # to fd 1 or sys.stdout goes to stderr from here on
+    sys.stdout = sys.stderr
+    _serve(sys.stdin.buffer, answers)

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import images as images_module
+from . import pictures as pictures_module
 from . import plots as plots_module
 from .config import RunConfig, onnx_fallback
 from .dataset import iter_records
@@ -432,7 +433,7 @@ def picture_signatures(nb: Neighbours, files: list[str], shas: list[str], limit:
     import matplotlib
 
     # The drawing code and what it draws with: the composites, the JPEG encoder, the font's package.
-    code = code_signature(plots_module, images_module) + matplotlib.__version__
+    code = code_signature(plots_module, images_module, pictures_module) + matplotlib.__version__
     out: dict[str, tuple[int, str]] = {}
     for i in range(limit):
         name = picture_name(files[i])

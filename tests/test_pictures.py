@@ -133,9 +133,14 @@ def picture_jobs(folder, n: int) -> list:
             for i in range(n)]
 
 
-def test_a_long_list_of_pictures_is_shared_with_a_worker_process_and_drawn_the_same(tmp_path):
+@pytest.mark.subprocess
+def test_a_long_list_of_pictures_is_shared_with_a_worker_process_and_drawn_the_same(tmp_path, monkeypatch):
     from pipeline import pictures
 
+    monkeypatch.setattr(pictures, "available_cores", lambda: 2)  # a one-core machine draws alone
+    monkeypatch.chdir(tmp_path)  # a folder named like the package here is not what the worker imports
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "__init__.py").write_text("raise ImportError('the wrong pipeline')\n")
     files = thumbnail_files(tmp_path)
     here, shared = tmp_path / "here", tmp_path / "shared"
     here.mkdir()
@@ -157,6 +162,7 @@ def test_a_long_list_of_pictures_is_shared_with_a_worker_process_and_drawn_the_s
 def test_a_worker_that_fails_leaves_its_pictures_to_this_process(tmp_path, monkeypatch, caplog):
     from pipeline import pictures
 
+    monkeypatch.setattr(pictures, "available_cores", lambda: 2)
     class Dying:
         closed = False
 
@@ -181,6 +187,7 @@ def test_a_worker_that_cannot_start_leaves_everything_to_this_process(tmp_path, 
         raise FileNotFoundError(2, "No such file or directory", "/no/python")
 
     monkeypatch.setattr(pictures.subprocess, "Popen", no_python)
+    monkeypatch.setattr(pictures, "available_cores", lambda: 2)
     counted: list[int] = []
     assert pictures.draw_pictures(thumbnail_files(tmp_path), picture_jobs(tmp_path, 40), counted.append,
                                   process_at=1) == 0
@@ -188,6 +195,7 @@ def test_a_worker_that_cannot_start_leaves_everything_to_this_process(tmp_path, 
     assert "the drawing worker did not start" in caplog.text and "/no/python" in caplog.text
 
 
+@pytest.mark.subprocess
 def test_a_worker_that_cannot_draw_says_why(tmp_path):
     """The real worker, given a thumbnail file that is not there: its last words reach the error."""
     from pipeline import pictures
