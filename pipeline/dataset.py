@@ -734,15 +734,50 @@ def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None) -> Any:
             columns = _chosen(scalar_columns(schema, spec), asked, schema.names, spec)
             stop = len(ds) if spec.limit is None else min(len(ds), spec.limit)
             table = ds.select_columns(columns).with_format("arrow")[:stop] if columns else pa.table({})
-            table = table if columns else pa.table({"source_row": pa.array(range(stop), pa.int64())})
+            table = table if columns else pa.table({"source_row": int64_array(range(stop))})
     if table is None:
         if asked:
             raise PipelineError(f"--meta-columns: {spec.name!r} is a folder of images or a streamed dataset: it "
                                 "has no columns to keep")
         return None
     if "source_row" not in table.column_names:
-        table = table.add_column(0, "source_row", pa.array(range(table.num_rows), pa.int64()))
+        table = table.add_column(0, "source_row", int64_array(range(table.num_rows)))
     return table
+
+
+def int64_array(values: Sequence[int] | Any) -> Any:
+    """A pyarrow int64 array of these values (a sequence or a numpy array), made from their buffer:
+    pa.array() on anything but an Arrow-protocol object imports pandas to ask whether it is one
+    (0.35 s, for nothing here)."""
+    import numpy as np
+    import pyarrow as pa
+
+    data = np.ascontiguousarray(np.asarray(values, dtype=np.int64))
+    return pa.Array.from_buffers(pa.int64(), len(data), [None, pa.py_buffer(data)])
+
+
+def arrow_numpy(values: Any) -> Any:
+    """A pyarrow Array or ChunkedArray as a numpy array: numbers and booleans without nulls straight
+    from their buffers (read-only, as to_numpy's zero-copy arrays), anything else by to_numpy.
+    pyarrow's to_numpy imports pandas on its first call, even for a plain int64 array (0.3 s)."""
+    import numpy as np
+    import pyarrow as pa
+
+    if isinstance(values, pa.ChunkedArray):
+        if values.num_chunks == 1:
+            return arrow_numpy(values.chunk(0))
+        return np.concatenate([arrow_numpy(c) for c in values.chunks]) if values.num_chunks else values.to_numpy()
+    t = values.type
+    numeric = pa.types.is_integer(t) or pa.types.is_floating(t)
+    if values.null_count or not (numeric or pa.types.is_boolean(t)) or len(values) == 0:
+        return values.to_numpy(zero_copy_only=False)
+    data = values.buffers()[1]
+    if not numeric:  # booleans: one bit each, least significant first
+        bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
+        return bits[values.offset : values.offset + len(values)].astype(bool)
+    kind = "f" if pa.types.is_floating(t) else "i" if pa.types.is_signed_integer(t) else "u"
+    dtype = np.dtype(f"{kind}{t.bit_width // 8}")
+    return np.frombuffer(data, dtype, count=len(values), offset=values.offset * dtype.itemsize)
 
 
 def _parquet_metadata(files: list[Any], opener: Callable[[Any], AbstractContextManager[Any]], spec: DatasetSpec,
@@ -767,11 +802,11 @@ def _parquet_metadata(files: list[Any], opener: Callable[[Any], AbstractContextM
                 at += pf.metadata.row_group(g).num_rows
             here = [c for c in columns or () if c in pf.schema_arrow.names]  # a shard may lack a column: nulls
             part = pf.read_row_groups(groups, columns=here).slice(0, n) if here else None
-        rows = pa.array(range(seen, seen + n), pa.int64())
+        rows = int64_array(range(seen, seen + n))
         parts.append(part.add_column(0, "source_row", rows) if part is not None else pa.table({"source_row": rows}))
         seen += n
     if not parts:
-        return pa.table({"source_row": pa.array([], pa.int64())})
+        return pa.table({"source_row": int64_array([])})
     try:  # shards written apart: int32 in one, int64 in another; a column one lacks
         return pa.concat_tables(parts, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:

@@ -70,7 +70,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy.fft import dctn
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -148,6 +147,8 @@ def _cells(values: np.ndarray) -> np.ndarray:
 
 
 def _structure(luma: np.ndarray) -> np.ndarray:
+    from scipy.fft import dctn  # here: scipy.fft costs 0.2-0.5 s to import, and a run that signs no photo needs none
+
     small = luma.reshape(32, _WORK_SIDE // 32, 32, _WORK_SIDE // 32).mean(axis=(1, 3))
     t = (np.arange(32) + 0.5) / 32
     fade = np.clip(np.minimum(t, 1 - t) / _FADE, 0, 1)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .dataset import arrow_numpy
 from .errors import UsageError, first_line
 
 OPS = ("=", "!=", "<>", "<=", ">=", "<", ">")
@@ -360,4 +361,4 @@ class Filter:
             found = pc.fill_null(_evaluate(self.node, table), False)
         except (pa.ArrowException, OverflowError, TypeError, ValueError, RecursionError) as e:
             raise FilterError(f"--filter {self.text!r}: a value does not fit its column ({first_line(e)})") from None
-        return np.asarray(found.to_numpy(zero_copy_only=False), bool)
+        return np.asarray(arrow_numpy(found), bool)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .dataset import arrow_numpy
+
 # A header may claim any size; we refuse before allocating. 100 Mpx is ~4x a 50 Mpx camera frame.
 MAX_PIXELS = 100_000_000
 
@@ -59,7 +61,7 @@ def rgb_array(image: Image.Image) -> np.ndarray:
     if w * h == 0 or getattr(Image.core, "get_alignment", lambda: 1)() != 1:  # padded rows: not one packed block
         return np.array(image)
     try:
-        rgbx = pa.array(image).flatten().to_numpy(zero_copy_only=True)
+        rgbx = arrow_numpy(pa.array(image).flatten())
     except (AttributeError, TypeError, ValueError, pa.ArrowException):
         return np.array(image)
     if rgbx.size != w * h * 4:

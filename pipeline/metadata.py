@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .dataset import arrow_numpy, int64_array
 from .errors import CacheMismatchError
 from .filters import Filter
 from .store import ManifestRow, manifest_sha256
@@ -27,10 +28,9 @@ METADATA_FILE = "metadata.parquet"
 
 def keep_for_store(table: Any, rows: Sequence[ManifestRow]) -> Any:
     """The table's rows of the store's source rows, in source_row order."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
-    wanted = pa.array(sorted({r.source_row for r in rows}), pa.int64())
+    wanted = int64_array(sorted({r.source_row for r in rows}))
     kept = table.filter(pc.is_in(table.column("source_row"), value_set=wanted))
     return kept.sort_by("source_row")
 
@@ -52,7 +52,7 @@ def write_metadata(store_dir: Path, table: Any, rows: Sequence[ManifestRow]) -> 
     path = Path(store_dir) / METADATA_FILE
     if path.is_file():
         try:
-            old = pq.read_table(path)
+            old = _read_whole(path)
             if old.equals(table) and (old.schema.metadata or {}).get(STORE_KEY) == stamp:
                 return False
         except (OSError, ValueError):
@@ -102,8 +102,8 @@ def product_labels(values: Any) -> tuple[np.ndarray, int]:
     many rows had no value."""
     import pyarrow.compute as pc
 
-    codes = np.asarray(pc.dictionary_encode(values).combine_chunks().indices.to_numpy(zero_copy_only=False))
-    missing = np.asarray(values.is_null().to_numpy(zero_copy_only=False), bool)
+    codes = np.asarray(arrow_numpy(pc.dictionary_encode(values).combine_chunks().indices))
+    missing = np.asarray(arrow_numpy(values.is_null()), bool)
     n_codes = int(codes[~missing].max()) + 1 if (~missing).any() else 0
     labels = np.where(missing, n_codes + np.arange(len(codes)), codes)
     return labels.astype(np.int64), int(missing.sum())
@@ -112,13 +112,12 @@ def product_labels(values: Any) -> tuple[np.ndarray, int]:
 def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow]) -> Metadata | None:
     """The store's metadata aligned to its embedding rows, or None when it has none. A table that
     lacks some of the store's rows (written for another version of the store) is refused."""
-    import pyarrow.parquet as pq
 
     path = Path(store_dir) / METADATA_FILE
     if not path.is_file():
         return None
     try:
-        table = pq.read_table(path)
+        table = _read_whole(path)
     except (OSError, ValueError) as e:
         raise CacheMismatchError(f"{path}: unreadable ({e}); run the gallery build again to rewrite it") from e
     stamp = (table.schema.metadata or {}).get(STORE_KEY)
@@ -127,7 +126,7 @@ def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow]) -> Metadata 
             f"{path} was written for another version of the store (an update stopped after its switch, before "
             "the metadata was written): run the same command with --update again, or the build, to rewrite it"
         )
-    keys = np.asarray(table.column("source_row").to_numpy(), np.int64)
+    keys = np.asarray(arrow_numpy(table.column("source_row")), np.int64)
     want = np.array([r.source_row for r in embedded], np.int64)
     at = np.searchsorted(keys, want)
     at = np.minimum(at, max(len(keys) - 1, 0))
@@ -137,4 +136,13 @@ def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow]) -> Metadata 
             f"{path} does not cover the store ({missing} of its items have no row there): it was written for "
             "another version of the store. Run the build (or --update) again to rewrite it"
         )
-    return Metadata(table.take(at).drop_columns(["source_row"]))
+    return Metadata(table.take(int64_array(at)).drop_columns(["source_row"]))
+
+
+def _read_whole(path: Path) -> Any:
+    """A parquet file as one table, by the plain file reader: pq.read_table goes through
+    pyarrow.dataset, whose import brings pandas (0.3 s)."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as pf:
+        return pf.read()

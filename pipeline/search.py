@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .backends import EVAL_BACKENDS, model_by_name
 from .catalog import Catalog
 from .config import RunConfig
-from .dataset import IMAGE_SUFFIXES, DatasetSpec, count_rows, iter_records
+from .dataset import IMAGE_SUFFIXES, DatasetSpec, arrow_numpy, count_rows, iter_records
 from .embedders import Embedder, EmbedderSpec, make_embedder
 from .errors import PipelineError, UsageError
 from .export import fp32_path_for
@@ -498,7 +498,7 @@ def evaluation_scope(cfg: RunConfig, summary: RunSummary) -> EvaluationScope | N
     if table is None:
         raise FilterError(f"--evaluate with --filter/--group-by: {cfg.dataset.name!r} has no metadata columns "
                           "(a folder of images or a streamed dataset)")
-    source = np.asarray(table.column("source_row").to_numpy(), np.int64)
+    source = np.asarray(arrow_numpy(table.column("source_row")), np.int64)
     table = table.drop_columns(["source_row"])
     size = int(source.max()) + 1 if len(source) else 0
     kept = product = None

@@ -104,3 +104,48 @@ def test_hub_id_offline_says_to_use_a_local_copy(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PipelineError, match="--dataset DIR|lirus18"):
         list(iter_records(DatasetSpec("lirus18/deepfashion", limit=2)))
+
+
+def test_arrow_numpy_equals_to_numpy_for_numbers_booleans_and_the_rest():
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.dataset import arrow_numpy, int64_array
+
+    ints = int64_array(range(-3, 17))
+    assert ints.type == pa.int64() and ints.to_pylist() == list(range(-3, 17)) and len(int64_array([])) == 0
+    cases = [
+        ints, ints.slice(5, 7), pa.array([1, 250, 7], pa.uint8()).slice(1), pa.array([-2, 3], pa.int16()),
+        pa.array([0.5, -1.25, 3.0], pa.float32()).slice(1, 1), pa.array([2.5, 1e300], pa.float64()),
+        pc.greater(ints, 4).slice(3, 11),  # booleans from an offset that is not a multiple of 8
+        pa.array([1.5, None]), pa.array(["a", "b"]), pa.array([], pa.int32()),  # nulls, strings, empty: to_numpy
+        pa.chunked_array([ints.slice(1, 2), ints.slice(9)]), pa.chunked_array([ints.slice(2, 3)]),
+        pa.chunked_array([], pa.int64()),
+    ]
+    for values in cases:
+        want = values.to_numpy() if isinstance(values, pa.ChunkedArray) else values.to_numpy(zero_copy_only=False)
+        got = arrow_numpy(values)
+        assert got.dtype == want.dtype and got.shape == want.shape, values
+        assert np.array_equal(got, want, equal_nan=got.dtype.kind == "f"), values
+
+
+@pytest.mark.subprocess
+def test_metadata_columns_are_read_without_importing_pandas(parquet_ds, tmp_path):
+    # pa.array(), to_numpy() and pq.read_table all import pandas (0.3 s): the metadata path avoids them
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, numpy as np\n"
+        "from pipeline.dataset import DatasetSpec, read_metadata, arrow_numpy\n"
+        f"t = read_metadata(DatasetSpec({str(parquet_ds)!r}, limit=None))\n"
+        "rows = arrow_numpy(t.column('source_row'))\n"
+        "assert rows.tolist() == list(range(12)) and t.column('label').to_pylist()[2] == 'l2', rows\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
