@@ -256,10 +256,52 @@ def local_parquet_files(spec: DatasetSpec) -> list[Path]:
     return _local_parquet_files(path, spec.split)
 
 
-def iter_parquet_file(spec: DatasetSpec, path: Path, only: frozenset[int] | None = None) -> Iterator[Record]:
-    """Every row of one local parquet file (or those in `only`), numbered from 0 within it (whatever
-    spec's limit)."""
-    return _iter_parquet([path], replace(spec, limit=None), 0, _open_local_file, only)
+def iter_parquet_file(spec: DatasetSpec, path: Path) -> Iterator[Record]:
+    """Every row of one local parquet file, numbered from 0 within it (whatever spec's limit)."""
+    return _iter_parquet([path], replace(spec, limit=None), 0, _open_local_file)
+
+
+def hash_parquet_group(spec: DatasetSpec, pf: Any, group: int, first: int) -> list[tuple[Record, str]]:
+    """The rows of one row group of an open local parquet file (pyarrow's ParquetFile; the group's
+    first row numbered `first`), each as a Record without its bytes, with the sha256 of its bytes
+    ("" without a picture): what hashed(iter_parquet_file(...)) gives for those rows. A cell's bytes
+    are hashed where pyarrow read them, 64 rows at a time, never copied into Python bytes, so that
+    two threads can each take a group (pyarrow's read and hashlib let go of the GIL; 1.8 s against
+    2.4-3.0 s for a 2.4 GB file here). Any other cell (no bytes: a path, nothing) is read as
+    iter_parquet_file reads it."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+
+    _check_columns(spec, pf.schema_arrow.names)
+    columns = [spec.image_column] + ([spec.id_column] if spec.id_column else [])
+    out: list[tuple[Record, str]] = []
+    row = first
+    for batch in pf.iter_batches(batch_size=64, columns=columns, row_groups=[group], use_threads=False):
+        image = batch.column(spec.image_column)
+        cells = image
+        if pa.types.is_struct(image.type) and image.type.get_field_index("bytes") >= 0:
+            cells = image.flatten()[image.type.get_field_index("bytes")]  # with the struct's nulls
+        binary = len(cells) > 0 and (pa.types.is_binary(cells.type) or pa.types.is_large_binary(cells.type))
+        if binary:
+            width = np.dtype(np.int64 if pa.types.is_large_binary(cells.type) else np.int32)
+            at = cells.offset * width.itemsize
+            offsets = np.frombuffer(cells.buffers()[1], width, count=len(cells) + 1, offset=at)
+            data = memoryview(cells.buffers()[2] or b"")
+            valid = arrow_numpy(cells.is_valid())
+        ids = batch.column(spec.id_column).to_pylist() if spec.id_column else None
+        for k in range(batch.num_rows):
+            item_id = "" if ids is None or ids[k] is None else str(ids[k])
+            if binary and valid[k] and offsets[k + 1] > offsets[k]:
+                sha = hashlib.sha256(data[offsets[k] : offsets[k + 1]]).hexdigest()
+                out.append((Record(row, "", None, item_id=item_id), sha))
+            else:
+                rec = _record_from_cell(row, "", image[k].as_py())
+                sha = hashlib.sha256(rec.data).hexdigest() if rec.data is not None else ""
+                out.append((Record(row, "", None, rec.error, item_id=item_id, linked=rec.linked), sha))
+            row += 1
+    return out
 
 
 def _open_local_file(path: str | Path) -> AbstractContextManager[Any]:

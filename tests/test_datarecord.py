@@ -79,3 +79,50 @@ def test_old_parquet_mr_files_are_not_hashed_by_their_ranges():
     assert _old_parquet_mr("parquet-mr version unknown")
     assert not _old_parquet_mr("parquet-mr version 1.12.3 (build f8dced182c4c1fbdec6ccb3185537b5a01e6ed6b)")
     assert not _old_parquet_mr("parquet-cpp-arrow version 26.0.1")
+
+
+def test_a_group_hashed_from_pyarrows_buffers_is_what_the_reader_gives(tmp_path):
+    # every kind of cell: bytes, empty bytes, no bytes but a picture file, nothing, a null struct; ids of
+    # several kinds, null among them; a plain binary and a large_binary image column; groups of 4 rows
+    import hashlib
+
+    from pipeline.datarecord import hashed
+    from pipeline.dataset import DatasetSpec, hash_parquet_group, iter_parquet_file
+
+    photo = tmp_path / "p.jpg"
+    photo.write_bytes(b"\xff\xd8 a picture file")
+    cells = [{"bytes": bytes([k]) * (50 + k), "path": None} for k in range(11)]
+    cells[2] = {"bytes": b"", "path": None}
+    cells[4] = {"bytes": None, "path": str(photo)}
+    cells[5] = {"bytes": None, "path": str(tmp_path / "gone.jpg")}
+    cells[7] = {"bytes": None, "path": None}
+    cells[9] = None
+    ids = [None if k == 3 else k * 10 for k in range(11)]
+    plain = [None if c is None else c["bytes"] for c in cells]
+    tables = {
+        "struct": pa.table({"image": cells, "item_id": ids}),
+        "binary": pa.table({"image": pa.array(plain, pa.binary()), "item_id": ids}),
+        "large": pa.table({"image": pa.array(plain, pa.large_binary()), "item_id": [str(i) for i in ids]}),
+    }
+    wants = {}
+    for name, table in tables.items():
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(table, path, row_group_size=4)
+        for id_column in ("item_id", None):
+            spec = DatasetSpec(str(path), limit=None, id_column=id_column)
+            read = hashed(iter_parquet_file(spec, path))
+            want = [(r.source_row, r.item_id, r.error, r.linked, sha) for r, sha in read]
+            got = []
+            with pq.ParquetFile(path) as pf:
+                for g, first in enumerate((0, 4, 8)):
+                    got += [(r.source_row, r.item_id, r.error, r.linked, sha)
+                            for r, sha in hash_parquet_group(spec, pf, g, first)]
+            assert got == want, (name, id_column)
+            assert len(got) == 11 and got[1][4] == hashlib.sha256(bytes([1]) * 51).hexdigest()
+            wants[name, id_column] = want
+    want = wants["struct", "item_id"]
+    assert want[4][3] and want[4][4] == hashlib.sha256(photo.read_bytes()).hexdigest()  # the file the cell names
+    assert want[5][3] and want[5][4] == "" and "cannot read" in want[5][2]
+    assert want[2][4] == "" and want[7][4] == "" and "empty" in want[9][2] and want[3][1] == "" and want[6][1] == "60"
+    assert wants["binary", "item_id"][2][4] == hashlib.sha256(b"").hexdigest()  # a plain column's empty bytes: a cell
+    assert wants["large", "item_id"][3][1] == "None"  # that table's ids are text

@@ -548,11 +548,19 @@ def test_an_update_reads_only_the_parquet_files_that_changed(tiny_onnx, tmp_path
     read: list[str] = []
     real = datarecord.iter_parquet_file
 
-    def counted(spec, path, only=None):
+    def counted(spec, path):
         read.append(path.name)
-        return real(spec, path, only)
+        return real(spec, path)
 
     monkeypatch.setattr(datarecord, "iter_parquet_file", counted)
+    real_groups = datarecord._hash_groups
+
+    def counted_groups(spec, path, groups, firsts):  # the row groups of a file read and hashed
+        if groups:
+            read.append(path.name)
+        return real_groups(spec, path, groups, firsts)
+
+    monkeypatch.setattr(datarecord, "_hash_groups", counted_groups)
     digested: list[str] = []
     digests = datarecord.row_group_digests
 
@@ -731,14 +739,15 @@ def test_a_rewritten_file_is_decoded_only_in_its_row_groups_that_changed(tiny_on
         (k, f"P{k:03d}", hashlib.sha256(photo(k)).hexdigest()) for k in range(12)]
     [entry] = built.values()
     assert [n for _, n in entry["groups"]] == [4, 4, 4]
-    asked: list[list[int] | None] = []
-    real = datarecord.iter_parquet_file
+    asked: list[list[int]] = []  # per file read: the rows of its groups read and hashed
+    real = datarecord._hash_groups
 
-    def counted(spec, path, only=None):
-        asked.append(None if only is None else sorted(only))
-        return real(spec, path, only)
+    def counted(spec, path, groups, firsts):
+        asked.append([r for g in groups for r in range(firsts[g], firsts[g + 1])])
+        return real(spec, path, groups, firsts)
 
-    monkeypatch.setattr(datarecord, "iter_parquet_file", counted)
+    monkeypatch.setattr(datarecord, "_hash_groups", counted)
+    monkeypatch.setattr(datarecord, "iter_parquet_file", None)  # a file whose groups have digests is not read whole
 
     def update(name: str, products: list[int], reshot: frozenset[int] = frozenset()) -> str:
         write_grouped(data, products, reshot)
