@@ -9,7 +9,9 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import ModuleType
@@ -211,14 +213,22 @@ def write_retrieval_outputs(
         what = "one embedded item" if n == 1 else "no embedded items"
         summary.notes.append(f"{what}: no neighbours, distance matrix or plots (they need two items)")
         return None, []
-    nb = gallery_neighbours(cfg, searcher, summary, carried)
-    groups = write_duplicates(cfg, searcher, summary)
-    nb = regrouped_neighbours(cfg, searcher, groups, nb, summary) or nb
-    ids = [r.index for r in embedded]
-    files = [r.file for r in embedded]
-    table = cfg.results_dir / "neighbours.csv"
-    write_neighbours_csv(table, iter_neighbour_rows(nb, ids, files, ids, files))
-    summary.outputs["neighbour table"] = str(table)
+    heat = cfg.plots_dir / f"distance_heatmap{cfg.suffix}.png"
+    # The heatmap needs the vectors alone: drawn in a thread while the neighbours are found (numpy and
+    # file writes, mostly without the GIL), and done before the pictures (whose captions use matplotlib's
+    # fonts too). Leaving the block waits for it, whatever happened.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="heatmap") as beside:
+        heatmap = beside.submit(_seconds, save_heatmap, searcher.embeddings, heat)
+        nb = gallery_neighbours(cfg, searcher, summary, carried)
+        groups = write_duplicates(cfg, searcher, summary)
+        nb = regrouped_neighbours(cfg, searcher, groups, nb, summary) or nb
+        ids = [r.index for r in embedded]
+        files = [r.file for r in embedded]
+        table = cfg.results_dir / "neighbours.csv"
+        write_neighbours_csv(table, iter_neighbour_rows(nb, ids, files, ids, files))
+        summary.outputs["neighbour table"] = str(table)
+        with summary.stage("wait for the heatmap"):
+            summary.timed("heatmap", heatmap.result(), "heatmap (beside the neighbours)")
     with summary.stage("result pictures"):
         written, drawn = write_result_pictures(cfg, nb, files, [r.sha256 for r in embedded])
     summary.count("result pictures", written)
@@ -234,13 +244,18 @@ def write_retrieval_outputs(
         )
     summary.outputs["result pictures"] = f"{cfg.results_dir}/*_matches.jpg"
     with summary.stage("plots"):
-        heat = cfg.plots_dir / f"distance_heatmap{cfg.suffix}.png"
-        save_heatmap(searcher.embeddings, heat)
         hist = cfg.plots_dir / f"nearest_neighbour_hist{cfg.suffix}.png"
         save_histogram(nb.distances[:, 0], hist, title=f"Distance to the nearest other item ({n} items)")
     summary.outputs["heatmap"] = str(heat)
     summary.outputs["histogram"] = str(hist)
     return nb, groups
+
+
+def _seconds(draw: Callable[..., Any], *args: Any) -> float:
+    """Call draw(*args); the seconds it took."""
+    t = time.perf_counter()
+    draw(*args)
+    return time.perf_counter() - t
 
 
 def regrouped_neighbours(cfg: RunConfig, searcher: Searcher, groups: list[DuplicateGroup], first: Neighbours,
