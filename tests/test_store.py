@@ -119,3 +119,28 @@ def test_a_thumbnail_reader_reads_across_segments(tmp_path):
     with pytest.raises(CacheMismatchError, match="ends before thumbnail 9"):
         reader.read_into(4, np.empty((6, 4, 4, 3), np.uint8))
     reader.close()
+
+
+def test_an_npy_written_in_chunks_holds_them_and_its_sha256_is_the_files(tmp_path):
+    # chunks of either side of the 1 MiB at which a second thread hashes while this one writes; a
+    # buffer reused for every chunk (as the update's thumbnail copy does); a wrong row count refused
+    import hashlib
+
+    from pipeline.fileio import atomic_write_npy_chunks
+
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 256, (70, 128, 128, 3), dtype=np.uint8)  # 48 KiB a row
+    buf = np.empty((30, 128, 128, 3), np.uint8)
+
+    def chunks():
+        for start, stop in ((0, 1), (1, 30), (30, 31), (31, 60), (60, 70)):
+            buf[: stop - start] = rows[start:stop]
+            yield buf[: stop - start]
+
+    path = tmp_path / "t.npy"
+    sha = atomic_write_npy_chunks(path, rows.shape, np.uint8, chunks())
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert np.array_equal(np.load(path), rows)
+    with pytest.raises(ValueError, match="wrote 69 rows, expected 70"):
+        atomic_write_npy_chunks(tmp_path / "u.npy", rows.shape, np.uint8, iter([rows[:69]]))
+    assert not (tmp_path / "u.npy").exists() and not list(tmp_path.glob(".u.npy.*"))
