@@ -218,7 +218,8 @@ def write_retrieval_outputs(
     # file writes, mostly without the GIL), and done before the pictures (whose captions use matplotlib's
     # fonts too). Leaving the block waits for it, whatever happened.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="heatmap") as beside:
-        heatmap = beside.submit(_seconds, save_heatmap, searcher.embeddings, heat)
+        heatmap = beside.submit(_timed, plot_once, heat, _array_bytes(searcher.embeddings),
+                                lambda: save_heatmap(searcher.embeddings, heat))
         nb = gallery_neighbours(cfg, searcher, summary, carried)
         groups = write_duplicates(cfg, searcher, summary)
         nb = regrouped_neighbours(cfg, searcher, groups, nb, summary) or nb
@@ -228,7 +229,8 @@ def write_retrieval_outputs(
         write_neighbours_csv(table, iter_neighbour_rows(nb, ids, files, ids, files))
         summary.outputs["neighbour table"] = str(table)
         with summary.stage("wait for the heatmap"):
-            summary.timed("heatmap", heatmap.result(), "heatmap (beside the neighbours)")
+            seconds, heat_drawn = heatmap.result()
+        summary.timed("heatmap", seconds, "heatmap (beside the neighbours)")
     with summary.stage("result pictures"):
         written, drawn = write_result_pictures(cfg, nb, files, [r.sha256 for r in embedded])
     summary.count("result pictures", written)
@@ -245,17 +247,51 @@ def write_retrieval_outputs(
     summary.outputs["result pictures"] = f"{cfg.results_dir}/*_matches.jpg"
     with summary.stage("plots"):
         hist = cfg.plots_dir / f"nearest_neighbour_hist{cfg.suffix}.png"
-        save_histogram(nb.distances[:, 0], hist, title=f"Distance to the nearest other item ({n} items)")
+        title = f"Distance to the nearest other item ({n} items)"
+        drawn = plot_once(hist, title.encode() + _array_bytes(nb.distances[:, 0]),
+                          lambda: save_histogram(nb.distances[:, 0], hist, title=title))
+    if not (drawn or heat_drawn):
+        summary.notes.append("plots: kept, drawn from the same vectors and neighbours by the last run")
     summary.outputs["heatmap"] = str(heat)
     summary.outputs["histogram"] = str(hist)
     return nb, groups
 
 
-def _seconds(draw: Callable[..., Any], *args: Any) -> float:
-    """Call draw(*args); the seconds it took."""
+def _timed(call: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    """call(*args): the seconds it took, and what it returned."""
     t = time.perf_counter()
-    draw(*args)
-    return time.perf_counter() - t
+    got = call(*args)
+    return time.perf_counter() - t, got
+
+
+PLOTS_FILE = ".plots.json"  # in the plots folder: what each plot there was drawn from
+_plots_lock = threading.Lock()
+
+
+def plot_once(path: Path, inputs: bytes, draw: Callable[[], None]) -> bool:
+    """Draw a plot with draw() unless the file there was drawn from the same inputs by the same code
+    (plots.py and matplotlib's version), as recorded beside it in PLOTS_FILE: after an update that
+    changed nothing, the heatmap (O(N) to order) is kept. Returns whether it drew."""
+    import matplotlib
+
+    key = sha256_bytes(code_signature(plots_module).encode() + matplotlib.__version__.encode() + inputs)
+    record = path.parent / PLOTS_FILE
+    with _plots_lock:
+        known = read_json_dict(record)
+        if path.is_file() and known.get(path.name) == key:
+            return False
+        if known.pop(path.name, None) is not None:  # forgotten first: a killed run draws it again
+            atomic_write_text(record, json.dumps(known, sort_keys=True))
+    draw()
+    with _plots_lock:
+        atomic_write_text(record, json.dumps({**read_json_dict(record), path.name: key}, sort_keys=True))
+    return True
+
+
+def _array_bytes(a: np.ndarray) -> bytes:
+    """An array's shape, type and values, as bytes to hash."""
+    a = np.ascontiguousarray(a)
+    return json.dumps([a.shape, str(a.dtype)]).encode() + a.tobytes()
 
 
 def regrouped_neighbours(cfg: RunConfig, searcher: Searcher, groups: list[DuplicateGroup], first: Neighbours,

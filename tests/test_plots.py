@@ -3,6 +3,8 @@ text (characters the font lacks become '?'); tiles of another size are fitted to
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFont
@@ -98,3 +100,30 @@ def test_text_tiles_wrap_the_query_inside_a_frame():
 @pytest.mark.parametrize("text", ["", "   ", "x" * 200])
 def test_text_tiles_take_any_text(text):
     assert text_tile(text, 64).shape == (64, 64, 3)
+
+
+def test_a_plot_is_drawn_again_only_when_what_it_shows_changed(tmp_path):
+    from pipeline.runner import PLOTS_FILE, plot_once
+
+    path, drawn = tmp_path / "heat.png", []
+
+    def draw(text: bytes = b"png") -> None:
+        drawn.append(text)
+        path.write_bytes(text)
+
+    assert plot_once(path, b"vectors A", draw) and drawn == [b"png"]
+    assert not plot_once(path, b"vectors A", draw) and drawn == [b"png"]  # the same inputs: kept
+    assert plot_once(path, b"vectors B", draw) and len(drawn) == 2  # other inputs: drawn again
+    path.unlink()
+    assert plot_once(path, b"vectors B", draw) and len(drawn) == 3  # the file gone: drawn again
+
+    def fails() -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        plot_once(path, b"vectors C", fails)
+    assert path.name not in json.loads((tmp_path / PLOTS_FILE).read_text())  # forgotten before drawing
+    assert plot_once(path, b"vectors B", draw) and len(drawn) == 4  # so a file a failed run left is not trusted
+    other = tmp_path / "hist.png"
+    assert plot_once(other, b"d", lambda: other.write_bytes(b"h"))
+    assert set(json.loads((tmp_path / PLOTS_FILE).read_text())) == {"heat.png", "hist.png"}
