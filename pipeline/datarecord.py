@@ -10,7 +10,7 @@ inode), and for each row group a sha256 of its stored bytes.
 - A file whose stat changed (rewritten with rows added or removed, say) has each row group's
   stored bytes hashed: the column chunks of the columns used, exactly the byte ranges pyarrow reads
   to decode them, with their codec and type. That reads the file but decodes nothing (2.4 GB in
-  about 0.8-1.0 s here, against 1.8 s to decode every picture and hash it). A group whose bytes a
+  about 0.8-1.0 s here, against 1.8-2.0 s to decode every picture and hash it). A group whose bytes a
   recorded group had keeps that group's rows; only the other groups are decoded, two at a time.
 - A fresh build of such a dataset records what it read, so the first update after it pays no more
   than the next one.
@@ -35,7 +35,15 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from .dataset import DatasetSpec, Record, hash_parquet_group, iter_parquet_file, iter_records, local_parquet_files
+from .dataset import (
+    DatasetSpec,
+    Record,
+    check_columns,
+    hash_parquet_group,
+    iter_parquet_file,
+    iter_records,
+    local_parquet_files,
+)
 from .errors import PipelineError
 from .fileio import atomic_write_text, read_json_dict, sha256_bytes, user_cache_dir
 
@@ -235,7 +243,7 @@ class _KnownGroups:
 def _read_file(spec: DatasetSpec, f: Path, known: _KnownGroups) -> tuple[list, list | None, bool]:
     """A file whose stat changed: (its rows, its group digests, whether a cell named a picture file).
     Groups whose digest is known keep their recorded rows; the others are read and hashed, a group
-    per thread (_hash_groups). A file whose groups have no digests is read whole."""
+    by two threads (_hash_groups). A file whose groups have no digests is read whole."""
     digests = row_group_digests(f, _columns(spec))
     if digests is None:
         read: dict[int, list] = {}
@@ -244,6 +252,10 @@ def _read_file(spec: DatasetSpec, f: Path, known: _KnownGroups) -> tuple[list, l
             read[rec.source_row] = [sha, rec.item_id, rec.error]
             linked = linked or rec.linked
         return [read[r] for r in sorted(read)], None, linked
+    if not digests:  # no row group: nothing to read, but the columns asked for must be there
+        import pyarrow.parquet as pq
+
+        check_columns(spec, pq.read_schema(f).names)
     kept: list[list | None] = [known.get(d) for d, _ in digests]
     firsts = [0]
     for _, n in digests:
@@ -279,10 +291,14 @@ def _hash_groups(spec: DatasetSpec, f: Path, groups: list[int], firsts: list[int
                                 f"{firsts[g + 1] - firsts[g]}")
         return [[sha, rec.item_id, rec.error] for rec, sha in got], any(rec.linked for rec, _ in got)
 
+    pool = ThreadPoolExecutor(max_workers=2)
     try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            return dict(zip(groups, pool.map(one, groups)))
+        return dict(zip(groups, pool.map(one, groups)))
+    except BaseException:  # a group that cannot be read: the rest are not read for nothing
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     finally:
+        pool.shutdown(wait=True)
         for pf in opened:
             pf.close()
 

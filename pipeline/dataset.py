@@ -149,7 +149,7 @@ def check_dataset(spec: DatasetSpec) -> int | None:
             footer = _read_footer(source) or pq.read_metadata(source)
         if opener is not _open_local_file:
             _FOOTERS[str(parquet[0])] = footer  # a remote footer is kept for the read that follows
-        _check_columns(spec, footer.schema.to_arrow_schema().names)
+        check_columns(spec, footer.schema.to_arrow_schema().names)
     elif path.is_dir() and _is_image_folder(path):
         if spec.id_column:
             raise PipelineError(
@@ -264,17 +264,18 @@ def iter_parquet_file(spec: DatasetSpec, path: Path) -> Iterator[Record]:
 def hash_parquet_group(spec: DatasetSpec, pf: Any, group: int, first: int) -> list[tuple[Record, str]]:
     """The rows of one row group of an open local parquet file (pyarrow's ParquetFile; the group's
     first row numbered `first`), each as a Record without its bytes, with the sha256 of its bytes
-    ("" without a picture): what hashed(iter_parquet_file(...)) gives for those rows. A cell's bytes
-    are hashed where pyarrow read them, 64 rows at a time, never copied into Python bytes, so that
-    two threads can each take a group (pyarrow's read and hashlib let go of the GIL; 1.8 s against
-    2.4-3.0 s for a 2.4 GB file here). Any other cell (no bytes: a path, nothing) is read as
-    iter_parquet_file reads it."""
+    ("" without a picture): the sha256, item_id, error and linked that hashed(iter_parquet_file(...))
+    gives for those rows (no source, no extra columns). A cell's bytes are hashed where pyarrow read
+    them, 64 rows at a time, never copied into Python bytes, so that two threads can each take
+    groups (pyarrow's read and hashlib let go of the GIL): every group of the 2.4 GB benchmark
+    file read and hashed in 1.8-2.0 s here, against 2.4-3.0 s reading it whole with the rows copied
+    out. Any other cell (no bytes: a path, nothing) is read as iter_parquet_file reads it."""
     import hashlib
 
     import numpy as np
     import pyarrow as pa
 
-    _check_columns(spec, pf.schema_arrow.names)
+    check_columns(spec, pf.schema_arrow.names)
     columns = [spec.image_column] + ([spec.id_column] if spec.id_column else [])
     out: list[tuple[Record, str]] = []
     row = first
@@ -351,7 +352,7 @@ def _iter_parquet(
         with open_file(f) as source:
             footer = _footer(f, source)
             pf = pq.ParquetFile(source, pre_buffer=False, metadata=footer)
-            _check_columns(spec, pf.schema_arrow.names)
+            check_columns(spec, pf.schema_arrow.names)
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
             at = row
             for g, n in enumerate(sizes):
@@ -524,7 +525,7 @@ def _iter_hf(ds, spec: DatasetSpec, start: int) -> Iterator[Record]:
     features = ds.features
     columns = spec.columns
     if features is not None:
-        _check_columns(spec, list(features))
+        check_columns(spec, list(features))
     for col in columns:
         if features is not None and isinstance(features[col], datasets.Image):
             ds = ds.cast_column(col, datasets.Image(decode=False))
@@ -542,7 +543,9 @@ def _iter_hf(ds, spec: DatasetSpec, start: int) -> Iterator[Record]:
         yield _row_record(spec, i, row.get)
 
 
-def _check_columns(spec: DatasetSpec, names: list[str]) -> None:
+def check_columns(spec: DatasetSpec, names: list[str]) -> None:
+    """Every column the dataset is read with is one of `names` (a file's columns); else a
+    PipelineError that names them."""
     hints = {spec.image_column: "Choose one with --image-column.", spec.id_column: "Choose one with --id-column."}
     for col in spec.columns:
         if col not in names:
@@ -651,7 +654,7 @@ def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
         with opener(f) as source:
             footer = _footer(f, source)
             pf = pq.ParquetFile(source, pre_buffer=False, metadata=footer)
-            _check_columns(spec, pf.schema_arrow.names)
+            check_columns(spec, pf.schema_arrow.names)
             for g in range(pf.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows
                 take = n if stop is None else max(0, min(n, stop - row))
@@ -788,19 +791,24 @@ def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None) -> Any:
 
 
 def int64_array(values: Sequence[int] | Any) -> Any:
-    """A pyarrow int64 array of these values (a sequence or a numpy array), made from their buffer:
-    pa.array() on anything but an Arrow-protocol object imports pandas to ask whether it is one
-    (0.35 s, for nothing here)."""
+    """A pyarrow int64 array of these integers (a sequence or a numpy array), made from a copy of
+    their buffer: pa.array() on anything but an Arrow-protocol object imports pandas to ask whether
+    it is one (0.35 s, for nothing here). Values that are not integers are refused, as pa.array
+    refuses them."""
     import numpy as np
     import pyarrow as pa
 
-    data = np.ascontiguousarray(np.asarray(values, dtype=np.int64))
+    given = np.asarray(values)
+    if given.size and given.dtype.kind not in "iu":
+        raise TypeError(f"int64_array takes integers, not {given.dtype}")
+    data = np.array(given, dtype=np.int64)  # a copy: the Arrow array does not share the caller's memory
     return pa.Array.from_buffers(pa.int64(), len(data), [None, pa.py_buffer(data)])
 
 
 def arrow_numpy(values: Any) -> Any:
-    """A pyarrow Array or ChunkedArray as a numpy array: numbers and booleans without nulls straight
-    from their buffers (read-only, as to_numpy's zero-copy arrays), anything else by to_numpy.
+    """A pyarrow Array or ChunkedArray as a numpy array, to be read, not written: numbers without
+    nulls straight from their buffer (read-only, as to_numpy's zero-copy arrays), booleans without
+    nulls unpacked from theirs, anything else by to_numpy.
     pyarrow's to_numpy imports pandas on its first call, even for a plain int64 array (0.3 s)."""
     import numpy as np
     import pyarrow as pa

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -216,9 +216,10 @@ def write_retrieval_outputs(
     heat = cfg.plots_dir / f"distance_heatmap{cfg.suffix}.png"
     # The heatmap needs the vectors alone: drawn in a thread while the neighbours are found (numpy and
     # file writes, mostly without the GIL), and done before the pictures (whose captions use matplotlib's
-    # fonts too). Leaving the block waits for it, whatever happened.
+    # fonts too). Leaving the block waits for it, whatever happened (a Ctrl-C too); a heatmap that
+    # fails stops the run there, before the pictures.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="heatmap") as beside:
-        heatmap = beside.submit(_timed, plot_once, heat, _array_bytes(searcher.embeddings),
+        heatmap = beside.submit(_timed, plot_once, heat, ["save_heatmap, default cells", searcher.embeddings],
                                 lambda: save_heatmap(searcher.embeddings, heat))
         nb = gallery_neighbours(cfg, searcher, summary, carried)
         groups = write_duplicates(cfg, searcher, summary)
@@ -248,9 +249,9 @@ def write_retrieval_outputs(
     with summary.stage("plots"):
         hist = cfg.plots_dir / f"nearest_neighbour_hist{cfg.suffix}.png"
         title = f"Distance to the nearest other item ({n} items)"
-        drawn = plot_once(hist, title.encode() + _array_bytes(nb.distances[:, 0]),
-                          lambda: save_histogram(nb.distances[:, 0], hist, title=title))
-    if not (drawn or heat_drawn):
+        hist_drawn = plot_once(hist, ["save_histogram", title, nb.distances[:, 0]],
+                               lambda: save_histogram(nb.distances[:, 0], hist, title=title))
+    if not (hist_drawn or heat_drawn):
         summary.notes.append("plots: kept, drawn from the same vectors and neighbours by the last run")
     summary.outputs["heatmap"] = str(heat)
     summary.outputs["histogram"] = str(hist)
@@ -268,13 +269,27 @@ PLOTS_FILE = ".plots.json"  # in the plots folder: what each plot there was draw
 _plots_lock = threading.Lock()
 
 
-def plot_once(path: Path, inputs: bytes, draw: Callable[[], None]) -> bool:
-    """Draw a plot with draw() unless the file there was drawn from the same inputs by the same code
-    (plots.py and matplotlib's version), as recorded beside it in PLOTS_FILE: after an update that
-    changed nothing, the heatmap (O(N) to order) is kept. Returns whether it drew."""
-    import matplotlib
+def plot_once(path: Path, inputs: Sequence[str | np.ndarray], draw: Callable[[], None]) -> bool:
+    """Draw a plot with draw() unless the file there was drawn from the same inputs (texts saying
+    what is drawn and how, arrays: their shape, type and values, hashed where they lie) by the same
+    code (plots.py; matplotlib's, scipy's and numpy's versions), as recorded beside it in
+    PLOTS_FILE: after an update that changed nothing, the heatmap (O(N) to order) is kept. Returns
+    whether it drew."""
+    import hashlib
 
-    key = sha256_bytes(code_signature(plots_module).encode() + matplotlib.__version__.encode() + inputs)
+    import matplotlib
+    import scipy
+
+    h = hashlib.sha256(json.dumps([code_signature(plots_module), matplotlib.__version__, scipy.__version__,
+                                   np.__version__]).encode())
+    for part in inputs:
+        if isinstance(part, str):
+            h.update(json.dumps(part).encode())
+        else:
+            a = np.ascontiguousarray(part)
+            h.update(json.dumps([a.shape, str(a.dtype)]).encode())
+            h.update(a.data if a.size else b"")
+    key = h.hexdigest()
     record = path.parent / PLOTS_FILE
     with _plots_lock:
         known = read_json_dict(record)
@@ -286,12 +301,6 @@ def plot_once(path: Path, inputs: bytes, draw: Callable[[], None]) -> bool:
     with _plots_lock:
         atomic_write_text(record, json.dumps({**read_json_dict(record), path.name: key}, sort_keys=True))
     return True
-
-
-def _array_bytes(a: np.ndarray) -> bytes:
-    """An array's shape, type and values, as bytes to hash."""
-    a = np.ascontiguousarray(a)
-    return json.dumps([a.shape, str(a.dtype)]).encode() + a.tobytes()
 
 
 def regrouped_neighbours(cfg: RunConfig, searcher: Searcher, groups: list[DuplicateGroup], first: Neighbours,

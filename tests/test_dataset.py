@@ -114,6 +114,12 @@ def test_arrow_numpy_equals_to_numpy_for_numbers_booleans_and_the_rest():
     from pipeline.dataset import arrow_numpy, int64_array
 
     ints = int64_array(range(-3, 17))
+    with pytest.raises(TypeError, match="integers"):
+        int64_array([1.5, 2.0])
+    given = np.arange(3)
+    copied = int64_array(given)
+    given[0] = 7  # the Arrow array holds its own copy
+    assert copied.to_pylist() == [0, 1, 2]
     assert ints.type == pa.int64() and ints.to_pylist() == list(range(-3, 17)) and len(int64_array([])) == 0
     cases = [
         ints, ints.slice(5, 7), pa.array([1, 250, 7], pa.uint8()).slice(1), pa.array([-2, 3], pa.int16()),
@@ -137,6 +143,7 @@ def test_metadata_columns_are_read_without_importing_pandas(parquet_ds, tmp_path
     import sys
     from pathlib import Path
 
+    pytest.importorskip("pandas")  # else the check below says nothing
     code = (
         "import sys, numpy as np\n"
         "from pipeline.dataset import DatasetSpec, read_metadata, arrow_numpy\n"

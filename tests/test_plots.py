@@ -111,19 +111,23 @@ def test_a_plot_is_drawn_again_only_when_what_it_shows_changed(tmp_path):
         drawn.append(text)
         path.write_bytes(text)
 
-    assert plot_once(path, b"vectors A", draw) and drawn == [b"png"]
-    assert not plot_once(path, b"vectors A", draw) and drawn == [b"png"]  # the same inputs: kept
-    assert plot_once(path, b"vectors B", draw) and len(drawn) == 2  # other inputs: drawn again
+    assert plot_once(path, ["heatmap", np.arange(4.0)], draw) and drawn == [b"png"]
+    assert not plot_once(path, ["heatmap", np.arange(4.0)], draw) and drawn == [b"png"]  # the same inputs: kept
+    assert plot_once(path, ["heatmap", np.arange(4.0, dtype=np.float32)], draw) and len(drawn) == 2  # other type
+    assert plot_once(path, ["heatmap, 100 cells", np.arange(4.0)], draw) and len(drawn) == 3  # drawn otherwise
+    drawn[1:] = []
+    assert not plot_once(path, ["heatmap, 100 cells", np.arange(4.0)], draw)
+    assert plot_once(path, ["heatmap", np.arange(5.0)], draw) and len(drawn) == 2  # other inputs: drawn again
     path.unlink()
-    assert plot_once(path, b"vectors B", draw) and len(drawn) == 3  # the file gone: drawn again
+    assert plot_once(path, ["heatmap", np.arange(5.0)], draw) and len(drawn) == 3  # the file gone: drawn again
 
     def fails() -> None:
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        plot_once(path, b"vectors C", fails)
+        plot_once(path, ["heatmap", np.zeros(3)], fails)
     assert path.name not in json.loads((tmp_path / PLOTS_FILE).read_text())  # forgotten before drawing
-    assert plot_once(path, b"vectors B", draw) and len(drawn) == 4  # so a file a failed run left is not trusted
+    assert plot_once(path, ["heatmap", np.arange(5.0)], draw) and len(drawn) == 4  # a failed run's file not trusted
     other = tmp_path / "hist.png"
-    assert plot_once(other, b"d", lambda: other.write_bytes(b"h"))
+    assert plot_once(other, ["histogram", np.ones((2, 0))], lambda: other.write_bytes(b"h"))
     assert set(json.loads((tmp_path / PLOTS_FILE).read_text())) == {"heat.png", "hist.png"}
