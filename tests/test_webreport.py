@@ -334,3 +334,21 @@ def test_one_item_is_shown_and_no_items_is_said(small_runs, browser):
         "No embedded items to show."
     )
     assert console_errors(browser) == []
+
+
+def test_a_sprite_holds_each_thumbnail_in_its_cell_on_white():
+    # the pixels one Pillow paste per tile gives: full rows, a short last row, a tile of another size
+    from PIL import Image
+
+    from pipeline.plots import THUMB_SIZE as T
+    from pipeline.webreport import SPRITE_COLUMNS, sprite_image
+
+    rng = np.random.default_rng(7)
+    for n in (1, SPRITE_COLUMNS, SPRITE_COLUMNS + 1, 37):
+        tiles = [rng.integers(0, 256, (T, T, 3), dtype=np.uint8) for _ in range(n)]
+        tiles[-1] = tiles[-1][: T // 2, : T - 3]  # smaller: at its cell's top left, white around it
+        want = Image.new("RGB", (SPRITE_COLUMNS * T, -(-n // SPRITE_COLUMNS) * T), (255, 255, 255))
+        for k, tile in enumerate(tiles):
+            want.paste(Image.fromarray(tile), ((k % SPRITE_COLUMNS) * T, (k // SPRITE_COLUMNS) * T))
+        got = sprite_image(tiles)
+        assert got.size == want.size and np.array_equal(np.asarray(got), np.asarray(want)), n
