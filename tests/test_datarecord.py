@@ -126,3 +126,38 @@ def test_a_group_hashed_from_pyarrows_buffers_is_what_the_reader_gives(tmp_path)
     assert want[2][4] == "" and want[7][4] == "" and "empty" in want[9][2] and want[3][1] == "" and want[6][1] == "60"
     assert wants["binary", "item_id"][2][4] == hashlib.sha256(b"").hexdigest()  # a plain column's empty bytes: a cell
     assert wants["large", "item_id"][3][1] == "None"  # that table's ids are text
+
+
+def test_a_record_of_sha256_group_digests_is_not_trusted(tmp_path):
+    """Group digests were sha256 before they were xxh3-128: a record kept from then must not hand a
+    changed file's groups the rows it recorded; they are decoded again and the record renewed."""
+    import hashlib
+    import json
+
+    from pipeline.datarecord import dataset_hashes, hashes_file
+    from pipeline.dataset import DatasetSpec
+
+    data = tmp_path / "ds" / "data"
+    data.mkdir(parents=True)
+    cells = [bytes([k]) * (60 + k) for k in range(6)]
+    write(data / "train-00000.parquet", cells, [f"P{k}" for k in range(6)])
+    spec = DatasetSpec(str(tmp_path / "ds"), limit=None, id_column="item_id")
+    first = [sha for _, sha in dataset_hashes(spec)]
+    assert first == [hashlib.sha256(c).hexdigest() for c in cells]
+    record = json.loads(hashes_file(spec).read_text())
+    (entry,) = record.values()
+    assert [d[:5] for d, _ in entry["groups"]] == ["xxh3:", "xxh3:"] and len(entry["groups"][0][0]) == 37
+    entry["rows"] = [["0" * 64, f"P{k}", ""] for k in range(6)]  # rows that are now wrong
+    hashes_file(spec).write_text(json.dumps(record))
+    write(data / "train-00000.parquet", cells, [f"P{k}" for k in range(6)])  # the same bytes, a new stat
+    # the groups' digests are the ones recorded: their recorded rows are taken as they are (how the
+    # record saves reading), so the wrong rows come back
+    assert [sha for _, sha in dataset_hashes(spec)] == ["0" * 64] * 6
+    (entry,) = record.values()
+    # as the earlier version wrote it: sha256 digests (64 hex digits) beside the same wrong rows
+    entry["groups"] = [[hashlib.sha256(d.encode()).hexdigest(), n] for d, n in entry["groups"]]
+    hashes_file(spec).write_text(json.dumps(record))
+    write(data / "train-00000.parquet", cells, [f"P{k}" for k in range(6)])
+    assert [(r.item_id, sha) for r, sha in dataset_hashes(spec)] == [(f"P{k}", first[k]) for k in range(6)]
+    (renewed,) = json.loads(hashes_file(spec).read_text()).values()
+    assert all(d.startswith("xxh3:") for d, _ in renewed["groups"]) and renewed["rows"][0][0] == first[0]
