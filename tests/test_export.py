@@ -263,6 +263,104 @@ def test_the_static_int8_file_runs_without_dequantizing_between_ops(tiny_onnx, t
     assert export.feature_cosines(batch, plain).min() >= 0.99999
 
 
+def _gelu_graph(kind: str):
+    """x (2, 8) -> a GELU written out in elementary ops, as exporters write them -> y; `kind` picks
+    the formula and the order of its factors, or a near miss that is not a GELU."""
+    import math
+
+    from onnx import TensorProto, helper
+
+    consts: dict[str, float] = {}
+
+    def c(value: float) -> str:
+        name = f"c{len(consts)}"
+        consts[name] = value
+        return name
+
+    nodes = []
+    if kind.startswith("tanh"):
+        nodes += [helper.make_node("Pow", ["x", c(3.0)], ["cube"]),
+                  helper.make_node("Mul", [c(0.044715), "cube"], ["cube_k"]),
+                  helper.make_node("Add", ["x", "cube_k"], ["inner"]),
+                  helper.make_node("Mul", [c(math.sqrt(2 / math.pi)), "inner"], ["scaled"]),
+                  helper.make_node("Tanh", ["scaled"], ["act"])]
+    else:
+        scale = (helper.make_node("Mul", ["x", c(1 / math.sqrt(2))], ["scaled"]) if kind == "erf-mul"
+                 else helper.make_node("Div", ["x", c(math.sqrt(2))], ["scaled"]))
+        nodes += [scale, helper.make_node("Erf", ["scaled"], ["act"])]
+    nodes.append(helper.make_node("Add", ["act", c(2.0 if kind == "erf-add-2" else 1.0)], ["one_plus"]))
+    outputs = ["y"]
+    if kind in ("erf-x-last", "tanh", "erf-mul", "erf-add-2", "erf-read-twice"):  # (e * 0.5) * x
+        nodes += [helper.make_node("Mul", [c(0.5), "one_plus"], ["half_e"]),
+                  helper.make_node("Mul", ["x", "half_e"], ["y"])]
+        if kind == "erf-read-twice":  # an intermediate value is also a graph output: not the pattern's alone
+            outputs.append("half_e")
+    elif kind == "erf-half-last":  # (e * x) * 0.5
+        nodes += [helper.make_node("Mul", ["one_plus", "x"], ["ex"]), helper.make_node("Mul", ["ex", c(0.5)], ["y"])]
+    else:  # "erf-half-x": (x * 0.5) * e
+        nodes += [helper.make_node("Mul", ["x", c(0.5)], ["half_x"]),
+                  helper.make_node("Mul", ["half_x", "one_plus"], ["y"])]
+    inits = [helper.make_tensor(name, TensorProto.FLOAT, [], [value]) for name, value in consts.items()]
+    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("kind, fused", [("erf-x-last", "Gelu"), ("erf-half-last", "Gelu"), ("erf-half-x", "Gelu"),
+                                         ("erf-mul", "Gelu"), ("tanh", "FastGelu"), ("erf-add-2", None),
+                                         ("erf-read-twice", None)])
+def test_the_cpu_graph_makes_each_written_out_gelu_one_op(kind, fused):
+    """An exact (erf) or tanh GELU in elementary ops becomes onnxruntime's Gelu or FastGelu, with
+    the values the ops gave; a formula that is not a GELU, or one whose intermediate value is read
+    elsewhere, is left as it is."""
+    import onnxruntime as ort
+
+    from pipeline.int8graph import fuse_gelu
+
+    model = _gelu_graph(kind)
+    plain = model.SerializeToString()
+    count = fuse_gelu(model)
+    ops = [n.op_type for n in model.graph.node]
+    if fused is None:
+        assert count == 0 and "Gelu" not in ops and "FastGelu" not in ops
+        return
+    assert count == 1 and ops == [fused] and model.graph.node[0].domain == "com.microsoft"
+    x = np.linspace(-6, 6, 16, dtype=np.float32).reshape(2, 8)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # its own fusions left out
+    def run(graph: bytes) -> np.ndarray:
+        return ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    want, got = run(plain), run(model.SerializeToString())
+    assert np.allclose(got, want, atol=1e-5, rtol=1e-5), np.abs(got - want).max()
+    assert got[0, 0] == pytest.approx(0.0, abs=1e-5) and got[1, 7] == pytest.approx(6.0, abs=1e-4)  # a GELU's tails
+
+
+def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
+    """transformers' SigLIP writes its tanh GELUs out in eight ops; on the CPU each runs as one
+    FastGelu, batch-independent, with the vectors the file as written gives, within rounding."""
+    import onnxruntime as ort
+
+    from pipeline.embedders import OnnxEmbedder
+    from pipeline.int8graph import cpu_model
+    from pipeline.preprocess import preprocess_batch
+    from tests import assets
+
+    path = tmp_path / "siglip_int8.onnx"
+    assert export.export_onnx(str(assets.save_tiny_siglip(tmp_path / "m")), path).passed
+    meta = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
+    import collections
+
+    ops = collections.Counter(n.op_type for n in onnx.load_from_string(cpu_model(path, meta)).graph.node)
+    assert ops["FastGelu"] >= 2 and ops["Tanh"] == 0 and ops["Pow"] == 0, ops
+    emb = OnnxEmbedder(path, device="cpu")
+    pixels = preprocess_batch(export.verification_images(16), emb.preprocess_cfg)
+    batch = emb.embed(pixels)
+    assert all(np.array_equal(emb.embed(pixels[i : i + 1])[0], batch[i]) for i in (0, 9, 15))
+    plain = export.run_onnx(ort, path, pixels)  # the file as written
+    assert export.feature_cosines(batch, plain).min() >= 0.999
+
+
 def test_the_cpu_graph_is_kept_in_the_cache_and_opened_from_there(tiny_onnx, tmp_path, monkeypatch):
     """The rewrite is made once per file and code: the next embedder opens its sessions from the
     cached graph (no rewrite), with the same vectors; a file with nothing to fuse is remembered so."""
