@@ -161,3 +161,30 @@ def test_a_record_of_sha256_group_digests_is_not_trusted(tmp_path):
     assert [(r.item_id, sha) for r, sha in dataset_hashes(spec)] == [(f"P{k}", first[k]) for k in range(6)]
     (renewed,) = json.loads(hashes_file(spec).read_text()).values()
     assert all(d.startswith("xxh3:") for d, _ in renewed["groups"]) and renewed["rows"][0][0] == first[0]
+
+
+def test_a_group_that_reads_another_row_count_than_its_metadata_is_an_error(tmp_path, monkeypatch):
+    """A row group whose decoded rows do not number what the file's metadata says (a reader bug, a
+    file changed under it) stops the compare with the file and group named, not a shifted record."""
+    import pytest
+
+    from pipeline import datarecord
+    from pipeline.dataset import DatasetSpec
+    from pipeline.errors import PipelineError
+
+    data = tmp_path / "ds" / "data"
+    data.mkdir(parents=True)
+    write(data / "train-00000.parquet", [bytes([k]) * 40 for k in range(9)], [f"P{k}" for k in range(9)])
+    spec = DatasetSpec(str(tmp_path / "ds"), limit=None)
+    real = datarecord.hash_parquet_group
+
+    def short(spec, pf, group, first):
+        got = real(spec, pf, group, first)
+        return got[:-1] if group == 1 else got
+
+    monkeypatch.setattr(datarecord, "hash_parquet_group", short)
+    with pytest.raises(PipelineError, match=r"train-00000.parquet: row group 1 read 2 rows where its metadata says 3"):
+        list(datarecord.dataset_hashes(spec))
+    assert not datarecord.hashes_file(spec).exists()  # nothing recorded of it
+    monkeypatch.undo()
+    assert len(list(datarecord.dataset_hashes(spec))) == 9

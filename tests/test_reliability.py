@@ -334,3 +334,28 @@ def test_a_failed_run_keeps_the_folders_it_did_not_make(mixed_dataset, tiny_onnx
     (out / "notes.txt").write_text("mine")
     assert run("--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--image-column", "photo") == 1
     assert sorted(p.name for p in out.iterdir()) == [".pipeline.lock", "images", "notes.txt"]  # as a good run leaves it
+
+
+def test_a_heatmap_that_fails_in_its_thread_stops_the_run_with_its_error(mixed_dataset, tiny_onnx, tmp_path,
+                                                                        monkeypatch, capsys):
+    """The heatmap is drawn in a thread beside the neighbours: its error reaches the run (named, exit
+    code 1) before any result picture is drawn, and the store the run made stays whole."""
+    from pipeline import runner
+
+    def broken(*_args, **_kw):
+        raise RuntimeError("no room for the heatmap")
+
+    monkeypatch.setattr(runner, "save_heatmap", broken)
+    out = tmp_path / "out"
+    code = cli.main(["--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out),
+                     "--limit", "0", "-q"])
+    assert code == 1
+    assert "RuntimeError: no room for the heatmap" in capsys.readouterr().err
+    assert not list((out / "retrieval_results").glob("*_matches.jpg"))
+    assert not (out / "outputs" / "distance_heatmap.png").exists()
+    rows = read_manifest(out / "embeddings" / "manifest.csv")
+    assert len(np.load(out / "embeddings" / "embeddings.npy")) == sum(r.status == "ok" for r in rows) > 0
+    monkeypatch.undo()
+    assert run("--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--limit", "0",
+               "--use-embeddings") == 3  # the kept store: the outputs made from it (3: the two bad rows)
+    assert (out / "outputs" / "distance_heatmap.png").stat().st_size > 1000
