@@ -30,6 +30,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
                        "(pipeline/int8graph.py)",
                        {"op_types_to_quantize": ["MatMul"], "_fuse_bias": True,
                         "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
+    "s8s8+bias": ("float-out+bias with int8 activations (s8s8) instead of uint8 (u8s8): VNNI's int8 dot "
+                  "product takes u8 x s8, AMX takes either",
+                  {"op_types_to_quantize": ["MatMul"], "_fuse_bias": True, "activation_type": "QInt8",
+                   "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
     "float-out-per-tensor": ("the same with per-tensor weight scales",
                              {"op_types_to_quantize": ["MatMul"], "per_channel": False,
                               "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
@@ -51,6 +55,8 @@ def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dic
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     kwargs = dict(kwargs)
     fuse = kwargs.pop("_fuse_bias", False)
+    if isinstance(kwargs.get("activation_type"), str):
+        kwargs["activation_type"] = getattr(QuantType, kwargs["activation_type"])
     args: dict[str, Any] = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                                 weight_type=QuantType.QInt8, per_channel=True,
                                 calibrate_method=CalibrationMethod.MinMax, reduce_range=REDUCE_RANGE)
