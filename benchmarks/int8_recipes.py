@@ -34,6 +34,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
                   "product takes u8 x s8, AMX takes either",
                   {"op_types_to_quantize": ["MatMul"], "_fuse_bias": True, "activation_type": "QInt8",
                    "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
+    "conv-too+bias": ("float-out+bias with the patch convolution quantized too (QLinearConv, its output uint8; "
+                      "the file the export writes since 2026-12-04)",
+                      {"op_types_to_quantize": ["MatMul", "Conv"], "_fuse_bias": True,
+                       "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
     "float-out-per-tensor": ("the same with per-tensor weight scales",
                              {"op_types_to_quantize": ["MatMul"], "per_channel": False,
                               "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
@@ -61,12 +65,14 @@ def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dic
                                 weight_type=QuantType.QInt8, per_channel=True,
                                 calibrate_method=CalibrationMethod.MinMax, reduce_range=REDUCE_RANGE)
     quantize_static(str(pre), str(out), Reader(), **{**args, **kwargs})
-    if fuse:
+    if fuse:  # the graph a CPU session runs (pipeline/int8graph.py)
         import onnx
-        from pipeline.int8graph import fuse_bias
+        from pipeline.int8graph import fuse_bias, fuse_gelu, shapes_of_quantized
 
         model = onnx.load(str(out))
         fuse_bias(model)
+        fuse_gelu(model)
+        shapes_of_quantized(model)
         onnx.save(model, str(out))
 
 

@@ -249,7 +249,8 @@ class _ImageExport:
         elif self.quantization == "static":
             calib = list(calibration_images) if calibration_images is not None else verification_images(64, seed=1)
             log.info(
-                "quantizing MatMul to int8 (static QDQ, %s 7-bit weights, ranges from %d images)", mode, len(calib)
+                "quantizing MatMul and Conv to int8 (static QDQ, %s 7-bit weights, ranges from %d images)", mode,
+                len(calib),
             )
             calib_pixels = preprocess_batch(calib, self.prep)
             _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels, self.per_channel)
@@ -472,7 +473,8 @@ def _verify_text_graph(tower, enc, path: Path, masked: bool = True) -> tuple[str
 
 # How each quantization makes its int8 file, recorded in the file (fashion_pipeline.int8_recipe): a
 # file made by an earlier recipe still loads (its probes vouch for it), and a benchmark can tell it is
-# not the current one. Static: "matmul-float-out" since 2026-12-03 (before: "matmul-qdq-out").
+# not the current one. Static: "matmul-float-out+conv" since 2026-12-04 (the patch convolution
+# quantized too), "matmul-float-out" from 2026-12-03, "matmul-qdq-out" before.
 INT8_RECIPES = {"static": FUSED_RECIPE, "dynamic": "matmul-dynamic"}
 
 
@@ -496,8 +498,8 @@ def calibration_reader(calib_pixels: np.ndarray):
 
 
 def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool) -> None:
-    """QDQ int8 for MatMul: uint8 asymmetric activations (MinMax ranges), 7-bit int8 weights, float
-    outputs."""
+    """QDQ int8 for MatMul and the patch convolution: uint8 asymmetric activations (MinMax ranges),
+    7-bit int8 weights, MatMul outputs in float."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -509,7 +511,10 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
         str(out),
         Reader(),
         quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["MatMul"],
+        # The patch convolution too: onnxruntime runs it as QLinearConv (its output uint8, turned back
+        # to float once for the class token and position embedding), 9% of kernel time in fp32 and 2%
+        # so (benchmarks/int8_recipes.py, "conv-too+bias"); its 7-bit weights keep AVX2 exact as the MatMuls'.
+        op_types_to_quantize=["MatMul", "Conv"],
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         per_channel=per_channel,

@@ -1,6 +1,6 @@
 """The static int8 file as the CPU runs it best (issue 29).
 
-The export writes portable QDQ (pipeline/export.py, recipe "matmul-float-out"): each MatMul reads
+The export writes portable QDQ (pipeline/export.py, recipe "matmul-float-out+conv"): each MatMul reads
 DequantizeLinear(QuantizeLinear(x)) and DequantizeLinear(int8 weights), and its float output goes
 to a float bias Add. onnxruntime's CPU provider turns each such MatMul into MatMulIntegerToFloat
 (int8 GEMM, scaled in its epilogue) but leaves the bias Add on its own: 8-9% of kernel time on the
@@ -30,7 +30,10 @@ from typing import Any
 
 from .fileio import user_cache_dir
 
-FUSED_RECIPE = "matmul-float-out"
+# The static recipe the export writes now (pipeline/export.py), and every recipe whose files this
+# rewrite knows: "matmul-float-out" (2026-12-03) left the patch convolution in float.
+FUSED_RECIPE = "matmul-float-out+conv"
+FUSED_RECIPES = frozenset({"matmul-float-out", FUSED_RECIPE})
 META_INT8_RECIPE = "fashion_pipeline.int8_recipe"  # also pipeline/export.py's
 
 
@@ -38,12 +41,12 @@ def cpu_model(path: Path, meta: dict[str, str]) -> bytes | None:
     """The file's graph with every weight MatMul + bias Add fused into MatMulIntegerToFloat and every
     exact GELU written out in elementary ops made one Gelu, as bytes for onnxruntime; None when the
     file is not of the fused recipe or nothing matched."""
-    if meta.get(META_INT8_RECIPE) != FUSED_RECIPE:
+    if meta.get(META_INT8_RECIPE) not in FUSED_RECIPES:
         return None
     import onnx
 
     model = onnx.load(str(path))
-    if fuse_bias(model) + fuse_gelu(model) == 0:
+    if fuse_bias(model) + fuse_gelu(model) + shapes_of_quantized(model) == 0:
         return None
     return model.SerializeToString()
 
@@ -281,3 +284,25 @@ def fuse_gelu(model: Any) -> int:
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(replace)
+
+
+def shapes_of_quantized(model: Any) -> int:
+    """Rewrite, in place, each Shape that reads a DequantizeLinear's output to read its quantized
+    input (the same shape), so a tensor dequantized only to be measured is not dequantized at all
+    (the image input, once the patch convolution is quantized: the class token's batch size). A
+    DequantizeLinear left unread is dropped. Returns the number of Shapes rewired."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    rewired = 0
+    for node in graph.node:
+        if node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
+            dq = producer.get(node.input[0])
+            if dq is not None and dq.op_type == "DequantizeLinear" and dq.domain in ("", "ai.onnx"):
+                node.input[0] = dq.input[0]
+                rewired += 1
+    if rewired:
+        read = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+        kept = [n for n in graph.node if not (n.op_type == "DequantizeLinear" and not any(o in read for o in n.output))]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return rewired

@@ -229,32 +229,42 @@ def test_damaged_text_tower_is_refused(tiny_onnx, tmp_path):
 
 def test_the_static_int8_file_runs_without_dequantizing_between_ops(tiny_onnx, tmp_path):
     """Issue 29: the MatMuls' outputs stay float (no QuantizeLinear after them), so onnxruntime runs
-    each as MatMulIntegerToFloat and the optimized graph holds no DequantizeLinear at all: the only
-    format conversion left is one QuantizeLinear per MatMul input. The recipe is named in the file;
-    one picture alone gives its vector in a batch of 32, bit for bit."""
+    each as MatMulIntegerToFloat, and the patch convolution as QLinearConv: the graph a CPU session
+    runs holds one DequantizeLinear, the convolution's output turned to float once for the class
+    token and position embedding; the other format conversion left is one QuantizeLinear per
+    MatMul input. The recipe is named in the file; one picture alone gives its vector in a batch of
+    32, bit for bit."""
     import collections
 
     import onnxruntime as ort
 
     from pipeline.embedders import OnnxEmbedder, _session_options
+    from pipeline.int8graph import cpu_model
     from pipeline.preprocess import preprocess_batch
 
     meta = ort.InferenceSession(str(tiny_onnx)).get_modelmeta().custom_metadata_map
-    assert meta[export.META_INT8_RECIPE] == "matmul-float-out"
+    assert meta[export.META_INT8_RECIPE] == "matmul-float-out+conv"
     opts = _session_options(ort, 2)
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(tiny_onnx), opts, providers=["CPUExecutionProvider"])
-    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
-    assert ops["DequantizeLinear"] == 0 and ops["MatMul"] == 0, ops
-    assert ops["MatMulIntegerToFloat"] >= 4 and ops["QuantizeLinear"] <= ops["MatMulIntegerToFloat"], ops
+    ort.InferenceSession(cpu_model(tiny_onnx, meta), opts, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    assert ops["DequantizeLinear"] == 1 and ops["MatMul"] == 0 and ops["Conv"] == 0 and ops["QLinearConv"] == 1, ops
+    producer = {out: n for n in graph.node for out in n.output}
+    (dq,) = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    source = producer[dq.input[0]]
+    while source.op_type in ("Transpose", "Reshape"):  # the layout onnxruntime gives the convolution's output
+        source = producer[source.input[0]]
+    assert source.op_type == "QLinearConv"
+    assert ops["MatMulIntegerToFloat"] >= 4 and ops["QuantizeLinear"] <= ops["MatMulIntegerToFloat"] + 1, ops
     # On the CPU the embedder runs the graph with each bias Add fused into its MatMulIntegerToFloat
-    from pipeline.int8graph import cpu_model
-
     fused = onnx.load_from_string(cpu_model(tiny_onnx, meta))
     with_bias = [n for n in fused.graph.node if n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7]
     read = {name for n in fused.graph.node for name in n.input}
     assert len(with_bias) >= 4 and all(o in read for n in fused.graph.node if n.op_type == "DequantizeLinear"
                                        for o in n.output)  # no DequantizeLinear left that nothing reads
+    dequantized = {o for n in fused.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert not [n for n in fused.graph.node if n.op_type == "Shape" and n.input[0] in dequantized]  # measured as int8
     emb = OnnxEmbedder(tiny_onnx, device="cpu")
     pixels = preprocess_batch(export.verification_images(32), emb.preprocess_cfg)
     batch = emb.embed(pixels)
