@@ -103,6 +103,8 @@ IN_PROCESS = [
         r"^\| qdq-out \| NUMBER \| 1\.00x \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
         r"^\| float-out \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
         r"^\| float-out\+bias \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
+        r"^\| conv-too\+bias \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
+        r"^\| s8s8\+bias \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
         r"^\| all-ops \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
     ]),
     (int8_cpus, "clip", [
