@@ -56,13 +56,21 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_clip, tmp_path_factory) -> Path:
-    from pipeline.export import export_onnx
+    from pipeline.export import INT8_RECIPES, export_onnx
 
     folder = Path(ASSET_CACHE) / "onnx" if ASSET_CACHE else tmp_path_factory.mktemp("onnx")
     path = folder / "tiny_int8_matmul.onnx"
-    if not (ASSET_CACHE and path.is_file()):
-        export_onnx(str(tiny_clip), path)
+    if not (ASSET_CACHE and path.is_file() and _int8_recipe(path) == INT8_RECIPES["static"]):
+        export_onnx(str(tiny_clip), path)  # a cached file of an earlier recipe is made again
     return path
+
+
+def _int8_recipe(path: Path) -> str | None:
+    import onnx
+    from pipeline.export import META_INT8_RECIPE
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return meta.get(META_INT8_RECIPE)
 
 
 def mixed_cells() -> list[tuple[str, bytes | None]]:
