@@ -102,13 +102,7 @@ def fuse_bias(model: Any) -> int:
     from onnx import helper
 
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    graph_outputs = {o.name for o in graph.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    inits, producer, graph_outputs, consumers = _graph_maps(graph)
     replace: dict[int, Any] = {}
     drop: set[int] = set()
     for node in graph.node:
@@ -145,17 +139,9 @@ def fuse_bias(model: Any) -> int:
             drop.add(id(x_dq))
     if not replace:
         return 0
+    # a DequantizeLinear shared by several rewritten MatMuls (q, k, v) is read by none now
     nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-    while True:  # a DequantizeLinear shared by several rewritten MatMuls (q, k, v) is read by none now
-        read = {name for n in nodes for name in n.input} | graph_outputs
-        dead = [n for n in nodes if n.op_type == "DequantizeLinear" and not any(o in read for o in n.output)]
-        if not dead:
-            break
-        nodes = [n for n in nodes if n not in dead]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    if not any(op.domain == "com.microsoft" for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _set_nodes(model, _without_unread_dequantize(nodes, graph_outputs))
     return len(replace)
 
 
@@ -184,13 +170,7 @@ def fuse_gelu(model: Any) -> int:
     from onnx import helper
 
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    graph_outputs = {o.name for o in graph.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    inits, producer, graph_outputs, consumers = _graph_maps(graph)
 
     def near(name: str, want: float) -> bool:
         got = _scalar(inits, name)
@@ -278,11 +258,7 @@ def fuse_gelu(model: Any) -> int:
         drop.update(id(n) for n in pattern if n is not last)
     if not replace:
         return 0
-    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    if not any(op.domain == "com.microsoft" for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _set_nodes(model, [replace.get(id(n), n) for n in graph.node if id(n) not in drop])
     return len(replace)
 
 
@@ -301,8 +277,35 @@ def shapes_of_quantized(model: Any) -> int:
                 node.input[0] = dq.input[0]
                 rewired += 1
     if rewired:
-        read = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-        kept = [n for n in graph.node if not (n.op_type == "DequantizeLinear" and not any(o in read for o in n.output))]
+        kept = _without_unread_dequantize(list(graph.node), {o.name for o in graph.output})
         del graph.node[:]
         graph.node.extend(kept)
     return rewired
+
+
+def _graph_maps(graph: Any) -> tuple[dict[str, Any], dict[str, Any], set[str], dict[str, list[Any]]]:
+    """(initializers by name, the node making each value, the graph's output names, the nodes
+    reading each value)."""
+    inits = {i.name: i for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return inits, producer, {o.name for o in graph.output}, consumers
+
+
+def _without_unread_dequantize(nodes: list[Any], graph_outputs: set[str]) -> list[Any]:
+    """`nodes` less every DequantizeLinear whose output nothing reads any more."""
+    read = {name for n in nodes for name in n.input} | graph_outputs
+    return [n for n in nodes if not (n.op_type == "DequantizeLinear" and not any(o in read for o in n.output))]
+
+
+def _set_nodes(model: Any, nodes: list[Any]) -> None:
+    """The graph's nodes replaced by `nodes` (in order), with onnxruntime's contrib domain imported."""
+    from onnx import helper
+
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
