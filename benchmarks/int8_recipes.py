@@ -28,15 +28,15 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
                    "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
     "float-out+bias": ("the same as the CPU session runs it: each bias Add fused into MatMulIntegerToFloat "
                        "(pipeline/int8graph.py)",
-                       {"op_types_to_quantize": ["MatMul"], "_fuse_bias": True,
+                       {"op_types_to_quantize": ["MatMul"], "_cpu_graph": True,
                         "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
     "s8s8+bias": ("float-out+bias with int8 activations (s8s8) instead of uint8 (u8s8): VNNI's int8 dot "
                   "product takes u8 x s8, AMX takes either",
-                  {"op_types_to_quantize": ["MatMul"], "_fuse_bias": True, "activation_type": "QInt8",
+                  {"op_types_to_quantize": ["MatMul"], "_cpu_graph": True, "activation_type": "QInt8",
                    "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
     "conv-too+bias": ("float-out+bias with the patch convolution quantized too (QLinearConv, its output uint8; "
                       "the file the export writes since 2026-12-04)",
-                      {"op_types_to_quantize": ["MatMul", "Conv"], "_fuse_bias": True,
+                      {"op_types_to_quantize": ["MatMul", "Conv"], "_cpu_graph": True,
                        "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
     "float-out-per-tensor": ("the same with per-tensor weight scales",
                              {"op_types_to_quantize": ["MatMul"], "per_channel": False,
@@ -58,7 +58,7 @@ def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dic
     if not pre.is_file():
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     kwargs = dict(kwargs)
-    fuse = kwargs.pop("_fuse_bias", False)
+    fuse = kwargs.pop("_cpu_graph", False)
     if isinstance(kwargs.get("activation_type"), str):
         kwargs["activation_type"] = getattr(QuantType, kwargs["activation_type"])
     args: dict[str, Any] = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,

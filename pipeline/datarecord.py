@@ -9,8 +9,8 @@ inode), and for each row group a digest of its stored bytes (xxh3-128, row_group
   stat is unchanged).
 - A file whose stat changed (rewritten with rows added or removed, say) has each row group's
   stored bytes hashed: the column chunks of the columns used, exactly the byte ranges pyarrow reads
-  to decode them, with their codec and type. That reads the file but decodes nothing (2.4 GB in
-  0.2-0.3 s here, against 1.8-2.0 s to decode every picture and hash it). A group whose bytes a
+  to decode them, with their codec and type. That reads the file but decodes nothing (far less
+  than decoding every picture and hashing it: figures in the README). A group whose bytes a
   recorded group had keeps that group's rows; only the other groups are decoded, two at a time.
 - A fresh build of such a dataset records what it read, so the first update after it pays no more
   than the next one.
@@ -159,13 +159,15 @@ def row_group_digests(path: Path, columns: Sequence[str]) -> list[list] | None:
     bytes of every leaf column under `columns` (each column chunk's byte range as pyarrow computes
     it to read the chunk, with its path, codec and size), their parquet and Arrow schema (an Arrow
     type such as a timestamp's zone changes what the same bytes decode to), so two groups with the
-    same digest decode to the same cells. The digest is xxh3-128 ("xxh3:" and 32 hex digits):
-    it only tells a group from the groups recorded of the same dataset, where sha256 (1.6 GB/s
-    here, the 2.4 GB file in 0.85-0.93 s) cost more than reading the bytes; xxh3 runs at ~20 GB/s,
-    so the pread sets the pace (0.19-0.26 s). The photos themselves keep their sha256. Read by two
-    threads, 16 MiB at a time (pread lets go of the GIL; not mmap: a file truncated while mapped
-    would kill the process). None when the file cannot be read as parquet, or was written by a
-    parquet-mr older than 1.2.9 (whose chunk sizes pyarrow pads when it reads them, PARQUET-816)."""
+    same digest decode to the same cells. The digest is xxh3-128 ("xxh3:" and 32 hex digits): it
+    only tells a group from the groups recorded of the same dataset, and sha256 cost more than
+    reading the bytes (figures in the README). A chance collision is out of reach; a file crafted
+    to collide with a recorded group is not (xxh3 is not a cryptographic hash), and would keep that
+    group's recorded rows: the record trusts the catalogue it is kept for. Rows of groups decoded
+    keep their photos' sha256. Read by two threads, 16 MiB at a time (pread lets go of the GIL;
+    not mmap: a file truncated while mapped would kill the process). None when the file cannot be
+    read as parquet, or was written by a parquet-mr older than 1.2.9 (whose chunk sizes pyarrow pads
+    when it reads them, PARQUET-816)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import xxhash

@@ -511,9 +511,11 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
         str(out),
         Reader(),
         quant_format=QuantFormat.QDQ,
-        # The patch convolution too: onnxruntime runs it as QLinearConv (its output uint8, turned back
-        # to float once for the class token and position embedding), 9% of kernel time in fp32 and 2%
-        # so (benchmarks/int8_recipes.py, "conv-too+bias"); its 7-bit weights keep AVX2 exact as the MatMuls'.
+        # Conv too: in a ViT tower the patch convolution alone, which onnxruntime then runs as
+        # QLinearConv (its output uint8, turned to float once for the class token and position
+        # embedding; README, "Int8 recipes"). A convolutional tower (an open_clip ResNet or
+        # ConvNeXt) would have every convolution quantized: its probes decide whether the file
+        # passes. 7-bit weights keep AVX2 exact, as for the MatMuls.
         op_types_to_quantize=["MatMul", "Conv"],
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,

@@ -6,16 +6,20 @@ to a float bias Add. onnxruntime's CPU provider turns each such MatMul into MatM
 (int8 GEMM, scaled in its epilogue) but leaves the bias Add on its own: 8-9% of kernel time on the
 real architecture. `cpu_model` rewrites the graph in memory, before the session is made, so that
 the bias is added inside the kernel (MatMulIntegerToFloat's optional bias input, a contrib op of
-onnxruntime): measured 1.07x the speed of the unfused file (benchmarks/int8_recipes.py).
+onnxruntime; figures in the README, "Int8 recipes").
 
-An exact GELU that the exporter wrote out as x * (0.5 * (1 + erf(x / sqrt 2))) (open_clip's timm
-towers: Marqo-FashionSigLIP) is not one of the orders onnxruntime's GeluFusion matches, so it ran
-as five float ops between the int8 MatMuls (Div, Erf, Add, two Muls: 12% of the kernel time).
-`fuse_gelu` makes each one onnxruntime's Gelu (the same erf formula in one pass).
+For files of the current recipe, two more rewrites:
+- `fuse_gelu`: a GELU the exporter wrote out in elementary ops (the exact erf form of open_clip and
+  timm towers, Marqo-FashionSigLIP; the tanh form of transformers' SigLIP) in an order
+  onnxruntime's own fusion does not match ran as five to eight float ops between the int8 MatMuls;
+  it becomes onnxruntime's Gelu or FastGelu (the same formula in one pass);
+- `shapes_of_quantized`: a Shape that read the dequantized image input (once the patch
+  convolution is quantized) reads the int8 tensor, which then is not dequantized at all.
 
 The file on disk stays QDQ, so other providers (CUDA) and tools still read it; only a CPU session
-sees the rewrite, and the file's probes check the rewritten graph as it runs. Files of another
-recipe (or fp32) are left as they are: their vectors must not move.
+sees the rewrite, and the file's probes check the rewritten graph as it runs. Files of an earlier
+recipe get only the bias fusion they always got, and fp32 files nothing: vectors of stores made
+from them must not move.
 
 The rewrite is kept in the user's cache ($XDG_CACHE_HOME/fashion-visual-search/int8graph, keyed by
 the file's sha256 and this module's own code), so a run opens its CPU sessions straight from it:
@@ -38,15 +42,20 @@ META_INT8_RECIPE = "fashion_pipeline.int8_recipe"  # also pipeline/export.py's
 
 
 def cpu_model(path: Path, meta: dict[str, str]) -> bytes | None:
-    """The file's graph with every weight MatMul + bias Add fused into MatMulIntegerToFloat and every
-    exact GELU written out in elementary ops made one Gelu, as bytes for onnxruntime; None when the
-    file is not of the fused recipe or nothing matched."""
-    if meta.get(META_INT8_RECIPE) not in FUSED_RECIPES:
+    """The file's graph with every weight MatMul + bias Add fused into MatMulIntegerToFloat and, for
+    the current recipe, every GELU written out in elementary ops made one op and the input's Shape
+    read from int8 (the module's doc), as bytes for onnxruntime; None when the file is of no recipe
+    this rewrite knows, or nothing matched."""
+    recipe = meta.get(META_INT8_RECIPE)
+    if recipe not in FUSED_RECIPES:
         return None
     import onnx
 
     model = onnx.load(str(path))
-    if fuse_bias(model) + fuse_gelu(model) + shapes_of_quantized(model) == 0:
+    changed = fuse_bias(model)
+    if recipe == FUSED_RECIPE:  # an earlier recipe's graph stays as its stores' vectors were made
+        changed += fuse_gelu(model) + shapes_of_quantized(model)
+    if changed == 0:
         return None
     return model.SerializeToString()
 
@@ -146,11 +155,12 @@ def fuse_bias(model: Any) -> int:
 
 
 def _scalar(inits: dict[str, Any], name: str) -> float | None:
-    """The value of a one-element float initializer, else None."""
+    """The value of a float initializer that is a scalar or holds one value in one dimension (a
+    constant of more dimensions would broadcast the result into them), else None."""
     from onnx import numpy_helper
 
     init = inits.get(name)
-    if init is None or _size(init) != 1:
+    if init is None or _size(init) != 1 or len(init.dims) > 1:
         return None
     value = numpy_helper.to_array(init)
     return float(value.reshape(-1)[0]) if value.dtype.kind == "f" else None
@@ -174,7 +184,7 @@ def fuse_gelu(model: Any) -> int:
 
     def near(name: str, want: float) -> bool:
         got = _scalar(inits, name)
-        return got is not None and abs(got - want) <= 1e-4 * abs(want)
+        return got is not None and abs(got - want) <= 1e-6 * abs(want)
 
     def only_user(node: Any) -> Any:
         """The one node that reads `node`'s output, None if several (or a graph output) do."""
@@ -277,9 +287,7 @@ def shapes_of_quantized(model: Any) -> int:
                 node.input[0] = dq.input[0]
                 rewired += 1
     if rewired:
-        kept = _without_unread_dequantize(list(graph.node), {o.name for o in graph.output})
-        del graph.node[:]
-        graph.node.extend(kept)
+        _set_nodes(model, _without_unread_dequantize(list(graph.node), {o.name for o in graph.output}))
     return rewired
 
 
@@ -302,10 +310,18 @@ def _without_unread_dequantize(nodes: list[Any], graph_outputs: set[str]) -> lis
 
 
 def _set_nodes(model: Any, nodes: list[Any]) -> None:
-    """The graph's nodes replaced by `nodes` (in order), with onnxruntime's contrib domain imported."""
+    """The graph's nodes replaced by `nodes` (in order), with onnxruntime's contrib domain imported.
+    Initializers only the dropped nodes read go too (onnxruntime warns of each one left unread)."""
     from onnx import helper
 
+    before = {name for n in model.graph.node for name in n.input}
+    after = {name for n in nodes for name in n.input} | {v.name for v in (*model.graph.output, *model.graph.input)}
+    unread = before - after
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    if unread:
+        kept = [i for i in model.graph.initializer if i.name not in unread]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))

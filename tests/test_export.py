@@ -281,6 +281,7 @@ def _gelu_graph(kind: str):
     from onnx import TensorProto, helper
 
     consts: dict[str, float] = {}
+    shapes: dict[str, list[int]] = {}
 
     def c(value: float) -> str:
         name = f"c{len(consts)}"
@@ -290,7 +291,7 @@ def _gelu_graph(kind: str):
     nodes = []
     if kind.startswith("tanh"):
         nodes += [helper.make_node("Pow", ["x", c(3.0)], ["cube"]),
-                  helper.make_node("Mul", [c(0.044715), "cube"], ["cube_k"]),
+                  helper.make_node("Mul", [c(0.05 if kind == "tanh-other-cube" else 0.044715), "cube"], ["cube_k"]),
                   helper.make_node("Add", ["x", "cube_k"], ["inner"]),
                   helper.make_node("Mul", [c(math.sqrt(2 / math.pi)), "inner"], ["scaled"]),
                   helper.make_node("Tanh", ["scaled"], ["act"])]
@@ -300,9 +301,15 @@ def _gelu_graph(kind: str):
         nodes += [scale, helper.make_node("Erf", ["scaled"], ["act"])]
     nodes.append(helper.make_node("Add", ["act", c(2.0 if kind == "erf-add-2" else 1.0)], ["one_plus"]))
     outputs = ["y"]
-    if kind in ("erf-x-last", "tanh", "erf-mul", "erf-add-2", "erf-read-twice"):  # (e * 0.5) * x
-        nodes += [helper.make_node("Mul", [c(0.5), "one_plus"], ["half_e"]),
-                  helper.make_node("Mul", ["x", "half_e"], ["y"])]
+    if kind in ("erf-x-last", "tanh", "erf-mul", "erf-add-2", "erf-read-twice", "erf-other-factor", "tanh-other-cube",
+                "erf-rank4-half"):  # (e * 0.5) * x
+        half = c(0.5)
+        nodes += [helper.make_node("Mul", [half, "one_plus"], ["half_e"]),
+                  helper.make_node("Mul", ["x2" if kind == "erf-other-factor" else "x", "half_e"], ["y"])]
+        if kind == "erf-other-factor":  # the last factor is not the GELU's input
+            nodes.insert(0, helper.make_node("Neg", ["x"], ["x2"]))
+        if kind == "erf-rank4-half":  # a (1, 1, 1, 1) constant would broadcast y to four dimensions
+            shapes[half] = [1, 1, 1, 1]
         if kind == "erf-read-twice":  # an intermediate value is also a graph output: not the pattern's alone
             outputs.append("half_e")
     elif kind == "erf-half-last":  # (e * x) * 0.5
@@ -310,7 +317,8 @@ def _gelu_graph(kind: str):
     else:  # "erf-half-x": (x * 0.5) * e
         nodes += [helper.make_node("Mul", ["x", c(0.5)], ["half_x"]),
                   helper.make_node("Mul", ["half_x", "one_plus"], ["y"])]
-    inits = [helper.make_tensor(name, TensorProto.FLOAT, [], [value]) for name, value in consts.items()]
+    inits = [helper.make_tensor(name, TensorProto.FLOAT, shapes.get(name, []), [value])
+             for name, value in consts.items()]
     graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -318,11 +326,13 @@ def _gelu_graph(kind: str):
 
 @pytest.mark.parametrize("kind, fused", [("erf-x-last", "Gelu"), ("erf-half-last", "Gelu"), ("erf-half-x", "Gelu"),
                                          ("erf-mul", "Gelu"), ("tanh", "FastGelu"), ("erf-add-2", None),
-                                         ("erf-read-twice", None)])
+                                         ("erf-read-twice", None), ("erf-other-factor", None),
+                                         ("tanh-other-cube", None), ("erf-rank4-half", None)])
 def test_the_cpu_graph_makes_each_written_out_gelu_one_op(kind, fused):
     """An exact (erf) or tanh GELU in elementary ops becomes onnxruntime's Gelu or FastGelu, with
-    the values the ops gave; a formula that is not a GELU, or one whose intermediate value is read
-    elsewhere, is left as it is."""
+    the values the ops gave, and the constants it read are gone (onnxruntime warns of unread ones);
+    a formula that is not a GELU (another constant, another last factor than its input, a constant
+    that would broadcast), or one whose intermediate value is read elsewhere, is left as it is."""
     import onnxruntime as ort
 
     from pipeline.int8graph import fuse_gelu
@@ -335,9 +345,11 @@ def test_the_cpu_graph_makes_each_written_out_gelu_one_op(kind, fused):
         assert count == 0 and "Gelu" not in ops and "FastGelu" not in ops
         return
     assert count == 1 and ops == [fused] and model.graph.node[0].domain == "com.microsoft"
+    assert not model.graph.initializer
     x = np.linspace(-6, 6, 16, dtype=np.float32).reshape(2, 8)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # its own fusions left out
+
     def run(graph: bytes) -> np.ndarray:
         return ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
@@ -349,6 +361,8 @@ def test_the_cpu_graph_makes_each_written_out_gelu_one_op(kind, fused):
 def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
     """transformers' SigLIP writes its tanh GELUs out in eight ops; on the CPU each runs as one
     FastGelu, batch-independent, with the vectors the file as written gives, within rounding."""
+    import collections
+
     import onnxruntime as ort
 
     from pipeline.embedders import OnnxEmbedder
@@ -359,8 +373,6 @@ def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
     path = tmp_path / "siglip_int8.onnx"
     assert export.export_onnx(str(assets.save_tiny_siglip(tmp_path / "m")), path).passed
     meta = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
-    import collections
-
     ops = collections.Counter(n.op_type for n in onnx.load_from_string(cpu_model(path, meta)).graph.node)
     assert ops["FastGelu"] >= 2 and ops["Tanh"] == 0 and ops["Pow"] == 0, ops
     emb = OnnxEmbedder(path, device="cpu")
@@ -369,6 +381,28 @@ def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
     assert all(np.array_equal(emb.embed(pixels[i : i + 1])[0], batch[i]) for i in (0, 9, 15))
     plain = export.run_onnx(ort, path, pixels)  # the file as written
     assert export.feature_cosines(batch, plain).min() >= 0.999
+
+
+@pytest.mark.parametrize("recipe, rewritten", [("matmul-float-out+conv", "bias+gelu"), ("matmul-float-out", "bias"),
+                                               ("matmul-qdq-out", None), ("matmul-dynamic", None), (None, None)])
+def test_the_cpu_graph_of_each_recipe(recipe, rewritten, tiny_onnx, tmp_path):
+    """The current recipe gets every rewrite; the earlier float-out recipe its bias fusion alone, as
+    the vectors of its stores were made; other recipes (and files without one) are opened as
+    they are."""
+    from pipeline.int8graph import META_INT8_RECIPE, cpu_model
+
+    meta = {} if recipe is None else {META_INT8_RECIPE: recipe}
+    gelu = tmp_path / "gelu.onnx"
+    onnx.save(_gelu_graph("erf-x-last"), str(gelu))
+    got = cpu_model(gelu, meta)
+    assert (got is not None) == (rewritten == "bias+gelu")
+    if got is not None:
+        assert [n.op_type for n in onnx.load_from_string(got).graph.node] == ["Gelu"]
+    fused = cpu_model(tiny_onnx, meta)
+    assert (fused is not None) == (rewritten is not None)
+    if fused is not None:
+        nodes = onnx.load_from_string(fused).graph.node
+        assert any(n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7 for n in nodes)
 
 
 def test_the_cpu_graph_is_kept_in_the_cache_and_opened_from_there(tiny_onnx, tmp_path, monkeypatch):
