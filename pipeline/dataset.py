@@ -267,9 +267,8 @@ def hash_parquet_group(spec: DatasetSpec, pf: Any, group: int, first: int) -> li
     ("" without a picture): the sha256, item_id, error and linked that hashed(iter_parquet_file(...))
     gives for those rows (no source, no extra columns). A cell's bytes are hashed where pyarrow read
     them, 64 rows at a time, never copied into Python bytes, so that two threads can each take
-    groups (pyarrow's read and hashlib let go of the GIL): every group of the 2.4 GB benchmark
-    file read and hashed in 1.8-2.0 s here, against 2.4-3.0 s reading it whole with the rows copied
-    out. Any other cell (no bytes: a path, nothing) is read as iter_parquet_file reads it."""
+    groups (pyarrow's read and hashlib let go of the GIL; figures in the README, "Reading the
+    dataset"). Any other cell (no bytes: a path, nothing) is read as iter_parquet_file reads it."""
     import hashlib
 
     import numpy as np

@@ -224,8 +224,8 @@ def sha256_bytes(data: bytes) -> str:
 def atomic_write_npy_chunks(path: str | Path, shape: tuple[int, ...], dtype: Any, chunks: Iterable[np.ndarray]) -> str:
     """Write an .npy file from consecutive chunks along axis 0, atomically, holding one chunk at a
     time. Returns the file's sha256, computed while writing: a chunk of 1 MiB or more is hashed by
-    a second thread while this one writes it (both let go of the GIL; 490 MB of thumbnails take
-    0.3-0.4 s to hash here), and is done with before the next is asked for."""
+    a second thread while this one writes it (both let go of the GIL), and is done with before the
+    next is asked for."""
     from concurrent.futures import ThreadPoolExecutor
 
     path = Path(path)

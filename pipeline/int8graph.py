@@ -278,7 +278,7 @@ def shapes_of_quantized(model: Any) -> int:
     (the image input, once the patch convolution is quantized: the class token's batch size). A
     DequantizeLinear left unread is dropped. Returns the number of Shapes rewired."""
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
+    producer = _graph_maps(graph)[1]
     rewired = 0
     for node in graph.node:
         if node.op_type == "Shape" and node.domain in ("", "ai.onnx"):

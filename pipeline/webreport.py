@@ -96,9 +96,8 @@ class Section:
 
 def sprite_image(tiles: Sequence[np.ndarray]) -> Image.Image:
     """A page's thumbnails (uint8 (T, T, 3) each, T = THUMB_SIZE) in rows of SPRITE_COLUMNS on white,
-    laid out in one array: the pixels a Pillow paste per tile gives, in 0.21-0.30 s against
-    0.31-0.66 s for the 84 pages of 10,000 items here. A tile of another size sits at its cell's
-    top left, cut to the cell."""
+    laid out in one array: the pixels a Pillow paste per tile gives, in less time (the README's
+    update figures). A tile of another size sits at its cell's top left, cut to the cell."""
     t = THUMB_SIZE
     cells = np.full((-(-len(tiles) // SPRITE_COLUMNS) * SPRITE_COLUMNS, t, t, 3), 255, np.uint8)
     for k, tile in enumerate(tiles):
