@@ -27,7 +27,7 @@ from benchmarks.common import Assets, machine_line, make_parser, parse_args, sta
 if TYPE_CHECKING:
     from pipeline.report import RunSummary
 
-STATIC, DYNAMIC = "onnxruntime int8 (static QDQ, default)", "onnxruntime int8 (dynamic)"
+STATIC, DYNAMIC = "onnxruntime int8 (static, default)", "onnxruntime int8 (dynamic)"
 
 
 def rate(fn, batch: int, seconds: float, hw: tuple[int, int] = (224, 224)) -> float:
@@ -140,8 +140,9 @@ CONVERSION = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Ad
 def op_profile(path: Path, batch: int = 32, runs: int = 3) -> dict[str, float]:
     """Share of kernel time by op type of an ONNX file at `batch`, from onnxruntime's profiler, with
     the session options the pipeline runs it with (every core, full graph optimization): so the op
-    names are those of the optimized graph (MatMulIntegerToFloat, fused ops), as they really run; a
-    static int8 file with the bias fused as a CPU session fuses it (pipeline/int8graph.py)."""
+    names are those of the optimized graph (MatMulIntegerToFloat, fused ops), as they really run. The
+    export's file is profiled as it is; a QDQ file of an earlier export as a CPU session rewrites it
+    (pipeline/int8graph.py)."""
     import json
     import tempfile
 
@@ -153,7 +154,7 @@ def op_profile(path: Path, batch: int = 32, runs: int = 3) -> dict[str, float]:
     sess_in = plain.get_inputs()[0]
     from pipeline.int8graph import cpu_model
 
-    model: str | bytes = cpu_model(path, plain.get_modelmeta().custom_metadata_map) or str(path)  # as the CPU runs it
+    model: str | bytes = cpu_model(path, plain.get_modelmeta().custom_metadata_map) or str(path)  # as a CPU runs it
     hw = [d if isinstance(d, int) else 224 for d in sess_in.shape[2:]]
     x = np.random.default_rng(0).normal(size=(batch, 3, *hw)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,7 +23,7 @@ from benchmarks.common import Assets, machine_line, make_parser, parse_args
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "qdq-out": ("MatMul, output quantized (the default until 2026-12-03: QLinearMatMul + DequantizeLinear)",
                 {"op_types_to_quantize": ["MatMul"]}),
-    "float-out": ("MatMul, output left in float (the file the export writes now: MatMulIntegerToFloat)",
+    "float-out": ("MatMul, output left in float (onnxruntime runs it as MatMulIntegerToFloat)",
                   {"op_types_to_quantize": ["MatMul"],
                    "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
     "float-out+bias": ("the same as the CPU session runs it: each bias Add fused into MatMulIntegerToFloat "
@@ -35,12 +35,26 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
                   {"op_types_to_quantize": ["MatMul"], "_cpu_graph": True, "activation_type": "QInt8",
                    "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
     "conv-too+bias": ("float-out+bias with the patch convolution quantized too (QLinearConv, its output uint8; "
-                      "the file the export writes since 2026-12-04)",
+                      "the export's graph since 2026-12-04, saved so by it)",
                       {"op_types_to_quantize": ["MatMul", "Conv"], "_cpu_graph": True,
                        "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
     "float-out-per-tensor": ("the same with per-tensor weight scales",
                              {"op_types_to_quantize": ["MatMul"], "per_channel": False,
                               "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
+    "optimizer-static": ("onnxruntime's transformer optimizer (model type clip: fused Attention, SkipLayerNorm) "
+                         "before float-out: the fused Attention stays fp32",
+                         {"_optimizer": True, "op_types_to_quantize": ["MatMul"],
+                          "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
+    "optimizer-qattention": ("the transformer optimizer, then quantize_dynamic with its Attention quantized "
+                             "(contrib QAttention; onnxruntime quantizes Attention only dynamically, so "
+                             "batch-dependent)",
+                             {"_optimizer": True, "_dynamic": True, "op_types_to_quantize": ["MatMul", "Attention"]}),
+    "optimizer-qattention-static": ("the same made batch-independent: each DynamicQuantizeLinear replaced by a "
+                                    "QuantizeLinear of ranges calibrated as the export's (MinMax, the same 64 "
+                                    "pictures), "
+                                    "each MatMulInteger + Cast + Mul + bias Add by one MatMulIntegerToFloat",
+                                    {"_optimizer": True, "_dynamic": True, "_static_ranges": True,
+                                     "op_types_to_quantize": ["MatMul", "Attention"]}),
     "add-too": ("MatMul and Add quantized (bias and residual Adds: QLinearAdd)",
                 {"op_types_to_quantize": ["MatMul", "Add"]}),
     "all-ops": ("MatMul, Add, Mul, Softmax, Transpose, Reshape quantized (activations int8 throughout)",
@@ -49,31 +63,115 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dict[str, Any]) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from pipeline.export import REDUCE_RANGE, calibration_reader
 
     Reader = calibration_reader(calib)  # as the export calibrates
-    if not pre.is_file():
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     kwargs = dict(kwargs)
-    fuse = kwargs.pop("_cpu_graph", False)
+    fuse, dynamic = kwargs.pop("_cpu_graph", False), kwargs.pop("_dynamic", False)
+    static_ranges = kwargs.pop("_static_ranges", False)
+    if kwargs.pop("_optimizer", False):
+        source = pre.with_name("optimized.onnx")
+        if not source.is_file():
+            from onnxruntime.transformers.optimizer import optimize_model
+
+            # heads and width found from the graph (0, 0); fusions only, no onnxruntime session
+            optimize_model(str(fp32), model_type="clip", num_heads=0, hidden_size=0).save_model_to_file(str(source))
+    else:
+        source = pre
+        if not pre.is_file():
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    if dynamic:
+        quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                         reduce_range=REDUCE_RANGE, **kwargs)
+        if static_ranges:
+            with_static_ranges(out, source, calib)
+        return
     if isinstance(kwargs.get("activation_type"), str):
         kwargs["activation_type"] = getattr(QuantType, kwargs["activation_type"])
     args: dict[str, Any] = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                                 weight_type=QuantType.QInt8, per_channel=True,
                                 calibrate_method=CalibrationMethod.MinMax, reduce_range=REDUCE_RANGE)
-    quantize_static(str(pre), str(out), Reader(), **{**args, **kwargs})
-    if fuse:  # the graph a CPU session runs (pipeline/int8graph.py)
+    quantize_static(str(source), str(out), Reader(), **{**args, **kwargs})
+    if fuse:  # the graph the export saves (pipeline/int8graph.py)
         import onnx
-        from pipeline.int8graph import fuse_bias, fuse_gelu, shapes_of_quantized
+        from pipeline.int8graph import cpu_graph
 
         model = onnx.load(str(out))
-        fuse_bias(model)
-        fuse_gelu(model)
-        shapes_of_quantized(model)
+        cpu_graph(model)
         onnx.save(model, str(out))
+
+
+def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:
+    """Rewrite, in place, a dynamically quantized file to fixed activation ranges: each
+    DynamicQuantizeLinear(x) becomes QuantizeLinear(x) with the scale and zero point onnxruntime's
+    MinMax calibration gives x on `calib` (run through the fp32 file `fp32`, whose tensor names the
+    quantizer kept), so QAttention and the MatMuls read constants; each MatMulInteger -> Cast ->
+    Mul(Mul(x_scale, w_scale)) [-> Add(bias)] becomes one MatMulIntegerToFloat (onnxruntime fuses that
+    chain itself only while x_scale is computed, not once it is a constant it folds)."""
+    import onnxruntime as ort
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    dql = [n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]
+    ref = onnx.load(str(fp32))
+    known = {o.name for o in ref.graph.output}
+    ref.graph.output.extend(helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None)
+                            for n in dql if n.input[0] not in known)
+    sess = ort.InferenceSession(ref.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [n.input[0] for n in dql]
+    lo, hi = {k: 0.0 for k in names}, {k: 0.0 for k in names}  # MinMax: the range always holds 0
+    for i in range(0, len(calib), 8):
+        for name, value in zip(names, sess.run(names, {sess.get_inputs()[0].name: calib[i : i + 8]})):
+            lo[name], hi[name] = min(lo[name], float(value.min())), max(hi[name], float(value.max()))
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "DynamicQuantizeLinear":
+            nodes.append(node)
+            continue
+        x, (xq, scale, zero) = node.input[0], node.output
+        s = (hi[x] - lo[x]) / 255.0 or 1.0
+        graph.initializer.extend([numpy_helper.from_array(np.array(s, np.float32), scale),
+                                  numpy_helper.from_array(np.array(round(-lo[x] / s), np.uint8), zero)])
+        nodes.append(helper.make_node("QuantizeLinear", [x, scale, zero], [xq], name=node.name + "_static"))
+    producer = {o: n for n in nodes for o in n.output}
+    users: dict[str, list[Any]] = {}
+    for n in nodes:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    drop, replace = set(), {}
+    for mm in nodes:
+        if mm.op_type != "MatMulInteger" or len(users.get(mm.output[0], [])) != 1:
+            continue
+        cast = users[mm.output[0]][0]
+        mul = users.get(cast.output[0], [None])[0] if cast.op_type == "Cast" else None
+        if mul is None or mul.op_type != "Mul":
+            continue
+        scales = producer.get(mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0])
+        if scales is None or scales.op_type != "Mul" or len(users.get(scales.output[0], [])) != 1:
+            continue
+        add = users.get(mul.output[0], [None])[0]
+        inits = {t.name: t for t in graph.initializer}
+        bias = None
+        if add is not None and add.op_type == "Add" and len(users[mul.output[0]]) == 1:
+            other = add.input[1] if add.input[0] == mul.output[0] else add.input[0]
+            bias = other if other in inits and len(inits[other].dims) == 1 else None
+        a, b = mm.input[0], mm.input[1]
+        a_zp, b_zp = (list(mm.input[2:4]) + ["", ""])[:2]
+        a_scale, b_scale = scales.input
+        out = add.output[0] if bias else mul.output[0]
+        replace[id(mm)] = helper.make_node("MatMulIntegerToFloat", [a, b, a_scale, b_scale, a_zp, b_zp]
+                                           + ([bias] if bias else []), [out], domain="com.microsoft",
+                                           name=mm.name + "_to_float")
+        drop.update({id(cast), id(mul), id(scales)} | ({id(add)} if bias else set()))
+    del graph.node[:]
+    graph.node.extend(replace.get(id(n), n) for n in nodes if id(n) not in drop)
+    onnx.save(model, str(path))
 
 
 def measure(path: Path, fp32_out: np.ndarray, pixels: np.ndarray, seconds: float) -> dict[str, Any]:

@@ -1,14 +1,11 @@
-"""The static int8 file as the CPU runs it best (issue 29).
+"""The static int8 graph as onnxruntime's CPU provider runs it best (issue 29).
 
-The export writes portable QDQ (pipeline/export.py, recipe "matmul-float-out+conv"): each MatMul reads
+onnxruntime's quantizer writes portable QDQ (pipeline/export.py): each MatMul reads
 DequantizeLinear(QuantizeLinear(x)) and DequantizeLinear(int8 weights), and its float output goes
 to a float bias Add. onnxruntime's CPU provider turns each such MatMul into MatMulIntegerToFloat
 (int8 GEMM, scaled in its epilogue) but leaves the bias Add on its own: 8-9% of kernel time on the
-real architecture. `cpu_model` rewrites the graph in memory, before the session is made, so that
-the bias is added inside the kernel (MatMulIntegerToFloat's optional bias input, a contrib op of
-onnxruntime; figures in the README, "Int8 recipes").
-
-For files of the current recipe, two more rewrites:
+real architecture. `cpu_graph` rewrites the graph so that the bias is added inside the kernel
+(MatMulIntegerToFloat's optional bias input, a contrib op of onnxruntime), and two more:
 - `fuse_gelu`: a GELU the exporter wrote out in elementary ops (the exact erf form of open_clip and
   timm towers, Marqo-FashionSigLIP; the tanh form of transformers' SigLIP) in an order
   onnxruntime's own fusion does not match ran as five to eight float ops between the int8 MatMuls;
@@ -16,14 +13,17 @@ For files of the current recipe, two more rewrites:
 - `shapes_of_quantized`: a Shape that read the dequantized image input (once the patch
   convolution is quantized) reads the int8 tensor, which then is not dequantized at all.
 
-The file on disk stays QDQ, so other providers (CUDA) and tools still read it; only a CPU session
-sees the rewrite, and the file's probes check the rewritten graph as it runs. Files of an earlier
-recipe get only the bias fusion they always got, and fp32 files nothing: vectors of stores made
-from them must not move.
+The export writes the rewritten graph (recipe CPU_GRAPH_RECIPE): the file is the graph every
+onnxruntime CPU session runs, in the user's own program too, with no step of ours (figures in the
+README, "Int8 recipes"). It is for onnxruntime's CPU provider, where the int8 file belongs; a GPU
+runs the fp32 file or the torch model.
 
-The rewrite is kept in the user's cache ($XDG_CACHE_HOME/fashion-visual-search/int8graph, keyed by
-the file's sha256 and this module's own code), so a run opens its CPU sessions straight from it:
-no `onnx` import, no rewrite and no session opened only to read the file's recipe.
+Files of earlier recipes stayed QDQ on disk: `cpu_model` rewrites them in memory before a CPU
+session is made, as they always were (the current QDQ recipe gets every rewrite; the earlier
+"matmul-float-out" the bias fusion alone), so vectors of stores made from them do not move. That
+rewrite is kept in the user's cache ($XDG_CACHE_HOME/fashion-visual-search/int8graph, keyed by the
+file's sha256 and this module's own code), so a run opens its CPU sessions straight from it: no
+`onnx` import, no rewrite and no session opened only to read the file's recipe.
 """
 
 from __future__ import annotations
@@ -34,27 +34,36 @@ from typing import Any
 
 from .fileio import user_cache_dir
 
-# The static recipe the export writes now (pipeline/export.py), and every recipe whose files this
-# rewrite knows: "matmul-float-out" (2026-12-03) left the patch convolution in float.
+# The QDQ recipe of onnxruntime's quantizer the export uses (pipeline/export.py), and every QDQ
+# recipe whose files this rewrite knows: "matmul-float-out" (2026-12-03) left the patch convolution
+# in float. Files of both are QDQ on disk.
 FUSED_RECIPE = "matmul-float-out+conv"
 FUSED_RECIPES = frozenset({"matmul-float-out", FUSED_RECIPE})
+# What the export writes now: FUSED_RECIPE's graph with `cpu_graph` made before it is saved.
+CPU_GRAPH_RECIPE = FUSED_RECIPE + "+cpu-graph"
 META_INT8_RECIPE = "fashion_pipeline.int8_recipe"  # also pipeline/export.py's
 
 
+def cpu_graph(model: Any) -> int:
+    """Rewrite, in place, a static QDQ graph of FUSED_RECIPE into the graph a CPU session runs best:
+    `fuse_bias`, `fuse_gelu` and `shapes_of_quantized` (the module's doc). Returns the number of
+    rewrites."""
+    return fuse_bias(model) + fuse_gelu(model) + shapes_of_quantized(model)
+
+
 def cpu_model(path: Path, meta: dict[str, str]) -> bytes | None:
-    """The file's graph with every weight MatMul + bias Add fused into MatMulIntegerToFloat and, for
-    the current recipe, every GELU written out in elementary ops made one op and the input's Shape
-    read from int8 (the module's doc), as bytes for onnxruntime; None when the file is of no recipe
-    this rewrite knows, or nothing matched."""
+    """The graph of a QDQ file of an earlier export, as a CPU session runs it: every weight MatMul +
+    bias Add fused into MatMulIntegerToFloat and, for FUSED_RECIPE, `cpu_graph`'s other rewrites, as
+    bytes for onnxruntime; None when the file is of no QDQ recipe this rewrite knows (a file the
+    export wrote already rewritten, CPU_GRAPH_RECIPE, among them), or nothing matched."""
     recipe = meta.get(META_INT8_RECIPE)
     if recipe not in FUSED_RECIPES:
         return None
     import onnx
 
     model = onnx.load(str(path))
-    changed = fuse_bias(model)
-    if recipe == FUSED_RECIPE:  # an earlier recipe's graph stays as its stores' vectors were made
-        changed += fuse_gelu(model) + shapes_of_quantized(model)
+    # an earlier recipe's graph stays as its stores' vectors were made
+    changed = cpu_graph(model) if recipe == FUSED_RECIPE else fuse_bias(model)
     if changed == 0:
         return None
     return model.SerializeToString()

@@ -8,7 +8,9 @@ widens to 32 bits (vpmaddwd); zero points are corrected afterwards from row and 
 MatMuls of the static QDQ model) run a widening kernel and are exact on every CPU.
 
 The graph is evaluated by onnx's reference evaluator, with each quantized MatMul replaced by the
-saturating version. Slow (numpy), but exact; meant for tiny test models.
+saturating version. The static export's graph holds onnxruntime's contrib ops (pipeline/int8graph.py):
+MatMulIntegerToFloat (u8 x s8, emulated so too), Gelu and FastGelu (their formulas). Slow (numpy),
+but exact; meant for tiny test models.
 """
 
 from __future__ import annotations
@@ -82,6 +84,38 @@ class SaturatingQdqMatMul(OpRun):
         )
 
 
+class ContribMatMulIntegerToFloat(OpRun):
+    """onnxruntime's contrib op: integer GEMM, then a_scale x b_scale (per column) and the bias."""
+
+    op_domain = DOMAIN
+
+    def _run(self, a, b, a_scale, b_scale, a_zp=None, b_zp=None, bias=None):
+        acc = integer_matmul(a, b, a_zp, b_zp).astype(np.float64)
+        out = acc * float(np.asarray(a_scale).reshape(-1)[0]) * np.asarray(b_scale, np.float64).reshape(-1)
+        return ((out if bias is None else out + bias).astype(np.float32),)
+
+
+class ContribGelu(OpRun):
+    """onnxruntime's contrib Gelu: 0.5 x (1 + erf(x / sqrt 2))."""
+
+    op_domain = DOMAIN
+
+    def _run(self, x):
+        from scipy.special import erf
+
+        return ((0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(x.dtype),)
+
+
+class ContribFastGelu(OpRun):
+    """onnxruntime's contrib FastGelu: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+
+    op_domain = DOMAIN
+
+    def _run(self, x, bias=None):
+        x = x if bias is None else x + bias
+        return ((0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))).astype(x.dtype),)
+
+
 def emulated_session(path: str | Path) -> ReferenceEvaluator:
     """An evaluator of the int8 file at `path` with every u8 x s8 GEMM computed as on AVX2."""
     model = onnx.load(str(path))
@@ -104,6 +138,9 @@ def emulated_session(path: str | Path) -> ReferenceEvaluator:
                     "SaturatingQdqMatMul", [*x.input, *w.input], list(node.output), domain=DOMAIN, name=node.name
                 )
             )
+        elif node.domain == "com.microsoft":  # the emulation's own, by name (onnx has a Gelu of its own)
+            nodes.append(helper.make_node(f"Contrib{node.op_type}", list(node.input), list(node.output), domain=DOMAIN,
+                                          name=node.name))
         else:
             nodes.append(node)
     del graph.node[:]
@@ -112,7 +149,10 @@ def emulated_session(path: str | Path) -> ReferenceEvaluator:
         if op.domain in ("", "ai.onnx") and op.version < 19:
             op.version = 19  # the reference evaluator implements (De)QuantizeLinear from opset 19 on
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    return ReferenceEvaluator(model, new_ops=[SaturatingMatMulInteger, SaturatingQdqMatMul])
+    return ReferenceEvaluator(
+        model, new_ops=[SaturatingMatMulInteger, SaturatingQdqMatMul, ContribMatMulIntegerToFloat, ContribGelu,
+                        ContribFastGelu]
+    )
 
 
 def run_emulated(path: str | Path, pixels: np.ndarray, batch: int = 16) -> np.ndarray:

@@ -91,11 +91,11 @@ IN_PROCESS = [
     (embed, "clip", [
         r"^\| backend \| batch 1 \| batch 8 \| batch 32 \|$",
         r"^\| torch fp32 \| NUMBER \| NUMBER \| NUMBER \|$",
-        r"^\| onnxruntime int8 \(static QDQ, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
+        r"^\| onnxruntime int8 \(static, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
         r"^\| embedding stage end to end .*16 JPEGs 192x256\) \| \| \| NUMBER \|$",
         r"^onnxruntime GEMM peak here: fp32 NUMBER GFLOP/s",
-        r"^  onnxruntime int8 \(static QDQ, default\): conversion .* = NUMBER% of kernel time$",
-        r"^\| FashionSigLIP ViT-B/16 \| onnxruntime int8 \(static QDQ, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
+        r"^  onnxruntime int8 \(static, default\): conversion .* = NUMBER% of kernel time$",
+        r"^\| FashionSigLIP ViT-B/16 \| onnxruntime int8 \(static, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
         r"^FashionSigLIP ViT-B/16 / tiny-clip, torch fp32, batch 32: NUMBERx the speed",
         r"^  FashionSigLIP ViT-B/16 int8 static: .*MatMulIntegerToFloat NUMBER%",
     ]),
@@ -106,6 +106,8 @@ IN_PROCESS = [
         r"^\| conv-too\+bias \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
         r"^\| s8s8\+bias \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
         r"^\| all-ops \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
+        r"^\| optimizer-static \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
+        r"^\| optimizer-qattention \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| (yes|no) \|$",
     ]),
     (int8_cpus, "clip", [
         r"^\| int8 export \| weights \| img/s here \(batch 32\) \|",

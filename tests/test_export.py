@@ -228,25 +228,35 @@ def test_damaged_text_tower_is_refused(tiny_onnx, tmp_path):
 
 
 def test_the_static_int8_file_runs_without_dequantizing_between_ops(tiny_onnx, tmp_path):
-    """Issue 29: the MatMuls' outputs stay float (no QuantizeLinear after them), so onnxruntime runs
-    each as MatMulIntegerToFloat, and the patch convolution as QLinearConv: the graph a CPU session
-    runs holds one DequantizeLinear, the convolution's output turned to float once for the class
-    token and position embedding; the other format conversion left is one QuantizeLinear per
-    MatMul input. The recipe is named in the file; one picture alone gives its vector in a batch of
-    32, bit for bit."""
+    """Issue 29: the file is written as onnxruntime's CPU runs it best, so a plain session of the
+    user's own gets that graph: each weight MatMul with its bias in one MatMulIntegerToFloat (no float
+    bias Add), the patch convolution as QLinearConv; the graph onnxruntime runs holds one
+    DequantizeLinear, the convolution's output turned to float once for the class token and
+    position embedding, and one QuantizeLinear per MatMul input. The recipe is named in the file;
+    the pipeline rewrites nothing more; one picture alone gives its vector in a batch of 32, bit for
+    bit, and the pipeline's embedder gives the plain session's vectors."""
     import collections
 
     import onnxruntime as ort
 
-    from pipeline.embedders import OnnxEmbedder, _session_options
-    from pipeline.int8graph import cpu_model
+    from pipeline.embedders import OnnxEmbedder, _session_options, l2_normalize
+    from pipeline.int8graph import CPU_GRAPH_RECIPE, cpu_model
     from pipeline.preprocess import preprocess_batch
 
     meta = ort.InferenceSession(str(tiny_onnx)).get_modelmeta().custom_metadata_map
-    assert meta[export.META_INT8_RECIPE] == "matmul-float-out+conv"
+    assert meta[export.META_INT8_RECIPE] == CPU_GRAPH_RECIPE == "matmul-float-out+conv+cpu-graph"
+    assert cpu_model(tiny_onnx, meta) is None  # nothing left to rewrite
+    written = onnx.load(str(tiny_onnx)).graph
+    with_bias = [n for n in written.node if n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7]
+    assert len(with_bias) >= 4 and not [n for n in written.node if n.op_type == "MatMul" and n.domain == ""
+                                        and all(i in {w.name for w in written.initializer} for i in n.input[1:])]
+    dequantized = {o for n in written.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert not [n for n in written.node if n.op_type == "Shape" and n.input[0] in dequantized]  # measured as int8
+    read = {name for n in written.node for name in n.input}
+    assert dequantized <= read  # no DequantizeLinear left that nothing reads
     opts = _session_options(ort, 2)
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(cpu_model(tiny_onnx, meta), opts, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(tiny_onnx), opts, providers=["CPUExecutionProvider"])  # the file as it is
     graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
     ops = collections.Counter(n.op_type for n in graph.node)
     assert ops["DequantizeLinear"] == 1 and ops["MatMul"] == 0 and ops["Conv"] == 0 and ops["QLinearConv"] == 1, ops
@@ -257,20 +267,51 @@ def test_the_static_int8_file_runs_without_dequantizing_between_ops(tiny_onnx, t
         source = producer[source.input[0]]
     assert source.op_type == "QLinearConv"
     assert ops["MatMulIntegerToFloat"] >= 4 and ops["QuantizeLinear"] <= ops["MatMulIntegerToFloat"] + 1, ops
-    # On the CPU the embedder runs the graph with each bias Add fused into its MatMulIntegerToFloat
-    fused = onnx.load_from_string(cpu_model(tiny_onnx, meta))
-    with_bias = [n for n in fused.graph.node if n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7]
-    read = {name for n in fused.graph.node for name in n.input}
-    assert len(with_bias) >= 4 and all(o in read for n in fused.graph.node if n.op_type == "DequantizeLinear"
-                                       for o in n.output)  # no DequantizeLinear left that nothing reads
-    dequantized = {o for n in fused.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    assert not [n for n in fused.graph.node if n.op_type == "Shape" and n.input[0] in dequantized]  # measured as int8
+    inits = {i.name: i for i in graph.initializer}
+    vectors = {name for name, i in inits.items() if len(i.dims) == 1}
+    bias_adds = [n for n in graph.node if n.op_type == "Add" and set(n.input) & vectors
+                 and any(producer.get(i, dq).op_type == "MatMulIntegerToFloat" for i in n.input)]
+    assert not bias_adds  # every bias inside its GEMM
     emb = OnnxEmbedder(tiny_onnx, device="cpu")
     pixels = preprocess_batch(export.verification_images(32), emb.preprocess_cfg)
     batch = emb.embed(pixels)
     assert all(np.array_equal(emb.embed(pixels[i : i + 1])[0], batch[i]) for i in (0, 17, 31))
-    plain = export.run_onnx(ort, tiny_onnx, pixels)  # the file as written, unfused
-    assert export.feature_cosines(batch, plain).min() >= 0.99999
+    plain = export.run_onnx(ort, tiny_onnx, pixels)  # a plain session of the file, unnormalized
+    assert np.abs(batch - l2_normalize(plain)).max() <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def tiny_qdq(tiny_onnx, tmp_path_factory) -> Path:
+    """The tiny model's static int8 file as the export wrote it before its graph was saved rewritten:
+    QDQ on disk, recipe "matmul-float-out+conv", made from the same fp32 file and calibration
+    pictures as `tiny_onnx` (its metadata otherwise the same)."""
+    import onnxruntime as ort
+
+    from pipeline.embedders import OnnxEmbedder
+    from pipeline.int8graph import FUSED_RECIPE
+    from pipeline.preprocess import preprocess_batch
+
+    folder = tmp_path_factory.mktemp("qdq")
+    path = folder / "tiny_int8_qdq.onnx"
+    calib = preprocess_batch(export.verification_images(64, seed=1), OnnxEmbedder(tiny_onnx).preprocess_cfg)
+    export._quantize_static(export.fp32_path_for(tiny_onnx), folder / "pre.onnx", path, calib, per_channel=True)
+    meta = dict(ort.InferenceSession(str(tiny_onnx)).get_modelmeta().custom_metadata_map)
+    export._set_metadata(onnx, path, {**meta, export.META_INT8_RECIPE: FUSED_RECIPE})
+    return path
+
+
+def test_a_qdq_file_of_the_earlier_export_runs_as_the_file_the_export_writes_now(tiny_qdq, tiny_onnx):
+    """A file the export wrote as QDQ (its stores' vectors made by the CPU graph `cpu_model` makes of
+    it at load) gives the vectors the export's file gives now, bit for bit: the rewrite moved into
+    the export, the vectors did not move."""
+    from pipeline.embedders import OnnxEmbedder
+    from pipeline.preprocess import preprocess_batch
+
+    old, new = OnnxEmbedder(tiny_qdq, device="cpu"), OnnxEmbedder(tiny_onnx, device="cpu")
+    assert old.self_check.startswith("self-check passed")
+    assert any(n.op_type == "DequantizeLinear" for n in onnx.load(str(tiny_qdq)).graph.node)
+    pixels = preprocess_batch(export.verification_images(16), new.preprocess_cfg)
+    assert np.array_equal(old.embed(pixels), new.embed(pixels))
 
 
 def _gelu_graph(kind: str):
@@ -373,7 +414,8 @@ def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
     path = tmp_path / "siglip_int8.onnx"
     assert export.export_onnx(str(assets.save_tiny_siglip(tmp_path / "m")), path).passed
     meta = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
-    ops = collections.Counter(n.op_type for n in onnx.load_from_string(cpu_model(path, meta)).graph.node)
+    assert cpu_model(path, meta) is None  # written so
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     assert ops["FastGelu"] >= 2 and ops["Tanh"] == 0 and ops["Pow"] == 0, ops
     emb = OnnxEmbedder(path, device="cpu")
     pixels = preprocess_batch(export.verification_images(16), emb.preprocess_cfg)
@@ -385,7 +427,7 @@ def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
 
 @pytest.mark.parametrize("recipe, rewritten", [("matmul-float-out+conv", "bias+gelu"), ("matmul-float-out", "bias"),
                                                ("matmul-qdq-out", None), ("matmul-dynamic", None), (None, None)])
-def test_the_cpu_graph_of_each_recipe(recipe, rewritten, tiny_onnx, tmp_path):
+def test_the_cpu_graph_of_each_recipe(recipe, rewritten, tiny_qdq, tmp_path):
     """The current recipe gets every rewrite; the earlier float-out recipe its bias fusion alone, as
     the vectors of its stores were made; other recipes (and files without one) are opened as
     they are."""
@@ -398,29 +440,30 @@ def test_the_cpu_graph_of_each_recipe(recipe, rewritten, tiny_onnx, tmp_path):
     assert (got is not None) == (rewritten == "bias+gelu")
     if got is not None:
         assert [n.op_type for n in onnx.load_from_string(got).graph.node] == ["Gelu"]
-    fused = cpu_model(tiny_onnx, meta)
+    fused = cpu_model(tiny_qdq, meta)
     assert (fused is not None) == (rewritten is not None)
     if fused is not None:
         nodes = onnx.load_from_string(fused).graph.node
         assert any(n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7 for n in nodes)
 
 
-def test_the_cpu_graph_is_kept_in_the_cache_and_opened_from_there(tiny_onnx, tmp_path, monkeypatch):
-    """The rewrite is made once per file and code: the next embedder opens its sessions from the
-    cached graph (no rewrite), with the same vectors; a file with nothing to fuse is remembered so."""
+def test_the_cpu_graph_is_kept_in_the_cache_and_opened_from_there(tiny_qdq, tiny_onnx, tmp_path, monkeypatch):
+    """The rewrite of a QDQ file (an earlier export's) is made once per file and code: the next
+    embedder opens its sessions from the cached graph (no rewrite), with the same vectors; a file
+    with nothing to fuse (an fp32 file, a file the export writes now) is remembered so."""
     from pipeline import int8graph
     from pipeline.embedders import OnnxEmbedder
     from pipeline.fileio import sha256_file
     from pipeline.preprocess import preprocess_batch
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    sha = sha256_file(tiny_onnx)
+    sha = sha256_file(tiny_qdq)
     assert int8graph.cached_cpu_model(sha) is None
-    first = OnnxEmbedder(tiny_onnx, device="cpu")
+    first = OnnxEmbedder(tiny_qdq, device="cpu")
     cached = int8graph.cached_cpu_model(sha)
     assert isinstance(cached, Path) and cached.parent == tmp_path / "cache" / "fashion-visual-search" / "int8graph"
     monkeypatch.setattr(int8graph, "fuse_bias", lambda model: pytest.fail("rewritten again"))
-    again = OnnxEmbedder(tiny_onnx, device="cpu")
+    again = OnnxEmbedder(tiny_qdq, device="cpu")
     pixels = preprocess_batch(export.verification_images(8), first.preprocess_cfg)
     assert np.array_equal(first.embed(pixels), again.embed(pixels))
     assert again.identity.onnx_sha256 == sha  # the identity is the file's, not the cached graph's
@@ -429,10 +472,12 @@ def test_the_cpu_graph_is_kept_in_the_cache_and_opened_from_there(tiny_onnx, tmp
     cached.write_bytes(b"not a model")  # damaged: dropped and made again from the file
     stale = cached.with_name(cached.name.split("-")[0] + "-0123456789ab.onnx")  # a rewrite by other code
     stale.write_bytes(b"old")
-    mended = OnnxEmbedder(tiny_onnx, device="cpu")
+    mended = OnnxEmbedder(tiny_qdq, device="cpu")
     assert np.array_equal(mended.embed(pixels), first.embed(pixels))
     assert cached.stat().st_size > 1000 and not stale.exists()
     fp32 = tiny_onnx.with_name("tiny_fp32.onnx")  # written beside it by the export
+    OnnxEmbedder(tiny_onnx, device="cpu")
+    assert int8graph.cached_cpu_model(sha256_file(tiny_onnx)) == int8graph.AS_IS
     OnnxEmbedder(fp32, device="cpu")
     assert int8graph.cached_cpu_model(sha256_file(fp32)) == int8graph.AS_IS
     assert OnnxEmbedder(fp32, device="cpu").embed(pixels).shape == (8, first.dim)  # opened as it is, from the answer
