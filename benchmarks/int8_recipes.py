@@ -11,6 +11,7 @@ pictures, and whether one picture alone gives the same vector as in the batch.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,8 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dict[str, Any]) -> None:
+def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dict[str, Any],
+                heads_width: tuple[int, int] = (0, 0)) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -77,8 +79,10 @@ def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dic
         if not source.is_file():
             from onnxruntime.transformers.optimizer import optimize_model
 
-            # heads and width found from the graph (0, 0); fusions only, no onnxruntime session
-            optimize_model(str(fp32), model_type="clip", num_heads=0, hidden_size=0).save_model_to_file(str(source))
+            # the tower's heads and width from its config: with 0, 0 its Attention is not fused
+            heads, width = heads_width
+            optimize_model(str(fp32), model_type="clip", num_heads=heads, hidden_size=width).save_model_to_file(
+                str(source))
     else:
         source = pre
         if not pre.is_file():
@@ -174,6 +178,12 @@ def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:
     onnx.save(model, str(path))
 
 
+def _count_ops(path: Path, ops: tuple[str, ...]) -> int:
+    import onnx
+
+    return sum(n.op_type in ops for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
 def measure(path: Path, fp32_out: np.ndarray, pixels: np.ndarray, seconds: float) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -213,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     pixels = export.preprocess_batch(export.verification_images(), prep)
     fp32_out = ort.InferenceSession(str(fp32), _session_options(ort, available_cores()),
                                     providers=["CPUExecutionProvider"]).run(None, {"pixel_values": pixels})[0]
+    vision = json.loads((assets.clip() / "config.json").read_text())["vision_config"]
+    heads_width = (int(vision["num_attention_heads"]), int(vision["hidden_size"]))
     folder = assets.work / "int8-recipes" / assets.model_tag
     folder.mkdir(parents=True, exist_ok=True)
     rows = {}
@@ -220,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         what, kwargs = RECIPES[name]
         path = folder / f"{name}.onnx"
         if not path.is_file():
-            make_recipe(fp32, folder / "pre.onnx", path, calib, kwargs)
+            make_recipe(fp32, folder / "pre.onnx", path, calib, kwargs, heads_width)
         rows[name] = m = measure(path, fp32_out, pixels, args.seconds)
+        attention = _count_ops(path, ("Attention", "QAttention"))
+        if attention:
+            what += f" [{attention} fused Attention ops in the file]"
         top = ", ".join(f"{op} {s:.1%}" for op, s in list(m["shares"].items())[:7])
         print(f"{name}: {what}\n  {m['img_s']:.1f} img/s, conversion + float Add {m['conversion']:.1%}; {top}",
               flush=True)

@@ -24,7 +24,7 @@ from .backends import BACKENDS, OPEN_CLIP_CONFIG, OPEN_CLIP_PREFIX, family_of, k
 from .errors import PipelineError, first_line
 from .fileio import sha256_file, unlink_quietly
 from .identity import VectorIdentity
-from .int8graph import cached_cpu_model, cpu_model, keep_cpu_model
+from .int8graph import CPU_GRAPH_RECIPE, META_INT8_RECIPE, cached_cpu_model, cpu_model, keep_cpu_model
 from .preprocess import PreprocessConfig
 from .probes import META_PROBES, ProbeRecord, check_file, probe_pixels
 from .tokens import TEXT_CONTEXT, TokenizerError, check_distinct, load_tokenizer
@@ -223,6 +223,9 @@ class OnnxEmbedder(Embedder):
             raise PipelineError(f"onnxruntime could not start its CUDA provider for {path} (check CUDA/cuDNN versions)")
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         meta = self.session.get_modelmeta().custom_metadata_map
+        note = cpu_file_on_gpu(path, meta, self.device)
+        if note:
+            log.warning(note)
         self.input = self._image_input()
         self.output_name = self.session.get_outputs()[0].name
         self.preprocess_cfg = _preprocess_config_for_file(path, meta, model_hint)
@@ -369,6 +372,16 @@ class OnnxEmbedder(Embedder):
         if self._text is None:
             self._text = _OnnxText(self.path, self.identity.model or "", self._opts, self._providers)
         return self._text.embed(texts)
+
+
+def cpu_file_on_gpu(path: Path, meta: dict[str, str], device: str) -> str | None:
+    """The warning for a static int8 file written for onnxruntime's CPU (pipeline/int8graph.py) run on
+    CUDA, where its int8 GEMMs (MatMulIntegerToFloat, no CUDA kernel) fall back to the CPU; None
+    otherwise."""
+    if device != "cuda" or meta.get(META_INT8_RECIPE) != CPU_GRAPH_RECIPE:
+        return None
+    return (f"{path} is an int8 file written for onnxruntime's CPU: on CUDA its int8 matrix multiplies run on the "
+            "CPU. On a GPU use the fp32 file the export wrote beside it, or --backend torch.")
 
 
 def _providers_for(ort: Any, device: str) -> list[str]:

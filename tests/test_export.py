@@ -280,6 +280,25 @@ def test_the_static_int8_file_runs_without_dequantizing_between_ops(tiny_onnx, t
     assert np.abs(batch - l2_normalize(plain)).max() <= 1e-6
 
 
+def test_the_int8_file_for_the_cpu_is_named_when_a_gpu_runs_it(tiny_onnx, tiny_qdq):
+    """On CUDA the static file's int8 GEMMs (MatMulIntegerToFloat has no CUDA kernel) would run on
+    the CPU: the embedder warns and names the fp32 file; on the CPU, for the fp32 file and for a QDQ
+    file of an earlier export (its DequantizeLinear + MatMul run on the GPU), nothing is said."""
+    import onnxruntime as ort
+
+    from pipeline.embedders import cpu_file_on_gpu
+
+    def meta(path):
+        return ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
+
+    note = cpu_file_on_gpu(tiny_onnx, meta(tiny_onnx), "cuda")
+    assert note is not None and str(tiny_onnx) in note and "fp32 file" in note and "on the CPU" in note
+    assert cpu_file_on_gpu(tiny_onnx, meta(tiny_onnx), "cpu") is None
+    fp32 = export.fp32_path_for(tiny_onnx)
+    assert cpu_file_on_gpu(fp32, meta(fp32), "cuda") is None
+    assert cpu_file_on_gpu(tiny_qdq, meta(tiny_qdq), "cuda") is None
+
+
 @pytest.fixture(scope="module")
 def tiny_qdq(tiny_onnx, tmp_path_factory) -> Path:
     """The tiny model's static int8 file as the export wrote it before its graph was saved rewritten:
