@@ -517,8 +517,8 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
         # Conv too: in a ViT tower the patch convolution alone, which onnxruntime then runs as
         # QLinearConv (its output uint8, turned to float once for the class token and position
         # embedding; README, "Int8 recipes"). A convolutional tower (an open_clip ResNet or
-        # ConvNeXt) would have every convolution quantized: its probes decide whether the file
-        # passes. 7-bit weights keep AVX2 exact, as for the MatMuls.
+        # ConvNeXt) has every convolution quantized (a tiny ResNet's is tested), and its probes
+        # decide whether the file passes. 7-bit weights keep AVX2 exact, as for the MatMuls.
         op_types_to_quantize=["MatMul", "Conv"],
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,

@@ -87,13 +87,14 @@ TINY_OPEN_CLIP = "fashion-test-tiny"  # an open_clip architecture registered by 
 
 
 def save_tiny_open_clip(
-    folder: Path, resize_mode: str = "squash", seed: int = 0, hf_tokenizer: bool = False
+    folder: Path, resize_mode: str = "squash", seed: int = 0, hf_tokenizer: bool = False, resnet: bool = False
 ) -> tuple[Path, Path]:
     """A tiny open_clip model with random weights: its config registered with open_clip under
     TINY_OPEN_CLIP (a ViT of 2 layers per tower, 64x64 pictures, CLIP's BPE tokenizer, which
     open_clip carries), saved two ways: a weights file (for open_clip:ARCH:FILE) and a folder with
     open_clip_config.json and open_clip_pytorch_model.bin, as the hub's open_clip repositories hold
     them. resize_mode "squash" with mean/std 0.5 prepares pictures as Marqo-FashionSigLIP does.
+    resnet: a convolutional image tower instead (open_clip's ModifiedResNet, one block per stage).
     hf_tokenizer: texts tokenized as Marqo-FashionSigLIP's are, by a Hugging Face tokenizer (a
     character tokenizer saved in the folder, with open_clip's "canonicalize" cleaning) into a SigLIP-like
     text tower (no causal mask, the last token pooled). Returns (weights file, folder)."""
@@ -107,12 +108,14 @@ def save_tiny_open_clip(
     }
     preprocess = {"size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
                   "resize_mode": resize_mode}
+    if resnet:
+        cfg["vision_cfg"] = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16}
     if hf_tokenizer:
         cfg["text_cfg"].update(vocab_size=45, hf_tokenizer_name="timm/ViT-B-16-SigLIP", pool_type="last",
                                no_causal_mask=True, tokenizer_kwargs={"clean": "canonicalize"})
     if resize_mode == "shortest":
         preprocess.update(mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711])
-    name = TINY_OPEN_CLIP + ("-hf-tokenizer" if hf_tokenizer else "")  # one registered name per config
+    name = TINY_OPEN_CLIP + ("-hf-tokenizer" if hf_tokenizer else "") + ("-resnet" if resnet else "")  # one per config
     configs = folder / "configs"
     configs.mkdir(parents=True, exist_ok=True)
     write_json(configs / f"{name}.json", cfg)

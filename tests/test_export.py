@@ -98,10 +98,11 @@ def test_int8_export_passes_on_avx2_without_vnni(quantization, tiny_clip, tmp_pa
     assert export.feature_cosines(run_emulated(path, pixels), native).min() > 0.9999
 
 
-@pytest.mark.parametrize("family", ["siglip", "open_clip"])
+@pytest.mark.parametrize("family", ["siglip", "open_clip", "open_clip-resnet"])
 def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, tmp_path):
     """The same bar and 7-bit rule for SigLIP's and open_clip's image towers (issue 28): the emulated
-    AVX2 kernel against the fp32 file (itself checked equal to torch by the export)."""
+    AVX2 kernel against the fp32 file (itself checked equal to torch by the export). A convolutional
+    tower (open_clip's ResNet) has every convolution in int8: onnxruntime runs no float Conv."""
     import onnxruntime as ort
 
     from pipeline.embedders import OnnxEmbedder
@@ -109,9 +110,9 @@ def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, tmp_path
     from tests import assets
     from tests.int8_emulation import run_emulated
 
-    if family == "open_clip":
+    if family.startswith("open_clip"):
         pytest.importorskip("open_clip")
-        model = assets.save_tiny_open_clip(tmp_path / "m")[1]
+        model = assets.save_tiny_open_clip(tmp_path / "m", resnet=family.endswith("resnet"))[1]
     else:
         model = assets.save_tiny_siglip(tmp_path / "m")
     path = tmp_path / f"{family}_int8.onnx"
@@ -121,6 +122,14 @@ def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, tmp_path
     ref = export.run_onnx(ort, export.fp32_path_for(path), pixels)
     emulated = export.feature_cosines(run_emulated(path, pixels), ref)
     assert emulated.min() >= export.INT8_MIN_COSINE and emulated.mean() >= export.INT8_MEAN_COSINE, emulated
+    if family.endswith("resnet"):
+        import collections
+
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+        assert ops["QLinearConv"] >= 15 and ops["Conv"] == 0, ops
 
 
 def test_emulation_reproduces_the_avx2_failure_of_8bit_weights(tiny_clip, tmp_path, reference, monkeypatch):
