@@ -164,8 +164,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     _add(
         model,
         "--quantization",
-        choices=["static", "dynamic"],
-        help="with --export-onnx: static QDQ (calibrated, batch-independent) or dynamic",
+        choices=["static", "static-qdq", "dynamic"],
+        help="with --export-onnx: static (calibrated, batch-independent, saved as onnxruntime's CPU runs it), "
+        "static-qdq (the same as portable QDQ, for OpenVINO or TensorRT) or dynamic",
     )
     _add(
         model,

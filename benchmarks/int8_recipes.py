@@ -75,12 +75,12 @@ def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dic
     fuse, dynamic = kwargs.pop("_cpu_graph", False), kwargs.pop("_dynamic", False)
     static_ranges = kwargs.pop("_static_ranges", False)
     if kwargs.pop("_optimizer", False):
-        source = pre.with_name("optimized.onnx")
+        heads, width = heads_width
+        source = pre.with_name(f"optimized-{heads}x{width}.onnx")  # by what it was made for
         if not source.is_file():
             from onnxruntime.transformers.optimizer import optimize_model
 
             # the tower's heads and width from its config: with 0, 0 its Attention is not fused
-            heads, width = heads_width
             optimize_model(str(fp32), model_type="clip", num_heads=heads, hidden_size=width).save_model_to_file(
                 str(source))
     else:
@@ -148,26 +148,34 @@ def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:
     for n in nodes:
         for i in n.input:
             users.setdefault(i, []).append(n)
+    inits = {t.name: t for t in graph.initializer}
+    activation_scales = {n.output[1] for n in dql}
+
+    def only_user(name: str) -> Any:
+        got = users.get(name, [])
+        return got[0] if len(got) == 1 else None
+
     drop, replace = set(), {}
     for mm in nodes:
-        if mm.op_type != "MatMulInteger" or len(users.get(mm.output[0], [])) != 1:
-            continue
-        cast = users[mm.output[0]][0]
-        mul = users.get(cast.output[0], [None])[0] if cast.op_type == "Cast" else None
+        cast = only_user(mm.output[0]) if mm.op_type == "MatMulInteger" else None
+        to_float = cast is not None and cast.op_type == "Cast" and any(
+            a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in cast.attribute)
+        mul = only_user(cast.output[0]) if to_float else None
         if mul is None or mul.op_type != "Mul":
             continue
         scales = producer.get(mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0])
-        if scales is None or scales.op_type != "Mul" or len(users.get(scales.output[0], [])) != 1:
+        if scales is None or scales.op_type != "Mul" or only_user(scales.output[0]) is not mul:
             continue
-        add = users.get(mul.output[0], [None])[0]
-        inits = {t.name: t for t in graph.initializer}
-        bias = None
-        if add is not None and add.op_type == "Add" and len(users[mul.output[0]]) == 1:
-            other = add.input[1] if add.input[0] == mul.output[0] else add.input[0]
-            bias = other if other in inits and len(inits[other].dims) == 1 else None
+        a_scale, b_scale = scales.input if scales.input[0] in activation_scales else scales.input[::-1]
+        if a_scale not in activation_scales:
+            continue
         a, b = mm.input[0], mm.input[1]
+        add, bias = only_user(mul.output[0]), None
+        if add is not None and add.op_type == "Add" and b in inits:
+            other = add.input[1] if add.input[0] == mul.output[0] else add.input[0]
+            if other in inits and list(inits[other].dims) == [inits[b].dims[-1]]:
+                bias = other
         a_zp, b_zp = (list(mm.input[2:4]) + ["", ""])[:2]
-        a_scale, b_scale = scales.input
         out = add.output[0] if bias else mul.output[0]
         replace[id(mm)] = helper.make_node("MatMulIntegerToFloat", [a, b, a_scale, b_scale, a_zp, b_zp]
                                            + ([bias] if bias else []), [out], domain="com.microsoft",
@@ -176,6 +184,16 @@ def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:
     del graph.node[:]
     graph.node.extend(replace.get(id(n), n) for n in nodes if id(n) not in drop)
     onnx.save(model, str(path))
+
+
+def _heads_width(model: Path) -> tuple[int, int]:
+    """(attention heads, width) of a transformers CLIP/SigLIP image tower, from its config.json, for
+    onnxruntime's transformer optimizer."""
+    config = model / "config.json"
+    if not config.is_file():
+        raise SystemExit(f"the optimizer recipes need a transformers model folder with config.json; {model} has none")
+    vision = json.loads(config.read_text())["vision_config"]
+    return int(vision["num_attention_heads"]), int(vision["hidden_size"])
 
 
 def _count_ops(path: Path, ops: tuple[str, ...]) -> int:
@@ -223,12 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     pixels = export.preprocess_batch(export.verification_images(), prep)
     fp32_out = ort.InferenceSession(str(fp32), _session_options(ort, available_cores()),
                                     providers=["CPUExecutionProvider"]).run(None, {"pixel_values": pixels})[0]
-    vision = json.loads((assets.clip() / "config.json").read_text())["vision_config"]
-    heads_width = (int(vision["num_attention_heads"]), int(vision["hidden_size"]))
+    names = args.recipes.split(",")
+    if unknown := [n for n in names if n not in RECIPES]:
+        raise SystemExit(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    heads_width = _heads_width(assets.clip()) if any(RECIPES[n][1].get("_optimizer") for n in names) else (0, 0)
     folder = assets.work / "int8-recipes" / assets.model_tag
     folder.mkdir(parents=True, exist_ok=True)
     rows = {}
-    for name in args.recipes.split(","):
+    for name in names:
         what, kwargs = RECIPES[name]
         path = folder / f"{name}.onnx"
         if not path.is_file():
@@ -240,12 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         top = ", ".join(f"{op} {s:.1%}" for op, s in list(m["shares"].items())[:7])
         print(f"{name}: {what}\n  {m['img_s']:.1f} img/s, conversion + float Add {m['conversion']:.1%}; {top}",
               flush=True)
-    base = rows.get("qdq-out")
-    print("\n| recipe | img/s, batch 32 | vs qdq-out | conversion + Add | cosine to fp32, min / mean "
+    base_name = "qdq-out" if "qdq-out" in rows else names[0]
+    base = rows[base_name]
+    print(f"\n| recipe | img/s, batch 32 | vs {base_name} | conversion + Add | cosine to fp32, min / mean "
           "| alone = in batch |")
     print("|---|---|---|---|---|---|")
     for name, m in rows.items():
-        ratio = f"{m['img_s'] / base['img_s']:.2f}x" if base else "—"
+        ratio = f"{m['img_s'] / base['img_s']:.2f}x"
         print(f"| {name} | {m['img_s']:.1f} | {ratio} | {m['conversion']:.1%} | {m['cos_min']:.4f} / "
               f"{m['cos_mean']:.4f} | {'yes' if m['alone_equal'] else 'no'} |")
     print(f"\nthe bar of the probes: cosine >= {export.INT8_MIN_COSINE} (min), >= {export.INT8_MEAN_COSINE} (mean)")

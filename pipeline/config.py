@@ -64,7 +64,7 @@ class ExportSpec:
     """--export-onnx."""
 
     enabled: bool = False
-    quantization: str = "static"  # static (QDQ, calibrated) | dynamic
+    quantization: str = "static"  # static (calibrated, saved for onnxruntime's CPU) | static-qdq | dynamic
     per_tensor: bool = False
 
 

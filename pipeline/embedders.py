@@ -223,9 +223,14 @@ class OnnxEmbedder(Embedder):
             raise PipelineError(f"onnxruntime could not start its CUDA provider for {path} (check CUDA/cuDNN versions)")
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         meta = self.session.get_modelmeta().custom_metadata_map
-        note = cpu_file_on_gpu(path, meta, self.device)
-        if note:
-            log.warning(note)
+        if self.device == "cuda" and written_for_the_cpu(meta):
+            if device == "auto":  # its int8 GEMMs have no CUDA kernel: they would run on the CPU anyway
+                log.info("%s is an int8 file written for onnxruntime's CPU: run on the CPU", path)
+                self._providers = ["CPUExecutionProvider"]
+                self._start_sessions(ort, threads)
+                self.device = "cpu"
+            else:
+                log.warning(cpu_file_on_gpu(path))
         self.input = self._image_input()
         self.output_name = self.session.get_outputs()[0].name
         self.preprocess_cfg = _preprocess_config_for_file(path, meta, model_hint)
@@ -374,14 +379,17 @@ class OnnxEmbedder(Embedder):
         return self._text.embed(texts)
 
 
-def cpu_file_on_gpu(path: Path, meta: dict[str, str], device: str) -> str | None:
-    """The warning for a static int8 file written for onnxruntime's CPU (pipeline/int8graph.py) run on
-    CUDA, where its int8 GEMMs (MatMulIntegerToFloat, no CUDA kernel) fall back to the CPU; None
-    otherwise."""
-    if device != "cuda" or meta.get(META_INT8_RECIPE) != CPU_GRAPH_RECIPE:
-        return None
+def written_for_the_cpu(meta: dict[str, str]) -> bool:
+    """A static int8 file saved as onnxruntime's CPU runs it (pipeline/int8graph.py): its int8 GEMMs
+    (MatMulIntegerToFloat) have no CUDA kernel, so on CUDA they would fall back to the CPU, with
+    copies between the devices at every layer."""
+    return meta.get(META_INT8_RECIPE) == CPU_GRAPH_RECIPE
+
+
+def cpu_file_on_gpu(path: Path) -> str:
+    """The warning for such a file run with --device cuda (with --device auto it runs on the CPU)."""
     return (f"{path} is an int8 file written for onnxruntime's CPU: on CUDA its int8 matrix multiplies run on the "
-            "CPU. On a GPU use the fp32 file the export wrote beside it, or --backend torch.")
+            "CPU. Use --device cpu, or on a GPU the fp32 file the export wrote beside it, or --backend torch.")
 
 
 def _providers_for(ort: Any, device: str) -> list[str]:

@@ -3,17 +3,20 @@ each carrying the source model and its preprocessing in its metadata, verified a
 before they are moved into place.
 
 Exporter: torch.onnx.export with dynamo=True (torch.export), opset 18, dynamic batch axis.
-Quantization (the MatMuls and the patch convolution; MatMul outputs left in float), int8 weights,
-two ways:
+Quantization (static: the MatMuls and the convolutions, MatMul outputs left in float; dynamic: the
+MatMuls), int8 weights, three ways:
 - "static" (default): activation ranges calibrated on gallery images. An image's vector does not
   depend on which other images share its batch, so a file embedded again (a query, a resumed run,
   a video crop) gets exactly its gallery vector. onnxruntime's quantizer writes QDQ; the file is
   saved as onnxruntime's CPU provider runs it best (pipeline/int8graph.py: each bias fused into its
   int8 GEMM, each GELU one op), so any onnxruntime CPU session gets that speed as it opens the file.
+- "static-qdq": the same file left as onnxruntime's quantizer writes it (QDQ), for other runtimes
+  (OpenVINO, TensorRT) that do not read onnxruntime's contrib ops; the pipeline rewrites it when a
+  CPU session opens it, with the same vectors.
 - "dynamic": quantize_dynamic. Activations are quantized with one scale per batch tensor, so the
   same image embedded in two different batches differs (README, Benchmarks).
 
-Int8 weights are kept to 7 bits (onnxruntime's reduce_range) in both. onnxruntime multiplies uint8
+Int8 weights are kept to 7 bits (onnxruntime's reduce_range) in all three. onnxruntime multiplies uint8
 activations by int8 weights; on CPUs with VNNI or AMX the sums are exact, but on AVX2-only and
 AVX-512 CPUs without VNNI the kernel adds each pair of products into a saturating 16-bit sum
 (vpmaddubsw). With 8-bit weights a pair can reach 2 x 255 x 127 = 64,770 and is clipped to 32,767;
@@ -55,7 +58,7 @@ from .embedders import (
     tokenizer_path_for,
 )
 from .errors import PipelineError, first_line
-from .int8graph import CPU_GRAPH_RECIPE, META_INT8_RECIPE, cpu_graph
+from .int8graph import CPU_GRAPH_RECIPE, FUSED_RECIPE, META_INT8_RECIPE, cpu_graph
 from .preprocess import preprocess_batch
 from .probes import META_PROBES, ProbeRecord, probe_pixels
 from .tokens import TokenizerError, load_tokenizer
@@ -153,7 +156,8 @@ def export_onnx(
         int8_path: where the int8 model goes; the fp32 one goes beside it (fp32_path_for).
         images: RGB images for the check (default: verification_images()).
         per_channel: per-channel weight quantization (more faithful at the same speed, measured).
-        quantization: "static" (QDQ, calibrated; batch-independent) or "dynamic".
+        quantization: "static" (calibrated, batch-independent, saved as onnxruntime's CPU runs it),
+            "static-qdq" (the same as portable QDQ) or "dynamic".
         calibration_images: RGB images for the static ranges (default: 64 generated pictures that
             are not the verification set); gallery images give the best ranges.
     Raises:
@@ -234,7 +238,7 @@ class _ImageExport:
         )
 
     def quantize(self, calibration_images: Sequence[Image.Image] | None) -> None:
-        """fp32 temp file -> int8 temp file, MatMul only (module docstring)."""
+        """fp32 temp file -> int8 temp file (module docstring): static, MatMul and Conv; dynamic, MatMul."""
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         mode = self.weight_mode
@@ -248,17 +252,20 @@ class _ImageExport:
                 per_channel=self.per_channel,
                 reduce_range=REDUCE_RANGE,
             )
-        elif self.quantization == "static":
+        elif self.quantization in ("static", "static-qdq"):
             calib = list(calibration_images) if calibration_images is not None else verification_images(64, seed=1)
             log.info(
-                "quantizing MatMul and Conv to int8 (static QDQ, %s 7-bit weights, ranges from %d images)", mode,
-                len(calib),
+                "quantizing MatMul and Conv to int8 (%s, %s 7-bit weights, ranges from %d images)",
+                self.quantization, mode, len(calib),
             )
             calib_pixels = preprocess_batch(calib, self.prep)
             _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels, self.per_channel)
-            _save_cpu_graph(self.tmp_int8)
+            if self.quantization == "static":
+                _save_cpu_graph(self.tmp_int8)
         else:
-            raise PipelineError(f"unknown quantization {self.quantization!r}; expected 'static' or 'dynamic'")
+            raise PipelineError(
+                f"unknown quantization {self.quantization!r}; expected 'static', 'static-qdq' or 'dynamic'"
+            )
 
     def verify(self, images: Sequence[Image.Image] | None) -> tuple[ExportReport, dict[Path, ProbeRecord]]:
         """Both temp files against torch, logged; their probe records keyed by temp path.
@@ -311,7 +318,8 @@ class _ImageExport:
             META_KIND: f"{self.family.name}-image-tower",
             META_FAMILY: self.family.name,
         }
-        precision = f"int8-{self.quantization}-matmul-{self.weight_mode}-7bit"
+        kind = "static" if self.quantization == "static-qdq" else self.quantization  # the recipe tells the two apart
+        precision = f"int8-{kind}-matmul-{self.weight_mode}-7bit"
         fp32_meta = {**meta, META_PRECISION: "fp32", META_PROBES: records[self.tmp_fp32].to_json()}
         int8_meta = {**meta, META_PRECISION: precision, META_PROBES: records[self.tmp_int8].to_json(),
                      META_INT8_RECIPE: INT8_RECIPES[self.quantization]}
@@ -476,9 +484,10 @@ def _verify_text_graph(tower, enc, path: Path, masked: bool = True) -> tuple[str
 
 # How each quantization makes its int8 file, recorded in the file (fashion_pipeline.int8_recipe): a
 # file made by an earlier recipe still loads (its probes vouch for it), and a benchmark can tell it is
-# not the current one. Static: "matmul-float-out+conv" since 2026-12-04 (the patch convolution
-# quantized too), "matmul-float-out" from 2026-12-03, "matmul-qdq-out" before.
-INT8_RECIPES = {"static": CPU_GRAPH_RECIPE, "dynamic": "matmul-dynamic"}
+# not the current one. Static: "matmul-float-out+conv+cpu-graph" now (saved as the CPU runs it);
+# "matmul-float-out+conv" (QDQ, the patch convolution quantized too) exported on 2026-12-04 and by
+# "static-qdq"; "matmul-float-out" from 2026-12-03; "matmul-qdq-out" before.
+INT8_RECIPES = {"static": CPU_GRAPH_RECIPE, "static-qdq": FUSED_RECIPE, "dynamic": "matmul-dynamic"}
 
 
 def calibration_reader(calib_pixels: np.ndarray):

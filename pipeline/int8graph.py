@@ -3,9 +3,9 @@
 onnxruntime's quantizer writes portable QDQ (pipeline/export.py): each MatMul reads
 DequantizeLinear(QuantizeLinear(x)) and DequantizeLinear(int8 weights), and its float output goes
 to a float bias Add. onnxruntime's CPU provider turns each such MatMul into MatMulIntegerToFloat
-(int8 GEMM, scaled in its epilogue) but leaves the bias Add on its own: 8-9% of kernel time on the
-real architecture. `cpu_graph` rewrites the graph so that the bias is added inside the kernel
-(MatMulIntegerToFloat's optional bias input, a contrib op of onnxruntime), and two more:
+(int8 GEMM, scaled in its epilogue) but leaves the bias Add on its own. `cpu_graph` rewrites the
+graph so that the bias is added inside the kernel (MatMulIntegerToFloat's optional bias input, a
+contrib op of onnxruntime), and two more:
 - `fuse_gelu`: a GELU the exporter wrote out in elementary ops (the exact erf form of open_clip and
   timm towers, Marqo-FashionSigLIP; the tanh form of transformers' SigLIP) in an order
   onnxruntime's own fusion does not match ran as five to eight float ops between the int8 MatMuls;
@@ -15,11 +15,11 @@ real architecture. `cpu_graph` rewrites the graph so that the bias is added insi
 
 The export writes the rewritten graph (recipe CPU_GRAPH_RECIPE): the file is the graph every
 onnxruntime CPU session runs, in the user's own program too, with no step of ours (figures in the
-README, "Int8 recipes"). It is for onnxruntime's CPU provider, where the int8 file belongs; a GPU
-runs the fp32 file or the torch model.
+README, "Int8 recipes"). It is for onnxruntime's CPU provider, where the int8 file belongs: a GPU
+runs the fp32 file or the torch model, other runtimes the QDQ file of `--quantization static-qdq`.
 
-Files of earlier recipes stayed QDQ on disk: `cpu_model` rewrites them in memory before a CPU
-session is made, as they always were (the current QDQ recipe gets every rewrite; the earlier
+Files of earlier recipes, and of `--quantization static-qdq`, are QDQ on disk: `cpu_model`
+rewrites them in memory before a CPU session is made (FUSED_RECIPE gets every rewrite, the earlier
 "matmul-float-out" the bias fusion alone), so vectors of stores made from them do not move. That
 rewrite is kept in the user's cache ($XDG_CACHE_HOME/fashion-visual-search/int8graph, keyed by the
 file's sha256 and this module's own code), so a run opens its CPU sessions straight from it: no

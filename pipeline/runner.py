@@ -584,7 +584,10 @@ def run_export(cfg: RunConfig, sample_rows: int = 96) -> RunSummary:
         )
     summary.notes.extend(report.lines())
     summary.count("verification images", report.images)
-    summary.outputs["int8 model"] = str(report.int8_path)
+    formats = {"static": "static, saved as onnxruntime's CPU runs it (--quantization static-qdq for portable QDQ)",
+               "static-qdq": "static, portable QDQ", "dynamic": "dynamic"}
+    kind = formats.get(cfg.export.quantization, cfg.export.quantization)
+    summary.outputs["int8 model"] = f"{report.int8_path} ({kind})"
     summary.outputs["fp32 model"] = str(report.fp32_path)
     return summary
 

@@ -108,6 +108,7 @@ IN_PROCESS = [
         r"^\| all-ops \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
         r"^\| optimizer-static \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
         r"^\| optimizer-qattention \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| (yes|no) \|$",
+        r"^\| optimizer-qattention-static \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
     ]),
     (int8_cpus, "clip", [
         r"^\| int8 export \| weights \| img/s here \(batch 32\) \|",

@@ -34,6 +34,7 @@ def test_export_writes_both_files_with_metadata(tiny_clip, tmp_path, capsys):
         "m_text_tokenizer.json",
     ]
     assert "text fp32 ONNX: min" in out
+    assert f"int8 model -> {target} (static, saved as onnxruntime's CPU runs it (--quantization static-qdq" in out
     # The default dataset is out of reach here (HF_HUB_OFFLINE): generated pictures, said so.
     assert "calibrated on generated pictures: lirus18/deepfashion could not be read" in out
 
@@ -102,7 +103,9 @@ def test_int8_export_passes_on_avx2_without_vnni(quantization, tiny_clip, tmp_pa
 def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, tmp_path):
     """The same bar and 7-bit rule for SigLIP's and open_clip's image towers (issue 28): the emulated
     AVX2 kernel against the fp32 file (itself checked equal to torch by the export). A convolutional
-    tower (open_clip's ResNet) has every convolution in int8: onnxruntime runs no float Conv."""
+    tower (open_clip's ResNet) has every convolution in int8: onnxruntime runs no float Conv. The
+    emulation computes convolutions without AVX2's pair saturation; the 7-bit weights, checked here
+    for every int8 tensor, are what rules it out for them, as for the MatMuls."""
     import onnxruntime as ort
 
     from pipeline.embedders import OnnxEmbedder
@@ -289,55 +292,49 @@ def test_the_static_int8_file_runs_without_dequantizing_between_ops(tiny_onnx, t
     assert np.abs(batch - l2_normalize(plain)).max() <= 1e-6
 
 
-def test_the_int8_file_for_the_cpu_is_named_when_a_gpu_runs_it(tiny_onnx, tiny_qdq):
+def test_the_int8_file_for_the_cpu_is_told_apart_for_a_gpu(tiny_onnx, tiny_qdq):
     """On CUDA the static file's int8 GEMMs (MatMulIntegerToFloat has no CUDA kernel) would run on
-    the CPU: the embedder warns and names the fp32 file; on the CPU, for the fp32 file and for a QDQ
-    file of an earlier export (its DequantizeLinear + MatMul run on the GPU), nothing is said."""
+    the CPU: such a file is recognised (with --device auto the embedder then runs it on the CPU;
+    with --device cuda it warns, naming --device cpu and the fp32 file); the fp32 file and a QDQ
+    file (its DequantizeLinear + MatMul run on the GPU) are not."""
     import onnxruntime as ort
 
-    from pipeline.embedders import cpu_file_on_gpu
+    from pipeline.embedders import cpu_file_on_gpu, written_for_the_cpu
 
     def meta(path):
         return ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
 
-    note = cpu_file_on_gpu(tiny_onnx, meta(tiny_onnx), "cuda")
-    assert note is not None and str(tiny_onnx) in note and "fp32 file" in note and "on the CPU" in note
-    assert cpu_file_on_gpu(tiny_onnx, meta(tiny_onnx), "cpu") is None
-    fp32 = export.fp32_path_for(tiny_onnx)
-    assert cpu_file_on_gpu(fp32, meta(fp32), "cuda") is None
-    assert cpu_file_on_gpu(tiny_qdq, meta(tiny_qdq), "cuda") is None
+    assert written_for_the_cpu(meta(tiny_onnx))
+    assert not written_for_the_cpu(meta(export.fp32_path_for(tiny_onnx))) and not written_for_the_cpu(meta(tiny_qdq))
+    note = cpu_file_on_gpu(tiny_onnx)
+    assert str(tiny_onnx) in note and "--device cpu" in note and "fp32 file" in note
 
 
 @pytest.fixture(scope="module")
-def tiny_qdq(tiny_onnx, tmp_path_factory) -> Path:
-    """The tiny model's static int8 file as the export wrote it before its graph was saved rewritten:
-    QDQ on disk, recipe "matmul-float-out+conv", made from the same fp32 file and calibration
-    pictures as `tiny_onnx` (its metadata otherwise the same)."""
-    import onnxruntime as ort
-
-    from pipeline.embedders import OnnxEmbedder
-    from pipeline.int8graph import FUSED_RECIPE
-    from pipeline.preprocess import preprocess_batch
-
-    folder = tmp_path_factory.mktemp("qdq")
-    path = folder / "tiny_int8_qdq.onnx"
-    calib = preprocess_batch(export.verification_images(64, seed=1), OnnxEmbedder(tiny_onnx).preprocess_cfg)
-    export._quantize_static(export.fp32_path_for(tiny_onnx), folder / "pre.onnx", path, calib, per_channel=True)
-    meta = dict(ort.InferenceSession(str(tiny_onnx)).get_modelmeta().custom_metadata_map)
-    export._set_metadata(onnx, path, {**meta, export.META_INT8_RECIPE: FUSED_RECIPE})
+def tiny_qdq(tiny_clip, tmp_path_factory) -> Path:
+    """The tiny model's static int8 file as `--quantization static-qdq` writes it, and as the export
+    wrote the default on 2026-12-04: QDQ on disk, recipe "matmul-float-out+conv", from the same
+    calibration pictures as `tiny_onnx`."""
+    path = tmp_path_factory.mktemp("qdq") / "tiny_int8_qdq.onnx"
+    assert export.export_onnx(str(tiny_clip), path, quantization="static-qdq").passed
     return path
 
 
-def test_a_qdq_file_of_the_earlier_export_runs_as_the_file_the_export_writes_now(tiny_qdq, tiny_onnx):
-    """A file the export wrote as QDQ (its stores' vectors made by the CPU graph `cpu_model` makes of
-    it at load) gives the vectors the export's file gives now, bit for bit: the rewrite moved into
-    the export, the vectors did not move."""
+def test_a_qdq_file_runs_as_the_file_the_export_writes_now(tiny_qdq, tiny_onnx):
+    """A QDQ file (--quantization static-qdq, or the default export of 2026-12-04: its stores'
+    vectors made by the CPU graph `cpu_model` makes of it at load) holds only standard ONNX ops, for
+    other runtimes, and gives the vectors the default file gives now, bit for bit: the rewrite moved
+    into the export, the vectors did not move."""
     from pipeline.embedders import OnnxEmbedder
     from pipeline.preprocess import preprocess_batch
 
     old, new = OnnxEmbedder(tiny_qdq, device="cpu"), OnnxEmbedder(tiny_onnx, device="cpu")
     assert old.self_check.startswith("self-check passed")
-    assert any(n.op_type == "DequantizeLinear" for n in onnx.load(str(tiny_qdq)).graph.node)
+    graph = onnx.load(str(tiny_qdq)).graph
+    assert any(n.op_type == "DequantizeLinear" for n in graph.node) and all(n.domain == "" for n in graph.node)
+    from pipeline.int8graph import FUSED_RECIPE
+
+    assert old.identity.precision.startswith("onnx-int8-static") and FUSED_RECIPE == "matmul-float-out+conv"
     pixels = preprocess_batch(export.verification_images(16), new.preprocess_cfg)
     assert np.array_equal(old.embed(pixels), new.embed(pixels))
 
@@ -454,11 +451,13 @@ def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
 
 
 @pytest.mark.parametrize("recipe, rewritten", [("matmul-float-out+conv", "bias+gelu"), ("matmul-float-out", "bias"),
-                                               ("matmul-qdq-out", None), ("matmul-dynamic", None), (None, None)])
+                                               ("matmul-float-out+conv+cpu-graph", None), ("matmul-qdq-out", None),
+                                               ("matmul-dynamic", None), (None, None)])
 def test_the_cpu_graph_of_each_recipe(recipe, rewritten, tiny_qdq, tmp_path):
-    """The current recipe gets every rewrite; the earlier float-out recipe its bias fusion alone, as
-    the vectors of its stores were made; other recipes (and files without one) are opened as
-    they are."""
+    """A QDQ file of "matmul-float-out+conv" (exported on 2026-12-04, or by --quantization static-qdq)
+    gets every rewrite; the earlier float-out recipe its bias fusion alone, as the vectors of its
+    stores were made; the file the export writes now (already rewritten: its recipe says so, even
+    were a QDQ graph in it) and other recipes (and files without one) are opened as they are."""
     from pipeline.int8graph import META_INT8_RECIPE, cpu_model
 
     meta = {} if recipe is None else {META_INT8_RECIPE: recipe}
