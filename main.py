@@ -166,7 +166,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--quantization",
         choices=["static", "static-qdq", "dynamic"],
         help="with --export-onnx: static (calibrated, batch-independent, saved as onnxruntime's CPU runs it), "
-        "static-qdq (the same as portable QDQ, for OpenVINO or TensorRT) or dynamic",
+        "static-qdq (the same as portable QDQ, for runtimes such as OpenVINO) or dynamic",
     )
     _add(
         model,

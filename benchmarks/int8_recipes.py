@@ -5,7 +5,7 @@ the pipeline's session options), kernel time by op type and the share of format 
 (Quantize/DequantizeLinear) and float Adds, cosine to the fp32 file on the 24 export verification
 pictures, and whether one picture alone gives the same vector as in the batch.
 
-    python -m benchmarks.int8_recipes [--seconds 6] [--recipes default,float-out,...]
+    python -m benchmarks.int8_recipes [--seconds 6] [--recipes qdq-out,conv-too+bias,...]
     python -m benchmarks.int8_recipes --tiny          # tiny model: checks the script
 """
 
@@ -250,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name in names:
         what, kwargs = RECIPES[name]
-        path = folder / f"{name}.onnx"
+        # an optimizer recipe's file is named by the heads and width it was fused for
+        fused_for = f"-{heads_width[0]}x{heads_width[1]}" if kwargs.get("_optimizer") else ""
+        path = folder / f"{name}{fused_for}.onnx"
         if not path.is_file():
             make_recipe(fp32, folder / "pre.onnx", path, calib, kwargs, heads_width)
         rows[name] = m = measure(path, fp32_out, pixels, args.seconds)

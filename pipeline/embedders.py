@@ -216,21 +216,19 @@ class OnnxEmbedder(Embedder):
         if not path.is_file():
             raise PipelineError(f"ONNX file {path} not found. Make it with: python main.py --export-onnx --onnx {path}")
         self.path = path
-        self._providers = _providers_for(ort, device)
+        self._providers = self._text_providers = _providers_for(ort, device)  # the fp32 text tower may use the GPU
+        if device == "auto" and "CUDAExecutionProvider" in self._providers and written_for_the_cpu(file_metadata(path)):
+            # its int8 GEMMs have no CUDA kernel: they would run on the CPU anyway, with copies at every layer
+            log.info("%s is an int8 file written for onnxruntime's CPU: it runs on the CPU", path)
+            self._providers = ["CPUExecutionProvider"]
         self._text: _OnnxText | None = None  # opened by the first embed_text
         self._start_sessions(ort, threads)
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise PipelineError(f"onnxruntime could not start its CUDA provider for {path} (check CUDA/cuDNN versions)")
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         meta = self.session.get_modelmeta().custom_metadata_map
-        if self.device == "cuda" and written_for_the_cpu(meta):
-            if device == "auto":  # its int8 GEMMs have no CUDA kernel: they would run on the CPU anyway
-                log.info("%s is an int8 file written for onnxruntime's CPU: run on the CPU", path)
-                self._providers = ["CPUExecutionProvider"]
-                self._start_sessions(ort, threads)
-                self.device = "cpu"
-            else:
-                log.warning(cpu_file_on_gpu(path))
+        if self.device == "cuda" and written_for_the_cpu(meta):  # --device cuda asked for it
+            log.warning(cpu_file_on_gpu(path))
         self.input = self._image_input()
         self.output_name = self.session.get_outputs()[0].name
         self.preprocess_cfg = _preprocess_config_for_file(path, meta, model_hint)
@@ -375,7 +373,7 @@ class OnnxEmbedder(Embedder):
         """The text tower exported beside the image file, tokenized with the `tokenizers` library
         (no torch, no transformers)."""
         if self._text is None:
-            self._text = _OnnxText(self.path, self.identity.model or "", self._opts, self._providers)
+            self._text = _OnnxText(self.path, self.identity.model or "", self._opts, self._text_providers)
         return self._text.embed(texts)
 
 
@@ -384,6 +382,13 @@ def written_for_the_cpu(meta: dict[str, str]) -> bool:
     (MatMulIntegerToFloat) have no CUDA kernel, so on CUDA they would fall back to the CPU, with
     copies between the devices at every layer."""
     return meta.get(META_INT8_RECIPE) == CPU_GRAPH_RECIPE
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    """An ONNX file's metadata read without a session (onnx's parser: no provider started)."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def cpu_file_on_gpu(path: Path) -> str:

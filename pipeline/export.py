@@ -10,9 +10,10 @@ MatMuls), int8 weights, three ways:
   a video crop) gets exactly its gallery vector. onnxruntime's quantizer writes QDQ; the file is
   saved as onnxruntime's CPU provider runs it best (pipeline/int8graph.py: each bias fused into its
   int8 GEMM, each GELU one op), so any onnxruntime CPU session gets that speed as it opens the file.
-- "static-qdq": the same file left as onnxruntime's quantizer writes it (QDQ), for other runtimes
-  (OpenVINO, TensorRT) that do not read onnxruntime's contrib ops; the pipeline rewrites it when a
-  CPU session opens it, with the same vectors.
+- "static-qdq": the same file left as onnxruntime's quantizer writes it (QDQ, uint8 activations
+  with zero points), for runtimes that read QDQ but not onnxruntime's contrib ops (OpenVINO); its
+  verification runs that graph; the pipeline rewrites it when a CPU session opens it, with the
+  vectors of the "static" file.
 - "dynamic": quantize_dynamic. Activations are quantized with one scale per batch tensor, so the
   same image embedded in two different batches differs (README, Benchmarks).
 

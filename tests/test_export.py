@@ -14,9 +14,11 @@ from pipeline.embedders import META_PREPROCESS, META_SOURCE_MODEL
 from pipeline.errors import PipelineError
 
 
-def test_export_writes_both_files_with_metadata(tiny_clip, tmp_path, capsys):
+@pytest.mark.parametrize("quantization", ["static", "static-qdq"])
+def test_export_writes_both_files_with_metadata(quantization, tiny_clip, tmp_path, capsys):
     target = tmp_path / "onnx" / "m_int8_matmul.onnx"
-    assert cli.main(["--export-onnx", "--model", str(tiny_clip), "--onnx", str(target)]) == 0
+    args = ["--export-onnx", "--model", str(tiny_clip), "--onnx", str(target), "--quantization", quantization]
+    assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "fp32 ONNX: min" in out and "int8 ONNX: min" in out
     fp32 = tmp_path / "onnx" / "m_fp32.onnx"
@@ -34,7 +36,11 @@ def test_export_writes_both_files_with_metadata(tiny_clip, tmp_path, capsys):
         "m_text_tokenizer.json",
     ]
     assert "text fp32 ONNX: min" in out
-    assert f"int8 model -> {target} (static, saved as onnxruntime's CPU runs it (--quantization static-qdq" in out
+    kind = {"static": "static, saved as onnxruntime's CPU runs it (--quantization static-qdq for portable QDQ)",
+            "static-qdq": "static, portable QDQ"}[quantization]
+    assert f"int8 model -> {target} ({kind})" in out
+    recipe = {p.key: p.value for p in onnx.load(str(target)).metadata_props}[export.META_INT8_RECIPE]
+    assert recipe == export.INT8_RECIPES[quantization] and (recipe.endswith("+cpu-graph")) == (quantization == "static")
     # The default dataset is out of reach here (HF_HUB_OFFLINE): generated pictures, said so.
     assert "calibrated on generated pictures: lirus18/deepfashion could not be read" in out
 
@@ -292,20 +298,26 @@ def test_the_static_int8_file_runs_without_dequantizing_between_ops(tiny_onnx, t
     assert np.abs(batch - l2_normalize(plain)).max() <= 1e-6
 
 
-def test_the_int8_file_for_the_cpu_is_told_apart_for_a_gpu(tiny_onnx, tiny_qdq):
+def test_the_int8_file_for_the_cpu_runs_on_the_cpu_where_a_gpu_is_there(tiny_onnx, tiny_qdq, monkeypatch):
     """On CUDA the static file's int8 GEMMs (MatMulIntegerToFloat has no CUDA kernel) would run on
-    the CPU: such a file is recognised (with --device auto the embedder then runs it on the CPU;
-    with --device cuda it warns, naming --device cpu and the fp32 file); the fp32 file and a QDQ
-    file (its DequantizeLinear + MatMul run on the GPU) are not."""
+    the CPU: with --device auto on a machine whose onnxruntime has CUDA (stood in for here), the
+    embedder opens that file on the CPU alone, read from its metadata before any session, while the
+    fp32 text tower beside it keeps the GPU; the fp32 file and a QDQ file (its DequantizeLinear +
+    MatMul run on the GPU) are asked of CUDA. With --device cuda it warns, naming --device cpu and
+    the fp32 file."""
     import onnxruntime as ort
 
-    from pipeline.embedders import cpu_file_on_gpu, written_for_the_cpu
+    from pipeline.embedders import OnnxEmbedder, cpu_file_on_gpu, file_metadata, written_for_the_cpu
 
-    def meta(path):
-        return ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
-
-    assert written_for_the_cpu(meta(tiny_onnx))
-    assert not written_for_the_cpu(meta(export.fp32_path_for(tiny_onnx))) and not written_for_the_cpu(meta(tiny_qdq))
+    assert written_for_the_cpu(file_metadata(tiny_onnx))
+    fp32 = export.fp32_path_for(tiny_onnx)
+    assert not written_for_the_cpu(file_metadata(fp32)) and not written_for_the_cpu(file_metadata(tiny_qdq))
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: gpu)
+    emb = OnnxEmbedder(tiny_onnx, device="auto")
+    assert emb._providers == ["CPUExecutionProvider"] and emb._text_providers == gpu and emb.device == "cpu"
+    for other in (fp32, tiny_qdq):  # asked of CUDA (this onnxruntime, without it, falls back to the CPU)
+        assert OnnxEmbedder(other, device="auto")._providers == gpu
     note = cpu_file_on_gpu(tiny_onnx)
     assert str(tiny_onnx) in note and "--device cpu" in note and "fp32 file" in note
 
@@ -325,16 +337,17 @@ def test_a_qdq_file_runs_as_the_file_the_export_writes_now(tiny_qdq, tiny_onnx):
     vectors made by the CPU graph `cpu_model` makes of it at load) holds only standard ONNX ops, for
     other runtimes, and gives the vectors the default file gives now, bit for bit: the rewrite moved
     into the export, the vectors did not move."""
-    from pipeline.embedders import OnnxEmbedder
+    from pipeline.embedders import OnnxEmbedder, file_metadata
     from pipeline.preprocess import preprocess_batch
 
     old, new = OnnxEmbedder(tiny_qdq, device="cpu"), OnnxEmbedder(tiny_onnx, device="cpu")
     assert old.self_check.startswith("self-check passed")
     graph = onnx.load(str(tiny_qdq)).graph
     assert any(n.op_type == "DequantizeLinear" for n in graph.node) and all(n.domain == "" for n in graph.node)
-    from pipeline.int8graph import FUSED_RECIPE
+    from pipeline.int8graph import FUSED_RECIPE, META_INT8_RECIPE
 
-    assert old.identity.precision.startswith("onnx-int8-static") and FUSED_RECIPE == "matmul-float-out+conv"
+    assert old.identity.precision.startswith("onnx-int8-static")
+    assert file_metadata(tiny_qdq)[META_INT8_RECIPE] == FUSED_RECIPE == "matmul-float-out+conv"
     pixels = preprocess_batch(export.verification_images(16), new.preprocess_cfg)
     assert np.array_equal(old.embed(pixels), new.embed(pixels))
 
