@@ -250,11 +250,10 @@ def int8_recipe(path: Path) -> str | None:
     """The int8 recipe an export recorded in its file (pipeline/export.py), None before recipes were."""
     if not path.is_file():
         return None
-    import onnx
+    from pipeline.embedders import file_metadata
     from pipeline.export import META_INT8_RECIPE
 
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return meta.get(META_INT8_RECIPE)
+    return file_metadata(path).get(META_INT8_RECIPE)
 
 
 def stage_seconds(summary: RunSummary) -> dict[str, float]:

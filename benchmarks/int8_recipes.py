@@ -100,12 +100,9 @@ def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dic
                                 calibrate_method=CalibrationMethod.MinMax, reduce_range=REDUCE_RANGE)
     quantize_static(str(source), str(out), Reader(), **{**args, **kwargs})
     if fuse:  # the graph the export saves (pipeline/int8graph.py)
-        import onnx
-        from pipeline.int8graph import cpu_graph
+        from pipeline.export import _save_cpu_graph
 
-        model = onnx.load(str(out))
-        cpu_graph(model)
-        onnx.save(model, str(out))
+        _save_cpu_graph(out)
 
 
 def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:
@@ -119,6 +116,7 @@ def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:
 
     import onnx
     from onnx import helper, numpy_helper
+    from pipeline.int8graph import _graph_maps, _set_nodes
 
     model = onnx.load(str(path))
     graph = model.graph
@@ -143,12 +141,8 @@ def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:
         graph.initializer.extend([numpy_helper.from_array(np.array(s, np.float32), scale),
                                   numpy_helper.from_array(np.array(round(-lo[x] / s), np.uint8), zero)])
         nodes.append(helper.make_node("QuantizeLinear", [x, scale, zero], [xq], name=node.name + "_static"))
-    producer = {o: n for n in nodes for o in n.output}
-    users: dict[str, list[Any]] = {}
-    for n in nodes:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
-    inits = {t.name: t for t in graph.initializer}
+    _set_nodes(model, nodes)
+    inits, producer, _, users = _graph_maps(graph)
     activation_scales = {n.output[1] for n in dql}
 
     def only_user(name: str) -> Any:
@@ -156,7 +150,7 @@ def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:
         return got[0] if len(got) == 1 else None
 
     drop, replace = set(), {}
-    for mm in nodes:
+    for mm in graph.node:
         cast = only_user(mm.output[0]) if mm.op_type == "MatMulInteger" else None
         to_float = cast is not None and cast.op_type == "Cast" and any(
             a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in cast.attribute)
@@ -181,8 +175,7 @@ def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:
                                            + ([bias] if bias else []), [out], domain="com.microsoft",
                                            name=mm.name + "_to_float")
         drop.update({id(cast), id(mul), id(scales)} | ({id(add)} if bias else set()))
-    del graph.node[:]
-    graph.node.extend(replace.get(id(n), n) for n in nodes if id(n) not in drop)
+    _set_nodes(model, [replace.get(id(n), n) for n in graph.node if id(n) not in drop])
     onnx.save(model, str(path))
 
 

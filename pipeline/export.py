@@ -489,6 +489,9 @@ def _verify_text_graph(tower, enc, path: Path, masked: bool = True) -> tuple[str
 # "matmul-float-out+conv" (QDQ, the patch convolution quantized too) exported on 2026-12-04 and by
 # "static-qdq"; "matmul-float-out" from 2026-12-03; "matmul-qdq-out" before.
 INT8_RECIPES = {"static": CPU_GRAPH_RECIPE, "static-qdq": FUSED_RECIPE, "dynamic": "matmul-dynamic"}
+# What the export's summary says of each (--quantization).
+INT8_FORMATS = {"static": "static, saved as onnxruntime's CPU runs it (--quantization static-qdq for portable QDQ)",
+                "static-qdq": "static, portable QDQ", "dynamic": "dynamic"}
 
 
 def calibration_reader(calib_pixels: np.ndarray):

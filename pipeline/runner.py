@@ -29,7 +29,7 @@ from .dataset import iter_records
 from .duplicates import SIGNATURE_VERSION, DuplicateGroup, gallery_duplicates, write_duplicates_csv, write_groups
 from .embedders import on_cuda
 from .errors import CacheMismatchError, PipelineError
-from .export import export_onnx, verification_images
+from .export import INT8_FORMATS, export_onnx, verification_images
 from .fileio import (
     OutputLock,
     atomic_write_text,
@@ -584,9 +584,7 @@ def run_export(cfg: RunConfig, sample_rows: int = 96) -> RunSummary:
         )
     summary.notes.extend(report.lines())
     summary.count("verification images", report.images)
-    formats = {"static": "static, saved as onnxruntime's CPU runs it (--quantization static-qdq for portable QDQ)",
-               "static-qdq": "static, portable QDQ", "dynamic": "dynamic"}
-    kind = formats.get(cfg.export.quantization, cfg.export.quantization)
+    kind = INT8_FORMATS.get(cfg.export.quantization, cfg.export.quantization)
     summary.outputs["int8 model"] = f"{report.int8_path} ({kind})"
     summary.outputs["fp32 model"] = str(report.fp32_path)
     return summary

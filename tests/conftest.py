@@ -66,11 +66,10 @@ def tiny_onnx(tiny_clip, tmp_path_factory) -> Path:
 
 
 def _int8_recipe(path: Path) -> str | None:
-    import onnx
+    from pipeline.embedders import file_metadata
     from pipeline.export import META_INT8_RECIPE
 
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return meta.get(META_INT8_RECIPE)
+    return file_metadata(path).get(META_INT8_RECIPE)
 
 
 def mixed_cells() -> list[tuple[str, bytes | None]]:

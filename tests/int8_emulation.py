@@ -78,10 +78,13 @@ class SaturatingQdqMatMul(OpRun):
     op_domain = DOMAIN
 
     def _run(self, xq, xs, xzp, wq, ws, wzp):
-        acc = integer_matmul(xq, wq, xzp, wzp).astype(np.float64)
-        return (
-            (acc * float(np.asarray(xs).reshape(-1)[0]) * np.asarray(ws, np.float64).reshape(-1)).astype(np.float32),
-        )
+        return (scaled_matmul(xq, wq, xs, ws, xzp, wzp).astype(np.float32),)
+
+
+def scaled_matmul(a, b, a_scale, b_scale, a_zp=None, b_zp=None) -> np.ndarray:
+    """float64 integer_matmul(a, b) x a_scale (one value) x b_scale (one or one per column)."""
+    acc = integer_matmul(a, b, a_zp, b_zp).astype(np.float64)
+    return acc * float(np.asarray(a_scale).reshape(-1)[0]) * np.asarray(b_scale, np.float64).reshape(-1)
 
 
 class ContribMatMulIntegerToFloat(OpRun):
@@ -90,8 +93,7 @@ class ContribMatMulIntegerToFloat(OpRun):
     op_domain = DOMAIN
 
     def _run(self, a, b, a_scale, b_scale, a_zp=None, b_zp=None, bias=None):
-        acc = integer_matmul(a, b, a_zp, b_zp).astype(np.float64)
-        out = acc * float(np.asarray(a_scale).reshape(-1)[0]) * np.asarray(b_scale, np.float64).reshape(-1)
+        out = scaled_matmul(a, b, a_scale, b_scale, a_zp, b_zp)
         return ((out if bias is None else out + bias).astype(np.float32),)
 
 

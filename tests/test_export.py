@@ -10,7 +10,7 @@ import pytest
 import main as cli
 import onnx
 from pipeline import export
-from pipeline.embedders import META_PREPROCESS, META_SOURCE_MODEL
+from pipeline.embedders import META_PREPROCESS, META_SOURCE_MODEL, file_metadata
 from pipeline.errors import PipelineError
 
 
@@ -39,7 +39,7 @@ def test_export_writes_both_files_with_metadata(quantization, tiny_clip, tmp_pat
     kind = {"static": "static, saved as onnxruntime's CPU runs it (--quantization static-qdq for portable QDQ)",
             "static-qdq": "static, portable QDQ"}[quantization]
     assert f"int8 model -> {target} ({kind})" in out
-    recipe = {p.key: p.value for p in onnx.load(str(target)).metadata_props}[export.META_INT8_RECIPE]
+    recipe = file_metadata(target)[export.META_INT8_RECIPE]
     assert recipe == export.INT8_RECIPES[quantization] and (recipe.endswith("+cpu-graph")) == (quantization == "static")
     # The default dataset is out of reach here (HF_HUB_OFFLINE): generated pictures, said so.
     assert "calibrated on generated pictures: lirus18/deepfashion could not be read" in out
