@@ -157,16 +157,32 @@ def real_arch_fashion_siglip(work: Path) -> Path:
     """Marqo-FashionSigLIP's architecture (open_clip ViT-B-16-SigLIP: timm ViT-B/16 at 224 with
     attention pooling, SigLIP's text tower) with random weights, laid out as its hub repository
     (open_clip_config.json and open_clip_pytorch_model.bin)."""
+    return real_arch_open_clip(work / "fashion-siglip-arch", "ViT-B-16-SigLIP", SIGLIP_PREPROCESS)
+
+
+# OpenAI CLIP's preprocessing, as open_clip's RN50 configuration uses it
+OPENAI_PREPROCESS = {"size": 224, "mean": [0.48145466, 0.4578275, 0.40821073],
+                     "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def real_arch_rn50(work: Path) -> Path:
+    """A convolutional tower: open_clip's RN50 (OpenAI CLIP's ResNet-50 with anti-aliased strided
+    pools and an attention pool, 224 px) with random weights, laid out as a hub repository."""
+    return real_arch_open_clip(work / "rn50-arch", "RN50", OPENAI_PREPROCESS)
+
+
+def real_arch_open_clip(path: Path, arch: str, preprocess: dict) -> Path:
+    """open_clip's `arch` with random weights (seed 0) in the folder `path`, as an open_clip hub
+    repository holds a model (open_clip_config.json and open_clip_pytorch_model.bin); made once."""
     import open_clip
     import torch
 
-    path = work / "fashion-siglip-arch"
     weights = path / "open_clip_pytorch_model.bin"
     if not weights.is_file():
         path.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
-        model = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None)
-        config = {"model_cfg": open_clip.get_model_config("ViT-B-16-SigLIP"), "preprocess_cfg": SIGLIP_PREPROCESS}
+        model = open_clip.create_model(arch, pretrained=None)
+        config = {"model_cfg": open_clip.get_model_config(arch), "preprocess_cfg": preprocess}
         (path / "open_clip_config.json").write_text(json.dumps(config, indent=1))
         torch.save(model.state_dict(), weights.with_suffix(".tmp"))
         weights.with_suffix(".tmp").rename(weights)
@@ -180,6 +196,16 @@ def tiny_fashion_siglip(work: Path) -> Path:
     path = work / "tiny-open-clip"
     if not (path / "repo" / "open_clip_config.json").is_file():
         return save_tiny_open_clip(path)[1]
+    return path / "repo"
+
+
+def tiny_rn50(work: Path) -> Path:
+    """A one-block-per-stage open_clip ResNet (tests/assets.py), for --tiny."""
+    from tests.assets import save_tiny_open_clip
+
+    path = work / "tiny-open-clip-resnet"
+    if not (path / "repo" / "open_clip_config.json").is_file():
+        return save_tiny_open_clip(path, resnet=True)[1]
     return path / "repo"
 
 

@@ -59,7 +59,7 @@ from .embedders import (
     tokenizer_path_for,
 )
 from .errors import PipelineError, first_line
-from .int8graph import CPU_GRAPH_RECIPE, FUSED_RECIPE, META_INT8_RECIPE, cpu_graph
+from .int8graph import CPU_GRAPH_RECIPE, FUSED_RECIPE, META_INT8_RECIPE, cpu_graph, pools_as_convolutions
 from .preprocess import preprocess_batch
 from .probes import META_PROBES, ProbeRecord, probe_pixels
 from .tokens import TokenizerError, load_tokenizer
@@ -514,14 +514,16 @@ def calibration_reader(calib_pixels: np.ndarray):
 
 
 def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool) -> None:
-    """QDQ int8 for MatMul and the patch convolution: uint8 asymmetric activations (MinMax ranges),
-    7-bit int8 weights, MatMul outputs in float."""
+    """QDQ int8 for MatMul and the convolutions (a ViT's patch convolution, a ResNet's every one, its
+    Relus folded into them): uint8 asymmetric activations (MinMax ranges), 7-bit int8 weights, MatMul
+    and Gemm outputs in float."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     Reader = calibration_reader(calib_pixels)
 
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    convolutional = _before_quantization(pre)
     quantize_static(
         str(pre),
         str(out),
@@ -532,7 +534,12 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
         # embedding; README, "Int8 recipes"). A convolutional tower (an open_clip ResNet or
         # ConvNeXt) has every convolution quantized (a tiny ResNet's is tested), and its probes
         # decide whether the file passes. 7-bit weights keep AVX2 exact, as for the MatMuls.
-        op_types_to_quantize=["MatMul", "Conv"],
+        # Relu and Clip: the quantizer then drops them, the op before them writing the
+        # activation's range (which starts at 0): no dequantize -> Relu -> quantize between two
+        # convolutions. A ViT has none. Gemm in a convolutional tower (a ResNet's attention pool
+        # projects every position); a ViT's one Gemm, its final projection of a row per picture,
+        # stays float as it was.
+        op_types_to_quantize=["MatMul", "Conv", "Relu", "Clip"] + (["Gemm"] if convolutional else []),
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         per_channel=per_channel,
@@ -542,8 +549,20 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
         # (int8 GEMM, dequantized in its epilogue) instead of QLinearMatMul + DequantizeLinear before
         # the float bias/residual Adds. Scales stay the calibrated ones (batch-independent); faster
         # and closer to fp32 (benchmarks/int8_recipes.py); _save_cpu_graph then fuses the bias.
-        extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]},
+        extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
     )
+
+
+def _before_quantization(pre: Path) -> bool:
+    """The float graph at `pre` with its pools rewritten as int8 runs them best
+    (int8graph.pools_as_convolutions; a ViT has none, and its file is left as it is). Returns whether
+    the tower is convolutional (more convolutions than a ViT's one patch embedding)."""
+    import onnx
+
+    model = onnx.load(str(pre), load_external_data=False)  # weights stay where they are, even over 2 GB
+    if pools_as_convolutions(model):
+        onnx.save(model, str(pre))
+    return sum(node.op_type == "Conv" for node in model.graph.node) > 1
 
 
 def _save_cpu_graph(path: Path) -> None:

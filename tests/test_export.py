@@ -138,7 +138,21 @@ def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, tmp_path
         opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
-        assert ops["QLinearConv"] >= 15 and ops["Conv"] == 0, ops
+        fp32 = collections.Counter(n.op_type for n in onnx.load(str(export.fp32_path_for(path))).graph.node)
+        # Every convolution in int8, and each 2x2 downsampling pool as the depthwise convolution it is
+        # (the tiny tower's eight pools less the one of kernel 1, dropped): no pool left in any form.
+        assert fp32["Conv"] == 19 and fp32["AveragePool"] == 8, fp32
+        assert ops["QLinearConv"] == 19 + 7 and ops["Conv"] == 0, ops
+        assert ops["AveragePool"] == ops["QLinearAveragePool"] == 0, ops
+        # The Relus folded into the ops before them (one is left, before the float attention pool),
+        # the attention pool's projection of every position in int8: almost nothing dequantized.
+        assert ops["Relu"] <= 1 and ops["Gemm"] == 0 and ops["QGemm"] == 1, ops
+        assert ops["DequantizeLinear"] <= 2 and ops["QuantizeLinear"] <= 6, ops
+    else:  # a ViT's final projection (one row per picture) stays float, as its file always had it
+        nodes = onnx.load(str(path)).graph.node
+        dequantized = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
+        gemms = [n for n in nodes if n.op_type == "Gemm"]
+        assert gemms and not any(set(n.input) & dequantized for n in gemms)
 
 
 def test_emulation_reproduces_the_avx2_failure_of_8bit_weights(tiny_clip, tmp_path, reference, monkeypatch):
@@ -435,6 +449,52 @@ def test_the_cpu_graph_makes_each_written_out_gelu_one_op(kind, fused):
     want, got = run(plain), run(model.SerializeToString())
     assert np.allclose(got, want, atol=1e-5, rtol=1e-5), np.abs(got - want).max()
     assert got[0, 0] == pytest.approx(0.0, abs=1e-5) and got[1, 7] == pytest.approx(6.0, abs=1e-4)  # a GELU's tails
+
+
+def _pool_graph(pools: list[dict], channels: int | None = 3) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    nodes, x = [], "x"
+    for i, attrs in enumerate(pools):
+        nodes.append(helper.make_node("AveragePool", [x], [f"p{i}"], name=f"pool{i}", **attrs))
+        x = f"p{i}"
+    nodes.append(helper.make_node("Relu", [x], ["y"]))
+    dims = [2, channels, 8, 8] if channels else [2, None, 8, 8]
+    graph = helper.make_graph(nodes, "pools", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_pools_that_tile_their_input_become_depthwise_convolutions_with_the_same_values():
+    """Before quantization (int8 runs a quantized average pool in a plain loop): a pool of kernel 1
+    is dropped, one whose windows tile the input becomes a depthwise Conv of weights 1/(kh kw), with
+    the pool's values; overlapping, padded or ceil-mode pools, and one of unknown channels, stay."""
+    import onnxruntime as ort
+
+    from pipeline.int8graph import pools_as_convolutions
+
+    tile = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    tiling = [{"kernel_shape": [1, 1]}, tile, {"kernel_shape": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0]}, tile]
+    model = _pool_graph(tiling)
+    plain = model.SerializeToString()
+    assert pools_as_convolutions(model) == 4
+    convs = [n for n in model.graph.node if n.op_type != "Relu"]
+    assert [n.op_type for n in convs] == ["Conv", "Conv"]
+    assert [n.input[0] for n in model.graph.node] == ["x", "p1", "p3"]  # the dropped pools' readers rewired
+    assert all(next(a.i for a in n.attribute if a.name == "group") == 3 for n in convs)
+    x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+
+    def run(graph: bytes) -> np.ndarray:
+        return ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    want, got = run(plain), run(model.SerializeToString())
+    assert got.shape == want.shape == (2, 3, 2, 2) and np.allclose(got, want, atol=1e-6), np.abs(got - want).max()
+    for attrs in ({"kernel_shape": [3, 3], "strides": [2, 2]}, {**tile, "pads": [1, 1, 1, 1]},
+                  {**tile, "ceil_mode": 1}, {"kernel_shape": [2, 2]}):
+        kept = _pool_graph([attrs])
+        assert pools_as_convolutions(kept) == 0 and kept.graph.node[0].op_type == "AveragePool", attrs
+    unknown = _pool_graph([tile], channels=None)
+    assert pools_as_convolutions(unknown) == 0
 
 
 def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
