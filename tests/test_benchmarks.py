@@ -140,6 +140,8 @@ def test_embed_compares_a_convolutional_tower(clip_args, capsys):
     time by op type: every convolution and pool as QLinearConv, no float pool or Relu among them."""
     out = run_tiny(embed, capsys, *clip_args, "--compare", "rn50", "--int8", "static")
     assert_rows(out, r"^\| open_clip RN50 \| onnxruntime int8 \(static, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
+                r"^model: NUMBER GOP per image in matrix products and convolutions",
+                r"^open_clip RN50:\nmodel: NUMBER GOP per image",  # the second model's ceiling too
                 r"^  open_clip RN50 int8 static: QLinearConv NUMBER%",
                 r"^  open_clip RN50 int8 static: conversion \(Quantize/DequantizeLinear\) \+ float Add = NUMBER%")
     profile = next(line for line in out.splitlines() if line.startswith("  open_clip RN50 int8 static: QLinearConv"))
