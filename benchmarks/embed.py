@@ -53,9 +53,13 @@ def tower_gops(assets: Assets) -> float:
 
     emb = TorchEmbedder(str(assets.clip()), device="cpu")
     hw = (emb.preprocess_cfg.crop_height, emb.preprocess_cfg.crop_width)
-    # the model called as it is, gradients on: the counter's module tracker fails on a timm
-    # attention pool's parameters under inference mode (the embedder's own)
-    with FlopCounterMode(display=False) as counter:
+    # The model called as it is, gradients on: the counter's module tracker fails on a timm
+    # attention pool's parameters under inference mode (the embedder's own). Attention in torch's
+    # math kernel, whose matrix products the counter counts (it has no formula for the fused CPU
+    # kernel's).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         emb.model.get_image_features(pixel_values=torch.zeros((1, 3, *hw)))
     return counter.get_total_flops() / 1e9
 

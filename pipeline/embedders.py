@@ -24,7 +24,7 @@ from .backends import BACKENDS, OPEN_CLIP_CONFIG, OPEN_CLIP_PREFIX, family_of, k
 from .errors import PipelineError, first_line
 from .fileio import sha256_file, unlink_quietly
 from .identity import VectorIdentity
-from .int8graph import CPU_GRAPH_RECIPE, META_INT8_RECIPE, cached_cpu_model, cpu_model, keep_cpu_model
+from .int8graph import CPU_GRAPH_RECIPES, META_INT8_RECIPE, cached_cpu_model, cpu_model, keep_cpu_model
 from .preprocess import PreprocessConfig
 from .probes import META_PROBES, ProbeRecord, check_file, probe_pixels
 from .tokens import TEXT_CONTEXT, TokenizerError, check_distinct, load_tokenizer
@@ -381,7 +381,7 @@ def written_for_the_cpu(meta: dict[str, str]) -> bool:
     """A static int8 file saved as onnxruntime's CPU runs it (pipeline/int8graph.py): its int8 GEMMs
     (MatMulIntegerToFloat) have no CUDA kernel, so on CUDA they would fall back to the CPU, with
     copies between the devices at every layer."""
-    return meta.get(META_INT8_RECIPE) == CPU_GRAPH_RECIPE
+    return meta.get(META_INT8_RECIPE) in CPU_GRAPH_RECIPES
 
 
 def file_metadata(path: Path) -> dict[str, str]:

@@ -59,7 +59,14 @@ from .embedders import (
     tokenizer_path_for,
 )
 from .errors import PipelineError, first_line
-from .int8graph import CPU_GRAPH_RECIPE, FUSED_RECIPE, META_INT8_RECIPE, cpu_graph, pools_as_convolutions
+from .int8graph import (
+    CPU_GRAPH_RECIPE,
+    FUSED_RECIPE,
+    META_INT8_RECIPE,
+    cpu_graph,
+    per_position_gemm,
+    pools_as_convolutions,
+)
 from .preprocess import preprocess_batch
 from .probes import META_PROBES, ProbeRecord, probe_pixels
 from .tokens import TokenizerError, load_tokenizer
@@ -485,9 +492,10 @@ def _verify_text_graph(tower, enc, path: Path, masked: bool = True) -> tuple[str
 
 # How each quantization makes its int8 file, recorded in the file (fashion_pipeline.int8_recipe): a
 # file made by an earlier recipe still loads (its probes vouch for it), and a benchmark can tell it is
-# not the current one. Static: "matmul-float-out+conv+cpu-graph" now (saved as the CPU runs it);
-# "matmul-float-out+conv" (QDQ, the patch convolution quantized too) exported on 2026-12-04 and by
-# "static-qdq"; "matmul-float-out" from 2026-12-03; "matmul-qdq-out" before.
+# not the current one. Static: "matmul-float-out+conv+gemm+relu+cpu-graph" now (saved as the CPU
+# runs it; QDQ, as "static-qdq" writes it, "matmul-float-out+conv+gemm+relu"); on 2026-12-04
+# "matmul-float-out+conv+cpu-graph" and its QDQ "matmul-float-out+conv" (Relus, Gemms and pools in
+# float); "matmul-float-out" from 2026-12-03; "matmul-qdq-out" before.
 INT8_RECIPES = {"static": CPU_GRAPH_RECIPE, "static-qdq": FUSED_RECIPE, "dynamic": "matmul-dynamic"}
 # What the export's summary says of each (--quantization).
 INT8_FORMATS = {"static": "static, saved as onnxruntime's CPU runs it (--quantization static-qdq for portable QDQ)",
@@ -523,7 +531,7 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     Reader = calibration_reader(calib_pixels)
 
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    convolutional = _before_quantization(pre)
+    per_picture_gemms = _before_quantization(pre)
     quantize_static(
         str(pre),
         str(out),
@@ -536,10 +544,11 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
         # decide whether the file passes. 7-bit weights keep AVX2 exact, as for the MatMuls.
         # Relu and Clip: the quantizer then drops them, the op before them writing the
         # activation's range (which starts at 0): no dequantize -> Relu -> quantize between two
-        # convolutions. A ViT has none. Gemm in a convolutional tower (a ResNet's attention pool
-        # projects every position); a ViT's one Gemm, its final projection of a row per picture,
-        # stays float as it was.
-        op_types_to_quantize=["MatMul", "Conv", "Relu", "Clip"] + (["Gemm"] if convolutional else []),
+        # convolutions. A ViT has none. Gemm: a Gemm over every position (open_clip ViTs'
+        # attention output projection, a ResNet's attention pool) is a MatMul written otherwise;
+        # one of a row per picture (a final projection) stays float, as it always was.
+        op_types_to_quantize=["MatMul", "Conv", "Relu", "Clip", "Gemm"],
+        nodes_to_exclude=per_picture_gemms,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         per_channel=per_channel,
@@ -553,16 +562,16 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     )
 
 
-def _before_quantization(pre: Path) -> bool:
+def _before_quantization(pre: Path) -> list[str]:
     """The float graph at `pre` with its pools rewritten as int8 runs them best
-    (int8graph.pools_as_convolutions; a ViT has none, and its file is left as it is). Returns whether
-    the tower is convolutional (more convolutions than a ViT's one patch embedding)."""
+    (int8graph.pools_as_convolutions; a ViT has none, and its file is left as it is). Returns the
+    names of the Gemms that do not run over every position (`per_position_gemm`)."""
     import onnx
 
     model = onnx.load(str(pre), load_external_data=False)  # weights stay where they are, even over 2 GB
     if pools_as_convolutions(model):
         onnx.save(model, str(pre))
-    return sum(node.op_type == "Conv" for node in model.graph.node) > 1
+    return [node.name for node in model.graph.node if node.op_type == "Gemm" and not per_position_gemm(model, node)]
 
 
 def _save_cpu_graph(path: Path) -> None:

@@ -26,8 +26,8 @@ shortcut writes when it does not downsample) is dropped, and a pool whose window
 int8 RN50's kernel time) and a quantized depthwise convolution in MLAS (README, "Int8 recipes").
 
 Files of earlier recipes, and of `--quantization static-qdq`, are QDQ on disk: `cpu_model`
-rewrites them in memory before a CPU session is made (FUSED_RECIPE gets every rewrite, the earlier
-"matmul-float-out" the bias fusion alone), so vectors of stores made from them do not move. That
+rewrites them in memory before a CPU session is made (EVERY_REWRITE gets every rewrite, the earliest,
+"matmul-float-out", the bias fusion alone), so vectors of stores made from them do not move. That
 rewrite is kept in the user's cache ($XDG_CACHE_HOME/fashion-visual-search/int8graph, keyed by the
 file's sha256 and this module's own code), so a run opens its CPU sessions straight from it: no
 `onnx` import, no rewrite and no session opened only to read the file's recipe.
@@ -41,18 +41,24 @@ from typing import Any
 
 from .fileio import user_cache_dir
 
-# The QDQ recipe of onnxruntime's quantizer the export uses (pipeline/export.py), and every QDQ
-# recipe whose files this rewrite knows: "matmul-float-out" (2026-12-03) left the patch convolution
-# in float. Files of both are QDQ on disk.
-FUSED_RECIPE = "matmul-float-out+conv"
-FUSED_RECIPES = frozenset({"matmul-float-out", FUSED_RECIPE})
-# What the export writes now: FUSED_RECIPE's graph with `cpu_graph` made before it is saved.
+# The QDQ recipe of onnxruntime's quantizer the export uses (pipeline/export.py): MatMul outputs in
+# float, convolutions, Gemms over every position and Relu/Clip quantized too, a convolutional
+# tower's tiling pools as depthwise convolutions. Every QDQ recipe whose files this rewrite knows:
+# "matmul-float-out+conv" (2026-12-04: Relus, Gemms and pools left in float; the same file as now
+# for a ViT of transformers), "matmul-float-out" (2026-12-03) left the patch convolution in float.
+# Files of all three are QDQ on disk.
+FUSED_RECIPE = "matmul-float-out+conv+gemm+relu"
+FUSED_RECIPES = frozenset({"matmul-float-out", "matmul-float-out+conv", FUSED_RECIPE})
+EVERY_REWRITE = frozenset({"matmul-float-out+conv", FUSED_RECIPE})  # the earliest gets its bias fusion alone
+# What the export writes now: FUSED_RECIPE's graph with `cpu_graph` made before it is saved; and the
+# files the export wrote so before (their QDQ recipe "matmul-float-out+conv"): already CPU graphs.
 CPU_GRAPH_RECIPE = FUSED_RECIPE + "+cpu-graph"
+CPU_GRAPH_RECIPES = frozenset({"matmul-float-out+conv+cpu-graph", CPU_GRAPH_RECIPE})
 META_INT8_RECIPE = "fashion_pipeline.int8_recipe"  # also pipeline/export.py's
 
 
 def cpu_graph(model: Any) -> int:
-    """Rewrite, in place, a static QDQ graph of FUSED_RECIPE into the graph a CPU session runs best:
+    """Rewrite, in place, a static QDQ graph of EVERY_REWRITE into the graph a CPU session runs best:
     `fuse_bias`, `fuse_gelu` and `shapes_of_quantized` (the module's doc). Returns the number of
     rewrites."""
     return fuse_bias(model) + fuse_gelu(model) + shapes_of_quantized(model)
@@ -60,9 +66,9 @@ def cpu_graph(model: Any) -> int:
 
 def cpu_model(path: Path, meta: dict[str, str]) -> bytes | None:
     """The graph of a QDQ file of an earlier export, as a CPU session runs it: every weight MatMul +
-    bias Add fused into MatMulIntegerToFloat and, for FUSED_RECIPE, `cpu_graph`'s other rewrites, as
+    bias Add fused into MatMulIntegerToFloat and, for EVERY_REWRITE, `cpu_graph`'s other rewrites, as
     bytes for onnxruntime; None when the file is of no QDQ recipe this rewrite knows (a file the
-    export wrote already rewritten, CPU_GRAPH_RECIPE, among them), or nothing matched."""
+    export wrote already rewritten, CPU_GRAPH_RECIPES, among them), or nothing matched."""
     recipe = meta.get(META_INT8_RECIPE)
     if recipe not in FUSED_RECIPES:
         return None
@@ -70,7 +76,7 @@ def cpu_model(path: Path, meta: dict[str, str]) -> bytes | None:
 
     model = onnx.load(str(path))
     # an earlier recipe's graph stays as its stores' vectors were made
-    changed = cpu_graph(model) if recipe == FUSED_RECIPE else fuse_bias(model)
+    changed = cpu_graph(model) if recipe in EVERY_REWRITE else fuse_bias(model)
     if changed == 0:
         return None
     return model.SerializeToString()
@@ -310,16 +316,20 @@ def shapes_of_quantized(model: Any) -> int:
 def pools_as_convolutions(model: Any) -> int:
     """Rewrite, in place, a float graph's average pools that are not pools at all: one of kernel 1,
     stride 1 and no padding (the identity) is dropped, its readers reading its input; one whose
-    kernel equals its strides, unpadded and not ceil-mode (windows that tile the input), becomes a
-    depthwise Conv (group = channels, weights 1/(kh kw), no bias): the same sums. The channel count
-    comes from the graph's shape information (onnx shape inference); a pool of unknown channels is
-    left. Returns the number of pools rewritten."""
+    kernel equals its strides, unpadded, undilated and not ceil-mode (windows that tile the
+    input), becomes a depthwise Conv (group = channels, weights 1/(kh kw), no bias): the same
+    sums. The channel count and type come from the graph's shape information (onnx shape
+    inference); a pool of unknown channels, or not float32, is left, and so is every pool of a
+    graph with subgraphs (whose readers this does not follow). Returns the number of pools
+    rewritten."""
     import numpy as np
 
-    from onnx import helper, numpy_helper
+    from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
     graph = model.graph
-    channels = {v.name: v.type.tensor_type.shape.dim for v in (*graph.value_info, *graph.input, *graph.output)}
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return 0
+    values = {v.name: v.type.tensor_type for v in (*graph.value_info, *graph.input, *graph.output)}
     graph_outputs = {o.name for o in graph.output}
     nodes: list[Any] = []
     rename: dict[str, str] = {}
@@ -334,28 +344,46 @@ def pools_as_convolutions(model: Any) -> int:
         kernel, strides = list(attrs.get("kernel_shape", [])), list(attrs.get("strides", []))
         strides = strides or [1] * len(kernel)
         unpadded = not any(attrs.get("pads", [])) and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID")
-        if not (kernel and unpadded and kernel == strides and not attrs.get("ceil_mode", 0)):
+        undilated = all(d == 1 for d in attrs.get("dilations", []))
+        if not (kernel and unpadded and undilated and kernel == strides and not attrs.get("ceil_mode", 0)):
             nodes.append(node)
         elif all(k == 1 for k in kernel) and node.output[0] not in graph_outputs:
             rename[node.output[0]] = node.input[0]
             rewritten += 1
         else:
-            dims = channels.get(node.input[0])
-            c = dims[1].dim_value if dims is not None and len(dims) == len(kernel) + 2 else 0
-            if c <= 0:
+            value = values.get(node.input[0])
+            dims = value.shape.dim if value is not None else []
+            c = dims[1].dim_value if len(dims) == len(kernel) + 2 else 0
+            if c <= 0 or value is None or value.elem_type != TensorProto.FLOAT:
                 nodes.append(node)
                 continue
-            weight = numpy_helper.from_array(np.full((c, 1, *kernel), 1.0 / np.prod(kernel), np.float32),
-                                             f"{node.name or node.output[0]}_as_depthwise_conv_weight")
+            base = f"{node.name or node.output[0]}_as_depthwise_conv"
+            weights = np.full((c, 1, *kernel), 1.0 / np.prod(kernel), np.float32)
+            weight = numpy_helper.from_array(weights, f"{base}_weight")
             graph.initializer.append(weight)
-            nodes.append(helper.make_node("Conv", [node.input[0], weight.name], list(node.output),
-                                          name=f"{node.name}_as_depthwise_conv", group=c,
+            nodes.append(helper.make_node("Conv", [node.input[0], weight.name], list(node.output), name=base, group=c,
                                           kernel_shape=kernel, strides=strides))
             rewritten += 1
     if rewritten:
         del graph.node[:]
         graph.node.extend(nodes)
     return rewritten
+
+
+def per_position_gemm(model: Any, node: Any) -> bool:
+    """Whether a Gemm of a float graph (onnx shape inference run on it) multiplies a row per
+    position rather than a row per picture: its input's rows are a known multiple of the graph
+    input's batch ("50*batch" in open_clip's ResNet attention pool, "197*batch" in an open_clip
+    ViT's attention), not the batch itself ("batch": a final projection). Unknown shapes: False."""
+    graph = model.graph
+    shapes = {v.name: v.type.tensor_type.shape.dim for v in (*graph.value_info, *graph.input)}
+    rows, batch = shapes.get(node.input[0]), shapes.get(graph.input[0].name) if graph.input else None
+    if not rows or not batch:
+        return False
+    r, b = rows[0], batch[0]
+    if b.dim_param:
+        return bool(r.dim_param) and r.dim_param != b.dim_param and r.dim_param.endswith("*" + b.dim_param)
+    return r.dim_value > b.dim_value > 0 and r.dim_value % b.dim_value == 0
 
 
 def _graph_maps(graph: Any) -> tuple[dict[str, Any], dict[str, Any], set[str], dict[str, list[Any]]]:

@@ -148,11 +148,18 @@ def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, tmp_path
         # the attention pool's projection of every position in int8: almost nothing dequantized.
         assert ops["Relu"] <= 1 and ops["Gemm"] == 0 and ops["QGemm"] == 1, ops
         assert ops["DequantizeLinear"] <= 2 and ops["QuantizeLinear"] <= 6, ops
-    else:  # a ViT's final projection (one row per picture) stays float, as its file always had it
-        nodes = onnx.load(str(path)).graph.node
-        dequantized = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
-        gemms = [n for n in nodes if n.op_type == "Gemm"]
-        assert gemms and not any(set(n.input) & dequantized for n in gemms)
+    # A Gemm over every position (open_clip's attention output projection, a ResNet's attention
+    # pool) is in int8; one of a row per picture (a final projection) stays float, as it always was.
+    from pipeline.int8graph import per_position_gemm
+
+    fp32_model = onnx.shape_inference.infer_shapes(onnx.load(str(export.fp32_path_for(path))))
+    per_position = {n.name: per_position_gemm(fp32_model, n) for n in fp32_model.graph.node if n.op_type == "Gemm"}
+    nodes = onnx.load(str(path)).graph.node
+    dequantized = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
+    int8_gemms = {n.name: bool(set(n.input) & dequantized) for n in nodes if n.op_type == "Gemm"}
+    assert int8_gemms == per_position, (int8_gemms, per_position)
+    assert sum(per_position.values()) == {"siglip": 0, "open_clip": 2, "open_clip-resnet": 1}[family], per_position
+    assert sum(not v for v in per_position.values()) == (1 if family == "siglip" else 0), per_position
 
 
 def test_emulation_reproduces_the_avx2_failure_of_8bit_weights(tiny_clip, tmp_path, reference, monkeypatch):
@@ -276,7 +283,7 @@ def test_the_static_int8_file_runs_without_dequantizing_between_ops(tiny_onnx, t
     from pipeline.preprocess import preprocess_batch
 
     meta = ort.InferenceSession(str(tiny_onnx)).get_modelmeta().custom_metadata_map
-    assert meta[export.META_INT8_RECIPE] == CPU_GRAPH_RECIPE == "matmul-float-out+conv+cpu-graph"
+    assert meta[export.META_INT8_RECIPE] == CPU_GRAPH_RECIPE == "matmul-float-out+conv+gemm+relu+cpu-graph"
     assert cpu_model(tiny_onnx, meta) is None  # nothing left to rewrite
     written = onnx.load(str(tiny_onnx)).graph
     with_bias = [n for n in written.node if n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7]
@@ -324,6 +331,7 @@ def test_the_int8_file_for_the_cpu_runs_on_the_cpu_where_a_gpu_is_there(tiny_onn
     from pipeline.embedders import OnnxEmbedder, cpu_file_on_gpu, file_metadata, written_for_the_cpu
 
     assert written_for_the_cpu(file_metadata(tiny_onnx))
+    assert written_for_the_cpu({export.META_INT8_RECIPE: "matmul-float-out+conv+cpu-graph"})  # an earlier export's
     fp32 = export.fp32_path_for(tiny_onnx)
     assert not written_for_the_cpu(file_metadata(fp32)) and not written_for_the_cpu(file_metadata(tiny_qdq))
     gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -339,8 +347,8 @@ def test_the_int8_file_for_the_cpu_runs_on_the_cpu_where_a_gpu_is_there(tiny_onn
 @pytest.fixture(scope="module")
 def tiny_qdq(tiny_clip, tmp_path_factory) -> Path:
     """The tiny model's static int8 file as `--quantization static-qdq` writes it, and as the export
-    wrote the default on 2026-12-04: QDQ on disk, recipe "matmul-float-out+conv", from the same
-    calibration pictures as `tiny_onnx`."""
+    wrote the default on 2026-12-04 (the same graph for a transformers ViT): QDQ on disk, recipe
+    "matmul-float-out+conv+gemm+relu", from the same calibration pictures as `tiny_onnx`."""
     path = tmp_path_factory.mktemp("qdq") / "tiny_int8_qdq.onnx"
     assert export.export_onnx(str(tiny_clip), path, quantization="static-qdq").passed
     return path
@@ -361,7 +369,7 @@ def test_a_qdq_file_runs_as_the_file_the_export_writes_now(tiny_qdq, tiny_onnx):
     from pipeline.int8graph import FUSED_RECIPE, META_INT8_RECIPE
 
     assert old.identity.precision.startswith("onnx-int8-static")
-    assert file_metadata(tiny_qdq)[META_INT8_RECIPE] == FUSED_RECIPE == "matmul-float-out+conv"
+    assert file_metadata(tiny_qdq)[META_INT8_RECIPE] == FUSED_RECIPE == "matmul-float-out+conv+gemm+relu"
     pixels = preprocess_batch(export.verification_images(16), new.preprocess_cfg)
     assert np.array_equal(old.embed(pixels), new.embed(pixels))
 
@@ -451,24 +459,25 @@ def test_the_cpu_graph_makes_each_written_out_gelu_one_op(kind, fused):
     assert got[0, 0] == pytest.approx(0.0, abs=1e-5) and got[1, 7] == pytest.approx(6.0, abs=1e-4)  # a GELU's tails
 
 
-def _pool_graph(pools: list[dict], channels: int | None = 3) -> onnx.ModelProto:
-    from onnx import TensorProto, helper
+def _pool_graph(pools: list[dict], channels: int | None = 3, dtype: int = onnx.TensorProto.FLOAT,
+                name: str = "pool") -> onnx.ModelProto:
+    from onnx import helper
 
     nodes, x = [], "x"
     for i, attrs in enumerate(pools):
-        nodes.append(helper.make_node("AveragePool", [x], [f"p{i}"], name=f"pool{i}", **attrs))
+        nodes.append(helper.make_node("AveragePool", [x], [f"p{i}"], name=name and f"{name}{i}", **attrs))
         x = f"p{i}"
     nodes.append(helper.make_node("Relu", [x], ["y"]))
     dims = [2, channels, 8, 8] if channels else [2, None, 8, 8]
-    graph = helper.make_graph(nodes, "pools", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    graph = helper.make_graph(nodes, "pools", [helper.make_tensor_value_info("x", dtype, dims)],
+                              [helper.make_tensor_value_info("y", dtype, None)])
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]))
 
 
 def test_pools_that_tile_their_input_become_depthwise_convolutions_with_the_same_values():
     """Before quantization (int8 runs a quantized average pool in a plain loop): a pool of kernel 1
     is dropped, one whose windows tile the input becomes a depthwise Conv of weights 1/(kh kw), with
-    the pool's values; overlapping, padded or ceil-mode pools, and one of unknown channels, stay."""
+    the pool's values; overlapping, padded, dilated or ceil-mode pools, and one of unknown channels, stay."""
     import onnxruntime as ort
 
     from pipeline.int8graph import pools_as_convolutions
@@ -490,11 +499,15 @@ def test_pools_that_tile_their_input_become_depthwise_convolutions_with_the_same
     want, got = run(plain), run(model.SerializeToString())
     assert got.shape == want.shape == (2, 3, 2, 2) and np.allclose(got, want, atol=1e-6), np.abs(got - want).max()
     for attrs in ({"kernel_shape": [3, 3], "strides": [2, 2]}, {**tile, "pads": [1, 1, 1, 1]},
-                  {**tile, "ceil_mode": 1}, {"kernel_shape": [2, 2]}):
+                  {**tile, "ceil_mode": 1}, {**tile, "dilations": [2, 2]}, {"kernel_shape": [2, 2]}):
         kept = _pool_graph([attrs])
         assert pools_as_convolutions(kept) == 0 and kept.graph.node[0].op_type == "AveragePool", attrs
     unknown = _pool_graph([tile], channels=None)
     assert pools_as_convolutions(unknown) == 0
+    assert pools_as_convolutions(_pool_graph([tile], dtype=onnx.TensorProto.FLOAT16)) == 0  # float32 weights only
+    unnamed = _pool_graph([tile, tile], name="")  # each Conv and weight gets a name of its own
+    assert pools_as_convolutions(unnamed) == 2
+    assert len({n.name for n in unnamed.graph.node}) == 3 and len({i.name for i in unnamed.graph.initializer}) == 2
 
 
 def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
@@ -523,14 +536,17 @@ def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
     assert export.feature_cosines(batch, plain).min() >= 0.999
 
 
-@pytest.mark.parametrize("recipe, rewritten", [("matmul-float-out+conv", "bias+gelu"), ("matmul-float-out", "bias"),
+@pytest.mark.parametrize("recipe, rewritten", [("matmul-float-out+conv+gemm+relu", "bias+gelu"),
+                                               ("matmul-float-out+conv", "bias+gelu"), ("matmul-float-out", "bias"),
+                                               ("matmul-float-out+conv+gemm+relu+cpu-graph", None),
                                                ("matmul-float-out+conv+cpu-graph", None), ("matmul-qdq-out", None),
                                                ("matmul-dynamic", None), (None, None)])
 def test_the_cpu_graph_of_each_recipe(recipe, rewritten, tiny_qdq, tmp_path):
-    """A QDQ file of "matmul-float-out+conv" (exported on 2026-12-04, or by --quantization static-qdq)
-    gets every rewrite; the earlier float-out recipe its bias fusion alone, as the vectors of its
-    stores were made; the file the export writes now (already rewritten: its recipe says so, even
-    were a QDQ graph in it) and other recipes (and files without one) are opened as they are."""
+    """A QDQ file of "matmul-float-out+conv+gemm+relu" (--quantization static-qdq) or of
+    "matmul-float-out+conv" (exported earlier on 2026-12-04) gets every rewrite; the earlier
+    float-out recipe its bias fusion alone, as the vectors of its stores were made; the files the
+    export writes now and wrote before (already rewritten: their recipe says so, even were a QDQ
+    graph in them) and other recipes (and files without one) are opened as they are."""
     from pipeline.int8graph import META_INT8_RECIPE, cpu_model
 
     meta = {} if recipe is None else {META_INT8_RECIPE: recipe}
