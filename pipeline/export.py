@@ -522,9 +522,9 @@ def calibration_reader(calib_pixels: np.ndarray):
 
 
 def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool) -> None:
-    """QDQ int8 for MatMul and the convolutions (a ViT's patch convolution, a ResNet's every one, its
-    Relus folded into them): uint8 asymmetric activations (MinMax ranges), 7-bit int8 weights, MatMul
-    and Gemm outputs in float."""
+    """QDQ int8 for MatMul, the convolutions (a ViT's patch convolution, a ResNet's every one, its
+    Relus folded into them) and every Gemm over every position: uint8 asymmetric activations
+    (MinMax ranges), 7-bit int8 weights, MatMul and Gemm outputs in float."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -565,13 +565,20 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
 def _before_quantization(pre: Path) -> list[str]:
     """The float graph at `pre` with its pools rewritten as int8 runs them best
     (int8graph.pools_as_convolutions; a ViT has none, and its file is left as it is). Returns the
-    names of the Gemms that do not run over every position (`per_position_gemm`)."""
+    names of the Gemms that do not run over every position (`per_position_gemm`), for the
+    quantizer to leave in float (it matches nodes by name: an unnamed Gemm is named first)."""
     import onnx
 
     model = onnx.load(str(pre), load_external_data=False)  # weights stay where they are, even over 2 GB
-    if pools_as_convolutions(model):
+    changed = pools_as_convolutions(model)
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
+    for i, node in enumerate(gemms):
+        if not node.name:
+            node.name = f"gemm_{i}_{node.output[0]}"
+            changed += 1
+    if changed:
         onnx.save(model, str(pre))
-    return [node.name for node in model.graph.node if node.op_type == "Gemm" and not per_position_gemm(model, node)]
+    return [n.name for n in gemms if not per_position_gemm(model, n)]
 
 
 def _save_cpu_graph(path: Path) -> None:

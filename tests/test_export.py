@@ -510,6 +510,28 @@ def test_pools_that_tile_their_input_become_depthwise_convolutions_with_the_same
     assert len({n.name for n in unnamed.graph.node}) == 3 and len({i.name for i in unnamed.graph.initializer}) == 2
 
 
+def test_gemms_of_a_row_per_picture_are_kept_out_of_int8_by_name(tmp_path):
+    """A Gemm whose rows are a multiple of the batch ("3*batch": every position) is quantized; one
+    of a row per picture is left float, by name, and an unnamed one is named first (the quantizer
+    matches names: "" would match every unnamed node)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((8, 8), np.float32), "w")
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["per_picture"]),  # unnamed
+             helper.make_node("Reshape", ["x", "shape"], ["rows"], name="reshape"),
+             helper.make_node("Gemm", ["rows", "w"], ["per_position"], name="over_positions")]
+    shape = numpy_helper.from_array(np.array([-1, 8], np.int64), "shape")
+    graph = helper.make_graph(nodes, "gemms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                               for o in ("per_picture", "per_position")], [w, shape],
+                              value_info=[helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["3*batch", 8])])
+    path = tmp_path / "pre.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    kept = export._before_quantization(path)
+    saved = {n.output[0]: n.name for n in onnx.load(str(path)).graph.node}
+    assert kept == [saved["per_picture"]] and saved["per_picture"] and saved["per_position"] == "over_positions"
+
+
 def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
     """transformers' SigLIP writes its tanh GELUs out in eight ops; on the CPU each runs as one
     FastGelu, batch-independent, with the vectors the file as written gives, within rounding."""
