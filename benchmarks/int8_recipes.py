@@ -113,6 +113,7 @@ def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:
     Mul(Mul(x_scale, w_scale)) [-> Add(bias)] becomes one MatMulIntegerToFloat (onnxruntime fuses that
     chain itself only while x_scale is computed, not once it is a constant it folds)."""
     import onnxruntime as ort
+    from onnxruntime.quantization.quant_utils import compute_scale_zp
 
     import onnx
     from onnx import helper, numpy_helper
@@ -137,9 +138,10 @@ def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:
             nodes.append(node)
             continue
         x, (xq, scale, zero) = node.input[0], node.output
-        s = (hi[x] - lo[x]) / 255.0 or 1.0
-        graph.initializer.extend([numpy_helper.from_array(np.array(s, np.float32), scale),
-                                  numpy_helper.from_array(np.array(round(-lo[x] / s), np.uint8), zero)])
+        zp, s = compute_scale_zp(np.array(lo[x], np.float32), np.array(hi[x], np.float32), np.array(0, np.uint8),
+                                 np.array(255, np.uint8))  # as onnxruntime's quantizer computes them
+        graph.initializer.extend([numpy_helper.from_array(np.asarray(s, np.float32), scale),
+                                  numpy_helper.from_array(np.asarray(zp, np.uint8), zero)])
         nodes.append(helper.make_node("QuantizeLinear", [x, scale, zero], [xq], name=node.name + "_static"))
     _set_nodes(model, nodes)
     inits, producer, _, users = _graph_maps(graph)
