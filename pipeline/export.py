@@ -66,6 +66,7 @@ from .int8graph import (
     cpu_graph,
     per_position_gemm,
     pools_as_convolutions,
+    scales_into_matmuls,
 )
 from .preprocess import preprocess_batch
 from .probes import META_PROBES, ProbeRecord, probe_pixels
@@ -531,7 +532,7 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     Reader = calibration_reader(calib_pixels)
 
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    per_picture_gemms = _before_quantization(pre)
+    per_picture_gemms = _before_quantization(pre, per_channel)
     quantize_static(
         str(pre),
         str(out),
@@ -562,15 +563,19 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     )
 
 
-def _before_quantization(pre: Path) -> list[str]:
+def _before_quantization(pre: Path, per_channel: bool = True) -> list[str]:
     """The float graph at `pre` with its pools rewritten as int8 runs them best
-    (int8graph.pools_as_convolutions; a ViT has none, and its file is left as it is). Returns the
-    names of the Gemms that do not run over every position (`per_position_gemm`), for the
-    quantizer to leave in float (it matches nodes by name: an unnamed Gemm is named first)."""
+    (int8graph.pools_as_convolutions) and, for per-channel weights, its layer scales folded into the
+    MatMul before them (int8graph.scales_into_matmuls: a ConvNeXt's); a ViT has neither, and its
+    file is left as it is. Returns the names of the Gemms that do not run over every position
+    (`per_position_gemm`), for the quantizer to leave in float (it matches nodes by name: an unnamed
+    Gemm is named first)."""
     import onnx
 
     model = onnx.load(str(pre), load_external_data=False)  # weights stay where they are, even over 2 GB
     changed = pools_as_convolutions(model)
+    if per_channel:
+        changed += scales_into_matmuls(model)
     gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
     for i, node in enumerate(gemms):
         if not node.name:

@@ -370,6 +370,106 @@ def pools_as_convolutions(model: Any) -> int:
     return rewritten
 
 
+def scales_into_matmuls(model: Any) -> int:
+    """Fold, in place, a constant per-channel scale on a MatMul's output into its weights: ConvNeXt's
+    layer scale, MatMul(x, W) -> Add(bias) -> [Transpose] -> Mul(gamma), becomes MatMul(x, W gamma)
+    -> Add(bias gamma) -> [Transpose], the same sums. Quantized per output channel (symmetric int8)
+    the folded weights are the same integers, the column's scale taking |gamma| and a negative gamma
+    flipping the column's sign: no float Mul over every position is left between two int8 ops. For a
+    float graph whose weights are per-channel quantized next (per tensor, a gamma that varies by
+    channel would change every column's integers: the caller does not fold then). Left as they are: a
+    scale that varies along any axis but the MatMul's output channels, a chain whose values are read
+    elsewhere or are graph outputs, weights that are not float32 inside the file, an unknown rank,
+    and every Mul of a graph with subgraphs. The folded weights are new initializers (an exporter
+    shares equal tensors between layers). Returns the number of scales folded."""
+    import numpy as np
+
+    from onnx import AttributeProto, TensorProto, numpy_helper
+
+    graph = model.graph
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return 0
+    inits, producer, graph_outputs, consumers = _graph_maps(graph)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.value_info, *graph.input, *graph.output)
+             if v.type.tensor_type.HasField("shape")}
+
+    def constant(name: str) -> Any:
+        init = inits.get(name)
+        if init is None or init.data_location == TensorProto.EXTERNAL or init.data_type != TensorProto.FLOAT:
+            return None
+        return numpy_helper.to_array(init)
+
+    def only_reader(value: str, node: Any) -> bool:
+        return value not in graph_outputs and [id(n) for n in consumers.get(value, [])] == [id(node)]
+
+    def made_by(value: str, op: str, reader: Any) -> Any:
+        """The `op` node of the default domain making `value`, if `reader` alone reads it."""
+        node = producer.get(value)
+        if node is None or node.op_type != op or node.domain not in ("", "ai.onnx") or not only_reader(value, reader):
+            return None
+        return node
+
+    drop: set[int] = set()
+    rename: dict[str, str] = {}
+    folded = 0
+    for mul in graph.node:
+        if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or mul.output[0] in graph_outputs:
+            continue
+        at = [i for i, name in enumerate(mul.input) if constant(name) is not None]
+        if len(at) != 1:
+            continue
+        gamma, scaled_value = constant(mul.input[at[0]]), mul.input[1 - at[0]]
+        value, reader, perm = scaled_value, mul, None
+        transpose = made_by(value, "Transpose", reader)
+        if transpose is not None:
+            perm = [int(p) for a in transpose.attribute if a.name == "perm" for p in a.ints] or None
+            value, reader = transpose.input[0], transpose
+        add, bias_name = made_by(value, "Add", reader), ""
+        if add is not None:
+            at_bias = [i for i, name in enumerate(add.input) if constant(name) is not None]
+            if len(at_bias) != 1:
+                continue
+            bias_name, value, reader = add.input[at_bias[0]], add.input[1 - at_bias[0]], add
+        node = made_by(value, "MatMul", reader)
+        if node is None or gamma is None:
+            continue
+        weight, rank = constant(node.input[1]), ranks.get(scaled_value, 0)
+        if weight is None or weight.ndim != 2 or rank < 2 or gamma.ndim > rank or (perm and len(perm) != rank):
+            continue
+        n = weight.shape[1]
+        channel = perm.index(rank - 1) if perm else rank - 1
+        shape = (1,) * (rank - gamma.ndim) + tuple(gamma.shape)
+        if any(d != 1 for a, d in enumerate(shape) if a != channel) or shape[channel] not in (1, n):
+            continue
+        bias = constant(bias_name) if add is not None else np.zeros(n, np.float32)
+        if bias is None or bias.ndim > 1 or bias.size not in (1, n):
+            continue
+        g = np.broadcast_to(gamma.reshape(-1), (n,)).astype(np.float32)
+        base = mul.name or mul.output[0]
+        folded_weight = numpy_helper.from_array((weight * g[None, :]).astype(np.float32), f"{base}_folded_weight")
+        graph.initializer.append(folded_weight)
+        node.input[1] = folded_weight.name
+        if add is not None:
+            folded_bias = numpy_helper.from_array((bias * g).astype(np.float32), f"{base}_folded_bias")
+            graph.initializer.append(folded_bias)
+            add.input[list(add.input).index(bias_name)] = folded_bias.name
+        rename[mul.output[0]] = scaled_value
+        drop.add(id(mul))
+        folded += 1
+    if folded:
+        nodes = [n for n in graph.node if id(n) not in drop]
+        for n in nodes:
+            for i, name in enumerate(n.input):
+                n.input[i] = rename.get(name, name)
+        read = {name for n in nodes for name in n.input}
+        kept = [i for i in graph.initializer if i.name in read]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return folded
+
+
 def per_position_gemm(model: Any, node: Any) -> bool:
     """Whether a Gemm of a float graph (onnx shape inference run on it) multiplies a row per
     position rather than a row per picture: its input's rows are a known multiple of the graph

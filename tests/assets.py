@@ -87,7 +87,8 @@ TINY_OPEN_CLIP = "fashion-test-tiny"  # an open_clip architecture registered by 
 
 
 def save_tiny_open_clip(
-    folder: Path, resize_mode: str = "squash", seed: int = 0, hf_tokenizer: bool = False, resnet: bool = False
+    folder: Path, resize_mode: str = "squash", seed: int = 0, hf_tokenizer: bool = False, resnet: bool = False,
+    convnext: bool = False,
 ) -> tuple[Path, Path]:
     """A tiny open_clip model with random weights: its config registered with open_clip under
     TINY_OPEN_CLIP (a ViT of 2 layers per tower, 64x64 pictures, CLIP's BPE tokenizer, which
@@ -95,6 +96,9 @@ def save_tiny_open_clip(
     open_clip_config.json and open_clip_pytorch_model.bin, as the hub's open_clip repositories hold
     them. resize_mode "squash" with mean/std 0.5 prepares pictures as Marqo-FashionSigLIP does.
     resnet: a convolutional image tower instead (open_clip's ModifiedResNet, one block per stage).
+    convnext: a ConvNeXt image tower (timm's test_convnext2: one block per stage, Linear MLPs), its layer
+    scales drawn at random, of both signs (trained ones differ by channel; timm starts them all at
+    1e-6, where a block adds next to nothing).
     hf_tokenizer: texts tokenized as Marqo-FashionSigLIP's are, by a Hugging Face tokenizer (a
     character tokenizer saved in the folder, with open_clip's "canonicalize" cleaning) into a SigLIP-like
     text tower (no causal mask, the last token pooled). Returns (weights file, folder)."""
@@ -110,18 +114,26 @@ def save_tiny_open_clip(
                   "resize_mode": resize_mode}
     if resnet:
         cfg["vision_cfg"] = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16}
+    if convnext:
+        cfg["vision_cfg"] = {"image_size": 64, "timm_model_name": "test_convnext2", "timm_model_pretrained": False,
+                             "timm_pool": "", "timm_proj": "linear"}
     if hf_tokenizer:
         cfg["text_cfg"].update(vocab_size=45, hf_tokenizer_name="timm/ViT-B-16-SigLIP", pool_type="last",
                                no_causal_mask=True, tokenizer_kwargs={"clean": "canonicalize"})
     if resize_mode == "shortest":
         preprocess.update(mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711])
-    name = TINY_OPEN_CLIP + ("-hf-tokenizer" if hf_tokenizer else "") + ("-resnet" if resnet else "")  # one per config
+    tower = "-resnet" if resnet else "-convnext" if convnext else ""
+    name = TINY_OPEN_CLIP + ("-hf-tokenizer" if hf_tokenizer else "") + tower  # one per config
     configs = folder / "configs"
     configs.mkdir(parents=True, exist_ok=True)
     write_json(configs / f"{name}.json", cfg)
     open_clip.add_model_config(configs / f"{name}.json")
     torch.manual_seed(seed)
     model = open_clip.create_model(name, pretrained=None).eval()
+    with torch.no_grad():
+        for key, param in model.visual.named_parameters():
+            if key.endswith(".gamma"):  # a ConvNeXt block's layer scale
+                param.copy_(torch.randn_like(param) * 0.5)
     weights = folder / "tiny_open_clip.bin"
     torch.save(model.state_dict(), weights)
     hub = folder / "repo"

@@ -105,7 +105,7 @@ def test_int8_export_passes_on_avx2_without_vnni(quantization, tiny_clip, tmp_pa
     assert export.feature_cosines(run_emulated(path, pixels), native).min() > 0.9999
 
 
-@pytest.mark.parametrize("family", ["siglip", "open_clip", "open_clip-resnet"])
+@pytest.mark.parametrize("family", ["siglip", "open_clip", "open_clip-resnet", "open_clip-convnext"])
 def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, tmp_path):
     """The same bar and 7-bit rule for SigLIP's and open_clip's image towers (issue 28): the emulated
     AVX2 kernel against the fp32 file (itself checked equal to torch by the export). A convolutional
@@ -121,7 +121,8 @@ def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, tmp_path
 
     if family.startswith("open_clip"):
         pytest.importorskip("open_clip")
-        model = assets.save_tiny_open_clip(tmp_path / "m", resnet=family.endswith("resnet"))[1]
+        model = assets.save_tiny_open_clip(tmp_path / "m", resnet=family.endswith("resnet"),
+                                           convnext=family.endswith("convnext"))[1]
     else:
         model = assets.save_tiny_siglip(tmp_path / "m")
     path = tmp_path / f"{family}_int8.onnx"
@@ -158,8 +159,10 @@ def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, tmp_path
     dequantized = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
     int8_gemms = {n.name: bool(set(n.input) & dequantized) for n in nodes if n.op_type == "Gemm"}
     assert int8_gemms == per_position, (int8_gemms, per_position)
-    assert sum(per_position.values()) == {"siglip": 0, "open_clip": 2, "open_clip-resnet": 1}[family], per_position
-    assert sum(not v for v in per_position.values()) == (1 if family == "siglip" else 0), per_position
+    assert sum(per_position.values()) == {"siglip": 0, "open_clip": 2, "open_clip-resnet": 1,
+                                          "open_clip-convnext": 0}[family], per_position
+    per_picture = 1 if family in ("siglip", "open_clip-convnext") else 0  # a final projection as a Gemm
+    assert sum(not v for v in per_position.values()) == per_picture, per_position
 
 
 def test_emulation_reproduces_the_avx2_failure_of_8bit_weights(tiny_clip, tmp_path, reference, monkeypatch):
@@ -508,6 +511,102 @@ def test_pools_that_tile_their_input_become_depthwise_convolutions_with_the_same
     unnamed = _pool_graph([tile, tile], name="")  # each Conv and weight gets a name of its own
     assert pools_as_convolutions(unnamed) == 2
     assert len({n.name for n in unnamed.graph.node}) == 3 and len({i.name for i in unnamed.graph.initializer}) == 2
+
+
+def _scaled_graph() -> onnx.ModelProto:
+    """Four MatMuls over NHWC positions, each followed by a constant Mul: ConvNeXt's layer scale
+    (bias Add, Transpose to NCHW, gamma of shape (C, 1, 1)), one without bias or Transpose reading
+    the same weights, one scaled along a spatial axis, one whose bias sum is also a graph output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name) for name, shape in
+             (("w", (4, 5)), ("b", (5,)), ("gamma", (5, 1, 1)), ("gamma2", (5,)), ("spatial", (3, 1)))]
+    v = helper.make_node
+    nodes = [v("MatMul", ["x", "w"], ["m1"], name="fc"), v("Add", ["m1", "b"], ["a1"]),
+             v("Transpose", ["a1"], ["t1"], perm=[0, 3, 1, 2]), v("Mul", ["t1", "gamma"], ["s1"], name="scale"),
+             v("Relu", ["s1"], ["y1"]),
+             v("MatMul", ["x", "w"], ["m2"]), v("Mul", ["gamma2", "m2"], ["s2"]), v("Relu", ["s2"], ["y2"]),
+             v("MatMul", ["x", "w"], ["m3"]), v("Add", ["m3", "b"], ["a3"]), v("Mul", ["a3", "spatial"], ["y3"]),
+             v("MatMul", ["x", "w"], ["m4"]), v("Add", ["b", "m4"], ["a4"]), v("Mul", ["a4", "gamma2"], ["y4"])]
+    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y1", "y2", "y3", "y4", "a4")]
+    graph = helper.make_graph(nodes, "scaled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 3, 4])],
+                              outputs, inits)
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_layer_scales_fold_into_the_matmul_before_them_with_the_same_values():
+    """Before per-channel quantization: a constant scale of a MatMul's output channels (through its
+    bias Add and a Transpose) goes into the MatMul's weights and bias, in new initializers (the first
+    two share their weights); a scale along another axis, or one whose sum is read elsewhere, stays."""
+    import onnxruntime as ort
+
+    from pipeline.int8graph import scales_into_matmuls
+
+    model = _scaled_graph()
+    plain = model.SerializeToString()
+    assert scales_into_matmuls(model) == 2
+    muls = [n for n in model.graph.node if n.op_type == "Mul"]
+    assert [n.output[0] for n in muls] == ["y3", "y4"]  # along a spatial axis; its sum a graph output
+    weights = {n.output[0]: n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
+    assert len(set(weights.values())) == 3 and weights["m3"] == weights["m4"] == "w", weights
+    by_output = {n.output[0]: n for n in model.graph.node}
+    assert by_output["y1"].input[0] == "t1" and by_output["y2"].input[0] == "m2"  # readers rewired
+    assert {o.name for o in model.graph.output} == {"y1", "y2", "y3", "y4", "a4"}
+    x = np.random.default_rng(1).normal(size=(2, 3, 3, 4)).astype(np.float32)
+
+    def run(graph: bytes) -> dict[str, np.ndarray]:
+        sess = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+
+    want, got = run(plain), run(model.SerializeToString())
+    assert want.keys() == got.keys()
+    for name in want:
+        assert got[name].shape == want[name].shape and np.allclose(got[name], want[name], atol=1e-5), name
+    assert want["y1"].shape == (2, 5, 3, 3)
+
+
+def test_a_convnext_layer_scale_folds_into_the_same_int8_weights(tmp_path, monkeypatch):
+    """An open_clip ConvNeXt (timm's, Linear MLPs, layer scales of both signs): with the layer scale
+    folded, each block's second MatMul has the same int8 integers (a negative scale's column
+    negated) and its column scales times |gamma|, no float Mul over every position is left, and the
+    vectors are those of the file made without the fold."""
+    import onnxruntime as ort
+    import torch
+
+    from pipeline.embedders import OnnxEmbedder
+    from pipeline.preprocess import preprocess_batch
+    from tests import assets
+
+    pytest.importorskip("open_clip")
+    pytest.importorskip("timm")
+    model = assets.save_tiny_open_clip(tmp_path / "m", convnext=True)[1]
+    folded, plain = tmp_path / "folded_int8.onnx", tmp_path / "plain_int8.onnx"
+    assert export.export_onnx(str(model), folded).passed
+    monkeypatch.setattr(export, "scales_into_matmuls", lambda m: 0)
+    assert export.export_onnx(str(model), plain).passed
+
+    def matmuls(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+        m = onnx.load(str(path))
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+        return [(inits[n.input[1]], inits[n.input[3]]) for n in m.graph.node if n.op_type == "MatMulIntegerToFloat"]
+
+    def muls(path: Path) -> int:
+        return sum(n.op_type == "Mul" for n in onnx.load(str(path)).graph.node)
+
+    state = torch.load(model / "open_clip_pytorch_model.bin")
+    gammas = [v.numpy() for k, v in state.items() if k.startswith("visual.") and k.endswith(".gamma")]
+    assert len(gammas) == 4 and any((g < 0).any() for g in gammas) and muls(plain) == muls(folded) + 4
+    pairs = list(zip(matmuls(folded), matmuls(plain)))
+    assert len(pairs) == 2 * len(gammas)
+    for i, ((q, scale), (q0, scale0)) in enumerate(pairs):
+        g = gammas[i // 2] if i % 2 else np.ones(q.shape[1], np.float32)
+        assert np.array_equal(q, (np.sign(g)[None, :] * q0).astype(q.dtype)), i
+        assert np.allclose(scale, np.abs(g) * scale0, rtol=1e-6), i
+    emb = OnnxEmbedder(folded, device="cpu")
+    pixels = preprocess_batch(export.verification_images(8), emb.preprocess_cfg)
+    got, want = export.run_onnx(ort, folded, pixels), export.run_onnx(ort, plain, pixels)
+    assert export.feature_cosines(got, want).min() > 0.9999
 
 
 def test_gemms_of_a_row_per_picture_are_kept_out_of_int8_by_name(tmp_path):
