@@ -171,6 +171,12 @@ def real_arch_rn50(work: Path) -> Path:
     return real_arch_open_clip(work / "rn50-arch", "RN50", OPENAI_PREPROCESS)
 
 
+def real_arch_convnext(work: Path) -> Path:
+    """A convolutional tower of another kind: open_clip's convnext_tiny (timm's ConvNeXt-T: 7x7
+    depthwise convolutions, LayerNorm, Linear MLPs, layer scales; 224 px) with random weights."""
+    return real_arch_open_clip(work / "convnext_tiny-arch", "convnext_tiny", OPENAI_PREPROCESS)
+
+
 def real_arch_open_clip(path: Path, arch: str, preprocess: dict) -> Path:
     """open_clip's `arch` with random weights (seed 0) in the folder `path`, as an open_clip hub
     repository holds a model (open_clip_config.json and open_clip_pytorch_model.bin); made once."""
@@ -206,6 +212,16 @@ def tiny_rn50(work: Path) -> Path:
     path = work / "tiny-open-clip-resnet"
     if not (path / "repo" / "open_clip_config.json").is_file():
         return save_tiny_open_clip(path, resnet=True)[1]
+    return path / "repo"
+
+
+def tiny_convnext(work: Path) -> Path:
+    """A one-block-per-stage open_clip ConvNeXt (timm's test_convnext2; tests/assets.py), for --tiny."""
+    from tests.assets import save_tiny_open_clip
+
+    path = work / "tiny-open-clip-convnext"
+    if not (path / "repo" / "open_clip_config.json").is_file():
+        return save_tiny_open_clip(path, convnext=True)[1]
     return path / "repo"
 
 

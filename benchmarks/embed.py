@@ -7,9 +7,10 @@ time goes, by op type (onnxruntime's profiler, batch 32); last, the same model-o
 Marqo-FashionSigLIP's architecture (open_clip ViT-B-16-SigLIP: ViT-B/16 at 224, 196 patches
 against 49; random weights, exported and verified by the pipeline's own --export-onnx), so that
 the price of the better model is measured on the same machine in the same run; or, with --compare
-rn50, for open_clip's RN50, a convolutional tower (its int8 file's kernel time by op type too).
+rn50 or convnext, for a convolutional tower, open_clip's RN50 or ConvNeXt-T (its int8 file's kernel
+time by op type too).
 
-    python -m benchmarks.embed [--seconds 6] [--e2e-images 1000] [--compare fashion-siglip|rn50|none|DIR]
+    python -m benchmarks.embed [--seconds 6] [--e2e-images 1000] [--compare fashion-siglip|rn50|convnext|none|DIR]
     python -m benchmarks.embed --tiny                 # tiny models, 16 small JPEGs, static int8 only: checks the script
 """
 
@@ -281,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         "--compare",
         default="fashion-siglip",
         help="the model measured against the first: fashion-siglip (Marqo-FashionSigLIP's architecture, random "
-        "weights), rn50 (open_clip's RN50, a convolutional tower, random weights), an open_clip or transformers "
-        "folder, or none",
+        "weights), rn50 or convnext (open_clip's RN50 or ConvNeXt-T, a convolutional tower, random weights), an "
+        "open_clip or transformers folder, or none",
     )
     args = parse_args(ap, argv, tiny={"seconds": 0.1, "e2e_images": 16, "int8": "static"})
     print(machine_line(), flush=True)
@@ -313,18 +314,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-COMPARED = {"fashion-siglip": "FashionSigLIP ViT-B/16", "rn50": "open_clip RN50"}  # --compare's named models
+# --compare's named models
+COMPARED = {"fashion-siglip": "FashionSigLIP ViT-B/16", "rn50": "open_clip RN50", "convnext": "open_clip ConvNeXt-T"}
 
 
 def compare_assets(args) -> Assets:
-    """The second model: Marqo-FashionSigLIP's architecture or open_clip's RN50 (or --tiny's small
-    open_clip ViT or ResNet), or a folder."""
-    from benchmarks.common import real_arch_fashion_siglip, real_arch_rn50, tiny_fashion_siglip, tiny_rn50
+    """The second model: Marqo-FashionSigLIP's architecture, open_clip's RN50 or ConvNeXt-T (or
+    --tiny's small open_clip ViT, ResNet or ConvNeXt), or a folder."""
+    from benchmarks.common import (
+        real_arch_convnext,
+        real_arch_fashion_siglip,
+        real_arch_rn50,
+        tiny_convnext,
+        tiny_fashion_siglip,
+        tiny_rn50,
+    )
 
     if args.compare == "fashion-siglip":
         folder = tiny_fashion_siglip(args.work) if args.tiny else real_arch_fashion_siglip(args.work)
     elif args.compare == "rn50":
         folder = tiny_rn50(args.work) if args.tiny else real_arch_rn50(args.work)
+    elif args.compare == "convnext":
+        folder = tiny_convnext(args.work) if args.tiny else real_arch_convnext(args.work)
     else:
         folder = Path(args.compare)
     return Assets(args.work, args.tiny, model=folder)

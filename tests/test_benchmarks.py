@@ -135,15 +135,17 @@ def test_in_process_benchmark(module, given, patterns, request, capsys):
     assert_rows(run_tiny(module, capsys, *args), *patterns)
 
 
-def test_embed_compares_a_convolutional_tower(clip_args, capsys):
-    """--compare rn50: open_clip's ResNet (tiny here), exported by the pipeline, measured beside the
-    first model: its rates, its own ceiling, and its int8 file's kernel time by op type."""
-    out = run_tiny(embed, capsys, *clip_args, "--compare", "rn50", "--int8", "static")
-    assert_rows(out, r"^\| open_clip RN50 \| onnxruntime int8 \(static, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
+@pytest.mark.parametrize("compare, name", [("rn50", "open_clip RN50"), ("convnext", "open_clip ConvNeXt-T")])
+def test_embed_compares_a_convolutional_tower(compare, name, clip_args, capsys):
+    """--compare rn50 / convnext: open_clip's ResNet or ConvNeXt (tiny here), exported by the
+    pipeline, measured beside the first model: its rates, its own ceiling, and its int8 file's
+    kernel time by op type."""
+    out = run_tiny(embed, capsys, *clip_args, "--compare", compare, "--int8", "static")
+    assert_rows(out, rf"^\| {name} \| onnxruntime int8 \(static, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
                 r"^model: NUMBER GOP per image in matrix products and convolutions",
-                r"^open_clip RN50:\nmodel: NUMBER GOP per image",  # the second model's ceiling too
-                r"^  open_clip RN50 int8 static: .*QLinearConv NUMBER%",
-                r"^  open_clip RN50 int8 static: conversion \(Quantize/DequantizeLinear\) \+ float Add = NUMBER%")
+                rf"^{name}:\nmodel: NUMBER GOP per image",  # the second model's ceiling too
+                rf"^  {name} int8 static: .*QLinearConv NUMBER%",
+                rf"^  {name} int8 static: conversion \(Quantize/DequantizeLinear\) \+ float Add = NUMBER%")
 
 
 # Benchmarks that start main.py (and --serve) as a user would, on the shared tiny model.
