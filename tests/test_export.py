@@ -566,6 +566,16 @@ def test_layer_scales_fold_into_the_matmul_before_them_with_the_same_values():
     assert want["y1"].shape == (2, 5, 3, 3)
 
 
+def test_the_export_folds_layer_scales_only_for_per_channel_weights(tmp_path):
+    """Per tensor (--per-tensor), one weight scale for columns of different gamma would change their
+    integers: the export folds layer scales only before a per-channel quantization."""
+    path = tmp_path / "pre.onnx"
+    for per_channel, muls in ((False, 4), (True, 2)):
+        onnx.save(_scaled_graph(), str(path))
+        export._before_quantization(path, per_channel)
+        assert sum(n.op_type == "Mul" for n in onnx.load(str(path)).graph.node) == muls, per_channel
+
+
 def test_a_convnext_layer_scale_folds_into_the_same_int8_weights(tmp_path, monkeypatch):
     """An open_clip ConvNeXt (timm's, Linear MLPs, layer scales of both signs): with the layer scale
     folded, each block's second MatMul has the same int8 integers (a negative scale's column
