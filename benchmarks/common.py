@@ -173,13 +173,17 @@ def real_arch_rn50(work: Path) -> Path:
 
 def real_arch_convnext(work: Path) -> Path:
     """A convolutional tower of another kind: open_clip's convnext_tiny (timm's ConvNeXt-T: 7x7
-    depthwise convolutions, LayerNorm, Linear MLPs, layer scales; 224 px) with random weights."""
-    return real_arch_open_clip(work / "convnext_tiny-arch", "convnext_tiny", OPENAI_PREPROCESS)
+    depthwise convolutions, LayerNorm, Linear MLPs, layer scales; 224 px) with random weights, its
+    layer scales drawn from N(0, 0.5) (timm starts them all at 1e-6, where each block adds next to
+    nothing and the int8 file's accuracy would say little about the blocks). Needs timm."""
+    return real_arch_open_clip(work / "convnext_tiny-scaled-arch", "convnext_tiny", OPENAI_PREPROCESS,
+                               layer_scale=0.5)
 
 
-def real_arch_open_clip(path: Path, arch: str, preprocess: dict) -> Path:
+def real_arch_open_clip(path: Path, arch: str, preprocess: dict, layer_scale: float | None = None) -> Path:
     """open_clip's `arch` with random weights (seed 0) in the folder `path`, as an open_clip hub
-    repository holds a model (open_clip_config.json and open_clip_pytorch_model.bin); made once."""
+    repository holds a model (open_clip_config.json and open_clip_pytorch_model.bin); made once.
+    layer_scale: the image tower's layer scales (`*.gamma`) drawn from N(0, layer_scale)."""
     import open_clip
     import torch
 
@@ -188,6 +192,11 @@ def real_arch_open_clip(path: Path, arch: str, preprocess: dict) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
         model = open_clip.create_model(arch, pretrained=None)
+        if layer_scale is not None:
+            with torch.no_grad():
+                for key, param in model.visual.named_parameters():
+                    if key.endswith(".gamma"):
+                        param.copy_(torch.randn_like(param) * layer_scale)
         config = {"model_cfg": open_clip.get_model_config(arch), "preprocess_cfg": preprocess}
         (path / "open_clip_config.json").write_text(json.dumps(config, indent=1))
         torch.save(model.state_dict(), weights.with_suffix(".tmp"))

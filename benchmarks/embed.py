@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         "--compare",
         default="fashion-siglip",
         help="the model measured against the first: fashion-siglip (Marqo-FashionSigLIP's architecture, random "
-        "weights), rn50 or convnext (open_clip's RN50 or ConvNeXt-T, a convolutional tower, random weights), an "
-        "open_clip or transformers folder, or none",
+        "weights), rn50 or convnext (open_clip's RN50 or ConvNeXt-T, a convolutional tower, random weights; "
+        "ConvNeXt needs timm, which open_clip_torch installs), an open_clip or transformers folder, or none",
     )
     args = parse_args(ap, argv, tiny={"seconds": 0.1, "e2e_images": 16, "int8": "static"})
     print(machine_line(), flush=True)

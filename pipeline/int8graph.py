@@ -379,9 +379,10 @@ def scales_into_matmuls(model: Any) -> int:
     float graph whose weights are per-channel quantized next (per tensor, a gamma that varies by
     channel would change every column's integers: the caller does not fold then). Left as they are: a
     scale that varies along any axis but the MatMul's output channels, a chain whose values are read
-    elsewhere or are graph outputs, weights that are not float32 inside the file, an unknown rank,
-    and every Mul of a graph with subgraphs. The folded weights are new initializers (an exporter
-    shares equal tensors between layers). Returns the number of scales folded."""
+    elsewhere or are graph outputs, weights that are not float32 inside the file or that a graph
+    input can override, an unknown or inconsistent rank, and every Mul of a graph with subgraphs.
+    The folded weights are new initializers of new names (an exporter shares equal tensors between
+    layers); an initializer the folds left unread goes. Returns the number of scales folded."""
     import numpy as np
 
     from onnx import AttributeProto, TensorProto, numpy_helper
@@ -392,12 +393,22 @@ def scales_into_matmuls(model: Any) -> int:
     inits, producer, graph_outputs, consumers = _graph_maps(graph)
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.value_info, *graph.input, *graph.output)
              if v.type.tensor_type.HasField("shape")}
+    overridable = {i.name for i in graph.input}
+    taken = set(inits) | set(producer) | overridable | {n.name for n in graph.node}
 
     def constant(name: str) -> Any:
         init = inits.get(name)
-        if init is None or init.data_location == TensorProto.EXTERNAL or init.data_type != TensorProto.FLOAT:
+        if (init is None or name in overridable or init.data_location == TensorProto.EXTERNAL
+                or init.data_type != TensorProto.FLOAT):
             return None
         return numpy_helper.to_array(init)
+
+    def new_name(want: str) -> str:
+        name, i = want, 1
+        while name in taken:
+            name, i = f"{want}_{i}", i + 1
+        taken.add(name)
+        return name
 
     def only_reader(value: str, node: Any) -> bool:
         return value not in graph_outputs and [id(n) for n in consumers.get(value, [])] == [id(node)]
@@ -411,6 +422,7 @@ def scales_into_matmuls(model: Any) -> int:
 
     drop: set[int] = set()
     rename: dict[str, str] = {}
+    replaced: set[str] = set()  # initializers a fold stopped reading
     folded = 0
     for mul in graph.node:
         if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or mul.output[0] in graph_outputs:
@@ -421,8 +433,9 @@ def scales_into_matmuls(model: Any) -> int:
         gamma, scaled_value = constant(mul.input[at[0]]), mul.input[1 - at[0]]
         value, reader, perm = scaled_value, mul, None
         transpose = made_by(value, "Transpose", reader)
-        if transpose is not None:
-            perm = [int(p) for a in transpose.attribute if a.name == "perm" for p in a.ints] or None
+        if transpose is not None:  # without perm, a Transpose reverses the axes
+            perm = [int(p) for a in transpose.attribute if a.name == "perm" for p in a.ints]
+            perm = perm or list(reversed(range(ranks.get(scaled_value, 0))))
             value, reader = transpose.input[0], transpose
         add, bias_name = made_by(value, "Add", reader), ""
         if add is not None:
@@ -436,6 +449,8 @@ def scales_into_matmuls(model: Any) -> int:
         weight, rank = constant(node.input[1]), ranks.get(scaled_value, 0)
         if weight is None or weight.ndim != 2 or rank < 2 or gamma.ndim > rank or (perm and len(perm) != rank):
             continue
+        if {ranks.get(v) for v in (node.input[0], node.output[0], mul.output[0])} != {rank}:  # shapes agree
+            continue
         n = weight.shape[1]
         channel = perm.index(rank - 1) if perm else rank - 1
         shape = (1,) * (rank - gamma.ndim) + tuple(gamma.shape)
@@ -446,13 +461,16 @@ def scales_into_matmuls(model: Any) -> int:
             continue
         g = np.broadcast_to(gamma.reshape(-1), (n,)).astype(np.float32)
         base = mul.name or mul.output[0]
-        folded_weight = numpy_helper.from_array((weight * g[None, :]).astype(np.float32), f"{base}_folded_weight")
+        weight_name = node.input[1]
+        folded_weight = numpy_helper.from_array((weight * g[None, :]).astype(np.float32),
+                                                new_name(f"{base}_folded_weight"))
         graph.initializer.append(folded_weight)
         node.input[1] = folded_weight.name
         if add is not None:
-            folded_bias = numpy_helper.from_array((bias * g).astype(np.float32), f"{base}_folded_bias")
+            folded_bias = numpy_helper.from_array((bias * g).astype(np.float32), new_name(f"{base}_folded_bias"))
             graph.initializer.append(folded_bias)
             add.input[list(add.input).index(bias_name)] = folded_bias.name
+        replaced |= {mul.input[at[0]], weight_name, bias_name} - {""}
         rename[mul.output[0]] = scaled_value
         drop.add(id(mul))
         folded += 1
@@ -461,8 +479,8 @@ def scales_into_matmuls(model: Any) -> int:
         for n in nodes:
             for i, name in enumerate(n.input):
                 n.input[i] = rename.get(name, name)
-        read = {name for n in nodes for name in n.input}
-        kept = [i for i in graph.initializer if i.name in read]
+        unread = replaced - {name for n in nodes for name in n.input} - overridable - graph_outputs
+        kept = [i for i in graph.initializer if i.name not in unread]
         del graph.node[:]
         graph.node.extend(nodes)
         del graph.initializer[:]

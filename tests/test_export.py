@@ -553,6 +553,8 @@ def test_layer_scales_fold_into_the_matmul_before_them_with_the_same_values():
     by_output = {n.output[0]: n for n in model.graph.node}
     assert by_output["y1"].input[0] == "t1" and by_output["y2"].input[0] == "m2"  # readers rewired
     assert {o.name for o in model.graph.output} == {"y1", "y2", "y3", "y4", "a4"}
+    read = {name for n in model.graph.node for name in n.input}
+    assert {i.name for i in model.graph.initializer} <= read and "gamma" not in read  # the replaced ones gone
     x = np.random.default_rng(1).normal(size=(2, 3, 3, 4)).astype(np.float32)
 
     def run(graph: bytes) -> dict[str, np.ndarray]:
@@ -564,6 +566,47 @@ def test_layer_scales_fold_into_the_matmul_before_them_with_the_same_values():
     for name in want:
         assert got[name].shape == want[name].shape and np.allclose(got[name], want[name], atol=1e-5), name
     assert want["y1"].shape == (2, 5, 3, 3)
+
+
+def test_layer_scale_folds_read_a_transpose_without_perm_and_leave_graph_inputs_alone():
+    """A Transpose without perm reverses the axes: a scale of its axis 0 is the MatMul's channel
+    (folded), one of its last axis the positions (left). Weights a graph input can override are not
+    constants (left), and an initializer that is a graph output stays in the graph."""
+    import onnxruntime as ort
+
+    from onnx import TensorProto, helper, numpy_helper
+    from pipeline.int8graph import scales_into_matmuls
+
+    rng = np.random.default_rng(2)
+
+    def const(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+
+    v = helper.make_node
+    nodes = [v("MatMul", ["x", "w"], ["m1"]), v("Transpose", ["m1"], ["t1"]), v("Mul", ["t1", "by_channel"], ["s1"]),
+             v("MatMul", ["x", "w"], ["m2"]), v("Transpose", ["m2"], ["t2"]), v("Mul", ["t2", "by_row"], ["s2"]),
+             v("MatMul", ["x", "w_input"], ["m3"]), v("Mul", ["m3", "by_row"], ["s3"])]
+    nodes += [v("Relu", [f"s{i}"], [f"y{i}"]) for i in (1, 2, 3)]
+    float_info = helper.make_tensor_value_info
+    inputs = [float_info("x", TensorProto.FLOAT, [6, 4]), float_info("w_input", TensorProto.FLOAT, [4, 6])]
+    graph = helper.make_graph(
+        nodes, "transposed", inputs,
+        [float_info(o, TensorProto.FLOAT, None) for o in ("y1", "y2", "y3", "by_row")],
+        [const("w", (4, 5)), const("by_channel", (5, 1)), const("by_row", (6,)), const("w_input", (4, 6))])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    plain = model.SerializeToString()
+    assert scales_into_matmuls(model) == 1
+    assert [n.output[0] for n in model.graph.node if n.op_type == "Mul"] == ["s2", "s3"]
+    assert {"w", "w_input", "by_row"} <= {i.name for i in model.graph.initializer}
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+
+    def run(graph: bytes, **feeds: np.ndarray) -> list[np.ndarray]:
+        return ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, {"x": x, **feeds})
+
+    other = rng.normal(size=(4, 6)).astype(np.float32)  # the overridable weights, overridden
+    for feeds in ({}, {"w_input": other}):
+        for want, got in zip(run(plain, **feeds), run(model.SerializeToString(), **feeds)):
+            assert got.shape == want.shape and np.allclose(got, want, atol=1e-5)
 
 
 def test_the_export_folds_layer_scales_only_for_per_channel_weights(tmp_path):
