@@ -24,6 +24,9 @@ shortcut writes when it does not downsample) is dropped, and a pool whose window
 (ResNet's anti-aliased 2x2 downsampling) becomes the depthwise convolution it is, with weights
 1/(kh kw). onnxruntime runs a quantized average pool in a plain loop (QLinearAveragePool, 12% of the
 int8 RN50's kernel time) and a quantized depthwise convolution in MLAS (README, "Int8 recipes").
+A ConvNeXt's layer scale (MatMul -> bias Add -> Transpose -> Mul by a per-channel constant) is
+folded into the MatMul's weights and bias before a per-channel quantization,
+`scales_into_matmuls`: the same int8 integers, no float Mul over every position.
 
 Files of earlier recipes, and of `--quantization static-qdq`, are QDQ on disk: `cpu_model`
 rewrites them in memory before a CPU session is made (EVERY_REWRITE gets every rewrite, the earliest,
