@@ -24,7 +24,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from benchmarks.common import Assets, machine_line, make_parser, parse_args, stage_seconds
+from benchmarks.common import (
+    Assets,
+    machine_line,
+    make_parser,
+    parse_args,
+    real_arch_convnext,
+    real_arch_fashion_siglip,
+    real_arch_rn50,
+    stage_seconds,
+    tiny_convnext,
+    tiny_fashion_siglip,
+    tiny_rn50,
+)
 
 if TYPE_CHECKING:
     from pipeline.report import RunSummary
@@ -309,33 +321,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare != "none":
         other = compare_assets(args)
         first = "FashionCLIP ViT-B/32" if args.model is None else args.model.name
-        second = COMPARED.get(args.compare, Path(args.compare).name)
+        second = COMPARED[args.compare][0] if args.compare in COMPARED else Path(args.compare).name
         compare_models(assets, other, args.seconds, batches, table, (first, second), peaks)
     return 0
 
 
-# --compare's named models
-COMPARED = {"fashion-siglip": "FashionSigLIP ViT-B/16", "rn50": "open_clip RN50", "convnext": "open_clip ConvNeXt-T"}
+# --compare's named models: (label, the tiny model of --tiny, the real architecture)
+COMPARED = {
+    "fashion-siglip": ("FashionSigLIP ViT-B/16", tiny_fashion_siglip, real_arch_fashion_siglip),
+    "rn50": ("open_clip RN50", tiny_rn50, real_arch_rn50),
+    "convnext": ("open_clip ConvNeXt-T", tiny_convnext, real_arch_convnext),
+}
 
 
 def compare_assets(args) -> Assets:
     """The second model: Marqo-FashionSigLIP's architecture, open_clip's RN50 or ConvNeXt-T (or
     --tiny's small open_clip ViT, ResNet or ConvNeXt), or a folder."""
-    from benchmarks.common import (
-        real_arch_convnext,
-        real_arch_fashion_siglip,
-        real_arch_rn50,
-        tiny_convnext,
-        tiny_fashion_siglip,
-        tiny_rn50,
-    )
-
-    if args.compare == "fashion-siglip":
-        folder = tiny_fashion_siglip(args.work) if args.tiny else real_arch_fashion_siglip(args.work)
-    elif args.compare == "rn50":
-        folder = tiny_rn50(args.work) if args.tiny else real_arch_rn50(args.work)
-    elif args.compare == "convnext":
-        folder = tiny_convnext(args.work) if args.tiny else real_arch_convnext(args.work)
+    if args.compare in COMPARED:
+        _, tiny, real = COMPARED[args.compare]
+        folder = tiny(args.work) if args.tiny else real(args.work)
     else:
         folder = Path(args.compare)
     return Assets(args.work, args.tiny, model=folder)

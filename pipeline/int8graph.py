@@ -327,10 +327,10 @@ def pools_as_convolutions(model: Any) -> int:
     rewritten."""
     import numpy as np
 
-    from onnx import AttributeProto, TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
-    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+    if _has_subgraphs(graph):
         return 0
     values = {v.name: v.type.tensor_type for v in (*graph.value_info, *graph.input, *graph.output)}
     graph_outputs = {o.name for o in graph.output}
@@ -388,10 +388,10 @@ def scales_into_matmuls(model: Any) -> int:
     layers); an initializer the folds left unread goes. Returns the number of scales folded."""
     import numpy as np
 
-    from onnx import AttributeProto, TensorProto, numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     graph = model.graph
-    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+    if _has_subgraphs(graph):
         return 0
     inits, producer, graph_outputs, consumers = _graph_maps(graph)
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.value_info, *graph.input, *graph.output)
@@ -505,6 +505,14 @@ def per_position_gemm(model: Any, node: Any) -> bool:
     if b.dim_param:
         return bool(r.dim_param) and r.dim_param != b.dim_param and r.dim_param.endswith("*" + b.dim_param)
     return r.dim_value > b.dim_value > 0 and r.dim_value % b.dim_value == 0
+
+
+def _has_subgraphs(graph: Any) -> bool:
+    """Whether a node of `graph` holds a subgraph (If, Loop, Scan), whose reads of the graph's values
+    the float-graph rewrites do not follow: they leave such a graph as it is."""
+    from onnx import AttributeProto
+
+    return any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.node for a in n.attribute)
 
 
 def _graph_maps(graph: Any) -> tuple[dict[str, Any], dict[str, Any], set[str], dict[str, list[Any]]]:

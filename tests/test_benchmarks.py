@@ -146,6 +146,9 @@ def test_embed_compares_a_convolutional_tower(compare, name, clip_args, capsys):
                 rf"^{name}:\nmodel: NUMBER GOP per image",  # the second model's ceiling too
                 rf"^  {name} int8 static: .*QLinearConv NUMBER%",
                 rf"^  {name} int8 static: conversion \(Quantize/DequantizeLinear\) \+ float Add = NUMBER%")
+    # the second model's own work counted, not the first's again
+    first, second = re.findall(r"^model: (\S+) GOP per image", out, re.MULTILINE)
+    assert float(first) != float(second), out
 
 
 # Benchmarks that start main.py (and --serve) as a user would, on the shared tiny model.
