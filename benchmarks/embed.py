@@ -156,53 +156,28 @@ def model_rates(assets: Assets, seconds: float, batches: list[int], int8: list[s
     return table
 
 
-CONVERSION = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Add")  # issue 29's bar: <= 10%
-
-
 def op_profile(path: Path, batch: int = 32, runs: int = 3) -> dict[str, float]:
-    """Share of kernel time by op type of an ONNX file at `batch`, from onnxruntime's profiler, with
-    the session options the pipeline runs it with (every core, full graph optimization): so the op
-    names are those of the optimized graph (MatMulIntegerToFloat, fused ops), as they really run. The
-    export's file is profiled as it is; a QDQ file of an earlier export as a CPU session rewrites it
-    (pipeline/int8graph.py)."""
-    import json
-    import tempfile
-
+    """Share of kernel time by op type of an ONNX file at `batch` (pipeline.onnxspeed.op_profile):
+    the export's file profiled as it is; a QDQ file of an earlier export as a CPU session rewrites
+    it (pipeline/int8graph.py)."""
     import onnxruntime as ort
 
-    from pipeline.embedders import _session_options, available_cores
-
-    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    sess_in = plain.get_inputs()[0]
+    from pipeline import onnxspeed
     from pipeline.int8graph import cpu_model
 
-    model: str | bytes = cpu_model(path, plain.get_modelmeta().custom_metadata_map) or str(path)  # as a CPU runs it
-    hw = [d if isinstance(d, int) else 224 for d in sess_in.shape[2:]]
-    x = np.random.default_rng(0).normal(size=(batch, 3, *hw)).astype(np.float32)
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = _session_options(ort, available_cores())
-        opts.enable_profiling = True
-        opts.profile_file_prefix = f"{tmp}/profile"
-        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-        for _ in range(runs):
-            sess.run(None, {sess_in.name: x})
-        events = json.loads(Path(sess.end_profiling()).read_text())
-    by_op: dict[str, float] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            op = e.get("args", {}).get("op_name", "?")
-            by_op[op] = by_op.get(op, 0.0) + float(e.get("dur", 0))
-    total = sum(by_op.values()) or 1.0
-    return {op: t / total for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])}
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    return onnxspeed.op_profile(cpu_model(path, meta) or path, batch, runs)
 
 
 def print_profiles(files: dict[str, Path], batch: int = 32) -> None:
     """Kernel time by op type of each int8 file, and the share of conversion and float Adds."""
+    from pipeline import onnxspeed
+
     print(f"\nkernel time by op type (onnxruntime profiler, batch {batch}, every core):")
     for name, path in files.items():
         shares = op_profile(path, batch)
         top = ", ".join(f"{op} {share:.1%}" for op, share in list(shares.items())[:9])
-        conversion = sum(shares.get(op, 0.0) for op in CONVERSION)
+        conversion = onnxspeed.conversion_share(shares)
         print(f"  {name}: {top}")
         print(f"  {name}: conversion (Quantize/DequantizeLinear) + float Add = {conversion:.1%} of kernel time")
 

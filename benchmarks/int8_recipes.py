@@ -200,9 +200,10 @@ def _count_ops(path: Path, ops: tuple[str, ...]) -> int:
 def measure(path: Path, fp32_out: np.ndarray, pixels: np.ndarray, seconds: float) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from benchmarks.embed import CONVERSION, op_profile, rate
+    from benchmarks.embed import op_profile, rate
     from pipeline.embedders import _session_options, available_cores
     from pipeline.export import feature_cosines
+    from pipeline.onnxspeed import conversion_share
 
     sess = ort.InferenceSession(str(path), _session_options(ort, available_cores()), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"pixel_values": pixels})[0]
@@ -214,7 +215,7 @@ def measure(path: Path, fp32_out: np.ndarray, pixels: np.ndarray, seconds: float
         "img_s": rate(lambda x: sess.run(None, {"pixel_values": x}), 32, seconds, (int(hw[0]), int(hw[1]))),
         "cos_min": float(cos.min()), "cos_mean": float(cos.mean()),
         "alone_equal": bool(np.array_equal(alone[0], got[0])),
-        "conversion": sum(shares.get(op, 0.0) for op in CONVERSION), "shares": shares,
+        "conversion": conversion_share(shares), "shares": shares,
     }
 
 

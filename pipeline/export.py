@@ -26,6 +26,10 @@ with 7-bit weights it stays under 2 x 255 x 64 = 32,640, so every CPU computes t
 
 Every file also carries self-check probes (pipeline/probes.py): the fp32 torch model's outputs for
 a few fixed inputs, which the file must reproduce wherever it is loaded.
+
+Before the files are moved into place, both are timed on this CPU and the int8 one profiled as a
+CPU session runs it (pipeline/onnxspeed.py): the summary says what int8 buys on the machine that
+exported it, and how much of its kernel time goes to format conversion.
 """
 
 from __future__ import annotations
@@ -64,10 +68,12 @@ from .int8graph import (
     FUSED_RECIPE,
     META_INT8_RECIPE,
     cpu_graph,
+    cpu_model,
     per_position_gemm,
     pools_as_convolutions,
     scales_into_matmuls,
 )
+from .onnxspeed import measure_export
 from .preprocess import preprocess_batch
 from .probes import META_PROBES, ProbeRecord, probe_pixels
 from .tokens import TokenizerError, load_tokenizer
@@ -95,6 +101,7 @@ class ExportReport:
     probe_fp32_min: float = 1.0
     probe_int8_min: float = 1.0
     probe_int8_bar: float = 1.0
+    speed_lines: list[str] = field(default_factory=list)  # both files on this CPU (onnxspeed.CpuSpeed)
     text_lines: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -111,6 +118,7 @@ class ExportReport:
             f"  self-check probes stored in both files: fp32 min {self.probe_fp32_min:.6f}, int8 min "
             f"{self.probe_int8_min:.6f} "
             f"(the int8 file refuses to run where it scores below {self.probe_int8_bar:.4f})",
+            *self.speed_lines,
             *self.text_lines,
         ]
 
@@ -178,6 +186,7 @@ def export_onnx(
         job.export_fp32()
         job.quantize(calibration_images)
         report, records = job.verify(images)
+        report.speed_lines = job.speed()
         job.write(report, records)
         return report
     except PipelineError:
@@ -315,6 +324,20 @@ class _ImageExport:
         if not report.passed:
             raise PipelineError("ONNX export failed verification; no file was written:\n" + "\n".join(report.lines()))
         return report, records
+
+    def speed(self) -> list[str]:
+        """Both verified files on this CPU (onnxspeed.measure_export), the int8 one as a CPU session
+        will run it; a failed measurement is said in its line and fails nothing."""
+        try:
+            meta = {META_INT8_RECIPE: INT8_RECIPES[self.quantization]}  # written into the file only later
+            speed = measure_export(cpu_model(self.tmp_int8, meta) or self.tmp_int8, self.tmp_fp32)
+        except Exception as e:  # onnxruntime raises many types; the files themselves are verified
+            log.warning("could not measure the exported files' speed: %s: %s", type(e).__name__, first_line(e))
+            return [f"speed on this CPU not measured ({type(e).__name__}: {first_line(e)})"]
+        lines = speed.lines()
+        for line in lines:
+            log.info(line)
+        return lines
 
     def write(self, report: ExportReport, records: dict[Path, ProbeRecord]) -> None:
         """Stamp the verified files' metadata, add the text tower, then move everything into place:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,9 @@ import pytest
 import main as cli
 import onnx
 from pipeline import export
-from pipeline.embedders import META_PREPROCESS, META_SOURCE_MODEL, file_metadata
+from pipeline.embedders import META_PREPROCESS, META_SOURCE_MODEL, available_cores, file_metadata
 from pipeline.errors import PipelineError
+from pipeline.machine import cpu_label
 
 
 @pytest.mark.parametrize("quantization", ["static", "static-qdq"])
@@ -36,6 +38,19 @@ def test_export_writes_both_files_with_metadata(quantization, tiny_clip, tmp_pat
         "m_text_tokenizer.json",
     ]
     assert "text fp32 ONNX: min" in out
+    # Both files timed on this CPU, named, and the int8 file's kernel time by op type.
+    speed = re.search(r"on this CPU, (.+), batch 32, (\d+) thread\(s\): int8 ([\d.]+) img/s, fp32 ([\d.]+) img/s "
+                      r"\(([\d.]+)x\)", out)
+    assert speed, out
+    assert speed.group(1) == cpu_label() and int(speed.group(2)) == available_cores()
+    int8_rate, fp32_rate, ratio = (float(speed.group(i)) for i in (3, 4, 5))
+    assert int8_rate > 0 and fp32_rate > 0 and ratio == pytest.approx(int8_rate / fp32_rate, abs=0.01)
+    kernel = re.search(r"int8 kernel time: (.+); Quantize/DequantizeLinear \+ float Add ([\d.]+)% \((within|over) the "
+                       r"10% bar\)", out)
+    assert kernel, out
+    shares = {op: float(v) for op, v in re.findall(r"(\w+) ([\d.]+)%", kernel.group(1))}
+    assert len(shares) == 6 and list(shares.values()) == sorted(shares.values(), reverse=True)
+    assert (kernel.group(3) == "within") == (float(kernel.group(2)) <= 10.0)
     kind = {"static": "static, saved as onnxruntime's CPU runs it (--quantization static-qdq for portable QDQ)",
             "static-qdq": "static, portable QDQ"}[quantization]
     assert f"int8 model -> {target} ({kind})" in out
@@ -48,6 +63,38 @@ def test_export_writes_both_files_with_metadata(quantization, tiny_clip, tmp_pat
 def test_dynamic_quantization_also_passes(tiny_clip, tmp_path):
     r = export.export_onnx(str(tiny_clip), tmp_path / "d_int8.onnx", quantization="dynamic")
     assert r.passed and r.fp32_cos_min >= 0.9999 and r.int8_cos_min >= 0.99 and r.int8_cos_mean >= 0.995
+
+
+@pytest.mark.parametrize("quantization", ["static", "static-qdq"])
+def test_the_export_times_the_int8_file_as_a_cpu_session_will_run_it(quantization, tiny_clip, tmp_path, monkeypatch):
+    seen = []
+
+    def measure(int8_model, fp32_path, *args, **kwargs):
+        seen.append((int8_model, fp32_path))
+        return real(int8_model, fp32_path, *args, **kwargs)
+
+    real = export.measure_export
+    monkeypatch.setattr(export, "measure_export", measure)
+    r = export.export_onnx(str(tiny_clip), tmp_path / "s_int8.onnx", quantization=quantization)
+    [(int8_model, fp32_path)] = seen
+    assert fp32_path.name == ".s_fp32.onnx.tmp"
+    if quantization == "static":  # saved as the CPU runs it: the file itself
+        assert int8_model == tmp_path / ".s_int8.onnx.tmp"
+    else:  # QDQ, which has no MatMulIntegerToFloat: the graph a CPU session rewrites it into
+        assert isinstance(int8_model, bytes)
+        assert "MatMulIntegerToFloat" in {n.op_type for n in onnx.load_from_string(int8_model).graph.node}
+    assert r.speed_lines[0].startswith(f"on this CPU, {cpu_label()}, batch 32")
+
+
+def test_a_failed_speed_measurement_is_said_and_fails_nothing(tiny_clip, tmp_path, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no threads today\nsecond line")
+
+    monkeypatch.setattr(export, "measure_export", broken)
+    r = export.export_onnx(str(tiny_clip), tmp_path / "b_int8.onnx")
+    assert r.passed and (tmp_path / "b_int8.onnx").is_file()
+    assert r.speed_lines == ["speed on this CPU not measured (RuntimeError: no threads today)"]
+    assert r.speed_lines[0] in r.lines() and "could not measure the exported files' speed" in caplog.text
 
 
 def test_failed_verification_leaves_no_file(tiny_clip, tmp_path, monkeypatch):

@@ -1,0 +1,133 @@
+"""What an image-tower ONNX file does on this CPU: pictures a second, and kernel time by op type.
+
+The export measures the two files it writes, beside each other, before it moves them into place
+(`measure_export`), so that whoever exports on an edge box sees what int8 buys on that CPU and how
+much of the int8 file's time goes to format conversion (issue 29's bar: Quantize/DequantizeLinear
+and float Adds at most 10% of kernel time). The benchmarks use the same profile
+(benchmarks/embed.py, benchmarks/int8_recipes.py). Figures are this machine's: `machine.cpu_label`
+names it in every line.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .embedders import _session_options, available_cores
+from .machine import cpu_label
+
+# Format conversion and the float Adds between int8 ops: issue 29's bar, at most 10% of kernel time.
+CONVERSION = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Add")
+CONVERSION_BAR = 0.10
+
+
+def conversion_share(shares: dict[str, float]) -> float:
+    return sum(shares.get(op, 0.0) for op in CONVERSION)
+
+
+def _input(sess, batch: int, hw: tuple[int, int] = (224, 224)) -> tuple[str, np.ndarray]:
+    """The session's image input and random pixels for it (a dynamic height or width gets `hw`)."""
+    inp = sess.get_inputs()[0]
+    dims = [d if isinstance(d, int) else fallback for d, fallback in zip(inp.shape[2:], hw)]
+    return inp.name, np.random.default_rng(0).normal(size=(batch, 3, *dims)).astype(np.float32)
+
+
+def op_profile(model: str | bytes | Path, batch: int = 32, runs: int = 3,
+               threads: int | None = None) -> dict[str, float]:
+    """Share of kernel time by op type (largest first) of an ONNX model at `batch`, from
+    onnxruntime's profiler, with the session options the pipeline runs it with (full graph
+    optimization, every core unless `threads`): so the op names are those of the graph as it
+    really runs (MatMulIntegerToFloat, fused ops)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = _session_options(ort, threads or available_cores())
+        opts.enable_profiling = True
+        opts.profile_file_prefix = f"{tmp}/profile"
+        sess = ort.InferenceSession(str(model) if isinstance(model, Path) else model, opts,
+                                    providers=["CPUExecutionProvider"])
+        name, x = _input(sess, batch)
+        for _ in range(runs):
+            sess.run(None, {name: x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + float(e.get("dur", 0))
+    total = sum(by_op.values()) or 1.0
+    return {op: t / total for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])}
+
+
+def images_per_second(sessions: dict[str, object], batch: int, seconds: float = 0.5, rounds: int = 2,
+                      max_runs: int = 20) -> dict[str, float]:
+    """Pictures a second of each session at `batch`: after one warm-up run each, `rounds` rounds
+    that take the sessions in turn (so that a machine's slower moment does not fall on one file
+    alone), each timing whole runs until `seconds` have passed or `max_runs` were made (a small
+    model's); the best round of each."""
+    inputs = {key: _input(sess, batch) for key, sess in sessions.items()}
+    for key, sess in sessions.items():
+        name, x = inputs[key]
+        sess.run(None, {name: x})  # type: ignore[attr-defined]
+    best = dict.fromkeys(sessions, 0.0)
+    for _ in range(rounds):
+        for key, sess in sessions.items():
+            name, x = inputs[key]
+            n, start = 0, time.perf_counter()
+            while True:
+                sess.run(None, {name: x})  # type: ignore[attr-defined]
+                n += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds or n >= max_runs:
+                    break
+            best[key] = max(best[key], n * batch / elapsed)
+    return best
+
+
+@dataclass
+class CpuSpeed:
+    """The int8 and fp32 files on this CPU, at one batch and thread count."""
+
+    cpu: str
+    batch: int
+    threads: int
+    int8_rate: float
+    fp32_rate: float
+    shares: dict[str, float] = field(default_factory=dict)  # the int8 file's kernel time by op type
+
+    @property
+    def conversion(self) -> float:
+        return conversion_share(self.shares)
+
+    def lines(self, top: int = 6) -> list[str]:
+        ops = ", ".join(f"{op} {share:.1%}" for op, share in list(self.shares.items())[:top])
+        bar = "within" if self.conversion <= CONVERSION_BAR else "over"
+        return [
+            f"on this CPU, {self.cpu}, batch {self.batch}, {self.threads} thread(s): int8 {self.int8_rate:.1f} img/s, "
+            f"fp32 {self.fp32_rate:.1f} img/s ({self.int8_rate / self.fp32_rate:.2f}x)",
+            f"  int8 kernel time: {ops}; Quantize/DequantizeLinear + float Add {self.conversion:.1%} "
+            f"({bar} the {CONVERSION_BAR:.0%} bar)",
+        ]
+
+
+def measure_export(int8_model: str | bytes | Path, fp32_path: Path, batch: int = 32,
+                   seconds: float = 0.5) -> CpuSpeed:
+    """The int8 model (a path, or the bytes of the graph a CPU session runs) against the fp32 file,
+    one session each on every core, then the int8 model's kernel time by op type."""
+    import onnxruntime as ort
+
+    threads = available_cores()
+    opts = _session_options(ort, threads)
+    model = str(int8_model) if isinstance(int8_model, Path) else int8_model
+    sessions = {
+        "int8": ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]),
+        "fp32": ort.InferenceSession(str(fp32_path), opts, providers=["CPUExecutionProvider"]),
+    }
+    rates = images_per_second(sessions, batch, seconds)
+    del sessions
+    return CpuSpeed(cpu_label(), batch, threads, rates["int8"], rates["fp32"], op_profile(int8_model, batch, runs=2))

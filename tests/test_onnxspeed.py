@@ -1,0 +1,64 @@
+"""pipeline/onnxspeed.py: what an ONNX file does on this CPU (the export's speed lines, the benchmarks' profiles)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx import TensorProto, helper, numpy_helper
+from pipeline import onnxspeed
+
+
+def _graph() -> bytes:
+    """pixels -> Add(1) -> QuantizeLinear -> DequantizeLinear -> Relu: a file whose op types are known."""
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z")]
+    nodes = [helper.make_node("Add", ["pixel_values", "one"], ["a"]),
+             helper.make_node("QuantizeLinear", ["a", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("Relu", ["d"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT,
+                                                                         ["batch", 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 32, 32])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_op_profile_shares_kernel_time_among_the_ops_that_ran():
+    shares = onnxspeed.op_profile(_graph(), batch=4, runs=2)
+    assert set(shares) == {"Add", "QuantizeLinear", "DequantizeLinear", "Relu"}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert list(shares.values()) == sorted(shares.values(), reverse=True)
+    assert onnxspeed.conversion_share(shares) == pytest.approx(1.0 - shares["Relu"])
+
+
+class _Session:
+    """Counts its runs; its input is the export's."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": "pixel_values", "shape": ["batch", 3, 8, 8]})()]
+
+    def run(self, outputs, feeds):
+        assert feeds["pixel_values"].shape == (2, 3, 8, 8)
+        self.runs += 1
+
+
+def test_images_per_second_stops_a_small_models_rounds_at_max_runs():
+    a, b = _Session(), _Session()
+    rates = onnxspeed.images_per_second({"a": a, "b": b}, batch=2, seconds=60.0, rounds=3, max_runs=5)
+    assert a.runs == b.runs == 1 + 3 * 5  # one warm-up, then three rounds of five
+    assert set(rates) == {"a", "b"} and all(r > 0 for r in rates.values())
+
+
+def test_the_speed_lines_say_the_ratio_and_which_side_of_the_bar():
+    speed = onnxspeed.CpuSpeed("Some CPU [avx2]", 32, 2, 75.0, 25.0,
+                               {"MatMulIntegerToFloat": 0.8, "QuantizeLinear": 0.07, "Add": 0.05, "Relu": 0.08})
+    first, second = speed.lines(top=2)
+    assert first == "on this CPU, Some CPU [avx2], batch 32, 2 thread(s): int8 75.0 img/s, fp32 25.0 img/s (3.00x)"
+    assert second == ("  int8 kernel time: MatMulIntegerToFloat 80.0%, QuantizeLinear 7.0%; "
+                      "Quantize/DequantizeLinear + float Add 12.0% (over the 10% bar)")
+    speed.shares["Add"] = 0.01
+    assert speed.lines()[1].endswith("8.0% (within the 10% bar)")
