@@ -330,11 +330,10 @@ class _ImageExport:
         will run it; a failed measurement is said in its line and fails nothing."""
         try:
             meta = {META_INT8_RECIPE: INT8_RECIPES[self.quantization]}  # written into the file only later
-            speed = measure_export(cpu_model(self.tmp_int8, meta) or self.tmp_int8, self.tmp_fp32)
+            lines = measure_export(cpu_model(self.tmp_int8, meta) or self.tmp_int8, self.tmp_fp32).lines()
         except Exception as e:  # onnxruntime raises many types; the files themselves are verified
             log.warning("could not measure the exported files' speed: %s: %s", type(e).__name__, first_line(e))
             return [f"speed on this CPU not measured ({type(e).__name__}: {first_line(e)})"]
-        lines = speed.lines()
         for line in lines:
             log.info(line)
         return lines

@@ -106,10 +106,11 @@ class CpuSpeed:
 
     def lines(self, top: int = 6) -> list[str]:
         ops = ", ".join(f"{op} {share:.1%}" for op, share in list(self.shares.items())[:top])
-        bar = "within" if self.conversion <= CONVERSION_BAR else "over"
+        bar = "within" if round(self.conversion, 3) <= CONVERSION_BAR else "over"  # as the line shows it
+        ratio = f"{self.int8_rate / self.fp32_rate:.2f}x" if self.fp32_rate > 0 else "fp32 not timed"
         return [
             f"on this CPU, {self.cpu}, batch {self.batch}, {self.threads} thread(s): int8 {self.int8_rate:.1f} img/s, "
-            f"fp32 {self.fp32_rate:.1f} img/s ({self.int8_rate / self.fp32_rate:.2f}x)",
+            f"fp32 {self.fp32_rate:.1f} img/s ({ratio})",
             f"  int8 kernel time: {ops}; Quantize/DequantizeLinear + float Add {self.conversion:.1%} "
             f"({bar} the {CONVERSION_BAR:.0%} bar)",
         ]
