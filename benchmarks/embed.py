@@ -160,13 +160,11 @@ def op_profile(path: Path, batch: int = 32, runs: int = 3) -> dict[str, float]:
     """Share of kernel time by op type of an ONNX file at `batch` (pipeline.onnxspeed.op_profile):
     the export's file profiled as it is; a QDQ file of an earlier export as a CPU session rewrites
     it (pipeline/int8graph.py)."""
-    import onnxruntime as ort
-
     from pipeline import onnxspeed
+    from pipeline.embedders import file_metadata
     from pipeline.int8graph import cpu_model
 
-    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
-    return onnxspeed.op_profile(cpu_model(path, meta) or path, batch, runs)
+    return onnxspeed.op_profile(cpu_model(path, file_metadata(path)) or path, batch, runs)
 
 
 def print_profiles(files: dict[str, Path], batch: int = 32) -> None:

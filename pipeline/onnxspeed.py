@@ -37,16 +37,15 @@ def _input(sess, batch: int, hw: tuple[int, int] = (224, 224)) -> tuple[str, np.
     return inp.name, np.random.default_rng(0).normal(size=(batch, 3, *dims)).astype(np.float32)
 
 
-def op_profile(model: str | bytes | Path, batch: int = 32, runs: int = 3,
-               threads: int | None = None) -> dict[str, float]:
+def op_profile(model: str | bytes | Path, batch: int = 32, runs: int = 3) -> dict[str, float]:
     """Share of kernel time by op type (largest first) of an ONNX model at `batch`, from
     onnxruntime's profiler, with the session options the pipeline runs it with (full graph
-    optimization, every core unless `threads`): so the op names are those of the graph as it
+    optimization, every core): so the op names are those of the graph as it
     really runs (MatMulIntegerToFloat, fused ops)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
-        opts = _session_options(ort, threads or available_cores())
+        opts = _session_options(ort, available_cores())
         opts.enable_profiling = True
         opts.profile_file_prefix = f"{tmp}/profile"
         sess = ort.InferenceSession(str(model) if isinstance(model, Path) else model, opts,
