@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,8 +183,9 @@ def export_onnx(
         PipelineError: the export, quantization or verification failed (nothing is left behind).
     """
     _require_export_packages()
-    job = _ImageExport(model, Path(int8_path), per_channel, quantization)
+    job = None
     try:
+        job = _ImageExport(model, Path(int8_path), per_channel, quantization)
         job.export_fp32()
         job.quantize(calibration_images)
         report, records = job.verify(images)
@@ -194,7 +197,8 @@ def export_onnx(
     except Exception as e:  # exporter and quantizer raise many types
         raise PipelineError(f"ONNX export of {model!r} failed: {type(e).__name__}: {e}") from e
     finally:
-        job.remove_temp_files()
+        if job is not None:
+            job.remove_temp_files()
 
 
 def _require_export_packages() -> None:
@@ -213,8 +217,11 @@ def _require_export_packages() -> None:
 
 
 class _ImageExport:
-    """One image-tower export: the loaded model and the temp files that become the final files
-    only once both are verified (remove_temp_files clears whatever is left)."""
+    """One image-tower export: the loaded model and the files that become the final files only
+    once both are verified. They are written under their final names in a folder of this export's
+    own beside the target (two exports into one folder do not meet), so that a tower written with
+    its weights in a `.data` file beside it (EXTERNAL_DATA_BYTES) finds them there once moved;
+    remove_temp_files removes the folder and whatever is left in it."""
 
     def __init__(self, model: str, int8_path: Path, per_channel: bool, quantization: str) -> None:
         self.model, self.quantization, self.per_channel = model, quantization, per_channel
@@ -230,9 +237,11 @@ class _ImageExport:
             ) from e
         self.prep = preprocess_config_of(model, self.clip)
         self.tower = image_tower(self.clip)
-        self.tmp_fp32 = self.fp32_path.with_name(f".{self.fp32_path.name}.tmp")
-        self.tmp_int8 = int8_path.with_name(f".{int8_path.name}.tmp")
-        self.tmp_pre = int8_path.with_name(f".{int8_path.name}.pre.tmp")
+        self.external = False  # weights in a .data file beside the fp32 file (export_fp32)
+        self.work = Path(tempfile.mkdtemp(prefix=f".{int8_path.stem}.export-", dir=int8_path.parent))
+        self.tmp_fp32 = self.work / self.fp32_path.name
+        self.tmp_int8 = self.work / int8_path.name
+        self.tmp_pre = self.work / f"{int8_path.stem}.pre.onnx"
 
     @property
     def weight_mode(self) -> str:
@@ -242,6 +251,7 @@ class _ImageExport:
         import torch
 
         example = torch.zeros(2, 3, self.prep.crop_height, self.prep.crop_width)
+        self.external = _used_weight_bytes(self.tower, example) > EXTERNAL_DATA_BYTES
         log.info("exporting %s to ONNX (torch.export, opset %d)", self.model, OPSET)
         torch.onnx.export(
             self.tower,
@@ -252,7 +262,7 @@ class _ImageExport:
             dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
             opset_version=OPSET,
             dynamo=True,
-            external_data=False,
+            external_data=self.external,
         )
 
     def quantize(self, calibration_images: Sequence[Image.Image] | None) -> None:
@@ -269,7 +279,9 @@ class _ImageExport:
                 weight_type=QuantType.QInt8,
                 per_channel=self.per_channel,
                 reduce_range=REDUCE_RANGE,
+                use_external_data_format=self.external,
             )
+            _as_one_file(self.tmp_int8)
         elif self.quantization in ("static", "static-qdq"):
             calib = list(calibration_images) if calibration_images is not None else verification_images(64, seed=1)
             log.info(
@@ -277,9 +289,11 @@ class _ImageExport:
                 self.quantization, mode, len(calib),
             )
             calib_pixels = preprocess_batch(calib, self.prep)
-            _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels, self.per_channel)
+            _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels, self.per_channel, self.external)
             if self.quantization == "static":
                 _save_cpu_graph(self.tmp_int8)
+            else:
+                _as_one_file(self.tmp_int8)
         else:
             raise PipelineError(
                 f"unknown quantization {self.quantization!r}; expected 'static', 'static-qdq' or 'dynamic'"
@@ -356,16 +370,83 @@ class _ImageExport:
                      META_INT8_RECIPE: INT8_RECIPES[self.quantization]}
         _set_metadata(onnx, self.tmp_fp32, fp32_meta)
         _set_metadata(onnx, self.tmp_int8, int8_meta)
-        text = _export_text_tower(self.clip, self.model, self.int8_path, meta, self.family.text_mask)
+        text = _export_text_tower(self.clip, self.model, self.int8_path, meta, self.family.text_mask, self.work)
         report.text_lines = text.lines
-        os.replace(self.tmp_fp32, self.fp32_path)
-        os.replace(self.tmp_int8, self.int8_path)
+        _move_into_place(self.tmp_fp32, self.fp32_path)
+        _move_into_place(self.tmp_int8, self.int8_path)
         text.commit()
 
     def remove_temp_files(self) -> None:
-        for p in (self.tmp_fp32, self.tmp_int8, self.tmp_pre):
-            if p.exists():
-                p.unlink()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+# A tower whose weights take more than this is written with them in a `.data` file beside its
+# .onnx file (ONNX's external data; one protobuf holds at most 2 GB, and torch's exporter switches
+# at 1.5 GiB on its own): SigLIP so400m's or a ViT-H's fp32 towers. The int8 image file, a quarter
+# of the size, is always one file.
+EXTERNAL_DATA_BYTES = 1536 * 1024 * 1024
+
+
+def _used_weight_bytes(tower, *inputs) -> int:
+    """Bytes of the weights of the modules a forward pass of `tower` runs: one tower's, though the
+    wrapper holds the whole two-tower model."""
+    import torch
+
+    used: dict[int, int] = {}
+
+    def note(module, _args) -> None:
+        for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            used[id(t)] = t.numel() * t.element_size()
+
+    hooks = [m.register_forward_pre_hook(note) for m in tower.modules()]
+    try:
+        with torch.inference_mode():
+            tower(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(used.values())
+
+
+def _data_files(path: Path) -> list[Path]:
+    """The external-data files the ONNX file at `path` names (none for a file that holds its weights)."""
+    from onnx.external_data_helper import uses_external_data
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {e.value for t in model.graph.initializer if uses_external_data(t) for e in t.external_data
+             if e.key == "location"}
+    return [path.parent / n for n in sorted(names)]
+
+
+def _as_one_file(path: Path) -> None:
+    """The ONNX file at `path` rewritten with its weights inside it, when they are in external data."""
+    from onnx.external_data_helper import convert_model_from_external_data
+
+    import onnx
+
+    data = _data_files(path)
+    if not data:
+        return
+    model = onnx.load(str(path))
+    convert_model_from_external_data(model)
+    onnx.save(model, str(path))
+    for f in data:
+        f.unlink(missing_ok=True)
+
+
+def _move_into_place(src: Path, dst: Path) -> None:
+    """An exported file and the external-data files it names (under the same names: they are
+    written under their final names) moved beside `dst`; a `.data` file an earlier export left
+    there under dst's name, that this file does not name, is removed."""
+    data = _data_files(src) if src.suffix == ".onnx" else []
+    for f in data:
+        os.replace(f, dst.parent / f.name)
+    os.replace(src, dst)
+    stale = dst.with_name(dst.name + ".data")
+    if stale.name not in {f.name for f in data}:
+        stale.unlink(missing_ok=True)
 
 
 TEXT_PROBES = [
@@ -384,16 +465,18 @@ class _TextExport:
 
     def commit(self) -> None:
         for src, dst in self.moves:
-            os.replace(src, dst)
+            _move_into_place(src, dst)
         for old in self.removes:
             old.unlink(missing_ok=True)
 
 
-def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str], masked: bool = True) -> _TextExport:
+def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str], masked: bool,
+                       work: Path) -> _TextExport:
     """Export the text tower (fp32, the model's context: 77 tokens for CLIP, 64 for SigLIP; dynamic
-    batch) and its tokenizer.json, verified against torch. A model without a tokenizer gets no
-    text tower, said in the report. masked: the tower reads an attention mask (CLIP); SigLIP's
-    takes the padded ids alone, as it was trained."""
+    batch) and its tokenizer.json into `work` (the image export's folder, removed after it),
+    verified against torch. A model without a tokenizer gets no text tower, said in the report.
+    masked: the tower reads an attention mask (CLIP); SigLIP's takes the padded ids alone, as it
+    was trained."""
     import onnx
 
     text_path = text_onnx_path_for(int8_path)
@@ -416,30 +499,23 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str], 
     enc = tok(cleaned, padding="max_length", truncation=True, max_length=context, return_tensors="pt")
     if hasattr(clip, "tokenize") and not bool((clip.tokenize(TEXT_PROBES) == enc["input_ids"]).all()):
         return _no_text_tower("the tokenizer's ids differ from open_clip's on the probe texts", text_path, tok_path)
-    tmp_text = text_path.with_name(f".{text_path.name}.tmp")
-    tmp_tok = tok_path.with_name(f".{tok_path.name}.tmp")
+    tmp_text, tmp_tok = work / text_path.name, work / tok_path.name
     tower = _text_tower(clip, masked)
-    try:
-        _export_text_graph(tower, enc, tmp_text, masked)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        tok.backend_tokenizer.save(str(tmp_tok))
-        line, probes = _verify_text_graph(tower, enc, tmp_text, masked)
-        text_meta = {
-            **meta,
-            META_KIND: f"{meta.get(META_FAMILY, 'clip')}-text-tower",
-            META_TEXT_CONTEXT: str(context),
-            META_PRECISION: "fp32",
-            META_PAD_ID: str(int(pad_id)),
-            **({META_TEXT_CLEAN: clean_mode} if clean_mode else {}),
-            META_PROBES: probes.to_json(),
-        }
-        _set_metadata(onnx, tmp_text, text_meta)
-        return _TextExport([line], [(tmp_text, text_path), (tmp_tok, tok_path)])
-    except BaseException:
-        for p in (tmp_text, tmp_tok):
-            if p.exists():
-                p.unlink()
-        raise
+    _export_text_graph(tower, enc, tmp_text, masked)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tok.backend_tokenizer.save(str(tmp_tok))
+    line, probes = _verify_text_graph(tower, enc, tmp_text, masked)
+    text_meta = {
+        **meta,
+        META_KIND: f"{meta.get(META_FAMILY, 'clip')}-text-tower",
+        META_TEXT_CONTEXT: str(context),
+        META_PRECISION: "fp32",
+        META_PAD_ID: str(int(pad_id)),
+        **({META_TEXT_CLEAN: clean_mode} if clean_mode else {}),
+        META_PROBES: probes.to_json(),
+    }
+    _set_metadata(onnx, tmp_text, text_meta)
+    return _TextExport([line], [(tmp_text, text_path), (tmp_tok, tok_path)])
 
 
 def _no_text_tower(why: str, text_path: Path, tok_path: Path) -> _TextExport:
@@ -469,11 +545,13 @@ def _text_tower(clip, masked: bool = True):
 
 
 def _export_text_graph(tower, enc, path: Path, masked: bool = True) -> None:
-    """The text tower to ONNX, traced on two of the probe texts with a dynamic batch axis."""
+    """The text tower to ONNX, traced on two of the probe texts with a dynamic batch axis; its
+    weights in a .data file beside it when they are over EXTERNAL_DATA_BYTES."""
     import torch
 
     batch = torch.export.Dim("batch")
     names = ["input_ids", "attention_mask"] if masked else ["input_ids"]
+    external = _used_weight_bytes(tower, *(enc[n][:2] for n in names)) > EXTERNAL_DATA_BYTES
     torch.onnx.export(
         tower,
         tuple(enc[n][:2] for n in names),
@@ -483,7 +561,7 @@ def _export_text_graph(tower, enc, path: Path, masked: bool = True) -> None:
         dynamic_shapes={n: {0: batch} for n in names},
         opset_version=OPSET,
         dynamo=True,
-        external_data=False,
+        external_data=external,
     )
 
 
@@ -544,16 +622,19 @@ def calibration_reader(calib_pixels: np.ndarray):
     return Reader
 
 
-def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool) -> None:
+def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool,
+                     external: bool = False) -> None:
     """QDQ int8 for MatMul, the convolutions (a ViT's patch convolution, a ResNet's every one, its
     Relus folded into them) and every Gemm over every position: uint8 asymmetric activations
-    (MinMax ranges), 7-bit int8 weights, MatMul and Gemm outputs in float."""
+    (MinMax ranges), 7-bit int8 weights, MatMul and Gemm outputs in float. external: the fp32
+    file's weights are in a .data file, and so are those of every file made on the way."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     Reader = calibration_reader(calib_pixels)
 
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
+                      all_tensors_to_one_file=True, external_data_location=f"{pre.name}.data")
     per_picture_gemms = _before_quantization(pre, per_channel)
     quantize_static(
         str(pre),
@@ -577,6 +658,7 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
         per_channel=per_channel,
         calibrate_method=CalibrationMethod.MinMax,
         reduce_range=REDUCE_RANGE,
+        use_external_data_format=external,
         # No QuantizeLinear on a MatMul's output: onnxruntime then runs each as MatMulIntegerToFloat
         # (int8 GEMM, dequantized in its epilogue) instead of QLinearMatMul + DequantizeLinear before
         # the float bias/residual Adds. Scales stay the calibrated ones (batch-independent); faster
@@ -611,17 +693,23 @@ def _before_quantization(pre: Path, per_channel: bool = True) -> list[str]:
 def _save_cpu_graph(path: Path) -> None:
     """The QDQ file at `path` rewritten in place into the graph onnxruntime's CPU provider runs
     best (pipeline/int8graph.py); the export's verification then checks that graph itself."""
+    from onnx.external_data_helper import convert_model_from_external_data
+
     import onnx
 
+    data = _data_files(path)
     model = onnx.load(str(path))
+    convert_model_from_external_data(model)  # the int8 file is one file (a quarter of the fp32 weights)
     rewrites = cpu_graph(model)
     log.info("int8 graph written as onnxruntime's CPU runs it: %d rewrites (bias into the int8 GEMM, GELU as one op)",
              rewrites)
     onnx.save(model, str(path))
+    for f in data:
+        f.unlink(missing_ok=True)
 
 
 def _set_metadata(onnx, path: Path, props: dict[str, str]) -> None:
-    m = onnx.load(str(path))
+    m = onnx.load(str(path), load_external_data=False)  # external weights stay in their .data file
     existing = {p.key: p for p in m.metadata_props}
     for k, v in props.items():
         if k in existing:

@@ -11,7 +11,7 @@ import pytest
 import main as cli
 import onnx
 from pipeline import export
-from pipeline.embedders import META_PREPROCESS, META_SOURCE_MODEL, available_cores, file_metadata
+from pipeline.embedders import META_PREPROCESS, META_SOURCE_MODEL, OnnxEmbedder, available_cores, file_metadata
 from pipeline.errors import PipelineError
 from pipeline.machine import cpu_label
 
@@ -77,9 +77,11 @@ def test_the_export_times_the_int8_file_as_a_cpu_session_will_run_it(quantizatio
     monkeypatch.setattr(export, "measure_export", measure)
     r = export.export_onnx(str(tiny_clip), tmp_path / "s_int8.onnx", quantization=quantization)
     [(int8_model, fp32_path)] = seen
-    assert fp32_path.name == ".s_fp32.onnx.tmp"
+    # the verified files in the export's own folder, before they are moved into place
+    assert fp32_path.parent.parent == tmp_path and fp32_path.parent.name.startswith(".s_int8.export-")
+    assert fp32_path.name == "s_fp32.onnx"
     if quantization == "static":  # saved as the CPU runs it: the file itself
-        assert int8_model == tmp_path / ".s_int8.onnx.tmp"
+        assert int8_model == fp32_path.parent / "s_int8.onnx"
     else:  # QDQ, which has no MatMulIntegerToFloat: the graph a CPU session rewrites it into
         assert isinstance(int8_model, bytes)
         assert "MatMulIntegerToFloat" in {n.op_type for n in onnx.load_from_string(int8_model).graph.node}
@@ -102,6 +104,49 @@ def test_failed_verification_leaves_no_file(tiny_clip, tmp_path, monkeypatch):
     target = tmp_path / "x_int8_matmul.onnx"
     with pytest.raises(PipelineError, match="failed verification"):
         export.export_onnx(str(tiny_clip), target)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("quantization", ["static", "dynamic"])
+def test_towers_too_big_for_one_file_keep_their_weights_beside_it(quantization, tiny_clip, tiny_onnx, tmp_path,
+                                                                  monkeypatch):
+    """SigLIP so400m's or a ViT-H's fp32 tower is over 1.5 GiB: its weights go in a .data file beside
+    it (here every tower counts as that big). The int8 file stays one file; every file opens where
+    it lies and gives the vectors of an ordinary export; no temp folder is left."""
+    size = export.EXTERNAL_DATA_BYTES
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    target = tmp_path / "m_int8_matmul.onnx"
+    assert export.export_onnx(str(tiny_clip), target, quantization=quantization).passed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m_fp32.onnx", "m_fp32.onnx.data", "m_int8_matmul.onnx", "m_text_fp32.onnx", "m_text_fp32.onnx.data",
+        "m_text_tokenizer.json",
+    ]
+    assert export._data_files(target) == [] and export._data_files(tmp_path / "m_fp32.onnx") == [
+        tmp_path / "m_fp32.onnx.data"]
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
+    texts = ["a red dress", "blue jeans"]
+    files = [(tmp_path / "m_fp32.onnx", export.fp32_path_for(tiny_onnx))]
+    if quantization == "static":  # a dynamic file's vectors depend on its batch: compared with no file
+        files.append((target, tiny_onnx))
+    for big, ordinary in files:
+        got, want = OnnxEmbedder(big), OnnxEmbedder(ordinary)
+        assert got.self_check.startswith("self-check passed")
+        np.testing.assert_array_equal(got.embed(pixels), want.embed(pixels))
+        np.testing.assert_array_equal(got.embed_text(texts), want.embed_text(texts))
+    # Exported again from a tower under the size, the fp32 file holds its weights, the .data files go.
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", size)
+    export.export_onnx(str(tiny_clip), target, quantization=quantization)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m_fp32.onnx", "m_int8_matmul.onnx", "m_text_fp32.onnx", "m_text_tokenizer.json"]
+
+
+def test_two_exports_into_one_folder_write_apart_and_leave_nothing(tiny_clip, tmp_path):
+    first = export._ImageExport(str(tiny_clip), tmp_path / "a_int8.onnx", True, "static")
+    second = export._ImageExport(str(tiny_clip), tmp_path / "a_int8.onnx", True, "static")
+    assert first.work != second.work and first.work.parent == second.work.parent == tmp_path
+    assert first.tmp_int8.name == second.tmp_int8.name == "a_int8.onnx"  # final names: .data files find them
+    first.remove_temp_files()
+    second.remove_temp_files()
     assert list(tmp_path.iterdir()) == []
 
 
