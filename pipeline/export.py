@@ -38,6 +38,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +239,7 @@ class _ImageExport:
         self.prep = preprocess_config_of(model, self.clip)
         self.tower = image_tower(self.clip)
         self.external = False  # weights in a .data file beside the fp32 file (export_fp32)
+        _remove_abandoned_exports(int8_path)
         self.work = Path(tempfile.mkdtemp(prefix=f".{int8_path.stem}.export-", dir=int8_path.parent))
         self.tmp_fp32 = self.work / self.fp32_path.name
         self.tmp_int8 = self.work / int8_path.name
@@ -378,6 +380,22 @@ class _ImageExport:
 
     def remove_temp_files(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+ABANDONED_AFTER_S = 24 * 3600  # an export folder untouched this long was left by a killed export
+
+
+def _remove_abandoned_exports(int8_path: Path) -> None:
+    """Remove the folders that killed exports to the same target left beside it (gigabytes for a
+    large tower); one written to in the last day may be another export's, running now."""
+    now = time.time()
+    for old in int8_path.parent.glob(f".{int8_path.stem}.export-*"):
+        try:
+            if old.is_dir() and now - old.stat().st_mtime > ABANDONED_AFTER_S:
+                log.warning("removing %s, left by an interrupted export", old)
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
 
 
 # A tower whose weights take more than this is written with them in a `.data` file beside its

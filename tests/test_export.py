@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,8 +147,13 @@ def test_two_exports_into_one_folder_write_apart_and_leave_nothing(tiny_clip, tm
     second = export._ImageExport(str(tiny_clip), tmp_path / "a_int8.onnx", True, "static")
     assert first.work != second.work and first.work.parent == second.work.parent == tmp_path
     assert first.tmp_int8.name == second.tmp_int8.name == "a_int8.onnx"  # final names: .data files find them
+    # A folder a killed export left a day ago is removed by the next export to that target; one in
+    # use (the first's) is not.
+    os.utime(second.work, (time.time() - export.ABANDONED_AFTER_S - 60,) * 2)
+    third = export._ImageExport(str(tiny_clip), tmp_path / "a_int8.onnx", True, "static")
+    assert not second.work.exists() and first.work.is_dir() and third.work.is_dir()
     first.remove_temp_files()
-    second.remove_temp_files()
+    third.remove_temp_files()
     assert list(tmp_path.iterdir()) == []
 
 
