@@ -41,6 +41,9 @@ class _Session:
     def get_inputs(self):
         return [type("Input", (), {"name": "pixel_values", "shape": ["batch", 3, 8, 8]})()]
 
+    def get_modelmeta(self):
+        return type("Meta", (), {"custom_metadata_map": {}})()
+
     def run(self, outputs, feeds):
         assert feeds["pixel_values"].shape == (2, 3, 8, 8)
         self.runs += 1
@@ -62,3 +65,36 @@ def test_the_speed_lines_say_the_ratio_and_which_side_of_the_bar():
                       "Quantize/DequantizeLinear + float Add 12.0% (over the 10% bar)")
     speed.shares["Add"] = 0.01
     assert speed.lines()[1].endswith("8.0% (within the 10% bar)")
+
+
+def test_a_dynamic_files_conversion_is_not_judged_by_the_bar():
+    """Its activations are quantized inside DynamicQuantizeMatMul: a small share says nothing."""
+    speed = onnxspeed.CpuSpeed("Some CPU [avx2]", 32, 2, 90.0, 25.0, {"DynamicQuantizeMatMul": 0.9, "Add": 0.02})
+    assert speed.lines()[1].endswith("Quantize/DequantizeLinear + float Add 2.0% (not judged: its activations are "
+                                     "quantized inside DynamicQuantizeMatMul, not counted apart)")
+
+
+@pytest.mark.parametrize(("shape", "meta", "want"), [
+    (["batch", 3, 32, 32], {}, (2, 3, 32, 32)),  # fixed dims, as the export writes them
+    (["batch", 3, "h", "w"], {"crop_height": 64, "crop_width": 48}, (2, 3, 64, 48)),  # the file's crop
+    (["batch", 1, "h", "w"], None, (2, 1, 224, 224)),  # nothing to go by: 224 px, its channels
+])
+def test_the_timing_input_fits_the_files_input(shape, meta, want):
+    import json
+
+    import onnxruntime as ort
+
+    from pipeline.embedders import META_PREPROCESS
+    from pipeline.preprocess import PreprocessConfig
+
+    graph = helper.make_graph([helper.make_node("Relu", ["pixel_values"], ["y"])], "g",
+                              [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if meta is not None:
+        cfg = json.loads(PreprocessConfig().to_json()) | meta
+        helper.set_model_props(model, {META_PREPROCESS: json.dumps(cfg)})
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    name, x = onnxspeed._input(sess, 2)
+    assert name == "pixel_values" and x.shape == want and x.dtype == np.float32
+    sess.run(None, {name: x})
