@@ -226,7 +226,8 @@ class OnnxEmbedder(Embedder):
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise PipelineError(f"onnxruntime could not start its CUDA provider for {path} (check CUDA/cuDNN versions)")
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        meta = self.session.get_modelmeta().custom_metadata_map
+        # the file's own metadata (its probes among them), not a cached graph's copy of it
+        meta = file_metadata(path) if self._cached else self.session.get_modelmeta().custom_metadata_map
         if self.device == "cuda" and written_for_the_cpu(meta):  # --device cuda asked for it
             log.warning(cpu_file_on_gpu(path))
         self.input = self._image_input()
@@ -237,7 +238,16 @@ class OnnxEmbedder(Embedder):
         self.dim = int(out_shape[-1]) if isinstance(out_shape[-1], int) else self._probe_dim()
         # The file checks itself on this CPU before it embeds anything (pipeline/probes.py).
         probes = probe_pixels(self.preprocess_cfg)
-        self.self_check = check_file(path, meta, [probes], lambda: self._run(probes))
+        try:
+            self.self_check = check_file(path, meta, [probes], lambda: self._run(probes))
+        except PipelineError:
+            if self._cached is None:
+                raise
+            # The cached rewrite, not the file, may be what fails: dropped, and the file checked again.
+            log.warning("the cached CPU graph %s fails %s's self-check: made again from the file", self._cached, path)
+            unlink_quietly(self._cached)
+            self._start_sessions(ort, threads, use_cache=False)
+            self.self_check = check_file(path, meta, [probes], lambda: self._run(probes))
         log.debug("%s: %s", path, self.self_check)
         self.identity = VectorIdentity(
             backend="onnx",
@@ -249,8 +259,10 @@ class OnnxEmbedder(Embedder):
             dim=self.dim,
         )
 
-    def _start_sessions(self, ort: Any, threads: int) -> None:
-        """Open `self.session` and its replicas, queued in `self._free`, and the pool that runs them.
+    def _start_sessions(self, ort: Any, threads: int, use_cache: bool = True) -> None:
+        """Open `self.session` and its replicas, queued in `self._free`, and the pool that runs them;
+        `self._cached`: the cache entry they run (int8graph.cached_cpu_model), if any; use_cache=False
+        makes the entry again from the file without reading it.
 
         On the CPU: one single-threaded session per core, each running a slice of the batch. Alone
         it is as fast as one multi-threaded session, but while other threads also need the CPU
@@ -263,7 +275,8 @@ class OnnxEmbedder(Embedder):
         self._opts = _session_options(ort, intra_op_threads=1 if replicas > 1 else cores)
         # On the CPU, the bias is fused into the int8 GEMM (int8graph.py), from the cache when it is there.
         self.file_sha256 = sha256_file(self.path)
-        cached = cached_cpu_model(self.file_sha256) if list(self._providers) == ["CPUExecutionProvider"] else None
+        on_cpu = list(self._providers) == ["CPUExecutionProvider"]
+        cached = cached_cpu_model(self.file_sha256) if on_cpu and use_cache else None
         source: str | bytes = str(cached) if isinstance(cached, Path) else str(self.path)
         session = None
         if isinstance(cached, Path):
@@ -273,22 +286,34 @@ class OnnxEmbedder(Embedder):
                 log.warning("the cached CPU graph %s does not load (%s): made again from %s", cached, e, self.path)
                 unlink_quietly(cached)
                 cached, source = None, str(self.path)
+        self._cached: Path | None = cached if isinstance(cached, Path) else None
         try:
             self.session = session or ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
-            if cached is None and self.session.get_providers() == ["CPUExecutionProvider"]:
-                fused = cpu_model(self.path, self.session.get_modelmeta().custom_metadata_map)
-                kept = keep_cpu_model(self.file_sha256, fused)
-                if fused is not None:
-                    source = str(kept) if kept is not None else fused
-                    self.session = ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise PipelineError(
                 f"cannot load ONNX file {self.path}: {type(e).__name__}: {e}. Re-create it with --export-onnx."
             ) from e
+        if cached is None and self.session.get_providers() == ["CPUExecutionProvider"]:
+            try:
+                fused = cpu_model(self.path, self.session.get_modelmeta().custom_metadata_map)
+                if fused is not None:
+                    self.session = ort.InferenceSession(fused, sess_options=self._opts, providers=self._providers)
+            except Exception as e:  # the file opened: it runs as it is (its probes still check it)
+                log.warning("could not rewrite %s into the graph onnxruntime's CPU runs best (%s: %s): it runs as it "
+                            "is, slower, its vectors within rounding of the rewritten graph's", self.path,
+                            type(e).__name__, first_line(e))
+            else:
+                kept = keep_cpu_model(self.file_sha256, fused)
+                if fused is not None:
+                    source, self._cached = (str(kept), kept) if kept is not None else (fused, None)
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # sessions not running right now
         self._free.put(self.session)
-        for _ in range(replicas - 1):
-            self._free.put(ort.InferenceSession(source, sess_options=self._opts, providers=self._providers))
+        try:
+            for _ in range(replicas - 1):
+                self._free.put(ort.InferenceSession(source, sess_options=self._opts, providers=self._providers))
+        except Exception as e:  # the first opened: memory, most likely
+            raise PipelineError(f"cannot open {replicas} onnxruntime sessions of {self.path} (one per core): "
+                                f"{type(e).__name__}: {first_line(e)}; try --threads 1") from e
         self._pool = ThreadPoolExecutor(max_workers=replicas, thread_name_prefix="onnx") if replicas > 1 else None
         # Callers with their own per-core threads (the gallery's lanes) may run this many
         # `embed_serial` calls at once, each on one core.

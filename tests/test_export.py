@@ -870,3 +870,83 @@ def test_the_cpu_graph_is_kept_in_the_cache_and_opened_from_there(tiny_qdq, tiny
     OnnxEmbedder(fp32, device="cpu")
     assert int8graph.cached_cpu_model(sha256_file(fp32)) == int8graph.AS_IS
     assert OnnxEmbedder(fp32, device="cpu").embed(pixels).shape == (8, first.dim)  # opened as it is, from the answer
+
+
+def test_a_cached_cpu_graph_that_loads_but_fails_the_probes_is_dropped(tiny_qdq, tiny_onnx, tmp_path, monkeypatch,
+                                                                       caplog):
+    """A cache entry that onnxruntime opens but that computes something else (here another file's
+    graph) is not blamed on the file: it is dropped and the file's rewrite made again."""
+    from pipeline import int8graph
+    from pipeline.embedders import OnnxEmbedder
+    from pipeline.fileio import sha256_file
+    from pipeline.preprocess import preprocess_batch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = OnnxEmbedder(tiny_qdq, device="cpu")
+    cached = int8graph.cached_cpu_model(sha256_file(tiny_qdq))
+    assert isinstance(cached, Path)
+    good = cached.read_bytes()
+    damaged = onnx.load(str(cached))  # valid, but its float weights scrambled: other outputs
+    for init in damaged.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and np.prod(init.dims) > 100:
+            w = onnx.numpy_helper.to_array(init)
+            init.CopyFrom(onnx.numpy_helper.from_array(np.random.default_rng(0).permutation(w.ravel()).reshape(w.shape),
+                                                       init.name))
+    cached.write_bytes(damaged.SerializeToString())
+    mended = OnnxEmbedder(tiny_qdq, device="cpu")
+    assert "fails" in caplog.text and "self-check" in caplog.text and mended.self_check.startswith("self-check passed")
+    pixels = preprocess_batch(export.verification_images(4), first.preprocess_cfg)
+    assert np.array_equal(mended.embed(pixels), first.embed(pixels))
+    assert cached.read_bytes() == good  # made again
+    # A file that fails from its own graph too is still refused.
+    from pipeline import embedders
+
+    def fails(path, *args):
+        raise PipelineError(f"{path}: self-check failed")
+
+    monkeypatch.setattr(embedders, "check_file", fails)
+    caplog.clear()
+    with pytest.raises(PipelineError, match="self-check failed"):
+        OnnxEmbedder(tiny_qdq, device="cpu")
+    assert "made again from the file" in caplog.text  # the cache entry was tried first, then the file alone
+
+
+def test_a_rewrite_that_fails_leaves_the_file_running_as_it_is(tiny_qdq, tiny_onnx, tmp_path, monkeypatch, caplog):
+    """The QDQ file opened: should the rewrite into the CPU graph fail, the file runs unrewritten
+    (slower, the same vectors within rounding) with a warning, not an error; nothing is cached."""
+    from pipeline import embedders, int8graph
+    from pipeline.fileio import sha256_file
+    from pipeline.preprocess import preprocess_batch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def broken(path, meta):
+        raise ValueError("a graph this rewrite did not foresee")
+
+    monkeypatch.setattr(embedders, "cpu_model", broken)
+    e = embedders.OnnxEmbedder(tiny_qdq, device="cpu")
+    assert "could not rewrite" in caplog.text and "a graph this rewrite did not foresee" in caplog.text
+    assert int8graph.cached_cpu_model(sha256_file(tiny_qdq)) is None
+    ops = {n.op_type for n in onnx.load(str(tiny_qdq)).graph.node}
+    assert "MatMulIntegerToFloat" not in ops and "DequantizeLinear" in ops  # the QDQ graph itself ran
+    pixels = preprocess_batch(export.verification_images(8), e.preprocess_cfg)
+    cos = export.feature_cosines(e.embed(pixels), embedders.OnnxEmbedder(tiny_onnx, device="cpu").embed(pixels))
+    assert cos.min() > 0.999
+
+
+def test_replicas_that_cannot_open_are_a_clear_error(tiny_onnx, monkeypatch):
+    import onnxruntime as ort
+
+    from pipeline.embedders import OnnxEmbedder
+
+    real, opened = ort.InferenceSession, []
+
+    def second_fails(*args, **kwargs):
+        opened.append(1)
+        if len(opened) == 2:
+            raise RuntimeError("bad allocation")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", second_fails)
+    with pytest.raises(PipelineError, match=r"cannot open 2 onnxruntime sessions .*bad allocation; try --threads 1"):
+        OnnxEmbedder(tiny_onnx, device="cpu", threads=2)
