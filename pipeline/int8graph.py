@@ -164,13 +164,12 @@ def fuse_bias(model: Any) -> int:
         inputs = [x_dq.input[0], w_dq.input[0], x_dq.input[1], w_dq.input[1], x_dq.input[2], w_dq.input[2]]
         out = add.output[0] if add is not None and bias is not None else node.output[0]
         replace[id(node)] = helper.make_node("MatMulIntegerToFloat", inputs + ([bias] if bias else []), [out],
-                                             name=f"{node.name}_int8", domain="com.microsoft")
+                                             name=f"{node.name or out}_int8", domain="com.microsoft")
         if bias is not None and add is not None:
             drop.add(id(add))
-        if len(consumers.get(w_dq.output[0], [])) == 1:
-            drop.add(id(w_dq))
-        if len(consumers.get(x_dq.output[0], [])) == 1:
-            drop.add(id(x_dq))
+        for dq in (w_dq, x_dq):  # read by this MatMul alone (a graph output is read outside the graph)
+            if len(consumers.get(dq.output[0], [])) == 1 and dq.output[0] not in graph_outputs:
+                drop.add(id(dq))
     if not replace:
         return 0
     # a DequantizeLinear shared by several rewritten MatMuls (q, k, v) is read by none now
@@ -289,7 +288,8 @@ def fuse_gelu(model: Any) -> int:
             continue
         if any(id(n) in drop or id(n) in replace for n in pattern):
             continue
-        replace[id(last)] = helper.make_node(op, [x], [last.output[0]], name=f"{act.name}_{op}", domain="com.microsoft")
+        replace[id(last)] = helper.make_node(op, [x], [last.output[0]], name=f"{act.name or last.output[0]}_{op}",
+                                           domain="com.microsoft")
         drop.update(id(n) for n in pattern if n is not last)
     if not replace:
         return 0

@@ -950,3 +950,41 @@ def test_replicas_that_cannot_open_are_a_clear_error(tiny_onnx, monkeypatch):
     monkeypatch.setattr(ort, "InferenceSession", second_fails)
     with pytest.raises(PipelineError, match=r"cannot open 2 onnxruntime sessions .*bad allocation; try --threads 1"):
         OnnxEmbedder(tiny_onnx, device="cpu", threads=2)
+
+
+def test_the_cpu_graph_of_unnamed_nodes_has_unique_names_and_keeps_graph_outputs():
+    """Exporters need not name nodes: two unnamed MatMuls fused get names of their own (not two
+    "_int8"), and a DequantizeLinear whose output is also a graph output stays to write it."""
+    import onnxruntime as ort
+
+    from onnx import TensorProto, helper, numpy_helper
+    from pipeline.int8graph import fuse_bias, fuse_gelu
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(v, t), n) for v, t, n in
+             ((0.02, np.float32, "xs"), (128, np.uint8, "xz"), (0.01, np.float32, "ws"), (0, np.int8, "wz"))]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"])]
+    for k in "ab":
+        inits += [numpy_helper.from_array(rng.integers(-60, 60, (8, 4)).astype(np.int8), f"w{k}"),
+                  numpy_helper.from_array(rng.normal(size=4).astype(np.float32), f"b{k}")]
+        nodes += [helper.make_node("DequantizeLinear", [f"w{k}", "ws", "wz"], [f"wd{k}"]),
+                  helper.make_node("MatMul", ["xd", f"wd{k}"], [f"m{k}"]),
+                  helper.make_node("Add", [f"m{k}", f"b{k}"], [f"y{k}"])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+               for n, shape in (("ya", [2, 4]), ("yb", [2, 4]), ("wda", [8, 4]))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])], outputs,
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(2, 8)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert fuse_bias(model) == 2
+    names = [n.name for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(names) == 2 and len(set(names)) == 2 and all(names)
+    assert [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"] == ["wda"]  # still written
+    onnx.checker.check_model(model)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    gelu = _gelu_graph("erf-x-last")
+    assert fuse_gelu(gelu) == 1 and [n.name for n in gelu.graph.node] == ["y_Gelu"]
