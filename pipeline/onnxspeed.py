@@ -98,6 +98,16 @@ def images_per_second(sessions: dict[str, object], batch: int, seconds: float = 
     return best
 
 
+def batch_dependence(sess, batch: int = 32) -> float:
+    """The largest absolute difference, over three of `batch` pictures, between a picture's output
+    run alone and the same picture's in the batch: 0.0 when the file is batch-independent on this
+    CPU (static int8 and fp32 should be: a vector must not depend on its batch neighbours)."""
+    name, x = _input(sess, batch)
+    together = sess.run(None, {name: x})[0]
+    return max(float(np.abs(sess.run(None, {name: x[i : i + 1]})[0][0] - together[i]).max())
+               for i in sorted({0, batch // 2, batch - 1}))
+
+
 @dataclass
 class CpuSpeed:
     """The int8 and fp32 files on this CPU, at one batch and thread count."""
@@ -108,6 +118,7 @@ class CpuSpeed:
     int8_rate: float
     fp32_rate: float
     shares: dict[str, float] = field(default_factory=dict)  # the int8 file's kernel time by op type
+    alone_diff: float | None = None  # the int8 file's batch_dependence; None: not checked
 
     @property
     def conversion(self) -> float:
@@ -124,13 +135,26 @@ class CpuSpeed:
             f"on this CPU, {self.cpu}, batch {self.batch}, {self.threads} thread(s): int8 {self.int8_rate:.1f} img/s, "
             f"fp32 {self.fp32_rate:.1f} img/s ({ratio})",
             f"  int8 kernel time: {ops}; Quantize/DequantizeLinear + float Add {self.conversion:.1%} ({verdict})",
+            *self._alone_lines(),
         ]
+
+    def _alone_lines(self) -> list[str]:
+        if self.alone_diff is None:
+            return []
+        head = f"  one picture alone = the same picture in a batch of {self.batch}:"
+        if self.alone_diff == 0.0:
+            return [f"{head} bit for bit"]
+        why = ("as expected of dynamic int8, whose scales are the batch's" if FUSED_CONVERSION in self.shares
+               else "this CPU's kernels make the file batch-dependent: a picture's vector may differ between runs "
+                    "that batch it differently")
+        return [f"{head} no, up to {self.alone_diff:.2g} apart ({why})"]
 
 
 def measure_export(int8_model: str | bytes | Path, fp32_path: Path, batch: int = 32,
                    seconds: float = 0.5) -> CpuSpeed:
     """The int8 model (a path, or the bytes of the graph a CPU session runs) against the fp32 file,
-    one session each on every core, then the int8 model's kernel time by op type."""
+    one session each on every core; then whether the int8 model gives a picture alone what it
+    gives it in the batch, and its kernel time by op type."""
     import onnxruntime as ort
 
     threads = available_cores()
@@ -141,5 +165,7 @@ def measure_export(int8_model: str | bytes | Path, fp32_path: Path, batch: int =
         "fp32": ort.InferenceSession(str(fp32_path), opts, providers=["CPUExecutionProvider"]),
     }
     rates = images_per_second(sessions, batch, seconds)
+    alone = batch_dependence(sessions["int8"], batch)
     del sessions
-    return CpuSpeed(cpu_label(), batch, threads, rates["int8"], rates["fp32"], op_profile(int8_model, batch, runs=2))
+    return CpuSpeed(cpu_label(), batch, threads, rates["int8"], rates["fp32"], op_profile(int8_model, batch, runs=2),
+                    alone)

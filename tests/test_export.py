@@ -53,6 +53,7 @@ def test_export_writes_both_files_with_metadata(quantization, tiny_clip, tmp_pat
     shares = {op: float(v) for op, v in re.findall(r"(\w+) ([\d.]+)%", kernel.group(1))}
     assert len(shares) == 6 and list(shares.values()) == sorted(shares.values(), reverse=True)
     assert (kernel.group(3) == "within") == (float(kernel.group(2)) <= 10.0)
+    assert re.search(r"^note: +one picture alone = the same picture in a batch of 32: bit for bit$", out, re.M), out
     kind = {"static": "static, saved as onnxruntime's CPU runs it (--quantization static-qdq for portable QDQ)",
             "static-qdq": "static, portable QDQ"}[quantization]
     assert f"int8 model -> {target} ({kind})" in out
@@ -65,6 +66,10 @@ def test_export_writes_both_files_with_metadata(quantization, tiny_clip, tmp_pat
 def test_dynamic_quantization_also_passes(tiny_clip, tmp_path):
     r = export.export_onnx(str(tiny_clip), tmp_path / "d_int8.onnx", quantization="dynamic")
     assert r.passed and r.fp32_cos_min >= 0.9999 and r.int8_cos_min >= 0.99 and r.int8_cos_mean >= 0.995
+    # its scales are each batch's: the export says so, and that the bar cannot judge its conversion
+    assert "not judged: its activations are quantized inside DynamicQuantizeMatMul" in r.speed_lines[1]
+    assert re.fullmatch(r"  one picture alone = the same picture in a batch of 32: no, up to \S+ apart \(as expected "
+                        r"of dynamic int8, whose scales are the batch's\)", r.speed_lines[2]), r.speed_lines
 
 
 @pytest.mark.parametrize("quantization", ["static", "static-qdq"])

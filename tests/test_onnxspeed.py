@@ -98,3 +98,35 @@ def test_the_timing_input_fits_the_files_input(shape, meta, want):
     name, x = onnxspeed._input(sess, 2)
     assert name == "pixel_values" and x.shape == want and x.dtype == np.float32
     sess.run(None, {name: x})
+
+
+def _session(nodes, inits=()):
+    import onnxruntime as ort
+
+    shape = ["batch", 3, 8, 8]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_batch_dependence_is_zero_for_a_graph_of_each_picture_alone_and_not_otherwise():
+    assert onnxspeed.batch_dependence(_session([helper.make_node("Relu", ["pixel_values"], ["y"])]), 8) == 0.0
+    # minus the batch's mean: each picture's output depends on the others (as dynamic int8's scales do)
+    centred = [helper.make_node("ReduceMean", ["pixel_values"], ["m"], keepdims=1),
+               helper.make_node("Sub", ["pixel_values", "m"], ["y"])]
+    assert onnxspeed.batch_dependence(_session(centred), 8) > 1e-3
+
+
+def test_the_speed_lines_say_whether_a_picture_alone_equals_it_in_the_batch():
+    def third(diff, shares):
+        return onnxspeed.CpuSpeed("C", 32, 2, 9.0, 3.0, shares, diff).lines()[2:]
+
+    assert third(None, {"MatMulIntegerToFloat": 1.0}) == []
+    assert third(0.0, {"MatMulIntegerToFloat": 1.0}) == ["  one picture alone = the same picture in a batch of 32: "
+                                                         "bit for bit"]
+    [static] = third(3e-5, {"MatMulIntegerToFloat": 1.0})
+    assert static.endswith("no, up to 3e-05 apart (this CPU's kernels make the file batch-dependent: a picture's "
+                           "vector may differ between runs that batch it differently)")
+    [dynamic] = third(0.02, {"DynamicQuantizeMatMul": 1.0})
+    assert dynamic.endswith("no, up to 0.02 apart (as expected of dynamic int8, whose scales are the batch's)")
