@@ -188,8 +188,9 @@ def export_onnx(
     try:
         job = _ImageExport(model, Path(int8_path), per_channel, quantization)
         job.export_fp32()
+        job.torch_steps(images)  # everything torch is needed for, then the model is let go
         job.quantize(calibration_images)
-        report, records = job.verify(images)
+        report, records = job.verify()
         report.speed_lines = job.speed()
         job.write(report, records)
         return report
@@ -266,6 +267,7 @@ class _ImageExport:
             dynamo=True,
             external_data=self.external,
         )
+        _give_memory_back()
 
     def quantize(self, calibration_images: Sequence[Image.Image] | None) -> None:
         """fp32 temp file -> int8 temp file (module docstring): static, MatMul and Conv; dynamic, MatMul."""
@@ -301,20 +303,46 @@ class _ImageExport:
                 f"unknown quantization {self.quantization!r}; expected 'static', 'static-qdq' or 'dynamic'"
             )
 
-    def verify(self, images: Sequence[Image.Image] | None) -> tuple[ExportReport, dict[Path, ProbeRecord]]:
-        """Both temp files against torch, logged; their probe records keyed by temp path.
+    @property
+    def meta(self) -> dict[str, str]:
+        """What every file of this export records of its source."""
+        return {
+            META_SOURCE_MODEL: model_reference(self.model),
+            META_PREPROCESS: self.prep.to_json(),
+            META_KIND: f"{self.family.name}-image-tower",
+            META_FAMILY: self.family.name,
+        }
+
+    def torch_steps(self, images: Sequence[Image.Image] | None) -> None:
+        """The torch model's outputs the verification compares against, and the text tower (exported
+        and verified); then the model is let go, so that quantization, whose copies of the graph
+        take about five times the tower's weights, does not run beside it (a large tower's export
+        needs a few GB less at its peak)."""
+        import torch
+
+        imgs = list(images) if images is not None else verification_images()
+        self.pixels, self.probes = preprocess_batch(imgs, self.prep), probe_pixels(self.prep)
+        with torch.inference_mode():
+            self.ref = self.tower(torch.from_numpy(self.pixels)).numpy()
+            self.probe_ref = self.tower(torch.from_numpy(self.probes)).numpy()
+        self.text = _export_text_tower(self.clip, self.model, self.int8_path, self.meta, self.family.text_mask,
+                                       self.work)
+        with torch.no_grad():  # emptied in place: onnxscript's rewrite rules keep the last exported graph,
+            for t in (*self.clip.parameters(), *self.clip.buffers()):  # which holds these tensors
+                t.data = torch.empty(0, dtype=t.dtype)
+        del self.clip, self.tower
+        _give_memory_back()
+
+    def verify(self) -> tuple[ExportReport, dict[Path, ProbeRecord]]:
+        """Both temp files against torch's outputs (torch_steps), logged; their probe records keyed
+        by temp path.
 
         Raises:
             PipelineError: a file misses its bar (the report's lines say which).
         """
         import onnxruntime as ort
-        import torch
 
-        imgs = list(images) if images is not None else verification_images()
-        pixels, probes = preprocess_batch(imgs, self.prep), probe_pixels(self.prep)
-        with torch.inference_mode():
-            ref = self.tower(torch.from_numpy(pixels)).numpy()
-            probe_ref = self.tower(torch.from_numpy(probes)).numpy()
+        pixels, probes, ref, probe_ref = self.pixels, self.probes, self.ref, self.probe_ref
         c32 = feature_cosines(run_onnx(ort, self.tmp_fp32, pixels), ref)
         c8 = feature_cosines(run_onnx(ort, self.tmp_int8, pixels), ref)
         records = {
@@ -325,7 +353,7 @@ class _ImageExport:
         report = ExportReport(
             self.fp32_path,
             self.int8_path,
-            len(imgs),
+            len(pixels),
             float(c32.min()),
             float(c32.mean()),
             float(c8.min()),
@@ -359,12 +387,7 @@ class _ImageExport:
         the renames come last so that a failure before them leaves no file behind."""
         import onnx
 
-        meta = {
-            META_SOURCE_MODEL: model_reference(self.model),
-            META_PREPROCESS: self.prep.to_json(),
-            META_KIND: f"{self.family.name}-image-tower",
-            META_FAMILY: self.family.name,
-        }
+        meta = self.meta
         kind = "static" if self.quantization == "static-qdq" else self.quantization  # the recipe tells the two apart
         precision = f"int8-{kind}-matmul-{self.weight_mode}-7bit"
         fp32_meta = {**meta, META_PRECISION: "fp32", META_PROBES: records[self.tmp_fp32].to_json()}
@@ -372,14 +395,42 @@ class _ImageExport:
                      META_INT8_RECIPE: INT8_RECIPES[self.quantization]}
         _set_metadata(onnx, self.tmp_fp32, fp32_meta)
         _set_metadata(onnx, self.tmp_int8, int8_meta)
-        text = _export_text_tower(self.clip, self.model, self.int8_path, meta, self.family.text_mask, self.work)
-        report.text_lines = text.lines
+        report.text_lines = self.text.lines
         _move_into_place(self.tmp_fp32, self.fp32_path)
         _move_into_place(self.tmp_int8, self.int8_path)
-        text.commit()
+        self.text.commit()
 
     def remove_temp_files(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _give_memory_back() -> None:
+    """Collect what was let go and hand the freed heap back to the system (glibc's malloc_trim;
+    elsewhere a no-op), so that the next step's peak does not stand on the last one's.
+
+    onnxscript's rewrite rules, which torch's exporter runs over every graph it exports, are
+    module-level objects whose matchers keep the last graph they looked at: the whole exported
+    graph stays alive after torch.onnx.export returns (600 MB for FashionCLIP, measured). Their
+    references are dropped here; a version of onnxscript without them is left as it is."""
+    import ctypes
+    import gc
+
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+
+        matchers = [o for o in gc.get_objects() if isinstance(o, SimplePatternMatcher)]
+    except ImportError:  # pragma: no cover - another onnxscript
+        matchers = []
+    for matcher in matchers:
+        for attr in ("_graph", "_match", "_current_node", "_tracer"):
+            if getattr(matcher, attr, None) is not None:
+                setattr(matcher, attr, None)
+    del matchers
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 ABANDONED_AFTER_S = 24 * 3600  # an export folder untouched this long was left by a killed export

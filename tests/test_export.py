@@ -993,3 +993,32 @@ def test_the_cpu_graph_of_unnamed_nodes_has_unique_names_and_keeps_graph_outputs
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     gelu = _gelu_graph("erf-x-last")
     assert fuse_gelu(gelu) == 1 and [n.name for n in gelu.graph.node] == ["y_Gelu"]
+
+
+def test_quantization_runs_with_the_torch_model_and_exported_graphs_let_go(tiny_clip, tmp_path, monkeypatch):
+    """Quantization takes about five times the tower's weights: it runs after everything torch is
+    needed for, with the model's tensors emptied and no graph torch exported kept by onnxscript's
+    rewrite rules (a large tower's export needs GBs less at its peak)."""
+    import gc
+
+    from onnxscript.rewriter._matcher import SimplePatternMatcher
+
+    params, seen = [], {}
+    real_init, real_quantize = export._ImageExport.__init__, export._ImageExport.quantize
+
+    def init(self, *args):
+        real_init(self, *args)
+        params.extend(self.clip.parameters())
+
+    def quantize(self, calibration):
+        seen["clip"] = hasattr(self, "clip")
+        seen["weights"] = sum(p.numel() for p in params)
+        seen["graphs"] = sum(getattr(o, "_graph", None) is not None for o in gc.get_objects()
+                             if isinstance(o, SimplePatternMatcher))
+        return real_quantize(self, calibration)
+
+    monkeypatch.setattr(export._ImageExport, "__init__", init)
+    monkeypatch.setattr(export._ImageExport, "quantize", quantize)
+    r = export.export_onnx(str(tiny_clip), tmp_path / "q_int8.onnx")
+    assert r.passed and r.text_lines[0].startswith("  text fp32 ONNX: min")  # the text tower made before
+    assert params and seen == {"clip": False, "weights": 0, "graphs": 0}
