@@ -672,9 +672,10 @@ INT8_FORMATS = {"static": "static, saved as onnxruntime's CPU runs it (--quantiz
                 "static-qdq": "static, portable QDQ", "dynamic": "dynamic"}
 
 
-def calibration_reader(calib_pixels: np.ndarray):
-    """onnxruntime's CalibrationDataReader over preprocessed pictures, 8 at a time (a class: a fresh
-    instance reads from the start)."""
+def calibration_reader(calib_pixels: np.ndarray, batch: int = 8):
+    """onnxruntime's CalibrationDataReader over preprocessed pictures, `batch` at a time (a class: a
+    fresh instance reads from the start). The ranges (MinMax over every picture) do not depend on
+    the batch; the calibration run's memory does."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
@@ -684,11 +685,34 @@ def calibration_reader(calib_pixels: np.ndarray):
         def get_next(self):
             if self.start >= len(calib_pixels):
                 return None
-            batch = {"pixel_values": calib_pixels[self.start : self.start + 8]}
-            self.start += 8
-            return batch
+            got = {"pixel_values": calib_pixels[self.start : self.start + batch]}
+            self.start += batch
+            return got
 
     return Reader
+
+
+# The calibration run keeps the float activations of about a third of the graph's tensors at once,
+# and onnxruntime holds twice a run's peak after its second run: SigLIP so400m's tower, 2.2 GB of
+# float tensors per picture in all, took 17 GB calibrating 8 pictures at a time. Pictures go in
+# batches whose tensors add up to at most this (8 at most; 1 at least).
+CALIBRATION_BYTES = 1 << 30
+
+
+def calibration_batch(pre: Path) -> int:
+    """How many pictures to calibrate at a time for the shape-inferred float graph at `pre`: as many
+    as CALIBRATION_BYTES of its float activations allows (per picture: the size of every float
+    tensor that has a batch axis, less that axis), from 1 to 8."""
+    import onnx
+
+    graph = onnx.load(str(pre), load_external_data=False).graph
+    per_picture = 0
+    for v in graph.value_info:
+        t = v.type.tensor_type
+        dims = t.shape.dim
+        if t.elem_type == onnx.TensorProto.FLOAT and any(d.HasField("dim_param") for d in dims):  # by the batch
+            per_picture += 4 * int(np.prod([d.dim_value for d in dims if d.HasField("dim_value")]))
+    return max(1, min(8, CALIBRATION_BYTES // max(per_picture, 1)))
 
 
 def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool,
@@ -700,10 +724,11 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    Reader = calibration_reader(calib_pixels)
-
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
                       all_tensors_to_one_file=True, external_data_location=f"{pre.name}.data")
+    batch = calibration_batch(pre)
+    log.info("calibrating %d picture(s) at a time", batch)
+    Reader = calibration_reader(calib_pixels, batch)
     per_picture_gemms = _before_quantization(pre, per_channel)
     quantize_static(
         str(pre),

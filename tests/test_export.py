@@ -1022,3 +1022,27 @@ def test_quantization_runs_with_the_torch_model_and_exported_graphs_let_go(tiny_
     r = export.export_onnx(str(tiny_clip), tmp_path / "q_int8.onnx")
     assert r.passed and r.text_lines[0].startswith("  text fp32 ONNX: min")  # the text tower made before
     assert params and seen == {"clip": False, "weights": 0, "graphs": 0}
+
+
+def test_calibrating_fewer_pictures_at_a_time_makes_the_same_int8_file(tiny_clip, tiny_onnx, tmp_path, monkeypatch,
+                                                                      caplog):
+    """A large tower calibrates a picture at a time (its activations would take GBs): the ranges are
+    the minimum and maximum over every picture either way, equal but for the last bit of a float
+    (the fp32 calibration run rounds differently at another batch), so the int8 file's vectors are
+    the same within that rounding."""
+    import logging
+
+    import onnxruntime as ort
+
+    from pipeline.embedders import OnnxEmbedder
+
+    monkeypatch.setattr(export, "CALIBRATION_BYTES", 1)
+    target = tmp_path / "c_int8.onnx"
+    with caplog.at_level(logging.INFO, logger="pipeline.export"):
+        export.export_onnx(str(tiny_clip), target)
+    assert "calibrating 1 picture(s) at a time" in caplog.text
+    pixels = np.random.default_rng(1).standard_normal((5, 3, 224, 224)).astype(np.float32)
+    got, want = export.run_onnx(ort, target, pixels), export.run_onnx(ort, tiny_onnx, pixels)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert export.feature_cosines(got, want).min() > 0.99999
+    assert OnnxEmbedder(target).self_check.startswith("self-check passed")
