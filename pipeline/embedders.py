@@ -246,6 +246,8 @@ class OnnxEmbedder(Embedder):
             # The cached rewrite, not the file, may be what fails: dropped, and the file checked again.
             log.warning("the cached CPU graph %s fails %s's self-check: made again from the file", self._cached, path)
             unlink_quietly(self._cached)
+            if self._pool is not None:  # the probe run's threads: the new sessions get a pool of their own
+                self._pool.shutdown(wait=True)
             self._start_sessions(ort, threads, use_cache=False)
             self.self_check = check_file(path, meta, [probes], lambda: self._run(probes))
         log.debug("%s: %s", path, self.self_check)
