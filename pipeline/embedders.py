@@ -241,15 +241,23 @@ class OnnxEmbedder(Embedder):
         try:
             self.self_check = check_file(path, meta, [probes], lambda: self._run(probes))
         except PipelineError:
-            if self._cached is None:
+            if not self._from_cache:
+                if self._cached is not None:  # a file that fails: its rewrite is not kept
+                    unlink_quietly(self._cached)
                 raise
             # The cached rewrite, not the file, may be what fails: dropped, and the file checked again.
             log.warning("the cached CPU graph %s fails %s's self-check: made again from the file", self._cached, path)
-            unlink_quietly(self._cached)
-            if self._pool is not None:  # the probe run's threads: the new sessions get a pool of their own
+            if self._cached is not None:
+                unlink_quietly(self._cached)
+            if self._pool is not None:  # the old pool: the new sessions get a pool of their own
                 self._pool.shutdown(wait=True)
             self._start_sessions(ort, threads, use_cache=False)
-            self.self_check = check_file(path, meta, [probes], lambda: self._run(probes))
+            try:
+                self.self_check = check_file(path, meta, [probes], lambda: self._run(probes))
+            except PipelineError:
+                if self._cached is not None:
+                    unlink_quietly(self._cached)
+                raise
         log.debug("%s: %s", path, self.self_check)
         self.identity = VectorIdentity(
             backend="onnx",
@@ -263,8 +271,9 @@ class OnnxEmbedder(Embedder):
 
     def _start_sessions(self, ort: Any, threads: int, use_cache: bool = True) -> None:
         """Open `self.session` and its replicas, queued in `self._free`, and the pool that runs them;
-        `self._cached`: the cache entry they run (int8graph.cached_cpu_model), if any; use_cache=False
-        makes the entry again from the file without reading it.
+        `self._cached`: the cache entry they run (int8graph.cached_cpu_model), if any, and
+        `self._from_cache` whether it was read (not made) here; use_cache=False makes the entry again
+        from the file without reading it.
 
         On the CPU: one single-threaded session per core, each running a slice of the batch. Alone
         it is as fast as one multi-threaded session, but while other threads also need the CPU
@@ -289,6 +298,7 @@ class OnnxEmbedder(Embedder):
                 unlink_quietly(cached)
                 cached, source = None, str(self.path)
         self._cached: Path | None = cached if isinstance(cached, Path) else None
+        self._from_cache = self._cached is not None  # read from the cache (not made by this call)
         try:
             self.session = session or ort.InferenceSession(source, sess_options=self._opts, providers=self._providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types

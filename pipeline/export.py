@@ -221,9 +221,10 @@ def _require_export_packages() -> None:
 class _ImageExport:
     """One image-tower export: the loaded model and the files that become the final files only
     once both are verified. They are written under their final names in a folder of this export's
-    own beside the target (two exports into one folder do not meet), so that a tower written with
-    its weights in a `.data` file beside it (EXTERNAL_DATA_BYTES) finds them there once moved;
-    remove_temp_files removes the folder and whatever is left in it."""
+    own beside the target (two exports into one folder keep their unfinished files apart; two
+    that finish at once replace the final files one by one, the last to move winning), so that a
+    tower written with its weights in a `.data` file beside it (EXTERNAL_DATA_BYTES) finds them
+    there once moved; remove_temp_files removes the folder and whatever is left in it."""
 
     def __init__(self, model: str, int8_path: Path, per_channel: bool, quantization: str) -> None:
         self.model, self.quantization, self.per_channel = model, quantization, per_channel
@@ -267,6 +268,7 @@ class _ImageExport:
             dynamo=True,
             external_data=self.external,
         )
+        self.external = bool(_data_files(self.tmp_fp32))  # torch goes external on its own over 1.5 GiB
         _give_memory_back()
 
     def quantize(self, calibration_images: Sequence[Image.Image] | None) -> None:
@@ -374,7 +376,8 @@ class _ImageExport:
         will run it; a failed measurement is said in its line and fails nothing."""
         try:
             meta = {META_INT8_RECIPE: INT8_RECIPES[self.quantization]}  # written into the file only later
-            lines = measure_export(cpu_model(self.tmp_int8, meta) or self.tmp_int8, self.tmp_fp32).lines()
+            lines = measure_export(cpu_model(self.tmp_int8, meta) or self.tmp_int8, self.tmp_fp32,
+                                   dynamic=self.quantization == "dynamic").lines()
         except Exception as e:  # onnxruntime raises many types; the files themselves are verified
             log.warning("could not measure the exported files' speed: %s: %s", type(e).__name__, first_line(e))
             return [f"speed on this CPU not measured ({type(e).__name__}: {first_line(e)})"]
@@ -438,7 +441,7 @@ ABANDONED_AFTER_S = 24 * 3600  # an export folder untouched this long was left b
 
 def _remove_abandoned_exports(int8_path: Path) -> None:
     """Remove the folders that killed exports to the same target left beside it (gigabytes for a
-    large tower); one written to in the last day may be another export's, running now."""
+    large tower); one whose entries changed in the last day may be another export's, running now."""
     now = time.time()
     for old in int8_path.parent.glob(f".{int8_path.stem}.export-*"):
         try:
@@ -590,7 +593,7 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str], 
 def _no_text_tower(why: str, text_path: Path, tok_path: Path) -> _TextExport:
     """The report's one line for an export without text search; an earlier export's text tower beside
     the new image file is removed, since it belongs to other weights."""
-    stale = [p for p in (text_path, tok_path) if p.exists()]
+    stale = [p for p in (text_path, text_path.with_name(text_path.name + ".data"), tok_path) if p.exists()]
     removed = f" (the earlier export's {', '.join(p.name for p in stale)} removed)" if stale else ""
     return _TextExport([f"text tower not exported, so no text search with this file: {why}{removed}"], removes=stale)
 
@@ -702,7 +705,8 @@ CALIBRATION_BYTES = 1 << 30
 def calibration_batch(pre: Path) -> int:
     """How many pictures to calibrate at a time for the shape-inferred float graph at `pre`: as many
     as CALIBRATION_BYTES of its float activations allows (per picture: the size of every float
-    tensor that has a batch axis, less that axis), from 1 to 8."""
+    tensor that has a batch axis, less that axis; an estimate, tensors of unknown shape uncounted),
+    from 1 to 8."""
     import onnx
 
     graph = onnx.load(str(pre), load_external_data=False).graph

@@ -119,6 +119,11 @@ class CpuSpeed:
     fp32_rate: float
     shares: dict[str, float] = field(default_factory=dict)  # the int8 file's kernel time by op type
     alone_diff: float | None = None  # the int8 file's batch_dependence; None: not checked
+    dynamic: bool = False  # a dynamic-int8 file (its scales are each batch's)
+
+    @property
+    def is_dynamic(self) -> bool:
+        return self.dynamic or FUSED_CONVERSION in self.shares
 
     @property
     def conversion(self) -> float:
@@ -128,7 +133,7 @@ class CpuSpeed:
         ops = ", ".join(f"{op} {share:.1%}" for op, share in list(self.shares.items())[:top])
         bar = "within" if round(self.conversion, 3) <= CONVERSION_BAR else "over"  # as the line shows it
         verdict = f"{bar} the {CONVERSION_BAR:.0%} bar"
-        if FUSED_CONVERSION in self.shares:  # a dynamic file: the bar cannot judge it
+        if self.is_dynamic:  # the bar cannot judge it
             verdict = f"not judged: its activations are quantized inside {FUSED_CONVERSION}, not counted apart"
         ratio = f"{self.int8_rate / self.fp32_rate:.2f}x" if self.fp32_rate > 0 else "fp32 not timed"
         return [
@@ -144,14 +149,14 @@ class CpuSpeed:
         head = f"  one picture alone = the same picture in a batch of {self.batch}:"
         if self.alone_diff == 0.0:
             return [f"{head} bit for bit"]
-        why = ("as expected of dynamic int8, whose scales are the batch's" if FUSED_CONVERSION in self.shares
+        why = ("as expected of dynamic int8, whose scales are the batch's" if self.is_dynamic
                else "this CPU's kernels make the file batch-dependent: a picture's vector may differ between runs "
                     "that batch it differently")
         return [f"{head} no, up to {self.alone_diff:.2g} apart ({why})"]
 
 
 def measure_export(int8_model: str | bytes | Path, fp32_path: Path, batch: int = 32,
-                   seconds: float = 0.5) -> CpuSpeed:
+                   seconds: float = 0.5, dynamic: bool = False) -> CpuSpeed:
     """The int8 model (a path, or the bytes of the graph a CPU session runs) against the fp32 file,
     one session each on every core; then whether the int8 model gives a picture alone what it
     gives it in the batch, and its kernel time by op type."""
@@ -168,4 +173,4 @@ def measure_export(int8_model: str | bytes | Path, fp32_path: Path, batch: int =
     alone = batch_dependence(sessions["int8"], batch)
     del sessions
     return CpuSpeed(cpu_label(), batch, threads, rates["int8"], rates["fp32"], op_profile(int8_model, batch, runs=2),
-                    alone)
+                    alone, dynamic)

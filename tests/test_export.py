@@ -914,6 +914,7 @@ def test_a_cached_cpu_graph_that_loads_but_fails_the_probes_is_dropped(tiny_qdq,
     with pytest.raises(PipelineError, match="self-check failed"):
         OnnxEmbedder(tiny_qdq, device="cpu")
     assert "made again from the file" in caplog.text  # the cache entry was tried first, then the file alone
+    assert not cached.exists()  # and the rewrite of a file that fails is not kept
 
 
 def test_a_rewrite_that_fails_leaves_the_file_running_as_it_is(tiny_qdq, tiny_onnx, tmp_path, monkeypatch, caplog):
@@ -928,12 +929,20 @@ def test_a_rewrite_that_fails_leaves_the_file_running_as_it_is(tiny_qdq, tiny_on
     def broken(path, meta):
         raise ValueError("a graph this rewrite did not foresee")
 
+    import onnxruntime as ort
+
+    real, opened = ort.InferenceSession, []
+
+    def session(source, *args, **kwargs):
+        opened.append(source)
+        return real(source, *args, **kwargs)
+
     monkeypatch.setattr(embedders, "cpu_model", broken)
+    monkeypatch.setattr(ort, "InferenceSession", session)
     e = embedders.OnnxEmbedder(tiny_qdq, device="cpu")
     assert "could not rewrite" in caplog.text and "a graph this rewrite did not foresee" in caplog.text
-    assert int8graph.cached_cpu_model(sha256_file(tiny_qdq)) is None
-    ops = {n.op_type for n in onnx.load(str(tiny_qdq)).graph.node}
-    assert "MatMulIntegerToFloat" not in ops and "DequantizeLinear" in ops  # the QDQ graph itself ran
+    assert int8graph.cached_cpu_model(sha256_file(tiny_qdq)) is None and e._cached is None
+    assert opened and set(opened) == {str(tiny_qdq)}  # every session runs the QDQ file itself
     pixels = preprocess_batch(export.verification_images(8), e.preprocess_cfg)
     cos = export.feature_cosines(e.embed(pixels), embedders.OnnxEmbedder(tiny_onnx, device="cpu").embed(pixels))
     assert cos.min() > 0.999
@@ -1046,3 +1055,18 @@ def test_calibrating_fewer_pictures_at_a_time_makes_the_same_int8_file(tiny_clip
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert export.feature_cosines(got, want).min() > 0.99999
     assert OnnxEmbedder(target).self_check.startswith("self-check passed")
+
+
+def test_an_export_without_a_text_tower_removes_the_earlier_ones_weights_too(tmp_path):
+    """An earlier export's text tower beside the target belongs to other weights: its .onnx, its
+    .data file (a large tower's) and its tokenizer all go, and the line says so."""
+    from pipeline.embedders import text_onnx_path_for, tokenizer_path_for
+
+    text = text_onnx_path_for(tmp_path / "m_int8.onnx")
+    files = [text, text.with_name(text.name + ".data"), tokenizer_path_for(text)]
+    for f in files:
+        f.write_bytes(b"old")
+    got = export._no_text_tower("no tokenizer", text, tokenizer_path_for(text))
+    assert got.lines[0].endswith(f"(the earlier export's {', '.join(f.name for f in files)} removed)")
+    got.commit()
+    assert list(tmp_path.iterdir()) == []

@@ -130,3 +130,9 @@ def test_the_speed_lines_say_whether_a_picture_alone_equals_it_in_the_batch():
                            "vector may differ between runs that batch it differently)")
     [dynamic] = third(0.02, {"DynamicQuantizeMatMul": 1.0})
     assert dynamic.endswith("no, up to 0.02 apart (as expected of dynamic int8, whose scales are the batch's)")
+
+
+def test_a_file_the_export_calls_dynamic_is_judged_so_whatever_its_ops():
+    speed = onnxspeed.CpuSpeed("C", 32, 2, 9.0, 3.0, {"MatMulInteger": 1.0}, 0.01, dynamic=True)
+    assert "(not judged: its activations are quantized inside" in speed.lines()[1]
+    assert speed.lines()[2].endswith("(as expected of dynamic int8, whose scales are the batch's)")
