@@ -20,6 +20,7 @@ from benchmarks import (
     gpu_check,
     int8_cpus,
     int8_recipes,
+    int8_runtimes,
     ray_vs_local,
     report,
     scale,
@@ -114,6 +115,13 @@ IN_PROCESS = [
         r"^\| int8 export \| weights \| img/s here \(batch 32\) \|",
         r"^\| static \| 7-bit \| NUMBER \| NUMBER / NUMBER \| NUMBER / NUMBER \(1 pictures\) \|$",
         r"^(\| static \| 8-bit \| NUMBER \||static 8-bit: export failed: )",  # 8-bit may fail its check on a CPU
+    ]),
+    (int8_runtimes, "clip", [
+        r"^\| onnxruntime, default export \| NUMBER \| NUMBER \| NUMBER \| 1\.00x \| yes \| 1\.00000 \|$",
+        r"^\| OpenVINO, portable QDQ export, float parts f32 \| (NUMBER \| ){3}NUMBERx \| (yes|no) "
+        r"\| NUMBER \|$",
+        r"^\| OpenVINO, portable QDQ export, float parts \w+ \| (NUMBER \| ){3}NUMBERx \| (yes|no) "
+        r"\| NUMBER \|$",
     ]),
     (segment, "work", [
         r"^\| model \| torch predict \| torch stage \|",
