@@ -61,10 +61,6 @@ def rates(run: Run, x: np.ndarray, seconds: float) -> dict[int, float]:
     return out
 
 
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = make_parser(__doc__)
     ap.add_argument("--seconds", type=float, default=6.0)
@@ -90,13 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             run, precision = openvino_run(qdq, args.threads, hint)
             runs.append((f"OpenVINO, portable QDQ export, float parts {precision}", run))
 
+    from pipeline.export import feature_cosines
+
     reference = runs[0][1](pixels)
     rows = []
     for name, run in runs:
         speed = rates(run, pixels, args.seconds)
         alone = np.concatenate([run(pixels[i : i + 1]) for i in range(len(pixels))])
-        same = np.array_equal(alone, run(pixels))
-        rows.append((name, speed, same, cosines(run(pixels), reference).min()))
+        batch = run(pixels)
+        rows.append((name, speed, np.array_equal(alone, batch), feature_cosines(batch, reference).min()))
         print(f"{name}: " + ", ".join(f"b{b} {r:.1f}" for b, r in speed.items()) + " img/s", flush=True)
 
     base = rows[0][1][32]
