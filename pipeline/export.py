@@ -66,6 +66,7 @@ from .embedders import (
     tokenizer_path_for,
 )
 from .errors import PipelineError, first_line
+from .fileio import waiting_lock
 from .int8graph import (
     CPU_GRAPH_RECIPE,
     FUSED_RECIPE,
@@ -222,9 +223,10 @@ class _ImageExport:
     """One image-tower export: the loaded model and the files that become the final files only
     once both are verified. They are written under their final names in a folder of this export's
     own beside the target (two exports into one folder keep their unfinished files apart; two
-    that finish at once replace the final files one by one, the last to move winning), so that a
-    tower written with its weights in a `.data` file beside it (EXTERNAL_DATA_BYTES) finds them
-    there once moved; remove_temp_files removes the folder and whatever is left in it."""
+    that finish at once move their files in one after the other, under the target's lock, so the
+    final files are all of the last to move), so that a tower written with its weights in a `.data`
+    file beside it (EXTERNAL_DATA_BYTES) finds them there once moved; remove_temp_files removes the
+    folder and whatever is left in it."""
 
     def __init__(self, model: str, int8_path: Path, per_channel: bool, quantization: str) -> None:
         self.model, self.quantization, self.per_channel = model, quantization, per_channel
@@ -399,9 +401,11 @@ class _ImageExport:
         _set_metadata(onnx, self.tmp_fp32, fp32_meta)
         _set_metadata(onnx, self.tmp_int8, int8_meta)
         report.text_lines = self.text.lines
-        _move_into_place(self.tmp_fp32, self.fp32_path)
-        _move_into_place(self.tmp_int8, self.int8_path)
-        self.text.commit()
+        with waiting_lock(move_lock_path(self.int8_path), lambda: log.info(
+                "waiting for another export to %s to finish moving its files into place", self.int8_path.parent)):
+            _move_into_place(self.tmp_fp32, self.fp32_path)
+            _move_into_place(self.tmp_int8, self.int8_path)
+            self.text.commit()
 
     def remove_temp_files(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
@@ -434,6 +438,13 @@ def _give_memory_back() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def move_lock_path(int8_path: Path) -> Path:
+    """The lock file that the exports to `int8_path` take while they move their files into place:
+    the image files, the text tower and its tokenizer of two exports that finish at once are
+    then all of one of them, never some of each."""
+    return int8_path.parent / f".{int8_path.stem}.export.lock"
 
 
 ABANDONED_AFTER_S = 24 * 3600  # an export folder untouched this long was left by a killed export

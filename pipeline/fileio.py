@@ -10,7 +10,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,30 @@ class OutputLock:
                 unlink_quietly(self.path)  # a run that failed before writing anything leaves nothing
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
+
+
+@contextmanager
+def waiting_lock(path: str | Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
+    """An exclusive flock on the file at `path` for a short step, waited for when another process
+    (or another descriptor of this one) holds it; `waiting` is called once before such a wait. The
+    file itself stays (removing it would let a third process lock a new file while the second
+    waits on the old one). Where fcntl does not exist (Windows) no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 @contextmanager

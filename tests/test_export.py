@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -160,6 +161,68 @@ def test_two_exports_into_one_folder_write_apart_and_leave_nothing(tiny_clip, tm
     first.remove_temp_files()
     third.remove_temp_files()
     assert list(tmp_path.iterdir()) == []
+
+
+def _job_ready_to_move(tmp_path: Path, tag: str) -> export._ImageExport:
+    """An export at its last step (write), its two files tiny graphs that say which export made them."""
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper
+    from pipeline.embedders import text_onnx_path_for, tokenizer_path_for
+    from pipeline.preprocess import PreprocessConfig
+
+    job = export._ImageExport.__new__(export._ImageExport)
+    job.model, job.quantization, job.per_channel = f"model-{tag}", "static", True
+    job.int8_path = tmp_path / "m_int8.onnx"
+    job.fp32_path = export.fp32_path_for(job.int8_path)
+    job.family, job.prep = SimpleNamespace(name="clip"), PreprocessConfig()
+    job.work = Path(tempfile.mkdtemp(prefix=".m_int8.export-", dir=tmp_path))
+    job.tmp_fp32, job.tmp_int8 = job.work / job.fp32_path.name, job.work / job.int8_path.name
+    text = text_onnx_path_for(job.int8_path)
+    job.text = export._no_text_tower("no tokenizer", text, tokenizer_path_for(text))
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], tag,
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    for path in (job.tmp_fp32, job.tmp_int8):
+        onnx.save(helper.make_model(graph), str(path))
+    return job
+
+
+def test_an_export_moves_its_files_in_only_under_the_targets_lock(tmp_path, caplog):
+    """Two exports that finish at once: the second waits while the first holds the target's lock,
+    so the final files are all of one export, never some of each."""
+    import fcntl
+    import logging
+    import threading
+    from types import SimpleNamespace
+
+    records = SimpleNamespace(to_json=lambda: "{}")
+    job = _job_ready_to_move(tmp_path, "second")
+    holder = os.open(export.move_lock_path(job.int8_path), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # the first export, moving its files
+    caplog.set_level(logging.INFO, logger="pipeline.export")
+    mover = threading.Thread(target=job.write, args=(SimpleNamespace(text_lines=None),
+                                                     {job.tmp_fp32: records, job.tmp_int8: records}))
+    mover.start()
+    deadline = time.monotonic() + 30
+    while "waiting for another export" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "waiting for another export" in caplog.text and str(tmp_path) in caplog.text
+    time.sleep(0.2)
+    assert mover.is_alive() and not job.int8_path.exists() and not job.fp32_path.exists()
+    os.close(holder)  # the first export is done
+    mover.join(30)
+    assert not mover.is_alive()
+    for path in (job.int8_path, job.fp32_path):
+        assert onnx.load(str(path)).graph.name == "second"
+        assert file_metadata(path)[META_SOURCE_MODEL] == "model-second"
+    job.remove_temp_files()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m_int8.export.lock", "m_fp32.onnx", "m_int8.onnx"]
+    caplog.clear()  # unheld, the lock is taken at once
+    again = _job_ready_to_move(tmp_path, "third")
+    again.write(SimpleNamespace(text_lines=None), {again.tmp_fp32: records, again.tmp_int8: records})
+    assert "waiting" not in caplog.text and onnx.load(str(again.int8_path)).graph.name == "third"
+    again.remove_temp_files()
 
 
 def test_export_of_missing_model_is_a_clear_error(tmp_path, capsys):
