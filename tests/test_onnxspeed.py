@@ -47,6 +47,7 @@ class _Session:
     def run(self, outputs, feeds):
         assert feeds["pixel_values"].shape == (2, 3, 8, 8)
         self.runs += 1
+        return [feeds["pixel_values"][:, 0, 0, :2] * self.runs]
 
 
 def test_images_per_second_stops_a_small_models_rounds_at_max_runs():
@@ -54,6 +55,28 @@ def test_images_per_second_stops_a_small_models_rounds_at_max_runs():
     rates = onnxspeed.images_per_second({"a": a, "b": b}, batch=2, seconds=60.0, rounds=3, max_runs=5)
     assert a.runs == b.runs == 1 + 3 * 5  # one warm-up, then three rounds of five
     assert set(rates) == {"a", "b"} and all(r > 0 for r in rates.values())
+
+
+def test_a_model_whose_warm_up_run_is_long_is_timed_in_one_round(monkeypatch):
+    """A large tower's batch of 32 takes tens of seconds: one round, not two, after the warm-up."""
+    monkeypatch.setattr(onnxspeed, "LONG_RUN_S", 0.0)
+    a, b = _Session(), _Session()
+    outputs: dict = {}
+    rates = onnxspeed.images_per_second({"a": a, "b": b}, batch=2, seconds=60.0, rounds=3, max_runs=5,
+                                        outputs=outputs)
+    assert a.runs == b.runs == 1 + 5 and set(rates) == {"a", "b"}
+    pixels = onnxspeed._input(a, 2)[1]
+    np.testing.assert_array_equal(outputs["a"], pixels[:, 0, 0, :2])  # the warm-up's output, kept
+
+
+def test_the_export_measurement_checks_a_picture_alone_against_the_timed_batch(tmp_path):
+    """The batch-of-32 output the alone check compares with is the warm-up's, of the same pixels:
+    a batch-independent file reads 0.0, and the int8 file runs no extra batch for it."""
+    fp32 = tmp_path / "f.onnx"
+    fp32.write_bytes(_graph())
+    speed = onnxspeed.measure_export(_graph(), fp32, batch=4, seconds=0.01)
+    assert speed.alone_diff == 0.0 and speed.batch == 4 and speed.int8_rate > 0 and speed.fp32_rate > 0
+    assert set(speed.shares) == {"Add", "QuantizeLinear", "DequantizeLinear", "Relu"}
 
 
 def test_the_speed_lines_say_the_ratio_and_which_side_of_the_bar():
