@@ -129,6 +129,23 @@ def test_a_lock_file_with_garbage_in_it_still_gives_the_message(tmp_path):
                 pass
 
 
+def test_a_lock_that_cannot_be_written_is_let_go(tmp_path, monkeypatch):
+    """A full disk while writing the pid: a message, and the flock released with its descriptor,
+    so the next run on that folder in the same process (the API, the server) is not refused."""
+    import errno
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(PipelineError, match=r"cannot write the lock file .*No space left on device"):
+        with OutputLock(tmp_path):
+            pass
+    monkeypatch.undo()
+    with OutputLock(tmp_path):  # not "another run (pid unknown)"
+        pass
+
+
 def test_resume_refusal_names_the_difference_and_fresh_discards(long_dataset, tiny_onnx, tmp_path, capsys, monkeypatch):
     out = tmp_path / "o"
     stop_after_shards(monkeypatch, 2)

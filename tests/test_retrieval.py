@@ -69,6 +69,40 @@ def test_distance_matrix_file(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temp file left
 
 
+def test_a_disk_without_room_for_the_matrix_is_a_message_not_a_bus_error(tmp_path, monkeypatch):
+    """The matrix is written through memory maps: on a full disk a mapped write would end the process
+    with SIGBUS. Its blocks are reserved first, so the missing room is said and nothing is left."""
+    import errno
+    import os
+
+    from pipeline.errors import PipelineError
+
+    asked: list[int] = []
+
+    def full(fd, offset, size):
+        asked.append(size)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    e = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    with pytest.raises(PipelineError, match=r"no room for matrix\.npy \(0\.00 GB\) in .*No space left on device"):
+        topk_neighbours(e, e, 3, exclude_self=True, matrix_path=tmp_path / "matrix.npy")
+    assert asked and asked[0] >= 300 * 300 * 4 and list(tmp_path.iterdir()) == []
+
+
+def test_a_file_system_that_cannot_reserve_still_gets_its_matrix(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def unsupported(fd, offset, size):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    e = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    topk_neighbours(e, e, 3, exclude_self=True, matrix_path=tmp_path / "matrix.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "matrix.npy"), cosine_distances(e, e) * (1 - np.eye(40)), atol=1e-6)
+
+
 @pytest.mark.parametrize("take", [list(range(30)), [0, 2, 3, 7, *range(9, 28), 29]], ids=["prefix", "gaps"])
 def test_carried_matrix_is_the_new_stores_matrix(tmp_path, take):
     """Kept rows' pairs copied from the old matrix (rows and columns renumbered), a new item's computed."""
