@@ -519,11 +519,12 @@ def _as_one_file(path: Path) -> None:
         f.unlink(missing_ok=True)
 
 
-def _move_into_place(src: Path, dst: Path) -> None:
-    """An exported file and the external-data files it names (under the same names: they are
-    written under their final names) moved beside `dst`; a `.data` file an earlier export left
-    there under dst's name, that this file does not name, is removed."""
-    data = _data_files(src) if src.suffix == ".onnx" else []
+def _move_into_place(src: Path, dst: Path, onnx_file: bool = True) -> None:
+    """An exported file and, for an ONNX file (whatever its name ends with), the external-data
+    files it names (under the same names: they are written under their final names) moved beside
+    `dst`; a `.data` file an earlier export left there under dst's name, that this file does not
+    name, is removed."""
+    data = _data_files(src) if onnx_file else []
     for f in data:
         os.replace(f, dst.parent / f.name)
     os.replace(src, dst)
@@ -543,12 +544,14 @@ class _TextExport:
     """A verified text tower waiting in temp files; commit() moves it into place."""
 
     lines: list[str]
-    moves: list[tuple[Path, Path]] = field(default_factory=list)
-    removes: list[Path] = field(default_factory=list)  # an earlier export's text tower, when this one has none
+    moves: list[tuple[Path, Path]] = field(default_factory=list)  # the text tower, then its tokenizer
+    # When this export has no text tower: the paths of one beside the target, removed at commit
+    # (under the target's lock) whatever is there then, an export that finished meanwhile's too.
+    removes: list[Path] = field(default_factory=list)
 
     def commit(self) -> None:
-        for src, dst in self.moves:
-            _move_into_place(src, dst)
+        for i, (src, dst) in enumerate(self.moves):
+            _move_into_place(src, dst, onnx_file=i == 0)
         for old in self.removes:
             old.unlink(missing_ok=True)
 
@@ -604,9 +607,10 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str], 
 def _no_text_tower(why: str, text_path: Path, tok_path: Path) -> _TextExport:
     """The report's one line for an export without text search; an earlier export's text tower beside
     the new image file is removed, since it belongs to other weights."""
-    stale = [p for p in (text_path, text_path.with_name(text_path.name + ".data"), tok_path) if p.exists()]
+    paths = [text_path, text_path.with_name(text_path.name + ".data"), tok_path]
+    stale = [p for p in paths if p.exists()]
     removed = f" (the earlier export's {', '.join(p.name for p in stale)} removed)" if stale else ""
-    return _TextExport([f"text tower not exported, so no text search with this file: {why}{removed}"], removes=stale)
+    return _TextExport([f"text tower not exported, so no text search with this file: {why}{removed}"], removes=paths)
 
 
 def _text_tower(clip, masked: bool = True):

@@ -39,6 +39,8 @@ file's sha256 and this module's own code), so a run opens its CPU sessions strai
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +96,48 @@ def _cache_key(file_sha256: str) -> Path:
     return base / f"{file_sha256[:32]}-{code}"
 
 
+# The cache keeps its most recently used rewrites up to this many bytes (the one just written
+# always): every re-export of a QDQ file is a new sha256 and a new rewrite, 90 MB for FashionCLIP's,
+# 435 MB for SigLIP so400m's. A temp file a killed writer left goes after a day.
+CACHE_BYTES = 2 << 30
+CACHE_TEMP_AFTER_S = 24 * 3600
+
+
 def cached_cpu_model(file_sha256: str) -> Path | str | None:
     """The CPU graph of the ONNX file with this sha256 from the cache: the path of its rewrite,
-    AS_IS when it has nothing to fuse, None when not cached yet."""
+    AS_IS when it has nothing to fuse, None when not cached yet. A hit counts as a use (mtime)."""
     key = _cache_key(file_sha256)
-    if key.with_suffix(".onnx").is_file():
-        return key.with_suffix(".onnx")
-    return AS_IS if key.with_suffix(".as-is").is_file() else None
+    for hit, answer in ((key.with_suffix(".onnx"), None), (key.with_suffix(".as-is"), AS_IS)):
+        if hit.is_file():
+            try:
+                os.utime(hit)
+            except OSError:  # a cache read from a read-only place is used as it is
+                pass
+            return answer or hit
+    return None
+
+
+def _prune_cache(folder: Path, keep: Path) -> None:
+    """Drop the least recently used rewrites beyond CACHE_BYTES (never `keep`), and temp files
+    older than CACHE_TEMP_AFTER_S."""
+    now = time.time()
+    entries = []
+    for p in folder.iterdir():
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            if now - st.st_mtime > CACHE_TEMP_AFTER_S:
+                p.unlink(missing_ok=True)
+        elif p.suffix == ".onnx" and p != keep:
+            entries.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in entries) + (keep.stat().st_size if keep.is_file() else 0)
+    for _, size, p in sorted(entries, key=lambda e: e[0]):  # oldest use first
+        if total <= CACHE_BYTES:
+            break
+        p.unlink(missing_ok=True)
+        total -= size
 
 
 def keep_cpu_model(file_sha256: str, fused: bytes | None) -> Path | None:
@@ -116,6 +153,7 @@ def keep_cpu_model(file_sha256: str, fused: bytes | None) -> Path | None:
             if not stale.name.startswith(key.name):
                 stale.unlink(missing_ok=True)
         atomic_write_bytes(target, fused if fused is not None else b"")
+        _prune_cache(key.parent, target)
     except OSError:
         return None
     return target if fused is not None else None

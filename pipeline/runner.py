@@ -33,6 +33,7 @@ from .export import INT8_FORMATS, export_onnx, verification_images
 from .fileio import (
     OutputLock,
     atomic_write_text,
+    check_writable,
     read_json_dict,
     remove_temp_leftovers,
     removed_if_left_empty,
@@ -556,6 +557,13 @@ def run_export(cfg: RunConfig, sample_rows: int = 96) -> RunSummary:
     different sets), with a warning: static int8 ranges fitted to synthetic pictures are
     worse than ranges fitted to the catalogue.
     """
+    folder = Path(cfg.embedder.onnx).parent
+    with removed_if_left_empty([folder]):  # a failed export leaves no folder it made
+        check_writable(folder, "--onnx")  # before the model (gigabytes, maybe) is loaded
+        return _run_export(cfg, sample_rows)
+
+
+def _run_export(cfg: RunConfig, sample_rows: int) -> RunSummary:
     summary = RunSummary(mode="export-onnx")
     images, calibration = verification_images(), None
     with summary.stage("read calibration rows"):

@@ -225,9 +225,58 @@ def test_an_export_moves_its_files_in_only_under_the_targets_lock(tmp_path, capl
     again.remove_temp_files()
 
 
+def test_a_text_tower_that_another_export_wrote_meanwhile_goes_with_this_exports_image_files(tmp_path):
+    """An export without a text tower removes the one beside the target when it moves its files in,
+    under the lock: also one that another model's export moved in after this one looked."""
+    from types import SimpleNamespace
+
+    from pipeline.embedders import text_onnx_path_for, tokenizer_path_for
+
+    job = _job_ready_to_move(tmp_path, "no-tokenizer")  # it looked: no text tower there
+    text = text_onnx_path_for(job.int8_path)
+    others = [text, text.with_name(text.name + ".data"), tokenizer_path_for(text)]
+    for f in others:  # another model's export finishes first
+        f.write_bytes(b"the other model's")
+    records = SimpleNamespace(to_json=lambda: "{}")
+    job.write(SimpleNamespace(text_lines=None), {job.tmp_fp32: records, job.tmp_int8: records})
+    job.remove_temp_files()
+    assert not any(f.exists() for f in others)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m_int8.export.lock", "m_fp32.onnx", "m_int8.onnx"]
+
+
+def test_a_file_named_otherwise_than_onnx_moves_with_its_external_data(tmp_path):
+    """--onnx out/m_int8.bin: a large tower's fp32 file keeps its .data file beside it once moved."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    work, final = tmp_path / "work", tmp_path / "final"
+    work.mkdir()
+    final.mkdir()
+    weight = numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(64, 64), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    onnx.save(helper.make_model(graph), str(work / "m_fp32.bin"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="m_fp32.bin.data", size_threshold=0)
+    export._move_into_place(work / "m_fp32.bin", final / "m_fp32.bin")
+    assert sorted(p.name for p in final.iterdir()) == ["m_fp32.bin", "m_fp32.bin.data"] and not any(work.iterdir())
+    loaded = onnx.load(str(final / "m_fp32.bin"))
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), numpy_helper.to_array(weight))
+
+
 def test_export_of_missing_model_is_a_clear_error(tmp_path, capsys):
-    assert cli.main(["--export-onnx", "--model", str(tmp_path / "nope"), "--onnx", str(tmp_path / "o.onnx"), "-q"]) == 1
+    target = tmp_path / "new" / "folders" / "o.onnx"
+    assert cli.main(["--export-onnx", "--model", str(tmp_path / "nope"), "--onnx", str(target), "-q"]) == 1
     assert "cannot load model" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # the folders it made for the file are gone with the failure
+
+
+def test_an_export_into_a_folder_it_cannot_write_says_so_before_loading_the_model(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    target = tmp_path / "a-file" / "o.onnx"
+    assert cli.main(["--export-onnx", "--model", str(tmp_path / "nope"), "--onnx", str(target), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"output folder {target.parent} is not writable" in err and "Choose another with --onnx" in err
+    assert "cannot load model" not in err  # the model (no such folder here) was never loaded
 
 
 # ----------------------------------------------------------------------------- int8 on CPUs without VNNI
@@ -938,6 +987,37 @@ def test_the_cpu_graph_is_kept_in_the_cache_and_opened_from_there(tiny_qdq, tiny
     OnnxEmbedder(fp32, device="cpu")
     assert int8graph.cached_cpu_model(sha256_file(fp32)) == int8graph.AS_IS
     assert OnnxEmbedder(fp32, device="cpu").embed(pixels).shape == (8, first.dim)  # opened as it is, from the answer
+
+
+def test_the_cpu_graph_cache_keeps_the_last_used_rewrites_within_its_bytes(tmp_path, monkeypatch):
+    """Each re-export of a QDQ file is a new rewrite: the cache drops the least recently used
+    beyond CACHE_BYTES (a hit counts as a use), never the one just written, and a temp file a
+    killed writer left once it is a day old."""
+    from pipeline import int8graph
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(int8graph, "CACHE_BYTES", 2500)
+    folder = tmp_path / "cache" / "fashion-visual-search" / "int8graph"
+    shas = [f"{i:x}" * 64 for i in range(4)]
+    paths = []
+    for i, sha in enumerate(shas[:2]):
+        paths.append(int8graph.keep_cpu_model(sha, bytes(1000)))
+        os.utime(paths[-1], (time.time() - 100 + i,) * 2)  # the first is the older
+    assert all(p.is_file() for p in paths)
+    assert int8graph.cached_cpu_model(shas[0]) == paths[0]  # used now: the second is now the older
+    left = folder / f".{paths[0].name}.abcd1234.tmp"
+    young = folder / f".{paths[1].name}.efgh5678.tmp"
+    left.write_bytes(b"half")
+    young.write_bytes(b"half")
+    os.utime(left, (time.time() - int8graph.CACHE_TEMP_AFTER_S - 60,) * 2)
+    paths.append(int8graph.keep_cpu_model(shas[2], bytes(1000)))  # 3000 bytes > 2500: one must go
+    assert paths[0].is_file() and not paths[1].exists() and paths[2].is_file()
+    assert not left.exists() and young.exists()  # the young one may be a writer's, now
+    assert int8graph.keep_cpu_model(shas[3], None) is None  # nothing to fuse: a marker, no bytes
+    assert int8graph.cached_cpu_model(shas[3]) == int8graph.AS_IS and paths[0].is_file() and paths[2].is_file()
+    monkeypatch.setattr(int8graph, "CACHE_BYTES", 10)
+    big = int8graph.keep_cpu_model(shas[1], bytes(5000))  # alone over the bytes: kept, the others go
+    assert big.is_file() and not paths[0].exists() and not paths[2].exists()
 
 
 def test_a_cached_cpu_graph_that_loads_but_fails_the_probes_is_dropped(tiny_qdq, tiny_onnx, tmp_path, monkeypatch,
