@@ -218,23 +218,34 @@ class OutputLock:
 def waiting_lock(path: str | Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
     """An exclusive flock on the file at `path` for a short step, waited for when another process
     (or another descriptor of this one) holds it; `waiting` is called once before such a wait. The
-    file itself stays (removing it would let a third process lock a new file while the second
-    waits on the old one). Where fcntl does not exist (Windows) no lock is taken."""
+    file is removed when the step ends, before the flock is let go: a waiter that then holds a
+    lock on a file no longer there (or replaced) starts again on the file at `path`, as
+    OutputLock's does. Where fcntl does not exist (Windows) no lock is taken."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    told = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            if waiting is not None:
+            if waiting is not None and not told:
                 waiting()
+                told = True
             fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         yield
     finally:
+        unlink_quietly(path)
         os.close(fd)  # closing the descriptor releases the flock
 
 

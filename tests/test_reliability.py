@@ -146,6 +146,33 @@ def test_a_lock_that_cannot_be_written_is_let_go(tmp_path, monkeypatch):
         pass
 
 
+def test_a_waiting_lock_lets_one_in_at_a_time_and_leaves_no_file(tmp_path):
+    """Each holder removes the lock file before letting go: a waiter left holding the old file's
+    lock starts again on the new one, so two are never inside at once."""
+    import threading
+
+    from pipeline.fileio import waiting_lock
+
+    path, inside, overlaps, waits = tmp_path / ".x.lock", [0], [], []
+
+    def worker() -> None:
+        for _ in range(40):
+            with waiting_lock(path, lambda: waits.append(1)):
+                inside[0] += 1
+                if inside[0] != 1:
+                    overlaps.append(inside[0])
+                time.sleep(0.0005)
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert overlaps == [] and not any(t.is_alive() for t in threads)
+    assert waits and not path.exists()
+
+
 def test_resume_refusal_names_the_difference_and_fresh_discards(long_dataset, tiny_onnx, tmp_path, capsys, monkeypatch):
     out = tmp_path / "o"
     stop_after_shards(monkeypatch, 2)
