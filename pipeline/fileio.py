@@ -117,22 +117,40 @@ class AtomicNpyMemmap:
             unlink_quietly(self.tmp)
 
 
+def _fallocate(fd: int, size: int) -> int | None:
+    """Linux's fallocate(2) on `fd` for bytes [0, size): 0, or the errno it failed with; None where
+    the call does not exist. Not os.posix_fallocate: where the file system cannot reserve (NFSv3,
+    older ZFS, some FUSE), glibc emulates it by writing into every 4 KiB block, one round trip each
+    over NFS."""
+    import ctypes
+
+    try:
+        call = ctypes.CDLL(None, use_errno=True).fallocate64
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    return 0 if call(fd, 0, 0, size) == 0 else ctypes.get_errno()
+
+
 def _allocate(tmp: str | Path, size: int, target: Path) -> None:
     """Reserve `size` bytes of disk for the file at `tmp` (to become `target`); PipelineError when
-    the disk has no room. A file system that cannot reserve (or a system without posix_fallocate)
-    is left as it is."""
-    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - macOS, Windows
-        return
+    the disk has no room. Where the file system cannot reserve, its free space is compared with
+    `size` instead."""
     fd = os.open(tmp, os.O_RDWR)
     try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return  # EOPNOTSUPP, EINVAL: no reservation here; the writes go on as before
+        err = _fallocate(fd, size)
+        if err == 0:
+            return
+        if err not in (errno.ENOSPC, errno.EDQUOT):  # cannot reserve here: is there room at all?
+            st = os.fstatvfs(fd)
+            if size <= st.f_bavail * st.f_frsize:
+                return
+            err = errno.ENOSPC
         raise PipelineError(
-            f"no room for {target.name} ({size / 1e9:.2f} GB) in {target.parent}: {e.strerror or e}. Free some "
+            f"no room for {target.name} ({size / 1e9:.2f} GB) in {target.parent}: {os.strerror(err)}. Free some "
             f"space, or choose another folder."
-        ) from e
+        )
     finally:
         os.close(fd)
 
@@ -228,19 +246,28 @@ def waiting_lock(path: str | Path, waiting: Callable[[], None] | None = None) ->
         return
     told = False
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting is not None and not told:
-                waiting()
-                told = True
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting is not None and not told:
+                    waiting()
+                    told = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 break
-        except FileNotFoundError:
+        except FileNotFoundError:  # removed by the holder we waited for: start again on the new file
             pass
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP):  # a file system without flock: as on Windows
+                yield
+                return
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)
     try:
         yield

@@ -153,9 +153,12 @@ def keep_cpu_model(file_sha256: str, fused: bytes | None) -> Path | None:
             if not stale.name.startswith(key.name):
                 stale.unlink(missing_ok=True)
         atomic_write_bytes(target, fused if fused is not None else b"")
-        _prune_cache(key.parent, target)
     except OSError:
         return None
+    try:
+        _prune_cache(key.parent, target)
+    except OSError:  # another user's file in a shared cache, say: the entry just written stands
+        pass
     return target if fused is not None else None
 
 

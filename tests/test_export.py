@@ -202,15 +202,17 @@ def test_an_export_moves_its_files_in_only_under_the_targets_lock(tmp_path, capl
     fcntl.flock(holder, fcntl.LOCK_EX)  # the first export, moving its files
     caplog.set_level(logging.INFO, logger="pipeline.export")
     mover = threading.Thread(target=job.write, args=(SimpleNamespace(text_lines=None),
-                                                     {job.tmp_fp32: records, job.tmp_int8: records}))
-    mover.start()
-    deadline = time.monotonic() + 30
-    while "waiting for another export" not in caplog.text and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert "waiting for another export" in caplog.text and str(tmp_path) in caplog.text
-    time.sleep(0.2)
-    assert mover.is_alive() and not job.int8_path.exists() and not job.fp32_path.exists()
-    os.close(holder)  # the first export is done
+                                                     {job.tmp_fp32: records, job.tmp_int8: records}), daemon=True)
+    try:
+        mover.start()
+        deadline = time.monotonic() + 30
+        while "waiting for another export" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "waiting for another export" in caplog.text and str(tmp_path) in caplog.text
+        time.sleep(0.2)
+        assert mover.is_alive() and not job.int8_path.exists() and not job.fp32_path.exists()
+    finally:
+        os.close(holder)  # the first export is done (or the test failed: the mover is let go)
     mover.join(30)
     assert not mover.is_alive()
     for path in (job.int8_path, job.fp32_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -33,10 +35,10 @@ def test_op_profile_shares_kernel_time_among_the_ops_that_ran():
 
 
 class _Session:
-    """Counts its runs; its input is the export's."""
+    """Counts its runs; its input is the export's. first_run_s: how long its first run takes."""
 
-    def __init__(self) -> None:
-        self.runs = 0
+    def __init__(self, first_run_s: float = 0.0) -> None:
+        self.runs, self.first_run_s = 0, first_run_s
 
     def get_inputs(self):
         return [type("Input", (), {"name": "pixel_values", "shape": ["batch", 3, 8, 8]})()]
@@ -46,6 +48,8 @@ class _Session:
 
     def run(self, outputs, feeds):
         assert feeds["pixel_values"].shape == (2, 3, 8, 8)
+        if self.runs == 0:
+            time.sleep(self.first_run_s)
         self.runs += 1
         return [feeds["pixel_values"][:, 0, 0, :2] * self.runs]
 
@@ -59,8 +63,8 @@ def test_images_per_second_stops_a_small_models_rounds_at_max_runs():
 
 def test_a_model_whose_warm_up_run_is_long_is_timed_in_one_round(monkeypatch):
     """A large tower's batch of 32 takes tens of seconds: one round, not two, after the warm-up."""
-    monkeypatch.setattr(onnxspeed, "LONG_RUN_S", 0.0)
-    a, b = _Session(), _Session()
+    monkeypatch.setattr(onnxspeed, "LONG_RUN_S", 0.05)
+    a, b = _Session(), _Session(first_run_s=0.1)  # the slower of the two decides for both
     outputs: dict = {}
     rates = onnxspeed.images_per_second({"a": a, "b": b}, batch=2, seconds=60.0, rounds=3, max_runs=5,
                                         outputs=outputs)
@@ -69,11 +73,18 @@ def test_a_model_whose_warm_up_run_is_long_is_timed_in_one_round(monkeypatch):
     np.testing.assert_array_equal(outputs["a"], pixels[:, 0, 0, :2])  # the warm-up's output, kept
 
 
-def test_the_export_measurement_checks_a_picture_alone_against_the_timed_batch(tmp_path):
+def test_the_export_measurement_checks_a_picture_alone_against_the_timed_batch(tmp_path, monkeypatch):
     """The batch-of-32 output the alone check compares with is the warm-up's, of the same pixels:
     a batch-independent file reads 0.0, and the int8 file runs no extra batch for it."""
     fp32 = tmp_path / "f.onnx"
     fp32.write_bytes(_graph())
+    real = onnxspeed.batch_dependence
+
+    def given_the_batch(sess, batch, together=None):
+        assert together is not None and together.shape == (batch, 3, 32, 32)
+        return real(sess, batch, together)
+
+    monkeypatch.setattr(onnxspeed, "batch_dependence", given_the_batch)
     speed = onnxspeed.measure_export(_graph(), fp32, batch=4, seconds=0.01)
     assert speed.alone_diff == 0.0 and speed.batch == 4 and speed.int8_rate > 0 and speed.fp32_rate > 0
     assert set(speed.shares) == {"Add", "QuantizeLinear", "DequantizeLinear", "Relu"}

@@ -164,13 +164,41 @@ def test_a_waiting_lock_lets_one_in_at_a_time_and_leaves_no_file(tmp_path):
                 time.sleep(0.0005)
                 inside[0] -= 1
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert overlaps == [] and not any(t.is_alive() for t in threads)
     assert waits and not path.exists()
+
+
+def test_a_waiting_lock_where_the_file_system_has_none_goes_on_without(tmp_path, monkeypatch):
+    """An NFS mount without locks (ENOLCK): the step runs unlocked, as on Windows, rather than an
+    export failing at its last step; any other error is raised, its descriptor closed."""
+    import errno
+    import fcntl
+
+    from pipeline.fileio import waiting_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with waiting_lock(tmp_path / ".x.lock"):
+        ran.append(1)
+    assert ran == [1]
+
+    def broken(fd, op):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fcntl, "flock", broken)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="Input/output error"):
+        with waiting_lock(tmp_path / ".x.lock"):
+            pass
+    assert len(os.listdir("/proc/self/fd")) == before  # no descriptor left open
 
 
 def test_resume_refusal_names_the_difference_and_fresh_discards(long_dataset, tiny_onnx, tmp_path, capsys, monkeypatch):

@@ -73,34 +73,58 @@ def test_a_disk_without_room_for_the_matrix_is_a_message_not_a_bus_error(tmp_pat
     """The matrix is written through memory maps: on a full disk a mapped write would end the process
     with SIGBUS. Its blocks are reserved first, so the missing room is said and nothing is left."""
     import errno
-    import os
 
+    from pipeline import fileio
     from pipeline.errors import PipelineError
 
     asked: list[int] = []
 
-    def full(fd, offset, size):
+    def full(fd, size):
         asked.append(size)
-        raise OSError(errno.ENOSPC, "No space left on device")
+        return errno.ENOSPC
 
-    monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(fileio, "_fallocate", full)
     e = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
     with pytest.raises(PipelineError, match=r"no room for matrix\.npy \(0\.00 GB\) in .*No space left on device"):
         topk_neighbours(e, e, 3, exclude_self=True, matrix_path=tmp_path / "matrix.npy")
     assert asked and asked[0] >= 300 * 300 * 4 and list(tmp_path.iterdir()) == []
 
 
-def test_a_file_system_that_cannot_reserve_still_gets_its_matrix(tmp_path, monkeypatch):
+@pytest.mark.parametrize("free", [10**12, 1000])
+def test_where_disk_cannot_be_reserved_the_free_space_decides(tmp_path, monkeypatch, free):
+    """A file system without fallocate (NFSv3, older ZFS): the matrix is written when the free
+    space holds it, and refused with the message when it does not."""
     import errno
     import os
+    from types import SimpleNamespace
 
-    def unsupported(fd, offset, size):
-        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+    from pipeline import fileio
+    from pipeline.errors import PipelineError
 
-    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    monkeypatch.setattr(fileio, "_fallocate", lambda fd, size: errno.EOPNOTSUPP)
+    monkeypatch.setattr(os, "fstatvfs", lambda fd: SimpleNamespace(f_bavail=free, f_frsize=1))
     e = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    if free < 40 * 40 * 4:
+        with pytest.raises(PipelineError, match="no room for matrix.npy"):
+            topk_neighbours(e, e, 3, exclude_self=True, matrix_path=tmp_path / "matrix.npy")
+        assert list(tmp_path.iterdir()) == []
+        return
     topk_neighbours(e, e, 3, exclude_self=True, matrix_path=tmp_path / "matrix.npy")
     np.testing.assert_allclose(np.load(tmp_path / "matrix.npy"), cosine_distances(e, e) * (1 - np.eye(40)), atol=1e-6)
+
+
+def test_the_matrix_file_is_reserved_on_disk_when_made(tmp_path):
+    """On this file system (tmpfs, ext4, overlayfs: each can reserve) the temp file's blocks are
+    allocated before a row is written: no mapped write can meet a full disk."""
+    import os
+
+    from pipeline.fileio import AtomicNpyMemmap
+
+    with AtomicNpyMemmap(tmp_path / "m.npy", (512, 512), np.float32) as m:
+        st = os.stat(m.tmp)
+        assert st.st_blocks * 512 >= 512 * 512 * 4
+        m.write_rows(0, np.ones((512, 512), np.float32))
+    assert np.load(tmp_path / "m.npy").sum() == 512 * 512
 
 
 @pytest.mark.parametrize("take", [list(range(30)), [0, 2, 3, 7, *range(9, 28), 29]], ids=["prefix", "gaps"])
