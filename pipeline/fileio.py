@@ -8,6 +8,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tempfile
@@ -19,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from .errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -245,6 +248,7 @@ def waiting_lock(path: str | Path, waiting: Callable[[], None] | None = None) ->
         yield
         return
     told = False
+    no_flock: OSError | None = None
     while True:
         fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
         try:
@@ -261,14 +265,19 @@ def waiting_lock(path: str | Path, waiting: Callable[[], None] | None = None) ->
             pass
         except OSError as e:
             os.close(fd)
-            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP):  # a file system without flock: as on Windows
-                yield
-                return
-            raise
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                raise
+            no_flock = e  # a file system without flock: as on Windows, said once
+            break
         except BaseException:
             os.close(fd)
             raise
         os.close(fd)
+    if no_flock is not None:
+        log.warning("%s: no file locks on this file system (%s); going on without one", path, no_flock.strerror)
+        unlink_quietly(path)
+        yield
+        return
     try:
         yield
     finally:

@@ -173,11 +173,12 @@ def test_a_waiting_lock_lets_one_in_at_a_time_and_leaves_no_file(tmp_path):
     assert waits and not path.exists()
 
 
-def test_a_waiting_lock_where_the_file_system_has_none_goes_on_without(tmp_path, monkeypatch):
+def test_a_waiting_lock_where_the_file_system_has_none_goes_on_without(tmp_path, monkeypatch, caplog):
     """An NFS mount without locks (ENOLCK): the step runs unlocked, as on Windows, rather than an
     export failing at its last step; any other error is raised, its descriptor closed."""
     import errno
     import fcntl
+    import logging
 
     from pipeline.fileio import waiting_lock
 
@@ -186,9 +187,12 @@ def test_a_waiting_lock_where_the_file_system_has_none_goes_on_without(tmp_path,
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     ran = []
-    with waiting_lock(tmp_path / ".x.lock"):
-        ran.append(1)
+    with caplog.at_level(logging.WARNING, logger="pipeline.fileio"):
+        with waiting_lock(tmp_path / ".x.lock"):
+            ran.append(1)
     assert ran == [1]
+    assert "no file locks on this file system (No locks available); going on without one" in caplog.text
+    assert not (tmp_path / ".x.lock").exists()  # no lock file left behind either
 
     def broken(fd, op):
         raise OSError(errno.EIO, "Input/output error")
