@@ -19,7 +19,15 @@ import numpy as np
 from .catalog import Catalog
 from .config import RunConfig
 from .datarecord import file_stamps, record_build
-from .dataset import DatasetSpec, Record, check_dataset, check_meta_columns, iter_records, read_metadata
+from .dataset import (
+    DatasetSpec,
+    Record,
+    check_dataset,
+    check_meta_columns,
+    dataset_stamp,
+    iter_records,
+    read_metadata,
+)
 from .duplicates import stored_groups
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError
@@ -86,6 +94,14 @@ def decodes_on_device(cfg: RunConfig, embedder: Embedder) -> bool:
     if cfg.segmented or cfg.embedder.decode == "cpu":
         return False
     return cfg.embedder.decode == "device" or getattr(embedder, "device", "cpu") == "cuda"
+
+
+def made_identity(cfg: RunConfig, embedder: Embedder) -> VectorIdentity:
+    """What makes the vectors of this run's build: the loaded embedder's identity and which code
+    makes its pixels, part of what made the vectors (a resume or an update never mixes them). Ray's
+    workers decode on the CPU."""
+    on_device = cfg.engine != "ray" and decodes_on_device(cfg, embedder)
+    return embedder.identity.asks(pixels="torchvision" if on_device else "pil")
 
 
 def gallery_source(cfg: RunConfig) -> GallerySource:
@@ -158,9 +174,10 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
             f"an update of {cfg.store_dir} was interrupted in the middle of its switch: run the update's command "
             "(with --update) to finish it"
         )
-    if pending and not cfg.update:  # a build replaces the store: the interrupted update's work is moot
+    staged = [f for f in (cfg.store_dir / UPDATE_DIR, cfg.images_dir / UPDATE_DIR) if f.is_dir()]
+    if staged and not cfg.update and not cfg.from_cache:  # a build replaces the store: an update's work is moot
         log.info("discarding an interrupted update's staging in %s", cfg.store_dir / UPDATE_DIR)
-        for folder in (cfg.store_dir / UPDATE_DIR, cfg.images_dir / UPDATE_DIR):
+        for folder in staged:
             shutil.rmtree(folder, ignore_errors=True)
     if cfg.from_cache:
         with summary.stage("load cache"):
@@ -324,9 +341,9 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
         target = GalleryTarget(images_dir, store_dir, parallel_items=True)
         stage_name = "decode"
     source = gallery_source(cfg)
-    # Which code made the pixels is part of what made the vectors: a resume never mixes them.
-    identity = embedder.identity.asks(pixels="torchvision" if on_device else "pil")
-    params = run_params(source, identity, cfg.batch_size, cfg.shard_rows, None if part is None else part.rows)
+    identity = made_identity(cfg, embedder)
+    params = run_params(source, identity, cfg.batch_size, cfg.shard_rows, None if part is None else part.rows,
+                        dataset_stamp(cfg.dataset))
     reading = _Reading(cfg.dataset) if part is None else None
 
     def records(start: int) -> Iterator[Record]:
@@ -394,21 +411,25 @@ def owned_files(cfg: RunConfig) -> re.Pattern:
 
 
 def open_searcher(cfg: RunConfig, embeddings: np.ndarray, rows: list[ManifestRow], gpu: bool,
-                  build_auto: bool = False, build_named: bool = False) -> Searcher:
+                  build_auto: bool = False, build_named: bool = False, made_by: Sidecar | None = None) -> Searcher:
     """The searcher of the run's store and its index: --index none searches exactly; otherwise the
     index beside the store is used. build_auto (gallery runs) makes or renews it first; build_named
     (video, which holds the output folder) does so when --index names a kind. The read-only modes
-    (--query-*, --serve) never write an index."""
+    (--query-*, --serve) never write an index, and pass the sidecar their store was loaded with
+    (`made_by`): an update switched in since then is not read from the sidecar now on disk, whose
+    index and duplicate groups are the new store's."""
     if cfg.index == "none" or len(embeddings) < 2:
         searcher = Searcher(embeddings, rows, None, device="cuda" if gpu else None)
     else:
         build = build_auto if cfg.index == "auto" else build_auto or build_named
         searcher = Searcher.open(
-            cfg.store_dir, embeddings, rows, store_sha256(cfg.store_dir), cfg.index, cfg.embedder.threads, gpu=gpu,
+            cfg.store_dir, embeddings, rows, made_by.embeddings_sha256 if made_by else store_sha256(cfg.store_dir),
+            cfg.index, cfg.embedder.threads, gpu=gpu,
             build=build,
         )
     if cfg.dedup and not build_auto:  # a gallery run finds the groups itself, from its neighbours
-        searcher.dedup(stored_groups(cfg.store_dir, searcher.rows, manifest_sha256(cfg.store_dir)))
+        lines_key = made_by.manifest_sha256 if made_by else manifest_sha256(cfg.store_dir)
+        searcher.dedup(stored_groups(cfg.store_dir, searcher.rows, lines_key))
     return searcher
 
 
@@ -420,7 +441,8 @@ def open_catalog(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
     with summary.stage("load cache"):
         cache = load_gallery_cache(cfg, identity=embedder.identity)
     with summary.stage("load index"):
-        searcher = open_searcher(cfg, cache.embeddings, cache.embedded_rows, gpu=on_cuda(embedder))
+        searcher = open_searcher(cfg, cache.embeddings, cache.embedded_rows, gpu=on_cuda(embedder),
+                                 made_by=cache.sidecar)
     searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
     group_by(cfg, searcher, summary)
     loaded = embedder

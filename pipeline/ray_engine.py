@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .dataset import DatasetSpec, Piece, plan_pieces, read_piece
+from .dataset import DatasetSpec, Piece, dataset_stamp, plan_pieces, read_piece
 from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, on_cuda
 from .errors import PipelineError, UsageError
 from .gallery import ShardAssembler, ShardMark, UnitResult
@@ -380,7 +380,7 @@ def _build(
     ray = session.ray
     if not is_url(build.images):
         Path(build.images).mkdir(parents=True, exist_ok=True)
-    params = run_params(source, identity, build.batch_size, build.shard_rows, build.rows)
+    params = run_params(source, identity, build.batch_size, build.shard_rows, build.rows, dataset_stamp(build.dataset))
     store = StoreBuild(build.store_dir, params, build.fresh)
     shards = store.shards
     done = shards.all_complete()

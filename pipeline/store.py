@@ -637,6 +637,9 @@ class ShardStore:
                 shutil.rmtree(self.dir)
             elif old != run_params:
                 diffs = describe_differences(run_params, old or {})
+                if any(d.startswith("dataset_files:") for d in diffs):
+                    diffs.append("the dataset's files changed since that run started: its shards may hold photos the "
+                                 "dataset no longer has")
                 raise PipelineError(
                     f"{self.dir} holds shards of an unfinished run with different arguments:\n  "
                     + "\n  ".join(diffs or ["run.json unreadable"])
@@ -871,13 +874,17 @@ def invalidate_store(root: str | Path) -> None:
 
 
 def run_params(source: GallerySource, identity: VectorIdentity, batch_size: int, shard_rows: int,
-               rows: frozenset[int] | None = None) -> dict[str, Any]:
+               rows: frozenset[int] | None = None, dataset_files: str | None = None) -> dict[str, Any]:
     """What a resumed run must share with the run whose shards it finds (ShardStore's run.json);
-    `rows`: the dataset rows of a partial build (--update's new photos), recorded by their hash."""
+    `rows`: the dataset rows of a partial build (--update's new photos), recorded by their hash;
+    `dataset_files`: the dataset's files as they were when the run started (dataset.dataset_stamp):
+    a dataset changed since then may no longer hold the photos of the shards done."""
     params = {"source": source.to_json(), "identity": identity.to_json(), "batch_size": batch_size,
               "shard_rows": shard_rows}
     if rows is not None:
         params["rows"] = rows_key(rows)
+    if dataset_files is not None:
+        params["dataset_files"] = dataset_files
     return params
 
 

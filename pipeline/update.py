@@ -37,12 +37,12 @@ import numpy as np
 
 from .config import RunConfig
 from .datarecord import dataset_hashes, known_as_is
-from .dataset import Record, check_dataset
+from .dataset import Record, check_dataset, dataset_stamp
 from .embedders import Embedder, EmbedderSpec, make_embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError
 from .fileio import unlink_quietly
-from .galleries import BuildPart, Gallery, build, gallery_source, owned_files
-from .identity import differences
+from .galleries import BuildPart, Gallery, build, gallery_source, made_identity, owned_files
+from .identity import VectorIdentity, differences
 from .index import INDEX_META, switch_index, update_index
 from .items import crop_file_name, image_file_name
 from .report import RunSummary
@@ -85,7 +85,7 @@ class Plan:
     changed: int = 0
     removed: int = 0
     unchanged: int = 0
-    no_image: int = 0  # rows without a picture: always redone (there is nothing to reuse)
+    no_image: int = 0  # rows without a picture that the store has not as they are (the same reason): redone
     unkeyed: int = 0  # photos of a store made before --update (no source_sha256): embedded again
 
     def describe(self) -> str:
@@ -111,14 +111,27 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
     are matched in order, so copies keep their number)."""
     plan = Plan()
     pool: dict[str, deque[int]] = defaultdict(deque)
+    pictureless: dict[tuple[str, str], deque[int]] = defaultdict(deque)  # by (id, why), in order
     for old_row, lines in groups.items():
         key = lines[0].item_id if by_id else lines[0].source_sha256
         if key:
             pool[key].append(old_row)
+        if not lines[0].source_sha256 and not lines[0].sha256:  # a row that had no picture, and why
+            pictureless[(lines[0].item_id if by_id else "", lines[0].error)].append(old_row)
     matched: dict[int, int] = {}
     replaced: set[int] = set()  # old rows whose id came back with other bytes
     for rec, sha in records:
-        if not sha:
+        if not sha:  # still without a picture, for the same reason: its line is kept as it is
+            same = pictureless.get((rec.item_id if by_id else "", rec.error))
+            while same and (same[0] in matched or same[0] in replaced):  # taken by a photo of its id
+                same.popleft()
+            if same:
+                old_row = same.popleft()
+                if by_id and old_row in pool.get(rec.item_id, ()):
+                    pool[rec.item_id].remove(old_row)
+                matched[old_row] = rec.source_row
+                plan.unchanged += 1
+                continue
             plan.embed.append(rec.source_row)
             plan.no_image += 1
             continue
@@ -155,8 +168,12 @@ def renamed(line: ManifestRow) -> str:
 
 def moved_source(source: str, dataset: str, old_row: int, new_row: int) -> str:
     """A line's `source` at its new row: a cell without a path of its own is named "<dataset>[row]"
-    (dataset._row_record), which follows the row; a file's path stays."""
-    return f"{dataset}[{new_row}]" if source == f"{dataset}[{old_row}]" else source
+    (dataset._row_record), which follows the row, in the dataset's spelling of this run (the store's
+    may be another: `cat` then `/data/cat`), as a fresh build names it; a file's path stays."""
+    named = source.endswith(f"[{old_row}]")
+    spelled = source[: -len(f"[{old_row}]")] if named else ""
+    same = spelled == dataset or (bool(spelled) and Path(spelled).name == Path(dataset).name)
+    return f"{dataset}[{new_row}]" if named and same else source
 
 
 def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
@@ -201,10 +218,11 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
         if cfg.images_url:
             UrlImages(cfg.images_url).drop_staged(keep=set())
         return Gallery(old.embeddings, old.rows, embedder)
-    new = _embed_new(cfg, summary, embedder, plan)
+    new = _embed_new(cfg, summary, embedder, plan, old)
     with summary.stage("write the new store"):
         emb, rows, take = _write_next(cfg, old, groups, plan, new)
-    if cfg.index != "none" and (cfg.store_dir / INDEX_META).is_file():
+    shutil.rmtree(stage / "index", ignore_errors=True)  # an abandoned update's: never switched in with this store
+    if (cfg.store_dir / INDEX_META).is_file():  # --index none too: the index keeps its kind and stays current
         with summary.stage("update index"):
             said = update_index(
                 cfg.store_dir, np.asarray(take, np.int64), emb[len(take):], emb, store_sha256(stage / "next"),
@@ -276,8 +294,15 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
                             "build afresh without --update.") from None
 
 
-def _check_embedder(cfg: RunConfig, old: GalleryCache) -> None:
-    problems = differences(requested_identity(cfg.embedder), old.sidecar.identity)
+def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | None = None) -> None:
+    """The embedder asked for (before it loads: what the flags say), or the one that embeds the new
+    photos (`made`: every field it records, the precision and the code that made its pixels too,
+    which `auto` flags leave open until it loads) is the one that made the store's vectors. Fields
+    a store made by an earlier version does not record are not compared."""
+    if made is None:
+        problems = differences(requested_identity(cfg.embedder), old.sidecar.identity)
+    else:
+        problems = differences(made, old.sidecar.identity, only=frozenset(old.sidecar.identity.to_json()))
     if problems:
         raise PipelineError(
             f"{cfg.store_dir} was embedded differently from what is asked:\n  " + "\n  ".join(problems)
@@ -286,25 +311,37 @@ def _check_embedder(cfg: RunConfig, old: GalleryCache) -> None:
         )
 
 
-def _embed_new(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, plan: Plan) -> Gallery | None:
+def _embed_new(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, plan: Plan,
+               old: GalleryCache) -> Gallery | None:
     """The new and changed photos, built by the gallery's own build into the staging folders
-    (resumable: its shards stay there until the switch)."""
+    (resumable: its shards stay there until the switch), by an embedder that makes vectors as the
+    store's were made: checked before they are embedded (Ray's workers load their own: checked
+    after, from the staging store)."""
     if not plan.embed:
         return None
     part = BuildPart(cfg.store_dir / STAGING / "new", cfg.images_dir / STAGING, frozenset(plan.embed))
     if (part.store_dir / ".partial" / "run.json").is_file() and not _same_part(cfg, part):
         shutil.rmtree(part.store_dir)  # an earlier update's staging for other rows or flags: ours to discard
-    return build(cfg, summary, embedder, part=part)
+    if embedder is None and cfg.engine != "ray":
+        with summary.stage("load model"):
+            embedder = make_embedder(cfg.embedder)
+    if embedder is not None:
+        _check_embedder(cfg, old, made_identity(cfg, embedder))
+    new = build(cfg, summary, embedder, part=part)
+    _check_embedder(cfg, old, Sidecar.read(part.store_dir / SIDECAR_FILE).identity)
+    return new
 
 
 def _same_part(cfg: RunConfig, part: BuildPart) -> bool:
-    """The staging build on disk was started for these rows with these batch and shard sizes (its
-    identity and source were checked against the store already)."""
+    """The staging build on disk was started for these rows with these batch and shard sizes, on the
+    dataset's files as they are now (its identity and source were checked against the store
+    already)."""
     try:
         run = json.loads((part.store_dir / ".partial" / "run.json").read_text())
     except (OSError, ValueError):
         return False
-    asked = {"rows": rows_key(part.rows), "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
+    asked = {"rows": rows_key(part.rows), "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows,
+             "dataset_files": dataset_stamp(cfg.dataset)}
     return all(run.get(k) == v for k, v in asked.items())
 
 

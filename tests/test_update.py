@@ -156,6 +156,59 @@ def test_an_interrupted_update_leaves_the_old_store_and_finishes_when_run_again(
     assert_same_as_fresh(out, fresh)
 
 
+def test_a_build_resumed_on_a_changed_dataset_is_refused_and_fresh_starts_over(tiny_onnx, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A build's finished shards hold the photos of the dataset as it was when it started: after the
+    dataset's files changed, resuming would keep photos it no longer has, so the resume is refused,
+    saying so, and --fresh starts over."""
+    data = write_catalogue(tmp_path / "catalogue", list(range(24)))
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    stop_after_shards(monkeypatch, 1)
+    assert run(*args(data, tiny_onnx, out)) == 130
+    monkeypatch.undo()
+    write_catalogue(data, list(range(24)), reshot=frozenset(range(24)))  # every photo re-shot
+    capsys.readouterr()
+    assert run(*args(data, tiny_onnx, out)) == 1
+    err = capsys.readouterr().err
+    assert "holds shards of an unfinished run with different arguments" in err
+    assert "dataset_files: cache has '1 file(s), " in err
+    assert "the dataset's files changed since that run started: its shards may hold photos the dataset no longer" in err
+    assert "add --fresh to discard it" in err
+    assert run(*args(data, tiny_onnx, out, "--fresh")) == 0
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+
+
+def test_an_interrupted_update_on_a_dataset_changed_again_embeds_the_photos_it_now_has(tiny_onnx, tmp_path,
+                                                                                      monkeypatch):
+    """The update's staging shards were embedded from the dataset as it was: re-shot again before
+    the rerun, they are discarded (they are the update's own), never switched in."""
+    data = write_catalogue(tmp_path / "catalogue", list(range(24)))
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id")) == 0
+    write_catalogue(data, list(range(24)), reshot=frozenset(range(0, 24, 2)))
+    stop_after_shards(monkeypatch, 1)
+    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id", "--update")) == 130
+    monkeypatch.undo()
+    assert (out / "embeddings" / ".update" / "new" / ".partial").is_dir()
+    cells = [photo(k, 2 if k % 2 == 0 else 0) for k in range(24)]  # the same products re-shot once more
+    assets.write_parquet_dataset(data, cells, extra={"item_id": [f"P{k:03d}" for k in range(24)]})
+    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id", "--update")) == 0
+    # An update interrupted, then a build instead: the build replaces the store, and the update's
+    # staging goes with the old store (a later update never finds it).
+    write_catalogue(data, list(range(30)))
+    stop_after_shards(monkeypatch, 1)
+    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id", "--update")) == 130
+    monkeypatch.undo()
+    assert (out / "embeddings" / ".update" / "new" / ".partial").is_dir()
+    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id")) == 0
+    assert not (out / "embeddings" / ".update").exists() and not (out / "images" / ".update").exists()
+    assets.write_parquet_dataset(data, cells, extra={"item_id": [f"P{k:03d}" for k in range(24)]})
+    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id", "--update")) == 0
+    assert run(*args(data, tiny_onnx, fresh, "--id-column", "item_id")) == 0
+    assert_same_as_fresh(out, fresh)
+
+
 def test_a_changed_embedder_is_refused(tiny_onnx, tiny_clip, tmp_path, capsys):
     data = write_catalogue(tmp_path / "catalogue", list(range(8)))
     out = tmp_path / "out"
@@ -168,6 +221,28 @@ def test_a_changed_embedder_is_refused(tiny_onnx, tiny_clip, tmp_path, capsys):
     assert "backend: cache has 'onnx', asked for 'torch'" in err
     assert "building afresh: run without --update" in err
     assert (out / "embeddings" / "embeddings.json").read_bytes() == before
+
+
+def test_an_embedder_that_makes_its_pixels_otherwise_is_refused_before_it_embeds(tiny_clip, tmp_path, capsys):
+    """`auto` flags leave the pixels' code (and the precision) open until the model loads: a store
+    built with the device decoder (torchvision, as on a GPU) is not updated with PIL's pixels
+    mixed in, and nothing of the update is embedded or switched."""
+    data = write_catalogue(tmp_path / "catalogue", list(range(8)))
+    out = tmp_path / "out"
+    torch_args = ["--dataset", data, "--model", tiny_clip, "--backend", "torch", "--output-dir", out, "--limit",
+                  "0", "--max-result-images", "0", "--shard-rows", "8", "--batch-size", "4"]
+    assert run(*torch_args, "--decode", "device") == 0
+    before = (out / "embeddings" / "embeddings.json").read_bytes()
+    write_catalogue(data, list(range(12)))
+    capsys.readouterr()
+    assert run(*torch_args, "--update") == 1
+    err = capsys.readouterr().err
+    assert "was embedded differently from what is asked" in err
+    assert "pixels: cache has 'torchvision', asked for 'pil'" in err
+    assert (out / "embeddings" / "embeddings.json").read_bytes() == before
+    assert not (out / "embeddings" / ".update" / "new" / ".partial").exists()  # refused before embedding
+    assert run(*torch_args, "--decode", "device", "--update") == 0  # the store's own way: updated
+    assert len(read_manifest(out / "embeddings" / "manifest.csv")) == 12
 
 
 def test_an_update_needs_a_store_and_ids_it_was_built_with(tiny_onnx, tmp_path, capsys):
@@ -353,13 +428,48 @@ def test_counts_with_ids_rows_without_pictures_and_repeated_ids(tiny_onnx, tmp_p
     assert_same_as_fresh(out, fresh)
 
 
-def test_an_update_that_changes_nothing_rewrites_nothing(tiny_onnx, tmp_path):
-    data = write_catalogue(tmp_path / "catalogue", list(range(8)))
+@pytest.mark.parametrize("by_id", [False, True])
+def test_an_update_that_changes_nothing_rewrites_nothing(by_id, tiny_onnx, tmp_path):
+    """Rows without a picture too: one still without one, for the same reason, is unchanged."""
+    cells: list[bytes | None] = [photo(k) for k in range(8)]
+    cells[3] = None
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells, extra={"item_id": [f"P{k}" for k in range(8)]})
     out = tmp_path / "out"
-    assert run(*args(data, tiny_onnx, out)) == 0
+    ids = ["--id-column", "item_id"] if by_id else []
+    assert run(*args(data, tiny_onnx, out, *ids)) == 3
     before = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()}
-    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    assert run(*args(data, tiny_onnx, out, *ids, "--update")) == 3
     assert {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()} == before
+
+
+def test_an_update_with_index_none_keeps_the_index_current(tiny_onnx, tmp_path):
+    """--index none: the update does not search the index, but brings it along with the store, so
+    the search modes find it current."""
+    data = write_catalogue(tmp_path / "catalogue", list(range(10)))
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out, "--index", "flat")) == 0
+    write_catalogue(data, list(range(12)))
+    assert run(*args(data, tiny_onnx, out, "--index", "none", "--update")) == 0
+    meta = json.loads((out / "embeddings" / "index.json").read_text())
+    assert meta["count"] == 12 and meta["kind"] == "flat"
+    assert meta["store_sha256"] == json.loads((out / "embeddings" / "embeddings.json").read_text())["embeddings_sha256"]
+    (tmp_path / "look.jpg").write_bytes(photo(11))
+    assert run("--onnx", tiny_onnx, "--output-dir", out, "--query-image", tmp_path / "look.jpg") == 0
+
+
+def test_kept_lines_name_their_row_as_this_runs_dataset_is_spelled(tiny_onnx, tmp_path, monkeypatch):
+    """A store built with `--dataset cat` (relative) and updated with its absolute path: each kept
+    line's source names its new row, as a fresh build with that spelling does."""
+    monkeypatch.chdir(tmp_path)
+    write_catalogue(tmp_path / "cat", list(range(6)))
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert run(*args(Path("cat"), tiny_onnx, out)) == 0
+    write_catalogue(tmp_path / "cat", list(range(1, 6)))
+    assert run(*args(tmp_path / "cat", tiny_onnx, out, "--update")) == 0
+    assert run(*args(tmp_path / "cat", tiny_onnx, fresh)) == 0
+    sources = sorted((r.source_row, r.source) for r in read_manifest(out / "embeddings" / "manifest.csv"))
+    assert sources == [(k, f"{tmp_path / 'cat'}[{k}]") for k in range(5)]
+    assert_same_as_fresh(out, fresh)
 
 
 def test_the_index_is_updated_with_its_store_not_rebuilt(tiny_onnx, tmp_path, caplog):
@@ -395,6 +505,40 @@ def thumbnail_of(out: Path, product: int) -> bytes:
 def assert_nowhere_in_the_store(out: Path, thumb: bytes) -> None:
     for p in (out / "embeddings").rglob("*"):
         assert not p.is_file() or thumb not in p.read_bytes(), f"a removed photo's thumbnail is still in {p}"
+
+
+def test_a_search_mode_never_pairs_the_store_it_loaded_with_the_index_of_one_switched_in_after(
+        tiny_onnx, tmp_path, monkeypatch):
+    """--serve and --query-* take no output lock: an update's switch may land between the store's load
+    and the index's. The index is checked against the store loaded (its sidecar as read then), so the
+    new store's index is refused, never searched over the old store's vectors."""
+    import shutil
+
+    import main as cli
+    from pipeline import galleries
+    from pipeline.config import config_from_flags
+    from pipeline.errors import PipelineError
+
+    data = write_catalogue(tmp_path / "catalogue", list(range(10)))
+    out, updated = tmp_path / "out", tmp_path / "updated"
+    assert run(*args(data, tiny_onnx, out, "--index", "flat")) == 0
+    shutil.copytree(out, updated)
+    write_catalogue(data, [*range(1, 10), 50])  # photo 0 gone, photo 50 added: still 10 vectors
+    assert run(*args(data, tiny_onnx, updated, "--index", "flat", "--update")) == 0
+    real_load = galleries.load_gallery_cache
+
+    def load_then_switch(cfg, identity=None):
+        cache = real_load(cfg, identity)
+        for f in (updated / "embeddings").iterdir():  # the update's switch lands now
+            if f.is_file():
+                shutil.copy2(f, out / "embeddings" / f.name)
+        return cache
+
+    monkeypatch.setattr(galleries, "load_gallery_cache", load_then_switch)
+    cfg = config_from_flags(vars(cli.build_parser().parse_args(
+        ["--onnx", str(tiny_onnx), "--output-dir", str(out), "--serve"])))
+    with pytest.raises(PipelineError, match="was built for other embeddings"):
+        galleries.open_catalog(cfg, RunSummary(mode="serve"))
 
 
 def test_added_photos_thumbnails_go_in_a_segment_and_a_removed_photo_leaves_no_thumbnail(tiny_onnx, tmp_path,
