@@ -304,6 +304,10 @@ def _evaluate(node: Node, table: Any) -> Any:
     col = table.column(node.column)
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
+    if pa.types.is_floating(col.type):  # NaN is a missing value, as shown (metadata.json_value): never matches
+        col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+    if pa.types.is_integer(col.type) and col.type != pa.uint64():
+        col = col.cast(pa.int64())  # IN (300, 1) on a uint8 column: 300 matches nothing, as = 300 does
     if node.op == "is null":
         return pc.is_null(col)
     if node.op == "is not null":
@@ -312,7 +316,8 @@ def _evaluate(node: Node, table: Any) -> Any:
         col = col.cast(pa.float64())  # 49.5 must not become 49
     values = [_scalar(v, col.type) for v in node.values]
     if node.op in ("in", "not in"):
-        found = pc.is_in(col, value_set=pa.array([v.as_py() for v in values], type=col.type), skip_nulls=True)
+        found = pc.is_in(col, value_set=pa.array([_fitted(v, col.type) for v in node.values], type=col.type),
+                         skip_nulls=True)
         found = pc.if_else(pc.is_null(col), pa.scalar(None, pa.bool_()), found)
         return pc.invert(found) if node.op == "not in" else found
     fn = {"=": pc.equal, "!=": pc.not_equal, "<": pc.less, "<=": pc.less_equal, ">": pc.greater,
@@ -320,9 +325,33 @@ def _evaluate(node: Node, table: Any) -> Any:
     return fn(col, values[0])
 
 
+def _fitted(value: Any, arrow_type: Any) -> Any:
+    """A filter's value as a Python value of the column's type where it is another's (a float for a
+    float column, a Decimal for a decimal one: 49.5 is Decimal('49.5'), not its binary float);
+    a value the type cannot hold (300 for a uint8 column) is left to _scalar."""
+    import decimal
+
+    import pyarrow as pa
+
+    if pa.types.is_floating(arrow_type) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if pa.types.is_decimal(arrow_type) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return decimal.Decimal(repr(value))
+    return value
+
+
 def _scalar(value: Any, arrow_type: Any) -> Any:
     import pyarrow as pa
 
+    value = _fitted(value, arrow_type)
+
+    if pa.types.is_timestamp(arrow_type) and arrow_type.tz is not None and isinstance(value, str):
+        try:
+            return pa.scalar(value).cast(arrow_type)
+        except pa.ArrowInvalid:  # '2026-01-31' or '2026-01-31 10:00', no zone: a time in the column's own zone
+            import pyarrow.compute as pc
+
+            return pc.assume_timezone(pa.scalar(value).cast(pa.timestamp(arrow_type.unit)), arrow_type.tz)
     if pa.types.is_temporal(arrow_type) and isinstance(value, str):
         return pa.scalar(value).cast(arrow_type)
     if pa.types.is_integer(arrow_type) and isinstance(value, float):

@@ -100,10 +100,13 @@ def product_labels(values: Any) -> tuple[np.ndarray, int]:
     """--group-by: an int64 label per row of a metadata column (pyarrow), equal for equal values;
     a row without a value gets a label of its own (it stands alone). Returns the labels and how
     many rows had no value."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     codes = np.asarray(arrow_numpy(pc.dictionary_encode(values).combine_chunks().indices))
     missing = np.asarray(arrow_numpy(values.is_null()), bool)
+    if pa.types.is_floating(values.type):  # NaN is no value, as shown: it stands alone too
+        missing |= np.asarray(arrow_numpy(pc.fill_null(pc.is_nan(values), False)), bool)
     n_codes = int(codes[~missing].max()) + 1 if (~missing).any() else 0
     labels = np.where(missing, n_codes + np.arange(len(codes)), codes)
     return labels.astype(np.int64), int(missing.sum())

@@ -120,7 +120,9 @@ def run_query(cfg: RunConfig) -> RunSummary:
     if meta is not None:  # each hit's metadata values after its columns (same order as `flat`)
         hits = [int(j) for row in nb.indices for j in row if j >= 0]
         rows = [(*r, *meta.values(j).values()) for r, j in zip(rows, hits)]
-    columns = ("query", "kind", "rank", "gallery_file", "row", "distance", *extra)
+    own = ("query", "kind", "rank", "gallery_file", "row", "distance")
+    # a catalogue column named as one of the table's own (`kind`, `rank`) gets `meta_` before it: no header twice
+    columns = (*own, *(f"meta_{c}" if c in own or c.startswith("meta_") and c[5:] in own else c for c in extra))
     write_neighbours_csv(table, iter(rows), columns=columns)
     summary.count("queries", len(queries))
     summary.outputs["results"] = str(table)

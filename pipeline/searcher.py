@@ -187,7 +187,7 @@ class Searcher:
         cap = min(len(self.embeddings), k + self.hidden + 1)
         idx = np.full((n_queries, k), -1, np.int64)
         dist = np.full((n_queries, k), np.inf, np.float32)
-        todo = np.arange(n_queries)
+        todo = np.arange(n_queries) if cap > 0 else np.arange(0)  # an empty gallery: nothing to find
         fetch = first.indices.shape[1] if first is not None else min(cap, k + min(self.hidden, 4 * k) + 1)
         while len(todo):
             nb = first if first is not None else ask(fetch, todo)

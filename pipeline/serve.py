@@ -152,7 +152,13 @@ def _add_auth(app, token: str) -> None:
 
 
 def both_filters(server: str | None, client: str | None) -> str | None:
-    """The server's --filter and a client's, both applying: a client narrows, never widens."""
+    """The server's --filter and a client's, both applying: a client narrows, never widens. The
+    client's must be a whole filter on its own (FilterError, pointing into it, otherwise): text
+    such as `x = 1) OR (y IS NULL` would close the parentheses around it and escape the server's."""
+    from .filters import parse_filter
+
+    if client and client.strip():
+        parse_filter(client)
     parts = [f for f in (server, client) if f and f.strip()]
     return " AND ".join(f"({f})" for f in parts) or None
 
@@ -338,6 +344,8 @@ def run_serve(cfg: RunConfig) -> RunSummary:
         import uvicorn
     except ImportError as e:
         raise UsageError("--serve needs uvicorn: pip install fastapi uvicorn python-multipart") from e
+    if cfg.top_k > MAX_K:  # the page asks with the server's k: every query would be refused
+        raise UsageError(f"--serve answers at most {MAX_K} results a query; --top-k {cfg.top_k} is over it")
     summary = RunSummary(mode="serve")
     token = required_token(cfg)  # beyond loopback without a token: refused before anything binds
     sock = bind(cfg.serve.host, cfg.serve.port)  # before the model loads: a busy port is said at once

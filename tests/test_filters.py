@@ -149,4 +149,39 @@ def test_a_client_filter_narrows_the_servers_never_widens():
 
     assert both_filters("category = 'dress'", "price < 5") == "(category = 'dress') AND (price < 5)"
     assert both_filters("category = 'dress'", "") == "(category = 'dress')" and both_filters(None, None) is None
+    # A client's text that would close the parentheses and OR its way past the server's filter is
+    # not a filter on its own: refused, the place pointed at in the client's own text.
+    from pipeline.filters import FilterError
+
+    with pytest.raises(FilterError, match=r"found .\). \(at character 15\)"):
+        both_filters("in_stock = true", "category = 'x') OR (category IS NOT NULL")
+    with pytest.raises(FilterError):
+        both_filters("in_stock = true", "price = 5 AND")
     assert _json_value(float("nan")) is None and _json_value(1.5) == 1.5
+
+
+def test_nan_is_missing_and_values_of_another_width_or_kind_compare_as_numbers():
+    """NaN is shown as no value (metadata.json_value), so it filters as one; a date without a zone
+    on a zoned timestamp column is a time in the column's zone; numbers a column's type cannot
+    hold, or of another kind (49.5 for a decimal column), compare instead of failing."""
+    import datetime
+    import decimal
+
+    table = pa.table({
+        "price": pa.array([10, float("nan"), 30, None, 5, 50], pa.float64()),
+        "size8": pa.array([1, 2, 255, None, 3, 4], pa.uint8()),
+        "dec": pa.array([decimal.Decimal(v) if v else None for v in ["49.5", "10.5", "1", None, "2", "3"]],
+                        pa.decimal128(10, 2)),
+        "created": pa.array([datetime.datetime(2026, 1, d, 12, tzinfo=datetime.UTC) if d else None
+                             for d in [1, 2, 3, None, 4, 5]], pa.timestamp("us", tz="UTC")),
+    })
+
+    def match(text: str) -> list[int]:
+        return Filter.parse(text, table.schema).mask(table).nonzero()[0].tolist()
+
+    assert match("NOT price < 20") == [2, 5] and match("price IS NULL") == [1, 3] and match("price != 10") == [2, 4, 5]
+    assert match("price > 99999999999999999999") == [] and match("price IN (10, 30)") == [0, 2]
+    assert match("size8 IN (300, 1)") == [0] and match("size8 IN (-1, 1)") == [0] and match("size8 = 300") == []
+    assert match("dec IN (49.5, 10.5)") == [0, 1] and match("dec = 49.5") == [0] and match("dec > 2") == [0, 1, 5]
+    assert match("created >= '2026-01-03'") == [2, 4, 5] and match("created < '2026-01-02 13:00'") == [0, 1]
+    assert match("created >= '2026-01-03T00:00:00+01:00'") == [2, 4, 5]

@@ -424,3 +424,21 @@ def test_a_dataset_column_named_source_row_is_not_taken_for_the_key(tiny_onnx, t
     capsys.readouterr()
     assert cli.main(args(data, tiny_onnx, tmp_path / "o2", "--meta-columns", "source_row")) == 1
     assert "'source_row' is the name the store keys its rows by" in capsys.readouterr().err
+
+
+def test_catalogue_columns_named_as_the_results_own_get_a_prefix_in_the_csv(tiny_onnx, tmp_path):
+    """A catalogue with `kind` and `rank` columns: query_results.csv names them meta_kind and
+    meta_rank, so no header is there twice and the query's own kind and rank are read back."""
+    cells = [assets.jpeg_bytes(40, 56, seed=820 + i) for i in range(6)]
+    data = assets.write_parquet_dataset(tmp_path / "shop", cells, extra={"kind": ["dress"] * 6,
+                                                                        "rank": list(range(10, 16))})
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    assert run(*args(data, tiny_onnx, out, "--query-text", "a dress", "--top-k", "3")) == 0
+    with open(out / "retrieval_results" / "queries" / "query_results.csv", newline="") as f:
+        header = next(csv.reader(f))
+        f.seek(0)
+        lines = list(csv.DictReader(f))
+    assert header == ["query", "kind", "rank", "gallery_file", "row", "distance", "meta_kind", "meta_rank"]
+    assert [(r["kind"], r["rank"], r["meta_kind"]) for r in lines] == [("text", str(k), "dress") for k in (1, 2, 3)]
+    assert all(10 <= int(r["meta_rank"]) <= 15 for r in lines)

@@ -160,3 +160,14 @@ def test_carried_lists_at_the_model_s_width_match_a_full_pass_up_to_rounding():
     assert np.allclose(got.distances, want.distances, atol=1e-6)
     assert (got.indices != np.arange(len(now))[:, None]).all()
     assert (got.indices == want.indices).mean() > 0.99
+
+
+def test_an_empty_gallery_grouped_answers_nothing_for_each_query():
+    import pyarrow as pa
+
+    from pipeline.metadata import Metadata
+
+    s = Searcher(np.zeros((0, D), np.float32), [])
+    s.metadata = Metadata(pa.table({"pid": pa.array([], pa.string())}))
+    s.group_by("pid")
+    assert s.search(np.ones((2, D), np.float32), 5) == [[], []]

@@ -289,3 +289,11 @@ def test_beyond_loopback_the_page_and_its_api_need_the_token(served, tiny_onnx, 
         browser.delete_all_cookies()
         errors = console_errors(browser)  # read here, so the next test starts with an empty log
         assert errors and all("401 (Unauthorized)" in e for e in errors)  # the two refused /api/info
+
+
+def test_a_top_k_over_what_a_query_may_ask_is_refused_before_serving(tiny_onnx, tmp_path, capsys):
+    """The page asks with the server's --top-k: over the API's bound, every query would be a 422."""
+    from tests.helpers import run
+
+    assert run("--onnx", tiny_onnx, "--output-dir", tmp_path / "o", "--serve", "--top-k", "150") == 2
+    assert "--serve answers at most 100 results a query; --top-k 150 is over it" in capsys.readouterr().err
