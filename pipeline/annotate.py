@@ -154,6 +154,9 @@ def draw(frame_bgr: np.ndarray, drawings: list[Drawing], scale: float) -> np.nda
     for d in drawings:
         colour = COLOURS_BGR[(d.track - 1) % len(COLOURS_BGR)]
         x1, y1, x2, y2 = (int(round(float(v) * scale)) for v in d.box_xyxy)
+        if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:  # moved out of the frame (predicted past the last analysed one)
+            continue
+        x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w - 1, x2), min(h - 1, y2)
         cv2.rectangle(frame_bgr, (x1, y1), (x2, y2), colour, max(3, h // 240))  # survives chroma subsampling
         label = f"#{d.track} {d.caption}"
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font, 1)
@@ -166,7 +169,7 @@ def draw(frame_bgr: np.ndarray, drawings: list[Drawing], scale: float) -> np.nda
         if d.tile_rgb is not None and side < min(w, h):
             tile = cv2.cvtColor(cv2.resize(d.tile_rgb, (side, side), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2BGR)
             # right of the box, or left of it where the frame ends
-            tx = x2 + 4 if x2 + 4 + side <= w else max(0, x1 - 4 - side)
+            tx = x2 + 4 if x2 + 4 + side <= w else min(max(0, x1 - 4 - side), w - side)
             ty = min(max(0, y1), h - side)
             frame_bgr[ty : ty + side, tx : tx + side] = tile
             cv2.rectangle(frame_bgr, (tx, ty), (tx + side - 1, ty + side - 1), colour, thick)

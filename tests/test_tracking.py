@@ -19,6 +19,23 @@ from tests import assets
 # ----------------------------------------------------------------------------- the tracker alone
 
 
+def test_boxes_moved_out_of_the_frame_draw_inside_it_or_not_at_all():
+    """After the last analysed frame a track's box moves on by its velocity and may leave the frame:
+    its tile is kept inside the frame, and a box wholly outside is not drawn (it crashed the video's
+    last frames)."""
+    from pipeline.annotate import Drawing, draw
+
+    tile = np.full((32, 32, 3), 200, np.uint8)
+    frame = np.zeros((180, 320, 3), np.uint8)
+    boxes = [[300, 20, 330, 100], [-40, 20, -10, 100], [330, 20, 360, 100], [-20, -30, 40, 60], [290, 150, 340, 230]]
+    out = draw(frame.copy(), [Drawing(np.array(b, np.float32), i + 1, "x", tile) for i, b in enumerate(boxes)], 1.0)
+    assert out.shape == frame.shape and out.any()
+    alone = draw(frame.copy(), [Drawing(np.array([-40, 20, -10, 100], np.float32), 1, "x", tile)], 1.0)
+    assert not alone.any()  # wholly outside: nothing drawn
+
+
+
+
 def unit(*v):
     x = np.asarray(v, np.float32)
     return x / np.linalg.norm(x)
