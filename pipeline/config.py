@@ -18,6 +18,8 @@ from .remote import default_work_dir, is_url
 from .store import PARTIAL_DIR
 from .yolo import SegmentSpec
 
+CLIP_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")  # the containers --video_clip finds
+
 
 @dataclass(frozen=True)
 class VideoSpec:
@@ -31,6 +33,16 @@ class VideoSpec:
     det_backend: str = "auto"  # auto (ONNX export of .pt weights on the CPU) | onnx | torch
     track_gap: int = 2  # analysed frames a person may go unseen before their track ends
     no_annotated_video: bool = False
+
+    @property
+    def clip_name(self) -> str | None:
+        """What the clip's outputs are named by: --video_clip without a folder or a video file's
+        suffix (`videos/clip_1.mp4` is clip_1: its outputs stay in the output folder)."""
+        if not self.clip:
+            return None
+        name = Path(self.clip).name
+        stem, dot, suffix = name.rpartition(".")
+        return stem if dot and stem and f".{suffix.lower()}" in CLIP_SUFFIXES else name
 
 
 @dataclass(frozen=True)
@@ -160,7 +172,7 @@ class RunConfig:
     def video_results_dir(self) -> Path:
         """video_results/<clip>/ (video_results/ itself when no clip is set)."""
         base = self.output_dir / "video_results"
-        return base / self.video.clip if self.video.clip else base
+        return base / self.video.clip_name if self.video.clip_name else base
 
     def owned_folders(self) -> list[Path]:
         """Every folder of the output layout, standard and segmented, that exists now."""

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from .annotate import AnnotatedVideoWriter, Drawing, draw, output_size
-from .config import RunConfig, VideoSpec
+from .config import CLIP_SUFFIXES, RunConfig, VideoSpec
 from .embedders import Embedder, make_embedder, on_cuda
 from .errors import PipelineError
 from .fileio import atomic_write_text, check_writable
@@ -36,7 +36,7 @@ from .yolo import ULTRALYTICS_MAX_DET, UltralyticsDetector
 
 log = logging.getLogger(__name__)
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+VIDEO_SUFFIXES = CLIP_SUFFIXES
 REENCODE_HINT = "re-encode it to H.264, e.g. ffmpeg -i INPUT -c:v libx264 -pix_fmt yuv420p OUTPUT.mp4"
 
 
@@ -285,7 +285,7 @@ class VideoRun:
         bar = tqdm(
             total=clip.frames_hint or None,
             unit="frame",
-            desc=f"video {self.cfg.video.clip}",
+            desc=f"video {self.cfg.video.clip_name}",
             disable=not self.cfg.progress,
         )
         t_read = time.perf_counter()
@@ -459,7 +459,7 @@ class VideoRun:
             self.out_dir / "tracks.json",
             json.dumps(
                 {
-                    "clip": video.clip,
+                    "clip": video.clip_name,
                     "fps": self.clip.fps,
                     "frames": self.reader.frames_read,
                     "stride": video.frame_stride,
@@ -517,7 +517,7 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
     video = cfg.video
     if video.clip is None:
         raise PipelineError("run_video needs --video_clip")
-    summary = RunSummary(mode=f"video {video.clip}" + (" (segmented)" if cfg.segmented else ""))
+    summary = RunSummary(mode=f"video {video.clip_name}" + (" (segmented)" if cfg.segmented else ""))
     path = find_video(video.folder, video.clip)
     open_video(path).close()  # fail on an unreadable file before any model is loaded
     check_writable(cfg.video_results_dir)
@@ -619,7 +619,7 @@ def write_video_section(cfg: RunConfig, summary: RunSummary, run: VideoRun, trac
             "tracks": [{**t, "sheet": relative_link(out_dir / t["sheet"], cfg.plots_dir)} for t in tracks],
             "video": relative_link(run.annotated, cfg.plots_dir) if run.annotated else None,
         }
-        section = Section(f"video_{cfg.video.clip}", "video", f"Video {cfg.video.clip}", summary, data)
+        section = Section(f"video_{cfg.video.clip_name}", "video", f"Video {cfg.video.clip_name}", summary, data)
         summary.outputs["report"] = str(write_section(cfg.plots_dir, section))
 
 

@@ -149,14 +149,15 @@ def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx,
     pics = sorted((out / "video_results" / "clip_1").glob("frame_*.jpg"))
     assert [p.name for p in pics] == ["frame_000000.jpg", "frame_000030.jpg", "frame_000060.jpg", "frame_000090.jpg"]
     assert Image.open(pics[0]).height > 120 + 2 * 128  # the frame plus one match row per person
-    # the cache mode reuses the gallery
+    # the cache mode reuses the gallery; the clip named by its path (its folder, its suffix) is the same
+    # clip, its outputs in the output folder, nothing beside the clip
+    before = sorted(p.name for p in clip_dir.iterdir())
+    (out / "video_results" / "clip_1" / "results.jsonl").unlink()
     assert (
         cli.main(
             [
                 "--video_clip",
-                "clip_1",
-                "--video_dir",
-                str(clip_dir),
+                str(clip_dir / "clip_1.mp4"),
                 "--use-embeddings",
                 "--onnx",
                 str(tiny_onnx),
@@ -167,6 +168,8 @@ def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx,
         )
         == 3
     )
+    assert (out / "video_results" / "clip_1" / "results.jsonl").is_file()
+    assert sorted(p.name for p in clip_dir.iterdir()) == before
 
 
 def test_video_matches_honour_filter_and_group_by(clip_dir, tiny_onnx, tmp_path, monkeypatch, capsys):
