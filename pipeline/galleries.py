@@ -156,11 +156,13 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
             images_at=images_at,
         )
     except CacheMismatchError as e:
+        search_from = None if cfg.from_cache else cfg.output_dir  # a search mode: no cache flag to leave out
         if e.missing and not (cfg.store_dir / PARTIAL_DIR).is_dir():
-            raise CacheMismatchError(f"{e}\n{build_first(cfg.store_dir, cfg.segmented)}") from None
+            raise CacheMismatchError(f"{e}\n{build_first(cfg.store_dir, cfg.segmented, search_from)}") from None
         if isinstance(e.made_by, Sidecar):
             made = e.made_by
-            line = reuse_or_rebuild(e.differing, made.identity, made.source, cfg.segmented, cfg.embedder.onnx)
+            line = reuse_or_rebuild(e.differing, made.identity, made.source, cfg.segmented, cfg.embedder.onnx,
+                                    search_from)
             raise CacheMismatchError(f"{e}\n{line}") from None
         raise
 

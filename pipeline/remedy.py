@@ -38,8 +38,18 @@ def cache_flag(segmented: bool) -> str:
     return "--use-embedded-segment" if segmented else "--use-embeddings"
 
 
-def build_first(store: Path, segmented: bool) -> str:
-    """The refusal's last line when there is no store yet."""
+def gallery_run(output_dir: Path, segmented: bool) -> str:
+    """The command that builds the store a search mode (--query-*, --serve, --export) reads."""
+    segment = " --use-segmentation" if segmented else ""
+    return f"python main.py{segment} --output-dir {shlex.quote(str(output_dir))}"
+
+
+def build_first(store: Path, segmented: bool, search_from: Path | None = None) -> str:
+    """The refusal's last line when there is no store yet; `search_from`: the output folder of a
+    search mode, which builds nothing itself (its command has no cache flag to leave out)."""
+    if search_from is not None:
+        return (f"Build it first with a gallery run: {gallery_run(search_from, segmented)} (with the --dataset and "
+                f"--model or --onnx to make it with; it writes {store}), then search it.")
     return (
         f"Build it first: run the same command without {cache_flag(segmented)} "
         f"(it writes {store}); later runs add {cache_flag(segmented)} to reuse it."
@@ -47,7 +57,8 @@ def build_first(store: Path, segmented: bool) -> str:
 
 
 def reuse_or_rebuild(
-    differing: Iterable[str], identity: VectorIdentity, source: GallerySource, segmented: bool, onnx_asked: str | None
+    differing: Iterable[str], identity: VectorIdentity, source: GallerySource, segmented: bool, onnx_asked: str | None,
+    search_from: Path | None = None,
 ) -> str:
     """The refusal's last line for a store made differently: the flags that made it, then rebuilding.
 
@@ -55,16 +66,31 @@ def reuse_or_rebuild(
         differing: the sidecar fields that differ from the request.
         identity, source: what the sidecar says made the store.
         onnx_asked: the --onnx of the request, whose folder is searched for the file that made it.
+        search_from: the output folder of a search mode (rebuilding is then a gallery run).
     """
+    made = {**source.to_json(), **identity.to_json()}
+    names = list(dict.fromkeys(differing))
+    if made.get("backend") == "onnx":
+        # An ONNX store is asked for by its file: its model and precision are the file's, not flags to give
+        names = [n for n in names if n not in ("model", "precision")]
+        if "backend" in names and "onnx_sha256" not in names:
+            names.append("onnx_sha256")
     flags: list[str] = []
-    for name in dict.fromkeys(differing):
-        flags += _flags_for(name, {**source.to_json(), **identity.to_json()}, onnx_asked)
+    for name in names:
+        flags += _flags_for(name, made, onnx_asked)
     reuse = f"To reuse it, ask for what made it: {' '.join(flags)}; or " if flags else "Either "
+    if search_from is not None:
+        build = gallery_run(search_from, segmented)
+        return reuse + f"rebuild it with a gallery run: {build} with the flags you want (the old store is replaced)."
     return reuse + f"rebuild it by running without {cache_flag(segmented)} (the old store is replaced)."
 
 
 def _flags_for(name: str, made: dict[str, Any], onnx_asked: str | None) -> list[str]:
+    from .backends import PRECISIONS
+
     value = made.get(name)
+    if name == "precision" and value not in PRECISIONS:
+        return []  # recorded, not a --precision choice: the file or model gives it
     if name == "onnx_sha256" and value:
         found = find_file_with_sha256(value, onnx_asked)
         if found is None:
@@ -82,8 +108,10 @@ def _flags_for(name: str, made: dict[str, Any], onnx_asked: str | None) -> list[
 
 
 def find_file_with_sha256(sha256: str, near: str | None) -> Path | None:
-    """An .onnx file beside `near` (or in ./onnx) whose bytes hash to `sha256`."""
-    folders = {Path(near).parent if near else Path("onnx"), Path("onnx")}
+    """An .onnx file beside `near`, in ./onnx or in the project's onnx/ (a run from another folder)
+    whose bytes hash to `sha256`."""
+    project = Path(__file__).resolve().parents[1] / "onnx"
+    folders = {Path(near).parent if near else Path("onnx"), Path("onnx"), project}
     candidates = sorted(p for folder in folders if folder.is_dir() for p in folder.glob("*.onnx") if p.is_file())
     for p in candidates[:MAX_ONNX_FILES]:
         if sha256_file(p) == sha256:

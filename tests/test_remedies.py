@@ -71,6 +71,37 @@ def test_using_a_cache_that_was_never_built_says_to_build_it_first(tiny_onnx, tm
     assert not out.exists()
 
 
+def test_a_search_mode_is_told_the_gallery_run_that_builds_its_store(tiny_onnx, tiny_clip, mixed_dataset, tmp_path,
+                                                                      capsys, monkeypatch):
+    """--query-*, --serve and --export have no cache flag to leave out: the way to a store is a gallery
+    run, named; an ONNX store is asked for by its file (its model and recorded precision are not
+    flags: `--precision onnx-int8-...` is no --precision choice), found even where the backend was
+    the only difference."""
+    out = tmp_path / "new"
+    assert run("--onnx", tiny_onnx, "--output-dir", out, "--query-text", "a red dress") == 1
+    err = capsys.readouterr().err
+    assert f"Build it first with a gallery run: python main.py --output-dir {out} (with the --dataset and --model " \
+           "or --onnx to make it with" in err
+    assert "without --use-embeddings" not in err
+    assert run("--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0") == 3
+    capsys.readouterr()
+    (tmp_path / "elsewhere" / "onnx").mkdir(parents=True)
+    shutil.copy(tiny_onnx, tmp_path / "elsewhere" / "onnx" / "made.onnx")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # its ./onnx holds the file that made the store
+    assert run("--model", tiny_clip, "--backend", "torch", "--output-dir", out, "--query-text", "a red dress") == 1
+    err = capsys.readouterr().err
+    assert "backend: cache has 'onnx', asked for 'torch'" in err
+    remedy = err.strip().splitlines()[-1]
+    assert remedy.startswith("To reuse it, ask for what made it: --backend onnx --onnx onnx/made.onnx; or "), remedy
+    assert "--precision" not in remedy and "--model" not in remedy
+    assert f"rebuild it with a gallery run: python main.py --output-dir {out} with the flags you want" in remedy
+    from tests import assets
+
+    (tmp_path / "look.jpg").write_bytes(assets.jpeg_bytes(40, 60))
+    assert run("--backend", "onnx", "--onnx", "onnx/made.onnx", "--output-dir", out, "--query-image",
+               tmp_path / "look.jpg") == 0
+
+
 @pytest.mark.subprocess
 def test_an_unreachable_hub_is_found_once_and_the_run_ends_fast(tiny_onnx, tmp_path):
     """No HF_HUB_OFFLINE, and nothing listens at the hub's address: one probe, one warning, then the
