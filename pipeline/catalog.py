@@ -11,6 +11,7 @@ The same `Searcher` answers the CLI's queries, --serve and video, so the hits ar
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -27,6 +28,7 @@ from .images import decode_image
 from .metadata import load_metadata
 from .persons import Segmenter
 from .preprocess import preprocess_batch
+from .remedy import find_file_with_sha256
 from .searcher import Hit, QueryCrop, Searcher, combine, query_crops
 from .store import (
     SIDECAR_FILE,
@@ -35,6 +37,8 @@ from .store import (
     load_cache,
 )
 from .yolo import SegmentSpec, make_segmenter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -280,11 +284,26 @@ class Catalog:
 
 
 def _embedder_spec(cache: GalleryCache, model: str | None, onnx: str | None, device: str, threads: int) -> EmbedderSpec:
+    """What embeds the queries. A store made by an ONNX file is asked with that file: with
+    `model=` (the model the file was exported from; its own vectors are not the file's), the file
+    whose sha256 the store records is looked for beside the default one, in ./onnx and the
+    project's onnx/, else refused with what to pass."""
     made = cache.sidecar.identity
     if onnx:
         return EmbedderSpec(model=model or made.model or "", onnx=onnx, backend="onnx", device=device, threads=threads)
-    if model is None and made.backend == "onnx":
-        return EmbedderSpec(backend="onnx", device=device, threads=threads)  # the default file, checked on load
+    if made.backend == "onnx":
+        if model is None:
+            return EmbedderSpec(backend="onnx", device=device, threads=threads)  # the default file, checked on load
+        found = find_file_with_sha256(made.onnx_sha256 or "", EmbedderSpec().onnx)
+        if found is None:
+            raise CacheMismatchError(
+                f"the store in {cache.root} was made by an int8 ONNX file (sha256 {(made.onnx_sha256 or '?')[:12]}…, "
+                f"exported from {made.model}), whose vectors are not the model's own: pass onnx='FILE.onnx', the "
+                "file that made it"
+            )
+        log.info("%s: the store was made by %s (exported from the model): its queries are embedded with it",
+                 cache.root, found)
+        return EmbedderSpec(model=model, onnx=str(found), backend="onnx", device=device, threads=threads)
     return EmbedderSpec(model=model or made.model or "", backend="torch", device=device, threads=threads)
 
 

@@ -147,3 +147,26 @@ def test_the_no_matrix_note_states_its_real_cause(built, tiny_clip, tmp_path, ca
     assert "the neighbours came from the approximate index" in said and "--max-matrix" not in said
     assert cli.main([*argv, "--index", "none", "--max-matrix", "5"]) == 0
     assert "12 items > --max-matrix 5: distance matrix not saved" in capsys.readouterr().out
+
+
+def test_a_store_made_by_the_onnx_file_is_searched_with_it_when_opened_with_its_model(
+        tiny_onnx, tiny_clip, mixed_dataset, tmp_path, monkeypatch):
+    """The README's way (`python main.py` with the int8 file) and the README's Catalog example
+    (model=): the store's queries go through the file that made it, found by the sha256 the store
+    records, not through the model, whose own vectors are not the file's; where the file is not
+    found, the refusal comes at open and says to pass onnx=."""
+    import shutil
+
+    out = tmp_path / "out"
+    assert cli.main(["--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out),
+                     "--max-result-images", "0", "-q"]) == 3
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CacheMismatchError, match="made by an int8 ONNX file .* pass onnx='FILE.onnx'"):
+        Catalog.open(out, model=str(tiny_clip))
+    (tmp_path / "onnx").mkdir()
+    shutil.copy(tiny_onnx, tmp_path / "onnx" / "mine.onnx")
+    cat = Catalog.open(out, model=str(tiny_clip))
+    picture = out / "images" / cat.items[2].file
+    assert cat.search_image(picture, k=1)[0].hits[0].row == 2
+    by_file = Catalog.open(out, onnx=str(tiny_onnx))
+    assert cat.search_image(picture, k=3)[0].hits == by_file.search_image(picture, k=3)[0].hits
