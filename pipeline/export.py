@@ -66,7 +66,7 @@ from .embedders import (
     tokenizer_path_for,
 )
 from .errors import PipelineError, first_line
-from .fileio import waiting_lock
+from .fileio import sha256_file, waiting_lock
 from .int8graph import (
     CPU_GRAPH_RECIPE,
     FUSED_RECIPE,
@@ -107,6 +107,7 @@ class ExportReport:
     probe_int8_bar: float = 1.0
     speed_lines: list[str] = field(default_factory=list)  # both files on this CPU (onnxspeed.CpuSpeed)
     text_lines: list[str] = field(default_factory=list)
+    kept_lines: list[str] = field(default_factory=list)  # the earlier file this export replaced, kept
 
     def lines(self) -> list[str]:
         def ok(good: bool) -> str:
@@ -124,6 +125,7 @@ class ExportReport:
             f"(the int8 file refuses to run where it scores below {self.probe_int8_bar:.4f})",
             *self.speed_lines,
             *self.text_lines,
+            *self.kept_lines,
         ]
 
 
@@ -403,6 +405,7 @@ class _ImageExport:
         report.text_lines = self.text.lines
         with waiting_lock(move_lock_path(self.int8_path), lambda: log.info(
                 "waiting for another export to %s to finish moving its files into place", self.int8_path.parent)):
+            report.kept_lines = keep_replaced(self.int8_path, self.tmp_int8)
             _move_into_place(self.tmp_fp32, self.fp32_path)
             _move_into_place(self.tmp_int8, self.int8_path)
             self.text.commit()
@@ -517,6 +520,32 @@ def _as_one_file(path: Path) -> None:
     onnx.save(model, str(path))
     for f in data:
         f.unlink(missing_ok=True)
+
+
+def keep_replaced(int8_path: Path, new_int8: Path) -> list[str]:
+    """The int8 file an export replaces, when its bytes differ from the new one's, kept beside it
+    under the first 12 hex digits of its sha256 (`<stem>.<sha>.onnx`), with its text tower and
+    tokenizer (renamed as text_onnx_path_for names them for that file; a text tower with external
+    data stays, as its .data file would be replaced): the stores made with it still open with it,
+    and a refused store's remedy finds it by the sha256 the store records. Returns the report's
+    line (none when nothing was replaced)."""
+    if not int8_path.is_file():
+        return []
+    old_sha = sha256_file(int8_path)
+    if old_sha == sha256_file(new_int8):
+        return []
+    keep = int8_path.with_name(f"{int8_path.stem}.{old_sha[:12]}{int8_path.suffix}")
+    moves = [(int8_path, keep)]
+    text = text_onnx_path_for(int8_path)
+    with_text = text.is_file() and not _data_files(text)
+    if with_text:
+        kept_text = text_onnx_path_for(keep)
+        moves += [(text, kept_text), (tokenizer_path_for(text), tokenizer_path_for(kept_text))]
+    for src, dst in moves:
+        if src.is_file():
+            os.replace(src, dst)
+    return [f"the int8 file this export replaced is kept as {keep}{' with its text tower' if with_text else ''}: "
+            f"stores made with it open with --onnx {keep}; delete it when none does"]
 
 
 def _move_into_place(src: Path, dst: Path, onnx_file: bool = True) -> None:

@@ -1215,3 +1215,34 @@ def test_an_export_without_a_text_tower_removes_the_earlier_ones_weights_too(tmp
     assert got.lines[0].endswith(f"(the earlier export's {', '.join(f.name for f in files)} removed)")
     got.commit()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_over_another_file_keeps_it_for_the_stores_made_with_it(tiny_clip, tmp_path, capsys):
+    """Exporting again to the same path (another model, other calibration pictures) would leave every
+    store made with the old file unable to open: the old int8 file is kept beside it under its
+    sha256, with its text tower, said in the report; a refused store's remedy names it, and with it
+    the store answers text and picture queries as before. The same file again keeps nothing."""
+    import main as cli
+    from pipeline.embedders import text_onnx_path_for, tokenizer_path_for
+    from pipeline.fileio import sha256_file
+    from tests import assets
+    from tests.helpers import run
+
+    path = tmp_path / "onnx" / "model_int8.onnx"
+    assert export.export_onnx(str(tiny_clip), path).passed
+    first = sha256_file(path)
+    data = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(40, 60, seed=i) for i in range(6)])
+    out = tmp_path / "out"
+    assert run("--dataset", data, "--onnx", path, "--output-dir", out, "--max-result-images", "0") == 0
+    other = assets.save_tiny_clip(tmp_path / "other-clip", seed=5)
+    report = export.export_onnx(str(other), path)
+    kept = path.with_name(f"model_int8.{first[:12]}.onnx")
+    assert report.passed and sha256_file(kept) == first and sha256_file(path) != first
+    assert text_onnx_path_for(kept).is_file() and tokenizer_path_for(text_onnx_path_for(kept)).is_file()
+    assert f"the int8 file this export replaced is kept as {kept} with its text tower" in "\n".join(report.lines())
+    capsys.readouterr()
+    assert cli.main(["--onnx", str(path), "--output-dir", str(out), "--query-text", "a red dress"]) == 1
+    assert f"To reuse it, ask for what made it: --onnx {kept}" in capsys.readouterr().err
+    assert cli.main(["--onnx", str(kept), "--output-dir", str(out), "--query-text", "a red dress"]) == 0
+    second = sha256_file(path)
+    assert export.export_onnx(str(other), path).kept_lines == [] or sha256_file(path) != second
