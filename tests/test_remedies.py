@@ -118,3 +118,26 @@ def test_an_unreachable_hub_is_found_once_and_the_run_ends_fast(tiny_onnx, tmp_p
     assert said in done.stderr
     assert "--dataset DIR" in done.stderr
     assert "--model patrickjohncyh" not in done.stderr  # the ONNX file needs no model
+
+
+@pytest.mark.parametrize("flags, asked", [
+    ([], ["--dataset lirus18/deepfashion"]),
+    (["--use-embeddings"], []),
+    (["--query-text", "red"], []),
+    (["--serve"], []),
+    (["--export", "parquet:x"], []),
+    (["--evaluate"], ["--dataset lirus18/deepfashion"]),
+    (["--export-onnx"], ["--dataset lirus18/deepfashion", "--model patrickjohncyh/fashion-clip"]),
+    (["--query-text", "red", "--backend", "torch"], ["--model patrickjohncyh/fashion-clip"]),
+])
+def test_the_hub_is_asked_about_what_the_run_reads_from_it(flags, asked, tmp_path, monkeypatch):
+    """Search modes read a store, never the dataset: no probe, no warning about a dataset they do not read."""
+    import main as cli
+    from pipeline.hub import hub_names
+
+    monkeypatch.chdir(tmp_path)  # no ./onnx: the ONNX backend is what the flags say
+    parser = cli.build_parser()
+    args = parser.parse_args([*flags, "--onnx", "x.onnx"] if "--backend" not in flags and "--export-onnx" not in flags
+                             else flags)
+    explicit = frozenset(a.lstrip("-").replace("-", "_") for a in flags if a.startswith("--")) | {"onnx"}
+    assert hub_names(config_from_flags(vars(args), explicit=explicit)) == asked
