@@ -240,8 +240,8 @@ def write_retrieval_outputs(
         summary.notes.append(f"result pictures: {drawn:,} drawn, {written - drawn:,} unchanged since the last run kept")
     shown = n if cfg.max_result_images is None else min(cfg.max_result_images, n)
     if written < shown:
-        summary.notes.append(f"{written:,} result pictures for {shown:,} items: items with equal bytes share a file, "
-                             "and so a picture")
+        summary.notes.append(f"{written:,} result pictures for {shown:,} items: items with equal bytes share one "
+                             "file, and so one picture")
     if shown < n:
         summary.notes.append(
             f"result pictures for {shown:,} of {n:,} items (--max-result-images); neighbours.csv lists everyone"
@@ -343,8 +343,10 @@ def gallery_neighbours(cfg: RunConfig, searcher: Searcher, summary: RunSummary,
         if allowed is None:
             save_neighbours(cfg, searcher, nb, matrix)
     summary.notes.append("neighbours: " + (searcher.describe() if searcher.approximate else "exact"))
-    if matrix is None:  # an earlier run's, of another store or other neighbours: not left beside these
-        unlink_quietly(cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy")
+    earlier = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy"
+    if matrix is None and earlier.is_file():  # an earlier run's, of another store or other neighbours: not left
+        unlink_quietly(earlier)                # beside these, and said
+        summary.notes.append(f"{earlier} of an earlier run removed: it was not of this run's neighbours")
     if allowed is not None:
         summary.notes.append("distance matrix not saved: --filter asks for neighbours among some items only")
     elif matrix:

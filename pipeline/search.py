@@ -181,7 +181,8 @@ def embed_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary) -> tupl
                     summary.fail(str(path), str(e))
                     continue
                 if cfg.segmented and not found:
-                    summary.notes.append(f"{path.name}: no person found, the whole image is the query")
+                    summary.notes.append(f"{path.name}: no person cut from it (none found, or none with a mask): "
+                                         "the whole image is the query")
                 vectors.append(catalog.embed_crops(crops))
                 queries += [Query(c.label, "image", make_thumbnail(c.image, QUERY_TILE)) for c in crops]
     if cfg.query.texts:

@@ -309,7 +309,8 @@ class UltralyticsSegmenter(Segmenter):
         cap = self.spec.max_persons
         found = self.segment_capped(images_rgb, cap)
         if cut := sum(f.cut for f in found):
-            log.info("%d picture(s) held more than %d persons: the most confident kept (--max-persons)", cut, cap)
+            why = "Ultralytics' own limit" if cap >= ULTRALYTICS_MAX_DET else "--max-persons"
+            log.info("%d picture(s) held more than %d persons: the most confident kept (%s)", cut, cap, why)
         return [f.persons for f in found]
 
     def segment_capped(self, images_rgb: Sequence[np.ndarray], cap: int) -> list[CappedPersons]:

@@ -142,9 +142,12 @@ def test_the_no_matrix_note_states_its_real_cause(built, tiny_clip, tmp_path, ca
     shutil.copytree(built[0], out)
     argv = ["--use-embeddings", "--model", str(tiny_clip), "--backend", "torch", "--output-dir", str(out),
             "--max-result-images", "0"]
+    assert (out / "outputs" / "distance_matrix.npy").is_file()  # the build's, exact
     assert cli.main([*argv, "--index", "hnsw"]) == 0
     said = capsys.readouterr().out
     assert "the neighbours came from the approximate index" in said and "--max-matrix" not in said
+    assert "distance_matrix.npy of an earlier run removed: it was not of this run's neighbours" in said
+    assert not (out / "outputs" / "distance_matrix.npy").exists()
     assert cli.main([*argv, "--index", "none", "--max-matrix", "5"]) == 0
     assert "12 items > --max-matrix 5: distance matrix not saved" in capsys.readouterr().out
 

@@ -398,7 +398,8 @@ def test_unreadable_query_image_is_recorded_and_a_personless_one_is_said(tmp_pat
     queries, vectors = embed_queries(cfg, PictureOnly(), summary)
     assert summary.failures == [(str(bad), "not a recognized image format (it starts like a text file)")]
     assert [q.label for q in queries] == ["good.png"] and len(vectors) == 1 and vectors[0].shape == (1, 4)
-    assert summary.notes == ["good.png: no person found, the whole image is the query"]
+    assert summary.notes == [
+        "good.png: no person cut from it (none found, or none with a mask): the whole image is the query"]
     crops, found = query_crops(assets.rgb_image(30, 40), "good.png", Nobody())
     assert not found and [c.label for c in crops] == ["good.png"] and crops[0].image.size == (30, 40)
 
