@@ -302,7 +302,8 @@ class _Parser(argparse.ArgumentParser):
                 if word.startswith("-") and (close := difflib.get_close_matches(word.split("=")[0], flags, n=1))
             ]
             message = "; ".join([message, *hints])
-        self.exit(2, f"{self.prog}: error: {message} (python {self.prog} --help lists every flag)\n")
+        hint = "" if "\n" in message else f" (python {self.prog} --help lists every flag)"  # a message pointing at a place
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

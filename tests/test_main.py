@@ -400,3 +400,13 @@ def test_nan_or_zero_embedding_fails_its_item(tmp_path, tiny_onnx, monkeypatch):
     emb = np.load(out / "embeddings" / "embeddings.npy")
     assert emb.shape == (3, 4) and np.isfinite(emb).all() and (np.abs(emb).sum(axis=1) > 0).all()
     assert [r.embedding_row for r in rows if r.status == "ok"] == [0, 1, 2]
+
+
+def test_a_usage_error_pointing_at_a_place_ends_with_its_caret(tmp_path, capsys):
+    """A filter's error is three lines, the last the caret under the place: the --help hint is not glued onto it."""
+    import main as cli
+
+    assert cli.main(["--query-text", "red dress", "--filter", "category = dress", "--output-dir", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.rstrip("\n").splitlines()
+    said = "main.py: error: --filter: expected a value, found 'dress' (texts are quoted: 'dress') (at character 12)"
+    assert lines == [said, "  category = dress", "             ^"]
