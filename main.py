@@ -87,7 +87,8 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
         modes,
         "--export-onnx",
         action="store_true",
-        help="export --model to --onnx (int8) and an fp32 file beside it, verified against torch",
+        help="export --model to --onnx (int8), with an fp32 file, the text tower and its tokenizer beside it, "
+        "verified against torch",
     )
 
     search = p.add_argument_group("search and evaluation")
@@ -146,7 +147,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
     model = p.add_argument_group("model")
-    _add(model, "--model", help="hub id or local folder of a CLIP model")
+    _add(model, "--model", help="hub id, local folder or short name of a CLIP, SigLIP or open_clip model")
     _add(model, "--onnx", help="ONNX image encoder file")
     _add(
         model,
@@ -302,7 +303,8 @@ class _Parser(argparse.ArgumentParser):
                 if word.startswith("-") and (close := difflib.get_close_matches(word.split("=")[0], flags, n=1))
             ]
             message = "; ".join([message, *hints])
-        hint = "" if "\n" in message else f" (python {self.prog} --help lists every flag)"  # a message pointing at a place
+        # a message that points at a place ends with its caret: the hint would be glued onto it
+        hint = "" if "\n" in message else f" (python {self.prog} --help lists every flag)"
         self.exit(2, f"{self.prog}: error: {message}{hint}\n")
 
 

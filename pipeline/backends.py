@@ -182,3 +182,15 @@ def known_family(model: str) -> str | None:
     if not names_open_clip(model) and not Path(model).exists() and _model_config(model) is None:
         return None
     return family_of(model).name
+
+
+def load_hint(model: str) -> str:
+    """What to do when a model does not load: a folder given is not a model's (its files are
+    named); a hub id needs the network or a local copy."""
+    folder = Path(model)
+    if folder.is_dir():
+        names = sorted(p.name for p in folder.iterdir())[:8]
+        return (f"{model} is a folder but not a model's: a transformers model folder has config.json and its "
+                f"weights (model.safetensors), an open_clip one open_clip_config.json; this one has "
+                f"{', '.join(names) or 'nothing'}{' ...' if len(names) == 8 else ''}.")
+    return "Without network access pass a local folder with --model DIR."

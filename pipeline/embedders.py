@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from . import textclean
-from .backends import BACKENDS, OPEN_CLIP_CONFIG, OPEN_CLIP_PREFIX, family_of, known_family, open_clip_weights
+from .backends import (
+    BACKENDS,
+    OPEN_CLIP_CONFIG,
+    OPEN_CLIP_PREFIX,
+    family_of,
+    known_family,
+    load_hint,
+    open_clip_weights,
+)
 from .errors import PipelineError, first_line
 from .fileio import sha256_file, unlink_quietly
 from .identity import VectorIdentity
@@ -566,10 +574,7 @@ class TorchEmbedder(Embedder):
         try:
             self.model = self.family.load(model, **kwargs).eval()
         except OSError as e:
-            raise PipelineError(
-                f"cannot load model {model!r}: {first_line(e)} Without network access pass a local folder with --model "
-                f"DIR."
-            ) from e
+            raise PipelineError(f"cannot load model {model!r}: {first_line(e)} {load_hint(model)}") from e
         if self.precision != "int8":
             self.model.to(self.device)
         self._torch = torch

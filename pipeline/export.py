@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 
 from . import textclean
-from .backends import family_of
+from .backends import family_of, load_hint
 from .embedders import (
     META_FAMILY,
     META_KIND,
@@ -238,10 +238,7 @@ class _ImageExport:
         try:
             self.clip = self.family.load(model, attn_implementation="eager").eval()
         except OSError as e:
-            raise PipelineError(
-                f"cannot load model {model!r}: {first_line(e)} Without network access pass a local folder with "
-                f"--model DIR."
-            ) from e
+            raise PipelineError(f"cannot load model {model!r}: {first_line(e)} {load_hint(model)}") from e
         self.prep = preprocess_config_of(model, self.clip)
         self.tower = image_tower(self.clip)
         self.external = False  # weights in a .data file beside the fp32 file (export_fp32)

@@ -27,7 +27,7 @@ from . import plots as plots_module
 from .config import RunConfig, onnx_fallback
 from .dataset import iter_records
 from .duplicates import SIGNATURE_VERSION, DuplicateGroup, gallery_duplicates, write_duplicates_csv, write_groups
-from .embedders import on_cuda
+from .embedders import on_cuda, text_onnx_path_for, tokenizer_path_for
 from .errors import CacheMismatchError, PipelineError
 from .export import INT8_FORMATS, export_onnx, verification_images
 from .fileio import (
@@ -597,6 +597,9 @@ def _run_export(cfg: RunConfig, sample_rows: int) -> RunSummary:
     kind = INT8_FORMATS.get(cfg.export.quantization, cfg.export.quantization)
     summary.outputs["int8 model"] = f"{report.int8_path} ({kind})"
     summary.outputs["fp32 model"] = str(report.fp32_path)
+    text = text_onnx_path_for(report.int8_path)
+    if text.is_file():  # a model without a tokenizer gets none (its report says so)
+        summary.outputs["text tower"] = f"{text} (fp32), tokenizer {tokenizer_path_for(text)}"
     return summary
 
 

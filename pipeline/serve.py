@@ -122,9 +122,10 @@ def required_token(cfg: RunConfig) -> str | None:
         return None
     token = os.environ.get(TOKEN_ENV, "")
     if len(token) < 16:
+        given = f"${TOKEN_ENV} holds {len(token)} characters, too few to guess-proof; " if token else ""
         raise UsageError(
-            f"--serve --host {cfg.serve.host} lets other machines search the catalogue: set a token of 16 or more "
-            f"characters in ${TOKEN_ENV} (e.g. export {TOKEN_ENV}=$(python -c 'import secrets; "
+            f"--serve --host {cfg.serve.host} lets other machines search the catalogue: {given}set a token of 16 or "
+            f"more characters in ${TOKEN_ENV} (e.g. export {TOKEN_ENV}=$(python -c 'import secrets; "
             "print(secrets.token_urlsafe(24))')), the page asks for it once; or pass --no-auth to serve it open"
         )
     return token

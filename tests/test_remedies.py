@@ -141,3 +141,13 @@ def test_the_hub_is_asked_about_what_the_run_reads_from_it(flags, asked, tmp_pat
                              else flags)
     explicit = frozenset(a.lstrip("-").replace("-", "_") for a in flags if a.startswith("--")) | {"onnx"}
     assert hub_names(config_from_flags(vars(args), explicit=explicit)) == asked
+
+
+def test_a_folder_that_is_not_a_model_is_said_to_be_one_not_told_to_go_offline(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"x")
+    assert run("--model", folder, "--backend", "torch", "--query-text", "red", "--output-dir", tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert f"{folder} is a folder but not a model's: a transformers model folder has config.json" in err
+    assert "this one has a.jpg." in err and "Without network access" not in err

@@ -257,6 +257,9 @@ def test_beyond_loopback_the_page_and_its_api_need_the_token(served, tiny_onnx, 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     with pytest.raises(Exception, match=f"set a token of 16 or more characters in \\${TOKEN_ENV}"):
         required_token(cfg)
+    monkeypatch.setenv(TOKEN_ENV, "short")
+    with pytest.raises(Exception, match=f"\\${TOKEN_ENV} holds 5 characters, too few to guess-proof; set a token"):
+        required_token(cfg)
     assert required_token(config_from_flags(vars(cli.build_parser().parse_args([*flags, "--no-auth"])))) is None
     token = "s3cret-token-for-the-shop-page"
     monkeypatch.setenv(TOKEN_ENV, token)
