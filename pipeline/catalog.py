@@ -178,6 +178,7 @@ class Catalog:
         filter ("category = 'dress' AND price < 50", filters.py), applied inside the search.
         group_by: a metadata column, one result per value of it ("" : each photo; None: as the
         catalog was opened)."""
+        _check_k(k)
         q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if q.shape[1] != self.embeddings.shape[1]:
             raise PipelineError(f"query vectors have {q.shape[1]} dimensions, the store {self.embeddings.shape[1]}")
@@ -186,6 +187,7 @@ class Catalog:
 
     def search_text(self, text: str, k: int = 5, filter: str | None = None, group_by: str | None = None) -> list[Hit]:
         """The top-k items for a description (filter, group_by: as in search_vectors)."""
+        _check_k(k)
         searcher = self._searcher(group_by)
         allowed = searcher.allowed(filter)
         return searcher.search(self.embedder.embed_text([text]), k, allowed)[0]
@@ -218,6 +220,7 @@ class Catalog:
         with segment=True). fusion "sum": the weighted sum of the normalized vectors (searcher.combine;
         negative texts are subtracted); "rrf": reciprocal-rank fusion of the picture's and each text's
         result lists (no negative texts). filter, group_by: as in search_vectors."""
+        _check_k(k)
         if fusion not in ("sum", "rrf"):
             raise PipelineError(f"fusion must be 'sum' or 'rrf', got {fusion!r}")
         if fusion == "rrf" and negative:
@@ -245,6 +248,7 @@ class Catalog:
         """The top-k items for a picture (a path, its bytes, or a PIL image); with segment=True, for
         each person in it (the whole picture when nobody is found). filter, group_by: as in
         search_vectors."""
+        _check_k(k)
         searcher = self._searcher(group_by)
         allowed = searcher.allowed(filter)
         crops, _ = self.query_crops(picture, segment, name)
@@ -256,6 +260,7 @@ class Catalog:
         """An item's top-k other items; item: its embedding row, or its file name (refused when
         several items share it: equal photos are one file). Another item with the same bytes is
         another item, and comes first (dedup=True hides it). filter, group_by: as in search_vectors."""
+        _check_k(k)
         searcher = self._searcher(group_by)
         nb = searcher.item_neighbours(np.array([self._row_of(item)]), k, searcher.allowed(filter))
         return searcher.hits(nb, 0)
@@ -281,6 +286,11 @@ class Catalog:
                 raise PipelineError("this catalog has no segmenter")
             self._segmenter = self._segmenter_factory()
         return self._segmenter
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise UsageError(f"k is the number of results to return: a whole number of at least 1, got {k!r}")
 
 
 def _embedder_spec(cache: GalleryCache, model: str | None, onnx: str | None, device: str, threads: int) -> EmbedderSpec:

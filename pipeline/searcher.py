@@ -45,7 +45,9 @@ class Hit:
     rank: 1-based. row: the embedding row (line of embeddings.npy). line: the manifest line
     (ManifestRow.index). file: the image file, relative to the images folder. source_row: the
     dataset row it came from. person: the person number of a crop (-1 for a whole image).
-    distance: cosine distance (1 - cosine similarity), ascending with rank. meta: the item's
+    distance: cosine distance (1 - cosine similarity), ascending with rank (in a reciprocal-rank
+    fusion the rank follows the fused score, and the distance is the item's nearest to any of the
+    fused queries, so it need not ascend). meta: the item's
     metadata values (metadata.py; empty for a store without metadata).
     """
 

@@ -288,8 +288,10 @@ def _add_query_endpoints(app, service: SearchService) -> None:
             raise HTTPException(413, f"the upload is over {MAX_UPLOAD_BYTES >> 20} MB")
         if not data:
             raise HTTPException(422, "the upload is empty")
+        words = text.strip()
+        if len(words) > MAX_TEXT_CHARS:  # as /api/text: said, not cut
+            raise HTTPException(413, f"the text is {len(words)} characters; at most {MAX_TEXT_CHARS}")
         try:
-            words = text.strip()[:MAX_TEXT_CHARS]
             asked = both_filters(cfg.filter, filter)
             found = timed(lambda: service.image(data, file.filename or "upload", k, segment, asked,
                                                 words, each_photo(group_by)))

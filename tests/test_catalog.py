@@ -118,6 +118,13 @@ def test_catalog_refuses_what_does_not_fit(built, tmp_path):
         cat.neighbours(12)
     with pytest.raises(PipelineError, match="query vectors have 3 dimensions"):
         cat.search_vectors(np.ones(3, np.float32))
+    from pipeline.errors import UsageError
+
+    for k in (0, -1, 2.5, True):
+        with pytest.raises(UsageError, match="a whole number of at least 1, got"):
+            cat.search_vectors(cat.embeddings[0], k=k)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="got -1"):
+        cat.neighbours(0, k=-1)
 
 
 def test_readme_api_example_runs(built, tiny_clip):

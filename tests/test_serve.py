@@ -19,6 +19,7 @@ from selenium.webdriver.common.by import By
 import main as cli
 from pipeline.config import config_from_flags
 from pipeline.serve import MAX_UPLOAD_BYTES, SearchService, create_app
+from tests import assets
 from tests.helpers import file_of, free_port
 from tests.test_images import png_header_only
 from tests.test_webreport import console_errors, wait
@@ -173,6 +174,9 @@ def test_bad_text_requests_are_refused_with_a_reason(served):
     url, _, _ = served
     assert httpx.post(url + "/api/text", json={"text": "  "}).status_code == 422
     assert httpx.post(url + "/api/text", json={"text": "x" * 501}).status_code == 413
+    picture = {"file": ("look.jpg", assets.jpeg_bytes(40, 56))}
+    long_text = httpx.post(url + "/api/image", files=picture, data={"text": "x" * 501})
+    assert long_text.status_code == 413 and "501 characters; at most 500" in long_text.json()["detail"]
     assert httpx.post(url + "/api/text", json={"text": "dress", "k": 0}).status_code == 422
     assert httpx.get(url + "/thumb/9999.jpg").status_code == 404
     assert httpx.get(url + "/thumb/0.jpg").headers["content-type"] == "image/jpeg"
