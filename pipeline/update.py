@@ -189,6 +189,11 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
         _check_embedder(cfg, old)
     groups = photo_groups(old.rows)
     by_id = cfg.dataset.id_column is not None
+    if not by_id and any(r.item_id for r in old.rows):  # kept lines would keep ids, new ones get none
+        raise PipelineError(
+            f"{store} was built with --id-column, so its photos have ids: update with the same --id-column, so that "
+            "they stay current, or build afresh without it"
+        )
     if by_id and not any(r.item_id for r in old.rows):
         raise PipelineError(
             f"{store} was built without --id-column, so its photos have no ids to match: update without "

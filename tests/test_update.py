@@ -254,6 +254,11 @@ def test_an_update_needs_a_store_and_ids_it_was_built_with(tiny_onnx, tmp_path, 
     capsys.readouterr()
     assert run(*args(data, tiny_onnx, out, "--update", "--id-column", "item_id")) == 1
     assert "was built without --id-column" in capsys.readouterr().err
+    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id")) == 0
+    capsys.readouterr()
+    assert run(*args(data, tiny_onnx, out, "--update")) == 1  # kept lines would keep ids, new ones get none
+    assert "was built with --id-column, so its photos have ids: update with the same --id-column" in \
+        capsys.readouterr().err
 
 
 def test_a_segmented_update_equals_a_fresh_build(monkeypatch, tiny_onnx, tmp_path, capsys):
