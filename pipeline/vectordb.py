@@ -147,6 +147,11 @@ def _check_identity(target: ExportTarget, identity: dict[str, Any]) -> dict[str,
             )
         return None
     record = json.loads(path.read_text())
+    if record.get("kind", target.kind) != target.kind:
+        raise PipelineError(
+            f"{target.folder} holds a {record['kind']} export, not {target.kind}: one folder holds one kind; export to "
+            f"another folder, or keep exporting it as {record['kind']}:{target.folder}"
+        )
     from .identity import VectorIdentity
 
     def same(a: dict[str, Any]) -> dict[str, Any]:  # both read as a sidecar is (an old record gains family "clip")

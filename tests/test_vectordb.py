@@ -117,6 +117,12 @@ def test_another_embedders_export_is_refused(exported, tiny_onnx, capsys):
     assert cli.main(args(data, tiny_onnx, out, "--export", f"qdrant:{targets['qdrant']}")) == 1
     assert "holds vectors of another embedder ('another/model'" in capsys.readouterr().err
     assert cli.main(args(data, tiny_onnx, out, "--export", "mongo:./x")) == 2
+    capsys.readouterr()
+    before = sorted(p.name for p in targets["parquet"].rglob("*"))
+    assert cli.main(args(data, tiny_onnx, out, "--export", f"lancedb:{targets['parquet']}")) == 1
+    assert f"{targets['parquet']} holds a parquet export, not lancedb: one folder holds one kind" in \
+        capsys.readouterr().err
+    assert sorted(p.name for p in targets["parquet"].rglob("*")) == before  # nothing written into it
 
 
 def test_a_folder_not_made_by_export_is_left_alone(exported, tiny_onnx, tmp_path, capsys):
