@@ -319,6 +319,12 @@ class _Parquet:
                                  table.column("embedding").cast(pa.list_(pa.float32())))
         gone = set(drop)
         existing = self.parts()
+        if existing and not pq.read_schema(existing[0]).remove_metadata().equals(table.schema.remove_metadata()):
+            # a column came, went or changed its type (int32 -> int64 reads the same in the digests): the parts
+            # are read as one dataset, so every one is written again with the new schema
+            for p in existing:
+                p.unlink()
+            existing, gone, put = [], set(), set(table.column("key").to_pylist())
         for p in existing:  # a part with a row that went or changed: rewritten without it (changed rows move)
             keys = pq.read_table(p, columns=["key"]).column("key").to_pylist()
             if gone.intersection(keys):

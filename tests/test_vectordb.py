@@ -207,3 +207,25 @@ def test_an_items_source_is_exported_only_when_it_is_a_name_of_its_own():
         "/data/photos/red/d1.jpg"
     )
     assert source_of(ManifestRow(index=0, file="f", source_row=3, source="")) is None
+
+
+def test_a_parquet_export_whose_schema_changed_is_written_again_whole(tmp_path):
+    """A column whose type changed but whose values read the same (int32 -> int64: the same digests)
+    would leave parts of two schemas that no reader takes as one dataset: every part is written again."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from pipeline.vectordb import _Parquet
+
+    def table(kind: pa.DataType) -> pa.Table:
+        return pa.table({"key": ["a", "b", "c"], "digest": ["1", "2", "3"],
+                         "vector": pa.array([[1.0, 0.0]] * 3, pa.list_(pa.float32())),
+                         "stock": pa.array([1, 2, 3], kind)})
+
+    writer = _Parquet(tmp_path)
+    writer.apply(table(pa.int32()), [], {"a", "b"})
+    writer.apply(table(pa.int32()), [], {"c"})
+    assert len(writer.parts()) == 2
+    writer.apply(table(pa.int64()), [], set())  # nothing changed by the digests; the type did
+    read = ds.dataset(tmp_path, format="parquet").to_table()
+    assert read.schema.field("stock").type == pa.int64() and sorted(read.column("key").to_pylist()) == ["a", "b", "c"]
