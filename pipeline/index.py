@@ -618,6 +618,10 @@ def load_index(
         )
     faiss = _faiss()
     data = np.frombuffer((folder / INDEX_FILE).read_bytes(), dtype=np.uint8)
+    if read_info(folder) != info:  # an update's switch landed between the two reads: the file may be the new one
+        raise PipelineError(
+            f"{folder / INDEX_FILE} changed while it was read (an update switched in): run again to use the new store"
+        )
     index = faiss.deserialize_index(data)
     if index.ntotal != info.count:
         raise PipelineError(

@@ -516,3 +516,24 @@ def test_rows_an_ivf_probe_leaves_short_are_searched_exactly(vectors, monkeypatc
     assert np.array_equal(nb.indices[~short], raw.indices[~short])  # the index's own answer where it filled
     items = searcher.item_neighbours(np.arange(5), 30)
     assert (items.indices >= 0).all() and not (items.indices == np.arange(5)[:, None]).any()
+
+
+def test_an_index_switched_in_while_it_is_read_is_refused(tmp_path, monkeypatch):
+    """load_index reads index.json, then index.faiss: an update's switch in between (old meta removed
+    first, the new file moved in, the new meta last) is seen when the meta is read again, and
+    refused, never the new index taken for the old store's."""
+    x = clustered(300, dim=16)
+    ensure_index(tmp_path, x, "a" * 64, "flat")
+    assert load_index(tmp_path, x, "a" * 64) is not None
+    real = index_module.read_info
+    reads: list[int] = []
+
+    def switched_after_the_first_read(folder):
+        reads.append(1)
+        if len(reads) == 2:  # the switch landed: the old meta is gone
+            (tmp_path / INDEX_META).unlink()
+        return real(folder)
+
+    monkeypatch.setattr(index_module, "read_info", switched_after_the_first_read)
+    with pytest.raises(PipelineError, match="changed while it was read"):
+        load_index(tmp_path, x, "a" * 64)
