@@ -130,7 +130,7 @@ def test_equal_photos_share_one_file_and_one_result_picture(tiny_onnx, tmp_path,
     assert {p.name for p in (out / "images").iterdir()} == names
     pictures = {p.name for p in (out / "retrieval_results").glob("*_matches.jpg")}
     assert pictures == {f"{Path(f).stem}_matches.jpg" for f in names}
-    assert "16 result pictures for 17 items: items with equal bytes share a file" in said
+    assert "16 result pictures for 17 items: items with equal bytes share one file, and so one picture" in said
     assert "unchanged since the last run kept" not in said
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--max-result-images", "100", "--use-embeddings"))]) == 0
     assert "result pictures: 0 drawn, 16 unchanged since the last run kept" in capsys.readouterr().out
