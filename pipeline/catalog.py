@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .duplicates import stored_groups
-from .embedders import Embedder, EmbedderSpec, make_embedder
+from .embedders import Embedder, EmbedderSpec, make_embedder, model_reference
 from .errors import CacheMismatchError, PipelineError, UsageError
 from .identity import differences
 from .images import decode_image
@@ -121,7 +121,7 @@ class Catalog:
                                  threads)
         if dedup:
             searcher.dedup(stored_groups(root, searcher.rows, cache.sidecar.manifest_sha256))
-        searcher.metadata = load_metadata(root, searcher.rows)
+        searcher.metadata = load_metadata(root, searcher.rows, cache.sidecar.manifest_sha256)
         searcher.group_by(group_by)
         spec = _embedder_spec(cache, model, onnx, device, threads)
         segment = SegmentSpec(model=seg_model) if seg_model else SegmentSpec()
@@ -311,8 +311,12 @@ def _embedder_spec(cache: GalleryCache, model: str | None, onnx: str | None, dev
                 f"exported from {made.model}), whose vectors are not the model's own: pass onnx='FILE.onnx', the "
                 "file that made it"
             )
-        log.info("%s: the store was made by %s (exported from the model): its queries are embedded with it",
-                 cache.root, found)
+        if made.model and model_reference(model) != made.model:
+            log.warning("%s: the store was made by %s, exported from %s, not from %s: its queries are embedded "
+                        "with that file", cache.root, found, made.model, model)
+        else:
+            log.info("%s: the store was made by %s (exported from the model): its queries are embedded with it",
+                     cache.root, found)
         return EmbedderSpec(model=model, onnx=str(found), backend="onnx", device=device, threads=threads)
     return EmbedderSpec(model=model or made.model or "", backend="torch", device=device, threads=threads)
 

@@ -136,6 +136,11 @@ class RunConfig:
         return self.use_embeddings or self.use_embedded_segment
 
     @property
+    def searches_only(self) -> bool:
+        """A mode that reads a store and never builds one (--query-*, --serve, --export)."""
+        return self.query.active or self.serve.enabled or bool(self.exports)
+
+    @property
     def images_dir(self) -> Path:
         return self.output_dir / ("images_segment" if self.segmented else "images")
 

@@ -228,37 +228,32 @@ def _iter_image_folder(root: Path, spec: DatasetSpec, start: int, only: frozense
 
 def dataset_stamp(spec: DatasetSpec) -> str | None:
     """What a resumed build knows the dataset by: the files it reads, each one's size and
-    modification time, as "N file(s), B bytes, stamp H" (an image folder: its pictures; a parquet,
-    arrow or saved dataset: every file under its folder but hidden ones); a hub dataset of parquet
-    files: its split's files at the commit they were resolved to. None where nothing can be
-    stamped (a hub dataset read by datasets' streaming reader). Pictures a dataset's cells name by
-    path are not stamped."""
+    modification time, as "N file(s), B bytes, stamp H". An image folder: the pictures it reads (the
+    first --limit of its listing: one added after them changes nothing read); a local parquet
+    dataset: the split's files; a saved dataset or an .arrow file: its files. None where nothing is
+    stamped: a hub dataset (its commit changes with any file of the repository, a README too) and
+    pictures that a dataset's cells name by path."""
     import hashlib
 
     path = Path(spec.name)
-    if path.exists():
-        if path.is_file():
-            files = [(path.name, path)]
-        elif _is_image_folder(path):
-            files = [(rel, path / rel) for rel in _list_images(path)]
-        else:
-            files = sorted((str(f.relative_to(path)), f) for f in path.rglob("*")
-                           if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
-        digest, total = hashlib.sha256(), 0
-        for rel, f in files:
-            st = f.stat()
-            total += st.st_size
-            digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return f"{len(files)} file(s), {total:,} bytes, stamp {digest.hexdigest()[:16]}"
-    if is_hub_id(spec.name):
-        try:
-            names = _hub_split(spec).parquet_files
-        except PipelineError:
-            return None
-        if names:
-            stamp = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-            return f"{len(names)} file(s) on the hub, stamp {stamp}"
-    return None
+    if not path.exists():
+        return None
+    if path.is_file():
+        files = [(path.name, path)]
+    elif _is_image_folder(path):
+        rels = _list_images(path)
+        files = [(rel, path / rel) for rel in (rels if spec.limit is None else rels[: spec.limit])]
+    elif parquet := local_parquet_files(spec):
+        files = [(str(f.relative_to(path)), f) for f in parquet]
+    else:
+        files = sorted((str(f.relative_to(path)), f) for f in path.rglob("*")
+                       if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    digest, total = hashlib.sha256(), 0
+    for rel, f in files:
+        st = f.stat()
+        total += st.st_size
+        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return f"{len(files)} file(s), {total:,} bytes, stamp {digest.hexdigest()[:16]}"
 
 
 # ----------------------------------------------------------------------------- local parquet

@@ -541,8 +541,11 @@ def keep_replaced(int8_path: Path, new_int8: Path) -> list[str]:
     for src, dst in moves:
         if src.is_file():
             os.replace(src, dst)
-    return [f"the int8 file this export replaced is kept as {keep}{' with its text tower' if with_text else ''}: "
-            f"stores made with it open with --onnx {keep}; delete it when none does"]
+    text_said = (" with its text tower" if with_text else
+                 " (its text tower, whose weights are in a .data file, is not kept: text queries need it exported "
+                 "again)" if text.is_file() else "")
+    return [f"the int8 file this export replaced is kept as {keep}{text_said}: stores made with it open with "
+            f"--onnx {keep}; delete it when none does"]
 
 
 def _move_into_place(src: Path, dst: Path, onnx_file: bool = True) -> None:

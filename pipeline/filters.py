@@ -316,13 +316,27 @@ def _evaluate(node: Node, table: Any) -> Any:
         col = col.cast(pa.float64())  # 49.5 must not become 49
     values = [_scalar(v, col.type) for v in node.values]
     if node.op in ("in", "not in"):
-        found = pc.is_in(col, value_set=pa.array([_fitted(v, col.type) for v in node.values], type=col.type),
-                         skip_nulls=True)
+        found = pc.is_in(col, value_set=pa.array(_held(values, col.type), type=col.type), skip_nulls=True)
         found = pc.if_else(pc.is_null(col), pa.scalar(None, pa.bool_()), found)
         return pc.invert(found) if node.op == "not in" else found
     fn = {"=": pc.equal, "!=": pc.not_equal, "<": pc.less, "<=": pc.less_equal, ">": pc.greater,
           ">=": pc.greater_equal}[node.op]
     return fn(col, values[0])
+
+
+def _held(values: list[Any], arrow_type: Any) -> list[Any]:
+    """IN's values (scalars from _scalar) as the column's type can hold them: a value it cannot
+    (-1 for an unsigned column, 49.555 for one of two decimals, 1e30 for a small decimal) equals
+    none of its values and is left out, as `=` finds nothing for it."""
+    import pyarrow as pa
+
+    held = []
+    for v in values:
+        try:
+            held.append(v.cast(arrow_type).as_py())
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+            continue
+    return held
 
 
 def _fitted(value: Any, arrow_type: Any) -> Any:

@@ -156,7 +156,8 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
             images_at=images_at,
         )
     except CacheMismatchError as e:
-        search_from = None if cfg.from_cache else cfg.output_dir  # a search mode: no cache flag to leave out
+        # a search mode builds nothing, with a cache flag or without: the way to a store is a gallery run
+        search_from = cfg.output_dir if cfg.searches_only or not cfg.from_cache else None
         if e.missing and not (cfg.store_dir / PARTIAL_DIR).is_dir():
             raise CacheMismatchError(f"{e}\n{build_first(cfg.store_dir, cfg.segmented, search_from)}") from None
         if isinstance(e.made_by, Sidecar):
@@ -176,11 +177,6 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
             f"an update of {cfg.store_dir} was interrupted in the middle of its switch: run the update's command "
             "(with --update) to finish it"
         )
-    staged = [f for f in (cfg.store_dir / UPDATE_DIR, cfg.images_dir / UPDATE_DIR) if f.is_dir()]
-    if staged and not cfg.update and not cfg.from_cache:  # a build replaces the store: an update's work is moot
-        log.info("discarding an interrupted update's staging in %s", cfg.store_dir / UPDATE_DIR)
-        for folder in staged:
-            shutil.rmtree(folder, ignore_errors=True)
     if cfg.from_cache:
         with summary.stage("load cache"):
             cache = load_gallery_cache(cfg, identity=embedder.identity if embedder is not None else None)
@@ -196,6 +192,11 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
 
             gallery = update_gallery(cfg, summary, embedder)
         else:
+            staged = [f for f in (cfg.store_dir / UPDATE_DIR, cfg.images_dir / UPDATE_DIR) if f.is_dir()]
+            if staged:  # the build replaces the store: an update's work on the old one is moot
+                log.info("discarding an interrupted update's staging in %s", cfg.store_dir / UPDATE_DIR)
+                for folder in staged:
+                    shutil.rmtree(folder, ignore_errors=True)
             gallery = build(cfg, summary, embedder)
         if not cfg.images_url:  # hashed now (just written: read back from the page cache), so later loads hash none
             with summary.stage("verify image files"):
@@ -445,7 +446,7 @@ def open_catalog(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
     with summary.stage("load index"):
         searcher = open_searcher(cfg, cache.embeddings, cache.embedded_rows, gpu=on_cuda(embedder),
                                  made_by=cache.sidecar)
-    searcher.metadata = load_metadata(cfg.store_dir, searcher.rows)
+    searcher.metadata = load_metadata(cfg.store_dir, searcher.rows, cache.sidecar.manifest_sha256)
     group_by(cfg, searcher, summary)
     loaded = embedder
     return Catalog(cache, searcher, lambda: loaded, lambda: segmenter_factory(cfg))

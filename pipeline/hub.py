@@ -29,8 +29,7 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 def hub_names(cfg: RunConfig) -> list[str]:
     """What this run would fetch from the hub: the dataset and the model, where they are hub ids."""
     names = []
-    searches = cfg.query.active or cfg.serve.enabled or bool(cfg.exports)  # read a store, never the dataset
-    reads_dataset = cfg.evaluate.enabled or cfg.export.enabled or not (cfg.from_cache or searches)
+    reads_dataset = cfg.evaluate.enabled or cfg.export.enabled or not (cfg.from_cache or cfg.searches_only)
     if reads_dataset and not Path(cfg.dataset.name).exists() and is_hub_id(cfg.dataset.name):
         names.append(f"--dataset {cfg.dataset.name}")
     loads_model = cfg.export.enabled or cfg.embedder.resolve_backend() == "torch"

@@ -112,9 +112,11 @@ def product_labels(values: Any) -> tuple[np.ndarray, int]:
     return labels.astype(np.int64), int(missing.sum())
 
 
-def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow]) -> Metadata | None:
+def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow], manifest: str | None = None) -> Metadata | None:
     """The store's metadata aligned to its embedding rows, or None when it has none. A table that
-    lacks some of the store's rows (written for another version of the store) is refused."""
+    lacks some of the store's rows (written for another version of the store) is refused.
+    manifest: the manifest sha256 of the store as it was loaded (its sidecar then), which a reader
+    that holds no lock passes: an update switched in since then is refused, not joined to it."""
 
     path = Path(store_dir) / METADATA_FILE
     if not path.is_file():
@@ -124,7 +126,7 @@ def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow]) -> Metadata 
     except (OSError, ValueError) as e:
         raise CacheMismatchError(f"{path}: unreadable ({e}); run the gallery build again to rewrite it") from e
     stamp = (table.schema.metadata or {}).get(STORE_KEY)
-    if stamp is not None and stamp.decode() != manifest_sha256(store_dir):
+    if stamp is not None and stamp.decode() != (manifest or manifest_sha256(store_dir)):
         raise CacheMismatchError(
             f"{path} was written for another version of the store (an update stopped after its switch, before "
             "the metadata was written): run the same command with --update again, or the build, to rewrite it"

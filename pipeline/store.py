@@ -632,14 +632,20 @@ class ShardStore:
                 old = json.loads(run_file.read_text())
             except json.JSONDecodeError:
                 old = None
+            if isinstance(old, dict) and "dataset_files" not in old:  # a run of a version that did not stamp
+                run_params = {k: v for k, v in run_params.items() if k != "dataset_files"}  # its dataset: as it did
+                self.run_params = run_params
             if old != run_params and not any(self.dir.glob("shard_*.done")):
                 log.info("discarding an unfinished run in %s that completed no shard", self.dir)
                 shutil.rmtree(self.dir)
             elif old != run_params:
                 diffs = describe_differences(run_params, old or {})
-                if any(d.startswith("dataset_files:") for d in diffs):
-                    diffs.append("the dataset's files changed since that run started: its shards may hold photos the "
-                                 "dataset no longer has")
+                if diffs and all(d.startswith("dataset_files:") for d in diffs):
+                    raise PipelineError(
+                        f"{self.dir} holds shards of an unfinished run on the dataset as it was:\n  {diffs[0]}\n"
+                        "The dataset's files changed since that run started: its shards may hold photos the dataset "
+                        "no longer has. Add --fresh to start over."
+                    )
                 raise PipelineError(
                     f"{self.dir} holds shards of an unfinished run with different arguments:\n  "
                     + "\n  ".join(diffs or ["run.json unreadable"])

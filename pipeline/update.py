@@ -309,10 +309,14 @@ def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | No
     else:
         problems = differences(made, old.sidecar.identity, only=frozenset(old.sidecar.identity.to_json()))
     if problems:
+        pixels = old.sidecar.identity.pixels
+        decode = ({"pil": "cpu", "torchvision": "device"}.get(pixels or "")
+                  if any(p.startswith("pixels:") for p in problems) else None)
+        hint = f" Its pixels came from {pixels}: add --decode {decode} to update it as it was made." if decode else ""
         raise PipelineError(
             f"{cfg.store_dir} was embedded differently from what is asked:\n  " + "\n  ".join(problems)
-            + "\nAn update reuses the vectors the store has, so it needs the embedder that made them. A new embedder "
-            "(model, backend, precision, preprocessing) means building afresh: run without --update."
+            + f"\nAn update reuses the vectors the store has, so it needs the embedder that made them.{hint} A new "
+            "embedder (model, backend, precision, preprocessing) means building afresh: run without --update."
         )
 
 
@@ -320,18 +324,16 @@ def _embed_new(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, p
                old: GalleryCache) -> Gallery | None:
     """The new and changed photos, built by the gallery's own build into the staging folders
     (resumable: its shards stay there until the switch), by an embedder that makes vectors as the
-    store's were made: checked before they are embedded (Ray's workers load their own: checked
-    after, from the staging store)."""
+    store's were made: checked before they are embedded, and after, from the staging store."""
     if not plan.embed:
         return None
     part = BuildPart(cfg.store_dir / STAGING / "new", cfg.images_dir / STAGING, frozenset(plan.embed))
     if (part.store_dir / ".partial" / "run.json").is_file() and not _same_part(cfg, part):
         shutil.rmtree(part.store_dir)  # an earlier update's staging for other rows or flags: ours to discard
-    if embedder is None and cfg.engine != "ray":
+    if embedder is None:  # on Ray too: the driver's model, which the store's identity is taken from
         with summary.stage("load model"):
             embedder = make_embedder(cfg.embedder)
-    if embedder is not None:
-        _check_embedder(cfg, old, made_identity(cfg, embedder))
+    _check_embedder(cfg, old, made_identity(cfg, embedder))
     new = build(cfg, summary, embedder, part=part)
     _check_embedder(cfg, old, Sidecar.read(part.store_dir / SIDECAR_FILE).identity)
     return new

@@ -182,14 +182,17 @@ def export_store(target: ExportTarget, embeddings: np.ndarray, rows: Sequence[Ma
     removed = [k for k in before if k not in now]
     changed = [k for k, d in now.items() if k in before and before[k] != d]
     added = [k for k in now if k not in before]
+    # a column's type changed with values that read the same (int32 -> int64: the same digests): the writer
+    # writes everything again in the new schema (its apply does, where its schema differs)
+    restyled = bool(before) and getattr(writer, "schema_differs", lambda t: False)(table)
     try:
-        if removed or changed or added or record.get("new"):
+        if removed or changed or added or record.get("new") or restyled:
             writer.apply(table, removed + changed, set(changed) | set(added))
     finally:
         close = getattr(writer, "close", None)
         if close is not None:
             close()
-    if removed or changed or added or record.get("new") or record.get("store_sha256") != store_sha256:
+    if removed or changed or added or restyled or record.get("new") or record.get("store_sha256") != store_sha256:
         atomic_write_text(target.folder / EXPORT_FILE, json.dumps(
             {"identity": identity, "store_sha256": store_sha256, "kind": target.kind, "rows": len(now),
              "dim": int(embeddings.shape[1]) if embeddings.ndim == 2 else 0}, indent=2, sort_keys=True))
@@ -217,6 +220,10 @@ class _LanceDB:
             return {}
         data = t.to_arrow().select(["key", "digest"])
         return dict(zip(data.column("key").to_pylist(), data.column("digest").to_pylist()))
+
+    def schema_differs(self, table: Any) -> bool:
+        t = self._table()
+        return t is not None and not t.schema.equals(table.schema)
 
     def apply(self, table: Any, drop: list[str], put: set[str]) -> None:
         import pyarrow as pa
@@ -309,17 +316,31 @@ class _Parquet:
             out.update(zip(t.column("key").to_pylist(), t.column("digest").to_pylist()))
         return out
 
+    @staticmethod
+    def _as_written(table: Any) -> Any:
+        import pyarrow as pa
+
+        table = table.rename_columns([("embedding" if c == "vector" else c) for c in table.column_names])
+        return table.set_column(table.column_names.index("embedding"), "embedding",
+                                table.column("embedding").cast(pa.list_(pa.float32())))
+
+    def schema_differs(self, table: Any) -> bool:
+        import pyarrow.parquet as pq
+
+        existing = self.parts()
+        written = self._as_written(table).schema.remove_metadata()
+        return bool(existing) and not pq.read_schema(existing[0]).remove_metadata().equals(written)
+
     def apply(self, table: Any, drop: list[str], put: set[str]) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        table = table.rename_columns([("embedding" if c == "vector" else c) for c in table.column_names])
-        table = table.set_column(table.column_names.index("embedding"), "embedding",
-                                 table.column("embedding").cast(pa.list_(pa.float32())))
+        differs = self.schema_differs(table)
+        table = self._as_written(table)
         gone = set(drop)
         existing = self.parts()
-        if existing and not pq.read_schema(existing[0]).remove_metadata().equals(table.schema.remove_metadata()):
+        if differs:
             # a column came, went or changed its type (int32 -> int64 reads the same in the digests): the parts
             # are read as one dataset, so every one is written again with the new schema
             for p in existing:
@@ -357,8 +378,10 @@ def run_export_db(cfg: Any) -> Any:
     summary = RunSummary(mode="export")
     with summary.stage("load store"):
         cache = load_gallery_cache(cfg, identity=None)
-        meta = load_metadata(cfg.store_dir, cache.embedded_rows)
+        meta = load_metadata(cfg.store_dir, cache.embedded_rows, cache.sidecar.manifest_sha256)
     identity = cache.sidecar.identity.to_json()
+    for target in targets:  # every folder checked (its kind, its embedder) before any is written
+        _check_identity(target, identity)
     for target in targets:
         with summary.stage(f"export to {target.kind}"):
             report = export_store(target, cache.embeddings, cache.embedded_rows, meta, identity,

@@ -156,3 +156,38 @@ def test_metadata_columns_are_read_without_importing_pandas(parquet_ds, tmp_path
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_the_dataset_stamp_covers_what_a_build_reads_and_only_that(tmp_path):
+    """A resume is refused when the files a build reads changed: an image folder's first --limit
+    pictures (one added after them is not read), a parquet dataset's split (another split's file is
+    not); a hub dataset is not stamped (its commit moves with a README edit)."""
+    import os
+
+    from pipeline.dataset import DatasetSpec, dataset_stamp
+    from tests import assets
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"img_{i}.jpg").write_bytes(assets.jpeg_bytes(20, 20, seed=i))
+    two = DatasetSpec(str(folder), limit=2)
+    before = dataset_stamp(two)
+    assert before is not None and before.startswith("2 file(s), ")
+    (folder / "img_9.jpg").write_bytes(assets.jpeg_bytes(20, 20, seed=9))  # after the first two: not read
+    assert dataset_stamp(two) == before
+    (folder / "img_0.jpg").write_bytes(assets.jpeg_bytes(20, 20, seed=5))  # read: changed
+    assert dataset_stamp(two) != before
+    import shutil
+
+    parquet = assets.write_parquet_dataset(tmp_path / "pq", [assets.jpeg_bytes(20, 20)])
+    train_file = parquet / "data" / "train-00000-of-00001.parquet"
+    other = shutil.copy(train_file, parquet / "data" / "test-00000-of-00001.parquet")
+    train = DatasetSpec(str(parquet), split="train")
+    before = dataset_stamp(train)
+    assert before is not None and before.startswith("1 file(s), ")
+    os.utime(other, ns=(1, 1))
+    assert dataset_stamp(train) == before
+    os.utime(train_file, ns=(1, 1))
+    assert dataset_stamp(train) != before
+    assert dataset_stamp(DatasetSpec("owner/catalogue")) is None

@@ -157,6 +157,8 @@ def test_a_client_filter_narrows_the_servers_never_widens():
         both_filters("in_stock = true", "category = 'x') OR (category IS NOT NULL")
     with pytest.raises(FilterError):
         both_filters("in_stock = true", "price = 5 AND")
+    with pytest.raises(FilterError, match="nested too deeply|characters; at most"):  # a 422, not a 500
+        both_filters(None, "(" * 990 + "a = 1" + ")" * 990)
     assert _json_value(float("nan")) is None and _json_value(1.5) == 1.5
 
 
@@ -185,3 +187,26 @@ def test_nan_is_missing_and_values_of_another_width_or_kind_compare_as_numbers()
     assert match("dec IN (49.5, 10.5)") == [0, 1] and match("dec = 49.5") == [0] and match("dec > 2") == [0, 1, 5]
     assert match("created >= '2026-01-03'") == [2, 4, 5] and match("created < '2026-01-02 13:00'") == [0, 1]
     assert match("created >= '2026-01-03T00:00:00+01:00'") == [2, 4, 5]
+
+
+def test_in_takes_dates_and_leaves_out_values_a_column_cannot_hold():
+    """IN's values go through the same conversion as `=`'s: texts for dates and times (in a zoned
+    column's zone), and a value the column's type cannot hold matches nothing instead of failing."""
+    import datetime
+    import decimal
+
+    table = pa.table({
+        "d": pa.array([datetime.date(2026, 1, 31), datetime.date(2026, 2, 1), datetime.date(2026, 2, 2)]),
+        "ts": pa.array([datetime.datetime(2026, 1, 31, 10), datetime.datetime(2026, 1, 31, 11), None]),
+        "tz": pa.array([datetime.datetime(2026, 1, 31, tzinfo=datetime.UTC), None, None], pa.timestamp("us", tz="UTC")),
+        "u64": pa.array([1, 2, 3], pa.uint64()),
+        "dec": pa.array([decimal.Decimal("49.5"), decimal.Decimal("10.5"), None], pa.decimal128(10, 2)),
+    })
+
+    def match(text: str) -> list[int]:
+        return Filter.parse(text, table.schema).mask(table).nonzero()[0].tolist()
+
+    assert match("d IN ('2026-01-31', '2026-02-01')") == [0, 1] and match("d NOT IN ('2026-01-31')") == [1, 2]
+    assert match("ts IN ('2026-01-31 10:00:00')") == [0] and match("tz IN ('2026-01-31')") == [0]
+    assert match("u64 IN (1, -1)") == [0] and match("u64 NOT IN (-1)") == [0, 1, 2]
+    assert match("dec IN (49.555)") == [] and match("dec IN (1e30, 10.5)") == [1] and match("dec IN (49.5)") == [0]

@@ -83,6 +83,9 @@ def test_a_search_mode_is_told_the_gallery_run_that_builds_its_store(tiny_onnx, 
     assert f"Build it first with a gallery run: python main.py --output-dir {out} (with the --dataset and --model " \
            "or --onnx to make it with" in err
     assert "without --use-embeddings" not in err
+    assert run("--onnx", tiny_onnx, "--output-dir", out, "--query-text", "a red dress", "--use-embedded-segment") == 1
+    err = capsys.readouterr().err  # with a cache flag too: leaving it out would build nothing either
+    assert f"Build it first with a gallery run: python main.py --use-segmentation --output-dir {out}" in err
     assert run("--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0") == 3
     capsys.readouterr()
     (tmp_path / "elsewhere" / "onnx").mkdir(parents=True)

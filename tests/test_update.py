@@ -170,12 +170,25 @@ def test_a_build_resumed_on_a_changed_dataset_is_refused_and_fresh_starts_over(t
     capsys.readouterr()
     assert run(*args(data, tiny_onnx, out)) == 1
     err = capsys.readouterr().err
-    assert "holds shards of an unfinished run with different arguments" in err
+    assert "holds shards of an unfinished run on the dataset as it was" in err
     assert "dataset_files: cache has '1 file(s), " in err
-    assert "the dataset's files changed since that run started: its shards may hold photos the dataset no longer" in err
-    assert "add --fresh to discard it" in err
-    assert run(*args(data, tiny_onnx, out, "--fresh")) == 0
+    assert "The dataset's files changed since that run started: its shards may hold photos the dataset no longer" in err
+    assert "Add --fresh to start over." in err and "Run with the same arguments" not in err
+    # A run of a version that did not stamp its dataset resumes as it did then.
+    run_file = out / "embeddings" / ".partial" / "run.json"
+    run_file.write_text(json.dumps({k: v for k, v in json.loads(run_file.read_text()).items() if k != "dataset_files"}))
+    write_catalogue(data, list(range(24)))  # the photos the shard holds, again
+    assert run(*args(data, tiny_onnx, out)) == 0
     assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+    # Refused again after another change, --fresh starts over on the dataset as it is.
+    write_catalogue(data, list(range(24)), reshot=frozenset(range(24)))
+    stop_after_shards(monkeypatch, 1)
+    assert run(*args(data, tiny_onnx, out)) == 130
+    monkeypatch.undo()
+    write_catalogue(data, list(range(24)))
+    assert run(*args(data, tiny_onnx, out)) == 1
+    assert run(*args(data, tiny_onnx, out, "--fresh")) == 0
     assert_same_as_fresh(out, fresh)
 
 
@@ -239,6 +252,7 @@ def test_an_embedder_that_makes_its_pixels_otherwise_is_refused_before_it_embeds
     err = capsys.readouterr().err
     assert "was embedded differently from what is asked" in err
     assert "pixels: cache has 'torchvision', asked for 'pil'" in err
+    assert "Its pixels came from torchvision: add --decode device to update it as it was made." in err
     assert (out / "embeddings" / "embeddings.json").read_bytes() == before
     assert not (out / "embeddings" / ".update" / "new" / ".partial").exists()  # refused before embedding
     assert run(*torch_args, "--decode", "device", "--update") == 0  # the store's own way: updated
@@ -528,6 +542,7 @@ def test_a_search_mode_never_pairs_the_store_it_loaded_with_the_index_of_one_swi
     out, updated = tmp_path / "out", tmp_path / "updated"
     assert run(*args(data, tiny_onnx, out, "--index", "flat")) == 0
     shutil.copytree(out, updated)
+    shutil.copytree(out / "embeddings", tmp_path / "before")
     write_catalogue(data, [*range(1, 10), 50])  # photo 0 gone, photo 50 added: still 10 vectors
     assert run(*args(data, tiny_onnx, updated, "--index", "flat", "--update")) == 0
     real_load = galleries.load_gallery_cache
@@ -543,6 +558,13 @@ def test_a_search_mode_never_pairs_the_store_it_loaded_with_the_index_of_one_swi
     cfg = config_from_flags(vars(cli.build_parser().parse_args(
         ["--onnx", str(tiny_onnx), "--output-dir", str(out), "--serve"])))
     with pytest.raises(PipelineError, match="was built for other embeddings"):
+        galleries.open_catalog(cfg, RunSummary(mode="serve"))
+    # Without an index (--index none), the new store's metadata.parquet is not joined to the old rows either.
+    shutil.rmtree(out / "embeddings")
+    shutil.copytree(tmp_path / "before", out / "embeddings")
+    cfg = config_from_flags(vars(cli.build_parser().parse_args(
+        ["--onnx", str(tiny_onnx), "--output-dir", str(out), "--serve", "--index", "none"])))
+    with pytest.raises(PipelineError, match="written for another version of the store"):
         galleries.open_catalog(cfg, RunSummary(mode="serve"))
 
 

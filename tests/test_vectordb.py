@@ -107,7 +107,7 @@ def test_an_update_that_removes_a_photo_writes_only_that_removal(exported, tiny_
     assert sorted(table.to_arrow().column("file").to_pylist()) == sorted(row_files(out).values())
 
 
-def test_another_embedders_export_is_refused(exported, tiny_onnx, capsys):
+def test_another_embedders_export_is_refused(exported, tiny_onnx, tmp_path, capsys):
     data, out, targets, flags = exported
     path = targets["qdrant"] / "fashion_export.json"
     record = json.loads(path.read_text())
@@ -119,7 +119,10 @@ def test_another_embedders_export_is_refused(exported, tiny_onnx, capsys):
     assert cli.main(args(data, tiny_onnx, out, "--export", "mongo:./x")) == 2
     capsys.readouterr()
     before = sorted(p.name for p in targets["parquet"].rglob("*"))
-    assert cli.main(args(data, tiny_onnx, out, "--export", f"lancedb:{targets['parquet']}")) == 1
+    first = tmp_path / "first.parquet"
+    assert cli.main(args(data, tiny_onnx, out, "--export", f"parquet:{first}", "--export",
+                         f"lancedb:{targets['parquet']}")) == 1
+    assert not first.exists()  # the other target, refused first: nothing written anywhere
     assert f"{targets['parquet']} holds a parquet export, not lancedb: one folder holds one kind" in \
         capsys.readouterr().err
     assert sorted(p.name for p in targets["parquet"].rglob("*")) == before  # nothing written into it
@@ -215,17 +218,17 @@ def test_a_parquet_export_whose_schema_changed_is_written_again_whole(tmp_path):
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    from pipeline.vectordb import _Parquet
+    from pipeline.metadata import Metadata
+    from pipeline.store import ManifestRow
+    from pipeline.vectordb import ExportTarget, export_store
 
-    def table(kind: pa.DataType) -> pa.Table:
-        return pa.table({"key": ["a", "b", "c"], "digest": ["1", "2", "3"],
-                         "vector": pa.array([[1.0, 0.0]] * 3, pa.list_(pa.float32())),
-                         "stock": pa.array([1, 2, 3], kind)})
-
-    writer = _Parquet(tmp_path)
-    writer.apply(table(pa.int32()), [], {"a", "b"})
-    writer.apply(table(pa.int32()), [], {"c"})
-    assert len(writer.parts()) == 2
-    writer.apply(table(pa.int64()), [], set())  # nothing changed by the digests; the type did
-    read = ds.dataset(tmp_path, format="parquet").to_table()
-    assert read.schema.field("stock").type == pa.int64() and sorted(read.column("key").to_pylist()) == ["a", "b", "c"]
+    rows = [ManifestRow(index=i, file=f"img_{i}.jpg", source_row=i, sha256=f"{i:064x}", embedding_row=i)
+            for i in range(3)]
+    vectors = np.eye(3, 4, dtype=np.float32)
+    target = ExportTarget("parquet", tmp_path / "export")
+    identity = {"backend": "onnx", "onnx_sha256": "a" * 64}
+    for kind in (pa.int32(), pa.int64()):
+        meta = Metadata(pa.table({"stock": pa.array([1, 2, 3], kind)}))
+        export_store(target, vectors, rows, meta, identity, "s" * 64)
+        read = ds.dataset(sorted(target.folder.glob("part_*.parquet")), format="parquet").to_table()
+        assert read.schema.field("stock").type == kind and read.num_rows == 3
