@@ -314,6 +314,7 @@ def _embedder_spec(cache: GalleryCache, model: str | None, onnx: str | None, dev
         if made.model and model_reference(model) != made.model:
             log.warning("%s: the store was made by %s, exported from %s, not from %s: its queries are embedded "
                         "with that file", cache.root, found, made.model, model)
+            model = made.model  # the file's own model, for what the file does not record
         else:
             log.info("%s: the store was made by %s (exported from the model): its queries are embedded with it",
                      cache.root, found)

@@ -333,7 +333,7 @@ def _held(values: list[Any], arrow_type: Any) -> list[Any]:
     held = []
     for v in values:
         try:
-            held.append(v.cast(arrow_type).as_py())
+            held.append(v.cast(arrow_type))  # kept as Arrow scalars: a nanosecond is no Python datetime
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
             continue
     return held

@@ -192,11 +192,6 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
 
             gallery = update_gallery(cfg, summary, embedder)
         else:
-            staged = [f for f in (cfg.store_dir / UPDATE_DIR, cfg.images_dir / UPDATE_DIR) if f.is_dir()]
-            if staged:  # the build replaces the store: an update's work on the old one is moot
-                log.info("discarding an interrupted update's staging in %s", cfg.store_dir / UPDATE_DIR)
-                for folder in staged:
-                    shutil.rmtree(folder, ignore_errors=True)
             gallery = build(cfg, summary, embedder)
         if not cfg.images_url:  # hashed now (just written: read back from the page cache), so later loads hash none
             with summary.stage("verify image files"):
@@ -320,6 +315,12 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
     into other folders)."""
     # A wrong dataset, split or column fails here: before the model loads and before the run's state is written.
     total_rows = check_dataset(cfg.dataset) if part is None else len(part.rows)
+    if part is None:
+        staged = [f for f in (cfg.store_dir / UPDATE_DIR, cfg.images_dir / UPDATE_DIR) if f.is_dir()]
+        if staged:  # the build replaces the store: an update's work on the old one is moot
+            log.info("discarding an interrupted update's staging in %s", cfg.store_dir / UPDATE_DIR)
+            for folder in staged:
+                shutil.rmtree(folder, ignore_errors=True)
     if cfg.engine == "ray":
         return _build_on_ray(cfg, summary, embedder, part)
     images_dir, store_dir = _folders(cfg, part)

@@ -126,7 +126,9 @@ def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow], manifest: st
     except (OSError, ValueError) as e:
         raise CacheMismatchError(f"{path}: unreadable ({e}); run the gallery build again to rewrite it") from e
     stamp = (table.schema.metadata or {}).get(STORE_KEY)
-    if stamp is not None and stamp.decode() != (manifest or manifest_sha256(store_dir)):
+    if stamp is not None and manifest is not None and stamp.decode() != manifest:
+        raise CacheMismatchError(f"{path} is of the store as updated since this one was loaded: search again")
+    if stamp is not None and stamp.decode() != manifest_sha256(store_dir):
         raise CacheMismatchError(
             f"{path} was written for another version of the store (an update stopped after its switch, before "
             "the metadata was written): run the same command with --update again, or the build, to rewrite it"

@@ -159,8 +159,9 @@ def both_filters(server: str | None, client: str | None) -> str | None:
     from .filters import MAX_FILTER_CHARS, FilterError, parse_filter
 
     if client and client.strip():
-        if len(client) > MAX_FILTER_CHARS:
-            raise FilterError(f"filter: {len(client)} characters; at most {MAX_FILTER_CHARS}")
+        room = MAX_FILTER_CHARS - (len(server) + len("() AND ()") if server and server.strip() else 0)
+        if len(client) > room:  # with the server's own filter, the whole must fit MAX_FILTER_CHARS
+            raise FilterError(f"filter: {len(client)} characters; at most {room} here")
         try:
             parse_filter(client)
         except RecursionError:

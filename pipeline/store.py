@@ -632,14 +632,17 @@ class ShardStore:
                 old = json.loads(run_file.read_text())
             except json.JSONDecodeError:
                 old = None
-            if isinstance(old, dict) and "dataset_files" not in old:  # a run of a version that did not stamp
-                run_params = {k: v for k, v in run_params.items() if k != "dataset_files"}  # its dataset: as it did
-                self.run_params = run_params
-            if old != run_params and not any(self.dir.glob("shard_*.done")):
+            asked = run_params
+            if isinstance(old, dict) and ("dataset_files" in old) != ("dataset_files" in run_params):
+                # a run of a version that did not stamp its dataset, or a dataset not stamped now (the hub): the
+                # dataset is not compared, as then; the run.json on disk stays as it is
+                old = {k: v for k, v in old.items() if k != "dataset_files"}
+                asked = {k: v for k, v in run_params.items() if k != "dataset_files"}
+            if old != asked and not any(self.dir.glob("shard_*.done")):
                 log.info("discarding an unfinished run in %s that completed no shard", self.dir)
                 shutil.rmtree(self.dir)
-            elif old != run_params:
-                diffs = describe_differences(run_params, old or {})
+            elif old != asked:
+                diffs = describe_differences(asked, old or {})
                 if diffs and all(d.startswith("dataset_files:") for d in diffs):
                     raise PipelineError(
                         f"{self.dir} holds shards of an unfinished run on the dataset as it was:\n  {diffs[0]}\n"

@@ -313,6 +313,9 @@ def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | No
         decode = ({"pil": "cpu", "torchvision": "device"}.get(pixels or "")
                   if any(p.startswith("pixels:") for p in problems) else None)
         hint = f" Its pixels came from {pixels}: add --decode {decode} to update it as it was made." if decode else ""
+        if decode == "device" and cfg.engine == "ray":
+            hint = (f" Its pixels came from {pixels}, and Ray's workers decode on the CPU: update it without "
+                    "--engine ray.")
         raise PipelineError(
             f"{cfg.store_dir} was embedded differently from what is asked:\n  " + "\n  ".join(problems)
             + f"\nAn update reuses the vectors the store has, so it needs the embedder that made them.{hint} A new "
@@ -347,8 +350,10 @@ def _same_part(cfg: RunConfig, part: BuildPart) -> bool:
         run = json.loads((part.store_dir / ".partial" / "run.json").read_text())
     except (OSError, ValueError):
         return False
-    asked = {"rows": rows_key(part.rows), "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows,
-             "dataset_files": dataset_stamp(cfg.dataset)}
+    asked = {"rows": rows_key(part.rows), "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
+    stamp = dataset_stamp(cfg.dataset)
+    if "dataset_files" in run and stamp is not None:  # staged by a version that stamped the dataset, and stamped now
+        asked["dataset_files"] = stamp
     return all(run.get(k) == v for k, v in asked.items())
 
 

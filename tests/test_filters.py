@@ -159,6 +159,9 @@ def test_a_client_filter_narrows_the_servers_never_widens():
         both_filters("in_stock = true", "price = 5 AND")
     with pytest.raises(FilterError, match="nested too deeply|characters; at most"):  # a 422, not a 500
         both_filters(None, "(" * 990 + "a = 1" + ")" * 990)
+    server = "in_stock = true"  # with it, the whole filter must fit: the client is told its own room
+    with pytest.raises(FilterError, match=f"filter: 1990 characters; at most {2000 - len(server) - 9} here"):
+        both_filters(server, "price = 1 " + " " * 1980)
     assert _json_value(float("nan")) is None and _json_value(1.5) == 1.5
 
 
@@ -210,3 +213,5 @@ def test_in_takes_dates_and_leaves_out_values_a_column_cannot_hold():
     assert match("ts IN ('2026-01-31 10:00:00')") == [0] and match("tz IN ('2026-01-31')") == [0]
     assert match("u64 IN (1, -1)") == [0] and match("u64 NOT IN (-1)") == [0, 1, 2]
     assert match("dec IN (49.555)") == [] and match("dec IN (1e30, 10.5)") == [1] and match("dec IN (49.5)") == [0]
+    ns = pa.table({"t": pa.array([1_000_000_001, 5], pa.timestamp("ns"))})  # a nanosecond is no Python datetime
+    assert Filter.parse("t IN ('1970-01-01 00:00:01.000000001')", ns.schema).mask(ns).tolist() == [True, False]

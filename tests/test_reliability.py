@@ -435,3 +435,27 @@ def test_a_heatmap_that_fails_in_its_thread_stops_the_run_with_its_error(mixed_d
     assert run("--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--limit", "0",
                "--use-embeddings") == 3  # the kept store: the outputs made from it (3: the two bad rows)
     assert (out / "outputs" / "distance_heatmap.png").stat().st_size > 1000
+
+
+def test_a_resume_compares_the_dataset_only_where_both_runs_stamped_it(tmp_path):
+    """A run.json of a version that did not stamp its dataset (or a dataset not stamped now: the hub)
+    resumes as before; a discarded one is written again whole, stamp and all."""
+    import json
+
+    from pipeline.store import PARTIAL_DIR, RUN_FILE, ShardStore
+
+    params = {"source": {"dataset": "d"}, "identity": {"backend": "onnx"}, "batch_size": 4, "shard_rows": 8}
+    stamped = {**params, "dataset_files": "1 file(s), 9 bytes, stamp aa"}
+    run_file = tmp_path / PARTIAL_DIR / RUN_FILE
+    for old, new in ((params, stamped), (stamped, params)):
+        ShardStore(tmp_path, old, fresh=True)
+        (tmp_path / PARTIAL_DIR / "shard_00000.done").write_text("{}")  # a finished shard: refusals would raise
+        ShardStore(tmp_path, new, fresh=False)  # resumes
+        assert json.loads(run_file.read_text()) == old  # the run's own record stays
+    ShardStore(tmp_path, stamped, fresh=True)
+    (tmp_path / PARTIAL_DIR / "shard_00000.done").write_text("{}")
+    with pytest.raises(PipelineError, match="Add --fresh to start over"):
+        ShardStore(tmp_path, {**stamped, "dataset_files": "1 file(s), 9 bytes, stamp bb"}, fresh=False)
+    (tmp_path / PARTIAL_DIR / "shard_00000.done").unlink()  # no shard finished: discarded, written anew whole
+    ShardStore(tmp_path, {**params, "batch_size": 8, "dataset_files": "x"}, fresh=False)
+    assert json.loads(run_file.read_text()) == {**params, "batch_size": 8, "dataset_files": "x"}

@@ -564,7 +564,7 @@ def test_a_search_mode_never_pairs_the_store_it_loaded_with_the_index_of_one_swi
     shutil.copytree(tmp_path / "before", out / "embeddings")
     cfg = config_from_flags(vars(cli.build_parser().parse_args(
         ["--onnx", str(tiny_onnx), "--output-dir", str(out), "--serve", "--index", "none"])))
-    with pytest.raises(PipelineError, match="written for another version of the store"):
+    with pytest.raises(PipelineError, match="is of the store as updated since this one was loaded: search again"):
         galleries.open_catalog(cfg, RunSummary(mode="serve"))
 
 
