@@ -126,9 +126,10 @@ def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow], manifest: st
     except (OSError, ValueError) as e:
         raise CacheMismatchError(f"{path}: unreadable ({e}); run the gallery build again to rewrite it") from e
     stamp = (table.schema.metadata or {}).get(STORE_KEY)
-    if stamp is not None and manifest is not None and stamp.decode() != manifest:
+    now = manifest_sha256(store_dir) if stamp is not None else ""
+    if stamp is not None and manifest is not None and stamp.decode() != manifest and stamp.decode() == now:
         raise CacheMismatchError(f"{path} is of the store as updated since this one was loaded: search again")
-    if stamp is not None and stamp.decode() != manifest_sha256(store_dir):
+    if stamp is not None and stamp.decode() != (manifest or now):
         raise CacheMismatchError(
             f"{path} was written for another version of the store (an update stopped after its switch, before "
             "the metadata was written): run the same command with --update again, or the build, to rewrite it"
