@@ -40,9 +40,8 @@ class VideoSpec:
         suffix (`videos/clip_1.mp4` is clip_1: its outputs stay in the output folder)."""
         if not self.clip:
             return None
-        name = Path(self.clip).name
-        stem, dot, suffix = name.rpartition(".")
-        return stem if dot and stem and f".{suffix.lower()}" in CLIP_SUFFIXES else name
+        p = Path(self.clip)
+        return p.stem if p.suffix.lower() in CLIP_SUFFIXES else p.name
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ exported it, and how much of its kernel time goes to format conversion.
 
 from __future__ import annotations
 
+import filecmp
 import logging
 import os
 import shutil
@@ -526,11 +527,9 @@ def keep_replaced(int8_path: Path, new_int8: Path) -> list[str]:
     data stays, as its .data file would be replaced): the stores made with it still open with it,
     and a refused store's remedy finds it by the sha256 the store records. Returns the report's
     line (none when nothing was replaced)."""
-    if not int8_path.is_file():
+    if not int8_path.is_file() or filecmp.cmp(int8_path, new_int8, shallow=False):  # the same bytes: nothing kept
         return []
     old_sha = sha256_file(int8_path)
-    if old_sha == sha256_file(new_int8):
-        return []
     keep = int8_path.with_name(f"{int8_path.stem}.{old_sha[:12]}{int8_path.suffix}")
     moves = [(int8_path, keep)]
     text = text_onnx_path_for(int8_path)

@@ -222,6 +222,18 @@ def parse_filter(text: str) -> Node:
     return _Parser(text).parse()
 
 
+def parse_bounded(text: str, most: int = MAX_FILTER_CHARS, what: str = "--filter", where: str = "") -> Node:
+    """parse_filter for text from outside: at most `most` characters (`where`: said after the bound),
+    and a nesting too deep for the parser's recursion is a FilterError too (exit 2, an HTTP 422),
+    not a crash."""
+    if len(text) > most:
+        raise FilterError(f"{what}: {len(text)} characters; at most {most}{where}")
+    try:
+        return parse_filter(text)
+    except RecursionError:
+        raise FilterError(f"{what}: nested too deeply") from None
+
+
 def columns_of(node: Node) -> list[Test]:
     if isinstance(node, Test):
         return [node]
@@ -306,8 +318,6 @@ def _evaluate(node: Node, table: Any) -> Any:
         col = col.cast(col.type.value_type)
     if pa.types.is_floating(col.type):  # NaN is a missing value, as shown (metadata.json_value): never matches
         col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
-    if pa.types.is_integer(col.type) and col.type != pa.uint64():
-        col = col.cast(pa.int64())  # IN (300, 1) on a uint8 column: 300 matches nothing, as = 300 does
     if node.op == "is null":
         return pc.is_null(col)
     if node.op == "is not null":
@@ -385,12 +395,7 @@ class Filter:
 
     @classmethod
     def parse(cls, text: str, schema: Any) -> Filter:
-        if len(text) > MAX_FILTER_CHARS:
-            raise FilterError(f"--filter: {len(text)} characters; at most {MAX_FILTER_CHARS}")
-        try:
-            node = parse_filter(text)
-        except RecursionError:
-            raise FilterError("--filter: nested too deeply") from None
+        node = parse_bounded(text)
         check_filter(node, text, schema)
         return cls(text, node)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,12 @@ class Metadata:
         return Filter.parse(text, self.table.schema).mask(self.table)
 
 
+def prefixed_name(column: str, own: Collection[str]) -> str:
+    """A metadata column's name beside a table's own columns: its own, or `meta_<name>` where the
+    table uses the name itself (or `meta_<it>`), so that no value is lost or read as another."""
+    return f"meta_{column}" if column in own or column.startswith("meta_") and column[5:] in own else column
+
+
 def product_labels(values: Any) -> tuple[np.ndarray, int]:
     """--group-by: an int64 label per row of a metadata column (pyarrow), equal for equal values;
     a row without a value gets a label of its own (it stands alone). Returns the labels and how
@@ -126,14 +132,15 @@ def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow], manifest: st
     except (OSError, ValueError) as e:
         raise CacheMismatchError(f"{path}: unreadable ({e}); run the gallery build again to rewrite it") from e
     stamp = (table.schema.metadata or {}).get(STORE_KEY)
-    now = manifest_sha256(store_dir) if stamp is not None else ""
-    if stamp is not None and manifest is not None and stamp.decode() != manifest and stamp.decode() == now:
-        raise CacheMismatchError(f"{path} is of the store as updated since this one was loaded: search again")
-    if stamp is not None and stamp.decode() != (manifest or now):
-        raise CacheMismatchError(
-            f"{path} was written for another version of the store (an update stopped after its switch, before "
-            "the metadata was written): run the same command with --update again, or the build, to rewrite it"
-        )
+    if stamp is not None:
+        written_for, now = stamp.decode(), manifest_sha256(store_dir)
+        if manifest is not None and written_for != manifest and written_for == now:
+            raise CacheMismatchError(f"{path} is of the store as updated since this one was loaded: search again")
+        if written_for != (manifest or now):
+            raise CacheMismatchError(
+                f"{path} was written for another version of the store (an update stopped after its switch, before "
+                "the metadata was written): run the same command with --update again, or the build, to rewrite it"
+            )
     keys = np.asarray(arrow_numpy(table.column("source_row")), np.int64)
     want = np.array([r.source_row for r in embedded], np.int64)
     at = np.searchsorted(keys, want)

@@ -29,6 +29,7 @@ from .export import fp32_path_for
 from .fileio import atomic_write_text
 from .galleries import open_catalog, segmenter_factory
 from .images import ImageDecodeError, decode_image
+from .metadata import prefixed_name
 from .persons import Segmenter, person_crops
 from .plots import (
     THUMB_SIZE,
@@ -121,8 +122,7 @@ def run_query(cfg: RunConfig) -> RunSummary:
         hits = [int(j) for row in nb.indices for j in row if j >= 0]
         rows = [(*r, *meta.values(j).values()) for r, j in zip(rows, hits)]
     own = ("query", "kind", "rank", "gallery_file", "row", "distance")
-    # a catalogue column named as one of the table's own (`kind`, `rank`) gets `meta_` before it: no header twice
-    columns = (*own, *(f"meta_{c}" if c in own or c.startswith("meta_") and c[5:] in own else c for c in extra))
+    columns = (*own, *(prefixed_name(c, own) for c in extra))  # `kind`, `rank` of the catalogue: meta_kind, ...
     write_neighbours_csv(table, iter(rows), columns=columns)
     summary.count("queries", len(queries))
     summary.outputs["results"] = str(table)

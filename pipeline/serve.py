@@ -156,16 +156,11 @@ def both_filters(server: str | None, client: str | None) -> str | None:
     """The server's --filter and a client's, both applying: a client narrows, never widens. The
     client's must be a whole filter on its own (FilterError, pointing into it, otherwise): text
     such as `x = 1) OR (y IS NULL` would close the parentheses around it and escape the server's."""
-    from .filters import MAX_FILTER_CHARS, FilterError, parse_filter
+    from .filters import MAX_FILTER_CHARS, parse_bounded
 
-    if client and client.strip():
+    if client and client.strip():  # with the server's own filter, the whole must fit MAX_FILTER_CHARS
         room = MAX_FILTER_CHARS - (len(server) + len("() AND ()") if server and server.strip() else 0)
-        if len(client) > room:  # with the server's own filter, the whole must fit MAX_FILTER_CHARS
-            raise FilterError(f"filter: {len(client)} characters; at most {room} here")
-        try:
-            parse_filter(client)
-        except RecursionError:
-            raise FilterError("filter: nested too deeply") from None
+        parse_bounded(client, room, "filter", " here")
     parts = [f for f in (server, client) if f and f.strip()]
     return " AND ".join(f"({f})" for f in parts) or None
 

@@ -45,6 +45,7 @@ from .galleries import BuildPart, Gallery, build, gallery_source, made_identity,
 from .identity import VectorIdentity, differences
 from .index import INDEX_META, switch_index, update_index
 from .items import crop_file_name, image_file_name
+from .remedy import DECODE_OF_PIXELS
 from .report import RunSummary
 from .store import (
     EMBEDDINGS_FILE,
@@ -310,8 +311,7 @@ def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | No
         problems = differences(made, old.sidecar.identity, only=frozenset(old.sidecar.identity.to_json()))
     if problems:
         pixels = old.sidecar.identity.pixels
-        decode = ({"pil": "cpu", "torchvision": "device"}.get(pixels or "")
-                  if any(p.startswith("pixels:") for p in problems) else None)
+        decode = DECODE_OF_PIXELS.get(pixels or "") if any(p.startswith("pixels:") for p in problems) else None
         hint = f" Its pixels came from {pixels}: add --decode {decode} to update it as it was made." if decode else ""
         if decode == "device" and cfg.engine == "ray":
             hint = (f" Its pixels came from {pixels}, and Ray's workers decode on the CPU: update it without "

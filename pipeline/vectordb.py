@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import PipelineError, UsageError
 from .fileio import atomic_write_text
-from .metadata import Metadata
+from .metadata import Metadata, prefixed_name
 from .store import ManifestRow
 
 log = logging.getLogger(__name__)
@@ -122,10 +122,9 @@ def source_of(row: ManifestRow) -> str | None:
 
 
 def exported_name(column: str) -> str:
-    """A metadata column's name in the export: its own, or `meta_<name>` where the export uses the
-    name itself (a catalogue column called `file` or `vector`), so that no value is lost."""
-    return f"meta_{column}" if column in OWN_COLUMNS or column.startswith("meta_") and column[5:] in OWN_COLUMNS \
-        else column
+    """A metadata column's name in the export (a catalogue column called `file` or `vector` is
+    `meta_file`, `meta_vector`)."""
+    return prefixed_name(column, OWN_COLUMNS)
 
 
 def _digest(vector: np.ndarray, values: dict[str, Any]) -> str:

@@ -36,7 +36,6 @@ from .yolo import ULTRALYTICS_MAX_DET, UltralyticsDetector
 
 log = logging.getLogger(__name__)
 
-VIDEO_SUFFIXES = CLIP_SUFFIXES
 REENCODE_HINT = "re-encode it to H.264, e.g. ffmpeg -i INPUT -c:v libx264 -pix_fmt yuv420p OUTPUT.mp4"
 
 
@@ -67,9 +66,9 @@ class Frame:
 def find_video(video_dir: Path, clip: str) -> Path:
     """<video_dir>/<clip>.mp4 (or another common container when that is what exists)."""
     direct = video_dir / clip
-    if direct.suffix.lower() in VIDEO_SUFFIXES and direct.is_file():
+    if direct.suffix.lower() in CLIP_SUFFIXES and direct.is_file():
         return direct
-    candidates = [video_dir / f"{clip}{s}" for s in VIDEO_SUFFIXES]
+    candidates = [video_dir / f"{clip}{s}" for s in CLIP_SUFFIXES]
     for c in candidates:
         if c.is_file():
             return c
