@@ -32,6 +32,9 @@ def test_boxes_moved_out_of_the_frame_draw_inside_it_or_not_at_all():
     assert out.shape == frame.shape and out.any()
     alone = draw(frame.copy(), [Drawing(np.array([-40, 20, -10, 100], np.float32), 1, "x", tile)], 1.0)
     assert not alone.any()  # wholly outside: nothing drawn
+    # Past the right edge: the tile goes left of the box, inside the frame (side 32 at 180 px: x 264..295)
+    edge = draw(frame.copy(), [Drawing(np.array([300, 20, 330, 100], np.float32), 1, "x", tile)], 1.0)
+    assert (edge[22:50, 266:294] == 200).all()
 
 
 

@@ -232,3 +232,5 @@ def test_a_parquet_export_whose_schema_changed_is_written_again_whole(tmp_path):
         export_store(target, vectors, rows, meta, identity, "s" * 64)
         read = ds.dataset(sorted(target.folder.glob("part_*.parquet")), format="parquet").to_table()
         assert read.schema.field("stock").type == kind and read.num_rows == 3
+        assert dict(zip(read.column("file").to_pylist(), read.column("stock").to_pylist())) == {
+            "img_0.jpg": 1, "img_1.jpg": 2, "img_2.jpg": 3}

@@ -152,12 +152,15 @@ def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx,
     # the cache mode reuses the gallery; the clip named by its path (its folder, its suffix) is the same
     # clip, its outputs in the output folder, nothing beside the clip
     before = sorted(p.name for p in clip_dir.iterdir())
+    found = (out / "video_results" / "clip_1" / "results.jsonl").read_text()
     (out / "video_results" / "clip_1" / "results.jsonl").unlink()
     assert (
         cli.main(
             [
                 "--video_clip",
                 str(clip_dir / "clip_1.mp4"),
+                "--top-k",
+                "3",
                 "--use-embeddings",
                 "--onnx",
                 str(tiny_onnx),
@@ -168,7 +171,7 @@ def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx,
         )
         == 3
     )
-    assert (out / "video_results" / "clip_1" / "results.jsonl").is_file()
+    assert (out / "video_results" / "clip_1" / "results.jsonl").read_text() == found  # the same clip, the same matches
     assert sorted(p.name for p in clip_dir.iterdir()) == before
 
 
