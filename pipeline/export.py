@@ -403,7 +403,7 @@ class _ImageExport:
         report.text_lines = self.text.lines
         with waiting_lock(move_lock_path(self.int8_path), lambda: log.info(
                 "waiting for another export to %s to finish moving its files into place", self.int8_path.parent)):
-            report.kept_lines = keep_replaced(self.int8_path, self.tmp_int8)
+            report.kept_lines = keep_replaced(self.int8_path, self.tmp_int8, self.fp32_path, self.tmp_fp32)
             _move_into_place(self.tmp_fp32, self.fp32_path)
             _move_into_place(self.tmp_int8, self.int8_path)
             self.text.commit()
@@ -520,31 +520,62 @@ def _as_one_file(path: Path) -> None:
         f.unlink(missing_ok=True)
 
 
-def keep_replaced(int8_path: Path, new_int8: Path) -> list[str]:
-    """The int8 file an export replaces, when its bytes differ from the new one's, kept beside it
-    under the first 12 hex digits of its sha256 (`<stem>.<sha>.onnx`), with its text tower and
-    tokenizer (renamed as text_onnx_path_for names them for that file; a text tower with external
-    data stays, as its .data file would be replaced): the stores made with it still open with it,
+def keep_replaced(int8_path: Path, new_int8: Path, fp32_path: Path | None = None,
+                  new_fp32: Path | None = None) -> list[str]:
+    """The files an export replaces, when their bytes differ from the new ones', kept beside them
+    under the first 12 hex digits of their sha256 (`<stem>.<sha>.onnx`): the int8 file with its text
+    tower and tokenizer (renamed as text_onnx_path_for names them for that file; a text tower with
+    external data stays, as its .data file would be replaced), and the fp32 file (one without
+    external data) with a link to that text tower. The stores made with either still open with it,
     and a refused store's remedy finds it by the sha256 the store records. Returns the report's
-    line (none when nothing was replaced)."""
-    if not int8_path.is_file() or filecmp.cmp(int8_path, new_int8, shallow=False):  # the same bytes: nothing kept
-        return []
-    old_sha = sha256_file(int8_path)
-    keep = int8_path.with_name(f"{int8_path.stem}.{old_sha[:12]}{int8_path.suffix}")
-    moves = [(int8_path, keep)]
-    text = text_onnx_path_for(int8_path)
-    with_text = text.is_file() and not _data_files(text)
-    if with_text:
-        kept_text = text_onnx_path_for(keep)
-        moves += [(text, kept_text), (tokenizer_path_for(text), tokenizer_path_for(kept_text))]
-    for src, dst in moves:
-        if src.is_file():
-            os.replace(src, dst)
-    text_said = (" with its text tower" if with_text else
-                 " (its text tower, whose weights are in a .data file, is not kept: text queries need it exported "
-                 "again)" if text.is_file() else "")
-    return [f"the int8 file this export replaced is kept as {keep}{text_said}: stores made with it open with "
-            f"--onnx {keep}; delete it when none does"]
+    lines (none when nothing was replaced)."""
+    lines: list[str] = []
+    kept_text: Path | None = None
+    if int8_path.is_file() and not filecmp.cmp(int8_path, new_int8, shallow=False):
+        keep = _kept_name(int8_path)
+        moves = [(int8_path, keep)]
+        text = text_onnx_path_for(int8_path)
+        with_text = text.is_file() and not _data_files(text)
+        if with_text:
+            kept_text = text_onnx_path_for(keep)
+            moves += [(text, kept_text), (tokenizer_path_for(text), tokenizer_path_for(kept_text))]
+        for src, dst in moves:
+            if src.is_file():
+                os.replace(src, dst)
+        text_said = (" with its text tower" if with_text else
+                     " (its text tower, whose weights are in a .data file, is not kept: text queries need it "
+                     "exported again)" if text.is_file() else "")
+        lines.append(f"the int8 file this export replaced is kept as {keep}{text_said}: stores made with it open "
+                     f"with --onnx {keep}; delete it when none does")
+    if (fp32_path is not None and new_fp32 is not None and fp32_path.is_file() and not _data_files(fp32_path)
+            and not filecmp.cmp(fp32_path, new_fp32, shallow=False)):
+        keep = _kept_name(fp32_path)
+        os.replace(fp32_path, keep)
+        text_said = ""
+        if kept_text is not None and kept_text.is_file():  # the towers were exported together: the same text tower
+            for src, dst in ((kept_text, text_onnx_path_for(keep)),
+                             (tokenizer_path_for(kept_text), tokenizer_path_for(text_onnx_path_for(keep)))):
+                if src.is_file() and src != dst:
+                    _link_or_copy(src, dst)
+            text_said = " with its text tower"
+        lines.append(f"the fp32 file this export replaced is kept as {keep}{text_said}: stores made with it open "
+                     f"with --onnx {keep}; delete it when none does")
+    return lines
+
+
+def _kept_name(path: Path) -> Path:
+    """model_int8.onnx -> model_int8.<first 12 hex of its sha256>.onnx"""
+    return path.with_name(f"{path.stem}.{sha256_file(path)[:12]}{path.suffix}")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link to `src` (no second copy of a tower on disk), or a copy where the file
+    system has no links."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _move_into_place(src: Path, dst: Path, onnx_file: bool = True) -> None:

@@ -1224,8 +1224,9 @@ def test_an_export_without_a_text_tower_removes_the_earlier_ones_weights_too(tmp
 
 def test_an_export_over_another_file_keeps_it_for_the_stores_made_with_it(tiny_clip, tmp_path, capsys):
     """Exporting again to the same path (another model, other calibration pictures) would leave every
-    store made with the old file unable to open: the old int8 file is kept beside it under its
-    sha256, with its text tower, said in the report; a refused store's remedy names it, and with it
+    store made with the old files unable to open: the old int8 file is kept beside it under its
+    sha256, with its text tower, and so is the fp32 one (a store made with `--onnx` on it), said in
+    the report; a refused store's remedy names it, and with it
     the store answers text and picture queries as before. The same file again keeps nothing."""
     import main as cli
     from pipeline.embedders import text_onnx_path_for, tokenizer_path_for
@@ -1237,18 +1238,25 @@ def test_an_export_over_another_file_keeps_it_for_the_stores_made_with_it(tiny_c
     assert export.export_onnx(str(tiny_clip), path).passed
     first = sha256_file(path)
     data = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(40, 60, seed=i) for i in range(6)])
-    out = tmp_path / "out"
+    fp32, first_fp32 = export.fp32_path_for(path), sha256_file(export.fp32_path_for(path))
+    out, out32 = tmp_path / "out", tmp_path / "out32"
     assert run("--dataset", data, "--onnx", path, "--output-dir", out, "--max-result-images", "0") == 0
+    assert run("--dataset", data, "--onnx", fp32, "--output-dir", out32, "--max-result-images", "0") == 0
     other = assets.save_tiny_clip(tmp_path / "other-clip", seed=5)
     report = export.export_onnx(str(other), path)
-    kept = path.with_name(f"model_int8.{first[:12]}.onnx")
+    kept, kept32 = path.with_name(f"model_int8.{first[:12]}.onnx"), fp32.with_name(f"model_fp32.{first_fp32[:12]}.onnx")
     assert report.passed and sha256_file(kept) == first and sha256_file(path) != first
-    assert text_onnx_path_for(kept).is_file() and tokenizer_path_for(text_onnx_path_for(kept)).is_file()
-    assert f"the int8 file this export replaced is kept as {kept} with its text tower" in "\n".join(report.lines())
+    assert sha256_file(kept32) == first_fp32 and sha256_file(fp32) != first_fp32
+    for k in (kept, kept32):
+        assert text_onnx_path_for(k).is_file() and tokenizer_path_for(text_onnx_path_for(k)).is_file()
+    said = "\n".join(report.lines())
+    assert f"the int8 file this export replaced is kept as {kept} with its text tower" in said
+    assert f"the fp32 file this export replaced is kept as {kept32} with its text tower" in said
     capsys.readouterr()
-    assert cli.main(["--onnx", str(path), "--output-dir", str(out), "--query-text", "a red dress"]) == 1
-    assert f"To reuse it, ask for what made it: --onnx {kept}" in capsys.readouterr().err
-    assert cli.main(["--onnx", str(kept), "--output-dir", str(out), "--query-text", "a red dress"]) == 0
+    for store, new_file, old_file in ((out, path, kept), (out32, fp32, kept32)):
+        assert cli.main(["--onnx", str(new_file), "--output-dir", str(store), "--query-text", "a red dress"]) == 1
+        assert f"To reuse it, ask for what made it: --onnx {old_file}" in capsys.readouterr().err
+        assert cli.main(["--onnx", str(old_file), "--output-dir", str(store), "--query-text", "a red dress"]) == 0
     # The same model exported again the same way gives the same bytes: nothing is kept, no file added.
     second, files = sha256_file(path), sorted(p.name for p in path.parent.iterdir())
     again = export.export_onnx(str(other), path)
