@@ -557,13 +557,42 @@ class ThumbnailReader:
 
     @classmethod
     def of(cls, root: str | Path, sidecar: Sidecar | None = None) -> ThumbnailReader:
-        """The thumbnails of the store at `root` (its sidecar read when not given)."""
+        """The thumbnails of the store at `root` (its sidecar read when not given). Given the sidecar
+        a reader that holds no lock loaded earlier, the files opened are checked to be that store's:
+        an update that switched in since (it moves the sidecar away first and back last; its
+        compaction rewrites thumbnails.npy and removes segments) is refused, never read as the
+        loaded store's thumbnails."""
         root = Path(root)
-        sidecar = sidecar if sidecar is not None else Sidecar.read(root / SIDECAR_FILE)
-        return cls(*(root / part.file for part in thumbnail_parts(sidecar)))
+        if sidecar is None:
+            return cls(*(root / part.file for part in thumbnail_parts(Sidecar.read(root / SIDECAR_FILE))))
+        parts = thumbnail_parts(sidecar)
+        changed = CacheMismatchError(f"the store in {root} was updated while it was opened: open it again")
+        try:
+            reader = cls(*(root / part.file for part in parts))
+        except FileNotFoundError as e:
+            raise changed from e
+        try:
+            try:
+                now = Sidecar.read(root / SIDECAR_FILE)
+            except CacheMismatchError:  # moved away by an update's switch, which puts it back last
+                raise changed from None
+            if thumbnail_parts(now) != parts:
+                raise changed
+            counts = [part.count for part in parts]
+            if reader.counts() != counts:
+                raise CacheMismatchError(f"the thumbnails files in {root} hold {reader.counts()} rows where its "
+                                         f"sidecar lists {counts}: run the gallery build again to rewrite them")
+        except BaseException:
+            reader.close()
+            raise
+        return reader
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def counts(self) -> list[int]:
+        """The rows of each file, in order."""
+        return [b - a for a, b in zip(self._starts, [*self._starts[1:], len(self)])]
 
     def _at(self, i: int) -> tuple[int, int, Any, int]:
         """(rows before its file, header bytes, open file, the row its file ends before) of the file

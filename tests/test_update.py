@@ -566,6 +566,23 @@ def test_a_search_mode_never_pairs_the_store_it_loaded_with_the_index_of_one_swi
         ["--onnx", str(tiny_onnx), "--output-dir", str(out), "--serve", "--index", "none"])))
     with pytest.raises(PipelineError, match="is of the store as updated since this one was loaded: search again"):
         galleries.open_catalog(cfg, RunSummary(mode="serve"))
+    # Nor its thumbnails (a store without metadata): the thumbnails files are checked against the
+    # sidecar loaded, which the switch changed.
+    for folder in (tmp_path / "before", updated / "embeddings"):
+        (folder / "metadata.parquet").unlink()
+    shutil.rmtree(out / "embeddings")
+    shutil.copytree(tmp_path / "before", out / "embeddings")
+    with pytest.raises(PipelineError, match="was updated while it was opened: open it again"):
+        galleries.open_catalog(cfg, RunSummary(mode="serve"))
+    # Opened again (with the new store's photos, which the switch moves in too), it is the new store,
+    # its thumbnails its own.
+    monkeypatch.setattr(galleries, "load_gallery_cache", real_load)
+    shutil.copytree(updated / "images", out / "images", dirs_exist_ok=True)
+    catalog = galleries.open_catalog(cfg, RunSummary(mode="serve"))
+    assert len(catalog) == 10 and {r.file for r in catalog.items} == {
+        r.file for r in read_manifest(updated / "embeddings" / "manifest.csv") if r.embedding_row >= 0}
+    np.testing.assert_array_equal(np.stack([catalog.thumbnail(i) for i in range(10)]),
+                                  thumbnails(updated / "embeddings"))
 
 
 def test_added_photos_thumbnails_go_in_a_segment_and_a_removed_photo_leaves_no_thumbnail(tiny_onnx, tmp_path,
