@@ -15,7 +15,7 @@ from pipeline.backends import BACKEND_CHOICES, DEVICES, EVAL_BACKENDS, MODELS, P
 from pipeline.config import config_from_flags, flag_default
 from pipeline.errors import PipelineError, UsageError
 from pipeline.index import INDEX_KINDS
-from pipeline.modes import check_config
+from pipeline.modes import check_config, interrupted_message
 from pipeline.report import EXIT_FATAL, EXIT_USAGE
 
 log = logging.getLogger("main")
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FATAL
     except KeyboardInterrupt:
-        print("interrupted: complete shards are kept; run the same command again to resume", file=sys.stderr)
+        print(interrupted_message(cfg), file=sys.stderr)
         return 130
     except Exception as e:  # an unexpected bug: one line unless -v
         if args.verbose:

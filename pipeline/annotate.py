@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +29,9 @@ log = logging.getLogger(__name__)
 VideoCodec = Literal["libx264", "h264", "libvpx-vp9"]
 _CODECS: tuple[tuple[VideoCodec, str], ...] = (("libx264", ".mp4"), ("h264", ".mp4"), ("libvpx-vp9", ".webm"))
 
-MAX_WIDTH = 1280  # the annotated video is for watching: 720p at most keeps encoding cheap
+MAX_WIDTH = 1280  # the annotated video is for watching: 720p at most (either way up) keeps encoding cheap
+MAX_SHORT_SIDE = 720
+TICKS_PER_SECOND = 90_000
 COLOURS_BGR = [
     (40, 40, 230),
     (230, 120, 30),
@@ -51,8 +54,9 @@ class Drawing:
 
 
 def output_size(width: int, height: int, max_width: int = MAX_WIDTH) -> tuple[int, int]:
-    """Even dimensions (yuv420p), no wider than max_width, the source aspect kept."""
-    scale = min(1.0, max_width / width)
+    """Even dimensions (yuv420p), the long side at most max_width and the short one at most 720
+    (720p, landscape or portrait), the source aspect kept."""
+    scale = min(1.0, max_width / max(width, height), MAX_SHORT_SIDE / min(width, height))
     w, h = int(round(width * scale)), int(round(height * scale))
     return w - w % 2, h - h % 2
 
@@ -83,12 +87,19 @@ class AnnotatedVideoWriter:
         codec, suffix = pick_codec()
         self.path, self.size, self.frames = path.with_suffix(suffix), size, 0
         self.tmp = self.path.with_name(f".{self.path.name}.part{suffix}")
-        self.container = av.open(str(self.tmp), "w")
-        rate = max(1, int(round(fps))) if fps and fps > 0 else 30
-        self.stream = self.container.add_stream(codec, rate=rate)
+        # The MP4's index first (a container option: as an encoder option it is ignored), so that a
+        # browser plays it before it has all of it.
+        self.container = av.open(str(self.tmp), "w", options={"movflags": "+faststart"} if suffix == ".mp4" else {})
+        # The clip's own rate, 30000/1001 kept as such (rounded to 30 a clip drifts 3.6 s an hour),
+        # and each frame stamped with its time in the clip, on MPEG's 90 kHz clock: a variable-rate
+        # clip keeps its timing
+        self.rate = Fraction(fps).limit_denominator(1001) if fps and fps > 0 else Fraction(30)
+        self.stream = self.container.add_stream(codec, rate=self.rate)
         self.stream.width, self.stream.height, self.stream.pix_fmt = size[0], size[1], "yuv420p"
+        self.stream.codec_context.time_base = Fraction(1, TICKS_PER_SECOND)
         if codec == "libx264":
-            self.stream.options = {"preset": "veryfast", "crf": "26", "movflags": "+faststart"}
+            self.stream.options = {"preset": "veryfast", "crf": "26"}
+        self._last_pts = -1
         self._av = av
         self.encode_seconds = 0.0  # time the background thread spent converting and encoding
         self._q: queue.Queue = queue.Queue(maxsize=16)
@@ -98,19 +109,29 @@ class AnnotatedVideoWriter:
 
     def _run(self) -> None:
         try:
-            while (frame := self._q.get()) is not None:
+            while (item := self._q.get()) is not None:
+                frame, pts = item
                 t = time.perf_counter()
                 vf = self._av.VideoFrame.from_ndarray(frame, format="bgr24")
+                vf.pts = pts
                 for packet in self.stream.encode(vf):
                     self.container.mux(packet)
                 self.encode_seconds += time.perf_counter() - t
         except BaseException as e:  # handed to the caller at the next write or at close
             self._error = e
+            # The queue is still emptied, up to close's or abort's None: a caller blocked in put()
+            # (the queue full) would otherwise wait forever and never see the error.
+            while self._q.get() is not None:
+                pass
 
-    def write(self, frame_bgr: np.ndarray) -> None:
+    def write(self, frame_bgr: np.ndarray, time_s: float | None = None) -> None:
+        """One frame, shown at `time_s` into the clip (None: right after the last one)."""
         if self._error is not None:
             raise PipelineError(f"writing {self.path} failed: {self._error}") from self._error
-        self._q.put(frame_bgr)
+        step = round(TICKS_PER_SECOND / self.rate)
+        pts = self._last_pts + step if time_s is None else max(self._last_pts + 1, round(time_s * TICKS_PER_SECOND))
+        self._last_pts = pts
+        self._q.put((frame_bgr, pts))
         self.frames += 1
 
     def close(self) -> Path:

@@ -199,3 +199,18 @@ def _filter_syntax(text: str | None) -> str | None:
     except FilterError as e:
         return str(e)
     return None
+
+
+def interrupted_message(cfg: RunConfig) -> str:
+    """What a run stopped by Ctrl-C leaves, and how to go on, for the mode it was in."""
+    if cfg.export.enabled:
+        return "interrupted: nothing was written (the export moves its files into place only at its end)"
+    if cfg.searches_only or cfg.evaluate.enabled:
+        return "interrupted: this mode builds no store, so there is nothing to resume; run it again"
+    kept = "the gallery's complete shards are kept (run the same command again to resume its build)"
+    if cfg.video.clip is not None:
+        return f"interrupted: the clip starts over when run again; {kept}"
+    if cfg.update:
+        return "interrupted: the update's complete shards are kept; run the same command again to finish it"
+    return "interrupted: complete shards are kept; run the same command again to resume"
+

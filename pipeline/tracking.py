@@ -15,7 +15,9 @@ they mostly do not); and c_d is the share of d's
 box covered by another detection's box: where two people overlap, each crop shows some of the other,
 so its vector is trusted less and the motion more. For people apart (c_d = 0) appearance decides and
 motion breaks ties between people dressed alike. A pair whose appearance distance is over
-MAX_APPEARANCE_DISTANCE is never joined, unless d is covered (its vector may show the other person).
+MAX_APPEARANCE_DISTANCE is never joined, unless d is covered (its vector may show the other person)
+and near the track's predicted box (motion under 1: overlapping it, or its centre within two box
+heights).
 
 A track's look is the mean of its uncovered crops' unit vectors, normalized: averaging over the
 frames cancels the pose of single frames and keeps the distances a vote would throw away. A track not
@@ -84,9 +86,11 @@ class Track:
         velocity = (b.box_xyxy - a.box_xyxy) / max(1, b.frame - a.frame)
         return b.box_xyxy + velocity * (frame - b.frame)
 
-    def box_at(self, frame: int) -> np.ndarray | None:
+    def box_at(self, frame: int, max_span: int | None = None) -> np.ndarray | None:
         """The box at any frame between its first and last sighting, interpolated linearly between
-        the sightings around it; None outside."""
+        the sightings around it; None outside, and between two sightings more than `max_span`
+        frames apart (the person was not seen in the analysed frames between: a box drawn there
+        would stand where nobody is)."""
         frames = [s.frame for s in self.sightings]
         if frame < frames[0] or frame > frames[-1]:
             return None
@@ -94,6 +98,8 @@ class Track:
         if frames[k] == frame:
             return self.sightings[k].box_xyxy
         a, b = self.sightings[k - 1], self.sightings[k]
+        if max_span is not None and b.frame - a.frame > max_span:
+            return None
         w = (frame - a.frame) / (b.frame - a.frame)
         return (1 - w) * a.box_xyxy + w * b.box_xyxy
 
@@ -141,7 +147,10 @@ class Tracker:
             )
             c = covered[people][None, :]
             cost = (1.0 - c) * appearance + (MOTION_WEIGHT + c) * motion
-            cost = np.where((appearance > MAX_APPEARANCE_DISTANCE) & (c <= COVERED), np.inf, cost)
+            # A covered crop unlike the track may still be its person (it shows some of the other),
+            # but only near where the track was going: far off (motion 1) it is someone else.
+            unlike = appearance > MAX_APPEARANCE_DISTANCE
+            cost = np.where(unlike & ((c <= COVERED) | (motion >= 1.0)), np.inf, cost)
             cost = np.where(np.isfinite(cost), cost, 1e6)  # linear_sum_assignment needs a feasible matrix
             from scipy.optimize import linear_sum_assignment
 

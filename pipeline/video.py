@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +130,10 @@ class FrameReader:
             stream.thread_type = "AUTO"  # frame and slice threads: decoding is most of a video's read cost
             rate = stream.average_rate or stream.guessed_rate
             fps = self.fps = float(rate) if rate else 0.0
+            # Times are the frames' own (their pts from the stream's start): a variable-rate phone
+            # clip, or one with damaged packets, is not timed by a frame count
+            known = stream.start_time is not None and stream.time_base
+            start = float(stream.start_time * stream.time_base) if known else None
             index = 0
             for packet in container.demux(stream):
                 try:
@@ -142,7 +146,11 @@ class FrameReader:
                 for frame in decoded:
                     analysed = index % self.stride == 0
                     if analysed or self.small_size:
-                        t = index / fps if fps > 0 else float(frame.time or 0.0)
+                        if frame.time is not None:
+                            start = frame.time if start is None else start
+                            t = max(0.0, frame.time - start)
+                        else:
+                            t = index / fps if fps > 0 else 0.0
                         self.frames_read = index + 1
                         rgb = upright(frame, format="rgb24") if analysed else None
                         small = None
@@ -168,7 +176,7 @@ def probe(path: Path) -> tuple[int, float, int, int]:
         rate = stream.average_rate or stream.guessed_rate
         width, height = stream.codec_context.width, stream.codec_context.height
         turned = False
-        for frame in container.decode(stream):  # the rotation is known from the first frame
+        for frame in _first_frames(container, stream):  # the rotation is known from the first frame
             turned = int(round((frame.rotation or 0) / 90)) % 2 == 1
             break
         return (
@@ -176,6 +184,20 @@ def probe(path: Path) -> tuple[int, float, int, int]:
             float(rate) if rate else 0.0,
             *((height, width) if turned else (width, height)),
         )
+
+
+def _first_frames(container, stream, max_packets: int = 256) -> Iterator:
+    """The frames of the first packets that decode (a damaged packet is skipped, as FrameReader
+    skips it)."""
+    import av
+
+    for k, packet in enumerate(container.demux(stream)):
+        if k >= max_packets:
+            return
+        try:
+            yield from packet.decode()
+        except av.FFmpegError:
+            continue
 
 
 def draw_frame_picture(
@@ -224,6 +246,33 @@ class Clip:
         return cls(path, total, fps, small, small[0] / width if small else 1.0)
 
 
+MAX_PENDING_FRAMES = 64  # frames between two analysed ones held to interpolate boxes (720p: 180 MB)
+MAX_CROPS_KEPT = 64  # a track's crops kept for its contact sheet (8 drawn), evenly spread over its sightings
+
+Crop = tuple[float, float, np.ndarray]  # (time, area x score x uncovered share, thumbnail)
+
+
+@dataclass
+class CropSample:
+    """A track's crops for its contact sheet, in bounded memory however long the clip: the best
+    (by area x score x uncovered share) and at most MAX_CROPS_KEPT evenly spread over its sightings
+    (every step-th one; when full, every other kept crop goes and the step doubles)."""
+
+    best: Crop | None = None
+    kept: list[Crop] = field(default_factory=list)
+    step: int = 1
+    seen: int = 0
+
+    def add(self, crop: Crop) -> None:
+        if self.best is None or crop[1] > self.best[1]:
+            self.best = crop
+        if self.seen % self.step == 0:
+            self.kept.append(crop)
+            if len(self.kept) > MAX_CROPS_KEPT:
+                self.kept, self.step = self.kept[::2], self.step * 2
+        self.seen += 1
+
+
 # the frame loop's steps, timed one by one for the summary's stages "clip/<step>" (in this order),
 # with the label each is shown by
 LOOP_STEPS = {
@@ -258,7 +307,7 @@ class VideoRun:
         self.names = [r.file for r in searcher.rows]
         self.tracker = Tracker(max_gap=cfg.video.track_gap)
         # track -> (time, area x score x uncovered share, thumbnail) per crop
-        self.crops: dict[int, list[tuple[float, float, np.ndarray]]] = {}
+        self.crops: dict[int, CropSample] = {}
         self._best: dict[int, tuple[int, str, np.ndarray | None]] = {}  # track -> (sightings, caption, tile)
         self.results: list[dict] = []
         self.times = dict.fromkeys(LOOP_STEPS, 0.0)
@@ -296,6 +345,11 @@ class VideoRun:
                 bar.update(1 if clip.small_size else frame.index - last)
                 if not frame.analysed:
                     pending.append(frame)
+                    if self.writer is not None and len(pending) >= MAX_PENDING_FRAMES:
+                        # A long stride: these frames go now, their boxes moved on from the last analysed
+                        # frame, rather than held in memory until the next (a minute at 720p: 5 GB)
+                        self.write_video(self.writer, pending)
+                        pending.clear()
                     t_read = time.perf_counter()
                     continue
                 self.count(analyse(self, frame, detector, segmenter, self.times))
@@ -322,7 +376,7 @@ class VideoRun:
         """Frames into the annotated video, each with the tracks spanning it."""
         t = time.perf_counter()
         for f in frames:
-            writer.write(draw(f.small_bgr_pixels(), drawings_at(self, f.index), self.clip.scale))
+            writer.write(draw(f.small_bgr_pixels(), drawings_at(self, f.index), self.clip.scale), f.time_s)
         self.times["video"] += time.perf_counter() - t
 
     def record_persons(
@@ -340,7 +394,7 @@ class VideoRun:
             tile = make_thumbnail(images[k], THUMB_SIZE)
             x1, y1, x2, y2 = (float(v) for v in persons[k].box_xyxy)
             uncovered = 1.0 - self.tracker.tracks[track_of[k] - 1].last.covered
-            self.crops.setdefault(track_of[k], []).append(
+            self.crops.setdefault(track_of[k], CropSample()).add(
                 (frame.time_s, (x2 - x1) * (y2 - y1) * persons[k].confidence * uncovered, tile)
             )
             found.append(
@@ -390,7 +444,7 @@ class VideoRun:
         out = []
         for t in self.tracker.tracks:
             hits = self.searcher.search(t.look[None], self.cfg.top_k, self.allowed)[0]
-            best = max(self.crops.get(t.id, []), key=lambda c: c[1], default=None)
+            best = self.crops[t.id].best if t.id in self.crops else None
             out.append(
                 {
                     "id": t.id,
@@ -417,7 +471,8 @@ class VideoRun:
 
     def contact_sheet(self, track: dict) -> Path:
         """A track's crops over time (up to 8, evenly spread) above its look's matches."""
-        crops = self.crops.get(track["id"], [])
+        sample = self.crops.get(track["id"], CropSample())
+        crops = sample.kept
         picks = [crops[int(k)] for k in np.linspace(0, len(crops) - 1, min(8, len(crops)))] if crops else []
         strip = (
             compose_matches(
@@ -431,7 +486,7 @@ class VideoRun:
             else None
         )
         nb_idx = [self.names.index(m["file"]) for m in track["matches"]]
-        best = max(crops, key=lambda c: c[1])[2] if crops else np.full((THUMB_SIZE, THUMB_SIZE, 3), 255, np.uint8)
+        best = sample.best[2] if sample.best else np.full((THUMB_SIZE, THUMB_SIZE, 3), 255, np.uint8)
         looks = compose_matches(
             best,
             "best crop",
@@ -587,8 +642,11 @@ def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedde
     """The run's outputs made ready (an earlier run's pictures removed, the annotated video opened)
     and the gallery's index loaded."""
     out_dir = cfg.video_results_dir
-    for old in [*out_dir.glob("frame_*.jpg"), *out_dir.glob("track_*.jpg")]:
-        old.unlink()
+    # An earlier run's outputs go, all of them: a run that writes no annotated video, or stops
+    # midway, must not leave one that contradicts its own results beside them
+    for old in [*out_dir.glob("frame_*.jpg"), *out_dir.glob("track_*.jpg"), *out_dir.glob("annotated.*"),
+                out_dir / "results.jsonl", out_dir / "tracks.json"]:
+        old.unlink(missing_ok=True)
     clip = Clip.from_file(path, annotated_video=not cfg.video.no_annotated_video)
     writer = AnnotatedVideoWriter(out_dir / "annotated.mp4", clip.fps, clip.small_size) if clip.small_size else None
     thumbs = ThumbnailReader.of(cfg.store_dir)
@@ -661,13 +719,14 @@ def analyse(
 
 
 def drawings_at(run: VideoRun, frame: int) -> list[Drawing]:
-    """What the annotated video shows at `frame`: every track whose sightings span it, its box
-    interpolated between the analysed frames around it, with its current best match; after the last
-    analysed frame, the tracks seen there, moved on by their last velocity for up to one stride."""
+    """What the annotated video shows at `frame`: every track seen in the analysed frames on both
+    sides of it, its box interpolated between them, with its current best match (none across the
+    frames of an absence); after the last analysed frame, the tracks seen there, moved on by their
+    last velocity for up to one stride."""
     out = []
     seen = run.tracker.frames_seen
     for t in run.tracker.tracks:
-        box = t.box_at(frame)
+        box = t.box_at(frame, run.cfg.video.frame_stride)
         if box is None and seen and t.last.frame == seen[-1] < frame <= seen[-1] + run.cfg.video.frame_stride:
             box = t.predicted_box(frame)
         if box is not None:

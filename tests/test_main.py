@@ -410,3 +410,21 @@ def test_a_usage_error_pointing_at_a_place_ends_with_its_caret(tmp_path, capsys)
     lines = capsys.readouterr().err.rstrip("\n").splitlines()
     said = "main.py: error: --filter: expected a value, found 'dress' (texts are quoted: 'dress') (at character 12)"
     assert lines == [said, "  category = dress", "             ^"]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--output-dir", "TMP"], "complete shards are kept; run the same command again to resume"),
+    (["--video_clip", "c", "--output-dir", "TMP"], "the clip starts over when run again"),
+    (["--query-text", "red", "--output-dir", "TMP"], "builds no store, so there is nothing to resume"),
+    (["--update", "--output-dir", "TMP"], "the update's complete shards are kept"),
+    (["--export-onnx", "--onnx", "TMP/m_int8.onnx"], "nothing was written"),
+])
+def test_ctrl_c_says_what_each_mode_keeps(flags, says, tmp_path, monkeypatch, capsys):
+    from pipeline import runner
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run", interrupted)
+    assert cli.main([f.replace("TMP", str(tmp_path)) for f in flags]) == 130
+    assert says in capsys.readouterr().err

@@ -93,6 +93,21 @@ def test_a_covered_crop_showing_the_other_person_neither_swaps_nor_spoils_the_lo
     assert feed(t, 90, [(box(130), RED), (box(70, cy=60), BLUE)]) == [1, 2]
 
 
+def test_a_covered_crop_unlike_every_track_and_far_from_all_is_a_new_person():
+    """A covered crop may join a track it does not look like only near where that track was going:
+    two people who walk in together, each half covering the other, far from where the one who
+    left was, are two new tracks, not one of them joined to the leaver (whose catalogue matches
+    it would then be labelled with)."""
+    checks = unit(0, 0, 1)
+    t = Tracker()
+    assert feed(t, 0, [(box(40), RED)]) == [1]
+    pair = [(box(260), BLUE), (box(284), checks)]
+    assert covered_shares([b for b, _ in pair]).min() > COVERED
+    assert feed(t, 30, pair) == [2, 3]
+    assert feed(t, 60, [(box(250), BLUE), (box(274), checks)]) == [2, 3]
+    assert np.allclose(t.tracks[0].look, RED, atol=1e-6) and len(t.tracks[0].sightings) == 1
+
+
 def test_a_different_look_in_the_same_place_is_a_new_person():
     t = Tracker()
     assert feed(t, 0, [(box(50), RED)]) == [1]
@@ -119,6 +134,14 @@ def test_look_is_the_mean_and_boxes_are_interpolated():
     assert np.allclose(track.box_at(10), box(60)) and np.allclose(track.box_at(30), box(80))
     assert track.box_at(31) is None and track.box_at(-1) is None
     assert np.allclose(track.predicted_box(60), box(110))
+    # Seen again after an absence (not in the analysed frames 60 and 90): no box across it, where
+    # nobody was, only between two analysed frames that both saw the person
+    feed(t, 60, [])
+    feed(t, 90, [])
+    feed(t, 120, [(box(90), v1)])
+    assert track.box_at(60, max_span=30) is None and track.box_at(119, max_span=30) is None
+    assert np.allclose(track.box_at(20, max_span=30), box(70)) and np.allclose(track.box_at(120, 30), box(90))
+    assert track.box_at(60) is not None  # without a span: interpolated across, as before
 
 
 def test_covered_shares():
@@ -303,10 +326,21 @@ def test_someone_who_leaves_and_comes_back_is_a_new_track_unless_track_gap_allow
     assert all(t["matches"][0]["row"] == CHECKS_ROW for t in tracks)
     again = run_clip("leaving", leaving, clips, catalogue, tiny_onnx, tmp_path / "b", monkeypatch, "--track-gap", "4")
     assert [(t["id"], t["first_s"], t["last_s"], t["frames"]) for t in again["tracks"]] == [(1, 0.0, 9.0, 6)]
+    # One track across the absence, but no box drawn where nobody is: while the checks are gone
+    # (3 to 7 s) the annotated frames are the plain grey floor; once back, their box is drawn.
+    import av
+
+    with av.open(str(tmp_path / "b" / "video_results" / "leaving" / "annotated.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+    drawn = {i: int((np.abs(frames[i].astype(int) - 128).max(axis=2) > 40).sum()) for i in (100, 150, 195, 205, 215)}
+    assert drawn[100] == drawn[150] == drawn[195] == drawn[205] == 0 and drawn[215] > 1000, drawn
 
 
-def test_no_annotated_video_skips_it(clips, catalogue, tiny_onnx, tmp_path, monkeypatch):
+def test_no_annotated_video_skips_it_and_leaves_none_of_an_earlier_run(clips, catalogue, tiny_onnx, tmp_path,
+                                                                        monkeypatch):
     out = tmp_path / "o"
+    run_clip("leaving", leaving, clips, catalogue, tiny_onnx, out, monkeypatch)
+    assert list((out / "video_results" / "leaving").glob("annotated.*"))
     tracks = run_clip("leaving", leaving, clips, catalogue, tiny_onnx, out, monkeypatch, "--no-annotated-video")
     assert len(tracks["tracks"]) == 2
-    assert not list((out / "video_results" / "leaving").glob("annotated.*"))
+    assert not list((out / "video_results" / "leaving").glob("annotated.*"))  # the first run's went too

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -94,6 +95,127 @@ def test_a_damaged_packet_is_skipped_not_fatal(tmp_path):
     assert reader.damaged_packets == 1 and reader.frames_read == 39  # frames are counted as decoded
     assert [f.index for f in frames] == [0, 10, 20, 30]
     assert frames[1].rgb.mean() == pytest.approx(55, abs=3)  # the 11th good frame: the source's frame 11
+
+
+def test_a_damaged_first_packet_is_skipped_too(tmp_path):
+    """The first frame is decoded before the loop (for its rotation): its damaged packet is skipped
+    there as in the loop, not fatal."""
+    path = assets.write_video(
+        tmp_path / "c.avi", 40, (64, 48), color_fn=lambda i: np.full((48, 64, 3), 5 * i, np.uint8)
+    )
+    data = bytearray(path.read_bytes())
+    first = data.find(b"00dc", data.find(b"movi"))
+    size = int.from_bytes(data[first + 4 : first + 8], "little")
+    data[first + 8 : first + 8 + size] = bytes(size)
+    path.write_bytes(bytes(data))
+    assert video.probe(path)[2:] == (64, 48)
+    reader = FrameReader(path, 10)
+    frames = list(reader)
+    assert reader.damaged_packets == 1 and [f.index for f in frames] == [0, 10, 20, 30]
+    assert frames[0].rgb.mean() == pytest.approx(5, abs=3)  # the source's frame 1
+
+
+def test_times_are_the_frames_own_and_the_annotated_video_keeps_them(tmp_path):
+    """A variable-rate clip (a phone's): 30 frames at 30 fps, then 30 at 5 fps. Each frame's time is
+    its timestamp, not its number over the average rate, and the annotated video written from the
+    frames shows each at that time."""
+    from fractions import Fraction
+
+    import av
+
+    from pipeline.annotate import AnnotatedVideoWriter
+
+    path, times = tmp_path / "vfr.mp4", [i / 30 if i < 30 else 1 + (i - 29) / 5 for i in range(60)]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 90000)
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((120, 160, 3), (i * 4) % 256, np.uint8), format="rgb24")
+            frame.pts = round(t * 90000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    reader = FrameReader(path, 15, small_size=(160, 120))
+    frames = list(reader)
+    assert [round(f.time_s, 3) for f in frames] == [round(t, 3) for t in times]
+    assert [f.index for f in frames if f.analysed] == [0, 15, 30, 45]
+    writer = AnnotatedVideoWriter(tmp_path / "annotated.mp4", reader.fps, (160, 120))
+    for f in frames:
+        writer.write(f.small_bgr_pixels(), f.time_s)
+    written = writer.close()
+    with av.open(str(written)) as container:
+        got = [float(f.time) for f in container.decode(container.streams.video[0])]
+    assert np.allclose(got, times, atol=1e-3)
+
+
+def test_an_encoder_that_fails_stops_the_run_with_its_error_and_never_hangs(tmp_path):
+    """The encoder runs on its own thread behind a queue of 16 frames: when it fails (a full disk)
+    the writer still takes frames until the caller sees the error, which it does at its next write,
+    never blocked on a full queue."""
+    import threading
+    import types
+
+    from pipeline.annotate import AnnotatedVideoWriter
+
+    writer = AnnotatedVideoWriter(tmp_path / "a.mp4", 30, (64, 48))
+    real, calls = writer._av, [0]
+
+    def from_ndarray(frame, format):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(28, "No space left on device")
+        return real.VideoFrame.from_ndarray(frame, format=format)
+
+    writer._av = types.SimpleNamespace(VideoFrame=types.SimpleNamespace(from_ndarray=from_ndarray))
+    raised: list[BaseException] = []
+
+    def feed():
+        try:
+            for _ in range(200):  # far more than the queue holds
+                writer.write(np.zeros((48, 64, 3), np.uint8))
+        except PipelineError as e:
+            raised.append(e)
+        finally:
+            writer.abort()
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the writer hung on a failed encoder"
+    assert raised and "No space left on device" in str(raised[0])
+    assert not list(tmp_path.iterdir())  # the unfinished file is removed
+
+
+def test_the_annotated_video_is_720p_at_most_either_way_up_with_its_index_first(tmp_path):
+    from pipeline.annotate import AnnotatedVideoWriter, output_size
+
+    assert output_size(1920, 1080) == (1280, 720) and output_size(1080, 1920) == (720, 1280)
+    assert output_size(2000, 90) == (1280, 58) and output_size(640, 480) == (640, 480)
+    writer = AnnotatedVideoWriter(tmp_path / "a.mp4", 30000 / 1001, (64, 48))
+    for i in range(10):
+        writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
+    path = writer.close()
+    data = path.read_bytes()
+    assert 0 < data.find(b"moov") < data.find(b"mdat")  # a browser plays it before it has all of it
+    import av
+
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].average_rate == Fraction(30000, 1001)
+
+
+def test_a_tracks_crops_are_bounded_and_evenly_spread():
+    from pipeline.video import MAX_CROPS_KEPT, CropSample
+
+    sample = CropSample()
+    tile = np.zeros((2, 2, 3), np.uint8)
+    for i in range(1000):
+        sample.add((float(i), 5.0 if i == 777 else 1.0, tile))
+    assert len(sample.kept) <= MAX_CROPS_KEPT and sample.best is not None and sample.best[0] == 777.0
+    times = [c[0] for c in sample.kept]
+    assert times[0] == 0.0 and times[-1] >= 1000 - sample.step
+    assert set(np.diff(times)) == {float(sample.step)}  # evenly spread
 
 
 def test_box_iou_and_crops_with_masks():
