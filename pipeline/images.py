@@ -133,8 +133,10 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = MAX
         raise ImageDecodeError(f"not a recognized image format ({what_it_looks_like(data)})") from e
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"refused as a decompression bomb: {short_reason(e)}") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"cannot read image header: {short_reason(e)}") from e
+    except Exception as e:  # noqa: BLE001 - a damaged file makes Pillow's parsers raise many types
+        # (OSError, SyntaxError, ValueError, and from damaged GIFs and TIFFs struct.error, IndexError,
+        # TypeError): each is this item's failure, never the run's
+        raise ImageDecodeError(f"cannot read image header: {_reason(e)}") from e
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
@@ -143,11 +145,11 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = MAX
             f"refused: header claims {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
         )
     note = ""
-    frames = getattr(image, "n_frames", 1)
-    if getattr(image, "is_animated", False) and frames > 1:
-        image.seek(0)
-        note = f"animated {image.format}: frame 1 of {frames} used"
     try:
+        frames = getattr(image, "n_frames", 1)  # counting frames reads the whole file: it may be damaged
+        if getattr(image, "is_animated", False) and frames > 1:
+            image.seek(0)
+            note = f"animated {image.format}: frame 1 of {frames} used"
         if min_side and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK", "YCbCr"):
             # draft() picks the largest DCT reduction that keeps both sides >= the requested box,
             # so the short side stays >= min_side whatever the EXIF rotation.
@@ -156,8 +158,8 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = MAX
         # In place: without it Pillow returns a copy of every upright image.
         ImageOps.exif_transpose(image, in_place=True)
         image = to_rgb(image)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise ImageDecodeError(f"cannot decode pixels: {short_reason(e)}") from e
+    except Exception as e:  # noqa: BLE001 - as above: any decoder error is this item's failure
+        raise ImageDecodeError(f"cannot decode pixels: {_reason(e)}") from e
     w, h = _oriented_size(width, height, image)
     return DecodedImage(image=image, width=w, height=h, note=note)
 
@@ -222,6 +224,14 @@ def _oriented_size(width: int, height: int, image: Image.Image) -> tuple[int, in
     if (iw >= ih) == (width >= height) or width == height:
         return width, height
     return height, width
+
+
+def _reason(e: BaseException) -> str:
+    """A decoder's error in a failure list: the errors Pillow means for bad files as they are, any
+    other (its parsers' IndexError, struct.error, ... on a damaged file) said to be damage."""
+    if isinstance(e, (OSError, SyntaxError, ValueError, EOFError)):
+        return short_reason(e)
+    return f"damaged or unsupported file ({type(e).__name__}: {short_reason(e)})"
 
 
 def short_reason(e: BaseException) -> str:

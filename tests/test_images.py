@@ -164,6 +164,33 @@ def test_animated_gif_uses_first_frame_and_says_so():
     assert tuple(np.asarray(d.image)[10, 10]) == (255, 0, 0)
 
 
+def test_damaged_gifs_and_tiffs_are_an_items_failure_never_another_error():
+    """Pillow's GIF and TIFF parsers raise IndexError, TypeError, struct.error, ... on damaged files,
+    some while counting frames: every cut and every changed byte of these files is decoded or an
+    ImageDecodeError (recorded as the row's failure), never an error that stops the run."""
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 255, (60, 40, 3), dtype=np.uint8))
+    frames = [base.rotate(90).convert("P"), base.convert("P")]
+    files = {"gif": assets.encode(base.convert("P"), "GIF", save_all=True, append_images=frames),
+             "tiff": assets.encode(base, "TIFF", save_all=True, append_images=[base.rotate(180)])}
+    outcomes: dict[str, int] = {}
+    for name, data in files.items():
+        damaged = [data[:cut] for cut in range(1, len(data), 3)]
+        damaged += [data[:k] + bytes([data[k] ^ 0xFF]) + data[k + 1 :] for k in range(0, min(len(data), 600))]
+        for bad in damaged:
+            try:
+                decoded = decode_image(bad)
+                assert decoded.image.mode == "RGB"
+                outcomes["decoded"] = outcomes.get("decoded", 0) + 1
+            except ImageDecodeError as e:
+                kind = str(e).split(":")[0].split(" (")[0]
+                outcomes[kind] = outcomes.get(kind, 0) + 1
+    assert outcomes["decoded"] > 0 and sum(outcomes.values()) > 3000
+    assert set(outcomes) <= {"decoded", "cannot read image header", "cannot decode pixels", "refused",
+                             "refused as a decompression bomb", "not a recognized image format",
+                             "empty file"}, outcomes
+
+
 def test_sniff_format():
     assert sniff_format(assets.jpeg_bytes(10, 10)) == "jpg"
     assert sniff_format(assets.rgba_png()) == "png"
