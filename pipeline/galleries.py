@@ -113,6 +113,7 @@ def gallery_source(cfg: RunConfig) -> GallerySource:
         split=data["split"],
         limit=data["limit"],
         image_column=data["image_column"],
+        id_column=cfg.dataset.id_column,
     )
     if not cfg.segmented:
         return source
@@ -130,7 +131,9 @@ def gallery_source(cfg: RunConfig) -> GallerySource:
 def requested_fields(cfg: RunConfig) -> frozenset[str]:
     """The source fields compared against a cache: the kind, and those the user typed (defaults are
     not a request)."""
-    return frozenset({"kind"} | {f for f in gallery_source(cfg).to_json() if f in cfg.explicit})
+    # The id column is not a search's concern (a store made before it was recorded has none to compare): the
+    # resume check (run_params) and --update compare it
+    return frozenset({"kind"} | {f for f in gallery_source(cfg).to_json() if f in cfg.explicit and f != "id_column"})
 
 
 def _remove_stale_images_at_url(cfg: RunConfig, target: GalleryTarget, rows: list[ManifestRow]) -> None:
@@ -359,6 +362,7 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
     emb, rows = build_gallery(
         records=records,
         total_rows=total_rows,
+        rows_before=None if part is None else (lambda n: sum(r < n for r in part.rows)),
         make_items=make_items,
         embedder=embedder,
         target=target,

@@ -475,6 +475,7 @@ def build_gallery(
     item_stage_name: str = "decode",
     identity: VectorIdentity | None = None,
     embed_batch: BatchEmbed | None = None,
+    rows_before: Callable[[int], int] | None = None,
 ) -> tuple[np.ndarray, list[ManifestRow]]:
     """Build (or resume building) a gallery store.
 
@@ -486,6 +487,8 @@ def build_gallery(
         identity: what made the vectors, for the sidecar (default: embedder.identity).
         embed_batch: the main thread's batch embedding (default: pixels made by the workers;
             DeviceEmbedding decodes JPEGs on the GPU).
+        rows_before: how many of the rows the bar counts come before dataset row n (default n; a
+            partial build's rows are some of the dataset's), where a resume starts it.
     Returns:
         (embeddings float32 (N, D), manifest rows) as finally written.
 
@@ -499,9 +502,8 @@ def build_gallery(
     assembler = ShardAssembler(embed_batch or embed_pixels(embedder), batch_size, embedder.dim)
     pipeline = ItemPipeline(make_items, partial(write_image, target.images_dir), embedder.preprocess_cfg)
     workers = _Workers(plan.workers, UnitWorker(pipeline, embedder, in_lane=plan.lanes > 1))
-    bar = tqdm(
-        total=total_rows, initial=next_row, unit="row", desc=f"embed -> {target.store_dir.name}", disable=not progress
-    )
+    bar = tqdm(total=total_rows, initial=rows_before(next_row) if rows_before else next_row, unit="row",
+               desc=f"embed -> {target.store_dir.name}", disable=not progress)
     t_start = time.perf_counter()
     reader = _Prefetch(records(next_row), size=4 * plan.unit_rows * plan.workers + batch_size)
     try:

@@ -103,6 +103,7 @@ class GallerySource(_Comparable):
     split: str | None = None
     limit: int | None = None
     image_column: str | None = None
+    id_column: str | None = None  # --id-column: what --update knows the photos by (None: their bytes' sha256)
     seg_model: str | None = None
     seg_backend: str | None = None
     seg_conf: float | None = None

@@ -195,6 +195,13 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
             f"{store} was built with --id-column, so its photos have ids: update with the same --id-column, so that "
             "they stay current, or build afresh without it"
         )
+    made_by = old.sidecar.source.id_column  # None in a store made before it was recorded
+    if by_id and made_by is not None and made_by != cfg.dataset.id_column:
+        raise PipelineError(
+            f"{store} was built with --id-column {made_by}: its photos are known by that column's values, so an "
+            f"update by --id-column {cfg.dataset.id_column} would take every photo for a new one. Update with "
+            f"--id-column {made_by}, or build afresh"
+        )
     if by_id and not any(r.item_id for r in old.rows):
         raise PipelineError(
             f"{store} was built without --id-column, so its photos have no ids to match: update without "

@@ -174,7 +174,7 @@ def test_damaged_gifs_and_tiffs_are_an_items_failure_never_another_error():
     files = {"gif": assets.encode(base.convert("P"), "GIF", save_all=True, append_images=frames),
              "tiff": assets.encode(base, "TIFF", save_all=True, append_images=[base.rotate(180)])}
     outcomes: dict[str, int] = {}
-    for name, data in files.items():
+    for data in files.values():
         damaged = [data[:cut] for cut in range(1, len(data), 3)]
         damaged += [data[:k] + bytes([data[k] ^ 0xFF]) + data[k + 1 :] for k in range(0, min(len(data), 600))]
         for bad in damaged:

@@ -275,6 +275,55 @@ def test_an_update_needs_a_store_and_ids_it_was_built_with(tiny_onnx, tmp_path, 
         capsys.readouterr().err
 
 
+def test_a_resumed_update_s_progress_bar_counts_its_new_photos(tiny_onnx, tmp_path, monkeypatch):
+    """An update builds only the new photos: resumed, its bar starts at those already embedded (not at
+    the dataset row it goes on from) and ends at their number."""
+    from pipeline import gallery
+
+    data = write_catalogue(tmp_path / "catalogue", list(range(8)))
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    write_catalogue(data, list(range(40)))
+    stop_after_shards(monkeypatch, 3)
+    assert run(*args(data, tiny_onnx, out, "--update", "--shard-rows", "4")) == 130
+    monkeypatch.undo()
+    bars, real = [], gallery.tqdm
+
+    def watched(*a, **kw):
+        bar = real(*a, **{**kw, "disable": False})
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(gallery, "tqdm", watched)
+    assert run(*args(data, tiny_onnx, out, "--update", "--shard-rows", "4")) == 0
+    (bar,) = [b for b in bars if b.desc.startswith("embed")]
+    assert (bar.total, bar.n) == (32, 32) and bar.initial == 4  # the three shards done held rows 0-11: 8-11 new
+
+
+def test_another_id_column_neither_resumes_a_build_nor_updates_its_store(tiny_onnx, tmp_path, monkeypatch, capsys):
+    """The id column is what --update knows the photos by: a build resumed with another one would mix
+    two kinds of ids in one store (and its next update take half the photos for new ones); an update
+    by another column would take every photo for a new one. Both are refused, naming the store's."""
+    products = list(range(20))
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", [photo(k, 0) for k in products], extra={
+        "item_id": [f"P{k:03d}" for k in products], "alt": [f"A{k:03d}" for k in products]})
+    out = tmp_path / "out"
+    stop_after_shards(monkeypatch, 1)
+    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id")) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run(*args(data, tiny_onnx, out, "--id-column", "alt")) == 1
+    assert "id_column" in capsys.readouterr().err
+    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id")) == 0  # resumed as it was begun
+    assert {r.item_id for r in read_manifest(out / "embeddings" / "manifest.csv")} == {f"P{k:03d}" for k in products}
+    capsys.readouterr()
+    assert run(*args(data, tiny_onnx, out, "--id-column", "alt", "--update")) == 1
+    assert "was built with --id-column item_id" in capsys.readouterr().err
+    sidecar = (out / "embeddings" / "embeddings.json").read_bytes()
+    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id", "--update")) == 0
+    assert (out / "embeddings" / "embeddings.json").read_bytes() == sidecar  # by its own column: nothing to do
+
+
 def test_a_segmented_update_equals_a_fresh_build(monkeypatch, tiny_onnx, tmp_path, capsys):
     """Person crops: a kept photo keeps all its crops (files renamed with its row), a removed one
     loses them all; a photo that does not decode keeps its failed line."""
