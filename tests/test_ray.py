@@ -200,10 +200,20 @@ def test_an_update_on_ray_at_a_url_equals_a_fresh_local_build(ray_instance, s3, 
 
 
 def test_ray_segmented_build_equals_local(ray_instance, tiny_onnx, tmp_path):
+    """Portrait then landscape photos in row groups of 5: the engines group photos differently (local
+    by shard, Ray by piece), so a photo's persons must not depend on the photos beside it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     pt = tmp_path / "person-seg.pt"
     assets.person_yolo("yolov8n-seg.yaml").save(pt)
-    cells = [assets.encode(assets.rgb_image(96, 128, seed=40 + i), "JPEG") for i in range(12)]
-    ds = assets.write_parquet_dataset(tmp_path / "people", cells)
+    sizes = [(96, 128)] * 5 + [(128, 96)] * 7
+    cells = [assets.encode(assets.rgb_image(w, h, seed=40 + i), "JPEG") for i, (w, h) in enumerate(sizes)]
+    ds = tmp_path / "people"
+    (ds / "data").mkdir(parents=True)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array([{"bytes": c, "path": None} for c in cells], type=image)}),
+                   ds / "data" / "train-00000-of-00001.parquet", row_group_size=5)
     seg = ["--use-segmentation", "--seg-model", str(pt), "--seg-imgsz", "160"]
     assert cli.main([*_args(ds, tiny_onnx, tmp_path / "local"), *seg]) in (0, 3)
     assert cli.main([*_args(ds, tiny_onnx, tmp_path / "ray"), *seg, "--engine", "ray"]) in (0, 3)

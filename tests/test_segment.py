@@ -393,6 +393,26 @@ def _spy_on_predict(segmenter):
     return calls
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_a_pictures_persons_do_not_depend_on_the_pictures_beside_it(person_pt, backend):
+    """Ultralytics letterboxes a batch of one shape to its smallest rectangle and a mixed one to the
+    square, which finds other persons: the engines and an update batch photos differently, so each
+    picture is segmented alone, and a portrait photo next to a landscape one keeps its persons."""
+    from pipeline.yolo import SegmentSpec, UltralyticsSegmenter
+
+    seg = UltralyticsSegmenter(SegmentSpec(model=str(person_pt), imgsz=160, backend=backend), device="cpu")
+    portrait, landscape = (np.asarray(assets.rgb_image(w, h, seed=41 + k)) for k, (w, h) in enumerate(((96, 128),
+                                                                                                      (128, 96))))
+    alone = seg.segment_capped([portrait], 10)[0].persons
+    for batch in ([portrait, landscape], [landscape, portrait, portrait]):
+        found = seg.segment_capped(batch, 10)
+        for picture, got in zip(batch, found):
+            if picture is portrait:
+                assert len(got.persons) == len(alone) > 0
+                for p, q in zip(got.persons, alone):
+                    assert np.array_equal(p.box_xyxy, q.box_xyxy) and np.array_equal(p.mask, q.mask)
+
+
 def test_ultralytics_stops_at_the_cap_and_says_which_pictures_held_more(person_pt):
     """The person-biased tiny YOLO finds dozens of persons a picture; capped, Ultralytics makes at most
     cap + 1 masks a picture, and a picture is said to hold more when its NMS kept more than the cap."""
@@ -405,7 +425,8 @@ def test_ultralytics_stops_at_the_cap_and_says_which_pictures_held_more(person_p
     capped = UltralyticsSegmenter(replace(spec, max_persons=3), device="cpu")
     calls = _spy_on_predict(capped)
     found = capped.segment_capped(pictures, 3)
-    assert [c["max_det"] for c in calls] == [4] and max(calls[0]["masks"]) <= 4  # no mask past cap + 1
+    assert [c["max_det"] for c in calls] == [4] * 4  # one picture a call (on the CPU)
+    assert max(m for c in calls for m in c["masks"]) <= 4  # no mask past cap + 1
     assert all(f.cut and len(f.persons) <= 3 for f in found)
     for f, all_of_them in zip(found, every):  # the persons kept are among the most confident of all
         top = {tuple(np.round(p.box_xyxy, 2)) for p in all_of_them.persons[:4]}
