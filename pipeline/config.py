@@ -8,6 +8,7 @@ FLAGS, and every mode reads the same RunConfig.
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -282,11 +283,40 @@ def flag_default(dest: str) -> Any:
     return f.default_factory()
 
 
+def onnx_of_another_model(spec: EmbedderSpec) -> str | None:
+    """The model the file at --onnx was exported from, when there is a file and it is not of
+    --model (None otherwise, a file without that record included: it is taken as asked)."""
+    from .embedders import model_reference
+
+    path = Path(spec.onnx)
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    made_from = _source_model_of(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    return made_from if made_from and made_from != model_reference(spec.model) else None
+
+
+@lru_cache(maxsize=4)
+def _source_model_of(path: str, mtime_ns: int, size: int) -> str | None:
+    """The source model an ONNX file records (parsing a large file takes most of a second: read once
+    per version of the file)."""
+    from .embedders import META_SOURCE_MODEL, file_metadata
+
+    try:
+        return file_metadata(Path(path)).get(META_SOURCE_MODEL)
+    except Exception:  # noqa: BLE001 - onnx's parser raises several types; the file is then judged where it loads
+        return None
+
+
 def onnx_fallback(cfg: RunConfig) -> str | None:
     """Backend auto, no --model typed, and no file at the default --onnx: the run uses the transformers
     model, as the reference does. What to say about it: the file looked for (the default is relative
     to the current folder) and the project's own copy when there is one. None: no fallback."""
     spec = cfg.embedder
+    if "model" in cfg.explicit and "backend" not in cfg.explicit and "onnx" not in cfg.explicit and (
+            not cfg.export.enabled and (made_from := onnx_of_another_model(spec)) is not None):
+        return (f"--model {spec.model}: the ONNX file at {spec.onnx} (the default --onnx) was exported from "
+                f"{made_from}, so the run uses the model you named itself; pass --onnx FILE for an export of it")
     if spec.backend != "auto" or "model" in cfg.explicit or cfg.export.enabled or spec.resolve_backend() != "torch":
         return None  # a --model the user typed is the model they want
     looked = Path(spec.onnx).absolute()
@@ -329,6 +359,13 @@ def config_from_flags(
         and not sections.get("export", {}).get("enabled")
     ):
         embedder["backend"] = "onnx"  # a file the user named is used, or its absence reported; not the hub model
+    elif (
+        "model" in explicit
+        and embedder.get("backend", "auto") == "auto"
+        and not sections.get("export", {}).get("enabled")
+        and onnx_of_another_model(EmbedderSpec(**embedder)) is not None
+    ):
+        embedder["backend"] = "torch"  # the model typed, not the default file exported from another one
     top = sections.setdefault(None, {})
     if is_url(top.get("output_dir")):  # s3://...: the run works in a local copy (remote.py)
         top["output_url"] = str(top["output_dir"])

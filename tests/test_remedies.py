@@ -36,6 +36,31 @@ def test_the_fallback_to_the_hub_model_names_the_onnx_file_looked_for(tmp_path, 
     assert onnx_fallback(config_from_flags({"model": "m"}, explicit=frozenset({"model"}))) is None
 
 
+def test_a_model_typed_is_used_rather_than_the_default_file_of_another_model(tiny_clip, tiny_onnx, tmp_path,
+                                                                               monkeypatch):
+    """With backend auto, the file at the default --onnx is used when it exists; but a --model the
+    user typed is the model they want: the file is used only when it was exported from that model,
+    otherwise the model itself runs, and the run says why."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "onnx").mkdir()
+    shutil.copy(tiny_onnx, tmp_path / "onnx" / "fashion_clip_image_int8_matmul.onnx")
+    other = tmp_path / "other-model"
+    other.mkdir()
+    typed = frozenset({"model"})
+    cfg = config_from_flags({"model": str(other)}, explicit=typed)
+    assert cfg.embedder.resolve_backend() == "torch"
+    assert onnx_fallback(cfg) == (
+        f"--model {other}: the ONNX file at onnx/fashion_clip_image_int8_matmul.onnx (the default --onnx) was "
+        f"exported from {tiny_clip.resolve()}, so the run uses the model you named itself; pass --onnx FILE for an "
+        "export of it")
+    same = config_from_flags({"model": str(tiny_clip)}, explicit=typed)
+    assert same.embedder.resolve_backend() == "onnx" and onnx_fallback(same) is None  # its own export
+    assert config_from_flags({}).embedder.resolve_backend() == "onnx"  # no --model typed: the file, as before
+    # --backend onnx, or --onnx typed, keep the file as asked (the identity check then speaks)
+    assert config_from_flags({"model": str(other), "backend": "onnx"}, explicit=typed | {"backend"}
+                             ).embedder.resolve_backend() == "onnx"
+
+
 @pytest.fixture
 def two_onnx(tiny_onnx, tmp_path) -> tuple[Path, Path]:
     """The tiny export, and a copy whose bytes differ (another metadata value): two files, two sha256s."""
