@@ -7,7 +7,7 @@ A model is named three ways (`--model`):
 - `hf-hub:Marqo/marqo-fashionSigLIP`: open_clip's hub form (its open_clip_config.json and weights);
 - a folder holding `open_clip_config.json` and the weights (what that hub repository holds);
 - `open_clip:ARCH:FILE`: an open_clip architecture name and a local weights file
-  (`open_clip:ViT-B-32:/models/vit-b-32.bin`);
+  (`open_clip:ViT-B-32:/models/vit-b-32.bin`), preprocessed as the architecture's published weights;
 - the plain hub id (`Marqo/marqo-fashionSigLIP`), whose config.json names its open_clip model
   (`open_clip_model_name`): loaded through open_clip, not transformers' remote code.
 
@@ -16,6 +16,7 @@ open_clip is imported only here, and only for such a model: the default path nev
 
 from __future__ import annotations
 
+import logging
 import types
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,8 @@ import torch
 from .backends import OPEN_CLIP_HUB, open_clip_weights
 from .errors import PipelineError
 from .preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
+
+log = logging.getLogger(__name__)
 
 _RESAMPLE = {"bicubic": 3, "bilinear": 2}
 
@@ -77,6 +80,37 @@ def preprocess_config(cfg: dict[str, Any]) -> PreprocessConfig:
     raise PipelineError(f"open_clip resize_mode {mode!r} with size {size} is not supported (shortest or squash)")
 
 
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+def architecture_preprocess(open_clip: Any, arch: str, model: str) -> dict[str, Any]:
+    """The preprocessing of an architecture's published weights (open_clip's pretrained configs),
+    for weights named by a file (open_clip:ARCH:FILE): a fine-tune keeps its base's (a SigLIP's
+    squash and 0.5 mean/std, not CLIP's crop and mean that open_clip falls back to). Refused when
+    the published weights differ among themselves; CLIP's defaults, said once, when there are none."""
+    from open_clip.transform import PreprocessCfg
+
+    default = PreprocessCfg()
+    seen: dict[tuple, list[str]] = {}
+    for tag in open_clip.list_pretrained_tags_by_model(arch):
+        cfg = open_clip.get_pretrained_cfg(arch, tag)
+        key = tuple(tuple(v) if isinstance(v := cfg.get(k, getattr(default, k)), (list, tuple)) else v
+                    for k in _PREPROCESS_KEYS)
+        seen.setdefault(key, []).append(tag)
+    if not seen:
+        log.warning("--model %s: open_clip knows no published weights of %s, so their preprocessing is unknown: "
+                    "CLIP's is used (a model folder with its open_clip_config.json names its own)", model, arch)
+        return {}
+    if len(seen) > 1:
+        kinds = "; ".join(f"{', '.join(tags)}: {dict(zip(_PREPROCESS_KEYS, key))}" for key, tags in seen.items())
+        raise PipelineError(
+            f"--model {model}: the published weights of {arch} are preprocessed in different ways ({kinds}), so the "
+            "file's is not known: name the model by a folder holding the weights and an open_clip_config.json "
+            "whose preprocess_cfg says it"
+        )
+    return dict(zip(_PREPROCESS_KEYS, next(iter(seen))))
+
+
 def _embed_dim(model: Any) -> int:
     """The length of the model's vectors: CLIP keeps it as its text projection's width, CustomTextCLIP
     (SigLIP's ViT-B-16-SigLIP) as its text tower's output_dim."""
@@ -118,7 +152,10 @@ class OpenClipModel(torch.nn.Module):
             raise PipelineError(f"cannot load open_clip model {model!r}: {type(e).__name__}: {e}") from e
         if dtype is not None:
             net = net.to(dtype)
-        return cls(net.eval(), name, dict(open_clip.get_model_preprocess_cfg(net)), model)
+        preprocess = dict(open_clip.get_model_preprocess_cfg(net))
+        if pretrained is not None:  # ARCH:FILE: open_clip knows no preprocessing of a file, and gives CLIP's
+            preprocess.update(architecture_preprocess(open_clip, name, model))
+        return cls(net.eval(), name, preprocess, model)
 
     # ---------------------------------------------------------------- what transformers' models offer
     def get_image_features(self, pixel_values: Any) -> Any:

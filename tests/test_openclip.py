@@ -72,6 +72,41 @@ def test_vectors_equal_open_clips_and_the_two_namings_agree(tiny):
     assert np.allclose(by_file.embed(x), emb.embed(x), atol=1e-5)
 
 
+def test_weights_named_by_file_are_preprocessed_as_their_architectures_published_ones(tiny, monkeypatch, caplog):
+    """open_clip gives a weights file CLIP's preprocessing whatever the architecture: a SigLIP fine-tune
+    named open_clip:ViT-B-16-SigLIP:FILE would be cropped and normalized as CLIP. The architecture's
+    published weights say how (all alike, or refused), as the folder's open_clip_config.json does."""
+    import logging
+
+    from open_clip import pretrained
+
+    from pipeline.embedders import TorchEmbedder
+    from pipeline.errors import PipelineError
+    from pipeline.openclip import architecture_preprocess
+
+    siglip = architecture_preprocess(open_clip, "ViT-B-16-SigLIP", "m")
+    assert siglip == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
+                      "resize_mode": "squash"}
+    assert architecture_preprocess(open_clip, "ViT-B-32", "m")["resize_mode"] == "shortest"
+    weights, hub = tiny
+    folder = TorchEmbedder(str(hub))  # its open_clip_config.json: squash, mean/std 0.5
+    with caplog.at_level(logging.WARNING):  # no published weights of the tiny architecture: said
+        unknown = TorchEmbedder(f"open_clip:{assets.TINY_OPEN_CLIP}:{weights}")
+    assert "open_clip knows no published weights of fashion-test-tiny" in caplog.text
+    assert unknown.preprocess_cfg.image_mean != folder.preprocess_cfg.image_mean  # CLIP's, as said
+    published = {"url": "", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash"}
+    monkeypatch.setitem(pretrained._PRETRAINED, assets.TINY_OPEN_CLIP, {"a": published, "b": dict(published)})
+    by_file = TorchEmbedder(f"open_clip:{assets.TINY_OPEN_CLIP}:{weights}")
+    assert by_file.preprocess_cfg == folder.preprocess_cfg
+    assert by_file.identity.preprocess == folder.identity.preprocess
+    x = preprocess_batch(pictures(), by_file.preprocess_cfg)
+    assert np.allclose(by_file.embed(x), folder.embed(x), atol=1e-5)
+    monkeypatch.setitem(pretrained._PRETRAINED, assets.TINY_OPEN_CLIP, {"a": published, "b": {"url": ""}})
+    with pytest.raises(PipelineError, match="the published weights of fashion-test-tiny are preprocessed in "
+                                            "different ways"):
+        TorchEmbedder(f"open_clip:{assets.TINY_OPEN_CLIP}:{weights}")
+
+
 def test_a_missing_weights_file_or_bad_name_is_one_message(tmp_path, capsys):
     from pipeline.embedders import TorchEmbedder
     from pipeline.errors import PipelineError
