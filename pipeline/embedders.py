@@ -669,20 +669,41 @@ def _has_bitsandbytes() -> bool:
 
 def preprocess_config_of(model: str, loaded: Any) -> PreprocessConfig:
     """A loaded model's preprocessing: open_clip's from its own configuration, a transformers
-    model's from its preprocessor_config.json."""
+    model's from its preprocessor_config.json (without one, its family's processor's defaults at
+    the model's own picture size, said once)."""
     own = getattr(loaded, "preprocess_config", None)
-    return own() if callable(own) else preprocess_config_for_model(model)
+    return own() if callable(own) else preprocess_config_for_model(model, loaded)
 
 
-def preprocess_config_for_model(model: str) -> PreprocessConfig:
-    if Path(model).is_dir():
-        return PreprocessConfig.from_model_dir(model)
+def preprocess_config_for_model(model: str, loaded: Any = None) -> PreprocessConfig:
     try:
-        from huggingface_hub import hf_hub_download
+        if Path(model).is_dir():
+            path = Path(model) / "preprocessor_config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found (a folder saved with the model's save_pretrained alone)")
+        else:
+            from huggingface_hub import hf_hub_download
 
-        return PreprocessConfig.from_processor_dict(
-            json.loads(Path(hf_hub_download(model, "preprocessor_config.json")).read_text())
-        )
-    except Exception as e:  # offline, missing file: fall back to the CLIP defaults, loudly
-        log.warning("no preprocessor_config.json for %s (%s); using CLIP defaults", model, e)
-        return PreprocessConfig()
+            path = Path(hf_hub_download(model, "preprocessor_config.json"))
+        return PreprocessConfig.from_processor_dict(json.loads(path.read_text()))
+    except Exception as e:  # noqa: BLE001 - offline, missing file: the family's defaults, loudly
+        prep, said = family_default_preprocess(loaded)
+        log.warning("no preprocessor_config.json for %s (%s); using %s. Save the processor beside the model "
+                    "(AutoProcessor.from_pretrained(...).save_pretrained(folder)) to use its own", model, e, said)
+        return prep
+
+
+def family_default_preprocess(loaded: Any) -> tuple[PreprocessConfig, str]:
+    """(preprocessing, its description) of a transformers model without its processor file: what
+    its family's image processor does by default, at the picture size its config gives (a SigLIP
+    squashes to the square with mean/std 0.5; a CLIP resizes the short side and crops)."""
+    config = getattr(loaded, "config", None)
+    vision = getattr(config, "vision_config", None)
+    size = int(getattr(vision, "image_size", 0) or 224)
+    if getattr(config, "model_type", "") == "siglip":
+        prep = PreprocessConfig(shortest_edge=size, crop_height=size, crop_width=size, resize_height=size,
+                                resize_width=size, do_center_crop=False, image_mean=(0.5, 0.5, 0.5),
+                                image_std=(0.5, 0.5, 0.5))
+        return prep, f"SigLIP's image processor's defaults ({size}x{size}, mean/std 0.5)"
+    prep = PreprocessConfig(shortest_edge=size, crop_height=size, crop_width=size)
+    return prep, f"CLIP's image processor's defaults ({size} px)"

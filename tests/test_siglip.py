@@ -38,6 +38,29 @@ def pictures(n: int = 6) -> list[Image.Image]:
     return [assets.rgb_image(w, h, seed=w + h) for w, h in sizes[:n]]
 
 
+
+@pytest.mark.parametrize("family", ["siglip", "clip"])
+def test_a_folder_without_its_processor_file_gets_its_familys_preprocessing_and_says_so(family, tmp_path, caplog):
+    """A model saved with save_pretrained alone has no preprocessor_config.json: a SigLIP then gets
+    SigLIP's processor's defaults (squash, mean/std 0.5) at its config's size, not CLIP's crop and
+    mean, and a CLIP at another size than 224 its own size (it crashed on 224-px pixels)."""
+    import logging
+    import shutil
+
+    from pipeline.embedders import TorchEmbedder
+
+    model = (assets.save_tiny_siglip(tmp_path / "with") if family == "siglip"
+             else assets.save_tiny_clip(tmp_path / "with", image_size=64))
+    with_file = TorchEmbedder(str(model)).preprocess_cfg
+    bare = tmp_path / "bare"
+    shutil.copytree(model, bare)
+    (bare / "preprocessor_config.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        emb = TorchEmbedder(str(bare))
+    assert "no preprocessor_config.json" in caplog.text and "save_pretrained(folder)" in caplog.text
+    assert emb.preprocess_cfg == with_file
+    assert emb.embed(np.zeros((1, 3, 64, 64), np.float32)).shape == (1, emb.dim)
+
 def test_the_preprocessing_is_siglips_own(tiny_siglip):
     from transformers import SiglipImageProcessor, SiglipImageProcessorPil
 
