@@ -30,7 +30,7 @@ from .backends import (
     open_clip_weights,
 )
 from .errors import PipelineError, first_line
-from .fileio import sha256_file, unlink_quietly
+from .fileio import sha256_bytes, sha256_file, unlink_quietly
 from .identity import VectorIdentity
 from .int8graph import CPU_GRAPH_RECIPES, META_INT8_RECIPE, cached_cpu_model, cpu_model, keep_cpu_model
 from .preprocess import PreprocessConfig
@@ -165,13 +165,41 @@ def model_weights_sha256(model: str) -> str:
     p = Path(model)
     if not p.is_dir():
         return ""
-    names = WEIGHT_FILES
-    if (p / OPEN_CLIP_CONFIG).is_file():  # the file open_clip loads (its _find_checkpoint_in_dir order)
-        names = WEIGHT_FILES[2:] + WEIGHT_FILES[:2]
-    for name in names:
+    if (p / OPEN_CLIP_CONFIG).is_file():  # the file open_clip loads, found by its own rule
+        chosen = _open_clip_checkpoint(p)
+        return sha256_file(chosen) if chosen is not None else ""
+    for name in WEIGHT_FILES:
         if (p / name).is_file():
             return sha256_file(p / name)
-    return ""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (p / index).is_file():  # sharded weights: the index and every shard it names
+            try:
+                shards = sorted(set(json.loads((p / index).read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                shards = []
+            return _combined_sha256([p / index, *(p / s for s in shards)])
+    # Weights under another name: every weights file there, so that changed weights are never taken for the same
+    return _combined_sha256(sorted(f for ext in ("*.safetensors", "*.bin", "*.pth") for f in p.glob(ext)))
+
+
+def _combined_sha256(files: list[Path]) -> str:
+    """One sha256 for several files (their names and sha256s, in order); "" for none."""
+    present = [f for f in files if f.is_file()]
+    if not present:
+        return ""
+    return sha256_bytes("\n".join(f"{f.name} {sha256_file(f)}" for f in present).encode())
+
+
+def _open_clip_checkpoint(folder: Path) -> Path | None:
+    """The weights file open_clip loads from an open_clip folder (its _find_checkpoint_in_dir)."""
+    try:
+        from open_clip.factory import _find_checkpoint_in_dir
+
+        found = _find_checkpoint_in_dir(folder)
+        return Path(found) if found else None
+    except ImportError:  # open_clip absent (it loads nothing then) or another version: its preferred names
+        names = (*WEIGHT_FILES[2:], "open_clip_pytorch_model.pth", *WEIGHT_FILES[:2], "pytorch_model.pth", "model.pth")
+        return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
 def requested_identity(spec: EmbedderSpec) -> VectorIdentity:

@@ -104,3 +104,49 @@ def test_auto_backend_follows_the_file(tmp_path, tiny_onnx):
 def test_torch_precision_rules(tiny_clip):
     with pytest.raises(PipelineError, match="needs --device cuda|no CUDA device"):
         TorchEmbedder(str(tiny_clip), device="cpu", precision="fp16")
+
+
+def test_sharded_or_oddly_named_weights_are_hashed_so_changed_weights_refuse_the_store(tmp_path, capsys):
+    """A store records the local model's weights' sha256 and refuses other weights in the same
+    folder. Sharded weights (model-0000x-of-0000y.safetensors with their index) and weights under
+    another name recorded none, so fine-tuned weights saved over the folder reused, and an update
+    extended, the old store."""
+    import shutil
+
+    from transformers import CLIPModel
+
+    from pipeline.embedders import model_weights_sha256
+    from tests import assets
+    from tests.helpers import run
+
+    folder = tmp_path / "model"
+
+    def save(seed: int) -> None:
+        src = assets.save_tiny_clip(tmp_path / f"src{seed}", seed=seed)
+        shutil.rmtree(folder, ignore_errors=True)
+        CLIPModel.from_pretrained(src).save_pretrained(folder, max_shard_size="100KB")
+        for f in src.iterdir():
+            if not f.name.startswith("model") and f.name != "config.json":
+                shutil.copy(f, folder / f.name)
+
+    save(0)
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+    assert (folder / "model.safetensors.index.json").is_file()
+    first = model_weights_sha256(str(folder))
+    assert len(first) == 64
+    data = assets.write_parquet_dataset(tmp_path / "shop", [assets.jpeg_bytes(40 + i, 56, seed=i) for i in range(4)])
+    flags = ["--dataset", data, "--limit", "0", "--output-dir", tmp_path / "out", "--max-result-images", "0",
+             "--backend", "torch", "--model", folder]
+    assert run(*flags) == 0
+    save(1)  # other weights, the same folder
+    assert model_weights_sha256(str(folder)) not in ("", first)
+    capsys.readouterr()
+    assert run(*flags, "--use-embeddings") == 1
+    assert "model_sha256" in capsys.readouterr().err
+    # Weights under a name of their own: every weights file there is hashed
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "weights.bin").write_bytes(b"one")
+    sha = model_weights_sha256(str(odd))
+    (odd / "weights.bin").write_bytes(b"two")
+    assert sha and model_weights_sha256(str(odd)) not in ("", sha)
