@@ -112,9 +112,11 @@ class GallerySource(_Comparable):
     max_persons: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """Every field of its kind, None included (limit None means every row); the segmenter's
-        settings only for a segmented gallery."""
+        """Every field of its kind, None included (limit None means every row), but the id column
+        only when there is one; the segmenter's settings only for a segmented gallery."""
         data = asdict(self)
+        if self.id_column is None:  # left out: the JSON of stores and runs made before it was recorded, unchanged
+            del data["id_column"]
         if self.kind != "segment":
             data = {k: v for k, v in data.items() if not k.startswith("seg_") and k not in _SEGMENT_ONLY}
         return data

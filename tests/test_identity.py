@@ -18,7 +18,7 @@ from tests import assets
 
 MADE = VectorIdentity(backend="onnx", family="siglip", model="/m", model_sha256="a", onnx_sha256="b",
                       precision="onnx-int8-static", preprocess={"crop_size": 224, "mean": [0.5]}, dim=512, pixels="pil")
-SOURCE = GallerySource(kind="segment", dataset="/d", split="train", limit=None, image_column="image",
+SOURCE = GallerySource(kind="segment", dataset="/d", split="train", limit=None, image_column="image", id_column="sku",
                        seg_model="y.pt", seg_backend="auto", seg_conf=0.25, seg_imgsz=640, keep_unsegmented=False,
                        max_persons=10)
 OTHER = {str: "other", int: 7, float: 0.5, bool: True}
@@ -50,6 +50,8 @@ def test_limit_none_is_every_row_and_is_compared():
     standard = GallerySource(kind="standard", dataset="/d", split="train", limit=None, image_column="image")
     assert "seg_model" not in standard.to_json() and standard.to_json()["limit"] is None
     assert "max_persons" not in standard.asks(max_persons=10).to_json()  # a segmented gallery's setting only
+    # No id column: no key (a run or store made before it was recorded has the same JSON, and resumes)
+    assert "id_column" not in standard.to_json() and standard.asks(id_column="sku").to_json()["id_column"] == "sku"
 
 
 @pytest.fixture(scope="module")
