@@ -34,7 +34,7 @@ from .fileio import sha256_bytes, sha256_file, unlink_quietly
 from .identity import VectorIdentity
 from .int8graph import CPU_GRAPH_RECIPES, META_INT8_RECIPE, cached_cpu_model, cpu_model, keep_cpu_model
 from .preprocess import PreprocessConfig
-from .probes import META_PROBES, ProbeRecord, check_file, probe_pixels
+from .probes import META_PROBES, PROBE_VERSION, ProbeRecord, check_file, input_digest, probe_pixels
 from .tokens import TEXT_CONTEXT, TokenizerError, check_distinct, load_tokenizer
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ META_KIND = "fashion_pipeline.kind"
 META_PAD_ID = "fashion_pipeline.pad_token_id"
 META_FAMILY = "fashion_pipeline.family"  # backends.FAMILIES; absent in files made before SigLIP: "clip"
 META_TEXT_CONTEXT = "fashion_pipeline.text_context"  # tokens the text tower takes; absent: 77
+META_TEXT_SIDES = "fashion_pipeline.text_sides"  # the tokenizer's "padding,truncation" sides; absent: right,right
 META_TEXT_CLEAN = "fashion_pipeline.text_clean"  # open_clip's cleaning before tokenizing (textclean.py); absent: none
 
 
@@ -536,15 +537,23 @@ class _OnnxText:
             raise PipelineError(f"{path}: text cleaning {self.clean!r} is not one this version knows; export again")
         self.masked = "attention_mask" in {i.name for i in self.session.get_inputs()}  # SigLIP's takes none
         self.tokenizer = Tokenizer.from_file(str(tok_path))
-        self.tokenizer.enable_truncation(self.context)
-        self.tokenizer.enable_padding(length=self.context, pad_id=int(meta.get(META_PAD_ID, 0)))
+        # Padded and cut on the sides the model's tokenizer uses (SigLIP 2's Gemma tokenizer pads on
+        # the left, and SigLIP's unmasked tower pools the last token: another side, another vector)
+        padding, truncation = (meta.get(META_TEXT_SIDES) or "right,right").split(",")
+        self.tokenizer.enable_truncation(self.context, direction=truncation)
+        self.tokenizer.enable_padding(length=self.context, pad_id=int(meta.get(META_PAD_ID, 0)), direction=padding)
         try:
             check_distinct(lambda texts: self.tokenize(texts)[0].tolist(), None, str(tok_path))
         except TokenizerError as e:
             remedy = "export again with --export-onnx from a model folder that has its tokenizer"
             raise TokenizerError(f"{e}: {remedy}") from None
-        texts = ProbeRecord.from_json(meta[META_PROBES]).texts if META_PROBES in meta else []
-        inputs = self.tokenize(texts)
+        record = ProbeRecord.from_json(meta[META_PROBES]) if META_PROBES in meta else None
+        inputs = self.tokenize(record.texts if record is not None else [])
+        if record is not None and record.version == PROBE_VERSION and record.input_sha256 != input_digest(inputs):
+            raise PipelineError(
+                f"{tok_path} does not tokenize the probe texts as the tokenizer {path.name} was exported with did: "
+                "it is another model's tokenizer, or was changed; export again with --export-onnx"
+            )
         check_file(path, meta, inputs, lambda: self._run(*inputs))
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

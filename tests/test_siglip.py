@@ -182,3 +182,29 @@ def test_thumbnails_keep_the_photos_proportions_though_the_model_squashes(tiny_s
     _, device_thumbs, _ = DevicePreprocessor(prep, "cpu").process([inspect_jpeg(cells[0])])
     t = device_thumbs[0].numpy()
     assert t[THUMB_SIZE // 2, THUMB_SIZE // 2, 0] > 150 and (t[THUMB_SIZE // 2, 2] > 240).all()
+
+
+def test_the_text_tower_pads_on_its_tokenizers_side_and_refuses_another_tokenizer(tmp_path, tiny_onnx):
+    """SigLIP 2's Gemma tokenizer pads on the left, and SigLIP's unmasked tower pools the last token:
+    the ONNX text tower pads as the model's tokenizer does, so its vectors are torch's. A tokenizer
+    file beside the tower that tokenizes its probe texts otherwise (another model's) is refused,
+    not run."""
+    import json
+    import shutil
+
+    from pipeline.embedders import OnnxEmbedder, TorchEmbedder, text_onnx_path_for, tokenizer_path_for
+    from pipeline.errors import PipelineError
+    from pipeline.export import export_onnx
+
+    model = assets.save_tiny_siglip(tmp_path / "sig")
+    config = model / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "padding_side": "left"}))
+    path = tmp_path / "sig_image_int8.onnx"
+    assert export_onnx(str(model), path).passed
+    texts = ["red dress", "blue denim jacket with a long name"]
+    torch_emb, onnx_emb = TorchEmbedder(str(model)), OnnxEmbedder(path)
+    assert (torch_emb.embed_text(texts) * onnx_emb.embed_text(texts)).sum(axis=1).min() >= 0.9999
+    # another model's tokenizer put beside the tower
+    shutil.copy(tokenizer_path_for(text_onnx_path_for(tiny_onnx)), tokenizer_path_for(text_onnx_path_for(path)))
+    with pytest.raises(PipelineError, match="does not tokenize the probe texts as the tokenizer"):
+        OnnxEmbedder(path).embed_text(["red dress"])
