@@ -169,7 +169,7 @@ class DevicePreprocessor:
                 top, left = (padded.shape[2] - h) // 2, (padded.shape[3] - w) // 2
                 padded[:, :, top : top + h, left : left + w] = x
                 x, h, w = padded, padded.shape[2], padded.shape[3]
-            top, left = (h - ch) // 2, (w - cw) // 2
+            top, left = self.prep.crop_offset(h - ch), self.prep.crop_offset(w - cw)
             x = x[:, :, top : top + ch, left : left + cw]
         flat = x.permute(1, 0, 2, 3).reshape(3, -1).long()
         values = torch.gather(self.table, 1, flat).reshape(3, x.shape[0], *x.shape[2:]).permute(1, 0, 2, 3)

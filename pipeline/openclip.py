@@ -76,7 +76,7 @@ def preprocess_config(cfg: dict[str, Any]) -> PreprocessConfig:
     if mode == "squash":
         return replace(base, resize_height=h, resize_width=w, do_center_crop=False)
     if mode == "shortest" and h == w:
-        return base
+        return replace(base, crop_round=True)  # torchvision's CenterCrop, which open_clip's transform uses
     raise PipelineError(f"open_clip resize_mode {mode!r} with size {size} is not supported (shortest or squash)")
 
 

@@ -60,6 +60,10 @@ class PreprocessConfig:
     image_std: tuple[float, ...] = field(default=CLIP_STD)
     resize_height: int = 0  # 0: not squashed (CLIP); left out of the JSON then, as stores made before it lack it
     resize_width: int = 0
+    # The crop's offset when the margin is odd: transformers' floor (False), or torchvision's round half to
+    # even (True: open_clip's "shortest" transform), which differ when the margin is 3 mod 4. Left out of the
+    # JSON when False.
+    crop_round: bool = False
 
     @classmethod
     def from_processor_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
@@ -112,7 +116,13 @@ class PreprocessConfig:
         d = asdict(self)
         if not self.resize_height:  # CLIP's: the JSON of stores made before SigLIP, unchanged
             del d["resize_height"], d["resize_width"]
+        if not self.crop_round:
+            del d["crop_round"]
         return json.dumps(d, sort_keys=True)
+
+    def crop_offset(self, margin: int) -> int:
+        """Where the centre crop starts in a side `margin` pixels longer than it."""
+        return round(margin / 2) if self.crop_round else margin // 2
 
     @property
     def squash(self) -> bool:
@@ -187,7 +197,7 @@ def model_crop(resized: Image.Image, prep: PreprocessConfig) -> np.ndarray:
     """The pixels the model sees, still uint8 (H, W, 3): a quarter of the bytes of its input."""
     arr = rgb_array(resized)
     if prep.do_center_crop:
-        arr = _center_crop(arr, prep.crop_height, prep.crop_width)
+        arr = _center_crop(arr, prep.crop_height, prep.crop_width, prep)
     return arr
 
 
@@ -221,15 +231,17 @@ def _value_table_hwc(prep: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(value_table(prep).T.reshape(1, 256, 3))
 
 
-def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
-    """transformers' center_crop: pads with zeros when the image is smaller than the crop."""
+def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int, prep: PreprocessConfig | None = None) -> np.ndarray:
+    """transformers' center_crop: pads with zeros when the image is smaller than the crop (the
+    offset of an odd margin as `prep` says: torchvision's for open_clip)."""
     h, w = arr.shape[:2]
     if h < crop_h or w < crop_w:
         padded = np.zeros((max(h, crop_h), max(w, crop_w), arr.shape[2]), dtype=arr.dtype)
         top, left = (padded.shape[0] - h) // 2, (padded.shape[1] - w) // 2
         padded[top : top + h, left : left + w] = arr
         arr, h, w = padded, padded.shape[0], padded.shape[1]
-    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    offset = prep.crop_offset if prep is not None else (lambda margin: margin // 2)
+    top, left = offset(h - crop_h), offset(w - crop_w)
     return arr[top : top + crop_h, left : left + crop_w]
 
 

@@ -30,9 +30,10 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def pictures() -> list:
-    # sizes whose centre crop leaves an even margin (open_clip's torchvision crop rounds an odd one
-    # the other way, a one-pixel shift)
-    return [assets.rgb_image(w, h, seed=w + h) for w, h in [(300, 400), (64, 64), (1000, 332), (96, 64)]]
+    # odd margins too: (64, 67) and (71, 64) leave 3 and 7 pixels, where open_clip's torchvision crop
+    # (round half to even) and transformers' (floor) start one pixel apart
+    sizes = [(300, 400), (64, 64), (1000, 332), (96, 64), (64, 67), (71, 64), (64, 65)]
+    return [assets.rgb_image(w, h, seed=w + h) for w, h in sizes]
 
 
 @pytest.mark.parametrize("mode", ["squash", "shortest"])
