@@ -30,7 +30,7 @@ from .preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 
 log = logging.getLogger(__name__)
 
-_RESAMPLE = {"bicubic": 3, "bilinear": 2}
+_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL's numbering
 
 
 def open_clip_source(model: str) -> tuple[str, str | None]:
@@ -58,6 +58,12 @@ def _open_clip() -> Any:
     return open_clip
 
 
+def _resample(name: str) -> int:
+    if name not in _RESAMPLE:
+        raise PipelineError(f"open_clip interpolation {name!r} is not supported ({', '.join(_RESAMPLE)})")
+    return _RESAMPLE[name]
+
+
 def preprocess_config(cfg: dict[str, Any]) -> PreprocessConfig:
     """open_clip's eval transform (its PreprocessCfg) as our PreprocessConfig: "shortest" resizes the
     short side and crops the centre (CLIP), "squash" resizes to the square (SigLIP); "longest"
@@ -69,7 +75,7 @@ def preprocess_config(cfg: dict[str, Any]) -> PreprocessConfig:
         shortest_edge=min(h, w),
         crop_height=h,
         crop_width=w,
-        resample=_RESAMPLE.get(cfg.get("interpolation", "bicubic"), 3),
+        resample=_resample(cfg.get("interpolation", "bicubic")),
         image_mean=tuple(float(x) for x in cfg.get("mean", CLIP_MEAN)),
         image_std=tuple(float(x) for x in cfg.get("std", CLIP_STD)),
     )
