@@ -11,6 +11,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from .dataset import (
 from .duplicates import stored_groups
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError
-from .fileio import unlink_quietly
+from .fileio import sha256_file, unlink_quietly
 from .gallery import STANDARD_FILES, DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
 from .items import make_segment_items, make_standard_items, note_persons_cut
@@ -85,6 +86,21 @@ class Gallery:
 def segmenter_factory(cfg: RunConfig) -> Segmenter:
     """The segmenter for a run (a function, so tests can substitute one with known masks)."""
     return make_segmenter(cfg.segment, device=cfg.embedder.device)
+
+
+def segmenter_weights(cfg: RunConfig) -> str | None:
+    """The sha256 of a segmented run's local segmenter weights file (None for a whole-image run, or
+    weights not here: a name Ultralytics downloads on its first load)."""
+    path = Path(cfg.segment.model)
+    if not cfg.segmented or not path.is_file():
+        return None
+    stat = path.stat()
+    return _sha256_of(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4)
+def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)
 
 
 def decodes_on_device(cfg: RunConfig, embedder: Embedder) -> bool:
@@ -278,6 +294,7 @@ def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None
         address=cfg.ray_address,
         cpus=cfg.embedder.threads,
         rows=None if part is None else part.rows,
+        segmenter_weights=segmenter_weights(cfg),
     )
     with TreeMemory() as memory:
         emb, rows, embedder = build_gallery_ray(build, summary, load, gallery_source(cfg))
@@ -350,7 +367,7 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
     source = gallery_source(cfg)
     identity = made_identity(cfg, embedder)
     params = run_params(source, identity, cfg.batch_size, cfg.shard_rows, None if part is None else part.rows,
-                        dataset_stamp(cfg.dataset))
+                        dataset_stamp(cfg.dataset), segmenter_weights(cfg))
     reading = _Reading(cfg.dataset) if part is None else None
 
     def records(start: int) -> Iterator[Record]:

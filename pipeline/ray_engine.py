@@ -83,6 +83,7 @@ class RayBuild:
     address: str | None = None
     cpus: int = 0
     rows: frozenset[int] | None = None  # only these dataset rows (--update's new photos); None: every row
+    segmenter_weights: str | None = None  # the sha256 of the segmenter's local weights file (store.run_params)
 
 
 class RaySession:
@@ -380,7 +381,8 @@ def _build(
     ray = session.ray
     if not is_url(build.images):
         Path(build.images).mkdir(parents=True, exist_ok=True)
-    params = run_params(source, identity, build.batch_size, build.shard_rows, build.rows, dataset_stamp(build.dataset))
+    params = run_params(source, identity, build.batch_size, build.shard_rows, build.rows, dataset_stamp(build.dataset),
+                        build.segmenter_weights)
     store = StoreBuild(build.store_dir, params, build.fresh)
     shards = store.shards
     done = shards.all_complete()

@@ -662,11 +662,13 @@ class ShardStore:
             except json.JSONDecodeError:
                 old = None
             asked = run_params
-            if isinstance(old, dict) and ("dataset_files" in old) != ("dataset_files" in run_params):
-                # a run of a version that did not stamp its dataset, or a dataset not stamped now (the hub): the
-                # dataset is not compared, as then; the run.json on disk stays as it is
-                old = {k: v for k, v in old.items() if k != "dataset_files"}
-                asked = {k: v for k, v in run_params.items() if k != "dataset_files"}
+            for key in ("dataset_files", "segmenter_weights"):
+                if isinstance(old, dict) and (key in old) != (key in run_params):
+                    # a run of a version that did not record it, or a run that could not (the hub's dataset, weights
+                    # Ultralytics downloads as the first run loads them): not compared, as then; the run.json on
+                    # disk stays as it is
+                    old = {k: v for k, v in old.items() if k != key}
+                    asked = {k: v for k, v in asked.items() if k != key}
             if old != asked and not any(self.dir.glob("shard_*.done")):
                 log.info("discarding an unfinished run in %s that completed no shard", self.dir)
                 shutil.rmtree(self.dir)
@@ -912,17 +914,22 @@ def invalidate_store(root: str | Path) -> None:
 
 
 def run_params(source: GallerySource, identity: VectorIdentity, batch_size: int, shard_rows: int,
-               rows: frozenset[int] | None = None, dataset_files: str | None = None) -> dict[str, Any]:
+               rows: frozenset[int] | None = None, dataset_files: str | None = None,
+               segmenter_weights: str | None = None) -> dict[str, Any]:
     """What a resumed run must share with the run whose shards it finds (ShardStore's run.json);
     `rows`: the dataset rows of a partial build (--update's new photos), recorded by their hash;
     `dataset_files`: the dataset's files as they were when the run started (dataset.dataset_stamp):
-    a dataset changed since then may no longer hold the photos of the shards done."""
+    a dataset changed since then may no longer hold the photos of the shards done;
+    `segmenter_weights`: the sha256 of a segmented gallery's local segmenter weights (retrained
+    weights saved over the same file must not crop the rest of the run)."""
     params = {"source": source.to_json(), "identity": identity.to_json(), "batch_size": batch_size,
               "shard_rows": shard_rows}
     if rows is not None:
         params["rows"] = rows_key(rows)
     if dataset_files is not None:
         params["dataset_files"] = dataset_files
+    if segmenter_weights is not None:
+        params["segmenter_weights"] = segmenter_weights
     return params
 
 

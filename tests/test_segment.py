@@ -449,3 +449,30 @@ def test_max_persons_with_the_person_biased_yolo_counts_every_cut_photo(person_p
     assert {r.source_row for r in rows if "(--max-persons)" in r.note} == {0, 1, 2}
     summary = capsys.readouterr().out
     assert "3 photo(s) had more than 2 persons; the 2 most confident of each were kept" in summary
+
+
+def test_a_resume_after_the_segmenter_weights_changed_in_place_is_refused(tiny_onnx, tmp_path, monkeypatch, capsys):
+    """Retrained weights saved over the same file would crop the rest of an unfinished run with
+    another model: the resume is refused, naming the weights; with the first weights back it goes on."""
+    import shutil
+
+    from tests.helpers import run, stop_after_shards
+
+    first, second, pt = tmp_path / "w1.pt", tmp_path / "w2.pt", tmp_path / "person-seg.pt"
+    assets.person_yolo("yolov8n-seg.yaml", seed=0).save(first)
+    assets.person_yolo("yolov8n-seg.yaml", seed=5).save(second)
+    cells = [assets.encode(assets.rgb_image(96, 128, seed=40 + i), "JPEG") for i in range(10)]
+    data = assets.write_parquet_dataset(tmp_path / "people", cells)
+    flags = ["--dataset", data, "--onnx", tiny_onnx, "--output-dir", tmp_path / "out", "--shard-rows", "4",
+             "--batch-size", "4", "--max-result-images", "0", "--use-segmentation", "--seg-model", pt,
+             "--seg-imgsz", "160"]
+    shutil.copy(first, pt)
+    stop_after_shards(monkeypatch, 1)
+    assert run(*flags) == 130
+    monkeypatch.undo()
+    shutil.copy(second, pt)
+    capsys.readouterr()
+    assert run(*flags) == 1
+    assert "segmenter_weights" in capsys.readouterr().err
+    shutil.copy(first, pt)
+    assert run(*flags) in (0, 3)
