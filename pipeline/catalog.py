@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .backends import model_by_name
 from .duplicates import stored_groups
 from .embedders import Embedder, EmbedderSpec, make_embedder, model_reference
 from .errors import CacheMismatchError, PipelineError, UsageError
@@ -299,6 +300,8 @@ def _embedder_spec(cache: GalleryCache, model: str | None, onnx: str | None, dev
     whose sha256 the store records is looked for beside the default one, in ./onnx and the
     project's onnx/, else refused with what to pass."""
     made = cache.sidecar.identity
+    if model is not None:
+        model = model_by_name(model)  # a short name, as --model takes it (marqo-fashionsiglip)
     if onnx:
         return EmbedderSpec(model=model or made.model or "", onnx=onnx, backend="onnx", device=device, threads=threads)
     if made.backend == "onnx":

@@ -71,6 +71,17 @@ def built(tmp_path_factory, tiny_clip):
     return out, ds
 
 
+def test_catalog_takes_a_models_short_name_as_model_does(built, tiny_clip, monkeypatch):
+    """model="marqo-fashionsiglip" names the model as --model does (backends.MODELS); here a short
+    name registered for the tiny model, so that nothing is asked of the hub."""
+    from pipeline import backends
+
+    out, _ = built
+    monkeypatch.setitem(backends.MODELS, "tiny-test", str(tiny_clip))
+    cat = Catalog.open(out, model="tiny-test")
+    assert cat.search_text("a red dress", k=3)[0].rank == 1
+
+
 def test_catalog_answers_as_the_cli_does(built, tiny_clip, tmp_path):
     out, _ = built
     cat = Catalog.open(out, model=str(tiny_clip))  # a run's folder: its embeddings/
