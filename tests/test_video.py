@@ -459,7 +459,7 @@ def test_detector_and_segmenter_hand_ultralytics_bgr():
     det.model, det.conf, det.device, det.imgsz = _CapturingModel(), 0.25, None, 640
     assert det.detect([rgb])[0] == []
     seg = object.__new__(UltralyticsSegmenter)
-    seg.model, seg.spec, seg.device, seg.batch, seg.predict_seconds = _CapturingModel(), SegmentSpec(), None, 8, 0.0
+    seg.model, seg.spec, seg.device, seg.batch, seg.rect, seg.predict_seconds = _CapturingModel(), SegmentSpec(), None, 1, True, 0.0
     assert seg.segment([rgb]) == [[]]
     for model in (det.model, seg.model):
         got = model.sources[0]
