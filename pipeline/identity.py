@@ -20,6 +20,9 @@ T = TypeVar("T", bound="_Comparable")
 class _Comparable:
     """JSON form (None fields left out) and field-by-field comparison, shared by both identities."""
 
+    # Fields recorded only since a later version, for some stores: one that lacks them is not compared on them
+    RECORDED_LATER: frozenset[str] = frozenset()
+
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}  # type: ignore[call-overload]  # subclasses are dataclasses
 
@@ -39,11 +42,14 @@ class _Comparable:
 
 def differences(asked: _Comparable, found: _Comparable, only: frozenset[str] | None = None) -> list[str]:
     """'field: cache has X, asked for Y' for every field that `asked` records (and `only` names, when
-    given) and that differs in `found` (dicts such as the preprocessing compared key by key)."""
-    want = asked.to_json()
+    given) and that differs in `found` (dicts such as the preprocessing compared key by key). A
+    field this version records that `found` lacks (RECORDED_LATER: a store made before) is not
+    compared, as it was not then."""
+    want, have = asked.to_json(), found.to_json()
     if only is not None:
         want = {k: v for k, v in want.items() if k in only}
-    return describe_differences(want, found.to_json())
+    want = {k: v for k, v in want.items() if k in have or k not in type(found).RECORDED_LATER}
+    return describe_differences(want, have)
 
 
 def describe_differences(expected: dict[str, Any], found: dict[str, Any], prefix: str = "") -> list[str]:
@@ -69,6 +75,9 @@ class VectorIdentity(_Comparable):
     (size, crop, mean, std, ...). dim: the vector length. pixels: which code made the model input
     ("pil" on the CPU, "torchvision" on the device).
     """
+
+    # Sharded weights, open_clip's .pth and weights under other names are hashed since 2026-12-05
+    RECORDED_LATER = frozenset({"model_sha256"})
 
     backend: str | None = None
     family: str | None = None
@@ -97,6 +106,8 @@ class GallerySource(_Comparable):
     segmentation run's settings (max_persons: the crops kept per photo; None in a store made
     before the cap, which kept every person found).
     """
+
+    RECORDED_LATER = frozenset({"id_column"})  # since 2026-12-05
 
     kind: str | None = None
     dataset: str | None = None

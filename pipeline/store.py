@@ -662,13 +662,8 @@ class ShardStore:
             except json.JSONDecodeError:
                 old = None
             asked = run_params
-            for key in ("dataset_files", "segmenter_weights"):
-                if isinstance(old, dict) and (key in old) != (key in run_params):
-                    # a run of a version that did not record it, or a run that could not (the hub's dataset, weights
-                    # Ultralytics downloads as the first run loads them): not compared, as then; the run.json on
-                    # disk stays as it is
-                    old = {k: v for k, v in old.items() if k != key}
-                    asked = {k: v for k, v in asked.items() if k != key}
+            if isinstance(old, dict):
+                old, asked = _without_recorded_later(old, asked)
             if old != asked and not any(self.dir.glob("shard_*.done")):
                 log.info("discarding an unfinished run in %s that completed no shard", self.dir)
                 shutil.rmtree(self.dir)
@@ -911,6 +906,33 @@ def manifest_sha256(root: str | Path) -> str:
 def invalidate_store(root: str | Path) -> None:
     """Remove the sidecar so a store being rebuilt is never taken as complete."""
     unlink_quietly(Path(root) / SIDECAR_FILE)
+
+
+# What run.json holds since a later version, or only when it could be known: (section, key), section None for
+# the top level
+RECORDED_LATER = ((None, "dataset_files"), (None, "segmenter_weights"), ("source", "id_column"),
+                  ("identity", "model_sha256"))
+
+
+def _without_recorded_later(old: dict[str, Any], asked: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run.json and the run's parameters without what one of them holds and the other does not
+    among RECORDED_LATER: a run of a version that did not record it, or a run that could not (the
+    hub's dataset, weights Ultralytics downloads as the first run loads them), is not compared on
+    it, as it was not then. The run.json on disk stays as it is."""
+    def without(d: dict[str, Any], section: str | None, key: str) -> dict[str, Any]:
+        if section is None:
+            return {k: v for k, v in d.items() if k != key}
+        inner = d.get(section)
+        return {**d, section: {k: v for k, v in inner.items() if k != key}} if isinstance(inner, dict) else d
+
+    def has(d: dict[str, Any], section: str | None, key: str) -> bool:
+        holder = d if section is None else d.get(section)
+        return isinstance(holder, dict) and key in holder
+
+    for section, key in RECORDED_LATER:
+        if has(old, section, key) != has(asked, section, key):
+            old, asked = without(old, section, key), without(asked, section, key)
+    return old, asked
 
 
 def run_params(source: GallerySource, identity: VectorIdentity, batch_size: int, shard_rows: int,

@@ -44,6 +44,19 @@ def test_every_source_field_that_differs_is_named(name):
     assert differences(asked, SOURCE, only=frozenset({"kind"} - {name})) == []  # a field not asked is not compared
 
 
+def test_a_field_recorded_since_a_later_version_is_not_compared_with_a_store_that_lacks_it():
+    """A store made before its weights folder's kind was hashed (sharded weights) or before the id
+    column was recorded is compared as it was then; one that records them is compared on them."""
+    from dataclasses import replace
+
+    old_identity, old_source = replace(MADE, model_sha256=None), replace(SOURCE, id_column=None)
+    assert differences(MADE, old_identity) == [] and differences(SOURCE, old_source) == []
+    assert differences(replace(MADE, model_sha256="c"), MADE) == ["model_sha256: cache has 'a', asked for 'c'"]
+    assert differences(replace(SOURCE, id_column="alt"), SOURCE)[0].startswith("id_column: cache has 'sku'")
+    # another field a store lacks is still a difference
+    assert differences(MADE, replace(MADE, dim=None)) == ["dim: cache has '<absent>', asked for 512"]
+
+
 def test_limit_none_is_every_row_and_is_compared():
     """limit None (every row) is a value: a gallery of 100 rows is not one of every row."""
     assert differences(SOURCE, SOURCE.asks(limit=100)) == ["limit: cache has 100, asked for None"]

@@ -314,6 +314,11 @@ def test_another_id_column_neither_resumes_a_build_nor_updates_its_store(tiny_on
     capsys.readouterr()
     assert run(*args(data, tiny_onnx, out, "--id-column", "alt")) == 1
     assert "id_column" in capsys.readouterr().err
+    # An unfinished run of the last version, which did not record the id column, resumes too
+    run_file = out / "embeddings" / ".partial" / "run.json"
+    params = json.loads(run_file.read_text())
+    assert params["source"].pop("id_column") == "item_id"
+    run_file.write_text(json.dumps(params))
     assert run(*args(data, tiny_onnx, out, "--id-column", "item_id")) == 0  # resumed as it was begun
     assert {r.item_id for r in read_manifest(out / "embeddings" / "manifest.csv")} == {f"P{k:03d}" for k in products}
     capsys.readouterr()

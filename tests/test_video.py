@@ -459,7 +459,8 @@ def test_detector_and_segmenter_hand_ultralytics_bgr():
     det.model, det.conf, det.device, det.imgsz = _CapturingModel(), 0.25, None, 640
     assert det.detect([rgb])[0] == []
     seg = object.__new__(UltralyticsSegmenter)
-    seg.model, seg.spec, seg.device, seg.batch, seg.rect, seg.predict_seconds = _CapturingModel(), SegmentSpec(), None, 1, True, 0.0
+    seg.model, seg.spec, seg.device, seg.predict_seconds = _CapturingModel(), SegmentSpec(), None, 0.0
+    seg.batch, seg.rect = 1, True
     assert seg.segment([rgb]) == [[]]
     for model in (det.model, seg.model):
         got = model.sources[0]
