@@ -536,12 +536,12 @@ class _OnnxText:
         if self.clean and self.clean not in textclean.MODES:
             raise PipelineError(f"{path}: text cleaning {self.clean!r} is not one this version knows; export again")
         self.masked = "attention_mask" in {i.name for i in self.session.get_inputs()}  # SigLIP's takes none
+        self.pad_id = int(meta.get(META_PAD_ID, 0))
         self.tokenizer = Tokenizer.from_file(str(tok_path))
         # Padded and cut on the sides the model's tokenizer uses (SigLIP 2's Gemma tokenizer pads on
         # the left, and SigLIP's unmasked tower pools the last token: another side, another vector)
-        padding, truncation = (meta.get(META_TEXT_SIDES) or "right,right").split(",")
-        self.tokenizer.enable_truncation(self.context, direction=truncation)
-        self.tokenizer.enable_padding(length=self.context, pad_id=int(meta.get(META_PAD_ID, 0)), direction=padding)
+        sides = meta.get(META_TEXT_SIDES)
+        self._set_sides(path, sides or "right,right")
         try:
             check_distinct(lambda texts: self.tokenize(texts)[0].tolist(), None, str(tok_path))
         except TokenizerError as e:
@@ -550,11 +550,25 @@ class _OnnxText:
         record = ProbeRecord.from_json(meta[META_PROBES]) if META_PROBES in meta else None
         inputs = self.tokenize(record.texts if record is not None else [])
         if record is not None and record.version == PROBE_VERSION and record.input_sha256 != input_digest(inputs):
-            raise PipelineError(
-                f"{tok_path} does not tokenize the probe texts as the tokenizer {path.name} was exported with did: "
-                "it is another model's tokenizer, or was changed; export again with --export-onnx"
-            )
+            if sides is None:  # exported before the sides were recorded: its probes say which it was
+                self._set_sides(path, "left,right")
+                inputs = self.tokenize(record.texts)
+            if record.input_sha256 != input_digest(inputs):
+                raise PipelineError(
+                    f"{tok_path} does not tokenize the probe texts as the tokenizer {path.name} was exported with "
+                    "did: it is another model's tokenizer, or was changed; export again with --export-onnx"
+                )
+            log.info("%s: exported before its tokenizer's sides were recorded; its probes say it pads on the left",
+                     path)
         check_file(path, meta, inputs, lambda: self._run(*inputs))
+
+    def _set_sides(self, path: Path, sides: str) -> None:
+        """Pad and truncate on the sides 'padding,truncation' (left or right) name."""
+        padding, _, truncation = sides.partition(",")
+        if padding not in ("left", "right") or truncation not in ("left", "right"):
+            raise PipelineError(f"{path}: unreadable tokenizer sides {sides!r} in its metadata; export again")
+        self.tokenizer.enable_truncation(self.context, direction=truncation)
+        self.tokenizer.enable_padding(length=self.context, pad_id=self.pad_id, direction=padding)
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """int64 (B, context) input ids and attention mask (77 tokens for CLIP, 64 for SigLIP)."""
