@@ -92,8 +92,9 @@ _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 def architecture_preprocess(open_clip: Any, arch: str, model: str) -> dict[str, Any]:
     """The preprocessing of an architecture's published weights (open_clip's pretrained configs),
     for weights named by a file (open_clip:ARCH:FILE): a fine-tune keeps its base's (a SigLIP's
-    squash and 0.5 mean/std, not CLIP's crop and mean that open_clip falls back to). Refused when
-    the published weights differ among themselves; CLIP's defaults, said once, when there are none."""
+    squash and 0.5 mean/std, not CLIP's crop and mean that open_clip falls back to). Where the
+    published weights differ among themselves, or there are none, open_clip's default (CLIP's),
+    said once."""
     from open_clip.transform import PreprocessCfg
 
     default = PreprocessCfg()
@@ -107,13 +108,13 @@ def architecture_preprocess(open_clip: Any, arch: str, model: str) -> dict[str, 
         log.warning("--model %s: open_clip knows no published weights of %s, so their preprocessing is unknown: "
                     "CLIP's is used (a model folder with its open_clip_config.json names its own)", model, arch)
         return {}
-    if len(seen) > 1:
+    if len(seen) > 1:  # ViT-L-14: eleven with CLIP's mean/std, one with 0.5
         kinds = "; ".join(f"{', '.join(tags)}: {dict(zip(_PREPROCESS_KEYS, key))}" for key, tags in seen.items())
-        raise PipelineError(
-            f"--model {model}: the published weights of {arch} are preprocessed in different ways ({kinds}), so the "
-            "file's is not known: name the model by a folder holding the weights and an open_clip_config.json "
-            "whose preprocess_cfg says it"
-        )
+        log.warning(
+            "--model %s: the published weights of %s are preprocessed in different ways (%s), so the file's is not "
+            "known: open_clip's default (CLIP's) is used. If yours differs, name the model by a folder holding the "
+            "weights and an open_clip_config.json whose preprocess_cfg says it", model, arch, kinds)
+        return {}
     return dict(zip(_PREPROCESS_KEYS, next(iter(seen))))
 
 

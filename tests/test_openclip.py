@@ -76,13 +76,13 @@ def test_vectors_equal_open_clips_and_the_two_namings_agree(tiny):
 def test_weights_named_by_file_are_preprocessed_as_their_architectures_published_ones(tiny, monkeypatch, caplog):
     """open_clip gives a weights file CLIP's preprocessing whatever the architecture: a SigLIP fine-tune
     named open_clip:ViT-B-16-SigLIP:FILE would be cropped and normalized as CLIP. The architecture's
-    published weights say how (all alike, or refused), as the folder's open_clip_config.json does."""
+    published weights say how when they all agree, as the folder's open_clip_config.json does;
+    otherwise open_clip's default, said."""
     import logging
 
     from open_clip import pretrained
 
     from pipeline.embedders import TorchEmbedder
-    from pipeline.errors import PipelineError
     from pipeline.openclip import architecture_preprocess
 
     siglip = architecture_preprocess(open_clip, "ViT-B-16-SigLIP", "m")
@@ -103,9 +103,12 @@ def test_weights_named_by_file_are_preprocessed_as_their_architectures_published
     x = preprocess_batch(pictures(), by_file.preprocess_cfg)
     assert np.allclose(by_file.embed(x), folder.embed(x), atol=1e-5)
     monkeypatch.setitem(pretrained._PRETRAINED, assets.TINY_OPEN_CLIP, {"a": published, "b": {"url": ""}})
-    with pytest.raises(PipelineError, match="the published weights of fashion-test-tiny are preprocessed in "
-                                            "different ways"):
-        TorchEmbedder(f"open_clip:{assets.TINY_OPEN_CLIP}:{weights}")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # published weights that differ: open_clip's default, said
+        mixed = TorchEmbedder(f"open_clip:{assets.TINY_OPEN_CLIP}:{weights}")
+    assert "the published weights of fashion-test-tiny are preprocessed in different ways" in caplog.text
+    assert mixed.preprocess_cfg == unknown.preprocess_cfg
+    assert architecture_preprocess(open_clip, "ViT-L-14", "m") == {}  # eleven CLIP-like, one with mean 0.5
 
 
 def test_a_missing_weights_file_or_bad_name_is_one_message(tmp_path, capsys):
