@@ -68,7 +68,7 @@ from .embedders import (
     tokenizer_path_for,
 )
 from .errors import PipelineError, first_line
-from .fileio import sha256_file, waiting_lock
+from .fileio import link_or_copy, sha256_file, waiting_lock
 from .int8graph import (
     CPU_GRAPH_RECIPE,
     FUSED_RECIPE,
@@ -548,16 +548,20 @@ def keep_replaced(int8_path: Path, new_int8: Path, fp32_path: Path | None = None
                      "exported again)" if text.is_file() else "")
         lines.append(f"the int8 file this export replaced is kept as {keep}{text_said}: stores made with it open "
                      f"with --onnx {keep}; delete it when none does")
-    if (fp32_path is not None and new_fp32 is not None and fp32_path.is_file() and not _data_files(fp32_path)
-            and not filecmp.cmp(fp32_path, new_fp32, shallow=False)):
+    if fp32_path is None or new_fp32 is None or not fp32_path.is_file():
+        return lines
+    if _data_files(fp32_path):
+        lines.append(f"the fp32 file this export replaced ({fp32_path}, its weights in a .data file) is not kept: a "
+                     "store made with --onnx on it needs that model exported again")
+    elif not filecmp.cmp(fp32_path, new_fp32, shallow=False):
         keep = _kept_name(fp32_path)
         os.replace(fp32_path, keep)
-        text_said = ""
+        text_said = " (no text tower kept with it: text queries of its stores need it exported again)"
         if kept_text is not None and kept_text.is_file():  # the towers were exported together: the same text tower
             for src, dst in ((kept_text, text_onnx_path_for(keep)),
                              (tokenizer_path_for(kept_text), tokenizer_path_for(text_onnx_path_for(keep)))):
                 if src.is_file() and src != dst:
-                    _link_or_copy(src, dst)
+                    link_or_copy(src, dst)
             text_said = " with its text tower"
         lines.append(f"the fp32 file this export replaced is kept as {keep}{text_said}: stores made with it open "
                      f"with --onnx {keep}; delete it when none does")
@@ -567,16 +571,6 @@ def keep_replaced(int8_path: Path, new_int8: Path, fp32_path: Path | None = None
 def _kept_name(path: Path) -> Path:
     """model_int8.onnx -> model_int8.<first 12 hex of its sha256>.onnx"""
     return path.with_name(f"{path.stem}.{sha256_file(path)[:12]}{path.suffix}")
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """`dst` as a hard link to `src` (no second copy of a tower on disk), or a copy where the file
-    system has no links."""
-    dst.unlink(missing_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def _move_into_place(src: Path, dst: Path, onnx_file: bool = True) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -312,6 +313,16 @@ def unlink_quietly(path: str | Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link to `src` (no second copy on disk), or a copy where the file system has
+    no links or `dst` is on another one; whatever was at `dst` is replaced."""
+    unlink_quietly(dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -228,7 +228,12 @@ def _oriented_size(width: int, height: int, image: Image.Image) -> tuple[int, in
 
 def _reason(e: BaseException) -> str:
     """A decoder's error in a failure list: the errors Pillow means for bad files as they are, any
-    other (its parsers' IndexError, struct.error, ... on a damaged file) said to be damage."""
+    other (its parsers' IndexError, struct.error, ... on a damaged file) said to be damage. Memory
+    running out is the run's problem, not the file's: raised again."""
+    if isinstance(e, MemoryError):
+        raise e
+    if isinstance(e, Image.DecompressionBombError):
+        return f"refused as a decompression bomb: {short_reason(e)}"
     if isinstance(e, (OSError, SyntaxError, ValueError, EOFError)):
         return short_reason(e)
     return f"damaged or unsupported file ({type(e).__name__}: {short_reason(e)})"

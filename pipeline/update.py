@@ -40,7 +40,7 @@ from .datarecord import dataset_hashes, known_as_is
 from .dataset import Record, check_dataset, dataset_stamp
 from .embedders import Embedder, EmbedderSpec, make_embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError
-from .fileio import unlink_quietly
+from .fileio import link_or_copy, unlink_quietly
 from .galleries import BuildPart, Gallery, build, gallery_source, made_identity, owned_files
 from .identity import VectorIdentity, differences
 from .index import INDEX_META, switch_index, update_index
@@ -401,7 +401,7 @@ def _write_next(
             at_url.stage_copy(old_name, new_name)
     else:
         for old_name, new_name in moves:
-            _link(cfg.images_dir / old_name, staged_images / new_name)
+            link_or_copy(cfg.images_dir / old_name, staged_images / new_name)
     for line in new.rows if new is not None else []:
         rows.append(replace(line, index=len(rows), embedding_row=line.embedding_row + len(take)
                             if line.embedding_row >= 0 else -1))
@@ -467,14 +467,6 @@ def _thumbnail_chunks(reader: ThumbnailReader, rows: Sequence[int]) -> Iterator[
             i = j
     finally:
         reader.close()
-
-
-def _link(src: Path, dst: Path) -> None:
-    unlink_quietly(dst)
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed: a copy
-        shutil.copy2(src, dst)
 
 
 def move(src: Path, dst: Path) -> None:

@@ -147,7 +147,8 @@ def test_towers_too_big_for_one_file_keep_their_weights_beside_it(quantization, 
     # under its sha256 (keep_replaced); the text tower with a .data file is not.
     first = sha256_file(target)
     monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", size)
-    export.export_onnx(str(tiny_clip), target, quantization=quantization)
+    again = export.export_onnx(str(tiny_clip), target, quantization=quantization)
+    assert any("its weights in a .data file) is not kept" in line for line in again.kept_lines)  # said, not silent
     kept = [f"m_int8_matmul.{first[:12]}.onnx"] if sha256_file(target) != first else []
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
         "m_fp32.onnx", "m_int8_matmul.onnx", "m_text_fp32.onnx", "m_text_tokenizer.json", *kept])

@@ -191,6 +191,17 @@ def test_damaged_gifs_and_tiffs_are_an_items_failure_never_another_error():
                              "empty file"}, outcomes
 
 
+def test_memory_running_out_is_not_taken_for_a_damaged_file(monkeypatch):
+    data = assets.jpeg_bytes(20, 20)
+
+    def out_of_memory(self, *a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(Image.Image, "load", out_of_memory)
+    with pytest.raises(MemoryError):
+        decode_image(data)
+
+
 def test_sniff_format():
     assert sniff_format(assets.jpeg_bytes(10, 10)) == "jpg"
     assert sniff_format(assets.rgba_png()) == "png"
