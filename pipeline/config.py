@@ -317,8 +317,9 @@ def onnx_fallback(cfg: RunConfig) -> str | None:
             not cfg.export.enabled and (made_from := onnx_of_another_model(spec)) is not None):
         return (f"--model {spec.model}: the ONNX file at {spec.onnx} (the default --onnx) was exported from "
                 f"{made_from}, so the run uses the model you named itself; pass --onnx FILE for an export of it")
-    if spec.backend != "auto" or "model" in cfg.explicit or cfg.export.enabled or spec.resolve_backend() != "torch":
-        return None  # a --model the user typed is the model they want
+    if (spec.backend != "auto" or "model" in cfg.explicit or cfg.export.enabled or spec.resolve_backend() != "torch"
+            or cfg.evaluate.models):
+        return None  # a --model the user typed is the model they want; --eval-models names its own
     looked = Path(spec.onnx).absolute()
     project = Path(__file__).resolve().parents[1] / spec.onnx
     if project.is_file() and project != looked.resolve():

@@ -24,9 +24,9 @@ from .catalog import Catalog
 from .config import RunConfig
 from .dataset import IMAGE_SUFFIXES, DatasetSpec, arrow_numpy, count_rows, iter_records
 from .embedders import Embedder, EmbedderSpec, make_embedder
-from .errors import PipelineError, UsageError
+from .errors import PipelineError, UsageError, first_line
 from .export import fp32_path_for
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, sha256_bytes
 from .galleries import open_catalog, segmenter_factory
 from .images import ImageDecodeError, decode_image
 from .metadata import prefixed_name
@@ -260,24 +260,31 @@ def ranks_of_positives(
             if order is not None and starts is not None:
                 row, pos = np.maximum.reduceat(row[order], starts), np.unique(dense[pos])
             best = row[pos].max()
-            # everything scoring at least as high as the best positive, other than positives
-            ahead = np.count_nonzero(row >= best) - np.count_nonzero(row[pos] >= best)
+            # everything not scoring below the best positive, other than positives: a NaN (a model's
+            # non-finite vector) is never below, so it ranks its positive last, never first
+            ahead = np.count_nonzero(~(row < best)) - np.count_nonzero(~(row[pos] < best))
             ranks[qi] = ahead + 1
     return ranks
 
 
-def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
-    out = {f"recall@{k}": float(np.mean(ranks <= k)) if len(ranks) else float("nan") for k in RECALL_AT}
-    out["mrr"] = float(np.mean(1.0 / ranks)) if len(ranks) else float("nan")
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float | None]:
+    """Recall@k and MRR of the ranks; None (JSON null, "—" in the table) when there was no query."""
+    out: dict[str, float | None] = {
+        f"recall@{k}": float(np.mean(ranks <= k)) if len(ranks) else None for k in RECALL_AT}
+    out["mrr"] = float(np.mean(1.0 / ranks)) if len(ranks) else None
     out["queries"] = int(len(ranks))
     return out
 
 
-def product_ids(values: Sequence) -> list[str]:
+def product_ids(values: Sequence) -> list[str | None]:
     """The product an id names: the id_XXXXXXXX part when present (DeepFashion In-shop's item_ID
-    names product and view together), the whole value otherwise."""
-    out = []
+    names product and view together), the whole value otherwise; None for a missing one (null,
+    empty, NaN), which names no product (rows without an id are not one product together)."""
+    out: list[str | None] = []
     for v in values:
+        if v is None or (isinstance(v, float) and v != v) or str(v).strip() == "":
+            out.append(None)
+            continue
         m = re.search(r"id_\d+", str(v))
         out.append(m.group(0) if m else str(v))
     return out
@@ -287,8 +294,11 @@ class EvalBatcher:
     """Collects decoded images and embeds them a batch at a time with every backend, remembering
     each vector's row. Pixels are preprocessed once per distinct preprocessing, not per backend."""
 
-    def __init__(self, embedders: dict[str, Embedder], batch_size: int) -> None:
+    def __init__(self, embedders: dict[str, Embedder], batch_size: int, failed: dict[str, str] | None = None) -> None:
+        # failed: backends whose embedding raised, with the error, shared by the pass's batchers: a
+        # model that fails (out of memory, a broken file) is dropped, and the others go on
         self.embedders, self.batch_size = embedders, batch_size
+        self.failed = failed if failed is not None else {}
         self.pending: list[dict[int, Image.Image]] = []  # per item: decode min_side -> image
         self.rows: list[int] = []
         self.vectors: dict[str, list[np.ndarray]] = {name: [] for name in embedders}
@@ -305,11 +315,17 @@ class EvalBatcher:
             return
         pixels: dict[PreprocessConfig, np.ndarray] = {}
         for name, embedder in self.embedders.items():
+            if name in self.failed:
+                continue
             prep = embedder.preprocess_cfg
             if prep not in pixels:
                 pixels[prep] = preprocess_batch([im[prep.decode_min_side] for im in self.pending], prep)
             t = time.perf_counter()
-            self.vectors[name].append(embedder.embed(pixels[prep]))
+            try:
+                self.vectors[name].append(embedder.embed(pixels[prep]))
+            except Exception as e:  # noqa: BLE001 - any model's failure is that model's, said in the summary
+                log.warning("--evaluate: %s failed (%s: %s); the others go on", name, type(e).__name__, e)
+                self.failed[name] = f"{type(e).__name__}: {first_line(e)}"
             self.seconds[name] += time.perf_counter() - t
         self.pending = []
 
@@ -345,8 +361,10 @@ def embed_pass(
     Returns:
         {"ids": {source_row: product}, backend: {"photos": (emb, rows), "garments": ..., "crops": ...}}
     """
-    photos, garments, crops = (EvalBatcher(embedders, batch_size) for _ in range(3))
-    ids: dict[int, str] = {}
+    failed: dict[str, str] = {}
+    photos, garments, crops = (EvalBatcher(embedders, batch_size, failed) for _ in range(3))
+    ids: dict[int, str | None] = {}
+    garment_sha: dict[int, str] = {}
     min_sides = sorted({e.preprocess_cfg.decode_min_side for e in embedders.values()})
 
     def decoded(data: bytes) -> dict[int, Image.Image]:
@@ -373,19 +391,22 @@ def embed_pass(
                 if not extra.get(cloth_column):
                     raise ImageDecodeError("no garment image")
                 garments.add(rec.source_row, decoded(extra[cloth_column]))
+                garment_sha[rec.source_row] = sha256_bytes(extra[cloth_column])
             except ImageDecodeError as e:
                 summary.fail(f"{rec.source} ({cloth_column})", str(e))
         if segmenter is not None and (crop := first_person(rec.data, segmenter)) is not None:
             crops.add(rec.source_row, dict.fromkeys(min_sides, crop))
-    out: dict = {"ids": ids, "speed": {}}
+    out: dict = {"ids": ids, "garment_sha": garment_sha, "speed": {}, "failed": failed}
     for batcher in (photos, garments, crops):
         batcher.flush()  # the last partial batch counts in the timing
     count = sum(len(b.rows) for b in (photos, garments, crops))
     for name, seconds in photos.seconds.items():
+        if name in failed:
+            continue
         total = seconds + garments.seconds[name] + crops.seconds[name]
         summary.timed(f"embed/infer {name}", total, f"inference {name}")
         out["speed"][name] = count / total if total > 0 else float("nan")  # pictures a second, inference only
-    for name in embedders:
+    for name in [n for n in embedders if n not in failed]:
         out[name] = {"photos": photos.result(name)}
         if cloth_column:
             out[name]["garments"] = garments.result(name)
@@ -396,13 +417,19 @@ def embed_pass(
 
 def _person_to_garment(
     queries: np.ndarray, q_rows: np.ndarray, garments: np.ndarray, g_rows: np.ndarray,
-    scope: EvaluationScope | None = None,
-) -> dict[str, float]:
+    scope: EvaluationScope | None = None, garment_sha: dict[int, str] | None = None,
+) -> dict[str, float | None]:
     """Rank of each photo's own garment among the garments of all evaluated rows (with --group-by,
     of its product among the products)."""
     where = {int(r): k for k, r in enumerate(g_rows)}
     keep = [k for k, r in enumerate(q_rows) if int(r) in where]
-    positives = [np.array([where[int(q_rows[k])]]) for k in keep]
+    # a garment picture repeated in other rows (the same bytes) is the same right answer
+    same: dict[str, list[int]] = {}
+    if garment_sha:
+        for k, r in enumerate(g_rows):
+            same.setdefault(garment_sha[int(r)], []).append(k)
+    positives = [np.array(same[garment_sha[int(q_rows[k])]] if garment_sha else [where[int(q_rows[k])]], np.int64)
+                 for k in keep]
     groups = scope.groups(g_rows) if scope is not None else None
     return metrics_from_ranks(ranks_of_positives(queries[keep], garments, positives, groups=groups))
 
@@ -412,7 +439,11 @@ def _spec_for(cfg: RunConfig, name: str) -> EmbedderSpec:
     e, wanted = cfg.embedder, EVAL_BACKENDS[name]
     if wanted.onnx_file is None:
         return replace(e, backend=wanted.backend)
-    path = e.onnx if wanted.onnx_file == "int8" else str(fp32_path_for(e.onnx))
+    fp32_file = _backend_in_use(cfg) == "onnx-fp32"  # --onnx names the fp32 file itself
+    if wanted.onnx_file == "int8" and fp32_file:
+        raise UsageError(f"--eval-backends {name}: --onnx {e.onnx} is an fp32 file; name the int8 file with --onnx "
+                         "(its fp32 file is found beside it)")
+    path = e.onnx if wanted.onnx_file == "int8" or fp32_file else str(fp32_path_for(e.onnx))
     return replace(e, onnx=path, backend=wanted.backend, precision="auto")
 
 
@@ -427,7 +458,20 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
     backends = list(specs)
     scope = evaluation_scope(cfg, summary)  # a bad --filter / --group-by fails before anything is embedded
     segmenter = segmenter_factory(cfg) if cfg.use_segmentation and not id_column else None
+    if cfg.use_segmentation and id_column:
+        summary.notes.append("--use-segmentation is not used with --eval-id-column: same-product retrieval compares "
+                             "whole photos")
     got = _embed_for_evaluation(cfg, summary, specs, segmenter)
+    for name, error in got["failed"].items():
+        summary.notes.append(f"{name} failed while embedding and is left out: {error}")
+    backends = [b for b in backends if b not in got["failed"]]
+    if not backends:
+        raise PipelineError("--evaluate: every model failed while embedding: " + "; ".join(
+            f"{name}: {error}" for name, error in got["failed"].items()))
+    for name in backends:
+        bad = sum(int((~np.isfinite(vectors).all(axis=1)).sum()) for vectors, _ in got[name].values())
+        if bad:
+            summary.notes.append(f"{name}: {bad} vector(s) not finite (an overflow?): their right answers rank last")
     if scope is not None:
         got = scope.narrowed(got, backends)
     if id_column:
@@ -456,8 +500,34 @@ def evaluation_specs(cfg: RunConfig) -> dict[str, EmbedderSpec]:
             else:
                 out[entry] = replace(cfg.embedder, model=model_by_name(entry), backend="torch")
         return out
-    backends = list(cfg.evaluate.backends) or ["onnx-int8" if cfg.embedder.resolve_backend() == "onnx" else "torch"]
-    return {b: _spec_for(cfg, b) for b in backends}
+    backends = list(cfg.evaluate.backends) or [_backend_in_use(cfg)]
+    specs = {b: _spec_for(cfg, b) for b in backends}
+    onnx = [b for b in backends if EVAL_BACKENDS[b].backend == "onnx"]
+    if onnx and (len(onnx) < len(backends) or "model" in cfg.explicit):
+        from .config import onnx_of_another_model
+
+        for b in onnx:
+            if (made_from := onnx_of_another_model(specs[b])) is not None:
+                raise UsageError(
+                    f"--eval-backends compares one model on several backends, but {specs[b].onnx} was exported from "
+                    f"{made_from}, not from --model {cfg.embedder.model}: pass --onnx FILE exported from it (python "
+                    f"main.py --export-onnx --model {cfg.embedder.model} --onnx FILE), or compare models with "
+                    "--eval-models"
+                )
+    return specs
+
+
+def _backend_in_use(cfg: RunConfig) -> str:
+    """The --eval-backends name of the run's own embedder: torch, or the ONNX file's precision."""
+    if cfg.embedder.resolve_backend() != "onnx":
+        return "torch"
+    from .embedders import META_PRECISION, file_metadata
+
+    try:
+        fp32 = file_metadata(Path(cfg.embedder.onnx)).get(META_PRECISION) == "fp32"
+    except Exception:  # noqa: BLE001 - a file onnx cannot parse fails where it loads, with its own message
+        fp32 = False
+    return "onnx-fp32" if fp32 else "onnx-int8"
 
 
 @dataclass(frozen=True)
@@ -508,6 +578,9 @@ def evaluation_scope(cfg: RunConfig, summary: RunSummary) -> EvaluationScope | N
     if cfg.filter:
         kept = np.zeros(size, bool)
         kept[source] = Filter.parse(cfg.filter, table.schema).mask(table)
+        if not kept.any():  # refused before anything is embedded
+            raise FilterError(f"--filter {cfg.filter!r} keeps none of the {len(source):,} rows: nothing to evaluate "
+                              "(values are compared as written: 'Dress' is not 'dress')")
         summary.notes.append(f"--filter {cfg.filter!r}: {int(kept.sum()):,} of {len(source):,} rows evaluated "
                              "(they are the queries and the gallery searched)")
     if cfg.group_by:
@@ -558,17 +631,23 @@ def _same_product_metrics(got: dict, backends: list[str], summary: RunSummary,
     photos but itself; photos whose product has no other are skipped (and counted in a note)."""
     q_rows = got[backends[0]]["photos"][1]  # the same rows for every backend
     groups = scope.groups(q_rows) if scope is not None else None
-    ids = np.array([got["ids"][int(r)] for r in q_rows])
+    ids = [got["ids"].get(int(r)) for r in q_rows]
+    by_product: dict[str, list[int]] = {}
+    for i, product in enumerate(ids):
+        if product is not None:
+            by_product.setdefault(product, []).append(i)
     positives, keep = [], []
-    for i in range(len(ids)):
-        pos = np.flatnonzero(ids == ids[i])
-        pos = pos[pos != i]
-        if len(pos):
-            positives.append(pos)
+    for i, product in enumerate(ids):
+        pos = [j for j in by_product[product] if j != i] if product is not None else []
+        if pos:
+            positives.append(np.array(pos, np.int64))
             keep.append(i)
     keep_arr = np.array(keep, dtype=np.int64)
-    if len(ids) > len(keep):
-        summary.notes.append(f"{len(ids) - len(keep)} queries skipped: their product has no other image")
+    no_id = sum(product is None for product in ids)
+    if len(ids) - no_id > len(keep):
+        summary.notes.append(f"{len(ids) - no_id - len(keep)} queries skipped: their product has no other image")
+    if no_id:
+        summary.notes.append(f"{no_id} photo(s) without a product id: not queries, and no query's right answer")
     results: dict[str, dict] = {}
     for backend in backends:
         q = got[backend]["photos"][0]
@@ -587,11 +666,12 @@ def _person_to_garment_metrics(got: dict, backends: list[str], segmented: bool, 
     for backend in backends:
         q = got[backend]["photos"][0]
         g, g_rows = got[backend]["garments"]
-        results.setdefault(task, {})[backend] = _person_to_garment(q, q_rows, g, g_rows, scope)
+        shas = got.get("garment_sha")
+        results.setdefault(task, {})[backend] = _person_to_garment(q, q_rows, g, g_rows, scope, shas)
         if segmented:
             c, c_rows = got[backend]["crops"]
             results.setdefault(task + " (segmented person)", {})[backend] = _person_to_garment(
-                c, c_rows, g, g_rows, scope)
+                c, c_rows, g, g_rows, scope, shas)
     if segmented:
         summary.notes.append(f"segmented: {len(got[backends[0]]['crops'][1])} of {len(q_rows)} photos had a person")
     return results
@@ -620,15 +700,16 @@ def _write_evaluation(cfg: RunConfig, summary: RunSummary, results: dict[str, di
         summary.outputs["report"] = str(write_section(cfg.plots_dir, section))
 
 
+METRIC_KEYS = tuple(f"recall@{k}" for k in RECALL_AT)
+
+
 def format_table(results: dict[str, dict]) -> str:
     lines = ["| task | model / backend | queries | R@1 | R@5 | R@10 | MRR | img/s |",
              "|---|---|---|---|---|---|---|---|"]
     for task, per in results.items():
         for backend, m in per.items():
-            lines.append(
-                f"| {task} | {backend} | {m['queries']} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | "
-                f"{m['recall@10']:.3f} | {m['mrr']:.3f} | {_speed(m.get('img_per_s'))} |"
-            )
+            scores = " | ".join("—" if m[k] is None else f"{m[k]:.3f}" for k in (*METRIC_KEYS, "mrr"))
+            lines.append(f"| {task} | {backend} | {m['queries']} | {scores} | {_speed(m.get('img_per_s'))} |")
     return "\n".join(lines)
 
 
@@ -637,17 +718,39 @@ def _speed(v: float | None) -> str:
 
 
 def plot_evaluation(results: dict[str, dict], path: Path) -> None:
+    """One panel per task, a group of bars (recall@k, MRR) per model or backend, its name wrapped
+    under it (a path by its name); a model without a query says so where its bars would be."""
     plt = pyplot()
-    bars = [(f"{task}\n{backend}", m) for task, per in results.items() for backend, m in per.items()]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(bars)), 4), dpi=110)
+    tasks = list(results)
+    widest = max(len(per) for per in results.values())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(6.0, 1.9 * widest * len(tasks) + 1.6), 4.2), dpi=110,
+                             sharey=True, squeeze=False)
     keys = [f"recall@{k}" for k in RECALL_AT] + ["mrr"]
     width = 0.8 / len(keys)
-    for j, key in enumerate(keys):
-        ax.bar(np.arange(len(bars)) + j * width, [m[key] for _, m in bars], width, label=key)
-    ax.set_xticks(np.arange(len(bars)) + 0.4 - width / 2)
-    ax.set_xticklabels([b for b, _ in bars], fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars, never over them
-    ax.set_title("Retrieval quality against ground truth")
+    for ax, task in zip(axes[0], tasks):
+        per = results[task]
+        for j, key in enumerate(keys):
+            values = [np.nan if m[key] is None else m[key] for m in per.values()]
+            ax.bar(np.arange(len(per)) + j * width, values, width, label=key)
+        for i, m in enumerate(per.values()):
+            if m["mrr"] is None:  # said where its bars would be
+                ax.text(i + 0.4 - width / 2, 0.05, "no query", ha="center", fontsize=8, color="#555555")
+        ax.set_xticks(np.arange(len(per)) + 0.4 - width / 2)
+        ax.set_xlim(-0.5 + 0.4 - width / 2, len(per) - 0.5 + 0.4 - width / 2)  # a group without bars keeps its place
+        ax.set_xticklabels([_chart_label(name) for name in per], fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(task, fontsize=10)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars
+    fig.suptitle("Retrieval quality against ground truth")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def _chart_label(name: str, width: int = 22) -> str:
+    """A model's or backend's name under its bars: a path by its last part, wrapped."""
+    import textwrap
+
+    if "/" in name and not name.startswith(("hf-hub:", "open_clip:")) and Path(name.split(" (")[0]).parent.name:
+        p = Path(name.split(" (")[0])  # a folder or file: its name (the table and the JSON keep the path)
+        name = p.name + (" (" + name.split(" (", 1)[1] if " (" in name else "")
+    return "\n".join(textwrap.wrap(name, width, break_long_words=True)) or name

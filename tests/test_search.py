@@ -442,7 +442,7 @@ def test_rank_metrics_of_no_queries_and_blocks():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no mean of an empty array
         m = metrics_from_ranks(np.array([], np.int64))
-    assert m["queries"] == 0 and all(np.isnan(m[k]) for k in ("recall@1", "recall@5", "recall@10", "mrr"))
+    assert m["queries"] == 0 and all(m[k] is None for k in ("recall@1", "recall@5", "recall@10", "mrr"))
     rng = np.random.default_rng(0)
     g = rng.normal(size=(30, 8)).astype(np.float32)
     g /= np.linalg.norm(g, axis=1, keepdims=True)
@@ -514,7 +514,7 @@ def test_evaluation_chart_shows_the_numbers(monkeypatch, tmp_path):
     search.plot_evaluation({"person-garment": {"torch": a, "onnx": b}}, tmp_path / "e.png")
     ((fig, path),) = saved
     ax = fig.axes[0]
-    assert path == tmp_path / "e.png" and fig.dpi == 110 and tuple(fig.get_size_inches()) == (6, 4)
+    assert path == tmp_path / "e.png" and fig.dpi == 110 and tuple(fig.get_size_inches()) == (6, 4.2)
     keys = ["recall@1", "recall@5", "recall@10", "mrr"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == keys
     bars = ax.patches
@@ -527,14 +527,27 @@ def test_evaluation_chart_shows_the_numbers(monkeypatch, tmp_path):
     )
     assert list(ax.get_xticks()) == pytest.approx([0.3, 1.3])
     labels = ax.get_xticklabels()
-    assert [t.get_text() for t in labels] == ["person-garment\ntorch", "person-garment\nonnx"]
+    assert [t.get_text() for t in labels] == ["torch", "onnx"]  # the task is the panel's title
     assert all(t.get_fontsize() == 8 for t in labels)
-    assert ax.get_ylim() == (0, 1) and ax.get_title() == "Retrieval quality against ground truth"
+    assert ax.get_ylim() == (0, 1) and ax.get_title() == "person-garment"
+    assert fig._suptitle.get_text() == "Retrieval quality against ground truth"
     fig.canvas.draw()  # the legend sits beside the bars, where it hides none of them
     assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
     saved.clear()
     search.plot_evaluation({"t": {f"b{i}": a for i in range(5)}}, tmp_path / "e.png")
-    assert tuple(saved[0][0].get_size_inches()) == pytest.approx((8, 4))  # wider with more bars
+    assert saved[0][0].get_size_inches()[0] > 6  # wider with more bars
+    # Two tasks, long model paths: a panel each, every name shortened and wrapped, no label over another
+    saved.clear()
+    models = {f"/home/someone/models/{n}": a for n in ("fashion-clip", "marqo-fashionsiglip")}
+    models["/home/someone/onnx/fashion_clip_image_int8_matmul.onnx (onnx)"] = b
+    search.plot_evaluation({"person->garment": models, "person->garment (segmented person)": models},
+                           tmp_path / "e.png")
+    fig = saved[0][0]
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for ax in fig.axes for t in ax.get_xticklabels()]
+    assert len(boxes) == 6 and all("\n" in t.get_text() or len(t.get_text()) <= 22
+                                   for ax in fig.axes for t in ax.get_xticklabels())
+    assert not any(p.overlaps(q) for i, p in enumerate(boxes) for q in boxes[i + 1:])
 
 
 def test_an_unreadable_query_image_is_recorded_and_the_rest_answered(gallery, tiny_onnx, tmp_path, capsys):
@@ -699,3 +712,90 @@ def test_eval_models_with_real_models_of_three_families(tiny_onnx, tiny_clip, tm
     assert list(res) == [str(tiny_clip), f"{tiny_onnx.name} (onnx)", str(siglip), str(open_clip_dir)]
     assert all(m["queries"] == 8 and m["img_per_s"] > 0 for m in res.values())
     assert res[str(tiny_clip)]["mrr"] == pytest.approx(res[f"{tiny_onnx.name} (onnx)"]["mrr"], abs=0.15)
+
+
+class _FailingEmbedder(_AngleEmbedder):
+    """Fails on its second batch, as a model out of memory would."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def embed(self, pixels):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("CUDA out of memory")
+        return super().embed(pixels)
+
+
+def test_evaluation_says_what_it_cannot_score_and_scores_the_rest(tmp_path, monkeypatch, capsys):
+    """Rows without a product id are no product together (they inflated recall as one product); a
+    model that fails midway is left out and said, the others scored; a filter that keeps nothing is
+    refused before embedding; no query at all is null in the JSON and a dash in the table."""
+    from pipeline import search
+
+    angles = [0, 30, 80, 85, 200]
+    ids = ["id_00000001-1", "id_00000001-2", None, "", "id_00000009-1"]
+    cells = [assets.encode(assets.rgb_image(32, 32, color=(a, 0, 0)), "PNG") for a in angles]
+    ds = assets.write_parquet_dataset(tmp_path / "ds", cells, extra={"item_ID": ids, "category": ["dress"] * 5})
+    made = {"angles": _AngleEmbedder, "failing": _FailingEmbedder}
+    monkeypatch.setattr(search, "make_embedder", lambda spec: made[spec.model]())
+    out = tmp_path / "out"
+    base = ["--evaluate", "--eval-id-column", "item_ID", "--dataset", str(ds), "--output-dir", str(out),
+            "--batch-size", "2"]
+    assert cli.main([*base, "--eval-models", "angles,failing"]) == 0
+    said = capsys.readouterr()
+    res = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]["same-product"]
+    assert list(res) == ["angles"]  # the failing model left out, the other scored on every row
+    assert res["angles"]["queries"] == 2 and res["angles"]["recall@1"] == 1.0  # A0 and A1; nulls are no product
+    assert "failing failed while embedding and is left out: RuntimeError: CUDA out of memory" in said.out
+    assert "2 photo(s) without a product id: not queries, and no query's right answer" in said.out
+    assert "1 queries skipped: their product has no other image" in said.out
+    monkeypatch.setattr(search, "make_embedder", lambda spec: pytest.fail("embedded before the check"))
+    assert cli.main([*base, "--eval-models", "angles", "--filter", "category = 'Dress'"]) == 2
+    assert "keeps none of the 5 rows: nothing to evaluate" in capsys.readouterr().err
+    # Every product with one photo: no query; null in the JSON, a dash in the table
+    single = assets.write_parquet_dataset(tmp_path / "single", cells[:2], extra={"item_ID": ["a", "b"]})
+    monkeypatch.setattr(search, "make_embedder", lambda spec: _AngleEmbedder())
+    assert cli.main(["--evaluate", "--eval-id-column", "item_ID", "--dataset", str(single), "--backend", "torch",
+                     "--output-dir", str(tmp_path / "o2")]) == 0
+    text = (tmp_path / "o2" / "outputs" / "evaluation.json").read_text()
+    assert json.loads(text)["results"]["same-product"]["torch"]["mrr"] is None and "NaN" not in text
+    assert "| same-product | torch | 0 | — | — | — | — |" in capsys.readouterr().out
+
+
+def test_non_finite_vectors_rank_their_answers_last_and_identical_garments_are_one_answer():
+    from pipeline.search import _person_to_garment, ranks_of_positives
+
+    g = np.array([[1, 0], [0, 1], [np.nan, np.nan]], np.float32)
+    # a NaN query: its positive last, not first
+    assert ranks_of_positives(np.array([[np.nan, np.nan]], np.float32), g, [np.array([0])]).tolist() == [3]
+    # a NaN item in the gallery is never ranked below a real positive either
+    assert ranks_of_positives(np.array([[1, 0]], np.float32), g, [np.array([0])]).tolist() == [2]
+    # Rows 0 and 1 wear the same garment picture (the same bytes): either garment is row 0's answer
+    photos, garments = np.array([[0, 1]], np.float32), np.array([[1, 0], [0, 1], [0.6, 0.8]], np.float32)
+    rows = np.array([0, 1, 2])
+    alone = _person_to_garment(photos, np.array([0]), garments, rows)
+    same = _person_to_garment(photos, np.array([0]), garments, rows, garment_sha={0: "x", 1: "x", 2: "y"})
+    assert alone["mrr"] == pytest.approx(1 / 3) and same["recall@1"] == 1.0
+
+
+
+def test_eval_backends_compare_one_model_and_name_an_fp32_file_as_such(tiny_onnx, tiny_clip, tmp_path, capsys):
+    """--eval-backends compares one model on several backends: an ONNX file exported from another
+    model is refused (its row would show that model's accuracy and speed as the backend's); a
+    --onnx that names the fp32 file is the onnx-fp32 row, not onnx-int8."""
+    import main as cli_main
+    from pipeline.config import config_from_flags
+    from pipeline.export import fp32_path_for
+    from pipeline.search import evaluation_specs
+
+    other = assets.save_tiny_clip(tmp_path / "other", seed=3)
+    argv = ["--evaluate", "--model", str(other), "--onnx", str(tiny_onnx), "--eval-backends", "torch,onnx-int8",
+            "--output-dir", str(tmp_path / "o")]
+    assert cli_main.main(argv) == 2
+    assert f"was exported from {tiny_clip.resolve()}, not from --model {other}" in capsys.readouterr().err
+    fp32 = fp32_path_for(tiny_onnx)
+    cfg = config_from_flags({"evaluate": True, "onnx": str(fp32)}, explicit=frozenset({"onnx"}))
+    specs = evaluation_specs(cfg)
+    assert list(specs) == ["onnx-fp32"] and specs["onnx-fp32"].onnx == str(fp32)
