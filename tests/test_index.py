@@ -537,3 +537,38 @@ def test_an_index_switched_in_while_it_is_read_is_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(index_module, "read_info", switched_after_the_first_read)
     with pytest.raises(PipelineError, match="changed while it was read"):
         load_index(tmp_path, x, "a" * 64)
+
+
+@pytest.mark.parametrize("n", [2, 6, 20, 600])
+def test_ivfpq_asked_for_a_gallery_too_small_to_train_is_an_exact_flat_index(n):
+    """faiss cannot train IVF-PQ's codes on fewer than 16 vectors (it crashed, and so did an update
+    that shrank a store): below IVFPQ_MIN_VECTORS the index is flat, exact, and says so."""
+    emb = clustered(n, dim=32, clusters=4)
+    gi = build_index(emb, "ivfpq", store_sha256="s")
+    assert gi.info.kind == "flat" and gi.info.exact
+    got = gi.search(emb, 5, self_ids=np.arange(n))
+    assert np.array_equal(got.indices, topk_neighbours(emb, emb, 5, exclude_self=True).indices)
+    assert index_module.wanted_kind("ivfpq", "", n, 32) == "flat"
+    assert index_module.wanted_kind("none", "ivfpq", n, 32) == "flat"
+    assert index_module.wanted_kind("ivfpq", "", index_module.IVFPQ_MIN_VECTORS, 32) == "ivfpq"
+
+
+def test_exact_copies_do_not_lower_the_measured_recall_and_come_back_in_row_order():
+    """With many identical vectors any of the copies is as right as another: recall counts a
+    returned item within the true 10th's distance (the index is not pushed to its slowest
+    setting, nor rebuilt at each update, for returning other copies), and copies come back in row
+    order with and without a filter."""
+    emb = clustered(20_000)  # without copies: nprobe 12, recall@10 0.978
+    emb[::20] = emb[0]  # 5% copies of one vector (by row ids alone: 0.945 at nprobe 256, the slowest)
+    gi = build_index(emb, "ivfpq", store_sha256="s")
+    assert gi.info.recall_at_10 >= TARGET_RECALL and gi.info.params["nprobe"] <= 24
+    found = gi.search(emb[:1], 10, self_ids=np.array([0])).indices[0]
+    assert found.tolist() == sorted(found.tolist())  # all copies, in row order
+    everyone = gi.search(emb[:1], 10, allowed=np.ones(len(emb), bool), self_ids=np.array([0])).indices[0]
+    assert set(found) <= set(range(0, len(emb), 20)) and set(everyone) <= set(range(0, len(emb), 20))
+    # the recall rule itself: other copies at the same distance count
+    truth, truth_dist = np.array([[1, 2, 3]]), np.array([[0.0, 0.0, 0.1]], np.float32)
+    other = np.array([[4, 5, 3]])
+    assert recall_at_10(other, truth) == pytest.approx(1 / 3)
+    assert recall_at_10(other, truth, np.array([[0.0, 0.0, 0.1]], np.float32), truth_dist) == 1.0
+    assert recall_at_10(other, truth, np.array([[0.0, 0.2, 0.3]], np.float32), truth_dist) == pytest.approx(1 / 3)
