@@ -69,6 +69,9 @@ class QueryCrop:
     image: Image.Image
 
 
+GROUPED_EXACT_FROM = 4  # a group larger than 4 (k + 1) items: --dedup / --group-by search in one grouped pass
+
+
 class Searcher:
     """A store's vectors and the lines that own them, searched exactly or through an index.
 
@@ -92,6 +95,7 @@ class Searcher:
         self._gpu_lock = threading.Lock()  # a FAISS index on the GPU takes one search at a time
         self.group_of: np.ndarray | None = None  # --dedup: each row's duplicate group (see dedup)
         self.hidden = 0
+        self._layout: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # _group_layout's
         self.metadata: Metadata | None = None  # each hit's values, and what filters read
         self._subsets: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # filtered rows' vectors, by filter
         self._subsets_lock = threading.Lock()
@@ -159,7 +163,7 @@ class Searcher:
         """group_of from the duplicate groups and the --group-by column: items joined by either are one."""
         copies, product = self._copies, self._product
         if copies is None and product is None:
-            self.group_of, self.hidden = None, 0
+            self.group_of, self.hidden, self._layout = None, 0, None
             return
         n = len(self.embeddings)
         if product is None or copies is None:
@@ -177,15 +181,21 @@ class Searcher:
         assert labels is not None
         self.group_of = np.asarray(labels, np.int64)
         self.hidden = n - len(np.unique(self.group_of))
+        self._layout = None
 
     def _deduped(self, ask: Callable[[int, np.ndarray], Neighbours], k: int, n_queries: int,
-                 own: np.ndarray | None, first: Neighbours | None = None) -> Neighbours:
+                 own: np.ndarray | None, first: Neighbours | None = None, exact: np.ndarray | None = None,
+                 allowed: np.ndarray | None = None) -> Neighbours:
         """One photo per group (--dedup, --group-by): ask(K, which) answers the queries `which` with
         K raw results; the rows that k distinct groups do not fill are asked again with 4x K, only
         they, until they fill, their raw answer runs out (a -1: nothing more to find), or K reaches
         k + the hidden photos + 1 (every group then has a photo in reach). first: a raw answer at K
-        = its width that is already there (the gallery run's first pass)."""
+        = its width that is already there (the gallery run's first pass). exact: the queries' vectors,
+        for the grouped exact search that large groups take instead (the deeper asks would grow with
+        the largest group: N x its size for every item's neighbours); allowed: the filter asked."""
         assert self.group_of is not None
+        if exact is not None and not self.approximate and self._largest_group() > GROUPED_EXACT_FROM * (k + 1):
+            return self._grouped_exact(exact, k, allowed, own)
         cap = min(len(self.embeddings), k + self.hidden + 1)
         idx = np.full((n_queries, k), -1, np.int64)
         dist = np.full((n_queries, k), np.inf, np.float32)
@@ -200,6 +210,56 @@ class Searcher:
             spent = (nb.indices < 0).any(axis=1) | (nb.indices.shape[1] < fetch) | (fetch >= cap)
             todo = todo[~(spent | (got_i[:, -1] >= 0))]
             fetch = min(cap, fetch * 4)
+        return Neighbours(idx, dist)
+
+    def _largest_group(self) -> int:
+        return int(np.diff(self._group_layout()[1]).max(initial=0)) if self.group_of is not None else 0
+
+    def _group_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(rows by group, stable: by row within a group; each group's first position in that
+        order, with N at the end; each row's group number; the vectors in that order)."""
+        if self._layout is None:
+            assert self.group_of is not None
+            order = np.argsort(self.group_of, kind="stable")
+            sorted_groups = self.group_of[order]
+            starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+            number = np.empty(len(order), np.int64)
+            number[order] = np.cumsum(np.r_[0, sorted_groups[1:] != sorted_groups[:-1]])
+            self._layout = (order, np.r_[starts, len(order)], number, np.ascontiguousarray(self.embeddings[order]))
+        return self._layout
+
+    def _grouped_exact(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
+                       own: np.ndarray | None) -> Neighbours:
+        """One photo per group by exact search, in one pass whatever the groups' sizes: each
+        query's similarities to every item, each group's best (np.maximum.reduceat over the items
+        laid out by group), the top-k groups; a group's photo is its best item, ties by row, and
+        groups tie by that row, as keep_one_per_group over an exact list orders them. own: a row
+        per query whose group is left out (-1: none)."""
+        order, bounds, number, laid = self._group_layout()
+        starts = bounds[:-1]
+        idx = np.full((len(queries), k), -1, np.int64)
+        dist = np.full((len(queries), k), np.inf, np.float32)
+        hidden = None if allowed is None else ~np.asarray(allowed, bool)[order]
+        block = max(1, min(1024, (1 << 25) // max(1, len(order))))  # about 128 MB of similarities a block
+        for s in range(0, len(queries), block):
+            sims = np.ascontiguousarray(queries[s : s + block], np.float32) @ laid.T
+            if hidden is not None:
+                sims[:, hidden] = -np.inf
+            best = np.maximum.reduceat(sims, starts, axis=1)
+            for b in range(len(sims)):
+                scores = best[b]
+                if own is not None and own[s + b] >= 0:
+                    scores[number[own[s + b]]] = -np.inf
+                found = np.flatnonzero(scores > -np.inf)
+                if not len(found):
+                    continue
+                m = min(k, len(found))
+                kth = np.partition(scores[found], len(found) - m)[len(found) - m]
+                cand = found[scores[found] >= kth]  # the top m, and everything tied with the m-th
+                reps = np.array([order[bounds[g] + int(np.argmax(sims[b, bounds[g] : bounds[g + 1]]))] for g in cand])
+                pick = np.lexsort((reps, -scores[cand]))[:m]
+                idx[s + b, :m] = reps[pick]
+                dist[s + b, :m] = np.float32(1.0) - scores[cand][pick]
         return Neighbours(idx, dist)
 
     @classmethod
@@ -243,7 +303,8 @@ class Searcher:
         (retrieval.masked_topk), so k come back whenever k match.
         """
         if self.group_of is not None:
-            return self._deduped(lambda m, w: self._neighbours(queries[w], m, allowed), k, len(queries), None)
+            return self._deduped(lambda m, w: self._neighbours(queries[w], m, allowed), k, len(queries), None,
+                                 exact=queries, allowed=allowed)
         return self._neighbours(queries, k, allowed)
 
     def _neighbours(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Neighbours:
@@ -292,7 +353,7 @@ class Searcher:
                     return self._all_neighbours(m, matrix_path)
                 return self._item_rows(which, m, None)
 
-            return self._deduped(ask, k, n, np.arange(n), first)
+            return self._deduped(ask, k, n, np.arange(n), first, exact=self.embeddings)
         return self._all_neighbours(k, matrix_path)
 
     def carried_neighbours(self, old: Neighbours, take: np.ndarray, k: int) -> tuple[Neighbours, int] | None:
@@ -378,7 +439,8 @@ class Searcher:
         first: with --dedup / --group-by, their plain answer already computed (with `allowed`)."""
         rows = np.asarray(rows, np.int64)
         if self.group_of is not None:
-            return self._deduped(lambda m, w: self._item_rows(rows[w], m, allowed), k, len(rows), rows, first)
+            return self._deduped(lambda m, w: self._item_rows(rows[w], m, allowed), k, len(rows), rows, first,
+                                 exact=self.embeddings[rows], allowed=allowed)
         return self._item_rows(rows, k, allowed)
 
     def _item_rows(self, rows: np.ndarray, m: int, allowed: np.ndarray | None) -> Neighbours:

@@ -51,9 +51,38 @@ def test_a_large_group_fills_every_row_without_asking_everything_again(kind):
     for r in range(N):
         groups = [0 if j < 600 else j for j in nb.indices[r]]
         assert len(set(groups)) == 5 and (r >= 600 or 0 not in groups)  # a copy never meets its group
+    if kind == "none":  # exact search: one grouped pass, whatever the group's size (no deeper asks)
+        assert asked == []
+        return
     assert asked[0] == (5 + 20 + 1, N)  # one full pass...
     assert all(rows_asked <= 700 for _, rows_asked in asked[1:])  # ...then only the rows it left short
     assert max(m for m, _ in asked) <= 5 + 599 + 1  # never beyond k + the hidden photos + 1
+
+
+def test_the_grouped_exact_pass_answers_as_the_deeper_asks_do(monkeypatch):
+    """Large groups (a --group-by category, a placeholder photo's 600 copies) are searched exactly in
+    one grouped pass; it gives the answers the deeper asks gave (which grow with N x the largest
+    group), for every item, for queries, with a filter, copies (ties) included."""
+    e = vectors(copies=600)
+    e[700] = e[701]  # an exact tie between two groups
+    rng = np.random.default_rng(2)
+    labels = np.where(np.arange(N) < 600, 0, 1 + rng.integers(0, 40, N))  # 41 groups, one of 600
+    s = Searcher(e, rows(), None)
+    s._product = labels
+    s._regroup()
+    queries = e[rng.integers(0, N, 20)] + 0.1 * rng.standard_normal((20, D)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    allowed = rng.random(N) < 0.5
+    grouped = (s.all_neighbours(5), s.neighbours(queries, 5), s.neighbours(queries, 5, allowed),
+               s.item_neighbours(np.arange(0, N, 7), 5, allowed))
+    monkeypatch.setattr(searcher_module, "GROUPED_EXACT_FROM", 10**9)  # the deeper asks, as before
+    deeper = (s.all_neighbours(5), s.neighbours(queries, 5), s.neighbours(queries, 5, allowed),
+              s.item_neighbours(np.arange(0, N, 7), 5, allowed))
+    for a, b in zip(grouped, deeper):
+        assert np.array_equal(a.indices, b.indices)
+        np.testing.assert_allclose(a.distances, b.distances, atol=1e-5)
+    own = grouped[0].indices
+    assert all(labels[j] != labels[r] for r in range(N) for j in own[r] if j >= 0)
 
 
 def test_rank_fusion_keeps_one_photo_per_group():
