@@ -98,7 +98,8 @@ def run_query(cfg: RunConfig) -> RunSummary:
         matching = int(allowed.sum())
         summary.count("items matching the filter", matching)
         summary.notes.append(
-            f"--filter {cfg.filter!r}: {matching:,} of {len(allowed):,} items match; searched exactly among them"
+            f"--filter {cfg.filter!r}: {matching:,} of {len(allowed):,} items match; "
+            f"{catalog.searcher.filtered_how(matching)}"
             + ("" if matching else ": nothing to return")
         )
     out_dir = cfg.queries_dir

@@ -289,6 +289,12 @@ class Searcher:
                 found = load_index(store_dir, embeddings, store_sha256, threads, gpu=gpu)
         return cls(embeddings, rows, found, device="cuda" if gpu else None)
 
+    def filtered_how(self, matching: int) -> str:
+        """How a filter keeping `matching` rows is searched (as _filtered plans it), for the summary."""
+        if not self.approximate or matching <= FILTER_EXACT_MAX or (self.index is not None and self.index.on_gpu):
+            return "searched exactly among them"
+        return "searched through the index with the filter inside it (rows it leaves short exactly)"
+
     @property
     def approximate(self) -> bool:
         return self.index is not None and not self.index.info.exact
@@ -299,8 +305,8 @@ class Searcher:
     def neighbours(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Neighbours:
         """Top-k for each query vector (float32 (Q, D), L2-normalized), as arrays.
 
-        allowed: bool (N,), the rows a metadata filter keeps: searched exactly among them
-        (retrieval.masked_topk), so k come back whenever k match.
+        allowed: bool (N,), the rows a metadata filter keeps: searched as _filtered plans it (exactly
+        among them up to FILTER_EXACT_MAX), so k come back whenever k match.
         """
         if self.group_of is not None:
             return self._deduped(lambda m, w: self._neighbours(queries[w], m, allowed), k, len(queries), None,

@@ -200,3 +200,12 @@ def test_an_empty_gallery_grouped_answers_nothing_for_each_query():
     s.metadata = Metadata(pa.table({"pid": pa.array([], pa.string())}))
     s.group_by("pid")
     assert s.search(np.ones((2, D), np.float32), 5) == [[], []]
+
+
+def test_the_summary_says_how_a_filter_is_searched(monkeypatch):
+    e = vectors(seed=3, copies=1)
+    s = Searcher(e, rows(), build_index(e, "hnsw", "test"))
+    assert s.filtered_how(10) == "searched exactly among them"
+    monkeypatch.setattr(searcher_module, "FILTER_EXACT_MAX", 5)
+    assert s.filtered_how(10).startswith("searched through the index with the filter inside it")
+    assert Searcher(e, rows(), None).filtered_how(10) == "searched exactly among them"
