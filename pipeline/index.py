@@ -137,7 +137,8 @@ IVFPQ_MIN_VECTORS = 16 * 39
 
 
 def _ivfpq_params(n: int, dim: int, gpu: bool = False) -> dict[str, Any]:
-    """nlist about 4 sqrt(N); D/2 sub-quantizers of 4 bits (D/4 bytes a vector), scanned with SIMD
+    """nlist about 4 sqrt(N), at most N/39 (k-means' training points a list); D/2 sub-quantizers of 4
+    bits (D/4 bytes a vector), scanned with SIMD
     ("fast scan"): at the same bytes a vector it found as many neighbours as 8-bit codes and ran
     twice as fast on 2 cores (benchmarks/scale.py). faiss-gpu has no fast scan and takes at most 96
     bytes a code: there, 8-bit codes of D/8 bytes."""

@@ -260,10 +260,14 @@ def ranks_of_positives(
                 row[exclude[qi]] = -np.inf
             if order is not None and starts is not None:
                 row, pos = np.maximum.reduceat(row[order], starts), np.unique(dense[pos])
-            best = row[pos].max()
-            # everything not scoring below the best positive, other than positives: a NaN (a model's
-            # non-finite vector) is never below, so it ranks its positive last, never first
-            ahead = np.count_nonzero(~(row < best)) - np.count_nonzero(~(row[pos] < best))
+            scores = row[pos]
+            if np.isnan(scores).all():  # a non-finite query or answer: its answer last, never first
+                ahead = np.count_nonzero(row != -np.inf) - np.count_nonzero(scores != -np.inf)
+            else:
+                best = np.nanmax(scores)
+                # everything not scoring below the best positive, other than positives: a NaN (a
+                # model's non-finite vector) is never below it, so it counts as ahead
+                ahead = np.count_nonzero(~(row < best)) - np.count_nonzero(~(scores < best))
             ranks[qi] = ahead + 1
     return ranks
 
@@ -440,7 +444,7 @@ def _spec_for(cfg: RunConfig, name: str) -> EmbedderSpec:
     e, wanted = cfg.embedder, EVAL_BACKENDS[name]
     if wanted.onnx_file is None:
         return replace(e, backend=wanted.backend)
-    fp32_file = _backend_in_use(cfg) == "onnx-fp32"  # --onnx names the fp32 file itself
+    fp32_file = _fp32_file(e.onnx)  # --onnx names the fp32 file itself (whatever the run's own backend)
     if wanted.onnx_file == "int8" and fp32_file:
         raise UsageError(f"--eval-backends {name}: --onnx {e.onnx} is an fp32 file; name the int8 file with --onnx "
                          "(its fp32 file is found beside it)")
@@ -522,13 +526,19 @@ def _backend_in_use(cfg: RunConfig) -> str:
     """The --eval-backends name of the run's own embedder: torch, or the ONNX file's precision."""
     if cfg.embedder.resolve_backend() != "onnx":
         return "torch"
+    return "onnx-fp32" if _fp32_file(cfg.embedder.onnx) else "onnx-int8"
+
+
+def _fp32_file(path: str) -> bool:
+    """The ONNX file at `path` is an fp32 export (its metadata says so)."""
     from .embedders import META_PRECISION, file_metadata
 
+    if not Path(path).is_file():
+        return False
     try:
-        fp32 = file_metadata(Path(cfg.embedder.onnx)).get(META_PRECISION) == "fp32"
+        return file_metadata(Path(path)).get(META_PRECISION) == "fp32"
     except Exception:  # noqa: BLE001 - a file onnx cannot parse fails where it loads, with its own message
-        fp32 = False
-    return "onnx-fp32" if fp32 else "onnx-int8"
+        return False
 
 
 @dataclass(frozen=True)
@@ -751,7 +761,8 @@ def _chart_label(name: str, width: int = 22) -> str:
     """A model's or backend's name under its bars: a path by its last part, wrapped."""
     import textwrap
 
-    if "/" in name and not name.startswith(("hf-hub:", "open_clip:")) and Path(name.split(" (")[0]).parent.name:
-        p = Path(name.split(" (")[0])  # a folder or file: its name (the table and the JSON keep the path)
+    path = name.split(" (")[0]
+    if "/" in path and (path.startswith(("/", "./", "../", "~")) or Path(path).exists()):
+        p = Path(path)  # a folder or file: its name (the table and the JSON keep the path); hub ids stay whole
         name = p.name + (" (" + name.split(" (", 1)[1] if " (" in name else "")
     return "\n".join(textwrap.wrap(name, width, break_long_words=True)) or name

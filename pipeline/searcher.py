@@ -69,7 +69,9 @@ class QueryCrop:
     image: Image.Image
 
 
-GROUPED_EXACT_FROM = 4  # a group larger than 4 (k + 1) items: --dedup / --group-by search in one grouped pass
+# --dedup / --group-by search exactly in one grouped pass when over a tenth of the items are in groups larger
+# than 4 (k + 1) photos: the deeper asks would fetch that far for each of them
+GROUPED_EXACT_FROM, GROUPED_EXACT_SHARE = 4, 0.1
 
 
 class Searcher:
@@ -95,7 +97,7 @@ class Searcher:
         self._gpu_lock = threading.Lock()  # a FAISS index on the GPU takes one search at a time
         self.group_of: np.ndarray | None = None  # --dedup: each row's duplicate group (see dedup)
         self.hidden = 0
-        self._layout: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # _group_layout's
+        self._layout: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # _group_layout's
         self.metadata: Metadata | None = None  # each hit's values, and what filters read
         self._subsets: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # filtered rows' vectors, by filter
         self._subsets_lock = threading.Lock()
@@ -194,7 +196,7 @@ class Searcher:
         for the grouped exact search that large groups take instead (the deeper asks would grow with
         the largest group: N x its size for every item's neighbours); allowed: the filter asked."""
         assert self.group_of is not None
-        if exact is not None and not self.approximate and self._largest_group() > GROUPED_EXACT_FROM * (k + 1):
+        if exact is not None and not self.approximate and self._in_large_groups(k) > GROUPED_EXACT_SHARE:
             return self._grouped_exact(exact, k, allowed, own)
         cap = min(len(self.embeddings), k + self.hidden + 1)
         idx = np.full((n_queries, k), -1, np.int64)
@@ -212,12 +214,17 @@ class Searcher:
             fetch = min(cap, fetch * 4)
         return Neighbours(idx, dist)
 
-    def _largest_group(self) -> int:
-        return int(np.diff(self._group_layout()[1]).max(initial=0)) if self.group_of is not None else 0
+    def _in_large_groups(self, k: int) -> float:
+        """The share of the items in groups of more than GROUPED_EXACT_FROM (k + 1) photos: those the
+        deeper asks fetch far for (a placeholder photo's copies, a category's items)."""
+        if self.group_of is None or not len(self.group_of):
+            return 0.0
+        sizes = np.diff(self._group_layout()[1])
+        return float(sizes[sizes > GROUPED_EXACT_FROM * (k + 1)].sum()) / len(self.group_of)
 
-    def _group_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _group_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rows by group, stable: by row within a group; each group's first position in that
-        order, with N at the end; each row's group number; the vectors in that order)."""
+        order, with N at the end; each row's group number)."""
         if self._layout is None:
             assert self.group_of is not None
             order = np.argsort(self.group_of, kind="stable")
@@ -225,7 +232,7 @@ class Searcher:
             starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
             number = np.empty(len(order), np.int64)
             number[order] = np.cumsum(np.r_[0, sorted_groups[1:] != sorted_groups[:-1]])
-            self._layout = (order, np.r_[starts, len(order)], number, np.ascontiguousarray(self.embeddings[order]))
+            self._layout = (order, np.r_[starts, len(order)], number)
         return self._layout
 
     def _grouped_exact(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
@@ -235,14 +242,17 @@ class Searcher:
         laid out by group), the top-k groups; a group's photo is its best item, ties by row, and
         groups tie by that row, as keep_one_per_group over an exact list orders them. own: a row
         per query whose group is left out (-1: none)."""
-        order, bounds, number, laid = self._group_layout()
+        order, bounds, number = self._group_layout()
         starts = bounds[:-1]
         idx = np.full((len(queries), k), -1, np.int64)
         dist = np.full((len(queries), k), np.inf, np.float32)
+        if k <= 0 or not len(order):
+            return Neighbours(idx, dist)
         hidden = None if allowed is None else ~np.asarray(allowed, bool)[order]
-        block = max(1, min(1024, (1 << 25) // max(1, len(order))))  # about 128 MB of similarities a block
+        block = max(1, min(1024, (1 << 24) // max(1, len(order))))  # about 64 MB of similarities a block, twice
         for s in range(0, len(queries), block):
-            sims = np.ascontiguousarray(queries[s : s + block], np.float32) @ laid.T
+            # laid out by group (a gather of each block: no second copy of the gallery kept)
+            sims = (np.ascontiguousarray(queries[s : s + block], np.float32) @ self.embeddings.T)[:, order]
             if hidden is not None:
                 sims[:, hidden] = -np.inf
             best = np.maximum.reduceat(sims, starts, axis=1)

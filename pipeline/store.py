@@ -908,17 +908,18 @@ def invalidate_store(root: str | Path) -> None:
     unlink_quietly(Path(root) / SIDECAR_FILE)
 
 
-# What run.json holds since a later version, or only when it could be known: (section, key), section None for
-# the top level
-RECORDED_LATER = ((None, "dataset_files"), (None, "segmenter_weights"), ("source", "id_column"),
-                  ("identity", "model_sha256"))
+# What run.json holds since a later version, or only when it could be known: (section, key, both ways), section
+# None for the top level. Not compared when the run.json on disk lacks it (a run of the last version, or weights
+# downloaded as the first run loaded them); both ways: also when the run now cannot know it (a hub dataset).
+RECORDED_LATER = ((None, "dataset_files", True), (None, "segmenter_weights", False), ("source", "id_column", False),
+                  ("identity", "model_sha256", False))
 
 
 def _without_recorded_later(old: dict[str, Any], asked: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A run.json and the run's parameters without what one of them holds and the other does not
-    among RECORDED_LATER: a run of a version that did not record it, or a run that could not (the
-    hub's dataset, weights Ultralytics downloads as the first run loads them), is not compared on
-    it, as it was not then. The run.json on disk stays as it is."""
+    """A run.json and the run's parameters without what the run.json lacks and the parameters hold
+    among RECORDED_LATER (and, both ways, the reverse): a run of a version that did not record it,
+    or a run that could not (the hub's dataset, weights Ultralytics downloads as the first run
+    loads them), is not compared on it, as it was not then. The run.json on disk stays as it is."""
     def without(d: dict[str, Any], section: str | None, key: str) -> dict[str, Any]:
         if section is None:
             return {k: v for k, v in d.items() if k != key}
@@ -929,8 +930,9 @@ def _without_recorded_later(old: dict[str, Any], asked: dict[str, Any]) -> tuple
         holder = d if section is None else d.get(section)
         return isinstance(holder, dict) and key in holder
 
-    for section, key in RECORDED_LATER:
-        if has(old, section, key) != has(asked, section, key):
+    for section, key, both_ways in RECORDED_LATER:
+        if not has(old, section, key) and has(asked, section, key) or (
+                both_ways and has(old, section, key) and not has(asked, section, key)):
             old, asked = without(old, section, key), without(asked, section, key)
     return old, asked
 
@@ -944,8 +946,9 @@ def run_params(source: GallerySource, identity: VectorIdentity, batch_size: int,
     a dataset changed since then may no longer hold the photos of the shards done;
     `segmenter_weights`: the sha256 of a segmented gallery's local segmenter weights (retrained
     weights saved over the same file must not crop the rest of the run)."""
-    params = {"source": source.to_json(), "identity": identity.to_json(), "batch_size": batch_size,
-              "shard_rows": shard_rows}
+    # the id column recorded even when there is none (null): a run begun without it is not resumed with it
+    params = {"source": {**source.to_json(), "id_column": source.id_column}, "identity": identity.to_json(),
+              "batch_size": batch_size, "shard_rows": shard_rows}
     if rows is not None:
         params["rows"] = rows_key(rows)
     if dataset_files is not None:

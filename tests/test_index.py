@@ -564,8 +564,11 @@ def test_exact_copies_do_not_lower_the_measured_recall_and_come_back_in_row_orde
     assert gi.info.recall_at_10 >= TARGET_RECALL and gi.info.params["nprobe"] <= 24
     found = gi.search(emb[:1], 10, self_ids=np.array([0])).indices[0]
     assert found.tolist() == sorted(found.tolist())  # all copies, in row order
-    everyone = gi.search(emb[:1], 10, allowed=np.ones(len(emb), bool), self_ids=np.array([0])).indices[0]
+    others = np.ones(len(emb), bool)
+    others[0] = False  # a filter that keeps every other row (the filtered search does not leave out self_ids)
+    everyone = gi.search(emb[:1], 10, allowed=others).indices[0]
     assert set(found) <= set(range(0, len(emb), 20)) and set(everyone) <= set(range(0, len(emb), 20))
+    assert everyone.tolist() == sorted(everyone.tolist())  # with a filter too, in row order
     # the recall rule itself: other copies at the same distance count
     truth, truth_dist = np.array([[1, 2, 3]]), np.array([[0.0, 0.0, 0.1]], np.float32)
     other = np.array([[4, 5, 3]])

@@ -772,6 +772,10 @@ def test_non_finite_vectors_rank_their_answers_last_and_identical_garments_are_o
     assert ranks_of_positives(np.array([[np.nan, np.nan]], np.float32), g, [np.array([0])]).tolist() == [3]
     # a NaN item in the gallery is never ranked below a real positive either
     assert ranks_of_positives(np.array([[1, 0]], np.float32), g, [np.array([0])]).tolist() == [2]
+    # a NaN positive does not hide a good one; a NaN query excluded from its gallery is last, not past it
+    assert ranks_of_positives(np.array([[1, 0]], np.float32), g, [np.array([0, 2])]).tolist() == [1]
+    four = np.array([[1, 0], [0, 1], [0.6, 0.8], [np.nan, np.nan]], np.float32)
+    assert ranks_of_positives(four[3:], four, [np.array([0])], exclude=np.array([3])).tolist() == [3]
     # Rows 0 and 1 wear the same garment picture (the same bytes): either garment is row 0's answer
     photos, garments = np.array([[0, 1]], np.float32), np.array([[1, 0], [0, 1], [0.6, 0.8]], np.float32)
     rows = np.array([0, 1, 2])

@@ -320,6 +320,14 @@ def test_another_id_column_neither_resumes_a_build_nor_updates_its_store(tiny_on
     assert params["source"].pop("id_column") == "item_id"
     run_file.write_text(json.dumps(params))
     assert run(*args(data, tiny_onnx, out, "--id-column", "item_id")) == 0  # resumed as it was begun
+    # A run begun without an id column is not resumed with one (nor the reverse)
+    fresh = tmp_path / "fresh"
+    stop_after_shards(monkeypatch, 1)
+    assert run(*args(data, tiny_onnx, fresh)) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run(*args(data, tiny_onnx, fresh, "--id-column", "item_id")) == 1
+    assert "id_column" in capsys.readouterr().err
     assert {r.item_id for r in read_manifest(out / "embeddings" / "manifest.csv")} == {f"P{k:03d}" for k in products}
     capsys.readouterr()
     assert run(*args(data, tiny_onnx, out, "--id-column", "alt", "--update")) == 1
