@@ -249,10 +249,10 @@ class Searcher:
         if k <= 0 or not len(order):
             return Neighbours(idx, dist)
         hidden = None if allowed is None else ~np.asarray(allowed, bool)[order]
-        block = max(1, min(1024, (1 << 24) // max(1, len(order))))  # about 64 MB of similarities a block, twice
+        laid = np.ascontiguousarray(self.embeddings[order])  # by group, for this call only (not kept)
+        block = max(1, min(1024, (1 << 25) // max(1, len(order))))  # about 128 MB of similarities a block
         for s in range(0, len(queries), block):
-            # laid out by group (a gather of each block: no second copy of the gallery kept)
-            sims = (np.ascontiguousarray(queries[s : s + block], np.float32) @ self.embeddings.T)[:, order]
+            sims = np.ascontiguousarray(queries[s : s + block], np.float32) @ laid.T
             if hidden is not None:
                 sims[:, hidden] = -np.inf
             best = np.maximum.reduceat(sims, starts, axis=1)
