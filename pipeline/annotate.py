@@ -99,7 +99,7 @@ class AnnotatedVideoWriter:
         self.stream.codec_context.time_base = Fraction(1, TICKS_PER_SECOND)
         if codec == "libx264":
             self.stream.options = {"preset": "veryfast", "crf": "26"}
-        self._last_pts = -1
+        self._last_pts, self._step = -1, round(TICKS_PER_SECOND / self.rate)  # a frame's ticks at the rate
         self._av = av
         self.encode_seconds = 0.0  # time the background thread spent converting and encoding
         self._q: queue.Queue = queue.Queue(maxsize=16)
@@ -128,8 +128,8 @@ class AnnotatedVideoWriter:
         """One frame, shown at `time_s` into the clip (None: right after the last one)."""
         if self._error is not None:
             raise PipelineError(f"writing {self.path} failed: {self._error}") from self._error
-        step = round(TICKS_PER_SECOND / self.rate)
-        pts = self._last_pts + step if time_s is None else max(self._last_pts + 1, round(time_s * TICKS_PER_SECOND))
+        at = self._last_pts + self._step if time_s is None else round(time_s * TICKS_PER_SECOND)
+        pts = max(self._last_pts + 1, at)
         self._last_pts = pts
         self._q.put((frame_bgr, pts))
         self.frames += 1

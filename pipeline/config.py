@@ -8,7 +8,6 @@ FLAGS, and every mode reads the same RunConfig.
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -286,26 +285,10 @@ def flag_default(dest: str) -> Any:
 def onnx_of_another_model(spec: EmbedderSpec) -> str | None:
     """The model the file at --onnx was exported from, when there is a file and it is not of
     --model (None otherwise, a file without that record included: it is taken as asked)."""
-    from .embedders import model_reference
+    from .embedders import META_SOURCE_MODEL, known_file_metadata, model_reference
 
-    path = Path(spec.onnx)
-    if not path.is_file():
-        return None
-    stat = path.stat()
-    made_from = _source_model_of(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    made_from = known_file_metadata(spec.onnx).get(META_SOURCE_MODEL)
     return made_from if made_from and made_from != model_reference(spec.model) else None
-
-
-@lru_cache(maxsize=4)
-def _source_model_of(path: str, mtime_ns: int, size: int) -> str | None:
-    """The source model an ONNX file records (parsing a large file takes most of a second: read once
-    per version of the file)."""
-    from .embedders import META_SOURCE_MODEL, file_metadata
-
-    try:
-        return file_metadata(Path(path)).get(META_SOURCE_MODEL)
-    except Exception:  # noqa: BLE001 - onnx's parser raises several types; the file is then judged where it loads
-        return None
 
 
 def onnx_fallback(cfg: RunConfig) -> str | None:

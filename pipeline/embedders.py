@@ -8,6 +8,7 @@ neither torch nor transformers.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from .backends import (
     open_clip_weights,
 )
 from .errors import PipelineError, first_line
-from .fileio import sha256_bytes, sha256_file, unlink_quietly
+from .fileio import sha256_bytes, sha256_file, sha256_file_once, unlink_quietly
 from .identity import VectorIdentity
 from .int8graph import CPU_GRAPH_RECIPES, META_INT8_RECIPE, cached_cpu_model, cpu_model, keep_cpu_model
 from .preprocess import PreprocessConfig
@@ -162,16 +163,16 @@ def model_weights_sha256(model: str) -> str:
     named = open_clip_weights(model)
     if named is not None:
         weights = Path(named[1])
-        return sha256_file(weights) if named[1] and weights.is_file() else ""
+        return sha256_file_once(weights) if named[1] and weights.is_file() else ""
     p = Path(model)
     if not p.is_dir():
         return ""
     if (p / OPEN_CLIP_CONFIG).is_file():  # the file open_clip loads, found by its own rule
         chosen = _open_clip_checkpoint(p)
-        return sha256_file(chosen) if chosen is not None else ""
+        return sha256_file_once(chosen) if chosen is not None else ""
     for name in WEIGHT_FILES:
         if (p / name).is_file():
-            return sha256_file(p / name)
+            return sha256_file_once(p / name)
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (p / index).is_file():  # sharded weights: the index and every shard it names
             try:
@@ -188,7 +189,7 @@ def _combined_sha256(files: list[Path]) -> str:
     present = [f for f in files if f.is_file()]
     if not present:
         return ""
-    return sha256_bytes("\n".join(f"{f.name} {sha256_file(f)}" for f in present).encode())
+    return sha256_bytes("\n".join(f"{f.name} {sha256_file_once(f)}" for f in present).encode())
 
 
 def _open_clip_checkpoint(folder: Path) -> Path | None:
@@ -463,6 +464,25 @@ def file_metadata(path: Path) -> dict[str, str]:
     import onnx
 
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def known_file_metadata(path: str | Path) -> dict[str, str]:
+    """file_metadata of a file that may be absent or unreadable ({} then: it is judged where it
+    loads, with its own message), read once per version of the file (parsing a large one takes
+    most of a second, and a run's flags may ask about it more than once)."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    stat = p.stat()
+    return dict(_metadata_of(str(p.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _metadata_of(path: str, inode: int, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
+    try:
+        return tuple(file_metadata(Path(path)).items())
+    except Exception:  # noqa: BLE001 - onnx's parser raises several types
+        return ()
 
 
 def cpu_file_on_gpu(path: Path) -> str:

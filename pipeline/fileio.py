@@ -5,6 +5,7 @@ folder's lock and the clean-up of a killed run's temp files. Knows files, not th
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -331,6 +332,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_file_once(path: str | Path) -> str:
+    """sha256_file, computed once per version of the file (its size and modification time) in this
+    process (its inode too: a file replaced by another of the same size within a clock tick is
+    not taken for it): for a file several steps of a run ask about (weights, an ONNX file)."""
+    p = Path(path)
+    stat = p.stat()
+    return _sha256_of(str(p.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, inode: int, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -11,7 +11,6 @@ import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from .dataset import (
 from .duplicates import stored_groups
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError
-from .fileio import sha256_file, unlink_quietly
+from .fileio import sha256_file_once, unlink_quietly
 from .gallery import STANDARD_FILES, DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
 from .items import make_segment_items, make_standard_items, note_persons_cut
@@ -92,15 +91,7 @@ def segmenter_weights(cfg: RunConfig) -> str | None:
     """The sha256 of a segmented run's local segmenter weights file (None for a whole-image run, or
     weights not here: a name Ultralytics downloads on its first load)."""
     path = Path(cfg.segment.model)
-    if not cfg.segmented or not path.is_file():
-        return None
-    stat = path.stat()
-    return _sha256_of(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-
-
-@lru_cache(maxsize=4)
-def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
-    return sha256_file(path)
+    return sha256_file_once(path) if cfg.segmented and path.is_file() else None
 
 
 def decodes_on_device(cfg: RunConfig, embedder: Embedder) -> bool:

@@ -144,7 +144,7 @@ def _ivfpq_params(n: int, dim: int, gpu: bool = False) -> dict[str, Any]:
     bytes a code: there, 8-bit codes of D/8 bytes."""
     nlist = int(min(65536, max(16, 2 ** round(np.log2(4 * np.sqrt(n))))))
     # k-means needs a training point a list at the very least (faiss refuses fewer), 39 to train well
-    nlist = max(1, min(nlist, n // 39 if n >= 39 else n))
+    nlist = max(1, min(nlist, n // 39))
     if gpu:
         m = next((m for m in (dim // 8, dim // 16, dim // 32) if 1 <= m <= 96 and dim % m == 0), 1)
         return {"nlist": nlist, "m": m, "bits": 8}
@@ -495,12 +495,10 @@ def build_index(
         faiss.omp_set_num_threads(threads)
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
     n, dim = emb.shape
-    if kind == "auto":
-        kind = choose_kind(n, dim)
-    if kind == "ivfpq" and n < IVFPQ_MIN_VECTORS:  # faiss cannot train its codes on fewer (it crashed under 16)
+    asked, kind = kind, wanted_kind(kind, kind, n, dim)
+    if asked == "ivfpq" and kind == "flat":  # faiss cannot train its codes on fewer (it crashed under 16)
         log.info("--index ivfpq: %d vectors are too few to train IVF-PQ (it needs %d): an exact flat index instead",
                  n, IVFPQ_MIN_VECTORS)
-        kind = "flat"
     t = time.perf_counter()
     index, params = _new_index(faiss, kind, dim, n, gpu=gpu and gpu_faiss(faiss))
     if not index.is_trained:  # k-means on a sample: 64 points a list is plenty

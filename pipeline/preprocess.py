@@ -231,7 +231,7 @@ def _value_table_hwc(prep: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(value_table(prep).T.reshape(1, 256, 3))
 
 
-def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int, prep: PreprocessConfig | None = None) -> np.ndarray:
+def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int, prep: PreprocessConfig) -> np.ndarray:
     """transformers' center_crop: pads with zeros when the image is smaller than the crop (the
     offset of an odd margin as `prep` says: torchvision's for open_clip)."""
     h, w = arr.shape[:2]
@@ -240,8 +240,7 @@ def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int, prep: PreprocessConf
         top, left = (padded.shape[0] - h) // 2, (padded.shape[1] - w) // 2
         padded[top : top + h, left : left + w] = arr
         arr, h, w = padded, padded.shape[0], padded.shape[1]
-    offset = prep.crop_offset if prep is not None else (lambda margin: margin // 2)
-    top, left = offset(h - crop_h), offset(w - crop_w)
+    top, left = prep.crop_offset(h - crop_h), prep.crop_offset(w - crop_w)
     return arr[top : top + crop_h, left : left + crop_w]
 
 

@@ -40,6 +40,18 @@ def _check_embeddings(x: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def group_layout(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Items laid out by group, for np.maximum.reduceat over each group: (the items in group order,
+    stable: by index within a group; each group's first position in that order, with N at the end;
+    each item's group number 0 .. G-1)."""
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")
+    new = np.r_[True, labels[order][1:] != labels[order][:-1]] if len(order) else np.zeros(0, bool)
+    number = np.empty(len(order), np.int64)
+    number[order] = np.cumsum(new) - 1
+    return order, np.r_[np.flatnonzero(new), len(order)], number
+
+
 def cosine_distances(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     """1 - q·g for normalized vectors: float32 (Q, N)."""
     q, g = _check_embeddings(queries, "queries"), _check_embeddings(gallery, "gallery")

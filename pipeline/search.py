@@ -43,7 +43,7 @@ from .plots import (
 )
 from .preprocess import PreprocessConfig, preprocess_batch
 from .report import RunSummary
-from .retrieval import Neighbours, iter_neighbour_rows, write_neighbours_csv
+from .retrieval import Neighbours, group_layout, iter_neighbour_rows, write_neighbours_csv
 from .webreport import Section, relative_link, write_section
 
 log = logging.getLogger(__name__)
@@ -247,10 +247,8 @@ def ranks_of_positives(
     ranks = np.empty(len(queries), dtype=np.int64)
     order = starts = None
     if groups is not None:
-        order = np.argsort(groups, kind="stable")
-        starts = np.flatnonzero(np.r_[True, np.diff(groups[order]) != 0])
-        dense = np.empty(len(groups), np.int64)
-        dense[order] = np.cumsum(np.r_[0, np.diff(groups[order]) != 0])  # group -> 0 .. G-1
+        order, bounds, dense = group_layout(groups)  # dense: each item's group, 0 .. G-1
+        starts = bounds[:-1]
     for s in range(0, len(queries), block):
         sims = queries[s : s + block] @ gallery.T
         for k in range(sims.shape[0]):
@@ -531,14 +529,9 @@ def _backend_in_use(cfg: RunConfig) -> str:
 
 def _fp32_file(path: str) -> bool:
     """The ONNX file at `path` is an fp32 export (its metadata says so)."""
-    from .embedders import META_PRECISION, file_metadata
+    from .embedders import META_PRECISION, known_file_metadata
 
-    if not Path(path).is_file():
-        return False
-    try:
-        return file_metadata(Path(path)).get(META_PRECISION) == "fp32"
-    except Exception:  # noqa: BLE001 - a file onnx cannot parse fails where it loads, with its own message
-        return False
+    return known_file_metadata(path).get(META_PRECISION) == "fp32"
 
 
 @dataclass(frozen=True)
@@ -736,7 +729,7 @@ def plot_evaluation(results: dict[str, dict], path: Path) -> None:
     widest = max(len(per) for per in results.values())
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(6.0, 1.9 * widest * len(tasks) + 1.6), 4.2), dpi=110,
                              sharey=True, squeeze=False)
-    keys = [f"recall@{k}" for k in RECALL_AT] + ["mrr"]
+    keys = [*METRIC_KEYS, "mrr"]
     width = 0.8 / len(keys)
     for ax, task in zip(axes[0], tasks):
         per = results[task]

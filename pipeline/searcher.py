@@ -29,7 +29,7 @@ from .filters import FilterError
 from .index import GalleryIndex, ensure_index, load_index
 from .metadata import Metadata, product_labels
 from .persons import Segmenter, person_crops
-from .retrieval import Neighbours, cosine_distances, masked_topk, topk_neighbours, topk_rows
+from .retrieval import Neighbours, cosine_distances, group_layout, masked_topk, topk_neighbours, topk_rows
 from .store import ManifestRow
 
 log = logging.getLogger(__name__)
@@ -223,16 +223,10 @@ class Searcher:
         return float(sizes[sizes > GROUPED_EXACT_FROM * (k + 1)].sum()) / len(self.group_of)
 
     def _group_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rows by group, stable: by row within a group; each group's first position in that
-        order, with N at the end; each row's group number)."""
+        """retrieval.group_layout of the groups, kept until they change."""
         if self._layout is None:
             assert self.group_of is not None
-            order = np.argsort(self.group_of, kind="stable")
-            sorted_groups = self.group_of[order]
-            starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
-            number = np.empty(len(order), np.int64)
-            number[order] = np.cumsum(np.r_[0, sorted_groups[1:] != sorted_groups[:-1]])
-            self._layout = (order, np.r_[starts, len(order)], number)
+            self._layout = group_layout(self.group_of)
         return self._layout
 
     def _grouped_exact(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,

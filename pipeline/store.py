@@ -911,8 +911,9 @@ def invalidate_store(root: str | Path) -> None:
 # What run.json holds since a later version, or only when it could be known: (section, key, both ways), section
 # None for the top level. Not compared when the run.json on disk lacks it (a run of the last version, or weights
 # downloaded as the first run loaded them); both ways: also when the run now cannot know it (a hub dataset).
-RECORDED_LATER = ((None, "dataset_files", True), (None, "segmenter_weights", False), ("source", "id_column", False),
-                  ("identity", "model_sha256", False))
+RECORDED_LATER = ((None, "dataset_files", True), (None, "segmenter_weights", False),
+                  *(("source", key, False) for key in sorted(GallerySource.RECORDED_LATER)),
+                  *(("identity", key, False) for key in sorted(VectorIdentity.RECORDED_LATER)))
 
 
 def _without_recorded_later(old: dict[str, Any], asked: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -308,8 +308,7 @@ class UltralyticsSegmenter(Segmenter):
         # own batch (no slower: yolov8l-seg 1.57-1.58 s a 768x1024 picture alone against 1.63-1.67 in
         # batches of 8, yolov8n-seg 115-136 ms against 120-135, 2 cores, alternating); on a GPU, where
         # batches pay, every picture goes to the square (rect=False) in batches of `batch`.
-        on_gpu = self.device == "0" or (self.device is None and _cuda_available())
-        self.batch, self.rect = (batch, False) if on_gpu else (1, True)
+        self.batch, self.rect = (batch, False) if _runs_on_gpu(device) else (1, True)
         self.predict_seconds = 0.0
 
     def segment(self, images_rgb: Sequence[np.ndarray]) -> list[list[Person]]:
@@ -351,12 +350,6 @@ class UltralyticsSegmenter(Segmenter):
             ]
         self.predict_seconds += time.perf_counter() - t
         return out
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _found(result) -> int:
