@@ -1240,6 +1240,7 @@ def test_an_export_over_another_file_keeps_it_for_the_stores_made_with_it(tiny_c
     first = sha256_file(path)
     data = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(40, 60, seed=i) for i in range(6)])
     fp32, first_fp32 = export.fp32_path_for(path), sha256_file(export.fp32_path_for(path))
+    first_text = sha256_file(text_onnx_path_for(path))
     out, out32 = tmp_path / "out", tmp_path / "out32"
     assert run("--dataset", data, "--onnx", path, "--output-dir", out, "--max-result-images", "0") == 0
     assert run("--dataset", data, "--onnx", fp32, "--output-dir", out32, "--max-result-images", "0") == 0
@@ -1248,8 +1249,9 @@ def test_an_export_over_another_file_keeps_it_for_the_stores_made_with_it(tiny_c
     kept, kept32 = path.with_name(f"model_int8.{first[:12]}.onnx"), fp32.with_name(f"model_fp32.{first_fp32[:12]}.onnx")
     assert report.passed and sha256_file(kept) == first and sha256_file(path) != first
     assert sha256_file(kept32) == first_fp32 and sha256_file(fp32) != first_fp32
-    for k in (kept, kept32):
-        assert text_onnx_path_for(k).is_file() and tokenizer_path_for(text_onnx_path_for(k)).is_file()
+    for k in (kept, kept32):  # the replaced text tower itself, beside each kept file
+        assert sha256_file(text_onnx_path_for(k)) == first_text and tokenizer_path_for(text_onnx_path_for(k)).is_file()
+    assert sha256_file(text_onnx_path_for(path)) != first_text
     said = "\n".join(report.lines())
     assert f"the int8 file this export replaced is kept as {kept} with its text tower" in said
     assert f"the fp32 file this export replaced is kept as {kept32} with its text tower" in said

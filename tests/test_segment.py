@@ -476,3 +476,8 @@ def test_a_resume_after_the_segmenter_weights_changed_in_place_is_refused(tiny_o
     assert "segmenter_weights" in capsys.readouterr().err
     shutil.copy(first, pt)
     assert run(*flags) in (0, 3)
+    # resumed with the first weights: the store an uninterrupted run with them makes
+    fresh = [tmp_path / "fresh" if f == tmp_path / "out" else f for f in flags]
+    assert run(*fresh) in (0, 3)
+    manifest = "embeddings_segment/manifest.csv"
+    assert (tmp_path / "out" / manifest).read_bytes() == (tmp_path / "fresh" / manifest).read_bytes()
