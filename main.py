@@ -178,9 +178,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     _add(
         model,
         "--decode",
-        choices=["auto", "cpu", "device"],
-        help="where JPEGs are decoded and preprocessed: device = torchvision on the model's device (auto: on the GPU "
-        "when the model runs there; other formats always on the CPU)",
+        choices=["auto", "cpu", "cpu-simd", "device"],
+        help="where JPEGs are decoded and preprocessed: cpu = Pillow decodes and resizes (CLIPImageProcessorPil's "
+        "pixels); cpu-simd = Pillow decodes, torch's SIMD kernel resizes (transformers' default CLIPImageProcessor's "
+        "pixels: 1.35 ms less a photo and core, after 1.5 s and 480 MiB to import torch); device = torchvision on "
+        "the model's device; auto: on the GPU when the model runs there, else cpu; an update or a resume goes on as "
+        "its store was made (other formats always on the CPU)",
     )
     _add(model, "--batch-size", type=_positive_int, help="pictures per model call")
     _add(model, "--threads", type=_non_negative_int, help="CPU threads for inference; 0 = all cores")

@@ -17,6 +17,7 @@ time by op type too).
 from __future__ import annotations
 
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -200,9 +201,10 @@ def compare_models(assets: Assets, other: Assets, seconds: float, batches: list[
     print_profiles({f"{labels[1]} int8 static": other.onnx("static")})
 
 
-def end_to_end(assets: Assets, n: int) -> RunSummary:
+def end_to_end(assets: Assets, n: int, decode: str = "auto") -> RunSummary:
     """The gallery stage (decode + preprocess + thumbnail + infer + shards) on n JPEGs, int8 static,
-    batch 32: the standard run's own gallery build, with its default settings otherwise."""
+    batch 32: the standard run's own gallery build, with its default settings otherwise (decode: its
+    --decode, the CPU's resizer)."""
     from pipeline.config import RunConfig
     from pipeline.dataset import DatasetSpec
     from pipeline.embedders import EmbedderSpec, OnnxEmbedder
@@ -212,7 +214,7 @@ def end_to_end(assets: Assets, n: int) -> RunSummary:
     static = assets.onnx("static")
     cfg = RunConfig(
         dataset=DatasetSpec(str(assets.dataset(n)), limit=n),
-        embedder=EmbedderSpec(onnx=str(static), backend="onnx", device="cpu"),
+        embedder=EmbedderSpec(onnx=str(static), backend="onnx", device="cpu", decode=decode),
         output_dir=assets.work / "embed-e2e",
         batch_size=32,
         progress=False,
@@ -222,6 +224,23 @@ def end_to_end(assets: Assets, n: int) -> RunSummary:
     summary = RunSummary(mode="embed e2e")
     build(cfg, summary, emb)
     return summary
+
+
+def end_to_end_rounds(assets: Assets, n: int, decodes: list[str], rounds: int) -> tuple[RunSummary, float]:
+    """end_to_end for each decode in turn, `rounds` times; prints each run's rate and its stage
+    times. Returns the first decode's last summary and its median rate."""
+    rates: dict[str, list[float]] = {d: [] for d in decodes}
+    last: dict[str, RunSummary] = {}
+    for r in range(rounds):
+        for decode in decodes:
+            last[decode] = end_to_end(assets, n, decode)
+            rates[decode].append(n / last[decode].stages["embed"])
+            times = ", ".join(f"{k} {v:.1f} s" for k, v in stage_seconds(last[decode]).items())
+            print(f"end to end, --decode {decode}, round {r + 1}: {rates[decode][-1]:.1f} img/s ({times})", flush=True)
+    if len(decodes) > 1 or rounds > 1:
+        for decode, got in rates.items():
+            print(f"end to end, --decode {decode}: median {statistics.median(got):.1f} img/s of {len(got)} run(s)")
+    return last[decodes[0]], statistics.median(rates[decodes[0]])
 
 
 def print_table(table: dict[str, dict[int, float]], batches: list[int], e2e: float, n: int, wh) -> None:
@@ -262,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = make_parser(__doc__)
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--e2e-images", type=int, default=1000)
+    ap.add_argument("--e2e-decode", default="auto", help="the end-to-end stage's --decode (auto or cpu: Pillow "
+                    "decodes, torch resizes; pil: Pillow resizes too); several, comma-separated, are measured in turn")
+    ap.add_argument("--e2e-rounds", type=int, default=1, help="end-to-end runs of each --e2e-decode, alternating")
     ap.add_argument("--int8", default="static,dynamic", help="int8 exports measured (static is always measured)")
     ap.add_argument(
         "--compare",
@@ -275,9 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     assets = Assets.from_args(args)
     batches = [1, 8, 32]
     table = model_rates(assets, args.seconds, batches, args.int8.split(","))
-    summary = end_to_end(assets, args.e2e_images)
+    summary, e2e = end_to_end_rounds(assets, args.e2e_images, args.e2e_decode.split(","), args.e2e_rounds)
     stages = stage_seconds(summary)
-    e2e = args.e2e_images / summary.stages["embed"]
     print_table(table, batches, e2e, args.e2e_images, assets.size_wh)
     peaks = gemm_peaks(args.seconds / 2)
     print(

@@ -34,7 +34,7 @@ from .errors import PipelineError, first_line
 from .fileio import sha256_bytes, sha256_file, sha256_file_once, unlink_quietly
 from .identity import VectorIdentity
 from .int8graph import CPU_GRAPH_RECIPES, META_INT8_RECIPE, cached_cpu_model, cpu_model, keep_cpu_model
-from .preprocess import PreprocessConfig
+from .preprocess import PIXELS_OF_DECODE, PreprocessConfig
 from .probes import META_PROBES, PROBE_VERSION, ProbeRecord, check_file, input_digest, probe_pixels
 from .tokens import TEXT_CONTEXT, TokenizerError, check_distinct, load_tokenizer
 
@@ -114,7 +114,9 @@ class EmbedderSpec:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | fp16 | int8 (torch backend only)
     threads: int = 0  # 0: all cores this process may use
-    decode: str = "auto"  # auto (on the GPU when the model runs there) | cpu (PIL) | device (torchvision)
+    # auto (on the GPU when the model runs there, else cpu) | cpu (Pillow decodes and resizes) |
+    # cpu-simd (Pillow decodes, torch resizes) | device (torchvision on the model's device): preprocess.PIXELS_OF_DECODE
+    decode: str = "auto"
 
     def resolve_backend(self) -> str:
         if self.backend != "auto":
@@ -211,7 +213,7 @@ def requested_identity(spec: EmbedderSpec) -> VectorIdentity:
         PipelineError: the ONNX backend is asked for and the file is missing.
     """
     backend = spec.resolve_backend()
-    pixels = {"cpu": "pil", "device": "torchvision"}.get(spec.decode)
+    pixels = PIXELS_OF_DECODE.get(spec.decode)
     if backend == "onnx":
         if not Path(spec.onnx).is_file():
             raise PipelineError(

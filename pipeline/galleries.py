@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,9 @@ from .items import make_segment_items, make_standard_items, note_persons_cut
 from .machine import TreeMemory
 from .metadata import METADATA_FILE, load_metadata, write_metadata
 from .persons import Segmenter
+from .preprocess import CPU_PIXELS, DEVICE_PIXELS, cpu_pixels
 from .ray_engine import RayBuild, build_gallery_ray
-from .remedy import build_first, reuse_or_rebuild
+from .remedy import DECODE_OF_PIXELS, build_first, reuse_or_rebuild
 from .remote import list_names, remove_stale_at_url
 from .report import RunSummary
 from .searcher import Searcher
@@ -55,6 +56,7 @@ from .store import (
     manifest_sha256,
     run_params,
     store_sha256,
+    unfinished_pixels,
     verify_images,
 )
 from .yolo import make_segmenter
@@ -98,7 +100,7 @@ def decodes_on_device(cfg: RunConfig, embedder: Embedder) -> bool:
     """JPEGs are decoded and preprocessed by torchvision on the embedder's device: with --decode
     device, or by default when the model runs on CUDA (whole-image galleries; crops are cut on the
     CPU)."""
-    if cfg.segmented or cfg.embedder.decode == "cpu":
+    if cfg.segmented or cfg.embedder.decode in ("cpu", "cpu-simd"):
         return False
     return cfg.embedder.decode == "device" or getattr(embedder, "device", "cpu") == "cuda"
 
@@ -107,8 +109,24 @@ def made_identity(cfg: RunConfig, embedder: Embedder) -> VectorIdentity:
     """What makes the vectors of this run's build: the loaded embedder's identity and which code
     makes its pixels, part of what made the vectors (a resume or an update never mixes them). Ray's
     workers decode on the CPU."""
-    on_device = cfg.engine != "ray" and decodes_on_device(cfg, embedder)
-    return embedder.identity.asks(pixels="torchvision" if on_device else "pil")
+    return embedder.identity.asks(pixels=made_pixels(cfg, embedder))
+
+
+def decoded_as_made(cfg: RunConfig, pixels: str | None) -> RunConfig:
+    """--decode auto goes on as a resumed run or an updated store was made when the CPU made its
+    pixels (preprocess.CPU_PIXELS): a store made with --decode cpu-simd keeps torch's resize. Pixels
+    of the device decoder are left to the checks, which name the flag."""
+    if cfg.embedder.decode != "auto" or pixels not in CPU_PIXELS:
+        return cfg
+    return replace(cfg, embedder=replace(cfg.embedder, decode=DECODE_OF_PIXELS[pixels]))
+
+
+def made_pixels(cfg: RunConfig, embedder: Embedder) -> str:
+    """Which code makes the model inputs (preprocess.PIXELS_OF_DECODE): torchvision on the device,
+    or on the CPU Pillow's decode and Pillow's or, with --decode cpu-simd, torch's resize."""
+    if cfg.engine != "ray" and decodes_on_device(cfg, embedder):
+        return DEVICE_PIXELS
+    return cpu_pixels(cfg.embedder.decode)
 
 
 def gallery_source(cfg: RunConfig) -> GallerySource:
@@ -286,6 +304,7 @@ def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None
         cpus=cfg.embedder.threads,
         rows=None if part is None else part.rows,
         segmenter_weights=segmenter_weights(cfg),
+        pixels=cpu_pixels(cfg.embedder.decode),  # the workers decode on the CPU
     )
     with TreeMemory() as memory:
         emb, rows, embedder = build_gallery_ray(build, summary, load, gallery_source(cfg))
@@ -332,9 +351,11 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
             log.info("discarding an interrupted update's staging in %s", cfg.store_dir / UPDATE_DIR)
             for folder in staged:
                 shutil.rmtree(folder, ignore_errors=True)
+    images_dir, store_dir = _folders(cfg, part)
+    if not cfg.fresh:
+        cfg = decoded_as_made(cfg, unfinished_pixels(store_dir))
     if cfg.engine == "ray":
         return _build_on_ray(cfg, summary, embedder, part)
-    images_dir, store_dir = _folders(cfg, part)
     with summary.stage("load model"):
         embedder = embedder or make_embedder(cfg.embedder)
     segmenter, embed_batch = None, None

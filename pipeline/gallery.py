@@ -34,7 +34,7 @@ from .identity import GallerySource, VectorIdentity
 from .images import ImageDecodeError, decode_image
 from .items import ItemMaker, ItemPipeline, write_image
 from .plots import THUMB_SIZE, make_thumbnail
-from .preprocess import resize_for_model, to_model_input
+from .preprocess import CPU_PIXELS, PIL_PIXELS, resize_for_model, to_model_input
 from .report import RunSummary
 from .store import ManifestRow, Shard, ShardStore, StoreBuild
 
@@ -500,7 +500,9 @@ def build_gallery(
     done, next_row = _resume(build, summary)
     plan = Parallelism.choose(embedder, target, batch_size)
     assembler = ShardAssembler(embed_batch or embed_pixels(embedder), batch_size, embedder.dim)
-    pipeline = ItemPipeline(make_items, partial(write_image, target.images_dir), embedder.preprocess_cfg)
+    # pixels made on the CPU: with the resizer the identity names (the device path's other formats: Pillow's)
+    pixels = identity.pixels if identity is not None and identity.pixels in CPU_PIXELS else PIL_PIXELS
+    pipeline = ItemPipeline(make_items, partial(write_image, target.images_dir), embedder.preprocess_cfg, pixels)
     workers = _Workers(plan.workers, UnitWorker(pipeline, embedder, in_lane=plan.lanes > 1))
     bar = tqdm(total=total_rows, initial=rows_before(next_row) if rows_before else next_row, unit="row",
                desc=f"embed -> {target.store_dir.name}", disable=not progress)

@@ -73,7 +73,8 @@ class VectorIdentity(_Comparable):
     file's source model). model_sha256: a local folder's weights. onnx_sha256: the ONNX file's bytes.
     precision: "fp32", "fp16", "int8", "onnx-int8-static", ... preprocess: the model's preprocessing
     (size, crop, mean, std, ...). dim: the vector length. pixels: which code made the model input
-    ("pil" on the CPU, "torchvision" on the device).
+    (preprocess.PIXELS_OF_DECODE: "pil" on the CPU, Pillow's decode and resize; "pil+torch" with
+    --decode cpu-simd, Pillow's decode and torch's resize; "torchvision" on the device).
     """
 
     # Sharded weights, open_clip's .pth and weights under other names are hashed since 2026-12-05

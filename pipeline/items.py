@@ -26,7 +26,7 @@ from .gpu import EncodedJpeg, inspect_jpeg
 from .images import DecodedImage, ImageDecodeError, decode_image, encode_png, sniff_format
 from .persons import CappedPersons, Segmenter, person_crop
 from .plots import make_thumbnail
-from .preprocess import PreprocessConfig, model_crop, resize_for_model, to_model_input
+from .preprocess import CPU_PIXELS, PreprocessConfig, model_crop, resize_for_model, to_model_input
 from .report import RunSummary
 from .store import ManifestRow
 from .yolo import SegmentSpec
@@ -285,13 +285,16 @@ class PreparedRecords:
 class ItemPipeline:
     """Records -> items (make_items) -> image files written -> model inputs and thumbnails.
 
-    write: stores one image file (name relative to the images folder, bytes). crop_only: hand over
-    the uint8 crop instead of normalized floats (a quarter of the bytes, for a Ray embedding actor).
+    write: stores one image file (name relative to the images folder, bytes). pixels: the resizer
+    (preprocess.CPU_PIXELS). crop_only: hand over the uint8 crop instead of normalized floats (a
+    quarter of the bytes, for a Ray embedding actor).
     """
 
     def __init__(self, make_items: ItemMaker, write: Callable[[str, bytes], None], prep: PreprocessConfig,
-                 crop_only: bool = False) -> None:
-        self.make_items, self.write, self.prep, self.crop_only = make_items, write, prep, crop_only
+                 pixels: str, crop_only: bool = False) -> None:
+        if pixels not in CPU_PIXELS:
+            raise ValueError(f"pixels must be one of {CPU_PIXELS}, got {pixels!r}")
+        self.make_items, self.write, self.prep, self.pixels, self.crop_only = make_items, write, prep, pixels, crop_only
 
     def __call__(self, records: list[Record]) -> PreparedRecords:
         t0 = time.perf_counter()
@@ -311,7 +314,7 @@ class ItemPipeline:
         if item.encoded is not None:
             return PreparedItem(item.row, item.encoded)
         assert item.image is not None  # to_embed: an image or an encoded JPEG
-        resized = resize_for_model(item.image, self.prep)
+        resized = resize_for_model(item.image, self.prep, self.pixels)
         pixels = model_crop(resized, self.prep) if self.crop_only else to_model_input(resized, self.prep)
         # a squashing model's resized picture is out of proportion: the thumbnail is made from the photo
         return PreparedItem(item.row, pixels, make_thumbnail(item.image if self.prep.squash else resized))

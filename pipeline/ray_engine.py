@@ -38,7 +38,7 @@ from .gallery import ShardAssembler, ShardMark, UnitResult
 from .identity import GallerySource, VectorIdentity
 from .items import ItemPipeline, make_segment_items, make_standard_items, write_image
 from .plots import THUMB_SIZE
-from .preprocess import PreprocessConfig, normalize_crop
+from .preprocess import PIL_PIXELS, PreprocessConfig, normalize_crop
 from .remote import is_url, url_writer
 from .report import RunSummary
 from .store import ManifestRow, Shard, ShardStore, StoreBuild, run_params
@@ -84,6 +84,7 @@ class RayBuild:
     cpus: int = 0
     rows: frozenset[int] | None = None  # only these dataset rows (--update's new photos); None: every row
     segmenter_weights: str | None = None  # the sha256 of the segmenter's local weights file (store.run_params)
+    pixels: str = PIL_PIXELS  # the workers' resizer (preprocess.CPU_PIXELS)
 
 
 class RaySession:
@@ -169,11 +170,13 @@ def check_shared_folder(ray, folder: Path) -> None:
 
 @dataclass(frozen=True)
 class _Plan:
-    """What every task needs, picklable: the build and the model's device and preprocessing."""
+    """What every task needs, picklable: the build and the model's device and preprocessing (pixels:
+    the CPU's resizer, preprocess.CPU_PIXELS)."""
 
     build: RayBuild
     device: str
     prep: PreprocessConfig
+    pixels: str
 
 
 class _ItemMaker:
@@ -190,7 +193,7 @@ class _ItemMaker:
             make = make_standard_items(plan.prep.decode_min_side)
         images = plan.build.images
         write = url_writer(images) if is_url(images) else partial(write_image, Path(images))
-        self.pipeline = ItemPipeline(make, write, plan.prep, crop_only=True)
+        self.pipeline = ItemPipeline(make, write, plan.prep, plan.pixels, crop_only=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pieces = [Piece(**json.loads(p)) for p in batch["piece"]]
@@ -363,7 +366,7 @@ def build_gallery_ray(
             check_shared_folder(session.ray, build.store_dir.parent)
         embedder = loading.result()
     try:
-        emb, rows = _build(session, build, summary, embedder, embedder.identity.asks(pixels="pil"), source)
+        emb, rows = _build(session, build, summary, embedder, embedder.identity.asks(pixels=build.pixels), source)
     except BaseException:
         session.release()  # a Ray this run started is stopped after a failure too (the next run starts its own)
         raise
@@ -397,7 +400,7 @@ def _build(
     # Pieces that touch a shard still to do (a piece crossing into a done shard is cut: rows by id).
     wanted = [p for p in split_at_shards(pieces, build.shard_rows) if p.first_row // build.shard_rows in todo
               and any(wanted_row(build, row) for row in range(p.first_row, p.first_row + p.rows))]
-    plan = _Plan(build, "cuda" if on_cuda(embedder) else "cpu", embedder.preprocess_cfg)
+    plan = _Plan(build, "cuda" if on_cuda(embedder) else "cpu", embedder.preprocess_cfg, build.pixels)
     cores = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0)) if plan.device == "cuda" else 0
     wanted = smaller_at_the_end(wanted, workers=cores)

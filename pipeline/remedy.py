@@ -14,6 +14,7 @@ from typing import Any
 
 from .fileio import sha256_file
 from .identity import GallerySource, VectorIdentity
+from .preprocess import PIXELS_OF_DECODE
 
 # Sidecar field -> the flag that asks for it (identity fields first, then the gallery source's).
 FLAG_OF = {
@@ -30,7 +31,7 @@ FLAG_OF = {
     "seg_imgsz": "--seg-imgsz",
     "max_persons": "--max-persons",
 }
-DECODE_OF_PIXELS = {"pil": "cpu", "torchvision": "device"}
+DECODE_OF_PIXELS = {pixels: decode for decode, pixels in PIXELS_OF_DECODE.items()}
 MAX_ONNX_FILES = 16  # hashed at most, to name the file a cache was made with
 
 

@@ -41,7 +41,7 @@ from .plots import (
     save_jpeg,
     text_tile,
 )
-from .preprocess import PreprocessConfig, preprocess_batch
+from .preprocess import PIL_PIXELS, PreprocessConfig, cpu_pixels, preprocess_batch
 from .report import RunSummary
 from .retrieval import Neighbours, group_layout, iter_neighbour_rows, write_neighbours_csv
 from .webreport import Section, relative_link, write_section
@@ -297,7 +297,9 @@ class EvalBatcher:
     """Collects decoded images and embeds them a batch at a time with every backend, remembering
     each vector's row. Pixels are preprocessed once per distinct preprocessing, not per backend."""
 
-    def __init__(self, embedders: dict[str, Embedder], batch_size: int, failed: dict[str, str] | None = None) -> None:
+    def __init__(self, embedders: dict[str, Embedder], batch_size: int, failed: dict[str, str] | None = None,
+                 pixels: str = PIL_PIXELS) -> None:
+        self.pixels = pixels
         # failed: backends whose embedding raised, with the error, shared by the pass's batchers: a
         # model that fails (out of memory, a broken file) is dropped, and the others go on
         self.embedders, self.batch_size = embedders, batch_size
@@ -322,7 +324,7 @@ class EvalBatcher:
                 continue
             prep = embedder.preprocess_cfg
             if prep not in pixels:
-                pixels[prep] = preprocess_batch([im[prep.decode_min_side] for im in self.pending], prep)
+                pixels[prep] = preprocess_batch([im[prep.decode_min_side] for im in self.pending], prep, self.pixels)
             t = time.perf_counter()
             try:
                 self.vectors[name].append(embedder.embed(pixels[prep]))
@@ -357,15 +359,17 @@ def embed_pass(
     id_column: str | None,
     segmenter,
     progress: bool = True,
+    pixels: str = PIL_PIXELS,
 ) -> dict:
     """One streaming pass over the dataset for all backends at once: each row is read, decoded and
-    segmented once (not once per backend), and its pixels go to every backend.
+    segmented once (not once per backend), and its pixels (resized as `pixels` says,
+    preprocess.CPU_PIXELS) go to every backend.
 
     Returns:
         {"ids": {source_row: product}, backend: {"photos": (emb, rows), "garments": ..., "crops": ...}}
     """
     failed: dict[str, str] = {}
-    photos, garments, crops = (EvalBatcher(embedders, batch_size, failed) for _ in range(3))
+    photos, garments, crops = (EvalBatcher(embedders, batch_size, failed, pixels) for _ in range(3))
     ids: dict[int, str | None] = {}
     garment_sha: dict[int, str] = {}
     min_sides = sorted({e.preprocess_cfg.decode_min_side for e in embedders.values()})
@@ -619,6 +623,7 @@ def _embed_for_evaluation(
                 id_column,
                 segmenter,
                 cfg.progress,
+                cpu_pixels(cfg.embedder.decode),
             )
         except PipelineError as e:
             if id_column is None and f"no column {cloth_column!r}" in str(e):

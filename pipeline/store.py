@@ -642,6 +642,21 @@ class Shard:
     thumbnails: np.ndarray | None = None  # uint8 (n, T, T, 3); only set on shards being written
 
 
+def unfinished_pixels(root: str | Path) -> str | None:
+    """The pixels (identity "pixels") an unfinished run in <root>/.partial made its shards with;
+    None when there is none, it completed no shard, or its run file says nothing."""
+    run_dir = Path(root) / PARTIAL_DIR
+    if not any(run_dir.glob("shard_*.done")):
+        return None
+    try:
+        params = json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    identity = params.get("identity") if isinstance(params, dict) else None
+    pixels = identity.get("pixels") if isinstance(identity, dict) else None
+    return pixels if isinstance(pixels, str) else None
+
+
 class ShardStore:
     """Writes shards of an unfinished run into <root>/.partial and finds them again on resume.
 

@@ -41,7 +41,7 @@ from .dataset import Record, check_dataset, dataset_stamp
 from .embedders import Embedder, EmbedderSpec, make_embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError
 from .fileio import link_or_copy, unlink_quietly
-from .galleries import BuildPart, Gallery, build, gallery_source, made_identity, owned_files
+from .galleries import BuildPart, Gallery, build, decoded_as_made, gallery_source, made_identity, owned_files
 from .identity import VectorIdentity, differences
 from .index import INDEX_META, switch_index, update_index
 from .items import crop_file_name, image_file_name
@@ -187,6 +187,7 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     rows_now = check_dataset(cfg.dataset)
     with summary.stage("load store"):
         old = _old_store(cfg)
+        cfg = decoded_as_made(cfg, old.sidecar.identity.pixels)
         _check_embedder(cfg, old)
     groups = photo_groups(old.rows)
     by_id = cfg.dataset.id_column is not None

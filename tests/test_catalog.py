@@ -170,6 +170,27 @@ def test_the_no_matrix_note_states_its_real_cause(built, tiny_clip, tmp_path, ca
     assert "12 items > --max-matrix 5: distance matrix not saved" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("decode", ["cpu", "cpu-simd"])
+def test_a_gallery_photo_asked_for_finds_itself_whichever_resizer_made_the_store(decode, tiny_onnx, tmp_path):
+    """Query pictures are resized by Pillow (no torch to import for one query): a photo of a store
+    made with Pillow's resize gets its stored vector to the last bit; of one made with torch's, a
+    vector within the two resizers' rounding of it, and it finds itself first either way."""
+    ds = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(60 + 7 * i, 80, seed=i) for i in range(6)])
+    out = tmp_path / "out"
+    assert cli.main(["--dataset", str(ds), "--onnx", str(tiny_onnx), "--output-dir", str(out), "--decode", decode,
+                     "--max-result-images", "0", "-q"]) == 0
+    cat = Catalog.open(out, onnx=str(tiny_onnx))
+    exact = []
+    for row in range(6):
+        picture = out / "images" / cat.items[row].file
+        crops, _ = cat.query_crops(picture)
+        vector = cat.embed_crops(crops)[0]
+        exact.append(np.array_equal(vector, cat.embeddings[row]))
+        assert float(vector @ cat.embeddings[row]) > 0.999
+        assert cat.search_image(picture, k=1)[0].hits[0].row == row
+    assert all(exact) if decode == "cpu" else not all(exact)
+
+
 def test_a_store_made_by_the_onnx_file_is_searched_with_it_when_opened_with_its_model(
         tiny_onnx, tiny_clip, mixed_dataset, tmp_path, monkeypatch):
     """The README's way (`python main.py` with the int8 file) and the README's Catalog example

@@ -1,4 +1,5 @@
-"""CLIP preprocessing in numpy/PIL equals transformers' processors."""
+"""CLIP preprocessing on the CPU equals transformers' processors: its default resizer (Pillow's)
+CLIPImageProcessorPil, and torch's (--decode cpu-simd) their default CLIPImageProcessor."""
 
 from __future__ import annotations
 
@@ -7,19 +8,34 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.preprocess import PreprocessConfig, preprocess, preprocess_batch, resize_for_model
+from pipeline.preprocess import (
+    CPU_PIXELS,
+    PIL_PIXELS,
+    TORCH_RESIZE_PIXELS,
+    PreprocessConfig,
+    preprocess,
+    preprocess_batch,
+    resize_for_model,
+)
 from tests.assets import rgb_image
 
 SIZES = [(224, 224), (300, 400), (768, 1024), (1000, 333), (225, 223), (57, 91), (4000, 30), (640, 480), (224, 500)]
 
 
-@pytest.mark.parametrize("w,h", SIZES)
-def test_equals_clip_pil_processor(w, h):
-    from transformers import CLIPImageProcessorPil
+def _processor(pixels: str, **kwargs):
+    from transformers import CLIPImageProcessor, CLIPImageProcessorPil
 
+    return (CLIPImageProcessorPil if pixels == PIL_PIXELS else CLIPImageProcessor)(**kwargs)
+
+
+@pytest.mark.parametrize("pixels", CPU_PIXELS)
+@pytest.mark.parametrize("w,h", SIZES)
+def test_equals_the_clip_processor_of_its_resizer(w, h, pixels):
+    """Pillow's resize (the default) gives CLIPImageProcessorPil's pixels; torch's (--decode cpu-simd)
+    transformers 5's default CLIPImageProcessor's, which resizes with torchvision."""
     im = rgb_image(w, h, seed=w + h)
-    ours = preprocess(im, PreprocessConfig())
-    ref = CLIPImageProcessorPil()(images=im, return_tensors="np")["pixel_values"][0]
+    ours = preprocess(im, PreprocessConfig(), pixels)
+    ref = _processor(pixels)(images=im, return_tensors="np")["pixel_values"][0]
     assert ours.shape == (3, 224, 224) and ours.dtype == np.float32
     if max(w, h) / min(w, h) <= 8:
         assert np.abs(ours - ref).max() < 1e-5
@@ -28,16 +44,29 @@ def test_equals_clip_pil_processor(w, h):
 
 
 @pytest.mark.parametrize("w,h", SIZES[:6])
-def test_within_one_8bit_step_of_torchvision_processor(w, h):
-    """transformers 5's default CLIPImageProcessor resizes with torchvision; it rounds differently."""
-    from transformers import CLIPImageProcessor
-
+def test_the_two_resizers_are_within_two_8bit_steps(w, h):
+    """Pillow's and torch's antialiased bicubic kernels are the same filter, rounded otherwise; on
+    noise (the worst case) a pixel differs by at most two 8-bit steps, and few do."""
     im = rgb_image(w, h, seed=w * h)
-    ours = preprocess(im, PreprocessConfig())
-    ref = CLIPImageProcessor()(images=im, return_tensors="np")["pixel_values"][0]
+    fast, pil = preprocess(im, PreprocessConfig(), TORCH_RESIZE_PIXELS), preprocess(im, PreprocessConfig())
     one_step = 1 / 255 / min(PreprocessConfig().image_std)
-    assert np.abs(ours - ref).max() <= 2 * one_step * 1.01  # rounding differs by up to two 8-bit steps
-    assert np.abs(ours - ref).mean() < 1e-3
+    assert np.abs(fast - pil).max() <= 2 * one_step * 1.01
+    assert np.abs(fast - pil).mean() < 1e-3
+    prep = PreprocessConfig()
+    assert resize_for_model(im, prep, TORCH_RESIZE_PIXELS).size == resize_for_model(im, prep).size
+
+
+def test_bilinear_is_torchs_too_and_other_filters_are_pillows():
+    """A processor that asks for bilinear gets torch's antialiased bilinear (the default processor's);
+    a filter torch has no antialiased kernel for (Lanczos) is Pillow's under either name."""
+    im = rgb_image(300, 400, seed=3)
+    bilinear = PreprocessConfig(resample=2)
+    ref = _processor(TORCH_RESIZE_PIXELS, resample=2)(images=im, return_tensors="np")["pixel_values"][0]
+    assert np.abs(preprocess(im, bilinear, TORCH_RESIZE_PIXELS) - ref).max() < 1e-5
+    lanczos = PreprocessConfig(resample=1)
+    assert np.array_equal(preprocess(im, lanczos, TORCH_RESIZE_PIXELS), preprocess(im, lanczos, PIL_PIXELS))
+    with pytest.raises(ValueError, match="pixels must be one of"):
+        preprocess(im, PreprocessConfig(), "torchvision")
 
 
 def test_config_read_from_preprocessor_json(tmp_path):
@@ -97,12 +126,12 @@ def test_processor_config_keys_are_read():
     assert PreprocessConfig.from_processor_dict({}) == PreprocessConfig()
 
 
-def test_a_crop_larger_than_the_resize_is_padded_as_transformers_pads():
-    from transformers import CLIPImageProcessorPil
-
+@pytest.mark.parametrize("pixels", CPU_PIXELS)
+def test_a_crop_larger_than_the_resize_is_padded_as_transformers_pads(pixels):
     im = rgb_image(300, 400, seed=5)
-    ours = preprocess(im, PreprocessConfig.from_processor_dict({"size": {"shortest_edge": 200}, "crop_size": 224}))
-    ref = CLIPImageProcessorPil(size={"shortest_edge": 200}, crop_size={"height": 224, "width": 224})(
+    prep = PreprocessConfig.from_processor_dict({"size": {"shortest_edge": 200}, "crop_size": 224})
+    ours = preprocess(im, prep, pixels)
+    ref = _processor(pixels, size={"shortest_edge": 200}, crop_size={"height": 224, "width": 224})(
         images=im, return_tensors="np"
     )["pixel_values"][0]
     assert ours.shape == ref.shape == (3, 224, 224)

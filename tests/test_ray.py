@@ -132,6 +132,18 @@ def test_ray_builds_the_local_store_with_rows_out_of_order(
     assert side["identity"]["backend"] == "onnx" and side["count"] == 58
 
 
+def test_ray_workers_resize_with_the_resizer_the_run_chose(ray_instance, ragged, tiny_onnx, local_run, tmp_path):
+    """--decode cpu-simd (torch's resize) on Ray: the workers make the local engine's pixels, and the
+    store records them; a guard that the two resizers give other vectors here."""
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    assert cli.main(_args(ragged, tiny_onnx, local, "--decode", "cpu-simd")) == 3
+    assert cli.main(_args(ragged, tiny_onnx, on_ray, "--decode", "cpu-simd", "--engine", "ray")) == 3
+    _same_store(local, on_ray)
+    assert json.loads((on_ray / "embeddings" / "embeddings.json").read_text())["identity"]["pixels"] == "pil+torch"
+    assert not np.array_equal(np.load(local / "embeddings" / "embeddings.npy"),
+                              np.load(local_run / "embeddings" / "embeddings.npy"))
+
+
 def test_a_killed_ray_run_resumes_each_row_once(
     ray_instance, ragged, tiny_onnx, local_run, tmp_path, monkeypatch, capsys
 ):

@@ -259,6 +259,37 @@ def test_an_embedder_that_makes_its_pixels_otherwise_is_refused_before_it_embeds
     assert len(read_manifest(out / "embeddings" / "manifest.csv")) == 12
 
 
+def test_a_store_of_torchs_pixels_is_updated_and_resumed_with_them(tiny_onnx, tmp_path, monkeypatch, capsys):
+    """A store made with torch's resize (--decode cpu-simd) is updated, and a run begun so is
+    resumed, with torch's resize under --decode auto (whose own is Pillow's): the result is the
+    cpu-simd build's, never a mix. Asked for Pillow's by name, the update is refused naming the flag."""
+    data = write_catalogue(tmp_path / "catalogue", list(range(8)))
+    old, simd_fresh, pil_fresh = tmp_path / "old", tmp_path / "simd_fresh", tmp_path / "pil_fresh"
+    assert run(*args(data, tiny_onnx, old, "--decode", "cpu-simd")) == 0
+    assert json.loads((old / "embeddings" / "embeddings.json").read_text())["identity"]["pixels"] == "pil+torch"
+    write_catalogue(data, list(range(14)))
+    assert run(*args(data, tiny_onnx, simd_fresh, "--decode", "cpu-simd")) == 0
+    assert run(*args(data, tiny_onnx, pil_fresh)) == 0
+    assert json.loads((pil_fresh / "embeddings" / "embeddings.json").read_text())["identity"]["pixels"] == "pil"
+    assert not np.array_equal(comparable(simd_fresh)[1], comparable(pil_fresh)[1])  # the resizers differ here
+    capsys.readouterr()
+    assert run(*args(data, tiny_onnx, old, "--decode", "cpu", "--update")) == 1
+    err = capsys.readouterr().err
+    assert "pixels: cache has 'pil+torch', asked for 'pil'" in err
+    assert "Its pixels came from pil+torch: add --decode cpu-simd to update it as it was made." in err
+    assert run(*args(data, tiny_onnx, old, "--update")) == 0
+    assert json.loads((old / "embeddings" / "embeddings.json").read_text())["identity"]["pixels"] == "pil+torch"
+    assert_same_as_fresh(old, simd_fresh)
+    # a run begun with torch's pixels resumes with them
+    resumed = tmp_path / "resumed"
+    stop_after_shards(monkeypatch, 1)
+    assert run(*args(data, tiny_onnx, resumed, "--decode", "cpu-simd")) == 130
+    monkeypatch.undo()
+    assert run(*args(data, tiny_onnx, resumed)) == 0
+    assert json.loads((resumed / "embeddings" / "embeddings.json").read_text())["identity"]["pixels"] == "pil+torch"
+    assert_same_as_fresh(resumed, simd_fresh)
+
+
 def test_an_update_needs_a_store_and_ids_it_was_built_with(tiny_onnx, tmp_path, capsys):
     data = write_catalogue(tmp_path / "catalogue", list(range(8)))
     out = tmp_path / "out"
