@@ -119,6 +119,16 @@ def names_open_clip(model: str) -> bool:
     return model.startswith((OPEN_CLIP_PREFIX, OPEN_CLIP_HUB)) or (Path(model) / OPEN_CLIP_CONFIG).is_file()
 
 
+def hub_reference(model: str, family: str | None) -> str:
+    """How a model is recorded (the model of an identity, the source of an ONNX file): an open_clip
+    model named by its hub repository as open_clip's form `hf-hub:ORG/NAME`, whether it was named so
+    or by the plain id (Marqo's repositories load either way: one model, one name); anything else
+    as given. A plain id is only taken for open_clip's when its family says so (a LAION repository
+    also holds a transformers CLIP, another family)."""
+    named_otherwise = model.startswith((OPEN_CLIP_PREFIX, OPEN_CLIP_HUB)) or Path(model).is_absolute()
+    return OPEN_CLIP_HUB + model if family == "open_clip" and "/" in model and not named_otherwise else model
+
+
 def open_clip_weights(model: str) -> tuple[str, str] | None:
     """(architecture, weights file) of `open_clip:ARCH:FILE`; None for any other name."""
     if not model.startswith(OPEN_CLIP_PREFIX):

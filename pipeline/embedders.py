@@ -26,6 +26,7 @@ from .backends import (
     OPEN_CLIP_CONFIG,
     OPEN_CLIP_PREFIX,
     family_of,
+    hub_reference,
     known_family,
     load_hint,
     open_clip_weights,
@@ -152,7 +153,7 @@ def model_reference(model: str) -> str:
         arch, weights = named
         return f"{OPEN_CLIP_PREFIX}{arch}:{Path(weights).resolve()}" if weights else model
     p = Path(model)
-    return str(p.resolve()) if p.exists() else model
+    return str(p.resolve()) if p.exists() else hub_reference(model, known_family(model))
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
@@ -302,7 +303,7 @@ class OnnxEmbedder(Embedder):
         self.identity = VectorIdentity(
             backend="onnx",
             family=meta.get(META_FAMILY, "clip"),
-            model=meta.get(META_SOURCE_MODEL, ""),
+            model=hub_reference(meta.get(META_SOURCE_MODEL, ""), meta.get(META_FAMILY, "clip")),
             onnx_sha256=self.file_sha256,
             precision="onnx-" + meta.get(META_PRECISION, "unknown"),
             preprocess=json.loads(self.preprocess_cfg.to_json()),

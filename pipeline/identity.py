@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
+from .backends import hub_reference
+
 # 2: identities typed, "pixels" always recorded (format 1 stores made before the device path lacked it).
 STORE_FORMAT = 2
 
@@ -95,6 +97,8 @@ class VectorIdentity(_Comparable):
     def from_json(cls, data: dict[str, Any], where: str) -> VectorIdentity:
         if data.get("backend") and "family" not in data:  # made before families were recorded: CLIP's
             data = {**data, "family": "clip"}
+        if isinstance(data.get("model"), str):  # an open_clip hub model recorded by its plain id before: one name
+            data = {**data, "model": hub_reference(data["model"], data.get("family"))}
         return super().from_json(data, where)
 
 

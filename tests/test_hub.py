@@ -28,6 +28,9 @@ def hub(tmp_path_factory):
     base = tmp_path_factory.mktemp("hub")
     dataset = assets.write_hub_dataset(base / "deepfashion", shards=SHARDS, rows_per_shard=ROWS, row_group=GROUP)
     model = assets.save_tiny_clip(base / "fashion-clip")
+    _, open_clip_repo = assets.save_tiny_open_clip(base / "open-clip")
+    # as Marqo's repositories: a config.json naming the open_clip model, so the plain id loads it too
+    (open_clip_repo / "config.json").write_text(json.dumps({"open_clip_model_name": "hf-hub:someone/tiny-openclip"}))
     broken = base / "broken"  # a model repo without weights
     broken.mkdir()
     (broken / "config.json").write_text((model / "config.json").read_text())
@@ -35,6 +38,7 @@ def hub(tmp_path_factory):
         ("dataset", "lirus18/deepfashion"): dataset,
         ("model", "patrickjohncyh/fashion-clip"): model,
         ("model", "someone/broken"): broken,
+        ("model", "someone/tiny-openclip"): open_clip_repo,
     }
     with HubServer(repos) as server:
         server.dataset = dataset
@@ -152,6 +156,23 @@ def test_export_from_the_hub_calibrates_on_the_default_dataset_then_runs(hub, ru
     assert r.returncode == 0, r.stderr
     with open(tmp_path / "retrieval_results" / "queries" / "query_results.csv") as f:
         assert len(list(csv.DictReader(f))) == 5
+
+
+def test_an_open_clip_hub_model_is_one_model_by_either_name(hub, run_main, tmp_path):
+    """Marqo's repositories load as `hf-hub:ORG/NAME` and as the plain id (their config.json names the
+    open_clip model): one model, recorded as open_clip's form, so a store made under one name is
+    reused and updated under the other, and its ONNX export is that model's."""
+    both = ("hf-hub:someone/tiny-openclip", "someone/tiny-openclip")
+    r = run_main("--model", both[1], "--backend", "torch", "--limit", "6", "--max-result-images", "0", "-q")
+    assert r.returncode == 0, r.stderr
+    side = json.loads((tmp_path / "embeddings" / "embeddings.json").read_text())
+    assert side["identity"]["family"] == "open_clip" and side["identity"]["model"] == both[0]
+    r = run_main("--model", both[0], "--backend", "torch", "--use-embeddings", "--limit", "6",
+                 "--max-result-images", "0", "-q")
+    assert r.returncode == 0, r.stderr
+    r = run_main("--model", both[0], "--backend", "torch", "--update", "--limit", "9", "--max-result-images", "0", "-q")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "embeddings" / "embeddings.json").read_text())["count"] == 9
 
 
 @pytest.mark.parametrize(

@@ -173,3 +173,18 @@ def test_a_segmented_cache_made_with_another_max_persons_is_refused(tiny_onnx, t
     _rewrite(sidecar, lambda d: d["source"].pop("max_persons"))
     assert cli.main(["--use-embedded-segment", "--max-persons", "10", *common]) == 1
     assert "max_persons: cache has None, asked for 10" in capsys.readouterr().err
+
+
+def test_an_open_clip_hub_model_recorded_by_its_plain_id_reads_as_open_clips_form():
+    """Stores made before recorded Marqo-FashionSigLIP by the name it was given; either name is one
+    model now (backends.hub_reference), while a plain id of another family and a folder stay as they are."""
+    marqo = VectorIdentity.from_json({"backend": "torch", "family": "open_clip", "model": "Marqo/marqo-fashionSigLIP"},
+                                     "test")
+    assert marqo.model == "hf-hub:Marqo/marqo-fashionSigLIP"
+    named = VectorIdentity.from_json({"backend": "torch", "family": "open_clip",
+                                      "model": "hf-hub:Marqo/marqo-fashionSigLIP"}, "test")
+    assert differences(named, marqo) == []
+    laion = VectorIdentity.from_json({"backend": "torch", "family": "clip", "model": "laion/CLIP-ViT-B-32"}, "test")
+    assert laion.model == "laion/CLIP-ViT-B-32"
+    folder = VectorIdentity.from_json({"backend": "torch", "family": "open_clip", "model": "/models/marqo"}, "test")
+    assert folder.model == "/models/marqo"
