@@ -11,6 +11,7 @@ The same `Searcher` answers the CLI's queries, --serve and video, so the hits ar
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from .identity import differences
 from .images import decode_image
 from .metadata import load_metadata
 from .persons import Segmenter
-from .preprocess import preprocess_batch
+from .preprocess import PreprocessConfig, preprocess_batch
 from .remedy import find_file_with_sha256
 from .searcher import Hit, QueryCrop, Searcher, combine, query_crops
 from .store import (
@@ -196,17 +197,26 @@ class Catalog:
     def query_crops(self, picture: str | Path | bytes | Image.Image, segment: bool = False,
                     name: str | None = None) -> tuple[list[QueryCrop], bool]:
         """A query picture as the pictures searched (each person in it with segment=True), and
-        whether a person was found. Raises ImageDecodeError for bytes that are not a picture."""
+        whether a person was found. Raises ImageDecodeError for bytes that are not a picture. A
+        whole picture is decoded as the gallery's photos were (a JPEG at a reduced DCT scale when the
+        model's size allows), so that a photo of the gallery gets the pixels, and so the vector, it has
+        there; a picture to segment is decoded whole, as the gallery's photos to segment were."""
         if isinstance(picture, Image.Image):
             image, label = picture.convert("RGB"), name or "picture"
         else:
             data = Path(picture).read_bytes() if isinstance(picture, (str, Path)) else picture
-            image = decode_image(data).image
+            image = decode_image(data, min_side=None if segment else self._decode_min_side()).image
             label = name or (Path(picture).name if isinstance(picture, (str, Path)) else "picture")
         if not segment:
             return query_crops(image, label, None)
         with self._segmenter_lock:
             return query_crops(image, label, self._segmenter_now())
+
+    def _decode_min_side(self) -> int | None:
+        """The smallest side a reduced-scale decode of a whole picture may leave, from the
+        preprocessing the store records (None, a full decode, where it records none)."""
+        made = self.cache.sidecar.identity.preprocess
+        return PreprocessConfig.from_json(json.dumps(made)).decode_min_side if made else None
 
     def embed_crops(self, crops: Sequence[QueryCrop]) -> np.ndarray:
         """float32 (len(crops), D) vectors of query pictures."""

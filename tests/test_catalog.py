@@ -172,10 +172,12 @@ def test_the_no_matrix_note_states_its_real_cause(built, tiny_clip, tmp_path, ca
 
 @pytest.mark.parametrize("decode", ["cpu", "cpu-simd"])
 def test_a_gallery_photo_asked_for_finds_itself_whichever_resizer_made_the_store(decode, tiny_onnx, tmp_path):
-    """Query pictures are resized by Pillow (no torch to import for one query): a photo of a store
-    made with Pillow's resize gets its stored vector to the last bit; of one made with torch's, a
-    vector within the two resizers' rounding of it, and it finds itself first either way."""
-    ds = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(60 + 7 * i, 80, seed=i) for i in range(6)])
+    """Query pictures are decoded as the gallery's photos were (these, 480x640 and larger, at half
+    scale) and resized by Pillow (no torch to import for one query): a photo of a store made with
+    Pillow's resize gets its stored vector to the last bit; of one made with torch's, a vector within
+    the two resizers' rounding of it, and it finds itself first either way."""
+    photos = [assets.jpeg_bytes(480 + 8 * i, 640, seed=i) for i in range(6)]
+    ds = assets.write_parquet_dataset(tmp_path / "ds", photos)
     out = tmp_path / "out"
     assert cli.main(["--dataset", str(ds), "--onnx", str(tiny_onnx), "--output-dir", str(out), "--decode", decode,
                      "--max-result-images", "0", "-q"]) == 0
