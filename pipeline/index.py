@@ -401,7 +401,7 @@ class GalleryIndex:
         """
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if allowed is not None:
-            return self._search_allowed(q, k, np.asarray(allowed, bool))
+            return self._search_allowed(q, k, np.asarray(allowed, bool), self_ids)
         n, exact = self.info.count, self.info.exact
         rerank = self.info.kind == "ivfpq"
         want = min(n, k * (RERANK if rerank else 1) + (16 if exact else 0) + (1 if self_ids is not None else 0))
@@ -437,7 +437,8 @@ class GalleryIndex:
             idx[r, :m], out[r, :m] = c[:m], v[:m]
         return Neighbours(idx, out)
 
-    def _search_allowed(self, q: np.ndarray, k: int, allowed: np.ndarray) -> Neighbours:
+    def _search_allowed(self, q: np.ndarray, k: int, allowed: np.ndarray,
+                        self_ids: np.ndarray | None = None) -> Neighbours:
         faiss = _faiss()
         share = max(float(allowed.mean()), 1.0 / max(len(allowed), 1))
         bitmap = np.packbits(allowed, bitorder="little")  # alive until the search returns
@@ -451,7 +452,7 @@ class GalleryIndex:
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=ef)
         else:
             params = faiss.SearchParameters(sel=sel)
-        want = min(int(allowed.sum()), k * (RERANK if kind == "ivfpq" else 1))
+        want = min(int(allowed.sum()), k * (RERANK if kind == "ivfpq" else 1) + (1 if self_ids is not None else 0))
         idx = np.full((len(q), k), -1, np.int64)
         out = np.full((len(q), k), np.inf, np.float32)
         if want == 0 or len(q) == 0:
@@ -459,6 +460,8 @@ class GalleryIndex:
         sims, ids = self.index.search(q, want, params=params)  # the CPU index: GPU indexes take no selector
         if kind == "ivfpq":
             sims = _inner_products_by_idx(q, self.embeddings, ids)
+        if self_ids is not None:  # a gallery item is never its own neighbour, allowed or not
+            ids = np.where(ids == np.asarray(self_ids)[:, None], -1, ids)
         sims = np.where(ids >= 0, sims, -np.inf)
         order = np.lexsort((ids, -sims), axis=1)[:, :k]
         m = min(k, ids.shape[1])

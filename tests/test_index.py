@@ -575,3 +575,23 @@ def test_exact_copies_do_not_lower_the_measured_recall_and_come_back_in_row_orde
     assert recall_at_10(other, truth) == pytest.approx(1 / 3)
     assert recall_at_10(other, truth, np.array([[0.0, 0.0, 0.1]], np.float32), truth_dist) == 1.0
     assert recall_at_10(other, truth, np.array([[0.0, 0.2, 0.3]], np.float32), truth_dist) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_a_filtered_search_of_gallery_items_never_returns_the_item_itself(kind, vectors):
+    """self_ids hold with a filter too: the item is left out and k others come back, as exact search
+    over the allowed rows gives them."""
+    g = vectors[:2000]
+    gi = build_index(g, kind, store_sha256="s")
+    allowed = np.zeros(len(g), bool)
+    allowed[::2] = True  # the queries (even rows) are allowed themselves
+    rows = np.arange(0, 40, 2)
+    got = gi.search(g[rows], 5, self_ids=rows, allowed=allowed)
+    assert (got.indices != rows[:, None]).all() and (got.indices >= 0).all()
+    assert allowed[got.indices].all()
+    if kind == "flat":
+        sims = g[rows] @ g.T
+        sims[:, ~allowed] = -np.inf
+        sims[np.arange(len(rows)), rows] = -np.inf
+        want = np.argsort(-sims, axis=1, kind="stable")[:, :5]
+        assert got.indices.tolist() == want.tolist()
