@@ -11,6 +11,7 @@ rn50 or convnext, for a convolutional tower, open_clip's RN50 or ConvNeXt-T (its
 time by op type too).
 
     python -m benchmarks.embed [--seconds 6] [--e2e-images 1000] [--compare fashion-siglip|rn50|convnext|none|DIR]
+    python -m benchmarks.embed --compare none --e2e-decode cpu,cpu-simd --e2e-rounds 3  # both CPU resizers, end to end
     python -m benchmarks.embed --tiny                 # tiny models, 16 small JPEGs, static int8 only: checks the script
 """
 
