@@ -778,15 +778,42 @@ def check_meta_columns(spec: DatasetSpec, asked: Sequence[str] | None) -> Any:
         table = read_metadata(spec, asked)  # not parquet: the same check, by reading the columns
         return None if table is None else table.schema
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    with opener(files[0]) as source:
-        footer = _FOOTERS.get(str(files[0])) or _read_footer(source) or pq.read_metadata(source)
-    if opener is not _open_local_file:
-        _FOOTERS[str(files[0])] = footer  # kept for the build's read, as check_dataset does
-    schema = footer.schema.to_arrow_schema()
+    schema = _union_schema(_footers(files, opener, spec))
     kept = _chosen(scalar_columns(schema, spec), asked, schema.names, spec)
     return pa.schema([schema.field(c) for c in kept])
+
+
+def _footers(files: list[Any], opener: Callable[[Any], AbstractContextManager[Any]], spec: DatasetSpec
+             ) -> list[tuple[Any, Any]]:
+    """(file, footer) of each parquet file a read of `spec` touches: every one, or those that hold
+    rows under --limit. A remote footer is kept for the read that follows, as check_dataset does."""
+    import pyarrow.parquet as pq
+
+    out, seen = [], 0
+    for f in files:
+        if spec.limit is not None and seen >= spec.limit:
+            break
+        with opener(f) as source:
+            footer = _FOOTERS.get(str(f)) or _read_footer(source) or pq.read_metadata(source)
+        if opener is not _open_local_file:
+            _FOOTERS[str(f)] = footer
+        out.append((f, footer))
+        seen += footer.num_rows
+    return out
+
+
+def _union_schema(footers: list[tuple[Any, Any]]) -> Any:
+    """Every column of the files, once: a column one shard lacks, or holds only nulls in (arrow's
+    null type), takes its type from a shard that has values."""
+    import pyarrow as pa
+
+    fields: dict[str, Any] = {}
+    for _, footer in footers:
+        for f in footer.schema.to_arrow_schema():
+            if f.name not in fields or pa.types.is_null(fields[f.name].type):
+                fields[f.name] = f
+    return pa.schema(list(fields.values()))
 
 
 def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None) -> Any:
@@ -864,15 +891,15 @@ def _parquet_metadata(files: list[Any], opener: Callable[[Any], AbstractContextM
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parts, columns, seen = [], None, 0
-    for f in files:
-        if spec.limit is not None and seen >= spec.limit:
-            break
+    # the columns of every file read (a column the first lacks is one of them), each footer read once:
+    # a remote file's by two exact reads (_read_footer), not pyarrow's 64 KiB tail read
+    footers = _footers(files, opener, spec)
+    schema = _union_schema(footers)
+    columns = _chosen(scalar_columns(schema, spec), asked, schema.names, spec)
+    parts, seen = [], 0
+    for f, footer in footers:
         with opener(f) as source:
-            # a remote file's footer by two exact reads (_read_footer), not pyarrow's 64 KiB tail read
-            pf = pq.ParquetFile(source, pre_buffer=False, metadata=_read_footer(source))
-            if columns is None:
-                columns = _chosen(scalar_columns(pf.schema_arrow, spec), asked, pf.schema_arrow.names, spec)
+            pf = pq.ParquetFile(source, pre_buffer=False, metadata=footer)
             n = pf.metadata.num_rows if spec.limit is None else min(pf.metadata.num_rows, spec.limit - seen)
             groups, at = [], 0  # only the row groups that hold rows < limit (a hub file is read by ranges)
             for g in range(pf.num_row_groups):

@@ -387,10 +387,11 @@ def test_group_by_per_query_in_the_api_and_on_the_page(built, tiny_onnx, browser
 
 def test_shards_that_disagree_on_a_columns_type_or_lack_one(tmp_path):
     """Shards written apart: an int32 and an int64 price are one int64 column, a shard without a
-    column gives nulls there; a text in one and a number in another is a clear refusal."""
+    column (the first one too) gives nulls there; a text in one and a number in another is a clear
+    refusal."""
     import pyarrow as pa
 
-    from pipeline.dataset import DatasetSpec, read_metadata
+    from pipeline.dataset import DatasetSpec, check_meta_columns, read_metadata
     from pipeline.errors import PipelineError
 
     def shard(folder: Path, name: str, **columns) -> None:
@@ -406,6 +407,15 @@ def test_shards_that_disagree_on_a_columns_type_or_lack_one(tmp_path):
     assert table.column("source_row").to_pylist() == [0, 1, 2]
     assert table.column("price").to_pylist() == [1, 2, 3] and str(table.schema.field("price").type) == "int64"
     assert table.column("colour").to_pylist() == ["red", "tan", None]
+    # the first shard lacks a column, or holds only nulls in it (arrow's null type): kept, from the others
+    late = tmp_path / "late"
+    shard(late, "train-00000-of-00003.parquet", price=pa.array([1, 2]))
+    shard(late, "train-00001-of-00003.parquet", price=pa.array([3]), colour=pa.array([None], pa.null()))
+    shard(late, "train-00002-of-00003.parquet", price=pa.array([4]), colour=pa.array(["red"]))
+    table = read_metadata(DatasetSpec(name=str(late)))
+    assert table.column("colour").to_pylist() == [None, None, None, "red"]
+    assert str(table.schema.field("colour").type) == "string"
+    assert check_meta_columns(DatasetSpec(name=str(late)), ["colour"]).names == ["colour"]
     bad = tmp_path / "bad"
     shard(bad, "train-00000-of-00002.parquet", size=pa.array(["M", "L"]))
     shard(bad, "train-00001-of-00002.parquet", size=pa.array([40], pa.int64()))
