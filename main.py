@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -47,6 +48,18 @@ def _unit_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0.0 < v <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return v
+
+
+def _weight(text: str) -> float:
+    """argparse type: a finite number >= 0 (a weight; what is to be taken away is a --negative-text)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (to subtract a text, give it with "
+                                         f"--negative-text), got {text}")
     return v
 
 
@@ -106,7 +119,7 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
     _add(search, "--fusion", choices=("sum", "rrf"),
          help="how a picture and texts make one query: sum = weighted sum of the normalized vectors; rrf = "
          "reciprocal-rank fusion of their result lists")
-    _add(search, "--text-weight", type=float,
+    _add(search, "--text-weight", type=_weight,
          help="in a picture-plus-text sum: the texts' weight against the picture's 1")
     _add(search, "--export", dest="exports", action="append", metavar="KIND:DIR", default=None,
          help="export the store with its metadata to lancedb:DIR, qdrant:DIR (local mode) or parquet:DIR; "

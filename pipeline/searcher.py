@@ -520,6 +520,9 @@ def combine(picture: np.ndarray, texts: np.ndarray, negative: np.ndarray | None 
     """A picture-plus-text query (Marqo's and clip-retrieval's weighted form): the picture's vector
     plus text_weight times each text's, minus text_weight times each negative text's, normalized.
     All inputs L2-normalized float32: (D,), (T, D), (U, D). Returns float32 (D,)."""
+    if not (np.isfinite(text_weight) and text_weight >= 0):
+        raise UsageError(f"the text weight must be a finite number >= 0 (a text to subtract is a negative text), "
+                         f"got {text_weight}")
     v = np.asarray(picture, np.float64) + text_weight * np.asarray(texts, np.float64).sum(axis=0)
     if negative is not None and len(negative):
         v = v - text_weight * np.asarray(negative, np.float64).sum(axis=0)

@@ -23,6 +23,8 @@ for new rows. Nothing is rewritten when nothing changed.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import hashlib
 import json
 import logging
@@ -100,9 +102,14 @@ def export_table(embeddings: np.ndarray, rows: Sequence[ManifestRow], meta: Meta
         "person": pa.array([rows[j].person for j in order], pa.int64()),
     }
     if meta is not None:
+        import pyarrow.compute as pc
+
         taken = meta.table.take(pa.array(order, pa.int64()))
         for name in taken.column_names:
-            columns[exported_name(name)] = taken.column(name)
+            column = taken.column(name)
+            if pa.types.is_floating(column.type):  # a NaN is a missing value to our filters: null there too
+                column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+            columns[exported_name(name)] = column
     vectors = np.ascontiguousarray(embeddings[order], np.float32)
     table = pa.table(columns)
     digests = [_digest(vectors[i], table.slice(i, 1).to_pylist()[0]) for i in range(len(order))]
@@ -293,7 +300,15 @@ class _Qdrant:
 
 
 def _plain(v: Any) -> Any:
-    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+    """A metadata value as a Qdrant payload value: a decimal as a number (its range filters compare
+    numbers), a date or time in ISO 8601 (what its datetime range filters parse)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    if isinstance(v, (datetime.date, datetime.time)):  # datetime.datetime is a date
+        return v.isoformat()
+    return str(v)
 
 
 class _Parquet:

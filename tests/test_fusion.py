@@ -87,6 +87,19 @@ def test_combine_is_the_normalized_weighted_sum():
         combine(E[0], np.stack([E[0]]), np.stack([E[0], E[0]]), 1.0)
 
 
+@pytest.mark.parametrize("weight", ["nan", "inf", "-0.5"])
+def test_a_weight_that_is_not_a_finite_number_at_least_0_is_refused(weight, capsys):
+    """A NaN weight made a NaN query, which found nothing, and the run said nothing (exit 0)."""
+    import main as cli
+
+    assert cli.main(["--query-image", "a.jpg", "--query-text", "in red", "--text-weight", weight]) == 2
+    assert "--text-weight: must be a finite number >= 0" in capsys.readouterr().err
+    from pipeline.errors import UsageError
+
+    with pytest.raises(UsageError, match="text weight must be a finite number"):
+        combine(np.eye(1, 4, dtype=np.float32)[0], np.eye(1, 4, dtype=np.float32), text_weight=float(weight))
+
+
 def test_the_cli_makes_one_query_per_picture(tiny_onnx, tmp_path):
     data = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(40, 56, seed=950 + i) for i in range(8)])
     out = tmp_path / "out"

@@ -234,3 +234,52 @@ def test_a_parquet_export_whose_schema_changed_is_written_again_whole(tmp_path):
         assert read.schema.field("stock").type == kind and read.num_rows == 3
         assert dict(zip(read.column("file").to_pylist(), read.column("stock").to_pylist())) == {
             "img_0.jpg": 1, "img_1.jpg": 2, "img_2.jpg": 3}
+
+
+def test_nan_decimals_and_dates_go_out_as_the_databases_filter_them(tmp_path):
+    """A float's NaN is a missing value to our filters: null in every export, so `price IS NULL` and
+    `price > 100` agree with LanceDB's; a decimal goes to Qdrant as a number (its range filters
+    compare numbers, not text) and a date or timestamp in ISO 8601 (what its datetime range parses)."""
+    import datetime
+    import decimal
+    import hashlib
+
+    import pyarrow as pa
+    from qdrant_client import QdrantClient, models
+
+    from pipeline.metadata import Metadata
+    from pipeline.store import ManifestRow
+    from pipeline.vectordb import ExportTarget, export_store
+
+    n = 4
+    rows = [ManifestRow(index=i, file=f"img_{i}.jpg", source_row=i, embedding_row=i,
+                        source_sha256=hashlib.sha256(bytes([i])).hexdigest()) for i in range(n)]
+    vectors = np.eye(n, 8, dtype=np.float32)
+    meta = Metadata(pa.table({
+        "price": pa.array([10.0, float("nan"), 150.0, None]),
+        "cost": pa.array([decimal.Decimal(x) for x in ("49.50", "120.00", "9.99", "5.25")], pa.decimal128(10, 2)),
+        "day": pa.array([datetime.date(2026, 1, d) for d in (1, 2, 3, 4)]),
+        "ts": pa.array([datetime.datetime(2026, 1, d, 10, tzinfo=datetime.timezone.utc) for d in (1, 2, 3, 4)],
+                       pa.timestamp("us", tz="UTC")),
+    }))
+    identity = {"backend": "onnx", "onnx_sha256": "a" * 64}
+    for kind in ("lancedb", "qdrant", "parquet"):
+        export_store(ExportTarget(kind, tmp_path / kind), vectors, rows, meta, identity, "s" * 64)
+    table = lancedb.connect(str(tmp_path / "lancedb")).open_table("gallery")
+    for where in ("price IS NULL", "price > 100", "NOT price < 50", "price != 10"):
+        lance = sorted(table.search().where(where).limit(10).to_arrow().column("file").to_pylist())
+        assert lance == [f"img_{i}.jpg" for i in np.flatnonzero(meta.mask(where))], where
+    back = pq.read_table(sorted((tmp_path / "parquet").glob("part_*.parquet"))[0])
+    assert back.column("price").to_pylist() == [10.0, None, 150.0, None]
+    client = QdrantClient(path=str(tmp_path / "qdrant"))
+
+    def found(condition) -> list[int]:
+        points = client.query_points("gallery", query=[1.0] * 8, query_filter=models.Filter(must=[condition]),
+                                     limit=10).points
+        return sorted(int(p.payload["file"][4]) for p in points)
+
+    assert found(models.FieldCondition(key="cost", range=models.Range(lt=100))) == [0, 2, 3]
+    assert found(models.IsNullCondition(is_null=models.PayloadField(key="price"))) == [1, 3]
+    for key in ("day", "ts"):
+        assert found(models.FieldCondition(key=key, range=models.DatetimeRange(gte="2026-01-03T00:00:00Z"))) == [2, 3]
+    client.close()
