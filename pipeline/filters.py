@@ -322,9 +322,13 @@ def _evaluate(node: Node, table: Any) -> Any:
         return pc.is_null(col)
     if node.op == "is not null":
         return pc.is_valid(col)
-    if pa.types.is_integer(col.type) and any(isinstance(v, float) for v in node.values):
-        col = col.cast(pa.float64())  # 49.5 must not become 49
-    values = [_scalar(v, col.type) for v in node.values]
+    if pa.types.is_integer(col.type) and any(_beyond_integers(v, col.type) for v in node.values):
+        # 49.5 must not become 49, and 10**20 is over every int64: compared as SQL does, in double
+        # precision (a count over 2**53 rounded to the nearest double, as such a literal is)
+        col = col.cast(pa.float64(), safe=False)
+        values = [pa.scalar(float(v), pa.float64()) if _is_number(v) else _scalar(v, col.type) for v in node.values]
+    else:
+        values = [_scalar(v, col.type) for v in node.values]
     if node.op in ("in", "not in"):
         found = pc.is_in(col, value_set=pa.array(_held(values, col.type), type=col.type), skip_nulls=True)
         found = pc.if_else(pc.is_null(col), pa.scalar(None, pa.bool_()), found)
@@ -332,6 +336,21 @@ def _evaluate(node: Node, table: Any) -> Any:
     fn = {"=": pc.equal, "!=": pc.not_equal, "<": pc.less, "<=": pc.less_equal, ">": pc.greater,
           ">=": pc.greater_equal}[node.op]
     return fn(col, values[0])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _beyond_integers(value: Any, arrow_type: Any) -> bool:
+    """A number an integer column cannot be compared with as an integer: a fraction, or a whole number
+    past the 64-bit integers of the column's kind."""
+    import pyarrow as pa
+
+    if not _is_number(value):
+        return False
+    top = 2**64 if pa.types.is_unsigned_integer(arrow_type) else 2**63
+    return isinstance(value, float) or not -(2**63) <= value < top
 
 
 def _held(values: list[Any], arrow_type: Any) -> list[Any]:

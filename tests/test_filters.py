@@ -215,3 +215,20 @@ def test_in_takes_dates_and_leaves_out_values_a_column_cannot_hold():
     assert match("dec IN (49.555)") == [] and match("dec IN (1e30, 10.5)") == [1] and match("dec IN (49.5)") == [0]
     ns = pa.table({"t": pa.array([1_000_000_001, 5], pa.timestamp("ns"))})  # a nanosecond is no Python datetime
     assert Filter.parse("t IN ('1970-01-01 00:00:01.000000001')", ns.schema).mask(ns).tolist() == [True, False]
+
+
+def test_a_number_past_the_64_bit_integers_compares_as_sql_does():
+    """10**20 is over every int64: `stock < 10**20` is every row with a stock (it was refused as a value
+    that does not fit); a fraction beside counts past 2**53 compares in double precision, as the literal."""
+    t = pa.table({"stock": pa.array([1, 2, None], pa.int64()), "big": pa.array([2**53 + 1, 2**53, 0], pa.int64()),
+                  "u64": pa.array([2**63 + 5, 1, 2], pa.uint64())})
+
+    def mask(text: str) -> list[int]:
+        return np.flatnonzero(Filter.parse(text, t.schema).mask(t)).tolist()
+
+    assert mask("stock < 99999999999999999999") == [0, 1]
+    assert mask("stock > -99999999999999999999") == [0, 1]
+    assert mask("stock = 99999999999999999999") == []
+    assert mask("big = 9007199254740993") == [0]  # whole: exact
+    assert mask("big IN (9007199254740993, 1.5)") == [0, 1]  # with a fraction: as doubles, 2**53 + 1 is 2**53
+    assert mask(f"u64 > {2**63}") == [0]  # an unsigned column holds it: exact
