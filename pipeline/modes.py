@@ -134,6 +134,16 @@ _AFTER: tuple[Check, ...] = (
         "--fresh rebuilds the gallery; it cannot be combined with a cache flag",
     ),
     (
+        lambda c: bool({"fusion", "text_weight"} & c.explicit)
+        and not (c.query.images and c.query.texts) and not c.serve.enabled,
+        "--fusion and --text-weight say how a picture and texts make one query: give them with --query-image "
+        "and --query-text (or --serve, whose page takes a picture and a text)",
+    ),
+    (
+        lambda c: "negative_text" in c.explicit and not c.query.images,
+        "--negative-text is taken away from a picture's query: give it with --query-image",
+    ),
+    (
         lambda c: "backend" in c.explicit
         and c.embedder.backend in BACKENDS
         and c.embedder.precision not in BACKENDS[c.embedder.backend].precisions,

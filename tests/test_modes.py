@@ -60,11 +60,25 @@ def test_modes_are_declared_once_and_the_gallery_comes_last():
         (RunConfig(exports=("parquet:out.parquet",), group_by="item_id", filter="price < 5"),
          "--filter and --group-by shape searches"),
         (RunConfig(export=ExportSpec(enabled=True), group_by="item_id"), "--export-onnx does not search"),
+        (RunConfig(query=QuerySpec(texts=("red",), fusion="rrf"), explicit=frozenset({"fusion"})),
+         "--fusion and --text-weight say how a picture and texts make one query"),
+        (RunConfig(query=QuerySpec(images=("a.jpg",)), explicit=frozenset({"text_weight"})),
+         "give them with --query-image and --query-text"),
+        (RunConfig(query=QuerySpec(texts=("red",), negative=("buttons",)), explicit=frozenset({"negative_text"})),
+         "--negative-text is taken away from a picture's query: give it with --query-image"),
     ],
 )
 def test_refusals_come_from_the_registry(cfg, message):
     problem = check_config(cfg, _spell)
     assert problem is not None and message in problem
+
+
+def test_picture_and_text_flags_are_taken_where_a_picture_meets_a_text():
+    both = QuerySpec(images=("a.jpg",), texts=("in red",), negative=("buttons",), fusion="rrf")
+    assert check_config(RunConfig(query=both, explicit=frozenset({"fusion", "text_weight", "negative_text"})),
+                        _spell) is None
+    assert check_config(RunConfig(serve=ServeSpec(enabled=True), explicit=frozenset({"fusion", "text_weight"})),
+                        _spell) is None
 
 
 def test_a_new_mode_is_one_entry(monkeypatch):
