@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -279,16 +281,27 @@ NEIGHBOUR_COLUMNS = ("query", "query_file", "rank", "neighbour", "neighbour_file
 
 
 def write_neighbours_csv(path: str | Path, rows: Iterator[tuple], columns: Sequence[str] = NEIGHBOUR_COLUMNS) -> int:
-    """Write the neighbour table atomically; returns the number of lines written."""
+    """Write the neighbour table atomically; returns the number of lines written. The distance is
+    written to 6 decimals; another float (a metadata value) as it is (1e-07, not 0.000000), a NaN
+    as the missing value it is (empty)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
+    distance = list(columns).index("distance") if "distance" in columns else -1
     n = 0
     for row in rows:
-        w.writerow([f"{v:.6f}" if isinstance(v, float) else v for v in row])
+        w.writerow([_csv_value(v, k == distance) for k, v in enumerate(row)])
         n += 1
     atomic_write_text(path, buf.getvalue())
     return n
+
+
+def _csv_value(value: Any, distance: bool) -> Any:
+    if not isinstance(value, float):
+        return value
+    if distance:
+        return f"{value:.6f}"
+    return "" if math.isnan(value) else repr(value)
 
 
 def _lowest_on_the_edge(sims: np.ndarray, part: np.ndarray, top: np.ndarray) -> None:

@@ -114,6 +114,18 @@ def test_query_results_carry_the_metadata_and_honour_the_filter(built, tiny_onnx
         lines = list(csv.DictReader(f))
     assert list(lines[0])[-5:] == ["category", "colour", "price", "stock", "item_id"]
     assert len(lines) == 4 and all(r["category"] == "top" and float(r["price"]) < 100 for r in lines)
+    prices = {f"{v:.6f}": v for v in shop()["price"]}
+    assert all(r["price"] == repr(prices[f"{float(r['price']):.6f}"]) for r in lines)  # as it is, not to 6 places
+    assert all(len(r["distance"].split(".")[1]) == 6 for r in lines)
+
+
+def test_a_metadata_float_is_written_as_it_is_and_a_nan_as_missing(tmp_path):
+    from pipeline.retrieval import write_neighbours_csv
+
+    path = tmp_path / "t.csv"
+    write_neighbours_csv(path, iter([("q", 1, 0.12345678, 1e-07, float("nan"), 2.5)]),
+                         columns=("query", "rank", "distance", "tiny", "missing", "price"))
+    assert path.read_text().splitlines()[1] == "q,1,0.123457,1e-07,,2.5"
 
 
 @pytest.mark.parametrize(
