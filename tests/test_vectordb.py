@@ -259,7 +259,7 @@ def test_nan_decimals_and_dates_go_out_as_the_databases_filter_them(tmp_path):
         "price": pa.array([10.0, float("nan"), 150.0, None]),
         "cost": pa.array([decimal.Decimal(x) for x in ("49.50", "120.00", "9.99", "5.25")], pa.decimal128(10, 2)),
         "day": pa.array([datetime.date(2026, 1, d) for d in (1, 2, 3, 4)]),
-        "ts": pa.array([datetime.datetime(2026, 1, d, 10, tzinfo=datetime.timezone.utc) for d in (1, 2, 3, 4)],
+        "ts": pa.array([datetime.datetime(2026, 1, d, 10, tzinfo=datetime.UTC) for d in (1, 2, 3, 4)],
                        pa.timestamp("us", tz="UTC")),
     }))
     identity = {"backend": "onnx", "onnx_sha256": "a" * 64}
