@@ -3,19 +3,24 @@ cut into its persons, each a query) and see the gallery's top-k; the run's HTML 
 
 FastAPI on uvicorn, bound to 127.0.0.1 unless --host says otherwise. The model, the store and its
 index are loaded once; a query is answered exactly as --query-text / --query-image answer it (same
-embedder, same search). Uploads are checked before they are decoded: over MAX_UPLOAD_BYTES, not an
-image, or a picture whose header claims too many pixels get a 4xx with the reason, and the app goes
-on serving.
+embedder, same search). A request body over its endpoint's limit is refused before it is read
+(MAX_UPLOAD_BYTES for a picture, MAX_BODY_BYTES for the rest); an upload not an image, or whose
+header claims over MAX_UPLOAD_PIXELS, gets a 4xx with the reason, and at most DECODING uploads are
+decoded and embedded at once, so a burst of large pictures cannot take the machine's memory. Only
+the report's folders are served as files, and on loopback only requests named for loopback are
+answered (a page on another site cannot read the catalogue through a rebound DNS name).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime,
 # and those name classes imported inside the functions that add the endpoints (FastAPI loads only for
 # --serve).
 import errno
+import io
 import logging
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +43,9 @@ from .searcher import Hit
 log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 20 << 20
+MAX_BODY_BYTES = 64 << 10  # a text query, a filter: any body but an upload's
+MAX_UPLOAD_PIXELS = 40_000_000  # a query picture (a 50 MP camera's photo is over it: said, not decoded)
+DECODING = 2  # uploads decoded and embedded at once; the others wait
 MAX_TEXT_CHARS = 500
 MAX_K = 100
 PAGE = Path(__file__).parent / "templates" / "search.html"
@@ -65,6 +73,7 @@ class SearchService:
     cfg: RunConfig
     catalog: Catalog
     latencies: list[float] = field(default_factory=list)
+    decoding: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(DECODING))
 
     @classmethod
     def load(cls, cfg: RunConfig, summary: RunSummary | None = None) -> "SearchService":
@@ -96,17 +105,91 @@ class SearchService:
         segment=True on a server that does not segment (or a column it does not keep)."""
         if segment and not self.can_segment:
             raise UsageError(NO_SEGMENTER)
-        if text:
-            q = self.cfg.query
-            found = self.catalog.search_combined(data, [text], (), k, q.fusion, q.text_weight, segment=segment,
-                                                 name=name, filter=filter, group_by=group_by)
-        else:
-            found = self.catalog.search_image(data, k, segment=segment, name=name, filter=filter, group_by=group_by)
+        check_upload_pixels(data)
+        with self.decoding:
+            if text:
+                q = self.cfg.query
+                found = self.catalog.search_combined(data, [text], (), k, q.fusion, q.text_weight, segment=segment,
+                                                     name=name, filter=filter, group_by=group_by)
+            else:
+                found = self.catalog.search_image(data, k, segment=segment, name=name, filter=filter,
+                                                  group_by=group_by)
         said = f" + “{text}”" if text else ""
         return [{"label": q.label + said, "results": self.as_json(q.hits)} for q in found]
 
     def thumbnail_jpeg(self, row: int) -> bytes:
         return encode_jpeg(Image.fromarray(self.catalog.thumbnail(row)), quality=88)
+
+    def thumbnail_etag(self, row: int) -> str:
+        """Row `row`'s thumbnail's version: the store's manifest (an update gives rows other photos)."""
+        return f'"{self.catalog.cache.sidecar.manifest_sha256[:16]}-{row}"'
+
+
+def check_upload_pixels(data: bytes) -> None:
+    """ImageDecodeError when the picture's header claims over MAX_UPLOAD_PIXELS (read from the header
+    alone); bytes that are no picture are left to the decoder, which says what they are."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001 - not a picture, or a damaged one: the decoder's message says which
+        return
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise ImageDecodeError(f"refused: {width}x{height} is {width * height / 1e6:.0f} megapixels; a query picture "
+                               f"may have at most {MAX_UPLOAD_PIXELS / 1e6:.0f}")
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over its path's limit is answered 413 before it is read (by
+    its Content-Length), or as soon as a body sent in chunks passes it."""
+
+    def __init__(self, app, limits: dict[str, int], default: int) -> None:
+        self.app, self.limits, self.default = app, limits, default
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.get(scope["path"], self.default)
+        length = dict(scope.get("headers", ())).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await _too_large(send, limit)
+            return
+        from starlette.exceptions import HTTPException
+
+        seen, started = 0, False
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # raised in the app's read of the body: FastAPI answers it as it is
+                    raise HTTPException(413, _over(limit))
+            return message
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except HTTPException as e:  # read outside an endpoint (a middleware's): answered here
+            if e.status_code != 413 or started:
+                raise
+            await _too_large(send, limit)
+
+
+def _over(limit: int) -> str:
+    return f"the request is over {limit >> 10} KiB"
+
+
+async def _too_large(send, limit: int) -> None:
+    body = f'{{"detail": "{_over(limit)}"}}'.encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 TOKEN_ENV = "FASHION_SEARCH_TOKEN"
@@ -200,14 +283,26 @@ def create_app(service: SearchService):
             f"--serve needs FastAPI and uvicorn ({e}): pip install fastapi uvicorn python-multipart"
         ) from e
 
+    cfg = service.cfg
     app = FastAPI(title="Fashion visual search", docs_url=None, redoc_url=None)
-    if (token := required_token(service.cfg)) is not None:
+    if (token := required_token(cfg)) is not None:
         _add_auth(app, token)
+    elif cfg.serve.host in LOOPBACK:  # a rebound DNS name reaches loopback too: only loopback's names are answered
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted(LOOPBACK | {"[::1]"}))
+    app.add_middleware(_BodyLimit, limits={"/api/image": MAX_UPLOAD_BYTES + MAX_BODY_BYTES}, default=MAX_BODY_BYTES)
     _add_page_endpoints(app, service)
     _add_query_endpoints(app, service)
     _add_file_endpoints(app, service)
-    app.mount("/files", StaticFiles(directory=str(service.cfg.output_dir)), name="files")
+    # the report's folders only: not the store (vectors, manifest, metadata) nor the gallery's photos
+    for folder in REPORT_FOLDERS:
+        app.mount(f"/files/{folder}", StaticFiles(directory=str(cfg.output_dir / folder), check_dir=False),
+                  name=f"files-{folder}")
     return app
+
+
+REPORT_FOLDERS = ("outputs", "retrieval_results", "video_results")
 
 
 def _add_page_endpoints(app, service: SearchService) -> None:
@@ -276,6 +371,8 @@ def _add_query_endpoints(app, service: SearchService) -> None:
             return {"query": words, "results": timed(lambda: service.text(words, k, asked, grouping))}
         except UsageError as e:  # the filter is parsed, checked and never run as code; an unknown column
             raise HTTPException(422, str(e)) from None
+        except PipelineError as e:  # e.g. an ONNX file without its text tower beside it
+            raise HTTPException(503, str(e)) from None
 
     @app.post("/api/image")
     def image(file: UploadFile = File(...), segment: bool = Form(False), k: int = Form(cfg.top_k),
@@ -308,16 +405,21 @@ def _add_query_endpoints(app, service: SearchService) -> None:
 
 def _add_file_endpoints(app, service: SearchService) -> None:
     """/thumb/<row>.jpg (a gallery item's thumbnail) and /report (the run's HTML report)."""
-    from fastapi import HTTPException
+    from fastapi import HTTPException, Request
     from fastapi.responses import RedirectResponse, Response
 
     cfg, catalog = service.cfg, service.catalog
 
     @app.get("/thumb/{row}.jpg")
-    def thumb(row: int) -> Response:
+    def thumb(row: int, request: Request) -> Response:
         if not 0 <= row < len(catalog):
             raise HTTPException(404, f"no gallery item {row}")
-        return Response(service.thumbnail_jpeg(row), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        # a row holds another photo after an update: the browser asks again each time, and gets the
+        # picture only when the store changed (304 otherwise)
+        headers = {"Cache-Control": "no-cache", "ETag": service.thumbnail_etag(row)}
+        if request.headers.get("if-none-match") == headers["ETag"]:
+            return Response(status_code=304, headers=headers)
+        return Response(service.thumbnail_jpeg(row), media_type="image/jpeg", headers=headers)
 
     @app.get("/report")
     def report() -> RedirectResponse:

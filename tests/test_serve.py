@@ -189,6 +189,89 @@ def test_the_report_is_served(served):
     assert httpx.get(url + "/files/outputs/report/sections.js").status_code == 200
 
 
+def _raw_post(url: str, path: str, headers: str, chunks) -> str:
+    """POST through a plain socket (a client that declares what it likes, or sends in chunks); the
+    server may answer and close before the body is all sent: what it answered is returned."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        try:
+            conn.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n".encode())
+            for chunk in chunks:
+                conn.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        return conn.recv(4096).decode(errors="replace")
+
+
+def _chunked(parts, size: int, count: int):
+    for part in parts:
+        yield f"{len(part):x}\r\n".encode() + part + b"\r\n"
+    for _ in range(count):
+        yield f"{size:x}\r\n".encode() + bytes(size) + b"\r\n"
+    yield b"0\r\n\r\n"
+
+
+def test_bodies_over_their_limit_are_refused_before_they_are_read(served):
+    """A body's declared size over its endpoint's limit is answered 413 at once; one sent in chunks
+    with no size, as soon as it passes the limit; the next query still works."""
+    url, _, _ = served
+    declared = _raw_post(url, "/api/image", f"Content-Type: multipart/form-data; boundary=b\r\n"
+                         f"Content-Length: {300 << 20}\r\n", [b"x" * 16])  # says 300 MiB, sends 16 bytes
+    assert declared.startswith("HTTP/1.1 413") and "KiB" in declared
+    chunked = "Transfer-Encoding: chunked\r\n"
+    text = _raw_post(url, "/api/text", "Content-Type: application/json\r\n" + chunked, _chunked([], 8192, 40))
+    assert text.startswith("HTTP/1.1 413")  # 40 x 8 KiB: over the 64 KiB a text query may send
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\n\r\n'
+    upload = _raw_post(url, "/api/image", "Content-Type: multipart/form-data; boundary=b\r\n" + chunked,
+                       _chunked([head], 1 << 20, 22))  # past the 20 MB a picture may have
+    assert upload.startswith("HTTP/1.1 413")
+    assert httpx.post(url + "/api/text", json={"text": "blue shirt"}, timeout=30).status_code == 200
+
+
+def test_an_upload_of_too_many_pixels_is_refused_from_its_header(served):
+    """A small PNG that decodes to 81 megapixels: refused by its header, never decoded."""
+    url, _, _ = served
+    r = httpx.post(url + "/api/image", files={"file": ("wide.png", png_header_only(9000, 9000))}, timeout=30)
+    assert r.status_code == 413 and "81 megapixels; a query picture may have at most 40" in r.json()["detail"]
+
+
+def test_only_the_reports_folders_are_files_and_only_loopbacks_names_are_answered(served):
+    url, out, _ = served
+    assert httpx.get(url + "/files/outputs/report/sections.js").status_code == 200
+    assert (out / "embeddings" / "manifest.csv").is_file()
+    for path in ("/files/embeddings/manifest.csv", "/files/embeddings/embeddings.npy", "/files/images/"):
+        assert httpx.get(url + path).status_code == 404, path
+    rebound = httpx.get(url + "/api/info", headers={"host": "attacker.example"})
+    assert rebound.status_code == 400
+    assert httpx.get(url.replace("127.0.0.1", "localhost") + "/api/info").status_code == 200
+
+
+def test_a_thumbnail_is_revalidated_by_the_stores_version(served):
+    url, _, service = served
+    first = httpx.get(url + "/thumb/3.jpg")
+    assert first.status_code == 200 and first.headers["cache-control"] == "no-cache"
+    tag = first.headers["etag"]
+    assert tag == service.thumbnail_etag(3) and service.catalog.cache.sidecar.manifest_sha256[:16] in tag
+    again = httpx.get(url + "/thumb/3.jpg", headers={"if-none-match": tag})
+    assert again.status_code == 304 and not again.content
+    assert httpx.get(url + "/thumb/3.jpg", headers={"if-none-match": '"other-3"'}).status_code == 200
+
+
+def test_a_text_query_the_model_cannot_answer_is_a_503_with_the_reason(served, monkeypatch):
+    from pipeline.errors import PipelineError
+
+    url, _, service = served
+
+    def no_text_tower(*args, **kwargs):
+        raise PipelineError("text search with the ONNX backend needs its text tower beside the file")
+
+    monkeypatch.setattr(service.catalog, "search_text", no_text_tower)
+    r = httpx.post(url + "/api/text", json={"text": "dress"}, timeout=30)
+    assert r.status_code == 503 and "needs its text tower" in r.json()["detail"]
+
+
 def test_bounded_load_200_requests_from_8_clients(served):
     """200 requests (text and image, mixed), 8 at a time, each bounded by a timeout: no errors."""
     url, out, _ = served
