@@ -567,7 +567,8 @@ def near_pairs(index: DuplicateIndex, extra: tuple[np.ndarray, np.ndarray] | Non
 
 def groups_from_pairs(signals: PhotoSignals, pairs: Pairs, rule: NearRule = DEFAULT_RULE) -> list[DuplicateGroup]:
     """Connected components of the pairs (union-find), each with its kinds and distances to its
-    first photo; groups in the order of their first photos."""
+    first photo; groups in the order of their first photos. A member is "exact" when it has the
+    pixels of a member before it (the first photo: when another has its pixels), "near" otherwise."""
     n = len(signals)
     if len(pairs) == 0:
         return []
@@ -582,8 +583,11 @@ def groups_from_pairs(signals: PhotoSignals, pairs: Pairs, rule: NearRule = DEFA
     dist[exact] = 0.0
     groups = []
     for s, e in zip(starts.tolist(), np.r_[starts[1:], len(members)].tolist()):
-        kinds = ["exact" if x else "near" for x in exact[s:e].tolist()]
-        kinds[0] = "exact" if "exact" in kinds[1:] else "near"  # the first photo: has the group its pixels?
+        kinds, seen = [], set()
+        for p in signals.pixel[members[s:e]].tolist():  # a re-upload of a member before it: exact
+            kinds.append("exact" if p and p in seen else "near")
+            seen.add(p)
+        kinds[0] = "exact" if exact[s + 1 : e].any() else "near"  # the first photo: has the group its pixels?
         groups.append(DuplicateGroup(members[s:e].tolist(), kinds, [round(d, 4) for d in dist[s:e].tolist()]))
     return sorted(groups, key=lambda g: g.members[0])
 

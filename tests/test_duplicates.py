@@ -253,6 +253,17 @@ def test_groups_from_pairs_kinds_and_distances():
     assert groups[0].distances == [0.0, 0.0, round(d, 4)] and 0 < d
 
 
+def test_a_re_upload_of_a_copy_is_exact_though_not_of_the_first_photo():
+    """Rows 1 and 2 are one file, a near copy of row 0: row 2 is an exact copy (of row 1), row 1 and the
+    first photo near; each distance stays the distance to the first photo."""
+    sig = np.zeros((3, dup.SIGNATURE_SIZE), np.int8)
+    sig[1:, dup.PARTS["colour"]] = 1
+    signals = dup.PhotoSignals(np.array(["a" * 32, "b" * 32, "b" * 32]), sig)
+    groups = dup.groups_from_pairs(signals, dup.Pairs.of(np.array([0, 1]), np.array([1, 2]), "near"))
+    d = round(float(dup.signature_distances(sig[[0]], sig[[1]])[0]), 4)
+    assert [(g.members, g.kinds, g.distances) for g in groups] == [([0, 1, 2], ["near", "near", "exact"], [0.0, d, d])]
+
+
 def test_duplicates_csv(tmp_path):
     groups = [dup.DuplicateGroup([0, 2, 3], ["exact", "exact", "near"], [0.0, 0.0, 0.4321]),
               dup.DuplicateGroup([1, 4], ["near", "near"], [0.0, 0.91])]
