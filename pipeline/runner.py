@@ -127,6 +127,7 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
 
 
 REPORT_GROUPS = 60  # duplicate groups shown side by side in the report (duplicates.csv lists all)
+REPORT_MEMBERS = 12  # photos shown of each (a placeholder picture's group may hold thousands)
 
 
 def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[ManifestRow], nb: Neighbours | None,
@@ -167,7 +168,9 @@ def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[Manifes
         "groups": len(groups),
         "photos": sum(len(g.members) for g in groups),
         "csv": f"duplicates{cfg.suffix}.csv",
-        "shown": [[[m, k, d] for m, k, d in zip(g.members, g.kinds, g.distances)] for g in groups[:REPORT_GROUPS]],
+        "shown": [[[m, k, d] for m, k, d in list(zip(g.members, g.kinds, g.distances))[:REPORT_MEMBERS]]
+                  for g in groups[:REPORT_GROUPS]],
+        "sizes": [len(g.members) for g in groups[:REPORT_GROUPS]],
     }
     title = ("Segmented gallery" if cfg.segmented else "Gallery") + f" ({count_of(len(embedded), 'item')})"
     summary.outputs["report"] = str(write_section(cfg.plots_dir, Section(section_id, "gallery", title, summary, data)))

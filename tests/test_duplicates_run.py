@@ -227,3 +227,24 @@ def test_a_store_without_signals_says_what_it_left_out(tiny_onnx, tmp_path, caps
     said = capsys.readouterr().out
     assert f"duplicates: 11 items have no duplicate signals of this version ({SIGNATURE_VERSION}: made before" in said
     assert read_csv(out / "outputs" / "duplicates.csv") == []
+
+
+def test_the_report_shows_a_dozen_photos_of_a_large_group_and_says_how_many_more(tiny_onnx, tmp_path, browser):
+    """A placeholder picture re-encoded 20 times: its group lists 12 photos and says the 8 others are in
+    the CSV (a catalogue's placeholder group may hold thousands), and loads only their data pages."""
+    from tests.test_webreport import console_errors, wait
+
+    placeholder = decoded(product(0))
+    cells = [jpeg(placeholder, quality) for quality in range(60, 100, 2)] + [product(i) for i in range(1, 5)]
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
+    out = tmp_path / "out"
+    assert cli.main([*map(str, args(data, tiny_onnx, out))]) == 0
+    assert groups_by_row(out / "outputs" / "duplicates.csv") == [set(range(20))]
+    browser.get((out / "outputs" / "report.html").as_uri())
+    wait(browser, "document.querySelectorAll('.dupgroup .tile').length > 0")
+    tiles = browser.execute_script("return document.querySelectorAll('.dupgroup .tile').length")
+    more = browser.execute_script("return document.querySelector('.dupgroup .more').textContent")
+    assert tiles == 12 and more == "+ 8 more photos in the CSV"
+    wait(browser, "[...document.querySelectorAll('.dupgroup [data-file]')].every(c => c.textContent)")
+    browser.save_screenshot(str(tmp_path / "dups.png"))
+    assert console_errors(browser) == []
