@@ -107,6 +107,7 @@ BANDS = 4  # bands of 16 bits in each table
 TABLES = 2  # the first table keeps the bit order (the pigeonhole guarantee), the others permute it
 _HASH_SEED = 20261203  # the projections and permutations: fixed forever for one SIGNATURE_VERSION
 _HASH_BOUNDS = {"structure": 0.06, "colour": 0.05, "texture": 0.065}
+FIT_CELL = 8  # signature units a side of the cells HashCoder.fit counts each look once in
 
 
 def pixel_hash(rgb: np.ndarray, full_size: tuple[int, int] | None = None) -> str:
@@ -280,22 +281,27 @@ class HashCoder:
     """Turns look signatures into 64-bit hashes (SimHash): bit k says whether the signature's
     projection on a fixed random direction k lies above thresholds[k]. The directions weight each
     part by one over its bound and its length, so a part counts in the hash as in the rule; the
-    thresholds are the gallery's medians (`fit`), so every bit splits the gallery in half even
-    when its photos share a composition (on catalogue-like photos zero thresholds put ~half of all
-    pairs in a common bucket)."""
+    thresholds are the medians of the gallery's distinct looks (`fit`), so every bit splits the
+    gallery in half even when its photos share a composition (on catalogue-like photos zero
+    thresholds put ~half of all pairs in a common bucket)."""
 
     thresholds: np.ndarray  # float32 (64,)
     rule: NearRule = field(default_factory=lambda: DEFAULT_RULE)
 
     @classmethod
     def fit(cls, signatures: np.ndarray, rule: NearRule | None = None, sample: int = 100_000) -> HashCoder:
-        """Median thresholds over (an evenly spaced sample of) the gallery's signatures."""
+        """Median thresholds over (an evenly spaced sample of) the gallery's signatures, one per
+        coarse cell of signature space (FIT_CELL units a side): a picture present thousands of times
+        (a placeholder re-encoded per product) would otherwise put the medians among its own copies,
+        whose codes then differ at random (measured: 2,880 re-encodes of one photo beside 1,440
+        others fell into 28 groups; counted once per cell, one group)."""
         rule = rule or DEFAULT_RULE
         sig = _check_signatures(signatures)
         if len(sig) == 0:
             return cls(np.zeros(64, np.float32), rule)
-        step = max(1, len(sig) // sample)
-        return cls(np.median(_project(sig[::step], rule), axis=0).astype(np.float32), rule)
+        sampled = sig[:: max(1, len(sig) // sample)]
+        distinct = np.sort(np.unique(sampled // FIT_CELL, axis=0, return_index=True)[1])
+        return cls(np.median(_project(sampled[distinct], rule), axis=0).astype(np.float32), rule)
 
     def codes(self, signatures: np.ndarray) -> np.ndarray:
         """uint64 (N,) for int8 (N, SIGNATURE_SIZE) signatures."""
@@ -540,6 +546,8 @@ def _confirm(a: tuple[np.ndarray, np.ndarray, np.ndarray], b: tuple[np.ndarray, 
 
 
 ALL_PAIRS_UP_TO = 2048  # first photos: below this every pair is compared (hashes need a gallery)
+# 2: thresholds over distinct looks (HashCoder.fit), a re-upload of a copy exact: saved groups of 1 are found again
+FINDER_VERSION = 2
 
 
 def near_pairs(index: DuplicateIndex, extra: tuple[np.ndarray, np.ndarray] | None = None) -> Pairs:
@@ -830,7 +838,8 @@ def gallery_duplicates(rows: Sequence, neighbours: tuple[np.ndarray, np.ndarray]
 
 def groups_key(manifest_sha256: str, rule: NearRule = DEFAULT_RULE) -> str:
     """What saved groups hold for: the signature, the rule, the finder's settings and the manifest."""
-    settings = f"{rule.structure},{rule.colour},{rule.texture},{rule.max_bits};{ALL_PAIRS_UP_TO};{TABLES}x{BANDS}"
+    settings = (f"{rule.structure},{rule.colour},{rule.texture},{rule.max_bits};{ALL_PAIRS_UP_TO};{TABLES}x{BANDS};"
+                f"{FINDER_VERSION}")
     return f"{SIGNATURE_VERSION}/{settings}/{manifest_sha256}"
 
 

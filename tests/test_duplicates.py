@@ -326,3 +326,31 @@ def test_signature_is_independent_of_size_and_encoding():
     assert big.dtype == np.int8 and big.shape == (dup.SIGNATURE_SIZE,)
     assert dup.signature_distances(big[None], small[None])[0] < 0.5
     assert dup.signature_distances(big[None], dup.look_signature(lossless(im, "PNG"))[None])[0] == 0.0
+
+
+def test_a_picture_present_thousands_of_times_stays_one_group_past_the_all_pairs_size():
+    """A placeholder re-encoded per product: 2,600 JPEGs of one picture at other sizes and qualities
+    beside 1,500 other photos, past ALL_PAIRS_UP_TO. Counted once per look when the hash cuts are
+    fitted, the copies keep their codes and stay one group, as comparing all pairs finds them (with the
+    medians of every photo, the cuts fell among the copies: 1,200 of them in the group)."""
+    import io
+
+    from PIL import Image
+
+    from benchmarks.duplicates import Garment, catalogue_photo
+
+    placeholder = catalogue_photo(0, 100, Garment.of_product(300), (240, 320))
+    pictures = []
+    for quality in range(70, 96):
+        for scale in np.linspace(0.7, 1.0, 100):
+            buf = io.BytesIO()
+            placeholder.resize((round(240 * scale), round(320 * scale)), Image.Resampling.BILINEAR).save(
+                buf, "JPEG", quality=quality)
+            pictures.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    copies = dup.PhotoSignals.of_images(pictures)
+    others = random_signals(1500, seed=4)
+    signals = dup.PhotoSignals(np.concatenate([copies.pixel, others.pixel]),
+                               np.concatenate([copies.signature, others.signature]))
+    assert len(set(copies.pixel)) > dup.ALL_PAIRS_UP_TO  # distinct pixels: the hashes decide
+    biggest = max(dup.find_duplicates(signals), key=lambda g: len(g.members))
+    assert biggest.members == list(range(2600))
