@@ -530,24 +530,37 @@ def neighbour_pairs(
     return _unique_pairs(rows[keep], cols[keep])
 
 
+_FLAT_TEXTURE = int(np.round(np.log(_TEXTURE_FLOOR) * _SCALE[PARTS["texture"]][0]))  # no detail in any cell
+
+
+def flat_pictures(signatures: np.ndarray) -> np.ndarray:
+    """bool (N,): signatures of one-colour pictures (every texture cell at its floor: no detail at
+    all); their structure is float noise and their colour part grey-world's zero, whatever the colour."""
+    return (signatures[:, PARTS["texture"]] == _FLAT_TEXTURE).all(axis=1)
+
+
 def _confirm(a: tuple[np.ndarray, np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray, np.ndarray],
              rule: NearRule, chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
     """(passes, distance) of the near rule for pairs of rows: a and b are (signatures, hashes,
     rows), pair i is a's row a[2][i] with b's row b[2][i]. Pairs whose hashes are more than
-    rule.max_bits apart get distance inf. Gathered in chunks: memory stays small at any count."""
+    rule.max_bits apart get distance inf, and so do two one-colour pictures: the signature keeps
+    no colour of a flat picture (grey-world), so a red and a green swatch sign alike; only their
+    pixels, the exact pairs, can join them. Gathered in chunks: memory stays small at any count."""
     (sig_a, codes_a, rows_a), (sig_b, codes_b, rows_b) = a, b
     d = np.empty(len(rows_a), np.float32)
     for s in range(0, len(rows_a), chunk):
         ra, rb = rows_a[s : s + chunk], rows_b[s : s + chunk]
         part = signature_distances(sig_a[ra], sig_b[rb], rule)
         part[_hamming(codes_a[ra], codes_b[rb]) > rule.max_bits] = np.inf
+        part[flat_pictures(sig_a[ra]) & flat_pictures(sig_b[rb])] = np.inf
         d[s : s + chunk] = part
     return d <= 1.0, d
 
 
 ALL_PAIRS_UP_TO = 2048  # first photos: below this every pair is compared (hashes need a gallery)
-# 2: thresholds over distinct looks (HashCoder.fit), a re-upload of a copy exact: saved groups of 1 are found again
-FINDER_VERSION = 2
+# 2: thresholds over distinct looks (HashCoder.fit), a re-upload of a copy exact; 3: two flat pictures never near.
+# Saved groups of another version are found again.
+FINDER_VERSION = 3
 
 
 def near_pairs(index: DuplicateIndex, extra: tuple[np.ndarray, np.ndarray] | None = None) -> Pairs:

@@ -354,3 +354,19 @@ def test_a_picture_present_thousands_of_times_stays_one_group_past_the_all_pairs
     assert len(set(copies.pixel)) > dup.ALL_PAIRS_UP_TO  # distinct pixels: the hashes decide
     biggest = max(dup.find_duplicates(signals), key=lambda g: len(g.members))
     assert biggest.members == list(range(2600))
+
+
+def test_one_colour_pictures_are_grouped_only_by_their_pixels():
+    """A flat picture signs with no colour (grey-world): a red, a green and a navy swatch are not
+    near copies of each other; the same red swatch twice is an exact copy; a flat picture beside a
+    photo is judged by the rule as any."""
+    from PIL import Image
+
+    colours = [(200, 20, 30), (20, 160, 60), (20, 30, 110), (10, 10, 10), (245, 245, 245), (220, 200, 160)]
+    pictures = [Image.new("RGB", (300, 300), c) for c in colours] + [Image.new("RGB", (300, 300), colours[0])]
+    signals = dup.PhotoSignals.of_images(pictures)
+    assert dup.flat_pictures(signals.signature).all()
+    groups = dup.find_duplicates(signals)
+    assert [(g.members, g.kinds) for g in groups] == [([0, 6], ["exact", "exact"])]
+    photo = dup.PhotoSignals.of_images([Image.effect_noise((120, 160), 40).convert("RGB")])
+    assert not dup.flat_pictures(photo.signature).any()
