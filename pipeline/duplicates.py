@@ -637,6 +637,8 @@ def check_new(index: DuplicateIndex, new: PhotoSignals) -> Pairs:
 
     Positions: the gallery's 0..N-1, then the new photos' N..N+M-1 (the update's order: kept
     photos first, new ones after). Returns confirmed pairs (exact and near) involving a new photo.
+    Where kept and new photos together are at most ALL_PAIRS_UP_TO pictures, every new one is
+    compared with every kept one by the rule alone, as a fresh run compares them.
     """
     n = len(index)
     exact_to = index.exact_matches(new.pixel)
@@ -644,13 +646,31 @@ def check_new(index: DuplicateIndex, new: PhotoSignals) -> Pairs:
     pairs = Pairs.of(exact_to[hit], hit + n, "exact")
     fresh = np.nonzero(exact_to < 0)[0]  # a new photo with a gallery photo's pixels joins through it
     codes = index.coder.codes(new.signature)
-    q, g = index.probe(codes[fresh])
-    q = fresh[q]
-    ok, d = _confirm((new.signature, codes, q), (index.signals.signature, index.codes, g), index.rule)
+    every = _compares_all_pairs(index.signals, new)
+    rule = replace(index.rule, max_bits=64) if every else index.rule
+    if every:
+        q, g = np.repeat(fresh, len(index.firsts)), np.tile(index.firsts, len(fresh))
+    else:
+        q, g = index.probe(codes[fresh])
+        q = fresh[q]
+    ok, d = _confirm((new.signature, codes, q), (index.signals.signature, index.codes, g), rule)
     pairs = pairs.concat(Pairs.of(g[ok], q[ok] + n, "near", d[ok]))
     among = DuplicateIndex(new, index.rule, index.coder, index.max_bucket, index.n_tables)
-    inner = among.exact_pairs().concat(near_pairs(among))
+    if every:
+        a, b = (among.firsts[k] for k in np.triu_indices(len(among.firsts), 1))
+    else:
+        a, b = among.candidates()
+    signed = (new.signature, codes)
+    ok, d = _confirm((*signed, a), (*signed, b), rule)
+    inner = among.exact_pairs().concat(Pairs.of(a[ok], b[ok], "near", d[ok]))
     return pairs.concat(Pairs(inner.a + n, inner.b + n, inner.kind, inner.distance))
+
+
+def _compares_all_pairs(kept: PhotoSignals, new: PhotoSignals) -> bool:
+    """Whether a fresh run over kept and new photos compares every pair: at most ALL_PAIRS_UP_TO
+    distinct pictures (near_pairs)."""
+    pixel = np.concatenate([kept.pixel, new.pixel])
+    return int(np.count_nonzero(_exact_firsts(pixel) == np.arange(len(pixel)))) <= ALL_PAIRS_UP_TO
 
 
 def update_groups(previous: Sequence[DuplicateGroup], index: DuplicateIndex, new: PhotoSignals) -> list[DuplicateGroup]:
@@ -665,13 +685,14 @@ def update_groups(previous: Sequence[DuplicateGroup], index: DuplicateIndex, new
     Pairs of kept photos are checked again only inside previous groups (a pair across two groups
     would have joined them); the new photos go through `check_new`.
     """
-    kept = _pairs_within(previous, index)
+    kept = _pairs_within(previous, index, every=_compares_all_pairs(index.signals, new))
     return groups_from_pairs(index.signals.concat(new), kept.concat(check_new(index, new)), index.rule)
 
 
-def _pairs_within(groups: Sequence[DuplicateGroup], index: DuplicateIndex) -> Pairs:
-    """Confirmed pairs inside each group (exact, or near among band candidates): a removed photo
-    may have been what linked two others, so what still holds is checked again."""
+def _pairs_within(groups: Sequence[DuplicateGroup], index: DuplicateIndex, every: bool = False) -> Pairs:
+    """Confirmed pairs inside each group (exact, or near among band candidates; every: near by the
+    rule alone, as a fresh run of at most ALL_PAIRS_UP_TO pictures): a removed photo may have been
+    what linked two others, so what still holds is checked again."""
     if not groups:
         return Pairs.of(np.zeros(0), np.zeros(0), "exact")
     ends = [np.triu_indices(len(g.members), 1) for g in groups]
@@ -680,12 +701,13 @@ def _pairs_within(groups: Sequence[DuplicateGroup], index: DuplicateIndex) -> Pa
     exact = index.exact_first[a] == index.exact_first[b]
     pairs = Pairs.of(a[exact], b[exact], "exact")
     a, b = _unique_pairs(index.exact_first[a[~exact]], index.exact_first[b[~exact]])
-    shared = np.zeros(len(a), bool)
-    for keys in band_keys(index.codes, index.n_tables):
-        shared |= keys[a] == keys[b]
-    a, b = a[shared], b[shared]
+    if not every:
+        shared = np.zeros(len(a), bool)
+        for keys in band_keys(index.codes, index.n_tables):
+            shared |= keys[a] == keys[b]
+        a, b = a[shared], b[shared]
     gallery = (index.signals.signature, index.codes)
-    ok, d = _confirm((*gallery, a), (*gallery, b), index.rule)
+    ok, d = _confirm((*gallery, a), (*gallery, b), replace(index.rule, max_bits=64) if every else index.rule)
     return pairs.concat(Pairs.of(a[ok], b[ok], "near", d[ok]))
 
 

@@ -370,3 +370,30 @@ def test_one_colour_pictures_are_grouped_only_by_their_pixels():
     assert [(g.members, g.kinds) for g in groups] == [([0, 6], ["exact", "exact"])]
     photo = dup.PhotoSignals.of_images([Image.effect_noise((120, 160), 40).convert("RGB")])
     assert not dup.flat_pictures(photo.signature).any()
+
+
+def test_an_update_of_a_small_gallery_compares_every_pair_as_a_fresh_run_does():
+    """Up to ALL_PAIRS_UP_TO pictures a fresh run judges every pair by the rule alone; check_new and
+    update_groups did not (band lookup, 10-bit filter), and missed a copy 12 bits away that a fresh
+    run groups."""
+    rng = np.random.default_rng(0)
+    unit = np.empty(dup.SIGNATURE_SIZE, np.float32)
+    for name, part in dup.PARTS.items():
+        unit[part] = dup.DEFAULT_RULE.bound(name) * dup._SCALE[part]
+    centre = rng.integers(-40, 41, dup.SIGNATURE_SIZE).astype(np.float32)
+    base = np.clip(np.round(centre + rng.standard_normal((300, dup.SIGNATURE_SIZE)) * unit * 2.0), -127, 127)
+    kept = dup.PhotoSignals(np.array([f"p{i}" for i in range(300)]), base.astype(np.int8))
+    index = dup.DuplicateIndex(kept)
+    for _ in range(5000):  # a copy of photo 0 within the rule whose hash is over max_bits away
+        b = np.clip(np.round(base[0] + rng.standard_normal(dup.SIGNATURE_SIZE) * unit * 0.6), -127, 127).astype(np.int8)
+        codes = index.coder.codes(np.stack([kept.signature[0], b]))
+        if dup.signature_distances(kept.signature[:1], b[None])[0] <= 1 and \
+                int(np.bitwise_count(codes[0] ^ codes[1])) > dup.DEFAULT_RULE.max_bits:
+            break
+    new = dup.PhotoSignals(np.array(["new"]), b[None])
+    fresh = dup.find_duplicates(kept.concat(new), coder=index.coder)
+    assert [g.members for g in fresh] == [[0, 300]]
+    assert [g.members for g in dup.update_groups([], index, new)] == [[0, 300]]
+    assert [g.members for g in dup.update_groups(fresh[:1], dup.DuplicateIndex(kept.concat(new)),
+                                                 dup.PhotoSignals(np.array([]), np.zeros((0, dup.SIGNATURE_SIZE),
+                                                                                         np.int8)))] == [[0, 300]]
