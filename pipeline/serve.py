@@ -15,6 +15,7 @@ answered (a page on another site cannot read the catalogue through a rebound DNS
 # and those name classes imported inside the functions that add the endpoints (FastAPI loads only for
 # --serve).
 import errno
+import functools
 import io
 import logging
 import os
@@ -312,6 +313,10 @@ def _add_page_endpoints(app, service: SearchService) -> None:
     cfg, catalog = service.cfg, service.catalog
     page = PAGE.read_text(encoding="utf-8")
 
+    @functools.cache
+    def columns() -> list[dict[str, Any]]:  # read once: the catalogue does not change while it is served
+        return filter_controls(catalog)
+
     @app.get("/", response_class=HTMLResponse)
     def index_page() -> str:
         return page
@@ -327,7 +332,7 @@ def _add_page_endpoints(app, service: SearchService) -> None:
             "search": catalog.searcher.describe(),
             "report": (cfg.plots_dir / "report.html").is_file(),
             "segment": service.can_segment,
-            "columns": filter_controls(catalog),
+            "columns": columns(),
             "group_by": catalog.searcher.grouped_by,  # the page's default; a query may choose another
         }
 
