@@ -6,7 +6,8 @@ index are loaded once; a query is answered exactly as --query-text / --query-ima
 embedder, same search). A request body over its endpoint's limit is refused before it is read
 (MAX_UPLOAD_BYTES for a picture, MAX_BODY_BYTES for the rest); an upload not an image, or whose
 header claims over MAX_UPLOAD_PIXELS, gets a 4xx with the reason, and at most DECODING uploads are
-decoded and embedded at once, so a burst of large pictures cannot take the machine's memory. Only
+decoded and embedded at once (the others wait in the event loop, holding no worker thread), so a
+burst of large pictures cannot take the machine's memory. Only
 the report's folders are served as files, and on loopback only requests named for loopback are
 answered (a page on another site cannot read the catalogue through a rebound DNS name).
 """
@@ -17,11 +18,11 @@ answered (a page on another site cannot read the catalogue through a rebound DNS
 import errno
 import functools
 import io
+import json
 import logging
 import os
 import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,6 @@ class SearchService:
     cfg: RunConfig
     catalog: Catalog
     latencies: list[float] = field(default_factory=list)
-    decoding: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(DECODING))
 
     @classmethod
     def load(cls, cfg: RunConfig, summary: RunSummary | None = None) -> "SearchService":
@@ -107,14 +107,12 @@ class SearchService:
         if segment and not self.can_segment:
             raise UsageError(NO_SEGMENTER)
         check_upload_pixels(data)
-        with self.decoding:
-            if text:
-                q = self.cfg.query
-                found = self.catalog.search_combined(data, [text], (), k, q.fusion, q.text_weight, segment=segment,
-                                                     name=name, filter=filter, group_by=group_by)
-            else:
-                found = self.catalog.search_image(data, k, segment=segment, name=name, filter=filter,
-                                                  group_by=group_by)
+        if text:
+            q = self.cfg.query
+            found = self.catalog.search_combined(data, [text], (), k, q.fusion, q.text_weight, segment=segment,
+                                                 name=name, filter=filter, group_by=group_by)
+        else:
+            found = self.catalog.search_image(data, k, segment=segment, name=name, filter=filter, group_by=group_by)
         said = f" + “{text}”" if text else ""
         return [{"label": q.label + said, "results": self.as_json(q.hits)} for q in found]
 
@@ -152,42 +150,53 @@ class _BodyLimit:
             return
         limit = self.limits.get(scope["path"], self.default)
         length = dict(scope.get("headers", ())).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            await _too_large(send, limit)
+        if length is not None and not length.isdigit():
+            await _answer(send, 400, "the Content-Length is not a number")
+            return
+        if length is not None and int(length) > limit:
+            await _answer(send, 413, _over(limit))
             return
         from starlette.exceptions import HTTPException
 
-        seen, started = 0, False
+        seen, started, too_large, answered = 0, False, False, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, too_large
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:  # raised in the app's read of the body: FastAPI answers it as it is
+                if seen > limit:  # the app's read of the body stops here
+                    too_large = True
                     raise HTTPException(413, _over(limit))
             return message
 
         async def tracked(message) -> None:
-            nonlocal started
+            nonlocal started, answered
+            if too_large and not started:  # whatever the app made of the stopped read (behind the token's
+                if not answered:  # middleware, a 400 "error parsing the body"): a 413
+                    answered = True
+                    await _answer(send, 413, _over(limit))
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, counted, tracked)
-        except HTTPException as e:  # read outside an endpoint (a middleware's): answered here
-            if e.status_code != 413 or started:
+        except Exception:  # the stopped read, raised through a middleware's task group
+            if not too_large or started:
                 raise
-            await _too_large(send, limit)
+            if not answered:
+                await _answer(send, 413, _over(limit))
 
 
 def _over(limit: int) -> str:
     return f"the request is over {limit >> 10} KiB"
 
 
-async def _too_large(send, limit: int) -> None:
-    body = f'{{"detail": "{_over(limit)}"}}'.encode()
-    await send({"type": "http.response.start", "status": 413,
+async def _answer(send, status: int, detail: str) -> None:
+    """A JSON error answered from the middleware, the connection closed (the rest of the body unread)."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
@@ -339,14 +348,15 @@ def _add_page_endpoints(app, service: SearchService) -> None:
 
 def _add_query_endpoints(app, service: SearchService) -> None:
     """/api/text and /api/image: a query's top-k, its latency recorded; bad requests get a 4xx."""
+    import anyio
     from fastapi import File, Form, HTTPException, UploadFile
-    from pydantic import BaseModel
+    from pydantic import BaseModel, StrictInt
 
     cfg = service.cfg
 
     class TextQuery(BaseModel):
         text: str
-        k: int = cfg.top_k
+        k: StrictInt = cfg.top_k  # a number: `true` is not k = 1
         filter: str | None = None
         group_by: str | None = None  # None: the server's --group-by; "" or EACH_PHOTO: each photo; else a column
 
@@ -379,14 +389,16 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         except PipelineError as e:  # e.g. an ONNX file without its text tower beside it
             raise HTTPException(503, str(e)) from None
 
+    limiters: list[Any] = []  # one, made in the event loop on the first upload
+
     @app.post("/api/image")
-    def image(file: UploadFile = File(...), segment: bool = Form(False), k: int = Form(cfg.top_k),
-              filter: str = Form(""), text: str = Form(""),
-              group_by: str | None = Form(None)) -> dict[str, Any]:
+    async def image(file: UploadFile = File(...), segment: bool = Form(False), k: int = Form(cfg.top_k),
+                    filter: str = Form(""), text: str = Form(""),
+                    group_by: str | None = Form(None)) -> dict[str, Any]:
         check_k(k)
         if segment and not service.can_segment:
             raise HTTPException(422, NO_SEGMENTER)
-        data = file.file.read(MAX_UPLOAD_BYTES + 1)
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"the upload is over {MAX_UPLOAD_BYTES >> 20} MB")
         if not data:
@@ -396,8 +408,13 @@ def _add_query_endpoints(app, service: SearchService) -> None:
             raise HTTPException(413, f"the text is {len(words)} characters; at most {MAX_TEXT_CHARS}")
         try:
             asked = both_filters(cfg.filter, filter)
-            found = timed(lambda: service.image(data, file.filename or "upload", k, segment, asked,
-                                                words, each_photo(group_by)))
+            # at most DECODING uploads decoded and embedded at once: the others wait here, in the event
+            # loop, holding no worker thread (text queries and thumbnails go on meanwhile)
+            if not limiters:
+                limiters.append(anyio.CapacityLimiter(DECODING))
+            found = await anyio.to_thread.run_sync(
+                lambda: timed(lambda: service.image(data, file.filename or "upload", k, segment, asked, words,
+                                                    each_photo(group_by))), limiter=limiters[0])
             return {"queries": found}
         except UsageError as e:  # a bad filter or group-by column (segment was checked above)
             raise HTTPException(422, str(e)) from None
@@ -422,7 +439,8 @@ def _add_file_endpoints(app, service: SearchService) -> None:
         # a row holds another photo after an update: the browser asks again each time, and gets the
         # picture only when the store changed (304 otherwise)
         headers = {"Cache-Control": "no-cache", "ETag": service.thumbnail_etag(row)}
-        if request.headers.get("if-none-match") == headers["ETag"]:
+        asked = {t.strip().removeprefix("W/") for t in request.headers.get("if-none-match", "").split(",")}
+        if headers["ETag"] in asked or "*" in asked:
             return Response(status_code=304, headers=headers)
         return Response(service.thumbnail_jpeg(row), media_type="image/jpeg", headers=headers)
 

@@ -178,6 +178,7 @@ def test_bad_text_requests_are_refused_with_a_reason(served):
     long_text = httpx.post(url + "/api/image", files=picture, data={"text": "x" * 501})
     assert long_text.status_code == 413 and "501 characters; at most 500" in long_text.json()["detail"]
     assert httpx.post(url + "/api/text", json={"text": "dress", "k": 0}).status_code == 422
+    assert httpx.post(url + "/api/text", json={"text": "dress", "k": True}).status_code == 422
     assert httpx.get(url + "/thumb/9999.jpg").status_code == 404
     assert httpx.get(url + "/thumb/0.jpg").headers["content-type"] == "image/jpeg"
 
@@ -202,7 +203,18 @@ def _raw_post(url: str, path: str, headers: str, chunks) -> str:
                 conn.sendall(chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        return conn.recv(4096).decode(errors="replace")
+        answer, body, length = b"", b"", 0
+        try:
+            while b"\r\n\r\n" not in answer and (got := conn.recv(4096)):
+                answer += got
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            while len(body) < length and (got := conn.recv(4096)):
+                body += got
+        except (TimeoutError, ConnectionResetError):
+            head = answer.partition(b"\r\n\r\n")[0]
+        return (head + b"\r\n\r\n" + body).decode(errors="replace")
 
 
 def _chunked(parts, size: int, count: int):
@@ -228,6 +240,42 @@ def test_bodies_over_their_limit_are_refused_before_they_are_read(served):
                        _chunked([head], 1 << 20, 22))  # past the 20 MB a picture may have
     assert upload.startswith("HTTP/1.1 413")
     assert httpx.post(url + "/api/text", json={"text": "blue shirt"}, timeout=30).status_code == 200
+
+
+def test_two_uploads_at_a_time_are_decoded_and_text_queries_go_on_meanwhile(served, monkeypatch):
+    """Uploads past the two being decoded wait without a worker thread: a text query and a thumbnail
+    are answered while four uploads are held, and never more than two are inside at once."""
+    url, _, service = served
+    release, lock = threading.Event(), threading.Lock()
+    inside, most = [0], [0]
+    real = service.image
+
+    def held(*args, **kwargs):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            release.wait(20)
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(service, "image", held)
+    picture = (service.cfg.output_dir / "images" / file_of(service.cfg.output_dir, 3)).read_bytes()
+    with ThreadPoolExecutor(4) as pool:
+        uploads = [pool.submit(httpx.post, url + "/api/image", files={"file": ("q.jpg", picture)}, timeout=30)
+                   for _ in range(4)]
+        for _ in range(100):
+            if inside[0] == 2:
+                break
+            time.sleep(0.05)
+        assert inside[0] == 2  # two decoding, two waiting
+        assert httpx.post(url + "/api/text", json={"text": "blue shirt"}, timeout=10).status_code == 200
+        assert httpx.get(url + "/thumb/0.jpg", timeout=10).status_code == 200
+        release.set()
+        assert [u.result().status_code for u in uploads] == [200] * 4
+    assert most[0] == 2
 
 
 def test_an_upload_of_too_many_pixels_is_refused_from_its_header(served):
@@ -359,6 +407,10 @@ def test_beyond_loopback_the_page_and_its_api_need_the_token(served, tiny_onnx, 
                           headers={"Authorization": "Bearer wrong-token-of-the-same-len"}).status_code == 401
         ok = httpx.post(url + "/api/text", json={"text": "red"}, headers={"Authorization": f"Bearer {token}"})
         assert ok.status_code == 200 and ok.json()["results"]
+        # a body over the limit, sent in chunks through the token's middleware: 413 too, not its 400
+        over = _raw_post(url, "/api/text", f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                         "Transfer-Encoding: chunked\r\n", _chunked([], 8192, 40))
+        assert over.startswith("HTTP/1.1 413") and "KiB" in over
         browser.delete_all_cookies()
         browser.get(url + "/")
         wait(browser, "!document.getElementById('token-form').hidden")
