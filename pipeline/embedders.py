@@ -145,6 +145,12 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
+def file_source_model(meta: dict[str, str]) -> str:
+    """The model an exported file records it was made from, as identities name it (backends.hub_reference:
+    a file exported before from an open_clip hub model's plain id names it as open_clip's form)."""
+    return hub_reference(meta.get(META_SOURCE_MODEL, ""), meta.get(META_FAMILY, "clip"))
+
+
 def model_reference(model: str) -> str:
     """The model as recorded: absolute path for a local folder, the hub id otherwise
     (open_clip:ARCH:FILE with the file's absolute path)."""
@@ -303,7 +309,7 @@ class OnnxEmbedder(Embedder):
         self.identity = VectorIdentity(
             backend="onnx",
             family=meta.get(META_FAMILY, "clip"),
-            model=hub_reference(meta.get(META_SOURCE_MODEL, ""), meta.get(META_FAMILY, "clip")),
+            model=file_source_model(meta),
             onnx_sha256=self.file_sha256,
             precision="onnx-" + meta.get(META_PRECISION, "unknown"),
             preprocess=json.loads(self.preprocess_cfg.to_json()),
@@ -549,9 +555,9 @@ class _OnnxText:
             raise PipelineError("text search needs the tokenizers package: pip install tokenizers") from e
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         meta = self.session.get_modelmeta().custom_metadata_map
-        if meta.get(META_SOURCE_MODEL, "") != image_model:
+        if file_source_model(meta) != image_model:
             raise PipelineError(
-                f"{path} was exported from {meta.get(META_SOURCE_MODEL)!r} but the image model from {image_model!r}: "
+                f"{path} was exported from {file_source_model(meta)!r} but the image model from {image_model!r}: "
                 f"their vectors are not comparable"
             )
         self.context = int(meta.get(META_TEXT_CONTEXT, TEXT_CONTEXT))

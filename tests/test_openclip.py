@@ -228,3 +228,28 @@ def test_a_hub_id_whose_config_names_open_clip_is_loaded_through_open_clip():
     assert family_of("Marqo/marqo-fashionSigLIP", read_config=lambda _: config).name == "open_clip"
     assert open_clip_source("Marqo/marqo-fashionSigLIP") == ("hf-hub:Marqo/marqo-fashionSigLIP", None)
     assert family_of("google/siglip-base-patch16-224", read_config=lambda _: {"model_type": "siglip"}).name == "siglip"
+
+
+def test_files_exported_from_an_open_clip_hub_models_plain_id_keep_their_text_search(tiny_onnx, tmp_path):
+    """Files exported before from `Org/name` (an open_clip model by its plain hub id) record that name:
+    the image file's identity now reads it as `hf-hub:Org/name`, and its text tower, recording the
+    same, is still its own (text search was refused as another model's)."""
+    import shutil
+
+    import onnx
+
+    from pipeline.embedders import OnnxEmbedder, text_onnx_path_for, tokenizer_path_for
+
+    image = tmp_path / "tiny_int8_matmul.onnx"
+    for src, dst in ((tiny_onnx, image), (text_onnx_path_for(tiny_onnx), text_onnx_path_for(image))):
+        model = onnx.load(str(src))
+        meta = {p.key: p.value for p in model.metadata_props}
+        meta.update({"fashion_pipeline.source_model": "Org/tiny-openclip", "fashion_pipeline.family": "open_clip"})
+        del model.metadata_props[:]
+        for key, value in meta.items():
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, str(dst))
+    shutil.copy(tokenizer_path_for(text_onnx_path_for(tiny_onnx)), tokenizer_path_for(text_onnx_path_for(image)))
+    emb = OnnxEmbedder(image, device="cpu", threads=1)
+    assert emb.identity.model == "hf-hub:Org/tiny-openclip"
+    assert emb.embed_text(["red dress"]).shape == (1, emb.dim)
