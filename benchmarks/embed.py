@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--e2e-images", type=int, default=1000)
     ap.add_argument("--e2e-decode", default="auto", help="the end-to-end stage's --decode (auto or cpu: Pillow "
-                    "decodes, torch resizes; pil: Pillow resizes too); several, comma-separated, are measured in turn")
+                    "decodes and resizes; cpu-simd: torch resizes); several, comma-separated, are measured in turn")
     ap.add_argument("--e2e-rounds", type=int, default=1, help="end-to-end runs of each --e2e-decode, alternating")
     ap.add_argument("--int8", default="static,dynamic", help="int8 exports measured (static is always measured)")
     ap.add_argument(
@@ -298,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     assets = Assets.from_args(args)
     batches = [1, 8, 32]
     table = model_rates(assets, args.seconds, batches, args.int8.split(","))
-    summary, e2e = end_to_end_rounds(assets, args.e2e_images, args.e2e_decode.split(","), args.e2e_rounds)
+    decodes = args.e2e_decode.split(",")
+    if unknown := [d for d in decodes if d not in ("auto", "cpu", "cpu-simd")]:
+        ap.error(f"--e2e-decode: {', '.join(unknown)} is not auto, cpu or cpu-simd")
+    summary, e2e = end_to_end_rounds(assets, args.e2e_images, decodes, args.e2e_rounds)
     stages = stage_seconds(summary)
     print_table(table, batches, e2e, args.e2e_images, assets.size_wh)
     peaks = gemm_peaks(args.seconds / 2)

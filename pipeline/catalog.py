@@ -29,7 +29,7 @@ from .identity import differences
 from .images import decode_image
 from .metadata import load_metadata
 from .persons import Segmenter
-from .preprocess import PreprocessConfig, preprocess_batch
+from .preprocess import CPU_PIXELS, PreprocessConfig, preprocess_batch
 from .remedy import find_file_with_sha256
 from .searcher import Hit, QueryCrop, Searcher, combine, query_crops
 from .store import (
@@ -213,10 +213,15 @@ class Catalog:
             return query_crops(image, label, self._segmenter_now())
 
     def _decode_min_side(self) -> int | None:
-        """The smallest side a reduced-scale decode of a whole picture may leave, from the
-        preprocessing the store records (None, a full decode, where it records none)."""
-        made = self.cache.sidecar.identity.preprocess
-        return PreprocessConfig.from_json(json.dumps(made)).decode_min_side if made else None
+        """The smallest side a reduced-scale decode of a whole picture may leave, as the store's photos
+        were decoded: by the CPU's decoder, from the preprocessing the store records; None, a full
+        decode, for a store of the device's decoder or of person crops (both decoded their photos
+        whole), or one that records no preprocessing."""
+        side = self.cache.sidecar
+        made = side.identity.preprocess
+        if not made or side.identity.pixels not in CPU_PIXELS or side.source.kind == "segment":
+            return None
+        return PreprocessConfig.from_json(json.dumps(made)).decode_min_side
 
     def embed_crops(self, crops: Sequence[QueryCrop]) -> np.ndarray:
         """float32 (len(crops), D) vectors of query pictures."""

@@ -563,6 +563,12 @@ ALL_PAIRS_UP_TO = 2048  # first photos: below this every pair is compared (hashe
 FINDER_VERSION = 3
 
 
+def _rule_alone(rule: NearRule) -> NearRule:
+    """The rule without its hash filter: every pair judged by the signatures (galleries of at most
+    ALL_PAIRS_UP_TO pictures)."""
+    return replace(rule, max_bits=64)
+
+
 def near_pairs(index: DuplicateIndex, extra: tuple[np.ndarray, np.ndarray] | None = None) -> Pairs:
     """Confirmed near pairs among a gallery's first photos: band candidates, plus `extra`
     candidates (neighbour_pairs) mapped to the first photos of their exact-copy sets.
@@ -576,7 +582,7 @@ def near_pairs(index: DuplicateIndex, extra: tuple[np.ndarray, np.ndarray] | Non
     if len(index.firsts) <= ALL_PAIRS_UP_TO:
         i, j = np.triu_indices(len(index.firsts), 1)
         a, b = index.firsts[i], index.firsts[j]
-        ok, d = _confirm((*gallery, a), (*gallery, b), replace(index.rule, max_bits=64))
+        ok, d = _confirm((*gallery, a), (*gallery, b), _rule_alone(index.rule))
         return Pairs.of(a[ok], b[ok], "near", d[ok])
     a, b = index.candidates()
     if extra is not None:
@@ -647,7 +653,7 @@ def check_new(index: DuplicateIndex, new: PhotoSignals) -> Pairs:
     fresh = np.nonzero(exact_to < 0)[0]  # a new photo with a gallery photo's pixels joins through it
     codes = index.coder.codes(new.signature)
     every = _compares_all_pairs(index.signals, new)
-    rule = replace(index.rule, max_bits=64) if every else index.rule
+    rule = _rule_alone(index.rule) if every else index.rule
     if every:
         q, g = np.repeat(fresh, len(index.firsts)), np.tile(index.firsts, len(fresh))
     else:
@@ -707,7 +713,7 @@ def _pairs_within(groups: Sequence[DuplicateGroup], index: DuplicateIndex, every
             shared |= keys[a] == keys[b]
         a, b = a[shared], b[shared]
     gallery = (index.signals.signature, index.codes)
-    ok, d = _confirm((*gallery, a), (*gallery, b), replace(index.rule, max_bits=64) if every else index.rule)
+    ok, d = _confirm((*gallery, a), (*gallery, b), _rule_alone(index.rule) if every else index.rule)
     return pairs.concat(Pairs.of(a[ok], b[ok], "near", d[ok]))
 
 

@@ -38,7 +38,7 @@ from .items import make_segment_items, make_standard_items, note_persons_cut
 from .machine import TreeMemory
 from .metadata import METADATA_FILE, load_metadata, write_metadata
 from .persons import Segmenter
-from .preprocess import CPU_PIXELS, DEVICE_PIXELS, cpu_pixels
+from .preprocess import CPU_DECODES, CPU_PIXELS, DEVICE_PIXELS, cpu_pixels
 from .ray_engine import RayBuild, build_gallery_ray
 from .remedy import DECODE_OF_PIXELS, build_first, reuse_or_rebuild
 from .remote import list_names, remove_stale_at_url
@@ -100,7 +100,7 @@ def decodes_on_device(cfg: RunConfig, embedder: Embedder) -> bool:
     """JPEGs are decoded and preprocessed by torchvision on the embedder's device: with --decode
     device, or by default when the model runs on CUDA (whole-image galleries; crops are cut on the
     CPU)."""
-    if cfg.segmented or cfg.embedder.decode in ("cpu", "cpu-simd"):
+    if cfg.segmented or cfg.embedder.decode in CPU_DECODES:
         return False
     return cfg.embedder.decode == "device" or getattr(embedder, "device", "cpu") == "cuda"
 

@@ -84,8 +84,16 @@ class Metadata:
         return list(self.table.column_names)
 
     def values(self, j: int) -> dict[str, Any]:
-        """Embedding row j's values (None where missing)."""
-        return {c: self.table.column(c)[j].as_py() for c in self.table.column_names}
+        """Embedding row j's values (None where missing). A float of fewer than 64 bits as the
+        shortest decimal it is (a float32 19.99, not 19.989999771118164)."""
+        out = {}
+        for c in self.table.column_names:
+            column = self.table.column(c)
+            v = column[j].as_py()
+            if isinstance(v, float) and math.isfinite(v) and column.type.bit_width < 64:
+                v = float(str(np.float32(v) if column.type.bit_width == 32 else np.float16(v)))
+            out[c] = v
+        return out
 
     def json_values(self, j: int) -> dict[str, Any]:
         """Embedding row j's values as JSON has them (json_value)."""

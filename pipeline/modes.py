@@ -144,6 +144,11 @@ _AFTER: tuple[Check, ...] = (
         "--negative-text is taken away from a picture's query: give it with --query-image",
     ),
     (
+        lambda c: c.query.fusion == "rrf" and bool({"text_weight", "negative_text"} & c.explicit),
+        "--fusion rrf fuses the picture's and each text's ranks: it has no --text-weight and cannot subtract a "
+        "--negative-text; use --fusion sum (the default) for those",
+    ),
+    (
         lambda c: "backend" in c.explicit
         and c.embedder.backend in BACKENDS
         and c.embedder.precision not in BACKENDS[c.embedder.backend].precisions,

@@ -25,7 +25,7 @@ from .fileio import atomic_write_text, check_writable
 from .galleries import Gallery, group_by, open_gallery, open_searcher, segmenter_factory, with_metadata
 from .persons import Detector, Person, Segmenter, person_crops, with_masks
 from .plots import THUMB_SIZE, compose_matches, make_thumbnail, neighbour_tiles, save_jpeg
-from .preprocess import cpu_pixels, preprocess_batch
+from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import Neighbours
 from .searcher import Hit, Searcher
@@ -695,8 +695,7 @@ def analyse(
     t2 = time.perf_counter()
     crops = person_crops(rgb, persons)
     images = {k: Image.fromarray(c) for k, c in crops.items()}
-    pixels = preprocess_batch(list(images.values()), embedder.preprocess_cfg, cpu_pixels(cfg.embedder.decode))
-    vectors = embedder.embed(pixels) if crops else None
+    vectors = embedder.embed(preprocess_batch(list(images.values()), embedder.preprocess_cfg)) if crops else None
     t3 = time.perf_counter()
     nb = run.searcher.neighbours(vectors, cfg.top_k, run.allowed) if vectors is not None else None
     t4 = time.perf_counter()

@@ -390,6 +390,8 @@ def test_an_update_of_a_small_gallery_compares_every_pair_as_a_fresh_run_does():
         if dup.signature_distances(kept.signature[:1], b[None])[0] <= 1 and \
                 int(np.bitwise_count(codes[0] ^ codes[1])) > dup.DEFAULT_RULE.max_bits:
             break
+    else:
+        pytest.fail("no copy within the rule and over max_bits away was drawn: the case is not tested")
     new = dup.PhotoSignals(np.array(["new"]), b[None])
     fresh = dup.find_duplicates(kept.concat(new), coder=index.coder)
     assert [g.members for g in fresh] == [[0, 300]]

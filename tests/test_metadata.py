@@ -464,3 +464,16 @@ def test_catalogue_columns_named_as_the_results_own_get_a_prefix_in_the_csv(tiny
     assert header == ["query", "kind", "rank", "gallery_file", "row", "distance", "meta_kind", "meta_rank"]
     assert [(r["kind"], r["rank"], r["meta_kind"]) for r in lines] == [("text", str(k), "dress") for k in (1, 2, 3)]
     assert all(10 <= int(r["meta_rank"]) <= 15 for r in lines)
+
+
+def test_a_float32_value_is_the_decimal_it_was_written_as():
+    """A float32 column's 19.99 is 19.99 in hits and query_results.csv, not 19.989999771118164; a
+    missing value stays missing and a double column stays as it is."""
+    import pyarrow as pa
+
+    from pipeline.metadata import Metadata
+
+    meta = Metadata(pa.table({"price": pa.array([19.99, None, 0.1], pa.float32()),
+                              "exact": pa.array([0.1 + 0.2, 1.0, 2.5], pa.float64())}))
+    assert [meta.values(j)["price"] for j in range(3)] == [19.99, None, 0.1]
+    assert meta.values(0)["exact"] == 0.1 + 0.2

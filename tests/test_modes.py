@@ -66,6 +66,10 @@ def test_modes_are_declared_once_and_the_gallery_comes_last():
          "give them with --query-image and --query-text"),
         (RunConfig(query=QuerySpec(texts=("red",), negative=("buttons",)), explicit=frozenset({"negative_text"})),
          "--negative-text is taken away from a picture's query: give it with --query-image"),
+        (RunConfig(query=QuerySpec(images=("a.jpg",), texts=("red",), fusion="rrf", text_weight=3.0),
+                   explicit=frozenset({"fusion", "text_weight"})), "--fusion rrf fuses the picture's and each text's"),
+        (RunConfig(query=QuerySpec(images=("a.jpg",), texts=("red",), negative=("x",), fusion="rrf"),
+                   explicit=frozenset({"fusion", "negative_text"})), "cannot subtract a --negative-text"),
     ],
 )
 def test_refusals_come_from_the_registry(cfg, message):
@@ -74,7 +78,7 @@ def test_refusals_come_from_the_registry(cfg, message):
 
 
 def test_picture_and_text_flags_are_taken_where_a_picture_meets_a_text():
-    both = QuerySpec(images=("a.jpg",), texts=("in red",), negative=("buttons",), fusion="rrf")
+    both = QuerySpec(images=("a.jpg",), texts=("in red",), negative=("buttons",))
     assert check_config(RunConfig(query=both, explicit=frozenset({"fusion", "text_weight", "negative_text"})),
                         _spell) is None
     assert check_config(RunConfig(serve=ServeSpec(enabled=True), explicit=frozenset({"fusion", "text_weight"})),

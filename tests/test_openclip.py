@@ -237,7 +237,6 @@ def test_files_exported_from_an_open_clip_hub_models_plain_id_keep_their_text_se
     import shutil
 
     import onnx
-
     from pipeline.embedders import OnnxEmbedder, text_onnx_path_for, tokenizer_path_for
 
     image = tmp_path / "tiny_int8_matmul.onnx"

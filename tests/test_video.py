@@ -252,7 +252,7 @@ def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx,
     seen = []
     real = video.preprocess_batch
     monkeypatch.setattr(
-        video, "preprocess_batch", lambda ims, *rest: seen.extend(np.asarray(i) for i in ims) or real(ims, *rest)
+        video, "preprocess_batch", lambda ims, cfg: seen.extend(np.asarray(i) for i in ims) or real(ims, cfg)
     )
     out = tmp_path / "out"
     code = cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q", "--top-k", "3"))
