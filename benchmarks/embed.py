@@ -294,13 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         "ConvNeXt needs timm, which open_clip_torch installs), an open_clip or transformers folder, or none",
     )
     args = parse_args(ap, argv, tiny={"seconds": 0.1, "e2e_images": 16, "int8": "static"})
+    decodes = args.e2e_decode.split(",")
+    if unknown := [d for d in decodes if d not in ("auto", "cpu", "cpu-simd")]:
+        ap.error(f"--e2e-decode: {', '.join(unknown)} is not auto, cpu or cpu-simd")
     print(machine_line(), flush=True)
     assets = Assets.from_args(args)
     batches = [1, 8, 32]
     table = model_rates(assets, args.seconds, batches, args.int8.split(","))
-    decodes = args.e2e_decode.split(",")
-    if unknown := [d for d in decodes if d not in ("auto", "cpu", "cpu-simd")]:
-        ap.error(f"--e2e-decode: {', '.join(unknown)} is not auto, cpu or cpu-simd")
     summary, e2e = end_to_end_rounds(assets, args.e2e_images, decodes, args.e2e_rounds)
     stages = stage_seconds(summary)
     print_table(table, batches, e2e, args.e2e_images, assets.size_wh)

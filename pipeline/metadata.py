@@ -86,12 +86,15 @@ class Metadata:
     def values(self, j: int) -> dict[str, Any]:
         """Embedding row j's values (None where missing). A float of fewer than 64 bits as the
         shortest decimal it is (a float32 19.99, not 19.989999771118164)."""
+        import pyarrow as pa
+
         out = {}
         for c in self.table.column_names:
             column = self.table.column(c)
             v = column[j].as_py()
-            if isinstance(v, float) and math.isfinite(v) and column.type.bit_width < 64:
-                v = float(str(np.float32(v) if column.type.bit_width == 32 else np.float16(v)))
+            t = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+            if isinstance(v, float) and math.isfinite(v) and t in (pa.float32(), pa.float16()):
+                v = float(str(np.float32(v) if t == pa.float32() else np.float16(v)))
             out[c] = v
         return out
 

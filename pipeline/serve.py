@@ -398,23 +398,29 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         check_k(k)
         if segment and not service.can_segment:
             raise HTTPException(422, NO_SEGMENTER)
-        data = await file.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"the upload is over {MAX_UPLOAD_BYTES >> 20} MB")
-        if not data:
-            raise HTTPException(422, "the upload is empty")
         words = text.strip()
         if len(words) > MAX_TEXT_CHARS:  # as /api/text: said, not cut
             raise HTTPException(413, f"the text is {len(words)} characters; at most {MAX_TEXT_CHARS}")
+        if not limiters:
+            limiters.append(anyio.CapacityLimiter(DECODING))
+        t = time.perf_counter()  # the answer's latency includes its wait for a turn
         try:
-            asked = both_filters(cfg.filter, filter)
-            # at most DECODING uploads decoded and embedded at once: the others wait here, in the event
-            # loop, holding no worker thread (text queries and thumbnails go on meanwhile)
-            if not limiters:
-                limiters.append(anyio.CapacityLimiter(DECODING))
-            found = await anyio.to_thread.run_sync(
-                lambda: timed(lambda: service.image(data, file.filename or "upload", k, segment, asked, words,
-                                                    each_photo(group_by))), limiter=limiters[0])
+            # at most DECODING uploads read into memory, decoded and embedded at once: the others wait
+            # here, in the event loop, holding neither a worker thread nor their bytes (the form parser
+            # keeps an upload on disk past 1 MB); text queries and thumbnails go on meanwhile
+            async with limiters[0]:
+                data = await file.read(MAX_UPLOAD_BYTES + 1)
+                if len(data) > MAX_UPLOAD_BYTES:
+                    raise HTTPException(413, f"the upload is over {MAX_UPLOAD_BYTES >> 20} MB")
+                if not data:
+                    raise HTTPException(422, "the upload is empty")
+                asked = both_filters(cfg.filter, filter)
+                try:
+                    found = await anyio.to_thread.run_sync(
+                        lambda: service.image(data, file.filename or "upload", k, segment, asked, words,
+                                              each_photo(group_by)))
+                finally:
+                    service.latencies.append(time.perf_counter() - t)
             return {"queries": found}
         except UsageError as e:  # a bad filter or group-by column (segment was checked above)
             raise HTTPException(422, str(e)) from None

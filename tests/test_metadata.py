@@ -477,3 +477,14 @@ def test_a_float32_value_is_the_decimal_it_was_written_as():
                               "exact": pa.array([0.1 + 0.2, 1.0, 2.5], pa.float64())}))
     assert [meta.values(j)["price"] for j in range(3)] == [19.99, None, 0.1]
     assert meta.values(0)["exact"] == 0.1 + 0.2
+
+
+def test_a_dictionary_column_of_doubles_keeps_its_precision():
+    """A dictionary-encoded column's width is its index's: its double values are not rounded to floats."""
+    import pyarrow as pa
+
+    from pipeline.metadata import Metadata
+
+    values = pa.array([0.123456789012, 1234567.891]).dictionary_encode()
+    assert Metadata(pa.table({"v": values})).values(0)["v"] == 0.123456789012
+    assert Metadata(pa.table({"v": values})).values(1)["v"] == 1234567.891
