@@ -6,8 +6,8 @@ index are loaded once; a query is answered exactly as --query-text / --query-ima
 embedder, same search). A request body over its endpoint's limit is refused before it is read
 (MAX_UPLOAD_BYTES for a picture, MAX_BODY_BYTES for the rest); an upload not an image, or whose
 header claims over MAX_UPLOAD_PIXELS, gets a 4xx with the reason, and at most DECODING uploads are
-decoded and embedded at once (the others wait in the event loop, holding no worker thread), so a
-burst of large pictures cannot take the machine's memory. Only
+read, decoded and embedded at once (the others wait in the event loop, holding neither a worker
+thread nor their bytes), so a burst of large pictures cannot take the machine's memory. Only
 the report's folders are served as files, and on loopback only requests named for loopback are
 answered (a page on another site cannot read the catalogue through a rebound DNS name).
 """
