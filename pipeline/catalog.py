@@ -11,6 +11,7 @@ The same `Searcher` answers the CLI's queries, --serve and video, so the hits ar
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -205,14 +206,15 @@ class Catalog:
             image, label = picture.convert("RGB"), name or "picture"
         else:
             data = Path(picture).read_bytes() if isinstance(picture, (str, Path)) else picture
-            image = decode_image(data, min_side=None if segment else self._decode_min_side()).image
+            image = decode_image(data, min_side=None if segment else self.decode_min_side).image
             label = name or (Path(picture).name if isinstance(picture, (str, Path)) else "picture")
         if not segment:
             return query_crops(image, label, None)
         with self._segmenter_lock:
             return query_crops(image, label, self._segmenter_now())
 
-    def _decode_min_side(self) -> int | None:
+    @functools.cached_property
+    def decode_min_side(self) -> int | None:
         """The smallest side a reduced-scale decode of a whole picture may leave, as the store's photos
         were decoded: by the CPU's decoder, from the preprocessing the store records; None, a full
         decode, for a store of the device's decoder or of person crops (both decoded their photos

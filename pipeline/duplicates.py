@@ -569,9 +569,11 @@ def _rule_alone(rule: NearRule) -> NearRule:
     return replace(rule, max_bits=64)
 
 
-def near_pairs(index: DuplicateIndex, extra: tuple[np.ndarray, np.ndarray] | None = None) -> Pairs:
+def near_pairs(index: DuplicateIndex, extra: tuple[np.ndarray, np.ndarray] | None = None,
+               all_pairs: bool | None = None) -> Pairs:
     """Confirmed near pairs among a gallery's first photos: band candidates, plus `extra`
-    candidates (neighbour_pairs) mapped to the first photos of their exact-copy sets.
+    candidates (neighbour_pairs) mapped to the first photos of their exact-copy sets. all_pairs:
+    whether every pair is compared (None: when there are at most ALL_PAIRS_UP_TO first photos).
 
     A gallery of at most ALL_PAIRS_UP_TO first photos has every pair compared by the signature rule
     alone (at most 2 million pairs, under a second): the hash thresholds are medians of the gallery,
@@ -579,7 +581,7 @@ def near_pairs(index: DuplicateIndex, extra: tuple[np.ndarray, np.ndarray] | Non
     copies 14 bits apart that a 300-photo one put 2 and 7 bits apart).
     """
     gallery = (index.signals.signature, index.codes)
-    if len(index.firsts) <= ALL_PAIRS_UP_TO:
+    if all_pairs if all_pairs is not None else len(index.firsts) <= ALL_PAIRS_UP_TO:
         i, j = np.triu_indices(len(index.firsts), 1)
         a, b = index.firsts[i], index.firsts[j]
         ok, d = _confirm((*gallery, a), (*gallery, b), _rule_alone(index.rule))
@@ -637,22 +639,23 @@ def find_duplicates(signals: PhotoSignals, rule: NearRule = DEFAULT_RULE,
     return groups_from_pairs(signals, index.exact_pairs().concat(near_pairs(index, extra)), rule)
 
 
-def check_new(index: DuplicateIndex, new: PhotoSignals) -> Pairs:
+def check_new(index: DuplicateIndex, new: PhotoSignals, every: bool | None = None) -> Pairs:
     """New photos checked against the whole gallery (its band tables, probed with the gallery's
     coder) and against each other.
 
     Positions: the gallery's 0..N-1, then the new photos' N..N+M-1 (the update's order: kept
     photos first, new ones after). Returns confirmed pairs (exact and near) involving a new photo.
-    Where kept and new photos together are at most ALL_PAIRS_UP_TO pictures, every new one is
-    compared with every kept one by the rule alone, as a fresh run compares them.
+    Where kept and new photos together are at most ALL_PAIRS_UP_TO pictures (every; None: found
+    here), every new one is compared with every kept one by the rule alone, as a fresh run compares them.
     """
     n = len(index)
     exact_to = index.exact_matches(new.pixel)
     hit = np.nonzero(exact_to >= 0)[0]
     pairs = Pairs.of(exact_to[hit], hit + n, "exact")
     fresh = np.nonzero(exact_to < 0)[0]  # a new photo with a gallery photo's pixels joins through it
-    codes = index.coder.codes(new.signature)
-    every = _compares_all_pairs(index.signals, new)
+    among = DuplicateIndex(new, index.rule, index.coder, index.max_bucket, index.n_tables)
+    codes = among.codes
+    every = _compares_all_pairs(index.signals, new) if every is None else every
     rule = _rule_alone(index.rule) if every else index.rule
     if every:
         q, g = np.repeat(fresh, len(index.firsts)), np.tile(index.firsts, len(fresh))
@@ -661,14 +664,7 @@ def check_new(index: DuplicateIndex, new: PhotoSignals) -> Pairs:
         q = fresh[q]
     ok, d = _confirm((new.signature, codes, q), (index.signals.signature, index.codes, g), rule)
     pairs = pairs.concat(Pairs.of(g[ok], q[ok] + n, "near", d[ok]))
-    among = DuplicateIndex(new, index.rule, index.coder, index.max_bucket, index.n_tables)
-    if every:
-        a, b = (among.firsts[k] for k in np.triu_indices(len(among.firsts), 1))
-    else:
-        a, b = among.candidates()
-    signed = (new.signature, codes)
-    ok, d = _confirm((*signed, a), (*signed, b), rule)
-    inner = among.exact_pairs().concat(Pairs.of(a[ok], b[ok], "near", d[ok]))
+    inner = among.exact_pairs().concat(near_pairs(among, all_pairs=every))
     return pairs.concat(Pairs(inner.a + n, inner.b + n, inner.kind, inner.distance))
 
 
@@ -691,8 +687,9 @@ def update_groups(previous: Sequence[DuplicateGroup], index: DuplicateIndex, new
     Pairs of kept photos are checked again only inside previous groups (a pair across two groups
     would have joined them); the new photos go through `check_new`.
     """
-    kept = _pairs_within(previous, index, every=_compares_all_pairs(index.signals, new))
-    return groups_from_pairs(index.signals.concat(new), kept.concat(check_new(index, new)), index.rule)
+    every = _compares_all_pairs(index.signals, new)
+    kept = _pairs_within(previous, index, every=every)
+    return groups_from_pairs(index.signals.concat(new), kept.concat(check_new(index, new, every)), index.rule)
 
 
 def _pairs_within(groups: Sequence[DuplicateGroup], index: DuplicateIndex, every: bool = False) -> Pairs:

@@ -32,7 +32,7 @@ from .backends import (
     open_clip_weights,
 )
 from .errors import PipelineError, first_line
-from .fileio import sha256_bytes, sha256_file, sha256_file_once, unlink_quietly
+from .fileio import file_version, sha256_bytes, sha256_file, sha256_file_once, unlink_quietly
 from .identity import VectorIdentity
 from .int8graph import CPU_GRAPH_RECIPES, META_INT8_RECIPE, cached_cpu_model, cpu_model, keep_cpu_model
 from .preprocess import PIXELS_OF_DECODE, PreprocessConfig
@@ -479,11 +479,9 @@ def known_file_metadata(path: str | Path) -> dict[str, str]:
     """file_metadata of a file that may be absent or unreadable ({} then: it is judged where it
     loads, with its own message), read once per version of the file (parsing a large one takes
     most of a second, and a run's flags may ask about it more than once)."""
-    p = Path(path)
-    if not p.is_file():
+    if not Path(path).is_file():
         return {}
-    stat = p.stat()
-    return dict(_metadata_of(str(p.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size))
+    return dict(_metadata_of(*file_version(path)))
 
 
 @functools.lru_cache(maxsize=4)

@@ -338,9 +338,15 @@ def sha256_file_once(path: str | Path) -> str:
     """sha256_file, computed once per version of the file (its size and modification time) in this
     process (its inode too: a file replaced by another of the same size within a clock tick is
     not taken for it): for a file several steps of a run ask about (weights, an ONNX file)."""
+    return _sha256_of(*file_version(path))
+
+
+def file_version(path: str | Path) -> tuple[str, int, int, int]:
+    """(resolved path, inode, modification time in ns, size): what a cache of a file's contents is
+    keyed by, so that a file replaced or rewritten is read again."""
     p = Path(path)
     stat = p.stat()
-    return _sha256_of(str(p.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    return str(p.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 @functools.lru_cache(maxsize=8)

@@ -26,7 +26,7 @@ from .gpu import EncodedJpeg, inspect_jpeg
 from .images import DecodedImage, ImageDecodeError, decode_image, encode_png, sniff_format
 from .persons import CappedPersons, Segmenter, person_crop
 from .plots import make_thumbnail
-from .preprocess import CPU_PIXELS, PreprocessConfig, model_crop, resize_for_model, to_model_input
+from .preprocess import PreprocessConfig, model_crop, resize_for_model, to_model_input
 from .report import RunSummary
 from .store import ManifestRow
 from .yolo import SegmentSpec
@@ -286,14 +286,12 @@ class ItemPipeline:
     """Records -> items (make_items) -> image files written -> model inputs and thumbnails.
 
     write: stores one image file (name relative to the images folder, bytes). pixels: the resizer
-    (preprocess.CPU_PIXELS). crop_only: hand over the uint8 crop instead of normalized floats (a
-    quarter of the bytes, for a Ray embedding actor).
+    (preprocess.CPU_PIXELS; resize_for_model refuses another). crop_only: hand over the uint8 crop
+    instead of normalized floats (a quarter of the bytes, for a Ray embedding actor).
     """
 
     def __init__(self, make_items: ItemMaker, write: Callable[[str, bytes], None], prep: PreprocessConfig,
                  pixels: str, crop_only: bool = False) -> None:
-        if pixels not in CPU_PIXELS:
-            raise ValueError(f"pixels must be one of {CPU_PIXELS}, got {pixels!r}")
         self.make_items, self.write, self.prep, self.pixels, self.crop_only = make_items, write, prep, pixels, crop_only
 
     def __call__(self, records: list[Record]) -> PreparedRecords:

@@ -7,6 +7,7 @@ each hit's values.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Collection, Sequence
@@ -86,16 +87,26 @@ class Metadata:
     def values(self, j: int) -> dict[str, Any]:
         """Embedding row j's values (None where missing). A float of fewer than 64 bits as the
         shortest decimal it is (a float32 19.99, not 19.989999771118164)."""
-        import pyarrow as pa
-
         out = {}
         for c in self.table.column_names:
-            column = self.table.column(c)
-            v = column[j].as_py()
-            t = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
-            if isinstance(v, float) and math.isfinite(v) and t in (pa.float32(), pa.float16()):
-                v = float(str(np.float32(v) if t == pa.float32() else np.float16(v)))
+            v = self.table.column(c)[j].as_py()
+            if (narrow := self._narrow_floats.get(c)) is not None and isinstance(v, float) and math.isfinite(v):
+                v = float(str(narrow(v)))
             out[c] = v
+        return out
+
+    @functools.cached_property
+    def _narrow_floats(self) -> dict[str, Any]:
+        """The columns of floats narrower than 64 bits (a dictionary's values), with their numpy type."""
+        import pyarrow as pa
+
+        narrow = {pa.float32(): np.float32, pa.float16(): np.float16}
+        out = {}
+        for c in self.table.column_names:
+            t = self.table.schema.field(c).type
+            t = t.value_type if pa.types.is_dictionary(t) else t
+            if t in narrow:
+                out[c] = narrow[t]
         return out
 
     def json_values(self, j: int) -> dict[str, Any]:

@@ -42,14 +42,13 @@ CPU_PIXELS = (TORCH_RESIZE_PIXELS, PIL_PIXELS)
 DEVICE_PIXELS = "torchvision"
 # --decode -> pixels
 PIXELS_OF_DECODE = {"cpu": PIL_PIXELS, "cpu-simd": TORCH_RESIZE_PIXELS, "device": DEVICE_PIXELS}
-
-
 CPU_DECODES = tuple(d for d, p in PIXELS_OF_DECODE.items() if p in CPU_PIXELS)  # --decode values of the CPU path
 
 
 def cpu_pixels(decode: str) -> str:
     """The CPU's resizer (CPU_PIXELS) for a --decode choice: torch's with cpu-simd, else Pillow's."""
     return PIXELS_OF_DECODE[decode] if decode in CPU_DECODES else PIL_PIXELS
+
 
 _TORCH_MODES = {2: "bilinear", 3: "bicubic"}  # PIL's numbering -> torch's antialiased uint8 kernels
 

@@ -80,6 +80,8 @@ def test_catalog_takes_a_models_short_name_as_model_does(built, tiny_clip, monke
     monkeypatch.setitem(backends.MODELS, "tiny-test", str(tiny_clip))
     cat = Catalog.open(out, model="tiny-test")
     assert cat.search_text("a red dress", k=3)[0].rank == 1
+    by_path = Catalog.open(out, model=str(tiny_clip)).search_text("a red dress", k=3)
+    assert [h.row for h in cat.search_text("a red dress", k=3)] == [h.row for h in by_path]
 
 
 def test_catalog_answers_as_the_cli_does(built, tiny_clip, tmp_path):

@@ -170,8 +170,11 @@ def test_device_path_gives_the_cpu_path_manifest(mixed_formats, tiny_clip, tmp_p
     # a query picture is decoded as each store's photos were: whole for the device's, at a reduced scale for the CPU's
     from pipeline import Catalog
 
-    assert Catalog.open(dev, model=str(tiny_clip))._decode_min_side() is None
-    assert Catalog.open(cpu, model=str(tiny_clip))._decode_min_side() > 0
+    assert Catalog.open(dev, model=str(tiny_clip)).decode_min_side is None
+    from pipeline.preprocess import PreprocessConfig
+
+    assert Catalog.open(cpu, model=str(tiny_clip)).decode_min_side == PreprocessConfig.from_model_dir(
+        tiny_clip).decode_min_side
     # a cache is never mixed with the other preprocessing when one is asked for
     capsys.readouterr()
     assert _run(mixed_formats, tiny_clip, dev, "--use-embeddings", "--decode", "cpu") == 1

@@ -252,3 +252,5 @@ def test_files_exported_from_an_open_clip_hub_models_plain_id_keep_their_text_se
     emb = OnnxEmbedder(image, device="cpu", threads=1)
     assert emb.identity.model == "hf-hub:Org/tiny-openclip"
     assert emb.embed_text(["red dress"]).shape == (1, emb.dim)
+    same = OnnxEmbedder(tiny_onnx, device="cpu", threads=1).embed_text(["red dress"])  # the same tower
+    assert np.array_equal(emb.embed_text(["red dress"]), same)
