@@ -22,6 +22,9 @@ candidates, the rule, groups). Precision counts pairs inside groups: a pair is r
 photos come from the same original. Grey-level pHash (32x32 DCT, as imagededup) and dHash at their
 best Hamming threshold are measured on the same photos for comparison.
 
+A shop's colourways: products photographed in 12 colours each, at least 80 and at least 40 RGB
+levels apart (navy beside royal blue), none a copy of another: how many photos the finder groups.
+
 Scale: N synthetic photos (random 64-bit hashes and signatures, 1% exact copies and 1% near copies
 planted), find_duplicates timed end to end; with the embedding's top-10 lists as extra candidates;
 and 10,000 new photos checked against the N with check_new.
@@ -422,6 +425,27 @@ def band_collision_rate(g: Gallery) -> float:
     return float(np.mean(shared))
 
 
+def shop_colourways(products: int, colours: int, min_rgb: float, size_wh: tuple[int, int]) -> tuple[int, int, int]:
+    """A shop's colourways: each of `products` catalogue photos (its own shoot and model) again in
+    `colours` colours in all, each at least min_rgb apart in RGB from every other colour of the
+    product (40: navy beside royal blue), found as the pipeline finds them (find_duplicates with
+    DEFAULT_RULE). Returns (photos grouped with another colour, photos, the largest group). None of
+    them is a copy of another: every photo grouped is a wrong one."""
+    rng = np.random.default_rng(20261206)
+    images = []
+    for p in range(products):
+        g = Garment.of_product(9000 + p)
+        chosen = [g.colour]
+        while len(chosen) < colours:
+            c = (float(rng.uniform()), float(rng.uniform(0.3, 0.9)), float(rng.uniform(0.25, 0.9)))
+            if all(np.linalg.norm(_hsv(*c) - _hsv(*o)) >= min_rgb for o in chosen):
+                chosen.append(c)
+        images += [served(catalogue_photo(p % 7, 3000 + p, Garment(g.cut, c, g.pattern, g.period), size_wh))
+                   for c in chosen]
+    groups = dup.find_duplicates(dup.PhotoSignals.of_images(images))
+    return sum(len(g.members) for g in groups), len(images), max((len(g.members) for g in groups), default=0)
+
+
 # ---------------------------------------------------------------- scale
 
 
@@ -503,7 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--photo-like", type=int, default=40, help="photo_like originals (half calibrate, half test)")
     ap.add_argument("--scale", type=int, default=1_000_000, help="synthetic photos for the timing")
     ap.add_argument("--new", type=int, default=10_000, help="new photos checked against them")
-    args = parse_args(ap, argv, tiny={"catalogue": 6, "photo_like": 2, "scale": 20_000, "new": 200})
+    ap.add_argument("--colourway-products", type=int, default=20,
+                    help="products of the colourway check, 12 colours each")
+    args = parse_args(ap, argv, tiny={"catalogue": 6, "photo_like": 2, "scale": 20_000, "new": 200,
+                                      "colourway_products": 1})
     print(machine_line(), flush=True)
     size = TINY_WH if args.tiny else PHOTO_WH
     half_c, half_p = args.catalogue // 2, args.photo_like // 2
@@ -553,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {kind} | {c} | {result.look_alike_fp[kind]:.3f} | " + " | ".join(
             f"{s.look_alike_fp.get(kind, 0.0):.3f}" for _, s in baselines.values()) + " |")
     print(f"\ncorrect pairs in groups: {result.true_pairs} of {result.grouped_pairs}")
+    for min_rgb in (80, 40):
+        grouped, photos, largest = shop_colourways(args.colourway_products, 12, min_rgb, size)
+        products = f"{args.colourway_products} product{'s' if args.colourway_products != 1 else ''}"
+        print(f"a shop's colourways: {products} in 12 colours at least {min_rgb}/255 apart "
+              f"in RGB: {grouped} of {photos} photos grouped with another colour (largest group {largest})", flush=True)
     cand = candidate_recall(test, rule)
     print("band candidates, share of the rule's true pairs proposed: " + ", ".join(
         f"{t} table{'s' if t > 1 else ''} {r:.3f}" for t, r in cand.items()) + f" (finder: {dup.TABLES})")

@@ -80,6 +80,7 @@ IN_PROCESS = [
         r"^\| crop \| all \| NUMBER \| NUMBER \| NUMBER \|",
         r"^\| overall \| \| NUMBER \| NUMBER \| NUMBER \|",
         r"^\| colourway \| NUMBER \| NUMBER \|",
+        r"^a shop's colourways: 1 product in 12 colours at least 40/255 apart in RGB: NUMBER of 12 photos grouped",
         r"^band candidates, share of the rule's true pairs proposed: 1 table NUMBER",
         r"^\| 20,000 random \| find_duplicates \| NUMBER s",
         r"^\| 20,000 clustered \| check_new: 200 new \| NUMBER s",
