@@ -225,3 +225,42 @@ def test_gpu_check_dry_run(clip_args, capsys):
         r"^\| lanes threads_16 \| 0 \| - \| NUMBER s \| NUMBER MiB \|",
         r"^\| segmentation \| 0 \| (NUMBER|-) \| NUMBER s \| NUMBER MiB \|",
     )
+
+
+def test_int8_device_reports_each_step_and_fails_when_one_does(monkeypatch, tmp_path, capsys):
+    """benchmarks.int8_device (one prepared command for a lent machine's CPU): each step in its own
+    process pinned to two cores, its output in the report under its name; a step that fails or
+    outlasts its limit is reported, the next still runs, and the command exits 1. (The two
+    benchmarks it runs have their own --tiny tests above.)"""
+    import os
+    import sys
+
+    from benchmarks import int8_device
+
+    monkeypatch.setattr(int8_device, "STEPS", [("broken", ["benchmarks.no_such_benchmark"], 60),
+                                               ("fine", ["platform"], 60)])
+    affinity = os.sched_getaffinity(0)
+    try:
+        code = int8_device.main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    finally:
+        os.sched_setaffinity(0, affinity)
+    assert code == 1
+    [report] = (tmp_path / "out").glob("int8_device_*.txt")
+    text = report.read_text()
+    assert text.startswith("machine: ") and f"pinned to cores {sorted(affinity)[:2]}" in text
+    assert_rows(text, r"^## broken \(exit 1, NUMBER s\): -m benchmarks.no_such_benchmark --work ",
+                r"^## fine \(exit 0, NUMBER s\): -m platform ")
+    assert "No module named benchmarks.no_such_benchmark" in text
+    assert "failed: broken" in capsys.readouterr().out
+    text, ok = int8_device.run_step("slow", [sys.executable, "-c", "print('started', flush=True); "
+                                             "import time; time.sleep(30)"], 2)
+    assert not ok and text.startswith("## slow (stopped after 2 s, ") and "started" in text
+
+
+def test_int8_device_pins_the_first_two_cores_it_may_use(monkeypatch):
+    from benchmarks import int8_device
+
+    pinned = []
+    monkeypatch.setattr(int8_device.os, "sched_getaffinity", lambda pid: {7, 3, 12, 5})
+    monkeypatch.setattr(int8_device.os, "sched_setaffinity", lambda pid, cores: pinned.append(list(cores)))
+    assert int8_device.pin_two_cores() == [3, 5] and pinned == [[3, 5]]
