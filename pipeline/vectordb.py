@@ -13,7 +13,10 @@ the metadata columns, and a `digest` of its vector and values. The dataset row i
 exported: it is a position, which a removal upstream shifts for every item after it, so each of
 them would be written again after every update; `file` and the catalogue's own id column say which
 photo and product an item is. The embedder's identity and the store's
-hash are kept in DIR/fashion_export.json; an export of vectors from another embedder is refused.
+hash are kept in DIR/_fashion_export.json (its leading underscore keeps pyarrow, pandas and DuckDB,
+which read a parquet folder whole, from taking it for a part; exports made before kept it as
+fashion_export.json, read still and renamed at their next export); an export of vectors from
+another embedder is refused.
 
 Incremental: a second export into the same DIR compares digests and writes only what changed:
 LanceDB deletes the removed and changed keys and inserts the new rows (merge_insert), Qdrant
@@ -46,7 +49,8 @@ log = logging.getLogger(__name__)
 
 KINDS = ("lancedb", "qdrant", "parquet")
 TABLE = "gallery"
-EXPORT_FILE = "fashion_export.json"
+EXPORT_FILE = "_fashion_export.json"
+OLD_EXPORT_FILE = "fashion_export.json"  # the record's name until 2026-12-06
 PART_ROWS = 10_000
 
 
@@ -144,6 +148,8 @@ def _check_identity(target: ExportTarget, identity: dict[str, Any]) -> dict[str,
     """The export's record, or None for a new one; another embedder's export is refused, and so is
     a folder that holds data but no record (not made by --export: nothing there is overwritten)."""
     path = target.folder / EXPORT_FILE
+    if not path.is_file() and (target.folder / OLD_EXPORT_FILE).is_file():
+        path = target.folder / OLD_EXPORT_FILE
     if not path.is_file():
         if target.folder.is_dir() and any(target.folder.iterdir()):
             raise PipelineError(
@@ -198,10 +204,13 @@ def export_store(target: ExportTarget, embeddings: np.ndarray, rows: Sequence[Ma
         close = getattr(writer, "close", None)
         if close is not None:
             close()
-    if removed or changed or added or restyled or record.get("new") or record.get("store_sha256") != store_sha256:
+    old_name = target.folder / OLD_EXPORT_FILE
+    if (removed or changed or added or restyled or record.get("new") or record.get("store_sha256") != store_sha256
+            or old_name.is_file()):
         atomic_write_text(target.folder / EXPORT_FILE, json.dumps(
             {"identity": identity, "store_sha256": store_sha256, "kind": target.kind, "rows": len(now),
              "dim": int(embeddings.shape[1]) if embeddings.ndim == 2 else 0}, indent=2, sort_keys=True))
+    old_name.unlink(missing_ok=True)  # renamed: a parquet reader of the folder skips it now
     return ExportReport(target, len(added), len(changed), len(removed), len(now) - len(added) - len(changed))
 
 

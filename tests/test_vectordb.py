@@ -61,8 +61,13 @@ def test_the_databases_answer_as_we_do(exported):
     assert back.num_rows == len(cat) and {"key", "file", "category", "price", "embedding"} <= set(back.column_names)
     row = back.slice(5, 1).to_pylist()[0]
     assert np.allclose(row["embedding"], cat.embeddings[[r.embedding_row for r in cat.items if r.source_row == 5][0]])
-    record = json.loads((targets["lancedb"] / "fashion_export.json").read_text())
+    record = json.loads((targets["lancedb"] / "_fashion_export.json").read_text())
     assert record["identity"]["backend"] == "onnx" and record["rows"] == len(cat)
+    # the folder read whole, as pandas, pyarrow and DuckDB read a parquet folder: the record is no part
+    import pandas as pd
+
+    whole = pd.read_parquet(targets["parquet"])
+    assert len(whole) == len(cat) and sorted(whole["key"]) == sorted(back.column("key").to_pylist())
 
 
 def test_after_an_update_only_what_changed_is_written(exported, tiny_onnx, capsys):
@@ -109,7 +114,7 @@ def test_an_update_that_removes_a_photo_writes_only_that_removal(exported, tiny_
 
 def test_another_embedders_export_is_refused(exported, tiny_onnx, tmp_path, capsys):
     data, out, targets, flags = exported
-    path = targets["qdrant"] / "fashion_export.json"
+    path = targets["qdrant"] / "_fashion_export.json"
     record = json.loads(path.read_text())
     record["identity"]["model"] = "another/model"
     path.write_text(json.dumps(record))
@@ -130,11 +135,11 @@ def test_another_embedders_export_is_refused(exported, tiny_onnx, tmp_path, caps
 
 def test_a_folder_not_made_by_export_is_left_alone(exported, tiny_onnx, tmp_path, capsys):
     data, out, targets, _ = exported
-    (targets["lancedb"] / "fashion_export.json").unlink()  # a LanceDB folder of the user's own
+    (targets["lancedb"] / "_fashion_export.json").unlink()  # a LanceDB folder of the user's own
     before = lancedb.connect(str(targets["lancedb"])).open_table("gallery").count_rows()
     capsys.readouterr()
     assert cli.main(args(data, tiny_onnx, out, "--export", f"lancedb:{targets['lancedb']}")) == 1
-    assert "already holds files but no fashion_export.json" in capsys.readouterr().err
+    assert "already holds files but no _fashion_export.json" in capsys.readouterr().err
     assert lancedb.connect(str(targets["lancedb"])).open_table("gallery").count_rows() == before  # nothing added
 
 
@@ -175,14 +180,22 @@ def test_an_interrupted_first_export_is_finished_and_catalogue_columns_keep_thei
 
 
 def test_an_export_made_before_families_were_recorded_is_still_brought_up_to_date(exported, tiny_onnx, capsys):
+    """An export of before SigLIP (no family in its record), which also kept its record as
+    fashion_export.json (before 2026-12-06): brought up to date with nothing written again, its
+    record renamed so that a parquet reader of the folder skips it."""
     data, out, targets, _ = exported
-    path = targets["parquet"] / "fashion_export.json"
+    path = targets["parquet"] / "_fashion_export.json"
     record = json.loads(path.read_text())
     record["identity"].pop("family")  # as an export written before SigLIP
-    path.write_text(json.dumps(record))
+    path.unlink()
+    (targets["parquet"] / "fashion_export.json").write_text(json.dumps(record))
+    parts = {p.name: p.stat().st_mtime_ns for p in targets["parquet"].glob("part_*.parquet")}
     capsys.readouterr()
     assert cli.main(args(data, tiny_onnx, out, "--export", f"parquet:{targets['parquet']}")) == 0
     assert "unchanged 40" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in targets["parquet"].glob("part_*.parquet")} == parts
+    assert not (targets["parquet"] / "fashion_export.json").exists()
+    assert json.loads(path.read_text())["rows"] == 40
 
 
 def test_a_lancedb_export_whose_columns_changed_is_rewritten(tiny_onnx, tmp_path, capsys):
