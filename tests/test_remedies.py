@@ -130,6 +130,20 @@ def test_a_search_mode_is_told_the_gallery_run_that_builds_its_store(tiny_onnx, 
                tmp_path / "look.jpg") == 0
 
 
+def test_a_store_of_a_model_folder_is_told_its_model_too(tiny_onnx, tiny_clip, mixed_dataset, tmp_path, capsys):
+    """A store made by transformers from a model folder, searched with the ONNX file (the default
+    --backend auto takes it): the way back names --model, which the request left at its default (a
+    hub id this machine may not reach), beside --backend."""
+    out = tmp_path / "made-by-torch"
+    assert run("--dataset", mixed_dataset, "--model", tiny_clip, "--backend", "torch", "--output-dir", out,
+               "--max-result-images", "0") == 3
+    capsys.readouterr()
+    assert run("--onnx", tiny_onnx, "--output-dir", out, "--query-text", "a red dress") == 1
+    remedy = capsys.readouterr().err.strip().splitlines()[-1]
+    assert remedy.startswith(f"To reuse it, ask for what made it: --backend torch --model {tiny_clip}"), remedy
+    assert run("--backend", "torch", "--model", tiny_clip, "--output-dir", out, "--query-text", "a red dress") == 0
+
+
 @pytest.mark.subprocess
 def test_an_unreachable_hub_is_found_once_and_the_run_ends_fast(tiny_onnx, tmp_path):
     """No HF_HUB_OFFLINE, and nothing listens at the hub's address: one probe, one warning, then the
