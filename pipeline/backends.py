@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,4 +204,7 @@ def load_hint(model: str) -> str:
         return (f"{model} is a folder but not a model's: a transformers model folder has config.json and its "
                 f"weights (model.safetensors), an open_clip one open_clip_config.json; this one has "
                 f"{', '.join(names) or 'nothing'}{' ...' if len(names) == 8 else ''}.")
+    if not model.startswith("open_clip:") and (
+            re.fullmatch(r"(hf-hub:)?[\w-][\w.-]*(/[\w.-]+)?", model) is None or ".." in model):
+        return f"{model} is neither an existing folder nor a hub id like 'owner/name': check the path."
     return "Without network access pass a local folder with --model DIR."

@@ -193,3 +193,14 @@ def test_a_folder_that_is_not_a_model_is_said_to_be_one_not_told_to_go_offline(t
     err = capsys.readouterr().err
     assert f"{folder} is a folder but not a model's: a transformers model folder has config.json" in err
     assert "this one has a.jpg." in err and "Without network access" not in err
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_model_path_that_does_not_exist_is_said_to_be_neither_a_folder_nor_a_hub_id(backend, tmp_path, capsys):
+    """Not huggingface_hub's "Repo id must be in the form 'repo_name' or 'namespace/repo_name'",
+    nor the advice to go offline: the path is wrong."""
+    missing = tmp_path / "no-such-model"
+    assert run("--model", missing, "--backend", backend, "--query-text", "red", "--output-dir", tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert f"{missing} is neither an existing folder nor a hub id like 'owner/name': check the path." in err
+    assert "Without network access" not in err
