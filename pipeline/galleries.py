@@ -30,7 +30,7 @@ from .dataset import (
 )
 from .duplicates import stored_groups
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
-from .errors import CacheMismatchError
+from .errors import CacheMismatchError, UsageError
 from .fileio import sha256_file_once, unlink_quietly
 from .gallery import STANDARD_FILES, DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
@@ -211,10 +211,12 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
         log.info("loaded %d embeddings from %s", len(cache.embeddings), cfg.store_dir)
         gallery = Gallery(cache.embeddings, cache.rows, embedder)
     else:
-        if cfg.meta_columns or cfg.filter:  # a name the dataset lacks fails before the build, not after it
+        if cfg.meta_columns or cfg.filter or cfg.group_by:  # a name the dataset lacks fails before the build
             schema = check_meta_columns(cfg.dataset, cfg.meta_columns)
             if cfg.filter:
                 check_gallery_filter(cfg.filter, schema)
+            if cfg.group_by:
+                check_gallery_group_by(cfg.group_by, schema)
         if cfg.update:
             from .update import update_gallery  # update.py builds on this module
 
@@ -242,6 +244,15 @@ def check_gallery_filter(text: str, schema: Any) -> None:
         raise FilterError("--filter: this dataset keeps no metadata (a folder of images, a streamed dataset, or "
                           "--meta-columns chose none), so there is nothing to filter on")
     Filter.parse(text, schema)
+
+
+def check_gallery_group_by(column: str, schema: Any) -> None:
+    """A gallery run's --group-by checked against the columns the build will keep (UsageError, exit
+    2, before any photo is embedded; Searcher.group_by says the same of a store already built)."""
+    kept = list(schema.names) if schema is not None else []
+    if column not in kept:
+        shown = ", ".join(kept) if kept else "none (this dataset keeps no metadata)"
+        raise UsageError(f"--group-by: unknown column {column!r}; the catalogue's columns are: {shown}")
 
 
 def with_metadata(cfg: RunConfig, searcher: Searcher) -> Searcher:

@@ -268,6 +268,12 @@ def test_group_by_in_the_gallery_run_and_its_messages(built, tiny_onnx, capsys):
     code = cli.main(args(data, tiny_onnx, out, "--query-text", "red", "--group-by", "size"))
     err = capsys.readouterr().err
     assert code == 2 and "--group-by: unknown column 'size'; the catalogue's columns are: category" in err
+    # a gallery build is told before it embeds anything (a misspelt column cost the whole build before)
+    fresh = out.parent / "never-built"
+    code = cli.main(args(data, tiny_onnx, fresh, "--group-by", "size"))
+    err = capsys.readouterr().err
+    assert code == 2 and "--group-by: unknown column 'size'; the catalogue's columns are: category" in err
+    assert not (fresh / "embeddings").exists()
 
 
 def test_items_without_a_value_stand_alone(tiny_onnx, tmp_path, capsys):
