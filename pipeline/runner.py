@@ -111,7 +111,8 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
     if cfg.segmented:
         summary.count("crops", sum(1 for r in rows if r.person >= 0 and r.status == "ok"))
         summary.count("rows without person", sum(1 for r in rows if r.status == "no_person"))
-    summary.count("embedded", len(gallery.embeddings))
+    # an update embeds only its added and changed photos (counted by it), a cache run none
+    summary.count("items" if cfg.from_cache or cfg.update else "embedded", len(gallery.embeddings))
     summary.count("failed", len(summary.failures))
     summary.outputs["images"] = str(cfg.images_dir)
     summary.outputs["embeddings"] = str(cfg.store_dir)
