@@ -157,7 +157,7 @@ def combined_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary) -> t
                 queries.append(Query(f"{result.label} {words}", "image+text", make_thumbnail(crop.image, QUERY_TILE)))
                 rows.append([(h.row, h.distance) for h in result.hits])
     if not queries:
-        raise PipelineError("none of the query images could be read")
+        raise PipelineError(unreadable_queries(summary))
     how = f"weighted sum, texts x {q.text_weight:g}" if q.fusion == "sum" else "reciprocal-rank fusion"
     summary.notes.append(f"picture + text: one query per picture ({how})")
     idx = np.full((len(rows), cfg.top_k), -1, np.int64)
@@ -191,8 +191,16 @@ def embed_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary) -> tupl
             vectors.append(catalog.embedder.embed_text(list(cfg.query.texts)))
             queries += [Query(t, "text", text_tile(t, QUERY_TILE)) for t in cfg.query.texts]
     if not queries:
-        raise PipelineError("none of the query images could be read")
+        raise PipelineError(unreadable_queries(summary))
     return queries, vectors
+
+
+def unreadable_queries(summary: RunSummary, shown: int = 3) -> str:
+    """The error of a run none of whose query pictures could be read: each one's reason (the first
+    `shown`), as a run with one good picture beside them lists them."""
+    reasons = [f"{Path(item).name}: {reason}" for item, reason in summary.failures[:shown]]
+    more = f"; and {len(summary.failures) - shown} more" if len(summary.failures) > shown else ""
+    return "none of the query images could be read" + (f" ({'; '.join(reasons)}{more})" if reasons else "")
 
 
 def query_slug(text: str, limit: int = 40) -> str:

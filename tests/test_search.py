@@ -105,6 +105,11 @@ def test_query_errors(gallery, tiny_onnx, tmp_path, capsys):
         == 1
     )
     assert "does not exist" in capsys.readouterr().err
+    notes = tmp_path / "notes.txt"  # the only query picture is not one: its reason is said
+    notes.write_text("a red dress, size 38\n")
+    assert cli.main(["--query-image", str(notes), "--onnx", str(tiny_onnx), "--output-dir", str(gallery), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "none of the query images could be read (notes.txt: " in err and "text file" in err, err
     lonely = tmp_path / "lonely_int8.onnx"
     lonely.write_bytes(tiny_onnx.read_bytes())
     assert cli.main(["--query-text", "red", "--onnx", str(lonely), "--output-dir", str(tmp_path / "x"), "-q"]) == 1
