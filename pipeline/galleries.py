@@ -30,7 +30,7 @@ from .dataset import (
 )
 from .duplicates import stored_groups
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
-from .errors import CacheMismatchError, UsageError
+from .errors import CacheMismatchError, PipelineError, UsageError
 from .fileio import sha256_file_once, unlink_quietly
 from .gallery import STANDARD_FILES, DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
@@ -46,6 +46,7 @@ from .report import RunSummary
 from .searcher import Searcher
 from .store import (
     PARTIAL_DIR,
+    SIDECAR_FILE,
     SWITCH_FILE,
     UPDATE_DIR,
     GalleryCache,
@@ -244,6 +245,14 @@ def check_gallery_filter(text: str, schema: Any) -> None:
         raise FilterError("--filter: this dataset keeps no metadata (a folder of images, a streamed dataset, or "
                           "--meta-columns chose none), so there is nothing to filter on")
     Filter.parse(text, schema)
+
+
+def store_model(store_dir: Path) -> str:
+    """What made a store's vectors, for the run's summary ("" when its sidecar cannot be read)."""
+    try:
+        return Sidecar.read(store_dir / SIDECAR_FILE).identity.label()
+    except (OSError, ValueError, KeyError, PipelineError):
+        return ""
 
 
 def check_gallery_group_by(column: str, schema: Any) -> None:

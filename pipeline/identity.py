@@ -93,6 +93,11 @@ class VectorIdentity(_Comparable):
     pixels: str | None = None
 
 
+    def label(self) -> str:
+        """What made the vectors, for a person: the model and how it ran ("./clip (onnx, onnx-int8-static)")."""
+        how = ", ".join(str(v) for v in (self.backend, self.precision) if v)
+        return f"{self.model or 'an unnamed model'}" + (f" ({how})" if how else "")
+
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> VectorIdentity:
         if data.get("backend") and "family" not in data:  # made before families were recorded: CLIP's

@@ -36,6 +36,7 @@ class RunSummary:
     stage_labels: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    model: str = ""  # what made the vectors the run used (VectorIdentity.label), said in the summary
     # Results as a plain-text table for the terminal (e.g. --evaluate's markdown table). The HTML
     # report draws the same results as a real table from the mode's own data, so it shows no copy.
     tables: list[str] = field(default_factory=list)
@@ -91,6 +92,8 @@ class RunSummary:
     def format(self, max_failures: int = 10, verbose: bool = False) -> str:
         wall = time.perf_counter() - self.started
         lines = [f"== {self.mode}: done in {wall:.1f} s, peak memory {peak_rss_mib():.0f} MiB"]
+        if self.model:
+            lines.append(f"model:    {self.model}")
         if verbose:  # int8 results and speeds depend on the CPU's instruction sets
             lines.append(f"cpu:      {cpu_label()}, {cpu_info()['cores']} cores")
         if self.counts:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import main as cli
 import onnx
 from pipeline.config import config_from_flags, onnx_fallback
 from tests.helpers import free_port, run
@@ -141,7 +142,11 @@ def test_a_store_of_a_model_folder_is_told_its_model_too(tiny_onnx, tiny_clip, m
     assert run("--onnx", tiny_onnx, "--output-dir", out, "--query-text", "a red dress") == 1
     remedy = capsys.readouterr().err.strip().splitlines()[-1]
     assert remedy.startswith(f"To reuse it, ask for what made it: --backend torch --model {tiny_clip}"), remedy
-    assert run("--backend", "torch", "--model", tiny_clip, "--output-dir", out, "--query-text", "a red dress") == 0
+    capsys.readouterr()
+    assert cli.main(["--backend", "torch", "--model", str(tiny_clip), "--output-dir", str(out),
+                     "--query-text", "a red dress"]) == 0
+    # the summary says what made the vectors searched (--backend auto could have taken either)
+    assert f"\nmodel:    {Path(tiny_clip).resolve()} (torch, fp32)\n" in capsys.readouterr().out
 
 
 @pytest.mark.subprocess
