@@ -126,8 +126,8 @@ _AFTER: tuple[Check, ...] = (
     (lambda c: "ray_address" in c.explicit and c.engine != "ray", "--ray-address needs --engine ray"),
     (
         lambda c: bool(c.filter or c.group_by) and selected_mode(c).name in _NO_SEARCH_OPTIONS,
-        "{search_flags} shape searches (queries, neighbours, --evaluate, --serve, --video_clip, the Python API); "
-        "{mode_flag} does not search the catalogue, so it would ignore them: drop them",
+        "{search_flags} only {search_verb} searches (queries, neighbours, --evaluate, --serve, --video_clip, "
+        "the Python API); {mode_flag} does not search the catalogue, so it would ignore them: drop them",
     ),
     (
         lambda c: c.fresh and c.from_cache,
@@ -175,7 +175,8 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     asked = [m for m in MODES[:-1] if m.selected(cfg)]
     shaping = (("--filter", cfg.filter), ("--group-by", cfg.group_by))
     values = {"unknown": _unknown_backends(cfg), "precision": cfg.embedder.precision,
-              "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag}
+              "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag,
+              "search_verb": "change" if all(on for _, on in shaping) else "changes"}
     for when, message in _BEFORE:
         if when(cfg):
             return message.format(**values)

@@ -478,7 +478,7 @@ def write_duplicates(cfg: RunConfig, searcher: Searcher, summary: RunSummary) ->
     if groups:
         hint = "" if cfg.dedup else "; --dedup shows one photo per group"
         summary.notes.append(
-            f"duplicates: {count_of(len(groups), 'group')} of {photos:,} photos ({exact:,} exact "
+            f"duplicates: {count_of(photos, 'photo')} in {count_of(len(groups), 'group')} ({exact:,} exact "
             f"cop{'y' if exact == 1 else 'ies'}, {photos - len(groups) - exact:,} near){hint}"
         )
     if unsigned:

@@ -113,7 +113,7 @@ def test_a_build_finds_the_planted_copies_and_nothing_else(tiny_onnx, tmp_path, 
     assert manifest[0].pixel_hash == manifest[10].pixel_hash and manifest[0].file == manifest[10].file  # one file
     assert manifest[1].pixel_hash != manifest[11].pixel_hash
     said = capsys.readouterr().out
-    assert "duplicates: 4 groups of 11 photos (2 exact copies, 5 near)" in said
+    assert "duplicates: 11 photos in 4 groups (2 exact copies, 5 near)" in said
     report = (out / "outputs" / "report" / "sections" / "gallery.js").read_text()
     assert '"duplicates":{"groups":4,"photos":11,"csv":"duplicates.csv"' in report
 

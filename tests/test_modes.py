@@ -55,10 +55,10 @@ def test_modes_are_declared_once_and_the_gallery_comes_last():
         (RunConfig(explicit=frozenset({"max_persons"})), "--max-persons needs --use-segmentation"),
         (RunConfig(use_embeddings=True, fresh=True), "--fresh rebuilds the gallery"),
         (RunConfig(exports=("lancedb:shop.lance",), filter="price < 50"),
-         "--filter shape searches (queries, neighbours, --evaluate, --serve, --video_clip, the Python API); --export "
-         "does not search"),
+         "--filter only changes searches (queries, neighbours, --evaluate, --serve, --video_clip, the Python API); "
+         "--export does not search"),
         (RunConfig(exports=("parquet:out.parquet",), group_by="item_id", filter="price < 5"),
-         "--filter and --group-by shape searches"),
+         "--filter and --group-by only change searches"),
         (RunConfig(export=ExportSpec(enabled=True), group_by="item_id"), "--export-onnx does not search"),
         (RunConfig(query=QuerySpec(texts=("red",), fusion="rrf"), explicit=frozenset({"fusion"})),
          "--fusion and --text-weight say how a picture and texts make one query"),
