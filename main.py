@@ -51,6 +51,13 @@ def _unit_float(text: str) -> float:
     return v
 
 
+def _words(text: str) -> str:
+    """argparse type: a text query with something in it (an empty one would match nothing in particular)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a text query must say something; got an empty text")
+    return text
+
+
 def _weight(text: str) -> float:
     """argparse type: a finite number >= 0 (a weight; what is to be taken away is a --negative-text)."""
     try:
@@ -112,9 +119,10 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="image files or folders to search the cached gallery with",
     )
-    _add(search, "--query-text", nargs="+", metavar="TEXT", help='texts to search with, e.g. "red floral midi dress"; '
-         'with --query-image, each picture and the texts make one query ("this dress, but in red")')
-    _add(search, "--negative-text", nargs="+", metavar="TEXT",
+    _add(search, "--query-text", nargs="+", type=_words, metavar="TEXT",
+         help='texts to search with, e.g. "red floral midi dress"; with --query-image, each picture and the '
+         'texts make one query ("this dress, but in red")')
+    _add(search, "--negative-text", nargs="+", type=_words, metavar="TEXT",
          help='with --query-image: what the results should not have ("buttons"), subtracted from the query')
     _add(search, "--fusion", choices=("sum", "rrf"),
          help="how a picture and texts make one query: sum = weighted sum of the normalized vectors; rrf = "

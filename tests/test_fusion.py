@@ -141,3 +141,13 @@ def test_rank_fusion_scores_a_product_over_the_lists_whichever_photo_each_shows(
     fused = searcher.fused(queries, 2, depth=2)
     assert fused.indices[0].tolist() == [0, 2]  # A (a1: 10 degrees from a query, as a2 is; lower row) then B
     assert fused.distances[0][0] == pytest.approx(1 - np.cos(np.deg2rad(10)), abs=1e-6)
+
+
+@pytest.mark.parametrize("flags", [["--query-text", ""], ["--query-text", "red", "  "],
+                                   ["--query-image", "a.jpg", "--query-text", "red", "--negative-text", ""]])
+def test_an_empty_text_query_is_refused(flags, capsys):
+    """An empty text was embedded and searched like any other, and its results meant nothing."""
+    import main as cli
+
+    assert cli.main(flags) == 2
+    assert "a text query must say something; got an empty text" in capsys.readouterr().err
