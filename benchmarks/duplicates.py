@@ -23,7 +23,7 @@ photos come from the same original. Grey-level pHash (32x32 DCT, as imagededup) 
 best Hamming threshold are measured on the same photos for comparison.
 
 A shop's colourways: products photographed in 12 colours each, at least 80 and at least 40 RGB
-levels apart (navy beside royal blue), none a copy of another: how many photos the finder groups.
+levels apart (two blues a shop sells side by side), none a copy of another: how many photos the finder groups.
 
 Scale: N synthetic photos (random 64-bit hashes and signatures, 1% exact copies and 1% near copies
 planted), find_duplicates timed end to end; with the embedding's top-10 lists as extra candidates;
@@ -428,7 +428,7 @@ def band_collision_rate(g: Gallery) -> float:
 def shop_colourways(products: int, colours: int, min_rgb: float, size_wh: tuple[int, int]) -> tuple[int, int, int]:
     """A shop's colourways: each of `products` catalogue photos (its own shoot and model) again in
     `colours` colours in all, each at least min_rgb apart in RGB from every other colour of the
-    product (40: navy beside royal blue), found as the pipeline finds them (find_duplicates with
+    product (40: two blues a shop sells side by side), found as the pipeline finds them (find_duplicates with
     DEFAULT_RULE). Returns (photos grouped with another colour, photos, the largest group). None of
     them is a copy of another: every photo grouped is a wrong one."""
     rng = np.random.default_rng(20261206)
@@ -436,10 +436,14 @@ def shop_colourways(products: int, colours: int, min_rgb: float, size_wh: tuple[
     for p in range(products):
         g = Garment.of_product(9000 + p)
         chosen = [g.colour]
-        while len(chosen) < colours:
+        for _ in range(100_000):
+            if len(chosen) == colours:
+                break
             c = (float(rng.uniform()), float(rng.uniform(0.3, 0.9)), float(rng.uniform(0.25, 0.9)))
             if all(np.linalg.norm(_hsv(*c) - _hsv(*o)) >= min_rgb for o in chosen):
                 chosen.append(c)
+        if len(chosen) < colours:
+            raise ValueError(f"found no {colours} colours {min_rgb} RGB levels apart: ask for fewer or closer ones")
         images += [served(catalogue_photo(p % 7, 3000 + p, Garment(g.cut, c, g.pattern, g.period), size_wh))
                    for c in chosen]
     groups = dup.find_duplicates(dup.PhotoSignals.of_images(images))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -44,17 +45,20 @@ def step_argv(command: list[str], work: Path, tiny: bool) -> list[str]:
 
 
 def run_step(name: str, argv: list[str], limit_s: float) -> tuple[str, bool]:
-    """One benchmark in its own process; what it printed and whether it ended well (exit 0 within
-    limit_s)."""
+    """One benchmark in its own process (its own process group); what it printed and whether it
+    ended well (exit 0 within limit_s). Past the limit the whole group is stopped, so that nothing
+    it started keeps the pinned cores busy for the next step."""
     start = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"})
     try:
-        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=limit_s,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"})
-        ok, text = done.returncode == 0, done.stdout + done.stderr
-        ending = f"exit {done.returncode}"
-    except subprocess.TimeoutExpired as e:
-        ok, ending = False, f"stopped after {limit_s} s"
-        text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        text, _ = proc.communicate(timeout=limit_s)
+        ok, ending = proc.returncode == 0, f"exit {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        text, _ = proc.communicate()
+        ok, ending = False, f"stopped after {limit_s:g} s"
     return f"## {name} ({ending}, {time.perf_counter() - start:.0f} s): {' '.join(argv[1:])}\n\n{text}\n", ok
 
 

@@ -117,6 +117,7 @@ def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:
 
     import onnx
     from onnx import helper, numpy_helper
+    from pipeline.embedders import _session_options, available_cores
     from pipeline.int8graph import _graph_maps, _set_nodes
 
     model = onnx.load(str(path))
@@ -126,7 +127,8 @@ def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:
     known = {o.name for o in ref.graph.output}
     ref.graph.output.extend(helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None)
                             for n in dql if n.input[0] not in known)
-    sess = ort.InferenceSession(ref.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(ref.SerializeToString(), _session_options(ort, available_cores()),
+                                providers=["CPUExecutionProvider"])
     names = [n.input[0] for n in dql]
     lo, hi = {k: 0.0 for k in names}, {k: 0.0 for k in names}  # MinMax: the range always holds 0
     for i in range(0, len(calib), 8):

@@ -497,6 +497,7 @@ def open_catalog(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
         embedder = embedder or make_embedder(cfg.embedder)
     with summary.stage("load cache"):
         cache = load_gallery_cache(cfg, identity=embedder.identity)
+    summary.model = cache.sidecar.identity.label()  # every search mode's summary says what made the vectors
     with summary.stage("load index"):
         searcher = open_searcher(cfg, cache.embeddings, cache.embedded_rows, gpu=on_cuda(embedder),
                                  made_by=cache.sidecar)

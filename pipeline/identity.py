@@ -94,7 +94,7 @@ class VectorIdentity(_Comparable):
 
 
     def label(self) -> str:
-        """What made the vectors, for a person: the model and how it ran ("./clip (onnx, onnx-int8-static)")."""
+        """What made the vectors, for a person: the model and how it ran ("/models/clip (onnx, onnx-int8-static)")."""
         how = ", ".join(str(v) for v in (self.backend, self.precision) if v)
         return f"{self.model or 'an unnamed model'}" + (f" ({how})" if how else "")
 

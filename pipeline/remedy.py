@@ -76,10 +76,10 @@ def reuse_or_rebuild(
         names = [n for n in names if n not in ("model", "precision")]
         if "backend" in names and "onnx_sha256" not in names:
             names.append("onnx_sha256")
-    elif names and "model" not in names and made.get("model"):
-        # A model the flags load (transformers, open_clip): named with the rest, for the request's own
-        # --model may be the default while the store was made from a folder of its own
-        names.insert(names.index("backend") + 1 if "backend" in names else 0, "model")
+    elif "backend" in names and "model" not in names and made.get("model"):
+        # Back to a model the flags load (transformers, open_clip) from an ONNX file: named with the
+        # backend, for the request's --model may be the default while the store was made from a folder
+        names.insert(names.index("backend") + 1, "model")
     flags: list[str] = []
     for name in names:
         flags += _flags_for(name, made, onnx_asked)

@@ -27,7 +27,7 @@ from .embedders import Embedder, EmbedderSpec, make_embedder
 from .errors import PipelineError, UsageError, first_line
 from .export import fp32_path_for
 from .fileio import atomic_write_text, sha256_bytes
-from .galleries import open_catalog, segmenter_factory, store_model
+from .galleries import open_catalog, segmenter_factory
 from .images import ImageDecodeError, decode_image
 from .metadata import prefixed_name
 from .persons import Segmenter, person_crops
@@ -84,7 +84,6 @@ def run_query(cfg: RunConfig) -> RunSummary:
     """--query-image / --query-text against the cached gallery (embeddings/ or embeddings_segment/)."""
     summary = RunSummary(mode="query")
     catalog = open_catalog(cfg, summary)
-    summary.model = store_model(cfg.store_dir)
     allowed = catalog.searcher.allowed(cfg.filter)  # a bad filter fails before any query is embedded
     if cfg.query.images and (cfg.query.texts or cfg.query.negative):
         queries, nb = combined_queries(cfg, catalog, summary)

@@ -234,11 +234,15 @@ def test_int8_device_reports_each_step_and_fails_when_one_does(monkeypatch, tmp_
     benchmarks it runs have their own --tiny tests above.)"""
     import os
     import sys
+    import time
 
     from benchmarks import int8_device
 
+    (tmp_path / "stub").mkdir()
+    (tmp_path / "stub" / "fine_step.py").write_text("import sys\nprint('given', sys.argv[1:])\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "stub"))
     monkeypatch.setattr(int8_device, "STEPS", [("broken", ["benchmarks.no_such_benchmark"], 60),
-                                               ("fine", ["platform"], 60)])
+                                               ("fine", ["fine_step"], 60)])
     affinity = os.sched_getaffinity(0)
     try:
         code = int8_device.main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
@@ -249,12 +253,22 @@ def test_int8_device_reports_each_step_and_fails_when_one_does(monkeypatch, tmp_
     text = report.read_text()
     assert text.startswith("machine: ") and f"pinned to cores {sorted(affinity)[:2]}" in text
     assert_rows(text, r"^## broken \(exit 1, NUMBER s\): -m benchmarks.no_such_benchmark --work ",
-                r"^## fine \(exit 0, NUMBER s\): -m platform ")
+                r"^## fine \(exit 0, NUMBER s\): -m fine_step --work ", r"^given \['--work', ")
     assert "No module named benchmarks.no_such_benchmark" in text
     assert "failed: broken" in capsys.readouterr().out
-    text, ok = int8_device.run_step("slow", [sys.executable, "-c", "print('started', flush=True); "
-                                             "import time; time.sleep(30)"], 2)
-    assert not ok and text.startswith("## slow (stopped after 2 s, ") and "started" in text
+    # past its limit: stopped with what it started (a child sleeping on), what it printed kept
+    slow = ("import subprocess, sys, time; print('started', flush=True); "
+            "print('on stderr', file=sys.stderr, flush=True); "
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "print('child', child.pid, flush=True); time.sleep(60)")
+    started = time.perf_counter()
+    text, ok = int8_device.run_step("slow", [sys.executable, "-c", slow], 3)
+    assert time.perf_counter() - started < 30  # not held until the child's minute is over
+    assert not ok and text.startswith("## slow (stopped after 3 s, ") and "started" in text and "on stderr" in text
+    child = int(re.search(r"^child (\d+)$", text, re.MULTILINE).group(1))
+    time.sleep(0.5)
+    stat = Path(f"/proc/{child}/stat")  # gone, or dead and not yet reaped by its new parent
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def test_int8_device_pins_the_first_two_cores_it_may_use(monkeypatch):

@@ -149,6 +149,22 @@ def test_a_store_of_a_model_folder_is_told_its_model_too(tiny_onnx, tiny_clip, m
     assert f"\nmodel:    {Path(tiny_clip).resolve()} (torch, fp32)\n" in capsys.readouterr().out
 
 
+def test_changed_weights_are_told_to_rebuild_not_to_reuse(tmp_path):
+    """Only the model's weights changed (model_sha256), or only the --limit: the flags given already
+    name the model, so no --model is suggested (it could not reuse the store, or changes nothing)."""
+    from pipeline.identity import GallerySource, VectorIdentity
+    from pipeline.remedy import reuse_or_rebuild
+
+    made = VectorIdentity(backend="torch", family="clip", model="/models/clip", model_sha256="a" * 64, precision="fp32")
+    source = GallerySource(kind="standard", dataset="/data/shop", split="train", limit=100, image_column="image")
+    said = reuse_or_rebuild(["model_sha256"], made, source, False, None)
+    assert said.startswith("Either rebuild it by running without --use-embeddings") and "--model" not in said
+    said = reuse_or_rebuild(["limit"], made, source, False, None)
+    assert said.startswith("To reuse it, ask for what made it: --limit 100; or ") and "--model" not in said
+    said = reuse_or_rebuild(["backend"], made, source, False, None)
+    assert said.startswith("To reuse it, ask for what made it: --backend torch --model /models/clip; or "), said
+
+
 @pytest.mark.subprocess
 def test_an_unreachable_hub_is_found_once_and_the_run_ends_fast(tiny_onnx, tmp_path):
     """No HF_HUB_OFFLINE, and nothing listens at the hub's address: one probe, one warning, then the
