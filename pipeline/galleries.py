@@ -30,7 +30,7 @@ from .dataset import (
 )
 from .duplicates import stored_groups
 from .embedders import Embedder, make_embedder, on_cuda, requested_identity
-from .errors import CacheMismatchError, PipelineError, UsageError
+from .errors import CacheMismatchError, PipelineError
 from .fileio import sha256_file_once, unlink_quietly
 from .gallery import STANDARD_FILES, DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
@@ -43,7 +43,7 @@ from .ray_engine import RayBuild, build_gallery_ray
 from .remedy import DECODE_OF_PIXELS, build_first, reuse_or_rebuild
 from .remote import list_names, remove_stale_at_url
 from .report import RunSummary
-from .searcher import Searcher
+from .searcher import Searcher, unknown_group_column
 from .store import (
     PARTIAL_DIR,
     SIDECAR_FILE,
@@ -210,6 +210,7 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
         with summary.stage("load cache"):
             cache = load_gallery_cache(cfg, identity=embedder.identity if embedder is not None else None)
         log.info("loaded %d embeddings from %s", len(cache.embeddings), cfg.store_dir)
+        summary.model = cache.sidecar.identity.label()
         gallery = Gallery(cache.embeddings, cache.rows, embedder)
     else:
         if cfg.meta_columns or cfg.filter or cfg.group_by:  # a name the dataset lacks fails before the build
@@ -224,6 +225,7 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
             gallery = update_gallery(cfg, summary, embedder)
         else:
             gallery = build(cfg, summary, embedder)
+        summary.model = store_model(cfg.store_dir)  # as the sidecar just written records it
         if not cfg.images_url:  # hashed now (just written: read back from the page cache), so later loads hash none
             with summary.stage("verify image files"):
                 verify_images(cfg.store_dir, cfg.images_dir, gallery.rows)
@@ -260,8 +262,7 @@ def check_gallery_group_by(column: str, schema: Any) -> None:
     2, before any photo is embedded; Searcher.group_by says the same of a store already built)."""
     kept = list(schema.names) if schema is not None else []
     if column not in kept:
-        shown = ", ".join(kept) if kept else "none (this dataset keeps no metadata)"
-        raise UsageError(f"--group-by: unknown column {column!r}; the catalogue's columns are: {shown}")
+        raise unknown_group_column(column, kept or None, "this dataset")
 
 
 def with_metadata(cfg: RunConfig, searcher: Searcher) -> Searcher:

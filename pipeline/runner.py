@@ -41,7 +41,7 @@ from .fileio import (
     sha256_file,
     unlink_quietly,
 )
-from .galleries import group_by, open_gallery, open_searcher, store_model, with_metadata
+from .galleries import group_by, open_gallery, open_searcher, with_metadata
 from .hub import go_offline_unless_reachable
 from .images import ImageDecodeError, decode_image
 from .index import INDEX_FILE
@@ -106,7 +106,6 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
     mode = ("segmentation" if cfg.segmented else "standard") + (" (from cache)" if cfg.from_cache else "")
     summary = RunSummary(mode=mode)
     gallery = open_gallery(cfg, summary)
-    summary.model = store_model(cfg.store_dir)
     rows = gallery.rows
     summary.count("rows", len({r.source_row for r in rows}))
     if cfg.segmented:

@@ -135,10 +135,8 @@ class Searcher:
             self._regroup()
             return 0
         if self.metadata is None or column not in self.metadata.columns:
-            kept = "none (the store keeps no metadata)"
-            if self.metadata is not None:
-                kept = ", ".join(self.metadata.columns)
-            raise UsageError(f"--group-by: unknown column {column!r}; the catalogue's columns are: {kept}")
+            raise unknown_group_column(column, self.metadata.columns if self.metadata is not None else None,
+                                       "the store")
         self._product, missing = product_labels(self.metadata.table.column(column))
         self.grouped_by = column
         self._views = {}
@@ -513,6 +511,13 @@ class Searcher:
         """Top-k hits for each query vector (allowed: as in `neighbours`)."""
         nb = self.neighbours(queries, k, allowed)
         return [self.hits(nb, q) for q in range(len(queries))]
+
+
+def unknown_group_column(column: str, kept: Sequence[str] | None, holder: str) -> UsageError:
+    """The refusal of a --group-by column that `holder` ("the store", "this dataset") does not keep;
+    kept: the columns it keeps (None: it keeps no metadata)."""
+    shown = ", ".join(kept) if kept is not None else f"none ({holder} keeps no metadata)"
+    return UsageError(f"--group-by: unknown column {column!r}; the catalogue's columns are: {shown}")
 
 
 def combine(picture: np.ndarray, texts: np.ndarray, negative: np.ndarray | None = None,
