@@ -39,6 +39,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
                       "the export's graph since 2026-12-04, saved so by it)",
                       {"op_types_to_quantize": ["MatMul", "Conv"], "_cpu_graph": True,
                        "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
+    "attn-float+bias": ("conv-too+bias with the two attention products (q.k and p.v, both inputs activations) left "
+                        "in float: no QuantizeLinear of q, k, v and the softmax per layer",
+                        {"op_types_to_quantize": ["MatMul", "Conv"], "_cpu_graph": True, "_float_attention": True,
+                         "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
     "float-out-per-tensor": ("the same with per-tensor weight scales",
                              {"op_types_to_quantize": ["MatMul"], "per_channel": False,
                               "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
@@ -74,6 +78,7 @@ def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dic
     kwargs = dict(kwargs)
     fuse, dynamic = kwargs.pop("_cpu_graph", False), kwargs.pop("_dynamic", False)
     static_ranges = kwargs.pop("_static_ranges", False)
+    float_attention = kwargs.pop("_float_attention", False)
     if kwargs.pop("_optimizer", False):
         heads, width = heads_width
         source = pre.with_name(f"optimized-{heads}x{width}.onnx")  # by what it was made for
@@ -98,11 +103,32 @@ def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dic
     args: dict[str, Any] = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                                 weight_type=QuantType.QInt8, per_channel=True,
                                 calibrate_method=CalibrationMethod.MinMax, reduce_range=REDUCE_RANGE)
+    if float_attention:
+        kwargs["nodes_to_exclude"] = activation_products(source)
     quantize_static(str(source), str(out), Reader(), **{**args, **kwargs})
     if fuse:  # the graph the export saves (pipeline/int8graph.py)
         from pipeline.export import _save_cpu_graph
 
         _save_cpu_graph(out)
+
+
+def activation_products(path: Path) -> list[str]:
+    """The names of the MatMuls of the file at `path` whose inputs are both activations (a
+    transformer's attention products), naming unnamed nodes in the file first."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    constant = {t.name for t in model.graph.initializer}
+    constant |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    names, renamed = [], False
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "MatMul" and not any(x in constant for x in node.input):
+            if not node.name:
+                node.name, renamed = f"activation_matmul_{i}", True
+            names.append(node.name)
+    if renamed:
+        onnx.save(model, str(path))
+    return names
 
 
 def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:

@@ -66,7 +66,8 @@ class Query:
 
 
 def expand_image_paths(paths: Iterable[str]) -> list[Path]:
-    """Files as given, folders expanded to their image files (sorted); a missing path is an error."""
+    """Files as given, folders expanded to their image files (sorted); a missing path, or none
+    found, is a usage error (exit 2), raised before any model is loaded."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -74,23 +75,24 @@ def expand_image_paths(paths: Iterable[str]) -> list[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise PipelineError(f"query image {p} does not exist")
+            raise UsageError(f"query image {p} does not exist")
     if not out:
-        raise PipelineError("no query images found in " + ", ".join(map(str, paths)))
+        raise UsageError("no query images found in " + ", ".join(map(str, paths)))
     return out
 
 
 def run_query(cfg: RunConfig) -> RunSummary:
     """--query-image / --query-text against the cached gallery (embeddings/ or embeddings_segment/)."""
     summary = RunSummary(mode="query")
+    paths = expand_image_paths(cfg.query.images) if cfg.query.images else []  # a typo fails before the model loads
     catalog = open_catalog(cfg, summary)
     allowed = catalog.searcher.allowed(cfg.filter)  # a bad filter fails before any query is embedded
     if cfg.query.images and (cfg.query.texts or cfg.query.negative):
-        queries, nb = combined_queries(cfg, catalog, summary)
+        queries, nb = combined_queries(cfg, catalog, summary, paths)
     else:
         if cfg.query.negative:
             raise UsageError("--negative-text subtracts from a picture: give --query-image too")
-        queries, vectors = embed_queries(cfg, catalog, summary)
+        queries, vectors = embed_queries(cfg, catalog, summary, paths)
         with summary.stage("search"):
             nb = catalog.searcher.neighbours(np.concatenate(vectors), cfg.top_k, allowed)
     summary.notes.append("search: " + catalog.searcher.describe())
@@ -137,7 +139,8 @@ def run_query(cfg: RunConfig) -> RunSummary:
     return summary
 
 
-def combined_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary) -> tuple[list[Query], Neighbours]:
+def combined_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary,
+                     paths: Sequence[Path]) -> tuple[list[Query], Neighbours]:
     """--query-image with --query-text (and --negative-text): one query per picture (per person in
     it with --use-segmentation), the picture and the texts fused (Catalog.search_combined)."""
     q = cfg.query
@@ -145,7 +148,7 @@ def combined_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary) -> t
     queries: list[Query] = []
     rows: list[list[tuple[int, float]]] = []
     with summary.stage("picture + text queries"):
-        for path in expand_image_paths(q.images):
+        for path in paths:
             try:
                 crops, _ = catalog.query_crops(path, segment=cfg.segmented)
                 found = catalog.search_combined(path, q.texts, q.negative, cfg.top_k, q.fusion, q.text_weight,
@@ -168,14 +171,15 @@ def combined_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary) -> t
     return queries, Neighbours(idx, dist)
 
 
-def embed_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary) -> tuple[list[Query], list[np.ndarray]]:
+def embed_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary,
+                  paths: Sequence[Path]) -> tuple[list[Query], list[np.ndarray]]:
     """The run's query pictures (each person in them with --use-segmentation) and texts, with their
     vectors; a picture that cannot be read is recorded in the summary."""
     queries: list[Query] = []
     vectors: list[np.ndarray] = []
-    if cfg.query.images:
+    if paths:
         with summary.stage("embed image queries"):
-            for path in expand_image_paths(cfg.query.images):
+            for path in paths:
                 try:
                     crops, found = catalog.query_crops(path, segment=cfg.segmented)
                 except (ImageDecodeError, OSError) as e:

@@ -102,9 +102,15 @@ def test_query_errors(gallery, tiny_onnx, tmp_path, capsys):
         cli.main(
             ["--query-image", str(tmp_path / "nope.jpg"), "--onnx", str(tiny_onnx), "--output-dir", str(gallery), "-q"]
         )
-        == 1
+        == 2  # a usage error, like a bad flag
     )
-    assert "does not exist" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == f"error: query image {tmp_path / 'nope.jpg'} does not exist"
+    # said before the gallery is opened or a model loaded: no gallery here, and the typo is what is said
+    nowhere = tmp_path / "no-gallery"
+    assert cli.main(["--query-image", str(tmp_path / "nope.jpg"), "--onnx", str(tmp_path / "no.onnx"),
+                     "--output-dir", str(nowhere), "-q"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: query image {tmp_path / 'nope.jpg'} does not exist"
+    assert not nowhere.exists()
     notes = tmp_path / "notes.txt"  # the only query picture is not one: its reason is said
     notes.write_text("a red dress, size 38\n")
     assert cli.main(["--query-image", str(notes), "--onnx", str(tiny_onnx), "--output-dir", str(gallery), "-q"]) == 1
@@ -344,7 +350,7 @@ def test_same_product_recall_is_the_known_answer(tmp_path, monkeypatch):
 
 
 def test_query_paths_and_slugs(tmp_path):
-    from pipeline.errors import PipelineError
+    from pipeline.errors import UsageError
     from pipeline.search import Query, expand_image_paths, picture_name, query_slug
 
     (tmp_path / "sub").mkdir()
@@ -359,7 +365,7 @@ def test_query_paths_and_slugs(tmp_path):
         single,
     ]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(PipelineError, match=f"^no query images found in {tmp_path / 'empty'}, {tmp_path / 'empty'}$"):
+    with pytest.raises(UsageError, match=f"^no query images found in {tmp_path / 'empty'}, {tmp_path / 'empty'}$"):
         expand_image_paths([str(tmp_path / "empty"), str(tmp_path / "empty")])
     assert query_slug("red floral / midi?") == "red_floral_midi" and query_slug("?!") == "query"
     assert len(query_slug("a" * 99)) == 40
