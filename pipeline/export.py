@@ -34,13 +34,15 @@ exported it, and how much of its kernel time goes to format conversion.
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,17 +262,19 @@ class _ImageExport:
         example = torch.zeros(2, 3, self.prep.crop_height, self.prep.crop_width)
         self.external = _used_weight_bytes(self.tower, example) > EXTERNAL_DATA_BYTES
         log.info("exporting %s to ONNX (torch.export, opset %d)", self.model, OPSET)
-        torch.onnx.export(
-            self.tower,
-            (example,),
-            str(self.tmp_fp32),
-            input_names=["pixel_values"],
-            output_names=["image_embeds"],
-            dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=self.external,
-        )
+        with _exporter_quiet():
+            torch.onnx.export(
+                self.tower,
+                (example,),
+                str(self.tmp_fp32),
+                input_names=["pixel_values"],
+                output_names=["image_embeds"],
+                dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=self.external,
+                verbose=False,
+            )
         self.external = bool(_data_files(self.tmp_fp32))  # torch goes external on its own over 1.5 GiB
         _give_memory_back()
 
@@ -427,7 +431,8 @@ def _give_memory_back() -> None:
     try:
         from onnxscript.rewriter._matcher import SimplePatternMatcher
 
-        matchers = [o for o in gc.get_objects() if isinstance(o, SimplePatternMatcher)]
+        with _exporter_quiet():  # the walk meets torch.distributed.reduce_op, whose isinstance check warns
+            matchers = [o for o in gc.get_objects() if isinstance(o, SimplePatternMatcher)]
     except ImportError:  # pragma: no cover - another onnxscript
         matchers = []
     for matcher in matchers:
@@ -694,17 +699,31 @@ def _export_text_graph(tower, enc, path: Path, masked: bool = True) -> None:
     batch = torch.export.Dim("batch")
     names = ["input_ids", "attention_mask"] if masked else ["input_ids"]
     external = _used_weight_bytes(tower, *(enc[n][:2] for n in names)) > EXTERNAL_DATA_BYTES
-    torch.onnx.export(
-        tower,
-        tuple(enc[n][:2] for n in names),
-        str(path),
-        input_names=names,
-        output_names=["text_embeds"],
-        dynamic_shapes={n: {0: batch} for n in names},
-        opset_version=OPSET,
-        dynamo=True,
-        external_data=external,
-    )
+    with _exporter_quiet():
+        torch.onnx.export(
+            tower,
+            tuple(enc[n][:2] for n in names),
+            str(path),
+            input_names=names,
+            output_names=["text_embeds"],
+            dynamic_shapes={n: {0: batch} for n in names},
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=external,
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _exporter_quiet() -> Iterator[None]:
+    """torch.onnx.export without its warnings about torch's own internals: the deprecation of
+    `torch.distributed.reduce_op` (an isinstance check on it warns; so does _give_memory_back's
+    walk of every object) and a dynamic axis named after itself. Neither says anything a user can
+    act on; the export's progress is our log's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used", category=UserWarning)
+        yield
 
 
 def _verify_text_graph(tower, enc, path: Path, masked: bool = True) -> tuple[str, ProbeRecord]:

@@ -6,6 +6,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,15 @@ from pipeline.machine import cpu_label
 def test_export_writes_both_files_with_metadata(quantization, tiny_clip, tmp_path, capsys):
     target = tmp_path / "onnx" / "m_int8_matmul.onnx"
     args = ["--export-onnx", "--model", str(tiny_clip), "--onnx", str(target), "--quantization", quantization]
-    assert cli.main(args) == 0
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "fp32 ONNX: min" in out and "int8 ONNX: min" in out
+    # torch's exporter says nothing of its own: no progress lines, no warnings about torch's internals
+    assert "[torch.onnx]" not in out
+    internal = [str(w.message) for w in seen if "reduce_op" in str(w.message) or "The axis name" in str(w.message)]
+    assert not internal, internal
     fp32 = tmp_path / "onnx" / "m_fp32.onnx"
     assert target.is_file() and fp32.is_file()
     for path in (target, fp32):
