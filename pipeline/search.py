@@ -140,10 +140,12 @@ def run_query(cfg: RunConfig) -> RunSummary:
 
 
 def combined_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary,
-                     paths: Sequence[Path]) -> tuple[list[Query], Neighbours]:
+                     paths: Sequence[Path] | None = None) -> tuple[list[Query], Neighbours]:
     """--query-image with --query-text (and --negative-text): one query per picture (per person in
-    it with --use-segmentation), the picture and the texts fused (Catalog.search_combined)."""
+    it with --use-segmentation), the picture and the texts fused (Catalog.search_combined). paths:
+    the query pictures, cfg.query.images expanded (expand_image_paths) when not given."""
     q = cfg.query
+    paths = expand_image_paths(q.images) if paths is None else paths
     words = " + ".join(f"“{t}”" for t in q.texts) + "".join(f" − “{t}”" for t in q.negative)
     queries: list[Query] = []
     rows: list[list[tuple[int, float]]] = []
@@ -172,9 +174,12 @@ def combined_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary,
 
 
 def embed_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary,
-                  paths: Sequence[Path]) -> tuple[list[Query], list[np.ndarray]]:
+                  paths: Sequence[Path] | None = None) -> tuple[list[Query], list[np.ndarray]]:
     """The run's query pictures (each person in them with --use-segmentation) and texts, with their
-    vectors; a picture that cannot be read is recorded in the summary."""
+    vectors; a picture that cannot be read is recorded in the summary. paths: the query pictures,
+    cfg.query.images expanded (expand_image_paths) when not given."""
+    if paths is None:
+        paths = expand_image_paths(cfg.query.images) if cfg.query.images else []
     queries: list[Query] = []
     vectors: list[np.ndarray] = []
     if paths:

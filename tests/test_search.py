@@ -406,7 +406,7 @@ def test_unreadable_query_image_is_recorded_and_a_personless_one_is_said(tmp_pat
     good.write_bytes(assets.encode(assets.rgb_image(30, 40), "PNG"))
     summary = RunSummary("query")
     cfg = RunConfig(query=QuerySpec(images=(str(bad), str(good))), use_segmentation=True)
-    queries, vectors = embed_queries(cfg, PictureOnly(), summary)
+    queries, vectors = embed_queries(cfg, PictureOnly(), summary, [bad, good])
     assert summary.failures == [(str(bad), "not a recognized image format (it starts like a text file)")]
     assert [q.label for q in queries] == ["good.png"] and len(vectors) == 1 and vectors[0].shape == (1, 4)
     assert summary.notes == [
