@@ -10,14 +10,16 @@ Per photo, computed once when it is decoded (`PhotoSignals` holds N of them):
   the same picture share whatever their metadata, for a fraction of a second full decode. A JPEG
   and a PNG of its full-size pixels are decoded differently and so are found as a near copy at a
   small distance, not an exact one.
-- `look_signature(image) -> int8 (SIGNATURE_SIZE,)`: the photo at a coarse scale, in three parts:
+- `look_signature(image) -> int8 (SIGNATURE_SIZE,)`: the photo at a coarse scale, in four parts:
   structure (the 35 lowest 2-D DCT frequencies of its 32x32 luminance, borders faded, unit length),
   colour (log chroma and lightness of 3x3 soft cells relative to the photo's mean, so a white
-  balance or brightness change of the whole photo cancels) and texture (vertical and horizontal
-  detail of the same cells at 128 px, relative to the photo's mean detail). `signature_text` and
-  `signatures_from_text` store it in a CSV column (108 characters). A grey-level 64-bit pHash or
-  dHash cannot be the decision: it does not see a garment's colourway, nor a print of one colour
-  (benchmarks/duplicates.py measures both beside this rule).
+  balance or brightness change of the whole photo cancels), texture (vertical and horizontal
+  detail of the same cells at 128 px, relative to the photo's mean detail) and centre (log chroma
+  and lightness of a window a fifth of each side wide around the middle, where a catalogue photo
+  has its product, relative to the same mean: a colourway moves it all, a crop of a few per cent
+  barely). `signature_text` and `signatures_from_text` store it in a CSV column (112 characters).
+  A grey-level 64-bit pHash or dHash cannot be the decision: it does not see a garment's
+  colourway, nor a print of one colour (benchmarks/duplicates.py measures both beside this rule).
 
 Finding (`find_duplicates` for a build), cheapest signal first, no step over all pairs:
 
@@ -33,13 +35,14 @@ Finding (`find_duplicates` for a build), cheapest signal first, no step over all
    so even a gallery of identical codes costs linear work;
 4. optionally the embedding index's top-k neighbours (`neighbour_pairs`) as more candidates;
 5. each candidate is confirmed by its Hamming distance (<= rule.max_bits, a cheap filter) and then
-   by the signature rule (`NearRule`): each part's RMS difference within its calibrated bound. The
+   by the signature rule (`NearRule`): each part's RMS difference within its calibrated bound (the
+   centre part is in the rule, not in the hash codes). The
    embedding only proposes pairs and never accepts one, so precision does not depend on the model;
 6. groups: connected components over the confirmed pairs (union-find). A group's first photo
    (lowest position) represents it.
 
 `distance` in the results: 0 for an exact copy; for a near copy the signature distance to the
-group's first photo, normalised: the largest of the three parts' RMS differences, each divided by
+group's first photo, normalised: the largest of the four parts' RMS differences, each divided by
 its bound (1.0 is the edge of the rule; a member joined through another member may be above 1).
 
 Updates: `check_new(index, new)` checks new photos against the kept gallery's `DuplicateIndex`
@@ -78,25 +81,29 @@ from .images import rgb_array
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_VERSION = "look-2"  # changes whenever a signature or hash of the same picture would change
+SIGNATURE_VERSION = "look-3"  # changes whenever a signature or hash of the same picture would change
 STRUCTURE_COEFFS = 35  # DCT coefficients with u + v <= 7, minus the mean
 GRID = 3  # cells per side
 COLOUR_SIZE = 3 * GRID * GRID  # log R/G, log RG/B, log lightness per cell
 TEXTURE_SIZE = 2 * GRID * GRID  # vertical and horizontal detail per cell
-SIGNATURE_SIZE = STRUCTURE_COEFFS + COLOUR_SIZE + TEXTURE_SIZE
+CENTRE_SIZE = 3  # log R/G, log RG/B, log lightness of the photo's centre
+SIGNATURE_SIZE = STRUCTURE_COEFFS + COLOUR_SIZE + TEXTURE_SIZE + CENTRE_SIZE
 PARTS = {
     "structure": slice(0, STRUCTURE_COEFFS),
     "colour": slice(STRUCTURE_COEFFS, STRUCTURE_COEFFS + COLOUR_SIZE),
-    "texture": slice(STRUCTURE_COEFFS + COLOUR_SIZE, SIGNATURE_SIZE),
+    "texture": slice(STRUCTURE_COEFFS + COLOUR_SIZE, STRUCTURE_COEFFS + COLOUR_SIZE + TEXTURE_SIZE),
+    "centre": slice(STRUCTURE_COEFFS + COLOUR_SIZE + TEXTURE_SIZE, SIGNATURE_SIZE),
 }
 # int8 units per signature unit, per part: structure components lie in [-1, 1]; log colour ratios
 # in about [-2, 2]; log texture ratios in [log 0.02, ~3].
 _SCALE = np.concatenate(
-    [np.full(STRUCTURE_COEFFS, 127.0), np.full(COLOUR_SIZE, 64.0), np.full(TEXTURE_SIZE, 32.0)]
+    [np.full(STRUCTURE_COEFFS, 127.0), np.full(COLOUR_SIZE, 64.0), np.full(TEXTURE_SIZE, 32.0),
+     np.full(CENTRE_SIZE, 64.0)]
 ).astype(np.float32)
 _WORK_SIDE = 128  # the photo is reduced once to this square; everything is computed from it
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _CELL_SIGMA = 0.6  # soft cells: Gaussian weights, this many cell widths wide, so a crop moves no edge
+_CENTRE_SIGMA = 0.1  # the centre part's Gaussian window, this share of each side wide
 _FADE = 0.15  # share of each side over which the structure part fades the picture to its mean
 _TEXTURE_FLOOR = 0.02  # a flat cell's detail: keeps the log finite and a blank cell's noise out
 _ZIGZAG = sorted(((u, v) for u in range(8) for v in range(8)), key=lambda t: (t[0] + t[1], t[0]))[
@@ -106,8 +113,11 @@ _ZIGZAG = sorted(((u, v) for u in range(8) for v in range(8)), key=lambda t: (t[
 BANDS = 4  # bands of 16 bits in each table
 TABLES = 2  # the first table keeps the bit order (the pigeonhole guarantee), the others permute it
 _HASH_SEED = 20261203  # the projections and permutations: fixed forever for one SIGNATURE_VERSION
-_HASH_BOUNDS = {"structure": 0.06, "colour": 0.05, "texture": 0.065}
 FIT_CELL = 8  # signature units a side of the cells HashCoder.fit counts each look once in
+# The parts the hash codes are made of. The centre part only confirms: three values under a tight
+# bound would take over every projection (each bit then a function of three numbers, so codes of
+# unrelated photos collide), and leaving a filter out of the hash loses no pair the rule accepts.
+HASHED_PARTS = ("structure", "colour", "texture")
 
 
 def pixel_hash(rgb: np.ndarray, full_size: tuple[int, int] | None = None) -> str:
@@ -160,10 +170,36 @@ def _structure(luma: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-6)  # a flat picture: all zeros
 
 
-def _colour(rgb: np.ndarray) -> np.ndarray:
+def _log_colour(rgb: np.ndarray) -> np.ndarray:
+    """Each pixel's log colour relative to the photo's mean (grey-world: a gain per channel cancels)."""
     mean = rgb.reshape(-1, 3).mean(axis=0) + 1.0
-    logs = _cells(np.log((rgb + 1.0) / mean))  # grey-world: a gain per channel cancels
-    return np.concatenate([logs[:, 0] - logs[:, 1], (logs[:, 0] + logs[:, 1]) / 2 - logs[:, 2], logs.mean(axis=1)])
+    return np.log((rgb + 1.0) / mean)
+
+
+def _colour(logs: np.ndarray) -> np.ndarray:
+    cells = _cells(logs)
+    return np.concatenate([cells[:, 0] - cells[:, 1], (cells[:, 0] + cells[:, 1]) / 2 - cells[:, 2],
+                           cells.mean(axis=1)])
+
+
+@lru_cache(maxsize=4)
+def _centre_window(n: int) -> np.ndarray:
+    """float32 (n,): Gaussian weights around the middle of a side of n pixels, summing to 1."""
+    x = (np.arange(n) + 0.5) / n
+    w = np.exp(-0.5 * ((x - 0.5) / _CENTRE_SIGMA) ** 2)
+    window = (w / w.sum()).astype(np.float32)
+    window.flags.writeable = False
+    return window
+
+
+def _centre(logs: np.ndarray) -> np.ndarray:
+    """The colour of the photo's middle (where a catalogue photo has its product) relative to the
+    whole photo's mean: a window a fifth of each side wide, so a crop of a few per cent barely moves
+    it, while a garment in another colourway moves it all (the soft cells average the garment with
+    its background, and grey-world then takes back most of what it changed)."""
+    wy, wx = _centre_window(logs.shape[0]), _centre_window(logs.shape[1])
+    c = np.tensordot(wx, np.tensordot(wy, logs, axes=(0, 0)), axes=(0, 0))  # (3,)
+    return np.array([c[0] - c[1], (c[0] + c[1]) / 2 - c[2], c.mean()], np.float32)
 
 
 def _texture(luma: np.ndarray) -> np.ndarray:
@@ -178,13 +214,13 @@ def look_signature(image: Image.Image) -> np.ndarray:
     rgb_image = image if image.mode == "RGB" else image.convert("RGB")
     small = rgb_image.resize((_WORK_SIDE, _WORK_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
     rgb = np.asarray(small, np.float32)
-    luma = rgb @ _LUMA
-    values = np.concatenate([_structure(luma), _colour(rgb), _texture(luma)])
+    luma, logs = rgb @ _LUMA, _log_colour(rgb)
+    values = np.concatenate([_structure(luma), _colour(logs), _texture(luma), _centre(logs)])
     return np.clip(np.round(values * _SCALE), -127, 127).astype(np.int8)
 
 
 def signature_text(signature: np.ndarray) -> str:
-    """A signature as text for a CSV column (base64, 108 characters)."""
+    """A signature as text for a CSV column (base64, 112 characters)."""
     return base64.b64encode(_check_signatures(signature[None, :])[0].tobytes()).decode("ascii")
 
 
@@ -212,13 +248,14 @@ class NearRule:
     structure: float
     colour: float
     texture: float
+    centre: float
     max_bits: int
 
     def bound(self, part: str) -> float:
         return float(getattr(self, part))
 
 
-DEFAULT_RULE = NearRule(structure=0.045, colour=0.022, texture=0.049, max_bits=10)
+DEFAULT_RULE = NearRule(structure=0.042, colour=0.055, texture=0.05, centre=0.029, max_bits=9)
 
 
 def signature_distances(a: np.ndarray, b: np.ndarray, rule: NearRule = DEFAULT_RULE) -> np.ndarray:
@@ -280,7 +317,8 @@ class PhotoSignals:
 class HashCoder:
     """Turns look signatures into 64-bit hashes (SimHash): bit k says whether the signature's
     projection on a fixed random direction k lies above thresholds[k]. The directions weight each
-    part by one over its bound and its length, so a part counts in the hash as in the rule; the
+    part by one over its bound and its length, so a part counts in the hash as in the rule (the
+    centre part not at all: HASHED_PARTS); the
     thresholds are the medians of the gallery's distinct looks (`fit`), so every bit splits the
     gallery in half even when its photos share a composition (on catalogue-like photos zero
     thresholds put ~half of all pairs in a common bucket)."""
@@ -315,8 +353,9 @@ class HashCoder:
 def _project(signatures: np.ndarray, rule: NearRule) -> np.ndarray:
     """float32 (N, 64): the signatures on the coder's 64 fixed random directions."""
     planes = np.random.default_rng(_HASH_SEED).standard_normal((SIGNATURE_SIZE, 64)).astype(np.float32)
-    weight = np.empty(SIGNATURE_SIZE, np.float32)
-    for name, part in PARTS.items():
+    weight = np.zeros(SIGNATURE_SIZE, np.float32)
+    for name in HASHED_PARTS:
+        part = PARTS[name]
         weight[part] = 1.0 / (_SCALE[part] * rule.bound(name) * np.sqrt(part.stop - part.start))
     return signatures.astype(np.float32) @ (planes * weight[:, None])
 
@@ -876,8 +915,8 @@ def gallery_duplicates(rows: Sequence, neighbours: tuple[np.ndarray, np.ndarray]
 
 def groups_key(manifest_sha256: str, rule: NearRule = DEFAULT_RULE) -> str:
     """What saved groups hold for: the signature, the rule, the finder's settings and the manifest."""
-    settings = (f"{rule.structure},{rule.colour},{rule.texture},{rule.max_bits};{ALL_PAIRS_UP_TO};{TABLES}x{BANDS};"
-                f"{FINDER_VERSION}")
+    settings = (f"{rule.structure},{rule.colour},{rule.texture},{rule.centre},{rule.max_bits};{ALL_PAIRS_UP_TO};"
+                f"{TABLES}x{BANDS};{FINDER_VERSION}")
     return f"{SIGNATURE_VERSION}/{settings}/{manifest_sha256}"
 
 

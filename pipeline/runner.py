@@ -484,7 +484,7 @@ def write_duplicates(cfg: RunConfig, searcher: Searcher, summary: RunSummary) ->
         summary.notes.append(
             f"duplicates: {count_of(unsigned, 'item')} have no duplicate signals of this version "
             f"({SIGNATURE_VERSION}: made before duplicates were found, by an earlier signature, or not decodable "
-            "on the CPU) and were left out: build afresh (without --update) to include them"
+            "on the CPU) and were left out: --update signs them again from their files (no inference)"
         )
     return groups
 

@@ -30,21 +30,26 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .config import RunConfig
 from .datarecord import dataset_hashes, known_as_is
 from .dataset import Record, check_dataset, dataset_stamp
-from .embedders import Embedder, EmbedderSpec, make_embedder, requested_identity
-from .errors import CacheMismatchError, PipelineError
+from .duplicates import SIGNATURE_VERSION, item_signals
+from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, requested_identity
+from .errors import CacheMismatchError, PipelineError, first_line
 from .fileio import link_or_copy, unlink_quietly
 from .galleries import BuildPart, Gallery, build, decoded_as_made, gallery_source, made_identity, owned_files
 from .identity import VectorIdentity, differences
+from .images import ImageDecodeError, decode_image
 from .index import INDEX_META, switch_index, update_index
-from .items import crop_file_name, image_file_name
+from .items import crop_file_name, image_file_name, signals_of
+from .preprocess import PreprocessConfig
 from .remedy import DECODE_OF_PIXELS
 from .report import RunSummary
 from .store import (
@@ -224,7 +229,9 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     for name in ("added", "changed", "removed", "unchanged"):
         summary.count(name, getattr(plan, name))
     summary.notes.append(f"update: {plan.describe()}")
-    same = (not plan.embed and len(plan.kept) == len(groups) and all(old == new for old, new in plan.kept)
+    signed = sign_again(cfg, old, [line for old_row, _ in plan.kept for line in groups[old_row]], summary)
+    same = (not signed and not plan.embed and len(plan.kept) == len(groups)
+            and all(old == new for old, new in plan.kept)
             and all(renamed(r) == r.file for r in old.rows))  # a store named by row is renamed once
     if same and old.sidecar.source == gallery_source(cfg):
         shutil.rmtree(stage, ignore_errors=True)  # nothing changed: the store stays as it is, not rewritten
@@ -329,6 +336,53 @@ def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | No
             + f"\nAn update reuses the vectors the store has, so it needs the embedder that made them.{hint} A new "
             "embedder (model, backend, precision, preprocessing) means building afresh: run without --update."
         )
+
+
+def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], summary: RunSummary) -> int:
+    """Kept photos whose duplicate signals are not of this SIGNATURE_VERSION (a store made by an
+    earlier signature, or before duplicates were found) signed again from their files: decoded as
+    a build decodes them (a standard gallery's JPEG at the model's reduced DCT scale, its file being
+    the dataset's bytes; a person crop whole), no inference. Their lines get the pixel hash and look a
+    fresh build would give them; a file that cannot be read or decoded leaves its line without
+    signals, said. Returns how many lines were signed again."""
+    head = SIGNATURE_VERSION + ":"
+    stale = [line for line in kept if line.file and line.status != "failed" and not line.look.startswith(head)]
+    if not stale:
+        return 0
+    made = old.sidecar.identity.preprocess
+    min_side = (PreprocessConfig.from_json(json.dumps(made)).decode_min_side
+                if made and old.sidecar.source.kind != "segment" else None)
+    read = UrlImages(cfg.images_url).read if cfg.images_url else (lambda name: (cfg.images_dir / name).read_bytes())
+
+    def sign(line: ManifestRow) -> tuple[str, str] | str:
+        try:
+            data = read(line.file)
+            if line.file.startswith("seg_"):  # a crop (or a whole picture) of a segmented gallery, as cut
+                return item_signals(decode_image(data).image)
+            return signals_of(data, decode_image(data, min_side))
+        except (OSError, ImageDecodeError) as e:
+            return f"{line.file}: {first_line(e)}"
+
+    failed: list[str] = []
+    workers = max(1, cfg.embedder.threads or available_cores())
+    with summary.stage("sign kept photos again"), ThreadPoolExecutor(workers) as pool:
+        bar = tqdm(total=len(stale), desc=f"duplicate signals ({SIGNATURE_VERSION})", unit="photo",
+                   disable=not cfg.progress)
+        for line, got in zip(stale, pool.map(sign, stale)):  # decoding and resizing let the GIL go
+            if isinstance(got, str):
+                failed.append(got)
+            else:
+                line.pixel_hash, line.look = got
+            bar.update()
+        bar.close()
+    signed = len(stale) - len(failed)
+    summary.count("signed again", signed)
+    summary.notes.append(f"duplicates: {signed} kept photo(s) signed again ({SIGNATURE_VERSION}: their signals were "
+                         "of an earlier signature, or the store had none), from their files; nothing embedded again")
+    if failed:
+        summary.notes.append(f"duplicates: {len(failed)} kept photo(s) could not be signed again and are left out of "
+                             f"duplicate finding: {'; '.join(failed[:3])}" + (" ..." if len(failed) > 3 else ""))
+    return signed
 
 
 def _embed_new(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, plan: Plan,
@@ -541,6 +595,10 @@ class UrlImages:
         stale = [f"{self.staged}/{name}" for name in self.staged_names() if name not in keep]
         if stale:
             self.fs.rm(stale)
+
+    def read(self, name: str) -> bytes:
+        """A stored file's bytes."""
+        return self.fs.cat_file(f"{self.root}/{name}")
 
     def stage_copy(self, old_name: str, new_name: str) -> None:
         self.fs.copy(f"{self.root}/{old_name}", f"{self.staged}/{new_name}")

@@ -75,11 +75,12 @@ IN_PROCESS = [
         r"^200 added, 200 removed +NUMBERs (updated|rebuilt) +NUMBER +NUMBER +NUMBER",
     ]),
     (duplicates, "", [
-        r"^calibrated \(structure, colour, texture, max_bits\): .*recall NUMBER at precision NUMBER",
+        r"^calibrated \(structure, colour, texture, centre, max_bits\): .*recall NUMBER at precision NUMBER",
         r"^\| transformation \| strength \| copies \| recall \| precision \|",
         r"^\| crop \| all \| NUMBER \| NUMBER \| NUMBER \|",
         r"^\| overall \| \| NUMBER \| NUMBER \| NUMBER \|",
         r"^\| colourway \| NUMBER \| NUMBER \|",
+        r"^\| close colourway \| NUMBER \| NUMBER \|",
         r"^a shop's colourways: 1 product in 12 colours at least 40/255 apart in RGB: NUMBER of 12 photos grouped",
         r"^band candidates, share of the rule's true pairs proposed: 1 table NUMBER",
         r"^\| 20,000 random \| find_duplicates \| NUMBER s",

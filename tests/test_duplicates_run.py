@@ -229,6 +229,52 @@ def test_a_store_without_signals_says_what_it_left_out(tiny_onnx, tmp_path, caps
     assert read_csv(out / "outputs" / "duplicates.csv") == []
 
 
+def test_an_update_signs_again_the_photos_of_an_earlier_signature(tiny_onnx, tmp_path, capsys):
+    cells, _ = catalogue(products=4)
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert run(*args(data, tiny_onnx, out)) == 0
+    manifest = out / "embeddings" / MANIFEST_FILE
+    with open(manifest, newline="") as f:
+        lines = list(csv.DictReader(f))
+    for line in lines[:7]:  # as the signature before this one wrote them; the others as a store before duplicates
+        line["look"] = "look-2:" + line["look"].split(":", 1)[1][:108]
+    for line in lines[7:]:
+        line["look"] = line["pixel_hash"] = ""
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(lines[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(lines)
+    sidecar = out / "embeddings" / "embeddings.json"
+    meta = json.loads(sidecar.read_text())
+    meta["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    sidecar.write_text(json.dumps(meta))
+    (out / "embeddings" / "metadata.parquet").unlink()  # keyed by the manifest: written again by the update
+    vectors = (out / "embeddings" / "embeddings.npy").read_bytes()
+    capsys.readouterr()
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--use-embeddings"))]) == 0
+    assert "duplicates: 11 items have no duplicate signals of this version" in capsys.readouterr().out
+    assert read_csv(out / "outputs" / "duplicates.csv") == []
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
+    said = capsys.readouterr().out
+    assert "duplicates: 11 kept photo(s) signed again" in said and "nothing embedded again" in said
+    assert "added 0, changed 0, removed 0, unchanged 11" in said
+    # every line signed as a fresh build signs it, the vectors untouched, and the same groups found
+    def signals_of(store: Path) -> dict[int, tuple[str, str]]:
+        return {r.source_row: (r.pixel_hash, r.look) for r in read_manifest(store / "embeddings" / MANIFEST_FILE)}
+
+    signals = signals_of(out)
+    assert signals == signals_of(fresh)
+    assert all(look.startswith(SIGNATURE_VERSION + ":") for _, look in signals.values())
+    assert (out / "embeddings" / "embeddings.npy").read_bytes() == vectors
+    assert (out / "outputs" / "duplicates.csv").read_text() == (fresh / "outputs" / "duplicates.csv").read_text()
+    assert groups_by_row(out / "outputs" / "duplicates.csv") == [{0, 4, 8}, {1, 5, 9}, {2, 6, 10}, {3, 7}]
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0  # once: nothing left to sign
+    said = capsys.readouterr().out
+    assert "signed again" not in said
+
+
 def test_the_report_shows_a_dozen_photos_of_a_large_group_and_says_how_many_more(tiny_onnx, tmp_path, browser):
     """A placeholder picture re-encoded 20 times: its group lists 12 photos and says the 8 others are in
     the CSV (a catalogue's placeholder group may hold thousands), and loads only their data pages."""
