@@ -205,3 +205,47 @@ def test_the_neighbour_lists_kept_for_the_next_run_are_never_sent():
         assert SKIPPED.search(rel), rel
     for rel in ("retrieval_results/neighbours.csv", "embeddings/thumbnails-0123456789abcdef.npy"):
         assert not SKIPPED.search(rel), rel
+
+
+def test_an_update_signs_again_from_the_images_in_the_bucket(tmp_path, tiny_onnx, s3, capsys):
+    """A store at a URL whose photos carry an earlier signature's signals: --update from a fresh
+    working copy reads their files from the bucket (its images are not fetched) and signs them again."""
+    import csv
+    import hashlib
+    import io
+    import json
+
+    from pipeline.duplicates import SIGNATURE_VERSION
+
+    fs, _ = s3
+    cells = [assets.encode(assets.rgb_image(240, 320, seed=i), "JPEG") for i in range(6)]
+    cells.append(cells[2])  # an exact copy
+    ds = assets.write_parquet_dataset(tmp_path / "ds", cells)
+    url = _url()
+    assert run(*_args(ds, tiny_onnx, url, tmp_path / "copy1")) == 0
+    root = url.removeprefix("s3://")
+    fs.invalidate_cache()
+    lines = list(csv.DictReader(io.StringIO(fs.cat_file(f"{root}/embeddings/manifest.csv").decode())))
+    signed = {line["source_row"]: line["look"] for line in lines}
+    for line in lines:
+        line["look"] = "look-2:" + line["look"].split(":", 1)[1][:108]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(lines[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(lines)
+    fs.pipe_file(f"{root}/embeddings/manifest.csv", text.getvalue().encode())
+    meta = json.loads(fs.cat_file(f"{root}/embeddings/embeddings.json"))
+    meta["manifest_sha256"] = hashlib.sha256(text.getvalue().encode()).hexdigest()
+    fs.pipe_file(f"{root}/embeddings/embeddings.json", json.dumps(meta).encode())
+    fs.rm_file(f"{root}/embeddings/metadata.parquet")  # keyed by the manifest: the update writes it again
+    capsys.readouterr()
+    copy2 = tmp_path / "copy2"
+    assert cli.main(["--update", *map(str, _args(ds, tiny_onnx, url, copy2))]) == 0
+    said = capsys.readouterr().out
+    assert "duplicates: 7 kept photo(s) signed again" in said
+    assert "duplicates: 2 photos in 1 group (1 exact copy, 0 near)" in said
+    assert not list((copy2 / "images").rglob("img_*"))  # read from the bucket, not fetched
+    fs.invalidate_cache()
+    after = csv.DictReader(io.StringIO(fs.cat_file(f"{root}/embeddings/manifest.csv").decode()))
+    assert {line["source_row"]: line["look"] for line in after} == signed
+    assert all(look.startswith(SIGNATURE_VERSION + ":") for look in signed.values())
