@@ -767,25 +767,28 @@ def renumber_groups(groups: Sequence[DuplicateGroup], new_position: np.ndarray) 
     return out
 
 
-DUPLICATES_FIELDS = ["group", "source_row", "file", "kind", "distance"]
+DUPLICATES_FIELDS = ["group", "source_row", "file", "kind", "distance", "source"]
 
 
-def duplicates_csv(groups: Sequence[DuplicateGroup], source_rows: Sequence[int], files: Sequence[str]) -> str:
-    """The CSV text: one line per photo in a group, groups in order, each group's first photo first."""
+def duplicates_csv(groups: Sequence[DuplicateGroup], source_rows: Sequence[int], files: Sequence[str],
+                   sources: Sequence[str] | None = None) -> str:
+    """The CSV text: one line per photo in a group, groups in order, each group's first photo first;
+    `source` is what the user knows the photo by (manifest.csv's: a path in the dataset folder, or
+    `<dataset>[row]`), empty when not given."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(DUPLICATES_FIELDS)
     for number, g in enumerate(groups):
         for m, kind, dist in zip(g.members, g.kinds, g.distances):
-            writer.writerow([number, source_rows[m], files[m], kind, f"{dist:.4f}"])
+            writer.writerow([number, source_rows[m], files[m], kind, f"{dist:.4f}", sources[m] if sources else ""])
     return buf.getvalue()
 
 
 def write_duplicates_csv(path: str | Path, groups: Sequence[DuplicateGroup], source_rows: Sequence[int],
-                         files: Sequence[str]) -> None:
+                         files: Sequence[str], sources: Sequence[str] | None = None) -> None:
     """Write outputs/duplicates.csv atomically (columns DUPLICATES_FIELDS); positions index
-    source_rows and files."""
-    _write_if_changed(Path(path), duplicates_csv(groups, source_rows, files))
+    source_rows, files and sources."""
+    _write_if_changed(Path(path), duplicates_csv(groups, source_rows, files, sources))
 
 
 def read_duplicates_csv(path: str | Path) -> list[DuplicateGroup]:
@@ -794,7 +797,7 @@ def read_duplicates_csv(path: str | Path) -> list[DuplicateGroup]:
     groups: dict[int, DuplicateGroup] = {}
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != DUPLICATES_FIELDS:
+        if reader.fieldnames not in (DUPLICATES_FIELDS, DUPLICATES_FIELDS[:-1]):  # a file from before `source`
             raise ValueError(f"{path}: columns {reader.fieldnames}, expected {DUPLICATES_FIELDS}")
         for row in reader:
             g = groups.setdefault(int(row["group"]), DuplicateGroup([], [], []))

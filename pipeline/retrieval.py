@@ -260,24 +260,26 @@ def iter_neighbour_rows(
     query_files: Sequence[str],
     gallery_ids: Sequence[int],
     gallery_files: Sequence[str],
+    query_sources: Sequence[str] | None = None,
+    gallery_sources: Sequence[str] | None = None,
 ) -> Iterator[tuple]:
-    """Flatten a Neighbours result into (query, query_file, rank, neighbour, neighbour_file, distance)."""
+    """Flatten a Neighbours result into (query, query_file, rank, neighbour, neighbour_file,
+    distance), followed by (query_source, neighbour_source) when the sources are given."""
+    sourced = query_sources is not None and gallery_sources is not None
     for qi in range(nb.indices.shape[0]):
         for rank in range(nb.indices.shape[1]):
             j = int(nb.indices[qi, rank])
             if j < 0:
                 continue
-            yield (
-                query_ids[qi],
-                query_files[qi],
-                rank + 1,
-                gallery_ids[j],
-                gallery_files[j],
-                float(nb.distances[qi, rank]),
-            )
+            row = (query_ids[qi], query_files[qi], rank + 1, gallery_ids[j], gallery_files[j],
+                   float(nb.distances[qi, rank]))
+            yield (*row, query_sources[qi], gallery_sources[j]) if sourced else row  # type: ignore[index]
 
 
-NEIGHBOUR_COLUMNS = ("query", "query_file", "rank", "neighbour", "neighbour_file", "distance")
+# query_source and neighbour_source: what the user knows each photo by (manifest.csv's `source`: a
+# path in the dataset folder, or `<dataset>[row]`), beside the gallery's file names
+NEIGHBOUR_COLUMNS = ("query", "query_file", "rank", "neighbour", "neighbour_file", "distance", "query_source",
+                     "neighbour_source")
 
 
 def write_neighbours_csv(path: str | Path, rows: Iterator[tuple], columns: Sequence[str] = NEIGHBOUR_COLUMNS) -> int:

@@ -231,8 +231,9 @@ def write_retrieval_outputs(
         nb = regrouped_neighbours(cfg, searcher, groups, nb, summary) or nb
         ids = [r.index for r in embedded]
         files = [r.file for r in embedded]
+        sources = [r.source for r in embedded]
         table = cfg.results_dir / "neighbours.csv"
-        write_neighbours_csv(table, iter_neighbour_rows(nb, ids, files, ids, files))
+        write_neighbours_csv(table, iter_neighbour_rows(nb, ids, files, ids, files, sources, sources))
         summary.outputs["neighbour table"] = str(table)
         with summary.stage("wait for the heatmap"):
             seconds, heat_drawn = heatmap.result()
@@ -465,7 +466,8 @@ def write_duplicates(cfg: RunConfig, searcher: Searcher, summary: RunSummary) ->
         # From the photos' signals alone, not the embedding's neighbours: then the groups depend on
         # the photos only (not on --top-k or the index), and an update's are a fresh build's.
         groups, unsigned = gallery_duplicates(rows)
-        write_duplicates_csv(path, groups, [r.source_row for r in rows], [r.file for r in rows])
+        write_duplicates_csv(path, groups, [r.source_row for r in rows], [r.file for r in rows],
+                             [r.source for r in rows])
         try:
             write_groups(cfg.store_dir, manifest_sha256(cfg.store_dir), groups)
         except PipelineError:

@@ -117,14 +117,17 @@ def run_query(cfg: RunConfig) -> RunSummary:
         remove_other_pictures(out_dir, pictures)
     table = out_dir / "query_results.csv"
     # the queries go in by number (iter_neighbour_rows takes int query ids) and come out as their labels
-    flat = iter_neighbour_rows(nb, range(len(queries)), [q.label for q in queries], ids, names)
-    rows = [(label, queries[qi].kind, rank, name, row, d) for qi, label, rank, row, name, d in flat]
+    sources = [r.source for r in catalog.items]  # what the user knows each photo by
+    flat = iter_neighbour_rows(nb, range(len(queries)), [q.label for q in queries], ids, names,
+                               [""] * len(queries), sources)
+    rows = [(label, queries[qi].kind, rank, name, row, d, source)
+            for qi, label, rank, row, name, d, _, source in flat]
     meta = catalog.searcher.metadata
     extra = meta.columns if meta is not None else []
     if meta is not None:  # each hit's metadata values after its columns (same order as `flat`)
         hits = [int(j) for row in nb.indices for j in row if j >= 0]
         rows = [(*r, *meta.values(j).values()) for r, j in zip(rows, hits)]
-    own = ("query", "kind", "rank", "gallery_file", "row", "distance")
+    own = ("query", "kind", "rank", "gallery_file", "row", "distance", "gallery_source")
     columns = (*own, *(prefixed_name(c, own) for c in extra))  # `kind`, `rank` of the catalogue: meta_kind, ...
     write_neighbours_csv(table, iter(rows), columns=columns)
     summary.count("queries", len(queries))

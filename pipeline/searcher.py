@@ -44,7 +44,9 @@ class Hit:
 
     rank: 1-based. row: the embedding row (line of embeddings.npy). line: the manifest line
     (ManifestRow.index). file: the image file, relative to the images folder. source_row: the
-    dataset row it came from. person: the person number of a crop (-1 for a whole image).
+    dataset row it came from. person: the person number of a crop (-1 for a whole image). source:
+    what the user knows the photo by (manifest.csv's `source`: its path in the dataset folder, or
+    `<dataset>[row]`).
     distance: cosine distance (1 - cosine similarity), ascending with rank (in a reciprocal-rank
     fusion the rank follows the fused score, and the distance is the item's nearest to any of the
     fused queries, so it need not ascend). meta: the item's
@@ -59,6 +61,7 @@ class Hit:
     person: int
     distance: float
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -504,7 +507,8 @@ class Searcher:
                 continue
             line = self.rows[int(j)]
             meta = self.metadata.values(int(j)) if self.metadata is not None else {}
-            out.append(Hit(r + 1, int(j), line.index, line.file, line.source_row, line.person, float(d), meta))
+            out.append(Hit(r + 1, int(j), line.index, line.file, line.source_row, line.person, float(d), meta,
+                           line.source))
         return out
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[Hit]]:

@@ -320,7 +320,7 @@ class VideoRun:
         """A person's or a track's matches as results.jsonl and tracks.json write them ("row": the
         manifest line)."""
         return [
-            {"rank": h.rank, "file": h.file, "row": h.line, "source_row": h.source_row,
+            {"rank": h.rank, "file": h.file, "row": h.line, "source_row": h.source_row, "source": h.source,
              "distance": round(h.distance, 6)}
             for h in hits
         ]

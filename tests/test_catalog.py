@@ -35,7 +35,8 @@ def test_searcher_hits_name_row_line_and_file_and_agree_with_exact_search():
         assert found[0].row == q and found[0].distance == pytest.approx(0.0, abs=1e-6)
         truth = np.argsort(-sims[[3, 7].index(q)], kind="stable")[:4]
         assert [h.row for h in found] == list(truth)
-        assert all(h.line == 10 + h.row and h.file == f"img_{h.row:05d}.jpg" and h.source_row == h.row for h in found)
+        assert all(h.line == 10 + h.row and h.file == f"img_{h.row:05d}.jpg" and h.source_row == h.row
+                   and h.source == str(h.row) for h in found)
     # all_neighbours never returns an item itself
     nb = s.all_neighbours(3)
     assert (nb.indices != np.arange(40)[:, None]).all()

@@ -287,15 +287,16 @@ def test_duplicates_csv(tmp_path):
     groups = [dup.DuplicateGroup([0, 2, 3], ["exact", "exact", "near"], [0.0, 0.0, 0.4321]),
               dup.DuplicateGroup([1, 4], ["near", "near"], [0.0, 0.91])]
     path = tmp_path / "duplicates.csv"
-    dup.write_duplicates_csv(path, groups, [10, 11, 12, 13, 14], [f"img_{i:05d}.jpg" for i in range(10, 15)])
+    dup.write_duplicates_csv(path, groups, [10, 11, 12, 13, 14], [f"img_{i:05d}.jpg" for i in range(10, 15)],
+                             [f"shop/p{i}.jpg" for i in range(10, 15)])
     rows = list(csv.reader(path.open()))
     assert rows == [
-        ["group", "source_row", "file", "kind", "distance"],
-        ["0", "10", "img_00010.jpg", "exact", "0.0000"],
-        ["0", "12", "img_00012.jpg", "exact", "0.0000"],
-        ["0", "13", "img_00013.jpg", "near", "0.4321"],
-        ["1", "11", "img_00011.jpg", "near", "0.0000"],
-        ["1", "14", "img_00014.jpg", "near", "0.9100"],
+        ["group", "source_row", "file", "kind", "distance", "source"],
+        ["0", "10", "img_00010.jpg", "exact", "0.0000", "shop/p10.jpg"],
+        ["0", "12", "img_00012.jpg", "exact", "0.0000", "shop/p12.jpg"],
+        ["0", "13", "img_00013.jpg", "near", "0.4321", "shop/p13.jpg"],
+        ["1", "11", "img_00011.jpg", "near", "0.0000", "shop/p11.jpg"],
+        ["1", "14", "img_00014.jpg", "near", "0.9100", "shop/p14.jpg"],
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["duplicates.csv"]  # no temp file left
     back = dup.read_duplicates_csv(path)
@@ -303,6 +304,9 @@ def test_duplicates_csv(tmp_path):
         ([10, 12, 13], ["exact", "exact", "near"], [0.0, 0.0, 0.4321]),
         ([11, 14], ["near", "near"], [0.0, 0.91]),
     ]
+    older = tmp_path / "older.csv"  # written before the `source` column: read alike
+    older.write_text("".join(",".join(r[:5]) + "\n" for r in rows))
+    assert [(g.members, g.kinds) for g in dup.read_duplicates_csv(older)] == [(g.members, g.kinds) for g in back]
     position_of_row = np.full(15, -1)
     position_of_row[[10, 11, 13, 14]] = [0, 1, 2, 3]  # row 12 removed
     assert [g.members for g in dup.renumber_groups(back, position_of_row)] == [[0, 2], [1, 3]]

@@ -98,7 +98,8 @@ def test_a_build_finds_the_planted_copies_and_nothing_else(tiny_onnx, tmp_path, 
     out = tmp_path / "out"
     assert cli.main([*map(str, args(data, tiny_onnx, out))]) == 0
     lines = read_csv(out / "outputs" / "duplicates.csv")
-    assert list(lines[0]) == ["group", "source_row", "file", "kind", "distance"]
+    assert list(lines[0]) == ["group", "source_row", "file", "kind", "distance", "source"]
+    assert all(line["source"] == f"{data}[{line['source_row']}]" for line in lines)  # the user's name of the photo
     assert groups_by_row(out / "outputs" / "duplicates.csv") == [{0, 10, 14}, {1, 11, 15}, {2, 12, 16}, {3, 13}]
     by_row = {int(r["source_row"]): r for r in lines}
     assert by_row[10]["kind"] == "exact" and float(by_row[10]["distance"]) == 0.0  # the same bytes

@@ -467,8 +467,14 @@ def test_catalogue_columns_named_as_the_results_own_get_a_prefix_in_the_csv(tiny
         header = next(csv.reader(f))
         f.seek(0)
         lines = list(csv.DictReader(f))
-    assert header == ["query", "kind", "rank", "gallery_file", "row", "distance", "meta_kind", "meta_rank"]
+    assert header == ["query", "kind", "rank", "gallery_file", "row", "distance", "gallery_source", "meta_kind",
+                      "meta_rank"]
     assert [(r["kind"], r["rank"], r["meta_kind"]) for r in lines] == [("text", str(k), "dress") for k in (1, 2, 3)]
+    from pipeline.store import read_manifest
+
+    manifest = {r.index: r for r in read_manifest(out / "embeddings" / "manifest.csv")}
+    assert all(r["gallery_source"] == manifest[int(r["row"])].source == f"{data}[{manifest[int(r['row'])].source_row}]"
+               for r in lines)  # the user's name of the photo: a cell of the dataset, by its row
     assert all(10 <= int(r["meta_rank"]) <= 15 for r in lines)
 
 

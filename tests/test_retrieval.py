@@ -222,17 +222,22 @@ def test_neighbour_csv_format(tmp_path):
     e = unit(4, 4)
     nb = topk_neighbours(e, e, 5, exclude_self=True)
     path = tmp_path / "n.csv"
+    sources = ["looks/a.jpg", "looks/b.jpg", "shop[2]", "shop[3]"]  # the user's names of the photos
     n = write_neighbours_csv(
-        path, iter_neighbour_rows(nb, [10, 11, 12, 13], list("abcd"), [10, 11, 12, 13], list("abcd"))
+        path, iter_neighbour_rows(nb, [10, 11, 12, 13], list("abcd"), [10, 11, 12, 13], list("abcd"), sources, sources)
     )
     assert n == 12  # 3 real neighbours each; padded slots are not written
     data = path.read_bytes()
     assert b"\r" not in data and data.endswith(b"\n")
     lines = data.decode().splitlines()
-    assert lines[0] == "query,query_file,rank,neighbour,neighbour_file,distance" and len(lines) == 13
+    assert lines[0] == "query,query_file,rank,neighbour,neighbour_file,distance,query_source,neighbour_source"
+    assert len(lines) == 13
     first = lines[1].split(",")
     assert first[:3] == ["10", "a", "1"] and len(first[5].split(".")[1]) == 6
     assert float(first[5]) == pytest.approx(float(nb.distances[0, 0]), abs=1e-6)
+    for line in lines[1:]:  # each file beside its source
+        q, qf, _, nbr, nf, _, qs, ns = line.split(",")
+        assert qs == sources["abcd".index(qf)] and ns == sources["abcd".index(nf)] and int(nbr) == 10 + "abcd".index(nf)
 
 
 def test_masked_topk_keeps_the_lowest_rows_of_a_tie_on_the_edge():

@@ -85,6 +85,13 @@ def test_text_and_image_queries_through_the_page_equal_the_query_mode(served, br
     url, out, _ = served
     search_text(browser, url, "red floral dress", loaded="22 items")
     assert _page_results(browser) == _cli_results(out, tiny_onnx, "--query-text", "red floral dress")
+    # each result named as the user knows the photo (its source's last part), the gallery's file on hover
+    with open(out / "retrieval_results" / "queries" / "query_results.csv") as f:
+        sources = [r["gallery_source"] for r in csv.DictReader(f)]
+    names = browser.find_elements(By.CSS_SELECTOR, "#results .tile .cap.name")
+    assert [n.text for n in names] == [s.rsplit("/", 1)[-1] for s in sources] and all("[" in s for s in sources)
+    files = [f for f, _ in _page_results(browser)]
+    assert [n.get_attribute("title") for n in names] == [f"{s}\n{f}" for s, f in zip(sources, files)]
     picture = tmp_path / "look.jpg"
     picture.write_bytes((out / "images" / file_of(out, 11)).read_bytes())
     browser.find_element(By.ID, "file").send_keys(str(picture))

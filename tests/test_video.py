@@ -265,6 +265,7 @@ def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx,
         for p in r["persons"]:
             assert [m["rank"] for m in p["matches"]] == [1, 2, 3]
             assert all(m["file"].startswith("img_") for m in p["matches"])
+            assert all(m["source"] == f"{mixed_dataset}[{m['source_row']}]" for m in p["matches"])  # the user's name
             assert sorted(m["distance"] for m in p["matches"]) == [m["distance"] for m in p["matches"]]
     red = seen[0]
     assert red.shape == (120, 80, 3) and (red[..., 0] > 200).all() and (red[..., 2] < 50).all()
