@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import main as cli
+import onnx
 from benchmarks.duplicates import Garment, _colour_shift, _crop, _resize, catalogue_photo
 from pipeline import Catalog
 from pipeline.duplicates import SIGNATURE_VERSION
@@ -115,6 +116,10 @@ def test_a_build_finds_the_planted_copies_and_nothing_else(tiny_onnx, tmp_path, 
     assert manifest[1].pixel_hash != manifest[11].pixel_hash
     said = capsys.readouterr().out
     assert "duplicates: 11 photos in 4 groups (2 exact copies, 5 near)" in said
+    # a build's summary names the model that made the vectors, as the ONNX file records it, and how it ran
+    made = {p.key: p.value for p in onnx.load(str(tiny_onnx), load_external_data=False).metadata_props}
+    source, precision = made["fashion_pipeline.source_model"], made["fashion_pipeline.precision"]
+    assert f"\nmodel:    {source} (onnx, onnx-{precision})\n" in said
     report = (out / "outputs" / "report" / "sections" / "gallery.js").read_text()
     assert '"duplicates":{"groups":4,"photos":11,"csv":"duplicates.csv"' in report
 
