@@ -417,13 +417,13 @@ def candidate_recall(g: Gallery, rule: dup.NearRule) -> dict[int, float]:
     return out
 
 
-def band_collision_rate(g: Gallery) -> float:
+def band_collision_rate(g: Gallery, rule: dup.NearRule = dup.DEFAULT_RULE) -> float:
     """Share of pairs from different originals that share a band value in the finder's tables
     (random hashes: 1 - (1 - 2^-16)^(TABLES * BANDS))."""
     a, b = all_pairs(len(g.photos))
     other = g.origins[a] != g.origins[b]
     a, b = a[other], b[other]
-    codes = dup.HashCoder.fit(g.signals.signature).codes(g.signals.signature)
+    codes = dup.HashCoder.fit(g.signals.signature, rule).codes(g.signals.signature)
     shared = np.zeros(len(a), bool)
     for k in dup.band_keys(codes):
         shared |= k[a] == k[b]
@@ -539,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=10_000, help="new photos checked against them")
     ap.add_argument("--colourway-products", type=int, default=20,
                     help="products of the colourway check, 12 colours each")
+    ap.add_argument("--measure-with", choices=("default", "calibrated"), default="default",
+                    help="measure with pipeline.duplicates.DEFAULT_RULE, or with the rule this run calibrates "
+                         "(to try a changed signature before setting its rule)")
     args = parse_args(ap, argv, tiny={"catalogue": 6, "photo_like": 2, "scale": 20_000, "new": 200,
                                       "colourway_products": 1})
     print(machine_line(), flush=True)
@@ -555,7 +558,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{chosen.texture:.3f}, {chosen.centre:.3f}, {chosen.max_bits}: recall "
           f"{calib_score.recall[('overall', '')]:.3f} at precision "
           f"{calib_score.precision.get('overall', 1.0):.4f} on the calibration photos, all pairs compared")
-    rule = dup.DEFAULT_RULE
+    rule = chosen if args.measure_with == "calibrated" else dup.DEFAULT_RULE
+    if args.measure_with == "calibrated":
+        print("measured with the calibrated rule, not DEFAULT_RULE")
     print(f"DEFAULT_RULE: {rule.structure}, {rule.colour}, {rule.texture}, {rule.centre}, max_bits {rule.max_bits}\n")
 
     result = finder_score(test, rule)
@@ -592,14 +597,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{s.look_alike_fp.get(kind, 0.0):.3f}" for _, s in baselines.values()) + " |")
     print(f"\ncorrect pairs in groups: {result.true_pairs} of {result.grouped_pairs}")
     for min_rgb in (80, 40):
-        grouped, photos, largest = shop_colourways(args.colourway_products, 12, min_rgb, size)
+        grouped, photos, largest = shop_colourways(args.colourway_products, 12, min_rgb, size, rule)
         products = f"{args.colourway_products} product{'s' if args.colourway_products != 1 else ''}"
         print(f"a shop's colourways: {products} in 12 colours at least {min_rgb}/255 apart "
               f"in RGB: {grouped} of {photos} photos grouped with another colour (largest group {largest})", flush=True)
     cand = candidate_recall(test, rule)
     print("band candidates, share of the rule's true pairs proposed: " + ", ".join(
         f"{t} table{'s' if t > 1 else ''} {r:.3f}" for t, r in cand.items()) + f" (finder: {dup.TABLES})")
-    rate = band_collision_rate(test)
+    rate = band_collision_rate(test, rule)
     uniform = 1 - (1 - 2.0**-16) ** (dup.TABLES * dup.BANDS)
     print(f"band collisions between photos of different originals: {rate:.2e} of pairs (random hashes: "
           f"{uniform:.2e}, {rate / uniform:.0f}x): at 1M photos like these, {rate * 5e11:.1e} band pairs, "

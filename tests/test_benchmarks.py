@@ -145,6 +145,23 @@ def test_in_process_benchmark(module, given, patterns, request, capsys):
     assert_rows(run_tiny(module, capsys, *args), *patterns)
 
 
+def test_duplicates_measures_with_the_rule_it_calibrated(capsys, monkeypatch):
+    """--measure-with calibrated: the figures are of the rule the run chose (a changed signature is
+    tried before its rule is set), and the run says so; by default, of DEFAULT_RULE."""
+    used = []
+    real = duplicates.finder_score
+    monkeypatch.setattr(duplicates, "finder_score", lambda g, rule: used.append(rule) or real(g, rule))
+    out = run_tiny(duplicates, capsys, "--measure-with", "calibrated")
+    chosen = re.search(r"^calibrated \(structure, colour, texture, centre, max_bits\): (\S+), (\S+), (\S+), (\S+), "
+                       r"(\d+):", out, re.MULTILINE)
+    assert chosen and "measured with the calibrated rule, not DEFAULT_RULE" in out
+    rule = used[-1]
+    assert [f"{v:.3f}" for v in (rule.structure, rule.colour, rule.texture, rule.centre)] == list(chosen.groups()[:4])
+    assert rule.max_bits == int(chosen.group(5)) and rule != duplicates.dup.DEFAULT_RULE
+    run_tiny(duplicates, capsys)
+    assert used[-1] == duplicates.dup.DEFAULT_RULE
+
+
 @pytest.mark.parametrize("compare, name", [("rn50", "open_clip RN50"), ("convnext", "open_clip ConvNeXt-T")])
 def test_embed_compares_a_convolutional_tower(compare, name, clip_args, capsys):
     """--compare rn50 / convnext: open_clip's ResNet or ConvNeXt (tiny here), exported by the
