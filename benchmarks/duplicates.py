@@ -560,8 +560,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{calib_score.precision.get('overall', 1.0):.4f} on the calibration photos, all pairs compared")
     rule = chosen if args.measure_with == "calibrated" else dup.DEFAULT_RULE
     if args.measure_with == "calibrated":
-        print("measured with the calibrated rule, not DEFAULT_RULE")
-    print(f"DEFAULT_RULE: {rule.structure}, {rule.colour}, {rule.texture}, {rule.centre}, max_bits {rule.max_bits}\n")
+        print("measured with the calibrated rule, not DEFAULT_RULE (the scale table below keeps DEFAULT_RULE)")
+    name = "calibrated rule" if args.measure_with == "calibrated" else "DEFAULT_RULE"
+    print(f"{name}: {rule.structure}, {rule.colour}, {rule.texture}, {rule.centre}, max_bits {rule.max_bits}\n")
 
     result = finder_score(test, rule)
     baselines = {name: grey_baseline(test, test.grey[name], calibration, calibration.grey[name])

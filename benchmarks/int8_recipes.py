@@ -39,13 +39,13 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
                       "the export's graph since 2026-12-04, saved so by it)",
                       {"op_types_to_quantize": ["MatMul", "Conv"], "_cpu_graph": True,
                        "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
+    "float-out-per-tensor": ("float-out with per-tensor weight scales",
+                             {"op_types_to_quantize": ["MatMul"], "per_channel": False,
+                              "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
     "attn-float+bias": ("conv-too+bias with the two attention products (q.k and p.v, both inputs activations) left "
                         "in float: no QuantizeLinear of q, k, v and the softmax per layer",
                         {"op_types_to_quantize": ["MatMul", "Conv"], "_cpu_graph": True, "_float_attention": True,
                          "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
-    "float-out-per-tensor": ("the same with per-tensor weight scales",
-                             {"op_types_to_quantize": ["MatMul"], "per_channel": False,
-                              "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
     "optimizer-static": ("onnxruntime's transformer optimizer (model type clip: fused Attention, SkipLayerNorm) "
                          "before float-out: the fused Attention stays fp32",
                          {"_optimizer": True, "op_types_to_quantize": ["MatMul"],
@@ -103,8 +103,8 @@ def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dic
     args: dict[str, Any] = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                                 weight_type=QuantType.QInt8, per_channel=True,
                                 calibrate_method=CalibrationMethod.MinMax, reduce_range=REDUCE_RANGE)
-    if float_attention:
-        kwargs["nodes_to_exclude"] = activation_products(source)
+    if float_attention:  # a copy whose nodes all have names, which the quantizer matches them by
+        source, kwargs["nodes_to_exclude"] = activation_products(source, out.with_name(f"{source.stem}-named.onnx"))
     quantize_static(str(source), str(out), Reader(), **{**args, **kwargs})
     if fuse:  # the graph the export saves (pipeline/int8graph.py)
         from pipeline.export import _save_cpu_graph
@@ -112,12 +112,13 @@ def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dic
         _save_cpu_graph(out)
 
 
-def activation_products(path: Path) -> list[str]:
-    """The names of the MatMuls of the file at `path` whose inputs are both activations (a
-    transformer's attention products), naming unnamed nodes in the file first."""
+def activation_products(path: Path, named: Path) -> tuple[Path, list[str]]:
+    """The MatMuls of the file at `path` whose inputs are both activations (a transformer's
+    attention products): (the file to quantize, their names). Unnamed ones are named in a copy at
+    `named`, which is then the file; `path` is left as it is (other recipes start from it)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.load(str(path))
     constant = {t.name for t in model.graph.initializer}
     constant |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     names, renamed = [], False
@@ -126,9 +127,10 @@ def activation_products(path: Path) -> list[str]:
             if not node.name:
                 node.name, renamed = f"activation_matmul_{i}", True
             names.append(node.name)
-    if renamed:
-        onnx.save(model, str(path))
-    return names
+    if not renamed:
+        return path, names
+    onnx.save(model, str(named))
+    return named, names
 
 
 def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:

@@ -50,8 +50,8 @@ Updates: `check_new(index, new)` checks new photos against the kept gallery's `D
 turns the previous groups (`renumber_groups`) and those pairs into the groups a fresh run with the
 same coder finds.
 
-Results: `DuplicateGroup` lists; `write_duplicates_csv(path, groups, source_rows, files)` writes
-group, source_row, file, kind, distance atomically; `representatives(groups, n)` and
+Results: `DuplicateGroup` lists; `write_duplicates_csv(path, groups, source_rows, files, sources)`
+writes group, source_row, file, kind, distance, source atomically; `representatives(groups, n)` and
 `keep_one_per_group` keep one photo per group in a top-k result (--dedup).
 
 In the pipeline: `item_signals` per item as it is decoded (manifest columns pixel_hash and look),
@@ -209,8 +209,8 @@ def _texture(luma: np.ndarray) -> np.ndarray:
 
 
 def look_signature(image: Image.Image) -> np.ndarray:
-    """int8 (SIGNATURE_SIZE,): structure, colour and texture of the photo at a coarse scale (see
-    the module docstring). Independent of the photo's size and of its encoding."""
+    """int8 (SIGNATURE_SIZE,): structure, colour, texture and centre of the photo at a coarse scale
+    (see the module docstring). Independent of the photo's size and of its encoding."""
     rgb_image = image if image.mode == "RGB" else image.convert("RGB")
     small = rgb_image.resize((_WORK_SIDE, _WORK_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
     rgb = np.asarray(small, np.float32)
@@ -263,12 +263,12 @@ def signature_distances(a: np.ndarray, b: np.ndarray, rule: NearRule = DEFAULT_R
     parts' RMS differences each divided by its bound: <= 1 passes the rule."""
     diff = (a.astype(np.int16) - b.astype(np.int16)).astype(np.float32)
     squares = diff * diff  # exact in float32: at most 254^2 each, sums below 2^24
-    per_part = squares @ _part_weights(rule)  # (N, 3): each part's mean square over its bound squared
+    per_part = squares @ _part_weights(rule)  # (N, parts): each part's mean square over its bound squared
     return np.sqrt(per_part.max(axis=1)) if len(per_part) else np.zeros(0, np.float32)
 
 
 def _part_weights(rule: NearRule) -> np.ndarray:
-    """float32 (SIGNATURE_SIZE, 3): column p sums part p's squared differences into its mean
+    """float32 (SIGNATURE_SIZE, len(PARTS)): column p sums part p's squared differences into its mean
     square in signature units over its bound squared."""
     w = np.zeros((SIGNATURE_SIZE, len(PARTS)), np.float32)
     for column, (name, part) in enumerate(PARTS.items()):
@@ -338,7 +338,8 @@ class HashCoder:
         if len(sig) == 0:
             return cls(np.zeros(64, np.float32), rule)
         sampled = sig[:: max(1, len(sig) // sample)]
-        distinct = np.sort(np.unique(sampled // FIT_CELL, axis=0, return_index=True)[1])
+        hashed = np.r_[tuple(PARTS[name] for name in HASHED_PARTS)]  # looks equal where the codes see them
+        distinct = np.sort(np.unique(sampled[:, hashed] // FIT_CELL, axis=0, return_index=True)[1])
         return cls(np.median(_project(sampled[distinct], rule), axis=0).astype(np.float32), rule)
 
     def codes(self, signatures: np.ndarray) -> np.ndarray:
@@ -780,7 +781,8 @@ def duplicates_csv(groups: Sequence[DuplicateGroup], source_rows: Sequence[int],
     writer.writerow(DUPLICATES_FIELDS)
     for number, g in enumerate(groups):
         for m, kind, dist in zip(g.members, g.kinds, g.distances):
-            writer.writerow([number, source_rows[m], files[m], kind, f"{dist:.4f}", sources[m] if sources else ""])
+            writer.writerow([number, source_rows[m], files[m], kind, f"{dist:.4f}",
+                             sources[m] if sources is not None else ""])
     return buf.getvalue()
 
 

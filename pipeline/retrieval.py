@@ -260,20 +260,18 @@ def iter_neighbour_rows(
     query_files: Sequence[str],
     gallery_ids: Sequence[int],
     gallery_files: Sequence[str],
-    query_sources: Sequence[str] | None = None,
-    gallery_sources: Sequence[str] | None = None,
+    query_sources: Sequence[str],
+    gallery_sources: Sequence[str],
 ) -> Iterator[tuple]:
-    """Flatten a Neighbours result into (query, query_file, rank, neighbour, neighbour_file,
-    distance), followed by (query_source, neighbour_source) when the sources are given."""
-    sourced = query_sources is not None and gallery_sources is not None
+    """Flatten a Neighbours result into rows of NEIGHBOUR_COLUMNS: (query, query_file, rank,
+    neighbour, neighbour_file, distance, query_source, neighbour_source)."""
     for qi in range(nb.indices.shape[0]):
         for rank in range(nb.indices.shape[1]):
             j = int(nb.indices[qi, rank])
             if j < 0:
                 continue
-            row = (query_ids[qi], query_files[qi], rank + 1, gallery_ids[j], gallery_files[j],
-                   float(nb.distances[qi, rank]))
-            yield (*row, query_sources[qi], gallery_sources[j]) if sourced else row  # type: ignore[index]
+            yield (query_ids[qi], query_files[qi], rank + 1, gallery_ids[j], gallery_files[j],
+                   float(nb.distances[qi, rank]), query_sources[qi], gallery_sources[j])
 
 
 # query_source and neighbour_source: what the user knows each photo by (manifest.csv's `source`: a

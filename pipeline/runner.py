@@ -484,9 +484,10 @@ def write_duplicates(cfg: RunConfig, searcher: Searcher, summary: RunSummary) ->
         )
     if unsigned:
         summary.notes.append(
-            f"duplicates: {count_of(unsigned, 'item')} have no duplicate signals of this version "
-            f"({SIGNATURE_VERSION}: made before duplicates were found, by an earlier signature, or not decodable "
-            "on the CPU) and were left out: --update signs them again from their files (no inference)"
+            f"duplicates: {count_of(unsigned, 'item')} {'has' if unsigned == 1 else 'have'} no duplicate signals of "
+            f"this version ({SIGNATURE_VERSION}) and {'was' if unsigned == 1 else 'were'} left out: --update signs "
+            "again, from their files and with no inference, those of a store made before duplicates were found or by "
+            "an earlier signature; a photo the CPU could not decode stays out"
         )
     return groups
 

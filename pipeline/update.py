@@ -4,8 +4,9 @@ Every photo of the dataset is matched to the store by what it is: its `--id-colu
 is given (a photo whose bytes changed under the same id is *changed*), else the sha256 of its bytes
 (a re-shot photo is then one removed and one added). Matched photos are *unchanged*: their manifest
 lines, vectors, thumbnails and files are carried over byte for byte (only their dataset row follows
-the row; files are named by their content, so no file is renamed, except once, those of a store
-made when names carried the row). The others are embedded, by the same item pipeline as a
+the row, and duplicate signals of an earlier signature are signed again from the files,
+`sign_again`; files are named by their content, so no file is renamed, except once, those of a
+store made when names carried the row). The others are embedded, by the same item pipeline as a
 build, into a staging store. Photos the dataset no longer holds are dropped with everything of
 theirs.
 
@@ -28,7 +29,7 @@ import re
 import shutil
 import threading
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -43,10 +44,10 @@ from .dataset import Record, check_dataset, dataset_stamp
 from .duplicates import SIGNATURE_VERSION, item_signals
 from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError, first_line
-from .fileio import link_or_copy, unlink_quietly
+from .fileio import atomic_write_text, link_or_copy, unlink_quietly
 from .galleries import BuildPart, Gallery, build, decoded_as_made, gallery_source, made_identity, owned_files
 from .identity import VectorIdentity, differences
-from .images import ImageDecodeError, decode_image
+from .images import decode_image
 from .index import INDEX_META, switch_index, update_index
 from .items import crop_file_name, image_file_name, signals_of
 from .preprocess import PreprocessConfig
@@ -73,6 +74,7 @@ from .store import (
     thumbnail_parts,
     write_store,
 )
+from .webreport import count_of
 
 log = logging.getLogger(__name__)
 
@@ -338,50 +340,85 @@ def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | No
         )
 
 
+SIGN_EVERY = 2000  # photos signed between two saves of what is signed (an interrupted update keeps them)
+
+
 def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], summary: RunSummary) -> int:
     """Kept photos whose duplicate signals are not of this SIGNATURE_VERSION (a store made by an
     earlier signature, or before duplicates were found) signed again from their files: decoded as
     a build decodes them (a standard gallery's JPEG at the model's reduced DCT scale, its file being
-    the dataset's bytes; a person crop whole), no inference. Their lines get the pixel hash and look a
-    fresh build would give them; a file that cannot be read or decoded leaves its line without
-    signals, said. Returns how many lines were signed again."""
+    the dataset's bytes; a person crop whole), no inference, each file once however many lines
+    share it. Their lines get the pixel hash and look a fresh build would give them. What is signed
+    is saved in the staging folder as it goes, so an update interrupted later signs nothing twice.
+    A file that cannot be read or decoded leaves its lines without signals, said; so do the photos
+    of a store that records no preprocessing (their decode cannot be a build's). Returns how many
+    lines were signed again."""
     head = SIGNATURE_VERSION + ":"
     stale = [line for line in kept if line.file and line.status != "failed" and not line.look.startswith(head)]
     if not stale:
         return 0
-    made = old.sidecar.identity.preprocess
-    min_side = (PreprocessConfig.from_json(json.dumps(made)).decode_min_side
-                if made and old.sidecar.source.kind != "segment" else None)
+    made, segmented = old.sidecar.identity.preprocess, old.sidecar.source.kind == "segment"
+    if not made and not segmented:
+        summary.notes.append(
+            f"duplicates: {count_of(len(stale), 'kept photo')} of an earlier signature left out of duplicate "
+            "finding: the store records no preprocessing, so they cannot be decoded as a build decodes them; "
+            "build afresh to include them")
+        return 0
+    min_side = None if segmented else PreprocessConfig.from_json(json.dumps(made)).decode_min_side
     read = UrlImages(cfg.images_url).read if cfg.images_url else (lambda name: (cfg.images_dir / name).read_bytes())
+    saved = cfg.store_dir / STAGING / f"signed-{SIGNATURE_VERSION}.json"
+    key = f"{'segment' if segmented else min_side}"
+    try:
+        done = json.loads(saved.read_text())
+        signals: dict[str, list[str]] = done["signals"] if done.get("key") == key else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        signals = {}
+    files = sorted({line.file for line in stale} - set(signals))
 
-    def sign(line: ManifestRow) -> tuple[str, str] | str:
+    def sign(name: str) -> tuple[str, str] | str:
         try:
-            data = read(line.file)
-            if line.file.startswith("seg_"):  # a crop (or a whole picture) of a segmented gallery, as cut
+            data = read(name)
+            if name.startswith("seg_"):  # a crop (or a whole picture) of a segmented gallery, as cut
                 return item_signals(decode_image(data).image)
             return signals_of(data, decode_image(data, min_side))
-        except (OSError, ImageDecodeError) as e:
-            return f"{line.file}: {first_line(e)}"
+        except Exception as e:  # noqa: BLE001 - any reader's or decoder's error is this photo's, recorded
+            return f"{name}: {first_line(e)}"
+
+    def save() -> None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved, json.dumps({"key": key, "signals": signals}, separators=(",", ":")))
 
     failed: list[str] = []
     workers = max(1, cfg.embedder.threads or available_cores())
-    with summary.stage("sign kept photos again"), ThreadPoolExecutor(workers) as pool:
-        bar = tqdm(total=len(stale), desc=f"duplicate signals ({SIGNATURE_VERSION})", unit="photo",
-                   disable=not cfg.progress)
-        for line, got in zip(stale, pool.map(sign, stale)):  # decoding and resizing let the GIL go
+    with (summary.stage("sign kept photos again"), ThreadPoolExecutor(workers) as pool,
+          tqdm(total=len(stale), initial=len(stale) - sum(1 for line in stale if line.file in files),
+               desc=f"duplicate signals ({SIGNATURE_VERSION})", unit="photo", disable=not cfg.progress) as bar):
+        per_file = Counter(line.file for line in stale)
+        for i, (name, got) in enumerate(zip(files, pool.map(sign, files)), 1):  # decoding lets the GIL go
             if isinstance(got, str):
                 failed.append(got)
             else:
-                line.pixel_hash, line.look = got
-            bar.update()
-        bar.close()
-    signed = len(stale) - len(failed)
-    summary.count("signed again", signed)
-    summary.notes.append(f"duplicates: {signed} kept photo(s) signed again ({SIGNATURE_VERSION}: their signals were "
-                         "of an earlier signature, or the store had none), from their files; nothing embedded again")
+                signals[name] = list(got)
+            bar.update(per_file[name])
+            if i % SIGN_EVERY == 0:
+                save()
+        if files:
+            save()
+    signed = 0
+    for line in stale:
+        if line.file in signals:
+            line.pixel_hash, line.look = signals[line.file]
+            signed += 1
+    if signed:
+        summary.count("signed again", signed)
+        summary.notes.append(f"duplicates: {count_of(signed, 'kept photo')} signed again ({SIGNATURE_VERSION}: their "
+                             "signals were of an earlier signature, or the store had none), from their files; nothing "
+                             "embedded again")
     if failed:
-        summary.notes.append(f"duplicates: {len(failed)} kept photo(s) could not be signed again and are left out of "
-                             f"duplicate finding: {'; '.join(failed[:3])}" + (" ..." if len(failed) > 3 else ""))
+        lines = len(stale) - signed
+        summary.notes.append(f"duplicates: {count_of(lines, 'kept photo')} could not be signed again and "
+                             f"{'is' if lines == 1 else 'are'} left out of duplicate finding: {'; '.join(failed[:3])}"
+                             + (" ..." if len(failed) > 3 else ""))
     return signed
 
 

@@ -9,6 +9,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -231,22 +232,20 @@ def test_a_store_without_signals_says_what_it_left_out(tiny_onnx, tmp_path, caps
     capsys.readouterr()
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--use-embeddings"))]) == 0
     said = capsys.readouterr().out
-    assert f"duplicates: 11 items have no duplicate signals of this version ({SIGNATURE_VERSION}: made before" in said
+    assert (f"duplicates: 11 items have no duplicate signals of this version ({SIGNATURE_VERSION}) and were left out: "
+            "--update signs again, from their files and with no inference, those of a store made before") in said
     assert read_csv(out / "outputs" / "duplicates.csv") == []
 
 
-def test_an_update_signs_again_the_photos_of_an_earlier_signature(tiny_onnx, tmp_path, capsys):
-    cells, _ = catalogue(products=4)
-    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
-    out, fresh = tmp_path / "out", tmp_path / "fresh"
-    assert run(*args(data, tiny_onnx, fresh)) == 0
-    assert run(*args(data, tiny_onnx, out)) == 0
+def signed_before(out: Path, earlier: int, edit_sidecar=None) -> None:
+    """Rewrite a store as if signed by the signature before this one (its first `earlier` lines) and
+    made before duplicates were found (the others), its sidecar and metadata made to match."""
     manifest = out / "embeddings" / MANIFEST_FILE
     with open(manifest, newline="") as f:
         lines = list(csv.DictReader(f))
-    for line in lines[:7]:  # as the signature before this one wrote them; the others as a store before duplicates
+    for line in lines[:earlier]:
         line["look"] = "look-2:" + line["look"].split(":", 1)[1][:108]
-    for line in lines[7:]:
+    for line in lines[earlier:]:
         line["look"] = line["pixel_hash"] = ""
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(lines[0]), lineterminator="\n")
@@ -255,8 +254,23 @@ def test_an_update_signs_again_the_photos_of_an_earlier_signature(tiny_onnx, tmp
     sidecar = out / "embeddings" / "embeddings.json"
     meta = json.loads(sidecar.read_text())
     meta["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    if edit_sidecar is not None:
+        edit_sidecar(meta)
     sidecar.write_text(json.dumps(meta))
     (out / "embeddings" / "metadata.parquet").unlink()  # keyed by the manifest: written again by the update
+
+
+def store_signals(store: Path) -> dict[int, tuple[str, str]]:
+    return {r.source_row: (r.pixel_hash, r.look) for r in read_manifest(store / "embeddings" / MANIFEST_FILE)}
+
+
+def test_an_update_signs_again_the_photos_of_an_earlier_signature(tiny_onnx, tmp_path, capsys):
+    cells, _ = catalogue(products=4)
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert run(*args(data, tiny_onnx, out)) == 0
+    signed_before(out, earlier=7)
     vectors = (out / "embeddings" / "embeddings.npy").read_bytes()
     capsys.readouterr()
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--use-embeddings"))]) == 0
@@ -264,14 +278,11 @@ def test_an_update_signs_again_the_photos_of_an_earlier_signature(tiny_onnx, tmp
     assert read_csv(out / "outputs" / "duplicates.csv") == []
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
     said = capsys.readouterr().out
-    assert "duplicates: 11 kept photo(s) signed again" in said and "nothing embedded again" in said
+    assert "duplicates: 11 kept photos signed again" in said and "nothing embedded again" in said
     assert "added 0, changed 0, removed 0, unchanged 11" in said
     # every line signed as a fresh build signs it, the vectors untouched, and the same groups found
-    def signals_of(store: Path) -> dict[int, tuple[str, str]]:
-        return {r.source_row: (r.pixel_hash, r.look) for r in read_manifest(store / "embeddings" / MANIFEST_FILE)}
-
-    signals = signals_of(out)
-    assert signals == signals_of(fresh)
+    signals = store_signals(out)
+    assert signals == store_signals(fresh)
     assert all(look.startswith(SIGNATURE_VERSION + ":") for _, look in signals.values())
     assert (out / "embeddings" / "embeddings.npy").read_bytes() == vectors
     assert (out / "outputs" / "duplicates.csv").read_text() == (fresh / "outputs" / "duplicates.csv").read_text()
@@ -279,6 +290,83 @@ def test_an_update_signs_again_the_photos_of_an_earlier_signature(tiny_onnx, tmp
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0  # once: nothing left to sign
     said = capsys.readouterr().out
     assert "signed again" not in said
+
+
+def test_an_interrupted_update_keeps_what_it_signed(tiny_onnx, tmp_path, monkeypatch, capsys):
+    """Signing a large store again takes long: an update stopped after it (here while the new photo
+    is embedded) signs nothing twice when run again, and each file is decoded once, however many
+    lines share it (rows 0 and 4 are the same bytes: one file)."""
+    from pipeline import update
+
+    cells, _ = catalogue(products=4)
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    signed_before(out, earlier=11)
+    assets.write_parquet_dataset(tmp_path / "catalogue", [*cells, product(9)])
+    decoded: list[int] = []
+    real_decode = update.decode_image
+    monkeypatch.setattr(update, "decode_image", lambda data, *a: decoded.append(1) or real_decode(data, *a))
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(update, "_embed_new", stopped)
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--update", "-q"))]) == 130
+    files = {r.file for r in read_manifest(out / "embeddings" / MANIFEST_FILE)}
+    assert len(decoded) == len(files) == 10
+    monkeypatch.undo()
+    monkeypatch.setattr(update, "decode_image", lambda data, *a: decoded.append(1) or real_decode(data, *a))
+    capsys.readouterr()
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
+    said = capsys.readouterr().out
+    assert len(decoded) == 10 and "duplicates: 11 kept photos signed again" in said and "added 1" in said
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert store_signals(out) == store_signals(fresh)
+    assert not (out / "embeddings" / ".update").exists()  # the saved signals went with the staging folder
+
+
+def test_a_kept_photo_that_cannot_be_decoded_is_left_out_and_said(tiny_onnx, tmp_path, capsys):
+    cells, _ = catalogue(products=4)
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    signed_before(out, earlier=11)
+    broken = next(r.file for r in read_manifest(out / "embeddings" / MANIFEST_FILE) if r.source_row == 3)
+    path = out / "images" / broken
+    stat = path.stat()
+    path.write_bytes(b"x" * stat.st_size)  # the same size and time: trusted by the store's check, not a picture
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    capsys.readouterr()
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
+    said = capsys.readouterr().out
+    assert "duplicates: 10 kept photos signed again" in said
+    assert (f"duplicates: 1 kept photo could not be signed again and is left out of duplicate finding: {broken}: "
+            in said)
+    looks = {row: look for row, (_, look) in store_signals(out).items()}
+    assert looks[3].startswith("look-2:")  # as it was
+    assert all(look.startswith(SIGNATURE_VERSION + ":") for row, look in looks.items() if row != 3)
+    assert "duplicates: 1 item has no duplicate signals of this version" in said
+
+
+def test_a_store_that_records_no_preprocessing_is_not_signed_again(tiny_onnx, tmp_path, capsys):
+    """Without the store's preprocessing, its JPEGs' reduced decode (and so their signals) cannot be
+    a build's: the photos stay out, said, and nothing else changes."""
+    cells, _ = catalogue(products=4)
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+
+    def unrecorded(meta: dict) -> None:
+        meta["identity"].pop("preprocess")
+
+    signed_before(out, earlier=11, edit_sidecar=unrecorded)
+    capsys.readouterr()
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
+    said = capsys.readouterr().out
+    assert ("duplicates: 11 kept photos of an earlier signature left out of duplicate finding: the store records no "
+            "preprocessing") in said
+    assert all(look.startswith("look-2:") for _, look in store_signals(out).values())
 
 
 def test_the_report_shows_a_dozen_photos_of_a_large_group_and_says_how_many_more(tiny_onnx, tmp_path, browser):
