@@ -160,6 +160,7 @@ def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[Manifes
                 lambda i: reader[i],
                 None if meta is None else meta.json_values,
                 tile_keys=_tile_keys(cfg.store_dir, embedded),
+                sources=[r.source for r in embedded],
             )
         finally:
             reader.close()

@@ -135,7 +135,7 @@ def run_query(cfg: RunConfig) -> RunSummary:
     summary.outputs["pictures"] = f"{out_dir}/q*.jpg"
     with summary.stage("report"):
         pics = [relative_link(p, cfg.plots_dir) for p in pictures]
-        data = {"pictures": pics, "rows": [[r[0], r[1], r[2], r[3], r[5]] for r in rows]}
+        data = {"pictures": pics, "rows": [[r[0], r[1], r[2], r[3], r[5], r[6]] for r in rows]}
         title = f"Queries ({len(queries)})" + (" on the segmented gallery" if cfg.segmented else "")
         section = Section("query" + cfg.suffix, "query", title, summary, data)
         summary.outputs["report"] = str(write_section(cfg.plots_dir, section))

@@ -110,7 +110,7 @@ def sprite_image(tiles: Sequence[np.ndarray]) -> Image.Image:
 
 def write_gallery_pages(
     folder: Path, section_id: str, files: Sequence[str], rows: Sequence[int], neighbours: Any, thumbnail: Any,
-    meta: Any = None, tile_keys: Sequence[str] | None = None,
+    meta: Any = None, tile_keys: Sequence[str] | None = None, sources: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """A gallery's items as data pages and thumbnail sprites.
 
@@ -123,6 +123,8 @@ def write_gallery_pages(
         tile_keys: per item, a string its thumbnail is a function of: a page's sprite whose items'
             keys are those recorded for it (SPRITES_FILE) is kept, not drawn and encoded again
             (after an update most pages are the same). None: every sprite is drawn.
+        sources: per item, what the user knows its photo by (manifest.csv's `source`): shown as its
+            name, the file on hover, and searched by the filter with the file name.
     Returns:
         the section's gallery data: item count, page count, k, and where the pages are.
     """
@@ -143,11 +145,13 @@ def write_gallery_pages(
         items = []
         for i in range(start, stop):
             nb = [
-                [int(j), round(float(d), 4), files[int(j)]]
+                [int(j), round(float(d), 4), files[int(j)], *([sources[int(j)]] if sources is not None else [])]
                 for j, d in zip(neighbours.indices[i], neighbours.distances[i])
                 if j >= 0
             ]
             item = {"i": i, "file": files[i], "row": int(rows[i]), "nb": nb}
+            if sources is not None:
+                item["src"] = sources[i]
             if meta is not None:
                 item["meta"] = meta(i)
             items.append(item)
@@ -157,7 +161,10 @@ def write_gallery_pages(
             continue
         sprite = sprite_image([thumbnail(i) for i in range(start, stop)])
         atomic_write_bytes(out / f"page_{p:04d}.jpg", encode_jpeg(sprite, quality=SPRITE_QUALITY))
-    atomic_write_text(out / "names.js", _js("names", {"section": section_id, "files": list(files), "nearest": nearest}))
+    names = {"section": section_id, "files": list(files), "nearest": nearest}
+    if sources is not None:
+        names["sources"] = list(sources)
+    atomic_write_text(out / "names.js", _js("names", names))
     atomic_write_text(out / SPRITES_FILE, json.dumps({k: v for k, v in wanted.items() if v is not None}))
     return {
         "items": n,

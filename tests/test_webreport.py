@@ -116,19 +116,33 @@ def test_the_report_shows_every_item_pages_and_follows_neighbours(report_run, br
         f"window.__report.pages['gallery/' + Math.floor({first} / {PAGE_SIZE})].items[{first} % {PAGE_SIZE}].file",
     )
     assert wait(browser, VISIBLE_IMAGES_LOADED)
-    # the filter searches every page's names: those of one first hex digit, on every page
-    files = [r.file for r in read_manifest(out / "embeddings" / "manifest.csv") if r.embedding_row >= 0]
+    # the filter searches every page's names, the files' and the sources': those of one first hex digit,
+    # on every page; an item's caption is its source's name, its file on hover
+    lines = [r for r in read_manifest(out / "embeddings" / "manifest.csv") if r.embedding_row >= 0]
+    files = [r.file for r in lines]
     prefix = max({f[:5] for f in files}, key=lambda p: sum(f.startswith(p) for f in files))
     expected = sorted(f for f in files if prefix in f)
-    browser.execute_script(
-        f"const f = document.querySelector('[data-role=filter]'); f.value = '{prefix}';"
-        "f.dispatchEvent(new Event('input'))"
-    )
-    wait(browser, "document.querySelector('.tools .sub').textContent.includes('matching')")
-    names = browser.execute_script(
-        "return [...document.querySelectorAll('[data-role=grid] .tile .cap[title]')].map(c => c.title)"
-    )
-    assert len(expected) > 10 and sorted(names) == expected
+
+    def filtered(text: str) -> list[tuple[str, str]]:
+        browser.execute_script(
+            f"const f = document.querySelector('[data-role=filter]'); f.value = '{text}';"
+            "f.dispatchEvent(new Event('input'))"
+        )
+        wait(browser, f"document.querySelector('.tools .sub').textContent.includes('matching') && "
+                      f"document.querySelector('[data-role=filter]').value === '{text}'")
+        return browser.execute_script(
+            "return [...document.querySelectorAll('[data-role=grid] .tile .cap[title]')]"
+            ".map(c => [c.textContent, c.title])"
+        )
+
+    shown = filtered(prefix)
+    assert len(expected) > 10 and sorted(title.split("\n")[-1] for _, title in shown) == expected
+    source_of = {r.file: r.source for r in lines}
+    assert all(title == f"{source_of[title.split(chr(10))[-1]]}\n{title.split(chr(10))[-1]}" and
+               name == source_of[title.split(chr(10))[-1]].rsplit("/", 1)[-1] for name, title in shown)
+    row = lines[200]
+    by_source = filtered(f"[{row.source_row}]")  # the user's name of the photo finds it
+    assert [t.split("\n")[-1] for _, t in by_source] == [row.file]
     assert console_errors(browser) == []
 
 
