@@ -61,6 +61,7 @@ from .store import (
     ThumbnailReader,
     embedded_rows,
     manifest_sha256,
+    shown_name,
     store_sha256,
 )
 from .webreport import REPORT_DIR, Section, build_summary, count_of, write_gallery_pages, write_section
@@ -240,7 +241,8 @@ def write_retrieval_outputs(
             seconds, heat_drawn = heatmap.result()
         summary.timed("heatmap", seconds, "heatmap (beside the neighbours)")
     with summary.stage("result pictures"):
-        written, drawn = write_result_pictures(cfg, nb, files, [r.sha256 for r in embedded])
+        written, drawn = write_result_pictures(cfg, nb, files, [r.sha256 for r in embedded],
+                                               [shown_name(r.source, r.file, lasting=True) for r in embedded])
     summary.count("result pictures", written)
     if drawn < written:
         summary.notes.append(f"result pictures: {drawn:,} drawn, {written - drawn:,} unchanged since the last run kept")
@@ -496,11 +498,12 @@ def write_duplicates(cfg: RunConfig, searcher: Searcher, summary: RunSummary) ->
 PICTURES_FILE = ".result_pictures.json"  # in the results folder: each picture's signature
 
 
-def picture_signatures(nb: Neighbours, files: list[str], shas: list[str], limit: int) -> dict[str, tuple[int, str]]:
-    """Picture name -> (the item it shows, what it shows): the query's and each neighbour's file and
-    bytes, the distances as drawn, and the drawing code itself (plots.py), so a picture is redrawn
-    only when one of them changed (after an update, most pictures are the same). Items with equal
-    bytes share a file and so a picture name: the first of them is the one drawn."""
+def picture_signatures(nb: Neighbours, files: list[str], shas: list[str], limit: int,
+                       names: list[str] | None = None) -> dict[str, tuple[int, str]]:
+    """Picture name -> (the item it shows, what it shows): the query's and each neighbour's file,
+    bytes and caption name, the distances as drawn, and the drawing code itself (plots.py), so a
+    picture is redrawn only when one of them changed (after an update, most pictures are the same).
+    Items with equal bytes share a file and so a picture name: the first of them is the one drawn."""
     import matplotlib
 
     # The drawing code and what it draws with: the composites, the JPEG encoder, the font's package.
@@ -510,22 +513,25 @@ def picture_signatures(nb: Neighbours, files: list[str], shas: list[str], limit:
         name = picture_name(files[i])
         if name in out:
             continue
-        shown = [(files[j], shas[j], f"{d:.3f}") for j, d in zip(nb.indices[i], nb.distances[i]) if j >= 0]
-        key = json.dumps([code, files[i], shas[i], shown])
+        captions = names or files
+        shown = [(files[j], shas[j], captions[j], f"{d:.3f}") for j, d in zip(nb.indices[i], nb.distances[i]) if j >= 0]
+        key = json.dumps([code, files[i], shas[i], captions[i], shown])
         out[name] = (i, sha256_bytes(key.encode()))
     return out
 
 
-def write_result_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], shas: list[str]) -> tuple[int, int]:
+def write_result_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], shas: list[str],
+                          names: list[str] | None = None) -> tuple[int, int]:
     """One composite per query (query + top-k with distances) from the stored thumbnails, one per
-    distinct file (items with equal bytes share it); a picture whose signature (picture_signatures)
-    is the one recorded beside it is kept as it is.
+    distinct file (items with equal bytes share it), each captioned by `names` (what the user knows
+    the photos by; the files without them); a picture whose signature (picture_signatures) is the
+    one recorded beside it is kept as it is.
 
     Returns:
         (pictures there now, pictures drawn by this run)
     """
     limit = len(files) if cfg.max_result_images is None else min(cfg.max_result_images, len(files))
-    wanted = picture_signatures(nb, files, shas, limit)
+    wanted = picture_signatures(nb, files, shas, limit, names)
     record = cfg.results_dir / PICTURES_FILE
     before = read_json_dict(record)
     for old in cfg.results_dir.glob("*_matches.jpg"):
@@ -533,20 +539,20 @@ def write_result_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], shas
             old.unlink()
     todo = sorted(i for name, (i, _) in wanted.items() if not (cfg.results_dir / name).is_file())
     unlink_quietly(record)  # rewritten once the pictures are: a killed run redraws rather than trusts
-    _draw_pictures(cfg, nb, files, todo)
+    _draw_pictures(cfg, nb, files, todo, names or files)
     atomic_write_text(record, json.dumps({name: sig for name, (_, sig) in wanted.items()}, sort_keys=True))
     return len(wanted), len(todo)
 
 
-def _draw_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], todo: list[int]) -> None:
+def _draw_pictures(cfg: RunConfig, nb: Neighbours, files: list[str], todo: list[int], names: list[str]) -> None:
     if not todo:
         return
     reader = ThumbnailReader.of(cfg.store_dir)
     reader.close()  # its files, for whichever process draws
     jobs = []
     for i in todo:
-        rows, labels = neighbour_labels(nb.indices[i], nb.distances[i], files)
-        jobs.append(PictureJob(str(cfg.results_dir / picture_name(files[i])), i, f"query\n{files[i]}", tuple(rows),
+        rows, labels = neighbour_labels(nb.indices[i], nb.distances[i], names)
+        jobs.append(PictureJob(str(cfg.results_dir / picture_name(files[i])), i, f"query\n{names[i]}", tuple(rows),
                                tuple(labels)))
     lock = threading.Lock()
     with tqdm(total=len(jobs), desc="result pictures", unit="pic", disable=not cfg.progress) as bar:

@@ -107,10 +107,11 @@ def run_query(cfg: RunConfig) -> RunSummary:
     out_dir = cfg.queries_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     names, ids = [r.file for r in catalog.items], [r.index for r in catalog.items]
+    shown = [r.shown_name for r in catalog.items]  # the captions: what the user knows the photos by
     with summary.stage("pictures"):
         pictures = []
         for i, query in enumerate(queries):
-            tiles, labels = neighbour_tiles(nb.indices[i], nb.distances[i], lambda j: match_tile(catalog, j), names)
+            tiles, labels = neighbour_tiles(nb.indices[i], nb.distances[i], lambda j: match_tile(catalog, j), shown)
             pic = compose_matches(query.tile, query.kind, tiles, labels, title=f"{query.kind} query: {query.label}")
             pictures.append(out_dir / picture_name(i, query))
             save_jpeg(pic, pictures[-1])

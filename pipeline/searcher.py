@@ -30,7 +30,7 @@ from .index import GalleryIndex, ensure_index, load_index
 from .metadata import Metadata, product_labels
 from .persons import Segmenter, person_crops
 from .retrieval import Neighbours, cosine_distances, group_layout, masked_topk, topk_neighbours, topk_rows
-from .store import ManifestRow
+from .store import ManifestRow, shown_name
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,11 @@ class Hit:
     distance: float
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     source: str = ""
+
+    @property
+    def shown_name(self) -> str:
+        """The last part of `source`, for a caption (store.shown_name)."""
+        return shown_name(self.source, self.file)
 
 
 @dataclass(frozen=True)

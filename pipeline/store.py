@@ -104,6 +104,23 @@ class ManifestRow:
     pixel_hash: str = ""
     look: str = ""
 
+    @property
+    def shown_name(self) -> str:
+        return shown_name(self.source, self.file)
+
+
+_ROW_SOURCE = re.compile(r"\[\d+\]$")  # "<dataset>[row]": a cell without a path of its own
+
+
+def shown_name(source: str, file: str, lasting: bool = False) -> str:
+    """What the user knows an item's photo by, short, for captions: the last part of its source (a
+    file of the dataset folder, or `<dataset>[row]`), the gallery's file where there is none.
+    lasting: for a caption kept across runs (the result pictures), the file instead of a row
+    number, which an update that removes or inserts rows before it changes."""
+    if not source or (lasting and _ROW_SOURCE.search(source)):
+        return file
+    return re.split(r"[\\/]", source)[-1]
+
 
 MANIFEST_FIELDS = [f.name for f in fields(ManifestRow)]
 # Columns a manifest may lack: stores made before --update or before duplicates (format 2 all the

@@ -29,7 +29,7 @@ from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import Neighbours
 from .searcher import Hit, Searcher
-from .store import ThumbnailReader
+from .store import ThumbnailReader, shown_name
 from .tracking import Tracker
 from .webreport import Section, relative_link, write_section
 from .yolo import ULTRALYTICS_MAX_DET, UltralyticsDetector
@@ -420,7 +420,8 @@ class VideoRun:
         cached = self._best.get(track_id)
         if cached is None or cached[0] != len(track.sightings):
             hits = self.searcher.search(track.look[None], 1, self.allowed)[0]
-            best = (f"{hits[0].file} d={hits[0].distance:.2f}", self.thumbs[hits[0].row].copy()) if hits else ("", None)
+            best = ((f"{hits[0].shown_name} d={hits[0].distance:.2f}", self.thumbs[hits[0].row].copy()) if hits
+                    else ("", None))
             cached = self._best[track_id] = (len(track.sightings), *best)
         return cached[1], cached[2]
 
@@ -491,7 +492,7 @@ class VideoRun:
             best,
             "best crop",
             [self.thumbs[j].copy() for j in nb_idx],
-            [f"d={m['distance']:.3f}\n{m['file']}" for m in track["matches"]],
+            [f"d={m['distance']:.3f}\n{shown_name(m.get('source', ''), m['file'])}" for m in track["matches"]],
             title=f"Track {track['id']}: its look's catalogue matches ({track['first_s']:.1f}-{track['last_s']:.1f} s)",
         )
         parts = [p for p in (strip, looks) if p is not None]

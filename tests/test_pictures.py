@@ -53,6 +53,47 @@ def test_result_pictures_show_the_stores_thumbnails_with_two_caption_lines(catal
         assert pic.size == composite_size(THUMB_SIZE)
 
 
+def test_pictures_are_captioned_by_what_the_user_knows_the_photos_by(tiny_onnx, tmp_path, monkeypatch):
+    """A folder of photos: the result and query pictures' captions name them by their file in the
+    folder, not by the gallery's content name. A parquet cell's `<dataset>[row]`, which an update
+    removing a row before it changes, leaves a result picture (kept across runs) its gallery file,
+    while a query picture (drawn each time) names the row."""
+    from pipeline import plots, runner, search
+    from pipeline.store import read_manifest
+
+    folder = tmp_path / "looks"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"dress_{i}.jpg").write_bytes(garment_jpeg(i))
+    jobs: list = []
+    monkeypatch.setattr(runner, "draw_pictures", lambda paths, todo, done: jobs.extend(todo) or done(len(todo)))
+    labels: list[str] = []
+    real = plots.neighbour_tiles
+
+    def tiles(indices, distances, tile, names):
+        got = real(indices, distances, tile, names)
+        labels.extend(got[1])
+        return got
+
+    monkeypatch.setattr(search, "neighbour_tiles", tiles)
+    out = tmp_path / "out"
+    assert query(out, tiny_onnx, "--dataset", folder) == 0
+    names = {f"dress_{i}.jpg" for i in range(4)}
+    assert {job.query_label.split("\n")[1] for job in jobs} == names
+    assert all(label.split("\n")[1] in names for job in jobs for label in job.labels)
+    assert query(out, tiny_onnx, "--query-text", "a dress") == 0
+    assert labels and all(label.split("\n")[1] in names for label in labels)
+    jobs.clear()
+    labels.clear()
+    parquet = assets.write_parquet_dataset(tmp_path / "ds", [garment_jpeg(i) for i in range(4)])
+    rows = tmp_path / "rows"
+    assert query(rows, tiny_onnx, "--dataset", parquet) == 0
+    files = {r.file for r in read_manifest(rows / "embeddings" / "manifest.csv")}
+    assert {job.query_label.split("\n")[1] for job in jobs} == files
+    assert query(rows, tiny_onnx, "--query-text", "a dress") == 0
+    assert {label.split("\n")[1] for label in labels} <= {f"ds[{i}]" for i in range(4)}
+
+
 def test_query_pictures_are_named_once_and_an_earlier_querys_go(catalogue, tiny_onnx, tmp_path):
     folder = catalogue / "retrieval_results" / "queries"
     folder.mkdir(parents=True, exist_ok=True)
