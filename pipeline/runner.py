@@ -490,7 +490,8 @@ def write_duplicates(cfg: RunConfig, searcher: Searcher, summary: RunSummary) ->
             f"duplicates: {count_of(unsigned, 'item')} {'has' if unsigned == 1 else 'have'} no duplicate signals of "
             f"this version ({SIGNATURE_VERSION}) and {'was' if unsigned == 1 else 'were'} left out: --update signs "
             "again, from their files and with no inference, those of a store made before duplicates were found or by "
-            "an earlier signature; a photo the CPU could not decode stays out"
+            "an earlier signature (where the store records its preprocessing); a photo that cannot be decoded stays "
+            "out"
         )
     return groups
 

@@ -44,7 +44,7 @@ from .dataset import Record, check_dataset, dataset_stamp
 from .duplicates import SIGNATURE_VERSION, item_signals
 from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError, first_line
-from .fileio import atomic_write_text, link_or_copy, unlink_quietly
+from .fileio import link_or_copy, unlink_quietly
 from .galleries import BuildPart, Gallery, build, decoded_as_made, gallery_source, made_identity, owned_files
 from .identity import VectorIdentity, differences
 from .images import decode_image
@@ -340,7 +340,29 @@ def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | No
         )
 
 
-SIGN_EVERY = 2000  # photos signed between two saves of what is signed (an interrupted update keeps them)
+SIGNED_LOG = "signed-{version}.jsonl"  # in the staging folder: what sign_again signed, a file a line
+SIGN_CHUNK = 1024  # files handed to the decoding threads at a time
+
+
+def _read_signed(path: Path, key: str) -> dict[str, tuple[str, str]]:
+    """What an earlier, interrupted update signed with these decode settings (`key`): file ->
+    (pixel hash, look). A log of other settings is not used; a line cut short by a kill is skipped."""
+    got: dict[str, tuple[str, str]] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline() or "null")
+            if not isinstance(first, dict) or first.get("key") != key:
+                return {}
+            for text in f:
+                try:
+                    name, pixel, look = json.loads(text)
+                except (ValueError, TypeError):
+                    continue
+                if isinstance(name, str) and isinstance(pixel, str) and isinstance(look, str):
+                    got[name] = (pixel, look)
+    except (OSError, ValueError):
+        return {}
+    return got
 
 
 def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], summary: RunSummary) -> int:
@@ -348,32 +370,32 @@ def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], s
     earlier signature, or before duplicates were found) signed again from their files: decoded as
     a build decodes them (a standard gallery's JPEG at the model's reduced DCT scale, its file being
     the dataset's bytes; a person crop whole), no inference, each file once however many lines
-    share it. Their lines get the pixel hash and look a fresh build would give them. What is signed
-    is saved in the staging folder as it goes, so an update interrupted later signs nothing twice.
-    A file that cannot be read or decoded leaves its lines without signals, said; so do the photos
-    of a store that records no preprocessing (their decode cannot be a build's). Returns how many
-    lines were signed again."""
+    share it. Their lines get the pixel hash and look a fresh build would give them. Each file
+    signed is logged in the staging folder as it is (SIGNED_LOG), so an update interrupted at any
+    point after signs nothing twice (files are named by their content: a name logged is the same
+    bytes). A file that cannot be read or decoded leaves its lines with the signals they had (left
+    out of duplicate finding), said; so does a store that records no preprocessing (its photos'
+    decode cannot be a build's). Returns how many lines were signed again."""
     head = SIGNATURE_VERSION + ":"
     stale = [line for line in kept if line.file and line.status != "failed" and not line.look.startswith(head)]
     if not stale:
         return 0
     made, segmented = old.sidecar.identity.preprocess, old.sidecar.source.kind == "segment"
     if not made and not segmented:
+        n = len(stale)
         summary.notes.append(
-            f"duplicates: {count_of(len(stale), 'kept photo')} of an earlier signature left out of duplicate "
-            "finding: the store records no preprocessing, so they cannot be decoded as a build decodes them; "
-            "build afresh to include them")
+            f"duplicates: {count_of(n, 'kept photo')} without signals of this version "
+            f"{'is' if n == 1 else 'are'} left out of duplicate finding: the store records no preprocessing, so "
+            f"{'it' if n == 1 else 'they'} cannot be decoded as a build decodes them; build afresh to include "
+            f"{'it' if n == 1 else 'them'}")
         return 0
     min_side = None if segmented else PreprocessConfig.from_json(json.dumps(made)).decode_min_side
     read = UrlImages(cfg.images_url).read if cfg.images_url else (lambda name: (cfg.images_dir / name).read_bytes())
-    saved = cfg.store_dir / STAGING / f"signed-{SIGNATURE_VERSION}.json"
+    log_path = cfg.store_dir / STAGING / SIGNED_LOG.format(version=SIGNATURE_VERSION)
     key = f"{'segment' if segmented else min_side}"
-    try:
-        done = json.loads(saved.read_text())
-        signals: dict[str, list[str]] = done["signals"] if done.get("key") == key else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        signals = {}
-    files = sorted({line.file for line in stale} - set(signals))
+    signals = _read_signed(log_path, key)
+    todo = {line.file for line in stale} - set(signals)
+    files = sorted(todo)
 
     def sign(name: str) -> tuple[str, str] | str:
         try:
@@ -384,26 +406,26 @@ def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], s
         except Exception as e:  # noqa: BLE001 - any reader's or decoder's error is this photo's, recorded
             return f"{name}: {first_line(e)}"
 
-    def save() -> None:
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(saved, json.dumps({"key": key, "signals": signals}, separators=(",", ":")))
-
     failed: list[str] = []
-    workers = max(1, cfg.embedder.threads or available_cores())
-    with (summary.stage("sign kept photos again"), ThreadPoolExecutor(workers) as pool,
-          tqdm(total=len(stale), initial=len(stale) - sum(1 for line in stale if line.file in files),
-               desc=f"duplicate signals ({SIGNATURE_VERSION})", unit="photo", disable=not cfg.progress) as bar):
+    if files:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         per_file = Counter(line.file for line in stale)
-        for i, (name, got) in enumerate(zip(files, pool.map(sign, files)), 1):  # decoding lets the GIL go
-            if isinstance(got, str):
-                failed.append(got)
-            else:
-                signals[name] = list(got)
-            bar.update(per_file[name])
-            if i % SIGN_EVERY == 0:
-                save()
-        if files:
-            save()
+        workers = max(1, cfg.embedder.threads or available_cores())
+        with (summary.stage("sign kept photos again"), ThreadPoolExecutor(workers) as pool,
+              open(log_path, "w", encoding="utf-8") as logged,
+              tqdm(total=len(stale), initial=len(stale) - sum(1 for line in stale if line.file in todo),
+                   desc=f"duplicate signals ({SIGNATURE_VERSION})", unit="photo", disable=not cfg.progress) as bar):
+            # written again whole, then added to: a line a kill cut short is not carried on
+            logged.writelines(json.dumps(x) + "\n" for x in [{"key": key}, *([n, *g] for n, g in signals.items())])
+            for start in range(0, len(files), SIGN_CHUNK):  # a chunk at a time: a million futures would not be
+                chunk = files[start : start + SIGN_CHUNK]  # small, and a Ctrl-C cancels what is not started
+                for name, got in zip(chunk, pool.map(sign, chunk)):  # decoding lets the GIL go
+                    if isinstance(got, str):
+                        failed.append(got)
+                    else:
+                        signals[name] = got
+                        logged.write(json.dumps([name, *got]) + "\n")  # flushed as the buffer fills, and at the end
+                    bar.update(per_file[name])
     signed = 0
     for line in stale:
         if line.file in signals:
@@ -411,9 +433,9 @@ def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], s
             signed += 1
     if signed:
         summary.count("signed again", signed)
-        summary.notes.append(f"duplicates: {count_of(signed, 'kept photo')} signed again ({SIGNATURE_VERSION}: their "
-                             "signals were of an earlier signature, or the store had none), from their files; nothing "
-                             "embedded again")
+        summary.notes.append(
+            f"duplicates: {count_of(signed, 'kept photo')} signed again ({SIGNATURE_VERSION}: signals of an earlier "
+            "signature, or none), from the files; nothing embedded again")
     if failed:
         lines = len(stale) - signed
         summary.notes.append(f"duplicates: {count_of(lines, 'kept photo')} could not be signed again and "

@@ -293,9 +293,9 @@ def test_an_update_signs_again_the_photos_of_an_earlier_signature(tiny_onnx, tmp
 
 
 def test_an_interrupted_update_keeps_what_it_signed(tiny_onnx, tmp_path, monkeypatch, capsys):
-    """Signing a large store again takes long: an update stopped after it (here while the new photo
-    is embedded) signs nothing twice when run again, and each file is decoded once, however many
-    lines share it (rows 0 and 4 are the same bytes: one file)."""
+    """Signing a large store again takes long: an update stopped while it signs (Ctrl-C on the
+    fifth file) keeps what it signed, and the next run decodes only the rest, each file once however
+    many lines share it (rows 0 and 4 are the same bytes: one file), then finishes as a fresh build."""
     from pipeline import update
 
     cells, _ = catalogue(products=4)
@@ -303,27 +303,61 @@ def test_an_interrupted_update_keeps_what_it_signed(tiny_onnx, tmp_path, monkeyp
     out, fresh = tmp_path / "out", tmp_path / "fresh"
     assert run(*args(data, tiny_onnx, out)) == 0
     signed_before(out, earlier=11)
-    assets.write_parquet_dataset(tmp_path / "catalogue", [*cells, product(9)])
-    decoded: list[int] = []
-    real_decode = update.decode_image
-    monkeypatch.setattr(update, "decode_image", lambda data, *a: decoded.append(1) or real_decode(data, *a))
-
-    def stopped(*a, **k):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(update, "_embed_new", stopped)
-    assert cli.main([*map(str, args(data, tiny_onnx, out, "--update", "-q"))]) == 130
     files = {r.file for r in read_manifest(out / "embeddings" / MANIFEST_FILE)}
-    assert len(decoded) == len(files) == 10
-    monkeypatch.undo()
-    monkeypatch.setattr(update, "decode_image", lambda data, *a: decoded.append(1) or real_decode(data, *a))
+    assert len(files) == 10
+    assets.write_parquet_dataset(tmp_path / "catalogue", [*cells, product(9)])  # and a new photo to embed
+    decoded: list[str] = []
+    real = update.signals_of
+
+    def counted(data, image):
+        decoded.append(hashlib.sha256(data).hexdigest())
+        if len(decoded) == 5:
+            raise KeyboardInterrupt
+        return real(data, image)
+
+    monkeypatch.setattr(update, "signals_of", counted)
+    monkeypatch.setattr(update, "available_cores", lambda: 1)  # one thread: the fifth file is the fifth signed
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--update", "-q", "--threads", "1"))]) == 130
+    log = (out / "embeddings" / ".update" / update.SIGNED_LOG.format(version=SIGNATURE_VERSION)).read_text()
+    logged = [json.loads(line)[0] for line in log.splitlines()[1:]]
+    assert len(logged) == 4 and set(logged) <= files
+    decoded.clear()
+    monkeypatch.setattr(update, "signals_of", lambda data, image: decoded.append(1) or real(data, image))
     capsys.readouterr()
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
     said = capsys.readouterr().out
-    assert len(decoded) == 10 and "duplicates: 11 kept photos signed again" in said and "added 1" in said
+    assert len(decoded) == 10 - 4  # the rest, once each
+    assert "duplicates: 11 kept photos signed again" in said and "added 1" in said
     assert run(*args(data, tiny_onnx, fresh)) == 0
     assert store_signals(out) == store_signals(fresh)
-    assert not (out / "embeddings" / ".update").exists()  # the saved signals went with the staging folder
+    assert not (out / "embeddings" / ".update").exists()  # the log went with the staging folder
+
+
+def test_a_kept_photo_that_cannot_be_read_is_left_out_and_said(tiny_onnx, tmp_path, monkeypatch, capsys):
+    """Any error of the reader (a remote store's client raises its own types), not only a decoder's,
+    is that photo's: recorded, and the update goes on."""
+    from pipeline import update
+
+    cells, _ = catalogue(products=4)
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    signed_before(out, earlier=11)
+    broken = next(r.file for r in read_manifest(out / "embeddings" / MANIFEST_FILE) if r.source_row == 2)
+    real = update.decode_image
+
+    def failing(data, *a):
+        if hashlib.sha256(data).hexdigest()[:16] == broken.split("_")[1].split(".")[0]:
+            raise RuntimeError("the bucket said no")
+        return real(data, *a)
+
+    monkeypatch.setattr(update, "decode_image", failing)
+    capsys.readouterr()
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
+    said = capsys.readouterr().out
+    assert ("duplicates: 1 kept photo could not be signed again and is left out of duplicate finding: "
+            f"{broken}: the bucket said no") in said
+    assert "duplicates: 10 kept photos signed again" in said
 
 
 def test_a_kept_photo_that_cannot_be_decoded_is_left_out_and_said(tiny_onnx, tmp_path, capsys):
@@ -364,8 +398,8 @@ def test_a_store_that_records_no_preprocessing_is_not_signed_again(tiny_onnx, tm
     capsys.readouterr()
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
     said = capsys.readouterr().out
-    assert ("duplicates: 11 kept photos of an earlier signature left out of duplicate finding: the store records no "
-            "preprocessing") in said
+    assert ("duplicates: 11 kept photos without signals of this version are left out of duplicate finding: the "
+            "store records no preprocessing, so they cannot be decoded as a build decodes them; build afresh") in said
     assert all(look.startswith("look-2:") for _, look in store_signals(out).values())
 
 
