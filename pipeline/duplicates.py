@@ -329,10 +329,10 @@ class HashCoder:
     @classmethod
     def fit(cls, signatures: np.ndarray, rule: NearRule | None = None, sample: int = 100_000) -> HashCoder:
         """Median thresholds over (an evenly spaced sample of) the gallery's signatures, one per
-        coarse cell of signature space (FIT_CELL units a side): a picture present thousands of times
-        (a placeholder re-encoded per product) would otherwise put the medians among its own copies,
-        whose codes then differ at random (measured: 2,880 re-encodes of one photo beside 1,440
-        others fell into 28 groups; counted once per cell, one group)."""
+        coarse cell of the hashed parts' space (HASHED_PARTS, FIT_CELL units a side): a picture
+        present thousands of times (a placeholder re-encoded per product) would otherwise put the
+        medians among its own copies, whose codes then differ at random (measured: 2,880 re-encodes
+        of one photo beside 1,440 others fell into 28 groups; counted once per cell, one group)."""
         rule = rule or DEFAULT_RULE
         sig = _check_signatures(signatures)
         if len(sig) == 0:
@@ -598,9 +598,9 @@ def _confirm(a: tuple[np.ndarray, np.ndarray, np.ndarray], b: tuple[np.ndarray, 
 
 
 ALL_PAIRS_UP_TO = 2048  # first photos: below this every pair is compared (hashes need a gallery)
-# 2: thresholds over distinct looks (HashCoder.fit), a re-upload of a copy exact; 3: two flat pictures never near.
-# Saved groups of another version are found again.
-FINDER_VERSION = 3
+# 2: thresholds over distinct looks (HashCoder.fit), a re-upload of a copy exact; 3: two flat pictures never near;
+# 4: looks distinct over the hashed parts only. Saved groups of another version are found again.
+FINDER_VERSION = 4
 
 
 def _rule_alone(rule: NearRule) -> NearRule:

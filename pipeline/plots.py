@@ -190,7 +190,7 @@ def neighbour_labels(
 
     Args:
         indices, distances: one row of a Neighbours result (slots of -1 are skipped).
-        names: gallery row -> file name.
+        names: gallery row -> its caption (store.shown_name: what the user knows the photo by).
     """
     rows, labels = [], []
     for j, d in zip(indices, distances):

@@ -162,6 +162,7 @@ def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[Manifes
                 None if meta is None else meta.json_values,
                 tile_keys=_tile_keys(cfg.store_dir, embedded),
                 sources=[r.source for r in embedded],
+                names=[r.shown_name for r in embedded],
             )
         finally:
             reader.close()
@@ -242,7 +243,8 @@ def write_retrieval_outputs(
         summary.timed("heatmap", seconds, "heatmap (beside the neighbours)")
     with summary.stage("result pictures"):
         written, drawn = write_result_pictures(cfg, nb, files, [r.sha256 for r in embedded],
-                                               [shown_name(r.source, r.file, lasting=True) for r in embedded])
+                                               [shown_name(r.source, r.file, lasting=True, person=r.person)
+                                                for r in embedded])
     summary.count("result pictures", written)
     if drawn < written:
         summary.notes.append(f"result pictures: {drawn:,} drawn, {written - drawn:,} unchanged since the last run kept")

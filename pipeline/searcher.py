@@ -66,7 +66,7 @@ class Hit:
     @property
     def shown_name(self) -> str:
         """The last part of `source`, for a caption (store.shown_name)."""
-        return shown_name(self.source, self.file)
+        return shown_name(self.source, self.file, person=self.person)
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ class SearchService:
     def as_json(hits: list[Hit]) -> list[dict[str, Any]]:
         """row: the embedding row (the thumbnail's number); line: the manifest line."""
         return [
-            {"rank": h.rank, "row": h.row, "file": h.file, "source": h.source, "line": h.line,
+            {"rank": h.rank, "row": h.row, "file": h.file, "source": h.source, "name": h.shown_name, "line": h.line,
              "distance": round(h.distance, 6),
              "meta": {k: json_value(v) for k, v in h.meta.items()}}
             for h in hits

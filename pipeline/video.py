@@ -29,7 +29,7 @@ from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import Neighbours
 from .searcher import Hit, Searcher
-from .store import ThumbnailReader, shown_name
+from .store import ThumbnailReader
 from .tracking import Tracker
 from .webreport import Section, relative_link, write_section
 from .yolo import ULTRALYTICS_MAX_DET, UltralyticsDetector
@@ -305,6 +305,7 @@ class VideoRun:
         self.clip, self.writer = clip, writer
         self.reader = FrameReader(clip.path, cfg.video.frame_stride, clip.small_size)
         self.names = [r.file for r in searcher.rows]
+        self.shown = [r.shown_name for r in searcher.rows]  # captions: what the user knows the photos by
         self.tracker = Tracker(max_gap=cfg.video.track_gap)
         # track -> (time, area x score x uncovered share, thumbnail) per crop
         self.crops: dict[int, CropSample] = {}
@@ -408,7 +409,7 @@ class VideoRun:
                 }
             )
             tiles, labels = neighbour_tiles(
-                nb.indices[qi], nb.distances[qi], lambda j: self.thumbs[j].copy(), self.names
+                nb.indices[qi], nb.distances[qi], lambda j: self.thumbs[j].copy(), self.shown
             )
             rows.append(compose_matches(tile, f"person #{k} (track {track_of[k]})", tiles, labels))
         return found, rows
@@ -492,7 +493,7 @@ class VideoRun:
             best,
             "best crop",
             [self.thumbs[j].copy() for j in nb_idx],
-            [f"d={m['distance']:.3f}\n{shown_name(m.get('source', ''), m['file'])}" for m in track["matches"]],
+            [f"d={m['distance']:.3f}\n{self.shown[j]}" for m, j in zip(track["matches"], nb_idx)],
             title=f"Track {track['id']}: its look's catalogue matches ({track['first_s']:.1f}-{track['last_s']:.1f} s)",
         )
         parts = [p for p in (strip, looks) if p is not None]

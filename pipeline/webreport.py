@@ -111,6 +111,7 @@ def sprite_image(tiles: Sequence[np.ndarray]) -> Image.Image:
 def write_gallery_pages(
     folder: Path, section_id: str, files: Sequence[str], rows: Sequence[int], neighbours: Any, thumbnail: Any,
     meta: Any = None, tile_keys: Sequence[str] | None = None, sources: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """A gallery's items as data pages and thumbnail sprites.
 
@@ -123,8 +124,9 @@ def write_gallery_pages(
         tile_keys: per item, a string its thumbnail is a function of: a page's sprite whose items'
             keys are those recorded for it (SPRITES_FILE) is kept, not drawn and encoded again
             (after an update most pages are the same). None: every sprite is drawn.
-        sources: per item, what the user knows its photo by (manifest.csv's `source`): shown as its
-            name, the file on hover, and searched by the filter with the file name.
+        sources, names: per item, what the user knows its photo by (manifest.csv's `source`) and
+            its caption (store.shown_name: the source's last part, a crop's person); the name is
+            shown, the source and file on hover, and the filter searches sources and file names.
     Returns:
         the section's gallery data: item count, page count, k, and where the pages are.
     """
@@ -145,13 +147,15 @@ def write_gallery_pages(
         items = []
         for i in range(start, stop):
             nb = [
-                [int(j), round(float(d), 4), files[int(j)], *([sources[int(j)]] if sources is not None else [])]
+                [int(j), round(float(d), 4), files[int(j)], *([names[int(j)]] if names is not None else [])]
                 for j, d in zip(neighbours.indices[i], neighbours.distances[i])
                 if j >= 0
             ]
             item = {"i": i, "file": files[i], "row": int(rows[i]), "nb": nb}
             if sources is not None:
                 item["src"] = sources[i]
+            if names is not None:
+                item["name"] = names[i]
             if meta is not None:
                 item["meta"] = meta(i)
             items.append(item)

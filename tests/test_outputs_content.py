@@ -98,3 +98,19 @@ def test_search_hits_and_their_thumbnails_are_the_named_items_after_failed_rows(
         centre = served[THUMB_SIZE // 2, THUMB_SIZE // 2]
         assert np.abs(centre - np.array(_colour(hit.source_row))).max() <= 6, hit
         assert hit.file == files[hit.source_row] and cat.items[hit.row].index == hit.line
+
+
+@pytest.mark.parametrize("source, file, lasting, person, shown", [
+    ("looks/p00.jpg", "img_a.jpg", False, -1, "p00.jpg"),  # a file of the dataset folder
+    ("looks/sub/p00.jpg", "img_a.jpg", True, -1, "p00.jpg"),  # a path lasts: kept in a result picture
+    ("C:\\shop\\looks\\p00.jpg", "img_a.jpg", False, -1, "p00.jpg"),
+    ("/data/deepfashion[12]", "img_a.jpg", False, -1, "deepfashion[12]"),  # a parquet cell
+    ("./cat/[12]", "img_a.jpg", False, -1, "cat[12]"),  # --dataset ./cat/ as the shell completes it
+    ("/data/deepfashion[12]", "img_a.jpg", True, -1, "img_a.jpg"),  # a row moves with an update
+    ("looks/p01.jpg", "seg_b.png", False, 2, "p01.jpg #2"),  # a person crop
+    ("", "img_a.jpg", False, -1, "img_a.jpg"),  # no source: the gallery's file
+])
+def test_items_are_shown_by_what_the_user_knows_them_by(source, file, lasting, person, shown):
+    from pipeline.store import shown_name
+
+    assert shown_name(source, file, lasting=lasting, person=person) == shown

@@ -128,8 +128,9 @@ def test_the_report_shows_every_item_pages_and_follows_neighbours(report_run, br
             f"const f = document.querySelector('[data-role=filter]'); f.value = '{text}';"
             "f.dispatchEvent(new Event('input'))"
         )
-        wait(browser, f"document.querySelector('.tools .sub').textContent.includes('matching') && "
-                      f"document.querySelector('[data-role=filter]').value === '{text}'")
+        wait(browser, "document.querySelector('.tools .sub').textContent.includes('matching') && "
+                      "[...document.querySelectorAll('[data-role=grid] .tile .cap[title]')].every(c => "
+                      f"c.title.toLowerCase().includes('{text}'.toLowerCase()))")
         return browser.execute_script(
             "return [...document.querySelectorAll('[data-role=grid] .tile .cap[title]')]"
             ".map(c => [c.textContent, c.title])"
