@@ -165,10 +165,10 @@ def write_gallery_pages(
             continue
         sprite = sprite_image([thumbnail(i) for i in range(start, stop)])
         atomic_write_bytes(out / f"page_{p:04d}.jpg", encode_jpeg(sprite, quality=SPRITE_QUALITY))
-    names = {"section": section_id, "files": list(files), "nearest": nearest}
+    listing: dict[str, Any] = {"section": section_id, "files": list(files), "nearest": nearest}
     if sources is not None:
-        names["sources"] = list(sources)
-    atomic_write_text(out / "names.js", _js("names", names))
+        listing["sources"] = list(sources)
+    atomic_write_text(out / "names.js", _js("names", listing))
     atomic_write_text(out / SPRITES_FILE, json.dumps({k: v for k, v in wanted.items() if v is not None}))
     return {
         "items": n,
