@@ -95,6 +95,7 @@ class Plan:
     unchanged: int = 0
     no_image: int = 0  # rows without a picture that the store has not as they are (the same reason): redone
     unkeyed: int = 0  # photos of a store made before --update (no source_sha256): embedded again
+    sources: dict[int, str] = field(default_factory=dict)  # new row -> its source now, where the dataset says
 
     def describe(self) -> str:
         line = f"added {self.added}, changed {self.changed}, removed {self.removed}, unchanged {self.unchanged}"
@@ -138,6 +139,8 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
                 if by_id and old_row in pool.get(rec.item_id, ()):
                     pool[rec.item_id].remove(old_row)
                 matched[old_row] = rec.source_row
+                if rec.source:
+                    plan.sources[rec.source_row] = rec.source
                 plan.unchanged += 1
                 continue
             plan.embed.append(rec.source_row)
@@ -150,6 +153,8 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
             queue.remove(old_row)
             if groups[old_row][0].source_sha256 == sha:
                 matched[old_row] = rec.source_row
+                if rec.source:  # a file of a folder renamed, its bytes the same: it keeps all but its name
+                    plan.sources[rec.source_row] = rec.source
                 plan.unchanged += 1
                 continue
             replaced.add(old_row)
@@ -234,6 +239,7 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     signed = sign_again(cfg, old, [line for old_row, _ in plan.kept for line in groups[old_row]], summary)
     same = (not signed and not plan.embed and len(plan.kept) == len(groups)
             and all(old == new for old, new in plan.kept)
+            and all(plan.sources.get(old, lines[0].source) == lines[0].source for old, lines in groups.items())
             and all(renamed(r) == r.file for r in old.rows))  # a store named by row is renamed once
     if same and old.sidecar.source == gallery_source(cfg):
         shutil.rmtree(stage, ignore_errors=True)  # nothing changed: the store stays as it is, not rewritten
@@ -501,7 +507,8 @@ def _write_next(
     for old_row, new_row in plan.kept:
         for line in groups[old_row]:
             kept = replace(line, index=len(rows), source_row=new_row, file=renamed(line),
-                           source=moved_source(line.source, cfg.dataset.name, old_row, new_row))
+                           source=plan.sources.get(new_row) or moved_source(line.source, cfg.dataset.name, old_row,
+                                                                              new_row))
             if line.embedding_row >= 0:
                 kept.embedding_row = len(take)
                 take.append(line.embedding_row)

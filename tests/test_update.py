@@ -1164,3 +1164,30 @@ def test_files_named_by_a_dataset_are_not_trusted_by_its_stamp(tiny_onnx, tmp_pa
     assert "added 1, changed 0, removed 1, unchanged 7" in capsys.readouterr().out
     assert run(*args(data, tiny_onnx, fresh)) == 0
     assert_same_as_fresh(out, fresh)
+
+
+def test_a_photo_renamed_in_a_folder_keeps_everything_but_takes_its_new_name(tiny_onnx, tmp_path, capsys):
+    """A folder of photos where one file is renamed, its bytes the same: it is unchanged (no
+    embedding), and its lines name it as it is now, as a fresh build does; so do the results
+    (neighbours.csv's sources). Renamed in place (its row the same), the store is still rewritten."""
+    folder = tmp_path / "looks"
+    folder.mkdir()
+    for k in range(8):
+        (folder / f"p{k}.jpg").write_bytes(photo(k))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(folder, tiny_onnx, out)) == 0
+    (folder / "p3.jpg").rename(folder / "p3 blue.jpg")  # sorts where p3.jpg did: the same row
+    capsys.readouterr()
+    assert cli_update(folder, tiny_onnx, out) == 0
+    assert "added 0, changed 0, removed 0, unchanged 8" in capsys.readouterr().out
+    assert run(*args(folder, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+    sources = {r.source for r in read_manifest(out / "embeddings" / "manifest.csv")}
+    assert "p3 blue.jpg" in {Path(s).name for s in sources} and "p3.jpg" not in {Path(s).name for s in sources}
+    (folder / "p3 blue.jpg").rename(folder / "z3.jpg")  # now last: the rows move too
+    assert cli_update(folder, tiny_onnx, out) == 0
+    assert "added 0, changed 0, removed 0, unchanged 8" in capsys.readouterr().out
+    assert run(*args(folder, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+    with open(out / "retrieval_results" / "neighbours.csv", newline="") as f:
+        assert "z3.jpg" in {Path(r["neighbour_source"]).name for r in csv.DictReader(f)}
