@@ -333,17 +333,23 @@ def test_an_interrupted_update_keeps_what_it_signed(tiny_onnx, tmp_path, monkeyp
     assert not (out / "embeddings" / ".update").exists()  # the log went with the staging folder
 
 
-def test_a_kept_photo_that_cannot_be_read_is_left_out_and_said(tiny_onnx, tmp_path, monkeypatch, capsys):
-    """Any error of the reader (a remote store's client raises its own types), not only a decoder's,
-    is that photo's: recorded, and the update goes on."""
-    from pipeline import update
-
+def signed_before_with_file_of(tiny_onnx, tmp_path: Path, row: int) -> tuple[Path, Path, str]:
+    """A catalogue's store as the signature before this one signed it: (dataset, output folder, the
+    gallery file of dataset row `row`)."""
     cells, _ = catalogue(products=4)
     data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
     out = tmp_path / "out"
     assert run(*args(data, tiny_onnx, out)) == 0
     signed_before(out, earlier=11)
-    broken = next(r.file for r in read_manifest(out / "embeddings" / MANIFEST_FILE) if r.source_row == 2)
+    return data, out, next(r.file for r in read_manifest(out / "embeddings" / MANIFEST_FILE) if r.source_row == row)
+
+
+def test_a_kept_photo_that_cannot_be_read_is_left_out_and_said(tiny_onnx, tmp_path, monkeypatch, capsys):
+    """Any error of the reader (a remote store's client raises its own types), not only a decoder's,
+    is that photo's: recorded, and the update goes on."""
+    from pipeline import update
+
+    data, out, broken = signed_before_with_file_of(tiny_onnx, tmp_path, row=2)
     real = update.decode_image
 
     def failing(data, *a):
@@ -361,12 +367,7 @@ def test_a_kept_photo_that_cannot_be_read_is_left_out_and_said(tiny_onnx, tmp_pa
 
 
 def test_a_kept_photo_that_cannot_be_decoded_is_left_out_and_said(tiny_onnx, tmp_path, capsys):
-    cells, _ = catalogue(products=4)
-    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
-    out = tmp_path / "out"
-    assert run(*args(data, tiny_onnx, out)) == 0
-    signed_before(out, earlier=11)
-    broken = next(r.file for r in read_manifest(out / "embeddings" / MANIFEST_FILE) if r.source_row == 3)
+    data, out, broken = signed_before_with_file_of(tiny_onnx, tmp_path, row=3)
     path = out / "images" / broken
     stat = path.stat()
     path.write_bytes(b"x" * stat.st_size)  # the same size and time: trusted by the store's check, not a picture
