@@ -8,7 +8,7 @@ keeps 10,000 composites of a dozen captions each as cheap as a bitmap font.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -184,13 +184,14 @@ def _resized(tile: np.ndarray, t: int) -> np.ndarray:
 
 
 def neighbour_labels(
-    indices: Sequence[int], distances: Sequence[float], names: Sequence[str]
+    indices: Sequence[int], distances: Sequence[float], names: Sequence[str] | Mapping[int, str]
 ) -> tuple[list[int], list[str]]:
     """One query's neighbours as gallery rows and captions ("d=0.123" over the file name).
 
     Args:
         indices, distances: one row of a Neighbours result (slots of -1 are skipped).
-        names: gallery row -> its caption (store.shown_name: what the user knows the photo by).
+        names: gallery row -> its caption (store.shown_name: what the user knows the photo by), a
+            list or a mapping of the rows shown.
     """
     rows, labels = [], []
     for j, d in zip(indices, distances):
@@ -202,7 +203,8 @@ def neighbour_labels(
 
 
 def neighbour_tiles(
-    indices: Sequence[int], distances: Sequence[float], tile: Callable[[int], np.ndarray], names: Sequence[str]
+    indices: Sequence[int], distances: Sequence[float], tile: Callable[[int], np.ndarray],
+    names: Sequence[str] | Mapping[int, str],
 ) -> tuple[list[np.ndarray], list[str]]:
     """neighbour_labels with each row's tile (tile: gallery row -> uint8 (T, T, 3) thumbnail)."""
     rows, labels = neighbour_labels(indices, distances, names)

@@ -107,7 +107,8 @@ def run_query(cfg: RunConfig) -> RunSummary:
     out_dir = cfg.queries_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     names, ids = [r.file for r in catalog.items], [r.index for r in catalog.items]
-    shown = [r.shown_name for r in catalog.items]  # the captions: what the user knows the photos by
+    # the captions, what the user knows the photos by: of the hits alone (a gallery may hold millions)
+    shown = {int(j): catalog.items[int(j)].shown_name for j in np.unique(nb.indices) if j >= 0}
     with summary.stage("pictures"):
         pictures = []
         for i, query in enumerate(queries):

@@ -115,7 +115,8 @@ _ROW_SOURCE = re.compile(r"\[\d+\]$")  # "<dataset>[row]": a cell without a path
 def shown_name(source: str, file: str, lasting: bool = False, person: int = -1) -> str:
     """What the user knows an item's photo by, short, for captions: the last part of its source (a
     file of the dataset folder, or `<dataset>[row]`; `cat[12]` of `./cat/[12]` too), and a person
-    crop's number (`p01.jpg #1`); the gallery's file where there is no source.
+    crop's number as query labels write it (`p01.jpg#p0`); the gallery's file where there is no
+    source.
     lasting: for a caption kept across runs (the result pictures), the file instead of a row
     number, which an update that removes or inserts rows before it changes."""
     row = _ROW_SOURCE.search(source)
@@ -123,7 +124,7 @@ def shown_name(source: str, file: str, lasting: bool = False, person: int = -1) 
         return file
     path = source[: row.start()] if row else source
     name = re.split(r"[\\/]", path.rstrip("\\/"))[-1] + (row.group(0) if row else "")
-    return f"{name or file} #{person}" if person >= 0 else name or file
+    return f"{name or file}#p{person}" if person >= 0 else name or file
 
 
 MANIFEST_FIELDS = [f.name for f in fields(ManifestRow)]

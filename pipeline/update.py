@@ -4,11 +4,11 @@ Every photo of the dataset is matched to the store by what it is: its `--id-colu
 is given (a photo whose bytes changed under the same id is *changed*), else the sha256 of its bytes
 (a re-shot photo is then one removed and one added). Matched photos are *unchanged*: their manifest
 lines, vectors, thumbnails and files are carried over byte for byte (only their dataset row follows
-the row, and duplicate signals of an earlier signature are signed again from the files,
-`sign_again`; files are named by their content, so no file is renamed, except once, those of a
-store made when names carried the row). The others are embedded, by the same item pipeline as a
-build, into a staging store. Photos the dataset no longer holds are dropped with everything of
-theirs.
+the row, their source the dataset's name for them where it has one (a folder photo renamed), and
+duplicate signals of an earlier signature are signed again from the files, `sign_again`; files are
+named by their content, so no file is renamed, except once, those of a store made when names carried
+the row). The others are embedded, by the same item pipeline as a build, into a staging store.
+Photos the dataset no longer holds are dropped with everything of theirs.
 
 Order rule: the new store lists the photos it kept in the old store's order, then the new ones in
 dataset order. Sorted by (source_row, person), its manifest lines and vectors are a fresh build's.
@@ -239,7 +239,7 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     signed = sign_again(cfg, old, [line for old_row, _ in plan.kept for line in groups[old_row]], summary)
     same = (not signed and not plan.embed and len(plan.kept) == len(groups)
             and all(old == new for old, new in plan.kept)
-            and all(plan.sources.get(old, lines[0].source) == lines[0].source for old, lines in groups.items())
+            and all(plan.sources.get(new, groups[old][0].source) == groups[old][0].source for old, new in plan.kept)
             and all(renamed(r) == r.file for r in old.rows))  # a store named by row is renamed once
     if same and old.sidecar.source == gallery_source(cfg):
         shutil.rmtree(stage, ignore_errors=True)  # nothing changed: the store stays as it is, not rewritten
@@ -377,11 +377,13 @@ def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], s
     a build decodes them (a standard gallery's JPEG at the model's reduced DCT scale, its file being
     the dataset's bytes; a person crop whole), no inference, each file once however many lines
     share it. Their lines get the pixel hash and look a fresh build would give them. Each file
-    signed is logged in the staging folder as it is (SIGNED_LOG), so an update interrupted at any
-    point after signs nothing twice (files are named by their content: a name logged is the same
-    bytes). A file that cannot be read or decoded leaves its lines with the signals they had (left
-    out of duplicate finding), said; so does a store that records no preprocessing (its photos'
-    decode cannot be a build's). Returns how many lines were signed again."""
+    signed is logged in the staging folder (SIGNED_LOG, buffered), so an update interrupted after
+    signs again only what the log does not hold (files are named by their content: a name logged
+    is the same bytes; a hard kill may lose the log's last few kilobytes). A file that cannot be
+    read or decoded leaves its lines with the signals they had (left out of duplicate finding),
+    said; so does a store that records no preprocessing (its photos' decode cannot be a build's).
+    A store at a URL is read with more threads than cores: each file is a request. Returns how many
+    lines were signed again."""
     head = SIGNATURE_VERSION + ":"
     stale = [line for line in kept if line.file and line.status != "failed" and not line.look.startswith(head)]
     if not stale:
@@ -390,7 +392,7 @@ def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], s
     if not made and not segmented:
         n = len(stale)
         summary.notes.append(
-            f"duplicates: {count_of(n, 'kept photo')} without signals of this version "
+            f"duplicates: {count_of(n, 'kept item')} without signals of this version "
             f"{'is' if n == 1 else 'are'} left out of duplicate finding: the store records no preprocessing, so "
             f"{'it' if n == 1 else 'they'} cannot be decoded as a build decodes them; build afresh to include "
             f"{'it' if n == 1 else 'them'}")
@@ -401,6 +403,7 @@ def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], s
     key = f"{'segment' if segmented else min_side}"
     signals = _read_signed(log_path, key)
     todo = {line.file for line in stale} - set(signals)
+    source_of = {line.file: line.source or line.file for line in reversed(stale)}  # a file's first line's
     files = sorted(todo)
 
     def sign(name: str) -> tuple[str, str] | str:
@@ -410,13 +413,13 @@ def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], s
                 return item_signals(decode_image(data).image)
             return signals_of(data, decode_image(data, min_side))
         except Exception as e:  # noqa: BLE001 - any reader's or decoder's error is this photo's, recorded
-            return f"{name}: {first_line(e)}"
+            return f"{source_of[name]} ({name}): {first_line(e)}"
 
     failed: list[str] = []
     if files:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         per_file = Counter(line.file for line in stale)
-        workers = max(1, cfg.embedder.threads or available_cores())
+        workers = max(1, cfg.embedder.threads or available_cores()) * (8 if cfg.images_url else 1)
         with (summary.stage("sign kept photos again"), ThreadPoolExecutor(workers) as pool,
               open(log_path, "w", encoding="utf-8") as logged,
               tqdm(total=len(stale), initial=len(stale) - sum(1 for line in stale if line.file in todo),
@@ -440,11 +443,11 @@ def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], s
     if signed:
         summary.count("signed again", signed)
         summary.notes.append(
-            f"duplicates: {count_of(signed, 'kept photo')} signed again ({SIGNATURE_VERSION}: signals of an earlier "
+            f"duplicates: {count_of(signed, 'kept item')} signed again ({SIGNATURE_VERSION}: signals of an earlier "
             "signature, or none), from the files; nothing embedded again")
     if failed:
         lines = len(stale) - signed
-        summary.notes.append(f"duplicates: {count_of(lines, 'kept photo')} could not be signed again and "
+        summary.notes.append(f"duplicates: {count_of(lines, 'kept item')} could not be signed again and "
                              f"{'is' if lines == 1 else 'are'} left out of duplicate finding: {'; '.join(failed[:3])}"
                              + (" ..." if len(failed) > 3 else ""))
     return signed

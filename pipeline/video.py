@@ -29,7 +29,7 @@ from .preprocess import preprocess_batch
 from .report import RunSummary
 from .retrieval import Neighbours
 from .searcher import Hit, Searcher
-from .store import ThumbnailReader
+from .store import ThumbnailReader, shown_name
 from .tracking import Tracker
 from .webreport import Section, relative_link, write_section
 from .yolo import ULTRALYTICS_MAX_DET, UltralyticsDetector
@@ -493,7 +493,8 @@ class VideoRun:
             best,
             "best crop",
             [self.thumbs[j].copy() for j in nb_idx],
-            [f"d={m['distance']:.3f}\n{self.shown[j]}" for m, j in zip(track["matches"], nb_idx)],
+            # captioned from each match's own source: photos of equal bytes share a file, not a name
+            [f"d={m['distance']:.3f}\n{shown_name(m.get('source', ''), m['file'])}" for m in track["matches"]],
             title=f"Track {track['id']}: its look's catalogue matches ({track['first_s']:.1f}-{track['last_s']:.1f} s)",
         )
         parts = [p for p in (strip, looks) if p is not None]

@@ -147,7 +147,8 @@ def write_gallery_pages(
         items = []
         for i in range(start, stop):
             nb = [
-                [int(j), round(float(d), 4), files[int(j)], *([names[int(j)]] if names is not None else [])]
+                [int(j), round(float(d), 4), files[int(j)],
+                 *([names[int(j)], sources[int(j)]] if names is not None and sources is not None else [])]
                 for j, d in zip(neighbours.indices[i], neighbours.distances[i])
                 if j >= 0
             ]
@@ -168,6 +169,8 @@ def write_gallery_pages(
     listing: dict[str, Any] = {"section": section_id, "files": list(files), "nearest": nearest}
     if sources is not None:
         listing["sources"] = list(sources)
+    if names is not None:
+        listing["names"] = list(names)
     atomic_write_text(out / "names.js", _js("names", listing))
     atomic_write_text(out / SPRITES_FILE, json.dumps({k: v for k, v in wanted.items() if v is not None}))
     return {

@@ -278,7 +278,7 @@ def test_an_update_signs_again_the_photos_of_an_earlier_signature(tiny_onnx, tmp
     assert read_csv(out / "outputs" / "duplicates.csv") == []
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
     said = capsys.readouterr().out
-    assert "duplicates: 11 kept photos signed again" in said and "nothing embedded again" in said
+    assert "duplicates: 11 kept items signed again" in said and "nothing embedded again" in said
     assert "added 0, changed 0, removed 0, unchanged 11" in said
     # every line signed as a fresh build signs it, the vectors untouched, and the same groups found
     signals = store_signals(out)
@@ -327,7 +327,7 @@ def test_an_interrupted_update_keeps_what_it_signed(tiny_onnx, tmp_path, monkeyp
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
     said = capsys.readouterr().out
     assert len(decoded) == 10 - 4  # the rest, once each
-    assert "duplicates: 11 kept photos signed again" in said and "added 1" in said
+    assert "duplicates: 11 kept items signed again" in said and "added 1" in said
     assert run(*args(data, tiny_onnx, fresh)) == 0
     assert store_signals(out) == store_signals(fresh)
     assert not (out / "embeddings" / ".update").exists()  # the log went with the staging folder
@@ -345,8 +345,9 @@ def signed_before_with_file_of(tiny_onnx, tmp_path: Path, row: int) -> tuple[Pat
 
 
 def test_a_kept_photo_that_cannot_be_read_is_left_out_and_said(tiny_onnx, tmp_path, monkeypatch, capsys):
-    """Any error of the reader (a remote store's client raises its own types), not only a decoder's,
-    is that photo's: recorded, and the update goes on."""
+    """Any error while a file is read or decoded (a remote store's client raises its own types; here
+    one raised where the file is decoded), not only a picture that does not decode, is that photo's:
+    recorded under the name the user knows it by, and the update goes on."""
     from pipeline import update
 
     data, out, broken = signed_before_with_file_of(tiny_onnx, tmp_path, row=2)
@@ -361,9 +362,9 @@ def test_a_kept_photo_that_cannot_be_read_is_left_out_and_said(tiny_onnx, tmp_pa
     capsys.readouterr()
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
     said = capsys.readouterr().out
-    assert ("duplicates: 1 kept photo could not be signed again and is left out of duplicate finding: "
-            f"{broken}: the bucket said no") in said
-    assert "duplicates: 10 kept photos signed again" in said
+    assert ("duplicates: 1 kept item could not be signed again and is left out of duplicate finding: "
+            f"{data}[2] ({broken}): the bucket said no") in said
+    assert "duplicates: 10 kept items signed again" in said
 
 
 def test_a_kept_photo_that_cannot_be_decoded_is_left_out_and_said(tiny_onnx, tmp_path, capsys):
@@ -375,8 +376,9 @@ def test_a_kept_photo_that_cannot_be_decoded_is_left_out_and_said(tiny_onnx, tmp
     capsys.readouterr()
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
     said = capsys.readouterr().out
-    assert "duplicates: 10 kept photos signed again" in said
-    assert (f"duplicates: 1 kept photo could not be signed again and is left out of duplicate finding: {broken}: "
+    assert "duplicates: 10 kept items signed again" in said
+    assert (f"duplicates: 1 kept item could not be signed again and is left out of duplicate finding: {data}[3] "
+            f"({broken}): "
             in said)
     looks = {row: look for row, (_, look) in store_signals(out).items()}
     assert looks[3].startswith("look-2:")  # as it was
@@ -399,7 +401,7 @@ def test_a_store_that_records_no_preprocessing_is_not_signed_again(tiny_onnx, tm
     capsys.readouterr()
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
     said = capsys.readouterr().out
-    assert ("duplicates: 11 kept photos without signals of this version are left out of duplicate finding: the "
+    assert ("duplicates: 11 kept items without signals of this version are left out of duplicate finding: the "
             "store records no preprocessing, so they cannot be decoded as a build decodes them; build afresh") in said
     assert all(look.startswith("look-2:") for _, look in store_signals(out).values())
 

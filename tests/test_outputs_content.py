@@ -107,7 +107,7 @@ def test_search_hits_and_their_thumbnails_are_the_named_items_after_failed_rows(
     ("/data/deepfashion[12]", "img_a.jpg", False, -1, "deepfashion[12]"),  # a parquet cell
     ("./cat/[12]", "img_a.jpg", False, -1, "cat[12]"),  # --dataset ./cat/ as the shell completes it
     ("/data/deepfashion[12]", "img_a.jpg", True, -1, "img_a.jpg"),  # a row moves with an update
-    ("looks/p01.jpg", "seg_b.png", False, 2, "p01.jpg #2"),  # a person crop
+    ("looks/p01.jpg", "seg_b.png", False, 2, "p01.jpg#p2"),  # a person crop, as a query's person is labelled
     ("", "img_a.jpg", False, -1, "img_a.jpg"),  # no source: the gallery's file
 ])
 def test_items_are_shown_by_what_the_user_knows_them_by(source, file, lasting, person, shown):

@@ -242,7 +242,7 @@ def test_an_update_signs_again_from_the_images_in_the_bucket(tmp_path, tiny_onnx
     copy2 = tmp_path / "copy2"
     assert cli.main(["--update", *map(str, _args(ds, tiny_onnx, url, copy2))]) == 0
     said = capsys.readouterr().out
-    assert "duplicates: 7 kept photos signed again" in said
+    assert "duplicates: 7 kept items signed again" in said
     assert "duplicates: 2 photos in 1 group (1 exact copy, 0 near)" in said
     assert not list((copy2 / "images").rglob("img_*"))  # read from the bucket, not fetched
     fs.invalidate_cache()
