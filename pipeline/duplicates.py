@@ -141,12 +141,17 @@ def pixel_hash(rgb: np.ndarray, full_size: tuple[int, int] | None = None) -> str
 @lru_cache(maxsize=4)
 def _soft_cells(n: int) -> np.ndarray:
     """float32 (GRID, n): each cell's Gaussian weights along one side of n pixels, summing to 1."""
+    return _gaussian_weights(n, (np.arange(GRID) + 0.5) / GRID, _CELL_SIGMA / GRID)
+
+
+def _gaussian_weights(n: int, centres: np.ndarray, sigma: float) -> np.ndarray:
+    """float32 (len(centres), n), read-only: Gaussian weights of width `sigma` (a share of the side)
+    around each centre (a position in [0, 1]) along a side of n pixels, each row summing to 1."""
     x = (np.arange(n) + 0.5) / n
-    centres = (np.arange(GRID) + 0.5) / GRID
-    w = np.exp(-0.5 * ((x[None, :] - centres[:, None]) / (_CELL_SIGMA / GRID)) ** 2)
-    cells = (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
-    cells.flags.writeable = False
-    return cells
+    w = np.exp(-0.5 * ((x[None, :] - centres[:, None]) / sigma) ** 2)
+    weights = (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+    weights.flags.writeable = False
+    return weights
 
 
 def _cells(values: np.ndarray) -> np.ndarray:
@@ -185,11 +190,7 @@ def _colour(logs: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=4)
 def _centre_window(n: int) -> np.ndarray:
     """float32 (n,): Gaussian weights around the middle of a side of n pixels, summing to 1."""
-    x = (np.arange(n) + 0.5) / n
-    w = np.exp(-0.5 * ((x - 0.5) / _CENTRE_SIGMA) ** 2)
-    window = (w / w.sum()).astype(np.float32)
-    window.flags.writeable = False
-    return window
+    return _gaussian_weights(n, np.array([0.5]), _CENTRE_SIGMA)[0]
 
 
 def _centre(logs: np.ndarray) -> np.ndarray:

@@ -305,7 +305,6 @@ class VideoRun:
         self.clip, self.writer = clip, writer
         self.reader = FrameReader(clip.path, cfg.video.frame_stride, clip.small_size)
         self.names = [r.file for r in searcher.rows]
-        self.shown = [r.shown_name for r in searcher.rows]  # captions: what the user knows the photos by
         self.tracker = Tracker(max_gap=cfg.video.track_gap)
         # track -> (time, area x score x uncovered share, thumbnail) per crop
         self.crops: dict[int, CropSample] = {}
@@ -408,9 +407,8 @@ class VideoRun:
                     "matches": self.matches(self.searcher.hits(nb, qi)),
                 }
             )
-            tiles, labels = neighbour_tiles(
-                nb.indices[qi], nb.distances[qi], lambda j: self.thumbs[j].copy(), self.shown
-            )
+            shown = {int(j): self.searcher.rows[int(j)].shown_name for j in nb.indices[qi] if j >= 0}  # the hits'
+            tiles, labels = neighbour_tiles(nb.indices[qi], nb.distances[qi], lambda j: self.thumbs[j].copy(), shown)
             rows.append(compose_matches(tile, f"person #{k} (track {track_of[k]})", tiles, labels))
         return found, rows
 
