@@ -117,6 +117,7 @@ def test_text_and_image_queries_through_the_page_equal_the_query_mode(served, br
         ("huge.jpg", b"\xff\xd8\xff" + bytes(MAX_UPLOAD_BYTES), 413, "over 20 MB"),
         ("empty.jpg", b"", 422, "empty"),
     ],
+    ids=["text", "bomb", "huge", "empty"],  # not the 20 MB of bytes as the test's name
 )
 def test_bad_uploads_get_a_4xx_and_the_next_query_still_works(served, name, data, status, message):
     url, _, _ = served
