@@ -33,7 +33,7 @@ import numpy as np
 
 from .dataset import DatasetSpec, Piece, dataset_stamp, plan_pieces, read_piece
 from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, on_cuda
-from .errors import PipelineError, UsageError
+from .errors import PipelineError, UsageError, first_line
 from .gallery import ShardAssembler, ShardMark, UnitResult
 from .identity import GallerySource, VectorIdentity
 from .items import ItemPipeline, make_segment_items, make_standard_items, write_image
@@ -112,9 +112,19 @@ class RaySession:
             # is not printed on every run.
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             if address:
-                ray.init(address=address, runtime_env=env, **quiet)
-            else:
-                ray.init(num_cpus=cpus or available_cores(), include_dashboard=False, runtime_env=env, **quiet)
+                try:
+                    ray.init(address=address, runtime_env=env, **quiet)
+                except ConnectionError as e:
+                    raise PipelineError(cannot_join(address, e)) from e
+            else:  # "local": not the cluster a `ray start` left on this machine, which Ray would join
+                # and then refuse num_cpus for (`--ray-address auto` joins that one)
+                ray.init(
+                    address="local",
+                    num_cpus=cpus or available_cores(),
+                    include_dashboard=False,
+                    runtime_env=env,
+                    **quiet,
+                )
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar: the run's own, which counts rows
         logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -130,6 +140,24 @@ class RaySession:
         self.ours = False
         gc.collect()  # no object references of the build left to be freed while Ray stops
         threading.Thread(target=self.ray.shutdown, name=SHUTDOWN_THREAD).start()
+
+
+def cannot_join(address: str, e: BaseException) -> str:
+    """Why a run could not join the cluster at `address`, and the two usual remedies: Ray sends the
+    token of a cluster with token authentication (its default where ~/.ray/auth_token exists) to an
+    address named explicitly only when asked to."""
+    asked = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    auth = (
+        "with RAY_AUTH_MODE=token set, the token here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) "
+        "must be the cluster's"
+        if asked
+        else "a cluster with token authentication (Ray's default) is joined only with RAY_AUTH_MODE=token "
+        "and its token here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
+    )
+    return (
+        f"cannot join the Ray cluster at {address} ({first_line(e)}): check that it runs "
+        f"(`ray status` on its head); {auth}"
+    )
 
 
 def check_shared_folder(ray, folder: Path) -> None:

@@ -256,11 +256,18 @@ def test_the_last_pieces_are_cut_smaller_so_the_workers_finish_together(workers)
 
 @pytest.mark.subprocess
 def test_ray_address_joins_a_cluster_started_on_loopback(ragged, tiny_onnx, local_run, tmp_path):
-    """`ray start --head` on 127.0.0.1 (its own temp dir), a run that joins it, then the head's
-    processes (and only them) stopped."""
+    """`ray start --head` on 127.0.0.1 (its own temp dir, token authentication), a run that joins it,
+    then the head's processes (and only them) stopped.
+    - Without RAY_AUTH_MODE=token, Ray does not send the token to an address named explicitly: the
+      run ends in one line that says so, not an "unexpected ConnectionError".
+    - A run given no address meanwhile starts its own Ray: Ray itself would join the cluster
+      `ray start` left there, and refuse the run's num_cpus."""
     temp = Path(f"/tmp/rt{secrets.token_hex(3)}")  # short: Ray's socket paths have a length limit
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))  # not ~/.ray/auth_token's
     start = [
         sys.executable,
         "-m",
@@ -271,26 +278,31 @@ def test_ray_address_joins_a_cluster_started_on_loopback(ragged, tiny_onnx, loca
         f"--port={port}",
         "--num-cpus=2",
         "--include-dashboard=false",
-        f"--temp-dir={temp}",
+        f"--temp-dir={temp / 'ray'}",  # where a run with RAY_TMPDIR={temp} looks for the last cluster
         "--disable-usage-stats",
     ]
+
+    def run(out: Path, *extra: str, **env_change: str | None) -> subprocess.CompletedProcess:
+        run_env = {k: v for k, v in {**env, **env_change}.items() if v is not None}
+        args = [sys.executable, str(ROOT / "main.py"), *_args(ragged, tiny_onnx, out, "--engine", "ray", *extra)]
+        return subprocess.run(args, env=run_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     try:
+        address = ("--ray-address", f"127.0.0.1:{port}")
+        r = run(tmp_path / "refused", *address, RAY_AUTH_MODE=None)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and last.startswith(f"error: cannot join the Ray cluster at 127.0.0.1:{port} ("), last
+        assert "only with RAY_AUTH_MODE=token and its token here" in last and "unexpected" not in r.stderr
         out = tmp_path / "cluster"
-        r = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "main.py"),
-                *_args(ragged, tiny_onnx, out, "--engine", "ray", "--ray-address", f"127.0.0.1:{port}"),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=ROOT,
-        )
+        r = run(out, *address)
         assert r.returncode == 3, r.stderr[-2000:]
         _same_store(local_run, out)
+        assert (temp / "ray" / "ray_current_cluster").read_text().strip().endswith(f":{port}")  # Ray names its IP
+        own = tmp_path / "own"
+        r = run(own, RAY_TMPDIR=str(temp))
+        assert r.returncode == 3, r.stderr[-2000:]
+        _same_store(local_run, own)
     finally:
         import psutil
 
