@@ -124,10 +124,10 @@ def run_query(cfg: RunConfig) -> RunSummary:
                                [""] * len(queries), sources)
     rows = [(label, queries[qi].kind, rank, name, row, d, source)
             for qi, label, rank, row, name, d, _, source in flat]
+    hits = [int(j) for row in nb.indices for j in row if j >= 0]  # each row's gallery item (same order as `flat`)
     meta = catalog.searcher.metadata
     extra = meta.columns if meta is not None else []
-    if meta is not None:  # each hit's metadata values after its columns (same order as `flat`)
-        hits = [int(j) for row in nb.indices for j in row if j >= 0]
+    if meta is not None:  # each hit's metadata values after its columns
         rows = [(*r, *meta.values(j).values()) for r, j in zip(rows, hits)]
     own = ("query", "kind", "rank", "gallery_file", "row", "distance", "gallery_source")
     columns = (*own, *(prefixed_name(c, own) for c in extra))  # `kind`, `rank` of the catalogue: meta_kind, ...
@@ -137,7 +137,7 @@ def run_query(cfg: RunConfig) -> RunSummary:
     summary.outputs["pictures"] = f"{out_dir}/q*.jpg"
     with summary.stage("report"):
         pics = [relative_link(p, cfg.plots_dir) for p in pictures]
-        data = {"pictures": pics, "rows": [[r[0], r[1], r[2], r[3], r[5], r[6]] for r in rows]}
+        data = {"pictures": pics, "rows": [[r[0], r[1], r[2], r[3], r[5], r[6], shown[j]] for r, j in zip(rows, hits)]}
         title = f"Queries ({len(queries)})" + (" on the segmented gallery" if cfg.segmented else "")
         section = Section("query" + cfg.suffix, "query", title, summary, data)
         summary.outputs["report"] = str(write_section(cfg.plots_dir, section))

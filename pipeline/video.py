@@ -318,10 +318,10 @@ class VideoRun:
     @staticmethod
     def matches(hits: list[Hit]) -> list[dict]:
         """A person's or a track's matches as results.jsonl and tracks.json write them ("row": the
-        manifest line)."""
+        manifest line; "person": the number of the gallery's person crop, in a segmented gallery)."""
         return [
             {"rank": h.rank, "file": h.file, "row": h.line, "source_row": h.source_row, "source": h.source,
-             "distance": round(h.distance, 6)}
+             **({"person": h.person} if h.person >= 0 else {}), "distance": round(h.distance, 6)}
             for h in hits
         ]
 
@@ -492,7 +492,7 @@ class VideoRun:
             "best crop",
             [self.thumbs[j].copy() for j in nb_idx],
             # captioned from each match's own source: photos of equal bytes share a file, not a name
-            [f"d={m['distance']:.3f}\n{shown_name(m.get('source', ''), m['file'])}" for m in track["matches"]],
+            [f"d={m['distance']:.3f}\n{match_name(m)}" for m in track["matches"]],
             title=f"Track {track['id']}: its look's catalogue matches ({track['first_s']:.1f}-{track['last_s']:.1f} s)",
         )
         parts = [p for p in (strip, looks) if p is not None]
@@ -605,6 +605,11 @@ def load_gallery(cfg: RunConfig, summary: RunSummary) -> tuple[Embedder, Gallery
     if not gallery.embedded:
         raise PipelineError(f"the gallery in {cfg.store_dir} has no embedded items to match against")
     return embedder, gallery
+
+
+def match_name(match: dict) -> str:
+    """A match's caption (store.shown_name) from its results.jsonl / tracks.json fields."""
+    return shown_name(match.get("source", ""), match["file"], person=match.get("person", -1))
 
 
 def load_detector(

@@ -619,3 +619,52 @@ def test_a_video_runs_stages_read_once_each(clip_dir, mixed_dataset, tiny_onnx, 
     folder = out / "video_results" / "clip_1"
     sheets = sorted(folder.glob("track_*.jpg"))
     assert sheets and f"track sheets -> {folder}/track_*.jpg ({len(sheets)})" in said["output"]
+
+
+def test_a_segmented_gallerys_matches_name_the_crops_person(clip_dir, tiny_onnx, tmp_path, monkeypatch, browser):
+    """Against a segmented gallery a match is a person crop: results.jsonl and tracks.json give its
+    person, and the contact sheets, the report's video section and its query table name it as the
+    query labels do (`people[5]#p1`). Two persons of one photo whose crops have the same bytes (one
+    file) are told apart only so."""
+    from pipeline import galleries
+    from pipeline.webreport import read_section
+    from tests.test_segment import FakeSegmenter  # image i: i % 3 persons (its red level is i)
+    from tests.test_webreport import console_errors, wait
+
+    monkeypatch.setattr(galleries, "make_segmenter", lambda spec, device: FakeSegmenter())
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    cells = [assets.encode(assets.rgb_image(60, 90, color=(i, 100, 200)), "PNG") for i in range(6)]
+    ds = assets.write_parquet_dataset(tmp_path / "people", cells)
+    out = tmp_path / "out"
+    assert cli.main(_video_argv(clip_dir, ds, tiny_onnx, out, "-q", "--top-k", "3", "--use-segmentation")) == 0
+    folder = out / "video_results" / "clip_1"
+    res = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    tracks = json.loads((folder / "tracks.json").read_text())
+    tracks = tracks["tracks"] if isinstance(tracks, dict) else tracks
+    matches = [m for r in res for p in r["persons"] for m in p["matches"]] + [m for t in tracks for m in t["matches"]]
+    assert matches and {m["person"] for m in matches} == {0, 1}  # images 1, 4: one person; 2, 5: two
+    names = {video.match_name(m) for m in matches}
+    assert names == {f"people[{m['source_row']}]#p{m['person']}" for m in matches}
+    twins = [(a, b) for r in res for p in r["persons"] for a, b in zip(p["matches"], p["matches"][1:])
+             if a["file"] == b["file"]]
+    assert twins and all(video.match_name(a) != video.match_name(b) for a, b in twins)
+    assert cli.main(["--use-embedded-segment", "--query-text", "red", "--dataset", str(ds), "--onnx", str(tiny_onnx),
+                     "--output-dir", str(out), "-q"]) == 0
+    rows = read_section(out / "outputs", "query_segment")["data"]["rows"]
+    row_name = [f"people[{r[5].rsplit('[', 1)[1]}" for r in rows]  # r: query, kind, rank, file, d, source, name
+    assert rows and all(r[6] in (f"{n}#p0", f"{n}#p1") for r, n in zip(rows, row_name))
+    same_file = [(a[6], b[6]) for a, b in zip(rows, rows[1:]) if a[3] == b[3]]
+    assert same_file and all(x != y for x, y in same_file)
+    browser.get((out / "outputs" / "report.html").as_uri())
+    shown = wait(
+        browser,
+        "document.querySelectorAll('[data-role=frames] .person').length"
+        " && document.querySelectorAll('#query_segment td').length"
+        " && [[...document.querySelectorAll('[data-role=frames] .person')].map(s => s.textContent),"
+        " [...[...document.querySelectorAll('#query_segment table')]"
+        ".find(t => t.rows[0].cells[0].textContent === 'query').rows].slice(1).map(r => r.cells[3].textContent)]",
+    )
+    firsts = {video.match_name(p["matches"][0]) for r in res for p in r["persons"]}
+    assert {s.split(": ", 1)[1].rsplit(" d=", 1)[0] for s in shown[0]} == firsts
+    assert shown[1] == [r[6] for r in rows]
+    assert console_errors(browser) == []
