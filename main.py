@@ -209,7 +209,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     _add(model, "--batch-size", type=_positive_int, help="pictures per model call")
     _add(model, "--threads", type=_non_negative_int, help="CPU threads for inference; 0 = all cores")
     _add(model, "--engine", choices=["local", "ray"], help="ray: build the gallery on Ray Data")
-    _add(model, "--ray-address", help="a Ray cluster for --engine ray (auto: the one `ray start` left here); unset: $RAY_ADDRESS, else a new local Ray")
+    _add(model, "--ray-address",
+         help="a Ray cluster for --engine ray (auto: the one `ray start` left here); unset: $RAY_ADDRESS, "
+              "else a new local Ray")
 
 
 

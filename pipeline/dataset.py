@@ -818,8 +818,8 @@ def _union_schema(footers: list[tuple[Any, Any]]) -> Any:
 
 def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None) -> Any:
     """The dataset's metadata columns (all plain ones, or those asked), rows 0 .. limit-1, as a
-    pyarrow Table with a leading `source_row` column; None for a folder of images or a hub
-    dataset that is not parquet (they have no columns to keep). Only these columns are read."""
+    pyarrow Table with a leading `source_row` column; None for a hub dataset that is not parquet
+    and a folder of images with nothing to keep (`folder_metadata`). Only these columns are read."""
     import pyarrow as pa
 
     path = Path(spec.name)
@@ -836,14 +836,114 @@ def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None) -> Any:
             stop = len(ds) if spec.limit is None else min(len(ds), spec.limit)
             table = ds.select_columns(columns).with_format("arrow")[:stop] if columns else pa.table({})
             table = table if columns else pa.table({"source_row": int64_array(range(stop))})
+    elif folder:
+        table = folder_metadata(path, spec, asked)
     if table is None:
         if asked:
-            raise PipelineError(f"--meta-columns: {spec.name!r} is a folder of images or a streamed dataset: it "
-                                "has no columns to keep")
+            raise PipelineError(
+                f"--meta-columns: {spec.name!r} "
+                + ("is a folder of images with no subfolders and no metadata.csv or metadata.jsonl" if folder
+                   else "is a streamed dataset") + ": it has no columns to keep"
+            )
         return None
     if "source_row" not in table.column_names:
         table = table.add_column(0, "source_row", int64_array(range(table.num_rows)))
     return table
+
+
+FOLDER_COLUMN = "folder"  # an image folder's metadata: each picture's subfolder
+FOLDER_METADATA_FILES = ("metadata.csv", "metadata.jsonl")  # the Hugging Face ImageFolder's names
+
+
+def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None = None) -> Any:
+    """An image folder's metadata, rows as the folder is read (its pictures in natural order, the
+    first --limit), or None when it has none:
+
+    - `folder`: each picture's subfolder relative to the root ('' at the root; `dresses/summer`),
+      where the folder has subfolders: a catalogue filed by category filters on it;
+    - the columns of `metadata.csv` or `metadata.jsonl` at the root, as the Hugging Face
+      ImageFolder reads them: one line per picture, its path relative to the root in `file_name`
+      (types inferred: numbers, true/false, dates). A picture without a line has missing values, and
+      a line naming no picture of the folder is left out, each said in a warning."""
+    import pyarrow as pa
+
+    every = [rel.replace(os.sep, "/") for rel in _list_images(root)]
+    keys = every if spec.limit is None else every[: spec.limit]
+    columns: dict[str, Any] = {}
+    if any("/" in k for k in keys):
+        columns[FOLDER_COLUMN] = pa.array([k.rpartition("/")[0] for k in keys], pa.string())
+    sidecar = _folder_sidecar(root)
+    if sidecar is not None:
+        name, lines = sidecar
+        files = [_relative_key(str(f)) for f in lines.column("file_name").to_pylist()]
+        at: dict[str, int] = {}
+        for i, f in enumerate(files):
+            if f in at:
+                raise PipelineError(f"{root / name}: {f!r} has two lines (lines {at[f] + 2} and {i + 2}); "
+                                    "each picture takes one")
+            at[f] = i
+        take = pa.array([at.get(k) for k in keys], pa.int64())
+        unknown = sorted(set(files) - set(every))  # not one past --limit
+        if unknown:
+            log.warning("%s: %d line(s) name no picture of the folder, left out (%s)", root / name, len(unknown),
+                        ", ".join(repr(u) for u in unknown[:3]) + (", ..." if len(unknown) > 3 else ""))
+        missing = take.null_count
+        if missing:
+            first = next(k for k in keys if k not in at)
+            log.warning("%s: %d picture(s) have no line (%r first): their values are missing", root / name,
+                        missing, first)
+        for c in lines.column_names:
+            if c != "file_name":
+                columns[c] = lines.column(c).take(take)
+    if not columns:
+        return None
+    table = pa.table({"source_row": int64_array(range(len(keys))), **columns})
+    kept = _chosen(scalar_columns(table.schema, spec), asked, table.column_names, spec)
+    return table.select(["source_row", *kept])
+
+
+def metadata_none_why(name: str) -> str:
+    """Why a dataset has no metadata to keep, for the run's note."""
+    path = Path(name)
+    if path.is_dir() and _is_image_folder(path):
+        return f"{name} is a folder of pictures without subfolders or a metadata.csv (file_name, then its columns)"
+    return f"{name} is a streamed dataset"
+
+
+def _relative_key(name: str) -> str:
+    """A metadata line's file_name as a picture's key: '/' separators, no leading './'."""
+    key = name.replace("\\", "/")
+    while key.startswith("./"):
+        key = key[2:]
+    return key
+
+
+def _folder_sidecar(root: Path) -> tuple[str, Any] | None:
+    """(its name, its table) of the folder's metadata.csv or metadata.jsonl, None when it has neither."""
+    found = [name for name in FOLDER_METADATA_FILES if (root / name).is_file()]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise PipelineError(f"{root} has both {' and '.join(found)}: keep one (the pictures' metadata)")
+    name = found[0]
+    try:
+        if name.endswith(".csv"):
+            import pyarrow.csv as pacsv
+
+            table = pacsv.read_csv(root / name)
+        else:
+            import pyarrow.json as pajson
+
+            table = pajson.read_json(root / name)
+    except Exception as e:  # pyarrow's ArrowInvalid: a malformed line, mixed types
+        raise PipelineError(f"{root / name}: cannot be read as a table: {first_line(e)}") from e
+    if "file_name" not in table.column_names:
+        raise PipelineError(f"{root / name} has no file_name column (each picture's path relative to "
+                            f"{root}); its columns are {table.column_names}")
+    if FOLDER_COLUMN in table.column_names:
+        raise PipelineError(f"{root / name}: its column {FOLDER_COLUMN!r} is the name the pictures' subfolders "
+                            "are kept under; rename it")
+    return name, table
 
 
 def int64_array(values: Sequence[int] | Any) -> Any:

@@ -26,6 +26,7 @@ from .dataset import (
     check_meta_columns,
     dataset_stamp,
     iter_records,
+    metadata_none_why,
     read_metadata,
 )
 from .duplicates import stored_groups
@@ -290,7 +291,7 @@ def keep_metadata(cfg: RunConfig, table: Any, rows: list[ManifestRow], summary: 
     path = cfg.store_dir / METADATA_FILE
     if table is None:
         unlink_quietly(path)
-        summary.notes.append(f"metadata: none ({cfg.dataset.name} is a folder of images or a streamed dataset)")
+        summary.notes.append(f"metadata: none ({metadata_none_why(cfg.dataset.name)})")
         return
     write_metadata(cfg.store_dir, table, rows)
     columns = [c for c in table.column_names if c != "source_row"]

@@ -500,3 +500,91 @@ def test_a_dictionary_column_of_doubles_keeps_its_precision():
     values = pa.array([0.123456789012, 1234567.891]).dictionary_encode()
     assert Metadata(pa.table({"v": values})).values(0)["v"] == 0.123456789012
     assert Metadata(pa.table({"v": values})).values(1)["v"] == 1234567.891
+
+
+def write_catalogue_folder(root: Path, metadata: str | None, name: str = "metadata.csv") -> Path:
+    """A shop's pictures filed by category (dresses/, shirts/, and one at the root), with a metadata
+    file at the root when given."""
+    for i, rel in enumerate(["dresses/d1.jpg", "dresses/d2.jpg", "dresses/d10.jpg", "shirts/s1.jpg",
+                             "shirts/s2.jpg", "top.jpg"]):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(assets.jpeg_bytes(48, 64, seed=700 + i))
+    if metadata is not None:
+        (root / name).write_text(metadata)
+    return root
+
+
+def test_an_image_folder_keeps_its_subfolders_and_its_metadata_csv(tiny_onnx, tmp_path, capsys):
+    """A folder of pictures has metadata too: each picture's subfolder (`folder`) and the columns of
+    a metadata.csv beside them, as the Hugging Face ImageFolder reads it (file_name, then the
+    columns), typed; aligned to the pictures as the folder is read (natural order). A picture
+    without a line has missing values, a line naming no picture is left out, each said; filters and
+    --group-by work on them; an update reads the file as it is now."""
+    data = write_catalogue_folder(tmp_path / "cat", (
+        "file_name,price,product_id,in_sale\n"
+        "dresses/d1.jpg,39.5,D1,true\n./dresses/d2.jpg,45,D1,false\ndresses/d10.jpg,80,D2,false\n"
+        "shirts/s1.jpg,15,S1,false\nshirts/gone.jpg,10,S9,true\ntop.jpg,99,T1,false\n"
+    ))
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    said = capsys.readouterr().err
+    assert "1 line(s) name no picture of the folder, left out ('shirts/gone.jpg')" in said
+    assert "1 picture(s) have no line ('shirts/s2.jpg' first): their values are missing" in said
+    table = pq.read_table(out / "embeddings" / "metadata.parquet")
+    assert table.column_names == ["source_row", "folder", "price", "product_id", "in_sale"]
+    assert [str(t) for t in table.schema.types[1:]] == ["string", "double", "string", "bool"]
+    sources = {int(r["source_row"]): r["source"] for r in csv.DictReader(open(out / "embeddings" / "manifest.csv"))}
+    got = {sources[r]: (f, p, pid) for r, f, p, pid in zip(*(table.column(c).to_pylist() for c in
+                                                           ("source_row", "folder", "price", "product_id")))}
+    assert got == {
+        "dresses/d1.jpg": ("dresses", 39.5, "D1"), "dresses/d2.jpg": ("dresses", 45.0, "D1"),
+        "dresses/d10.jpg": ("dresses", 80.0, "D2"), "shirts/s1.jpg": ("shirts", 15.0, "S1"),
+        "shirts/s2.jpg": ("shirts", None, None), "top.jpg": ("", 99.0, "T1"),
+    }
+    catalog = Catalog.open(out)
+    hits = catalog.search_vectors(catalog.embeddings[0], k=6, filter="folder = 'dresses' AND price < 50")[0]
+    assert sorted(h.source for h in hits) == ["dresses/d1.jpg", "dresses/d2.jpg"]
+    grouped = catalog.search_vectors(catalog.embeddings[0], k=6, filter="folder = 'dresses'", group_by="product_id")[0]
+    assert sorted(h.meta["product_id"] for h in grouped) == ["D1", "D2"]
+    # the file edited: the update reads it as it is now (no picture embedded again)
+    (data / "metadata.csv").write_text("file_name,price,product_id,in_sale\nshirts/s2.jpg,12.5,S2,true\n")
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    catalog = Catalog.open(out)
+    prices = {item.source: catalog.searcher.metadata.values(i)["price"] for i, item in enumerate(catalog.items)}
+    assert prices == {source: 12.5 if source == "shirts/s2.jpg" else None for source in got}
+
+
+@pytest.mark.parametrize(
+    "metadata, name, said",
+    [
+        (None, "", "is a folder of images with no subfolders and no metadata.csv or metadata.jsonl"),
+        ("price\n10\n", "metadata.csv", "metadata.csv has no file_name column (each picture's path relative to"),
+        ("file_name,price\na.jpg,1\na.jpg,2\n", "metadata.csv", "metadata.csv: 'a.jpg' has two lines (lines 2 and 3)"),
+        ("file_name,folder\na.jpg,x\n", "metadata.csv", "its column 'folder' is the name the pictures' subfolders"),
+        ('{"file_name": "a.jpg", "price": 1}\n{"file_name": "b.jpg", "price": "dear"}\n', "metadata.jsonl",
+         "metadata.jsonl: cannot be read as a table"),
+    ],
+)
+def test_a_folder_metadata_file_that_cannot_be_used_is_refused_before_the_build(
+    metadata, name, said, tiny_onnx, tmp_path, capsys
+):
+    data = tmp_path / "flat"
+    for i, rel in enumerate(["a.jpg", "b.jpg"]):
+        data.mkdir(exist_ok=True)
+        (data / rel).write_bytes(assets.jpeg_bytes(40, 40, seed=i))
+    if metadata is not None:
+        (data / name).write_text(metadata)
+    assert run(*args(data, tiny_onnx, tmp_path / "out", "--meta-columns", "price")) == 1
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "out" / "embeddings").exists()
+
+
+def test_a_folder_without_subfolders_or_metadata_says_how_to_add_some(tiny_onnx, tmp_path, capsys):
+    data = tmp_path / "flat"
+    data.mkdir()
+    for i in range(2):
+        (data / f"p{i}.jpg").write_bytes(assets.jpeg_bytes(40, 40, seed=i))
+    assert cli.main(args(data, tiny_onnx, tmp_path / "out")) == 0
+    said = capsys.readouterr().out
+    assert f"metadata: none ({data} is a folder of pictures without subfolders or a metadata.csv" in said
+    assert not (tmp_path / "out" / "embeddings" / "metadata.parquet").exists()
