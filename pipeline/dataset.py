@@ -467,6 +467,15 @@ class HubSplit:
     num_rows: int | None
 
 
+def _hub_open_error(spec: DatasetSpec, e: BaseException) -> str:
+    """Why a dataset could not be opened from the hub; a name of one word may be a local folder
+    mistyped or looked for from another folder, so where it was looked for is said too."""
+    said = f"cannot open dataset {spec.name!r} from the Hugging Face hub ({type(e).__name__}: {first_line(e)})"
+    if "/" not in spec.name:
+        said += f", and there is no folder or file {spec.name!r} in {Path.cwd()}"
+    return said + ". Without network access, pass a local copy with --dataset DIR."
+
+
 @lru_cache(maxsize=8)
 def _hub_split(spec: DatasetSpec) -> HubSplit:
     """Resolve the split's data files without reading any of them (cached: count and read share it)."""
@@ -474,10 +483,7 @@ def _hub_split(spec: DatasetSpec) -> HubSplit:
     try:
         builder = datasets.load_dataset_builder(spec.name)
     except Exception as e:  # the hub client raises many types (offline, 404, auth)
-        raise PipelineError(
-            f"cannot open dataset {spec.name!r} from the Hugging Face hub ({type(e).__name__}: {first_line(e)}). "
-            "Without network access, pass a local copy with --dataset DIR."
-        ) from e
+        raise PipelineError(_hub_open_error(spec, e)) from e
     files = (builder.config.data_files or {}).get(spec.split)
     if files is None:
         raise PipelineError(
@@ -519,10 +525,7 @@ def _open_hub(spec: DatasetSpec):
     except ValueError as e:
         raise PipelineError(f"dataset {spec.name!r}: {e}") from e
     except Exception as e:  # the hub client raises many types (offline, 404, auth)
-        raise PipelineError(
-            f"cannot open dataset {spec.name!r} from the Hugging Face hub ({type(e).__name__}: {first_line(e)}). "
-            "Without network access, pass a local copy with --dataset DIR."
-        ) from e
+        raise PipelineError(_hub_open_error(spec, e)) from e
 
 
 def _open_local(path: Path, spec: DatasetSpec):

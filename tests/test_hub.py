@@ -182,6 +182,8 @@ def test_an_open_clip_hub_model_is_one_model_by_either_name(hub, run_main, tmp_p
             ["--dataset", "nobody/nothing"],
             "error: cannot open dataset 'nobody/nothing' from the Hugging Face hub (DatasetNotFoundError",
         ),
+        # one word: perhaps a local folder, mistyped or looked for from another folder
+        (["--dataset", "catalogue"], "accessed.), and there is no folder or file 'catalogue' in "),
         (["--split", "test"], "has splits ['train'], not 'test'"),
         (["--model", "nobody/nomodel", "--backend", "torch"], "error: cannot load model 'nobody/nomodel'"),
         (["--model", "someone/broken", "--backend", "torch"], "error: cannot load model 'someone/broken'"),
