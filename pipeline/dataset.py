@@ -819,7 +819,7 @@ def _union_schema(footers: list[tuple[Any, Any]]) -> Any:
     return pa.schema(list(fields.values()))
 
 
-def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None) -> Any:
+def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None, warn: bool = True) -> Any:
     """The dataset's metadata columns (all plain ones, or those asked), rows 0 .. limit-1, as a
     pyarrow Table with a leading `source_row` column; None for a hub dataset that is not parquet
     and a folder of images with nothing to keep (`folder_metadata`). Only these columns are read."""
@@ -840,12 +840,13 @@ def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None) -> Any:
             table = ds.select_columns(columns).with_format("arrow")[:stop] if columns else pa.table({})
             table = table if columns else pa.table({"source_row": int64_array(range(stop))})
     elif folder:
-        table = folder_metadata(path, spec, asked)
+        table = folder_metadata(path, spec, asked, warn)
     if table is None:
         if asked:
             raise PipelineError(
                 f"--meta-columns: {spec.name!r} "
-                + ("is a folder of images with no subfolders and no metadata.csv or metadata.jsonl" if folder
+                + ("is a folder of pictures without subfolders or a metadata.csv / metadata.jsonl with columns beside "
+                   "file_name" if folder
                    else "is a streamed dataset") + ": it has no columns to keep"
             )
         return None
@@ -858,7 +859,7 @@ FOLDER_COLUMN = "folder"  # an image folder's metadata: each picture's subfolder
 FOLDER_METADATA_FILES = ("metadata.csv", "metadata.jsonl")  # the Hugging Face ImageFolder's names
 
 
-def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None = None) -> Any:
+def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None = None, warn: bool = True) -> Any:
     """An image folder's metadata, rows as the folder is read (its pictures in natural order, the
     first --limit), or None when it has none:
 
@@ -866,14 +867,15 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
       where the folder has subfolders: a catalogue filed by category filters on it;
     - the columns of `metadata.csv` or `metadata.jsonl` at the root, as the Hugging Face
       ImageFolder reads them: one line per picture, its path relative to the root in `file_name`
-      (types inferred: numbers, true/false, dates). A picture without a line has missing values, and
-      a line naming no picture of the folder is left out, each said in a warning."""
+      (types inferred: numbers, true/false, dates; a code written with leading zeros stays text). A
+      picture without a line has missing values, and a line naming no picture of the folder is left
+      out, each said in a warning (warn: a second read of the same folder says nothing again)."""
     import pyarrow as pa
 
     every = [rel.replace(os.sep, "/") for rel in _list_images(root)]
     keys = every if spec.limit is None else every[: spec.limit]
     columns: dict[str, Any] = {}
-    if any("/" in k for k in keys):
+    if any("/" in k for k in every):  # all the pictures: the columns do not change with --limit
         columns[FOLDER_COLUMN] = pa.array([k.rpartition("/")[0] for k in keys], pa.string())
     sidecar = _folder_sidecar(root)
     if sidecar is not None:
@@ -882,16 +884,16 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
         at: dict[str, int] = {}
         for i, f in enumerate(files):
             if f in at:
-                raise PipelineError(f"{root / name}: {f!r} has two lines (lines {at[f] + 2} and {i + 2}); "
-                                    "each picture takes one")
+                raise PipelineError(f"{root / name}: {f!r} is named by two lines (its pictures' {at[f] + 1}th and "
+                                    f"{i + 1}th); each picture takes one")
             at[f] = i
         take = pa.array([at.get(k) for k in keys], pa.int64())
         unknown = sorted(set(files) - set(every))  # not one past --limit
-        if unknown:
+        if unknown and warn:
             log.warning("%s: %d line(s) name no picture of the folder, left out (%s)", root / name, len(unknown),
                         ", ".join(repr(u) for u in unknown[:3]) + (", ..." if len(unknown) > 3 else ""))
         missing = take.null_count
-        if missing:
+        if missing and warn:
             first = next(k for k in keys if k not in at)
             log.warning("%s: %d picture(s) have no line (%r first): their values are missing", root / name,
                         missing, first)
@@ -901,15 +903,25 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
     if not columns:
         return None
     table = pa.table({"source_row": int64_array(range(len(keys))), **columns})
-    kept = _chosen(scalar_columns(table.schema, spec), asked, table.column_names, spec)
+    available = scalar_columns(table.schema, spec)
+    if asked is None and not available:  # only columns of no plain values (all missing): none to keep
+        return None
+    kept = _chosen(available, asked, table.column_names, spec)
     return table.select(["source_row", *kept])
+
+
+def is_image_folder(name: str) -> bool:
+    """Whether --dataset NAME is a local folder of pictures (not parquet/arrow files, not a saved dataset)."""
+    path = Path(name)
+    return path.is_dir() and _is_image_folder(path)
 
 
 def metadata_none_why(name: str) -> str:
     """Why a dataset has no metadata to keep, for the run's note."""
     path = Path(name)
     if path.is_dir() and _is_image_folder(path):
-        return f"{name} is a folder of pictures without subfolders or a metadata.csv (file_name, then its columns)"
+        return (f"{name} is a folder of pictures without subfolders or a metadata.csv / metadata.jsonl with "
+                "columns beside file_name")
     return f"{name} is a streamed dataset"
 
 
@@ -930,23 +942,52 @@ def _folder_sidecar(root: Path) -> tuple[str, Any] | None:
         raise PipelineError(f"{root} has both {' and '.join(found)}: keep one (the pictures' metadata)")
     name = found[0]
     try:
-        if name.endswith(".csv"):
-            import pyarrow.csv as pacsv
-
-            table = pacsv.read_csv(root / name)
-        else:
-            import pyarrow.json as pajson
-
-            table = pajson.read_json(root / name)
-    except Exception as e:  # pyarrow's ArrowInvalid: a malformed line, mixed types
+        table = _read_csv_keeping_codes(root / name) if name.endswith(".csv") else _read_jsonl(root / name)
+    except Exception as e:  # pyarrow's ArrowInvalid: a malformed line, mixed types, a column named twice
         raise PipelineError(f"{root / name}: cannot be read as a table: {first_line(e)}") from e
-    if "file_name" not in table.column_names:
+    names = table.column_names
+    if "file_name" not in names:
         raise PipelineError(f"{root / name} has no file_name column (each picture's path relative to "
-                            f"{root}); its columns are {table.column_names}")
-    if FOLDER_COLUMN in table.column_names:
-        raise PipelineError(f"{root / name}: its column {FOLDER_COLUMN!r} is the name the pictures' subfolders "
-                            "are kept under; rename it")
+                            f"{root}); its columns are {names}")
+    for c in (FOLDER_COLUMN, *sorted(RESERVED_META)):
+        if c in names:
+            raise PipelineError(f"{root / name}: its column {c!r} is a name the store keeps for itself (the "
+                                "pictures' subfolders, the rows' key); rename it")
+    import pyarrow as pa
+
+    binary = [f.name for f in table.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+    if binary:
+        raise PipelineError(f"{root / name}: the column(s) {binary} are not UTF-8 text; save the file as UTF-8 "
+                            "(a spreadsheet's \"CSV UTF-8\")")
     return name, table
+
+
+def _read_csv_keeping_codes(path: Path) -> Any:
+    """A CSV with its types inferred, but a column of numbers any of which is written with a leading
+    zero (a product code `00123`) kept as text, as written."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    table = pacsv.read_csv(path)
+    twice = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+    if twice:
+        raise ValueError(f"the column(s) {twice} are named twice; each name takes one column")
+    numeric = [f.name for f in table.schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
+    if not numeric:
+        return table
+    texts = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+        column_types=dict.fromkeys(numeric, pa.string()), strings_can_be_null=True))
+    for c in numeric:
+        written = texts.column(c).to_pylist()
+        if any(v is not None and len(v) > 1 and v[0] == "0" and v[1].isdigit() for v in written):
+            table = table.set_column(table.column_names.index(c), c, texts.column(c))
+    return table
+
+
+def _read_jsonl(path: Path) -> Any:
+    import pyarrow.json as pajson
+
+    return pajson.read_json(path)
 
 
 def int64_array(values: Sequence[int] | Any) -> Any:

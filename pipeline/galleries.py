@@ -25,6 +25,7 @@ from .dataset import (
     check_dataset,
     check_meta_columns,
     dataset_stamp,
+    is_image_folder,
     iter_records,
     metadata_none_why,
     read_metadata,
@@ -214,7 +215,9 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
         summary.model = cache.sidecar.identity.label()
         gallery = Gallery(cache.embeddings, cache.rows, embedder)
     else:
-        if cfg.meta_columns or cfg.filter or cfg.group_by:  # a name the dataset lacks fails before the build
+        # a name the dataset lacks fails before the build, and so does an image folder's metadata.csv
+        # that cannot be used (its warnings said once, here)
+        if cfg.meta_columns or cfg.filter or cfg.group_by or is_image_folder(cfg.dataset.name):
             schema = check_meta_columns(cfg.dataset, cfg.meta_columns)
             if cfg.filter:
                 check_gallery_filter(cfg.filter, schema)
@@ -231,7 +234,7 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
             with summary.stage("verify image files"):
                 verify_images(cfg.store_dir, cfg.images_dir, gallery.rows)
         with summary.stage("metadata"):  # the plain columns only: on the hub, the row groups under --limit
-            table = read_metadata(cfg.dataset, cfg.meta_columns)
+            table = read_metadata(cfg.dataset, cfg.meta_columns, warn=False)
         keep_metadata(cfg, table, gallery.rows, summary)
     if cfg.segmented and not cfg.from_cache:
         note_persons_cut(gallery.rows, cfg.segment.max_persons, summary)
@@ -245,8 +248,9 @@ def check_gallery_filter(text: str, schema: Any) -> None:
     from .filters import Filter, FilterError
 
     if schema is None or not len(schema):
-        raise FilterError("--filter: this dataset keeps no metadata (a folder of images, a streamed dataset, or "
-                          "--meta-columns chose none), so there is nothing to filter on")
+        raise FilterError("--filter: this dataset keeps no metadata (a folder of pictures without subfolders or a "
+                          "metadata.csv, a streamed dataset, or --meta-columns chose none), so there is nothing to "
+                          "filter on")
     Filter.parse(text, schema)
 
 

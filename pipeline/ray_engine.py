@@ -114,7 +114,7 @@ class RaySession:
             if address:
                 try:
                     ray.init(address=address, runtime_env=env, **quiet)
-                except ConnectionError as e:
+                except (ConnectionError, ray.exceptions.AuthenticationError) as e:  # the latter: no token here
                     raise PipelineError(cannot_join(address, e)) from e
             else:  # "local": not the cluster a `ray start` left on this machine, which Ray would join
                 # and then refuse num_cpus for (`--ray-address auto` joins that one)

@@ -600,7 +600,7 @@ def evaluation_scope(cfg: RunConfig, summary: RunSummary) -> EvaluationScope | N
     table = read_metadata(cfg.dataset, cfg.meta_columns)
     if table is None:
         raise FilterError(f"--evaluate with --filter/--group-by: {cfg.dataset.name!r} has no metadata columns "
-                          "(a folder of images or a streamed dataset)")
+                          "(a folder of pictures without subfolders or a metadata.csv, or a streamed dataset)")
     source = np.asarray(arrow_numpy(table.column("source_row")), np.int64)
     table = table.drop_columns(["source_row"])
     size = int(source.max()) + 1 if len(source) else 0

@@ -121,8 +121,9 @@ class Searcher:
             return None
         if self.metadata is None:
             raise FilterError(
-                "--filter: this store keeps no metadata (a folder of images has none, and stores built before "
-                "metadata was kept have none either: build it again, or --update it)"
+                "--filter: this store keeps no metadata (a folder of pictures without subfolders or a "
+                "metadata.csv has none, and stores built before metadata was kept have none either: build it "
+                "again, or --update it)"
             )
         return self.metadata.mask(filter_text)
 

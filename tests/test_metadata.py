@@ -526,10 +526,10 @@ def test_an_image_folder_keeps_its_subfolders_and_its_metadata_csv(tiny_onnx, tm
         "shirts/s1.jpg,15,S1,false\nshirts/gone.jpg,10,S9,true\ntop.jpg,99,T1,false\n"
     ))
     out = tmp_path / "out"
-    assert run(*args(data, tiny_onnx, out)) == 0
+    assert run(*args(data, tiny_onnx, out, "--group-by", "product_id")) == 0  # read before the build and after
     said = capsys.readouterr().err
-    assert "1 line(s) name no picture of the folder, left out ('shirts/gone.jpg')" in said
-    assert "1 picture(s) have no line ('shirts/s2.jpg' first): their values are missing" in said
+    assert said.count("1 line(s) name no picture of the folder, left out ('shirts/gone.jpg')") == 1
+    assert said.count("1 picture(s) have no line ('shirts/s2.jpg' first): their values are missing") == 1
     table = pq.read_table(out / "embeddings" / "metadata.parquet")
     assert table.column_names == ["source_row", "folder", "price", "product_id", "in_sale"]
     assert [str(t) for t in table.schema.types[1:]] == ["string", "double", "string", "bool"]
@@ -557,13 +557,20 @@ def test_an_image_folder_keeps_its_subfolders_and_its_metadata_csv(tiny_onnx, tm
 @pytest.mark.parametrize(
     "metadata, name, said",
     [
-        (None, "", "is a folder of images with no subfolders and no metadata.csv or metadata.jsonl"),
+        (None, "", "is a folder of pictures without subfolders or a metadata.csv / metadata.jsonl with columns"),
         ("price\n10\n", "metadata.csv", "metadata.csv has no file_name column (each picture's path relative to"),
-        ("file_name,price\na.jpg,1\na.jpg,2\n", "metadata.csv", "metadata.csv: 'a.jpg' has two lines (lines 2 and 3)"),
-        ("file_name,folder\na.jpg,x\n", "metadata.csv", "its column 'folder' is the name the pictures' subfolders"),
+        ("file_name,price\na.jpg,1\na.jpg,2\n", "metadata.csv",
+         "metadata.csv: 'a.jpg' is named by two lines (its pictures' 1th and 2th)"),
+        ("file_name,folder\na.jpg,x\n", "metadata.csv", "its column 'folder' is a name the store keeps for itself"),
+        ("file_name,source_row,price\na.jpg,7,1\n", "metadata.csv",
+         "its column 'source_row' is a name the store keeps for itself"),
+        ("file_name,price,colour,colour\na.jpg,1,red,blue\n", "metadata.csv",
+         "cannot be read as a table: the column(s) ['colour'] are named twice"),
+        (b"file_name,price,name\na.jpg,1,caf\xe9\n", "metadata.csv", "the column(s) ['name'] are not UTF-8 text"),
         ('{"file_name": "a.jpg", "price": 1}\n{"file_name": "b.jpg", "price": "dear"}\n', "metadata.jsonl",
          "metadata.jsonl: cannot be read as a table"),
     ],
+    ids=["none", "no-file-name", "twice", "folder", "source-row", "same-name", "latin-1", "mixed-types"],
 )
 def test_a_folder_metadata_file_that_cannot_be_used_is_refused_before_the_build(
     metadata, name, said, tiny_onnx, tmp_path, capsys
@@ -573,10 +580,25 @@ def test_a_folder_metadata_file_that_cannot_be_used_is_refused_before_the_build(
         data.mkdir(exist_ok=True)
         (data / rel).write_bytes(assets.jpeg_bytes(40, 40, seed=i))
     if metadata is not None:
-        (data / name).write_text(metadata)
-    assert run(*args(data, tiny_onnx, tmp_path / "out", "--meta-columns", "price")) == 1
+        (data / name).write_bytes(metadata if isinstance(metadata, bytes) else metadata.encode())
+    flags = ("--meta-columns", "price") if metadata is None else ()  # a plain run is refused as early
+    assert run(*args(data, tiny_onnx, tmp_path / "out", *flags)) == 1
     assert said in capsys.readouterr().err
     assert not (tmp_path / "out" / "embeddings").exists()
+
+
+def test_a_code_written_with_leading_zeros_stays_text(tmp_path):
+    from pipeline.config import DatasetSpec
+    from pipeline.dataset import folder_metadata
+
+    data = tmp_path / "cat"
+    data.mkdir()
+    for i in range(3):
+        (data / f"p{i}.jpg").write_bytes(assets.jpeg_bytes(40, 40, seed=i))
+    (data / "metadata.csv").write_text("file_name,product_id,stock\np0.jpg,00123,4\np1.jpg,4567,0\np2.jpg,,12\n")
+    table = folder_metadata(data, DatasetSpec(name=str(data)))
+    assert table.column("product_id").to_pylist() == ["00123", "4567", None]
+    assert table.column("stock").to_pylist() == [4, 0, 12]  # numbers where none is written so
 
 
 def test_a_folder_without_subfolders_or_metadata_says_how_to_add_some(tiny_onnx, tmp_path, capsys):

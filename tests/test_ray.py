@@ -38,6 +38,7 @@ def ray_instance(request):
     except pytest.skip.Exception:
         s3_env = {}
     ray.init(
+        address="local",  # not a cluster `ray start` left on this machine
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=300 << 20,
@@ -311,6 +312,30 @@ def test_ray_address_joins_a_cluster_started_on_loopback(ragged, tiny_onnx, loca
                 proc.kill()
         time.sleep(1)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", ["", "token"])
+def test_a_cluster_that_refuses_the_run_is_one_line_with_its_remedy(mode, monkeypatch):
+    """Ray raises ConnectionError for a cluster that is not there or refuses the token, and
+    AuthenticationError where RAY_AUTH_MODE=token finds no token here: each is the run's one line."""
+    from pipeline.errors import PipelineError
+
+    def refuse(**kw):
+        if mode:
+            raise ray.exceptions.AuthenticationError("Token authentication is enabled but no token was found")
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379")
+
+    monkeypatch.setenv("RAY_AUTH_MODE", mode)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(PipelineError) as e:
+        ray_engine.RaySession("10.0.0.5:6379", 1)
+    said = str(e.value)
+    assert said.startswith("cannot join the Ray cluster at 10.0.0.5:6379 (") and "`ray status` on its head" in said
+    if mode:
+        assert "no token was found" in said and "with RAY_AUTH_MODE=token set, the token here" in said
+    else:
+        assert "is joined only with RAY_AUTH_MODE=token and its token here" in said
 
 
 @pytest.mark.subprocess
