@@ -877,15 +877,17 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
     columns: dict[str, Any] = {}
     if any("/" in k for k in every):  # all the pictures: the columns do not change with --limit
         columns[FOLDER_COLUMN] = pa.array([k.rpartition("/")[0] for k in keys], pa.string())
-    sidecar = _folder_sidecar(root)
+    sidecar = _folder_sidecar(root, spec)
     if sidecar is not None:
         name, lines = sidecar
-        files = [_relative_key(str(f)) for f in lines.column("file_name").to_pylist()]
+        files = [_relative_key(str(f)) if f is not None else "" for f in lines.column("file_name").to_pylist()]
         at: dict[str, int] = {}
         for i, f in enumerate(files):
+            if not f:
+                raise PipelineError(f"{root / name}: data line {i + 1} has no file_name")
             if f in at:
-                raise PipelineError(f"{root / name}: {f!r} is named by two lines (its pictures' {at[f] + 1}th and "
-                                    f"{i + 1}th); each picture takes one")
+                raise PipelineError(f"{root / name}: {f!r} is named by two lines (data lines {at[f] + 1} and "
+                                    f"{i + 1}); each picture takes one")
             at[f] = i
         take = pa.array([at.get(k) for k in keys], pa.int64())
         unknown = sorted(set(files) - set(every))  # not one past --limit
@@ -910,12 +912,6 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
     return table.select(["source_row", *kept])
 
 
-def is_image_folder(name: str) -> bool:
-    """Whether --dataset NAME is a local folder of pictures (not parquet/arrow files, not a saved dataset)."""
-    path = Path(name)
-    return path.is_dir() and _is_image_folder(path)
-
-
 def metadata_none_why(name: str) -> str:
     """Why a dataset has no metadata to keep, for the run's note."""
     path = Path(name)
@@ -933,7 +929,15 @@ def _relative_key(name: str) -> str:
     return key
 
 
-def _folder_sidecar(root: Path) -> tuple[str, Any] | None:
+def folder_metadata_file(name: str) -> Path | None:
+    """The metadata.csv or metadata.jsonl at the root of --dataset NAME, where it is a folder with one."""
+    for file in FOLDER_METADATA_FILES:
+        if (Path(name) / file).is_file():
+            return Path(name) / file
+    return None
+
+
+def _folder_sidecar(root: Path, spec: DatasetSpec) -> tuple[str, Any] | None:
     """(its name, its table) of the folder's metadata.csv or metadata.jsonl, None when it has neither."""
     found = [name for name in FOLDER_METADATA_FILES if (root / name).is_file()]
     if not found:
@@ -949,10 +953,10 @@ def _folder_sidecar(root: Path) -> tuple[str, Any] | None:
     if "file_name" not in names:
         raise PipelineError(f"{root / name} has no file_name column (each picture's path relative to "
                             f"{root}); its columns are {names}")
-    for c in (FOLDER_COLUMN, *sorted(RESERVED_META)):
+    for c in (FOLDER_COLUMN, *sorted(RESERVED_META), spec.image_column):
         if c in names:
             raise PipelineError(f"{root / name}: its column {c!r} is a name the store keeps for itself (the "
-                                "pictures' subfolders, the rows' key); rename it")
+                                "pictures' subfolders, the rows' key, the --image-column); rename it")
     import pyarrow as pa
 
     binary = [f.name for f in table.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
@@ -963,8 +967,8 @@ def _folder_sidecar(root: Path) -> tuple[str, Any] | None:
 
 
 def _read_csv_keeping_codes(path: Path) -> Any:
-    """A CSV with its types inferred, but a column of numbers any of which is written with a leading
-    zero (a product code `00123`) kept as text, as written."""
+    """A CSV with its types inferred, but a column of whole numbers any of which is written with a
+    leading zero (a product code `00123`) kept as text, as written; prices (`05.99`) stay numbers."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -972,14 +976,15 @@ def _read_csv_keeping_codes(path: Path) -> Any:
     twice = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
     if twice:
         raise ValueError(f"the column(s) {twice} are named twice; each name takes one column")
-    numeric = [f.name for f in table.schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
+    numeric = [f.name for f in table.schema if pa.types.is_integer(f.type)]
     if not numeric:
         return table
     texts = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
         column_types=dict.fromkeys(numeric, pa.string()), strings_can_be_null=True))
     for c in numeric:
         written = texts.column(c).to_pylist()
-        if any(v is not None and len(v) > 1 and v[0] == "0" and v[1].isdigit() for v in written):
+        digits = (v.strip().lstrip("+-") for v in written if v is not None)
+        if any(len(d) > 1 and d[0] == "0" for d in digits):
             table = table.set_column(table.column_names.index(c), c, texts.column(c))
     return table
 

@@ -112,9 +112,11 @@ class RaySession:
             # is not printed on every run.
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             if address:
+                # token mode with no token here (Ray 2.52 on; ConnectionError stands in before it)
+                auth_error = getattr(ray.exceptions, "AuthenticationError", ConnectionError)
                 try:
                     ray.init(address=address, runtime_env=env, **quiet)
-                except (ConnectionError, ray.exceptions.AuthenticationError) as e:  # the latter: no token here
+                except (ConnectionError, auth_error) as e:
                     raise PipelineError(cannot_join(address, e)) from e
             else:  # "local": not the cluster a `ray start` left on this machine, which Ray would join
                 # and then refuse num_cpus for (`--ray-address auto` joins that one)

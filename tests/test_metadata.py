@@ -560,7 +560,9 @@ def test_an_image_folder_keeps_its_subfolders_and_its_metadata_csv(tiny_onnx, tm
         (None, "", "is a folder of pictures without subfolders or a metadata.csv / metadata.jsonl with columns"),
         ("price\n10\n", "metadata.csv", "metadata.csv has no file_name column (each picture's path relative to"),
         ("file_name,price\na.jpg,1\na.jpg,2\n", "metadata.csv",
-         "metadata.csv: 'a.jpg' is named by two lines (its pictures' 1th and 2th)"),
+         "metadata.csv: 'a.jpg' is named by two lines (data lines 1 and 2)"),
+        ("file_name,price\na.jpg,1\n,2\n", "metadata.csv", "metadata.csv: data line 2 has no file_name"),
+        ("file_name,image\na.jpg,x\n", "metadata.csv", "its column 'image' is a name the store keeps for itself"),
         ("file_name,folder\na.jpg,x\n", "metadata.csv", "its column 'folder' is a name the store keeps for itself"),
         ("file_name,source_row,price\na.jpg,7,1\n", "metadata.csv",
          "its column 'source_row' is a name the store keeps for itself"),
@@ -570,7 +572,8 @@ def test_an_image_folder_keeps_its_subfolders_and_its_metadata_csv(tiny_onnx, tm
         ('{"file_name": "a.jpg", "price": 1}\n{"file_name": "b.jpg", "price": "dear"}\n', "metadata.jsonl",
          "metadata.jsonl: cannot be read as a table"),
     ],
-    ids=["none", "no-file-name", "twice", "folder", "source-row", "same-name", "latin-1", "mixed-types"],
+    ids=["none", "no-file-name", "twice", "empty-file-name", "image", "folder", "source-row", "same-name", "latin-1",
+         "mixed-types"],
 )
 def test_a_folder_metadata_file_that_cannot_be_used_is_refused_before_the_build(
     metadata, name, said, tiny_onnx, tmp_path, capsys
@@ -595,10 +598,13 @@ def test_a_code_written_with_leading_zeros_stays_text(tmp_path):
     data.mkdir()
     for i in range(3):
         (data / f"p{i}.jpg").write_bytes(assets.jpeg_bytes(40, 40, seed=i))
-    (data / "metadata.csv").write_text("file_name,product_id,stock\np0.jpg,00123,4\np1.jpg,4567,0\np2.jpg,,12\n")
+    (data / "metadata.csv").write_text("file_name,product_id,stock,size,price\n"
+                                       "p0.jpg,00123,4,7,05.99\np1.jpg,4567,0, 08,12\np2.jpg,,12,9,0.5\n")
     table = folder_metadata(data, DatasetSpec(name=str(data)))
     assert table.column("product_id").to_pylist() == ["00123", "4567", None]
+    assert table.column("size").to_pylist() == ["7", " 08", "9"]  # as written, a space too
     assert table.column("stock").to_pylist() == [4, 0, 12]  # numbers where none is written so
+    assert table.column("price").to_pylist() == [5.99, 12.0, 0.5]  # a price is a number however written
 
 
 def test_a_folder_without_subfolders_or_metadata_says_how_to_add_some(tiny_onnx, tmp_path, capsys):
