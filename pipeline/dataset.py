@@ -843,12 +843,7 @@ def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None, warn: b
         table = folder_metadata(path, spec, asked, warn)
     if table is None:
         if asked:
-            raise PipelineError(
-                f"--meta-columns: {spec.name!r} "
-                + ("is a folder of pictures without subfolders or a metadata.csv / metadata.jsonl with columns beside "
-                   "file_name" if folder
-                   else "is a streamed dataset") + ": it has no columns to keep"
-            )
+            raise PipelineError(f"--meta-columns: {metadata_none_why(spec.name)}: it has no columns to keep")
         return None
     if "source_row" not in table.column_names:
         table = table.add_column(0, "source_row", int64_array(range(table.num_rows)))
@@ -929,17 +924,14 @@ def _relative_key(name: str) -> str:
     return key
 
 
-def folder_metadata_file(name: str) -> Path | None:
-    """The metadata.csv or metadata.jsonl at the root of --dataset NAME, where it is a folder with one."""
-    for file in FOLDER_METADATA_FILES:
-        if (Path(name) / file).is_file():
-            return Path(name) / file
-    return None
+def folder_metadata_files(name: str | Path) -> list[Path]:
+    """The metadata.csv and metadata.jsonl at the root of --dataset NAME, those there are."""
+    return [Path(name) / file for file in FOLDER_METADATA_FILES if (Path(name) / file).is_file()]
 
 
 def _folder_sidecar(root: Path, spec: DatasetSpec) -> tuple[str, Any] | None:
     """(its name, its table) of the folder's metadata.csv or metadata.jsonl, None when it has neither."""
-    found = [name for name in FOLDER_METADATA_FILES if (root / name).is_file()]
+    found = [path.name for path in folder_metadata_files(root)]
     if not found:
         return None
     if len(found) > 1:

@@ -25,7 +25,7 @@ from .dataset import (
     check_dataset,
     check_meta_columns,
     dataset_stamp,
-    folder_metadata_file,
+    folder_metadata_files,
     iter_records,
     metadata_none_why,
     read_metadata,
@@ -217,7 +217,7 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
     else:
         # a name the dataset lacks fails before the build, and so does an image folder's metadata.csv
         # that cannot be used (its warnings said once, here)
-        if cfg.meta_columns or cfg.filter or cfg.group_by or folder_metadata_file(cfg.dataset.name):
+        if cfg.meta_columns or cfg.filter or cfg.group_by or folder_metadata_files(cfg.dataset.name):
             schema = check_meta_columns(cfg.dataset, cfg.meta_columns)
             if cfg.filter:
                 check_gallery_filter(cfg.filter, schema)

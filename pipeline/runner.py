@@ -511,12 +511,12 @@ def picture_signatures(nb: Neighbours, files: list[str], shas: list[str], limit:
 
     # The drawing code and what it draws with: the composites, the JPEG encoder, the font's package.
     code = code_signature(plots_module, images_module, pictures_module) + matplotlib.__version__
+    captions = names or files
     out: dict[str, tuple[int, str]] = {}
     for i in range(limit):
         name = picture_name(files[i])
         if name in out:
             continue
-        captions = names or files
         shown = [(files[j], shas[j], captions[j], f"{d:.3f}") for j, d in zip(nb.indices[i], nb.distances[i]) if j >= 0]
         key = json.dumps([code, files[i], shas[i], captions[i], shown])
         out[name] = (i, sha256_bytes(key.encode()))
