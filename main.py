@@ -198,6 +198,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     _add(
         model,
+        "--int8-profile",
+        choices=["auto", "vnni", "amx"],
+        help="with --export-onnx --quantization static: the CPU kind the int8 graph is written for: amx (attention "
+        "products in float, GELUs in uint8: less conversion where AMX makes the int8 GEMMs cheap), vnni (the rest), "
+        "auto (this CPU's kind); either file runs on every CPU",
+    )
+    _add(
+        model,
         "--decode",
         choices=["auto", "cpu", "cpu-simd", "device"],
         help="where JPEGs are decoded and preprocessed: cpu = Pillow decodes and resizes (CLIPImageProcessorPil's "

@@ -285,19 +285,20 @@ class Assets:
     def onnx(self, quantization: str = "static") -> Path:
         """int8 ONNX (and fp32 beside it, and the text tower), made with the pipeline's own export."""
         from pipeline.embedders import text_onnx_path_for
-        from pipeline.export import INT8_RECIPES, export_onnx
+        from pipeline.export import export_onnx, int8_profile, int8_recipe
 
         if quantization == "static" and self.static_onnx is not None:
             return self.static_onnx
         path = self.work / "onnx" / f"{self.model_tag}_image_int8_{quantization}.onnx"
         # A file made before its model had a tokenizer has no text tower: made again.
         text = text_onnx_path_for(path).is_file() or not (self.clip() / "tokenizer.json").is_file()
-        if not (path.is_file() and text and int8_recipe(path) == INT8_RECIPES[quantization]):
+        # the default export of this CPU: with its own profile (--int8-profile auto)
+        if not (path.is_file() and text and recipe_of(path) == int8_recipe(quantization, int8_profile())):
             export_onnx(str(self.clip()), path, quantization=quantization)
         return path
 
 
-def int8_recipe(path: Path) -> str | None:
+def recipe_of(path: Path) -> str | None:
     """The int8 recipe an export recorded in its file (pipeline/export.py), None before recipes were."""
     if not path.is_file():
         return None

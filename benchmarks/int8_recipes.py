@@ -5,7 +5,7 @@ the pipeline's session options), kernel time by op type and the share of format 
 (Quantize/DequantizeLinear) and float Adds, cosine to the fp32 file on the 24 export verification
 pictures, and whether one picture alone gives the same vector as in the batch.
 
-    python -m benchmarks.int8_recipes [--seconds 6] [--recipes qdq-out,conv-too+bias,...]
+    python -m benchmarks.int8_recipes [--seconds 6] [--rounds 3] [--recipes qdq-out,conv-too+bias,...]
     python -m benchmarks.int8_recipes --tiny          # tiny model: checks the script
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,25 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
                                     "each MatMulInteger + Cast + Mul + bias Add by one MatMulIntegerToFloat",
                                     {"_optimizer": True, "_dynamic": True, "_static_ranges": True,
                                      "op_types_to_quantize": ["MatMul", "Attention"]}),
+    "nbits8": ("onnxruntime's weight-only MatMulNBits, 8-bit weights in blocks of 32 along K, int8 compute "
+               "(accuracy_level 4: each row of activations quantized in the kernel, so no QuantizeLinear and no "
+               "calibration); the patch convolution fp32",
+               {"_nbits": 32}),
+    "skip-ln+bias": ("conv-too+bias with each residual Add and the LayerNorm after it as one "
+                     "SkipLayerNormalization (contrib): no float Add between the layers",
+                     {"op_types_to_quantize": ["MatMul", "Conv"], "_cpu_graph": True, "_post": "skip_layer_norm",
+                      "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
+    "qgemm-gelu+bias": ("conv-too+bias with each MLP's first MatMul as QGemm with a uint8 output (its range "
+                        "calibrated as the export's), the GELU x*sigmoid(1.702x) in uint8 (QLinearSigmoid, "
+                        "QLinearMul into the second MatMul's input scale): no QuantizeLinear on the 3,072 GELU "
+                        "outputs",
+                        {"op_types_to_quantize": ["MatMul", "Conv"], "_cpu_graph": True, "_post": "uint8_gelu",
+                         "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
+    "attn-float+qgemm-gelu": ("attn-float+bias and qgemm-gelu+bias together: the fewest QuantizeLinear of the "
+                              "recipes here (the export's AMX profile, --int8-profile amx)",
+                              {"op_types_to_quantize": ["MatMul", "Conv"], "_cpu_graph": True, "_float_attention": True,
+                               "_post": "uint8_gelu",
+                               "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
     "add-too": ("MatMul and Add quantized (bias and residual Adds: QLinearAdd)",
                 {"op_types_to_quantize": ["MatMul", "Add"]}),
     "all-ops": ("MatMul, Add, Mul, Softmax, Transpose, Reshape quantized (activations int8 throughout)",
@@ -79,6 +99,10 @@ def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dic
     fuse, dynamic = kwargs.pop("_cpu_graph", False), kwargs.pop("_dynamic", False)
     static_ranges = kwargs.pop("_static_ranges", False)
     float_attention = kwargs.pop("_float_attention", False)
+    post, nbits = kwargs.pop("_post", None), kwargs.pop("_nbits", 0)
+    if nbits:
+        nbits_weights(fp32, out, nbits)
+        return
     if kwargs.pop("_optimizer", False):
         heads, width = heads_width
         source = pre.with_name(f"optimized-{heads}x{width}.onnx")  # by what it was made for
@@ -110,24 +134,67 @@ def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dic
         from pipeline.export import _save_cpu_graph
 
         _save_cpu_graph(out)
+    if post == "skip_layer_norm":
+        skip_layer_norm(out)
+    elif post == "uint8_gelu":  # as the export's AMX profile rewrites its file
+        from pipeline.export import _uint8_gelus
+
+        _uint8_gelus(out, calib)
+
+
+def nbits_weights(fp32: Path, out: Path, block: int) -> None:
+    """Every MatMul with a constant weight as MatMulNBits: 8-bit symmetric weights in blocks of `block`
+    along K, int8 compute (accuracy_level 4), by onnxruntime's own quantizer."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    import onnx
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=8)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=8, block_size=block, is_symmetric=True,
+                                     accuracy_level=4, algo_config=config)
+    quantizer.process()
+    onnx.save(quantizer.model.model, str(out))
+
+
+def skip_layer_norm(path: Path) -> None:
+    """Rewrite in place: each Add whose only other reader is a LayerNormalization over the last axis,
+    and that LayerNormalization, as one SkipLayerNormalization (com.microsoft); the sum, where other
+    nodes read it (the residual stream), is its fourth output."""
+    import onnx
+    from onnx import helper
+    from pipeline.int8graph import _graph_maps, _set_nodes
+
+    model = onnx.load(str(path))
+    _, producer, graph_outputs, users = _graph_maps(model.graph)
+    drop, replace = set(), {}
+    for ln in model.graph.node:
+        attrs = {a.name: a for a in ln.attribute}
+        add = producer.get(ln.input[0]) if ln.op_type == "LayerNormalization" else None
+        if add is None or add.op_type != "Add" or id(add) in drop or ("axis" in attrs and attrs["axis"].i != -1):
+            continue
+        total = add.output[0]
+        kept = total in graph_outputs or any(u is not ln for u in users.get(total, []))
+        replace[id(ln)] = helper.make_node(
+            "SkipLayerNormalization", [add.input[0], add.input[1], *ln.input[1:3]],
+            [ln.output[0], "", "", total if kept else ""], domain="com.microsoft", name=ln.name + "_skip",
+            epsilon=attrs["epsilon"].f if "epsilon" in attrs else 1e-5)
+        drop.add(id(add))
+    _set_nodes(model, [replace.get(id(n), n) for n in model.graph.node if id(n) not in drop])
+    onnx.save(model, str(path))
 
 
 def activation_products(path: Path, named: Path) -> tuple[Path, list[str]]:
     """The MatMuls of the file at `path` whose inputs are both activations (a transformer's
-    attention products): (the file to quantize, their names). Unnamed ones are named in a copy at
-    `named`, which is then the file; `path` is left as it is (other recipes start from it)."""
+    attention products; pipeline.int8graph.activation_products, as the AMX profile finds them):
+    (the file to quantize, their names). Unnamed ones are named in a copy at `named`, which is then
+    the file; `path` is left as it is (other recipes start from it)."""
     import onnx
+    from pipeline.int8graph import activation_products as products
 
     model = onnx.load(str(path))
-    constant = {t.name for t in model.graph.initializer}
-    constant |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
-    names, renamed = [], False
-    for i, node in enumerate(model.graph.node):
-        if node.op_type == "MatMul" and not any(x in constant for x in node.input):
-            if not node.name:
-                node.name, renamed = f"activation_matmul_{i}", True
-            names.append(node.name)
-    if not renamed:
+    before = [n.name for n in model.graph.node]
+    names = products(model)
+    if [n.name for n in model.graph.node] == before:
         return path, names
     onnx.save(model, str(named))
     return named, names
@@ -241,8 +308,10 @@ def measure(path: Path, fp32_out: np.ndarray, pixels: np.ndarray, seconds: float
     cos = feature_cosines(got, fp32_out)
     hw = pixels.shape[2:]
     shares = op_profile(path, 32, 3)
+    run = partial(rate, lambda x: sess.run(None, {"pixel_values": x}), 32, seconds, (int(hw[0]), int(hw[1])))
+    first = run()
     return {
-        "img_s": rate(lambda x: sess.run(None, {"pixel_values": x}), 32, seconds, (int(hw[0]), int(hw[1]))),
+        "img_s": first, "rates": [first], "rate": run,
         "cos_min": float(cos.min()), "cos_mean": float(cos.mean()),
         "alone_equal": bool(np.array_equal(alone[0], got[0])),
         "conversion": conversion_share(shares), "shares": shares,
@@ -253,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = make_parser(__doc__)
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma list of " + ", ".join(RECIPES))
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every recipe's rate this many times, in alternating order, and give the median "
+                         "(on a VM whose speed drifts, the figures of one round compare)")
     args = parse_args(ap, argv, tiny={"seconds": 0.1})
     print(machine_line(), flush=True)
     import onnxruntime as ort
@@ -288,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
         top = ", ".join(f"{op} {s:.1%}" for op, s in list(m["shares"].items())[:7])
         print(f"{name}: {what}\n  {m['img_s']:.1f} img/s, conversion + float Add {m['conversion']:.1%}; {top}",
               flush=True)
+    for r in range(1, args.rounds):  # the first round ran as each recipe was made
+        for m in (list(rows.values())[::-1] if r % 2 else rows.values()):
+            m["rates"].append(m["rate"]())
+    if args.rounds > 1:
+        print(f"\nrates in {args.rounds} rounds, alternating order (img/s, batch 32):")
+        for name, m in rows.items():
+            m["img_s"] = float(np.median(m["rates"]))
+            print(f"  {name}: median {m['img_s']:.1f} of " + ", ".join(f"{x:.1f}" for x in m["rates"]))
     base_name = "qdq-out" if "qdq-out" in rows else names[0]
     base = rows[base_name]
     print(f"\n| recipe | img/s, batch 32 | vs {base_name} | conversion + Add | cosine to fp32, min / mean "

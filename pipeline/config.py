@@ -77,6 +77,7 @@ class ExportSpec:
     enabled: bool = False
     quantization: str = "static"  # static (calibrated, saved for onnxruntime's CPU) | static-qdq | dynamic
     per_tensor: bool = False
+    int8_profile: str = "auto"  # the static CPU graph's CPU kind: auto (this CPU's) | vnni | amx
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "export_onnx": ("export", "enabled"),
     "quantization": ("export", "quantization"),
     "per_tensor": ("export", "per_tensor"),
+    "int8_profile": ("export", "int8_profile"),
     "serve": ("serve", "enabled"),
     "host": ("serve", "host"),
     "port": ("serve", "port"),

@@ -72,15 +72,20 @@ from .embedders import (
 from .errors import PipelineError, first_line
 from .fileio import link_or_copy, sha256_file, waiting_lock
 from .int8graph import (
+    AMX_RECIPE,
     CPU_GRAPH_RECIPE,
     FUSED_RECIPE,
     META_INT8_RECIPE,
+    activation_products,
     cpu_graph,
     cpu_model,
     per_position_gemm,
     pools_as_convolutions,
     scales_into_matmuls,
+    sigmoid_gelus,
+    uint8_gelu,
 )
+from .machine import cpu_info
 from .onnxspeed import measure_export
 from .preprocess import preprocess_batch
 from .probes import META_PROBES, ProbeRecord, probe_pixels
@@ -175,6 +180,7 @@ def export_onnx(
     per_channel: bool = True,
     quantization: str = "static",
     calibration_images: Sequence[Image.Image] | None = None,
+    profile: str = "auto",
 ) -> ExportReport:
     """Export, quantize and verify; files appear at their final paths only if verification passes.
 
@@ -187,13 +193,14 @@ def export_onnx(
             "static-qdq" (the same as portable QDQ) or "dynamic".
         calibration_images: RGB images for the static ranges (default: 64 generated pictures that
             are not the verification set); gallery images give the best ranges.
+        profile: the static CPU graph for which CPU kind (INT8_PROFILES; "auto": this CPU's).
     Raises:
         PipelineError: the export, quantization or verification failed (nothing is left behind).
     """
     _require_export_packages()
     job = None
     try:
-        job = _ImageExport(model, Path(int8_path), per_channel, quantization)
+        job = _ImageExport(model, Path(int8_path), per_channel, quantization, int8_profile(profile))
         job.export_fp32()
         job.torch_steps(images)  # everything torch is needed for, then the model is let go
         job.quantize(calibration_images)
@@ -234,8 +241,11 @@ class _ImageExport:
     file beside it (EXTERNAL_DATA_BYTES) finds them there once moved; remove_temp_files removes the
     folder and whatever is left in it."""
 
-    def __init__(self, model: str, int8_path: Path, per_channel: bool, quantization: str) -> None:
+    def __init__(self, model: str, int8_path: Path, per_channel: bool, quantization: str,
+                 profile: str = "vnni") -> None:
         self.model, self.quantization, self.per_channel = model, quantization, per_channel
+        self.profile = profile
+        self.recipe = int8_recipe(quantization, profile)
         self.int8_path, self.fp32_path = int8_path, fp32_path_for(int8_path)
         int8_path.parent.mkdir(parents=True, exist_ok=True)
         self.family = family_of(model)
@@ -302,9 +312,13 @@ class _ImageExport:
                 self.quantization, mode, len(calib),
             )
             calib_pixels = preprocess_batch(calib, self.prep)
-            _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels, self.per_channel, self.external)
+            amx = self.recipe == AMX_RECIPE
+            _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels, self.per_channel, self.external,
+                             float_attention=amx)
             if self.quantization == "static":
                 _save_cpu_graph(self.tmp_int8)
+                if amx:
+                    _uint8_gelus(self.tmp_int8, calib_pixels)
             else:
                 _as_one_file(self.tmp_int8)
         else:
@@ -382,7 +396,7 @@ class _ImageExport:
         """Both verified files on this CPU (onnxspeed.measure_export), the int8 one as a CPU session
         will run it; a failed measurement is said in its line and fails nothing."""
         try:
-            meta = {META_INT8_RECIPE: INT8_RECIPES[self.quantization]}  # written into the file only later
+            meta = {META_INT8_RECIPE: self.recipe}  # written into the file only later
             lines = measure_export(cpu_model(self.tmp_int8, meta) or self.tmp_int8, self.tmp_fp32,
                                    dynamic=self.quantization == "dynamic").lines()
         except Exception as e:  # onnxruntime raises many types; the files themselves are verified
@@ -402,7 +416,7 @@ class _ImageExport:
         precision = f"int8-{kind}-matmul-{self.weight_mode}-7bit"
         fp32_meta = {**meta, META_PRECISION: "fp32", META_PROBES: records[self.tmp_fp32].to_json()}
         int8_meta = {**meta, META_PRECISION: precision, META_PROBES: records[self.tmp_int8].to_json(),
-                     META_INT8_RECIPE: INT8_RECIPES[self.quantization]}
+                     META_INT8_RECIPE: self.recipe}
         _set_metadata(onnx, self.tmp_fp32, fp32_meta)
         _set_metadata(onnx, self.tmp_int8, int8_meta)
         report.text_lines = self.text.lines
@@ -759,6 +773,30 @@ def _verify_text_graph(tower, enc, path: Path, masked: bool = True) -> tuple[str
 # "matmul-float-out+conv+cpu-graph" and its QDQ "matmul-float-out+conv" (Relus, Gemms and pools in
 # float); "matmul-float-out" from 2026-12-03; "matmul-qdq-out" before.
 INT8_RECIPES = {"static": CPU_GRAPH_RECIPE, "static-qdq": FUSED_RECIPE, "dynamic": "matmul-dynamic"}
+# --int8-profile: which static CPU graph the export writes. "vnni": CPU_GRAPH_RECIPE, the fastest
+# where the int8 GEMMs are most of the time (AVX-512 VNNI, AVX-VNNI, AVX2); "amx": AMX_RECIPE, whose
+# attention products stay in float and whose sigmoid GELUs run in uint8, so that fewer passes turn
+# activations between float and uint8 where AMX makes the GEMMs cheap (README, "Int8 by CPU kind");
+# "auto": the profile of the CPU the export runs on. Either file runs on every CPU, batch-independent.
+INT8_PROFILES = ("auto", "vnni", "amx")
+
+
+def int8_profile(profile: str = "auto") -> str:
+    """The profile `profile` names: "auto" is "amx" on a CPU with AMX int8 (amx_int8 in
+    /proc/cpuinfo), "vnni" elsewhere."""
+    if profile not in INT8_PROFILES:
+        raise PipelineError(f"unknown int8 profile {profile!r}; expected one of {', '.join(INT8_PROFILES)}")
+    if profile == "auto":
+        isa = cpu_info()["isa"]
+        return "amx" if isinstance(isa, list) and "amx_int8" in isa else "vnni"
+    return profile
+
+
+def int8_recipe(quantization: str, profile: str = "vnni") -> str:
+    """The recipe an export of `quantization` with the resolved `profile` records in its file: the
+    AMX profile changes the static CPU graph alone (portable QDQ and dynamic files are one recipe)."""
+    return AMX_RECIPE if quantization == "static" and profile == "amx" else INT8_RECIPES[quantization]
+
 # What the export's summary says of each (--quantization).
 INT8_FORMATS = {"static": "static, saved as onnxruntime's CPU runs it (--quantization static-qdq for portable QDQ)",
                 "static-qdq": "static, portable QDQ", "dynamic": "dynamic"}
@@ -809,11 +847,13 @@ def calibration_batch(pre: Path) -> int:
 
 
 def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool,
-                     external: bool = False) -> None:
+                     external: bool = False, float_attention: bool = False) -> None:
     """QDQ int8 for MatMul, the convolutions (a ViT's patch convolution, a ResNet's every one, its
     Relus folded into them) and every Gemm over every position: uint8 asymmetric activations
     (MinMax ranges), 7-bit int8 weights, MatMul and Gemm outputs in float. external: the fp32
-    file's weights are in a .data file, and so are those of every file made on the way."""
+    file's weights are in a .data file, and so are those of every file made on the way.
+    float_attention: the MatMuls of two activations (attention products) stay in float (the AMX
+    profile)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -822,7 +862,7 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     batch = calibration_batch(pre)
     log.info("calibrating %d picture(s) at a time", batch)
     Reader = calibration_reader(calib_pixels, batch)
-    per_picture_gemms = _before_quantization(pre, per_channel)
+    in_float = _before_quantization(pre, per_channel, float_attention)
     quantize_static(
         str(pre),
         str(out),
@@ -839,7 +879,7 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
         # attention output projection, a ResNet's attention pool) is a MatMul written otherwise;
         # one of a row per picture (a final projection) stays float, as it always was.
         op_types_to_quantize=["MatMul", "Conv", "Relu", "Clip", "Gemm"],
-        nodes_to_exclude=per_picture_gemms,
+        nodes_to_exclude=in_float,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         per_channel=per_channel,
@@ -854,13 +894,14 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     )
 
 
-def _before_quantization(pre: Path, per_channel: bool = True) -> list[str]:
+def _before_quantization(pre: Path, per_channel: bool = True, float_attention: bool = False) -> list[str]:
     """The float graph at `pre` with its pools rewritten as int8 runs them best
     (int8graph.pools_as_convolutions) and, for per-channel weights, its layer scales folded into the
     MatMul before them (int8graph.scales_into_matmuls: a ConvNeXt's); a ViT has neither, and its
     file is left as it is. Returns the names of the Gemms that do not run over every position
     (`per_position_gemm`), for the quantizer to leave in float (it matches nodes by name: an unnamed
-    Gemm is named first)."""
+    Gemm is named first), and with float_attention those of the MatMuls of two activations
+    (`activation_products`)."""
     import onnx
 
     model = onnx.load(str(pre), load_external_data=False)  # weights stay where they are, even over 2 GB
@@ -872,9 +913,38 @@ def _before_quantization(pre: Path, per_channel: bool = True) -> list[str]:
         if not node.name:
             node.name = f"gemm_{i}_{node.output[0]}"
             changed += 1
-    if changed:
+    products = activation_products(model) if float_attention else []
+    if changed or products:
         onnx.save(model, str(pre))
-    return [n.name for n in gemms if not per_position_gemm(model, n)]
+    return [n.name for n in gemms if not per_position_gemm(model, n)] + products
+
+
+def _uint8_gelus(path: Path, calib_pixels: np.ndarray) -> None:
+    """The CPU graph at `path` rewritten in place so that each sigmoid GELU between two int8 MatMuls
+    runs on uint8 values (int8graph.uint8_gelu, the AMX profile): the first MatMul's output range
+    calibrated as the quantizer calibrates (MinMax over the same pictures, in the same batches)."""
+    import onnxruntime as ort
+
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    chains = sigmoid_gelus(model)
+    if not chains:  # an exact or tanh GELU (SigLIP, open_clip) has no uint8 form here: left as it is
+        return
+    names = [mm.output[0] for mm, *_ in chains]
+    probe = onnx.load(str(path))
+    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    del probe
+    lo, hi = [0.0] * len(names), [0.0] * len(names)
+    batch = 8
+    for i in range(0, len(calib_pixels), batch):
+        for k, value in enumerate(sess.run(names, {sess.get_inputs()[0].name: calib_pixels[i : i + batch]})):
+            lo[k], hi[k] = min(lo[k], float(value.min())), max(hi[k], float(value.max()))
+    rewritten = uint8_gelu(model, list(zip(lo, hi)))
+    log.info("AMX profile: %d GELU(s) in uint8 (QGemm, QLinearSigmoid, QLinearMul)", rewritten)
+    onnx.save(model, str(path))
 
 
 def _save_cpu_graph(path: Path) -> None:

@@ -58,7 +58,11 @@ EVERY_REWRITE = frozenset({"matmul-float-out+conv", FUSED_RECIPE})  # the earlie
 # What the export writes now: FUSED_RECIPE's graph with `cpu_graph` made before it is saved; and the
 # files the export wrote so before (their QDQ recipe "matmul-float-out+conv"): already CPU graphs.
 CPU_GRAPH_RECIPE = FUSED_RECIPE + "+cpu-graph"
-CPU_GRAPH_RECIPES = frozenset({"matmul-float-out+conv+cpu-graph", CPU_GRAPH_RECIPE})
+# The AMX profile's (`--int8-profile amx`): the attention products left in float and each sigmoid
+# GELU computed in uint8 (`uint8_gelu`), fewer passes over float activations where AMX makes the
+# int8 GEMMs cheap (README, "Int8 by CPU kind").
+AMX_RECIPE = CPU_GRAPH_RECIPE + "+float-attention+uint8-gelu"
+CPU_GRAPH_RECIPES = frozenset({"matmul-float-out+conv+cpu-graph", CPU_GRAPH_RECIPE, AMX_RECIPE})
 META_INT8_RECIPE = "fashion_pipeline.int8_recipe"  # also pipeline/export.py's
 
 
@@ -546,6 +550,108 @@ def per_position_gemm(model: Any, node: Any) -> bool:
     if b.dim_param:
         return bool(r.dim_param) and r.dim_param != b.dim_param and r.dim_param.endswith("*" + b.dim_param)
     return r.dim_value > b.dim_value > 0 and r.dim_value % b.dim_value == 0
+
+
+def activation_products(model: Any) -> list[str]:
+    """The names of the MatMuls of a float graph whose inputs are all activations (a transformer's
+    attention products q.k and p.v), unnamed ones named first: the AMX profile leaves them to the
+    quantizer's `nodes_to_exclude`, which matches nodes by name."""
+    constant = {t.name for t in model.graph.initializer} | {
+        n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    names = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "MatMul" and not any(x in constant for x in node.input):
+            node.name = node.name or f"activation_matmul_{i}_{node.output[0]}"
+            names.append(node.name)
+    return names
+
+
+def sigmoid_gelus(model: Any) -> list[tuple[Any, ...]]:
+    """Each MatMulIntegerToFloat -> x * sigmoid(c x) -> QuantizeLinear chain of a CPU graph (CLIP's
+    QuickGelu between an MLP's two int8 MatMuls), as (matmul, the Mul by c, the Sigmoid, the Mul
+    that gates, the QuantizeLinear, c)."""
+    from onnx import numpy_helper
+
+    inits, _, _, users = _graph_maps(model.graph)
+
+    def only_user(name: str) -> Any:
+        got = users.get(name, [])
+        return got[0] if len(got) == 1 else None
+
+    chains = []
+    for mm in model.graph.node:
+        readers = users.get(mm.output[0], []) if mm.op_type == "MatMulIntegerToFloat" else []
+        scale = next((u for u in readers if u.op_type == "Mul" and any(i in inits for i in u.input)), None)
+        gate = next((u for u in readers if u.op_type == "Mul" and u is not scale), None)
+        sigmoid = only_user(scale.output[0]) if scale is not None and len(readers) == 2 else None
+        if scale is None or gate is None or sigmoid is None or sigmoid.op_type != "Sigmoid" \
+                or sigmoid.output[0] not in gate.input:
+            continue
+        c = numpy_helper.to_array(inits[next(i for i in scale.input if i in inits)])
+        quantize = only_user(gate.output[0])
+        if quantize is not None and quantize.op_type == "QuantizeLinear" and c.size == 1:
+            chains.append((mm, scale, sigmoid, gate, quantize, float(c.reshape(()))))
+    return chains
+
+
+def uint8_gelu(model: Any, ranges: list[tuple[float, float]]) -> int:
+    """Rewrite, in place, each `sigmoid_gelus` chain so that the GELU runs on uint8 values: the
+    MatMul as QGemm with a uint8 output (range `ranges[i]`, calibrated on its float output as the
+    export calibrates; the bias as int32 at the input scale times each column's), QLinearSigmoid
+    (c taken into its input scale; a table of 256 values) and QLinearMul into the QuantizeLinear's
+    scale, which the next MatMul reads as before. No float GELU and no QuantizeLinear on its output
+    are left. QGemm is 2-D: rows of every picture's tokens, then the input's shape again. Returns
+    the number of chains rewritten."""
+    import numpy as np
+
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    chains = sigmoid_gelus(model)
+
+    def constant(name: str, value: Any) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    replace, drop = {}, set()
+    for (mm, scale, sigmoid, gate, quantize, c), (low, high) in zip(chains, ranges, strict=True):
+        a, w, a_scale, w_scale = mm.input[:4]
+        p = mm.name or mm.output[0]
+        a_zero = mm.input[4] if len(mm.input) > 4 and mm.input[4] else constant(p + "_a_zero", np.uint8(0))
+        w_scales = numpy_helper.to_array(inits[w_scale]).astype(np.float32)
+        w_zero = mm.input[5] if len(mm.input) > 5 and mm.input[5] else constant(
+            p + "_w_zero", np.zeros(w_scales.shape, np.int8))
+        bias = mm.input[6] if len(mm.input) > 6 else ""
+        if bias:
+            step = float(numpy_helper.to_array(inits[a_scale])) * w_scales
+            bias = constant(p + "_bias_int32", np.round(numpy_helper.to_array(inits[bias]) / step).astype(np.int32))
+        k_in, n_out = inits[w].dims
+        low, high = min(low, 0.0), max(high, 0.0)  # as onnxruntime's MinMax: the range holds 0
+        y_step = (high - low) / 255.0 or 1.0
+        y_scale = constant(p + "_y_scale", np.float32(y_step))
+        y_zero = constant(p + "_y_zero", np.uint8(round(-low / y_step)))
+        s_scale, s_zero = constant(p + "_s_scale", np.float32(1 / 255)), constant(p + "_s_zero", np.uint8(0))
+        replace[id(mm)] = [
+            helper.make_node("Shape", [a], [p + "_shape"], name=p + "_shape"),
+            helper.make_node("Slice", [p + "_shape", constant(p + "_from", np.array([0])),
+                                       constant(p + "_to", np.array([-1]))], [p + "_lead"], name=p + "_lead"),
+            helper.make_node("Concat", [p + "_lead", constant(p + "_n", np.array([n_out]))], [p + "_out_shape"],
+                             axis=0, name=p + "_out_shape"),
+            helper.make_node("Reshape", [a, constant(p + "_rows", np.array([-1, k_in]))], [p + "_a2"], name=p + "_a2"),
+            helper.make_node("QGemm", [p + "_a2", a_scale, a_zero, w, w_scale, w_zero, bias, y_scale, y_zero],
+                             [p + "_y2"], domain="com.microsoft", name=p + "_qgemm"),
+            helper.make_node("Reshape", [p + "_y2", p + "_out_shape"], [p + "_y"], name=p + "_y"),
+            helper.make_node("QLinearSigmoid", [p + "_y", constant(p + "_c_scale", np.float32(y_step * c)), y_zero,
+                                                s_scale, s_zero], [p + "_s"], domain="com.microsoft",
+                             name=p + "_sigmoid"),
+            helper.make_node("QLinearMul", [p + "_y", y_scale, y_zero, p + "_s", s_scale, s_zero,
+                                            quantize.input[1], quantize.input[2]], [quantize.output[0]],
+                             domain="com.microsoft", name=p + "_gelu"),
+        ]
+        drop.update({id(scale), id(sigmoid), id(gate), id(quantize)})
+    _set_nodes(model, [m for n in graph.node if id(n) not in drop for m in replace.get(id(n), [n])])
+    return len(chains)
 
 
 def _has_subgraphs(graph: Any) -> bool:

@@ -29,7 +29,7 @@ from .dataset import iter_records
 from .duplicates import SIGNATURE_VERSION, DuplicateGroup, gallery_duplicates, write_duplicates_csv, write_groups
 from .embedders import on_cuda, text_onnx_path_for, tokenizer_path_for
 from .errors import CacheMismatchError, PipelineError
-from .export import INT8_FORMATS, export_onnx, verification_images
+from .export import INT8_FORMATS, export_onnx, int8_profile, verification_images
 from .fileio import (
     OutputLock,
     atomic_write_text,
@@ -608,10 +608,14 @@ def _run_export(cfg: RunConfig, sample_rows: int) -> RunSummary:
             per_channel=not cfg.export.per_tensor,
             quantization=cfg.export.quantization,
             calibration_images=calibration,
+            profile=cfg.export.int8_profile,
         )
     summary.notes.extend(report.lines())
     summary.count("verification images", report.images)
     kind = INT8_FORMATS.get(cfg.export.quantization, cfg.export.quantization)
+    if cfg.export.quantization == "static":
+        profile = int8_profile(cfg.export.int8_profile)
+        kind += f"; {profile} profile" + (" (this CPU's)" if cfg.export.int8_profile == "auto" else "")
     summary.outputs["int8 model"] = f"{report.int8_path} ({kind})"
     summary.outputs["fp32 model"] = str(report.fp32_path)
     text = text_onnx_path_for(report.int8_path)

@@ -61,7 +61,9 @@ def tiny_onnx(tiny_clip, tmp_path_factory) -> Path:
     folder = Path(ASSET_CACHE) / "onnx" if ASSET_CACHE else tmp_path_factory.mktemp("onnx")
     path = folder / "tiny_int8_matmul.onnx"
     if not (ASSET_CACHE and path.is_file() and _int8_recipe(path) == INT8_RECIPES["static"]):
-        export_onnx(str(tiny_clip), path)  # a cached file of an earlier recipe is made again
+        # a cached file of an earlier recipe is made again; the VNNI profile's graph on every CPU,
+        # so that the tests that share this file see the same graph wherever they run
+        export_onnx(str(tiny_clip), path, profile="vnni")
     return path
 
 

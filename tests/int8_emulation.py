@@ -9,8 +9,9 @@ MatMuls of the static QDQ model) run a widening kernel and are exact on every CP
 
 The graph is evaluated by onnx's reference evaluator, with each quantized MatMul replaced by the
 saturating version. The static export's graph holds onnxruntime's contrib ops (pipeline/int8graph.py):
-MatMulIntegerToFloat (u8 x s8, emulated so too), Gelu and FastGelu (their formulas). Slow (numpy),
-but exact; meant for tiny test models.
+MatMulIntegerToFloat (u8 x s8, emulated so too), Gelu and FastGelu (their formulas); the AMX
+profile's QGemm (u8 x s8 too, its uint8 output requantized), QLinearSigmoid and QLinearMul (uint8 in
+and out, by their formulas). Slow (numpy), but exact; meant for tiny test models.
 """
 
 from __future__ import annotations
@@ -118,6 +119,50 @@ class ContribFastGelu(OpRun):
         return ((0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))).astype(x.dtype),)
 
 
+def _requantize(y: np.ndarray, scale, zero) -> np.ndarray:
+    """float y as uint8 at scale and zero point (rounded half to even, as MLAS rounds)."""
+    q = np.rint(y / float(np.asarray(scale).reshape(-1)[0])) + int(np.asarray(zero).reshape(-1)[0])
+    return np.clip(q, 0, 255).astype(np.uint8)
+
+
+def _real(q: np.ndarray, scale, zero) -> np.ndarray:
+    return (q.astype(np.float64) - int(np.asarray(zero).reshape(-1)[0])) * float(np.asarray(scale).reshape(-1)[0])
+
+
+class ContribQGemm(OpRun):
+    """onnxruntime's contrib QGemm (transA = transB = 0, alpha 1, as the AMX profile writes it): the
+    u8 x s8 GEMM as on AVX2, the int32 bias, then scaled, and requantized where y_scale is given."""
+
+    op_domain = DOMAIN
+
+    def _run(self, a, a_scale, a_zp, b, b_scale, b_zp, c=None, y_scale=None, y_zp=None, **attrs):
+        if attrs.get("transA") or attrs.get("transB") or attrs.get("alpha", 1.0) != 1.0:
+            raise NotImplementedError(f"QGemm with {attrs} is not emulated")
+        acc = integer_matmul(a, b, a_zp, b_zp).astype(np.float64)
+        if c is not None:
+            acc = acc + c.astype(np.float64)
+        y = acc * float(np.asarray(a_scale).reshape(-1)[0]) * np.asarray(b_scale, np.float64).reshape(-1)
+        return (y.astype(np.float32) if y_scale is None else _requantize(y, y_scale, y_zp),)
+
+
+class ContribQLinearSigmoid(OpRun):
+    """onnxruntime's contrib QLinearSigmoid: sigmoid of the uint8 input's value, as uint8."""
+
+    op_domain = DOMAIN
+
+    def _run(self, x, x_scale, x_zp, y_scale, y_zp):
+        return (_requantize(1.0 / (1.0 + np.exp(-_real(x, x_scale, x_zp))), y_scale, y_zp),)
+
+
+class ContribQLinearMul(OpRun):
+    """onnxruntime's contrib QLinearMul: the product of two uint8 inputs' values, as uint8."""
+
+    op_domain = DOMAIN
+
+    def _run(self, a, a_scale, a_zp, b, b_scale, b_zp, c_scale, c_zp):
+        return (_requantize(_real(a, a_scale, a_zp) * _real(b, b_scale, b_zp), c_scale, c_zp),)
+
+
 def emulated_session(path: str | Path) -> ReferenceEvaluator:
     """An evaluator of the int8 file at `path` with every u8 x s8 GEMM computed as on AVX2."""
     model = onnx.load(str(path))
@@ -142,7 +187,8 @@ def emulated_session(path: str | Path) -> ReferenceEvaluator:
             )
         elif node.domain == "com.microsoft":  # the emulation's own, by name (onnx has a Gelu of its own)
             nodes.append(helper.make_node(f"Contrib{node.op_type}", list(node.input), list(node.output), domain=DOMAIN,
-                                          name=node.name))
+                                          name=node.name, **{a.name: helper.get_attribute_value(a)
+                                                             for a in node.attribute}))
         else:
             nodes.append(node)
     del graph.node[:]
@@ -153,7 +199,7 @@ def emulated_session(path: str | Path) -> ReferenceEvaluator:
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return ReferenceEvaluator(
         model, new_ops=[SaturatingMatMulInteger, SaturatingQdqMatMul, ContribMatMulIntegerToFloat, ContribGelu,
-                        ContribFastGelu]
+                        ContribFastGelu, ContribQGemm, ContribQLinearSigmoid, ContribQLinearMul]
     )
 
 

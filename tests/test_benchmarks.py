@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import (
@@ -112,6 +113,10 @@ IN_PROCESS = [
         r"^\| optimizer-static \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
         r"^\| optimizer-qattention \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| (yes|no) \|$",
         r"^\| optimizer-qattention-static \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
+        r"^\| skip-ln\+bias \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
+        r"^\| qgemm-gelu\+bias \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
+        r"^\| attn-float\+qgemm-gelu \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| yes \|$",
+        r"^\| nbits8 \| NUMBER \| NUMBERx \| NUMBER% \| NUMBER / NUMBER \| (yes|no) \|$",
     ]),
     (int8_cpus, "clip", [
         r"^\| int8 export \| weights \| img/s here \(batch 32\) \|",
@@ -143,6 +148,19 @@ def test_in_process_benchmark(module, given, patterns, request, capsys):
     if given == "work":
         args = ["--work", str(request.getfixturevalue("work"))]
     assert_rows(run_tiny(module, capsys, *args), *patterns)
+
+
+def test_int8_recipes_alternates_rounds(clip_args, capsys):
+    """--rounds 3: every recipe's rate measured three times in alternating order, the table giving
+    each one's median of its three."""
+    out = run_tiny(int8_recipes, capsys, *clip_args, "--recipes", "qdq-out,conv-too+bias", "--rounds", "3")
+    assert_rows(out, r"^rates in 3 rounds, alternating order \(img/s, batch 32\):$",
+                r"^  qdq-out: median NUMBER of NUMBER, NUMBER, NUMBER$",
+                r"^  conv-too\+bias: median NUMBER of NUMBER, NUMBER, NUMBER$")
+    for name in ("qdq-out", "conv-too\\+bias"):
+        rates = [float(x) for x in re.search(rf"^  {name}: median \S+ of (.*)$", out, re.MULTILINE)[1].split(", ")]
+        row = re.search(rf"^\| {name} \| (\S+) \|", out, re.MULTILINE)[1]
+        assert row == f"{np.median(rates):.1f}", (row, rates)
 
 
 def test_duplicates_measures_with_the_rule_it_calibrated(capsys, monkeypatch):

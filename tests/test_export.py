@@ -63,11 +63,14 @@ def test_export_writes_both_files_with_metadata(quantization, tiny_clip, tmp_pat
     assert len(shares) == 6 and list(shares.values()) == sorted(shares.values(), reverse=True)
     assert (kernel.group(3) == "within") == (float(kernel.group(2)) <= 10.0)
     assert re.search(r"^note: +one picture alone = the same picture in a batch of 32: bit for bit$", out, re.M), out
-    kind = {"static": "static, saved as onnxruntime's CPU runs it (--quantization static-qdq for portable QDQ)",
+    profile = export.int8_profile()  # auto: this CPU's kind (amx on an AMX Xeon, vnni elsewhere)
+    kind = {"static": "static, saved as onnxruntime's CPU runs it (--quantization static-qdq for portable QDQ); "
+                      f"{profile} profile (this CPU's)",
             "static-qdq": "static, portable QDQ"}[quantization]
     assert f"int8 model -> {target} ({kind})" in out
     recipe = file_metadata(target)[export.META_INT8_RECIPE]
-    assert recipe == export.INT8_RECIPES[quantization] and (recipe.endswith("+cpu-graph")) == (quantization == "static")
+    assert recipe == export.int8_recipe(quantization, profile)
+    assert ("+cpu-graph" in recipe) == (quantization == "static")
     # The default dataset is out of reach here (HF_HUB_OFFLINE): generated pictures, said so.
     assert "calibrated on generated pictures: lirus18/deepfashion could not be read" in out
 
@@ -186,6 +189,7 @@ def _job_ready_to_move(tmp_path: Path, tag: str) -> export._ImageExport:
 
     job = export._ImageExport.__new__(export._ImageExport)
     job.model, job.quantization, job.per_channel = f"model-{tag}", "static", True
+    job.profile, job.recipe = "vnni", export.int8_recipe("static")
     job.int8_path = tmp_path / "m_int8.onnx"
     job.fp32_path = export.fp32_path_for(job.int8_path)
     job.family, job.prep = SimpleNamespace(name="clip"), PreprocessConfig()
@@ -318,14 +322,15 @@ def _int8_weights(path):
     ]
 
 
-@pytest.mark.parametrize("quantization", ["static", "dynamic"])
-def test_int8_export_passes_on_avx2_without_vnni(quantization, tiny_clip, tmp_path, reference):
+@pytest.mark.parametrize("quantization, profile", [("static", "vnni"), ("static", "amx"), ("dynamic", "auto")])
+def test_int8_export_passes_on_avx2_without_vnni(quantization, profile, tiny_clip, tmp_path, reference):
     """The kernel of AVX2-only and AVX-512-without-VNNI CPUs, emulated on whatever CPU runs this: the
-    export must clear the same bar there (7-bit weights keep its int16 pair sums from saturating)."""
+    export must clear the same bar there (7-bit weights keep its int16 pair sums from saturating),
+    the AMX profile's file too (its QGemm is the same u8 x s8 GEMM)."""
     from tests.int8_emulation import run_emulated
 
     path = tmp_path / f"{quantization}_int8.onnx"
-    assert export.export_onnx(str(tiny_clip), path, quantization=quantization).passed
+    assert export.export_onnx(str(tiny_clip), path, quantization=quantization, profile=profile).passed
     weights = _int8_weights(path)
     assert weights and max(int(np.abs(w.astype(int)).max()) for w in weights) <= 64
     pixels, ref = reference
@@ -334,6 +339,55 @@ def test_int8_export_passes_on_avx2_without_vnni(quantization, tiny_clip, tmp_pa
     # Without saturation the emulation is the same arithmetic as this CPU's onnxruntime.
     native = export.run_onnx(__import__("onnxruntime"), path, pixels)
     assert export.feature_cosines(run_emulated(path, pixels), native).min() > 0.9999
+
+
+def test_the_amx_profile_keeps_gelus_in_uint8_and_attention_in_float(tiny_clip, tiny_onnx, tmp_path):
+    """--int8-profile amx: each sigmoid GELU between the MLP's int8 MatMuls runs on uint8 values
+    (QGemm with a uint8 output, QLinearSigmoid, QLinearMul: no float GELU, no QuantizeLinear on its
+    output) and the attention products stay float MatMuls, so fewer QuantizeLinear than the VNNI
+    profile's file; the same vectors within the int8 bar, one picture alone equal to it in a batch,
+    the recipe recorded in the file."""
+    import onnxruntime as ort
+
+    from pipeline.embedders import OnnxEmbedder, file_metadata
+    from pipeline.int8graph import AMX_RECIPE, CPU_GRAPH_RECIPE
+
+    path = tmp_path / "amx_int8.onnx"
+    assert export.export_onnx(str(tiny_clip), path, profile="amx").passed
+    assert file_metadata(path)[export.META_INT8_RECIPE] == AMX_RECIPE
+    assert file_metadata(tiny_onnx)[export.META_INT8_RECIPE] == CPU_GRAPH_RECIPE
+    layers = 2  # tests/assets.py's tiny CLIP
+    graph, vnni = onnx.load(str(path)).graph, onnx.load(str(tiny_onnx)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QGemm") == ops.count("QLinearSigmoid") == ops.count("QLinearMul") == layers, ops
+    assert "Sigmoid" not in ops and "QuickGelu" not in ops
+    producer = {o: n for n in graph.node for o in n.output}
+    products = [n for n in graph.node if n.op_type == "MatMul"]
+    assert len(products) == 2 * layers and all(
+        producer[i].op_type != "DequantizeLinear" for n in products for i in n.input if i in producer)
+    assert ops.count("QuantizeLinear") < [n.op_type for n in vnni.node].count("QuantizeLinear")
+    for gelu in (n for n in graph.node if n.op_type == "QLinearMul"):  # into the next int8 MatMul, directly
+        readers = [n for n in graph.node if gelu.output[0] in n.input]
+        assert [n.op_type for n in readers] == ["MatMulIntegerToFloat"], readers
+    pixels = export.preprocess_batch(export.verification_images(32), OnnxEmbedder(path).preprocess_cfg)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = sess.run(None, {"pixel_values": pixels})[0]
+    assert np.array_equal(sess.run(None, {"pixel_values": pixels[5:6]})[0][0], batch[5])
+    plain = export.run_onnx(ort, tiny_onnx, pixels)
+    assert export.feature_cosines(batch, plain).min() > 0.99
+
+
+def test_auto_int8_profile_is_the_cpus(monkeypatch):
+    """--int8-profile auto: amx on a CPU with AMX int8, vnni on any other; an unknown one refused."""
+    monkeypatch.setattr(export, "cpu_info", lambda: {"isa": ["avx2", "avx512f", "avx512_vnni", "amx_int8"]})
+    assert export.int8_profile() == export.int8_profile("auto") == "amx"
+    assert export.int8_profile("vnni") == "vnni"
+    monkeypatch.setattr(export, "cpu_info", lambda: {"isa": ["avx2"]})
+    assert export.int8_profile() == "vnni" and export.int8_profile("amx") == "amx"
+    with pytest.raises(export.PipelineError, match="unknown int8 profile 'avx'; expected one of auto, vnni, amx"):
+        export.int8_profile("avx")
+    assert export.int8_recipe("static", "amx").endswith("+float-attention+uint8-gelu")
+    assert export.int8_recipe("static-qdq", "amx") == export.INT8_RECIPES["static-qdq"]  # portable QDQ: one recipe
 
 
 @pytest.mark.parametrize("family", ["siglip", "open_clip", "open_clip-resnet", "open_clip-convnext"])
