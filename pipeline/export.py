@@ -317,8 +317,8 @@ class _ImageExport:
                              float_attention=amx)
             if self.quantization == "static":
                 _save_cpu_graph(self.tmp_int8)
-                if amx:
-                    _uint8_gelus(self.tmp_int8, calib_pixels)
+                if amx:  # its calibration runs in the batches the quantizer's did
+                    _uint8_gelus(self.tmp_int8, calib_pixels, calibration_batch(self.tmp_pre))
             else:
                 _as_one_file(self.tmp_int8)
         else:
@@ -919,7 +919,7 @@ def _before_quantization(pre: Path, per_channel: bool = True, float_attention: b
     return [n.name for n in gemms if not per_position_gemm(model, n)] + products
 
 
-def _uint8_gelus(path: Path, calib_pixels: np.ndarray) -> None:
+def _uint8_gelus(path: Path, calib_pixels: np.ndarray, batch: int = 8) -> None:
     """The CPU graph at `path` rewritten in place so that each sigmoid GELU between two int8 MatMuls
     runs on uint8 values (int8graph.uint8_gelu, the AMX profile): the first MatMul's output range
     calibrated as the quantizer calibrates (MinMax over the same pictures, in the same batches)."""
@@ -938,7 +938,6 @@ def _uint8_gelus(path: Path, calib_pixels: np.ndarray) -> None:
     sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     del probe
     lo, hi = [0.0] * len(names), [0.0] * len(names)
-    batch = 8
     for i in range(0, len(calib_pixels), batch):
         for k, value in enumerate(sess.run(names, {sess.get_inputs()[0].name: calib_pixels[i : i + batch]})):
             lo[k], hi[k] = min(lo[k], float(value.min())), max(hi[k], float(value.max()))
