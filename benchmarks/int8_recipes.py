@@ -294,7 +294,8 @@ def _count_ops(path: Path, ops: tuple[str, ...]) -> int:
     return sum(n.op_type in ops for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def measure(path: Path, fp32_out: np.ndarray, pixels: np.ndarray, seconds: float) -> dict[str, Any]:
+def measure(path: Path, fp32_out: np.ndarray, pixels: np.ndarray, seconds: float, keep: bool = False) -> dict[str, Any]:
+    """The recipe's figures; keep: its session stays open (under "rate") for more rounds."""
     import onnxruntime as ort
 
     from benchmarks.embed import op_profile, rate
@@ -311,7 +312,7 @@ def measure(path: Path, fp32_out: np.ndarray, pixels: np.ndarray, seconds: float
     run = partial(rate, lambda x: sess.run(None, {"pixel_values": x}), 32, seconds, (int(hw[0]), int(hw[1])))
     first = run()
     return {
-        "img_s": first, "rates": [first], "rate": run,
+        "img_s": first, "rates": [first], **({"rate": run} if keep else {}),
         "cos_min": float(cos.min()), "cos_mean": float(cos.mean()),
         "alone_equal": bool(np.array_equal(alone[0], got[0])),
         "conversion": conversion_share(shares), "shares": shares,
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         path = folder / f"{name}{fused_for}.onnx"
         if not path.is_file():
             make_recipe(fp32, folder / "pre.onnx", path, calib, kwargs, heads_width)
-        rows[name] = m = measure(path, fp32_out, pixels, args.seconds)
+        rows[name] = m = measure(path, fp32_out, pixels, args.seconds, keep=args.rounds > 1)
         attention = _count_ops(path, ("Attention", "QAttention"))
         if attention:
             what += f" [{attention} fused Attention ops in the file]"

@@ -921,8 +921,9 @@ def _before_quantization(pre: Path, per_channel: bool = True, float_attention: b
 
 def _uint8_gelus(path: Path, calib_pixels: np.ndarray, batch: int = 8) -> None:
     """The CPU graph at `path` rewritten in place so that each sigmoid GELU between two int8 MatMuls
-    runs on uint8 values (int8graph.uint8_gelu, the AMX profile): the first MatMul's output range
-    calibrated as the quantizer calibrates (MinMax over the same pictures, in the same batches)."""
+    runs on uint8 values (int8graph.uint8_gelu, the AMX profile). The first MatMul's output range is
+    calibrated as the quantizer calibrates (MinMax over the same pictures, in its batches), but on
+    this int8 graph's outputs, those the GELU will read, not the fp32 graph's."""
     import onnxruntime as ort
 
     import onnx
@@ -930,13 +931,13 @@ def _uint8_gelus(path: Path, calib_pixels: np.ndarray, batch: int = 8) -> None:
 
     model = onnx.load(str(path))
     chains = sigmoid_gelus(model)
-    if not chains:  # an exact or tanh GELU (SigLIP, open_clip) has no uint8 form here: left as it is
+    if not chains:  # an exact or tanh GELU (SigLIP, most open_clip towers) has no uint8 form here
         return
     names = [mm.output[0] for mm, *_ in chains]
-    probe = onnx.load(str(path))
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    del probe
+    outputs = len(model.graph.output)  # the model, the MatMuls' outputs read too, for one session
+    model.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    del model.graph.output[outputs:]
     lo, hi = [0.0] * len(names), [0.0] * len(names)
     for i in range(0, len(calib_pixels), batch):
         for k, value in enumerate(sess.run(names, {sess.get_inputs()[0].name: calib_pixels[i : i + batch]})):

@@ -589,7 +589,8 @@ def sigmoid_gelus(model: Any) -> list[tuple[Any, ...]]:
             continue
         c = numpy_helper.to_array(inits[next(i for i in scale.input if i in inits)])
         quantize = only_user(gate.output[0])
-        if quantize is not None and quantize.op_type == "QuantizeLinear" and c.size == 1:
+        two_d = mm.input[1] in inits and len(inits[mm.input[1]].dims) == 2  # QGemm's B is (K, N)
+        if quantize is not None and quantize.op_type == "QuantizeLinear" and c.size == 1 and two_d:
             chains.append((mm, scale, sigmoid, gate, quantize, float(c.reshape(()))))
     return chains
 
@@ -615,17 +616,18 @@ def uint8_gelu(model: Any, ranges: list[tuple[float, float]]) -> int:
         return name
 
     replace, drop = {}, set()
-    for (mm, scale, sigmoid, gate, quantize, c), (low, high) in zip(chains, ranges, strict=True):
+    for i, ((mm, scale, sigmoid, gate, quantize, c), (low, high)) in enumerate(zip(chains, ranges, strict=True)):
         a, w, a_scale, w_scale = mm.input[:4]
-        p = mm.name or mm.output[0]
+        p = f"uint8_gelu_{i}_{mm.name or mm.output[0]}"  # the names it adds: new in the graph
         a_zero = mm.input[4] if len(mm.input) > 4 and mm.input[4] else constant(p + "_a_zero", np.uint8(0))
         w_scales = numpy_helper.to_array(inits[w_scale]).astype(np.float32)
         w_zero = mm.input[5] if len(mm.input) > 5 and mm.input[5] else constant(
             p + "_w_zero", np.zeros(w_scales.shape, np.int8))
         bias = mm.input[6] if len(mm.input) > 6 else ""
         if bias:
-            step = float(numpy_helper.to_array(inits[a_scale])) * w_scales
-            bias = constant(p + "_bias_int32", np.round(numpy_helper.to_array(inits[bias]) / step).astype(np.int32))
+            step = float(numpy_helper.to_array(inits[a_scale]).reshape(-1)[0]) * w_scales
+            steps = np.round(numpy_helper.to_array(inits[bias]) / step)  # clipped as onnxruntime's quantizer does
+            bias = constant(p + "_bias_int32", np.clip(steps, -(2**31), 2**31 - 1).astype(np.int32))
         k_in, n_out = inits[w].dims
         low, high = min(low, 0.0), max(high, 0.0)  # as onnxruntime's MinMax: the range holds 0
         y_step = (high - low) / 255.0 or 1.0

@@ -53,6 +53,8 @@ def _unknown_backends(cfg: RunConfig) -> list[str]:
 
 _VIDEO_OPTIONS = {"video_dir", "frame_stride", "det_model", "det_conf", "det_backend", "track_gap",
                   "no_annotated_video"}
+_PROFILE_IS_STATIC = ("--int8-profile chooses the graph of --quantization static (the default); "
+                      "{quantization} files have one graph for every CPU")
 _EXPORT_STOPS = "--export-onnx makes the ONNX file and stops; run the pipeline as a second command"
 _EXPORT_WRITES_ONNX = (
     "--export-onnx writes where --onnx says (its text tower and tokenizer beside it), not in --output-dir: "
@@ -71,9 +73,10 @@ _EVAL_CHECKS: tuple[Check, ...] = (
 # At most one mode besides the gallery may be selected (check_config); the gallery runs when no other is.
 MODES: tuple[Mode, ...] = (
     Mode("export-onnx", "--export-onnx", lambda c: c.export.enabled, "pipeline.runner:run_export",
-         options=frozenset({"per_tensor", "quantization"}),
+         options=frozenset({"per_tensor", "quantization", "int8_profile"}),
          checks=((lambda c: c.from_cache or c.use_segmentation, _EXPORT_STOPS),
-                 (lambda c: "output_dir" in c.explicit, _EXPORT_WRITES_ONNX)),
+                 (lambda c: "output_dir" in c.explicit, _EXPORT_WRITES_ONNX),
+                 (lambda c: "int8_profile" in c.explicit and c.export.quantization != "static", _PROFILE_IS_STATIC)),
          holds_output=False, mirrors_output=False),
     Mode("video", "--video_clip", lambda c: bool(c.video.clip), "pipeline.video:run_video",
          options=frozenset(_VIDEO_OPTIONS)),
@@ -176,7 +179,8 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     shaping = (("--filter", cfg.filter), ("--group-by", cfg.group_by))
     values = {"unknown": _unknown_backends(cfg), "precision": cfg.embedder.precision,
               "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag,
-              "search_verb": "change" if all(on for _, on in shaping) else "changes"}
+              "search_verb": "change" if all(on for _, on in shaping) else "changes",
+              "quantization": cfg.export.quantization}
     for when, message in _BEFORE:
         if when(cfg):
             return message.format(**values)

@@ -126,17 +126,20 @@ def test_failed_verification_leaves_no_file(tiny_clip, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("quantization", ["static", "dynamic"])
-def test_towers_too_big_for_one_file_keep_their_weights_beside_it(quantization, tiny_clip, tiny_onnx, tmp_path,
-                                                                  monkeypatch):
+@pytest.mark.parametrize("quantization, profile", [("static", "vnni"), ("static", "amx"), ("dynamic", "vnni")])
+def test_towers_too_big_for_one_file_keep_their_weights_beside_it(quantization, profile, tiny_clip, tiny_onnx,
+                                                                  tmp_path, tmp_path_factory, monkeypatch):
     """SigLIP so400m's or a ViT-H's fp32 tower is over 1.5 GiB: its weights go in a .data file beside
     it (here every tower counts as that big). The int8 file stays one file; every file opens where
-    it lies and gives the vectors of an ordinary export; no temp folder is left."""
+    it lies and gives the vectors of an ordinary export (of the same profile); no temp folder is left."""
     size = export.EXTERNAL_DATA_BYTES
+    ordinary = tiny_onnx  # the VNNI profile's file, on every CPU
+    if profile == "amx":
+        ordinary = tmp_path_factory.mktemp("ordinary") / "m_int8_matmul.onnx"
+        assert export.export_onnx(str(tiny_clip), ordinary, profile="amx").passed
     monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
     target = tmp_path / "m_int8_matmul.onnx"
-    # the VNNI profile's graph on every CPU, as tiny_onnx's, which it is compared with
-    assert export.export_onnx(str(tiny_clip), target, quantization=quantization, profile="vnni").passed
+    assert export.export_onnx(str(tiny_clip), target, quantization=quantization, profile=profile).passed
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "m_fp32.onnx", "m_fp32.onnx.data", "m_int8_matmul.onnx", "m_text_fp32.onnx", "m_text_fp32.onnx.data",
         "m_text_tokenizer.json",
@@ -147,7 +150,7 @@ def test_towers_too_big_for_one_file_keep_their_weights_beside_it(quantization, 
     texts = ["a red dress", "blue jeans"]
     files = [(tmp_path / "m_fp32.onnx", export.fp32_path_for(tiny_onnx))]
     if quantization == "static":  # a dynamic file's vectors depend on its batch: compared with no file
-        files.append((target, tiny_onnx))
+        files.append((target, ordinary))
     for big, ordinary in files:
         got, want = OnnxEmbedder(big), OnnxEmbedder(ordinary)
         assert got.self_check.startswith("self-check passed")
@@ -158,7 +161,7 @@ def test_towers_too_big_for_one_file_keep_their_weights_beside_it(quantization, 
     # under its sha256 (keep_replaced); the text tower with a .data file is not.
     first = sha256_file(target)
     monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", size)
-    again = export.export_onnx(str(tiny_clip), target, quantization=quantization, profile="vnni")
+    again = export.export_onnx(str(tiny_clip), target, quantization=quantization, profile=profile)
     assert any("its weights in a .data file) is not kept" in line for line in again.kept_lines)  # said, not silent
     kept = [f"m_int8_matmul.{first[:12]}.onnx"] if sha256_file(target) != first else []
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([

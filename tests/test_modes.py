@@ -60,6 +60,10 @@ def test_modes_are_declared_once_and_the_gallery_comes_last():
         (RunConfig(exports=("parquet:out.parquet",), group_by="item_id", filter="price < 5"),
          "--filter and --group-by only change searches"),
         (RunConfig(export=ExportSpec(enabled=True), group_by="item_id"), "--export-onnx does not search"),
+        (RunConfig(explicit=frozenset({"int8_profile"})), "--int8-profile needs --export-onnx"),
+        (RunConfig(export=ExportSpec(enabled=True, quantization="dynamic", int8_profile="amx"),
+                   explicit=frozenset({"int8_profile"})),
+         "--int8-profile chooses the graph of --quantization static (the default); dynamic files have one graph"),
         (RunConfig(query=QuerySpec(texts=("red",), fusion="rrf"), explicit=frozenset({"fusion"})),
          "--fusion and --text-weight say how a picture and texts make one query"),
         (RunConfig(query=QuerySpec(images=("a.jpg",)), explicit=frozenset({"text_weight"})),
@@ -124,3 +128,12 @@ def test_help_shows_each_default_once_and_examples():
         block = text[text.index(f"\n  {flag} ") :].split("\n  -")[1]
         assert f"(default: {default})" in " ".join(block.split()), flag
     assert "examples:" in text and "exit codes: 0 all went well" in text
+
+
+def test_int8_profile_is_taken_with_a_static_export():
+    """--export-onnx --int8-profile amx (static, the default quantization) runs; --quantization
+    static-qdq with it is refused (its portable file has one graph)."""
+    chosen = frozenset({"int8_profile"})
+    assert check_config(RunConfig(export=ExportSpec(enabled=True, int8_profile="amx"), explicit=chosen), _spell) is None
+    qdq = ExportSpec(enabled=True, quantization="static-qdq", int8_profile="vnni")
+    assert "static-qdq files have one graph" in check_config(RunConfig(export=qdq, explicit=chosen), _spell)
