@@ -200,9 +200,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         model,
         "--int8-profile",
         choices=["auto", "vnni", "amx"],
-        help="with --export-onnx --quantization static: the CPU kind the int8 graph is written for: amx (attention "
-        "products in float, GELUs in uint8: less conversion where AMX makes the int8 GEMMs cheap), vnni (the rest), "
-        "auto (this CPU's kind); either file runs on every CPU",
+        help="with --export-onnx --quantization static: the CPU kind the int8 graph is written for: amx (for a tower "
+        "with a sigmoid GELU, CLIP's: attention products in float, the GELUs in uint8; less conversion where AMX makes "
+        "the int8 GEMMs cheap), vnni (the rest), auto (this CPU's kind); either file runs on every CPU",
     )
     _add(
         model,

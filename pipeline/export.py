@@ -79,6 +79,7 @@ from .int8graph import (
     activation_products,
     cpu_graph,
     cpu_model,
+    has_sigmoid_gelu,
     per_position_gemm,
     pools_as_convolutions,
     scales_into_matmuls,
@@ -114,6 +115,7 @@ class ExportReport:
     probe_fp32_min: float = 1.0
     probe_int8_min: float = 1.0
     probe_int8_bar: float = 1.0
+    profile: str = ""  # the int8 profile the static CPU graph was written for (vnni, amx)
     speed_lines: list[str] = field(default_factory=list)  # both files on this CPU (onnxspeed.CpuSpeed)
     text_lines: list[str] = field(default_factory=list)
     kept_lines: list[str] = field(default_factory=list)  # the earlier file this export replaced, kept
@@ -206,6 +208,7 @@ def export_onnx(
         job.quantize(calibration_images)
         report, records = job.verify()
         report.speed_lines = job.speed()
+        report.profile = job.profile
         job.write(report, records)
         return report
     except PipelineError:
@@ -312,9 +315,10 @@ class _ImageExport:
                 self.quantization, mode, len(calib),
             )
             calib_pixels = preprocess_batch(calib, self.prep)
-            amx = self.recipe == AMX_RECIPE
-            _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels, self.per_channel, self.external,
-                             float_attention=amx)
+            amx = _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels, self.per_channel,
+                                   self.external, amx=self.recipe == AMX_RECIPE)
+            if not amx:  # a tower without a sigmoid GELU gets the VNNI graph on every CPU: recorded so
+                self.profile, self.recipe = "vnni", int8_recipe(self.quantization)
             if self.quantization == "static":
                 _save_cpu_graph(self.tmp_int8)
                 if amx:  # its calibration runs in the batches the quantizer's did
@@ -787,8 +791,8 @@ def int8_profile(profile: str = "auto") -> str:
     if profile not in INT8_PROFILES:
         raise PipelineError(f"unknown int8 profile {profile!r}; expected one of {', '.join(INT8_PROFILES)}")
     if profile == "auto":
-        isa = cpu_info()["isa"]
-        return "amx" if isinstance(isa, list) and "amx_int8" in isa else "vnni"
+        isa = cpu_info().get("isa")
+        return "amx" if isinstance(isa, (list, tuple, set)) and "amx_int8" in isa else "vnni"
     return profile
 
 
@@ -847,13 +851,16 @@ def calibration_batch(pre: Path) -> int:
 
 
 def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool,
-                     external: bool = False, float_attention: bool = False) -> None:
+                     external: bool = False, amx: bool = False) -> bool:
     """QDQ int8 for MatMul, the convolutions (a ViT's patch convolution, a ResNet's every one, its
     Relus folded into them) and every Gemm over every position: uint8 asymmetric activations
     (MinMax ranges), 7-bit int8 weights, MatMul and Gemm outputs in float. external: the fp32
     file's weights are in a .data file, and so are those of every file made on the way.
-    float_attention: the MatMuls of two activations (attention products) stay in float (the AMX
-    profile)."""
+    amx: the AMX profile, where the tower has a sigmoid GELU (CLIP's; `has_sigmoid_gelu`): the
+    MatMuls of two activations (attention products) stay in float, and the uint8 GELU
+    (`_uint8_gelus`) follows. Without one, the profile's attention products in float alone were
+    slower (0.95-0.97x on an AMX Xeon, README "Int8 recipes on an AMX Xeon"): the VNNI graph is made.
+    Returns whether the AMX profile was made."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -862,7 +869,7 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     batch = calibration_batch(pre)
     log.info("calibrating %d picture(s) at a time", batch)
     Reader = calibration_reader(calib_pixels, batch)
-    in_float = _before_quantization(pre, per_channel, float_attention)
+    in_float, amx = _before_quantization(pre, per_channel, amx)
     quantize_static(
         str(pre),
         str(out),
@@ -892,16 +899,17 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
         # and closer to fp32 (benchmarks/int8_recipes.py); _save_cpu_graph then fuses the bias.
         extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
     )
+    return amx
 
 
-def _before_quantization(pre: Path, per_channel: bool = True, float_attention: bool = False) -> list[str]:
+def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False) -> tuple[list[str], bool]:
     """The float graph at `pre` with its pools rewritten as int8 runs them best
     (int8graph.pools_as_convolutions) and, for per-channel weights, its layer scales folded into the
     MatMul before them (int8graph.scales_into_matmuls: a ConvNeXt's); a ViT has neither, and its
     file is left as it is. Returns the names of the Gemms that do not run over every position
     (`per_position_gemm`), for the quantizer to leave in float (it matches nodes by name: an unnamed
-    Gemm is named first), and with float_attention those of the MatMuls of two activations
-    (`activation_products`)."""
+    Gemm is named first), and for the AMX profile, where the tower has a sigmoid GELU, those of the
+    MatMuls of two activations (`activation_products`); and whether that profile is made."""
     import onnx
 
     model = onnx.load(str(pre), load_external_data=False)  # weights stay where they are, even over 2 GB
@@ -913,10 +921,11 @@ def _before_quantization(pre: Path, per_channel: bool = True, float_attention: b
         if not node.name:
             node.name = f"gemm_{i}_{node.output[0]}"
             changed += 1
-    products = activation_products(model) if float_attention else []
+    amx = amx and has_sigmoid_gelu(model)
+    products = activation_products(model) if amx else []
     if changed or products:
         onnx.save(model, str(pre))
-    return [n.name for n in gemms if not per_position_gemm(model, n)] + products
+    return [n.name for n in gemms if not per_position_gemm(model, n)] + products, amx
 
 
 def _uint8_gelus(path: Path, calib_pixels: np.ndarray, batch: int = 8) -> None:

@@ -13,7 +13,9 @@ contrib op of onnxruntime), and two more:
 - `shapes_of_quantized`: a Shape that read the dequantized image input (once the patch
   convolution is quantized) reads the int8 tensor, which then is not dequantized at all.
 
-The export writes the rewritten graph (recipe CPU_GRAPH_RECIPE): the file is the graph every
+The export writes the rewritten graph (recipe CPU_GRAPH_RECIPE; for `--int8-profile amx` and a
+tower with a sigmoid GELU, AMX_RECIPE: `activation_products` left in float before quantizing and
+`uint8_gelu` after): the file is the graph every
 onnxruntime CPU session runs, in the user's own program too, with no step of ours (figures in the
 README, "Int8 recipes"). It is for onnxruntime's CPU provider, where the int8 file belongs: a GPU
 runs the fp32 file or the torch model, other runtimes the QDQ file of `--quantization static-qdq`.
@@ -566,6 +568,20 @@ def activation_products(model: Any) -> list[str]:
     return names
 
 
+def has_sigmoid_gelu(model: Any) -> bool:
+    """Whether a float graph computes x * sigmoid(c x) (CLIP's QuickGelu, written out by the
+    exporter): the AMX profile's uint8 GELU has something to rewrite (`uint8_gelu`)."""
+    inits, producer, _, users = _graph_maps(model.graph)
+    for sigmoid in model.graph.node:
+        scale = producer.get(sigmoid.input[0]) if sigmoid.op_type == "Sigmoid" else None
+        if scale is None or scale.op_type != "Mul" or not any(i in inits for i in scale.input):
+            continue
+        x = next(i for i in scale.input if i not in inits)
+        if any(u.op_type == "Mul" and set(u.input) == {x, sigmoid.output[0]} for u in users.get(x, [])):
+            return True
+    return False
+
+
 def sigmoid_gelus(model: Any) -> list[tuple[Any, ...]]:
     """Each MatMulIntegerToFloat -> x * sigmoid(c x) -> QuantizeLinear chain of a CPU graph (CLIP's
     QuickGelu between an MLP's two int8 MatMuls), as (matmul, the Mul by c, the Sigmoid, the Mul
@@ -585,12 +601,14 @@ def sigmoid_gelus(model: Any) -> list[tuple[Any, ...]]:
         gate = next((u for u in readers if u.op_type == "Mul" and u is not scale), None)
         sigmoid = only_user(scale.output[0]) if scale is not None and len(readers) == 2 else None
         if scale is None or gate is None or sigmoid is None or sigmoid.op_type != "Sigmoid" \
-                or sigmoid.output[0] not in gate.input:
+                or sigmoid.output[0] not in gate.input or only_user(sigmoid.output[0]) is not gate:
             continue
         c = numpy_helper.to_array(inits[next(i for i in scale.input if i in inits)])
         quantize = only_user(gate.output[0])
         two_d = mm.input[1] in inits and len(inits[mm.input[1]].dims) == 2  # QGemm's B is (K, N)
-        if quantize is not None and quantize.op_type == "QuantizeLinear" and c.size == 1 and two_d:
+        scales = all(name in inits for name in mm.input[2:4])
+        if quantize is not None and quantize.op_type == "QuantizeLinear" and len(quantize.input) == 3 \
+                and c.size == 1 and float(c.reshape(())) > 0 and two_d and scales:
             chains.append((mm, scale, sigmoid, gate, quantize, float(c.reshape(()))))
     return chains
 

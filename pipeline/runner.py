@@ -613,9 +613,9 @@ def _run_export(cfg: RunConfig, sample_rows: int) -> RunSummary:
     summary.notes.extend(report.lines())
     summary.count("verification images", report.images)
     kind = INT8_FORMATS.get(cfg.export.quantization, cfg.export.quantization)
-    if cfg.export.quantization == "static":
-        profile = int8_profile(cfg.export.int8_profile)
-        kind += f"; {profile} profile" + (" (this CPU's)" if cfg.export.int8_profile == "auto" else "")
+    if cfg.export.quantization == "static":  # the profile written: a tower without a sigmoid GELU gets vnni's
+        auto = cfg.export.int8_profile == "auto" and report.profile == int8_profile("auto")
+        kind += f"; {report.profile} profile" + (" (this CPU's)" if auto else "")
     summary.outputs["int8 model"] = f"{report.int8_path} ({kind})"
     summary.outputs["fp32 model"] = str(report.fp32_path)
     text = text_onnx_path_for(report.int8_path)

@@ -11,7 +11,9 @@ The graph is evaluated by onnx's reference evaluator, with each quantized MatMul
 saturating version. The static export's graph holds onnxruntime's contrib ops (pipeline/int8graph.py):
 MatMulIntegerToFloat (u8 x s8, emulated so too), Gelu and FastGelu (their formulas); the AMX
 profile's QGemm (u8 x s8 too, its uint8 output requantized), QLinearSigmoid and QLinearMul (uint8 in
-and out, by their formulas). Slow (numpy), but exact; meant for tiny test models.
+and out, by their formulas: onnxruntime's table for QLinearSigmoid and its float arithmetic may round a
+value to the next step where the emulation does not). Slow (numpy), exact for the integer GEMMs;
+meant for tiny test models.
 """
 
 from __future__ import annotations

@@ -357,7 +357,8 @@ def test_the_amx_profile_keeps_gelus_in_uint8_and_attention_in_float(tiny_clip, 
     from pipeline.int8graph import AMX_RECIPE, CPU_GRAPH_RECIPE
 
     path = tmp_path / "amx_int8.onnx"
-    assert export.export_onnx(str(tiny_clip), path, profile="amx").passed
+    report = export.export_onnx(str(tiny_clip), path, profile="amx")
+    assert report.passed and report.profile == "amx"
     assert file_metadata(path)[export.META_INT8_RECIPE] == AMX_RECIPE
     assert file_metadata(tiny_onnx)[export.META_INT8_RECIPE] == CPU_GRAPH_RECIPE
     layers = 2  # tests/assets.py's tiny CLIP
@@ -379,6 +380,25 @@ def test_the_amx_profile_keeps_gelus_in_uint8_and_attention_in_float(tiny_clip, 
     assert np.array_equal(sess.run(None, {"pixel_values": pixels[5:6]})[0][0], batch[5])
     plain = export.run_onnx(ort, tiny_onnx, pixels)
     assert export.feature_cosines(batch, plain).min() > 0.99
+
+
+def test_the_amx_profile_leaves_a_tower_without_a_sigmoid_gelu_as_vnni(tmp_path):
+    """SigLIP's GELU (tanh) has no uint8 form: asked for the AMX profile, the export writes the VNNI
+    graph (the attention products in float alone measured slower), records that recipe, and its
+    report says which profile it wrote."""
+    from pipeline.embedders import file_metadata
+    from pipeline.int8graph import CPU_GRAPH_RECIPE
+    from tests import assets
+
+    path = tmp_path / "siglip_int8.onnx"
+    report = export.export_onnx(str(assets.save_tiny_siglip(tmp_path / "m")), path, profile="amx")
+    assert report.passed and report.profile == "vnni"
+    assert file_metadata(path)[export.META_INT8_RECIPE] == CPU_GRAPH_RECIPE
+    graph = onnx.load(str(path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    products = [n for n in graph.node if n.op_type == "MatMul"]  # the attention products, int8 as VNNI's
+    assert products and all(producer[i].op_type == "DequantizeLinear" for n in products for i in n.input)
+    assert "QGemm" not in {n.op_type for n in graph.node}
 
 
 def test_auto_int8_profile_is_the_cpus(monkeypatch):
@@ -968,9 +988,10 @@ def test_gemms_of_a_row_per_picture_are_kept_out_of_int8_by_name(tmp_path):
                               value_info=[helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["3*batch", 8])])
     path = tmp_path / "pre.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    kept = export._before_quantization(path)
+    kept, amx = export._before_quantization(path)
     saved = {n.output[0]: n.name for n in onnx.load(str(path)).graph.node}
     assert kept == [saved["per_picture"]] and saved["per_picture"] and saved["per_position"] == "over_positions"
+    assert not amx  # no AMX profile asked for
 
 
 def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
