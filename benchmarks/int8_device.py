@@ -6,8 +6,9 @@ two of its cores, as issue 29 measured its 2-core AMX Xeon, within one device ca
     python -m benchmarks.int8_device --tiny          # the same steps, tiny, here (checks the script)
 
 Steps, each its own process pinned to the first two cores this process may use:
-1. `benchmarks.int8_recipes --recipes qdq-out,conv-too+bias`: the export of issue 29's day against
-   the default one, their kernel time by op type and conversion share (issue 29's 1.5x and 10% bar);
+1. `benchmarks.int8_recipes --recipes qdq-out,conv-too+bias,attn-float+qgemm-gelu`: the export of
+   issue 29's day against the VNNI and AMX profiles' graphs, their kernel time by op type and
+   conversion share (issue 29's 1.5x and 10% bar);
 2. `benchmarks.embed --int8 static --compare none --e2e-images 300`: rates at batch 1/8/32, the int8
    GEMM peak and the ceiling reached, and the end-to-end share.
 It needs only what the device machine's image holds (torch, transformers, onnxruntime, onnx,
@@ -28,7 +29,7 @@ from pathlib import Path
 from benchmarks.common import ROOT, machine_line, make_parser, parse_args
 
 STEPS: list[tuple[str, list[str], int]] = [  # (name, module and flags, seconds allowed)
-    ("int8 recipes", ["benchmarks.int8_recipes", "--recipes", "qdq-out,conv-too+bias"], 240),
+    ("int8 recipes", ["benchmarks.int8_recipes", "--recipes", "qdq-out,conv-too+bias,attn-float+qgemm-gelu"], 240),
     ("embed", ["benchmarks.embed", "--int8", "static", "--compare", "none", "--e2e-images", "300"], 300),
 ]
 
