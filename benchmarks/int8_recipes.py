@@ -213,22 +213,15 @@ def with_static_ranges(path: Path, fp32: Path, calib: np.ndarray) -> None:
     import onnx
     from onnx import helper, numpy_helper
     from pipeline.embedders import _session_options, available_cores
+    from pipeline.export import output_ranges
     from pipeline.int8graph import _graph_maps, _set_nodes
 
     model = onnx.load(str(path))
     graph = model.graph
     dql = [n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]
-    ref = onnx.load(str(fp32))
-    known = {o.name for o in ref.graph.output}
-    ref.graph.output.extend(helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None)
-                            for n in dql if n.input[0] not in known)
-    sess = ort.InferenceSession(ref.SerializeToString(), _session_options(ort, available_cores()),
-                                providers=["CPUExecutionProvider"])
-    names = [n.input[0] for n in dql]
-    lo, hi = {k: 0.0 for k in names}, {k: 0.0 for k in names}  # MinMax: the range always holds 0
-    for i in range(0, len(calib), 8):
-        for name, value in zip(names, sess.run(names, {sess.get_inputs()[0].name: calib[i : i + 8]})):
-            lo[name], hi[name] = min(lo[name], float(value.min())), max(hi[name], float(value.max()))
+    names = list(dict.fromkeys(n.input[0] for n in dql))
+    ranges = output_ranges(onnx.load(str(fp32)), names, calib, options=_session_options(ort, available_cores()))
+    lo, hi = {k: r[0] for k, r in zip(names, ranges)}, {k: r[1] for k, r in zip(names, ranges)}
     nodes = []
     for node in graph.node:
         if node.op_type != "DynamicQuantizeLinear":

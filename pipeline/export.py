@@ -248,7 +248,6 @@ class _ImageExport:
                  profile: str = "vnni") -> None:
         self.model, self.quantization, self.per_channel = model, quantization, per_channel
         self.profile = profile
-        self.recipe = int8_recipe(quantization, profile)
         self.int8_path, self.fp32_path = int8_path, fp32_path_for(int8_path)
         int8_path.parent.mkdir(parents=True, exist_ok=True)
         self.family = family_of(model)
@@ -318,7 +317,7 @@ class _ImageExport:
             amx = _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels, self.per_channel,
                                    self.external, amx=self.recipe == AMX_RECIPE)
             if not amx:  # a tower without a sigmoid GELU gets the VNNI graph on every CPU: recorded so
-                self.profile, self.recipe = "vnni", int8_recipe(self.quantization)
+                self.profile = "vnni"
             if self.quantization == "static":
                 _save_cpu_graph(self.tmp_int8)
                 if amx:  # its calibration runs in the batches the quantizer's did
@@ -329,6 +328,11 @@ class _ImageExport:
             raise PipelineError(
                 f"unknown quantization {self.quantization!r}; expected 'static', 'static-qdq' or 'dynamic'"
             )
+
+    @property
+    def recipe(self) -> str:
+        """The int8 recipe this export makes, recorded in its file."""
+        return int8_recipe(self.quantization, self.profile)
 
     @property
     def meta(self) -> dict[str, str]:
@@ -933,27 +937,39 @@ def _uint8_gelus(path: Path, calib_pixels: np.ndarray, batch: int = 8) -> None:
     runs on uint8 values (int8graph.uint8_gelu, the AMX profile). The first MatMul's output range is
     calibrated as the quantizer calibrates (MinMax over the same pictures, in its batches), but on
     this int8 graph's outputs, those the GELU will read, not the fp32 graph's."""
-    import onnxruntime as ort
-
     import onnx
-    from onnx import helper
 
     model = onnx.load(str(path))
     chains = sigmoid_gelus(model)
     if not chains:  # an exact or tanh GELU (SigLIP, most open_clip towers) has no uint8 form here
         return
-    names = [mm.output[0] for mm, *_ in chains]
-    outputs = len(model.graph.output)  # the model, the MatMuls' outputs read too, for one session
-    model.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    del model.graph.output[outputs:]
-    lo, hi = [0.0] * len(names), [0.0] * len(names)
-    for i in range(0, len(calib_pixels), batch):
-        for k, value in enumerate(sess.run(names, {sess.get_inputs()[0].name: calib_pixels[i : i + batch]})):
-            lo[k], hi[k] = min(lo[k], float(value.min())), max(hi[k], float(value.max()))
-    rewritten = uint8_gelu(model, list(zip(lo, hi)))
+    ranges = output_ranges(model, [mm.output[0] for mm, *_ in chains], calib_pixels, batch)
+    rewritten = uint8_gelu(model, chains, ranges)
     log.info("AMX profile: %d GELU(s) in uint8 (QGemm, QLinearSigmoid, QLinearMul)", rewritten)
     onnx.save(model, str(path))
+
+
+def output_ranges(model, names: list[str], pixels: np.ndarray, batch: int = 8,
+                  options=None) -> list[tuple[float, float]]:
+    """(min, max) of each named value of `model` over `pixels`, `batch` at a time, each range holding
+    0 (onnxruntime's MinMax calibration): the values are read as extra outputs of one session, and
+    the model is left as it was. options: the session's (default: onnxruntime's)."""
+    import onnxruntime as ort
+
+    import onnx
+    from onnx import helper
+
+    outputs = [o.name for o in model.graph.output]
+    count = len(outputs)
+    model.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in dict.fromkeys(names) if n not in outputs)
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del model.graph.output[count:]
+    lo, hi = [0.0] * len(names), [0.0] * len(names)
+    for i in range(0, len(pixels), batch):
+        for k, value in enumerate(sess.run(names, {sess.get_inputs()[0].name: pixels[i : i + batch]})):
+            lo[k], hi[k] = min(lo[k], float(value.min())), max(hi[k], float(value.max()))
+    return list(zip(lo, hi))
 
 
 def _save_cpu_graph(path: Path) -> None:

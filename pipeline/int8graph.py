@@ -568,55 +568,56 @@ def activation_products(model: Any) -> list[str]:
     return names
 
 
+def _sigmoid_gates(model: Any) -> list[tuple[str, Any, Any, Any, float]]:
+    """Each x * sigmoid(c x) of a graph, c > 0 one constant and the Sigmoid read by the gating Mul
+    alone: (x, the Mul by c, the Sigmoid, the Mul that gates, c)."""
+    from onnx import numpy_helper
+
+    inits, producer, _, users = _graph_maps(model.graph)
+    gates = []
+    for sigmoid in model.graph.node:
+        scale = producer.get(sigmoid.input[0]) if sigmoid.op_type == "Sigmoid" else None
+        if scale is None or scale.op_type != "Mul" or sum(i in inits for i in scale.input) != 1:
+            continue
+        x = next(i for i in scale.input if i not in inits)
+        c = numpy_helper.to_array(inits[next(i for i in scale.input if i in inits)])
+        readers = users.get(sigmoid.output[0], [])
+        gate = readers[0] if len(readers) == 1 else None
+        if gate is not None and gate.op_type == "Mul" and set(gate.input) == {x, sigmoid.output[0]} \
+                and c.size == 1 and float(c.reshape(())) > 0:
+            gates.append((x, scale, sigmoid, gate, float(c.reshape(()))))
+    return gates
+
+
 def has_sigmoid_gelu(model: Any) -> bool:
     """Whether a float graph computes x * sigmoid(c x) (CLIP's QuickGelu, written out by the
     exporter): the AMX profile's uint8 GELU has something to rewrite (`uint8_gelu`)."""
-    inits, producer, _, users = _graph_maps(model.graph)
-    for sigmoid in model.graph.node:
-        scale = producer.get(sigmoid.input[0]) if sigmoid.op_type == "Sigmoid" else None
-        if scale is None or scale.op_type != "Mul" or not any(i in inits for i in scale.input):
-            continue
-        x = next(i for i in scale.input if i not in inits)
-        if any(u.op_type == "Mul" and set(u.input) == {x, sigmoid.output[0]} for u in users.get(x, [])):
-            return True
-    return False
+    return bool(_sigmoid_gates(model))
 
 
 def sigmoid_gelus(model: Any) -> list[tuple[Any, ...]]:
     """Each MatMulIntegerToFloat -> x * sigmoid(c x) -> QuantizeLinear chain of a CPU graph (CLIP's
     QuickGelu between an MLP's two int8 MatMuls), as (matmul, the Mul by c, the Sigmoid, the Mul
     that gates, the QuantizeLinear, c)."""
-    from onnx import numpy_helper
-
-    inits, _, _, users = _graph_maps(model.graph)
-
-    def only_user(name: str) -> Any:
-        got = users.get(name, [])
-        return got[0] if len(got) == 1 else None
-
+    inits, producer, _, users = _graph_maps(model.graph)
     chains = []
-    for mm in model.graph.node:
-        readers = users.get(mm.output[0], []) if mm.op_type == "MatMulIntegerToFloat" else []
-        scale = next((u for u in readers if u.op_type == "Mul" and any(i in inits for i in u.input)), None)
-        gate = next((u for u in readers if u.op_type == "Mul" and u is not scale), None)
-        sigmoid = only_user(scale.output[0]) if scale is not None and len(readers) == 2 else None
-        if scale is None or gate is None or sigmoid is None or sigmoid.op_type != "Sigmoid" \
-                or sigmoid.output[0] not in gate.input or only_user(sigmoid.output[0]) is not gate:
+    for x, scale, sigmoid, gate, c in _sigmoid_gates(model):
+        mm, after = producer.get(x), users.get(gate.output[0], [])
+        if mm is None or mm.op_type != "MatMulIntegerToFloat" or len(users.get(x, [])) != 2 or len(after) != 1:
             continue
-        c = numpy_helper.to_array(inits[next(i for i in scale.input if i in inits)])
-        quantize = only_user(gate.output[0])
+        quantize = after[0]
         two_d = mm.input[1] in inits and len(inits[mm.input[1]].dims) == 2  # QGemm's B is (K, N)
         scales = all(name in inits for name in mm.input[2:4])
-        if quantize is not None and quantize.op_type == "QuantizeLinear" and len(quantize.input) == 3 \
-                and c.size == 1 and float(c.reshape(())) > 0 and two_d and scales:
-            chains.append((mm, scale, sigmoid, gate, quantize, float(c.reshape(()))))
+        if quantize.op_type == "QuantizeLinear" and len(quantize.input) == 3 and two_d and scales:
+            chains.append((mm, scale, sigmoid, gate, quantize, c))
     return chains
 
 
-def uint8_gelu(model: Any, ranges: list[tuple[float, float]]) -> int:
-    """Rewrite, in place, each `sigmoid_gelus` chain so that the GELU runs on uint8 values: the
-    MatMul as QGemm with a uint8 output (range `ranges[i]`, calibrated on its float output as the
-    export calibrates; the bias as int32 at the input scale times each column's), QLinearSigmoid
+def uint8_gelu(model: Any, chains: list[tuple[Any, ...]], ranges: list[tuple[float, float]]) -> int:
+    """Rewrite, in place, each chain `sigmoid_gelus` found on this model (`chains`) so that the GELU
+    runs on uint8 values: the MatMul as QGemm with a uint8 output (range `ranges[i]`, calibrated on
+    its float output as the export calibrates; the bias as int32 at the input scale times each
+    column's), QLinearSigmoid
     (c taken into its input scale; a table of 256 values) and QLinearMul into the QuantizeLinear's
     scale, which the next MatMul reads as before. No float GELU and no QuantizeLinear on its output
     are left. QGemm is 2-D: rows of every picture's tokens, then the input's shape again. Returns
@@ -627,7 +628,6 @@ def uint8_gelu(model: Any, ranges: list[tuple[float, float]]) -> int:
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    chains = sigmoid_gelus(model)
 
     def constant(name: str, value: Any) -> str:
         graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
