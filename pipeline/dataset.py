@@ -867,6 +867,10 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
       out, each said in a warning (warn: a second read of the same folder says nothing again)."""
     import pyarrow as pa
 
+    with os.scandir(root) as entries:
+        flat = not any(e.is_dir() and not e.name.startswith(".") for e in entries)
+    if flat and not folder_metadata_files(root):  # no column to read: the folder is not listed for it
+        return None
     every = [rel.replace(os.sep, "/") for rel in _list_images(root)]
     keys = every if spec.limit is None else every[: spec.limit]
     columns: dict[str, Any] = {}

@@ -593,14 +593,14 @@ def evaluation_scope(cfg: RunConfig, summary: RunSummary) -> EvaluationScope | N
     the dataset does not have."""
     if not (cfg.filter or cfg.group_by):
         return None
-    from .dataset import read_metadata
+    from .dataset import metadata_none_why, read_metadata
     from .filters import Filter, FilterError
     from .metadata import product_labels
 
     table = read_metadata(cfg.dataset, cfg.meta_columns)
     if table is None:
-        raise FilterError(f"--evaluate with --filter/--group-by: {cfg.dataset.name!r} has no metadata columns "
-                          "(a folder of pictures without subfolders or a metadata.csv, or a streamed dataset)")
+        raise FilterError(f"--evaluate with --filter/--group-by: {metadata_none_why(cfg.dataset.name)}: it has no "
+                          "metadata columns")
     source = np.asarray(arrow_numpy(table.column("source_row")), np.int64)
     table = table.drop_columns(["source_row"])
     size = int(source.max()) + 1 if len(source) else 0
