@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from fractions import Fraction
 
@@ -645,6 +646,10 @@ def test_a_segmented_gallerys_matches_name_the_crops_person(clip_dir, tiny_onnx,
     assert matches and {m["person"] for m in matches} == {0, 1}  # images 1, 4: one person; 2, 5: two
     names = {video.match_name(m) for m in matches}
     assert names == {f"people[{m['source_row']}]#p{m['person']}" for m in matches}
+    manifest = list(csv.DictReader((out / "embeddings_segment" / "manifest.csv").open(newline="")))
+    for m in matches:  # each match is its manifest line's crop: its person, photo and file, not another's
+        line = manifest[m["row"]]
+        assert (int(line["person"]), int(line["source_row"]), line["file"]) == (m["person"], m["source_row"], m["file"])
     twins = [(a, b) for r in res for p in r["persons"] for a, b in zip(p["matches"], p["matches"][1:])
              if a["file"] == b["file"]]
     assert twins and all(video.match_name(a) != video.match_name(b) for a, b in twins)
