@@ -193,7 +193,7 @@ def _job_ready_to_move(tmp_path: Path, tag: str) -> export._ImageExport:
 
     job = export._ImageExport.__new__(export._ImageExport)
     job.model, job.quantization, job.per_channel = f"model-{tag}", "static", True
-    job.profile, job.recipe = "vnni", export.int8_recipe("static")
+    job.profile = "vnni"  # its recipe follows (the VNNI graph)
     job.int8_path = tmp_path / "m_int8.onnx"
     job.fp32_path = export.fp32_path_for(job.int8_path)
     job.family, job.prep = SimpleNamespace(name="clip"), PreprocessConfig()
