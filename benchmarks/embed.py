@@ -21,6 +21,7 @@ import shutil
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -231,6 +232,80 @@ def end_to_end(assets: Assets, n: int, decode: str = "auto") -> RunSummary:
     return summary
 
 
+def photo_records(assets: Assets, n: int) -> list:
+    """The end-to-end dataset's first n rows as the pipeline's records (still encoded)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.dataset import Record
+
+    files = sorted((assets.dataset(n) / "data").glob("*.parquet"))
+    cells = pq.read_table(files[0], columns=["image"]).column("image").to_pylist()[:n]
+    return [Record(source_row=i, source=f"e2e[{i}]", data=c["bytes"]) for i, c in enumerate(cells)]
+
+
+def photo_parts(assets: Assets, n: int, rounds: int = 3) -> dict[str, float]:
+    """Milliseconds of one core per photo for each part of the embedding stage's CPU work, with the
+    pipeline's own functions in its order (pipeline/items.py, Pillow's resize), on the end-to-end
+    dataset's first n JPEGs, one thread, best of `rounds`; then the whole item pipeline the same way
+    (decode, hashes, signature, image file written, model input, thumbnail), to show what the parts
+    leave out."""
+    import tempfile
+
+    from pipeline.duplicates import look_signature, pixel_hash
+    from pipeline.fileio import sha256_bytes
+    from pipeline.images import decode_image, rgb_array
+    from pipeline.items import ItemPipeline, make_standard_items, write_image
+    from pipeline.plots import make_thumbnail
+    from pipeline.preprocess import PIL_PIXELS, PreprocessConfig, resize_for_model, to_model_input
+
+    prep = PreprocessConfig.from_model_dir(assets.clip())
+    records = photo_records(assets, n)
+    datas = [r.data for r in records]
+    best: dict[str, float] = {}
+
+    def timed(name: str, fn, inputs: list) -> list:
+        t = time.perf_counter()
+        out = [fn(x) for x in inputs]
+        best[name] = min(best.get(name, float("inf")), (time.perf_counter() - t) / len(inputs) * 1e3)
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write = partial(write_image, Path(tmp))
+        items = ItemPipeline(make_standard_items(prep.decode_min_side), write, prep, PIL_PIXELS)
+        for _ in range(rounds):
+            decoded = timed(f"decode at the model's DCT scale (min side {prep.decode_min_side})",
+                            lambda d: decode_image(d, prep.decode_min_side), datas)
+            images = [d.image for d in decoded]
+            timed("file sha256", sha256_bytes, datas)
+            timed("pixel hash", lambda d: pixel_hash(rgb_array(d.image), (d.width, d.height)), decoded)
+            timed("duplicate signature", look_signature, images)
+            resized = timed("resize for the model (Pillow)", lambda im: resize_for_model(im, prep, PIL_PIXELS), images)
+            timed("normalize", lambda im: to_model_input(im, prep), resized)
+            timed("thumbnail", make_thumbnail, resized)
+            timed("the item pipeline, whole", lambda r: items([r]), records)
+    return best
+
+
+def print_photo_parts(parts: dict[str, float], model_rate: float, lanes: int, e2e: float) -> None:
+    """Each part's cost per photo and core, and the end-to-end rate the model's own rate leaves room
+    for: with every core busy and nothing waiting, a photo costs its inference's core time plus its
+    CPU work, so end to end is at most inference / (inference + work) of the model-only rate."""
+    infer = lanes * 1e3 / model_rate  # ms of a core per photo: `lanes` single-threaded sessions at batch 32
+    *each, whole = parts.items()
+    print(f"\nper photo and core (one thread, best of 3; inference {infer:.2f} ms at batch 32 on {lanes} core(s)):")
+    for name, ms in each:
+        print(f"  {name:48s} {ms:6.2f} ms")
+    print(f"  {whole[0]:48s} {whole[1]:6.2f} ms (the parts sum to {sum(ms for _, ms in each):.2f})")
+
+    def ceiling(work: float) -> str:
+        return f"{infer / (infer + work):.0%}"
+
+    decode, resize, normalize = each[0][1], parts["resize for the model (Pillow)"], parts["normalize"]
+    print(f"end to end can reach at most (of the int8 model-only rate): {ceiling(decode)} with the decode alone, "
+          f"{ceiling(decode + resize + normalize)} with the model's pixels, {ceiling(whole[1])} with the whole "
+          f"item pipeline; measured {e2e / model_rate:.0%}")
+
+
 def end_to_end_rounds(assets: Assets, n: int, decodes: list[str], rounds: int) -> tuple[RunSummary, float]:
     """end_to_end for each decode in turn, `rounds` times; prints each run's rate and its stage
     times. Returns the first decode's last summary and its median rate."""
@@ -283,6 +358,8 @@ def print_ceiling(table: dict[str, dict[int, float]], gops: float, peaks: dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.embedders import available_cores
+
     ap = make_parser(__doc__)
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--e2e-images", type=int, default=1000)
@@ -316,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     print_ceiling(table, tower_gops(assets), peaks)
     for k, v in stages.items():
         print(f"  {k:40s} {v:7.1f} s")
+    print_photo_parts(photo_parts(assets, min(args.e2e_images, 200)), table[STATIC][32], available_cores(), e2e)
     int8_files = {STATIC: assets.onnx("static")}
     if DYNAMIC in table:
         int8_files[DYNAMIC] = assets.onnx("dynamic")
