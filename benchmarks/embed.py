@@ -256,7 +256,13 @@ def photo_parts(assets: Assets, n: int, rounds: int = 3) -> dict[str, float]:
     from pipeline.images import decode_image, rgb_array
     from pipeline.items import ItemPipeline, make_standard_items, write_image
     from pipeline.plots import make_thumbnail
-    from pipeline.preprocess import PIL_PIXELS, PreprocessConfig, resize_for_model, to_model_input
+    from pipeline.preprocess import (
+        PIL_PIXELS,
+        TORCH_RESIZE_PIXELS,
+        PreprocessConfig,
+        resize_for_model,
+        to_model_input,
+    )
 
     prep = PreprocessConfig.from_model_dir(assets.clip())
     records = photo_records(assets, n)
@@ -280,6 +286,8 @@ def photo_parts(assets: Assets, n: int, rounds: int = 3) -> dict[str, float]:
             timed("pixel hash", lambda d: pixel_hash(rgb_array(d.image), (d.width, d.height)), decoded)
             timed("duplicate signature", look_signature, images)
             resized = timed("resize for the model (Pillow)", lambda im: resize_for_model(im, prep, PIL_PIXELS), images)
+            timed("resize for the model (torch, --decode cpu-simd)",
+                  lambda im: resize_for_model(im, prep, TORCH_RESIZE_PIXELS), images)
             timed("normalize", lambda im: to_model_input(im, prep), resized)
             timed("thumbnail", make_thumbnail, resized)
             timed("the item pipeline, whole", lambda r: items([r]), records)
@@ -295,15 +303,18 @@ def print_photo_parts(parts: dict[str, float], model_rate: float, lanes: int, e2
     print(f"\nper photo and core (one thread, best of 3; inference {infer:.2f} ms at batch 32 on {lanes} core(s)):")
     for name, ms in each:
         print(f"  {name:48s} {ms:6.2f} ms")
-    print(f"  {whole[0]:48s} {whole[1]:6.2f} ms (the parts sum to {sum(ms for _, ms in each):.2f})")
+    pillow_parts = sum(ms for name, ms in each if "torch" not in name)
+    print(f"  {whole[0]:48s} {whole[1]:6.2f} ms (the parts with Pillow's resize sum to {pillow_parts:.2f})")
 
     def ceiling(work: float) -> str:
         return f"{infer / (infer + work):.0%}"
 
-    decode, resize, normalize = each[0][1], parts["resize for the model (Pillow)"], parts["normalize"]
-    print(f"end to end can reach at most (of the int8 model-only rate): {ceiling(decode)} with the decode alone, "
-          f"{ceiling(decode + resize + normalize)} with the model's pixels, {ceiling(whole[1])} with the whole "
-          f"item pipeline; measured {e2e / model_rate:.0%}")
+    decode, normalize = each[0][1], parts["normalize"]
+    pillow, torch = parts["resize for the model (Pillow)"], parts["resize for the model (torch, --decode cpu-simd)"]
+    print(f"end to end can reach at most (of the int8 model-only rate): {ceiling(decode)} with the decode alone; "
+          f"with the model's pixels {ceiling(decode + pillow + normalize)} (Pillow's resize), "
+          f"{ceiling(decode + torch + normalize)} (torch's); with the whole item pipeline {ceiling(whole[1])} "
+          f"({ceiling(whole[1] - pillow + torch)} with torch's resize); measured {e2e / model_rate:.0%}")
 
 
 def end_to_end_rounds(assets: Assets, n: int, decodes: list[str], rounds: int) -> tuple[RunSummary, float]:

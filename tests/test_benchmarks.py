@@ -102,9 +102,11 @@ IN_PROCESS = [
         r"^per photo and core \(one thread, best of 3; inference NUMBER ms at batch 32 on \d+ core\(s\)\):$",
         r"^  decode at the model's DCT scale \(min side \d+\) +NUMBER ms$",
         r"^  duplicate signature +NUMBER ms$",
-        r"^  the item pipeline, whole +NUMBER ms \(the parts sum to NUMBER\)$",
-        r"^end to end can reach at most \(of the int8 model-only rate\): NUMBER% with the decode alone, NUMBER% with "
-        r"the model's pixels, NUMBER% with the whole item pipeline; measured NUMBER%$",
+        r"^  resize for the model \(torch, --decode cpu-simd\) +NUMBER ms$",
+        r"^  the item pipeline, whole +NUMBER ms \(the parts with Pillow's resize sum to NUMBER\)$",
+        r"^end to end can reach at most \(of the int8 model-only rate\): NUMBER% with the decode alone; with the "
+        r"model's pixels NUMBER% \(Pillow's resize\), NUMBER% \(torch's\); with the whole item pipeline NUMBER% "
+        r"\(NUMBER% with torch's resize\); measured NUMBER%$",
         r"^\| FashionSigLIP ViT-B/16 \| onnxruntime int8 \(static, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
         r"^FashionSigLIP ViT-B/16 / tiny-clip, torch fp32, batch 32: NUMBERx the speed",
         r"^  FashionSigLIP ViT-B/16 int8 static: .*MatMulIntegerToFloat NUMBER%",
