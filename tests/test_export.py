@@ -382,6 +382,85 @@ def test_the_amx_profile_keeps_gelus_in_uint8_and_attention_in_float(tiny_clip, 
     assert export.feature_cosines(batch, plain).min() > 0.99
 
 
+@pytest.mark.parametrize("a_zero", [0, 1, 127, 128, 254, 255])
+def test_bias_columns_add_up_to_the_bias_exactly_within_seven_bits(a_zero):
+    """A QGemm's int32 bias as constant input columns: (values - zero point) @ rows is the bias, to
+    the integer, for any zero point; the rows stay within the 7 bits that keep AVX2's u8 x s8 pair
+    sums from saturating; one past what MAX_BIAS_COLUMNS columns carry is left to QGemm."""
+    from pipeline.int8graph import MAX_BIAS_COLUMNS, bias_columns
+
+    limit = 64 + 128 * 63 * (MAX_BIAS_COLUMNS - 1) - 1  # the largest every zero point carries
+    steps = np.concatenate([np.random.default_rng(a_zero).integers(-limit, limit + 1, 500),
+                            [0, 1, -1, 63, 64, -64, -65, 127, 128, -128, limit, -limit]])
+    values, rows = bias_columns(steps, a_zero)
+    assert values.dtype == np.uint8 and rows.dtype == np.int8 and rows.shape == (len(values), len(steps))
+    assert len(values) <= MAX_BIAS_COLUMNS and rows.min() >= -64 and rows.max() <= 63
+    assert np.array_equal((values.astype(np.int64) - a_zero) @ rows.astype(np.int64), steps)
+    assert len(bias_columns(np.array([0, 5, -3]), a_zero)[0]) == 1  # a small bias: one column
+    assert bias_columns(np.array([0, 64 + 128 * 63 * MAX_BIAS_COLUMNS]), a_zero) is None
+
+
+def _with_qgemm_biases(model):
+    """The AMX graph with each QGemm's bias put back as its own int32 input (the constant columns
+    dropped): what the export wrote before the bias columns."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in (n for n in model.graph.node if n.op_type == "QGemm"):
+        concat = producer[node.input[0]]
+        values = numpy_helper.to_array(inits[producer[concat.input[1]].input[0]]).reshape(-1).astype(np.int64)
+        weights = numpy_helper.to_array(inits[node.input[3]])
+        k = len(weights) - len(values)
+        zero = int(numpy_helper.to_array(inits[node.input[2]]))
+        steps = (values - zero) @ weights[k:].astype(np.int64)
+        model.graph.initializer.extend([numpy_helper.from_array(weights[:k], node.name + "_w_only"),
+                                        numpy_helper.from_array(steps.astype(np.int32), node.name + "_bias")])
+        node.input[0], node.input[3], node.input[6] = concat.input[0], node.name + "_w_only", node.name + "_bias"
+    return model
+
+
+def test_the_amx_profile_carries_each_gelu_bias_in_constant_columns(tiny_clip, tmp_path):
+    """onnxruntime's QGemm adds a bias input in a pass of its own (a third of its time on an AMX Xeon):
+    the AMX profile's QGemms read no bias but constant input columns with rows of weights that add
+    it, and give the same uint8 values as a QGemm given the bias, on this CPU's kernel and on AVX2's
+    (emulated) alike."""
+    import shutil
+
+    import onnxruntime as ort
+    import torch
+    from transformers import CLIPModel
+
+    from pipeline.embedders import OnnxEmbedder
+    from tests.int8_emulation import run_emulated
+
+    biased = tmp_path / "biased"
+    shutil.copytree(tiny_clip, biased)
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # transformers starts biases at 0; trained ones are not
+        for layer in model.vision_model.encoder.layers:
+            layer.mlp.fc1.bias.normal_(0.0, 3.0)
+    model.save_pretrained(biased)
+    path = tmp_path / "amx_int8.onnx"
+    assert export.export_onnx(str(biased), path, profile="amx").passed
+    graph = onnx.load(str(path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {i.name for i in graph.initializer}
+    qgemms = [n for n in graph.node if n.op_type == "QGemm"]
+    assert len(qgemms) == 2 and all(n.input[6] == "" for n in qgemms)
+    columns = [producer[producer[n.input[0]].input[1]] for n in qgemms]
+    assert all(c.op_type == "Expand" and c.input[0] in inits for c in columns)
+    widths = [onnx.numpy_helper.to_array(i).size for i in graph.initializer if i.name in {c.input[0] for c in columns}]
+    assert max(widths) > 1, widths  # biases this size need the coarse columns too
+    reference = tmp_path / "qgemm_bias.onnx"
+    onnx.save(_with_qgemm_biases(onnx.load(str(path))), str(reference))
+    pixels = export.preprocess_batch(export.verification_images(16), OnnxEmbedder(path).preprocess_cfg)
+    got = [export.run_onnx(ort, p, pixels) for p in (path, reference)]
+    assert np.array_equal(*got)
+    assert np.array_equal(run_emulated(path, pixels), run_emulated(reference, pixels))
+
+
 def test_the_amx_profile_leaves_a_tower_without_a_sigmoid_gelu_as_vnni(tmp_path):
     """SigLIP's GELU (tanh) has no uint8 form: asked for the AMX profile, the export writes the VNNI
     graph (the attention products in float alone measured slower), records that recipe, and its
@@ -410,7 +489,7 @@ def test_auto_int8_profile_is_the_cpus(monkeypatch):
     assert export.int8_profile() == "vnni" and export.int8_profile("amx") == "amx"
     with pytest.raises(export.PipelineError, match="unknown int8 profile 'avx'; expected one of auto, vnni, amx"):
         export.int8_profile("avx")
-    assert export.int8_recipe("static", "amx").endswith("+float-attention+uint8-gelu")
+    assert export.int8_recipe("static", "amx").endswith("+float-attention+uint8-gelu+bias-columns")
     assert export.int8_recipe("static-qdq", "amx") == export.INT8_RECIPES["static-qdq"]  # portable QDQ: one recipe
 
 
