@@ -243,6 +243,11 @@ def photo_records(assets: Assets, n: int) -> list:
     return [Record(source_row=i, source=f"e2e[{i}]", data=c["bytes"]) for i, c in enumerate(cells)]
 
 
+DECODE_PART = "decode at the model's DCT scale"
+PILLOW_RESIZE, TORCH_RESIZE = "resize for the model (Pillow)", "resize for the model (torch, --decode cpu-simd)"
+WHOLE_ITEM = "the item pipeline, whole"
+
+
 def photo_parts(assets: Assets, n: int, rounds: int = 3) -> dict[str, float]:
     """Milliseconds of one core per photo for each part of the embedding stage's CPU work, with the
     pipeline's own functions in its order (pipeline/items.py, Pillow's resize), on the end-to-end
@@ -279,18 +284,16 @@ def photo_parts(assets: Assets, n: int, rounds: int = 3) -> dict[str, float]:
         write = partial(write_image, Path(tmp))
         items = ItemPipeline(make_standard_items(prep.decode_min_side), write, prep, PIL_PIXELS)
         for _ in range(rounds):
-            decoded = timed(f"decode at the model's DCT scale (min side {prep.decode_min_side})",
-                            lambda d: decode_image(d, prep.decode_min_side), datas)
+            decoded = timed(DECODE_PART, lambda d: decode_image(d, prep.decode_min_side), datas)
             images = [d.image for d in decoded]
             timed("file sha256", sha256_bytes, datas)
             timed("pixel hash", lambda d: pixel_hash(rgb_array(d.image), (d.width, d.height)), decoded)
             timed("duplicate signature", look_signature, images)
-            resized = timed("resize for the model (Pillow)", lambda im: resize_for_model(im, prep, PIL_PIXELS), images)
-            timed("resize for the model (torch, --decode cpu-simd)",
-                  lambda im: resize_for_model(im, prep, TORCH_RESIZE_PIXELS), images)
+            resized = timed(PILLOW_RESIZE, lambda im: resize_for_model(im, prep, PIL_PIXELS), images)
+            timed(TORCH_RESIZE, lambda im: resize_for_model(im, prep, TORCH_RESIZE_PIXELS), images)
             timed("normalize", lambda im: to_model_input(im, prep), resized)
             timed("thumbnail", make_thumbnail, resized)
-            timed("the item pipeline, whole", lambda r: items([r]), records)
+            timed(WHOLE_ITEM, lambda r: items([r]), records)
     return best
 
 
@@ -298,23 +301,23 @@ def print_photo_parts(parts: dict[str, float], model_rate: float, lanes: int, e2
     """Each part's cost per photo and core, and the end-to-end rate the model's own rate leaves room
     for: with every core busy and nothing waiting, a photo costs its inference's core time plus its
     CPU work, so end to end is at most inference / (inference + work) of the model-only rate."""
-    infer = lanes * 1e3 / model_rate  # ms of a core per photo: `lanes` single-threaded sessions at batch 32
-    *each, whole = parts.items()
+    infer = lanes * 1e3 / model_rate  # ms of a core per photo: `lanes` one-thread sessions, a slice of 32 each
+    each = {name: ms for name, ms in parts.items() if name != WHOLE_ITEM}
+    whole = parts[WHOLE_ITEM]
     print(f"\nper photo and core (one thread, best of 3; inference {infer:.2f} ms at batch 32 on {lanes} core(s)):")
-    for name, ms in each:
+    for name, ms in each.items():
         print(f"  {name:48s} {ms:6.2f} ms")
-    pillow_parts = sum(ms for name, ms in each if "torch" not in name)
-    print(f"  {whole[0]:48s} {whole[1]:6.2f} ms (the parts with Pillow's resize sum to {pillow_parts:.2f})")
+    pillow_parts = sum(ms for name, ms in each.items() if name != TORCH_RESIZE)
+    print(f"  {WHOLE_ITEM:48s} {whole:6.2f} ms (the parts with Pillow's resize sum to {pillow_parts:.2f})")
 
     def ceiling(work: float) -> str:
         return f"{infer / (infer + work):.0%}"
 
-    decode, normalize = each[0][1], parts["normalize"]
-    pillow, torch = parts["resize for the model (Pillow)"], parts["resize for the model (torch, --decode cpu-simd)"]
+    decode, normalize, pillow, torch = (parts[k] for k in (DECODE_PART, "normalize", PILLOW_RESIZE, TORCH_RESIZE))
     print(f"end to end can reach at most (of the int8 model-only rate): {ceiling(decode)} with the decode alone; "
           f"with the model's pixels {ceiling(decode + pillow + normalize)} (Pillow's resize), "
-          f"{ceiling(decode + torch + normalize)} (torch's); with the whole item pipeline {ceiling(whole[1])} "
-          f"({ceiling(whole[1] - pillow + torch)} with torch's resize); measured {e2e / model_rate:.0%}")
+          f"{ceiling(decode + torch + normalize)} (torch's); with the whole item pipeline {ceiling(whole)} "
+          f"({ceiling(whole - pillow + torch)} with torch's resize); measured {e2e / model_rate:.0%}")
 
 
 def end_to_end_rounds(assets: Assets, n: int, decodes: list[str], rounds: int) -> tuple[RunSummary, float]:
@@ -404,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     print_ceiling(table, tower_gops(assets), peaks)
     for k, v in stages.items():
         print(f"  {k:40s} {v:7.1f} s")
-    print_photo_parts(photo_parts(assets, min(args.e2e_images, 200)), table[STATIC][32], available_cores(), e2e)
+    if args.e2e_images:
+        print_photo_parts(photo_parts(assets, min(args.e2e_images, 200)), table[STATIC][32], available_cores(), e2e)
     int8_files = {STATIC: assets.onnx("static")}
     if DYNAMIC in table:
         int8_files[DYNAMIC] = assets.onnx("dynamic")

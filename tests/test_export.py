@@ -389,7 +389,7 @@ def test_bias_columns_add_up_to_the_bias_exactly_within_seven_bits(a_zero):
     sums from saturating; one past what MAX_BIAS_COLUMNS columns carry is left to QGemm."""
     from pipeline.int8graph import MAX_BIAS_COLUMNS, bias_columns
 
-    limit = 64 + 128 * 63 * (MAX_BIAS_COLUMNS - 1) - 1  # the largest every zero point carries
+    limit = 63 + 128 * 63 * (MAX_BIAS_COLUMNS - 1)  # the largest either sign carries at every zero point
     steps = np.concatenate([np.random.default_rng(a_zero).integers(-limit, limit + 1, 500),
                             [0, 1, -1, 63, 64, -64, -65, 127, 128, -128, limit, -limit]])
     values, rows = bias_columns(steps, a_zero)
@@ -397,33 +397,15 @@ def test_bias_columns_add_up_to_the_bias_exactly_within_seven_bits(a_zero):
     assert len(values) <= MAX_BIAS_COLUMNS and rows.min() >= -64 and rows.max() <= 63
     assert np.array_equal((values.astype(np.int64) - a_zero) @ rows.astype(np.int64), steps)
     assert len(bias_columns(np.array([0, 5, -3]), a_zero)[0]) == 1  # a small bias: one column
-    assert bias_columns(np.array([0, 64 + 128 * 63 * MAX_BIAS_COLUMNS]), a_zero) is None
+    assert bias_columns(np.array([0, limit + 129]), a_zero) is None  # one more coarse column than allowed
+    assert bias_columns(np.array([0, -limit - 129]), a_zero) is None
 
 
-def _with_qgemm_biases(model):
-    """The AMX graph with each QGemm's bias put back as its own int32 input (the constant columns
-    dropped): what the export wrote before the bias columns."""
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    for node in (n for n in model.graph.node if n.op_type == "QGemm"):
-        concat = producer[node.input[0]]
-        values = numpy_helper.to_array(inits[producer[concat.input[1]].input[0]]).reshape(-1).astype(np.int64)
-        weights = numpy_helper.to_array(inits[node.input[3]])
-        k = len(weights) - len(values)
-        zero = int(numpy_helper.to_array(inits[node.input[2]]))
-        steps = (values - zero) @ weights[k:].astype(np.int64)
-        model.graph.initializer.extend([numpy_helper.from_array(weights[:k], node.name + "_w_only"),
-                                        numpy_helper.from_array(steps.astype(np.int32), node.name + "_bias")])
-        node.input[0], node.input[3], node.input[6] = concat.input[0], node.name + "_w_only", node.name + "_bias"
-    return model
-
-
-def test_the_amx_profile_carries_each_gelu_bias_in_constant_columns(tiny_clip, tmp_path):
+def test_the_amx_profile_carries_each_gelu_bias_in_constant_columns(tiny_clip, tmp_path, monkeypatch):
     """onnxruntime's QGemm adds a bias input in a pass of its own (a third of its time on an AMX Xeon):
     the AMX profile's QGemms read no bias but constant input columns with rows of weights that add
-    it, and give the same uint8 values as a QGemm given the bias, on this CPU's kernel and on AVX2's
+    it, and give the same vectors as the export whose QGemms take the bias themselves (what it makes
+    where a bias needs more than MAX_BIAS_COLUMNS columns), on this CPU's kernel and on AVX2's
     (emulated) alike."""
     import shutil
 
@@ -431,6 +413,7 @@ def test_the_amx_profile_carries_each_gelu_bias_in_constant_columns(tiny_clip, t
     import torch
     from transformers import CLIPModel
 
+    from pipeline import int8graph
     from pipeline.embedders import OnnxEmbedder
     from tests.int8_emulation import run_emulated
 
@@ -453,8 +436,13 @@ def test_the_amx_profile_carries_each_gelu_bias_in_constant_columns(tiny_clip, t
     assert all(c.op_type == "Expand" and c.input[0] in inits for c in columns)
     widths = [onnx.numpy_helper.to_array(i).size for i in graph.initializer if i.name in {c.input[0] for c in columns}]
     assert max(widths) > 1, widths  # biases this size need the coarse columns too
+    assert {name for n in graph.node for name in n.input} >= inits  # no initializer left unread
     reference = tmp_path / "qgemm_bias.onnx"
-    onnx.save(_with_qgemm_biases(onnx.load(str(path))), str(reference))
+    monkeypatch.setattr(int8graph, "MAX_BIAS_COLUMNS", 0)  # every bias stays QGemm's own input
+    assert export.export_onnx(str(biased), reference, profile="amx").passed
+    own = [n for n in onnx.load(str(reference)).graph.node if n.op_type == "QGemm"]
+    assert len(own) == 2 and all(n.input[6] for n in own) and "Expand" not in {
+        n.op_type for n in onnx.load(str(reference)).graph.node if n.name.startswith("uint8_gelu")}
     pixels = export.preprocess_batch(export.verification_images(16), OnnxEmbedder(path).preprocess_cfg)
     got = [export.run_onnx(ort, p, pixels) for p in (path, reference)]
     assert np.array_equal(*got)
