@@ -285,7 +285,7 @@ class Assets:
     def onnx(self, quantization: str = "static") -> Path:
         """int8 ONNX (and fp32 beside it, and the text tower), made with the pipeline's own export."""
         from pipeline.embedders import text_onnx_path_for
-        from pipeline.export import export_onnx, int8_profile, int8_recipe
+        from pipeline.export import export_onnx
 
         if quantization == "static" and self.static_onnx is not None:
             return self.static_onnx
@@ -293,9 +293,26 @@ class Assets:
         # A file made before its model had a tokenizer has no text tower: made again.
         text = text_onnx_path_for(path).is_file() or not (self.clip() / "tokenizer.json").is_file()
         # the default export of this CPU: with its own profile (--int8-profile auto)
-        if not (path.is_file() and text and recipe_of(path) == int8_recipe(quantization, int8_profile())):
+        if not (path.is_file() and text and recipe_of(path) == self._default_recipe(path, quantization)):
             export_onnx(str(self.clip()), path, quantization=quantization)
         return path
+
+    @staticmethod
+    def _default_recipe(path: Path, quantization: str) -> str:
+        """The recipe the export records for this file on this CPU: the AMX profile's only for a
+        tower with a sigmoid GELU (pipeline/export.py's fallback), read from the fp32 file beside it,
+        so that another tower's VNNI file is not made again on every call."""
+        from pipeline.export import fp32_path_for, int8_profile, int8_recipe
+        from pipeline.int8graph import AMX_RECIPE, has_sigmoid_gelu
+
+        recipe = int8_recipe(quantization, int8_profile())
+        fp32 = fp32_path_for(path)
+        if recipe == AMX_RECIPE and fp32.is_file():
+            import onnx
+
+            if not has_sigmoid_gelu(onnx.load(str(fp32), load_external_data=False)):
+                return int8_recipe(quantization, "vnni")
+        return recipe
 
 
 def recipe_of(path: Path) -> str | None:

@@ -232,26 +232,24 @@ def end_to_end(assets: Assets, n: int, decode: str = "auto") -> RunSummary:
     return summary
 
 
-def photo_records(assets: Assets, n: int) -> list:
-    """The end-to-end dataset's first n rows as the pipeline's records (still encoded)."""
-    import pyarrow.parquet as pq
+def photo_records(assets: Assets, total: int, n: int) -> list:
+    """The first n rows of the end-to-end dataset (of `total` photos) as the pipeline's records
+    (still encoded), read as the gallery build reads them (pipeline.dataset.iter_records)."""
+    from pipeline.dataset import DatasetSpec, iter_records
 
-    from pipeline.dataset import Record
-
-    files = sorted((assets.dataset(n) / "data").glob("*.parquet"))
-    cells = pq.read_table(files[0], columns=["image"]).column("image").to_pylist()[:n]
-    return [Record(source_row=i, source=f"e2e[{i}]", data=c["bytes"]) for i, c in enumerate(cells)]
+    return list(iter_records(DatasetSpec(str(assets.dataset(total)), limit=n)))
 
 
 DECODE_PART = "decode at the model's DCT scale"
 PILLOW_RESIZE, TORCH_RESIZE = "resize for the model (Pillow)", "resize for the model (torch, --decode cpu-simd)"
 WHOLE_ITEM = "the item pipeline, whole"
+PART_ROUNDS = 3
 
 
-def photo_parts(assets: Assets, n: int, rounds: int = 3) -> dict[str, float]:
+def photo_parts(assets: Assets, total: int, n: int, rounds: int = PART_ROUNDS) -> dict[str, float]:
     """Milliseconds of one core per photo for each part of the embedding stage's CPU work, with the
     pipeline's own functions in its order (pipeline/items.py, Pillow's resize), on the end-to-end
-    dataset's first n JPEGs, one thread, best of `rounds`; then the whole item pipeline the same way
+    dataset's first n JPEGs (of `total`), one thread, best of `rounds`; then the whole item pipeline the same way
     (decode, hashes, signature, image file written, model input, thumbnail), to show what the parts
     leave out."""
     import tempfile
@@ -270,7 +268,7 @@ def photo_parts(assets: Assets, n: int, rounds: int = 3) -> dict[str, float]:
     )
 
     prep = PreprocessConfig.from_model_dir(assets.clip())
-    records = photo_records(assets, n)
+    records = photo_records(assets, total, n)
     datas = [r.data for r in records]
     best: dict[str, float] = {}
 
@@ -304,7 +302,8 @@ def print_photo_parts(parts: dict[str, float], model_rate: float, lanes: int, e2
     infer = lanes * 1e3 / model_rate  # ms of a core per photo: `lanes` one-thread sessions, a slice of 32 each
     each = {name: ms for name, ms in parts.items() if name != WHOLE_ITEM}
     whole = parts[WHOLE_ITEM]
-    print(f"\nper photo and core (one thread, best of 3; inference {infer:.2f} ms at batch 32 on {lanes} core(s)):")
+    print(f"\nper photo and core (one thread, best of {PART_ROUNDS}; inference {infer:.2f} ms at batch 32 "
+          f"on {lanes} core(s)):")
     for name, ms in each.items():
         print(f"  {name:48s} {ms:6.2f} ms")
     pillow_parts = sum(ms for name, ms in each.items() if name != TORCH_RESIZE)
@@ -408,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in stages.items():
         print(f"  {k:40s} {v:7.1f} s")
     if args.e2e_images:
-        print_photo_parts(photo_parts(assets, min(args.e2e_images, 200)), table[STATIC][32], available_cores(), e2e)
+        parts = photo_parts(assets, args.e2e_images, min(args.e2e_images, 200))  # rows of the same dataset
+        print_photo_parts(parts, table[STATIC][32], available_cores(), e2e)
     int8_files = {STATIC: assets.onnx("static")}
     if DYNAMIC in table:
         int8_files[DYNAMIC] = assets.onnx("dynamic")

@@ -574,22 +574,22 @@ def activation_products(model: Any) -> list[str]:
 
 def _sigmoid_gates(model: Any) -> list[tuple[str, Any, Any, Any, float]]:
     """Each x * sigmoid(c x) of a graph, c > 0 one constant and the Sigmoid read by the gating Mul
-    alone: (x, the Mul by c, the Sigmoid, the Mul that gates, c)."""
-    from onnx import numpy_helper
-
-    inits, producer, _, users = _graph_maps(model.graph)
+    alone, c x by the Sigmoid alone (`uint8_gelu` drops both): (x, the Mul by c, the Sigmoid, the
+    Mul that gates, c)."""
+    inits, producer, outputs, users = _graph_maps(model.graph)
     gates = []
     for sigmoid in model.graph.node:
         scale = producer.get(sigmoid.input[0]) if sigmoid.op_type == "Sigmoid" else None
         if scale is None or scale.op_type != "Mul" or sum(i in inits for i in scale.input) != 1:
             continue
         x = next(i for i in scale.input if i not in inits)
-        c = numpy_helper.to_array(inits[next(i for i in scale.input if i in inits)])
+        c = _scalar(inits, next(i for i in scale.input if i in inits))
         readers = users.get(sigmoid.output[0], [])
         gate = readers[0] if len(readers) == 1 else None
+        only_sigmoid = users.get(scale.output[0]) == [sigmoid] and not {scale.output[0], sigmoid.output[0]} & outputs
         if gate is not None and gate.op_type == "Mul" and set(gate.input) == {x, sigmoid.output[0]} \
-                and c.size == 1 and float(c.reshape(())) > 0:
-            gates.append((x, scale, sigmoid, gate, float(c.reshape(()))))
+                and only_sigmoid and c is not None and c > 0:
+            gates.append((x, scale, sigmoid, gate, c))
     return gates
 
 
@@ -654,7 +654,8 @@ def uint8_gelu(model: Any, chains: list[tuple[Any, ...]], ranges: list[tuple[flo
             steps = np.clip(steps, -(2**31), 2**31 - 1).astype(np.int64)  # clipped as onnxruntime's quantizer does
             zero = _zero_point(inits, mm.input[4] if len(mm.input) > 4 else "")
             symmetric = _zero_point(inits, mm.input[5] if len(mm.input) > 5 else "", every=True) == 0
-            columns = bias_columns(steps, zero) if steps.any() and zero is not None and symmetric else None
+            if steps.any() and zero is not None and symmetric:
+                columns = bias_columns(steps, zero)
             if not steps.any():  # nothing to add
                 bias = ""
             elif columns is None:  # QGemm adds it itself, a pass more over its int32 output

@@ -374,6 +374,8 @@ def test_the_amx_profile_keeps_gelus_in_uint8_and_attention_in_float(tiny_clip, 
     for gelu in (n for n in graph.node if n.op_type == "QLinearMul"):  # into the next int8 MatMul, directly
         readers = [n for n in graph.node if gelu.output[0] in n.input]
         assert [n.op_type for n in readers] == ["MatMulIntegerToFloat"], readers
+        # written at the scale and zero point that MatMul reads its input with
+        assert (readers[0].input[2], readers[0].input[4]) == (gelu.input[6], gelu.input[7])
     pixels = export.preprocess_batch(export.verification_images(32), OnnxEmbedder(path).preprocess_cfg)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     batch = sess.run(None, {"pixel_values": pixels})[0]
@@ -399,6 +401,31 @@ def test_bias_columns_add_up_to_the_bias_exactly_within_seven_bits(a_zero):
     assert len(bias_columns(np.array([0, 5, -3]), a_zero)[0]) == 1  # a small bias: one column
     assert bias_columns(np.array([0, limit + 129]), a_zero) is None  # one more coarse column than allowed
     assert bias_columns(np.array([0, -limit - 129]), a_zero) is None
+
+
+def test_a_sigmoid_gate_whose_parts_are_read_elsewhere_is_not_a_uint8_gelu():
+    """uint8_gelu drops the Mul by c and the Sigmoid: a chain whose c x or sigmoid is also read
+    elsewhere (another node, a graph output), or whose c is not one positive number, is left alone."""
+    from onnx import TensorProto, helper
+    from pipeline.int8graph import has_sigmoid_gelu
+
+    def graph(extra_reader: bool = False, output: bool = False, c=1.702):
+        nodes = [helper.make_node("Mul", ["x", "c"], ["cx"]), helper.make_node("Sigmoid", ["cx"], ["s"]),
+                 helper.make_node("Mul", ["x", "s"], ["y"])]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]
+        if extra_reader:
+            nodes.append(helper.make_node("Relu", ["cx"], ["r"]))
+            outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [2]))
+        if output:
+            outputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [2]))
+        init = onnx.numpy_helper.from_array(np.asarray(c, np.float32), "c")
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])], outputs, [init])
+        return helper.make_model(g)
+
+    assert has_sigmoid_gelu(graph())
+    assert not has_sigmoid_gelu(graph(extra_reader=True))
+    assert not has_sigmoid_gelu(graph(output=True))
+    assert not has_sigmoid_gelu(graph(c=-1.702)) and not has_sigmoid_gelu(graph(c=[1.702, 1.0]))
 
 
 def test_the_amx_profile_carries_each_gelu_bias_in_constant_columns(tiny_clip, tmp_path, monkeypatch):
