@@ -200,9 +200,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         model,
         "--int8-profile",
         choices=["auto", "vnni", "amx"],
-        help="with --export-onnx --quantization static: the CPU kind the int8 graph is written for: amx (for a tower "
-        "with a sigmoid GELU, CLIP's: attention products in float, the GELUs in uint8; less conversion where AMX makes "
-        "the int8 GEMMs cheap), vnni (the rest), auto (this CPU's kind); either file runs on every CPU",
+        help="with --export-onnx --quantization static: the CPU kind the int8 graph is written for: amx (for a "
+        "transformer tower, CLIP's, SigLIP's, open_clip's ViTs: attention products in float, the GELUs in uint8; less "
+        "conversion where AMX makes the int8 GEMMs cheap), vnni (the rest, and convolutional towers), auto (this "
+        "CPU's kind); either file runs on every CPU",
     )
     _add(
         model,

@@ -300,17 +300,17 @@ class Assets:
     @staticmethod
     def _default_recipe(path: Path, quantization: str) -> str:
         """The recipe the export records for this file on this CPU: the AMX profile's only for a
-        tower with a sigmoid GELU (pipeline/export.py's fallback), read from the fp32 file beside it,
+        tower that takes it (pipeline/export.py's fallback), read from the fp32 file beside it,
         so that another tower's VNNI file is not made again on every call."""
         from pipeline.export import fp32_path_for, int8_profile, int8_recipe
-        from pipeline.int8graph import AMX_RECIPE, has_sigmoid_gelu
+        from pipeline.int8graph import AMX_RECIPE, takes_amx_profile
 
         recipe = int8_recipe(quantization, int8_profile())
         fp32 = fp32_path_for(path)
         if recipe == AMX_RECIPE and fp32.is_file():
             import onnx
 
-            if not has_sigmoid_gelu(onnx.load(str(fp32), load_external_data=False)):
+            if not takes_amx_profile(onnx.load(str(fp32), load_external_data=False)):
                 return int8_recipe(quantization, "vnni")
         return recipe
 

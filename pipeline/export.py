@@ -79,11 +79,11 @@ from .int8graph import (
     activation_products,
     cpu_graph,
     cpu_model,
-    has_sigmoid_gelu,
+    gelu_chains,
     per_position_gemm,
     pools_as_convolutions,
     scales_into_matmuls,
-    sigmoid_gelus,
+    takes_amx_profile,
     uint8_gelu,
 )
 from .machine import cpu_info
@@ -316,7 +316,7 @@ class _ImageExport:
             calib_pixels = preprocess_batch(calib, self.prep)
             amx = _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels, self.per_channel,
                                    self.external, amx=self.recipe == AMX_RECIPE)
-            if not amx:  # a tower without a sigmoid GELU gets the VNNI graph on every CPU: recorded so
+            if not amx:  # a convolutional tower gets the VNNI graph on every CPU: recorded so
                 self.profile = "vnni"
             if self.quantization == "static":
                 _save_cpu_graph(self.tmp_int8)
@@ -783,7 +783,7 @@ def _verify_text_graph(tower, enc, path: Path, masked: bool = True) -> tuple[str
 INT8_RECIPES = {"static": CPU_GRAPH_RECIPE, "static-qdq": FUSED_RECIPE, "dynamic": "matmul-dynamic"}
 # --int8-profile: which static CPU graph the export writes. "vnni": CPU_GRAPH_RECIPE, the fastest
 # where the int8 GEMMs are most of the time (AVX-512 VNNI, AVX-VNNI, AVX2); "amx": AMX_RECIPE, whose
-# attention products stay in float and whose sigmoid GELUs run in uint8, so that fewer passes turn
+# attention products stay in float and whose GELUs run in uint8, so that fewer passes turn
 # activations between float and uint8 where AMX makes the GEMMs cheap (README, "Int8 by CPU kind");
 # "auto": the profile of the CPU the export runs on. Either file runs on every CPU, batch-independent.
 INT8_PROFILES = ("auto", "vnni", "amx")
@@ -860,11 +860,11 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     Relus folded into them) and every Gemm over every position: uint8 asymmetric activations
     (MinMax ranges), 7-bit int8 weights, MatMul and Gemm outputs in float. external: the fp32
     file's weights are in a .data file, and so are those of every file made on the way.
-    amx: the AMX profile, where the tower has a sigmoid GELU (CLIP's; `has_sigmoid_gelu`): the
-    MatMuls of two activations (attention products) stay in float, and the uint8 GELU
-    (`_uint8_gelus`) follows. Without one, the profile's attention products in float alone were
-    slower (0.95-0.97x on an AMX Xeon, README "Int8 recipes on an AMX Xeon"): the VNNI graph is made.
-    Returns whether the AMX profile was made."""
+    amx: the AMX profile, where the tower is a transformer with GELUs it writes in uint8
+    (`takes_amx_profile`: CLIP's sigmoid GELU, SigLIP's tanh, open_clip's exact one): the MatMuls of
+    two activations (attention products) stay in float, and the uint8 GELU (`_uint8_gelus`) follows.
+    A convolutional tower gets the VNNI graph (ConvNeXt's GELUs in uint8 ran slower on an AMX Xeon,
+    README "Int8 recipes on an AMX Xeon"). Returns whether the AMX profile was made."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -912,8 +912,8 @@ def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False)
     MatMul before them (int8graph.scales_into_matmuls: a ConvNeXt's); a ViT has neither, and its
     file is left as it is. Returns the names of the Gemms that do not run over every position
     (`per_position_gemm`), for the quantizer to leave in float (it matches nodes by name: an unnamed
-    Gemm is named first), and for the AMX profile, where the tower has a sigmoid GELU, those of the
-    MatMuls of two activations (`activation_products`); and whether that profile is made."""
+    Gemm is named first), and for the AMX profile, where the tower takes it (`takes_amx_profile`),
+    those of the MatMuls of two activations (`activation_products`); and whether that profile is made."""
     import onnx
 
     model = onnx.load(str(pre), load_external_data=False)  # weights stay where they are, even over 2 GB
@@ -925,7 +925,7 @@ def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False)
         if not node.name:
             node.name = f"gemm_{i}_{node.output[0]}"
             changed += 1
-    amx = amx and has_sigmoid_gelu(model)
+    amx = amx and takes_amx_profile(model)
     products = activation_products(model) if amx else []
     if changed or products:
         onnx.save(model, str(pre))
@@ -933,19 +933,19 @@ def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False)
 
 
 def _uint8_gelus(path: Path, calib_pixels: np.ndarray, batch: int = 8) -> None:
-    """The CPU graph at `path` rewritten in place so that each sigmoid GELU between two int8 MatMuls
-    runs on uint8 values (int8graph.uint8_gelu, the AMX profile). The first MatMul's output range is
+    """The CPU graph at `path` rewritten in place so that each GELU between two int8 MatMuls runs on
+    uint8 values (int8graph.uint8_gelu, the AMX profile). The first MatMul's output range is
     calibrated as the quantizer calibrates (MinMax over the same pictures, in its batches), but on
     this int8 graph's outputs, those the GELU will read, not the fp32 graph's."""
     import onnx
 
     model = onnx.load(str(path))
-    chains = sigmoid_gelus(model)
-    if not chains:  # an exact or tanh GELU (SigLIP, most open_clip towers) has no uint8 form here
+    chains = gelu_chains(model)
+    if not chains:
         return
     ranges = output_ranges(model, [mm.output[0] for mm, *_ in chains], calib_pixels, batch)
     rewritten = uint8_gelu(model, chains, ranges)
-    log.info("AMX profile: %d GELU(s) in uint8 (QGemm, QLinearSigmoid, QLinearMul)", rewritten)
+    log.info("AMX profile: %d GELU(s) in uint8 (QGemm, QLinearMul, QLinearSigmoid)", rewritten)
     onnx.save(model, str(path))
 
 

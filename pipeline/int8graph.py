@@ -14,8 +14,8 @@ contrib op of onnxruntime), and two more:
   convolution is quantized) reads the int8 tensor, which then is not dequantized at all.
 
 The export writes the rewritten graph (recipe CPU_GRAPH_RECIPE; for `--int8-profile amx` and a
-tower with a sigmoid GELU, AMX_RECIPE: `activation_products` left in float before quantizing and
-`uint8_gelu` after): the file is the graph every
+transformer tower, `takes_amx_profile`, AMX_RECIPE: `activation_products` left in float before
+quantizing and `uint8_gelu` after): the file is the graph every
 onnxruntime CPU session runs, in the user's own program too, with no step of ours (figures in the
 README, "Int8 recipes"). It is for onnxruntime's CPU provider, where the int8 file belongs: a GPU
 runs the fp32 file or the torch model, other runtimes the QDQ file of `--quantization static-qdq`.
@@ -60,9 +60,11 @@ EVERY_REWRITE = frozenset({"matmul-float-out+conv", FUSED_RECIPE})  # the earlie
 # What the export writes now: FUSED_RECIPE's graph with `cpu_graph` made before it is saved; and the
 # files the export wrote so before (their QDQ recipe "matmul-float-out+conv"): already CPU graphs.
 CPU_GRAPH_RECIPE = FUSED_RECIPE + "+cpu-graph"
-# The AMX profile's (`--int8-profile amx`): the attention products left in float and each sigmoid
-# GELU computed in uint8 (`uint8_gelu`), fewer passes over float activations where AMX makes the
-# int8 GEMMs cheap (README, "Int8 by CPU kind").
+# The AMX profile's (`--int8-profile amx`): the attention products left in float and each GELU
+# computed in uint8 (`uint8_gelu`), fewer passes over float activations where AMX makes the int8
+# GEMMs cheap (README, "Int8 by CPU kind"). Until the evening of 2026-12-06 a sigmoid GELU's alone
+# (CLIP's); since then a tanh or exact one too (SigLIP's, open_clip's), with the same recipe name:
+# a file of it made before is a CLIP's, unchanged, and SigLIP's were made with the VNNI recipe.
 # Since the evening of 2026-12-06 each such QGemm's bias is carried by constant input columns
 # (`bias_columns`): the same integers; on an AMX Xeon 1.09x the speed in one two-thread session, about
 # the same in the pipeline's one-thread-per-core sessions. Files of the earlier AMX recipe run as they are.
@@ -241,7 +243,7 @@ def _scalar(inits: dict[str, Any], name: str) -> float | None:
     return float(value.reshape(-1)[0]) if value.dtype.kind == "f" else None
 
 
-def fuse_gelu(model: Any) -> int:
+def fuse_gelu(model: Any, rewrite: bool = True) -> int:
     """Rewrite, in place, each GELU written out in elementary ops into onnxruntime's one-kernel op:
     - exact, 0.5 x (1 + erf(x / sqrt 2)), from Div(x, sqrt 2) or Mul(x, 1/sqrt 2) -> Erf: Gelu
       (open_clip's towers, timm's, Marqo-FashionSigLIP);
@@ -249,7 +251,8 @@ def fuse_gelu(model: Any) -> int:
       -> Tanh: FastGelu (transformers' SigLIP, gelu_pytorch_tanh);
     each followed by Add(1) and the factors x and 0.5 in any of the three orders exporters write
     them (Mul(Mul(e, 0.5), x), Mul(Mul(e, x), 0.5), Mul(e, Mul(x, 0.5))). Every intermediate value
-    must be read by the pattern alone. Returns the number of GELUs rewritten."""
+    must be read by the pattern alone. Returns the number of GELUs rewritten (with rewrite False, the
+    number it would rewrite, the model left as it is)."""
     import math
 
     from onnx import helper
@@ -342,9 +345,8 @@ def fuse_gelu(model: Any) -> int:
         replace[id(last)] = helper.make_node(op, [x], [last.output[0]], name=f"{act.name or last.output[0]}_{op}",
                                            domain="com.microsoft")
         drop.update(id(n) for n in pattern if n is not last)
-    if not replace:
-        return 0
-    _set_nodes(model, [replace.get(id(n), n) for n in graph.node if id(n) not in drop])
+    if replace and rewrite:
+        _set_nodes(model, [replace.get(id(n), n) for n in graph.node if id(n) not in drop])
     return len(replace)
 
 
@@ -562,14 +564,19 @@ def activation_products(model: Any) -> list[str]:
     """The names of the MatMuls of a float graph whose inputs are all activations (a transformer's
     attention products q.k and p.v), unnamed ones named first: the AMX profile leaves them to the
     quantizer's `nodes_to_exclude`, which matches nodes by name."""
+    names = []
+    for i, node in _activation_matmuls(model):
+        node.name = node.name or f"activation_matmul_{i}_{node.output[0]}"
+        names.append(node.name)
+    return names
+
+
+def _activation_matmuls(model: Any) -> list[tuple[int, Any]]:
+    """(index, node) of each MatMul of a float graph none of whose inputs is a constant."""
     constant = {t.name for t in model.graph.initializer} | {
         n.output[0] for n in model.graph.node if n.op_type == "Constant"}
-    names = []
-    for i, node in enumerate(model.graph.node):
-        if node.op_type == "MatMul" and not any(x in constant for x in node.input):
-            node.name = node.name or f"activation_matmul_{i}_{node.output[0]}"
-            names.append(node.name)
-    return names
+    return [(i, n) for i, n in enumerate(model.graph.node)
+            if n.op_type == "MatMul" and not any(x in constant for x in n.input)]
 
 
 def _sigmoid_gates(model: Any) -> list[tuple[str, Any, Any, Any, float]]:
@@ -599,33 +606,82 @@ def has_sigmoid_gelu(model: Any) -> bool:
     return bool(_sigmoid_gates(model))
 
 
+def takes_amx_profile(model: Any) -> bool:
+    """Whether the AMX profile is made for a float graph: a transformer tower (MatMuls of two
+    activations, the attention products the profile leaves in float) with GELUs `uint8_gelu` writes
+    in uint8: sigmoid ones (CLIP's) or ones `fuse_gelu` makes one op of (SigLIP's tanh GELU, open_clip's
+    and timm's exact one). A convolutional tower gets the VNNI graph: ConvNeXt-T's GELUs in uint8
+    ran 0.955x on an AMX Xeon (README, "Int8 recipes on an AMX Xeon"), and a ResNet has none."""
+    return bool(_activation_matmuls(model)) and (has_sigmoid_gelu(model) or fuse_gelu(model, rewrite=False) > 0)
+
+
 def sigmoid_gelus(model: Any) -> list[tuple[Any, ...]]:
     """Each MatMulIntegerToFloat -> x * sigmoid(c x) -> QuantizeLinear chain of a CPU graph (CLIP's
-    QuickGelu between an MLP's two int8 MatMuls), as (matmul, the Mul by c, the Sigmoid, the Mul
-    that gates, the QuantizeLinear, c)."""
+    QuickGelu between an MLP's two int8 MatMuls), as (matmul, the nodes of the GELU, the
+    QuantizeLinear, a = c, b = 0): `uint8_gelu`'s x * sigmoid(a x + b x^3)."""
     inits, producer, _, users = _graph_maps(model.graph)
     chains = []
     for x, scale, sigmoid, gate, c in _sigmoid_gates(model):
         mm, after = producer.get(x), users.get(gate.output[0], [])
-        if mm is None or mm.op_type != "MatMulIntegerToFloat" or len(users.get(x, [])) != 2 or len(after) != 1:
-            continue
-        quantize = after[0]
-        two_d = mm.input[1] in inits and len(inits[mm.input[1]].dims) == 2  # QGemm's B is (K, N)
-        scales = all(name in inits for name in mm.input[2:4])
-        if quantize.op_type == "QuantizeLinear" and len(quantize.input) == 3 and two_d and scales:
-            chains.append((mm, scale, sigmoid, gate, quantize, c))
+        if len(users.get(x, [])) == 2 and len(after) == 1 and _gelu_ends(inits, mm, after[0]):
+            chains.append((mm, (scale, sigmoid, gate), after[0], c, 0.0))
     return chains
 
 
+# x * sigmoid(a x + b x^3) for onnxruntime's one-kernel GELUs (`fuse_gelu`): transformers' tanh GELU,
+# FastGelu, is that exactly (0.5 (1 + tanh u) = sigmoid(2 u): a = 2 sqrt(2/pi), b = 0.044715 a); the
+# exact (erf) GELU, Gelu, is within 2.7e-4 of it with a and b fitted for the least largest error over
+# [-8, 8] (a fiftieth of a uint8 step of CLIP-size activations).
+CUBIC_GELUS = {"FastGelu": (1.5957691216057308, 0.07135481627260025), "Gelu": (1.60031416, 0.06940179)}
+
+
+def cubic_gelus(model: Any) -> list[tuple[Any, ...]]:
+    """Each MatMulIntegerToFloat -> Gelu or FastGelu (onnxruntime's, no bias input) -> QuantizeLinear
+    chain of a CPU graph, as `sigmoid_gelus` gives them, a and b from CUBIC_GELUS."""
+    inits, producer, _, users = _graph_maps(model.graph)
+    chains = []
+    for gelu in model.graph.node:
+        if gelu.op_type not in CUBIC_GELUS or gelu.domain != "com.microsoft" or len(gelu.input) != 1:
+            continue
+        mm, after = producer.get(gelu.input[0]), users.get(gelu.output[0], [])
+        if len(users.get(gelu.input[0], [])) == 1 and len(after) == 1 and _gelu_ends(inits, mm, after[0]):
+            chains.append((mm, (gelu,), after[0], *CUBIC_GELUS[gelu.op_type]))
+    return chains
+
+
+def _gelu_ends(inits: dict[str, Any], mm: Any, quantize: Any) -> bool:
+    """Whether a GELU between `mm` and `quantize` can run on uint8: `mm` a MatMulIntegerToFloat of
+    2-D constant weights (QGemm's B is (K, N)) and constant scales, `quantize` a QuantizeLinear with
+    its zero point."""
+    if mm is None or mm.op_type != "MatMulIntegerToFloat" or quantize.op_type != "QuantizeLinear":
+        return False
+    two_d = mm.input[1] in inits and len(inits[mm.input[1]].dims) == 2
+    return two_d and all(name in inits for name in mm.input[2:4]) and len(quantize.input) == 3
+
+
+def gelu_chains(model: Any) -> list[tuple[Any, ...]]:
+    """Every GELU of a CPU graph `uint8_gelu` can write in uint8 (`sigmoid_gelus`, `cubic_gelus`)."""
+    return sigmoid_gelus(model) + cubic_gelus(model)
+
+
+# The uint8 w = a + b x^2 of a cubic GELU: read at scale a / W_ZERO and zero point 0, so that its
+# QLinearMul writes it at zero point W_ZERO; saturating at 1.5 a (x^2 = a / 2b), where
+# x w = sqrt(a / 2b) 1.5 a is already as far as Z_RANGE (8.0 for both GELUs).
+W_ZERO = 170
+# z = a x + b x^3 in uint8 over [-Z_RANGE, Z_RANGE]: sigmoid(8) is 1 - 3.4e-4.
+Z_RANGE = 8.0
+
+
 def uint8_gelu(model: Any, chains: list[tuple[Any, ...]], ranges: list[tuple[float, float]]) -> int:
-    """Rewrite, in place, each chain `sigmoid_gelus` found on this model (`chains`) so that the GELU
-    runs on uint8 values: the MatMul as QGemm with a uint8 output (range `ranges[i]`, calibrated on
-    its float output as the export calibrates; the bias as int32 at the input scale times each
-    column's, carried by constant input columns, `bias_columns`), QLinearSigmoid
-    (c taken into its input scale; a table of 256 values) and QLinearMul into the QuantizeLinear's
-    scale, which the next MatMul reads as before. No float GELU and no QuantizeLinear on its output
-    are left. QGemm is 2-D: rows of every picture's tokens, then the input's shape again. Returns
-    the number of chains rewritten."""
+    """Rewrite, in place, each chain `gelu_chains` found on this model (`chains`) so that the GELU,
+    x * sigmoid(a x + b x^3), runs on uint8 values: the MatMul as QGemm with a uint8 output (range
+    `ranges[i]`, calibrated on its float output as the export calibrates; the bias as int32 at the
+    input scale times each column's, carried by constant input columns, `bias_columns`); for a
+    sigmoid GELU (b = 0) QLinearSigmoid (a taken into its input scale; a table of 256 values), for a
+    tanh or exact one two QLinearMuls (a x + b x^3 as x (a + b x^2)) before it; then QLinearMul into
+    the QuantizeLinear's scale, which the next MatMul reads as before. No float GELU and no
+    QuantizeLinear on its output are left. QGemm is 2-D: rows of every picture's tokens, then the
+    input's shape again. Returns the number of chains rewritten."""
     import numpy as np
 
     from onnx import helper, numpy_helper
@@ -637,8 +693,33 @@ def uint8_gelu(model: Any, chains: list[tuple[Any, ...]], ranges: list[tuple[flo
         graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
+    def sigmoid_of_cubic(p: str, y_step: float, y_scale: str, y_zero: str, a_x: float, b_x3: float,
+                         s_scale: str, s_zero: str) -> list[Any]:
+        """The nodes writing p_s = sigmoid(a x + b x^3) of x = p_y in uint8 at (s_scale, s_zero).
+        b = 0: one QLinearSigmoid, a taken into x's scale. Else z = x w, w = a + b x^2 written by
+        QLinearMul(x, x) at scale (a / W_ZERO) / b and zero point W_ZERO and read at a / W_ZERO and
+        zero point 0 (the difference of zero points adds a), then QLinearSigmoid of z."""
+        if not b_x3:
+            return [helper.make_node("QLinearSigmoid", [p + "_y", constant(p + "_c_scale", np.float32(y_step * a_x)),
+                                                        y_zero, s_scale, s_zero], [p + "_s"], domain="com.microsoft",
+                                     name=p + "_sigmoid")]
+        w_step, z_step = a_x / W_ZERO, Z_RANGE / 127
+        w_scale, zero = constant(p + "_cubic_w_scale", np.float32(w_step)), constant(p + "_cubic_w_zero", np.uint8(0))
+        z_scale = constant(p + "_cubic_z_scale", np.float32(z_step))
+        z_zero = constant(p + "_cubic_z_zero", np.uint8(128))
+        return [
+            helper.make_node("QLinearMul", [p + "_y", y_scale, y_zero, p + "_y", y_scale, y_zero,
+                                            constant(p + "_cubic_w_written_scale", np.float32(w_step / b_x3)),
+                                            constant(p + "_cubic_w_written_zero", np.uint8(W_ZERO))], [p + "_cubic_w"],
+                             domain="com.microsoft", name=p + "_cubic_w"),
+            helper.make_node("QLinearMul", [p + "_y", y_scale, y_zero, p + "_cubic_w", w_scale, zero, z_scale, z_zero],
+                             [p + "_cubic_z"], domain="com.microsoft", name=p + "_cubic_z"),
+            helper.make_node("QLinearSigmoid", [p + "_cubic_z", z_scale, z_zero, s_scale, s_zero], [p + "_s"],
+                             domain="com.microsoft", name=p + "_sigmoid"),
+        ]
+
     replace, drop = {}, set()
-    for i, ((mm, scale, sigmoid, gate, quantize, c), (low, high)) in enumerate(zip(chains, ranges, strict=True)):
+    for i, ((mm, gelu, quantize, a_x, b_x3), (low, high)) in enumerate(zip(chains, ranges, strict=True)):
         a, w, a_scale, w_scale = mm.input[:4]
         p = f"uint8_gelu_{i}_{mm.name or mm.output[0]}"  # the names it adds: new in the graph
         a_zero = mm.input[4] if len(mm.input) > 4 and mm.input[4] else constant(p + "_a_zero", np.uint8(0))
@@ -689,14 +770,12 @@ def uint8_gelu(model: Any, chains: list[tuple[Any, ...]], ranges: list[tuple[flo
             helper.make_node("QGemm", [a_rows, a_scale, a_zero, w, w_scale, w_zero, bias, y_scale, y_zero],
                              [p + "_y2"], domain="com.microsoft", name=p + "_qgemm"),
             helper.make_node("Reshape", [p + "_y2", p + "_out_shape"], [p + "_y"], name=p + "_y"),
-            helper.make_node("QLinearSigmoid", [p + "_y", constant(p + "_c_scale", np.float32(y_step * c)), y_zero,
-                                                s_scale, s_zero], [p + "_s"], domain="com.microsoft",
-                             name=p + "_sigmoid"),
+            *sigmoid_of_cubic(p, y_step, y_scale, y_zero, a_x, b_x3, s_scale, s_zero),
             helper.make_node("QLinearMul", [p + "_y", y_scale, y_zero, p + "_s", s_scale, s_zero,
                                             quantize.input[1], quantize.input[2]], [quantize.output[0]],
                              domain="com.microsoft", name=p + "_gelu"),
         ]
-        drop.update({id(scale), id(sigmoid), id(gate), id(quantize)})
+        drop.update({id(n) for n in gelu} | {id(quantize)})
     _set_nodes(model, [m for n in graph.node if id(n) not in drop for m in replace.get(id(n), [n])])
     return len(chains)
 

@@ -476,23 +476,92 @@ def test_the_amx_profile_carries_each_gelu_bias_in_constant_columns(tiny_clip, t
     assert np.array_equal(run_emulated(path, pixels), run_emulated(reference, pixels))
 
 
-def test_the_amx_profile_leaves_a_tower_without_a_sigmoid_gelu_as_vnni(tmp_path):
-    """SigLIP's GELU (tanh) has no uint8 form: asked for the AMX profile, the export writes the VNNI
-    graph (the attention products in float alone measured slower), records that recipe, and its
-    report says which profile it wrote."""
-    from pipeline.embedders import file_metadata
-    from pipeline.int8graph import CPU_GRAPH_RECIPE
+def test_the_amx_profile_writes_siglips_tanh_gelu_in_uint8(tmp_path):
+    """SigLIP's GELU (tanh; FastGelu in the CPU graph) runs on uint8 values in the AMX profile too, as
+    x * sigmoid(a x + b x^3): QGemm with a uint8 output, QLinearMul twice (w = a + b x^2, z = x w),
+    QLinearSigmoid, QLinearMul into the next int8 MatMul; the attention products in float; the
+    recipe recorded; one picture alone equal to it in a batch; the int8 bar held on this CPU and on
+    the emulated AVX2 kernel."""
+    import onnxruntime as ort
+
+    from pipeline.embedders import OnnxEmbedder, file_metadata
+    from pipeline.int8graph import AMX_RECIPE
     from tests import assets
+    from tests.int8_emulation import run_emulated
 
     path = tmp_path / "siglip_int8.onnx"
     report = export.export_onnx(str(assets.save_tiny_siglip(tmp_path / "m")), path, profile="amx")
-    assert report.passed and report.profile == "vnni"
-    assert file_metadata(path)[export.META_INT8_RECIPE] == CPU_GRAPH_RECIPE
+    assert report.passed and report.profile == "amx"
+    assert file_metadata(path)[export.META_INT8_RECIPE] == AMX_RECIPE
     graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    layers = 2  # tests/assets.py's tiny SigLIP; its attention-pooling head has an MLP too
+    gelus = ops.count("QGemm")
+    assert gelus in (layers, layers + 1) and "FastGelu" not in ops and "Gelu" not in ops, ops
+    assert ops.count("QLinearSigmoid") == gelus and ops.count("QLinearMul") == 3 * gelus, ops
     producer = {o: n for n in graph.node for o in n.output}
-    products = [n for n in graph.node if n.op_type == "MatMul"]  # the attention products, int8 as VNNI's
-    assert products and all(producer[i].op_type == "DequantizeLinear" for n in products for i in n.input)
-    assert "QGemm" not in {n.op_type for n in graph.node}
+    products = [n for n in graph.node if n.op_type == "MatMul"]
+    assert len(products) >= 2 * layers and all(
+        producer[i].op_type != "DequantizeLinear" for n in products for i in n.input if i in producer)
+    pixels = export.preprocess_batch(export.verification_images(16), OnnxEmbedder(path).preprocess_cfg)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = sess.run(None, {"pixel_values": pixels})[0]
+    assert np.array_equal(sess.run(None, {"pixel_values": pixels[5:6]})[0][0], batch[5])
+    ref = export.run_onnx(ort, export.fp32_path_for(path), pixels)
+    for got in (batch, run_emulated(path, pixels)):
+        cosines = export.feature_cosines(got, ref)
+        assert cosines.min() >= export.INT8_MIN_COSINE and cosines.mean() >= export.INT8_MEAN_COSINE, cosines
+
+
+@pytest.mark.parametrize("op", ["FastGelu", "Gelu"])
+def test_a_tanh_or_exact_gelu_in_uint8_is_within_a_step_of_the_gelu_of_its_uint8_input(op, tmp_path):
+    """uint8_gelu's x * sigmoid(a x + b x^3) (w = a + b x^2 written at zero point W_ZERO, read at 0):
+    against the GELU itself (tanh for FastGelu, erf for Gelu) of the same uint8 x, rounded into the
+    output scale, never more than one step off and most often none, over x of -16..16; the emulated
+    kernels agree with onnxruntime's."""
+    import onnxruntime as ort
+    from scipy.special import erf
+
+    from onnx import TensorProto, helper, numpy_helper
+    from pipeline.int8graph import gelu_chains, uint8_gelu
+    from tests.int8_emulation import emulated_session
+
+    rng = np.random.default_rng(0)
+    k, n, y_step, y_zero = 16, 64, 0.03, 20
+    inits = {"w": rng.integers(-64, 64, (k, n)).astype(np.int8), "a_scale": np.float32(0.02),
+             "w_scale": (0.01 * rng.uniform(0.5, 2, n)).astype(np.float32), "a_zero": np.uint8(120),
+             "w_zero": np.zeros(n, np.int8), "bias": rng.normal(0, 1, n).astype(np.float32),
+             "y_scale": np.float32(y_step), "y_zero": np.uint8(y_zero)}
+    nodes = [helper.make_node("MatMulIntegerToFloat", ["a", "w", "a_scale", "w_scale", "a_zero", "w_zero", "bias"],
+                              ["x"], domain="com.microsoft"),
+             helper.make_node(op, ["x"], ["g"], domain="com.microsoft"),
+             helper.make_node("QuantizeLinear", ["g", "y_scale", "y_zero"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.UINT8, ["m", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, ["m", n])],
+                              [numpy_helper.from_array(v, name) for name, v in inits.items()])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    a = rng.integers(0, 256, (2000, k)).astype(np.uint8)
+    chains = gelu_chains(model)
+    assert len(chains) == 1 and chains[0][0] is model.graph.node[0]
+    assert uint8_gelu(model, chains, [(-16.0, 16.5)]) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert ops[-5:] == ["Reshape", "QLinearMul", "QLinearMul", "QLinearSigmoid", "QLinearMul"] and op not in ops
+    qgemm = next(n for n in model.graph.node if n.op_type == "QGemm")
+    x_name = next(n.output[0] for n in model.graph.node if n.op_type == "Reshape" and n.input[0] == qgemm.output[0])
+    model.graph.output.append(helper.make_tensor_value_info(x_name, TensorProto.UINT8, None))
+    y, qx = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"a": a})
+    x_scale, x_zero = (float(numpy_helper.to_array(i)) for name in qgemm.input[7:9]
+                       for i in model.graph.initializer if i.name == name)
+    x = (qx.astype(np.float64) - x_zero) * x_scale
+    assert x.min() < -14 and x.max() > 14
+    exact = 0.5 * x * (1 + (np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)) if op == "FastGelu"
+                            else erf(x / np.sqrt(2))))
+    off = y.astype(int) - np.clip(np.rint(exact / y_step) + y_zero, 0, 255)
+    assert np.abs(off).max() <= 1 and (off == 0).mean() > 0.9, np.unique(off, return_counts=True)
+    onnx.save(model, tmp_path / "gelu.onnx")
+    emulated = emulated_session(tmp_path / "gelu.onnx").run(None, {"a": a})[0]
+    assert np.abs(emulated.astype(int) - y).max() <= 1 and (emulated == y).mean() > 0.99
 
 
 def test_auto_int8_profile_is_the_cpus(monkeypatch):
@@ -529,7 +598,10 @@ def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, tmp_path
     else:
         model = assets.save_tiny_siglip(tmp_path / "m")
     path = tmp_path / f"{family}_int8.onnx"
-    assert export.export_onnx(str(model), path).passed
+    report = export.export_onnx(str(model), path, profile="amx")  # the graph with the more kinds of kernel
+    assert report.passed
+    # A transformer's GELUs in uint8 (`uint8_gelu`); a convolutional tower gets the VNNI graph.
+    assert report.profile == ("vnni" if family.endswith(("resnet", "convnext")) else "amx")
     assert max(int(np.abs(w.astype(int)).max()) for w in _int8_weights(path)) <= 64
     pixels = preprocess_batch(export.verification_images(8), OnnxEmbedder(path).preprocess_cfg)
     ref = export.run_onnx(ort, export.fp32_path_for(path), pixels)
@@ -1100,8 +1172,8 @@ def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
     from pipeline.preprocess import preprocess_batch
     from tests import assets
 
-    path = tmp_path / "siglip_int8.onnx"
-    assert export.export_onnx(str(assets.save_tiny_siglip(tmp_path / "m")), path).passed
+    path = tmp_path / "siglip_int8.onnx"  # the VNNI graph (the AMX profile's GELUs run in uint8)
+    assert export.export_onnx(str(assets.save_tiny_siglip(tmp_path / "m")), path, profile="vnni").passed
     meta = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
     assert cpu_model(path, meta) is None  # written so
     ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
