@@ -336,7 +336,8 @@ def end_to_end_rounds(assets: Assets, n: int, decodes: list[str], rounds: int) -
     return last[decodes[0]], statistics.median(rates[decodes[0]])
 
 
-def print_table(table: dict[str, dict[int, float]], batches: list[int], e2e: float, n: int, wh) -> None:
+def print_table(table: dict[str, dict[int, float]], batches: list[int], e2e: float | None, n: int, wh) -> None:
+    """The model-only rates, and the end-to-end rate `e2e` of `n` JPEGs (None: not measured, left out)."""
     from pipeline.embedders import available_cores
 
     torch32, int8 = table["torch fp32"][32], table[STATIC][32]
@@ -344,15 +345,17 @@ def print_table(table: dict[str, dict[int, float]], batches: list[int], e2e: flo
     print("\n| backend | " + " | ".join(f"batch {b}" for b in batches) + " |\n|---|" + "---|" * len(batches))
     for name, row in table.items():
         print(f"| {name} | " + " | ".join(f"{row[b]:.1f}" for b in batches) + " |")
-    print(
-        f"| embedding stage end to end (int8 static, batch 32, {n} JPEGs {wh[0]}x{wh[1]}) |"
-        + " |" * (len(batches) - 1)
-        + f" {e2e:.1f} |"
-    )
+    if e2e is not None:
+        print(
+            f"| embedding stage end to end (int8 static, batch 32, {n} JPEGs {wh[0]}x{wh[1]}) |"
+            + " |" * (len(batches) - 1)
+            + f" {e2e:.1f} |"
+        )
     print(f"\nint8 (static) / torch fp32 at batch 32: {int8 / torch32:.2f}x")
     if DYNAMIC in table:
         print(f"int8 (dynamic) / torch fp32 at batch 32: {table[DYNAMIC][32] / torch32:.2f}x")
-    print(f"end to end / int8 model-only at batch 32: {e2e / int8:.0%}")
+    if e2e is not None:
+        print(f"end to end / int8 model-only at batch 32: {e2e / int8:.0%}")
 
 
 def print_ceiling(table: dict[str, dict[int, float]], gops: float, peaks: dict[str, float]) -> None:
@@ -395,8 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     assets = Assets.from_args(args)
     batches = [1, 8, 32]
     table = model_rates(assets, args.seconds, batches, args.int8.split(","))
-    summary, e2e = end_to_end_rounds(assets, args.e2e_images, decodes, args.e2e_rounds)
-    stages = stage_seconds(summary)
+    e2e, stages = None, {}
+    if args.e2e_images:  # --e2e-images 0: the model alone
+        summary, e2e = end_to_end_rounds(assets, args.e2e_images, decodes, args.e2e_rounds)
+        stages = stage_seconds(summary)
     print_table(table, batches, e2e, args.e2e_images, assets.size_wh)
     peaks = gemm_peaks(args.seconds / 2)
     print(
@@ -406,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     print_ceiling(table, tower_gops(assets), peaks)
     for k, v in stages.items():
         print(f"  {k:40s} {v:7.1f} s")
-    if args.e2e_images:
+    if e2e is not None:
         parts = photo_parts(assets, args.e2e_images, min(args.e2e_images, 200))  # rows of the same dataset
         print_photo_parts(parts, table[STATIC][32], available_cores(), e2e)
     int8_files = {STATIC: assets.onnx("static")}

@@ -217,6 +217,15 @@ def test_embed_compares_a_convolutional_tower(compare, name, clip_args, capsys):
     assert float(first) != float(second), out
 
 
+def test_embed_with_no_end_to_end_photos_measures_the_model_alone(clip_args, capsys):
+    """--e2e-images 0: no end-to-end run, and no row, ratio, stage times or ceiling of one (it had
+    printed an empty run's 0.0 img/s, "end to end / int8 model-only: 0%" and zero stage times)."""
+    out = run_tiny(embed, capsys, *clip_args, "--e2e-images", "0", "--compare", "none")
+    assert_rows(out, r"^\| onnxruntime int8 \(static, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
+                r"^  onnxruntime int8 \(static, default\): conversion .* = NUMBER% of kernel time$")
+    assert "end to end" not in out and "embed stage (wall)" not in out and "per photo" not in out, out
+
+
 # Benchmarks that start main.py (and --serve) as a user would, on the shared tiny model.
 MAIN_PY = [
     (standard_run, [
