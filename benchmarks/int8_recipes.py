@@ -70,8 +70,9 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
                      {"op_types_to_quantize": ["MatMul", "Conv"], "_cpu_graph": True, "_post": "skip_layer_norm",
                       "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),
     "qgemm-gelu+bias": ("conv-too+bias with each MLP's first MatMul as QGemm with a uint8 output (its range "
-                        "calibrated as the export's), the GELU x*sigmoid(1.702x) in uint8 (QLinearSigmoid, "
-                        "QLinearMul into the second MatMul's input scale): no QuantizeLinear on the 3,072 GELU "
+                        "calibrated as the export's), the GELU in uint8 (CLIP's x*sigmoid(1.702x): QLinearSigmoid, "
+                        "QLinearMul into the second MatMul's input scale; a tanh or exact GELU two "
+                        "QLinearMuls more): no QuantizeLinear on the 3,072 GELU "
                         "outputs",
                         {"op_types_to_quantize": ["MatMul", "Conv"], "_cpu_graph": True, "_post": "uint8_gelu",
                          "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul"]}}),

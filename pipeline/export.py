@@ -316,7 +316,7 @@ class _ImageExport:
             calib_pixels = preprocess_batch(calib, self.prep)
             amx = _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels, self.per_channel,
                                    self.external, amx=self.recipe == AMX_RECIPE)
-            if not amx:  # a convolutional tower gets the VNNI graph on every CPU: recorded so
+            if not amx:  # a tower that does not take the AMX profile gets the VNNI graph: recorded so
                 self.profile = "vnni"
             if self.quantization == "static":
                 _save_cpu_graph(self.tmp_int8)
@@ -863,8 +863,8 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     amx: the AMX profile, where the tower is a transformer with GELUs it writes in uint8
     (`takes_amx_profile`: CLIP's sigmoid GELU, SigLIP's tanh, open_clip's exact one): the MatMuls of
     two activations (attention products) stay in float, and the uint8 GELU (`_uint8_gelus`) follows.
-    A convolutional tower gets the VNNI graph (ConvNeXt's GELUs in uint8 ran slower on an AMX Xeon,
-    README "Int8 recipes on an AMX Xeon"). Returns whether the AMX profile was made."""
+    Any other tower (a convolutional one: ConvNeXt's GELUs in uint8 ran slower on an AMX Xeon, README
+    "Int8 recipes on an AMX Xeon") gets the VNNI graph. Returns whether the AMX profile was made."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -941,7 +941,9 @@ def _uint8_gelus(path: Path, calib_pixels: np.ndarray, batch: int = 8) -> None:
 
     model = onnx.load(str(path))
     chains = gelu_chains(model)
-    if not chains:
+    if not chains:  # the float graph's GELUs (takes_amx_profile) did not reach the CPU graph as chains
+        log.warning("AMX profile: no GELU between two int8 MatMuls to run in uint8; the attention products alone "
+                    "are in float")
         return
     ranges = output_ranges(model, [mm.output[0] for mm, *_ in chains], calib_pixels, batch)
     rewritten = uint8_gelu(model, chains, ranges)

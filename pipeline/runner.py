@@ -613,7 +613,7 @@ def _run_export(cfg: RunConfig, sample_rows: int) -> RunSummary:
     summary.notes.extend(report.lines())
     summary.count("verification images", report.images)
     kind = INT8_FORMATS.get(cfg.export.quantization, cfg.export.quantization)
-    if cfg.export.quantization == "static":  # the profile written: a convolutional tower gets vnni's
+    if cfg.export.quantization == "static":  # the profile written: a tower without the AMX one's gets vnni's
         auto = cfg.export.int8_profile == "auto" and report.profile == int8_profile("auto")
         kind += f"; {report.profile} profile" + (" (this CPU's)" if auto else "")
     summary.outputs["int8 model"] = f"{report.int8_path} ({kind})"
