@@ -319,9 +319,9 @@ class _ImageExport:
             if not amx:  # a tower that does not take the AMX profile gets the VNNI graph: recorded so
                 self.profile = "vnni"
             if self.quantization == "static":
-                _save_cpu_graph(self.tmp_int8)
-                if amx:  # its calibration runs in the batches the quantizer's did
-                    _uint8_gelus(self.tmp_int8, calib_pixels, calibration_batch(self.tmp_pre))
+                # the AMX profile's uint8 GELUs calibrated in the batches the quantizer's were; one save
+                post = (lambda m: uint8_gelus_of(m, calib_pixels, calibration_batch(self.tmp_pre))) if amx else None
+                _save_cpu_graph(self.tmp_int8, post)
             else:
                 _as_one_file(self.tmp_int8)
         else:
@@ -940,6 +940,12 @@ def _uint8_gelus(path: Path, calib_pixels: np.ndarray, batch: int = 8) -> None:
     import onnx
 
     model = onnx.load(str(path))
+    uint8_gelus_of(model, calib_pixels, batch)
+    onnx.save(model, str(path))
+
+
+def uint8_gelus_of(model, calib_pixels: np.ndarray, batch: int = 8) -> None:
+    """`_uint8_gelus` on a CPU graph in memory."""
     chains = gelu_chains(model)
     if not chains:  # the float graph's GELUs (takes_amx_profile) did not reach the CPU graph as chains
         log.warning("AMX profile: no GELU between two int8 MatMuls to run in uint8; the attention products alone "
@@ -948,7 +954,6 @@ def _uint8_gelus(path: Path, calib_pixels: np.ndarray, batch: int = 8) -> None:
     ranges = output_ranges(model, [mm.output[0] for mm, *_ in chains], calib_pixels, batch)
     rewritten = uint8_gelu(model, chains, ranges)
     log.info("AMX profile: %d GELU(s) in uint8 (QGemm, QLinearMul, QLinearSigmoid)", rewritten)
-    onnx.save(model, str(path))
 
 
 def output_ranges(model, names: list[str], pixels: np.ndarray, batch: int = 8,
@@ -974,9 +979,10 @@ def output_ranges(model, names: list[str], pixels: np.ndarray, batch: int = 8,
     return list(zip(lo, hi))
 
 
-def _save_cpu_graph(path: Path) -> None:
+def _save_cpu_graph(path: Path, post=None) -> None:
     """The QDQ file at `path` rewritten in place into the graph onnxruntime's CPU provider runs
-    best (pipeline/int8graph.py); the export's verification then checks that graph itself."""
+    best (pipeline/int8graph.py), and by `post` (a function of the model: the AMX profile's uint8
+    GELUs) before it is saved, once; the export's verification then checks that graph itself."""
     from onnx.external_data_helper import convert_model_from_external_data
 
     import onnx
@@ -987,6 +993,8 @@ def _save_cpu_graph(path: Path) -> None:
     rewrites = cpu_graph(model)
     log.info("int8 graph written as onnxruntime's CPU runs it: %d rewrites (bias into the int8 GEMM, GELU as one op)",
              rewrites)
+    if post is not None:
+        post(model)
     onnx.save(model, str(path))
     for f in data:
         f.unlink(missing_ok=True)
