@@ -131,16 +131,12 @@ def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dic
     if float_attention:  # a copy whose nodes all have names, which the quantizer matches them by
         source, kwargs["nodes_to_exclude"] = activation_products(source, out.with_name(f"{source.stem}-named.onnx"))
     quantize_static(str(source), str(out), Reader(), **{**args, **kwargs})
-    if fuse:  # the graph the export saves (pipeline/int8graph.py)
-        from pipeline.export import _save_cpu_graph
+    if fuse:  # the graph the export saves (pipeline/int8graph.py); a uint8_gelu recipe's GELUs as its AMX profile's
+        from pipeline.export import _save_cpu_graph, uint8_gelus_of
 
-        _save_cpu_graph(out)
+        _save_cpu_graph(out, (lambda m: uint8_gelus_of(m, calib)) if post == "uint8_gelu" else None)
     if post == "skip_layer_norm":
         skip_layer_norm(out)
-    elif post == "uint8_gelu":  # as the export's AMX profile rewrites its file
-        from pipeline.export import _uint8_gelus
-
-        _uint8_gelus(out, calib)
 
 
 def nbits_weights(fp32: Path, out: Path, block: int) -> None:

@@ -862,7 +862,7 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     file's weights are in a .data file, and so are those of every file made on the way.
     amx: the AMX profile, where the tower is a transformer with GELUs it writes in uint8
     (`takes_amx_profile`: CLIP's sigmoid GELU, SigLIP's tanh, open_clip's exact one): the MatMuls of
-    two activations (attention products) stay in float, and the uint8 GELU (`_uint8_gelus`) follows.
+    two activations (attention products) stay in float, and the uint8 GELU (`uint8_gelus_of`) follows.
     Any other tower (a convolutional one: ConvNeXt's GELUs in uint8 ran slower on an AMX Xeon, README
     "Int8 recipes on an AMX Xeon") gets the VNNI graph. Returns whether the AMX profile was made."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -932,20 +932,11 @@ def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False)
     return [n.name for n in gemms if not per_position_gemm(model, n)] + products, amx
 
 
-def _uint8_gelus(path: Path, calib_pixels: np.ndarray, batch: int = 8) -> None:
-    """The CPU graph at `path` rewritten in place so that each GELU between two int8 MatMuls runs on
-    uint8 values (int8graph.uint8_gelu, the AMX profile). The first MatMul's output range is
-    calibrated as the quantizer calibrates (MinMax over the same pictures, in its batches), but on
-    this int8 graph's outputs, those the GELU will read, not the fp32 graph's."""
-    import onnx
-
-    model = onnx.load(str(path))
-    uint8_gelus_of(model, calib_pixels, batch)
-    onnx.save(model, str(path))
-
-
 def uint8_gelus_of(model, calib_pixels: np.ndarray, batch: int = 8) -> None:
-    """`_uint8_gelus` on a CPU graph in memory."""
+    """The CPU graph `model` rewritten in place so that each GELU between two int8 MatMuls runs on
+    uint8 values (int8graph.uint8_gelu, the AMX profile; `_save_cpu_graph`'s post step). The first
+    MatMul's output range is calibrated as the quantizer calibrates (MinMax over the same pictures,
+    in its batches), but on this int8 graph's outputs, those the GELU will read, not the fp32 graph's."""
     chains = gelu_chains(model)
     if not chains:  # the float graph's GELUs (takes_amx_profile) did not reach the CPU graph as chains
         log.warning("AMX profile: no GELU between two int8 MatMuls to run in uint8; the attention products alone "
