@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pipeline.backends import BACKEND_CHOICES, DEVICES, EVAL_BACKENDS, MODELS, PRECISIONS
+from pipeline.backends import BACKEND_CHOICES, DEVICES, EVAL_BACKENDS, INT8_PROFILES, MODELS, PRECISIONS
 from pipeline.config import config_from_flags, flag_default
 from pipeline.errors import PipelineError, UsageError
 from pipeline.index import INDEX_KINDS
@@ -199,7 +199,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     _add(
         model,
         "--int8-profile",
-        choices=["auto", "vnni", "amx"],
+        choices=INT8_PROFILES,
         help="with --export-onnx --quantization static: the CPU kind the int8 graph is written for: amx (for a "
         "transformer tower, CLIP's, SigLIP's, open_clip's ViTs: attention products in float, the GELUs in uint8; less "
         "conversion where AMX makes the int8 GEMMs cheap), vnni (the rest, and convolutional towers), auto (this "

@@ -11,6 +11,7 @@ lands under --work (default /tmp/fashion-bench) and is reused between runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -303,16 +304,25 @@ class Assets:
         tower that takes it (pipeline/export.py's fallback), read from the fp32 file beside it,
         so that another tower's VNNI file is not made again on every call."""
         from pipeline.export import fp32_path_for, int8_profile, int8_recipe
-        from pipeline.int8graph import AMX_RECIPE, takes_amx_profile
+        from pipeline.int8graph import AMX_RECIPE
 
         recipe = int8_recipe(quantization, int8_profile())
         fp32 = fp32_path_for(path)
         if recipe == AMX_RECIPE and fp32.is_file():
-            import onnx
-
-            if not takes_amx_profile(onnx.load(str(fp32), load_external_data=False)):
+            stat = fp32.stat()
+            if not _takes_amx_profile(str(fp32), stat.st_mtime_ns, stat.st_size):
                 return int8_recipe(quantization, "vnni")
         return recipe
+
+
+@functools.lru_cache(maxsize=16)
+def _takes_amx_profile(fp32: str, mtime_ns: int, size: int) -> bool:
+    """int8graph.takes_amx_profile of the float file at `fp32`, once per version of it (by its time
+    and size): a ViT's graph is a few hundred MB to parse, and a benchmark asks for it a few times."""
+    import onnx
+    from pipeline.int8graph import takes_amx_profile
+
+    return takes_amx_profile(onnx.load(fp32, load_external_data=False))
 
 
 def recipe_of(path: Path) -> str | None:

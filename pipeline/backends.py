@@ -49,6 +49,8 @@ BACKENDS: dict[str, Backend] = {
 BACKEND_CHOICES = ("auto", *sorted(BACKENDS))  # auto: the ONNX file when it exists, else torch
 PRECISIONS = tuple(dict.fromkeys(p for b in BACKENDS.values() for p in b.precisions))
 DEVICES = tuple(dict.fromkeys(d for b in BACKENDS.values() for d in b.devices))
+# --int8-profile: which static CPU graph the int8 export writes (pipeline/export.py says what each is)
+INT8_PROFILES = ("auto", "vnni", "amx")
 
 
 @dataclass(frozen=True)

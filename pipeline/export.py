@@ -45,12 +45,13 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from . import textclean
-from .backends import family_of, load_hint
+from .backends import INT8_PROFILES, family_of, load_hint
 from .embedders import (
     META_FAMILY,
     META_KIND,
@@ -274,19 +275,7 @@ class _ImageExport:
         example = torch.zeros(2, 3, self.prep.crop_height, self.prep.crop_width)
         self.external = _used_weight_bytes(self.tower, example) > EXTERNAL_DATA_BYTES
         log.info("exporting %s to ONNX (torch.export, opset %d)", self.model, OPSET)
-        with _exporter_quiet():
-            torch.onnx.export(
-                self.tower,
-                (example,),
-                str(self.tmp_fp32),
-                input_names=["pixel_values"],
-                output_names=["image_embeds"],
-                dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
-                opset_version=OPSET,
-                dynamo=True,
-                external_data=self.external,
-                verbose=False,
-            )
+        torch_onnx_export(self.tower, {"pixel_values": example}, "image_embeds", self.tmp_fp32, self.external)
         self.external = bool(_data_files(self.tmp_fp32))  # torch goes external on its own over 1.5 GiB
         _give_memory_back()
 
@@ -314,13 +303,13 @@ class _ImageExport:
                 self.quantization, mode, len(calib),
             )
             calib_pixels = preprocess_batch(calib, self.prep)
-            amx = _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels, self.per_channel,
-                                   self.external, amx=self.recipe == AMX_RECIPE)
+            amx, batch = _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels,
+                                          self.per_channel, self.external, amx=self.recipe == AMX_RECIPE)
             if not amx:  # a tower that does not take the AMX profile gets the VNNI graph: recorded so
                 self.profile = "vnni"
             if self.quantization == "static":
                 # the AMX profile's uint8 GELUs calibrated in the batches the quantizer's were; one save
-                post = (lambda m: uint8_gelus_of(m, calib_pixels, calibration_batch(self.tmp_pre))) if amx else None
+                post = (lambda m: uint8_gelus_of(m, calib_pixels, batch)) if amx else None
                 _save_cpu_graph(self.tmp_int8, post)
             else:
                 _as_one_file(self.tmp_int8)
@@ -716,19 +705,26 @@ def _text_tower(clip, masked: bool = True):
 def _export_text_graph(tower, enc, path: Path, masked: bool = True) -> None:
     """The text tower to ONNX, traced on two of the probe texts with a dynamic batch axis; its
     weights in a .data file beside it when they are over EXTERNAL_DATA_BYTES."""
+    names = ["input_ids", "attention_mask"] if masked else ["input_ids"]
+    external = _used_weight_bytes(tower, *(enc[n][:2] for n in names)) > EXTERNAL_DATA_BYTES
+    torch_onnx_export(tower, {n: enc[n][:2] for n in names}, "text_embeds", path, external)
+
+
+def torch_onnx_export(module, inputs: dict[str, Any], output: str, path: Path, external: bool) -> None:
+    """`module` to ONNX at `path` by torch.export (opset OPSET), its inputs named and traced on the
+    tensors of `inputs`, each with a dynamic batch axis (its first), its one output named `output`;
+    its weights in a .data file beside it where `external`; torch's own warnings quiet."""
     import torch
 
     batch = torch.export.Dim("batch")
-    names = ["input_ids", "attention_mask"] if masked else ["input_ids"]
-    external = _used_weight_bytes(tower, *(enc[n][:2] for n in names)) > EXTERNAL_DATA_BYTES
     with _exporter_quiet():
         torch.onnx.export(
-            tower,
-            tuple(enc[n][:2] for n in names),
+            module,
+            tuple(inputs.values()),
             str(path),
-            input_names=names,
-            output_names=["text_embeds"],
-            dynamic_shapes={n: {0: batch} for n in names},
+            input_names=list(inputs),
+            output_names=[output],
+            dynamic_shapes={n: {0: batch} for n in inputs},
             opset_version=OPSET,
             dynamo=True,
             external_data=external,
@@ -786,7 +782,7 @@ INT8_RECIPES = {"static": CPU_GRAPH_RECIPE, "static-qdq": FUSED_RECIPE, "dynamic
 # attention products stay in float and whose GELUs run in uint8, so that fewer passes turn
 # activations between float and uint8 where AMX makes the GEMMs cheap (README, "Int8 by CPU kind");
 # "auto": the profile of the CPU the export runs on. Either file runs on every CPU, batch-independent.
-INT8_PROFILES = ("auto", "vnni", "amx")
+# INT8_PROFILES (pipeline/backends.py, which the command line reads without importing this module).
 
 
 def int8_profile(profile: str = "auto") -> str:
@@ -837,14 +833,14 @@ def calibration_reader(calib_pixels: np.ndarray, batch: int = 8):
 CALIBRATION_BYTES = 1 << 30
 
 
-def calibration_batch(pre: Path) -> int:
-    """How many pictures to calibrate at a time for the shape-inferred float graph at `pre`: as many
-    as CALIBRATION_BYTES of its float activations allows (per picture: the size of every float
-    tensor that has a batch axis, less that axis; an estimate, tensors of unknown shape uncounted),
-    from 1 to 8."""
+def calibration_batch(pre: Path | Any) -> int:
+    """How many pictures to calibrate at a time for the shape-inferred float graph at `pre` (a path or
+    the loaded model): as many as CALIBRATION_BYTES of its float activations allows (per picture: the
+    size of every float tensor that has a batch axis, less that axis; an estimate, tensors of unknown
+    shape uncounted), from 1 to 8."""
     import onnx
 
-    graph = onnx.load(str(pre), load_external_data=False).graph
+    graph = (onnx.load(str(pre), load_external_data=False) if isinstance(pre, (str, Path)) else pre).graph
     per_picture = 0
     for v in graph.value_info:
         t = v.type.tensor_type
@@ -855,7 +851,7 @@ def calibration_batch(pre: Path) -> int:
 
 
 def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool,
-                     external: bool = False, amx: bool = False) -> bool:
+                     external: bool = False, amx: bool = False) -> tuple[bool, int]:
     """QDQ int8 for MatMul, the convolutions (a ViT's patch convolution, a ResNet's every one, its
     Relus folded into them) and every Gemm over every position: uint8 asymmetric activations
     (MinMax ranges), 7-bit int8 weights, MatMul and Gemm outputs in float. external: the fp32
@@ -864,16 +860,16 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     (`takes_amx_profile`: CLIP's sigmoid GELU, SigLIP's tanh, open_clip's exact one): the MatMuls of
     two activations (attention products) stay in float, and the uint8 GELU (`uint8_gelus_of`) follows.
     Any other tower (a convolutional one: ConvNeXt's GELUs in uint8 ran slower on an AMX Xeon, README
-    "Int8 recipes on an AMX Xeon") gets the VNNI graph. Returns whether the AMX profile was made."""
+    "Int8 recipes on an AMX Xeon") gets the VNNI graph. Returns whether the AMX profile was made, and
+    how many pictures were calibrated at a time (`calibration_batch`), for the uint8 GELUs' ranges."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
                       all_tensors_to_one_file=True, external_data_location=f"{pre.name}.data")
-    batch = calibration_batch(pre)
+    in_float, amx, batch = _before_quantization(pre, per_channel, amx)
     log.info("calibrating %d picture(s) at a time", batch)
     Reader = calibration_reader(calib_pixels, batch)
-    in_float, amx = _before_quantization(pre, per_channel, amx)
     quantize_static(
         str(pre),
         str(out),
@@ -903,33 +899,35 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
         # and closer to fp32 (benchmarks/int8_recipes.py); _save_cpu_graph then fuses the bias.
         extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
     )
-    return amx
+    return amx, batch
 
 
-def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False) -> tuple[list[str], bool]:
+def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False) -> tuple[list[str], bool, int]:
     """The float graph at `pre` with its pools rewritten as int8 runs them best
     (int8graph.pools_as_convolutions) and, for per-channel weights, its layer scales folded into the
     MatMul before them (int8graph.scales_into_matmuls: a ConvNeXt's); a ViT has neither, and its
     file is left as it is. Returns the names of the Gemms that do not run over every position
     (`per_position_gemm`), for the quantizer to leave in float (it matches nodes by name: an unnamed
     Gemm is named first), and for the AMX profile, where the tower takes it (`takes_amx_profile`),
-    those of the MatMuls of two activations (`activation_products`); and whether that profile is made."""
+    those of the MatMuls of two activations (`activation_products`); whether that profile is made;
+    and the calibration batch (`calibration_batch`, of the graph as loaded here: parsed once). The
+    file is saved again only where a node was rewritten or named."""
     import onnx
 
     model = onnx.load(str(pre), load_external_data=False)  # weights stay where they are, even over 2 GB
+    batch = calibration_batch(model)
     changed = pools_as_convolutions(model)
     if per_channel:
         changed += scales_into_matmuls(model)
+    unnamed = sum(not n.name for n in model.graph.node)
     gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
     for i, node in enumerate(gemms):
-        if not node.name:
-            node.name = f"gemm_{i}_{node.output[0]}"
-            changed += 1
+        node.name = node.name or f"gemm_{i}_{node.output[0]}"
     amx = amx and takes_amx_profile(model)
     products = activation_products(model) if amx else []
-    if changed or products:
+    if changed or sum(not n.name for n in model.graph.node) < unnamed:
         onnx.save(model, str(pre))
-    return [n.name for n in gemms if not per_position_gemm(model, n)] + products, amx
+    return [n.name for n in gemms if not per_position_gemm(model, n)] + products, amx, batch
 
 
 def uint8_gelus_of(model, calib_pixels: np.ndarray, batch: int = 8) -> None:

@@ -84,9 +84,12 @@ class SaturatingQdqMatMul(OpRun):
         return (scaled_matmul(xq, wq, xs, ws, xzp, wzp).astype(np.float32),)
 
 
-def scaled_matmul(a, b, a_scale, b_scale, a_zp=None, b_zp=None) -> np.ndarray:
-    """float64 integer_matmul(a, b) x a_scale (one value) x b_scale (one or one per column)."""
+def scaled_matmul(a, b, a_scale, b_scale, a_zp=None, b_zp=None, int_bias=None) -> np.ndarray:
+    """float64 integer_matmul(a, b) (plus int_bias, in its units: QGemm's int32 C) x a_scale (one
+    value) x b_scale (one or one per column)."""
     acc = integer_matmul(a, b, a_zp, b_zp).astype(np.float64)
+    if int_bias is not None:
+        acc = acc + np.asarray(int_bias, np.float64)
     return acc * float(np.asarray(a_scale).reshape(-1)[0]) * np.asarray(b_scale, np.float64).reshape(-1)
 
 
@@ -140,10 +143,7 @@ class ContribQGemm(OpRun):
     def _run(self, a, a_scale, a_zp, b, b_scale, b_zp, c=None, y_scale=None, y_zp=None, **attrs):
         if attrs.get("transA") or attrs.get("transB") or attrs.get("alpha", 1.0) != 1.0:
             raise NotImplementedError(f"QGemm with {attrs} is not emulated")
-        acc = integer_matmul(a, b, a_zp, b_zp).astype(np.float64)
-        if c is not None:
-            acc = acc + c.astype(np.float64)
-        y = acc * float(np.asarray(a_scale).reshape(-1)[0]) * np.asarray(b_scale, np.float64).reshape(-1)
+        y = scaled_matmul(a, b, a_scale, b_scale, a_zp, b_zp, int_bias=c)
         return (y.astype(np.float32) if y_scale is None else _requantize(y, y_scale, y_zp),)
 
 

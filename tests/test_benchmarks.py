@@ -344,3 +344,29 @@ def test_int8_device_pins_the_first_two_cores_it_may_use(monkeypatch):
     monkeypatch.setattr(int8_device.os, "sched_getaffinity", lambda pid: {7, 3, 12, 5})
     monkeypatch.setattr(int8_device.os, "sched_setaffinity", lambda pid, cores: pinned.append(list(cores)))
     assert int8_device.pin_two_cores() == [3, 5] and pinned == [[3, 5]]
+
+
+def test_on_amx_a_benchmark_expects_the_amx_recipe_only_for_a_tower_that_takes_it(tiny_onnx, tmp_path, monkeypatch):
+    """On an AMX CPU (its profile patched in here), `Assets.onnx` expects the export's AMX recipe for a
+    transformer tower's file and the VNNI one for a convolutional tower's (the export's fallback),
+    read from the fp32 file beside it, parsed once per version of that file."""
+    import onnx
+    from benchmarks import common
+    from onnx import TensorProto, helper, numpy_helper
+    from pipeline import export
+    from pipeline.int8graph import AMX_RECIPE
+
+    monkeypatch.setattr(export, "int8_profile", lambda profile="auto": "amx")
+    common._takes_amx_profile.cache_clear()
+    assert common.Assets._default_recipe(tiny_onnx, "static") == AMX_RECIPE  # CLIP: attention and QuickGelu
+    conv = tmp_path / "resnet_image_int8_static.onnx"
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "resnet",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")])
+    onnx.save(helper.make_model(graph), str(export.fp32_path_for(conv)))
+    for _ in range(2):
+        assert common.Assets._default_recipe(conv, "static") == export.INT8_RECIPES["static"]
+    assert common.Assets._default_recipe(conv, "dynamic") == export.INT8_RECIPES["dynamic"]  # no profile
+    info = common._takes_amx_profile.cache_info()
+    assert (info.misses, info.hits) == (2, 1)  # each file parsed once

@@ -1158,10 +1158,42 @@ def test_gemms_of_a_row_per_picture_are_kept_out_of_int8_by_name(tmp_path):
                               value_info=[helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["3*batch", 8])])
     path = tmp_path / "pre.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    kept, amx = export._before_quantization(path)
+    kept, amx, batch = export._before_quantization(path)
     saved = {n.output[0]: n.name for n in onnx.load(str(path)).graph.node}
     assert kept == [saved["per_picture"]] and saved["per_picture"] and saved["per_position"] == "over_positions"
     assert not amx  # no AMX profile asked for
+    assert batch == 8  # CALIBRATION_BYTES allows the most for so small a graph
+
+
+def test_the_amx_profile_saves_the_float_graph_again_only_where_it_named_a_node(tmp_path):
+    """Before quantizing, the float graph is saved again only where a node was rewritten or named
+    (a ViT's is hundreds of MB): a tower whose attention products have names is left as it is, one
+    with an unnamed product gets it named in the file, for the quantizer to leave it in float."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def tower(product_name: str) -> onnx.ModelProto:
+        nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1], name="t"),
+                 helper.make_node("MatMul", ["x", "xt"], ["scores"], name=product_name),  # two activations
+                 helper.make_node("MatMul", ["scores", "w"], ["h"], name="fc"),
+                 helper.make_node("Mul", ["h", "c"], ["ch"], name="c_h"),
+                 helper.make_node("Sigmoid", ["ch"], ["s"], name="sigmoid"),
+                 helper.make_node("Mul", ["h", "s"], ["y"], name="gate")]  # CLIP's x * sigmoid(1.702 x)
+        inits = [numpy_helper.from_array(np.ones((4, 8), np.float32), "w"),
+                 numpy_helper.from_array(np.array(1.702, np.float32), "c")]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8])
+        graph = helper.make_graph(nodes, "tower", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    path = tmp_path / "pre.onnx"
+    onnx.save(tower("attention"), str(path))
+    os.utime(path, ns=(1, 1))
+    kept, amx, _ = export._before_quantization(path, amx=True)
+    assert amx and kept == ["attention"] and path.stat().st_mtime_ns == 1  # not written again
+    onnx.save(tower(""), str(path))
+    kept, amx, _ = export._before_quantization(path, amx=True)
+    names = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "MatMul"]
+    assert amx and kept == names[:1] and names[0].startswith("activation_matmul_")
 
 
 def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
@@ -1521,3 +1553,4 @@ def test_an_export_over_another_file_keeps_it_for_the_stores_made_with_it(tiny_c
     again = export.export_onnx(str(other), path)
     assert sha256_file(path) == second and again.kept_lines == []
     assert sorted(p.name for p in path.parent.iterdir()) == files
+
