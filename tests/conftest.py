@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,6 +34,66 @@ def _user_cache_in_tmp(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user-cache")))
         yield
+
+
+_TRACED: dict[str, Path] = {}  # torch_onnx_export's files of this test process, by what was traced
+
+
+@pytest.fixture(autouse=True)
+def _torch_exports_traced_once(request, tmp_path_factory, monkeypatch):
+    """torch.export takes 4-5 s to trace even the tiny towers, and dozens of tests export the same
+    one: `pipeline.export.torch_onnx_export` traces each distinct module once per test process and
+    copies its file after that. Distinct: its class and structure (repr), every parameter and
+    buffer to the byte, its config (the attention implementation too), each submodule's forward
+    code, the inputs' names, shapes, dtypes and values, the output's name and the opset. A tower
+    with its weights in a .data file (`external`) is always traced, and so is every export of a test
+    marked `real_torch_export` (those that look at the exporter itself)."""
+    from pipeline import export
+
+    real = export.torch_onnx_export
+    if request.node.get_closest_marker("real_torch_export"):
+        return
+
+    def traced_once(module, inputs, output, path, external):
+        if external:
+            return real(module, inputs, output, path, external)
+        key = _trace_key(module, inputs, output, export.OPSET)
+        if key not in _TRACED:
+            real(module, inputs, output, path, external)
+            cached = tmp_path_factory.getbasetemp() / "traced" / f"{key}.onnx"
+            cached.parent.mkdir(exist_ok=True)
+            shutil.copyfile(path, cached)
+            _TRACED[key] = cached
+            return None
+        shutil.copyfile(_TRACED[key], path)
+        return None
+
+    monkeypatch.setattr(export, "torch_onnx_export", traced_once)
+
+
+def _trace_key(module, inputs, output: str, opset: int) -> str:
+    import torch
+
+    h = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}\n{module!r}\n{output}\n{opset}".encode())
+    h.update(str(module.training).encode())
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        if hasattr(config, "to_json_string"):
+            h.update(config.to_json_string(use_diff=False).encode())
+            h.update(str(getattr(config, "_attn_implementation", None)).encode())
+        forwards = [type(sub).forward, sub.__dict__.get("forward")]
+        for f in forwards:
+            code = getattr(getattr(f, "__func__", f), "__code__", None)
+            h.update(b"-" if code is None else code.co_code + repr(code.co_consts).encode())
+    for name, t in inputs.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ from pipeline.fileio import sha256_file
 from pipeline.machine import cpu_label
 
 
+@pytest.mark.real_torch_export  # torch's exporter itself must be quiet
 @pytest.mark.parametrize("quantization", ["static", "static-qdq"])
 def test_export_writes_both_files_with_metadata(quantization, tiny_clip, tmp_path, capsys):
     target = tmp_path / "onnx" / "m_int8_matmul.onnx"
@@ -1443,6 +1444,7 @@ def test_the_cpu_graph_of_unnamed_nodes_has_unique_names_and_keeps_graph_outputs
     assert fuse_gelu(gelu) == 1 and [n.name for n in gelu.graph.node] == ["y_Gelu"]
 
 
+@pytest.mark.real_torch_export  # the graphs torch's exporter keeps are what is counted
 def test_quantization_runs_with_the_torch_model_and_exported_graphs_let_go(tiny_clip, tmp_path, monkeypatch):
     """Quantization takes about five times the tower's weights: it runs after everything torch is
     needed for, with the model's tensors emptied and no graph torch exported kept by onnxscript's
@@ -1554,3 +1556,36 @@ def test_an_export_over_another_file_keeps_it_for_the_stores_made_with_it(tiny_c
     assert sha256_file(path) == second and again.kept_lines == []
     assert sorted(p.name for p in path.parent.iterdir()) == files
 
+
+def test_the_tests_trace_cache_tells_towers_apart(tiny_clip):
+    """conftest's cache of torch exports (one trace per distinct tower and test process) keys a
+    tower by everything that changes its graph: a weight, the attention implementation, a forward
+    patched on one submodule, the inputs' shape."""
+    import torch
+
+    from pipeline.backends import family_of
+    from pipeline.export import image_tower
+    from tests.conftest import _trace_key
+
+    def tower():
+        return image_tower(family_of(str(tiny_clip)).load(str(tiny_clip), attn_implementation="eager").eval())
+
+    pixels = {"pixel_values": torch.zeros(2, 3, 224, 224)}
+    t = tower()
+    key = _trace_key(t, pixels, "image_embeds", 18)
+    assert _trace_key(tower(), pixels, "image_embeds", 18) == key  # the same tower loaded again
+    assert _trace_key(t, {"pixel_values": torch.zeros(3, 3, 224, 224)}, "image_embeds", 18) != key
+    assert _trace_key(t, pixels, "image_embeds", 17) != key
+    changed = tower()
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1e-3
+    assert _trace_key(changed, pixels, "image_embeds", 18) != key
+    sdpa = tower()
+    for sub in sdpa.modules():
+        if hasattr(sub, "config"):
+            sub.config._attn_implementation = "sdpa"
+    assert _trace_key(sdpa, pixels, "image_embeds", 18) != key
+    patched = tower()
+    last = list(patched.modules())[-1]
+    last.forward = lambda *a, **k: None
+    assert _trace_key(patched, pixels, "image_embeds", 18) != key
