@@ -80,6 +80,7 @@ from .int8graph import (
     activation_products,
     cpu_graph,
     cpu_model,
+    depthwise_convolutions,
     gelu_chains,
     per_position_gemm,
     pools_as_convolutions,
@@ -856,12 +857,12 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     Relus folded into them) and every Gemm over every position: uint8 asymmetric activations
     (MinMax ranges), 7-bit int8 weights, MatMul and Gemm outputs in float. external: the fp32
     file's weights are in a .data file, and so are those of every file made on the way.
-    amx: the AMX profile, where the tower is a transformer with GELUs it writes in uint8
-    (`takes_amx_profile`: CLIP's sigmoid GELU, SigLIP's tanh, open_clip's exact one): the MatMuls of
-    two activations (attention products) stay in float, and the uint8 GELU (`uint8_gelus_of`) follows.
-    Any other tower (a convolutional one: ConvNeXt's GELUs in uint8 ran slower on an AMX Xeon, README
-    "Int8 recipes on an AMX Xeon") gets the VNNI graph. Returns whether the AMX profile was made, and
-    how many pictures were calibrated at a time (`calibration_batch`), for the uint8 GELUs' ranges."""
+    amx: the AMX profile, where the tower has GELUs it writes in uint8 (`takes_amx_profile`: CLIP's
+    sigmoid GELU, SigLIP's tanh, open_clip's and timm's exact one): a transformer's MatMuls of two
+    activations (attention products) or a ConvNeXt's depthwise convolutions stay in float, and the
+    uint8 GELU (`uint8_gelus_of`) follows. A tower without GELUs (a ResNet) gets the VNNI graph.
+    Returns whether the AMX profile was made, and how many pictures were calibrated at a time
+    (`calibration_batch`), for the uint8 GELUs' ranges."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -909,7 +910,8 @@ def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False)
     file is left as it is. Returns the names of the Gemms that do not run over every position
     (`per_position_gemm`), for the quantizer to leave in float (it matches nodes by name: an unnamed
     Gemm is named first), and for the AMX profile, where the tower takes it (`takes_amx_profile`),
-    those of the MatMuls of two activations (`activation_products`); whether that profile is made;
+    those of the MatMuls of two activations (`activation_products`) and of the depthwise convolutions
+    (`depthwise_convolutions`); whether that profile is made;
     and the calibration batch (`calibration_batch`, of the graph as loaded here: parsed once). The
     file is saved again only where a node was rewritten or named."""
     import onnx
@@ -924,10 +926,10 @@ def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False)
     for i, node in enumerate(gemms):
         node.name = node.name or f"gemm_{i}_{node.output[0]}"
     amx = amx and takes_amx_profile(model)
-    products = activation_products(model) if amx else []
+    in_float = activation_products(model) + depthwise_convolutions(model) if amx else []
     if changed or sum(not n.name for n in model.graph.node) < unnamed:
         onnx.save(model, str(pre))
-    return [n.name for n in gemms if not per_position_gemm(model, n)] + products, amx, batch
+    return [n.name for n in gemms if not per_position_gemm(model, n)] + in_float, amx, batch
 
 
 def uint8_gelus_of(model, calib_pixels: np.ndarray, batch: int = 8) -> None:
@@ -937,8 +939,8 @@ def uint8_gelus_of(model, calib_pixels: np.ndarray, batch: int = 8) -> None:
     in its batches), but on this int8 graph's outputs, those the GELU will read, not the fp32 graph's."""
     chains = gelu_chains(model)
     if not chains:  # the float graph's GELUs (takes_amx_profile) did not reach the CPU graph as chains
-        log.warning("AMX profile: no GELU between two int8 MatMuls to run in uint8; the attention products alone "
-                    "are in float")
+        log.warning("AMX profile: no GELU between two int8 MatMuls to run in uint8; the attention products or "
+                    "depthwise convolutions alone are in float")
         return
     ranges = output_ranges(model, [mm.output[0] for mm, *_ in chains], calib_pixels, batch)
     rewritten = uint8_gelu(model, chains, ranges)

@@ -14,8 +14,9 @@ contrib op of onnxruntime), and two more:
   convolution is quantized) reads the int8 tensor, which then is not dequantized at all.
 
 The export writes the rewritten graph (recipe CPU_GRAPH_RECIPE; for `--int8-profile amx` and a
-transformer tower, `takes_amx_profile`, AMX_RECIPE: `activation_products` left in float before
-quantizing and `uint8_gelu` after): the file is the graph every
+tower with GELUs, `takes_amx_profile`, AMX_RECIPE: `activation_products` (a transformer's) or
+`depthwise_convolutions` (a ConvNeXt's) left in float before quantizing and `uint8_gelu` after):
+the file is the graph every
 onnxruntime CPU session runs, in the user's own program too, with no step of ours (figures in the
 README, "Int8 recipes"). It is for onnxruntime's CPU provider, where the int8 file belongs: a GPU
 runs the fp32 file or the torch model, other runtimes the QDQ file of `--quantization static-qdq`.
@@ -68,6 +69,9 @@ CPU_GRAPH_RECIPE = FUSED_RECIPE + "+cpu-graph"
 # Since the evening of 2026-12-06 each such QGemm's bias is carried by constant input columns
 # (`bias_columns`): the same integers; on an AMX Xeon 1.09x the speed in one two-thread session, about
 # the same in the pipeline's one-thread-per-core sessions. Files of the earlier AMX recipe run as they are.
+# Since the night of 2026-12-06 a convolutional tower with GELUs (ConvNeXt) takes it too, its depthwise
+# convolutions the part left in float (`depthwise_convolutions`; it has no attention products), with
+# the same recipe name: the export wrote the VNNI recipe for such a tower before.
 AMX_RECIPE = CPU_GRAPH_RECIPE + "+float-attention+uint8-gelu+bias-columns"
 CPU_GRAPH_RECIPES = frozenset({"matmul-float-out+conv+cpu-graph", CPU_GRAPH_RECIPE,
                                CPU_GRAPH_RECIPE + "+float-attention+uint8-gelu", AMX_RECIPE})
@@ -571,6 +575,25 @@ def activation_products(model: Any) -> list[str]:
     return names
 
 
+def depthwise_convolutions(model: Any) -> list[str]:
+    """The names of the depthwise (grouped) convolutions of a float graph, unnamed ones named first:
+    the AMX profile leaves a ConvNeXt's 7x7 ones to the quantizer's `nodes_to_exclude`. In float,
+    onnxruntime runs them in its blocked layout, with no DequantizeLinear after each and no
+    QuantizeLinear before; in int8 they were 2% of kernel time and their conversions 13% on an AMX
+    Xeon (README, "ConvNeXt is over the bar")."""
+    names = []
+    for i, node in _depthwise_convs(model):
+        node.name = node.name or f"depthwise_conv_{i}_{node.output[0]}"
+        names.append(node.name)
+    return names
+
+
+def _depthwise_convs(model: Any) -> list[tuple[int, Any]]:
+    """(index, node) of each Conv of a float graph with more than one group."""
+    return [(i, n) for i, n in enumerate(model.graph.node) if n.op_type == "Conv"
+            and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+
+
 def _activation_matmuls(model: Any) -> list[tuple[int, Any]]:
     """(index, node) of each MatMul of a float graph none of whose inputs is a constant."""
     constant = {t.name for t in model.graph.initializer} | {
@@ -607,12 +630,15 @@ def has_sigmoid_gelu(model: Any) -> bool:
 
 
 def takes_amx_profile(model: Any) -> bool:
-    """Whether the AMX profile is made for a float graph: a transformer tower (MatMuls of two
-    activations, the attention products the profile leaves in float) with GELUs `uint8_gelu` writes
-    in uint8: sigmoid ones (CLIP's) or ones `fuse_gelu` makes one op of (SigLIP's tanh GELU, open_clip's
-    and timm's exact one). A convolutional tower gets the VNNI graph: ConvNeXt-T's GELUs in uint8
-    ran 0.955x on an AMX Xeon (README, "Int8 recipes on an AMX Xeon"), and a ResNet has none."""
-    return bool(_activation_matmuls(model)) and (has_sigmoid_gelu(model) or fuse_gelu(model, rewrite=False) > 0)
+    """Whether the AMX profile is made for a float graph: a tower with GELUs `uint8_gelu` writes in
+    uint8 (sigmoid ones, CLIP's, or ones `fuse_gelu` makes one op of: SigLIP's tanh GELU, open_clip's
+    and timm's exact one) and a part the profile leaves in float: a transformer's attention products
+    (MatMuls of two activations) or a ConvNeXt's depthwise convolutions. A ResNet has no GELU and
+    gets the VNNI graph. (ConvNeXt-T's GELUs in uint8 alone ran 0.955-1.01x on an AMX Xeon; with its
+    depthwise convolutions in float too, 1.01-1.05x: README, "Int8 recipes on an AMX Xeon".)"""
+    if not (_activation_matmuls(model) or _depthwise_convs(model)):
+        return False
+    return has_sigmoid_gelu(model) or fuse_gelu(model, rewrite=False) > 0
 
 
 def sigmoid_gelus(model: Any) -> list[tuple[Any, ...]]:

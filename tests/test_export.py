@@ -601,12 +601,21 @@ def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, tmp_path
     path = tmp_path / f"{family}_int8.onnx"
     report = export.export_onnx(str(model), path, profile="amx")  # the graph with the more kinds of kernel
     assert report.passed
-    # A transformer's GELUs in uint8 (`uint8_gelu`; open_clip's exact GELU, SigLIP's tanh one, each
-    # tower's 2 layers); a convolutional tower gets the VNNI graph.
-    assert report.profile == ("vnni" if family.endswith(("resnet", "convnext")) else "amx")
-    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    # GELUs in uint8 (`uint8_gelu`; open_clip's exact GELU, SigLIP's tanh one, each tower's 2 layers,
+    # the tiny ConvNeXt's 4 blocks); a ResNet, with none, gets the VNNI graph.
+    assert report.profile == ("vnni" if family.endswith("resnet") else "amx")
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
     if report.profile == "amx":
         assert ops.count("QLinearSigmoid") >= 2 and "Gelu" not in ops and "FastGelu" not in ops, ops
+    if family.endswith("convnext"):  # its depthwise convolutions in float, its others in int8
+        made_by = {o: n.op_type for n in graph.node for o in n.output}
+        convs = [(any(a.name == "group" and a.i > 1 for a in n.attribute), made_by.get(n.input[1]))
+                 for n in graph.node if n.op_type == "Conv"]
+        import collections
+
+        assert ops.count("QLinearSigmoid") == 4, ops  # a weight made by no node: a float one
+        assert collections.Counter(convs) == {(False, "DequantizeLinear"): 4, (True, None): 4}, convs
     assert max(int(np.abs(w.astype(int)).max()) for w in _int8_weights(path)) <= 64
     pixels = preprocess_batch(export.verification_images(8), OnnxEmbedder(path).preprocess_cfg)
     ref = export.run_onnx(ort, export.fp32_path_for(path), pixels)
@@ -1115,9 +1124,11 @@ def test_a_convnext_layer_scale_folds_into_the_same_int8_weights(tmp_path, monke
     pytest.importorskip("timm")
     model = assets.save_tiny_open_clip(tmp_path / "m", convnext=True)[1]
     folded, plain = tmp_path / "folded_int8.onnx", tmp_path / "plain_int8.onnx"
-    assert export.export_onnx(str(model), folded).passed
+    # the VNNI graph on every CPU: each block's two MLP MatMuls as MatMulIntegerToFloat (the AMX
+    # profile makes the first a QGemm); the fold is made before quantizing either way
+    assert export.export_onnx(str(model), folded, profile="vnni").passed
     monkeypatch.setattr(export, "scales_into_matmuls", lambda m: 0)
-    assert export.export_onnx(str(model), plain).passed
+    assert export.export_onnx(str(model), plain, profile="vnni").passed
 
     def matmuls(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
         m = onnx.load(str(path))
