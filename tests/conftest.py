@@ -45,9 +45,10 @@ def _torch_exports_traced_once(request, tmp_path_factory, monkeypatch):
     one: `pipeline.export.torch_onnx_export` traces each distinct module once per test process and
     copies its file after that. Distinct: its class and structure (repr), every parameter and
     buffer to the byte, its config (the attention implementation too), each submodule's forward
-    code, the inputs' names, shapes, dtypes and values, the output's name and the opset. A tower
-    with its weights in a .data file (`external`) is always traced, and so is every export of a test
-    marked `real_torch_export` (those that look at the exporter itself)."""
+    code, the inputs' names, shapes, dtypes and values, the output's name and the opset; for a
+    tower with its weights in a .data file (`external`), the file's name too, which the .data
+    file's is made from and which the graph names it by. Every export of a test marked
+    `real_torch_export` (those that look at the exporter itself) traces."""
     from pipeline import export
 
     real = export.torch_onnx_export
@@ -55,17 +56,18 @@ def _torch_exports_traced_once(request, tmp_path_factory, monkeypatch):
         return
 
     def traced_once(module, inputs, output, path, external):
-        if external:
-            return real(module, inputs, output, path, external)
-        key = _trace_key(module, inputs, output, export.OPSET)
+        path = Path(path)
+        key = _trace_key(module, inputs, output, export.OPSET) + (f"-{path.name}" if external else "")
         if key not in _TRACED:
             real(module, inputs, output, path, external)
-            cached = tmp_path_factory.getbasetemp() / "traced" / f"{key}.onnx"
-            cached.parent.mkdir(exist_ok=True)
-            shutil.copyfile(path, cached)
-            _TRACED[key] = cached
+            folder = tmp_path_factory.getbasetemp() / "traced" / key
+            folder.mkdir(parents=True)
+            for f in [path, *export._data_files(path)]:
+                shutil.copyfile(f, folder / f.name)
+            _TRACED[key] = folder
             return None
-        shutil.copyfile(_TRACED[key], path)
+        for f in _TRACED[key].iterdir():
+            shutil.copyfile(f, path.parent / f.name)
         return None
 
     monkeypatch.setattr(export, "torch_onnx_export", traced_once)
