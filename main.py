@@ -201,9 +201,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--int8-profile",
         choices=INT8_PROFILES,
         help="with --export-onnx --quantization static: the CPU kind the int8 graph is written for: amx (for a "
-        "transformer tower, CLIP's, SigLIP's, open_clip's ViTs: attention products in float, the GELUs in uint8; less "
-        "conversion where AMX makes the int8 GEMMs cheap), vnni (the rest, and convolutional towers), auto (this "
-        "CPU's kind); either file runs on every CPU",
+        "tower with GELUs: CLIP's, SigLIP's, open_clip's ViTs with their attention products in float, a ConvNeXt with "
+        "its depthwise convolutions in float; the GELUs in uint8; less conversion where AMX makes the int8 GEMMs "
+        "cheap), vnni (every tower; a ResNet's under either), auto (this CPU's kind); either file runs on every CPU",
     )
     _add(
         model,

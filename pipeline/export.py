@@ -77,10 +77,9 @@ from .int8graph import (
     CPU_GRAPH_RECIPE,
     FUSED_RECIPE,
     META_INT8_RECIPE,
-    activation_products,
+    amx_in_float,
     cpu_graph,
     cpu_model,
-    depthwise_convolutions,
     gelu_chains,
     per_position_gemm,
     pools_as_convolutions,
@@ -879,7 +878,8 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
         # Conv too: in a ViT tower the patch convolution alone, which onnxruntime then runs as
         # QLinearConv (its output uint8, turned to float once for the class token and position
         # embedding; README, "Int8 recipes"). A convolutional tower (an open_clip ResNet or
-        # ConvNeXt) has every convolution quantized (a tiny ResNet's is tested), and its probes
+        # ConvNeXt, but for the AMX profile's depthwise ones) has every convolution quantized (a tiny
+        # ResNet's is tested), and its probes
         # decide whether the file passes. 7-bit weights keep AVX2 exact, as for the MatMuls.
         # Relu and Clip: the quantizer then drops them, the op before them writing the
         # activation's range (which starts at 0): no dequantize -> Relu -> quantize between two
@@ -910,23 +910,25 @@ def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False)
     file is left as it is. Returns the names of the Gemms that do not run over every position
     (`per_position_gemm`), for the quantizer to leave in float (it matches nodes by name: an unnamed
     Gemm is named first), and for the AMX profile, where the tower takes it (`takes_amx_profile`),
-    those of the MatMuls of two activations (`activation_products`) and of the depthwise convolutions
-    (`depthwise_convolutions`); whether that profile is made;
+    those of the MatMuls of two activations or, in a tower without them, of the depthwise
+    convolutions (`amx_in_float`); whether that profile is made;
     and the calibration batch (`calibration_batch`, of the graph as loaded here: parsed once). The
     file is saved again only where a node was rewritten or named."""
     import onnx
 
     model = onnx.load(str(pre), load_external_data=False)  # weights stay where they are, even over 2 GB
     batch = calibration_batch(model)
+    unnamed = sum(not n.name for n in model.graph.node)
+    # the graph as exported (a benchmark asks the fp32 file the same); before the pools become
+    # depthwise convolutions, which are for int8
+    amx = amx and takes_amx_profile(model)
+    in_float = amx_in_float(model) if amx else []
     changed = pools_as_convolutions(model)
     if per_channel:
         changed += scales_into_matmuls(model)
-    unnamed = sum(not n.name for n in model.graph.node)
     gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
     for i, node in enumerate(gemms):
         node.name = node.name or f"gemm_{i}_{node.output[0]}"
-    amx = amx and takes_amx_profile(model)
-    in_float = activation_products(model) + depthwise_convolutions(model) if amx else []
     if changed or sum(not n.name for n in model.graph.node) < unnamed:
         onnx.save(model, str(pre))
     return [n.name for n in gemms if not per_position_gemm(model, n)] + in_float, amx, batch

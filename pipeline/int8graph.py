@@ -576,7 +576,8 @@ def activation_products(model: Any) -> list[str]:
 
 
 def depthwise_convolutions(model: Any) -> list[str]:
-    """The names of the depthwise (grouped) convolutions of a float graph, unnamed ones named first:
+    """The names of the depthwise convolutions of a float graph (`_depthwise_convs`), unnamed ones
+    named first:
     the AMX profile leaves a ConvNeXt's 7x7 ones to the quantizer's `nodes_to_exclude`. In float,
     onnxruntime runs them in its blocked layout, with no DequantizeLinear after each and no
     QuantizeLinear before; in int8 they were 2% of kernel time and their conversions 13% on an AMX
@@ -589,9 +590,24 @@ def depthwise_convolutions(model: Any) -> list[str]:
 
 
 def _depthwise_convs(model: Any) -> list[tuple[int, Any]]:
-    """(index, node) of each Conv of a float graph with more than one group."""
-    return [(i, n) for i, n in enumerate(model.graph.node) if n.op_type == "Conv"
-            and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    """(index, node) of each depthwise Conv of a float graph: more than one group, each of one input
+    channel (its constant weight (M, 1, kh, kw)). Read before `pools_as_convolutions`, which writes
+    a ResNet's tiling pools as depthwise convolutions for int8 to run."""
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    found = []
+    for i, n in enumerate(model.graph.node):
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        dims = weights.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
+        if group > 1 and dims is not None and len(dims) > 1 and dims[1] == 1:
+            found.append((i, n))
+    return found
+
+
+def amx_in_float(model: Any) -> list[str]:
+    """The nodes of a float graph the AMX profile leaves to the quantizer's `nodes_to_exclude`, named
+    first where unnamed: a transformer's attention products (`activation_products`), else a
+    ConvNeXt's depthwise convolutions (`depthwise_convolutions`)."""
+    return activation_products(model) or depthwise_convolutions(model)
 
 
 def _activation_matmuls(model: Any) -> list[tuple[int, Any]]:
@@ -635,7 +651,9 @@ def takes_amx_profile(model: Any) -> bool:
     and timm's exact one) and a part the profile leaves in float: a transformer's attention products
     (MatMuls of two activations) or a ConvNeXt's depthwise convolutions. A ResNet has no GELU and
     gets the VNNI graph. (ConvNeXt-T's GELUs in uint8 alone ran 0.955-1.01x on an AMX Xeon; with its
-    depthwise convolutions in float too, 1.01-1.05x: README, "Int8 recipes on an AMX Xeon".)"""
+    depthwise convolutions in float too, 1.00-1.04x: README, "ConvNeXt is over the bar".) A tower
+    with attention products and depthwise convolutions both (a hybrid: unmeasured) leaves only its
+    attention products in float (`amx_in_float`)."""
     if not (_activation_matmuls(model) or _depthwise_convs(model)):
         return False
     return has_sigmoid_gelu(model) or fuse_gelu(model, rewrite=False) > 0

@@ -348,7 +348,7 @@ def test_int8_device_pins_the_first_two_cores_it_may_use(monkeypatch):
 
 def test_on_amx_a_benchmark_expects_the_amx_recipe_only_for_a_tower_that_takes_it(tiny_onnx, tmp_path, monkeypatch):
     """On an AMX CPU (its profile patched in here), `Assets.onnx` expects the export's AMX recipe for a
-    transformer tower's file and the VNNI one for a convolutional tower's (the export's fallback),
+    tower's file with GELUs and the VNNI one for a ResNet's, with none (the export's fallback),
     read from the fp32 file beside it, parsed once per version of that file."""
     import onnx
     from benchmarks import common

@@ -588,6 +588,8 @@ def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, profile,
     tower (open_clip's ResNet) has every convolution in int8: onnxruntime runs no float Conv. The
     emulation computes convolutions without AVX2's pair saturation; the 7-bit weights, checked here
     for every int8 tensor, are what rules it out for them, as for the MatMuls."""
+    import collections
+
     import onnxruntime as ort
 
     from pipeline.embedders import OnnxEmbedder
@@ -615,8 +617,6 @@ def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, profile,
         made_by = {o: n.op_type for n in graph.node for o in n.output}
         convs = [(any(a.name == "group" and a.i > 1 for a in n.attribute), made_by.get(n.input[1]))
                  for n in graph.node if n.op_type == "Conv"]
-        import collections
-
         assert ops.count("QLinearSigmoid") == (4 if profile == "amx" else 0), ops
         depthwise = None if profile == "amx" else "DequantizeLinear"  # a weight made by no node: a float one
         assert collections.Counter(convs) == {(False, "DequantizeLinear"): 4, (True, depthwise): 4}, convs
@@ -626,8 +626,6 @@ def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, profile,
     emulated = export.feature_cosines(run_emulated(path, pixels), ref)
     assert emulated.min() >= export.INT8_MIN_COSINE and emulated.mean() >= export.INT8_MEAN_COSINE, emulated
     if family.endswith("resnet"):
-        import collections
-
         opts = ort.SessionOptions()
         opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -1004,6 +1002,38 @@ def test_pools_that_tile_their_input_become_depthwise_convolutions_with_the_same
     unnamed = _pool_graph([tile, tile], name="")  # each Conv and weight gets a name of its own
     assert pools_as_convolutions(unnamed) == 2
     assert len({n.name for n in unnamed.graph.node}) == 3 and len({i.name for i in unnamed.graph.initializer}) == 2
+
+
+def test_the_amx_profile_leaves_only_true_depthwise_convolutions_in_float(tmp_path):
+    """A convolutional tower with GELUs takes the AMX profile by its depthwise convolutions (groups
+    of one input channel: a ConvNeXt's 7x7), which it leaves in float; not by a grouped convolution
+    of several channels a group, nor by the depthwise convolution a tiling pool becomes for int8
+    (`pools_as_convolutions`), which stays quantized."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def tower(depthwise: bool) -> onnx.ModelProto:
+        first = ("depthwise", 4, (4, 1, 3, 3)) if depthwise else ("grouped", 2, (4, 2, 3, 3))
+        name, group, shape = first
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name=name, group=group, pads=[1, 1, 1, 1]),
+                 helper.make_node("AveragePool", ["c"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+                 helper.make_node("Mul", ["p", "k"], ["kp"], name="k_p"),
+                 helper.make_node("Sigmoid", ["kp"], ["s"], name="sigmoid"),
+                 helper.make_node("Mul", ["p", "s"], ["y"], name="gate")]  # x * sigmoid(1.702 x)
+        inits = [numpy_helper.from_array(np.ones(shape, np.float32), "w"),
+                 numpy_helper.from_array(np.array(1.702, np.float32), "k")]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8, 8])
+        graph = helper.make_graph(nodes, "convs", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  inits, value_info=[helper.make_tensor_value_info("c", TensorProto.FLOAT,
+                                                                                   ["batch", 4, 8, 8])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    path = tmp_path / "pre.onnx"
+    for depthwise in (True, False):
+        onnx.save(tower(depthwise), str(path))
+        kept, amx, _ = export._before_quantization(path, amx=True)
+        nodes = onnx.load(str(path)).graph.node
+        assert sum(n.op_type == "Conv" for n in nodes) == 2  # the pool became a depthwise convolution
+        assert (amx, kept) == ((True, ["depthwise"]) if depthwise else (False, [])), depthwise
 
 
 def _scaled_graph() -> onnx.ModelProto:
