@@ -860,11 +860,14 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
 
     - `folder`: each picture's subfolder relative to the root ('' at the root; `dresses/summer`),
       where the folder has subfolders: a catalogue filed by category filters on it;
-    - the columns of `metadata.csv` or `metadata.jsonl` at the root, as the Hugging Face
-      ImageFolder reads them: one line per picture, its path relative to the root in `file_name`
-      (types inferred: numbers, true/false, dates; a code written with leading zeros stays text). A
-      picture without a line has missing values, and a line naming no picture of the folder is left
-      out, each said in a warning (warn: a second read of the same folder says nothing again)."""
+    - the columns of `metadata.csv` or `metadata.jsonl` files, at the root or in subfolders, as the
+      Hugging Face ImageFolder reads them: one line per picture, its path relative to the metadata
+      file's own folder in `file_name` (`train/metadata.csv` names `images/1.jpg` for
+      `train/images/1.jpg`; types inferred: numbers, true/false, dates; a code written with leading
+      zeros stays text); several files' columns side by side, a column one lacks missing for its
+      pictures. A picture without a line has missing values, and a line naming no picture of the
+      folder is left out, each said in a warning (warn: a second read of the same folder says
+      nothing again)."""
     import pyarrow as pa
 
     with os.scandir(root) as entries:
@@ -876,27 +879,36 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
     columns: dict[str, Any] = {}
     if any("/" in k for k in every):  # all the pictures: the columns do not change with --limit
         columns[FOLDER_COLUMN] = pa.array([k.rpartition("/")[0] for k in keys], pa.string())
-    sidecar = _folder_sidecar(root, spec)
-    if sidecar is not None:
-        name, lines = sidecar
-        files = [_relative_key(str(f)) if f is not None else "" for f in lines.column("file_name").to_pylist()]
-        at: dict[str, int] = {}
-        for i, f in enumerate(files):
-            if not f:
-                raise PipelineError(f"{root / name}: data line {i + 1} has no file_name")
-            if f in at:
-                raise PipelineError(f"{root / name}: {f!r} is named by two lines (data lines {at[f] + 1} and "
-                                    f"{i + 1}); each picture takes one")
-            at[f] = i
+    sidecars = _folder_sidecars(root, spec)
+    if sidecars:
+        at: dict[str, int] = {}  # picture -> its line among every file's, in order
+        where: list[tuple[str, int]] = []  # each of those lines: (its file, its data line)
+        for name, lines in sidecars:
+            base = name.rpartition("/")[0]  # the file's folder, relative to the root
+            for i, f in enumerate(lines.column("file_name").to_pylist()):
+                key = _relative_key(str(f)) if f is not None else ""
+                if not key:
+                    raise PipelineError(f"{root / name}: data line {i + 1} has no file_name")
+                key = f"{base}/{key}" if base else key
+                if key in at:
+                    other, j = where[at[key]]
+                    lines_said = (f"data lines {j} and {i + 1}" if other == name else
+                                  f"{root / other} data line {j} and {root / name} data line {i + 1}")
+                    raise PipelineError(f"{root / name}: {key!r} is named by two lines ({lines_said}); each "
+                                        "picture takes one")
+                at[key] = len(where)
+                where.append((name, i + 1))
+        lines = _side_by_side(root, sidecars)
+        names = " and ".join(str(root / name) for name, _ in sidecars)
         take = pa.array([at.get(k) for k in keys], pa.int64())
-        unknown = sorted(set(files) - set(every))  # not one past --limit
+        unknown = sorted(set(at) - set(every))  # not one past --limit
         if unknown and warn:
-            log.warning("%s: %d line(s) name no picture of the folder, left out (%s)", root / name, len(unknown),
+            log.warning("%s: %d line(s) name no picture of the folder, left out (%s)", names, len(unknown),
                         ", ".join(repr(u) for u in unknown[:3]) + (", ..." if len(unknown) > 3 else ""))
         missing = take.null_count
         if missing and warn:
             first = next(k for k in keys if k not in at)
-            log.warning("%s: %d picture(s) have no line (%r first): their values are missing", root / name,
+            log.warning("%s: %d picture(s) have no line (%r first): their values are missing", names,
                         missing, first)
         for c in lines.column_names:
             if c != "file_name":
@@ -929,18 +941,57 @@ def _relative_key(name: str) -> str:
 
 
 def folder_metadata_files(name: str | Path) -> list[Path]:
-    """The metadata.csv and metadata.jsonl at the root of --dataset NAME, those there are."""
-    return [Path(name) / file for file in FOLDER_METADATA_FILES if (Path(name) / file).is_file()]
+    """The metadata.csv and metadata.jsonl files of --dataset NAME, at its root or in any subfolder
+    (hidden ones aside, as the pictures), the root's first, then by folder."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(name):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / file for file in FOLDER_METADATA_FILES if file in filenames]
+    return found
 
 
-def _folder_sidecar(root: Path, spec: DatasetSpec) -> tuple[str, Any] | None:
-    """(its name, its table) of the folder's metadata.csv or metadata.jsonl, None when it has neither."""
-    found = [path.name for path in folder_metadata_files(root)]
-    if not found:
-        return None
-    if len(found) > 1:
-        raise PipelineError(f"{root} has both {' and '.join(found)}: keep one (the pictures' metadata)")
-    name = found[0]
+def _folder_sidecars(root: Path, spec: DatasetSpec) -> list[tuple[str, Any]]:
+    """(its path relative to the root, its table) of each of the folder's metadata files."""
+    files = [path.relative_to(root).as_posix() for path in folder_metadata_files(root)]
+    by_folder: dict[str, list[str]] = {}
+    for name in files:
+        by_folder.setdefault(name.rpartition("/")[0], []).append(name.rpartition("/")[2])
+    for folder, found in by_folder.items():
+        if len(found) > 1:
+            raise PipelineError(f"{root / folder if folder else root} has both {' and '.join(found)}: keep one "
+                                "(the pictures' metadata)")
+    return [(name, _folder_sidecar(root, name, spec)) for name in files]
+
+
+def _side_by_side(root: Path, sidecars: list[tuple[str, Any]]) -> Any:
+    """The metadata files' tables one after the other, a column one file lacks missing for its lines."""
+    import pyarrow as pa
+
+    if len(sidecars) == 1:
+        return sidecars[0][1]
+    tables = [t for _, t in sidecars]
+    text = {f.name for t in tables for f in t.schema if pa.types.is_string(f.type)}
+    for k, t in enumerate(tables):  # codes: text in a file where one has leading zeros, whole numbers in another
+        for i, f in enumerate(t.schema):
+            if f.name in text and pa.types.is_integer(f.type):
+                t = t.set_column(i, f.name, t.column(i).cast(pa.string()))  # as written: no leading zero to lose
+        tables[k] = t
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")  # and whole numbers with decimals
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        types: dict[str, dict[str, str]] = {}
+        for (name, _), t in zip(sidecars, tables):
+            for f in t.schema:
+                types.setdefault(f.name, {})[name] = str(f.type)
+        clash = next((c for c, seen in types.items() if len(set(seen.values())) > 1), None)  # the first
+        said = (f"their column {clash!r} is " + ", ".join(f"{ty} in {root / n}" for n, ty in types[clash].items())
+                if clash else first_line(e))
+        raise PipelineError(f"the metadata files of {root} cannot be read as one table: {said}; write each "
+                            "column's values alike in every file") from e
+
+
+def _folder_sidecar(root: Path, name: str, spec: DatasetSpec) -> Any:
+    """The table of the folder's metadata file `name` (relative to the root), checked."""
     try:
         table = _read_csv_keeping_codes(root / name) if name.endswith(".csv") else _read_jsonl(root / name)
     except Exception as e:  # pyarrow's ArrowInvalid: a malformed line, mixed types, a column named twice
@@ -948,7 +999,7 @@ def _folder_sidecar(root: Path, spec: DatasetSpec) -> tuple[str, Any] | None:
     names = table.column_names
     if "file_name" not in names:
         raise PipelineError(f"{root / name} has no file_name column (each picture's path relative to "
-                            f"{root}); its columns are {names}")
+                            f"{(root / name).parent}); its columns are {names}")
     for c in (FOLDER_COLUMN, *sorted(RESERVED_META), spec.image_column):
         if c in names:
             raise PipelineError(f"{root / name}: its column {c!r} is a name the store keeps for itself (the "
@@ -959,7 +1010,7 @@ def _folder_sidecar(root: Path, spec: DatasetSpec) -> tuple[str, Any] | None:
     if binary:
         raise PipelineError(f"{root / name}: the column(s) {binary} are not UTF-8 text; save the file as UTF-8 "
                             "(a spreadsheet's \"CSV UTF-8\")")
-    return name, table
+    return table
 
 
 def _read_csv_keeping_codes(path: Path) -> Any:

@@ -607,6 +607,68 @@ def test_a_code_written_with_leading_zeros_stays_text(tmp_path):
     assert table.column("price").to_pylist() == [5.99, 12.0, 0.5]  # a price is a number however written
 
 
+def _split_folder(root: Path, files: dict[str, str]) -> Path:
+    """Pictures filed as a Hugging Face ImageFolder with splits (train/images/, test/, one at the
+    root), and the metadata files given (path -> text)."""
+    for i, rel in enumerate(["train/images/a.jpg", "train/images/b.jpg", "test/c.jpg", "top.jpg"]):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(assets.jpeg_bytes(40, 40, seed=710 + i))
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_metadata_files_in_subfolders_name_pictures_from_their_own_folder(tmp_path, caplog):
+    """As the Hugging Face ImageFolder reads them: `train/metadata.csv` names `images/a.jpg` for
+    train/images/a.jpg. Several files' columns go side by side (a column one lacks missing for its
+    pictures; a code with leading zeros in one file and plain digits in another stays text; whole
+    prices and decimal ones are numbers); a picture no file names has missing values, said."""
+    import logging
+
+    from pipeline.config import DatasetSpec
+    from pipeline.dataset import folder_metadata, folder_metadata_files
+
+    data = _split_folder(tmp_path / "cat", {
+        "train/metadata.csv": "file_name,price,code\nimages/b.jpg,12.5,00456\n./images/a.jpg,10,00123\n",
+        "test/metadata.jsonl": '{"file_name": "c.jpg", "price": 9, "code": 789, "colour": "red"}\n',
+        ".hidden/metadata.csv": "file_name,price\nx.jpg,1\n",  # a hidden folder is not read, as its pictures
+    })
+    assert [p.relative_to(data).as_posix() for p in folder_metadata_files(data)] == [
+        "test/metadata.jsonl", "train/metadata.csv"]
+    with caplog.at_level(logging.WARNING):
+        table = folder_metadata(data, DatasetSpec(name=str(data)))
+    assert table.column_names == ["source_row", "folder", "price", "code", "colour"]
+    rows = list(zip(*(table.column(c).to_pylist() for c in table.column_names)))
+    assert rows == [(0, "test", 9.0, "789", "red"), (1, "", None, None, None),
+                    (2, "train/images", 10.0, "00123", None), (3, "train/images", 12.5, "00456", None)]
+    assert "1 picture(s) have no line ('top.jpg' first): their values are missing" in caplog.text
+
+
+@pytest.mark.parametrize("files, said", [
+    ({"metadata.csv": "file_name,price\ntrain/images/a.jpg,1\n",
+      "train/metadata.csv": "file_name,price\nimages/b.jpg,2\nimages/a.jpg,3\n"},
+     "train/metadata.csv: 'train/images/a.jpg' is named by two lines ({root}/metadata.csv data line 1 and "
+     "{root}/train/metadata.csv data line 2); each picture takes one"),
+    ({"train/metadata.csv": "file_name,price\nimages/a.jpg,1.5\n", "test/metadata.csv": "file_name,price\nc.jpg,dear\n"},
+     "the metadata files of {root} cannot be read as one table: their column 'price' is string in "
+     "{root}/test/metadata.csv, double in {root}/train/metadata.csv"),
+    ({"train/metadata.csv": "file_name,price\nimages/a.jpg,1\n", "train/metadata.jsonl": '{"file_name": "x"}\n'},
+     "{root}/train has both metadata.csv and metadata.jsonl: keep one"),
+    ({"train/metadata.csv": "price\n1\n"}, "{root}/train/metadata.csv has no file_name column (each picture's "
+     "path relative to {root}/train)"),
+], ids=["named-twice", "types", "two-files", "no-file-name"])
+def test_metadata_files_in_subfolders_that_cannot_be_used_are_refused(files, said, tmp_path):
+    from pipeline.config import DatasetSpec
+    from pipeline.dataset import folder_metadata
+    from pipeline.errors import PipelineError
+
+    data = _split_folder(tmp_path / "cat", files)
+    with pytest.raises(PipelineError) as e:
+        folder_metadata(data, DatasetSpec(name=str(data)))
+    assert said.format(root=data) in str(e.value)
+
+
 def test_a_folder_without_subfolders_or_metadata_says_how_to_add_some(tiny_onnx, tmp_path, capsys):
     data = tmp_path / "flat"
     data.mkdir()
