@@ -650,7 +650,8 @@ def test_metadata_files_in_subfolders_name_pictures_from_their_own_folder(tmp_pa
       "train/metadata.csv": "file_name,price\nimages/b.jpg,2\nimages/a.jpg,3\n"},
      "train/metadata.csv: 'train/images/a.jpg' is named by two lines ({root}/metadata.csv data line 1 and "
      "{root}/train/metadata.csv data line 2); each picture takes one"),
-    ({"train/metadata.csv": "file_name,price\nimages/a.jpg,1.5\n", "test/metadata.csv": "file_name,price\nc.jpg,dear\n"},
+    ({"train/metadata.csv": "file_name,price\nimages/a.jpg,1.5\n",
+      "test/metadata.csv": "file_name,price\nc.jpg,dear\n"},
      "the metadata files of {root} cannot be read as one table: their column 'price' is string in "
      "{root}/test/metadata.csv, double in {root}/train/metadata.csv"),
     ({"train/metadata.csv": "file_name,price\nimages/a.jpg,1\n", "train/metadata.jsonl": '{"file_name": "x"}\n'},
