@@ -198,15 +198,22 @@ def _natural_key(rel: str) -> list[Any]:
 
 
 def _list_images(root: Path) -> list[str]:
-    rels = []
+    return _walk(root)[0]
+
+
+def _walk(root: Path | str) -> tuple[list[str], list[Path]]:
+    """The pictures of a folder (paths relative to it, in natural order: img_2 before img_10
+    whatever the padding) and its metadata files (FOLDER_METADATA_FILES, the root's first, then by
+    folder), hidden folders and files aside: one walk of the tree for both."""
+    rels, metadata = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        metadata += [Path(dirpath) / file for file in FOLDER_METADATA_FILES if file in filenames]
         for name in filenames:
             if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
                 rels.append(os.path.relpath(os.path.join(dirpath, name), root))
-    # Natural order, so img_2 comes before img_10 whatever the padding.
     rels.sort(key=_natural_key)
-    return rels
+    return rels, metadata
 
 
 def _iter_image_folder(root: Path, spec: DatasetSpec, start: int, only: frozenset[int] | None = None
@@ -874,12 +881,13 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
         flat = not any(e.is_dir() and not e.name.startswith(".") for e in entries)
     if flat and not folder_metadata_files(root):  # no column to read: the folder is not listed for it
         return None
-    every = [rel.replace(os.sep, "/") for rel in _list_images(root)]
+    pictures, metadata_files = _walk(root)
+    every = [rel.replace(os.sep, "/") for rel in pictures]
     keys = every if spec.limit is None else every[: spec.limit]
     columns: dict[str, Any] = {}
     if any("/" in k for k in every):  # all the pictures: the columns do not change with --limit
         columns[FOLDER_COLUMN] = pa.array([k.rpartition("/")[0] for k in keys], pa.string())
-    sidecars = _folder_sidecars(root, spec)
+    sidecars = _folder_sidecars(root, metadata_files, spec)
     if sidecars:
         at: dict[str, int] = {}  # picture -> its line among every file's, in order
         where: list[tuple[str, int]] = []  # each of those lines: (its file, its data line)
@@ -898,18 +906,20 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
                                         "picture takes one")
                 at[key] = len(where)
                 where.append((name, i + 1))
-        lines = _side_by_side(root, sidecars)
-        names = " and ".join(str(root / name) for name, _ in sidecars)
+        lines = _side_by_side(root, sidecars, warn)
         take = pa.array([at.get(k) for k in keys], pa.int64())
-        unknown = sorted(set(at) - set(every))  # not one past --limit
-        if unknown and warn:
-            log.warning("%s: %d line(s) name no picture of the folder, left out (%s)", names, len(unknown),
-                        ", ".join(repr(u) for u in unknown[:3]) + (", ..." if len(unknown) > 3 else ""))
+        unknown: dict[str, list[str]] = {}  # file -> its lines' file_names that name no picture (not one past --limit)
+        for key in sorted(set(at) - set(every)):
+            name = where[at[key]][0]
+            unknown.setdefault(name, []).append(key[len(name.rpartition("/")[0]) + 1:] if "/" in name else key)
+        for name, named in unknown.items() if warn else ():
+            log.warning("%s: %d line(s) name no picture of the folder, left out (%s)", root / name, len(named),
+                        ", ".join(repr(u) for u in named[:3]) + (", ..." if len(named) > 3 else ""))
         missing = take.null_count
         if missing and warn:
             first = next(k for k in keys if k not in at)
-            log.warning("%s: %d picture(s) have no line (%r first): their values are missing", names,
-                        missing, first)
+            said = str(root / sidecars[0][0]) if len(sidecars) == 1 else f"{len(sidecars)} metadata files of {root}"
+            log.warning("%s: %d picture(s) have no line (%r first): their values are missing", said, missing, first)
         for c in lines.column_names:
             if c != "file_name":
                 columns[c] = lines.column(c).take(take)
@@ -943,51 +953,66 @@ def _relative_key(name: str) -> str:
 def folder_metadata_files(name: str | Path) -> list[Path]:
     """The metadata.csv and metadata.jsonl files of --dataset NAME, at its root or in any subfolder
     (hidden ones aside, as the pictures), the root's first, then by folder."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(name):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / file for file in FOLDER_METADATA_FILES if file in filenames]
-    return found
+    return _walk(name)[1]
 
 
-def _folder_sidecars(root: Path, spec: DatasetSpec) -> list[tuple[str, Any]]:
-    """(its path relative to the root, its table) of each of the folder's metadata files."""
-    files = [path.relative_to(root).as_posix() for path in folder_metadata_files(root)]
+def _folder_sidecars(root: Path, found: list[Path], spec: DatasetSpec) -> list[tuple[str, Any]]:
+    """(its path relative to the root, its table) of each of the folder's metadata files `found`."""
+    files = [path.relative_to(root).as_posix() for path in found]
     by_folder: dict[str, list[str]] = {}
     for name in files:
         by_folder.setdefault(name.rpartition("/")[0], []).append(name.rpartition("/")[2])
-    for folder, found in by_folder.items():
-        if len(found) > 1:
-            raise PipelineError(f"{root / folder if folder else root} has both {' and '.join(found)}: keep one "
+    for folder, kinds in by_folder.items():
+        if len(kinds) > 1:
+            raise PipelineError(f"{root / folder if folder else root} has both {' and '.join(kinds)}: keep one "
                                 "(the pictures' metadata)")
     return [(name, _folder_sidecar(root, name, spec)) for name in files]
 
 
-def _side_by_side(root: Path, sidecars: list[tuple[str, Any]]) -> Any:
-    """The metadata files' tables one after the other, a column one file lacks missing for its lines."""
+def _side_by_side(root: Path, sidecars: list[tuple[str, Any]], warn: bool = True) -> Any:
+    """The metadata files' tables one after the other, a column one file lacks missing for its lines.
+    A column's types are made one where its values allow: whole numbers with decimals as decimals,
+    dates with date-times as date-times, whole numbers in a file where another has text as text, as
+    written (a code with leading zeros is text; said in a warning, as a filter then compares text).
+    Refused, naming the column and the files, where they do not (true/false and text, decimals and
+    text)."""
     import pyarrow as pa
 
     if len(sidecars) == 1:
         return sidecars[0][1]
+    names = [name for name, _ in sidecars]
     tables = [t for _, t in sidecars]
-    text = {f.name for t in tables for f in t.schema if pa.types.is_string(f.type)}
-    for k, t in enumerate(tables):  # codes: text in a file where one has leading zeros, whole numbers in another
-        for i, f in enumerate(t.schema):
-            if f.name in text and pa.types.is_integer(f.type):
-                t = t.set_column(i, f.name, t.column(i).cast(pa.string()))  # as written: no leading zero to lose
-        tables[k] = t
-    try:
-        return pa.concat_tables(tables, promote_options="permissive")  # and whole numbers with decimals
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        types: dict[str, dict[str, str]] = {}
-        for (name, _), t in zip(sidecars, tables):
-            for f in t.schema:
-                types.setdefault(f.name, {})[name] = str(f.type)
-        clash = next((c for c, seen in types.items() if len(set(seen.values())) > 1), None)  # the first
-        said = (f"their column {clash!r} is " + ", ".join(f"{ty} in {root / n}" for n, ty in types[clash].items())
-                if clash else first_line(e))
-        raise PipelineError(f"the metadata files of {root} cannot be read as one table: {said}; write each "
-                            "column's values alike in every file") from e
+    kinds: dict[str, dict[str, Any]] = {}  # column -> file -> type
+    for name, t in zip(names, tables):
+        for f in t.schema:
+            kinds.setdefault(f.name, {})[name] = f.type
+    for column, types in kinds.items():
+        casts = []  # (which files' type, to what)
+        if any(pa.types.is_string(ty) for ty in types.values()) and any(
+                pa.types.is_integer(ty) for ty in types.values()):
+            casts.append((pa.types.is_integer, pa.string()))
+            if warn:
+                log.warning("%s: the column %r is whole numbers in %s and text in %s: read as text in every file",
+                            root, column, ", ".join(n for n, ty in types.items() if pa.types.is_integer(ty)),
+                            ", ".join(n for n, ty in types.items() if pa.types.is_string(ty)))
+        stamps = [ty for ty in types.values() if pa.types.is_timestamp(ty)]
+        if stamps and any(pa.types.is_date(ty) for ty in types.values()):  # a CSV's dates, a JSONL's date-times
+            casts.append((pa.types.is_date, stamps[0]))
+        for k, name in enumerate(names):
+            for which, to in casts:
+                if name in types and which(types[name]):
+                    i = tables[k].schema.get_field_index(column)
+                    tables[k] = tables[k].set_column(i, column, tables[k].column(i).cast(to))
+    for column in kinds:
+        fields = [t.schema.field(column) for t in tables if column in t.column_names]
+        try:
+            pa.unify_schemas([pa.schema([f]) for f in fields], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            said = ", ".join(f"{t.schema.field(column).type} in {root / n}" for n, t in zip(names, tables)
+                             if column in t.column_names)
+            raise PipelineError(f"the metadata files of {root} cannot be read as one table: their column "
+                                f"{column!r} is {said}; write its values alike in every file") from e
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def _folder_sidecar(root: Path, name: str, spec: DatasetSpec) -> Any:

@@ -61,7 +61,7 @@ def _torch_exports_traced_once(request, tmp_path_factory, monkeypatch):
     def traced_once(module, inputs, output, path, external):
         path = Path(path)
         key = _trace_key(module, inputs, output, export.OPSET) + (f"-{path.name}" if external else "")
-        if key not in _TRACED or not _TRACED[key][0].is_file():  # (a test session's folder can go)
+        if key not in _TRACED or not all(f.is_file() for f in (_TRACED[key][0], *_TRACED[key][1])):  # (can go)
             real(module, inputs, output, path, external)
             folder = tmp_path_factory.getbasetemp() / "traced" / key
             folder.mkdir(parents=True, exist_ok=True)

@@ -630,19 +630,29 @@ def test_metadata_files_in_subfolders_name_pictures_from_their_own_folder(tmp_pa
     from pipeline.dataset import folder_metadata, folder_metadata_files
 
     data = _split_folder(tmp_path / "cat", {
-        "train/metadata.csv": "file_name,price,code\nimages/b.jpg,12.5,00456\n./images/a.jpg,10,00123\n",
-        "test/metadata.jsonl": '{"file_name": "c.jpg", "price": 9, "code": 789, "colour": "red"}\n',
+        "train/metadata.csv": "file_name,price,code,added\nimages/b.jpg,12.5,00456,2024-01-02\n"
+                              "./images/a.jpg,10,00123,2024-01-01\nimages/gone.jpg,1,1,2024-01-01\n",
+        "test/metadata.jsonl": '{"file_name": "c.jpg", "price": 9, "code": 789, "colour": "red", '
+                               '"added": "2024-01-03"}\n',
         ".hidden/metadata.csv": "file_name,price\nx.jpg,1\n",  # a hidden folder is not read, as its pictures
     })
     assert [p.relative_to(data).as_posix() for p in folder_metadata_files(data)] == [
         "test/metadata.jsonl", "train/metadata.csv"]
     with caplog.at_level(logging.WARNING):
         table = folder_metadata(data, DatasetSpec(name=str(data)))
-    assert table.column_names == ["source_row", "folder", "price", "code", "colour"]
-    rows = list(zip(*(table.column(c).to_pylist() for c in table.column_names)))
+    assert table.column_names == ["source_row", "folder", "price", "code", "colour", "added"]
+    rows = list(zip(*(table.column(c).to_pylist() for c in table.column_names[:-1])))
     assert rows == [(0, "test", 9.0, "789", "red"), (1, "", None, None, None),
                     (2, "train/images", 10.0, "00123", None), (3, "train/images", 12.5, "00456", None)]
-    assert "1 picture(s) have no line ('top.jpg' first): their values are missing" in caplog.text
+    # the CSV's dates and the JSONL's date-times as one type
+    assert [d and d.isoformat() for d in table.column("added").to_pylist()] == [
+        "2024-01-03T00:00:00", None, "2024-01-01T00:00:00", "2024-01-02T00:00:00"]
+    assert "2 metadata files of" in caplog.text and "1 picture(s) have no line ('top.jpg' first)" in caplog.text
+    # a line naming no picture: said by its own file, as written there
+    gone = f"{data}/train/metadata.csv: 1 line(s) name no picture of the folder, left out ('images/gone.jpg')"
+    assert gone in caplog.text
+    assert ("the column 'code' is whole numbers in test/metadata.jsonl and text in train/metadata.csv: read as text "
+            "in every file") in caplog.text
 
 
 @pytest.mark.parametrize("files, said", [
@@ -654,11 +664,14 @@ def test_metadata_files_in_subfolders_name_pictures_from_their_own_folder(tmp_pa
       "test/metadata.csv": "file_name,price\nc.jpg,dear\n"},
      "the metadata files of {root} cannot be read as one table: their column 'price' is string in "
      "{root}/test/metadata.csv, double in {root}/train/metadata.csv"),
+    ({"train/metadata.csv": "file_name,price,in_sale\nimages/a.jpg,10,true\n",  # price joins, in_sale not
+      "test/metadata.csv": "file_name,price,in_sale\nc.jpg,9.5,soon\n"},
+     "their column 'in_sale' is string in {root}/test/metadata.csv, bool in {root}/train/metadata.csv"),
     ({"train/metadata.csv": "file_name,price\nimages/a.jpg,1\n", "train/metadata.jsonl": '{"file_name": "x"}\n'},
      "{root}/train has both metadata.csv and metadata.jsonl: keep one"),
     ({"train/metadata.csv": "price\n1\n"}, "{root}/train/metadata.csv has no file_name column (each picture's "
      "path relative to {root}/train)"),
-], ids=["named-twice", "types", "two-files", "no-file-name"])
+], ids=["named-twice", "types", "the-column-at-fault", "two-files", "no-file-name"])
 def test_metadata_files_in_subfolders_that_cannot_be_used_are_refused(files, said, tmp_path):
     from pipeline.config import DatasetSpec
     from pipeline.dataset import folder_metadata
