@@ -85,7 +85,7 @@ def dataset_hashes(spec: DatasetSpec) -> Iterator[tuple[Record, str]]:
             rows, entry["groups"] = before["rows"], before.get("groups")
         elif stop is not None and row + pq.read_metadata(f).num_rows > stop:  # the limit ends inside: read up to it
             records = islice(iter_parquet_file(spec, f), stop - row)
-            rows = [[sha, rec.item_id, rec.error] for rec, sha in hashed(records)]
+            rows = [_row(spec, rec, sha) for rec, sha in hashed(records)]
             entry = {}
         else:
             rows, entry["groups"], linked = _read_file(spec, f, groups)
@@ -93,8 +93,8 @@ def dataset_hashes(spec: DatasetSpec) -> Iterator[tuple[Record, str]]:
                 entry = {}
         if entry:
             record[key] = {**entry, "rows": rows}
-        for sha, item_id, error in rows[: None if stop is None else stop - row]:
-            yield Record(row, "", None, error, item_id=item_id), sha
+        for sha, item_id, error, path in rows[: None if stop is None else stop - row]:
+            yield Record(row, path, None, error, item_id=item_id), sha  # a cell's own path, else "" (no name)
             row += 1
     unseen = {str(f.resolve()) for f in files} - seen  # past a --limit: kept as they were known
     _save(where, known, {**{k: v for k, v in known.items() if k in unseen}, **record})
@@ -124,7 +124,8 @@ def record_build(spec: DatasetSpec, stamps: dict[str, list[int]], lines: Iterabl
     first: dict[int, list] = {}
     for line in lines:  # a row's first line (a segmented row has one per person; all carry the cell's hash)
         if line.source_row not in first:
-            first[line.source_row] = [line.source_sha256, line.item_id, "" if line.source_sha256 else line.error]
+            own = "" if line.source == f"{spec.name}[{line.source_row}]" else line.source  # a cell's own path
+            first[line.source_row] = [line.source_sha256, line.item_id, "" if line.source_sha256 else line.error, own]
     columns = _columns(spec)
     where = hashes_file(spec)
     known, record = read_json_dict(where), {}
@@ -256,7 +257,7 @@ def _read_file(spec: DatasetSpec, f: Path, known: _KnownGroups) -> tuple[list, l
         read: dict[int, list] = {}
         linked = False
         for rec, sha in hashed(iter_parquet_file(spec, f)):
-            read[rec.source_row] = [sha, rec.item_id, rec.error]
+            read[rec.source_row] = _row(spec, rec, sha)
             linked = linked or rec.linked
         return [read[r] for r in sorted(read)], None, linked
     if not digests:  # no row group: nothing to read, but the columns asked for must be there
@@ -296,7 +297,7 @@ def _hash_groups(spec: DatasetSpec, f: Path, groups: list[int], firsts: list[int
         if len(got) != firsts[g + 1] - firsts[g]:
             raise PipelineError(f"{f}: row group {g} read {len(got)} rows where its metadata says "
                                 f"{firsts[g + 1] - firsts[g]}")
-        return [[sha, rec.item_id, rec.error] for rec, sha in got], any(rec.linked for rec, _ in got)
+        return [_row(spec, rec, sha) for rec, sha in got], any(rec.linked for rec, _ in got)
 
     pool = ThreadPoolExecutor(max_workers=2)
     try:
@@ -350,9 +351,16 @@ def _recorded_as_is(before: Any, stamp: list[int], columns: list[str]) -> bool:
             == {"stamp": stamp, "columns": columns} and _rows_ok(before))
 
 
+def _row(spec: DatasetSpec, rec: Record, sha: str) -> list:
+    """A row as the record keeps it: [sha256, id, no-picture reason, the cell's own path ("" for a
+    cell without one, which a build names "<dataset>[row]")]."""
+    own = "" if rec.source in ("", f"{spec.name}[{rec.source_row}]") else rec.source
+    return [sha, rec.item_id, rec.error, own]
+
+
 def _rows_ok(entry: dict) -> bool:
     rows, groups = entry.get("rows"), entry.get("groups")
-    if not (isinstance(rows, list) and all(isinstance(r, list) and len(r) == 3 for r in rows)):
+    if not (isinstance(rows, list) and all(isinstance(r, list) and len(r) == 4 for r in rows)):  # 3 before paths
         return False
     return groups is None or (isinstance(groups, list)
                               and all(isinstance(g, list) and len(g) == 2 and isinstance(g[1], int) for g in groups)

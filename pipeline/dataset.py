@@ -302,10 +302,11 @@ def hash_parquet_group(spec: DatasetSpec, pf: Any, group: int, first: int) -> li
     """The rows of one row group of an open local parquet file (pyarrow's ParquetFile; the group's
     first row numbered `first`), each as a Record without its bytes, with the sha256 of its bytes
     ("" without a picture): the sha256, item_id, error and linked that hashed(iter_parquet_file(...))
-    gives for those rows (no source, no extra columns). A cell's bytes are hashed where pyarrow read
-    them, 64 rows at a time, never copied into Python bytes, so that two threads can each take
-    groups (pyarrow's read and hashlib let go of the GIL; figures in the README, "Reading the
-    dataset"). Any other cell (no bytes: a path, nothing) is read as iter_parquet_file reads it."""
+    gives for those rows, and as source the cell's own path ("" where it has none; no extra
+    columns). A cell's bytes are hashed where pyarrow read them, 64 rows at a time, never copied
+    into Python bytes, so that two threads can each take groups (pyarrow's read and hashlib let go
+    of the GIL; figures in the README, "Reading the dataset"). Any other cell (no bytes: a path,
+    nothing) is read as iter_parquet_file reads it."""
     import hashlib
 
     import numpy as np
@@ -328,15 +329,18 @@ def hash_parquet_group(spec: DatasetSpec, pf: Any, group: int, first: int) -> li
             data = memoryview(cells.buffers()[2] or b"")
             valid = arrow_numpy(cells.is_valid())
         ids = batch.column(spec.id_column).to_pylist() if spec.id_column else None
+        paths = None  # a cell's own path, its source in a build
+        if pa.types.is_struct(image.type) and image.type.get_field_index("path") >= 0:
+            paths = image.flatten()[image.type.get_field_index("path")].to_pylist()
         for k in range(batch.num_rows):
             item_id = "" if ids is None or ids[k] is None else str(ids[k])
             if binary and valid[k] and offsets[k + 1] > offsets[k]:
                 sha = hashlib.sha256(data[offsets[k] : offsets[k + 1]]).hexdigest()
-                out.append((Record(row, "", None, item_id=item_id), sha))
+                out.append((Record(row, (paths[k] or "") if paths else "", None, item_id=item_id), sha))
             else:
                 rec = _record_from_cell(row, "", image[k].as_py())
                 sha = hashlib.sha256(rec.data).hexdigest() if rec.data is not None else ""
-                out.append((Record(row, "", None, rec.error, item_id=item_id, linked=rec.linked), sha))
+                out.append((Record(row, rec.source, None, rec.error, item_id=item_id, linked=rec.linked), sha))
             row += 1
     return out
 

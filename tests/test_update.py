@@ -1000,7 +1000,7 @@ def test_the_builds_record_is_what_reading_records_and_a_resumed_build_records_n
     list(datarecord.dataset_hashes(spec))
     assert json.loads(cache.read_text()) == built
     [entry] = built.values()
-    assert [bool(sha) for sha, _, _ in entry["rows"][:5]] == [True, False, False, True, True]
+    assert [bool(sha) for sha, *_ in entry["rows"][:5]] == [True, False, False, True, True]
     assert "empty cell" in entry["rows"][1][2] and "no bytes" in entry["rows"][2][2] and entry["rows"][3][2] == ""
     cache.unlink()
     stop_after_shards(monkeypatch, 1)  # 15 rows in shards of 8: stopped after the first
@@ -1191,3 +1191,35 @@ def test_a_photo_renamed_in_a_folder_keeps_everything_but_takes_its_new_name(tin
     assert_same_as_fresh(out, fresh)
     with open(out / "retrieval_results" / "neighbours.csv", newline="") as f:
         assert "z3.jpg" in {Path(r["neighbour_source"]).name for r in csv.DictReader(f)}
+
+
+def test_a_parquet_cell_whose_own_path_changes_takes_its_new_name(tiny_onnx, tmp_path, capsys):
+    """A local parquet dataset whose image cells carry a path of their own (as datasets' Image writes
+    a file it was given): a cell whose path changes, its bytes the same, is unchanged (no embedding)
+    and its lines name it as it is now, as a fresh build does; one that gains a path takes it. An
+    update that changes nothing (the record read back, paths and all) rewrites nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "catalogue"
+    (data / "data").mkdir(parents=True)
+    target = data / "data" / "train-00000-of-00001.parquet"
+
+    def write(paths: list[str | None]) -> None:
+        cells = [{"bytes": photo(k), "path": paths[k]} for k in range(6)]
+        pq.write_table(pa.table({"image": cells}), target, row_group_size=4)
+
+    write([f"shop/p{k}.jpg" for k in range(5)] + [None])
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()}
+    assert cli_update(data, tiny_onnx, out) == 0  # from the build's record: nothing to rewrite
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()} == before
+    write([f"shop/p{k}.jpg" for k in range(3)] + ["shop/p3 blue.jpg", "shop/p4.jpg", "shop/p5.jpg"])
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out) == 0
+    assert "added 0, changed 0, removed 0, unchanged 6" in capsys.readouterr().out
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+    sources = sorted((r.source_row, r.source) for r in read_manifest(out / "embeddings" / "manifest.csv"))
+    assert sources[3:] == [(3, "shop/p3 blue.jpg"), (4, "shop/p4.jpg"), (5, "shop/p5.jpg")]
