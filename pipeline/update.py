@@ -114,11 +114,21 @@ def photo_groups(rows: Iterable[ManifestRow]) -> dict[int, list[ManifestRow]]:
     return groups
 
 
-def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Record, str]], by_id: bool) -> Plan:
+def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Record, str]], by_id: bool,
+                dataset: str = "") -> Plan:
     """Match the dataset's records, in order, each with the sha256 of its bytes ("" for a row without
     a picture; see dataset_hashes), to the store's photos (by id, or by that sha256; equal photos
-    are matched in order, so copies keep their number)."""
+    are matched in order, so copies keep their number). A matched record's source, where it has one,
+    is its name now (`plan.sources`); one without (a parquet cell with no path of its own) whose line
+    had a name of its own is named "<dataset>[row]", as a fresh build of `dataset` names it."""
     plan = Plan()
+
+    def name(old_row: int, rec: Record) -> None:
+        if rec.source:
+            plan.sources[rec.source_row] = rec.source
+        elif dataset and not groups[old_row][0].source.endswith(f"[{old_row}]"):  # its own path lost
+            plan.sources[rec.source_row] = f"{dataset}[{rec.source_row}]"
+
     pool: dict[str, deque[int]] = defaultdict(deque)
     pictureless: dict[tuple[str, str], deque[int]] = defaultdict(deque)  # by (id, why), in order
     for old_row, lines in groups.items():
@@ -139,8 +149,7 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
                 if by_id and old_row in pool.get(rec.item_id, ()):
                     pool[rec.item_id].remove(old_row)
                 matched[old_row] = rec.source_row
-                if rec.source:
-                    plan.sources[rec.source_row] = rec.source
+                name(old_row, rec)
                 plan.unchanged += 1
                 continue
             plan.embed.append(rec.source_row)
@@ -153,8 +162,7 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
             queue.remove(old_row)
             if groups[old_row][0].source_sha256 == sha:
                 matched[old_row] = rec.source_row
-                if rec.source:  # a file of a folder renamed, its bytes the same: it keeps all but its name
-                    plan.sources[rec.source_row] = rec.source
+                name(old_row, rec)  # a file of a folder renamed, its bytes the same: it keeps all but its name
                 plan.unchanged += 1
                 continue
             replaced.add(old_row)
@@ -229,7 +237,7 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     loading = (_ModelLoad(cfg) if embedder is None and cfg.engine != "ray" and grown and not known_as_is(cfg.dataset)
                else None)
     with summary.stage("compare with the dataset"):
-        plan = plan_update(groups, dataset_hashes(cfg.dataset), by_id)
+        plan = plan_update(groups, dataset_hashes(cfg.dataset), by_id, cfg.dataset.name)
     if loading is not None:
         embedder = loading.result(summary, needed=bool(plan.embed))
     log.info("update: %s", plan.describe())

@@ -53,7 +53,8 @@ def test_a_build_records_nothing_when_the_files_changed_while_it_read(tmp_path):
     write(data / "train-00000.parquet", cells[:3], ["a", "b", "c"])
     write(data / "train-00002.parquet", cells[3:], ["d", "e", "f"])
     spec = DatasetSpec(str(tmp_path / "ds"), limit=None)
-    lines = [SimpleNamespace(source_row=r, source_sha256=f"{r:064x}", item_id="", error="") for r in range(6)]
+    lines = [SimpleNamespace(source_row=r, source_sha256=f"{r:064x}", item_id="", error="", source=f"{spec.name}[{r}]")
+             for r in range(6)]
     stamps = file_stamps(spec)
     write(data / "train-00001.parquet", cells[:1], ["x"])  # sorts between the two, appeared during the build
     assert record_build(spec, stamps, lines, set()) == 0 and not hashes_file(spec).exists()
@@ -147,7 +148,7 @@ def test_a_record_of_sha256_group_digests_is_not_trusted(tmp_path):
     record = json.loads(hashes_file(spec).read_text())
     (entry,) = record.values()
     assert [d[:5] for d, _ in entry["groups"]] == ["xxh3:", "xxh3:"] and len(entry["groups"][0][0]) == 37
-    entry["rows"] = [["0" * 64, f"P{k}", ""] for k in range(6)]  # rows that are now wrong
+    entry["rows"] = [["0" * 64, f"P{k}", "", ""] for k in range(6)]  # rows that are now wrong
     hashes_file(spec).write_text(json.dumps(record))
     write(data / "train-00000.parquet", cells, [f"P{k}" for k in range(6)])  # the same bytes, a new stat
     # the groups' digests are the ones recorded: their recorded rows are taken as they are (how the

@@ -1223,3 +1223,9 @@ def test_a_parquet_cell_whose_own_path_changes_takes_its_new_name(tiny_onnx, tmp
     assert_same_as_fresh(out, fresh)
     sources = sorted((r.source_row, r.source) for r in read_manifest(out / "embeddings" / "manifest.csv"))
     assert sources[3:] == [(3, "shop/p3 blue.jpg"), (4, "shop/p4.jpg"), (5, "shop/p5.jpg")]
+    write([f"shop/p{k}.jpg" for k in range(3)] + ["shop/p3 blue.jpg", None, "shop/p5.jpg"])  # p4 loses its path
+    assert cli_update(data, tiny_onnx, out) == 0
+    assert "added 0, changed 0, removed 0, unchanged 6" in capsys.readouterr().out
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+    assert (4, f"{data}[4]") in {(r.source_row, r.source) for r in read_manifest(out / "embeddings" / "manifest.csv")}
