@@ -124,8 +124,8 @@ def record_build(spec: DatasetSpec, stamps: dict[str, list[int]], lines: Iterabl
     first: dict[int, list] = {}
     for line in lines:  # a row's first line (a segmented row has one per person; all carry the cell's hash)
         if line.source_row not in first:
-            own = "" if line.source == f"{spec.name}[{line.source_row}]" else line.source  # a cell's own path
-            first[line.source_row] = [line.source_sha256, line.item_id, "" if line.source_sha256 else line.error, own]
+            first[line.source_row] = [line.source_sha256, line.item_id, "" if line.source_sha256 else line.error,
+                                      _own_path(spec, line.source, line.source_row)]
     columns = _columns(spec)
     where = hashes_file(spec)
     known, record = read_json_dict(where), {}
@@ -354,8 +354,13 @@ def _recorded_as_is(before: Any, stamp: list[int], columns: list[str]) -> bool:
 def _row(spec: DatasetSpec, rec: Record, sha: str) -> list:
     """A row as the record keeps it: [sha256, id, no-picture reason, the cell's own path ("" for a
     cell without one, which a build names "<dataset>[row]")]."""
-    own = "" if rec.source in ("", f"{spec.name}[{rec.source_row}]") else rec.source
-    return [sha, rec.item_id, rec.error, own]
+    return [sha, rec.item_id, rec.error, _own_path(spec, rec.source, rec.source_row)]
+
+
+def _own_path(spec: DatasetSpec, source: str, row: int) -> str:
+    """A parquet cell's own path from its source: "" for the name a build gives a cell without one
+    ("<dataset>[row]", `row` as the source was numbered)."""
+    return "" if source == f"{spec.name}[{row}]" else source
 
 
 def _rows_ok(entry: dict) -> bool:

@@ -201,15 +201,16 @@ def _list_images(root: Path) -> list[str]:
     return _walk(root)[0]
 
 
-def _walk(root: Path | str) -> tuple[list[str], list[Path]]:
+def _walk(root: Path | str, pictures: bool = True) -> tuple[list[str], list[Path]]:
     """The pictures of a folder (paths relative to it, in natural order: img_2 before img_10
-    whatever the padding) and its metadata files (FOLDER_METADATA_FILES, the root's first, then by
-    folder), hidden folders and files aside: one walk of the tree for both."""
+    whatever the padding; none listed without `pictures`) and its metadata files
+    (FOLDER_METADATA_FILES, the root's first, then by folder), hidden folders and files aside: one
+    walk of the tree for both."""
     rels, metadata = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         metadata += [Path(dirpath) / file for file in FOLDER_METADATA_FILES if file in filenames]
-        for name in filenames:
+        for name in filenames if pictures else ():
             if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
                 rels.append(os.path.relpath(os.path.join(dirpath, name), root))
     rels.sort(key=_natural_key)
@@ -318,9 +319,11 @@ def hash_parquet_group(spec: DatasetSpec, pf: Any, group: int, first: int) -> li
     row = first
     for batch in pf.iter_batches(batch_size=64, columns=columns, row_groups=[group], use_threads=False):
         image = batch.column(spec.image_column)
-        cells = image
-        if pa.types.is_struct(image.type) and image.type.get_field_index("bytes") >= 0:
-            cells = image.flatten()[image.type.get_field_index("bytes")]  # with the struct's nulls
+        cells, paths = image, None  # paths: each cell's own, its source in a build
+        if pa.types.is_struct(image.type):
+            fields = dict(zip((f.name for f in image.type), image.flatten()))  # with the struct's nulls
+            cells = fields.get("bytes", image)
+            paths = fields["path"].to_pylist() if "path" in fields else None
         binary = len(cells) > 0 and (pa.types.is_binary(cells.type) or pa.types.is_large_binary(cells.type))
         if binary:
             width = np.dtype(np.int64 if pa.types.is_large_binary(cells.type) else np.int32)
@@ -329,9 +332,6 @@ def hash_parquet_group(spec: DatasetSpec, pf: Any, group: int, first: int) -> li
             data = memoryview(cells.buffers()[2] or b"")
             valid = arrow_numpy(cells.is_valid())
         ids = batch.column(spec.id_column).to_pylist() if spec.id_column else None
-        paths = None  # a cell's own path, its source in a build
-        if pa.types.is_struct(image.type) and image.type.get_field_index("path") >= 0:
-            paths = image.flatten()[image.type.get_field_index("path")].to_pylist()
         for k in range(batch.num_rows):
             item_id = "" if ids is None or ids[k] is None else str(ids[k])
             if binary and valid[k] and offsets[k + 1] > offsets[k]:
@@ -883,8 +883,8 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
 
     with os.scandir(root) as entries:
         flat = not any(e.is_dir() and not e.name.startswith(".") for e in entries)
-    if flat and not folder_metadata_files(root):  # no column to read: the folder is not listed for it
-        return None
+    if flat and not any((root / file).is_file() for file in FOLDER_METADATA_FILES):  # no column to read: the
+        return None  # folder is not listed for it
     pictures, metadata_files = _walk(root)
     every = [rel.replace(os.sep, "/") for rel in pictures]
     keys = every if spec.limit is None else every[: spec.limit]
@@ -957,7 +957,7 @@ def _relative_key(name: str) -> str:
 def folder_metadata_files(name: str | Path) -> list[Path]:
     """The metadata.csv and metadata.jsonl files of --dataset NAME, at its root or in any subfolder
     (hidden ones aside, as the pictures), the root's first, then by folder."""
-    return _walk(name)[1]
+    return _walk(name, pictures=False)[1]
 
 
 def _folder_sidecars(root: Path, found: list[Path], spec: DatasetSpec) -> list[tuple[str, Any]]:

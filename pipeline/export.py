@@ -833,14 +833,14 @@ def calibration_reader(calib_pixels: np.ndarray, batch: int = 8):
 CALIBRATION_BYTES = 1 << 30
 
 
-def calibration_batch(pre: Path | Any) -> int:
-    """How many pictures to calibrate at a time for the shape-inferred float graph at `pre` (a path or
-    the loaded model): as many as CALIBRATION_BYTES of its float activations allows (per picture: the
-    size of every float tensor that has a batch axis, less that axis; an estimate, tensors of unknown
-    shape uncounted), from 1 to 8."""
+def calibration_batch(model: Any) -> int:
+    """How many pictures to calibrate at a time for a shape-inferred float graph (the loaded model):
+    as many as CALIBRATION_BYTES of its float activations allows (per picture: the size of every
+    float tensor that has a batch axis, less that axis; an estimate, tensors of unknown shape
+    uncounted), from 1 to 8."""
     import onnx
 
-    graph = (onnx.load(str(pre), load_external_data=False) if isinstance(pre, (str, Path)) else pre).graph
+    graph = model.graph
     per_picture = 0
     for v in graph.value_info:
         t = v.type.tensor_type

@@ -568,25 +568,24 @@ def activation_products(model: Any) -> list[str]:
     """The names of the MatMuls of a float graph whose inputs are all activations (a transformer's
     attention products q.k and p.v), unnamed ones named first: the AMX profile leaves them to the
     quantizer's `nodes_to_exclude`, which matches nodes by name."""
-    names = []
-    for i, node in _activation_matmuls(model):
-        node.name = node.name or f"activation_matmul_{i}_{node.output[0]}"
-        names.append(node.name)
-    return names
+    return _named(_activation_matmuls(model), "activation_matmul")
 
 
 def depthwise_convolutions(model: Any) -> list[str]:
     """The names of the depthwise convolutions of a float graph (`_depthwise_convs`), unnamed ones
-    named first:
-    the AMX profile leaves a ConvNeXt's 7x7 ones to the quantizer's `nodes_to_exclude`. In float,
-    onnxruntime runs them in its blocked layout, with no DequantizeLinear after each and no
+    named first: the AMX profile leaves a ConvNeXt's 7x7 ones to the quantizer's `nodes_to_exclude`.
+    In float, onnxruntime runs them in its blocked layout, with no DequantizeLinear after each and no
     QuantizeLinear before; in int8 they were 2% of kernel time and their conversions 13% on an AMX
     Xeon (README, "ConvNeXt is over the bar")."""
-    names = []
-    for i, node in _depthwise_convs(model):
-        node.name = node.name or f"depthwise_conv_{i}_{node.output[0]}"
-        names.append(node.name)
-    return names
+    return _named(_depthwise_convs(model), "depthwise_conv")
+
+
+def _named(found: list[tuple[int, Any]], prefix: str) -> list[str]:
+    """The names of the nodes `found` ((index, node) pairs), each unnamed one named first
+    (prefix_index_output: new in the graph)."""
+    for i, node in found:
+        node.name = node.name or f"{prefix}_{i}_{node.output[0]}"
+    return [node.name for _, node in found]
 
 
 def _depthwise_convs(model: Any) -> list[tuple[int, Any]]:
