@@ -17,6 +17,23 @@ from pathlib import Path
 
 # The flags /proc/cpuinfo spells, in the order they are reported.
 INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+# benchmarks/cpu_kind.py runs a process with CPUID saying less than the CPU has (benchmarks/cpuid_mask.c,
+# preloaded, named by this variable): the flags each kind hides, which cpu_info then leaves out.
+CPUID_MASK_ENV = "FASHION_CPUID_MASK"
+CPUID_MASKS = {"vnni": ("avx_vnni", "amx_int8"),
+               "avx2": ("avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")}
+
+
+def cpuid_mask() -> str | None:
+    """The CPU kind this process's CPUID is masked to (benchmarks/cpu_kind.py), or None: the variable
+    counts only where the mask's library is loaded, as only then does CPUID say less."""
+    kind = os.environ.get(CPUID_MASK_ENV)
+    if kind not in CPUID_MASKS:
+        return None
+    try:
+        return kind if "cpuid_mask" in Path("/proc/self/maps").read_text(errors="replace") else None
+    except OSError:
+        return None
 
 
 @lru_cache(maxsize=1)
@@ -24,7 +41,8 @@ def cpu_info() -> dict[str, object]:
     """{"model": "AMD EPYC 7B13", "isa": ["avx2", "avx512f", ...], "cores": 2, "arch": "x86_64"}.
 
     The instruction sets are those of INT8_FLAGS that this CPU has; on a machine without
-    /proc/cpuinfo (macOS, Windows) the list is empty and the model is platform.processor().
+    /proc/cpuinfo (macOS, Windows) the list is empty and the model is platform.processor(). Under a
+    CPUID mask (cpuid_mask()) the masked ones are left out and "masked" names the kind.
     """
     model, flags = "", set[str]()
     try:
@@ -38,14 +56,16 @@ def cpu_info() -> dict[str, object]:
             model = value.strip()
         elif key in ("flags", "Features") and not flags:
             flags = set(value.split())
-    import os
-
-    return {
+    masked = cpuid_mask()
+    info: dict[str, object] = {
         "model": model or platform.processor() or "unknown",
-        "isa": [f for f in INT8_FLAGS if f in flags],
+        "isa": [f for f in INT8_FLAGS if f in flags and f not in CPUID_MASKS.get(masked or "", ())],
         "cores": os.cpu_count() or 1,
         "arch": platform.machine(),
     }
+    if masked:
+        info["masked"] = masked
+    return info
 
 
 def cpu_label(info: dict[str, object] | None = None) -> str:
@@ -53,7 +73,8 @@ def cpu_label(info: dict[str, object] | None = None) -> str:
     info = info or cpu_info()
     flags = info.get("isa") or []
     isa = (" ".join(flags) if isinstance(flags, Iterable) else "") or "no AVX2/AVX-512/VNNI/AMX flags found"
-    return f"{info.get('model', 'unknown')} [{isa}]"
+    masked = f" (CPUID masked to the {info['masked']} kind)" if info.get("masked") else ""
+    return f"{info.get('model', 'unknown')} [{isa}]{masked}"
 
 
 def tree_rss_bytes(pid: int) -> int:

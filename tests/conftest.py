@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,23 @@ def tiny_clip(tmp_path_factory) -> Path:
     return assets.save_tiny_clip(
         (Path(ASSET_CACHE) if ASSET_CACHE else tmp_path_factory.mktemp("models")) / "tiny-clip"
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_reference(tiny_clip) -> tuple[np.ndarray, np.ndarray]:
+    """The export's verification pictures, preprocessed for the tiny CLIP, and the fp32 torch model's
+    features for them."""
+    import torch
+    from transformers import CLIPModel
+
+    from pipeline import export
+    from pipeline.embedders import preprocess_config_for_model
+    from pipeline.preprocess import preprocess_batch
+
+    pixels = preprocess_batch(export.verification_images(), preprocess_config_for_model(str(tiny_clip)))
+    tower = export.image_tower(CLIPModel.from_pretrained(str(tiny_clip), attn_implementation="eager").eval())
+    with torch.inference_mode():
+        return pixels, tower(torch.from_numpy(pixels)).numpy()
 
 
 @pytest.fixture(scope="session")

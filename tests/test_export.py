@@ -305,18 +305,8 @@ def test_an_export_into_a_folder_it_cannot_write_says_so_before_loading_the_mode
 
 # ----------------------------------------------------------------------------- int8 on CPUs without VNNI
 @pytest.fixture(scope="module")
-def reference(tiny_clip):
-    """Verification pixels and the fp32 torch model's features for them."""
-    import torch
-    from transformers import CLIPModel
-
-    from pipeline.embedders import preprocess_config_for_model
-    from pipeline.preprocess import preprocess_batch
-
-    pixels = preprocess_batch(export.verification_images(), preprocess_config_for_model(str(tiny_clip)))
-    tower = export.image_tower(CLIPModel.from_pretrained(str(tiny_clip), attn_implementation="eager").eval())
-    with torch.inference_mode():
-        return pixels, tower(torch.from_numpy(pixels)).numpy()
+def reference(tiny_clip_reference):
+    return tiny_clip_reference
 
 
 def _int8_weights(path):
@@ -576,6 +566,33 @@ def test_auto_int8_profile_is_the_cpus(monkeypatch):
         export.int8_profile("avx")
     assert export.int8_recipe("static", "amx").endswith("+float-attention+uint8-gelu+bias-columns")
     assert export.int8_recipe("static-qdq", "amx") == export.INT8_RECIPES["static-qdq"]  # portable QDQ: one recipe
+
+
+def test_auto_gives_a_convnext_the_amx_profile_on_a_cpu_without_amx(tiny_clip, tiny_onnx, tmp_path, monkeypatch,
+                                                                     capsys):
+    """--int8-profile auto on a VNNI CPU: a ConvNeXt's file is the AMX profile's (faster on the kernels
+    of every CPU kind, README "Other CPU kinds' kernels"), said so in the summary; a ViT's is the VNNI
+    graph; --int8-profile vnni asked for gives a ConvNeXt the VNNI graph."""
+    pytest.importorskip("open_clip")
+    from pipeline.embedders import file_metadata
+    from pipeline.int8graph import AMX_RECIPE, CPU_GRAPH_RECIPE, amx_profile_on_every_cpu
+    from tests import assets
+
+    monkeypatch.setattr(export, "cpu_info", lambda: {"isa": ["avx2", "avx512f", "avx512bw", "avx512_vnni"]})
+    model = assets.save_tiny_open_clip(tmp_path / "m", convnext=True)[1]
+    target = tmp_path / "auto_int8.onnx"
+    assert cli.main(["--export-onnx", "--model", str(model), "--onnx", str(target)]) == 0
+    assert (f"int8 model -> {target} (static, saved as onnxruntime's CPU runs it (--quantization static-qdq for "
+            "portable QDQ); amx profile (this tower's on every CPU))") in capsys.readouterr().out
+    assert file_metadata(target)[export.META_INT8_RECIPE] == AMX_RECIPE
+    assert amx_profile_on_every_cpu(onnx.load(str(export.fp32_path_for(target))))
+    assert not amx_profile_on_every_cpu(onnx.load(str(export.fp32_path_for(tiny_onnx))))  # a ViT
+    vnni = export.export_onnx(str(model), tmp_path / "vnni_int8.onnx", profile="vnni")
+    assert vnni.profile == "vnni" and file_metadata(tmp_path / "vnni_int8.onnx")[export.META_INT8_RECIPE] == (
+        CPU_GRAPH_RECIPE)
+    vit = export.export_onnx(str(tiny_clip), tmp_path / "vit_int8.onnx")
+    assert vit.profile == "vnni" and file_metadata(tmp_path / "vit_int8.onnx")[export.META_INT8_RECIPE] == (
+        CPU_GRAPH_RECIPE)
 
 
 @pytest.mark.parametrize("family, profile", [("siglip", "amx"), ("siglip", "vnni"), ("open_clip", "amx"),
@@ -1501,8 +1518,8 @@ def test_quantization_runs_with_the_torch_model_and_exported_graphs_let_go(tiny_
     params, seen = [], {}
     real_init, real_quantize = export._ImageExport.__init__, export._ImageExport.quantize
 
-    def init(self, *args):
-        real_init(self, *args)
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
         params.extend(self.clip.parameters())
 
     def quantize(self, calibration):
