@@ -300,29 +300,29 @@ class Assets:
 
     @staticmethod
     def _default_recipe(path: Path, quantization: str) -> str:
-        """The recipe the export records for this file on this CPU: the AMX profile's only for a
-        tower that takes it (pipeline/export.py's fallback), read from the fp32 file beside it,
-        so that another tower's VNNI file is not made again on every call."""
+        """The recipe the export records for this file on this CPU (`--int8-profile auto`): the AMX
+        profile's for a tower that takes it on an AMX CPU, or on every CPU for a ConvNeXt
+        (int8graph.makes_amx_profile), read from the fp32 file beside it, so that a file is not made
+        again on every call."""
         from pipeline.export import fp32_path_for, int8_profile, int8_recipe
-        from pipeline.int8graph import AMX_RECIPE
 
-        recipe = int8_recipe(quantization, int8_profile())
+        profile = int8_profile()
         fp32 = fp32_path_for(path)
-        if recipe == AMX_RECIPE and fp32.is_file():
+        if quantization == "static" and fp32.is_file():
             stat = fp32.stat()
-            if not _takes_amx_profile(str(fp32), stat.st_mtime_ns, stat.st_size):
-                return int8_recipe(quantization, "vnni")
-        return recipe
+            profile = "amx" if _makes_amx_profile(str(fp32), stat.st_mtime_ns, stat.st_size, profile) else "vnni"
+        return int8_recipe(quantization, profile)
 
 
 @functools.lru_cache(maxsize=16)
-def _takes_amx_profile(fp32: str, mtime_ns: int, size: int) -> bool:
-    """int8graph.takes_amx_profile of the float file at `fp32`, once per version of it (by its time
-    and size): a ViT's graph is a few hundred MB to parse, and a benchmark asks for it a few times."""
+def _makes_amx_profile(fp32: str, mtime_ns: int, size: int, profile: str) -> bool:
+    """int8graph.makes_amx_profile of the float file at `fp32` under "auto" resolved to `profile`, once
+    per version of it (by its time and size): a ViT's graph is a few hundred MB to parse, and a
+    benchmark asks for it a few times."""
     import onnx
-    from pipeline.int8graph import takes_amx_profile
+    from pipeline.int8graph import makes_amx_profile
 
-    return takes_amx_profile(onnx.load(fp32, load_external_data=False))
+    return makes_amx_profile(onnx.load(fp32, load_external_data=False), profile == "amx", auto=True)
 
 
 def recipe_of(path: Path) -> str | None:

@@ -81,10 +81,10 @@ from .int8graph import (
     cpu_graph,
     cpu_model,
     gelu_chains,
+    makes_amx_profile,
     per_position_gemm,
     pools_as_convolutions,
     scales_into_matmuls,
-    takes_amx_profile,
     uint8_gelu,
 )
 from .machine import cpu_info
@@ -196,14 +196,16 @@ def export_onnx(
             "static-qdq" (the same as portable QDQ) or "dynamic".
         calibration_images: RGB images for the static ranges (default: 64 generated pictures that
             are not the verification set); gallery images give the best ranges.
-        profile: the static CPU graph for which CPU kind (INT8_PROFILES; "auto": this CPU's).
+        profile: the static CPU graph for which CPU kind (INT8_PROFILES; "auto": this CPU's, but a
+            ConvNeXt's AMX one on every CPU, `amx_profile_on_every_cpu`).
     Raises:
         PipelineError: the export, quantization or verification failed (nothing is left behind).
     """
     _require_export_packages()
     job = None
     try:
-        job = _ImageExport(model, Path(int8_path), per_channel, quantization, int8_profile(profile))
+        job = _ImageExport(model, Path(int8_path), per_channel, quantization, int8_profile(profile),
+                           auto=profile == "auto")
         job.export_fp32()
         job.torch_steps(images)  # everything torch is needed for, then the model is let go
         job.quantize(calibration_images)
@@ -246,9 +248,9 @@ class _ImageExport:
     folder and whatever is left in it."""
 
     def __init__(self, model: str, int8_path: Path, per_channel: bool, quantization: str,
-                 profile: str = "vnni") -> None:
+                 profile: str = "vnni", auto: bool = False) -> None:
         self.model, self.quantization, self.per_channel = model, quantization, per_channel
-        self.profile = profile
+        self.profile, self.auto = profile, auto
         self.int8_path, self.fp32_path = int8_path, fp32_path_for(int8_path)
         int8_path.parent.mkdir(parents=True, exist_ok=True)
         self.family = family_of(model)
@@ -304,9 +306,11 @@ class _ImageExport:
             )
             calib_pixels = preprocess_batch(calib, self.prep)
             amx, batch = _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels,
-                                          self.per_channel, self.external, amx=self.recipe == AMX_RECIPE)
-            if not amx:  # a tower that does not take the AMX profile gets the VNNI graph: recorded so
-                self.profile = "vnni"
+                                          self.per_channel, self.external, amx=self.recipe == AMX_RECIPE,
+                                          auto=self.auto and self.quantization == "static")
+            # a tower that does not take the AMX profile gets the VNNI graph, and a ConvNeXt under
+            # "auto" the AMX one on every CPU: the graph written is recorded
+            self.profile = "amx" if amx else "vnni"
             if self.quantization == "static":
                 # the AMX profile's uint8 GELUs calibrated in the batches the quantizer's were; one save
                 post = (lambda m: uint8_gelus_of(m, calib_pixels, batch)) if amx else None
@@ -781,13 +785,16 @@ INT8_RECIPES = {"static": CPU_GRAPH_RECIPE, "static-qdq": FUSED_RECIPE, "dynamic
 # where the int8 GEMMs are most of the time (AVX-512 VNNI, AVX-VNNI, AVX2); "amx": AMX_RECIPE, whose
 # attention products stay in float and whose GELUs run in uint8, so that fewer passes turn
 # activations between float and uint8 where AMX makes the GEMMs cheap (README, "Int8 by CPU kind");
-# "auto": the profile of the CPU the export runs on. Either file runs on every CPU, batch-independent.
+# "auto": the profile of the CPU the export runs on, but the AMX one for a ConvNeXt on every CPU
+# (int8graph.amx_profile_on_every_cpu: faster on the kernels of each kind). Either file runs on every
+# CPU, batch-independent.
 # INT8_PROFILES (pipeline/backends.py, which the command line reads without importing this module).
 
 
 def int8_profile(profile: str = "auto") -> str:
-    """The profile `profile` names: "auto" is "amx" on a CPU with AMX int8 (amx_int8 in
-    /proc/cpuinfo), "vnni" elsewhere."""
+    """The CPU kind `profile` names: "auto" is "amx" on a CPU with AMX int8 (amx_int8 in /proc/cpuinfo,
+    less what a CPUID mask hides), "vnni" elsewhere (where the export may still write a ConvNeXt's
+    AMX graph: `amx_profile_on_every_cpu`)."""
     if profile not in INT8_PROFILES:
         raise PipelineError(f"unknown int8 profile {profile!r}; expected one of {', '.join(INT8_PROFILES)}")
     if profile == "auto":
@@ -851,7 +858,7 @@ def calibration_batch(model: Any) -> int:
 
 
 def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool,
-                     external: bool = False, amx: bool = False) -> tuple[bool, int]:
+                     external: bool = False, amx: bool = False, auto: bool = False) -> tuple[bool, int]:
     """QDQ int8 for MatMul, the convolutions (a ViT's patch convolution, a ResNet's every one, its
     Relus folded into them) and every Gemm over every position: uint8 asymmetric activations
     (MinMax ranges), 7-bit int8 weights, MatMul and Gemm outputs in float. external: the fp32
@@ -860,14 +867,16 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     sigmoid GELU, SigLIP's tanh, open_clip's and timm's exact one): a transformer's MatMuls of two
     activations (attention products) or a ConvNeXt's depthwise convolutions stay in float, and the
     uint8 GELU (`uint8_gelus_of`) follows. A tower without GELUs (a ResNet) gets the VNNI graph.
-    Returns whether the AMX profile was made, and how many pictures were calibrated at a time
-    (`calibration_batch`), for the uint8 GELUs' ranges."""
+    auto: the profile was "auto", and a tower the AMX profile serves on every CPU kind (a ConvNeXt,
+    `amx_profile_on_every_cpu`) gets it where `amx` is false too. Returns whether the AMX profile
+    was made, and how many pictures were calibrated at a time (`calibration_batch`), for the uint8
+    GELUs' ranges."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
                       all_tensors_to_one_file=True, external_data_location=f"{pre.name}.data")
-    in_float, amx, batch = _before_quantization(pre, per_channel, amx)
+    in_float, amx, batch = _before_quantization(pre, per_channel, amx, auto)
     log.info("calibrating %d picture(s) at a time", batch)
     Reader = calibration_reader(calib_pixels, batch)
     quantize_static(
@@ -903,7 +912,8 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
     return amx, batch
 
 
-def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False) -> tuple[list[str], bool, int]:
+def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False,
+                         auto: bool = False) -> tuple[list[str], bool, int]:
     """The float graph at `pre` with its pools rewritten as int8 runs them best
     (int8graph.pools_as_convolutions) and, for per-channel weights, its layer scales folded into the
     MatMul before them (int8graph.scales_into_matmuls: a ConvNeXt's); a ViT has neither, and its
@@ -921,7 +931,7 @@ def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False)
     unnamed = sum(not n.name for n in model.graph.node)
     # the graph as exported (a benchmark asks the fp32 file the same); before the pools become
     # depthwise convolutions, which are for int8
-    amx = amx and takes_amx_profile(model)
+    amx = makes_amx_profile(model, amx, auto)
     in_float = amx_in_float(model) if amx else []
     changed = pools_as_convolutions(model)
     if per_channel:

@@ -658,6 +658,24 @@ def takes_amx_profile(model: Any) -> bool:
     return has_sigmoid_gelu(model) or fuse_gelu(model, rewrite=False) > 0
 
 
+def amx_profile_on_every_cpu(model: Any) -> bool:
+    """Whether `--int8-profile auto` writes the AMX profile for this float graph on a CPU without AMX
+    too: a convolutional tower with depthwise convolutions and GELUs (a ConvNeXt) and no attention
+    products. Its file ran faster than the VNNI graph on the kernels of every CPU kind and under the
+    conversion bar on each: on an AMX Xeon 1.00-1.04x (25.9% -> 9.4-10.0% conversion + Add), on the
+    same Xeon with CPUID masked to AVX-512 VNNI 1.06x (22.9% -> 8.8%) and to AVX2 1.05x (18.2% -> 6.6%)
+    (README, "Other CPU kinds' kernels"). A transformer's file is 0.98-0.99x there and keeps the
+    VNNI graph off AMX."""
+    return not _activation_matmuls(model) and bool(_depthwise_convs(model)) and takes_amx_profile(model)
+
+
+def makes_amx_profile(model: Any, amx: bool, auto: bool) -> bool:
+    """Whether the static export writes the AMX profile's graph for the float graph `model`: asked
+    for it (amx: "amx", or "auto" on an AMX CPU) and the tower takes it, or asked "auto" (auto) and
+    the tower is one it serves on every CPU."""
+    return (amx and takes_amx_profile(model)) or (auto and amx_profile_on_every_cpu(model))
+
+
 def sigmoid_gelus(model: Any) -> list[tuple[Any, ...]]:
     """Each MatMulIntegerToFloat -> x * sigmoid(c x) -> QuantizeLinear chain of a CPU graph (CLIP's
     QuickGelu between an MLP's two int8 MatMuls), as (matmul, the nodes of the GELU, the

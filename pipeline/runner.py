@@ -614,8 +614,10 @@ def _run_export(cfg: RunConfig, sample_rows: int) -> RunSummary:
     summary.count("verification images", report.images)
     kind = INT8_FORMATS.get(cfg.export.quantization, cfg.export.quantization)
     if cfg.export.quantization == "static":  # the profile written: a tower without the AMX one's gets vnni's
-        auto = cfg.export.int8_profile == "auto" and report.profile == int8_profile("auto")
-        kind += f"; {report.profile} profile" + (" (this CPU's)" if auto else "")
+        auto = cfg.export.int8_profile == "auto"
+        why = (" (this CPU's)" if report.profile == int8_profile("auto")
+               else " (this tower's on every CPU)" if report.profile == "amx" else "")
+        kind += f"; {report.profile} profile" + (why if auto else "")
     summary.outputs["int8 model"] = f"{report.int8_path} ({kind})"
     summary.outputs["fp32 model"] = str(report.fp32_path)
     text = text_onnx_path_for(report.int8_path)

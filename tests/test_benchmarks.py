@@ -346,27 +346,43 @@ def test_int8_device_pins_the_first_two_cores_it_may_use(monkeypatch):
     assert int8_device.pin_two_cores() == [3, 5] and pinned == [[3, 5]]
 
 
-def test_on_amx_a_benchmark_expects_the_amx_recipe_only_for_a_tower_that_takes_it(tiny_onnx, tmp_path, monkeypatch):
-    """On an AMX CPU (its profile patched in here), `Assets.onnx` expects the export's AMX recipe for a
-    tower's file with GELUs and the VNNI one for a ResNet's, with none (the export's fallback),
-    read from the fp32 file beside it, parsed once per version of that file."""
+def test_a_benchmark_expects_the_recipe_the_export_writes_for_each_tower(tiny_onnx, tmp_path, monkeypatch):
+    """`Assets.onnx` expects the export's recipe under --int8-profile auto, read from the fp32 file
+    beside the int8 one, parsed once per version of that file and CPU kind: on an AMX CPU (its
+    profile patched in here) the AMX recipe for a tower with GELUs and the VNNI one for a ResNet's,
+    with none (the export's fallback); on a VNNI CPU the VNNI recipe for a ViT and the AMX one for a
+    ConvNeXt (depthwise convolutions and GELUs: int8graph.amx_profile_on_every_cpu)."""
     import onnx
     from benchmarks import common
     from onnx import TensorProto, helper, numpy_helper
     from pipeline import export
     from pipeline.int8graph import AMX_RECIPE
 
+    def fp32_file(name: str, nodes: list, inits: list) -> Path:
+        graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 8, 8])],
+                                  [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)], inits)
+        path = tmp_path / f"{name}_image_int8_static.onnx"
+        onnx.save(helper.make_model(graph), str(export.fp32_path_for(path)))
+        return path
+
+    conv = fp32_file("resnet", [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+                     [numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "w")])
+    convnext = fp32_file("convnext", [  # a depthwise convolution, then x * sigmoid(1.702 x)
+        helper.make_node("Conv", ["x", "dw"], ["y"], group=4, pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["y", "c"], ["cy"]), helper.make_node("Sigmoid", ["cy"], ["s"]),
+        helper.make_node("Mul", ["y", "s"], ["gelu"])],
+        [numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "dw"),
+         numpy_helper.from_array(np.array(1.702, np.float32), "c")])
+    common._makes_amx_profile.cache_clear()
     monkeypatch.setattr(export, "int8_profile", lambda profile="auto": "amx")
-    common._takes_amx_profile.cache_clear()
     assert common.Assets._default_recipe(tiny_onnx, "static") == AMX_RECIPE  # CLIP: attention and QuickGelu
-    conv = tmp_path / "resnet_image_int8_static.onnx"
-    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "resnet",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")])
-    onnx.save(helper.make_model(graph), str(export.fp32_path_for(conv)))
     for _ in range(2):
         assert common.Assets._default_recipe(conv, "static") == export.INT8_RECIPES["static"]
     assert common.Assets._default_recipe(conv, "dynamic") == export.INT8_RECIPES["dynamic"]  # no profile
-    info = common._takes_amx_profile.cache_info()
-    assert (info.misses, info.hits) == (2, 1)  # each file parsed once
+    assert common.Assets._default_recipe(convnext, "static") == AMX_RECIPE
+    monkeypatch.setattr(export, "int8_profile", lambda profile="auto": "vnni")
+    assert common.Assets._default_recipe(tiny_onnx, "static") == export.INT8_RECIPES["static"]
+    assert common.Assets._default_recipe(convnext, "static") == AMX_RECIPE
+    assert common.Assets._default_recipe(conv, "static") == export.INT8_RECIPES["static"]
+    info = common._makes_amx_profile.cache_info()
+    assert (info.misses, info.hits) == (6, 1)  # each file parsed once per CPU kind
