@@ -12,8 +12,8 @@ with LD_PRELOAD, a Xeon with AMX runs the kernels of the other kinds the README'
 
 It needs Linux on x86-64 with CPUID faulting (`cpuid_fault` in /proc/cpuinfo: Intel since Ivy Bridge,
 and virtual machines under KVM) and a C compiler; the library is built once per source version under
-~/.cache/fashion-pipeline. What it gives is the other kind's *kernels* on this CPU's cores, caches and
-memory: the arithmetic is that CPU's exactly (int8 results bit for bit where the kernel is the same),
+~/.cache/fashion-visual-search/cpuid-mask. What it gives is the other kind's *kernels* on this CPU's
+cores, caches and memory: the arithmetic is that CPU's exactly (int8 results bit for bit where the kernel is the same),
 the speed is not, so figures made under a mask are labelled so and never stand in for the machine
 itself. `pipeline.machine.cpu_info` reports the masked instruction sets, so an export under a mask
 chooses what it would choose there.
@@ -22,71 +22,89 @@ chooses what it would choose there.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import platform
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pipeline.machine import CPUID_MASK_ENV, CPUID_MASKS
+from pipeline.fileio import user_cache_dir
+from pipeline.machine import CPUID_MASK_ENV, CPUID_MASKS, cpu_flags
 
 SOURCE = Path(__file__).with_name("cpuid_mask.c")
 KINDS = tuple(CPUID_MASKS)
 
 
 def unavailable() -> str | None:
-    """Why a mask cannot run here, or None when it can."""
+    """Why a mask cannot run here, or None when it can: the platform, the flag, the compiler, then
+    the library built and one masked child asked what it sees (once per process)."""
+    return _unavailable()
+
+
+@functools.lru_cache(maxsize=1)
+def _unavailable() -> str | None:
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"CPUID masking needs Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError as e:
-        return f"cannot read /proc/cpuinfo: {e}"
-    if "cpuid_fault" not in flags:
+    if "cpuid_fault" not in cpu_flags():
         return "this CPU (or its hypervisor) offers no CPUID faulting (no cpuid_fault in /proc/cpuinfo)"
-    if _compiler() is None:
+    if not _compiler():
         return "no C compiler (cc or gcc) to build the CPUID mask"
+    try:
+        built = _build()
+    except (OSError, RuntimeError) as e:
+        return str(e)
+    probe = subprocess.run([sys.executable, "-c", "print('ok')"], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "LD_PRELOAD": str(built), CPUID_MASK_ENV: "avx2"})
+    if probe.returncode != 0 or probe.stdout.strip() != "ok":
+        return f"a masked process fails here: {(probe.stderr.strip() or probe.stdout.strip())[-300:]}"
     return None
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
 
 
-def library() -> Path:
-    """The mask's shared library, built from cpuid_mask.c on first use (cached by source hash)."""
-    reason = unavailable()
-    if reason:
-        raise RuntimeError(reason)
+def _build() -> Path:
+    """cpuid_mask.c built once per version of its source, under the tool's cache folder."""
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fashion-pipeline"
+    cache = user_cache_dir("cpuid-mask").resolve()
     built = cache / f"cpuid_mask-{digest}.so"
+    if any(c.isspace() or c == ":" for c in str(built)):  # LD_PRELOAD separates its entries so
+        raise RuntimeError(f"the CPUID mask's cache path {built} has a space or a colon (LD_PRELOAD cannot name "
+                           "it); set XDG_CACHE_HOME to another folder")
     if not built.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         partial = built.with_name(f"{built.name}.{os.getpid()}")
-        compiler = _compiler()
-        assert compiler is not None  # unavailable() said so
-        done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(SOURCE)],
-                              capture_output=True, text=True)
+        done = subprocess.run([*_compiler(), "-O2", "-shared", "-fPIC", f'-DMASK_ENV="{CPUID_MASK_ENV}"',
+                               "-o", str(partial), str(SOURCE), "-ldl"], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"building the CPUID mask failed:\n{done.stderr.strip()}")
         partial.replace(built)  # atomic: parallel builders (test workers) each write their own first
     return built
 
 
+def library() -> Path:
+    """The mask's shared library (built on first use), where it works here."""
+    reason = unavailable()
+    if reason:
+        raise RuntimeError(reason)
+    return _build()
+
+
 def environment(kind: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """`base` (default os.environ) with the mask for `kind` preloaded. Python's fault handler is left
-    off in the child: it would take SIGSEGV, by which the mask answers CPUID."""
+    """`base` (default os.environ) with the mask for `kind` preloaded (the program's own SIGSEGV
+    handlers still run for real faults: the library keeps them aside)."""
     if kind not in CPUID_MASKS:
         raise ValueError(f"unknown CPU kind {kind!r}; expected one of {', '.join(KINDS)}")
     env = dict(os.environ if base is None else base)
-    env.pop("PYTHONFAULTHANDLER", None)
-    preload = [str(library())] + [p for p in env.get("LD_PRELOAD", "").split() if "cpuid_mask" not in p]
-    env["LD_PRELOAD"] = " ".join(preload)
+    others = [p for p in re.split(r"[:\s]+", env.get("LD_PRELOAD", "")) if p and "cpuid_mask" not in p]
+    env["LD_PRELOAD"] = " ".join([str(library()), *others])
     env[CPUID_MASK_ENV] = kind
     return env
 
@@ -114,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         return 2
-    return subprocess.call(command, env=environment(args.kind))
+    code = subprocess.call(command, env=environment(args.kind))
+    return 128 - code if code < 0 else code  # a signal's death as a shell says it
 
 
 if __name__ == "__main__":

@@ -653,9 +653,7 @@ def takes_amx_profile(model: Any) -> bool:
     depthwise convolutions in float too, 1.00-1.04x: README, "ConvNeXt is over the bar".) A tower
     with attention products and depthwise convolutions both (a hybrid: unmeasured) leaves only its
     attention products in float (`amx_in_float`)."""
-    if not (_activation_matmuls(model) or _depthwise_convs(model)):
-        return False
-    return has_sigmoid_gelu(model) or fuse_gelu(model, rewrite=False) > 0
+    return makes_amx_profile(model, amx=True, auto=False)
 
 
 def amx_profile_on_every_cpu(model: Any) -> bool:
@@ -663,17 +661,22 @@ def amx_profile_on_every_cpu(model: Any) -> bool:
     too: a convolutional tower with depthwise convolutions and GELUs (a ConvNeXt) and no attention
     products. Its file ran faster than the VNNI graph on the kernels of every CPU kind and under the
     conversion bar on each: on an AMX Xeon 1.00-1.04x (25.9% -> 9.4-10.0% conversion + Add), on the
-    same Xeon with CPUID masked to AVX-512 VNNI 1.06x (22.9% -> 8.8%) and to AVX2 1.05x (18.2% -> 6.6%)
-    (README, "Other CPU kinds' kernels"). A transformer's file is 0.98-0.99x there and keeps the
-    VNNI graph off AMX."""
-    return not _activation_matmuls(model) and bool(_depthwise_convs(model)) and takes_amx_profile(model)
+    same Xeon with CPUID masked to AVX-512 VNNI 1.05-1.07x (22.9% -> 8.8%) and to AVX2 1.05-1.08x
+    (18.2% -> 6.6%) (README, "Other CPU kinds' kernels"). A transformer's AMX file ran 0.98-1.04x
+    there, FashionCLIP's 0.98-0.99x, and keeps the VNNI graph off AMX."""
+    return makes_amx_profile(model, amx=False, auto=True)
 
 
 def makes_amx_profile(model: Any, amx: bool, auto: bool) -> bool:
     """Whether the static export writes the AMX profile's graph for the float graph `model`: asked
-    for it (amx: "amx", or "auto" on an AMX CPU) and the tower takes it, or asked "auto" (auto) and
-    the tower is one it serves on every CPU."""
-    return (amx and takes_amx_profile(model)) or (auto and amx_profile_on_every_cpu(model))
+    for it (amx: "amx", or "auto" on an AMX CPU) and the tower takes it (`takes_amx_profile`), or
+    asked "auto" (auto) and the tower is one it serves on every CPU (`amx_profile_on_every_cpu`).
+    Each part of the graph is looked for once."""
+    if not (amx or auto):
+        return False
+    attention, depthwise = bool(_activation_matmuls(model)), bool(_depthwise_convs(model))
+    wanted = (attention or depthwise) if amx else (depthwise and not attention)
+    return wanted and (has_sigmoid_gelu(model) or fuse_gelu(model, rewrite=False) > 0)
 
 
 def sigmoid_gelus(model: Any) -> list[tuple[Any, ...]]:

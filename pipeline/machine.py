@@ -37,14 +37,9 @@ def cpuid_mask() -> str | None:
 
 
 @lru_cache(maxsize=1)
-def cpu_info() -> dict[str, object]:
-    """{"model": "AMD EPYC 7B13", "isa": ["avx2", "avx512f", ...], "cores": 2, "arch": "x86_64"}.
-
-    The instruction sets are those of INT8_FLAGS that this CPU has; on a machine without
-    /proc/cpuinfo (macOS, Windows) the list is empty and the model is platform.processor(). Under a
-    CPUID mask (cpuid_mask()) the masked ones are left out and "masked" names the kind.
-    """
-    model, flags = "", set[str]()
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, flags) of /proc/cpuinfo's first processor; ("", empty) without the file."""
+    model, flags = "", frozenset[str]()
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
@@ -55,7 +50,24 @@ def cpu_info() -> dict[str, object]:
         if key == "model name" and not model:
             model = value.strip()
         elif key in ("flags", "Features") and not flags:
-            flags = set(value.split())
+            flags = frozenset(value.split())
+    return model, flags
+
+
+def cpu_flags() -> frozenset[str]:
+    """Every flag /proc/cpuinfo gives this CPU (empty without it), masked or not."""
+    return _cpuinfo()[1]
+
+
+@lru_cache(maxsize=1)
+def cpu_info() -> dict[str, object]:
+    """{"model": "AMD EPYC 7B13", "isa": ["avx2", "avx512f", ...], "cores": 2, "arch": "x86_64"}.
+
+    The instruction sets are those of INT8_FLAGS that this CPU has; on a machine without
+    /proc/cpuinfo (macOS, Windows) the list is empty and the model is platform.processor(). Under a
+    CPUID mask (cpuid_mask()) the masked ones are left out and "masked" names the kind.
+    """
+    model, flags = _cpuinfo()
     masked = cpuid_mask()
     info: dict[str, object] = {
         "model": model or platform.processor() or "unknown",

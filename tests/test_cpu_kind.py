@@ -69,6 +69,41 @@ def test_a_mask_hides_instruction_sets_from_cpuid_and_from_cpu_info():
     assert "masked" not in json.loads(unmasked)[3]
 
 
+_FEATURES = "from numpy._core._multiarray_umath import __cpu_features__ as f; print(f['AVX512F'], f['AVX2'])\n"
+
+
+def test_the_programs_own_fault_handler_still_gets_real_faults():
+    """A handler the program installs (Python's faulthandler here) does not take CPUID's faults from
+    the mask, and still gets the real ones: CPUID stays masked after it, a NULL read still crashes."""
+    code = "import ctypes, faulthandler\nassert faulthandler.is_enabled()\n" + _FEATURES + (
+        "import sys; sys.stdout.flush(); ctypes.string_at(0)")
+    done = cpu_kind.run("avx2", [sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                        timeout=120)
+    assert done.stdout.split() == ["False", str("avx2" in HOST_ISA)], done
+    assert done.returncode == -11 and "Fatal Python error: Segmentation fault" in done.stderr, done
+
+
+def test_a_sandboxed_process_that_may_not_call_arch_prctl_is_still_answered():
+    """Where a process's seccomp filter refuses arch_prctl (a browser's sandbox), CPUID is answered from
+    what the mask read before faulting was turned on, masked the same."""
+    code = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+# refuse arch_prctl(ARCH_SET_CPUID, ...) with EPERM, allow everything else
+prog = [(0x20, 0, 0, 0), (0x15, 0, 3, 158), (0x20, 0, 0, 16), (0x15, 0, 1, 0x1012),
+        (0x06, 0, 0, 0x00050001), (0x06, 0, 0, 0x7FFF0000)]
+class Filter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+class Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+filters = (Filter * len(prog))(*[Filter(*f) for f in prog])
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(Program(len(prog), filters)), 0, 0) == 0  # PR_SET_SECCOMP, filter
+assert libc.syscall(158, 0x1012, 1) == -1 and ctypes.get_errno() == 1  # refused now
+""" + _FEATURES
+    assert _python("avx2", code).split() == ["False", str("avx2" in HOST_ISA)]
+
+
 def _matmul_integer(tmp_path: Path, weights: np.ndarray) -> Path:
     graph = helper.make_graph(
         [helper.make_node("MatMulInteger", ["a", "w", "a_zero"], ["y"])], "g",
@@ -159,3 +194,9 @@ def test_the_command_line_runs_a_command_as_another_kind_and_says_when_it_cannot
     monkeypatch.setattr(cpu_kind, "unavailable", lambda: "no CPUID faulting here")
     assert cpu_kind.main(["avx2", "--", "true"]) == 2
     assert "error: no CPUID faulting here" in capsys.readouterr().err
+
+
+def test_a_cache_path_ld_preload_cannot_name_is_refused_with_the_way_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_kind, "user_cache_dir", lambda name: tmp_path / "my cache" / name)
+    with pytest.raises(RuntimeError, match="has a space or a colon .LD_PRELOAD cannot name it.; set XDG_CACHE_HOME"):
+        cpu_kind._build()
