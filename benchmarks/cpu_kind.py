@@ -53,17 +53,21 @@ def _unavailable() -> str | None:
         return f"CPUID masking needs Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
     if "cpuid_fault" not in cpu_flags():
         return "this CPU (or its hypervisor) offers no CPUID faulting (no cpuid_fault in /proc/cpuinfo)"
-    if not _compiler():
-        return "no C compiler (cc or gcc) to build the CPUID mask"
     try:
+        if not _compiler():
+            return "no C compiler (cc or gcc) to build the CPUID mask"
         built = _build()
-    except (OSError, RuntimeError) as e:
-        return str(e)
-    probe = subprocess.run([sys.executable, "-c", "print('ok')"], capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "LD_PRELOAD": str(built), CPUID_MASK_ENV: "avx2"})
-    if probe.returncode != 0 or probe.stdout.strip() != "ok":
+        # a child that reads CPUID under the mask (numpy does at import) and says what it saw
+        probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "LD_PRELOAD": str(built), CPUID_MASK_ENV: "avx2"})
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
+        return f"the CPUID mask cannot be built or run here: {e}"
+    if probe.returncode != 0 or probe.stdout.strip() != "False":
         return f"a masked process fails here: {(probe.stderr.strip() or probe.stdout.strip())[-300:]}"
     return None
+
+
+_PROBE = "from numpy._core._multiarray_umath import __cpu_features__ as f; print(f['AVX512F'])"
 
 
 def _compiler() -> list[str]:

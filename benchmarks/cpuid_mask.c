@@ -11,13 +11,15 @@
  * leaf 7 and steps over the instruction. The mask holds for code that reads CPUID after this
  * constructor: libraries loaded later (Python's extension modules, onnxruntime among them), not the
  * dynamic loader's own choices nor libraries an executable links directly. The program's own
- * SIGSEGV handlers are kept aside (sigaction and signal are wrapped) and called for every fault that
- * is not a CPUID. Code that tests XGETBV or /proc/cpuinfo alone is not fooled: the instructions
+ * SIGSEGV handlers, set through sigaction or signal (both wrapped), are kept aside and called for
+ * every SIGSEGV that is not a CPUID's; one set by a raw rt_sigaction system call would replace the
+ * mask's own. Code that tests XGETBV or /proc/cpuinfo alone is not fooled: the instructions
  * themselves still run, only what CPUID says changes. */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
 #include <cpuid.h>
 #include <dlfcn.h>
+#include <errno.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -35,9 +37,10 @@
 static uint32_t mask_b, mask_c, mask_d, mask_1a, mask_1d;
 static int masking;
 
-/* CPUID as read before faulting was on: basic leaves 0..31 and extended 0x80000000..+31, subleaves 0..7. */
-#define LEAVES 32
-#define SUBLEAVES 8
+/* CPUID as read before faulting was on (on the CPU the constructor ran on: its APIC ids in leaves 1,
+ * 0xB and 0x1F): basic leaves 0..39 and extended 0x80000000..+39, subleaves 0..19. */
+#define LEAVES 40
+#define SUBLEAVES 20
 static uint32_t table[2][LEAVES][SUBLEAVES][4];
 
 /* The program's own SIGSEGV disposition, which its sigaction/signal calls set in our stead. */
@@ -66,20 +69,32 @@ static void cpuid_of(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
 }
 
 static void pass_on(int sig, siginfo_t *info, void *context) {
-    /* a fault that is not a CPUID: the program's handler, or what the default does */
-    if ((program_action.sa_flags & SA_SIGINFO) && program_action.sa_sigaction != NULL) {
-        program_action.sa_sigaction(sig, info, context);
-    } else if (program_action.sa_handler != SIG_DFL && program_action.sa_handler != SIG_IGN) {
-        program_action.sa_handler(sig);
-    } else {  /* back to the default: the faulting instruction runs again and ends the process */
+    /* a SIGSEGV that is not a CPUID's: the program's handler, or what its disposition does */
+    struct sigaction program = program_action;
+    int from_kernel = info != NULL && info->si_code > 0;
+    if (program.sa_handler == SIG_IGN && !from_kernel) return;  /* a kill -SEGV the program ignores */
+    if (program.sa_handler == SIG_DFL || program.sa_handler == SIG_IGN || program.sa_handler == SIG_ERR) {
+        /* the default: a fault runs its instruction again, a sent signal is sent again; either ends
+         * the process as SIGSEGV does (blocked in this handler, it arrives on return) */
         struct sigaction fallback;
         memset(&fallback, 0, sizeof fallback);
         fallback.sa_handler = SIG_DFL;
         call_real_sigaction(SIGSEGV, &fallback, NULL);
+        if (!from_kernel) raise(sig);
+        return;
     }
+    if (program.sa_flags & SA_RESETHAND) {  /* a one-shot handler: the default after it */
+        memset(&program_action, 0, sizeof program_action);
+        program_action.sa_handler = SIG_DFL;
+    }
+    if (program.sa_flags & SA_SIGINFO)
+        program.sa_sigaction(sig, info, context);
+    else
+        program.sa_handler(sig);
 }
 
 static void on_fault(int sig, siginfo_t *info, void *context) {
+    int saved_errno = errno;  /* a refused arch_prctl sets it */
     greg_t *r = ((ucontext_t *)context)->uc_mcontext.gregs;
     const unsigned char *at = (const unsigned char *)r[REG_RIP];
     /* CPUID faulting raises SIGSEGV from the kernel (SI_KERNEL) at the instruction 0f a2 */
@@ -102,13 +117,16 @@ static void on_fault(int sig, siginfo_t *info, void *context) {
     r[REG_RCX] = v[2];
     r[REG_RDX] = v[3];
     r[REG_RIP] += 2;
+    errno = saved_errno;
 }
 
 /* The program sets SIGSEGV's disposition: kept as its own, while on_fault stays installed. */
 int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
     if (!masking || sig != SIGSEGV) return call_real_sigaction(sig, act, old);
+    struct sigaction wanted;
+    if (act != NULL) wanted = *act;  /* act and old may be one struct */
     if (old != NULL) *old = program_action;
-    if (act != NULL) program_action = *act;
+    if (act != NULL) program_action = wanted;
     return 0;
 }
 
@@ -133,7 +151,7 @@ __attribute__((constructor)) static void mask_cpuid(void) {
     if (strcmp(kind, "vnni") == 0) {
         mask_d = amx | (1u << 23);                               /* and AVX512-FP16, which Zen 4 lacks */
         mask_1a = avx_vnni | amx_more;
-        mask_1d = avx_vnni_int | amx_complex;
+        mask_1d = avx_vnni_int | amx_complex | (1u << 19);       /* and AVX10, which needs FP16 */
     } else if (strcmp(kind, "avx2") == 0) {
         /* EBX: AVX512 F, DQ, IFMA, PF, ER, CD, BW, VL; ECX: VBMI, VBMI2, VNNI, BITALG, VPOPCNTDQ;
          * EDX: 4VNNIW, 4FMAPS, VP2INTERSECT, FP16; 7.1 EAX: AVX512-BF16; 7.1 EDX: AVX10 */
@@ -156,8 +174,8 @@ __attribute__((constructor)) static void mask_cpuid(void) {
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_sigaction = on_fault;
-    action.sa_flags = SA_SIGINFO;
-    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK;  /* on the program's alternate stack, where it set one */
+    sigfillset(&action.sa_mask);  /* no other handler runs while CPUID is briefly allowed */
     call_real_sigaction(SIGSEGV, &action, NULL);
     if (syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) != 0) {
         perror("cpuid_mask: arch_prctl(ARCH_SET_CPUID)");

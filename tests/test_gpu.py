@@ -266,7 +266,8 @@ def test_device_topk_settles_from_the_whole_row_only_when_ties_need_it(monkeypat
         b = topk_neighbours(q, g, k, exclude_self=exclude_self, block=64, device="cpu")
         n_device = len(calls)
         a = topk_neighbours(q, g, k, exclude_self=exclude_self, block=64)
-        assert np.array_equal(a.indices, b.indices) and np.allclose(a.distances, b.distances, atol=1e-6)
+        # copies' products may round apart by an ulp on one path (AVX2 BLAS kernels): ties then differ
+        assert_same_up_to_rounding(a, b, q, g, tol=1e-6)
         return n_device
 
     rng = np.random.default_rng(5)

@@ -14,6 +14,7 @@ from pipeline.index import build_index
 from pipeline.retrieval import masked_topk
 from pipeline.searcher import Searcher
 from pipeline.store import ManifestRow
+from tests.helpers import assert_same_up_to_rounding
 
 N, D = 3000, 32
 
@@ -150,8 +151,8 @@ def test_lists_carried_through_an_update_are_a_full_pass_s(change):
     got, asked = carried
     assert asked == len(new) + sum(1 for i in take if any(j in gone for j in before.indices[i]))
     want = topk_neighbours(now, now, k, exclude_self=True)
-    assert np.array_equal(got.indices, want.indices)
-    assert np.allclose(got.distances, want.distances, atol=1e-6)
+    # the copies' ties come in index order where their products round alike (not always on AVX2 kernels)
+    assert_same_up_to_rounding(got, want, now, now, tol=1e-6)
 
 
 def test_carried_lists_are_refused_when_they_would_not_save_work():
