@@ -4,7 +4,9 @@ default) and 8-bit weights, on the real FashionCLIP architecture (random weights
 Measured on this CPU: images/s at batch 32 and cosine to the fp32 torch model on the 24 export
 verification pictures. On an emulated AVX2 / AVX-512-without-VNNI kernel (tests/int8_emulation.py;
 slow, numpy): the same cosine on the first --emulate pictures. Speed on an AVX2-only CPU can only be
-measured there: run this script on one.
+measured there: run this script on one. Its kernels on this CPU, where CPUID can be masked:
+`python -m benchmarks.cpu_kind avx2 -- python -m benchmarks.int8_cpus` (the figures then are that
+kernel's on this machine, not an AVX2-only CPU's).
 
     python -m benchmarks.int8_cpus [--seconds 6] [--emulate 4] [--quantizations static,dynamic]
     python -m benchmarks.int8_cpus --tiny             # tiny model, static exports, one emulated picture
