@@ -41,14 +41,10 @@ SOURCE = Path(__file__).with_name("cpuid_mask.c")
 KINDS = tuple(CPUID_MASKS)
 
 
+@functools.lru_cache(maxsize=1)
 def unavailable() -> str | None:
     """Why a mask cannot run here, or None when it can: the platform, the flag, the compiler, then
     the library built and one masked child asked what it sees (once per process)."""
-    return _unavailable()
-
-
-@functools.lru_cache(maxsize=1)
-def _unavailable() -> str | None:
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"CPUID masking needs Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
     if "cpuid_fault" not in cpu_flags():

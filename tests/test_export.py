@@ -304,11 +304,6 @@ def test_an_export_into_a_folder_it_cannot_write_says_so_before_loading_the_mode
 
 
 # ----------------------------------------------------------------------------- int8 on CPUs without VNNI
-@pytest.fixture(scope="module")
-def reference(tiny_clip_reference):
-    return tiny_clip_reference
-
-
 def _int8_weights(path):
     from onnx import numpy_helper
 
@@ -318,7 +313,8 @@ def _int8_weights(path):
 
 
 @pytest.mark.parametrize("quantization, profile", [("static", "vnni"), ("static", "amx"), ("dynamic", "auto")])
-def test_int8_export_passes_on_avx2_without_vnni(quantization, profile, tiny_clip, tmp_path, reference):
+def test_int8_export_passes_on_avx2_without_vnni(quantization, profile, tiny_clip, tmp_path,
+                                                 tiny_clip_reference):
     """The kernel of AVX2-only and AVX-512-without-VNNI CPUs, emulated on whatever CPU runs this: the
     export must clear the same bar there (7-bit weights keep its int16 pair sums from saturating),
     the AMX profile's file too (its QGemm is the same u8 x s8 GEMM)."""
@@ -328,7 +324,7 @@ def test_int8_export_passes_on_avx2_without_vnni(quantization, profile, tiny_cli
     assert export.export_onnx(str(tiny_clip), path, quantization=quantization, profile=profile).passed
     weights = _int8_weights(path)
     assert weights and max(int(np.abs(w.astype(int)).max()) for w in weights) <= 64
-    pixels, ref = reference
+    pixels, ref = tiny_clip_reference
     emulated = export.feature_cosines(run_emulated(path, pixels), ref)
     assert emulated.min() >= export.INT8_MIN_COSINE and emulated.mean() >= export.INT8_MEAN_COSINE
     # Without saturation the emulation is the same arithmetic as this CPU's onnxruntime.
@@ -668,7 +664,8 @@ def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, profile,
     assert sum(not v for v in per_position.values()) == per_picture, per_position
 
 
-def test_emulation_reproduces_the_avx2_failure_of_8bit_weights(tiny_clip, tmp_path, reference, monkeypatch):
+def test_emulation_reproduces_the_avx2_failure_of_8bit_weights(tiny_clip, tmp_path, tiny_clip_reference,
+                                                                 monkeypatch):
     """The cause, confirmed: with 8-bit weights dynamic int8 passes on a VNNI CPU and falls to ~0.906 on
     the emulated AVX2 kernel, the figure an AVX2-only EPYC gave for this very test model."""
     from pipeline.machine import cpu_info
@@ -682,7 +679,7 @@ def test_emulation_reproduces_the_avx2_failure_of_8bit_weights(tiny_clip, tmp_pa
     path = tmp_path / "d8_int8.onnx"
     export.export_onnx(str(tiny_clip), path, quantization="dynamic", images=export.verification_images())
     assert max(int(np.abs(w.astype(int)).max()) for w in _int8_weights(path)) == 127
-    pixels, ref = reference
+    pixels, ref = tiny_clip_reference
     emulated = export.feature_cosines(run_emulated(path, pixels), ref)
     assert emulated.min() < 0.95 and emulated.mean() < mean_bar
     native = export.feature_cosines(export.run_onnx(__import__("onnxruntime"), path, pixels), ref)
