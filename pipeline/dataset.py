@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import re
 from bisect import bisect_left
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -898,7 +899,10 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
         for name, lines in sidecars:
             base = name.rpartition("/")[0]  # the file's folder, relative to the root
             for i, f in enumerate(lines.column("file_name").to_pylist()):
-                key = _relative_key(str(f)) if f is not None else ""
+                try:
+                    key = _relative_key(str(f)) if f is not None else ""
+                except ValueError as e:
+                    raise PipelineError(f"{root / name}: data line {i + 1}: {e}") from None
                 if not key:
                     raise PipelineError(f"{root / name}: data line {i + 1} has no file_name")
                 key = f"{base}/{key}" if base else key
@@ -947,11 +951,25 @@ def metadata_none_why(name: str) -> str:
 
 
 def _relative_key(name: str) -> str:
-    """A metadata line's file_name as a picture's key: '/' separators, no leading './'."""
+    """A metadata line's file_name as a picture's key, normalised as the Hugging Face ImageFolder
+    does (`os.path.normpath`, '/' separators: `./a.jpg`, `shirts//a.jpg` and `x/../a.jpg` name the
+    same picture as `a.jpg`); '' for an empty one. ValueError, saying why, for a URL, an absolute
+    path or one that leaves the metadata file's own folder (`../a.jpg`), as that reader refuses
+    them: a line names a picture under its own file's folder only."""
+    if not name.strip():
+        return ""
     key = name.replace("\\", "/")
-    while key.startswith("./"):
-        key = key[2:]
-    return key
+    if "://" in key:
+        raise ValueError(f"its file_name '{name}' is a URL; a file_name is a picture's path relative to its "
+                         "metadata file's folder")
+    if key.startswith("/") or re.match(r"[A-Za-z]:/", key):
+        raise ValueError(f"its file_name '{name}' is an absolute path; write it relative to its metadata file's "
+                         "folder")
+    key = posixpath.normpath(key)
+    if key == ".." or key.startswith("../"):
+        raise ValueError(f"its file_name '{name}' leaves its metadata file's folder; name that picture in a "
+                         "metadata file of a folder above it (the Hugging Face ImageFolder refuses this line too)")
+    return "" if key == "." else key
 
 
 def folder_metadata_files(name: str | Path) -> list[Path]:

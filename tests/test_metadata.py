@@ -671,7 +671,19 @@ def test_metadata_files_in_subfolders_name_pictures_from_their_own_folder(tmp_pa
      "{root}/train has both metadata.csv and metadata.jsonl: keep one"),
     ({"train/metadata.csv": "price\n1\n"}, "{root}/train/metadata.csv has no file_name column (each picture's "
      "path relative to {root}/train)"),
-], ids=["named-twice", "types", "the-column-at-fault", "two-files", "no-file-name"])
+    ({"train/metadata.csv": "file_name,price\n../top.jpg,1\n"},  # inside the root, outside its file's folder
+     "{root}/train/metadata.csv: data line 1: its file_name '../top.jpg' leaves its metadata file's folder; name "
+     "that picture in a metadata file of a folder above it"),
+    ({"metadata.csv": "file_name,price\ntop.jpg,1\n/top.jpg,2\n"},
+     "{root}/metadata.csv: data line 2: its file_name '/top.jpg' is an absolute path"),
+    ({"test/metadata.csv": "file_name,price\nC:\\data\\c.jpg,1\n"},
+     "{root}/test/metadata.csv: data line 1: its file_name 'C:\\data\\c.jpg' is an absolute path"),
+    ({"metadata.csv": "file_name,price\nfile://top.jpg,1\n"},
+     "{root}/metadata.csv: data line 1: its file_name 'file://top.jpg' is a URL"),
+    ({"train/metadata.csv": "file_name,price\nimages/a.jpg,1\nimages/../images//a.jpg,2\n"},
+     "'train/images/a.jpg' is named by two lines (data lines 1 and 2)"),  # one picture, however written
+], ids=["named-twice", "types", "the-column-at-fault", "two-files", "no-file-name", "leaves-its-folder", "absolute",
+        "absolute-windows", "url", "named-twice-as-normalised"])
 def test_metadata_files_in_subfolders_that_cannot_be_used_are_refused(files, said, tmp_path):
     from pipeline.config import DatasetSpec
     from pipeline.dataset import folder_metadata
@@ -681,6 +693,23 @@ def test_metadata_files_in_subfolders_that_cannot_be_used_are_refused(files, sai
     with pytest.raises(PipelineError) as e:
         folder_metadata(data, DatasetSpec(name=str(data)))
     assert said.format(root=data) in str(e.value)
+
+
+def test_file_names_are_normalised_as_the_hugging_face_image_folder_does(tmp_path, caplog):
+    """`./`, doubled or back slashes and `x/..` inside a file's own folder name the picture they lead to."""
+    import logging
+
+    from pipeline.config import DatasetSpec
+    from pipeline.dataset import folder_metadata
+
+    data = _split_folder(tmp_path / "cat", {
+        "train/metadata.csv": "file_name,price\nimages//b.jpg,2\n./old/../images/./a.jpg,1\n",
+        "metadata.csv": "file_name,price\ntest\\c.jpg,3\n",
+    })
+    with caplog.at_level(logging.WARNING):
+        table = folder_metadata(data, DatasetSpec(name=str(data)))
+    assert table.column("price").to_pylist() == [3, None, 1, 2]  # test/c.jpg, top.jpg, train/images/a.jpg, b.jpg
+    assert "name no picture" not in caplog.text and "1 picture(s) have no line ('top.jpg' first)" in caplog.text
 
 
 def test_a_folder_without_subfolders_or_metadata_says_how_to_add_some(tiny_onnx, tmp_path, capsys):
