@@ -259,7 +259,11 @@ def dataset_stamp(spec: DatasetSpec) -> str | None:
                        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
     digest, total = hashlib.sha256(), 0
     for rel, f in files:
-        st = f.stat()
+        try:
+            st = f.stat()
+        except OSError as e:  # gone since it was listed, or a broken link: its row records the failure when read
+            digest.update(f"{rel}\0unreadable {e.errno}\n".encode())
+            continue
         total += st.st_size
         digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return f"{len(files)} file(s), {total:,} bytes, stamp {digest.hexdigest()[:16]}"

@@ -189,6 +189,8 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
     except CacheMismatchError as e:
         # a search mode builds nothing, with a cache flag or without: the way to a store is a gallery run
         search_from = cfg.output_dir if cfg.searches_only or not cfg.from_cache else None
+        if e.missing and (cfg.store_dir / UPDATE_DIR / SWITCH_FILE).is_file():  # not a build's to redo
+            raise CacheMismatchError(f"{e}\n{SWITCH_STOPPED.format(store=cfg.store_dir)}") from None
         if e.missing and not (cfg.store_dir / PARTIAL_DIR).is_dir():
             raise CacheMismatchError(f"{e}\n{build_first(cfg.store_dir, cfg.segmented, search_from)}") from None
         if isinstance(e.made_by, Sidecar):
@@ -199,15 +201,16 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
         raise
 
 
+SWITCH_STOPPED = ("an update of {store} was interrupted in the middle of its switch: run the update's command "
+                  "(with --update) to finish it")
+
+
 def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
     """The gallery for this run: from the cache when asked, else built (or resumed); its failed
     rows are recorded in the summary."""
     pending = (cfg.store_dir / UPDATE_DIR / SWITCH_FILE).is_file()
     if pending and cfg.from_cache:
-        raise CacheMismatchError(
-            f"an update of {cfg.store_dir} was interrupted in the middle of its switch: run the update's command "
-            "(with --update) to finish it"
-        )
+        raise CacheMismatchError(SWITCH_STOPPED.format(store=cfg.store_dir))
     if cfg.from_cache:
         with summary.stage("load cache"):
             cache = load_gallery_cache(cfg, identity=embedder.identity if embedder is not None else None)

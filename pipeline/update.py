@@ -129,10 +129,14 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
         elif dataset and not groups[old_row][0].source.endswith(f"[{old_row}]"):  # its own path lost
             plan.sources[rec.source_row] = f"{dataset}[{rec.source_row}]"
 
+    def key_of(item_id: str, sha: str) -> str:
+        """By id; a photo whose id is empty, and every photo without ids, by its bytes (a prefix no id has)."""
+        return item_id if by_id and item_id else f"\0{sha}" if sha else ""
+
     pool: dict[str, deque[int]] = defaultdict(deque)
     pictureless: dict[tuple[str, str], deque[int]] = defaultdict(deque)  # by (id, why), in order
     for old_row, lines in groups.items():
-        key = lines[0].item_id if by_id else lines[0].source_sha256
+        key = key_of(lines[0].item_id, lines[0].source_sha256)
         if key:
             pool[key].append(old_row)
         if not lines[0].source_sha256 and not lines[0].sha256:  # a row that had no picture, and why
@@ -155,7 +159,7 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
             plan.embed.append(rec.source_row)
             plan.no_image += 1
             continue
-        key = rec.item_id if by_id else sha
+        key = key_of(rec.item_id, sha)
         if key and pool.get(key):
             queue = pool[key]  # an id may repeat: the old row with these very bytes, if there is one
             old_row = next((r for r in queue if groups[r][0].source_sha256 == sha), queue[0])
@@ -223,7 +227,7 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
             f"update by --id-column {cfg.dataset.id_column} would take every photo for a new one. Update with "
             f"--id-column {made_by}, or build afresh"
         )
-    if by_id and not any(r.item_id for r in old.rows):
+    if by_id and made_by is None and not any(r.item_id for r in old.rows):
         raise PipelineError(
             f"{store} was built without --id-column, so its photos have no ids to match: update without "
             "--id-column (photos are then matched by content), or build afresh with "
@@ -619,7 +623,9 @@ def switch(cfg: RunConfig) -> None:
         at_url.remove_file(f"{cfg.output_url.rstrip('/')}/{sidecar}")
     if (next_dir / SIDECAR_FILE).is_file():
         unlink_quietly(store / SIDECAR_FILE)  # from here until the sidecar moves, readers are refused
-        named = {r.file for r in read_manifest(next_dir / MANIFEST_FILE) if r.file}
+        # The new store's manifest: still staged, or already moved by a switch that was killed after it
+        manifest = next_dir / MANIFEST_FILE if (next_dir / MANIFEST_FILE).is_file() else store / MANIFEST_FILE
+        named = {r.file for r in read_manifest(manifest) if r.file}
         for p in sorted(staged_images.iterdir()) if staged_images.is_dir() else []:
             if p.is_file() and p.name in named:  # an earlier, abandoned update's files are not the new store's
                 move(p, images / p.name)

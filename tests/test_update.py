@@ -156,6 +156,31 @@ def test_an_interrupted_update_leaves_the_old_store_and_finishes_when_run_again(
     assert_same_as_fresh(out, fresh)
 
 
+def test_a_switch_killed_right_after_the_manifest_moved_is_finished_by_the_next_update(tiny_onnx, tmp_path,
+                                                                                     monkeypatch):
+    """The staged manifest is in the store by then, the staged sidecar not yet: the next switch reads
+    the new manifest where it is."""
+    data = write_catalogue(tmp_path / "catalogue", list(range(12)))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    write_catalogue(data, [*range(2, 12), 50, 51])
+    real_move = update_module.move
+
+    def move_then_die(src, dst):
+        real_move(src, dst)
+        if dst.name == "manifest.csv":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(update_module, "move", move_then_die)
+    assert run(*args(data, tiny_onnx, out, "--update")) == 130
+    monkeypatch.undo()
+    staged = out / "embeddings" / update_module.STAGING / "next"
+    assert not (staged / "manifest.csv").exists() and (staged / "embeddings.json").is_file()
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+
+
 def test_a_build_resumed_on_a_changed_dataset_is_refused_and_fresh_starts_over(tiny_onnx, tmp_path, monkeypatch,
                                                                               capsys):
     """A build's finished shards hold the photos of the dataset as it was when it started: after the
@@ -519,6 +544,13 @@ def test_a_switch_killed_midway_is_named_by_a_cache_run_and_dropped_by_a_build(t
     assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out) == 1
     said = capsys.readouterr().err
     assert "interrupted in the middle of its switch: run the update's command (with --update)" in said
+    # a search mode and an export say so too, not "build it first" (which would embed everything again)
+    (tmp_path / "look.jpg").write_bytes(photo(3))
+    for other in (["--query-image", tmp_path / "look.jpg"], ["--export", f"parquet:{tmp_path / 'x.parquet'}"]):
+        assert run("--onnx", tiny_onnx, "--output-dir", out, *other) == 1
+        said = capsys.readouterr().err
+        assert "interrupted in the middle of its switch: run the update's command (with --update)" in said
+        assert "Build it first" not in said
     write_catalogue(data, list(range(5)))  # the user builds afresh instead: the pending switch must not come back
     assert run(*args(data, tiny_onnx, out)) == 0
     assert not (out / "embeddings" / update_module.STAGING).exists()
@@ -541,6 +573,28 @@ def test_counts_with_ids_rows_without_pictures_and_repeated_ids(tiny_onnx, tmp_p
     assert cli_update(data, tiny_onnx, out, "--id-column", "item_id") == 0
     # P2 got a picture: changed; P3's first photo gone; its second kept (matched by bytes among the P3s)
     assert "added 0, changed 1, removed 1, unchanged 4" in capsys.readouterr().out
+    assert run(*args(data, tiny_onnx, fresh, "--id-column", "item_id")) == 0
+    assert_same_as_fresh(out, fresh)
+
+
+@pytest.mark.parametrize("ids", [["P0", "P1", None, "P3", "P4", None], [None] * 6], ids=["some-empty", "all-empty"])
+def test_photos_with_an_empty_id_are_known_by_their_bytes(ids, tiny_onnx, tmp_path, capsys):
+    """--id-column with some (or every) value missing: those photos are matched by their bytes, so an
+    update that changes nothing rewrites nothing, and one that changes them counts them as a build would."""
+    cells: list[bytes | None] = [photo(k) for k in range(6)]
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells, extra={"item_id": ids})
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id")) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()}
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out, "--id-column", "item_id") == 0
+    assert "added 0, changed 0, removed 0, unchanged 6" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()} == before
+    # the second id-less photo re-shot, a new one without an id: one removed, two added
+    cells = [*cells[:5], photo(40), photo(41)]
+    assets.write_parquet_dataset(data, cells, extra={"item_id": [*ids[:5], None, None]})
+    assert cli_update(data, tiny_onnx, out, "--id-column", "item_id") == 0
+    assert "added 2, changed 0, removed 1, unchanged 5" in capsys.readouterr().out
     assert run(*args(data, tiny_onnx, fresh, "--id-column", "item_id")) == 0
     assert_same_as_fresh(out, fresh)
 
@@ -1191,6 +1245,27 @@ def test_a_photo_renamed_in_a_folder_keeps_everything_but_takes_its_new_name(tin
     assert_same_as_fresh(out, fresh)
     with open(out / "retrieval_results" / "neighbours.csv", newline="") as f:
         assert "z3.jpg" in {Path(r["neighbour_source"]).name for r in csv.DictReader(f)}
+
+
+def test_a_broken_link_in_a_folder_is_a_recorded_failure_in_a_build_and_an_update(tiny_onnx, tmp_path, capsys):
+    """A picture of the folder that cannot be read (a link to a file that is gone): its row fails,
+    said as such, in the build and in the update, and the rest goes on."""
+    folder = tmp_path / "looks"
+    folder.mkdir()
+    for k in range(6):
+        (folder / f"p{k}.jpg").write_bytes(photo(k))
+    (folder / "p3.jpg").unlink()
+    (folder / "p3.jpg").symlink_to(tmp_path / "gone.jpg")
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(folder, tiny_onnx, out)) == 3  # 3: a row failed
+    (folder / "p6.jpg").write_bytes(photo(6))
+    capsys.readouterr()
+    assert cli_update(folder, tiny_onnx, out) == 3
+    said = capsys.readouterr()
+    assert "added 1, changed 0, removed 0, unchanged 6" in said.out
+    assert "cannot read file" in said.out + said.err and "Traceback" not in said.err
+    assert run(*args(folder, tiny_onnx, fresh)) == 3
+    assert_same_as_fresh(out, fresh)
 
 
 def test_a_parquet_cell_whose_own_path_changes_takes_its_new_name(tiny_onnx, tmp_path, capsys):
