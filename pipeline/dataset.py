@@ -1066,11 +1066,13 @@ def _folder_sidecar(root: Path, name: str, spec: DatasetSpec) -> Any:
 
 def _read_csv_keeping_codes(path: Path) -> Any:
     """A CSV with its types inferred, but a column of whole numbers any of which is written with a
-    leading zero (a product code `00123`) kept as text, as written; prices (`05.99`) stay numbers."""
+    leading zero (a product code `00123`) kept as text, as written; prices (`05.99`) stay numbers.
+    An empty cell is a missing value in a text column too (and `NA`, `N/A`, `null`, as in a number
+    column; pandas, which the Hugging Face ImageFolder reads a CSV with, reads them so)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    table = pacsv.read_csv(path)
+    table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
     twice = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
     if twice:
         raise ValueError(f"the column(s) {twice} are named twice; each name takes one column")

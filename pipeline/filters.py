@@ -81,7 +81,7 @@ _TOKEN = re.compile(
     | (?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?![A-Za-z_])
     | (?P<op><=|>=|!=|<>|=|<|>)
     | (?P<punct>[(),])
-    | (?P<word>[A-Za-z_][A-Za-z0-9_.]*)
+    | (?P<word>[^\W\d][\w.]*)
     | (?P<bad>\S)
     )""",
     re.VERBOSE,
@@ -244,7 +244,7 @@ def columns_of(node: Node) -> list[Test]:
 
 # ----------------------------------------------------------------------------- types and evaluation
 def column_kind(arrow_type: Any) -> str:
-    """boolean | number | text | date | other: how a filter compares a column of this arrow type."""
+    """boolean | number | text | date | time | other: how a filter compares a column of this arrow type."""
     return _kind(arrow_type)
 
 
@@ -258,9 +258,11 @@ def _kind(arrow_type: Any) -> str:
         return "number"
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
         return "text"
-    if pa.types.is_temporal(t):
+    if pa.types.is_time(t):
+        return "time"
+    if pa.types.is_date(t) or pa.types.is_timestamp(t):
         return "date"
-    return "other"
+    return "other"  # a duration, an interval, a list: nothing a filter's literal says
 
 
 def _value_kind(v: Any) -> str:
@@ -282,7 +284,7 @@ def check_filter(node: Node, text: str, schema: Any) -> None:
         kind = _kind(schema.field(t.column).type)
         for v in t.values:
             vk = _value_kind(v)
-            if kind == "date" and vk == "text":
+            if kind in ("date", "time") and vk == "text":
                 continue
             if kind == "other":
                 held = schema.field(t.column).type
@@ -316,6 +318,8 @@ def _evaluate(node: Node, table: Any) -> Any:
     col = table.column(node.column)
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
+    if pa.types.is_time(col.type):  # compared at the finest unit, which every time's value takes exactly
+        col = col.cast(pa.time64("ns"))
     if pa.types.is_floating(col.type):  # NaN is a missing value, as shown (metadata.json_value): never matches
         col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
     if node.op == "is null":
@@ -395,6 +399,10 @@ def _scalar(value: Any, arrow_type: Any) -> Any:
             import pyarrow.compute as pc
 
             return pc.assume_timezone(pa.scalar(value).cast(pa.timestamp(arrow_type.unit)), arrow_type.tz)
+    if pa.types.is_time(arrow_type) and isinstance(value, str):  # '10:30', '10:30:15.5': Arrow casts no text to a time
+        import datetime
+
+        return pa.scalar(datetime.time.fromisoformat(value.strip()), pa.time64("ns"))
     if pa.types.is_temporal(arrow_type) and isinstance(value, str):
         return pa.scalar(value).cast(arrow_type)
     if pa.types.is_integer(arrow_type) and isinstance(value, float):

@@ -126,7 +126,8 @@ def prefixed_name(column: str, own: Collection[str]) -> str:
 
 def product_labels(values: Any) -> tuple[np.ndarray, int]:
     """--group-by: an int64 label per row of a metadata column (pyarrow), equal for equal values;
-    a row without a value gets a label of its own (it stands alone). Returns the labels and how
+    a row without a value (null, NaN, or text that is empty or blank, which names no product, as
+    for --eval-id-column) gets a label of its own (it stands alone). Returns the labels and how
     many rows had no value."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -135,6 +136,8 @@ def product_labels(values: Any) -> tuple[np.ndarray, int]:
     missing = np.asarray(arrow_numpy(values.is_null()), bool)
     if pa.types.is_floating(values.type):  # NaN is no value, as shown: it stands alone too
         missing |= np.asarray(arrow_numpy(pc.fill_null(pc.is_nan(values), False)), bool)
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        missing |= np.asarray(arrow_numpy(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(values), ""), False)), bool)
     n_codes = int(codes[~missing].max()) + 1 if (~missing).any() else 0
     labels = np.where(missing, n_codes + np.arange(len(codes)), codes)
     return labels.astype(np.int64), int(missing.sum())

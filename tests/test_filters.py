@@ -232,3 +232,30 @@ def test_a_number_past_the_64_bit_integers_compares_as_sql_does():
     assert mask("big = 9007199254740993") == [0]  # whole: exact
     assert mask("big IN (9007199254740993, 1.5)") == [0, 1]  # with a fraction: as doubles, 2**53 + 1 is 2**53
     assert mask(f"u64 > {2**63}") == [0]  # an unsigned column holds it: exact
+
+
+def test_times_of_day_and_column_names_in_any_alphabet():
+    """A CSV's `10:30:00` is a time column: compared with texts ('10:30', '10:30:15.5') at any unit;
+    a name such as größe is a column name bare, as in DuckDB; a duration is refused by name."""
+    import datetime
+
+    table = pa.table({
+        "opens": pa.array([datetime.time(9), datetime.time(10, 30), None, datetime.time(12)], pa.time32("s")),
+        "at": pa.array([datetime.time(10, 30, 15, 500000), datetime.time(10, 30, 15)] + [None] * 2, pa.time64("us")),
+        "größe": ["M", "L", "M", None],
+        "wait": pa.array([1, 2, 3, 4], pa.duration("s")),
+    })
+
+    def match(text: str) -> list[int]:
+        return Filter.parse(text, table.schema).mask(table).nonzero()[0].tolist()
+
+    assert match("opens < '11:00:00'") == [0, 1] and match("opens >= '10:30'") == [1, 3]
+    assert match("opens IN ('09:00', '12:00')") == [0, 3] and match("opens NOT IN ('09:00')") == [1, 3]
+    assert match("at > '10:30:15'") == [0] and match("at = '10:30:15.5'") == [0]
+    assert match("größe = 'M' AND opens < '10:00'") == [0] and match("NOT größe = 'M'") == [1]
+    with pytest.raises(FilterError, match="'opens' is a time column, compared with number 5"):
+        Filter.parse("opens = 5", table.schema)
+    with pytest.raises(FilterError, match=r"a value does not fit its column \(Invalid isoformat string: 'noon'\)"):
+        Filter.parse("opens < 'noon'", table.schema).mask(table)
+    with pytest.raises(FilterError, match=r"column 'wait' holds duration\[s\], which a filter cannot compare"):
+        Filter.parse("wait > 5", table.schema)

@@ -607,6 +607,31 @@ def test_a_code_written_with_leading_zeros_stays_text(tmp_path):
     assert table.column("price").to_pylist() == [5.99, 12.0, 0.5]  # a price is a number however written
 
 
+def test_empty_text_cells_are_missing_values_and_blank_ones_name_no_product(tmp_path):
+    """As pandas (the Hugging Face reader's) reads a CSV: an empty cell, NA or null is missing in a
+    text column as in a number column; --group-by lets such items, and blank text of another
+    source (a parquet's ""), stand alone, as --eval-id-column does."""
+    import pyarrow as pa
+
+    from pipeline.config import DatasetSpec
+    from pipeline.dataset import folder_metadata
+    from pipeline.metadata import product_labels
+
+    data = tmp_path / "shop"
+    data.mkdir()
+    for i in range(6):
+        (data / f"p{i}.jpg").write_bytes(assets.jpeg_bytes(40, 40, seed=i))
+    (data / "metadata.csv").write_text("file_name,product_id,price\np0.jpg,P1,10\np1.jpg,,11\np2.jpg,NA,12\n"
+                                       "p3.jpg,,\np4.jpg,P2,14\np5.jpg,P2,15\n")
+    table = folder_metadata(data, DatasetSpec(name=str(data)))
+    assert table.column("product_id").to_pylist() == ["P1", None, None, None, "P2", "P2"]
+    assert table.column("price").to_pylist() == [10, 11, 12, None, 14, 15]
+    labels, missing = product_labels(table.column("product_id"))
+    assert missing == 3 and len(set(labels.tolist())) == 5 and labels[4] == labels[5]
+    labels, missing = product_labels(pa.chunked_array([["P1", "", " ", None, "P1"]]))
+    assert missing == 3 and len(set(labels.tolist())) == 4 and labels[0] == labels[4]
+
+
 def _split_folder(root: Path, files: dict[str, str]) -> Path:
     """Pictures filed as a Hugging Face ImageFolder with splits (train/images/, test/, one at the
     root), and the metadata files given (path -> text)."""
