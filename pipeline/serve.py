@@ -276,9 +276,15 @@ def filter_controls(catalog: Catalog, most_values: int = 40) -> list[dict[str, A
             values = pc.unique(col.drop_null()).to_pylist()
             if len(values) <= most_values:
                 entry["values"] = sorted(str(v) for v in values)
-        elif kind == "number" and len(col.drop_null()):
-            bounds = pc.min_max(col)
-            entry["min"], entry["max"] = bounds["min"].as_py(), bounds["max"].as_py()
+        elif kind == "number":
+            import pyarrow as pa
+
+            values = col.drop_null()
+            if pa.types.is_floating(col.type):  # NaN (a missing value) and infinities make no bound a box can show
+                values = values.filter(pc.is_finite(values))
+            if len(values):
+                bounds = pc.min_max(values)
+                entry["min"], entry["max"] = bounds["min"].as_py(), bounds["max"].as_py()
         out.append(entry)
     return out
 

@@ -447,3 +447,22 @@ def test_a_top_k_over_what_a_query_may_ask_is_refused_before_serving(tiny_onnx, 
 
     assert run("--onnx", tiny_onnx, "--output-dir", tmp_path / "o", "--serve", "--top-k", "150") == 2
     assert "--serve answers at most 100 results a query; --top-k 150 is over it" in capsys.readouterr().err
+
+
+def test_a_number_columns_range_leaves_out_nan_and_infinities():
+    """The page's range boxes show a float column's finite bounds: NaN is a missing value, and an
+    infinity or an all-NaN column gives no bound a person can type against (JSON has none for them)."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from pipeline.serve import filter_controls
+
+    table = pa.table({"price": [float("nan"), 12.5, float("inf"), None, 3.0], "void": [float("nan")] * 5,
+                      "stock": pa.array([4, None, 2, 9, 0], pa.int64())})
+    catalog = SimpleNamespace(searcher=SimpleNamespace(metadata=SimpleNamespace(columns=table.column_names,
+                                                                                 table=table)))
+    controls = {c["name"]: c for c in filter_controls(catalog)}
+    assert (controls["price"]["min"], controls["price"]["max"]) == (3.0, 12.5)
+    assert controls["void"] == {"name": "void", "kind": "number"}  # no bound: the page shows no range
+    assert (controls["stock"]["min"], controls["stock"]["max"]) == (0, 9)
