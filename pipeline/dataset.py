@@ -798,8 +798,9 @@ def check_meta_columns(spec: DatasetSpec, asked: Sequence[str] | None) -> Any:
         return None if table is None else table.schema
     import pyarrow as pa
 
-    schema = _union_schema(_footers(files, opener, spec))
-    kept = _chosen(scalar_columns(schema, spec), asked, schema.names, spec)
+    footers = _footers(files, opener, spec)
+    schema = _union_schema(footers)
+    kept = _agreeing(footers, _chosen(scalar_columns(schema, spec), asked, schema.names, spec), spec, asked)
     return pa.schema([schema.field(c) for c in kept])
 
 
@@ -835,6 +836,36 @@ def _union_schema(footers: list[tuple[Any, Any]]) -> Any:
     return pa.schema(list(fields.values()))
 
 
+def _agreeing(footers: list[tuple[Any, Any]], columns: list[str], spec: DatasetSpec, asked: Sequence[str] | None,
+              warn: bool = True) -> list[str]:
+    """`columns` but those whose type the parquet files disagree on (int64 in one, text in another:
+    no type holds both), each left out with a warning (warn); one of them asked by --meta-columns
+    is refused (PipelineError), before the build."""
+    import pyarrow as pa
+
+    out = []
+    for c in columns:
+        fields = [(f, footer.schema.to_arrow_schema()) for f, footer in footers]
+        fields = [(f, sch.field(c)) for f, sch in fields if c in sch.names and not pa.types.is_null(sch.field(c).type)]
+        try:
+            pa.unify_schemas([pa.schema([field]) for _, field in fields], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            kinds: dict[str, list[str]] = {}
+            for f, field in fields:
+                kinds.setdefault(str(field.type), []).append(Path(str(f)).name)
+            said = "; ".join(f"{ty} in {', '.join(names[:2])}{', ...' if len(names) > 2 else ''}"
+                             for ty, names in kinds.items())
+            if asked is not None:
+                raise PipelineError(f"--meta-columns: the parquet files of {spec.name!r} disagree on the type of "
+                                    f"{c!r} ({said}); rewrite them with one schema, or keep other columns") from None
+            if warn:
+                log.warning("%s: the parquet files disagree on the type of the column %r (%s): it is left out of the "
+                            "metadata; rewrite them with one schema to keep it", spec.name, c, said)
+            continue
+        out.append(c)
+    return out
+
+
 def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None, warn: bool = True) -> Any:
     """The dataset's metadata columns (all plain ones, or those asked), rows 0 .. limit-1, as a
     pyarrow Table with a leading `source_row` column; None for a hub dataset that is not parquet
@@ -846,7 +877,7 @@ def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None, warn: b
     files, opener = _parquet_files(spec, folder)
     table = None
     if files:
-        table = _parquet_metadata(files, opener, spec, asked)
+        table = _parquet_metadata(files, opener, spec, asked, warn)
     elif path.exists() and not folder:
         ds = _open_local(path, spec)
         if isinstance(ds, _import_datasets().Dataset):
@@ -1136,7 +1167,7 @@ def arrow_numpy(values: Any) -> Any:
 
 
 def _parquet_metadata(files: list[Any], opener: Callable[[Any], AbstractContextManager[Any]], spec: DatasetSpec,
-                      asked: Sequence[str] | None) -> Any:
+                      asked: Sequence[str] | None, warn: bool = True) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -1144,7 +1175,7 @@ def _parquet_metadata(files: list[Any], opener: Callable[[Any], AbstractContextM
     # a remote file's by two exact reads (_read_footer), not pyarrow's 64 KiB tail read
     footers = _footers(files, opener, spec)
     schema = _union_schema(footers)
-    columns = _chosen(scalar_columns(schema, spec), asked, schema.names, spec)
+    columns = _agreeing(footers, _chosen(scalar_columns(schema, spec), asked, schema.names, spec), spec, asked, warn)
     parts, seen = [], 0
     for f, footer in footers:
         with opener(f) as source:

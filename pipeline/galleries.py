@@ -220,7 +220,8 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
     else:
         # a name the dataset lacks fails before the build, and so does an image folder's metadata.csv
         # that cannot be used (its warnings said once, here)
-        if cfg.meta_columns or cfg.filter or cfg.group_by or folder_metadata_files(cfg.dataset.name):
+        checked = bool(cfg.meta_columns or cfg.filter or cfg.group_by or folder_metadata_files(cfg.dataset.name))
+        if checked:
             schema = check_meta_columns(cfg.dataset, cfg.meta_columns)
             if cfg.filter:
                 check_gallery_filter(cfg.filter, schema)
@@ -237,7 +238,7 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
             with summary.stage("verify image files"):
                 verify_images(cfg.store_dir, cfg.images_dir, gallery.rows)
         with summary.stage("metadata"):  # the plain columns only: on the hub, the row groups under --limit
-            table = read_metadata(cfg.dataset, cfg.meta_columns, warn=False)
+            table = read_metadata(cfg.dataset, cfg.meta_columns, warn=not checked)  # said once
         keep_metadata(cfg, table, gallery.rows, summary)
     if cfg.segmented and not cfg.from_cache:
         note_persons_cut(gallery.rows, cfg.segment.max_persons, summary)

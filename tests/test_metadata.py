@@ -437,8 +437,10 @@ def test_shards_that_disagree_on_a_columns_type_or_lack_one(tmp_path):
     bad = tmp_path / "bad"
     shard(bad, "train-00000-of-00002.parquet", size=pa.array(["M", "L"]))
     shard(bad, "train-00001-of-00002.parquet", size=pa.array([40], pa.int64()))
-    with pytest.raises(PipelineError, match="disagree on a metadata column's type .* --meta-columns"):
-        read_metadata(DatasetSpec(name=str(bad)))
+    assert read_metadata(DatasetSpec(name=str(bad))).column_names == ["source_row"]  # left out, said
+    with pytest.raises(PipelineError, match=r"--meta-columns: the parquet files of .* disagree on the type of 'size' "
+                                            r"\(string in train-00000-of-00002.parquet; int64 in train-00001"):
+        read_metadata(DatasetSpec(name=str(bad)), ["size"])
 
 
 def test_a_dataset_column_named_source_row_is_not_taken_for_the_key(tiny_onnx, tmp_path, capsys):
@@ -630,6 +632,31 @@ def test_empty_text_cells_are_missing_values_and_blank_ones_name_no_product(tmp_
     assert missing == 3 and len(set(labels.tolist())) == 5 and labels[4] == labels[5]
     labels, missing = product_labels(pa.chunked_array([["P1", "", " ", None, "P1"]]))
     assert missing == 3 and len(set(labels.tolist())) == 4 and labels[0] == labels[4]
+
+
+def test_parquet_files_that_disagree_on_a_column_are_found_before_the_build(tiny_onnx, tmp_path, capsys):
+    """Shards written apart, `price` a number in one and text in another: a plain build keeps the other
+    columns and says why `price` is left out (it used to embed every photo, then fail on the
+    metadata); --meta-columns price is refused before anything is embedded."""
+    import pyarrow as pa
+
+    cell = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    (tmp_path / "cat" / "data").mkdir(parents=True)
+    for k, prices in enumerate(([1, 2, 3], ["cheap", "dear", None])):
+        pq.write_table(pa.table({
+            "image": pa.array([{"bytes": assets.jpeg_bytes(40, 40, seed=3 * k + i), "path": None} for i in range(3)],
+                              cell),
+            "price": prices, "colour": ["red", "blue", "red"]}),
+            tmp_path / "cat" / "data" / f"train-0000{k}-of-00002.parquet")
+    data, out = tmp_path / "cat", tmp_path / "out"
+    assert cli.main(args(data, tiny_onnx, out)) == 0
+    assert capsys.readouterr().err.count("the parquet files disagree on the type of the column 'price' (int64 in "
+                             "train-00000-of-00002.parquet; string in train-00001-of-00002.parquet)") == 1
+    cat = Catalog.open(out)
+    assert cat.searcher.metadata.columns == ["colour"] and len(cat) == 6
+    assert cli.main(args(data, tiny_onnx, tmp_path / "out2", "--meta-columns", "price")) == 1
+    assert f"--meta-columns: the parquet files of '{data}' disagree on the type of 'price'" in capsys.readouterr().err
+    assert not (tmp_path / "out2" / "embeddings").exists()
 
 
 def _split_folder(root: Path, files: dict[str, str]) -> Path:
