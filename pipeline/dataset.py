@@ -129,6 +129,33 @@ def _footer(name: Any, source: Any):
     return _FOOTERS.pop(str(name), None) or _read_footer(source)
 
 
+def _open_parquet(name: Any, source: Any, footer: Any = None) -> Any:
+    """pyarrow's ParquetFile of `source` (with its footer, when read), or a PipelineError naming the
+    file when it is no parquet file or a damaged one (a copy or download cut short)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(source, pre_buffer=False, metadata=footer)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise _unreadable(name, e) from None
+
+
+def _parquet_footer(name: Any, source: Any) -> Any:
+    """`source`'s parquet footer (_read_footer, or pyarrow's own read of a local file), or a
+    PipelineError naming the file when it cannot be read as parquet."""
+    import pyarrow.parquet as pq
+
+    try:
+        return _read_footer(source) or pq.read_metadata(source)
+    except (OSError, ValueError) as e:
+        raise _unreadable(name, e) from None
+
+
+def _unreadable(name: Any, e: Exception) -> PipelineError:
+    return PipelineError(f"{name}: cannot be read as a parquet file ({first_line(e)}); a copy or download cut short "
+                         "leaves one like this: copy or download it again")
+
+
 def check_dataset(spec: DatasetSpec) -> int | None:
     """Open the dataset, so a wrong name, split or column fails here, before a run writes anything;
     then the rows that will be read (count_rows). Parquet files are checked by their first file's
@@ -144,10 +171,8 @@ def check_dataset(spec: DatasetSpec) -> int | None:
     if not parquet and not path.exists() and is_hub_id(spec.name):
         parquet, opener = list(_hub_split(spec).parquet_files), _hub_file_opener()
     if parquet:
-        import pyarrow.parquet as pq
-
         with opener(parquet[0]) as source:
-            footer = _read_footer(source) or pq.read_metadata(source)
+            footer = _parquet_footer(parquet[0], source)
         if opener is not _open_local_file:
             _FOOTERS[str(parquet[0])] = footer  # a remote footer is kept for the read that follows
         check_columns(spec, footer.schema.to_arrow_schema().names)
@@ -173,9 +198,7 @@ def count_rows(spec: DatasetSpec) -> int | None:
     if path.is_dir() and _is_image_folder(path):
         n = len(_list_images(path))
     elif files := _local_parquet_files(path, spec.split):
-        import pyarrow.parquet as pq
-
-        n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        n = sum(_parquet_footer(f, f).num_rows for f in files)
     elif not path.exists() and is_hub_id(spec.name):
         n = _hub_split(spec).num_rows  # from the dataset card: no shard is opened to count
     if n is None:
@@ -386,7 +409,6 @@ def _iter_parquet(
     flat; on the hub, that reader also downloads every row group of each shard it opens,
     whatever the limit.
     """
-    import pyarrow.parquet as pq
 
     stop = spec.limit
     wanted = None if only is None else sorted(only)
@@ -395,8 +417,7 @@ def _iter_parquet(
         if stop is not None and row >= stop:
             return
         with open_file(f) as source:
-            footer = _footer(f, source)
-            pf = pq.ParquetFile(source, pre_buffer=False, metadata=footer)
+            pf = _open_parquet(f, source, _footer(f, source))
             check_columns(spec, pf.schema_arrow.names)
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
             at = row
@@ -675,7 +696,6 @@ def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
         UsageError: another format (a save_to_disk folder, arrow files, a hub dataset that is not
             parquet), which only the local engine reads.
     """
-    import pyarrow.parquet as pq
 
     path = Path(spec.name)
     stop = spec.limit
@@ -700,8 +720,7 @@ def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
         if stop is not None and row >= stop:
             break
         with opener(f) as source:
-            footer = _footer(f, source)
-            pf = pq.ParquetFile(source, pre_buffer=False, metadata=footer)
+            pf = _open_parquet(f, source, _footer(f, source))
             check_columns(spec, pf.schema_arrow.names)
             for g in range(pf.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows
@@ -714,7 +733,6 @@ def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
 
 def read_piece(spec: DatasetSpec, piece: Piece) -> Iterator[Record]:
     """The records of one piece, with their dataset rows."""
-    import pyarrow.parquet as pq
 
     if piece.kind == "folder":
         root = Path(piece.location)
@@ -727,7 +745,7 @@ def read_piece(spec: DatasetSpec, piece: Piece) -> Iterator[Record]:
     opener = _hub_file_opener() if piece.location.startswith("hf://") else _open_local_file
     columns = spec.columns
     with opener(piece.location) as source:
-        pf = pq.ParquetFile(source, pre_buffer=False, metadata=_read_footer(source))
+        pf = _open_parquet(piece.location, source, _read_footer(source))
         row = piece.first_row - piece.offset  # the dataset row of the group's first record
         for batch in pf.iter_batches(batch_size=64, columns=columns, row_groups=[piece.group]):
             cols = {c: batch.column(c).to_pylist() for c in columns}
@@ -808,14 +826,13 @@ def _footers(files: list[Any], opener: Callable[[Any], AbstractContextManager[An
              ) -> list[tuple[Any, Any]]:
     """(file, footer) of each parquet file a read of `spec` touches: every one, or those that hold
     rows under --limit. A remote footer is kept for the read that follows, as check_dataset does."""
-    import pyarrow.parquet as pq
 
     out, seen = [], 0
     for f in files:
         if spec.limit is not None and seen >= spec.limit:
             break
         with opener(f) as source:
-            footer = _FOOTERS.get(str(f)) or _read_footer(source) or pq.read_metadata(source)
+            footer = _FOOTERS.get(str(f)) or _parquet_footer(f, source)
         if opener is not _open_local_file:
             _FOOTERS[str(f)] = footer
         out.append((f, footer))
@@ -1169,7 +1186,6 @@ def arrow_numpy(values: Any) -> Any:
 def _parquet_metadata(files: list[Any], opener: Callable[[Any], AbstractContextManager[Any]], spec: DatasetSpec,
                       asked: Sequence[str] | None, warn: bool = True) -> Any:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     # the columns of every file read (a column the first lacks is one of them), each footer read once:
     # a remote file's by two exact reads (_read_footer), not pyarrow's 64 KiB tail read
@@ -1179,7 +1195,7 @@ def _parquet_metadata(files: list[Any], opener: Callable[[Any], AbstractContextM
     parts, seen = [], 0
     for f, footer in footers:
         with opener(f) as source:
-            pf = pq.ParquetFile(source, pre_buffer=False, metadata=footer)
+            pf = _open_parquet(f, source, footer)
             n = pf.metadata.num_rows if spec.limit is None else min(pf.metadata.num_rows, spec.limit - seen)
             groups, at = [], 0  # only the row groups that hold rows < limit (a hub file is read by ranges)
             for g in range(pf.num_row_groups):

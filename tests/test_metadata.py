@@ -773,3 +773,20 @@ def test_a_folder_without_subfolders_or_metadata_says_how_to_add_some(tiny_onnx,
     said = capsys.readouterr().out
     assert f"metadata: none ({data} is a folder of pictures without subfolders or a metadata.csv" in said
     assert not (tmp_path / "out" / "embeddings" / "metadata.parquet").exists()
+
+
+@pytest.mark.parametrize("damaged", [0, 1], ids=["first-file", "second-file"])
+def test_a_parquet_file_cut_short_is_named_not_an_unexpected_error(damaged, tiny_onnx, tmp_path, capsys):
+    """A shard whose copy was cut short: the run stops with the file named and what to do, whether
+    it is the first file (checked before the build) or a later one (met as the build reads it)."""
+    import pyarrow as pa
+
+    (tmp_path / "cat" / "data").mkdir(parents=True)
+    files = [tmp_path / "cat" / "data" / f"train-0000{k}-of-00002.parquet" for k in range(2)]
+    for k, f in enumerate(files):
+        pq.write_table(pa.table({"image": [{"bytes": assets.jpeg_bytes(40, 40, seed=k), "path": None}]}), f)
+    files[damaged].write_bytes(files[damaged].read_bytes()[:300])
+    assert cli.main(args(tmp_path / "cat", tiny_onnx, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert f"error: {files[damaged]}: cannot be read as a parquet file (" in err
+    assert "copy or download it again" in err and "unexpected" not in err
