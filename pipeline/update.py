@@ -96,6 +96,8 @@ class Plan:
     no_image: int = 0  # rows without a picture that the store has not as they are (the same reason): redone
     unkeyed: int = 0  # photos of a store made before --update (no source_sha256): embedded again
     sources: dict[int, str] = field(default_factory=dict)  # new row -> its source now, where the dataset says
+    ids: dict[int, str] = field(default_factory=dict)  # new row -> its id as written now, where only the writing
+    # changed: a whole number's column turned decimal (pandas makes one so when a value goes missing): 5 -> 5.0
 
     def describe(self) -> str:
         line = f"added {self.added}, changed {self.changed}, removed {self.removed}, unchanged {self.unchanged}"
@@ -114,6 +116,9 @@ def photo_groups(rows: Iterable[ManifestRow]) -> dict[int, list[ManifestRow]]:
     return groups
 
 
+_WHOLE = re.compile(r"^([-+]?\d+)\.0+$")  # an id written as a decimal whole number is that number: 5.0 is 5
+
+
 def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Record, str]], by_id: bool,
                 dataset: str = "") -> Plan:
     """Match the dataset's records, in order, each with the sha256 of its bytes ("" for a row without
@@ -124,6 +129,8 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
     plan = Plan()
 
     def name(old_row: int, rec: Record) -> None:
+        if by_id and rec.item_id != groups[old_row][0].item_id:
+            plan.ids[rec.source_row] = rec.item_id
         if rec.source:
             plan.sources[rec.source_row] = rec.source
         elif dataset and not groups[old_row][0].source.endswith(f"[{old_row}]"):  # its own path lost
@@ -131,7 +138,7 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
 
     def key_of(item_id: str, sha: str) -> str:
         """By id; a photo whose id is empty, and every photo without ids, by its bytes (a prefix no id has)."""
-        return item_id if by_id and item_id else f"\0{sha}" if sha else ""
+        return _WHOLE.sub(r"\1", item_id) if by_id and item_id else f"\0{sha}" if sha else ""
 
     pool: dict[str, deque[int]] = defaultdict(deque)
     pictureless: dict[tuple[str, str], deque[int]] = defaultdict(deque)  # by (id, why), in order
@@ -150,8 +157,8 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
                 same.popleft()
             if same:
                 old_row = same.popleft()
-                if by_id and old_row in pool.get(rec.item_id, ()):
-                    pool[rec.item_id].remove(old_row)
+                if by_id and old_row in pool.get(key_of(rec.item_id, ""), ()):
+                    pool[key_of(rec.item_id, "")].remove(old_row)
                 matched[old_row] = rec.source_row
                 name(old_row, rec)
                 plan.unchanged += 1
@@ -252,6 +259,7 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     same = (not signed and not plan.embed and len(plan.kept) == len(groups)
             and all(old == new for old, new in plan.kept)
             and all(plan.sources.get(new, groups[old][0].source) == groups[old][0].source for old, new in plan.kept)
+            and not plan.ids
             and all(renamed(r) == r.file for r in old.rows))  # a store named by row is renamed once
     if same and old.sidecar.source == gallery_source(cfg):
         shutil.rmtree(stage, ignore_errors=True)  # nothing changed: the store stays as it is, not rewritten
@@ -522,6 +530,7 @@ def _write_next(
     for old_row, new_row in plan.kept:
         for line in groups[old_row]:
             kept = replace(line, index=len(rows), source_row=new_row, file=renamed(line),
+                           item_id=plan.ids.get(new_row, line.item_id),
                            source=plan.sources.get(new_row) or moved_source(line.source, cfg.dataset.name, old_row,
                                                                               new_row))
             if line.embedding_row >= 0:
