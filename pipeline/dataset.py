@@ -213,7 +213,8 @@ def is_hub_id(name: str) -> bool:
 # ----------------------------------------------------------------------------- image folders
 def _is_image_folder(path: Path) -> bool:
     # The name is checked before the file system: one stat per table-named entry, not per image.
-    has_tables = any(p.suffix in _TABLE_SUFFIXES and p.is_file() for p in path.rglob("*"))
+    has_tables = any(p.suffix in _TABLE_SUFFIXES and p.name not in FOLDER_METADATA_FILES and p.is_file()
+                     for p in path.rglob("*"))  # an ImageFolder's metadata.parquet is its pictures' metadata
     return not has_tables and not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file()
 
 
@@ -300,7 +301,8 @@ def _local_parquet_files(path: Path, split: str) -> list[Path]:
         return [path] if path.suffix == ".parquet" else []
     if not path.is_dir() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
         return []
-    files = sorted(path.rglob("*.parquet"), key=lambda f: _natural_key(str(f.relative_to(path))))
+    files = sorted((f for f in path.rglob("*.parquet") if f.name not in FOLDER_METADATA_FILES),  # an ImageFolder's
+                   key=lambda f: _natural_key(str(f.relative_to(path))))
     if not files or next(path.rglob("*.arrow"), None) is not None:
         return []
     split_re = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
@@ -915,7 +917,7 @@ def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None, warn: b
 
 
 FOLDER_COLUMN = "folder"  # an image folder's metadata: each picture's subfolder
-FOLDER_METADATA_FILES = ("metadata.csv", "metadata.jsonl")  # the Hugging Face ImageFolder's names
+FOLDER_METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")  # the Hugging Face ImageFolder's
 
 
 def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None = None, warn: bool = True) -> Any:
@@ -924,7 +926,7 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
 
     - `folder`: each picture's subfolder relative to the root ('' at the root; `dresses/summer`),
       where the folder has subfolders: a catalogue filed by category filters on it;
-    - the columns of `metadata.csv` or `metadata.jsonl` files, at the root or in subfolders, as the
+    - the columns of `metadata.csv`, `metadata.jsonl` or `metadata.parquet` files, at the root or in subfolders, as the
       Hugging Face ImageFolder reads them: one line per picture, its path relative to the metadata
       file's own folder in `file_name` (`train/metadata.csv` names `images/1.jpg` for
       `train/images/1.jpg`; types inferred: numbers, true/false, dates; a code written with leading
@@ -997,7 +999,7 @@ def metadata_none_why(name: str) -> str:
     """Why a dataset has no metadata to keep, for the run's note."""
     path = Path(name)
     if path.is_dir() and _is_image_folder(path):
-        return (f"{name} is a folder of pictures without subfolders or a metadata.csv / metadata.jsonl with "
+        return (f"{name} is a folder of pictures without subfolders or a metadata.csv (.jsonl, .parquet) with "
                 "columns beside file_name")
     return f"{name} is a streamed dataset"
 
@@ -1025,7 +1027,7 @@ def _relative_key(name: str) -> str:
 
 
 def folder_metadata_files(name: str | Path) -> list[Path]:
-    """The metadata.csv and metadata.jsonl files of --dataset NAME, at its root or in any subfolder
+    """The metadata.csv, metadata.jsonl and metadata.parquet files of --dataset NAME, at its root or in any subfolder
     (hidden ones aside, as the pictures), the root's first, then by folder."""
     return _walk(name, pictures=False)[1]
 
@@ -1092,7 +1094,12 @@ def _side_by_side(root: Path, sidecars: list[tuple[str, Any]], warn: bool = True
 def _folder_sidecar(root: Path, name: str, spec: DatasetSpec) -> Any:
     """The table of the folder's metadata file `name` (relative to the root), checked."""
     try:
-        table = _read_csv_keeping_codes(root / name) if name.endswith(".csv") else _read_jsonl(root / name)
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(root / name)
+        else:
+            table = _read_csv_keeping_codes(root / name) if name.endswith(".csv") else _read_jsonl(root / name)
     except Exception as e:  # pyarrow's ArrowInvalid: a malformed line, mixed types, a column named twice
         raise PipelineError(f"{root / name}: cannot be read as a table: {first_line(e)}") from e
     names = table.column_names
@@ -1106,7 +1113,7 @@ def _folder_sidecar(root: Path, name: str, spec: DatasetSpec) -> Any:
     import pyarrow as pa
 
     binary = [f.name for f in table.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
-    if binary:
+    if binary and not name.endswith(".parquet"):  # a parquet file's bytes are bytes (kept out as no plain value)
         raise PipelineError(f"{root / name}: the column(s) {binary} are not UTF-8 text; save the file as UTF-8 "
                             "(a spreadsheet's \"CSV UTF-8\")")
     return table

@@ -559,7 +559,7 @@ def test_an_image_folder_keeps_its_subfolders_and_its_metadata_csv(tiny_onnx, tm
 @pytest.mark.parametrize(
     "metadata, name, said",
     [
-        (None, "", "is a folder of pictures without subfolders or a metadata.csv / metadata.jsonl with columns"),
+        (None, "", "is a folder of pictures without subfolders or a metadata.csv (.jsonl, .parquet) with columns"),
         ("price\n10\n", "metadata.csv", "metadata.csv has no file_name column (each picture's path relative to"),
         ("file_name,price\na.jpg,1\na.jpg,2\n", "metadata.csv",
          "metadata.csv: 'a.jpg' is named by two lines (data lines 1 and 2)"),
@@ -657,6 +657,31 @@ def test_parquet_files_that_disagree_on_a_column_are_found_before_the_build(tiny
     assert cli.main(args(data, tiny_onnx, tmp_path / "out2", "--meta-columns", "price")) == 1
     assert f"--meta-columns: the parquet files of '{data}' disagree on the type of 'price'" in capsys.readouterr().err
     assert not (tmp_path / "out2" / "embeddings").exists()
+
+
+def test_an_image_folder_with_a_metadata_parquet_file_is_read_as_the_hugging_face_reader_reads_it(
+        tiny_onnx, tmp_path, capsys):
+    """metadata.parquet is the ImageFolder's third form: the folder is still a folder of pictures (not
+    a parquet dataset without an image column, as it was taken for), its columns keep their types,
+    and a folder with it beside a metadata.csv is refused as two files are."""
+    import datetime
+
+    import pyarrow as pa
+
+    data = _split_folder(tmp_path / "cat", {"test/metadata.csv": "file_name,price\nc.jpg,9\n"})
+    pq.write_table(pa.table({"file_name": ["images/b.jpg", "images/a.jpg"], "price": pa.array([12, 10], pa.int32()),
+                             "added": [datetime.date(2024, 1, 2), datetime.date(2024, 1, 1)]}),
+                   data / "train" / "metadata.parquet")
+    out = tmp_path / "out"
+    assert cli.main(args(data, tiny_onnx, out, "--filter", "price >= 10 AND added > '2024-01-01'")) == 0
+    said = capsys.readouterr().out
+    assert "rows 4, embedded 4" in said and "items matching the filter 1" in said
+    table = Catalog.open(out).searcher.metadata.table
+    assert table.column("price").to_pylist() == [9, None, 10, 12]  # test/c.jpg, top.jpg, train/images/a.jpg, b.jpg
+    assert str(table.schema.field("added").type) == "date32[day]"
+    (data / "train" / "metadata.csv").write_text("file_name,price\nimages/a.jpg,1\n")
+    assert cli.main(args(data, tiny_onnx, tmp_path / "out2")) == 1
+    assert f"{data}/train has both metadata.csv and metadata.parquet: keep one" in capsys.readouterr().err
 
 
 def _split_folder(root: Path, files: dict[str, str]) -> Path:
