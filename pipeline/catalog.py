@@ -20,14 +20,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .backends import model_by_name
 from .duplicates import stored_groups
 from .embedders import Embedder, EmbedderSpec, make_embedder, model_reference
 from .errors import CacheMismatchError, PipelineError, UsageError
 from .identity import differences
-from .images import decode_image
+from .images import decode_image, to_rgb
 from .metadata import load_metadata
 from .persons import Segmenter
 from .preprocess import CPU_PIXELS, PreprocessConfig, preprocess_batch
@@ -145,6 +145,17 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.searcher.rows)
 
+    def close(self) -> None:
+        """Let go of the store's thumbnails file (a search after this cannot show thumbnails)."""
+        with self._thumbs_lock:
+            self._thumbs.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def duplicates(self) -> list[list[ManifestRow]]:
         """The store's duplicate groups (outputs/duplicates.csv), each a list of items, its first
         photo first."""
@@ -156,8 +167,7 @@ class Catalog:
 
     def thumbnail(self, row: int) -> np.ndarray:
         """uint8 (T, T, 3) RGB thumbnail of embedding row `row`."""
-        if not 0 <= row < len(self):
-            raise PipelineError(f"no item {row}: the store has rows 0..{len(self) - 1}")
+        self._check_row(row)
         with self._thumbs_lock:
             return self._thumbs[row].copy()
 
@@ -181,16 +191,22 @@ class Catalog:
         filter ("category = 'dress' AND price < 50", filters.py), applied inside the search.
         group_by: a metadata column, one result per value of it ("" : each photo; None: as the
         catalog was opened)."""
-        _check_k(k)
+        k = self._k(k)
         q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        if q.shape[1] != self.embeddings.shape[1]:
-            raise PipelineError(f"query vectors have {q.shape[1]} dimensions, the store {self.embeddings.shape[1]}")
+        dim = self.embeddings.shape[1]
+        if q.ndim != 2 or q.shape[1] != dim:
+            raise PipelineError(f"query vectors must be of shape ({dim},) or (Q, {dim}), as the store's; got "
+                                f"{np.shape(vectors)}")
+        if not np.isfinite(q).all():
+            bad = sorted(set(np.nonzero(~np.isfinite(q))[0].tolist()))
+            raise PipelineError(f"query vector(s) {bad[:5]} hold NaN or infinite values: they are near nothing")
         searcher = self._searcher(group_by)
         return searcher.search(q, k, searcher.allowed(filter))
 
     def search_text(self, text: str, k: int = 5, filter: str | None = None, group_by: str | None = None) -> list[Hit]:
         """The top-k items for a description (filter, group_by: as in search_vectors)."""
-        _check_k(k)
+        k = self._k(k)
+        text = _checked_texts([text])[0]
         searcher = self._searcher(group_by)
         allowed = searcher.allowed(filter)
         return searcher.search(self.embedder.embed_text([text]), k, allowed)[0]
@@ -202,8 +218,8 @@ class Catalog:
         whole picture is decoded as the gallery's photos were (a JPEG at a reduced DCT scale when the
         model's size allows), so that a photo of the gallery gets the pixels, and so the vector, it has
         there; a picture to segment is decoded whole, as the gallery's photos to segment were."""
-        if isinstance(picture, Image.Image):
-            image, label = picture.convert("RGB"), name or "picture"
+        if isinstance(picture, Image.Image):  # as a decoded file's: upright by its EXIF, alpha on white
+            image, label = to_rgb(ImageOps.exif_transpose(picture)), name or "picture"
         else:
             data = Path(picture).read_bytes() if isinstance(picture, (str, Path)) else picture
             image = decode_image(data, min_side=None if segment else self.decode_min_side).image
@@ -237,8 +253,10 @@ class Catalog:
         """"This dress, but in red": one query from a picture and texts (for each person in the picture
         with segment=True). fusion "sum": the weighted sum of the normalized vectors (searcher.combine;
         negative texts are subtracted); "rrf": reciprocal-rank fusion of the picture's and each text's
-        result lists (no negative texts). filter, group_by: as in search_vectors."""
-        _check_k(k)
+        result lists (no negative texts). filter, group_by: as in search_vectors. texts, negative: a
+        text or several."""
+        k = self._k(k)
+        texts, negative = _checked_texts(texts), _checked_texts(negative)
         if fusion not in ("sum", "rrf"):
             raise PipelineError(f"fusion must be 'sum' or 'rrf', got {fusion!r}")
         if fusion == "rrf" and negative:
@@ -266,7 +284,7 @@ class Catalog:
         """The top-k items for a picture (a path, its bytes, or a PIL image); with segment=True, for
         each person in it (the whole picture when nobody is found). filter, group_by: as in
         search_vectors."""
-        _check_k(k)
+        k = self._k(k)
         searcher = self._searcher(group_by)
         allowed = searcher.allowed(filter)
         crops, _ = self.query_crops(picture, segment, name)
@@ -278,15 +296,27 @@ class Catalog:
         """An item's top-k other items; item: its embedding row, or its file name (refused when
         several items share it: equal photos are one file). Another item with the same bytes is
         another item, and comes first (dedup=True hides it). filter, group_by: as in search_vectors."""
-        _check_k(k)
+        k = self._k(k)
         searcher = self._searcher(group_by)
         nb = searcher.item_neighbours(np.array([self._row_of(item)]), k, searcher.allowed(filter))
         return searcher.hits(nb, 0)
 
+    def _k(self, k: int) -> int:
+        """k checked, and at most the catalogue's size: no answer holds more, and the searches'
+        (queries, k) arrays stay that small whatever k is asked."""
+        _check_k(k)
+        return max(1, min(int(k), len(self)))
+
+    def _check_row(self, row: int) -> None:
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
+            raise PipelineError(f"an item is asked for by its row (a whole number) or its file name, got {row!r}")
+        if not 0 <= int(row) < len(self):
+            held = f"has rows 0..{len(self) - 1}" if len(self) else "is empty"
+            raise PipelineError(f"no item {row}: the store {held}")
+
     def _row_of(self, item: int | str) -> int:
-        if isinstance(item, (int, np.integer)):
-            if not 0 <= int(item) < len(self):
-                raise PipelineError(f"no item {item}: the store has rows 0..{len(self) - 1}")
+        if not isinstance(item, str):
+            self._check_row(item)
             return int(item)
         rows = [r.embedding_row for r in self.items if r.file == item]
         if len(rows) > 1:  # files are named by their bytes: equal photos are one file
@@ -304,6 +334,21 @@ class Catalog:
                 raise PipelineError("this catalog has no segmenter")
             self._segmenter = self._segmenter_factory()
         return self._segmenter
+
+
+def _checked_texts(texts: str | Sequence[str]) -> list[str]:
+    """Query texts as a list (one text alone is one text, not its letters), each checked: a text
+    must say something, and be Unicode a tokenizer takes (no lone surrogate)."""
+    out = [texts] if isinstance(texts, str) else list(texts)
+    for t in out:
+        if not isinstance(t, str) or not t.strip():
+            raise UsageError(f"a query text must say something, got {t!r}")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UsageError(f"a query text must be valid Unicode: {t!r} has {e.reason} at character {e.start + 1}"
+                             ) from None
+    return out
 
 
 def _check_k(k: int) -> None:

@@ -238,7 +238,8 @@ def _add_auth(app, token: str) -> None:
     async def check_token(request, call_next):
         if request.url.path in OPEN_PATHS:
             return await call_next(request)
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        scheme, _, value = request.headers.get("authorization", "").strip().partition(" ")
+        given = value.strip() if scheme.lower() == "bearer" else ""  # a scheme's name is case-insensitive (RFC 7235)
         given = given or unquote(request.cookies.get(TOKEN_COOKIE, ""))  # the page percent-encodes it
         if not hmac.compare_digest(given.encode(), expected):
             return JSONResponse({"detail": "this search page needs its token"}, status_code=401,
@@ -313,10 +314,33 @@ def create_app(service: SearchService):
     _add_query_endpoints(app, service)
     _add_file_endpoints(app, service)
     # the report's folders only: not the store (vectors, manifest, metadata) nor the gallery's photos
+    class ReportFiles(StaticFiles):
+        """A report folder's files; 404 while the folder is not there (a run without video has no
+        video_results/; one may make it while this serves), where Starlette's check raises (a 500)."""
+
+        async def check_config(self) -> None:
+            if self.directory is not None and Path(self.directory).is_dir():
+                await super().check_config()
+
     for folder in REPORT_FOLDERS:
-        app.mount(f"/files/{folder}", StaticFiles(directory=str(cfg.output_dir / folder), check_dir=False),
+        app.mount(f"/files/{folder}", ReportFiles(directory=str(cfg.output_dir / folder), check_dir=False),
                   name=f"files-{folder}")
+    _answer_invalid_requests(app)
     return app
+
+
+def _answer_invalid_requests(app) -> None:
+    """A request FastAPI cannot read is a 422 whose detail says which field and why, as the other
+    answers' do (a text the page shows), without echoing the value: a JSON body may hold NaN or
+    Infinity, which FastAPI's own answer cannot write (it was a 500)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        said = "; ".join(".".join(str(x) for x in e.get("loc", ()) if x != "body") + f": {e.get('msg', '')}"
+                         for e in exc.errors())
+        return JSONResponse({"detail": said or "the request cannot be read"}, status_code=422)
 
 
 REPORT_FOLDERS = ("outputs", "retrieval_results", "video_results")
@@ -496,7 +520,8 @@ def run_serve(cfg: RunConfig) -> RunSummary:
     try:
         service = SearchService.load(cfg, summary)
         server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
-        url = f"http://{cfg.serve.host}:{cfg.serve.port}/"
+        host = f"[{cfg.serve.host}]" if ":" in cfg.serve.host else cfg.serve.host  # an IPv6 address: in brackets
+        url = f"http://{host}:{cfg.serve.port}/"
         print(f"serving {len(service.catalog):,} items from {cfg.store_dir} at {url} (Ctrl-C to stop)", flush=True)
         if token is not None:
             print(f"the page and its API need the token in ${TOKEN_ENV}: the page asks for it once", flush=True)

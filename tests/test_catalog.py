@@ -130,8 +130,17 @@ def test_catalog_refuses_what_does_not_fit(built, tmp_path):
         cat.neighbours("nope.jpg")
     with pytest.raises(PipelineError, match="the store has rows 0..11"):
         cat.neighbours(12)
-    with pytest.raises(PipelineError, match="query vectors have 3 dimensions"):
+    with pytest.raises(PipelineError, match=r"query vectors must be of shape \(16,\) or \(Q, 16\), as the store's; "
+                                            r"got \(3,\)"):
         cat.search_vectors(np.ones(3, np.float32))
+    with pytest.raises(PipelineError, match=r"got \(1, 1, 16\)"):
+        cat.search_vectors(cat.embeddings[None, :1])
+    broken = cat.embeddings[:3].copy()
+    broken[1, 4] = np.nan
+    with pytest.raises(PipelineError, match=r"query vector\(s\) \[1\] hold NaN or infinite values"):
+        cat.search_vectors(broken, filter=None)
+    with pytest.raises(PipelineError, match="an item is asked for by its row"):
+        cat.neighbours(True)  # type: ignore[arg-type]
     from pipeline.errors import UsageError
 
     for k in (0, -1, 2.5, True):
@@ -139,6 +148,46 @@ def test_catalog_refuses_what_does_not_fit(built, tmp_path):
             cat.search_vectors(cat.embeddings[0], k=k)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="got -1"):
         cat.neighbours(0, k=-1)
+
+
+def test_catalog_queries_of_every_form_agree(built, tiny_clip):
+    """A picture as a PIL image is searched as the same file is (alpha on white, 16-bit scaled, EXIF
+    upright); one text alone is one text, not its letters; a k past the catalogue gives every item
+    without making k-long arrays; empty or unencodable texts are refused; close() lets the
+    thumbnails file go, also as a context manager."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.errors import UsageError
+
+    out, _ = built
+    with Catalog.open(out, model=str(tiny_clip)) as cat:
+        rgba = Image.new("RGBA", (64, 80), (200, 30, 40, 255))
+        rgba.paste((0, 0, 0, 0), (0, 0, 32, 80))  # half transparent: white under it, as a decoded file's
+        grey16 = Image.fromarray((np.arange(64 * 80).reshape(80, 64) * 12).astype(np.uint16))
+        rotated = Image.new("RGB", (60, 90), (10, 120, 200))
+        rotated.paste((250, 250, 0), (0, 0, 60, 30))
+        exif = rotated.getexif()
+        exif[0x0112] = 6  # shown turned a quarter
+        for picture, fmt, extra in ((rgba, "PNG", {}), (grey16, "PNG", {}), (rotated, "JPEG", {"exif": exif})):
+            data = io.BytesIO()
+            picture.save(data, fmt, **extra)
+            opened = Image.open(io.BytesIO(data.getvalue()))
+            as_bytes = cat.embed_crops(cat.query_crops(data.getvalue())[0])
+            as_image = cat.embed_crops(cat.query_crops(opened)[0])
+            assert float(as_bytes[0] @ as_image[0]) > 0.9999, fmt
+        both = cat.search_combined(out / "images" / file_of(out, 2), "red", k=3)[0].hits
+        assert both == cat.search_combined(out / "images" / file_of(out, 2), ["red"], k=3)[0].hits
+        assert len(cat.search_vectors(cat.embeddings[0], k=10**9)[0]) == 12 and len(cat.neighbours(0, k=10**9)) == 11
+        for bad, said in (("  ", "must say something"), ("red \ud800", "must be valid Unicode")):
+            with pytest.raises(UsageError, match=said):
+                cat.search_text(bad)
+        with pytest.raises(UsageError, match=said):
+            cat.search_combined(out / "images" / file_of(out, 2), [bad])
+        assert cat.thumbnail(3).shape[2] == 3
+    with pytest.raises(ValueError):  # closed
+        cat.thumbnail(3)
 
 
 def test_readme_api_example_runs(built, tiny_clip):

@@ -189,6 +189,16 @@ def test_bad_text_requests_are_refused_with_a_reason(served):
     assert httpx.post(url + "/api/text", json={"text": "dress", "k": True}).status_code == 422
     assert httpx.get(url + "/thumb/9999.jpg").status_code == 404
     assert httpx.get(url + "/thumb/0.jpg").headers["content-type"] == "image/jpeg"
+    # values JSON allows Python to read but not to write back: said as the field at fault, not a 500
+    for body, field in (('{"text": "dress", "k": NaN}', "k"), ('{"text": NaN}', "text"),
+                        ('{"text": "dress", "k": 1e400}', "k")):
+        r = httpx.post(url + "/api/text", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["detail"].startswith(f"{field}: ")
+    lone = httpx.post(url + "/api/text", content='{"text": "red \\ud800"}',
+                      headers={"content-type": "application/json"})
+    assert lone.status_code == 422 and "must be valid Unicode" in lone.json()["detail"]
+    # a report folder this run did not make: not found, not a 500
+    assert httpx.get(url + "/files/video_results/x.html").status_code == 404
 
 
 def test_the_report_is_served(served):
@@ -415,6 +425,11 @@ def test_beyond_loopback_the_page_and_its_api_need_the_token(served, tiny_onnx, 
                           headers={"Authorization": "Bearer wrong-token-of-the-same-len"}).status_code == 401
         ok = httpx.post(url + "/api/text", json={"text": "red"}, headers={"Authorization": f"Bearer {token}"})
         assert ok.status_code == 200 and ok.json()["results"]
+        for scheme in ("bearer", "BEARER"):  # a scheme's name is case-insensitive
+            assert httpx.post(url + "/api/text", json={"text": "red"},
+                              headers={"Authorization": f"{scheme} {token}"}).status_code == 200
+        assert httpx.post(url + "/api/text", json={"text": "red"},
+                          headers={"Authorization": f"Basic {token}"}).status_code == 401
         # a body over the limit, sent in chunks through the token's middleware: 413 too, not its 400
         over = _raw_post(url, "/api/text", f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
                          "Transfer-Encoding: chunked\r\n", _chunked([], 8192, 40))
