@@ -526,7 +526,7 @@ class Searcher:
 def unknown_group_column(column: str, kept: Sequence[str] | None, holder: str) -> UsageError:
     """The refusal of a --group-by column that `holder` ("the store", "this dataset") does not keep;
     kept: the columns it keeps (None: it keeps no metadata)."""
-    shown = ", ".join(kept) if kept is not None else f"none ({holder} keeps no metadata)"
+    shown = ", ".join(kept) if kept else f"none ({holder} keeps no metadata)"
     return UsageError(f"--group-by: unknown column {column!r}; the catalogue's columns are: {shown}")
 
 
