@@ -55,10 +55,11 @@ class Drawing:
 
 def output_size(width: int, height: int, max_width: int = MAX_WIDTH) -> tuple[int, int]:
     """Even dimensions (yuv420p), the long side at most max_width and the short one at most 720
-    (720p, landscape or portrait), the source aspect kept."""
+    (720p, landscape or portrait), the source aspect kept; each side at least 2 pixels (a clip one
+    pixel wide, or 8000x4, would otherwise round a side to 0, which no encoder takes)."""
     scale = min(1.0, max_width / max(width, height), MAX_SHORT_SIDE / min(width, height))
     w, h = int(round(width * scale)), int(round(height * scale))
-    return w - w % 2, h - h % 2
+    return max(2, w - w % 2), max(2, h - h % 2)
 
 
 def pick_codec() -> tuple[VideoCodec, str]:

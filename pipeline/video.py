@@ -31,7 +31,7 @@ from .retrieval import Neighbours
 from .searcher import Hit, Searcher
 from .store import ThumbnailReader, shown_name
 from .tracking import Tracker
-from .webreport import Section, relative_link, write_section
+from .webreport import Section, drop_section, relative_link, write_section
 from .yolo import ULTRALYTICS_MAX_DET, UltralyticsDetector
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,8 @@ class Frame:
 
 
 def find_video(video_dir: Path, clip: str) -> Path:
-    """<video_dir>/<clip>.mp4 (or another common container when that is what exists)."""
+    """<video_dir>/<clip>.mp4 (or another common container when that is what exists, its suffix in
+    any case: a phone's IMG_1234.MOV)."""
     direct = video_dir / clip
     if direct.suffix.lower() in CLIP_SUFFIXES and direct.is_file():
         return direct
@@ -72,6 +73,11 @@ def find_video(video_dir: Path, clip: str) -> Path:
     for c in candidates:
         if c.is_file():
             return c
+    named = sorted((p for p in (video_dir.iterdir() if video_dir.is_dir() else ())
+                    if p.stem == clip and p.suffix.lower() in CLIP_SUFFIXES and p.is_file()),
+                   key=lambda p: (CLIP_SUFFIXES.index(p.suffix.lower()), p.name))
+    if named:
+        return named[0]
     raise PipelineError(
         f"video not found: {video_dir / (clip + '.mp4')} (also looked for "
         f"{', '.join(c.suffix for c in candidates[1:])}); check --video_dir and --video_clip"
@@ -120,6 +126,16 @@ class FrameReader:
         self.frames_read = 0
         self.damaged_packets = 0
         self.fps = 0.0
+        self.last_time_s: float | None = None  # the last frame's time in the clip, where frames carry one
+
+    @property
+    def seconds(self) -> float:
+        """The clip's length as read: its last frame's time plus a frame at the nominal rate (a
+        variable-rate clip is not timed by its frame count), else frames / rate."""
+        step = 1 / self.fps if self.fps > 0 else 0.0
+        if self.last_time_s is not None:
+            return self.last_time_s + step
+        return self.frames_read * step
 
     def __iter__(self) -> Iterator[Frame]:
         import av
@@ -144,6 +160,9 @@ class FrameReader:
                         log.warning("%s: skipping a damaged packet at frame %d (%s)", self.path.name, index, e)
                     continue
                 for frame in decoded:
+                    if frame.time is not None:
+                        start = frame.time if start is None else start
+                        self.last_time_s = max(self.last_time_s or 0.0, frame.time - start)
                     analysed = index % self.stride == 0
                     if analysed or self.small_size:
                         if frame.time is not None:
@@ -559,7 +578,7 @@ class VideoRun:
             summary.notes.append(
                 f"{self.n_frames / video_wall:.2f} analysed frames per second, {read_frames / video_wall:.1f} video "
                 f"frames per second of wall time (gallery excluded; "
-                f"{read_frames / max(self.clip.fps, 1e-9) / video_wall:.2f}x real time)"
+                f"{self.reader.seconds / video_wall:.2f}x real time)"
             )
 
 
@@ -644,12 +663,18 @@ def nobody_found_note(video: VideoSpec, frames: int) -> str:
     )
 
 
+def video_section_id(cfg: RunConfig) -> str:
+    return f"video_{cfg.video.clip_name}"
+
+
 def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedder, gallery: Gallery) -> VideoRun:
     """The run's outputs made ready (an earlier run's pictures removed, the annotated video opened)
     and the gallery's index loaded."""
     out_dir = cfg.video_results_dir
-    # An earlier run's outputs go, all of them: a run that writes no annotated video, or stops
-    # midway, must not leave one that contradicts its own results beside them
+    # An earlier run's outputs go, all of them, and its report section first: a run that writes no
+    # annotated video, or stops midway, must not leave one that contradicts its own results beside
+    # them, nor a section naming files that are gone
+    drop_section(cfg.plots_dir, video_section_id(cfg))
     for old in [*out_dir.glob("frame_*.jpg"), *out_dir.glob("track_*.jpg"), *out_dir.glob("annotated.*"),
                 out_dir / "results.jsonl", out_dir / "tracks.json"]:
         old.unlink(missing_ok=True)
@@ -682,7 +707,7 @@ def write_video_section(cfg: RunConfig, summary: RunSummary, run: VideoRun, trac
             "tracks": [{**t, "sheet": relative_link(out_dir / t["sheet"], cfg.plots_dir)} for t in tracks],
             "video": relative_link(run.annotated, cfg.plots_dir) if run.annotated else None,
         }
-        section = Section(f"video_{cfg.video.clip_name}", "video", f"Video {cfg.video.clip_name}", summary, data)
+        section = Section(video_section_id(cfg), "video", f"Video {cfg.video.clip_name}", summary, data)
         summary.outputs["report"] = str(write_section(cfg.plots_dir, section))
 
 

@@ -234,6 +234,18 @@ def write_section(plots_dir: Path, section: Section) -> Path:
     return page
 
 
+def drop_section(plots_dir: Path, section_id: str) -> None:
+    """Take an earlier run's section out of the report (a run that replaces its files drops it first,
+    so that a run stopped midway leaves no section naming files that are gone)."""
+    folder = plots_dir / REPORT_DIR
+    path = folder / "sections" / f"{section_id}.js"
+    if not path.is_file():
+        return
+    path.unlink()
+    ids = sorted((p.stem for p in (folder / "sections").glob("*.js")), key=_section_order)
+    atomic_write_text(folder / "sections.js", _js("sections", ids))
+
+
 def _section_order(section_id: str) -> tuple[int, str]:
     order = ("gallery", "gallery_segment", "query", "evaluation")
     return (order.index(section_id), section_id) if section_id in order else (len(order), section_id)

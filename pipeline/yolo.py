@@ -67,11 +67,19 @@ def load_yolo(model: str, task: str):
             + ". Pass a local .pt, .onnx or model .yaml file."
         )
     try:
-        return YOLO(model, task=task)
+        loaded = YOLO(model)  # its own task: the checkpoint's, the export's metadata, or the yaml's head
     except Exception as e:  # Ultralytics raises many types (download, parse, version)
         raise PipelineError(
             f"cannot load YOLO model {model!r} ({type(e).__name__}: {e}). Pass a local .pt, .onnx or .yaml file."
         ) from e
+    own = getattr(loaded, "task", None)
+    if task == "segment" and own != "segment":
+        raise PipelineError(f"{model} is a YOLO {own} model: --seg-model needs a segmentation model, which draws each "
+                            "person's outline (a -seg model, e.g. yolov8n-seg.pt)")
+    if task == "detect" and own not in ("detect", "segment"):  # a segmentation model finds the boxes too
+        raise PipelineError(f"{model} is a YOLO {own} model: --det-model needs a detection model (e.g. yolov8n.pt) "
+                            "or a segmentation one")
+    return loaded
 
 
 def rgb_to_bgr(image_rgb: np.ndarray) -> np.ndarray:
@@ -268,7 +276,7 @@ def persons_from_ultralytics(result, shape_hw: tuple[int, int], need_masks: bool
     conf = boxes.conf.cpu().numpy().astype(np.float32)
     cls = boxes.cls.cpu().numpy().astype(np.int64)
     masks = None
-    if result.masks is not None:
+    if need_masks and result.masks is not None:  # a segmentation model used to detect: its boxes alone
         masks = result.masks.data.cpu().numpy() > 0.5
         if masks.shape[1:] != tuple(shape_hw):
             raise PipelineError(f"segmentation masks are {masks.shape[1:]}, expected the source size {shape_hw}")

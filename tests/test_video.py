@@ -127,21 +127,28 @@ def test_times_are_the_frames_own_and_the_annotated_video_keeps_them(tmp_path):
     from pipeline.annotate import AnnotatedVideoWriter
 
     path, times = tmp_path / "vfr.mp4", [i / 30 if i < 30 else 1 + (i - 29) / 5 for i in range(60)]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=30)
-        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 90000)
-        for i, t in enumerate(times):
-            frame = av.VideoFrame.from_ndarray(np.full((120, 160, 3), (i * 4) % 256, np.uint8), format="rgb24")
-            frame.pts = round(t * 90000)
-            for packet in stream.encode(frame):
+    for made in (path, path.with_suffix(".mkv")):  # Matroska records no average rate: FFmpeg guesses 30
+        with av.open(str(made), "w") as container:
+            stream = container.add_stream("libx264", rate=30)
+            stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+            stream.codec_context.time_base = Fraction(1, 90000)
+            for i, t in enumerate(times):
+                frame = av.VideoFrame.from_ndarray(np.full((120, 160, 3), (i * 4) % 256, np.uint8), format="rgb24")
+                frame.pts = round(t * 90000)
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
     reader = FrameReader(path, 15, small_size=(160, 120))
     frames = list(reader)
     assert [round(f.time_s, 3) for f in frames] == [round(t, 3) for t in times]
     assert [f.index for f in frames if f.analysed] == [0, 15, 30, 45]
+    # the clip's length (the summary's "x real time"): its last frame's time and one more frame,
+    # not its 60 frames at the container's rate (2 s at the 30 fps guessed for the .mkv)
+    for made in (path, path.with_suffix(".mkv")):
+        plain = FrameReader(made, 15)
+        assert len(list(plain)) == 4 and 7.0 < plain.seconds < 7.25
+    assert plain.frames_read / plain.fps == pytest.approx(2.0)
     writer = AnnotatedVideoWriter(tmp_path / "annotated.mp4", reader.fps, (160, 120))
     for f in frames:
         writer.write(f.small_bgr_pixels(), f.time_s)
@@ -204,6 +211,14 @@ def test_the_annotated_video_is_720p_at_most_either_way_up_with_its_index_first(
 
     with av.open(str(path)) as container:
         assert container.streams.video[0].average_rate == Fraction(30000, 1001)
+    # a clip a pixel wide, or a long thin one: each side of the video at least 2 pixels, not 0
+    assert output_size(1, 64) == (2, 64) and output_size(8000, 4) == (1280, 2)
+    for w, h in (output_size(1, 64), output_size(8000, 4)):
+        thin = AnnotatedVideoWriter(tmp_path / f"thin{w}.mp4", 25, (w, h))
+        for i in range(3):
+            thin.write(np.full((h, w, 3), 60 * i, np.uint8))
+        with av.open(str(thin.close())) as container:
+            assert container.streams.video[0].frames == 3
 
 
 def test_a_tracks_crops_are_bounded_and_evenly_spread():
@@ -246,6 +261,30 @@ class FakeDetector:
 
     def detect(self, frames):
         return [persons([[0, 0, 80, 120], [90, 10, 150, 110]], [0.95, 0.6]) for _ in frames]
+
+
+def test_a_rerun_stopped_midway_leaves_no_report_section_naming_files_that_are_gone(
+        clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch):
+    from pipeline.webreport import read_section
+
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    out = tmp_path / "out"
+    assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q")) == 3
+    sections = out / "outputs" / "report" / "sections.js"
+    assert read_section(out / "outputs", "video_clip_1") is not None and "video_clip_1" in sections.read_text()
+
+    class Stopped(FakeDetector):
+        calls = 0
+
+        def detect(self, frames):
+            Stopped.calls += 1
+            if Stopped.calls == 2:
+                raise KeyboardInterrupt
+            return super().detect(frames)
+
+    monkeypatch.setattr(video, "UltralyticsDetector", Stopped)
+    assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q", "--use-embeddings")) == 130
+    assert read_section(out / "outputs", "video_clip_1") is None and "video_clip_1" not in sections.read_text()
 
 
 def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch):
@@ -368,6 +407,20 @@ def test_bad_videos(clip, message, clip_dir, tmp_path, capsys):
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_a_clip_is_found_whatever_the_case_of_its_suffix(tmp_path):
+    """A phone names its clips IMG_1234.MOV; a lower-case suffix is still preferred, in the usual order."""
+    from pipeline.video import find_video
+
+    (tmp_path / "IMG_0001.MOV").write_bytes(b"x")
+    assert find_video(tmp_path, "IMG_0001") == tmp_path / "IMG_0001.MOV"
+    assert find_video(tmp_path, "IMG_0001.MOV") == tmp_path / "IMG_0001.MOV"
+    (tmp_path / "look.AVI").write_bytes(b"x")
+    (tmp_path / "look.Mp4").write_bytes(b"x")
+    assert find_video(tmp_path, "look") == tmp_path / "look.Mp4"
+    (tmp_path / "look.avi").write_bytes(b"x")
+    assert find_video(tmp_path, "look") == tmp_path / "look.avi"
+
+
 def test_video_shorter_than_stride_is_said(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
     out = tmp_path / "o"
@@ -405,6 +458,31 @@ def test_video_flags_need_a_clip(capsys):
     assert "--frame-stride needs --video_clip" in capsys.readouterr().err
     assert cli.main(["--det-backend", "onnx", "--frame-stride", "3", "--video_dir", "v"]) == 2
     assert "error: --det-backend, --frame-stride, --video_dir need --video_clip NAME" in capsys.readouterr().err
+
+
+def test_a_models_own_task_is_read_a_segmentation_model_detects_and_a_detection_model_does_not_segment(tmp_path):
+    """--det-model with -seg weights finds the persons (its boxes; as an ONNX export its mask
+    coefficients were read as classes and nobody was found, with torch its masks failed a size
+    check); --seg-model with detection weights is refused saying what it needs."""
+    from pipeline.errors import PipelineError
+    from pipeline.yolo import SegmentSpec, make_segmenter
+
+    seg, det = tmp_path / "seg" / "person-seg.pt", tmp_path / "det" / "person-det.pt"
+    for pt, yaml in ((seg, "yolov8n-seg.yaml"), (det, "yolov8n.yaml")):
+        pt.parent.mkdir()
+        assets.person_yolo(yaml, score_gain=0.1, score_bias=2.0).save(pt)
+    frames = [np.asarray(assets.rgb_image(12, 9, seed=70 + i).resize((160, 120), Image.BICUBIC)) for i in range(3)]
+    found = []
+    for backend in ("auto", "torch"):
+        d = video.UltralyticsDetector(str(seg), 0.25, device="cpu", imgsz=160, backend=backend)
+        d.model.overrides["max_det"] = 4
+        found.append([_arrays(f) for f in d.detect(frames)])
+    assert [len(x.xyxy) for x in found[0]] == [len(y.xyxy) for y in found[1]]
+    assert sum(len(x.xyxy) for x in found[0]) >= 3
+    for x, y in zip(*found):
+        assert not len(x.xyxy) or np.abs(x.xyxy - y.xyxy).max() < 0.05
+    with pytest.raises(PipelineError, match="is a YOLO detect model: --seg-model needs a segmentation model"):
+        make_segmenter(SegmentSpec(model=str(det)), device="cpu")
 
 
 def test_detector_runs_its_verified_onnx_export_with_the_same_boxes(tmp_path):
