@@ -65,7 +65,7 @@ class Frame:
 
 def find_video(video_dir: Path, clip: str) -> Path:
     """<video_dir>/<clip>.mp4 (or another common container when that is what exists, its suffix in
-    any case: a phone's IMG_1234.MOV)."""
+    any case: a phone's IMG_1234.MOV); else `clip` as a path to the file itself."""
     direct = video_dir / clip
     if direct.suffix.lower() in CLIP_SUFFIXES and direct.is_file():
         return direct
@@ -78,6 +78,9 @@ def find_video(video_dir: Path, clip: str) -> Path:
                    key=lambda p: (CLIP_SUFFIXES.index(p.suffix.lower()), p.name))
     if named:
         return named[0]
+    own = Path(clip)  # a path to the clip itself (videos/clip_1.mp4), from here or absolute
+    if own.suffix.lower() in CLIP_SUFFIXES and own.is_file():
+        return own
     raise PipelineError(
         f"video not found: {video_dir / (clip + '.mp4')} (also looked for "
         f"{', '.join(c.suffix for c in candidates[1:])}); check --video_dir and --video_clip"

@@ -419,6 +419,8 @@ def test_a_clip_is_found_whatever_the_case_of_its_suffix(tmp_path):
     assert find_video(tmp_path, "look") == tmp_path / "look.Mp4"
     (tmp_path / "look.avi").write_bytes(b"x")
     assert find_video(tmp_path, "look") == tmp_path / "look.avi"
+    # the clip's own path, where --video_dir (its default, videos) does not hold it
+    assert find_video(tmp_path / "videos", str(tmp_path / "look.avi")) == tmp_path / "look.avi"
 
 
 def test_video_shorter_than_stride_is_said(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
