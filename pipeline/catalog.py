@@ -26,6 +26,7 @@ from .backends import model_by_name
 from .duplicates import stored_groups
 from .embedders import Embedder, EmbedderSpec, make_embedder, model_reference
 from .errors import CacheMismatchError, PipelineError, UsageError
+from .fileio import sha256_file_once
 from .identity import differences
 from .images import decode_image, to_rgb
 from .metadata import load_metadata
@@ -367,7 +368,14 @@ def _embedder_spec(cache: GalleryCache, model: str | None, onnx: str | None, dev
     if onnx:
         return EmbedderSpec(model=model or made.model or "", onnx=onnx, backend="onnx", device=device, threads=threads)
     if made.backend == "onnx":
-        if model is None:
+        if model is None:  # the default file when it is the store's, else the file the store records, where found
+            default = EmbedderSpec().onnx
+            if not (Path(default).is_file() and sha256_file_once(default) == made.onnx_sha256):
+                found = find_file_with_sha256(made.onnx_sha256 or "", default)
+                if found is not None:
+                    log.info("%s: the store was made by %s: its queries are embedded with it", cache.root, found)
+                    return EmbedderSpec(model=made.model or "", onnx=str(found), backend="onnx", device=device,
+                                        threads=threads)
             return EmbedderSpec(backend="onnx", device=device, threads=threads)  # the default file, checked on load
         found = find_file_with_sha256(made.onnx_sha256 or "", EmbedderSpec().onnx)
         if found is None:

@@ -266,3 +266,5 @@ def test_a_store_made_by_the_onnx_file_is_searched_with_it_when_opened_with_its_
     assert cat.search_image(picture, k=1)[0].hits[0].row == 2
     by_file = Catalog.open(out, onnx=str(tiny_onnx))
     assert cat.search_image(picture, k=3)[0].hits == by_file.search_image(picture, k=3)[0].hits
+    # opened with nothing named, the default file not there: the file the store records, found the same way
+    assert Catalog.open(out).search_image(picture, k=3)[0].hits == by_file.search_image(picture, k=3)[0].hits
