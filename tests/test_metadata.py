@@ -592,16 +592,21 @@ def test_a_folder_metadata_file_that_cannot_be_used_is_refused_before_the_build(
     assert not (tmp_path / "out" / "embeddings").exists()
 
 
+def _flat_folder(root: Path, n: int, metadata_csv: str) -> Path:
+    """n pictures p0.jpg .. at the root, and its metadata.csv."""
+    root.mkdir()
+    for i in range(n):
+        (root / f"p{i}.jpg").write_bytes(assets.jpeg_bytes(40, 40, seed=i))
+    (root / "metadata.csv").write_text(metadata_csv)
+    return root
+
+
 def test_a_code_written_with_leading_zeros_stays_text(tmp_path):
     from pipeline.config import DatasetSpec
     from pipeline.dataset import folder_metadata
 
-    data = tmp_path / "cat"
-    data.mkdir()
-    for i in range(3):
-        (data / f"p{i}.jpg").write_bytes(assets.jpeg_bytes(40, 40, seed=i))
-    (data / "metadata.csv").write_text("file_name,product_id,stock,size,price\n"
-                                       "p0.jpg,00123,4,7,05.99\np1.jpg,4567,0, 08,12\np2.jpg,,12,9,0.5\n")
+    data = _flat_folder(tmp_path / "cat", 3, "file_name,product_id,stock,size,price\n"
+                        "p0.jpg,00123,4,7,05.99\np1.jpg,4567,0, 08,12\np2.jpg,,12,9,0.5\n")
     table = folder_metadata(data, DatasetSpec(name=str(data)))
     assert table.column("product_id").to_pylist() == ["00123", "4567", None]
     assert table.column("size").to_pylist() == ["7", " 08", "9"]  # as written, a space too
@@ -619,12 +624,8 @@ def test_empty_text_cells_are_missing_values_and_blank_ones_name_no_product(tmp_
     from pipeline.dataset import folder_metadata
     from pipeline.metadata import product_labels
 
-    data = tmp_path / "shop"
-    data.mkdir()
-    for i in range(6):
-        (data / f"p{i}.jpg").write_bytes(assets.jpeg_bytes(40, 40, seed=i))
-    (data / "metadata.csv").write_text("file_name,product_id,price\np0.jpg,P1,10\np1.jpg,,11\np2.jpg,NA,12\n"
-                                       "p3.jpg,,\np4.jpg,P2,14\np5.jpg,P2,15\n")
+    data = _flat_folder(tmp_path / "shop", 6, "file_name,product_id,price\np0.jpg,P1,10\np1.jpg,,11\np2.jpg,NA,12\n"
+                        "p3.jpg,,\np4.jpg,P2,14\np5.jpg,P2,15\n")
     table = folder_metadata(data, DatasetSpec(name=str(data)))
     assert table.column("product_id").to_pylist() == ["P1", None, None, None, "P2", "P2"]
     assert table.column("price").to_pylist() == [10, 11, 12, None, 14, 15]
