@@ -220,6 +220,12 @@ def test_the_search_page_filters_with_controls_built_from_the_columns(built, tin
             "return [...document.querySelectorAll('#results .tile .meta')].map(m => m.title)")
         assert metas and all("category: skirt" in m for m in metas)
         assert all(float(m.split("price: ")[1].split("\n")[0]) <= 120 for m in metas)
+        # each value under its column's name, and the status says what made the results
+        first = browser.execute_script("return [...document.querySelectorAll('#results .tile .meta div')]"
+                                       ".slice(0, 5).map(d => d.textContent)")
+        assert first[0].startswith("category skirt") and any(line.startswith("price ") for line in first)
+        said = browser.execute_script("return document.getElementById('status').textContent")
+        assert "· filter category = 'skirt' AND price <= 120 ·" in said
         browser.save_screenshot(str(tmp_path / "filtered.png"))
         # a filter that matches nothing says so, with no stale results under it
         browser.find_element(By.ID, "filter-text").send_keys("stock > 100")
@@ -227,6 +233,17 @@ def test_the_search_page_filters_with_controls_built_from_the_columns(built, tin
         wait(browser, "document.getElementById('status').textContent.startsWith('No item matches the filter')")
         assert browser.execute_script("return document.querySelectorAll('#results .tile[data-file]').length") == 0
         assert not console_errors(browser)
+        # a filter the server refuses: its reason, and the filter with a caret under the place, in fixed width
+        browser.find_element(By.ID, "filter-text").send_keys(" OR price < fifty")
+        browser.find_element(By.ID, "text-go").click()
+        wait(browser, "document.getElementById('status').textContent.startsWith('Could not search')")
+        said = browser.execute_script("return document.getElementById('status').firstChild.textContent")
+        assert said.startswith("Could not search: the filter: expected a value, found 'fifty'"), said
+        caret = browser.execute_script("return document.querySelector('#status pre').textContent").split("\n")
+        assert caret[0].strip().endswith("(stock > 100 OR price < fifty)")
+        assert caret[1].index("^") == caret[0].index("fifty")
+        browser.find_element(By.ID, "filter-text").clear()
+        assert [e for e in console_errors(browser) if "status of 422" not in e] == []  # the refusal's own, read off
 
 
 def test_group_by_gives_one_result_per_product_filled_until_k(built):
