@@ -279,7 +279,7 @@ def ranks_of_positives(
             if exclude is not None and exclude[qi] >= 0:
                 row[exclude[qi]] = -np.inf
             if order is not None and starts is not None:
-                row, pos = np.maximum.reduceat(row[order], starts), np.unique(dense[pos])
+                row, pos = np.fmax.reduceat(row[order], starts), np.unique(dense[pos])  # a NaN photo spoils no product
             scores = row[pos]
             if np.isnan(scores).all():  # a non-finite query or answer: its answer last, never first
                 ahead = np.count_nonzero(row != -np.inf) - np.count_nonzero(scores != -np.inf)

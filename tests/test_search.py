@@ -814,3 +814,17 @@ def test_eval_backends_compare_one_model_and_name_an_fp32_file_as_such(tiny_onnx
     cfg = config_from_flags({"evaluate": True, "onnx": str(fp32)}, explicit=frozenset({"onnx"}))
     specs = evaluation_specs(cfg)
     assert list(specs) == ["onnx-fp32"] and specs["onnx-fp32"].onnx == str(fp32)
+
+
+def test_a_non_finite_photo_spoils_no_product_when_ranks_count_products():
+    """--group-by: a product is scored by its best photo; one NaN vector among its photos (a model's
+    non-finite output) must not make the whole product NaN, ranked last with its good photos."""
+    angle = np.deg2rad([0, 5, 0, 40, 70, 100])
+    g = np.stack([np.cos(angle), np.sin(angle)], 1).astype(np.float32)
+    g[2] = np.nan  # product A: photos 0, 1 and a broken one
+    groups = np.array([0, 0, 0, 1, 2, 3])
+    q = g[:1]
+    assert list(ranks_of_positives(q, g, [np.array([1])], exclude=np.array([0]), groups=groups)) == [1]
+    broken = np.full((1, 2), np.nan, np.float32)  # a product NaN throughout still ranks its answer last
+    g2 = np.concatenate([g[3:], broken])
+    assert list(ranks_of_positives(q, g2, [np.array([3])], groups=np.array([0, 1, 2, 3]))) == [4]
