@@ -68,6 +68,14 @@ _EVAL_CHECKS: tuple[Check, ...] = (
     (lambda c: bool(c.evaluate.models and c.evaluate.backends),
      "--eval-models and --eval-backends: name each model's backend in --eval-models instead (an exported .onnx "
      "file runs on onnxruntime, anything else on torch)"),
+    (lambda c: bool(c.evaluate.models) and bool({"model", "onnx", "backend"} & c.explicit),
+     "--eval-models names every model compared (each .onnx file runs on onnxruntime, anything else on torch): "
+     "drop --model, --onnx and --backend, or add that model to --eval-models"),
+    (lambda c: bool(c.evaluate.id_column) and "eval_cloth_column" in c.explicit,
+     "--eval-id-column scores same-product retrieval, --eval-cloth-column person -> garment: choose one"),
+    (lambda c: c.dedup,
+     "--dedup hides copies in search results; --evaluate already counts byte-identical pictures as one right "
+     "answer, and a duplicate group is no product: drop it (or --group-by a product column)"),
 )
 
 # At most one mode besides the gallery may be selected (check_config); the gallery runs when no other is.
@@ -128,7 +136,7 @@ _AFTER: tuple[Check, ...] = (
     ),
     (lambda c: "ray_address" in c.explicit and c.engine != "ray", "--ray-address needs --engine ray"),
     (
-        lambda c: bool(c.filter or c.group_by) and selected_mode(c).name in _NO_SEARCH_OPTIONS,
+        lambda c: bool(c.filter or c.group_by or c.dedup) and selected_mode(c).name in _NO_SEARCH_OPTIONS,
         "{search_flags} only {search_verb} searches (queries, neighbours, --evaluate, --serve, --video_clip, "
         "the Python API); {mode_flag} does not search the catalogue, so it would ignore them: drop them",
     ),
@@ -176,10 +184,10 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     spell: turns argparse dests into the flags as the user types them (--frame-stride, --video_dir).
     """
     asked = [m for m in MODES[:-1] if m.selected(cfg)]
-    shaping = (("--filter", cfg.filter), ("--group-by", cfg.group_by))
+    shaping = (("--filter", cfg.filter), ("--group-by", cfg.group_by), ("--dedup", cfg.dedup))
     values = {"unknown": _unknown_backends(cfg), "precision": cfg.embedder.precision,
               "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag,
-              "search_verb": "change" if all(on for _, on in shaping) else "changes",
+              "search_verb": "change" if sum(bool(on) for _, on in shaping) > 1 else "changes",
               "quantization": cfg.export.quantization}
     for when, message in _BEFORE:
         if when(cfg):
