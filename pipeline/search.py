@@ -473,6 +473,13 @@ def _spec_for(cfg: RunConfig, name: str) -> EmbedderSpec:
         raise UsageError(f"--eval-backends {name}: --onnx {e.onnx} is an fp32 file; name the int8 file with --onnx "
                          "(its fp32 file is found beside it)")
     path = e.onnx if wanted.onnx_file == "int8" or fp32_file else str(fp32_path_for(e.onnx))
+    if path != e.onnx and Path(e.onnx).is_file():  # the fp32 twin of the int8 file named
+        if not Path(path).is_file():
+            raise UsageError(f"--eval-backends {name}: {path} not found; it is the fp32 file that python main.py "
+                             f"--export-onnx --onnx {e.onnx} writes beside the int8 file")
+        if not _fp32_file(path):
+            raise UsageError(f"--eval-backends {name}: {path} is not an fp32 export (its metadata says so): it would "
+                             f"be scored as fp32; export again with python main.py --export-onnx --onnx {e.onnx}")
     return replace(e, onnx=path, backend=wanted.backend, precision="auto")
 
 
@@ -532,6 +539,15 @@ def evaluation_specs(cfg: RunConfig) -> dict[str, EmbedderSpec]:
     backends = list(cfg.evaluate.backends) or [_backend_in_use(cfg)]
     specs = {b: _spec_for(cfg, b) for b in backends}
     onnx = [b for b in backends if EVAL_BACKENDS[b].backend == "onnx"]
+    if len(onnx) > 1:  # an int8 file and its fp32 twin: exported from one model (a later export may replace one)
+        from .embedders import file_source_model, known_file_metadata
+
+        made = {b: file_source_model(known_file_metadata(specs[b].onnx)) for b in onnx}
+        if len({m for m in made.values() if m}) > 1:
+            said = ", ".join(f"{specs[b].onnx} from {m}" for b, m in made.items())
+            raise UsageError(f"--eval-backends compares one model on several backends, but the files were exported "
+                             f"from different models ({said}): export them together again (python main.py "
+                             f"--export-onnx --onnx {cfg.embedder.onnx}), or compare models with --eval-models")
     if onnx and (len(onnx) < len(backends) or "model" in cfg.explicit):
         from .config import onnx_of_another_model
 

@@ -816,6 +816,42 @@ def test_eval_backends_compare_one_model_and_name_an_fp32_file_as_such(tiny_onnx
     assert list(specs) == ["onnx-fp32"] and specs["onnx-fp32"].onnx == str(fp32)
 
 
+def test_eval_backends_refuse_an_fp32_twin_that_is_missing_not_fp32_or_of_another_model(tiny_onnx, tmp_path):
+    """The onnx-fp32 row is the fp32 file exported with the int8 one: one not there says which export
+    makes it (not an --export-onnx to the fp32 name, which would write an int8 file there); an int8
+    file under the fp32 name, or an fp32 file a later export of another model left there, is refused
+    rather than scored as this model's fp32."""
+    import shutil
+
+    import onnx
+    from pipeline.config import config_from_flags
+    from pipeline.embedders import META_SOURCE_MODEL
+    from pipeline.errors import UsageError
+    from pipeline.export import fp32_path_for
+    from pipeline.search import evaluation_specs
+
+    int8 = tmp_path / "m_int8.onnx"
+    shutil.copy(tiny_onnx, int8)
+    cfg = config_from_flags({"evaluate": True, "onnx": str(int8), "eval_backends": "onnx-int8,onnx-fp32"},
+                            explicit=frozenset({"onnx", "eval_backends"}))
+    twin = tmp_path / "m_fp32.onnx"
+    with pytest.raises(UsageError, match=f"{twin} not found; it is the fp32 file that python main.py --export-onnx "
+                                         f"--onnx {int8} writes beside the int8 file"):
+        evaluation_specs(cfg)
+    shutil.copy(tiny_onnx, twin)
+    with pytest.raises(UsageError, match="is not an fp32 export"):
+        evaluation_specs(cfg)
+    model = onnx.load(str(fp32_path_for(tiny_onnx)))
+    for prop in model.metadata_props:
+        if prop.key == META_SOURCE_MODEL:
+            prop.value = "someone/another-model"
+    onnx.save(model, str(twin))
+    with pytest.raises(UsageError, match="the files were exported from different models"):
+        evaluation_specs(cfg)
+    shutil.copy(fp32_path_for(tiny_onnx), twin)
+    assert [s.onnx for s in evaluation_specs(cfg).values()] == [str(int8), str(twin)]
+
+
 def test_a_non_finite_photo_spoils_no_product_when_ranks_count_products():
     """--group-by: a product is scored by its best photo; one NaN vector among its photos (a model's
     non-finite output) must not make the whole product NaN, ranked last with its good photos."""
