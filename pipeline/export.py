@@ -38,6 +38,7 @@ import contextlib
 import filecmp
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -142,10 +143,13 @@ class ExportReport:
 
 
 def fp32_path_for(int8_path: str | Path) -> Path:
-    """onnx/fashion_clip_image_int8_matmul.onnx -> onnx/fashion_clip_image_fp32.onnx"""
+    """onnx/fashion_clip_image_int8_matmul.onnx -> onnx/fashion_clip_image_fp32.onnx; a file an
+    export kept (keep_replaced: `<stem>.<12 hex>.onnx`) -> its twin kept with it, under its tag."""
     p = Path(int8_path)
-    stem = p.stem.replace("_int8_matmul", "").replace("_int8", "")
-    return p.with_name(f"{stem}_fp32{p.suffix}")
+    kept = re.fullmatch(r"(.*)(\.[0-9a-f]{12})", p.stem)
+    base, tag = (kept.group(1), kept.group(2)) if kept else (p.stem, "")
+    stem = base.replace("_int8_matmul", "").replace("_int8", "")
+    return p.with_name(f"{stem}_fp32{tag}{p.suffix}")
 
 
 def verification_images(n: int = 24, seed: int = 0) -> list[Image.Image]:
@@ -552,8 +556,9 @@ def keep_replaced(int8_path: Path, new_int8: Path, fp32_path: Path | None = None
     lines (none when nothing was replaced)."""
     lines: list[str] = []
     kept_text: Path | None = None
+    kept_int8: Path | None = None
     if int8_path.is_file() and not filecmp.cmp(int8_path, new_int8, shallow=False):
-        keep = _kept_name(int8_path)
+        keep = kept_int8 = _kept_name(int8_path)
         moves = [(int8_path, keep)]
         text = text_onnx_path_for(int8_path)
         with_text = text.is_file() and not _data_files(text)
@@ -573,9 +578,13 @@ def keep_replaced(int8_path: Path, new_int8: Path, fp32_path: Path | None = None
     if _data_files(fp32_path):
         lines.append(f"the fp32 file this export replaced ({fp32_path}, its weights in a .data file) is not kept: a "
                      "store made with --onnx on it needs that model exported again")
-    elif not filecmp.cmp(fp32_path, new_fp32, shallow=False):
+        return lines
+    twin = fp32_path_for(kept_int8) if kept_int8 is not None else None  # where the kept int8 file's twin is looked for
+    if not filecmp.cmp(fp32_path, new_fp32, shallow=False):
         keep = _kept_name(fp32_path)
         os.replace(fp32_path, keep)
+        if twin is not None and twin != keep:
+            link_or_copy(keep, twin)
         text_said = " (no text tower kept with it: text queries of its stores need it exported again)"
         if kept_text is not None and kept_text.is_file():  # the towers were exported together: the same text tower
             for src, dst in ((kept_text, text_onnx_path_for(keep)),
@@ -585,6 +594,8 @@ def keep_replaced(int8_path: Path, new_int8: Path, fp32_path: Path | None = None
             text_said = " with its text tower"
         lines.append(f"the fp32 file this export replaced is kept as {keep}{text_said}: stores made with it open "
                      f"with --onnx {keep}; delete it when none does")
+    elif twin is not None:  # the same fp32 bytes: the kept int8 file's twin still
+        link_or_copy(fp32_path, twin)
     return lines
 
 

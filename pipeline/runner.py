@@ -576,10 +576,37 @@ def run_export(cfg: RunConfig, sample_rows: int = 96) -> RunSummary:
     different sets), with a warning: static int8 ranges fitted to synthetic pictures are
     worse than ranges fitted to the catalogue.
     """
-    folder = Path(cfg.embedder.onnx).parent
+    target = Path(cfg.embedder.onnx)
+    if target.is_dir():
+        raise PipelineError(f"--onnx names the int8 file the export writes; {target} is a folder: pass a file in it, "
+                            f"e.g. --onnx {target / 'model_image_int8.onnx'}")
+    _check_twins_are_its_own(cfg)
+    folder = target.parent
     with removed_if_left_empty([folder]):  # a failed export leaves no folder it made
         check_writable(folder, "--onnx")  # before the model (gigabytes, maybe) is loaded
         return _run_export(cfg, sample_rows)
+
+
+def _check_twins_are_its_own(cfg: RunConfig) -> None:
+    """An export writes its fp32 and text files under names derived from --onnx, which several int8
+    names share (m_image.onnx, m_image_int8.onnx): a new file whose fp32 or text file is already
+    there, exported from another model, would replace another int8 file's twins (its text queries
+    then refused, its fp32 row gone). Refused before the model loads. Replacing the int8 file itself
+    keeps the replaced files (export.keep_replaced)."""
+    from .embedders import file_source_model, known_file_metadata, model_reference, text_onnx_path_for
+    from .export import fp32_path_for
+
+    target = Path(cfg.embedder.onnx)
+    if target.is_file():
+        return
+    wanted = model_reference(cfg.embedder.model)
+    for twin in (fp32_path_for(target), text_onnx_path_for(target)):
+        made_from = file_source_model(known_file_metadata(twin)) if twin.is_file() else ""
+        if made_from and made_from != wanted:
+            raise PipelineError(
+                f"--onnx {target} would write {twin}, which is there, exported from {made_from} for another int8 "
+                f"file of {target.parent} (the names share their fp32 and text files): export {cfg.embedder.model} "
+                "under another name, or delete that file and its int8 file first")
 
 
 def _run_export(cfg: RunConfig, sample_rows: int) -> RunSummary:

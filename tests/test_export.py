@@ -1593,6 +1593,9 @@ def test_an_export_over_another_file_keeps_it_for_the_stores_made_with_it(tiny_c
     kept, kept32 = path.with_name(f"model_int8.{first[:12]}.onnx"), fp32.with_name(f"model_fp32.{first_fp32[:12]}.onnx")
     assert report.passed and sha256_file(kept) == first and sha256_file(path) != first
     assert sha256_file(kept32) == first_fp32 and sha256_file(fp32) != first_fp32
+    # the kept int8 file's own fp32 twin, where --eval-backends onnx-fp32 looks for it beside --onnx
+    assert export.fp32_path_for(kept) == path.with_name(f"model_fp32.{first[:12]}.onnx")
+    assert sha256_file(export.fp32_path_for(kept)) == first_fp32
     for k in (kept, kept32):  # the replaced text tower itself, beside each kept file
         assert sha256_file(text_onnx_path_for(k)) == first_text and tokenizer_path_for(text_onnx_path_for(k)).is_file()
     assert sha256_file(text_onnx_path_for(path)) != first_text
@@ -1643,3 +1646,26 @@ def test_the_tests_trace_cache_tells_towers_apart(tiny_clip):
     last = list(patched.modules())[-1]
     last.forward = lambda *a, **k: None
     assert _trace_key(patched, pixels, "image_embeds", 18) != key
+
+
+def test_an_export_that_would_replace_another_files_twins_or_names_a_folder_is_refused_first(
+        tiny_onnx, tmp_path, capsys):
+    """m_image.onnx and m_image_int8.onnx share their fp32 and text files: a new export of another
+    model under the one name would replace the other's twins (its text queries then refused, its
+    fp32 file gone). Refused before the model loads; so is an --onnx that names a folder."""
+    import shutil
+
+    import main as cli
+    from pipeline.embedders import text_onnx_path_for
+    from pipeline.export import fp32_path_for
+
+    for f in (tiny_onnx, fp32_path_for(tiny_onnx), text_onnx_path_for(tiny_onnx)):
+        shutil.copy(f, tmp_path / f.name)
+    other = tmp_path / "tiny.onnx"  # a sibling name: its twins are tiny_fp32.onnx and tiny_text_fp32.onnx
+    assert cli.main(["--export-onnx", "--model", "someone/another-model", "--onnx", str(other)]) == 1
+    said = capsys.readouterr().err
+    assert f"--onnx {other} would write {tmp_path / 'tiny_fp32.onnx'}, which is there, exported from " in said
+    assert not other.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [tiny_onnx.name, "tiny_fp32.onnx", "tiny_text_fp32.onnx"])
+    assert cli.main(["--export-onnx", "--onnx", str(tmp_path)]) == 1
+    assert f"{tmp_path} is a folder: pass a file in it" in capsys.readouterr().err
