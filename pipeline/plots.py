@@ -294,8 +294,8 @@ def save_heatmap(embeddings: np.ndarray, path: str | Path, cells: int = 500, tit
     fig, ax = plt.subplots(figsize=(8, 7), dpi=110)
     im = ax.imshow(grid, cmap="viridis", interpolation="nearest", extent=(0, n, n, 0))
     fig.colorbar(im, ax=ax, label="cosine distance")
-    ax.set_xlabel("item (clustered order)")
-    ax.set_ylabel("item (clustered order)")
+    ax.set_xlabel("items, similar ones side by side (positions in that order, not rows)")
+    ax.set_ylabel("items, in the same order")
     avg = "" if cells >= n else f", {int(np.ceil(n / cells))}x{int(np.ceil(n / cells))} block means"
     ax.set_title(title or f"Cosine distance matrix, {n} items{avg}")
     fig.tight_layout()
@@ -308,7 +308,8 @@ def save_histogram(values: np.ndarray, path: str | Path, title: str, xlabel: str
     finite = values[np.isfinite(values)]
     ax.hist(finite, bins=min(100, max(10, len(finite) // 20)), color="#3b75af")
     if len(finite):
-        ax.axvline(float(np.median(finite)), color="k", ls="--", lw=1, label=f"median {np.median(finite):.3f}")
+        # 3 significant digits: a catalogue of near copies has a median of ~1e-4, which .3f showed as 0.000
+        ax.axvline(float(np.median(finite)), color="k", ls="--", lw=1, label=f"median {np.median(finite):.3g}")
         ax.legend()
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")

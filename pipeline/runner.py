@@ -240,7 +240,7 @@ def write_retrieval_outputs(
         summary.outputs["neighbour table"] = str(table)
         with summary.stage("wait for the heatmap"):
             seconds, heat_drawn = heatmap.result()
-        summary.timed("heatmap", seconds, "heatmap (beside the neighbours)")
+        summary.timed("heatmap", seconds, "heatmap (beside the neighbours, overlapped)")
     with summary.stage("result pictures"):
         written, drawn = write_result_pictures(cfg, nb, files, [r.sha256 for r in embedded],
                                                [shown_name(r.source, r.file, lasting=True, person=r.person)
