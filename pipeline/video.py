@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from .annotate import AnnotatedVideoWriter, Drawing, draw, output_size
@@ -223,21 +223,31 @@ def _first_frames(container, stream, max_packets: int = 256) -> Iterator:
 
 
 def draw_frame_picture(
-    frame_rgb: np.ndarray, persons: Sequence[Person], rows: list[Image.Image], max_width: int = 1280
+    frame_rgb: np.ndarray, persons: Sequence[Person], rows: list[Image.Image], max_width: int = 1280,
+    track_of: dict[int, int] | None = None,
 ) -> Image.Image:
-    """The frame (scaled to max_width) with numbered boxes, above one match row per person."""
+    """The frame (scaled to max_width) with each person's box, above one match row per person.
+    A person on a track is drawn as the annotated video draws it: "#<track>" in the track's colour,
+    with the detector's confidence; one without (no crop) as "person <k>" in grey."""
+    from .annotate import COLOURS_BGR
+
     im = Image.fromarray(frame_rgb)
     scale = min(1.0, max_width / im.width)
     if scale < 1.0:
         im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(im)
+    size = max(12, im.height // 40)  # readable on a 1080p frame too
+    font = ImageFont.load_default(size=size)
     for k, person in enumerate(persons):
         x1, y1, x2, y2 = (float(v) * scale for v in person.box_xyxy)
-        score = person.confidence
-        draw.rectangle([x1, y1, x2, y2], outline=(255, 40, 40), width=3)
-        label = f"#{k} {score:.2f}"
-        draw.rectangle([x1, max(0, y1 - 14), x1 + 7 * len(label), max(0, y1 - 14) + 14], fill=(255, 40, 40))
-        draw.text((x1 + 2, max(0, y1 - 14)), label, fill=(255, 255, 255))
+        track = (track_of or {}).get(k)
+        colour = tuple(reversed(COLOURS_BGR[(track - 1) % len(COLOURS_BGR)])) if track else (120, 120, 120)
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=3)
+        label = f"#{track} · {person.confidence:.2f}" if track else f"person {k} · {person.confidence:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        ty = max(0, y1 - (bottom - top) - 6)
+        draw.rectangle([x1, ty, x1 + right - left + 8, ty + bottom - top + 6], fill=colour)
+        draw.text((x1 + 4 - left, ty + 3 - top), label, fill=(255, 255, 255), font=font)
     width = max([im.width] + [r.width for r in rows])
     height = im.height + sum(r.height for r in rows)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -431,7 +441,7 @@ class VideoRun:
             )
             shown = {int(j): self.searcher.rows[int(j)].shown_name for j in nb.indices[qi] if j >= 0}  # the hits'
             tiles, labels = neighbour_tiles(nb.indices[qi], nb.distances[qi], lambda j: self.thumbs[j].copy(), shown)
-            rows.append(compose_matches(tile, f"person #{k} (track {track_of[k]})", tiles, labels))
+            rows.append(compose_matches(tile, f"#{track_of[k]}", tiles, labels))  # as its box is labelled
         return found, rows
 
     def best_match(self, track_id: int) -> tuple[str, np.ndarray | None]:
@@ -737,7 +747,8 @@ def analyse(
     track_of = run.tracker.update(frame.index, frame.time_s, persons, by_person)
     t5 = time.perf_counter()
     found, rows = run.record_persons(frame, persons, images, track_of, nb) if nb is not None else ([], [])
-    save_jpeg(draw_frame_picture(rgb, persons, rows), run.out_dir / f"frame_{frame.index:06d}.jpg", quality=88)
+    save_jpeg(draw_frame_picture(rgb, persons, rows, track_of=track_of), run.out_dir / f"frame_{frame.index:06d}.jpg",
+              quality=88)
     run.results.append({"frame": frame.index, "time_s": round(frame.time_s, 3), "persons": found})
     t6 = time.perf_counter()
     for key, (a, b) in {
