@@ -752,4 +752,8 @@ def test_a_segmented_gallerys_matches_name_the_crops_person(clip_dir, tiny_onnx,
     firsts = {video.match_name(p["matches"][0]) for r in res for p in r["persons"]}
     assert {s.split(": ", 1)[1].rsplit(" d=", 1)[0] for s in shown[0]} == firsts
     assert shown[1] == [r[6] for r in rows]
+    # the video section's failures box speaks of the gallery its matches come from
+    heads = browser.execute_script("return [...document.querySelectorAll('#video_clip_1 .failures-box h3')]"
+                                   ".map(h => h.textContent)")
+    assert heads == ["Failed gallery items"]
     assert console_errors(browser) == []
