@@ -126,7 +126,8 @@ def write_gallery_pages(
             (after an update most pages are the same). None: every sprite is drawn.
         sources, names: per item, what the user knows its photo by (manifest.csv's `source`) and
             its caption (store.shown_name: the source's last part, a crop's person); the name is
-            shown, the source and file on hover, and the filter searches sources and file names.
+            shown, the source and file on hover, and the filter searches sources and file names,
+            and the item's text and whole-number metadata values (a product id, a category).
     Returns:
         the section's gallery data: item count, page count, k, and where the pages are.
     """
@@ -141,7 +142,7 @@ def write_gallery_pages(
     for old in out.glob("page_*"):
         if old.suffix != ".jpg" or wanted.get(old.name) is None or wanted[old.name] != before.get(old.name):
             old.unlink()
-    nearest = []
+    nearest, values = [], []
     for p in range(pages):
         start, stop = p * PAGE_SIZE, min(n, (p + 1) * PAGE_SIZE)
         items = []
@@ -159,6 +160,8 @@ def write_gallery_pages(
                 item["name"] = names[i]
             if meta is not None:
                 item["meta"] = meta(i)
+                values.append(" ".join(str(v) for v in item["meta"].values()
+                                       if isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool)))
             items.append(item)
             nearest.append(nb[0][1] if nb else None)
         atomic_write_text(out / f"page_{p:04d}.js", _js("page", {"section": section_id, "page": p, "items": items}))
@@ -171,6 +174,8 @@ def write_gallery_pages(
         listing["sources"] = list(sources)
     if names is not None:
         listing["names"] = list(names)
+    if meta is not None:
+        listing["values"] = values
     atomic_write_text(out / "names.js", _js("names", listing))
     atomic_write_text(out / SPRITES_FILE, json.dumps({k: v for k, v in wanted.items() if v is not None}))
     return {
@@ -181,6 +186,7 @@ def write_gallery_pages(
         "thumb": THUMB_SIZE,
         "k": int(neighbours.indices.shape[1]) if n else 0,
         "folder": f"{REPORT_DIR}/{section_id}",
+        "values": meta is not None,  # the filter searches metadata values too
     }
 
 

@@ -365,6 +365,16 @@ def test_the_report_shows_each_items_metadata(built, tiny_onnx, browser):
         "const d = document.querySelector('[data-role=meta]');"
         "return [...d.querySelectorAll('dt')].map((t, i) => [t.textContent, d.querySelectorAll('dd')[i].textContent])")
     assert dict(shown) == {k: str(v[7]) for k, v in shop().items()}
+    # the grid's filter finds items by their values too: a product id, a category
+    item_id = shop()["item_id"][7]
+    browser.execute_script(f"const f = document.querySelector('[data-role=filter]'); f.value = '{item_id}';"
+                           "f.dispatchEvent(new Event('input'));")
+    wait(browser, "document.querySelector('.tools .sub').textContent.includes('matching')")
+    found = browser.execute_script(
+        "return [...document.querySelectorAll('[data-role=grid] .tile')].map(t => +t.dataset.item)")
+    assert 7 in found and len(found) == sum(v == item_id for v in shop()["item_id"])
+    assert browser.execute_script("return document.querySelector('[data-role=filter]').placeholder") == (
+        "Filter by name or value…")
     assert not console_errors(browser)
 
 
