@@ -159,8 +159,8 @@ def write_gallery_pages(
             if names is not None:
                 item["name"] = names[i]
             if meta is not None:
-                item["meta"] = meta(i)
-                values.append(" ".join(str(v) for v in item["meta"].values()
+                item["meta"] = held = meta(i)
+                values.append(" ".join(str(v) for v in held.values()
                                        if isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool)))
             items.append(item)
             nearest.append(nb[0][1] if nb else None)
