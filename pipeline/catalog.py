@@ -27,7 +27,7 @@ from .duplicates import stored_groups
 from .embedders import Embedder, EmbedderSpec, make_embedder, model_reference
 from .errors import CacheMismatchError, PipelineError, UsageError
 from .fileio import sha256_file_once
-from .identity import differences
+from .identity import VectorIdentity, differences
 from .images import decode_image, to_rgb
 from .metadata import load_metadata
 from .persons import Segmenter
@@ -127,7 +127,7 @@ class Catalog:
             searcher.dedup(stored_groups(root, searcher.rows, cache.sidecar.manifest_sha256))
         searcher.metadata = load_metadata(root, searcher.rows, cache.sidecar.manifest_sha256)
         searcher.group_by(group_by)
-        spec = _embedder_spec(cache, model, onnx, device, threads)
+        spec = store_embedder_spec(cache.sidecar.identity, cache.root, model, onnx, device, threads)
         segment = SegmentSpec(model=seg_model) if seg_model else SegmentSpec()
         return cls(cache, searcher, lambda: _checked_embedder(spec, cache),
                    lambda: make_segmenter(segment, device=device))
@@ -357,12 +357,12 @@ def _check_k(k: int) -> None:
         raise UsageError(f"k is the number of results to return: a whole number of at least 1, got {k!r}")
 
 
-def _embedder_spec(cache: GalleryCache, model: str | None, onnx: str | None, device: str, threads: int) -> EmbedderSpec:
-    """What embeds the queries. A store made by an ONNX file is asked with that file: with
-    `model=` (the model the file was exported from; its own vectors are not the file's), the file
-    whose sha256 the store records is looked for beside the default one, in ./onnx and the
-    project's onnx/, else refused with what to pass."""
-    made = cache.sidecar.identity
+def store_embedder_spec(made: VectorIdentity, root: Path, model: str | None, onnx: str | None, device: str,
+                        threads: int) -> EmbedderSpec:
+    """What embeds the queries of the store at `root`, which `made` made. A store made by an ONNX
+    file is asked with that file: with `model=` (the model the file was exported from; its own
+    vectors are not the file's), the file whose sha256 the store records is looked for beside the
+    default one, in ./onnx and the project's onnx/, else refused with what to pass."""
     if model is not None:
         model = model_by_name(model)  # a short name, as --model takes it (marqo-fashionsiglip)
     if onnx:
@@ -373,24 +373,24 @@ def _embedder_spec(cache: GalleryCache, model: str | None, onnx: str | None, dev
             if not (Path(default).is_file() and sha256_file_once(default) == made.onnx_sha256):
                 found = find_file_with_sha256(made.onnx_sha256 or "", default)
                 if found is not None:
-                    log.info("%s: the store was made by %s: its queries are embedded with it", cache.root, found)
+                    log.info("%s: the store was made by %s: its queries are embedded with it", root, found)
                     return EmbedderSpec(model=made.model or "", onnx=str(found), backend="onnx", device=device,
                                         threads=threads)
             return EmbedderSpec(backend="onnx", device=device, threads=threads)  # the default file, checked on load
         found = find_file_with_sha256(made.onnx_sha256 or "", EmbedderSpec().onnx)
         if found is None:
             raise CacheMismatchError(
-                f"the store in {cache.root} was made by an int8 ONNX file (sha256 {(made.onnx_sha256 or '?')[:12]}…, "
+                f"the store in {root} was made by an int8 ONNX file (sha256 {(made.onnx_sha256 or '?')[:12]}…, "
                 f"exported from {made.model}), whose vectors are not the model's own: pass onnx='FILE.onnx', the "
                 "file that made it"
             )
         if made.model and model_reference(model) != made.model:
             log.warning("%s: the store was made by %s, exported from %s, not from %s: its queries are embedded "
-                        "with that file", cache.root, found, made.model, model)
+                        "with that file", root, found, made.model, model)
             model = made.model  # the file's own model, for what the file does not record
         else:
             log.info("%s: the store was made by %s (exported from the model): its queries are embedded with it",
-                     cache.root, found)
+                     root, found)
         return EmbedderSpec(model=model, onnx=str(found), backend="onnx", device=device, threads=threads)
     return EmbedderSpec(model=model or made.model or "", backend="torch", device=device, threads=threads)
 

@@ -31,7 +31,7 @@ from .dataset import (
     read_metadata,
 )
 from .duplicates import stored_groups
-from .embedders import Embedder, make_embedder, on_cuda, requested_identity
+from .embedders import Embedder, EmbedderSpec, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError, PipelineError
 from .fileio import sha256_file_once, unlink_quietly
 from .gallery import STANDARD_FILES, DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
@@ -500,11 +500,49 @@ def open_searcher(cfg: RunConfig, embeddings: np.ndarray, rows: list[ManifestRow
     return searcher
 
 
+def _search_embedder(cfg: RunConfig) -> EmbedderSpec:
+    """--model / --onnx / --backend as given; none of them given (the default embedder), the one the
+    store records where it is another (a store that cannot be read, or whose ONNX file is not found:
+    the default, which loading the cache checks, saying what to pass)."""
+    default, asked = EmbedderSpec(), cfg.embedder
+    if ({"model", "onnx", "backend"} & cfg.explicit or (asked.model, asked.onnx, asked.backend) !=
+            (default.model, default.onnx, default.backend) or not (cfg.store_dir / SIDECAR_FILE).is_file()):
+        return asked
+    from .catalog import store_embedder_spec
+
+    try:
+        made = Sidecar.read(cfg.store_dir / SIDECAR_FILE).identity
+        spec = store_embedder_spec(made, cfg.store_dir, None, None, asked.device, asked.threads)
+    except CacheMismatchError:
+        return asked
+    if spec.backend == "onnx" and spec.onnx == default.onnx:
+        return asked  # the default file, or the store's file not found: as asked
+    log.info("no --model or --onnx given: the store's own embedder (%s)",
+             spec.onnx if spec.backend == "onnx" else spec.model)
+    return replace(asked, model=spec.model or asked.model, onnx=spec.onnx, backend=spec.backend)
+
+
+def store_identity_unless_asked(cfg: RunConfig) -> VectorIdentity | None:
+    """For a mode that reads a store without embedding anything (--export): with no --model, --onnx
+    or --backend given, the store's own identity (whatever made it is what is exported); None
+    otherwise (the store is checked against the embedder asked for)."""
+    default, asked = EmbedderSpec(), cfg.embedder
+    if ({"model", "onnx", "backend"} & cfg.explicit or (asked.model, asked.onnx, asked.backend) !=
+            (default.model, default.onnx, default.backend) or not (cfg.store_dir / SIDECAR_FILE).is_file()):
+        return None
+    try:
+        return Sidecar.read(cfg.store_dir / SIDECAR_FILE).identity
+    except CacheMismatchError:
+        return None  # loading the store says what is wrong
+
+
 def open_catalog(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Catalog:
     """The cached gallery of a search mode (--query-*, --serve), checked against the files and the model
-    asked for, with its searcher (per --index, --threads, on the GPU when the model is there)."""
+    asked for, with its searcher (per --index, --threads, on the GPU when the model is there). With
+    no --model, --onnx or --backend, the embedder is the one the store records, as Catalog.open
+    takes it (its ONNX file found by its sha256 where the default is another), not the default."""
     with summary.stage("load model"):
-        embedder = embedder or make_embedder(cfg.embedder)
+        embedder = embedder or make_embedder(_search_embedder(cfg))
     with summary.stage("load cache"):
         cache = load_gallery_cache(cfg, identity=embedder.identity)
     summary.model = cache.sidecar.identity.label()  # every search mode's summary says what made the vectors

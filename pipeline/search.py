@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -79,6 +80,13 @@ def expand_image_paths(paths: Iterable[str]) -> list[Path]:
     if not out:
         raise UsageError("no query images found in " + ", ".join(map(str, paths)))
     return out
+
+
+def query_labels(paths: Sequence[Path]) -> dict[Path, str]:
+    """Each query picture's label: its file name, or the path as given where two pictures share a
+    name (x/a.jpg and y/a.jpg of a folder), so that no two queries' rows read alike."""
+    names = Counter(p.name for p in paths)
+    return {p: p.name if names[p.name] == 1 else str(p) for p in paths}
 
 
 def run_query(cfg: RunConfig) -> RunSummary:
@@ -152,14 +160,16 @@ def combined_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary,
     q = cfg.query
     paths = expand_image_paths(q.images) if paths is None else paths
     words = " + ".join(f"“{t}”" for t in q.texts) + "".join(f" − “{t}”" for t in q.negative)
+    words = words.removeprefix(" ")  # a picture less a text alone: one space before its minus
     queries: list[Query] = []
     rows: list[list[tuple[int, float]]] = []
+    labels = query_labels(paths)
     with summary.stage("picture + text queries"):
         for path in paths:
             try:
-                crops, _ = catalog.query_crops(path, segment=cfg.segmented)
+                crops, _ = catalog.query_crops(path, segment=cfg.segmented, name=labels[path])
                 found = catalog.search_combined(path, q.texts, q.negative, cfg.top_k, q.fusion, q.text_weight,
-                                                segment=cfg.segmented, filter=cfg.filter)
+                                                segment=cfg.segmented, filter=cfg.filter, name=labels[path])
             except (ImageDecodeError, OSError) as e:
                 summary.fail(str(path), str(e))
                 continue
@@ -188,10 +198,11 @@ def embed_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary,
     queries: list[Query] = []
     vectors: list[np.ndarray] = []
     if paths:
+        labels = query_labels(paths)
         with summary.stage("embed image queries"):
             for path in paths:
                 try:
-                    crops, found = catalog.query_crops(path, segment=cfg.segmented)
+                    crops, found = catalog.query_crops(path, segment=cfg.segmented, name=labels[path])
                 except (ImageDecodeError, OSError) as e:
                     summary.fail(str(path), str(e))
                     continue

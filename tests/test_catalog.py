@@ -117,6 +117,19 @@ def test_catalog_answers_as_the_cli_does(built, tiny_clip, tmp_path):
     assert by_vector[0][0].row == 7 and by_vector[0][0].file == seven
 
 
+def test_a_search_mode_without_model_flags_asks_with_the_stores_own_model(built, tiny_clip, capsys):
+    """--query-text on a store built with another --model than the default, no model flag given:
+    the model the store records answers (as Catalog.open takes it), not the default hub model,
+    which offline failed with the hub's error instead."""
+    out, _ = built
+    capsys.readouterr()
+    assert cli.main(["--query-text", "red dress", "--output-dir", str(out), "--top-k", "4", "-q"]) == 0
+    with open(out / "retrieval_results" / "queries" / "query_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    expected = Catalog.open(out).search_text("red dress", k=4)
+    assert [r["gallery_file"] for r in rows] == [h.file for h in expected]
+
+
 def test_catalog_refuses_what_does_not_fit(built, tmp_path):
     out, _ = built
     with pytest.raises(PipelineError, match="holds no gallery store"):

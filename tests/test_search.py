@@ -393,10 +393,10 @@ def test_unreadable_query_image_is_recorded_and_a_personless_one_is_said(tmp_pat
     class PictureOnly:
         """The two Catalog methods a picture query uses, with the real query_crops."""
 
-        def query_crops(self, picture, segment=False):
+        def query_crops(self, picture, segment=False, name=None):
             from pipeline.images import decode_image
 
-            return query_crops(decode_image(Path(picture).read_bytes()).image, Path(picture).name, Nobody())
+            return query_crops(decode_image(Path(picture).read_bytes()).image, name or Path(picture).name, Nobody())
 
         def embed_crops(self, crops):
             return np.ones((len(crops), 4), np.float32) / 2
@@ -610,7 +610,7 @@ def test_both_segmentation_flags_make_each_person_a_query(tmp_path):
     class Recording:
         asked: list[bool] = []
 
-        def query_crops(self, picture, segment=False):
+        def query_crops(self, picture, segment=False, name=None):
             self.asked.append(segment)
             return [QueryCrop("p#p0", assets.rgb_image(8, 8))], True
 

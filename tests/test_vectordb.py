@@ -296,3 +296,22 @@ def test_nan_decimals_and_dates_go_out_as_the_databases_filter_them(tmp_path):
     for key in ("day", "ts"):
         assert found(models.FieldCondition(key=key, range=models.DatetimeRange(gte="2026-01-03T00:00:00Z"))) == [2, 3]
     client.close()
+
+
+def test_an_export_without_model_flags_exports_the_store_as_made(exported, tmp_path, capsys):
+    """--export only reads the store: with no --model or --onnx, whatever made it is exported (it
+    was refused against the default model); a model asked for is still checked against it."""
+    _, out, targets, _ = exported
+    target = tmp_path / "again.parquet"
+    assert cli.main(["--output-dir", str(out), "--export", f"parquet:{target}"]) == 0
+    import pyarrow.dataset as pads
+
+    again = pads.dataset(target).to_table().sort_by("key")
+    first = pads.dataset(targets["parquet"]).to_table().sort_by("key")
+    assert again.column("key").to_pylist() == first.column("key").to_pylist()
+    assert np.array_equal(np.stack(again.column("embedding").to_numpy(zero_copy_only=False)),
+                          np.stack(first.column("embedding").to_numpy(zero_copy_only=False)))
+    capsys.readouterr()
+    assert cli.main(["--output-dir", str(out), "--model", str(tmp_path / "other"), "--backend", "torch",
+                     "--export", f"parquet:{tmp_path / 'x.parquet'}"]) == 1
+    assert "To reuse it, ask for what made it" in capsys.readouterr().err
