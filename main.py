@@ -265,7 +265,7 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
         out,
         "--work-dir",
         type=Path,
-        help="with a URL --output-dir: its local working copy (None: one per URL in ~/.cache/fashion-visual-search)",
+        help="with a URL --output-dir: its local working copy (default: one per URL in ~/.cache/fashion-visual-search)",
     )
     _add(out, "--top-k", type=_positive_int, help="matches per item or query")
     _add(out, "--max-matrix", type=_non_negative_int, help="save the N x N distance matrix only when N <= this")

@@ -179,8 +179,10 @@ def check_dataset(spec: DatasetSpec) -> int | None:
     elif path.is_dir() and _is_image_folder(path):
         if spec.id_column:
             raise PipelineError(
-                f"{path} is a folder of images: it has no column {spec.id_column!r} for --id-column. Drop the flag: "
-                "without it, --update knows each photo by its content"
+                f"{path} is a folder of images: --id-column takes a column of a parquet or saved dataset, and a "
+                "folder's metadata.csv values are kept as metadata only (--group-by "
+                f"{spec.id_column} gives one result per product). Drop the flag: without it, --update knows each "
+                "photo by its content, and follows a photo renamed or moved"
             )
     else:
         records = iter_records(spec, 0)

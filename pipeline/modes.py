@@ -146,7 +146,7 @@ _AFTER: tuple[Check, ...] = (
     ),
     (
         lambda c: bool({"fusion", "text_weight"} & c.explicit)
-        and not (c.query.images and c.query.texts) and not c.serve.enabled,
+        and not (c.query.images and (c.query.texts or c.query.negative)) and not c.serve.enabled,
         "--fusion and --text-weight say how a picture and texts make one query: give them with --query-image "
         "and --query-text (or --serve, whose page takes a picture and a text)",
     ),

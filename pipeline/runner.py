@@ -27,7 +27,7 @@ from . import plots as plots_module
 from .config import RunConfig, onnx_fallback
 from .dataset import iter_records
 from .duplicates import SIGNATURE_VERSION, DuplicateGroup, gallery_duplicates, write_duplicates_csv, write_groups
-from .embedders import on_cuda, text_onnx_path_for, tokenizer_path_for
+from .embedders import EmbedderSpec, model_reference, on_cuda, text_onnx_path_for, tokenizer_path_for
 from .errors import CacheMismatchError, PipelineError
 from .export import INT8_FORMATS, export_onnx, int8_profile, verification_images
 from .fileio import (
@@ -593,7 +593,7 @@ def _check_twins_are_its_own(cfg: RunConfig) -> None:
     there, exported from another model, would replace another int8 file's twins (its text queries
     then refused, its fp32 row gone). Refused before the model loads. Replacing the int8 file itself
     keeps the replaced files (export.keep_replaced)."""
-    from .embedders import file_source_model, known_file_metadata, model_reference, text_onnx_path_for
+    from .embedders import file_source_model, known_file_metadata
     from .export import fp32_path_for
 
     target = Path(cfg.embedder.onnx)
@@ -650,7 +650,19 @@ def _run_export(cfg: RunConfig, sample_rows: int) -> RunSummary:
     text = text_onnx_path_for(report.int8_path)
     if text.is_file():  # a model without a tokenizer gets none (its report says so)
         summary.outputs["text tower"] = f"{text} (fp32), tokenizer {tokenizer_path_for(text)}"
+    if note := default_file_note(cfg):
+        summary.notes.append(note)
     return summary
+
+
+def default_file_note(cfg: RunConfig) -> str | None:
+    """What an export of another model than the default to the default --onnx changes: every run
+    without --onnx or --model embeds with it from then on (said, not silent)."""
+    default = EmbedderSpec()
+    if cfg.embedder.onnx != default.onnx or model_reference(cfg.embedder.model) == model_reference(default.model):
+        return None
+    return (f"{cfg.embedder.onnx} is the default --onnx: runs without --onnx or --model now embed with "
+            f"{cfg.embedder.model}, not {default.model}; export with --onnx FILE to keep the default")
 
 
 def calibration_sample(cfg: RunConfig, rows: int) -> tuple[list, str]:

@@ -191,3 +191,13 @@ def test_the_dataset_stamp_covers_what_a_build_reads_and_only_that(tmp_path):
     os.utime(train_file, ns=(1, 1))
     assert dataset_stamp(train) != before
     assert dataset_stamp(DatasetSpec("owner/catalogue")) is None
+
+
+def test_id_column_on_an_image_folder_says_what_its_metadata_is_for(tmp_path):
+    from pipeline.dataset import check_dataset
+
+    (tmp_path / "p0.jpg").write_bytes(assets.jpeg_bytes(20, 20))
+    (tmp_path / "metadata.csv").write_text("file_name,item_id\np0.jpg,P1\n")
+    with pytest.raises(PipelineError, match="--id-column takes a column of a parquet or saved dataset, and a folder's "
+                                            "metadata.csv values are kept as metadata only"):
+        check_dataset(DatasetSpec(name=str(tmp_path), id_column="item_id"))

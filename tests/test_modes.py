@@ -143,3 +143,20 @@ def test_int8_profile_is_taken_with_a_static_export():
     assert check_config(RunConfig(export=ExportSpec(enabled=True, int8_profile="amx"), explicit=chosen), _spell) is None
     qdq = ExportSpec(enabled=True, quantization="static-qdq", int8_profile="vnni")
     assert "static-qdq files have one graph" in check_config(RunConfig(export=qdq, explicit=chosen), _spell)
+
+
+def test_a_weight_may_be_given_to_a_picture_less_a_text_and_the_default_file_export_is_said():
+    """--text-weight weighs a --negative-text too (combine subtracts weight x negative); and an
+    export of another model to the default --onnx says that runs without --onnx now use it."""
+    from pipeline.embedders import EmbedderSpec
+    from pipeline.runner import default_file_note
+
+    minus = RunConfig(query=QuerySpec(images=("a.jpg",), negative=("red",), text_weight=0.2),
+                      explicit=frozenset({"text_weight", "negative_text"}))
+    assert check_config(minus, _spell) is None
+    default = EmbedderSpec()
+    assert default_file_note(RunConfig()) is None
+    note = default_file_note(RunConfig(embedder=EmbedderSpec(model="./tiny-clip")))
+    assert note == (f"{default.onnx} is the default --onnx: runs without --onnx or --model now embed with ./tiny-clip, "
+                    f"not {default.model}; export with --onnx FILE to keep the default")
+    assert default_file_note(RunConfig(embedder=EmbedderSpec(model="./tiny-clip", onnx="mine.onnx"))) is None

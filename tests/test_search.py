@@ -864,3 +864,10 @@ def test_a_non_finite_photo_spoils_no_product_when_ranks_count_products():
     broken = np.full((1, 2), np.nan, np.float32)  # a product NaN throughout still ranks its answer last
     g2 = np.concatenate([g[3:], broken])
     assert list(ranks_of_positives(q, g2, [np.array([3])], groups=np.array([0, 1, 2, 3]))) == [4]
+
+
+def test_query_pictures_that_share_a_name_are_labelled_by_their_path():
+    from pipeline.search import query_labels
+
+    paths = [Path("q/x/a.jpg"), Path("q/y/a.jpg"), Path("q/b.jpg")]
+    assert query_labels(paths) == {paths[0]: "q/x/a.jpg", paths[1]: "q/y/a.jpg", paths[2]: "b.jpg"}
