@@ -82,6 +82,9 @@ def expand_image_paths(paths: Iterable[str]) -> list[Path]:
     return out
 
 
+SAID_QUERIES = 5  # the queries whose best matches the summary says
+
+
 def query_labels(paths: Sequence[Path]) -> dict[Path, str]:
     """Each query picture's label: its file name, or the path as given where two pictures share a
     name (x/a.jpg and y/a.jpg of a folder), so that no two queries' rows read alike."""
@@ -117,6 +120,11 @@ def run_query(cfg: RunConfig) -> RunSummary:
     names, ids = [r.file for r in catalog.items], [r.index for r in catalog.items]
     # the captions, what the user knows the photos by: of the hits alone (a gallery may hold millions)
     shown = {int(j): catalog.items[int(j)].shown_name for j in np.unique(nb.indices) if j >= 0}
+    for i, query in enumerate(queries[:SAID_QUERIES]):  # the answer on the console too, its best few
+        best = [f"{shown[int(j)]} {d:.3f}" for j, d in zip(nb.indices[i][:3], nb.distances[i][:3]) if j >= 0]
+        summary.notes.append(f"{query.label}: {', '.join(best) or 'no match'}")
+    if len(queries) > SAID_QUERIES:
+        summary.notes.append(f"... {len(queries) - SAID_QUERIES} more queries: every match is in query_results.csv")
     with summary.stage("pictures"):
         pictures = []
         for i, query in enumerate(queries):

@@ -123,11 +123,15 @@ def test_a_search_mode_without_model_flags_asks_with_the_stores_own_model(built,
     which offline failed with the hub's error instead."""
     out, _ = built
     capsys.readouterr()
-    assert cli.main(["--query-text", "red dress", "--output-dir", str(out), "--top-k", "4", "-q"]) == 0
+    assert cli.main(["--query-text", "red dress", "--output-dir", str(out), "--top-k", "4"]) == 0
     with open(out / "retrieval_results" / "queries" / "query_results.csv") as f:
         rows = list(csv.DictReader(f))
     expected = Catalog.open(out).search_text("red dress", k=4)
     assert [r["gallery_file"] for r in rows] == [h.file for h in expected]
+    # the console says the best matches too, by the names the user knows
+    said = capsys.readouterr().out
+    best = ", ".join(f"{h.shown_name} {h.distance:.3f}" for h in expected[:3])
+    assert f"red dress: {best}" in said, said
 
 
 def test_catalog_refuses_what_does_not_fit(built, tmp_path):
