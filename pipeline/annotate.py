@@ -53,6 +53,11 @@ class Drawing:
     tile_rgb: np.ndarray | None = None  # uint8 (T, T, 3): the track's best match
 
 
+def track_colour(track: int) -> tuple[int, int, int]:
+    """Track `track`'s colour (BGR), the same in the annotated video and the frame pictures."""
+    return COLOURS_BGR[(track - 1) % len(COLOURS_BGR)]
+
+
 def output_size(width: int, height: int, max_width: int = MAX_WIDTH) -> tuple[int, int]:
     """Even dimensions (yuv420p), the long side at most max_width and the short one at most 720
     (720p, landscape or portrait), the source aspect kept; each side at least 2 pixels (a clip one
@@ -174,7 +179,7 @@ def draw(frame_bgr: np.ndarray, drawings: list[Drawing], scale: float) -> np.nda
     thick = 2 if h >= 480 else 1
     side = max(32, min(96, h // 6))
     for d in drawings:
-        colour = COLOURS_BGR[(d.track - 1) % len(COLOURS_BGR)]
+        colour = track_colour(d.track)
         x1, y1, x2, y2 = (int(round(float(v) * scale)) for v in d.box_xyxy)
         if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:  # moved out of the frame (predicted past the last analysed one)
             continue

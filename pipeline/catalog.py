@@ -110,9 +110,10 @@ class Catalog:
         """Open a store folder (or a run's output folder) for search.
 
         model / onnx: the embedder for text and picture queries: a transformers CLIP id or folder, or
-            an ONNX image encoder file (its text tower beside it). Default: the model the store
-            records, when it was made with transformers. The embedder is checked against the store
-            when it first loads (vectors of another model are never compared).
+            an ONNX image encoder file (its text tower beside it). Default: what the store records (its
+            model, or its ONNX file: the default --onnx, else the file of its sha256 where found). The
+            embedder is checked against the store when it first loads (vectors of another model are
+            never compared).
         index: "auto" uses the index file beside the store when there is one; "none": exact search.
         seg_model: the person segmenter for `search_image(..., segment=True)`.
         dedup: one photo per duplicate group in every answer (the groups of outputs/duplicates.csv).

@@ -137,6 +137,8 @@ def _open_parquet(name: Any, source: Any, footer: Any = None) -> Any:
     try:
         return pq.ParquetFile(source, pre_buffer=False, metadata=footer)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        if not _damaged(name, e):
+            raise
         raise _unreadable(name, e) from None
 
 
@@ -148,7 +150,15 @@ def _parquet_footer(name: Any, source: Any) -> Any:
     try:
         return _read_footer(source) or pq.read_metadata(source)
     except (OSError, ValueError) as e:
+        if not _damaged(name, e):
+            raise
         raise _unreadable(name, e) from None
+
+
+def _damaged(name: Any, e: Exception) -> bool:
+    """Whether reading `name` failed on its bytes (a local file, or pyarrow's verdict on what was
+    read), not on the way to them (a remote file's network error keeps its own message)."""
+    return isinstance(e, ValueError) or Path(str(name)).is_file()
 
 
 def _unreadable(name: Any, e: Exception) -> PipelineError:
@@ -180,9 +190,9 @@ def check_dataset(spec: DatasetSpec) -> int | None:
         if spec.id_column:
             raise PipelineError(
                 f"{path} is a folder of images: --id-column takes a column of a parquet or saved dataset, and a "
-                "folder's metadata.csv values are kept as metadata only (--group-by "
-                f"{spec.id_column} gives one result per product). Drop the flag: without it, --update knows each "
-                "photo by its content, and follows a photo renamed or moved"
+                "folder's metadata.csv values are kept as metadata only (--group-by COLUMN gives one result per "
+                "product). Drop the flag: without it, --update knows each photo by its content, and follows a photo "
+                "renamed or moved"
             )
     else:
         records = iter_records(spec, 0)
@@ -865,9 +875,9 @@ def _agreeing(footers: list[tuple[Any, Any]], columns: list[str], spec: DatasetS
     import pyarrow as pa
 
     out = []
+    schemas = [(f, footer.schema.to_arrow_schema()) for f, footer in footers]  # once a file, not a column
     for c in columns:
-        fields = [(f, footer.schema.to_arrow_schema()) for f, footer in footers]
-        fields = [(f, sch.field(c)) for f, sch in fields if c in sch.names and not pa.types.is_null(sch.field(c).type)]
+        fields = [(f, sch.field(c)) for f, sch in schemas if c in sch.names and not pa.types.is_null(sch.field(c).type)]
         try:
             pa.unify_schemas([pa.schema([field]) for _, field in fields], promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -1022,10 +1032,12 @@ def _relative_key(name: str) -> str:
         raise ValueError(f"its file_name '{name}' is an absolute path; write it relative to its metadata file's "
                          "folder")
     key = posixpath.normpath(key)
+    if key == ".":
+        raise ValueError(f"its file_name '{name}' names its metadata file's folder, not a picture in it")
     if key == ".." or key.startswith("../"):
         raise ValueError(f"its file_name '{name}' leaves its metadata file's folder; name that picture in a "
                          "metadata file of a folder above it (the Hugging Face ImageFolder refuses this line too)")
-    return "" if key == "." else key
+    return key
 
 
 def folder_metadata_files(name: str | Path) -> list[Path]:

@@ -500,32 +500,10 @@ def open_searcher(cfg: RunConfig, embeddings: np.ndarray, rows: list[ManifestRow
     return searcher
 
 
-def _search_embedder(cfg: RunConfig) -> EmbedderSpec:
-    """--model / --onnx / --backend as given; none of them given (the default embedder), the one the
-    store records where it is another (a store that cannot be read, or whose ONNX file is not found:
-    the default, which loading the cache checks, saying what to pass)."""
-    default, asked = EmbedderSpec(), cfg.embedder
-    if ({"model", "onnx", "backend"} & cfg.explicit or (asked.model, asked.onnx, asked.backend) !=
-            (default.model, default.onnx, default.backend) or not (cfg.store_dir / SIDECAR_FILE).is_file()):
-        return asked
-    from .catalog import store_embedder_spec
-
-    try:
-        made = Sidecar.read(cfg.store_dir / SIDECAR_FILE).identity
-        spec = store_embedder_spec(made, cfg.store_dir, None, None, asked.device, asked.threads)
-    except CacheMismatchError:
-        return asked
-    if spec.backend == "onnx" and spec.onnx == default.onnx:
-        return asked  # the default file, or the store's file not found: as asked
-    log.info("no --model or --onnx given: the store's own embedder (%s)",
-             spec.onnx if spec.backend == "onnx" else spec.model)
-    return replace(asked, model=spec.model or asked.model, onnx=spec.onnx, backend=spec.backend)
-
-
-def store_identity_unless_asked(cfg: RunConfig) -> VectorIdentity | None:
-    """For a mode that reads a store without embedding anything (--export): with no --model, --onnx
-    or --backend given, the store's own identity (whatever made it is what is exported); None
-    otherwise (the store is checked against the embedder asked for)."""
+def store_identity_if_default(cfg: RunConfig) -> VectorIdentity | None:
+    """What made the store, for a mode that reads one when no --model, --onnx or --backend was given
+    (the embedder is the default one); None when one was, or the store cannot be read (loading it
+    then says what is wrong)."""
     default, asked = EmbedderSpec(), cfg.embedder
     if ({"model", "onnx", "backend"} & cfg.explicit or (asked.model, asked.onnx, asked.backend) !=
             (default.model, default.onnx, default.backend) or not (cfg.store_dir / SIDECAR_FILE).is_file()):
@@ -533,7 +511,27 @@ def store_identity_unless_asked(cfg: RunConfig) -> VectorIdentity | None:
     try:
         return Sidecar.read(cfg.store_dir / SIDECAR_FILE).identity
     except CacheMismatchError:
-        return None  # loading the store says what is wrong
+        return None
+
+
+def _search_embedder(cfg: RunConfig) -> EmbedderSpec:
+    """--model / --onnx / --backend as given; none of them given, the embedder the store records
+    where it is another than the default (its ONNX file not found: the default, which loading the
+    cache checks, saying what to pass)."""
+    made = store_identity_if_default(cfg)
+    if made is None:
+        return cfg.embedder
+    from .catalog import store_embedder_spec
+
+    try:
+        spec = store_embedder_spec(made, cfg.store_dir, None, None, cfg.embedder.device, cfg.embedder.threads)
+    except CacheMismatchError:
+        return cfg.embedder
+    if spec.backend == "onnx" and spec.onnx == EmbedderSpec().onnx:
+        return cfg.embedder  # the default file, or the store's file not found: as asked
+    log.info("no --model or --onnx given: the store's own embedder (%s)",
+             spec.onnx if spec.backend == "onnx" else spec.model)
+    return replace(cfg.embedder, model=spec.model or cfg.embedder.model, onnx=spec.onnx, backend=spec.backend)
 
 
 def open_catalog(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Catalog:

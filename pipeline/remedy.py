@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .fileio import sha256_file
+from .fileio import sha256_file_once
 from .identity import GallerySource, VectorIdentity
 from .preprocess import PIXELS_OF_DECODE
 
@@ -115,10 +115,15 @@ def _flags_for(name: str, made: dict[str, Any], onnx_asked: str | None) -> list[
 def find_file_with_sha256(sha256: str, near: str | None) -> Path | None:
     """An .onnx file beside `near`, in ./onnx or in the project's onnx/ (a run from another folder)
     whose bytes hash to `sha256`."""
+    if not sha256:  # a store that records none: no file can be it
+        return None
     project = Path(__file__).resolve().parents[1] / "onnx"
     folders = {Path(near).parent if near else Path("onnx"), Path("onnx"), project}
-    candidates = sorted(p for folder in folders if folder.is_dir() for p in folder.glob("*.onnx") if p.is_file())
+    # a file kept under its own sha256 (export.keep_replaced: <stem>.<12 hex>.onnx) first: a kept int8
+    # file's twin link holds the same fp32 bytes under the int8 file's tag, a name that says less
+    candidates = sorted((p for folder in folders if folder.is_dir() for p in folder.glob("*.onnx") if p.is_file()),
+                        key=lambda p: (f".{sha256[:12]}." not in p.name, p))
     for p in candidates[:MAX_ONNX_FILES]:
-        if sha256_file(p) == sha256:
+        if sha256_file_once(p) == sha256:  # each file hashed once a process (a search mode asks at each open)
             return p
     return None

@@ -661,7 +661,7 @@ def default_file_note(cfg: RunConfig) -> str | None:
     default = EmbedderSpec()
     if cfg.embedder.onnx != default.onnx or model_reference(cfg.embedder.model) == model_reference(default.model):
         return None
-    return (f"{cfg.embedder.onnx} is the default --onnx: runs without --onnx or --model now embed with "
+    return (f"{cfg.embedder.onnx} is the default --onnx: gallery builds without --onnx or --model now embed with "
             f"{cfg.embedder.model}, not {default.model}; export with --onnx FILE to keep the default")
 
 

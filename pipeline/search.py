@@ -493,12 +493,17 @@ def _spec_for(cfg: RunConfig, name: str) -> EmbedderSpec:
                          "(its fp32 file is found beside it)")
     path = e.onnx if wanted.onnx_file == "int8" or fp32_file else str(fp32_path_for(e.onnx))
     if path != e.onnx and Path(e.onnx).is_file():  # the fp32 twin of the int8 file named
+        from .embedders import META_PRECISION, file_source_model, known_file_metadata
+
+        made_from = file_source_model(known_file_metadata(e.onnx))
+        again = f"python main.py --export-onnx{f' --model {made_from}' if made_from else ''} --onnx {e.onnx}"
         if not Path(path).is_file():
-            raise UsageError(f"--eval-backends {name}: {path} not found; it is the fp32 file that python main.py "
-                             f"--export-onnx --onnx {e.onnx} writes beside the int8 file")
-        if not _fp32_file(path):
-            raise UsageError(f"--eval-backends {name}: {path} is not an fp32 export (its metadata says so): it would "
-                             f"be scored as fp32; export again with python main.py --export-onnx --onnx {e.onnx}")
+            raise UsageError(f"--eval-backends {name}: {path} not found; it is the fp32 file that {again} writes "
+                             "beside the int8 file")
+        precision = known_file_metadata(path).get(META_PRECISION)
+        if precision not in (None, "fp32"):  # a file that records none is taken as named
+            raise UsageError(f"--eval-backends {name}: {path} is an {precision} export, not an fp32 one: it would be "
+                             f"scored as fp32; export again with {again}")
     return replace(e, onnx=path, backend=wanted.backend, precision="auto")
 
 

@@ -108,7 +108,7 @@ class SearchService:
         if segment and not self.can_segment:
             raise UsageError(NO_SEGMENTER)
         check_upload_pixels(data)
-        if text:
+        if text.strip():
             q = self.cfg.query
             found = self.catalog.search_combined(data, [text], (), k, q.fusion, q.text_weight, segment=segment,
                                                  name=name, filter=filter, group_by=group_by)

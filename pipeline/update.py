@@ -147,12 +147,12 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
         if key:
             pool[key].append(old_row)
         if not lines[0].source_sha256 and not lines[0].sha256:  # a row that had no picture, and why
-            pictureless[(lines[0].item_id if by_id else "", lines[0].error)].append(old_row)
+            pictureless[(key_of(lines[0].item_id, ""), lines[0].error)].append(old_row)
     matched: dict[int, int] = {}
     replaced: set[int] = set()  # old rows whose id came back with other bytes
     for rec, sha in records:
         if not sha:  # still without a picture, for the same reason: its line is kept as it is
-            same = pictureless.get((rec.item_id if by_id else "", rec.error))
+            same = pictureless.get((key_of(rec.item_id, ""), rec.error))
             while same and (same[0] in matched or same[0] in replaced):  # taken by a photo of its id
                 same.popleft()
             if same:

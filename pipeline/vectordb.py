@@ -393,14 +393,14 @@ class _Parquet:
 def run_export_db(cfg: Any) -> Any:
     """--export KIND:DIR (repeatable): the run's store (embeddings/, or embeddings_segment/ with
     --use-segmentation) with its metadata, exported or brought up to date."""
-    from .galleries import load_gallery_cache, store_identity_unless_asked
+    from .galleries import load_gallery_cache, store_identity_if_default
     from .metadata import load_metadata
     from .report import RunSummary
 
     targets = [ExportTarget.parse(t) for t in cfg.exports]  # a bad target fails before any work
     summary = RunSummary(mode="export")
     with summary.stage("load store"):
-        cache = load_gallery_cache(cfg, identity=store_identity_unless_asked(cfg))
+        cache = load_gallery_cache(cfg, identity=store_identity_if_default(cfg))
         meta = load_metadata(cfg.store_dir, cache.embedded_rows, cache.sidecar.manifest_sha256)
     identity = cache.sidecar.identity.to_json()
     for target in targets:  # every folder checked (its kind, its embedder) before any is written

@@ -81,6 +81,9 @@ def find_video(video_dir: Path, clip: str) -> Path:
     own = Path(clip)  # a path to the clip itself (videos/clip_1.mp4), from here or absolute
     if own.suffix.lower() in CLIP_SUFFIXES and own.is_file():
         return own
+    if own.suffix.lower() in CLIP_SUFFIXES or own.is_absolute():
+        also = "" if own.is_absolute() else f", nor {video_dir / clip}"
+        raise PipelineError(f"video not found: {own}{also}; check --video_clip and --video_dir")
     raise PipelineError(
         f"video not found: {video_dir / (clip + '.mp4')} (also looked for "
         f"{', '.join(c.suffix for c in candidates[1:])}); check --video_dir and --video_clip"
@@ -229,7 +232,7 @@ def draw_frame_picture(
     """The frame (scaled to max_width) with each person's box, above one match row per person.
     A person on a track is drawn as the annotated video draws it: "#<track>" in the track's colour,
     with the detector's confidence; one without (no crop) as "person <k>" in grey."""
-    from .annotate import COLOURS_BGR
+    from .annotate import track_colour
 
     im = Image.fromarray(frame_rgb)
     scale = min(1.0, max_width / im.width)
@@ -237,11 +240,14 @@ def draw_frame_picture(
         im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(im)
     size = max(12, im.height // 40)  # readable on a 1080p frame too
-    font = ImageFont.load_default(size=size)
+    try:
+        font: ImageFont.FreeTypeFont | ImageFont.ImageFont = ImageFont.load_default(size=size)
+    except ImportError:  # a Pillow built without FreeType: its fixed small font
+        font = ImageFont.load_default()
     for k, person in enumerate(persons):
         x1, y1, x2, y2 = (float(v) * scale for v in person.box_xyxy)
         track = (track_of or {}).get(k)
-        colour = tuple(reversed(COLOURS_BGR[(track - 1) % len(COLOURS_BGR)])) if track else (120, 120, 120)
+        colour = tuple(reversed(track_colour(track))) if track else (120, 120, 120)
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=3)
         label = f"#{track} · {person.confidence:.2f}" if track else f"person {k} · {person.confidence:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)

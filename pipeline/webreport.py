@@ -233,8 +233,7 @@ def write_section(plots_dir: Path, section: Section) -> Path:
         "written": time.time(),
     }
     atomic_write_text(folder / "sections" / f"{section.id}.js", _js("section", payload))
-    ids = sorted((p.stem for p in (folder / "sections").glob("*.js")), key=_section_order)
-    atomic_write_text(folder / "sections.js", _js("sections", ids))
+    _write_index(folder)
     page = plots_dir / REPORT_HTML
     atomic_write_text(page, PAGE)
     return page
@@ -248,6 +247,11 @@ def drop_section(plots_dir: Path, section_id: str) -> None:
     if not path.is_file():
         return
     path.unlink()
+    _write_index(folder)
+
+
+def _write_index(folder: Path) -> None:
+    """sections.js: the sections present, in the report's order."""
     ids = sorted((p.stem for p in (folder / "sections").glob("*.js")), key=_section_order)
     atomic_write_text(folder / "sections.js", _js("sections", ids))
 

@@ -66,20 +66,39 @@ def load_yolo(model: str, task: str):
             + (" and YOLO_OFFLINE is set" if os.environ.get("YOLO_OFFLINE") else "")
             + ". Pass a local .pt, .onnx or model .yaml file."
         )
+    # Its own task: a checkpoint's or a yaml's Ultralytics reads; an export's, its metadata (which
+    # Ultralytics before 8.4 does not read, guessing from the file's name); an ONNX file that records
+    # none is taken as asked
+    own_task = _recorded_task(model) if model.endswith(".onnx") else None
     try:
-        loaded = YOLO(model)  # its own task: the checkpoint's, the export's metadata, or the yaml's head
+        loaded = YOLO(model, task=own_task or task) if model.endswith(".onnx") else YOLO(model)
     except Exception as e:  # Ultralytics raises many types (download, parse, version)
         raise PipelineError(
             f"cannot load YOLO model {model!r} ({type(e).__name__}: {e}). Pass a local .pt, .onnx or .yaml file."
         ) from e
     own = getattr(loaded, "task", None)
     if task == "segment" and own != "segment":
-        raise PipelineError(f"{model} is a YOLO {own} model: --seg-model needs a segmentation model, which draws each "
+        raise YoloTaskError(f"{model} is a YOLO {own} model: --seg-model needs a segmentation model, which draws each "
                             "person's outline (a -seg model, e.g. yolov8n-seg.pt)")
-    if task == "detect" and own not in ("detect", "segment"):  # a segmentation model finds the boxes too
-        raise PipelineError(f"{model} is a YOLO {own} model: --det-model needs a detection model (e.g. yolov8n.pt) "
-                            "or a segmentation one")
+    if task == "detect" and own not in ("detect", "segment", "pose"):  # segmentation and pose models box persons too
+        raise YoloTaskError(f"{model} is a YOLO {own} model: --det-model needs a model that boxes persons: a detection "
+                            "model (e.g. yolov8n.pt), or a segmentation or pose one")
     return loaded
+
+
+class YoloTaskError(PipelineError):
+    """YOLO weights of another task than the one asked for (detection weights as --seg-model)."""
+
+
+def _recorded_task(path: str) -> str | None:
+    """The task an Ultralytics ONNX export records in its metadata, or None."""
+    try:
+        import onnx
+
+        props = onnx.load(path, load_external_data=False).metadata_props
+    except Exception:  # noqa: BLE001 - no file, or not ONNX: Ultralytics' own load says what is wrong
+        return None
+    return next((p.value.strip("'\"") for p in props if p.key == "task"), None) or None
 
 
 def rgb_to_bgr(image_rgb: np.ndarray) -> np.ndarray:
@@ -165,7 +184,7 @@ def load_cpu_yolo(model: str, task: str, backend: str = "auto", imgsz: int = 640
             export_yolo_onnx(torch_model, weights, target, imgsz, task)
             return load_yolo(str(target), task=task), "onnx"
         except PipelineError as e:
-            if backend == "onnx":
+            if backend == "onnx" or isinstance(e, YoloTaskError):  # weights of another task: no fallback helps
                 raise
             log.warning("running %s with torch: the ONNX export of %s is not usable (%s)", task, model, e)
     return torch_model or load_yolo(model, task=task), "torch"

@@ -200,8 +200,8 @@ def test_catalog_queries_of_every_form_agree(built, tiny_clip):
         for bad, said in (("  ", "must say something"), ("red \ud800", "must be valid Unicode")):
             with pytest.raises(UsageError, match=said):
                 cat.search_text(bad)
-        with pytest.raises(UsageError, match=said):
-            cat.search_combined(out / "images" / file_of(out, 2), [bad])
+            with pytest.raises(UsageError, match=said):
+                cat.search_combined(out / "images" / file_of(out, 2), [bad])
         assert cat.thumbnail(3).shape[2] == 3
     with pytest.raises(ValueError):  # closed
         cat.thumbnail(3)

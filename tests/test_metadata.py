@@ -785,10 +785,13 @@ def test_metadata_files_in_subfolders_name_pictures_from_their_own_folder(tmp_pa
      "{root}/test/metadata.csv: data line 1: its file_name 'C:\\data\\c.jpg' is an absolute path"),
     ({"metadata.csv": "file_name,price\nfile://top.jpg,1\n"},
      "{root}/metadata.csv: data line 1: its file_name 'file://top.jpg' is a URL"),
+    ({"train/metadata.csv": "file_name,price\nimages/..,1\n"},
+     "{root}/train/metadata.csv: data line 1: its file_name 'images/..' names its metadata file's folder, not a "
+     "picture"),
     ({"train/metadata.csv": "file_name,price\nimages/a.jpg,1\nimages/../images//a.jpg,2\n"},
      "'train/images/a.jpg' is named by two lines (data lines 1 and 2)"),  # one picture, however written
 ], ids=["named-twice", "types", "the-column-at-fault", "two-files", "no-file-name", "leaves-its-folder", "absolute",
-        "absolute-windows", "url", "named-twice-as-normalised"])
+        "absolute-windows", "url", "its-own-folder", "named-twice-as-normalised"])
 def test_metadata_files_in_subfolders_that_cannot_be_used_are_refused(files, said, tmp_path):
     from pipeline.config import DatasetSpec
     from pipeline.dataset import folder_metadata

@@ -157,6 +157,6 @@ def test_a_weight_may_be_given_to_a_picture_less_a_text_and_the_default_file_exp
     default = EmbedderSpec()
     assert default_file_note(RunConfig()) is None
     note = default_file_note(RunConfig(embedder=EmbedderSpec(model="./tiny-clip")))
-    assert note == (f"{default.onnx} is the default --onnx: runs without --onnx or --model now embed with ./tiny-clip, "
-                    f"not {default.model}; export with --onnx FILE to keep the default")
+    assert note == (f"{default.onnx} is the default --onnx: gallery builds without --onnx or --model now embed with "
+                    f"./tiny-clip, not {default.model}; export with --onnx FILE to keep the default")
     assert default_file_note(RunConfig(embedder=EmbedderSpec(model="./tiny-clip", onnx="mine.onnx"))) is None

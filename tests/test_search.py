@@ -816,7 +816,8 @@ def test_eval_backends_compare_one_model_and_name_an_fp32_file_as_such(tiny_onnx
     assert list(specs) == ["onnx-fp32"] and specs["onnx-fp32"].onnx == str(fp32)
 
 
-def test_eval_backends_refuse_an_fp32_twin_that_is_missing_not_fp32_or_of_another_model(tiny_onnx, tmp_path):
+def test_eval_backends_refuse_an_fp32_twin_that_is_missing_not_fp32_or_of_another_model(tiny_onnx, tiny_clip,
+                                                                                         tmp_path):
     """The onnx-fp32 row is the fp32 file exported with the int8 one: one not there says which export
     makes it (not an --export-onnx to the fp32 name, which would write an int8 file there); an int8
     file under the fp32 name, or an fp32 file a later export of another model left there, is refused
@@ -836,10 +837,10 @@ def test_eval_backends_refuse_an_fp32_twin_that_is_missing_not_fp32_or_of_anothe
                             explicit=frozenset({"onnx", "eval_backends"}))
     twin = tmp_path / "m_fp32.onnx"
     with pytest.raises(UsageError, match=f"{twin} not found; it is the fp32 file that python main.py --export-onnx "
-                                         f"--onnx {int8} writes beside the int8 file"):
+                                         f"--model {tiny_clip} --onnx {int8} writes beside the int8 file"):
         evaluation_specs(cfg)
     shutil.copy(tiny_onnx, twin)
-    with pytest.raises(UsageError, match="is not an fp32 export"):
+    with pytest.raises(UsageError, match="is an int8-static.* export, not an fp32 one"):
         evaluation_specs(cfg)
     model = onnx.load(str(fp32_path_for(tiny_onnx)))
     for prop in model.metadata_props:

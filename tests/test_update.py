@@ -601,18 +601,21 @@ def test_photos_with_an_empty_id_are_known_by_their_bytes(ids, tiny_onnx, tmp_pa
 
 def test_ids_whose_column_turned_decimal_are_the_same_ids(tiny_onnx, tmp_path, capsys):
     """A whole-number id column that became decimal (pandas does so when a new row lacks an id):
-    5.0 is the photo 5 was, not a new one; the kept lines take the ids as written now, as a build."""
+    5.0 is the photo 5 was, not a new one, a row without a picture too; the kept lines take the ids
+    as written now, as a build."""
     cells: list[bytes | None] = [photo(k) for k in range(6)]
+    cells[2] = None  # a row without a picture: kept as it is, for the same reason, under its id
     data = assets.write_parquet_dataset(tmp_path / "catalogue", cells, extra={"item_id": list(range(6))})
     out, fresh = tmp_path / "updated", tmp_path / "fresh"
-    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id")) == 0
+    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id")) == 3
     assets.write_parquet_dataset(data, [*cells, photo(9)],
                                  extra={"item_id": [*map(float, range(6)), None]})
     capsys.readouterr()
-    assert cli_update(data, tiny_onnx, out, "--id-column", "item_id") == 0
+    assert cli_update(data, tiny_onnx, out, "--id-column", "item_id") == 3
     assert "added 1, changed 0, removed 0, unchanged 6" in capsys.readouterr().out
-    assert [r.item_id for r in read_manifest(out / "embeddings" / "manifest.csv")][:2] == ["0.0", "1.0"]
-    assert run(*args(data, tiny_onnx, fresh, "--id-column", "item_id")) == 0
+    lines = read_manifest(out / "embeddings" / "manifest.csv")
+    assert [r.item_id for r in lines][:3] == ["0.0", "1.0", "2.0"]
+    assert run(*args(data, tiny_onnx, fresh, "--id-column", "item_id")) == 3
     assert_same_as_fresh(out, fresh)
 
 

@@ -416,11 +416,13 @@ def test_a_clip_is_found_whatever_the_case_of_its_suffix(tmp_path):
     assert find_video(tmp_path, "IMG_0001.MOV") == tmp_path / "IMG_0001.MOV"
     (tmp_path / "look.AVI").write_bytes(b"x")
     (tmp_path / "look.Mp4").write_bytes(b"x")
-    assert find_video(tmp_path, "look") == tmp_path / "look.Mp4"
-    (tmp_path / "look.avi").write_bytes(b"x")
-    assert find_video(tmp_path, "look") == tmp_path / "look.avi"
+    assert find_video(tmp_path, "look") == tmp_path / "look.Mp4"  # .mp4 first, as in the lower-case order
+    (tmp_path / "walk.avi").write_bytes(b"x")
+    assert find_video(tmp_path, "walk") == tmp_path / "walk.avi"
     # the clip's own path, where --video_dir (its default, videos) does not hold it
-    assert find_video(tmp_path / "videos", str(tmp_path / "look.avi")) == tmp_path / "look.avi"
+    assert find_video(tmp_path / "videos", str(tmp_path / "walk.avi")) == tmp_path / "walk.avi"
+    with pytest.raises(PipelineError, match=f"video not found: {tmp_path / 'gone.mp4'}; check --video_clip"):
+        find_video(tmp_path / "videos", str(tmp_path / "gone.mp4"))
 
 
 def test_video_shorter_than_stride_is_said(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
@@ -469,14 +471,16 @@ def test_a_models_own_task_is_read_a_segmentation_model_detects_and_a_detection_
     from pipeline.errors import PipelineError
     from pipeline.yolo import SegmentSpec, make_segmenter
 
-    seg, det = tmp_path / "seg" / "person-seg.pt", tmp_path / "det" / "person-det.pt"
+    # named without "-seg": Ultralytics before 8.4 guesses an export's task from its name alone
+    seg, det = tmp_path / "seg" / "people.pt", tmp_path / "det" / "person-det.pt"
     for pt, yaml in ((seg, "yolov8n-seg.yaml"), (det, "yolov8n.yaml")):
         pt.parent.mkdir()
         assets.person_yolo(yaml, score_gain=0.1, score_bias=2.0).save(pt)
     frames = [np.asarray(assets.rgb_image(12, 9, seed=70 + i).resize((160, 120), Image.BICUBIC)) for i in range(3)]
     found = []
-    for backend in ("auto", "torch"):
+    for backend, runs in (("auto", "onnx"), ("torch", "torch")):
         d = video.UltralyticsDetector(str(seg), 0.25, device="cpu", imgsz=160, backend=backend)
+        assert d.backend == runs  # auto: its verified export, read as the segmentation model it records
         d.model.overrides["max_det"] = 4
         found.append([_arrays(f) for f in d.detect(frames)])
     assert [len(x.xyxy) for x in found[0]] == [len(y.xyxy) for y in found[1]]
@@ -485,6 +489,9 @@ def test_a_models_own_task_is_read_a_segmentation_model_detects_and_a_detection_
         assert not len(x.xyxy) or np.abs(x.xyxy - y.xyxy).max() < 0.05
     with pytest.raises(PipelineError, match="is a YOLO detect model: --seg-model needs a segmentation model"):
         make_segmenter(SegmentSpec(model=str(det)), device="cpu")
+    from pipeline.yolo import _recorded_task, yolo_onnx_path
+
+    assert _recorded_task(str(yolo_onnx_path(seg))) == "segment"  # what the export records, whatever its name
 
 
 def test_detector_runs_its_verified_onnx_export_with_the_same_boxes(tmp_path):
@@ -757,3 +764,16 @@ def test_a_segmented_gallerys_matches_name_the_crops_person(clip_dir, tiny_onnx,
                                    ".map(h => h.textContent)")
     assert heads == ["Failed gallery items"]
     assert console_errors(browser) == []
+
+
+def test_a_frame_picture_draws_each_person_as_the_annotated_video_does():
+    """Its track's number and colour (the annotated video's), not the detection order in one red;
+    a person without a track in grey."""
+    from pipeline.annotate import track_colour
+    from pipeline.video import draw_frame_picture
+
+    frame = np.full((120, 160, 3), 255, np.uint8)
+    people = persons([[10, 30, 60, 110], [90, 30, 150, 110]], [0.9, 0.5])
+    pic = np.asarray(draw_frame_picture(frame, people, [], track_of={0: 2}))
+    assert tuple(pic[80, 10]) == tuple(reversed(track_colour(2)))  # the left edge of person 0's box
+    assert tuple(pic[80, 90]) == (120, 120, 120)  # person 1: no track
