@@ -128,10 +128,12 @@ def test_a_search_mode_without_model_flags_asks_with_the_stores_own_model(built,
         rows = list(csv.DictReader(f))
     expected = Catalog.open(out).search_text("red dress", k=4)
     assert [r["gallery_file"] for r in rows] == [h.file for h in expected]
-    # the console says the best matches too, by the names the user knows
-    said = capsys.readouterr().out
-    best = ", ".join(f"{h.shown_name} {h.distance:.3f}" for h in expected[:3])
-    assert f"red dress: {best}" in said, said
+    # the console says the best matches too, by the names the user knows, with their distances
+    said = next(line for line in capsys.readouterr().out.splitlines() if "red dress: " in line)
+    shown = re.fullmatch(r".*red dress: (.+) (\d\.\d{3}), (.+) (\d\.\d{3}), (.+) (\d\.\d{3})", said)
+    assert shown is not None, said
+    assert list(shown.groups()[::2]) == [h.shown_name for h in expected[:3]]
+    assert [float(d) for d in shown.groups()[1::2]] == pytest.approx([h.distance for h in expected[:3]], abs=2e-3)
 
 
 def test_catalog_refuses_what_does_not_fit(built, tmp_path):
