@@ -369,23 +369,22 @@ def store_embedder_spec(made: VectorIdentity, root: Path, model: str | None, onn
     if onnx:
         return EmbedderSpec(model=model or made.model or "", onnx=onnx, backend="onnx", device=device, threads=threads)
     if made.backend == "onnx":
-        if model is None:  # the default file when it is the store's, else the file the store records, where found
-            default = EmbedderSpec().onnx
-            if not (Path(default).is_file() and sha256_file_once(default) == made.onnx_sha256):
-                found = find_file_with_sha256(made.onnx_sha256 or "", default)
-                if found is not None:
-                    log.info("%s: the store was made by %s: its queries are embedded with it", root, found)
-                    return EmbedderSpec(model=made.model or "", onnx=str(found), backend="onnx", device=device,
-                                        threads=threads)
-            return EmbedderSpec(backend="onnx", device=device, threads=threads)  # the default file, checked on load
-        found = find_file_with_sha256(made.onnx_sha256 or "", EmbedderSpec().onnx)
+        default = EmbedderSpec(backend="onnx", device=device, threads=threads)  # the default file, checked on load
+        if model is None and Path(default.onnx).is_file() and sha256_file_once(default.onnx) == made.onnx_sha256:
+            return default
+        found = find_file_with_sha256(made.onnx_sha256 or "", default.onnx)
         if found is None:
+            if model is None:
+                return default  # refused on load, saying what to pass
             raise CacheMismatchError(
                 f"the store in {root} was made by an int8 ONNX file (sha256 {(made.onnx_sha256 or '?')[:12]}…, "
                 f"exported from {made.model}), whose vectors are not the model's own: pass onnx='FILE.onnx', the "
                 "file that made it"
             )
-        if made.model and model_reference(model) != made.model:
+        if model is None:
+            log.info("%s: the store was made by %s: its queries are embedded with it", root, found)
+            model = made.model or ""
+        elif made.model and model_reference(model) != made.model:
             log.warning("%s: the store was made by %s, exported from %s, not from %s: its queries are embedded "
                         "with that file", root, found, made.model, model)
             model = made.model  # the file's own model, for what the file does not record

@@ -287,9 +287,9 @@ def flag_default(dest: str) -> Any:
 def onnx_of_another_model(spec: EmbedderSpec) -> str | None:
     """The model the file at --onnx was exported from, when there is a file and it is not of
     --model (None otherwise, a file without that record included: it is taken as asked)."""
-    from .embedders import file_source_model, known_file_metadata, model_reference
+    from .embedders import exported_from, model_reference
 
-    made_from = file_source_model(known_file_metadata(spec.onnx))
+    made_from = exported_from(spec.onnx)
     return made_from if made_from and made_from != model_reference(spec.model) else None
 
 

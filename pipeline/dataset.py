@@ -134,12 +134,7 @@ def _open_parquet(name: Any, source: Any, footer: Any = None) -> Any:
     file when it is no parquet file or a damaged one (a copy or download cut short)."""
     import pyarrow.parquet as pq
 
-    try:
-        return pq.ParquetFile(source, pre_buffer=False, metadata=footer)
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        if not _damaged(name, e):
-            raise
-        raise _unreadable(name, e) from None
+    return _read_as_parquet(name, lambda: pq.ParquetFile(source, pre_buffer=False, metadata=footer))
 
 
 def _parquet_footer(name: Any, source: Any) -> Any:
@@ -147,23 +142,20 @@ def _parquet_footer(name: Any, source: Any) -> Any:
     PipelineError naming the file when it cannot be read as parquet."""
     import pyarrow.parquet as pq
 
+    return _read_as_parquet(name, lambda: _read_footer(source) or pq.read_metadata(source))
+
+
+def _read_as_parquet(name: Any, read: Callable[[], Any]) -> Any:
+    """read(), or a PipelineError naming the file `name` when it failed on the file's bytes (a
+    local file, or pyarrow's verdict on what was read: pyarrow's ArrowInvalid is a ValueError); a
+    remote file's network error keeps its own message."""
     try:
-        return _read_footer(source) or pq.read_metadata(source)
+        return read()
     except (OSError, ValueError) as e:
-        if not _damaged(name, e):
+        if not (isinstance(e, ValueError) or Path(str(name)).is_file()):
             raise
-        raise _unreadable(name, e) from None
-
-
-def _damaged(name: Any, e: Exception) -> bool:
-    """Whether reading `name` failed on its bytes (a local file, or pyarrow's verdict on what was
-    read), not on the way to them (a remote file's network error keeps its own message)."""
-    return isinstance(e, ValueError) or Path(str(name)).is_file()
-
-
-def _unreadable(name: Any, e: Exception) -> PipelineError:
-    return PipelineError(f"{name}: cannot be read as a parquet file ({first_line(e)}); a copy or download cut short "
-                         "leaves one like this: copy or download it again")
+        raise PipelineError(f"{name}: cannot be read as a parquet file ({first_line(e)}); a copy or download cut "
+                            "short leaves one like this: copy or download it again") from None
 
 
 def check_dataset(spec: DatasetSpec) -> int | None:

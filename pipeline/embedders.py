@@ -145,6 +145,11 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
+def exported_from(path: str | Path) -> str:
+    """The model the ONNX file at `path` records it was exported from ("" when none, or no file)."""
+    return file_source_model(known_file_metadata(path))
+
+
 def file_source_model(meta: dict[str, str]) -> str:
     """The model an exported file records it was made from, as identities name it (backends.hub_reference:
     a file exported before from an open_clip hub model's plain id names it as open_clip's form)."""

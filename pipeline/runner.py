@@ -593,7 +593,7 @@ def _check_twins_are_its_own(cfg: RunConfig) -> None:
     there, exported from another model, would replace another int8 file's twins (its text queries
     then refused, its fp32 row gone). Refused before the model loads. Replacing the int8 file itself
     keeps the replaced files (export.keep_replaced)."""
-    from .embedders import file_source_model, known_file_metadata
+    from .embedders import exported_from
     from .export import fp32_path_for
 
     target = Path(cfg.embedder.onnx)
@@ -601,7 +601,7 @@ def _check_twins_are_its_own(cfg: RunConfig) -> None:
         return
     wanted = model_reference(cfg.embedder.model)
     for twin in (fp32_path_for(target), text_onnx_path_for(target)):
-        made_from = file_source_model(known_file_metadata(twin)) if twin.is_file() else ""
+        made_from = exported_from(twin)
         if made_from and made_from != wanted:
             raise PipelineError(
                 f"--onnx {target} would write {twin}, which is there, exported from {made_from} for another int8 "

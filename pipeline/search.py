@@ -493,9 +493,9 @@ def _spec_for(cfg: RunConfig, name: str) -> EmbedderSpec:
                          "(its fp32 file is found beside it)")
     path = e.onnx if wanted.onnx_file == "int8" or fp32_file else str(fp32_path_for(e.onnx))
     if path != e.onnx and Path(e.onnx).is_file():  # the fp32 twin of the int8 file named
-        from .embedders import META_PRECISION, file_source_model, known_file_metadata
+        from .embedders import META_PRECISION, exported_from, known_file_metadata
 
-        made_from = file_source_model(known_file_metadata(e.onnx))
+        made_from = exported_from(e.onnx)
         again = f"python main.py --export-onnx{f' --model {made_from}' if made_from else ''} --onnx {e.onnx}"
         if not Path(path).is_file():
             raise UsageError(f"--eval-backends {name}: {path} not found; it is the fp32 file that {again} writes "
@@ -564,9 +564,9 @@ def evaluation_specs(cfg: RunConfig) -> dict[str, EmbedderSpec]:
     specs = {b: _spec_for(cfg, b) for b in backends}
     onnx = [b for b in backends if EVAL_BACKENDS[b].backend == "onnx"]
     if len(onnx) > 1:  # an int8 file and its fp32 twin: exported from one model (a later export may replace one)
-        from .embedders import file_source_model, known_file_metadata
+        from .embedders import exported_from
 
-        made = {b: file_source_model(known_file_metadata(specs[b].onnx)) for b in onnx}
+        made = {b: exported_from(specs[b].onnx) for b in onnx}
         if len({m for m in made.values() if m}) > 1:
             said = ", ".join(f"{specs[b].onnx} from {m}" for b, m in made.items())
             raise UsageError(f"--eval-backends compares one model on several backends, but the files were exported "

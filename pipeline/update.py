@@ -157,8 +157,8 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
                 same.popleft()
             if same:
                 old_row = same.popleft()
-                if by_id and old_row in pool.get(key_of(rec.item_id, ""), ()):
-                    pool[key_of(rec.item_id, "")].remove(old_row)
+                if by_id and old_row in (same_id := pool.get(key_of(rec.item_id, ""), deque())):
+                    same_id.remove(old_row)
                 matched[old_row] = rec.source_row
                 name(old_row, rec)
                 plan.unchanged += 1
