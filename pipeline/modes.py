@@ -137,8 +137,8 @@ _AFTER: tuple[Check, ...] = (
     (lambda c: "ray_address" in c.explicit and c.engine != "ray", "--ray-address needs --engine ray"),
     (
         lambda c: bool(c.filter or c.group_by or c.dedup) and selected_mode(c).name in _NO_SEARCH_OPTIONS,
-        "{search_flags} only {search_verb} searches (queries, neighbours, --evaluate, --serve, --video_clip, "
-        "the Python API); {mode_flag} does not search the catalogue, so it would ignore them: drop them",
+        "{search_flags} only {search_verb} searches ({searches}); {mode_flag} does not search the catalogue, "
+        "so it would ignore them: drop them",
     ),
     (
         lambda c: c.fresh and c.from_cache,
@@ -188,7 +188,10 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     values = {"unknown": _unknown_backends(cfg), "precision": cfg.embedder.precision,
               "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag,
               "search_verb": "change" if sum(bool(on) for _, on in shaping) > 1 else "changes",
-              "quantization": cfg.export.quantization}
+              "quantization": cfg.export.quantization,
+              # --evaluate takes --filter and --group-by but refuses --dedup (its own check above).
+              "searches": ", ".join(("queries", "neighbours") + (() if cfg.dedup else ("--evaluate",))
+                                    + ("--serve", "--video_clip", "the Python API"))}
     for when, message in _BEFORE:
         if when(cfg):
             return message.format(**values)

@@ -225,13 +225,19 @@ def _first_frames(container, stream, max_packets: int = 256) -> Iterator:
             continue
 
 
+def box_label(track: int | None, confidence: float) -> str:
+    """A person's box label on a frame picture: its track's number (its match row says the same), or,
+    for a person with nothing to cut, that it has no crop (and so no match row)."""
+    return f"{f'#{track}' if track else 'no crop'} · {confidence:.2f}"
+
+
 def draw_frame_picture(
     frame_rgb: np.ndarray, persons: Sequence[Person], rows: list[Image.Image], max_width: int = 1280,
     track_of: dict[int, int] | None = None,
 ) -> Image.Image:
     """The frame (scaled to max_width) with each person's box, above one match row per person.
     A person on a track is drawn as the annotated video draws it: "#<track>" in the track's colour,
-    with the detector's confidence; one without (no crop) as "person <k>" in grey."""
+    with the detector's confidence; one without (nothing to cut: no track, no match row) as "no crop" in grey."""
     from .annotate import track_colour
 
     im = Image.fromarray(frame_rgb)
@@ -249,7 +255,7 @@ def draw_frame_picture(
         track = (track_of or {}).get(k)
         colour = tuple(reversed(track_colour(track))) if track else (120, 120, 120)
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=3)
-        label = f"#{track} · {person.confidence:.2f}" if track else f"person {k} · {person.confidence:.2f}"
+        label = box_label(track, person.confidence)
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         ty = max(0, y1 - (bottom - top) - 6)
         draw.rectangle([x1, ty, x1 + right - left + 8, ty + bottom - top + 6], fill=colour)

@@ -777,3 +777,11 @@ def test_a_frame_picture_draws_each_person_as_the_annotated_video_does():
     pic = np.asarray(draw_frame_picture(frame, people, [], track_of={0: 2}))
     assert tuple(pic[80, 10]) == tuple(reversed(track_colour(2)))  # the left edge of person 0's box
     assert tuple(pic[80, 90]) == (120, 120, 120)  # person 1: no track
+
+
+def test_a_box_label_names_the_track_or_says_there_is_no_crop():
+    """A person's detection index means nothing to a reader: an untracked box says why it has no row."""
+    from pipeline.video import box_label
+
+    assert box_label(3, 0.914) == "#3 · 0.91"
+    assert box_label(None, 0.5) == "no crop · 0.50"
