@@ -924,6 +924,13 @@ FOLDER_COLUMN = "folder"  # an image folder's metadata: each picture's subfolder
 FOLDER_METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")  # the Hugging Face ImageFolder's
 
 
+def _holds_pictures(kind: Any) -> bool:
+    """A parquet column of pictures as datasets writes them: a struct with a `bytes` field."""
+    import pyarrow as pa
+
+    return bool(pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)
+
+
 def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None = None, warn: bool = True) -> Any:
     """An image folder's metadata, rows as the folder is read (its pictures in natural order, the
     first --limit), or None when it has none:
@@ -1110,6 +1117,13 @@ def _folder_sidecar(root: Path, name: str, spec: DatasetSpec) -> Any:
         raise PipelineError(f"{root / name}: cannot be read as a table: {first_line(e)}") from e
     names = table.column_names
     if "file_name" not in names:
+        pictures = [f.name for f in table.schema if _holds_pictures(f.type)]
+        if pictures:  # a parquet dataset that happens to be named as a folder's metadata
+            raise PipelineError(
+                f"{root / name} holds pictures itself (column {pictures[0]!r}): it is a parquet dataset, but the "
+                f"name {Path(name).name} is an image folder's metadata (the Hugging Face ImageFolder's, which reads "
+                "the pictures beside it); rename it, e.g. to data/train-00000-of-00001.parquet, to read it as a "
+                "dataset")
         raise PipelineError(f"{root / name} has no file_name column (each picture's path relative to "
                             f"{(root / name).parent}); its columns are {names}")
     for c in (FOLDER_COLUMN, *sorted(RESERVED_META), spec.image_column):

@@ -213,7 +213,9 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
         raise CacheMismatchError(SWITCH_STOPPED.format(store=cfg.store_dir))
     if cfg.from_cache:
         with summary.stage("load cache"):
-            cache = load_gallery_cache(cfg, identity=embedder.identity if embedder is not None else None)
+            # no embedder loaded (a gallery from the cache): the store's own, with no model flags
+            cache = load_gallery_cache(cfg, identity=embedder.identity if embedder is not None
+                                       else store_identity_if_default(cfg))
         log.info("loaded %d embeddings from %s", len(cache.embeddings), cfg.store_dir)
         summary.model = cache.sidecar.identity.label()
         gallery = Gallery(cache.embeddings, cache.rows, embedder)
@@ -512,6 +514,26 @@ def store_identity_if_default(cfg: RunConfig) -> VectorIdentity | None:
         return Sidecar.read(cfg.store_dir / SIDECAR_FILE).identity
     except CacheMismatchError:
         return None
+
+
+def store_embedder_note(cfg: RunConfig, note: str | None) -> str | None:
+    """config.onnx_fallback's note ("using the transformers model ..."), or None where it would be
+    untrue: a run that embeds with its store's own embedder (the search modes, --update, a video
+    against the cached gallery), or embeds nothing (--export, a gallery from the cache), when the
+    store was made by another embedder than the default model."""
+    if note is None or not (cfg.searches_only or cfg.from_cache or cfg.update):
+        return note
+    made = store_identity_if_default(cfg)
+    if made is None or (made.backend, made.model) == ("torch", cfg.embedder.model):
+        return note
+    return None
+
+
+def with_store_embedder(cfg: RunConfig) -> RunConfig:
+    """The run's configuration with the embedder that made its store where no --model, --onnx or
+    --backend was given (as the search modes take it: _search_embedder)."""
+    spec = _search_embedder(cfg)
+    return cfg if spec == cfg.embedder else replace(cfg, embedder=spec)
 
 
 def _search_embedder(cfg: RunConfig) -> EmbedderSpec:

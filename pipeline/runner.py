@@ -41,7 +41,7 @@ from .fileio import (
     sha256_file,
     unlink_quietly,
 )
-from .galleries import group_by, open_gallery, open_searcher, with_metadata
+from .galleries import group_by, open_gallery, open_searcher, store_embedder_note, with_metadata
 from .hub import go_offline_unless_reachable
 from .images import ImageDecodeError, decode_image
 from .index import INDEX_FILE
@@ -74,7 +74,8 @@ def run(cfg: RunConfig) -> RunSummary:
     working copy, fetched first and sent back after (remote.py)."""
     mode = selected_mode(cfg)
     run_mode = mode.load()
-    if (fallback := onnx_fallback(cfg)) and mode.name != "serve":  # serve says it once its port is bound
+    fallback = store_embedder_note(cfg, onnx_fallback(cfg))
+    if fallback and mode.name != "serve":  # serve says it once its port is bound
         log.info(fallback)  # and in the summary's notes
     offline = go_offline_unless_reachable(cfg)  # before anything asks the hub
     remote = mirrored(cfg.output_url, cfg.output_dir) if cfg.output_url and mode.mirrors_output else nullcontext()

@@ -36,7 +36,7 @@ from .catalog import Catalog
 from .config import RunConfig, onnx_fallback
 from .errors import PipelineError, UsageError
 from .filters import column_kind
-from .galleries import open_catalog
+from .galleries import open_catalog, store_embedder_note
 from .images import ImageDecodeError, encode_jpeg
 from .metadata import json_value
 from .report import RunSummary
@@ -515,7 +515,7 @@ def run_serve(cfg: RunConfig) -> RunSummary:
     summary = RunSummary(mode="serve")
     token = required_token(cfg)  # beyond loopback without a token: refused before anything binds
     sock = bind(cfg.serve.host, cfg.serve.port)  # before the model loads: a busy port is said at once
-    if fallback := onnx_fallback(cfg):
+    if fallback := store_embedder_note(cfg, onnx_fallback(cfg)):
         log.info(fallback)
     try:
         service = SearchService.load(cfg, summary)

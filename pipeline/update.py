@@ -45,7 +45,16 @@ from .duplicates import SIGNATURE_VERSION, item_signals
 from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError, first_line
 from .fileio import link_or_copy, unlink_quietly
-from .galleries import BuildPart, Gallery, build, decoded_as_made, gallery_source, made_identity, owned_files
+from .galleries import (
+    BuildPart,
+    Gallery,
+    build,
+    decoded_as_made,
+    gallery_source,
+    made_identity,
+    owned_files,
+    with_store_embedder,
+)
 from .identity import VectorIdentity, differences
 from .images import decode_image
 from .index import INDEX_META, switch_index, update_index
@@ -218,6 +227,8 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     rows_now = check_dataset(cfg.dataset)
     with summary.stage("load store"):
         old = _old_store(cfg)
+        if embedder is None:  # no --model, --onnx or --backend: the store's own embedder
+            cfg = with_store_embedder(cfg)
         cfg = decoded_as_made(cfg, old.sidecar.identity.pixels)
         _check_embedder(cfg, old)
     groups = photo_groups(old.rows)

@@ -22,7 +22,15 @@ from .config import CLIP_SUFFIXES, RunConfig, VideoSpec
 from .embedders import Embedder, make_embedder, on_cuda
 from .errors import PipelineError
 from .fileio import atomic_write_text, check_writable
-from .galleries import Gallery, group_by, open_gallery, open_searcher, segmenter_factory, with_metadata
+from .galleries import (
+    Gallery,
+    group_by,
+    open_gallery,
+    open_searcher,
+    segmenter_factory,
+    with_metadata,
+    with_store_embedder,
+)
 from .persons import Detector, Person, Segmenter, person_crops, with_masks
 from .plots import THUMB_SIZE, compose_matches, make_thumbnail, neighbour_tiles, save_jpeg
 from .preprocess import preprocess_batch
@@ -644,7 +652,8 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
 def load_gallery(cfg: RunConfig, summary: RunSummary) -> tuple[Embedder, Gallery]:
     """The embedder and the gallery (cache or built) it matches against, which must hold embeddings."""
     with summary.stage("load model"):  # the same stage as a gallery build's, which then finds it loaded
-        embedder = make_embedder(cfg.embedder)
+        # against the cached gallery with no --model, --onnx or --backend: the store's own embedder
+        embedder = make_embedder((with_store_embedder(cfg) if cfg.from_cache else cfg).embedder)
     gallery = open_gallery(cfg, summary, embedder=embedder)
     if not gallery.embedded:
         raise PipelineError(f"the gallery in {cfg.store_dir} has no embedded items to match against")

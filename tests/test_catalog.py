@@ -136,6 +136,30 @@ def test_a_search_mode_without_model_flags_asks_with_the_stores_own_model(built,
     assert [float(d) for d in shown.groups()[1::2]] == pytest.approx([h.distance for h in expected[:3]], abs=2e-3)
 
 
+def test_update_cache_and_export_without_model_flags_go_on_with_the_stores_own_model(tiny_clip, tmp_path, capsys):
+    """No --model, --onnx or --backend on a store another model made: --update embeds its new photos
+    with that model (the default hub model failed offline; with the hub it was refused), a gallery
+    run from the cache and --export load nothing; none says it falls back to the transformers model."""
+    cells = [assets.jpeg_bytes(60 + 3 * i, 80, seed=40 + i) for i in range(8)]
+    out = tmp_path / "out"
+    assert cli.main(["--dataset", str(assets.write_parquet_dataset(tmp_path / "ds", cells[:6])), "--model",
+                     str(tiny_clip), "--backend", "torch", "--output-dir", str(out), "--max-result-images", "0",
+                     "-q"]) == 0
+    grown = assets.write_parquet_dataset(tmp_path / "ds", cells)  # two photos more
+    capsys.readouterr()
+    assert cli.main(["--dataset", str(grown), "--update", "--output-dir", str(out), "--max-result-images", "0"]) == 0
+    said = capsys.readouterr()
+    assert "added 2, changed 0, removed 0, unchanged 6" in said.out
+    cat = Catalog.open(out)
+    assert len(cat) == 8
+    for new in (6, 7):  # the new photos' vectors are the store's model's
+        assert cat.search_image(cells[new], k=1)[0].hits[0].distance < 1e-4
+    assert cli.main(["--use-embeddings", "--output-dir", str(out), "--max-result-images", "0"]) == 0
+    assert cli.main(["--export", f"parquet:{tmp_path / 'shop.parquet'}", "--output-dir", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "using the transformers model" not in said.out + said.err
+
+
 def test_catalog_refuses_what_does_not_fit(built, tmp_path):
     out, _ = built
     with pytest.raises(PipelineError, match="holds no gallery store"):

@@ -846,3 +846,20 @@ def test_a_parquet_file_cut_short_is_named_not_an_unexpected_error(damaged, tiny
     err = capsys.readouterr().err
     assert f"error: {files[damaged]}: cannot be read as a parquet file (" in err
     assert "copy or download it again" in err and "unexpected" not in err
+
+
+def test_a_parquet_dataset_named_metadata_parquet_is_refused_with_what_to_rename(tiny_onnx, tmp_path, capsys):
+    """A folder holding only a parquet dataset that happens to be named metadata.parquet is read as
+    an image folder's metadata, as the Hugging Face ImageFolder reads it: the refusal says that the
+    file holds pictures itself and how to have it read as a dataset, not only that file_name is missing."""
+    ds = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(40, 40, seed=i) for i in range(3)])
+    data = tmp_path / "folder"
+    data.mkdir()
+    (ds / "data" / "train-00000-of-00001.parquet").rename(data / "metadata.parquet")
+    assert run(*args(data, tiny_onnx, tmp_path / "out")) == 1
+    said = capsys.readouterr().err
+    assert f"{data}/metadata.parquet holds pictures itself (column 'image'): it is a parquet dataset" in said
+    assert "rename it, e.g. to data/train-00000-of-00001.parquet, to read it as a dataset" in said
+    (data / "data").mkdir()
+    (data / "metadata.parquet").rename(data / "data" / "train-00000-of-00001.parquet")
+    assert run(*args(data, tiny_onnx, tmp_path / "out")) == 0  # renamed as said, it is read

@@ -785,3 +785,25 @@ def test_a_box_label_names_the_track_or_says_there_is_no_crop():
 
     assert box_label(3, 0.914) == "#3 · 0.91"
     assert box_label(None, 0.5) == "no crop · 0.50"
+
+
+def test_a_video_against_the_cached_gallery_asks_with_the_stores_own_model(clip_dir, tiny_clip, tmp_path, monkeypatch,
+                                                                          capsys):
+    """--use-embeddings with no --model, --onnx or --backend: the crops are embedded by the model that
+    made the store (as the search modes take it), not the default hub model, which offline failed."""
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    data = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(60, 90, seed=700 + i) for i in range(8)])
+    out = tmp_path / "out"
+    model = ["--model", str(tiny_clip), "--backend", "torch"]
+    assert cli.main(["--dataset", str(data), *model, "--output-dir", str(out), "--max-result-images", "0", "-q"]) == 0
+    argv = ["--video_clip", "clip_1", "--video_dir", str(clip_dir), "--use-embeddings", "--output-dir", str(out),
+            "--top-k", "3"]
+    assert cli.main([*argv, *model, "-q"]) == 0
+    results = out / "video_results" / "clip_1" / "results.jsonl"
+    asked = results.read_text()
+    results.unlink()
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert results.read_text() == asked
+    said = capsys.readouterr()
+    assert "using the transformers model" not in said.out + said.err  # the run did not
