@@ -26,6 +26,35 @@ from .errors import PipelineError
 log = logging.getLogger(__name__)
 
 
+def _read_umask() -> int:
+    """The process's umask, read once at import (os.umask can only be read by setting it, which is not
+    safe once other threads make files)."""
+    try:  # Linux says it without changing it
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()  # what open() gives a new file: the temp files get it too
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """tempfile.mkstemp in path's folder (prefix ".<name>.", suffix ".tmp"), its mode what a file made
+    with open() gets (0644 under the usual umask, not mkstemp's 0600): a store, its images and
+    reports moved into place from it are readable by whoever reads the folder."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(tmp)
+        raise
+    return fd, tmp
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write bytes to `path` through a temp file in the same folder and os.replace.
 
@@ -35,7 +64,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     than the decode.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -90,7 +119,7 @@ class AtomicNpyMemmap:
     def __init__(self, path: str | Path, shape: tuple[int, int], dtype: Any) -> None:
         self.path = Path(path)
         self.shape, self.dtype = shape, np.dtype(dtype)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, self.tmp = temp_file_beside(self.path)
         os.close(fd)
         try:
             header = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype, shape=shape)
@@ -366,7 +395,7 @@ def atomic_write_npy_chunks(path: str | Path, shape: tuple[int, ...], dtype: Any
     from concurrent.futures import ThreadPoolExecutor
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     h = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash") as hasher:

@@ -74,6 +74,20 @@ def json_value(v: Any) -> Any:
     return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
 
 
+def narrow_float_columns(schema: Any) -> dict[str, Any]:
+    """A pyarrow schema's columns of floats narrower than 64 bits (a dictionary's values), with their
+    numpy type: what reads such a float as the shortest decimal it is needs."""
+    import pyarrow as pa
+
+    narrow = {pa.float32(): np.float32, pa.float16(): np.float16}
+    out = {}
+    for field in schema:
+        t = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
+        if t in narrow:
+            out[field.name] = narrow[t]
+    return out
+
+
 @dataclass(frozen=True)
 class Metadata:
     """The metadata of a store's searchable items: `table` row j belongs to embedding row j."""
@@ -98,16 +112,7 @@ class Metadata:
     @functools.cached_property
     def _narrow_floats(self) -> dict[str, Any]:
         """The columns of floats narrower than 64 bits (a dictionary's values), with their numpy type."""
-        import pyarrow as pa
-
-        narrow = {pa.float32(): np.float32, pa.float16(): np.float16}
-        out = {}
-        for c in self.table.column_names:
-            t = self.table.schema.field(c).type
-            t = t.value_type if pa.types.is_dictionary(t) else t
-            if t in narrow:
-                out[c] = narrow[t]
-        return out
+        return narrow_float_columns(self.table.schema)
 
     def json_values(self, j: int) -> dict[str, Any]:
         """Embedding row j's values as JSON has them (json_value)."""

@@ -31,6 +31,7 @@ import decimal
 import hashlib
 import json
 import logging
+import math
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ import numpy as np
 
 from .errors import PipelineError, UsageError
 from .fileio import atomic_write_text
-from .metadata import Metadata, prefixed_name
+from .metadata import Metadata, narrow_float_columns, prefixed_name
 from .store import ManifestRow
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ TABLE = "gallery"
 EXPORT_FILE = "_fashion_export.json"
 OLD_EXPORT_FILE = "fashion_export.json"  # the record's name until 2026-12-06
 PART_ROWS = 10_000
+QDRANT_PAYLOAD = 2  # how a Qdrant export writes its payloads: 2, a narrow float as its shortest decimal
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,10 @@ def export_table(embeddings: np.ndarray, rows: Sequence[ManifestRow], meta: Meta
     return table.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
 
 
-OWN_COLUMNS = frozenset({"key", "file", "source", "source_row", "person", "digest", "vector", "embedding"})
+# The export's columns, and those LanceDB adds to a search's results (a catalogue column named so
+# made every vector search of the table fail on the clash)
+OWN_COLUMNS = frozenset({"key", "file", "source", "source_row", "person", "digest", "vector", "embedding",
+                         "_distance", "_rowid", "_score", "_relevance_score"})
 
 
 def source_of(row: ManifestRow) -> str | None:
@@ -147,6 +152,9 @@ def _digest(vector: np.ndarray, values: dict[str, Any]) -> str:
 def _check_identity(target: ExportTarget, identity: dict[str, Any]) -> dict[str, Any] | None:
     """The export's record, or None for a new one; another embedder's export is refused, and so is
     a folder that holds data but no record (not made by --export: nothing there is overwritten)."""
+    if target.folder.exists() and not target.folder.is_dir():
+        raise PipelineError(f"--export {target.kind}:{target.folder}: {target.folder} is a file; an export is a "
+                            f"folder (e.g. {target.kind}:{target.folder}.{target.kind}): name another")
     path = target.folder / EXPORT_FILE
     if not path.is_file() and (target.folder / OLD_EXPORT_FILE).is_file():
         path = target.folder / OLD_EXPORT_FILE
@@ -197,19 +205,25 @@ def export_store(target: ExportTarget, embeddings: np.ndarray, rows: Sequence[Ma
     # a column's type changed with values that read the same (int32 -> int64: the same digests): the writer
     # writes everything again in the new schema (its apply does, where its schema differs)
     restyled = bool(before) and getattr(writer, "schema_differs", lambda t: False)(table)
+    # a Qdrant export whose payloads were written before floats narrower than 64 bits went out as their
+    # shortest decimal (19.99, not 19.989999771118164, which a range filter on 19.99 missed): every point again
+    old_payloads = bool(before) and target.kind == "qdrant" and record.get("payload") != QDRANT_PAYLOAD
     try:
-        if removed or changed or added or record.get("new") or restyled:
+        if old_payloads:
+            writer.apply(table, removed, set(now))
+        elif removed or changed or added or record.get("new") or restyled:
             writer.apply(table, removed + changed, set(changed) | set(added))
     finally:
         close = getattr(writer, "close", None)
         if close is not None:
             close()
     old_name = target.folder / OLD_EXPORT_FILE
-    if (removed or changed or added or restyled or record.get("new") or record.get("store_sha256") != store_sha256
-            or old_name.is_file()):
+    if (removed or changed or added or restyled or old_payloads or record.get("new")
+            or record.get("store_sha256") != store_sha256 or old_name.is_file()):
         atomic_write_text(target.folder / EXPORT_FILE, json.dumps(
             {"identity": identity, "store_sha256": store_sha256, "kind": target.kind, "rows": len(now),
-             "dim": int(embeddings.shape[1]) if embeddings.ndim == 2 else 0}, indent=2, sort_keys=True))
+             "dim": int(embeddings.shape[1]) if embeddings.ndim == 2 else 0,
+             **({"payload": QDRANT_PAYLOAD} if target.kind == "qdrant" else {})}, indent=2, sort_keys=True))
     old_name.unlink(missing_ok=True)  # renamed: a parquet reader of the folder skips it now
     return ExportReport(target, len(added), len(changed), len(removed), len(now) - len(added) - len(changed))
 
@@ -290,13 +304,14 @@ class _Qdrant:
         if drop:
             self.client.delete(TABLE, points_selector=models.PointIdsList(points=[_point_id(k) for k in drop]))
         payload_columns = [c for c in table.column_names if c != "vector"]
+        narrow = narrow_float_columns(table.schema)
         batch = []
         keys = table.column("key").to_pylist()
         vectors = table.column("vector")
         for i, key in enumerate(keys):
             if key not in put:
                 continue
-            values = {c: _plain(table.column(c)[i].as_py()) for c in payload_columns}
+            values = {c: _plain(table.column(c)[i].as_py(), narrow.get(c)) for c in payload_columns}
             batch.append(models.PointStruct(id=_point_id(key), vector=vectors[i].as_py(), payload=values))
             if len(batch) == 512:
                 self.client.upsert(TABLE, points=batch)
@@ -308,9 +323,13 @@ class _Qdrant:
         self.client.close()  # local mode holds a lock on the folder
 
 
-def _plain(v: Any) -> Any:
+def _plain(v: Any, narrow: Any = None) -> Any:
     """A metadata value as a Qdrant payload value: a decimal as a number (its range filters compare
-    numbers), a date or time in ISO 8601 (what its datetime range filters parse)."""
+    numbers), a float of a narrow column (`narrow`: its numpy type) as the shortest decimal it is,
+    as the catalogue's own filters and hits read it, a date or time in ISO 8601 (what its datetime
+    range filters parse)."""
+    if narrow is not None and isinstance(v, float) and math.isfinite(v):
+        return float(str(narrow(v)))
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, decimal.Decimal):

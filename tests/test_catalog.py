@@ -160,6 +160,21 @@ def test_update_cache_and_export_without_model_flags_go_on_with_the_stores_own_m
     assert "using the transformers model" not in said.out + said.err
 
 
+def test_every_file_a_run_writes_has_the_mode_open_gives_it(built, tmp_path):
+    """Files moved into place from temp files (the store, the images, the report, an export's record)
+    are readable as the umask allows, as any file open() makes, not mkstemp's owner-only 0600: a web
+    server or a Catalog run by another account reads the store."""
+    from pipeline.fileio import _read_umask
+
+    out, _ = built
+    assert cli.main(["--export", f"parquet:{tmp_path / 'shop.parquet'}", "--output-dir", str(out), "-q"]) == 0
+    expected = 0o666 & ~_read_umask()
+    written = [p for root in (out, tmp_path / "shop.parquet") for p in root.rglob("*") if p.is_file()]
+    assert len(written) > 20 and any(p.name == "_fashion_export.json" for p in written)
+    assert {str(p.relative_to(p.parents[1])): oct(p.stat().st_mode & 0o777) for p in written
+            if p.stat().st_mode & 0o777 != expected} == {}
+
+
 def test_catalog_refuses_what_does_not_fit(built, tmp_path):
     out, _ = built
     with pytest.raises(PipelineError, match="holds no gallery store"):

@@ -141,6 +141,12 @@ def test_a_folder_not_made_by_export_is_left_alone(exported, tiny_onnx, tmp_path
     assert cli.main(args(data, tiny_onnx, out, "--export", f"lancedb:{targets['lancedb']}")) == 1
     assert "already holds files but no _fashion_export.json" in capsys.readouterr().err
     assert lancedb.connect(str(targets["lancedb"])).open_table("gallery").count_rows() == before  # nothing added
+    # a file where the folder would be: refused by name, not an unexpected FileExistsError
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli.main(args(data, tiny_onnx, out, "--export", f"parquet:{tmp_path / 'notes.txt'}")) == 1
+    assert (f"--export parquet:{tmp_path / 'notes.txt'}: {tmp_path / 'notes.txt'} is a file; an export is a folder"
+            in capsys.readouterr().err)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_an_interrupted_first_export_is_finished_and_catalogue_columns_keep_their_values(tiny_onnx, tmp_path,
@@ -274,6 +280,7 @@ def test_nan_decimals_and_dates_go_out_as_the_databases_filter_them(tmp_path):
         "day": pa.array([datetime.date(2026, 1, d) for d in (1, 2, 3, 4)]),
         "ts": pa.array([datetime.datetime(2026, 1, d, 10, tzinfo=datetime.UTC) for d in (1, 2, 3, 4)],
                        pa.timestamp("us", tz="UTC")),
+        "weight": pa.array([19.99, 5.0, 19.99, 30.1], pa.float32()),
     }))
     identity = {"backend": "onnx", "onnx_sha256": "a" * 64}
     for kind in ("lancedb", "qdrant", "parquet"):
@@ -295,6 +302,24 @@ def test_nan_decimals_and_dates_go_out_as_the_databases_filter_them(tmp_path):
     assert found(models.IsNullCondition(is_null=models.PayloadField(key="price"))) == [1, 3]
     for key in ("day", "ts"):
         assert found(models.FieldCondition(key=key, range=models.DatetimeRange(gte="2026-01-03T00:00:00Z"))) == [2, 3]
+    # a float32 goes out as the shortest decimal it is (19.99, not 19.989999771118164): a range on 19.99
+    # keeps what our filter keeps
+    at_least = models.FieldCondition(key="weight", range=models.Range(gte=19.99))
+    assert found(at_least) == list(np.flatnonzero(meta.mask("weight >= 19.99"))) == [0, 2, 3]
+    # an export whose payloads were written before (widened floats, no payload version) is written again whole
+    client.set_payload("gallery", {"weight": float(np.float32(19.99))},
+                       points=models.Filter(must=[models.FieldCondition(key="file", match=models.MatchValue(
+                           value="img_0.jpg"))]))
+    assert found(at_least) == [2, 3]
+    client.close()
+    record_path = tmp_path / "qdrant" / "_fashion_export.json"
+    record = json.loads(record_path.read_text())
+    assert record.pop("payload") == 2
+    record_path.write_text(json.dumps(record))
+    export_store(ExportTarget("qdrant", tmp_path / "qdrant"), vectors, rows, meta, identity, "s" * 64)
+    client = QdrantClient(path=str(tmp_path / "qdrant"))
+    assert found(at_least) == [0, 2, 3]
+    assert json.loads(record_path.read_text())["payload"] == 2
     client.close()
 
 
@@ -315,3 +340,26 @@ def test_an_export_without_model_flags_exports_the_store_as_made(exported, tmp_p
     assert cli.main(["--output-dir", str(out), "--model", str(tmp_path / "other"), "--backend", "torch",
                      "--export", f"parquet:{tmp_path / 'x.parquet'}"]) == 1
     assert "To reuse it, ask for what made it" in capsys.readouterr().err
+
+
+def test_a_column_named_as_lancedbs_own_result_columns_goes_out_prefixed(tmp_path):
+    """A catalogue column `_distance` (or `_rowid`) clashed with the column LanceDB adds to a vector
+    search's results: every search of the exported table failed. It goes out as meta__distance."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from pipeline.metadata import Metadata
+    from pipeline.store import ManifestRow
+    from pipeline.vectordb import ExportTarget, export_store
+
+    rows = [ManifestRow(index=i, file=f"img_{i}.jpg", source_row=i, embedding_row=i,
+                        source_sha256=hashlib.sha256(bytes([i])).hexdigest()) for i in range(3)]
+    meta = Metadata(pa.table({"_distance": pa.array([1.5, 2.5, 3.5]), "_rowid": pa.array([7, 8, 9])}))
+    export_store(ExportTarget("lancedb", tmp_path / "l"), np.eye(3, 4, dtype=np.float32), rows, meta,
+                 {"backend": "onnx", "onnx_sha256": "a" * 64}, "s" * 64)
+    table = lancedb.connect(str(tmp_path / "l")).open_table("gallery")
+    found = table.search(np.array([0, 1, 0, 0], np.float32)).distance_type("cosine").limit(2).to_arrow()
+    assert found.column("file").to_pylist()[0] == "img_1.jpg"
+    assert found.column("meta__distance").to_pylist()[0] == 2.5 and found.column("meta__rowid").to_pylist()[0] == 8
+    assert found.column("_distance").to_pylist()[0] == pytest.approx(0.0, abs=1e-6)
