@@ -72,6 +72,20 @@ def images_folder(store_dir: Path, cache_kind: str) -> Path:
     return store_dir.parent / ("images_segment" if cache_kind == "segment" else "images")
 
 
+def _check_open_arguments(device: str, threads: int, index: str) -> None:
+    """Catalog.open's arguments that would otherwise be taken silently (an index kind the open does
+    not choose) or refused only by the first query (threads=-1)."""
+    from .backends import DEVICES
+
+    if device not in DEVICES:
+        raise UsageError(f"device={device!r}: choose from {', '.join(DEVICES)}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise UsageError(f"threads={threads!r}: a whole number, 0 for every core")
+    if index not in ("auto", "none"):
+        raise UsageError(f"index={index!r}: 'auto' searches with the index beside the store (of the kind its gallery "
+                         "run built: python main.py --index KIND), 'none' exactly")
+
+
 class Catalog:
     """A verified gallery store with its searcher; the embedder (for text and picture queries) and
     the segmenter load on first use. Queries may come from several threads (the --serve app): each
@@ -119,6 +133,8 @@ class Catalog:
         dedup: one photo per duplicate group in every answer (the groups of outputs/duplicates.csv).
         group_by: a metadata column (a product id): one result per value in every answer.
         """
+        _check_open_arguments(device, threads, index)
+        group_by = group_by or None  # "" is "each photo", as a query's group_by="" says
         root = store_folder(folder)
         cache = load_cache(root, Path(), identity=None, check_images=False)
         cache = replace(cache, images_dir=images_folder(root, cache.sidecar.source.kind or "standard"))
@@ -374,12 +390,14 @@ def store_embedder_spec(made: VectorIdentity, root: Path, model: str | None, onn
             return default
         found = find_file_with_sha256(made.onnx_sha256 or "", default.onnx)
         if found is None:
-            if model is None:
-                return default  # refused on load, saying what to pass
+            # named by what the store records: the default file's "make it with --export-onnx" would make a
+            # file of the default model, which this store's vectors may never have come from
+            why = "whose vectors are not the model's own" if model is not None else (
+                f"found neither at the default --onnx {default.onnx} nor by its sha256 in ./onnx or the project's "
+                "onnx/")
             raise CacheMismatchError(
                 f"the store in {root} was made by an int8 ONNX file (sha256 {(made.onnx_sha256 or '?')[:12]}…, "
-                f"exported from {made.model}), whose vectors are not the model's own: pass onnx='FILE.onnx', the "
-                "file that made it"
+                f"exported from {made.model}), {why}: pass onnx='FILE.onnx' (--onnx FILE), the file that made it"
             )
         if model is None:
             log.info("%s: the store was made by %s: its queries are embedded with it", root, found)

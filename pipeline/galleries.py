@@ -545,12 +545,10 @@ def _search_embedder(cfg: RunConfig) -> EmbedderSpec:
         return cfg.embedder
     from .catalog import store_embedder_spec
 
-    try:
-        spec = store_embedder_spec(made, cfg.store_dir, None, None, cfg.embedder.device, cfg.embedder.threads)
-    except CacheMismatchError:
-        return cfg.embedder
+    # the store's ONNX file found nowhere: refused, naming it (CacheMismatchError)
+    spec = store_embedder_spec(made, cfg.store_dir, None, None, cfg.embedder.device, cfg.embedder.threads)
     if spec.backend == "onnx" and spec.onnx == EmbedderSpec().onnx:
-        return cfg.embedder  # the default file, or the store's file not found: as asked
+        return cfg.embedder  # the default file: as asked
     log.info("no --model or --onnx given: the store's own embedder (%s)",
              spec.onnx if spec.backend == "onnx" else spec.model)
     return replace(cfg.embedder, model=spec.model or cfg.embedder.model, onnx=spec.onnx, backend=spec.backend)

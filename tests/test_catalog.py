@@ -206,6 +206,15 @@ def test_catalog_refuses_what_does_not_fit(built, tmp_path):
             cat.search_vectors(cat.embeddings[0], k=k)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="got -1"):
         cat.neighbours(0, k=-1)
+    # open's own arguments: refused at open, not taken silently (index="hnsw" searched with the stored
+    # index whatever its kind) or by the first query (threads=-1)
+    for bad, said in (({"index": "hnsw"}, "index='hnsw': 'auto' searches with the index beside the store"),
+                      ({"device": "gpu"}, "device='gpu': choose from auto, "),
+                      ({"threads": -1}, "threads=-1: a whole number, 0 for every core")):
+        with pytest.raises(UsageError, match=re.escape(said)):
+            Catalog.open(out, **bad)  # type: ignore[arg-type]
+    grouped = Catalog.open(out, model=str(other), group_by="")  # "" is each photo, as a query's group_by=""
+    assert len(grouped.search_vectors(cat.embeddings[0], k=12)[0]) == 12
 
 
 def test_catalog_queries_of_every_form_agree(built, tiny_clip):
@@ -304,7 +313,7 @@ def test_a_gallery_photo_asked_for_finds_itself_whichever_resizer_made_the_store
 
 
 def test_a_store_made_by_the_onnx_file_is_searched_with_it_when_opened_with_its_model(
-        tiny_onnx, tiny_clip, mixed_dataset, tmp_path, monkeypatch):
+        tiny_onnx, tiny_clip, mixed_dataset, tmp_path, monkeypatch, capsys):
     """The README's way (`python main.py` with the int8 file) and the README's Catalog example
     (model=): the store's queries go through the file that made it, found by the sha256 the store
     records, not through the model, whose own vectors are not the file's; where the file is not
@@ -317,6 +326,14 @@ def test_a_store_made_by_the_onnx_file_is_searched_with_it_when_opened_with_its_
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CacheMismatchError, match="made by an int8 ONNX file .* pass onnx='FILE.onnx'"):
         Catalog.open(out, model=str(tiny_clip))
+    # with no model= either, the store's file is named (not "make the default file with --export-onnx",
+    # which makes a file of the default model); the CLI says the same, not the default hub model's failure
+    with pytest.raises(CacheMismatchError, match=r"made by an int8 ONNX file \(sha256 [0-9a-f]{12}…, exported from "
+                       r".*\), found neither at the default --onnx .* pass onnx='FILE.onnx' \(--onnx FILE\)"):
+        Catalog.open(out)
+    capsys.readouterr()
+    assert cli.main(["--query-text", "red", "--output-dir", str(out)]) == 1
+    assert "found neither at the default --onnx" in capsys.readouterr().err
     (tmp_path / "onnx").mkdir()
     shutil.copy(tiny_onnx, tmp_path / "onnx" / "mine.onnx")
     cat = Catalog.open(out, model=str(tiny_clip))
