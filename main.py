@@ -22,8 +22,8 @@ from pipeline.report import EXIT_FATAL, EXIT_USAGE
 log = logging.getLogger("main")
 
 
-def _int_at_least(minimum: int):
-    """argparse type: a whole number >= minimum, with a message that says so."""
+def _int_at_least(minimum: int, maximum: int | None = None):
+    """argparse type: a whole number >= minimum (and <= maximum), with a message that says so."""
 
     def parse(text: str) -> int:
         try:
@@ -32,6 +32,8 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if v < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {v}")
         return v
 
     return parse
@@ -39,6 +41,7 @@ def _int_at_least(minimum: int):
 
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
+_port = _int_at_least(1, 65535)
 
 
 def _unit_float(text: str) -> float:
@@ -133,7 +136,7 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
          help="export the store with its metadata to lancedb:DIR, qdrant:DIR (local mode) or parquet:DIR; "
          "again after --update, only what changed is written (repeatable)")
     _add(search, "--serve", action="store_true", help="a local search page over the cached gallery, and the report")
-    _add(search, "--port", type=_positive_int, help="with --serve")
+    _add(search, "--port", type=_port, help="with --serve")
     _add(search, "--host", help="with --serve (127.0.0.1: this machine only; any other address needs the token in "
          "$FASHION_SEARCH_TOKEN)")
     _add(search, "--no-auth", action="store_true",
@@ -322,7 +325,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default in (None, False, (), "", argparse.SUPPRESS) or "default" in text:
+        # by identity for None and False: a default of 0 (--threads) equals False, and is worth showing
+        if action.default is None or action.default is False or action.default in ((), "", argparse.SUPPRESS) or (
+                "default" in text):
             return text
         return super()._get_help_string(action)
 

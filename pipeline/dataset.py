@@ -180,7 +180,7 @@ def check_dataset(spec: DatasetSpec) -> int | None:
         check_columns(spec, footer.schema.to_arrow_schema().names)
     elif path.is_dir() and _is_image_folder(path):
         if spec.id_column:
-            raise PipelineError(
+            raise UsageError(
                 f"{path} is a folder of images: --id-column takes a column of a parquet or saved dataset, and a "
                 "folder's metadata.csv values are kept as metadata only (--group-by COLUMN gives one result per "
                 "product). Drop the flag: without it, --update knows each photo by its content, and follows a photo "
@@ -787,14 +787,14 @@ def _chosen(available: list[str], asked: Sequence[str] | None, names: list[str],
         return available
     for c in asked:
         if c not in names:
-            raise PipelineError(
+            raise UsageError(
                 f"--meta-columns: dataset {spec.name!r} has no column {c!r}; its columns are {sorted(names)}"
             )
         if c in RESERVED_META:
-            raise PipelineError(f"--meta-columns: {c!r} is the name the store keys its rows by; a dataset column "
+            raise UsageError(f"--meta-columns: {c!r} is the name the store keys its rows by; a dataset column "
                                 "of that name cannot be kept as metadata (rename it in the dataset)")
         if c not in available:
-            raise PipelineError(f"--meta-columns: column {c!r} of {spec.name!r} holds no plain values (text, "
+            raise UsageError(f"--meta-columns: column {c!r} of {spec.name!r} holds no plain values (text, "
                                 f"numbers, true/false, dates): it cannot be kept as metadata")
     return list(asked)
 

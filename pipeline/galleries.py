@@ -559,6 +559,8 @@ def open_catalog(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
     asked for, with its searcher (per --index, --threads, on the GPU when the model is there). With
     no --model, --onnx or --backend, the embedder is the one the store records, as Catalog.open
     takes it (its ONNX file found by its sha256 where the default is another), not the default."""
+    if not (cfg.store_dir / SIDECAR_FILE).is_file():
+        load_gallery_cache(cfg)  # no store: refused with how to make one, before a model loads (or downloads)
     with summary.stage("load model"):
         embedder = embedder or make_embedder(_search_embedder(cfg))
     with summary.stage("load cache"):

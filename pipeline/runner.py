@@ -257,7 +257,8 @@ def write_retrieval_outputs(
         summary.notes.append(
             f"result pictures for {shown:,} of {n:,} items (--max-result-images); neighbours.csv lists everyone"
         )
-    summary.outputs["result pictures"] = f"{cfg.results_dir}/*_matches.jpg"
+    if written:  # --max-result-images 0 writes none (and removes the last run's)
+        summary.outputs["result pictures"] = f"{cfg.results_dir}/*_matches.jpg"
     with summary.stage("plots"):
         hist = cfg.plots_dir / f"nearest_neighbour_hist{cfg.suffix}.png"
         title = f"Distance to the nearest other item ({n} items)"

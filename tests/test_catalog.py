@@ -155,9 +155,11 @@ def test_update_cache_and_export_without_model_flags_go_on_with_the_stores_own_m
     for new in (6, 7):  # the new photos' vectors are the store's model's
         assert cat.search_image(cells[new], k=1)[0].hits[0].distance < 1e-4
     assert cli.main(["--use-embeddings", "--output-dir", str(out), "--max-result-images", "0"]) == 0
+    cached = capsys.readouterr()
+    assert "heatmap ->" in cached.out and "result pictures ->" not in cached.out  # none written: none listed
     assert cli.main(["--export", f"parquet:{tmp_path / 'shop.parquet'}", "--output-dir", str(out)]) == 0
     said = capsys.readouterr()
-    assert "using the transformers model" not in said.out + said.err
+    assert "using the transformers model" not in said.out + said.err + cached.out + cached.err
 
 
 def test_every_file_a_run_writes_has_the_mode_open_gives_it(built, tmp_path):

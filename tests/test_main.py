@@ -250,6 +250,7 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
         (["--use-embeddings", "--use-embedded-segment"], "contradict"),
         (["--use-embeddings", "--use-segmentation"], "use-embedded-segment"),
         (["--batch-size", "0"], "must be >= 1"),
+        (["--serve", "--port", "70000"], "--port: must be <= 65535, got 70000"),
         (["--top-k", "x"], "whole number"),
         (["--backend", "tensorflow"], "invalid choice"),
         (["--fresh", "--use-embeddings"], "--fresh"),
@@ -323,6 +324,9 @@ def test_help_needs_no_torch():
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "--use-embeddings" in r.stdout
+    # a default of 0 is shown (0 == False hid it), an unset or switched-off one is not
+    assert "0 = all cores (default: 0)" in " ".join(r.stdout.split())
+    assert "(default: False)" not in r.stdout and "(default: None)" not in r.stdout
 
 
 def test_sidecar_and_verbose_summary_name_the_cpu(standard_run, tmp_path, tiny_clip, mixed_dataset, capsys):

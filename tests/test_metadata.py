@@ -150,7 +150,7 @@ def test_chosen_columns_and_a_missing_one(tiny_onnx, tmp_path, capsys):
     assert run(*args(data, tiny_onnx, out, "--meta-columns", "price,category")) == 0
     assert pq.read_table(out / "embeddings" / "metadata.parquet").column_names == ["source_row", "price", "category"]
     capsys.readouterr()
-    assert run(*args(data, tiny_onnx, tmp_path / "out2", "--meta-columns", "price,size")) == 1
+    assert run(*args(data, tiny_onnx, tmp_path / "out2", "--meta-columns", "price,size")) == 2  # as --group-by
     err = capsys.readouterr().err
     assert "--meta-columns: dataset" in err and "has no column 'size'; its columns are" in err
     assert not (tmp_path / "out2" / "embeddings").exists()  # refused before the build
@@ -479,7 +479,7 @@ def test_a_dataset_column_named_source_row_is_not_taken_for_the_key(tiny_onnx, t
     table = pq.read_table(out / "embeddings" / "metadata.parquet")
     assert table.column_names == ["source_row", "colour"] and table.column("source_row").to_pylist() == [0, 1, 2, 3]
     capsys.readouterr()
-    assert cli.main(args(data, tiny_onnx, tmp_path / "o2", "--meta-columns", "source_row")) == 1
+    assert cli.main(args(data, tiny_onnx, tmp_path / "o2", "--meta-columns", "source_row")) == 2
     assert "'source_row' is the name the store keys its rows by" in capsys.readouterr().err
 
 
@@ -863,3 +863,14 @@ def test_a_parquet_dataset_named_metadata_parquet_is_refused_with_what_to_rename
     (data / "data").mkdir()
     (data / "metadata.parquet").rename(data / "data" / "train-00000-of-00001.parquet")
     assert run(*args(data, tiny_onnx, tmp_path / "out")) == 0  # renamed as said, it is read
+
+
+def test_an_id_column_for_an_image_folder_is_a_usage_error_that_says_what_to_do(tiny_onnx, tmp_path, capsys):
+    """--id-column names a column of a parquet or saved dataset; a folder's photos are known by their
+    content: exit 2 (a request that cannot work as given), before anything is embedded."""
+    data = _flat_folder(tmp_path / "flat", 2, "file_name,item_id\np0.jpg,A\np1.jpg,B\n")
+    assert cli.main(args(data, tiny_onnx, tmp_path / "out", "--id-column", "item_id")) == 2
+    err = capsys.readouterr().err
+    assert f"{data} is a folder of images: --id-column takes a column of a parquet or saved dataset" in err
+    assert "without it, --update knows each photo by its content" in err
+    assert not (tmp_path / "out" / "embeddings").exists()

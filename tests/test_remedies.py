@@ -109,6 +109,12 @@ def test_a_search_mode_is_told_the_gallery_run_that_builds_its_store(tiny_onnx, 
     assert f"Build it first with a gallery run: python main.py --output-dir {out} (with the --dataset and --model " \
            "or --onnx to make it with" in err
     assert "without --use-embeddings" not in err
+    # said before any model loads: with no model flag, not the default hub model's failure to load
+    # offline (online, a download of it first)
+    for mode in (("--query-text", "a red dress"), ("--serve", "--port", str(free_port()))):
+        assert run("--output-dir", out, *mode) == 1
+        err = capsys.readouterr().err
+        assert "Build it first with a gallery run" in err and "cannot load model" not in err
     assert run("--onnx", tiny_onnx, "--output-dir", out, "--query-text", "a red dress", "--use-embedded-segment") == 1
     err = capsys.readouterr().err  # with a cache flag too: leaving it out would build nothing either
     assert f"Build it first with a gallery run: python main.py --use-segmentation --output-dir {out}" in err
