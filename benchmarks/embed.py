@@ -422,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         other = compare_assets(args)
         first = "FashionCLIP ViT-B/32" if args.model is None else args.model.name
         second = COMPARED[args.compare][0] if args.compare in COMPARED else Path(args.compare).name
+        if args.tiny:  # the tiny stand-ins, not the architectures named
+            first, second = (f"{name} (tiny stand-in)" for name in (first, second))
         compare_models(assets, other, args.seconds, batches, table, (first, second), peaks)
     return 0
 

@@ -132,17 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     assets = Assets.from_args(args)
     onnx = assets.onnx("static")
     out = args.work / f"report-run{args.n}"
+    timed: tuple[float, float] | None = None
     if args.reuse and (out / "outputs" / "report.html").is_file():
         print(f"reusing {out} (the report's share of a run is not measured again)")
-        wall = report = float("nan")
     else:
         out, wall, report = gallery_run(assets, args.n, onnx)
+        timed = (wall, report)
     data = sum(f.stat().st_size for f in (out / "outputs" / "report").rglob("*") if f.is_file())
     html = (out / "outputs" / "report.html").stat().st_size
-    print(
-        f"\n== {args.n:,}-image standard run: wall {wall:.1f} s; report written in {report:.2f} s "
-        f"({report / wall:.1%} of the run); report.html {html / 1024:.0f} KiB, report/ {data / 2**20:.1f} MiB"
-    )
+    how = "run reused, not timed"
+    if timed is not None:
+        wall, report = timed
+        how = f"wall {wall:.1f} s; report written in {report:.2f} s ({report / wall:.1%} of the run)"
+    print(f"\n== {args.n:,}-image standard run: {how}; report.html {html / 1024:.0f} KiB, "
+          f"report/ {data / 2**20:.1f} MiB")
     page = first_page_seconds(out / "outputs" / "report.html")
     if page is None:
         print("no chromium/chromedriver: first-page time not measured")

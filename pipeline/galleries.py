@@ -153,6 +153,7 @@ def gallery_source(cfg: RunConfig) -> GallerySource:
         seg_imgsz=seg.imgsz,
         keep_unsegmented=seg.keep_unsegmented,
         max_persons=seg.max_persons,
+        seg_weights=segmenter_weights(cfg),
     )
 
 
@@ -161,7 +162,10 @@ def requested_fields(cfg: RunConfig) -> frozenset[str]:
     not a request)."""
     # The id column is not a search's concern (a store made before it was recorded has none to compare): the
     # resume check (run_params) and --update compare it
-    return frozenset({"kind"} | {f for f in gallery_source(cfg).to_json() if f in cfg.explicit and f != "id_column"})
+    asked = {f for f in gallery_source(cfg).to_json() if f in cfg.explicit and f != "id_column"}
+    if "seg_model" in asked:  # the file named, as it is now: its weights retrained under the same name are another
+        asked.add("seg_weights")
+    return frozenset({"kind"} | asked)
 
 
 def _remove_stale_images_at_url(cfg: RunConfig, target: GalleryTarget, rows: list[ManifestRow]) -> None:

@@ -114,10 +114,12 @@ class GallerySource(_Comparable):
     kind: "standard" (one item per row) | "segment" (one per person crop). dataset: the hub id or
     the absolute path. limit: None for every row. seg_*, keep_unsegmented, max_persons: the
     segmentation run's settings (max_persons: the crops kept per photo; None in a store made
-    before the cap, which kept every person found).
+    before the cap, which kept every person found; seg_weights: the sha256 of the segmenter's
+    weights file, where it is a local file: weights retrained and saved over the same name cut
+    other crops).
     """
 
-    RECORDED_LATER = frozenset({"id_column"})  # since 2026-12-05
+    RECORDED_LATER = frozenset({"id_column", "seg_weights"})  # since 2026-12-05 and 2026-12-07
 
     kind: str | None = None
     dataset: str | None = None
@@ -131,13 +133,15 @@ class GallerySource(_Comparable):
     seg_imgsz: int | None = None
     keep_unsegmented: bool | None = None
     max_persons: int | None = None
+    seg_weights: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Every field of its kind, None included (limit None means every row), but the id column
         only when there is one; the segmenter's settings only for a segmented gallery."""
         data = asdict(self)
-        if self.id_column is None:  # left out: the JSON of stores and runs made before it was recorded, unchanged
-            del data["id_column"]
+        for key in ("id_column", "seg_weights"):  # left out when unknown: the JSON of stores made before, unchanged
+            if data[key] is None:
+                del data[key]
         if self.kind != "segment":
             data = {k: v for k, v in data.items() if not k.startswith("seg_") and k not in _SEGMENT_ONLY}
         return data

@@ -866,7 +866,7 @@ def _update_in_place(
     _tune(gi, values, min(1.0, rule.min_recall + TUNING_MARGIN))
     if new_info.recall_at_10 < rule.min_recall:
         effort = f" at {knob} {new_info.params[knob]} ({rule.max_effort:g}x the build's {new_info.built_knob})"
-        why.append(f"recall@10 {new_info.recall_at_10:.3f} is under {rule.min_recall:g}" + (effort if knob else ""))
+        why.append(f"recall@10 {new_info.recall_at_10:g} is under {rule.min_recall:g}" + (effort if knob else ""))
     return gi, why
 
 

@@ -112,7 +112,10 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
     summary.count("rows", len({r.source_row for r in rows}))
     if cfg.segmented:
         summary.count("crops", sum(1 for r in rows if r.person >= 0 and r.status == "ok"))
-        summary.count("rows without person", sum(1 for r in rows if r.status == "no_person"))
+        whole = sum(1 for r in rows if r.person < 0 and r.status == "ok")  # --keep-unsegmented: embedded whole
+        summary.count("rows without person", sum(1 for r in rows if r.status == "no_person") + whole)
+        if whole:
+            summary.count("kept whole", whole)
     # an update embeds only its added and changed photos (counted by it), a cache run none
     summary.count("items" if cfg.from_cache or cfg.update else "embedded", len(gallery.embeddings))
     summary.count("failed", len(summary.failures))

@@ -320,9 +320,9 @@ class Searcher:
         among them up to FILTER_EXACT_MAX), so k come back whenever k match.
         """
         if self.group_of is not None:
-            return self._deduped(lambda m, w: self._neighbours(queries[w], m, allowed), k, len(queries), None,
-                                 exact=queries, allowed=allowed)
-        return self._neighbours(queries, k, allowed)
+            return _at_least_zero(self._deduped(lambda m, w: self._neighbours(queries[w], m, allowed), k,
+                                                len(queries), None, exact=queries, allowed=allowed))
+        return _at_least_zero(self._neighbours(queries, k, allowed))
 
     def _neighbours(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Neighbours:
         if allowed is not None:
@@ -362,7 +362,7 @@ class Searcher:
         asked again). allowed: bool (N,), a --filter's rows: every item's neighbours among them."""
         n = len(self.embeddings)
         if allowed is not None:
-            return self.item_neighbours(np.arange(n), k, allowed, first)
+            return _at_least_zero(self.item_neighbours(np.arange(n), k, allowed, first))
         if self.group_of is not None:
 
             def ask(m: int, which: np.ndarray) -> Neighbours:
@@ -370,8 +370,8 @@ class Searcher:
                     return self._all_neighbours(m, matrix_path)
                 return self._item_rows(which, m, None)
 
-            return self._deduped(ask, k, n, np.arange(n), first, exact=self.embeddings)
-        return self._all_neighbours(k, matrix_path)
+            return _at_least_zero(self._deduped(ask, k, n, np.arange(n), first, exact=self.embeddings))
+        return _at_least_zero(self._all_neighbours(k, matrix_path))
 
     def carried_neighbours(self, old: Neighbours, take: np.ndarray, k: int) -> tuple[Neighbours, int] | None:
         """Every item's top-k from the lists of the store before (plain lists, by its rows): `take`
@@ -559,3 +559,14 @@ def query_crops(image: Image.Image, label: str, segmenter: Segmenter | None) -> 
     crops = person_crops(arr, segmenter.segment([arr])[0])
     found = [QueryCrop(f"{label}#p{k}", Image.fromarray(c)) for k, c in crops.items()]
     return (found, True) if found else ([QueryCrop(label, image)], False)
+
+
+def _at_least_zero(nb: Neighbours) -> Neighbours:
+    """Distances of an answer clamped at 0, in place: 1 - q·g of two equal unit vectors comes out a few
+    ulps under 0 in float32, which a table printed as -0.000000 and a console as -0.000."""
+    if not (nb.distances < 0).any():
+        return nb
+    if not nb.distances.flags.writeable:
+        return Neighbours(nb.indices, np.maximum(nb.distances, np.float32(0.0)))
+    np.maximum(nb.distances, np.float32(0.0), out=nb.distances)
+    return nb

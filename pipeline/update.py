@@ -338,7 +338,7 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
     """The store to update, checked: made by the embedder asked for, from the same dataset, split,
     column and segmentation (the row limit may differ)."""
     fields = frozenset({"kind", "dataset", "split", "image_column", "seg_model", "seg_backend", "seg_conf",
-                        "seg_imgsz", "keep_unsegmented", "max_persons"})
+                        "seg_imgsz", "keep_unsegmented", "max_persons", "seg_weights"})
     images_at = None
     if cfg.images_url:  # the images stay at the URL: listed, not fetched
         from .remote import list_names
@@ -350,6 +350,11 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
     except CacheMismatchError as e:
         if e.missing:
             raise PipelineError(f"{e}\nThere is no store to update: build it first, without --update.") from None
+        if "seg_weights:" in str(e):  # no flag gives the old weights back
+            raise PipelineError(
+                f"{e}\nThe segmenter's weights file {cfg.segment.model} changed since the store was built: its "
+                "crops were cut by the old weights, the new photos' would be cut by these. Build afresh without "
+                "--update, or put the old weights back.") from None
         raise PipelineError(f"{e}\nAn update keeps the photos the store has: use the flags that built it, or "
                             "build afresh without --update.") from None
 

@@ -20,7 +20,7 @@ MADE = VectorIdentity(backend="onnx", family="siglip", model="/m", model_sha256=
                       precision="onnx-int8-static", preprocess={"crop_size": 224, "mean": [0.5]}, dim=512, pixels="pil")
 SOURCE = GallerySource(kind="segment", dataset="/d", split="train", limit=None, image_column="image", id_column="sku",
                        seg_model="y.pt", seg_backend="auto", seg_conf=0.25, seg_imgsz=640, keep_unsegmented=False,
-                       max_persons=10)
+                       max_persons=10, seg_weights="e" * 64)
 OTHER = {str: "other", int: 7, float: 0.5, bool: True}
 
 
@@ -49,7 +49,7 @@ def test_a_field_recorded_since_a_later_version_is_not_compared_with_a_store_tha
     column was recorded is compared as it was then; one that records them is compared on them."""
     from dataclasses import replace
 
-    old_identity, old_source = replace(MADE, model_sha256=None), replace(SOURCE, id_column=None)
+    old_identity, old_source = replace(MADE, model_sha256=None), replace(SOURCE, id_column=None, seg_weights=None)
     assert differences(MADE, old_identity) == [] and differences(SOURCE, old_source) == []
     assert differences(replace(MADE, model_sha256="c"), MADE) == ["model_sha256: cache has 'a', asked for 'c'"]
     assert differences(replace(SOURCE, id_column="alt"), SOURCE)[0].startswith("id_column: cache has 'sku'")

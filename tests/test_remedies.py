@@ -14,6 +14,7 @@ import pytest
 import main as cli
 import onnx
 from pipeline.config import config_from_flags, onnx_fallback
+from tests import assets
 from tests.helpers import free_port, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +217,8 @@ def test_a_folder_that_is_not_a_model_is_said_to_be_one_not_told_to_go_offline(t
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(b"x")
-    assert run("--model", folder, "--backend", "torch", "--query-text", "red", "--output-dir", tmp_path / "o") == 1
+    data = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(40, 40)])
+    assert run("--model", folder, "--backend", "torch", "--dataset", data, "--output-dir", tmp_path / "o") == 1
     err = capsys.readouterr().err
     assert f"{folder} is a folder but not a model's: a transformers model folder has config.json" in err
     assert "this one has a.jpg." in err and "Without network access" not in err
@@ -227,7 +229,8 @@ def test_a_model_path_that_does_not_exist_is_said_to_be_neither_a_folder_nor_a_h
     """Not huggingface_hub's "Repo id must be in the form 'repo_name' or 'namespace/repo_name'",
     nor the advice to go offline: the path is wrong."""
     missing = tmp_path / "no-such-model"
-    assert run("--model", missing, "--backend", backend, "--query-text", "red", "--output-dir", tmp_path / "o") == 1
+    data = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(40, 40)])
+    assert run("--model", missing, "--backend", backend, "--dataset", data, "--output-dir", tmp_path / "o") == 1
     err = capsys.readouterr().err
     assert f"{missing} is neither an existing folder nor a hub id like 'owner/name': check the path." in err
     assert "Without network access" not in err

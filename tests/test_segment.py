@@ -115,17 +115,20 @@ def test_segmented_run_with_known_masks(fake_segmenter, people_dataset, tiny_onn
     assert cli.main(["--use-embedded-segment", "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 1
 
 
-def test_keep_unsegmented_keeps_whole_images(fake_segmenter, people_dataset, tiny_onnx, tmp_path):
+def test_keep_unsegmented_keeps_whole_images(fake_segmenter, people_dataset, tiny_onnx, tmp_path, capsys):
     out = tmp_path / "out"
     cli.main(
         [
             "--use-segmentation", "--keep-unsegmented", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx),
-            "--output-dir", str(out), "-q",
+            "--output-dir", str(out),
         ]
     )
     rows = read_manifest(out / "embeddings_segment" / "manifest.csv")
     kept = [r for r in rows if r.file and r.person == -1]
     assert [r.source_row for r in kept] == [0, 3, 6] and all(r.status == "ok" and r.person == -1 for r in kept)
+    # the summary counts them: rows without a person, kept whole (it said "rows without person 0")
+    counts = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("counts:"))
+    assert "rows without person 3, kept whole 3," in counts
 
 
 def test_segmented_run_with_yolo_from_yaml(people_dataset, tiny_onnx, tmp_path):

@@ -393,6 +393,39 @@ def test_another_id_column_neither_resumes_a_build_nor_updates_its_store(tiny_on
     assert (out / "embeddings" / "embeddings.json").read_bytes() == sidecar  # by its own column: nothing to do
 
 
+def test_a_segmented_update_after_the_segmenters_weights_changed_in_place_is_refused(monkeypatch, tiny_onnx,
+                                                                                       tmp_path, capsys):
+    """Retrained weights saved over the same --seg-model file would cut the new photos' crops with
+    another model than the kept ones': the update is refused, naming the file (no flag gives the old
+    weights back), and so is a search that names the file; with the first weights back it updates."""
+    from pipeline import galleries
+    from tests.test_segment import FakeSegmenter
+
+    monkeypatch.setattr(galleries, "make_segmenter", lambda spec, device: FakeSegmenter())
+    weights = tmp_path / "person-seg.pt"
+    weights.write_bytes(b"the weights the store was cut with")
+    cells = [assets.encode(assets.rgb_image(60, 90, color=(i, 100, 200)), "PNG") for i in range(6)]
+    data = assets.write_parquet_dataset(tmp_path / "people", cells[:4])
+    out = tmp_path / "out"
+    seg = ["--use-segmentation", "--seg-model", weights, "--max-result-images", "0"]
+    assert run(*args(data, tiny_onnx, out), *seg) == 0
+    assets.write_parquet_dataset(data, cells)
+    weights.write_bytes(b"weights retrained and saved over the same file")
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out, *seg) == 1
+    err = capsys.readouterr().err
+    assert "seg_weights: cache has" in err
+    assert f"The segmenter's weights file {weights} changed since the store was built" in err
+    query = tmp_path / "look.png"
+    query.write_bytes(cells[1])
+    assert run("--query-image", query, "--use-embedded-segment", "--seg-model", weights, "--onnx", tiny_onnx,
+               "--output-dir", out) == 1
+    assert "seg_weights: cache has" in capsys.readouterr().err
+    weights.write_bytes(b"the weights the store was cut with")
+    assert cli_update(data, tiny_onnx, out, *seg) == 0
+    assert "added 2, changed 0, removed 0, unchanged 4" in capsys.readouterr().out
+
+
 def test_a_segmented_update_equals_a_fresh_build(monkeypatch, tiny_onnx, tmp_path, capsys):
     """Person crops: a kept photo keeps all its crops (files renamed with its row), a removed one
     loses them all; a photo that does not decode keeps its failed line."""
