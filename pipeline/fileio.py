@@ -383,7 +383,7 @@ def _sha256_of(path: str, inode: int, mtime_ns: int, size: int) -> str:
     return sha256_file(path)
 
 
-def sha256_bytes(data: bytes) -> str:
+def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 

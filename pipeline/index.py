@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 from .fileio import atomic_write_bytes, atomic_write_text, sha256_bytes, unlink_quietly
 from .retrieval import Neighbours, topk_neighbours
 
@@ -87,6 +87,7 @@ class IndexInfo:
     built_imbalance: float = 0.0  # IVF: imbalance factor of its lists when built (1.0: all lists equal)
     imbalance: float = 0.0  # IVF: the same now
     sample_sha256: str = ""  # of index.sample.npz; a sample file with another hash is not this index's
+    index_sha256: str = ""  # of index.faiss as written (since 2026-12-07; "": not recorded, not checked)
     history: list[dict[str, Any]] = field(default_factory=list)  # one line per update_index
 
     def describe(self) -> str:
@@ -573,6 +574,7 @@ def write_index(folder: Path, gi: GalleryIndex) -> None:
     unlink_quietly(folder / INDEX_META)
     data = faiss.serialize_index(gi.index)
     gi.info.memory_bytes = int(data.nbytes) if gi.info.count else 0
+    gi.info.index_sha256 = sha256_bytes(data.data)
     atomic_write_bytes(folder / INDEX_FILE, data.tobytes())
     del data
     if gi.sample is not None:
@@ -602,6 +604,15 @@ def switch_index(staged: Path, folder: Path) -> bool:
     return True
 
 
+class DamagedIndexError(PipelineError):
+    """The index beside a store cannot be read, or is not the file its metadata records: a gallery
+    run builds it again (ensure_index); a search is refused."""
+
+
+_REBUILD = ("A gallery run over the store builds it again (python main.py --use-embeddings with the store's "
+            "--output-dir), or search with --index none")
+
+
 def read_info(folder: Path) -> IndexInfo | None:
     path = folder / INDEX_META
     if not path.is_file() or not (folder / INDEX_FILE).is_file():
@@ -615,9 +626,7 @@ def read_info(folder: Path) -> IndexInfo | None:
             )
         return IndexInfo(**meta)
     except (json.JSONDecodeError, TypeError) as e:
-        raise PipelineError(
-            f"{path}: unreadable index metadata ({e}); delete it or rerun the gallery to rebuild it"
-        ) from e
+        raise DamagedIndexError(f"{path}: unreadable index metadata ({e}). {_REBUILD}") from e
 
 
 def read_sample(folder: Path, info: IndexInfo) -> RecallSample | None:
@@ -651,7 +660,13 @@ def load_index(
         raise PipelineError(
             f"{folder / INDEX_FILE} changed while it was read (an update switched in): run again to use the new store"
         )
-    index = faiss.deserialize_index(data)
+    if info.index_sha256 and sha256_bytes(data.data) != info.index_sha256:
+        raise DamagedIndexError(f"{folder / INDEX_FILE} is damaged: its bytes are not those written for its "
+                                f"metadata. {_REBUILD}")
+    try:
+        index = faiss.deserialize_index(data)
+    except RuntimeError as e:  # an index written before its hash was recorded, cut short
+        raise DamagedIndexError(f"{folder / INDEX_FILE} cannot be read ({first_line(e)[:120]}). {_REBUILD}") from e
     if index.ntotal != info.count:
         raise PipelineError(
             f"{folder / INDEX_FILE} holds {index.ntotal:,} vectors but its metadata says {info.count:,}: "
@@ -685,13 +700,16 @@ def ensure_index(
         return None
     if switch_index(folder / STAGING_DIR, folder):  # an index switch that was killed midway
         shutil.rmtree(folder / STAGING_DIR, ignore_errors=True)
-    info = read_info(folder)
     wanted = wanted_kind(kind, "", len(embeddings), embeddings.shape[1])
-    if info is not None:
-        if info.store_sha256 == store_sha256 and info.count == len(embeddings) and info.kind == wanted:
-            return load_index(folder, embeddings, store_sha256, threads, gpu)
-        why = "the store changed" if info.store_sha256 != store_sha256 else f"{wanted} asked for, {info.kind} found"
-        log.info("rebuilding %s (%s)", folder / INDEX_FILE, why)
+    try:
+        info = read_info(folder)
+        if info is not None:
+            if info.store_sha256 == store_sha256 and info.count == len(embeddings) and info.kind == wanted:
+                return load_index(folder, embeddings, store_sha256, threads, gpu)
+            why = "the store changed" if info.store_sha256 != store_sha256 else f"{wanted} asked for, {info.kind} found"
+            log.info("rebuilding %s (%s)", folder / INDEX_FILE, why)
+    except DamagedIndexError as e:
+        log.warning("rebuilding %s: %s", folder / INDEX_FILE, str(e).split(". A gallery run")[0])
     gi = build_index(embeddings, wanted, store_sha256, threads, gpu=gpu)
     save_index(folder, gi)
     return gi
@@ -760,7 +778,12 @@ def update_index(
     kept = np.asarray(kept_old_rows, dtype=np.int64).ravel()
     new = np.ascontiguousarray(added, dtype=np.float32).reshape(-1, emb.shape[1] if emb.ndim == 2 else 0)
     _check_update(kept, new, emb)
-    info = read_info(folder)
+    try:
+        info = read_info(folder)
+    except DamagedIndexError as e:  # nothing to update: gone, so that the gallery run builds it afresh
+        for name in (INDEX_FILE, INDEX_META, SAMPLE_FILE):
+            unlink_quietly(folder / name)
+        return f"{str(e).split('. A gallery run')[0]}: removed, the gallery run builds it again"
     if info is None:
         return "no index beside the store: the next gallery run builds one"
     n, dim = emb.shape
@@ -829,7 +852,14 @@ def _update_in_place(
     """The saved index renumbered and grown in memory, its recall measured and re-tuned; with the
     reasons RenewRule finds to rebuild it instead (none: keep it)."""
     faiss = _faiss()
-    index = faiss.read_index(str(folder / INDEX_FILE))
+    data = np.frombuffer((folder / INDEX_FILE).read_bytes(), dtype=np.uint8)
+    if info.index_sha256 and sha256_bytes(data.data) != info.index_sha256:
+        return None, ["its file is damaged (not the bytes written for its metadata)"]
+    try:
+        index = faiss.deserialize_index(data)
+    except RuntimeError as e:
+        return None, [f"its file cannot be read ({first_line(e)[:120]})"]
+    del data
     if index.ntotal != info.count:
         return None, [f"its file holds {index.ntotal:,} vectors, its metadata says {info.count:,}"]
     lookup = np.full(info.count, -1, np.int64)

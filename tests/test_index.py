@@ -595,3 +595,65 @@ def test_a_filtered_search_of_gallery_items_never_returns_the_item_itself(kind, 
         sims[np.arange(len(rows)), rows] = -np.inf
         want = np.argsort(-sims, axis=1, kind="stable")[:, :5]
         assert got.indices.tolist() == want.tolist()
+
+
+
+def _swap_rows_in_place(path: Path, a: int, b: int) -> None:
+    """Two stored vectors exchanged inside a flat index file (faiss writes a flat index's vectors
+    last, ntotal x d float32): its size unchanged, its answers wrong."""
+    import faiss
+
+    index = faiss.read_index(str(path))
+    row = index.d * 4
+    data = bytearray(path.read_bytes())
+    at = len(data) - index.ntotal * row
+    ra, rb = at + a * row, at + b * row
+    data[ra:ra + row], data[rb:rb + row] = data[rb:rb + row], data[ra:ra + row]
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_index_is_refused_by_a_search_and_built_again_by_a_gallery_run(vectors, tmp_path, caplog):
+    """A damaged index.faiss was loaded as it was: cut short, every run died on faiss's read error
+    (a rebuild makes the same store, so the same index was loaded again); of the same size, it
+    answered wrongly. Its bytes are checked against the hash its metadata records."""
+    from pipeline.index import INDEX_FILE, DamagedIndexError
+
+    x = np.ascontiguousarray(vectors[:300])
+    save_index(tmp_path, build_index(x, "flat", store_sha256="a" * 64))
+    _swap_rows_in_place(tmp_path / INDEX_FILE, 0, 50)
+    with pytest.raises(DamagedIndexError, match="index.faiss is damaged: its bytes are not those written for its "
+                                                "metadata. A gallery run over the store builds it again"):
+        load_index(tmp_path, x, "a" * 64)
+    rebuilt = ensure_index(tmp_path, x, "a" * 64, "flat")
+    assert "rebuilding" in caplog.text and "is damaged" in caplog.text
+    assert rebuilt.search(x[:1], 1).indices[0, 0] == 0
+    assert load_index(tmp_path, x, "a" * 64).search(x[:1], 1).indices[0, 0] == 0  # the file on disk is whole again
+    # an index written before the hash was recorded, cut short: faiss's read error, said as damage
+    meta = json.loads((tmp_path / INDEX_META).read_text())
+    meta["index_sha256"] = ""
+    (tmp_path / INDEX_META).write_text(json.dumps(meta))
+    with open(tmp_path / INDEX_FILE, "r+b") as f:
+        f.truncate(3000)
+    with pytest.raises(DamagedIndexError, match="index.faiss cannot be read"):
+        load_index(tmp_path, x, "a" * 64)
+    assert ensure_index(tmp_path, x, "a" * 64, "flat").search(x[5:6], 1).indices[0, 0] == 5
+    # unreadable metadata: built again by a gallery run too
+    (tmp_path / INDEX_META).write_text('{"kind": "fl')
+    assert ensure_index(tmp_path, x, "a" * 64, "flat").info.count == 300
+
+
+def test_an_update_of_a_damaged_index_builds_it_again(catalogue, tmp_path):
+    from pipeline.index import INDEX_FILE
+
+    old, new = catalogue
+    save_index(tmp_path, build_index(old, "flat", store_sha256="old"))
+    _swap_rows_in_place(tmp_path / INDEX_FILE, 0, 50)
+    kept, after = store_update(old, new, removed=300)
+    said = update_index(tmp_path, kept, new, after, "new", kind="flat", old_store_sha256="old")
+    assert "its file is damaged" in said
+    gi = load_index(tmp_path, after, "new")
+    assert (gi.search(after[:20], 1).indices[:, 0] == np.arange(20)).all()
+    (tmp_path / INDEX_META).write_text("{")  # metadata unreadable: the index goes, the gallery run builds it
+    said = update_index(tmp_path, kept, new, after, "newer", kind="flat", old_store_sha256="new")
+    assert "unreadable index metadata" in said and "removed, the gallery run builds it again" in said
+    assert not (tmp_path / INDEX_FILE).exists()
