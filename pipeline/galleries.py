@@ -42,7 +42,7 @@ from .metadata import METADATA_FILE, load_metadata, write_metadata
 from .persons import Segmenter
 from .preprocess import CPU_DECODES, CPU_PIXELS, DEVICE_PIXELS, cpu_pixels
 from .ray_engine import RayBuild, build_gallery_ray
-from .remedy import DECODE_OF_PIXELS, build_first, reuse_or_rebuild
+from .remedy import DECODE_OF_PIXELS, build_first, cache_flag, gallery_run, reuse_or_rebuild
 from .remote import list_names, remove_stale_at_url
 from .report import RunSummary
 from .searcher import Searcher, unknown_group_column
@@ -202,6 +202,10 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
             line = reuse_or_rebuild(e.differing, made.identity, made.source, cfg.segmented, cfg.embedder.onnx,
                                     search_from)
             raise CacheMismatchError(f"{e}\n{line}") from None
+        if not e.missing:  # a damaged store (a file cut short or replaced): no flag reuses it, a build makes it again
+            build = (f"a gallery run: {gallery_run(search_from, cfg.segmented)} with the flags that made it"
+                     if search_from is not None else f"running without {cache_flag(cfg.segmented)}")
+            raise CacheMismatchError(f"{e}\nRebuild it by {build} (the damaged store is replaced).") from None
         raise
 
 

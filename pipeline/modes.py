@@ -238,6 +238,16 @@ def interrupted_message(cfg: RunConfig) -> str:
         return "interrupted: nothing was written (the export moves its files into place only at its end)"
     if cfg.searches_only or cfg.evaluate.enabled:
         return "interrupted: this mode builds no store, so there is nothing to resume; run it again"
+    from .store import PARTIAL_DIR, SIDECAR_FILE
+
+    built = (cfg.store_dir / SIDECAR_FILE).is_file() and not (cfg.store_dir / PARTIAL_DIR).is_dir()
+    cache_flag = "--use-embedded-segment" if cfg.segmented else "--use-embeddings"
+    if cfg.from_cache or (built and not cfg.update):
+        # the store was finished before the stop: the same command without the flag would embed it all again
+        how = "run it again" if cfg.from_cache else f"add {cache_flag} to the same command"
+        return (f"interrupted: the gallery's store in {cfg.store_dir} is complete; {how} to "
+                + ("play the clip against it" if cfg.video.clip is not None else
+                   "finish its neighbours, pictures and report without embedding again"))
     kept = "the gallery's complete shards are kept (run the same command again to resume its build)"
     if cfg.video.clip is not None:
         return f"interrupted: the clip starts over when run again; {kept}"

@@ -704,18 +704,28 @@ class ShardStore:
             if old != asked and not any(self.dir.glob("shard_*.done")):
                 log.info("discarding an unfinished run in %s that completed no shard", self.dir)
                 shutil.rmtree(self.dir)
+            elif not isinstance(old, dict):
+                raise PipelineError(
+                    f"{self.dir} holds shards of an unfinished run whose {RUN_FILE} is damaged (unreadable): what "
+                    "made them cannot be known, so they are not resumed. Add --fresh to start over."
+                )
             elif old != asked:
-                diffs = describe_differences(asked, old or {})
+                diffs = describe_differences(asked, old)
                 if diffs and all(d.startswith("dataset_files:") for d in diffs):
                     raise PipelineError(
                         f"{self.dir} holds shards of an unfinished run on the dataset as it was:\n  {diffs[0]}\n"
                         "The dataset's files changed since that run started: its shards may hold photos the dataset "
                         "no longer has. Add --fresh to start over."
                     )
+                # the same flags over files whose bytes changed (weights retrained in place, another ONNX
+                # file at the same path): no argument gives the old files back
+                files = [d for d in diffs if re.match(r"(identity\.(model|onnx)_sha256|segmenter_weights|"
+                                                      r"source\.seg_weights):", d)]
+                what = ("different arguments, or files whose bytes changed since it started (a model's weights or an "
+                        "ONNX file replaced in place)" if files else "different arguments")
                 raise PipelineError(
-                    f"{self.dir} holds shards of an unfinished run with different arguments:\n  "
-                    + "\n  ".join(diffs or ["run.json unreadable"])
-                    + "\nRun with the same arguments to resume it, or add --fresh to discard it."
+                    f"{self.dir} holds shards of an unfinished run with {what}:\n  " + "\n  ".join(diffs)
+                    + "\nRun with the same arguments and files to resume it, or add --fresh to discard it."
                 )
         self.dir.mkdir(parents=True, exist_ok=True)
         if not run_file.is_file():

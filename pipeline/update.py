@@ -350,6 +350,9 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
     except CacheMismatchError as e:
         if e.missing:
             raise PipelineError(f"{e}\nThere is no store to update: build it first, without --update.") from None
+        if not e.differing and e.made_by is None:  # damaged, not made otherwise: no flag can reuse it
+            raise PipelineError(f"{e}\nA damaged store cannot be updated: build it afresh, running the same command "
+                                "without --update.") from None
         if "seg_weights:" in str(e):  # no flag gives the old weights back
             raise PipelineError(
                 f"{e}\nThe segmenter's weights file {cfg.segment.model} changed since the store was built: its "

@@ -184,7 +184,10 @@ def test_use_embeddings_refuses_edited_manifest_and_truncated_embeddings(standar
     p = out / "embeddings" / "embeddings.npy"
     p.write_bytes(p.read_bytes()[:-100])
     assert run(*base(out)) == 1
-    assert "truncated or replaced" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "truncated or replaced" in err
+    # damaged, not made otherwise: no flag reuses it, and the refusal says how to go on (it gave no way)
+    assert "Rebuild it by running without --use-embeddings (the damaged store is replaced)." in err
     out = tmp_path / "c"  # a thumbnail's byte changed, the size kept: its stamp no longer holds, so it is hashed
     shutil.copytree(src, out)
     assert run(*base(out)) == 3
@@ -432,3 +435,23 @@ def test_ctrl_c_says_what_each_mode_keeps(flags, says, tmp_path, monkeypatch, ca
     monkeypatch.setattr(runner, "run", interrupted)
     assert cli.main([f.replace("TMP", str(tmp_path)) for f in flags]) == 130
     assert says in capsys.readouterr().err
+
+
+def test_ctrl_c_after_the_store_was_finished_says_to_go_on_from_it(standard_run, tmp_path, monkeypatch, capsys):
+    """Stopped while it drew the pictures or the report, a build's store is complete: the same
+    command again would embed every photo again, so the message says to add --use-embeddings."""
+    from pipeline import runner
+
+    out, _ = standard_run
+    shutil.copytree(out / "embeddings", tmp_path / "embeddings")
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run", interrupted)
+    for flags, says in (([], "add --use-embeddings to the same command to finish its neighbours, pictures and report"),
+                        (["--use-embeddings"], "run it again to finish"),
+                        (["--video_clip", "c"], "add --use-embeddings to the same command to play the clip")):
+        assert cli.main(["--output-dir", str(tmp_path), *flags]) == 130
+        assert f"interrupted: the gallery's store in {tmp_path / 'embeddings'} is complete; {says}" in \
+            capsys.readouterr().err

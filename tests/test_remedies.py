@@ -165,7 +165,7 @@ def test_changed_weights_are_told_to_rebuild_not_to_reuse(tmp_path):
     made = VectorIdentity(backend="torch", family="clip", model="/models/clip", model_sha256="a" * 64, precision="fp32")
     source = GallerySource(kind="standard", dataset="/data/shop", split="train", limit=100, image_column="image")
     said = reuse_or_rebuild(["model_sha256"], made, source, False, None)
-    assert said.startswith("Either rebuild it by running without --use-embeddings") and "--model" not in said
+    assert said.startswith("Rebuild it by running without --use-embeddings") and "--model" not in said
     said = reuse_or_rebuild(["limit"], made, source, False, None)
     assert said.startswith("To reuse it, ask for what made it: --limit 100; or ") and "--model" not in said
     said = reuse_or_rebuild(["backend"], made, source, False, None)

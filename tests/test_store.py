@@ -48,6 +48,24 @@ def test_shards_resume_only_with_same_params(tmp_path):
     assert list(ShardStore(tmp_path, {"a": 2}, fresh=True).completed()) == []
 
 
+def test_a_resume_refusal_says_what_no_argument_can_give_back(tmp_path):
+    """A damaged run.json listed every field as '<absent>' and told to "run with the same
+    arguments"; a model's bytes replaced in place were "different arguments" too."""
+    params = {"identity": {"model": "m", "model_sha256": "a" * 64}, "batch_size": 4}
+    store = ShardStore(tmp_path, params, fresh=False)
+    store.write(Shard(0, 0, 1, np.ones((1, 4), np.float32), [ManifestRow(0, "f", 0, embedding_row=0)],
+                      np.zeros((1, 2, 2, 3), np.uint8)))
+    retrained = {"identity": {"model": "m", "model_sha256": "b" * 64}, "batch_size": 4}
+    with pytest.raises(PipelineError, match=r"(?s)with different arguments, or files whose bytes changed since it "
+                                            r"started .*identity\.model_sha256: cache has 'a+', asked for 'b+'.*"
+                                            r"Run with the same arguments and files to resume it, or add --fresh"):
+        ShardStore(tmp_path, retrained, fresh=False)
+    (tmp_path / ".partial" / "run.json").write_text('{"identity": {"mod')
+    with pytest.raises(PipelineError, match=r"whose run.json is damaged \(unreadable\): what made them cannot be "
+                                            r"known, so they are not resumed. Add --fresh to start over.$"):
+        ShardStore(tmp_path, params, fresh=False)
+
+
 def test_damaged_shard_is_recomputed_not_trusted(tmp_path):
     store = ShardStore(tmp_path, {}, fresh=False)
     for n in range(2):

@@ -873,6 +873,10 @@ def test_a_changed_or_missing_segment_is_refused(tiny_onnx, tmp_path, capsys):
     capsys.readouterr()
     assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out) == 1
     assert f"{name} does not match the sidecar" in capsys.readouterr().err
+    assert run(*args(data, tiny_onnx, out, "--update")) == 1  # not "use the flags that built it": no flag helps
+    err = capsys.readouterr().err
+    assert f"{name} does not match the sidecar" in err
+    assert "A damaged store cannot be updated: build it afresh, running the same command without --update." in err
     segment.unlink()
     assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out) == 1
     assert f"incomplete: {name} is missing" in capsys.readouterr().err
