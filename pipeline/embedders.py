@@ -31,7 +31,7 @@ from .backends import (
     load_hint,
     open_clip_weights,
 )
-from .errors import PipelineError, first_line
+from .errors import PipelineError, UsageError, first_line
 from .fileio import file_version, sha256_bytes, sha256_file, sha256_file_once, unlink_quietly
 from .identity import VectorIdentity
 from .int8graph import CPU_GRAPH_RECIPES, META_INT8_RECIPE, cached_cpu_model, cpu_model, keep_cpu_model
@@ -733,10 +733,10 @@ def resolve_torch_precision(precision: str, device: str) -> str:
     CUDA default and 8-bit is there with --precision int8 for cards short of memory.
     """
     if device == "cpu":
-        if precision not in BACKENDS["torch"].cpu_precisions:
-            raise PipelineError(
-                f"--precision {precision} needs --device cuda; on CPU the torch backend runs fp32 (use the ONNX int8 "
-                f"file for int8)"
+        if precision not in BACKENDS["torch"].cpu_precisions:  # --device auto on a machine without CUDA
+            raise UsageError(
+                f"--precision {precision} needs a CUDA GPU (--device auto found none); on CPU the torch backend runs "
+                "fp32 (use the ONNX int8 file for int8)"
             )
         return "fp32"
     if precision == "int8" and not _has_bitsandbytes():

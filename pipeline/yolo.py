@@ -51,11 +51,12 @@ def _import_ultralytics():
     return YOLO
 
 
-def load_yolo(model: str, task: str):
+def load_yolo(model: str, task: str, named: str | None = None):
     """Load Ultralytics weights (.pt), a model yaml (random weights), or an exported .onnx.
 
     A bare name such as yolov8l-seg.pt is fetched by Ultralytics on first use (needs network);
-    the error says how to pass a local file instead.
+    the error says how to pass a local file instead. named: what the user passed, when `model` is
+    its cached ONNX export (a refusal names that, not a file they never typed).
     """
     YOLO = _import_ultralytics()
     local = Path(model)
@@ -77,11 +78,12 @@ def load_yolo(model: str, task: str):
             f"cannot load YOLO model {model!r} ({type(e).__name__}: {e}). Pass a local .pt, .onnx or .yaml file."
         ) from e
     own = getattr(loaded, "task", None)
+    shown = named or model
     if task == "segment" and own != "segment":
-        raise YoloTaskError(f"{model} is a YOLO {own} model: --seg-model needs a segmentation model, which draws each "
+        raise YoloTaskError(f"{shown} is a YOLO {own} model: --seg-model needs a segmentation model, which draws each "
                             "person's outline (a -seg model, e.g. yolov8n-seg.pt)")
     if task == "detect" and own not in ("detect", "segment", "pose"):  # segmentation and pose models box persons too
-        raise YoloTaskError(f"{model} is a YOLO {own} model: --det-model needs a model that boxes persons: a detection "
+        raise YoloTaskError(f"{shown} is a YOLO {own} model: --det-model needs a model that boxes persons: a detection "
                             "model (e.g. yolov8n.pt), or a segmentation or pose one")
     return loaded
 
@@ -176,13 +178,13 @@ def load_cpu_yolo(model: str, task: str, backend: str = "auto", imgsz: int = 640
             weights = Path(getattr(torch_model, "ckpt_path", "") or model)
         target = yolo_onnx_path(weights) if weights.is_file() else None
         if target is not None and target.is_file():
-            return load_yolo(str(target), task=task), "onnx"
+            return load_yolo(str(target), task=task, named=model), "onnx"
         try:
             if target is None:
                 raise PipelineError(f"cannot find the weights file of {model!r} to export")
             torch_model = torch_model or load_yolo(model, task=task)
             export_yolo_onnx(torch_model, weights, target, imgsz, task)
-            return load_yolo(str(target), task=task), "onnx"
+            return load_yolo(str(target), task=task, named=model), "onnx"
         except PipelineError as e:
             if backend == "onnx" or isinstance(e, YoloTaskError):  # weights of another task: no fallback helps
                 raise

@@ -455,3 +455,15 @@ def test_ctrl_c_after_the_store_was_finished_says_to_go_on_from_it(standard_run,
         assert cli.main(["--output-dir", str(tmp_path), *flags]) == 130
         assert f"interrupted: the gallery's store in {tmp_path / 'embeddings'} is complete; {says}" in \
             capsys.readouterr().err
+
+
+def test_fp16_where_auto_finds_no_gpu_is_a_usage_error(tiny_clip, mixed_dataset, tmp_path, capsys):
+    """--precision fp16 with --device auto on a machine without CUDA: exit 2 with the reason, as
+    --device cpu --precision fp16 is refused (it was exit 1, an error of the run)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("auto finds a GPU here")
+    assert run("--dataset", mixed_dataset, "--model", tiny_clip, "--backend", "torch", "--precision", "fp16",
+               "--output-dir", tmp_path) == 2
+    assert "--precision fp16 needs a CUDA GPU (--device auto found none)" in capsys.readouterr().err

@@ -468,8 +468,10 @@ def test_a_models_own_task_is_read_a_segmentation_model_detects_and_a_detection_
     """--det-model with -seg weights finds the persons (its boxes; as an ONNX export its mask
     coefficients were read as classes and nobody was found, with torch its masks failed a size
     check); --seg-model with detection weights is refused saying what it needs."""
+    import re
+
     from pipeline.errors import PipelineError
-    from pipeline.yolo import SegmentSpec, make_segmenter
+    from pipeline.yolo import SegmentSpec, make_segmenter, yolo_onnx_path
 
     # named without "-seg": Ultralytics before 8.4 guesses an export's task from its name alone
     seg, det = tmp_path / "seg" / "people.pt", tmp_path / "det" / "person-det.pt"
@@ -489,7 +491,12 @@ def test_a_models_own_task_is_read_a_segmentation_model_detects_and_a_detection_
         assert not len(x.xyxy) or np.abs(x.xyxy - y.xyxy).max() < 0.05
     with pytest.raises(PipelineError, match="is a YOLO detect model: --seg-model needs a segmentation model"):
         make_segmenter(SegmentSpec(model=str(det)), device="cpu")
-    from pipeline.yolo import _recorded_task, yolo_onnx_path
+    # once a video run made its ONNX export, the refusal still names the file passed, not the cached export
+    video.UltralyticsDetector(str(det), 0.25, device="cpu", imgsz=160)
+    assert yolo_onnx_path(det).is_file()
+    with pytest.raises(PipelineError, match=f"^{re.escape(str(det))} is a YOLO detect model: --seg-model needs"):
+        make_segmenter(SegmentSpec(model=str(det)), device="cpu")
+    from pipeline.yolo import _recorded_task
 
     assert _recorded_task(str(yolo_onnx_path(seg))) == "segment"  # what the export records, whatever its name
 
