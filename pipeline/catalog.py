@@ -144,10 +144,21 @@ class Catalog:
             searcher.dedup(stored_groups(root, searcher.rows, cache.sidecar.manifest_sha256))
         searcher.metadata = load_metadata(root, searcher.rows, cache.sidecar.manifest_sha256)
         searcher.group_by(group_by)
-        spec = store_embedder_spec(cache.sidecar.identity, cache.root, model, onnx, device, threads)
+        try:
+            spec = store_embedder_spec(cache.sidecar.identity, cache.root, model, onnx, device, threads)
+        except CacheMismatchError as e:
+            if model is not None:
+                raise  # a model asked for that cannot answer for this store: said at open
+            refusal = e  # the store's file found nowhere: said when a query needs the embedder (vectors,
+            spec = None  # neighbours and metadata need none)
         segment = SegmentSpec(model=seg_model) if seg_model else SegmentSpec()
-        return cls(cache, searcher, lambda: _checked_embedder(spec, cache),
-                   lambda: make_segmenter(segment, device=device))
+
+        def embedder() -> Embedder:
+            if spec is None:
+                raise refusal
+            return _checked_embedder(spec, cache)
+
+        return cls(cache, searcher, embedder, lambda: make_segmenter(segment, device=device))
 
     # ------------------------------------------------------------------ what is in it
     @property

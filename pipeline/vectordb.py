@@ -149,9 +149,12 @@ def _digest(vector: np.ndarray, values: dict[str, Any]) -> str:
     return h.hexdigest()[:24]
 
 
-def _check_identity(target: ExportTarget, identity: dict[str, Any]) -> dict[str, Any] | None:
+def _check_identity(target: ExportTarget, identity: dict[str, Any],
+                    catalogue: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The export's record, or None for a new one; another embedder's export is refused, and so is
-    a folder that holds data but no record (not made by --export: nothing there is overwritten)."""
+    another catalogue's (`catalogue`: the store's dataset and kind; a record made before it was
+    recorded is not compared) and a folder that holds data but no record (not made by --export:
+    nothing there is overwritten)."""
     if target.folder.exists() and not target.folder.is_dir():
         raise PipelineError(f"--export {target.kind}:{target.folder}: {target.folder} is a file; an export is a "
                             f"folder (e.g. {target.kind}:{target.folder}.{target.kind}): name another")
@@ -183,17 +186,29 @@ def _check_identity(target: ExportTarget, identity: dict[str, Any]) -> dict[str,
             f"{record.get('identity', {}).get('backend')!r}); vectors of two models never mix: export to another "
             "folder, or remove it first"
         )
+    made_from = record.get("catalogue")
+    if catalogue is not None and made_from is not None and made_from != catalogue:
+        # an export is brought up to date from its own store: another store's would replace it row by row
+        raise PipelineError(
+            f"{target.folder} holds the export of another catalogue ({made_from.get('kind')} gallery of "
+            f"{made_from.get('dataset')!r}); this store is the {catalogue.get('kind')} gallery of "
+            f"{catalogue.get('dataset')!r}, and exporting it there would replace that export: export to another "
+            "folder, or remove it first"
+        )
     return record
 
 
 def export_store(target: ExportTarget, embeddings: np.ndarray, rows: Sequence[ManifestRow], meta: Metadata | None,
-                 identity: dict[str, Any], store_sha256: str) -> ExportReport:
-    """Export (or bring up to date) one target; see the module docstring."""
+                 identity: dict[str, Any], store_sha256: str, catalogue: dict[str, Any] | None = None
+                 ) -> ExportReport:
+    """Export (or bring up to date) one target; see the module docstring. catalogue: the store's
+    dataset and gallery kind, recorded, and compared with an existing export's."""
     table = export_table(embeddings, rows, meta)
-    record = _check_identity(target, identity)
+    record = _check_identity(target, identity, catalogue)
     target.folder.mkdir(parents=True, exist_ok=True)
+    made_from = {"catalogue": catalogue} if catalogue is not None else {}
     if record is None:  # claimed before the first write: an interrupted first export is finished by the next
-        record = {"identity": identity, "store_sha256": "", "kind": target.kind, "rows": 0, "dim": 0}
+        record = {"identity": identity, "store_sha256": "", "kind": target.kind, "rows": 0, "dim": 0, **made_from}
         atomic_write_text(target.folder / EXPORT_FILE, json.dumps(record, indent=2, sort_keys=True))
         record["new"] = True
     writer: Any = {"lancedb": _LanceDB, "qdrant": _Qdrant, "parquet": _Parquet}[target.kind](target.folder)
@@ -219,9 +234,10 @@ def export_store(target: ExportTarget, embeddings: np.ndarray, rows: Sequence[Ma
             close()
     old_name = target.folder / OLD_EXPORT_FILE
     if (removed or changed or added or restyled or old_payloads or record.get("new")
-            or record.get("store_sha256") != store_sha256 or old_name.is_file()):
+            or record.get("store_sha256") != store_sha256 or old_name.is_file()
+            or (catalogue is not None and record.get("catalogue") is None)):
         atomic_write_text(target.folder / EXPORT_FILE, json.dumps(
-            {"identity": identity, "store_sha256": store_sha256, "kind": target.kind, "rows": len(now),
+            {"identity": identity, "store_sha256": store_sha256, "kind": target.kind, "rows": len(now), **made_from,
              "dim": int(embeddings.shape[1]) if embeddings.ndim == 2 else 0,
              **({"payload": QDRANT_PAYLOAD} if target.kind == "qdrant" else {})}, indent=2, sort_keys=True))
     old_name.unlink(missing_ok=True)  # renamed: a parquet reader of the folder skips it now
@@ -422,12 +438,14 @@ def run_export_db(cfg: Any) -> Any:
         cache = load_gallery_cache(cfg, identity=store_identity_if_default(cfg))
         meta = load_metadata(cfg.store_dir, cache.embedded_rows, cache.sidecar.manifest_sha256)
     identity = cache.sidecar.identity.to_json()
-    for target in targets:  # every folder checked (its kind, its embedder) before any is written
-        _check_identity(target, identity)
+    source = cache.sidecar.source
+    catalogue = {"dataset": source.dataset, "kind": source.kind or "standard"}
+    for target in targets:  # every folder checked (its kind, its embedder, its catalogue) before any is written
+        _check_identity(target, identity, catalogue)
     for target in targets:
         with summary.stage(f"export to {target.kind}"):
             report = export_store(target, cache.embeddings, cache.embedded_rows, meta, identity,
-                                  cache.sidecar.embeddings_sha256)
+                                  cache.sidecar.embeddings_sha256, catalogue)
         summary.notes.append(f"export: {report.line()}")
         summary.outputs[f"{target.kind} export"] = str(target.folder)
     summary.count("items", len(cache.embeddings))

@@ -330,9 +330,11 @@ def test_a_store_made_by_the_onnx_file_is_searched_with_it_when_opened_with_its_
         Catalog.open(out, model=str(tiny_clip))
     # with no model= either, the store's file is named (not "make the default file with --export-onnx",
     # which makes a file of the default model); the CLI says the same, not the default hub model's failure
+    opened = Catalog.open(out)  # its vectors and neighbours need no embedder: said when a query needs one
+    assert opened.neighbours(0, k=2)[0].row != 0
     with pytest.raises(CacheMismatchError, match=r"made by an int8 ONNX file \(sha256 [0-9a-f]{12}…, exported from "
                        r".*\), found neither at the default --onnx .* pass onnx='FILE.onnx' \(--onnx FILE\)"):
-        Catalog.open(out)
+        opened.search_text("red")
     capsys.readouterr()
     assert cli.main(["--query-text", "red", "--output-dir", str(out)]) == 1
     assert "found neither at the default --onnx" in capsys.readouterr().err

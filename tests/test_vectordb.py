@@ -363,3 +363,26 @@ def test_a_column_named_as_lancedbs_own_result_columns_goes_out_prefixed(tmp_pat
     assert found.column("file").to_pylist()[0] == "img_1.jpg"
     assert found.column("meta__distance").to_pylist()[0] == 2.5 and found.column("meta__rowid").to_pylist()[0] == 8
     assert found.column("_distance").to_pylist()[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_another_catalogues_store_is_not_exported_over_an_export(exported, tiny_onnx, tmp_path, capsys):
+    """Same embedder, another catalogue (a mistyped --output-dir): its export replaced the shop's row
+    by row ("added 2, changed 6, removed 19"). The record names the catalogue; another is refused
+    before anything is written, and an export recorded before it named one gains the name."""
+    data, out, targets, _ = exported
+    other = write_shop(tmp_path / "other-shop", n=6)
+    other_out = tmp_path / "other-out"
+    assert run(*args(other, tiny_onnx, other_out)) == 0
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in targets["parquet"].iterdir())
+    capsys.readouterr()
+    assert cli.main(["--export", f"parquet:{targets['parquet']}", "--output-dir", str(other_out)]) == 1
+    err = capsys.readouterr().err
+    assert (f"{targets['parquet']} holds the export of another catalogue (standard gallery of {str(data)!r}); this "
+            f"store is the standard gallery of {str(other)!r}") in err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in targets["parquet"].iterdir()) == before
+    record_path = targets["parquet"] / "_fashion_export.json"
+    record = json.loads(record_path.read_text())
+    assert record.pop("catalogue") == {"dataset": str(data), "kind": "standard"}
+    record_path.write_text(json.dumps(record))  # as an export made before the catalogue was recorded
+    assert cli.main(["--export", f"parquet:{targets['parquet']}", "--output-dir", str(out)]) == 0
+    assert json.loads(record_path.read_text())["catalogue"] == {"dataset": str(data), "kind": "standard"}
