@@ -396,14 +396,15 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
         cfg = decoded_as_made(cfg, unfinished_pixels(store_dir))
     if cfg.engine == "ray":
         return _build_on_ray(cfg, summary, embedder, part)
-    with summary.stage("load model"):
-        embedder = embedder or make_embedder(cfg.embedder)
     segmenter, embed_batch = None, None
-    min_side = embedder.preprocess_cfg.decode_min_side
-    on_device = decodes_on_device(cfg, embedder)
-    if cfg.segmented:
+    if cfg.segmented:  # first: a --seg-model that cannot segment is refused in a second or two, not after the model
         with summary.stage("load segmenter"):
             segmenter = segmenter_factory(cfg)
+    with summary.stage("load model"):
+        embedder = embedder or make_embedder(cfg.embedder)
+    min_side = embedder.preprocess_cfg.decode_min_side
+    on_device = decodes_on_device(cfg, embedder)
+    if segmenter is not None:
         make_items = make_segment_items(segmenter, cfg.segment)
         target = GalleryTarget(images_dir, store_dir, owned_files=owned_files(cfg), group_size=8)
         stage_name = "decode+segment+crop"

@@ -484,3 +484,22 @@ def test_a_resume_after_the_segmenter_weights_changed_in_place_is_refused(tiny_o
     assert run(*fresh) in (0, 3)
     manifest = "embeddings_segment/manifest.csv"
     assert (tmp_path / "out" / manifest).read_bytes() == (tmp_path / "fresh" / manifest).read_bytes()
+
+
+def test_a_segmenter_that_cannot_load_is_said_before_the_model_loads(people_dataset, tiny_onnx, tmp_path, monkeypatch,
+                                                                      capsys):
+    """Detection weights as --seg-model were refused only after CLIP had loaded (16 s here, a
+    download online): the segmenter loads first."""
+    from pipeline.yolo import YoloTaskError
+
+    loaded = []
+    monkeypatch.setattr(galleries, "make_embedder", lambda spec: loaded.append(spec))
+
+    def refuse(spec, device):
+        raise YoloTaskError("det.pt is a YOLO detect model: --seg-model needs a segmentation model")
+
+    monkeypatch.setattr(galleries, "make_segmenter", refuse)
+    assert cli.main(["--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx),
+                     "--output-dir", str(tmp_path / "out")]) == 1
+    assert "is a YOLO detect model" in capsys.readouterr().err
+    assert loaded == []
