@@ -420,10 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     print_profiles(int8_files)
     if args.compare != "none":
         other = compare_assets(args)
-        first = "FashionCLIP ViT-B/32" if args.model is None else args.model.name
+        first = args.model.name if args.model is not None else "tiny CLIP" if args.tiny else "FashionCLIP ViT-B/32"
+        # --compare's model by its family's name; with --tiny its tiny stand-in of that family
         second = COMPARED[args.compare][0] if args.compare in COMPARED else Path(args.compare).name
-        if args.tiny:  # the tiny stand-ins, not the architectures named
-            first, second = (f"{name} (tiny stand-in)" for name in (first, second))
         compare_models(assets, other, args.seconds, batches, table, (first, second), peaks)
     return 0
 

@@ -735,8 +735,8 @@ def resolve_torch_precision(precision: str, device: str) -> str:
     if device == "cpu":
         if precision not in BACKENDS["torch"].cpu_precisions:  # --device auto on a machine without CUDA
             raise UsageError(
-                f"--precision {precision} needs a CUDA GPU (--device auto found none); on CPU the torch backend runs "
-                "fp32 (use the ONNX int8 file for int8)"
+                f"--precision {precision} needs --device cuda, a CUDA GPU (--device auto found none here); on CPU "
+                "the torch backend runs fp32 (use the ONNX int8 file for int8)"
             )
         return "fp32"
     if precision == "int8" and not _has_bitsandbytes():

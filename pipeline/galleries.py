@@ -348,11 +348,13 @@ def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None
     )
     with TreeMemory() as memory:
         emb, rows, embedder = build_gallery_ray(build, summary, load, gallery_source(cfg))
-    where = " (workers on other machines are not counted)" if cfg.ray_address or os.environ.get("RAY_ADDRESS") else ""
-    summary.notes.append(
-        f"peak memory during the Ray build, this process and its Ray processes together: {memory.peak_mib:,.0f} MiB"
-        f"{where}; the peak memory above counts this process alone"
-    )
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):  # a cluster joined: its workers are not this process's
+        said = (f"peak memory during the Ray build, this process alone: {memory.peak_mib:,.0f} MiB (the joined "
+                "cluster's workers, on this machine or others, are not counted)")
+    else:
+        said = (f"peak memory during the Ray build, this process and its Ray processes together: "
+                f"{memory.peak_mib:,.0f} MiB; the peak memory above counts this process alone")
+    summary.notes.append(said)
     if part is not None:
         pass  # an update's new photos: the update's switch puts them in place
     elif cfg.output_url:  # the workers wrote the images to the URL

@@ -136,6 +136,15 @@ _AFTER: tuple[Check, ...] = (
     ),
     (lambda c: "ray_address" in c.explicit and c.engine != "ray", "--ray-address needs --engine ray"),
     (
+        lambda c: c.engine == "ray" and c.from_cache,
+        "--engine ray builds a gallery; a cache flag reuses one and builds nothing: drop --engine ray",
+    ),
+    (
+        lambda c: c.engine == "ray" and c.embedder.decode == "device",
+        "--decode device decodes on the model's GPU; Ray's workers decode on the CPU (Pillow's pixels): drop "
+        "--engine ray for it, or --decode device for Ray",
+    ),
+    (
         lambda c: bool(c.filter or c.group_by or c.dedup) and selected_mode(c).name in _NO_SEARCH_OPTIONS,
         "{search_flags} only {search_verb} searches ({searches}); {mode_flag} does not search the catalogue, "
         "so it would ignore them: drop them",

@@ -106,6 +106,7 @@ class RaySession:
                     )
                 }
             }
+            named = "--ray-address" if address else "RAY_ADDRESS"
             address = address or os.environ.get("RAY_ADDRESS")
             quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
             # A Ray this run starts keeps Ray's default token authentication; its notice that it did so
@@ -114,10 +115,13 @@ class RaySession:
             if address:
                 # token mode with no token here (Ray 2.52 on; ConnectionError stands in before it)
                 auth_error = getattr(ray.exceptions, "AuthenticationError", ConnectionError)
+                probe_cluster(address, named)  # Ray itself retries an address nothing answers for ~14 minutes
                 try:
                     ray.init(address=address, runtime_env=env, **quiet)
                 except (ConnectionError, auth_error) as e:
                     raise PipelineError(cannot_join(address, e)) from e
+                except ValueError as e:  # an address of no form Ray reads
+                    raise UsageError(f"{named} {address!r}: {first_line(e)}; {ADDRESS_FORMS}") from e
             else:  # "local": not the cluster a `ray start` left on this machine, which Ray would join
                 # and then refuse num_cpus for (`--ray-address auto` joins that one)
                 ray.init(
@@ -142,6 +146,26 @@ class RaySession:
         self.ours = False
         gc.collect()  # no object references of the build left to be freed while Ray stops
         threading.Thread(target=self.ray.shutdown, name=SHUTDOWN_THREAD).start()
+
+
+ADDRESS_FORMS = "give the head's host:port (e.g. 10.0.0.5:6379), ray://host:10001 (Ray Client) or auto"
+PROBE_SECONDS = 5.0
+
+
+def probe_cluster(address: str, named: str) -> None:
+    """A host:port (or ray://host:port) that no process answers is refused at once; Ray's own join
+    retries it for about 14 minutes before it gives up. `auto` and `local` are left to Ray."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"{named} {address!r} is no cluster address: {ADDRESS_FORMS}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
+    except OSError as e:
+        raise PipelineError(cannot_join(address, e)) from e
 
 
 def cannot_join(address: str, e: BaseException) -> str:
@@ -425,23 +449,29 @@ def _build(
     ranges = {n: (n * size, min(total, (n + 1) * size)) for n in range(-(-total // size))}
     todo = {n: r for n, r in ranges.items() if n not in done}
     expected = {n: _wanted_in(build, r) for n, r in todo.items()}
-    if done:
-        summary.notes.append(f"resumed: {len(done)} of {len(ranges)} shard(s) already complete")
+    initial = sum(_wanted_in(build, r) for n, r in ranges.items() if n in done)  # rows asked for, already done
+    asked = total if build.rows is None else len(build.rows)
+    if done:  # counted in rows: an update's shards without new rows in them are complete but hold none
+        summary.notes.append(f"resumed: {initial:,} of {asked:,} row(s) already done ({len(done)} of {len(ranges)} "
+                             "shard(s) complete)")
     # Pieces that touch a shard still to do (a piece crossing into a done shard is cut: rows by id).
     wanted = [p for p in split_at_shards(pieces, build.shard_rows) if p.first_row // build.shard_rows in todo
               and any(wanted_row(build, row) for row in range(p.first_row, p.first_row + p.rows))]
     plan = _Plan(build, "cuda" if on_cuda(embedder) else "cpu", embedder.preprocess_cfg, build.pixels)
-    cores = int(ray.cluster_resources().get("CPU", 1))
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if plan.device == "cuda" else 0
+    resources = ray.cluster_resources()
+    cores = int(resources.get("CPU", 0))
+    if cores < 1:  # its actors would wait for a CPU forever (Ray says "may hang forever" after a minute)
+        raise PipelineError(f"the Ray cluster has no CPU to run the build's workers on ({resources}): start its "
+                            "nodes with CPUs (ray start --num-cpus N), or build without --engine ray")
+    gpus = int(resources.get("GPU", 0)) if plan.device == "cuda" else 0
     wanted = smaller_at_the_end(wanted, workers=cores)
     collector = Collector(shards, todo, build.batch_size, embedder.dim, expected)
     for n in [n for n in todo if expected[n] == 0]:  # nothing asked for in its rows: an empty shard
         collector.close(n)
     t0 = time.perf_counter()
     if wanted:
-        initial = sum(_wanted_in(build, r) for n, r in ranges.items() if n in done)
-        asked = total if build.rows is None else len(build.rows)
-        _gather(_layout(ray, wanted, plan, cores, gpus), collector, build, (asked, initial), summary)
+        _gather(_layout(ray, wanted, plan, cores, gpus, own_ray=session.ours), collector, build, (asked, initial),
+                summary)
     missing = [n for n in todo if n not in collector.done]
     if missing:
         raise PipelineError(
@@ -458,8 +488,15 @@ def _build(
     return emb, rows
 
 
-def _layout(ray, wanted: list[Piece], plan: _Plan, cores: int, gpus: int):
-    """The Ray Data pipeline over the pieces: items made (and embedded) in actors or tasks."""
+def _layout(ray, wanted: list[Piece], plan: _Plan, cores: int, gpus: int, own_ray: bool = False):
+    """The Ray Data pipeline over the pieces: items made (and embedded) in actors or tasks.
+
+    own_ray: the Ray this run started on this machine. Its actors are not restarted (Ray Data's
+    default restarts them forever): no node is lost there, an actor that dies fails the run, which
+    resumes from its shards, and Ray no longer says at error level on every run (-q too) that a
+    restartable actor has constructor arguments in its object store. On a cluster it joined, Ray's
+    fault tolerance is kept (and so is that line)."""
+    restarts: dict[str, Any] = {"max_restarts": 0} if own_ray else {}
     ds = ray.data.from_items([{"piece": json.dumps(asdict(p))} for p in wanted], override_num_blocks=len(wanted))
     segmented, split = plan.build.segment is not None, split_layout(gpus)
     embed_args = {"num_gpus": 1} if gpus else {"num_cpus": 0.5}
@@ -467,6 +504,7 @@ def _layout(ray, wanted: list[Piece], plan: _Plan, cores: int, gpus: int):
         ds = ds.map_batches(
             _ItemMaker,
             fn_constructor_args=(plan,),
+            **restarts,
             compute=ray.data.ActorPoolStrategy(size=max(1, cores // 2)),
             batch_size=1,
             num_cpus=0.5,
@@ -482,6 +520,7 @@ def _layout(ray, wanted: list[Piece], plan: _Plan, cores: int, gpus: int):
         return ds.map_batches(
             _ItemsAndVectors,
             fn_constructor_args=(plan,),
+            **restarts,
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=max(1, cores)),
             num_cpus=1,
@@ -489,6 +528,7 @@ def _layout(ray, wanted: list[Piece], plan: _Plan, cores: int, gpus: int):
     return ds.map_batches(
         _EmbedActor,
         fn_constructor_args=(plan,),
+        **restarts,
         batch_size=plan.build.batch_size,
         compute=ray.data.ActorPoolStrategy(size=max(1, gpus or cores)),
         **embed_args,

@@ -466,4 +466,4 @@ def test_fp16_where_auto_finds_no_gpu_is_a_usage_error(tiny_clip, mixed_dataset,
         pytest.skip("auto finds a GPU here")
     assert run("--dataset", mixed_dataset, "--model", tiny_clip, "--backend", "torch", "--precision", "fp16",
                "--output-dir", tmp_path) == 2
-    assert "--precision fp16 needs a CUDA GPU (--device auto found none)" in capsys.readouterr().err
+    assert "--precision fp16 needs --device cuda, a CUDA GPU (--device auto found none here)" in capsys.readouterr().err

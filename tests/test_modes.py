@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from pipeline.config import EvalSpec, ExportSpec, QuerySpec, RunConfig, ServeSpec, VideoSpec
+from pipeline.embedders import EmbedderSpec
 from pipeline.modes import MODES, check_config, selected_mode
 
 
@@ -50,6 +51,10 @@ def test_modes_are_declared_once_and_the_gallery_comes_last():
         (RunConfig(evaluate=EvalSpec(enabled=True, backends=("tpu",))), "--eval-backends: unknown ['tpu']"),
         (RunConfig(evaluate=EvalSpec(enabled=True), use_embeddings=True), "does not read a cache"),
         (RunConfig(query=QuerySpec(texts=("x",)), engine="ray"), "--engine ray builds galleries"),
+        (RunConfig(engine="ray", use_embeddings=True), "a cache flag reuses one and builds nothing: drop --engine ray"),
+        (RunConfig(engine="ray", use_embedded_segment=True), "builds nothing: drop --engine ray"),
+        (RunConfig(engine="ray", embedder=EmbedderSpec(decode="device")),
+         "--decode device decodes on the model's GPU; Ray's workers decode on the CPU"),
         (RunConfig(export=ExportSpec(enabled=True), use_segmentation=True), "makes the ONNX file and stops"),
         (RunConfig(explicit=frozenset({"seg_conf"})), "--seg-conf needs --use-segmentation"),
         (RunConfig(explicit=frozenset({"max_persons"})), "--max-persons needs --use-segmentation"),

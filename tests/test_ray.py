@@ -154,7 +154,7 @@ def test_a_killed_ray_run_resumes_each_row_once(
     monkeypatch.undo()
     capsys.readouterr()
     assert cli.main([a for a in _args(ragged, tiny_onnx, out, "--engine", "ray") if a != "-q"]) == 3
-    assert "resumed: 2 of 4 shard(s) already complete" in capsys.readouterr().out
+    assert "resumed: 32 of 60 row(s) already done (2 of 4 shard(s) complete)" in capsys.readouterr().out
     _same_store(local_run, out)
     assert [r.source_row for r in read_manifest(out / "embeddings" / "manifest.csv")] == list(range(60))
 
@@ -328,6 +328,7 @@ def test_a_cluster_that_refuses_the_run_is_one_line_with_its_remedy(mode, monkey
     monkeypatch.setenv("RAY_AUTH_MODE", mode)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray_engine, "probe_cluster", lambda address, named: None)  # a head that answers TCP
     with pytest.raises(PipelineError) as e:
         ray_engine.RaySession("10.0.0.5:6379", 1)
     said = str(e.value)
@@ -336,6 +337,45 @@ def test_a_cluster_that_refuses_the_run_is_one_line_with_its_remedy(mode, monkey
         assert "no token was found" in said and "with RAY_AUTH_MODE=token set, the token here" in said
     else:
         assert "is joined only with RAY_AUTH_MODE=token and its token here" in said
+
+
+def test_an_address_nothing_answers_or_of_no_form_is_refused_at_once(monkeypatch):
+    """Ray retried a host:port nothing answers for about 14 minutes (20 tries of ~41 s) before its
+    ConnectionError; a malformed address was an 'unexpected ValueError'. Neither reaches Ray now."""
+    import socket
+
+    from pipeline.errors import PipelineError, UsageError
+    from tests.helpers import free_port
+
+    called = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: called.append(kw))
+    port = free_port()  # nothing listens there
+    t = time.perf_counter()
+    with pytest.raises(PipelineError, match=rf"^cannot join the Ray cluster at 127.0.0.1:{port} \(.*refused"):
+        ray_engine.RaySession(f"127.0.0.1:{port}", 1)
+    assert time.perf_counter() - t < ray_engine.PROBE_SECONDS + 2 and called == []
+    for bad in ("foo", "10.0.0.5", "host:port"):
+        with pytest.raises(UsageError, match=rf"--ray-address '{bad}' is no cluster address: give the head's"):
+            ray_engine.RaySession(bad, 1)
+    monkeypatch.setenv("RAY_ADDRESS", "nohost")
+    with pytest.raises(UsageError, match="^RAY_ADDRESS 'nohost' is no cluster address"):
+        ray_engine.RaySession(None, 1)
+    assert called == []
+    with socket.socket() as listening:  # something answers: Ray is asked, and its ValueError is a usage error
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"http://127.0.0.1:{listening.getsockname()[1]}"
+
+        def invalid(**kw):
+            raise ValueError(f"Invalid address format: {kw['address']}")
+
+        monkeypatch.setattr(ray, "init", invalid)
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        with pytest.raises(UsageError, match=r"^RAY_ADDRESS 'http://127.0.0.1:\d+': Invalid address format"):
+            ray_engine.RaySession(None, 1)
+        with pytest.raises(UsageError, match=r"^--ray-address 'http://127.0.0.1:\d+': Invalid address format"):
+            ray_engine.RaySession(address, 1)
 
 
 @pytest.mark.subprocess
@@ -361,6 +401,9 @@ def test_a_ray_the_run_starts_is_stopped_before_it_exits(ragged, tiny_onnx, loca
         assert r.returncode == 3, r.stderr[-2000:]
         assert "ray start + load model" in r.stdout
         assert "Token authentication is enabled" not in r.stderr  # Ray's default, kept, not announced
+        # the actors of a Ray the run started are not restarted: Ray's error-level line about restartable
+        # actors with constructor arguments in its object store is gone
+        assert "core_worker.cc" not in r.stderr and "max_restarts" not in r.stderr, r.stderr[-2000:]
         peak = re.search(r"peak memory during the Ray build, this process and its Ray processes together: ([\d,]+) MiB",
                          r.stdout)
         assert peak and int(peak[1].replace(",", "")) > 300  # the driver alone is more; the workers add theirs
@@ -432,3 +475,12 @@ def test_an_update_on_ray_equals_a_fresh_local_build(ray_instance, tiny_onnx, tm
     assert cli.main([*map(str, base), "--output-dir", str(out), "--update", "--engine", "ray"]) == 0
     assert cli.main([*map(str, base), "--output-dir", str(fresh)]) == 0
     assert_same_as_fresh(out, fresh)
+
+
+def test_a_cluster_without_a_cpu_is_refused_not_waited_on(ray_instance, ragged, tiny_onnx, tmp_path, monkeypatch,
+                                                          capsys):
+    """A head started with --num-cpus 0 and no workers: the build's actors waited for a CPU forever
+    (Ray's "may hang forever" after a minute, the bar at 0)."""
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"memory": 1e9, "object_store_memory": 1e8})
+    assert cli.main(_args(ragged, tiny_onnx, tmp_path / "out", "--engine", "ray")) == 1
+    assert "the Ray cluster has no CPU to run the build's workers on" in capsys.readouterr().err
