@@ -105,10 +105,12 @@ class RemoteOutput:
         self.fs, self.root = filesystem(self.url)
         self.sent = 0
 
-    def _state(self) -> dict[str, list[int]]:
+    def _state(self) -> dict[str, list[Any]]:
+        """Per file of the working copy: [size, mtime_ns, the URL's version of it] when it was last
+        fetched or sent (the version: the object's ETag, else its modification time)."""
         return read_json_dict(self.work_dir / SYNC_FILE)
 
-    def _save_state(self, state: dict[str, list[int]]) -> None:
+    def _save_state(self, state: dict[str, list[Any]]) -> None:
         atomic_write_text(self.work_dir / SYNC_FILE, json.dumps(state, sort_keys=True))
 
     def check_access(self) -> None:
@@ -137,14 +139,21 @@ class RemoteOutput:
                 if info.get("type") == "directory" or SKIPPED.search(rel):
                     continue
                 local = self.work_dir / rel
-                if local.is_file() and local.stat().st_size == info.get("size"):
-                    continue
+                # the same size is not the same file: another machine's --update rewrites a store's files,
+                # most of them at their size. The URL's version of it when last synced says whether it changed
+                # since (if not, the copy's own is kept: a change not yet sent is sent after the run)
+                known, version = state.get(rel) or [], remote_version(info)
+                if local.is_file():
+                    if len(known) == 3 and known[2] is not None and version is not None:
+                        if known[2] == version:
+                            continue
+                    elif local.stat().st_size == info.get("size"):
+                        continue  # synced before versions were recorded, or none is given: by size, as then
                 local.parent.mkdir(parents=True, exist_ok=True)
                 tmp = local.with_name(local.name + ".tmp-fetch")
                 self.fs.get_file(path, str(tmp))
                 os.replace(tmp, local)
-                st = local.stat()
-                state[rel] = [st.st_size, st.st_mtime_ns]
+                state[rel] = [*_stamp(local.stat()), version]
                 fetched += 1
         self._save_state(state)
         return fetched
@@ -156,7 +165,7 @@ class RemoteOutput:
             if not local.is_file() or local.is_symlink() or SKIPPED.search(rel):
                 continue
             st = local.stat()
-            if state.get(rel) != [st.st_size, st.st_mtime_ns]:
+            if (state.get(rel) or [])[:2] != _stamp(st):
                 yield rel, st
 
     def send(self) -> int:
@@ -166,8 +175,7 @@ class RemoteOutput:
         changed = sorted(self.changed(), key=lambda c: c[0])
         last = [(rel, st) for rel, st in changed if SENT_LAST.search(rel)]
         for rel, st in [c for c in changed if not SENT_LAST.search(c[0])]:
-            self.fs.put_file(str(self.work_dir / rel), f"{self.root}/{rel}")
-            state[rel] = [st.st_size, st.st_mtime_ns]
+            state[rel] = self._put(rel, st)
             sent += 1
         # Files the run removed go before the sidecars: a store's sidecar reaches the URL only once the files it
         # no longer lists (a thumbnails segment that held a removed photo) are gone from there.
@@ -179,12 +187,32 @@ class RemoteOutput:
                     pass
             del state[rel]
         for rel, st in last:
-            self.fs.put_file(str(self.work_dir / rel), f"{self.root}/{rel}")
-            state[rel] = [st.st_size, st.st_mtime_ns]
+            state[rel] = self._put(rel, st)
             sent += 1
         self._save_state(state)
         self.sent += sent
         return sent
+
+    def _put(self, rel: str, st: os.stat_result) -> list[Any]:
+        """Send one file; its state line, with the URL's version of what was sent (one HEAD) where the
+        next run fetches it (a file under FETCHED); images are never fetched and need none."""
+        remote = f"{self.root}/{rel}"
+        self.fs.put_file(str(self.work_dir / rel), remote)
+        version = remote_version(self.fs.info(remote)) if rel.split("/", 1)[0] in FETCHED else None
+        return [*_stamp(st), version]
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns]
+
+
+def remote_version(info: dict[str, Any]) -> str | None:
+    """What says an object at the URL changed, from fsspec's info: its ETag (S3, GCS), else its
+    modification time; None when the filesystem gives neither."""
+    for key in ("ETag", "etag", "md5Hash", "LastModified", "mtime", "updated", "last_modified", "created"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return None
 
 
 @contextmanager

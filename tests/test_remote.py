@@ -249,3 +249,27 @@ def test_an_update_signs_again_from_the_images_in_the_bucket(tmp_path, tiny_onnx
     after = csv.DictReader(io.StringIO(fs.cat_file(f"{root}/embeddings/manifest.csv").decode()))
     assert {line["source_row"]: line["look"] for line in after} == signed
     assert all(look.startswith(SIGNATURE_VERSION + ":") for look in signed.values())
+
+
+def test_a_working_copy_fetches_what_another_machine_changed_at_the_same_size(tmp_path, s3):
+    """Another machine's --update rewrote store files at their sizes (a metadata.parquet with two
+    categories swapped): a working copy compared sizes only, kept its stale files and searched them.
+    The URL's version of each file (its ETag) when last synced says whether it changed; a change of
+    the copy's own not yet sent is kept and sent."""
+    from pipeline.remote import RemoteOutput
+
+    fs, _ = s3
+    url = _url()
+    root = url.removeprefix("s3://")
+    fs.pipe_file(f"{root}/embeddings/metadata.parquet", b"dress,shirt")
+    copy = RemoteOutput(url, tmp_path / "copy")
+    assert copy.fetch() == 1
+    local = tmp_path / "copy" / "embeddings" / "metadata.parquet"
+    assert local.read_bytes() == b"dress,shirt"
+    assert copy.fetch() == 0  # unchanged at the URL: not fetched again
+    fs.pipe_file(f"{root}/embeddings/metadata.parquet", b"shirt,dress")  # another machine, the same size
+    assert copy.fetch() == 1 and local.read_bytes() == b"shirt,dress"
+    local.write_bytes(b"skirt,dress")  # this copy's own change, not sent yet (an upload that failed)
+    assert copy.fetch() == 0 and local.read_bytes() == b"skirt,dress"
+    assert copy.send() == 1 and fs.cat_file(f"{root}/embeddings/metadata.parquet") == b"skirt,dress"
+    assert copy.fetch() == 0  # what it sent is the URL's version it knows
