@@ -192,7 +192,9 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
         )
     except CacheMismatchError as e:
         # a search mode builds nothing, with a cache flag or without: the way to a store is a gallery run
-        search_from = cfg.output_dir if cfg.searches_only or not cfg.from_cache else None
+        # a URL's, not its working copy's: a build into the copy would leave the bucket as it is
+        shown: Path | str = cfg.output_url or cfg.output_dir
+        search_from = shown if cfg.searches_only or not cfg.from_cache else None
         if e.missing and (cfg.store_dir / UPDATE_DIR / SWITCH_FILE).is_file():  # not a build's to redo
             raise CacheMismatchError(f"{e}\n{SWITCH_STOPPED.format(store=cfg.store_dir)}") from None
         if e.missing and not (cfg.store_dir / PARTIAL_DIR).is_dir():

@@ -39,13 +39,14 @@ def cache_flag(segmented: bool) -> str:
     return "--use-embedded-segment" if segmented else "--use-embeddings"
 
 
-def gallery_run(output_dir: Path, segmented: bool) -> str:
-    """The command that builds the store a search mode (--query-*, --serve, --export) reads."""
+def gallery_run(output_dir: Path | str, segmented: bool) -> str:
+    """The command that builds the store a search mode (--query-*, --serve, --export) reads
+    (output_dir: a folder, or a URL as the user gave it)."""
     segment = " --use-segmentation" if segmented else ""
     return f"python main.py{segment} --output-dir {shlex.quote(str(output_dir))}"
 
 
-def build_first(store: Path, segmented: bool, search_from: Path | None = None) -> str:
+def build_first(store: Path, segmented: bool, search_from: Path | str | None = None) -> str:
     """The refusal's last line when there is no store yet; `search_from`: the output folder of a
     search mode, which builds nothing itself (its command has no cache flag to leave out)."""
     if search_from is not None:
@@ -59,7 +60,7 @@ def build_first(store: Path, segmented: bool, search_from: Path | None = None) -
 
 def reuse_or_rebuild(
     differing: Iterable[str], identity: VectorIdentity, source: GallerySource, segmented: bool, onnx_asked: str | None,
-    search_from: Path | None = None,
+    search_from: Path | str | None = None,
 ) -> str:
     """The refusal's last line for a store made differently: the flags that made it, then rebuilding.
 

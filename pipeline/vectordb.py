@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -67,6 +68,9 @@ class ExportTarget:
         if not sep or kind not in KINDS or not folder:
             raise UsageError(f"--export {text!r}: expected KIND:DIR with KIND one of {', '.join(KINDS)} "
                              "(e.g. lancedb:./shop.lance)")
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", folder):  # a Path would make s3://b/x a local folder s3:/b/x
+            raise UsageError(f"--export {text!r}: an export is written to a local folder, not a URL; export to a "
+                             "folder, then copy it (LanceDB and Qdrant read their own URLs: see their docs)")
         return cls(kind, Path(folder))
 
 

@@ -273,3 +273,15 @@ def test_a_working_copy_fetches_what_another_machine_changed_at_the_same_size(tm
     assert copy.fetch() == 0 and local.read_bytes() == b"skirt,dress"
     assert copy.send() == 1 and fs.cat_file(f"{root}/embeddings/metadata.parquet") == b"skirt,dress"
     assert copy.fetch() == 0  # what it sent is the URL's version it knows
+
+
+def test_a_search_at_a_url_without_a_store_is_told_the_url_and_an_export_to_a_url_is_refused(
+        tiny_onnx, tmp_path, s3, capsys):
+    """The way to a store was named with the working copy's folder (a build there leaves the bucket
+    empty); an export target s3://... was made a local folder s3:/... and the run crashed in pyarrow."""
+    url = _url()
+    assert run("--query-text", "red", "--onnx", tiny_onnx, "--output-dir", url, "--work-dir", tmp_path / "w") == 1
+    assert f"Build it first with a gallery run: python main.py --output-dir {url} (with" in capsys.readouterr().err
+    assert run("--export", f"parquet:{url}/export", "--output-dir", url, "--work-dir", tmp_path / "w") == 2
+    assert "an export is written to a local folder, not a URL" in capsys.readouterr().err
+    assert not (Path.cwd() / "s3:").exists()
