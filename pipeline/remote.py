@@ -179,12 +179,13 @@ class RemoteOutput:
             sent += 1
         # Files the run removed go before the sidecars: a store's sidecar reaches the URL only once the files it
         # no longer lists (a thumbnails segment that held a removed photo) are gone from there.
+        # Every file this copy fetched or sent and the run removed: a store's finished shards, result pictures of
+        # photos gone or past --max-result-images, earlier queries' pictures (as a local run removes them)
         for rel in [r for r in state if not (self.work_dir / r).is_file()]:
-            if rel.split("/", 1)[0] in FETCHED:  # e.g. the .partial shards once the store is final
-                try:
-                    self.fs.rm_file(f"{self.root}/{rel}")
-                except FileNotFoundError:
-                    pass
+            try:
+                self.fs.rm_file(f"{self.root}/{rel}")
+            except FileNotFoundError:
+                pass
             del state[rel]
         for rel, st in last:
             state[rel] = self._put(rel, st)

@@ -285,3 +285,16 @@ def test_a_search_at_a_url_without_a_store_is_told_the_url_and_an_export_to_a_ur
     assert run("--export", f"parquet:{url}/export", "--output-dir", url, "--work-dir", tmp_path / "w") == 2
     assert "an export is written to a local folder, not a URL" in capsys.readouterr().err
     assert not (Path.cwd() / "s3:").exists()
+
+
+def test_pictures_a_run_removes_are_removed_from_the_bucket_too(rows40, tiny_onnx, tmp_path, s3):
+    """--max-result-images 0 after a run that drew every picture: the working copy removed them, the
+    bucket kept all 39 (only a store folder's removals were passed on)."""
+    fs, _ = s3
+    url, work = _url(), tmp_path / "copy"
+    assert run(*_args(rows40, tiny_onnx, url, work)) == 3
+    assert [k for k in _files(fs, url) if k.endswith("_matches.jpg")]
+    assert run("--use-embeddings", *_args(rows40, tiny_onnx, url, work, "--max-result-images", "0")) == 3
+    assert not list(work.rglob("*_matches.jpg"))
+    assert [k for k in _files(fs, url) if k.endswith("_matches.jpg")] == []
+    assert "retrieval_results/neighbours.csv" in _files(fs, url)
