@@ -61,6 +61,11 @@ def store_folder(folder: str | Path) -> Path:
         return folder
     if (folder / "embeddings" / SIDECAR_FILE).is_file():
         return folder / "embeddings"
+    from .fileio import being_written, writer_of
+
+    for output in (folder, folder.parent):  # a run's folder, or the store folder in it
+        if writer_of(output):  # a store between its files (an update's switch): not one to build
+            raise PipelineError(f"{folder} holds no complete gallery store now{being_written(output)}")
     raise PipelineError(
         f"{folder} holds no gallery store ({SIDECAR_FILE} not found there or in {folder / 'embeddings'}); "
         "build one first: python main.py --output-dir DIR"
@@ -106,6 +111,7 @@ class Catalog:
         self._segmenter_lock = threading.Lock()  # loading it, and each call: Ultralytics models are not thread-safe
         self._thumbs = cache.thumbnails()
         self._thumbs_lock = threading.Lock()  # one file handle
+        self._closed = False
 
     @classmethod
     def open(
@@ -178,6 +184,7 @@ class Catalog:
         """Let go of the store's thumbnails file (a search after this cannot show thumbnails)."""
         with self._thumbs_lock:
             self._thumbs.close()
+            self._closed = True
 
     def __enter__(self) -> Catalog:
         return self
@@ -198,6 +205,9 @@ class Catalog:
         """uint8 (T, T, 3) RGB thumbnail of embedding row `row`."""
         self._check_row(row)
         with self._thumbs_lock:
+            if self._closed:
+                raise PipelineError("the catalog was closed, and its thumbnails with it: open it again "
+                                    "(Catalog.open) to show thumbnails")
             return self._thumbs[row].copy()
 
     @property

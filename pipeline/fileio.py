@@ -211,6 +211,33 @@ def remove_temp_leftovers(folder: str | Path) -> int:
     return removed
 
 
+def writer_of(folder: str | Path) -> str | None:
+    """The pid of the run holding `folder`'s OutputLock now, or None (no run, or no fcntl): a reader
+    refused for a store caught between two of its files says that a run is writing it."""
+    try:
+        import fcntl
+
+        fd = os.open(Path(folder) / OutputLock.NAME, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+
+
+def being_written(folder: str | Path) -> str:
+    """' (another run, pid N, is writing to FOLDER now: an update switching in, or a build; open it again
+    once it ends)' where one holds the folder's lock, else ''."""
+    pid = writer_of(folder)
+    return (f"; another run (pid {pid}) is writing to {folder} now (an update switching its store in, or a build): "
+            "open it again once that run ends") if pid else ""
+
+
 class OutputLock:
     """An exclusive lock on an output folder for the length of a run.
 

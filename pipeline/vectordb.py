@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import functools
 import hashlib
 import json
 import logging
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from .errors import PipelineError, UsageError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, waiting_lock
 from .metadata import Metadata, narrow_float_columns, prefixed_name
 from .store import ManifestRow
 
@@ -447,7 +448,11 @@ def run_export_db(cfg: Any) -> Any:
     for target in targets:  # every folder checked (its kind, its embedder, its catalogue) before any is written
         _check_identity(target, identity, catalogue)
     for target in targets:
-        with summary.stage(f"export to {target.kind}"):
+        # one export into a folder at a time: two at once renamed each other's part files away
+        target.folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = target.folder.parent / f".{target.folder.name}.export-lock"
+        said = functools.partial(log.info, "waiting for another export into %s to end", target.folder)
+        with summary.stage(f"export to {target.kind}"), waiting_lock(lock, said):
             report = export_store(target, cache.embeddings, cache.embedded_rows, meta, identity,
                                   cache.sidecar.embeddings_sha256, catalogue)
         summary.notes.append(f"export: {report.line()}")

@@ -255,8 +255,9 @@ def test_catalog_queries_of_every_form_agree(built, tiny_clip):
             with pytest.raises(UsageError, match=said):
                 cat.search_combined(out / "images" / file_of(out, 2), [bad])
         assert cat.thumbnail(3).shape[2] == 3
-    with pytest.raises(ValueError):  # closed
-        cat.thumbnail(3)
+    with pytest.raises(PipelineError, match=r"^the catalog was closed, and its thumbnails with it: open it again"):
+        cat.thumbnail(3)  # not numpy's "seek of closed file"
+    assert cat.search_vectors(cat.embeddings[0], k=2)[0][0].row == 0  # searches still answer
 
 
 def test_readme_api_example_runs(built, tiny_clip):
@@ -361,3 +362,23 @@ def test_a_distance_a_few_ulps_under_zero_is_zero():
     assert (nb.distances >= 0).all() and (nb.indices[:, 0] == np.arange(200)).all()
     assert all(h[0].distance >= 0 for h in s.search(emb[:50], 1))
     assert (s.all_neighbours(2).distances >= 0).all()
+
+
+def test_a_store_caught_while_a_run_writes_it_is_said_to_be_so_not_to_need_a_build(tmp_path):
+    """Between an update's switch and its sidecar (and its metadata) a reader was told to build the
+    store, or that the update had stopped; while a run holds the folder's lock it is told to wait."""
+    import os
+
+    from pipeline.fileio import OutputLock, writer_of
+
+    out = tmp_path / "out"
+    (out / "embeddings").mkdir(parents=True)
+    with OutputLock(out):
+        assert writer_of(out) == str(os.getpid())
+        for folder in (out, out / "embeddings"):
+            with pytest.raises(PipelineError, match=rf"holds no complete gallery store now; another run \(pid "
+                                                    rf"{os.getpid()}\) is writing to {re.escape(str(out))} now"):
+                Catalog.open(folder)
+    assert writer_of(out) is None
+    with pytest.raises(PipelineError, match="holds no gallery store .* build one first"):
+        Catalog.open(out)

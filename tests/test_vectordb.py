@@ -386,3 +386,28 @@ def test_another_catalogues_store_is_not_exported_over_an_export(exported, tiny_
     record_path.write_text(json.dumps(record))  # as an export made before the catalogue was recorded
     assert cli.main(["--export", f"parquet:{targets['parquet']}", "--output-dir", str(out)]) == 0
     assert json.loads(record_path.read_text())["catalogue"] == {"dataset": str(data), "kind": "standard"}
+
+
+def test_two_exports_into_one_folder_take_turns(exported, tmp_path, monkeypatch):
+    """Two --export runs into one folder at once renamed each other's part files away ("unexpected
+    FileNotFoundError"): the second waits for the first, then brings it up to date."""
+    import threading
+    import time
+
+    from pipeline import vectordb
+    from pipeline.fileio import waiting_lock
+
+    _, out, _, _ = exported
+    target = tmp_path / "turns.parquet"
+    codes: list[int] = []
+    waited = threading.Event()
+    monkeypatch.setattr(vectordb, "waiting_lock", lambda path, said: waiting_lock(path, lambda: (said(), waited.set())))
+    with waiting_lock(tmp_path / ".turns.parquet.export-lock"):  # another export, holding the folder
+        second = threading.Thread(target=lambda: codes.append(cli.main(
+            ["--export", f"parquet:{target}", "--output-dir", str(out), "-q"])))
+        second.start()
+        assert waited.wait(60) and not target.exists()  # it waits for the lock, writing nothing
+        time.sleep(0.5)
+        assert second.is_alive() and not target.exists()
+    second.join(120)
+    assert codes == [0] and (target / "_fashion_export.json").is_file()
