@@ -242,7 +242,16 @@ def _filter_syntax(text: str | None) -> str | None:
 
 
 def interrupted_message(cfg: RunConfig) -> str:
-    """What a run stopped by Ctrl-C leaves, and how to go on, for the mode it was in."""
+    """What a run stopped by Ctrl-C leaves, and how to go on, for the mode it was in (at a URL, also
+    that the next run sends what this one had not sent yet)."""
+    said = _interrupted(cfg)
+    if cfg.output_url:
+        said += (f"; what was not sent to {cfg.output_url} yet (an upload stopped too) is sent by the next run "
+                 f"from this working copy ({cfg.output_dir})")
+    return said
+
+
+def _interrupted(cfg: RunConfig) -> str:
     if cfg.export.enabled:
         return "interrupted: nothing was written (the export moves its files into place only at its end)"
     if cfg.searches_only or cfg.evaluate.enabled:

@@ -217,9 +217,11 @@ def remote_version(info: dict[str, Any]) -> str | None:
 
 
 @contextmanager
-def mirrored(url: str, work_dir: Path) -> Iterator[RemoteOutput]:
+def mirrored(url: str, work_dir: Path, resend: str = "run the same command again to send them"
+             ) -> Iterator[RemoteOutput]:
     """Fetch before the run; send after it, whether it finished, failed or was interrupted. When
-    the upload fails too, the run's own error is the one raised and the upload's is logged."""
+    the upload fails too, the run's own error is the one raised and the upload's is logged.
+    resend: how to send what an upload that failed left (a build's: with its cache flag, not again)."""
     remote = RemoteOutput(url, work_dir)
     remote.check_access()
     n = remote.fetch()
@@ -235,8 +237,7 @@ def mirrored(url: str, work_dir: Path) -> Iterator[RemoteOutput]:
             log.info("sent %d file(s) to %s", n, url)
         except Exception as e:
             message = (
-                f"uploading to {url} failed ({type(e).__name__}: {e}); the outputs are in {work_dir}: "
-                "run the same command again to send them"
+                f"uploading to {url} failed ({type(e).__name__}: {e}); the outputs are in {work_dir}: {resend}"
             )
             if failed:
                 log.error(message)

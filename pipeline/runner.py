@@ -48,7 +48,7 @@ from .index import INDEX_FILE
 from .metadata import load_metadata
 from .modes import selected_mode
 from .pictures import PictureJob, draw_pictures, picture_name
-from .plots import neighbour_labels, save_heatmap, save_histogram
+from .plots import neighbour_labels, pyplot, save_heatmap, save_histogram
 from .remote import mirrored
 from .report import RunSummary
 from .retrieval import Neighbours, carried_matrix, iter_neighbour_rows, write_neighbours_csv
@@ -78,7 +78,12 @@ def run(cfg: RunConfig) -> RunSummary:
     if fallback and mode.name != "serve":  # serve says it once its port is bound
         log.info(fallback)  # and in the summary's notes
     offline = go_offline_unless_reachable(cfg)  # before anything asks the hub
-    remote = mirrored(cfg.output_url, cfg.output_dir) if cfg.output_url and mode.mirrors_output else nullcontext()
+    resend = "run the same command again to send them"
+    if mode.name in ("gallery", "video") and not cfg.from_cache and not cfg.update:  # again: every photo embedded again
+        flag = "--use-embedded-segment" if cfg.segmented else "--use-embeddings"
+        resend = f"add {flag} to the same command to send them without embedding again"
+    remote = (mirrored(cfg.output_url, cfg.output_dir, resend) if cfg.output_url and mode.mirrors_output
+              else nullcontext())
     with output_session(cfg) if mode.holds_output else nullcontext(), remote as copy:
         summary = run_mode(cfg)
     if copy is not None:
@@ -230,6 +235,9 @@ def write_retrieval_outputs(
     # file writes, mostly without the GIL), and done before the pictures (whose captions use matplotlib's
     # fonts too). Leaving the block waits for it, whatever happened (a Ctrl-C too); a heatmap that
     # fails stops the run there, before the pictures.
+    # matplotlib imported here, not first in the thread: a Ctrl-C that lands in the main thread during an
+    # import can leave that module's import lock held, and the thread, importing it, never ends (seen once)
+    pyplot()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="heatmap") as beside:
         heatmap = beside.submit(_timed, plot_once, heat, ["save_heatmap, default cells", searcher.embeddings],
                                 lambda: save_heatmap(searcher.embeddings, heat))

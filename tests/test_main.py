@@ -425,6 +425,8 @@ def test_a_usage_error_pointing_at_a_place_ends_with_its_caret(tmp_path, capsys)
     (["--query-text", "red", "--output-dir", "TMP"], "builds no store, so there is nothing to resume"),
     (["--update", "--output-dir", "TMP"], "the update's complete shards are kept"),
     (["--export-onnx", "--onnx", "TMP/m_int8.onnx"], "nothing was written"),
+    (["--output-dir", "memory://b/run", "--work-dir", "TMP"],
+     "what was not sent to memory://b/run yet (an upload stopped too) is sent by the next run from this working copy"),
 ])
 def test_ctrl_c_says_what_each_mode_keeps(flags, says, tmp_path, monkeypatch, capsys):
     from pipeline import runner

@@ -298,3 +298,19 @@ def test_pictures_a_run_removes_are_removed_from_the_bucket_too(rows40, tiny_onn
     assert not list(work.rglob("*_matches.jpg"))
     assert [k for k in _files(fs, url) if k.endswith("_matches.jpg")] == []
     assert "retrieval_results/neighbours.csv" in _files(fs, url)
+
+
+def test_a_builds_failed_upload_says_to_send_it_with_the_cache_flag(rows40, tiny_onnx, tmp_path, monkeypatch,
+                                                                      capsys):
+    """'run the same command again to send them' embedded every photo again: the store is complete."""
+    from pipeline.remote import RemoteOutput
+
+    def send(self):
+        raise ConnectionError("network down")
+
+    monkeypatch.setattr(RemoteOutput, "send", send)
+    url = f"memory://{secrets.token_hex(4)}/run"
+    assert run(*_args(rows40, tiny_onnx, url, tmp_path / "w")) == 1
+    said = capsys.readouterr().err
+    assert f"uploading to {url} failed (ConnectionError: network down)" in said
+    assert "add --use-embeddings to the same command to send them without embedding again" in said
