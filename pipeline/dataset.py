@@ -422,16 +422,26 @@ def _iter_parquet(
     for f in files:
         if stop is not None and row >= stop:
             return
-        with open_file(f) as source:
-            pf = _open_parquet(f, source, _footer(f, source))
-            check_columns(spec, pf.schema_arrow.names)
-            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
-            at = row
-            for g, n in enumerate(sizes):
-                lo, hi = max(at, start), at + n if stop is None else min(at + n, stop)
-                if lo < hi and (wanted is None or _holds(wanted, lo, hi)):
-                    yield from _group_records(pf, g, at, spec, start, stop, only)
-                at += n
+        try:
+            with open_file(f) as source:
+                pf = _open_parquet(f, source, _footer(f, source))
+                check_columns(spec, pf.schema_arrow.names)
+                sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+                at = row
+                for g, n in enumerate(sizes):
+                    lo, hi = max(at, start), at + n if stop is None else min(at + n, stop)
+                    if lo < hi and (wanted is None or _holds(wanted, lo, hi)):
+                        yield from _group_records(pf, g, at, spec, start, stop, only)
+                    at += n
+        except PipelineError:
+            raise
+        except Exception as e:  # the hub's file read lazily, range by range: a 404, a cut or refused connection
+            if not str(f).startswith("hf://"):
+                raise
+            raise PipelineError(
+                f"reading {f} from the Hugging Face hub failed ({type(e).__name__}: {first_line(e)[:200]}); "
+                "run the same command again (a build resumes from its last complete shard)"
+            ) from e
         row += sum(sizes)
 
 

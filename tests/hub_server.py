@@ -58,6 +58,7 @@ class HubServer:
     def __init__(self, repos: dict[tuple[str, str], Path]) -> None:
         self.repos = {(k, r): Repo(k, r, Path(p)) for (k, r), p in repos.items()}
         self.log: list[Request] = []
+        self.failing: set[str] = set()  # files whose ranged reads fail (a file gone between listing and reading)
         self._lock = threading.Lock()
         server = self
 
@@ -203,7 +204,7 @@ class HubServer:
     def _resolve(self, repo: Repo, request: dict):
         rel, range_header = request["rest"], request["range"]
         p = repo.root / rel
-        if not p.is_file():
+        if not p.is_file() or (rel in self.failing and range_header.strip()):
             return self._error(404, "EntryNotFound", f"{rel} does not exist in {repo.repo_id}")
         data = p.read_bytes()
         oid = _file_oid(p)

@@ -128,6 +128,22 @@ def test_default_run_fetches_only_what_the_limit_needs(hub, run_main, tmp_path):
     assert hub.bytes_for(first.name) <= 2 * images + captions + 2 * (size - footer)
 
 
+def test_a_shard_that_fails_mid_read_is_named_with_how_to_go_on(hub, run_main, tmp_path):
+    """The hub's files are read lazily, range by range: a shard gone (or a connection cut) after the
+    listing failed the run as 'unexpected RemoteEntryNotFoundError', often without the file."""
+    second = f"data/{_shard(hub, 1).name}"
+    hub.failing.add(second)
+    try:
+        r = run_main("--limit", "90", "-q")
+    finally:
+        hub.failing.discard(second)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: reading hf://datasets/lirus18/deepfashion") and second in last, last
+    assert "run the same command again (a build resumes from its last complete shard)" in last
+    assert "unexpected" not in r.stderr
+
+
 def test_limit_reads_the_row_groups_it_needs(hub, run_main, tmp_path):
     hub.reset()
     r = run_main("--limit", "70", "-q", "--max-result-images", "0")
