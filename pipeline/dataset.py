@@ -535,6 +535,15 @@ def _hub_split(spec: DatasetSpec) -> HubSplit:
     datasets = _import_datasets()
     try:
         builder = datasets.load_dataset_builder(spec.name)
+    except ValueError as e:
+        if "Config name is missing" not in str(e):
+            raise PipelineError(_hub_open_error(spec, e)) from e
+        configs = re.search(r"available configs: (\[[^\]]*\])", str(e))
+        raise PipelineError(  # the hub answered: no network advice
+            f"dataset {spec.name!r} has several configurations{f' {configs[1]}' if configs else ''} and no default "
+            "one; this tool reads a hub dataset's default configuration only: pass a local copy of the one you want "
+            "(its parquet files) with --dataset DIR"
+        ) from e
     except Exception as e:  # the hub client raises many types (offline, 404, auth)
         raise PipelineError(_hub_open_error(spec, e)) from e
     files = (builder.config.data_files or {}).get(spec.split)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,13 @@ def hub(tmp_path_factory):
     _, open_clip_repo = assets.save_tiny_open_clip(base / "open-clip")
     # as Marqo's repositories: a config.json naming the open_clip model, so the plain id loads it too
     (open_clip_repo / "config.json").write_text(json.dumps({"open_clip_model_name": "hf-hub:someone/tiny-openclip"}))
+    multi = base / "multi"  # a dataset of two configurations, neither the default
+    for config in ("full", "small"):
+        (multi / config).mkdir(parents=True)
+        shutil.copy(dataset / "data" / f"train-00000-of-{SHARDS:05d}.parquet", multi / config / "train-0.parquet")
+    (multi / "README.md").write_text("---\nconfigs:\n- config_name: full\n  data_files:\n  - split: train\n    "
+                                     "path: full/train-*\n- config_name: small\n  data_files:\n  - split: train\n"
+                                     "    path: small/train-*\n---\n")
     broken = base / "broken"  # a model repo without weights
     broken.mkdir()
     (broken / "config.json").write_text((model / "config.json").read_text())
@@ -38,6 +46,7 @@ def hub(tmp_path_factory):
         ("dataset", "lirus18/deepfashion"): dataset,
         ("model", "patrickjohncyh/fashion-clip"): model,
         ("model", "someone/broken"): broken,
+        ("dataset", "acme/multi"): multi,
         ("model", "someone/tiny-openclip"): open_clip_repo,
     }
     with HubServer(repos) as server:
@@ -142,6 +151,16 @@ def test_a_shard_that_fails_mid_read_is_named_with_how_to_go_on(hub, run_main, t
     assert last.startswith("error: reading hf://datasets/lirus18/deepfashion") and second in last, last
     assert "run the same command again (a build resumes from its last complete shard)" in last
     assert "unexpected" not in r.stderr
+
+
+def test_a_dataset_of_several_configurations_without_a_default_is_refused_naming_them(run_main):
+    """It was 'cannot open ... (ValueError: Config name is missing.)', with advice for going offline."""
+    r = run_main("--dataset", "acme/multi", "--limit", "4", "-q")
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: dataset 'acme/multi' has several configurations ['full', 'small'] and no default "
+                           "one; this tool reads a hub dataset's default configuration only"), last
+    assert "Without network access" not in last
 
 
 def test_limit_reads_the_row_groups_it_needs(hub, run_main, tmp_path):
