@@ -160,8 +160,8 @@ class Catalog:
         segment = SegmentSpec(model=seg_model) if seg_model else SegmentSpec()
 
         def embedder() -> Embedder:
-            if spec is None:
-                raise refusal
+            if spec is None:  # a new exception each time: one raised again keeps every query's frames alive
+                raise CacheMismatchError(str(refusal))
             return _checked_embedder(spec, cache)
 
         return cls(cache, searcher, embedder, lambda: make_segmenter(segment, device=device))

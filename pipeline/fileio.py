@@ -26,33 +26,19 @@ from .errors import PipelineError
 log = logging.getLogger(__name__)
 
 
-def _read_umask() -> int:
-    """The process's umask, read once at import (os.umask can only be read by setting it, which is not
-    safe once other threads make files)."""
-    try:  # Linux says it without changing it
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-_FILE_MODE = 0o666 & ~_read_umask()  # what open() gives a new file: the temp files get it too
-
-
 def temp_file_beside(path: Path) -> tuple[int, str]:
-    """tempfile.mkstemp in path's folder (prefix ".<name>.", suffix ".tmp"), its mode what a file made
-    with open() gets (0644 under the usual umask, not mkstemp's 0600): a store, its images and
-    reports moved into place from it are readable by whoever reads the folder."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _FILE_MODE)
-    except BaseException:
-        os.close(fd)
-        unlink_quietly(tmp)
-        raise
-    return fd, tmp
+    """A new temp file in path's folder (".<name>.<8 random>.tmp", as tempfile.mkstemp names them),
+    open for writing, made with the mode open() gives a new file (0644 under the usual umask: the
+    kernel applies the umask then) rather than mkstemp's 0600, so a store, its images and reports
+    moved into place from it are readable by whoever reads the folder."""
+    import secrets
+
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -212,22 +198,23 @@ def remove_temp_leftovers(folder: str | Path) -> int:
 
 
 def writer_of(folder: str | Path) -> str | None:
-    """The pid of the run holding `folder`'s OutputLock now, or None (no run, or no fcntl): a reader
-    refused for a store caught between two of its files says that a run is writing it."""
+    """The pid of another live process whose OutputLock is on `folder` now, or None: a reader refused
+    for a store caught between two of its files says that a run is writing it. Read from the lock
+    file (a run removes it as it ends), not by taking the lock: a probe's brief lock would refuse a
+    run starting at that instant; this process's own lock (a search holds its folder's) is none."""
     try:
-        import fcntl
-
-        fd = os.open(Path(folder) / OutputLock.NAME, os.O_RDONLY)
-    except (ImportError, OSError):
+        pid = int((Path(folder) / OutputLock.NAME).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if pid == os.getpid():
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.kill(pid, 0)  # alive (a SIGKILLed run's file stays; its pid is gone)
+    except ProcessLookupError:
         return None
-    except BlockingIOError:
-        return os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-    finally:
-        os.close(fd)
+    except PermissionError:
+        pass  # alive, another user's
+    return str(pid)
 
 
 def being_written(folder: str | Path) -> str:
@@ -289,6 +276,10 @@ class OutputLock:
         if self.fd is not None:
             if exc_type is not None and os.listdir(self.path.parent) == [self.NAME]:
                 unlink_quietly(self.path)  # a run that failed before writing anything leaves nothing
+            try:
+                os.ftruncate(self.fd, 0)  # no pid left behind: writer_of reads none once the run ended
+            except OSError:
+                pass
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
 

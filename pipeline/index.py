@@ -606,11 +606,14 @@ def switch_index(staged: Path, folder: Path) -> bool:
 
 class DamagedIndexError(PipelineError):
     """The index beside a store cannot be read, or is not the file its metadata records: a gallery
-    run builds it again (ensure_index); a search is refused."""
+    run builds it again (ensure_index), --update too; a search is refused. `reason`: what is wrong,
+    without the remedy."""
 
-
-_REBUILD = ("A gallery run over the store builds it again (python main.py --use-embeddings with the store's "
-            "--output-dir), or search with --index none")
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}. A gallery run over the store builds it again (its gallery command, with "
+                         "--use-embeddings or --use-embedded-segment to keep the vectors), or search without it: "
+                         "--index none (Catalog.open(..., index='none'))")
+        self.reason = reason
 
 
 def read_info(folder: Path) -> IndexInfo | None:
@@ -626,7 +629,7 @@ def read_info(folder: Path) -> IndexInfo | None:
             )
         return IndexInfo(**meta)
     except (json.JSONDecodeError, TypeError) as e:
-        raise DamagedIndexError(f"{path}: unreadable index metadata ({e}). {_REBUILD}") from e
+        raise DamagedIndexError(f"{path}: unreadable index metadata ({e})") from e
 
 
 def read_sample(folder: Path, info: IndexInfo) -> RecallSample | None:
@@ -662,11 +665,11 @@ def load_index(
         )
     if info.index_sha256 and sha256_bytes(data.data) != info.index_sha256:
         raise DamagedIndexError(f"{folder / INDEX_FILE} is damaged: its bytes are not those written for its "
-                                f"metadata. {_REBUILD}")
+                                "metadata")
     try:
         index = faiss.deserialize_index(data)
     except RuntimeError as e:  # an index written before its hash was recorded, cut short
-        raise DamagedIndexError(f"{folder / INDEX_FILE} cannot be read ({first_line(e)[:120]}). {_REBUILD}") from e
+        raise DamagedIndexError(f"{folder / INDEX_FILE} cannot be read ({first_line(e)[:120]})") from e
     if index.ntotal != info.count:
         raise PipelineError(
             f"{folder / INDEX_FILE} holds {index.ntotal:,} vectors but its metadata says {info.count:,}: "
@@ -709,7 +712,7 @@ def ensure_index(
             why = "the store changed" if info.store_sha256 != store_sha256 else f"{wanted} asked for, {info.kind} found"
             log.info("rebuilding %s (%s)", folder / INDEX_FILE, why)
     except DamagedIndexError as e:
-        log.warning("rebuilding %s: %s", folder / INDEX_FILE, str(e).split(". A gallery run")[0])
+        log.warning("rebuilding %s: %s", folder / INDEX_FILE, e.reason)
     gi = build_index(embeddings, wanted, store_sha256, threads, gpu=gpu)
     save_index(folder, gi)
     return gi
@@ -783,7 +786,7 @@ def update_index(
     except DamagedIndexError as e:  # nothing to update: gone, so that the gallery run builds it afresh
         for name in (INDEX_FILE, INDEX_META, SAMPLE_FILE):
             unlink_quietly(folder / name)
-        return f"{str(e).split('. A gallery run')[0]}: removed, the gallery run builds it again"
+        return f"{e.reason}: removed, the gallery run builds it again"
     if info is None:
         return "no index beside the store: the next gallery run builds one"
     n, dim = emb.shape

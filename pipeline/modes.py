@@ -9,6 +9,7 @@ entry here. Run functions are named, not imported, so `main.py --help` loads no 
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -241,6 +242,9 @@ def _filter_syntax(text: str | None) -> str | None:
     return None
 
 
+STARTED = time.time()  # when this process began (the CLI imports this module first): what its run wrote is newer
+
+
 def interrupted_message(cfg: RunConfig) -> str:
     """What a run stopped by Ctrl-C leaves, and how to go on, for the mode it was in (at a URL, also
     that the next run sends what this one had not sent yet)."""
@@ -258,7 +262,9 @@ def _interrupted(cfg: RunConfig) -> str:
         return "interrupted: this mode builds no store, so there is nothing to resume; run it again"
     from .store import PARTIAL_DIR, SIDECAR_FILE
 
-    built = (cfg.store_dir / SIDECAR_FILE).is_file() and not (cfg.store_dir / PARTIAL_DIR).is_dir()
+    sidecar = cfg.store_dir / SIDECAR_FILE
+    # a store this run finished (an older one, there while its model loaded, is the one it was replacing)
+    built = (sidecar.is_file() and sidecar.stat().st_mtime >= STARTED and not (cfg.store_dir / PARTIAL_DIR).is_dir())
     cache_flag = "--use-embedded-segment" if cfg.segmented else "--use-embeddings"
     if cfg.from_cache or (built and not cfg.update):
         # the store was finished before the stop: the same command without the flag would embed it all again

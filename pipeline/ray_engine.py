@@ -98,6 +98,7 @@ class RaySession:
             if thread.name == SHUTDOWN_THREAD:
                 thread.join()
         self.ray, self.ours = ray, not ray.is_initialized()
+        self.started = False  # a Ray this run started on this machine (not a cluster it joined)
         if self.ours:
             env = {
                 "env_vars": {
@@ -124,6 +125,7 @@ class RaySession:
                     raise UsageError(f"{named} {address!r}: {first_line(e)}; {ADDRESS_FORMS}") from e
             else:  # "local": not the cluster a `ray start` left on this machine, which Ray would join
                 # and then refuse num_cpus for (`--ray-address auto` joins that one)
+                self.started = True
                 ray.init(
                     address="local",
                     num_cpus=cpus or available_cores(),
@@ -470,7 +472,7 @@ def _build(
         collector.close(n)
     t0 = time.perf_counter()
     if wanted:
-        _gather(_layout(ray, wanted, plan, cores, gpus, own_ray=session.ours), collector, build, (asked, initial),
+        _gather(_layout(ray, wanted, plan, cores, gpus, own_ray=session.started), collector, build, (asked, initial),
                 summary)
     missing = [n for n in todo if n not in collector.done]
     if missing:

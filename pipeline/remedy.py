@@ -84,11 +84,14 @@ def reuse_or_rebuild(
     flags: list[str] = []
     for name in names:
         flags += _flags_for(name, made, onnx_asked)
-    reuse = f"To reuse it, ask for what made it: {' '.join(flags)}; or r" if flags else "R"  # else no flag would
     if search_from is not None:
-        build = gallery_run(search_from, segmented)
-        return reuse + f"ebuild it with a gallery run: {build} with the flags you want (the old store is replaced)."
-    return reuse + f"ebuild it by running without {cache_flag(segmented)} (the old store is replaced)."
+        rebuild = (f"rebuild it with a gallery run: {gallery_run(search_from, segmented)} with the flags you want (the "
+                   "old store is replaced).")
+    else:
+        rebuild = f"rebuild it by running without {cache_flag(segmented)} (the old store is replaced)."
+    if not flags:  # no flag would reuse it
+        return rebuild[0].upper() + rebuild[1:]
+    return f"To reuse it, ask for what made it: {' '.join(flags)}; or {rebuild}"
 
 
 def _flags_for(name: str, made: dict[str, Any], onnx_asked: str | None) -> list[str]:

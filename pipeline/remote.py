@@ -144,11 +144,11 @@ class RemoteOutput:
                 # since (if not, the copy's own is kept: a change not yet sent is sent after the run)
                 known, version = state.get(rel) or [], remote_version(info)
                 if local.is_file():
-                    if len(known) == 3 and known[2] is not None and version is not None:
-                        if known[2] == version:
+                    if version is None:  # a filesystem that gives no version: by size, as before
+                        if local.stat().st_size == info.get("size"):
                             continue
-                    elif local.stat().st_size == info.get("size"):
-                        continue  # synced before versions were recorded, or none is given: by size, as then
+                    elif len(known) == 3 and known[2] == version:
+                        continue  # a copy synced before versions were recorded fetches each file once
                 local.parent.mkdir(parents=True, exist_ok=True)
                 tmp = local.with_name(local.name + ".tmp-fetch")
                 self.fs.get_file(path, str(tmp))
@@ -190,17 +190,33 @@ class RemoteOutput:
         for rel, st in last:
             state[rel] = self._put(rel, st)
             sent += 1
+        self._record_versions(state, {rel for rel, _ in changed})
         self._save_state(state)
         self.sent += sent
         return sent
 
     def _put(self, rel: str, st: os.stat_result) -> list[Any]:
-        """Send one file; its state line, with the URL's version of what was sent (one HEAD) where the
-        next run fetches it (a file under FETCHED); images are never fetched and need none."""
-        remote = f"{self.root}/{rel}"
-        self.fs.put_file(str(self.work_dir / rel), remote)
-        version = remote_version(self.fs.info(remote)) if rel.split("/", 1)[0] in FETCHED else None
-        return [*_stamp(st), version]
+        """Send one file; its state line (its version at the URL: _record_versions)."""
+        self.fs.put_file(str(self.work_dir / rel), f"{self.root}/{rel}")
+        return [*_stamp(st), None]
+
+    def _record_versions(self, state: dict[str, list[Any]], sent: set[str]) -> None:
+        """The URL's version of each file sent that the next run fetches (under FETCHED), read from
+        the same listing fetch compares with (one per folder; a HEAD's form may differ from it)."""
+        tops = {rel.split("/", 1)[0] for rel in sent} & set(FETCHED)
+        if not tops:
+            return
+        self.fs.invalidate_cache()
+        for top in tops:
+            base = f"{self.root}/{top}"
+            try:
+                found = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                continue
+            for path, info in found.items():
+                rel = f"{top}/{path[len(base):].lstrip('/')}"
+                if rel in state and rel in sent:
+                    state[rel][2] = remote_version(info)
 
 
 def _stamp(st: os.stat_result) -> list[int]:
@@ -236,9 +252,8 @@ def mirrored(url: str, work_dir: Path, resend: str = "run the same command again
             n = remote.send()
             log.info("sent %d file(s) to %s", n, url)
         except Exception as e:
-            message = (
-                f"uploading to {url} failed ({type(e).__name__}: {e}); the outputs are in {work_dir}: {resend}"
-            )
+            how = "run the same command again to send them" if failed else resend  # a run that failed: resume it
+            message = f"uploading to {url} failed ({type(e).__name__}: {e}); the outputs are in {work_dir}: {how}"
             if failed:
                 log.error(message)
             else:

@@ -710,7 +710,9 @@ class ShardStore:
                     "made them cannot be known, so they are not resumed. Add --fresh to start over."
                 )
             elif old != asked:
-                diffs = describe_differences(asked, old)
+                # what the run on disk recorded and this one does not (a weights file no longer at its path) too
+                diffs = describe_differences(asked, old) + [
+                    f"{key}: cache has {old[key]!r}, asked for '<absent>'" for key in sorted(set(old) - set(asked))]
                 if diffs and all(d.startswith("dataset_files:") for d in diffs):
                     raise PipelineError(
                         f"{self.dir} holds shards of an unfinished run on the dataset as it was:\n  {diffs[0]}\n"

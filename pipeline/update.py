@@ -353,7 +353,7 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
         if not e.differing and e.made_by is None:  # damaged, not made otherwise: no flag can reuse it
             raise PipelineError(f"{e}\nA damaged store cannot be updated: build it afresh, running the same command "
                                 "without --update.") from None
-        if "seg_weights:" in str(e):  # no flag gives the old weights back
+        if set(e.differing) == {"seg_weights"}:  # the weights alone: no flag gives the old ones back
             raise PipelineError(
                 f"{e}\nThe segmenter's weights file {cfg.segment.model} changed since the store was built: its "
                 "crops were cut by the old weights, the new photos' would be cut by these. Build afresh without "

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 KINDS = ("lancedb", "qdrant", "parquet")
 TABLE = "gallery"
 EXPORT_FILE = "_fashion_export.json"
+EXPORT_LOCK = ".export-lock"  # held while an export writes the folder (removed after; its readers skip dot files)
 OLD_EXPORT_FILE = "fashion_export.json"  # the record's name until 2026-12-06
 PART_ROWS = 10_000
 QDRANT_PAYLOAD = 2  # how a Qdrant export writes its payloads: 2, a narrow float as its shortest decimal
@@ -167,7 +168,7 @@ def _check_identity(target: ExportTarget, identity: dict[str, Any],
     if not path.is_file() and (target.folder / OLD_EXPORT_FILE).is_file():
         path = target.folder / OLD_EXPORT_FILE
     if not path.is_file():
-        if target.folder.is_dir() and any(target.folder.iterdir()):
+        if target.folder.is_dir() and any(p.name != EXPORT_LOCK for p in target.folder.iterdir()):
             raise PipelineError(
                 f"{target.folder} already holds files but no {EXPORT_FILE}: it was not made by --export (or by an "
                 "earlier version of it), and nothing there is overwritten or added to. Export to a new folder, or "
@@ -449,8 +450,8 @@ def run_export_db(cfg: Any) -> Any:
         _check_identity(target, identity, catalogue)
     for target in targets:
         # one export into a folder at a time: two at once renamed each other's part files away
-        target.folder.parent.mkdir(parents=True, exist_ok=True)
-        lock = target.folder.parent / f".{target.folder.name}.export-lock"
+        target.folder.mkdir(parents=True, exist_ok=True)
+        lock = target.folder / EXPORT_LOCK
         said = functools.partial(log.info, "waiting for another export into %s to end", target.folder)
         with summary.stage(f"export to {target.kind}"), waiting_lock(lock, said):
             report = export_store(target, cache.embeddings, cache.embedded_rows, meta, identity,

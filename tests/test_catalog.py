@@ -166,15 +166,25 @@ def test_every_file_a_run_writes_has_the_mode_open_gives_it(built, tmp_path):
     """Files moved into place from temp files (the store, the images, the report, an export's record)
     are readable as the umask allows, as any file open() makes, not mkstemp's owner-only 0600: a web
     server or a Catalog run by another account reads the store."""
-    from pipeline.fileio import _read_umask
+    import os
+
+    from pipeline.fileio import atomic_write_bytes
 
     out, _ = built
     assert cli.main(["--export", f"parquet:{tmp_path / 'shop.parquet'}", "--output-dir", str(out), "-q"]) == 0
-    expected = 0o666 & ~_read_umask()
+    mask = os.umask(0o022)
+    os.umask(mask)
     written = [p for root in (out, tmp_path / "shop.parquet") for p in root.rglob("*") if p.is_file()]
     assert len(written) > 20 and any(p.name == "_fashion_export.json" for p in written)
     assert {str(p.relative_to(p.parents[1])): oct(p.stat().st_mode & 0o777) for p in written
-            if p.stat().st_mode & 0o777 != expected} == {}
+            if p.stat().st_mode & 0o777 != 0o666 & ~mask} == {}
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640), (0o002, 0o664)):  # the umask of the moment, the kernel's
+        old = os.umask(umask)
+        try:
+            atomic_write_bytes(tmp_path / f"f{umask:o}", b"x")
+        finally:
+            os.umask(old)
+        assert (tmp_path / f"f{umask:o}").stat().st_mode & 0o777 == mode
 
 
 def test_catalog_refuses_what_does_not_fit(built, tmp_path):
@@ -366,19 +376,33 @@ def test_a_distance_a_few_ulps_under_zero_is_zero():
 
 def test_a_store_caught_while_a_run_writes_it_is_said_to_be_so_not_to_need_a_build(tmp_path):
     """Between an update's switch and its sidecar (and its metadata) a reader was told to build the
-    store, or that the update had stopped; while a run holds the folder's lock it is told to wait."""
-    import os
+    store, or that the update had stopped; while another run holds the folder's lock it is told to
+    wait. A run's own lock (a search holds its folder's) is no other run's."""
+    import subprocess
+    import sys
+    import time
 
     from pipeline.fileio import OutputLock, writer_of
 
     out = tmp_path / "out"
     (out / "embeddings").mkdir(parents=True)
     with OutputLock(out):
-        assert writer_of(out) == str(os.getpid())
+        assert writer_of(out) is None
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.fileio import OutputLock\n"
+         "with OutputLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(out)],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert writer_of(out) == str(holder.pid)
         for folder in (out, out / "embeddings"):
             with pytest.raises(PipelineError, match=rf"holds no complete gallery store now; another run \(pid "
-                                                    rf"{os.getpid()}\) is writing to {re.escape(str(out))} now"):
+                                                    rf"{holder.pid}\) is writing to {re.escape(str(out))} now"):
                 Catalog.open(folder)
-    assert writer_of(out) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    assert writer_of(out) is None  # its pid is gone
     with pytest.raises(PipelineError, match="holds no gallery store .* build one first"):
         Catalog.open(out)

@@ -621,8 +621,9 @@ def test_a_damaged_index_is_refused_by_a_search_and_built_again_by_a_gallery_run
     x = np.ascontiguousarray(vectors[:300])
     save_index(tmp_path, build_index(x, "flat", store_sha256="a" * 64))
     _swap_rows_in_place(tmp_path / INDEX_FILE, 0, 50)
-    with pytest.raises(DamagedIndexError, match="index.faiss is damaged: its bytes are not those written for its "
-                                                "metadata. A gallery run over the store builds it again"):
+    with pytest.raises(DamagedIndexError, match=r"index.faiss is damaged: its bytes are not those written for its "
+                                                r"metadata. A gallery run over the store builds it again \(its "
+                                                r"gallery command, with --use-embeddings or --use-embedded-segment"):
         load_index(tmp_path, x, "a" * 64)
     rebuilt = ensure_index(tmp_path, x, "a" * 64, "flat")
     assert "rebuilding" in caplog.text and "is damaged" in caplog.text

@@ -457,6 +457,12 @@ def test_ctrl_c_after_the_store_was_finished_says_to_go_on_from_it(standard_run,
         assert cli.main(["--output-dir", str(tmp_path), *flags]) == 130
         assert f"interrupted: the gallery's store in {tmp_path / 'embeddings'} is complete; {says}" in \
             capsys.readouterr().err
+    # a store older than this run (stopped while its model loaded, before it replaced that store): not this run's
+    import os
+
+    os.utime(tmp_path / "embeddings" / "embeddings.json", (1e9, 1e9))
+    assert cli.main(["--output-dir", str(tmp_path)]) == 130
+    assert "complete shards are kept; run the same command again to resume" in capsys.readouterr().err
 
 
 def test_fp16_where_auto_finds_no_gpu_is_a_usage_error(tiny_clip, mixed_dataset, tmp_path, capsys):

@@ -376,6 +376,11 @@ def test_an_address_nothing_answers_or_of_no_form_is_refused_at_once(monkeypatch
             ray_engine.RaySession(None, 1)
         with pytest.raises(UsageError, match=r"^--ray-address 'http://127.0.0.1:\d+': Invalid address format"):
             ray_engine.RaySession(address, 1)
+        # a cluster joined keeps Ray's actor restarts (fault tolerance); only a Ray the run starts drops them
+        monkeypatch.setattr(ray, "init", lambda **kw: None)
+        assert not ray_engine.RaySession(f"127.0.0.1:{listening.getsockname()[1]}", 1).started
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert ray_engine.RaySession(None, 1).started
 
 
 @pytest.mark.subprocess

@@ -60,6 +60,11 @@ def test_a_resume_refusal_says_what_no_argument_can_give_back(tmp_path):
                                             r"started .*identity\.model_sha256: cache has 'a+', asked for 'b+'.*"
                                             r"Run with the same arguments and files to resume it, or add --fresh"):
         ShardStore(tmp_path, retrained, fresh=False)
+    # a key the run on disk recorded and this one lacks (its weights file no longer at the path): named too
+    with pytest.raises(PipelineError, match=r"(?s)since it started .*:\n  segmenter_weights: cache has 'w', asked "
+                                            r"for '<absent>'\nRun with"):
+        (tmp_path / ".partial" / "run.json").write_text(json.dumps({**params, "segmenter_weights": "w"}))
+        ShardStore(tmp_path, params, fresh=False)
     (tmp_path / ".partial" / "run.json").write_text('{"identity": {"mod')
     with pytest.raises(PipelineError, match=r"whose run.json is damaged \(unreadable\): what made them cannot be "
                                             r"known, so they are not resumed. Add --fresh to start over.$"):

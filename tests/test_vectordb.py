@@ -402,12 +402,14 @@ def test_two_exports_into_one_folder_take_turns(exported, tmp_path, monkeypatch)
     codes: list[int] = []
     waited = threading.Event()
     monkeypatch.setattr(vectordb, "waiting_lock", lambda path, said: waiting_lock(path, lambda: (said(), waited.set())))
-    with waiting_lock(tmp_path / ".turns.parquet.export-lock"):  # another export, holding the folder
+    target.mkdir()
+    with waiting_lock(target / ".export-lock"):  # another export, holding the folder
         second = threading.Thread(target=lambda: codes.append(cli.main(
             ["--export", f"parquet:{target}", "--output-dir", str(out), "-q"])))
         second.start()
-        assert waited.wait(60) and not target.exists()  # it waits for the lock, writing nothing
+        assert waited.wait(60)  # it waits for the lock, writing nothing
         time.sleep(0.5)
-        assert second.is_alive() and not target.exists()
+        assert second.is_alive() and [p.name for p in target.iterdir()] == [".export-lock"]
     second.join(120)
     assert codes == [0] and (target / "_fashion_export.json").is_file()
+    assert not (target / ".export-lock").exists()  # the lock file goes with the lock
