@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -123,38 +123,31 @@ class RemoteOutput:
             raise PipelineError(f"--output-dir {self.url} cannot be written: {type(e).__name__}: {e}") from e
 
     def fetch(self) -> int:
-        """Download the stores and the report the URL has and the working copy lacks or holds
-        another size of; returns the number of files fetched."""
+        """Download the stores and the report the URL has and the working copy lacks or holds an
+        older version of (another size where the URL gives no version); returns the number fetched."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.fs.invalidate_cache()  # listings another process's writes made stale
         state, fetched = self._state(), 0
-        for top in FETCHED:
-            base = f"{self.root}/{top}"
-            try:
-                found = self.fs.find(base, detail=True)
-            except FileNotFoundError:
+        for rel, path, info in self._listed(FETCHED):
+            if info.get("type") == "directory" or SKIPPED.search(rel):
                 continue
-            for path, info in found.items():
-                rel = f"{top}/{path[len(base) :].lstrip('/')}"
-                if info.get("type") == "directory" or SKIPPED.search(rel):
-                    continue
-                local = self.work_dir / rel
-                # the same size is not the same file: another machine's --update rewrites a store's files,
-                # most of them at their size. The URL's version of it when last synced says whether it changed
-                # since (if not, the copy's own is kept: a change not yet sent is sent after the run)
-                known, version = state.get(rel) or [], remote_version(info)
-                if local.is_file():
-                    if version is None:  # a filesystem that gives no version: by size, as before
-                        if local.stat().st_size == info.get("size"):
-                            continue
-                    elif len(known) == 3 and known[2] == version:
-                        continue  # a copy synced before versions were recorded fetches each file once
-                local.parent.mkdir(parents=True, exist_ok=True)
-                tmp = local.with_name(local.name + ".tmp-fetch")
-                self.fs.get_file(path, str(tmp))
-                os.replace(tmp, local)
-                state[rel] = [*_stamp(local.stat()), version]
-                fetched += 1
+            local = self.work_dir / rel
+            # the same size is not the same file: another machine's --update rewrites a store's files,
+            # most of them at their size. The URL's version of it when last synced says whether it changed
+            # since (if not, the copy's own is kept: a change not yet sent is sent after the run)
+            known, version = state.get(rel) or [], remote_version(info)
+            if local.is_file():
+                if version is None:  # a filesystem that gives no version: by size, as before
+                    if local.stat().st_size == info.get("size"):
+                        continue
+                elif len(known) == 3 and known[2] == version:
+                    continue  # a copy synced before versions were recorded fetches each file once
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(local.name + ".tmp-fetch")
+            self.fs.get_file(path, str(tmp))
+            os.replace(tmp, local)
+            state[rel] = [*_stamp(local.stat()), version]
+            fetched += 1
         self._save_state(state)
         return fetched
 
@@ -207,6 +200,12 @@ class RemoteOutput:
         if not tops:
             return
         self.fs.invalidate_cache()
+        for rel, _, info in self._listed(sorted(tops)):
+            if rel in state and rel in sent:
+                state[rel][2] = remote_version(info)
+
+    def _listed(self, tops: Iterable[str]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """(path relative to the root, full path, fsspec's info) of everything at the URL under `tops`."""
         for top in tops:
             base = f"{self.root}/{top}"
             try:
@@ -214,9 +213,7 @@ class RemoteOutput:
             except FileNotFoundError:
                 continue
             for path, info in found.items():
-                rel = f"{top}/{path[len(base):].lstrip('/')}"
-                if rel in state and rel in sent:
-                    state[rel][2] = remote_version(info)
+                yield f"{top}/{path[len(base):].lstrip('/')}", path, info
 
 
 def _stamp(st: os.stat_result) -> list[int]:
