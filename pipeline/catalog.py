@@ -61,11 +61,11 @@ def store_folder(folder: str | Path) -> Path:
         return folder
     if (folder / "embeddings" / SIDECAR_FILE).is_file():
         return folder / "embeddings"
-    from .fileio import being_written, writer_of
+    from .fileio import being_written
 
     for output in (folder, folder.parent):  # a run's folder, or the store folder in it
-        if writer_of(output):  # a store between its files (an update's switch): not one to build
-            raise PipelineError(f"{folder} holds no complete gallery store now{being_written(output)}")
+        if said := being_written(output):  # a store between its files (an update's switch): not one to build
+            raise PipelineError(f"{folder} holds no complete gallery store now{said}")
     raise PipelineError(
         f"{folder} holds no gallery store ({SIDECAR_FILE} not found there or in {folder / 'embeddings'}); "
         "build one first: python main.py --output-dir DIR"

@@ -643,6 +643,17 @@ def read_sample(folder: Path, info: IndexInfo) -> RecallSample | None:
     return RecallSample.from_bytes(data) if sha256_bytes(data) == info.sample_sha256 else None
 
 
+def _index_from(faiss: Any, data: np.ndarray, info: IndexInfo, named: Path | str) -> Any:
+    """The index in `data` (index.faiss's bytes), checked against the hash its metadata records;
+    DamagedIndexError otherwise, its reason naming the file as `named`."""
+    if info.index_sha256 and sha256_bytes(data.data) != info.index_sha256:
+        raise DamagedIndexError(f"{named} is damaged: its bytes are not those written for its metadata")
+    try:
+        return faiss.deserialize_index(data)
+    except RuntimeError as e:  # an index written before its hash was recorded, cut short
+        raise DamagedIndexError(f"{named} cannot be read ({first_line(e)[:120]})") from e
+
+
 def load_index(
     folder: Path, embeddings: np.ndarray, store_sha256: str, threads: int = 0, gpu: bool = False
 ) -> GalleryIndex | None:
@@ -663,13 +674,7 @@ def load_index(
         raise PipelineError(
             f"{folder / INDEX_FILE} changed while it was read (an update switched in): run again to use the new store"
         )
-    if info.index_sha256 and sha256_bytes(data.data) != info.index_sha256:
-        raise DamagedIndexError(f"{folder / INDEX_FILE} is damaged: its bytes are not those written for its "
-                                "metadata")
-    try:
-        index = faiss.deserialize_index(data)
-    except RuntimeError as e:  # an index written before its hash was recorded, cut short
-        raise DamagedIndexError(f"{folder / INDEX_FILE} cannot be read ({first_line(e)[:120]})") from e
+    index = _index_from(faiss, data, info, folder / INDEX_FILE)
     if index.ntotal != info.count:
         raise PipelineError(
             f"{folder / INDEX_FILE} holds {index.ntotal:,} vectors but its metadata says {info.count:,}: "
@@ -855,14 +860,10 @@ def _update_in_place(
     """The saved index renumbered and grown in memory, its recall measured and re-tuned; with the
     reasons RenewRule finds to rebuild it instead (none: keep it)."""
     faiss = _faiss()
-    data = np.frombuffer((folder / INDEX_FILE).read_bytes(), dtype=np.uint8)
-    if info.index_sha256 and sha256_bytes(data.data) != info.index_sha256:
-        return None, ["its file is damaged (not the bytes written for its metadata)"]
     try:
-        index = faiss.deserialize_index(data)
-    except RuntimeError as e:
-        return None, [f"its file cannot be read ({first_line(e)[:120]})"]
-    del data
+        index = _index_from(faiss, np.frombuffer((folder / INDEX_FILE).read_bytes(), dtype=np.uint8), info, "its file")
+    except DamagedIndexError as e:
+        return None, [e.reason]
     if index.ntotal != info.count:
         return None, [f"its file holds {index.ntotal:,} vectors, its metadata says {info.count:,}"]
     lookup = np.full(info.count, -1, np.int64)

@@ -167,10 +167,10 @@ def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow], manifest: st
         if manifest is not None and written_for != manifest and written_for == now:
             raise CacheMismatchError(f"{path} is of the store as updated since this one was loaded: search again")
         if written_for != (manifest or now):
-            from .fileio import being_written, writer_of
+            from .fileio import being_written
 
-            if writer_of(store_dir.parent):  # an update between its switch and its metadata: not stopped
-                raise CacheMismatchError(f"{path} is not yet the store's{being_written(store_dir.parent)}")
+            if said := being_written(store_dir.parent):  # an update between its switch and its metadata: not stopped
+                raise CacheMismatchError(f"{path} is not yet the store's{said}")
             raise CacheMismatchError(
                 f"{path} was written for another version of the store (an update stopped after its switch, before "
                 "the metadata was written): run the same command with --update again, or the build, to rewrite it"

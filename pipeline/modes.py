@@ -260,15 +260,15 @@ def _interrupted(cfg: RunConfig) -> str:
         return "interrupted: nothing was written (the export moves its files into place only at its end)"
     if cfg.searches_only or cfg.evaluate.enabled:
         return "interrupted: this mode builds no store, so there is nothing to resume; run it again"
+    from .remedy import cache_flag
     from .store import PARTIAL_DIR, SIDECAR_FILE
 
     sidecar = cfg.store_dir / SIDECAR_FILE
     # a store this run finished (an older one, there while its model loaded, is the one it was replacing)
     built = (sidecar.is_file() and sidecar.stat().st_mtime >= STARTED and not (cfg.store_dir / PARTIAL_DIR).is_dir())
-    cache_flag = "--use-embedded-segment" if cfg.segmented else "--use-embeddings"
     if cfg.from_cache or (built and not cfg.update):
         # the store was finished before the stop: the same command without the flag would embed it all again
-        how = "run it again" if cfg.from_cache else f"add {cache_flag} to the same command"
+        how = "run it again" if cfg.from_cache else f"add {cache_flag(cfg.segmented)} to the same command"
         return (f"interrupted: the gallery's store in {cfg.store_dir} is complete; {how} to "
                 + ("play the clip against it" if cfg.video.clip is not None else
                    "finish its neighbours, pictures and report without embedding again"))
