@@ -320,7 +320,9 @@ def test_pictures_a_run_removes_are_removed_from_the_bucket_too(rows40, tiny_onn
     assert run("--use-embeddings", *_args(rows40, tiny_onnx, url, work, "--max-result-images", "0")) == 3
     assert not list(work.rglob("*_matches.jpg"))
     assert [k for k in _files(fs, url) if k.endswith("_matches.jpg")] == []
-    assert "retrieval_results/neighbours.csv" in _files(fs, url)
+    # what stays is this run's: the bucket's neighbour table holds the working copy's bytes
+    assert _files(fs, url)["retrieval_results/neighbours.csv"] == (work / "retrieval_results" / "neighbours.csv"
+                                                                  ).read_bytes()
 
 
 def test_a_builds_failed_upload_says_to_send_it_with_the_cache_flag(rows40, tiny_onnx, tmp_path, monkeypatch,

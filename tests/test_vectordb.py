@@ -413,3 +413,10 @@ def test_two_exports_into_one_folder_take_turns(exported, tmp_path, monkeypatch)
     second.join(120)
     assert codes == [0] and (target / "_fashion_export.json").is_file()
     assert not (target / ".export-lock").exists()  # the lock file goes with the lock
+    # what it wrote is this store's export: the same keys, vectors and values as the fixture's of it
+    import pandas as pd
+
+    ours, theirs = pd.read_parquet(target), pd.read_parquet(exported[2]["parquet"])
+    assert len(ours) == len(Catalog.open(out)) and sorted(ours["key"]) == sorted(theirs["key"])
+    ours, theirs = ours.set_index("key").sort_index(), theirs.set_index("key").sort_index()
+    assert np.array_equal(np.stack(ours["embedding"]), np.stack(theirs["embedding"]))
