@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -104,11 +105,9 @@ class Catalog:
         segmenter: Callable[[], Segmenter] | None = None,
     ) -> None:
         self.cache, self.searcher = cache, searcher
-        self._embedder_factory, self._segmenter_factory = embedder, segmenter
-        self._embedder: Embedder | None = None
-        self._segmenter: Segmenter | None = None
-        self._embedder_lock = threading.Lock()  # taken only until the embedder is loaded
-        self._segmenter_lock = threading.Lock()  # loading it, and each call: Ultralytics models are not thread-safe
+        self._embedder_slot: _FirstUse[Embedder] = _FirstUse(embedder)  # its lock taken only until it is loaded
+        # its lock taken to load it and for each call: Ultralytics models are not thread-safe
+        self._segmenter_slot: _FirstUse[Segmenter] = _FirstUse(segmenter)
         self._thumbs = cache.thumbnails()
         self._thumbs_lock = threading.Lock()  # one file handle
         self._closed = False
@@ -212,11 +211,18 @@ class Catalog:
 
     @property
     def embedder(self) -> Embedder:
-        if self._embedder is None:
-            with self._embedder_lock:
-                if self._embedder is None:
-                    self._embedder = self._embedder_factory()
-        return self._embedder
+        slot = self._embedder_slot
+        if slot.value is None:
+            with slot.lock:
+                return slot.get()
+        return slot.value
+
+    def keep_models_of(self, other: Catalog) -> Catalog:
+        """This catalog, asking with `other`'s embedder and segmenter (the same objects, loaded or to
+        load on first use, and the segmenter's lock): a store opened again after an update (--serve)
+        loads no model again. Returns self."""
+        self._embedder_slot, self._segmenter_slot = other._embedder_slot, other._segmenter_slot
+        return self
 
     # ------------------------------------------------------------------ search
     def _searcher(self, group_by: str | None) -> Searcher:
@@ -265,8 +271,8 @@ class Catalog:
             label = name or (Path(picture).name if isinstance(picture, (str, Path)) else "picture")
         if not segment:
             return query_crops(image, label, None)
-        with self._segmenter_lock:
-            return query_crops(image, label, self._segmenter_now())
+        with self._segmenter_slot.lock:
+            return query_crops(image, label, self._segmenter_slot.get())
 
     @functools.cached_property
     def decode_min_side(self) -> int | None:
@@ -366,13 +372,27 @@ class Catalog:
             raise PipelineError(f"no item named {item!r} in {self.cache.root}")
         return rows[0]
 
-    def _segmenter_now(self) -> Segmenter:
-        """The segmenter, loaded on first use (the caller holds _segmenter_lock)."""
-        if self._segmenter is None:
-            if self._segmenter_factory is None:
+
+
+T = TypeVar("T")
+
+
+class _FirstUse(Generic[T]):
+    """A model loaded on first use; the caller holds `lock` for get(). Catalogs of one store opened
+    again after an update share it (Catalog.keep_models_of)."""
+
+    def __init__(self, factory: Callable[[], T] | None) -> None:
+        self.factory = factory
+        self.value: T | None = None
+        self.lock = threading.Lock()
+
+    def get(self) -> T:
+        if self.value is None:
+            if self.factory is None:
                 raise PipelineError("this catalog has no segmenter")
-            self._segmenter = self._segmenter_factory()
-        return self._segmenter
+            self.value = self.factory()
+            self.factory = None  # let go of what it held (the store it was first opened over)
+        return self.value
 
 
 def _checked_texts(texts: str | Sequence[str]) -> list[str]:

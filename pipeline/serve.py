@@ -2,12 +2,13 @@
 cut into its persons, each a query) and see the gallery's top-k; the run's HTML report is served too.
 
 FastAPI on uvicorn, bound to 127.0.0.1 unless --host says otherwise. The model, the store and its
-index are loaded once; a query is answered exactly as --query-text / --query-image answer it (same
-embedder, same search). A request body over its endpoint's limit is refused before it is read
-(MAX_UPLOAD_BYTES for a picture, MAX_BODY_BYTES for the rest); an upload not an image, or whose
-header claims over MAX_UPLOAD_PIXELS, gets a 4xx with the reason, and at most DECODING uploads are
-read, decoded and embedded at once (the others wait in the event loop, holding neither a worker
-thread nor their bytes), so a burst of large pictures cannot take the machine's memory. Only
+index are loaded once (the store and index again when an --update switches a new store in: the
+server follows the store on disk, SearchService); a query is answered exactly as --query-text /
+--query-image answer it (same embedder, same search). A request body over its endpoint's limit is
+refused before it is read (MAX_UPLOAD_BYTES for a picture, MAX_BODY_BYTES for the rest); an upload
+not an image, or whose header claims over MAX_UPLOAD_PIXELS, gets a 4xx with the reason, and at
+most DECODING uploads are read, decoded and embedded at once (the others wait in the event loop,
+holding neither a worker thread nor their bytes), so a burst of large pictures cannot take the machine's memory. Only
 the report's folders are served as files, and on loopback only requests named for loopback are
 answered (a page on another site cannot read the catalogue through a rebound DNS name).
 """
@@ -23,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +40,10 @@ from .errors import PipelineError, UsageError
 from .filters import column_kind
 from .galleries import open_catalog, store_embedder_note
 from .images import ImageDecodeError, encode_jpeg
-from .metadata import json_value
+from .metadata import METADATA_FILE, json_value
 from .report import RunSummary
 from .searcher import Hit
+from .store import SIDECAR_FILE
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +70,102 @@ def each_photo(group_by: str | None) -> str | None:
     return "" if group_by == EACH_PHOTO else group_by
 
 
+FOLLOW_EVERY_S = 2.0  # how often a request looks whether the store on disk was switched (an --update)
+RETRY_AT_LEAST_S = 2.0  # a store on disk that could not be opened is tried again after this, or 5x its try
+
+
 @dataclass
 class SearchService:
     """What the app answers with: the run's settings and the opened catalog (model, gallery and index,
-    loaded once), and the latency of each answer."""
+    loaded once), and the latency of each answer.
+
+    It follows the store on disk: when an --update (or a build) switches a new store in, the next
+    request after it starts opening it in a thread, with the models already loaded, while the
+    catalog in hand answers; then it is swapped in. A store that cannot be served (made by another
+    model, or caught between its files) is said once and tried again; the loaded one is served
+    meanwhile. Results name their thumbnails by the store's version, so that a result given just
+    before a swap still shows its own photo (the version before is kept for them)."""
 
     cfg: RunConfig
     catalog: Catalog
     latencies: list[float] = field(default_factory=list)
+    follow: bool = True
+    updates: int = 0  # stores swapped in while serving
+    refused: str | None = None  # why the store on disk is not the one served, while it is not
+    _seen: tuple[int, ...] | None = field(default=None, repr=False)
+    _earlier: dict[str, Catalog] = field(default_factory=dict, repr=False)  # its version's thumbnails
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _opening: bool = field(default=False, repr=False)
+    _next_look: float = field(default=0.0, repr=False)
+
+    def __post_init__(self) -> None:
+        self._seen = _store_state(self.catalog)
 
     @classmethod
     def load(cls, cfg: RunConfig, summary: RunSummary | None = None) -> "SearchService":
         return cls(cfg, open_catalog(cfg, summary or RunSummary(mode="serve")))
+
+    @staticmethod
+    def version(catalog: Catalog) -> str:
+        """A store's version as its thumbnails' URLs and ETags say it: its manifest's sha256, cut."""
+        return catalog.cache.sidecar.manifest_sha256[:16]
+
+    def current(self) -> Catalog:
+        """The catalog to answer with; at most every FOLLOW_EVERY_S, a look whether the store on disk
+        changed, which starts opening it in a thread (see the class)."""
+        if self.follow and time.monotonic() >= self._next_look:
+            with self._lock:
+                start = not self._opening and time.monotonic() >= self._next_look
+                if start:
+                    self._next_look = time.monotonic() + FOLLOW_EVERY_S
+                    state = _store_state(self.catalog)
+                    start = state is not None and state != self._seen
+                    self._opening = start
+            if start:
+                threading.Thread(target=self.reopen, name="reopen-store", daemon=True).start()
+        return self.catalog
+
+    def reopen(self) -> bool:
+        """Open the store on disk and swap it in when it is not the one served; True when it was."""
+        old = self.catalog
+        state, t = _store_state(old), time.monotonic()
+        try:
+            if state is None or state == self._seen:
+                return False
+            try:
+                new = open_catalog(self.cfg, RunSummary(mode="serve"), embedder=old.embedder).keep_models_of(old)
+            except PipelineError as e:  # another model's store, or one between its files: the old one goes on
+                said = f"the store in {self.cfg.store_dir} changed on disk and is not served yet ({e}); serving the " \
+                       f"{len(old):,} items loaded before"
+                if said != self.refused:
+                    log.warning("%s", said)
+                self.refused = said
+                with self._lock:
+                    self._next_look = time.monotonic() + max(RETRY_AT_LEAST_S, 5 * (time.monotonic() - t))
+                return False
+            with self._lock:
+                for version, earlier in list(self._earlier.items()):  # one version back is kept, for its thumbnails
+                    earlier.close()
+                    del self._earlier[version]
+                if self.version(old) != self.version(new):
+                    self._earlier[self.version(old)] = old
+                self.catalog, self._seen, self.refused = new, state, None
+                self.updates += 1
+            log.warning("the store in %s changed on disk: now serving %s items (%s before)", self.cfg.store_dir,
+                        f"{len(new):,}", f"{len(old):,}")
+            return True
+        finally:
+            with self._lock:
+                self._opening = False
+
+    def of_version(self, version: str | None) -> Catalog | None:
+        """The catalog whose results named `version` (None: the current one); None when that store is
+        gone (more than one update ago)."""
+        catalog = self.current()
+        if version is None or version == self.version(catalog):
+            return catalog
+        with self._lock:
+            return self._earlier.get(version)
 
     @property
     def can_segment(self) -> bool:
@@ -86,43 +173,73 @@ class SearchService:
         (--use-segmentation), whose items are persons too; the segmenter loads on first use."""
         return self.cfg.segmented
 
-    @staticmethod
-    def as_json(hits: list[Hit]) -> list[dict[str, Any]]:
-        """row: the embedding row (the thumbnail's number); line: the manifest line."""
+    @classmethod
+    def as_json(cls, hits: list[Hit], catalog: Catalog) -> list[dict[str, Any]]:
+        """row: the embedding row; thumb: its thumbnail's URL, with the store's version; line: the
+        manifest line."""
+        version = cls.version(catalog)
         return [
-            {"rank": h.rank, "row": h.row, "file": h.file, "source": h.source, "name": h.shown_name, "line": h.line,
-             "distance": round(h.distance, 6),
+            {"rank": h.rank, "row": h.row, "thumb": f"/thumb/{h.row}.jpg?v={version}", "file": h.file,
+             "source": h.source, "name": h.shown_name, "line": h.line, "distance": round(h.distance, 6),
              "meta": {k: json_value(v) for k, v in h.meta.items()}}
             for h in hits
         ]
 
-    def text(self, text: str, k: int, filter: str | None = None, group_by: str | None = None) -> list[dict[str, Any]]:
-        return self.as_json(self.catalog.search_text(text, k, filter=filter, group_by=group_by))
+    @classmethod
+    def store_json(cls, catalog: Catalog) -> dict[str, Any]:
+        """The store an answer comes from: the page notices an update by it."""
+        return {"version": cls.version(catalog), "items": len(catalog)}
+
+    def text(self, text: str, k: int, filter: str | None = None, group_by: str | None = None) -> dict[str, Any]:
+        """A text's answer: {"results": hits, "store": the store that gave them}."""
+        catalog = self.current()
+        hits = catalog.search_text(text, k, filter=filter, group_by=group_by)
+        return {"results": self.as_json(hits, catalog), "store": self.store_json(catalog)}
 
     def image(self, data: bytes, name: str, k: int, segment: bool, filter: str | None = None,
-              text: str = "", group_by: str | None = None) -> list[dict[str, Any]]:
-        """An uploaded picture's queries: the picture, or each person in it; with a text, the picture
+              text: str = "", group_by: str | None = None) -> dict[str, Any]:
+        """An uploaded picture's answer, {"queries": [{"label", "results"}], "store": ...}: the
+        picture's, or each person's in it; with a text, the picture
         and the text as one query (--fusion, --text-weight). group_by: None the server's
         --group-by, "" each photo, or a column. Raises ImageDecodeError, and UsageError for
         segment=True on a server that does not segment (or a column it does not keep)."""
         if segment and not self.can_segment:
             raise UsageError(NO_SEGMENTER)
         check_upload_pixels(data)
+        catalog = self.current()
         if text.strip():
             q = self.cfg.query
-            found = self.catalog.search_combined(data, [text], (), k, q.fusion, q.text_weight, segment=segment,
-                                                 name=name, filter=filter, group_by=group_by)
+            found = catalog.search_combined(data, [text], (), k, q.fusion, q.text_weight, segment=segment,
+                                            name=name, filter=filter, group_by=group_by)
         else:
-            found = self.catalog.search_image(data, k, segment=segment, name=name, filter=filter, group_by=group_by)
+            found = catalog.search_image(data, k, segment=segment, name=name, filter=filter, group_by=group_by)
         said = f" + “{text}”" if text else ""
-        return [{"label": q.label + said, "results": self.as_json(q.hits)} for q in found]
+        return {"queries": [{"label": q.label + said, "results": self.as_json(q.hits, catalog)} for q in found],
+                "store": self.store_json(catalog)}
 
-    def thumbnail_jpeg(self, row: int) -> bytes:
-        return encode_jpeg(Image.fromarray(self.catalog.thumbnail(row)), quality=88)
+    def thumbnail_jpeg(self, row: int, catalog: Catalog | None = None) -> bytes:
+        return encode_jpeg(Image.fromarray((catalog or self.catalog).thumbnail(row)), quality=88)
 
-    def thumbnail_etag(self, row: int) -> str:
+    def thumbnail_etag(self, row: int, catalog: Catalog | None = None) -> str:
         """Row `row`'s thumbnail's version: the store's manifest (an update gives rows other photos)."""
-        return f'"{self.catalog.cache.sidecar.manifest_sha256[:16]}-{row}"'
+        return f'"{self.version(catalog or self.catalog)}-{row}"'
+
+
+def _store_state(catalog: Catalog) -> tuple[int, ...] | None:
+    """What changes when a store is switched in over the catalog's folder: its sidecar's inode, time
+    and size (written last, by replacing it), and its metadata table's (written after it, or alone
+    when only metadata changed); None while there is no sidecar."""
+    state: list[int] = []
+    for name in (SIDECAR_FILE, METADATA_FILE):
+        try:
+            st = (catalog.cache.root / name).stat()
+        except OSError:
+            if name == SIDECAR_FILE:
+                return None
+            state += [0, 0, 0]
+        else:
+            state += [st.st_ino, st.st_mtime_ns, st.st_size]
+    return tuple(state)
 
 
 def check_upload_pixels(data: bytes) -> None:
@@ -350,12 +467,12 @@ def _add_page_endpoints(app, service: SearchService) -> None:
     """/ (the search page) and /api/info (what the page says it searches)."""
     from fastapi.responses import HTMLResponse
 
-    cfg, catalog = service.cfg, service.catalog
+    cfg = service.cfg
     page = PAGE.read_text(encoding="utf-8")
 
-    @functools.cache
-    def columns() -> list[dict[str, Any]]:  # read once: the catalogue does not change while it is served
-        return filter_controls(catalog)
+    @functools.lru_cache(maxsize=2)
+    def columns(version: str) -> list[dict[str, Any]]:  # read once for each version of the store served
+        return filter_controls(service.current())
 
     @app.get("/", response_class=HTMLResponse)
     def index_page() -> str:
@@ -363,17 +480,20 @@ def _add_page_endpoints(app, service: SearchService) -> None:
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
+        catalog = service.current()
         return {
             "items": len(catalog),
             "store": str(cfg.store_dir),
+            "version": service.version(catalog),
             "model": catalog.embedder.identity.model or "",
             "backend": catalog.embedder.identity.backend,
             "k": cfg.top_k,
             "search": catalog.searcher.describe(),
             "report": (cfg.plots_dir / "report.html").is_file(),
             "segment": service.can_segment,
-            "columns": columns(),
+            "columns": columns(service.version(catalog)),
             "group_by": catalog.searcher.grouped_by,  # the page's default; a query may choose another
+            "not_served": service.refused,  # a store on disk this server cannot serve, and why
         }
 
 
@@ -414,7 +534,7 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         try:
             asked = both_filters(cfg.filter, query.filter)
             grouping = each_photo(query.group_by)
-            return {"query": words, "results": timed(lambda: service.text(words, k, asked, grouping))}
+            return {"query": words, **timed(lambda: service.text(words, k, asked, grouping))}
         except UsageError as e:  # the filter is parsed, checked and never run as code; an unknown column
             raise HTTPException(422, str(e)) from None
         except PipelineError as e:  # e.g. an ONNX file without its text tower beside it
@@ -452,7 +572,7 @@ def _add_query_endpoints(app, service: SearchService) -> None:
                                               each_photo(group_by)))
                 finally:
                     service.latencies.append(time.perf_counter() - t)
-            return {"queries": found}
+            return found
         except UsageError as e:  # a bad filter or group-by column (segment was checked above)
             raise HTTPException(422, str(e)) from None
         except ImageDecodeError as e:
@@ -467,19 +587,25 @@ def _add_file_endpoints(app, service: SearchService) -> None:
     from fastapi import HTTPException, Request
     from fastapi.responses import RedirectResponse, Response
 
-    cfg, catalog = service.cfg, service.catalog
+    cfg = service.cfg
 
     @app.get("/thumb/{row}.jpg")
-    def thumb(row: int, request: Request) -> Response:
+    def thumb(row: int, request: Request, v: str | None = None) -> Response:
+        catalog = service.of_version(v)  # v: the store's version the result was given by
+        if catalog is None:
+            raise HTTPException(404, "the gallery was updated since these results were given: search again")
         if not 0 <= row < len(catalog):
             raise HTTPException(404, f"no gallery item {row}")
         # a row holds another photo after an update: the browser asks again each time, and gets the
         # picture only when the store changed (304 otherwise)
-        headers = {"Cache-Control": "no-cache", "ETag": service.thumbnail_etag(row)}
+        headers = {"Cache-Control": "no-cache", "ETag": service.thumbnail_etag(row, catalog)}
         asked = {t.strip().removeprefix("W/") for t in request.headers.get("if-none-match", "").split(",")}
         if headers["ETag"] in asked or "*" in asked:
             return Response(status_code=304, headers=headers)
-        return Response(service.thumbnail_jpeg(row), media_type="image/jpeg", headers=headers)
+        try:
+            return Response(service.thumbnail_jpeg(row, catalog), media_type="image/jpeg", headers=headers)
+        except PipelineError:  # that version closed meanwhile (two updates since the results)
+            raise HTTPException(404, "the gallery was updated since these results were given: search again") from None
 
     @app.get("/report")
     def report() -> RedirectResponse:
@@ -540,6 +666,10 @@ def run_serve(cfg: RunConfig) -> RunSummary:
         sock.close()
     lat = np.array(service.latencies) * 1000
     summary.count("queries answered", len(lat))
+    if service.updates:
+        summary.count("updated stores swapped in", service.updates)
+    if service.refused:
+        summary.notes.append(service.refused)
     if len(lat):
         summary.notes.append(f"latency p50 {np.percentile(lat, 50):.0f} ms, p95 {np.percentile(lat, 95):.0f} ms")
     return summary

@@ -481,3 +481,93 @@ def test_a_number_columns_range_leaves_out_nan_and_infinities():
     assert (controls["price"]["min"], controls["price"]["max"]) == (3.0, 12.5)
     assert controls["void"] == {"name": "void", "kind": "number"}  # no bound: the page shows no range
     assert (controls["stock"]["min"], controls["stock"]["max"]) == (0, 9)
+
+
+def _serve_config(out: Path, onnx: Path):
+    return config_from_flags(vars(cli.build_parser().parse_args(["--onnx", str(onnx), "--output-dir", str(out),
+                                                                  "--serve"])))
+
+
+def test_the_server_follows_an_update_and_earlier_results_keep_their_photos(tiny_onnx, tmp_path, browser, monkeypatch):
+    """An --update switched in while serving is served from the next requests on (no restart), with
+    the model loaded once; a result given before it still shows its own photo, though its row holds
+    another photo now; the page open before it says so."""
+    from PIL import Image
+
+    from pipeline import serve
+    from pipeline.catalog import Catalog
+    from pipeline.images import encode_jpeg
+    from tests.helpers import run
+    from tests.test_update import args, write_catalogue
+
+    monkeypatch.setattr(serve, "FOLLOW_EVERY_S", 0.0)
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_catalogue(data, list(range(12)))
+    assert run(*args(data, tiny_onnx, out)) == 0
+    service = SearchService.load(_serve_config(out, tiny_onnx))
+    embedder = service.catalog.embedder
+    with serving(service) as url:
+        browser.get(url + "/")
+        wait(browser, "document.getElementById('info').textContent.includes('12 items')")
+        before = httpx.post(url + "/api/text", json={"text": "a photo", "k": 12}).json()
+        assert before["store"]["items"] == 12 and len(before["results"]) == 12
+        first_photo = {r["row"]: httpx.get(url + r["thumb"]).content for r in before["results"]}
+
+        write_catalogue(data, list(range(1, 18)))  # product 0 removed: every kept photo moves up a row
+        assert run(*args(data, tiny_onnx, out, "--update")) == 0
+        end = time.monotonic() + 30
+        while httpx.get(url + "/api/info").json()["items"] != 17:
+            assert time.monotonic() < end, "the updated store was not served"
+            time.sleep(0.1)
+
+        after = httpx.post(url + "/api/text", json={"text": "a photo", "k": 17}).json()
+        assert after["store"]["items"] == 17 and after["store"]["version"] != before["store"]["version"]
+        fresh = Catalog.open(out, onnx=str(tiny_onnx))
+        assert [(r["file"], r["distance"]) for r in after["results"]] == [
+            (h.file, round(h.distance, 6)) for h in fresh.search_text("a photo", 17)]
+        assert service.catalog.embedder is embedder and service.updates == 1  # no model loaded again
+
+        # the results given before the update: each thumbnail the photo it showed then
+        for r in before["results"]:
+            assert httpx.get(url + r["thumb"]).content == first_photo[r["row"]]
+        moved = before["results"][0]["row"]
+        now = httpx.get(url + f"/thumb/{moved}.jpg?v={after['store']['version']}").content
+        assert now != first_photo[moved]
+        assert now == encode_jpeg(Image.fromarray(fresh.thumbnail(moved)), quality=88)  # the row's photo now
+        gone = httpx.get(url + f"/thumb/{moved}.jpg?v=0123456789abcdef")
+        assert gone.status_code == 404 and "search again" in gone.json()["detail"]
+
+        # the page opened before the update: its next answer says the gallery changed
+        browser.find_element(By.ID, "text").send_keys("a photo")
+        browser.find_element(By.ID, "text-go").click()
+        said = wait(browser, "document.querySelector('#status .note') && document.getElementById('status').textContent")
+        assert "updated while this page was open: 17 items now (12 before)" in said
+        assert "17 items" in browser.find_element(By.ID, "info").text
+        assert not console_errors(browser)
+
+
+def test_a_store_of_another_model_switched_in_is_said_and_the_loaded_one_served(tiny_onnx, tiny_clip, tmp_path):
+    """A build with another model over the served folder: its vectors are never searched with this
+    server's model; the loaded store goes on answering, and the reason is in /api/info."""
+    import shutil
+
+    from tests.helpers import run
+    from tests.test_update import args, write_catalogue
+
+    data, out, other = tmp_path / "data", tmp_path / "out", tmp_path / "other"
+    write_catalogue(data, list(range(6)))
+    assert run(*args(data, tiny_onnx, out)) == 0
+    assert run("--dataset", data, "--model", tiny_clip, "--backend", "torch", "--output-dir", other, "--limit", "0",
+               "--max-result-images", "0") == 0
+    service = SearchService.load(_serve_config(out, tiny_onnx))
+    loaded = service.catalog
+    answer = service.text("a photo", 3)
+    for folder in ("embeddings", "images"):
+        shutil.rmtree(out / folder)
+        shutil.copytree(other / folder, out / folder)
+    assert service.reopen() is False
+    assert service.catalog is loaded and service.updates == 0
+    said = service.refused or ""
+    assert "changed on disk and is not served yet" in said and "6 items loaded before" in said
+    assert "backend: cache has 'torch', asked for 'onnx'" in said  # the reason: another embedder made it
+    assert service.text("a photo", 3) == answer  # the loaded store's answer, vectors and thumbnails in memory
