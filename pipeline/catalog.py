@@ -48,10 +48,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QueryResult:
-    """The hits of one query picture (the whole picture, or one person in it: label `name#p0`)."""
+    """The hits of one query picture (the whole picture, or one person in it: label `name#p0`), and
+    the picture searched (a person's white-background crop, or the whole picture, as decoded)."""
 
     label: str
     hits: list[Hit]
+    picture: Image.Image | None = None
 
 
 def store_folder(folder: str | Path) -> Path:
@@ -320,7 +322,7 @@ class Catalog:
                 nb = searcher.neighbours(combine(v, said, minus, text_weight)[None, :], k, allowed)
             else:
                 nb = searcher.fused(np.concatenate([v[None, :], said]), k, allowed)
-            out.append(QueryResult(crop.label, searcher.hits(nb, 0)))
+            out.append(QueryResult(crop.label, searcher.hits(nb, 0), crop.image))
         return out
 
     def search_image(self, picture: str | Path | bytes | Image.Image, k: int = 5, segment: bool = False,
@@ -334,7 +336,7 @@ class Catalog:
         allowed = searcher.allowed(filter)
         crops, _ = self.query_crops(picture, segment, name)
         hits = searcher.search(self.embed_crops(crops), k, allowed)
-        return [QueryResult(c.label, h) for c, h in zip(crops, hits)]
+        return [QueryResult(c.label, h, c.image) for c, h in zip(crops, hits)]
 
     def neighbours(self, item: int | str, k: int = 5, filter: str | None = None,
                    group_by: str | None = None) -> list[Hit]:

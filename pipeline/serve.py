@@ -167,6 +167,11 @@ class SearchService:
         with self._lock:
             return self._earlier.get(version)
 
+    def schema(self) -> Any:
+        """The served store's metadata schema (pyarrow), None when it keeps none."""
+        meta = self.current().searcher.metadata
+        return None if meta is None else meta.table.schema
+
     @property
     def can_segment(self) -> bool:
         """Whether an upload may be cut into its persons: when serving the segmented gallery
@@ -214,7 +219,10 @@ class SearchService:
         else:
             found = catalog.search_image(data, k, segment=segment, name=name, filter=filter, group_by=group_by)
         said = f" + “{text}”" if text else ""
-        return {"queries": [{"label": q.label + said, "results": self.as_json(q.hits, catalog)} for q in found],
+        # each person's crop, which the page shows beside its results: the whole picture is the page's own
+        return {"queries": [{"label": q.label + said, "results": self.as_json(q.hits, catalog),
+                             **({"picture": picture_url(q.picture)} if segment and q.picture else {})}
+                            for q in found],
                 "store": self.store_json(catalog)}
 
     def thumbnail_jpeg(self, row: int, catalog: Catalog | None = None) -> bytes:
@@ -223,6 +231,15 @@ class SearchService:
     def thumbnail_etag(self, row: int, catalog: Catalog | None = None) -> str:
         """Row `row`'s thumbnail's version: the store's manifest (an update gives rows other photos)."""
         return f'"{self.version(catalog or self.catalog)}-{row}"'
+
+
+def picture_url(image: Image.Image, side: int = 160) -> str:
+    """A small JPEG of a searched picture (a person's crop) as a data: URL, for the page to show."""
+    import base64
+
+    small = image.copy()
+    small.thumbnail((side, side))
+    return "data:image/jpeg;base64," + base64.b64encode(encode_jpeg(small.convert("RGB"), quality=85)).decode("ascii")
 
 
 def _store_state(catalog: Catalog) -> tuple[int, ...] | None:
@@ -364,17 +381,21 @@ def _add_auth(app, token: str) -> None:
         return await call_next(request)
 
 
-def both_filters(server: str | None, client: str | None) -> str | None:
+def both_filters(server: str | None, client: str | None, schema: Any = None) -> str | None:
     """The server's --filter and a client's, both applying: a client narrows, never widens. The
     client's must be a whole filter on its own (FilterError, pointing into it, otherwise): text
-    such as `x = 1) OR (y IS NULL` would close the parentheses around it and escape the server's."""
-    from .filters import MAX_FILTER_CHARS, parse_bounded
+    such as `x = 1) OR (y IS NULL` would close the parentheses around it and escape the server's.
+    schema: the metadata's (pyarrow), to check the client's columns and values against it alone, so
+    that a refusal quotes and points into the client's own text, never into the joined one."""
+    from .filters import MAX_FILTER_CHARS, check_filter, parse_bounded
 
     if client and client.strip():  # with the server's own filter, the whole must fit MAX_FILTER_CHARS
         room = MAX_FILTER_CHARS - (len(server) + len("() AND ()") if server and server.strip() else 0)
-        parse_bounded(client, room, "filter", " here")
+        node = parse_bounded(client, room, "filter", " here")
+        if schema is not None:
+            check_filter(node, client, schema)
     parts = [f for f in (server, client) if f and f.strip()]
-    return " AND ".join(f"({f})" for f in parts) or None
+    return parts[0] if len(parts) == 1 else " AND ".join(f"({f})" for f in parts) or None
 
 
 def filter_controls(catalog: Catalog, most_values: int = 40) -> list[dict[str, Any]]:
@@ -532,7 +553,7 @@ def _add_query_endpoints(app, service: SearchService) -> None:
             raise HTTPException(413, f"the text is {len(words)} characters; at most {MAX_TEXT_CHARS}")
         k = check_k(query.k)
         try:
-            asked = both_filters(cfg.filter, query.filter)
+            asked = both_filters(cfg.filter, query.filter, service.schema())
             grouping = each_photo(query.group_by)
             return {"query": words, **timed(lambda: service.text(words, k, asked, grouping))}
         except UsageError as e:  # the filter is parsed, checked and never run as code; an unknown column
@@ -565,7 +586,7 @@ def _add_query_endpoints(app, service: SearchService) -> None:
                     raise HTTPException(413, f"the upload is over {MAX_UPLOAD_BYTES >> 20} MB")
                 if not data:
                     raise HTTPException(422, "the upload is empty")
-                asked = both_filters(cfg.filter, filter)
+                asked = both_filters(cfg.filter, filter, service.schema())
                 try:
                     found = await anyio.to_thread.run_sync(
                         lambda: service.image(data, file.filename or "upload", k, segment, asked, words,

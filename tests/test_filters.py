@@ -148,7 +148,8 @@ def test_a_client_filter_narrows_the_servers_never_widens():
     from pipeline.serve import both_filters
 
     assert both_filters("category = 'dress'", "price < 5") == "(category = 'dress') AND (price < 5)"
-    assert both_filters("category = 'dress'", "") == "(category = 'dress')" and both_filters(None, None) is None
+    assert both_filters("category = 'dress'", "") == "category = 'dress'" and both_filters(None, None) is None
+    assert both_filters(None, "price < 5") == "price < 5"  # alone, as typed: a refusal points into it
     # A client's text that would close the parentheses and OR its way past the server's filter is
     # not a filter on its own: refused, the place pointed at in the client's own text.
     from pipeline.filters import FilterError

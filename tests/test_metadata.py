@@ -185,7 +185,7 @@ def test_the_search_page_filters_with_controls_built_from_the_columns(built, tin
     from pipeline.config import config_from_flags
     from pipeline.serve import SearchService
     from tests.test_serve import serving
-    from tests.test_webreport import console_errors, wait
+    from tests.test_webreport import console_errors, viewport, wait
 
     _, out = built
     cfg = config_from_flags(vars(cli.build_parser().parse_args(
@@ -243,7 +243,31 @@ def test_the_search_page_filters_with_controls_built_from_the_columns(built, tin
         assert caret[0].strip().endswith("(stock > 100 OR price < fifty)")
         assert caret[1].index("^") == caret[0].index("fifty")
         browser.find_element(By.ID, "filter-text").clear()
+        # typed alone, a filter the columns refuse is quoted as typed, the caret under its own place
+        Select(browser.find_element(By.CSS_SELECTOR, "select[data-column=category]")).select_by_visible_text("any")
+        browser.find_element(By.CSS_SELECTOR, "input[data-column=price][data-bound=max]").clear()
+        browser.find_element(By.ID, "filter-text").send_keys("colour = 'red' AND price < 'cheap'")
+        browser.find_element(By.ID, "text-go").click()
+        wait(browser, "document.getElementById('status').textContent.includes('type mismatch')")
+        caret = browser.execute_script("return document.querySelector('#status pre').textContent").split("\n")
+        assert caret[0].strip() == "colour = 'red' AND price < 'cheap'", caret
+        assert caret[1].index("^") == caret[0].index("price")
+        browser.find_element(By.ID, "filter-text").clear()
         assert [e for e in console_errors(browser) if "status of 422" not in e] == []  # the refusal's own, read off
+        # on a phone, a menu of long values (a shop's product titles) stays within the screen
+        with viewport(browser, 390, 844):
+            browser.execute_script(
+                "const s = document.querySelector('select[data-column=category]');"
+                "s.append(new Option('a very long product title of a summer dress with white polka dots, "
+                "a belt and pockets'))")
+            assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
+        # each range box holds its placeholder whole, beside the number input's spinner (about 15 px)
+        room = browser.execute_script(
+            "return [...document.querySelectorAll('input.num')].map(i => { const s = getComputedStyle(i);"
+            " const c = document.createElement('canvas').getContext('2d'); c.font = `${s.fontSize} ${s.fontFamily}`;"
+            " return i.clientWidth - parseFloat(s.paddingLeft) - parseFloat(s.paddingRight) - 16"
+            " - c.measureText(i.placeholder).width; })")
+        assert len(room) == 4 and min(room) >= 0, room
 
 
 def test_group_by_gives_one_result_per_product_filled_until_k(built):

@@ -4,6 +4,7 @@ same cache, bad uploads get a 4xx without harming the next query, and a bounded 
 from __future__ import annotations
 
 import csv
+import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -571,3 +572,60 @@ def test_a_store_of_another_model_switched_in_is_said_and_the_loaded_one_served(
     assert "changed on disk and is not served yet" in said and "6 items loaded before" in said
     assert "backend: cache has 'torch', asked for 'onnx'" in said  # the reason: another embedder made it
     assert service.text("a photo", 3) == answer  # the loaded store's answer, vectors and thumbnails in memory
+
+
+def test_each_person_of_an_upload_is_shown_beside_its_own_results(served, browser, tmp_path):
+    """A picture cut into its persons: each query's answer carries the crop it searched with, and the
+    page shows that crop, not the whole upload, at the head of each person's results."""
+    import base64
+
+    from PIL import Image
+
+    from pipeline.catalog import Catalog
+    from pipeline.persons import Person, Segmenter
+
+    url, _, service = served
+
+    class TwoPeople(Segmenter):
+        """A red person on the left half, a blue one on the right."""
+
+        def segment(self, images_rgb):
+            out = []
+            for im in images_rgb:
+                h, w = im.shape[:2]
+                left, right = np.zeros((h, w), bool), np.zeros((h, w), bool)
+                left[:, : w // 2], right[:, w // 2 :] = True, True
+                out.append([Person(np.array([0, 0, w // 2, h], np.float32), 0.9, left),
+                            Person(np.array([w // 2, 0, w, h], np.float32), 0.8, right)])
+            return out
+
+    loaded = service.catalog
+    catalog = Catalog(loaded.cache, loaded.searcher, lambda: loaded.embedder, TwoPeople)
+    segmenting = SearchService(replace(service.cfg, use_segmentation=True), catalog, follow=False)
+    look = np.zeros((120, 160, 3), np.uint8)
+    look[:, :80], look[:, 80:] = (220, 30, 30), (30, 30, 220)
+    data = assets.encode(Image.fromarray(look), "PNG")
+    answer = segmenting.image(data, "look.png", 3, segment=True)
+    assert [q["label"] for q in answer["queries"]] == ["look.png#p0", "look.png#p1"]
+    colours = []
+    for q in answer["queries"]:
+        head, b64 = q["picture"].split(",", 1)
+        assert head == "data:image/jpeg;base64" and len(q["results"]) == 3
+        crop = np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), np.float32)
+        colours.append(crop.reshape(-1, 3).mean(axis=0))
+    assert colours[0][0] > 150 > colours[0][2] and colours[1][2] > 150 > colours[1][0]  # red left, blue right
+    assert "picture" not in service.image(data, "look.png", 3, segment=False)["queries"][0]  # the page's own
+
+    with serving(segmenting) as other:
+        browser.get(other + "/")
+        wait(browser, "document.getElementById('segment-option').offsetParent !== null")
+        (tmp_path / "look.png").write_bytes(data)
+        browser.find_element(By.ID, "file").send_keys(str(tmp_path / "look.png"))
+        browser.find_element(By.ID, "image-go").click()
+        wait(browser, "document.querySelectorAll('#results .query').length === 2")
+        shown = browser.execute_script(
+            "return [...document.querySelectorAll('#results .query')].map(q => [q.dataset.query, "
+            "q.querySelector('.tile.mine img').src, q.querySelector('.tile.mine .cap').textContent])")
+        assert [(label, src, cap) for label, src, cap in shown] == [
+            (q["label"], q["picture"], "this person") for q in answer["queries"]]
+        assert not console_errors(browser)
