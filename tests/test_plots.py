@@ -131,3 +131,21 @@ def test_a_plot_is_drawn_again_only_when_what_it_shows_changed(tmp_path):
     other = tmp_path / "hist.png"
     assert plot_once(other, ["histogram", np.ones((2, 0))], lambda: other.write_bytes(b"h"))
     assert set(json.loads((tmp_path / PLOTS_FILE).read_text())) == {"heat.png", "hist.png"}
+
+
+@pytest.mark.parametrize("top", [2e-4, 3e-6, 0.7, 1.9])
+def test_the_histograms_axis_numbers_never_run_into_each_other(top, monkeypatch, tmp_path):
+    """A catalogue of near copies has distances of ~1e-4: its axis numbers must stay apart (written out
+    with seven digits they overlapped into one unreadable line)."""
+    from pipeline import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
+    values = np.concatenate([np.random.default_rng(0).uniform(0, top / 8, 400), [top]])
+    plots.save_histogram(values, tmp_path / "h.png", "Distance to the nearest other item")
+    fig = figures[0]
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in fig.axes[0].get_xticklabels() if t.get_text() and t.get_visible()]
+    assert len(boxes) >= 3
+    said = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert all(a.x1 + 4 <= b.x0 for a, b in zip(boxes, boxes[1:])), said
