@@ -61,6 +61,10 @@ _EXPORT_WRITES_ONNX = (
     "--export-onnx writes where --onnx says (its text tower and tokenizer beside it), not in --output-dir: "
     "drop --output-dir, or name the file with --onnx DIR/NAME_int8.onnx"
 )
+_EXPORT_TAKES_NO_PRECISION = (
+    "--export-onnx reads the model's fp32 weights with torch and writes an int8 file and its fp32 twin: "
+    "--precision and --backend do not apply to it (drop them; --quantization and --int8-profile choose the int8)"
+)
 _EVAL_READS_NO_CACHE = "--evaluate embeds the dataset itself; it does not read a cache"
 _EVAL_UNKNOWN = "--eval-backends: unknown {unknown}; choose from " + ", ".join(EVAL_BACKENDS)
 _EVAL_CHECKS: tuple[Check, ...] = (
@@ -85,7 +89,8 @@ MODES: tuple[Mode, ...] = (
          options=frozenset({"per_tensor", "quantization", "int8_profile"}),
          checks=((lambda c: c.from_cache or c.use_segmentation, _EXPORT_STOPS),
                  (lambda c: "output_dir" in c.explicit, _EXPORT_WRITES_ONNX),
-                 (lambda c: "int8_profile" in c.explicit and c.export.quantization != "static", _PROFILE_IS_STATIC)),
+                 (lambda c: "int8_profile" in c.explicit and c.export.quantization != "static", _PROFILE_IS_STATIC),
+                 (lambda c: bool({"precision", "backend"} & c.explicit), _EXPORT_TAKES_NO_PRECISION)),
          holds_output=False, mirrors_output=False),
     Mode("video", "--video_clip", lambda c: bool(c.video.clip), "pipeline.video:run_video",
          options=frozenset(_VIDEO_OPTIONS)),
@@ -170,10 +175,12 @@ _AFTER: tuple[Check, ...] = (
         "--negative-text; use --fusion sum (the default) for those",
     ),
     (
-        lambda c: "backend" in c.explicit
-        and c.embedder.backend in BACKENDS
-        and c.embedder.precision not in BACKENDS[c.embedder.backend].precisions,
-        "--precision applies to the torch backend; the ONNX file's precision is fixed when it is exported",
+        # however the ONNX file was chosen (--backend onnx, --onnx, or the default file found): it ran
+        # at its own precision while --precision said another
+        lambda c: "precision" in c.explicit and not c.evaluate.enabled
+        and c.embedder.precision not in BACKENDS[c.embedder.resolve_backend()].precisions,
+        "--precision {precision} applies to the torch backend, and {onnx_chosen}: the file's precision is fixed "
+        "when it is exported. Drop --precision, or add --backend torch (and --model) to run the model at it",
     ),
     (
         lambda c: c.embedder.device == "cpu"
@@ -198,7 +205,7 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     values = {"unknown": _unknown_backends(cfg), "precision": cfg.embedder.precision,
               "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag,
               "search_verb": "change" if sum(bool(on) for _, on in shaping) > 1 else "changes",
-              "quantization": cfg.export.quantization,
+              "quantization": cfg.export.quantization, "onnx_chosen": _onnx_chosen(cfg),
               # --evaluate takes --filter and --group-by but refuses --dedup (its own check above).
               "searches": ", ".join(("queries", "neighbours") + (() if cfg.dedup else ("--evaluate",))
                                     + ("--serve", "--video_clip", "the Python API"))}
@@ -226,6 +233,15 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
         if when(cfg):
             return message.format(**values)
     return _filter_syntax(cfg.filter)
+
+
+def _onnx_chosen(c: RunConfig) -> str:
+    """How a run came to embed with an ONNX file, for a refusal of what does not apply to one."""
+    if "backend" in c.explicit:
+        return "--backend onnx runs the ONNX file"
+    if "onnx" in c.explicit:
+        return f"--onnx {c.embedder.onnx} runs on onnxruntime"
+    return f"this run embeds with the ONNX file at the default --onnx, {c.embedder.onnx}, which is there"
 
 
 def _filter_syntax(text: str | None) -> str | None:

@@ -584,10 +584,10 @@ def run_export(cfg: RunConfig, sample_rows: int = 96) -> RunSummary:
     """--export-onnx: fp32 + int8 ONNX image encoders from --model, verified before they land.
 
     The first `sample_rows` readable rows of --dataset (the default dataset unless another is
-    given) are split: two thirds calibrate the int8 ranges, one third checks the result. Only
-    when the dataset cannot be read (offline, say) do generated pictures serve both (two
-    different sets), with a warning: static int8 ranges fitted to synthetic pictures are
-    worse than ranges fitted to the catalogue.
+    given) are split: two thirds calibrate the int8 ranges, one third checks the result (dynamic
+    int8, which is not calibrated, is checked on them all). Only when the dataset cannot be read
+    (offline, say) do generated pictures serve both (two different sets), with a warning: static
+    int8 ranges fitted to synthetic pictures are worse than ranges fitted to the catalogue.
     """
     target = Path(cfg.embedder.onnx)
     if target.is_dir():
@@ -627,7 +627,16 @@ def _run_export(cfg: RunConfig, sample_rows: int) -> RunSummary:
     images, calibration = verification_images(), None
     with summary.stage("read calibration rows"):
         sample, why = calibration_sample(cfg, sample_rows)
-    if len(sample) >= 6:
+    if cfg.export.quantization == "dynamic":  # its ranges are measured on each input as it runs: nothing to fit
+        if len(sample) >= 6:
+            images = sample
+            summary.notes.append(f"verified on {len(images)} rows of {cfg.dataset.name} (dynamic int8 is not "
+                                 "calibrated: each input's ranges are measured as it runs)")
+        else:
+            why = why or f"only {len(sample)} readable image(s)"
+            summary.notes.append(f"verified on generated pictures: {cfg.dataset.name} could not be read ({why}); "
+                                 "dynamic int8 is not calibrated")
+    elif len(sample) >= 6:
         cut = len(sample) * 2 // 3
         calibration, images = sample[:cut], sample[cut:]
         summary.notes.append(f"calibrated on {cut} and verified on {len(images)} rows of {cfg.dataset.name}")

@@ -19,6 +19,7 @@ from pipeline.embedders import META_PREPROCESS, META_SOURCE_MODEL, OnnxEmbedder,
 from pipeline.errors import PipelineError
 from pipeline.fileio import sha256_file
 from pipeline.machine import cpu_label
+from tests import assets
 
 
 @pytest.mark.real_torch_export  # torch's exporter itself must be quiet
@@ -83,6 +84,29 @@ def test_dynamic_quantization_also_passes(tiny_clip, tmp_path):
     assert "not judged: its activations are quantized inside DynamicQuantizeMatMul" in r.speed_lines[1]
     assert re.fullmatch(r"  one picture alone = the same picture in a batch of 32: no, up to \S+ apart \(as expected "
                         r"of dynamic int8, whose scales are the batch's\)", r.speed_lines[2]), r.speed_lines
+
+
+@pytest.mark.parametrize("quantization, calibrated, verified", [("static", 8, 4), ("dynamic", 0, 12)])
+def test_dynamic_int8_is_verified_on_every_sample_row_and_not_said_calibrated(quantization, calibrated, verified,
+                                                                              tmp_path, monkeypatch):
+    """Dynamic int8 measures each input's ranges as it runs: no rows go to a calibration it does not
+    do, and the export does not say it calibrated."""
+    from pipeline import runner
+    from pipeline.config import config_from_flags
+
+    data = assets.write_parquet_dataset(tmp_path / "shop", [assets.jpeg_bytes(40, 56, seed=i) for i in range(12)])
+    seen = {}
+
+    def export_onnx(model, onnx, images, calibration_images, **kw):
+        seen.update(images=len(images), calibration=len(calibration_images or ()))
+        raise PipelineError("stopped here: the rows it was given are what this test looks at")
+
+    monkeypatch.setattr(runner, "export_onnx", export_onnx)
+    flags = ["--export-onnx", "--dataset", str(data), "--onnx", str(tmp_path / "m_int8.onnx")]
+    cfg = config_from_flags(vars(cli.build_parser().parse_args([*flags, "--quantization", quantization])))
+    with pytest.raises(PipelineError, match="stopped here"):
+        runner._run_export(cfg, 96)
+    assert seen == {"images": verified, "calibration": calibrated}
 
 
 @pytest.mark.parametrize("quantization", ["static", "static-qdq"])

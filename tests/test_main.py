@@ -262,7 +262,12 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
         (["--use-embedded-segment", "--use-segmentation"], "already means segmentation"),
         (["--evaluate", "--use-embeddings"], "does not read a cache"),
         (["--evaluate", "--use-embedded-segment"], "does not read a cache"),
-        (["--backend", "onnx", "--precision", "fp32"], "torch backend"),
+        (["--backend", "onnx", "--precision", "fp32"], "--precision fp32 applies to the torch backend, and --backend "
+                                                       "onnx runs the ONNX file"),
+        (["--onnx", "edge/m_int8.onnx", "--precision", "fp32"], "applies to the torch backend, and --onnx "
+                                                                "edge/m_int8.onnx runs on onnxruntime"),
+        (["--export-onnx", "--precision", "fp16"], "--precision and --backend do not apply to it"),
+        (["--export-onnx", "--backend", "onnx"], "--precision and --backend do not apply to it"),
         (["--export-onnx", "--use-embeddings"], "--export-onnx makes the ONNX file and stops"),
         (["--export-onnx", "--use-segmentation"], "--export-onnx makes the ONNX file and stops"),
         (["--export-onnx", "--evaluate"], "--export-onnx and --evaluate are separate modes"),
@@ -275,6 +280,26 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
 def test_bad_flags_exit_2(args, message, capsys):
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_precision_is_refused_where_the_default_onnx_file_would_run(tmp_path, monkeypatch, capsys):
+    """The default --onnx file, there, is what a run without --backend embeds with: a --precision typed
+    with it said nothing and made int8 vectors. Refused with both ways on; --backend torch takes it."""
+    from pipeline.embedders import EmbedderSpec
+
+    monkeypatch.chdir(tmp_path)
+    default = Path(EmbedderSpec().onnx)
+    default.parent.mkdir(parents=True, exist_ok=True)
+    default.write_bytes(b"stands for the default file")
+    assert cli.main(["--precision", "fp32", "--dataset", "shop"]) == 2
+    said = capsys.readouterr().err
+    assert f"this run embeds with the ONNX file at the default --onnx, {default}, which is there" in said
+    assert "Drop --precision, or add --backend torch (and --model) to run the model at it" in said
+    from pipeline.config import config_from_flags
+    from pipeline.modes import check_config
+
+    flags = vars(cli.build_parser().parse_args(["--precision", "fp32", "--backend", "torch", "--dataset", "shop"]))
+    assert check_config(config_from_flags(flags), lambda dests: ", ".join(sorted(dests))) is None
 
 
 def test_unwritable_output_dir_is_refused_before_work(tmp_path, tiny_clip, capsys):
