@@ -106,7 +106,7 @@ def open_video(path: Path):
     if path.stat().st_size == 0:
         raise PipelineError(f"video {path} is empty (0 bytes)")
     try:
-        container = av.open(str(path))
+        container = av.open(str(path), metadata_errors="replace")  # a tag in Latin-1 ("Vidéo") is no reason to stop
     except av.FFmpegError as e:
         raise PipelineError(f"cannot open video {path}: unsupported or damaged ({e}); {REENCODE_HINT}") from e
     if not container.streams.video:
@@ -131,8 +131,10 @@ class FrameReader:
     at that size (the annotated video), scaled by FFmpeg in the same pass as the colour conversion.
 
     Never seeks (seeking is slow and inexact for inter-frame codecs). A damaged packet is skipped
-    and counted (`damaged_packets`), not fatal. After iteration, `frames_read` is the number of
-    frames the stream really had (the container's count is only a hint).
+    and counted (`damaged_packets`), not fatal: its frame keeps its number (the frames after it keep
+    theirs, as in the stream), and where it was to be analysed the next good frame is. After
+    iteration, `frames_read` is the number of frames the stream had, damaged ones included (the
+    container's count is only a hint).
     """
 
     def __init__(self, path: Path, stride: int, small_size: tuple[int, int] | None = None) -> None:
@@ -164,7 +166,7 @@ class FrameReader:
             # clip, or one with damaged packets, is not timed by a frame count
             known = stream.start_time is not None and stream.time_base
             start = float(stream.start_time * stream.time_base) if known else None
-            index = 0
+            index, due = 0, 0  # due: the next frame to analyse (a damaged one's next good frame goes instead)
             for packet in container.demux(stream):
                 try:
                     decoded = packet.decode()
@@ -172,12 +174,15 @@ class FrameReader:
                     self.damaged_packets += 1
                     if self.damaged_packets == 1:
                         log.warning("%s: skipping a damaged packet at frame %d (%s)", self.path.name, index, e)
+                    index += 1  # the frame it held: the frames after it keep their numbers in the stream
                     continue
                 for frame in decoded:
                     if frame.time is not None:
                         start = frame.time if start is None else start
                         self.last_time_s = max(self.last_time_s or 0.0, frame.time - start)
-                    analysed = index % self.stride == 0
+                    analysed = index >= due
+                    if analysed:
+                        due = (index // self.stride + 1) * self.stride
                     if analysed or self.small_size:
                         if frame.time is not None:
                             start = frame.time if start is None else start
@@ -200,11 +205,11 @@ class FrameReader:
 
 
 def probe(path: Path) -> tuple[int, float, int, int]:
-    """(frame count, fps, width, height as shown) as the container says (the count only guides the
-    progress bar: it may be wrong or 0)."""
+    """(frame count, fps, width, height as shown) as the container says (the count may be wrong or 0:
+    it guides the progress bar, and says whether the clip ended early)."""
     import av
 
-    with av.open(str(path)) as container:
+    with av.open(str(path), metadata_errors="replace") as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         width, height = stream.codec_context.width, stream.codec_context.height
@@ -413,7 +418,7 @@ class VideoRun:
                 self.write_video(self.writer, pending)  # after the last analysed frame
             ok = True
         finally:
-            bar.update(max(0, (clip.frames_hint or reader.frames_read) - bar.n))
+            bar.update(max(0, reader.frames_read - bar.n))  # not the container's count: a cut file ends early
             bar.close()
             if self.writer is not None and not ok:
                 self.writer.abort()
@@ -586,6 +591,9 @@ class VideoRun:
             )
         if self.reader.damaged_packets:
             summary.notes.append(f"{self.reader.damaged_packets} damaged packet(s) in the video were skipped")
+        if note := short_read_note(self.clip, read_frames, self.reader.seconds):
+            log.warning("%s", note)
+            summary.notes.append(note)
         if self.n_frames and not self.n_persons:
             note = nobody_found_note(self.cfg.video, self.n_frames)
             log.warning("%s", note)
@@ -683,6 +691,16 @@ def load_detector(
     return detector, segmenter
 
 
+def short_read_note(clip: Clip, frames: int, seconds: float) -> str | None:
+    """What a clip that ended well before its container's count says (a file cut short, a copy that
+    stopped), so that the frames never analysed are not passed over in silence."""
+    if clip.frames_hint <= 0 or frames >= 0.95 * clip.frames_hint or clip.frames_hint - frames < 2:
+        return None
+    length = f" ({seconds:.1f} of {clip.frames_hint / clip.fps:.1f} s)" if clip.fps > 0 else ""
+    return (f"the clip ended after {frames} of the {clip.frames_hint} frames its container announces{length}: the "
+            f"file may be cut short (an interrupted copy or download); the rest was not analysed")
+
+
 def nobody_found_note(video: VideoSpec, frames: int) -> str:
     """Why no analysed frame may have had a person, and what to try."""
     said = f"no person found in any of the {frames} analysed frame(s)"
@@ -705,27 +723,30 @@ def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedde
     """The run's outputs made ready (an earlier run's pictures removed, the annotated video opened)
     and the gallery's index loaded."""
     out_dir = cfg.video_results_dir
-    # An earlier run's outputs go, all of them, and its report section first: a run that writes no
-    # annotated video, or stops midway, must not leave one that contradicts its own results beside
-    # them, nor a section naming files that are gone
-    drop_section(cfg.plots_dir, video_section_id(cfg))
-    for old in [*out_dir.glob("frame_*.jpg"), *out_dir.glob("track_*.jpg"), *out_dir.glob("annotated.*"),
-                out_dir / "results.jsonl", out_dir / "tracks.json"]:
-        old.unlink(missing_ok=True)
     clip = Clip.from_file(path, annotated_video=not cfg.video.no_annotated_video)
-    writer = AnnotatedVideoWriter(out_dir / "annotated.mp4", clip.fps, clip.small_size) if clip.small_size else None
     thumbs = ThumbnailReader.of(cfg.store_dir)
     with summary.stage("load index"):
         gpu = on_cuda(embedder)
         searcher = open_searcher(cfg, gallery.embeddings, gallery.embedded, gpu=gpu, build_named=True)
     summary.notes.append("search: " + searcher.describe())
-    run = VideoRun(cfg, embedder, searcher, out_dir, thumbs, clip, writer)
+    allowed = None
     if cfg.filter or cfg.group_by:  # every person's and track's matches among the items the filter keeps
         group_by(cfg, with_metadata(cfg, searcher), summary)
-        run.allowed = searcher.allowed(cfg.filter)
-        if run.allowed is not None:
-            summary.notes.append(f"--filter {cfg.filter!r}: matches among {int(run.allowed.sum()):,} of "
-                                 f"{len(run.allowed):,} items")
+        allowed = searcher.allowed(cfg.filter)
+        if allowed is not None:
+            summary.notes.append(f"--filter {cfg.filter!r}: matches among {int(allowed.sum()):,} of "
+                                 f"{len(allowed):,} items")
+    # Only now, with the clip, the index and the flags checked (a refused run leaves the last results
+    # whole), an earlier run's outputs go, all of them, and its report section first: a run that
+    # writes no annotated video, or stops midway, must not leave one that contradicts its own results
+    # beside them, nor a section naming files that are gone
+    drop_section(cfg.plots_dir, video_section_id(cfg))
+    for old in [*out_dir.glob("frame_*.jpg"), *out_dir.glob("track_*.jpg"), *out_dir.glob("annotated.*"),
+                out_dir / "results.jsonl", out_dir / "tracks.json"]:
+        old.unlink(missing_ok=True)
+    writer = AnnotatedVideoWriter(out_dir / "annotated.mp4", clip.fps, clip.small_size) if clip.small_size else None
+    run = VideoRun(cfg, embedder, searcher, out_dir, thumbs, clip, writer)
+    run.allowed = allowed
     return run
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,38 +83,36 @@ def test_phone_clips_are_read_upright(tmp_path):
         assert f.small_bgr[:5].min() > 200 and f.small_bgr[10:].max() < 60
 
 
-def test_a_damaged_packet_is_skipped_not_fatal(tmp_path):
-    path = assets.write_video(
-        tmp_path / "ok.avi", 40, (64, 48), color_fn=lambda i: np.full((48, 64, 3), 5 * i, np.uint8)
-    )
+def _damaged(path: Path, frame: int) -> Path:
+    """An MJPG .avi with frame `frame`'s JPEG zeroed (its packet then fails to decode)."""
     data = bytearray(path.read_bytes())
-    second = data.find(b"00dc", data.find(b"00dc", data.find(b"movi")) + 4)  # the second frame's chunk
-    size = int.from_bytes(data[second + 4 : second + 8], "little")
-    data[second + 8 : second + 8 + size] = bytes(size)  # its JPEG zeroed
+    at = data.find(b"00dc", data.find(b"movi"))
+    for _ in range(frame):
+        at = data.find(b"00dc", at + 4)
+    size = int.from_bytes(data[at + 4 : at + 8], "little")
+    data[at + 8 : at + 8 + size] = bytes(size)
     path.write_bytes(bytes(data))
-    reader = FrameReader(path, 10)
-    frames = list(reader)
-    assert reader.damaged_packets == 1 and reader.frames_read == 39  # frames are counted as decoded
-    assert [f.index for f in frames] == [0, 10, 20, 30]
-    assert frames[1].rgb.mean() == pytest.approx(55, abs=3)  # the 11th good frame: the source's frame 11
+    return path
 
 
-def test_a_damaged_first_packet_is_skipped_too(tmp_path):
-    """The first frame is decoded before the loop (for its rotation): its damaged packet is skipped
-    there as in the loop, not fatal."""
+@pytest.mark.parametrize("damaged, analysed", [(1, [0, 10, 20, 30]), (0, [1, 10, 20, 30]), (10, [0, 11, 20, 30])])
+def test_a_damaged_packet_is_skipped_and_the_frames_keep_their_numbers(damaged, analysed, tmp_path):
+    """A damaged packet is skipped, not fatal; its frame keeps its number, so every later frame is
+    numbered as in the stream (they were one off after it); a frame due for analysis that is damaged
+    gives its turn to the next good one. The first frame is decoded before the loop too (for its
+    rotation): its damage is skipped there as well."""
     path = assets.write_video(
         tmp_path / "c.avi", 40, (64, 48), color_fn=lambda i: np.full((48, 64, 3), 5 * i, np.uint8)
     )
-    data = bytearray(path.read_bytes())
-    first = data.find(b"00dc", data.find(b"movi"))
-    size = int.from_bytes(data[first + 4 : first + 8], "little")
-    data[first + 8 : first + 8 + size] = bytes(size)
-    path.write_bytes(bytes(data))
+    _damaged(path, damaged)
     assert video.probe(path)[2:] == (64, 48)
     reader = FrameReader(path, 10)
     frames = list(reader)
-    assert reader.damaged_packets == 1 and [f.index for f in frames] == [0, 10, 20, 30]
-    assert frames[0].rgb.mean() == pytest.approx(5, abs=3)  # the source's frame 1
+    assert reader.damaged_packets == 1 and reader.frames_read == 40
+    assert [f.index for f in frames] == analysed
+    for f in frames:  # each frame is the source's frame of its number, and at its time
+        assert f.rgb.mean() == pytest.approx(5 * f.index, abs=3)
+        assert f.time_s == pytest.approx(f.index / 30, abs=1e-3)  # written at 30 fps
 
 
 def test_times_are_the_frames_own_and_the_annotated_video_keeps_them(tmp_path):
@@ -272,6 +271,20 @@ def test_a_rerun_stopped_midway_leaves_no_report_section_naming_files_that_are_g
     assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q")) == 3
     sections = out / "outputs" / "report" / "sections.js"
     assert read_section(out / "outputs", "video_clip_1") is not None and "video_clip_1" in sections.read_text()
+    results = out / "video_results" / "clip_1"
+    kept = {f.name: f.read_bytes() for f in results.iterdir()}
+    assert "results.jsonl" in kept and "annotated.mp4" in kept
+    # a rerun refused over its flags (a filter's unknown column), or a damaged index, leaves them whole
+    assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q", "--use-embeddings",
+                                "--filter", "colour = 'red'")) == 2
+    index = out / "embeddings" / "index.faiss"
+    if index.is_file():
+        good = index.read_bytes()
+        index.write_bytes(bytes(len(good)))
+        assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q", "--use-embeddings")) != 0
+        index.write_bytes(good)
+    assert {f.name: f.read_bytes() for f in results.iterdir()} == kept
+    assert read_section(out / "outputs", "video_clip_1") is not None and "video_clip_1" in sections.read_text()
 
     class Stopped(FakeDetector):
         calls = 0
@@ -405,6 +418,35 @@ def test_bad_videos(clip, message, clip_dir, tmp_path, capsys):
     import re
 
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_clip_whose_tags_are_not_utf8_is_read(tmp_path):
+    """A handler name in Latin-1 ("Vidéo"), which players read: it was an unexpected UnicodeDecodeError."""
+    path = assets.write_video(tmp_path / "latin1.mp4", 20, (64, 48))
+    data = path.read_bytes()
+    assert data.count(b"VideoHandler") == 1
+    path.write_bytes(data.replace(b"VideoHandler", "VidéoHandler".encode("latin-1")))
+    assert video.probe(path) == (20, 30.0, 64, 48)
+    assert [f.index for f in FrameReader(path, 10)] == [0, 10]
+
+
+def test_a_clip_cut_short_is_said_not_passed_over(tmp_path):
+    """A file cut short (an interrupted copy): the frames it has are read, and the summary says how many
+    of those its container announces, where the progress bar said 100% and nothing else did."""
+    path = assets.write_video(tmp_path / "whole.avi", 60, (64, 48),
+                              color_fn=lambda i: np.full((48, 64, 3), 4 * i, np.uint8))
+    data = path.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    clip = video.Clip.from_file(cut, annotated_video=False)
+    reader = FrameReader(cut, 10)
+    assert [f.index for f in reader] == [0, 10, 20] and clip.frames_hint == 60
+    said = video.short_read_note(clip, reader.frames_read, reader.seconds)
+    assert said is not None and said.startswith(f"the clip ended after {reader.frames_read} of the 60 frames its "
+                                                f"container announces ({reader.seconds:.1f} of 2.0 s)")
+    whole = FrameReader(path, 10)
+    list(whole)
+    assert video.short_read_note(video.Clip.from_file(path, False), whole.frames_read, whole.seconds) is None
 
 
 def test_a_clip_is_found_whatever_the_case_of_its_suffix(tmp_path):
