@@ -61,8 +61,11 @@ def count_of(n: int, one: str, many: str | None = None) -> str:
 
 def relative_link(path: Path, report_dir: Path) -> str:
     """How report.html (in report_dir) links to a file of the output folder: relative, so the folder
-    works from file:// and from any static server."""
-    return Path(os.path.relpath(path, report_dir)).as_posix()
+    works from file:// and from any static server; a URL path, so a name with a space, '#' or '%' (a
+    clip's) names its file, not a fragment."""
+    from urllib.parse import quote
+
+    return quote(Path(os.path.relpath(path, report_dir)).as_posix(), safe="/")
 
 
 def summary_payload(summary: RunSummary) -> dict[str, Any]:

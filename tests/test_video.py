@@ -807,6 +807,9 @@ def test_a_segmented_gallerys_matches_name_the_crops_person(clip_dir, tiny_onnx,
     )
     firsts = {video.match_name(p["matches"][0]) for r in res for p in r["persons"]}
     assert {s.split(": ", 1)[1].rsplit(" d=", 1)[0] for s in shown[0]} == firsts
+    # each person named by its track, as the frame picture's box label says it (video.box_label)
+    labels = [video.box_label(p.get("track"), 0).split(" · ")[0] for r in res for p in r["persons"]]
+    assert [s.split(": ", 1)[0] for s in shown[0]] == labels and any(x.startswith("#") for x in labels)
     assert shown[1] == [r[6] for r in rows]
     # the video section's failures box speaks of the gallery its matches come from
     heads = browser.execute_script("return [...document.querySelectorAll('#video_clip_1 .failures-box h3')]"
@@ -856,3 +859,28 @@ def test_a_video_against_the_cached_gallery_asks_with_the_stores_own_model(clip_
     assert results.read_text() == asked
     said = capsys.readouterr()
     assert "using the transformers model" not in said.out + said.err  # the run did not
+
+
+def test_a_clip_named_with_a_hash_or_percent_gets_a_working_report(clip_dir, mixed_dataset, tiny_onnx, tmp_path,
+                                                                    monkeypatch, browser):
+    """'look #2 50%.mp4': its report section loads and its pictures and video are found (the section's
+    file was asked for as a fragment, and the whole report failed to load)."""
+    import shutil
+
+    from tests.test_webreport import console_errors, wait
+
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    videos.mkdir()
+    shutil.copy(clip_dir / "clip_1.mp4", videos / "look #2 50%.mp4")
+    argv = ["--video_clip", "look #2 50%", "--video_dir", str(videos), "--dataset", str(mixed_dataset),
+            "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]
+    assert cli.main(argv) == 3  # the mixed dataset's two bad rows
+    browser.get((out / "outputs" / "report.html").as_uri())
+    loaded = wait(browser, "document.querySelectorAll('[data-role=frames] img').length && "
+                           "[...document.querySelectorAll('[data-role=frames] img, [data-role=video]')]"
+                           ".map(e => { e.scrollIntoView(); return e.tagName === 'VIDEO' ? e.readyState > 0 "
+                           ": e.complete && e.naturalWidth > 0; }).every(Boolean)")
+    assert loaded
+    assert "could not be loaded" not in browser.execute_script("return document.body.innerText")
+    assert console_errors(browser) == []
