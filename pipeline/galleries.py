@@ -62,7 +62,7 @@ from .store import (
     unfinished_pixels,
     verify_images,
 )
-from .yolo import make_segmenter
+from .yolo import SegmentSpec, make_segmenter
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,47 @@ class Gallery:
 
 
 def segmenter_factory(cfg: RunConfig) -> Segmenter:
-    """The segmenter for a run (a function, so tests can substitute one with known masks)."""
-    return make_segmenter(cfg.segment, device=cfg.embedder.device)
+    """The segmenter for a run (a function, so tests can substitute one with known masks): for a run
+    that reads a segmented store, the store's own where no --seg-* flag says otherwise."""
+    return make_segmenter(store_segment(cfg), device=cfg.embedder.device)
+
+
+# what a query or video cuts persons with, as the store's crops were cut: its recorded settings
+_STORE_SEGMENT = (("seg_model", "model"), ("seg_backend", "backend"), ("seg_conf", "conf"), ("seg_imgsz", "imgsz"))
+
+
+def store_segment(cfg: RunConfig) -> SegmentSpec:
+    """The segmentation settings of a run that reads a segmented store (a search, a video against the
+    cached gallery): the store's own model, backend, confidence and size for those not typed (the
+    defaults' model would cut query persons otherwise, or, offline, fail to load), checked: weights
+    retrained under the same name, or a model file not found from here, are refused saying what to
+    pass. Any other run: its own."""
+    if not cfg.segmented or not (cfg.searches_only or cfg.from_cache) or not (cfg.store_dir / SIDECAR_FILE).is_file():
+        return cfg.segment
+    try:
+        made = Sidecar.read(cfg.store_dir / SIDECAR_FILE).source
+    except CacheMismatchError:
+        return cfg.segment  # loading the store says what is wrong with it
+    if made.kind != "segment":
+        return cfg.segment
+    taken = {name: getattr(made, field) for field, name in _STORE_SEGMENT
+             if field not in cfg.explicit and getattr(made, field, None) not in (None, getattr(cfg.segment, name))}
+    if not taken:
+        return cfg.segment
+    spec = replace(cfg.segment, **taken)
+    if "model" in taken:
+        path = Path(spec.model)
+        if made.seg_weights and not path.is_file():
+            raise PipelineError(f"{cfg.store_dir} was segmented by {spec.model}, which is not there from here: "
+                                "pass --seg-model PATH, the same weights file")
+        if made.seg_weights and path.is_file() and sha256_file_once(path) != made.seg_weights:
+            raise CacheMismatchError(
+                f"{cfg.store_dir} was segmented by {spec.model}, whose weights changed since (sha256 "
+                f"{made.seg_weights[:12]}… then): its crops were cut by the old weights, query persons would be "
+                "cut by these. Put the old weights back, or build the segmented gallery afresh")
+    log.info("no --seg-model given: the store's own segmenter (%s)",
+             ", ".join(f"{n} {v}" for n, v in taken.items()))
+    return spec
 
 
 def segmenter_weights(cfg: RunConfig) -> str | None:

@@ -503,3 +503,37 @@ def test_a_segmenter_that_cannot_load_is_said_before_the_model_loads(people_data
                      "--output-dir", str(tmp_path / "out")]) == 1
     assert "is a YOLO detect model" in capsys.readouterr().err
     assert loaded == []
+
+
+def test_a_search_of_a_segmented_store_cuts_query_persons_with_the_stores_segmenter(
+        people_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
+    """No --seg-* flag with a cache flag: the query picture's persons are cut by the segmenter the
+    store's crops were cut with (its model, confidence, size), not the default model, which would cut
+    others (or, offline, fail to load); its weights retrained under the same name are refused."""
+    asked = []
+
+    def segmenter(spec, device):
+        asked.append(spec)
+        return FakeSegmenter()
+
+    monkeypatch.setattr(galleries, "make_segmenter", segmenter)
+    weights = tmp_path / "people.pt"
+    weights.write_bytes(b"the store's weights")
+    out = tmp_path / "out"
+    base = ["--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]
+    assert cli.main(["--use-segmentation", "--dataset", str(people_dataset), "--seg-model", str(weights),
+                     "--seg-conf", "0.4", "--seg-imgsz", "320", *base]) == 3
+    query = tmp_path / "look.png"
+    query.write_bytes(assets.encode(assets.rgb_image(60, 90, color=(2, 100, 200)), "PNG"))
+    asked.clear()
+    assert cli.main(["--use-embedded-segment", "--query-image", str(query), *base]) == 0
+    assert [(s.model, s.conf, s.imgsz) for s in asked] == [(str(weights), 0.4, 320)]
+    capsys.readouterr()  # a flag typed is checked against the store, as before
+    assert cli.main(["--use-embedded-segment", "--query-image", str(query), "--seg-conf", "0.6", *base]) == 1
+    assert "seg_conf: cache has 0.4, asked for 0.6" in capsys.readouterr().err
+    weights.write_bytes(b"retrained under the same name")
+    assert cli.main(["--use-embedded-segment", "--query-image", str(query), *base]) == 1
+    assert f"was segmented by {weights}, whose weights changed since" in capsys.readouterr().err
+    weights.unlink()
+    assert cli.main(["--use-embedded-segment", "--query-image", str(query), *base]) == 1
+    assert "which is not there from here: pass --seg-model PATH" in capsys.readouterr().err
