@@ -54,6 +54,8 @@ META_FAMILY = "fashion_pipeline.family"  # backends.FAMILIES; absent in files ma
 META_TEXT_CONTEXT = "fashion_pipeline.text_context"  # tokens the text tower takes; absent: 77
 META_TEXT_SIDES = "fashion_pipeline.text_sides"  # the tokenizer's "padding,truncation" sides; absent: right,right
 META_TEXT_CLEAN = "fashion_pipeline.text_clean"  # open_clip's cleaning before tokenizing (textclean.py); absent: none
+# in an image file exported without a text tower: why (no export can make one for its model)
+META_NO_TEXT = "fashion_pipeline.no_text_tower"
 
 
 def text_onnx_path_for(image_onnx: str | Path) -> Path:
@@ -547,6 +549,14 @@ class _OnnxText:
         import onnxruntime as ort
 
         path, tok_path = text_onnx_path_for(image_onnx), tokenizer_path_for(text_onnx_path_for(image_onnx))
+        absent = file_metadata(image_onnx).get(META_NO_TEXT) if not path.is_file() or not tok_path.is_file() else None
+        if absent:  # the export said why: "make them with --export-onnx" would make the same file again
+            raise PipelineError(
+                f"{image_onnx.name} was exported without a text tower: {absent}. Text search needs one exported "
+                "with the image file: export again where the model can have one and build the gallery with that file, "
+                "or build it with --backend torch (and --model) for text search; searches by picture work with this "
+                "file"
+            )
         if not path.is_file() or not tok_path.is_file():
             raise PipelineError(
                 f"text search with the ONNX backend needs {path.name} and {tok_path.name} beside {image_onnx}; "

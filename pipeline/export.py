@@ -56,6 +56,7 @@ from .backends import INT8_PROFILES, family_of, load_hint
 from .embedders import (
     META_FAMILY,
     META_KIND,
+    META_NO_TEXT,
     META_PAD_ID,
     META_PRECISION,
     META_PREPROCESS,
@@ -422,6 +423,8 @@ class _ImageExport:
         fp32_meta = {**meta, META_PRECISION: "fp32", META_PROBES: records[self.tmp_fp32].to_json()}
         int8_meta = {**meta, META_PRECISION: precision, META_PROBES: records[self.tmp_int8].to_json(),
                      META_INT8_RECIPE: self.recipe}
+        if self.text.absent:  # said by a text search against the file (no export can make its text tower)
+            fp32_meta[META_NO_TEXT] = int8_meta[META_NO_TEXT] = self.text.absent
         _set_metadata(onnx, self.tmp_fp32, fp32_meta)
         _set_metadata(onnx, self.tmp_int8, int8_meta)
         report.text_lines = self.text.lines
@@ -630,6 +633,7 @@ class _TextExport:
 
     lines: list[str]
     moves: list[tuple[Path, Path]] = field(default_factory=list)  # the text tower, then its tokenizer
+    absent: str = ""  # why there is none (recorded in the image files: the text search's refusal says it)
     # When this export has no text tower: the paths of one beside the target, removed at commit
     # (under the target's lock) whatever is there then, an export that finished meanwhile's too.
     removes: list[Path] = field(default_factory=list)
@@ -657,7 +661,7 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str], 
     if hasattr(clip, "text_export"):  # open_clip: its tokenizer, when `tokenizers` can repeat it
         got = clip.text_export()
         if isinstance(got, str):
-            return _no_text_tower(f"{got}: text search with this model runs with --backend torch", text_path, tok_path)
+            return _no_text_tower(got, text_path, tok_path, " (text search with this model runs with --backend torch)")
         tok, clean_mode = got
     else:
         try:
@@ -690,13 +694,14 @@ def _export_text_tower(clip, model: str, int8_path: Path, meta: dict[str, str], 
     return _TextExport([line], [(tmp_text, text_path), (tmp_tok, tok_path)])
 
 
-def _no_text_tower(why: str, text_path: Path, tok_path: Path) -> _TextExport:
+def _no_text_tower(why: str, text_path: Path, tok_path: Path, more: str = "") -> _TextExport:
     """The report's one line for an export without text search; an earlier export's text tower beside
     the new image file is removed, since it belongs to other weights."""
     paths = [text_path, text_path.with_name(text_path.name + ".data"), tok_path]
     stale = [p for p in paths if p.exists()]
     removed = f" (the earlier export's {', '.join(p.name for p in stale)} removed)" if stale else ""
-    return _TextExport([f"text tower not exported, so no text search with this file: {why}{removed}"], removes=paths)
+    return _TextExport([f"text tower not exported, so no text search with this file: {why}{more}{removed}"],
+                       removes=paths, absent=why)
 
 
 def _text_tower(clip, masked: bool = True):

@@ -143,6 +143,16 @@ def test_onnx_export_verifies_the_image_tower_and_says_why_no_text_tower(tiny, t
     x = preprocess_batch(pictures(), torch_emb.preprocess_cfg)
     assert (torch_emb.embed(x) * onnx_emb.embed(x)).sum(axis=1).min() >= 0.99
     assert np.allclose(onnx_emb.embed(x[:1])[0], onnx_emb.embed(x)[0], atol=1e-6)  # batch-independent
+    # a text search says why there is no text tower and the ways on: "make them with --export-onnx" made
+    # the same file again, and the README's --backend torch is refused by a store this file made
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError) as said:
+        onnx_emb.embed_text(["red dress"])
+    assert str(said.value).startswith(f"{path.name} was exported without a text tower: open_clip tokenizes with its "
+                                      "own Python code")
+    assert "build it with --backend torch (and --model) for text search" in str(said.value)
+    assert "make them with --export-onnx" not in str(said.value)
 
 
 def test_a_store_of_open_clip_vectors_is_refused_for_another_family(tiny, tiny_clip, tmp_path, capsys):
