@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -57,6 +58,16 @@ def _read_js(path: Path, callback: str) -> Any:
 def count_of(n: int, one: str, many: str | None = None) -> str:
     """"1 item", "2 items", "1,000 items"."""
     return f"{n:,} {one if n == 1 else (many or one + 's')}"
+
+
+def shown_value(v: Any) -> str:
+    """A metadata value as the report's item details show it (JavaScript's String() of its JSON), so
+    that the grid's filter finds what a reader sees: 61.42, 20 (for 20.0), true."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer() and abs(v) < 1e21:
+        return str(int(v))
+    return str(v)
 
 
 def relative_link(path: Path, report_dir: Path) -> str:
@@ -163,8 +174,7 @@ def write_gallery_pages(
                 item["name"] = names[i]
             if meta is not None:
                 item["meta"] = held = meta(i)
-                values.append(" ".join(str(v) for v in held.values()
-                                       if isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool)))
+                values.append(" ".join(shown_value(v) for v in held.values() if v is not None))
             items.append(item)
             nearest.append(nb[0][1] if nb else None)
         atomic_write_text(out / f"page_{p:04d}.js", _js("page", {"section": section_id, "page": p, "items": items}))

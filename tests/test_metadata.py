@@ -399,7 +399,23 @@ def test_the_report_shows_each_items_metadata(built, tiny_onnx, browser):
     assert 7 in found and len(found) == sum(v == item_id for v in shop()["item_id"])
     assert browser.execute_script("return document.querySelector('[data-role=filter]').placeholder") == (
         "Filter by name or value…")
+    # and by a price as the details show it (a decimal), where only texts and whole numbers were found
+    price = shown[[k for k, _ in shown].index("price")][1]
+    browser.execute_script(f"const f = document.querySelector('[data-role=filter]'); f.value = '{price}';"
+                           "f.dispatchEvent(new Event('input'));")
+    wait(browser, f"document.querySelector('.tools .sub').textContent.includes('matching') && "
+                  f"document.querySelector('[data-role=filter]').value === '{price}'")
+    found = browser.execute_script(
+        "return [...document.querySelectorAll('[data-role=grid] .tile')].map(t => +t.dataset.item)")
+    assert 7 in found
     assert not console_errors(browser)
+
+
+def test_a_value_is_indexed_as_the_report_shows_it():
+    from pipeline.webreport import shown_value
+
+    assert [shown_value(v) for v in (61.42, 20.0, True, False, 7, "P001", 1e22)] == [
+        "61.42", "20", "true", "false", "7", "P001", "1e+22"]
 
 
 def test_group_by_per_query_in_the_api_and_on_the_page(built, tiny_onnx, browser, tmp_path):
