@@ -183,7 +183,7 @@ def print_table(rows: list[tuple], seconds: int) -> None:
         shares = "  ".join(f"{k} {v / total:.0%}" for k, v in stages.items() if v / total >= 0.005)
         print(
             f"{'on' if annotated else 'off':16s} {total:8.1f}s {seconds / total:10.2f}x "
-            f"{counts['frames processed'] / total:10.2f} {counts['tracks']:6d}  {shares}"
+            f"{counts['frames analysed'] / total:10.2f} {counts['tracks']:6d}  {shares}"
         )
         if annotated:
             print(f"{'':16s} encoder thread busy {encode:.1f} s = {encode / total:.0%} of the clip wall (overlapped)")

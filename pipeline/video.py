@@ -601,7 +601,7 @@ class VideoRun:
         summary.counts.update(
             {
                 "frames read": read_frames,
-                "frames processed": self.n_frames,
+                "frames analysed": self.n_frames,
                 "persons": self.n_persons,
                 "frames without persons": self.n_empty,
                 "tracks": len(tracks),

@@ -141,7 +141,7 @@ def write_gallery_pages(
         sources, names: per item, what the user knows its photo by (manifest.csv's `source`) and
             its caption (store.shown_name: the source's last part, a crop's person); the name is
             shown, the source and file on hover, and the filter searches sources and file names,
-            and the item's text and whole-number metadata values (a product id, a category).
+            and the item's metadata values as its details show them (shown_value).
     Returns:
         the section's gallery data: item count, page count, k, and where the pages are.
     """

@@ -116,6 +116,20 @@ def test_the_report_shows_every_item_pages_and_follows_neighbours(report_run, br
         f"window.__report.pages['gallery/' + Math.floor({first} / {PAGE_SIZE})].items[{first} % {PAGE_SIZE}].file",
     )
     assert wait(browser, VISIBLE_IMAGES_LOADED)
+    # by keyboard: Tab from the filter box reaches the tiles, Enter opens one, as a click does
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.find_element(By.CSS_SELECTOR, "[data-role=filter]").click()
+    for _ in range(12):  # the filter, the paging buttons, then the first tile
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+        if browser.execute_script("return document.activeElement.dataset.item !== undefined"):
+            break
+    item = browser.execute_script("return document.activeElement.dataset.item")
+    assert item is not None and browser.execute_script("return document.activeElement.getAttribute('role')") == "button"
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    wait(browser, f"document.querySelector('[data-role=grid] .tile.on') && "
+                  f"document.querySelector('[data-role=grid] .tile.on').dataset.item === '{item}'")
     # the filter searches every page's names, the files' and the sources': those of one first hex digit,
     # on every page; an item's caption is its source's name, its file on hover
     lines = [r for r in read_manifest(out / "embeddings" / "manifest.csv") if r.embedding_row >= 0]
