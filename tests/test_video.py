@@ -802,8 +802,8 @@ def test_a_segmented_gallerys_matches_name_the_crops_person(clip_dir, tiny_onnx,
         "document.querySelectorAll('[data-role=frames] .person').length"
         " && document.querySelectorAll('#query_segment td').length"
         " && [[...document.querySelectorAll('[data-role=frames] .person')].map(s => s.textContent),"
-        " [...[...document.querySelectorAll('#query_segment table')]"
-        ".find(t => t.rows[0].cells[0].textContent === 'query').rows].slice(1).map(r => r.cells[3].textContent)]",
+        " [...document.querySelectorAll('#query_segment [data-role=query-results] tr:not(.query-row)')]"
+        ".slice(1).map(r => r.cells[2].textContent)]",
     )
     firsts = {video.match_name(p["matches"][0]) for r in res for p in r["persons"]}
     assert {s.split(": ", 1)[1].rsplit(" d=", 1)[0] for s in shown[0]} == firsts

@@ -200,6 +200,17 @@ def test_query_and_evaluation_sections_join_the_gallery(report_run, tiny_onnx, t
         "return [...document.querySelectorAll('#evaluation')].map(e => e.textContent.split('R@10').length - 1)"
     ) == [1]
     assert browser.execute_script("return document.querySelectorAll('#query .pics img').length") == 1
+    # the results: the query once, as a heading row over its matches, rank and distance before the name
+    table = browser.execute_script(
+        "return [...document.querySelectorAll('#query [data-role=query-results] tr')].map(r => "
+        "[r.className, [...r.cells].map(c => c.textContent)])")
+    assert table[0] == ["", ["rank", "distance", "gallery photo"]] and table[1] == ["query-row", ["red dress · text"]]
+    assert [cells[0] for _, cells in table[2:]] == ["1", "2", "3", "4", "5"]
+    assert all(0 <= float(cells[1]) <= 2 and cells[2] for _, cells in table[2:])
+    with viewport(browser, 390, 844):  # on a phone the table stays within its card, the distances on screen
+        assert browser.execute_script(
+            "const t = document.querySelector('#query [data-role=query-results]');"
+            "return t.getBoundingClientRect().right <= document.getElementById('query').getBoundingClientRect().right")
     # a query picture shown smaller than it is opens at full size
     assert browser.execute_script(
         "const a = document.querySelector('#query .pics a');"
