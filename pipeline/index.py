@@ -663,6 +663,10 @@ def load_index(
     if info is None:
         return None
     if info.store_sha256 != store_sha256 or info.count != len(embeddings):
+        from .fileio import being_written
+
+        if said := being_written(folder.parent):  # a build or update between its store and its index: not stale
+            raise PipelineError(f"{folder / INDEX_FILE} is not yet the store's{said}")
         raise PipelineError(
             f"{folder / INDEX_FILE} was built for other embeddings (store {info.store_sha256[:12]}…, "
             f"{info.count} vectors; the store now is {store_sha256[:12]}…, {len(embeddings)}): "

@@ -26,6 +26,7 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from .errors import PipelineError, UsageError
 from .filters import column_kind
 from .galleries import open_catalog, store_embedder_note
 from .images import ImageDecodeError, encode_jpeg
+from .index import INDEX_META
 from .metadata import METADATA_FILE, json_value
 from .report import RunSummary
 from .searcher import Hit
@@ -83,8 +85,10 @@ class SearchService:
     request after it starts opening it in a thread, with the models already loaded, while the
     catalog in hand answers; then it is swapped in. A store that cannot be served (made by another
     model, or caught between its files) is said once and tried again; the loaded one is served
-    meanwhile. Results name their thumbnails by the store's version, so that a result given just
-    before a swap still shows its own photo (the version before is kept for them)."""
+    meanwhile; a store gone from disk is said too. Results name their thumbnails by the store's
+    version (its manifest), so that a result given just before a swap still shows its own photo (the
+    version before is kept for them); the generation counts every swap, a change of metadata or
+    index alone included, by which the page and its filter controls notice one."""
 
     cfg: RunConfig
     catalog: Catalog
@@ -92,7 +96,10 @@ class SearchService:
     follow: bool = True
     updates: int = 0  # stores swapped in while serving
     refused: str | None = None  # why the store on disk is not the one served, while it is not
+    generation: int = 0  # the catalog swapped in last: 0 the one loaded first
+    _generation_of: Any = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _seen: tuple[int, ...] | None = field(default=None, repr=False)
+    _missing: bool = field(default=False, repr=False)  # the refusal said is that the store is gone
     _earlier: dict[str, Catalog] = field(default_factory=dict, repr=False)  # its version's thumbnails
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _opening: bool = field(default=False, repr=False)
@@ -100,10 +107,13 @@ class SearchService:
 
     def __post_init__(self) -> None:
         self._seen = _store_state(self.catalog)
+        self._generation_of[self.catalog] = self.generation
 
     @classmethod
     def load(cls, cfg: RunConfig, summary: RunSummary | None = None) -> "SearchService":
-        return cls(cfg, open_catalog(cfg, summary or RunSummary(mode="serve")))
+        catalog = open_catalog(cfg, summary or RunSummary(mode="serve"))
+        check_server_filter(cfg, catalog)  # refused now, not in every query's answer
+        return cls(cfg, catalog)
 
     @staticmethod
     def version(catalog: Catalog) -> str:
@@ -119,6 +129,10 @@ class SearchService:
                 if start:
                     self._next_look = time.monotonic() + FOLLOW_EVERY_S
                     state = _store_state(self.catalog)
+                    if state is None and self._seen is not None:  # deleted, or a build between its files
+                        self._gone()
+                    elif self._missing and state == self._seen:  # back as it was: nothing to say
+                        self.refused, self._missing = None, False
                     start = state is not None and state != self._seen
                     self._opening = start
             if start:
@@ -134,6 +148,7 @@ class SearchService:
                 return False
             try:
                 new = open_catalog(self.cfg, RunSummary(mode="serve"), embedder=old.embedder).keep_models_of(old)
+                check_server_filter(self.cfg, new)  # a column the --filter names gone: every query would be refused
             except PipelineError as e:  # another model's store, or one between its files: the old one goes on
                 said = f"the store in {self.cfg.store_dir} changed on disk and is not served yet ({e}); serving the " \
                        f"{len(old):,} items loaded before"
@@ -144,12 +159,14 @@ class SearchService:
                     self._next_look = time.monotonic() + max(RETRY_AT_LEAST_S, 5 * (time.monotonic() - t))
                 return False
             with self._lock:
-                for version, earlier in list(self._earlier.items()):  # one version back is kept, for its thumbnails
-                    earlier.close()
-                    del self._earlier[version]
-                if self.version(old) != self.version(new):
+                if self.version(old) != self.version(new):  # its rows hold other photos: one version back is kept
+                    for version, earlier in list(self._earlier.items()):
+                        earlier.close()
+                        del self._earlier[version]
                     self._earlier[self.version(old)] = old
-                self.catalog, self._seen, self.refused = new, state, None
+                self.generation += 1
+                self._generation_of[new] = self.generation
+                self.catalog, self._seen, self.refused, self._missing = new, state, None, False
                 self.updates += 1
             log.warning("the store in %s changed on disk: now serving %s items (%s before)", self.cfg.store_dir,
                         f"{len(new):,}", f"{len(old):,}")
@@ -157,6 +174,14 @@ class SearchService:
         finally:
             with self._lock:
                 self._opening = False
+
+    def _gone(self) -> None:
+        """The store's sidecar is not on disk (deleted, or a build between its files): said, once."""
+        said = (f"the store in {self.cfg.store_dir} is not on disk now (deleted, or being built); serving the "
+                f"{len(self.catalog):,} items loaded before")
+        if said != self.refused:
+            log.warning("%s", said)
+        self.refused, self._missing = said, True
 
     def of_version(self, version: str | None) -> Catalog | None:
         """The catalog whose results named `version` (None: the current one); None when that store is
@@ -190,10 +215,10 @@ class SearchService:
             for h in hits
         ]
 
-    @classmethod
-    def store_json(cls, catalog: Catalog) -> dict[str, Any]:
-        """The store an answer comes from: the page notices an update by it."""
-        return {"version": cls.version(catalog), "items": len(catalog)}
+    def store_json(self, catalog: Catalog) -> dict[str, Any]:
+        """The store an answer comes from: the page notices an update by its generation."""
+        return {"version": self.version(catalog), "generation": self._generation_of.get(catalog, -1),
+                "items": len(catalog)}
 
     def text(self, text: str, k: int, filter: str | None = None, group_by: str | None = None) -> dict[str, Any]:
         """A text's answer: {"results": hits, "store": the store that gave them}."""
@@ -242,12 +267,20 @@ def picture_url(image: Image.Image, side: int = 160) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(encode_jpeg(small.convert("RGB"), quality=85)).decode("ascii")
 
 
+def check_server_filter(cfg: RunConfig, catalog: Catalog) -> None:
+    """The server's own --filter checked against a catalog's columns: FilterError (a UsageError)
+    when it names one the catalogue does not keep."""
+    if cfg.filter:
+        catalog.searcher.allowed(cfg.filter)
+
+
 def _store_state(catalog: Catalog) -> tuple[int, ...] | None:
     """What changes when a store is switched in over the catalog's folder: its sidecar's inode, time
-    and size (written last, by replacing it), and its metadata table's (written after it, or alone
-    when only metadata changed); None while there is no sidecar."""
+    and size (written last, by replacing it), its metadata table's (written after it, or alone when
+    only metadata changed) and its index's (made again alone by a --use-embeddings --index run);
+    None while there is no sidecar."""
     state: list[int] = []
-    for name in (SIDECAR_FILE, METADATA_FILE):
+    for name in (SIDECAR_FILE, METADATA_FILE, INDEX_META):
         try:
             st = (catalog.cache.root / name).stat()
         except OSError:
@@ -492,8 +525,8 @@ def _add_page_endpoints(app, service: SearchService) -> None:
     page = PAGE.read_text(encoding="utf-8")
 
     @functools.lru_cache(maxsize=2)
-    def columns(version: str) -> list[dict[str, Any]]:  # read once for each version of the store served
-        return filter_controls(service.current())
+    def columns(catalog: Catalog) -> list[dict[str, Any]]:  # read once for each catalog served
+        return filter_controls(catalog)
 
     @app.get("/", response_class=HTMLResponse)
     def index_page() -> str:
@@ -506,13 +539,14 @@ def _add_page_endpoints(app, service: SearchService) -> None:
             "items": len(catalog),
             "store": str(cfg.store_dir),
             "version": service.version(catalog),
+            "generation": service.store_json(catalog)["generation"],
             "model": catalog.embedder.identity.model or "",
             "backend": catalog.embedder.identity.backend,
             "k": cfg.top_k,
             "search": catalog.searcher.describe(),
             "report": (cfg.plots_dir / "report.html").is_file(),
             "segment": service.can_segment,
-            "columns": columns(service.version(catalog)),
+            "columns": columns(catalog),
             "group_by": catalog.searcher.grouped_by,  # the page's default; a query may choose another
             "not_served": service.refused,  # a store on disk this server cannot serve, and why
         }

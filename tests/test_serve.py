@@ -499,7 +499,7 @@ def test_the_server_follows_an_update_and_earlier_results_keep_their_photos(tiny
     from pipeline.catalog import Catalog
     from pipeline.images import encode_jpeg
     from tests.helpers import run
-    from tests.test_update import args, write_catalogue
+    from tests.test_update import args, photo, write_catalogue
 
     monkeypatch.setattr(serve, "FOLLOW_EVERY_S", 0.0)
     data, out = tmp_path / "data", tmp_path / "out"
@@ -538,13 +538,73 @@ def test_the_server_follows_an_update_and_earlier_results_keep_their_photos(tiny
         gone = httpx.get(url + f"/thumb/{moved}.jpg?v=0123456789abcdef")
         assert gone.status_code == 404 and "search again" in gone.json()["detail"]
 
-        # the page opened before the update: its next answer says the gallery changed
+        # the page opened before the update: its next answer says the gallery changed, even one that
+        # matches nothing, and its header says what /api/info says now
+        browser.find_element(By.ID, "filter-text").send_keys("item_id = 'none such'")
         browser.find_element(By.ID, "text").send_keys("a photo")
         browser.find_element(By.ID, "text-go").click()
-        said = wait(browser, "document.querySelector('#status .note') && document.getElementById('status').textContent")
+        said = wait(browser, "!document.getElementById('note').hidden && document.getElementById('note').textContent")
         assert "updated while this page was open: 17 items now (12 before)" in said
+        assert "No item matches the filter" in browser.find_element(By.ID, "status").text
+        info = httpx.get(url + "/api/info").json()
+        wait(browser, f"document.getElementById('info').textContent.includes({info['search']!r})")
         assert "17 items" in browser.find_element(By.ID, "info").text
         assert not console_errors(browser)
+
+        # metadata alone changed (a column added): followed, its controls too; the results given before the
+        # photo update keep their thumbnails (the same rows: nothing of the earlier version is let go)
+        generation = info["generation"]
+        products = list(range(1, 18))
+        assets.write_parquet_dataset(data, [photo(k) for k in products], extra={
+            "item_id": [f"P{k:03d}" for k in products], "colour": [["red", "blue"][k % 2] for k in products]})
+        assert run(*args(data, tiny_onnx, out, "--update")) == 0
+        while httpx.get(url + "/api/info").json()["generation"] == generation:
+            assert time.monotonic() < end + 30, "the metadata was not followed"
+            time.sleep(0.1)
+        info = httpx.get(url + "/api/info").json()
+        assert info["version"] == after["store"]["version"] and info["items"] == 17
+        assert {c["name"]: c.get("values") for c in info["columns"]}["colour"] == ["blue", "red"]
+        for r in before["results"][:3]:
+            assert httpx.get(url + r["thumb"]).content == first_photo[r["row"]]
+
+        # the index alone made again (--use-embeddings --index hnsw): followed, searched as the store says
+        assert run(*args(data, tiny_onnx, out, "--use-embeddings", "--index", "hnsw")) == 0
+        while "hnsw" not in httpx.get(url + "/api/info").json()["search"]:
+            assert time.monotonic() < end + 60, "the new index was not followed"
+            time.sleep(0.1)
+
+        # the store gone from disk: said, the loaded one served; back as it was, nothing to say
+        sidecar = out / "embeddings" / "embeddings.json"
+        sidecar.rename(sidecar.with_suffix(".away"))
+        assert "is not on disk now" in (httpx.get(url + "/api/info").json()["not_served"] or "")
+        assert httpx.post(url + "/api/text", json={"text": "a photo", "k": 3}).status_code == 200
+        sidecar.with_suffix(".away").rename(sidecar)
+        assert httpx.get(url + "/api/info").json()["not_served"] is None
+
+
+def test_the_servers_filter_is_checked_against_each_store_it_would_serve(tiny_onnx, tmp_path):
+    """--serve --filter naming a column the store does not keep: refused at start (every query was a
+    422 about a flag the page cannot change), and an update that drops the column is not swapped in."""
+    from pipeline.filters import FilterError
+    from tests.helpers import run
+    from tests.test_update import args, photo
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    products = list(range(6))
+    assets.write_parquet_dataset(data, [photo(k) for k in products], extra={
+        "item_id": [f"P{k:03d}" for k in products], "colour": [["red", "blue"][k % 2] for k in products]})
+    assert run(*args(data, tiny_onnx, out)) == 0
+    cfg = config_from_flags(vars(cli.build_parser().parse_args(
+        ["--onnx", str(tiny_onnx), "--output-dir", str(out), "--serve", "--filter", "size = 'M'"])))
+    with pytest.raises(FilterError, match="unknown column 'size'"):
+        SearchService.load(cfg)
+    service = SearchService.load(replace(cfg, filter="colour = 'red'"))
+    assert {h["meta"]["colour"] for h in service.text("a photo", 6, service.cfg.filter)["results"]} == {"red"}
+    assets.write_parquet_dataset(data, [photo(k) for k in products], extra={"item_id": [f"P{k:03d}" for k in products]})
+    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    loaded = service.catalog
+    assert service.reopen() is False and service.catalog is loaded
+    assert "unknown column 'colour'" in (service.refused or "")
 
 
 def test_a_store_of_another_model_switched_in_is_said_and_the_loaded_one_served(tiny_onnx, tiny_clip, tmp_path):
