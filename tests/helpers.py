@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import main as cli
 from pipeline.store import ShardStore
+
+
+@contextmanager
+def another_run_holding(folder: Path) -> Iterator[int]:
+    """Another process holding `folder`'s OutputLock (as a build or update does) until the block
+    ends; yields its pid."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.fileio import OutputLock\n"
+         "with OutputLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(folder)],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def run(*args) -> int:

@@ -378,30 +378,21 @@ def test_a_store_caught_while_a_run_writes_it_is_said_to_be_so_not_to_need_a_bui
     """Between an update's switch and its sidecar (and its metadata) a reader was told to build the
     store, or that the update had stopped; while another run holds the folder's lock it is told to
     wait. A run's own lock (a search holds its folder's) is no other run's."""
-    import subprocess
-    import sys
     import time
 
     from pipeline.fileio import OutputLock, writer_of
+    from tests.helpers import another_run_holding
 
     out = tmp_path / "out"
     (out / "embeddings").mkdir(parents=True)
     with OutputLock(out):
         assert writer_of(out) is None
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pipeline.fileio import OutputLock\n"
-         "with OutputLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(out)],
-        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        assert writer_of(out) == str(holder.pid)
+    with another_run_holding(out) as pid:
+        assert writer_of(out) == str(pid)
         for folder in (out, out / "embeddings"):
             with pytest.raises(PipelineError, match=rf"holds no complete gallery store now; another run \(pid "
-                                                    rf"{holder.pid}\) is writing to {re.escape(str(out))} now"):
+                                                    rf"{pid}\) is writing to {re.escape(str(out))} now"):
                 Catalog.open(folder)
-    finally:
-        holder.kill()
-        holder.wait()
     time.sleep(0.1)
     assert writer_of(out) is None  # its pid is gone
     with pytest.raises(PipelineError, match="holds no gallery store .* build one first"):

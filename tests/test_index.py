@@ -124,24 +124,14 @@ def test_a_stale_index_is_refused_when_loaded_and_rebuilt_for_a_gallery(vectors,
 def test_an_index_caught_while_a_run_writes_its_store_is_said_to_be_so_not_stale(vectors, tmp_path):
     """Between a build's (or an update's) store and its index a reader was told to run the gallery
     again or use --index none; while another run holds the folder's lock it is told to wait."""
-    import subprocess
-    import sys
+    from tests.helpers import another_run_holding
 
     x, store = vectors[:500], tmp_path / "embeddings"
     store.mkdir()
     save_index(store, build_index(x, "flat", store_sha256="a" * 64))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pipeline.fileio import OutputLock\n"
-         "with OutputLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(tmp_path)],
-        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        said = rf"index.faiss is not yet the store's; another run \(pid {holder.pid}\)"
-        with pytest.raises(PipelineError, match=said):
+    with another_run_holding(tmp_path) as pid:
+        with pytest.raises(PipelineError, match=rf"index.faiss is not yet the store's; another run \(pid {pid}\)"):
             load_index(store, x, "b" * 64)
-    finally:
-        holder.kill()
-        holder.wait()
     with pytest.raises(PipelineError, match="was built for other embeddings"):
         load_index(store, x, "b" * 64)
 
