@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -49,11 +49,40 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class QueryResult:
     """The hits of one query picture (the whole picture, or one person in it: label `name#p0`), and
-    the picture searched (a person's white-background crop, or the whole picture, as decoded)."""
+    the picture searched (a person's white-background crop, or the whole picture, as decoded);
+    person: whether it is a person's crop."""
 
     label: str
     hits: list[Hit]
     picture: Image.Image | None = None
+    person: bool = False
+
+
+class Thumbnails:
+    """A store's thumbnails: its open files (one reader, read under a lock, from any thread) and how
+    many rows it holds. Outlives its Catalog where kept (--serve keeps an earlier store's for the
+    results it gave), and reads the files it opened whatever replaced them on disk since."""
+
+    def __init__(self, reader: Any, count: int) -> None:
+        self._reader, self.count = reader, count
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return self.count
+
+    def of(self, row: int) -> np.ndarray:
+        """uint8 (T, T, 3) RGB thumbnail of row `row` (checked by the caller)."""
+        with self._lock:
+            if self._closed:
+                raise PipelineError("the catalog was closed, and its thumbnails with it: open it again "
+                                    "(Catalog.open) to show thumbnails")
+            return self._reader[row].copy()
+
+    def close(self) -> None:
+        with self._lock:
+            self._reader.close()
+            self._closed = True
 
 
 def store_folder(folder: str | Path) -> Path:
@@ -110,9 +139,7 @@ class Catalog:
         self._embedder_slot: _FirstUse[Embedder] = _FirstUse(embedder)  # its lock taken only until it is loaded
         # its lock taken to load it and for each call: Ultralytics models are not thread-safe
         self._segmenter_slot: _FirstUse[Segmenter] = _FirstUse(segmenter)
-        self._thumbs = cache.thumbnails()
-        self._thumbs_lock = threading.Lock()  # one file handle
-        self._closed = False
+        self.thumbnails = Thumbnails(cache.thumbnails(), len(searcher.rows))
 
     @classmethod
     def open(
@@ -183,9 +210,7 @@ class Catalog:
 
     def close(self) -> None:
         """Let go of the store's thumbnails file (a search after this cannot show thumbnails)."""
-        with self._thumbs_lock:
-            self._thumbs.close()
-            self._closed = True
+        self.thumbnails.close()
 
     def __enter__(self) -> Catalog:
         return self
@@ -205,11 +230,7 @@ class Catalog:
     def thumbnail(self, row: int) -> np.ndarray:
         """uint8 (T, T, 3) RGB thumbnail of embedding row `row`."""
         self._check_row(row)
-        with self._thumbs_lock:
-            if self._closed:
-                raise PipelineError("the catalog was closed, and its thumbnails with it: open it again "
-                                    "(Catalog.open) to show thumbnails")
-            return self._thumbs[row].copy()
+        return self.thumbnails.of(int(row))
 
     @property
     def embedder(self) -> Embedder:
@@ -219,11 +240,13 @@ class Catalog:
                 return slot.get()
         return slot.value
 
-    def keep_models_of(self, other: Catalog) -> Catalog:
-        """This catalog, asking with `other`'s embedder and segmenter (the same objects, loaded or to
-        load on first use, and the segmenter's lock): a store opened again after an update (--serve)
-        loads no model again. Returns self."""
-        self._embedder_slot, self._segmenter_slot = other._embedder_slot, other._segmenter_slot
+    def keep_models_of(self, other: Catalog, segmenter: bool = True) -> Catalog:
+        """This catalog, asking with `other`'s embedder and, with segmenter=True, its segmenter (the
+        same objects, loaded or to load on first use, and the segmenter's lock): a store opened again
+        after an update (--serve) loads no model again. Returns self."""
+        self._embedder_slot = other._embedder_slot
+        if segmenter:
+            self._segmenter_slot = other._segmenter_slot
         return self
 
     # ------------------------------------------------------------------ search
@@ -312,7 +335,7 @@ class Catalog:
             raise UsageError("a picture-plus-text query needs a text")
         searcher = self._searcher(group_by)
         allowed = searcher.allowed(filter)
-        crops, _ = self.query_crops(picture, segment, name)
+        crops, found = self.query_crops(picture, segment, name)
         pictures = self.embed_crops(crops)
         said = self.embedder.embed_text(list(texts)) if texts else np.zeros((0, pictures.shape[1]), np.float32)
         minus = self.embedder.embed_text(list(negative)) if negative else None
@@ -322,7 +345,7 @@ class Catalog:
                 nb = searcher.neighbours(combine(v, said, minus, text_weight)[None, :], k, allowed)
             else:
                 nb = searcher.fused(np.concatenate([v[None, :], said]), k, allowed)
-            out.append(QueryResult(crop.label, searcher.hits(nb, 0), crop.image))
+            out.append(QueryResult(crop.label, searcher.hits(nb, 0), crop.image, found))
         return out
 
     def search_image(self, picture: str | Path | bytes | Image.Image, k: int = 5, segment: bool = False,
@@ -334,9 +357,9 @@ class Catalog:
         k = self._k(k)
         searcher = self._searcher(group_by)
         allowed = searcher.allowed(filter)
-        crops, _ = self.query_crops(picture, segment, name)
+        crops, found = self.query_crops(picture, segment, name)
         hits = searcher.search(self.embed_crops(crops), k, allowed)
-        return [QueryResult(c.label, h, c.image) for c, h in zip(crops, hits)]
+        return [QueryResult(c.label, h, c.image, found) for c, h in zip(crops, hits)]
 
     def neighbours(self, item: int | str, k: int = 5, filter: str | None = None,
                    group_by: str | None = None) -> list[Hit]:
@@ -375,7 +398,6 @@ class Catalog:
         return rows[0]
 
 
-
 T = TypeVar("T")
 
 
@@ -383,15 +405,15 @@ class _FirstUse(Generic[T]):
     """A model loaded on first use; the caller holds `lock` for get(). Catalogs of one store opened
     again after an update share it (Catalog.keep_models_of)."""
 
-    def __init__(self, factory: Callable[[], T] | None) -> None:
-        self.factory = factory
+    def __init__(self, factory: Callable[[], T] | None, missing: str = "this catalog has no segmenter") -> None:
+        self.factory, self.missing = factory, missing
         self.value: T | None = None
         self.lock = threading.Lock()
 
     def get(self) -> T:
         if self.value is None:
             if self.factory is None:
-                raise PipelineError("this catalog has no segmenter")
+                raise PipelineError(self.missing)
             self.value = self.factory()
             self.factory = None  # let go of what it held (the store it was first opened over)
         return self.value

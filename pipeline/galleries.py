@@ -126,7 +126,7 @@ def store_segment(cfg: RunConfig) -> SegmentSpec:
                 f"{cfg.store_dir} was segmented by {spec.model}, whose weights changed since (sha256 "
                 f"{made.seg_weights[:12]}… then): its crops were cut by the old weights, query persons would be "
                 "cut by these. Put the old weights back, or build the segmented gallery afresh")
-    log.info("no --seg-model given: the store's own segmenter (%s)",
+    log.info("the store's own segmentation settings, where no --seg-* flag says otherwise (%s)",
              ", ".join(f"{n} {v}" for n, v in taken.items()))
     return spec
 

@@ -177,7 +177,7 @@ _AFTER: tuple[Check, ...] = (
     (
         # however the ONNX file was chosen (--backend onnx, --onnx, or the default file found): it ran
         # at its own precision while --precision said another
-        lambda c: "precision" in c.explicit and not c.evaluate.enabled
+        lambda c: "precision" in c.explicit and not c.evaluate.enabled and not _takes_store_embedder(c)
         and c.embedder.precision not in BACKENDS[c.embedder.resolve_backend()].precisions,
         "--precision {precision} applies to the torch backend, and {onnx_chosen}: the file's precision is fixed "
         "when it is exported. Drop --precision, or add --backend torch (and --model) to run the model at it",
@@ -235,9 +235,15 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     return _filter_syntax(cfg.filter)
 
 
+def _takes_store_embedder(c: RunConfig) -> bool:
+    """A run that embeds with the embedder its store records (no --model, --onnx or --backend: the
+    search modes, --update, a video against the cache), which loading the store checks."""
+    return not {"model", "onnx", "backend"} & c.explicit and (c.searches_only or c.from_cache or c.update)
+
+
 def _onnx_chosen(c: RunConfig) -> str:
     """How a run came to embed with an ONNX file, for a refusal of what does not apply to one."""
-    if "backend" in c.explicit:
+    if "backend" in c.explicit and c.embedder.backend == "onnx":
         return "--backend onnx runs the ONNX file"
     if "onnx" in c.explicit:
         return f"--onnx {c.embedder.onnx} runs on onnxruntime"

@@ -311,7 +311,7 @@ def save_histogram(values: np.ndarray, path: str | Path, title: str, xlabel: str
         # 3 significant digits: a catalogue of near copies has a median of ~1e-4, which .3f showed as 0.000
         ax.axvline(float(np.median(finite)), color="k", ls="--", lw=1, label=f"median {np.median(finite):.3g}")
         ax.legend()
-    # distances of near copies (~1e-4) as 1.0, 2.0 ... with a x10^-4 beside the axis: written out,
+    # distances of near copies (~1e-4) as 0.4, 0.8 ... with a x10^-4 beside the axis: written out,
     # seven-digit ticks ran into each other
     from matplotlib.ticker import MaxNLocator
 

@@ -17,7 +17,6 @@ answered (a page on another site cannot read the catalogue through a rebound DNS
 # and those name classes imported inside the functions that add the endpoints (FastAPI loads only for
 # --serve).
 import errno
-import functools
 import io
 import json
 import logging
@@ -35,9 +34,10 @@ from urllib.parse import unquote
 import numpy as np
 from PIL import Image
 
-from .catalog import Catalog
+from .catalog import Catalog, Thumbnails
 from .config import RunConfig, onnx_fallback
 from .errors import PipelineError, UsageError
+from .fileio import being_written
 from .filters import column_kind
 from .galleries import open_catalog, store_embedder_note
 from .images import ImageDecodeError, encode_jpeg
@@ -100,7 +100,8 @@ class SearchService:
     _generation_of: Any = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _seen: tuple[int, ...] | None = field(default=None, repr=False)
     _missing: bool = field(default=False, repr=False)  # the refusal said is that the store is gone
-    _earlier: dict[str, Catalog] = field(default_factory=dict, repr=False)  # its version's thumbnails
+    _earlier: dict[str, Thumbnails] = field(default_factory=dict, repr=False)  # a version's thumbnails alone
+    _refused_state: tuple[int, ...] | None = field(default=None, repr=False)  # a store that cannot be served as it is
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _opening: bool = field(default=False, repr=False)
     _next_look: float = field(default=0.0, repr=False)
@@ -133,7 +134,7 @@ class SearchService:
                         self._gone()
                     elif self._missing and state == self._seen:  # back as it was: nothing to say
                         self.refused, self._missing = None, False
-                    start = state is not None and state != self._seen
+                    start = state is not None and state != self._seen and state != self._refused_state
                     self._opening = start
             if start:
                 threading.Thread(target=self.reopen, name="reopen-store", daemon=True).start()
@@ -146,24 +147,32 @@ class SearchService:
         try:
             if state is None or state == self._seen:
                 return False
+            new = None
             try:
-                new = open_catalog(self.cfg, RunSummary(mode="serve"), embedder=old.embedder).keep_models_of(old)
+                new = open_catalog(self.cfg, RunSummary(mode="serve"), embedder=old.embedder)
+                # the segmenter loaded for the old store cuts persons as the new one's were cut, or not at all
+                new.keep_models_of(old, segmenter=_segmentation(old) == _segmentation(new))
                 check_server_filter(self.cfg, new)  # a column the --filter names gone: every query would be refused
             except PipelineError as e:  # another model's store, or one between its files: the old one goes on
+                if new is not None:
+                    new.close()
                 said = f"the store in {self.cfg.store_dir} changed on disk and is not served yet ({e}); serving the " \
                        f"{len(old):,} items loaded before"
                 if said != self.refused:
                     log.warning("%s", said)
                 self.refused = said
-                with self._lock:
-                    self._next_look = time.monotonic() + max(RETRY_AT_LEAST_S, 5 * (time.monotonic() - t))
+                with self._lock:  # tried again when it changes; while a run writes it, also after a while
+                    if being_written(self.cfg.output_dir):
+                        self._next_look = time.monotonic() + max(RETRY_AT_LEAST_S, 5 * (time.monotonic() - t))
+                    else:
+                        self._refused_state = state
                 return False
             with self._lock:
                 if self.version(old) != self.version(new):  # its rows hold other photos: one version back is kept
                     for version, earlier in list(self._earlier.items()):
                         earlier.close()
                         del self._earlier[version]
-                    self._earlier[self.version(old)] = old
+                    self._earlier[self.version(old)] = old.thumbnails  # its thumbnails alone, not its vectors
                 self.generation += 1
                 self._generation_of[new] = self.generation
                 self.catalog, self._seen, self.refused, self._missing = new, state, None, False
@@ -183,14 +192,15 @@ class SearchService:
             log.warning("%s", said)
         self.refused, self._missing = said, True
 
-    def of_version(self, version: str | None) -> Catalog | None:
-        """The catalog whose results named `version` (None: the current one); None when that store is
-        gone (more than one update ago)."""
+    def thumbnails_of(self, version: str | None) -> tuple[str, Thumbnails] | None:
+        """The version and thumbnails of the store whose results named `version` (None: the current
+        one); None when that store is gone (more than one update of its photos ago)."""
         catalog = self.current()
         if version is None or version == self.version(catalog):
-            return catalog
+            return self.version(catalog), catalog.thumbnails
         with self._lock:
-            return self._earlier.get(version)
+            kept = self._earlier.get(version)
+        return None if kept is None else (version, kept)
 
     def schema(self) -> Any:
         """The served store's metadata schema (pyarrow), None when it keeps none."""
@@ -246,16 +256,16 @@ class SearchService:
         said = f" + “{text}”" if text else ""
         # each person's crop, which the page shows beside its results: the whole picture is the page's own
         return {"queries": [{"label": q.label + said, "results": self.as_json(q.hits, catalog),
-                             **({"picture": picture_url(q.picture)} if segment and q.picture else {})}
+                             **({"picture": picture_url(q.picture)} if q.person and q.picture else {})}
                             for q in found],
                 "store": self.store_json(catalog)}
 
-    def thumbnail_jpeg(self, row: int, catalog: Catalog | None = None) -> bytes:
-        return encode_jpeg(Image.fromarray((catalog or self.catalog).thumbnail(row)), quality=88)
+    def thumbnail_jpeg(self, row: int, thumbnails: Thumbnails | None = None) -> bytes:
+        return encode_jpeg(Image.fromarray((thumbnails or self.catalog.thumbnails).of(row)), quality=88)
 
-    def thumbnail_etag(self, row: int, catalog: Catalog | None = None) -> str:
+    def thumbnail_etag(self, row: int, version: str | None = None) -> str:
         """Row `row`'s thumbnail's version: the store's manifest (an update gives rows other photos)."""
-        return f'"{self.version(catalog or self.catalog)}-{row}"'
+        return f'"{version or self.version(self.catalog)}-{row}"'
 
 
 def picture_url(image: Image.Image, side: int = 160) -> str:
@@ -265,6 +275,12 @@ def picture_url(image: Image.Image, side: int = 160) -> str:
     small = image.copy()
     small.thumbnail((side, side))
     return "data:image/jpeg;base64," + base64.b64encode(encode_jpeg(small.convert("RGB"), quality=85)).decode("ascii")
+
+
+def _segmentation(catalog: Catalog) -> tuple[Any, ...]:
+    """How a store's person crops were cut, as its sidecar records it."""
+    made = catalog.cache.sidecar.source
+    return made.kind, made.seg_model, made.seg_backend, made.seg_conf, made.seg_imgsz, made.seg_weights
 
 
 def check_server_filter(cfg: RunConfig, catalog: Catalog) -> None:
@@ -524,9 +540,12 @@ def _add_page_endpoints(app, service: SearchService) -> None:
     cfg = service.cfg
     page = PAGE.read_text(encoding="utf-8")
 
-    @functools.lru_cache(maxsize=2)
-    def columns(catalog: Catalog) -> list[dict[str, Any]]:  # read once for each catalog served
-        return filter_controls(catalog)
+    controls: Any = weakref.WeakKeyDictionary()  # read once for each catalog served, let go with it
+
+    def columns(catalog: Catalog) -> list[dict[str, Any]]:
+        if catalog not in controls:
+            controls[catalog] = filter_controls(catalog)
+        return controls[catalog]
 
     @app.get("/", response_class=HTMLResponse)
     def index_page() -> str:
@@ -646,19 +665,20 @@ def _add_file_endpoints(app, service: SearchService) -> None:
 
     @app.get("/thumb/{row}.jpg")
     def thumb(row: int, request: Request, v: str | None = None) -> Response:
-        catalog = service.of_version(v)  # v: the store's version the result was given by
-        if catalog is None:
+        found = service.thumbnails_of(v)  # v: the store's version the result was given by
+        if found is None:
             raise HTTPException(404, "the gallery was updated since these results were given: search again")
-        if not 0 <= row < len(catalog):
+        version, thumbnails = found
+        if not 0 <= row < len(thumbnails):
             raise HTTPException(404, f"no gallery item {row}")
         # a row holds another photo after an update: the browser asks again each time, and gets the
         # picture only when the store changed (304 otherwise)
-        headers = {"Cache-Control": "no-cache", "ETag": service.thumbnail_etag(row, catalog)}
+        headers = {"Cache-Control": "no-cache", "ETag": service.thumbnail_etag(row, version)}
         asked = {t.strip().removeprefix("W/") for t in request.headers.get("if-none-match", "").split(",")}
         if headers["ETag"] in asked or "*" in asked:
             return Response(status_code=304, headers=headers)
         try:
-            return Response(service.thumbnail_jpeg(row, catalog), media_type="image/jpeg", headers=headers)
+            return Response(service.thumbnail_jpeg(row, thumbnails), media_type="image/jpeg", headers=headers)
         except PipelineError:  # that version closed meanwhile (two updates since the results)
             raise HTTPException(404, "the gallery was updated since these results were given: search again") from None
 

@@ -166,7 +166,7 @@ class FrameReader:
             # clip, or one with damaged packets, is not timed by a frame count
             known = stream.start_time is not None and stream.time_base
             start = float(stream.start_time * stream.time_base) if known else None
-            index, due = 0, 0  # due: the next frame to analyse (a damaged one's next good frame goes instead)
+            index, due, good = 0, 0, 0  # due: the next frame to analyse (a damaged one's next good frame goes instead)
             for packet in container.demux(stream):
                 try:
                     decoded = packet.decode()
@@ -175,6 +175,7 @@ class FrameReader:
                     if self.damaged_packets == 1:
                         log.warning("%s: skipping a damaged packet at frame %d (%s)", self.path.name, index, e)
                     index += 1  # the frame it held: the frames after it keep their numbers in the stream
+                    self.frames_read = index
                     continue
                 for frame in decoded:
                     if frame.time is not None:
@@ -197,8 +198,9 @@ class FrameReader:
                             small = upright(frame, width=w, height=h, format="bgr24", interpolation="AREA")
                         yield Frame(index, float(t), rgb, analysed, small)
                     index += 1
+                    good += 1
                     self.frames_read = index
-            if index == 0:
+            if good == 0:
                 raise PipelineError(f"video {self.path} has no readable frames (empty or damaged); {REENCODE_HINT}")
         finally:
             container.close()

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,16 @@ def shown_value(v: Any) -> str:
     that the grid's filter finds what a reader sees: 61.42, 20 (for 20.0), true."""
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, float) and math.isfinite(v) and v.is_integer() and abs(v) < 1e21:
-        return str(int(v))
+    if isinstance(v, float) and math.isfinite(v):
+        if v.is_integer() and abs(v) < 1e21:
+            return str(int(v))
+        text = repr(v)
+        if "e" in text:  # JavaScript writes 1e-6 <= |v| < 1e21 out (0.00001), and exponents without padding
+            if 1e-6 <= abs(v) < 1e21:
+                return format(Decimal(text), "f")
+            mantissa, exponent = text.split("e")
+            return f"{mantissa}e{'-' if exponent[0] == '-' else '+'}{int(exponent[1:])}"
+        return text
     return str(v)
 
 

@@ -298,8 +298,12 @@ def test_precision_is_refused_where_the_default_onnx_file_would_run(tmp_path, mo
     from pipeline.config import config_from_flags
     from pipeline.modes import check_config
 
+    spell = lambda dests: ", ".join(sorted(dests))  # noqa: E731
     flags = vars(cli.build_parser().parse_args(["--precision", "fp32", "--backend", "torch", "--dataset", "shop"]))
-    assert check_config(config_from_flags(flags), lambda dests: ", ".join(sorted(dests))) is None
+    assert check_config(config_from_flags(flags), spell) is None
+    # a search without model flags embeds with the store's own embedder, which loading the store checks
+    flags = vars(cli.build_parser().parse_args(["--precision", "fp32", "--query-text", "red dress"]))
+    assert check_config(config_from_flags(flags), spell) is None
 
 
 def test_unwritable_output_dir_is_refused_before_work(tmp_path, tiny_clip, capsys):

@@ -414,8 +414,8 @@ def test_the_report_shows_each_items_metadata(built, tiny_onnx, browser):
 def test_a_value_is_indexed_as_the_report_shows_it():
     from pipeline.webreport import shown_value
 
-    assert [shown_value(v) for v in (61.42, 20.0, True, False, 7, "P001", 1e22)] == [
-        "61.42", "20", "true", "false", "7", "P001", "1e+22"]
+    assert [shown_value(v) for v in (61.42, 20.0, True, False, 7, "P001", 1e22, 1e-05, 2.5e-07, 1.5e16)] == [
+        "61.42", "20", "true", "false", "7", "P001", "1e+22", "0.00001", "2.5e-7", "15000000000000000"]
 
 
 def test_group_by_per_query_in_the_api_and_on_the_page(built, tiny_onnx, browser, tmp_path):

@@ -527,6 +527,8 @@ def test_the_server_follows_an_update_and_earlier_results_keep_their_photos(tiny
         assert [(r["file"], r["distance"]) for r in after["results"]] == [
             (h.file, round(h.distance, 6)) for h in fresh.search_text("a photo", 17)]
         assert service.catalog.embedder is embedder and service.updates == 1  # no model loaded again
+        # of the store before, only its thumbnails are kept (not its vectors, index and metadata)
+        assert [type(t).__name__ for t in service._earlier.values()] == ["Thumbnails"]
 
         # the results given before the update: each thumbnail the photo it showed then
         for r in before["results"]:
@@ -576,10 +578,14 @@ def test_the_server_follows_an_update_and_earlier_results_keep_their_photos(tiny
         # the store gone from disk: said, the loaded one served; back as it was, nothing to say
         sidecar = out / "embeddings" / "embeddings.json"
         sidecar.rename(sidecar.with_suffix(".away"))
-        assert "is not on disk now" in (httpx.get(url + "/api/info").json()["not_served"] or "")
+        while "is not on disk now" not in (httpx.get(url + "/api/info").json()["not_served"] or ""):
+            assert time.monotonic() < end + 90, "a store gone from disk was not said"
+            time.sleep(0.1)
         assert httpx.post(url + "/api/text", json={"text": "a photo", "k": 3}).status_code == 200
         sidecar.with_suffix(".away").rename(sidecar)
-        assert httpx.get(url + "/api/info").json()["not_served"] is None
+        while httpx.get(url + "/api/info").json()["not_served"] is not None:
+            assert time.monotonic() < end + 90, "a store back as it was is still said to be gone"
+            time.sleep(0.1)
 
 
 def test_the_servers_filter_is_checked_against_each_store_it_would_serve(tiny_onnx, tmp_path):
@@ -607,14 +613,17 @@ def test_the_servers_filter_is_checked_against_each_store_it_would_serve(tiny_on
     assert "unknown column 'colour'" in (service.refused or "")
 
 
-def test_a_store_of_another_model_switched_in_is_said_and_the_loaded_one_served(tiny_onnx, tiny_clip, tmp_path):
+def test_a_store_of_another_model_switched_in_is_said_and_the_loaded_one_served(tiny_onnx, tiny_clip, tmp_path,
+                                                                                monkeypatch):
     """A build with another model over the served folder: its vectors are never searched with this
     server's model; the loaded store goes on answering, and the reason is in /api/info."""
     import shutil
 
+    from pipeline import serve
     from tests.helpers import run
     from tests.test_update import args, write_catalogue
 
+    monkeypatch.setattr(serve, "FOLLOW_EVERY_S", 0.0)  # every request looks at the store on disk
     data, out, other = tmp_path / "data", tmp_path / "out", tmp_path / "other"
     write_catalogue(data, list(range(6)))
     assert run(*args(data, tiny_onnx, out)) == 0
@@ -631,6 +640,12 @@ def test_a_store_of_another_model_switched_in_is_said_and_the_loaded_one_served(
     said = service.refused or ""
     assert "changed on disk and is not served yet" in said and "6 items loaded before" in said
     assert "backend: cache has 'torch', asked for 'onnx'" in said  # the reason: another embedder made it
+    opened = []
+    monkeypatch.setattr(serve, "open_catalog", lambda *a, **k: opened.append(1))
+    for _ in range(3):  # the same store on disk is not opened again: only a change can make it servable
+        service.current()
+    time.sleep(0.2)
+    assert opened == []
     assert service.text("a photo", 3) == answer  # the loaded store's answer, vectors and thumbnails in memory
 
 
@@ -676,6 +691,15 @@ def test_each_person_of_an_upload_is_shown_beside_its_own_results(served, browse
     assert colours[0][0] > 150 > colours[0][2] and colours[1][2] > 150 > colours[1][0]  # red left, blue right
     assert "picture" not in service.image(data, "look.png", 3, segment=False)["queries"][0]  # the page's own
 
+    class NoOne(Segmenter):
+        def segment(self, images_rgb):
+            return [[] for _ in images_rgb]
+
+    nobody = SearchService(replace(service.cfg, use_segmentation=True),
+                           Catalog(loaded.cache, loaded.searcher, lambda: loaded.embedder, NoOne), follow=False)
+    whole = nobody.image(data, "look.png", 3, segment=True)["queries"]
+    assert [q["label"] for q in whole] == ["look.png"] and "picture" not in whole[0]  # no person: no "this person"
+
     with serving(segmenting) as other:
         browser.get(other + "/")
         wait(browser, "document.getElementById('segment-option').offsetParent !== null")
@@ -689,3 +713,29 @@ def test_each_person_of_an_upload_is_shown_beside_its_own_results(served, browse
         assert [(label, src, cap) for label, src, cap in shown] == [
             (q["label"], q["picture"], "this person") for q in answer["queries"]]
         assert not console_errors(browser)
+
+
+def test_the_segmenter_goes_on_only_with_a_store_cut_alike(served):
+    """A store swapped in that was segmented otherwise (another --seg-model, confidence, size or
+    weights) gets a segmenter of its own, not the loaded one."""
+    from types import SimpleNamespace
+
+    from pipeline.catalog import Catalog
+    from pipeline.identity import GallerySource
+    from pipeline.serve import _segmentation
+
+    def made(**seg):
+        source = GallerySource(kind="segment", **seg)
+        return SimpleNamespace(cache=SimpleNamespace(sidecar=SimpleNamespace(source=source)))
+
+    assert _segmentation(made(seg_model="a.pt", seg_conf=0.25)) == _segmentation(made(seg_model="a.pt", seg_conf=0.25))
+    for other in ({"seg_model": "b.pt", "seg_conf": 0.25}, {"seg_model": "a.pt", "seg_conf": 0.4},
+                  {"seg_model": "a.pt", "seg_conf": 0.25, "seg_weights": "f" * 64}):
+        assert _segmentation(made(seg_model="a.pt", seg_conf=0.25)) != _segmentation(made(**other))
+    _, _, service = served
+    loaded = service.catalog
+    first, second = (Catalog(loaded.cache, loaded.searcher, lambda: loaded.embedder, lambda: object())
+                     for _ in range(2))
+    assert second.keep_models_of(first, segmenter=False)._segmenter_slot is not first._segmenter_slot
+    assert second.keep_models_of(first)._segmenter_slot is first._segmenter_slot
+    assert second._embedder_slot is first._embedder_slot

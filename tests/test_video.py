@@ -268,7 +268,7 @@ def test_a_rerun_stopped_midway_leaves_no_report_section_naming_files_that_are_g
 
     monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
     out = tmp_path / "out"
-    assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q")) == 3
+    assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q", "--index", "flat")) == 3
     sections = out / "outputs" / "report" / "sections.js"
     assert read_section(out / "outputs", "video_clip_1") is not None and "video_clip_1" in sections.read_text()
     results = out / "video_results" / "clip_1"
@@ -278,11 +278,10 @@ def test_a_rerun_stopped_midway_leaves_no_report_section_naming_files_that_are_g
     assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q", "--use-embeddings",
                                 "--filter", "colour = 'red'")) == 2
     index = out / "embeddings" / "index.faiss"
-    if index.is_file():
-        good = index.read_bytes()
-        index.write_bytes(bytes(len(good)))
-        assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q", "--use-embeddings")) != 0
-        index.write_bytes(good)
+    good = index.read_bytes()
+    index.write_bytes(bytes(len(good)))
+    assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q", "--use-embeddings")) != 0
+    index.write_bytes(good)
     assert {f.name: f.read_bytes() for f in results.iterdir()} == kept
     assert read_section(out / "outputs", "video_clip_1") is not None and "video_clip_1" in sections.read_text()
 
@@ -418,6 +417,20 @@ def test_bad_videos(clip, message, clip_dir, tmp_path, capsys):
     import re
 
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_clip_of_damaged_packets_only_has_no_readable_frames(tmp_path):
+    """Every packet damaged: refused as unreadable (counting damaged frames must not hide it), where a
+    clip damaged at its end counts those frames as read."""
+    path = assets.write_video(tmp_path / "c.avi", 5, (64, 48))
+    for frame in range(5):
+        _damaged(path, frame)
+    reader = FrameReader(path, 10)
+    with pytest.raises(PipelineError, match="has no readable frames"):
+        list(reader)
+    tail = _damaged(assets.write_video(tmp_path / "t.avi", 12, (64, 48)), 11)
+    reader = FrameReader(tail, 5)
+    assert [f.index for f in reader] == [0, 5, 10] and reader.frames_read == 12 and reader.damaged_packets == 1
 
 
 def test_a_clip_whose_tags_are_not_utf8_is_read(tmp_path):
