@@ -160,6 +160,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("dataset")
     _add(data, "--dataset", help="hub id, local dataset folder/parquet file, or folder of images")
     _add(data, "--split", help="dataset split to read")
+    _add(data, "--config", help="a hub dataset's configuration (subset) to read, where it has several")
     _add(data, "--limit", type=_non_negative_int, help="first N rows; 0 = all")
     _add(data, "--image-column", help="column holding the pictures")
     _add(data, "--id-column", help="column naming each photo for --update (default: a photo is known by its bytes)")

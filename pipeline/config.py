@@ -196,6 +196,7 @@ class RunConfig:
 FLAGS: dict[str, tuple[str | None, str]] = {
     "dataset": ("dataset", "name"),
     "split": ("dataset", "split"),
+    "config": ("dataset", "config"),
     "limit": ("dataset", "limit"),
     "image_column": ("dataset", "image_column"),
     "id_column": ("dataset", "id_column"),

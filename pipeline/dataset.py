@@ -68,6 +68,7 @@ class DatasetSpec:
 
     name: str = "lirus18/deepfashion"
     split: str = "train"
+    config: str | None = None  # --config: a hub dataset's configuration (None: its default)
     limit: int | None = 10000
     image_column: str = "image"
     extra_columns: tuple[str, ...] = ()  # read alongside (evaluation: "cloth", "item_ID")
@@ -534,15 +535,18 @@ def _hub_split(spec: DatasetSpec) -> HubSplit:
     """Resolve the split's data files without reading any of them (cached: count and read share it)."""
     datasets = _import_datasets()
     try:
-        builder = datasets.load_dataset_builder(spec.name)
+        builder = datasets.load_dataset_builder(spec.name, spec.config)
     except ValueError as e:
-        if "Config name is missing" not in str(e):
+        if "Config name is missing" not in str(e) and "BuilderConfig" not in str(e):
             raise PipelineError(_hub_open_error(spec, e)) from e
-        configs = re.search(r"available configs: (\[[^\]]*\])", str(e))
+        configs = re.search(r"available(?: configs)?: (\[[^\]]*\])", str(e), re.IGNORECASE)
+        listed = f" {configs[1]}" if configs else ""
+        if spec.config:  # a name it does not have
+            raise PipelineError(f"dataset {spec.name!r} has no configuration {spec.config!r}; it has"
+                                f"{listed or ' others'}: choose one with --config") from e
         raise PipelineError(  # the hub answered: no network advice
-            f"dataset {spec.name!r} has several configurations{f' {configs[1]}' if configs else ''} and no default "
-            "one; this tool reads a hub dataset's default configuration only: pass a local copy of the one you want "
-            "(its parquet files) with --dataset DIR"
+            f"dataset {spec.name!r} has several configurations{listed} and no default one: choose one with "
+            "--config NAME"
         ) from e
     except Exception as e:  # the hub client raises many types (offline, 404, auth)
         raise PipelineError(_hub_open_error(spec, e)) from e
@@ -583,7 +587,7 @@ def _open_hub(spec: DatasetSpec):
     """datasets' streaming reader, for hub datasets whose split is not parquet files."""
     datasets = _import_datasets()
     try:
-        return _load_streaming(datasets, spec.name, spec, split=spec.split)
+        return _load_streaming(datasets, spec.name, spec, split=spec.split, name=spec.config)
     except ValueError as e:
         raise PipelineError(f"dataset {spec.name!r}: {e}") from e
     except Exception as e:  # the hub client raises many types (offline, 404, auth)

@@ -181,6 +181,7 @@ def gallery_source(cfg: RunConfig) -> GallerySource:
         limit=data["limit"],
         image_column=data["image_column"],
         id_column=cfg.dataset.id_column,
+        config=cfg.dataset.config,
     )
     if not cfg.segmented:
         return source

@@ -119,7 +119,8 @@ class GallerySource(_Comparable):
     other crops).
     """
 
-    RECORDED_LATER = frozenset({"id_column", "seg_weights"})  # since 2026-12-05 and 2026-12-07
+    # since 2026-12-05 and 2026-12-07; not `config`: a store without one is of the default configuration
+    RECORDED_LATER = frozenset({"id_column", "seg_weights"})
 
     kind: str | None = None
     dataset: str | None = None
@@ -127,6 +128,7 @@ class GallerySource(_Comparable):
     limit: int | None = None
     image_column: str | None = None
     id_column: str | None = None  # --id-column: what --update knows the photos by (None: their bytes' sha256)
+    config: str | None = None  # --config: the hub dataset's configuration (None: its default)
     seg_model: str | None = None
     seg_backend: str | None = None
     seg_conf: float | None = None
@@ -139,7 +141,7 @@ class GallerySource(_Comparable):
         """Every field of its kind, None included (limit None means every row), but the id column
         only when there is one; the segmenter's settings only for a segmented gallery."""
         data = asdict(self)
-        for key in ("id_column", "seg_weights"):  # left out when unknown: the JSON of stores made before, unchanged
+        for key in ("id_column", "seg_weights", "config"):  # left out when unknown: stores made before, unchanged
             if data[key] is None:
                 del data[key]
         if self.kind != "segment":

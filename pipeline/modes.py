@@ -12,6 +12,7 @@ import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .backends import BACKENDS, EVAL_BACKENDS
 from .config import RunConfig
@@ -128,6 +129,11 @@ _BEFORE: tuple[Check, ...] = (
 )
 _AFTER: tuple[Check, ...] = (
     (
+        lambda c: c.dataset.config is not None and Path(c.dataset.name).exists(),
+        "--config picks a configuration of a hub dataset; --dataset {dataset} is a local folder or file, read as it "
+        "is: point --dataset at that configuration's files",
+    ),
+    (
         lambda c: c.update and c.from_cache,
         "--update brings the store up to date; a cache flag reuses it as it is: choose one",
     ),
@@ -205,7 +211,7 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     values = {"unknown": _unknown_backends(cfg), "precision": cfg.embedder.precision,
               "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag,
               "search_verb": "change" if sum(bool(on) for _, on in shaping) > 1 else "changes",
-              "quantization": cfg.export.quantization, "onnx_chosen": _onnx_chosen(cfg),
+              "quantization": cfg.export.quantization, "onnx_chosen": _onnx_chosen(cfg), "dataset": cfg.dataset.name,
               # --evaluate takes --filter and --group-by but refuses --dedup (its own check above).
               "searches": ", ".join(("queries", "neighbours") + (() if cfg.dedup else ("--evaluate",))
                                     + ("--serve", "--video_clip", "the Python API"))}

@@ -337,7 +337,7 @@ class _ModelLoad:
 def _old_store(cfg: RunConfig) -> GalleryCache:
     """The store to update, checked: made by the embedder asked for, from the same dataset, split,
     column and segmentation (the row limit may differ)."""
-    fields = frozenset({"kind", "dataset", "split", "image_column", "seg_model", "seg_backend", "seg_conf",
+    fields = frozenset({"kind", "dataset", "config", "split", "image_column", "seg_model", "seg_backend", "seg_conf",
                         "seg_imgsz", "keep_unsegmented", "max_persons", "seg_weights"})
     images_at = None
     if cfg.images_url:  # the images stay at the URL: listed, not fetched
@@ -345,8 +345,8 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
 
         images_at = (cfg.images_url, list_names(cfg.images_url))
     try:
-        return load_cache(cfg.store_dir, cfg.images_dir, identity=None, source=gallery_source(cfg),
-                          source_fields=fields, images_at=images_at)
+        old = load_cache(cfg.store_dir, cfg.images_dir, identity=None, source=gallery_source(cfg),
+                         source_fields=fields, images_at=images_at)
     except CacheMismatchError as e:
         if e.missing:
             raise PipelineError(f"{e}\nThere is no store to update: build it first, without --update.") from None
@@ -360,6 +360,13 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
                 "--update, or put the old weights back.") from None
         raise PipelineError(f"{e}\nAn update keeps the photos the store has: use the flags that built it, or "
                             "build afresh without --update.") from None
+    made = old.sidecar.source.config
+    if made != cfg.dataset.config:  # none given reads the default configuration: another dataset's rows
+        raise PipelineError(
+            f"{cfg.store_dir} was built from {cfg.dataset.name}'s configuration {made!r}: update with --config {made}"
+            if made else f"{cfg.store_dir} was built from {cfg.dataset.name}'s default configuration: update without "
+            "--config, or build afresh")
+    return old
 
 
 def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | None = None) -> None:

@@ -5,6 +5,7 @@ pointing at the stand-in, an empty HF_HOME and no offline flags, as a new user w
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -33,12 +34,19 @@ def hub(tmp_path_factory):
     # as Marqo's repositories: a config.json naming the open_clip model, so the plain id loads it too
     (open_clip_repo / "config.json").write_text(json.dumps({"open_clip_model_name": "hf-hub:someone/tiny-openclip"}))
     multi = base / "multi"  # a dataset of two configurations, neither the default
-    for config in ("full", "small"):
+    for shard, config in enumerate(("full", "small")):  # each its own rows
         (multi / config).mkdir(parents=True)
-        shutil.copy(dataset / "data" / f"train-00000-of-{SHARDS:05d}.parquet", multi / config / "train-0.parquet")
+        shutil.copy(dataset / "data" / f"train-{shard:05d}-of-{SHARDS:05d}.parquet", multi / config / "train-0.parquet")
     (multi / "README.md").write_text("---\nconfigs:\n- config_name: full\n  data_files:\n  - split: train\n    "
                                      "path: full/train-*\n- config_name: small\n  data_files:\n  - split: train\n"
                                      "    path: small/train-*\n---\n")
+    dual = base / "dual"  # a default configuration and another
+    for shard, config in enumerate(("default", "small")):
+        (dual / config).mkdir(parents=True)
+        shutil.copy(dataset / "data" / f"train-{shard:05d}-of-{SHARDS:05d}.parquet", dual / config / "train-0.parquet")
+    (dual / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    "
+                                    "path: default/train-*\n- config_name: small\n  data_files:\n  - split: train\n"
+                                    "    path: small/train-*\n---\n")
     broken = base / "broken"  # a model repo without weights
     broken.mkdir()
     (broken / "config.json").write_text((model / "config.json").read_text())
@@ -47,6 +55,7 @@ def hub(tmp_path_factory):
         ("model", "patrickjohncyh/fashion-clip"): model,
         ("model", "someone/broken"): broken,
         ("dataset", "acme/multi"): multi,
+        ("dataset", "acme/dual"): dual,
         ("model", "someone/tiny-openclip"): open_clip_repo,
     }
     with HubServer(repos) as server:
@@ -153,14 +162,38 @@ def test_a_shard_that_fails_mid_read_is_named_with_how_to_go_on(hub, run_main, t
     assert "unexpected" not in r.stderr
 
 
-def test_a_dataset_of_several_configurations_without_a_default_is_refused_naming_them(run_main):
-    """It was 'cannot open ... (ValueError: Config name is missing.)', with advice for going offline."""
+def test_a_dataset_of_several_configurations_is_read_by_the_one_named(hub, run_main, tmp_path):
+    """Without --config, a dataset of several configurations and no default is refused naming them (it
+    was 'cannot open ... (ValueError: Config name is missing.)', with advice for going offline); with
+    it, that configuration's rows are read and recorded; an unknown one is named."""
+    import pyarrow.parquet as pq
+
     r = run_main("--dataset", "acme/multi", "--limit", "4", "-q")
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: dataset 'acme/multi' has several configurations ['full', 'small'] and no default "
-                           "one; this tool reads a hub dataset's default configuration only"), last
-    assert "Without network access" not in last
+    assert last == ("error: dataset 'acme/multi' has several configurations ['full', 'small'] and no default one: "
+                    "choose one with --config NAME"), last
+    r = run_main("--dataset", "acme/multi", "--config", "nope", "--limit", "4", "-q")
+    assert r.returncode == 1 and "has no configuration 'nope'; it has ['full', 'small']" in r.stderr
+    r = run_main("--dataset", "acme/multi", "--config", "small", "--limit", "4", "-q", "--max-result-images", "0")
+    assert r.returncode == 0, r.stderr
+    cells = pq.read_table(hub.dataset / "data" / f"train-00001-of-{SHARDS:05d}.parquet").column("image").to_pylist()
+    want = [hashlib.sha256(c["bytes"]).hexdigest() for c in cells[:4]]
+    assert [m.source_sha256 for m in read_manifest(tmp_path / "embeddings" / "manifest.csv")] == want
+    side = json.loads((tmp_path / "embeddings" / "embeddings.json").read_text())
+    assert side["source"]["config"] == "small"
+    r = run_main("--dataset", "acme/multi", "--config", "full", "--use-embeddings", "-q")  # another configuration
+    assert r.returncode == 1 and "config: cache has 'small', asked for 'full'" in r.stderr
+    # an update without --config would read the default configuration's rows into a store of another
+    out = tmp_path / "dual"
+    r = run_main("--dataset", "acme/dual", "--config", "small", "--limit", "4", "-q", "--output-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    r = run_main("--dataset", "acme/dual", "--limit", "4", "-q", "--output-dir", str(out), "--update")
+    assert r.returncode == 1 and "was built from acme/dual's configuration 'small': update with --config small" in (
+        r.stderr)
+    r = run_main("--dataset", "acme/dual", "--config", "small", "--limit", "4", "-q", "--output-dir", str(out),
+                 "--update")
+    assert r.returncode == 0, r.stderr
 
 
 def test_limit_reads_the_row_groups_it_needs(hub, run_main, tmp_path):

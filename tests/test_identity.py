@@ -19,8 +19,8 @@ from tests import assets
 MADE = VectorIdentity(backend="onnx", family="siglip", model="/m", model_sha256="a", onnx_sha256="b",
                       precision="onnx-int8-static", preprocess={"crop_size": 224, "mean": [0.5]}, dim=512, pixels="pil")
 SOURCE = GallerySource(kind="segment", dataset="/d", split="train", limit=None, image_column="image", id_column="sku",
-                       seg_model="y.pt", seg_backend="auto", seg_conf=0.25, seg_imgsz=640, keep_unsegmented=False,
-                       max_persons=10, seg_weights="e" * 64)
+                       config="women", seg_model="y.pt", seg_backend="auto", seg_conf=0.25, seg_imgsz=640,
+                       keep_unsegmented=False, max_persons=10, seg_weights="e" * 64)
 OTHER = {str: "other", int: 7, float: 0.5, bool: True}
 
 
@@ -53,8 +53,9 @@ def test_a_field_recorded_since_a_later_version_is_not_compared_with_a_store_tha
     assert differences(MADE, old_identity) == [] and differences(SOURCE, old_source) == []
     assert differences(replace(MADE, model_sha256="c"), MADE) == ["model_sha256: cache has 'a', asked for 'c'"]
     assert differences(replace(SOURCE, id_column="alt"), SOURCE)[0].startswith("id_column: cache has 'sku'")
-    # another field a store lacks is still a difference
+    # another field a store lacks is still a difference: a store without a configuration is of the default one
     assert differences(MADE, replace(MADE, dim=None)) == ["dim: cache has '<absent>', asked for 512"]
+    assert differences(SOURCE, replace(SOURCE, config=None)) == ["config: cache has '<absent>', asked for 'women'"]
 
 
 def test_limit_none_is_every_row_and_is_compared():

@@ -267,6 +267,8 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
         (["--onnx", "edge/m_int8.onnx", "--precision", "fp32"], "applies to the torch backend, and --onnx "
                                                                 "edge/m_int8.onnx runs on onnxruntime"),
         (["--export-onnx", "--precision", "fp16"], "--precision and --backend do not apply to it"),
+        (["--dataset", ".", "--config", "small"], "--config picks a configuration of a hub dataset; --dataset . is a "
+                                                  "local folder or file"),
         (["--export-onnx", "--backend", "onnx"], "--precision and --backend do not apply to it"),
         (["--export-onnx", "--use-embeddings"], "--export-onnx makes the ONNX file and stops"),
         (["--export-onnx", "--use-segmentation"], "--export-onnx makes the ONNX file and stops"),
