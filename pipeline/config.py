@@ -337,6 +337,9 @@ def config_from_flags(
             value = tuple(b.strip() for b in value.split(",") if b.strip())
         section, name = FLAGS[dest]
         sections.setdefault(section, {})[name] = value
+    data = sections.setdefault("dataset", {})
+    if data.get("config") == "default":  # the name the hub gives a dataset's default: what no --config reads
+        data["config"] = None
     embedder = sections.setdefault("embedder", {})
     if embedder.get("model"):  # a short name of backends.MODELS
         embedder["model"] = model_by_name(embedder["model"])

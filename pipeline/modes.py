@@ -9,6 +9,7 @@ entry here. Run functions are named, not imported, so `main.py --help` loads no 
 from __future__ import annotations
 
 import importlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,8 +184,8 @@ _AFTER: tuple[Check, ...] = (
     (
         # however the ONNX file was chosen (--backend onnx, --onnx, or the default file found): it ran
         # at its own precision while --precision said another
-        lambda c: "precision" in c.explicit and not c.evaluate.enabled and not _takes_store_embedder(c)
-        and c.embedder.precision not in BACKENDS[c.embedder.resolve_backend()].precisions,
+        lambda c: "precision" in c.explicit and not c.evaluate.enabled
+        and c.embedder.precision not in BACKENDS[_backend_that_embeds(c)].precisions,
         "--precision {precision} applies to the torch backend, and {onnx_chosen}: the file's precision is fixed "
         "when it is exported. Drop --precision, or add --backend torch (and --model) to run the model at it",
     ),
@@ -241,14 +242,29 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     return _filter_syntax(cfg.filter)
 
 
-def _takes_store_embedder(c: RunConfig) -> bool:
-    """A run that embeds with the embedder its store records (no --model, --onnx or --backend: the
-    search modes, --update, a video against the cache), which loading the store checks."""
-    return not {"model", "onnx", "backend"} & c.explicit and (c.searches_only or c.from_cache or c.update)
+def _store_backend(c: RunConfig) -> str | None:
+    """The backend of the embedder a run takes from its store: where no --model, --onnx or --backend is
+    given, the search modes, --update and a video against the cache embed with the store's own
+    (galleries._search_embedder); None for any other run, or a store that cannot be read here."""
+    if {"model", "onnx", "backend"} & c.explicit or not (c.searches_only or c.from_cache or c.update):
+        return None
+    from .store import SIDECAR_FILE
+
+    try:
+        backend = json.loads((c.store_dir / SIDECAR_FILE).read_text())["identity"]["backend"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return backend if backend in BACKENDS else None
+
+
+def _backend_that_embeds(c: RunConfig) -> str:
+    return _store_backend(c) or c.embedder.resolve_backend()
 
 
 def _onnx_chosen(c: RunConfig) -> str:
     """How a run came to embed with an ONNX file, for a refusal of what does not apply to one."""
+    if _store_backend(c) == "onnx":
+        return "this run embeds with the ONNX file that made its store (no --model, --onnx or --backend given)"
     if "backend" in c.explicit and c.embedder.backend == "onnx":
         return "--backend onnx runs the ONNX file"
     if "onnx" in c.explicit:

@@ -22,6 +22,7 @@ FLAG_OF = {
     "model": "--model",
     "precision": "--precision",
     "dataset": "--dataset",
+    "config": "--config",
     "split": "--split",
     "limit": "--limit",
     "image_column": "--image-column",
@@ -111,6 +112,8 @@ def _flags_for(name: str, made: dict[str, Any], onnx_asked: str | None) -> list[
         return ["--keep-unsegmented"] if value else ["(without --keep-unsegmented)"]
     if name == "limit":
         return [f"--limit {value if value is not None else 0}"]  # None: every row, which --limit 0 asks for
+    if name == "config" and value is None:
+        return ["(without --config)"]  # the dataset's default configuration
     if name in FLAG_OF and value is not None:
         return [f"{FLAG_OF[name]} {shlex.quote(str(value))}"]
     return []  # model_sha256, preprocess, dim: the model's files changed; only rebuilding helps

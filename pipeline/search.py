@@ -751,7 +751,8 @@ def _person_to_garment_metrics(got: dict, backends: list[str], segmented: bool, 
 def _write_evaluation(cfg: RunConfig, summary: RunSummary, results: dict[str, dict]) -> None:
     """evaluation.json, evaluation.png, the table in the printed summary and the report's section."""
     cfg.plots_dir.mkdir(parents=True, exist_ok=True)
-    report = {"dataset": cfg.dataset.name, "split": cfg.dataset.split, "limit": cfg.dataset.limit,
+    report = {"dataset": cfg.dataset.name, **({"config": cfg.dataset.config} if cfg.dataset.config else {}),
+              "split": cfg.dataset.split, "limit": cfg.dataset.limit,
               "filter": cfg.filter, "group_by": cfg.group_by, "results": results}
     path = cfg.plots_dir / "evaluation.json"
     atomic_write_text(path, json.dumps(report, indent=2))
@@ -764,7 +765,7 @@ def _write_evaluation(cfg: RunConfig, summary: RunSummary, results: dict[str, di
         section = Section(
             "evaluation",
             "evaluation",
-            f"Evaluation on {cfg.dataset.name}",
+            f"Evaluation on {cfg.dataset.name}" + (f" ({cfg.dataset.config})" if cfg.dataset.config else ""),
             summary,
             {"results": results, "chart": plot.name},
         )

@@ -73,7 +73,8 @@ def each_photo(group_by: str | None) -> str | None:
 
 
 FOLLOW_EVERY_S = 2.0  # how often a request looks whether the store on disk was switched (an --update)
-RETRY_AT_LEAST_S = 2.0  # a store on disk that could not be opened is tried again after this, or 5x its try
+RETRY_AT_LEAST_S = 2.0  # a store that could not be opened while a run writes it: tried again after this, or 5x its try
+REFUSED_RETRY_S = 60.0  # one refused as it is (another model's, its images not all there): after this, or 5x its try
 
 
 @dataclass
@@ -84,7 +85,8 @@ class SearchService:
     It follows the store on disk: when an --update (or a build) switches a new store in, the next
     request after it starts opening it in a thread, with the models already loaded, while the
     catalog in hand answers; then it is swapped in. A store that cannot be served (made by another
-    model, or caught between its files) is said once and tried again; the loaded one is served
+    model, or caught between its files) is said once and tried again when its files change, while a run
+    writes it, and otherwise after REFUSED_RETRY_S; the loaded one is served
     meanwhile; a store gone from disk is said too. Results name their thumbnails by the store's
     version (its manifest), so that a result given just before a swap still shows its own photo (the
     version before is kept for them); the generation counts every swap, a change of metadata or
@@ -102,6 +104,7 @@ class SearchService:
     _missing: bool = field(default=False, repr=False)  # the refusal said is that the store is gone
     _earlier: dict[str, Thumbnails] = field(default_factory=dict, repr=False)  # a version's thumbnails alone
     _refused_state: tuple[int, ...] | None = field(default=None, repr=False)  # a store that cannot be served as it is
+    _refused_until: float = field(default=0.0, repr=False)  # when it is tried again all the same
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _opening: bool = field(default=False, repr=False)
     _next_look: float = field(default=0.0, repr=False)
@@ -134,7 +137,8 @@ class SearchService:
                         self._gone()
                     elif self._missing and state == self._seen:  # back as it was: nothing to say
                         self.refused, self._missing = None, False
-                    start = state is not None and state != self._seen and state != self._refused_state
+                    start = state is not None and state != self._seen and (
+                        state != self._refused_state or time.monotonic() >= self._refused_until)
                     self._opening = start
             if start:
                 threading.Thread(target=self.reopen, name="reopen-store", daemon=True).start()
@@ -161,11 +165,13 @@ class SearchService:
                 if said != self.refused:
                     log.warning("%s", said)
                 self.refused = said
-                with self._lock:  # tried again when it changes; while a run writes it, also after a while
+                with self._lock:  # tried again when it changes, and after a while (files it does not watch,
+                    took = time.monotonic() - t  # images copied after the store, may complete it meanwhile)
                     if being_written(self.cfg.output_dir):
-                        self._next_look = time.monotonic() + max(RETRY_AT_LEAST_S, 5 * (time.monotonic() - t))
+                        self._next_look = time.monotonic() + max(RETRY_AT_LEAST_S, 5 * took)
                     else:
                         self._refused_state = state
+                        self._refused_until = time.monotonic() + max(REFUSED_RETRY_S, 5 * took)
                 return False
             with self._lock:
                 if self.version(old) != self.version(new):  # its rows hold other photos: one version back is kept

@@ -344,6 +344,7 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
         from .remote import list_names
 
         images_at = (cfg.images_url, list_names(cfg.images_url))
+    _check_config(cfg)
     try:
         old = load_cache(cfg.store_dir, cfg.images_dir, identity=None, source=gallery_source(cfg),
                          source_fields=fields, images_at=images_at)
@@ -360,13 +361,21 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
                 "--update, or put the old weights back.") from None
         raise PipelineError(f"{e}\nAn update keeps the photos the store has: use the flags that built it, or "
                             "build afresh without --update.") from None
-    made = old.sidecar.source.config
-    if made != cfg.dataset.config:  # none given reads the default configuration: another dataset's rows
+    return old
+
+
+def _check_config(cfg: RunConfig) -> None:
+    """The store's dataset configuration against the one asked for, before the store is read: none
+    given reads the default configuration, whose rows an update would put into a store of another."""
+    try:
+        made = Sidecar.read(cfg.store_dir / SIDECAR_FILE).source.config
+    except (CacheMismatchError, OSError):
+        return  # no store, or a damaged one: loading it says so
+    if made != cfg.dataset.config:
         raise PipelineError(
             f"{cfg.store_dir} was built from {cfg.dataset.name}'s configuration {made!r}: update with --config {made}"
             if made else f"{cfg.store_dir} was built from {cfg.dataset.name}'s default configuration: update without "
             "--config, or build afresh")
-    return old
 
 
 def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | None = None) -> None:

@@ -195,11 +195,14 @@ def _check_identity(target: ExportTarget, identity: dict[str, Any],
     made_from = record.get("catalogue")
     if catalogue is not None and made_from is not None and made_from != catalogue:
         # an export is brought up to date from its own store: another store's would replace it row by row
+        def said(c: dict[str, Any]) -> str:
+            config = f", configuration {c['config']!r}" if c.get("config") else ""
+            return f"{c.get('kind')} gallery of {c.get('dataset')!r}{config}"
+
         raise PipelineError(
-            f"{target.folder} holds the export of another catalogue ({made_from.get('kind')} gallery of "
-            f"{made_from.get('dataset')!r}); this store is the {catalogue.get('kind')} gallery of "
-            f"{catalogue.get('dataset')!r}, and exporting it there would replace that export: export to another "
-            "folder, or remove it first"
+            f"{target.folder} holds the export of another catalogue ({said(made_from)}); this store is the "
+            f"{said(catalogue)}, and exporting it there would replace that export: export to another folder, or "
+            "remove it first"
         )
     return record
 
@@ -445,7 +448,8 @@ def run_export_db(cfg: Any) -> Any:
         meta = load_metadata(cfg.store_dir, cache.embedded_rows, cache.sidecar.manifest_sha256)
     identity = cache.sidecar.identity.to_json()
     source = cache.sidecar.source
-    catalogue = {"dataset": source.dataset, "kind": source.kind or "standard"}
+    catalogue = {"dataset": source.dataset, "kind": source.kind or "standard",
+                 **({"config": source.config} if source.config else {})}  # records before --config stay alike
     for target in targets:  # every folder checked (its kind, its embedder, its catalogue) before any is written
         _check_identity(target, identity, catalogue)
     for target in targets:

@@ -184,6 +184,11 @@ def test_a_dataset_of_several_configurations_is_read_by_the_one_named(hub, run_m
     assert side["source"]["config"] == "small"
     r = run_main("--dataset", "acme/multi", "--config", "full", "--use-embeddings", "-q")  # another configuration
     assert r.returncode == 1 and "config: cache has 'small', asked for 'full'" in r.stderr
+    assert "To reuse it, ask for what made it: --config small" in r.stderr  # not "rebuild it"
+    r = run_main("--evaluate", "--dataset", "acme/multi", "--config", "small", "--limit", "6", "-q")
+    assert r.returncode == 0, r.stderr
+    evaluation = json.loads((tmp_path / "outputs" / "evaluation.json").read_text())
+    assert (evaluation["dataset"], evaluation["config"]) == ("acme/multi", "small")
     # an update without --config would read the default configuration's rows into a store of another
     out = tmp_path / "dual"
     r = run_main("--dataset", "acme/dual", "--config", "small", "--limit", "4", "-q", "--output-dir", str(out))
@@ -194,6 +199,15 @@ def test_a_dataset_of_several_configurations_is_read_by_the_one_named(hub, run_m
     r = run_main("--dataset", "acme/dual", "--config", "small", "--limit", "4", "-q", "--output-dir", str(out),
                  "--update")
     assert r.returncode == 0, r.stderr
+    assert [m.source_sha256 for m in read_manifest(out / "embeddings" / "manifest.csv")] == want  # shard 1's still
+    # and a store of the default configuration is not updated from another one
+    plain = tmp_path / "dual-default"
+    r = run_main("--dataset", "acme/dual", "--limit", "4", "-q", "--output-dir", str(plain))
+    assert r.returncode == 0, r.stderr
+    r = run_main("--dataset", "acme/dual", "--config", "small", "--limit", "4", "-q", "--output-dir", str(plain),
+                 "--update")
+    assert r.returncode == 1 and "was built from acme/dual's default configuration: update without --config" in (
+        r.stderr)
 
 
 def test_limit_reads_the_row_groups_it_needs(hub, run_main, tmp_path):

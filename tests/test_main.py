@@ -297,15 +297,23 @@ def test_precision_is_refused_where_the_default_onnx_file_would_run(tmp_path, mo
     said = capsys.readouterr().err
     assert f"this run embeds with the ONNX file at the default --onnx, {default}, which is there" in said
     assert "Drop --precision, or add --backend torch (and --model) to run the model at it" in said
+    assert cli.main(["--precision", "fp32", "--backend", "torch", "--dataset", "shop"]) == 1  # taken: no such dataset
+    assert "applies to the torch backend" not in capsys.readouterr().err
+    # a search without model flags embeds with the store's own embedder: a torch one takes --precision
+    # (loading the store checks it), an ONNX file's is fixed
+    sidecar = tmp_path / "outputs_here"
+    for backend, refused in (("torch", False), ("onnx", True)):
+        store = sidecar / backend / "embeddings"
+        store.mkdir(parents=True)
+        (store / "embeddings.json").write_text(json.dumps({"identity": {"backend": backend}}))
+        capsys.readouterr()
+        code = cli.main(["--precision", "fp16", "--query-text", "red dress", "--output-dir", str(sidecar / backend)])
+        said = capsys.readouterr().err
+        assert (code == 2 and "embeds with the ONNX file that made its store" in said) == refused, said
+    # --config default is the default configuration, what no --config reads
     from pipeline.config import config_from_flags
-    from pipeline.modes import check_config
 
-    spell = lambda dests: ", ".join(sorted(dests))  # noqa: E731
-    flags = vars(cli.build_parser().parse_args(["--precision", "fp32", "--backend", "torch", "--dataset", "shop"]))
-    assert check_config(config_from_flags(flags), spell) is None
-    # a search without model flags embeds with the store's own embedder, which loading the store checks
-    flags = vars(cli.build_parser().parse_args(["--precision", "fp32", "--query-text", "red dress"]))
-    assert check_config(config_from_flags(flags), spell) is None
+    assert config_from_flags(vars(cli.build_parser().parse_args(["--config", "default"]))).dataset.config is None
 
 
 def test_unwritable_output_dir_is_refused_before_work(tmp_path, tiny_clip, capsys):

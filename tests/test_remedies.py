@@ -234,3 +234,10 @@ def test_a_model_path_that_does_not_exist_is_said_to_be_neither_a_folder_nor_a_h
     err = capsys.readouterr().err
     assert f"{missing} is neither an existing folder nor a hub id like 'owner/name': check the path." in err
     assert "Without network access" not in err
+
+
+def test_a_store_of_another_dataset_configuration_is_reused_with_its_config_flag():
+    from pipeline.remedy import _flags_for
+
+    assert _flags_for("config", {"config": "small"}, None) == ["--config small"]
+    assert _flags_for("config", {"config": None}, None) == ["(without --config)"]

@@ -646,6 +646,13 @@ def test_a_store_of_another_model_switched_in_is_said_and_the_loaded_one_served(
         service.current()
     time.sleep(0.2)
     assert opened == []
+    service._refused_until = time.monotonic()  # a minute on: tried again (images copied after the store, say)
+    service.current()
+    for _ in range(50):
+        if opened:
+            break
+        time.sleep(0.05)
+    assert opened == [1]
     assert service.text("a photo", 3) == answer  # the loaded store's answer, vectors and thumbnails in memory
 
 

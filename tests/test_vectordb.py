@@ -386,6 +386,15 @@ def test_another_catalogues_store_is_not_exported_over_an_export(exported, tiny_
     record_path.write_text(json.dumps(record))  # as an export made before the catalogue was recorded
     assert cli.main(["--export", f"parquet:{targets['parquet']}", "--output-dir", str(out)]) == 0
     assert json.loads(record_path.read_text())["catalogue"] == {"dataset": str(data), "kind": "standard"}
+    # another configuration of the same hub dataset is another catalogue (its sidecar made to say so here)
+    sidecar = other_out / "embeddings" / "embeddings.json"
+    made = json.loads(sidecar.read_text())
+    made["source"].update(dataset=str(data), config="women")
+    sidecar.write_text(json.dumps(made))
+    capsys.readouterr()
+    assert cli.main(["--export", f"parquet:{targets['parquet']}", "--output-dir", str(other_out)]) == 1
+    assert (f"(standard gallery of {str(data)!r}); this store is the standard gallery of {str(data)!r}, "
+            "configuration 'women'") in capsys.readouterr().err
 
 
 def test_two_exports_into_one_folder_take_turns(exported, tmp_path, monkeypatch):
