@@ -405,15 +405,15 @@ class _FirstUse(Generic[T]):
     """A model loaded on first use; the caller holds `lock` for get(). Catalogs of one store opened
     again after an update share it (Catalog.keep_models_of)."""
 
-    def __init__(self, factory: Callable[[], T] | None, missing: str = "this catalog has no segmenter") -> None:
-        self.factory, self.missing = factory, missing
+    def __init__(self, factory: Callable[[], T] | None) -> None:
+        self.factory = factory
         self.value: T | None = None
         self.lock = threading.Lock()
 
     def get(self) -> T:
         if self.value is None:
             if self.factory is None:
-                raise PipelineError(self.missing)
+                raise PipelineError("this catalog has no segmenter")  # the embedder's factory is never None
             self.value = self.factory()
             self.factory = None  # let go of what it held (the store it was first opened over)
         return self.value

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .backends import BACKENDS, EVAL_BACKENDS
 from .config import RunConfig
@@ -212,13 +213,13 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     values = {"unknown": _unknown_backends(cfg), "precision": cfg.embedder.precision,
               "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag,
               "search_verb": "change" if sum(bool(on) for _, on in shaping) > 1 else "changes",
-              "quantization": cfg.export.quantization, "onnx_chosen": _onnx_chosen(cfg), "dataset": cfg.dataset.name,
+              "quantization": cfg.export.quantization, "dataset": cfg.dataset.name,
               # --evaluate takes --filter and --group-by but refuses --dedup (its own check above).
               "searches": ", ".join(("queries", "neighbours") + (() if cfg.dedup else ("--evaluate",))
                                     + ("--serve", "--video_clip", "the Python API"))}
     for when, message in _BEFORE:
         if when(cfg):
-            return message.format(**values)
+            return _said(message, values, cfg)
     if len(asked) > 1:
         return f"{' and '.join(m.flag for m in asked)} are separate modes: run them as separate commands"
     for mode in MODES:
@@ -229,7 +230,7 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
             )
         for when, message in mode.checks if mode.selected(cfg) else ():
             if when(cfg):
-                return message.format(**values)
+                return _said(message, values, cfg)
     stray = set(_SEGMENT_OPTIONS & cfg.explicit)
     if stray and not cfg.segmented:
         return f"{spell(stray)} {'needs' if len(stray) == 1 else 'need'} --use-segmentation or --use-embedded-segment"
@@ -238,8 +239,14 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
         return f"--engine {cfg.engine} builds galleries (standard and --use-segmentation runs); other modes run locally"
     for when, message in _AFTER:
         if when(cfg):
-            return message.format(**values)
+            return _said(message, values, cfg)
     return _filter_syntax(cfg.filter)
+
+
+def _said(message: str, values: dict[str, Any], cfg: RunConfig) -> str:
+    """A refusal's message with its values; how the ONNX file came to embed only where it says so (it
+    reads the store's sidecar)."""
+    return message.format(**values, **({"onnx_chosen": _onnx_chosen(cfg)} if "{onnx_chosen}" in message else {}))
 
 
 def _store_backend(c: RunConfig) -> str | None:
@@ -250,7 +257,7 @@ def _store_backend(c: RunConfig) -> str | None:
         return None
     from .store import SIDECAR_FILE
 
-    try:
+    try:  # the one field, read lightly: this runs for every command line's checks
         backend = json.loads((c.store_dir / SIDECAR_FILE).read_text())["identity"]["backend"]
     except (OSError, ValueError, KeyError, TypeError):
         return None

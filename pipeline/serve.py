@@ -208,9 +208,9 @@ class SearchService:
             kept = self._earlier.get(version)
         return None if kept is None else (version, kept)
 
-    def schema(self) -> Any:
-        """The served store's metadata schema (pyarrow), None when it keeps none."""
-        meta = self.current().searcher.metadata
+    def schema(self, catalog: Catalog | None = None) -> Any:
+        """The served store's (or `catalog`'s) metadata schema (pyarrow), None when it keeps none."""
+        meta = (catalog or self.current()).searcher.metadata
         return None if meta is None else meta.table.schema
 
     @property
@@ -236,14 +236,16 @@ class SearchService:
         return {"version": self.version(catalog), "generation": self._generation_of.get(catalog, -1),
                 "items": len(catalog)}
 
-    def text(self, text: str, k: int, filter: str | None = None, group_by: str | None = None) -> dict[str, Any]:
-        """A text's answer: {"results": hits, "store": the store that gave them}."""
-        catalog = self.current()
+    def text(self, text: str, k: int, filter: str | None = None, group_by: str | None = None,
+             catalog: Catalog | None = None) -> dict[str, Any]:
+        """A text's answer: {"results": hits, "store": the store that gave them}; catalog: the one the
+        request took (its filter checked against it), else the current one."""
+        catalog = catalog or self.current()
         hits = catalog.search_text(text, k, filter=filter, group_by=group_by)
         return {"results": self.as_json(hits, catalog), "store": self.store_json(catalog)}
 
     def image(self, data: bytes, name: str, k: int, segment: bool, filter: str | None = None,
-              text: str = "", group_by: str | None = None) -> dict[str, Any]:
+              text: str = "", group_by: str | None = None, catalog: Catalog | None = None) -> dict[str, Any]:
         """An uploaded picture's answer, {"queries": [{"label", "results"}], "store": ...}: the
         picture's, or each person's in it; with a text, the picture
         and the text as one query (--fusion, --text-weight). group_by: None the server's
@@ -252,7 +254,7 @@ class SearchService:
         if segment and not self.can_segment:
             raise UsageError(NO_SEGMENTER)
         check_upload_pixels(data)
-        catalog = self.current()
+        catalog = catalog or self.current()
         if text.strip():
             q = self.cfg.query
             found = catalog.search_combined(data, [text], (), k, q.fusion, q.text_weight, segment=segment,
@@ -561,10 +563,8 @@ def _add_page_endpoints(app, service: SearchService) -> None:
     def info() -> dict[str, Any]:
         catalog = service.current()
         return {
-            "items": len(catalog),
+            **service.store_json(catalog),  # items, version, generation
             "store": str(cfg.store_dir),
-            "version": service.version(catalog),
-            "generation": service.store_json(catalog)["generation"],
             "model": catalog.embedder.identity.model or "",
             "backend": catalog.embedder.identity.backend,
             "k": cfg.top_k,
@@ -612,9 +612,10 @@ def _add_query_endpoints(app, service: SearchService) -> None:
             raise HTTPException(413, f"the text is {len(words)} characters; at most {MAX_TEXT_CHARS}")
         k = check_k(query.k)
         try:
-            asked = both_filters(cfg.filter, query.filter, service.schema())
+            catalog = service.current()  # one store for the request: its filter checked against the one that answers
+            asked = both_filters(cfg.filter, query.filter, service.schema(catalog))
             grouping = each_photo(query.group_by)
-            return {"query": words, **timed(lambda: service.text(words, k, asked, grouping))}
+            return {"query": words, **timed(lambda: service.text(words, k, asked, grouping, catalog))}
         except UsageError as e:  # the filter is parsed, checked and never run as code; an unknown column
             raise HTTPException(422, str(e)) from None
         except PipelineError as e:  # e.g. an ONNX file without its text tower beside it
@@ -645,11 +646,12 @@ def _add_query_endpoints(app, service: SearchService) -> None:
                     raise HTTPException(413, f"the upload is over {MAX_UPLOAD_BYTES >> 20} MB")
                 if not data:
                     raise HTTPException(422, "the upload is empty")
-                asked = both_filters(cfg.filter, filter, service.schema())
+                catalog = service.current()
+                asked = both_filters(cfg.filter, filter, service.schema(catalog))
                 try:
                     found = await anyio.to_thread.run_sync(
                         lambda: service.image(data, file.filename or "upload", k, segment, asked, words,
-                                              each_photo(group_by)))
+                                              each_photo(group_by), catalog))
                 finally:
                     service.latencies.append(time.perf_counter() - t)
             return found

@@ -25,6 +25,18 @@ pytestmark = pytest.mark.subprocess  # every test here runs main.py in a fresh p
 SHARDS, ROWS, GROUP = 3, 60, 20
 
 
+def _configured(repo: Path, dataset: Path, configs: tuple[str, ...]) -> Path:
+    """A dataset repository of several configurations, each one shard of `dataset` (its own rows),
+    declared in its README as the hub reads them."""
+    card = "---\nconfigs:\n"
+    for shard, config in enumerate(configs):
+        (repo / config).mkdir(parents=True)
+        shutil.copy(dataset / "data" / f"train-{shard:05d}-of-{SHARDS:05d}.parquet", repo / config / "train-0.parquet")
+        card += f"- config_name: {config}\n  data_files:\n  - split: train\n    path: {config}/train-*\n"
+    (repo / "README.md").write_text(card + "---\n")
+    return repo
+
+
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     base = tmp_path_factory.mktemp("hub")
@@ -33,20 +45,8 @@ def hub(tmp_path_factory):
     _, open_clip_repo = assets.save_tiny_open_clip(base / "open-clip")
     # as Marqo's repositories: a config.json naming the open_clip model, so the plain id loads it too
     (open_clip_repo / "config.json").write_text(json.dumps({"open_clip_model_name": "hf-hub:someone/tiny-openclip"}))
-    multi = base / "multi"  # a dataset of two configurations, neither the default
-    for shard, config in enumerate(("full", "small")):  # each its own rows
-        (multi / config).mkdir(parents=True)
-        shutil.copy(dataset / "data" / f"train-{shard:05d}-of-{SHARDS:05d}.parquet", multi / config / "train-0.parquet")
-    (multi / "README.md").write_text("---\nconfigs:\n- config_name: full\n  data_files:\n  - split: train\n    "
-                                     "path: full/train-*\n- config_name: small\n  data_files:\n  - split: train\n"
-                                     "    path: small/train-*\n---\n")
-    dual = base / "dual"  # a default configuration and another
-    for shard, config in enumerate(("default", "small")):
-        (dual / config).mkdir(parents=True)
-        shutil.copy(dataset / "data" / f"train-{shard:05d}-of-{SHARDS:05d}.parquet", dual / config / "train-0.parquet")
-    (dual / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    "
-                                    "path: default/train-*\n- config_name: small\n  data_files:\n  - split: train\n"
-                                    "    path: small/train-*\n---\n")
+    multi = _configured(base / "multi", dataset, ("full", "small"))  # two configurations, neither the default
+    dual = _configured(base / "dual", dataset, ("default", "small"))  # a default configuration and another
     broken = base / "broken"  # a model repo without weights
     broken.mkdir()
     (broken / "config.json").write_text((model / "config.json").read_text())

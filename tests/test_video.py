@@ -273,6 +273,7 @@ def test_a_rerun_stopped_midway_leaves_no_report_section_naming_files_that_are_g
     assert read_section(out / "outputs", "video_clip_1") is not None and "video_clip_1" in sections.read_text()
     results = out / "video_results" / "clip_1"
     kept = {f.name: f.read_bytes() for f in results.iterdir()}
+    section = (read_section(out / "outputs", "video_clip_1"), sections.read_text())
     assert "results.jsonl" in kept and "annotated.mp4" in kept
     # a rerun refused over its flags (a filter's unknown column), or a damaged index, leaves them whole
     assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q", "--use-embeddings",
@@ -284,6 +285,7 @@ def test_a_rerun_stopped_midway_leaves_no_report_section_naming_files_that_are_g
     index.write_bytes(good)
     assert {f.name: f.read_bytes() for f in results.iterdir()} == kept
     assert read_section(out / "outputs", "video_clip_1") is not None and "video_clip_1" in sections.read_text()
+    assert (read_section(out / "outputs", "video_clip_1"), sections.read_text()) == section  # the same, not rewritten
 
     class Stopped(FakeDetector):
         calls = 0
