@@ -16,15 +16,22 @@ another print of the same colour, in another cut; the same shoot with another mo
 the same shoot and model with another product; for photo_like pictures, the garment block in
 another colour.
 
+Every photo is a served JPEG file, signed as a gallery run signs it: decoded for FashionCLIP (a
+768x1024 photo at 1/2 DCT scale), not at full size.
+
 The originals are split in two: the bounds of the rule are chosen on the first half (the highest
-recall with precision >= 0.99, all pairs compared) and every figure printed is measured on the
-second half with pipeline.duplicates.DEFAULT_RULE through the real finder (exact hashes, band
-candidates, the rule, groups). Precision counts pairs inside groups: a pair is right when both
-photos come from the same original. Grey-level pHash (32x32 DCT, as imagededup) and dHash at their
-best Hamming threshold are measured on the same photos for comparison.
+recall with precision >= CALIBRATE_TO, 0.996, all pairs compared: a margin over the 0.99 bar) and
+every figure printed is measured on the second half with pipeline.duplicates.DEFAULT_RULE through
+the real finder (exact hashes, band candidates, the rule, groups). Precision counts pairs inside
+groups: a pair is right when both photos come from the same original. Grey-level pHash (32x32 DCT,
+as imagededup) and dHash at their best Hamming threshold are measured on the same photos for
+comparison.
 
 A shop's colourways: products photographed in 12 colours each, at least 80 and at least 40 RGB
 levels apart (two blues a shop sells side by side), none a copy of another: how many photos the finder groups.
+
+Small photos: the same 16 originals made at 256x256 up to 512x683 (decoded whole for a 224 px
+model), measured with the same rule.
 
 Scale: N synthetic photos (random 64-bit hashes and signatures, 1% exact copies and 1% near copies
 planted), find_duplicates timed end to end; with the embedding's top-10 lists as extra candidates;
@@ -49,6 +56,8 @@ from scipy.fft import dctn
 
 from benchmarks.common import PHOTO_WH, TINY_WH, machine_line, make_parser, parse_args, photo_like
 from pipeline import duplicates as dup
+from pipeline.images import decode_image
+from pipeline.items import signals_of
 
 # ---------------------------------------------------------------- generated photos
 
@@ -120,11 +129,27 @@ def catalogue_photo(shoot: int, model: int, garment: Garment, size_wh: tuple[int
     return Image.fromarray(np.clip(img + noise.normal(0, 4, size=img.shape), 0, 255).astype(np.uint8))
 
 
+SERVED = "served_jpeg"  # an image's info key: the JPEG file it was decoded from
+
+
 def served(image: Image.Image, quality: int = 90) -> Image.Image:
-    """The picture as a shop serves it: encoded as JPEG, decoded again."""
+    """The picture as a shop serves it: encoded as JPEG, decoded again (the file kept in its info)."""
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=quality)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    out = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    out.info[SERVED] = buf.getvalue()
+    return out
+
+
+MODEL_MIN_SIDE = 224  # FashionCLIP's PreprocessConfig.decode_min_side: the decode its gallery runs make
+
+
+def pipeline_signals(image: Image.Image) -> tuple[str, np.ndarray]:
+    """(pixel hash, look signature) of a served photo as a gallery run signs it: from its JPEG file
+    decoded for the model (a 768x1024 photo at 1/2 DCT scale), not from the full-size picture."""
+    data = image.info[SERVED]
+    pixel, look = signals_of(data, decode_image(data, MODEL_MIN_SIDE))
+    return pixel, dup.signatures_from_text([look.split(":", 1)[1]])[0]
 
 
 def colourway(garment: Garment, rng: np.random.Generator, lo: float = 80, hi: float = np.inf) -> Garment:
@@ -264,8 +289,9 @@ def make_gallery(n_catalogue: int, n_photo_like: int, size_wh: tuple[int, int], 
     photos, pixel, sig, grey = [], [], [], {"pHash (grey DCT)": [], "dHash": []}
     for photo, image in benchmark_photos(n_catalogue, n_photo_like, size_wh, first):
         photos.append(photo)
-        pixel.append(dup.pixel_hash(np.asarray(image)))
-        sig.append(dup.look_signature(image))
+        pixel_hash, signature = pipeline_signals(image)
+        pixel.append(pixel_hash)
+        sig.append(signature)
         grey["pHash (grey DCT)"].append(grey_phash(image))
         grey["dHash"].append(grey_dhash(image))
     signals = dup.PhotoSignals(np.array(pixel), np.stack(sig))
@@ -342,7 +368,14 @@ def score(g: Gallery, labels: np.ndarray) -> Score:
     )
 
 
-def calibrate(g: Gallery, target: float = 0.99) -> tuple[dup.NearRule, Score]:
+# The calibration half's precision the rule is chosen at: a margin over the 0.99 bar, which rules
+# chosen at 0.99 itself missed on the measured half (0.9896 twice: a box-filtered signature on
+# 2026-12-06, look-4 on 2026-12-07). At 0.996 look-4's rule measures what look-3's did (recall 0.963
+# and 0.964, precision 0.9977 and 0.9959, the same 6 of 240 close colourways grouped).
+CALIBRATE_TO = 0.996
+
+
+def calibrate(g: Gallery, target: float = CALIBRATE_TO) -> tuple[dup.NearRule, Score]:
     """The bounds with the highest recall at precision >= target, all pairs of g compared."""
     n = len(g.photos)
     a, b = all_pairs(n)
@@ -452,8 +485,39 @@ def shop_colourways(products: int, colours: int, min_rgb: float, size_wh: tuple[
             raise ValueError(f"found no {colours} colours {min_rgb} RGB levels apart: ask for fewer or closer ones")
         images += [served(catalogue_photo(p % 7, 3000 + p, Garment(g.cut, c, g.pattern, g.period), size_wh))
                    for c in chosen]
-    groups = dup.find_duplicates(dup.PhotoSignals.of_images(images), rule)
+    signed = [pipeline_signals(im) for im in images]
+    signals = dup.PhotoSignals(np.array([p for p, _ in signed]), np.stack([sig for _, sig in signed]))
+    groups = dup.find_duplicates(signals, rule)
     return sum(len(g.members) for g in groups), len(images), max((len(g.members) for g in groups), default=0)
+
+
+# ---------------------------------------------------------------- small photos
+
+SMALL_SIZES = [(256, 256), (384, 512), (440, 587), (512, 683)]  # (width, height): decoded whole for a 224 px model
+SMALL_SIZES_TINY = [(128, 128)]
+SMALL_COLUMNS = [("jpeg", "q50"), ("jpeg", "q70"), ("resize", "50%"), ("resize", "70%"), ("crop", ""),
+                 ("brightness", ""), ("colour", "")]
+
+
+def small_photos_table(originals: int, sizes: list[tuple[int, int]], rule: dup.NearRule) -> str:
+    """Recall per transformation, precision and the share of look-alikes grouped with another
+    original, of the rule (calibrated on 768x1024 photos) on the same originals made at each of
+    `sizes` (a quarter of them photo_like pictures), as a Markdown table."""
+    head = " | ".join(f"{name} {strength}".strip() if strength else f"{name} (all)" for name, strength in SMALL_COLUMNS)
+    lines = [f"\n| photo size ({originals} originals) | recall | precision | {head} | look-alikes grouped |",
+             "|---|---|---|" + "---|" * len(SMALL_COLUMNS) + "---|"]
+    n_photo_like = originals // 4
+    for size in sizes:
+        g = make_gallery(originals - n_photo_like, n_photo_like, size, first=500)
+        s = finder_score(g, rule)
+        originals_of = {p.origin for p in g.photos if p.role == "original"}
+        kinds = [p.role for p in g.photos if p.origin not in originals_of]  # look-alikes: originals of their own
+        grouped = sum(s.look_alike_fp[k] for k in kinds) / max(len(kinds), 1)
+        lines.append(f"| {size[0]}x{size[1]} | {s.recall[('overall', '')]:.3f} | "
+                     f"{s.precision.get('overall', 1.0):.3f} | "
+                     + " | ".join(f"{s.recall.get(k, float('nan')):.3f}" for k in SMALL_COLUMNS)
+                     + f" | {grouped:.3f} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- scale
@@ -539,11 +603,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=10_000, help="new photos checked against them")
     ap.add_argument("--colourway-products", type=int, default=20,
                     help="products of the colourway check, 12 colours each")
+    ap.add_argument("--calibrate-to", type=float, default=CALIBRATE_TO,
+                    help="the precision the rule must reach on the calibration half (above the 0.99 bar: a margin "
+                         "for the measured half)")
+    ap.add_argument("--small", type=int, default=16,
+                    help="originals of the small-photo table (the same pictures at each of SMALL_SIZES); "
+                         "0 leaves it out")
     ap.add_argument("--measure-with", choices=("default", "calibrated"), default="default",
                     help="measure with pipeline.duplicates.DEFAULT_RULE, or with the rule this run calibrates "
                          "(to try a changed signature before setting its rule)")
     args = parse_args(ap, argv, tiny={"catalogue": 6, "photo_like": 2, "scale": 20_000, "new": 200,
-                                      "colourway_products": 1})
+                                      "colourway_products": 1, "small": 2})
     print(machine_line(), flush=True)
     size = TINY_WH if args.tiny else PHOTO_WH
     half_c, half_p = args.catalogue // 2, args.photo_like // 2
@@ -553,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"photos: {len(calibration.photos)} to calibrate, {len(test.photos)} to measure, "
           f"{size[0]}x{size[1]}, made and hashed in {time.perf_counter() - t:.0f} s", flush=True)
 
-    chosen, calib_score = calibrate(calibration)
+    chosen, calib_score = calibrate(calibration, args.calibrate_to)
     print(f"calibrated (structure, colour, texture, centre, max_bits): {chosen.structure:.3f}, {chosen.colour:.3f}, "
           f"{chosen.texture:.3f}, {chosen.centre:.3f}, {chosen.max_bits}: recall "
           f"{calib_score.recall[('overall', '')]:.3f} at precision "
@@ -602,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
         products = f"{args.colourway_products} product{'s' if args.colourway_products != 1 else ''}"
         print(f"a shop's colourways: {products} in 12 colours at least {min_rgb}/255 apart "
               f"in RGB: {grouped} of {photos} photos grouped with another colour (largest group {largest})", flush=True)
+    if args.small:
+        print(small_photos_table(args.small, SMALL_SIZES_TINY if args.tiny else SMALL_SIZES, rule), flush=True)
     cand = candidate_recall(test, rule)
     print("band candidates, share of the rule's true pairs proposed: " + ", ".join(
         f"{t} table{'s' if t > 1 else ''} {r:.3f}" for t, r in cand.items()) + f" (finder: {dup.TABLES})")

@@ -81,7 +81,7 @@ from .images import rgb_array
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_VERSION = "look-3"  # changes whenever a signature or hash of the same picture would change
+SIGNATURE_VERSION = "look-4"  # changes whenever a signature or hash of the same picture would change
 STRUCTURE_COEFFS = 35  # DCT coefficients with u + v <= 7, minus the mean
 GRID = 3  # cells per side
 COLOUR_SIZE = 3 * GRID * GRID  # log R/G, log RG/B, log lightness per cell
@@ -101,6 +101,11 @@ _SCALE = np.concatenate(
      np.full(CENTRE_SIZE, 64.0)]
 ).astype(np.float32)
 _WORK_SIDE = 128  # the photo is reduced once to this square; everything is computed from it
+# look-4's reduction: bicubic after an integer box reduction while the factor stays >= 2 (0.9 ms
+# less per 768x1024 photo's 384x512 decode than look-3's Lanczos with reducing_gap=3, which does no
+# integer reduction at a factor of 3-4), with the same recall and precision in benchmarks/duplicates.py;
+# the box reduction alone and bilinear found fewer of the 5% crops (README, "Duplicates").
+_REDUCE = Image.Resampling.BICUBIC, 2.0
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _CELL_SIGMA = 0.6  # soft cells: Gaussian weights, this many cell widths wide, so a crop moves no edge
 _CENTRE_SIGMA = 0.1  # the centre part's Gaussian window, this share of each side wide
@@ -175,9 +180,15 @@ def _structure(luma: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-6)  # a flat picture: all zeros
 
 
+_ONES = np.ones(_WORK_SIDE * _WORK_SIDE, np.float32)
+
+
 def _log_colour(rgb: np.ndarray) -> np.ndarray:
-    """Each pixel's log colour relative to the photo's mean (grey-world: a gain per channel cancels)."""
-    mean = rgb.reshape(-1, 3).mean(axis=0) + 1.0
+    """Each pixel's log colour relative to the photo's mean (grey-world: a gain per channel cancels).
+    The mean is a product with ones (BLAS; numpy's mean over an axis of 3 takes 0.2 ms here): the
+    same float32 value whatever the order, as every partial sum of 128 x 128 8-bit levels is an
+    integer under 2^24, and the count a power of two."""
+    mean = _ONES @ rgb.reshape(-1, 3) / np.float32(_ONES.size) + np.float32(1.0)
     return np.log((rgb + 1.0) / mean)
 
 
@@ -213,7 +224,7 @@ def look_signature(image: Image.Image) -> np.ndarray:
     """int8 (SIGNATURE_SIZE,): structure, colour, texture and centre of the photo at a coarse scale
     (see the module docstring). Independent of the photo's size and of its encoding."""
     rgb_image = image if image.mode == "RGB" else image.convert("RGB")
-    small = rgb_image.resize((_WORK_SIDE, _WORK_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    small = rgb_image.resize((_WORK_SIDE, _WORK_SIDE), _REDUCE[0], reducing_gap=_REDUCE[1])
     rgb = np.asarray(small, np.float32)
     luma, logs = rgb @ _LUMA, _log_colour(rgb)
     values = np.concatenate([_structure(luma), _colour(logs), _texture(luma), _centre(logs)])
@@ -256,7 +267,7 @@ class NearRule:
         return float(getattr(self, part))
 
 
-DEFAULT_RULE = NearRule(structure=0.042, colour=0.055, texture=0.05, centre=0.029, max_bits=9)
+DEFAULT_RULE = NearRule(structure=0.042, colour=0.033, texture=0.046, centre=0.030, max_bits=9)
 
 
 def signature_distances(a: np.ndarray, b: np.ndarray, rule: NearRule = DEFAULT_RULE) -> np.ndarray:

@@ -83,6 +83,8 @@ IN_PROCESS = [
         r"^\| colourway \| NUMBER \| NUMBER \|",
         r"^\| close colourway \| NUMBER \| NUMBER \|",
         r"^a shop's colourways: 1 product in 12 colours at least 40/255 apart in RGB: NUMBER of 12 photos grouped",
+        r"^\| photo size \(2 originals\) \| recall \| precision \| jpeg q50 \| jpeg q70 \| resize 50% \|",
+        r"^\| 128x128 " + r"\| NUMBER " * 10 + r"\|$",
         r"^band candidates, share of the rule's true pairs proposed: 1 table NUMBER",
         r"^\| 20,000 random \| find_duplicates \| NUMBER s",
         r"^\| 20,000 clustered \| check_new: 200 new \| NUMBER s",
@@ -199,6 +201,22 @@ def test_duplicates_measures_with_the_rule_it_calibrated(capsys, monkeypatch):
     assert rule.max_bits == int(chosen.group(5)) and rule != duplicates.dup.DEFAULT_RULE
     run_tiny(duplicates, capsys)
     assert used[-1] == duplicates.dup.DEFAULT_RULE
+
+
+def test_duplicates_signs_photos_as_a_gallery_run_does():
+    """The benchmark's photos are signed from their JPEG files as a gallery run decodes them for
+    FashionCLIP (a 768x1024 photo at 1/2 DCT scale), so the rule it calibrates is the one the
+    pipeline's signatures need; a signature of the full-size picture is another."""
+    from benchmarks.common import photo_like
+    from pipeline.images import decode_image
+
+    photo = duplicates.served(photo_like(7, 768, 1024))
+    pixel, signature = duplicates.pipeline_signals(photo)
+    half = decode_image(photo.info[duplicates.SERVED], 224).image
+    assert half.size == (384, 512)
+    assert pixel == duplicates.dup.pixel_hash(np.asarray(half), (768, 1024))
+    assert np.array_equal(signature, duplicates.dup.look_signature(half))
+    assert not np.array_equal(signature, duplicates.dup.look_signature(photo))
 
 
 @pytest.mark.parametrize("compare, name", [("rn50", "open_clip RN50"), ("convnext", "open_clip ConvNeXt-T")])

@@ -166,18 +166,16 @@ def test_close_colourways_of_a_shop_stay_apart():
     (two blues a shop sells side by side), none a copy of another. The signature's centre part (the
     colour where the product is) keeps them apart: the soft colour cells average a garment with its
     background, and grey-world takes back most of a recolour, so those cells moved by about as much
-    as a re-encode moves them. Measured at this size: 4 of the 24 photos grouped (two pairs); the
-    previous signature's rule grouped 7, in groups of up to 3."""
+    as a re-encode moves them. Measured at this size (look-4): 2 of the 24 photos grouped (a pair);
+    the same rule without its centre part grouped 10, in groups of up to 3."""
     from dataclasses import replace
 
     from benchmarks.duplicates import shop_colourways
 
     grouped, photos, largest = shop_colourways(2, 12, 40, WH)
     assert photos == 24 and grouped <= 4 and largest <= 2
-    before = dup.NearRule(structure=0.045, colour=0.022, texture=0.049, centre=float("inf"), max_bits=10)
-    assert shop_colourways(2, 12, 40, WH, before)[0] >= 6
-    # the colour cells' bound is looser than it was (crops move them), which only the centre part makes safe
-    assert shop_colourways(2, 12, 40, WH, replace(dup.DEFAULT_RULE, centre=float("inf")))[0] >= 12
+    # the colour cells alone do not keep them apart (their bound lets crops through): the centre part does
+    assert shop_colourways(2, 12, 40, WH, replace(dup.DEFAULT_RULE, centre=float("inf")))[0] >= 8
 
 
 def test_neighbour_candidates_never_accept_what_the_rule_refuses(gallery):
@@ -422,3 +420,29 @@ def test_an_update_of_a_small_gallery_compares_every_pair_as_a_fresh_run_does():
     assert [g.members for g in dup.update_groups(fresh[:1], dup.DuplicateIndex(kept.concat(new)),
                                                  dup.PhotoSignals(np.array([]), np.zeros((0, dup.SIGNATURE_SIZE),
                                                                                          np.int8)))] == [[0, 300]]
+
+
+# look-4's signatures of two generated pictures: a change of what a signature computes must come
+# with a new SIGNATURE_VERSION (a store keeps signatures of one version and signs its photos again
+# only when the version differs).
+PINNED = {
+    "photo_like": "DPkCFMrm9/H23OkyBCMVFCIG/R0b9gsD4wYI+gjr8wICBBTp7gEBBQMMC/sCAQcYEgX/8/b37+/4+vnx9fsDAgYD"
+                  "/P4IAP/6AgL+APz7//8LI/8=",
+    "catalogue": "DO44BQPjIfsl0PXt+REf6g3Y+/8HCQ4P4AH07Ab0Ewz/AvkBBwMABQL/AQABBgIABAL/AQAB8vwC9/0C/gDzDv3s"
+                 "APXq7+z/GQj+Hg7xFQYHB/M=",
+}
+
+
+def test_the_signature_of_this_version_is_pinned():
+    """The signatures of two generated pictures are those this version gave when it was made, up to
+    one unit in a few values (another CPU's float kernels: numpy's log, BLAS, may round otherwise).
+    Any real change of the computation (a filter, a part, a scale) moves far more than that."""
+    from benchmarks.common import photo_like
+    from benchmarks.duplicates import Garment, catalogue_photo
+
+    assert dup.SIGNATURE_VERSION == "look-4", "a new version: pin its signatures here"
+    pictures = {"photo_like": photo_like(5, 384, 512),
+                "catalogue": catalogue_photo(1, 2, Garment.of_product(3), (384, 512))}
+    for name, picture in pictures.items():
+        diff = np.abs(dup.look_signature(picture).astype(int) - dup.signatures_from_text([PINNED[name]])[0])
+        assert diff.max() <= 1 and np.mean(diff == 0) >= 0.95, (name, diff)
