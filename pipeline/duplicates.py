@@ -970,11 +970,29 @@ def read_groups(store_dir: Path, manifest_sha256: str, n_rows: int | None = None
         return None
 
 
+def unsigned_rows(rows: Sequence) -> int:
+    """How many manifest lines have no signals of this SIGNATURE_VERSION (a store made before
+    duplicates were found, or by an earlier signature): left out of duplicate finding."""
+    head = SIGNATURE_VERSION + ":"
+    return sum(1 for r in rows if not r.look.startswith(head))
+
+
+def unsigned_note(unsigned: int, total: int) -> str:
+    """What --dedup says of a store whose lines are not all signed by this version."""
+    return (f"--dedup: {unsigned:,} of the store's {total:,} items have no duplicate signals of this version "
+            f"({SIGNATURE_VERSION}): they are grouped with no other photo, so their copies may each show; "
+            "--update signs them again, from their files and with no inference")
+
+
 def stored_groups(store_dir: Path, rows: Sequence, manifest_sha256: str) -> list[DuplicateGroup]:
     """The groups of a store for --dedup: those its last gallery run found (GROUPS_FILE), else found
-    now from the lines' signals (the same groups: both come from the signals alone)."""
+    now from the lines' signals (the same groups: both come from the signals alone). Lines without
+    this version's signals are in no group: said as a warning (`unsigned_note`)."""
     groups = read_groups(store_dir, manifest_sha256, len(rows))
     if groups is None:
-        log.info("no duplicate groups saved for %s by a gallery run: finding them from the photos' signals", store_dir)
+        log.info("no duplicate groups saved for %s by a gallery run of this signature (%s): finding them from the "
+                 "photos' signals", store_dir, SIGNATURE_VERSION)
         groups, _ = gallery_duplicates(rows)
+    if unsigned := unsigned_rows(rows):
+        log.warning(unsigned_note(unsigned, len(rows)))
     return groups

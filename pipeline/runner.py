@@ -26,7 +26,14 @@ from . import pictures as pictures_module
 from . import plots as plots_module
 from .config import RunConfig, onnx_fallback
 from .dataset import iter_records
-from .duplicates import SIGNATURE_VERSION, DuplicateGroup, gallery_duplicates, write_duplicates_csv, write_groups
+from .duplicates import (
+    SIGNATURE_VERSION,
+    DuplicateGroup,
+    gallery_duplicates,
+    unsigned_rows,
+    write_duplicates_csv,
+    write_groups,
+)
 from .embedders import EmbedderSpec, model_reference, on_cuda, text_onnx_path_for, tokenizer_path_for
 from .errors import CacheMismatchError, PipelineError
 from .export import INT8_FORMATS, export_onnx, int8_profile, verification_images
@@ -184,6 +191,9 @@ def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[Manifes
         "shown": [[[m, k, d] for m, k, d in list(zip(g.members, g.kinds, g.distances))[:REPORT_MEMBERS]]
                   for g in groups[:REPORT_GROUPS]],
         "sizes": [len(g.members) for g in groups[:REPORT_GROUPS]],
+        "unsigned": (unsigned := unsigned_rows(embedded)),  # left out: no signals of this version (--update signs)
+        "checked": len(embedded) - unsigned,
+        "version": SIGNATURE_VERSION,
     }
     title = ("Segmented gallery" if cfg.segmented else "Gallery") + f" ({count_of(len(embedded), 'item')})"
     summary.outputs["report"] = str(write_section(cfg.plots_dir, Section(section_id, "gallery", title, summary, data)))

@@ -203,6 +203,15 @@ def test_duplicates_measures_with_the_rule_it_calibrated(capsys, monkeypatch):
     assert used[-1] == duplicates.dup.DEFAULT_RULE
 
 
+@pytest.mark.parametrize("flag, value, said", [("--calibrate-to", "2", "a precision in (0, 1], not 2"),
+                                               ("--calibrate-to", "nan", "a precision in (0, 1], not nan"),
+                                               ("--small", "-1", "a count of 0 or more, not -1")])
+def test_duplicates_refuses_a_target_it_cannot_mean(flag, value, said, capsys):
+    with pytest.raises(SystemExit):
+        duplicates.main(["--tiny", flag, value])
+    assert said in capsys.readouterr().err
+
+
 def test_duplicates_signs_photos_as_a_gallery_run_does():
     """The benchmark's photos are signed from their JPEG files as a gallery run decodes them for
     FashionCLIP (a 768x1024 photo at 1/2 DCT scale), so the rule it calibrates is the one the

@@ -425,3 +425,70 @@ def test_the_report_shows_a_dozen_photos_of_a_large_group_and_says_how_many_more
     wait(browser, "[...document.querySelectorAll('.dupgroup [data-file]')].every(c => c.textContent)")
     browser.save_screenshot(str(tmp_path / "dups.png"))
     assert console_errors(browser) == []
+
+
+def test_photos_of_an_earlier_signature_are_said_not_checked(tiny_onnx, tmp_path, capsys, caplog, browser):
+    """Photos whose signals are of an earlier signature are compared with nothing: the report says
+    how many were not checked, not "no copies found", and --dedup (a query, Catalog.open) warns
+    that their copies may each show, naming --update. Three of them beside signed ones: the groups
+    of the others shown, and the three said."""
+    import logging
+
+    from tests.test_webreport import console_errors, wait
+
+    cells, _ = catalogue(products=4)
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    signed_before(out, earlier=11)
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--use-embeddings"))]) == 0
+    report = (out / "outputs" / "report.html").as_uri()
+    browser.get(report)
+    wait(browser, "document.querySelector('[data-role=unchecked]')")
+    said = browser.execute_script("return document.querySelector('[data-role=unchecked]').textContent")
+    assert said == (f"11 photos not checked: their duplicate signals are not of this version ({SIGNATURE_VERSION}). "
+                    "--update signs them again, from their files and with no inference.")
+    browser.execute_script("document.querySelector('[data-role=unchecked]').scrollIntoView()")
+    browser.save_screenshot(str(tmp_path / "all_unchecked.png"))
+    shown = browser.execute_script("return [...document.querySelectorAll('p.empty')].map(p => p.textContent)")
+    assert not [p for p in shown if "No exact or near copies" in p]
+
+    query = tmp_path / "copy.jpg"
+    query.write_bytes(cells[0])
+    capsys.readouterr()
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--query-image", query, "--top-k", "3", "--dedup"))]) == 0
+    warned = (f"--dedup: 11 of the store's 11 items have no duplicate signals of this version ({SIGNATURE_VERSION}): "
+              "they are grouped with no other photo, so their copies may each show; --update signs them again")
+    assert warned in capsys.readouterr().err
+    logging.getLogger().addHandler(caplog.handler)  # the CLI's logging setup (force=True) removed it
+    with caplog.at_level(logging.WARNING, logger="pipeline.duplicates"):
+        Catalog.open(out, dedup=True).close()
+    logging.getLogger().removeHandler(caplog.handler)
+    assert warned in caplog.text
+
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0  # all signed again
+    manifest = out / "embeddings" / MANIFEST_FILE
+    with open(manifest, newline="") as f:
+        lines = list(csv.DictReader(f))
+    for line in lines:
+        if int(line["source_row"]) >= 8:  # rows 8, 9 and 10: a copy each of products 0, 1 and 2
+            line["look"] = "look-2:" + line["look"].split(":", 1)[1]
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(lines[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(lines)
+    sidecar = out / "embeddings" / "embeddings.json"
+    meta = json.loads(sidecar.read_text())
+    meta["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    sidecar.write_text(json.dumps(meta))
+    (out / "embeddings" / "metadata.parquet").unlink()
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--use-embeddings"))]) == 0
+    assert groups_by_row(out / "outputs" / "duplicates.csv") == [{0, 4}, {1, 5}, {2, 6}, {3, 7}]
+    browser.get(report)
+    wait(browser, "document.querySelector('.dupgroup') && document.querySelector('[data-role=unchecked]')")
+    said = browser.execute_script("return document.querySelector('[data-role=duplicate-groups] [data-role=unchecked]')"
+                                  ".textContent")
+    assert said.startswith("3 photos not checked: their duplicate signals are not of this version")
+    browser.execute_script("document.querySelector('[data-role=duplicate-groups]').scrollIntoView()")
+    browser.save_screenshot(str(tmp_path / "unchecked.png"))
+    assert console_errors(browser) == []
