@@ -188,8 +188,19 @@ def _browser_paths() -> tuple[str, str] | None:
     return (chrome, driver) if chrome and driver else None
 
 
+@pytest.fixture
+def browser(_chromium):
+    """The session's Chromium for one test: on a blank page, with what earlier tests' pages logged
+    read away (a page left open after its test stopped the server it came from logs each request
+    that then fails, into the next test's console), and left on a blank page after it."""
+    _chromium.get("about:blank")
+    _chromium.get_log("browser")
+    yield _chromium
+    _chromium.get("about:blank")
+
+
 @pytest.fixture(scope="session")
-def browser():
+def _chromium():
     """A real headless Chromium driven by Selenium (Debian's chromium and chromium-driver; .ci/run
     installs them). Without them the browser tests are skipped here, and fail in CI, which sets
     FASHION_REQUIRE_BROWSER=1."""
