@@ -159,6 +159,7 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
             pictureless[(key_of(lines[0].item_id, ""), lines[0].error)].append(old_row)
     matched: dict[int, int] = {}
     replaced: set[int] = set()  # old rows whose id came back with other bytes
+    new_bytes: dict[str, int] = defaultdict(int)  # per id: its photos whose bytes no old row of it has
     for rec, sha in records:
         if not sha:  # still without a picture, for the same reason: its line is kept as it is
             same = pictureless.get((key_of(rec.item_id, ""), rec.error))
@@ -178,18 +179,30 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
         key = key_of(rec.item_id, sha)
         if key and pool.get(key):
             queue = pool[key]  # an id may repeat: the old row with these very bytes, if there is one
-            old_row = next((r for r in queue if groups[r][0].source_sha256 == sha), queue[0])
-            queue.remove(old_row)
-            if groups[old_row][0].source_sha256 == sha:
-                matched[old_row] = rec.source_row
-                name(old_row, rec)  # a file of a folder renamed, its bytes the same: it keeps all but its name
+            same_bytes = next((r for r in queue if groups[r][0].source_sha256 == sha), None)
+            if same_bytes is not None:
+                queue.remove(same_bytes)
+                matched[same_bytes] = rec.source_row
+                name(same_bytes, rec)  # a file of a folder renamed, its bytes the same: it keeps all but its name
                 plan.unchanged += 1
                 continue
-            replaced.add(old_row)
-            plan.changed += 1
+            # New bytes under an id of the store: a photo that replaces one of the id's or one added to
+            # it, told at the end, once every photo of the id whose bytes are the same has its own row
+            # back (a product's new photo listed before its old ones takes none of theirs).
+            new_bytes[key] += 1
         else:
             plan.added += 1
         plan.embed.append(rec.source_row)
+    for key, count in new_bytes.items():
+        queue = pool[key]  # the id's old rows no photo of the same bytes came back to, in order: replaced
+        for _ in range(count):
+            while queue and queue[0] in matched:  # taken by a row of the id that had no picture
+                queue.popleft()
+            if queue:
+                replaced.add(queue.popleft())
+                plan.changed += 1
+            else:
+                plan.added += 1
     plan.kept = [(old, matched[old]) for old in groups if old in matched]
     gone = [lines for old, lines in groups.items() if old not in matched and old not in replaced]
     plan.unkeyed = sum(1 for lines in gone if not lines[0].source_sha256 and lines[0].sha256)  # had a picture

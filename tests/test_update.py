@@ -16,9 +16,9 @@ import pytest
 from pipeline import datarecord
 from pipeline import update as update_module
 from pipeline.config import RunConfig
-from pipeline.dataset import DatasetSpec
+from pipeline.dataset import DatasetSpec, Record
 from pipeline.report import RunSummary
-from pipeline.store import read_manifest
+from pipeline.store import ManifestRow, read_manifest
 from tests import assets
 from tests.helpers import row_files, run, stop_after_shards, thumbnails
 
@@ -1361,3 +1361,28 @@ def test_a_parquet_cell_whose_own_path_changes_takes_its_new_name(tiny_onnx, tmp
     assert run(*args(data, tiny_onnx, fresh)) == 0
     assert_same_as_fresh(out, fresh)
     assert (4, f"{data}[4]") in {(r.source_row, r.source) for r in read_manifest(out / "embeddings" / "manifest.csv")}
+
+
+@pytest.mark.parametrize("now, said, embedded", [
+    # a product's new photo listed before its three old ones: one added, none of theirs taken
+    ([("P0", "N"), ("P0", "A"), ("P0", "B"), ("P0", "C"), ("P1", "D")], (1, 0, 0, 4), [0]),
+    # one photo of the product replaced (B by E, listed first): one changed, the others kept
+    ([("P0", "E"), ("P0", "A"), ("P0", "C"), ("P1", "D")], (0, 1, 0, 3), [0]),
+    # a photo dropped and one added at the end: the old row is replaced, the rest kept
+    ([("P0", "A"), ("P0", "C"), ("P1", "D"), ("P0", "F")], (0, 1, 0, 3), [3]),
+    # two new photos for one old one gone: one replaces it, one is added
+    ([("P0", "G"), ("P0", "H"), ("P0", "A"), ("P0", "C"), ("P1", "D")], (1, 1, 0, 3), [0, 1]),
+])
+def test_an_update_by_id_keeps_each_photo_of_a_product_whose_bytes_came_back(now, said, embedded):
+    """--id-column names a product, and a product has several photos: each photo whose bytes came
+    back under its id keeps its row and vector wherever it is listed now; only the photos with new
+    bytes are embedded, as changed (taking an old row of the id no photo came back to) or added."""
+    before = [("P0", "A"), ("P0", "B"), ("P0", "C"), ("P1", "D")]
+    groups = {i: [ManifestRow(index=i, file=f"{b}.jpg", source_row=i, item_id=pid, source_sha256=b, sha256=b)]
+              for i, (pid, b) in enumerate(before)}
+    records = [(Record(i, "", None, item_id=pid), b) for i, (pid, b) in enumerate(now)]
+    plan = update_module.plan_update(groups, records, by_id=True)
+    assert (plan.added, plan.changed, plan.removed, plan.unchanged) == said
+    assert plan.embed == embedded
+    kept = dict(plan.kept)  # old row -> row now: each the photo of its own bytes
+    assert all(before[old][1] == now[new][1] for old, new in kept.items())
