@@ -321,15 +321,15 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float | None]:
 
 
 def product_ids(values: Sequence) -> list[str | None]:
-    """The product an id names: the id_XXXXXXXX part when present (DeepFashion In-shop's item_ID
-    names product and view together), the whole value otherwise; None for a missing one (null,
+    """The product an id names: the id_XXXXXXXX part when present, starting a word (DeepFashion
+    In-shop's item_ID names product and view together), the whole value otherwise; None for a missing one (null,
     empty, NaN), which names no product (rows without an id are not one product together)."""
     out: list[str | None] = []
     for v in values:
         if v is None or (isinstance(v, float) and v != v) or str(v).strip() == "":
             out.append(None)
             continue
-        m = re.search(r"id_\d+", str(v))
+        m = re.search(r"(?<![A-Za-z0-9])id_\d+", str(v))  # not a word's end: "plaid_7" names itself
         out.append(m.group(0) if m else str(v))
     return out
 

@@ -139,6 +139,9 @@ def test_rank_metrics_on_known_answers():
         "id_00000080",
         "plain",
     ]
+    # "id_" ending a word is not DeepFashion's product part: each of these is a product of its own
+    assert product_ids(["plaid_7", "braid_7", "solid_9", "fluid_9", "x_id_12-3", "id_5"]) == [
+        "plaid_7", "braid_7", "solid_9", "fluid_9", "id_12", "id_5"]
     g2 = np.array([[1, 0], [0.8, 0.6], [0, 1]], np.float32)
     assert list(ranks_of_positives(g2[:2], g2, [np.array([0, 1]), np.array([0])], exclude=np.array([0, 1]))) == [1, 1]
     # the query itself is excluded: without that, row 0 would find itself
