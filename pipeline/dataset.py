@@ -1162,15 +1162,23 @@ def _folder_sidecar(root: Path, name: str, spec: DatasetSpec) -> Any:
     return table
 
 
+# pandas' default missing values (read_csv's na_values): pyarrow's own list lacks "None" and "<NA>",
+# which pandas writes for a missing value of an object or nullable column.
+PANDAS_NA = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+             "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+
+
 def _read_csv_keeping_codes(path: Path) -> Any:
     """A CSV with its types inferred, but a column of whole numbers any of which is written with a
     leading zero (a product code `00123`) kept as text, as written; prices (`05.99`) stay numbers.
-    An empty cell is a missing value in a text column too (and `NA`, `N/A`, `null`, as in a number
-    column; pandas, which the Hugging Face ImageFolder reads a CSV with, reads them so)."""
+    An empty cell is a missing value in a text column too (and `NA`, `N/A`, `null`, `None`, `<NA>`,
+    as in a number column: PANDAS_NA; pandas, which the Hugging Face ImageFolder reads a CSV with,
+    reads them so)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True,
+                                                                       null_values=PANDAS_NA))
     twice = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
     if twice:
         raise ValueError(f"the column(s) {twice} are named twice; each name takes one column")
@@ -1178,7 +1186,7 @@ def _read_csv_keeping_codes(path: Path) -> Any:
     if not numeric:
         return table
     texts = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-        column_types=dict.fromkeys(numeric, pa.string()), strings_can_be_null=True))
+        column_types=dict.fromkeys(numeric, pa.string()), strings_can_be_null=True, null_values=PANDAS_NA))
     for c in numeric:
         written = texts.column(c).to_pylist()
         digits = (v.strip().lstrip("+-") for v in written if v is not None)

@@ -682,8 +682,8 @@ def test_a_code_written_with_leading_zeros_stays_text(tmp_path):
 
 
 def test_empty_text_cells_are_missing_values_and_blank_ones_name_no_product(tmp_path):
-    """As pandas (the Hugging Face reader's) reads a CSV: an empty cell, NA or null is missing in a
-    text column as in a number column; --group-by lets such items, and blank text of another
+    """As pandas (the Hugging Face reader's) reads a CSV: an empty cell, NA, null, None or <NA> is
+    missing in a text column as in a number column; --group-by lets such items, and blank text of another
     source (a parquet's ""), stand alone, as --eval-id-column does."""
     import pyarrow as pa
 
@@ -691,13 +691,13 @@ def test_empty_text_cells_are_missing_values_and_blank_ones_name_no_product(tmp_
     from pipeline.dataset import folder_metadata
     from pipeline.metadata import product_labels
 
-    data = _flat_folder(tmp_path / "shop", 6, "file_name,product_id,price\np0.jpg,P1,10\np1.jpg,,11\np2.jpg,NA,12\n"
-                        "p3.jpg,,\np4.jpg,P2,14\np5.jpg,P2,15\n")
+    data = _flat_folder(tmp_path / "shop", 6, "file_name,product_id,price\np0.jpg,P1,10\np1.jpg,,None\n"
+                        "p2.jpg,NA,12\np3.jpg,<NA>,\np4.jpg,P2,<NA>\np5.jpg,None,15\n")
     table = folder_metadata(data, DatasetSpec(name=str(data)))
-    assert table.column("product_id").to_pylist() == ["P1", None, None, None, "P2", "P2"]
-    assert table.column("price").to_pylist() == [10, 11, 12, None, 14, 15]
+    assert table.column("product_id").to_pylist() == ["P1", None, None, None, "P2", None]
+    assert table.column("price").to_pylist() == [10, None, 12, None, None, 15]  # numbers: None, <NA> are pandas' NA
     labels, missing = product_labels(table.column("product_id"))
-    assert missing == 3 and len(set(labels.tolist())) == 5 and labels[4] == labels[5]
+    assert missing == 4 and len(set(labels.tolist())) == 6
     labels, missing = product_labels(pa.chunked_array([["P1", "", " ", None, "P1"]]))
     assert missing == 3 and len(set(labels.tolist())) == 4 and labels[0] == labels[4]
 
