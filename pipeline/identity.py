@@ -58,12 +58,22 @@ def describe_differences(expected: dict[str, Any], found: dict[str, Any], prefix
     """The same for plain dicts (keys of `expected` only; nested dicts recursed)."""
     out = []
     for key in sorted(expected):
-        a, b = found.get(key, "<absent>"), expected.get(key, "<absent>")
+        a, b = found.get(key, ABSENT), expected.get(key, ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
             out += describe_differences(b, a, prefix=f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}{key}: cache has {a!r}, asked for {b!r}")
+            out.append(f"{prefix}{key}: cache has {said_value(key, a)}, asked for {said_value(key, b)}")
     return out
+
+
+ABSENT = "<absent>"  # a key one side does not record
+_ABSENT_IS = {"config": "the default configuration"}  # what a key not recorded means, where it means one
+
+
+def said_value(key: str, value: Any) -> str:
+    """A recorded value as a difference names it: repr, or what its absence means (a dataset
+    recorded without a configuration is its default one)."""
+    return _ABSENT_IS.get(key.rsplit(".", 1)[-1], repr(value)) if value == ABSENT else repr(value)
 
 
 @dataclass(frozen=True)

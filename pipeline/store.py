@@ -43,7 +43,7 @@ from .fileio import (
     sha256_file,
     unlink_quietly,
 )
-from .identity import STORE_FORMAT, GallerySource, VectorIdentity, describe_differences, differences
+from .identity import ABSENT, STORE_FORMAT, GallerySource, VectorIdentity, describe_differences, differences, said_value
 from .machine import cpu_info
 
 log = logging.getLogger(__name__)
@@ -712,7 +712,8 @@ class ShardStore:
             elif old != asked:
                 # what the run on disk recorded and this one does not (a weights file no longer at its path) too
                 diffs = describe_differences(asked, old) + [
-                    f"{key}: cache has {old[key]!r}, asked for '<absent>'" for key in sorted(set(old) - set(asked))]
+                    f"{key}: cache has {said_value(key, old[key])}, asked for {said_value(key, ABSENT)}"
+                    for key in sorted(set(old) - set(asked))]
                 if diffs and all(d.startswith("dataset_files:") for d in diffs):
                     raise PipelineError(
                         f"{self.dir} holds shards of an unfinished run on the dataset as it was:\n  {diffs[0]}\n"

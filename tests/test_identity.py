@@ -55,7 +55,8 @@ def test_a_field_recorded_since_a_later_version_is_not_compared_with_a_store_tha
     assert differences(replace(SOURCE, id_column="alt"), SOURCE)[0].startswith("id_column: cache has 'sku'")
     # another field a store lacks is still a difference: a store without a configuration is of the default one
     assert differences(MADE, replace(MADE, dim=None)) == ["dim: cache has '<absent>', asked for 512"]
-    assert differences(SOURCE, replace(SOURCE, config=None)) == ["config: cache has '<absent>', asked for 'women'"]
+    assert differences(SOURCE, replace(SOURCE, config=None)) == [
+        "config: cache has the default configuration, asked for 'women'"]
 
 
 def test_limit_none_is_every_row_and_is_compared():
