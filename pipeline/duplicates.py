@@ -101,9 +101,10 @@ _SCALE = np.concatenate(
      np.full(CENTRE_SIZE, 64.0)]
 ).astype(np.float32)
 _WORK_SIDE = 128  # the photo is reduced once to this square; everything is computed from it
-# look-4's reduction: bicubic after an integer box reduction while the factor stays >= 2 (0.9 ms
+# look-4's reduction: bicubic after an integer box reduction while the factor stays >= 2 (0.9-1.0 ms
 # less per 768x1024 photo's 384x512 decode than look-3's Lanczos with reducing_gap=3, which does no
-# integer reduction at a factor of 3-4), with the same recall and precision in benchmarks/duplicates.py;
+# integer reduction at a factor of 3-4; the signature 1.1 ms less with the mean below), with the same
+# recall and precision in benchmarks/duplicates.py;
 # the box reduction alone and bilinear found fewer of the 5% crops (README, "Duplicates").
 _REDUCE = Image.Resampling.BICUBIC, 2.0
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -978,21 +979,27 @@ def unsigned_rows(rows: Sequence) -> int:
 
 
 def unsigned_note(unsigned: int, total: int) -> str:
-    """What --dedup says of a store whose lines are not all signed by this version."""
-    return (f"--dedup: {unsigned:,} of the store's {total:,} items have no duplicate signals of this version "
-            f"({SIGNATURE_VERSION}): they are grouped with no other photo, so their copies may each show; "
-            "--update signs them again, from their files and with no inference")
+    """What a reader of a store whose lines are not all signed by this version is told."""
+    return (f"duplicates: {unsigned:,} of the store's {total:,} items {'has' if unsigned == 1 else 'have'} no "
+            f"duplicate signals of this version ({SIGNATURE_VERSION}): they are in no group, so --dedup may show "
+            "each of their copies; --update signs them again where it can, from their files and with no inference "
+            "(its summary says which it cannot)")
+
+
+_WARNED: set[tuple[str, str]] = set()  # (store, manifest) whose unsigned lines were said: once a process
 
 
 def stored_groups(store_dir: Path, rows: Sequence, manifest_sha256: str) -> list[DuplicateGroup]:
     """The groups of a store for --dedup: those its last gallery run found (GROUPS_FILE), else found
     now from the lines' signals (the same groups: both come from the signals alone). Lines without
-    this version's signals are in no group: said as a warning (`unsigned_note`)."""
+    this version's signals are in no group: said as a warning (`unsigned_note`), once for a version
+    of a store."""
     groups = read_groups(store_dir, manifest_sha256, len(rows))
     if groups is None:
         log.info("no duplicate groups saved for %s by a gallery run of this signature (%s): finding them from the "
                  "photos' signals", store_dir, SIGNATURE_VERSION)
         groups, _ = gallery_duplicates(rows)
-    if unsigned := unsigned_rows(rows):
+    if (unsigned := unsigned_rows(rows)) and (key := (str(store_dir), manifest_sha256)) not in _WARNED:
+        _WARNED.add(key)
         log.warning(unsigned_note(unsigned, len(rows)))
     return groups

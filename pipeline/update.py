@@ -159,11 +159,11 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
             pictureless[(key_of(lines[0].item_id, ""), lines[0].error)].append(old_row)
     matched: dict[int, int] = {}
     replaced: set[int] = set()  # old rows whose id came back with other bytes
-    new_bytes: dict[str, int] = defaultdict(int)  # per id: its photos whose bytes no old row of it has
+    new_bytes: dict[str, int] = defaultdict(int)  # per id: its photos no old row of it with their bytes was left to
     for rec, sha in records:
         if not sha:  # still without a picture, for the same reason: its line is kept as it is
             same = pictureless.get((key_of(rec.item_id, ""), rec.error))
-            while same and (same[0] in matched or same[0] in replaced):  # taken by a photo of its id
+            while same and same[0] in matched:  # defensive: a row is popped where it is matched
                 same.popleft()
             if same:
                 old_row = same.popleft()
@@ -196,7 +196,7 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
     for key, count in new_bytes.items():
         queue = pool[key]  # the id's old rows no photo of the same bytes came back to, in order: replaced
         for _ in range(count):
-            while queue and queue[0] in matched:  # taken by a row of the id that had no picture
+            while queue and queue[0] in matched:  # defensive: a match leaves its id's queue where it is made
                 queue.popleft()
             if queue:
                 replaced.add(queue.popleft())

@@ -435,8 +435,9 @@ PINNED = {
 
 def test_the_signature_of_this_version_is_pinned():
     """The signatures of two generated pictures are those this version gave when it was made, up to
-    one unit in a few values (another CPU's float kernels: numpy's log, BLAS, may round otherwise).
-    Any real change of the computation (a filter, a part, a scale) moves far more than that."""
+    one unit in at most two of their 83 values (another CPU's float kernels: numpy's log, BLAS, may
+    round otherwise; none did under the AVX2 mask). A change of the reduction as small as
+    reducing_gap 2 -> 3 moves three or more values of one of them (measured), a part or scale far more."""
     from benchmarks.common import photo_like
     from benchmarks.duplicates import Garment, catalogue_photo
 
@@ -445,4 +446,4 @@ def test_the_signature_of_this_version_is_pinned():
                 "catalogue": catalogue_photo(1, 2, Garment.of_product(3), (384, 512))}
     for name, picture in pictures.items():
         diff = np.abs(dup.look_signature(picture).astype(int) - dup.signatures_from_text([PINNED[name]])[0])
-        assert diff.max() <= 1 and np.mean(diff == 0) >= 0.95, (name, diff)
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= 2, (name, diff)

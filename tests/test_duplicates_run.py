@@ -228,7 +228,7 @@ def test_a_store_without_signals_says_what_it_left_out(tiny_onnx, tmp_path, caps
     meta = json.loads(sidecar.read_text())
     meta["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
     sidecar.write_text(json.dumps(meta))
-    (out / "embeddings" / "metadata.parquet").unlink()  # such a store kept no metadata either
+    (out / "embeddings" / "metadata.parquet").unlink(missing_ok=True)  # such a store kept no metadata either
     capsys.readouterr()
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--use-embeddings"))]) == 0
     said = capsys.readouterr().out
@@ -434,6 +434,7 @@ def test_photos_of_an_earlier_signature_are_said_not_checked(tiny_onnx, tmp_path
     of the others shown, and the three said."""
     import logging
 
+    from pipeline import duplicates as dup_module
     from tests.test_webreport import console_errors, wait
 
     cells, _ = catalogue(products=4)
@@ -447,7 +448,7 @@ def test_photos_of_an_earlier_signature_are_said_not_checked(tiny_onnx, tmp_path
     wait(browser, "document.querySelector('[data-role=unchecked]')")
     said = browser.execute_script("return document.querySelector('[data-role=unchecked]').textContent")
     assert said == (f"11 photos not checked: their duplicate signals are not of this version ({SIGNATURE_VERSION}). "
-                    "--update signs them again, from their files and with no inference.")
+                    "--update signs them again where it can, from their files and with no inference.")
     browser.execute_script("document.querySelector('[data-role=unchecked]').scrollIntoView()")
     browser.save_screenshot(str(tmp_path / "all_unchecked.png"))
     shown = browser.execute_script("return [...document.querySelectorAll('p.empty')].map(p => p.textContent)")
@@ -457,31 +458,21 @@ def test_photos_of_an_earlier_signature_are_said_not_checked(tiny_onnx, tmp_path
     query.write_bytes(cells[0])
     capsys.readouterr()
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--query-image", query, "--top-k", "3", "--dedup"))]) == 0
-    warned = (f"--dedup: 11 of the store's 11 items have no duplicate signals of this version ({SIGNATURE_VERSION}): "
-              "they are grouped with no other photo, so their copies may each show; --update signs them again")
+    warned = (f"duplicates: 11 of the store's 11 items have no duplicate signals of this version "
+              f"({SIGNATURE_VERSION}): they are in no group, so --dedup may show each of their copies; --update signs "
+              "them again where it can")
     assert warned in capsys.readouterr().err
     logging.getLogger().addHandler(caplog.handler)  # the CLI's logging setup (force=True) removed it
+    dup_module._WARNED.clear()  # said once a process: this one said it for the query above
     with caplog.at_level(logging.WARNING, logger="pipeline.duplicates"):
-        Catalog.open(out, dedup=True).close()
+        cat = Catalog.open(out, dedup=True)
+        cat.duplicates()
+        cat.close()
     logging.getLogger().removeHandler(caplog.handler)
-    assert warned in caplog.text
+    assert caplog.text.count(warned) == 1  # once for this version of the store, however often its groups are read
 
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0  # all signed again
-    manifest = out / "embeddings" / MANIFEST_FILE
-    with open(manifest, newline="") as f:
-        lines = list(csv.DictReader(f))
-    for line in lines:
-        if int(line["source_row"]) >= 8:  # rows 8, 9 and 10: a copy each of products 0, 1 and 2
-            line["look"] = "look-2:" + line["look"].split(":", 1)[1]
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(lines[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(lines)
-    sidecar = out / "embeddings" / "embeddings.json"
-    meta = json.loads(sidecar.read_text())
-    meta["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
-    sidecar.write_text(json.dumps(meta))
-    (out / "embeddings" / "metadata.parquet").unlink()
+    signed_earlier(out, rows=range(8, 11))  # a copy each of products 0, 1 and 2
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--use-embeddings"))]) == 0
     assert groups_by_row(out / "outputs" / "duplicates.csv") == [{0, 4}, {1, 5}, {2, 6}, {3, 7}]
     browser.get(report)
@@ -492,3 +483,35 @@ def test_photos_of_an_earlier_signature_are_said_not_checked(tiny_onnx, tmp_path
     browser.execute_script("document.querySelector('[data-role=duplicate-groups]').scrollIntoView()")
     browser.save_screenshot(str(tmp_path / "unchecked.png"))
     assert console_errors(browser) == []
+
+    signed_earlier(out, rows=range(4, 11))  # every copy: the 4 photos checked are 4 products
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--use-embeddings"))]) == 0
+    assert read_csv(out / "outputs" / "duplicates.csv") == []
+    browser.get(report)
+    wait(browser, "document.querySelector('[data-role=unchecked]')")
+    shown = browser.execute_script("return [...document.querySelectorAll('p.empty')].map(p => p.textContent)")
+    assert shown[:2] == ["No exact or near copies found among the 4 photos checked (duplicates.csv).",
+                         "7 photos not checked: their duplicate signals are not of this version "
+                         f"({SIGNATURE_VERSION}). --update signs them again where it can, from their files and with no "
+                         "inference."]
+    assert console_errors(browser) == []
+
+
+def signed_earlier(out: Path, rows: range) -> None:
+    """Rewrite the store's lines of these dataset rows as signed by an earlier signature (look-2), its
+    sidecar made to match and its metadata dropped (keyed by the manifest: written again by the next run)."""
+    manifest = out / "embeddings" / MANIFEST_FILE
+    with open(manifest, newline="") as f:
+        lines = list(csv.DictReader(f))
+    for line in lines:
+        if int(line["source_row"]) in rows:
+            line["look"] = "look-2:" + line["look"].split(":", 1)[1]
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(lines[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(lines)
+    sidecar = out / "embeddings" / "embeddings.json"
+    meta = json.loads(sidecar.read_text())
+    meta["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    sidecar.write_text(json.dumps(meta))
+    (out / "embeddings" / "metadata.parquet").unlink(missing_ok=True)

@@ -691,13 +691,13 @@ def test_empty_text_cells_are_missing_values_and_blank_ones_name_no_product(tmp_
     from pipeline.dataset import folder_metadata
     from pipeline.metadata import product_labels
 
-    data = _flat_folder(tmp_path / "shop", 6, "file_name,product_id,price\np0.jpg,P1,10\np1.jpg,,None\n"
-                        "p2.jpg,NA,12\np3.jpg,<NA>,\np4.jpg,P2,<NA>\np5.jpg,None,15\n")
+    data = _flat_folder(tmp_path / "shop", 7, "file_name,product_id,price\np0.jpg,P1,10\np1.jpg,None,None\n"
+                        "p2.jpg,NA,12\np3.jpg,<NA>,\np4.jpg,P2,<NA>\np5.jpg,P2,15\np6.jpg,,16\n")
     table = folder_metadata(data, DatasetSpec(name=str(data)))
-    assert table.column("product_id").to_pylist() == ["P1", None, None, None, "P2", None]
-    assert table.column("price").to_pylist() == [10, None, 12, None, None, 15]  # numbers: None, <NA> are pandas' NA
+    assert table.column("product_id").to_pylist() == ["P1", None, None, None, "P2", "P2", None]
+    assert table.column("price").to_pylist() == [10, None, 12, None, None, 15, 16]  # numbers: None, <NA> pandas' NA
     labels, missing = product_labels(table.column("product_id"))
-    assert missing == 4 and len(set(labels.tolist())) == 6
+    assert missing == 4 and len(set(labels.tolist())) == 6 and labels[4] == labels[5]
     labels, missing = product_labels(pa.chunked_array([["P1", "", " ", None, "P1"]]))
     assert missing == 3 and len(set(labels.tolist())) == 4 and labels[0] == labels[4]
 
