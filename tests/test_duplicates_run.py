@@ -240,13 +240,34 @@ def test_a_store_without_signals_says_what_it_left_out(tiny_onnx, tmp_path, caps
 def signed_before(out: Path, earlier: int, edit_sidecar=None) -> None:
     """Rewrite a store as if signed by the signature before this one (its first `earlier` lines) and
     made before duplicates were found (the others), its sidecar and metadata made to match."""
+
+    def edit(lines: list[dict]) -> None:
+        for line in lines[:earlier]:
+            line["look"] = "look-2:" + line["look"].split(":", 1)[1][:108]
+        for line in lines[earlier:]:
+            line["look"] = line["pixel_hash"] = ""
+
+    rewrite_lines(out, edit, edit_sidecar)
+
+
+def signed_earlier(out: Path, rows: range) -> None:
+    """Rewrite the store's lines of these dataset rows as signed by an earlier signature (look-2)."""
+
+    def edit(lines: list[dict]) -> None:
+        for line in lines:
+            if int(line["source_row"]) in rows:
+                line["look"] = "look-2:" + line["look"].split(":", 1)[1]
+
+    rewrite_lines(out, edit)
+
+
+def rewrite_lines(out: Path, edit, edit_sidecar=None) -> None:
+    """The store's manifest lines changed by edit(lines), its sidecar made to match (edit_sidecar(meta)
+    after) and its metadata dropped (keyed by the manifest: written again by the next build or update)."""
     manifest = out / "embeddings" / MANIFEST_FILE
     with open(manifest, newline="") as f:
         lines = list(csv.DictReader(f))
-    for line in lines[:earlier]:
-        line["look"] = "look-2:" + line["look"].split(":", 1)[1][:108]
-    for line in lines[earlier:]:
-        line["look"] = line["pixel_hash"] = ""
+    edit(lines)
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(lines[0]), lineterminator="\n")
         writer.writeheader()
@@ -257,7 +278,7 @@ def signed_before(out: Path, earlier: int, edit_sidecar=None) -> None:
     if edit_sidecar is not None:
         edit_sidecar(meta)
     sidecar.write_text(json.dumps(meta))
-    (out / "embeddings" / "metadata.parquet").unlink()  # keyed by the manifest: written again by the update
+    (out / "embeddings" / "metadata.parquet").unlink(missing_ok=True)
 
 
 def store_signals(store: Path) -> dict[int, tuple[str, str]]:
@@ -496,22 +517,3 @@ def test_photos_of_an_earlier_signature_are_said_not_checked(tiny_onnx, tmp_path
                          "inference."]
     assert console_errors(browser) == []
 
-
-def signed_earlier(out: Path, rows: range) -> None:
-    """Rewrite the store's lines of these dataset rows as signed by an earlier signature (look-2), its
-    sidecar made to match and its metadata dropped (keyed by the manifest: written again by the next run)."""
-    manifest = out / "embeddings" / MANIFEST_FILE
-    with open(manifest, newline="") as f:
-        lines = list(csv.DictReader(f))
-    for line in lines:
-        if int(line["source_row"]) in rows:
-            line["look"] = "look-2:" + line["look"].split(":", 1)[1]
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(lines[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(lines)
-    sidecar = out / "embeddings" / "embeddings.json"
-    meta = json.loads(sidecar.read_text())
-    meta["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
-    sidecar.write_text(json.dumps(meta))
-    (out / "embeddings" / "metadata.parquet").unlink(missing_ok=True)
