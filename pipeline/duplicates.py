@@ -104,9 +104,9 @@ _WORK_SIDE = 128  # the photo is reduced once to this square; everything is comp
 # look-4's reduction: bicubic after an integer box reduction while the factor stays >= 2 (0.9-1.0 ms
 # less per 768x1024 photo's 384x512 decode than look-3's Lanczos with reducing_gap=3, which does no
 # integer reduction at a factor of 3-4; the signature 1.1 ms less with the mean below), with the same
-# recall and precision in benchmarks/duplicates.py;
-# the box reduction alone and bilinear found fewer of the 5% crops (README, "Duplicates").
-_REDUCE = Image.Resampling.BICUBIC, 2.0
+# recall and precision in benchmarks/duplicates.py; the box reduction alone and bilinear found fewer
+# of the 5% crops (README, "Duplicates").
+_REDUCE_FILTER, _REDUCE_GAP = Image.Resampling.BICUBIC, 2.0
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _CELL_SIGMA = 0.6  # soft cells: Gaussian weights, this many cell widths wide, so a crop moves no edge
 _CENTRE_SIGMA = 0.1  # the centre part's Gaussian window, this share of each side wide
@@ -225,7 +225,7 @@ def look_signature(image: Image.Image) -> np.ndarray:
     """int8 (SIGNATURE_SIZE,): structure, colour, texture and centre of the photo at a coarse scale
     (see the module docstring). Independent of the photo's size and of its encoding."""
     rgb_image = image if image.mode == "RGB" else image.convert("RGB")
-    small = rgb_image.resize((_WORK_SIDE, _WORK_SIDE), _REDUCE[0], reducing_gap=_REDUCE[1])
+    small = rgb_image.resize((_WORK_SIDE, _WORK_SIDE), _REDUCE_FILTER, reducing_gap=_REDUCE_GAP)
     rgb = np.asarray(small, np.float32)
     luma, logs = rgb @ _LUMA, _log_colour(rgb)
     values = np.concatenate([_structure(luma), _colour(logs), _texture(luma), _centre(logs)])
@@ -873,6 +873,11 @@ def look_text(signature: np.ndarray) -> str:
     return f"{SIGNATURE_VERSION}:{signature_text(signature)}"
 
 
+def signed_now(look: str) -> bool:
+    """Whether a manifest line's `look` is of this SIGNATURE_VERSION (`look_text`'s)."""
+    return look.startswith(SIGNATURE_VERSION + ":")
+
+
 SIGNATURE_MIN_SIDE = 192  # a signature is taken from a decode at least this large (or full size)
 
 
@@ -895,7 +900,7 @@ def signals_of_rows(rows: Sequence) -> tuple[PhotoSignals, np.ndarray]:
     order (source_row, person), and their positions in `rows`. Lines of a store made before
     duplicates have none."""
     head = SIGNATURE_VERSION + ":"
-    have = [i for i, r in enumerate(rows) if r.look.startswith(head)]
+    have = [i for i, r in enumerate(rows) if signed_now(r.look)]
     at = np.array(sorted(have, key=lambda i: (rows[i].source_row, rows[i].person)), np.int64)
     texts = [rows[i].look[len(head):] for i in at.tolist()]
     sig = signatures_from_text(texts) if texts else np.zeros((0, SIGNATURE_SIZE), np.int8)
@@ -974,8 +979,7 @@ def read_groups(store_dir: Path, manifest_sha256: str, n_rows: int | None = None
 def unsigned_rows(rows: Sequence) -> int:
     """How many manifest lines have no signals of this SIGNATURE_VERSION (a store made before
     duplicates were found, or by an earlier signature): left out of duplicate finding."""
-    head = SIGNATURE_VERSION + ":"
-    return sum(1 for r in rows if not r.look.startswith(head))
+    return sum(1 for r in rows if not signed_now(r.look))
 
 
 def unsigned_note(unsigned: int, total: int) -> str:

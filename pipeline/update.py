@@ -41,7 +41,7 @@ from tqdm import tqdm
 from .config import RunConfig
 from .datarecord import dataset_hashes, known_as_is
 from .dataset import Record, check_dataset, dataset_stamp
-from .duplicates import SIGNATURE_VERSION, item_signals
+from .duplicates import SIGNATURE_VERSION, item_signals, signed_now
 from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError, first_line
 from .fileio import link_or_copy, unlink_quietly
@@ -159,12 +159,10 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
             pictureless[(key_of(lines[0].item_id, ""), lines[0].error)].append(old_row)
     matched: dict[int, int] = {}
     replaced: set[int] = set()  # old rows whose id came back with other bytes
-    new_bytes: dict[str, int] = defaultdict(int)  # per id: its photos no old row of it with their bytes was left to
+    new_bytes: dict[str, int] = defaultdict(int)  # per id: its photos that found no old row of the same bytes left
     for rec, sha in records:
         if not sha:  # still without a picture, for the same reason: its line is kept as it is
-            same = pictureless.get((key_of(rec.item_id, ""), rec.error))
-            while same and same[0] in matched:  # defensive: a row is popped where it is matched
-                same.popleft()
+            same = pictureless.get((key_of(rec.item_id, ""), rec.error))  # a matched row leaves it and its pool
             if same:
                 old_row = same.popleft()
                 if by_id and old_row in (same_id := pool.get(key_of(rec.item_id, ""), deque())):
@@ -196,8 +194,6 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
     for key, count in new_bytes.items():
         queue = pool[key]  # the id's old rows no photo of the same bytes came back to, in order: replaced
         for _ in range(count):
-            while queue and queue[0] in matched:  # defensive: a match leaves its id's queue where it is made
-                queue.popleft()
             if queue:
                 replaced.add(queue.popleft())
                 plan.changed += 1
@@ -452,8 +448,7 @@ def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], s
     said; so does a store that records no preprocessing (its photos' decode cannot be a build's).
     A store at a URL is read with more threads than cores: each file is a request. Returns how many
     lines were signed again."""
-    head = SIGNATURE_VERSION + ":"
-    stale = [line for line in kept if line.file and line.status != "failed" and not line.look.startswith(head)]
+    stale = [line for line in kept if line.file and line.status != "failed" and not signed_now(line.look)]
     if not stale:
         return 0
     made, segmented = old.sidecar.identity.preprocess, old.sidecar.source.kind == "segment"
