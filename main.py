@@ -206,9 +206,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         choices=INT8_PROFILES,
         help="with --export-onnx --quantization static: the CPU kind the int8 graph is written for: amx (for a "
         "tower with GELUs: CLIP's, SigLIP's, open_clip's ViTs with their attention products in float, a ConvNeXt with "
-        "its depthwise convolutions in float; the GELUs in uint8; less conversion where AMX makes the int8 GEMMs "
-        "cheap), vnni (every tower; a ResNet's under either), auto (this CPU's kind, but amx for a ConvNeXt on every "
-        "CPU: faster on each kind's kernels); either file runs on every CPU",
+        "its depthwise convolutions in float; the GELUs in uint8; less conversion where the int8 GEMMs are cheap: "
+        "AMX, and Intel's other kernels), vnni (a ConvNeXt's depthwise convolutions in float, every other tower's "
+        "graph plain: the fastest on an AMD EPYC; a ResNet's under either), auto (this CPU's kind: amx on an Intel "
+        "CPU, vnni on others); either file runs on every CPU",
     )
     _add(
         model,

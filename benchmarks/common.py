@@ -300,29 +300,30 @@ class Assets:
 
     @staticmethod
     def _default_recipe(path: Path, quantization: str) -> str:
-        """The recipe the export records for this file on this CPU (`--int8-profile auto`): the AMX
-        profile's for a tower that takes it on an AMX CPU, or on every CPU for a ConvNeXt
-        (int8graph.makes_amx_profile), read from the fp32 file beside it, so that a file is not made
-        again on every call."""
+        """The recipe the export records for this file on this CPU (`--int8-profile auto`): the graph
+        of this CPU's profile for the tower (int8graph.static_graph: the AMX graph for a tower with
+        GELUs on an AMX or other Intel CPU, a ConvNeXt's float-depthwise graph elsewhere), read from
+        the fp32 file beside it, so that a file is not made again on every call."""
         from pipeline.export import fp32_path_for, int8_profile, int8_recipe
 
         profile = int8_profile()
         fp32 = fp32_path_for(path)
+        graph = profile  # without the float file: the profile's own graph (the export's fallback)
         if quantization == "static" and fp32.is_file():
             stat = fp32.stat()
-            profile = "amx" if _makes_amx_profile(str(fp32), stat.st_mtime_ns, stat.st_size, profile) else "vnni"
-        return int8_recipe(quantization, profile)
+            graph = _static_graph(str(fp32), stat.st_mtime_ns, stat.st_size, profile)
+        return int8_recipe(quantization, graph)
 
 
 @functools.lru_cache(maxsize=16)
-def _makes_amx_profile(fp32: str, mtime_ns: int, size: int, profile: str) -> bool:
-    """int8graph.makes_amx_profile of the float file at `fp32` under "auto" resolved to `profile`, once
-    per version of it (by its time and size): a ViT's graph is a few hundred MB to parse, and a
-    benchmark asks for it a few times."""
+def _static_graph(fp32: str, mtime_ns: int, size: int, profile: str) -> str:
+    """int8graph.static_graph of the float file at `fp32` under the resolved `profile`, once per
+    version of it (by its time and size): a ViT's graph is a few hundred MB to parse, and a benchmark
+    asks for it a few times."""
     import onnx
-    from pipeline.int8graph import makes_amx_profile
+    from pipeline.int8graph import static_graph
 
-    return makes_amx_profile(onnx.load(fp32, load_external_data=False), profile == "amx", auto=True)
+    return static_graph(onnx.load(fp32, load_external_data=False), profile)
 
 
 def recipe_of(path: Path) -> str | None:

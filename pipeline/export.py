@@ -75,21 +75,25 @@ from .embedders import (
 from .errors import PipelineError, first_line
 from .fileio import link_or_copy, sha256_file, waiting_lock
 from .int8graph import (
+    AMX_GRAPH,
     AMX_RECIPE,
     CPU_GRAPH_RECIPE,
+    DEPTHWISE_GRAPH,
+    DEPTHWISE_RECIPE,
     FUSED_RECIPE,
     META_INT8_RECIPE,
-    amx_in_float,
+    VNNI_GRAPH,
     cpu_graph,
     cpu_model,
     gelu_chains,
-    makes_amx_profile,
+    in_float,
     per_position_gemm,
     pools_as_convolutions,
     scales_into_matmuls,
+    static_graph,
     uint8_gelu,
 )
-from .machine import cpu_info
+from .machine import cpu_info, cpu_vendor
 from .onnxspeed import measure_export
 from .preprocess import preprocess_batch
 from .probes import META_PROBES, ProbeRecord, probe_pixels
@@ -119,6 +123,7 @@ class ExportReport:
     probe_int8_min: float = 1.0
     probe_int8_bar: float = 1.0
     profile: str = ""  # the int8 profile the static CPU graph was written for (vnni, amx)
+    graph: str = ""  # the static CPU graph written (int8graph.static_graph: vnni, amx, float-depthwise)
     speed_lines: list[str] = field(default_factory=list)  # both files on this CPU (onnxspeed.CpuSpeed)
     text_lines: list[str] = field(default_factory=list)
     kept_lines: list[str] = field(default_factory=list)  # the earlier file this export replaced, kept
@@ -201,22 +206,21 @@ def export_onnx(
             "static-qdq" (the same as portable QDQ) or "dynamic".
         calibration_images: RGB images for the static ranges (default: 64 generated pictures that
             are not the verification set); gallery images give the best ranges.
-        profile: the static CPU graph for which CPU kind (INT8_PROFILES; "auto": this CPU's, but a
-            ConvNeXt's AMX one on every CPU, `amx_profile_on_every_cpu`).
+        profile: the static CPU graph for which CPU kind (INT8_PROFILES; "auto": this CPU's,
+            `int8_profile`); the tower decides the graph (int8graph.static_graph).
     Raises:
         PipelineError: the export, quantization or verification failed (nothing is left behind).
     """
     _require_export_packages()
     job = None
     try:
-        job = _ImageExport(model, Path(int8_path), per_channel, quantization, int8_profile(profile),
-                           auto=profile == "auto")
+        job = _ImageExport(model, Path(int8_path), per_channel, quantization, int8_profile(profile))
         job.export_fp32()
         job.torch_steps(images)  # everything torch is needed for, then the model is let go
         job.quantize(calibration_images)
         report, records = job.verify()
         report.speed_lines = job.speed()
-        report.profile = job.profile
+        report.profile, report.graph = job.profile, job.graph
         job.write(report, records)
         return report
     except PipelineError:
@@ -253,9 +257,10 @@ class _ImageExport:
     folder and whatever is left in it."""
 
     def __init__(self, model: str, int8_path: Path, per_channel: bool, quantization: str,
-                 profile: str = "vnni", auto: bool = False) -> None:
+                 profile: str = "vnni") -> None:
         self.model, self.quantization, self.per_channel = model, quantization, per_channel
-        self.profile, self.auto = profile, auto
+        # the profile asked for (resolved), then that of the graph written; and the graph
+        self.profile, self.graph = profile, VNNI_GRAPH
         self.int8_path, self.fp32_path = int8_path, fp32_path_for(int8_path)
         int8_path.parent.mkdir(parents=True, exist_ok=True)
         self.family = family_of(model)
@@ -310,14 +315,14 @@ class _ImageExport:
                 self.quantization, mode, len(calib),
             )
             calib_pixels = preprocess_batch(calib, self.prep)
-            amx, batch = _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels,
-                                          self.per_channel, self.external, amx=self.recipe == AMX_RECIPE,
-                                          auto=self.auto and self.quantization == "static")
-            # a tower that does not take the AMX profile gets the VNNI graph, and a ConvNeXt under
-            # "auto" the AMX one on every CPU: the graph written is recorded
-            self.profile = "amx" if amx else "vnni"
+            profile = self.profile if self.quantization == "static" else None  # portable QDQ: one graph
+            self.graph, batch = _quantize_static(self.tmp_fp32, self.tmp_pre, self.tmp_int8, calib_pixels,
+                                                 self.per_channel, self.external, profile)
+            # a tower that takes no AMX graph gets the VNNI one: the graph written is recorded
+            self.profile = "amx" if self.graph == AMX_GRAPH else "vnni"
             if self.quantization == "static":
-                # the AMX profile's uint8 GELUs calibrated in the batches the quantizer's were; one save
+                # the AMX graph's uint8 GELUs calibrated in the batches the quantizer's were; one save
+                amx = self.graph == AMX_GRAPH
                 post = (lambda m: uint8_gelus_of(m, calib_pixels, batch)) if amx else None
                 _save_cpu_graph(self.tmp_int8, post)
             else:
@@ -330,7 +335,7 @@ class _ImageExport:
     @property
     def recipe(self) -> str:
         """The int8 recipe this export makes, recorded in its file."""
-        return int8_recipe(self.quantization, self.profile)
+        return int8_recipe(self.quantization, self.graph)
 
     @property
     def meta(self) -> dict[str, str]:
@@ -797,32 +802,42 @@ def _verify_text_graph(tower, enc, path: Path, masked: bool = True) -> tuple[str
 # "matmul-float-out+conv+cpu-graph" and its QDQ "matmul-float-out+conv" (Relus, Gemms and pools in
 # float); "matmul-float-out" from 2026-12-03; "matmul-qdq-out" before.
 INT8_RECIPES = {"static": CPU_GRAPH_RECIPE, "static-qdq": FUSED_RECIPE, "dynamic": "matmul-dynamic"}
-# --int8-profile: which static CPU graph the export writes. "vnni": CPU_GRAPH_RECIPE, the fastest
-# where the int8 GEMMs are most of the time (AVX-512 VNNI, AVX-VNNI, AVX2); "amx": AMX_RECIPE, whose
-# attention products stay in float and whose GELUs run in uint8, so that fewer passes turn
-# activations between float and uint8 where AMX makes the GEMMs cheap (README, "Int8 by CPU kind");
-# "auto": the profile of the CPU the export runs on, but the AMX one for a ConvNeXt on every CPU
-# (int8graph.amx_profile_on_every_cpu: faster on the kernels of each kind). Either file runs on every
+# --int8-profile: which static CPU graph the export writes (int8graph.static_graph: by the profile and
+# the tower). "vnni": CPU_GRAPH_RECIPE, the fastest where the int8 GEMMs are most of the time (an
+# AMD EPYC's AVX-512 VNNI), and for a ConvNeXt DEPTHWISE_RECIPE, its depthwise convolutions in float;
+# "amx": AMX_RECIPE, whose attention products (a ConvNeXt's depthwise convolutions) stay in float and
+# whose GELUs run in uint8, so that fewer passes turn activations between float and uint8 where the
+# GEMMs are cheap against them (AMX; and Intel's cores with their AVX-512 VNNI or AVX2 kernels, README
+# "Int8 by CPU kind"); "auto": the profile of the CPU the export runs on. Either file runs on every
 # CPU, batch-independent.
 # INT8_PROFILES (pipeline/backends.py, which the command line reads without importing this module).
 
 
 def int8_profile(profile: str = "auto") -> str:
     """The CPU kind `profile` names: "auto" is "amx" on a CPU with AMX int8 (amx_int8 in /proc/cpuinfo,
-    less what a CPUID mask hides), "vnni" elsewhere (where the export may still write a ConvNeXt's
-    AMX graph: `amx_profile_on_every_cpu`)."""
+    less what a CPUID mask hides) and on an Intel CPU with AVX2 or more, "vnni" elsewhere (an AMD
+    EPYC). On a Xeon's cores with CPUID masked to the AVX-512 VNNI and AVX2 kernels, the AMX graph
+    ran 0.98-1.05x the VNNI graph's speed with conversion + Add at 3.0-8.8% of kernel time against
+    7.1-22.9% (every family's; the ViTs' VNNI graph over the 10% bar on the VNNI kernels); on an AMD
+    EPYC it ran 0.93-0.99x (a ConvNeXt's 0.87x) where the VNNI graph already converts 4.9-5.6%
+    (README, "Other CPU kinds' kernels", "Int8 by CPU kind")."""
     if profile not in INT8_PROFILES:
         raise PipelineError(f"unknown int8 profile {profile!r}; expected one of {', '.join(INT8_PROFILES)}")
     if profile == "auto":
-        isa = cpu_info().get("isa")
-        return "amx" if isinstance(isa, (list, tuple, set)) and "amx_int8" in isa else "vnni"
+        found = cpu_info().get("isa")
+        isa = set(found) if isinstance(found, (list, tuple, set)) else set()
+        intel = cpu_vendor() == "GenuineIntel" and "avx2" in isa
+        return "amx" if "amx_int8" in isa or intel else "vnni"
     return profile
 
 
-def int8_recipe(quantization: str, profile: str = "vnni") -> str:
-    """The recipe an export of `quantization` with the resolved `profile` records in its file: the
-    AMX profile changes the static CPU graph alone (portable QDQ and dynamic files are one recipe)."""
-    return AMX_RECIPE if quantization == "static" and profile == "amx" else INT8_RECIPES[quantization]
+def int8_recipe(quantization: str, graph: str = VNNI_GRAPH) -> str:
+    """The recipe an export of `quantization` writing the static CPU `graph` (int8graph.static_graph:
+    "vnni", "amx", "float-depthwise") records in its file: the graph changes the static CPU file alone
+    (portable QDQ and dynamic files are one recipe)."""
+    if quantization != "static":
+        return INT8_RECIPES[quantization]
+    return {AMX_GRAPH: AMX_RECIPE, DEPTHWISE_GRAPH: DEPTHWISE_RECIPE}.get(graph, INT8_RECIPES[quantization])
 
 # What the export's summary says of each (--quantization).
 INT8_FORMATS = {"static": "static, saved as onnxruntime's CPU runs it (--quantization static-qdq for portable QDQ)",
@@ -874,25 +889,23 @@ def calibration_batch(model: Any) -> int:
 
 
 def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray, per_channel: bool,
-                     external: bool = False, amx: bool = False, auto: bool = False) -> tuple[bool, int]:
+                     external: bool = False, profile: str | None = None) -> tuple[str, int]:
     """QDQ int8 for MatMul, the convolutions (a ViT's patch convolution, a ResNet's every one, its
     Relus folded into them) and every Gemm over every position: uint8 asymmetric activations
     (MinMax ranges), 7-bit int8 weights, MatMul and Gemm outputs in float. external: the fp32
     file's weights are in a .data file, and so are those of every file made on the way.
-    amx: the AMX profile, where the tower has GELUs it writes in uint8 (`takes_amx_profile`: CLIP's
-    sigmoid GELU, SigLIP's tanh, open_clip's and timm's exact one): a transformer's MatMuls of two
-    activations (attention products) or a ConvNeXt's depthwise convolutions stay in float, and the
-    uint8 GELU (`uint8_gelus_of`) follows. A tower without GELUs (a ResNet) gets the VNNI graph.
-    auto: the profile was "auto", and a tower the AMX profile serves on every CPU kind (a ConvNeXt,
-    `amx_profile_on_every_cpu`) gets it where `amx` is false too. Returns whether the AMX profile
-    was made, and how many pictures were calibrated at a time (`calibration_batch`), for the uint8
-    GELUs' ranges."""
+    profile: the static CPU graph's profile ("amx", "vnni"; None: the VNNI graph, as portable QDQ
+    is), which with the tower decides the graph (int8graph.static_graph): the AMX graph leaves a
+    transformer's MatMuls of two activations (attention products) or a ConvNeXt's depthwise
+    convolutions in float, and the uint8 GELU (`uint8_gelus_of`) follows; the VNNI profile's graph
+    for a ConvNeXt leaves its depthwise convolutions in float. Returns the graph made, and how many
+    pictures were calibrated at a time (`calibration_batch`), for the uint8 GELUs' ranges."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
                       all_tensors_to_one_file=True, external_data_location=f"{pre.name}.data")
-    in_float, amx, batch = _before_quantization(pre, per_channel, amx, auto)
+    excluded, graph, batch = _before_quantization(pre, per_channel, profile)
     log.info("calibrating %d picture(s) at a time", batch)
     Reader = calibration_reader(calib_pixels, batch)
     quantize_static(
@@ -912,7 +925,7 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
         # attention output projection, a ResNet's attention pool) is a MatMul written otherwise;
         # one of a row per picture (a final projection) stays float, as it always was.
         op_types_to_quantize=["MatMul", "Conv", "Relu", "Clip", "Gemm"],
-        nodes_to_exclude=in_float,
+        nodes_to_exclude=excluded,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         per_channel=per_channel,
@@ -925,19 +938,19 @@ def _quantize_static(fp32: Path, pre: Path, out: Path, calib_pixels: np.ndarray,
         # and closer to fp32 (benchmarks/int8_recipes.py); _save_cpu_graph then fuses the bias.
         extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
     )
-    return amx, batch
+    return graph, batch
 
 
-def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False,
-                         auto: bool = False) -> tuple[list[str], bool, int]:
+def _before_quantization(pre: Path, per_channel: bool = True,
+                         profile: str | None = None) -> tuple[list[str], str, int]:
     """The float graph at `pre` with its pools rewritten as int8 runs them best
     (int8graph.pools_as_convolutions) and, for per-channel weights, its layer scales folded into the
     MatMul before them (int8graph.scales_into_matmuls: a ConvNeXt's); a ViT has neither, and its
     file is left as it is. Returns the names of the Gemms that do not run over every position
     (`per_position_gemm`), for the quantizer to leave in float (it matches nodes by name: an unnamed
-    Gemm is named first), and for the AMX profile, where the tower takes it (`takes_amx_profile`),
-    those of the MatMuls of two activations or, in a tower without them, of the depthwise
-    convolutions (`amx_in_float`); whether that profile is made;
+    Gemm is named first), and those the static graph of `profile` for this tower leaves in float
+    (int8graph.static_graph, `in_float`: the AMX graph's attention products or, in a tower without
+    them, depthwise convolutions; a ConvNeXt's depthwise convolutions under "vnni"); that graph;
     and the calibration batch (`calibration_batch`, of the graph as loaded here: parsed once). The
     file is saved again only where a node was rewritten or named."""
     import onnx
@@ -947,8 +960,8 @@ def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False,
     unnamed = sum(not n.name for n in model.graph.node)
     # the graph as exported (a benchmark asks the fp32 file the same); before the pools become
     # depthwise convolutions, which are for int8
-    amx = makes_amx_profile(model, amx, auto)
-    in_float = amx_in_float(model) if amx else []
+    graph = static_graph(model, profile) if profile else VNNI_GRAPH
+    floats = in_float(model, graph)
     changed = pools_as_convolutions(model)
     if per_channel:
         changed += scales_into_matmuls(model)
@@ -957,7 +970,7 @@ def _before_quantization(pre: Path, per_channel: bool = True, amx: bool = False,
         node.name = node.name or f"gemm_{i}_{node.output[0]}"
     if changed or sum(not n.name for n in model.graph.node) < unnamed:
         onnx.save(model, str(pre))
-    return [n.name for n in gemms if not per_position_gemm(model, n)] + in_float, amx, batch
+    return [n.name for n in gemms if not per_position_gemm(model, n)] + floats, graph, batch
 
 
 def uint8_gelus_of(model, calib_pixels: np.ndarray, batch: int = 8) -> None:
@@ -966,7 +979,7 @@ def uint8_gelus_of(model, calib_pixels: np.ndarray, batch: int = 8) -> None:
     MatMul's output range is calibrated as the quantizer calibrates (MinMax over the same pictures,
     in its batches), but on this int8 graph's outputs, those the GELU will read, not the fp32 graph's."""
     chains = gelu_chains(model)
-    if not chains:  # the float graph's GELUs (takes_amx_profile) did not reach the CPU graph as chains
+    if not chains:  # the float graph's GELUs (static_graph) did not reach the CPU graph as chains
         log.warning("AMX profile: no GELU between two int8 MatMuls to run in uint8; the attention products or "
                     "depthwise convolutions alone are in float")
         return

@@ -14,8 +14,9 @@ contrib op of onnxruntime), and two more:
   convolution is quantized) reads the int8 tensor, which then is not dequantized at all.
 
 The export writes the rewritten graph (recipe CPU_GRAPH_RECIPE; for `--int8-profile amx` and a
-tower with GELUs, `takes_amx_profile`, AMX_RECIPE: `activation_products` (a transformer's) or
-`depthwise_convolutions` (a ConvNeXt's) left in float before quantizing and `uint8_gelu` after):
+tower with GELUs, AMX_RECIPE: `activation_products` (a transformer's) or `depthwise_convolutions` (a
+ConvNeXt's) left in float before quantizing and `uint8_gelu` after; for `--int8-profile vnni` and a
+ConvNeXt, DEPTHWISE_RECIPE: its depthwise convolutions in float; `static_graph` chooses):
 the file is the graph every
 onnxruntime CPU session runs, in the user's own program too, with no step of ours (figures in the
 README, "Int8 recipes"). It is for onnxruntime's CPU provider, where the int8 file belongs: a GPU
@@ -73,8 +74,11 @@ CPU_GRAPH_RECIPE = FUSED_RECIPE + "+cpu-graph"
 # convolutions the part left in float (`depthwise_convolutions`; it has no attention products), with
 # the same recipe name: the export wrote the VNNI recipe for such a tower before.
 AMX_RECIPE = CPU_GRAPH_RECIPE + "+float-attention+uint8-gelu+bias-columns"
+# The VNNI profile's graph for a ConvNeXt since 2026-12-07 (`static_graph`): its depthwise convolutions
+# left in float, nothing else changed; the export wrote the AMX recipe for it on every CPU before.
+DEPTHWISE_RECIPE = CPU_GRAPH_RECIPE + "+float-depthwise"
 CPU_GRAPH_RECIPES = frozenset({"matmul-float-out+conv+cpu-graph", CPU_GRAPH_RECIPE,
-                               CPU_GRAPH_RECIPE + "+float-attention+uint8-gelu", AMX_RECIPE})
+                               CPU_GRAPH_RECIPE + "+float-attention+uint8-gelu", AMX_RECIPE, DEPTHWISE_RECIPE})
 META_INT8_RECIPE = "fashion_pipeline.int8_recipe"  # also pipeline/export.py's
 
 
@@ -644,39 +648,45 @@ def has_sigmoid_gelu(model: Any) -> bool:
     return bool(_sigmoid_gates(model))
 
 
-def takes_amx_profile(model: Any) -> bool:
-    """Whether the AMX profile is made for a float graph: a tower with GELUs `uint8_gelu` writes in
-    uint8 (sigmoid ones, CLIP's, or ones `fuse_gelu` makes one op of: SigLIP's tanh GELU, open_clip's
-    and timm's exact one) and a part the profile leaves in float: a transformer's attention products
-    (MatMuls of two activations) or a ConvNeXt's depthwise convolutions. A ResNet has no GELU and
-    gets the VNNI graph. (ConvNeXt-T's GELUs in uint8 alone ran 0.955-1.01x on an AMX Xeon; with its
-    depthwise convolutions in float too, 1.00-1.04x: README, "ConvNeXt is over the bar".) A tower
-    with attention products and depthwise convolutions both (a hybrid: unmeasured) leaves only its
-    attention products in float (`amx_in_float`)."""
-    return makes_amx_profile(model, amx=True, auto=False)
+# The static CPU graphs the export writes (`static_graph`), by the profile asked and the tower.
+VNNI_GRAPH, AMX_GRAPH, DEPTHWISE_GRAPH = "vnni", "amx", "float-depthwise"
 
 
-def amx_profile_on_every_cpu(model: Any) -> bool:
-    """Whether `--int8-profile auto` writes the AMX profile for this float graph on a CPU without AMX
-    too: a convolutional tower with depthwise convolutions and GELUs (a ConvNeXt) and no attention
-    products. Its file ran faster than the VNNI graph on the kernels of every CPU kind and under the
-    conversion bar on each: on an AMX Xeon 1.00-1.04x (25.9% -> 9.4-10.0% conversion + Add), on the
-    same Xeon with CPUID masked to AVX-512 VNNI 1.05-1.07x (22.9% -> 8.8%) and to AVX2 1.05-1.08x
-    (18.2% -> 6.6%) (README, "Other CPU kinds' kernels"). A transformer's AMX file ran 0.98-1.04x
-    there, FashionCLIP's 0.98-0.99x, and keeps the VNNI graph off AMX."""
-    return makes_amx_profile(model, amx=False, auto=True)
-
-
-def makes_amx_profile(model: Any, amx: bool, auto: bool) -> bool:
-    """Whether the static export writes the AMX profile's graph for the float graph `model`: asked
-    for it (amx: "amx", or "auto" on an AMX CPU) and the tower takes it (`takes_amx_profile`), or
-    asked "auto" (auto) and the tower is one it serves on every CPU (`amx_profile_on_every_cpu`).
+def static_graph(model: Any, profile: str) -> str:
+    """Which static CPU graph the export writes for the float graph `model` under the resolved
+    `profile` ("amx" or "vnni", pipeline/export.py's `int8_profile`):
+    - AMX_GRAPH under "amx" for a tower with GELUs `uint8_gelu` writes in uint8 (sigmoid ones, CLIP's,
+      or ones `fuse_gelu` makes one op of: SigLIP's tanh GELU, open_clip's and timm's exact one) and a
+      part left in float: a transformer's attention products (MatMuls of two activations) or a
+      ConvNeXt's depthwise convolutions. A tower with both (a hybrid: unmeasured) leaves only its
+      attention products in float (`amx_in_float`).
+    - DEPTHWISE_GRAPH under "vnni" for a ConvNeXt (depthwise convolutions and GELUs, no attention
+      products): its depthwise convolutions in float, its GELUs as the VNNI graph's. On an AMD EPYC
+      (AVX-512 VNNI and AVX-VNNI, 2026-12-07) it ran 0.95x the VNNI graph with conversion + Add at
+      9.3% of kernel time against 16.1%, where the AMX graph ran 0.87x (4.9%): its uint8 GELU, three
+      QLinearMuls a value for the exact GELU, costs more there than the float one (README, "ConvNeXt
+      is over the bar").
+    - VNNI_GRAPH otherwise: a ResNet (no GELU) under either profile, a ViT under "vnni".
     Each part of the graph is looked for once."""
-    if not (amx or auto):
-        return False
     attention, depthwise = bool(_activation_matmuls(model)), bool(_depthwise_convs(model))
-    wanted = (attention or depthwise) if amx else (depthwise and not attention)
-    return wanted and (has_sigmoid_gelu(model) or fuse_gelu(model, rewrite=False) > 0)
+    if profile == "amx":
+        wanted = attention or depthwise
+    elif profile == "vnni":
+        wanted = depthwise and not attention
+    else:
+        raise ValueError(f"unknown int8 profile {profile!r}")
+    if not (wanted and (has_sigmoid_gelu(model) or fuse_gelu(model, rewrite=False) > 0)):
+        return VNNI_GRAPH
+    return AMX_GRAPH if profile == "amx" else DEPTHWISE_GRAPH
+
+
+def in_float(model: Any, graph: str) -> list[str]:
+    """The nodes of a float graph `graph` leaves to the quantizer's `nodes_to_exclude` (named first
+    where unnamed): the AMX graph's (`amx_in_float`), the depthwise convolutions of DEPTHWISE_GRAPH,
+    none for the VNNI graph."""
+    if graph == AMX_GRAPH:
+        return amx_in_float(model)
+    return depthwise_convolutions(model) if graph == DEPTHWISE_GRAPH else []
 
 
 def sigmoid_gelus(model: Any) -> list[tuple[Any, ...]]:

@@ -37,9 +37,9 @@ def cpuid_mask() -> str | None:
 
 
 @lru_cache(maxsize=1)
-def _cpuinfo() -> tuple[str, frozenset[str]]:
-    """(model name, flags) of /proc/cpuinfo's first processor; ("", empty) without the file."""
-    model, flags = "", frozenset[str]()
+def _cpuinfo() -> tuple[str, frozenset[str], str]:
+    """(model name, flags, vendor) of /proc/cpuinfo's first processor; ("", empty, "") without the file."""
+    model, flags, vendor = "", frozenset[str](), ""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
@@ -49,14 +49,22 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
         key = key.strip()
         if key == "model name" and not model:
             model = value.strip()
+        elif key == "vendor_id" and not vendor:
+            vendor = value.strip()
         elif key in ("flags", "Features") and not flags:
             flags = frozenset(value.split())
-    return model, flags
+    return model, flags, vendor
 
 
 def cpu_flags() -> frozenset[str]:
     """Every flag /proc/cpuinfo gives this CPU (empty without it), masked or not."""
     return _cpuinfo()[1]
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"; "" without it). A CPUID mask
+    (benchmarks/cpu_kind.py) leaves it as it is: the other kind's kernels run on this vendor's cores."""
+    return _cpuinfo()[2]
 
 
 @lru_cache(maxsize=1)
@@ -67,7 +75,7 @@ def cpu_info() -> dict[str, object]:
     /proc/cpuinfo (macOS, Windows) the list is empty and the model is platform.processor(). Under a
     CPUID mask (cpuid_mask()) the masked ones are left out and "masked" names the kind.
     """
-    model, flags = _cpuinfo()
+    model, flags, _ = _cpuinfo()
     masked = cpuid_mask()
     info: dict[str, object] = {
         "model": model or platform.processor() or "unknown",

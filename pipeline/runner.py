@@ -52,6 +52,7 @@ from .galleries import group_by, open_gallery, open_searcher, store_embedder_not
 from .hub import go_offline_unless_reachable
 from .images import ImageDecodeError, decode_image
 from .index import INDEX_FILE
+from .int8graph import DEPTHWISE_GRAPH
 from .metadata import load_metadata
 from .modes import selected_mode
 from .pictures import PictureJob, draw_pictures, picture_name
@@ -672,11 +673,11 @@ def _run_export(cfg: RunConfig, sample_rows: int) -> RunSummary:
     summary.notes.extend(report.lines())
     summary.count("verification images", report.images)
     kind = INT8_FORMATS.get(cfg.export.quantization, cfg.export.quantization)
-    if cfg.export.quantization == "static":  # the profile written: a tower without the AMX one's gets vnni's
-        auto = cfg.export.int8_profile == "auto"
-        why = (" (this CPU's)" if report.profile == int8_profile("auto")
-               else " (this tower's on every CPU)" if report.profile == "amx" else "")
-        kind += f"; {report.profile} profile" + (why if auto else "")
+    if cfg.export.quantization == "static":  # the profile written: a tower without an AMX graph gets vnni's
+        mine = cfg.export.int8_profile == "auto" and report.profile == int8_profile("auto")
+        kind += f"; {report.profile} profile" + (" (this CPU's)" if mine else "")
+        if report.graph == DEPTHWISE_GRAPH:
+            kind += ", depthwise convolutions in float"
     summary.outputs["int8 model"] = f"{report.int8_path} ({kind})"
     summary.outputs["fp32 model"] = str(report.fp32_path)
     text = text_onnx_path_for(report.int8_path)

@@ -377,13 +377,13 @@ def test_a_benchmark_expects_the_recipe_the_export_writes_for_each_tower(tiny_on
     """`Assets.onnx` expects the export's recipe under --int8-profile auto, read from the fp32 file
     beside the int8 one, parsed once per version of that file and CPU kind: on an AMX CPU (its
     profile patched in here) the AMX recipe for a tower with GELUs and the VNNI one for a ResNet's,
-    with none (the export's fallback); on a VNNI CPU the VNNI recipe for a ViT and the AMX one for a
-    ConvNeXt (depthwise convolutions and GELUs: int8graph.amx_profile_on_every_cpu)."""
+    with none (the export's fallback); on a VNNI CPU the VNNI recipe for a ViT and a ResNet, and the
+    float-depthwise one for a ConvNeXt (depthwise convolutions and GELUs: int8graph.static_graph)."""
     import onnx
     from benchmarks import common
     from onnx import TensorProto, helper, numpy_helper
     from pipeline import export
-    from pipeline.int8graph import AMX_RECIPE
+    from pipeline.int8graph import AMX_RECIPE, DEPTHWISE_RECIPE
 
     def fp32_file(name: str, nodes: list, inits: list) -> Path:
         graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 8, 8])],
@@ -400,7 +400,7 @@ def test_a_benchmark_expects_the_recipe_the_export_writes_for_each_tower(tiny_on
         helper.make_node("Mul", ["y", "s"], ["gelu"])],
         [numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "dw"),
          numpy_helper.from_array(np.array(1.702, np.float32), "c")])
-    common._makes_amx_profile.cache_clear()
+    common._static_graph.cache_clear()
     monkeypatch.setattr(export, "int8_profile", lambda profile="auto": "amx")
     assert common.Assets._default_recipe(tiny_onnx, "static") == AMX_RECIPE  # CLIP: attention and QuickGelu
     for _ in range(2):
@@ -409,7 +409,7 @@ def test_a_benchmark_expects_the_recipe_the_export_writes_for_each_tower(tiny_on
     assert common.Assets._default_recipe(convnext, "static") == AMX_RECIPE
     monkeypatch.setattr(export, "int8_profile", lambda profile="auto": "vnni")
     assert common.Assets._default_recipe(tiny_onnx, "static") == export.INT8_RECIPES["static"]
-    assert common.Assets._default_recipe(convnext, "static") == AMX_RECIPE
+    assert common.Assets._default_recipe(convnext, "static") == DEPTHWISE_RECIPE
     assert common.Assets._default_recipe(conv, "static") == export.INT8_RECIPES["static"]
-    info = common._makes_amx_profile.cache_info()
+    info = common._static_graph.cache_info()
     assert (info.misses, info.hits) == (6, 1)  # each file parsed once per CPU kind

@@ -218,7 +218,7 @@ def _job_ready_to_move(tmp_path: Path, tag: str) -> export._ImageExport:
 
     job = export._ImageExport.__new__(export._ImageExport)
     job.model, job.quantization, job.per_channel = f"model-{tag}", "static", True
-    job.profile = "vnni"  # its recipe follows (the VNNI graph)
+    job.profile, job.graph = "vnni", "vnni"  # its recipe follows (the VNNI graph)
     job.int8_path = tmp_path / "m_int8.onnx"
     job.fp32_path = export.fp32_path_for(job.int8_path)
     job.family, job.prep = SimpleNamespace(name="clip"), PreprocessConfig()
@@ -575,39 +575,77 @@ def test_a_tanh_or_exact_gelu_in_uint8_is_within_a_step_of_the_gelu_of_its_uint8
     assert np.abs(emulated.astype(int) - y).max() <= 1 and (emulated == y).mean() > 0.99
 
 
-def test_auto_int8_profile_is_the_cpus(monkeypatch):
-    """--int8-profile auto: amx on a CPU with AMX int8, vnni on any other; an unknown one refused."""
-    monkeypatch.setattr(export, "cpu_info", lambda: {"isa": ["avx2", "avx512f", "avx512_vnni", "amx_int8"]})
-    assert export.int8_profile() == export.int8_profile("auto") == "amx"
-    assert export.int8_profile("vnni") == "vnni"
-    monkeypatch.setattr(export, "cpu_info", lambda: {"isa": ["avx2"]})
-    assert export.int8_profile() == "vnni" and export.int8_profile("amx") == "amx"
+@pytest.mark.parametrize("vendor, isa, auto", [
+    ("GenuineIntel", ["avx2", "avx512f", "avx512_vnni", "amx_int8"], "amx"),  # a Xeon with AMX
+    ("GenuineIntel", ["avx2", "avx512f", "avx512_vnni"], "amx"),  # Cascade Lake, Ice Lake
+    ("GenuineIntel", ["avx2", "avx_vnni"], "amx"),  # a laptop's
+    ("GenuineIntel", [], "vnni"),  # no AVX2: no kernel of Intel's measured
+    ("AuthenticAMD", ["avx2", "avx512f", "avx512_vnni", "avx_vnni"], "vnni"),  # an EPYC
+    ("AuthenticAMD", ["avx2"], "vnni"),
+    ("", ["avx2", "amx_int8"], "amx"),  # AMX from whoever makes it
+    ("", ["avx2"], "vnni"),  # no /proc/cpuinfo vendor (another OS)
+])
+def test_auto_int8_profile_is_the_cpus(monkeypatch, vendor, isa, auto):
+    """--int8-profile auto: amx on a CPU with AMX int8 and on Intel's with AVX2 or more, vnni on any
+    other; a named one as named; an unknown one refused."""
+    monkeypatch.setattr(export, "cpu_info", lambda: {"isa": isa})
+    monkeypatch.setattr(export, "cpu_vendor", lambda: vendor)
+    assert export.int8_profile() == export.int8_profile("auto") == auto
+    assert export.int8_profile("vnni") == "vnni" and export.int8_profile("amx") == "amx"
     with pytest.raises(export.PipelineError, match="unknown int8 profile 'avx'; expected one of auto, vnni, amx"):
         export.int8_profile("avx")
-    assert export.int8_recipe("static", "amx").endswith("+float-attention+uint8-gelu+bias-columns")
-    assert export.int8_recipe("static-qdq", "amx") == export.INT8_RECIPES["static-qdq"]  # portable QDQ: one recipe
 
 
-def test_auto_gives_a_convnext_the_amx_profile_on_a_cpu_without_amx(tiny_onnx, tmp_path, monkeypatch, capsys):
-    """--int8-profile auto on a VNNI CPU: a ConvNeXt's file is the AMX profile's (faster on the kernels
-    of every CPU kind, README "Other CPU kinds' kernels"), said so in the summary; a ViT's is the VNNI
-    graph; --int8-profile vnni asked for gives a ConvNeXt the VNNI graph."""
+def test_the_recipe_recorded_is_the_graphs():
+    """Each static CPU graph records its own recipe; portable QDQ and dynamic files one recipe each."""
+    assert export.int8_recipe("static", "amx").endswith("+cpu-graph+float-attention+uint8-gelu+bias-columns")
+    assert export.int8_recipe("static", "float-depthwise").endswith("+cpu-graph+float-depthwise")
+    assert export.int8_recipe("static", "vnni") == export.int8_recipe("static") == export.INT8_RECIPES["static"]
+    for graph in ("vnni", "amx", "float-depthwise"):
+        assert export.int8_recipe("static-qdq", graph) == export.INT8_RECIPES["static-qdq"]
+        assert export.int8_recipe("dynamic", graph) == export.INT8_RECIPES["dynamic"]
+
+
+def test_auto_on_an_amd_cpu_gives_a_convnext_its_depthwise_convolutions_in_float(tiny_onnx, tmp_path, monkeypatch,
+                                                                               capsys):
+    """--int8-profile auto on an AMD EPYC: a ConvNeXt's file is the VNNI profile's with its depthwise
+    convolutions in float (DEPTHWISE_RECIPE: under the conversion bar there, faster than its AMX
+    graph, README "ConvNeXt is over the bar"), said so in the summary; on an Intel CPU it is the AMX
+    graph; a ViT's is the VNNI graph on AMD, the AMX one on Intel; a ResNet's the VNNI graph on both."""
     pytest.importorskip("open_clip")
     from pipeline.embedders import file_metadata
-    from pipeline.int8graph import AMX_RECIPE, amx_profile_on_every_cpu
+    from pipeline.int8graph import DEPTHWISE_RECIPE, static_graph
     from tests import assets
 
     monkeypatch.setattr(export, "cpu_info", lambda: {"isa": ["avx2", "avx512f", "avx512bw", "avx512_vnni"]})
+    monkeypatch.setattr(export, "cpu_vendor", lambda: "AuthenticAMD")
     model = assets.save_tiny_open_clip(tmp_path / "m", convnext=True)[1]
     target = tmp_path / "auto_int8.onnx"
     assert cli.main(["--export-onnx", "--model", str(model), "--onnx", str(target)]) == 0
     assert (f"int8 model -> {target} (static, saved as onnxruntime's CPU runs it (--quantization static-qdq for "
-            "portable QDQ); amx profile (this tower's on every CPU))") in capsys.readouterr().out
-    assert file_metadata(target)[export.META_INT8_RECIPE] == AMX_RECIPE
-    assert amx_profile_on_every_cpu(onnx.load(str(export.fp32_path_for(target))))
-    # a ViT's graph gets the VNNI one there (`--int8-profile vnni` gives a ConvNeXt the VNNI graph: the
-    # every-family test below exports it so)
-    assert not amx_profile_on_every_cpu(onnx.load(str(export.fp32_path_for(tiny_onnx))))
+            "portable QDQ); vnni profile (this CPU's), depthwise convolutions in float)") in capsys.readouterr().out
+    assert file_metadata(target)[export.META_INT8_RECIPE] == DEPTHWISE_RECIPE
+    convnext, vit = (onnx.load(str(export.fp32_path_for(p))) for p in (target, tiny_onnx))
+    assert [static_graph(convnext, p) for p in ("vnni", "amx")] == ["float-depthwise", "amx"]
+    assert [static_graph(vit, p) for p in ("vnni", "amx")] == ["vnni", "amx"]
+    resnet = onnx.load(str(export.fp32_path_for(_tiny_resnet_onnx(tmp_path))))
+    assert [static_graph(resnet, p) for p in ("vnni", "amx")] == ["vnni", "vnni"]
+    with pytest.raises(ValueError, match="unknown int8 profile 'auto'"):  # resolved before it is asked
+        static_graph(vit, "auto")
+
+
+def _tiny_resnet_onnx(tmp_path: Path) -> Path:
+    """A float graph of a ResNet's kind for `static_graph`: a convolution, a Relu, no GELU."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["y"], ["z"])],
+        "resnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "w")])
+    path = tmp_path / "resnet_image_int8_static.onnx"
+    onnx.save(helper.make_model(graph), str(export.fp32_path_for(path)))
+    return path
 
 
 @pytest.mark.parametrize("family, profile", [("siglip", "amx"), ("siglip", "vnni"), ("open_clip", "amx"),
@@ -641,17 +679,20 @@ def test_int8_exports_of_every_family_pass_on_avx2_without_vnni(family, profile,
     # GELUs in uint8 (`uint8_gelu`; open_clip's exact GELU, SigLIP's tanh one, each tower's 2 layers,
     # the tiny ConvNeXt's 4 blocks); a ResNet, with none, gets the VNNI graph.
     assert report.profile == ("vnni" if family.endswith("resnet") else profile)
+    assert report.graph == ("float-depthwise" if family.endswith("convnext") and profile == "vnni" else report.profile)
     graph = onnx.load(str(path)).graph
     ops = [n.op_type for n in graph.node]
     if report.profile == "amx":
         assert ops.count("QLinearSigmoid") >= 2 and "Gelu" not in ops and "FastGelu" not in ops, ops
-    if family.endswith("convnext"):  # AMX: its depthwise convolutions in float, its others in int8
+    if family.endswith("convnext"):  # either profile: its depthwise convolutions in float, its others in int8
         made_by = {o: n.op_type for n in graph.node for o in n.output}
         convs = [(any(a.name == "group" and a.i > 1 for a in n.attribute), made_by.get(n.input[1]))
                  for n in graph.node if n.op_type == "Conv"]
+        # its GELUs in uint8 under amx, onnxruntime's float Gelu under vnni
         assert ops.count("QLinearSigmoid") == (4 if profile == "amx" else 0), ops
-        depthwise = None if profile == "amx" else "DequantizeLinear"  # a weight made by no node: a float one
-        assert collections.Counter(convs) == {(False, "DequantizeLinear"): 4, (True, depthwise): 4}, convs
+        assert ops.count("Gelu") + ops.count("FastGelu") == (0 if profile == "amx" else 4), ops
+        # a depthwise weight made by no node: a float one
+        assert collections.Counter(convs) == {(False, "DequantizeLinear"): 4, (True, None): 4}, convs
     assert max(int(np.abs(w.astype(int)).max()) for w in _int8_weights(path)) <= 64
     pixels = preprocess_batch(export.verification_images(8), OnnxEmbedder(path).preprocess_cfg)
     ref = export.run_onnx(ort, export.fp32_path_for(path), pixels)
@@ -1038,10 +1079,10 @@ def test_pools_that_tile_their_input_become_depthwise_convolutions_with_the_same
 
 
 def test_the_amx_profile_leaves_only_true_depthwise_convolutions_in_float(tmp_path):
-    """A convolutional tower with GELUs takes the AMX profile by its depthwise convolutions (groups
-    of one input channel: a ConvNeXt's 7x7), which it leaves in float; not by a grouped convolution
-    of several channels a group, nor by the depthwise convolution a tiling pool becomes for int8
-    (`pools_as_convolutions`), which stays quantized."""
+    """A convolutional tower with GELUs takes the AMX graph, and the VNNI profile's float-depthwise
+    one, by its depthwise convolutions (groups of one input channel: a ConvNeXt's 7x7), which either
+    leaves in float; not by a grouped convolution of several channels a group, nor by the depthwise
+    convolution a tiling pool becomes for int8 (`pools_as_convolutions`), which stays quantized."""
     from onnx import TensorProto, helper, numpy_helper
 
     def tower(depthwise: bool) -> onnx.ModelProto:
@@ -1062,11 +1103,12 @@ def test_the_amx_profile_leaves_only_true_depthwise_convolutions_in_float(tmp_pa
 
     path = tmp_path / "pre.onnx"
     for depthwise in (True, False):
-        onnx.save(tower(depthwise), str(path))
-        kept, amx, _ = export._before_quantization(path, amx=True)
-        nodes = onnx.load(str(path)).graph.node
-        assert sum(n.op_type == "Conv" for n in nodes) == 2  # the pool became a depthwise convolution
-        assert (amx, kept) == ((True, ["depthwise"]) if depthwise else (False, [])), depthwise
+        for profile, graph in (("amx", "amx"), ("vnni", "float-depthwise")):
+            onnx.save(tower(depthwise), str(path))
+            kept, made, _ = export._before_quantization(path, profile=profile)
+            nodes = onnx.load(str(path)).graph.node
+            assert sum(n.op_type == "Conv" for n in nodes) == 2  # the pool became a depthwise convolution
+            assert (made, kept) == ((graph, ["depthwise"]) if depthwise else ("vnni", [])), (depthwise, profile)
 
 
 def _scaled_graph() -> onnx.ModelProto:
@@ -1237,10 +1279,10 @@ def test_gemms_of_a_row_per_picture_are_kept_out_of_int8_by_name(tmp_path):
                               value_info=[helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["3*batch", 8])])
     path = tmp_path / "pre.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    kept, amx, batch = export._before_quantization(path)
+    kept, graph, batch = export._before_quantization(path)
     saved = {n.output[0]: n.name for n in onnx.load(str(path)).graph.node}
     assert kept == [saved["per_picture"]] and saved["per_picture"] and saved["per_position"] == "over_positions"
-    assert not amx  # no AMX profile asked for
+    assert graph == "vnni"  # no profile asked for (portable QDQ): the plain graph
     assert batch == 8  # CALIBRATION_BYTES allows the most for so small a graph
 
 
@@ -1267,12 +1309,12 @@ def test_the_amx_profile_saves_the_float_graph_again_only_where_it_named_a_node(
     path = tmp_path / "pre.onnx"
     onnx.save(tower("attention"), str(path))
     os.utime(path, ns=(1, 1))
-    kept, amx, _ = export._before_quantization(path, amx=True)
-    assert amx and kept == ["attention"] and path.stat().st_mtime_ns == 1  # not written again
+    kept, graph, _ = export._before_quantization(path, profile="amx")
+    assert graph == "amx" and kept == ["attention"] and path.stat().st_mtime_ns == 1  # not written again
     onnx.save(tower(""), str(path))
-    kept, amx, _ = export._before_quantization(path, amx=True)
+    kept, graph, _ = export._before_quantization(path, profile="amx")
     names = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "MatMul"]
-    assert amx and kept == names[:1] and names[0].startswith("activation_matmul_")
+    assert graph == "amx" and kept == names[:1] and names[0].startswith("activation_matmul_")
 
 
 def test_the_cpu_graph_of_a_siglip_int8_file_runs_one_gelu_op_each(tmp_path):
