@@ -207,9 +207,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="with --export-onnx --quantization static: the CPU kind the int8 graph is written for: amx (for a "
         "tower with GELUs: CLIP's, SigLIP's, open_clip's ViTs with their attention products in float, a ConvNeXt with "
         "its depthwise convolutions in float; the GELUs in uint8; less conversion where the int8 GEMMs are cheap: "
-        "AMX, and Intel's other kernels), vnni (a ConvNeXt's depthwise convolutions in float, every other tower's "
-        "graph plain: the fastest on an AMD EPYC; a ResNet's under either), auto (this CPU's kind: amx on an Intel "
-        "CPU, vnni on others); either file runs on every CPU",
+        "AMX, and Intel's other kernels), vnni (every tower's graph plain, the fastest on an AMD EPYC, but a "
+        "ConvNeXt's depthwise convolutions in float, under the conversion bar there; a ResNet's graph is plain under "
+        "either), auto (this CPU's kind: amx on a CPU with AMX and on an Intel CPU with AVX2 or more, vnni on "
+        "others); every file runs on every CPU",
     )
     _add(
         model,

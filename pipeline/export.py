@@ -220,7 +220,8 @@ def export_onnx(
         job.quantize(calibration_images)
         report, records = job.verify()
         report.speed_lines = job.speed()
-        report.profile, report.graph = job.profile, job.graph
+        if quantization == "static":  # the others have one graph for every CPU
+            report.profile, report.graph = job.profile, job.graph
         job.write(report, records)
         return report
     except PipelineError:

@@ -65,13 +65,16 @@ def test_export_writes_both_files_with_metadata(quantization, tiny_clip, tmp_pat
     assert len(shares) == 6 and list(shares.values()) == sorted(shares.values(), reverse=True)
     assert (kernel.group(3) == "within") == (float(kernel.group(2)) <= 10.0)
     assert re.search(r"^note: +one picture alone = the same picture in a batch of 32: bit for bit$", out, re.M), out
-    profile = export.int8_profile()  # auto: this CPU's kind (amx on an AMX Xeon, vnni elsewhere)
+    profile = export.int8_profile()  # auto: this CPU's kind (amx on an Intel or AMX CPU, vnni elsewhere)
     kind = {"static": "static, saved as onnxruntime's CPU runs it (--quantization static-qdq for portable QDQ); "
                       f"{profile} profile (this CPU's)",
             "static-qdq": "static, portable QDQ"}[quantization]
     assert f"int8 model -> {target} ({kind})" in out
     recipe = file_metadata(target)[export.META_INT8_RECIPE]
-    assert recipe == export.int8_recipe(quantization, profile)
+    from pipeline.int8graph import static_graph
+
+    graph = static_graph(onnx.load(str(export.fp32_path_for(target))), profile)  # tiny CLIP's: the profile's own
+    assert graph == profile and recipe == export.int8_recipe(quantization, graph)
     assert ("+cpu-graph" in recipe) == (quantization == "static")
     # The default dataset is out of reach here (HF_HUB_OFFLINE): generated pictures, said so.
     assert "calibrated on generated pictures: lirus18/deepfashion could not be read" in out
@@ -1233,8 +1236,9 @@ def test_a_convnext_layer_scale_folds_into_the_same_int8_weights(tmp_path, monke
     pytest.importorskip("timm")
     model = assets.save_tiny_open_clip(tmp_path / "m", convnext=True)[1]
     folded, plain = tmp_path / "folded_int8.onnx", tmp_path / "plain_int8.onnx"
-    # the VNNI graph on every CPU: each block's two MLP MatMuls as MatMulIntegerToFloat (the AMX
-    # profile makes the first a QGemm); the fold is made before quantizing either way
+    # the VNNI profile's graph (its depthwise convolutions in float): each block's two MLP MatMuls as
+    # MatMulIntegerToFloat (the AMX profile makes the first a QGemm); the fold is made before quantizing
+    # either way
     assert export.export_onnx(str(model), folded, profile="vnni").passed
     monkeypatch.setattr(export, "scales_into_matmuls", lambda m: 0)
     assert export.export_onnx(str(model), plain, profile="vnni").passed
