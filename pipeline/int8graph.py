@@ -663,7 +663,7 @@ def static_graph(model: Any, profile: str) -> str:
     - DEPTHWISE_GRAPH under "vnni" for a ConvNeXt (depthwise convolutions and GELUs, no attention
       products): its depthwise convolutions in float, its GELUs as the VNNI graph's. On an AMD EPYC
       (AVX-512 VNNI and AVX-VNNI, 2026-12-07) it ran 0.95x the VNNI graph with conversion + Add at
-      9.3% of kernel time against 16.1%, where the AMX graph ran 0.87x (4.9%): its uint8 GELU, three
+      8.8-10.4% of kernel time (at the bar) against 16.1%, where the AMX graph ran 0.87x (4.9%): its uint8 GELU, three
       QLinearMuls a value for the exact GELU, costs more there than the float one (README, "ConvNeXt
       is over the bar").
     - VNNI_GRAPH otherwise: a ResNet (no GELU) under either profile, a ViT under "vnni".
