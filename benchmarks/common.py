@@ -15,6 +15,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -80,6 +81,61 @@ def machine_line() -> str:
     from pipeline.machine import cpu_info, cpu_label
 
     return f"machine: {cpu_label()}, {cpu_info()['cores']} cores"
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds every core of the machine has spent busy since boot (/proc/stat: user, nice,
+    system, irq, softirq and steal, the last time a hypervisor gave to other machines), or None
+    where /proc/stat cannot be read (not Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds this process (every thread) and its waited-for children have used."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class OtherLoad:
+    """How much of the machine's CPU other processes took while a block ran: the machine's busy
+    time (`machine_busy_seconds`) less this process's own (`own_cpu_seconds`), as a share of the
+    block's wall time on every core. A rate measured in the block is its code's alone only where
+    that share is small: a type checker run beside `benchmarks.embed` once took its end-to-end rate
+    from 65% of the model's to 43% (2026-12-07). `share` is None where the machine's time cannot be
+    read."""
+
+    THRESHOLD = 0.05  # of the machine: above it, a figure is said to be shared
+
+    def __init__(self, busy: Callable[[], float | None] = machine_busy_seconds,
+                 own: Callable[[], float] = own_cpu_seconds, cores: int | None = None) -> None:
+        self._busy, self._own = busy, own
+        self.cores = cores or os.cpu_count() or 1
+        self.share: float | None = None
+
+    def __enter__(self) -> OtherLoad:
+        self._start = (self._busy(), self._own(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, own, wall = self._busy(), self._own(), time.perf_counter()
+        busy0, own0, wall0 = self._start
+        if busy is None or busy0 is None or wall <= wall0:
+            return
+        self.share = max(0.0, (busy - busy0) - (own - own0)) / ((wall - wall0) * self.cores)
+
+    def note(self, what: str) -> str | None:
+        """A line saying that `what` shared the machine, or None where it had the machine to itself."""
+        if self.share is None or self.share < self.THRESHOLD:
+            return None
+        return (f"note: other processes took {self.share:.0%} of the machine's CPU during {what}: its figure is "
+                f"not this code's alone (measure again on a quiet machine)")
 
 
 def photo_like(i: int, w: int = PHOTO_WH[0], h: int = PHOTO_WH[1]) -> Image.Image:

@@ -29,6 +29,7 @@ import numpy as np
 
 from benchmarks.common import (
     Assets,
+    OtherLoad,
     machine_line,
     make_parser,
     parse_args,
@@ -157,8 +158,11 @@ def model_rates(assets: Assets, seconds: float, batches: list[int], int8: list[s
     for name, load in backends.items():
         emb = load()  # one model in memory at a time
         hw = (emb.preprocess_cfg.crop_height, emb.preprocess_cfg.crop_width)
-        table[name] = {b: rate(emb.embed, b, seconds, hw) for b in batches}
+        with OtherLoad() as other:
+            table[name] = {b: rate(emb.embed, b, seconds, hw) for b in batches}
         print(f"{name:40s} " + "  ".join(f"b{b}: {table[name][b]:6.1f} img/s" for b in batches), flush=True)
+        if note := other.note(f"the {name} rates"):
+            print(note, flush=True)
         del emb
     return table
 
@@ -326,10 +330,13 @@ def end_to_end_rounds(assets: Assets, n: int, decodes: list[str], rounds: int) -
     last: dict[str, RunSummary] = {}
     for r in range(rounds):
         for decode in decodes:
-            last[decode] = end_to_end(assets, n, decode)
+            with OtherLoad() as other:
+                last[decode] = end_to_end(assets, n, decode)
             rates[decode].append(n / last[decode].stages["embed"])
             times = ", ".join(f"{k} {v:.1f} s" for k, v in stage_seconds(last[decode]).items())
             print(f"end to end, --decode {decode}, round {r + 1}: {rates[decode][-1]:.1f} img/s ({times})", flush=True)
+            if note := other.note(f"end-to-end round {r + 1}"):
+                print(note, flush=True)
     if len(decodes) > 1 or rounds > 1:
         for decode, got in rates.items():
             print(f"end to end, --decode {decode}: median {statistics.median(got):.1f} img/s of {len(got)} run(s)")
