@@ -32,7 +32,7 @@ from .errors import PipelineError
 from .gpu import DevicePreprocessor, EncodedJpeg, to_host
 from .identity import GallerySource, VectorIdentity
 from .images import ImageDecodeError, decode_image
-from .items import ItemMaker, ItemPipeline, write_image
+from .items import ItemMaker, ItemPipeline, image_reader, sign_resumed, write_image
 from .plots import THUMB_SIZE, make_thumbnail
 from .preprocess import CPU_PIXELS, PIL_PIXELS, resize_for_model, to_model_input
 from .report import RunSummary
@@ -498,6 +498,7 @@ def build_gallery(
     target.images_dir.mkdir(parents=True, exist_ok=True)
     build = StoreBuild(target.store_dir, run_params, fresh=fresh)
     done, next_row = _resume(build, summary)
+    resumed = list(done)  # shards of an earlier run: signed by an earlier signature version, maybe
     plan = Parallelism.choose(embedder, target, batch_size)
     assembler = ShardAssembler(embed_batch or embed_pixels(embedder), batch_size, embedder.dim)
     # pixels made on the CPU: with the resizer the identity names (the device path's other formats: Pillow's)
@@ -518,6 +519,8 @@ def build_gallery(
     summary.timed("embed", time.perf_counter() - t_start, "embed stage (wall)")
     _record_times(summary, plan, times, assembler.infer_seconds, item_stage_name)
     with summary.stage("finalize store"):
+        sign_resumed([r for shard in resumed for r in shard.rows], image_reader(target.images_dir),
+                     embedder.preprocess_cfg.decode_min_side, summary, threads=plan.workers)
         # `done` holds every shard of this run, verified at resume or just written: no second read.
         emb, all_rows = build.finalize(done, identity or embedder.identity, source, embedder.dim, THUMB_SIZE)
         remove_stale_files(target, all_rows)

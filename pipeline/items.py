@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 from .dataset import Record
-from .duplicates import SIGNATURE_MIN_SIDE, item_signals
+from .duplicates import SIGNATURE_MIN_SIDE, SIGNATURE_VERSION, item_signals, signed_now
+from .errors import first_line
 from .fileio import atomic_write_bytes, sha256_bytes
 from .gpu import EncodedJpeg, inspect_jpeg
 from .images import DecodedImage, ImageDecodeError, decode_image, encode_png, sniff_format
@@ -106,6 +108,63 @@ def signals_of(data: bytes, decoded: DecodedImage) -> tuple[str, str]:
         return item_signals(decoded.image)
     small = min(decoded.image.size) < SIGNATURE_MIN_SIDE
     return item_signals(decoded.image, full, decode_image(data, SIGNATURE_MIN_SIDE).image if small else None)
+
+
+def file_signals(name: str, data: bytes, min_side: int | None) -> tuple[str, str]:
+    """(pixel hash, look) of a gallery's image file `name` as its build made them: a segmented
+    gallery's crop (or whole picture, `seg_*`) whole; a standard gallery's photo, its file the
+    dataset's bytes (or their PNG), decoded as the build decoded it, at the model's reduced DCT scale
+    (`min_side`, PreprocessConfig.decode_min_side)."""
+    if name.startswith("seg_"):
+        return item_signals(decode_image(data).image)
+    return signals_of(data, decode_image(data, min_side))
+
+
+def image_reader(images: str | Path) -> Callable[[str], bytes]:
+    """The bytes of a gallery's image file by name, from its folder or its URL (remote.py)."""
+    from .remote import filesystem, is_url
+
+    if is_url(images):
+        fs, root = filesystem(str(images).rstrip("/"))
+        return lambda name: fs.cat_file(f"{root}/{name}")
+    return lambda name: (Path(images) / name).read_bytes()
+
+
+def sign_resumed(rows: Sequence[ManifestRow], read: Callable[[str], bytes], min_side: int | None,
+                 summary: RunSummary, threads: int = 1) -> int:
+    """The lines of a resumed build's shards that an earlier signature version signed (a run
+    interrupted, the code updated, the run resumed), signed again in place from their files, each
+    file once, so that the store comes out as a fresh build's and no photo is left out of duplicate
+    finding; nothing is embedded again. A file that cannot be read or decoded leaves its lines with
+    the signals they had, said. Returns how many lines were signed again."""
+    stale = [r for r in rows if r.file and r.status != "failed" and not signed_now(r.look)]
+    if not stale:
+        return 0
+    files = sorted({r.file for r in stale})
+
+    def sign(name: str) -> tuple[str, str] | str:
+        try:
+            return file_signals(name, read(name), min_side)
+        except Exception as e:  # noqa: BLE001 - any reader's or decoder's error is this file's, said
+            return f"{name}: {first_line(e)}"
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # decoding lets the GIL go
+        got = dict(zip(files, pool.map(sign, files)))
+    signed = 0
+    for r in stale:
+        if isinstance(signals := got[r.file], tuple):
+            r.pixel_hash, r.look = signals
+            signed += 1
+    if signed:
+        summary.count("signed again", signed)
+        summary.notes.append(f"duplicates: {signed} line(s) of the resumed shards signed again ({SIGNATURE_VERSION}: "
+                             "their run began under an earlier signature), from their files; nothing embedded again")
+    if failed := [v for v in got.values() if isinstance(v, str)]:
+        left = len(stale) - signed
+        summary.notes.append(f"duplicates: {left} line(s) of the resumed shards could not be signed again and are left "
+                             f"out of duplicate finding (--update signs them where it can): {'; '.join(failed[:3])}"
+                             + (" ..." if len(failed) > 3 else ""))
+    return signed
 
 
 def make_standard_items(decode_min_side: int, device_decode: bool = False) -> ItemMaker:

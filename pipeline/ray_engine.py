@@ -36,7 +36,7 @@ from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, o
 from .errors import PipelineError, UsageError, first_line
 from .gallery import ShardAssembler, ShardMark, UnitResult
 from .identity import GallerySource, VectorIdentity
-from .items import ItemPipeline, make_segment_items, make_standard_items, write_image
+from .items import ItemPipeline, image_reader, make_segment_items, make_standard_items, sign_resumed, write_image
 from .plots import THUMB_SIZE
 from .preprocess import PIL_PIXELS, PreprocessConfig, normalize_crop
 from .remote import is_url, url_writer
@@ -486,6 +486,9 @@ def _build(
     )
     all_shards = [(done | collector.done)[n] for n in sorted(ranges)]
     with summary.stage("finalize store"):
+        # shards of an earlier run: signed by an earlier signature version, maybe
+        sign_resumed([r for shard in done.values() for r in shard.rows], image_reader(build.images),
+                     embedder.preprocess_cfg.decode_min_side, summary, threads=available_cores())
         emb, rows = store.finalize(all_shards, identity, source, embedder.dim, THUMB_SIZE)
     return emb, rows
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from .config import RunConfig
 from .datarecord import dataset_hashes, known_as_is
 from .dataset import Record, check_dataset, dataset_stamp
-from .duplicates import SIGNATURE_VERSION, item_signals, signed_now
+from .duplicates import SIGNATURE_VERSION, signed_now
 from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError, first_line
 from .fileio import link_or_copy, unlink_quietly
@@ -56,9 +56,8 @@ from .galleries import (
     with_store_embedder,
 )
 from .identity import VectorIdentity, differences
-from .images import decode_image
 from .index import INDEX_META, switch_index, update_index
-from .items import crop_file_name, image_file_name, signals_of
+from .items import crop_file_name, file_signals, image_file_name
 from .preprocess import PreprocessConfig
 from .remedy import DECODE_OF_PIXELS
 from .report import RunSummary
@@ -471,10 +470,7 @@ def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], s
 
     def sign(name: str) -> tuple[str, str] | str:
         try:
-            data = read(name)
-            if name.startswith("seg_"):  # a crop (or a whole picture) of a segmented gallery, as cut
-                return item_signals(decode_image(data).image)
-            return signals_of(data, decode_image(data, min_side))
+            return file_signals(name, read(name), min_side)
         except Exception as e:  # noqa: BLE001 - any reader's or decoder's error is this photo's, recorded
             return f"{source_of[name]} ({name}): {first_line(e)}"
 

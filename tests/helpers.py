@@ -59,6 +59,33 @@ def stop_after_shards(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
     return written
 
 
+def signed_earlier_shard(partial: Path, number: int) -> int:
+    """Rewrite a completed shard of an unfinished run (<store>/.partial) as a run of the signature
+    before this one left it: each look written as `look-3:...`, the shard's .done hashes made to
+    match (still complete). Returns how many lines it rewrote."""
+    import csv
+    import hashlib
+    import io
+    import json
+
+    path, done_path = partial / f"shard_{number:05d}.csv", partial / f"shard_{number:05d}.done"
+    lines = list(csv.DictReader(io.StringIO(path.read_text())))
+    rewritten = 0
+    for line in lines:
+        if line["look"]:
+            line["look"] = "look-3:" + line["look"].split(":", 1)[1]
+            rewritten += 1
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(lines[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(lines)
+    path.write_text(out.getvalue())
+    done = json.loads(done_path.read_text())
+    done["rows"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    done_path.write_text(json.dumps(done))
+    return rewritten
+
+
 def assert_same_up_to_rounding(a, b, q, g, tol=1e-5):
     """Two top-k results (retrieval.Neighbours of queries q over gallery g) are the same search: equal
     distances, and the same items except where items' distances differ by float rounding only. BLAS

@@ -328,22 +328,23 @@ def test_an_interrupted_update_keeps_what_it_signed(tiny_onnx, tmp_path, monkeyp
     assert len(files) == 10
     assets.write_parquet_dataset(tmp_path / "catalogue", [*cells, product(9)])  # and a new photo to embed
     decoded: list[str] = []
-    real = update.signals_of
+    real = update.file_signals
 
-    def counted(data, image):
+    def counted(name, data, min_side):
         decoded.append(hashlib.sha256(data).hexdigest())
         if len(decoded) == 5:
             raise KeyboardInterrupt
-        return real(data, image)
+        return real(name, data, min_side)
 
-    monkeypatch.setattr(update, "signals_of", counted)
+    monkeypatch.setattr(update, "file_signals", counted)
     monkeypatch.setattr(update, "available_cores", lambda: 1)  # one thread: the fifth file is the fifth signed
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--update", "-q", "--threads", "1"))]) == 130
     log = (out / "embeddings" / ".update" / update.SIGNED_LOG.format(version=SIGNATURE_VERSION)).read_text()
     logged = [json.loads(line)[0] for line in log.splitlines()[1:]]
     assert len(logged) == 4 and set(logged) <= files
     decoded.clear()
-    monkeypatch.setattr(update, "signals_of", lambda data, image: decoded.append(1) or real(data, image))
+    monkeypatch.setattr(update, "file_signals",
+                        lambda name, data, min_side: decoded.append(1) or real(name, data, min_side))
     capsys.readouterr()
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
     said = capsys.readouterr().out
@@ -372,14 +373,14 @@ def test_a_kept_photo_that_cannot_be_read_is_left_out_and_said(tiny_onnx, tmp_pa
     from pipeline import update
 
     data, out, broken = signed_before_with_file_of(tiny_onnx, tmp_path, row=2)
-    real = update.decode_image
+    real = update.file_signals
 
-    def failing(data, *a):
+    def failing(name, data, min_side):
         if hashlib.sha256(data).hexdigest()[:16] == broken.split("_")[1].split(".")[0]:
             raise RuntimeError("the bucket said no")
-        return real(data, *a)
+        return real(name, data, min_side)
 
-    monkeypatch.setattr(update, "decode_image", failing)
+    monkeypatch.setattr(update, "file_signals", failing)
     capsys.readouterr()
     assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
     said = capsys.readouterr().out

@@ -23,7 +23,7 @@ from pipeline.dataset import Piece
 from pipeline.store import read_manifest
 from tests import assets
 from tests.conftest import mixed_cells
-from tests.helpers import free_port, stop_after_shards, store_file_names
+from tests.helpers import free_port, signed_earlier_shard, stop_after_shards, store_file_names
 
 ROOT = Path(__file__).resolve().parents[1]
 ray = pytest.importorskip("ray")
@@ -148,13 +148,22 @@ def test_ray_workers_resize_with_the_resizer_the_run_chose(ray_instance, ragged,
 def test_a_killed_ray_run_resumes_each_row_once(
     ray_instance, ragged, tiny_onnx, local_run, tmp_path, monkeypatch, capsys
 ):
+    """...and a shard its run left signed by an earlier duplicate signature is signed again from its
+    files (the workers wrote them), so the store is the local run's all the same."""
+    from pipeline.duplicates import SIGNATURE_VERSION
+
     out = tmp_path / "ray"
     stop_after_shards(monkeypatch, 2)
     assert cli.main(_args(ragged, tiny_onnx, out, "--engine", "ray")) == 130
     monkeypatch.undo()
+    partial = out / "embeddings" / ".partial"
+    first = min(int(p.stem.split("_")[1]) for p in partial.glob("shard_*.done"))
+    rewritten = signed_earlier_shard(partial, first)
     capsys.readouterr()
     assert cli.main([a for a in _args(ragged, tiny_onnx, out, "--engine", "ray") if a != "-q"]) == 3
-    assert "resumed: 32 of 60 row(s) already done (2 of 4 shard(s) complete)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "resumed: 32 of 60 row(s) already done (2 of 4 shard(s) complete)" in said
+    assert f"duplicates: {rewritten} line(s) of the resumed shards signed again ({SIGNATURE_VERSION}" in said
     _same_store(local_run, out)
     assert [r.source_row for r in read_manifest(out / "embeddings" / "manifest.csv")] == list(range(60))
 

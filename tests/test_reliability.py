@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.fileio import OutputLock
 from pipeline.store import read_manifest
 from tests import assets
-from tests.helpers import run, stop_after_shards
+from tests.helpers import run, signed_earlier_shard, stop_after_shards
 from tests.test_images import png_header_only
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,6 +351,60 @@ def test_interrupted_run_resumes_each_row_exactly_once(ragged_dataset, tiny_onnx
     ).read_bytes()
     a, b = np.load(stopped / "embeddings" / "embeddings.npy"), np.load(clean / "embeddings" / "embeddings.npy")
     assert a.shape == b.shape == (95, 16) and np.abs(a - b).max() <= 1e-6
+
+
+def test_a_resumed_run_signs_again_the_shards_an_earlier_signature_signed(ragged_dataset, tiny_onnx, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A run interrupted under an earlier duplicate signature and resumed under this one: the
+    resumed shards' lines are signed again from their files (no inference), so the store equals a
+    clean run's byte for byte, said in the summary; a file gone from the folder leaves its line as it
+    was, said, and the rest is signed."""
+    from pipeline.duplicates import SIGNATURE_VERSION
+
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    args = lambda out: [*_args(ragged_dataset, tiny_onnx, out), "--batch-size", "5"]  # noqa: E731
+    assert run(*args(clean)) == 3
+    stop_after_shards(monkeypatch, 2)
+    assert run(*args(stopped)) == 130
+    monkeypatch.undo()
+    partial = stopped / "embeddings" / ".partial"
+
+    assert sum(signed_earlier_shard(partial, k) for k in (0, 1)) > 0
+    assert all(not r.look.startswith(SIGNATURE_VERSION) for r in read_manifest(partial / "shard_00000.csv") if r.look)
+    capsys.readouterr()
+    assert cli.main([*map(str, args(stopped))]) == 3
+    said = capsys.readouterr().out
+    assert "resumed at row 32 from 2 complete shard(s)" in said
+    signed = sum(1 for r in read_manifest(clean / "embeddings" / "manifest.csv")[:32] if r.look)
+    assert f"duplicates: {signed} line(s) of the resumed shards signed again ({SIGNATURE_VERSION}" in said
+    manifest = "embeddings/manifest.csv"
+    assert (stopped / manifest).read_bytes() == (clean / manifest).read_bytes()
+
+    # again, with one photo of a resumed shard that cannot be read now
+    again = tmp_path / "again"
+    stop_after_shards(monkeypatch, 2)
+    assert run(*args(again)) == 130
+    monkeypatch.undo()
+    partial = again / "embeddings" / ".partial"
+    signed_earlier_shard(partial, 0)
+    gone = next(r for r in read_manifest(partial / "shard_00000.csv") if r.look)
+    signals = items.file_signals
+
+    def unreadable(name: str, data: bytes, min_side):
+        if name == gone.file:
+            raise OSError("Input/output error")
+        return signals(name, data, min_side)
+
+    monkeypatch.setattr(items, "file_signals", unreadable)
+    capsys.readouterr()
+    assert cli.main([*map(str, args(again))]) == 3
+    said = capsys.readouterr().out
+    assert ("duplicates: 1 line(s) of the resumed shards could not be signed again and are left out of duplicate "
+            f"finding (--update signs them where it can): {gone.file}: Input/output error") in said
+    rows = {r.source_row: r for r in read_manifest(again / "embeddings" / "manifest.csv")}
+    assert rows[gone.source_row].look.startswith("look-3:")
+    others = [r for row, r in rows.items() if row < 16 and row != gone.source_row and r.look]
+    assert others and all(r.look.startswith(SIGNATURE_VERSION + ":") for r in others)
 
 
 @pytest.mark.parametrize("replace", ["npy", "csv"])
