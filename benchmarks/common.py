@@ -83,18 +83,20 @@ def machine_line() -> str:
     return f"machine: {cpu_label()}, {cpu_info()['cores']} cores"
 
 
-def machine_busy_seconds() -> float | None:
-    """CPU seconds every core of the machine has spent busy since boot (/proc/stat: user, nice,
-    system, irq, softirq and steal, the last time a hypervisor gave to other machines), or None
-    where /proc/stat cannot be read (not Linux)."""
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, all) CPU seconds of every core /proc/stat counts since boot: busy is user, nice,
+    system, irq, softirq and steal (the last the time a hypervisor gave to other machines), all adds
+    idle and iowait. None where /proc/stat cannot be read (not Linux)."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
     except OSError:
         return None
     if not fields or fields[0] != "cpu" or len(fields) < 9:
         return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    busy = user + nice + system + irq + softirq + steal
+    tick = os.sysconf("SC_CLK_TCK")
+    return busy / tick, (busy + idle + iowait) / tick
 
 
 def own_cpu_seconds() -> float:
@@ -105,37 +107,50 @@ def own_cpu_seconds() -> float:
 
 class OtherLoad:
     """How much of the machine's CPU other processes took while a block ran: the machine's busy
-    time (`machine_busy_seconds`) less this process's own (`own_cpu_seconds`), as a share of the
-    block's wall time on every core. A rate measured in the block is its code's alone only where
-    that share is small: a type checker run beside `benchmarks.embed` once took its end-to-end rate
-    from 65% of the model's to 43% (2026-12-07). `share` is None where the machine's time cannot be
-    read."""
+    time less this process's own, as a share of all the CPU time /proc/stat counted meanwhile (so a
+    container that sees the host's CPUs is measured against them). A rate measured in the block is
+    its code's alone only where that is small: a type checker run beside `benchmarks.embed` once
+    took its end-to-end rate from 65% of the model's to 43% (2026-12-07). The kernel's own work for
+    this process (writing back its files, their interrupts) counts as others'; blocks under a second
+    are a few clock ticks either way. `share` and `cores` (others' CPU seconds a second) are None
+    where the machine's time cannot be read."""
 
-    THRESHOLD = 0.05  # of the machine: above it, a figure is said to be shared
+    SHARE, CORES = 0.05, 0.5  # above either, a figure is said to be shared: 5% of the machine, or half a core
 
-    def __init__(self, busy: Callable[[], float | None] = machine_busy_seconds,
-                 own: Callable[[], float] = own_cpu_seconds, cores: int | None = None) -> None:
-        self._busy, self._own = busy, own
-        self.cores = cores or os.cpu_count() or 1
+    def __init__(self, machine: Callable[[], tuple[float, float] | None] = machine_cpu_seconds,
+                 own: Callable[[], float] = own_cpu_seconds) -> None:
+        self._machine, self._own = machine, own
         self.share: float | None = None
+        self.cores: float | None = None
 
     def __enter__(self) -> OtherLoad:
-        self._start = (self._busy(), self._own(), time.perf_counter())
+        self._start = (self._machine(), self._own(), time.perf_counter())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        busy, own, wall = self._busy(), self._own(), time.perf_counter()
-        busy0, own0, wall0 = self._start
-        if busy is None or busy0 is None or wall <= wall0:
+        machine, own, wall = self._machine(), self._own(), time.perf_counter()
+        machine0, own0, wall0 = self._start
+        if machine is None or machine0 is None or machine[1] <= machine0[1] or wall <= wall0:
             return
-        self.share = max(0.0, (busy - busy0) - (own - own0)) / ((wall - wall0) * self.cores)
+        others = max(0.0, (machine[0] - machine0[0]) - (own - own0))
+        self.share, self.cores = others / (machine[1] - machine0[1]), others / (wall - wall0)
+
+    @property
+    def shared(self) -> bool:
+        return self.share is not None and (self.share >= self.SHARE or (self.cores or 0.0) >= self.CORES)
 
     def note(self, what: str) -> str | None:
         """A line saying that `what` shared the machine, or None where it had the machine to itself."""
-        if self.share is None or self.share < self.THRESHOLD:
+        if not self.shared:
             return None
-        return (f"note: other processes took {self.share:.0%} of the machine's CPU during {what}: its figure is "
-                f"not this code's alone (measure again on a quiet machine)")
+        return (f"note: other processes took {self.share:.0%} of the machine's CPU ({self.cores:.1f} core(s)) during "
+                f"{what}: its figure is not this code's alone (measure again on a quiet machine)")
+
+    @staticmethod
+    def worst(loads: Iterable[OtherLoad]) -> OtherLoad | None:
+        """The most shared of several measurements (by others' cores), or None where none could be read."""
+        known = [load for load in loads if load.cores is not None]
+        return max(known, key=lambda load: load.cores or 0.0) if known else None
 
 
 def photo_like(i: int, w: int = PHOTO_WH[0], h: int = PHOTO_WH[1]) -> Image.Image:

@@ -337,26 +337,30 @@ def main(argv: list[str] | None = None) -> int:
     folder = assets.work / "int8-recipes" / assets.model_tag
     folder.mkdir(parents=True, exist_ok=True)
     rows = {}
-    other = OtherLoad()  # the machine shared while the recipes were made and measured?
-    with other:
-        for name in names:
-            what, kwargs = RECIPES[name]
-            # an optimizer recipe's file is named by the heads and width it was fused for
-            fused_for = f"-{heads_width[0]}x{heads_width[1]}" if kwargs.get("_optimizer") else ""
-            path = folder / f"{name}{fused_for}.onnx"
-            if not path.is_file():
-                make_recipe(fp32, folder / "pre.onnx", path, calib, kwargs, heads_width)
+    loads: list[OtherLoad] = []  # each measurement's: was the machine shared while it ran?
+    for name in names:
+        what, kwargs = RECIPES[name]
+        # an optimizer recipe's file is named by the heads and width it was fused for
+        fused_for = f"-{heads_width[0]}x{heads_width[1]}" if kwargs.get("_optimizer") else ""
+        path = folder / f"{name}{fused_for}.onnx"
+        if not path.is_file():
+            make_recipe(fp32, folder / "pre.onnx", path, calib, kwargs, heads_width)
+        with OtherLoad() as load:
             rows[name] = m = measure(path, fp32_out, pixels, args.seconds, keep=args.rounds > 1)
-            attention = _count_ops(path, ("Attention", "QAttention"))
-            if attention:
-                what += f" [{attention} fused Attention ops in the file]"
-            top = ", ".join(f"{op} {s:.1%}" for op, s in list(m["shares"].items())[:7])
-            print(f"{name}: {what}\n  {m['img_s']:.1f} img/s, conversion + float Add {m['conversion']:.1%}; {top}",
-                  flush=True)
-        for r in range(1, args.rounds):  # the first round ran as each recipe was made
-            for m in (list(rows.values())[::-1] if r % 2 else rows.values()):
+        loads.append(load)
+        attention = _count_ops(path, ("Attention", "QAttention"))
+        if attention:
+            what += f" [{attention} fused Attention ops in the file]"
+        top = ", ".join(f"{op} {s:.1%}" for op, s in list(m["shares"].items())[:7])
+        print(f"{name}: {what}\n  {m['img_s']:.1f} img/s, conversion + float Add {m['conversion']:.1%}; {top}",
+              flush=True)
+    for r in range(1, args.rounds):  # the first round ran as each recipe was made
+        for m in (list(rows.values())[::-1] if r % 2 else rows.values()):
+            with OtherLoad() as load:
                 m["rates"].append(m["rate"]())
-    if note := other.note("the recipes' rates"):
+            loads.append(load)
+    worst = OtherLoad.worst(loads)
+    if worst is not None and (note := worst.note(f"the most shared of the {len(loads)} measurements")):
         print(note, flush=True)
     if args.rounds > 1:
         print(f"\nrates in {args.rounds} rounds, alternating order (img/s, batch 32):")

@@ -407,8 +407,9 @@ def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None
 
 
 def _url_images(cfg: RunConfig, part: BuildPart | None) -> str | None:
-    """Where Ray workers write the images with a URL --output-dir: its images folder, or for an
-    update's new photos that folder's staging (the old store's files stay as they are)."""
+    """Where the images go with a URL --output-dir: its images folder, or for an update's new photos
+    that folder's staging (the old store's files stay as they are). Ray workers write them there; a
+    local build's resumed shards made in another working copy have theirs there."""
     if cfg.images_url is None:
         return None
     return cfg.images_url if part is None else f"{cfg.images_url}/{UPDATE_DIR}"
@@ -450,16 +451,17 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
     on_device = decodes_on_device(cfg, embedder)
     if segmenter is not None:
         make_items = make_segment_items(segmenter, cfg.segment)
-        target = GalleryTarget(images_dir, store_dir, owned_files=owned_files(cfg), group_size=8)
+        target = GalleryTarget(images_dir, store_dir, owned_files=owned_files(cfg), group_size=8,
+                               images_url=_url_images(cfg, part))
         stage_name = "decode+segment+crop"
     elif on_device:
         make_items = make_standard_items(min_side, device_decode=True)
-        target = GalleryTarget(images_dir, store_dir, device_decode=True)
+        target = GalleryTarget(images_dir, store_dir, device_decode=True, images_url=_url_images(cfg, part))
         embed_batch = DeviceEmbedding(embedder, getattr(embedder, "device", "cpu"), min_side)
         stage_name = "headers+CPU decode"
     else:
         make_items = make_standard_items(min_side)
-        target = GalleryTarget(images_dir, store_dir, parallel_items=True)
+        target = GalleryTarget(images_dir, store_dir, parallel_items=True, images_url=_url_images(cfg, part))
         stage_name = "decode"
     source = gallery_source(cfg)
     identity = made_identity(cfg, embedder)

@@ -56,6 +56,9 @@ class GalleryTarget:
     group_size: int = 1  # records handed to the item maker at once (batched segmentation)
     parallel_items: bool = False  # make_items may run in several threads at once (lanes)
     device_decode: bool = False  # JPEGs go to the device encoded; workers only read headers and write files
+    # a URL --output-dir's images folder (or its staging): where the files of shards another working copy
+    # made are, when a resumed run reads them back (items.sign_resumed)
+    images_url: str | None = None
 
 
 @dataclass
@@ -518,9 +521,10 @@ def build_gallery(
         workers.close(timeout=30)
     summary.timed("embed", time.perf_counter() - t_start, "embed stage (wall)")
     _record_times(summary, plan, times, assembler.infer_seconds, item_stage_name)
+    places: list[str | Path] = [target.images_dir, *([target.images_url] if target.images_url else [])]
+    sign_resumed([r for shard in resumed for r in shard.rows], image_reader(*places),
+                 embedder.preprocess_cfg.decode_min_side, summary, threads=plan.workers, progress=progress)
     with summary.stage("finalize store"):
-        sign_resumed([r for shard in resumed for r in shard.rows], image_reader(target.images_dir),
-                     embedder.preprocess_cfg.decode_min_side, summary, threads=plan.workers)
         # `done` holds every shard of this run, verified at resume or just written: no second read.
         emb, all_rows = build.finalize(done, identity or embedder.identity, source, embedder.dim, THUMB_SIZE)
         remove_stale_files(target, all_rows)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from .dataset import Record
 from .duplicates import SIGNATURE_MIN_SIDE, SIGNATURE_VERSION, item_signals, signed_now
@@ -120,36 +121,62 @@ def file_signals(name: str, data: bytes, min_side: int | None) -> tuple[str, str
     return signals_of(data, decode_image(data, min_side))
 
 
-def image_reader(images: str | Path) -> Callable[[str], bytes]:
-    """The bytes of a gallery's image file by name, from its folder or its URL (remote.py)."""
+def image_reader(*places: str | Path) -> Callable[[str], bytes]:
+    """The bytes of a gallery's image file by name, from the first of `places` (folders or URLs,
+    remote.py) that holds it: the working copy of a URL --output-dir lacks the files another copy's
+    run wrote to the URL. FileNotFoundError where none holds it."""
     from .remote import filesystem, is_url
 
-    if is_url(images):
-        fs, root = filesystem(str(images).rstrip("/"))
+    def at_url(url: str) -> Callable[[str], bytes]:
+        fs, root = filesystem(url.rstrip("/"))
         return lambda name: fs.cat_file(f"{root}/{name}")
-    return lambda name: (Path(images) / name).read_bytes()
+
+    def in_folder(folder: Path) -> Callable[[str], bytes]:
+        return lambda name: (folder / name).read_bytes()
+
+    readers = [at_url(str(place)) if is_url(place) else in_folder(Path(place)) for place in places]
+
+    def read(name: str) -> bytes:
+        for reader in readers[:-1]:
+            try:
+                return reader(name)
+            except FileNotFoundError:
+                continue
+        return readers[-1](name)
+
+    return read
+
+
+SIGN_CHUNK = 1024  # files handed to the decoding threads at a time: a million futures at once would not be small
 
 
 def sign_resumed(rows: Sequence[ManifestRow], read: Callable[[str], bytes], min_side: int | None,
-                 summary: RunSummary, threads: int = 1) -> int:
+                 summary: RunSummary, threads: int = 1, progress: bool = True) -> int:
     """The lines of a resumed build's shards that an earlier signature version signed (a run
     interrupted, the code updated, the run resumed), signed again in place from their files, each
     file once, so that the store comes out as a fresh build's and no photo is left out of duplicate
     finding; nothing is embedded again. A file that cannot be read or decoded leaves its lines with
-    the signals they had, said. Returns how many lines were signed again."""
+    the signals they had, said; a file gone from the gallery's folder is said as the store's loss it
+    is. Returns how many lines were signed again."""
     stale = [r for r in rows if r.file and r.status != "failed" and not signed_now(r.look)]
     if not stale:
         return 0
     files = sorted({r.file for r in stale})
 
-    def sign(name: str) -> tuple[str, str] | str:
+    def sign(name: str) -> tuple[str, str] | Exception:
         try:
             return file_signals(name, read(name), min_side)
         except Exception as e:  # noqa: BLE001 - any reader's or decoder's error is this file's, said
-            return f"{name}: {first_line(e)}"
+            return e
 
-    with ThreadPoolExecutor(max(1, threads)) as pool:  # decoding lets the GIL go
-        got = dict(zip(files, pool.map(sign, files)))
+    got: dict[str, tuple[str, str] | Exception] = {}
+    with (summary.stage("sign resumed shards again"), ThreadPoolExecutor(max(1, threads)) as pool,
+          tqdm(total=len(files), desc=f"duplicate signals ({SIGNATURE_VERSION})", unit="file",
+               disable=not progress) as bar):
+        for start in range(0, len(files), SIGN_CHUNK):  # a chunk at a time; a Ctrl-C cancels what is not started
+            chunk = files[start : start + SIGN_CHUNK]
+            got.update(zip(chunk, pool.map(sign, chunk)))  # decoding lets the GIL go
+            bar.update(len(chunk))
     signed = 0
     for r in stale:
         if isinstance(signals := got[r.file], tuple):
@@ -159,11 +186,15 @@ def sign_resumed(rows: Sequence[ManifestRow], read: Callable[[str], bytes], min_
         summary.count("signed again", signed)
         summary.notes.append(f"duplicates: {signed} line(s) of the resumed shards signed again ({SIGNATURE_VERSION}: "
                              "their run began under an earlier signature), from their files; nothing embedded again")
-    if failed := [v for v in got.values() if isinstance(v, str)]:
-        left = len(stale) - signed
-        summary.notes.append(f"duplicates: {left} line(s) of the resumed shards could not be signed again and are left "
-                             f"out of duplicate finding (--update signs them where it can): {'; '.join(failed[:3])}"
-                             + (" ..." if len(failed) > 3 else ""))
+    if gone := [name for name, v in got.items() if isinstance(v, FileNotFoundError)]:
+        summary.notes.append(f"duplicates: {len(gone)} file(s) of the resumed shards are gone from the gallery's "
+                             f"images ({', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}): the store will be "
+                             "refused without them; build it again with --fresh")
+    if failed := [f"{name}: {first_line(v)}" for name, v in got.items()
+                  if isinstance(v, Exception) and not isinstance(v, FileNotFoundError)]:
+        summary.notes.append(f"duplicates: {len(failed)} file(s) of the resumed shards could not be signed again and "
+                             "their lines are left out of duplicate finding (--update signs them where it can): "
+                             + "; ".join(failed[:3]) + (" ..." if len(failed) > 3 else ""))
     return signed
 
 

@@ -485,10 +485,10 @@ def _build(
         f"engine: Ray Data on {cores} CPU(s){f' and {gpus} GPU(s)' if gpus else ''}, {len(wanted)} piece(s)"
     )
     all_shards = [(done | collector.done)[n] for n in sorted(ranges)]
+    # shards of an earlier run: signed by an earlier signature version, maybe
+    sign_resumed([r for shard in done.values() for r in shard.rows], image_reader(build.images),
+                 embedder.preprocess_cfg.decode_min_side, summary, threads=available_cores(), progress=build.progress)
     with summary.stage("finalize store"):
-        # shards of an earlier run: signed by an earlier signature version, maybe
-        sign_resumed([r for shard in done.values() for r in shard.rows], image_reader(build.images),
-                     embedder.preprocess_cfg.decode_min_side, summary, threads=available_cores())
         emb, rows = store.finalize(all_shards, identity, source, embedder.dim, THUMB_SIZE)
     return emb, rows
 

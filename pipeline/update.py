@@ -57,7 +57,7 @@ from .galleries import (
 )
 from .identity import VectorIdentity, differences
 from .index import INDEX_META, switch_index, update_index
-from .items import crop_file_name, file_signals, image_file_name
+from .items import SIGN_CHUNK, crop_file_name, file_signals, image_file_name
 from .preprocess import PreprocessConfig
 from .remedy import DECODE_OF_PIXELS
 from .report import RunSummary
@@ -410,7 +410,6 @@ def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | No
 
 
 SIGNED_LOG = "signed-{version}.jsonl"  # in the staging folder: what sign_again signed, a file a line
-SIGN_CHUNK = 1024  # files handed to the decoding threads at a time
 
 
 def _read_signed(path: Path, key: str) -> dict[str, tuple[str, str]]:

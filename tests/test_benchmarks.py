@@ -419,29 +419,34 @@ def test_a_benchmark_expects_the_recipe_the_export_writes_for_each_tower(tiny_on
 
 
 def test_other_load_is_the_machines_busy_time_less_this_process():
-    """OtherLoad: the machine's busy CPU time less this process's own, as a share of the block's wall
-    time on every core; said in a note above 5%, not below; unknown where the machine's time is not."""
+    """OtherLoad: the machine's busy CPU time less this process's own, as a share of all the CPU time
+    /proc/stat counted meanwhile and in cores; said in a note at 5% of the machine or half a core,
+    not below both; unknown where the machine's time is not; the worst of several picked."""
     from benchmarks import common
 
-    busy, own = iter([100.0, 103.0]), iter([10.0, 11.0])
-    with common.OtherLoad(busy=lambda: next(busy), own=lambda: next(own), cores=2) as load:
-        time.sleep(0.01)
-    assert load.share is not None and load.share > 1.0  # 2 s of others' CPU in a hundredth of a second on 2 cores
-    assert load.note("round 1").startswith("note: other processes took ") and "during round 1" in load.note("round 1")
-    busy, own = iter([100.0, 100.5]), iter([10.0, 10.5])  # all of it this process's own
-    with common.OtherLoad(busy=lambda: next(busy), own=lambda: next(own), cores=2) as load:
-        time.sleep(0.01)
-    assert load.share == 0.0 and load.note("round 1") is None
-    with common.OtherLoad(busy=lambda: None, own=lambda: 0.0) as load:
-        pass
-    assert load.share is None and load.note("round 1") is None
+    def load_of(machine: list, own: list) -> common.OtherLoad:
+        times, mine = iter(machine), iter(own)
+        with common.OtherLoad(machine=lambda: next(times), own=lambda: next(mine)) as load:
+            time.sleep(0.01)
+        return load
+
+    shared = load_of([(100.0, 400.0), (103.0, 408.0)], [10.0, 11.0])  # 2 s of others' in 8 s of the machine's
+    assert shared.share == pytest.approx(0.25) and shared.cores is not None and shared.cores > 50
+    assert shared.note("round 1").startswith("note: other processes took 25% of the machine's CPU (")
+    assert "during round 1: its figure is not this code's alone" in shared.note("round 1")
+    alone = load_of([(100.0, 400.0), (100.5, 408.0)], [10.0, 10.5])  # all of it this process's own
+    assert alone.share == 0.0 and alone.cores == 0.0 and alone.note("round 1") is None
+    many_cores = load_of([(0.0, 0.0), (1.0, 640.0)], [0.0, 0.0])  # one busy core of 64: 0.2% of the machine...
+    assert many_cores.share == pytest.approx(1 / 640) and many_cores.note("round 1") is not None  # ...but >= 0.5 core
+    unknown = load_of([None, None], [0.0, 0.0])
+    assert unknown.share is None and unknown.note("round 1") is None
+    assert common.OtherLoad.worst([alone, unknown, shared]) is shared and common.OtherLoad.worst([unknown]) is None
 
 
 @pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="no /proc/stat")
 def test_other_load_sees_another_process_spinning():
     """On the real machine: a process this one has not waited for, spinning for the whole block, is
-    another's load (at least most of one core's share of the machine); this process's own sleeping
-    adds none."""
+    another's load, about a core of it (more where other tests run beside), and said so."""
     from benchmarks import common
 
     spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
@@ -451,5 +456,5 @@ def test_other_load_sees_another_process_spinning():
             time.sleep(1.0)
     finally:
         spin.wait()
-    assert load.share is not None and load.share >= 0.7 / load.cores, load.share
-    assert (load.note("the block") is not None) == (load.share >= common.OtherLoad.THRESHOLD)
+    assert load.cores is not None and load.cores >= 0.7, (load.cores, load.share)
+    assert load.note("the block") is not None

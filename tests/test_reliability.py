@@ -357,7 +357,7 @@ def test_a_resumed_run_signs_again_the_shards_an_earlier_signature_signed(ragged
                                                                           monkeypatch, capsys):
     """A run interrupted under an earlier duplicate signature and resumed under this one: the
     resumed shards' lines are signed again from their files (no inference), so the store equals a
-    clean run's byte for byte, said in the summary; a file gone from the folder leaves its line as it
+    clean run's byte for byte, said in the summary; a file that cannot be read leaves its line as it
     was, said, and the rest is signed."""
     from pipeline.duplicates import SIGNATURE_VERSION
 
@@ -399,12 +399,34 @@ def test_a_resumed_run_signs_again_the_shards_an_earlier_signature_signed(ragged
     capsys.readouterr()
     assert cli.main([*map(str, args(again))]) == 3
     said = capsys.readouterr().out
-    assert ("duplicates: 1 line(s) of the resumed shards could not be signed again and are left out of duplicate "
-            f"finding (--update signs them where it can): {gone.file}: Input/output error") in said
+    assert ("duplicates: 1 file(s) of the resumed shards could not be signed again and their lines are left out of "
+            f"duplicate finding (--update signs them where it can): {gone.file}: Input/output error") in said
     rows = {r.source_row: r for r in read_manifest(again / "embeddings" / "manifest.csv")}
     assert rows[gone.source_row].look.startswith("look-3:")
     others = [r for row, r in rows.items() if row < 16 and row != gone.source_row and r.look]
     assert others and all(r.look.startswith(SIGNATURE_VERSION + ":") for r in others)
+
+    # a file gone from the images folder: said as the store's loss (its next load refuses it), the rest signed
+    from pipeline.report import RunSummary
+
+    lines = read_manifest(clean / "embeddings" / "manifest.csv")
+    for line in lines:
+        if line.look:
+            line.look = "look-3:" + line.look.split(":", 1)[1]
+    missing = next(line.file for line in lines if line.look)
+    present = items.image_reader(clean / "images")
+
+    def read(name: str) -> bytes:
+        if name == missing:
+            raise FileNotFoundError(name)
+        return present(name)
+
+    summary = RunSummary(mode="standard")
+    signed = items.sign_resumed(lines, read, None, summary, progress=False)
+    stale = [line for line in lines if line.look.startswith("look-3:")]
+    assert [line.file for line in stale] == [missing] and signed == sum(1 for line in lines if line.look) - 1
+    assert (f"duplicates: 1 file(s) of the resumed shards are gone from the gallery's images ({missing}): the store "
+            "will be refused without them; build it again with --fresh") in summary.notes
 
 
 @pytest.mark.parametrize("replace", ["npy", "csv"])

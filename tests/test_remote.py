@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 import main as cli
+from pipeline.duplicates import SIGNATURE_VERSION, signed_now
 from pipeline.store import read_manifest
 from tests import assets
-from tests.helpers import file_of, run, stop_after_shards, store_file_names
+from tests.helpers import file_of, run, signed_earlier_shard, stop_after_shards, store_file_names
 
 
 def _url() -> str:
@@ -82,9 +83,22 @@ def test_an_interrupted_run_resumes_from_the_bucket_in_another_working_copy(
     monkeypatch.undo()
     partial = [k for k in _files(fs, url) if k.startswith("embeddings/.partial/")]
     assert {k.rsplit("/", 1)[1] for k in partial} >= {"shard_00000.done", "shard_00001.done"}
+    # its first shard as a run of the signature before this one left it: the second copy signs its
+    # photos again from the bucket, where the first copy's run put them
+    root, edited = url.removeprefix("s3://"), tmp_path / "edited"
+    edited.mkdir()
+    for name in ("shard_00000.csv", "shard_00000.done"):
+        (edited / name).write_bytes(fs.cat_file(f"{root}/embeddings/.partial/{name}"))
+    rewritten = signed_earlier_shard(edited, 0)
+    for name in ("shard_00000.csv", "shard_00000.done"):
+        fs.pipe_file(f"{root}/embeddings/.partial/{name}", (edited / name).read_bytes())
     capsys.readouterr()
     assert cli.main(list(map(str, _args(rows40, tiny_onnx, url, tmp_path / "second", "-v")))) == 3
-    assert "resumed at row 32 from 2 complete shard(s)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "resumed at row 32 from 2 complete shard(s)" in said
+    assert f"duplicates: {rewritten} line(s) of the resumed shards signed again ({SIGNATURE_VERSION}" in said
+    looks = [r.look for r in read_manifest(tmp_path / "second" / "embeddings" / "manifest.csv") if r.look]
+    assert len(looks) >= rewritten and all(signed_now(look) for look in looks)
     files = _files(fs, url)
     assert [r.source_row for r in read_manifest(tmp_path / "second" / "embeddings" / "manifest.csv")] == list(range(40))
     assert files["embeddings/manifest.csv"] == (tmp_path / "second" / "embeddings" / "manifest.csv").read_bytes()
