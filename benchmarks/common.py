@@ -118,17 +118,19 @@ class OtherLoad:
     SHARE, CORES = 0.05, 0.5  # above either, a figure is said to be shared: 5% of the machine, or half a core
 
     def __init__(self, machine: Callable[[], tuple[float, float] | None] = machine_cpu_seconds,
-                 own: Callable[[], float] = own_cpu_seconds) -> None:
-        self._machine, self._own = machine, own
+                 own: Callable[[], float] = own_cpu_seconds, clock: Callable[[], float] = time.perf_counter,
+                 label: str = "") -> None:
+        self._machine, self._own, self._clock = machine, own, clock
+        self.label = label  # what was measured, for `worst`'s note
         self.share: float | None = None
         self.cores: float | None = None
 
     def __enter__(self) -> OtherLoad:
-        self._start = (self._machine(), self._own(), time.perf_counter())
+        self._start = (self._machine(), self._own(), self._clock())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        machine, own, wall = self._machine(), self._own(), time.perf_counter()
+        machine, own, wall = self._machine(), self._own(), self._clock()
         machine0, own0, wall0 = self._start
         if machine is None or machine0 is None or machine[1] <= machine0[1] or wall <= wall0:
             return

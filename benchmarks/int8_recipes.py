@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         path = folder / f"{name}{fused_for}.onnx"
         if not path.is_file():
             make_recipe(fp32, folder / "pre.onnx", path, calib, kwargs, heads_width)
-        with OtherLoad() as load:
+        with OtherLoad(label=f"{name}, round 1") as load:
             rows[name] = m = measure(path, fp32_out, pixels, args.seconds, keep=args.rounds > 1)
         loads.append(load)
         attention = _count_ops(path, ("Attention", "QAttention"))
@@ -355,12 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {what}\n  {m['img_s']:.1f} img/s, conversion + float Add {m['conversion']:.1%}; {top}",
               flush=True)
     for r in range(1, args.rounds):  # the first round ran as each recipe was made
-        for m in (list(rows.values())[::-1] if r % 2 else rows.values()):
-            with OtherLoad() as load:
+        for name, m in (list(rows.items())[::-1] if r % 2 else rows.items()):
+            with OtherLoad(label=f"{name}, round {r + 1}") as load:
                 m["rates"].append(m["rate"]())
             loads.append(load)
     worst = OtherLoad.worst(loads)
-    if worst is not None and (note := worst.note(f"the most shared of the {len(loads)} measurements")):
+    if worst is not None and (note := worst.note(f"{worst.label} (the most shared of {len(loads)} measurements)")):
         print(note, flush=True)
     if args.rounds > 1:
         print(f"\nrates in {args.rounds} rounds, alternating order (img/s, batch 32):")

@@ -9,6 +9,7 @@ differ only in how they spread the records and gather the results.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from .dataset import Record
 from .duplicates import SIGNATURE_MIN_SIDE, SIGNATURE_VERSION, item_signals, signed_now
-from .errors import first_line
+from .errors import PipelineError, first_line
 from .fileio import atomic_write_bytes, sha256_bytes
 from .gpu import EncodedJpeg, inspect_jpeg
 from .images import DecodedImage, ImageDecodeError, decode_image, encode_png, sniff_format
@@ -134,15 +135,18 @@ def image_reader(*places: str | Path) -> Callable[[str], bytes]:
     def in_folder(folder: Path) -> Callable[[str], bytes]:
         return lambda name: (folder / name).read_bytes()
 
-    readers = [at_url(str(place)) if is_url(place) else in_folder(Path(place)) for place in places]
+    @functools.cache  # made when a file is first read (a URL's filesystem opened only then)
+    def readers() -> list[Callable[[str], bytes]]:
+        return [at_url(str(place)) if is_url(place) else in_folder(Path(place)) for place in places]
 
     def read(name: str) -> bytes:
-        for reader in readers[:-1]:
+        *first, last = readers()
+        for reader in first:
             try:
                 return reader(name)
             except FileNotFoundError:
                 continue
-        return readers[-1](name)
+        return last(name)
 
     return read
 
@@ -156,8 +160,9 @@ def sign_resumed(rows: Sequence[ManifestRow], read: Callable[[str], bytes], min_
     interrupted, the code updated, the run resumed), signed again in place from their files, each
     file once, so that the store comes out as a fresh build's and no photo is left out of duplicate
     finding; nothing is embedded again. A file that cannot be read or decoded leaves its lines with
-    the signals they had, said; a file gone from the gallery's folder is said as the store's loss it
-    is. Returns how many lines were signed again."""
+    the signals they had, said. A file gone from the gallery's images stops the run before the store
+    is written (PipelineError; the shards stay): the store would be refused without it. Returns how
+    many lines were signed again."""
     stale = [r for r in rows if r.file and r.status != "failed" and not signed_now(r.look)]
     if not stale:
         return 0
@@ -177,6 +182,11 @@ def sign_resumed(rows: Sequence[ManifestRow], read: Callable[[str], bytes], min_
             chunk = files[start : start + SIGN_CHUNK]
             got.update(zip(chunk, pool.map(sign, chunk)))  # decoding lets the GIL go
             bar.update(len(chunk))
+    if gone := [name for name, v in got.items() if isinstance(v, FileNotFoundError)]:
+        raise PipelineError(
+            f"{len(gone)} image file(s) of the resumed shards are gone from the gallery's images "
+            f"({', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}), so the store cannot be finished: put them "
+            "back and run the same command again, or add --fresh to start over")
     signed = 0
     for r in stale:
         if isinstance(signals := got[r.file], tuple):
@@ -186,12 +196,7 @@ def sign_resumed(rows: Sequence[ManifestRow], read: Callable[[str], bytes], min_
         summary.count("signed again", signed)
         summary.notes.append(f"duplicates: {signed} line(s) of the resumed shards signed again ({SIGNATURE_VERSION}: "
                              "their run began under an earlier signature), from their files; nothing embedded again")
-    if gone := [name for name, v in got.items() if isinstance(v, FileNotFoundError)]:
-        summary.notes.append(f"duplicates: {len(gone)} file(s) of the resumed shards are gone from the gallery's "
-                             f"images ({', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}): the store will be "
-                             "refused without them; build it again with --fresh")
-    if failed := [f"{name}: {first_line(v)}" for name, v in got.items()
-                  if isinstance(v, Exception) and not isinstance(v, FileNotFoundError)]:
+    if failed := [f"{name}: {first_line(v)}" for name, v in got.items() if isinstance(v, Exception)]:
         summary.notes.append(f"duplicates: {len(failed)} file(s) of the resumed shards could not be signed again and "
                              "their lines are left out of duplicate finding (--update signs them where it can): "
                              + "; ".join(failed[:3]) + (" ..." if len(failed) > 3 else ""))

@@ -358,7 +358,8 @@ def test_a_resumed_run_signs_again_the_shards_an_earlier_signature_signed(ragged
     """A run interrupted under an earlier duplicate signature and resumed under this one: the
     resumed shards' lines are signed again from their files (no inference), so the store equals a
     clean run's byte for byte, said in the summary; a file that cannot be read leaves its line as it
-    was, said, and the rest is signed."""
+    was, said, and the rest is signed; a file gone from the images stops the run before the store is
+    written, its shards kept for the same command once the file is back."""
     from pipeline.duplicates import SIGNATURE_VERSION
 
     clean, stopped = tmp_path / "clean", tmp_path / "stopped"
@@ -406,27 +407,27 @@ def test_a_resumed_run_signs_again_the_shards_an_earlier_signature_signed(ragged
     others = [r for row, r in rows.items() if row < 16 and row != gone.source_row and r.look]
     assert others and all(r.look.startswith(SIGNATURE_VERSION + ":") for r in others)
 
-    # a file gone from the images folder: said as the store's loss (its next load refuses it), the rest signed
-    from pipeline.report import RunSummary
-
-    lines = read_manifest(clean / "embeddings" / "manifest.csv")
-    for line in lines:
-        if line.look:
-            line.look = "look-3:" + line.look.split(":", 1)[1]
-    missing = next(line.file for line in lines if line.look)
-    present = items.image_reader(clean / "images")
-
-    def read(name: str) -> bytes:
-        if name == missing:
-            raise FileNotFoundError(name)
-        return present(name)
-
-    summary = RunSummary(mode="standard")
-    signed = items.sign_resumed(lines, read, None, summary, progress=False)
-    stale = [line for line in lines if line.look.startswith("look-3:")]
-    assert [line.file for line in stale] == [missing] and signed == sum(1 for line in lines if line.look) - 1
-    assert (f"duplicates: 1 file(s) of the resumed shards are gone from the gallery's images ({missing}): the store "
-            "will be refused without them; build it again with --fresh") in summary.notes
+    # a file gone from the images folder: the run stops before the store is written, its shards kept, and
+    # with the file put back the same command finishes the store as a clean run's
+    monkeypatch.undo()
+    gone_run = tmp_path / "gone"
+    stop_after_shards(monkeypatch, 2)
+    assert run(*args(gone_run)) == 130
+    monkeypatch.undo()
+    partial = gone_run / "embeddings" / ".partial"
+    signed_earlier_shard(partial, 0)
+    lost = next(r for r in read_manifest(partial / "shard_00000.csv") if r.look).file
+    kept = (gone_run / "images" / lost).read_bytes()
+    (gone_run / "images" / lost).unlink()
+    capsys.readouterr()
+    assert run(*args(gone_run)) == 1
+    err = capsys.readouterr().err
+    assert (f"1 image file(s) of the resumed shards are gone from the gallery's images ({lost}), so the store cannot "
+            "be finished: put them back and run the same command again, or add --fresh to start over") in err
+    assert (partial / "shard_00000.done").is_file() and not (gone_run / "embeddings" / "manifest.csv").exists()
+    (gone_run / "images" / lost).write_bytes(kept)
+    assert run(*args(gone_run)) == 3
+    assert (gone_run / manifest).read_bytes() == (clean / manifest).read_bytes()
 
 
 @pytest.mark.parametrize("replace", ["npy", "csv"])
