@@ -381,14 +381,19 @@ def test_a_resumed_run_signs_again_the_shards_an_earlier_signature_signed(ragged
     manifest = "embeddings/manifest.csv"
     assert (stopped / manifest).read_bytes() == (clean / manifest).read_bytes()
 
+    def stopped_earlier(out: Path):
+        """A run of `out` stopped after two shards, its first as an earlier signature left it: that
+        shard's first signed line."""
+        stop_after_shards(monkeypatch, 2)
+        assert run(*args(out)) == 130
+        monkeypatch.undo()
+        partial = out / "embeddings" / ".partial"
+        signed_earlier_shard(partial, 0)
+        return next(r for r in read_manifest(partial / "shard_00000.csv") if r.look)
+
     # again, with one photo of a resumed shard that cannot be read now
     again = tmp_path / "again"
-    stop_after_shards(monkeypatch, 2)
-    assert run(*args(again)) == 130
-    monkeypatch.undo()
-    partial = again / "embeddings" / ".partial"
-    signed_earlier_shard(partial, 0)
-    gone = next(r for r in read_manifest(partial / "shard_00000.csv") if r.look)
+    gone = stopped_earlier(again)
     signals = items.file_signals
 
     def unreadable(name: str, data: bytes, min_side):
@@ -411,12 +416,8 @@ def test_a_resumed_run_signs_again_the_shards_an_earlier_signature_signed(ragged
     # with the file put back the same command finishes the store as a clean run's
     monkeypatch.undo()
     gone_run = tmp_path / "gone"
-    stop_after_shards(monkeypatch, 2)
-    assert run(*args(gone_run)) == 130
-    monkeypatch.undo()
+    lost = stopped_earlier(gone_run).file
     partial = gone_run / "embeddings" / ".partial"
-    signed_earlier_shard(partial, 0)
-    lost = next(r for r in read_manifest(partial / "shard_00000.csv") if r.look).file
     kept = (gone_run / "images" / lost).read_bytes()
     (gone_run / "images" / lost).unlink()
     capsys.readouterr()
