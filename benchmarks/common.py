@@ -84,19 +84,16 @@ def machine_line() -> str:
 
 
 def machine_cpu_seconds() -> tuple[float, float] | None:
-    """(busy, all) CPU seconds of every core /proc/stat counts since boot: busy is user, nice,
-    system, irq, softirq and steal (the last the time a hypervisor gave to other machines), all adds
-    idle and iowait. None where /proc/stat cannot be read (not Linux)."""
+    """(busy, all) CPU seconds of every core since boot (psutil.cpu_times, /proc/stat on Linux):
+    busy is user, nice, system, irq, softirq and steal (the last the time a hypervisor gave to other
+    machines), all adds idle and iowait. None without psutil (Ray brings it)."""
     try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
+        import psutil
+    except ImportError:
         return None
-    if not fields or fields[0] != "cpu" or len(fields) < 9:
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
-    busy = user + nice + system + irq + softirq + steal
-    tick = os.sysconf("SC_CLK_TCK")
-    return busy / tick, (busy + idle + iowait) / tick
+    t = psutil.cpu_times()
+    busy = sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+    return busy, busy + t.idle + getattr(t, "iowait", 0.0)
 
 
 def own_cpu_seconds() -> float:

@@ -153,6 +153,11 @@ def pipeline_signals(image: Image.Image) -> tuple[str, np.ndarray]:
     return pixel, dup.signatures_from_text([look.split(":", 1)[1]])[0]
 
 
+def photo_signals(signed: list[tuple[str, np.ndarray]]) -> dup.PhotoSignals:
+    """The finder's signals of photos signed by `pipeline_signals`, in their order."""
+    return dup.PhotoSignals(np.array([pixel for pixel, _ in signed]), np.stack([sig for _, sig in signed]))
+
+
 def colourway(garment: Garment, rng: np.random.Generator, lo: float = 80, hi: float = np.inf) -> Garment:
     """The garment in another colour, lo to hi RGB levels away (Euclidean, of 255)."""
     while True:
@@ -287,15 +292,13 @@ class Gallery:
 
 
 def make_gallery(n_catalogue: int, n_photo_like: int, size_wh: tuple[int, int], first: int) -> Gallery:
-    photos, pixel, sig, grey = [], [], [], {"pHash (grey DCT)": [], "dHash": []}
-    for photo, image in benchmark_photos(n_catalogue, n_photo_like, size_wh, first):
+    photos, signed, grey = [], [], {"pHash (grey DCT)": [], "dHash": []}
+    for photo, image in benchmark_photos(n_catalogue, n_photo_like, size_wh, first):  # one picture in memory at a time
         photos.append(photo)
-        pixel_hash, signature = pipeline_signals(image)
-        pixel.append(pixel_hash)
-        sig.append(signature)
+        signed.append(pipeline_signals(image))
         grey["pHash (grey DCT)"].append(grey_phash(image))
         grey["dHash"].append(grey_dhash(image))
-    signals = dup.PhotoSignals(np.array(pixel), np.stack(sig))
+    signals = photo_signals(signed)
     return Gallery(photos, signals, {k: np.array(v, np.uint64) for k, v in grey.items()})
 
 
@@ -487,9 +490,7 @@ def shop_colourways(products: int, colours: int, min_rgb: float, size_wh: tuple[
             raise ValueError(f"found no {colours} colours {min_rgb} RGB levels apart: ask for fewer or closer ones")
         images += [served(catalogue_photo(p % 7, 3000 + p, Garment(g.cut, c, g.pattern, g.period), size_wh))
                    for c in chosen]
-    signed = [pipeline_signals(im) for im in images]
-    signals = dup.PhotoSignals(np.array([p for p, _ in signed]), np.stack([sig for _, sig in signed]))
-    groups = dup.find_duplicates(signals, rule)
+    groups = dup.find_duplicates(photo_signals([pipeline_signals(image) for image in images]), rule)
     return sum(len(g.members) for g in groups), len(images), max((len(g.members) for g in groups), default=0)
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -151,7 +151,24 @@ def image_reader(*places: str | Path) -> Callable[[str], bytes]:
     return read
 
 
-SIGN_CHUNK = 1024  # files handed to the decoding threads at a time: a million futures at once would not be small
+SIGN_CHUNK = 1024  # files handed to the decoding threads at a time
+_T = TypeVar("_T")
+
+
+def unsigned_lines(rows: Sequence[ManifestRow]) -> list[ManifestRow]:
+    """The lines with a picture whose duplicate signals are not of this SIGNATURE_VERSION (an earlier
+    signature's, or none): those the decode of their file signs again."""
+    return [r for r in rows if r.file and r.status != "failed" and not signed_now(r.look)]
+
+
+def signed_in_chunks(pool: ThreadPoolExecutor, sign: Callable[[str], _T], names: Sequence[str]
+                     ) -> Iterator[tuple[str, _T]]:
+    """(name, sign(name)) for each file name, on the pool's threads (decoding lets the GIL go),
+    SIGN_CHUNK at a time: a million futures at once would not be small, and a Ctrl-C cancels what
+    is not started."""
+    for start in range(0, len(names), SIGN_CHUNK):
+        chunk = names[start : start + SIGN_CHUNK]
+        yield from zip(chunk, pool.map(sign, chunk))
 
 
 def sign_resumed(rows: Sequence[ManifestRow], read: Callable[[str], bytes], min_side: int | None,
@@ -163,7 +180,7 @@ def sign_resumed(rows: Sequence[ManifestRow], read: Callable[[str], bytes], min_
     the signals they had, said. A file gone from the gallery's images stops the run before the store
     is written (PipelineError; the shards stay): the store would be refused without it. Returns how
     many lines were signed again."""
-    stale = [r for r in rows if r.file and r.status != "failed" and not signed_now(r.look)]
+    stale = unsigned_lines(rows)
     if not stale:
         return 0
     files = sorted({r.file for r in stale})
@@ -178,10 +195,9 @@ def sign_resumed(rows: Sequence[ManifestRow], read: Callable[[str], bytes], min_
     with (summary.stage("sign resumed shards again"), ThreadPoolExecutor(max(1, threads)) as pool,
           tqdm(total=len(files), desc=f"duplicate signals ({SIGNATURE_VERSION})", unit="file",
                disable=not progress) as bar):
-        for start in range(0, len(files), SIGN_CHUNK):  # a chunk at a time; a Ctrl-C cancels what is not started
-            chunk = files[start : start + SIGN_CHUNK]
-            got.update(zip(chunk, pool.map(sign, chunk)))  # decoding lets the GIL go
-            bar.update(len(chunk))
+        for name, result in signed_in_chunks(pool, sign, files):
+            got[name] = result
+            bar.update()
     if gone := [name for name, v in got.items() if isinstance(v, FileNotFoundError)]:
         raise PipelineError(
             f"{len(gone)} image file(s) of the resumed shards are gone from the gallery's images "

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from .config import RunConfig
 from .datarecord import dataset_hashes, known_as_is
 from .dataset import Record, check_dataset, dataset_stamp
-from .duplicates import SIGNATURE_VERSION, signed_now
+from .duplicates import SIGNATURE_VERSION
 from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError, first_line
 from .fileio import link_or_copy, unlink_quietly
@@ -57,7 +57,7 @@ from .galleries import (
 )
 from .identity import VectorIdentity, differences
 from .index import INDEX_META, switch_index, update_index
-from .items import SIGN_CHUNK, crop_file_name, file_signals, image_file_name
+from .items import crop_file_name, file_signals, image_file_name, image_reader, signed_in_chunks, unsigned_lines
 from .preprocess import PreprocessConfig
 from .remedy import DECODE_OF_PIXELS
 from .report import RunSummary
@@ -446,7 +446,7 @@ def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], s
     said; so does a store that records no preprocessing (its photos' decode cannot be a build's).
     A store at a URL is read with more threads than cores: each file is a request. Returns how many
     lines were signed again."""
-    stale = [line for line in kept if line.file and line.status != "failed" and not signed_now(line.look)]
+    stale = unsigned_lines(kept)
     if not stale:
         return 0
     made, segmented = old.sidecar.identity.preprocess, old.sidecar.source.kind == "segment"
@@ -459,7 +459,7 @@ def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], s
             f"{'it' if n == 1 else 'them'}")
         return 0
     min_side = None if segmented else PreprocessConfig.from_json(json.dumps(made)).decode_min_side
-    read = UrlImages(cfg.images_url).read if cfg.images_url else (lambda name: (cfg.images_dir / name).read_bytes())
+    read = image_reader(cfg.images_url or cfg.images_dir)
     log_path = cfg.store_dir / STAGING / SIGNED_LOG.format(version=SIGNATURE_VERSION)
     key = f"{'segment' if segmented else min_side}"
     signals = _read_signed(log_path, key)
@@ -484,15 +484,13 @@ def sign_again(cfg: RunConfig, old: GalleryCache, kept: Sequence[ManifestRow], s
                    desc=f"duplicate signals ({SIGNATURE_VERSION})", unit="photo", disable=not cfg.progress) as bar):
             # written again whole, then added to: a line a kill cut short is not carried on
             logged.writelines(json.dumps(x) + "\n" for x in [{"key": key}, *([n, *g] for n, g in signals.items())])
-            for start in range(0, len(files), SIGN_CHUNK):  # a chunk at a time: a million futures would not be
-                chunk = files[start : start + SIGN_CHUNK]  # small, and a Ctrl-C cancels what is not started
-                for name, got in zip(chunk, pool.map(sign, chunk)):  # decoding lets the GIL go
-                    if isinstance(got, str):
-                        failed.append(got)
-                    else:
-                        signals[name] = got
-                        logged.write(json.dumps([name, *got]) + "\n")  # flushed as the buffer fills, and at the end
-                    bar.update(per_file[name])
+            for name, got in signed_in_chunks(pool, sign, files):
+                if isinstance(got, str):
+                    failed.append(got)
+                else:
+                    signals[name] = got
+                    logged.write(json.dumps([name, *got]) + "\n")  # flushed as the buffer fills, and at the end
+                bar.update(per_file[name])
     signed = 0
     for line in stale:
         if line.file in signals:
@@ -725,10 +723,6 @@ class UrlImages:
         stale = [f"{self.staged}/{name}" for name in self.staged_names() if name not in keep]
         if stale:
             self.fs.rm(stale)
-
-    def read(self, name: str) -> bytes:
-        """A stored file's bytes."""
-        return self.fs.cat_file(f"{self.root}/{name}")
 
     def stage_copy(self, old_name: str, new_name: str) -> None:
         self.fs.copy(f"{self.root}/{old_name}", f"{self.staged}/{new_name}")

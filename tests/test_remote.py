@@ -100,6 +100,10 @@ def test_an_interrupted_run_resumes_from_the_bucket_in_another_working_copy(
     looks = [r.look for r in read_manifest(tmp_path / "second" / "embeddings" / "manifest.csv") if r.look]
     assert len(looks) >= rewritten and all(signed_now(look) for look in looks)
     files = _files(fs, url)
+    clean = tmp_path / "clean"  # the bucket's store is a clean local run's, each photo's signals its own
+    assert run("--dataset", rows40, "--onnx", tiny_onnx, "--output-dir", clean, "--shard-rows", "16") == 3
+    for name in ("manifest.csv", "embeddings.npy"):
+        assert files[f"embeddings/{name}"] == (clean / "embeddings" / name).read_bytes(), name
     assert [r.source_row for r in read_manifest(tmp_path / "second" / "embeddings" / "manifest.csv")] == list(range(40))
     assert files["embeddings/manifest.csv"] == (tmp_path / "second" / "embeddings" / "manifest.csv").read_bytes()
     assert not [k for k in files if ".partial/" in k]  # the finished store's shards are gone from the bucket too
