@@ -12,7 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pipeline.backends import BACKEND_CHOICES, DEVICES, EVAL_BACKENDS, INT8_PROFILES, MODELS, PRECISIONS
+from pipeline.backends import (
+    BACKEND_CHOICES,
+    DEVICES,
+    EVAL_BACKENDS,
+    INT8_PROFILES,
+    MODELS,
+    ONNX_RUNTIMES,
+    PRECISIONS,
+)
 from pipeline.config import config_from_flags, flag_default
 from pipeline.errors import PipelineError, UsageError
 from pipeline.index import INDEX_KINDS
@@ -179,6 +187,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKEND_CHOICES,
         help="auto: the ONNX file if it exists, else transformers",
+    )
+    _add(
+        model,
+        "--onnx-runtime",
+        choices=ONNX_RUNTIMES,
+        help="what runs the ONNX file: onnxruntime (the default), or openvino on the CPU (pip install openvino; "
+        "the same file, faster on the CPUs measured, its vectors within rounding of onnxruntime's: a store "
+        "records which made it)",
     )
     _add(model, "--device", choices=DEVICES, help="auto: CUDA when torch sees a GPU, else the CPU")
     _add(

@@ -8,10 +8,12 @@ Marqo-FashionSigLIP's architecture (open_clip ViT-B-16-SigLIP: ViT-B/16 at 224, 
 against 49; random weights, exported and verified by the pipeline's own --export-onnx), so that
 the price of the better model is measured on the same machine in the same run; or, with --compare
 rn50 or convnext, for a convolutional tower, open_clip's RN50 or ConvNeXt-T (its int8 file's kernel
-time by op type too).
+time by op type too). Where OpenVINO is installed, the same fp32 and int8 files on it
+(--onnx-runtime openvino) beside onnxruntime, and with --e2e-runtime openvino end to end too.
 
     python -m benchmarks.embed [--seconds 6] [--e2e-images 1000] [--compare fashion-siglip|rn50|convnext|none|DIR]
     python -m benchmarks.embed --compare none --e2e-decode cpu,cpu-simd --e2e-rounds 3  # both CPU resizers, end to end
+    python -m benchmarks.embed --compare none --e2e-runtime onnxruntime,openvino --e2e-rounds 2  # both runtimes
     python -m benchmarks.embed --tiny                 # tiny models, 16 small JPEGs, static int8 only: checks the script
 """
 
@@ -46,6 +48,17 @@ if TYPE_CHECKING:
     from pipeline.report import RunSummary
 
 STATIC, DYNAMIC = "onnxruntime int8 (static, default)", "onnxruntime int8 (dynamic)"
+# --onnx-runtime openvino on the same files (measured where `pip install openvino` was run)
+OV_STATIC, OV_FP32 = "openvino int8 (static, the same file)", "openvino fp32 (the same file)"
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def has_openvino() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def rate(fn, batch: int, seconds: float, hw: tuple[int, int] = (224, 224)) -> float:
@@ -143,7 +156,7 @@ def gemm_peaks(seconds: float) -> dict[str, float]:
 def model_rates(assets: Assets, seconds: float, batches: list[int], int8: list[str]) -> dict[str, dict[int, float]]:
     """Images/s of each backend's model alone, at each batch size; int8: the int8 exports measured
     (static, dynamic)."""
-    from pipeline.embedders import OnnxEmbedder, TorchEmbedder
+    from pipeline.embedders import EmbedderSpec, OnnxEmbedder, TorchEmbedder, make_embedder
     from pipeline.export import fp32_path_for
 
     static = assets.onnx("static")
@@ -154,6 +167,13 @@ def model_rates(assets: Assets, seconds: float, batches: list[int], int8: list[s
     }
     if "dynamic" in int8:
         backends[DYNAMIC] = lambda: OnnxEmbedder(assets.onnx("dynamic"), device="cpu")
+    if has_openvino():
+        def on_openvino(path: Path):
+            return lambda: make_embedder(EmbedderSpec(onnx=str(path), backend="onnx", device="cpu", runtime="openvino"))
+
+        backends[OV_FP32], backends[OV_STATIC] = on_openvino(fp32_path_for(static)), on_openvino(static)
+    else:
+        print("OpenVINO is not installed (pip install openvino): --onnx-runtime openvino not measured", flush=True)
     table: dict[str, dict[int, float]] = {}
     for name, load in backends.items():
         emb = load()  # one model in memory at a time
@@ -211,26 +231,27 @@ def compare_models(assets: Assets, other: Assets, seconds: float, batches: list[
     print_profiles({f"{labels[1]} int8 static": other.onnx("static")})
 
 
-def end_to_end(assets: Assets, n: int, decode: str = "auto") -> RunSummary:
+def end_to_end(assets: Assets, n: int, decode: str = "auto", runtime: str = "onnxruntime") -> RunSummary:
     """The gallery stage (decode + preprocess + thumbnail + infer + shards) on n JPEGs, int8 static,
     batch 32: the standard run's own gallery build, with its default settings otherwise (decode: its
-    --decode, the CPU's resizer)."""
+    --decode, the CPU's resizer; runtime: its --onnx-runtime)."""
     from pipeline.config import RunConfig
     from pipeline.dataset import DatasetSpec
-    from pipeline.embedders import EmbedderSpec, OnnxEmbedder
+    from pipeline.embedders import EmbedderSpec, make_embedder
     from pipeline.galleries import build
     from pipeline.report import RunSummary
 
     static = assets.onnx("static")
+    spec = EmbedderSpec(onnx=str(static), backend="onnx", device="cpu", decode=decode, runtime=runtime)
     cfg = RunConfig(
         dataset=DatasetSpec(str(assets.dataset(n)), limit=n),
-        embedder=EmbedderSpec(onnx=str(static), backend="onnx", device="cpu", decode=decode),
+        embedder=spec,
         output_dir=assets.work / "embed-e2e",
         batch_size=32,
         progress=False,
     )
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
-    emb = OnnxEmbedder(static, device="cpu")  # loaded before the clock starts, as the model-only rows
+    emb = make_embedder(spec)  # loaded before the clock starts, as the model-only rows
     summary = RunSummary(mode="embed e2e")
     build(cfg, summary, emb)
     return summary
@@ -323,24 +344,31 @@ def print_photo_parts(parts: dict[str, float], model_rate: float, lanes: int, e2
           f"({ceiling(whole - pillow + torch)} with torch's resize); measured {e2e / model_rate:.0%}")
 
 
-def end_to_end_rounds(assets: Assets, n: int, decodes: list[str], rounds: int) -> tuple[RunSummary, float]:
-    """end_to_end for each decode in turn, `rounds` times; prints each run's rate and its stage
-    times. Returns the first decode's last summary and its median rate."""
-    rates: dict[str, list[float]] = {d: [] for d in decodes}
-    last: dict[str, RunSummary] = {}
+def end_to_end_rounds(assets: Assets, n: int, decodes: list[str], rounds: int,
+                      runtimes: tuple[str, ...] = ("onnxruntime",)) -> tuple[RunSummary, dict[tuple[str, str], float]]:
+    """end_to_end for each decode and runtime in turn, `rounds` times; prints each run's rate and
+    its stage times. Returns the first pair's last summary and each pair's median rate."""
+    pairs = [(d, r) for d in decodes for r in runtimes]
+    rates: dict[tuple[str, str], list[float]] = {p: [] for p in pairs}
+    last: dict[tuple[str, str], RunSummary] = {}
     for r in range(rounds):
-        for decode in decodes:
+        for pair in pairs:
             with OtherLoad() as other:
-                last[decode] = end_to_end(assets, n, decode)
-            rates[decode].append(n / last[decode].stages["embed"])
-            times = ", ".join(f"{k} {v:.1f} s" for k, v in stage_seconds(last[decode]).items())
-            print(f"end to end, --decode {decode}, round {r + 1}: {rates[decode][-1]:.1f} img/s ({times})", flush=True)
+                last[pair] = end_to_end(assets, n, *pair)
+            rates[pair].append(n / last[pair].stages["embed"])
+            times = ", ".join(f"{k} {v:.1f} s" for k, v in stage_seconds(last[pair]).items())
+            print(f"end to end, {flags_of(pair)}, round {r + 1}: {rates[pair][-1]:.1f} img/s ({times})", flush=True)
             if note := other.note(f"end-to-end round {r + 1}"):
                 print(note, flush=True)
-    if len(decodes) > 1 or rounds > 1:
-        for decode, got in rates.items():
-            print(f"end to end, --decode {decode}: median {statistics.median(got):.1f} img/s of {len(got)} run(s)")
-    return last[decodes[0]], statistics.median(rates[decodes[0]])
+    if len(pairs) > 1 or rounds > 1:
+        for pair, got in rates.items():
+            print(f"end to end, {flags_of(pair)}: median {statistics.median(got):.1f} img/s of {len(got)} run(s)")
+    return last[pairs[0]], {p: statistics.median(got) for p, got in rates.items()}
+
+
+def flags_of(pair: tuple[str, str]) -> str:
+    decode, runtime = pair
+    return f"--decode {decode}" + (f" --onnx-runtime {runtime}" if runtime != "onnxruntime" else "")
 
 
 def print_table(table: dict[str, dict[int, float]], batches: list[int], e2e: float | None, n: int, wh) -> None:
@@ -378,6 +406,10 @@ def print_ceiling(table: dict[str, dict[int, float]], gops: float, peaks: dict[s
         f"measured int8 (static) = {table[STATIC][32] / int8_ceiling:.0%} of its ceiling; ort fp32 = "
         f"{table['onnxruntime fp32'][32] / fp32_ceiling:.0%} of its ceiling"
     )
+    if OV_STATIC in table:
+        print(f"on OpenVINO: int8 (static) = {table[OV_STATIC][32] / int8_ceiling:.0%} of the int8 ceiling "
+              f"({table[OV_STATIC][32] / table[STATIC][32]:.2f}x onnxruntime's); fp32 = "
+              f"{table[OV_FP32][32] / fp32_ceiling:.0%} of the fp32 ceiling")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e2e-decode", default="auto", help="the end-to-end stage's --decode (auto or cpu: Pillow "
                     "decodes and resizes; cpu-simd: torch resizes); several, comma-separated, are measured in turn")
     ap.add_argument("--e2e-rounds", type=int, default=1, help="end-to-end runs of each --e2e-decode, alternating")
+    ap.add_argument("--e2e-runtime", default="onnxruntime", help="the end-to-end stage's --onnx-runtime "
+                    "(onnxruntime, openvino); both, comma-separated, are measured in turn")
     ap.add_argument("--int8", default="static,dynamic", help="int8 exports measured (static is always measured)")
     ap.add_argument(
         "--compare",
@@ -401,15 +435,25 @@ def main(argv: list[str] | None = None) -> int:
     decodes = args.e2e_decode.split(",")
     if unknown := [d for d in decodes if d not in ("auto", "cpu", "cpu-simd")]:
         ap.error(f"--e2e-decode: {', '.join(unknown)} is not auto, cpu or cpu-simd")
+    runtimes = tuple(args.e2e_runtime.split(","))
+    if unknown := [r for r in runtimes if r not in RUNTIMES]:
+        ap.error(f"--e2e-runtime: {', '.join(unknown)} is not onnxruntime or openvino")
+    if "openvino" in runtimes and not has_openvino():
+        ap.error("--e2e-runtime openvino: OpenVINO is not installed (pip install openvino)")
     print(machine_line(), flush=True)
     assets = Assets.from_args(args)
     batches = [1, 8, 32]
     table = model_rates(assets, args.seconds, batches, args.int8.split(","))
-    e2e, stages = None, {}
+    e2e, stages, medians = None, {}, {}
     if args.e2e_images:  # --e2e-images 0: the model alone
-        summary, e2e = end_to_end_rounds(assets, args.e2e_images, decodes, args.e2e_rounds)
-        stages = stage_seconds(summary)
+        summary, medians = end_to_end_rounds(assets, args.e2e_images, decodes, args.e2e_rounds, runtimes)
+        e2e, stages = medians[decodes[0], runtimes[0]], stage_seconds(summary)
     print_table(table, batches, e2e, args.e2e_images, assets.size_wh)
+    model_of = {"onnxruntime": STATIC, "openvino": OV_STATIC}
+    for (decode, runtime), got in medians.items():
+        if (decode, runtime) != (decodes[0], runtimes[0]) and model_of[runtime] in table:
+            print(f"end to end, {flags_of((decode, runtime))} / its model-only rate at batch 32: "
+                  f"{got / table[model_of[runtime]][32]:.0%} ({got:.1f} img/s)")
     peaks = gemm_peaks(args.seconds / 2)
     print(
         f"\nonnxruntime GEMM peak here: fp32 {peaks['fp32']:.0f} GFLOP/s, int8 {peaks['int8']:.0f} GOP/s "

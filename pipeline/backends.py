@@ -46,6 +46,9 @@ BACKENDS: dict[str, Backend] = {
     # The file's precision is fixed when it is exported (--export-onnx): no --precision.
     "onnx": Backend("onnx", "pipeline.embedders:OnnxEmbedder", ("auto",), ("auto",)),
 }
+# --onnx-runtime: what runs an ONNX file (pipeline/ovruntime.py: OpenVINO, on the CPU)
+ONNXRUNTIME = "onnxruntime"
+ONNX_RUNTIMES = (ONNXRUNTIME, "openvino")
 BACKEND_CHOICES = ("auto", *sorted(BACKENDS))  # auto: the ONNX file when it exists, else torch
 PRECISIONS = tuple(dict.fromkeys(p for b in BACKENDS.values() for p in b.precisions))
 DEVICES = tuple(dict.fromkeys(d for b in BACKENDS.values() for d in b.devices))

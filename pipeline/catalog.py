@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from PIL import Image, ImageOps
 
-from .backends import model_by_name
+from .backends import ONNXRUNTIME, model_by_name
 from .duplicates import stored_groups
 from .embedders import Embedder, EmbedderSpec, make_embedder, model_reference
 from .errors import CacheMismatchError, PipelineError, UsageError
@@ -445,12 +445,15 @@ def store_embedder_spec(made: VectorIdentity, root: Path, model: str | None, onn
     file is asked with that file: with `model=` (the model the file was exported from; its own
     vectors are not the file's), the file whose sha256 the store records is looked for beside the
     default one, in ./onnx and the project's onnx/, else refused with what to pass."""
+    runtime = made.runtime or ONNXRUNTIME  # a store's queries run on the runtime that made its vectors
     if model is not None:
         model = model_by_name(model)  # a short name, as --model takes it (marqo-fashionsiglip)
     if onnx:
-        return EmbedderSpec(model=model or made.model or "", onnx=onnx, backend="onnx", device=device, threads=threads)
+        return EmbedderSpec(model=model or made.model or "", onnx=onnx, backend="onnx", device=device,
+                            threads=threads, runtime=runtime)
     if made.backend == "onnx":
-        default = EmbedderSpec(backend="onnx", device=device, threads=threads)  # the default file, checked on load
+        # the default file, checked on load
+        default = EmbedderSpec(backend="onnx", device=device, threads=threads, runtime=runtime)
         if model is None and Path(default.onnx).is_file() and sha256_file_once(default.onnx) == made.onnx_sha256:
             return default
         found = find_file_with_sha256(made.onnx_sha256 or "", default.onnx)
@@ -474,7 +477,8 @@ def store_embedder_spec(made: VectorIdentity, root: Path, model: str | None, onn
         else:
             log.info("%s: the store was made by %s (exported from the model): its queries are embedded with it",
                      root, found)
-        return EmbedderSpec(model=model, onnx=str(found), backend="onnx", device=device, threads=threads)
+        return EmbedderSpec(model=model, onnx=str(found), backend="onnx", device=device,
+                            threads=threads, runtime=runtime)
     return EmbedderSpec(model=model or made.model or "", backend="torch", device=device, threads=threads)
 
 

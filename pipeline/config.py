@@ -203,6 +203,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "model": ("embedder", "model"),
     "onnx": ("embedder", "onnx"),
     "backend": ("embedder", "backend"),
+    "onnx_runtime": ("embedder", "runtime"),
     "device": ("embedder", "device"),
     "precision": ("embedder", "precision"),
     "threads": ("embedder", "threads"),

@@ -23,6 +23,7 @@ import numpy as np
 from . import textclean
 from .backends import (
     BACKENDS,
+    ONNXRUNTIME,
     OPEN_CLIP_CONFIG,
     OPEN_CLIP_PREFIX,
     family_of,
@@ -120,6 +121,7 @@ class EmbedderSpec:
     # auto (on the GPU when the model runs there, else cpu) | cpu (Pillow decodes and resizes) |
     # cpu-simd (Pillow decodes, torch resizes) | device (torchvision on the model's device): preprocess.PIXELS_OF_DECODE
     decode: str = "auto"
+    runtime: str = ONNXRUNTIME  # what runs an ONNX file: backends.ONNX_RUNTIMES (openvino: pipeline/ovruntime.py)
 
     def resolve_backend(self) -> str:
         if self.backend != "auto":
@@ -234,7 +236,7 @@ def requested_identity(spec: EmbedderSpec) -> VectorIdentity:
                 f"ONNX file {spec.onnx} not found. Make it with: python main.py --export-onnx --model {spec.model} "
                 f"--onnx {spec.onnx}"
             )
-        return VectorIdentity(backend="onnx", onnx_sha256=sha256_file(spec.onnx), pixels=pixels)
+        return VectorIdentity(backend="onnx", onnx_sha256=sha256_file(spec.onnx), pixels=pixels, runtime=spec.runtime)
     return VectorIdentity(
         backend="torch",
         family=known_family(spec.model),  # from its config.json: SigLIP vectors never meet CLIP's
@@ -258,7 +260,11 @@ class OnnxEmbedder(Embedder):
     """onnxruntime session over an exported CLIP image tower (input pixel_values, output image_embeds)."""
 
     @classmethod
-    def from_spec(cls, spec: EmbedderSpec) -> OnnxEmbedder:
+    def from_spec(cls, spec: EmbedderSpec) -> Embedder:
+        if spec.runtime != ONNXRUNTIME:  # --onnx-runtime openvino: the same file on OpenVINO
+            from .ovruntime import OpenVinoEmbedder
+
+            return OpenVinoEmbedder.from_spec(spec)
         return cls(spec.onnx, device=spec.device, threads=spec.threads, model_hint=spec.model)
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int = 0, model_hint: str | None = None) -> None:
@@ -321,6 +327,7 @@ class OnnxEmbedder(Embedder):
             precision="onnx-" + meta.get(META_PRECISION, "unknown"),
             preprocess=json.loads(self.preprocess_cfg.to_json()),
             dim=self.dim,
+            runtime=ONNXRUNTIME,
         )
 
     def _start_sessions(self, ort: Any, threads: int, use_cache: bool = True) -> None:

@@ -602,11 +602,14 @@ def _search_embedder(cfg: RunConfig) -> EmbedderSpec:
 
     # the store's ONNX file found nowhere: refused, naming it (CacheMismatchError)
     spec = store_embedder_spec(made, cfg.store_dir, None, None, cfg.embedder.device, cfg.embedder.threads)
+    # its file on the runtime that made its vectors, unless --onnx-runtime says another (refused, with its remedy)
+    runtime = cfg.embedder.runtime if "onnx_runtime" in cfg.explicit else spec.runtime
     if spec.backend == "onnx" and spec.onnx == EmbedderSpec().onnx:
-        return cfg.embedder  # the default file: as asked
+        return replace(cfg.embedder, runtime=runtime)  # the default file: as asked
     log.info("no --model or --onnx given: the store's own embedder (%s)",
              spec.onnx if spec.backend == "onnx" else spec.model)
-    return replace(cfg.embedder, model=spec.model or cfg.embedder.model, onnx=spec.onnx, backend=spec.backend)
+    return replace(cfg.embedder, model=spec.model or cfg.embedder.model, onnx=spec.onnx, backend=spec.backend,
+                   runtime=runtime)
 
 
 def open_catalog(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Catalog:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
-from .backends import hub_reference
+from .backends import ONNXRUNTIME, hub_reference
 
 # 2: identities typed, "pixels" always recorded (format 1 stores made before the device path lacked it).
 STORE_FORMAT = 2
@@ -27,6 +27,10 @@ class _Comparable:
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}  # type: ignore[call-overload]  # subclasses are dataclasses
+
+    def compared_json(self) -> dict[str, Any]:
+        """What `differences` compares (VectorIdentity's holds the default runtime its to_json leaves out)."""
+        return self.to_json()
 
     @classmethod
     def from_json(cls: type[T], data: dict[str, Any], where: str) -> T:
@@ -47,7 +51,7 @@ def differences(asked: _Comparable, found: _Comparable, only: frozenset[str] | N
     given) and that differs in `found` (dicts such as the preprocessing compared key by key). A
     field this version records that `found` lacks (RECORDED_LATER: a store made before) is not
     compared, as it was not then."""
-    want, have = asked.to_json(), found.to_json()
+    want, have = asked.compared_json(), found.compared_json()
     if only is not None:
         want = {k: v for k, v in want.items() if k in only}
     want = {k: v for k, v in want.items() if k in have or k not in type(found).RECORDED_LATER}
@@ -67,7 +71,8 @@ def describe_differences(expected: dict[str, Any], found: dict[str, Any], prefix
 
 
 ABSENT = "<absent>"  # a key one side does not record
-_ABSENT_IS = {"config": "the default configuration"}  # what a key not recorded means, where it means one
+# what a key not recorded means, where it means one
+_ABSENT_IS = {"config": "the default configuration", "runtime": "'onnxruntime'"}
 
 
 def said_value(key: str, value: Any) -> str:
@@ -86,7 +91,9 @@ class VectorIdentity(_Comparable):
     precision: "fp32", "fp16", "int8", "onnx-int8-static", ... preprocess: the model's preprocessing
     (size, crop, mean, std, ...). dim: the vector length. pixels: which code made the model input
     (preprocess.PIXELS_OF_DECODE: "pil" on the CPU, Pillow's decode and resize; "pil+torch" with
-    --decode cpu-simd, Pillow's decode and torch's resize; "torchvision" on the device).
+    --decode cpu-simd, Pillow's decode and torch's resize; "torchvision" on the device). runtime:
+    what ran an ONNX file ("onnxruntime", "openvino": vectors within rounding of each other, not equal;
+    a store made before it was recorded was made by onnxruntime, the one runtime then).
     """
 
     # Sharded weights, open_clip's .pth and weights under other names are hashed since 2026-12-05
@@ -101,17 +108,32 @@ class VectorIdentity(_Comparable):
     preprocess: dict[str, Any] | None = None
     dim: int | None = None
     pixels: str | None = None
+    runtime: str | None = None
 
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields known, but onnxruntime, the one runtime before OpenVINO: a store it makes is
+        written as before (compared_json holds it)."""
+        data = super().to_json()
+        if data.get("runtime") == ONNXRUNTIME:
+            del data["runtime"]
+        return data
+
+    def compared_json(self) -> dict[str, Any]:
+        return super().to_json()
 
     def label(self) -> str:
         """What made the vectors, for a person: the model and how it ran ("/models/clip (onnx, onnx-int8-static)")."""
-        how = ", ".join(str(v) for v in (self.backend, self.precision) if v)
+        runtime = self.runtime if self.runtime not in (None, ONNXRUNTIME) else None
+        how = ", ".join(str(v) for v in (self.backend, self.precision, runtime) if v)
         return f"{self.model or 'an unnamed model'}" + (f" ({how})" if how else "")
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> VectorIdentity:
         if data.get("backend") and "family" not in data:  # made before families were recorded: CLIP's
             data = {**data, "family": "clip"}
+        if data.get("backend") == "onnx" and "runtime" not in data:  # made before runtimes were recorded
+            data = {**data, "runtime": ONNXRUNTIME}
         if isinstance(data.get("model"), str):  # an open_clip hub model recorded by its plain id before: one name
             data = {**data, "model": hub_reference(data["model"], data.get("family"))}
         return super().from_json(data, where)

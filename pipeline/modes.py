@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backends import BACKENDS, EVAL_BACKENDS
+from .backends import BACKENDS, EVAL_BACKENDS, ONNXRUNTIME
 from .config import RunConfig
 from .report import RunSummary
 
@@ -93,7 +93,10 @@ MODES: tuple[Mode, ...] = (
          checks=((lambda c: c.from_cache or c.use_segmentation, _EXPORT_STOPS),
                  (lambda c: "output_dir" in c.explicit, _EXPORT_WRITES_ONNX),
                  (lambda c: "int8_profile" in c.explicit and c.export.quantization != "static", _PROFILE_IS_STATIC),
-                 (lambda c: bool({"precision", "backend"} & c.explicit), _EXPORT_TAKES_NO_PRECISION)),
+                 (lambda c: bool({"precision", "backend"} & c.explicit), _EXPORT_TAKES_NO_PRECISION),
+                 (lambda c: "onnx_runtime" in c.explicit,
+                  "--export-onnx writes the file, which every runtime reads; --onnx-runtime says what runs it: give "
+                  "it to the runs that embed with the file")),
          holds_output=False, mirrors_output=False),
     Mode("video", "--video_clip", lambda c: bool(c.video.clip), "pipeline.video:run_video",
          options=frozenset(_VIDEO_OPTIONS)),
@@ -191,6 +194,16 @@ _AFTER: tuple[Check, ...] = (
         "when it is exported. Drop --precision, or add --backend torch (and --model) to run the model at it",
     ),
     (
+        lambda c: c.embedder.runtime != ONNXRUNTIME and not c.export.enabled and not c.evaluate.models
+        and _backend_that_embeds(c) != "onnx",
+        "--onnx-runtime {runtime} runs an ONNX file, and this run embeds with the torch backend: give --onnx FILE "
+        "(or --backend onnx), or drop --onnx-runtime",
+    ),
+    (
+        lambda c: c.embedder.runtime != ONNXRUNTIME and c.embedder.device == "cuda",
+        "--onnx-runtime {runtime} runs the file on the CPU: drop --device cuda (onnxruntime-gpu runs it on the GPU)",
+    ),
+    (
         lambda c: c.embedder.device == "cpu"
         and c.embedder.precision not in {p for b in BACKENDS.values() for p in b.cpu_precisions},
         "--precision {precision} needs --device cuda (on CPU use the int8 ONNX file)",
@@ -210,7 +223,7 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     """
     asked = [m for m in MODES[:-1] if m.selected(cfg)]
     shaping = (("--filter", cfg.filter), ("--group-by", cfg.group_by), ("--dedup", cfg.dedup))
-    values = {"unknown": _unknown_backends(cfg), "precision": cfg.embedder.precision,
+    values = {"unknown": _unknown_backends(cfg), "precision": cfg.embedder.precision, "runtime": cfg.embedder.runtime,
               "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag,
               "search_verb": "change" if sum(bool(on) for _, on in shaping) > 1 else "changes",
               "quantization": cfg.export.quantization, "dataset": cfg.dataset.name,

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .backends import ONNXRUNTIME
 from .fileio import sha256_file_once
 from .identity import GallerySource, VectorIdentity
 from .preprocess import PIXELS_OF_DECODE
@@ -106,6 +107,8 @@ def _flags_for(name: str, made: dict[str, Any], onnx_asked: str | None) -> list[
         if found is None:
             return [f"--onnx FILE (the file whose sha256 is {value[:12]}…; none here has it)"]
         return [f"--onnx {shlex.quote(str(found))}"]
+    if name == "runtime" and made.get("backend") == "onnx":
+        return [f"--onnx-runtime {value or ONNXRUNTIME}"]  # left out of a store's record: onnxruntime
     if name == "pixels" and value in DECODE_OF_PIXELS:
         return [f"--decode {DECODE_OF_PIXELS[value]}"]
     if name == "keep_unsegmented":

@@ -711,9 +711,7 @@ class ShardStore:
                 )
             elif old != asked:
                 # what the run on disk recorded and this one does not (a weights file no longer at its path) too
-                diffs = describe_differences(asked, old) + [
-                    f"{key}: cache has {said_value(key, old[key])}, asked for {said_value(key, ABSENT)}"
-                    for key in sorted(set(old) - set(asked))]
+                diffs = describe_differences(asked, old) + _recorded_only_there(old, asked)
                 if diffs and all(d.startswith("dataset_files:") for d in diffs):
                     raise PipelineError(
                         f"{self.dir} holds shards of an unfinished run on the dataset as it was:\n  {diffs[0]}\n"
@@ -964,6 +962,18 @@ def invalidate_store(root: str | Path) -> None:
 RECORDED_LATER = ((None, "dataset_files", True), (None, "segmenter_weights", False),
                   *(("source", key, False) for key in sorted(GallerySource.RECORDED_LATER)),
                   *(("identity", key, False) for key in sorted(VectorIdentity.RECORDED_LATER)))
+
+
+def _recorded_only_there(old: dict[str, Any], asked: dict[str, Any], prefix: str = "") -> list[str]:
+    """What a run.json records and the run's parameters do not (a weights file no longer at its
+    path; an identity of OpenVINO's against onnxruntime's, which is left out), at any depth."""
+    out = []
+    for key in sorted(old):
+        if key not in asked:
+            out.append(f"{prefix}{key}: cache has {said_value(key, old[key])}, asked for {said_value(key, ABSENT)}")
+        elif isinstance(old[key], dict) and isinstance(asked[key], dict):
+            out += _recorded_only_there(old[key], asked[key], f"{prefix}{key}.")
+    return out
 
 
 def _without_recorded_later(old: dict[str, Any], asked: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

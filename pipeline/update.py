@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .backends import ONNXRUNTIME
 from .config import RunConfig
 from .datarecord import dataset_hashes, known_as_is
 from .dataset import Record, check_dataset, dataset_stamp
@@ -394,11 +395,15 @@ def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | No
     if made is None:
         problems = differences(requested_identity(cfg.embedder), old.sidecar.identity)
     else:
-        problems = differences(made, old.sidecar.identity, only=frozenset(old.sidecar.identity.to_json()))
+        problems = differences(made, old.sidecar.identity, only=frozenset(old.sidecar.identity.compared_json()))
     if problems:
         pixels = old.sidecar.identity.pixels
         decode = DECODE_OF_PIXELS.get(pixels or "") if any(p.startswith("pixels:") for p in problems) else None
         hint = f" Its pixels came from {pixels}: add --decode {decode} to update it as it was made." if decode else ""
+        if any(p.startswith("runtime:") for p in problems):
+            runtime = old.sidecar.identity.runtime or ONNXRUNTIME
+            hint += f" Its vectors were made on {runtime}: add --onnx-runtime {runtime} to update it with them."
+
         if decode == "device" and cfg.engine == "ray":
             hint = (f" Its pixels came from {pixels}, and Ray's workers decode on the CPU: update it without "
                     "--engine ray.")

@@ -101,7 +101,9 @@ IN_PROCESS = [
         r"^\| backend \| batch 1 \| batch 8 \| batch 32 \|$",
         r"^\| torch fp32 \| NUMBER \| NUMBER \| NUMBER \|$",
         r"^\| onnxruntime int8 \(static, default\) \| NUMBER \| NUMBER \| NUMBER \|$",
+        r"^\| openvino int8 \(static, the same file\) \| NUMBER \| NUMBER \| NUMBER \|$",
         r"^\| embedding stage end to end .*16 JPEGs 192x256\) \| \| \| NUMBER \|$",
+        r"^on OpenVINO: int8 \(static\) = NUMBER% of the int8 ceiling \(NUMBERx onnxruntime's\); fp32 = NUMBER% of",
         r"^onnxruntime GEMM peak here: fp32 NUMBER GFLOP/s",
         r"^  onnxruntime int8 \(static, default\): conversion .* = NUMBER% of kernel time$",
         r"^per photo and core \(one thread, best of 3; inference NUMBER ms at batch 32 on \d+ core\(s\)\):$",
@@ -245,6 +247,17 @@ def test_embed_compares_a_convolutional_tower(compare, name, clip_args, capsys):
     # the second model's own work counted, not the first's again
     first, second = re.findall(r"^model: (\S+) GOP per image", out, re.MULTILINE)
     assert float(first) != float(second), out
+
+
+def test_embed_measures_both_runtimes_end_to_end(clip_args, capsys):
+    """--e2e-runtime onnxruntime,openvino: the gallery stage on each runtime in turn, each against its
+    own model-only rate."""
+    out = run_tiny(embed, capsys, *clip_args, "--compare", "none", "--e2e-runtime", "onnxruntime,openvino",
+                   "--e2e-images", "8")
+    assert_rows(out, r"^end to end, --decode auto, round 1: NUMBER img/s",
+                r"^end to end, --decode auto --onnx-runtime openvino, round 1: NUMBER img/s",
+                r"^end to end, --decode auto --onnx-runtime openvino / its model-only rate at batch 32: NUMBER% "
+                r"\(NUMBER img/s\)$")
 
 
 def test_embed_with_no_end_to_end_photos_measures_the_model_alone(clip_args, capsys):

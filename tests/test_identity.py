@@ -17,7 +17,8 @@ from pipeline.store import main as store_main
 from tests import assets
 
 MADE = VectorIdentity(backend="onnx", family="siglip", model="/m", model_sha256="a", onnx_sha256="b",
-                      precision="onnx-int8-static", preprocess={"crop_size": 224, "mean": [0.5]}, dim=512, pixels="pil")
+                      precision="onnx-int8-static", preprocess={"crop_size": 224, "mean": [0.5]}, dim=512, pixels="pil",
+                      runtime="onnxruntime")
 SOURCE = GallerySource(kind="segment", dataset="/d", split="train", limit=None, image_column="image", id_column="sku",
                        config="women", seg_model="y.pt", seg_backend="auto", seg_conf=0.25, seg_imgsz=640,
                        keep_unsegmented=False, max_persons=10, seg_weights="e" * 64)
@@ -190,3 +191,16 @@ def test_an_open_clip_hub_model_recorded_by_its_plain_id_reads_as_open_clips_for
     assert laion.model == "laion/CLIP-ViT-B-32"
     folder = VectorIdentity.from_json({"backend": "torch", "family": "open_clip", "model": "/models/marqo"}, "test")
     assert folder.model == "/models/marqo"
+
+
+def test_an_onnx_store_records_openvino_and_is_onnxruntime_s_where_it_records_no_runtime():
+    """onnxruntime, the one runtime before OpenVINO, is left out of what a store records (its
+    sidecar reads as before), and a store that records none was made by it; the comparison holds it."""
+    ort, ov = MADE, MADE.asks(runtime="openvino")
+    assert "runtime" not in ort.to_json() and ov.to_json()["runtime"] == "openvino"
+    assert VectorIdentity.from_json(ort.to_json(), "test") == ort  # read back: onnxruntime's
+    assert VectorIdentity.from_json(ov.to_json(), "test") == ov
+    assert differences(ov, ort) == ["runtime: cache has 'onnxruntime', asked for 'openvino'"]
+    assert differences(ort, ov) == ["runtime: cache has 'openvino', asked for 'onnxruntime'"]
+    torch = VectorIdentity(backend="torch", model="/m")
+    assert VectorIdentity.from_json(torch.to_json(), "test").runtime is None  # no runtime: no ONNX file

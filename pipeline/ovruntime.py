@@ -1,0 +1,162 @@
+"""The exported ONNX image file run by OpenVINO on the CPU (--onnx-runtime openvino).
+
+The same file as onnxruntime runs (any --quantization: OpenVINO reads its QDQ pairs and
+onnxruntime's MatMulIntegerToFloat), checked by the same self-check probes, with its float parts
+in float32 (OpenVINO's CPU default on a CPU with bf16 is bfloat16, which the probes' bar was not set
+for). On a 2-core AMD EPYC (2026-12-07) it runs the static int8 FashionCLIP tower at 175 img/s
+against onnxruntime's 156 in one-core lanes (README, "Int8 on the CPU: where it stands"). Its
+vectors are within rounding of onnxruntime's (cosine 0.9999), not equal to them: a store records
+which runtime made it, and one runtime's store is not updated with the other's vectors.
+
+One compiled model with a stream per core (one thread each), and a request per stream: a batch is
+split into slices, one per stream, as the onnxruntime backend splits it over its one-thread
+sessions; the gallery's lanes each run one slice at a time (`embed_serial`). A picture's vector does
+not depend on its batch (tested). Nothing is pinned to a core: the decoding threads share them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .embedders import (
+    META_FAMILY,
+    META_PRECISION,
+    Embedder,
+    EmbedderSpec,
+    _OnnxText,
+    _preprocess_config_for_file,
+    _session_options,
+    available_cores,
+    file_metadata,
+    file_source_model,
+    l2_normalize,
+)
+from .errors import PipelineError, first_line
+from .fileio import sha256_file
+from .identity import VectorIdentity
+from .probes import check_file, probe_pixels
+
+log = logging.getLogger(__name__)
+
+OPENVINO = "openvino"
+INSTALL = "pip install openvino"
+
+
+def _import_openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as e:
+        raise PipelineError(f"--onnx-runtime openvino needs OpenVINO: {INSTALL} (or run the file on onnxruntime, "
+                            "the default)") from e
+    return openvino
+
+
+def compile_config(streams: int) -> dict[str, Any]:
+    """OpenVINO's CPU properties for `streams` one-thread streams, float parts in float32."""
+    return {
+        "PERFORMANCE_HINT": "THROUGHPUT",
+        "NUM_STREAMS": streams,
+        "INFERENCE_NUM_THREADS": streams,
+        "INFERENCE_PRECISION_HINT": "f32",
+        "ENABLE_CPU_PINNING": False,
+    }
+
+
+class OpenVinoEmbedder(Embedder):
+    """An exported image tower (input float (batch, 3, H, W), output its embedding) on OpenVINO's CPU plugin."""
+
+    @classmethod
+    def from_spec(cls, spec: EmbedderSpec) -> OpenVinoEmbedder:
+        if spec.device == "cuda":
+            raise PipelineError("--onnx-runtime openvino runs the file on the CPU: drop --device cuda, or run it on "
+                                "onnxruntime (the default) with onnxruntime-gpu")
+        return cls(spec.onnx, threads=spec.threads, model_hint=spec.model)
+
+    def __init__(self, path: str | Path, threads: int = 0, model_hint: str | None = None) -> None:
+        ov = _import_openvino()
+        path = Path(path)
+        if not path.is_file():
+            raise PipelineError(f"ONNX file {path} not found. Make it with: python main.py --export-onnx --onnx {path}")
+        self.path = path
+        self.device = "cpu"
+        self.lanes = max(1, threads or available_cores())
+        meta = file_metadata(path)
+        try:
+            core = ov.Core()
+            self._compiled = core.compile_model(core.read_model(str(path)), "CPU", compile_config(self.lanes))
+        except Exception as e:  # OpenVINO raises RuntimeError and its own types for a file it cannot read
+            raise PipelineError(f"OpenVINO cannot load the ONNX file {path}: {type(e).__name__}: {first_line(e)}. "
+                                "Run it on onnxruntime (the default), or re-create it with --export-onnx.") from e
+        self._check_io(path)
+        self.preprocess_cfg = _preprocess_config_for_file(path, meta, model_hint)
+        self._free: queue.SimpleQueue = queue.SimpleQueue()  # requests not running right now
+        for _ in range(self.lanes):
+            self._free.put(self._compiled.create_infer_request())
+        pool = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="openvino") if self.lanes > 1 else None
+        self._pool = pool
+        probes = probe_pixels(self.preprocess_cfg)
+        self.dim = int(self._run(probes[:1]).shape[-1])
+        self.self_check = check_file(path, meta, [probes], lambda: self._run(probes))
+        log.debug("%s on OpenVINO: %s", path, self.self_check)
+        self.identity = VectorIdentity(
+            backend="onnx",
+            family=meta.get(META_FAMILY, "clip"),
+            model=file_source_model(meta),
+            onnx_sha256=sha256_file(path),
+            precision="onnx-" + meta.get(META_PRECISION, "unknown"),
+            preprocess=json.loads(self.preprocess_cfg.to_json()),
+            dim=self.dim,
+            runtime=OPENVINO,
+        )
+        self._text: _OnnxText | None = None
+
+    def _check_io(self, path: Path) -> None:
+        inputs = self._compiled.inputs
+        if len(inputs) != 1:
+            raise PipelineError(f"{path}: expected one image input, found {len(inputs)}")
+        shape = inputs[0].get_partial_shape()
+        if shape.rank.is_static and shape.rank.get_length() != 4:
+            raise PipelineError(f"{path}: input is {shape}; expected float (batch, 3, H, W)")
+
+    def check_input(self, pixels: np.ndarray) -> None:
+        want = (3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width)
+        if pixels.dtype != np.float32 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
+            raise PipelineError(f"the image file takes float32 (batch, {want[0]}, {want[1]}, {want[2]}), got "
+                                f"{pixels.dtype} {tuple(pixels.shape)}")
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        request = self._free.get()  # a free request; blocks while all are busy
+        try:
+            request.infer({0: np.ascontiguousarray(x)})
+            # a copy: the request's buffer is reused by its next call
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32)
+        finally:
+            self._free.put(request)
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        self.check_input(pixels)
+        if self._pool is None or len(pixels) < 2:
+            return l2_normalize(self._run(pixels))
+        parts = np.array_split(pixels, min(self.lanes, len(pixels)))
+        return l2_normalize(np.concatenate(list(self._pool.map(self._run, parts))))
+
+    def embed_serial(self, pixels: np.ndarray) -> np.ndarray:
+        """`embed` of one slice on one stream (the gallery's lanes each run one at a time)."""
+        self.check_input(pixels)
+        return l2_normalize(self._run(pixels))
+
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """The text tower beside the file, on onnxruntime (fp32, as the onnxruntime backend runs it)."""
+        if self._text is None:
+            import onnxruntime as ort
+
+            self._text = _OnnxText(self.path, self.identity.model or "", _session_options(ort, 1),
+                                   ["CPUExecutionProvider"])
+        return self._text.embed(texts)

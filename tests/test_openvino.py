@@ -1,0 +1,128 @@
+"""--onnx-runtime openvino: the exported file on OpenVINO (pipeline/ovruntime.py). Its vectors are
+within rounding of onnxruntime's, do not depend on their batch, and a store records which runtime
+made it, so that one runtime's vectors never join the other's."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.catalog import Catalog
+from pipeline.embedders import EmbedderSpec, OnnxEmbedder, make_embedder
+from pipeline.errors import PipelineError
+from tests.helpers import run, stop_after_shards
+from tests.test_update import args, assert_same_as_fresh, comparable, write_catalogue
+
+pytest.importorskip("openvino")
+
+OPENVINO = ("--onnx-runtime", "openvino")
+
+
+def sidecar_identity(out: Path) -> dict:
+    return json.loads((out / "embeddings" / "embeddings.json").read_text())["identity"]
+
+
+def test_openvino_runs_the_file_within_rounding_of_onnxruntime_each_picture_apart_from_its_batch(tiny_onnx):
+    ov = make_embedder(EmbedderSpec(onnx=str(tiny_onnx), backend="onnx", runtime="openvino", threads=2))
+    ort = OnnxEmbedder(tiny_onnx)
+    assert type(ov).__name__ == "OpenVinoEmbedder" and ov.lanes == 2
+    assert ov.self_check.startswith("self-check passed")  # the file's probes, run on OpenVINO
+    assert ov.identity.runtime == "openvino" and ort.identity.runtime == "onnxruntime"
+    assert ov.identity.asks(runtime="onnxruntime") == ort.identity  # nothing else differs
+    assert "openvino" in ov.identity.label() and "onnxruntime" not in ort.identity.label()
+    cfg = ov.preprocess_cfg
+    x = np.random.default_rng(3).uniform(-2, 2, (9, 3, cfg.crop_height, cfg.crop_width)).astype(np.float32)
+    got, want = ov.embed(x), ort.embed(x)
+    assert got.shape == want.shape == (9, ov.dim) and got.dtype == np.float32
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    cosines = (got * want).sum(1)
+    assert cosines.min() > 0.999 and not np.array_equal(got, want)  # its own arithmetic, the same model
+    for i in range(len(x)):  # one alone is the same picture in the batch of 9, split over two streams
+        assert np.array_equal(ov.embed(x[i:i + 1])[0], got[i])
+    assert np.array_equal(ov.embed_serial(x), got)  # one stream, one slice: the same vectors
+    texts = ["a red dress", "white sneakers"]
+    assert np.array_equal(ov.embed_text(texts), ort.embed_text(texts))  # the text tower runs on onnxruntime
+    with pytest.raises(PipelineError, match=r"takes float32 \(batch, 3, 224, 224\)"):
+        ov.embed(x[:, :, :100])
+
+
+def test_without_openvino_or_on_cuda_it_says_what_to_do(tiny_onnx, monkeypatch):
+    spec = EmbedderSpec(onnx=str(tiny_onnx), backend="onnx", runtime="openvino")
+    with pytest.raises(PipelineError, match="runs the file on the CPU: drop --device cuda"):
+        make_embedder(EmbedderSpec(onnx=str(tiny_onnx), backend="onnx", runtime="openvino", device="cuda"))
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
+    with pytest.raises(PipelineError, match="needs OpenVINO: pip install openvino"):
+        make_embedder(spec)
+
+
+def test_a_store_records_its_runtime_and_an_update_never_mixes_the_two(tiny_onnx, tmp_path, capsys):
+    data = write_catalogue(tmp_path / "catalogue", list(range(8)))
+    ov_store, ort_store, ov_fresh = tmp_path / "ov", tmp_path / "ort", tmp_path / "ov_fresh"
+    assert run(*args(data, tiny_onnx, ov_store, *OPENVINO)) == 0
+    assert run(*args(data, tiny_onnx, ort_store)) == 0
+    assert sidecar_identity(ov_store)["runtime"] == "openvino"
+    assert "runtime" not in sidecar_identity(ort_store)  # written as before OpenVINO: older stores are alike
+    ov_lines, ov_vectors, ov_files = comparable(ov_store)
+    ort_lines, ort_vectors, ort_files = comparable(ort_store)
+    assert ov_lines == ort_lines and ov_files == ort_files  # the same photos, files and thumbnails
+    assert not np.array_equal(ov_vectors, ort_vectors)
+    emb = [np.load(s / "embeddings" / "embeddings.npy") for s in (ov_store, ort_store)]
+    assert (emb[0] * emb[1]).sum(1).min() > 0.999
+
+    write_catalogue(data, list(range(13)))
+    capsys.readouterr()
+    assert run(*args(data, tiny_onnx, ov_store, "--update")) == 1
+    err = capsys.readouterr().err
+    assert "runtime: cache has 'openvino', asked for 'onnxruntime'" in err
+    assert "Its vectors were made on openvino: add --onnx-runtime openvino to update it with them." in err
+    assert run(*args(data, tiny_onnx, ort_store, "--update", *OPENVINO)) == 1
+    err = capsys.readouterr().err
+    assert "runtime: cache has 'onnxruntime', asked for 'openvino'" in err  # a store of before: onnxruntime's
+    assert "add --onnx-runtime onnxruntime" in err
+    assert run(*args(data, tiny_onnx, ov_store, "--update", *OPENVINO)) == 0
+    assert run(*args(data, tiny_onnx, ov_fresh, *OPENVINO)) == 0
+    assert_same_as_fresh(ov_store, ov_fresh)  # its vectors do not depend on the batches they were made in
+
+
+def test_queries_and_resumed_runs_ask_for_the_runtime_that_made_the_store(tiny_onnx, tmp_path, capsys,
+                                                                          monkeypatch):
+    data = write_catalogue(tmp_path / "catalogue", list(range(8)))
+    store = tmp_path / "ov"
+    assert run(*args(data, tiny_onnx, store, *OPENVINO)) == 0
+    picture = next((store / "images").iterdir())
+    capsys.readouterr()
+    assert run("--query-image", picture, "--onnx", tiny_onnx, "--output-dir", store) == 1
+    err = capsys.readouterr().err
+    assert "runtime: cache has 'openvino', asked for 'onnxruntime'" in err
+    assert "To reuse it, ask for what made it: --onnx-runtime openvino" in err
+    assert run("--query-image", picture, "--onnx", tiny_onnx, "--output-dir", store, *OPENVINO) == 0
+    # the Python API opens the store with the runtime it records
+    catalog = Catalog.open(store, onnx=str(tiny_onnx))
+    assert catalog.embedder.identity.runtime == "openvino"
+    hit = catalog.search_image(picture, k=1)[0].hits[0]
+    assert hit.file == picture.name and hit.distance < 1e-3  # a stored photo finds itself
+
+    resumed = tmp_path / "resumed"
+    stop_after_shards(monkeypatch, 1)
+    assert run(*args(data, tiny_onnx, resumed, *OPENVINO)) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run(*args(data, tiny_onnx, resumed)) == 1
+    err = capsys.readouterr().err
+    assert "identity.runtime: cache has 'openvino', asked for 'onnxruntime'" in err
+    assert run(*args(data, tiny_onnx, resumed, *OPENVINO)) == 0
+    assert_same_as_fresh(resumed, store)
+
+
+@pytest.mark.parametrize("more, said", [
+    (("--backend", "torch"), "--onnx-runtime openvino runs an ONNX file, and this run embeds with the torch backend"),
+    (("--device", "cuda"), "--onnx-runtime openvino runs the file on the CPU: drop --device cuda"),
+    (("--export-onnx",), "--export-onnx writes the file, which every runtime reads"),
+])
+def test_flags_it_does_not_go_with_are_refused(tmp_path, capsys, more, said):
+    assert run("--onnx", tmp_path / "f.onnx", *OPENVINO, *more) == 2
+    assert said in capsys.readouterr().err
