@@ -1,14 +1,16 @@
-"""The int8 image tower on another runtime (issue 29): onnxruntime on the default export against
-OpenVINO on the portable QDQ export (`--quantization static-qdq`, the file made for runtimes that do
-not read onnxruntime's contrib ops), on the real FashionCLIP architecture (random weights).
+"""The int8 image tower on onnxruntime and on OpenVINO (issue 29; `--onnx-runtime openvino`), on
+the real FashionCLIP architecture (random weights), against the default export of the issue's day
+(`qdq-out`, made as `benchmarks.int8_recipes` makes it).
 
-For each: images/s at batch 1, 8 and 32 on --threads threads (one session), whether one picture
-alone gives the same vector as in a batch of 32 (bit for bit), and the cosine of its vectors to
-onnxruntime's. OpenVINO runs twice: its float parts in fp32, and at the precision it picks for the
-CPU (bf16 where the CPU has AVX-512 BF16 or AMX). OpenVINO is not a dependency of the pipeline:
-`pip install openvino` to measure it; without it the script says so and measures onnxruntime alone.
+Each way of running: images/s at batch 1, 8 and 32 (batch 32 the median of --rounds alternating
+rounds), whether one picture alone gives the same vector as in a batch of 32 (bit for bit), and the
+cosine of its vectors to onnxruntime's on the default export. One session on --threads threads
+for each runtime, as the issue measured, and the pipeline's own embedders (onnxruntime: one
+single-thread session a core; OpenVINO: one stream a core), as a gallery build runs them. OpenVINO
+is optional: `pip install openvino` to measure it; without it the script says so and measures
+onnxruntime alone.
 
-    python -m benchmarks.int8_runtimes [--seconds 6] [--threads 2]
+    python -m benchmarks.int8_runtimes [--seconds 6] [--threads 2] [--rounds 5]
     python -m benchmarks.int8_runtimes --tiny             # tiny model: checks the script
 """
 
@@ -37,21 +39,44 @@ def onnxruntime_run(path: Path, threads: int) -> Run:
     return lambda x: session.run(None, {name: x})[0]
 
 
-def openvino_run(path: Path, threads: int, precision: str | None) -> tuple[Run, str]:
-    """OpenVINO's compiled model as a function, and the inference precision it runs the float parts at."""
+def openvino_run(path: Path, threads: int) -> Run:
+    """OpenVINO's compiled model (one session on `threads` threads, float parts in float32) as a function."""
     import openvino as ov
 
-    config: dict[str, object] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    if precision:
-        config["INFERENCE_PRECISION_HINT"] = precision
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     compiled = ov.Core().compile_model(str(path), "CPU", config)
-    precision_type = compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino Type: "f32", "bf16"
-    return (lambda x: np.asarray(compiled(x)[0])), precision_type.get_type_name()
+    return lambda x: np.asarray(compiled(x)[0])
 
 
-def rates(run: Run, x: np.ndarray, seconds: float) -> dict[int, float]:
+def pipeline_run(path: Path, runtime: str, threads: int) -> Run:
+    """The pipeline's own embedder of the file (its lanes or streams), unnormalized rows compared normalized."""
+    from pipeline.embedders import EmbedderSpec, make_embedder
+
+    embedder = make_embedder(EmbedderSpec(onnx=str(path), backend="onnx", device="cpu", threads=threads,
+                                          runtime=runtime))
+    return embedder.embed
+
+
+def qdq_out_file(assets: Assets) -> Path:
+    """The issue's default export, made as benchmarks.int8_recipes makes it (and reused from there)."""
+    from benchmarks.int8_recipes import RECIPES, make_recipe
+    from pipeline import export
+    from pipeline.embedders import OnnxEmbedder
+
+    folder = assets.work / "int8-recipes" / assets.model_tag
+    path = folder / "qdq-out.onnx"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        prep = OnnxEmbedder(assets.onnx("static")).preprocess_cfg
+        calib = export.preprocess_batch(export.verification_images(64, seed=1), prep)  # as the export calibrates
+        make_recipe(export.fp32_path_for(assets.onnx("static")), folder / "pre.onnx", path, calib,
+                    RECIPES["qdq-out"][1], (0, 0))
+    return path
+
+
+def rates(run: Run, x: np.ndarray, seconds: float, batches: tuple[int, ...] = BATCHES) -> dict[int, float]:
     out = {}
-    for batch in BATCHES:
+    for batch in batches:
         run(x[:batch])
         n, t = 0, time.perf_counter()
         while time.perf_counter() - t < seconds or n == 0:
@@ -65,47 +90,56 @@ def main(argv: list[str] | None = None) -> int:
     ap = make_parser(__doc__)
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--threads", type=int, default=2)
-    args = parse_args(ap, argv, tiny={"seconds": 0.1})
+    ap.add_argument("--rounds", type=int, default=3, help="batch-32 rates measured this many times, alternating")
+    args = parse_args(ap, argv, tiny={"seconds": 0.1, "rounds": 2})
     print(machine_line(), flush=True)
     assets = Assets.from_args(args)
-    pixels = np.random.default_rng(0).standard_normal((32, 3, 224, 224)).astype(np.float32)
-    if assets.tiny:  # the tiny model's own picture size
-        import onnxruntime as ort
-
-        shape = ort.InferenceSession(str(assets.onnx()), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
-        pixels = np.random.default_rng(0).standard_normal((32, 3, shape[2], shape[3])).astype(np.float32)
-
-    runs: list[tuple[str, Run]] = [("onnxruntime, default export", onnxruntime_run(assets.onnx(), args.threads))]
+    default, base = assets.onnx("static"), qdq_out_file(assets)
+    threads = args.threads
+    runs: list[tuple[str, Run]] = [
+        ("onnxruntime, qdq-out (the default export of issue 29's day), one session", onnxruntime_run(base, threads)),
+        ("onnxruntime, the default export, one session", onnxruntime_run(default, threads)),
+        ("onnxruntime, the default export, the pipeline's lanes", pipeline_run(default, "onnxruntime", threads)),
+    ]
     try:
         import openvino  # noqa: F401
     except ImportError:
         print("OpenVINO is not installed (pip install openvino): onnxruntime alone", flush=True)
     else:
-        qdq = assets.onnx("static-qdq")
-        for hint in ("f32", None):
-            run, precision = openvino_run(qdq, args.threads, hint)
-            runs.append((f"OpenVINO, portable QDQ export, float parts {precision}", run))
+        runs += [("OpenVINO, the default export, one session", openvino_run(default, threads)),
+                 ("OpenVINO, the default export, the pipeline's streams", pipeline_run(default, "openvino", threads))]
 
+    from pipeline.embedders import OnnxEmbedder
     from pipeline.export import feature_cosines
 
-    reference = runs[0][1](pixels)
-    rows = []
+    hw = OnnxEmbedder(default).preprocess_cfg
+    pixels = np.random.default_rng(0).standard_normal((32, 3, hw.crop_height, hw.crop_width)).astype(np.float32)
+    reference = runs[1][1](pixels)
+    speeds, checks = {}, {}
     for name, run in runs:
-        speed = rates(run, pixels, args.seconds)
+        speeds[name] = rates(run, pixels, args.seconds)
         alone = np.concatenate([run(pixels[i : i + 1]) for i in range(len(pixels))])
         batch = run(pixels)
-        rows.append((name, speed, np.array_equal(alone, batch), feature_cosines(batch, reference).min()))
-        print(f"{name}: " + ", ".join(f"b{b} {r:.1f}" for b, r in speed.items()) + " img/s", flush=True)
-
-    base = rows[0][1][32]
-    print(f"\n{args.threads} threads, one session; vs: batch 32 against onnxruntime's default export")
-    print("| runtime | b1 | b8 | b32 (img/s) | vs | one alone = in a batch of 32 | cosine min to onnxruntime |")
+        checks[name] = (np.array_equal(alone, batch), feature_cosines(batch, reference).min())
+        print(f"{name}: " + ", ".join(f"b{b} {r:.1f}" for b, r in speeds[name].items()) + " img/s", flush=True)
+    b32 = {name: [speed[32]] for name, speed in speeds.items()}
+    for r in range(1, args.rounds):  # alternating order: a VM's drift falls on every way alike
+        for name, run in (runs[::-1] if r % 2 else runs):
+            b32[name].append(rates(run, pixels, args.seconds, batches=(32,))[32])
+    median = {name: float(np.median(got)) for name, got in b32.items()}
+    if args.rounds > 1:
+        print(f"\nbatch 32 in {args.rounds} rounds, alternating (img/s):")
+        for name, got in b32.items():
+            print(f"  {name}: median {median[name]:.1f} of " + ", ".join(f"{x:.1f}" for x in got))
+    first = runs[0][0]
+    print(f"\n{args.threads} threads; vs: batch 32 (median) against {first.split(',')[1].strip()}")
+    print("| runtime, file, how it runs | b1 | b8 | b32 (img/s) | vs | one alone = in a batch of 32 | "
+          "cosine min to onnxruntime's |")
     print("|---|---|---|---|---|---|---|")
-    for name, speed, same, cos in rows:
-        print(
-            f"| {name} | {speed[1]:.1f} | {speed[8]:.1f} | {speed[32]:.1f} | {speed[32] / base:.2f}x "
-            f"| {'yes' if same else 'no'} | {cos:.5f} |"
-        )
+    for name, speed in speeds.items():
+        same, cos = checks[name]
+        print(f"| {name} | {speed[1]:.1f} | {speed[8]:.1f} | {median[name]:.1f} | {median[name] / median[first]:.2f}x "
+              f"| {'yes' if same else 'no'} | {cos:.5f} |")
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,16 @@ from .embedders import (
 from .errors import PipelineError, first_line
 from .fileio import sha256_file
 from .identity import VectorIdentity
+from .int8graph import META_INT8_RECIPE
 from .probes import check_file, probe_pixels
 
 log = logging.getLogger(__name__)
 
 OPENVINO = "openvino"
 INSTALL = "pip install openvino"
+UINT8_GELU = "+uint8-gelu"  # in the recipe of the AMX profile's files (int8graph.AMX_RECIPE and the one before it)
+FOR_OPENVINO = ("export a file for it with --export-onnx --int8-profile vnni (the graph OpenVINO reads) or "
+                "--quantization static-qdq (portable QDQ), or run this one on onnxruntime (the default)")
 
 
 def _import_openvino() -> Any:
@@ -69,6 +74,15 @@ def compile_config(streams: int) -> dict[str, Any]:
     }
 
 
+def _unconverted(message: str) -> str:
+    """"it does not convert OP, ..." from the operations OpenVINO's ONNX reader names as failed in its
+    error (none for another error: "")."""
+    ops = set(re.findall(r"^-- (\S+) with a message", message, re.MULTILINE))
+    for listed in re.findall(r"No conversion rule found for operations: (.+)$", message, re.MULTILINE):
+        ops.update(op.strip() for op in listed.split(","))
+    return f"it does not convert {', '.join(sorted(ops))}" if ops else ""
+
+
 class OpenVinoEmbedder(Embedder):
     """An exported image tower (input float (batch, 3, H, W), output its embedding) on OpenVINO's CPU plugin."""
 
@@ -87,13 +101,21 @@ class OpenVinoEmbedder(Embedder):
         self.path = path
         self.device = "cpu"
         self.lanes = max(1, threads or available_cores())
-        meta = file_metadata(path)
+        try:
+            meta = file_metadata(path)
+        except Exception as e:  # noqa: BLE001 - onnx's parser raises several types for a damaged file
+            raise PipelineError(f"cannot read ONNX file {path}: {type(e).__name__}: {first_line(e)}. Re-create it "
+                                "with --export-onnx.") from e
+        if UINT8_GELU in meta.get(META_INT8_RECIPE, ""):
+            raise PipelineError(
+                f"{path} is an int8 file of the AMX profile (its GELUs in uint8 through onnxruntime's QGemm, "
+                f"QLinearSigmoid and QLinearMul, which OpenVINO does not read): {FOR_OPENVINO}")
         try:
             core = ov.Core()
             self._compiled = core.compile_model(core.read_model(str(path)), "CPU", compile_config(self.lanes))
         except Exception as e:  # OpenVINO raises RuntimeError and its own types for a file it cannot read
-            raise PipelineError(f"OpenVINO cannot load the ONNX file {path}: {type(e).__name__}: {first_line(e)}. "
-                                "Run it on onnxruntime (the default), or re-create it with --export-onnx.") from e
+            why = _unconverted(str(e)) or f"{type(e).__name__}: {first_line(e)}"
+            raise PipelineError(f"OpenVINO cannot load the ONNX file {path} ({why}): {FOR_OPENVINO}") from e
         self._check_io(path)
         self.preprocess_cfg = _preprocess_config_for_file(path, meta, model_hint)
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # requests not running right now

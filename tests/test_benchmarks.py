@@ -139,11 +139,14 @@ IN_PROCESS = [
         r"^(\| static \| 8-bit \| NUMBER \||static 8-bit: export failed: )",  # 8-bit may fail its check on a CPU
     ]),
     (int8_runtimes, "clip", [
-        r"^\| onnxruntime, default export \| NUMBER \| NUMBER \| NUMBER \| 1\.00x \| yes \| 1\.00000 \|$",
-        r"^\| OpenVINO, portable QDQ export, float parts f32 \| (NUMBER \| ){3}NUMBERx \| (yes|no) "
-        r"\| NUMBER \|$",
-        r"^\| OpenVINO, portable QDQ export, float parts \w+ \| (NUMBER \| ){3}NUMBERx \| (yes|no) "
-        r"\| NUMBER \|$",
+        r"^\| onnxruntime, qdq-out \(the default export of issue 29's day\), one session \| (NUMBER \| ){3}1\.00x \| "
+        r"yes \| NUMBER \|$",
+        r"^\| onnxruntime, the default export, one session \| (NUMBER \| ){3}NUMBERx \| yes \| 1\.00000 \|$",
+        r"^\| onnxruntime, the default export, the pipeline's lanes \| (NUMBER \| ){3}NUMBERx \| yes \| 1\.00000 \|$",
+        r"^\| OpenVINO, the default export, one session \| (NUMBER \| ){3}NUMBERx \| yes \| (0\.99\d+|1\.00000) \|$",
+        r"^\| OpenVINO, the default export, the pipeline's streams \| (NUMBER \| ){3}NUMBERx \| yes "
+        r"\| (0\.99\d+|1\.00000) \|$",
+        r"^  OpenVINO, the default export, the pipeline's streams: median NUMBER of NUMBER, NUMBER$",
     ]),
     (segment, "work", [
         r"^\| model \| torch predict \| torch stage \|",

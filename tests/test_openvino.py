@@ -59,6 +59,37 @@ def test_without_openvino_or_on_cuda_it_says_what_to_do(tiny_onnx, monkeypatch):
         make_embedder(spec)
 
 
+def test_a_file_openvino_cannot_read_is_refused_with_the_export_it_can(tiny_clip, tmp_path):
+    """The AMX profile's file (the export's `auto` on an Intel CPU) has onnxruntime's QGemm,
+    QLinearSigmoid and QLinearMul, which OpenVINO does not convert: refused before loading, with the
+    export OpenVINO reads; any other file it cannot convert names what it could not."""
+    from pipeline.export import export_onnx
+
+    amx = tmp_path / "amx_int8.onnx"
+    export_onnx(str(tiny_clip), amx, profile="amx")
+    with pytest.raises(PipelineError, match=r"an int8 file of the AMX profile .*--int8-profile vnni .*"
+                                            r"--quantization static-qdq"):
+        make_embedder(EmbedderSpec(onnx=str(amx), backend="onnx", runtime="openvino"))
+    assert OnnxEmbedder(amx).identity.runtime == "onnxruntime"  # onnxruntime runs it
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(PipelineError, match=r"cannot read ONNX file .*broken\.onnx: DecodeError.*--export-onnx"):
+        make_embedder(EmbedderSpec(onnx=str(broken), backend="onnx", runtime="openvino"))
+    # a model OpenVINO does not convert: named by its operations
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("NoSuchOp", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    odd = tmp_path / "odd.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.example", 1)]), odd)
+    with pytest.raises(PipelineError, match=r"OpenVINO cannot load the ONNX file .*odd\.onnx \(it does not convert "
+                                            r"com\.example\.NoSuchOp\): export a file for it"):
+        make_embedder(EmbedderSpec(onnx=str(odd), backend="onnx", runtime="openvino"))
+
+
 def test_a_store_records_its_runtime_and_an_update_never_mixes_the_two(tiny_onnx, tmp_path, capsys):
     data = write_catalogue(tmp_path / "catalogue", list(range(8)))
     ov_store, ort_store, ov_fresh = tmp_path / "ov", tmp_path / "ort", tmp_path / "ov_fresh"
