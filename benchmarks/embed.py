@@ -221,8 +221,9 @@ def compare_models(assets: Assets, other: Assets, seconds: float, batches: list[
     print("\n| model | backend | " + " | ".join(f"batch {b}" for b in batches) + " |")
     print("|---|---|" + "---|" * len(batches))
     for label, table in zip(labels, (first, second)):
-        for backend in ("torch fp32", "onnxruntime fp32", STATIC):
-            print(f"| {label} | {backend} | " + " | ".join(f"{table[backend][b]:.1f}" for b in batches) + " |")
+        for backend in ("torch fp32", "onnxruntime fp32", STATIC, OV_STATIC):
+            if backend in table:  # OpenVINO where it is installed
+                print(f"| {label} | {backend} | " + " | ".join(f"{table[backend][b]:.1f}" for b in batches) + " |")
     for backend in ("torch fp32", STATIC):
         print(f"{labels[1]} / {labels[0]}, {backend}, batch 32: {second[backend][32] / first[backend][32]:.2f}x "
               f"the speed ({first[backend][32] / second[backend][32]:.1f}x the time per picture)")

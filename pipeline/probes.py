@@ -168,7 +168,12 @@ class ProbeRecord:
         return cls(**json.loads(text))
 
 
-def check_file(path, meta: dict[str, str], inputs: Sequence[np.ndarray], run: Callable[[], np.ndarray]) -> str:
+ON_THIS_CPU = ("The file is damaged, or this CPU computes its int8 kernels differently: re-export it here with "
+               "--export-onnx, or use the fp32 file.")
+
+
+def check_file(path, meta: dict[str, str], inputs: Sequence[np.ndarray], run: Callable[[], np.ndarray],
+               remedy: str = ON_THIS_CPU) -> str:
     """Run the probes of an ONNX file where it is loaded.
 
     Args:
@@ -176,6 +181,7 @@ def check_file(path, meta: dict[str, str], inputs: Sequence[np.ndarray], run: Ca
         meta: its custom metadata map.
         inputs: the probe inputs as this loader makes them (for the digest check).
         run: computes the file's outputs for those inputs, (count, D).
+        remedy: the refusal's last sentence (another runtime's says what to do there).
     Returns:
         one line saying what was checked (for the log).
     Raises:
@@ -216,8 +222,7 @@ def check_file(path, meta: dict[str, str], inputs: Sequence[np.ndarray], run: Ca
             f"{path} failed its self-check on this CPU: on its {record.count} built-in {record.kind} probes the cosine "
             f"to "
             f"the fp32 model's outputs is {worst:.4f} (needs >= {record.min_cosine}; it was {then:.4f} where it was "
-            f"exported, on {cpu_label(record.exported_on)}). This CPU: {cpu_label()}. The file is damaged, or this CPU "
-            "computes its int8 kernels differently: re-export it here with --export-onnx, or use the fp32 file."
+            f"exported, on {cpu_label(record.exported_on)}). This CPU: {cpu_label()}. {remedy}"
         )
     return (
         f"self-check passed: min cosine {worst:.6f} over {record.count} {record.kind} probes (bar {record.min_cosine})"

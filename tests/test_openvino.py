@@ -90,6 +90,22 @@ def test_a_file_openvino_cannot_read_is_refused_with_the_export_it_can(tiny_clip
         make_embedder(EmbedderSpec(onnx=str(odd), backend="onnx", runtime="openvino"))
 
 
+def test_a_file_that_fails_its_probes_on_openvino_is_refused_naming_onnxruntime(tiny_onnx, monkeypatch):
+    """Where OpenVINO's vectors fall under the file's bar (Marqo-FashionSigLIP's architecture with random
+    weights did on an AMD EPYC: 0.966 against onnxruntime's 0.996; simulated here by turning its
+    outputs), the file is refused on it, saying to run it on onnxruntime, which runs it."""
+    from pipeline.ovruntime import OpenVinoEmbedder
+
+    run = OpenVinoEmbedder._run
+    monkeypatch.setattr(OpenVinoEmbedder, "_run", lambda self, x: np.roll(run(self, x), 1, axis=1))
+    refused = (r"failed its self-check on this CPU: .* \(needs >= 0\.9\d*; .*On OpenVINO: its int8 kernels round "
+               r"otherwise than onnxruntime's.*run it on onnxruntime, the default "
+               r"\(without --onnx-runtime openvino\)\.$")
+    with pytest.raises(PipelineError, match=refused):
+        make_embedder(EmbedderSpec(onnx=str(tiny_onnx), backend="onnx", runtime="openvino"))
+    assert OnnxEmbedder(tiny_onnx).self_check.startswith("self-check passed")
+
+
 def test_a_store_records_its_runtime_and_an_update_never_mixes_the_two(tiny_onnx, tmp_path, capsys):
     data = write_catalogue(tmp_path / "catalogue", list(range(8)))
     ov_store, ort_store, ov_fresh = tmp_path / "ov", tmp_path / "ort", tmp_path / "ov_fresh"
