@@ -368,6 +368,21 @@ class Assets:
             export_onnx(str(self.clip()), path, quantization=quantization)
         return path
 
+    def openvino_onnx(self) -> Path:
+        """The static int8 file OpenVINO reads (--onnx-runtime openvino): the default export, unless
+        this CPU's profile is the AMX one (its QGemm, QLinearSigmoid and QLinearMul OpenVINO does not
+        read: pipeline/ovruntime.py), then the VNNI profile's export of the same model beside it."""
+        from pipeline.export import export_onnx
+        from pipeline.ovruntime import UINT8_GELU
+
+        static = self.onnx("static")
+        if UINT8_GELU not in (recipe_of(static) or ""):
+            return static
+        path = static.with_name(static.name.replace("_int8_static", "_int8_static_vnni"))
+        if not path.is_file():
+            export_onnx(str(self.clip()), path, profile="vnni")
+        return path
+
     @staticmethod
     def _default_recipe(path: Path, quantization: str) -> str:
         """The recipe the export records for this file on this CPU (`--int8-profile auto`): the graph

@@ -50,6 +50,27 @@ def test_openvino_runs_the_file_within_rounding_of_onnxruntime_each_picture_apar
         ov.embed(x[:, :, :100])
 
 
+def test_openvino_held_to_avx2_kernels_passes_the_file_s_probes(tiny_onnx, tmp_path):
+    """OpenVINO's int8 kernels of an AVX2-only CPU (oneDNN's ISA cap; the 7-bit weights keep their
+    16-bit pair sums from saturating): the probes pass and the vectors stay within rounding of
+    onnxruntime's. (On this machine's own kernels the other tests run.)"""
+    import os
+    import subprocess
+
+    out = tmp_path / "avx2.npy"
+    code = (f"import numpy as np; from pipeline.embedders import EmbedderSpec, make_embedder; "
+            f"e = make_embedder(EmbedderSpec(onnx={str(tiny_onnx)!r}, backend='onnx', runtime='openvino')); "
+            f"x = np.random.default_rng(5).uniform(-2, 2, (6, 3, 224, 224)).astype(np.float32); "
+            f"np.save({str(out)!r}, e.embed(x)); print(e.self_check)")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "self-check passed" in done.stdout
+    x = np.random.default_rng(5).uniform(-2, 2, (6, 3, 224, 224)).astype(np.float32)
+    assert (np.load(out) * OnnxEmbedder(tiny_onnx).embed(x)).sum(1).min() > 0.999
+
+
 def test_without_openvino_or_on_cuda_it_says_what_to_do(tiny_onnx, monkeypatch):
     spec = EmbedderSpec(onnx=str(tiny_onnx), backend="onnx", runtime="openvino")
     with pytest.raises(PipelineError, match="runs the file on the CPU: drop --device cuda"):
