@@ -145,6 +145,17 @@ def test_ray_workers_resize_with_the_resizer_the_run_chose(ray_instance, ragged,
                               np.load(local_run / "embeddings" / "embeddings.npy"))
 
 
+def test_ray_workers_embed_on_the_runtime_the_run_chose(ray_instance, ragged, tiny_onnx, tmp_path):
+    """--onnx-runtime openvino on Ray: each worker runs the file on OpenVINO, and the store is the local
+    engine's OpenVINO store, recording the runtime."""
+    pytest.importorskip("openvino")
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    assert cli.main(_args(ragged, tiny_onnx, local, "--onnx-runtime", "openvino")) == 3
+    assert cli.main(_args(ragged, tiny_onnx, on_ray, "--onnx-runtime", "openvino", "--engine", "ray")) == 3
+    _same_store(local, on_ray)
+    assert json.loads((on_ray / "embeddings" / "embeddings.json").read_text())["identity"]["runtime"] == "openvino"
+
+
 def test_a_killed_ray_run_resumes_each_row_once(
     ray_instance, ragged, tiny_onnx, local_run, tmp_path, monkeypatch, capsys
 ):
