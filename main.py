@@ -193,8 +193,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--onnx-runtime",
         choices=ONNX_RUNTIMES,
         help="what runs the ONNX file: onnxruntime (the default), or openvino on the CPU (pip install openvino; "
-        "the same file, faster on the CPUs measured, its vectors within rounding of onnxruntime's: a store "
-        "records which made it)",
+        "the same file, faster for most towers on the CPU measured, its vectors within rounding of onnxruntime's: "
+        "a store records which made it)",
     )
     _add(model, "--device", choices=DEVICES, help="auto: CUDA when torch sees a GPU, else the CPU")
     _add(

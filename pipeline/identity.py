@@ -24,6 +24,8 @@ class _Comparable:
 
     # Fields recorded only since a later version, for some stores: one that lacks them is not compared on them
     RECORDED_LATER: frozenset[str] = frozenset()
+    # Fields only some kinds of store have (read back filled in where they have them): compared only there
+    OF_SOME_KINDS: frozenset[str] = frozenset()
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}  # type: ignore[call-overload]  # subclasses are dataclasses
@@ -54,7 +56,8 @@ def differences(asked: _Comparable, found: _Comparable, only: frozenset[str] | N
     want, have = asked.compared_json(), found.compared_json()
     if only is not None:
         want = {k: v for k, v in want.items() if k in only}
-    want = {k: v for k, v in want.items() if k in have or k not in type(found).RECORDED_LATER}
+    want = {k: v for k, v in want.items()
+            if k in have or k not in type(found).RECORDED_LATER | type(found).OF_SOME_KINDS}
     return describe_differences(want, have)
 
 
@@ -98,6 +101,8 @@ class VectorIdentity(_Comparable):
 
     # Sharded weights, open_clip's .pth and weights under other names are hashed since 2026-12-05
     RECORDED_LATER = frozenset({"model_sha256"})
+    # an ONNX store's, always (from_json fills in onnxruntime where it is not written); a torch store has none
+    OF_SOME_KINDS = frozenset({"runtime"})
 
     backend: str | None = None
     family: str | None = None
@@ -109,7 +114,6 @@ class VectorIdentity(_Comparable):
     dim: int | None = None
     pixels: str | None = None
     runtime: str | None = None
-
 
     def to_json(self) -> dict[str, Any]:
         """The fields known, but onnxruntime, the one runtime before OpenVINO: a store it makes is

@@ -75,9 +75,10 @@ _EVAL_CHECKS: tuple[Check, ...] = (
     (lambda c: bool(_unknown_backends(c)), _EVAL_UNKNOWN),
     (lambda c: bool(c.evaluate.models and c.evaluate.backends),
      "--eval-models and --eval-backends: name each model's backend in --eval-models instead (an exported .onnx "
-     "file runs on onnxruntime, anything else on torch)"),
+     "file runs on onnxruntime, or OpenVINO with --onnx-runtime openvino; anything else on torch)"),
     (lambda c: bool(c.evaluate.models) and bool({"model", "onnx", "backend"} & c.explicit),
-     "--eval-models names every model compared (each .onnx file runs on onnxruntime, anything else on torch): "
+     "--eval-models names every model compared (each .onnx file runs on onnxruntime, or OpenVINO with "
+     "--onnx-runtime openvino; anything else on torch): "
      "drop --model, --onnx and --backend, or add that model to --eval-models"),
     (lambda c: bool(c.evaluate.id_column) and "eval_cloth_column" in c.explicit,
      "--eval-id-column scores same-product retrieval, --eval-cloth-column person -> garment: choose one"),
@@ -288,7 +289,7 @@ def _onnx_chosen(c: RunConfig) -> str:
     if "backend" in c.explicit and c.embedder.backend == "onnx":
         return "--backend onnx runs the ONNX file"
     if "onnx" in c.explicit:
-        return f"--onnx {c.embedder.onnx} runs on onnxruntime"
+        return f"--onnx {c.embedder.onnx} runs that file"
     return f"this run embeds with the ONNX file at the default --onnx, {c.embedder.onnx}, which is there"
 
 

@@ -40,7 +40,7 @@ from .embedders import (
     l2_normalize,
 )
 from .errors import PipelineError, first_line
-from .fileio import sha256_file
+from .fileio import sha256_file_once
 from .identity import VectorIdentity
 from .int8graph import META_INT8_RECIPE
 from .probes import check_file, probe_pixels
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 OPENVINO = "openvino"
 INSTALL = "pip install openvino"
 UINT8_GELU = "+uint8-gelu"  # in the recipe of the AMX profile's files (int8graph.AMX_RECIPE and the one before it)
+REBUILT = "a store made on OpenVINO is then rebuilt without --onnx-runtime"
 FOR_OPENVINO = ("export a file for it with --export-onnx --int8-profile vnni (the graph OpenVINO reads) or "
                 "--quantization static-qdq (portable QDQ), or run this one on onnxruntime (the default)")
 
@@ -59,7 +60,7 @@ def _import_openvino() -> Any:
         import openvino
     except ImportError as e:
         raise PipelineError(f"--onnx-runtime openvino needs OpenVINO: {INSTALL} (or run the file on onnxruntime, "
-                            "the default)") from e
+                            f"the default; {REBUILT})") from e
     return openvino
 
 
@@ -87,7 +88,7 @@ def _unconverted(message: str) -> str:
 # against 0.996 on onnxruntime, its activations a level apart here and there from the first layer on
 ROUNDS_OTHERWISE = ("On OpenVINO: its int8 kernels round otherwise than onnxruntime's, on which the export checked "
                     "the file (a level apart here and there, which some towers amplify): run it on onnxruntime, the "
-                    "default (without --onnx-runtime openvino).")
+                    f"default (without --onnx-runtime openvino; {REBUILT}).")
 
 
 class OpenVinoEmbedder(Embedder):
@@ -97,7 +98,7 @@ class OpenVinoEmbedder(Embedder):
     def from_spec(cls, spec: EmbedderSpec) -> OpenVinoEmbedder:
         if spec.device == "cuda":
             raise PipelineError("--onnx-runtime openvino runs the file on the CPU: drop --device cuda, or run it on "
-                                "onnxruntime (the default) with onnxruntime-gpu")
+                                f"onnxruntime (the default) with onnxruntime-gpu ({REBUILT})")
         return cls(spec.onnx, threads=spec.threads, model_hint=spec.model)
 
     def __init__(self, path: str | Path, threads: int = 0, model_hint: str | None = None) -> None:
@@ -123,22 +124,26 @@ class OpenVinoEmbedder(Embedder):
         except Exception as e:  # OpenVINO raises RuntimeError and its own types for a file it cannot read
             why = _unconverted(str(e)) or f"{type(e).__name__}: {first_line(e)}"
             raise PipelineError(f"OpenVINO cannot load the ONNX file {path} ({why}): {FOR_OPENVINO}") from e
-        self._check_io(path)
         self.preprocess_cfg = _preprocess_config_for_file(path, meta, model_hint)
+        self._check_io(path)
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # requests not running right now
         for _ in range(self.lanes):
             self._free.put(self._compiled.create_infer_request())
         pool = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="openvino") if self.lanes > 1 else None
         self._pool = pool
         probes = probe_pixels(self.preprocess_cfg)
-        self.dim = int(self._run(probes[:1]).shape[-1])
+        try:
+            self.dim = int(self._run(probes[:1]).shape[-1])
+        except Exception as e:  # OpenVINO's own error types, from a graph it read but cannot run
+            raise PipelineError(f"OpenVINO cannot run the ONNX file {path}: {type(e).__name__}: {first_line(e)}. "
+                                f"{FOR_OPENVINO[0].upper()}{FOR_OPENVINO[1:]}.") from e
         self.self_check = check_file(path, meta, [probes], lambda: self._run(probes), remedy=ROUNDS_OTHERWISE)
         log.debug("%s on OpenVINO: %s", path, self.self_check)
         self.identity = VectorIdentity(
             backend="onnx",
             family=meta.get(META_FAMILY, "clip"),
             model=file_source_model(meta),
-            onnx_sha256=sha256_file(path),
+            onnx_sha256=sha256_file_once(path),
             precision="onnx-" + meta.get(META_PRECISION, "unknown"),
             preprocess=json.loads(self.preprocess_cfg.to_json()),
             dim=self.dim,
@@ -147,12 +152,17 @@ class OpenVinoEmbedder(Embedder):
         self._text: _OnnxText | None = None
 
     def _check_io(self, path: Path) -> None:
+        """One float (batch, 3, H, W) input, its fixed sizes (symbolic ones pass) what the preprocessing makes."""
         inputs = self._compiled.inputs
         if len(inputs) != 1:
             raise PipelineError(f"{path}: expected one image input, found {len(inputs)}")
-        shape = inputs[0].get_partial_shape()
-        if shape.rank.is_static and shape.rank.get_length() != 4:
-            raise PipelineError(f"{path}: input is {shape}; expected float (batch, 3, H, W)")
+        shape, kind = inputs[0].get_partial_shape(), inputs[0].get_element_type().get_type_name()
+        if kind != "f32" or shape.rank.is_dynamic or shape.rank.get_length() != 4:
+            raise PipelineError(f"{path}: input is {kind} {shape}; expected float (batch, 3, H, W)")
+        want = (3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width)
+        for dim, size, name in zip(list(shape)[1:], want, ("channels", "height", "width")):
+            if dim.is_static and dim.get_length() != size:
+                raise PipelineError(f"{path}: input {name} is {dim.get_length()} but preprocessing makes {size}")
 
     def check_input(self, pixels: np.ndarray) -> None:
         want = (3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width)

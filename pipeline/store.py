@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends import ONNXRUNTIME
 from .errors import CacheMismatchError, PipelineError
 from .fileio import (
     atomic_write_bytes,
@@ -724,9 +725,13 @@ class ShardStore:
                                                       r"source\.seg_weights):", d)]
                 what = ("different arguments, or files whose bytes changed since it started (a model's weights or an "
                         "ONNX file replaced in place)" if files else "different arguments")
+                made = old.get("identity")
+                ran_on = made.get("runtime", ONNXRUNTIME) if isinstance(made, dict) else ONNXRUNTIME
+                runtime = (f" (it ran on {ran_on}: --onnx-runtime {ran_on})"
+                           if any(d.startswith("identity.runtime:") for d in diffs) else "")
                 raise PipelineError(
                     f"{self.dir} holds shards of an unfinished run with {what}:\n  " + "\n  ".join(diffs)
-                    + "\nRun with the same arguments and files to resume it, or add --fresh to discard it."
+                    + f"\nRun with the same arguments and files to resume it{runtime}, or add --fresh to discard it."
                 )
         self.dir.mkdir(parents=True, exist_ok=True)
         if not run_file.is_file():

@@ -400,13 +400,12 @@ def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | No
         pixels = old.sidecar.identity.pixels
         decode = DECODE_OF_PIXELS.get(pixels or "") if any(p.startswith("pixels:") for p in problems) else None
         hint = f" Its pixels came from {pixels}: add --decode {decode} to update it as it was made." if decode else ""
-        if any(p.startswith("runtime:") for p in problems):
-            runtime = old.sidecar.identity.runtime or ONNXRUNTIME
-            hint += f" Its vectors were made on {runtime}: add --onnx-runtime {runtime} to update it with them."
-
         if decode == "device" and cfg.engine == "ray":
             hint = (f" Its pixels came from {pixels}, and Ray's workers decode on the CPU: update it without "
                     "--engine ray.")
+        if any(p.startswith("runtime:") for p in problems):
+            runtime = old.sidecar.identity.runtime or ONNXRUNTIME
+            hint += f" Its vectors were made on {runtime}: add --onnx-runtime {runtime} to update it with them."
         raise PipelineError(
             f"{cfg.store_dir} was embedded differently from what is asked:\n  " + "\n  ".join(problems)
             + f"\nAn update reuses the vectors the store has, so it needs the embedder that made them.{hint} A new "

@@ -265,6 +265,21 @@ def test_embed_measures_both_runtimes_end_to_end(clip_args, capsys):
                 r"\(NUMBER img/s\)$")
 
 
+def test_embed_says_openvino_refused_a_file_and_goes_on(clip_args, capsys, monkeypatch):
+    """A file under its probes' bar on OpenVINO (Marqo-FashionSigLIP's architecture on an AMD EPYC;
+    simulated here) is a line saying so, not the end of the run."""
+    import numpy as np
+
+    from pipeline.ovruntime import OpenVinoEmbedder
+
+    run = OpenVinoEmbedder._run
+    monkeypatch.setattr(OpenVinoEmbedder, "_run", lambda self, x: np.roll(run(self, x), 1, axis=1))
+    out = run_tiny(embed, capsys, *clip_args, "--e2e-images", "0", "--compare", "none")
+    assert_rows(out, r"^openvino int8 \(static, the VNNI graph\) +refused: .* failed its self-check on this CPU",
+                r"^\| onnxruntime int8 \(static, default\) \| NUMBER \| NUMBER \| NUMBER \|$")
+    assert "| openvino" not in out and "on OpenVINO:" not in out, out
+
+
 def test_embed_with_no_end_to_end_photos_measures_the_model_alone(clip_args, capsys):
     """--e2e-images 0: no end-to-end run, and no row, ratio, stage times or ceiling of one (it had
     printed an empty run's 0.0 img/s, "end to end / int8 model-only: 0%" and zero stage times)."""

@@ -204,3 +204,14 @@ def test_an_onnx_store_records_openvino_and_is_onnxruntime_s_where_it_records_no
     assert differences(ort, ov) == ["runtime: cache has 'openvino', asked for 'onnxruntime'"]
     torch = VectorIdentity(backend="torch", model="/m")
     assert VectorIdentity.from_json(torch.to_json(), "test").runtime is None  # no runtime: no ONNX file
+
+
+def test_an_onnx_request_against_a_torch_store_names_the_backend_not_a_runtime():
+    """A torch store records no runtime: against it an ONNX request differs by its backend and file,
+    not by a runtime (onnxruntime against an absent one read as onnxruntime)."""
+    torch = VectorIdentity(backend="torch", model="/m", pixels="pil")
+    for runtime in ("onnxruntime", "openvino"):
+        asked = VectorIdentity(backend="onnx", onnx_sha256="ab", pixels="pil", runtime=runtime)
+        problems = differences(asked, torch)
+        assert problems and not any(p.startswith("runtime") for p in problems), problems
+        assert any(p.startswith("backend: cache has 'torch', asked for 'onnx'") for p in problems)

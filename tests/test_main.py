@@ -265,7 +265,7 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
         (["--backend", "onnx", "--precision", "fp32"], "--precision fp32 applies to the torch backend, and --backend "
                                                        "onnx runs the ONNX file"),
         (["--onnx", "edge/m_int8.onnx", "--precision", "fp32"], "applies to the torch backend, and --onnx "
-                                                                "edge/m_int8.onnx runs on onnxruntime"),
+                                                                "edge/m_int8.onnx runs that file"),
         (["--export-onnx", "--precision", "fp16"], "--precision and --backend do not apply to it"),
         (["--dataset", ".", "--config", "small"], "--config picks a configuration of a hub dataset; --dataset . is a "
                                                   "local folder or file"),

@@ -167,3 +167,18 @@ def test_an_npy_written_in_chunks_holds_them_and_its_sha256_is_the_files(tmp_pat
     with pytest.raises(ValueError, match="wrote 69 rows, expected 70"):
         atomic_write_npy_chunks(tmp_path / "u.npy", rows.shape, np.uint8, iter([rows[:69]]))
     assert not (tmp_path / "u.npy").exists() and not list(tmp_path.glob(".u.npy.*"))
+
+
+def test_a_resume_refusal_names_what_only_the_unfinished_run_recorded_at_any_depth():
+    """What the run.json holds and the run's parameters do not is named, nested keys too (an
+    OpenVINO run's identity.runtime against onnxruntime's, which is left out), the absent runtime
+    said as onnxruntime; before, a nested key alone made a refusal that listed nothing."""
+    from pipeline.store import _recorded_only_there
+
+    old = {"identity": {"backend": "onnx", "runtime": "openvino", "dim": 16}, "batch_size": 4, "segmenter_weights": "e"}
+    asked = {"identity": {"backend": "onnx", "dim": 16}, "batch_size": 4}
+    assert _recorded_only_there(old, asked) == [
+        "identity.runtime: cache has 'openvino', asked for 'onnxruntime'",
+        "segmenter_weights: cache has 'e', asked for '<absent>'",
+    ]
+    assert _recorded_only_there(asked, asked) == []
