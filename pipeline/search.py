@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .backends import EVAL_BACKENDS, model_by_name
+from .backends import EVAL_BACKENDS, ONNXRUNTIME, model_by_name
 from .catalog import Catalog
 from .config import RunConfig
 from .dataset import IMAGE_SUFFIXES, DatasetSpec, arrow_numpy, count_rows, iter_records
@@ -548,20 +548,31 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
 
 def evaluation_specs(cfg: RunConfig) -> dict[str, EmbedderSpec]:
     """What --evaluate compares, by the name its table shows: --eval-models' models (a short name
-    of backends.MODELS, a hub id or folder on torch, an exported .onnx file on onnxruntime), or
-    the model in use under each of --eval-backends (default: the backend in use)."""
+    of backends.MODELS, a hub id or folder on torch, an exported .onnx file on onnxruntime, or on
+    OpenVINO with --onnx-runtime openvino, named so), or the model in use under each of
+    --eval-backends (default: the backend in use)."""
     if cfg.evaluate.models:
         out = {}
         for entry in cfg.evaluate.models:
             if entry.endswith(".onnx"):
                 same_name = sum(Path(e).name == Path(entry).name for e in cfg.evaluate.models) > 1
-                name = f"{entry if same_name else Path(entry).name} (onnx)"  # two files of one name: their paths
+                on = "onnx" if cfg.embedder.runtime == ONNXRUNTIME else cfg.embedder.runtime  # (openvino)
+                name = f"{entry if same_name else Path(entry).name} ({on})"  # two files of one name: their paths
                 out[name] = replace(cfg.embedder, onnx=entry, backend="onnx", precision="auto")
             else:
                 out[entry] = replace(cfg.embedder, model=model_by_name(entry), backend="torch")
         return out
     backends = list(cfg.evaluate.backends) or [_backend_in_use(cfg)]
     specs = {b: _spec_for(cfg, b) for b in backends}
+    _check_one_model(cfg, backends, specs)
+    if cfg.embedder.runtime == ONNXRUNTIME:
+        return specs
+    # its ONNX files on OpenVINO: named so in the table and the JSON ("onnx-int8 (openvino)")
+    return {f"{b} ({spec.runtime})" if spec.backend == "onnx" else b: spec for b, spec in specs.items()}
+
+
+def _check_one_model(cfg: RunConfig, backends: list[str], specs: dict[str, EmbedderSpec]) -> None:
+    """--eval-backends' ONNX files are of one model, the --model given (UsageError otherwise)."""
     onnx = [b for b in backends if EVAL_BACKENDS[b].backend == "onnx"]
     if len(onnx) > 1:  # an int8 file and its fp32 twin: exported from one model (a later export may replace one)
         from .embedders import exported_from
@@ -583,7 +594,6 @@ def evaluation_specs(cfg: RunConfig) -> dict[str, EmbedderSpec]:
                     f"main.py --export-onnx --model {cfg.embedder.model} --onnx FILE), or compare models with "
                     "--eval-models"
                 )
-    return specs
 
 
 def _backend_in_use(cfg: RunConfig) -> str:

@@ -243,3 +243,24 @@ def test_with_no_model_flags_a_search_runs_on_the_store_s_own_runtime(tiny_onnx,
 def test_flags_it_does_not_go_with_are_refused(tmp_path, capsys, more, said):
     assert run("--onnx", tmp_path / "f.onnx", *OPENVINO, *more) == 2
     assert said in capsys.readouterr().err
+
+
+def test_an_evaluation_on_openvino_names_the_runtime_in_its_table(tiny_onnx, tmp_path):
+    """--evaluate --onnx-runtime openvino scores the file on OpenVINO and says so: "onnx-int8 (openvino)"
+    in evaluation.json (and its table), where onnxruntime's is "onnx-int8"."""
+    from tests import assets
+    from tests.test_search import _garment, _noisy
+
+    garments = [_garment(i) for i in range(8)]
+    ds = assets.write_parquet_dataset(
+        tmp_path / "pairs", [assets.encode(_noisy(g, seed=i), "JPEG", quality=80) for i, g in enumerate(garments)],
+        extra={"cloth": [assets.encode(g, "JPEG", quality=95) for g in garments]})
+    scores = {}
+    for runtime in ("onnxruntime", "openvino"):
+        out = tmp_path / runtime
+        assert run("--evaluate", "--dataset", ds, "--onnx", tiny_onnx, "--output-dir", out, "-q",
+                   "--onnx-runtime", runtime) == 0
+        scores[runtime] = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]["person->garment"]
+    assert list(scores["onnxruntime"]) == ["onnx-int8"] and list(scores["openvino"]) == ["onnx-int8 (openvino)"]
+    assert scores["openvino"]["onnx-int8 (openvino)"]["queries"] == 8
+    assert scores["openvino"]["onnx-int8 (openvino)"]["recall@10"] == 1.0
