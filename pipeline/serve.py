@@ -567,6 +567,7 @@ def _add_page_endpoints(app, service: SearchService) -> None:
             "store": str(cfg.store_dir),
             "model": catalog.embedder.identity.model or "",
             "backend": catalog.embedder.identity.backend,
+            "runtime": catalog.embedder.identity.runtime,  # an ONNX file's: onnxruntime or openvino; torch: None
             "k": cfg.top_k,
             "search": catalog.searcher.describe(),
             "report": (cfg.plots_dir / "report.html").is_file(),

@@ -264,3 +264,26 @@ def test_an_evaluation_on_openvino_names_the_runtime_in_its_table(tiny_onnx, tmp
     assert list(scores["onnxruntime"]) == ["onnx-int8"] and list(scores["openvino"]) == ["onnx-int8 (openvino)"]
     assert scores["openvino"]["onnx-int8 (openvino)"]["queries"] == 8
     assert scores["openvino"]["onnx-int8 (openvino)"]["recall@10"] == 1.0
+
+
+def test_the_search_page_says_its_store_runs_on_openvino(mixed_dataset, tiny_onnx, tmp_path, browser):
+    """--serve of a store made on OpenVINO: its queries run there, and the page's line says so
+    ("onnx on openvino"); /api/info names the runtime."""
+    import httpx
+
+    import main as cli
+    from pipeline.config import config_from_flags
+    from pipeline.serve import SearchService
+    from tests.test_serve import search_text, serving
+
+    out = tmp_path / "served"
+    flags = ["--onnx", str(tiny_onnx), "--output-dir", str(out), *OPENVINO]
+    assert cli.main(["--dataset", str(mixed_dataset), *flags, "-q"]) == 3
+    service = SearchService.load(config_from_flags(vars(cli.build_parser().parse_args([*flags, "--serve"]))))
+    assert service.current().embedder.identity.runtime == "openvino"
+    with serving(service) as url:
+        info = httpx.get(url + "/api/info").json()
+        assert info["backend"] == "onnx" and info["runtime"] == "openvino"
+        search_text(browser, url, "red dress")
+        line = browser.find_element("id", "info").text
+        assert " items · onnx on openvino · search: " in line, line
