@@ -1,12 +1,15 @@
 """The exported ONNX image file run by OpenVINO on the CPU (--onnx-runtime openvino).
 
-The same file as onnxruntime runs (any --quantization: OpenVINO reads its QDQ pairs and
-onnxruntime's MatMulIntegerToFloat), checked by the same self-check probes, with its float parts
-in float32 (OpenVINO's CPU default on a CPU with bf16 is bfloat16, which the probes' bar was not set
-for). On a 2-core AMD EPYC (2026-12-07) it runs the static int8 FashionCLIP tower at 175 img/s
-against onnxruntime's 156 in one-core lanes (README, "Int8 on the CPU: where it stands"). Its
-vectors are within rounding of onnxruntime's (cosine 0.9999), not equal to them: a store records
-which runtime made it, and one runtime's store is not updated with the other's vectors.
+The same file as onnxruntime runs: the VNNI profile's static file (OpenVINO reads its QDQ pairs and
+onnxruntime's MatMulIntegerToFloat), portable QDQ and dynamic files; not the AMX profile's, whose
+QGemm it does not read (refused with the export it reads). Checked by the same self-check probes,
+its float parts in float32 (OpenVINO's CPU default on a CPU with bf16 is bfloat16, which the
+probes' bar was not set for). On a 2-core AMD EPYC (2026-12-07) it ran the static int8 FashionCLIP
+tower at 175 img/s against onnxruntime's 156 in one-core lanes, open_clip's ConvNeXt-T at 0.88x
+onnxruntime's speed, and Marqo-FashionSigLIP's architecture (random weights) under its probes' bar
+(README, "OpenVINO, taken as an option"). Its vectors are within rounding of onnxruntime's (cosine
+0.9999), not equal to them: a store records which runtime made it, and one runtime's store is
+never updated, resumed or searched with the other's vectors.
 
 One compiled model with a stream per core (one thread each), and a request per stream: a batch is
 split into slices, one per stream, as the onnxruntime backend splits it over its one-thread
