@@ -21,10 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -100,6 +100,26 @@ def own_cpu_seconds() -> float:
     """CPU seconds this process (every thread) and its waited-for children have used."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+_T = TypeVar("_T")
+
+
+def has_openvino() -> bool:
+    """Whether OpenVINO is installed (--onnx-runtime openvino; `pip install openvino`)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def alternating(items: Sequence[_T], rounds: int, start: int = 0) -> Iterator[tuple[int, _T]]:
+    """(round, item) for the rounds start..rounds-1, the items in reverse order every other round,
+    so that a VM's drift over the rounds falls on every item alike."""
+    for r in range(start, rounds):
+        for item in (items[::-1] if r % 2 else items):
+            yield r, item
 
 
 class OtherLoad:

@@ -32,6 +32,7 @@ import numpy as np
 from benchmarks.common import (
     Assets,
     OtherLoad,
+    has_openvino,
     machine_line,
     make_parser,
     parse_args,
@@ -52,14 +53,6 @@ STATIC, DYNAMIC = "onnxruntime int8 (static, default)", "onnxruntime int8 (dynam
 # --onnx-runtime openvino on the same files (measured where `pip install openvino` was run)
 OV_STATIC, OV_FP32 = "openvino int8 (static, the VNNI graph)", "openvino fp32 (the same file)"
 RUNTIMES = ("onnxruntime", "openvino")
-
-
-def has_openvino() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def rate(fn, batch: int, seconds: float, hw: tuple[int, int] = (224, 224)) -> float:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Assets, OtherLoad, machine_line, make_parser, parse_args
+from benchmarks.common import Assets, OtherLoad, alternating, machine_line, make_parser, parse_args
 
 # name -> (what it is, quantize_static keyword arguments over the common ones)
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -86,6 +87,28 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "all-ops": ("MatMul, Add, Mul, Softmax, Transpose, Reshape quantized (activations int8 throughout)",
                 {"op_types_to_quantize": ["MatMul", "Add", "Mul", "Softmax", "Transpose", "Reshape"]}),
 }
+
+
+def calibration_pixels(prep: Any) -> np.ndarray:
+    """The pictures the recipes are calibrated on, as the export calibrates (64 of its generated
+    pictures, not the verification set), preprocessed by `prep`."""
+    from pipeline import export
+
+    return export.preprocess_batch(export.verification_images(64, seed=1), prep)
+
+
+def recipe_file(folder: Path, fp32: Path, name: str, calib: Callable[[], np.ndarray],
+                heads_width: tuple[int, int] = (0, 0)) -> Path:
+    """RECIPES[name]'s file of the fp32 file in `folder`, made where it is not there yet (calib:
+    the calibration pixels, asked for only then); an optimizer recipe's named by the heads and
+    width it was fused for."""
+    kwargs = RECIPES[name][1]
+    fused_for = f"-{heads_width[0]}x{heads_width[1]}" if kwargs.get("_optimizer") else ""
+    path = folder / f"{name}{fused_for}.onnx"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        make_recipe(fp32, folder / "pre.onnx", path, calib(), kwargs, heads_width)
+    return path
 
 
 def make_recipe(fp32: Path, pre: Path, out: Path, calib: np.ndarray, kwargs: dict[str, Any],
@@ -326,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     assets = Assets.from_args(args)
     fp32 = export.fp32_path_for(assets.onnx("static"))
     prep = OnnxEmbedder(assets.onnx("static")).preprocess_cfg
-    calib = export.preprocess_batch(export.verification_images(64, seed=1), prep)  # as the export calibrates
+    calib = calibration_pixels(prep)
     pixels = export.preprocess_batch(export.verification_images(), prep)
     fp32_out = ort.InferenceSession(str(fp32), _session_options(ort, available_cores()),
                                     providers=["CPUExecutionProvider"]).run(None, {"pixel_values": pixels})[0]
@@ -335,16 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
     heads_width = _heads_width(assets.clip()) if any(RECIPES[n][1].get("_optimizer") for n in names) else (0, 0)
     folder = assets.work / "int8-recipes" / assets.model_tag
-    folder.mkdir(parents=True, exist_ok=True)
     rows = {}
     loads: list[OtherLoad] = []  # each measurement's: was the machine shared while it ran?
     for name in names:
-        what, kwargs = RECIPES[name]
-        # an optimizer recipe's file is named by the heads and width it was fused for
-        fused_for = f"-{heads_width[0]}x{heads_width[1]}" if kwargs.get("_optimizer") else ""
-        path = folder / f"{name}{fused_for}.onnx"
-        if not path.is_file():
-            make_recipe(fp32, folder / "pre.onnx", path, calib, kwargs, heads_width)
+        what = RECIPES[name][0]
+        path = recipe_file(folder, fp32, name, lambda: calib, heads_width)
         with OtherLoad(label=f"{name}, round 1") as load:
             rows[name] = m = measure(path, fp32_out, pixels, args.seconds, keep=args.rounds > 1)
         loads.append(load)
@@ -354,11 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         top = ", ".join(f"{op} {s:.1%}" for op, s in list(m["shares"].items())[:7])
         print(f"{name}: {what}\n  {m['img_s']:.1f} img/s, conversion + float Add {m['conversion']:.1%}; {top}",
               flush=True)
-    for r in range(1, args.rounds):  # the first round ran as each recipe was made
-        for name, m in (list(rows.items())[::-1] if r % 2 else rows.items()):
-            with OtherLoad(label=f"{name}, round {r + 1}") as load:
-                m["rates"].append(m["rate"]())
-            loads.append(load)
+    for r, (name, m) in alternating(list(rows.items()), args.rounds, start=1):  # round 1 ran as each was made
+        with OtherLoad(label=f"{name}, round {r + 1}") as load:
+            m["rates"].append(m["rate"]())
+        loads.append(load)
     worst = OtherLoad.worst(loads)
     if worst is not None and (note := worst.note(f"{worst.label} (the most shared of {len(loads)} measurements)")):
         print(note, flush=True)

@@ -20,10 +20,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Assets, machine_line, make_parser, parse_args
+from benchmarks.common import Assets, alternating, has_openvino, machine_line, make_parser, parse_args
 
 BATCHES = (1, 8, 32)
 Run = Callable[[np.ndarray], np.ndarray]
@@ -57,21 +58,13 @@ def pipeline_run(path: Path, runtime: str, threads: int) -> Run:
     return embedder.embed
 
 
-def qdq_out_file(assets: Assets) -> Path:
+def qdq_out_file(assets: Assets, prep: Any) -> Path:
     """The issue's default export, made as benchmarks.int8_recipes makes it (and reused from there)."""
-    from benchmarks.int8_recipes import RECIPES, make_recipe
-    from pipeline import export
-    from pipeline.embedders import OnnxEmbedder
+    from benchmarks.int8_recipes import calibration_pixels, recipe_file
+    from pipeline.export import fp32_path_for
 
     folder = assets.work / "int8-recipes" / assets.model_tag
-    path = folder / "qdq-out.onnx"
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        prep = OnnxEmbedder(assets.onnx("static")).preprocess_cfg
-        calib = export.preprocess_batch(export.verification_images(64, seed=1), prep)  # as the export calibrates
-        make_recipe(export.fp32_path_for(assets.onnx("static")), folder / "pre.onnx", path, calib,
-                    RECIPES["qdq-out"][1], (0, 0))
-    return path
+    return recipe_file(folder, fp32_path_for(assets.onnx("static")), "qdq-out", lambda: calibration_pixels(prep))
 
 
 def rates(run: Run, x: np.ndarray, seconds: float, batches: tuple[int, ...] = BATCHES) -> dict[int, float]:
@@ -93,57 +86,53 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="batch-32 rates measured this many times, alternating")
     args = parse_args(ap, argv, tiny={"seconds": 0.1, "rounds": 2})
     print(machine_line(), flush=True)
+    from pipeline.embedders import OnnxEmbedder
+    from pipeline.export import feature_cosines
+
     assets = Assets.from_args(args)
-    default, base = assets.onnx("static"), qdq_out_file(assets)
-    threads = args.threads
-    runs: list[tuple[str, Run]] = [
-        ("onnxruntime, qdq-out (the default export of issue 29's day), one session", onnxruntime_run(base, threads)),
-        ("onnxruntime, the default export, one session", onnxruntime_run(default, threads)),
-        ("onnxruntime, the default export, the pipeline's lanes", pipeline_run(default, "onnxruntime", threads)),
-    ]
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
+    default, threads = assets.onnx("static"), args.threads
+    prep = OnnxEmbedder(default).preprocess_cfg
+    base, reference = "qdq-out (the default export of issue 29's day)", "onnxruntime, the default export, one session"
+    runs: dict[str, Run] = {
+        f"onnxruntime, {base}, one session": onnxruntime_run(qdq_out_file(assets, prep), threads),
+        reference: onnxruntime_run(default, threads),
+        "onnxruntime, the default export, the pipeline's lanes": pipeline_run(default, "onnxruntime", threads),
+    }
+    if not has_openvino():
         print("OpenVINO is not installed (pip install openvino): onnxruntime alone", flush=True)
     else:
         readable = assets.openvino_onnx()  # the default export, or where that is the AMX profile's, the VNNI one
         what = "the default export" if readable == default else "the VNNI profile's export"
         if readable != default:
-            runs.append((f"onnxruntime, {what}, one session", onnxruntime_run(readable, threads)))
-        runs += [(f"OpenVINO, {what}, one session", openvino_run(readable, threads)),
-                 (f"OpenVINO, {what}, the pipeline's streams", pipeline_run(readable, "openvino", threads))]
+            runs[f"onnxruntime, {what}, one session"] = onnxruntime_run(readable, threads)
+        runs[f"OpenVINO, {what}, one session"] = openvino_run(readable, threads)
+        runs[f"OpenVINO, {what}, the pipeline's streams"] = pipeline_run(readable, "openvino", threads)
 
-    from pipeline.embedders import OnnxEmbedder
-    from pipeline.export import feature_cosines
-
-    hw = OnnxEmbedder(default).preprocess_cfg
-    pixels = np.random.default_rng(0).standard_normal((32, 3, hw.crop_height, hw.crop_width)).astype(np.float32)
-    reference = runs[1][1](pixels)
-    speeds, checks = {}, {}
-    for name, run in runs:
+    pixels = np.random.default_rng(0).standard_normal((32, 3, prep.crop_height, prep.crop_width)).astype(np.float32)
+    reference_out = runs[reference](pixels)
+    speeds, same, cosine = {}, {}, {}
+    for name, run in runs.items():
         speeds[name] = rates(run, pixels, args.seconds)
         alone = np.concatenate([run(pixels[i : i + 1]) for i in range(len(pixels))])
         batch = run(pixels)
-        checks[name] = (np.array_equal(alone, batch), feature_cosines(batch, reference).min())
+        same[name], cosine[name] = np.array_equal(alone, batch), feature_cosines(batch, reference_out).min()
         print(f"{name}: " + ", ".join(f"b{b} {r:.1f}" for b, r in speeds[name].items()) + " img/s", flush=True)
     b32 = {name: [speed[32]] for name, speed in speeds.items()}
-    for r in range(1, args.rounds):  # alternating order: a VM's drift falls on every way alike
-        for name, run in (runs[::-1] if r % 2 else runs):
-            b32[name].append(rates(run, pixels, args.seconds, batches=(32,))[32])
+    for _, (name, run) in alternating(list(runs.items()), args.rounds, start=1):  # round 1 ran above
+        b32[name].append(rates(run, pixels, args.seconds, batches=(32,))[32])
     median = {name: float(np.median(got)) for name, got in b32.items()}
     if args.rounds > 1:
         print(f"\nbatch 32 in {args.rounds} rounds, alternating (img/s):")
         for name, got in b32.items():
             print(f"  {name}: median {median[name]:.1f} of " + ", ".join(f"{x:.1f}" for x in got))
-    first = runs[0][0]
-    print(f"\n{args.threads} threads; vs: batch 32 (median) against {first.split(',')[1].strip()}")
+    first = next(iter(runs))
+    print(f"\n{args.threads} threads; vs: batch 32 (median) against {base}")
     print("| runtime, file, how it runs | b1 | b8 | b32 (img/s) | vs | one alone = in a batch of 32 | "
           "cosine min to onnxruntime's |")
     print("|---|---|---|---|---|---|---|")
     for name, speed in speeds.items():
-        same, cos = checks[name]
         print(f"| {name} | {speed[1]:.1f} | {speed[8]:.1f} | {median[name]:.1f} | {median[name] / median[first]:.2f}x "
-              f"| {'yes' if same else 'no'} | {cos:.5f} |")
+              f"| {'yes' if same[name] else 'no'} | {cosine[name]:.5f} |")
     return 0
 
 

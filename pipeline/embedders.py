@@ -255,8 +255,37 @@ def make_embedder(spec: EmbedderSpec) -> Embedder:
     return BACKENDS[backend].build(spec)
 
 
+class SlicedEmbedder(Embedder):
+    """An image file run by `lanes` one-core runners (onnxruntime's one-thread sessions, OpenVINO's
+    streams): `_run` runs one slice on a free runner, and a batch is split over them on `_pool`
+    (None: one runner). A picture's vector does not depend on the slice it is in."""
+
+    _pool: ThreadPoolExecutor | None = None
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def check_input(self, pixels: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        self.check_input(pixels)
+        if self._pool is None or len(pixels) < 2:
+            out = self._run(pixels)
+        else:
+            parts = np.array_split(pixels, min(self.lanes, len(pixels)))
+            out = np.concatenate(list(self._pool.map(self._run, parts)))
+        return l2_normalize(out)
+
+    def embed_serial(self, pixels: np.ndarray) -> np.ndarray:
+        """`embed` on one core, in the calling thread: for callers that already run one thread per
+        core, so that no core is shared by two busy threads."""
+        self.check_input(pixels)
+        return l2_normalize(self._run(pixels))
+
+
 # ----------------------------------------------------------------------------- onnxruntime
-class OnnxEmbedder(Embedder):
+class OnnxEmbedder(SlicedEmbedder):
     """onnxruntime session over an exported CLIP image tower (input pixel_values, output image_embeds)."""
 
     @classmethod
@@ -433,21 +462,6 @@ class OnnxEmbedder(Embedder):
             return session.run([self.output_name], {self.input.name: np.ascontiguousarray(x)})[0]
         finally:
             self._free.put(session)
-
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        self.check_input(pixels)
-        if self._pool is None or len(pixels) < 2:
-            out = self._run(pixels)
-        else:
-            parts = np.array_split(pixels, min(self.lanes, len(pixels)))
-            out = np.concatenate(list(self._pool.map(self._run, parts)))
-        return l2_normalize(out)
-
-    def embed_serial(self, pixels: np.ndarray) -> np.ndarray:
-        """`embed` on one core, in the calling thread: for callers that already run one thread per
-        core, so that no core is shared by two busy threads."""
-        self.check_input(pixels)
-        return l2_normalize(self._run(pixels))
 
     def embed_tensor(self, pixels: Any) -> np.ndarray:
         """A torch float32 tensor bound where it is (IO binding, no host copy on the GPU)."""

@@ -449,19 +449,20 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
         embedder = embedder or make_embedder(cfg.embedder)
     min_side = embedder.preprocess_cfg.decode_min_side
     on_device = decodes_on_device(cfg, embedder)
+    images_url = _url_images(cfg, part)
     if segmenter is not None:
         make_items = make_segment_items(segmenter, cfg.segment)
         target = GalleryTarget(images_dir, store_dir, owned_files=owned_files(cfg), group_size=8,
-                               images_url=_url_images(cfg, part))
+                               images_url=images_url)
         stage_name = "decode+segment+crop"
     elif on_device:
         make_items = make_standard_items(min_side, device_decode=True)
-        target = GalleryTarget(images_dir, store_dir, device_decode=True, images_url=_url_images(cfg, part))
+        target = GalleryTarget(images_dir, store_dir, device_decode=True, images_url=images_url)
         embed_batch = DeviceEmbedding(embedder, getattr(embedder, "device", "cpu"), min_side)
         stage_name = "headers+CPU decode"
     else:
         make_items = make_standard_items(min_side)
-        target = GalleryTarget(images_dir, store_dir, parallel_items=True, images_url=_url_images(cfg, part))
+        target = GalleryTarget(images_dir, store_dir, parallel_items=True, images_url=images_url)
         stage_name = "decode"
     source = gallery_source(cfg)
     identity = made_identity(cfg, embedder)

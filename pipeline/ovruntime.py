@@ -32,15 +32,14 @@ import numpy as np
 from .embedders import (
     META_FAMILY,
     META_PRECISION,
-    Embedder,
     EmbedderSpec,
+    SlicedEmbedder,
     _OnnxText,
     _preprocess_config_for_file,
     _session_options,
     available_cores,
     file_metadata,
     file_source_model,
-    l2_normalize,
 )
 from .errors import PipelineError, first_line
 from .fileio import sha256_file_once
@@ -94,7 +93,7 @@ ROUNDS_OTHERWISE = ("On OpenVINO: its int8 kernels round otherwise than onnxrunt
                     f"default (without --onnx-runtime openvino; {REBUILT}).")
 
 
-class OpenVinoEmbedder(Embedder):
+class OpenVinoEmbedder(SlicedEmbedder):
     """An exported image tower (input float (batch, 3, H, W), output its embedding) on OpenVINO's CPU plugin."""
 
     @classmethod
@@ -181,18 +180,6 @@ class OpenVinoEmbedder(Embedder):
             return np.array(request.get_output_tensor(0).data, dtype=np.float32)
         finally:
             self._free.put(request)
-
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        self.check_input(pixels)
-        if self._pool is None or len(pixels) < 2:
-            return l2_normalize(self._run(pixels))
-        parts = np.array_split(pixels, min(self.lanes, len(pixels)))
-        return l2_normalize(np.concatenate(list(self._pool.map(self._run, parts))))
-
-    def embed_serial(self, pixels: np.ndarray) -> np.ndarray:
-        """`embed` of one slice on one stream (the gallery's lanes each run one at a time)."""
-        self.check_input(pixels)
-        return l2_normalize(self._run(pixels))
 
     def embed_text(self, texts: list[str]) -> np.ndarray:
         """The text tower beside the file, on onnxruntime (fp32, as the onnxruntime backend runs it)."""

@@ -24,7 +24,7 @@ from pipeline.duplicates import SIGNATURE_VERSION
 from pipeline.errors import PipelineError
 from pipeline.store import MANIFEST_FILE, read_manifest
 from tests import assets
-from tests.helpers import run
+from tests.helpers import edit_csv_lines, run
 
 WH = (480, 640)  # JPEGs this large are decoded at 1/2 scale for the 224 px model
 
@@ -264,17 +264,10 @@ def signed_earlier(out: Path, rows: range) -> None:
 def rewrite_lines(out: Path, edit, edit_sidecar=None) -> None:
     """The store's manifest lines changed by edit(lines), its sidecar made to match (edit_sidecar(meta)
     after) and its metadata dropped (keyed by the manifest: written again by the next build or update)."""
-    manifest = out / "embeddings" / MANIFEST_FILE
-    with open(manifest, newline="") as f:
-        lines = list(csv.DictReader(f))
-    edit(lines)
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(lines[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(lines)
+    manifest_sha256 = edit_csv_lines(out / "embeddings" / MANIFEST_FILE, edit)
     sidecar = out / "embeddings" / "embeddings.json"
     meta = json.loads(sidecar.read_text())
-    meta["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    meta["manifest_sha256"] = manifest_sha256
     if edit_sidecar is not None:
         edit_sidecar(meta)
     sidecar.write_text(json.dumps(meta))
