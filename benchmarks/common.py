@@ -391,27 +391,28 @@ class Assets:
     def openvino_onnx(self) -> Path:
         """The static int8 file OpenVINO reads (--onnx-runtime openvino): the default export, unless
         this CPU's profile is the AMX one (its QGemm, QLinearSigmoid and QLinearMul OpenVINO does not
-        read: pipeline/ovruntime.py), then the VNNI profile's export of the same model beside it."""
+        read: pipeline/ovruntime.py), then the VNNI profile's export of the same model under --work
+        (made again where an earlier export's recipe is not the VNNI profile's now)."""
         from pipeline.export import export_onnx
         from pipeline.ovruntime import UINT8_GELU
 
         static = self.onnx("static")
         if UINT8_GELU not in (recipe_of(static) or ""):
             return static
-        path = static.with_name(static.name.replace("_int8_static", "_int8_static_vnni"))
-        if not path.is_file():
+        path = self.work / "onnx" / f"{self.model_tag}_image_int8_static_vnni.onnx"
+        if recipe_of(path) != self._default_recipe(path, "static", "vnni"):
             export_onnx(str(self.clip()), path, profile="vnni")
         return path
 
     @staticmethod
-    def _default_recipe(path: Path, quantization: str) -> str:
-        """The recipe the export records for this file on this CPU (`--int8-profile auto`): the graph
-        of this CPU's profile for the tower (int8graph.static_graph: the AMX graph for a tower with
-        GELUs on an AMX or other Intel CPU, a ConvNeXt's float-depthwise graph elsewhere), read from
-        the fp32 file beside it, so that a file is not made again on every call."""
+    def _default_recipe(path: Path, quantization: str, profile: str = "auto") -> str:
+        """The recipe the export records for this file on this CPU (`--int8-profile auto`, or the
+        profile named): the graph of this CPU's profile for the tower (int8graph.static_graph: the AMX
+        graph for a tower with GELUs on an AMX or other Intel CPU, a ConvNeXt's float-depthwise graph
+        elsewhere), read from the fp32 file beside it, so that a file is not made again on every call."""
         from pipeline.export import fp32_path_for, int8_profile, int8_recipe
 
-        profile = int8_profile()
+        profile = int8_profile(profile)
         fp32 = fp32_path_for(path)
         graph = profile  # without the float file: the profile's own graph (the export's fallback)
         if quantization == "static" and fp32.is_file():

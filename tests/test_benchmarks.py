@@ -263,6 +263,33 @@ def test_embed_measures_both_runtimes_end_to_end(clip_args, capsys):
                 r"^end to end, --decode auto --onnx-runtime openvino, round 1: NUMBER img/s",
                 r"^end to end, --decode auto --onnx-runtime openvino / its model-only rate at batch 32: NUMBER% "
                 r"\(NUMBER img/s\)$")
+    assert_shares_of_own_model(out)
+
+
+def model_row_b32(out: str, name: str) -> float:
+    return float(re.search(rf"^\| {re.escape(name)} \| {NUMBER} \| {NUMBER} \| ({NUMBER}) \|$", out, re.M).group(1))
+
+
+def assert_shares_of_own_model(out: str) -> None:
+    """Each end-to-end share printed is of its own runtime's model-only row (OpenVINO's of OpenVINO's)."""
+    e2e = re.search(rf"^\| embedding stage end to end \(int8 static(, on OpenVINO)?, .*\| ({NUMBER}) \|$", out, re.M)
+    model = embed.OV_STATIC if e2e.group(1) else embed.STATIC
+    share = float(re.search(rf"^end to end / int8 model-only at batch 32: ({NUMBER})%$", out, re.M).group(1))
+    assert abs(share - 100 * float(e2e.group(2)) / model_row_b32(out, model)) <= 1, out  # of printed figures
+    for flags, share, rate in re.findall(rf"^end to end, (.*) / its model-only rate at batch 32: ({NUMBER})% "
+                                         rf"\(({NUMBER}) img/s\)$", out, re.M):
+        model = embed.OV_STATIC if "openvino" in flags else embed.STATIC
+        assert abs(float(share) - 100 * float(rate) / model_row_b32(out, model)) <= 1, out
+
+
+def test_embed_measures_openvino_first_against_its_own_model(clip_args, capsys):
+    """--e2e-runtime openvino,onnxruntime: the table's end-to-end row is OpenVINO's, its share of
+    OpenVINO's model-only rate (it was divided by onnxruntime's), and onnxruntime's of its own."""
+    out = run_tiny(embed, capsys, *clip_args, "--compare", "none", "--e2e-runtime", "openvino,onnxruntime",
+                   "--e2e-images", "8")
+    assert_rows(out, r"^\| embedding stage end to end \(int8 static, on OpenVINO, batch 32, 8 JPEGs",
+                r"^end to end, --decode auto / its model-only rate at batch 32: NUMBER% \(NUMBER img/s\)$")
+    assert_shares_of_own_model(out)
 
 
 def test_embed_says_openvino_refused_a_file_and_goes_on(clip_args, capsys, monkeypatch):
