@@ -408,9 +408,13 @@ def test_a_resumed_run_signs_again_the_shards_an_earlier_signature_signed(ragged
     assert ("duplicates: 1 file(s) of the resumed shards could not be signed again and their lines are left out of "
             f"duplicate finding (--update signs them where it can): {gone.file}: Input/output error") in said
     rows = {r.source_row: r for r in read_manifest(again / "embeddings" / "manifest.csv")}
-    assert rows[gone.source_row].look.startswith("look-3:")
+    kept = rows[gone.source_row]  # its line as the earlier signature left it, not another's
+    assert kept.look.startswith("look-3:") and (kept.look, kept.pixel_hash) == (gone.look, "")
     others = [r for row, r in rows.items() if row < 16 and row != gone.source_row and r.look]
+    clean_rows = {r.source_row: r for r in read_manifest(clean / "embeddings" / "manifest.csv")}
     assert others and all(r.look.startswith(SIGNATURE_VERSION + ":") for r in others)
+    assert all((r.pixel_hash, r.look) == (clean_rows[r.source_row].pixel_hash, clean_rows[r.source_row].look)
+               for r in others)  # each its own photo's signals, as a clean run signs it
 
     # a file gone from the images folder: the run stops before the store is written, its shards kept, and
     # with the file put back the same command finishes the store as a clean run's
