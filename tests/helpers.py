@@ -156,3 +156,18 @@ def store_file_names(sidecar_json: bytes | str) -> list[str]:
     data = json.loads(sidecar_json)
     return ["manifest.csv", "embeddings.npy", "thumbnails.npy",
             *(part["file"] for part in data.get("thumbnail_segments", [])), "embeddings.json"]
+
+
+def float_graph_file(folder: Path, name: str, nodes: list, inits: list) -> Path:
+    """A tiny float image graph (input x: (b, 4, 8, 8), output the last node's) saved as the fp32
+    twin of `<folder>/<name>_image_int8_static.onnx`, which is returned (not written): for the
+    export's and the benchmarks' choice of a static graph by the tower (int8graph.static_graph)."""
+    import onnx
+    from onnx import TensorProto, helper
+    from pipeline.export import fp32_path_for
+
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 8, 8])],
+                              [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)], inits)
+    path = folder / f"{name}_image_int8_static.onnx"
+    onnx.save(helper.make_model(graph), str(fp32_path_for(path)))
+    return path

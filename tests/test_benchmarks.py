@@ -442,18 +442,14 @@ def test_a_benchmark_expects_the_recipe_the_export_writes_for_each_tower(tiny_on
     profile patched in here) the AMX recipe for a tower with GELUs and the VNNI one for a ResNet's,
     with none (the export's fallback); on a VNNI CPU the VNNI recipe for a ViT and a ResNet, and the
     float-depthwise one for a ConvNeXt (depthwise convolutions and GELUs: int8graph.static_graph)."""
-    import onnx
     from benchmarks import common
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
     from pipeline import export
     from pipeline.int8graph import AMX_RECIPE, DEPTHWISE_RECIPE
+    from tests.helpers import float_graph_file
 
     def fp32_file(name: str, nodes: list, inits: list) -> Path:
-        graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 8, 8])],
-                                  [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)], inits)
-        path = tmp_path / f"{name}_image_int8_static.onnx"
-        onnx.save(helper.make_model(graph), str(export.fp32_path_for(path)))
-        return path
+        return float_graph_file(tmp_path, name, nodes, inits)
 
     conv = fp32_file("resnet", [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
                      [numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "w")])

@@ -639,16 +639,13 @@ def test_auto_on_an_amd_cpu_gives_a_convnext_its_depthwise_convolutions_in_float
 
 def _tiny_resnet_onnx(tmp_path: Path) -> Path:
     """A float graph of a ResNet's kind for `static_graph`: a convolution, a Relu, no GELU."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
+    from tests.helpers import float_graph_file
 
-    graph = helper.make_graph(
+    return float_graph_file(
+        tmp_path, "resnet",
         [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["y"], ["z"])],
-        "resnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 8, 8])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "w")])
-    path = tmp_path / "resnet_image_int8_static.onnx"
-    onnx.save(helper.make_model(graph), str(export.fp32_path_for(path)))
-    return path
 
 
 @pytest.mark.parametrize("family, profile", [("siglip", "amx"), ("siglip", "vnni"), ("open_clip", "amx"),
