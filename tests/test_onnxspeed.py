@@ -34,6 +34,25 @@ def test_op_profile_shares_kernel_time_among_the_ops_that_ran():
     assert onnxspeed.conversion_share(shares) == pytest.approx(1.0 - shares["Relu"])
 
 
+def _node(op: str, ts: float, dur: float) -> dict:
+    return {"cat": "Node", "name": f"{op}_node_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+
+def test_kernel_shares_leave_out_the_first_run():
+    # run 1 (a fresh session's first): a slow DequantizeLinear; runs 2 and 3: MatMul 3, Dequantize 1
+    events = [{"name": "model_run", "cat": "Session", "ts": 0, "dur": 100},
+              _node("DequantizeLinear", 10, 60), _node("MatMulInteger", 70, 30),
+              {"name": "model_run", "cat": "Session", "ts": 200, "dur": 40},
+              _node("MatMulInteger", 205, 30), _node("DequantizeLinear", 236, 10),
+              {"name": "model_run", "cat": "Session", "ts": 300, "dur": 40},
+              _node("MatMulInteger", 305, 30), _node("DequantizeLinear", 336, 10),
+              {"name": "session_initialization", "cat": "Session", "ts": -50, "dur": 40}]
+    assert onnxspeed.kernel_shares(events, skip_runs=1) == {"MatMulInteger": 0.75, "DequantizeLinear": 0.25}
+    assert onnxspeed.kernel_shares(events) == {"DequantizeLinear": 80 / 170, "MatMulInteger": 90 / 170}
+    with pytest.raises(ValueError, match="3 run"):
+        onnxspeed.kernel_shares(events, skip_runs=3)
+
+
 class _Session:
     """Counts its runs; its input is the export's. first_run_s: how long its first run takes."""
 
