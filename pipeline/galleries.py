@@ -30,6 +30,7 @@ from .dataset import (
     metadata_none_why,
     read_metadata,
 )
+from .derived import retire_stale
 from .duplicates import stored_groups
 from .embedders import Embedder, EmbedderSpec, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError, PipelineError
@@ -292,6 +293,8 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
         with summary.stage("metadata"):  # the plain columns only: on the hub, the row groups under --limit
             table = read_metadata(cfg.dataset, cfg.meta_columns, warn=not checked)  # said once
         keep_metadata(cfg, table, gallery.rows, summary)
+        # the query and video results made on the store before this run, if it changed
+        retire_stale(cfg.store_dir, cfg.output_dir, cfg.plots_dir, summary)
     if cfg.segmented and not cfg.from_cache:
         note_persons_cut(gallery.rows, cfg.segment.max_persons, summary)
     record_failures(gallery.rows, summary)

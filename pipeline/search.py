@@ -24,6 +24,7 @@ from .backends import EVAL_BACKENDS, ONNXRUNTIME, model_by_name
 from .catalog import Catalog
 from .config import RunConfig
 from .dataset import IMAGE_SUFFIXES, DatasetSpec, arrow_numpy, count_rows, iter_records
+from .derived import QUERY_PICTURE, QUERY_TABLE, made_on
 from .embedders import Embedder, EmbedderSpec, make_embedder
 from .errors import PipelineError, UsageError, first_line
 from .export import fp32_path_for
@@ -54,7 +55,6 @@ RECALL_AT = (1, 5, 10)
 # the store's THUMB_SIZE thumbnails, and a query run draws a handful of pictures, not one per item.
 QUERY_TILE = 224
 # The pictures a query run writes (q000_<query>.jpg); another run's that this one did not write go.
-QUERY_PICTURE = re.compile(r"q\d{3,}_.+\.jpg")
 _IMAGE_SUFFIX = re.compile("(?:" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES) + ")(?=#|$)", re.IGNORECASE)
 
 
@@ -133,7 +133,7 @@ def run_query(cfg: RunConfig) -> RunSummary:
             pictures.append(out_dir / picture_name(i, query))
             save_jpeg(pic, pictures[-1])
         remove_other_pictures(out_dir, pictures)
-    table = out_dir / "query_results.csv"
+    table = out_dir / QUERY_TABLE
     # the queries go in by number (iter_neighbour_rows takes int query ids) and come out as their labels
     sources = [r.source for r in catalog.items]  # what the user knows each photo by
     flat = iter_neighbour_rows(nb, range(len(queries)), [q.label for q in queries], ids, names,
@@ -153,7 +153,8 @@ def run_query(cfg: RunConfig) -> RunSummary:
     summary.outputs["pictures"] = f"{out_dir}/q*.jpg"
     with summary.stage("report"):
         pics = [relative_link(p, cfg.plots_dir) for p in pictures]
-        data = {"pictures": pics, "rows": [[r[0], r[1], r[2], r[3], r[5], r[6], shown[j]] for r, j in zip(rows, hits)]}
+        data = {"pictures": pics, "rows": [[r[0], r[1], r[2], r[3], r[5], r[6], shown[j]] for r, j in zip(rows, hits)],
+                "made_on": made_on(cfg.store_dir, cfg.output_dir, out_dir)}  # retired when the store changes
         title = f"Queries ({len(queries)})" + (" on the segmented gallery" if cfg.segmented else "")
         section = Section("query" + cfg.suffix, "query", title, summary, data)
         summary.outputs["report"] = str(write_section(cfg.plots_dir, section))

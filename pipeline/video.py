@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .annotate import AnnotatedVideoWriter, Drawing, draw, output_size
 from .config import CLIP_SUFFIXES, RunConfig, VideoSpec
+from .derived import made_on, video_outputs
 from .embedders import Embedder, make_embedder, on_cuda
 from .errors import PipelineError
 from .fileio import atomic_write_text, check_writable
@@ -743,8 +744,7 @@ def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedde
     # writes no annotated video, or stops midway, must not leave one that contradicts its own results
     # beside them, nor a section naming files that are gone
     drop_section(cfg.plots_dir, video_section_id(cfg))
-    for old in [*out_dir.glob("frame_*.jpg"), *out_dir.glob("track_*.jpg"), *out_dir.glob("annotated.*"),
-                out_dir / "results.jsonl", out_dir / "tracks.json"]:
+    for old in video_outputs(out_dir):
         old.unlink(missing_ok=True)
     writer = AnnotatedVideoWriter(out_dir / "annotated.mp4", clip.fps, clip.small_size) if clip.small_size else None
     run = VideoRun(cfg, embedder, searcher, out_dir, thumbs, clip, writer)
@@ -763,6 +763,7 @@ def write_video_section(cfg: RunConfig, summary: RunSummary, run: VideoRun, trac
             ],
             "tracks": [{**t, "sheet": relative_link(out_dir / t["sheet"], cfg.plots_dir)} for t in tracks],
             "video": relative_link(run.annotated, cfg.plots_dir) if run.annotated else None,
+            "made_on": made_on(cfg.store_dir, cfg.output_dir, out_dir),  # retired when the store changes
         }
         section = Section(video_section_id(cfg), "video", f"Video {cfg.video.clip_name}", summary, data)
         summary.outputs["report"] = str(write_section(cfg.plots_dir, section))

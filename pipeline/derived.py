@@ -1,0 +1,82 @@
+"""Outputs other runs made from a gallery's store: a query run's results and pictures, a video run's
+matches. Each report section of theirs records the store it was made on (`made_on`: the store
+folder's name and its sidecar's embeddings and manifest sha256). A gallery run that leaves the
+store changed (built afresh, updated) retires the ones made on the earlier store, files and report
+section: their rows, files and pictures named photos that may be gone or hold other rows now, and
+"photos the dataset no longer holds leave nothing behind". The run's summary says which went and
+how to make them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import CacheMismatchError
+from .report import RunSummary
+from .store import manifest_sha256, store_sha256
+from .webreport import REPORT_DIR, drop_section, read_section
+
+log = logging.getLogger(__name__)
+
+QUERY_PICTURE = re.compile(r"q\d{3,}_.+\.jpg")  # a query run's pictures, q000_<label>.jpg
+QUERY_TABLE = "query_results.csv"
+# A video run's outputs in its clip's folder (a new run of the clip replaces them all)
+VIDEO_OUTPUTS = ("frame_*.jpg", "track_*.jpg", "annotated.*", "results.jsonl", "tracks.json")
+
+
+def made_on(store_dir: Path, output_dir: Path, folder: Path) -> dict[str, str]:
+    """What a derived section records: the store it was made on and the folder of its files
+    (relative to the output folder); {} when there is no complete store."""
+    try:
+        stamp = {"store": store_sha256(store_dir), "manifest": manifest_sha256(store_dir)}
+    except CacheMismatchError:
+        return {}
+    return {"gallery": store_dir.name, **stamp, "folder": folder.relative_to(output_dir).as_posix()}
+
+
+def video_outputs(folder: Path) -> list[Path]:
+    """A video run's output files in its clip's folder."""
+    return [p for pattern in VIDEO_OUTPUTS for p in folder.glob(pattern) if p.is_file()]
+
+
+def query_outputs(folder: Path) -> list[Path]:
+    """A query run's pictures and table in its folder."""
+    return [p for p in folder.glob("q*.jpg") if QUERY_PICTURE.fullmatch(p.name)] + [
+        p for p in [folder / QUERY_TABLE] if p.is_file()]
+
+
+def retire_stale(store_dir: Path, output_dir: Path, plots_dir: Path, summary: RunSummary) -> list[str]:
+    """Remove the query and video outputs made on an earlier state of the store at `store_dir` (see
+    the module docstring), and their report sections; returns the folders they were in."""
+    now = made_on(store_dir, output_dir, store_dir)
+    sections = plots_dir / REPORT_DIR / "sections"
+    if not now or not sections.is_dir():
+        return []
+    retired = []
+    for path in sorted(sections.glob("*.js")):
+        section = read_section(plots_dir, path.stem) or {}
+        data = section.get("data")
+        stamp: Any = data.get("made_on") if isinstance(data, dict) else None
+        if not isinstance(stamp, dict) or stamp.get("gallery") != now["gallery"]:
+            continue  # another store's, or written before sections recorded their store
+        if (stamp.get("store"), stamp.get("manifest")) == (now["store"], now["manifest"]):
+            continue
+        folder = (output_dir / str(stamp.get("folder", ""))).resolve()
+        if not folder.is_relative_to(output_dir.resolve()):
+            continue  # a hand-edited section: never delete outside the output folder
+        files = query_outputs(folder) if section.get("kind") == "query" else (
+            video_outputs(folder) if section.get("kind") == "video" else [])
+        for f in files:
+            f.unlink(missing_ok=True)
+        drop_section(plots_dir, path.stem)
+        where = str(folder.relative_to(output_dir.resolve()))
+        retired.append(where)
+        log.info("%s: %d file(s) made on the gallery before this run removed", where, len(files))
+    if retired:
+        summary.notes.append(
+            f"results made on the gallery before this run removed, with their report sections ({', '.join(retired)}):"
+            " their rows and pictures named its photos; run those queries or videos again")
+    return retired

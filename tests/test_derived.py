@@ -1,0 +1,101 @@
+"""pipeline/derived.py: query and video results made on a store are retired when the store changes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.derived import made_on, retire_stale
+from pipeline.report import RunSummary
+from pipeline.webreport import REPORT_DIR, Section, read_section, write_section
+from tests import assets
+from tests.helpers import row_files, run
+from tests.test_update import args, cli_update, write_catalogue
+
+
+def sections(out: Path) -> list[str]:
+    text = (out / "outputs" / REPORT_DIR / "sections.js").read_text()
+    return json.loads(text[text.index("(") + 1 : text.rindex(")")])
+
+
+def query(out: Path, onnx: Path, picture: Path) -> list[str]:
+    assert run("--query-image", picture, "--onnx", onnx, "--output-dir", out, "--top-k", "3") == 0
+    return sorted(p.name for p in (out / "retrieval_results" / "queries").iterdir())
+
+
+def test_query_results_of_a_store_are_removed_when_an_update_changes_it(tiny_onnx, tmp_path, capsys):
+    data = write_catalogue(tmp_path / "catalogue", list(range(12)))
+    out = tmp_path / "g"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    picture = tmp_path / "look.jpg"
+    picture.write_bytes(assets.jpeg_bytes(64, 80, seed=3))
+    made = query(out, tiny_onnx, picture)
+    assert made == ["q000_look.jpg", "query_results.csv"] and "query" in sections(out)
+    stamp = read_section(out / "outputs", "query")["data"]["made_on"]
+    assert stamp == made_on(out / "embeddings", out, out / "retrieval_results" / "queries")
+    assert stamp["gallery"] == "embeddings" and stamp["folder"] == "retrieval_results/queries"
+
+    # a gallery run that leaves the store as it was keeps them: from the cache, and an update of nothing
+    assert run(*args(data, tiny_onnx, out, "--use-embeddings")) == 0
+    assert cli_update(data, tiny_onnx, out) == 0
+    assert query(out, tiny_onnx, picture) == made and "query" in sections(out)
+
+    gone = row_files(out)[3]
+    hits = (out / "retrieval_results" / "queries" / "query_results.csv").read_text()
+    write_catalogue(data, [*range(3), *range(4, 12)])  # the photo of row 3 removed: rows after it move up
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out) == 0
+    said = capsys.readouterr().out
+    assert sorted(p.name for p in (out / "retrieval_results" / "queries").iterdir()) == []
+    assert "query" not in sections(out) and "gallery" in sections(out)
+    assert not (out / "outputs" / REPORT_DIR / "sections" / "query.js").exists()
+    assert "results made on the gallery before this run removed, with their report sections " \
+           "(retrieval_results/queries)" in " ".join(said.split())
+    assert "row" in hits and gone  # the removed table named rows of the store before the update
+    # run again, they name the store as it is now
+    assert query(out, tiny_onnx, picture) == made
+    assert read_section(out / "outputs", "query")["data"]["made_on"] == made_on(
+        out / "embeddings", out, out / "retrieval_results" / "queries")
+
+
+def _video_section(out: Path, stamp: dict) -> Path:
+    folder = out / "video_results" / "clip_1"
+    folder.mkdir(parents=True)
+    for name in ("frame_000001.jpg", "track_001.jpg", "annotated.mp4", "results.jsonl", "tracks.json", "mine.txt"):
+        (folder / name).write_bytes(b"x")
+    write_section(out / "outputs", Section("video_clip_1", "video", "Video clip_1", RunSummary(mode="video"),
+                                           {"made_on": stamp}))
+    return folder
+
+
+def _store(root: Path, embeddings: str, manifest: str = "m") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "embeddings.json").write_text(json.dumps({"embeddings_sha256": embeddings, "manifest_sha256": manifest}))
+    return root
+
+
+def test_a_video_s_outputs_go_with_its_section_and_only_when_its_own_store_changed(tmp_path):
+    out = tmp_path / "out"
+    store = _store(out / "embeddings", "e1")
+    folder = _video_section(out, made_on(store, out, out / "video_results" / "clip_1"))
+    summary = RunSummary(mode="t")
+    assert retire_stale(store, out, out / "outputs", summary) == []  # the same store: kept
+    assert retire_stale(_store(out / "embeddings_segment", "s2"), out, out / "outputs", summary) == []  # another's
+    _store(out / "embeddings", "e1", manifest="m2")  # the manifest changed alone (a row renamed, say)
+    assert retire_stale(store, out, out / "outputs", summary) == ["video_results/clip_1"]
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"]  # a file it did not make stays
+    assert "video_clip_1" not in sections(out)
+    assert "run those queries or videos again" in summary.notes[-1]
+
+
+def test_a_section_naming_a_folder_outside_the_output_folder_deletes_nothing(tmp_path):
+    out = tmp_path / "out"
+    store = _store(out / "embeddings", "e1")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "results.jsonl").write_text("keep")
+    stamp = {**made_on(store, out, out), "folder": "../elsewhere"}
+    write_section(out / "outputs", Section("video_x", "video", "Video x", RunSummary(mode="video"), {"made_on": stamp}))
+    _store(out / "embeddings", "e2")
+    assert retire_stale(store, out, out / "outputs", RunSummary(mode="t")) == []
+    assert (elsewhere / "results.jsonl").read_text() == "keep"
