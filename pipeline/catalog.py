@@ -479,6 +479,11 @@ def store_embedder_spec(made: VectorIdentity, root: Path, model: str | None, onn
                      root, found)
         return EmbedderSpec(model=model, onnx=str(found), backend="onnx", device=device,
                             threads=threads, runtime=runtime)
+    if model is None and made.model and Path(made.model).is_absolute() and not Path(made.model).exists():
+        raise CacheMismatchError(
+            f"the store in {root} was made by the model folder {made.model}, which is not there any more: pass "
+            f"--model FOLDER (model='FOLDER' from Python), a folder with the same weights"
+            + (f" (checked by their sha256, {made.model_sha256[:12]}…)" if made.model_sha256 else ""))
     return EmbedderSpec(model=model or made.model or "", backend="torch", device=device, threads=threads)
 
 

@@ -26,6 +26,9 @@ class _Comparable:
     RECORDED_LATER: frozenset[str] = frozenset()
     # Fields only some kinds of store have (read back filled in where they have them): compared only there
     OF_SOME_KINDS: frozenset[str] = frozenset()
+    # A name field -> the field recording its content's sha256: where both sides record the same
+    # content, the names are not compared
+    NAMED_BY_CONTENT: dict[str, str] = {}
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}  # type: ignore[call-overload]  # subclasses are dataclasses
@@ -58,6 +61,9 @@ def differences(asked: _Comparable, found: _Comparable, only: frozenset[str] | N
         want = {k: v for k, v in want.items() if k in only}
     want = {k: v for k, v in want.items()
             if k in have or k not in type(found).RECORDED_LATER | type(found).OF_SOME_KINDS}
+    for name, content in type(found).NAMED_BY_CONTENT.items():
+        if want.get(content) and want.get(content) == have.get(content):
+            want.pop(name, None)  # the same bytes under another name: a folder moved or copied
     return describe_differences(want, have)
 
 
@@ -76,12 +82,17 @@ def describe_differences(expected: dict[str, Any], found: dict[str, Any], prefix
 ABSENT = "<absent>"  # a key one side does not record
 # what a key not recorded means, where it means one
 _ABSENT_IS = {"config": "the default configuration", "runtime": "'onnxruntime'"}
+# what a recorded None means, where it means something a person typed otherwise
+_NONE_IS = {"limit": "every row (--limit 0)", "max_persons": "every person (made before --max-persons)"}
 
 
 def said_value(key: str, value: Any) -> str:
     """A recorded value as a difference names it: repr, or what its absence means (a dataset
     recorded without a configuration is its default one)."""
-    return _ABSENT_IS.get(key.rsplit(".", 1)[-1], repr(value)) if value == ABSENT else repr(value)
+    name = key.rsplit(".", 1)[-1]
+    if value is None and name in _NONE_IS:
+        return _NONE_IS[name]
+    return _ABSENT_IS.get(name, repr(value)) if value == ABSENT else repr(value)
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,8 @@ class VectorIdentity(_Comparable):
     RECORDED_LATER = frozenset({"model_sha256"})
     # an ONNX store's, always (from_json fills in onnxruntime where it is not written); a torch store has none
     OF_SOME_KINDS = frozenset({"runtime"})
+    # a local model folder is known by its weights: the same weights in a folder moved or copied are the same model
+    NAMED_BY_CONTENT = {"model": "model_sha256"}
 
     backend: str | None = None
     family: str | None = None

@@ -11,7 +11,7 @@ import pytest
 
 import main as cli
 from pipeline.errors import CacheMismatchError
-from pipeline.identity import STORE_FORMAT, GallerySource, VectorIdentity, differences
+from pipeline.identity import STORE_FORMAT, GallerySource, VectorIdentity, differences, said_value
 from pipeline.store import SIDECAR_FILE, load_cache
 from pipeline.store import main as store_main
 from tests import assets
@@ -28,7 +28,8 @@ OTHER = {str: "other", int: 7, float: 0.5, bool: True}
 @pytest.mark.parametrize("name", [f.name for f in fields(VectorIdentity)])
 def test_every_identity_field_that_differs_is_named(name):
     value = {"crop_size": 256, "mean": [0.5]} if name == "preprocess" else OTHER[type(getattr(MADE, name))]
-    asked = MADE.asks(**{name: value})
+    # a model named otherwise with the same weights is the same model (below): a hub id names no weights
+    asked = MADE.asks(**{name: value}, **({"model_sha256": None} if name == "model" else {}))
     problems = differences(asked, MADE)
     shown = repr(256 if name == "preprocess" else value)
     assert len(problems) == 1 and problems[0].startswith(name) and shown in problems[0]
@@ -41,7 +42,8 @@ def test_every_source_field_that_differs_is_named(name):
     value = 100 if name == "limit" else OTHER[type(current)]
     asked = SOURCE.asks(**{name: value})
     problems = differences(asked, SOURCE)
-    assert len(problems) == 1 and problems[0].startswith(f"{name}: cache has {current!r}, asked for {value!r}")
+    assert len(problems) == 1 and problems[0].startswith(
+        f"{name}: cache has {said_value(name, current)}, asked for {value!r}")
     assert differences(asked, SOURCE, only=frozenset({"kind"} - {name})) == []  # a field not asked is not compared
 
 
@@ -60,9 +62,20 @@ def test_a_field_recorded_since_a_later_version_is_not_compared_with_a_store_tha
         "config: cache has the default configuration, asked for 'women'"]
 
 
+def test_a_model_folder_is_known_by_its_weights():
+    """A local folder's model is the same model moved or copied elsewhere, with the same weights
+    (their sha256); not with other weights; a hub id (no weights hashed) is known by its id."""
+    moved = MADE.asks(model="/elsewhere")
+    assert differences(moved, MADE) == []
+    assert differences(moved.asks(model_sha256="c"), MADE) == [
+        "model: cache has '/m', asked for '/elsewhere'", "model_sha256: cache has 'a', asked for 'c'"]
+    hub = MADE.asks(model="org/model", model_sha256=None)
+    assert differences(hub, MADE.asks(model_sha256=None)) == ["model: cache has '/m', asked for 'org/model'"]
+
+
 def test_limit_none_is_every_row_and_is_compared():
     """limit None (every row) is a value: a gallery of 100 rows is not one of every row."""
-    assert differences(SOURCE, SOURCE.asks(limit=100)) == ["limit: cache has 100, asked for None"]
+    assert differences(SOURCE, SOURCE.asks(limit=100)) == ["limit: cache has 100, asked for every row (--limit 0)"]
     standard = GallerySource(kind="standard", dataset="/d", split="train", limit=None, image_column="image")
     assert "seg_model" not in standard.to_json() and standard.to_json()["limit"] is None
     assert "max_persons" not in standard.asks(max_persons=10).to_json()  # a segmented gallery's setting only
@@ -175,7 +188,7 @@ def test_a_segmented_cache_made_with_another_max_persons_is_refused(tiny_onnx, t
     # a store made before the cap kept every person: not what a capped request asks for
     _rewrite(sidecar, lambda d: d["source"].pop("max_persons"))
     assert cli.main(["--use-embedded-segment", "--max-persons", "10", *common]) == 1
-    assert "max_persons: cache has None, asked for 10" in capsys.readouterr().err
+    assert "max_persons: cache has every person (made before --max-persons), asked for 10" in capsys.readouterr().err
 
 
 def test_an_open_clip_hub_model_recorded_by_its_plain_id_reads_as_open_clips_form():

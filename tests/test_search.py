@@ -875,3 +875,27 @@ def test_query_pictures_that_share_a_name_are_labelled_by_their_path():
 
     paths = [Path("q/x/a.jpg"), Path("q/y/a.jpg"), Path("q/b.jpg")]
     assert query_labels(paths) == {paths[0]: "q/x/a.jpg", paths[1]: "q/y/a.jpg", paths[2]: "b.jpg"}
+
+
+def test_a_torch_store_follows_its_model_folder_by_its_weights(tiny_clip, tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(tiny_clip, tmp_path / "clip_a")
+    data = assets.write_parquet_dataset(tmp_path / "data", [assets.jpeg_bytes(64, 80, seed=s) for s in range(6)])
+    out = tmp_path / "out"
+    assert cli.main(["--dataset", str(data), "--model", str(folder), "--backend", "torch", "--output-dir", str(out),
+                     "--limit", "0", "-q"]) == 0
+    moved = folder.rename(tmp_path / "clip_b")
+    capsys.readouterr()
+    # with no model flag, the folder the store names is gone: said, with what to pass
+    assert cli.main(["--output-dir", str(out), "--query-text", "red", "-q"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"made by the model folder {folder}, which is not there any more: pass --model FOLDER" in err
+    # the same weights in the folder it moved to are the same model
+    assert cli.main(["--output-dir", str(out), "--query-text", "red", "--model", str(moved), "-q"]) == 0
+    assert len(read_results(out)) == 5
+    # other weights are not
+    other = assets.save_tiny_clip(tmp_path / "clip_c", seed=1)
+    capsys.readouterr()
+    assert cli.main(["--output-dir", str(out), "--query-text", "red", "--model", str(other), "-q"]) != 0
+    assert "model_sha256: cache has" in capsys.readouterr().err
