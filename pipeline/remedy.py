@@ -72,6 +72,21 @@ def reuse_or_rebuild(
         onnx_asked: the --onnx of the request, whose folder is searched for the file that made it.
         search_from: the output folder of a search mode (rebuilding is then a gallery run).
     """
+    flags = flags_that_made(differing, identity, source, onnx_asked)
+    if search_from is not None:
+        rebuild = (f"rebuild it with a gallery run: {gallery_run(search_from, segmented)} with the flags you want (the "
+                   "old store is replaced).")
+    else:
+        rebuild = f"rebuild it by running without {cache_flag(segmented)} (the old store is replaced)."
+    if not flags:  # no flag would reuse it
+        return rebuild[0].upper() + rebuild[1:]
+    return f"To reuse it, ask for what made it: {' '.join(flags)}; or {rebuild}"
+
+
+def flags_that_made(differing: Iterable[str], identity: VectorIdentity, source: GallerySource,
+                    onnx_asked: str | None) -> list[str]:
+    """The flags that ask for what the store's sidecar records, for the fields `differing` (none
+    for a field no flag sets: the model's files changed)."""
     made = {**source.to_json(), **identity.to_json()}
     names = list(dict.fromkeys(differing))
     if made.get("backend") == "onnx":
@@ -86,14 +101,7 @@ def reuse_or_rebuild(
     flags: list[str] = []
     for name in names:
         flags += _flags_for(name, made, onnx_asked)
-    if search_from is not None:
-        rebuild = (f"rebuild it with a gallery run: {gallery_run(search_from, segmented)} with the flags you want (the "
-                   "old store is replaced).")
-    else:
-        rebuild = f"rebuild it by running without {cache_flag(segmented)} (the old store is replaced)."
-    if not flags:  # no flag would reuse it
-        return rebuild[0].upper() + rebuild[1:]
-    return f"To reuse it, ask for what made it: {' '.join(flags)}; or {rebuild}"
+    return flags
 
 
 def _flags_for(name: str, made: dict[str, Any], onnx_asked: str | None) -> list[str]:

@@ -60,7 +60,7 @@ from .identity import VectorIdentity, differences
 from .index import INDEX_META, switch_index, update_index
 from .items import crop_file_name, file_signals, image_file_name, image_reader, signed_in_chunks, unsigned_lines
 from .preprocess import PreprocessConfig
-from .remedy import DECODE_OF_PIXELS
+from .remedy import DECODE_OF_PIXELS, flags_that_made
 from .report import RunSummary
 from .store import (
     EMBEDDINGS_FILE,
@@ -406,6 +406,12 @@ def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | No
         if any(p.startswith("runtime:") for p in problems):
             runtime = old.sidecar.identity.runtime or ONNXRUNTIME
             hint += f" Its vectors were made on {runtime}: add --onnx-runtime {runtime} to update it with them."
+        named = [p.split(":", 1)[0].split(".", 1)[0] for p in problems]
+        flags = flags_that_made([n for n in named if n not in ("pixels", "runtime")], old.sidecar.identity,
+                                old.sidecar.source, cfg.embedder.onnx)
+        if flags:  # the model flags: left out, an update embeds with the store's own
+            hint += (f" It was made with {' '.join(flags)}: ask for that, or leave out --model, --onnx and --backend "
+                     "(an update then embeds with the store's own).")
         raise PipelineError(
             f"{cfg.store_dir} was embedded differently from what is asked:\n  " + "\n  ".join(problems)
             + f"\nAn update reuses the vectors the store has, so it needs the embedder that made them.{hint} A new "

@@ -258,7 +258,13 @@ def test_a_changed_embedder_is_refused(tiny_onnx, tiny_clip, tmp_path, capsys):
     assert "was embedded differently from what is asked" in err
     assert "backend: cache has 'onnx', asked for 'torch'" in err
     assert "building afresh: run without --update" in err
+    # what made it, named: the flags, or none of them
+    assert "It was made with --backend onnx --onnx FILE (the file whose sha256 is" in err  # not in ./onnx here
     assert (out / "embeddings" / "embeddings.json").read_bytes() == before
+    assert run("--dataset", data, "--model", tiny_clip, "--backend", "torch", "--output-dir", out, "--update",
+               "--onnx", tiny_onnx) == 1
+    assert f"It was made with --backend onnx --onnx {tiny_onnx}: ask for that, or leave out --model, --onnx and " \
+           "--backend" in " ".join(capsys.readouterr().err.split())
 
 
 def test_an_embedder_that_makes_its_pixels_otherwise_is_refused_before_it_embeds(tiny_clip, tmp_path, capsys):
