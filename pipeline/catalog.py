@@ -45,6 +45,8 @@ from .yolo import SegmentSpec, make_segmenter
 
 log = logging.getLogger(__name__)
 
+UNIT_TOLERANCE = 1e-3  # how far from 1 a query vector's length may be (float16 vectors normalized, say)
+
 
 @dataclass(frozen=True)
 class QueryResult:
@@ -270,6 +272,13 @@ class Catalog:
         if not np.isfinite(q).all():
             bad = sorted(set(np.nonzero(~np.isfinite(q))[0].tolist()))
             raise PipelineError(f"query vector(s) {bad[:5]} hold NaN or infinite values: they are near nothing")
+        norms = np.linalg.norm(q.astype(np.float64), axis=1)
+        off = np.nonzero(np.abs(norms - 1.0) > UNIT_TOLERANCE)[0]
+        if len(off):  # distances are 1 - q.g: of a vector of another length they mean nothing (and clip at 0)
+            said = ", ".join(f"{i} ({norms[i]:.4g})" for i in off[:5].tolist())
+            raise PipelineError(f"query vector(s) must be L2-normalized, as the store's are: vector(s) {said} have "
+                                "another length; divide each by its norm (v / np.linalg.norm(v)); a zero vector is "
+                                "near nothing")
         searcher = self._searcher(group_by)
         return searcher.search(q, k, searcher.allowed(filter))
 

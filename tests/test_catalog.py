@@ -209,6 +209,11 @@ def test_catalog_refuses_what_does_not_fit(built, tmp_path):
     broken[1, 4] = np.nan
     with pytest.raises(PipelineError, match=r"query vector\(s\) \[1\] hold NaN or infinite values"):
         cat.search_vectors(broken, filter=None)
+    # another length than 1: its distances would mean nothing (and clip at 0); zero is near nothing
+    scaled = np.stack([cat.embeddings[0], cat.embeddings[3] * 10, np.zeros(16, np.float32)])
+    with pytest.raises(PipelineError, match=r"L2-normalized.*vector\(s\) 1 \(10\), 2 \(0\) have another length"):
+        cat.search_vectors(scaled)
+    assert cat.search_vectors(cat.embeddings[3] * np.float32(1.0004), k=1)[0][0].row == 3  # float rounding passes
     with pytest.raises(PipelineError, match="an item is asked for by its row"):
         cat.neighbours(True)  # type: ignore[arg-type]
     from pipeline.errors import UsageError
