@@ -668,9 +668,14 @@ def evaluation_scope(cfg: RunConfig, summary: RunSummary) -> EvaluationScope | N
         if cfg.group_by not in table.column_names:
             raise UsageError(f"--group-by: unknown column {cfg.group_by!r}; the dataset's columns are: "
                              + ", ".join(table.column_names))
-        labels, missing = product_labels(table.column(cfg.group_by))
+        column = table.column(cfg.group_by)
+        labels, missing = product_labels(column)
         product = np.full(size, -1, np.int64)
         product[source] = labels
+        if kept is not None:  # of the rows the filter keeps: the others are not evaluated
+            import pyarrow as pa
+
+            missing = product_labels(column.filter(pa.array(kept[source])))[1]
         summary.notes.append(f"--group-by {cfg.group_by}: ranks count products (each scored by its best item)"
                              + (f"; {missing:,} row(s) without a value stand alone" if missing else ""))
     return EvaluationScope(kept, product)

@@ -899,3 +899,24 @@ def test_a_torch_store_follows_its_model_folder_by_its_weights(tiny_clip, tmp_pa
     capsys.readouterr()
     assert cli.main(["--output-dir", str(out), "--query-text", "red", "--model", str(other), "-q"]) != 0
     assert "model_sha256: cache has" in capsys.readouterr().err
+
+
+def test_evaluation_counts_the_rows_without_a_product_among_those_the_filter_keeps(tmp_path):
+    from pipeline.config import RunConfig
+    from pipeline.dataset import DatasetSpec
+    from pipeline.report import RunSummary
+    from pipeline.search import evaluation_scope
+
+    cells = [assets.encode(assets.rgb_image(8, 8, seed=s), "PNG") for s in range(4)]
+    extra = {"category": ["dress", "dress", "bag", "bag"], "collection": ["X", None, None, None]}
+    ds = assets.write_parquet_dataset(tmp_path / "ds", cells, extra=extra)
+
+    def notes(**flags) -> str:
+        summary = RunSummary("evaluate")
+        evaluation_scope(RunConfig(dataset=DatasetSpec(str(ds)), group_by="collection", **flags), summary)
+        return " ".join(summary.notes)
+
+    assert "3 row(s) without a value stand alone" in notes()
+    said = notes(filter="category = 'dress'")  # the bags are not evaluated: one dress lacks a collection
+    assert "2 of 4 rows evaluated" in said and "1 row(s) without a value stand alone" in said
+    assert "without a value" not in notes(filter="collection = 'X'")
