@@ -17,6 +17,8 @@ answered (a page on another site cannot read the catalogue through a rebound DNS
 # and those name classes imported inside the functions that add the endpoints (FastAPI loads only for
 # --serve).
 import errno
+import functools
+import inspect
 import io
 import json
 import logging
@@ -97,6 +99,8 @@ class SearchService:
     latencies: list[float] = field(default_factory=list)
     follow: bool = True
     updates: int = 0  # stores swapped in while serving
+    declined: list[int] = field(default_factory=list)  # the status of each query answered with an error (a bad
+    # upload, filter, k): not in the latencies (appended from worker threads, as they are)
     refused: str | None = None  # why the store on disk is not the one served, while it is not
     generation: int = 0  # the catalog swapped in last: 0 the one loaded first
     _generation_of: Any = field(default_factory=weakref.WeakKeyDictionary, repr=False)
@@ -329,12 +333,21 @@ def check_upload_pixels(data: bytes) -> None:
                                f"may have at most {MAX_UPLOAD_PIXELS / 1e6:.0f}")
 
 
+QUERY_PATHS = ("/api/text", "/api/image")  # what the summary counts as queries, answered or refused
+
+
 class _BodyLimit:
     """ASGI middleware: a request body over its path's limit is answered 413 before it is read (by
     its Content-Length), or as soon as a body sent in chunks passes it."""
 
-    def __init__(self, app, limits: dict[str, int], default: int) -> None:
+    def __init__(self, app, limits: dict[str, int], default: int, refused: list[int] | None = None) -> None:
         self.app, self.limits, self.default = app, limits, default
+        self.refused = refused  # a query refused here is counted as the endpoints count theirs
+
+    async def _answer(self, scope, send, status: int, detail: str) -> None:
+        if self.refused is not None and scope["path"] in QUERY_PATHS:
+            self.refused.append(status)
+        await _answer(send, status, detail)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -343,10 +356,10 @@ class _BodyLimit:
         limit = self.limits.get(scope["path"], self.default)
         length = dict(scope.get("headers", ())).get(b"content-length")
         if length is not None and not length.isdigit():
-            await _answer(send, 400, "the Content-Length is not a number")
+            await self._answer(scope, send, 400, "the Content-Length is not a number")
             return
         if length is not None and int(length) > limit:
-            await _answer(send, 413, _over(limit))
+            await self._answer(scope, send, 413, _over(limit))
             return
         from starlette.exceptions import HTTPException
 
@@ -367,7 +380,7 @@ class _BodyLimit:
             if too_large and not started:  # whatever the app made of the stopped read (behind the token's
                 if not answered:  # middleware, a 400 "error parsing the body"): a 413
                     answered = True
-                    await _answer(send, 413, _over(limit))
+                    await self._answer(scope, send, 413, _over(limit))
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -378,7 +391,7 @@ class _BodyLimit:
             if not too_large or started:
                 raise
             if not answered:
-                await _answer(send, 413, _over(limit))
+                await self._answer(scope, send, 413, _over(limit))
 
 
 def _over(limit: int) -> str:
@@ -504,7 +517,8 @@ def create_app(service: SearchService):
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted(LOOPBACK | {"[::1]"}))
-    app.add_middleware(_BodyLimit, limits={"/api/image": MAX_UPLOAD_BYTES + MAX_BODY_BYTES}, default=MAX_BODY_BYTES)
+    app.add_middleware(_BodyLimit, limits={"/api/image": MAX_UPLOAD_BYTES + MAX_BODY_BYTES}, default=MAX_BODY_BYTES,
+                       refused=service.declined)
     _add_page_endpoints(app, service)
     _add_query_endpoints(app, service)
     _add_file_endpoints(app, service)
@@ -592,12 +606,31 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         filter: str | None = None
         group_by: str | None = None  # None: the server's --group-by; "" or EACH_PHOTO: each photo; else a column
 
-    def timed(fn):
+    def timed(fn):  # an answer's latency: a refused query is counted apart (service.declined)
         t = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            service.latencies.append(time.perf_counter() - t)
+        found = fn()
+        service.latencies.append(time.perf_counter() - t)
+        return found
+
+    def counted(endpoint):  # a query answered with an error counts as declined, not answered
+        if inspect.iscoroutinefunction(endpoint):
+            @functools.wraps(endpoint)
+            async def waited(*args, **kwargs):
+                try:
+                    return await endpoint(*args, **kwargs)
+                except HTTPException as e:
+                    service.declined.append(e.status_code)
+                    raise
+            return waited
+
+        @functools.wraps(endpoint)  # a plain function stays one: FastAPI runs it on a worker thread
+        def wrapper(*args, **kwargs):
+            try:
+                return endpoint(*args, **kwargs)
+            except HTTPException as e:
+                service.declined.append(e.status_code)
+                raise
+        return wrapper
 
     def check_k(k: int) -> int:
         if not 1 <= k <= MAX_K:
@@ -605,6 +638,7 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         return k
 
     @app.post("/api/text")
+    @counted
     def text(query: TextQuery) -> dict[str, Any]:
         words = query.text.strip()
         if not words:
@@ -625,6 +659,7 @@ def _add_query_endpoints(app, service: SearchService) -> None:
     limiters: list[Any] = []  # one, made in the event loop on the first upload
 
     @app.post("/api/image")
+    @counted
     async def image(file: UploadFile = File(...), segment: bool = Form(False), k: int = Form(cfg.top_k),
                     filter: str = Form(""), text: str = Form(""),
                     group_by: str | None = Form(None)) -> dict[str, Any]:
@@ -649,12 +684,10 @@ def _add_query_endpoints(app, service: SearchService) -> None:
                     raise HTTPException(422, "the upload is empty")
                 catalog = service.current()
                 asked = both_filters(cfg.filter, filter, service.schema(catalog))
-                try:
-                    found = await anyio.to_thread.run_sync(
-                        lambda: service.image(data, file.filename or "upload", k, segment, asked, words,
-                                              each_photo(group_by), catalog))
-                finally:
-                    service.latencies.append(time.perf_counter() - t)
+                found = await anyio.to_thread.run_sync(
+                    lambda: service.image(data, file.filename or "upload", k, segment, asked, words,
+                                          each_photo(group_by), catalog))
+                service.latencies.append(time.perf_counter() - t)  # answered: a refusal is counted apart
             return found
         except UsageError as e:  # a bad filter or group-by column (segment was checked above)
             raise HTTPException(422, str(e)) from None
@@ -750,6 +783,8 @@ def run_serve(cfg: RunConfig) -> RunSummary:
         sock.close()
     lat = np.array(service.latencies) * 1000
     summary.count("queries answered", len(lat))
+    if service.declined:
+        summary.count("queries refused (answered with an error)", len(service.declined))
     if service.updates:
         summary.count("updated stores swapped in", service.updates)
     if service.refused:

@@ -121,11 +121,16 @@ def test_text_and_image_queries_through_the_page_equal_the_query_mode(served, br
     ids=["text", "bomb", "huge", "empty"],  # not the 20 MB of bytes as the test's name
 )
 def test_bad_uploads_get_a_4xx_and_the_next_query_still_works(served, name, data, status, message):
-    url, _, _ = served
+    url, _, service = served
+    answered, refused = len(service.latencies), len(service.declined)
     r = httpx.post(url + "/api/image", files={"file": (name, data)}, timeout=30)
     assert r.status_code == status and message in r.json()["detail"]
+    # counted as refused, not answered (the summary's "queries answered" and its latencies): the
+    # huge one by the middleware, before it is read
+    assert service.declined[refused:] == [status] and len(service.latencies) == answered
     ok = httpx.post(url + "/api/text", json={"text": "blue shirt"}, timeout=30)
     assert ok.status_code == 200 and len(ok.json()["results"]) == 5
+    assert len(service.latencies) == answered + 1 and len(service.declined) == refused + 1
 
 
 def test_a_failed_upload_clears_the_previous_results(served, browser, tmp_path):
@@ -392,11 +397,13 @@ def test_sigterm_stops_the_server_cleanly_with_exit_0(served, tiny_onnx):
         line = proc.stdout.readline()  # printed once the socket is bound and the model loaded
         assert line.startswith("serving ") and f"127.0.0.1:{port}" in line
         assert httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=10).status_code == 200
+        assert httpx.post(f"http://127.0.0.1:{port}/api/text", json={"text": " "}, timeout=10).status_code == 422
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
-    assert "queries answered 0" in proc.stdout.read()
+    said = proc.stdout.read()
+    assert "queries answered 0" in said and "queries refused (answered with an error) 1" in said
 
 
 def test_beyond_loopback_the_page_and_its_api_need_the_token(served, tiny_onnx, browser, monkeypatch):
@@ -620,6 +627,7 @@ def test_a_store_of_another_model_switched_in_is_said_and_the_loaded_one_served(
     import shutil
 
     from pipeline import serve
+    from pipeline.errors import PipelineError
     from tests.helpers import run
     from tests.test_update import args, write_catalogue
 
@@ -641,7 +649,12 @@ def test_a_store_of_another_model_switched_in_is_said_and_the_loaded_one_served(
     assert "changed on disk and is not served yet" in said and "6 items loaded before" in said
     assert "backend: cache has 'torch', asked for 'onnx'" in said  # the reason: another embedder made it
     opened = []
-    monkeypatch.setattr(serve, "open_catalog", lambda *a, **k: opened.append(1))
+
+    def still_refused(*args, **kwargs):  # as the store on disk still is (no thread dies on a None catalog)
+        opened.append(1)
+        raise PipelineError("backend: cache has 'torch', asked for 'onnx'")
+
+    monkeypatch.setattr(serve, "open_catalog", still_refused)
     for _ in range(3):  # the same store on disk is not opened again: only a change can make it servable
         service.current()
     time.sleep(0.2)
