@@ -472,8 +472,9 @@ def store_embedder_spec(made: VectorIdentity, root: Path, model: str | None, onn
             why = "whose vectors are not the model's own" if model is not None else (
                 f"found neither at the default --onnx {default.onnx} nor by its sha256 in ./onnx or the project's "
                 "onnx/")
+            kind = (made.precision or "onnx-int8").removeprefix("onnx-").split("-")[0]  # int8, fp32
             raise CacheMismatchError(
-                f"the store in {root} was made by an int8 ONNX file (sha256 {(made.onnx_sha256 or '?')[:12]}…, "
+                f"the store in {root} was made by an {kind} ONNX file (sha256 {(made.onnx_sha256 or '?')[:12]}…, "
                 f"exported from {made.model}), {why}: pass onnx='FILE.onnx' (--onnx FILE), the file that made it"
             )
         if model is None:

@@ -363,6 +363,14 @@ def test_a_store_made_by_the_onnx_file_is_searched_with_it_when_opened_with_its_
     assert cat.search_image(picture, k=3)[0].hits == by_file.search_image(picture, k=3)[0].hits
     # opened with nothing named, the default file not there: the file the store records, found the same way
     assert Catalog.open(out).search_image(picture, k=3)[0].hits == by_file.search_image(picture, k=3)[0].hits
+    # a store of the fp32 file is named as one, not as an int8 file's
+    from pipeline.export import fp32_path_for
+
+    fp32 = tmp_path / "fp32"
+    assert cli.main(["--dataset", str(mixed_dataset), "--onnx", str(fp32_path_for(tiny_onnx)), "--output-dir",
+                     str(fp32), "--max-result-images", "0", "-q"]) == 3
+    with pytest.raises(CacheMismatchError, match=r"made by an fp32 ONNX file \(sha256 "):
+        Catalog.open(fp32).search_text("red")
 
 
 def test_a_distance_a_few_ulps_under_zero_is_zero():
