@@ -43,7 +43,7 @@ from .metadata import METADATA_FILE, load_metadata, write_metadata
 from .persons import Segmenter
 from .preprocess import CPU_DECODES, CPU_PIXELS, DEVICE_PIXELS, cpu_pixels
 from .ray_engine import RayBuild, build_gallery_ray
-from .remedy import DECODE_OF_PIXELS, build_first, cache_flag, gallery_run, reuse_or_rebuild
+from .remedy import DECODE_OF_PIXELS, build_first, cache_flag, finish_unfinished, gallery_run, reuse_or_rebuild
 from .remote import list_names, remove_stale_at_url
 from .report import RunSummary
 from .searcher import Searcher, unknown_group_column
@@ -240,6 +240,9 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
             raise CacheMismatchError(f"{e}\n{SWITCH_STOPPED.format(store=cfg.store_dir)}") from None
         if e.missing and not (cfg.store_dir / PARTIAL_DIR).is_dir():
             raise CacheMismatchError(f"{e}\n{build_first(cfg.store_dir, cfg.segmented, search_from)}") from None
+        if e.missing and search_from is not None:  # a search mode: the interrupted gallery run is what finishes it
+            line = finish_unfinished(cfg.store_dir, cfg.segmented, search_from, cfg.embedder.onnx)
+            raise CacheMismatchError(f"no complete store in {cfg.store_dir}\n{line}") from None
         if isinstance(e.made_by, Sidecar):
             made = e.made_by
             line = reuse_or_rebuild(e.differing, made.identity, made.source, cfg.segmented, cfg.embedder.onnx,

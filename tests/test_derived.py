@@ -99,3 +99,32 @@ def test_a_section_naming_a_folder_outside_the_output_folder_deletes_nothing(tmp
     _store(out / "embeddings", "e2")
     assert retire_stale(store, out, out / "outputs", RunSummary(mode="t")) == []
     assert (elsewhere / "results.jsonl").read_text() == "keep"
+
+
+def test_a_search_of_a_folder_whose_build_stopped_names_the_run_that_finishes_it(tiny_onnx, tmp_path, monkeypatch,
+                                                                                   capsys):
+    import shlex
+
+    from tests.helpers import stop_after_shards
+
+    data = write_catalogue(tmp_path / "catalogue", list(range(20)))
+    out = tmp_path / "g"
+    stop_after_shards(monkeypatch, 1)
+    assert run(*args(data, tiny_onnx, out)) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run("--output-dir", out, "--query-text", "red") == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"no complete store in {out / 'embeddings'}" in err and "without the cache flag" not in err
+    assert f"stopped before it finished (its shards are in {out / 'embeddings' / '.partial'}): run it again" in err
+    began = err.split("It began with ", 1)[1].rstrip(".")
+    assert began == f"--dataset {data} --split train --limit 0 --image-column image --backend onnx --decode cpu " \
+                    f"--onnx FILE (the file whose sha256 is {began.split('sha256 is ')[1][:12]}…; none here has it) " \
+                    "--batch-size 4 --shard-rows 8"
+    # those flags (the file named) resume it, and the search then answers
+    flags = shlex.split(began.replace(began[began.index("FILE"):began.index(") --batch") + 1], str(tiny_onnx)))
+    import main as cli
+
+    assert cli.main([*flags, "--output-dir", str(out), "--max-result-images", "0"]) == 0
+    assert "resumed at row 8 from 1 complete shard(s)" in capsys.readouterr().out
+    assert run("--output-dir", out, "--query-text", "red", "--onnx", tiny_onnx) == 0
