@@ -295,6 +295,21 @@ def onnx_of_another_model(spec: EmbedderSpec) -> str | None:
     return made_from if made_from and made_from != model_reference(spec.model) else None
 
 
+def onnx_of_another_model_named(cfg: RunConfig) -> str | None:
+    """--model and --onnx both typed, the file exported from another model: the file makes the
+    vectors (and the store records its model), so the --model typed goes unused; what to say."""
+    spec = cfg.embedder
+    if ("model" not in cfg.explicit or "onnx" not in cfg.explicit or cfg.export.enabled or cfg.evaluate.models
+            or spec.resolve_backend() != "onnx"):
+        return None
+    made_from = onnx_of_another_model(spec)
+    if made_from is None:
+        return None
+    return (f"--model {spec.model} is not the model --onnx {spec.onnx} was exported from ({made_from}): the file "
+            f"makes the vectors, so {made_from} is what this run uses and records; drop --model, or export "
+            f"{spec.model} with --export-onnx --model {spec.model} --onnx FILE and pass that file")
+
+
 def onnx_fallback(cfg: RunConfig) -> str | None:
     """Backend auto, no --model typed, and no file at the default --onnx: the run uses the transformers
     model, as the reference does. What to say about it: the file looked for (the default is relative

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from . import images as images_module
 from . import pictures as pictures_module
 from . import plots as plots_module
-from .config import RunConfig, onnx_fallback
+from .config import RunConfig, onnx_fallback, onnx_of_another_model_named
 from .dataset import iter_records
 from .duplicates import (
     SIGNATURE_VERSION,
@@ -86,6 +86,9 @@ def run(cfg: RunConfig) -> RunSummary:
     fallback = store_embedder_note(cfg, onnx_fallback(cfg))
     if fallback and mode.name != "serve":  # serve says it once its port is bound
         log.info(fallback)  # and in the summary's notes
+    unused = onnx_of_another_model_named(cfg)
+    if unused:
+        log.warning(unused)  # and in the summary's notes
     offline = go_offline_unless_reachable(cfg)  # before anything asks the hub
     resend = "run the same command again to send them"
     if mode.name in ("gallery", "video") and not cfg.from_cache and not cfg.update:  # again: every photo embedded again
@@ -98,6 +101,8 @@ def run(cfg: RunConfig) -> RunSummary:
         summary.notes.append(f"outputs sent to {cfg.output_url} ({copy.sent} file(s); working copy {cfg.output_dir})")
     if fallback:
         summary.notes.append(fallback)
+    if unused:
+        summary.notes.append(unused)
     if offline:
         summary.notes.append("worked offline: the Hugging Face hub could not be reached (see the warning above)")
     return summary

@@ -920,3 +920,19 @@ def test_evaluation_counts_the_rows_without_a_product_among_those_the_filter_kee
     said = notes(filter="category = 'dress'")  # the bags are not evaluated: one dress lacks a collection
     assert "2 of 4 rows evaluated" in said and "1 row(s) without a value stand alone" in said
     assert "without a value" not in notes(filter="collection = 'X'")
+
+
+def test_a_model_typed_beside_an_onnx_file_of_another_model_is_said_unused(tiny_onnx, tiny_clip, tmp_path, capsys):
+    other = assets.save_tiny_clip(tmp_path / "other", seed=1)
+    data = assets.write_parquet_dataset(tmp_path / "data", [assets.jpeg_bytes(64, 80, seed=s) for s in range(4)])
+    common = ["--dataset", str(data), "--onnx", str(tiny_onnx), "--limit", "0", "--max-result-images", "0"]
+    capsys.readouterr()
+    assert cli.main([*common, "--model", str(other), "--output-dir", str(tmp_path / "a")]) == 0
+    said = capsys.readouterr()
+    warning = f"--model {other} is not the model --onnx {tiny_onnx} was exported from ({tiny_clip})"
+    assert warning in " ".join(said.err.split())  # said as it starts, and in the summary
+    assert warning in " ".join(said.out.split())
+    made = json.loads((tmp_path / "a" / "embeddings" / "embeddings.json").read_text())["identity"]
+    assert made["model"] == str(tiny_clip)  # the file's model: what made the vectors
+    assert cli.main([*common, "--model", str(tiny_clip), "--output-dir", str(tmp_path / "b")]) == 0
+    assert "is not the model" not in " ".join(capsys.readouterr().err.split())
