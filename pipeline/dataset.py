@@ -100,8 +100,8 @@ def iter_records(spec: DatasetSpec, start: int = 0, only: frozenset[int] | None 
         PipelineError: the dataset cannot be opened, or has no such split or column.
     """
     path = Path(spec.name)
-    if path.is_dir() and _is_image_folder(path):
-        records = _iter_image_folder(path, spec, start, only)
+    if (root := _image_folder(spec)) is not None:
+        records = _iter_image_folder(root, spec, start, only)
     elif files := _local_parquet_files(path, spec.split):
         records = _iter_parquet(files, spec, start, _open_local_file, only)
     elif path.exists():
@@ -179,7 +179,7 @@ def check_dataset(spec: DatasetSpec) -> int | None:
         if opener is not _open_local_file:
             _FOOTERS[str(parquet[0])] = footer  # a remote footer is kept for the read that follows
         check_columns(spec, footer.schema.to_arrow_schema().names)
-    elif path.is_dir() and _is_image_folder(path):
+    elif _image_folder(spec) is not None:  # its split checked
         if spec.id_column:
             raise UsageError(
                 f"{path} is a folder of images: --id-column takes a column of a parquet or saved dataset, and a "
@@ -200,8 +200,8 @@ def count_rows(spec: DatasetSpec) -> int | None:
     """Number of rows that will be read (for progress bars), when it is cheap to know."""
     path = Path(spec.name)
     n: int | None = None
-    if path.is_dir() and _is_image_folder(path):
-        n = len(_list_images(path))
+    if (root := _image_folder(spec)) is not None:
+        n = len(_list_images(root))
     elif files := _local_parquet_files(path, spec.split):
         n = sum(_parquet_footer(f, f).num_rows for f in files)
     elif not path.exists() and is_hub_id(spec.name):
@@ -221,6 +221,46 @@ def _is_image_folder(path: Path) -> bool:
     has_tables = any(p.suffix in _TABLE_SUFFIXES and p.name not in FOLDER_METADATA_FILES and p.is_file()
                      for p in path.rglob("*"))  # an ImageFolder's metadata.parquet is its pictures' metadata
     return not has_tables and not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file()
+
+
+# The folder names the Hugging Face ImageFolder takes for a split (datasets' split keywords), at the top
+SPLIT_FOLDERS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                 "test": ("test", "testing", "eval", "evaluation")}
+
+
+def _split_folders(path: Path) -> dict[str, Path]:
+    """split -> its top-level subfolder of an image folder laid out by split (`train/`, `test/`, ...)."""
+    found = {}
+    with os.scandir(path) as entries:
+        names = {e.name: Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")}
+    for split, keywords in SPLIT_FOLDERS.items():
+        for keyword in keywords:
+            if keyword in names:
+                found[split] = names[keyword]
+                break
+    return found
+
+
+def _image_folder(spec: DatasetSpec) -> Path | None:
+    """The folder an image-folder dataset's pictures are read from: its split's subfolder where it is
+    laid out by split (as the Hugging Face ImageFolder reads it: each split's pictures, labels and
+    metadata.csv under `train/`, `test/`, ...), else the folder itself, all "train". None when
+    --dataset is not an image folder. PipelineError for a split it does not have."""
+    path = Path(spec.name)
+    if not (path.is_dir() and _is_image_folder(path)):
+        return None
+    splits = _split_folders(path)
+    if spec.split in splits:
+        return splits[spec.split]
+    if splits:
+        folders = ", ".join(sorted(f"{p.name}/" for p in splits.values()))
+        raise PipelineError(f"{path} has splits {sorted(splits)} (its subfolders {folders}), not {spec.split!r}; "
+                            "choose one with --split")
+    if spec.split != "train":
+        named = ", ".join(f"{k[0]}/" for k in SPLIT_FOLDERS.values())
+        raise PipelineError(f"{path} has no split subfolders ({named}): its pictures are all split 'train', not "
+                            f"{spec.split!r}; drop --split")
+    return path
 
 
 def _natural_key(rel: str) -> list[Any]:
@@ -278,9 +318,9 @@ def dataset_stamp(spec: DatasetSpec) -> str | None:
         return None
     if path.is_file():
         files = [(path.name, path)]
-    elif _is_image_folder(path):
-        rels = _list_images(path)
-        files = [(rel, path / rel) for rel in (rels if spec.limit is None else rels[: spec.limit])]
+    elif (root := _image_folder(spec)) is not None:
+        rels = _list_images(root)
+        files = [(rel, root / rel) for rel in (rels if spec.limit is None else rels[: spec.limit])]
     elif parquet := local_parquet_files(spec):
         files = [(str(f.relative_to(path)), f) for f in parquet]
     else:
@@ -728,10 +768,10 @@ def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
 
     path = Path(spec.name)
     stop = spec.limit
-    if path.is_dir() and _is_image_folder(path):
-        rels = _list_images(path)[:stop]
+    if (root := _image_folder(spec)) is not None:
+        rels = _list_images(root)[:stop]
         return [
-            Piece("folder", str(path), s, len(rels[s : s + rows_per_piece]), names=tuple(rels[s : s + rows_per_piece]))
+            Piece("folder", str(root), s, len(rels[s : s + rows_per_piece]), names=tuple(rels[s : s + rows_per_piece]))
             for s in range(0, len(rels), rows_per_piece)
         ]
     opener: Callable[[str], AbstractContextManager[Any]]
@@ -933,7 +973,7 @@ def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None, warn: b
             table = ds.select_columns(columns).with_format("arrow")[:stop] if columns else pa.table({})
             table = table if columns else pa.table({"source_row": int64_array(range(stop))})
     elif folder:
-        table = folder_metadata(path, spec, asked, warn)
+        table = folder_metadata(_image_folder(spec) or path, spec, asked, warn)
     if table is None:
         if asked:
             raise PipelineError(f"--meta-columns: {metadata_none_why(spec.name)}: it has no columns to keep")

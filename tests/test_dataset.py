@@ -201,3 +201,46 @@ def test_id_column_on_an_image_folder_says_what_its_metadata_is_for(tmp_path):
     with pytest.raises(PipelineError, match="--id-column takes a column of a parquet or saved dataset, and a folder's "
                                             "metadata.csv values are kept as metadata only"):
         check_dataset(DatasetSpec(name=str(tmp_path), id_column="item_id"))
+
+
+def _split_folder(root):
+    """train/ and test/ of two categories each, with their own metadata.csv, and one picture at the root."""
+    for split, seed in (("train", 0), ("test", 100)):
+        for label in ("dresses", "shirts"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(2):
+                (root / split / label / f"{i}.jpg").write_bytes(assets.jpeg_bytes(20, 30, seed=seed + i))
+        lines = [f"{label}/{i}.jpg,{split}-{label}-{i}" for label in ("dresses", "shirts") for i in range(2)]
+        (root / split / "metadata.csv").write_text("file_name,sku\n" + "\n".join(lines) + "\n")
+    (root / "stray.jpg").write_bytes(assets.jpeg_bytes(20, 30, seed=7))
+    return root
+
+
+def test_an_image_folder_laid_out_by_split_is_read_one_split_at_a_time(tmp_path):
+    """As the Hugging Face ImageFolder reads it: train/ and test/ are splits (their labels and
+    metadata.csv their own), not one gallery of every picture."""
+    from pipeline.dataset import read_metadata
+
+    root = _split_folder(tmp_path / "shop")
+    for split in ("train", "test"):
+        spec = DatasetSpec(name=str(root), split=split)
+        records = list(iter_records(spec))
+        assert [r.source for r in records] == ["dresses/0.jpg", "dresses/1.jpg", "shirts/0.jpg", "shirts/1.jpg"]
+        assert records[0].data == (root / split / "dresses" / "0.jpg").read_bytes()
+        assert count_rows(spec) == 4
+        table = read_metadata(spec)
+        assert table.column("folder").to_pylist() == ["dresses", "dresses", "shirts", "shirts"]
+        assert table.column("sku").to_pylist()[0] == f"{split}-dresses-0"
+    with pytest.raises(PipelineError, match=r"has splits \['test', 'train'\] \(its subfolders test/, train/\), "
+                                            r"not 'validation'; choose one with --split"):
+        list(iter_records(DatasetSpec(name=str(root), split="validation")))
+    (root / "train").rename(root / "training")  # another of the names datasets takes for it
+    assert count_rows(DatasetSpec(name=str(root))) == 4
+
+
+def test_a_folder_without_split_subfolders_is_all_train(tmp_path):
+    (tmp_path / "dresses").mkdir()
+    (tmp_path / "dresses" / "a.jpg").write_bytes(assets.jpeg_bytes(20, 30))
+    assert count_rows(DatasetSpec(name=str(tmp_path))) == 1
+    with pytest.raises(PipelineError, match="its pictures are all split 'train', not 'test'; drop --split"):
+        count_rows(DatasetSpec(name=str(tmp_path), split="test"))

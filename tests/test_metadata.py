@@ -743,9 +743,13 @@ def test_an_image_folder_with_a_metadata_parquet_file_is_read_as_the_hugging_fac
     out = tmp_path / "out"
     assert cli.main(args(data, tiny_onnx, out, "--filter", "price >= 10 AND added > '2024-01-01'")) == 0
     said = capsys.readouterr().out
-    assert "rows 4, embedded 4" in said and "items matching the filter 1" in said
+    # the train split's pictures (its subfolder's), as that reader reads them: not test/'s, nor one at the root
+    assert "rows 2, embedded 2" in said and "items matching the filter 1" in said
     table = Catalog.open(out).searcher.metadata.table
-    assert table.column("price").to_pylist() == [9, None, 10, 12]  # test/c.jpg, top.jpg, train/images/a.jpg, b.jpg
+    assert table.column("price").to_pylist() == [10, 12]  # train/images/a.jpg, b.jpg
+    assert table.column("folder").to_pylist() == ["images", "images"]
+    assert cli.main(args(data, tiny_onnx, tmp_path / "test", "--split", "test")) == 0
+    assert Catalog.open(tmp_path / "test").searcher.metadata.table.column("price").to_pylist() == [9]
     assert str(table.schema.field("added").type) == "date32[day]"
     (data / "train" / "metadata.csv").write_text("file_name,price\nimages/a.jpg,1\n")
     assert cli.main(args(data, tiny_onnx, tmp_path / "out2")) == 1
