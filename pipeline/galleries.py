@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -562,6 +563,42 @@ def open_searcher(cfg: RunConfig, embeddings: np.ndarray, rows: list[ManifestRow
         lines_key = made_by.manifest_sha256 if made_by else manifest_sha256(cfg.store_dir)
         searcher.dedup(stored_groups(cfg.store_dir, searcher.rows, lines_key))
     return searcher
+
+
+# GallerySource field, DatasetSpec field, flag: what an --update takes from its store where no flag says
+_STORE_DATASET = (("dataset", "name", "--dataset"), ("config", "config", "--config"), ("split", "split", "--split"),
+                  ("image_column", "image_column", "--image-column"), ("limit", "limit", "--limit"),
+                  ("id_column", "id_column", "--id-column"))
+
+
+def with_store_source(cfg: RunConfig) -> tuple[RunConfig, str]:
+    """--update: the dataset settings no flag gave taken from the store (its dataset, configuration,
+    split, image column, row limit and id column), as its embedder is, so that an update with no
+    dataset flags keeps the store's scope (the default --limit would cut a gallery of every row to
+    10,000 photos). Returns the configuration and what was taken, as flags ("" when nothing)."""
+    if not cfg.update or not (cfg.store_dir / SIDECAR_FILE).is_file():
+        return cfg, ""
+    try:
+        made = Sidecar.read(cfg.store_dir / SIDECAR_FILE).source
+    except CacheMismatchError:
+        return cfg, ""  # the update's own load says what is wrong with it
+    if made.dataset is None:
+        return cfg, ""
+    taken, flags = {}, []
+    for field, name, flag in _STORE_DATASET:
+        value = getattr(made, field)
+        # None recorded: the default configuration, every row; an id column or image column not recorded
+        if field in cfg.explicit or value == getattr(cfg.dataset, name) or (
+                value is None and field not in ("config", "limit")):
+            continue
+        taken[name] = value
+        if value is None:
+            flags.append("--limit 0" if field == "limit" else "(no --config)")
+        else:
+            flags.append(f"{flag} {shlex.quote(str(value))}")
+    if not taken:
+        return cfg, ""
+    return replace(cfg, dataset=replace(cfg.dataset, **taken)), " ".join(flags)
 
 
 def store_identity_if_default(cfg: RunConfig) -> VectorIdentity | None:

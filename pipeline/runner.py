@@ -48,7 +48,7 @@ from .fileio import (
     sha256_file,
     unlink_quietly,
 )
-from .galleries import group_by, open_gallery, open_searcher, store_embedder_note, with_metadata
+from .galleries import group_by, open_gallery, open_searcher, store_embedder_note, with_metadata, with_store_source
 from .hub import go_offline_unless_reachable
 from .images import ImageDecodeError, decode_image
 from .index import INDEX_FILE
@@ -83,6 +83,9 @@ def run(cfg: RunConfig) -> RunSummary:
     working copy, fetched first and sent back after (remote.py)."""
     mode = selected_mode(cfg)
     run_mode = mode.load()
+    cfg, kept = with_store_source(cfg)  # --update: the store's dataset settings where no flag gives them
+    if kept:
+        log.info("--update: the store's own %s", kept)
     fallback = store_embedder_note(cfg, onnx_fallback(cfg))
     if fallback and mode.name != "serve":  # serve says it once its port is bound
         log.info(fallback)  # and in the summary's notes
@@ -99,6 +102,8 @@ def run(cfg: RunConfig) -> RunSummary:
         summary = run_mode(cfg)
     if copy is not None:
         summary.notes.append(f"outputs sent to {cfg.output_url} ({copy.sent} file(s); working copy {cfg.output_dir})")
+    if kept:
+        summary.notes.append(f"updated with the store's own {kept} (not given)")
     if fallback:
         summary.notes.append(fallback)
     if unused:

@@ -332,9 +332,38 @@ def test_an_update_needs_a_store_and_ids_it_was_built_with(tiny_onnx, tmp_path, 
     assert "was built without --id-column" in capsys.readouterr().err
     assert run(*args(data, tiny_onnx, out, "--id-column", "item_id")) == 0
     capsys.readouterr()
-    assert run(*args(data, tiny_onnx, out, "--update")) == 1  # kept lines would keep ids, new ones get none
+    # the column left out: the store's own, as its dataset settings are
+    assert cli_update(data, tiny_onnx, out) == 0
+    assert "updated with the store's own --id-column item_id (not given)" in " ".join(capsys.readouterr().out.split())
+    # a store made before it recorded its column: kept lines would keep ids, new ones get none
+    sidecar = out / "embeddings" / "embeddings.json"
+    made = json.loads(sidecar.read_text())
+    del made["source"]["id_column"]
+    sidecar.write_text(json.dumps(made))
+    assert run(*args(data, tiny_onnx, out, "--update")) == 1
     assert "was built with --id-column, so its photos have ids: update with the same --id-column" in \
         capsys.readouterr().err
+
+
+def test_an_update_without_dataset_flags_keeps_the_store_s_dataset_and_rows(tiny_onnx, tmp_path, capsys):
+    """No --dataset, --limit, --split: the store's (the default --limit would cut a gallery of every
+    row to 10,000 photos, and the default dataset is the hub's)."""
+    data = write_catalogue(tmp_path / "catalogue", list(range(12)))
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0  # --limit 0: every row
+    write_catalogue(data, list(range(14)))  # two photos added
+    capsys.readouterr()
+    import main as cli
+
+    assert cli.main(["--onnx", str(tiny_onnx), "--output-dir", str(out), "--update", "--max-result-images", "0"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "added 2, changed 0, removed 0, unchanged 12" in said
+    assert f"updated with the store's own --dataset {data.resolve()} --limit 0 (not given)" in said
+    assert len(read_manifest(out / "embeddings" / "manifest.csv")) == 14
+    # a flag given is taken as given: --limit 5 shrinks it
+    assert cli.main(["--onnx", str(tiny_onnx), "--output-dir", str(out), "--update", "--limit", "5",
+                     "--max-result-images", "0"]) == 0
+    assert "removed 9" in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_resumed_update_s_progress_bar_counts_its_new_photos(tiny_onnx, tmp_path, monkeypatch):
