@@ -285,6 +285,9 @@ class Catalog:
     def search_text(self, text: str, k: int = 5, filter: str | None = None, group_by: str | None = None) -> list[Hit]:
         """The top-k items for a description (filter, group_by: as in search_vectors)."""
         k = self._k(k)
+        if not isinstance(text, str):  # a list would be checked as one text and said as one
+            raise UsageError(f"search_text takes one text, got a {type(text).__name__}: for several, search each "
+                             "(or search_combined's texts= for one picture and words)")
         text = _checked_texts([text])[0]
         searcher = self._searcher(group_by)
         allowed = searcher.allowed(filter)
@@ -300,6 +303,9 @@ class Catalog:
         if isinstance(picture, Image.Image):  # as a decoded file's: upright by its EXIF, alpha on white
             image, label = to_rgb(ImageOps.exif_transpose(picture)), name or "picture"
         else:
+            if isinstance(picture, (str, Path)) and Path(picture).is_dir():
+                raise UsageError(f"{picture} is a folder: search_image takes one picture (a file, its bytes or a PIL "
+                                 "image); search each of its pictures, as the CLI's --query-image FOLDER does")
             data = Path(picture).read_bytes() if isinstance(picture, (str, Path)) else picture
             image = decode_image(data, min_side=None if segment else self.decode_min_side).image
             label = name or (Path(picture).name if isinstance(picture, (str, Path)) else "picture")

@@ -214,6 +214,8 @@ class _Parser:
             self.i += 1
             return t.kind == "true"
         hint = " (texts are quoted: 'dress')" if t.kind == "column" else ""
+        if t.kind == "null":
+            hint = " (a missing value is tested with IS NULL, or IS NOT NULL)"
         raise _point(self.text, t.at, f"expected a value, found {self._said(t)}{hint}")
 
 
@@ -285,6 +287,7 @@ def check_filter(node: Node, text: str, schema: Any) -> None:
         for v in t.values:
             vk = _value_kind(v)
             if kind in ("date", "time") and vk == "text":
+                _check_temporal(text, t, v, schema.field(t.column).type)
                 continue
             if kind == "other":
                 held = schema.field(t.column).type
@@ -296,6 +299,23 @@ def check_filter(node: Node, text: str, schema: Any) -> None:
                 )
         if t.op in ("<", "<=", ">", ">=") and kind == "boolean":
             raise _point(text, t.at, f"{t.column!r} is true/false: compare it with = or !=")
+
+
+def _check_temporal(text: str, t: Test, value: str, arrow_type: Any) -> None:
+    """A text a date, date-time or time column is compared with: one its type reads, else a
+    FilterError pointing at it with the forms it takes (not Arrow's 'Failed to parse string')."""
+    import pyarrow as pa
+
+    try:
+        _scalar(value, arrow_type)
+    except (pa.ArrowException, ValueError, OverflowError):
+        if pa.types.is_date(arrow_type):
+            forms = "a date, 'YYYY-MM-DD'"
+        elif pa.types.is_time(arrow_type):
+            forms = "a time of day, 'HH:MM' or 'HH:MM:SS'"
+        else:
+            forms = "a date or date-time, 'YYYY-MM-DD' or 'YYYY-MM-DD HH:MM[:SS]'"
+        raise _point(text, t.at, f"{value!r} is not {forms}, as column {t.column!r} ({arrow_type}) holds") from None
 
 
 def _evaluate(node: Node, table: Any) -> Any:
