@@ -314,6 +314,9 @@ def test_precision_is_refused_where_the_default_onnx_file_would_run(tmp_path, mo
     from pipeline.config import config_from_flags
 
     assert config_from_flags(vars(cli.build_parser().parse_args(["--config", "default"]))).dataset.config is None
+    # --group-by "": each photo, as "" says in the Catalog API and the page's JSON (not an unknown column '')
+    assert config_from_flags(vars(cli.build_parser().parse_args(["--group-by", ""]))).group_by is None
+    assert config_from_flags(vars(cli.build_parser().parse_args(["--group-by", "sku"]))).group_by == "sku"
 
 
 def test_unwritable_output_dir_is_refused_before_work(tmp_path, tiny_clip, capsys):
