@@ -7,6 +7,7 @@ FLAGS, and every mode reads the same RunConfig.
 
 from __future__ import annotations
 
+import os
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -356,6 +357,9 @@ def config_from_flags(
         section, name = FLAGS[dest]
         sections.setdefault(section, {})[name] = value
     data = sections.setdefault("dataset", {})
+    spelled = data.get("name")
+    if isinstance(spelled, str) and len(spelled) > 1 and spelled.endswith(("/", os.sep)) and not is_url(spelled):
+        data["name"] = spelled.rstrip("/" + os.sep) or spelled  # ds/ is ds: its rows are named ds[3], not ds/[3]
     if data.get("config") == "default":  # the name the hub gives a dataset's default: what no --config reads
         data["config"] = None
     embedder = sections.setdefault("embedder", {})

@@ -317,6 +317,8 @@ def test_precision_is_refused_where_the_default_onnx_file_would_run(tmp_path, mo
     # --group-by "": each photo, as "" says in the Catalog API and the page's JSON (not an unknown column '')
     assert config_from_flags(vars(cli.build_parser().parse_args(["--group-by", ""]))).group_by is None
     assert config_from_flags(vars(cli.build_parser().parse_args(["--group-by", "sku"]))).group_by == "sku"
+    # a folder named with a trailing slash is the folder: its rows are named ds[3], not ds/[3]
+    assert config_from_flags(vars(cli.build_parser().parse_args(["--dataset", "data/ds/"]))).dataset.name == "data/ds"
 
 
 def test_unwritable_output_dir_is_refused_before_work(tmp_path, tiny_clip, capsys):
