@@ -102,7 +102,8 @@ class Plan:
     changed: int = 0
     removed: int = 0
     unchanged: int = 0
-    no_image: int = 0  # rows without a picture that the store has not as they are (the same reason): redone
+    no_image: int = 0  # rows without a picture that the store has not as they are (new, or another reason): recorded
+    no_image_gone: int = 0  # rows without a picture the dataset no longer holds
     unkeyed: int = 0  # photos of a store made before --update (no source_sha256): embedded again
     sources: dict[int, str] = field(default_factory=dict)  # new row -> its source now, where the dataset says
     ids: dict[int, str] = field(default_factory=dict)  # new row -> its id as written now, where only the writing
@@ -111,7 +112,9 @@ class Plan:
     def describe(self) -> str:
         line = f"added {self.added}, changed {self.changed}, removed {self.removed}, unchanged {self.unchanged}"
         if self.no_image:
-            line += f"; {self.no_image} row(s) without a picture redone"
+            line += f"; {self.no_image} row(s) without a picture recorded (new, or failing otherwise than before)"
+        if self.no_image_gone:
+            line += f"; {self.no_image_gone} row(s) without a picture no longer in the dataset"
         if self.unkeyed:
             line += f"; {self.unkeyed} photo(s) of a store made before --update had no key and were embedded again"
         return line
@@ -203,6 +206,7 @@ def plan_update(groups: dict[int, list[ManifestRow]], records: Iterable[tuple[Re
     gone = [lines for old, lines in groups.items() if old not in matched and old not in replaced]
     plan.unkeyed = sum(1 for lines in gone if not lines[0].source_sha256 and lines[0].sha256)  # had a picture
     plan.removed = sum(1 for lines in gone if lines[0].source_sha256)
+    plan.no_image_gone = sum(1 for lines in gone if not lines[0].source_sha256 and not lines[0].sha256)
     return plan
 
 

@@ -1421,3 +1421,21 @@ def test_an_update_by_id_keeps_each_photo_of_a_product_whose_bytes_came_back(now
     assert plan.embed == embedded
     kept = dict(plan.kept)  # old row -> row now: each the photo of its own bytes
     assert all(before[old][1] == now[new][1] for old, new in kept.items())
+
+
+def test_rows_without_a_picture_that_go_or_come_are_counted(tiny_onnx, tmp_path, capsys):
+    """The summary's counts cover every row: a row without a picture that left the dataset, and a
+    new one, are said (they were counted nowhere, or as 'redone')."""
+    cells: list[bytes | None] = [photo(0), photo(1), None, photo(3)]
+    data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 3  # 3: the row without a picture
+    assets.write_parquet_dataset(data, [photo(0), photo(1), photo(3)])
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "added 0, changed 0, removed 0, unchanged 3; 1 row(s) without a picture no longer in the dataset" in said
+    assets.write_parquet_dataset(data, [photo(0), photo(1), photo(3), None])
+    assert cli_update(data, tiny_onnx, out) == 3
+    said = " ".join(capsys.readouterr().out.split())
+    assert "unchanged 3; 1 row(s) without a picture recorded (new, or failing otherwise than before)" in said
