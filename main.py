@@ -405,6 +405,14 @@ def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> frozen
     return frozenset(vars(ns))
 
 
+ROOT_LOGGING_LIBRARIES = (f"{os.sep}open_clip{os.sep}",)  # log their INFO lines on the root logger ("INFO root:")
+
+
+def _not_a_librarys_root_info(record: logging.LogRecord) -> bool:
+    return not (record.name == "root" and record.levelno < logging.WARNING
+                and any(part in record.pathname for part in ROOT_LOGGING_LIBRARIES))
+
+
 def configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
@@ -425,6 +433,8 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
             "faiss",
         ):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        for handler in logging.getLogger().handlers:  # open_clip says what it loads on the root logger
+            handler.addFilter(_not_a_librarys_root_info)
     # Even with -v: faiss's loader reports failing to load per-SIMD libraries that today's single-library
     # wheels do not have; index.py says instead which build runs.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
