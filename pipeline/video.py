@@ -109,11 +109,39 @@ def open_video(path: Path):
     try:
         container = av.open(str(path), metadata_errors="replace")  # a tag in Latin-1 ("Vidéo") is no reason to stop
     except av.FFmpegError as e:
+        if mp4_cut_short(path):  # its index (moov) last, as most writers put it, and cut before it
+            raise PipelineError(f"cannot open video {path}: it is cut short (its MP4 index, the moov atom, is "
+                                "missing, as a copy or download that stopped leaves it): copy or download it again"
+                                ) from e
         raise PipelineError(f"cannot open video {path}: unsupported or damaged ({e}); {REENCODE_HINT}") from e
     if not container.streams.video:
         container.close()
         raise PipelineError(f"cannot open video {path}: it has no video stream; {REENCODE_HINT}")
     return container
+
+
+def mp4_cut_short(path: Path) -> bool:
+    """Whether an MP4/MOV file (its first box `ftyp`) ends inside one of its top-level boxes, or before
+    its index (`moov`): what a copy or download that stopped leaves. Reads the box headers alone."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        at, moov, first = 0, False, True
+        while at + 8 <= size:
+            f.seek(at)
+            head = f.read(16)
+            length, kind = int.from_bytes(head[:4], "big"), head[4:8]
+            if first and kind != b"ftyp":
+                return False  # not an MP4 of boxes
+            first = False
+            if length == 1 and len(head) >= 16:  # a 64-bit length follows
+                length = int.from_bytes(head[8:16], "big")
+            elif length == 0:  # to the end of the file
+                return not (moov or kind == b"moov")
+            if length < 8 or at + length > size:
+                return True
+            moov = moov or kind == b"moov"
+            at += length
+        return not first and not moov
 
 
 def upright(frame, **reformat) -> np.ndarray:
@@ -210,9 +238,8 @@ class FrameReader:
 def probe(path: Path) -> tuple[int, float, int, int]:
     """(frame count, fps, width, height as shown) as the container says (the count may be wrong or 0:
     it guides the progress bar, and says whether the clip ended early)."""
-    import av
 
-    with av.open(str(path), metadata_errors="replace") as container:
+    with open_video(path) as container:  # a file it cannot open refused, saying why
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         width, height = stream.codec_context.width, stream.codec_context.height

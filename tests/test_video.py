@@ -464,6 +464,23 @@ def test_a_clip_cut_short_is_said_not_passed_over(tmp_path):
     assert video.short_read_note(video.Clip.from_file(path, False), whole.frames_read, whole.seconds) is None
 
 
+def test_an_mp4_cut_before_its_index_is_said_to_be_cut_short(tmp_path):
+    """An MP4 writes its index (moov) last: cut before it, nothing can be read, and re-encoding (the
+    remedy for a codec it cannot read) cannot help; copying it again can."""
+    from pipeline.errors import PipelineError
+
+    path = assets.write_video(tmp_path / "whole.mp4", 30, (64, 48))
+    data = path.read_bytes()
+    assert data.rfind(b"moov") > data.find(b"mdat")  # the index after the frames, as OpenCV writes it
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PipelineError, match=r"it is cut short \(its MP4 index, the moov atom, is missing.*copy or "
+                                            r"download it again"):
+        video.Clip.from_file(cut, annotated_video=False)
+    assert video.mp4_cut_short(cut) and not video.mp4_cut_short(path)
+    assert not video.mp4_cut_short(assets.write_video(tmp_path / "whole.avi", 5, (64, 48)))  # no MP4 boxes
+
+
 def test_a_clip_is_found_whatever_the_case_of_its_suffix(tmp_path):
     """A phone names its clips IMG_1234.MOV; a lower-case suffix is still preferred, in the usual order."""
     from pipeline.video import find_video
