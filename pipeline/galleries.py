@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends import ONNXRUNTIME
 from .catalog import Catalog
 from .config import RunConfig
 from .datarecord import file_stamps, record_build
@@ -641,7 +642,7 @@ def _search_embedder(cfg: RunConfig) -> EmbedderSpec:
     cache checks, saying what to pass)."""
     made = store_identity_if_default(cfg)
     if made is None:
-        return cfg.embedder
+        return _on_store_runtime(cfg)
     from .catalog import store_embedder_spec
 
     # the store's ONNX file found nowhere: refused, naming it (CacheMismatchError)
@@ -654,6 +655,24 @@ def _search_embedder(cfg: RunConfig) -> EmbedderSpec:
              spec.onnx if spec.backend == "onnx" else spec.model)
     return replace(cfg.embedder, model=spec.model or cfg.embedder.model, onnx=spec.onnx, backend=spec.backend,
                    runtime=runtime)
+
+
+def _on_store_runtime(cfg: RunConfig) -> EmbedderSpec:
+    """The embedder asked for, its ONNX file on the runtime the store records where --onnx-runtime
+    does not say (as Catalog.open(onnx=...) takes it): one runtime's vectors are never searched or
+    updated with the other's, and the flag left out asks for none in particular."""
+    spec = cfg.embedder
+    if ("onnx_runtime" in cfg.explicit or spec.resolve_backend() != "onnx"
+            or not (cfg.store_dir / SIDECAR_FILE).is_file()):
+        return spec
+    try:
+        made = Sidecar.read(cfg.store_dir / SIDECAR_FILE).identity
+    except CacheMismatchError:
+        return spec  # loading the store says what is wrong with it
+    if made.backend != "onnx" or (made.runtime or ONNXRUNTIME) == spec.runtime:
+        return spec
+    log.info("%s was made on %s: its queries run there too", cfg.store_dir, made.runtime)
+    return replace(spec, runtime=made.runtime or ONNXRUNTIME)
 
 
 def open_catalog(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Catalog:

@@ -157,7 +157,7 @@ def test_a_store_records_its_runtime_and_an_update_never_mixes_the_two(tiny_onnx
 
     write_catalogue(data, list(range(13)))
     capsys.readouterr()
-    assert run(*args(data, tiny_onnx, ov_store, "--update")) == 1
+    assert run(*args(data, tiny_onnx, ov_store, "--update", "--onnx-runtime", "onnxruntime")) == 1
     err = capsys.readouterr().err
     assert "runtime: cache has 'openvino', asked for 'onnxruntime'" in err
     assert "Its vectors were made on openvino: add --onnx-runtime openvino to update it with them." in err
@@ -165,6 +165,8 @@ def test_a_store_records_its_runtime_and_an_update_never_mixes_the_two(tiny_onnx
     err = capsys.readouterr().err
     assert "runtime: cache has 'onnxruntime', asked for 'openvino'" in err  # a store of before: onnxruntime's
     assert "add --onnx-runtime onnxruntime" in err
+    assert run(*args(data, tiny_onnx, ov_store, "--update")) == 0  # no runtime named: the store's own
+    assert sidecar_identity(ov_store)["runtime"] == "openvino"
     assert run(*args(data, tiny_onnx, ov_store, "--update", *OPENVINO)) == 0
     assert run(*args(data, tiny_onnx, ov_fresh, *OPENVINO)) == 0
     assert_same_as_fresh(ov_store, ov_fresh)  # its vectors do not depend on the batches they were made in
@@ -177,12 +179,21 @@ def test_queries_and_resumed_runs_ask_for_the_runtime_that_made_the_store(tiny_o
     assert run(*args(data, tiny_onnx, store, *OPENVINO)) == 0
     picture = next((store / "images").iterdir())
     capsys.readouterr()
-    assert run("--query-image", picture, "--onnx", tiny_onnx, "--output-dir", store) == 1
+    # the file named, the runtime not: the store's, as the Python API takes it; the other one named: refused
+    from pipeline.ovruntime import OpenVinoEmbedder
+
+    built = []
+    monkeypatch.setattr(OpenVinoEmbedder, "from_spec", lambda spec, _real=OpenVinoEmbedder.from_spec: (
+        built.append(spec.runtime), _real(spec))[1])
+    assert run("--query-image", picture, "--onnx", tiny_onnx, "--output-dir", store) == 0
+    assert built == ["openvino"]
+    assert run("--query-image", picture, "--onnx", tiny_onnx, "--output-dir", store, "--onnx-runtime",
+               "onnxruntime") == 1
     err = capsys.readouterr().err
     assert "runtime: cache has 'openvino', asked for 'onnxruntime'" in err
     assert "To reuse it, ask for what made it: --onnx-runtime openvino" in err
     assert run("--query-image", picture, "--onnx", tiny_onnx, "--output-dir", store, *OPENVINO) == 0
-    # the Python API opens the store with the runtime it records
+    monkeypatch.undo()
     catalog = Catalog.open(store, onnx=str(tiny_onnx))
     assert catalog.embedder.identity.runtime == "openvino"
     hit = catalog.search_image(picture, k=1)[0].hits[0]
