@@ -179,10 +179,11 @@ def load_cpu_yolo(model: str, task: str, backend: str = "auto", imgsz: int = 640
         target = yolo_onnx_path(weights) if weights.is_file() else None
         if target is not None and target.is_file():
             return load_yolo(str(target), task=task, named=model), "onnx"
+        # weights that do not load are refused here, once: not warned about as an export, then refused again
+        torch_model = torch_model or load_yolo(model, task=task)
         try:
             if target is None:
                 raise PipelineError(f"cannot find the weights file of {model!r} to export")
-            torch_model = torch_model or load_yolo(model, task=task)
             export_yolo_onnx(torch_model, weights, target, imgsz, task)
             return load_yolo(str(target), task=task, named=model), "onnx"
         except PipelineError as e:

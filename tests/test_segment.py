@@ -537,3 +537,18 @@ def test_a_search_of_a_segmented_store_cuts_query_persons_with_the_stores_segmen
     weights.unlink()
     assert cli.main(["--use-embedded-segment", "--query-image", str(query), *base]) == 1
     assert "which is not there from here: pass --seg-model PATH" in capsys.readouterr().err
+
+
+def test_weights_that_do_not_load_are_refused_once(tmp_path, caplog):
+    """A damaged .pt: one error naming it, not a warning that its export failed and then the same error."""
+    import logging
+
+    from pipeline.errors import PipelineError
+    from pipeline.yolo import load_cpu_yolo
+
+    bad = tmp_path / "people.pt"
+    bad.write_bytes(b"not a torch checkpoint")
+    with caplog.at_level(logging.WARNING), pytest.raises(PipelineError) as said:
+        load_cpu_yolo(str(bad), task="detect")
+    assert str(bad) in str(said.value)
+    assert "ONNX export" not in caplog.text and not caplog.records
