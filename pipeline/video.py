@@ -664,6 +664,10 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
         raise PipelineError("run_video needs --video_clip")
     summary = RunSummary(mode=f"video {video.clip_name}" + (" (segmented)" if cfg.segmented else ""))
     path = find_video(video.folder, video.clip)
+    if "video_dir" in cfg.explicit and not path.resolve().is_relative_to(Path(video.folder).resolve()):
+        said = f"--video_clip {video.clip} is a file of its own: --video_dir {video.folder} is not used"
+        log.warning(said)
+        summary.notes.append(said)
     open_video(path).close()  # fail on an unreadable file before any model is loaded
     check_writable(cfg.video_results_dir)
     embedder, gallery = load_gallery(cfg, summary)

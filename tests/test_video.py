@@ -521,6 +521,18 @@ def test_video_shorter_than_stride_is_said(clip_dir, mixed_dataset, tiny_onnx, t
     assert len((out / "video_results" / "short" / "results.jsonl").read_text().splitlines()) == 1
 
 
+def test_a_clip_named_by_its_path_says_the_video_dir_typed_is_not_used(clip_dir, mixed_dataset, tiny_onnx, tmp_path,
+                                                                       monkeypatch, capsys):
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    clip = next(clip_dir.glob("short.*"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert cli.main(["--video_clip", str(clip), "--video_dir", str(elsewhere), "--dataset", str(mixed_dataset),
+                     "--onnx", str(tiny_onnx), "--output-dir", str(tmp_path / "o")]) == 3
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"--video_clip {clip} is a file of its own: --video_dir {elsewhere} is not used" in said
+
+
 def test_zero_frame_stream_is_an_error(tmp_path):
     import cv2
 
