@@ -110,7 +110,8 @@ def export_table(embeddings: np.ndarray, rows: Sequence[ManifestRow], meta: Meta
     columns: dict[str, Any] = {
         "key": keys,
         "file": [rows[j].file for j in order],
-        "source": [source_of(rows[j]) for j in order],
+        # text even when no photo has a path of its own (a parquet dataset's cells): not Arrow's null type
+        "source": pa.array([source_of(rows[j]) for j in order], pa.string()),
         "person": pa.array([rows[j].person for j in order], pa.int64()),
     }
     if meta is not None:

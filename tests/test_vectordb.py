@@ -61,6 +61,9 @@ def test_the_databases_answer_as_we_do(exported):
     assert back.num_rows == len(cat) and {"key", "file", "category", "price", "embedding"} <= set(back.column_names)
     row = back.slice(5, 1).to_pylist()[0]
     assert np.allclose(row["embedding"], cat.embeddings[[r.embedding_row for r in cat.items if r.source_row == 5][0]])
+    # a parquet dataset's cells carry no path: `source` is an empty text column, not Arrow's null type
+    assert str(back.schema.field("source").type) == "string" and set(back.column("source").to_pylist()) == {None}
+    assert str(table.schema.field("source").type) == "string"
     record = json.loads((targets["lancedb"] / "_fashion_export.json").read_text())
     assert record["identity"]["backend"] == "onnx" and record["rows"] == len(cat)
     # the folder read whole, as pandas, pyarrow and DuckDB read a parquet folder: the record is no part
