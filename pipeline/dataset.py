@@ -1290,6 +1290,12 @@ def _parquet_metadata(files: list[Any], opener: Callable[[Any], AbstractContextM
     footers = _footers(files, opener, spec)
     schema = _union_schema(footers)
     columns = _agreeing(footers, _chosen(scalar_columns(schema, spec), asked, schema.names, spec), spec, asked, warn)
+    if warn and asked is None:  # said once, by name: a user looking for a column in the hits learns why it is not
+        unkept = [n for n in schema.names if n not in scalar_columns(schema, spec) and n != spec.image_column
+                  and n not in RESERVED_META]
+        if unkept:
+            log.info("metadata: %s not kept: a column must hold one plain value a row (text, number, true/false, "
+                     "date), not a list, a struct or bytes", ", ".join(repr(n) for n in unkept))
     parts, seen = [], 0
     for f, footer in footers:
         with opener(f) as source:

@@ -470,7 +470,7 @@ def test_group_by_per_query_in_the_api_and_on_the_page(built, tiny_onnx, browser
         assert not console_errors(browser)
 
 
-def test_shards_that_disagree_on_a_columns_type_or_lack_one(tmp_path):
+def test_shards_that_disagree_on_a_columns_type_or_lack_one(tmp_path, caplog):
     """Shards written apart: an int32 and an int64 price are one int64 column, a shard without a
     column (the first one too) gives nulls there; a text in one and a number in another is a clear
     refusal."""
@@ -505,6 +505,15 @@ def test_shards_that_disagree_on_a_columns_type_or_lack_one(tmp_path):
     shard(bad, "train-00000-of-00002.parquet", size=pa.array(["M", "L"]))
     shard(bad, "train-00001-of-00002.parquet", size=pa.array([40], pa.int64()))
     assert read_metadata(DatasetSpec(name=str(bad))).column_names == ["source_row"]  # left out, said
+    # a column of lists (or structs) is not kept, and said by name
+    listed = tmp_path / "listed"
+    shard(listed, "train-00000-of-00001.parquet", tags=pa.array([["a"], ["b", "c"]]), price=pa.array([1, 2]))
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="pipeline.dataset"):
+        assert read_metadata(DatasetSpec(name=str(listed))).column_names == ["source_row", "price"]
+    assert "metadata: 'tags' not kept: a column must hold one plain value a row" in caplog.text
+    assert "'image'" not in caplog.text
     with pytest.raises(PipelineError, match=r"--meta-columns: the parquet files of .* disagree on the type of 'size' "
                                             r"\(string in train-00000-of-00002.parquet; int64 in train-00001"):
         read_metadata(DatasetSpec(name=str(bad)), ["size"])
