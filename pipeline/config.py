@@ -359,7 +359,8 @@ def config_from_flags(
     data = sections.setdefault("dataset", {})
     spelled = data.get("name")
     if isinstance(spelled, str) and len(spelled) > 1 and spelled.endswith(("/", os.sep)) and not is_url(spelled):
-        data["name"] = spelled.rstrip("/" + os.sep) or spelled  # ds/ is ds: its rows are named ds[3], not ds/[3]
+        bare = spelled.rstrip("/" + os.sep)  # ds/ is ds: its rows are named ds[3], not ds/[3]
+        data["name"] = bare if bare and not bare.endswith(":") else spelled  # a drive's root stays one
     if data.get("config") == "default":  # the name the hub gives a dataset's default: what no --config reads
         data["config"] = None
     embedder = sections.setdefault("embedder", {})

@@ -251,16 +251,41 @@ def _image_folder(spec: DatasetSpec) -> Path | None:
         return None
     splits = _split_folders(path)
     if spec.split in splits:
+        _say_once(path, spec.split, _outside_splits(path, splits))
         return splits[spec.split]
     if splits:
         folders = ", ".join(sorted(f"{p.name}/" for p in splits.values()))
         raise PipelineError(f"{path} has splits {sorted(splits)} (its subfolders {folders}), not {spec.split!r}; "
                             "choose one with --split")
-    if spec.split != "train":
+    if spec.split != "train":  # read whole, as before splits were read (a store made so is updated so)
         named = ", ".join(f"{k[0]}/" for k in SPLIT_FOLDERS.values())
-        raise PipelineError(f"{path} has no split subfolders ({named}): its pictures are all split 'train', not "
-                            f"{spec.split!r}; drop --split")
+        _say_once(path, spec.split, f"has no split subfolders ({named}): every picture is read, as split 'train' "
+                                    f"would be, not split {spec.split!r} alone")
     return path
+
+
+_SAID: set[tuple[str, str]] = set()
+
+
+def _say_once(path: Path, split: str, said: str) -> None:
+    """A warning about how an image folder is read for a split, once a process (it is opened several times)."""
+    if said and (str(path), split) not in _SAID:
+        _SAID.add((str(path), split))
+        log.warning("%s %s", path, said)
+
+
+def _outside_splits(path: Path, splits: dict[str, Path]) -> str:
+    """What of a folder laid out by split no split reads: its top-level pictures and other subfolders."""
+    inside = {p.name for p in splits.values()}
+    with os.scandir(path) as entries:
+        loose = sum(1 for e in entries if e.is_file() and not e.name.startswith(".")
+                    and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
+    with os.scandir(path) as entries:
+        others = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith(".") and e.name not in inside)
+    parts = ([f"{loose} picture(s) at its top"] if loose else []) + ([f"its folders {', '.join(others)}"] if others
+                                                                     else [])
+    return (f"is laid out by split ({', '.join(sorted(inside))}): {' and '.join(parts)} belong to none and are not "
+            "read") if parts else ""
 
 
 def _natural_key(rel: str) -> list[Any]:

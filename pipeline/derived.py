@@ -48,9 +48,13 @@ def query_outputs(folder: Path) -> list[Path]:
         p for p in [folder / QUERY_TABLE] if p.is_file()]
 
 
-def retire_stale(store_dir: Path, output_dir: Path, plots_dir: Path, summary: RunSummary) -> list[str]:
+def retire_stale(store_dir: Path, output_dir: Path, plots_dir: Path, summary: RunSummary,
+                 output_url: str | None = None) -> list[str]:
     """Remove the query and video outputs made on an earlier state of the store at `store_dir` (see
-    the module docstring), and their report sections; returns the folders they were in."""
+    the module docstring), and their report sections; returns the folders they were in. With the
+    outputs at `output_url`, the files there stay (a run sends what it writes, it deletes nothing
+    there but pictures), which the note says. A section written before sections recorded their store
+    is left as it is."""
     now = made_on(store_dir, output_dir, store_dir)
     sections = plots_dir / REPORT_DIR / "sections"
     if not now or not sections.is_dir():
@@ -72,11 +76,13 @@ def retire_stale(store_dir: Path, output_dir: Path, plots_dir: Path, summary: Ru
         for f in files:
             f.unlink(missing_ok=True)
         drop_section(plots_dir, path.stem)
-        where = str(folder.relative_to(output_dir.resolve()))
+        where = folder.relative_to(output_dir.resolve()).as_posix()
         retired.append(where)
         log.info("%s: %d file(s) made on the gallery before this run removed", where, len(files))
     if retired:
+        at_url = (f" (here and from the report: their files at {output_url} stay, remove them there)"
+                  if output_url else "")
         summary.notes.append(
-            f"results made on the gallery before this run removed, with their report sections ({', '.join(retired)}):"
-            " their rows and pictures named its photos; run those queries or videos again")
+            f"results made on the gallery before this run removed{at_url}, with their report sections "
+            f"({', '.join(retired)}): their rows and pictures named its photos; run those queries or videos again")
     return retired

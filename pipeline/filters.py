@@ -308,7 +308,13 @@ def _check_temporal(text: str, t: Test, value: str, arrow_type: Any) -> None:
 
     try:
         _scalar(value, arrow_type)
-    except (pa.ArrowException, ValueError, OverflowError):
+    except (pa.ArrowException, ValueError, OverflowError) as e:
+        why = str(e)
+        if "doesn't exist in timezone" in why or "is ambiguous in timezone" in why:  # a clock change's hour
+            how = "does not exist" if "doesn't exist" in why else "is there twice"
+            said = (f"{value!r} {how} in the time zone of column {t.column!r}, {arrow_type.tz} (a clock change): "
+                    "give it with its offset, e.g. '2026-03-29 03:30+02:00'")
+            raise _point(text, t.at, said) from None
         if pa.types.is_date(arrow_type):
             forms = "a date, 'YYYY-MM-DD'"
         elif pa.types.is_time(arrow_type):

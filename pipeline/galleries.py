@@ -264,6 +264,10 @@ SWITCH_STOPPED = ("an update of {store} was interrupted in the middle of its swi
 def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
     """The gallery for this run: from the cache when asked, else built (or resumed); its failed
     rows are recorded in the summary."""
+    if cfg.update:  # an output at a URL: its store is here only now (runner.run took a local one's before)
+        cfg, kept = with_store_source(cfg)
+        if kept:
+            summary.notes.append(f"updated with the store's own {kept} (not given)")
     pending = (cfg.store_dir / UPDATE_DIR / SWITCH_FILE).is_file()
     if pending and cfg.from_cache:
         raise CacheMismatchError(SWITCH_STOPPED.format(store=cfg.store_dir))
@@ -299,7 +303,7 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
             table = read_metadata(cfg.dataset, cfg.meta_columns, warn=not checked)  # said once
         keep_metadata(cfg, table, gallery.rows, summary)
         # the query and video results made on the store before this run, if it changed
-        retire_stale(cfg.store_dir, cfg.output_dir, cfg.plots_dir, summary)
+        retire_stale(cfg.store_dir, cfg.output_dir, cfg.plots_dir, summary, cfg.output_url)
     if cfg.segmented and not cfg.from_cache:
         note_persons_cut(gallery.rows, cfg.segment.max_persons, summary)
     record_failures(gallery.rows, summary)

@@ -33,6 +33,7 @@ FLAG_OF = {
     "seg_conf": "--seg-conf",
     "seg_imgsz": "--seg-imgsz",
     "max_persons": "--max-persons",
+    "id_column": "--id-column",
 }
 DECODE_OF_PIXELS = {pixels: decode for decode, pixels in PIXELS_OF_DECODE.items()}
 MAX_ONNX_FILES = 16  # hashed at most, to name the file a cache was made with
@@ -62,8 +63,9 @@ def build_first(store: Path, segmented: bool, search_from: Path | str | None = N
 
 
 # What an interrupted build began with, named as flags (with the sizes a resume must share)
-_UNFINISHED_FIELDS = ("dataset", "config", "split", "limit", "image_column", "backend", "model", "precision", "pixels",
-                      "runtime")
+_UNFINISHED_FIELDS = ("dataset", "config", "split", "limit", "image_column", "id_column", "backend", "model",
+                      "precision", "pixels", "runtime", "seg_model", "seg_backend", "seg_conf", "seg_imgsz",
+                      "max_persons", "keep_unsegmented")
 
 
 def finish_unfinished(store: Path, segmented: bool, search_from: Path | str, onnx_asked: str | None) -> str:
@@ -79,7 +81,8 @@ def finish_unfinished(store: Path, segmented: bool, search_from: Path | str, onn
         source = GallerySource.from_json(params["source"], RUN_FILE)
         made = {**source.to_json(), **identity.to_json()}
         names = [n for n in _UNFINISHED_FIELDS if (made.get(n) is not None or n == "limit")
-                 and not (n == "runtime" and identity.runtime in (None, ONNXRUNTIME))]  # the default runtime unsaid
+                 and not (n == "runtime" and identity.runtime in (None, ONNXRUNTIME))  # the default runtime unsaid
+                 and not (n == "keep_unsegmented" and not made.get(n))]
         flags = flags_that_made(names, identity, source, onnx_asked)
         flags += [f"--batch-size {int(params['batch_size'])}", f"--shard-rows {int(params['shard_rows'])}"]
         began = f" It began with {' '.join(flags)}."

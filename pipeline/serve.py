@@ -17,8 +17,6 @@ answered (a page on another site cannot read the catalogue through a rebound DNS
 # and those name classes imported inside the functions that add the endpoints (FastAPI loads only for
 # --serve).
 import errno
-import functools
-import inspect
 import io
 import json
 import logging
@@ -382,7 +380,11 @@ class _BodyLimit:
                     answered = True
                     await self._answer(scope, send, 413, _over(limit))
                 return
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                status = int(message.get("status", 200))
+                if status >= 400 and self.refused is not None and scope["path"] in QUERY_PATHS:
+                    self.refused.append(status)  # the endpoints', FastAPI's own 422s and a 500 alike
             await send(message)
 
         try:
@@ -606,31 +608,11 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         filter: str | None = None
         group_by: str | None = None  # None: the server's --group-by; "" or EACH_PHOTO: each photo; else a column
 
-    def timed(fn):  # an answer's latency: a refused query is counted apart (service.declined)
+    def timed(fn):  # an answer's latency: a refused query is counted apart (service.declined, by _BodyLimit)
         t = time.perf_counter()
         found = fn()
         service.latencies.append(time.perf_counter() - t)
         return found
-
-    def counted(endpoint):  # a query answered with an error counts as declined, not answered
-        if inspect.iscoroutinefunction(endpoint):
-            @functools.wraps(endpoint)
-            async def waited(*args, **kwargs):
-                try:
-                    return await endpoint(*args, **kwargs)
-                except HTTPException as e:
-                    service.declined.append(e.status_code)
-                    raise
-            return waited
-
-        @functools.wraps(endpoint)  # a plain function stays one: FastAPI runs it on a worker thread
-        def wrapper(*args, **kwargs):
-            try:
-                return endpoint(*args, **kwargs)
-            except HTTPException as e:
-                service.declined.append(e.status_code)
-                raise
-        return wrapper
 
     def check_k(k: int) -> int:
         if not 1 <= k <= MAX_K:
@@ -638,7 +620,6 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         return k
 
     @app.post("/api/text")
-    @counted
     def text(query: TextQuery) -> dict[str, Any]:
         words = query.text.strip()
         if not words:
@@ -659,7 +640,6 @@ def _add_query_endpoints(app, service: SearchService) -> None:
     limiters: list[Any] = []  # one, made in the event loop on the first upload
 
     @app.post("/api/image")
-    @counted
     async def image(file: UploadFile = File(...), segment: bool = Form(False), k: int = Form(cfg.top_k),
                     filter: str = Form(""), text: str = Form(""),
                     group_by: str | None = Form(None)) -> dict[str, Any]:

@@ -114,7 +114,7 @@ class Plan:
         if self.no_image:
             line += f"; {self.no_image} row(s) without a picture recorded (new, or failing otherwise than before)"
         if self.no_image_gone:
-            line += f"; {self.no_image_gone} row(s) without a picture no longer in the dataset"
+            line += f"; {self.no_image_gone} row(s) without a picture no longer read (gone, or past --limit)"
         if self.unkeyed:
             line += f"; {self.unkeyed} photo(s) of a store made before --update had no key and were embedded again"
         return line
@@ -413,9 +413,13 @@ def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | No
         named = [p.split(":", 1)[0].split(".", 1)[0] for p in problems]
         flags = flags_that_made([n for n in named if n not in ("pixels", "runtime")], old.sidecar.identity,
                                 old.sidecar.source, cfg.embedder.onnx)
-        if flags:  # the model flags: left out, an update embeds with the store's own
-            hint += (f" It was made with {' '.join(flags)}: ask for that, or leave out --model, --onnx and --backend "
-                     "(an update then embeds with the store's own).")
+        if flags:
+            hint += f" It was made with {' '.join(flags)}: ask for that"
+            typed = {"model", "onnx", "backend"} & cfg.explicit
+            if typed and {"model", "backend", "onnx_sha256"} & set(named):  # left out, the store's own is used
+                hint += (f", or leave out {', '.join(f'--{f}' for f in sorted(typed))} (an update then embeds "
+                         "with the store's own)")
+            hint += "."
         raise PipelineError(
             f"{cfg.store_dir} was embedded differently from what is asked:\n  " + "\n  ".join(problems)
             + f"\nAn update reuses the vectors the store has, so it needs the embedder that made them.{hint} A new "

@@ -123,6 +123,13 @@ def open_video(path: Path):
 def mp4_cut_short(path: Path) -> bool:
     """Whether an MP4/MOV file (its first box `ftyp`) ends inside one of its top-level boxes, or before
     its index (`moov`): what a copy or download that stopped leaves. Reads the box headers alone."""
+    try:
+        return _boxes_cut_short(path)
+    except OSError:  # unreadable: the caller's own error says so
+        return False
+
+
+def _boxes_cut_short(path: Path) -> bool:
     size = path.stat().st_size
     with open(path, "rb") as f:
         at, moov, first = 0, False, True

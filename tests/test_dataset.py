@@ -216,12 +216,20 @@ def _split_folder(root):
     return root
 
 
-def test_an_image_folder_laid_out_by_split_is_read_one_split_at_a_time(tmp_path):
+def test_an_image_folder_laid_out_by_split_is_read_one_split_at_a_time(tmp_path, caplog):
     """As the Hugging Face ImageFolder reads it: train/ and test/ are splits (their labels and
-    metadata.csv their own), not one gallery of every picture."""
+    metadata.csv their own), not one gallery of every picture; what belongs to no split is said."""
+    import logging
+
     from pipeline.dataset import read_metadata
 
     root = _split_folder(tmp_path / "shop")
+    (root / "misc").mkdir()
+    with caplog.at_level(logging.WARNING, logger="pipeline.dataset"):
+        assert count_rows(DatasetSpec(name=str(root))) == 4
+        assert count_rows(DatasetSpec(name=str(root))) == 4
+    assert caplog.text.count(f"{root} is laid out by split (test, train): 1 picture(s) at its top and its folders "
+                             "misc belong to none and are not read") == 1  # said once
     for split in ("train", "test"):
         spec = DatasetSpec(name=str(root), split=split)
         records = list(iter_records(spec))
@@ -238,9 +246,16 @@ def test_an_image_folder_laid_out_by_split_is_read_one_split_at_a_time(tmp_path)
     assert count_rows(DatasetSpec(name=str(root))) == 4
 
 
-def test_a_folder_without_split_subfolders_is_all_train(tmp_path):
+def test_a_folder_without_split_subfolders_is_read_whole_and_another_split_is_said(tmp_path, caplog):
+    """Every picture is split 'train', as that reader has it; asked for another split (a store made
+    before splits were read records one), the folder is read whole, as it was then, and said."""
+    import logging
+
     (tmp_path / "dresses").mkdir()
     (tmp_path / "dresses" / "a.jpg").write_bytes(assets.jpeg_bytes(20, 30))
-    assert count_rows(DatasetSpec(name=str(tmp_path))) == 1
-    with pytest.raises(PipelineError, match="its pictures are all split 'train', not 'test'; drop --split"):
-        count_rows(DatasetSpec(name=str(tmp_path), split="test"))
+    with caplog.at_level(logging.WARNING, logger="pipeline.dataset"):
+        assert count_rows(DatasetSpec(name=str(tmp_path))) == 1
+        assert not caplog.text
+        assert count_rows(DatasetSpec(name=str(tmp_path), split="test")) == 1
+    assert "has no split subfolders (train/, validation/, test/): every picture is read, as split 'train' would " \
+           "be, not split 'test' alone" in caplog.text

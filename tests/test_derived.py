@@ -58,9 +58,9 @@ def test_query_results_of_a_store_are_removed_when_an_update_changes_it(tiny_onn
         out / "embeddings", out, out / "retrieval_results" / "queries")
 
 
-def _video_section(out: Path, stamp: dict) -> Path:
+def _video_section(out: Path, stamp: dict, exist_ok: bool = False) -> Path:
     folder = out / "video_results" / "clip_1"
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=exist_ok)
     for name in ("frame_000001.jpg", "track_001.jpg", "annotated.mp4", "results.jsonl", "tracks.json", "mine.txt"):
         (folder / name).write_bytes(b"x")
     write_section(out / "outputs", Section("video_clip_1", "video", "Video clip_1", RunSummary(mode="video"),
@@ -85,7 +85,12 @@ def test_a_video_s_outputs_go_with_its_section_and_only_when_its_own_store_chang
     assert retire_stale(store, out, out / "outputs", summary) == ["video_results/clip_1"]
     assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"]  # a file it did not make stays
     assert "video_clip_1" not in sections(out)
-    assert "run those queries or videos again" in summary.notes[-1]
+    assert "run those queries or videos again" in summary.notes[-1] and "stay" not in summary.notes[-1]
+    # at a URL, the files there stay: said
+    _video_section(out, made_on(store, out, out / "video_results" / "clip_1"), exist_ok=True)
+    _store(out / "embeddings", "e3")
+    assert retire_stale(store, out, out / "outputs", summary, "s3://bucket/run") == ["video_results/clip_1"]
+    assert "(here and from the report: their files at s3://bucket/run stay, remove them there)" in summary.notes[-1]
 
 
 def test_a_section_naming_a_folder_outside_the_output_folder_deletes_nothing(tmp_path):
@@ -110,7 +115,7 @@ def test_a_search_of_a_folder_whose_build_stopped_names_the_run_that_finishes_it
     data = write_catalogue(tmp_path / "catalogue", list(range(20)))
     out = tmp_path / "g"
     stop_after_shards(monkeypatch, 1)
-    assert run(*args(data, tiny_onnx, out)) == 130
+    assert run(*args(data, tiny_onnx, out, "--id-column", "item_id")) == 130
     monkeypatch.undo()
     capsys.readouterr()
     assert run("--output-dir", out, "--query-text", "red") == 1
@@ -118,7 +123,8 @@ def test_a_search_of_a_folder_whose_build_stopped_names_the_run_that_finishes_it
     assert f"no complete store in {out / 'embeddings'}" in err and "without the cache flag" not in err
     assert f"stopped before it finished (its shards are in {out / 'embeddings' / '.partial'}): run it again" in err
     began = err.split("It began with ", 1)[1].rstrip(".")
-    assert began == f"--dataset {data} --split train --limit 0 --image-column image --backend onnx --decode cpu " \
+    assert began == f"--dataset {data} --split train --limit 0 --image-column image --id-column item_id --backend " \
+                    "onnx --decode cpu " \
                     f"--onnx FILE (the file whose sha256 is {began.split('sha256 is ')[1][:12]}…; none here has it) " \
                     "--batch-size 4 --shard-rows 8"
     # those flags (the file named) resume it, and the search then answers

@@ -149,6 +149,13 @@ def test_decimals_on_an_integer_column_and_values_a_column_cannot_take():
     with pytest.raises(FilterError, match=r"'noon' is not a time of day"):
         Filter.parse("at < 'noon'", stamps)
     Filter.parse("added > '2026-01-05 12:00' AND added < '2026-02-01' AND at < '10:30'", stamps)  # forms it reads
+    zoned = pa.schema([("at", pa.timestamp("us", tz="Europe/Berlin"))])  # an hour a clock change skips or repeats
+    with pytest.raises(FilterError, match=r"'2026-03-29 02:30' does not exist in the time zone of column 'at', "
+                                          r"Europe/Berlin \(a clock change\): give it with its offset"):
+        Filter.parse("at > '2026-03-29 02:30'", zoned)
+    with pytest.raises(FilterError, match=r"'2026-10-25 02:30' is there twice"):
+        Filter.parse("at > '2026-10-25 02:30'", zoned)
+    Filter.parse("at > '2026-10-25 02:30+01:00'", zoned)
     with pytest.raises(FilterError, match=r"expected a value, found 'null' \(a missing value is tested with IS NULL"):
         Filter.parse("stock = NULL", table.schema)
     with pytest.raises(FilterError, match="nested too deeply|characters; at most"):

@@ -215,6 +215,14 @@ def test_an_update_at_a_url_equals_a_fresh_build_and_keeps_the_old_store_until_i
     assert a_lines == b_lines and np.array_equal(a_vec, b_vec)
     assert not [k for k in after if "/.update" in k]
     assert run("--use-embeddings", *_args(data, tiny_onnx, url, tmp_path / "reader2", *more)) == 0
+    # from a fresh working copy with no dataset flags: the store's own dataset and every row (--limit 0),
+    # read from the store fetched from the bucket (not the default dataset and --limit)
+    capsys.readouterr()
+    assert cli.main(["--onnx", str(tiny_onnx), "--output-dir", url, "--work-dir", str(tmp_path / "copy4"),
+                     "--update", "--shard-rows", "16", "--max-result-images", "3", "--batch-size", "4"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "added 0, changed 0, removed 0, unchanged 21" in said
+    assert f"updated with the store's own --dataset {data.resolve()} --limit 0 (not given)" in said
 
 
 def test_the_neighbour_lists_kept_for_the_next_run_are_never_sent():

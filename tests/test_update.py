@@ -263,8 +263,8 @@ def test_a_changed_embedder_is_refused(tiny_onnx, tiny_clip, tmp_path, capsys):
     assert (out / "embeddings" / "embeddings.json").read_bytes() == before
     assert run("--dataset", data, "--model", tiny_clip, "--backend", "torch", "--output-dir", out, "--update",
                "--onnx", tiny_onnx) == 1
-    assert f"It was made with --backend onnx --onnx {tiny_onnx}: ask for that, or leave out --model, --onnx and " \
-           "--backend" in " ".join(capsys.readouterr().err.split())
+    assert f"It was made with --backend onnx --onnx {tiny_onnx}: ask for that, or leave out --backend, --model, " \
+           "--onnx (an update then embeds with the store's own)." in " ".join(capsys.readouterr().err.split())
 
 
 def test_an_embedder_that_makes_its_pixels_otherwise_is_refused_before_it_embeds(tiny_clip, tmp_path, capsys):
@@ -1434,7 +1434,8 @@ def test_rows_without_a_picture_that_go_or_come_are_counted(tiny_onnx, tmp_path,
     capsys.readouterr()
     assert cli_update(data, tiny_onnx, out) == 0
     said = " ".join(capsys.readouterr().out.split())
-    assert "added 0, changed 0, removed 0, unchanged 3; 1 row(s) without a picture no longer in the dataset" in said
+    assert "added 0, changed 0, removed 0, unchanged 3; 1 row(s) without a picture no longer read (gone, or past " \
+           "--limit)" in said
     assets.write_parquet_dataset(data, [photo(0), photo(1), photo(3), None])
     assert cli_update(data, tiny_onnx, out) == 3
     said = " ".join(capsys.readouterr().out.split())

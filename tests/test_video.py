@@ -479,6 +479,7 @@ def test_an_mp4_cut_before_its_index_is_said_to_be_cut_short(tmp_path):
         video.Clip.from_file(cut, annotated_video=False)
     assert video.mp4_cut_short(cut) and not video.mp4_cut_short(path)
     assert not video.mp4_cut_short(assets.write_video(tmp_path / "whole.avi", 5, (64, 48)))  # no MP4 boxes
+    assert not video.mp4_cut_short(tmp_path / "missing.mp4")  # unreadable: not said to be cut short
 
 
 def test_a_clip_is_found_whatever_the_case_of_its_suffix(tmp_path):
