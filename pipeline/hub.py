@@ -32,9 +32,15 @@ def hub_names(cfg: RunConfig) -> list[str]:
     reads_dataset = cfg.evaluate.enabled or cfg.export.enabled or not (cfg.from_cache or cfg.searches_only)
     if reads_dataset and not Path(cfg.dataset.name).exists() and is_hub_id(cfg.dataset.name):
         names.append(f"--dataset {cfg.dataset.name}")
-    loads_model = cfg.export.enabled or cfg.embedder.resolve_backend() == "torch"
-    if loads_model and not Path(cfg.embedder.model).exists():
-        names.append(f"--model {cfg.embedder.model}")
+    model, loads_model = cfg.embedder.model, cfg.export.enabled or cfg.embedder.resolve_backend() == "torch"
+    if not cfg.export.enabled and (cfg.searches_only or cfg.from_cache or cfg.update):
+        from .galleries import store_identity_if_default  # galleries.py builds on this module's neighbours
+
+        made = store_identity_if_default(cfg)  # no model flags: the run embeds with the store's own
+        if made is not None:
+            model, loads_model = made.model or model, made.backend == "torch"
+    if loads_model and not Path(model).exists() and is_hub_id(model):  # a path that is gone: no hub helps
+        names.append(f"--model {model}")
     return names
 
 

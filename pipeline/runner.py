@@ -702,7 +702,9 @@ def default_file_note(cfg: RunConfig) -> str | None:
     """What an export of another model than the default to the default --onnx changes: every run
     without --onnx or --model embeds with it from then on (said, not silent)."""
     default = EmbedderSpec()
-    if cfg.embedder.onnx != default.onnx or model_reference(cfg.embedder.model) == model_reference(default.model):
+    # the default named as itself needs no reference (its family would be read from the hub)
+    if cfg.embedder.onnx != default.onnx or cfg.embedder.model == default.model or (
+            model_reference(cfg.embedder.model) == default.model):
         return None
     return (f"{cfg.embedder.onnx} is the default --onnx: gallery builds without --onnx or --model now embed with "
             f"{cfg.embedder.model}, not {default.model}; export with --onnx FILE to keep the default")

@@ -241,3 +241,51 @@ def test_a_store_of_another_dataset_configuration_is_reused_with_its_config_flag
 
     assert _flags_for("config", {"config": "small"}, None) == ["--config small"]
     assert _flags_for("config", {"config": None}, None) == ["(without --config)"]
+
+
+@pytest.mark.parametrize("made, asked", [
+    ({"backend": "onnx", "onnx_sha256": "a" * 64, "model": "org/exported-from"}, []),  # the file: no hub model
+    ({"backend": "torch", "model": "org/model"}, ["--model org/model"]),  # the store's model, not the default
+    ({"backend": "torch", "model": "/models/local"}, []),
+])
+def test_a_search_from_anywhere_asks_the_hub_about_the_store_s_model_not_the_default(made, asked, tmp_path,
+                                                                                       monkeypatch):
+    """No model flags, no default file here: the search embeds with the store's own embedder, so the
+    offline check names that one (it named the default model, which the search never loads)."""
+
+    import main as cli
+    from pipeline import galleries
+    from pipeline.hub import hub_names
+    from pipeline.identity import VectorIdentity
+
+    store = tmp_path / "out" / "embeddings"
+    store.mkdir(parents=True)
+    (store / "embeddings.json").write_text("{}")  # there; what it records is read by the stand-in below
+
+    class Made:  # the sidecar's reading, as store.Sidecar.read gives it
+        identity = VectorIdentity(**made, family="clip")
+
+    monkeypatch.setattr(galleries.Sidecar, "read", staticmethod(lambda path: Made()))
+    monkeypatch.chdir(tmp_path)
+    args = cli.build_parser().parse_args(["--query-text", "red", "--output-dir", str(tmp_path / "out")])
+    assert hub_names(config_from_flags(vars(args), explicit=frozenset({"query_text", "output_dir"}))) == asked
+
+
+def test_an_export_of_a_local_model_to_the_default_file_asks_the_hub_nothing(tmp_path, monkeypatch):
+    """default_file_note compared the default model by its reference, which read its family from the
+    hub: 23 s of retries offline after a fully local export."""
+    import main as cli
+    from pipeline import embedders
+    from pipeline.runner import default_file_note
+
+    def no_hub(model: str):
+        raise AssertionError(f"asked the hub about {model}")
+
+    monkeypatch.setattr(embedders, "known_family", no_hub)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    cfg = config_from_flags(vars(cli.build_parser().parse_args(["--export-onnx", "--model", str(folder)])),
+                            explicit=frozenset({"export_onnx", "model"}))
+    assert "is the default --onnx: gallery builds without --onnx or --model now embed with" in default_file_note(cfg)
+    default = config_from_flags(vars(cli.build_parser().parse_args(["--export-onnx"])), explicit=frozenset())
+    assert default_file_note(default) is None
