@@ -481,7 +481,8 @@ def store_embedder_spec(made: VectorIdentity, root: Path, model: str | None, onn
             kind = (made.precision or "onnx-int8").removeprefix("onnx-").split("-")[0]  # int8, fp32
             raise CacheMismatchError(
                 f"the store in {root} was made by an {kind} ONNX file (sha256 {(made.onnx_sha256 or '?')[:12]}…, "
-                f"exported from {made.model}), {why}: pass onnx='FILE.onnx' (--onnx FILE), the file that made it"
+                f"exported from {made.model}), {why}: pass --onnx FILE (onnx='FILE.onnx' from Python), the file that "
+                "made it, or run from the folder it was exported in (its ./onnx)"
             )
         if model is None:
             log.info("%s: the store was made by %s: its queries are embedded with it", root, found)

@@ -348,14 +348,16 @@ def test_a_store_made_by_the_onnx_file_is_searched_with_it_when_opened_with_its_
     assert cli.main(["--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out),
                      "--max-result-images", "0", "-q"]) == 3
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CacheMismatchError, match="made by an int8 ONNX file .* pass onnx='FILE.onnx'"):
+    with pytest.raises(CacheMismatchError,
+                       match="made by an int8 ONNX file .* pass --onnx FILE \\(onnx='FILE.onnx' from Python\\)"):
         Catalog.open(out, model=str(tiny_clip))
     # with no model= either, the store's file is named (not "make the default file with --export-onnx",
     # which makes a file of the default model); the CLI says the same, not the default hub model's failure
     opened = Catalog.open(out)  # its vectors and neighbours need no embedder: said when a query needs one
     assert opened.neighbours(0, k=2)[0].row != 0
     with pytest.raises(CacheMismatchError, match=r"made by an int8 ONNX file \(sha256 [0-9a-f]{12}…, exported from "
-                       r".*\), found neither at the default --onnx .* pass onnx='FILE.onnx' \(--onnx FILE\)"):
+                       r".*\), found neither at the default --onnx .* pass --onnx FILE \(onnx='FILE.onnx' from "
+                       r"Python\), the file that made it, or run from the folder it was exported in"):
         opened.search_text("red")
     capsys.readouterr()
     assert cli.main(["--query-text", "red", "--output-dir", str(out)]) == 1
