@@ -107,6 +107,11 @@ def run_query(cfg: RunConfig) -> RunSummary:
         with summary.stage("search"):
             nb = catalog.searcher.neighbours(np.concatenate(vectors), cfg.top_k, allowed)
     summary.notes.append("search: " + catalog.searcher.describe())
+    if cfg.dedup:
+        groups, photos = catalog.searcher.dedup_groups()
+        summary.notes.append(f"--dedup: each duplicate group stands once in the results ({photos:,} photos in "
+                             f"{groups:,} groups, outputs/duplicates{cfg.suffix}.csv)" if groups else
+                             "--dedup: the gallery has no duplicate groups: every photo can show")
     if allowed is not None:
         matching = int(allowed.sum())
         summary.count("items matching the filter", matching)

@@ -134,6 +134,14 @@ class Searcher:
         self._views = {}
         self._regroup()
 
+    def dedup_groups(self) -> tuple[int, int]:
+        """(duplicate groups, photos in them) that --dedup folds, each group to one photo; (0, 0) without it."""
+        if self._copies is None:
+            return 0, 0
+        grouped = self._copies != np.arange(len(self._copies))  # the members after each group's first
+        firsts = np.unique(self._copies[grouped])
+        return len(firsts), int(grouped.sum()) + len(firsts)
+
     def group_by(self, column: str | None) -> int:
         """--group-by: from now on every answer shows one item per value of a metadata column (one
         result per product, scored by its best photo, filled until k products), and an item's

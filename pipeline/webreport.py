@@ -92,6 +92,7 @@ def summary_payload(summary: RunSummary) -> dict[str, Any]:
     """What the report shows of a run's summary."""
     return {
         "mode": summary.mode,
+        "model": summary.model,  # what made the vectors the run used, as the printed summary says
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "wall_s": round(time.perf_counter() - summary.started, 2),
         "peak_mib": round(peak_rss_mib()),

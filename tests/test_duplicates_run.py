@@ -157,7 +157,7 @@ def neighbour_lists(out: Path) -> dict[tuple[str, str], list[str]]:
     return table
 
 
-def test_dedup_shows_one_photo_per_group(tiny_onnx, tmp_path):
+def test_dedup_shows_one_photo_per_group(tiny_onnx, tmp_path, capsys):
     cells, _ = catalogue()
     data = assets.write_parquet_dataset(tmp_path / "catalogue", cells)
     out = tmp_path / "out"
@@ -179,9 +179,12 @@ def test_dedup_shows_one_photo_per_group(tiny_onnx, tmp_path):
 
     query = tmp_path / "copy.jpg"
     query.write_bytes(cells[0])
-    assert run(*args(data, tiny_onnx, out, "--query-image", query, "--top-k", "5", "--dedup")) == 0
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--query-image", query, "--top-k", "5", "--dedup"))]) == 0
     found = [line["gallery_file"] for line in read_csv(out / "retrieval_results" / "queries" / "query_results.csv")]
     assert len(found) == 5 and len({group_of.get(f, f) for f in found}) == 5
+    # said, with the groups it folds (as a gallery run says it)
+    assert ("--dedup: each duplicate group stands once in the results (11 photos in 4 groups, "
+            "outputs/duplicates.csv)") in " ".join(capsys.readouterr().out.split())
 
     cat = Catalog.open(out, dedup=True)
     hits = cat.neighbours(0, k=15)  # row 0: its file is also row 10's (the same bytes)
@@ -437,6 +440,11 @@ def test_the_report_shows_a_dozen_photos_of_a_large_group_and_says_how_many_more
     tiles = browser.execute_script("return document.querySelectorAll('.dupgroup .tile').length")
     more = browser.execute_script("return document.querySelector('.dupgroup .more').textContent")
     assert tiles == 12 and more == "+ 8 more photos in the CSV"
+    # numbered as the CSV numbers it (from 0), the number beside the tiles, not one of them when they wrap
+    num = browser.execute_script("const n = document.querySelector('.dupgroup .num'); return [n.textContent, n.title,"
+                                 " n.getBoundingClientRect().right, Math.min(...[...document.querySelectorAll("
+                                 "'.dupgroup .tile')].map(t => t.getBoundingClientRect().left))]")
+    assert num[0] == "0" and num[1] == "group 0 in duplicates.csv" and num[2] <= num[3]
     wait(browser, "[...document.querySelectorAll('.dupgroup [data-file]')].every(c => c.textContent)")
     browser.save_screenshot(str(tmp_path / "dups.png"))
     assert console_errors(browser) == []

@@ -267,6 +267,10 @@ def test_sub_stages_sit_under_the_stage_they_belong_to(report_run, browser):
     )
     assert_parts_follow_their_stage(rows)
     assert {name for name, *_ in rows} >= {"embed", "embed/items", "embed/infer", "finalize store"}
+    # the section says what made its vectors, as the printed summary's "model:" line does
+    sub = browser.execute_script("return document.querySelector('#gallery > .sub').textContent")
+    assert sub.startswith("standard · finished ") and " · vectors by " in sub
+    assert sub.endswith("tiny-clip (onnx, onnx-int8-static-matmul-per-channel-7bit)")
 
 
 def assert_parts_follow_their_stage(rows: list) -> None:
