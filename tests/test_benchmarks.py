@@ -80,9 +80,9 @@ IN_PROCESS = [
     ]),
     (duplicates, "", [
         r"^calibrated \(structure, colour, texture, centre, max_bits\): .*recall NUMBER at precision NUMBER",
-        r"^\| transformation \| strength \| copies \| recall \| precision \|",
-        r"^\| crop \| all \| NUMBER \| NUMBER \| NUMBER \|",
-        r"^\| overall \| \| NUMBER \| NUMBER \| NUMBER \|",
+        r"^\| transformation \| strength \| copies \| recall \| alone \| precision \|",
+        r"^\| crop \| all \| NUMBER \| NUMBER \| NUMBER \| NUMBER \|",
+        r"^\| overall \| \| NUMBER \| NUMBER \| NUMBER \| NUMBER \|",
         r"^\| colourway \| NUMBER \| NUMBER \|",
         r"^\| close colourway \| NUMBER \| NUMBER \|",
         r"^a shop's colourways: 1 product in 12 colours at least 40/255 apart in RGB: NUMBER of 12 photos grouped",
@@ -534,3 +534,28 @@ def test_openvino_is_measured_on_the_vnni_file_where_the_default_is_the_amx_one(
     monkeypatch.setattr(export, "cpu_vendor", lambda: "AuthenticAMD")
     amd = Assets(tmp_path / "amd", tiny=True, model=tiny_clip)
     assert amd.openvino_onnx() == amd.onnx("static")
+
+
+def test_alone_recall_does_not_count_a_copy_linked_to_its_original_through_another_copy(monkeypatch):
+    """A 5% crop grouped with its original only through the q95 copy (which a catalogue with one
+    copy per photo lacks): `score` counts it found, `alone_recall` does not."""
+    import numpy as np
+
+    from pipeline import duplicates as dup
+
+    names = ["O", "B", "A", "X"]  # original, its q95 copy, its 5% crop, another original
+    photos = [duplicates.Photo(0, "original"), duplicates.Photo(0, "jpeg", "q95"), duplicates.Photo(0, "crop", "5.0%"),
+              duplicates.Photo(1, "original")]
+    signals = dup.PhotoSignals(np.array(names), np.zeros((4, dup.SIGNATURE_SIZE), np.int8))
+    gallery = duplicates.Gallery(photos, signals, {})
+    links = {("O", "B"), ("B", "A")}  # the rule passes these pairs alone
+
+    def linked(sig, rule):
+        present = list(sig.pixel)
+        group = sorted({present.index(x) for pair in links for x in pair if all(y in present for y in pair)})
+        return [dup.DuplicateGroup(group, ["near"] * len(group), [0.0] * len(group))] if group else []
+
+    monkeypatch.setattr(dup, "find_duplicates", linked)
+    assert duplicates.finder_score(gallery, dup.DEFAULT_RULE).recall[("crop", "5.0%")] == 1.0
+    alone = duplicates.alone_recall(gallery, dup.DEFAULT_RULE)
+    assert alone[("crop", "5.0%")] == 0.0 and alone[("jpeg", "q95")] == 1.0 and alone[("overall", "")] == 0.5
