@@ -314,6 +314,12 @@ class Catalog:
         with self._segmenter_slot.lock:
             return query_crops(image, label, self._segmenter_slot.get())
 
+    def load_segmenter(self) -> None:
+        """Load the segmenter now, not on the first picture cut into persons (a server says it is
+        ready once it is). PipelineError when it cannot be loaded."""
+        with self._segmenter_slot.lock:
+            self._segmenter_slot.get()
+
     @functools.cached_property
     def decode_min_side(self) -> int | None:
         """The smallest side a reduced-scale decode of a whole picture may leave, as the store's photos

@@ -117,8 +117,12 @@ class SearchService:
 
     @classmethod
     def load(cls, cfg: RunConfig, summary: RunSummary | None = None) -> "SearchService":
-        catalog = open_catalog(cfg, summary or RunSummary(mode="serve"))
+        summary = summary or RunSummary(mode="serve")
+        catalog = open_catalog(cfg, summary)
         check_server_filter(cfg, catalog)  # refused now, not in every query's answer
+        if cfg.segmented:  # loaded before the server says it is ready: the first person query waited ~3 s for it
+            with summary.stage("load segmenter"):
+                catalog.load_segmenter()
         return cls(cfg, catalog)
 
     @staticmethod
@@ -218,7 +222,7 @@ class SearchService:
     @property
     def can_segment(self) -> bool:
         """Whether an upload may be cut into its persons: when serving the segmented gallery
-        (--use-segmentation), whose items are persons too; the segmenter loads on first use."""
+        (--use-segmentation), whose items are persons too; its segmenter loads with the server."""
         return self.cfg.segmented
 
     @classmethod

@@ -762,3 +762,25 @@ def test_the_segmenter_goes_on_only_with_a_store_cut_alike(served):
     assert second.keep_models_of(first, segmenter=False)._segmenter_slot is not first._segmenter_slot
     assert second.keep_models_of(first)._segmenter_slot is first._segmenter_slot
     assert second._embedder_slot is first._embedder_slot
+
+
+def test_a_server_of_persons_loads_its_segmenter_before_it_says_it_is_ready(served, monkeypatch):
+    """--serve --use-segmentation: the segmenter loads with the server (the first picture cut into
+    persons waited about 3 s for it), once."""
+    from dataclasses import replace
+
+    from pipeline import serve
+    from pipeline.catalog import _FirstUse
+    from pipeline.report import RunSummary
+
+    _, _, service = served
+    made: list[int] = []
+    monkeypatch.setattr(service.catalog, "_segmenter_slot", _FirstUse(lambda: made.append(1) or "segmenter"))
+    monkeypatch.setattr(serve, "open_catalog", lambda cfg, summary: service.catalog)
+    summary = RunSummary(mode="serve")
+    SearchService.load(replace(service.cfg, use_segmentation=True), summary)
+    assert made == [1] and "load segmenter" in summary.stages
+    service.catalog.load_segmenter()
+    assert made == [1]
+    SearchService.load(service.cfg, RunSummary(mode="serve"))  # the gallery of whole photos: none to load
+    assert made == [1]
