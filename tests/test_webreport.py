@@ -157,7 +157,7 @@ def test_the_report_shows_every_item_pages_and_follows_neighbours(report_run, br
                name == source_of[title.split(chr(10))[-1]].rsplit("/", 1)[-1] for name, title in shown)
     # a name too long for a caption is cut in the middle, its end kept (a copy's suffix tells it apart)
     assert browser.execute_script("return [midCut('p02_q75_resized90_of_the_shoot.jpg'), midCut('short.jpg')]") == [
-        "p02_q75_res…_shoot.jpg", "short.jpg"]
+        "p02_q75_r…shoot.jpg", "short.jpg"]
     row = lines[200]
     by_source = filtered(f"[{row.source_row}]")  # the user's name of the photo finds it
     assert [t.split("\n")[-1] for _, t in by_source] == [row.file]
