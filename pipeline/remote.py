@@ -31,10 +31,11 @@ log = logging.getLogger(__name__)
 
 URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.+)$")
 SYNC_FILE = ".remote-sync.json"  # in the working copy: {relative path: [size, mtime_ns]} as last fetched or sent
+COPY_OF_FILE = ".remote-of"  # in the working copy: the URL it is the copy of (its files' sync state is that URL's)
 FETCHED = ("embeddings", "embeddings_segment", "outputs")  # what a run may read back
 # Never sent: the lock, the sync state, temp files, and the neighbour lists a run keeps for the next
 # run in this working copy (runner.NEIGHBOURS_FILE: 120 MB at a million items, read back by no one else).
-SKIPPED = re.compile(r"(^|/)(\.pipeline\.lock|\.remote-sync\.json|[^/]*\.tmp[^/]*|\.neighbours[^/]*\.npz)$")
+SKIPPED = re.compile(r"(^|/)(\.pipeline\.lock|\.remote-sync\.json|\.remote-of|[^/]*\.tmp[^/]*|\.neighbours[^/]*\.npz)$")
 # Sent after everything else: a store's sidecar names the files it describes by their hashes, so a
 # reader of the URL finds it only once they are there (store.SIDECAR_FILE; remote.py knows no store).
 SENT_LAST = re.compile(r"(^|/)embeddings\.json$")
@@ -122,10 +123,26 @@ class RemoteOutput:
         except Exception as e:  # every filesystem has its own errors: credentials, bucket, network
             raise PipelineError(f"--output-dir {self.url} cannot be written: {type(e).__name__}: {e}") from e
 
+    def claim(self) -> None:
+        """Make the working copy this URL's, or refuse one that is another URL's: its record of what
+        was sent is that URL's, so files unchanged since would never reach this one (a --work-dir
+        reused for another URL left the new bucket without them, said sent)."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        mark = self.work_dir / COPY_OF_FILE
+        try:
+            of = mark.read_text(encoding="utf-8").strip()
+        except OSError:
+            of = ""
+        if of and of != self.url:
+            raise UsageError(f"--work-dir {self.work_dir} is the working copy of {of}, not of {self.url}: give "
+                             "another --work-dir (or leave it out: each URL gets its own), or delete that folder")
+        if not of:
+            atomic_write_text(mark, self.url + "\n")
+
     def fetch(self) -> int:
         """Download the stores and the report the URL has and the working copy lacks or holds an
         older version of (another size where the URL gives no version); returns the number fetched."""
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.claim()
         self.fs.invalidate_cache()  # listings another process's writes made stale
         state, fetched = self._state(), 0
         for rel, path, info in self._listed(FETCHED):

@@ -71,6 +71,13 @@ def test_a_gallery_run_to_s3_equals_a_local_run_and_is_reused_from_a_fresh_copy(
     fs.pipe_file(f"{root}/embeddings/manifest.csv", manifest.replace(names[3], names[4], 1))
     assert run("--use-embeddings", *_args(rows40, tiny_onnx, url, tmp_path / "copy3")) == 1
     assert "manifest" in capsys.readouterr().err
+    # a working copy is one URL's: reused for another, files unchanged in it would never be sent there
+    other = _url()
+    assert run(*_args(rows40, tiny_onnx, other, tmp_path / "copy1")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--work-dir {tmp_path / 'copy1'} is the working copy of {url}, not of {other}" in err
+    assert not _files(fs, other)  # nothing sent there
+    assert not [k for k in _files(fs, url) if k.endswith(".remote-of")]  # the mark stays in the working copy
 
 
 def test_an_interrupted_run_resumes_from_the_bucket_in_another_working_copy(
