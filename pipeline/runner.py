@@ -83,25 +83,27 @@ def run(cfg: RunConfig) -> RunSummary:
     working copy, fetched first and sent back after (remote.py)."""
     mode = selected_mode(cfg)
     run_mode = mode.load()
-    cfg, kept = with_store_source(cfg)  # --update: the store's dataset settings where no flag gives them
-    if kept:
-        log.info("--update: the store's own %s", kept)
-    fallback = store_embedder_note(cfg, onnx_fallback(cfg))
-    if fallback and mode.name != "serve":  # serve says it once its port is bound
-        log.info(fallback)  # and in the summary's notes
-    unused = onnx_of_another_model_named(cfg)
-    if unused:
-        log.warning(unused)  # and in the summary's notes
-    offline = go_offline_unless_reachable(cfg)  # before anything asks the hub
     resend = "run the same command again to send them"
     if mode.name in ("gallery", "video") and not cfg.from_cache and not cfg.update:  # again: every photo embedded again
         resend = f"add {cache_flag(cfg.segmented)} to the same command to send them without embedding again"
     remote = (mirrored(cfg.output_url, cfg.output_dir, resend) if cfg.output_url and mode.mirrors_output
               else nullcontext())
     with output_session(cfg) if mode.holds_output else nullcontext(), remote as copy:
+        # what the store says is read here, once a URL's store is in its working copy
+        cfg, kept = with_store_source(cfg)  # --update: the store's dataset settings where no flag gives them
+        if kept:
+            log.info("--update: the store's own %s", kept)
+        fallback = store_embedder_note(cfg, onnx_fallback(cfg))
+        if fallback and mode.name != "serve":  # serve says it once its port is bound
+            log.info(fallback)  # and in the summary's notes
+        unused = onnx_of_another_model_named(cfg)
+        if unused:
+            log.warning(unused)  # and in the summary's notes
+        offline = go_offline_unless_reachable(cfg)  # before anything asks the hub
         summary = run_mode(cfg)
     if copy is not None:
         summary.notes.append(f"outputs sent to {cfg.output_url} ({copy.sent} file(s); working copy {cfg.output_dir})")
+        summary.outputs = at_url(summary.outputs, cfg.output_dir, cfg.output_url)
     if kept:
         summary.notes.append(f"updated with the store's own {kept} (not given)")
     if fallback:
@@ -111,6 +113,16 @@ def run(cfg: RunConfig) -> RunSummary:
     if offline:
         summary.notes.append("worked offline: the Hugging Face hub could not be reached (see the warning above)")
     return summary
+
+
+def at_url(outputs: dict[str, str], work_dir: Path, url: str | None) -> dict[str, str]:
+    """A run's outputs as the URL holds them, where they were written in its working copy (which
+    the summary named, a folder the Ray engine's images never were in)."""
+    if not url:
+        return outputs
+    local = str(work_dir).rstrip("/\\")
+    return {k: (url.rstrip("/") + v[len(local):].replace(os.sep, "/") if v == local or v.startswith(local + os.sep)
+                else v) for k, v in outputs.items()}
 
 
 @contextmanager

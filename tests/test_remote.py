@@ -230,6 +230,20 @@ def test_an_update_at_a_url_equals_a_fresh_build_and_keeps_the_old_store_until_i
     said = " ".join(capsys.readouterr().out.split())
     assert "added 0, changed 0, removed 0, unchanged 21" in said
     assert f"updated with the store's own --dataset {data.resolve()} --limit 0 (not given)" in said
+    # a picture search from a fresh working copy, with no model flags: the store's own file (found in ./onnx by its
+    # sha256), read once the store is fetched: no note that the default model is used, and the outputs named
+    # where they went, at the URL
+    import shutil
+
+    (tmp_path / "here" / "onnx").mkdir(parents=True)
+    shutil.copy(tiny_onnx, tmp_path / "here" / "onnx" / "kept.onnx")
+    monkeypatch.chdir(tmp_path / "here")
+    capsys.readouterr()
+    picture = next((fresh / "images").iterdir())
+    assert cli.main(["--query-image", str(picture), "--output-dir", url, "--work-dir", str(tmp_path / "copy5")]) == 0
+    said = capsys.readouterr()
+    assert "using the transformers model" not in said.out + said.err
+    assert f"results -> {url}/retrieval_results/queries/query_results.csv" in said.out
 
 
 def test_the_neighbour_lists_kept_for_the_next_run_are_never_sent():
