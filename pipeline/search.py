@@ -274,6 +274,11 @@ def match_tile(catalog: Catalog, row: int, size: int = QUERY_TILE) -> np.ndarray
 
 
 # ----------------------------------------------------------------------------- evaluation
+# Cosine similarities this close are one score to the evaluation: float32 products of unit vectors of
+# up to ~1,000 dimensions round by a few units of 1e-7, so equal photos may score apart by that much
+TIE = 2e-6
+
+
 def ranks_of_positives(
     queries: np.ndarray,
     gallery: np.ndarray,
@@ -282,7 +287,8 @@ def ranks_of_positives(
     block: int = 512,
     groups: np.ndarray | None = None,
 ) -> np.ndarray:
-    """1-based rank of the best-ranked positive for each query (ties: the positive counts as worse).
+    """1-based rank of the best-ranked positive for each query (ties, scores within TIE of each other:
+    the positive counts as worse).
 
     Args:
         queries: float32 (Q, D), gallery: float32 (N, D), both L2-normalized.
@@ -309,7 +315,9 @@ def ranks_of_positives(
             if np.isnan(scores).all():  # a non-finite query or answer: its answer last, never first
                 ahead = np.count_nonzero(row != -np.inf) - np.count_nonzero(scores != -np.inf)
             else:
-                best = np.nanmax(scores)
+                # within TIE of the best positive is a tie: the same photo twice in the gallery scores
+                # alike only up to the matrix product's rounding (1e-7 apart, either way round)
+                best = np.nanmax(scores) - TIE
                 # everything not scoring below the best positive, other than positives: a NaN (a
                 # model's non-finite vector) is never below it, so it counts as ahead
                 ahead = np.count_nonzero(~(row < best)) - np.count_nonzero(~(scores < best))

@@ -148,6 +148,12 @@ def test_rank_metrics_on_known_answers():
     assert list(ranks_of_positives(g2[2:], g2, [np.array([0])], exclude=np.array([2]))) == [2]
     # ties count against the positive
     assert list(ranks_of_positives(g[:1], g, [np.array([1])], exclude=np.array([0]))) == [3]
+    # the same photo twice scores alike only up to rounding (a matrix product's, a ulp or two either way):
+    # still a tie, and it counts against the positive whichever way the rounding went
+    q = np.array([[0.6, 0.8]], np.float32)
+    for nudge in (1 - 2e-7, 1 + 2e-7):
+        twin = np.array([[0.6, 0.8], [0.6 * nudge, 0.8 * nudge], [0, 1]], np.float32)
+        assert list(ranks_of_positives(q, twin, [np.array([0])])) == [2]
 
 
 def _garment(i: int) -> assets.Image.Image:
