@@ -39,7 +39,9 @@ def hub_names(cfg: RunConfig) -> list[str]:
         made = store_identity_if_default(cfg)  # no model flags: the run embeds with the store's own
         if made is not None:
             model, loads_model = made.model or model, made.backend == "torch"
-    if loads_model and not Path(model).exists() and is_hub_id(model):  # a path that is gone: no hub helps
+    # a path that is gone: no hub helps; open_clip's hub models are named hf-hub:ORG/NAME
+    hub_model = model.removeprefix("hf-hub:")
+    if loads_model and not Path(model).exists() and is_hub_id(hub_model) and not model.startswith("open_clip:"):
         names.append(f"--model {model}")
     return names
 

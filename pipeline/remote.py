@@ -105,6 +105,7 @@ class RemoteOutput:
         self.url, self.work_dir = url.rstrip("/"), Path(work_dir)
         self.fs, self.root = filesystem(self.url)
         self.sent = 0
+        self.send_all = False  # a working copy whose record of what was sent may be another URL's
 
     def _state(self) -> dict[str, list[Any]]:
         """Per file of the working copy: [size, mtime_ns, the URL's version of it] when it was last
@@ -137,6 +138,10 @@ class RemoteOutput:
             raise UsageError(f"--work-dir {self.work_dir} is the working copy of {of}, not of {self.url}: give "
                              "another --work-dir (or leave it out: each URL gets its own), or delete that folder")
         if not of:
+            if (self.work_dir / SYNC_FILE).is_file():  # a copy made before copies were marked: whose is unknown,
+                self.send_all = True  # so every file of it is sent after this run, once (what it fetched stays)
+                log.info("%s: a working copy that names no URL: every file of it is sent to %s after this run",
+                         self.work_dir, self.url)
             atomic_write_text(mark, self.url + "\n")
 
     def fetch(self) -> int:
@@ -175,7 +180,7 @@ class RemoteOutput:
             if not local.is_file() or local.is_symlink() or SKIPPED.search(rel):
                 continue
             st = local.stat()
-            if (state.get(rel) or [])[:2] != _stamp(st):
+            if self.send_all or (state.get(rel) or [])[:2] != _stamp(st):
                 yield rel, st
 
     def send(self) -> int:
@@ -202,6 +207,7 @@ class RemoteOutput:
             sent += 1
         self._record_versions(state, {rel for rel, _ in changed})
         self._save_state(state)
+        self.send_all = False
         self.sent += sent
         return sent
 

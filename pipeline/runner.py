@@ -120,9 +120,17 @@ def at_url(outputs: dict[str, str], work_dir: Path, url: str | None) -> dict[str
     the summary named, a folder the Ray engine's images never were in)."""
     if not url:
         return outputs
-    local = str(work_dir).rstrip("/\\")
-    return {k: (url.rstrip("/") + v[len(local):].replace(os.sep, "/") if v == local or v.startswith(local + os.sep)
-                else v) for k, v in outputs.items()}
+    root = Path(os.path.abspath(work_dir))
+
+    def there(value: str) -> str:
+        path, sep, rest = value.partition(" (")  # "path (what it holds)"
+        try:
+            rel = Path(os.path.abspath(path)).relative_to(root)
+        except ValueError:
+            return value  # not in the working copy
+        return url.rstrip("/") + ("/" + rel.as_posix() if rel.parts else "") + sep + rest
+
+    return {k: there(v) for k, v in outputs.items()}
 
 
 @contextmanager
@@ -714,9 +722,8 @@ def default_file_note(cfg: RunConfig) -> str | None:
     """What an export of another model than the default to the default --onnx changes: every run
     without --onnx or --model embeds with it from then on (said, not silent)."""
     default = EmbedderSpec()
-    # the default named as itself needs no reference (its family would be read from the hub)
-    if cfg.embedder.onnx != default.onnx or cfg.embedder.model == default.model or (
-            model_reference(cfg.embedder.model) == default.model):
+    # by name: a reference would read a hub model's family from the hub, and a folder's is its path
+    if cfg.embedder.onnx != default.onnx or cfg.embedder.model == default.model:
         return None
     return (f"{cfg.embedder.onnx} is the default --onnx: gallery builds without --onnx or --model now embed with "
             f"{cfg.embedder.model}, not {default.model}; export with --onnx FILE to keep the default")

@@ -110,8 +110,7 @@ def run_query(cfg: RunConfig) -> RunSummary:
     if cfg.dedup:
         groups, photos = catalog.searcher.dedup_groups()
         summary.notes.append(f"--dedup: each duplicate group stands once in the results ({photos:,} photos in "
-                             f"{groups:,} groups, outputs/duplicates{cfg.suffix}.csv)" if groups else
-                             "--dedup: the gallery has no duplicate groups: every photo can show")
+                             f"{groups:,} groups)" if groups else "--dedup: no duplicate groups found in the gallery")
     if allowed is not None:
         matching = int(allowed.sum())
         summary.count("items matching the filter", matching)

@@ -162,6 +162,8 @@ class SearchService:
                 new = open_catalog(self.cfg, RunSummary(mode="serve"), embedder=old.embedder)
                 # the segmenter loaded for the old store cuts persons as the new one's were cut, or not at all
                 new.keep_models_of(old, segmenter=_segmentation(old) == _segmentation(new))
+                if self.cfg.segmented:  # a segmenter of other settings loads now, not on the next person query
+                    new.load_segmenter()
                 check_server_filter(self.cfg, new)  # a column the --filter names gone: every query would be refused
             except PipelineError as e:  # another model's store, or one between its files: the old one goes on
                 if new is not None:

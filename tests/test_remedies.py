@@ -247,6 +247,7 @@ def test_a_store_of_another_dataset_configuration_is_reused_with_its_config_flag
     ({"backend": "onnx", "onnx_sha256": "a" * 64, "model": "org/exported-from"}, []),  # the file: no hub model
     ({"backend": "torch", "model": "org/model"}, ["--model org/model"]),  # the store's model, not the default
     ({"backend": "torch", "model": "/models/local"}, []),
+    ({"backend": "torch", "model": "hf-hub:Marqo/marqo-fashionSigLIP"}, ["--model hf-hub:Marqo/marqo-fashionSigLIP"]),
 ])
 def test_a_search_from_anywhere_asks_the_hub_about_the_store_s_model_not_the_default(made, asked, tmp_path,
                                                                                        monkeypatch):

@@ -386,3 +386,47 @@ def test_a_builds_failed_upload_says_to_send_it_with_the_cache_flag(rows40, tiny
     said = capsys.readouterr().err
     assert f"uploading to {url} failed (ConnectionError: network down)" in said
     assert "add --use-embeddings to the same command to send them without embedding again" in said
+
+
+def test_a_working_copy_made_before_copies_named_their_url_sends_every_file_to_the_next_one(tmp_path):
+    """Its record of what was sent may be another URL's: the first URL that uses it gets every file
+    once (files unchanged since were never sent there before), and the copy is that URL's from then on."""
+    import json
+
+    from pipeline.remote import COPY_OF_FILE, SYNC_FILE, RemoteOutput
+
+    work = tmp_path / "copy"
+    (work / "embeddings").mkdir(parents=True)
+    (work / "embeddings" / "manifest.csv").write_text("a\n")
+    (work / "outputs").mkdir()
+    (work / "outputs" / "duplicates.csv").write_text("b\n")
+    stamps = {rel: [(work / rel).stat().st_size, (work / rel).stat().st_mtime_ns, None]
+              for rel in ("embeddings/manifest.csv", "outputs/duplicates.csv")}
+    (work / SYNC_FILE).write_text(json.dumps(stamps))  # as if sent to another URL
+    import fsspec
+
+    target = f"memory://bucket/{tmp_path.name}/run"
+    remote = RemoteOutput(target, work)
+    remote.fetch()
+    assert remote.send() == 2
+    memory = fsspec.filesystem("memory")
+    assert memory.cat_file(f"/bucket/{tmp_path.name}/run/embeddings/manifest.csv") == b"a\n"
+    assert memory.cat_file(f"/bucket/{tmp_path.name}/run/outputs/duplicates.csv") == b"b\n"
+    assert (work / COPY_OF_FILE).read_text().strip() == target
+    again = RemoteOutput(target, work)
+    again.fetch()
+    assert again.send() == 0  # once: from then on, what changed
+
+
+def test_a_runs_outputs_are_named_at_the_url_where_they_were_written_in_its_working_copy(tmp_path, monkeypatch):
+    from pipeline.runner import at_url
+
+    work = tmp_path / "copy"
+    outputs = {"store": str(work / "embeddings"), "index": f"{work / 'embeddings' / 'index.faiss'} (flat, exact)",
+               "copy": str(work), "elsewhere": str(tmp_path / "other" / "x.csv"), "said": "3 groups"}
+    assert at_url(outputs, work, "s3://b/run/") == {
+        "store": "s3://b/run/embeddings", "index": "s3://b/run/embeddings/index.faiss (flat, exact)",
+        "copy": "s3://b/run", "elsewhere": str(tmp_path / "other" / "x.csv"), "said": "3 groups"}
+    monkeypatch.chdir(tmp_path)  # a --work-dir given relative, as "copy": its outputs named so too
+    assert at_url({"store": "copy/embeddings"}, Path("copy"), "s3://b/run") == {"store": "s3://b/run/embeddings"}
+    assert at_url(outputs, work, None) == outputs
