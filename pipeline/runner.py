@@ -157,6 +157,11 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
         summary.count("crops", sum(1 for r in rows if r.person >= 0 and r.status == "ok"))
         whole = sum(1 for r in rows if r.person < 0 and r.status == "ok")  # --keep-unsegmented: embedded whole
         summary.count("rows without person", sum(1 for r in rows if r.status == "no_person") + whole)
+        maskless = sum(1 for r in rows if r.status == "no_person" and r.error.startswith("no person with a mask"))
+        if maskless:  # beside "photo(s) had more than N persons", a count that looked contradictory
+            summary.notes.append(f"rows without person: {maskless} had persons, but none with a mask among the "
+                                 f"{cfg.segment.max_persons} most confident (manifest.csv's error column says which; "
+                                 "a larger --max-persons looks further)")
         if whole:
             summary.count("kept whole", whole)
     # an update embeds only its added and changed photos (counted by it), a cache run none

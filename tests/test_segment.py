@@ -9,7 +9,7 @@ import pytest
 
 import main as cli
 from pipeline import galleries, yolo
-from pipeline.persons import Person, Segmenter, box_pixels, white_background_crop
+from pipeline.persons import CappedPersons, Person, Segmenter, box_pixels, white_background_crop
 from pipeline.store import read_manifest
 from tests import assets
 
@@ -435,6 +435,33 @@ def test_ultralytics_stops_at_the_cap_and_says_which_pictures_held_more(person_p
         top = {tuple(np.round(p.box_xyxy, 2)) for p in all_of_them.persons[:4]}
         assert {tuple(np.round(p.box_xyxy, 2)) for p in f.persons} <= top
     assert [len(p) for p in capped.segment(pictures)] == [len(f.persons) for f in found]  # segment() keeps the cap
+
+
+class Maskless(Crowd):
+    """As Ultralytics past its cap: persons held but all of the most confident with an empty mask,
+    dropped, on the photos whose first pixel is odd."""
+
+    def segment_capped(self, images_rgb, cap):
+        return [CappedPersons([], True) if int(im[0, 0, 0]) % 2 else found
+                for im, found in zip(images_rgb, super().segment_capped(images_rgb, cap))]
+
+
+def test_photos_whose_persons_all_lacked_a_mask_are_told_apart_from_those_without_persons(
+    people_dataset, tiny_onnx, tmp_path, monkeypatch, capsys
+):
+    """"rows without person" beside "photo(s) had more than N persons" read as a contradiction: the
+    rows whose persons all lacked a mask are counted apart, with where to see which."""
+    monkeypatch.setattr(galleries, "make_segmenter", lambda spec, device: Maskless())
+    out = tmp_path / "out"
+    argv = ["--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out),
+            "--max-result-images", "0", "--max-persons", "4"]
+    assert cli.main(argv) == 3  # the corrupt row
+    rows = read_manifest(out / "embeddings_segment" / "manifest.csv")
+    maskless = {r.source_row for r in rows if r.status == "no_person" and r.error.startswith("no person with a mask")}
+    assert maskless
+    said = " ".join(capsys.readouterr().out.split())
+    assert (f"rows without person: {len(maskless)} had persons, but none with a mask among the 4 most confident "
+            "(manifest.csv's error column says which; a larger --max-persons looks further)") in said
 
 
 def test_max_persons_with_the_person_biased_yolo_counts_every_cut_photo(person_pt, tiny_onnx, tmp_path, capsys):
