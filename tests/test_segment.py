@@ -357,15 +357,20 @@ class Crowd(Segmenter):
         return out
 
 
-def test_max_persons_keeps_the_most_confident_and_the_summary_counts_the_photos(
-    people_dataset, tiny_onnx, tmp_path, monkeypatch, capsys
-):
-    monkeypatch.setattr(galleries, "make_segmenter", lambda spec, device: Crowd())
+def crowd_run(segmenter: Segmenter, people_dataset, tiny_onnx, tmp_path, monkeypatch) -> list:
+    """A segmented gallery of people_dataset cut by `segmenter` with --max-persons 4: its manifest's lines."""
+    monkeypatch.setattr(galleries, "make_segmenter", lambda spec, device: segmenter)
     out = tmp_path / "out"
     argv = ["--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out),
             "--max-result-images", "0", "--max-persons", "4"]
     assert cli.main(argv) == 3  # the corrupt row
-    rows = read_manifest(out / "embeddings_segment" / "manifest.csv")
+    return read_manifest(out / "embeddings_segment" / "manifest.csv")
+
+
+def test_max_persons_keeps_the_most_confident_and_the_summary_counts_the_photos(
+    people_dataset, tiny_onnx, tmp_path, monkeypatch, capsys
+):
+    rows = crowd_run(Crowd(), people_dataset, tiny_onnx, tmp_path, monkeypatch)
     crowd = Crowd().segment
     for i in (1, 2, 5, 7, 8):  # 3 or 6 persons
         found = crowd([np.full((90, 60, 3), i, np.uint8)])[0]
@@ -451,12 +456,7 @@ def test_photos_whose_persons_all_lacked_a_mask_are_told_apart_from_those_withou
 ):
     """"rows without person" beside "photo(s) had more than N persons" read as a contradiction: the
     rows whose persons all lacked a mask are counted apart, with where to see which."""
-    monkeypatch.setattr(galleries, "make_segmenter", lambda spec, device: Maskless())
-    out = tmp_path / "out"
-    argv = ["--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out),
-            "--max-result-images", "0", "--max-persons", "4"]
-    assert cli.main(argv) == 3  # the corrupt row
-    rows = read_manifest(out / "embeddings_segment" / "manifest.csv")
+    rows = crowd_run(Maskless(), people_dataset, tiny_onnx, tmp_path, monkeypatch)
     maskless = {r.source_row for r in rows if r.status == "no_person" and r.error.startswith("no person with a mask")}
     assert maskless
     said = " ".join(capsys.readouterr().out.split())
