@@ -42,10 +42,14 @@ def video_outputs(folder: Path) -> list[Path]:
     return [p for pattern in VIDEO_OUTPUTS for p in folder.glob(pattern) if p.is_file()]
 
 
+def query_pictures(folder: Path) -> list[Path]:
+    """A query run's pictures in its folder (QUERY_PICTURE names only)."""
+    return [p for p in folder.glob("q*.jpg") if QUERY_PICTURE.fullmatch(p.name)]
+
+
 def query_outputs(folder: Path) -> list[Path]:
     """A query run's pictures and table in its folder."""
-    return [p for p in folder.glob("q*.jpg") if QUERY_PICTURE.fullmatch(p.name)] + [
-        p for p in [folder / QUERY_TABLE] if p.is_file()]
+    return query_pictures(folder) + [p for p in [folder / QUERY_TABLE] if p.is_file()]
 
 
 def retire_stale(store_dir: Path, output_dir: Path, plots_dir: Path, summary: RunSummary,

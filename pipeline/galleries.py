@@ -106,14 +106,10 @@ def store_segment(cfg: RunConfig) -> SegmentSpec:
     defaults' model would cut query persons otherwise, or, offline, fail to load), checked: weights
     retrained under the same name, or a model file not found from here, are refused saying what to
     pass. Any other run: its own."""
-    if not cfg.segmented or not (cfg.searches_only or cfg.from_cache) or not (cfg.store_dir / SIDECAR_FILE).is_file():
+    sidecar = store_sidecar(cfg) if cfg.segmented and (cfg.searches_only or cfg.from_cache) else None
+    if sidecar is None or sidecar.source.kind != "segment":
         return cfg.segment
-    try:
-        made = Sidecar.read(cfg.store_dir / SIDECAR_FILE).source
-    except CacheMismatchError:
-        return cfg.segment  # loading the store says what is wrong with it
-    if made.kind != "segment":
-        return cfg.segment
+    made = sidecar.source
     taken = {name: getattr(made, field) for field, name in _STORE_SEGMENT
              if field not in cfg.explicit and getattr(made, field, None) not in (None, getattr(cfg.segment, name))}
     if not taken:
@@ -581,14 +577,10 @@ def with_store_source(cfg: RunConfig) -> tuple[RunConfig, str]:
     split, image column, row limit and id column), as its embedder is, so that an update with no
     dataset flags keeps the store's scope (the default --limit would cut a gallery of every row to
     10,000 photos). Returns the configuration and what was taken, as flags ("" when nothing)."""
-    if not cfg.update or not (cfg.store_dir / SIDECAR_FILE).is_file():
+    sidecar = store_sidecar(cfg) if cfg.update else None
+    if sidecar is None or sidecar.source.dataset is None:
         return cfg, ""
-    try:
-        made = Sidecar.read(cfg.store_dir / SIDECAR_FILE).source
-    except CacheMismatchError:
-        return cfg, ""  # the update's own load says what is wrong with it
-    if made.dataset is None:
-        return cfg, ""
+    made = sidecar.source
     taken, flags = {}, []
     for field, name, flag in _STORE_DATASET:
         value = getattr(made, field)
@@ -611,11 +603,20 @@ def store_identity_if_default(cfg: RunConfig) -> VectorIdentity | None:
     (the embedder is the default one); None when one was, or the store cannot be read (loading it
     then says what is wrong)."""
     default, asked = EmbedderSpec(), cfg.embedder
-    if ({"model", "onnx", "backend"} & cfg.explicit or (asked.model, asked.onnx, asked.backend) !=
-            (default.model, default.onnx, default.backend) or not (cfg.store_dir / SIDECAR_FILE).is_file()):
+    if {"model", "onnx", "backend"} & cfg.explicit or (asked.model, asked.onnx, asked.backend) != (
+            default.model, default.onnx, default.backend):
+        return None
+    sidecar = store_sidecar(cfg)
+    return None if sidecar is None else sidecar.identity
+
+
+def store_sidecar(cfg: RunConfig) -> Sidecar | None:
+    """The sidecar of the run's store, for what a run takes from it where no flag says; None when
+    there is none or it cannot be read (loading the store then says what is wrong with it)."""
+    if not (cfg.store_dir / SIDECAR_FILE).is_file():
         return None
     try:
-        return Sidecar.read(cfg.store_dir / SIDECAR_FILE).identity
+        return Sidecar.read(cfg.store_dir / SIDECAR_FILE)
     except CacheMismatchError:
         return None
 
@@ -666,13 +667,10 @@ def _on_store_runtime(cfg: RunConfig) -> EmbedderSpec:
     does not say (as Catalog.open(onnx=...) takes it): one runtime's vectors are never searched or
     updated with the other's, and the flag left out asks for none in particular."""
     spec = cfg.embedder
-    if ("onnx_runtime" in cfg.explicit or spec.resolve_backend() != "onnx"
-            or not (cfg.store_dir / SIDECAR_FILE).is_file()):
+    sidecar = None if "onnx_runtime" in cfg.explicit or spec.resolve_backend() != "onnx" else store_sidecar(cfg)
+    if sidecar is None:
         return spec
-    try:
-        made = Sidecar.read(cfg.store_dir / SIDECAR_FILE).identity
-    except CacheMismatchError:
-        return spec  # loading the store says what is wrong with it
+    made = sidecar.identity
     if made.backend != "onnx" or (made.runtime or ONNXRUNTIME) == spec.runtime:
         return spec
     log.info("%s was made on %s: its queries run there too", cfg.store_dir, made.runtime)

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .backends import OPEN_CLIP_HUB, OPEN_CLIP_PREFIX
 from .config import RunConfig
 from .dataset import is_hub_id
 
@@ -40,8 +41,8 @@ def hub_names(cfg: RunConfig) -> list[str]:
         if made is not None:
             model, loads_model = made.model or model, made.backend == "torch"
     # a path that is gone: no hub helps; open_clip's hub models are named hf-hub:ORG/NAME
-    hub_model = model.removeprefix("hf-hub:")
-    if loads_model and not Path(model).exists() and is_hub_id(hub_model) and not model.startswith("open_clip:"):
+    hub_model = model.removeprefix(OPEN_CLIP_HUB)
+    if loads_model and not Path(model).exists() and is_hub_id(hub_model) and not model.startswith(OPEN_CLIP_PREFIX):
         names.append(f"--model {model}")
     return names
 

@@ -24,7 +24,7 @@ from .backends import EVAL_BACKENDS, ONNXRUNTIME, model_by_name
 from .catalog import Catalog
 from .config import RunConfig
 from .dataset import IMAGE_SUFFIXES, DatasetSpec, arrow_numpy, count_rows, iter_records
-from .derived import QUERY_PICTURE, QUERY_TABLE, made_on
+from .derived import QUERY_TABLE, made_on, query_pictures
 from .embedders import Embedder, EmbedderSpec, make_embedder
 from .errors import PipelineError, UsageError, first_line
 from .export import fp32_path_for
@@ -255,7 +255,7 @@ def remove_other_pictures(folder: Path, written: Sequence[Path]) -> int:
     """Delete the query pictures (QUERY_PICTURE names only) that this run did not write, so the folder
     holds this run's pictures and no stale ones of earlier queries. Returns how many went."""
     keep = {p.name for p in written}
-    stale = [p for p in folder.glob("q*.jpg") if QUERY_PICTURE.fullmatch(p.name) and p.name not in keep]
+    stale = [p for p in query_pictures(folder) if p.name not in keep]
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
