@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e2e-images", type=int, default=1000)
     ap.add_argument("--e2e-decode", default="auto", help="the end-to-end stage's --decode (auto or cpu: Pillow "
                     "decodes and resizes; cpu-simd: torch resizes); several, comma-separated, are measured in turn")
-    ap.add_argument("--e2e-rounds", type=int, default=1, help="end-to-end runs of each --e2e-decode, alternating")
+    ap.add_argument("--e2e-rounds", type=int, default=1, help="end-to-end runs of each --e2e-decode and "
+                    "runtime, in turn (the same order each round)")
     ap.add_argument("--e2e-runtime", default="onnxruntime", help="the end-to-end stage's --onnx-runtime "
                     "(onnxruntime, openvino); both, comma-separated, are measured in turn")
     ap.add_argument("--int8", default="static,dynamic", help="int8 exports measured (static is always measured)")

@@ -214,15 +214,14 @@ def test_catalog_refuses_what_does_not_fit(built, tmp_path):
     with pytest.raises(PipelineError, match=r"L2-normalized.*vector\(s\) 1 \(10\), 2 \(0\) have another length"):
         cat.search_vectors(scaled)
     assert cat.search_vectors(cat.embeddings[3] * np.float32(1.0004), k=1)[0][0].row == 3  # float rounding passes
-    from pipeline.errors import UsageError as _UsageError
+    from pipeline.errors import UsageError
 
-    with pytest.raises(_UsageError, match="search_text takes one text, got a list"):
+    with pytest.raises(UsageError, match="search_text takes one text, got a list"):
         cat.search_text(["red", "blue"])  # type: ignore[arg-type]
-    with pytest.raises(_UsageError, match="is a folder: search_image takes one picture"):
+    with pytest.raises(UsageError, match="is a folder: search_image takes one picture"):
         cat.search_image(tmp_path)
     with pytest.raises(PipelineError, match="an item is asked for by its row"):
         cat.neighbours(True)  # type: ignore[arg-type]
-    from pipeline.errors import UsageError
 
     for k in (0, -1, 2.5, True):
         with pytest.raises(UsageError, match="a whole number of at least 1, got"):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
 from pipeline.derived import made_on, retire_stale
 from pipeline.report import RunSummary
+from pipeline.store import read_manifest
 from pipeline.webreport import REPORT_DIR, Section, read_section, write_section
 from tests import assets
-from tests.helpers import row_files, run
+from tests.helpers import run
 from tests.test_update import args, cli_update, write_catalogue
 
 
@@ -18,8 +21,8 @@ def sections(out: Path) -> list[str]:
     return json.loads(text[text.index("(") + 1 : text.rindex(")")])
 
 
-def query(out: Path, onnx: Path, picture: Path) -> list[str]:
-    assert run("--query-image", picture, "--onnx", onnx, "--output-dir", out, "--top-k", "3") == 0
+def query(out: Path, onnx: Path, picture: Path, k: int = 3) -> list[str]:
+    assert run("--query-image", picture, "--onnx", onnx, "--output-dir", out, "--top-k", k) == 0
     return sorted(p.name for p in (out / "retrieval_results" / "queries").iterdir())
 
 
@@ -35,13 +38,17 @@ def test_query_results_of_a_store_are_removed_when_an_update_changes_it(tiny_onn
     assert stamp == made_on(out / "embeddings", out, out / "retrieval_results" / "queries")
     assert stamp["gallery"] == "embeddings" and stamp["folder"] == "retrieval_results/queries"
 
-    # a gallery run that leaves the store as it was keeps them: from the cache, and an update of nothing
+    # a gallery run that leaves the store as it was keeps them, bytes and section: from the cache, and an
+    # update of nothing
+    queries = out / "retrieval_results" / "queries"
+    made = query(out, tiny_onnx, picture, k=12)  # every item: the rows after the one removed below too
+    table = (queries / "query_results.csv").read_bytes()
     assert run(*args(data, tiny_onnx, out, "--use-embeddings")) == 0
     assert cli_update(data, tiny_onnx, out) == 0
-    assert query(out, tiny_onnx, picture) == made and "query" in sections(out)
+    assert sorted(p.name for p in queries.iterdir()) == made and (queries / "query_results.csv").read_bytes() == table
+    assert "query" in sections(out) and read_section(out / "outputs", "query")["data"]["made_on"] == stamp
 
-    gone = row_files(out)[3]
-    hits = (out / "retrieval_results" / "queries" / "query_results.csv").read_text()
+    hits = list(csv.DictReader(io.StringIO(table.decode())))
     write_catalogue(data, [*range(3), *range(4, 12)])  # the photo of row 3 removed: rows after it move up
     capsys.readouterr()
     assert cli_update(data, tiny_onnx, out) == 0
@@ -51,7 +58,9 @@ def test_query_results_of_a_store_are_removed_when_an_update_changes_it(tiny_onn
     assert not (out / "outputs" / REPORT_DIR / "sections" / "query.js").exists()
     assert "results made on the gallery before this run removed, with their report sections " \
            "(retrieval_results/queries)" in " ".join(said.split())
-    assert "row" in hits and gone  # the removed table named rows of the store before the update
+    # the table removed named rows that hold other photos now (the rows after the one removed moved up)
+    now = {r.index: r.file for r in read_manifest(out / "embeddings" / "manifest.csv")}
+    assert len(hits) == 12 and any(now.get(int(h["row"])) != h["gallery_file"] for h in hits)
     # run again, they name the store as it is now
     assert query(out, tiny_onnx, picture) == made
     assert read_section(out / "outputs", "query")["data"]["made_on"] == made_on(

@@ -270,10 +270,7 @@ def test_open_clips_info_lines_on_the_root_logger_stay_out_of_the_runs_log(tiny,
     """open_clip logs what it loads with logging.info on the root logger ("INFO root: Loaded ..."):
     left out of the run's log unless -v; its warnings, and the pipeline's own lines, stay."""
     import logging
-    import subprocess
-    import sys
-
-    import open_clip
+    import os
 
     _, hub = tiny
     code = f"""
@@ -284,13 +281,11 @@ make_embedder(EmbedderSpec(model={str(hub)!r}, backend="torch"))
 logging.getLogger("pipeline.x").info("the pipeline's own line")
 """
     run_ = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run_.returncode == 0, run_.stderr
     assert "INFO root:" not in run_.stderr and "INFO pipeline.x: the pipeline's own line" in run_.stderr
-    import main
-
     at = str(Path(open_clip.__file__).parent / "factory.py")
     record = logging.LogRecord("root", logging.INFO, at, 1, "Loaded ViT-B-32 model config.", None, None)
-    assert not main._not_a_librarys_root_info(record)
+    assert not cli._not_a_librarys_root_info(record)
     record.levelno = logging.WARNING
-    assert main._not_a_librarys_root_info(record)
+    assert cli._not_a_librarys_root_info(record)

@@ -254,7 +254,6 @@ def test_a_search_from_anywhere_asks_the_hub_about_the_store_s_model_not_the_def
     """No model flags, no default file here: the search embeds with the store's own embedder, so the
     offline check names that one (it named the default model, which the search never loads)."""
 
-    import main as cli
     from pipeline import galleries
     from pipeline.hub import hub_names
     from pipeline.identity import VectorIdentity
@@ -275,7 +274,6 @@ def test_a_search_from_anywhere_asks_the_hub_about_the_store_s_model_not_the_def
 def test_an_export_of_a_local_model_to_the_default_file_asks_the_hub_nothing(tmp_path, monkeypatch):
     """default_file_note compared the default model by its reference, which read its family from the
     hub: 23 s of retries offline after a fully local export."""
-    import main as cli
     from pipeline import embedders
     from pipeline.runner import default_file_note
 

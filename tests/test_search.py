@@ -903,7 +903,7 @@ def test_a_torch_store_follows_its_model_folder_by_its_weights(tiny_clip, tmp_pa
     # other weights are not
     other = assets.save_tiny_clip(tmp_path / "clip_c", seed=1)
     capsys.readouterr()
-    assert cli.main(["--output-dir", str(out), "--query-text", "red", "--model", str(other), "-q"]) != 0
+    assert cli.main(["--output-dir", str(out), "--query-text", "red", "--model", str(other), "-q"]) == 1
     assert "model_sha256: cache has" in capsys.readouterr().err
 
 

@@ -364,6 +364,7 @@ def test_an_update_without_dataset_flags_keeps_the_store_s_dataset_and_rows(tiny
     assert cli.main(["--onnx", str(tiny_onnx), "--output-dir", str(out), "--update", "--limit", "5",
                      "--max-result-images", "0"]) == 0
     assert "removed 9" in " ".join(capsys.readouterr().out.split())
+    assert sorted(r.source_row for r in read_manifest(out / "embeddings" / "manifest.csv")) == [0, 1, 2, 3, 4]
 
 
 def test_a_resumed_update_s_progress_bar_counts_its_new_photos(tiny_onnx, tmp_path, monkeypatch):
