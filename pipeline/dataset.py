@@ -228,17 +228,19 @@ SPLIT_FOLDERS = {"train": ("train", "training"), "validation": ("validation", "v
                  "test": ("test", "testing", "eval", "evaluation")}
 
 
-def _split_folders(path: Path) -> dict[str, Path]:
-    """split -> its top-level subfolder of an image folder laid out by split (`train/`, `test/`, ...)."""
+def _split_folders(path: Path) -> tuple[dict[str, Path], list[os.DirEntry]]:
+    """split -> its top-level subfolder of an image folder laid out by split (`train/`, `test/`, ...),
+    and the folder's top-level entries (hidden ones aside), listed once for what belongs to no split."""
+    with os.scandir(path) as listing:
+        entries = [e for e in listing if not e.name.startswith(".")]
+    names = {e.name: Path(e.path) for e in entries if e.is_dir()}
     found = {}
-    with os.scandir(path) as entries:
-        names = {e.name: Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")}
     for split, keywords in SPLIT_FOLDERS.items():
         for keyword in keywords:
             if keyword in names:
                 found[split] = names[keyword]
                 break
-    return found
+    return found, entries
 
 
 def _image_folder(spec: DatasetSpec) -> Path | None:
@@ -249,15 +251,16 @@ def _image_folder(spec: DatasetSpec) -> Path | None:
     path = Path(spec.name)
     if not (path.is_dir() and _is_image_folder(path)):
         return None
-    splits = _split_folders(path)
+    splits, entries = _split_folders(path)
     if spec.split in splits:
-        _say_once(path, spec.split, _outside_splits(path, splits))
+        if (str(path), spec.split) not in _SAID:
+            _say_once(path, spec.split, _outside_splits(entries, splits))
         return splits[spec.split]
     if splits:
         folders = ", ".join(sorted(f"{p.name}/" for p in splits.values()))
         raise PipelineError(f"{path} has splits {sorted(splits)} (its subfolders {folders}), not {spec.split!r}; "
                             "choose one with --split")
-    if spec.split != "train":  # read whole, as before splits were read (a store made so is updated so)
+    if spec.split != "train" and (str(path), spec.split) not in _SAID:  # read whole, as before splits were read
         named = ", ".join(f"{k[0]}/" for k in SPLIT_FOLDERS.values())
         _say_once(path, spec.split, f"has no split subfolders ({named}): every picture is read, as split 'train' "
                                     f"would be, not split {spec.split!r} alone")
@@ -274,14 +277,12 @@ def _say_once(path: Path, split: str, said: str) -> None:
         log.warning("%s %s", path, said)
 
 
-def _outside_splits(path: Path, splits: dict[str, Path]) -> str:
-    """What of a folder laid out by split no split reads: its top-level pictures and other subfolders."""
+def _outside_splits(entries: list[os.DirEntry], splits: dict[str, Path]) -> str:
+    """What of a folder laid out by split (its top-level `entries`) no split reads: its top-level
+    pictures and other subfolders."""
     inside = {p.name for p in splits.values()}
-    with os.scandir(path) as entries:
-        loose = sum(1 for e in entries if e.is_file() and not e.name.startswith(".")
-                    and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
-    with os.scandir(path) as entries:
-        others = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith(".") and e.name not in inside)
+    loose = sum(1 for e in entries if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
+    others = sorted(e.name for e in entries if e.is_dir() and e.name not in inside)
     parts = ([f"{loose} picture(s) at its top"] if loose else []) + ([f"its folders {', '.join(others)}"] if others
                                                                      else [])
     return (f"is laid out by split ({', '.join(sorted(inside))}): {' and '.join(parts)} belong to none and are not "
@@ -984,7 +985,8 @@ def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None, warn: b
     import pyarrow as pa
 
     path = Path(spec.name)
-    folder = path.is_dir() and _is_image_folder(path)
+    root = _image_folder(spec)  # an image folder's split folder (checked), else None
+    folder = root is not None
     files, opener = _parquet_files(spec, folder)
     table = None
     if files:
@@ -997,8 +999,8 @@ def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None, warn: b
             stop = len(ds) if spec.limit is None else min(len(ds), spec.limit)
             table = ds.select_columns(columns).with_format("arrow")[:stop] if columns else pa.table({})
             table = table if columns else pa.table({"source_row": int64_array(range(stop))})
-    elif folder:
-        table = folder_metadata(_image_folder(spec) or path, spec, asked, warn)
+    elif root is not None:
+        table = folder_metadata(root, spec, asked, warn)
     if table is None:
         if asked:
             raise PipelineError(f"--meta-columns: {metadata_none_why(spec.name)}: it has no columns to keep")
@@ -1314,10 +1316,10 @@ def _parquet_metadata(files: list[Any], opener: Callable[[Any], AbstractContextM
     # a remote file's by two exact reads (_read_footer), not pyarrow's 64 KiB tail read
     footers = _footers(files, opener, spec)
     schema = _union_schema(footers)
-    columns = _agreeing(footers, _chosen(scalar_columns(schema, spec), asked, schema.names, spec), spec, asked, warn)
+    plain = scalar_columns(schema, spec)
+    columns = _agreeing(footers, _chosen(plain, asked, schema.names, spec), spec, asked, warn)
     if warn and asked is None:  # said once, by name: a user looking for a column in the hits learns why it is not
-        unkept = [n for n in schema.names if n not in scalar_columns(schema, spec) and n != spec.image_column
-                  and n not in RESERVED_META]
+        unkept = [n for n in schema.names if n not in plain and n != spec.image_column and n not in RESERVED_META]
         if unkept:
             log.info("metadata: %s not kept: a column must hold one plain value a row (text, number, true/false, "
                      "date), not a list, a struct or bytes", ", ".join(repr(n) for n in unkept))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shlex
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -45,7 +44,15 @@ from .metadata import METADATA_FILE, load_metadata, write_metadata
 from .persons import Segmenter
 from .preprocess import CPU_DECODES, CPU_PIXELS, DEVICE_PIXELS, cpu_pixels
 from .ray_engine import RayBuild, build_gallery_ray
-from .remedy import DECODE_OF_PIXELS, build_first, cache_flag, finish_unfinished, gallery_run, reuse_or_rebuild
+from .remedy import (
+    DECODE_OF_PIXELS,
+    build_first,
+    cache_flag,
+    finish_unfinished,
+    flags_that_made,
+    gallery_run,
+    reuse_or_rebuild,
+)
 from .remote import list_names, remove_stale_at_url
 from .report import RunSummary
 from .searcher import Searcher, unknown_group_column
@@ -260,10 +267,6 @@ SWITCH_STOPPED = ("an update of {store} was interrupted in the middle of its swi
 def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
     """The gallery for this run: from the cache when asked, else built (or resumed); its failed
     rows are recorded in the summary."""
-    if cfg.update:  # an output at a URL: its store is here only now (runner.run took a local one's before)
-        cfg, kept = with_store_source(cfg)
-        if kept:
-            summary.notes.append(f"updated with the store's own {kept} (not given)")
     pending = (cfg.store_dir / UPDATE_DIR / SWITCH_FILE).is_file()
     if pending and cfg.from_cache:
         raise CacheMismatchError(SWITCH_STOPPED.format(store=cfg.store_dir))
@@ -566,10 +569,9 @@ def open_searcher(cfg: RunConfig, embeddings: np.ndarray, rows: list[ManifestRow
     return searcher
 
 
-# GallerySource field, DatasetSpec field, flag: what an --update takes from its store where no flag says
-_STORE_DATASET = (("dataset", "name", "--dataset"), ("config", "config", "--config"), ("split", "split", "--split"),
-                  ("image_column", "image_column", "--image-column"), ("limit", "limit", "--limit"),
-                  ("id_column", "id_column", "--id-column"))
+# GallerySource field -> DatasetSpec field: what an --update takes from its store where no flag says
+_STORE_DATASET = {"dataset": "name", "config": "config", "split": "split", "image_column": "image_column",
+                  "limit": "limit", "id_column": "id_column"}
 
 
 def with_store_source(cfg: RunConfig) -> tuple[RunConfig, str]:
@@ -581,21 +583,14 @@ def with_store_source(cfg: RunConfig) -> tuple[RunConfig, str]:
     if sidecar is None or sidecar.source.dataset is None:
         return cfg, ""
     made = sidecar.source
-    taken, flags = {}, []
-    for field, name, flag in _STORE_DATASET:
-        value = getattr(made, field)
-        # None recorded: the default configuration, every row; an id column or image column not recorded
-        if field in cfg.explicit or value == getattr(cfg.dataset, name) or (
-                value is None and field not in ("config", "limit")):
-            continue
-        taken[name] = value
-        if value is None:
-            flags.append("--limit 0" if field == "limit" else "(no --config)")
-        else:
-            flags.append(f"{flag} {shlex.quote(str(value))}")
+    # None recorded: the default configuration, every row; an id column or image column not recorded
+    taken = [field for field, name in _STORE_DATASET.items()
+             if field not in cfg.explicit and getattr(made, field) != getattr(cfg.dataset, name)
+             and (getattr(made, field) is not None or field in ("config", "limit"))]
     if not taken:
         return cfg, ""
-    return replace(cfg, dataset=replace(cfg.dataset, **taken)), " ".join(flags)
+    spec = replace(cfg.dataset, **{_STORE_DATASET[f]: getattr(made, f) for f in taken})
+    return replace(cfg, dataset=spec), " ".join(flags_that_made(taken, sidecar.identity, made, None))
 
 
 def store_identity_if_default(cfg: RunConfig) -> VectorIdentity | None:

@@ -139,6 +139,9 @@ class RaySession:
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
         # A dataset of fewer pieces than actors (a small catalogue) is not a problem worth a warning.
         warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
+        # max_restarts (an own Ray's, _layout) has no argument of its own yet (Ray 2.60): passed as a remote
+        # arg, which Ray says on every run is deprecated (until 2.64)
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
 
     def release(self) -> None:
         """Stop the Ray this session started (or leave the cluster it joined); a local instance
@@ -502,14 +505,6 @@ def _layout(ray, wanted: list[Piece], plan: _Plan, cores: int, gpus: int, own_ra
     restartable actor has constructor arguments in its object store. On a cluster it joined, Ray's
     fault tolerance is kept (and so is that line)."""
     restarts: dict[str, Any] = {"max_restarts": 0} if own_ray else {}
-    with warnings.catch_warnings():
-        # max_restarts has no argument of its own yet (Ray 2.60): passed as a remote arg, which Ray says on
-        # every run is deprecated (until 2.64)
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-        return _map_layout(ray, wanted, plan, cores, gpus, restarts)
-
-
-def _map_layout(ray, wanted: list[Piece], plan: _Plan, cores: int, gpus: int, restarts: dict[str, Any]):
     ds = ray.data.from_items([{"piece": json.dumps(asdict(p))} for p in wanted], override_num_blocks=len(wanted))
     segmented, split = plan.build.segment is not None, split_layout(gpus)
     embed_args = {"num_gpus": 1} if gpus else {"num_cpus": 0.5}

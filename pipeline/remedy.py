@@ -80,8 +80,8 @@ def finish_unfinished(store: Path, segmented: bool, search_from: Path | str, onn
         identity = VectorIdentity.from_json(params["identity"], RUN_FILE)
         source = GallerySource.from_json(params["source"], RUN_FILE)
         made = {**source.to_json(), **identity.to_json()}
+        # to_json leaves out the default runtime (onnxruntime): only OpenVINO's is named
         names = [n for n in _UNFINISHED_FIELDS if (made.get(n) is not None or n == "limit")
-                 and not (n == "runtime" and identity.runtime in (None, ONNXRUNTIME))  # the default runtime unsaid
                  and not (n == "keep_unsegmented" and not made.get(n))]
         flags = flags_that_made(names, identity, source, onnx_asked)
         flags += [f"--batch-size {int(params['batch_size'])}", f"--shard-rows {int(params['shard_rows'])}"]

@@ -54,7 +54,6 @@ RECALL_AT = (1, 5, 10)
 # Tiles of the query pictures: the query picture itself and the matches' image files hold more than
 # the store's THUMB_SIZE thumbnails, and a query run draws a handful of pictures, not one per item.
 QUERY_TILE = 224
-# The pictures a query run writes (q000_<query>.jpg); another run's that this one did not write go.
 _IMAGE_SUFFIX = re.compile("(?:" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES) + ")(?=#|$)", re.IGNORECASE)
 
 
