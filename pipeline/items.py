@@ -282,6 +282,9 @@ def make_segment_items(segmenter: Segmenter, spec: SegmentSpec) -> ItemMaker:
 CUT_MARK = "(--max-persons)"
 
 
+NO_MASK = "no person with a mask"  # a photo whose persons all lost their masks (Ultralytics drops empty ones)
+
+
 def cut_note(cap: int) -> str:
     return f"more than {cap} person(s) found: the {cap} most confident kept {CUT_MARK}"
 
@@ -357,7 +360,7 @@ def crops_of_row(
     row.status, row.note = "no_person", note
     # Ultralytics drops persons whose mask is empty: all of the most confident may have had one.
     row.error = (
-        f"no person with a mask among the {spec.max_persons} most confident"
+        f"{NO_MASK} among the {spec.max_persons} most confident"
         if found.cut
         else "no person detected"
     )

@@ -53,6 +53,7 @@ from .hub import go_offline_unless_reachable
 from .images import ImageDecodeError, decode_image
 from .index import INDEX_FILE
 from .int8graph import DEPTHWISE_GRAPH
+from .items import NO_MASK
 from .metadata import load_metadata
 from .modes import selected_mode
 from .pictures import PictureJob, draw_pictures, picture_name
@@ -157,7 +158,7 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
         summary.count("crops", sum(1 for r in rows if r.person >= 0 and r.status == "ok"))
         whole = sum(1 for r in rows if r.person < 0 and r.status == "ok")  # --keep-unsegmented: embedded whole
         summary.count("rows without person", sum(1 for r in rows if r.status == "no_person") + whole)
-        maskless = sum(1 for r in rows if r.status == "no_person" and r.error.startswith("no person with a mask"))
+        maskless = sum(1 for r in rows if r.status == "no_person" and r.error.startswith(NO_MASK))
         if maskless:  # beside "photo(s) had more than N persons", a count that looked contradictory
             summary.notes.append(f"rows without person: {maskless} had persons, but none with a mask among the "
                                  f"{cfg.segment.max_persons} most confident (manifest.csv's error column says which; "
