@@ -41,6 +41,7 @@ class RunSummary:
     # report draws the same results as a real table from the mode's own data, so it shows no copy.
     tables: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    report_section: str = ""  # the id of the report section the run wrote (webreport.write_section), if any
 
     @contextmanager
     def stage(self, name: str, label: str | None = None) -> Iterator[None]:

@@ -74,7 +74,15 @@ from .store import (
     shown_name,
     store_sha256,
 )
-from .webreport import REPORT_DIR, Section, build_summary, count_of, write_gallery_pages, write_section
+from .webreport import (
+    REPORT_DIR,
+    Section,
+    build_summary,
+    count_of,
+    rewrite_summary,
+    write_gallery_pages,
+    write_section,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +110,15 @@ def run(cfg: RunConfig) -> RunSummary:
             log.warning(unused)  # and in the summary's notes
         offline = go_offline_unless_reachable(cfg)  # before anything asks the hub
         summary = run_mode(cfg)
+        if kept:
+            summary.notes.append(f"updated with the store's own {kept} (not given)")
+        summary.notes.extend(note for note in (fallback, unused) if note)
+        if offline:
+            summary.notes.append("worked offline: the Hugging Face hub could not be reached (see the warning above)")
+        summary.outputs = at_url(summary.outputs, cfg.output_dir, cfg.output_url)
+        rewrite_summary(cfg.plots_dir, summary)  # the report says what the printed summary says (sent with it)
     if copy is not None:
         summary.notes.append(f"outputs sent to {cfg.output_url} ({copy.sent} file(s); working copy {cfg.output_dir})")
-        summary.outputs = at_url(summary.outputs, cfg.output_dir, cfg.output_url)
-    if kept:
-        summary.notes.append(f"updated with the store's own {kept} (not given)")
-    if fallback:
-        summary.notes.append(fallback)
-    if unused:
-        summary.notes.append(unused)
-    if offline:
-        summary.notes.append("worked offline: the Hugging Face hub could not be reached (see the warning above)")
     return summary
 
 

@@ -259,7 +259,18 @@ def write_section(plots_dir: Path, section: Section) -> Path:
     _write_index(folder)
     page = plots_dir / REPORT_HTML
     atomic_write_text(page, PAGE)
+    section.summary.report_section = section.id
     return page
+
+
+def rewrite_summary(plots_dir: Path, summary: RunSummary) -> None:
+    """Give the report section this run wrote the summary as it ends: the notes said once the mode
+    has returned, and the outputs as a URL --output-dir holds them (not in the working copy)."""
+    found = read_section(plots_dir, summary.report_section) if summary.report_section else None
+    if found is None:
+        return
+    found["summary"] = summary_payload(summary)
+    atomic_write_text(plots_dir / REPORT_DIR / "sections" / f"{summary.report_section}.js", _js("section", found))
 
 
 def drop_section(plots_dir: Path, section_id: str) -> None:

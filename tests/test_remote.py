@@ -4,6 +4,7 @@ cannot be written, or whose filesystem package is missing, is refused before any
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from pathlib import Path
@@ -230,6 +231,12 @@ def test_an_update_at_a_url_equals_a_fresh_build_and_keeps_the_old_store_until_i
     said = " ".join(capsys.readouterr().out.split())
     assert "added 0, changed 0, removed 0, unchanged 21" in said
     assert f"updated with the store's own --dataset {data.resolve()} --limit 0 (not given)" in said
+    # the report in the bucket says so too, and names the outputs where they are, at the URL (not in the working copy)
+    section = json.loads(_files(fs, url)["outputs/report/sections/gallery.js"].decode().split("(", 1)[1][:-3])
+    assert f"updated with the store's own --dataset {data.resolve()} --limit 0 (not given)" in section["summary"]["notes"]
+    outputs = section["summary"]["outputs"]
+    assert outputs["report"] == f"{url}/outputs/report.html", outputs
+    assert outputs and all(v.startswith(url) for v in outputs.values()), outputs
     # a picture search from a fresh working copy, with no model flags: the store's own file (found in ./onnx by its
     # sha256), read once the store is fetched: no note that the default model is used, and the outputs named
     # where they went, at the URL
