@@ -256,17 +256,61 @@ def make_embedder(spec: EmbedderSpec) -> Embedder:
 
 
 class SlicedEmbedder(Embedder):
-    """An image file run by `lanes` one-core runners (onnxruntime's one-thread sessions, OpenVINO's
-    streams): `_run` runs one slice on a free runner, and a batch is split over them on `_pool`
-    (None: one runner). A picture's vector does not depend on the slice it is in."""
+    """An exported image file run by `lanes` one-core runners (onnxruntime's one-thread sessions,
+    OpenVINO's infer requests), queued in `_free`: `_run` runs one slice on a free runner, and a
+    batch is split over them on `_pool` (None: one runner). A picture's vector does not depend on
+    the slice it is in. Its text tower, beside the file, runs on onnxruntime (fp32) either way."""
 
+    path: Path
     _pool: ThreadPoolExecutor | None = None
+    _free: queue.SimpleQueue
+    _text: _OnnxText | None = None  # opened by the first embed_text
+    _input_label = "the image file"  # how check_input's message names the file's input
+
+    def _infer(self, runner: Any, x: np.ndarray) -> np.ndarray:
+        """One slice through one runner (contiguous float32 (n, 3, H, W) in, (n, dim) out)."""
+        raise NotImplementedError
+
+    def _text_session(self) -> tuple[Any, list[str]]:
+        """The onnxruntime session options and providers the text tower runs with."""
+        raise NotImplementedError
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        runner = self._free.get()  # a free runner; blocks while all are busy
+        try:
+            return self._infer(runner, np.ascontiguousarray(x))
+        finally:
+            self._free.put(runner)
 
     def check_input(self, pixels: np.ndarray) -> None:
-        raise NotImplementedError
+        """Raise PipelineError naming the mismatch when `pixels` does not fit the file's input."""
+        want = (3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width)
+        if pixels.dtype != np.float32:
+            raise PipelineError(f"{self._input_label} takes float32, got {pixels.dtype}")
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
+            raise PipelineError(
+                f"{self._input_label} takes (batch, {want[0]}, {want[1]}, {want[2]}), got {tuple(pixels.shape)}"
+            )
+
+    def _file_identity(self, meta: dict[str, str], sha256: str, runtime: str) -> VectorIdentity:
+        """What the file's vectors are, from its metadata (once `dim` and the preprocessing are known)."""
+        return VectorIdentity(
+            backend="onnx",
+            family=meta.get(META_FAMILY, "clip"),
+            model=file_source_model(meta),
+            onnx_sha256=sha256,
+            precision="onnx-" + meta.get(META_PRECISION, "unknown"),
+            preprocess=json.loads(self.preprocess_cfg.to_json()),
+            dim=self.dim,
+            runtime=runtime,
+        )
+
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """The text tower exported beside the image file, tokenized with the `tokenizers` library
+        (no torch, no transformers)."""
+        if self._text is None:
+            self._text = _OnnxText(self.path, self.identity.model or "", *self._text_session())
+        return self._text.embed(texts)
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         self.check_input(pixels)
@@ -287,6 +331,8 @@ class SlicedEmbedder(Embedder):
 # ----------------------------------------------------------------------------- onnxruntime
 class OnnxEmbedder(SlicedEmbedder):
     """onnxruntime session over an exported CLIP image tower (input pixel_values, output image_embeds)."""
+
+    input: Any  # the session's image input (onnxruntime's NodeArg)
 
     @classmethod
     def from_spec(cls, spec: EmbedderSpec) -> Embedder:
@@ -310,7 +356,6 @@ class OnnxEmbedder(SlicedEmbedder):
             # its int8 GEMMs have no CUDA kernel: they would run on the CPU anyway, with copies at every layer
             log.info("%s is an int8 file written for onnxruntime's CPU: it runs on the CPU", path)
             self._providers = ["CPUExecutionProvider"]
-        self._text: _OnnxText | None = None  # opened by the first embed_text
         self._start_sessions(ort, threads)
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise PipelineError(f"onnxruntime could not start its CUDA provider for {path} (check CUDA/cuDNN versions)")
@@ -320,6 +365,7 @@ class OnnxEmbedder(SlicedEmbedder):
         if self.device == "cuda" and written_for_the_cpu(meta):  # --device cuda asked for it
             log.warning(cpu_file_on_gpu(path))
         self.input = self._image_input()
+        self._input_label = f"ONNX input {self.input.name!r}"
         self.output_name = self.session.get_outputs()[0].name
         self.preprocess_cfg = _preprocess_config_for_file(path, meta, model_hint)
         self._check_input_size()
@@ -348,16 +394,7 @@ class OnnxEmbedder(SlicedEmbedder):
                     unlink_quietly(self._cached)
                 raise
         log.debug("%s: %s", path, self.self_check)
-        self.identity = VectorIdentity(
-            backend="onnx",
-            family=meta.get(META_FAMILY, "clip"),
-            model=file_source_model(meta),
-            onnx_sha256=self.file_sha256,
-            precision="onnx-" + meta.get(META_PRECISION, "unknown"),
-            preprocess=json.loads(self.preprocess_cfg.to_json()),
-            dim=self.dim,
-            runtime=ONNXRUNTIME,
-        )
+        self.identity = self._file_identity(meta, self.file_sha256, ONNXRUNTIME)
 
     def _start_sessions(self, ort: Any, threads: int, use_cache: bool = True) -> None:
         """Open `self.session` and its replicas, queued in `self._free`, and the pool that runs them;
@@ -445,23 +482,8 @@ class OnnxEmbedder(SlicedEmbedder):
         x = np.zeros((1, 3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width), np.float32)
         return int(self.session.run([self.output_name], {self.input.name: x})[0].shape[-1])
 
-    def check_input(self, pixels: np.ndarray) -> None:
-        """Raise PipelineError naming the mismatch when `pixels` does not fit the model's input."""
-        want = (3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width)
-        if pixels.dtype != np.float32:
-            raise PipelineError(f"ONNX input {self.input.name!r} takes float32, got {pixels.dtype}")
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
-            raise PipelineError(
-                f"ONNX input {self.input.name!r} takes (batch, {want[0]}, {want[1]}, {want[2]}), got "
-                f"{tuple(pixels.shape)}"
-            )
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        session = self._free.get()  # a free session; blocks while all are busy
-        try:
-            return session.run([self.output_name], {self.input.name: np.ascontiguousarray(x)})[0]
-        finally:
-            self._free.put(session)
+    def _infer(self, runner: Any, x: np.ndarray) -> np.ndarray:
+        return runner.run([self.output_name], {self.input.name: x})[0]
 
     def embed_tensor(self, pixels: Any) -> np.ndarray:
         """A torch float32 tensor bound where it is (IO binding, no host copy on the GPU)."""
@@ -481,12 +503,8 @@ class OnnxEmbedder(SlicedEmbedder):
         finally:
             self._free.put(session)
 
-    def embed_text(self, texts: list[str]) -> np.ndarray:
-        """The text tower exported beside the image file, tokenized with the `tokenizers` library
-        (no torch, no transformers)."""
-        if self._text is None:
-            self._text = _OnnxText(self.path, self.identity.model or "", self._opts, self._text_providers)
-        return self._text.embed(texts)
+    def _text_session(self) -> tuple[Any, list[str]]:
+        return self._opts, self._text_providers
 
 
 def written_for_the_cpu(meta: dict[str, str]) -> bool:

@@ -19,7 +19,6 @@ not depend on its batch (tested). Nothing is pinned to a core: the decoding thre
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import re
@@ -30,20 +29,15 @@ from typing import Any
 import numpy as np
 
 from .embedders import (
-    META_FAMILY,
-    META_PRECISION,
     EmbedderSpec,
     SlicedEmbedder,
-    _OnnxText,
     _preprocess_config_for_file,
     _session_options,
     available_cores,
     file_metadata,
-    file_source_model,
 )
 from .errors import PipelineError, first_line
 from .fileio import sha256_file_once
-from .identity import VectorIdentity
 from .int8graph import META_INT8_RECIPE
 from .probes import check_file, probe_pixels
 
@@ -141,17 +135,7 @@ class OpenVinoEmbedder(SlicedEmbedder):
                                 f"{FOR_OPENVINO[0].upper()}{FOR_OPENVINO[1:]}.") from e
         self.self_check = check_file(path, meta, [probes], lambda: self._run(probes), remedy=ROUNDS_OTHERWISE)
         log.debug("%s on OpenVINO: %s", path, self.self_check)
-        self.identity = VectorIdentity(
-            backend="onnx",
-            family=meta.get(META_FAMILY, "clip"),
-            model=file_source_model(meta),
-            onnx_sha256=sha256_file_once(path),
-            precision="onnx-" + meta.get(META_PRECISION, "unknown"),
-            preprocess=json.loads(self.preprocess_cfg.to_json()),
-            dim=self.dim,
-            runtime=OPENVINO,
-        )
-        self._text: _OnnxText | None = None
+        self.identity = self._file_identity(meta, sha256_file_once(path), OPENVINO)
 
     def _check_io(self, path: Path) -> None:
         """One float (batch, 3, H, W) input, its fixed sizes (symbolic ones pass) what the preprocessing makes."""
@@ -166,26 +150,11 @@ class OpenVinoEmbedder(SlicedEmbedder):
             if dim.is_static and dim.get_length() != size:
                 raise PipelineError(f"{path}: input {name} is {dim.get_length()} but preprocessing makes {size}")
 
-    def check_input(self, pixels: np.ndarray) -> None:
-        want = (3, self.preprocess_cfg.crop_height, self.preprocess_cfg.crop_width)
-        if pixels.dtype != np.float32 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
-            raise PipelineError(f"the image file takes float32 (batch, {want[0]}, {want[1]}, {want[2]}), got "
-                                f"{pixels.dtype} {tuple(pixels.shape)}")
+    def _infer(self, runner: Any, x: np.ndarray) -> np.ndarray:
+        runner.infer({0: x})
+        return np.array(runner.get_output_tensor(0).data, dtype=np.float32)  # a copy: the buffer is reused
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        request = self._free.get()  # a free request; blocks while all are busy
-        try:
-            request.infer({0: np.ascontiguousarray(x)})
-            # a copy: the request's buffer is reused by its next call
-            return np.array(request.get_output_tensor(0).data, dtype=np.float32)
-        finally:
-            self._free.put(request)
+    def _text_session(self) -> tuple[Any, list[str]]:
+        import onnxruntime as ort
 
-    def embed_text(self, texts: list[str]) -> np.ndarray:
-        """The text tower beside the file, on onnxruntime (fp32, as the onnxruntime backend runs it)."""
-        if self._text is None:
-            import onnxruntime as ort
-
-            self._text = _OnnxText(self.path, self.identity.model or "", _session_options(ort, 1),
-                                   ["CPUExecutionProvider"])
-        return self._text.embed(texts)
+        return _session_options(ort, 1), ["CPUExecutionProvider"]
