@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 20 << 20
 MAX_BODY_BYTES = 64 << 10  # a text query, a filter: any body but an upload's
+UPLOAD_TOO_LARGE = f"the picture is over {MAX_UPLOAD_BYTES >> 20} MB: choose a smaller one, or a smaller copy of it"
 MAX_UPLOAD_PIXELS = 40_000_000  # a query picture (a 50 MP camera's photo is over it: said, not decoded)
 DECODING = 2  # uploads decoded and embedded at once; the others wait
 MAX_TEXT_CHARS = 500
@@ -344,7 +345,8 @@ class _BodyLimit:
     """ASGI middleware: a request body over its path's limit is answered 413 before it is read (by
     its Content-Length), or as soon as a body sent in chunks passes it."""
 
-    def __init__(self, app, limits: dict[str, int], default: int, refused: list[int] | None = None) -> None:
+    def __init__(self, app, limits: dict[str, tuple[int, str]], default: int, refused: list[int] | None = None) -> None:
+        """limits: a path's body limit in bytes, and what a person is told when a request passes it."""
         self.app, self.limits, self.default = app, limits, default
         self.refused = refused  # a query refused here is counted as the endpoints count theirs
 
@@ -357,13 +359,13 @@ class _BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limits.get(scope["path"], self.default)
+        limit, over = self.limits.get(scope["path"], (self.default, f"the request is over {self.default >> 10} KiB"))
         length = dict(scope.get("headers", ())).get(b"content-length")
         if length is not None and not length.isdigit():
             await self._answer(scope, send, 400, "the Content-Length is not a number")
             return
         if length is not None and int(length) > limit:
-            await self._answer(scope, send, 413, _over(limit))
+            await self._answer(scope, send, 413, over)
             return
         from starlette.exceptions import HTTPException
 
@@ -376,7 +378,7 @@ class _BodyLimit:
                 seen += len(message.get("body", b""))
                 if seen > limit:  # the app's read of the body stops here
                     too_large = True
-                    raise HTTPException(413, _over(limit))
+                    raise HTTPException(413, over)
             return message
 
         async def tracked(message) -> None:
@@ -384,7 +386,7 @@ class _BodyLimit:
             if too_large and not started:  # whatever the app made of the stopped read (behind the token's
                 if not answered:  # middleware, a 400 "error parsing the body"): a 413
                     answered = True
-                    await self._answer(scope, send, 413, _over(limit))
+                    await self._answer(scope, send, 413, over)
                 return
             if message["type"] == "http.response.start":
                 started = True
@@ -399,11 +401,7 @@ class _BodyLimit:
             if not too_large or started:
                 raise
             if not answered:
-                await self._answer(scope, send, 413, _over(limit))
-
-
-def _over(limit: int) -> str:
-    return f"the request is over {limit >> 10} KiB"
+                await self._answer(scope, send, 413, over)
 
 
 async def _answer(send, status: int, detail: str) -> None:
@@ -525,8 +523,8 @@ def create_app(service: SearchService):
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted(LOOPBACK | {"[::1]"}))
-    app.add_middleware(_BodyLimit, limits={"/api/image": MAX_UPLOAD_BYTES + MAX_BODY_BYTES}, default=MAX_BODY_BYTES,
-                       refused=service.declined)
+    app.add_middleware(_BodyLimit, limits={"/api/image": (MAX_UPLOAD_BYTES + MAX_BODY_BYTES, UPLOAD_TOO_LARGE)},
+                       default=MAX_BODY_BYTES, refused=service.declined)
     _add_page_endpoints(app, service)
     _add_query_endpoints(app, service)
     _add_file_endpoints(app, service)
@@ -597,6 +595,7 @@ def _add_page_endpoints(app, service: SearchService) -> None:
             "columns": columns(catalog),
             "group_by": catalog.searcher.grouped_by,  # the page's default; a query may choose another
             "not_served": service.refused,  # a store on disk this server cannot serve, and why
+            "max_upload_bytes": MAX_UPLOAD_BYTES,  # the page refuses a larger picture before sending it
         }
 
 
@@ -665,7 +664,7 @@ def _add_query_endpoints(app, service: SearchService) -> None:
             async with limiters[0]:
                 data = await file.read(MAX_UPLOAD_BYTES + 1)
                 if len(data) > MAX_UPLOAD_BYTES:
-                    raise HTTPException(413, f"the upload is over {MAX_UPLOAD_BYTES >> 20} MB")
+                    raise HTTPException(413, UPLOAD_TOO_LARGE)
                 if not data:
                     raise HTTPException(422, "the upload is empty")
                 catalog = service.current()

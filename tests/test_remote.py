@@ -233,7 +233,8 @@ def test_an_update_at_a_url_equals_a_fresh_build_and_keeps_the_old_store_until_i
     assert f"updated with the store's own --dataset {data.resolve()} --limit 0 (not given)" in said
     # the report in the bucket says so too, and names the outputs where they are, at the URL (not in the working copy)
     section = json.loads(_files(fs, url)["outputs/report/sections/gallery.js"].decode().split("(", 1)[1][:-3])
-    assert f"updated with the store's own --dataset {data.resolve()} --limit 0 (not given)" in section["summary"]["notes"]
+    notes = section["summary"]["notes"]
+    assert f"updated with the store's own --dataset {data.resolve()} --limit 0 (not given)" in notes
     outputs = section["summary"]["outputs"]
     assert outputs["report"] == f"{url}/outputs/report.html", outputs
     assert outputs and all(v.startswith(url) for v in outputs.values()), outputs

@@ -259,14 +259,14 @@ def test_bodies_over_their_limit_are_refused_before_they_are_read(served):
     url, _, _ = served
     declared = _raw_post(url, "/api/image", f"Content-Type: multipart/form-data; boundary=b\r\n"
                          f"Content-Length: {300 << 20}\r\n", [b"x" * 16])  # says 300 MiB, sends 16 bytes
-    assert declared.startswith("HTTP/1.1 413") and "KiB" in declared
+    assert declared.startswith("HTTP/1.1 413") and "the picture is over 20 MB: choose a smaller one" in declared
     chunked = "Transfer-Encoding: chunked\r\n"
     text = _raw_post(url, "/api/text", "Content-Type: application/json\r\n" + chunked, _chunked([], 8192, 40))
-    assert text.startswith("HTTP/1.1 413")  # 40 x 8 KiB: over the 64 KiB a text query may send
+    assert text.startswith("HTTP/1.1 413") and "the request is over 64 KiB" in text  # 40 x 8 KiB: over 64 KiB
     head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\n\r\n'
     upload = _raw_post(url, "/api/image", "Content-Type: multipart/form-data; boundary=b\r\n" + chunked,
                        _chunked([head], 1 << 20, 22))  # past the 20 MB a picture may have
-    assert upload.startswith("HTTP/1.1 413")
+    assert upload.startswith("HTTP/1.1 413") and "the picture is over 20 MB" in upload
     assert httpx.post(url + "/api/text", json={"text": "blue shirt"}, timeout=30).status_code == 200
 
 
@@ -785,3 +785,62 @@ def test_a_server_of_persons_loads_its_segmenter_before_it_says_it_is_ready(serv
     assert made == [1]
     SearchService.load(service.cfg, RunSummary(mode="serve"))  # the gallery of whole photos: none to load
     assert made == [1]
+
+
+def test_a_shop_on_a_phone_sees_each_search_end_and_reads_its_products(tiny_onnx, tmp_path, browser):
+    """At a phone's 390 px, where the filters push the status below the screen: a search run by Enter in
+    a filter's box ends with the status in sight; a tile reads its product's name and price first
+    (wrapped, not cut to a few letters) and the other columns a tap away; a picture's alt is its name;
+    a picture with a long name fits the screen; one over the upload limit is refused before it is sent."""
+    n = 6
+    extra = {
+        "product_name": [f"Robe longue plissée en mousseline imprimée fleurie n°{i}" for i in range(n)],
+        "brand": ["Maison Été"] * n, "category": ["dress", "skirt"] * (n // 2), "colour": ["red"] * n,
+        "in_stock": [True, False] * (n // 2), "price": [1299.99 + i for i in range(n)],
+    }
+    cells = [assets.encode(assets.rgb_image(48, 64, seed=i), "JPEG") for i in range(n)]
+    data, out = assets.write_parquet_dataset(tmp_path / "shop", cells, extra), tmp_path / "out"
+    assert cli.main(["--dataset", str(data), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 0
+    service = SearchService.load(_serve_config(out, tiny_onnx))
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 390, "height": 700, "deviceScaleFactor": 1, "mobile": True}
+    )
+    try:
+        with serving(service) as url:
+            browser.get(url + "/")
+            wait(browser, "document.getElementById('info').textContent.includes('6 items')")
+            browser.find_element(By.ID, "text").send_keys("a long dress")
+            box = browser.find_element(By.ID, "filter-text")
+            box.send_keys("price < 1302")
+            box.send_keys("\n")  # Enter in the filter's box runs the search
+            wait(browser, "document.querySelectorAll('#results .tile[data-file]').length === 3")
+            assert browser.execute_script("const b = document.getElementById('status').getBoundingClientRect(); "
+                                          "return b.top >= 0 && b.bottom <= innerHeight"), "the status is off-screen"
+            assert browser.find_element(By.ID, "status").text.startswith("3 results in ")
+            tile = browser.find_elements(By.CSS_SELECTOR, "#results .tile[data-file]")[0]
+            lines = [d.text for d in tile.find_elements(By.CSS_SELECTOR, ".meta > div")]
+            assert lines[0].startswith("product_name Robe longue plissée") and lines[1].startswith("price 1,29")
+            name_line = tile.find_elements(By.CSS_SELECTOR, ".meta > div")[0]
+            assert name_line.size["height"] > 20  # two lines of 11.5 px type: wrapped, not one cut line
+            assert tile.find_element(By.CSS_SELECTOR, ".meta details summary").text == "2 more"
+            alt = tile.find_element(By.TAG_NAME, "img").get_attribute("alt")
+            assert alt == tile.find_element(By.CSS_SELECTOR, ".cap.name").text and not alt.startswith("img_")
+            long_name = tmp_path / ("une_photo_de_robe_rouge_au_nom_de_fichier_tres_long_sans_espaces" * 2 + ".jpg")
+            long_name.write_bytes(cells[2])
+            browser.find_element(By.ID, "text").clear()
+            box.clear()
+            browser.find_element(By.ID, "file").send_keys(str(long_name))
+            browser.find_element(By.ID, "image-go").click()
+            wait(browser, "document.querySelector('#results .query h2') !== null")
+            assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
+            big = tmp_path / "big.jpg"
+            big.write_bytes(cells[0] + bytes(MAX_UPLOAD_BYTES))
+            answered = len(service.latencies) + len(service.declined)
+            browser.find_element(By.ID, "file").send_keys(str(big))
+            browser.find_element(By.ID, "image-go").click()
+            said = wait(browser, "document.getElementById('status').className === 'error' && "
+                                 "document.getElementById('status').textContent")
+            assert said == "Could not search: big.jpg is over 20 MB: choose a smaller picture, or a smaller copy of it."
+            assert len(service.latencies) + len(service.declined) == answered  # never sent
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

@@ -112,8 +112,8 @@ def test_the_report_shows_every_item_pages_and_follows_neighbours(report_run, br
     wait(
         browser,
         f"document.querySelector('.detail .sub').textContent.includes('img_') && "
-        f"document.querySelector('.detail .query img').title === "
-        f"window.__report.pages['gallery/' + Math.floor({first} / {PAGE_SIZE})].items[{first} % {PAGE_SIZE}].file",
+        f"document.querySelector('.detail .query .cap').title.endsWith("  # the source, then the gallery's file
+        f"window.__report.pages['gallery/' + Math.floor({first} / {PAGE_SIZE})].items[{first} % {PAGE_SIZE}].file)",
     )
     assert wait(browser, VISIBLE_IMAGES_LOADED)
     # by keyboard: Tab from the filter box reaches the tiles, Enter opens one, as a click does
@@ -399,3 +399,33 @@ def test_a_sprite_holds_each_thumbnail_in_its_cell_on_white():
             want.paste(Image.fromarray(tile), ((k % SPRITE_COLUMNS) * T, (k // SPRITE_COLUMNS) * T))
         got = sprite_image(tiles)
         assert got.size == want.size and np.array_equal(np.asarray(got), np.asarray(want)), n
+
+
+def test_a_long_query_name_and_the_catalogues_values_fit_a_phone(tiny_onnx, tmp_path, browser):
+    """At 390 px: a query picture's name with no space to break at (it stands in the query's notes)
+    wraps inside its card instead of widening the page; an item's catalogue values read as the search
+    page shows them (1,299.99, yes), and its thumbnail's alt is its name, not the gallery's file."""
+    from selenium.webdriver.common.by import By
+
+    pictures = [assets.encode(assets.rgb_image(60, 80, seed=70 + i), "JPEG", quality=90) for i in range(4)]
+    ds = assets.write_parquet_dataset(tmp_path / "shop", pictures,
+                                      {"price": [1299.99, 5.0, 19.5, 80.0], "in_stock": [True, False, True, True]})
+    out = tmp_path / "out"
+    common = ["--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]
+    assert cli.main(["--dataset", str(ds), *common]) == 0
+    query = tmp_path / ("look_tres_long_nom_de_fichier_pour_une_photo_de_robe_rouge_sans_espaces" * 2 + ".jpg")
+    query.write_bytes(pictures[0])
+    assert cli.main(["--query-image", str(query), *common]) == 0
+    with viewport(browser, 390, 844):
+        browser.get((out / "outputs" / "report.html").as_uri())
+        wait(browser, "document.querySelectorAll('section.run').length === 2 && "
+                      "document.querySelectorAll('[data-role=grid] .tile').length === 4")
+        browser.execute_script("document.querySelectorAll('details').forEach(d => d.open = true)")
+        assert browser.execute_script(f"return {OUT_OF_CARDS}") == []
+        tile = browser.find_elements(By.CSS_SELECTOR, "[data-role=grid] .tile")[0]
+        assert tile.find_element(By.TAG_NAME, "img").get_attribute("alt") == f"{ds.name}[0]"  # its shown name
+        tile.click()
+        values = wait(browser, "document.querySelector('[data-role=meta]') && "
+                               "[...document.querySelectorAll('[data-role=meta] dd')].map(d => d.textContent)")
+        assert values == ["1,299.99", "yes"]
+    assert console_errors(browser) == []
