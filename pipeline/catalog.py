@@ -26,10 +26,10 @@ from PIL import Image, ImageOps
 from .backends import ONNXRUNTIME, model_by_name
 from .duplicates import stored_groups
 from .embedders import Embedder, EmbedderSpec, make_embedder, model_reference
-from .errors import CacheMismatchError, PipelineError, UsageError
-from .fileio import sha256_file_once
+from .errors import CacheMismatchError, PipelineError, UsageError, first_line
+from .fileio import printable_name, read_regular_file, sha256_file_once
 from .identity import VectorIdentity, differences
-from .images import decode_image, to_rgb
+from .images import ImageDecodeError, decode_image, to_rgb
 from .metadata import load_metadata
 from .persons import Segmenter
 from .preprocess import CPU_PIXELS, PreprocessConfig, preprocess_batch
@@ -301,14 +301,23 @@ class Catalog:
         model's size allows), so that a photo of the gallery gets the pixels, and so the vector, it has
         there; a picture to segment is decoded whole, as the gallery's photos to segment were."""
         if isinstance(picture, Image.Image):  # as a decoded file's: upright by its EXIF, alpha on white
-            image, label = to_rgb(ImageOps.exif_transpose(picture)), name or "picture"
-        else:
+            try:
+                image = to_rgb(ImageOps.exif_transpose(picture))
+            except OSError as e:  # a lazily opened file that turns out damaged, as its path or bytes would say
+                raise ImageDecodeError(f"the picture cannot be decoded: {first_line(e)}") from e
+            if 0 in image.size:
+                raise ImageDecodeError(f"the picture is {image.width}x{image.height}: nothing to search with")
+            label = name or "picture"
+        elif isinstance(picture, (str, Path, bytes, bytearray, memoryview)):
             if isinstance(picture, (str, Path)) and Path(picture).is_dir():
                 raise UsageError(f"{picture} is a folder: search_image takes one picture (a file, its bytes or a PIL "
                                  "image); search each of its pictures, as the CLI's --query-image FOLDER does")
-            data = Path(picture).read_bytes() if isinstance(picture, (str, Path)) else picture
+            data = read_regular_file(picture) if isinstance(picture, (str, Path)) else bytes(picture)
             image = decode_image(data, min_side=None if segment else self.decode_min_side).image
-            label = name or (Path(picture).name if isinstance(picture, (str, Path)) else "picture")
+            label = name or (printable_name(Path(picture).name) if isinstance(picture, (str, Path)) else "picture")
+        else:
+            raise UsageError(f"a picture is a file's path, its bytes or a PIL image, not a {type(picture).__name__}"
+                             + (" (Image.fromarray makes one of an array)" if hasattr(picture, "__array__") else ""))
         if not segment:
             return query_crops(image, label, None)
         with self._segmenter_slot.lock:

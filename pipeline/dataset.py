@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PipelineError, UsageError, first_line
+from .fileio import printable_name, read_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,16 @@ IMAGE_SUFFIXES = {
     ".avif",
     ".svg",
     ".jxl",
+    ".jpe",  # Pillow reads these too
+    ".dib",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+    ".tga",
+    ".ico",
+    ".jp2",
+    ".j2k",
 }
 _TABLE_SUFFIXES = {".parquet", ".arrow"}
 
@@ -201,7 +212,7 @@ def count_rows(spec: DatasetSpec) -> int | None:
     path = Path(spec.name)
     n: int | None = None
     if (root := _image_folder(spec)) is not None:
-        n = len(_list_images(root))
+        n = len(list_pictures(root))
     elif files := _local_parquet_files(path, spec.split):
         n = sum(_parquet_footer(f, f).num_rows for f in files)
     elif not path.exists() and is_hub_id(spec.name):
@@ -293,7 +304,8 @@ def _natural_key(rel: str) -> list[Any]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", rel)]
 
 
-def _list_images(root: Path) -> list[str]:
+def list_pictures(root: Path) -> list[str]:
+    """The pictures of a folder as a gallery reads them (_walk): paths relative to it."""
     return _walk(root)[0]
 
 
@@ -301,10 +313,18 @@ def _walk(root: Path | str, pictures: bool = True) -> tuple[list[str], list[Path
     """The pictures of a folder (paths relative to it, in natural order: img_2 before img_10
     whatever the padding; none listed without `pictures`) and its metadata files
     (FOLDER_METADATA_FILES, the root's first, then by folder), hidden folders and files aside: one
-    walk of the tree for both."""
+    walk of the tree for both. A linked folder is walked as a folder, once (a link back up the tree
+    is not followed again)."""
     rels, metadata = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    seen = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        kept = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in seen:
+                seen.add(real)
+                kept.append(d)
+        dirnames[:] = kept
         metadata += [Path(dirpath) / file for file in FOLDER_METADATA_FILES if file in filenames]
         for name in filenames if pictures else ():
             if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
@@ -315,19 +335,22 @@ def _walk(root: Path | str, pictures: bool = True) -> tuple[list[str], list[Path
 
 def _iter_image_folder(root: Path, spec: DatasetSpec, start: int, only: frozenset[int] | None = None
                        ) -> Iterator[Record]:
-    rels = _list_images(root)
+    rels = list_pictures(root)
     if not rels:
         raise PipelineError(
             f"{root} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) and no parquet/arrow files"
         )
     stop = len(rels) if spec.limit is None else min(len(rels), spec.limit)
     for i in range(start, stop) if only is None else sorted(r for r in only if start <= r < stop):
-        rel = rels[i]
-        try:
-            data = (root / rel).read_bytes()
-            yield Record(i, rel, data)
-        except OSError as e:
-            yield Record(i, rel, None, f"cannot read file: {e.strerror or e}")
+        yield _folder_record(root, i, rels[i])
+
+
+def _folder_record(root: Path, row: int, rel: str) -> Record:
+    """A listed picture of an image folder as its row, named as it can be written (printable_name)."""
+    try:
+        return Record(row, printable_name(rel), read_regular_file(root / rel))
+    except OSError as e:
+        return Record(row, printable_name(rel), None, f"cannot read file: {e.strerror or e}")
 
 
 def dataset_stamp(spec: DatasetSpec) -> str | None:
@@ -345,7 +368,7 @@ def dataset_stamp(spec: DatasetSpec) -> str | None:
     if path.is_file():
         files = [(path.name, path)]
     elif (root := _image_folder(spec)) is not None:
-        rels = _list_images(root)
+        rels = list_pictures(root)
         files = [(rel, root / rel) for rel in (rels if spec.limit is None else rels[: spec.limit])]
     elif parquet := local_parquet_files(spec):
         files = [(str(f.relative_to(path)), f) for f in parquet]
@@ -357,10 +380,10 @@ def dataset_stamp(spec: DatasetSpec) -> str | None:
         try:
             st = f.stat()
         except OSError as e:  # gone since it was listed, or a broken link: its row records the failure when read
-            digest.update(f"{rel}\0unreadable {e.errno}\n".encode())
+            digest.update(f"{rel}\0unreadable {e.errno}\n".encode("utf-8", "surrogateescape"))
             continue
         total += st.st_size
-        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return f"{len(files)} file(s), {total:,} bytes, stamp {digest.hexdigest()[:16]}"
 
 
@@ -748,7 +771,7 @@ def _record_from_cell(i: int, source: str, cell: Any) -> Record:
     if isinstance(cell, (bytes, bytearray)):
         return Record(i, source, bytes(cell))
     if isinstance(cell, dict):
-        if cell.get("bytes"):
+        if cell.get("bytes") is not None:  # b"" too: an empty file, not "look at the path" (as datasets reads it)
             return Record(i, cell.get("path") or source, bytes(cell["bytes"]))
         if cell.get("path"):
             cell = cell["path"]
@@ -756,7 +779,7 @@ def _record_from_cell(i: int, source: str, cell: Any) -> Record:
             return Record(i, source, None, "row has no image (no bytes and no path)")
     if isinstance(cell, str):
         try:
-            return Record(i, cell, Path(cell).read_bytes(), linked=True)
+            return Record(i, cell, read_regular_file(cell), linked=True)
         except OSError as e:
             return Record(i, cell, None, f"cannot read {cell}: {e.strerror or e}", linked=True)
     return Record(i, source, None, f"image cell of unexpected type {type(cell).__name__}")
@@ -795,7 +818,7 @@ def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
     path = Path(spec.name)
     stop = spec.limit
     if (root := _image_folder(spec)) is not None:
-        rels = _list_images(root)[:stop]
+        rels = list_pictures(root)[:stop]
         return [
             Piece("folder", str(root), s, len(rels[s : s + rows_per_piece]), names=tuple(rels[s : s + rows_per_piece]))
             for s in range(0, len(rels), rows_per_piece)
@@ -832,10 +855,7 @@ def read_piece(spec: DatasetSpec, piece: Piece) -> Iterator[Record]:
     if piece.kind == "folder":
         root = Path(piece.location)
         for k, rel in enumerate(piece.names):
-            try:
-                yield Record(piece.first_row + k, rel, (root / rel).read_bytes())
-            except OSError as e:
-                yield Record(piece.first_row + k, rel, None, f"cannot read file: {e.strerror or e}")
+            yield _folder_record(root, piece.first_row + k, rel)
         return
     opener = _hub_file_opener() if piece.location.startswith("hf://") else _open_local_file
     columns = spec.columns

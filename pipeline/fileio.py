@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -373,6 +374,24 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def read_regular_file(path: str | Path) -> bytes:
+    """A file's bytes. A pipe, socket or device named like a picture is refused with an OSError
+    saying so, not read (a pipe's read would wait forever): opened without blocking, then judged."""
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a pipe, socket or device)", str(path))
+        return f.read()
+
+
+def printable_name(name: str) -> str:
+    """A file name as it can be written (CSV, JSON, the terminal): each byte of a name that is not
+    UTF-8 (which os.fsdecode keeps as a lone surrogate, refused by every UTF-8 writer) shown as %XX,
+    so that two such names stay apart (a backslash escape would read as a Windows folder)."""
+    if name.isascii() or not any("\udc80" <= ch <= "\udcff" for ch in name):
+        return name
+    return "".join(f"%{ord(ch) - 0xDC00:02X}" if "\udc80" <= ch <= "\udcff" else ch for ch in name)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -392,8 +411,8 @@ def file_version(path: str | Path) -> tuple[str, int, int, int]:
     """(resolved path, inode, modification time in ns, size): what a cache of a file's contents is
     keyed by, so that a file replaced or rewritten is read again."""
     p = Path(path)
-    stat = p.stat()
-    return str(p.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size
+    st = p.stat()
+    return str(p.resolve()), st.st_ino, st.st_mtime_ns, st.st_size
 
 
 @functools.lru_cache(maxsize=8)

@@ -23,12 +23,12 @@ from tqdm import tqdm
 from .backends import EVAL_BACKENDS, ONNXRUNTIME, model_by_name
 from .catalog import Catalog
 from .config import RunConfig
-from .dataset import IMAGE_SUFFIXES, DatasetSpec, arrow_numpy, count_rows, iter_records
+from .dataset import IMAGE_SUFFIXES, DatasetSpec, arrow_numpy, count_rows, iter_records, list_pictures
 from .derived import QUERY_TABLE, made_on, query_pictures
 from .embedders import Embedder, EmbedderSpec, make_embedder
 from .errors import PipelineError, UsageError, first_line
 from .export import fp32_path_for
-from .fileio import atomic_write_text, sha256_bytes
+from .fileio import atomic_write_text, printable_name, sha256_bytes
 from .galleries import open_catalog, segmenter_factory
 from .images import ImageDecodeError, decode_image
 from .metadata import prefixed_name
@@ -66,13 +66,15 @@ class Query:
 
 
 def expand_image_paths(paths: Iterable[str]) -> list[Path]:
-    """Files as given, folders expanded to their image files (sorted); a missing path, or none
-    found, is a usage error (exit 2), raised before any model is loaded."""
+    """Files as given, folders expanded to their pictures as a gallery lists an image folder (natural
+    order, hidden files aside, linked folders walked; a file that cannot be read is listed, to be
+    recorded as failed); a missing path, or none found, is a usage error (exit 2), raised before
+    any model is loaded."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        elif p.is_file():
+            out += [p / rel for rel in list_pictures(p)]
+        elif p.exists():
             out.append(p)
         else:
             raise UsageError(f"query image {p} does not exist")
@@ -88,7 +90,7 @@ def query_labels(paths: Sequence[Path]) -> dict[Path, str]:
     """Each query picture's label: its file name, or the path as given where two pictures share a
     name (x/a.jpg and y/a.jpg of a folder), so that no two queries' rows read alike."""
     names = Counter(p.name for p in paths)
-    return {p: p.name if names[p.name] == 1 else str(p) for p in paths}
+    return {p: printable_name(p.name if names[p.name] == 1 else str(p)) for p in paths}
 
 
 def run_query(cfg: RunConfig) -> RunSummary:
@@ -183,7 +185,7 @@ def combined_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary,
                 found = catalog.search_combined(path, q.texts, q.negative, cfg.top_k, q.fusion, q.text_weight,
                                                 segment=cfg.segmented, filter=cfg.filter, name=labels[path])
             except (ImageDecodeError, OSError) as e:
-                summary.fail(str(path), str(e))
+                summary.fail(printable_name(str(path)), str(e))
                 continue
             for crop, result in zip(crops, found):
                 queries.append(Query(f"{result.label} {words}", "image+text", make_thumbnail(crop.image, QUERY_TILE)))
@@ -216,10 +218,10 @@ def embed_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary,
                 try:
                     crops, found = catalog.query_crops(path, segment=cfg.segmented, name=labels[path])
                 except (ImageDecodeError, OSError) as e:
-                    summary.fail(str(path), str(e))
+                    summary.fail(printable_name(str(path)), str(e))
                     continue
                 if cfg.segmented and not found:
-                    summary.notes.append(f"{path.name}: no person cut from it (none found, or none with a mask): "
+                    summary.notes.append(f"{labels[path]}: no person cut from it (none found, or none with a mask): "
                                          "the whole image is the query")
                 vectors.append(catalog.embed_crops(crops))
                 queries += [Query(c.label, "image", make_thumbnail(c.image, QUERY_TILE)) for c in crops]

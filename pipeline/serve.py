@@ -40,7 +40,7 @@ from .errors import PipelineError, UsageError
 from .fileio import being_written
 from .filters import column_kind
 from .galleries import open_catalog, store_embedder_note
-from .images import ImageDecodeError, encode_jpeg
+from .images import ImageDecodeError, encode_jpeg, pil_open
 from .index import INDEX_META
 from .metadata import METADATA_FILE, json_value
 from .report import RunSummary
@@ -329,7 +329,7 @@ def check_upload_pixels(data: bytes) -> None:
     """ImageDecodeError when the picture's header claims over MAX_UPLOAD_PIXELS (read from the header
     alone); bytes that are no picture are left to the decoder, which says what they are."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with pil_open(io.BytesIO(data)) as image:  # PIL's own: Ultralytics' would try to pip-install a decoder
             width, height = image.size
     except Exception:  # noqa: BLE001 - not a picture, or a damaged one: the decoder's message says which
         return

@@ -220,6 +220,21 @@ def test_catalog_refuses_what_does_not_fit(built, tmp_path):
         cat.search_text(["red", "blue"])  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="is a folder: search_image takes one picture"):
         cat.search_image(tmp_path)
+    # a picture of another type, an empty one, a damaged file opened lazily: said as such (not a numpy
+    # truth-value error, a ZeroDivisionError, a bare OSError)
+    with pytest.raises(UsageError, match=r"a file's path, its bytes or a PIL image, not a ndarray \(Image.fromarray"):
+        cat.search_image(np.zeros((8, 8, 3), np.uint8))  # type: ignore[arg-type]
+    from PIL import Image
+
+    from pipeline.images import ImageDecodeError
+
+    with pytest.raises(ImageDecodeError, match="the picture is 0x0: nothing to search with"):
+        cat.search_image(Image.new("RGB", (0, 0)))
+    cut = tmp_path / "cut.jpg"
+    whole = assets.jpeg_bytes(64, 64)
+    cut.write_bytes(whole[: len(whole) * 2 // 3])  # its header whole: opened, then damaged when decoded
+    with Image.open(cut) as lazy, pytest.raises(ImageDecodeError, match="the picture cannot be decoded"):
+        cat.search_image(lazy)
     with pytest.raises(PipelineError, match="an item is asked for by its row"):
         cat.neighbours(True)  # type: ignore[arg-type]
 

@@ -259,3 +259,49 @@ def test_a_folder_without_split_subfolders_is_read_whole_and_another_split_is_sa
         assert count_rows(DatasetSpec(name=str(tmp_path), split="test")) == 1
     assert "has no split subfolders (train/, validation/, test/): every picture is read, as split 'train' would " \
            "be, not split 'test' alone" in caplog.text
+
+
+def test_odd_names_and_files_of_an_image_folder(tmp_path, monkeypatch):
+    """A name that is not UTF-8 (a Latin-1 zip's) is read, and named with a %XX escape a CSV can hold; a
+    pipe named like a picture is a recorded failure, not a read that waits forever; a linked folder is
+    walked once (a link back up the tree is not); the picture suffixes Pillow reads (.jpe, .ppm) are
+    listed; the stamp of such a folder is made; a parquet cell of empty bytes is an empty file, not
+    the file of its path in the current folder (as datasets reads it)."""
+    import os
+
+    from pipeline.dataset import dataset_stamp
+    from pipeline.search import expand_image_paths
+
+    root, outside = tmp_path / "shop", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "a.jpg").write_bytes(assets.jpeg_bytes(8, 8, seed=1))
+    with open(os.path.join(os.fsencode(root), b"caf\xe9.jpg"), "wb") as f:
+        f.write(assets.jpeg_bytes(8, 8, seed=2))
+    os.mkfifo(root / "pipe.jpg")
+    (outside / "linked.jpg").write_bytes(assets.jpeg_bytes(8, 8, seed=3))
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    (root / "sub" / "up").symlink_to(root, target_is_directory=True)  # a loop
+    (root / "b.jpe").write_bytes(assets.jpeg_bytes(8, 8, seed=4))
+    assets.rgb_image(8, 8, seed=5).save(root / "c.ppm")
+    spec = DatasetSpec(str(root), limit=None)
+    recs = {r.source: r for r in iter_records(spec)}
+    assert sorted(recs) == ["a.jpg", "b.jpe", "c.ppm", "caf%E9.jpg", "link/linked.jpg", "pipe.jpg"]
+    assert recs["pipe.jpg"].data is None and "not a regular file" in recs["pipe.jpg"].error
+    assert all(r.data for name, r in recs.items() if name != "pipe.jpg")
+    assert recs["caf%E9.jpg"].data == assets.jpeg_bytes(8, 8, seed=2)
+    assert dataset_stamp(spec).startswith("6 file(s)")
+    # a query folder is listed as a gallery's: the same files, the pipe among them to be recorded as failed
+    assert sorted(p.relative_to(root).as_posix() for p in expand_image_paths([str(root)])) == sorted(
+        [os.fsdecode(b"caf\xe9.jpg"), "a.jpg", "b.jpe", "c.ppm", "link/linked.jpg", "pipe.jpg"])
+    # a parquet cell of no bytes names a file of the current folder: an empty image all the same
+    monkeypatch.chdir(root)
+    ds = assets.write_parquet_dataset(tmp_path / "pq", [assets.jpeg_bytes(8, 8, seed=6), b""])
+    import pyarrow.parquet as pq
+
+    table = next((tmp_path / "pq").rglob("*.parquet"))
+    cells = pq.read_table(table).to_pylist()
+    cells[1]["image"]["path"] = "a.jpg"
+    pq.write_table(pq.read_table(table).from_pylist(cells, schema=pq.read_schema(table)), table)
+    second = list(iter_records(DatasetSpec(str(ds), limit=None)))[1]
+    assert second.data == b"" and second.source == "a.jpg"  # decoded as an empty file, not a.jpg's picture

@@ -542,3 +542,24 @@ def test_a_resume_compares_the_dataset_only_where_both_runs_stamped_it(tmp_path)
     (tmp_path / PARTIAL_DIR / "shard_00000.done").unlink()  # no shard finished: discarded, written anew whole
     ShardStore(tmp_path, {**params, "batch_size": 8, "dataset_files": "x"}, fresh=False)
     assert json.loads(run_file.read_text()) == {**params, "batch_size": 8, "dataset_files": "x"}
+
+
+def test_a_name_that_is_not_utf8_and_a_pipe_neither_crash_nor_hang_a_gallery_or_a_query(tmp_path, tiny_onnx):
+    """A Latin-1 file name (an old zip's) is embedded and written as caf%E9.jpg in the manifest, the
+    neighbours and the query results; a pipe named like a picture is a recorded failure in both runs."""
+    import csv
+
+    folder, out = tmp_path / "shop", tmp_path / "out"
+    folder.mkdir()
+    (folder / "ok.jpg").write_bytes(assets.jpeg_bytes(64, 64, seed=1))
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), "wb") as f:
+        f.write(assets.jpeg_bytes(64, 64, seed=2))
+    os.mkfifo(folder / "pipe.jpg")
+    assert run("--dataset", folder, "--limit", "0", "--onnx", tiny_onnx, "--output-dir", out) == 3
+    rows = {r.source: r for r in read_manifest(out / "embeddings" / "manifest.csv")}
+    assert rows["caf%E9.jpg"].status == "ok" and rows["ok.jpg"].status == "ok"
+    assert rows["pipe.jpg"].status == "failed" and "not a regular file" in rows["pipe.jpg"].error
+    assert run("--query-image", folder, "--onnx", tiny_onnx, "--output-dir", out) == 3
+    with open(out / "retrieval_results" / "queries" / "query_results.csv", encoding="utf-8") as f:
+        queries = {r["query"] for r in csv.DictReader(f)}
+    assert queries == {"caf%E9.jpg", "ok.jpg"}

@@ -844,3 +844,29 @@ def test_a_shop_on_a_phone_sees_each_search_end_and_reads_its_products(tiny_onnx
             assert len(service.latencies) + len(service.declined) == answered  # never sent
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_the_upload_check_opens_with_pils_own_open_not_ultralytics(monkeypatch):
+    """Importing ultralytics (a server of persons) replaces PIL.Image.open with a wrapper that, on any
+    file it cannot identify, tries to pip-install a decoder: an upload's header check must not call it."""
+    import sys
+    import types
+
+    from PIL import Image
+
+    from pipeline.serve import check_upload_pixels
+
+    called = []
+
+    def wrapper(fp, *args, **kwargs):
+        called.append(fp)
+        raise AssertionError("ultralytics' Image.open was called")
+
+    wrapper.__module__ = "ultralytics.utils.patches"
+    patches = types.ModuleType("ultralytics.utils.patches")
+    patches._image_open = Image.open  # type: ignore[attr-defined]  # PIL's own, as ultralytics keeps it
+    monkeypatch.setitem(sys.modules, "ultralytics.utils.patches", patches)
+    monkeypatch.setattr(Image, "open", wrapper)
+    check_upload_pixels(b"just some text, not a picture")
+    check_upload_pixels(assets.jpeg_bytes(8, 8))
+    assert called == []
