@@ -111,10 +111,14 @@ def images_folder(store_dir: Path, cache_kind: str) -> Path:
     return store_dir.parent / ("images_segment" if cache_kind == "segment" else "images")
 
 
-def _check_open_arguments(device: str, threads: int, index: str) -> None:
+def _check_open_arguments(device: str, threads: int, index: str, model: str | None = None) -> None:
     """Catalog.open's arguments that would otherwise be taken silently (an index kind the open does
-    not choose) or refused only by the first query (threads=-1)."""
+    not choose) or refused only by the first query (threads=-1, an ONNX file as the model)."""
     from .backends import DEVICES
+
+    if model is not None and str(model).lower().endswith(".onnx") and Path(model).is_file():
+        raise UsageError(f"model={str(model)!r} is an exported ONNX file: give it as onnx={str(model)!r} (model= names "
+                         "a model: a folder, a hub id or a short name)")
 
     if device not in DEVICES:
         raise UsageError(f"device={device!r}: choose from {', '.join(DEVICES)}")
@@ -169,7 +173,7 @@ class Catalog:
         dedup: one photo per duplicate group in every answer (the groups of outputs/duplicates.csv).
         group_by: a metadata column (a product id): one result per value in every answer.
         """
-        _check_open_arguments(device, threads, index)
+        _check_open_arguments(device, threads, index, model)
         group_by = group_by or None  # "" is "each photo", as a query's group_by="" says
         root = store_folder(folder)
         cache = load_cache(root, Path(), identity=None, check_images=False)

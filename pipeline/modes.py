@@ -120,6 +120,11 @@ _SEGMENT_OPTIONS = frozenset({"seg_model", "seg_conf", "seg_imgsz", "seg_backend
 # Checks that hold whatever the mode; the first list before the modes' own, the second after.
 _BEFORE: tuple[Check, ...] = (
     (
+        lambda c: str(c.embedder.model).lower().endswith(".onnx") and Path(c.embedder.model).is_file(),
+        "--model {model} is an exported ONNX file: give it with --onnx {model} (--model names a model: a folder, a "
+        "hub id or a short name)",  # read as a folder's config.json, it was "not a valid JSON file ... check the path"
+    ),
+    (
         lambda c: c.use_embeddings and c.use_embedded_segment,
         "--use-embeddings and --use-embedded-segment contradict: pick the cache to reuse",
     ),
@@ -224,7 +229,8 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     """
     asked = [m for m in MODES[:-1] if m.selected(cfg)]
     shaping = (("--filter", cfg.filter), ("--group-by", cfg.group_by), ("--dedup", cfg.dedup))
-    values = {"unknown": _unknown_backends(cfg), "precision": cfg.embedder.precision, "runtime": cfg.embedder.runtime,
+    values = {"unknown": _unknown_backends(cfg), "model": cfg.embedder.model, "precision": cfg.embedder.precision,
+              "runtime": cfg.embedder.runtime,
               "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag,
               "search_verb": "change" if sum(bool(on) for _, on in shaping) > 1 else "changes",
               "quantization": cfg.export.quantization, "dataset": cfg.dataset.name,

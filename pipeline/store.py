@@ -733,6 +733,11 @@ class ShardStore:
                     f"{self.dir} holds shards of an unfinished run with {what}:\n  " + "\n  ".join(diffs)
                     + f"\nRun with the same arguments and files to resume it{runtime}, or add --fresh to discard it."
                 )
+        elif any(self.dir.glob("shard_*.done")):  # deleted by hand, or lost: nothing tells what made them
+            raise PipelineError(
+                f"{self.dir} holds shards of an unfinished run without its {RUN_FILE} (removed or lost): what made "
+                "them cannot be known, so they are not resumed. Add --fresh to start over."
+            )
         self.dir.mkdir(parents=True, exist_ok=True)
         if not run_file.is_file():
             atomic_write_text(run_file, json.dumps(run_params, sort_keys=True))

@@ -79,6 +79,9 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
         raise TokenizerError(f"{model} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): {remedy}")
     try:
         tok = AutoTokenizer.from_pretrained(model)
+    except ImportError as e:  # a slow tokenizer's library (SigLIP's sentencepiece) not installed
+        raise TokenizerError(f"the tokenizer of {model} cannot load: {first_line(e)} (pip install -r "
+                             "requirements.txt installs it)") from e
     except (OSError, ValueError, TypeError) as e:
         raise TokenizerError(f"{model} has no usable tokenizer ({first_line(e)})") from e
     where = f"the tokenizer of {model}"

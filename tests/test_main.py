@@ -519,3 +519,15 @@ def test_fp16_where_auto_finds_no_gpu_is_a_usage_error(tiny_clip, mixed_dataset,
     assert run("--dataset", mixed_dataset, "--model", tiny_clip, "--backend", "torch", "--precision", "fp16",
                "--output-dir", tmp_path) == 2
     assert "--precision fp16 needs --device cuda, a CUDA GPU (--device auto found none here)" in capsys.readouterr().err
+
+
+def test_an_onnx_file_given_as_the_model_is_pointed_to_onnx(tiny_onnx, tmp_path, capsys):
+    """--model FILE.onnx was read as a folder's config.json ("not a valid JSON file ... check the path")."""
+    assert cli.main(["--model", str(tiny_onnx), "--output-dir", str(tmp_path), "--query-text", "red"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--model {tiny_onnx} is an exported ONNX file: give it with --onnx {tiny_onnx}" in err
+    from pipeline.catalog import Catalog
+    from pipeline.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"model='.*tiny_int8_matmul.onnx' is an exported ONNX file: give it as onnx="):
+        Catalog.open(tmp_path, model=str(tiny_onnx))

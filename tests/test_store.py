@@ -69,6 +69,13 @@ def test_a_resume_refusal_says_what_no_argument_can_give_back(tmp_path):
     with pytest.raises(PipelineError, match=r"whose run.json is damaged \(unreadable\): what made them cannot be "
                                             r"known, so they are not resumed. Add --fresh to start over.$"):
         ShardStore(tmp_path, params, fresh=False)
+    # removed by hand: its shards may be of another dataset and model, resumed under this run's record
+    (tmp_path / ".partial" / "run.json").unlink()
+    with pytest.raises(PipelineError, match=r"without its run.json \(removed or lost\): what made them cannot be "
+                                            r"known, so they are not resumed. Add --fresh to start over.$"):
+        ShardStore(tmp_path, params, fresh=False)
+    assert not (tmp_path / ".partial" / "run.json").exists()  # not written over the shards either
+    assert list(ShardStore(tmp_path, params, fresh=True).completed()) == []
 
 
 def test_damaged_shard_is_recomputed_not_trusted(tmp_path):

@@ -58,6 +58,26 @@ def test_export_without_tokenizer_has_no_text_tower_and_says_so_once(no_tokenize
         OnnxEmbedder(target).embed_text(["red dress"])
 
 
+def test_a_tokenizer_whose_library_is_missing_is_said_so_and_the_export_goes_on(tiny_clip, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """A slow tokenizer that needs a library not installed (SigLIP's SentencePiece without
+    `sentencepiece`): text search is refused with the install to make, not an ImportError out of
+    transformers, and the export writes the image files with the note that there is no text tower."""
+    from transformers import AutoTokenizer
+
+    def missing(*args, **kwargs):
+        raise ImportError("SiglipTokenizer requires the SentencePiece library but it was not found")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", missing)
+    with pytest.raises(TokenizerError, match=r"the tokenizer of .* cannot load: SiglipTokenizer requires the "
+                                             r"SentencePiece library .*\(pip install -r requirements.txt installs"):
+        load_tokenizer(str(tiny_clip))
+    target = tmp_path / "onnx" / "m_int8_matmul.onnx"
+    assert cli.main(["--export-onnx", "--model", str(tiny_clip), "--onnx", str(target)]) == 0
+    assert "text tower not exported" in capsys.readouterr().out
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m_fp32.onnx", "m_int8_matmul.onnx"]
+
+
 def test_torch_text_search_without_tokenizer_is_refused(no_tokenizer):
     embedder = TorchEmbedder(str(no_tokenizer))
     with pytest.raises(TokenizerError, match="has no tokenizer files .*save_pretrained"):
