@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import uuid
 from collections import Counter
@@ -44,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from .errors import PipelineError, UsageError
-from .fileio import atomic_write_text, waiting_lock
+from .fileio import atomic_write_text, remove_temp_leftovers, temp_file_beside, unlink_quietly, waiting_lock
 from .metadata import Metadata, narrow_float_columns, prefixed_name
 from .store import ManifestRow
 
@@ -404,6 +405,7 @@ class _Parquet:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
+        remove_temp_leftovers(self.folder)  # a killed export's (this runs under the folder's lock)
         differs = self.schema_differs(table)
         table = self._as_written(table)
         gone = set(drop)
@@ -430,9 +432,16 @@ class _Parquet:
     def _write(path: Path, table: Any) -> None:
         import pyarrow.parquet as pq
 
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
+        # a hidden temp name (".part_00003.parquet.<8 random>.tmp"), which readers of the folder as one
+        # dataset skip: a kill before the rename leaves no second copy of the part's rows among the parts
+        fd, tmp = temp_file_beside(path)
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            unlink_quietly(tmp)
+            raise
 
 
 def run_export_db(cfg: Any) -> Any:

@@ -258,6 +258,34 @@ def test_a_parquet_export_whose_schema_changed_is_written_again_whole(tmp_path):
             "img_0.jpg": 1, "img_1.jpg": 2, "img_2.jpg": 3}
 
 
+def test_a_parquet_part_is_written_under_a_name_readers_skip_and_a_killed_ones_is_cleared(tmp_path, monkeypatch):
+    """A part is written under a hidden temp name first: a kill before its rename left part_00000.parquet.tmp,
+    which pyarrow reads with the parts (every row twice). A killed export's temp is removed by the next."""
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    from pipeline.metadata import Metadata
+    from pipeline.store import ManifestRow
+    from pipeline.vectordb import ExportTarget, export_store
+
+    rows = [ManifestRow(index=i, file=f"img_{i}.jpg", source_row=i, sha256=f"{i:064x}", embedding_row=i)
+            for i in range(3)]
+    target = ExportTarget("parquet", tmp_path / "export")
+    written = []
+    real = parquet.write_table
+    monkeypatch.setattr(parquet, "write_table", lambda table, where, **kw: (written.append(str(where)),
+                                                                             real(table, where, **kw)))
+    export_store(target, np.eye(3, 4, dtype=np.float32), rows, Metadata(pa.table({"stock": [1, 2, 3]})),
+                 {"backend": "onnx", "onnx_sha256": "a" * 64}, "s" * 64)
+    assert [p.rsplit("/", 1)[1].split(".")[:3] for p in written] == [["", "part_00000", "parquet"]]
+    left = target.folder / ".part_00001.parquet.0a1b2c3d.tmp"  # as a kill before the rename leaves it
+    real(pq.read_table(target.folder / "part_00000.parquet"), left)
+    assert pq.read_table(target.folder).num_rows == 3  # skipped by a reader of the folder
+    export_store(target, np.eye(3, 4, dtype=np.float32)[::-1].copy(), rows, Metadata(pa.table({"stock": [1, 2, 3]})),
+                 {"backend": "onnx", "onnx_sha256": "a" * 64}, "t" * 64)
+    assert not left.exists() and pq.read_table(target.folder).num_rows == 3
+
+
 def test_nan_decimals_and_dates_go_out_as_the_databases_filter_them(tmp_path):
     """A float's NaN is a missing value to our filters: null in every export, so `price IS NULL` and
     `price > 100` agree with LanceDB's; a decimal goes to Qdrant as a number (its range filters
