@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import logging
 import math
 import os
@@ -440,6 +441,17 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space, over a quota, over the file-size limit
+
+
+def _after_disk_full(error: BaseException | None, cfg) -> str:
+    """For a run stopped by a full disk (or a quota, or the file-size limit): what it kept and how to go
+    on, as after Ctrl-C; "" for any other error."""
+    if not (isinstance(error, OSError) and error.errno in DISK_FULL):
+        return ""
+    return f". Free space (or choose another --output-dir); {interrupted_message(cfg).removeprefix('interrupted: ')}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -463,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         if args.verbose:
             log.exception("fatal")
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{_after_disk_full(e.__cause__, cfg)}", file=sys.stderr)
         return EXIT_FATAL
     except KeyboardInterrupt:
         print(interrupted_message(cfg), file=sys.stderr)
@@ -471,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an unexpected bug: one line unless -v
         if args.verbose:
             log.exception("unexpected error")
+        if isinstance(e, OSError) and e.errno in DISK_FULL:  # not a bug: said with what it left and how to go on
+            where = f" writing {e.filename}" if e.filename else ""
+            print(f"error: {e.strerror}{where}{_after_disk_full(e, cfg)}", file=sys.stderr)
+            return EXIT_FATAL
         print(f"error: unexpected {type(e).__name__}: {e} (run with -v for the traceback)", file=sys.stderr)
         return EXIT_FATAL
     if not args.quiet:
