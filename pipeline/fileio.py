@@ -470,9 +470,9 @@ def atomic_write_npy_chunks(path: str | Path, shape: tuple[int, ...], dtype: Any
     return h.hexdigest()
 
 
-def check_writable(path: str | Path, flag: str = "--output-dir") -> None:
+def check_writable(path: str | Path, flag: str = "--output-dir", remedy: str = "") -> None:
     """Create `path` if needed and prove a file can be written there; PipelineError otherwise,
-    saying to choose another with `flag`."""
+    saying to choose another with `flag` (or what `remedy` says)."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -481,5 +481,5 @@ def check_writable(path: str | Path, flag: str = "--output-dir") -> None:
         os.unlink(tmp)
     except OSError as e:
         raise PipelineError(
-            f"output folder {path} is not writable: {e.strerror or e}. Choose another with {flag}."
+            f"output folder {path} is not writable: {e.strerror or e}. {remedy or f'Choose another with {flag}.'}"
         ) from e

@@ -146,6 +146,11 @@ def output_session(cfg: RunConfig) -> Iterator[None]:
     folders of the output layout."""
     layout = [cfg.output_dir, cfg.images_dir, cfg.store_dir, cfg.store_dir / PARTIAL_DIR, cfg.results_dir,
               cfg.plots_dir, cfg.queries_dir]
+    if cfg.searches_only and (cfg.store_dir / SIDECAR_FILE).is_file():  # another --output-dir holds no gallery
+        check_writable(cfg.output_dir, remedy=(
+            "A search writes its results there (retrieval_results/queries/ and the report): copy the folder where "
+            f"you can write, or search it where it is with --serve or Catalog.open('{cfg.output_dir}'), which write "
+            "nothing"))
     with removed_if_left_empty(layout), OutputLock(cfg.output_dir):
         removed = sum(remove_temp_leftovers(p) for p in cfg.owned_folders())
         if removed:

@@ -577,3 +577,24 @@ def test_a_name_that_is_not_utf8_and_a_pipe_neither_crash_nor_hang_a_gallery_or_
     with open(out / "retrieval_results" / "queries" / "query_results.csv", encoding="utf-8") as f:
         queries = {r["query"] for r in csv.DictReader(f)}
     assert queries == {"caf%E9.jpg", "ok.jpg"}
+
+
+def test_a_search_of_a_read_only_gallery_says_where_it_can_search_it(mixed_dataset, tiny_onnx, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A gallery on a read-only disk: "choose another --output-dir" led to a folder without the gallery;
+    the refusal says why a search writes there and names the ways that write nothing."""
+    from pipeline import fileio
+
+    out = tmp_path / "o"
+    assert run("--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out) == 3
+    capsys.readouterr()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", read_only)
+    assert run("--query-text", "red dress", "--onnx", tiny_onnx, "--output-dir", out) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"output folder {out} is not writable: Read-only file system. A search writes its results there "
+            f"(retrieval_results/queries/ and the report): copy the folder where you can write, or search it where it "
+            f"is with --serve or Catalog.open('{out}')") in err
