@@ -41,7 +41,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -73,7 +72,7 @@ from .embedders import (
     tokenizer_path_for,
 )
 from .errors import PipelineError, first_line
-from .fileio import link_or_copy, sha256_file, waiting_lock
+from .fileio import link_or_copy, remove_abandoned, sha256_file, waiting_lock
 from .int8graph import (
     AMX_GRAPH,
     AMX_RECIPE,
@@ -272,7 +271,7 @@ class _ImageExport:
         self.prep = preprocess_config_of(model, self.clip)
         self.tower = image_tower(self.clip)
         self.external = False  # weights in a .data file beside the fp32 file (export_fp32)
-        _remove_abandoned_exports(int8_path)
+        remove_abandoned(int8_path.parent, f".{int8_path.stem}.export-*")
         self.work = Path(tempfile.mkdtemp(prefix=f".{int8_path.stem}.export-", dir=int8_path.parent))
         self.tmp_fp32 = self.work / self.fp32_path.name
         self.tmp_int8 = self.work / int8_path.name
@@ -480,22 +479,6 @@ def move_lock_path(int8_path: Path) -> Path:
     the image files, the text tower and its tokenizer of two exports that finish at once are
     then all of one of them, never some of each."""
     return int8_path.parent / f".{int8_path.stem}.export.lock"
-
-
-ABANDONED_AFTER_S = 24 * 3600  # an export folder untouched this long was left by a killed export
-
-
-def _remove_abandoned_exports(int8_path: Path) -> None:
-    """Remove the folders that killed exports to the same target left beside it (gigabytes for a
-    large tower); one whose entries changed in the last day may be another export's, running now."""
-    now = time.time()
-    for old in int8_path.parent.glob(f".{int8_path.stem}.export-*"):
-        try:
-            if old.is_dir() and now - old.stat().st_mtime > ABANDONED_AFTER_S:
-                log.warning("removing %s, left by an interrupted export", old)
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:
-            pass
 
 
 # A tower whose weights take more than this is written with them in a `.data` file beside its

@@ -15,6 +15,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -354,6 +355,22 @@ def removed_if_left_empty(folders: Sequence[Path]) -> Iterator[None]:
             except OSError:  # not empty, or never made
                 pass
         raise
+
+
+ABANDONED_AFTER_S = 24 * 3600  # a work folder untouched this long was left by a killed run
+
+
+def remove_abandoned(folder: Path, pattern: str, what: str = "an interrupted export") -> None:
+    """Remove the work folders matching `pattern` in `folder` that killed runs left (gigabytes for a
+    large model); one whose entries changed in the last day may be another run's, working now."""
+    now = time.time()
+    for old in folder.glob(pattern):
+        try:
+            if old.is_dir() and not old.is_symlink() and now - old.stat().st_mtime > ABANDONED_AFTER_S:
+                log.warning("removing %s, left by %s", old, what)
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def unlink_quietly(path: str | Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PipelineError
-from .fileio import sha256_file, user_cache_dir
+from .fileio import remove_abandoned, sha256_file, user_cache_dir
 from .persons import CappedPersons, Detector, Person, Segmenter
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,7 @@ def export_yolo_onnx(torch_model, weights: Path, target: Path, imgsz: int, task:
         # A private folder beside the target (same file system for the final rename; two runs
         # exporting at once do not share it).
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(target.parent, f".{target.stem}.*.export")  # killed exports' (as large as the file)
         work = Path(tempfile.mkdtemp(prefix=f".{target.stem}.", suffix=".export", dir=target.parent))
         # Ultralytics writes <weights stem>.onnx beside the weights it loaded; a link in our own
         # folder keeps it from overwriting a file of the user's.

@@ -14,7 +14,7 @@ import pytest
 
 import main as cli
 import onnx
-from pipeline import export
+from pipeline import export, fileio
 from pipeline.embedders import META_PREPROCESS, META_SOURCE_MODEL, OnnxEmbedder, available_cores, file_metadata
 from pipeline.errors import PipelineError
 from pipeline.fileio import sha256_file
@@ -203,7 +203,7 @@ def test_two_exports_into_one_folder_write_apart_and_leave_nothing(tiny_clip, tm
     assert first.tmp_int8.name == second.tmp_int8.name == "a_int8.onnx"  # final names: .data files find them
     # A folder a killed export left a day ago is removed by the next export to that target; one in
     # use (the first's) is not.
-    os.utime(second.work, (time.time() - export.ABANDONED_AFTER_S - 60,) * 2)
+    os.utime(second.work, (time.time() - fileio.ABANDONED_AFTER_S - 60,) * 2)
     third = export._ImageExport(str(tiny_clip), tmp_path / "a_int8.onnx", True, "static")
     assert not second.work.exists() and first.work.is_dir() and third.work.is_dir()
     first.remove_temp_files()

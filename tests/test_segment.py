@@ -581,3 +581,27 @@ def test_weights_that_do_not_load_are_refused_once(tmp_path, caplog):
         load_cpu_yolo(str(bad), task="detect", device="cpu")  # the ONNX branch, on a machine with a GPU too
     assert str(bad) in str(said.value)
     assert "ONNX export" not in caplog.text and not caplog.records
+
+
+def test_a_yolo_export_removes_the_work_folders_killed_exports_left(tmp_path, monkeypatch):
+    """A YOLO ONNX export killed midway left its work folder (about the file's size) beside the weights
+    for good; the next export to that target removes those a day old, not one another export uses now."""
+    import os
+    import time
+
+    from pipeline import fileio
+    from pipeline.errors import PipelineError
+
+    target = tmp_path / "person-seg.onnx"
+    old, busy = tmp_path / ".person-seg.abc123.export", tmp_path / ".person-seg.def456.export"
+    for folder in (old, busy):
+        folder.mkdir()
+        (folder / "person-seg.onnx").write_bytes(b"x" * 1024)
+    os.utime(old, (time.time() - fileio.ABANDONED_AFTER_S - 60,) * 2)
+    monkeypatch.setattr(yolo, "load_yolo", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no exporter here")))
+    weights = tmp_path / "person-seg.pt"
+    weights.write_bytes(b"weights")
+    with pytest.raises(PipelineError, match="ONNX export failed: RuntimeError: no exporter here"):
+        yolo.export_yolo_onnx(None, weights, target, 64)
+    assert not old.exists() and busy.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".person-seg.def456.export", "person-seg.pt"]
