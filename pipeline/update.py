@@ -235,8 +235,11 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     store = cfg.store_dir
     stage = store / STAGING
     if (stage / SWITCH).is_file():
+        finished = [line for line in (stage / SWITCH).read_text().splitlines() if line.startswith("update: ")]
         with summary.stage("finish an interrupted switch"):
             switch(cfg)
+        # what that update did (this run compares the store, now switched, with the dataset again)
+        summary.notes.append("finished an interrupted update's switch" + (f" ({finished[0]})" if finished else ""))
     rows_now = check_dataset(cfg.dataset)
     with summary.stage("load store"):
         old = _old_store(cfg)
@@ -303,7 +306,8 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
                 threads=cfg.embedder.threads,
             )
         summary.notes.append(f"index: {said}")
-    (stage / SWITCH).write_text("the new store in next/ (and its index in index/) is complete: move them into place\n")
+    (stage / SWITCH).write_text("the new store in next/ (and its index in index/) is complete: move them into place\n"
+                                f"update: {plan.describe()}\n")
     with summary.stage("switch"):
         switch(cfg)
     return Gallery(emb, rows, new.embedder if new is not None else embedder,

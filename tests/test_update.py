@@ -124,7 +124,8 @@ def test_a_larger_limit_embeds_only_the_new_rows(tiny_onnx, tmp_path, capsys, mo
     assert_same_as_fresh(out, fresh)
 
 
-def test_an_interrupted_update_leaves_the_old_store_and_finishes_when_run_again(tiny_onnx, tmp_path, monkeypatch):
+def test_an_interrupted_update_leaves_the_old_store_and_finishes_when_run_again(tiny_onnx, tmp_path, monkeypatch,
+                                                                               capsys):
     data = write_catalogue(tmp_path / "catalogue", list(range(PRODUCTS)))
     out, fresh = tmp_path / "updated", tmp_path / "fresh"
     assert run(*args(data, tiny_onnx, out)) == 0
@@ -151,7 +152,13 @@ def test_an_interrupted_update_leaves_the_old_store_and_finishes_when_run_again(
     assert run(*args(data, tiny_onnx, out, "--update")) == 130
     monkeypatch.undo()
     assert (out / "embeddings" / ".update" / update_module.SWITCH).is_file()
-    assert run(*args(data, tiny_onnx, out, "--update")) == 0
+    capsys.readouterr()
+    import main as cli
+
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
+    said = " ".join(capsys.readouterr().out.split())  # what the update it finished did, not only this run's nothing
+    assert re.search(r"finished an interrupted update's switch \(update: added \d+, changed \d+, removed \d+",
+                     said), said
     assert run(*args(data, tiny_onnx, fresh)) == 0
     assert_same_as_fresh(out, fresh)
 
