@@ -578,19 +578,46 @@ def with_store_source(cfg: RunConfig) -> tuple[RunConfig, str]:
     """--update: the dataset settings no flag gave taken from the store (its dataset, configuration,
     split, image column, row limit and id column), as its embedder is, so that an update with no
     dataset flags keeps the store's scope (the default --limit would cut a gallery of every row to
-    10,000 photos). Returns the configuration and what was taken, as flags ("" when nothing)."""
-    sidecar = store_sidecar(cfg) if cfg.update else None
-    if sidecar is None or sidecar.source.dataset is None:
+    10,000 photos). Returns the configuration and what was taken, as flags ("" when nothing). A
+    sidecar that cannot be read is refused: the update would go on with the default dataset."""
+    if not cfg.update or not (cfg.store_dir / SIDECAR_FILE).is_file():
         return cfg, ""
-    made = sidecar.source
-    # None recorded: the default configuration, every row; an id column or image column not recorded
-    taken = [field for field, name in _STORE_DATASET.items()
-             if field not in cfg.explicit and getattr(made, field) != getattr(cfg.dataset, name)
-             and (getattr(made, field) is not None or field in ("config", "limit"))]
+    try:
+        sidecar = Sidecar.read(cfg.store_dir / SIDECAR_FILE)
+    except CacheMismatchError as e:
+        raise PipelineError(
+            f"{e}\nA damaged store cannot be updated, and what it was built from cannot be read from it: build it "
+            "afresh without --update, giving the dataset flags that built it (--dataset, and --limit, --split, "
+            "--config where they were given)") from None
+    taken = _taken_from_store(cfg, sidecar)
     if not taken:
         return cfg, ""
-    spec = replace(cfg.dataset, **{_STORE_DATASET[f]: getattr(made, f) for f in taken})
-    return replace(cfg, dataset=spec), " ".join(flags_that_made(taken, sidecar.identity, made, None))
+    spec = replace(cfg.dataset, **{_STORE_DATASET[f]: getattr(sidecar.source, f) for f in taken})
+    return replace(cfg, dataset=spec), " ".join(flags_that_made(taken, sidecar.identity, sidecar.source, None))
+
+
+def _taken_from_store(cfg: RunConfig, sidecar: Sidecar) -> list[str]:
+    """The dataset settings an --update takes from its store: those no flag gave that differ (None
+    recorded: the default configuration, every row; an id column or image column not recorded)."""
+    made = sidecar.source
+    if made.dataset is None:
+        return []
+    return [field for field, name in _STORE_DATASET.items()
+            if field not in cfg.explicit and getattr(made, field) != getattr(cfg.dataset, name)
+            and (getattr(made, field) is not None or field in ("config", "limit"))]
+
+
+def store_dataset_flags(cfg: RunConfig) -> str:
+    """The dataset flags that built the run's store, as a build without --update needs them typed
+    ("" when the sidecar cannot say): an update's remedy "build afresh" would otherwise read the
+    default dataset."""
+    sidecar = store_sidecar(cfg)
+    if sidecar is None or sidecar.source.dataset is None:
+        return ""
+    default = DatasetSpec()  # a setting the default gives needs no flag (--split train); every row does (--limit 0)
+    fields = [f for f, name in _STORE_DATASET.items()
+              if f == "dataset" or getattr(sidecar.source, f) != getattr(default, name)]
+    return " ".join(flags_that_made(fields, sidecar.identity, sidecar.source, None))
 
 
 def store_identity_if_default(cfg: RunConfig) -> VectorIdentity | None:

@@ -54,6 +54,7 @@ from .galleries import (
     gallery_source,
     made_identity,
     owned_files,
+    store_dataset_flags,
     with_store_embedder,
 )
 from .identity import VectorIdentity, differences
@@ -369,8 +370,10 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
         if e.missing:
             raise PipelineError(f"{e}\nThere is no store to update: build it first, without --update.") from None
         if not e.differing and e.made_by is None:  # damaged, not made otherwise: no flag can reuse it
+            flags = store_dataset_flags(cfg)
             raise PipelineError(f"{e}\nA damaged store cannot be updated: build it afresh, running the same command "
-                                "without --update.") from None
+                                "without --update" + (f" and with the dataset flags that built it: {flags}" if flags
+                                                      else "") + ".") from None
         if set(e.differing) == {"seg_weights"}:  # the weights alone: no flag gives the old ones back
             raise PipelineError(
                 f"{e}\nThe segmenter's weights file {cfg.segment.model} changed since the store was built: its "

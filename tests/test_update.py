@@ -901,6 +901,23 @@ def test_thumbnail_segments_are_joined_before_they_pile_up():
     assert kept([base, *segs[:3]], list(range(106)), 201) == []
 
 
+def test_an_update_of_a_store_whose_sidecar_is_damaged_is_refused_not_run_on_the_default_dataset(tiny_onnx,
+                                                                                                  tmp_path, capsys):
+    """With no dataset flags an update takes them from the sidecar; one that cannot be read was passed
+    over, and the update read the default dataset (the hub's DeepFashion)."""
+    data = write_catalogue(tmp_path / "catalogue", list(range(6)))
+    out = tmp_path / "updated"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    sidecar = out / "embeddings" / "embeddings.json"
+    sidecar.write_bytes(sidecar.read_bytes()[:40])
+    capsys.readouterr()
+    assert run("--update", "--onnx", tiny_onnx, "--output-dir", out) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "A damaged store cannot be updated, and what it was built from cannot be read from it: build it afresh " \
+           "without --update, giving the dataset flags that built it" in err
+    assert "deepfashion" not in err
+
+
 def test_a_changed_or_missing_segment_is_refused(tiny_onnx, tmp_path, capsys):
     data = write_catalogue(tmp_path / "catalogue", list(range(10)))
     out = tmp_path / "updated"
@@ -919,7 +936,8 @@ def test_a_changed_or_missing_segment_is_refused(tiny_onnx, tmp_path, capsys):
     assert run(*args(data, tiny_onnx, out, "--update")) == 1  # not "use the flags that built it": no flag helps
     err = capsys.readouterr().err
     assert f"{name} does not match the sidecar" in err
-    assert "A damaged store cannot be updated: build it afresh, running the same command without --update." in err
+    assert ("A damaged store cannot be updated: build it afresh, running the same command without --update and with "
+            f"the dataset flags that built it: --dataset {data.resolve()} --limit 0") in " ".join(err.split())
     segment.unlink()
     assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out) == 1
     assert f"incomplete: {name} is missing" in capsys.readouterr().err
