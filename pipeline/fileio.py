@@ -203,9 +203,12 @@ def writer_of(folder: str | Path) -> str | None:
     """The pid of another live process whose OutputLock is on `folder` now, or None: a reader refused
     for a store caught between two of its files says that a run is writing it. Read from the lock
     file (a run removes it as it ends), not by taking the lock: a probe's brief lock would refuse a
-    run starting at that instant; this process's own lock (a search holds its folder's) is none."""
+    run starting at that instant; this process's own lock (a search holds its folder's) is none. The
+    file holds the pid and, where the system says it, the process's start time: a SIGKILLed run's
+    pid taken since by another process (after a container restart) is not that run."""
     try:
-        pid = int((Path(folder) / OutputLock.NAME).read_text().strip())
+        pid_text, _, started = (Path(folder) / OutputLock.NAME).read_text().strip().partition(" ")
+        pid = int(pid_text)
     except (OSError, ValueError):
         return None
     if pid == os.getpid():
@@ -216,7 +219,21 @@ def writer_of(folder: str | Path) -> str | None:
         return None
     except PermissionError:
         pass  # alive, another user's
+    now = process_start(pid)
+    if started and now is not None and now != started:
+        return None  # the pid of another process now
     return str(pid)
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, in clock ticks since boot (Linux's /proc/PID/stat, field 22); None
+    where that cannot be read (another system, or the process is gone)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat_line[stat_line.rfind(")") + 2 :].split()  # after "pid (name) ": field 3 on
+    return fields[19] if len(fields) > 19 else None
 
 
 def being_written(folder: str | Path) -> str:
@@ -253,7 +270,9 @@ class OutputLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+                said = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+                pid = said.split(" ")[0]  # "pid start-time" (writer_of)
+                holder = pid if pid.isdigit() else said or "unknown"
                 os.close(fd)
                 raise PipelineError(
                     f"another run (pid {holder}) is writing to {self.path.parent}; wait for it to end or choose "
@@ -267,7 +286,7 @@ class OutputLock:
             os.close(fd)
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            os.pwrite(fd, f"{os.getpid()} {process_start(os.getpid()) or ''}".strip().encode("ascii") + b"\n", 0)
         except OSError as e:  # a full disk: the lock is let go, not kept by a descriptor nobody closes
             os.close(fd)
             raise PipelineError(f"cannot write the lock file {self.path}: {e.strerror or e}") from e

@@ -35,7 +35,7 @@ from .derived import retire_stale
 from .duplicates import stored_groups
 from .embedders import Embedder, EmbedderSpec, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError, PipelineError
-from .fileio import sha256_file_once, unlink_quietly
+from .fileio import being_written, sha256_file_once, unlink_quietly
 from .gallery import STANDARD_FILES, DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
 from .items import make_segment_items, make_standard_items, note_persons_cut
@@ -242,7 +242,7 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
         shown: Path | str = cfg.output_url or cfg.output_dir
         search_from = shown if cfg.searches_only or not cfg.from_cache else None
         if e.missing and (cfg.store_dir / UPDATE_DIR / SWITCH_FILE).is_file():  # not a build's to redo
-            raise CacheMismatchError(f"{e}\n{SWITCH_STOPPED.format(store=cfg.store_dir)}") from None
+            raise CacheMismatchError(f"{e}\n{switch_pending(cfg)}") from None
         if e.missing and not (cfg.store_dir / PARTIAL_DIR).is_dir():
             raise CacheMismatchError(f"{e}\n{build_first(cfg.store_dir, cfg.segmented, search_from)}") from None
         if e.missing and search_from is not None:  # a search mode: the interrupted gallery run is what finishes it
@@ -264,12 +264,21 @@ SWITCH_STOPPED = ("an update of {store} was interrupted in the middle of its swi
                   "(with --update) to finish it")
 
 
+def switch_pending(cfg: RunConfig) -> str:
+    """What a reader is told of a store whose update's switch is not finished: stopped, or under way
+    now in another run (which holds the output folder's lock)."""
+    now = being_written(cfg.output_dir)
+    if now:
+        return f"an update of {cfg.store_dir} is switching its new store in{now}"
+    return SWITCH_STOPPED.format(store=cfg.store_dir)
+
+
 def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None) -> Gallery:
     """The gallery for this run: from the cache when asked, else built (or resumed); its failed
     rows are recorded in the summary."""
     pending = (cfg.store_dir / UPDATE_DIR / SWITCH_FILE).is_file()
     if pending and cfg.from_cache:
-        raise CacheMismatchError(SWITCH_STOPPED.format(store=cfg.store_dir))
+        raise CacheMismatchError(switch_pending(cfg))
     if cfg.from_cache:
         with summary.stage("load cache"):
             # no embedder loaded (a gallery from the cache): the store's own, with no model flags

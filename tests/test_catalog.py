@@ -430,5 +430,11 @@ def test_a_store_caught_while_a_run_writes_it_is_said_to_be_so_not_to_need_a_bui
                 Catalog.open(folder)
     time.sleep(0.1)
     assert writer_of(out) is None  # its pid is gone
+    # a SIGKILLed run's file, its pid taken since by another live process (pid 1 here): that is no writer
+    (out / OutputLock.NAME).write_text("1 123\n")
+    assert writer_of(out) is None
+    (out / OutputLock.NAME).write_text("1\n")  # a file without the start time (an earlier version's): the pid alone
+    assert writer_of(out) == "1"
+    (out / OutputLock.NAME).unlink()
     with pytest.raises(PipelineError, match="holds no gallery store .* build one first"):
         Catalog.open(out)

@@ -627,6 +627,13 @@ def test_a_switch_killed_midway_is_named_by_a_cache_run_and_dropped_by_a_build(t
         said = capsys.readouterr().err
         assert "interrupted in the middle of its switch: run the update's command (with --update)" in said
         assert "Build it first" not in said
+    # while a run holds the folder (the update switching, still at work), a reader is told to wait, not that it stopped
+    from tests.helpers import another_run_holding
+
+    with another_run_holding(out) as pid:
+        assert run("--onnx", tiny_onnx, "--output-dir", out, "--export", f"parquet:{tmp_path / 'y.parquet'}") == 1
+        said = " ".join(capsys.readouterr().err.split())
+        assert f"another run (pid {pid}) is writing to {out}" in said and "interrupted" not in said, said
     write_catalogue(data, list(range(5)))  # the user builds afresh instead: the pending switch must not come back
     assert run(*args(data, tiny_onnx, out)) == 0
     assert not (out / "embeddings" / update_module.STAGING).exists()
