@@ -79,6 +79,8 @@ from .webreport import (
     Section,
     build_summary,
     count_of,
+    drop_section,
+    read_section,
     rewrite_summary,
     write_gallery_pages,
     write_section,
@@ -181,6 +183,8 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
     summary.count("failed", len(summary.failures))
     summary.outputs["images"] = str(cfg.images_dir)
     summary.outputs["embeddings"] = str(cfg.store_dir)
+    if not cfg.from_cache:
+        retire_earlier_outputs(cfg)
     on_gpu = cfg.embedder.device == "cuda" or on_cuda(gallery.embedder)
     with summary.stage("index"):
         searcher = open_searcher(cfg, gallery.embeddings, gallery.embedded, gpu=on_gpu, build_auto=True)
@@ -190,6 +194,32 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
     with summary.stage("report"):
         write_gallery_report(cfg, summary, rows, nb, groups)
     return summary
+
+
+def retire_earlier_outputs(cfg: RunConfig) -> None:
+    """A gallery run that changed its store: the neighbour table, the duplicates table and the report
+    section of the store before go now, and its distance matrix moves aside (the neighbours carry
+    from it there, _earlier_matrix), so that a run stopped before it writes its own leaves none
+    that describes another store (rows of photos that went, a matrix of another size). A store
+    left as it was (an update with nothing to do) keeps them."""
+    section_id = "gallery" + cfg.suffix
+    section = read_section(cfg.plots_dir, section_id)
+    try:
+        store = store_sha256(cfg.store_dir)
+    except PipelineError:
+        return
+    if section is None or (section.get("data") or {}).get("store") == store:
+        return
+    drop_section(cfg.plots_dir, section_id)
+    unlink_quietly(cfg.results_dir / "neighbours.csv")
+    unlink_quietly(cfg.plots_dir / f"duplicates{cfg.suffix}.csv")
+    matrix = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy"
+    if matrix.is_file():
+        os.replace(matrix, _earlier_matrix(matrix))  # a rename keeps the stamp the saved lists know it by
+
+
+def _earlier_matrix(matrix: Path) -> Path:
+    return matrix.with_name(f".{matrix.stem}.earlier.npy")
 
 
 REPORT_GROUPS = 60  # duplicate groups shown side by side in the report (duplicates.csv lists all)
@@ -423,6 +453,7 @@ def gallery_neighbours(cfg: RunConfig, searcher: Searcher, summary: RunSummary,
             nb = searcher.all_neighbours(cfg.top_k, matrix_path=matrix, allowed=allowed)
         if allowed is None:
             save_neighbours(cfg, searcher, nb, matrix)
+    unlink_quietly(_earlier_matrix(cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy"))  # carried from, or not
     summary.notes.append("neighbours: " + (searcher.describe() if searcher.approximate else "exact"))
     earlier = cfg.plots_dir / f"distance_matrix{cfg.suffix}.npy"
     if matrix is None and earlier.is_file():  # an earlier run's, of another store or other neighbours: not left
@@ -494,7 +525,9 @@ def carried_neighbours(cfg: RunConfig, searcher: Searcher, carried: tuple[np.nda
                 return None
             old = Neighbours(saved["indices"], saved["distances"])
             old_matrix = str(saved["matrix"]) if "matrix" in saved.files else ""
-        if matrix is not None and (not old_matrix or not matrix.is_file() or _matrix_stamp(matrix) != old_matrix):
+        # the last run's matrix: moved aside when this run changed the store (retire_earlier_outputs)
+        source = _earlier_matrix(matrix) if matrix is not None and _earlier_matrix(matrix).is_file() else matrix
+        if source is not None and (not old_matrix or not source.is_file() or _matrix_stamp(source) != old_matrix):
             return None
     except Exception:  # a cache: damaged or unreadable (a bad zip, another format) costs a full pass, nothing else
         return None
@@ -504,7 +537,7 @@ def carried_neighbours(cfg: RunConfig, searcher: Searcher, carried: tuple[np.nda
     nb, asked = found
     if matrix is not None and carried is not None:
         try:
-            carried_matrix(np.load(matrix, mmap_mode="r"), take, searcher.embeddings, matrix)
+            carried_matrix(np.load(source or matrix, mmap_mode="r"), take, searcher.embeddings, matrix)
         except (OSError, ValueError):  # not the matrix it was (another shape, damaged): a full pass writes it
             return None
     summary.notes.append(f"neighbours: {n - asked:,} of {n:,} items' lists carried over from the last run, "

@@ -1473,3 +1473,36 @@ def test_rows_without_a_picture_that_go_or_come_are_counted(tiny_onnx, tmp_path,
     assert cli_update(data, tiny_onnx, out) == 3
     said = " ".join(capsys.readouterr().out.split())
     assert "unchanged 3; 1 row(s) without a picture recorded (new, or failing otherwise than before)" in said
+
+
+def test_a_run_stopped_after_its_store_changed_leaves_no_outputs_of_the_store_before(tiny_onnx, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """Stopped between the store switched in and its outputs written, an update left the store before's
+    neighbour table (rows of photos that went), duplicates, distance matrix (of another size) and report
+    section beside the new store. They go as the store changes (the matrix moved aside, which the
+    update carries its kept pairs from: test_the_distance_matrix_is_carried_through_an_update)."""
+    from pipeline import runner
+    from pipeline.webreport import read_section
+
+    data = write_catalogue(tmp_path / "catalogue", list(range(PRODUCTS)))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    write_catalogue(data, [*range(0, 5), *range(6, PRODUCTS), 40, 41])  # one gone, two added
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "open_searcher", stop)
+    assert run(*args(data, tiny_onnx, out, "--update")) == 130
+    monkeypatch.undo()
+    assert len(read_manifest(out / "embeddings" / "manifest.csv")) == 31  # the new store is in place
+    assert not (out / "retrieval_results" / "neighbours.csv").exists()
+    assert not (out / "outputs" / "duplicates.csv").exists()
+    assert not (out / "outputs" / "distance_matrix.npy").exists()
+    assert read_section(out / "outputs", "gallery") is None
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out) == 0  # nothing left to embed: the outputs are made again
+    assert not list((out / "outputs").glob(".distance_matrix*"))  # the matrix moved aside is not left behind
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+    assert np.load(out / "outputs" / "distance_matrix.npy").shape == (31, 31)
