@@ -346,6 +346,9 @@ def _interrupted(cfg: RunConfig) -> str:
     kept = "the gallery's complete shards are kept (run the same command again to resume its build)"
     if cfg.video.clip is not None:
         return f"interrupted: the clip starts over when run again; {kept}"
+    if cfg.update and built:  # switched in: what is left is the outputs, which the same command makes
+        return (f"interrupted: the updated store in {cfg.store_dir} is in place; run the same command again to "
+                "finish its neighbours, pictures and report (nothing is embedded again)")
     if cfg.update:
         return "interrupted: the update's complete shards are kept; run the same command again to finish it"
     return "interrupted: complete shards are kept; run the same command again to resume"

@@ -1493,8 +1493,12 @@ def test_a_run_stopped_after_its_store_changed_leaves_no_outputs_of_the_store_be
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runner, "open_searcher", stop)
+    capsys.readouterr()
     assert run(*args(data, tiny_onnx, out, "--update")) == 130
     monkeypatch.undo()
+    said = " ".join(capsys.readouterr().err.split())  # not "the update's complete shards are kept": it is switched in
+    assert f"interrupted: the updated store in {out / 'embeddings'} is in place; run the same command again to " \
+           "finish its neighbours, pictures and report (nothing is embedded again)" in said, said
     assert len(read_manifest(out / "embeddings" / "manifest.csv")) == 31  # the new store is in place
     assert not (out / "retrieval_results" / "neighbours.csv").exists()
     assert not (out / "outputs" / "duplicates.csv").exists()
