@@ -216,14 +216,16 @@ def test_the_search_page_filters_with_controls_built_from_the_columns(built, tin
         browser.find_element(By.ID, "text").send_keys("a skirt")
         browser.find_element(By.ID, "text-go").click()
         wait(browser, "document.querySelectorAll('#results .tile[data-file]').length > 0")
-        metas = browser.execute_script(
-            "return [...document.querySelectorAll('#results .tile .meta')].map(m => m.title)")
-        assert metas and all("category: skirt" in m for m in metas)
-        assert all(float(m.split("price: ")[1].split("\n")[0]) <= 120 for m in metas)
-        # each value under its column's name, and the status says what made the results
-        first = browser.execute_script("return [...document.querySelectorAll('#results .tile .meta div')]"
-                                       ".slice(0, 5).map(d => d.textContent)")
-        assert first[0].startswith("category skirt") and any(line.startswith("price ") for line in first)
+        metas = browser.execute_script(  # each tile's values, those a tap away too
+            "return [...document.querySelectorAll('#results .tile .meta')].map(m => "
+            "Object.fromEntries([...m.querySelectorAll('div')].map(d => [d.firstChild.textContent.trim(), "
+            "d.lastChild.textContent])))")
+        assert metas and all(m["category"] == "skirt" for m in metas)
+        assert all(float(m["price"].replace(",", "")) <= 120 for m in metas)
+        # each value under its column's name, the price first (a product's name would come before it)
+        first = browser.execute_script("return [...document.querySelectorAll('#results .tile .meta > div')]"
+                                       ".slice(0, 4).map(d => d.textContent)")
+        assert first[0].startswith("price ") and any(line.startswith("category skirt") for line in first)
         said = browser.execute_script("return document.getElementById('status').textContent")
         assert "· filter category = 'skirt' AND price <= 120 ·" in said
         browser.save_screenshot(str(tmp_path / "filtered.png"))
