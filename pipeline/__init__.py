@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .errors import PipelineError, UsageError  # what the API raises: every error it says is a PipelineError
+
 if TYPE_CHECKING:
     from .catalog import Catalog, QueryResult
     from .searcher import Hit
 
-__all__ = ["Catalog", "Hit", "QueryResult"]
+__all__ = ["Catalog", "Hit", "PipelineError", "QueryResult", "UsageError"]
 
 
 def __getattr__(name: str) -> Any:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, ImageOps
 
 from .backends import ONNXRUNTIME, model_by_name
@@ -39,12 +40,14 @@ from .store import (
     SIDECAR_FILE,
     GalleryCache,
     ManifestRow,
+    Sidecar,
     load_cache,
 )
 from .yolo import SegmentSpec, make_segmenter
 
 log = logging.getLogger(__name__)
 
+Whole = int | np.integer  # a row or a count: numpy's integers too (an argsort's rows in a notebook)
 UNIT_TOLERANCE = 1e-3  # how far from 1 a query vector's length may be (float16 vectors normalized, say)
 
 
@@ -58,6 +61,10 @@ class QueryResult:
     hits: list[Hit]
     picture: Image.Image | None = None
     person: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON has it (the picture left out): label, person and each hit's to_dict."""
+        return {"label": self.label, "person": self.person, "hits": [h.to_dict() for h in self.hits]}
 
 
 class Thumbnails:
@@ -95,6 +102,8 @@ def store_folder(folder: str | Path) -> Path:
         return folder
     if (folder / "embeddings" / SIDECAR_FILE).is_file():
         return folder / "embeddings"
+    if (folder / "embeddings_segment" / SIDECAR_FILE).is_file():  # a run folder of person crops alone
+        return folder / "embeddings_segment"
     from .fileio import being_written
 
     for output in (folder, folder.parent):  # a run's folder, or the store folder in it
@@ -111,10 +120,18 @@ def images_folder(store_dir: Path, cache_kind: str) -> Path:
     return store_dir.parent / ("images_segment" if cache_kind == "segment" else "images")
 
 
-def _check_open_arguments(device: str, threads: int, index: str, model: str | None = None) -> None:
+def _check_open_arguments(device: str, threads: int, index: str, model: str | None = None,
+                          onnx: str | None = None) -> None:
     """Catalog.open's arguments that would otherwise be taken silently (an index kind the open does
-    not choose) or refused only by the first query (threads=-1, an ONNX file as the model)."""
+    not choose) or refused only by the first query (threads=-1, an ONNX file as the model, a file or
+    folder given that is not there: a service would start and fail its first request)."""
     from .backends import DEVICES
+
+    if onnx is not None and not Path(onnx).is_file():
+        raise UsageError(f"onnx={str(onnx)!r}: no such file (the ONNX file the store was made with; opened without "
+                         "onnx=, the store's own file is looked for by its sha256)")
+    if model is not None and str(model).startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+        raise UsageError(f"model={str(model)!r}: no such folder (a model is a folder, a hub id or a short name)")
 
     if model is not None and str(model).lower().endswith(".onnx") and Path(model).is_file():
         raise UsageError(f"model={str(model)!r} is an exported ONNX file: give it as onnx={str(model)!r} (model= names "
@@ -168,12 +185,19 @@ class Catalog:
             model, or its ONNX file: the default --onnx, else the file of its sha256 where found). The
             embedder is checked against the store when it first loads (vectors of another model are
             never compared).
+        device: where the embedder runs ("auto": a GPU when there is one).
+        threads: the CPU cores the embedder and the index use (0: every core). faiss's is a setting
+            of the whole process: the last catalog opened sets it for all.
         index: "auto" uses the index file beside the store when there is one; "none": exact search.
         seg_model: the person segmenter for `search_image(..., segment=True)`.
         dedup: one photo per duplicate group in every answer (the groups of outputs/duplicates.csv).
         group_by: a metadata column (a product id): one result per value in every answer.
+
+        A catalog is a snapshot of the store as it was opened: a gallery run or --update since (in
+        another process too) is not seen by it (is_current() says whether it still is the store on
+        disk; open the folder again for the new one). Open one in each process: it does not pickle.
         """
-        _check_open_arguments(device, threads, index, model)
+        _check_open_arguments(device, threads, index, model, onnx)
         group_by = group_by or None  # "" is "each photo", as a query's group_by="" says
         root = store_folder(folder)
         cache = load_cache(root, Path(), identity=None, check_images=False)
@@ -203,13 +227,28 @@ class Catalog:
     # ------------------------------------------------------------------ what is in it
     @property
     def items(self) -> list[ManifestRow]:
-        """The manifest lines of the searchable items; items[row] owns embeddings[row]."""
-        return self.searcher.rows
+        """The manifest lines of the searchable items; items[row] owns embeddings[row]. A copy of the
+        list: reordering it changes no answer."""
+        return list(self.searcher.rows)
 
     @property
     def embeddings(self) -> np.ndarray:
-        """float32 (N, D), L2-normalized."""
-        return self.searcher.embeddings
+        """float32 (N, D), L2-normalized; read-only (the searcher's own: a write would change answers)."""
+        view = self.searcher.embeddings.view()
+        view.flags.writeable = False
+        return view
+
+    def is_current(self) -> bool:
+        """Whether the store on disk is still the one this catalog opened. A catalog is a snapshot: a
+        gallery run or an --update since (in another process too) leaves it answering from the store
+        as it was, and naming image files that may be gone; open the folder again for the new one
+        (`--serve` does so by itself)."""
+        try:
+            now = Sidecar.read(self.cache.root / SIDECAR_FILE)
+        except (CacheMismatchError, OSError):
+            return False
+        return (now.embeddings_sha256, now.manifest_sha256) == (self.cache.sidecar.embeddings_sha256,
+                                                               self.cache.sidecar.manifest_sha256)
 
     def __len__(self) -> int:
         return len(self.searcher.rows)
@@ -231,9 +270,17 @@ class Catalog:
         return [[self.searcher.rows[m] for m in g.members] for g in groups]
 
     def describe(self) -> str:
+        """One line: how many items, where, and how they are searched."""
         return f"{len(self):,} items in {self.cache.root}; search: {self.searcher.describe()}"
 
-    def thumbnail(self, row: int) -> np.ndarray:
+    def __repr__(self) -> str:
+        return f"<Catalog {self.describe()}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"a Catalog does not pickle (its files, locks and models are this process's): open it in "
+                        f"each process, Catalog.open('{self.cache.root}', ...)")
+
+    def thumbnail(self, row: Whole) -> np.ndarray:
         """uint8 (T, T, 3) RGB thumbnail of embedding row `row`."""
         self._check_row(row)
         return self.thumbnails.of(int(row))
@@ -261,14 +308,17 @@ class Catalog:
         name, one result per value of it."""
         return self.searcher if group_by is None else self.searcher.grouped(group_by or None)
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 5, filter: str | None = None,
+    def search_vectors(self, vectors: npt.ArrayLike, k: Whole = 5, filter: str | None = None,
                        group_by: str | None = None) -> list[list[Hit]]:
         """Top-k hits for each vector: float32 (D,) or (Q, D), L2-normalized. filter: a metadata
         filter ("category = 'dress' AND price < 50", filters.py), applied inside the search.
         group_by: a metadata column, one result per value of it ("" : each photo; None: as the
         catalog was opened)."""
         k = self._k(k)
-        q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        try:
+            q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"query vectors are numbers, float32 (D,) or (Q, D): {first_line(e)}") from None
         dim = self.embeddings.shape[1]
         if q.ndim != 2 or q.shape[1] != dim:
             raise PipelineError(f"query vectors must be of shape ({dim},) or (Q, {dim}), as the store's; got "
@@ -286,7 +336,7 @@ class Catalog:
         searcher = self._searcher(group_by)
         return searcher.search(q, k, searcher.allowed(filter))
 
-    def search_text(self, text: str, k: int = 5, filter: str | None = None, group_by: str | None = None) -> list[Hit]:
+    def search_text(self, text: str, k: Whole = 5, filter: str | None = None, group_by: str | None = None) -> list[Hit]:
         """The top-k items for a description (filter, group_by: as in search_vectors)."""
         k = self._k(k)
         if not isinstance(text, str):  # a list would be checked as one text and said as one
@@ -316,7 +366,10 @@ class Catalog:
             if isinstance(picture, (str, Path)) and Path(picture).is_dir():
                 raise UsageError(f"{picture} is a folder: search_image takes one picture (a file, its bytes or a PIL "
                                  "image); search each of its pictures, as the CLI's --query-image FOLDER does")
-            data = read_regular_file(picture) if isinstance(picture, (str, Path)) else bytes(picture)
+            try:
+                data = read_regular_file(picture) if isinstance(picture, (str, Path)) else bytes(picture)
+            except OSError as e:
+                raise ImageDecodeError(f"cannot read {str(picture)}: {e.strerror or e}") from e
             image = decode_image(data, min_side=None if segment else self.decode_min_side).image
             label = name or (printable_name(Path(picture).name) if isinstance(picture, (str, Path)) else "picture")
         else:
@@ -382,7 +435,7 @@ class Catalog:
             out.append(QueryResult(crop.label, searcher.hits(nb, 0), crop.image, found))
         return out
 
-    def search_image(self, picture: str | Path | bytes | Image.Image, k: int = 5, segment: bool = False,
+    def search_image(self, picture: str | Path | bytes | Image.Image, k: Whole = 5, segment: bool = False,
                      name: str | None = None, filter: str | None = None,
                      group_by: str | None = None) -> list[QueryResult]:
         """The top-k items for a picture (a path, its bytes, or a PIL image); with segment=True, for
@@ -395,7 +448,7 @@ class Catalog:
         hits = searcher.search(self.embed_crops(crops), k, allowed)
         return [QueryResult(c.label, h, c.image, found) for c, h in zip(crops, hits)]
 
-    def neighbours(self, item: int | str, k: int = 5, filter: str | None = None,
+    def neighbours(self, item: Whole | str, k: Whole = 5, filter: str | None = None,
                    group_by: str | None = None) -> list[Hit]:
         """An item's top-k other items; item: its embedding row, or its file name (refused when
         several items share it: equal photos are one file). Another item with the same bytes is
@@ -405,20 +458,20 @@ class Catalog:
         nb = searcher.item_neighbours(np.array([self._row_of(item)]), k, searcher.allowed(filter))
         return searcher.hits(nb, 0)
 
-    def _k(self, k: int) -> int:
+    def _k(self, k: Whole) -> int:
         """k checked, and at most the catalogue's size: no answer holds more, and the searches'
         (queries, k) arrays stay that small whatever k is asked."""
         _check_k(k)
         return max(1, min(int(k), len(self)))
 
-    def _check_row(self, row: int) -> None:
+    def _check_row(self, row: Whole) -> None:
         if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
             raise PipelineError(f"an item is asked for by its row (a whole number) or its file name, got {row!r}")
         if not 0 <= int(row) < len(self):
             held = f"has rows 0..{len(self) - 1}" if len(self) else "is empty"
             raise PipelineError(f"no item {row}: the store {held}")
 
-    def _row_of(self, item: int | str) -> int:
+    def _row_of(self, item: Whole | str) -> int:
         if not isinstance(item, str):
             self._check_row(item)
             return int(item)
@@ -468,7 +521,7 @@ def _checked_texts(texts: str | Sequence[str]) -> list[str]:
     return out
 
 
-def _check_k(k: int) -> None:
+def _check_k(k: Whole) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise UsageError(f"k is the number of results to return: a whole number of at least 1, got {k!r}")
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dataset import arrow_numpy
+from .errors import PipelineError
 
 # A header may claim any size; we refuse before allocating. 100 Mpx is ~4x a 50 Mpx camera frame.
 MAX_PIXELS = 100_000_000
@@ -23,8 +24,9 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-class ImageDecodeError(ValueError):
-    """One image could not be turned into RGB pixels; the message says why."""
+class ImageDecodeError(PipelineError, ValueError):
+    """One image could not be turned into RGB pixels; the message says why. A PipelineError, as every
+    error the API raises for what it was given (a service catching that answers 4xx for a bad upload)."""
 
 
 @dataclass(frozen=True)

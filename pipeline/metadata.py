@@ -104,7 +104,9 @@ class Metadata:
         out = {}
         for c in self.table.column_names:
             v = self.table.column(c)[j].as_py()
-            if (narrow := self._narrow_floats.get(c)) is not None and isinstance(v, float) and math.isfinite(v):
+            if isinstance(v, float) and math.isnan(v):
+                v = None  # missing, as a filter takes it (price IS NULL)
+            elif (narrow := self._narrow_floats.get(c)) is not None and isinstance(v, float) and math.isfinite(v):
                 v = float(str(narrow(v)))
             out[c] = v
         return out

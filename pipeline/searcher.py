@@ -27,7 +27,7 @@ from .duplicates import DuplicateGroup, keep_one_per_group, representatives
 from .errors import UsageError
 from .filters import FilterError
 from .index import GalleryIndex, ensure_index, load_index
-from .metadata import Metadata, product_labels
+from .metadata import Metadata, json_value, product_labels
 from .persons import Segmenter, person_crops
 from .retrieval import Neighbours, cosine_distances, group_layout, masked_topk, topk_neighbours, topk_rows
 from .store import ManifestRow, shown_name
@@ -67,6 +67,13 @@ class Hit:
     def shown_name(self) -> str:
         """The last part of `source`, for a caption (store.shown_name)."""
         return shown_name(self.source, self.file, person=self.person)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The hit as JSON has it (json.dumps takes it as it is): its fields, `meta`'s values as
+        metadata.json_value gives them (NaN as null, a date as its text)."""
+        out = {f: getattr(self, f) for f in ("rank", "row", "line", "file", "source", "source_row", "person",
+                                             "distance")}
+        return {**out, "distance": float(self.distance), "meta": {k: json_value(v) for k, v in self.meta.items()}}
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,9 @@ class Searcher:
         filter that cannot be used, or a store without metadata."""
         if not filter_text:
             return None
+        if not isinstance(filter_text, str):
+            raise UsageError(f"a filter is a text (\"category = 'dress' AND price < 50\"), not a "
+                             f"{type(filter_text).__name__}")
         if self.metadata is None:
             raise FilterError(
                 "--filter: this store keeps no metadata (a folder of pictures without subfolders or a "

@@ -5,6 +5,7 @@ Nothing here is downloaded. Used by tests/conftest.py and by the benchmarks.
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 from collections.abc import Sequence
@@ -362,7 +363,7 @@ def write_parquet_dataset(
             data[name] = [None if c is None else {"bytes": c, "path": None} for c in values]
             features[name] = datasets.Image()
         else:
-            kinds = {bool: "bool", str: "string", float: "float64"}
+            kinds = {bool: "bool", str: "string", float: "float64", datetime.date: "date32"}
             first = next((v for v in values if v is not None), "")
             features[name] = datasets.Value(kinds.get(type(first), "int64"))
     ds = datasets.Dataset.from_dict(data, features=datasets.Features(features))

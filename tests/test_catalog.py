@@ -438,3 +438,59 @@ def test_a_store_caught_while_a_run_writes_it_is_said_to_be_so_not_to_need_a_bui
     (out / OutputLock.NAME).unlink()
     with pytest.raises(PipelineError, match="holds no gallery store .* build one first"):
         Catalog.open(out)
+
+
+def test_the_api_as_a_library_uses_it(tiny_clip, tmp_path):
+    """What a service built on the API needs: its answers cannot be changed through what it hands out;
+    a hit goes to JSON as it is (a missing price as null, a date as its text); what it is given wrong
+    is a PipelineError (a bad upload, a missing file, a filter of another type); a mistyped file is
+    refused at open, not at the first request; a run folder of crops alone opens; it says when the
+    store on disk is no longer the one it opened; and it says that it does not pickle."""
+    import datetime
+    import json
+    import pickle
+
+    from pipeline import PipelineError as Exported
+    from pipeline.errors import UsageError
+
+    ds = assets.write_parquet_dataset(
+        tmp_path / "ds", [assets.jpeg_bytes(60, 80, seed=i) for i in range(6)],
+        {"price": [10.0, float("nan"), 30.0, 40.0, 50.0, 60.0],
+         "added": [datetime.date(2026, 1, d + 1) for d in range(6)]})
+    out = tmp_path / "out"
+    assert cli.main(["--dataset", str(ds), "--model", str(tiny_clip), "--backend", "torch", "--output-dir", str(out),
+                     "--max-result-images", "0", "-q"]) == 0
+    cat = Catalog.open(out)
+    assert Exported is PipelineError and repr(cat).startswith("<Catalog 6 items in ")
+    before = [h.row for h in cat.neighbours(0, k=3)]
+    items = cat.items
+    items.reverse()
+    with pytest.raises(ValueError, match="read-only"):
+        cat.embeddings[1] *= -1
+    assert [h.row for h in cat.neighbours(0, k=3)] == before and cat.items[0].source_row == 0
+    hit = next(h for h in cat.search_vectors(cat.embeddings[1], k=6)[0] if h.source_row == 1)
+    assert hit.meta["price"] is None  # NaN: missing, as "price IS NULL" takes it
+    said = json.loads(json.dumps(hit.to_dict(), allow_nan=False))
+    assert said["meta"] == {"price": None, "added": "2026-01-02"} and said["row"] == hit.row
+    assert said["file"] == hit.file and said["distance"] == pytest.approx(hit.distance)
+    [result] = cat.search_image(out / "images" / hit.file, k=2)
+    assert json.loads(json.dumps(result.to_dict()))["hits"][0]["file"] == hit.file
+    for bad, said_as in ((b"not a picture", "not a recognized image format"), (tmp_path / "gone.jpg", "cannot read")):
+        with pytest.raises(PipelineError, match=said_as):
+            cat.search_image(bad)
+    with pytest.raises(UsageError, match="a filter is a text"):
+        cat.search_vectors(cat.embeddings[0], filter=5)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="query vectors are numbers"):
+        cat.search_vectors(["a", "b"])
+    with pytest.raises(UsageError, match=r"onnx='typo.onnx': no such file"):
+        Catalog.open(out, onnx="typo.onnx")
+    with pytest.raises(UsageError, match=r"model='/no/such/model': no such folder"):
+        Catalog.open(out, model="/no/such/model")
+    with pytest.raises(TypeError, match="a Catalog does not pickle .* open it in each process"):
+        pickle.dumps(cat)
+    assert cat.is_current()
+    crops = tmp_path / "crops"  # a run folder that holds the segmented store alone
+    crops.mkdir()
+    (out / "embeddings").rename(crops / "embeddings_segment")
+    assert not cat.is_current()  # the store it opened is not on disk there any more
+    assert len(Catalog.open(crops)) == 6
