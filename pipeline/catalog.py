@@ -475,7 +475,7 @@ class Catalog:
         if not isinstance(item, str):
             self._check_row(item)
             return int(item)
-        rows = [r.embedding_row for r in self.items if r.file == item]
+        rows = [r.embedding_row for r in self.searcher.rows if r.file == item]
         if len(rows) > 1:  # files are named by their bytes: equal photos are one file
             listed = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
             raise PipelineError(f"{item!r} is the file of {len(rows)} items with the same bytes (rows {listed}): "
