@@ -10,6 +10,7 @@ import logging
 import os
 import posixpath
 import re
+import unicodedata
 from bisect import bisect_left
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -1080,7 +1081,7 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
                     raise PipelineError(f"{root / name}: data line {i + 1}: {e}") from None
                 if not key:
                     raise PipelineError(f"{root / name}: data line {i + 1} has no file_name")
-                key = f"{base}/{key}" if base else key
+                key = _nfc(f"{base}/{key}" if base else key)
                 if key in at:
                     other, j = where[at[key]]
                     lines_said = (f"data lines {j} and {i + 1}" if other == name else
@@ -1090,9 +1091,9 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
                 at[key] = len(where)
                 where.append((name, i + 1))
         lines = _side_by_side(root, sidecars, warn)
-        take = pa.array([at.get(k) for k in keys], pa.int64())
+        take = pa.array([at.get(_nfc(k)) for k in keys], pa.int64())
         unknown: dict[str, list[str]] = {}  # file -> its lines' file_names that name no picture (not one past --limit)
-        for key in sorted(set(at) - set(every)):
+        for key in sorted(set(at) - {_nfc(k) for k in every}):
             name = where[at[key]][0]
             unknown.setdefault(name, []).append(key[len(name.rpartition("/")[0]) + 1:] if "/" in name else key)
         for name, named in unknown.items() if warn else ():
@@ -1100,7 +1101,7 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
                         ", ".join(repr(u) for u in named[:3]) + (", ..." if len(named) > 3 else ""))
         missing = take.null_count
         if missing and warn:
-            first = next(k for k in keys if k not in at)
+            first = next(k for k in keys if _nfc(k) not in at)
             said = str(root / sidecars[0][0]) if len(sidecars) == 1 else f"{len(sidecars)} metadata files of {root}"
             log.warning("%s: %d picture(s) have no line (%r first): their values are missing", said, missing, first)
         for c in lines.column_names:
@@ -1123,6 +1124,12 @@ def metadata_none_why(name: str) -> str:
         return (f"{name} is a folder of pictures without subfolders or a metadata.csv (.jsonl, .parquet) with "
                 "columns beside file_name")
     return f"{name} is a streamed dataset"
+
+
+def _nfc(name: str) -> str:
+    """A name as one Unicode form (NFC): macOS writes file names decomposed (NFD, 'u' + a combining
+    diaeresis), a metadata file typed elsewhere has them composed; the same name either way."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _relative_key(name: str) -> str:

@@ -305,3 +305,20 @@ def test_odd_names_and_files_of_an_image_folder(tmp_path, monkeypatch):
     pq.write_table(pq.read_table(table).from_pylist(cells, schema=pq.read_schema(table)), table)
     second = list(iter_records(DatasetSpec(str(ds), limit=None)))[1]
     assert second.data == b"" and second.source == "a.jpg"  # decoded as an empty file, not a.jpg's picture
+
+
+def test_a_metadata_csv_names_a_picture_in_either_unicode_form(tmp_path):
+    """macOS writes a file name decomposed (NFD: 'e' + a combining accent); a metadata.csv typed
+    elsewhere has it composed (NFC): the same name, whose line was left out as naming no picture."""
+    import unicodedata
+
+    from pipeline.dataset import read_metadata
+
+    root = tmp_path / "shop"
+    root.mkdir()
+    (root / unicodedata.normalize("NFD", "robe_été.jpg")).write_bytes(assets.jpeg_bytes(8, 8, seed=1))
+    (root / "plain.jpg").write_bytes(assets.jpeg_bytes(8, 8, seed=2))
+    (root / "metadata.csv").write_text("file_name,price\n" + unicodedata.normalize("NFC", "robe_été.jpg") + ",19.5\n"
+                                       "plain.jpg,5\n", encoding="utf-8")
+    table = read_metadata(DatasetSpec(str(root), limit=None))
+    assert table.column("price").to_pylist() == [5.0, 19.5]  # plain.jpg, then robe_été.jpg in natural order
