@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -243,7 +244,9 @@ def unreadable_queries(summary: RunSummary, shown: int = 3) -> str:
 
 
 def query_slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:limit].strip("_") or "query"
+    """A query as a file name's part: its letters and digits, any script's (robe_été, not robe_t), the
+    rest runs of '_'."""
+    return re.sub(r"[^\w.-]+", "_", unicodedata.normalize("NFC", text))[:limit].strip("_") or "query"
 
 
 def picture_name(i: int, query: Query) -> str:
