@@ -7,7 +7,6 @@ back can be named: the flags to reuse it as it is, or the command that builds it
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Iterable
 from pathlib import Path
@@ -72,21 +71,22 @@ def finish_unfinished(store: Path, segmented: bool, search_from: Path | str, onn
     """The refusal's last line for a search mode when a gallery run into `store` stopped before it
     finished (its shards in .partial/): that run again, which resumes, with the flags it began
     with as far as its run file says."""
-    from .store import PARTIAL_DIR, RUN_FILE  # store.py names its remedies from here
+    from .store import PARTIAL_DIR, RUN_FILE, unfinished_run  # store.py names its remedies from here
 
     began = ""
+    params = unfinished_run(store)
     try:
-        params = json.loads((store / PARTIAL_DIR / RUN_FILE).read_text())
-        identity = VectorIdentity.from_json(params["identity"], RUN_FILE)
-        source = GallerySource.from_json(params["source"], RUN_FILE)
-        made = {**source.to_json(), **identity.to_json()}
-        # to_json leaves out the default runtime (onnxruntime): only OpenVINO's is named
-        names = [n for n in _UNFINISHED_FIELDS if (made.get(n) is not None or n == "limit")
-                 and not (n == "keep_unsegmented" and not made.get(n))]
-        flags = flags_that_made(names, identity, source, onnx_asked)
-        flags += [f"--batch-size {int(params['batch_size'])}", f"--shard-rows {int(params['shard_rows'])}"]
-        began = f" It began with {' '.join(flags)}."
-    except (OSError, ValueError, KeyError, TypeError):  # no run file, or one this version cannot read
+        if params is not None:  # no run file, or one that cannot be read: the flags are not said
+            identity = VectorIdentity.from_json(params["identity"], RUN_FILE)
+            source = GallerySource.from_json(params["source"], RUN_FILE)
+            made = {**source.to_json(), **identity.to_json()}
+            # to_json leaves out the default runtime (onnxruntime): only OpenVINO's is named
+            names = [n for n in _UNFINISHED_FIELDS if (made.get(n) is not None or n == "limit")
+                     and not (n == "keep_unsegmented" and not made.get(n))]
+            flags = flags_that_made(names, identity, source, onnx_asked)
+            flags += [f"--batch-size {int(params['batch_size'])}", f"--shard-rows {int(params['shard_rows'])}"]
+            began = f" It began with {' '.join(flags)}."
+    except (ValueError, KeyError, TypeError):  # a run file this version cannot read
         pass
     return (f"A gallery run into it stopped before it finished (its shards are in {store / PARTIAL_DIR}): run it "
             f"again to finish it, {gallery_run(search_from, segmented)} with the flags it had (it resumes where "

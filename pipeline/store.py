@@ -665,17 +665,23 @@ class Shard:
     thumbnails: np.ndarray | None = None  # uint8 (n, T, T, 3); only set on shards being written
 
 
+def unfinished_run(root: str | Path) -> dict[str, Any] | None:
+    """What the run file of an unfinished run in <root>/.partial records (its flags and identity);
+    None when there is none, or it cannot be read (ShardStore says which when it resumes)."""
+    try:
+        params = json.loads((Path(root) / PARTIAL_DIR / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return params if isinstance(params, dict) else None
+
+
 def unfinished_pixels(root: str | Path) -> str | None:
     """The pixels (identity "pixels") an unfinished run in <root>/.partial made its shards with;
     None when there is none, it completed no shard, or its run file says nothing."""
-    run_dir = Path(root) / PARTIAL_DIR
-    if not any(run_dir.glob("shard_*.done")):
+    if not any((Path(root) / PARTIAL_DIR).glob("shard_*.done")):
         return None
-    try:
-        params = json.loads((run_dir / RUN_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    identity = params.get("identity") if isinstance(params, dict) else None
+    params = unfinished_run(root)
+    identity = params.get("identity") if params is not None else None
     pixels = identity.get("pixels") if isinstance(identity, dict) else None
     return pixels if isinstance(pixels, str) else None
 
