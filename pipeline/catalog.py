@@ -186,8 +186,9 @@ class Catalog:
             embedder is checked against the store when it first loads (vectors of another model are
             never compared).
         device: where the embedder runs ("auto": a GPU when there is one).
-        threads: the CPU cores the embedder and the index use (0: every core). faiss's is a setting
-            of the whole process: the last catalog opened sets it for all.
+        threads: the CPU cores the embedder and the index use (0: every core). faiss's thread count,
+            and torch's for a torch model, are settings of the whole process: the last catalog that
+            sets them sets them for all (an ONNX file's sessions are its own).
         index: "auto" uses the index file beside the store when there is one; "none": exact search.
         seg_model: the person segmenter for `search_image(..., segment=True)`.
         dedup: one photo per duplicate group in every answer (the groups of outputs/duplicates.csv).
