@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -28,10 +28,11 @@ from .backends import ONNXRUNTIME, model_by_name
 from .duplicates import stored_groups
 from .embedders import Embedder, EmbedderSpec, make_embedder, model_reference
 from .errors import CacheMismatchError, PipelineError, UsageError, first_line
-from .fileio import printable_name, read_regular_file, sha256_file_once
+from .fileio import being_written, printable_name, read_regular_file, sha256_file_once
 from .identity import VectorIdentity, differences
 from .images import ImageDecodeError, decode_image, to_rgb
-from .metadata import load_metadata
+from .index import INDEX_META
+from .metadata import METADATA_FILE, load_metadata
 from .persons import Segmenter
 from .preprocess import CPU_PIXELS, PreprocessConfig, preprocess_batch
 from .remedy import find_file_with_sha256
@@ -40,7 +41,6 @@ from .store import (
     SIDECAR_FILE,
     GalleryCache,
     ManifestRow,
-    Sidecar,
     load_cache,
 )
 from .yolo import SegmentSpec, make_segmenter
@@ -65,6 +65,29 @@ class QueryResult:
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON has it (the picture left out): label, person and each hit's to_dict."""
         return {"label": self.label, "person": self.person, "hits": [h.to_dict() for h in self.hits]}
+
+
+class _Items(Sequence[ManifestRow]):
+    """A catalog's items as it hands them out: a read-only sequence over the searcher's rows, each
+    row given as a copy (a ManifestRow is a plain dataclass: a caller's change to its own copy
+    changes no hit). Made in O(1); a line is copied when it is read."""
+
+    def __init__(self, rows: list[ManifestRow]) -> None:
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, i: int) -> ManifestRow: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[ManifestRow]: ...
+
+    def __getitem__(self, i: int | slice) -> ManifestRow | list[ManifestRow]:
+        if isinstance(i, slice):
+            return [replace(r) for r in self._rows[i]]
+        return replace(self._rows[i])
 
 
 class Thumbnails:
@@ -96,23 +119,40 @@ class Thumbnails:
 
 def store_folder(folder: str | Path) -> Path:
     """The store a folder names: the folder itself (embeddings/, embeddings_segment/) or, for a run's
-    output folder, its embeddings/."""
+    output folder, its embeddings/ (its embeddings_segment/ where it has no embeddings/ at all: a
+    run of person crops alone; an embeddings/ between its files is not passed over for it)."""
     folder = Path(folder)
     if (folder / SIDECAR_FILE).is_file():
         return folder
     if (folder / "embeddings" / SIDECAR_FILE).is_file():
         return folder / "embeddings"
-    if (folder / "embeddings_segment" / SIDECAR_FILE).is_file():  # a run folder of person crops alone
-        return folder / "embeddings_segment"
-    from .fileio import being_written
-
     for output in (folder, folder.parent):  # a run's folder, or the store folder in it
         if said := being_written(output):  # a store between its files (an update's switch): not one to build
             raise PipelineError(f"{folder} holds no complete gallery store now{said}")
+    if not (folder / "embeddings").exists() and (folder / "embeddings_segment" / SIDECAR_FILE).is_file():
+        return folder / "embeddings_segment"
     raise PipelineError(
-        f"{folder} holds no gallery store ({SIDECAR_FILE} not found there or in {folder / 'embeddings'}); "
-        "build one first: python main.py --output-dir DIR"
+        f"{folder} holds no gallery store ({SIDECAR_FILE} not found there, in {folder / 'embeddings'} or in "
+        f"{folder / 'embeddings_segment'}); build one first: python main.py --output-dir DIR"
     )
+
+
+def store_state(root: Path) -> tuple[int, ...] | None:
+    """What changes when a store is switched in over the folder `root`, or its metadata alone
+    changes: its sidecar's inode, time and size (written last, by replacing it), its metadata
+    table's (written after it, or alone when only metadata changed) and its index's (made again
+    alone by a --use-embeddings --index run); None while there is no sidecar."""
+    state: list[int] = []
+    for name in (SIDECAR_FILE, METADATA_FILE, INDEX_META):
+        try:
+            st = (root / name).stat()
+        except OSError:
+            if name == SIDECAR_FILE:
+                return None
+            state += [0, 0, 0]
+        else:
+            state += [st.st_ino, st.st_mtime_ns, st.st_size]
+    return tuple(state)
 
 
 def images_folder(store_dir: Path, cache_kind: str) -> Path:
@@ -163,6 +203,7 @@ class Catalog:
         # its lock taken to load it and for each call: Ultralytics models are not thread-safe
         self._segmenter_slot: _FirstUse[Segmenter] = _FirstUse(segmenter)
         self.thumbnails = Thumbnails(cache.thumbnails(), len(searcher.rows))
+        self._opened = store_state(cache.root)  # is_current() compares the store on disk with it
 
     @classmethod
     def open(
@@ -227,10 +268,10 @@ class Catalog:
 
     # ------------------------------------------------------------------ what is in it
     @property
-    def items(self) -> list[ManifestRow]:
-        """The manifest lines of the searchable items; items[row] owns embeddings[row]. A copy of the
-        list: reordering it changes no answer."""
-        return list(self.searcher.rows)
+    def items(self) -> Sequence[ManifestRow]:
+        """The manifest lines of the searchable items; items[row] owns embeddings[row]. Read-only, and
+        each line a copy of the searcher's: nothing done to them changes an answer."""
+        return _Items(self.searcher.rows)
 
     @property
     def embeddings(self) -> np.ndarray:
@@ -244,12 +285,7 @@ class Catalog:
         gallery run or an --update since (in another process too) leaves it answering from the store
         as it was, and naming image files that may be gone; open the folder again for the new one
         (`--serve` does so by itself)."""
-        try:
-            now = Sidecar.read(self.cache.root / SIDECAR_FILE)
-        except (CacheMismatchError, OSError):
-            return False
-        return (now.embeddings_sha256, now.manifest_sha256) == (self.cache.sidecar.embeddings_sha256,
-                                                               self.cache.sidecar.manifest_sha256)
+        return self._opened is not None and store_state(self.cache.root) == self._opened
 
     def __len__(self) -> int:
         return len(self.searcher.rows)
@@ -375,7 +411,7 @@ class Catalog:
             label = name or (printable_name(Path(picture).name) if isinstance(picture, (str, Path)) else "picture")
         else:
             raise UsageError(f"a picture is a file's path, its bytes or a PIL image, not a {type(picture).__name__}"
-                             + (" (Image.fromarray makes one of an array)" if hasattr(picture, "__array__") else ""))
+                             + (" (Image.fromarray makes one of an array)" if isinstance(picture, np.ndarray) else ""))
         if not segment:
             return query_crops(image, label, None)
         with self._segmenter_slot.lock:

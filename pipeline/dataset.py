@@ -320,12 +320,15 @@ def _walk(root: Path | str, pictures: bool = True) -> tuple[list[str], list[Path
     seen = {os.path.realpath(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         kept = []
-        for d in sorted(d for d in dirnames if not d.startswith(".")):
+        # the real folders first: a link listed before the folder it points to (a_latest -> z/) does
+        # not take that folder's pictures under its own name
+        for d in sorted((d for d in dirnames if not d.startswith(".")),
+                        key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d)):
             real = os.path.realpath(os.path.join(dirpath, d))
             if real not in seen:
                 seen.add(real)
                 kept.append(d)
-        dirnames[:] = kept
+        dirnames[:] = sorted(kept)
         metadata += [Path(dirpath) / file for file in FOLDER_METADATA_FILES if file in filenames]
         for name in filenames if pictures else ():
             if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):

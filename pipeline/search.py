@@ -123,9 +123,9 @@ def run_query(cfg: RunConfig) -> RunSummary:
         )
     out_dir = cfg.queries_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    names, ids = [r.file for r in catalog.items], [r.index for r in catalog.items]
+    names, ids = [r.file for r in catalog.searcher.rows], [r.index for r in catalog.searcher.rows]
     # the captions, what the user knows the photos by: of the hits alone (a gallery may hold millions)
-    shown = {int(j): catalog.items[int(j)].shown_name for j in np.unique(nb.indices) if j >= 0}
+    shown = {int(j): catalog.searcher.rows[int(j)].shown_name for j in np.unique(nb.indices) if j >= 0}
     for i, query in enumerate(queries[:SAID_QUERIES]):  # the answer on the console too, its best few
         best = [f"{shown[int(j)]} {d:.3f}" for j, d in zip(nb.indices[i][:3], nb.distances[i][:3]) if j >= 0]
         summary.notes.append(f"{query.label}: {', '.join(best) or 'no match'}")
@@ -141,7 +141,7 @@ def run_query(cfg: RunConfig) -> RunSummary:
         remove_other_pictures(out_dir, pictures)
     table = out_dir / QUERY_TABLE
     # the queries go in by number (iter_neighbour_rows takes int query ids) and come out as their labels
-    sources = [r.source for r in catalog.items]  # what the user knows each photo by
+    sources = [r.source for r in catalog.searcher.rows]  # what the user knows each photo by
     flat = iter_neighbour_rows(nb, range(len(queries)), [q.label for q in queries], ids, names,
                                [""] * len(queries), sources)
     rows = [(label, queries[qi].kind, rank, name, row, d, source)
@@ -268,7 +268,7 @@ def remove_other_pictures(folder: Path, written: Sequence[Path]) -> int:
 def match_tile(catalog: Catalog, row: int, size: int = QUERY_TILE) -> np.ndarray:
     """A gallery item's tile for a query picture, uint8 (size, size, 3): made from its image file when
     that is here (the store keeps THUMB_SIZE thumbnails only), else its thumbnail enlarged."""
-    path = catalog.cache.images_dir / catalog.items[row].file
+    path = catalog.cache.images_dir / catalog.searcher.rows[row].file
     try:
         return make_thumbnail(decode_image(path.read_bytes(), min_side=size).image, size)
     except (OSError, ImageDecodeError):  # not here (a URL --output-dir keeps images in the bucket)

@@ -34,18 +34,16 @@ from urllib.parse import unquote
 import numpy as np
 from PIL import Image
 
-from .catalog import Catalog, Thumbnails
+from .catalog import Catalog, Thumbnails, store_state
 from .config import RunConfig, onnx_fallback
 from .errors import PipelineError, UsageError
 from .fileio import being_written
 from .filters import column_kind
 from .galleries import open_catalog, store_embedder_note
 from .images import ImageDecodeError, encode_jpeg, pil_open
-from .index import INDEX_META
-from .metadata import METADATA_FILE, json_value
+from .metadata import json_value
 from .report import RunSummary
 from .searcher import Hit
-from .store import SIDECAR_FILE
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +111,7 @@ class SearchService:
     _next_look: float = field(default=0.0, repr=False)
 
     def __post_init__(self) -> None:
-        self._seen = _store_state(self.catalog)
+        self._seen = store_state(self.catalog.cache.root)
         self._generation_of[self.catalog] = self.generation
 
     @classmethod
@@ -139,7 +137,7 @@ class SearchService:
                 start = not self._opening and time.monotonic() >= self._next_look
                 if start:
                     self._next_look = time.monotonic() + FOLLOW_EVERY_S
-                    state = _store_state(self.catalog)
+                    state = store_state(self.catalog.cache.root)
                     if state is None and self._seen is not None:  # deleted, or a build between its files
                         self._gone()
                     elif self._missing and state == self._seen:  # back as it was: nothing to say
@@ -154,7 +152,7 @@ class SearchService:
     def reopen(self) -> bool:
         """Open the store on disk and swap it in when it is not the one served; True when it was."""
         old = self.catalog
-        state, t = _store_state(old), time.monotonic()
+        state, t = store_state(old.cache.root), time.monotonic()
         try:
             if state is None or state == self._seen:
                 return False
@@ -305,24 +303,6 @@ def check_server_filter(cfg: RunConfig, catalog: Catalog) -> None:
     when it names one the catalogue does not keep."""
     if cfg.filter:
         catalog.searcher.allowed(cfg.filter)
-
-
-def _store_state(catalog: Catalog) -> tuple[int, ...] | None:
-    """What changes when a store is switched in over the catalog's folder: its sidecar's inode, time
-    and size (written last, by replacing it), its metadata table's (written after it, or alone when
-    only metadata changed) and its index's (made again alone by a --use-embeddings --index run);
-    None while there is no sidecar."""
-    state: list[int] = []
-    for name in (SIDECAR_FILE, METADATA_FILE, INDEX_META):
-        try:
-            st = (catalog.cache.root / name).stat()
-        except OSError:
-            if name == SIDECAR_FILE:
-                return None
-            state += [0, 0, 0]
-        else:
-            state += [st.st_ino, st.st_mtime_ns, st.st_size]
-    return tuple(state)
 
 
 def check_upload_pixels(data: bytes) -> None:

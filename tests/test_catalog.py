@@ -432,7 +432,7 @@ def test_a_store_caught_while_a_run_writes_it_is_said_to_be_so_not_to_need_a_bui
     assert writer_of(out) is None  # its pid is gone
     # a SIGKILLed run's file, its pid taken since by another live process (pid 1 here): that is no writer
     (out / OutputLock.NAME).write_text("1 123\n")
-    assert writer_of(out) is None
+    assert writer_of(out) is None or not Path("/proc/1/stat").is_file()  # where the system says when it started
     (out / OutputLock.NAME).write_text("1\n")  # a file without the start time (an earlier version's): the pid alone
     assert writer_of(out) == "1"
     (out / OutputLock.NAME).unlink()
@@ -464,10 +464,15 @@ def test_the_api_as_a_library_uses_it(tiny_clip, tmp_path):
     assert Exported is PipelineError and repr(cat).startswith("<Catalog 6 items in ")
     before = [h.row for h in cat.neighbours(0, k=3)]
     items = cat.items
-    items.reverse()
+    with pytest.raises(TypeError):
+        items[0] = items[1]  # type: ignore[index]  # a read-only sequence
+    mine = items[0]
+    mine.file, mine.source_row = "changed.jpg", 99  # the caller's copy of the line
     with pytest.raises(ValueError, match="read-only"):
         cat.embeddings[1] *= -1
     assert [h.row for h in cat.neighbours(0, k=3)] == before and cat.items[0].source_row == 0
+    assert all(h.file != "changed.jpg" for h in cat.search_vectors(cat.embeddings[0], k=6)[0])
+    assert len(cat.items) == 6 and [r.source_row for r in cat.items[:2]] == [0, 1]
     hit = next(h for h in cat.search_vectors(cat.embeddings[1], k=6)[0] if h.source_row == 1)
     assert hit.meta["price"] is None  # NaN: missing, as "price IS NULL" takes it
     said = json.loads(json.dumps(hit.to_dict(), allow_nan=False))
@@ -489,6 +494,14 @@ def test_the_api_as_a_library_uses_it(tiny_clip, tmp_path):
     with pytest.raises(TypeError, match="a Catalog does not pickle .* open it in each process"):
         pickle.dumps(cat)
     assert cat.is_current()
+    from pipeline.metadata import METADATA_FILE
+
+    table = out / "embeddings" / METADATA_FILE  # an --update that changed a price alone writes this file alone
+    data = table.read_bytes()
+    table.unlink()
+    table.write_bytes(data)
+    assert not cat.is_current()
+    cat = Catalog.open(out)
     crops = tmp_path / "crops"  # a run folder that holds the segmented store alone
     crops.mkdir()
     (out / "embeddings").rename(crops / "embeddings_segment")

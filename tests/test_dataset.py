@@ -322,3 +322,15 @@ def test_a_metadata_csv_names_a_picture_in_either_unicode_form(tmp_path):
                                        "plain.jpg,5\n", encoding="utf-8")
     table = read_metadata(DatasetSpec(str(root), limit=None))
     assert table.column("price").to_pylist() == [5.0, 19.5]  # plain.jpg, then robe_été.jpg in natural order
+
+
+def test_a_link_listed_before_the_folder_it_points_to_does_not_take_its_pictures(tmp_path):
+    """`a_latest -> z/` sorts before z/: walked first, it took z's pictures under its own name, which
+    renamed every source (and the next --update saw other names)."""
+    from pipeline.dataset import list_pictures
+
+    root = tmp_path / "shop"
+    (root / "z").mkdir(parents=True)
+    (root / "z" / "x.jpg").write_bytes(assets.jpeg_bytes(8, 8))
+    (root / "a_latest").symlink_to(root / "z", target_is_directory=True)
+    assert list_pictures(root) == ["z/x.jpg"]
