@@ -556,17 +556,19 @@ def owned_files(cfg: RunConfig) -> re.Pattern:
 
 
 def open_searcher(cfg: RunConfig, embeddings: np.ndarray, rows: list[ManifestRow], gpu: bool,
-                  build_auto: bool = False, build_named: bool = False, made_by: Sidecar | None = None) -> Searcher:
+                  build_auto: bool = False, build_named: bool = False, made_by: Sidecar | None = None,
+                  renew: bool = False) -> Searcher:
     """The searcher of the run's store and its index: --index none searches exactly; otherwise the
     index beside the store is used. build_auto (gallery runs) makes or renews it first; build_named
-    (video, which holds the output folder) does so when --index names a kind. The read-only modes
+    (video, which holds the output folder) does so when --index names a kind, and `renew` when --index
+    auto and the run built the store itself (the index beside it is an earlier store's). The read-only modes
     (--query-*, --serve) never write an index, and pass the sidecar their store was loaded with
     (`made_by`): an update switched in since then is not read from the sidecar now on disk, whose
     index and duplicate groups are the new store's."""
     if cfg.index == "none" or len(embeddings) < 2:
         searcher = Searcher(embeddings, rows, None, device="cuda" if gpu else None)
     else:
-        build = build_auto if cfg.index == "auto" else build_auto or build_named
+        build = build_auto or renew if cfg.index == "auto" else build_auto or build_named
         searcher = Searcher.open(
             cfg.store_dir, embeddings, rows, made_by.embeddings_sha256 if made_by else store_sha256(cfg.store_dir),
             cfg.index, cfg.embedder.threads, gpu=gpu,

@@ -768,7 +768,8 @@ def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedde
     thumbs = ThumbnailReader.of(cfg.store_dir)
     with summary.stage("load index"):
         gpu = on_cuda(embedder)
-        searcher = open_searcher(cfg, gallery.embeddings, gallery.embedded, gpu=gpu, build_named=True)
+        searcher = open_searcher(cfg, gallery.embeddings, gallery.embedded, gpu=gpu, build_named=True,
+                                 renew=not cfg.from_cache)
     summary.notes.append("search: " + searcher.describe())
     allowed = None
     if cfg.filter or cfg.group_by:  # every person's and track's matches among the items the filter keeps

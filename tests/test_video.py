@@ -929,3 +929,18 @@ def test_a_clip_named_with_a_hash_or_percent_gets_a_working_report(clip_dir, mix
     assert loaded
     assert "could not be loaded" not in browser.execute_script("return document.body.innerText")
     assert console_errors(browser) == []
+
+
+def test_a_video_run_that_builds_its_store_anew_renews_the_index_an_earlier_gallery_run_left(
+        clip_dir, tiny_onnx, tmp_path, monkeypatch, capsys):
+    """A gallery run wrote index.faiss; the catalogue changed; the video run built the store again and
+    then refused the index as another store's, on every rerun ("run the gallery again")."""
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    cells = [assets.jpeg_bytes(40, 56, seed=700 + i) for i in range(8)]
+    data, out = assets.write_parquet_dataset(tmp_path / "shop", cells), tmp_path / "out"
+    assert cli.main(["--dataset", str(data), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q",
+                     "--index", "flat"]) == 0
+    assert (out / "embeddings" / "index.faiss").is_file()
+    assets.write_parquet_dataset(tmp_path / "shop", [*cells[1:], assets.jpeg_bytes(40, 56, seed=799)])
+    assert cli.main(_video_argv(clip_dir, data, tiny_onnx, out, "-q")) == 0, capsys.readouterr().err
+    assert len(json.loads((out / "video_results" / "clip_1" / "tracks.json").read_text())) >= 1
