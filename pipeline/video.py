@@ -115,8 +115,10 @@ def open_video(path: Path):
                                 ) from e
         raise PipelineError(f"cannot open video {path}: unsupported or damaged ({e}); {REENCODE_HINT}") from e
     if not container.streams.video:
+        streams = ", ".join(sorted({st.type for st in container.streams})) or "none"
         container.close()
-        raise PipelineError(f"cannot open video {path}: it has no video stream; {REENCODE_HINT}")
+        raise PipelineError(f"cannot open video {path}: it has no video stream (its streams: {streams}); is it the "
+                            "clip you meant?")
     return container
 
 
@@ -250,10 +252,13 @@ def probe(path: Path) -> tuple[int, float, int, int]:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         width, height = stream.codec_context.width, stream.codec_context.height
-        turned = False
-        for frame in _first_frames(container, stream):  # the rotation is known from the first frame
-            turned = int(round((frame.rotation or 0) / 90)) % 2 == 1
+        turned, seen = False, 0
+        for frame in _first_frames(container, stream, counted := [0]):  # the rotation: from the first frame
+            turned, seen = int(round((frame.rotation or 0) / 90)) % 2 == 1, 1
             break
+        if not seen and counted[0] < FIRST_PACKETS:  # every packet read, none decoded: refused now, before
+            # a run removes the clip's earlier outputs (a clip damaged further on is read, its damage said)
+            raise PipelineError(f"video {path} has no readable frames (empty or damaged); {REENCODE_HINT}")
         return (
             max(0, int(stream.frames or 0)),
             float(rate) if rate else 0.0,
@@ -261,12 +266,17 @@ def probe(path: Path) -> tuple[int, float, int, int]:
         )
 
 
-def _first_frames(container, stream, max_packets: int = 256) -> Iterator:
+FIRST_PACKETS = 256  # how far a clip's first frame is looked for
+
+
+def _first_frames(container, stream, counted: list[int] | None = None, max_packets: int = FIRST_PACKETS) -> Iterator:
     """The frames of the first packets that decode (a damaged packet is skipped, as FrameReader
-    skips it)."""
+    skips it); `counted[0]` is how many packets were read."""
     import av
 
     for k, packet in enumerate(container.demux(stream)):
+        if counted is not None:
+            counted[0] = k + 1
         if k >= max_packets:
             return
         try:

@@ -944,3 +944,39 @@ def test_a_video_run_that_builds_its_store_anew_renews_the_index_an_earlier_gall
     assets.write_parquet_dataset(tmp_path / "shop", [*cells[1:], assets.jpeg_bytes(40, 56, seed=799)])
     assert cli.main(_video_argv(clip_dir, data, tiny_onnx, out, "-q")) == 0, capsys.readouterr().err
     assert len(json.loads((out / "video_results" / "clip_1" / "tracks.json").read_text())) >= 1
+
+
+def test_a_clip_with_no_readable_frame_is_refused_before_its_earlier_outputs_go(clip_dir, mixed_dataset, tiny_onnx,
+                                                                                   tmp_path, monkeypatch, capsys):
+    """The README: a run checks the clip, and only then removes the last run's outputs for it. A clip
+    replaced by one whose every packet is damaged was refused after they were gone; an audio-only file
+    was told to re-encode to H.264."""
+    import shutil
+
+    import av
+
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    clips, out = tmp_path / "clips", tmp_path / "out"
+    clips.mkdir()
+    shutil.copy(next(clip_dir.glob("clip_1.*")), clips / "clip_1.avi")
+    argv = ["--video_clip", "clip_1", "--video_dir", str(clips), "--dataset", str(mixed_dataset), "--onnx",
+            str(tiny_onnx), "--output-dir", str(out), "-q"]
+    assert cli.main(argv) == 3
+    made = sorted(p.name for p in (out / "video_results" / "clip_1").iterdir())
+    broken = assets.write_video(tmp_path / "broken.avi", 5, (64, 48))
+    for frame in range(5):
+        _damaged(broken, frame)
+    shutil.copy(broken, clips / "clip_1.avi")
+    capsys.readouterr()
+    assert cli.main(["--use-embeddings", *argv]) == 1
+    assert "has no readable frames" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "video_results" / "clip_1").iterdir()) == made  # left as they were
+    sound = tmp_path / "sound.mp4"
+    with av.open(str(sound), "w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    with pytest.raises(PipelineError, match=r"has no video stream \(its streams: audio\); is it the clip you meant"):
+        video.probe(sound)
