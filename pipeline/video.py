@@ -246,7 +246,8 @@ class FrameReader:
 
 def probe(path: Path) -> tuple[int, float, int, int]:
     """(frame count, fps, width, height as shown) as the container says (the count may be wrong or 0:
-    it guides the progress bar, and says whether the clip ended early)."""
+    it guides the progress bar, and says whether the clip ended early; where the container keeps no
+    count, its length at the frame rate)."""
 
     with open_video(path) as container:  # a file it cannot open refused, saying why
         stream = container.streams.video[0]
@@ -259,8 +260,13 @@ def probe(path: Path) -> tuple[int, float, int, int]:
         if not seen and counted[0] < FIRST_PACKETS:  # every packet read, none decoded: refused now, before
             # a run removes the clip's earlier outputs (a clip damaged further on is read, its damage said)
             raise PipelineError(f"video {path} has no readable frames (empty or damaged); {REENCODE_HINT}")
+        count = int(stream.frames or 0)
+        if count <= 0 and rate:  # Matroska and WebM count no frames: their length, at the rate, does
+            length = (float(stream.duration * stream.time_base) if stream.duration and stream.time_base
+                      else (container.duration or 0) / 1e6)
+            count = int(round(length * float(rate)))
         return (
-            max(0, int(stream.frames or 0)),
+            max(0, count),
             float(rate) if rate else 0.0,
             *((height, width) if turned else (width, height)),
         )

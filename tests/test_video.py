@@ -980,3 +980,29 @@ def test_a_clip_with_no_readable_frame_is_refused_before_its_earlier_outputs_go(
             container.mux(packet)
     with pytest.raises(PipelineError, match=r"has no video stream \(its streams: audio\); is it the clip you meant"):
         video.probe(sound)
+
+
+def test_a_matroska_clip_cut_short_is_said_too(tmp_path):
+    """Matroska and WebM keep no frame count: a file cut in half was read to its cut with nothing said.
+    Its length at the frame rate is the count now (the progress bar's too)."""
+    import av
+
+    path = tmp_path / "whole.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for i in range(60):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    assert video.probe(path)[:2] == (60, 30.0)
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(path.read_bytes()[: int(path.stat().st_size * 0.5)])
+    clip = video.Clip.from_file(cut, annotated_video=False)
+    reader = FrameReader(cut, 10)
+    list(reader)
+    assert clip.frames_hint == 60 and reader.frames_read < 40
+    said = video.short_read_note(clip, reader.frames_read, reader.seconds)
+    assert said is not None and said.startswith(f"the clip ended after {reader.frames_read} of the 60 frames")
