@@ -22,7 +22,7 @@ from .config import CLIP_SUFFIXES, RunConfig, VideoSpec
 from .derived import made_on, video_outputs
 from .embedders import Embedder, make_embedder, on_cuda
 from .errors import PipelineError
-from .fileio import atomic_write_text, check_writable
+from .fileio import atomic_write_text, check_writable, read_json_dict
 from .galleries import (
     Gallery,
     group_by,
@@ -625,6 +625,7 @@ class VideoRun:
             json.dumps(
                 {
                     "clip": video.clip_name,
+                    "source": str(self.clip.path.resolve()),  # the file: another clip may share its name
                     "fps": self.clip.fps,
                     "frames": self.reader.frames_read,
                     "stride": video.frame_stride,
@@ -798,6 +799,12 @@ def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedde
     # whole), an earlier run's outputs go, all of them, and its report section first: a run that
     # writes no annotated video, or stops midway, must not leave one that contradicts its own results
     # beside them, nor a section naming files that are gone
+    earlier = read_json_dict(out_dir / "tracks.json").get("source")
+    if isinstance(earlier, str) and earlier != str(path.resolve()):  # results are kept by the clip's name alone
+        said = (f"{out_dir} held the results of another clip named alike, {earlier}: replaced by this clip's "
+                "(run that clip again to have them back)")
+        log.warning(said)
+        summary.notes.append(said)
     drop_section(cfg.plots_dir, video_section_id(cfg))
     for old in video_outputs(out_dir):
         old.unlink(missing_ok=True)

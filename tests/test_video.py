@@ -1006,3 +1006,26 @@ def test_a_matroska_clip_cut_short_is_said_too(tmp_path):
     assert clip.frames_hint == 60 and reader.frames_read < 40
     said = video.short_read_note(clip, reader.frames_read, reader.seconds)
     assert said is not None and said.startswith(f"the clip ended after {reader.frames_read} of the 60 frames")
+
+
+def test_a_clip_named_as_another_says_it_replaces_that_ones_results(clip_dir, mixed_dataset, tiny_onnx, tmp_path,
+                                                                    monkeypatch, capsys):
+    """Results are kept by the clip's name: clips/a.mp4 and clips/sub/a.mp4 share video_results/a/, and
+    the second replaced the first's without a word. tracks.json names its file; the replacing run says so."""
+    import shutil
+
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    clips, out = tmp_path / "clips", tmp_path / "out"
+    (clips / "sub").mkdir(parents=True)
+    source = next(clip_dir.glob("clip_1.*"))
+    shutil.copy(source, clips / f"a{source.suffix}")
+    shutil.copy(source, clips / "sub" / f"a{source.suffix}")
+    common = ["--video_dir", str(clips), "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir",
+              str(out)]
+    assert cli.main(["--video_clip", "a", *common, "-q"]) == 3
+    tracks = json.loads((out / "video_results" / "a" / "tracks.json").read_text())
+    assert tracks["source"] == str((clips / f"a{source.suffix}").resolve())
+    capsys.readouterr()
+    assert cli.main(["--video_clip", "sub/a", "--use-embeddings", *common]) == 3  # the gallery's bad rows
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"held the results of another clip named alike, {(clips / f'a{source.suffix}').resolve()}: replaced" in said
