@@ -1120,6 +1120,23 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
     return table.select(["source_row", *kept])
 
 
+def folder_column(spec: DatasetSpec, column: str) -> dict[int, Any] | None:
+    """An image folder's values of one metadata column (a metadata.csv's, or `folder`: each picture's
+    subfolder) by dataset row; None for a dataset of another kind, whose records carry their columns.
+    PipelineError for a column the folder does not have."""
+    root = _image_folder(spec)
+    if root is None:
+        return None
+    table = folder_metadata(root, spec, warn=False)
+    if table is None or column not in table.column_names:
+        have = ", ".join(c for c in (table.column_names if table is not None else []) if c != "source_row")
+        why = (f"its columns with values: {have}" if have else "its metadata files hold no values"
+               if folder_metadata_files(root) else "it has no metadata.csv and no subfolders")
+        raise PipelineError(f"the image folder {spec.name} has no column {column!r} with values ({why})")
+    rows = table.column("source_row").to_pylist()
+    return dict(zip(rows, table.column(column).to_pylist()))
+
+
 def metadata_none_why(name: str) -> str:
     """Why a dataset has no metadata to keep, for the run's note."""
     path = Path(name)

@@ -24,13 +24,22 @@ from tqdm import tqdm
 from .backends import EVAL_BACKENDS, ONNXRUNTIME, model_by_name
 from .catalog import Catalog
 from .config import RunConfig
-from .dataset import IMAGE_SUFFIXES, DatasetSpec, arrow_numpy, count_rows, iter_records, list_pictures
+from .dataset import (
+    IMAGE_SUFFIXES,
+    DatasetSpec,
+    arrow_numpy,
+    count_rows,
+    folder_column,
+    iter_records,
+    list_pictures,
+)
 from .derived import QUERY_TABLE, made_on, query_pictures
 from .embedders import Embedder, EmbedderSpec, make_embedder
 from .errors import PipelineError, UsageError, first_line
 from .export import fp32_path_for
 from .fileio import atomic_write_text, printable_name, sha256_bytes
 from .galleries import open_catalog, segmenter_factory
+from .identity import VectorIdentity
 from .images import ImageDecodeError, decode_image
 from .metadata import prefixed_name
 from .persons import Segmenter, person_crops
@@ -286,7 +295,7 @@ def ranks_of_positives(
     queries: np.ndarray,
     gallery: np.ndarray,
     positives: list[np.ndarray],
-    exclude: np.ndarray | None = None,
+    exclude: np.ndarray | Sequence[np.ndarray] | None = None,
     block: int = 512,
     groups: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -296,7 +305,8 @@ def ranks_of_positives(
     Args:
         queries: float32 (Q, D), gallery: float32 (N, D), both L2-normalized.
         positives: per query, int array of gallery indices that are right answers.
-        exclude: per query, a gallery index not to rank (the query itself), or -1.
+        exclude: per query, a gallery index not to rank (the query itself), or -1; or an int array of
+            them (the query and its byte-identical copies).
         groups: int (N,), --group-by: each gallery item's product. Ranks then count products,
             each scored by its best item, and a product holding any positive is a right answer.
     """
@@ -310,8 +320,9 @@ def ranks_of_positives(
         for k in range(sims.shape[0]):
             qi = s + k
             row, pos = sims[k], positives[qi]
-            if exclude is not None and exclude[qi] >= 0:
-                row[exclude[qi]] = -np.inf
+            if exclude is not None:
+                out = np.asarray(exclude[qi])
+                row[out[out >= 0]] = -np.inf
             if order is not None and starts is not None:
                 row, pos = np.fmax.reduceat(row[order], starts), np.unique(dense[pos])  # a NaN photo spoils no product
             scores = row[pos]
@@ -346,7 +357,8 @@ def product_ids(values: Sequence) -> list[str | None]:
         if v is None or (isinstance(v, float) and v != v) or str(v).strip() == "":
             out.append(None)
             continue
-        m = re.search(r"(?<![A-Za-z0-9])id_\d+", str(v))  # not a word's end: "plaid_7" names itself
+        # a word of its own: "plaid_7" names itself, and "id_2023A" is not "id_2023B"'s product
+        m = re.search(r"(?<![A-Za-z0-9])id_\d+(?![A-Za-z0-9])", str(v))
         out.append(m.group(0) if m else str(v))
     return out
 
@@ -418,18 +430,24 @@ def embed_pass(
     segmenter,
     progress: bool = True,
     pixels: str = PIL_PIXELS,
+    known_ids: dict[int, object] | None = None,
 ) -> dict:
     """One streaming pass over the dataset for all backends at once: each row is read, decoded and
     segmented once (not once per backend), and its pixels (resized as `pixels` says,
     preprocess.CPU_PIXELS) go to every backend.
 
+    known_ids: each row's --eval-id-column value where the records do not carry it (an image
+    folder's, from its metadata files or subfolders).
+
     Returns:
-        {"ids": {source_row: product}, backend: {"photos": (emb, rows), "garments": ..., "crops": ...}}
+        {"ids": {source_row: product}, "photo_sha": {source_row: sha256}, "made_by": {backend: identity},
+         backend: {"photos": (emb, rows), "garments": ..., "crops": ...}}
     """
     failed: dict[str, str] = {}
     photos, garments, crops = (EvalBatcher(embedders, batch_size, failed, pixels) for _ in range(3))
     ids: dict[int, str | None] = {}
     garment_sha: dict[int, str] = {}
+    photo_sha: dict[int, str] = {}
     min_sides = sorted({e.preprocess_cfg.decode_min_side for e in embedders.values()})
 
     def decoded(data: bytes) -> dict[int, Image.Image]:
@@ -448,9 +466,11 @@ def embed_pass(
         except ImageDecodeError as e:
             summary.fail(rec.source, str(e))
             continue
+        photo_sha[rec.source_row] = sha256_bytes(rec.data)
         extra = rec.extra or {}
         if id_column:
-            ids[rec.source_row] = product_ids([extra.get(id_column)])[0]
+            value = known_ids.get(rec.source_row) if known_ids is not None else extra.get(id_column)
+            ids[rec.source_row] = product_ids([value])[0]
         if cloth_column:
             try:
                 if not extra.get(cloth_column):
@@ -461,7 +481,8 @@ def embed_pass(
                 summary.fail(f"{rec.source} ({cloth_column})", str(e))
         if segmenter is not None and (crop := first_person(rec.data, segmenter)) is not None:
             crops.add(rec.source_row, dict.fromkeys(min_sides, crop))
-    out: dict = {"ids": ids, "garment_sha": garment_sha, "speed": {}, "failed": failed}
+    out: dict = {"ids": ids, "garment_sha": garment_sha, "photo_sha": photo_sha, "speed": {}, "failed": failed,
+                 "made_by": {name: e.identity for name, e in embedders.items()}}
     for batcher in (photos, garments, crops):
         batcher.flush()  # the last partial batch counts in the timing
     count = sum(len(b.rows) for b in (photos, garments, crops))
@@ -539,8 +560,8 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
         summary.notes.append("--use-segmentation is not used with --eval-id-column: same-product retrieval compares "
                              "whole photos")
     got = _embed_for_evaluation(cfg, summary, specs, segmenter)
-    for name, error in got["failed"].items():
-        summary.notes.append(f"{name} failed while embedding and is left out: {error}")
+    for name, error in got["failed"].items():  # a failure of the run (exit 3), in evaluation.json too
+        summary.fail(f"model {name}", f"failed while embedding and left out of the comparison: {error}")
     backends = [b for b in backends if b not in got["failed"]]
     if not backends:
         raise PipelineError("--evaluate: every model failed while embedding: " + "; ".join(
@@ -559,7 +580,10 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
         for name, m in per.items():
             speed = float(got["speed"].get(name, float("nan")))
             m["img_per_s"] = round(speed, 1) if np.isfinite(speed) else None  # JSON has no NaN
-    _write_evaluation(cfg, summary, results)
+    made_by = {name: got["made_by"][name] for name in backends}
+    summary.model = "; ".join(f"{name}: {identity.label()}" if len(made_by) > 1 else identity.label()
+                              for name, identity in made_by.items())
+    _write_evaluation(cfg, summary, results, made_by, got["failed"], len(got[backends[0]]["photos"][1]))
     return summary
 
 
@@ -706,6 +730,7 @@ def _embed_for_evaluation(
     spec = replace(cfg.dataset, extra_columns=(id_column,) if id_column else (cloth_column,))
     with summary.stage("load models"):
         embedders = {name: make_embedder(spec) for name, spec in specs.items()}
+    known = folder_column(cfg.dataset, id_column) if id_column else None  # an image folder's ids
     with summary.stage("embed", "embed pass (all backends)"):
         try:
             return embed_pass(
@@ -718,6 +743,7 @@ def _embed_for_evaluation(
                 segmenter,
                 cfg.progress,
                 cpu_pixels(cfg.embedder.decode),
+                known,
             )
         except PipelineError as e:
             if id_column is None and f"no column {cloth_column!r}" in str(e):
@@ -735,18 +761,34 @@ def _same_product_metrics(got: dict, backends: list[str], summary: RunSummary,
     q_rows = got[backends[0]]["photos"][1]  # the same rows for every backend
     groups = scope.groups(q_rows) if scope is not None else None
     ids = [got["ids"].get(int(r)) for r in q_rows]
+    if ids and all(product is None for product in ids):
+        raise PipelineError("--evaluate: no photo has a product id in the --eval-id-column column: nothing to "
+                            "score (each product needs two photos with its id)")
     by_product: dict[str, list[int]] = {}
     for i, product in enumerate(ids):
         if product is not None:
             by_product.setdefault(product, []).append(i)
-    positives, keep = [], []
+    # a photo's byte-identical copies (one picture under two rows) are that photo: neither its right
+    # answer (found at distance 0) nor ranked against it
+    shas = [got.get("photo_sha", {}).get(int(r)) for r in q_rows]
+    alike: dict[str, list[int]] = {}
+    for i, sha in enumerate(shas):
+        if sha is not None:
+            alike.setdefault(sha, []).append(i)
+    positives, keep, excluded = [], [], []
     for i, product in enumerate(ids):
-        pos = [j for j in by_product[product] if j != i] if product is not None else []
+        itself = alike[shas[i]] if shas[i] is not None else [i]
+        pos = [j for j in by_product[product] if j not in itself] if product is not None else []
         if pos:
             positives.append(np.array(pos, np.int64))
             keep.append(i)
+            excluded.append(np.array(itself, np.int64))
     keep_arr = np.array(keep, dtype=np.int64)
     no_id = sum(product is None for product in ids)
+    copies = sum(len(rows) - 1 for rows in alike.values())
+    if copies:
+        summary.notes.append(f"{copies} photo(s) byte-identical to another: one picture, so neither is the other's "
+                             "right answer")
     if len(ids) - no_id > len(keep):
         summary.notes.append(f"{len(ids) - no_id - len(keep)} queries skipped: their product has no other image")
     if no_id:
@@ -755,7 +797,7 @@ def _same_product_metrics(got: dict, backends: list[str], summary: RunSummary,
     for backend in backends:
         q = got[backend]["photos"][0]
         results.setdefault("same-product", {})[backend] = metrics_from_ranks(
-            ranks_of_positives(q[keep_arr], q, positives, exclude=keep_arr, groups=groups)
+            ranks_of_positives(q[keep_arr], q, positives, exclude=excluded, groups=groups)
         )
     return results
 
@@ -780,12 +822,17 @@ def _person_to_garment_metrics(got: dict, backends: list[str], segmented: bool, 
     return results
 
 
-def _write_evaluation(cfg: RunConfig, summary: RunSummary, results: dict[str, dict]) -> None:
-    """evaluation.json, evaluation.png, the table in the printed summary and the report's section."""
+def _write_evaluation(cfg: RunConfig, summary: RunSummary, results: dict[str, dict],
+                      made_by: dict[str, VectorIdentity], failed: dict[str, str], photos: int) -> None:
+    """evaluation.json, evaluation.png, the table in the printed summary and the report's section.
+    evaluation.json says what was measured: each entry's model and file (its sha256, runtime and
+    precision), the photos embedded, the models that failed, and the run's notes."""
     cfg.plots_dir.mkdir(parents=True, exist_ok=True)
     report = {"dataset": cfg.dataset.name, **({"config": cfg.dataset.config} if cfg.dataset.config else {}),
               "split": cfg.dataset.split, "limit": cfg.dataset.limit,
-              "filter": cfg.filter, "group_by": cfg.group_by, "results": results}
+              "filter": cfg.filter, "group_by": cfg.group_by, "photos": photos,
+              "made_by": {name: {"label": made.label(), **made.to_json()} for name, made in made_by.items()},
+              "failed": failed, "notes": summary.notes, "results": results}
     path = cfg.plots_dir / "evaluation.json"
     atomic_write_text(path, json.dumps(report, indent=2))
     plot = cfg.plots_dir / "evaluation.png"

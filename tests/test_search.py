@@ -142,6 +142,7 @@ def test_rank_metrics_on_known_answers():
     # "id_" ending a word is not DeepFashion's product part: each of these is a product of its own
     assert product_ids(["plaid_7", "braid_7", "solid_9", "fluid_9", "x_id_12-3", "id_5"]) == [
         "plaid_7", "braid_7", "solid_9", "fluid_9", "id_12", "id_5"]
+    assert product_ids(["id_2023A", "id_2023B", "id_7_front"]) == ["id_2023A", "id_2023B", "id_7"]  # two products
     g2 = np.array([[1, 0], [0.8, 0.6], [0, 1]], np.float32)
     assert list(ranks_of_positives(g2[:2], g2, [np.array([0, 1]), np.array([0])], exclude=np.array([0, 1]))) == [1, 1]
     # the query itself is excluded: without that, row 0 would find itself
@@ -764,12 +765,17 @@ def test_evaluation_says_what_it_cannot_score_and_scores_the_rest(tmp_path, monk
     out = tmp_path / "out"
     base = ["--evaluate", "--eval-id-column", "item_ID", "--dataset", str(ds), "--output-dir", str(out),
             "--batch-size", "2"]
-    assert cli.main([*base, "--eval-models", "angles,failing"]) == 0
+    assert cli.main([*base, "--eval-models", "angles,failing"]) == 3  # a model left out is a failure of the run
     said = capsys.readouterr()
-    res = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]["same-product"]
+    written = json.loads((out / "outputs" / "evaluation.json").read_text())
+    res = written["results"]["same-product"]
     assert list(res) == ["angles"]  # the failing model left out, the other scored on every row
     assert res["angles"]["queries"] == 2 and res["angles"]["recall@1"] == 1.0  # A0 and A1; nulls are no product
-    assert "failing failed while embedding and is left out: RuntimeError: CUDA out of memory" in said.out
+    assert written["failed"] == {"failing": "RuntimeError: CUDA out of memory"}
+    assert list(written["made_by"]) == ["angles"]
+    assert written["photos"] == 5 and "2 photo(s) without a product id" in " ".join(written["notes"])
+    assert ("model failing: failed while embedding and left out of the comparison: RuntimeError: CUDA out of memory"
+            in said.out)
     assert "2 photo(s) without a product id: not queries, and no query's right answer" in said.out
     assert "1 queries skipped: their product has no other image" in said.out
     monkeypatch.setattr(search, "make_embedder", lambda spec: pytest.fail("embedded before the check"))
@@ -943,3 +949,68 @@ def test_a_model_typed_beside_an_onnx_file_of_another_model_is_said_unused(tiny_
     assert made["model"] == str(tiny_clip)  # the file's model: what made the vectors
     assert cli.main([*common, "--model", str(tiny_clip), "--output-dir", str(tmp_path / "b")]) == 0
     assert "is not the model" not in " ".join(capsys.readouterr().err.split())
+
+
+def test_same_product_counts_a_photos_byte_identical_copy_as_that_photo(tmp_path, monkeypatch, capsys):
+    """Product A's first photo listed twice (a colourway sharing its picture) was its own right answer,
+    found at distance 0: recall rose with copied files. A at 0 and 45 degrees (0 twice), B at 30 and 100:
+    A0 and its copy rank A45 second (B30 is nearer), A45 ranks A0 second, B30 ranks B100 fourth, B100
+    ranks B30 second."""
+    from pipeline import search
+
+    angles, ids = [0, 0, 45, 30, 100], ["id_1", "id_1", "id_1", "id_2", "id_2"]
+    cells = [assets.encode(assets.rgb_image(32, 32, color=(a, 0, 0)), "PNG") for a in angles]
+    cells[1] = cells[0]  # the same bytes
+    ds = assets.write_parquet_dataset(tmp_path / "ds", cells, extra={"item_ID": ids})
+    monkeypatch.setattr(search, "make_embedder", lambda spec: _AngleEmbedder())
+    out = tmp_path / "out"
+    assert cli.main(["--evaluate", "--eval-id-column", "item_ID", "--dataset", str(ds), "--backend", "torch",
+                     "--output-dir", str(out)]) == 0
+    m = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]["same-product"]["torch"]
+    assert m["queries"] == 5 and m["recall@1"] == 0.0
+    assert m["mrr"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 2 + 1 / 4 + 1 / 2) / 5)
+    assert "1 photo(s) byte-identical to another: one picture, so neither is the other's right answer" in " ".join(
+        capsys.readouterr().out.split())
+
+
+def test_same_product_reads_an_image_folders_ids(tmp_path, monkeypatch, capsys):
+    """An image folder's ids are in its metadata.csv or its subfolders (one per product): they were read
+    from nowhere, and every photo was scored as having no id (0 queries, exit 0); a column the folder
+    does not have is refused, and a dataset with no id at all is said to have nothing to score."""
+    from pipeline import search
+
+    monkeypatch.setattr(search, "make_embedder", lambda spec: _AngleEmbedder())
+    shop, skus = tmp_path / "shop", tmp_path / "skus"
+    shop.mkdir()
+    lines = ["file_name,item_ID"]
+    for k, (angle, product) in enumerate([(0, "a"), (30, "a"), (40, "b"), (90, "b")]):
+        picture = assets.encode(assets.rgb_image(32, 32, color=(angle, 0, 0)), "PNG")
+        (shop / f"p{k}.png").write_bytes(picture)
+        lines.append(f"p{k}.png,{product}")
+        (skus / product).mkdir(parents=True, exist_ok=True)
+        (skus / product / f"p{k}.png").write_bytes(picture)
+    (shop / "metadata.csv").write_text("\n".join(lines) + "\n")
+    for folder, column in ((shop, "item_ID"), (skus, "folder")):
+        out = tmp_path / f"out_{column}"
+        assert cli.main(["--evaluate", "--eval-id-column", column, "--dataset", str(folder), "--limit", "0",
+                         "--backend", "torch", "--output-dir", str(out), "-q"]) == 0
+        m = json.loads((out / "outputs" / "evaluation.json").read_text())["results"]["same-product"]["torch"]
+        assert m["queries"] == 4 and m["recall@1"] == 0.5, column  # as test_same_product_recall_is_the_known_answer
+    capsys.readouterr()
+    assert cli.main(["--evaluate", "--eval-id-column", "sku", "--dataset", str(shop), "--limit", "0", "--backend",
+                     "torch", "--output-dir", str(tmp_path / "x"), "-q"]) == 1
+    assert f"the image folder {shop} has no column 'sku' with values (its columns with values: item_ID)" in " ".join(
+        capsys.readouterr().err.split())
+    empty = tmp_path / "noids"
+    empty.mkdir()
+    (empty / "metadata.csv").write_text("file_name,item_ID\np0.png,\np1.png,\n")
+    for k in range(2):
+        (empty / f"p{k}.png").write_bytes(assets.encode(assets.rgb_image(32, 32, color=(k, 0, 0)), "PNG"))
+    assert cli.main(["--evaluate", "--eval-id-column", "item_ID", "--dataset", str(empty), "--limit", "0",
+                     "--backend", "torch", "--output-dir", str(tmp_path / "y"), "-q"]) == 1
+    assert "has no column 'item_ID' with values (its metadata files hold no values)" in capsys.readouterr().err
+    blank = assets.write_parquet_dataset(tmp_path / "blank", [assets.encode(assets.rgb_image(32, 32), "PNG")] * 2,
+                                         extra={"item_ID": [None, None]})
+    assert cli.main(["--evaluate", "--eval-id-column", "item_ID", "--dataset", str(blank), "--backend", "torch",
+                     "--output-dir", str(tmp_path / "z"), "-q"]) == 1
+    assert "no photo has a product id in the --eval-id-column column: nothing to score" in capsys.readouterr().err
