@@ -253,9 +253,11 @@ def unreadable_queries(summary: RunSummary, shown: int = 3) -> str:
 
 
 def query_slug(text: str, limit: int = 40) -> str:
-    """A query as a file name's part: its letters and digits, any script's (robe_été, not robe_t), the
-    rest runs of '_'."""
-    return re.sub(r"[^\w.-]+", "_", unicodedata.normalize("NFC", text))[:limit].strip("_") or "query"
+    """A query as a file name's part: its letters, marks and digits, any script's (robe_été, not
+    robe_t; a Devanagari vowel sign kept), the rest runs of '_'."""
+    kept = "".join(ch if ch in ".-" or unicodedata.category(ch)[0] in "LMN" else "_"
+                   for ch in unicodedata.normalize("NFC", text))
+    return re.sub(r"_+", "_", kept)[:limit].strip("_") or "query"
 
 
 def picture_name(i: int, query: Query) -> str:

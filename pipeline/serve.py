@@ -41,7 +41,6 @@ from .fileio import being_written
 from .filters import column_kind
 from .galleries import open_catalog, store_embedder_note
 from .images import ImageDecodeError, encode_jpeg, pil_open
-from .metadata import json_value
 from .report import RunSummary
 from .searcher import Hit
 
@@ -231,12 +230,8 @@ class SearchService:
         """row: the embedding row; thumb: its thumbnail's URL, with the store's version; line: the
         manifest line."""
         version = cls.version(catalog)
-        return [
-            {"rank": h.rank, "row": h.row, "thumb": f"/thumb/{h.row}.jpg?v={version}", "file": h.file,
-             "source": h.source, "name": h.shown_name, "line": h.line, "distance": round(h.distance, 6),
-             "meta": {k: json_value(v) for k, v in h.meta.items()}}
-            for h in hits
-        ]
+        return [{**h.to_dict(), "thumb": f"/thumb/{h.row}.jpg?v={version}", "name": h.shown_name,
+                 "distance": round(h.distance, 6)} for h in hits]
 
     def store_json(self, catalog: Catalog) -> dict[str, Any]:
         """The store an answer comes from: the page notices an update by its generation."""

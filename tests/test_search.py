@@ -381,6 +381,7 @@ def test_query_paths_and_slugs(tmp_path):
     assert len(query_slug("a" * 99)) == 40
     assert query_slug("Xmas Red Dress X") == "Xmas_Red_Dress_X"  # capitals kept; only underscores trimmed
     assert query_slug("ünïcode é.jpg") == "ünïcode_é.jpg" and query_slug("robe d'été") == "robe_d_été"  # any script
+    assert query_slug("हिन्दी कपड़े") == "हिन्दी_कपड़े"  # its vowel signs (marks) too
     # a file before a folder: both kept, in the order given
     assert expand_image_paths([str(single), str(tmp_path / "sub")]) == [single, tmp_path / "sub" / "c.webp"]
     # a query picture's name: the query's own suffix dropped, not doubled (q000_img_00042.jpg.jpg)

@@ -404,12 +404,13 @@ def test_a_sprite_holds_each_thumbnail_in_its_cell_on_white():
 def test_a_long_query_name_and_the_catalogues_values_fit_a_phone(tiny_onnx, tmp_path, browser):
     """At 390 px: a query picture's name with no space to break at (it stands in the query's notes)
     wraps inside its card instead of widening the page; an item's catalogue values read as the search
-    page shows them (1,299.99, yes), and its thumbnail's alt is its name, not the gallery's file."""
+    page shows them (1,299.99, yes, a year 2024), and its thumbnail's alt is its name, not the gallery's file."""
     from selenium.webdriver.common.by import By
 
     pictures = [assets.encode(assets.rgb_image(60, 80, seed=70 + i), "JPEG", quality=90) for i in range(4)]
     ds = assets.write_parquet_dataset(tmp_path / "shop", pictures,
-                                      {"price": [1299.99, 5.0, 19.5, 80.0], "in_stock": [True, False, True, True]})
+                                      {"price": [1299.99, 5.0, 19.5, 80.0], "in_stock": [True, False, True, True],
+                                       "year": [2024, 2025, 2024, 2023]})
     out = tmp_path / "out"
     common = ["--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]
     assert cli.main(["--dataset", str(ds), *common]) == 0
@@ -427,5 +428,5 @@ def test_a_long_query_name_and_the_catalogues_values_fit_a_phone(tiny_onnx, tmp_
         tile.click()
         values = wait(browser, "document.querySelector('[data-role=meta]') && "
                                "[...document.querySelectorAll('[data-role=meta] dd')].map(d => d.textContent)")
-        assert values == ["1,299.99", "yes"]
+        assert values == ["1,299.99", "yes", "2024"]  # a year as written, not 2,024
     assert console_errors(browser) == []
