@@ -144,7 +144,7 @@ def test_a_match_whose_file_is_not_here_is_drawn_from_its_thumbnail(tmp_path):
     thumb[:, THUMB_SIZE // 2 :] = 255
     catalog = types.SimpleNamespace(
         cache=types.SimpleNamespace(images_dir=tmp_path),
-        items=[types.SimpleNamespace(file="not_here.jpg")],
+        searcher=types.SimpleNamespace(rows=[types.SimpleNamespace(file="not_here.jpg")]),
         thumbnail=lambda row: thumb,
     )
     tile = match_tile(catalog, 0)
