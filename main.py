@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import errno
 import logging
 import math
 import os
@@ -25,7 +24,7 @@ from pipeline.backends import (
 from pipeline.config import config_from_flags, flag_default
 from pipeline.errors import PipelineError, UsageError
 from pipeline.index import INDEX_KINDS
-from pipeline.modes import check_config, interrupted_message
+from pipeline.modes import DISK_FULL, check_config, disk_full_said, interrupted_message
 from pipeline.report import EXIT_FATAL, EXIT_USAGE
 
 log = logging.getLogger("main")
@@ -441,17 +440,6 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space, over a quota, over the file-size limit
-
-
-def _after_disk_full(error: BaseException | None, cfg) -> str:
-    """For a run stopped by a full disk (or a quota, or the file-size limit): what it kept and how to go
-    on, as after Ctrl-C; "" for any other error."""
-    if not (isinstance(error, OSError) and error.errno in DISK_FULL):
-        return ""
-    return f". Free space (or choose another --output-dir); {interrupted_message(cfg).removeprefix('interrupted: ')}"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -475,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         if args.verbose:
             log.exception("fatal")
-        print(f"error: {e}{_after_disk_full(e.__cause__, cfg)}", file=sys.stderr)
+        print(f"error: {disk_full_said(str(e), e.__cause__, cfg)}", file=sys.stderr)
         return EXIT_FATAL
     except KeyboardInterrupt:
         print(interrupted_message(cfg), file=sys.stderr)
@@ -485,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("unexpected error")
         if isinstance(e, OSError) and e.errno in DISK_FULL:  # not a bug: said with what it left and how to go on
             where = f" writing {e.filename}" if e.filename else ""
-            print(f"error: {e.strerror}{where}{_after_disk_full(e, cfg)}", file=sys.stderr)
+            print(f"error: {disk_full_said(f'{e.strerror}{where}', e, cfg)}", file=sys.stderr)
             return EXIT_FATAL
         print(f"error: unexpected {type(e).__name__}: {e} (run with -v for the traceback)", file=sys.stderr)
         return EXIT_FATAL

@@ -8,6 +8,7 @@ entry here. Run functions are named, not imported, so `main.py --help` loads no 
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import time
@@ -314,6 +315,18 @@ def _filter_syntax(text: str | None) -> str | None:
 
 
 STARTED = time.time()  # when this process began (the CLI imports this module first): what its run wrote is newer
+
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space, over a quota, over the file-size limit
+
+
+def disk_full_said(said: str, error: BaseException | None, cfg: RunConfig) -> str:
+    """An error's message, and for a run stopped by a full disk (or a quota, or the file-size limit),
+    what it kept and how to go on, as after Ctrl-C; the message alone for any other error."""
+    if not (isinstance(error, OSError) and error.errno in DISK_FULL):
+        return said
+    elsewhere = "" if "--output-dir" in said else " (or choose another --output-dir)"
+    return f"{said.rstrip('.')}. Free space{elsewhere}; {interrupted_message(cfg).removeprefix('interrupted: ')}"
 
 
 def interrupted_message(cfg: RunConfig) -> str:

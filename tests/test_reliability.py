@@ -598,3 +598,19 @@ def test_a_search_of_a_read_only_gallery_says_where_it_can_search_it(mixed_datas
     assert (f"output folder {out} is not writable: Read-only file system. A search writes its results there "
             f"(retrieval_results/queries/ and the report): copy the folder where you can write, or search it where it "
             f"is with --serve or Catalog.open('{out}')") in err
+
+
+def test_a_full_disk_is_said_once_with_its_way_on(tmp_path):
+    """A folder found full when it is checked said "Choose another with --output-dir.. Free space (or
+    choose another --output-dir)": one period, one advice; an error of another kind is said as it is."""
+    from pipeline.config import config_from_flags
+    from pipeline.modes import disk_full_said
+
+    cfg = config_from_flags(vars(cli.build_parser().parse_args(["--output-dir", str(tmp_path)])))
+    full = OSError(errno.ENOSPC, "No space left on device")
+    said = disk_full_said(f"output folder {tmp_path} is not writable: No space left on device. Choose another with "
+                          "--output-dir.", full, cfg)
+    assert ".." not in said and said.count("--output-dir") == 1
+    assert said.endswith("Choose another with --output-dir. Free space; complete shards are kept; run the same "
+                         "command again to resume")
+    assert disk_full_said("a model error", OSError(errno.EACCES, "Permission denied"), cfg) == "a model error"
