@@ -200,6 +200,12 @@ def known_family(model: str) -> str | None:
     return family_of(model).name
 
 
+def is_onnx_file(model: str | Path | None) -> bool:
+    """Whether a model named is an exported ONNX file (given where a model is asked for: --model, or
+    Catalog.open's model=), which --onnx / onnx= take."""
+    return model is not None and str(model).lower().endswith(".onnx") and Path(model).is_file()
+
+
 def load_hint(model: str) -> str:
     """What to do when a model does not load: a folder given is not a model's (its files are
     named); a hub id needs the network or a local copy."""

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps
 
-from .backends import ONNXRUNTIME, model_by_name
+from .backends import ONNXRUNTIME, is_onnx_file, model_by_name
 from .duplicates import stored_groups
 from .embedders import Embedder, EmbedderSpec, make_embedder, model_reference
 from .errors import CacheMismatchError, PipelineError, UsageError, first_line
@@ -170,10 +170,11 @@ def _check_open_arguments(device: str, threads: int, index: str, model: str | No
     if onnx is not None and not Path(onnx).is_file():
         raise UsageError(f"onnx={str(onnx)!r}: no such file (the ONNX file the store was made with; opened without "
                          "onnx=, the store's own file is looked for by its sha256)")
-    if model is not None and str(model).startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+    path_like = isinstance(model, Path) or str(model).startswith(("/", "."))  # not a hub id, not a short name
+    if model is not None and path_like and not Path(model).exists():
         raise UsageError(f"model={str(model)!r}: no such folder (a model is a folder, a hub id or a short name)")
 
-    if model is not None and str(model).lower().endswith(".onnx") and Path(model).is_file():
+    if is_onnx_file(model):
         raise UsageError(f"model={str(model)!r} is an exported ONNX file: give it as onnx={str(model)!r} (model= names "
                          "a model: a folder, a hub id or a short name)")
 

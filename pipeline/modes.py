@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backends import BACKENDS, EVAL_BACKENDS, ONNXRUNTIME
+from .backends import BACKENDS, EVAL_BACKENDS, ONNXRUNTIME, is_onnx_file
 from .config import RunConfig
 from .report import RunSummary
 
@@ -121,7 +121,7 @@ _SEGMENT_OPTIONS = frozenset({"seg_model", "seg_conf", "seg_imgsz", "seg_backend
 # Checks that hold whatever the mode; the first list before the modes' own, the second after.
 _BEFORE: tuple[Check, ...] = (
     (
-        lambda c: str(c.embedder.model).lower().endswith(".onnx") and Path(c.embedder.model).is_file(),
+        lambda c: is_onnx_file(c.embedder.model),
         "--model {model} is an exported ONNX file: give it with --onnx {model} (--model names a model: a folder, a "
         "hub id or a short name)",  # read as a folder's config.json, it was "not a valid JSON file ... check the path"
     ),
