@@ -35,7 +35,7 @@ from .derived import retire_stale
 from .duplicates import stored_groups
 from .embedders import Embedder, EmbedderSpec, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError, PipelineError
-from .fileio import being_written, sha256_file_once, unlink_quietly
+from .fileio import being_written, read_json_dict, sha256_file_once, unlink_quietly
 from .gallery import STANDARD_FILES, DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
 from .identity import GallerySource, VectorIdentity
 from .items import make_segment_items, make_standard_items, note_persons_cut
@@ -59,6 +59,7 @@ from .searcher import Searcher, unknown_group_column
 from .store import (
     PARTIAL_DIR,
     SIDECAR_FILE,
+    STORE_FORMAT,
     SWITCH_FILE,
     UPDATE_DIR,
     GalleryCache,
@@ -591,11 +592,18 @@ def with_store_source(cfg: RunConfig) -> tuple[RunConfig, str]:
     dataset flags keeps the store's scope (the default --limit would cut a gallery of every row to
     10,000 photos). Returns the configuration and what was taken, as flags ("" when nothing). A
     sidecar that cannot be read is refused: the update would go on with the default dataset."""
-    if not cfg.update or not (cfg.store_dir / SIDECAR_FILE).is_file():
+    if not cfg.update:
+        return cfg, ""
+    path = cfg.store_dir / SIDECAR_FILE
+    if not path.is_file() and (cfg.store_dir / UPDATE_DIR / SWITCH_FILE).is_file():
+        path = cfg.store_dir / UPDATE_DIR / "next" / SIDECAR_FILE  # a switch stopped midway: the store it brings in
+    if not path.is_file():
         return cfg, ""
     try:
-        sidecar = Sidecar.read(cfg.store_dir / SIDECAR_FILE)
+        sidecar = Sidecar.read(path)
     except CacheMismatchError as e:
+        if read_json_dict(path).get("format") not in (None, STORE_FORMAT):  # an older version's: its way is said
+            raise
         raise PipelineError(
             f"{e}\nA damaged store cannot be updated, and what it was built from cannot be read from it: build it "
             "afresh without --update, giving the dataset flags that built it (--dataset, and --limit, --split, "

@@ -1510,3 +1510,26 @@ def test_a_run_stopped_after_its_store_changed_leaves_no_outputs_of_the_store_be
     assert run(*args(data, tiny_onnx, fresh)) == 0
     assert_same_as_fresh(out, fresh)
     assert np.load(out / "outputs" / "distance_matrix.npy").shape == (31, 31)
+
+
+def test_an_update_without_dataset_flags_finishes_a_stopped_switch_on_the_stores_own_dataset(tiny_onnx, tmp_path,
+                                                                                              monkeypatch, capsys):
+    """Stopped midway through its switch, the store has no sidecar: an --update with no dataset flags
+    read none there and went on with the default dataset (the hub's DeepFashion); the staged store's
+    sidecar says what it is."""
+    data = write_catalogue(tmp_path / "catalogue", list(range(8)))
+    out = tmp_path / "updated"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    write_catalogue(data, [*range(1, 8), 50])
+
+    def die(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(update_module, "move", die)
+    assert run(*args(data, tiny_onnx, out, "--update")) == 130
+    monkeypatch.undo()
+    assert not (out / "embeddings" / "embeddings.json").exists()  # between its files
+    capsys.readouterr()
+    assert run("--update", "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0") == 0, \
+        capsys.readouterr().err
+    assert len(read_manifest(out / "embeddings" / "manifest.csv")) == 8
