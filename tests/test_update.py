@@ -916,6 +916,7 @@ def test_an_update_of_a_store_whose_sidecar_is_damaged_is_refused_not_run_on_the
     out = tmp_path / "updated"
     assert run(*args(data, tiny_onnx, out)) == 0
     sidecar = out / "embeddings" / "embeddings.json"
+    written = sidecar.read_text()
     sidecar.write_bytes(sidecar.read_bytes()[:40])
     capsys.readouterr()
     assert run("--update", "--onnx", tiny_onnx, "--output-dir", out) == 1
@@ -923,6 +924,12 @@ def test_an_update_of_a_store_whose_sidecar_is_damaged_is_refused_not_run_on_the
     assert "A damaged store cannot be updated, and what it was built from cannot be read from it: build it afresh " \
            "without --update, giving the dataset flags that built it" in err
     assert "deepfashion" not in err
+    # an older version's store is no damaged one: its own way out (an upgrade in place) is said
+    whole = json.loads(written)
+    sidecar.write_text(json.dumps({**whole, "format": 1}))
+    assert run("--update", "--onnx", tiny_onnx, "--output-dir", out) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "store format 1, made by an older version" in err and "Upgrade it in place" in err and "damaged" not in err
 
 
 def test_a_changed_or_missing_segment_is_refused(tiny_onnx, tmp_path, capsys):
