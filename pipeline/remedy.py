@@ -12,10 +12,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .backends import ONNXRUNTIME
+from .backends import ONNXRUNTIME, PRECISIONS
 from .fileio import sha256_file_once
 from .identity import GallerySource, VectorIdentity
 from .preprocess import PIXELS_OF_DECODE
+from .store import PARTIAL_DIR, RUN_FILE, unfinished_run
 
 # Sidecar field -> the flag that asks for it (identity fields first, then the gallery source's).
 FLAG_OF = {
@@ -71,8 +72,6 @@ def finish_unfinished(store: Path, segmented: bool, search_from: Path | str, onn
     """The refusal's last line for a search mode when a gallery run into `store` stopped before it
     finished (its shards in .partial/): that run again, which resumes, with the flags it began
     with as far as its run file says."""
-    from .store import PARTIAL_DIR, RUN_FILE, unfinished_run  # store.py names its remedies from here
-
     began = ""
     params = unfinished_run(store)
     try:
@@ -138,8 +137,6 @@ def flags_that_made(differing: Iterable[str], identity: VectorIdentity, source: 
 
 
 def _flags_for(name: str, made: dict[str, Any], onnx_asked: str | None) -> list[str]:
-    from .backends import PRECISIONS
-
     value = made.get(name)
     if name == "precision" and value not in PRECISIONS:
         return []  # recorded, not a --precision choice: the file or model gives it
