@@ -704,8 +704,8 @@ def evaluation_scope(cfg: RunConfig, summary: RunSummary) -> EvaluationScope | N
         if not kept.any():  # refused before anything is embedded
             raise FilterError(f"--filter {cfg.filter!r} keeps none of the {len(source):,} rows: nothing to evaluate "
                               "(values are compared as written: 'Dress' is not 'dress')")
-        summary.notes.append(f"--filter {cfg.filter!r}: {int(kept.sum()):,} of {len(source):,} rows evaluated "
-                             "(they are the queries and the gallery searched)")
+        summary.notes.append(f"--filter {cfg.filter!r}: {int(kept.sum()):,} of {len(source):,} rows kept "
+                             "(they are the queries and the gallery searched, those that decode)")
     if cfg.group_by:
         if cfg.group_by not in table.column_names:
             raise UsageError(f"--group-by: unknown column {cfg.group_by!r}; the dataset's columns are: "
@@ -792,7 +792,8 @@ def _same_product_metrics(got: dict, backends: list[str], summary: RunSummary,
         summary.notes.append(f"{copies} photo(s) byte-identical to another: one picture, so neither is the other's "
                              "right answer")
     if len(ids) - no_id > len(keep):
-        summary.notes.append(f"{len(ids) - no_id - len(keep)} queries skipped: their product has no other image")
+        summary.notes.append(f"{len(ids) - no_id - len(keep)} queries skipped: their product has no other image "
+                             "among the photos evaluated")
     if no_id:
         summary.notes.append(f"{no_id} photo(s) without a product id: not queries, and no query's right answer")
     results: dict[str, dict] = {}

@@ -778,7 +778,7 @@ def test_evaluation_says_what_it_cannot_score_and_scores_the_rest(tmp_path, monk
     assert ("model failing: failed while embedding and left out of the comparison: RuntimeError: CUDA out of memory"
             in said.out)
     assert "2 photo(s) without a product id: not queries, and no query's right answer" in said.out
-    assert "1 queries skipped: their product has no other image" in said.out
+    assert "1 queries skipped: their product has no other image among the photos evaluated" in said.out
     monkeypatch.setattr(search, "make_embedder", lambda spec: pytest.fail("embedded before the check"))
     assert cli.main([*base, "--eval-models", "angles", "--filter", "category = 'Dress'"]) == 2
     assert "keeps none of the 5 rows: nothing to evaluate" in capsys.readouterr().err
@@ -932,7 +932,7 @@ def test_evaluation_counts_the_rows_without_a_product_among_those_the_filter_kee
 
     assert "3 row(s) without a value stand alone" in notes()
     said = notes(filter="category = 'dress'")  # the bags are not evaluated: one dress lacks a collection
-    assert "2 of 4 rows evaluated" in said and "1 row(s) without a value stand alone" in said
+    assert "2 of 4 rows kept" in said and "1 row(s) without a value stand alone" in said
     assert "without a value" not in notes(filter="collection = 'X'")
 
 
