@@ -326,7 +326,7 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
         "-v", "--verbose", action="store_true", help="debug logging, tracebacks and the CPU in the summary"
     )
     verbosity.add_argument(
-        "-q", "--quiet", action="store_true", help="errors and failed items only: no progress bars or summary"
+        "-q", "--quiet", action="store_true", help="warnings, errors and failed items only: no progress bars or summary"
     )
 
 

@@ -514,12 +514,17 @@ class Catalog:
             self._check_row(item)
             return int(item)
         rows = [r.embedding_row for r in self.searcher.rows if r.file == item]
-        if len(rows) > 1:  # files are named by their bytes: equal photos are one file
+        said = "is the file of {n} items with the same bytes"  # files are named by their bytes: equal photos are one
+        if not rows:  # the name the user knows it by: its source (a path in the dataset folder), or the last part of it
+            rows = [r.embedding_row for r in self.searcher.rows if item in (r.source, r.shown_name)]
+            said = "names {n} items"
+        if len(rows) > 1:
             listed = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
-            raise PipelineError(f"{item!r} is the file of {len(rows)} items with the same bytes (rows {listed}): "
-                                f"ask for one by its row, e.g. neighbours({rows[0]})")
+            raise PipelineError(f"{item!r} {said.format(n=len(rows))} (rows {listed}): ask for one by its row, e.g. "
+                                f"neighbours({rows[0]})")
         if not rows:
-            raise PipelineError(f"no item named {item!r} in {self.cache.root}")
+            raise PipelineError(f"no item named {item!r} in {self.cache.root}: an item is asked for by its row "
+                                "(hit.row), its store file (hit.file, img_….jpg) or its source (hit.source)")
         return rows[0]
 
 

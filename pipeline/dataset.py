@@ -1104,7 +1104,7 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
                         ", ".join(repr(u) for u in named[:3]) + (", ..." if len(named) > 3 else ""))
         missing = take.null_count
         if missing and warn:
-            first = next(k for k in keys if _nfc(k) not in at)
+            first = next(_nfc(k) for k in keys if _nfc(k) not in at)
             said = str(root / sidecars[0][0]) if len(sidecars) == 1 else f"{len(sidecars)} metadata files of {root}"
             log.warning("%s: %d picture(s) have no line (%r first): their values are missing", said, missing, first)
         for c in lines.column_names:
@@ -1120,6 +1120,11 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
     return table.select(["source_row", *kept])
 
 
+def is_image_folder(spec: DatasetSpec) -> bool:
+    """Whether --dataset is a folder of pictures (not a parquet, arrow or saved dataset)."""
+    return _image_folder(spec) is not None
+
+
 def folder_column(spec: DatasetSpec, column: str) -> dict[int, Any] | None:
     """An image folder's values of one metadata column (a metadata.csv's, or `folder`: each picture's
     subfolder) by dataset row; None for a dataset of another kind, whose records carry their columns.
@@ -1132,6 +1137,8 @@ def folder_column(spec: DatasetSpec, column: str) -> dict[int, Any] | None:
         have = ", ".join(c for c in (table.column_names if table is not None else []) if c != "source_row")
         why = (f"its columns with values: {have}" if have else "its metadata files hold no values"
                if folder_metadata_files(root) else "it has no metadata.csv and no subfolders")
+        if column == FOLDER_COLUMN:  # each picture's subfolder: a flat folder has none
+            why = f"'{FOLDER_COLUMN}' is each picture's subfolder, and its pictures are in none; " + why
         raise PipelineError(f"the image folder {spec.name} has no column {column!r} with values ({why})")
     rows = table.column("source_row").to_pylist()
     return dict(zip(rows, table.column(column).to_pylist()))
@@ -1147,9 +1154,10 @@ def metadata_none_why(name: str) -> str:
 
 
 def _nfc(name: str) -> str:
-    """A name as one Unicode form (NFC): macOS writes file names decomposed (NFD, 'u' + a combining
-    diaeresis), a metadata file typed elsewhere has them composed; the same name either way."""
-    return unicodedata.normalize("NFC", name)
+    """A name as a metadata line gives it: in one Unicode form (NFC: macOS writes file names
+    decomposed, 'u' + a combining diaeresis, a metadata file typed elsewhere has them composed), a
+    name that is not UTF-8 as the pipeline writes it (caf%E9.jpg, printable_name)."""
+    return unicodedata.normalize("NFC", printable_name(name))
 
 
 def _relative_key(name: str) -> str:

@@ -30,6 +30,7 @@ from .dataset import (
     arrow_numpy,
     count_rows,
     folder_column,
+    is_image_folder,
     iter_records,
     list_pictures,
 )
@@ -729,10 +730,16 @@ def _embed_for_evaluation(
     """Every model and backend loaded, then embed_pass over the dataset with the columns the task
     needs; a missing `cloth` column is explained."""
     id_column, cloth_column = cfg.evaluate.id_column, cfg.evaluate.cloth_column
+    if not id_column and is_image_folder(cfg.dataset):  # its metadata files hold text, no garment pictures
+        raise PipelineError(
+            f"--evaluate on the folder of pictures {cfg.dataset.name}: person -> garment needs a {cloth_column!r} "
+            "column of garment pictures beside each photo, which a folder has not (a parquet dataset has); score "
+            "same-product retrieval with --eval-id-column COLUMN (a column of its metadata.csv) or --eval-id-column "
+            "folder (a subfolder per product)")
+    known = folder_column(cfg.dataset, id_column) if id_column else None  # an image folder's ids, before the models
     spec = replace(cfg.dataset, extra_columns=(id_column,) if id_column else (cloth_column,))
     with summary.stage("load models"):
         embedders = {name: make_embedder(spec) for name, spec in specs.items()}
-    known = folder_column(cfg.dataset, id_column) if id_column else None  # an image folder's ids
     with summary.stage("embed", "embed pass (all backends)"):
         try:
             return embed_pass(

@@ -303,10 +303,10 @@ def test_readme_api_example_runs(built, tiny_clip):
     assert example, "README has no Catalog example"
     code = example.group(1).replace('"runs/today"', repr(str(out))).replace('"./fashion-clip"', repr(str(tiny_clip)))
     code = code.replace('"look.jpg"', repr(str(out / "images" / file_of(out, 1))))
-    code = code.replace('"img_3f2a9c1e0b4d5a6f.jpg"', repr(file_of(out, 3)))
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example, on test data
     assert scope["hits"] and scope["hits"][0].rank == 1
+    assert scope["alike"] and all(h.row != scope["hits"][0].row for h in scope["alike"])  # never itself
 
 
 def test_the_no_matrix_note_states_its_real_cause(built, tiny_clip, tmp_path, capsys):
@@ -473,6 +473,10 @@ def test_the_api_as_a_library_uses_it(tiny_clip, tmp_path):
     assert [h.row for h in cat.neighbours(0, k=3)] == before and cat.items[0].source_row == 0
     assert all(h.file != "changed.jpg" for h in cat.search_vectors(cat.embeddings[0], k=6)[0])
     assert len(cat.items) == 6 and [r.source_row for r in cat.items[:2]] == [0, 1]
+    # an item asked for by the name the user knows it by (its source), as by its row or store file
+    assert [h.row for h in cat.neighbours(f"{ds}[0]", k=3)] == before
+    with pytest.raises(PipelineError, match=r"no item named 'robe.jpg' .*its row \(hit.row\), its store file"):
+        cat.neighbours("robe.jpg")
     hit = next(h for h in cat.search_vectors(cat.embeddings[1], k=6)[0] if h.source_row == 1)
     assert hit.meta["price"] is None  # NaN: missing, as "price IS NULL" takes it
     said = json.loads(json.dumps(hit.to_dict(), allow_nan=False))

@@ -334,3 +334,18 @@ def test_a_link_listed_before_the_folder_it_points_to_does_not_take_its_pictures
     (root / "z" / "x.jpg").write_bytes(assets.jpeg_bytes(8, 8))
     (root / "a_latest").symlink_to(root / "z", target_is_directory=True)
     assert list_pictures(root) == ["z/x.jpg"]
+
+
+def test_a_metadata_line_names_a_picture_whose_name_is_not_utf8_as_the_pipeline_writes_it(tmp_path):
+    """caf\\xe9.jpg is written caf%E9.jpg in the manifest and every output: a metadata.csv line of that
+    name gives it its values (the line was left out, and the warning spelled the name 'caf\\udce9.jpg')."""
+    import os
+
+    from pipeline.dataset import read_metadata
+
+    root = tmp_path / "shop"
+    root.mkdir()
+    with open(os.path.join(os.fsencode(root), b"caf\xe9.jpg"), "wb") as f:
+        f.write(assets.jpeg_bytes(8, 8, seed=1))
+    (root / "metadata.csv").write_text("file_name,price\ncaf%E9.jpg,20\n", encoding="utf-8")
+    assert read_metadata(DatasetSpec(str(root), limit=None)).column("price").to_pylist() == [20]

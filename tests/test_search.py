@@ -1002,6 +1002,18 @@ def test_same_product_reads_an_image_folders_ids(tmp_path, monkeypatch, capsys):
                      "torch", "--output-dir", str(tmp_path / "x"), "-q"]) == 1
     assert f"the image folder {shop} has no column 'sku' with values (its columns with values: item_ID)" in " ".join(
         capsys.readouterr().err.split())
+    # without an id column a folder is refused before any model loads: it has no garment pictures to score against
+    monkeypatch.setattr(search, "make_embedder", lambda spec: pytest.fail("a model loaded before the refusal"))
+    assert cli.main(["--evaluate", "--dataset", str(shop), "--limit", "0", "--backend", "torch", "--output-dir",
+                     str(tmp_path / "w"), "-q"]) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert "person -> garment needs a 'cloth' column of garment pictures beside each photo" in said
+    assert "--eval-id-column COLUMN (a column of its metadata.csv) or --eval-id-column folder" in said
+    assert cli.main(["--evaluate", "--eval-id-column", "folder", "--dataset", str(shop), "--limit", "0", "--backend",
+                     "torch", "--output-dir", str(tmp_path / "v"), "-q"]) == 1
+    assert "'folder' is each picture's subfolder, and its pictures are in none" in " ".join(
+        capsys.readouterr().err.split())
+    monkeypatch.setattr(search, "make_embedder", lambda spec: _AngleEmbedder())
     empty = tmp_path / "noids"
     empty.mkdir()
     (empty / "metadata.csv").write_text("file_name,item_ID\np0.png,\np1.png,\n")
