@@ -153,6 +153,23 @@ def _boxes_cut_short(path: Path) -> bool:
         return not first and not moov
 
 
+def pixel_aspect(stream) -> float:
+    """The width of a coded pixel over its height (1.0: square): camcorder and broadcast clips (HDV's
+    1440x1080 shown 16:9) are shown wider than they are coded, which players apply."""
+    sar = stream.codec_context.sample_aspect_ratio
+    return float(sar) if sar else 1.0  # None or 0/1: not said, square
+
+
+def square_pixels(frame, aspect: float) -> dict[str, int]:
+    """upright()'s size for a frame of non-square pixels shown as it is meant to be (people and
+    garments not squeezed); {} for square ones."""
+    if abs(aspect - 1.0) < 1e-3:
+        return {}
+    width, height = max(1, round(frame.width * aspect)), frame.height
+    turned = int(round((frame.rotation or 0) / 90)) % 2 == 1  # upright() takes the size as shown
+    return {"width": height, "height": width} if turned else {"width": width, "height": height}
+
+
 def upright(frame, **reformat) -> np.ndarray:
     """A decoded frame as an array turned as it is meant to be shown (phone clips carry a rotation
     in their display matrix, which players, OpenCV and we apply)."""
@@ -200,6 +217,7 @@ class FrameReader:
             stream.thread_type = "AUTO"  # frame and slice threads: decoding is most of a video's read cost
             rate = stream.average_rate or stream.guessed_rate
             fps = self.fps = float(rate) if rate else 0.0
+            aspect = pixel_aspect(stream)
             # Times are the frames' own (their pts from the stream's start): a variable-rate phone
             # clip, or one with damaged packets, is not timed by a frame count
             known = stream.start_time is not None and stream.time_base
@@ -229,7 +247,7 @@ class FrameReader:
                         else:
                             t = index / fps if fps > 0 else 0.0
                         self.frames_read = index + 1
-                        rgb = upright(frame, format="rgb24") if analysed else None
+                        rgb = upright(frame, format="rgb24", **square_pixels(frame, aspect)) if analysed else None
                         small = None
                         if self.small_size:
                             w, h = self.small_size
@@ -253,6 +271,7 @@ def probe(path: Path) -> tuple[int, float, int, int]:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         width, height = stream.codec_context.width, stream.codec_context.height
+        width = max(1, round(width * pixel_aspect(stream))) if width else width  # as shown: square pixels
         turned, seen = False, 0
         for frame in _first_frames(container, stream, counted := [0]):  # the rotation: from the first frame
             turned, seen = int(round((frame.rotation or 0) / 90)) % 2 == 1, 1

@@ -1029,3 +1029,27 @@ def test_a_clip_named_as_another_says_it_replaces_that_ones_results(clip_dir, mi
     assert cli.main(["--video_clip", "sub/a", "--use-embeddings", *common]) == 3  # the gallery's bad rows
     said = " ".join(capsys.readouterr().out.split())
     assert f"held the results of another clip named alike, {(clips / f'a{source.suffix}').resolve()}: replaced" in said
+
+
+def test_a_clip_of_non_square_pixels_is_read_as_it_is_shown(tmp_path):
+    """HDV or DV footage codes its frames narrower than they are shown (pixels 4:3 wide): people and
+    garments reached the detector and the matches squeezed, and the annotated video played 4:3."""
+    from fractions import Fraction
+
+    import av
+
+    path = tmp_path / "hdv.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    assert video.probe(path) == (10, 30.0, 85, 48)  # 64 x 4/3 wide, as shown
+    frames = [f for f in FrameReader(path, 5, small_size=(86, 48)) if f.analysed]
+    assert [f.rgb.shape for f in frames] == [(48, 85, 3), (48, 85, 3)]
+    assert video.Clip.from_file(path, annotated_video=True).small_size[0] > 48 * 16 / 9 - 2  # 16:9, not 4:3
