@@ -126,11 +126,11 @@ def store_folder(folder: str | Path) -> Path:
         return folder
     if (folder / "embeddings" / SIDECAR_FILE).is_file():
         return folder / "embeddings"
+    if not (folder / "embeddings").exists() and (folder / "embeddings_segment" / SIDECAR_FILE).is_file():
+        return folder / "embeddings_segment"
     for output in (folder, folder.parent):  # a run's folder, or the store folder in it
         if said := being_written(output):  # a store between its files (an update's switch): not one to build
             raise PipelineError(f"{folder} holds no complete gallery store now{said}")
-    if not (folder / "embeddings").exists() and (folder / "embeddings_segment" / SIDECAR_FILE).is_file():
-        return folder / "embeddings_segment"
     raise PipelineError(
         f"{folder} holds no gallery store ({SIDECAR_FILE} not found there, in {folder / 'embeddings'} or in "
         f"{folder / 'embeddings_segment'}); build one first: python main.py --output-dir DIR"
@@ -198,13 +198,15 @@ class Catalog:
         searcher: Searcher,
         embedder: Callable[[], Embedder],
         segmenter: Callable[[], Segmenter] | None = None,
+        opened: tuple[int, ...] | None = None,
     ) -> None:
         self.cache, self.searcher = cache, searcher
         self._embedder_slot: _FirstUse[Embedder] = _FirstUse(embedder)  # its lock taken only until it is loaded
         # its lock taken to load it and for each call: Ultralytics models are not thread-safe
         self._segmenter_slot: _FirstUse[Segmenter] = _FirstUse(segmenter)
         self.thumbnails = Thumbnails(cache.thumbnails(), len(searcher.rows))
-        self._opened = store_state(cache.root)  # is_current() compares the store on disk with it
+        # the store's files as they were before it was read (is_current() compares the store on disk with it)
+        self.opened_state = opened if opened is not None else store_state(cache.root)
 
     @classmethod
     def open(
@@ -243,6 +245,7 @@ class Catalog:
         _check_open_arguments(device, threads, index, model, onnx)
         group_by = group_by or None  # "" is "each photo", as a query's group_by="" says
         root = store_folder(folder)
+        opened = store_state(root)  # before the store is read: an update switched in meanwhile is not taken as this
         cache = load_cache(root, Path(), identity=None, check_images=False)
         cache = replace(cache, images_dir=images_folder(root, cache.sidecar.source.kind or "standard"))
         searcher = Searcher.open(root, cache.embeddings, cache.embedded_rows, cache.sidecar.embeddings_sha256, index,
@@ -265,7 +268,7 @@ class Catalog:
                 raise CacheMismatchError(str(refusal))
             return _checked_embedder(spec, cache)
 
-        return cls(cache, searcher, embedder, lambda: make_segmenter(segment, device=device))
+        return cls(cache, searcher, embedder, lambda: make_segmenter(segment, device=device), opened)
 
     # ------------------------------------------------------------------ what is in it
     @property
@@ -286,7 +289,7 @@ class Catalog:
         gallery run or an --update since (in another process too) leaves it answering from the store
         as it was, and naming image files that may be gone; open the folder again for the new one
         (`--serve` does so by itself)."""
-        return self._opened is not None and store_state(self.cache.root) == self._opened
+        return self.opened_state is not None and store_state(self.cache.root) == self.opened_state
 
     def __len__(self) -> int:
         return len(self.searcher.rows)
@@ -486,11 +489,12 @@ class Catalog:
         hits = searcher.search(self.embed_crops(crops), k, allowed)
         return [QueryResult(c.label, h, c.image, found) for c, h in zip(crops, hits)]
 
-    def neighbours(self, item: Whole | str, k: Whole = 5, filter: str | None = None,
+    def neighbours(self, item: Whole | str | Path, k: Whole = 5, filter: str | None = None,
                    group_by: str | None = None) -> list[Hit]:
-        """An item's top-k other items; item: its embedding row, or its file name (refused when
-        several items share it: equal photos are one file). Another item with the same bytes is
-        another item, and comes first (dedup=True hides it). filter, group_by: as in search_vectors."""
+        """An item's top-k other items; item: its embedding row, its store file name (refused when
+        several items share it: equal photos are one file), or its source (the name the user knows it
+        by). Another item with the same bytes is another item, and comes first (dedup=True hides it).
+        filter, group_by: as in search_vectors."""
         k = self._k(k)
         searcher = self._searcher(group_by)
         nb = searcher.item_neighbours(np.array([self._row_of(item)]), k, searcher.allowed(filter))
@@ -504,12 +508,15 @@ class Catalog:
 
     def _check_row(self, row: Whole) -> None:
         if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
-            raise PipelineError(f"an item is asked for by its row (a whole number) or its file name, got {row!r}")
+            raise PipelineError(f"an item is asked for by its row (a whole number), its file name or its source, got "
+                                f"{row!r}")
         if not 0 <= int(row) < len(self):
             held = f"has rows 0..{len(self) - 1}" if len(self) else "is empty"
             raise PipelineError(f"no item {row}: the store {held}")
 
-    def _row_of(self, item: Whole | str) -> int:
+    def _row_of(self, item: Whole | str | Path) -> int:
+        if isinstance(item, Path):
+            item = str(item)
         if not isinstance(item, str):
             self._check_row(item)
             return int(item)

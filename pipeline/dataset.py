@@ -317,24 +317,33 @@ def _walk(root: Path | str, pictures: bool = True) -> tuple[list[str], list[Path
     walk of the tree for both. A linked folder is walked as a folder, once (a link back up the tree
     is not followed again)."""
     rels, metadata = [], []
-    seen = {os.path.realpath(root)}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    # the tree's own folders, wherever they are in it: a link to one of them (a_latest -> z/2024,
+    # listed before z) does not take its pictures under its own name
+    seen = {os.path.realpath(dirpath) for dirpath, dirnames, _ in _hidden_aside(os.walk(root))}
+    for dirpath, dirnames, filenames in _hidden_aside(os.walk(root, followlinks=True)):
         kept = []
-        # the real folders first: a link listed before the folder it points to (a_latest -> z/) does
-        # not take that folder's pictures under its own name
-        for d in sorted((d for d in dirnames if not d.startswith(".")),
-                        key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d)):
-            real = os.path.realpath(os.path.join(dirpath, d))
-            if real not in seen:
+        for d in sorted(dirnames):
+            path = os.path.join(dirpath, d)
+            if os.path.islink(path):  # a linked folder: walked once, unless it is one of the tree's own
+                real = os.path.realpath(path)
+                if real in seen:
+                    continue
                 seen.add(real)
-                kept.append(d)
-        dirnames[:] = sorted(kept)
+            kept.append(d)
+        dirnames[:] = kept
         metadata += [Path(dirpath) / file for file in FOLDER_METADATA_FILES if file in filenames]
         for name in filenames if pictures else ():
             if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
                 rels.append(os.path.relpath(os.path.join(dirpath, name), root))
     rels.sort(key=_natural_key)
     return rels, metadata
+
+
+def _hidden_aside(walk: Iterator[tuple[str, list[str], list[str]]]) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk with hidden folders left out (not walked into)."""
+    for dirpath, dirnames, filenames in walk:
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        yield dirpath, dirnames, filenames
 
 
 def _iter_image_folder(root: Path, spec: DatasetSpec, start: int, only: frozenset[int] | None = None

@@ -57,6 +57,7 @@ from .remote import list_names, remove_stale_at_url
 from .report import RunSummary
 from .searcher import Searcher, unknown_group_column
 from .store import (
+    NEXT_DIR,
     PARTIAL_DIR,
     SIDECAR_FILE,
     STORE_FORMAT,
@@ -596,7 +597,7 @@ def with_store_source(cfg: RunConfig) -> tuple[RunConfig, str]:
         return cfg, ""
     path = cfg.store_dir / SIDECAR_FILE
     if not path.is_file() and (cfg.store_dir / UPDATE_DIR / SWITCH_FILE).is_file():
-        path = cfg.store_dir / UPDATE_DIR / "next" / SIDECAR_FILE  # a switch stopped midway: the store it brings in
+        path = cfg.store_dir / UPDATE_DIR / NEXT_DIR / SIDECAR_FILE  # a switch stopped midway: the store it brings in
     if not path.is_file():
         return cfg, ""
     try:

@@ -110,7 +110,7 @@ class SearchService:
     _next_look: float = field(default=0.0, repr=False)
 
     def __post_init__(self) -> None:
-        self._seen = store_state(self.catalog.cache.root)
+        self._seen = self.catalog.opened_state  # taken before the store was read
         self._generation_of[self.catalog] = self.generation
 
     @classmethod

@@ -60,6 +60,7 @@ MAX_THUMBNAIL_SEGMENTS = 8
 SIDECAR_FILE = "embeddings.json"
 PARTIAL_DIR = ".partial"
 UPDATE_DIR = ".update"  # --update's staging, in the store folder and in the image folder
+NEXT_DIR = "next"  # in the store's UPDATE_DIR: the staged store an update switches in
 SWITCH_FILE = "SWITCH"  # in the store's UPDATE_DIR: the staged store is complete, to be moved into place
 RUN_FILE = "run.json"
 # Image files (and thumbnails.npy) this store has hashed and found as recorded, with their size and

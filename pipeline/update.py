@@ -67,6 +67,7 @@ from .store import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
     MAX_THUMBNAIL_SEGMENTS,
+    NEXT_DIR,
     SIDECAR_FILE,
     SWITCH_FILE,
     UPDATE_DIR,
@@ -302,7 +303,7 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     if (cfg.store_dir / INDEX_META).is_file():  # --index none too: the index keeps its kind and stays current
         with summary.stage("update index"):
             said = update_index(
-                cfg.store_dir, np.asarray(take, np.int64), emb[len(take):], emb, store_sha256(stage / "next"),
+                cfg.store_dir, np.asarray(take, np.int64), emb[len(take):], emb, store_sha256(stage / NEXT_DIR),
                 kind=cfg.index, old_store_sha256=old.sidecar.embeddings_sha256, out_dir=stage / "index",
                 threads=cfg.embedder.threads,
             )
@@ -574,7 +575,7 @@ def _write_next(
     """The merged store in <store>/.update/next; kept photos whose file a store made before content
     names named by row get their content name in <images>/.update (hard links where the file system
     allows)."""
-    next_dir = cfg.store_dir / STAGING / "next"
+    next_dir = cfg.store_dir / STAGING / NEXT_DIR
     # An abandoned update's files (no switch was decided: the marker comes after this) are never this one's: a
     # thumbnails.npy it left there must not be moved over the one this update keeps.
     shutil.rmtree(next_dir, ignore_errors=True)
@@ -685,7 +686,7 @@ def switch(cfg: RunConfig) -> None:
     the staging folders. Repeatable: a switch killed midway is finished by running it again."""
     store, images = cfg.store_dir, cfg.images_dir
     stage, staged_images = store / STAGING, images / STAGING
-    next_dir = stage / "next"
+    next_dir = stage / NEXT_DIR
     at_url = UrlImages(cfg.images_url) if cfg.images_url else None
     if at_url is not None and cfg.output_url:
         # The URL's store is refused from here until the new one is sent (its sidecar last).

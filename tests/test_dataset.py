@@ -330,10 +330,12 @@ def test_a_link_listed_before_the_folder_it_points_to_does_not_take_its_pictures
     from pipeline.dataset import list_pictures
 
     root = tmp_path / "shop"
-    (root / "z").mkdir(parents=True)
+    (root / "z" / "2024").mkdir(parents=True)
     (root / "z" / "x.jpg").write_bytes(assets.jpeg_bytes(8, 8))
+    (root / "z" / "2024" / "y.jpg").write_bytes(assets.jpeg_bytes(8, 8, seed=2))
     (root / "a_latest").symlink_to(root / "z", target_is_directory=True)
-    assert list_pictures(root) == ["z/x.jpg"]
+    (root / "a_year").symlink_to(root / "z" / "2024", target_is_directory=True)  # a folder deeper in the tree
+    assert list_pictures(root) == ["z/2024/y.jpg", "z/x.jpg"]  # in natural order, each under its own name
 
 
 def test_a_metadata_line_names_a_picture_whose_name_is_not_utf8_as_the_pipeline_writes_it(tmp_path):
