@@ -272,13 +272,13 @@ def probe(path: Path) -> tuple[int, float, int, int]:
         rate = stream.average_rate or stream.guessed_rate
         width, height = stream.codec_context.width, stream.codec_context.height
         width = max(1, round(width * pixel_aspect(stream))) if width else width  # as shown: square pixels
-        turned, seen = False, 0
-        for frame in _first_frames(container, stream, counted := [0]):  # the rotation: from the first frame
-            turned, seen = int(round((frame.rotation or 0) / 90)) % 2 == 1, 1
+        turned, seen, read = False, False, {"ended": False}
+        for frame in _first_frames(container, stream, read):  # the rotation: from the first frame
+            turned, seen = int(round((frame.rotation or 0) / 90)) % 2 == 1, True
             break
-        if not seen and counted[0] < FIRST_PACKETS:  # every packet read, none decoded: refused now, before
-            # a run removes the clip's earlier outputs (a clip damaged further on is read, its damage said)
-            raise PipelineError(f"video {path} has no readable frames (empty or damaged); {REENCODE_HINT}")
+        if not seen:  # refused now, before a run removes the clip's earlier outputs
+            where = "" if read["ended"] else f" in its first {FIRST_PACKETS} packets"
+            raise PipelineError(f"video {path} has no readable frames{where} (empty or damaged); {REENCODE_HINT}")
         count = int(stream.frames or 0)
         if count <= 0 and rate:  # Matroska and WebM count no frames: their length, at the rate, does
             length = (float(stream.duration * stream.time_base) if stream.duration and stream.time_base
@@ -291,23 +291,24 @@ def probe(path: Path) -> tuple[int, float, int, int]:
         )
 
 
-FIRST_PACKETS = 256  # how far a clip's first frame is looked for
+FIRST_PACKETS = 1024  # how far a clip's first frame is looked for (past a keyframe interval: x264's is 250)
 
 
-def _first_frames(container, stream, counted: list[int] | None = None, max_packets: int = FIRST_PACKETS) -> Iterator:
+def _first_frames(container, stream, read: dict[str, bool] | None = None, max_packets: int = FIRST_PACKETS
+                  ) -> Iterator:
     """The frames of the first packets that decode (a damaged packet is skipped, as FrameReader
-    skips it); `counted[0]` is how many packets were read."""
+    skips it); read["ended"]: whether the stream ended within them."""
     import av
 
     for k, packet in enumerate(container.demux(stream)):
-        if counted is not None:
-            counted[0] = k + 1
         if k >= max_packets:
             return
         try:
             yield from packet.decode()
         except av.FFmpegError:
             continue
+    if read is not None:
+        read["ended"] = True
 
 
 def box_label(track: int | None, confidence: float) -> str:
