@@ -558,6 +558,12 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
     specs = evaluation_specs(cfg)
     backends = list(specs)
     scope = evaluation_scope(cfg, summary)  # a bad --filter / --group-by fails before anything is embedded
+    if not id_column and is_image_folder(cfg.dataset):  # its metadata files hold text, no garment pictures
+        raise PipelineError(
+            f"--evaluate on the folder of pictures {cfg.dataset.name}: person -> garment needs a "
+            f"{cfg.evaluate.cloth_column!r} column of garment pictures beside each photo, which a folder has not (a "
+            "parquet dataset has); score same-product retrieval with --eval-id-column COLUMN (a column of its "
+            "metadata.csv) or --eval-id-column folder (a subfolder per product)")
     segmenter = segmenter_factory(cfg) if cfg.use_segmentation and not id_column else None
     if cfg.use_segmentation and id_column:
         summary.notes.append("--use-segmentation is not used with --eval-id-column: same-product retrieval compares "
@@ -730,12 +736,6 @@ def _embed_for_evaluation(
     """Every model and backend loaded, then embed_pass over the dataset with the columns the task
     needs; a missing `cloth` column is explained."""
     id_column, cloth_column = cfg.evaluate.id_column, cfg.evaluate.cloth_column
-    if not id_column and is_image_folder(cfg.dataset):  # its metadata files hold text, no garment pictures
-        raise PipelineError(
-            f"--evaluate on the folder of pictures {cfg.dataset.name}: person -> garment needs a {cloth_column!r} "
-            "column of garment pictures beside each photo, which a folder has not (a parquet dataset has); score "
-            "same-product retrieval with --eval-id-column COLUMN (a column of its metadata.csv) or --eval-id-column "
-            "folder (a subfolder per product)")
     known = folder_column(cfg.dataset, id_column) if id_column else None  # an image folder's ids, before the models
     spec = replace(cfg.dataset, extra_columns=(id_column,) if id_column else (cloth_column,))
     with summary.stage("load models"):
@@ -786,12 +786,12 @@ def _same_product_metrics(got: dict, backends: list[str], summary: RunSummary,
             alike.setdefault(sha, []).append(i)
     positives, keep, excluded = [], [], []
     for i, product in enumerate(ids):
-        itself = alike[shas[i]] if shas[i] is not None else [i]
+        itself = set(alike[shas[i]]) if shas[i] is not None else {i}
         pos = [j for j in by_product[product] if j not in itself] if product is not None else []
         if pos:
             positives.append(np.array(pos, np.int64))
             keep.append(i)
-            excluded.append(np.array(itself, np.int64))
+            excluded.append(np.array(sorted(itself), np.int64))
     keep_arr = np.array(keep, dtype=np.int64)
     no_id = sum(product is None for product in ids)
     copies = sum(len(rows) - 1 for rows in alike.values())
@@ -800,7 +800,7 @@ def _same_product_metrics(got: dict, backends: list[str], summary: RunSummary,
                              "right answer")
     if len(ids) - no_id > len(keep):
         summary.notes.append(f"{len(ids) - no_id - len(keep)} queries skipped: their product has no other image "
-                             "among the photos evaluated")
+                             "among the photos evaluated (a byte-identical copy is the same image)")
     if no_id:
         summary.notes.append(f"{no_id} photo(s) without a product id: not queries, and no query's right answer")
     results: dict[str, dict] = {}
@@ -841,7 +841,7 @@ def _write_evaluation(cfg: RunConfig, summary: RunSummary, results: dict[str, di
     report = {"dataset": cfg.dataset.name, **({"config": cfg.dataset.config} if cfg.dataset.config else {}),
               "split": cfg.dataset.split, "limit": cfg.dataset.limit,
               "filter": cfg.filter, "group_by": cfg.group_by, "photos": photos,
-              "made_by": {name: {"label": made.label(), **made.to_json()} for name, made in made_by.items()},
+              "made_by": {name: {"label": made.label(), **made.compared_json()} for name, made in made_by.items()},
               "failed": failed, "notes": summary.notes, "results": results}
     path = cfg.plots_dir / "evaluation.json"
     atomic_write_text(path, json.dumps(report, indent=2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ from .config import CLIP_SUFFIXES, RunConfig, VideoSpec
 from .derived import made_on, video_outputs
 from .embedders import Embedder, make_embedder, on_cuda
 from .errors import PipelineError
-from .fileio import atomic_write_text, check_writable, read_json_dict
+from .fileio import atomic_write_text, check_writable, printable_name, read_json_dict
 from .galleries import (
     Gallery,
     group_by,
@@ -280,15 +281,25 @@ def probe(path: Path) -> tuple[int, float, int, int]:
             where = "" if read["ended"] else f" in its first {FIRST_PACKETS} packets"
             raise PipelineError(f"video {path} has no readable frames{where} (empty or damaged); {REENCODE_HINT}")
         count = int(stream.frames or 0)
-        if count <= 0 and rate:  # Matroska and WebM count no frames: their length, at the rate, does
-            length = (float(stream.duration * stream.time_base) if stream.duration and stream.time_base
-                      else (container.duration or 0) / 1e6)
-            count = int(round(length * float(rate)))
+        if count <= 0 and rate:  # Matroska and WebM count no frames: their video's length, at the rate, does
+            count = int(round(_stream_seconds(stream, container) * float(rate)))
         return (
             max(0, count),
             float(rate) if rate else 0.0,
             *((height, width) if turned else (width, height)),
         )
+
+
+def _stream_seconds(stream, container) -> float:
+    """How long a video stream is as its container says: its own duration, else the DURATION tag
+    ffmpeg's Matroska muxer writes for each stream ("00:00:03.000000000"), else the container's
+    (which an audio stream running longer stretches)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = (stream.metadata or {}).get("DURATION", "")
+    if m := re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d+)?)", tag.strip()):
+        return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+    return (container.duration or 0) / 1e6
 
 
 FIRST_PACKETS = 1024  # how far a clip's first frame is looked for (past a keyframe interval: x264's is 250)
@@ -645,7 +656,7 @@ class VideoRun:
             json.dumps(
                 {
                     "clip": video.clip_name,
-                    "source": str(self.clip.path.resolve()),  # the file: another clip may share its name
+                    "source": printable_name(str(self.clip.path.resolve())),  # another clip may share its name
                     "fps": self.clip.fps,
                     "frames": self.reader.frames_read,
                     "stride": video.frame_stride,
@@ -820,7 +831,7 @@ def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedde
     # writes no annotated video, or stops midway, must not leave one that contradicts its own results
     # beside them, nor a section naming files that are gone
     earlier = read_json_dict(out_dir / "tracks.json").get("source")
-    if isinstance(earlier, str) and earlier != str(path.resolve()):  # results are kept by the clip's name alone
+    if isinstance(earlier, str) and earlier != printable_name(str(path.resolve())):  # kept by the clip's name alone
         said = (f"{out_dir} held the results of another clip named alike, {earlier}: replaced by this clip's "
                 "(run that clip again to have them back)")
         log.warning(said)

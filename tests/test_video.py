@@ -1053,3 +1053,33 @@ def test_a_clip_of_non_square_pixels_is_read_as_it_is_shown(tmp_path):
     frames = [f for f in FrameReader(path, 5, small_size=(86, 48)) if f.analysed]
     assert [f.rgb.shape for f in frames] == [(48, 85, 3), (48, 85, 3)]
     assert video.Clip.from_file(path, annotated_video=True).small_size[0] > 48 * 16 / 9 - 2  # 16:9, not 4:3
+
+
+def test_a_matroska_clip_whose_sound_runs_longer_is_counted_by_its_video(tmp_path):
+    """The container's length covers every stream: a clip whose sound runs on past its pictures was
+    counted by the sound, and said to be cut short."""
+    import av
+
+    path = tmp_path / "talk.mkv"
+    with av.open(str(path), "w") as container:
+        picture = container.add_stream("mjpeg", rate=30)
+        picture.width, picture.height, picture.pix_fmt = 64, 48, "yuvj420p"
+        sound = container.add_stream("aac", rate=8000)
+        for i in range(30):  # one second of pictures
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 8 * i, np.uint8), format="rgb24")
+            for packet in picture.encode(frame):
+                container.mux(packet)
+        for packet in picture.encode(None):
+            container.mux(packet)
+        for k in range(24):  # three seconds of sound
+            chunk = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts = 8000, k * 1024
+            for packet in sound.encode(chunk):
+                container.mux(packet)
+        for packet in sound.encode(None):
+            container.mux(packet)
+    clip = video.Clip.from_file(path, annotated_video=False)
+    reader = FrameReader(path, 10)
+    list(reader)
+    assert clip.frames_hint == 30 and reader.frames_read == 30
+    assert video.short_read_note(clip, reader.frames_read, reader.seconds) is None
