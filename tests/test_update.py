@@ -603,19 +603,27 @@ def test_an_abandoned_update_leaves_nothing_that_a_later_one_takes(tiny_onnx, tm
     assert_same_as_fresh(out, fresh)
 
 
-def test_a_switch_killed_midway_is_named_by_a_cache_run_and_dropped_by_a_build(tiny_onnx, tmp_path, monkeypatch,
-                                                                               capsys):
-    data = write_catalogue(tmp_path / "catalogue", list(range(12)))
-    out, fresh = tmp_path / "updated", tmp_path / "fresh"
-    assert run(*args(data, tiny_onnx, out)) == 0
-    write_catalogue(data, [*range(1, 12), 50])
+def switch_stopped_at_its_start(tmp_path: Path, onnx: Path, products: int, monkeypatch) -> tuple[Path, Path]:
+    """A store of `products` photos, then an --update (the first photo gone, one added) stopped by
+    Ctrl-C at its switch's first move: the store between its files. Returns (dataset, output folder)."""
+    data = write_catalogue(tmp_path / "catalogue", list(range(products)))
+    out = tmp_path / "updated"
+    assert run(*args(data, onnx, out)) == 0
+    write_catalogue(data, [*range(1, products), 50])
 
     def die(src, dst):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(update_module, "move", die)
-    assert run(*args(data, tiny_onnx, out, "--update")) == 130
+    assert run(*args(data, onnx, out, "--update")) == 130
     monkeypatch.undo()
+    return data, out
+
+
+def test_a_switch_killed_midway_is_named_by_a_cache_run_and_dropped_by_a_build(tiny_onnx, tmp_path, monkeypatch,
+                                                                               capsys):
+    data, out = switch_stopped_at_its_start(tmp_path, tiny_onnx, 12, monkeypatch)
+    fresh = tmp_path / "fresh"
     capsys.readouterr()
     assert run("--use-embeddings", "--onnx", tiny_onnx, "--output-dir", out) == 1
     said = capsys.readouterr().err
@@ -1524,17 +1532,7 @@ def test_an_update_without_dataset_flags_finishes_a_stopped_switch_on_the_stores
     """Stopped midway through its switch, the store has no sidecar: an --update with no dataset flags
     read none there and went on with the default dataset (the hub's DeepFashion); the staged store's
     sidecar says what it is."""
-    data = write_catalogue(tmp_path / "catalogue", list(range(8)))
-    out = tmp_path / "updated"
-    assert run(*args(data, tiny_onnx, out)) == 0
-    write_catalogue(data, [*range(1, 8), 50])
-
-    def die(src, dst):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(update_module, "move", die)
-    assert run(*args(data, tiny_onnx, out, "--update")) == 130
-    monkeypatch.undo()
+    data, out = switch_stopped_at_its_start(tmp_path, tiny_onnx, 8, monkeypatch)
     assert not (out / "embeddings" / "embeddings.json").exists()  # between its files
     capsys.readouterr()
     assert run("--update", "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0") == 0, \

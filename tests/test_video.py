@@ -982,21 +982,38 @@ def test_a_clip_with_no_readable_frame_is_refused_before_its_earlier_outputs_go(
         video.probe(sound)
 
 
-def test_a_matroska_clip_cut_short_is_said_too(tmp_path):
-    """Matroska and WebM keep no frame count: a file cut in half was read to its cut with nothing said.
-    Its length at the frame rate is the count now (the progress bar's too)."""
+def write_av_clip(path: Path, codec: str, frames: int, pix_fmt: str = "yuv420p", sample_aspect=None,
+                  audio_seconds: float = 0.0) -> Path:
+    """A 64x48 clip of `frames` grey frames at 30 fps written with PyAV (the container from the suffix),
+    its pixels `sample_aspect` wide where given, with `audio_seconds` of silence beside it."""
     import av
 
-    path = tmp_path / "whole.mkv"
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mjpeg", rate=30)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
-        for i in range(60):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), format="rgb24")
+        stream = container.add_stream(codec, rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        if sample_aspect is not None:
+            stream.codec_context.sample_aspect_ratio = sample_aspect
+        sound = container.add_stream("aac", rate=8000) if audio_seconds else None
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), (4 * i) % 256, np.uint8), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
+        for k in range(int(audio_seconds * 8000 / 1024)) if sound is not None else ():
+            chunk = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts = 8000, k * 1024
+            for packet in sound.encode(chunk):
+                container.mux(packet)
+        for packet in sound.encode(None) if sound is not None else ():
+            container.mux(packet)
+    return path
+
+
+def test_a_matroska_clip_cut_short_is_said_too(tmp_path):
+    """Matroska and WebM keep no frame count: a file cut in half was read to its cut with nothing said.
+    Its length at the frame rate is the count now (the progress bar's too)."""
+    path = write_av_clip(tmp_path / "whole.mkv", "mjpeg", 60, pix_fmt="yuvj420p")
     assert video.probe(path)[:2] == (60, 30.0)
     cut = tmp_path / "cut.mkv"
     cut.write_bytes(path.read_bytes()[: int(path.stat().st_size * 0.5)])
@@ -1036,19 +1053,7 @@ def test_a_clip_of_non_square_pixels_is_read_as_it_is_shown(tmp_path):
     garments reached the detector and the matches squeezed, and the annotated video played 4:3."""
     from fractions import Fraction
 
-    import av
-
-    path = tmp_path / "hdv.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=30)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
-        for i in range(10):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+    path = write_av_clip(tmp_path / "hdv.mp4", "mpeg4", 10, sample_aspect=Fraction(4, 3))
     assert video.probe(path) == (10, 30.0, 85, 48)  # 64 x 4/3 wide, as shown
     frames = [f for f in FrameReader(path, 5, small_size=(86, 48)) if f.analysed]
     assert [f.rgb.shape for f in frames] == [(48, 85, 3), (48, 85, 3)]
@@ -1058,26 +1063,7 @@ def test_a_clip_of_non_square_pixels_is_read_as_it_is_shown(tmp_path):
 def test_a_matroska_clip_whose_sound_runs_longer_is_counted_by_its_video(tmp_path):
     """The container's length covers every stream: a clip whose sound runs on past its pictures was
     counted by the sound, and said to be cut short."""
-    import av
-
-    path = tmp_path / "talk.mkv"
-    with av.open(str(path), "w") as container:
-        picture = container.add_stream("mjpeg", rate=30)
-        picture.width, picture.height, picture.pix_fmt = 64, 48, "yuvj420p"
-        sound = container.add_stream("aac", rate=8000)
-        for i in range(30):  # one second of pictures
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 8 * i, np.uint8), format="rgb24")
-            for packet in picture.encode(frame):
-                container.mux(packet)
-        for packet in picture.encode(None):
-            container.mux(packet)
-        for k in range(24):  # three seconds of sound
-            chunk = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            chunk.sample_rate, chunk.pts = 8000, k * 1024
-            for packet in sound.encode(chunk):
-                container.mux(packet)
-        for packet in sound.encode(None):
-            container.mux(packet)
+    path = write_av_clip(tmp_path / "talk.mkv", "mjpeg", 30, pix_fmt="yuvj420p", audio_seconds=3.0)  # 1 s of pictures
     clip = video.Clip.from_file(path, annotated_video=False)
     reader = FrameReader(path, 10)
     list(reader)
