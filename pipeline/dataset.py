@@ -317,14 +317,17 @@ def _walk(root: Path | str, pictures: bool = True) -> tuple[list[str], list[Path
     walk of the tree for both. A linked folder is walked as a folder, once (a link back up the tree
     is not followed again)."""
     rels, metadata = [], []
-    # the tree's own folders, wherever they are in it: a link to one of them (a_latest -> z/2024,
+    # the tree's own folders, wherever they are in it (listed once the first linked folder is met,
+    # a second walk a tree without links never pays): a link to one of them (a_latest -> z/2024,
     # listed before z) does not take its pictures under its own name
-    seen = {os.path.realpath(dirpath) for dirpath, dirnames, _ in _hidden_aside(os.walk(root))}
+    seen: set[str] | None = None
     for dirpath, dirnames, filenames in _hidden_aside(os.walk(root, followlinks=True)):
         kept = []
         for d in sorted(dirnames):
             path = os.path.join(dirpath, d)
             if os.path.islink(path):  # a linked folder: walked once, unless it is one of the tree's own
+                if seen is None:
+                    seen = {os.path.realpath(p) for p, _, _ in _hidden_aside(os.walk(root))}
                 real = os.path.realpath(path)
                 if real in seen:
                     continue
@@ -1093,7 +1096,7 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
                     raise PipelineError(f"{root / name}: data line {i + 1}: {e}") from None
                 if not key:
                     raise PipelineError(f"{root / name}: data line {i + 1} has no file_name")
-                key = _nfc(f"{base}/{key}" if base else key)
+                key = _metadata_key(f"{base}/{key}" if base else key)
                 if key in at:
                     other, j = where[at[key]]
                     lines_said = (f"data lines {j} and {i + 1}" if other == name else
@@ -1103,9 +1106,10 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
                 at[key] = len(where)
                 where.append((name, i + 1))
         lines = _side_by_side(root, sidecars, warn)
-        take = pa.array([at.get(_nfc(k)) for k in keys], pa.int64())
+        line_names = [_metadata_key(k) for k in every]  # each picture as a line names it
+        take = pa.array([at.get(k) for k in line_names[: len(keys)]], pa.int64())
         unknown: dict[str, list[str]] = {}  # file -> its lines' file_names that name no picture (not one past --limit)
-        for key in sorted(set(at) - {_nfc(k) for k in every}):
+        for key in sorted(set(at) - set(line_names)):
             name = where[at[key]][0]
             unknown.setdefault(name, []).append(key[len(name.rpartition("/")[0]) + 1:] if "/" in name else key)
         for name, named in unknown.items() if warn else ():
@@ -1113,7 +1117,7 @@ def folder_metadata(root: Path, spec: DatasetSpec, asked: Sequence[str] | None =
                         ", ".join(repr(u) for u in named[:3]) + (", ..." if len(named) > 3 else ""))
         missing = take.null_count
         if missing and warn:
-            first = next(_nfc(k) for k in keys if _nfc(k) not in at)
+            first = next(k for k in line_names[: len(keys)] if k not in at)
             said = str(root / sidecars[0][0]) if len(sidecars) == 1 else f"{len(sidecars)} metadata files of {root}"
             log.warning("%s: %d picture(s) have no line (%r first): their values are missing", said, missing, first)
         for c in lines.column_names:
@@ -1162,7 +1166,7 @@ def metadata_none_why(name: str) -> str:
     return f"{name} is a streamed dataset"
 
 
-def _nfc(name: str) -> str:
+def _metadata_key(name: str) -> str:
     """A name as a metadata line gives it: in one Unicode form (NFC: macOS writes file names
     decomposed, 'u' + a combining diaeresis, a metadata file typed elsewhere has them composed), a
     name that is not UTF-8 as the pipeline writes it (caf%E9.jpg, printable_name)."""

@@ -167,14 +167,19 @@ def square_pixels(frame, aspect: float) -> dict[str, int]:
     if abs(aspect - 1.0) < 1e-3:
         return {}
     width, height = max(1, round(frame.width * aspect)), frame.height
-    turned = int(round((frame.rotation or 0) / 90)) % 2 == 1  # upright() takes the size as shown
+    turned = quarter_turns(frame) % 2 == 1  # upright() takes the size as shown
     return {"width": height, "height": width} if turned else {"width": width, "height": height}
+
+
+def quarter_turns(frame) -> int:
+    """How many quarter turns a decoded frame's display matrix (a phone clip's rotation) asks for, 0-3."""
+    return int(round((frame.rotation or 0) / 90)) % 4
 
 
 def upright(frame, **reformat) -> np.ndarray:
     """A decoded frame as an array turned as it is meant to be shown (phone clips carry a rotation
     in their display matrix, which players, OpenCV and we apply)."""
-    turns = int(round((frame.rotation or 0) / 90)) % 4
+    turns = quarter_turns(frame)
     if turns % 2 and "width" in reformat:  # the coded frame is the displayed one turned on its side
         reformat["width"], reformat["height"] = reformat["height"], reformat["width"]
     array = frame.to_ndarray(**reformat)
@@ -275,7 +280,7 @@ def probe(path: Path) -> tuple[int, float, int, int]:
         width = max(1, round(width * pixel_aspect(stream))) if width else width  # as shown: square pixels
         turned, seen, read = False, False, {"ended": False}
         for frame in _first_frames(container, stream, read):  # the rotation: from the first frame
-            turned, seen = int(round((frame.rotation or 0) / 90)) % 2 == 1, True
+            turned, seen = quarter_turns(frame) % 2 == 1, True
             break
         if not seen:  # refused now, before a run removes the clip's earlier outputs
             where = "" if read["ended"] else f" in its first {FIRST_PACKETS} packets"
