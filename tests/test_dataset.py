@@ -290,6 +290,8 @@ def test_odd_names_and_files_of_an_image_folder(tmp_path, monkeypatch):
     assert recs["pipe.jpg"].data is None and "not a regular file" in recs["pipe.jpg"].error
     assert all(r.data for name, r in recs.items() if name != "pipe.jpg")
     assert recs["caf%E9.jpg"].data == assets.jpeg_bytes(8, 8, seed=2)
+    assert recs["link/linked.jpg"].data == assets.jpeg_bytes(8, 8, seed=3)  # each file's own bytes
+    assert recs["c.ppm"].data == (root / "c.ppm").read_bytes() and recs["b.jpe"].data == assets.jpeg_bytes(8, 8, seed=4)
     assert dataset_stamp(spec).startswith("6 file(s)")
     # a query folder is listed as a gallery's: the same files, the pipe among them to be recorded as failed
     assert sorted(p.relative_to(root).as_posix() for p in expand_image_paths([str(root)])) == sorted(

@@ -197,6 +197,8 @@ def test_a_dataset_of_several_configurations_is_read_by_the_one_named(hub, run_m
     r = run_main("--dataset", "acme/dual", "--limit", "4", "--output-dir", str(out), "--update")
     assert r.returncode == 0, r.stderr
     assert "updated with the store's own --config small (not given)" in " ".join(r.stdout.split())
+    assert [m.source_sha256 for m in read_manifest(out / "embeddings" / "manifest.csv")] == want  # small's rows
+    assert json.loads((out / "embeddings" / "embeddings.json").read_text())["source"]["config"] == "small"
     r = run_main("--dataset", "acme/dual", "--config", "small", "--limit", "4", "-q", "--output-dir", str(out),
                  "--update")
     assert r.returncode == 0, r.stderr

@@ -575,8 +575,10 @@ def test_a_name_that_is_not_utf8_and_a_pipe_neither_crash_nor_hang_a_gallery_or_
     assert rows["pipe.jpg"].status == "failed" and "not a regular file" in rows["pipe.jpg"].error
     assert run("--query-image", folder, "--onnx", tiny_onnx, "--output-dir", out) == 3
     with open(out / "retrieval_results" / "queries" / "query_results.csv", encoding="utf-8") as f:
-        queries = {r["query"] for r in csv.DictReader(f)}
-    assert queries == {"caf%E9.jpg", "ok.jpg"}
+        found = list(csv.DictReader(f))
+    assert {r["query"] for r in found} == {"caf%E9.jpg", "ok.jpg"}
+    top = {r["query"]: r["gallery_file"] for r in found if r["rank"] == "1"}  # each picture finds itself first
+    assert top == {"caf%E9.jpg": rows["caf%E9.jpg"].file, "ok.jpg": rows["ok.jpg"].file}
 
 
 def test_a_search_of_a_read_only_gallery_says_where_it_can_search_it(mixed_dataset, tiny_onnx, tmp_path, monkeypatch,

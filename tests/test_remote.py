@@ -252,6 +252,11 @@ def test_an_update_at_a_url_equals_a_fresh_build_and_keeps_the_old_store_until_i
     said = capsys.readouterr()
     assert "using the transformers model" not in said.out + said.err
     assert f"results -> {url}/retrieval_results/queries/query_results.csv" in said.out
+    import csv
+    import io
+
+    sent = list(csv.DictReader(io.StringIO(_files(fs, url)["retrieval_results/queries/query_results.csv"].decode())))
+    assert sent[0]["rank"] == "1" and sent[0]["gallery_file"] == picture.name and float(sent[0]["distance"]) < 1e-4
 
 
 def test_the_neighbour_lists_kept_for_the_next_run_are_never_sent():

@@ -792,6 +792,8 @@ def test_a_shop_on_a_phone_sees_each_search_end_and_reads_its_products(tiny_onnx
     a filter's box ends with the status in sight; a tile reads its product's name and price first
     (wrapped, not cut to a few letters) and the other columns a tap away; a picture's alt is its name;
     a picture with a long name fits the screen; one over the upload limit is refused before it is sent."""
+    from pipeline.store import read_manifest
+
     n = 6
     extra = {
         "product_name": [f"Robe longue plissée en mousseline imprimée fleurie n°{i}" for i in range(n)],
@@ -819,7 +821,10 @@ def test_a_shop_on_a_phone_sees_each_search_end_and_reads_its_products(tiny_onnx
             assert browser.find_element(By.ID, "status").text.startswith("3 results in ")
             tile = browser.find_elements(By.CSS_SELECTOR, "#results .tile[data-file]")[0]
             lines = [d.text for d in tile.find_elements(By.CSS_SELECTOR, ".meta > div")]
-            assert lines[0].startswith("product_name Robe longue plissée") and lines[1].startswith("price 1,29")
+            row = {r.file: r.source_row for r in read_manifest(out / "embeddings" / "manifest.csv")}[
+                tile.get_attribute("data-file")]  # this tile's own product, not any of the six
+            assert lines[:2] == [f"product_name Robe longue plissée en mousseline imprimée fleurie n°{row}",
+                                 f"price {1299.99 + row:,.2f}"]
             name_line = tile.find_elements(By.CSS_SELECTOR, ".meta > div")[0]
             assert name_line.size["height"] > 20  # two lines of 11.5 px type: wrapped, not one cut line
             assert tile.find_element(By.CSS_SELECTOR, ".meta details summary").text == "2 more"

@@ -284,6 +284,8 @@ def test_a_parquet_part_is_written_under_a_name_readers_skip_and_a_killed_ones_i
     export_store(target, np.eye(3, 4, dtype=np.float32)[::-1].copy(), rows, Metadata(pa.table({"stock": [1, 2, 3]})),
                  {"backend": "onnx", "onnx_sha256": "a" * 64}, "t" * 64)
     assert not left.exists() and pq.read_table(target.folder).num_rows == 3
+    back = pq.read_table(target.folder).to_pylist()  # the second export's vectors, each under its own file
+    assert {r["file"]: r["embedding"] for r in back} == {f"img_{i}.jpg": list(np.eye(3, 4)[2 - i]) for i in range(3)}
 
 
 def test_nan_decimals_and_dates_go_out_as_the_databases_filter_them(tmp_path):

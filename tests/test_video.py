@@ -943,7 +943,13 @@ def test_a_video_run_that_builds_its_store_anew_renews_the_index_an_earlier_gall
     assert (out / "embeddings" / "index.faiss").is_file()
     assets.write_parquet_dataset(tmp_path / "shop", [*cells[1:], assets.jpeg_bytes(40, 56, seed=799)])
     assert cli.main(_video_argv(clip_dir, data, tiny_onnx, out, "-q")) == 0, capsys.readouterr().err
-    assert len(json.loads((out / "video_results" / "clip_1" / "tracks.json").read_text())) >= 1
+    from pipeline.index import read_info
+    from pipeline.store import read_manifest, store_sha256
+
+    assert read_info(out / "embeddings").store_sha256 == store_sha256(out / "embeddings")  # the new store's index
+    files = {r.file for r in read_manifest(out / "embeddings" / "manifest.csv")}
+    tracks = json.loads((out / "video_results" / "clip_1" / "tracks.json").read_text())["tracks"]
+    assert tracks and all(m["file"] in files for t in tracks for m in t["matches"])  # matches of the store as it is
 
 
 def test_a_clip_with_no_readable_frame_is_refused_before_its_earlier_outputs_go(clip_dir, mixed_dataset, tiny_onnx,
@@ -962,7 +968,7 @@ def test_a_clip_with_no_readable_frame_is_refused_before_its_earlier_outputs_go(
     argv = ["--video_clip", "clip_1", "--video_dir", str(clips), "--dataset", str(mixed_dataset), "--onnx",
             str(tiny_onnx), "--output-dir", str(out), "-q"]
     assert cli.main(argv) == 3
-    made = sorted(p.name for p in (out / "video_results" / "clip_1").iterdir())
+    made = {p.name: p.read_bytes() for p in (out / "video_results" / "clip_1").iterdir()}
     broken = assets.write_video(tmp_path / "broken.avi", 5, (64, 48))
     for frame in range(5):
         _damaged(broken, frame)
@@ -970,7 +976,7 @@ def test_a_clip_with_no_readable_frame_is_refused_before_its_earlier_outputs_go(
     capsys.readouterr()
     assert cli.main(["--use-embeddings", *argv]) == 1
     assert "has no readable frames" in capsys.readouterr().err
-    assert sorted(p.name for p in (out / "video_results" / "clip_1").iterdir()) == made  # left as they were
+    assert {p.name: p.read_bytes() for p in (out / "video_results" / "clip_1").iterdir()} == made  # left as they were
     sound = tmp_path / "sound.mp4"
     with av.open(str(sound), "w") as container:
         stream = container.add_stream("aac", rate=8000)
@@ -1046,6 +1052,8 @@ def test_a_clip_named_as_another_says_it_replaces_that_ones_results(clip_dir, mi
     assert cli.main(["--video_clip", "sub/a", "--use-embeddings", *common]) == 3  # the gallery's bad rows
     said = " ".join(capsys.readouterr().out.split())
     assert f"held the results of another clip named alike, {(clips / f'a{source.suffix}').resolve()}: replaced" in said
+    tracks = json.loads((out / "video_results" / "a" / "tracks.json").read_text())
+    assert tracks["source"] == str((clips / "sub" / f"a{source.suffix}").resolve())  # the second clip's results now
 
 
 def test_a_clip_of_non_square_pixels_is_read_as_it_is_shown(tmp_path):
