@@ -46,6 +46,7 @@ from .yolo import ULTRALYTICS_MAX_DET, UltralyticsDetector
 
 log = logging.getLogger(__name__)
 
+_ATTACHED_PIC = 1 << 10  # AV_DISPOSITION_ATTACHED_PIC: a cover picture, not the clip
 REENCODE_HINT = "re-encode it to H.264, e.g. ffmpeg -i INPUT -c:v libx264 -pix_fmt yuv420p OUTPUT.mp4"
 
 
@@ -121,6 +122,18 @@ def open_video(path: Path):
         raise PipelineError(f"cannot open video {path}: it has no video stream (its streams: {streams}); is it the "
                             "clip you meant?")
     return container
+
+
+def video_stream(container):
+    """The clip's moving picture: the video stream ffmpeg itself would play (`av_find_best_stream`,
+    through PyAV's `streams.best`), which passes over a cover picture or a thumbnail track stored as a
+    video stream of one frame (Matroska attachments, an MP4's `covr`), whatever its place; the first
+    video stream where ffmpeg names none."""
+    best = container.streams.best("video")
+    if best is not None and not best.disposition & _ATTACHED_PIC:
+        return best
+    moving = [st for st in container.streams.video if not st.disposition & _ATTACHED_PIC]
+    return (moving or list(container.streams.video))[0]
 
 
 def mp4_cut_short(path: Path) -> bool:
@@ -219,7 +232,7 @@ class FrameReader:
 
         container = open_video(self.path)
         try:
-            stream = container.streams.video[0]
+            stream = video_stream(container)
             stream.thread_type = "AUTO"  # frame and slice threads: decoding is most of a video's read cost
             rate = stream.average_rate or stream.guessed_rate
             fps = self.fps = float(rate) if rate else 0.0
@@ -274,7 +287,7 @@ def probe(path: Path) -> tuple[int, float, int, int]:
     count, its length at the frame rate)."""
 
     with open_video(path) as container:  # a file it cannot open refused, saying why
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         rate = stream.average_rate or stream.guessed_rate
         width, height = stream.codec_context.width, stream.codec_context.height
         width = max(1, round(width * pixel_aspect(stream))) if width else width  # as shown: square pixels

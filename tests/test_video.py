@@ -989,17 +989,24 @@ def test_a_clip_with_no_readable_frame_is_refused_before_its_earlier_outputs_go(
 
 
 def write_av_clip(path: Path, codec: str, frames: int, pix_fmt: str = "yuv420p", sample_aspect=None,
-                  audio_seconds: float = 0.0) -> Path:
+                  audio_seconds: float = 0.0, cover: bool = False) -> Path:
     """A 64x48 clip of `frames` grey frames at 30 fps written with PyAV (the container from the suffix),
-    its pixels `sample_aspect` wide where given, with `audio_seconds` of silence beside it."""
+    its pixels `sample_aspect` wide where given, with `audio_seconds` of silence beside it, and with
+    `cover` a 32x32 cover picture before it: a first video stream of one JPEG frame."""
     import av
 
     with av.open(str(path), "w") as container:
+        still = container.add_stream("mjpeg", rate=1) if cover else None
         stream = container.add_stream(codec, rate=30)
         stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
         if sample_aspect is not None:
             stream.codec_context.sample_aspect_ratio = sample_aspect
         sound = container.add_stream("aac", rate=8000) if audio_seconds else None
+        if still is not None:  # every stream is added before the first packet writes the header
+            still.width, still.height, still.pix_fmt = 32, 32, "yuvj420p"
+            picture = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 200, np.uint8), format="rgb24")
+            for packet in [*still.encode(picture.reformat(format="yuvj420p")), *still.encode(None)]:
+                container.mux(packet)
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), (4 * i) % 256, np.uint8), format="rgb24")
             for packet in stream.encode(frame):
@@ -1066,6 +1073,23 @@ def test_a_clip_of_non_square_pixels_is_read_as_it_is_shown(tmp_path):
     frames = [f for f in FrameReader(path, 5, small_size=(86, 48)) if f.analysed]
     assert [f.rgb.shape for f in frames] == [(48, 85, 3), (48, 85, 3)]
     assert video.Clip.from_file(path, annotated_video=True).small_size[0] > 48 * 16 / 9 - 2  # 16:9, not 4:3
+
+
+def test_a_clip_whose_first_video_stream_is_its_cover_picture_is_read_by_its_moving_one(tmp_path):
+    """A downloaded Matroska file may keep its cover picture as a first video stream of one frame:
+    the run read that stream, one frame of 32x32 at 1 fps, and found nobody in a clip of 45 frames."""
+    path = write_av_clip(tmp_path / "film.mkv", "mpeg4", 45, cover=True)
+    import av
+
+    with av.open(str(path)) as container:  # the file as a downloaded film has it: the cover first
+        assert [(st.codec_context.name, st.width) for st in container.streams.video] == [("mjpeg", 32),
+                                                                                           ("mpeg4", 64)]
+    assert video.probe(path) == (45, 30.0, 64, 48)
+    reader = FrameReader(path, 15)
+    frames = [f for f in reader if f.analysed]
+    assert reader.frames_read == 45 and reader.fps == 30.0
+    assert [f.rgb.shape for f in frames] == [(48, 64, 3)] * 3
+    assert [int(f.rgb[0, 0, 0]) for f in frames] == pytest.approx([0, 60, 120], abs=4)  # the clip's own greys
 
 
 def test_a_matroska_clip_whose_sound_runs_longer_is_counted_by_its_video(tmp_path):
