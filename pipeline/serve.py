@@ -395,19 +395,68 @@ OPEN_PATHS = {"/"}  # the page's shell: it holds no data, and asks for the token
 
 
 def required_token(cfg: RunConfig) -> str | None:
-    """The token the app requires: none on loopback or with --no-auth; beyond loopback, the one in
-    $FASHION_SEARCH_TOKEN, and without it the server does not start."""
-    if cfg.serve.host in LOOPBACK or cfg.serve.no_auth:
+    """The token the app requires: the one in $FASHION_SEARCH_TOKEN wherever it is set (on loopback
+    too: a reverse proxy on the same machine forwards there), none with --no-auth or on loopback
+    without one; beyond loopback without one (or with one too short) the server does not start."""
+    if cfg.serve.no_auth:
         return None
     token = os.environ.get(TOKEN_ENV, "")
+    if cfg.serve.host in LOOPBACK and not token:
+        return None
     if len(token) < 16:
         given = f"${TOKEN_ENV} holds {len(token)} characters, too few to guess-proof; " if token else ""
         raise UsageError(
-            f"--serve --host {cfg.serve.host} lets other machines search the catalogue: {given}set a token of 16 or "
+            (f"--serve --host {cfg.serve.host} lets other machines search the catalogue: " if cfg.serve.host
+             not in LOOPBACK else "") + f"{given}set a token of 16 or "
             f"more characters in ${TOKEN_ENV} (e.g. export {TOKEN_ENV}=$(python -c 'import secrets; "
             "print(secrets.token_urlsafe(24))')), the page asks for it once; or pass --no-auth to serve it open"
         )
     return token
+
+
+class _Hardened:
+    """Every answer says its type is the one given (`nosniff`: an upload's answer or a report file is
+    never run as another type) and that only the server's own pages may frame it."""
+
+    HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"SAMEORIGIN")]
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def hardened(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, hardened)
+
+
+class _LoopbackNames:
+    """Without a token, on loopback, only loopback's own names are answered (127.0.0.1, localhost,
+    ::1): a web page whose DNS name an attacker rebinds to 127.0.0.1 would reach the app otherwise.
+    Any other Host is a 400 that says why and what to do (a reverse proxy that keeps the Host header
+    meets it), where Starlette's TrustedHostMiddleware answers "Invalid host header"."""
+
+    NAMES = LOOPBACK | {"[::1]"}
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":  # the app has no websocket
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name.lower() not in self.NAMES:
+                said = (f"this server answers only the names of loopback (127.0.0.1, localhost, [::1]) while it runs "
+                        f"without a token, and this request named {host[:80]!r}. Behind a reverse proxy, set a "
+                        f"token of 16 or more characters in ${TOKEN_ENV} for --serve (then any name is answered, "
+                        "with the token), or have the proxy send Host: localhost")
+                return await _answer(send, 400, said)
+        await self.app(scope, receive, send)
 
 
 def _add_auth(app, token: str) -> None:
@@ -495,9 +544,8 @@ def create_app(service: SearchService):
     if (token := required_token(cfg)) is not None:
         _add_auth(app, token)
     elif cfg.serve.host in LOOPBACK:  # a rebound DNS name reaches loopback too: only loopback's names are answered
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
-
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted(LOOPBACK | {"[::1]"}))
+        app.add_middleware(_LoopbackNames)
+    app.add_middleware(_Hardened)
     app.add_middleware(_BodyLimit, limits={"/api/image": (MAX_UPLOAD_BYTES + MAX_BODY_BYTES, UPLOAD_TOO_LARGE)},
                        default=MAX_BODY_BYTES, refused=service.declined)
     _add_page_endpoints(app, service)
@@ -511,6 +559,13 @@ def create_app(service: SearchService):
         async def check_config(self) -> None:
             if self.directory is not None and Path(self.directory).is_dir():
                 await super().check_config()
+
+        async def get_response(self, path: str, scope):
+            """Revalidated on every use: a later run rewrites the report's files under the same names
+            while this serves (without it a browser kept last run's sections.js for hours)."""
+            response = await super().get_response(path, scope)
+            response.headers["cache-control"] = "no-cache"
+            return response
 
     for folder in REPORT_FOLDERS:
         app.mount(f"/files/{folder}", ReportFiles(directory=str(cfg.output_dir / folder), check_dir=False),

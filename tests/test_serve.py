@@ -320,8 +320,27 @@ def test_only_the_reports_folders_are_files_and_only_loopbacks_names_are_answere
     for path in ("/files/embeddings/manifest.csv", "/files/embeddings/embeddings.npy", "/files/images/"):
         assert httpx.get(url + path).status_code == 404, path
     rebound = httpx.get(url + "/api/info", headers={"host": "attacker.example"})
-    assert rebound.status_code == 400
+    assert rebound.status_code == 400  # and says why, and what a reverse proxy's owner does about it
+    assert rebound.json()["detail"].startswith("this server answers only the names of loopback (127.0.0.1, "
+                                               "localhost, [::1]) while it runs without a token, and this "
+                                               "request named 'attacker.example'. Behind a reverse proxy, set")
+    assert "$FASHION_SEARCH_TOKEN" in rebound.json()["detail"]
+    for name in ("localhost", "[::1]", "LOCALHOST"):
+        assert httpx.get(url + "/api/info", headers={"host": f"{name}:8000"}).status_code == 200, name
     assert httpx.get(url.replace("127.0.0.1", "localhost") + "/api/info").status_code == 200
+
+
+def test_the_reports_files_are_revalidated_and_no_answer_is_sniffed_or_framed_elsewhere(served):
+    """A later run rewrites sections.js under its name while the server runs: sent without a cache
+    rule, a browser reused last run's for hours (its sections, another run's captions)."""
+    url, _, _ = served
+    for path in ("/files/outputs/report/sections.js", "/report", "/api/info", "/thumb/0.jpg"):
+        answer = httpx.get(url + path, follow_redirects=True)
+        assert answer.status_code == 200, path
+        assert answer.headers["x-content-type-options"] == "nosniff", path
+        assert answer.headers["x-frame-options"] == "SAMEORIGIN", path
+        if path.startswith("/files/"):
+            assert answer.headers["cache-control"] == "no-cache" and answer.headers["etag"]
 
 
 def test_a_thumbnail_is_revalidated_by_the_stores_version(served):
@@ -466,6 +485,29 @@ def test_beyond_loopback_the_page_and_its_api_need_the_token(served, tiny_onnx, 
         browser.delete_all_cookies()
         errors = console_errors(browser)  # read here, so the next test starts with an empty log
         assert errors and all("401 (Unauthorized)" in e for e in errors)  # the two refused /api/info
+
+
+def test_a_token_set_is_required_on_loopback_too_and_then_any_host_name_is_answered(served, tiny_onnx,
+                                                                                     monkeypatch):
+    """A reverse proxy on the same machine forwards to 127.0.0.1: the token set for it was dropped
+    there (the catalogue open to anyone who reached the proxy), and a proxy that keeps the Host header
+    got "Invalid host header"."""
+    from pipeline.serve import TOKEN_ENV, required_token
+
+    _, out, _ = served
+    cfg = _serve_config(out, tiny_onnx)
+    monkeypatch.setenv(TOKEN_ENV, "short")
+    with pytest.raises(Exception, match=f"^\\${TOKEN_ENV} holds 5 characters, too few to guess-proof; set a token"):
+        required_token(cfg)
+    token = "s3cret-token-for-the-proxy-page"
+    monkeypatch.setenv(TOKEN_ENV, token)
+    with serving(SearchService.load(cfg)) as url:
+        assert httpx.get(url + "/api/info").status_code == 401
+        proxied = {"host": "search.shop.internal", "authorization": f"Bearer {token}"}
+        assert httpx.get(url + "/api/info", headers=proxied).status_code == 200
+        assert httpx.get(url + "/api/info", headers={"host": "search.shop.internal"}).status_code == 401
+    monkeypatch.delenv(TOKEN_ENV)
+    assert required_token(cfg) is None  # loopback without a token: open, as before
 
 
 def test_a_top_k_over_what_a_query_may_ask_is_refused_before_serving(tiny_onnx, tmp_path, capsys):
