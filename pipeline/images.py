@@ -106,9 +106,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
             top = 65535.0 if arr.max(initial=0) > 255 or mode.startswith("I;16") else 255.0
         else:
             top = max(float(arr.max(initial=0)), 1.0) if arr.dtype.kind == "f" else 255.0
-        scaled = np.clip(arr.astype(np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(scaled, mode="L").convert("RGB")
+        return Image.fromarray(_scaled_to_bytes(arr, 255.0 / top), mode="L").convert("RGB")
     return image.convert("RGB")
+
+
+SCALE_BLOCK_VALUES = 1 << 18  # values scaled at a time: 2 MiB of float64 whatever the picture's size
+
+
+def _scaled_to_bytes(arr: np.ndarray, factor: float) -> np.ndarray:
+    """uint8 of arr x factor, clipped to 0..255 and rounded half to even, a block of rows at a time
+    (scaled whole, a 40-megapixel 16-bit picture took three float64 copies of itself: 1.4 GB)."""
+    out = np.empty(arr.shape, np.uint8)
+    rows = max(1, SCALE_BLOCK_VALUES // max(1, arr[0].size if len(arr) else 1))
+    for y in range(0, len(arr), rows):
+        block = arr[y:y + rows].astype(np.float64)
+        block *= factor
+        np.clip(block, 0, 255, out=block)
+        out[y:y + rows] = np.rint(block, out=block)
+    return out
 
 
 def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXELS) -> DecodedImage:

@@ -89,6 +89,28 @@ def test_big_endian_16bit_is_scaled_too():
     assert (np.asarray(decode_image(tiff).image) == 128).all()
 
 
+def test_a_16bit_picture_is_scaled_in_blocks_to_the_same_bytes_within_a_bounded_memory():
+    """Scaled whole, a 16-bit picture took three float64 copies of itself: a 40-megapixel upload
+    (the search page's limit) held 1.4 GB of the server's memory, five times an RGB one's."""
+    import tracemalloc
+
+    from pipeline.images import to_rgb
+
+    rs = np.random.default_rng(3)
+    arr = rs.integers(0, 65536, (1500, 1400), dtype=np.uint16)  # 2.1 megapixels: 16.8 MB as float64
+    arr[0, :4] = [0, 128, 257, 65535]  # 0, 0.4998 -> 0, 0.99996 -> 1, 255
+    image = Image.fromarray(arr)
+    tracemalloc.start()
+    rgb = to_rgb(image)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    got = np.asarray(rgb)
+    whole = np.clip(arr.astype(np.float64) * (255.0 / 65535.0), 0, 255).round().astype(np.uint8)
+    assert got.shape == (1500, 1400, 3) and (got[..., 0] == whole).all() and (got[..., 2] == whole).all()
+    assert list(got[0, :4, 0]) == [0, 0, 1, 255]
+    assert peak < 8 * arr.size  # the uint16 pixels, the uint8 result and one block: not a float64 copy (8 x size)
+
+
 @pytest.mark.parametrize("size", [(1600, 2400), (2400, 1000), (900, 230)])
 def test_draft_decode_never_goes_below_the_model_side_and_embeds_like_a_full_decode(size, tiny_onnx):
     """Tolerance: the draft decode's embedding is within cosine 0.999 of the full decode's."""
