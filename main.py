@@ -25,7 +25,7 @@ from pipeline.config import config_from_flags, flag_default
 from pipeline.errors import PipelineError, UsageError
 from pipeline.index import INDEX_KINDS
 from pipeline.modes import DISK_FULL, check_config, disk_full_said, interrupted_message
-from pipeline.report import EXIT_FATAL, EXIT_USAGE
+from pipeline.report import EXIT_FATAL, EXIT_USAGE, terminal_text
 
 log = logging.getLogger("main")
 
@@ -413,9 +413,22 @@ def _not_a_librarys_root_info(record: logging.LogRecord) -> bool:
                 and any(part in record.pathname for part in ROOT_LOGGING_LIBRARIES))
 
 
+def say(text: str, stream=None) -> None:
+    """A line for the operator's terminal (stderr unless given): a file's or a column's name that
+    holds control characters is printed as their escapes, not run by the terminal."""
+    print(terminal_text(text), file=stream or sys.stderr)
+
+
+class _TerminalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return terminal_text(super().format(record))
+
+
 def configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:  # a name in a warning is not run by the terminal either
+        handler.setFormatter(_TerminalFormatter("%(levelname)s %(name)s: %(message)s"))
     if quiet:  # the hub's and transformers' own bars (downloads, "Loading weights") follow -q too
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if not verbose:
@@ -458,29 +471,29 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = run(cfg)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return EXIT_USAGE
     except PipelineError as e:
         if args.verbose:
             log.exception("fatal")
-        print(f"error: {disk_full_said(str(e), e.__cause__, cfg)}", file=sys.stderr)
+        say(f"error: {disk_full_said(str(e), e.__cause__, cfg)}")
         return EXIT_FATAL
     except KeyboardInterrupt:
-        print(interrupted_message(cfg), file=sys.stderr)
+        say(interrupted_message(cfg))
         return 130
     except Exception as e:  # an unexpected bug: one line unless -v
         if args.verbose:
             log.exception("unexpected error")
         if isinstance(e, OSError) and e.errno in DISK_FULL:  # not a bug: said with what it left and how to go on
             where = f" writing {e.filename}" if e.filename else ""
-            print(f"error: {disk_full_said(f'{e.strerror}{where}', e, cfg)}", file=sys.stderr)
+            say(f"error: {disk_full_said(f'{e.strerror}{where}', e, cfg)}")
             return EXIT_FATAL
-        print(f"error: unexpected {type(e).__name__}: {e} (run with -v for the traceback)", file=sys.stderr)
+        say(f"error: unexpected {type(e).__name__}: {e} (run with -v for the traceback)")
         return EXIT_FATAL
     if not args.quiet:
-        print(summary.format(verbose=args.verbose))
+        say(summary.format(verbose=args.verbose), sys.stdout)
     elif summary.failures:  # -q: errors only, and a failed item is one
-        print("\n".join(summary.failure_lines()), file=sys.stderr)
+        say("\n".join(summary.failure_lines()))
     return summary.exit_code
 
 

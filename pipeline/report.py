@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 import time
@@ -15,6 +16,19 @@ EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_USAGE = 2
 EXIT_ITEM_FAILURES = 3
+
+# Control characters (a newline and a tab aside) and the marks that reorder a line (U+202E shows
+# the rest of a line reversed): a file named "\x1b[2J....jpg" cleared the operator's screen when a
+# summary named it. Shown as Python writes them instead (a lone surrogate too, which no terminal
+# encoding can write).
+_NOT_FOR_A_TERMINAL = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def terminal_text(text: str) -> str:
+    """text as it may be printed: each control character (but newline and tab) and each mark that
+    reorders a line written as its escape (\\x1b, \\u202e); any other text unchanged."""
+    return _NOT_FOR_A_TERMINAL.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def peak_rss_mib() -> float:

@@ -453,6 +453,32 @@ def test_nan_or_zero_embedding_fails_its_item(tmp_path, tiny_onnx, monkeypatch):
     assert [r.embedding_row for r in rows if r.status == "ok"] == [0, 1, 2]
 
 
+def test_a_name_holding_control_characters_is_printed_as_their_escapes(tmp_path, tiny_onnx, capsys):
+    """A supplier's file named "\\x1b[2J....jpg" cleared the operator's screen when the summary named
+    it, and U+202E showed the rest of its line reversed: both are printed as Python writes them."""
+    import logging
+
+    import main as cli
+
+    shop = tmp_path / "sh\x1b[7mop"  # named in a warning, through logging
+    shop.mkdir()
+    (shop / "metadata.csv").write_text("file_name,price\nplain.jpg,3\nmissing.jpg,4\n")
+    (shop / "\x1b[2J\x1b]0;PWNED\x07broken.jpg").write_bytes(b"not a picture")
+    (shop / "gown\u202egpj.exe.jpg").write_bytes(assets.jpeg_bytes(40, 40, seed=1))
+    (shop / "plain.jpg").write_bytes(assets.jpeg_bytes(40, 40, seed=2))
+    try:
+        code = cli.main(["--dataset", str(shop), "--onnx", str(tiny_onnx), "--output-dir", str(tmp_path / "out"),
+                         "--max-result-images", "0"])
+    finally:
+        logging.basicConfig(force=True)  # main's handler writes to the captured stream: not to later tests
+    said = capsys.readouterr()
+    assert code == 3
+    printed = said.out + said.err
+    assert "\x1b" not in printed and "\x07" not in printed and "\u202e" not in printed
+    assert "  - \\x1b[2J\\x1b]0;PWNED\\x07broken.jpg: not a recognized image format" in said.out
+    assert "sh\\x1b[7mop/metadata.csv: 1 line(s) name no picture of the folder" in said.err
+
+
 def test_a_usage_error_pointing_at_a_place_ends_with_its_caret(tmp_path, capsys):
     """A filter's error is three lines, the last the caret under the place: the --help hint is not glued onto it."""
     import main as cli
