@@ -77,7 +77,7 @@ _TOKEN = re.compile(
     r"""\s*(?:
       (?P<text>'(?:[^']|'')*')
     | (?P<open_text>'[^']*$)
-    | (?P<quoted>"[^"]+"|`[^`]+`)
+    | (?P<quoted>"(?:[^"]|"")+"|`(?:[^`]|``)+`)
     | (?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?![A-Za-z_])
     | (?P<op><=|>=|!=|<>|=|<|>)
     | (?P<punct>[(),])
@@ -86,7 +86,20 @@ _TOKEN = re.compile(
     )""",
     re.VERBOSE,
 )
+class TypedText(str):
+    """A text written as SQL's typed value (DATE '2026-01-31'): compared as the text alone, and only
+    with a date or time column."""
+
+    def __new__(cls, value: str, sql_type: str) -> TypedText:
+        made = super().__new__(cls, value)
+        made.sql_type = sql_type
+        return made
+
+    sql_type: str
+
+
 KEYWORDS = {"and", "or", "not", "in", "is", "null", "true", "false"}
+TYPED_LITERALS = {"date", "time", "timestamp"}  # DATE '2026-01-31': SQL's form, the same value as the bare text
 
 
 @dataclass(frozen=True)
@@ -113,8 +126,8 @@ def _tokens(text: str) -> list[_Tok]:
             out.append(_Tok("text", raw[1:-1].replace("''", "'"), at))
         elif kind == "number":
             out.append(_Tok("number", float(raw) if any(c in raw for c in ".eE") else int(raw), at))
-        elif kind == "quoted":
-            out.append(_Tok("column", raw[1:-1], at))
+        elif kind == "quoted":  # a quote of its own kind inside is doubled, as in SQL
+            out.append(_Tok("column", raw[1:-1].replace(raw[0] * 2, raw[0]), at))
         elif kind == "word":
             low = raw.lower()
             out.append(_Tok(low if low in KEYWORDS else "column", low if low in KEYWORDS else raw, at))
@@ -213,6 +226,13 @@ class _Parser:
         if t.kind in ("true", "false"):
             self.i += 1
             return t.kind == "true"
+        typed = t.kind == "column" and self.toks[self.i + 1].kind == "text"
+        if typed and t.value.lower() in TYPED_LITERALS:  # SQL's DATE '2026-01-31', as LanceDB and DuckDB take it
+            self.i += 2
+            return TypedText(self.toks[self.i - 1].value, t.value.upper())  # read as the column's type reads a text
+        if typed:
+            raise _point(self.text, t.at, f"expected a value, found {self._said(t)} before a text (a typed value "
+                                          f"is one of {', '.join(sorted(TYPED_LITERALS)).upper()} 'text')")
         hint = " (texts are quoted: 'dress')" if t.kind == "column" else ""
         if t.kind == "null":
             hint = " (a missing value is tested with IS NULL, or IS NOT NULL)"
@@ -286,6 +306,9 @@ def check_filter(node: Node, text: str, schema: Any) -> None:
         kind = _kind(schema.field(t.column).type)
         for v in t.values:
             vk = _value_kind(v)
+            if isinstance(v, TypedText) and kind not in ("date", "time"):
+                raise _point(text, t.at, f"type mismatch: {t.column!r} is a {kind} column, compared with "
+                                         f"{v.sql_type} '{v}'")
             if kind in ("date", "time") and vk == "text":
                 _check_temporal(text, t, v, schema.field(t.column).type)
                 continue

@@ -254,6 +254,37 @@ def test_a_number_past_the_64_bit_integers_compares_as_sql_does():
     assert mask(f"u64 > {2**63}") == [0]  # an unsigned column holds it: exact
 
 
+def test_sql_typed_values_and_doubled_quotes_in_names_are_read_as_lancedb_and_duckdb_read_them():
+    """`d >= DATE '2026-02-01'` is what LanceDB takes on a date column (a bare text there is an error):
+    it was refused here ("texts are quoted", of a quoted text), so no date filter read the same in
+    both. A column named with both quote kinds could not be written at all."""
+    import datetime
+
+    table = pa.table({
+        "d": pa.array([datetime.date(2026, 1, 31), datetime.date(2026, 2, 1), None]),
+        "opens": pa.array([datetime.time(9), datetime.time(11), None], pa.time64("us")),
+        "ts": pa.array([datetime.datetime(2026, 1, 31, 10), None, datetime.datetime(2026, 3, 1)]),
+        'say "hi" `now`': ["a", "b", "c"],
+        "name": ["x", "y", "z"],
+    })
+
+    def match(text: str) -> list[int]:
+        return Filter.parse(text, table.schema).mask(table).nonzero()[0].tolist()
+
+    assert match("d >= DATE '2026-02-01'") == match("d >= '2026-02-01'") == [1]
+    assert match("d IN (date '2026-01-31', Date '2026-02-01')") == [0, 1]
+    assert match("opens < TIME '10:00'") == [0] and match("ts > TIMESTAMP '2026-02-01 00:00:00'") == [2]
+    assert match('"say ""hi"" `now`" = \'b\'') == [1] and match("`say \"hi\" ``now``` IN ('a', 'c')") == [0, 2]
+    with pytest.raises(FilterError, match=r"'name' is a text column, compared with DATE '2026-01-31'"):
+        Filter.parse("name = DATE '2026-01-31'", table.schema)
+    with pytest.raises(FilterError, match=r"'soon' is not a date"):
+        Filter.parse("d > DATE 'soon'", table.schema)
+    with pytest.raises(FilterError) as e:
+        Filter.parse("d > day '2026-01-31'", table.schema)
+    assert "found 'day' before a text (a typed value is one of DATE, TIME, TIMESTAMP 'text')" in str(e.value)
+    assert "texts are quoted" not in str(e.value)
+
+
 def test_times_of_day_and_column_names_in_any_alphabet():
     """A CSV's `10:30:00` is a time column: compared with texts ('10:30', '10:30:15.5') at any unit;
     a name such as größe is a column name bare, as in DuckDB; a duration is refused by name."""

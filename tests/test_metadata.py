@@ -211,6 +211,11 @@ def test_the_search_page_filters_with_controls_built_from_the_columns(built, tin
         # the page: choose skirt, a price bound, search; every tile is a skirt under the bound
         browser.get(url + "/")
         wait(browser, "document.querySelectorAll('#filter-controls [data-column]').length === 7")
+        from pipeline.filters import parse_filter  # the page names any column as the parser reads it back
+
+        for name in ("price", "colour name", 'say "hi"', "a`b", 'both " and `', "and", "größe"):
+            written = browser.execute_script("return column(arguments[0])", name)
+            assert parse_filter(f"{written} = 1").column == name, (name, written)
         Select(browser.find_element(By.CSS_SELECTOR, "select[data-column=category]")).select_by_visible_text("skirt")
         browser.find_element(By.CSS_SELECTOR, "input[data-column=price][data-bound=max]").send_keys("120")
         browser.find_element(By.ID, "text").send_keys("a skirt")

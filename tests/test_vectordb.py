@@ -319,7 +319,8 @@ def test_nan_decimals_and_dates_go_out_as_the_databases_filter_them(tmp_path):
     for kind in ("lancedb", "qdrant", "parquet"):
         export_store(ExportTarget(kind, tmp_path / kind), vectors, rows, meta, identity, "s" * 64)
     table = lancedb.connect(str(tmp_path / "lancedb")).open_table("gallery")
-    for where in ("price IS NULL", "price > 100", "NOT price < 50", "price != 10"):
+    for where in ("price IS NULL", "price > 100", "NOT price < 50", "price != 10",
+                  "day >= date '2026-01-02'", "day IN (DATE '2026-01-01', DATE '2026-01-04')"):  # SQL's form: one text
         lance = sorted(table.search().where(where).limit(10).to_arrow().column("file").to_pylist())
         assert lance == [f"img_{i}.jpg" for i in np.flatnonzero(meta.mask(where))], where
     back = pq.read_table(sorted((tmp_path / "parquet").glob("part_*.parquet"))[0])
