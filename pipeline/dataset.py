@@ -1043,7 +1043,30 @@ def read_metadata(spec: DatasetSpec, asked: Sequence[str] | None = None, warn: b
         return None
     if "source_row" not in table.column_names:
         table = table.add_column(0, "source_row", int64_array(range(table.num_rows)))
-    return table
+    return in_one_unicode_form(table)
+
+
+def in_one_unicode_form(table: Any) -> Any:
+    """The table with its texts and column names in NFC: a CSV written on a Mac decomposes 'é' into
+    'e' and a combining accent, one typed elsewhere composes it; the two look the same and are the
+    same text to Unicode, but a filter matched one half of a category and --group-by split a product
+    in two. A column whose name would become another's keeps its own."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = [unicodedata.normalize("NFC", n) for n in table.column_names]
+    if len(set(names)) < len(names):
+        names = list(table.column_names)
+    columns = []
+    for column in table.columns:
+        kind = column.type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            column = pc.utf8_normalize(column, form="NFC")
+        elif pa.types.is_dictionary(kind) and (pa.types.is_string(kind.value_type)
+                                               or pa.types.is_large_string(kind.value_type)):
+            column = pc.utf8_normalize(column.cast(kind.value_type), form="NFC").dictionary_encode()
+        columns.append(column)
+    return pa.table(columns, names=names).replace_schema_metadata(table.schema.metadata)
 
 
 FOLDER_COLUMN = "folder"  # an image folder's metadata: each picture's subfolder

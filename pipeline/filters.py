@@ -23,6 +23,7 @@ a number, is an error naming both); errors point at the place in the text.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +142,7 @@ def _tokens(text: str) -> list[_Tok]:
 # ----------------------------------------------------------------------------- parser
 class _Parser:
     def __init__(self, text: str) -> None:
+        text = unicodedata.normalize("NFC", text)  # as the catalogue's texts and names are (in_one_unicode_form)
         self.text, self.toks, self.i = text, _tokens(text), 0
 
     @property
@@ -471,6 +473,7 @@ class Filter:
 
     @classmethod
     def parse(cls, text: str, schema: Any) -> Filter:
+        text = unicodedata.normalize("NFC", text)  # the places a message points at are the parser's
         node = parse_bounded(text)
         check_filter(node, text, schema)
         return cls(text, node)

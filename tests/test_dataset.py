@@ -340,6 +340,39 @@ def test_a_link_listed_before_the_folder_it_points_to_does_not_take_its_pictures
     assert list_pictures(root) == ["z/2024/y.jpg", "z/x.jpg"]  # in natural order, each under its own name
 
 
+def test_metadata_texts_and_names_are_read_in_one_unicode_form(tmp_path):
+    """A CSV whose lines were written on a Mac (NFD: 'e' + a combining accent) and elsewhere (NFC):
+    `cat = 'Robe d''été'` matched half the category and --group-by made two products of one."""
+    import unicodedata
+
+    import pyarrow as pa
+
+    from pipeline.dataset import read_metadata
+    from pipeline.filters import Filter
+    from pipeline.metadata import product_labels
+
+    nfd = lambda text: unicodedata.normalize("NFD", text)  # noqa: E731
+    root = tmp_path / "shop"
+    root.mkdir()
+    for i in range(4):
+        (root / f"{i}.jpg").write_bytes(assets.jpeg_bytes(8, 8, seed=i))
+    cells = ["Robe d'été", nfd("Robe d'été"), "Robe d'été", nfd("Robe d'été")]
+    (root / "metadata.csv").write_text(f"file_name,category,{nfd('größe')},product\n" + "".join(
+        f"{i}.jpg,\"{c}\",M,{nfd('Ñandú') if i % 2 else 'Ñandú'}\n" for i, c in enumerate(cells)), encoding="utf-8")
+    assert nfd("Robe d'été") != "Robe d'été"
+    table = read_metadata(DatasetSpec(str(root), limit=None))
+    assert table.column("category").to_pylist() == ["Robe d'été"] * 4
+    assert "größe" in table.column_names and table.column("größe").to_pylist() == ["M"] * 4
+    labels, unlabelled = product_labels(table.column("product"))
+    assert unlabelled == 0 and len(set(labels.tolist())) == 1  # one product, not two
+    for typed in ("category = 'Robe d''été'", nfd("category = 'Robe d''été' AND größe = 'M'")):
+        assert Filter.parse(typed, table.schema).mask(table).tolist() == [True] * 4, typed
+    dictionary = pa.table({"c": pa.array([nfd("é"), "é"]).dictionary_encode()})
+    from pipeline.dataset import in_one_unicode_form
+
+    assert in_one_unicode_form(dictionary).column("c").to_pylist() == ["é", "é"]
+
+
 def test_a_metadata_line_names_a_picture_whose_name_is_not_utf8_as_the_pipeline_writes_it(tmp_path):
     """caf\\xe9.jpg is written caf%E9.jpg in the manifest and every output: a metadata.csv line of that
     name gives it its values (the line was left out, and the warning spelled the name 'caf\\udce9.jpg')."""
