@@ -309,7 +309,14 @@ class _Qdrant:
             from qdrant_client import QdrantClient
         except ImportError as e:
             raise UsageError(f"--export qdrant: needs qdrant-client ({e}): pip install qdrant-client") from e
-        self.client = QdrantClient(path=str(folder))
+        try:
+            self.client = QdrantClient(path=str(folder))
+        except RuntimeError as e:  # its local mode locks the folder: a notebook's client holds it
+            if "already accessed by another instance" not in str(e):
+                raise
+            raise UsageError(f"--export qdrant:{folder}: the folder is open in another program's Qdrant client "
+                             "(its local mode lets one client at a time use it): close that client (client.close(), "
+                             "or end the notebook's kernel), then export again: its collection is as it was") from e
 
     def digests(self) -> dict[str, str]:
         if not self.client.collection_exists(TABLE):

@@ -136,6 +136,26 @@ def test_another_embedders_export_is_refused(exported, tiny_onnx, tmp_path, caps
     assert sorted(p.name for p in targets["parquet"].rglob("*")) == before  # nothing written into it
 
 
+def test_a_qdrant_folder_open_in_another_client_is_said_so_not_a_crash(exported, tiny_onnx, capsys):
+    """A notebook holding the local collection open: the export ended as an "unexpected RuntimeError
+    (run with -v for the traceback)", exit 1, as a bug would."""
+    from qdrant_client import QdrantClient
+
+    data, out, targets, _ = exported
+    holder = QdrantClient(path=str(targets["qdrant"]))
+    try:
+        before = holder.count("gallery").count
+        capsys.readouterr()
+        assert cli.main(args(data, tiny_onnx, out, "--export", f"qdrant:{targets['qdrant']}")) == 2
+        said = capsys.readouterr().err
+        assert f"error: --export qdrant:{targets['qdrant']}: the folder is open in another program's Qdrant " \
+               "client" in said and "close that client" in said and "unexpected" not in said
+        assert holder.count("gallery").count == before
+    finally:
+        holder.close()
+    assert cli.main(args(data, tiny_onnx, out, "--export", f"qdrant:{targets['qdrant']}")) == 0  # closed: it goes on
+
+
 def test_a_folder_not_made_by_export_is_left_alone(exported, tiny_onnx, tmp_path, capsys):
     data, out, targets, _ = exported
     (targets["lancedb"] / "_fashion_export.json").unlink()  # a LanceDB folder of the user's own
