@@ -29,10 +29,13 @@ class Neighbours:
     """Top-k result: indices int64 (Q, k) into the gallery, distances float32 (Q, k), ascending.
 
     Where the gallery has fewer than k candidates, the remaining slots hold index -1, distance inf.
+    scores: a reciprocal-rank fusion's fused scores (Q, k), descending, which rank it (its distances
+    then need not ascend); None otherwise.
     """
 
     indices: np.ndarray
     distances: np.ndarray
+    scores: np.ndarray | None = None
 
 
 def _check_embeddings(x: np.ndarray, name: str) -> np.ndarray:

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -95,6 +96,7 @@ def expand_image_paths(paths: Iterable[str]) -> list[Path]:
 
 
 SAID_QUERIES = 5  # the queries whose best matches the summary says
+RRF_COLUMN = "rrf_score"  # query_results.csv: a reciprocal-rank fusion's score, which ranks its matches
 
 
 def query_labels(paths: Sequence[Path]) -> dict[Path, str]:
@@ -161,9 +163,14 @@ def run_query(cfg: RunConfig) -> RunSummary:
     extra = meta.columns if meta is not None else []
     if meta is not None:  # each hit's metadata values after its columns
         rows = [(*r, *meta.values(j).values()) for r, j in zip(rows, hits)]
-    own = ("query", "kind", "rank", "gallery_file", "row", "distance", "gallery_source")
+    own: tuple[str, ...] = ("query", "kind", "rank", "gallery_file", "row", "distance", "gallery_source")
+    written: list[tuple[Any, ...]] = list(rows)
+    if nb.scores is not None:  # a rank fusion: the score that ranks each match, after its distance
+        scores = [float(s) for line, found in zip(nb.scores, nb.indices) for s, j in zip(line, found) if j >= 0]
+        written = [(*r[:6], round(s, 6), *r[6:]) for r, s in zip(rows, scores)]
+        own = (*own[:6], RRF_COLUMN, *own[6:])
     columns = (*own, *(prefixed_name(c, own) for c in extra))  # `kind`, `rank` of the catalogue: meta_kind, ...
-    write_neighbours_csv(table, iter(rows), columns=columns)
+    write_neighbours_csv(table, iter(written), columns=columns)
     summary.count("queries", len(queries))
     summary.outputs["results"] = str(table)
     summary.outputs["pictures"] = f"{out_dir}/q*.jpg"
@@ -187,7 +194,7 @@ def combined_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary,
     words = " + ".join(f"“{t}”" for t in q.texts) + "".join(f" − “{t}”" for t in q.negative)
     words = words.removeprefix(" ")  # a picture less a text alone: one space before its minus
     queries: list[Query] = []
-    rows: list[list[tuple[int, float]]] = []
+    rows: list[list[tuple[int, float, float | None]]] = []
     labels = query_labels(paths)
     with summary.stage("picture + text queries"):
         for path in paths:
@@ -200,17 +207,22 @@ def combined_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary,
                 continue
             for crop, result in zip(crops, found):
                 queries.append(Query(f"{result.label} {words}", "image+text", make_thumbnail(crop.image, QUERY_TILE)))
-                rows.append([(h.row, h.distance) for h in result.hits])
+                rows.append([(h.row, h.distance, h.score) for h in result.hits])
     if not queries:
         raise PipelineError(unreadable_queries(summary))
-    how = f"weighted sum, texts x {q.text_weight:g}" if q.fusion == "sum" else "reciprocal-rank fusion"
+    how = (f"weighted sum, texts x {q.text_weight:g}" if q.fusion == "sum" else
+           f"reciprocal-rank fusion: ranked by the fused score, query_results.csv's {RRF_COLUMN}; each match's "
+           "distance is its nearest to the picture or a text, so it need not ascend")
     summary.notes.append(f"picture + text: one query per picture ({how})")
     idx = np.full((len(rows), cfg.top_k), -1, np.int64)
     dist = np.full((len(rows), cfg.top_k), np.inf, np.float32)
+    fused = np.zeros((len(rows), cfg.top_k), np.float64) if q.fusion == "rrf" else None
     for i, hits in enumerate(rows):
-        for r, (j, d) in enumerate(hits):
+        for r, (j, d, s) in enumerate(hits):
             idx[i, r], dist[i, r] = j, d
-    return queries, Neighbours(idx, dist)
+            if fused is not None and s is not None:
+                fused[i, r] = s
+    return queries, Neighbours(idx, dist, fused)
 
 
 def embed_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary,

@@ -50,7 +50,9 @@ class Hit:
     distance: cosine distance (1 - cosine similarity), ascending with rank (in a reciprocal-rank
     fusion the rank follows the fused score, and the distance is the item's nearest to any of the
     fused queries, so it need not ascend). meta: the item's
-    metadata values (metadata.py; empty for a store without metadata).
+    metadata values (metadata.py; empty for a store without metadata). score: in a reciprocal-rank
+    fusion, the fused score that ranks it (sum of 1 / (60 + rank) over the lists it is in),
+    descending with rank; None in any other search.
     """
 
     rank: int
@@ -62,6 +64,7 @@ class Hit:
     distance: float
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     source: str = ""
+    score: float | None = None
 
     @property
     def shown_name(self) -> str:
@@ -73,7 +76,9 @@ class Hit:
         metadata.json_value gives them (NaN as null, a date as its text)."""
         out = {f: getattr(self, f) for f in ("rank", "row", "line", "file", "source", "source_row", "person",
                                              "distance")}
-        return {**out, "distance": float(self.distance), "meta": {k: json_value(v) for k, v in self.meta.items()}}
+        fused = {"score": self.score} if self.score is not None else {}
+        return {**out, "distance": float(self.distance), **fused,
+                "meta": {k: json_value(v) for k, v in self.meta.items()}}
 
 
 @dataclass(frozen=True)
@@ -521,7 +526,9 @@ class Searcher:
         dist = np.full((1, k), np.inf, np.float32)
         idx[0, : len(order)] = [near[g][1] for g in order]
         dist[0, : len(order)] = [near[g][0] for g in order]
-        return Neighbours(idx, dist)
+        fused = np.zeros((1, k), np.float64)
+        fused[0, : len(order)] = [score[g] for g in order]
+        return Neighbours(idx, dist, fused)
 
     def hits(self, nb: Neighbours, q: int) -> list[Hit]:
         """Query q's hits in a Neighbours result (the empty slots of a small gallery left out)."""
@@ -531,8 +538,9 @@ class Searcher:
                 continue
             line = self.rows[int(j)]
             meta = self.metadata.values(int(j)) if self.metadata is not None else {}
+            score = float(nb.scores[q, r]) if nb.scores is not None else None
             out.append(Hit(r + 1, int(j), line.index, line.file, line.source_row, line.person, float(d), meta,
-                           line.source))
+                           line.source, score))
         return out
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[Hit]]:

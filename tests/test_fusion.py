@@ -115,6 +115,12 @@ def test_the_cli_makes_one_query_per_picture(tiny_onnx, tmp_path):
         assert [(r["query"], r["kind"]) for r in lines if r["rank"] == "1"] == [
             ("q0.jpg “red”", "image+text"), ("q1.jpg “red”", "image+text")]
         assert len(lines) == 6
+        if fusion == "rrf":  # the score that ranks the matches is written: their distances need not ascend
+            for query in ("q0.jpg “red”", "q1.jpg “red”"):
+                scores = [float(r["rrf_score"]) for r in lines if r["query"] == query]
+                assert scores == sorted(scores, reverse=True) and 1 / 61 < scores[0] <= 2 / 61 + 1e-6  # in both lists
+        else:
+            assert "rrf_score" not in lines[0]
     assert run("--dataset", data, "--onnx", tiny_onnx, "--output-dir", out, "--query-text", "red",
                "--negative-text", "blue") == 2
 
@@ -127,6 +133,7 @@ def test_rank_fusion_scores_a_product_over_the_lists_whichever_photo_each_shows(
 
     from pipeline.metadata import Metadata
     from pipeline.searcher import Searcher
+    from pipeline.store import ManifestRow
 
     def at(deg: float) -> np.ndarray:
         return np.array([np.cos(np.deg2rad(deg)), np.sin(np.deg2rad(deg))], np.float32)
@@ -141,6 +148,12 @@ def test_rank_fusion_scores_a_product_over_the_lists_whichever_photo_each_shows(
     fused = searcher.fused(queries, 2, depth=2)
     assert fused.indices[0].tolist() == [0, 2]  # A (a1: 10 degrees from a query, as a2 is; lower row) then B
     assert fused.distances[0][0] == pytest.approx(1 - np.cos(np.deg2rad(10)), abs=1e-6)
+    assert fused.scores is not None and fused.scores[0].tolist() == pytest.approx([2 / 61, 2 / 62])
+    searcher.rows = [ManifestRow(index=i, file=f"{i}.jpg", source_row=i, embedding_row=i) for i in range(3)]
+    hits = searcher.hits(fused, 0)
+    assert [h.score for h in hits] == pytest.approx([2 / 61, 2 / 62]) and hits[0].to_dict()["score"] == hits[0].score
+    assert searcher.hits(searcher.neighbours(queries, 2), 0)[0].score is None  # no fusion: no score
+    assert "score" not in searcher.hits(searcher.neighbours(queries, 2), 0)[0].to_dict()
 
 
 @pytest.mark.parametrize("flags", [["--query-text", ""], ["--query-text", "red", "  "],
