@@ -6,13 +6,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import PipelineError, UsageError  # what the API raises: every error it says is a PipelineError
+# what the API raises: every error it says is a PipelineError; what a request got wrong a UsageError
+# (FilterError among them) or an ImageDecodeError, the service's own faults the others (CacheMismatchError)
+from .errors import CacheMismatchError, PipelineError, UsageError
 
 if TYPE_CHECKING:
     from .catalog import Catalog, QueryResult
+    from .filters import FilterError
+    from .images import ImageDecodeError
     from .searcher import Hit
 
-__all__ = ["Catalog", "Hit", "PipelineError", "QueryResult", "UsageError"]
+__all__ = ["CacheMismatchError", "Catalog", "FilterError", "Hit", "ImageDecodeError", "PipelineError", "QueryResult",
+           "UsageError"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,4 +30,12 @@ def __getattr__(name: str) -> Any:
         from . import searcher
 
         return searcher.Hit
+    if name == "ImageDecodeError":
+        from . import images
+
+        return images.ImageDecodeError
+    if name == "FilterError":
+        from . import filters
+
+        return filters.FilterError
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -188,9 +189,10 @@ def _check_open_arguments(device: str, threads: int, index: str, model: str | No
 
 
 class Catalog:
-    """A verified gallery store with its searcher; the embedder (for text and picture queries) and
-    the segmenter load on first use. Queries may come from several threads (the --serve app): each
-    model loads once, under its own lock, and a text query never waits for the segmenter."""
+    """A verified gallery store with its searcher, opened with `Catalog.open(folder)`; the embedder
+    (for text and picture queries) and the segmenter load on first use. Queries may come from
+    several threads (the --serve app): each model loads once, under its own lock, and a text query
+    never waits for the segmenter."""
 
     def __init__(
         self,
@@ -211,14 +213,14 @@ class Catalog:
     @classmethod
     def open(
         cls,
-        folder: str | Path,
+        folder: str | os.PathLike[str],
         *,
-        model: str | None = None,
-        onnx: str | None = None,
+        model: str | os.PathLike[str] | None = None,
+        onnx: str | os.PathLike[str] | None = None,
         device: str = "auto",
-        threads: int = 0,
+        threads: int | np.integer = 0,
         index: str = "auto",
-        seg_model: str | None = None,
+        seg_model: str | os.PathLike[str] | None = None,
         dedup: bool = False,
         group_by: str | None = None,
     ) -> Catalog:
@@ -242,9 +244,16 @@ class Catalog:
         another process too) is not seen by it (is_current() says whether it still is the store on
         disk; open the folder again for the new one). Open one in each process: it does not pickle.
         """
+        if not isinstance(folder, (str, os.PathLike)):
+            raise UsageError(f"folder={folder!r}: a store's folder (or a run's output folder), as a str or Path")
+        # a Path is taken wherever a file or folder is (model=Path(...) failed at the first query)
+        model, onnx, seg_model = (os.fspath(v) if isinstance(v, os.PathLike) else v for v in (model, onnx, seg_model))
+        threads = int(threads) if isinstance(threads, np.integer) else threads
+        if not isinstance(dedup, (bool, np.bool_)):  # dedup="no" was taken as True
+            raise UsageError(f"dedup={dedup!r}: True or False")
         _check_open_arguments(device, threads, index, model, onnx)
         group_by = group_by or None  # "" is "each photo", as a query's group_by="" says
-        root = store_folder(folder)
+        root = store_folder(os.fspath(folder))
         opened = store_state(root)  # before the store is read: an update switched in meanwhile is not taken as this
         cache = load_cache(root, Path(), identity=None, check_images=False)
         cache = replace(cache, images_dir=images_folder(root, cache.sidecar.source.kind or "standard"))
@@ -308,7 +317,8 @@ class Catalog:
         """The store's duplicate groups (outputs/duplicates.csv), each a list of items, its first
         photo first."""
         groups = stored_groups(self.cache.root, self.searcher.rows, self.cache.sidecar.manifest_sha256)
-        return [[self.searcher.rows[m] for m in g.members] for g in groups]
+        # copies, as `items` gives: a caller's edit of one (r.file = ...) changed every later answer
+        return [[replace(self.searcher.rows[m]) for m in g.members] for g in groups]
 
     def describe(self) -> str:
         """One line: how many items, where, and how they are searched."""
@@ -362,18 +372,18 @@ class Catalog:
             raise UsageError(f"query vectors are numbers, float32 (D,) or (Q, D): {first_line(e)}") from None
         dim = self.embeddings.shape[1]
         if q.ndim != 2 or q.shape[1] != dim:
-            raise PipelineError(f"query vectors must be of shape ({dim},) or (Q, {dim}), as the store's; got "
-                                f"{np.shape(vectors)}")
+            raise UsageError(f"query vectors must be of shape ({dim},) or (Q, {dim}), as the store's; got "
+                             f"{np.shape(vectors)}")
         if not np.isfinite(q).all():
             bad = sorted(set(np.nonzero(~np.isfinite(q))[0].tolist()))
-            raise PipelineError(f"query vector(s) {bad[:5]} hold NaN or infinite values: they are near nothing")
+            raise UsageError(f"query vector(s) {bad[:5]} hold NaN or infinite values: they are near nothing")
         norms = np.linalg.norm(q.astype(np.float64), axis=1)
         off = np.nonzero(np.abs(norms - 1.0) > UNIT_TOLERANCE)[0]
         if len(off):  # distances are 1 - q.g: of a vector of another length they mean nothing (and clip at 0)
             said = ", ".join(f"{i} ({norms[i]:.4g})" for i in off[:5].tolist())
-            raise PipelineError(f"query vector(s) must be L2-normalized, as the store's are: vector(s) {said} have "
-                                "another length; divide each by its norm (v / np.linalg.norm(v)); a zero vector is "
-                                "near nothing")
+            raise UsageError(f"query vector(s) must be L2-normalized, as the store's are: vector(s) {said} have "
+                             "another length; divide each by its norm (v / np.linalg.norm(v)); a zero vector is "
+                             "near nothing")
         searcher = self._searcher(group_by)
         return searcher.search(q, k, searcher.allowed(filter))
 
@@ -444,8 +454,9 @@ class Catalog:
         emb = self.embedder
         return emb.embed(preprocess_batch([c.image for c in crops], emb.preprocess_cfg))
 
-    def search_combined(self, picture: str | Path | bytes | Image.Image, texts: Sequence[str],
-                        negative: Sequence[str] = (), k: int = 5, fusion: str = "sum", text_weight: float = 0.5,
+    def search_combined(self, picture: str | Path | bytes | Image.Image, texts: str | Sequence[str],
+                        negative: str | Sequence[str] = (), k: Whole = 5, fusion: str = "sum",
+                        text_weight: float = 0.5,
                         segment: bool = False, name: str | None = None,
                         filter: str | None = None, group_by: str | None = None) -> list[QueryResult]:
         """"This dress, but in red": one query from a picture and texts (for each person in the picture
@@ -456,9 +467,11 @@ class Catalog:
         k = self._k(k)
         texts, negative = _checked_texts(texts), _checked_texts(negative)
         if fusion not in ("sum", "rrf"):
-            raise PipelineError(f"fusion must be 'sum' or 'rrf', got {fusion!r}")
+            raise UsageError(f"fusion must be 'sum' or 'rrf', got {fusion!r}")
         if fusion == "rrf" and negative:
-            raise UsageError("negative texts need --fusion sum: a rank fusion cannot subtract a list")
+            raise UsageError("negative texts need fusion='sum' (--fusion sum): a rank fusion cannot subtract a list")
+        if isinstance(text_weight, bool) or not isinstance(text_weight, (int, float, np.integer, np.floating)):
+            raise UsageError(f"text_weight={text_weight!r}: a finite number >= 0")
         if not texts and not negative:
             raise UsageError("a picture-plus-text query needs a text")
         searcher = self._searcher(group_by)
@@ -508,11 +521,11 @@ class Catalog:
 
     def _check_row(self, row: Whole) -> None:
         if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
-            raise PipelineError(f"an item is asked for by its row (a whole number), its file name or its source, got "
-                                f"{row!r}")
+            raise UsageError(f"an item is asked for by its row (a whole number), its file name or its source, got "
+                             f"{row!r}")
         if not 0 <= int(row) < len(self):
             held = f"has rows 0..{len(self) - 1}" if len(self) else "is empty"
-            raise PipelineError(f"no item {row}: the store {held}")
+            raise UsageError(f"no item {row}: the store {held}")
 
     def _row_of(self, item: Whole | str | Path) -> int:
         if isinstance(item, Path):
@@ -527,11 +540,11 @@ class Catalog:
             said = "names {n} items"
         if len(rows) > 1:
             listed = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
-            raise PipelineError(f"{item!r} {said.format(n=len(rows))} (rows {listed}): ask for one by its row, e.g. "
-                                f"neighbours({rows[0]})")
+            raise UsageError(f"{item!r} {said.format(n=len(rows))} (rows {listed}): ask for one by its row, e.g. "
+                             f"neighbours({rows[0]})")
         if not rows:
-            raise PipelineError(f"no item named {item!r} in {self.cache.root}: an item is asked for by its row "
-                                "(hit.row), its store file (hit.file, img_….jpg) or its source (hit.source)")
+            raise UsageError(f"no item named {item!r} in {self.cache.root}: an item is asked for by its row "
+                             "(hit.row), its store file (hit.file, img_….jpg) or its source (hit.source)")
         return rows[0]
 
 
@@ -559,6 +572,8 @@ class _FirstUse(Generic[T]):
 def _checked_texts(texts: str | Sequence[str]) -> list[str]:
     """Query texts as a list (one text alone is one text, not its letters), each checked: a text
     must say something, and be Unicode a tokenizer takes (no lone surrogate)."""
+    if not isinstance(texts, str) and not (isinstance(texts, Sequence) or hasattr(texts, "__iter__")):
+        raise UsageError(f"query texts are a text or a list of texts, got {texts!r}")
     out = [texts] if isinstance(texts, str) else list(texts)
     for t in out:
         if not isinstance(t, str) or not t.strip():

@@ -254,6 +254,63 @@ def test_catalog_refuses_what_does_not_fit(built, tmp_path):
     assert len(grouped.search_vectors(cat.embeddings[0], k=12)[0]) == 12
 
 
+def test_a_service_tells_a_requests_fault_from_its_own_by_the_class(built, tiny_clip):
+    """A Path as model= failed at the first query with an AttributeError (a 500); a wrong argument was
+    a TypeError, or a PipelineError that the README's service answered 5xx; the classes a service
+    tells apart were not importable from `pipeline`."""
+    import pipeline
+    from pipeline.errors import CacheMismatchError, PipelineError, UsageError
+    from pipeline.filters import FilterError
+    from pipeline.images import ImageDecodeError
+
+    out, _ = built
+    assert (pipeline.ImageDecodeError, pipeline.FilterError, pipeline.CacheMismatchError) == (
+        ImageDecodeError, FilterError, CacheMismatchError)
+    cat = Catalog.open(out, model=Path(tiny_clip))
+    by_name = Catalog.open(out, model=str(tiny_clip))
+    assert [h.row for h in cat.search_text("red dress", k=4)] == [h.row for h in by_name.search_text("red dress", k=4)]
+    picture = assets.jpeg_bytes(60, 80, seed=3)
+    dim = cat.embeddings.shape[1]
+    wrong = [
+        lambda: cat.search_combined(picture, None),  # type: ignore[arg-type]
+        lambda: cat.search_combined(picture, 5),  # type: ignore[arg-type]
+        lambda: cat.search_combined(picture, ["red"], None),  # type: ignore[arg-type]
+        lambda: cat.search_combined(picture, ["red"], text_weight="x"),  # type: ignore[arg-type]
+        lambda: cat.search_combined(picture, ["red"], fusion="max"),
+        lambda: cat.search_vectors(np.ones(dim + 1, np.float32)),
+        lambda: cat.search_vectors(np.full(dim, 2.0, np.float32)),
+        lambda: cat.neighbours(99),
+        lambda: cat.neighbours("nope.jpg"),
+        lambda: Catalog.open(None),  # type: ignore[arg-type]
+        lambda: Catalog.open(out, dedup="no"),  # type: ignore[arg-type]
+    ]
+    for ask in wrong:
+        with pytest.raises(UsageError):
+            ask()
+    assert [h.row for h in cat.search_combined(picture, "red", k=np.int64(3))[0].hits] == \
+        [h.row for h in cat.search_combined(picture, ["red"], k=3)[0].hits]
+    assert Catalog.open(out, threads=np.int64(1)).search_text("red", k=2)
+    other = Catalog.open(out, model=str(assets.save_tiny_clip(out.parent / "other-clip", seed=5)))
+    with pytest.raises(CacheMismatchError) as fault:  # the service's own: not a UsageError
+        other.search_text("red")
+    assert not isinstance(fault.value, UsageError) and isinstance(fault.value, PipelineError)
+
+
+def test_the_duplicate_groups_handed_out_are_copies(tiny_onnx, tmp_path):
+    """g[0][0].file = ... in a notebook changed the catalog's own line: every later answer named it."""
+    ds = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(60, 80, seed=i % 3) for i in range(5)])
+    out = tmp_path / "out"
+    assert cli.main(["--dataset", str(ds), "--onnx", str(tiny_onnx), "--output-dir", str(out),
+                     "--max-result-images", "0", "-q"]) == 0
+    cat = Catalog.open(out)
+    groups = cat.duplicates()
+    assert groups and len(groups[0]) >= 2
+    kept = groups[0][0].file
+    groups[0][0].file = "HACKED.jpg"
+    assert cat.duplicates()[0][0].file == kept
+    assert "HACKED.jpg" not in {h.file for h in cat.neighbours(groups[0][1].embedding_row, k=4)}
+
+
 def test_catalog_queries_of_every_form_agree(built, tiny_clip):
     """A picture as a PIL image is searched as the same file is (alpha on white, 16-bit scaled, EXIF
     upright); one text alone is one text, not its letters; a k past the catalogue gives every item

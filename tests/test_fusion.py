@@ -75,7 +75,9 @@ def test_a_negative_text_pushes_its_item_down(catalog):
     minus = catalog.search_combined(picture, ["with a belt"], ["buttons"], k=6, text_weight=0.8)[0].hits
     assert first(plain) == 0 and first(minus) == 4  # the belt item, once the buttons are taken away
     assert [h.row for h in minus].index(0) > [h.row for h in plain].index(0)
-    with pytest.raises(Exception, match="negative texts need --fusion sum"):
+    from pipeline.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"negative texts need fusion=.sum. \(--fusion sum\)"):
         catalog.search_combined(picture, ["in red"], ["buttons"], fusion="rrf")
 
 
