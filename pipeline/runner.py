@@ -185,6 +185,8 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
     summary.outputs["embeddings"] = str(cfg.store_dir)
     if not cfg.from_cache:
         retire_earlier_outputs(cfg)
+    else:  # a metadata table of another version of the store is refused now, not after every output was rewritten
+        load_metadata(cfg.store_dir, gallery.embedded)
     on_gpu = cfg.embedder.device == "cuda" or on_cuda(gallery.embedder)
     with summary.stage("index"):
         searcher = open_searcher(cfg, gallery.embeddings, gallery.embedded, gpu=on_gpu, build_auto=True)
@@ -535,6 +537,10 @@ def carried_neighbours(cfg: RunConfig, searcher: Searcher, carried: tuple[np.nda
     if found is None:
         return None
     nb, asked = found
+    if matrix is not None and carried is None and source != matrix and source is not None:
+        # moved aside by retire_earlier_outputs (the report was of another store: an update stopped after its
+        # switch), yet of this very store, as its stamp says: back in its place, or it was deleted below
+        os.replace(source, matrix)
     if matrix is not None and carried is not None:
         try:
             carried_matrix(np.load(source or matrix, mmap_mode="r"), take, searcher.embeddings, matrix)

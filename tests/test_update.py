@@ -1527,6 +1527,47 @@ def test_a_run_stopped_after_its_store_changed_leaves_no_outputs_of_the_store_be
     assert np.load(out / "outputs" / "distance_matrix.npy").shape == (31, 31)
 
 
+def test_an_update_over_a_report_of_another_store_keeps_the_matrix_it_says_it_kept(tiny_onnx, tmp_path, capsys):
+    """The report left of the store before (an update stopped after its switch, then a run that wrote
+    this store's lists and matrix): an update with nothing to embed moved the matrix aside, said
+    "the distance matrix kept as it is", listed it as an output, and deleted it."""
+    from pipeline.store import store_sha256
+
+    data = write_catalogue(tmp_path / "catalogue", list(range(12)))
+    out = tmp_path / "updated"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    matrix = out / "outputs" / "distance_matrix.npy"
+    before = np.load(matrix)
+    section = out / "outputs" / "report" / "sections" / "gallery.js"
+    section.write_text(section.read_text().replace(store_sha256(out / "embeddings"), "0" * 64))  # of another store
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out) == 0
+    said = capsys.readouterr().out
+    assert "the distance matrix kept as it is" in said and f"distance matrix -> {matrix}" in said
+    assert matrix.is_file() and np.array_equal(np.load(matrix), before)
+    assert not list((out / "outputs").glob(".distance_matrix*"))
+
+
+def test_a_reuse_of_a_store_whose_metadata_is_of_another_version_is_refused_before_any_output(tiny_onnx, tmp_path,
+                                                                                             capsys):
+    """--use-embeddings over a store whose update stopped before its metadata was written: it computed
+    every neighbour and rewrote neighbours.csv, the matrix, the pictures and the plots, then refused."""
+    import pyarrow.parquet as pq
+
+    data = write_catalogue(tmp_path / "catalogue", list(range(12)))
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    path = out / "embeddings" / "metadata.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.replace_schema_metadata({b"fashion.manifest_sha256": b"0" * 64}), path)
+    outputs = {p: p.stat().st_mtime_ns for p in [out / "retrieval_results" / "neighbours.csv",
+                                                 out / "outputs" / "distance_matrix.npy"]}
+    capsys.readouterr()
+    assert run(*args(data, tiny_onnx, out, "--use-embeddings")) == 1
+    assert "was written for another version of the store" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in outputs} == outputs  # nothing rewritten before the refusal
+
+
 def test_an_update_without_dataset_flags_finishes_a_stopped_switch_on_the_stores_own_dataset(tiny_onnx, tmp_path,
                                                                                               monkeypatch, capsys):
     """Stopped midway through its switch, the store has no sidecar: an --update with no dataset flags
