@@ -40,6 +40,9 @@ from .remedy import find_file_with_sha256
 from .searcher import Hit, QueryCrop, Searcher, combine, query_crops
 from .store import (
     SIDECAR_FILE,
+    SWITCH_FILE,
+    SWITCH_STOPPED,
+    UPDATE_DIR,
     GalleryCache,
     ManifestRow,
     load_cache,
@@ -123,19 +126,31 @@ def store_folder(folder: str | Path) -> Path:
     output folder, its embeddings/ (its embeddings_segment/ where it has no embeddings/ at all: a
     run of person crops alone; an embeddings/ between its files is not passed over for it)."""
     folder = Path(folder)
+    for output in (folder, folder.parent):  # a run's folder, or the store folder in it
+        if said := being_written(output):  # a store between its files (an update's switch): not one to build
+            if any((store / UPDATE_DIR / SWITCH_FILE).is_file() for store in _stores_in(folder)):
+                raise PipelineError(f"{folder} holds no complete gallery store now{said}")
+    for store in _stores_in(folder):  # an update stopped in its switch: finished in a second, not built again
+        if (store / UPDATE_DIR / SWITCH_FILE).is_file():
+            raise PipelineError(SWITCH_STOPPED.format(store=store) + ", then open it again")
     if (folder / SIDECAR_FILE).is_file():
         return folder
     if (folder / "embeddings" / SIDECAR_FILE).is_file():
         return folder / "embeddings"
     if not (folder / "embeddings").exists() and (folder / "embeddings_segment" / SIDECAR_FILE).is_file():
         return folder / "embeddings_segment"
-    for output in (folder, folder.parent):  # a run's folder, or the store folder in it
-        if said := being_written(output):  # a store between its files (an update's switch): not one to build
+    for output in (folder, folder.parent):
+        if said := being_written(output):
             raise PipelineError(f"{folder} holds no complete gallery store now{said}")
     raise PipelineError(
         f"{folder} holds no gallery store ({SIDECAR_FILE} not found there, in {folder / 'embeddings'} or in "
         f"{folder / 'embeddings_segment'}); build one first: python main.py --output-dir DIR"
     )
+
+
+def _stores_in(folder: Path) -> list[Path]:
+    """The store folders `folder` may name: itself, or a run's embeddings/ and embeddings_segment/."""
+    return [folder, folder / "embeddings", folder / "embeddings_segment"]
 
 
 def store_state(root: Path) -> tuple[int, ...] | None:

@@ -62,6 +62,7 @@ from .store import (
     SIDECAR_FILE,
     STORE_FORMAT,
     SWITCH_FILE,
+    SWITCH_STOPPED,
     UPDATE_DIR,
     GalleryCache,
     ManifestRow,
@@ -262,8 +263,6 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
         raise
 
 
-SWITCH_STOPPED = ("an update of {store} was interrupted in the middle of its switch: run the update's command "
-                  "(with --update) to finish it")
 
 
 def switch_pending(cfg: RunConfig) -> str:

@@ -62,6 +62,8 @@ PARTIAL_DIR = ".partial"
 UPDATE_DIR = ".update"  # --update's staging, in the store folder and in the image folder
 NEXT_DIR = "next"  # in the store's UPDATE_DIR: the staged store an update switches in
 SWITCH_FILE = "SWITCH"  # in the store's UPDATE_DIR: the staged store is complete, to be moved into place
+SWITCH_STOPPED = ("an update of {store} was interrupted in the middle of its switch: run the update's command "
+                  "(with --update) to finish it")
 RUN_FILE = "run.json"
 # Image files (and thumbnails.npy) this store has hashed and found as recorded, with their size and
 # modification time then: a file whose size and time are unchanged is not hashed again (git's index

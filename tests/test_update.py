@@ -635,6 +635,14 @@ def test_a_switch_killed_midway_is_named_by_a_cache_run_and_dropped_by_a_build(t
         said = capsys.readouterr().err
         assert "interrupted in the middle of its switch: run the update's command (with --update)" in said
         assert "Build it first" not in said
+    # the API too (it said "build one first", which embeds everything again), the store or its run folder named
+    from pipeline.catalog import Catalog
+    from pipeline.errors import PipelineError
+
+    for named in (out, out / "embeddings"):
+        with pytest.raises(PipelineError, match=r"interrupted in the middle of its switch: run the update's command "
+                                                r"\(with --update\) to finish it, then open it again"):
+            Catalog.open(named)
     # while a run holds the folder (the update switching, still at work), a reader is told to wait, not that it stopped
     from tests.helpers import another_run_holding
 
@@ -642,6 +650,8 @@ def test_a_switch_killed_midway_is_named_by_a_cache_run_and_dropped_by_a_build(t
         assert run("--onnx", tiny_onnx, "--output-dir", out, "--export", f"parquet:{tmp_path / 'y.parquet'}") == 1
         said = " ".join(capsys.readouterr().err.split())
         assert f"another run (pid {pid}) is writing to {out}" in said and "interrupted" not in said, said
+        with pytest.raises(PipelineError, match=f"holds no complete gallery store now.*pid {pid}"):
+            Catalog.open(out)
     write_catalogue(data, list(range(5)))  # the user builds afresh instead: the pending switch must not come back
     assert run(*args(data, tiny_onnx, out)) == 0
     assert not (out / "embeddings" / update_module.STAGING).exists()
