@@ -156,6 +156,42 @@ def test_a_qdrant_folder_open_in_another_client_is_said_so_not_a_crash(exported,
     assert cli.main(args(data, tiny_onnx, out, "--export", f"qdrant:{targets['qdrant']}")) == 0  # closed: it goes on
 
 
+def test_the_items_are_tabled_once_for_every_target_and_a_large_local_qdrant_is_said_once(
+        tiny_onnx, tmp_path, monkeypatch, capsys):
+    """Each --export target made the whole table again, a row's digest at a time (2.5 s of 3.2 a target
+    at 100k); qdrant-client's own warning past 20,000 points came raw, twice, and named no way out."""
+    from pipeline import vectordb
+
+    data = write_shop(tmp_path / "shop")
+    out = tmp_path / "out"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    made = []
+    real = vectordb.export_table
+    monkeypatch.setattr(vectordb, "export_table", lambda *a, **k: made.append(1) or real(*a, **k))
+    monkeypatch.setattr(vectordb, "QDRANT_LOCAL_POINTS", 5)
+    targets = [("lancedb", tmp_path / "e.lance"), ("qdrant", tmp_path / "e.qdrant"), ("parquet", tmp_path / "e.pq")]
+    flags = [x for k, path in targets for x in ("--export", f"{k}:{path}")]
+    capsys.readouterr()
+    assert run(*args(data, tiny_onnx, out, *flags)) == 0
+    assert made == [1]
+    said = [line for line in capsys.readouterr().err.splitlines() if "local mode is meant for up to 5 points" in line]
+    assert len(said) == 1 and "run a Qdrant server, or export to LanceDB" in said[0]
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(path=str(tmp_path / "e.qdrant"))
+    try:
+        points = client.scroll("gallery", limit=100, with_vectors=True)[0]
+        lance = {r["key"]: r for r in __import__("lancedb").connect(str(tmp_path / "e.lance")).open_table(
+            "gallery").to_arrow().to_pylist()}
+        assert len(points) == len(lance) > 5
+        for point in points:  # each point's vector and values as the table's row for its key
+            row = lance[point.payload["key"]]
+            assert np.allclose(point.vector, row["vector"], atol=1e-6)
+            assert point.payload["file"] == row["file"] and point.payload["digest"] == row["digest"]
+    finally:
+        client.close()
+
+
 def test_a_folder_not_made_by_export_is_left_alone(exported, tiny_onnx, tmp_path, capsys):
     data, out, targets, _ = exported
     (targets["lancedb"] / "_fashion_export.json").unlink()  # a LanceDB folder of the user's own
