@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import resource
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +31,24 @@ def terminal_text(text: str) -> str:
     """text as it may be printed: each control character (but newline and tab) and each mark that
     reorders a line written as its escape (\\x1b, \\u202e); any other text unchanged."""
     return _NOT_FOR_A_TERMINAL.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
+STAGE_SAID_AFTER_S = 10.0
+STAGE_SAID_EVERY_S = 30.0
+log = logging.getLogger(__name__)
+
+
+def _say_while(done: threading.Event, active: list[threading.Event], mode: str, stage: str, started: float) -> None:
+    """Log that `stage` is at work until `done`: first after STAGE_SAID_AFTER_S, then every
+    STAGE_SAID_EVERY_S; not while a stage inside it is under way (that one says), nor while a
+    progress bar is on the screen (it says as much, and a line written under it breaks it)."""
+    wait = STAGE_SAID_AFTER_S
+    while not done.wait(wait):
+        wait = STAGE_SAID_EVERY_S
+        from tqdm import tqdm
+
+        if active and active[-1] is done and not getattr(tqdm, "_instances", None):
+            log.info("%s: %s at work, %.0f s so far", mode, stage, time.perf_counter() - started)
 
 
 def peak_rss_mib() -> float:
@@ -56,13 +76,24 @@ class RunSummary:
     tables: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     report_section: str = ""  # the id of the report section the run wrote (webreport.write_section), if any
+    _active: list[threading.Event] = field(default_factory=list, repr=False, compare=False)  # stages under way
 
     @contextmanager
     def stage(self, name: str, label: str | None = None) -> Iterator[None]:
+        """Time a stage; one that runs long without a progress bar of its own says it is at work
+        (after STAGE_SAID_AFTER_S, then every STAGE_SAID_EVERY_S: a 100k catalogue's index, neighbours
+        and report ran 110 s with nothing on the screen, a hang to look at)."""
         t = time.perf_counter()
+        done = threading.Event()
+        self._active.append(done)  # of nested stages, the innermost says
+        said = threading.Thread(target=_say_while, args=(done, self._active, self.mode, label or name, t),
+                                daemon=True)
+        said.start()
         try:
             yield
         finally:
+            done.set()
+            self._active.remove(done)
             self.timed(name, time.perf_counter() - t, label)
 
     def timed(self, name: str, seconds: float, label: str | None = None) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 from pipeline.report import RunSummary
 
 
@@ -43,3 +46,32 @@ def test_a_results_table_is_printed_once_and_never_repeated_as_notes():
         "  | same-product | onnx-int8 | 6 | 0.500 | 1.000 | 1.000 | 0.750 | — |",  # no speed measured: a dash
     ]
     assert summary_payload(s)["notes"] == ["2 queries skipped: their product has no other image"]
+
+
+def test_a_long_stage_says_it_is_at_work_and_only_the_innermost_one_says(monkeypatch, caplog):
+    """At 100k items the index, neighbours and report ran 110 s with nothing on the screen: a stage
+    that runs long says so (not under a progress bar, which says as much; of nested ones, the inner)."""
+    import time
+
+    from tqdm import tqdm
+
+    from pipeline import report
+
+    monkeypatch.setattr(report, "STAGE_SAID_AFTER_S", 0.15)
+    monkeypatch.setattr(report, "STAGE_SAID_EVERY_S", 0.2)
+    summary = report.RunSummary(mode="standard")
+    with caplog.at_level("INFO", logger="pipeline.report"):
+        with summary.stage("index"):
+            with summary.stage("index/train", "train the lists"):
+                time.sleep(0.4)
+            time.sleep(0.3)
+        with open(os.devnull, "w") as sink, summary.stage("embed"), tqdm(total=1, disable=False, file=sink):
+            time.sleep(0.4)
+        with summary.stage("quick"):
+            pass
+        time.sleep(0.3)
+    said = [r.getMessage() for r in caplog.records]
+    assert said and all(re.fullmatch(r"standard: (train the lists|index) at work, \d+ s so far", s) for s in said), said
+    assert said[0].startswith("standard: train the lists at work")
+    assert any(s.startswith("standard: index at work") for s in said)  # once the inner stage was done
+    assert set(summary.stages) == {"index", "index/train", "embed", "quick"}
