@@ -911,8 +911,9 @@ def write_store(
     """
     check_file_names(rows)
     unlink_quietly(root / SIDECAR_FILE)
-    emb_bytes = npy_bytes(emb)
-    atomic_write_bytes(root / EMBEDDINGS_FILE, emb_bytes)
+    # written from the array itself, hashed as it is written: not a bytes copy of it (an update held the
+    # old vectors, the new, and that copy: twice a gallery run's peak at 100k)
+    emb_sha256 = atomic_write_npy_chunks(root / EMBEDDINGS_FILE, emb.shape, emb.dtype, [emb])
     parts = list(kept_thumbnails)
     if parts and parts[0].file != THUMBNAILS_FILE:
         raise ValueError(f"kept thumbnails start with {THUMBNAILS_FILE}, not {parts[0].file}")
@@ -939,7 +940,7 @@ def write_store(
         dim=int(emb.shape[1]),
         manifest_rows=len(rows),
         manifest_sha256=sha256_bytes(manifest_bytes),
-        embeddings_sha256=sha256_bytes(emb_bytes),
+        embeddings_sha256=emb_sha256,
         thumbnails_sha256=parts[0].sha256,
         thumbnail_size=thumbnail_size,
         machine=dict(cpu_info()),
