@@ -85,6 +85,9 @@ class DatasetSpec:
     image_column: str = "image"
     extra_columns: tuple[str, ...] = ()  # read alongside (evaluation: "cloth", "item_ID")
     id_column: str | None = None  # --id-column: what --update knows a photo by (default: its bytes' sha256)
+    # what a row's source names the dataset by (`<label>[row]`) where `name` was made absolute for
+    # another process (a joined Ray cluster's workers): the name as the user gave it; None: `name`
+    label: str | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -758,7 +761,7 @@ def check_columns(spec: DatasetSpec, names: list[str]) -> None:
 
 def _row_record(spec: DatasetSpec, i: int, cell: Callable[[str], Any]) -> Record:
     """Row i as a Record: its image cell, plus the extra columns asked for (`cell(column)` reads one)."""
-    rec = _record_from_cell(i, f"{spec.name}[{i}]", cell(spec.image_column))
+    rec = _record_from_cell(i, f"{spec.label or spec.name}[{i}]", cell(spec.image_column))
     if spec.extra_columns:
         rec = replace(rec, extra={c: _extra_value(cell(c)) for c in spec.extra_columns})
     if spec.id_column:

@@ -393,12 +393,12 @@ def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None
     def load() -> Embedder:
         return given if given is not None else make_embedder(cfg.embedder)
 
-    build = RayBuild(
-        dataset=cfg.dataset,
-        embedder=cfg.embedder,
-        segment=cfg.segment if cfg.segmented else None,
-        images=_url_images(cfg, part) or str(images_dir),
-        store_dir=store_dir,
+    build = RayBuild(  # every local path as this process reads it: a joined cluster's workers start in its folder
+        dataset=replace(cfg.dataset, name=_here(cfg.dataset.name), label=cfg.dataset.name),
+        embedder=replace(cfg.embedder, onnx=_here(cfg.embedder.onnx), model=_here(cfg.embedder.model)),
+        segment=replace(cfg.segment, model=_here(cfg.segment.model)) if cfg.segmented else None,
+        images=_url_images(cfg, part) or str(images_dir.absolute()),
+        store_dir=store_dir.absolute(),
         batch_size=cfg.batch_size,
         shard_rows=cfg.shard_rows,
         fresh=cfg.fresh,
@@ -425,6 +425,13 @@ def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None
     else:
         remove_stale_files(target, rows)
     return Gallery(emb, rows, embedder)
+
+
+def _here(name: str) -> str:
+    """A name that is a local file or folder as an absolute path (relative ones were read from a joined
+    cluster's own folder: every photo of --dataset photos failed, a relative --onnx was "not found");
+    a hub id or a short name as it is."""
+    return str(Path(name).absolute()) if name and Path(name).exists() else name
 
 
 def _url_images(cfg: RunConfig, part: BuildPart | None) -> str | None:

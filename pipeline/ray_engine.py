@@ -153,24 +153,58 @@ class RaySession:
         threading.Thread(target=self.ray.shutdown, name=SHUTDOWN_THREAD).start()
 
 
-ADDRESS_FORMS = "give the head's host:port (e.g. 10.0.0.5:6379), ray://host:10001 (Ray Client) or auto"
+ADDRESS_FORMS = "give the head's host:port (its GCS port, e.g. 10.0.0.5:6379) or auto"
 PROBE_SECONDS = 5.0
+# HTTP/2's client preface and an empty SETTINGS frame: a gRPC server (a Ray head's GCS) answers with a
+# SETTINGS frame of its own (frame type 4 in the header's fourth byte); anything else is not a Ray head
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
 def probe_cluster(address: str, named: str) -> None:
-    """A host:port (or ray://host:port) that no process answers is refused at once; Ray's own join
-    retries it for about 14 minutes before it gives up. `auto` and `local` are left to Ray."""
+    """A host:port that no process answers is refused at once, and so is one where something other
+    than a Ray head answers (a dashboard's 8265, a mistyped port): Ray's own join retries either for
+    many minutes. A Ray Client address (ray://) is refused: Ray Data does not run over it (Ray's
+    maintainers, ray-project/ray#48682). `auto` and `local` are left to Ray."""
     import socket
 
     if address in ("auto", "local"):
         return
+    if address.lower().startswith("ray://"):
+        raise UsageError(f"{named} {address!r}: Ray Data does not run through Ray Client (ray://); run the command "
+                         "on a node of the cluster with --ray-address auto, or give the head's GCS address, "
+                         "host:6379")
     host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
     if not sep or not host or not port.isdigit():
         raise UsageError(f"{named} {address!r} is no cluster address: {ADDRESS_FORMS}")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "", "false"):  # TLS: no plain preface to send
+                conn.sendall(HTTP2_PREFACE)
+                answer = _read_some(conn, 9)
+                if len(answer) < 4 or answer[3] != 4:
+                    raise PipelineError(
+                        f"cannot join the Ray cluster at {address}: something answers there, but not a Ray head (it "
+                        f"does not speak gRPC{_shown(answer)}); the head's GCS port is 6379 unless `ray start "
+                        "--port` chose another (8265 is its dashboard, 10001 its Ray Client server)")
     except OSError as e:
         raise PipelineError(cannot_join(address, e)) from e
+
+
+def _read_some(conn, n: int) -> bytes:
+    """Up to n bytes, as they come within the connection's timeout; what came when it closes or times out."""
+    got = b""
+    try:
+        while len(got) < n and (chunk := conn.recv(n - len(got))):
+            got += chunk
+    except OSError:
+        pass
+    return got
+
+
+def _shown(answer: bytes) -> str:
+    """What a non-gRPC service answered, in a few printable characters (an HTTP server's status line)."""
+    text = answer.decode("latin-1")
+    return f": it answered {text!r}" if text.isprintable() and text.strip() else ""
 
 
 def cannot_join(address: str, e: BaseException) -> str:
@@ -556,10 +590,38 @@ def _gather(ds, collector: Collector, build: RayBuild, rows: tuple[int, int], su
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             first = first or time.perf_counter() - t0
             bar.update(collector.add(batch, build.shard_rows))
+    except PipelineError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Ray's and Ray Data's errors of a worker have many types
+        said = worker_error(e)
+        if said is None:
+            raise
+        raise said from e
     finally:
         bar.close()
     summary.notes.append(f"ray: first rows back {first or 0:.1f} s after the start")
     log.debug("Ray Data stats:\n%s", ds.stats())
+
+
+def worker_error(e: BaseException) -> PipelineError | None:
+    """A worker's failure as the run's one line: the project's own error raised in a worker (found
+    through Ray's wrappers, as its own type), or for a worker that died (killed for memory, say) what
+    is kept and how to go on; None for an error that is not Ray's (a bug of this process)."""
+    seen: set[int] = set()
+    chain: list[BaseException | None] = [e]
+    while chain:
+        x = chain.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, PipelineError) and not type(x).__module__.startswith("ray"):  # not Ray's dual class
+            return type(x)(str(x))
+        chain += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    if not type(e).__module__.startswith("ray"):
+        return None
+    return PipelineError(f"a Ray worker stopped before its work was done ({type(e).__name__}: {first_line(e)}); "
+                         "the shards it completed are kept: run the same command again to resume (a worker killed for "
+                         "its memory: a smaller --batch-size)")
 
 
 def split_at_shards(pieces: list[Piece], shard_rows: int) -> list[Piece]:

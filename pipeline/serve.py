@@ -25,6 +25,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,9 +304,17 @@ def check_server_filter(cfg: RunConfig, catalog: Catalog) -> None:
 def check_upload_pixels(data: bytes) -> None:
     """ImageDecodeError when the picture's header claims over MAX_UPLOAD_PIXELS (read from the header
     alone); bytes that are no picture are left to the decoder, which says what they are."""
+    from PIL import Image
+
     try:
-        with pil_open(io.BytesIO(data)) as image:  # PIL's own: Ultralytics' would try to pip-install a decoder
-            width, height = image.size
+        with warnings.catch_warnings():  # PIL's own bomb warning (over 89 MP) said nothing the answer does not
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with pil_open(io.BytesIO(data)) as image:  # PIL's own: Ultralytics' would try to pip-install a decoder
+                width, height = image.size
+    except Image.DecompressionBombError:  # over twice PIL's limit: its message named PIL's limit, not ours
+        raise ImageDecodeError(f"refused as a decompression bomb: its header claims over "
+                               f"{2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels; a query picture may have "
+                               f"at most {MAX_UPLOAD_PIXELS / 1e6:.0f}") from None
     except Exception:  # noqa: BLE001 - not a picture, or a damaged one: the decoder's message says which
         return
     if width * height > MAX_UPLOAD_PIXELS:

@@ -11,6 +11,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -302,10 +303,12 @@ def test_ray_address_joins_a_cluster_started_on_loopback(ragged, tiny_onnx, loca
         "--disable-usage-stats",
     ]
 
-    def run(out: Path, *extra: str, **env_change: str | None) -> subprocess.CompletedProcess:
+    def run(out: Path, *extra: str, where: Path = ROOT, **env_change: str | None) -> subprocess.CompletedProcess:
         run_env = {k: v for k, v in {**env, **env_change}.items() if v is not None}
-        args = [sys.executable, str(ROOT / "main.py"), *_args(ragged, tiny_onnx, out, "--engine", "ray", *extra)]
-        return subprocess.run(args, env=run_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        paths = [Path(os.path.relpath(p, where)) for p in (ragged, tiny_onnx, out)] if where != ROOT else \
+            [ragged, tiny_onnx, out]
+        args = [sys.executable, str(ROOT / "main.py"), *_args(*paths, "--engine", "ray", *extra)]
+        return subprocess.run(args, env=run_env, capture_output=True, text=True, timeout=600, cwd=where)
 
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     try:
@@ -318,6 +321,17 @@ def test_ray_address_joins_a_cluster_started_on_loopback(ragged, tiny_onnx, loca
         r = run(out, *address)
         assert r.returncode == 3, r.stderr[-2000:]
         _same_store(local_run, out)
+        # paths relative to the folder the run is given in, not the cluster's: every photo failed to be read
+        elsewhere = tmp_path / "desk"
+        elsewhere.mkdir()
+        relative = tmp_path / "relative"
+        r = run(relative, *address, where=elsewhere)
+        assert r.returncode == 3 and "unexpected" not in r.stderr, r.stderr[-2000:]
+        as_given = os.path.relpath(ragged, elsewhere)  # a row's source names the dataset as it was given
+        manifest = relative / "embeddings" / "manifest.csv"
+        assert f",{as_given}[0],".encode() in manifest.read_bytes()
+        manifest.write_bytes(manifest.read_bytes().replace(f",{as_given}[".encode(), f",{ragged}[".encode()))
+        _same_store(local_run, relative)
         assert (temp / "ray" / "ray_current_cluster").read_text().strip().endswith(f":{port}")  # Ray names its IP
         own = tmp_path / "own"
         r = run(own, RAY_TMPDIR=str(temp))
@@ -381,10 +395,40 @@ def test_an_address_nothing_answers_or_of_no_form_is_refused_at_once(monkeypatch
     with pytest.raises(UsageError, match="^RAY_ADDRESS 'nohost' is no cluster address"):
         ray_engine.RaySession(None, 1)
     assert called == []
-    with socket.socket() as listening:  # something answers: Ray is asked, and its ValueError is a usage error
+    with pytest.raises(UsageError, match=r"'ray://10.0.0.5:10001': Ray Data does not run through Ray Client"):
+        ray_engine.RaySession("ray://10.0.0.5:10001", 1)  # the form the message offered: an AttributeError in Ray
+    assert called == []
+    # an HTTP server where the head was meant (a dashboard, a mistyped port): Ray retried it for minutes
+    import http.server
+
+    web = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    serving = threading.Thread(target=web.serve_forever, daemon=True)
+    serving.start()
+    try:
+        t = time.perf_counter()
+        with pytest.raises(PipelineError, match=r"something answers there, but not a Ray head \(it does not speak "
+                                                r"gRPC: it answered '[^']+'\); the head's GCS port is 6379"):
+            ray_engine.RaySession(f"127.0.0.1:{web.server_address[1]}", 1)
+        assert time.perf_counter() - t < 3 and called == []
+    finally:
+        web.shutdown()
+        web.server_close()
+    with socket.socket() as listening:  # a gRPC server answers: Ray is asked, and its ValueError is a usage error
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         address = f"http://127.0.0.1:{listening.getsockname()[1]}"
+
+        def settings() -> None:  # as a gRPC server does: its own SETTINGS frame, to every connection
+            while True:
+                try:
+                    conn, _ = listening.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.recv(64)
+                    conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+
+        threading.Thread(target=settings, daemon=True).start()
 
         def invalid(**kw):
             raise ValueError(f"Invalid address format: {kw['address']}")
@@ -508,3 +552,20 @@ def test_a_cluster_without_a_cpu_is_refused_not_waited_on(ray_instance, ragged, 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"memory": 1e9, "object_store_memory": 1e8})
     assert cli.main(_args(ragged, tiny_onnx, tmp_path / "out", "--engine", "ray")) == 1
     assert "the Ray cluster has no CPU to run the build's workers on" in capsys.readouterr().err
+
+
+def test_a_workers_failure_is_the_runs_one_line_and_a_dead_worker_says_the_run_resumes():
+    """An actor that died (killed for memory) ended the run as "unexpected ActorDiedError (run with -v
+    for the traceback)", exit 1, though its complete shards were kept; the project's own error raised
+    in a worker came through Ray's wrappers as an "unexpected RayTaskError"."""
+    from pipeline.errors import PipelineError, UsageError
+
+    inside = ray.exceptions.RayTaskError("_ItemsAndVectors.__init__", "Traceback ...",
+                                         UsageError("ONNX file onnx/x.onnx not found")).as_instanceof_cause()
+    said = ray_engine.worker_error(inside)
+    assert type(said) is UsageError and str(said) == "ONNX file onnx/x.onnx not found"
+    died = ray_engine.worker_error(ray.exceptions.ActorDiedError())
+    assert type(died) is PipelineError and str(died).startswith(
+        "a Ray worker stopped before its work was done (ActorDiedError: The actor died unexpectedly")
+    assert "the shards it completed are kept: run the same command again to resume" in str(died)
+    assert ray_engine.worker_error(ValueError("a bug here")) is None  # not Ray's: raised as it is
