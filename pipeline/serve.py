@@ -592,9 +592,23 @@ def _answer_invalid_requests(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
-        said = "; ".join(".".join(str(x) for x in e.get("loc", ()) if x != "body") + f": {e.get('msg', '')}"
-                         for e in exc.errors())
+        said = "; ".join(_invalid_part(e) for e in exc.errors())
         return JSONResponse({"detail": said or "the request cannot be read"}, status_code=422)
+
+
+def _invalid_part(error: dict[str, Any]) -> str:
+    """One of FastAPI's validation errors as a person reads it: the field it is about, or for the body
+    as a whole what it had to be ("17: JSON decode error" said a character offset as if a field)."""
+    if error.get("type") == "json_invalid":
+        at = next((x for x in error.get("loc", ()) if isinstance(x, int)), None)
+        return "the body is not valid JSON" + (f" (at character {at + 1})" if at is not None else "")
+    field = ".".join(str(x) for x in error.get("loc", ()) if x != "body")
+    msg = str(error.get("msg", ""))
+    if not field:
+        if error.get("type") in ("model_attributes_type", "dict_type"):  # a list, a number: not an object
+            return "the body must be a JSON object, e.g. {\"text\": \"red dress\"}"
+        return f"the body: {msg[:1].lower()}{msg[1:]}"
+    return f"{field}: {msg}"
 
 
 REPORT_FOLDERS = ("outputs", "retrieval_results", "video_results")

@@ -205,8 +205,13 @@ def test_bad_text_requests_are_refused_with_a_reason(served):
     lone = httpx.post(url + "/api/text", content='{"text": "red \\ud800"}',
                       headers={"content-type": "application/json"})
     assert lone.status_code == 422 and "must be valid Unicode" in lone.json()["detail"]
+    # a body that is no JSON, or no object: said of the body ("17: JSON decode error" read as a field 17)
+    for body, said in (('{"text": "red", }', "the body is not valid JSON (at character 17)"),
+                       ('["red"]', 'the body must be a JSON object, e.g. {"text": "red dress"}')):
+        r = httpx.post(url + "/api/text", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["detail"] == said, r.json()
     # each refused query counted apart from those answered, FastAPI's own 422s (k: true) too; a thumbnail is no query
-    assert service.declined[refused:] == [422, 413, 413, 422, 422, 422, 422, 422, 422]  # the thumbnail's 404 not one
+    assert service.declined[refused:] == [422, 413, 413, 422, 422, 422, 422, 422, 422, 422, 422]  # not the 404
     assert len(service.latencies) == answered
     # a report folder this run did not make: not found, not a 500
     assert httpx.get(url + "/files/video_results/x.html").status_code == 404
