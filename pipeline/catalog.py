@@ -15,11 +15,12 @@ import functools
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -203,6 +204,47 @@ def _check_open_arguments(device: str, threads: int, index: str, model: str | No
                          "run built: python main.py --index KIND), 'none' exactly")
 
 
+R = TypeVar("R")
+P = ParamSpec("P")
+
+
+# What a refusal says in the command line's words, and in the API's (Catalog.open's catalogs speak
+# Python: an API user never typed --filter). A message that begins with a flag, or names one as a remedy.
+_PYTHON_WORDS = (
+    (re.compile(r"^--filter\b"), "filter"),
+    (re.compile(r"^--group-by\b"), "group_by"),
+    (re.compile(r"^--device cuda\b"), "device='cuda'"),
+    (re.compile(r"lower --text-weight\b"), "lower text_weight"),
+    (re.compile(r"pass a local folder with --model DIR\."), "pass a local folder as model=."),
+    (re.compile(r"\. Pass a local (\.pt, \.onnx or (model )?\.yaml file)\."), r". Pass seg_model= a local \1."),
+)
+
+
+def _in_python(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[Catalog, P], R]:
+    """A public method of a catalog opened by Catalog.open: a refusal that names a flag names the
+    argument instead (`filter: expected a value...`, not `--filter: ...`), the same error class."""
+
+    @functools.wraps(method)
+    def said_in_python(self: Catalog, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except PipelineError as e:
+            if not self.speaks_python:
+                raise
+            said = str(e)
+            for flag, word in _PYTHON_WORDS:
+                said = flag.sub(word, said)
+            if said == str(e):
+                raise
+            try:
+                again = type(e)(said)
+            except TypeError:  # an error class that takes other arguments: as it is
+                raise e from None
+            raise again from e.__cause__
+
+    return said_in_python
+
+
 class Catalog:
     """A verified gallery store with its searcher, opened with `Catalog.open(folder)`; the embedder
     (for text and picture queries) and the segmenter load on first use. Queries may come from
@@ -224,6 +266,7 @@ class Catalog:
         self.thumbnails = Thumbnails(cache.thumbnails(), len(searcher.rows))
         # the store's files as they were before it was read (is_current() compares the store on disk with it)
         self.opened_state = opened if opened is not None else store_state(cache.root)
+        self.speaks_python = False  # Catalog.open's: its refusals name the arguments, not the command line's flags
 
     @classmethod
     def open(
@@ -292,7 +335,9 @@ class Catalog:
                 raise CacheMismatchError(str(refusal))
             return _checked_embedder(spec, cache)
 
-        return cls(cache, searcher, embedder, lambda: make_segmenter(segment, device=device), opened)
+        catalog = cls(cache, searcher, embedder, lambda: make_segmenter(segment, device=device), opened)
+        catalog.speaks_python = True
+        return catalog
 
     # ------------------------------------------------------------------ what is in it
     @property
@@ -328,6 +373,7 @@ class Catalog:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @_in_python
     def duplicates(self) -> list[list[ManifestRow]]:
         """The store's duplicate groups (outputs/duplicates.csv), each a list of items, its first
         photo first."""
@@ -346,6 +392,7 @@ class Catalog:
         raise TypeError(f"a Catalog does not pickle (its files, locks and models are this process's): open it in "
                         f"each process, Catalog.open('{self.cache.root}', ...)")
 
+    @_in_python
     def thumbnail(self, row: Whole) -> np.ndarray:
         """uint8 (T, T, 3) RGB thumbnail of embedding row `row`."""
         self._check_row(row)
@@ -372,8 +419,11 @@ class Catalog:
     def _searcher(self, group_by: str | None) -> Searcher:
         """The searcher grouped as asked: None, as the catalog was opened; "" each photo; a column
         name, one result per value of it."""
+        if group_by is not None and not isinstance(group_by, str):
+            raise UsageError(f"group_by={group_by!r}: a metadata column's name, a text ('' for each photo)")
         return self.searcher if group_by is None else self.searcher.grouped(group_by or None)
 
+    @_in_python
     def search_vectors(self, vectors: npt.ArrayLike, k: Whole = 5, filter: str | None = None,
                        group_by: str | None = None) -> list[list[Hit]]:
         """Top-k hits for each vector: float32 (D,) or (Q, D), L2-normalized. filter: a metadata
@@ -402,6 +452,7 @@ class Catalog:
         searcher = self._searcher(group_by)
         return searcher.search(q, k, searcher.allowed(filter))
 
+    @_in_python
     def search_text(self, text: str, k: Whole = 5, filter: str | None = None, group_by: str | None = None) -> list[Hit]:
         """The top-k items for a description (filter, group_by: as in search_vectors)."""
         k = self._k(k)
@@ -413,6 +464,7 @@ class Catalog:
         allowed = searcher.allowed(filter)
         return searcher.search(self.embedder.embed_text([text]), k, allowed)[0]
 
+    @_in_python
     def query_crops(self, picture: str | Path | bytes | Image.Image, segment: bool = False,
                     name: str | None = None) -> tuple[list[QueryCrop], bool]:
         """A query picture as the pictures searched (each person in it with segment=True), and
@@ -446,6 +498,7 @@ class Catalog:
         with self._segmenter_slot.lock:
             return query_crops(image, label, self._segmenter_slot.get())
 
+    @_in_python
     def load_segmenter(self) -> None:
         """Load the segmenter now, not on the first picture cut into persons (a server says it is
         ready once it is). PipelineError when it cannot be loaded."""
@@ -469,6 +522,7 @@ class Catalog:
         emb = self.embedder
         return emb.embed(preprocess_batch([c.image for c in crops], emb.preprocess_cfg))
 
+    @_in_python
     def search_combined(self, picture: str | Path | bytes | Image.Image, texts: str | Sequence[str],
                         negative: str | Sequence[str] = (), k: Whole = 5, fusion: str = "sum",
                         text_weight: float = 0.5,
@@ -504,6 +558,7 @@ class Catalog:
             out.append(QueryResult(crop.label, searcher.hits(nb, 0), crop.image, found))
         return out
 
+    @_in_python
     def search_image(self, picture: str | Path | bytes | Image.Image, k: Whole = 5, segment: bool = False,
                      name: str | None = None, filter: str | None = None,
                      group_by: str | None = None) -> list[QueryResult]:
@@ -517,6 +572,7 @@ class Catalog:
         hits = searcher.search(self.embed_crops(crops), k, allowed)
         return [QueryResult(c.label, h, c.image, found) for c, h in zip(crops, hits)]
 
+    @_in_python
     def neighbours(self, item: Whole | str | Path, k: Whole = 5, filter: str | None = None,
                    group_by: str | None = None) -> list[Hit]:
         """An item's top-k other items; item: its embedding row, its store file name (refused when

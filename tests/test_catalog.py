@@ -296,6 +296,37 @@ def test_a_service_tells_a_requests_fault_from_its_own_by_the_class(built, tiny_
     assert not isinstance(fault.value, UsageError) and isinstance(fault.value, PipelineError)
 
 
+def test_a_catalog_opened_in_python_names_its_arguments_not_the_command_lines_flags(tiny_clip, tmp_path):
+    """A programmer never typed --filter: `--filter: expected a value` named a flag of a tool they did not
+    run. Catalog.open's catalogs name the argument; one the command line made keeps its flags."""
+    from pipeline.errors import UsageError
+    from pipeline.filters import FilterError
+    from pipeline.searcher import combine
+
+    ds = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(60, 80, seed=i) for i in range(6)],
+                                      {"price": [1.0, 2, 3, 4, 5, 6], "colour": list("rgbrgb")})
+    out = tmp_path / "out"
+    assert cli.main(["--dataset", str(ds), "--model", str(tiny_clip), "--backend", "torch", "--output-dir", str(out),
+                     "--max-result-images", "0", "-q"]) == 0
+    cat = Catalog.open(out)
+    with pytest.raises(FilterError) as e:
+        cat.search_text("red", filter="price < cheap")
+    assert str(e.value).startswith("filter: expected a value, found 'cheap' (texts are quoted: 'dress') "
+                                   "(at character 9)")
+    columns = "the catalogue's columns are: price, colour"
+    with pytest.raises(FilterError, match=rf"^filter: unknown column 'size'; {columns}"):
+        cat.neighbours(0, filter="size = 1")
+    with pytest.raises(UsageError, match=rf"^group_by: unknown column 'size'; {columns}"):
+        cat.search_vectors(cat.embeddings[0], group_by="size")
+    with pytest.raises(UsageError, match=r"^group_by=3: a metadata column's name, a text"):
+        cat.search_text("red", group_by=3)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="lower --text-weight"):  # the function alone speaks as the tool does
+        combine(cat.embeddings[0], -cat.embeddings[:1], text_weight=1.0)
+    cat.speaks_python = False  # as the command line's own catalogs are
+    with pytest.raises(FilterError, match=r"^--filter: expected a value, found 'cheap'"):
+        cat.search_text("red", filter="price < cheap")
+
+
 def test_the_duplicate_groups_handed_out_are_copies(tiny_onnx, tmp_path):
     """g[0][0].file = ... in a notebook changed the catalog's own line: every later answer named it."""
     ds = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(60, 80, seed=i % 3) for i in range(5)])
