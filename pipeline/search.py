@@ -177,7 +177,8 @@ def run_query(cfg: RunConfig) -> RunSummary:
     with summary.stage("report"):
         pics = [relative_link(p, cfg.plots_dir) for p in pictures]
         data = {"pictures": pics, "rows": [[r[0], r[1], r[2], r[3], r[5], r[6], shown[j]] for r, j in zip(rows, hits)],
-                "made_on": made_on(cfg.store_dir, cfg.output_dir, out_dir)}  # retired when the store changes
+                # retired when the store, or the catalogue's values in its table, change
+                "made_on": made_on(cfg.store_dir, cfg.output_dir, out_dir, values=True)}
         title = f"Queries ({len(queries)})" + (" on the segmented gallery" if cfg.segmented else "")
         section = Section("query" + cfg.suffix, "query", title, summary, data)
         summary.outputs["report"] = str(write_section(cfg.plots_dir, section))

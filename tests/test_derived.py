@@ -35,7 +35,7 @@ def test_query_results_of_a_store_are_removed_when_an_update_changes_it(tiny_onn
     made = query(out, tiny_onnx, picture)
     assert made == ["q000_look.jpg", "query_results.csv"] and "query" in sections(out)
     stamp = read_section(out / "outputs", "query")["data"]["made_on"]
-    assert stamp == made_on(out / "embeddings", out, out / "retrieval_results" / "queries")
+    assert stamp == made_on(out / "embeddings", out, out / "retrieval_results" / "queries", values=True)
     assert stamp["gallery"] == "embeddings" and stamp["folder"] == "retrieval_results/queries"
 
     # a gallery run that leaves the store as it was keeps them, bytes and section: from the cache, and an
@@ -64,7 +64,39 @@ def test_query_results_of_a_store_are_removed_when_an_update_changes_it(tiny_onn
     # run again, they name the store as it is now
     assert query(out, tiny_onnx, picture) == made
     assert read_section(out / "outputs", "query")["data"]["made_on"] == made_on(
-        out / "embeddings", out, out / "retrieval_results" / "queries")
+        out / "embeddings", out, out / "retrieval_results" / "queries", values=True)
+
+
+def test_query_results_go_when_the_catalogues_values_alone_change(tiny_onnx, tmp_path, capsys):
+    """An update that changed prices alone left query_results.csv with the old prices, and nothing said
+    so (a video's matches hold no values: they stay)."""
+    from tests.test_update import photo
+
+    def catalogue(prices: list[float]) -> Path:
+        return assets.write_parquet_dataset(tmp_path / "catalogue", [photo(k) for k in range(8)],
+                                            extra={"item_id": [f"P{k:03d}" for k in range(8)], "price": prices})
+
+    data = catalogue([10.0 + k for k in range(8)])
+    out = tmp_path / "g"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    picture = tmp_path / "look.jpg"
+    picture.write_bytes(assets.jpeg_bytes(64, 80, seed=3))
+    assert query(out, tiny_onnx, picture) == ["q000_look.jpg", "query_results.csv"]
+    folder = _video_section(out, made_on(out / "embeddings", out, out / "video_results" / "clip_1"))
+    catalogue([0.99] + [10.0 + k for k in range(1, 8)])  # one price cut: the photos as they were
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert sorted(p.name for p in (out / "retrieval_results" / "queries").iterdir()) == []
+    assert "query" not in sections(out) and "video_clip_1" in sections(out)  # a video's matches hold no price
+    assert (folder / "tracks.json").exists()
+    assert "query results made before this run removed, with their report sections (retrieval_results/queries): " \
+           "they held the catalogue's values as they were (a price, say), which changed; run those queries " \
+           "again" in said
+    query(out, tiny_onnx, picture, k=8)
+    with open(out / "retrieval_results" / "queries" / "query_results.csv", newline="") as f:
+        prices = {r["gallery_file"]: float(r["price"]) for r in csv.DictReader(f)}
+    assert 0.99 in prices.values()  # the new price, in the results made again
 
 
 def _video_section(out: Path, stamp: dict, exist_ok: bool = False) -> Path:
