@@ -48,7 +48,7 @@ from .store import (
     ManifestRow,
     load_cache,
 )
-from .yolo import SegmentSpec, make_segmenter
+from .yolo import SegmentSpec, make_segmenter, recorded_segment
 
 log = logging.getLogger(__name__)
 
@@ -328,14 +328,21 @@ class Catalog:
                 raise  # a model asked for that cannot answer for this store: said at open
             refusal = e  # the store's file found nowhere: said when a query needs the embedder (vectors,
             spec = None  # neighbours and metadata need none)
-        segment = SegmentSpec(model=seg_model) if seg_model else SegmentSpec()
+        asked = SegmentSpec(model=seg_model) if seg_model else SegmentSpec()
+
+        def segmenter() -> Segmenter:  # at the first query that segments: a text query needs no weights
+            spec = asked
+            if cache.sidecar.source.kind == "segment":  # query persons cut as its crops were: its model, size, cap
+                spec, _ = recorded_segment(cache.sidecar.source, asked, {"seg_model"} if seg_model else set(),
+                                           cache.root, model_flag="seg_model=PATH")
+            return make_segmenter(spec, device=device)
 
         def embedder() -> Embedder:
             if spec is None:  # a new exception each time: one raised again keeps every query's frames alive
                 raise CacheMismatchError(str(refusal))
             return _checked_embedder(spec, cache)
 
-        catalog = cls(cache, searcher, embedder, lambda: make_segmenter(segment, device=device), opened)
+        catalog = cls(cache, searcher, embedder, segmenter, opened)
         catalog.speaks_python = True
         return catalog
 

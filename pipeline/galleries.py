@@ -75,7 +75,7 @@ from .store import (
     unfinished_pixels,
     verify_images,
 )
-from .yolo import SegmentSpec, make_segmenter
+from .yolo import SegmentSpec, make_segmenter, recorded_segment
 
 log = logging.getLogger(__name__)
 
@@ -106,37 +106,17 @@ def segmenter_factory(cfg: RunConfig) -> Segmenter:
     return make_segmenter(store_segment(cfg), device=cfg.embedder.device)
 
 
-# what a query or video cuts persons with, as the store's crops were cut: its recorded settings
-_STORE_SEGMENT = (("seg_model", "model"), ("seg_backend", "backend"), ("seg_conf", "conf"), ("seg_imgsz", "imgsz"))
-
-
 def store_segment(cfg: RunConfig) -> SegmentSpec:
     """The segmentation settings of a run that reads a segmented store (a search, a video against the
-    cached gallery): the store's own model, backend, confidence and size for those not typed (the
-    defaults' model would cut query persons otherwise, or, offline, fail to load), checked: weights
-    retrained under the same name, or a model file not found from here, are refused saying what to
-    pass. Any other run: its own."""
+    cached gallery): the store's own model, backend, confidence, size and persons a photo for those
+    not typed (yolo.recorded_segment). Any other run: its own."""
     sidecar = store_sidecar(cfg) if cfg.segmented and (cfg.searches_only or cfg.from_cache) else None
     if sidecar is None or sidecar.source.kind != "segment":
         return cfg.segment
-    made = sidecar.source
-    taken = {name: getattr(made, field) for field, name in _STORE_SEGMENT
-             if field not in cfg.explicit and getattr(made, field, None) not in (None, getattr(cfg.segment, name))}
-    if not taken:
-        return cfg.segment
-    spec = replace(cfg.segment, **taken)
-    if "model" in taken:
-        path = Path(spec.model)
-        if made.seg_weights and not path.is_file():
-            raise PipelineError(f"{cfg.store_dir} was segmented by {spec.model}, which is not there from here: "
-                                "pass --seg-model PATH, the same weights file")
-        if made.seg_weights and path.is_file() and sha256_file_once(path) != made.seg_weights:
-            raise CacheMismatchError(
-                f"{cfg.store_dir} was segmented by {spec.model}, whose weights changed since (sha256 "
-                f"{made.seg_weights[:12]}… then): its crops were cut by the old weights, query persons would be "
-                "cut by these. Put the old weights back, or build the segmented gallery afresh")
-    log.info("the store's own segmentation settings, where no --seg-* flag says otherwise (%s)",
-             ", ".join(f"{n} {v}" for n, v in taken.items()))
+    spec, taken = recorded_segment(sidecar.source, cfg.segment, cfg.explicit, cfg.store_dir)
+    if taken:
+        log.info("the store's own segmentation settings, where no --seg-* flag says otherwise (%s)",
+                 ", ".join(f"{n} {v}" for n, v in taken.items()))
     return spec
 
 

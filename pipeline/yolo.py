@@ -42,6 +42,42 @@ class SegmentSpec:
     max_persons: int = 10
 
 
+# what a query or video cuts persons with, as the store's crops were cut: its recorded settings
+# (GallerySource's field, SegmentSpec's)
+STORE_SEGMENT = (("seg_model", "model"), ("seg_backend", "backend"), ("seg_conf", "conf"), ("seg_imgsz", "imgsz"),
+                 ("max_persons", "max_persons"))
+
+
+def recorded_segment(made, spec: SegmentSpec, typed: frozenset[str] | set[str], store_dir: Path,
+                     model_flag: str = "--seg-model PATH") -> tuple[SegmentSpec, dict[str, object]]:
+    """`spec` with the settings a segmented store's source (`made`, identity.GallerySource) records
+    for those not in `typed` (the defaults' model would cut query persons otherwise, or, offline, fail
+    to load; the defaults' 10 persons would ask with more persons than the store kept), checked:
+    weights retrained under the same name, or a model file not found from here, are refused saying
+    what to pass (`model_flag`). Returns the spec and what was taken from the store."""
+    from dataclasses import replace
+
+    from .errors import CacheMismatchError
+    from .fileio import sha256_file_once
+
+    taken = {name: getattr(made, field) for field, name in STORE_SEGMENT
+             if field not in typed and getattr(made, field, None) not in (None, getattr(spec, name))}
+    if not taken:
+        return spec, {}
+    spec = replace(spec, **taken)
+    if "model" in taken:
+        path = Path(spec.model)
+        if made.seg_weights and not path.is_file():
+            raise PipelineError(f"{store_dir} was segmented by {spec.model}, which is not there from here: "
+                                f"pass {model_flag}, the same weights file")
+        if made.seg_weights and path.is_file() and sha256_file_once(path) != made.seg_weights:
+            raise CacheMismatchError(
+                f"{store_dir} was segmented by {spec.model}, whose weights changed since (sha256 "
+                f"{made.seg_weights[:12]}… then): its crops were cut by the old weights, query persons would be "
+                "cut by these. Put the old weights back, or build the segmented gallery afresh")
+    return spec, taken
+
+
 def _import_ultralytics():
     os.environ.setdefault("YOLO_VERBOSE", "False")
     try:

@@ -551,21 +551,37 @@ def test_a_search_of_a_segmented_store_cuts_query_persons_with_the_stores_segmen
     out = tmp_path / "out"
     base = ["--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]
     assert cli.main(["--use-segmentation", "--dataset", str(people_dataset), "--seg-model", str(weights),
-                     "--seg-conf", "0.4", "--seg-imgsz", "320", *base]) == 3
+                     "--seg-conf", "0.4", "--seg-imgsz", "320", "--max-persons", "3", *base]) == 3
     query = tmp_path / "look.png"
     query.write_bytes(assets.encode(assets.rgb_image(60, 90, color=(2, 100, 200)), "PNG"))
     asked.clear()
     assert cli.main(["--use-embedded-segment", "--query-image", str(query), *base]) == 0
-    assert [(s.model, s.conf, s.imgsz) for s in asked] == [(str(weights), 0.4, 320)]
+    # the persons a photo too: the default 10 asked with more persons than the store kept of each
+    assert [(s.model, s.conf, s.imgsz, s.max_persons) for s in asked] == [(str(weights), 0.4, 320, 3)]
+    # Catalog.open too: it cut query persons with the defaults (another model, size, conf and cap)
+    from pipeline import catalog as catalog_module
+    from pipeline.catalog import Catalog
+
+    monkeypatch.setattr(catalog_module, "make_segmenter", segmenter)
+    asked.clear()
+    cat = Catalog.open(out, onnx=tiny_onnx)
+    assert cat.search_text("a person", k=2)  # a text query needs no segmenter
+    assert asked == []
+    cat.search_image(query, segment=True)
+    assert [(s.model, s.conf, s.imgsz, s.max_persons) for s in asked] == [(str(weights), 0.4, 320, 3)]
     capsys.readouterr()  # a flag typed is checked against the store, as before
     assert cli.main(["--use-embedded-segment", "--query-image", str(query), "--seg-conf", "0.6", *base]) == 1
     assert "seg_conf: cache has 0.4, asked for 0.6" in capsys.readouterr().err
     weights.write_bytes(b"retrained under the same name")
     assert cli.main(["--use-embedded-segment", "--query-image", str(query), *base]) == 1
     assert f"was segmented by {weights}, whose weights changed since" in capsys.readouterr().err
+    with pytest.raises(Exception, match="whose weights changed since"):
+        Catalog.open(out, onnx=tiny_onnx).search_image(query, segment=True)
     weights.unlink()
     assert cli.main(["--use-embedded-segment", "--query-image", str(query), *base]) == 1
     assert "which is not there from here: pass --seg-model PATH" in capsys.readouterr().err
+    with pytest.raises(Exception, match="which is not there from here: pass seg_model=PATH"):
+        Catalog.open(out, onnx=tiny_onnx).search_image(query, segment=True)
 
 
 def test_weights_that_do_not_load_are_refused_once(tmp_path, caplog):
