@@ -226,6 +226,13 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
         search_from = shown if cfg.searches_only or not cfg.from_cache else None
         if e.missing and (cfg.store_dir / UPDATE_DIR / SWITCH_FILE).is_file():  # not a build's to redo
             raise CacheMismatchError(f"{e}\n{switch_pending(cfg)}") from None
+        other = cfg.output_dir / ("embeddings" if cfg.segmented else "embeddings_segment")
+        if (e.missing and cfg.searches_only and not (cfg.store_dir / PARTIAL_DIR).is_dir()
+                and (other / SIDECAR_FILE).is_file()):  # the other gallery's there: the flag forgotten, not a build
+            flag = "--use-segmentation" if not cfg.segmented else "no --use-segmentation"
+            kind = "a segmented gallery (person crops)" if not cfg.segmented else "a gallery of whole photos"
+            raise CacheMismatchError(f"{e}\n{cfg.output_dir} holds {kind} in {other}: to search that one, run the "
+                                     f"same command with {flag}") from None
         if e.missing and not (cfg.store_dir / PARTIAL_DIR).is_dir():
             raise CacheMismatchError(f"{e}\n{build_first(cfg.store_dir, cfg.segmented, search_from)}") from None
         if e.missing and search_from is not None:  # a search mode: the interrupted gallery run is what finishes it

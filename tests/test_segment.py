@@ -191,6 +191,19 @@ def test_segmented_query_uses_each_person(fake_segmenter, people_dataset, tiny_o
     assert [top["gallery_file"]] == crop and float(top["distance"]) < 1e-5
 
 
+def test_a_search_of_a_folder_of_a_segmented_gallery_alone_without_the_flag_says_the_flag(
+        fake_segmenter, people_dataset, tiny_onnx, tmp_path, capsys):
+    """--use-segmentation forgotten: "Build it first with a gallery run", which embeds everything again."""
+    out = tmp_path / "out"
+    assert cli.main(["--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx),
+                     "--output-dir", str(out), "-q"]) == 3
+    capsys.readouterr()
+    assert cli.main(["--query-text", "red dress", "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"{out} holds a segmented gallery (person crops) in {out / 'embeddings_segment'}: to search that one, " \
+           "run the same command with --use-segmentation" in said and "Build it first" not in said
+
+
 # ----------------------------------------------------------------------------- ONNX segmentation backend
 @pytest.fixture(scope="module")
 def person_pt(tmp_path_factory):
