@@ -78,6 +78,9 @@ def recorded_segment(made, spec: SegmentSpec, typed: frozenset[str] | set[str], 
     return spec, taken
 
 
+YOLO_SUFFIXES = (".pt", ".onnx", ".yaml", ".yml")  # what load_yolo takes from a path
+
+
 def _import_ultralytics():
     os.environ.setdefault("YOLO_VERBOSE", "False")
     try:
@@ -103,6 +106,12 @@ def load_yolo(model: str, task: str, named: str | None = None):
             + (" and YOLO_OFFLINE is set" if os.environ.get("YOLO_OFFLINE") else "")
             + ". Pass a local .pt, .onnx or model .yaml file."
         )
+    if local.is_dir() or (local.exists() and local.suffix.lower() not in YOLO_SUFFIXES):
+        # Ultralytics takes what it cannot read for a detection model: said as such, not as "a YOLO detect model"
+        what = "a folder" if local.is_dir() else f"a {local.suffix or 'suffix-less'} file"
+        hint = ", the weights file in it" if local.is_dir() else ""
+        raise PipelineError(f"YOLO model {model!r} is {what}, not YOLO weights: pass a .pt, .onnx or model .yaml "
+                            f"file{hint}")
     # Its own task: a checkpoint's or a yaml's Ultralytics reads; an export's, its metadata (which
     # Ultralytics before 8.4 does not read, guessing from the file's name); an ONNX file that records
     # none is taken as asked

@@ -634,3 +634,20 @@ def test_a_yolo_export_removes_the_work_folders_killed_exports_left(tmp_path, mo
         yolo.export_yolo_onnx(None, weights, target, 64)
     assert not old.exists() and busy.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".person-seg.def456.export", "person-seg.pt"]
+
+
+def test_a_file_or_folder_that_is_no_yolo_weights_is_said_to_be_so(tmp_path):
+    """Ultralytics takes what it cannot read for a detection model: the folder holding the -seg weights,
+    or a JSON file, was "a YOLO detect model", which told the user their weights were the wrong kind."""
+    from pipeline.errors import PipelineError
+
+    notes = tmp_path / "notes.json"
+    notes.write_text("{}")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for given, what in ((notes, "a .json file"), (weights, "a folder")):
+        with pytest.raises(PipelineError) as said:
+            yolo.load_yolo(str(given), task="segment")
+        assert str(said.value).startswith(f"YOLO model {str(given)!r} is {what}, not YOLO weights: pass a .pt, .onnx "
+                                          "or model .yaml file")
+        assert "detect" not in str(said.value)
