@@ -444,6 +444,10 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
             "onnx_ir",
             "onnxscript",
             "faiss",
+            "s3fs",
+            "fsspec",
+            "gcsfs",
+            "adlfs",
         ):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         for handler in logging.getLogger().handlers:  # open_clip says what it loads on the root logger
@@ -451,6 +455,10 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
     # Even with -v: faiss's loader reports failing to load per-SIMD libraries that today's single-library
     # wheels do not have; index.py says instead which build runs.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    # Even with -v: botocore's debug log writes each request's signed headers, the session token among
+    # them (a -v log pasted into a bug report), and its INFO says where it found the credentials
+    for cloud in ("botocore", "aiobotocore", "boto3", "s3transfer", "google.auth", "azure"):
+        logging.getLogger(cloud).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

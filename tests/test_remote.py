@@ -443,3 +443,25 @@ def test_a_runs_outputs_are_named_at_the_url_where_they_were_written_in_its_work
     monkeypatch.chdir(tmp_path)  # a --work-dir given relative, as "copy": its outputs named so too
     assert at_url({"store": "copy/embeddings"}, Path("copy"), "s3://b/run") == {"store": "s3://b/run/embeddings"}
     assert at_url(outputs, work, None) == outputs
+
+
+def test_cloud_clients_debug_lines_never_reach_the_log(capsys):
+    """-v printed botocore's signed request headers (the session token in them, 36 times for one query)
+    and, without -v, "Found credentials in environment variables" on every run."""
+    import logging
+
+    import main as cli
+
+    try:
+        for verbose in (True, False):
+            cli.configure_logging(verbose, False)
+            for name in ("botocore.endpoint", "aiobotocore.credentials", "botocore.configprovider", "s3transfer"):
+                logging.getLogger(name).debug("headers: X-Amz-Security-Token: SECRET")
+                logging.getLogger(name).info("Found credentials in environment variables.")
+            logging.getLogger("s3fs").info("an s3fs note" if not verbose else "")
+            logging.getLogger("pipeline.remote").info("our own line")
+            err = capsys.readouterr().err
+            assert "SECRET" not in err and "Found credentials" not in err and "an s3fs note" not in err
+            assert "our own line" in err  # the pipeline's own lines still come
+    finally:
+        logging.basicConfig(force=True)  # main's handler writes to the captured stream: not to later tests
