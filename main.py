@@ -8,7 +8,9 @@ import difflib
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -461,6 +463,16 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
         logging.getLogger(cloud).setLevel(logging.WARNING)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, docker stop, a batch system's time limit, a spot machine taken back),
+    taken as Ctrl-C is: the work done is kept (and at a URL sent), the run says how to go on, exit 143.
+    It ended the process outright, sending nothing: a resume from another machine started over."""
+
+
+def _terminated(signum: int, frame: Any) -> NoReturn:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -474,35 +486,41 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
     configure_logging(args.verbose, args.quiet)
+    on_term = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
-        from pipeline.runner import run
+        try:
+            from pipeline.runner import run
 
-        summary = run(cfg)
-    except UsageError as e:
-        say(f"error: {e}")
-        return EXIT_USAGE
-    except PipelineError as e:
-        if args.verbose:
-            log.exception("fatal")
-        say(f"error: {disk_full_said(str(e), e.__cause__, cfg)}")
-        return EXIT_FATAL
-    except KeyboardInterrupt:
-        say(interrupted_message(cfg))
-        return 130
-    except Exception as e:  # an unexpected bug: one line unless -v
-        if args.verbose:
-            log.exception("unexpected error")
-        if isinstance(e, OSError) and e.errno in DISK_FULL:  # not a bug: said with what it left and how to go on
-            where = f" writing {e.filename}" if e.filename else ""
-            say(f"error: {disk_full_said(f'{e.strerror}{where}', e, cfg)}")
+            summary = run(cfg)
+        except UsageError as e:
+            say(f"error: {e}")
+            return EXIT_USAGE
+        except PipelineError as e:
+            if args.verbose:
+                log.exception("fatal")
+            say(f"error: {disk_full_said(str(e), e.__cause__, cfg)}")
             return EXIT_FATAL
-        say(f"error: unexpected {type(e).__name__}: {e} (run with -v for the traceback)")
-        return EXIT_FATAL
-    if not args.quiet:
-        say(summary.format(verbose=args.verbose), sys.stdout)
-    elif summary.failures:  # -q: errors only, and a failed item is one
-        say("\n".join(summary.failure_lines()))
-    return summary.exit_code
+        except KeyboardInterrupt as e:
+            say(interrupted_message(cfg))
+            return 143 if isinstance(e, Terminated) else 130
+        except Exception as e:  # an unexpected bug: one line unless -v
+            if args.verbose:
+                log.exception("unexpected error")
+            if isinstance(e, OSError) and e.errno in DISK_FULL:  # not a bug: said with what it left and how to go on
+                where = f" writing {e.filename}" if e.filename else ""
+                say(f"error: {disk_full_said(f'{e.strerror}{where}', e, cfg)}")
+                return EXIT_FATAL
+            say(f"error: unexpected {type(e).__name__}: {e} (run with -v for the traceback)")
+            return EXIT_FATAL
+        if not args.quiet:
+            say(summary.format(verbose=args.verbose), sys.stdout)
+        elif summary.failures:  # -q: errors only, and a failed item is one
+            say("\n".join(summary.failure_lines()))
+        return summary.exit_code
+    finally:
+        if on_term is not None:  # a caller's own handler back (tests call main in-process)
+            signal.signal(signal.SIGTERM, on_term)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from .remedy import (
     gallery_run,
     reuse_or_rebuild,
 )
-from .remote import list_names, remove_stale_at_url
+from .remote import images_there, remove_stale_at_url
 from .report import RunSummary
 from .searcher import Searcher, unknown_group_column
 from .store import (
@@ -209,7 +209,7 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
     """Load embeddings/ (or embeddings_segment/) and check it against files and the request."""
     images_at = None
     if cfg.images_url:  # the images stay in the bucket: listed, not fetched
-        images_at = (cfg.images_url, list_names(cfg.images_url))
+        images_at = (cfg.images_url, images_there(cfg.images_url, cfg.output_dir, cfg.images_dir))
     try:
         return load_cache(
             cfg.store_dir,

@@ -88,6 +88,21 @@ def list_names(url: str) -> set[str]:
         return set()
 
 
+def images_there(url: str, work_dir: Path, folder: Path) -> set[str]:
+    """The image files a store at `url` may count on: those listed there, and those of the working
+    copy's `folder` that a run wrote and has not sent yet (an upload that failed: the next run sends
+    them, and its check of the store found them "missing from" the URL, a damaged store to rebuild)."""
+    names = list_names(url)
+    if folder.is_dir():
+        state = read_json_dict(work_dir / SYNC_FILE)
+        for local in folder.iterdir():
+            if local.is_file() and not SKIPPED.search(local.name):
+                rel = local.relative_to(work_dir).as_posix()
+                if (state.get(rel) or [])[:2] != _stamp(local.stat()):
+                    names.add(local.name)
+    return names
+
+
 def remove_stale_at_url(url: str, owned: re.Pattern, keep: set[str]) -> int:
     """Delete the files directly under url that this tool names (owned) and keep does not list."""
     fs, root = filesystem(url)

@@ -360,9 +360,9 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
                         "seg_imgsz", "keep_unsegmented", "max_persons", "seg_weights"})
     images_at = None
     if cfg.images_url:  # the images stay at the URL: listed, not fetched
-        from .remote import list_names
+        from .remote import images_there
 
-        images_at = (cfg.images_url, list_names(cfg.images_url))
+        images_at = (cfg.images_url, images_there(cfg.images_url, cfg.output_dir, cfg.images_dir))
     _check_config(cfg)
     try:
         old = load_cache(cfg.store_dir, cfg.images_dir, identity=None, source=gallery_source(cfg),

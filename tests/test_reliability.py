@@ -72,6 +72,28 @@ def test_sigkill_then_resume_equals_clean_run(long_dataset, tiny_onnx, tmp_path)
     assert not (killed / "embeddings" / ".partial").exists()
 
 
+@pytest.mark.subprocess
+def test_sigterm_is_taken_as_ctrl_c_the_work_kept_and_the_way_on_said(long_dataset, tiny_onnx, tmp_path):
+    """kill, timeout, docker stop, a batch system's time limit: SIGTERM ended the run outright, and at a
+    URL nothing was sent, so a resume elsewhere started over. It is Ctrl-C now, exit 143."""
+    out = tmp_path / "termed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *_args(long_dataset, tiny_onnx, out), "-q"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = out / "embeddings" / ".partial" / "shard_00003.done"
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("interrupted: ") and "Traceback" not in err
+    done = len(list((out / "embeddings" / ".partial").glob("*.done")))
+    assert done >= 4
+    finished = subprocess.run([sys.executable, str(ROOT / "main.py"), *_args(long_dataset, tiny_onnx, out)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0 and f"from {done} complete shard(s)" in finished.stdout + finished.stderr
+
+
 def test_temp_files_of_a_killed_run_are_cleared_and_nothing_else(mixed_dataset, tiny_onnx, tmp_path):
     # A kill between mkstemp and os.replace leaves ".<name>.<8 chars>.tmp"; where it lands depends
     # on timing, so the sigkill test above cannot be relied on to produce one. Plant them instead.

@@ -399,6 +399,18 @@ def test_a_builds_failed_upload_says_to_send_it_with_the_cache_flag(rows40, tiny
     said = capsys.readouterr().err
     assert f"uploading to {url} failed (ConnectionError: network down)" in said
     assert "add --use-embeddings to the same command to send them without embedding again" in said
+    # the command it says: its check of the store counted the images waiting in the working copy "missing from"
+    # the URL, and said to build afresh
+    monkeypatch.undo()
+    code = run(*_args(rows40, tiny_onnx, url, tmp_path / "w", "--use-embeddings"))
+    said = capsys.readouterr().err
+    assert code in (0, 3) and "missing" not in said and "Rebuild" not in said, said
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    sent = {p.rsplit("/", 1)[1] for p in fs.find(url.removeprefix("memory://") + "/images")}
+    local = {p.name for p in (tmp_path / "w" / "images").iterdir()}
+    assert len(sent) == 39 and sent == local  # every image reached the URL (the corrupt row has none)
 
 
 def test_a_working_copy_made_before_copies_named_their_url_sends_every_file_to_the_next_one(tmp_path):
