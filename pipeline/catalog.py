@@ -126,6 +126,12 @@ def store_folder(folder: str | Path) -> Path:
     """The store a folder names: the folder itself (embeddings/, embeddings_segment/) or, for a run's
     output folder, its embeddings/ (its embeddings_segment/ where it has no embeddings/ at all: a
     run of person crops alone; an embeddings/ between its files is not passed over for it)."""
+    from .remote import is_url
+
+    if is_url(folder):  # Path() made s3://b/run into s3:/b/run, "no gallery store: build one first"
+        raise UsageError(f"{folder}: Catalog.open reads a store on this machine, not at a URL: search it there with "
+                         f"python main.py --output-dir {folder} --query-text ... (or --serve), which fetch the store "
+                         "into a working copy; or open that working copy's folder")
     folder = Path(folder)
     for output in (folder, folder.parent):  # a run's folder, or the store folder in it
         if said := being_written(output):  # a store between its files (an update's switch): not one to build

@@ -48,7 +48,10 @@ def is_url(text: str | os.PathLike | None) -> bool:
 
 
 def default_work_dir(url: str) -> Path:
-    """~/.cache/fashion-visual-search/outputs/<bucket-and-path>-<hash>: one working copy per URL."""
+    """~/.cache/fashion-visual-search/outputs/<bucket-and-path>-<hash>: one working copy per URL,
+    with or without its trailing slash (s3://b/run/ is s3://b/run: another copy left what one had
+    not sent yet unsent for good)."""
+    url = url.rstrip("/")
     m = URL.match(url)
     if m is None:
         raise ValueError(f"default_work_dir needs a URL such as s3://bucket/run, got {url!r}")

@@ -477,3 +477,18 @@ def test_cloud_clients_debug_lines_never_reach_the_log(capsys):
             assert "our own line" in err  # the pipeline's own lines still come
     finally:
         logging.basicConfig(force=True)  # main's handler writes to the captured stream: not to later tests
+
+
+def test_a_url_with_or_without_its_trailing_slash_is_one_working_copy_and_catalog_open_says_it_reads_no_url():
+    """s3://b/run/ got another working copy than s3://b/run: what one had not sent was never sent by the
+    other. Catalog.open("s3://b/run") said "s3:/b/run holds no gallery store: build one first"."""
+    from pipeline.catalog import Catalog
+    from pipeline.errors import UsageError
+    from pipeline.remote import default_work_dir
+
+    assert default_work_dir("s3://bucket/run/") == default_work_dir("s3://bucket/run")
+    assert default_work_dir("s3://bucket/run") != default_work_dir("s3://bucket/other")
+    with pytest.raises(UsageError) as said:
+        Catalog.open("s3://bucket/run")
+    assert str(said.value).startswith("s3://bucket/run: Catalog.open reads a store on this machine, not at a URL: "
+                                      "search it there with python main.py --output-dir s3://bucket/run")
