@@ -123,6 +123,7 @@ class RemoteOutput:
         self.url, self.work_dir = url.rstrip("/"), Path(work_dir)
         self.fs, self.root = filesystem(self.url)
         self.sent = 0
+        self.removed = 0  # files the runs removed from the URL (a store's finished shards, pictures gone)
         self.send_all = False  # a working copy whose record of what was sent may be another URL's
 
     def _state(self) -> dict[str, list[Any]]:
@@ -217,6 +218,7 @@ class RemoteOutput:
         for rel in [r for r in state if not (self.work_dir / r).is_file()]:
             try:
                 self.fs.rm_file(f"{self.root}/{rel}")
+                self.removed += 1
             except FileNotFoundError:
                 pass
             del state[rel]

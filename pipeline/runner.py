@@ -120,7 +120,9 @@ def run(cfg: RunConfig) -> RunSummary:
         summary.outputs = at_url(summary.outputs, cfg.output_dir, cfg.output_url)
         rewrite_summary(cfg.plots_dir, summary)  # the report says what the printed summary says (sent with it)
     if copy is not None:
-        summary.notes.append(f"outputs sent to {cfg.output_url} ({copy.sent} file(s); working copy {cfg.output_dir})")
+        removed = f", {copy.removed} removed there" if copy.removed else ""
+        summary.notes.append(f"outputs sent to {cfg.output_url} ({copy.sent} file(s){removed}; working copy "
+                             f"{cfg.output_dir})")
     return summary
 
 

@@ -370,14 +370,20 @@ def test_a_search_at_a_url_without_a_store_is_told_the_url_and_an_export_to_a_ur
     assert not (Path.cwd() / "s3:").exists()
 
 
-def test_pictures_a_run_removes_are_removed_from_the_bucket_too(rows40, tiny_onnx, tmp_path, s3):
+def test_pictures_a_run_removes_are_removed_from_the_bucket_too(rows40, tiny_onnx, tmp_path, s3, capsys):
     """--max-result-images 0 after a run that drew every picture: the working copy removed them, the
-    bucket kept all 39 (only a store folder's removals were passed on)."""
+    bucket kept all 39 (only a store folder's removals were passed on); the summary counts them."""
     fs, _ = s3
     url, work = _url(), tmp_path / "copy"
     assert run(*_args(rows40, tiny_onnx, url, work)) == 3
-    assert [k for k in _files(fs, url) if k.endswith("_matches.jpg")]
-    assert run("--use-embeddings", *_args(rows40, tiny_onnx, url, work, "--max-result-images", "0")) == 3
+    drawn = [k for k in _files(fs, url) if k.endswith("_matches.jpg")]
+    assert drawn
+    capsys.readouterr()
+    assert cli.main(["--use-embeddings", *map(str, _args(rows40, tiny_onnx, url, work, "--max-result-images",
+                                                          "0"))]) == 3
+    said = " ".join(capsys.readouterr().out.split())
+    assert re.search(rf"outputs sent to {url} \(\d+ file\(s\), (\d+) removed there; working copy", said), said
+    assert int(re.search(r", (\d+) removed there", said).group(1)) >= len(drawn)
     assert not list(work.rglob("*_matches.jpg"))
     assert [k for k in _files(fs, url) if k.endswith("_matches.jpg")] == []
     # what stays is this run's: the bucket's neighbour table holds the working copy's bytes
