@@ -66,7 +66,7 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -781,29 +781,37 @@ def renumber_groups(groups: Sequence[DuplicateGroup], new_position: np.ndarray) 
     return out
 
 
-DUPLICATES_FIELDS = ["group", "source_row", "file", "kind", "distance", "source"]
+# role: "first" for each group's first photo (the first in the dataset's order), "copy" for the others:
+# `kind` says of the first photo whether another has its pixels, so a filter on kind alone took every
+# photo of such a group. width, height (pixels) and bytes (the image file's size) help choose the keeper.
+DUPLICATES_FIELDS = ["group", "source_row", "file", "kind", "distance", "source", "role", "width", "height", "bytes"]
+_EARLIER_FIELDS = (DUPLICATES_FIELDS[:5], DUPLICATES_FIELDS[:6])  # before `source`, before role and sizes
 
 
 def duplicates_csv(groups: Sequence[DuplicateGroup], source_rows: Sequence[int], files: Sequence[str],
-                   sources: Sequence[str] | None = None) -> str:
+                   sources: Sequence[str] | None = None,
+                   sizes: Callable[[int], tuple[object, object, object]] | None = None) -> str:
     """The CSV text: one line per photo in a group, groups in order, each group's first photo first;
     `source` is what the user knows the photo by (manifest.csv's: a path in the dataset folder, or
-    `<dataset>[row]`), empty when not given."""
+    `<dataset>[row]`), empty when not given; `sizes(position)`: its (width, height, bytes), empty
+    when not given."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(DUPLICATES_FIELDS)
     for number, g in enumerate(groups):
-        for m, kind, dist in zip(g.members, g.kinds, g.distances):
+        for r, (m, kind, dist) in enumerate(zip(g.members, g.kinds, g.distances)):
             writer.writerow([number, source_rows[m], files[m], kind, f"{dist:.4f}",
-                             sources[m] if sources is not None else ""])
+                             sources[m] if sources is not None else "", "first" if r == 0 else "copy",
+                             *(sizes(m) if sizes is not None else ("", "", ""))])
     return buf.getvalue()
 
 
 def write_duplicates_csv(path: str | Path, groups: Sequence[DuplicateGroup], source_rows: Sequence[int],
-                         files: Sequence[str], sources: Sequence[str] | None = None) -> None:
+                         files: Sequence[str], sources: Sequence[str] | None = None,
+                         sizes: Callable[[int], tuple[object, object, object]] | None = None) -> None:
     """Write outputs/duplicates.csv atomically (columns DUPLICATES_FIELDS); positions index
-    source_rows, files and sources."""
-    _write_if_changed(Path(path), duplicates_csv(groups, source_rows, files, sources))
+    source_rows, files, sources and sizes."""
+    _write_if_changed(Path(path), duplicates_csv(groups, source_rows, files, sources, sizes))
 
 
 def read_duplicates_csv(path: str | Path) -> list[DuplicateGroup]:
@@ -812,7 +820,7 @@ def read_duplicates_csv(path: str | Path) -> list[DuplicateGroup]:
     groups: dict[int, DuplicateGroup] = {}
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames not in (DUPLICATES_FIELDS, DUPLICATES_FIELDS[:-1]):  # a file from before `source`
+        if reader.fieldnames not in (DUPLICATES_FIELDS, *_EARLIER_FIELDS):  # a file of an earlier release
             raise ValueError(f"{path}: columns {reader.fieldnames}, expected {DUPLICATES_FIELDS}")
         for row in reader:
             g = groups.setdefault(int(row["group"]), DuplicateGroup([], [], []))

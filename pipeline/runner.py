@@ -270,7 +270,9 @@ def write_gallery_report(cfg: RunConfig, summary: RunSummary, rows: list[Manifes
         "groups": len(groups),
         "photos": sum(len(g.members) for g in groups),
         "csv": f"duplicates{cfg.suffix}.csv",
-        "shown": [[[m, k, d] for m, k, d in list(zip(g.members, g.kinds, g.distances))[:REPORT_MEMBERS]]
+        # each photo with its size, to choose the one to keep by (the first is the dataset's first, not the original)
+        "shown": [[[m, k, d, embedded[m].width, embedded[m].height]
+                   for m, k, d in list(zip(g.members, g.kinds, g.distances))[:REPORT_MEMBERS]]
                   for g in groups[:REPORT_GROUPS]],
         "sizes": [len(g.members) for g in groups[:REPORT_GROUPS]],
         "unsigned": (unsigned := unsigned_rows(embedded)),  # left out: no signals of this version (--update signs)
@@ -583,8 +585,16 @@ def write_duplicates(cfg: RunConfig, searcher: Searcher, summary: RunSummary) ->
         # From the photos' signals alone, not the embedding's neighbours: then the groups depend on
         # the photos only (not on --top-k or the index), and an update's are a fresh build's.
         groups, unsigned = gallery_duplicates(rows)
+
+        def sizes(m: int) -> tuple[object, object, object]:  # to choose the photo to keep by
+            try:
+                size: object = (cfg.images_dir / rows[m].file).stat().st_size
+            except OSError:
+                size = ""  # the images at a URL: their sizes not looked up one by one
+            return rows[m].width, rows[m].height, size
+
         write_duplicates_csv(path, groups, [r.source_row for r in rows], [r.file for r in rows],
-                             [r.source for r in rows])
+                             [r.source for r in rows], sizes)
         try:
             write_groups(cfg.store_dir, manifest_sha256(cfg.store_dir), groups)
         except PipelineError:

@@ -286,15 +286,16 @@ def test_duplicates_csv(tmp_path):
               dup.DuplicateGroup([1, 4], ["near", "near"], [0.0, 0.91])]
     path = tmp_path / "duplicates.csv"
     dup.write_duplicates_csv(path, groups, [10, 11, 12, 13, 14], [f"img_{i:05d}.jpg" for i in range(10, 15)],
-                             [f"shop/p{i}.jpg" for i in range(10, 15)])
+                             [f"shop/p{i}.jpg" for i in range(10, 15)], lambda m: (100 + m, 200 + m, 1000 * m))
     rows = list(csv.reader(path.open()))
+    # role: a filter on kind alone ("delete the exact ones") took every photo of group 0, its first too
     assert rows == [
-        ["group", "source_row", "file", "kind", "distance", "source"],
-        ["0", "10", "img_00010.jpg", "exact", "0.0000", "shop/p10.jpg"],
-        ["0", "12", "img_00012.jpg", "exact", "0.0000", "shop/p12.jpg"],
-        ["0", "13", "img_00013.jpg", "near", "0.4321", "shop/p13.jpg"],
-        ["1", "11", "img_00011.jpg", "near", "0.0000", "shop/p11.jpg"],
-        ["1", "14", "img_00014.jpg", "near", "0.9100", "shop/p14.jpg"],
+        ["group", "source_row", "file", "kind", "distance", "source", "role", "width", "height", "bytes"],
+        ["0", "10", "img_00010.jpg", "exact", "0.0000", "shop/p10.jpg", "first", "100", "200", "0"],
+        ["0", "12", "img_00012.jpg", "exact", "0.0000", "shop/p12.jpg", "copy", "102", "202", "2000"],
+        ["0", "13", "img_00013.jpg", "near", "0.4321", "shop/p13.jpg", "copy", "103", "203", "3000"],
+        ["1", "11", "img_00011.jpg", "near", "0.0000", "shop/p11.jpg", "first", "101", "201", "1000"],
+        ["1", "14", "img_00014.jpg", "near", "0.9100", "shop/p14.jpg", "copy", "104", "204", "4000"],
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["duplicates.csv"]  # no temp file left
     back = dup.read_duplicates_csv(path)
@@ -302,9 +303,10 @@ def test_duplicates_csv(tmp_path):
         ([10, 12, 13], ["exact", "exact", "near"], [0.0, 0.0, 0.4321]),
         ([11, 14], ["near", "near"], [0.0, 0.91]),
     ]
-    older = tmp_path / "older.csv"  # written before the `source` column: read alike
-    older.write_text("".join(",".join(r[:5]) + "\n" for r in rows))
-    assert [(g.members, g.kinds) for g in dup.read_duplicates_csv(older)] == [(g.members, g.kinds) for g in back]
+    for columns in (5, 6):  # written before the `source` column, and before role and sizes: read alike
+        older = tmp_path / f"older{columns}.csv"
+        older.write_text("".join(",".join(r[:columns]) + "\n" for r in rows))
+        assert [(g.members, g.kinds) for g in dup.read_duplicates_csv(older)] == [(g.members, g.kinds) for g in back]
     position_of_row = np.full(15, -1)
     position_of_row[[10, 11, 13, 14]] = [0, 1, 2, 3]  # row 12 removed
     assert [g.members for g in dup.renumber_groups(back, position_of_row)] == [[0, 2], [1, 3]]

@@ -100,8 +100,16 @@ def test_a_build_finds_the_planted_copies_and_nothing_else(tiny_onnx, tmp_path, 
     out = tmp_path / "out"
     assert cli.main([*map(str, args(data, tiny_onnx, out))]) == 0
     lines = read_csv(out / "outputs" / "duplicates.csv")
-    assert list(lines[0]) == ["group", "source_row", "file", "kind", "distance", "source"]
+    assert list(lines[0]) == ["group", "source_row", "file", "kind", "distance", "source", "role", "width", "height",
+                              "bytes"]
     assert all(line["source"] == f"{data}[{line['source_row']}]" for line in lines)  # the user's name of the photo
+    manifest = {r.file: r for r in read_manifest(out / "embeddings" / "manifest.csv")}
+    for line in lines:  # each photo's size as the manifest has it, and its image file's bytes
+        row = manifest[line["file"]]
+        assert (int(line["width"]), int(line["height"])) == (row.width, row.height) and row.width > 0
+        assert int(line["bytes"]) == (out / "images" / line["file"]).stat().st_size
+    firsts = [line["role"] for line in lines if line["role"] == "first"]
+    assert len(firsts) == len({line["group"] for line in lines})  # one first a group, the others copies
     assert groups_by_row(out / "outputs" / "duplicates.csv") == [{0, 10, 14}, {1, 11, 15}, {2, 12, 16}, {3, 13}]
     by_row = {int(r["source_row"]): r for r in lines}
     assert by_row[10]["kind"] == "exact" and float(by_row[10]["distance"]) == 0.0  # the same bytes
@@ -446,6 +454,17 @@ def test_the_report_shows_a_dozen_photos_of_a_large_group_and_says_how_many_more
                                  "'.dupgroup .tile')].map(t => t.getBoundingClientRect().left))]")
     assert num[0] == "0" and num[1] == "group 0 in duplicates.csv" and num[2] <= num[3]
     wait(browser, "[...document.querySelectorAll('.dupgroup [data-file]')].every(c => c.textContent)")
+    # each photo's size under it, as the CSV has it (which to keep: the first is the dataset's first)
+    sizes = browser.execute_script("return [...document.querySelectorAll('.dupgroup [data-role=size]')]"
+                                   ".map(c => c.textContent)")
+    with open(out / "outputs" / "duplicates.csv", newline="") as f:
+        listed = [f"{r['width']}×{r['height']}" for r in csv.DictReader(f)][:12]
+    assert sizes == listed and all(s != "0×0" for s in sizes)
+    # names cut alike in the middle are cut from where they part (a shop's SKU mid-name)
+    cuts = browser.execute_script("return distinctCuts(arguments[0], 17)",
+                                  ["women-dresses-midi-SKU104233-front.jpg", "women-dresses-midi-SKU209911-front.jpg"])
+    assert len(set(cuts)) == 2 and all(len(c) <= 17 for c in cuts), cuts
+    assert browser.execute_script("return distinctCuts(['a.jpg', 'b.jpg'], 17)") == ["a.jpg", "b.jpg"]
     browser.save_screenshot(str(tmp_path / "dups.png"))
     assert console_errors(browser) == []
 
