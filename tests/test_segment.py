@@ -651,3 +651,39 @@ def test_a_file_or_folder_that_is_no_yolo_weights_is_said_to_be_so(tmp_path):
         assert str(said.value).startswith(f"YOLO model {str(given)!r} is {what}, not YOLO weights: pass a .pt, .onnx "
                                           "or model .yaml file")
         assert "detect" not in str(said.value)
+
+
+def test_an_update_of_a_segmented_store_cuts_new_photos_as_the_store_did_without_its_flags(
+        tiny_onnx, tmp_path, monkeypatch, capsys):
+    """--update --use-segmentation with no --seg-* flag was refused "made differently" (listing the
+    fields keep_unsegmented, max_persons, seg_conf, seg_model): the nightly job had to repeat them all.
+    It takes them from the store, as it takes its --dataset, and says so."""
+    asked = []
+
+    def segmenter(spec, device):
+        asked.append(spec)
+        return FakeSegmenter()
+
+    monkeypatch.setattr(galleries, "make_segmenter", segmenter)
+    weights = tmp_path / "people.pt"
+    weights.write_bytes(b"the store's weights")
+    cells = [assets.encode(assets.rgb_image(60, 90, color=(i, 100, 200)), "PNG") for i in range(6)]
+    data = assets.write_parquet_dataset(tmp_path / "people", cells)
+    out = tmp_path / "out"
+    base = ["--onnx", str(tiny_onnx), "--output-dir", str(out)]
+    assert cli.main(["--use-segmentation", "--dataset", str(data), "--seg-model", str(weights),
+                     "--seg-conf", "0.4", "--seg-imgsz", "320", "--max-persons", "3", "--keep-unsegmented", *base,
+                     "-q"]) == 0
+    assets.write_parquet_dataset(tmp_path / "people", [*cells, assets.encode(assets.rgb_image(60, 90, color=(7, 9, 9)),
+                                                                             "PNG")])  # a new photo to cut
+    asked.clear()
+    capsys.readouterr()
+    assert cli.main(["--update", "--use-segmentation", *base]) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert "made differently" not in said and asked
+    assert f"--update: the store's own --dataset {data}" in said
+    for flag in (f"--seg-model {weights}", "--seg-conf 0.4", "--seg-imgsz 320", "--max-persons 3",
+                 "--keep-unsegmented"):
+        assert flag in said, flag
+    assert all((s.model, s.conf, s.imgsz, s.max_persons, s.keep_unsegmented) == (str(weights), 0.4, 320, 3, True)
+               for s in asked)
