@@ -57,6 +57,8 @@ from .remote import images_there, remove_stale_at_url
 from .report import RunSummary
 from .searcher import Searcher, unknown_group_column
 from .store import (
+    EMBEDDINGS_FILE,
+    MANIFEST_FILE,
     NEXT_DIR,
     PARTIAL_DIR,
     SIDECAR_FILE,
@@ -226,6 +228,14 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
         search_from = shown if cfg.searches_only or not cfg.from_cache else None
         if e.missing and (cfg.store_dir / UPDATE_DIR / SWITCH_FILE).is_file():  # not a build's to redo
             raise CacheMismatchError(f"{e}\n{switch_pending(cfg)}") from None
+        store_files = any((cfg.store_dir / f).is_file() for f in (MANIFEST_FILE, EMBEDDINGS_FILE))
+        if e.missing and cfg.output_url and store_files:
+            # the URL holds a store's files without its sidecar (sent last): an upload stopped, or under way
+            raise CacheMismatchError(
+                f"{e}\nThe store at {cfg.output_url} has its files but not its {SIDECAR_FILE}, which a run sends last: "
+                "a run that wrote it is sending it now, or its upload stopped. Run that command again from the machine "
+                "(the working copy) that made it, which sends the rest; a build here would embed every photo again"
+            ) from None
         other = cfg.output_dir / ("embeddings" if cfg.segmented else "embeddings_segment")
         if (e.missing and cfg.searches_only and not (cfg.store_dir / PARTIAL_DIR).is_dir()
                 and (other / SIDECAR_FILE).is_file()):  # the other gallery's there: the flag forgotten, not a build

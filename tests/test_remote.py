@@ -365,6 +365,15 @@ def test_a_search_at_a_url_without_a_store_is_told_the_url_and_an_export_to_a_ur
     url = _url()
     assert run("--query-text", "red", "--onnx", tiny_onnx, "--output-dir", url, "--work-dir", tmp_path / "w") == 1
     assert f"Build it first with a gallery run: python main.py --output-dir {url} (with" in capsys.readouterr().err
+    # a store's files without its sidecar (sent last): an upload that stopped, not a store to build again
+    fs, _ = s3
+    root = url.removeprefix("s3://")
+    fs.pipe_file(f"{root}/embeddings/manifest.csv", b"index,file\n")
+    fs.pipe_file(f"{root}/embeddings/embeddings.npy", b"\x93NUMPY")
+    assert run("--query-text", "red", "--onnx", tiny_onnx, "--output-dir", url, "--work-dir", tmp_path / "w2") == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"The store at {url} has its files but not its embeddings.json, which a run sends last" in said
+    assert "Build it first" not in said
     assert run("--export", f"parquet:{url}/export", "--output-dir", url, "--work-dir", tmp_path / "w") == 2
     assert "an export is written to a local folder, not a URL" in capsys.readouterr().err
     assert not (Path.cwd() / "s3:").exists()
