@@ -35,6 +35,8 @@ class Mode:
     checks: combinations it refuses. engines: the --engine values it runs under.
     holds_output: holds --output-dir's lock for the run (a mode that only reads does not).
     mirrors_output: with a URL --output-dir, works in its local copy, fetched before and sent after.
+    sends_output: with a URL, sends what it changed there after the run (a mode that only reads it sends
+    nothing, and needs only read access: a serving node's read-only credentials).
     """
 
     name: str
@@ -46,6 +48,7 @@ class Mode:
     engines: tuple[str, ...] = ("local",)
     holds_output: bool = True
     mirrors_output: bool = True
+    sends_output: bool = True
 
     def load(self) -> Callable[[RunConfig], RunSummary]:
         module, _, function = self.run.partition(":")
@@ -103,14 +106,15 @@ MODES: tuple[Mode, ...] = (
     Mode("video", "--video_clip", lambda c: bool(c.video.clip), "pipeline.video:run_video",
          options=frozenset(_VIDEO_OPTIONS)),
     Mode("query", "--query-image/--query-text", lambda c: c.query.active, "pipeline.search:run_query"),
-    Mode("export", "--export", lambda c: bool(c.exports), "pipeline.vectordb:run_export_db", holds_output=False),
+    Mode("export", "--export", lambda c: bool(c.exports), "pipeline.vectordb:run_export_db", holds_output=False,
+         sends_output=False),
     Mode("evaluate", "--evaluate", lambda c: c.evaluate.enabled, "pipeline.search:run_evaluate",
          options=frozenset({"eval_backends", "eval_models", "eval_id_column", "eval_cloth_column"}),
          checks=_EVAL_CHECKS),
     # --serve reads only: the output folder stays free for other runs. Like the queries, it reads the
     # segmented gallery with --use-segmentation or --use-embedded-segment alike.
     Mode("serve", "--serve", lambda c: c.serve.enabled, "pipeline.serve:run_serve",
-         options=frozenset({"port", "host", "no_auth"}), holds_output=False),
+         options=frozenset({"port", "host", "no_auth"}), holds_output=False, sends_output=False),
     Mode("gallery", "", lambda c: True, "pipeline.runner:run_gallery", engines=("local", "ray")),
 )  # fmt: skip
 

@@ -134,8 +134,16 @@ class RemoteOutput:
     def _save_state(self, state: dict[str, list[Any]]) -> None:
         atomic_write_text(self.work_dir / SYNC_FILE, json.dumps(state, sort_keys=True))
 
-    def check_access(self) -> None:
-        """Fail before any work when the URL cannot be listed or written."""
+    def check_access(self, write: bool = True) -> None:
+        """Fail before any work when the URL cannot be listed or (`write`) written."""
+        if not write:  # a mode that only reads: a serving node's read-only credentials are enough
+            try:
+                self.fs.ls(self.root, detail=False)
+            except FileNotFoundError:
+                pass  # nothing there yet: the run says what it misses
+            except Exception as e:  # credentials, bucket, network
+                raise PipelineError(f"--output-dir {self.url} cannot be read: {type(e).__name__}: {e}") from e
+            return
         probe = f"{self.root}/.fashion-write-check"
         try:
             self.fs.pipe_file(probe, b"ok")
@@ -273,16 +281,21 @@ def remote_version(info: dict[str, Any]) -> str | None:
 
 
 @contextmanager
-def mirrored(url: str, work_dir: Path, resend: str = "run the same command again to send them"
-             ) -> Iterator[RemoteOutput]:
+def mirrored(url: str, work_dir: Path, resend: str = "run the same command again to send them",
+             sends: bool = True) -> Iterator[RemoteOutput]:
     """Fetch before the run; send after it, whether it finished, failed or was interrupted. When
     the upload fails too, the run's own error is the one raised and the upload's is logged.
-    resend: how to send what an upload that failed left (a build's: with its cache flag, not again)."""
+    resend: how to send what an upload that failed left (a build's: with its cache flag, not again).
+    sends: False for a mode that only reads the URL (--serve, --export): nothing is sent (a stale
+    file of this copy's sent over another machine's newer one) and read access is enough."""
     remote = RemoteOutput(url, work_dir)
-    remote.check_access()
+    remote.check_access(write=sends)
     n = remote.fetch()
     if n:
         log.info("fetched %d file(s) from %s into %s", n, url, work_dir)
+    if not sends:
+        yield remote
+        return
     failed = True
     try:
         yield remote

@@ -97,8 +97,8 @@ def run(cfg: RunConfig) -> RunSummary:
     resend = "run the same command again to send them"
     if mode.name in ("gallery", "video") and not cfg.from_cache and not cfg.update:  # again: every photo embedded again
         resend = f"add {cache_flag(cfg.segmented)} to the same command to send them without embedding again"
-    remote = (mirrored(cfg.output_url, cfg.output_dir, resend) if cfg.output_url and mode.mirrors_output
-              else nullcontext())
+    remote = (mirrored(cfg.output_url, cfg.output_dir, resend, sends=mode.sends_output)
+              if cfg.output_url and mode.mirrors_output else nullcontext())
     with output_session(cfg) if mode.holds_output else nullcontext(), remote as copy:
         # what the store says is read here, once a URL's store is in its working copy
         cfg, kept = with_store_source(cfg)  # --update: the store's dataset settings where no flag gives them
@@ -119,7 +119,9 @@ def run(cfg: RunConfig) -> RunSummary:
             summary.notes.append("worked offline: the Hugging Face hub could not be reached (see the warning above)")
         summary.outputs = at_url(summary.outputs, cfg.output_dir, cfg.output_url)
         rewrite_summary(cfg.plots_dir, summary)  # the report says what the printed summary says (sent with it)
-    if copy is not None:
+    if copy is not None and not mode.sends_output:
+        summary.notes.append(f"read from {cfg.output_url}, nothing sent there (working copy {cfg.output_dir})")
+    elif copy is not None:
         removed = f", {copy.removed} removed there" if copy.removed else ""
         summary.notes.append(f"outputs sent to {cfg.output_url} ({copy.sent} file(s){removed}; working copy "
                              f"{cfg.output_dir})")

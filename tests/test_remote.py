@@ -507,3 +507,29 @@ def test_a_url_with_or_without_its_trailing_slash_is_one_working_copy_and_catalo
         Catalog.open("s3://bucket/run")
     assert str(said.value).startswith("s3://bucket/run: Catalog.open reads a store on this machine, not at a URL: "
                                       "search it there with python main.py --output-dir s3://bucket/run")
+
+
+def test_a_mode_that_only_reads_a_url_needs_no_write_access_and_sends_nothing(rows40, tiny_onnx, tmp_path,
+                                                                               monkeypatch, capsys):
+    """A serving node's read-only credentials: --serve and --export were refused ("cannot be written:
+    PermissionError"), and at their end sent this copy's files over another machine's newer ones."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    url = f"memory://{secrets.token_hex(4)}/run"
+    assert run(*_args(rows40, tiny_onnx, url, tmp_path / "w")) == 3
+
+    def denied(*args, **kwargs):
+        raise PermissionError("Access Denied")
+
+    for method in ("pipe_file", "put_file", "rm_file"):
+        monkeypatch.setattr(MemoryFileSystem, method, denied)
+    target = tmp_path / "export.parquet"
+    capsys.readouterr()
+    assert cli.main(["--onnx", str(tiny_onnx), "--output-dir", url, "--work-dir", str(tmp_path / "reader"),
+                     "--export", f"parquet:{target}"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"read from {url}, nothing sent there" in said and "outputs sent" not in said
+    assert list(target.glob("part_*.parquet"))
+    monkeypatch.undo()
+    assert run("--query-text", "red", "--onnx", tiny_onnx, "--output-dir", url, "--work-dir",
+               tmp_path / "reader") == 0  # a mode that writes: it writes
