@@ -245,8 +245,8 @@ def check_shared_folder(ray, folder: Path) -> None:
             except OSError:
                 return False
 
-        checks = {
-            n["NodeManagerAddress"]: sees.options(
+        checks = {  # by node: two nodes on one host share an address, and each is checked
+            f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})": sees.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
             ).remote(str(probe), token)
             for n in nodes

@@ -569,3 +569,39 @@ def test_a_workers_failure_is_the_runs_one_line_and_a_dead_worker_says_the_run_r
         "a Ray worker stopped before its work was done (ActorDiedError: The actor died unexpectedly")
     assert "the shards it completed are kept: run the same command again to resume" in str(died)
     assert ray_engine.worker_error(ValueError("a bug here")) is None  # not Ray's: raised as it is
+
+
+def test_the_shared_folder_check_asks_every_node_even_two_on_one_host(tmp_path):
+    """Nodes were keyed by their address: two nodes on one host were one, and only one of them asked."""
+    from pipeline.errors import PipelineError
+
+    class Remote:
+        def __init__(self, fn, node=None):
+            self.fn, self.node = fn, node
+
+        def options(self, scheduling_strategy):
+            return Remote(self.fn, scheduling_strategy.node_id)
+
+        def remote(self, path, token):
+            asked.append(self.node)
+            return False if self.node.startswith("bbbb") else self.fn(path, token)  # the second node sees no folder
+
+    class OneHostTwoNodes:
+        @staticmethod
+        def nodes():
+            return [{"Alive": True, "NodeManagerAddress": "10.0.0.2", "NodeID": node} for node in ("a" * 56,
+                                                                                               "b" * 56)]
+
+        @staticmethod
+        def remote(**kw):
+            return Remote
+
+        @staticmethod
+        def get(ref):
+            return ref
+
+    asked: list[str] = []
+    with pytest.raises(PipelineError, match=r"not shared with every node of the Ray cluster \(10\.0\.0\.2 \(node "
+                                            r"bbbbbbbb\) cannot see it\)"):
+        ray_engine.check_shared_folder(OneHostTwoNodes(), tmp_path / "out")
+    assert sorted(asked) == ["a" * 56, "b" * 56]
