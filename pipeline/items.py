@@ -355,7 +355,8 @@ def crops_of_row(
         row.sha256 = sha256_bytes(data)
         row.file = crop_file_name(row.sha256)
         row.pixel_hash, row.look = item_signals(image)
-        row.note = join_notes(note, "no person found: whole image kept (--keep-unsegmented)")
+        why = (f"{NO_MASK} among the {spec.max_persons} most confident" if found.cut else "no person found")
+        row.note = join_notes(note, f"{why}: whole image kept (--keep-unsegmented)")
         return [GalleryItem(row, image, data)]
     row.status, row.note = "no_person", note
     # Ultralytics drops persons whose mask is empty: all of the most confident may have had one.

@@ -370,12 +370,12 @@ class Crowd(Segmenter):
         return out
 
 
-def crowd_run(segmenter: Segmenter, people_dataset, tiny_onnx, tmp_path, monkeypatch) -> list:
+def crowd_run(segmenter: Segmenter, people_dataset, tiny_onnx, tmp_path, monkeypatch, *more: str) -> list:
     """A segmented gallery of people_dataset cut by `segmenter` with --max-persons 4: its manifest's lines."""
     monkeypatch.setattr(galleries, "make_segmenter", lambda spec, device: segmenter)
     out = tmp_path / "out"
     argv = ["--use-segmentation", "--dataset", str(people_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out),
-            "--max-result-images", "0", "--max-persons", "4"]
+            "--max-result-images", "0", "--max-persons", "4", *more]
     assert cli.main(argv) == 3  # the corrupt row
     return read_manifest(out / "embeddings_segment" / "manifest.csv")
 
@@ -477,6 +477,12 @@ def test_photos_whose_persons_all_lacked_a_mask_are_told_apart_from_those_withou
     said = " ".join(capsys.readouterr().out.split())
     assert (f"rows without person: {len(maskless)} had persons, but none with a mask among the 4 most confident "
             "(manifest.csv's error column says which; a larger --max-persons looks further)") in said
+    # kept whole (--keep-unsegmented): the note said "no person found" beside "the 4 most confident kept"
+    kept = crowd_run(Maskless(), people_dataset, tiny_onnx, tmp_path / "whole", monkeypatch, "--keep-unsegmented")
+    notes = {r.source_row: r.note for r in kept if r.person < 0 and r.status == "ok"}
+    assert all("no person with a mask among the 4 most confident: whole image kept (--keep-unsegmented)" in notes[i]
+               for i in maskless) and "no person found" not in " ".join(notes[i] for i in maskless)
+    assert all(notes[i].endswith("no person found: whole image kept (--keep-unsegmented)") for i in (0, 6))
 
 
 def test_max_persons_with_the_person_biased_yolo_counts_every_cut_photo(person_pt, tiny_onnx, tmp_path, capsys):
