@@ -11,6 +11,7 @@ The same `Searcher` answers the CLI's queries, --serve and video, so the hits ar
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -133,22 +134,18 @@ def store_folder(folder: str | Path) -> Path:
                          f"python main.py --output-dir {folder} --query-text ... (or --serve), which fetch the store "
                          "into a working copy; or open that working copy's folder")
     folder = Path(folder)
-    for output in (folder, folder.parent):  # a run's folder, or the store folder in it
-        if said := being_written(output):  # a store between its files (an update's switch): not one to build
-            if any((store / UPDATE_DIR / SWITCH_FILE).is_file() for store in _stores_in(folder)):
-                raise PipelineError(f"{folder} holds no complete gallery store now{said}")
-    for store in _stores_in(folder):  # an update stopped in its switch: finished in a second, not built again
-        if (store / UPDATE_DIR / SWITCH_FILE).is_file():
-            raise PipelineError(SWITCH_STOPPED.format(store=store) + ", then open it again")
     if (folder / SIDECAR_FILE).is_file():
         return folder
     if (folder / "embeddings" / SIDECAR_FILE).is_file():
         return folder / "embeddings"
     if not (folder / "embeddings").exists() and (folder / "embeddings_segment" / SIDECAR_FILE).is_file():
         return folder / "embeddings_segment"
-    for output in (folder, folder.parent):
-        if said := being_written(output):
+    for output in (folder, folder.parent):  # a run's folder, or the store folder in it
+        if said := being_written(output):  # a store between its files (an update's switch): not one to build
             raise PipelineError(f"{folder} holds no complete gallery store now{said}")
+    for store in _stores_in(folder):  # an update stopped in its switch: finished in a second, not built again
+        if (store / UPDATE_DIR / SWITCH_FILE).is_file():
+            raise PipelineError(SWITCH_STOPPED.format(store=store) + ", then open it again")
     raise PipelineError(
         f"{folder} holds no gallery store ({SIDECAR_FILE} not found there, in {folder / 'embeddings'} or in "
         f"{folder / 'embeddings_segment'}); build one first: python main.py --output-dir DIR"
@@ -242,10 +239,8 @@ def _in_python(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concate
                 said = flag.sub(word, said)
             if said == str(e):
                 raise
-            try:
-                again = type(e)(said)
-            except TypeError:  # an error class that takes other arguments: as it is
-                raise e from None
+            again = copy.copy(e)  # its class and attributes (a CacheMismatchError's), its words in Python's
+            again.args = (said, *e.args[1:])
             raise again from e.__cause__
 
     return said_in_python
@@ -313,7 +308,7 @@ class Catalog:
         # a Path is taken wherever a file or folder is (model=Path(...) failed at the first query)
         model, onnx, seg_model = (os.fspath(v) if isinstance(v, os.PathLike) else v for v in (model, onnx, seg_model))
         threads = int(threads) if isinstance(threads, np.integer) else threads
-        if not isinstance(dedup, (bool, np.bool_)):  # dedup="no" was taken as True
+        if not isinstance(dedup, (bool, np.bool_)) and dedup not in (0, 1):  # dedup="no" was taken as True
             raise UsageError(f"dedup={dedup!r}: True or False")
         _check_open_arguments(device, threads, index, model, onnx)
         group_by = group_by or None  # "" is "each photo", as a query's group_by="" says

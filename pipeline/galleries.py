@@ -115,7 +115,8 @@ def store_segment(cfg: RunConfig) -> SegmentSpec:
     sidecar = store_sidecar(cfg) if cfg.segmented and (cfg.searches_only or cfg.from_cache) else None
     if sidecar is None or sidecar.source.kind != "segment":
         return cfg.segment
-    spec, taken = recorded_segment(sidecar.source, cfg.segment, cfg.explicit, cfg.store_dir)
+    spec, taken = recorded_segment(sidecar.source, cfg.segment, cfg.explicit, cfg.store_dir,
+                                   persons=not cfg.video.clip)  # a video's frames are not capped by --max-persons
     if taken:
         log.info("the store's own segmentation settings, where no --seg-* flag says otherwise (%s)",
                  ", ".join(f"{n} {v}" for n, v in taken.items()))

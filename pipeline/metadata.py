@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .dataset import arrow_numpy, int64_array
+from .dataset import arrow_numpy, in_one_unicode_form, int64_array
 from .errors import CacheMismatchError
 from .filters import Filter
 from .store import ManifestRow, manifest_sha256
@@ -187,7 +187,8 @@ def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow], manifest: st
             f"{path} does not cover the store ({missing} of its items have no row there): it was written for "
             "another version of the store. Run the build (or --update) again to rewrite it"
         )
-    return Metadata(table.take(int64_array(at)).drop_columns(["source_row"]))
+    # in NFC, as a filter's text is: a store whose metadata was read before texts were (a Mac's CSV) too
+    return Metadata(in_one_unicode_form(table.take(int64_array(at)).drop_columns(["source_row"])))
 
 
 def _read_whole(path: Path) -> Any:

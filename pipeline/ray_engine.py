@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import threading
 import time
 import warnings
@@ -99,6 +100,9 @@ class RaySession:
                 thread.join()
         self.ray, self.ours = ray, not ray.is_initialized()
         self.started = False  # a Ray this run started on this machine (not a cluster it joined)
+        # ray.init puts its own SIGTERM handler in (sys.exit): the run's own (main.py: taken as Ctrl-C, the
+        # work kept and said, exit 143) is put back after it
+        on_term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         if self.ours:
             env = {
                 "env_vars": {
@@ -133,6 +137,8 @@ class RaySession:
                     runtime_env=env,
                     **quiet,
                 )
+        if on_term is not None and signal.getsignal(signal.SIGTERM) is not on_term:
+            signal.signal(signal.SIGTERM, on_term)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar: the run's own, which counts rows
         logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -590,9 +596,9 @@ def _gather(ds, collector: Collector, build: RayBuild, rows: tuple[int, int], su
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             first = first or time.perf_counter() - t0
             bar.update(collector.add(batch, build.shard_rows))
-    except PipelineError:
-        raise
     except Exception as e:  # noqa: BLE001 - Ray's and Ray Data's errors of a worker have many types
+        if isinstance(e, PipelineError) and not type(e).__module__.startswith("ray"):
+            raise  # the driver's own (Ray's dual class RayTaskError(UsageError) is one too: not this)
         said = worker_error(e)
         if said is None:
             raise
@@ -615,7 +621,7 @@ def worker_error(e: BaseException) -> PipelineError | None:
             continue
         seen.add(id(x))
         if isinstance(x, PipelineError) and not type(x).__module__.startswith("ray"):  # not Ray's dual class
-            return type(x)(str(x))
+            return x  # itself, its attributes too
         chain += [getattr(x, "cause", None), x.__cause__, x.__context__]
     if not type(e).__module__.startswith("ray"):
         return None

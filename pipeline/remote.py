@@ -98,11 +98,13 @@ def images_there(url: str, work_dir: Path, folder: Path) -> set[str]:
     names = list_names(url)
     if folder.is_dir():
         state = read_json_dict(work_dir / SYNC_FILE)
-        for local in folder.iterdir():
-            if local.is_file() and not SKIPPED.search(local.name):
-                rel = local.relative_to(work_dir).as_posix()
-                if (state.get(rel) or [])[:2] != _stamp(local.stat()):
-                    names.add(local.name)
+        with os.scandir(folder) as entries:  # only the names the URL lacks are looked at (1M photos: 1M stats)
+            for entry in entries:
+                if entry.name in names or SKIPPED.search(entry.name) or not entry.is_file():
+                    continue
+                rel = f"{folder.relative_to(work_dir).as_posix()}/{entry.name}"
+                if (state.get(rel) or [])[:2] != _stamp(entry.stat()):
+                    names.add(entry.name)
     return names
 
 

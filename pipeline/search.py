@@ -165,11 +165,13 @@ def run_query(cfg: RunConfig) -> RunSummary:
         rows = [(*r, *meta.values(j).values()) for r, j in zip(rows, hits)]
     own: tuple[str, ...] = ("query", "kind", "rank", "gallery_file", "row", "distance", "gallery_source")
     written: list[tuple[Any, ...]] = list(rows)
-    if nb.scores is not None:  # a rank fusion: the score that ranks each match, after its distance
+    fused: tuple[str, ...] = ()
+    if nb.scores is not None:  # a rank fusion: the score that ranks each match, last (every other column in its place)
         scores = [float(s) for line, found in zip(nb.scores, nb.indices) for s, j in zip(line, found) if j >= 0]
-        written = [(*r[:6], round(s, 6), *r[6:]) for r, s in zip(rows, scores)]
-        own = (*own[:6], RRF_COLUMN, *own[6:])
-    columns = (*own, *(prefixed_name(c, own) for c in extra))  # `kind`, `rank` of the catalogue: meta_kind, ...
+        written = [(*r, round(s, 6)) for r, s in zip(rows, scores)]
+        fused = (RRF_COLUMN,)
+    # `kind`, `rank` of the catalogue: meta_kind, ...
+    columns = (*own, *(prefixed_name(c, (*own, *fused)) for c in extra), *fused)
     write_neighbours_csv(table, iter(written), columns=columns)
     summary.count("queries", len(queries))
     summary.outputs["results"] = str(table)

@@ -307,10 +307,8 @@ def check_upload_pixels(data: bytes) -> None:
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():  # PIL's own bomb warning (over 89 MP) said nothing the answer does not
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with pil_open(io.BytesIO(data)) as image:  # PIL's own: Ultralytics' would try to pip-install a decoder
-                width, height = image.size
+        with pil_open(io.BytesIO(data)) as image:  # PIL's own: Ultralytics' would try to pip-install a decoder
+            width, height = image.size
     except Image.DecompressionBombError:  # over twice PIL's limit: its message named PIL's limit, not ours
         raise ImageDecodeError(f"refused as a decompression bomb: its header claims over "
                                f"{2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels; a query picture may have "
@@ -549,6 +547,11 @@ def create_app(service: SearchService):
         ) from e
 
     cfg = service.cfg
+    from PIL import Image
+
+    # PIL's own bomb warning (an upload of 89-179 MP) says nothing the answer does not: set once for the
+    # process (warnings.catch_warnings around each upload is not thread-safe, and uploads run at once)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     app = FastAPI(title="Fashion visual search", docs_url=None, redoc_url=None)
     if (token := required_token(cfg)) is not None:
         _add_auth(app, token)

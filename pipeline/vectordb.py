@@ -129,7 +129,9 @@ def export_table(embeddings: np.ndarray, rows: Sequence[ManifestRow], meta: Meta
             columns[exported_name(name)] = column
     vectors = np.ascontiguousarray(embeddings[order], np.float32)
     table = pa.table(columns)
-    digests = [_digest(vectors[i], values) for i, values in enumerate(table.to_pylist())]  # each row's, at once
+    # each row's, a batch at a time (the whole table's to_pylist held 0.7 GB of dicts at 1M rows)
+    records = (values for batch in table.to_batches(max_chunksize=65_536) for values in batch.to_pylist())
+    digests = [_digest(vectors[i], values) for i, values in enumerate(records)]
     table = table.append_column("digest", pa.array(digests))
     flat = pa.array(vectors.ravel(), pa.float32())
     return table.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
@@ -214,7 +216,7 @@ def _check_identity(target: ExportTarget, identity: dict[str, Any],
 
 def export_store(target: ExportTarget, embeddings: np.ndarray, rows: Sequence[ManifestRow], meta: Metadata | None,
                  identity: dict[str, Any], store_sha256: str, catalogue: dict[str, Any] | None = None,
-                 table: Any = None) -> ExportReport:
+                 table: Any = None, progress: bool = True) -> ExportReport:
     """Export (or bring up to date) one target; see the module docstring. catalogue: the store's
     dataset and gallery kind, recorded, and compared with an existing export's. table: export_table's
     of these items, where the caller made it once for several targets."""
@@ -227,6 +229,7 @@ def export_store(target: ExportTarget, embeddings: np.ndarray, rows: Sequence[Ma
         atomic_write_text(target.folder / EXPORT_FILE, json.dumps(record, indent=2, sort_keys=True))
         record["new"] = True
     writer: Any = {"lancedb": _LanceDB, "qdrant": _Qdrant, "parquet": _Parquet}[target.kind](target.folder)
+    writer.progress = progress
     before = writer.digests()
     now = dict(zip(table.column("key").to_pylist(), table.column("digest").to_pylist()))
     removed = [k for k in before if k not in now]
@@ -308,6 +311,8 @@ def _point_id(key: str) -> str:
 
 
 class _Qdrant:
+    progress = True  # its bar (export_store sets it from the run's: -q shows none)
+
     def __init__(self, folder: Path) -> None:
         try:
             from qdrant_client import QdrantClient
@@ -359,7 +364,8 @@ class _Qdrant:
         chosen = table.take(pa.array(at, pa.int64()))
         values = {c: chosen.column(c).to_pylist() for c in payload_columns}  # column by column, not a cell a time
         vectors = chosen.column("vector").combine_chunks().flatten().to_numpy().reshape(len(at), -1)
-        with tqdm(total=len(at), desc="export -> qdrant", unit="point", disable=len(at) < 2048) as bar:
+        with tqdm(total=len(at), desc="export -> qdrant", unit="point",
+                  disable=not self.progress or len(at) < 2048) as bar:
             for start in range(0, len(at), 512):
                 batch = [models.PointStruct(id=_point_id(values["key"][j]), vector=vectors[j].tolist(),
                                             payload={c: _plain(values[c][j], narrow.get(c)) for c in payload_columns})
@@ -494,7 +500,7 @@ def run_export_db(cfg: Any) -> Any:
         said = functools.partial(log.info, "waiting for another export into %s to end", target.folder)
         with summary.stage(f"export to {target.kind}"), waiting_lock(lock, said):
             report = export_store(target, cache.embeddings, cache.embedded_rows, meta, identity,
-                                  cache.sidecar.embeddings_sha256, catalogue, table)
+                                  cache.sidecar.embeddings_sha256, catalogue, table, cfg.progress)
         summary.notes.append(f"export: {report.line()}")
         summary.outputs[f"{target.kind} export"] = str(target.folder)
     summary.count("items", len(cache.embeddings))

@@ -129,11 +129,17 @@ def video_stream(container):
     through PyAV's `streams.best`), which passes over a cover picture or a thumbnail track stored as a
     video stream of one frame (Matroska attachments, an MP4's `covr`), whatever its place; the first
     video stream where ffmpeg names none."""
-    best = container.streams.best("video")
-    if best is not None and not best.disposition & _ATTACHED_PIC:
+    best = container.streams.best("video") if hasattr(container.streams, "best") else None  # PyAV 13 on
+    if best is not None and not _cover(best):
         return best
-    moving = [st for st in container.streams.video if not st.disposition & _ATTACHED_PIC]
+    moving = [st for st in container.streams.video if not _cover(st)]
     return (moving or list(container.streams.video))[0]
+
+
+def _cover(stream) -> bool:
+    """Whether a video stream is a cover picture (its disposition a plain Flag before PyAV 15)."""
+    disposition = getattr(stream, "disposition", 0)
+    return bool(int(getattr(disposition, "value", disposition) or 0) & _ATTACHED_PIC)
 
 
 def mp4_cut_short(path: Path) -> bool:

@@ -49,19 +49,22 @@ STORE_SEGMENT = (("seg_model", "model"), ("seg_backend", "backend"), ("seg_conf"
 
 
 def recorded_segment(made, spec: SegmentSpec, typed: frozenset[str] | set[str], store_dir: Path,
-                     model_flag: str = "--seg-model PATH") -> tuple[SegmentSpec, dict[str, object]]:
+                     model_flag: str = "--seg-model PATH",
+                     persons: bool = True) -> tuple[SegmentSpec, dict[str, object]]:
     """`spec` with the settings a segmented store's source (`made`, identity.GallerySource) records
     for those not in `typed` (the defaults' model would cut query persons otherwise, or, offline, fail
     to load; the defaults' 10 persons would ask with more persons than the store kept), checked:
     weights retrained under the same name, or a model file not found from here, are refused saying
-    what to pass (`model_flag`). Returns the spec and what was taken from the store."""
+    what to pass (`model_flag`). persons=False: the store's persons a photo not taken (a video's
+    frames are not capped by it). Returns the spec and what was taken from the store."""
     from dataclasses import replace
 
     from .errors import CacheMismatchError
     from .fileio import sha256_file_once
 
     taken = {name: getattr(made, field) for field, name in STORE_SEGMENT
-             if field not in typed and getattr(made, field, None) not in (None, getattr(spec, name))}
+             if field not in typed and getattr(made, field, None) not in (None, getattr(spec, name))
+             and (persons or name != "max_persons")}
     if not taken:
         return spec, {}
     spec = replace(spec, **taken)
@@ -78,7 +81,10 @@ def recorded_segment(made, spec: SegmentSpec, typed: frozenset[str] | set[str], 
     return spec, taken
 
 
-YOLO_SUFFIXES = (".pt", ".onnx", ".yaml", ".yml")  # what load_yolo takes from a path
+# what Ultralytics loads from a path: weights, a model yaml, its exports (files and folders)
+YOLO_SUFFIXES = (".pt", ".onnx", ".yaml", ".yml", ".torchscript", ".engine", ".tflite", ".pb", ".mnn", ".mlpackage")
+YOLO_FOLDERS = ("_openvino_model", "_saved_model", "_ncnn_model", "_paddle_model", "_web_model", ".mlpackage",
+                "_imx_model", "_rknn_model")
 
 
 def _import_ultralytics():
@@ -106,7 +112,8 @@ def load_yolo(model: str, task: str, named: str | None = None):
             + (" and YOLO_OFFLINE is set" if os.environ.get("YOLO_OFFLINE") else "")
             + ". Pass a local .pt, .onnx or model .yaml file."
         )
-    if local.is_dir() or (local.exists() and local.suffix.lower() not in YOLO_SUFFIXES):
+    exported = local.is_dir() and local.name.endswith(YOLO_FOLDERS)  # an Ultralytics export's folder
+    if (local.is_dir() and not exported) or (local.is_file() and local.suffix.lower() not in YOLO_SUFFIXES):
         # Ultralytics takes what it cannot read for a detection model: said as such, not as "a YOLO detect model"
         what = "a folder" if local.is_dir() else f"a {local.suffix or 'suffix-less'} file"
         hint = ", the weights file in it" if local.is_dir() else ""

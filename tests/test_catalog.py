@@ -599,3 +599,39 @@ def test_the_api_as_a_library_uses_it(tiny_clip, tmp_path):
     (out / "embeddings").rename(crops / "embeddings_segment")
     assert not cat.is_current()  # the store it opened is not on disk there any more
     assert len(Catalog.open(crops)) == 6
+
+
+def test_a_stopped_switch_of_the_other_gallery_does_not_refuse_a_complete_store(built, tmp_path):
+    """A run folder's embeddings/ complete, its embeddings_segment/ with an update stopped in its switch:
+    Catalog.open refused the complete one, naming the other's update."""
+    import shutil
+
+    from pipeline.store import SWITCH_FILE, UPDATE_DIR
+
+    out = tmp_path / "run"
+    shutil.copytree(built[0], out)
+    (out / "embeddings_segment" / UPDATE_DIR).mkdir(parents=True)
+    (out / "embeddings_segment" / UPDATE_DIR / SWITCH_FILE).write_text("{}")
+    assert len(Catalog.open(out)) == 12
+
+
+def test_a_stores_metadata_written_in_nfd_before_is_filtered_by_an_nfc_filter(tiny_clip, tmp_path):
+    """A store built before texts were read in NFC keeps a Mac CSV's decomposed values: the filter, now
+    taken in NFC, matched none of them."""
+    import unicodedata
+
+    import pyarrow.parquet as pq
+
+    ds = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(60, 80, seed=i) for i in range(4)],
+                                      {"category": ["été", "hiver", "été", "hiver"]})
+    out = tmp_path / "out"
+    assert cli.main(["--dataset", str(ds), "--model", str(tiny_clip), "--backend", "torch", "--output-dir", str(out),
+                     "--max-result-images", "0", "-q"]) == 0
+    path = out / "embeddings" / "metadata.parquet"
+    table = pq.read_table(path)
+    nfd = [unicodedata.normalize("NFD", v) for v in table.column("category").to_pylist()]
+    pq.write_table(table.set_column(table.column_names.index("category"), "category",
+                                    __import__("pyarrow").array(nfd)).replace_schema_metadata(table.schema.metadata),
+                   path)
+    hits = Catalog.open(out).search_text("summer", k=4, filter="category = 'été'")
+    assert len(hits) == 2 and all(h.meta["category"] == "été" for h in hits)

@@ -465,6 +465,12 @@ def test_the_report_shows_a_dozen_photos_of_a_large_group_and_says_how_many_more
                                   ["women-dresses-midi-SKU104233-front.jpg", "women-dresses-midi-SKU209911-front.jpg"])
     assert len(set(cuts)) == 2 and all(len(c) <= 17 for c in cuts), cuts
     assert browser.execute_script("return distinctCuts(['a.jpg', 'b.jpg'], 17)") == ["a.jpg", "b.jpg"]
+    same = browser.execute_script("return distinctCuts(['shop-a-very-long-name-front.jpg', "
+                                  "'shop-a-very-long-name-front.jpg'], 17)")  # one name in two folders: as it is
+    assert same[0] == same[1] and same[0].startswith("shop-a-v")
+    three = browser.execute_script("return distinctCuts(arguments[0], 17)", [
+        "a.jpg", "women-dresses-midi-SKU104233-front.jpg", "women-dresses-midi-SKU209911-front.jpg"])
+    assert three[0] == "a.jpg" and len(set(three[1:])) == 2 and all(len(c) <= 17 for c in three)  # only those alike
     browser.save_screenshot(str(tmp_path / "dups.png"))
     assert console_errors(browser) == []
 

@@ -121,6 +121,7 @@ def test_the_cli_makes_one_query_per_picture(tiny_onnx, tmp_path):
             for query in ("q0.jpg “red”", "q1.jpg “red”"):
                 scores = [float(r["rrf_score"]) for r in lines if r["query"] == query]
                 assert scores == sorted(scores, reverse=True) and 1 / 61 < scores[0] <= 2 / 61 + 1e-6  # in both lists
+            assert list(lines[0])[-1] == "rrf_score"  # last: every other column keeps its place
         else:
             assert "rrf_score" not in lines[0]
     assert run("--dataset", data, "--onnx", tiny_onnx, "--output-dir", out, "--query-text", "red",

@@ -605,3 +605,25 @@ def test_the_shared_folder_check_asks_every_node_even_two_on_one_host(tmp_path):
                                             r"bbbbbbbb\) cannot see it\)"):
         ray_engine.check_shared_folder(OneHostTwoNodes(), tmp_path / "out")
     assert sorted(asked) == ["a" * 56, "b" * 56]
+
+
+def test_a_ray_session_puts_the_runs_sigterm_handler_back(monkeypatch):
+    """ray.init installs its own SIGTERM handler (sys.exit(15)): a run on Ray stopped by SIGTERM exited
+    15 with nothing said, not as Ctrl-C is (the work kept, said, exit 143)."""
+    import signal as signals
+
+    def ours(signum, frame):
+        raise KeyboardInterrupt
+
+    def init(**kw):  # as Ray's own does
+        signals.signal(signals.SIGTERM, lambda *a: sys.exit(signals.SIGTERM))
+
+    before = signals.signal(signals.SIGTERM, ours)
+    try:
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(ray, "init", init)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        ray_engine.RaySession(None, 1)
+        assert signals.getsignal(signals.SIGTERM) is ours
+    finally:
+        signals.signal(signals.SIGTERM, before)

@@ -63,10 +63,10 @@ def test_a_long_stage_says_it_is_at_work_and_only_the_innermost_one_says(monkeyp
     with caplog.at_level("INFO", logger="pipeline.report"):
         with summary.stage("index"):
             with summary.stage("index/train", "train the lists"):
-                time.sleep(0.4)
-            time.sleep(0.3)
+                time.sleep(0.6)  # said at 0.15 s (then held at 0.35 and 0.55: the inner stage says)
+            time.sleep(0.6)  # the outer said at 0.75 s or 0.95, the inner stage over
         with open(os.devnull, "w") as sink, summary.stage("embed"), tqdm(total=1, disable=False, file=sink):
-            time.sleep(0.4)
+            time.sleep(0.5)  # under a bar: nothing said
         with summary.stage("quick"):
             pass
         time.sleep(0.3)

@@ -594,12 +594,14 @@ def test_a_search_of_a_segmented_store_cuts_query_persons_with_the_stores_segmen
     weights.write_bytes(b"retrained under the same name")
     assert cli.main(["--use-embedded-segment", "--query-image", str(query), *base]) == 1
     assert f"was segmented by {weights}, whose weights changed since" in capsys.readouterr().err
-    with pytest.raises(Exception, match="whose weights changed since"):
+    from pipeline.errors import CacheMismatchError, PipelineError
+
+    with pytest.raises(CacheMismatchError, match="whose weights changed since"):
         Catalog.open(out, onnx=tiny_onnx).search_image(query, segment=True)
     weights.unlink()
     assert cli.main(["--use-embedded-segment", "--query-image", str(query), *base]) == 1
     assert "which is not there from here: pass --seg-model PATH" in capsys.readouterr().err
-    with pytest.raises(Exception, match="which is not there from here: pass seg_model=PATH"):
+    with pytest.raises(PipelineError, match="which is not there from here: pass seg_model=PATH"):
         Catalog.open(out, onnx=tiny_onnx).search_image(query, segment=True)
 
 
@@ -693,3 +695,17 @@ def test_an_update_of_a_segmented_store_cuts_new_photos_as_the_store_did_without
         assert flag in said, flag
     assert all((s.model, s.conf, s.imgsz, s.max_persons, s.keep_unsegmented) == (str(weights), 0.4, 320, 3, True)
                for s in asked)
+
+
+def test_a_videos_frames_are_not_capped_by_the_stores_persons_a_photo():
+    """The store's --max-persons is taken for query pictures; a video's frames (300 persons) kept it too."""
+    from pathlib import Path
+
+    from pipeline.identity import GallerySource
+    from pipeline.yolo import SegmentSpec, recorded_segment
+
+    made = GallerySource(dataset="x", kind="segment", max_persons=3, seg_conf=0.4)
+    spec, taken = recorded_segment(made, SegmentSpec(max_persons=300), frozenset(), Path("s"), persons=False)
+    assert spec.max_persons == 300 and taken == {"conf": 0.4}
+    spec, taken = recorded_segment(made, SegmentSpec(), frozenset(), Path("s"))
+    assert (spec.max_persons, spec.conf) == (3, 0.4)
