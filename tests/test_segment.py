@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -553,12 +554,10 @@ def test_a_segmenter_that_cannot_load_is_said_before_the_model_loads(people_data
     assert loaded == []
 
 
-def test_a_search_of_a_segmented_store_cuts_query_persons_with_the_stores_segmenter(
-        people_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
-    """No --seg-* flag with a cache flag: the query picture's persons are cut by the segmenter the
-    store's crops were cut with (its model, confidence, size), not the default model, which would cut
-    others (or, offline, fail to load); its weights retrained under the same name are refused."""
-    asked = []
+def recording_segmenter(monkeypatch, tmp_path: Path) -> tuple[list, Path]:
+    """A FakeSegmenter for every segmenter the gallery code makes, the specs it was made with listed;
+    and a weights file (its bytes the store's) for --seg-model."""
+    asked: list = []
 
     def segmenter(spec, device):
         asked.append(spec)
@@ -567,6 +566,15 @@ def test_a_search_of_a_segmented_store_cuts_query_persons_with_the_stores_segmen
     monkeypatch.setattr(galleries, "make_segmenter", segmenter)
     weights = tmp_path / "people.pt"
     weights.write_bytes(b"the store's weights")
+    return asked, weights
+
+
+def test_a_search_of_a_segmented_store_cuts_query_persons_with_the_stores_segmenter(
+        people_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
+    """No --seg-* flag with a cache flag: the query picture's persons are cut by the segmenter the
+    store's crops were cut with (its model, confidence, size), not the default model, which would cut
+    others (or, offline, fail to load); its weights retrained under the same name are refused."""
+    asked, weights = recording_segmenter(monkeypatch, tmp_path)
     out = tmp_path / "out"
     base = ["--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]
     assert cli.main(["--use-segmentation", "--dataset", str(people_dataset), "--seg-model", str(weights),
@@ -581,7 +589,7 @@ def test_a_search_of_a_segmented_store_cuts_query_persons_with_the_stores_segmen
     from pipeline import catalog as catalog_module
     from pipeline.catalog import Catalog
 
-    monkeypatch.setattr(catalog_module, "make_segmenter", segmenter)
+    monkeypatch.setattr(catalog_module, "make_segmenter", galleries.make_segmenter)  # the recording one
     asked.clear()
     cat = Catalog.open(out, onnx=tiny_onnx)
     assert cat.search_text("a person", k=2)  # a text query needs no segmenter
@@ -666,15 +674,7 @@ def test_an_update_of_a_segmented_store_cuts_new_photos_as_the_store_did_without
     """--update --use-segmentation with no --seg-* flag was refused "made differently" (listing the
     fields keep_unsegmented, max_persons, seg_conf, seg_model): the nightly job had to repeat them all.
     It takes them from the store, as it takes its --dataset, and says so."""
-    asked = []
-
-    def segmenter(spec, device):
-        asked.append(spec)
-        return FakeSegmenter()
-
-    monkeypatch.setattr(galleries, "make_segmenter", segmenter)
-    weights = tmp_path / "people.pt"
-    weights.write_bytes(b"the store's weights")
+    asked, weights = recording_segmenter(monkeypatch, tmp_path)
     cells = [assets.encode(assets.rgb_image(60, 90, color=(i, 100, 200)), "PNG") for i in range(6)]
     data = assets.write_parquet_dataset(tmp_path / "people", cells)
     out = tmp_path / "out"
