@@ -51,6 +51,11 @@ def _say_while(done: threading.Event, active: list[threading.Event], mode: str, 
             log.info("%s: %s at work, %.0f s so far", mode, stage, time.perf_counter() - started)
 
 
+def _one_line(name: str) -> str:
+    """A name with its line breaks written as escapes (\\n, \\r): one line of a list, whatever the name."""
+    return name.replace("\n", "\\n").replace("\r", "\\r")
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, in MiB."""
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -130,7 +135,8 @@ class RunSummary:
         if not self.failures:
             return []
         lines = [f"failures: {len(self.failures)} item(s):"]
-        lines += [f"  - {item}: {reason}" for item, reason in self.failures[:max_failures]]
+        # a name's own line breaks written as escapes: a file named "x.jpg\n  - y.jpg: ok" made a line of its own
+        lines += [f"  - {_one_line(item)}: {reason}" for item, reason in self.failures[:max_failures]]
         if len(self.failures) > max_failures:
             lines.append(f"  ... and {len(self.failures) - max_failures} more")
         return lines

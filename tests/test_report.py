@@ -75,3 +75,11 @@ def test_a_long_stage_says_it_is_at_work_and_only_the_innermost_one_says(monkeyp
     assert said[0].startswith("standard: train the lists at work")
     assert any(s.startswith("standard: index at work") for s in said)  # once the inner stage was done
     assert set(summary.stages) == {"index", "index/train", "embed", "quick"}
+
+
+def test_a_failed_items_name_holding_a_line_break_stays_on_its_own_line():
+    """A file named "x.jpg\\n  - y.jpg: ok" printed a failure line that read as two items."""
+    summary = RunSummary(mode="standard")
+    summary.fail("x.jpg\n  - y.jpg: ok\r", "not a recognized image format")
+    assert summary.failure_lines() == ["failures: 1 item(s):",
+                                       "  - x.jpg\\n  - y.jpg: ok\\r: not a recognized image format"]
