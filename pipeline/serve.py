@@ -42,7 +42,7 @@ from .fileio import being_written
 from .filters import column_kind
 from .galleries import open_catalog, store_embedder_note
 from .images import ImageDecodeError, encode_jpeg, pil_open
-from .report import RunSummary
+from .report import RunSummary, terminal_text
 from .searcher import Hit
 
 log = logging.getLogger(__name__)
@@ -806,7 +806,8 @@ def run_serve(cfg: RunConfig) -> RunSummary:
         server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
         host = f"[{cfg.serve.host}]" if ":" in cfg.serve.host else cfg.serve.host  # an IPv6 address: in brackets
         url = f"http://{host}:{cfg.serve.port}/"
-        print(f"serving {len(service.catalog):,} items from {cfg.store_dir} at {url} (Ctrl-C to stop)", flush=True)
+        print(terminal_text(f"serving {len(service.catalog):,} items from {cfg.store_dir} at {url} (Ctrl-C to stop)"),
+              flush=True)
         if token is not None:
             print(f"the page and its API need the token in ${TOKEN_ENV}: the page asks for it once", flush=True)
         elif cfg.serve.host not in LOOPBACK:

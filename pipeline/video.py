@@ -36,7 +36,7 @@ from .galleries import (
 from .persons import Detector, Person, Segmenter, person_crops, with_masks
 from .plots import THUMB_SIZE, compose_matches, make_thumbnail, neighbour_tiles, save_jpeg
 from .preprocess import preprocess_batch
-from .report import RunSummary
+from .report import RunSummary, terminal_text
 from .retrieval import Neighbours
 from .searcher import Hit, Searcher
 from .store import ThumbnailReader, shown_name
@@ -498,7 +498,7 @@ class VideoRun:
         bar = tqdm(
             total=clip.frames_hint or None,
             unit="frame",
-            desc=f"video {self.cfg.video.clip_name}",
+            desc=terminal_text(f"video {self.cfg.video.clip_name}"),  # a clip name: never run by the terminal
             disable=not self.cfg.progress,
         )
         t_read = time.perf_counter()
