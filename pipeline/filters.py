@@ -235,7 +235,7 @@ class _Parser:
         if typed:
             raise _point(self.text, t.at, f"expected a value, found {self._said(t)} before a text (a typed value "
                                           f"is one of {', '.join(sorted(TYPED_LITERALS)).upper()} 'text')")
-        hint = " (texts are quoted: 'dress')" if t.kind == "column" else ""
+        hint = f" (texts are quoted: '{str(t.value).replace(chr(39), chr(39) * 2)}')" if t.kind == "column" else ""
         if t.kind == "null":
             hint = " (a missing value is tested with IS NULL, or IS NOT NULL)"
         raise _point(self.text, t.at, f"expected a value, found {self._said(t)}{hint}")

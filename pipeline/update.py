@@ -369,7 +369,8 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
                          source_fields=fields, images_at=images_at)
     except CacheMismatchError as e:
         if e.missing:
-            raise PipelineError(f"{e}\nThere is no store to update: build it first, without --update.") from None
+            raise PipelineError(f"{e}\nThere is no store to update in {cfg.output_dir.resolve()}: give --output-dir "
+                                "the folder the gallery was built in, or build it first, without --update.") from None
         if not e.differing and e.made_by is None:  # damaged, not made otherwise: no flag can reuse it
             flags = store_dataset_flags(cfg)
             raise PipelineError(f"{e}\nA damaged store cannot be updated: build it afresh, running the same command "

@@ -311,7 +311,7 @@ def test_a_catalog_opened_in_python_names_its_arguments_not_the_command_lines_fl
     cat = Catalog.open(out)
     with pytest.raises(FilterError) as e:
         cat.search_text("red", filter="price < cheap")
-    assert str(e.value).startswith("filter: expected a value, found 'cheap' (texts are quoted: 'dress') "
+    assert str(e.value).startswith("filter: expected a value, found 'cheap' (texts are quoted: 'cheap') "
                                    "(at character 9)")
     columns = "the catalogue's columns are: price, colour"
     with pytest.raises(FilterError, match=rf"^filter: unknown column 'size'; {columns}"):
