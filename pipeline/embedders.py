@@ -349,7 +349,9 @@ class OnnxEmbedder(SlicedEmbedder):
             raise PipelineError("the ONNX backend needs onnxruntime: pip install onnxruntime") from e
         path = Path(path)
         if not path.is_file():
-            raise PipelineError(f"ONNX file {path} not found. Make it with: python main.py --export-onnx --onnx {path}")
+            model = f" --model {model_hint}" if model_hint else ""  # the file of the model asked for, not the default's
+            raise PipelineError(f"ONNX file {path} not found. Make it with: python main.py --export-onnx{model} --onnx "
+                                f"{path}")
         self.path = path
         self._providers = self._text_providers = _providers_for(ort, device)  # the fp32 text tower may use the GPU
         if device == "auto" and "CUDAExecutionProvider" in self._providers and written_for_the_cpu(file_metadata(path)):
@@ -707,6 +709,9 @@ class TorchEmbedder(Embedder):
             self.model = self.family.load(model, **kwargs).eval()
         except OSError as e:
             raise PipelineError(f"cannot load model {model!r}: {first_line(e)} {load_hint(model)}") from e
+        except Exception as e:  # noqa: BLE001 - damaged weights: safetensors', torch's unpickling errors and others
+            raise PipelineError(f"cannot load model {model!r}: its weights cannot be read ({type(e).__name__}: "
+                                f"{first_line(e)}): a file damaged or cut short; download or save it again") from e
         if self.precision != "int8":
             self.model.to(self.device)
         self._torch = torch

@@ -504,11 +504,12 @@ def embed_pass(
     for batcher in (photos, garments, crops):
         batcher.flush()  # the last partial batch counts in the timing
     count = sum(len(b.rows) for b in (photos, garments, crops))
-    for name, seconds in photos.seconds.items():
-        if name in failed:
+    for name in embedders:  # in the order given, as the results table
+        if name in failed or name not in photos.seconds:
             continue
-        total = seconds + garments.seconds[name] + crops.seconds[name]
-        summary.timed(f"embed/infer {name}", total, f"inference {name}")
+        total = photos.seconds[name] + garments.seconds[name] + crops.seconds[name]
+        # a stage name's "/" nests it: a model's path is the label alone, its place in the order the key
+        summary.timed(f"embed/infer {list(embedders).index(name)}", total, f"inference {name}")
         out["speed"][name] = count / total if total > 0 else float("nan")  # pictures a second, inference only
     for name in [n for n in embedders if n not in failed]:
         out[name] = {"photos": photos.result(name)}
@@ -913,7 +914,7 @@ def plot_evaluation(results: dict[str, dict], path: Path) -> None:
                 ax.text(i + 0.4 - width / 2, 0.05, "no query", ha="center", fontsize=8, color="#555555")
         ax.set_xticks(np.arange(len(per)) + 0.4 - width / 2)
         ax.set_xlim(-0.5 + 0.4 - width / 2, len(per) - 0.5 + 0.4 - width / 2)  # a group without bars keeps its place
-        ax.set_xticklabels([_chart_label(name) for name in per], fontsize=8)
+        ax.set_xticklabels(_chart_labels(list(per)), fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(task, fontsize=10)
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars
@@ -922,12 +923,23 @@ def plot_evaluation(results: dict[str, dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def _chart_label(name: str, width: int = 22) -> str:
+def _chart_labels(names: list[str]) -> list[str]:
+    """Each bar group's label: a path by its last part, or where two would read alike (…/a/model and
+    …/b/model, two snapshots of one hub cache) by as many of its last parts as tell them apart."""
+    for parts in range(1, 6):
+        labels = [_chart_label(name, parts=parts) for name in names]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [_chart_label(name, parts=99) for name in names]
+
+
+def _chart_label(name: str, width: int = 22, parts: int = 1) -> str:
     """A model's or backend's name under its bars: a path by its last part, wrapped."""
     import textwrap
 
     path = name.split(" (")[0]
     if "/" in path and (path.startswith(("/", "./", "../", "~")) or Path(path).exists()):
         p = Path(path)  # a folder or file: its name (the table and the JSON keep the path); hub ids stay whole
-        name = p.name + (" (" + name.split(" (", 1)[1] if " (" in name else "")
+        last = "/".join(p.parts[-parts:]) if parts > 1 else p.name
+        name = last + (" (" + name.split(" (", 1)[1] if " (" in name else "")
     return "\n".join(textwrap.wrap(name, width, break_long_words=True)) or name

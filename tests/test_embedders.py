@@ -88,6 +88,9 @@ def test_cuda_required_means_required(tiny_onnx):
 def test_missing_and_broken_onnx_files(tmp_path):
     with pytest.raises(PipelineError, match="not found. Make it with"):
         make_embedder(EmbedderSpec(onnx=str(tmp_path / "absent.onnx"), backend="onnx"))
+    # the model asked for is named: the command said exported the default model (refused later as another's)
+    with pytest.raises(PipelineError, match=r"Make it with: python main\.py --export-onnx --model models/mine --onnx "):
+        make_embedder(EmbedderSpec(model="models/mine", onnx=str(tmp_path / "absent.onnx"), backend="onnx"))
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     with pytest.raises(PipelineError, match="cannot load ONNX file"):

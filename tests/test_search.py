@@ -735,6 +735,13 @@ def test_eval_models_with_real_models_of_three_families(tiny_onnx, tiny_clip, tm
     assert list(res) == [str(tiny_clip), f"{tiny_onnx.name} (onnx)", str(siglip), str(open_clip_dir)]
     assert all(m["queries"] == 8 and m["img_per_s"] > 0 for m in res.values())
     assert res[str(tiny_clip)]["mrr"] == pytest.approx(res[f"{tiny_onnx.name} (onnx)"]["mrr"], abs=0.15)
+    # each model's inference one level under the embedding, in the order given: a path's "/" nested it deeper
+    from pipeline.webreport import read_section
+
+    stages = read_section(out / "outputs", "evaluation")["summary"]["stages"]
+    inference = [st for st in stages if st["label"].startswith("inference ")]
+    assert [st["label"] for st in inference] == [f"inference {name}" for name in list(res)]
+    assert {st["depth"] for st in inference} == {1}
 
 
 class _FailingEmbedder(_AngleEmbedder):
@@ -1027,3 +1034,32 @@ def test_same_product_reads_an_image_folders_ids(tmp_path, monkeypatch, capsys):
     assert cli.main(["--evaluate", "--eval-id-column", "item_ID", "--dataset", str(blank), "--backend", "torch",
                      "--output-dir", str(tmp_path / "z"), "-q"]) == 1
     assert "no photo has a product id in the --eval-id-column column: nothing to score" in capsys.readouterr().err
+
+
+def test_the_charts_labels_tell_apart_models_whose_folders_share_a_last_name(tmp_path):
+    """…/a/model and …/b/model were both labelled "model" under their bars (hub cache snapshots alike)."""
+    from pipeline.search import _chart_labels
+
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    for folder in (a, b):
+        folder.mkdir(parents=True)
+    labels = _chart_labels([str(a), str(b), "org/hub-model"])
+    assert labels == ["a/model", "b/model", "org/hub-model"]
+    assert _chart_labels([str(a), "org/x"]) == ["model", "org/x"]  # no clash: the last part alone
+
+
+def test_a_model_whose_weights_are_damaged_is_named_not_an_unexpected_error(tmp_path, tiny_clip):
+    """A truncated model.safetensors among --eval-models ended as "unexpected SafetensorError", no model named."""
+    import shutil
+
+    from pipeline.embedders import EmbedderSpec, make_embedder
+    from pipeline.errors import PipelineError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_clip, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(PipelineError) as said:
+        make_embedder(EmbedderSpec(model=str(broken), backend="torch", device="cpu")).embed_text(["red"])
+    assert str(said.value).startswith(f"cannot load model {str(broken)!r}: its weights cannot be read (")
+    assert "download or save it again" in str(said.value)
