@@ -40,7 +40,7 @@ from .gallery import STANDARD_FILES, DeviceEmbedding, GalleryTarget, build_galle
 from .identity import GallerySource, VectorIdentity
 from .items import make_segment_items, make_standard_items, note_persons_cut
 from .machine import TreeMemory
-from .metadata import METADATA_FILE, load_metadata, write_metadata
+from .metadata import METADATA_FILE, changed_rows, keep_for_store, load_metadata, stored_table, write_metadata
 from .persons import Segmenter
 from .preprocess import CPU_DECODES, CPU_PIXELS, DEVICE_PIXELS, cpu_pixels
 from .ray_engine import RayBuild, build_gallery_ray
@@ -372,11 +372,17 @@ def keep_metadata(cfg: RunConfig, table: Any, rows: list[ManifestRow], summary: 
         unlink_quietly(path)
         summary.notes.append(f"metadata: none ({metadata_none_why(cfg.dataset.name)})")
         return
-    write_metadata(cfg.store_dir, table, rows)
+    before = stored_table(cfg.store_dir) if cfg.update else None
+    written = write_metadata(cfg.store_dir, table, rows)
     columns = [c for c in table.column_names if c != "source_row"]
     if columns:
         kept = ", ".join(columns)
         summary.notes.append(f"metadata: {len(columns)} column(s) kept for --filter and every hit: {kept}")
+    if before is not None and written:  # an update whose photos stayed said "changed 0" of a price changed
+        changed = changed_rows(before, keep_for_store(table, rows))
+        said = (f"values of {changed:,} kept photo(s) changed" if changed is not None
+                else "its columns or their types changed")
+        summary.notes.append(f"metadata: {said} (metadata.parquet written anew)")
 
 
 def _build_on_ray(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, part: BuildPart | None) -> Gallery:

@@ -66,6 +66,30 @@ def write_metadata(store_dir: Path, table: Any, rows: Sequence[ManifestRow]) -> 
     return True
 
 
+def changed_rows(old: Any, new: Any) -> int | None:
+    """How many of the source rows both tables hold have another value in some column (a missing
+    value, NaN included, equal to a missing one); None when their columns or types differ."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = [c for c in new.column_names if c != "source_row"]
+    if sorted(names) != sorted(c for c in old.column_names if c != "source_row"):
+        return None
+    at = pc.index_in(new.column("source_row"), value_set=old.column("source_row"))
+    both = pc.is_valid(at)
+    now, before = new.filter(both), old.take(pc.drop_null(at))
+    differ = np.zeros(now.num_rows, bool)
+    for c in names:
+        a, b = before.column(c), now.column(c)
+        if a.type != b.type:
+            return None
+        same = pc.or_kleene(pc.fill_null(pc.equal(a, b), False), pc.and_(pc.is_null(a), pc.is_null(b)))
+        if pa.types.is_floating(a.type):
+            same = pc.or_(same, pc.fill_null(pc.and_(pc.is_nan(a), pc.is_nan(b)), False))
+        differ |= ~np.asarray(arrow_numpy(same), bool)
+    return int(differ.sum())
+
+
 def json_value(v: Any) -> Any:
     """A metadata value as JSON has it: NaN and infinities as null (JSON has none), dates,
     decimals and the like as their text."""
@@ -189,6 +213,12 @@ def load_metadata(store_dir: Path, embedded: Sequence[ManifestRow], manifest: st
         )
     # in NFC, as a filter's text is: a store whose metadata was read before texts were (a Mac's CSV) too
     return Metadata(in_one_unicode_form(table.take(int64_array(at)).drop_columns(["source_row"])))
+
+
+def stored_table(store_dir: Path) -> Any | None:
+    """The store's metadata.parquet as written (its source_row column with it), None when it has none."""
+    path = Path(store_dir) / METADATA_FILE
+    return _read_whole(path) if path.is_file() else None
 
 
 def _read_whole(path: Path) -> Any:

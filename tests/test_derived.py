@@ -88,6 +88,8 @@ def test_query_results_go_when_the_catalogues_values_alone_change(tiny_onnx, tmp
     assert cli_update(data, tiny_onnx, out) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert sorted(p.name for p in (out / "retrieval_results" / "queries").iterdir()) == []
+    # the update says what it changed ("added 0, changed 0" alone read as nothing done)
+    assert "metadata: values of 1 kept photo(s) changed (metadata.parquet written anew)" in said
     assert "query" not in sections(out) and "video_clip_1" in sections(out)  # a video's matches hold no price
     assert (folder / "tracks.json").exists()
     assert "query results made before this run removed, with their report sections (retrieval_results/queries): " \

@@ -934,3 +934,15 @@ def test_an_id_column_for_an_image_folder_is_a_usage_error_that_says_what_to_do(
     assert f"{data} is a folder of images: --id-column takes a column of a parquet or saved dataset" in err
     assert "without it, --update knows each photo by its content" in err
     assert not (tmp_path / "out" / "embeddings").exists()
+
+
+def test_the_rows_whose_values_changed_are_counted_missing_and_nan_alike():
+    import pyarrow as pa
+
+    from pipeline.metadata import changed_rows
+
+    old = pa.table({"source_row": [0, 1, 2, 3], "price": [1.0, float("nan"), None, 4.0], "name": ["a", "b", None, "d"]})
+    new = pa.table({"source_row": [0, 1, 2, 4], "price": [1.5, float("nan"), None, 9.0], "name": ["a", "b", None, "e"]})
+    assert changed_rows(old, new) == 1  # row 0's price; NaN and missing are as they were; row 4 is new, 3 gone
+    assert changed_rows(old, new.drop_columns(["name"])) is None  # a column gone
+    assert changed_rows(old, new.set_column(1, "price", pa.array([1, 2, 3, 4]))) is None  # another type
