@@ -77,7 +77,7 @@ from .store import (
     unfinished_pixels,
     verify_images,
 )
-from .yolo import STORE_SEGMENT, SegmentSpec, make_segmenter, recorded_segment
+from .yolo import FIELD_OF_SETTING, SegmentSpec, make_segmenter, recorded_segment
 
 log = logging.getLogger(__name__)
 
@@ -628,10 +628,6 @@ def with_store_source(cfg: RunConfig) -> tuple[RunConfig, str]:
     return replace(cfg, dataset=spec, segment=segment), " ".join(said)
 
 
-# GallerySource field -> SegmentSpec field, beside yolo.STORE_SEGMENT's: how a segmented store cut its crops
-_STORE_SEGMENTATION = {**{field: name for field, name in STORE_SEGMENT}, "keep_unsegmented": "keep_unsegmented"}
-
-
 def _segmentation_of_store(cfg: RunConfig, sidecar: Sidecar) -> tuple[SegmentSpec, list[str]]:
     """--update of a segmented store: its segmentation settings where no flag gave them (the new photos
     cut as its crops were; the nightly job had to repeat every --seg-* flag, refused by field names),
@@ -639,11 +635,8 @@ def _segmentation_of_store(cfg: RunConfig, sidecar: Sidecar) -> tuple[SegmentSpe
     made = sidecar.source
     if not cfg.segmented or made.kind != "segment":
         return cfg.segment, []
-    spec, taken = recorded_segment(made, cfg.segment, cfg.explicit, cfg.store_dir)
-    if "keep_unsegmented" not in cfg.explicit and made.keep_unsegmented not in (None, spec.keep_unsegmented):
-        spec, taken = replace(spec, keep_unsegmented=made.keep_unsegmented), {**taken, "keep_unsegmented": True}
-    fields = {name: field for field, name in _STORE_SEGMENTATION.items()}
-    return spec, [fields[name] for name in taken]
+    spec, taken = recorded_segment(made, cfg.segment, cfg.explicit, cfg.store_dir, whole=True)
+    return spec, [FIELD_OF_SETTING[name] for name in taken]
 
 
 def _taken_from_store(cfg: RunConfig, sidecar: Sidecar) -> list[str]:

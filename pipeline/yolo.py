@@ -46,23 +46,26 @@ class SegmentSpec:
 # (GallerySource's field, SegmentSpec's)
 STORE_SEGMENT = (("seg_model", "model"), ("seg_backend", "backend"), ("seg_conf", "conf"), ("seg_imgsz", "imgsz"),
                  ("max_persons", "max_persons"))
+KEPT_WHOLE = ("keep_unsegmented", "keep_unsegmented")  # what an --update takes too: the new photos kept as the store's
+FIELD_OF_SETTING = {name: field for field, name in (*STORE_SEGMENT, KEPT_WHOLE)}
 
 
 def recorded_segment(made, spec: SegmentSpec, typed: frozenset[str] | set[str], store_dir: Path,
-                     model_flag: str = "--seg-model PATH",
-                     persons: bool = True) -> tuple[SegmentSpec, dict[str, object]]:
+                     model_flag: str = "--seg-model PATH", persons: bool = True,
+                     whole: bool = False) -> tuple[SegmentSpec, dict[str, object]]:
     """`spec` with the settings a segmented store's source (`made`, identity.GallerySource) records
     for those not in `typed` (the defaults' model would cut query persons otherwise, or, offline, fail
     to load; the defaults' 10 persons would ask with more persons than the store kept), checked:
     weights retrained under the same name, or a model file not found from here, are refused saying
     what to pass (`model_flag`). persons=False: the store's persons a photo not taken (a video's
-    frames are not capped by it). Returns the spec and what was taken from the store."""
+    frames are not capped by it); whole=True: its --keep-unsegmented too (an --update's new photos).
+    Returns the spec and what was taken from the store, by SegmentSpec's names."""
     from dataclasses import replace
 
     from .errors import CacheMismatchError
     from .fileio import sha256_file_once
 
-    taken = {name: getattr(made, field) for field, name in STORE_SEGMENT
+    taken = {name: getattr(made, field) for field, name in (*STORE_SEGMENT, *([KEPT_WHOLE] if whole else []))
              if field not in typed and getattr(made, field, None) not in (None, getattr(spec, name))
              and (persons or name != "max_persons")}
     if not taken:
