@@ -99,6 +99,8 @@ def test_query_results_go_when_the_catalogues_values_alone_change(tiny_onnx, tmp
     with open(out / "retrieval_results" / "queries" / "query_results.csv", newline="") as f:
         prices = {r["gallery_file"]: float(r["price"]) for r in csv.DictReader(f)}
     assert 0.99 in prices.values()  # the new price, in the results made again
+    now = [0.99] + [10.0 + k for k in range(1, 8)]  # each photo's own price, not another's
+    assert prices == {r.file: now[r.source_row] for r in read_manifest(out / "embeddings" / "manifest.csv")}
 
 
 def _video_section(out: Path, stamp: dict, exist_ok: bool = False) -> Path:

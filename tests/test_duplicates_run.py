@@ -110,6 +110,8 @@ def test_a_build_finds_the_planted_copies_and_nothing_else(tiny_onnx, tmp_path, 
         assert int(line["bytes"]) == (out / "images" / line["file"]).stat().st_size
     firsts = [line["role"] for line in lines if line["role"] == "first"]
     assert len(firsts) == len({line["group"] for line in lines})  # one first a group, the others copies
+    assert {int(line["source_row"]) for line in lines if line["role"] == "first"} == {0, 1, 2, 3}  # each one's first
+    assert all(line["role"] in ("first", "copy") for line in lines)
     assert groups_by_row(out / "outputs" / "duplicates.csv") == [{0, 10, 14}, {1, 11, 15}, {2, 12, 16}, {3, 13}]
     by_row = {int(r["source_row"]): r for r in lines}
     assert by_row[10]["kind"] == "exact" and float(by_row[10]["distance"]) == 0.0  # the same bytes

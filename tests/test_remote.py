@@ -426,6 +426,8 @@ def test_a_builds_failed_upload_says_to_send_it_with_the_cache_flag(rows40, tiny
     sent = {p.rsplit("/", 1)[1] for p in fs.find(url.removeprefix("memory://") + "/images")}
     local = {p.name for p in (tmp_path / "w" / "images").iterdir()}
     assert len(sent) == 39 and sent == local  # every image reached the URL (the corrupt row has none)
+    root = url.removeprefix("memory://") + "/images"
+    assert all(fs.cat_file(f"{root}/{name}") == (tmp_path / "w" / "images" / name).read_bytes() for name in local)
 
 
 def test_a_working_copy_made_before_copies_named_their_url_sends_every_file_to_the_next_one(tmp_path):
@@ -530,6 +532,11 @@ def test_a_mode_that_only_reads_a_url_needs_no_write_access_and_sends_nothing(ro
     said = " ".join(capsys.readouterr().out.split())
     assert f"read from {url}, nothing sent there" in said and "outputs sent" not in said
     assert list(target.glob("part_*.parquet"))
+    import pyarrow.parquet as pq
+
+    exported = sorted(pq.read_table(target).column("file").to_pylist())  # the store's items, each once
+    assert exported == sorted(r.file for r in read_manifest(tmp_path / "reader" / "embeddings" / "manifest.csv")
+                              if r.embedding_row >= 0)
     monkeypatch.undo()
     assert run("--query-text", "red", "--onnx", tiny_onnx, "--output-dir", url, "--work-dir",
                tmp_path / "reader") == 0  # a mode that writes: it writes

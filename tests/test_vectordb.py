@@ -178,6 +178,10 @@ def test_the_items_are_tabled_once_for_every_target_and_a_large_local_qdrant_is_
     assert len(said) == 1 and "run a Qdrant server, or export to LanceDB" in said[0]
     from qdrant_client import QdrantClient
 
+    from pipeline.store import read_manifest
+
+    emb = np.load(out / "embeddings" / "embeddings.npy")
+    by_file = {r.file: r for r in read_manifest(out / "embeddings" / "manifest.csv")}
     client = QdrantClient(path=str(tmp_path / "e.qdrant"))
     try:
         points = client.scroll("gallery", limit=100, with_vectors=True)[0]
@@ -188,6 +192,8 @@ def test_the_items_are_tabled_once_for_every_target_and_a_large_local_qdrant_is_
             row = lance[point.payload["key"]]
             assert np.allclose(point.vector, row["vector"], atol=1e-6)
             assert point.payload["file"] == row["file"] and point.payload["digest"] == row["digest"]
+            # and the store's own vector for that file: both exports share one table, which could be wrong alike
+            assert np.allclose(point.vector, emb[by_file[point.payload["file"]].embedding_row], atol=1e-6)
     finally:
         client.close()
 
