@@ -651,7 +651,7 @@ class _FirstUse(Generic[T]):
 def _checked_texts(texts: str | Sequence[str]) -> list[str]:
     """Query texts as a list (one text alone is one text, not its letters), each checked: a text
     must say something, and be Unicode a tokenizer takes (no lone surrogate)."""
-    if not isinstance(texts, str) and not (isinstance(texts, Sequence) or hasattr(texts, "__iter__")):
+    if not isinstance(texts, str) and not hasattr(texts, "__iter__"):
         raise UsageError(f"query texts are a text or a list of texts, got {texts!r}")
     out = [texts] if isinstance(texts, str) else list(texts)
     for t in out:

@@ -597,10 +597,8 @@ def _gather(ds, collector: Collector, build: RayBuild, rows: tuple[int, int], su
             first = first or time.perf_counter() - t0
             bar.update(collector.add(batch, build.shard_rows))
     except Exception as e:  # noqa: BLE001 - Ray's and Ray Data's errors of a worker have many types
-        if isinstance(e, PipelineError) and not type(e).__module__.startswith("ray"):
-            raise  # the driver's own (Ray's dual class RayTaskError(UsageError) is one too: not this)
         said = worker_error(e)
-        if said is None:
+        if said is None or said is e:  # not Ray's, or the driver's own error: as it is
             raise
         raise said from e
     finally:

@@ -304,8 +304,6 @@ def check_server_filter(cfg: RunConfig, catalog: Catalog) -> None:
 def check_upload_pixels(data: bytes) -> None:
     """ImageDecodeError when the picture's header claims over MAX_UPLOAD_PIXELS (read from the header
     alone); bytes that are no picture are left to the decoder, which says what they are."""
-    from PIL import Image
-
     try:
         with pil_open(io.BytesIO(data)) as image:  # PIL's own: Ultralytics' would try to pip-install a decoder
             width, height = image.size
@@ -547,8 +545,6 @@ def create_app(service: SearchService):
         ) from e
 
     cfg = service.cfg
-    from PIL import Image
-
     # PIL's own bomb warning (an upload of 89-179 MP) says nothing the answer does not: set once for the
     # process (warnings.catch_warnings around each upload is not thread-safe, and uploads run at once)
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)

@@ -26,6 +26,7 @@ for new rows. Nothing is rewritten when nothing changed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import functools
@@ -38,7 +39,7 @@ import re
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,14 @@ def _point_id(key: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "fashion-visual-search:" + key))
 
 
+@contextlib.contextmanager
+def _qdrant_local_quiet() -> Iterator[None]:
+    """qdrant-client's own warning past 20,000 local points left out: apply says it once, with what to do."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Local mode is not recommended", category=UserWarning)
+        yield
+
+
 class _Qdrant:
     progress = True  # its bar (export_store sets it from the run's: -q shows none)
 
@@ -319,8 +328,7 @@ class _Qdrant:
         except ImportError as e:
             raise UsageError(f"--export qdrant: needs qdrant-client ({e}): pip install qdrant-client") from e
         try:
-            with warnings.catch_warnings():  # past 20,000 points: said once by apply, with what to do
-                warnings.filterwarnings("ignore", message="Local mode is not recommended", category=UserWarning)
+            with _qdrant_local_quiet():  # past 20,000 points: said once by apply, with what to do
                 self.client = QdrantClient(path=str(folder))
         except RuntimeError as e:  # its local mode locks the folder: a notebook's client holds it
             if "already accessed by another instance" not in str(e):
@@ -365,14 +373,12 @@ class _Qdrant:
         values = {c: chosen.column(c).to_pylist() for c in payload_columns}  # column by column, not a cell a time
         vectors = chosen.column("vector").combine_chunks().flatten().to_numpy().reshape(len(at), -1)
         with tqdm(total=len(at), desc="export -> qdrant", unit="point",
-                  disable=not self.progress or len(at) < 2048) as bar:
+                  disable=not self.progress or len(at) < 2048) as bar, _qdrant_local_quiet():
             for start in range(0, len(at), 512):
                 batch = [models.PointStruct(id=_point_id(values["key"][j]), vector=vectors[j].tolist(),
                                             payload={c: _plain(values[c][j], narrow.get(c)) for c in payload_columns})
                          for j in range(start, min(start + 512, len(at)))]
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="Local mode is not recommended", category=UserWarning)
-                    self.client.upsert(TABLE, points=batch)
+                self.client.upsert(TABLE, points=batch)
                 bar.update(len(batch))
 
     def close(self) -> None:
