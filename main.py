@@ -8,6 +8,7 @@ import difflib
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -407,6 +408,28 @@ def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> frozen
     return frozenset(vars(ns))
 
 
+# What a gallery run is made with: a search mode's "build it first" command repeats those the user typed.
+GALLERY_MAKING = ("dataset", "split", "config", "limit", "image_column", "id_column", "meta_columns", "model", "onnx",
+                  "backend", "onnx_runtime", "device", "precision", "decode", "batch_size", "threads", "engine",
+                  "ray_address", "seg_model", "seg_conf", "seg_imgsz", "seg_backend", "keep_unsegmented",
+                  "max_persons", "work_dir", "index", "shard_rows")
+
+
+def gallery_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  explicit: frozenset[str]) -> tuple[str, ...]:
+    """The gallery-making options the user typed, as command-line words (quoted for a shell)."""
+    words: list[str] = []
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public listing
+        if action.dest not in GALLERY_MAKING or action.dest not in explicit:
+            continue
+        value = getattr(args, action.dest)
+        if action.nargs == 0:
+            words.append(action.option_strings[0])
+        elif value is not None:
+            words += [action.option_strings[0], shlex.quote(str(value))]
+    return tuple(words)
+
+
 ROOT_LOGGING_LIBRARIES = (f"{os.sep}open_clip{os.sep}",)  # log their INFO lines on the root logger ("INFO root:")
 
 
@@ -479,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         explicit = explicit_options(parser, argv)
-        cfg = config_from_flags(vars(args), explicit, progress=not args.quiet)
+        cfg = config_from_flags(vars(args), explicit, progress=not args.quiet,
+                                gallery_flags=gallery_flags(parser, args, explicit))
         problem = check_config(cfg, lambda dests: _flag_names(parser, dests))
         if problem:
             parser.error(problem)

@@ -126,6 +126,7 @@ class RunConfig:
     fresh: bool = False
     progress: bool = True
     explicit: frozenset[str] = frozenset()
+    gallery_flags: tuple[str, ...] = ()  # the gallery-making options typed, as words: a search's "build it first"
 
     @property
     def segmented(self) -> bool:
@@ -336,7 +337,8 @@ def onnx_fallback(cfg: RunConfig) -> str | None:
 
 
 def config_from_flags(
-    values: dict[str, Any], explicit: frozenset[str] = frozenset(), progress: bool = True
+    values: dict[str, Any], explicit: frozenset[str] = frozenset(), progress: bool = True,
+    gallery_flags: tuple[str, ...] = (),
 ) -> RunConfig:
     """Build the RunConfig from parsed option values (argparse dests, as in FLAGS).
 
@@ -386,4 +388,5 @@ def config_from_flags(
     elif "output_dir" in top:
         top["output_dir"] = Path(top["output_dir"])
     specs = {s: _spec_class(s)(**kw) for s, kw in sections.items() if s is not None}
-    return RunConfig(**specs, **sections.get(None, {}), progress=progress, explicit=explicit)
+    return RunConfig(**specs, **sections.get(None, {}), progress=progress, explicit=explicit,
+                     gallery_flags=gallery_flags)

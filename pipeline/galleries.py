@@ -245,14 +245,15 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
             raise CacheMismatchError(f"{e}\n{cfg.output_dir} holds {kind} in {other}: to search that one, run the "
                                      f"same command with {flag}") from None
         if e.missing and not (cfg.store_dir / PARTIAL_DIR).is_dir():
-            raise CacheMismatchError(f"{e}\n{build_first(cfg.store_dir, cfg.segmented, search_from)}") from None
+            line = build_first(cfg.store_dir, cfg.segmented, search_from, cfg.gallery_flags)
+            raise CacheMismatchError(f"{e}\n{line}") from None
         if e.missing and search_from is not None:  # a search mode: the interrupted gallery run is what finishes it
             line = finish_unfinished(cfg.store_dir, cfg.segmented, search_from, cfg.embedder.onnx)
             raise CacheMismatchError(f"no complete store in {cfg.store_dir}\n{line}") from None
         if isinstance(e.made_by, Sidecar):
             made = e.made_by
             line = reuse_or_rebuild(e.differing, made.identity, made.source, cfg.segmented, cfg.embedder.onnx,
-                                    search_from)
+                                    search_from, cfg.gallery_flags)
             raise CacheMismatchError(f"{e}\n{line}") from None
         if not e.missing:  # a damaged store (a file cut short or replaced): no flag reuses it, a build makes it again
             build = (f"a gallery run: {gallery_run(search_from, cfg.segmented)} with the flags that made it"

@@ -8,7 +8,7 @@ back can be named: the flags to reuse it as it is, or the command that builds it
 from __future__ import annotations
 
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +43,24 @@ def cache_flag(segmented: bool) -> str:
     return "--use-embedded-segment" if segmented else "--use-embeddings"
 
 
-def gallery_run(output_dir: Path | str, segmented: bool) -> str:
+def gallery_run(output_dir: Path | str, segmented: bool, flags: Sequence[str] = ()) -> str:
     """The command that builds the store a search mode (--query-*, --serve, --export) reads
-    (output_dir: a folder, or a URL as the user gave it)."""
-    segment = " --use-segmentation" if segmented else ""
-    return f"python main.py{segment} --output-dir {shlex.quote(str(output_dir))}"
+    (output_dir: a folder, or a URL as the user gave it; flags: the gallery-making options the
+    search was typed with, as words)."""
+    words = ["python main.py", *(["--use-segmentation"] if segmented else []), *flags,
+             "--output-dir", shlex.quote(str(output_dir))]
+    return " ".join(words)
 
 
-def build_first(store: Path, segmented: bool, search_from: Path | str | None = None) -> str:
+def build_first(store: Path, segmented: bool, search_from: Path | str | None = None,
+                flags: Sequence[str] = ()) -> str:
     """The refusal's last line when there is no store yet; `search_from`: the output folder of a
-    search mode, which builds nothing itself (its command has no cache flag to leave out)."""
+    search mode, which builds nothing itself (its command has no cache flag to leave out), and
+    `flags` the gallery-making options it was typed with (the build takes them)."""
     if search_from is not None:
-        return (f"Build it first with a gallery run: {gallery_run(search_from, segmented)} (with the --dataset and "
-                f"--model or --onnx to make it with; it writes {store}), then search it.")
+        made_with = "" if flags else "with the --dataset and --model or --onnx to make it with; "
+        return (f"Build it first with a gallery run: {gallery_run(search_from, segmented, flags)} ({made_with}it "
+                f"writes {store}), then search it.")
     return (
         f"Build it first: run the same command without {cache_flag(segmented)} "
         f"(it writes {store}); later runs add {cache_flag(segmented)} to reuse it."
@@ -94,7 +99,7 @@ def finish_unfinished(store: Path, segmented: bool, search_from: Path | str, onn
 
 def reuse_or_rebuild(
     differing: Iterable[str], identity: VectorIdentity, source: GallerySource, segmented: bool, onnx_asked: str | None,
-    search_from: Path | str | None = None,
+    search_from: Path | str | None = None, typed: Sequence[str] = (),
 ) -> str:
     """The refusal's last line for a store made differently: the flags that made it, then rebuilding.
 
@@ -103,11 +108,13 @@ def reuse_or_rebuild(
         identity, source: what the sidecar says made the store.
         onnx_asked: the --onnx of the request, whose folder is searched for the file that made it.
         search_from: the output folder of a search mode (rebuilding is then a gallery run).
+        typed: the gallery-making options that search was typed with, which the rebuild takes.
     """
     flags = flags_that_made(differing, identity, source, onnx_asked)
     if search_from is not None:
-        rebuild = (f"rebuild it with a gallery run: {gallery_run(search_from, segmented)} with the flags you want (the "
-                   "old store is replaced).")
+        want = "" if typed else " with the flags you want"
+        rebuild = (f"rebuild it with a gallery run: {gallery_run(search_from, segmented, typed)}{want} (the old store "
+                   "is replaced).")
     else:
         rebuild = f"rebuild it by running without {cache_flag(segmented)} (the old store is replaced)."
     if not flags:  # no flag would reuse it

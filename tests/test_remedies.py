@@ -107,18 +107,21 @@ def test_a_search_mode_is_told_the_gallery_run_that_builds_its_store(tiny_onnx, 
     out = tmp_path / "new"
     assert run("--onnx", tiny_onnx, "--output-dir", out, "--query-text", "a red dress") == 1
     err = capsys.readouterr().err
-    assert f"Build it first with a gallery run: python main.py --output-dir {out} (with the --dataset and --model " \
-           "or --onnx to make it with" in err
+    # the gallery-making flags the search was typed with go into the command: it can be pasted as it is
+    assert f"Build it first with a gallery run: python main.py --onnx {tiny_onnx} --output-dir {out} (it writes " \
+           f"{out / 'embeddings'}), then search it." in err
     assert "without --use-embeddings" not in err
     # said before any model loads: with no model flag, not the default hub model's failure to load
     # offline (online, a download of it first)
     for mode in (("--query-text", "a red dress"), ("--serve", "--port", str(free_port()))):
         assert run("--output-dir", out, *mode) == 1
         err = capsys.readouterr().err
-        assert "Build it first with a gallery run" in err and "cannot load model" not in err
+        assert f"Build it first with a gallery run: python main.py --output-dir {out} (with the --dataset and " \
+               "--model or --onnx to make it with" in err and "cannot load model" not in err
     assert run("--onnx", tiny_onnx, "--output-dir", out, "--query-text", "a red dress", "--use-embedded-segment") == 1
     err = capsys.readouterr().err  # with a cache flag too: leaving it out would build nothing either
-    assert f"Build it first with a gallery run: python main.py --use-segmentation --output-dir {out}" in err
+    assert f"Build it first with a gallery run: python main.py --use-segmentation --onnx {tiny_onnx} --output-dir " \
+           f"{out} (it writes {out / 'embeddings_segment'})" in err
     assert run("--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0") == 3
     capsys.readouterr()
     (tmp_path / "elsewhere" / "onnx").mkdir(parents=True)
@@ -129,8 +132,10 @@ def test_a_search_mode_is_told_the_gallery_run_that_builds_its_store(tiny_onnx, 
     assert "backend: cache has 'onnx', asked for 'torch'" in err
     remedy = err.strip().splitlines()[-1]
     assert remedy.startswith("To reuse it, ask for what made it: --backend onnx --onnx onnx/made.onnx; or "), remedy
-    assert "--precision" not in remedy and "--model" not in remedy
-    assert f"rebuild it with a gallery run: python main.py --output-dir {out} with the flags you want" in remedy
+    reuse = remedy.split("; or ")[0]
+    assert "--precision" not in reuse and "--model" not in reuse
+    assert remedy.endswith(f"rebuild it with a gallery run: python main.py --model {tiny_clip} --backend torch "
+                           f"--output-dir {out} (the old store is replaced)."), remedy
     from tests import assets
 
     (tmp_path / "look.jpg").write_bytes(assets.jpeg_bytes(40, 60))
@@ -288,3 +293,18 @@ def test_an_export_of_a_local_model_to_the_default_file_asks_the_hub_nothing(tmp
     assert "is the default --onnx: gallery builds without --onnx or --model now embed with" in default_file_note(cfg)
     default = config_from_flags(vars(cli.build_parser().parse_args(["--export-onnx"])), explicit=frozenset())
     assert default_file_note(default) is None
+
+
+def test_the_gallery_flags_a_search_was_typed_with_are_words_a_shell_reads_back():
+    """Only what makes a gallery (not the query, not --output-dir), in the order of --help, quoted."""
+    import shlex
+
+    import main
+
+    parser = main.build_parser()
+    argv = ["--query-text", "red dress", "--limit", "5", "--dataset", "my photos/", "--use-segmentation",
+            "--keep-unsegmented", "--output-dir", "o", "--model", "m"]
+    args = parser.parse_args(argv)
+    words = main.gallery_flags(parser, args, main.explicit_options(parser, argv))
+    assert words == ("--dataset", "'my photos/'", "--limit", "5", "--model", "m", "--keep-unsegmented")
+    assert shlex.split(" ".join(words))[1] == "my photos/"
