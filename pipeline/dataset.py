@@ -749,10 +749,11 @@ def _iter_hf(ds, spec: DatasetSpec, start: int) -> Iterator[Record]:
         yield _row_record(spec, i, row.get)
 
 
-def check_columns(spec: DatasetSpec, names: list[str]) -> None:
+def check_columns(spec: DatasetSpec, names: list[str], flags: dict[str | None, str] | None = None) -> None:
     """Every column the dataset is read with is one of `names` (a file's columns); else a
-    PipelineError that names them."""
-    hints = {spec.image_column: "Choose one with --image-column.", spec.id_column: "Choose one with --id-column."}
+    PipelineError that names them (`flags`: a hint for a column another flag chose)."""
+    hints = {spec.image_column: "Choose one with --image-column.", spec.id_column: "Choose one with --id-column.",
+             **(flags or {})}
     for col in spec.columns:
         if col not in names:
             hint = hints.get(col, "Check the evaluation column names.")
@@ -954,6 +955,15 @@ def check_meta_columns(spec: DatasetSpec, asked: Sequence[str] | None) -> Any:
     schema = _union_schema(footers)
     kept = _agreeing(footers, _chosen(scalar_columns(schema, spec), asked, schema.names, spec), spec, asked)
     return pa.schema([schema.field(c) for c in kept])
+
+
+def parquet_column_names(spec: DatasetSpec) -> list[str] | None:
+    """The columns of a parquet dataset (local or on the hub), from its footers alone: what a run
+    may check its column flags against before any model loads; None for another kind of dataset
+    (a folder of pictures, a CSV), whose columns show when it is read."""
+    path = Path(spec.name)
+    files, opener = _parquet_files(spec, path.is_dir() and _is_image_folder(path))
+    return _union_schema(_footers(files, opener, spec)).names if files else None
 
 
 def _footers(files: list[Any], opener: Callable[[Any], AbstractContextManager[Any]], spec: DatasetSpec

@@ -29,11 +29,13 @@ from .dataset import (
     IMAGE_SUFFIXES,
     DatasetSpec,
     arrow_numpy,
+    check_columns,
     count_rows,
     folder_column,
     is_image_folder,
     iter_records,
     list_pictures,
+    parquet_column_names,
 )
 from .derived import QUERY_TABLE, made_on, query_pictures
 from .embedders import Embedder, EmbedderSpec, make_embedder
@@ -754,10 +756,13 @@ def _embed_for_evaluation(
     id_column, cloth_column = cfg.evaluate.id_column, cfg.evaluate.cloth_column
     known = folder_column(cfg.dataset, id_column) if id_column else None  # an image folder's ids, before the models
     spec = replace(cfg.dataset, extra_columns=(id_column,) if id_column else (cloth_column,))
-    with summary.stage("load models"):
-        embedders = {name: make_embedder(spec) for name, spec in specs.items()}
-    with summary.stage("embed", "embed pass (all backends)"):
-        try:
+    try:
+        names = None if known is not None else parquet_column_names(spec)
+        if names is not None:  # a mistyped column is said before the models load, not after
+            check_columns(spec, names, {id_column: "Choose one with --eval-id-column."} if id_column else {})
+        with summary.stage("load models"):
+            embedders = {name: make_embedder(spec) for name, spec in specs.items()}
+        with summary.stage("embed", "embed pass (all backends)"):
             return embed_pass(
                 spec,
                 embedders,
@@ -770,13 +775,13 @@ def _embed_for_evaluation(
                 cpu_pixels(cfg.embedder.decode),
                 known,
             )
-        except PipelineError as e:
-            if id_column is None and f"no column {cloth_column!r}" in str(e):
-                raise PipelineError(
-                    f"{e}\n--evaluate needs a {cloth_column!r} column (person -> garment) or --eval-id-column NAME "
-                    f"(same product)"
-                ) from e
-            raise
+    except PipelineError as e:
+        if id_column is None and f"no column {cloth_column!r}" in str(e):
+            raise PipelineError(
+                f"{e}\n--evaluate needs a {cloth_column!r} column (person -> garment) or --eval-id-column NAME "
+                f"(same product)"
+            ) from e
+        raise
 
 
 def _same_product_metrics(got: dict, backends: list[str], summary: RunSummary,

@@ -311,6 +311,25 @@ def test_evaluate_needs_ground_truth(mixed_dataset, tiny_onnx, tmp_path, capsys)
     assert cli.main(["--evaluate", "--eval-backends", "tensorrt"]) == 2
 
 
+def test_a_mistyped_evaluation_column_of_a_parquet_is_said_before_any_model_loads(mixed_dataset, tiny_onnx,
+                                                                                   tmp_path, capsys, monkeypatch):
+    """Its footer names its columns: no model loaded (minutes for a real one) to learn of a typo."""
+    from pipeline import search
+
+    def no_model(spec):
+        raise AssertionError("a model loaded before the columns were checked")
+
+    monkeypatch.setattr(search, "make_embedder", no_model)
+    base = ["--evaluate", "--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(tmp_path),
+            "-q"]
+    assert cli.main([*base, "--eval-id-column", "item_idd"]) == 1
+    err = capsys.readouterr().err
+    assert "has no column 'item_idd'; its columns are [" in err and "Choose one with --eval-id-column." in err
+    assert cli.main([*base, "--eval-cloth-column", "garment"]) == 1
+    err = capsys.readouterr().err
+    assert "has no column 'garment'" in err and "--evaluate needs a 'garment' column (person -> garment)" in err
+
+
 class _AngleEmbedder(Embedder):
     """A fake embedder: each picture's red level is an angle in degrees; its vector is (cos, sin)."""
 
