@@ -22,6 +22,7 @@ a number, is an error naming both); errors point at the place in the text.
 
 from __future__ import annotations
 
+import difflib
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -304,7 +305,10 @@ def check_filter(node: Node, text: str, schema: Any) -> None:
     for t in columns_of(node):
         if t.column not in names:
             shown = ", ".join(n for n in names if n != "source_row")
-            raise _point(text, t.at, f"unknown column {t.column!r}; the catalogue's columns are: {shown or 'none'}")
+            near = difflib.get_close_matches(t.column.lower(), [n.lower() for n in names if n != "source_row"], 1, 0.75)
+            meant = next((f"did you mean {n!r}? " for n in names if near and n.lower() == near[0]), "")
+            raise _point(text, t.at, f"unknown column {t.column!r}; {meant}the catalogue's columns are: "
+                                     f"{shown or 'none'}")
         kind = _kind(schema.field(t.column).type)
         for v in t.values:
             vk = _value_kind(v)
@@ -318,12 +322,25 @@ def check_filter(node: Node, text: str, schema: Any) -> None:
                 held = schema.field(t.column).type
                 raise _point(text, t.at, f"column {t.column!r} holds {held}, which a filter cannot compare")
             if vk != kind:
-                raise _point(
-                    text, t.at, f"type mismatch: {t.column!r} is a {kind} column, compared with {vk} {v!r}"
-                    + (" (quote texts: 'dress'; leave numbers bare: 50)" if {vk, kind} == {"text", "number"} else "")
-                )
+                raise _point(text, t.at, f"type mismatch: {t.column!r} is a {kind} column, compared with {vk} {v!r}"
+                             + _kind_hint(t, v, kind, vk))
         if t.op in ("<", "<=", ">", ">=") and kind == "boolean":
             raise _point(text, t.at, f"{t.column!r} is true/false: compare it with = or !=")
+
+
+def _kind_hint(t: Test, v: Any, kind: str, vk: str) -> str:
+    """How to write the value for its column: a number bare, a text quoted (with the test's own column)."""
+    op = t.op if t.op in ("=", "!=", "<", "<=", ">", ">=") else "="
+    column = t.column if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t.column) else '"' + t.column.replace('"', '""') + '"'
+    if kind == "number" and vk == "text":
+        try:
+            return f" (leave a number bare: {column} {op} {float(v):g})"
+        except ValueError:
+            return f" (a number column is compared with numbers, written bare: {column} {op} 50)"
+    if kind == "text" and vk == "number":
+        return f" (quote a text: {column} {op} '{v:g}')" if isinstance(v, float) else \
+            f" (quote a text: {column} {op} '{v}')"
+    return ""
 
 
 def _check_temporal(text: str, t: Test, value: str, arrow_type: Any) -> None:

@@ -247,6 +247,17 @@ class SearchService:
         hits = catalog.search_text(text, k, filter=filter, group_by=group_by)
         return {"results": self.as_json(hits, catalog), "store": self.store_json(catalog)}
 
+    def similar(self, row: int, k: int, filter: str | None = None, group_by: str | None = None,
+                catalog: Catalog | None = None) -> dict[str, Any]:
+        """A gallery item's look-alikes (a result clicked on the page), as image() answers: one query,
+        the item's thumbnail its picture."""
+        catalog = catalog or self.current()
+        hits = catalog.neighbours(row, k, filter=filter, group_by=group_by)
+        name = catalog.searcher.rows[row].shown_name
+        return {"queries": [{"label": f"More like {name}", "results": self.as_json(hits, catalog),
+                             "picture": f"/thumb/{row}.jpg?v={self.version(catalog)}", "caption": "this item"}],
+                "store": self.store_json(catalog)}
+
     def image(self, data: bytes, name: str, k: int, segment: bool, filter: str | None = None,
               text: str = "", group_by: str | None = None, catalog: Catalog | None = None) -> dict[str, Any]:
         """An uploaded picture's answer, {"queries": [{"label", "results"}], "store": ...}: the
@@ -503,9 +514,12 @@ def both_filters(server: str | None, client: str | None, schema: Any = None) -> 
     return parts[0] if len(parts) == 1 else " AND ".join(f"({f})" for f in parts) or None
 
 
+MENU_VALUE_CHARS = 60  # a column of longer texts (a description) is free text, not a menu to choose from
+
+
 def filter_controls(catalog: Catalog, most_values: int = 40) -> list[dict[str, Any]]:
     """What the page builds its filter controls from: per metadata column its kind, and the values
-    of a text column with few of them (a menu), or a number column's range."""
+    of a text column with few and short ones (a menu), or a number column's range."""
     import pyarrow.compute as pc
 
     meta = catalog.searcher.metadata
@@ -518,7 +532,7 @@ def filter_controls(catalog: Catalog, most_values: int = 40) -> list[dict[str, A
         entry: dict[str, Any] = {"name": name, "kind": kind}
         if kind == "text":
             values = pc.unique(col.drop_null()).to_pylist()
-            if len(values) <= most_values:
+            if len(values) <= most_values and all(len(str(v)) <= MENU_VALUE_CHARS for v in values):
                 entry["values"] = sorted(str(v) for v in values)
         elif kind == "number":
             import pyarrow as pa
@@ -652,7 +666,8 @@ def _add_page_endpoints(app, service: SearchService) -> None:
 
 
 def _add_query_endpoints(app, service: SearchService) -> None:
-    """/api/text and /api/image: a query's top-k, its latency recorded; bad requests get a 4xx."""
+    """/api/text, /api/image and /api/similar (a result's look-alikes): a query's top-k, its latency
+    recorded; bad requests get a 4xx."""
     import anyio
     from fastapi import File, Form, HTTPException, UploadFile
     from pydantic import BaseModel, StrictInt
@@ -694,6 +709,28 @@ def _add_query_endpoints(app, service: SearchService) -> None:
         except PipelineError as e:  # e.g. an ONNX file without its text tower beside it
             raise HTTPException(503, str(e)) from None
 
+    class SimilarQuery(BaseModel):
+        row: StrictInt  # a result's row, in the store of version `v`
+        v: str  # the version of the store that gave it (an update gives rows other photos)
+        k: StrictInt = cfg.top_k
+        filter: str | None = None
+        group_by: str | None = None
+
+    @app.post("/api/similar")
+    def similar(query: SimilarQuery) -> dict[str, Any]:
+        k = check_k(query.k)
+        catalog = service.current()
+        if service.version(catalog) != query.v:
+            raise HTTPException(409, "the gallery was updated since these results were given: search again")
+        if not 0 <= query.row < len(catalog):
+            raise HTTPException(404, f"no gallery item {query.row}")
+        try:
+            asked = both_filters(cfg.filter, query.filter, service.schema(catalog))
+            grouping = each_photo(query.group_by)
+            return timed(lambda: service.similar(query.row, k, asked, grouping, catalog))
+        except UsageError as e:  # a bad filter or group-by column
+            raise HTTPException(422, str(e)) from None
+
     limiters: list[Any] = []  # one, made in the event loop on the first upload
 
     @app.post("/api/image")
@@ -718,7 +755,7 @@ def _add_query_endpoints(app, service: SearchService) -> None:
                 if len(data) > MAX_UPLOAD_BYTES:
                     raise HTTPException(413, UPLOAD_TOO_LARGE)
                 if not data:
-                    raise HTTPException(422, "the upload is empty")
+                    raise HTTPException(422, f"{file.filename or 'the upload'}: the file is empty")
                 catalog = service.current()
                 asked = both_filters(cfg.filter, filter, service.schema(catalog))
                 found = await anyio.to_thread.run_sync(

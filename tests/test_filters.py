@@ -117,8 +117,16 @@ def test_syntax_errors_point_at_the_place(shop, text, message, at):
     "text, message",
     [
         ("colour_name = 'red'", "unknown column 'colour_name'; the catalogue's columns are: category, colour, price"),
-        ("price < '50'", "type mismatch: 'price' is a number column, compared with text '50'"),
-        ("category = 3", "type mismatch: 'category' is a text column, compared with number 3"),
+        ("prise < 50", "unknown column 'prise'; did you mean 'price'? the catalogue's columns are: category, colour, "
+                       "price"),
+        ("Colour = 'red'", "unknown column 'Colour'; did you mean 'colour'?"),
+        ("price < '50'", "type mismatch: 'price' is a number column, compared with text '50' (leave a number bare: "
+                         "price < 50)"),
+        ("price >= 'cheap'", "compared with text 'cheap' (a number column is compared with numbers, written bare: "
+                             "price >= 50)"),
+        ("category = 3", "type mismatch: 'category' is a text column, compared with number 3 (quote a text: "
+                         "category = '3')"),
+        ("category IN ('dress', 2.5)", "compared with number 2.5 (quote a text: category = '2.5')"),
         ("in_sale > true", "'in_sale' is true/false: compare it with = or !="),
     ],
 )

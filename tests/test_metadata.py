@@ -245,7 +245,7 @@ def test_the_search_page_filters_with_controls_built_from_the_columns(built, tin
         browser.find_element(By.ID, "text-go").click()
         wait(browser, "document.getElementById('status').textContent.startsWith('Could not search')")
         said = browser.execute_script("return document.getElementById('status').firstChild.textContent")
-        assert said.startswith("Could not search: the filter: expected a value, found 'fifty'"), said
+        assert said.startswith("Could not search: in the filter, expected a value, found 'fifty'"), said
         caret = browser.execute_script("return document.querySelector('#status pre').textContent").split("\n")
         assert caret[0].strip().endswith("(stock > 100 OR price < fifty)")
         assert caret[1].index("^") == caret[0].index("fifty")

@@ -3,8 +3,10 @@ same cache, bad uploads get a 4xx without harming the next query, and a bounded 
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
 import main as cli
 from pipeline.config import config_from_flags
@@ -108,6 +111,55 @@ def test_text_and_image_queries_through_the_page_equal_the_query_mode(served, br
     assert got == _cli_results(out, tiny_onnx, "--query-image", str(picture))
     assert got[0] == (file_of(out, 11), 0.0)  # the picture finds itself first
     assert console_errors(browser) == []
+
+
+def test_a_result_clicked_on_the_page_searches_its_look_alikes(served, browser, tmp_path):
+    """A result is a way on ("more like this"): clicked, the item's neighbours, as Catalog.neighbours
+    gives them, under the item's own thumbnail; a picture dropped on the page is searched as one chosen."""
+    url, out, service = served
+    search_text(browser, url, "red floral dress", loaded="22 items")
+    first = browser.find_element(By.CSS_SELECTOR, "#results .tile[data-file]")
+    rows = service.current().searcher.rows
+    name, file = first.find_element(By.CSS_SELECTOR, ".cap.name").text, first.get_attribute("data-file")
+    first.click()
+    wait(browser, "document.querySelector('#results .query')?.dataset.query.startsWith('More like ')")
+    assert browser.find_element(By.CSS_SELECTOR, "#results .query h2").text == f"More like {name}"
+    mine = browser.find_element(By.CSS_SELECTOR, "#results .tile.mine")
+    assert mine.text == "this item" and "/thumb/" in mine.find_element(By.TAG_NAME, "img").get_attribute("src")
+    clicked = next(r.embedding_row for r in rows if r.file == file)
+    hits = service.current().neighbours(clicked, 5)
+    wait(browser, "document.querySelectorAll('#results .tile[data-file]').length === 5")
+    assert _page_results(browser) == [(h.file, round(h.distance, 3)) for h in hits]
+    assert clicked not in [h.row for h in hits]
+    # by the keyboard too: Enter on a focused result
+    browser.find_elements(By.CSS_SELECTOR, "#results .tile[data-file]")[1].send_keys(Keys.ENTER)
+    wait(browser, "document.querySelector('#results .query h2').textContent !== " + json.dumps(f"More like {name}"))
+    # a dropped picture: the browser would otherwise open it in the page's place
+    look = (out / "images" / file_of(out, 11)).read_bytes()
+    browser.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const moved = new DataTransfer();
+        moved.items.add(new File([bytes], "dropped.jpg", { type: "image/jpeg" }));
+        const dropped = new DragEvent("drop", { dataTransfer: moved, bubbles: true, cancelable: true });
+        document.getElementById("results").dispatchEvent(dropped);
+    """, base64.b64encode(look).decode())
+    wait(browser, "document.querySelector('#results .query')?.dataset.query === 'dropped.jpg'")
+    assert _page_results(browser)[0] == (file_of(out, 11), 0.0) and browser.current_url.startswith(url)
+    assert console_errors(browser) == []
+
+
+def test_a_look_alike_search_of_an_earlier_store_or_another_row_is_refused(served):
+    url, _, service = served
+    version = service.version(service.current())
+    asked = httpx.post(url + "/api/similar", json={"row": 3, "v": version, "k": 4}, timeout=30)
+    assert asked.status_code == 200 and len(asked.json()["queries"][0]["results"]) == 4
+    assert asked.json()["queries"][0]["picture"] == f"/thumb/3.jpg?v={version}"
+    stale = httpx.post(url + "/api/similar", json={"row": 3, "v": "0" * 16}, timeout=30)
+    assert stale.status_code == 409 and "updated since these results were given" in stale.json()["detail"]
+    gone = httpx.post(url + "/api/similar", json={"row": 10_000, "v": version}, timeout=30)
+    assert gone.status_code == 404 and gone.json()["detail"] == "no gallery item 10000"
+    bad = httpx.post(url + "/api/similar", json={"row": 3, "v": version, "filter": "nope = 1"}, timeout=30)
+    assert bad.status_code == 422 and "nope" in bad.json()["detail"]
 
 
 @pytest.mark.parametrize(
@@ -476,6 +528,8 @@ def test_beyond_loopback_the_page_and_its_api_need_the_token(served, tiny_onnx, 
         wait(browser, "!document.getElementById('token-form').hidden")
         said = browser.execute_script("return document.getElementById('status').textContent")
         assert said.startswith("Type the token")
+        # the report's link waits for the token: before it, the link answered the 401's raw JSON
+        assert not browser.find_element(By.ID, "report-link").is_displayed()
         browser.find_element(By.ID, "token").send_keys("not it")
         browser.find_element(By.ID, "token-go").click()
         wait(browser, "document.getElementById('status').textContent.startsWith('That token was not accepted')")
@@ -483,6 +537,7 @@ def test_beyond_loopback_the_page_and_its_api_need_the_token(served, tiny_onnx, 
         browser.find_element(By.ID, "token").send_keys(token)
         browser.find_element(By.ID, "token-go").click()
         wait(browser, "document.getElementById('info').textContent.includes('items')")
+        assert browser.find_element(By.ID, "report-link").is_displayed()
         browser.find_element(By.ID, "text").send_keys("red dress")
         browser.find_element(By.ID, "text-go").click()
         wait(browser, "document.querySelectorAll('#results .tile img').length === 5")
@@ -541,6 +596,26 @@ def test_a_number_columns_range_leaves_out_nan_and_infinities():
     assert (controls["price"]["min"], controls["price"]["max"]) == (3.0, 12.5)
     assert controls["void"] == {"name": "void", "kind": "number"}  # no bound: the page shows no range
     assert (controls["stock"]["min"], controls["stock"]["max"]) == (0, 9)
+
+
+def test_a_text_column_of_long_values_is_free_text_not_a_menu():
+    """A description with a few values made a page-wide menu of whole marketing texts: a menu holds
+    short values (a category, a colour), and long texts are filtered by the typed filter."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from pipeline.serve import MENU_VALUE_CHARS, filter_controls
+
+    long = "a flowing summer dress in light cotton, with a tie waist and a midi hem" * 2
+    table = pa.table({"category": ["dress", "shirt", "dress"], "description": [long, long + "!", "short"],
+                      "edge": ["x" * MENU_VALUE_CHARS, "y", "z"]})
+    catalog = SimpleNamespace(searcher=SimpleNamespace(metadata=SimpleNamespace(columns=table.column_names,
+                                                                                 table=table)))
+    controls = {c["name"]: c for c in filter_controls(catalog)}
+    assert controls["category"]["values"] == ["dress", "shirt"]
+    assert controls["description"] == {"name": "description", "kind": "text"}
+    assert controls["edge"]["values"] == ["x" * MENU_VALUE_CHARS, "y", "z"]
 
 
 def _serve_config(out: Path, onnx: Path):

@@ -430,3 +430,58 @@ def test_a_long_query_name_and_the_catalogues_values_fit_a_phone(tiny_onnx, tmp_
                                "[...document.querySelectorAll('[data-role=meta] dd')].map(d => d.textContent)")
         assert values == ["1,299.99", "yes", "2024"]  # a year as written, not 2,024
     assert console_errors(browser) == []
+
+
+def test_shop_names_are_told_apart_and_a_selection_opens_under_its_tile(tiny_onnx, tmp_path, browser):
+    """Shop photos named alike but for a SKU mid-name read apart in the grid and the panel (cut in
+    the middle, each read `women-dre…front.jpg`); the panel opens under the clicked tile's row and
+    fits a phone; a filter that leaves the selection out lets it go."""
+    from selenium.webdriver.common.by import By
+
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    names = [f"women-dress-summer-collection-SKU{1000 + i}-front.jpg" for i in range(20)]
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(assets.jpeg_bytes(60, 80, seed=300 + i))
+    out = tmp_path / "out"
+    assert cli.main(["--dataset", str(folder), "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 0
+    with viewport(browser, 390, 844):
+        browser.get((out / "outputs" / "report.html").as_uri())
+        wait(browser, "document.querySelectorAll('[data-role=grid] .tile').length === 20")
+        captions = browser.execute_script("return [...document.querySelectorAll('[data-role=grid] .tile .cap[title]')]"
+                                          ".map(c => [c.textContent, c.title])")
+        assert len({c for c, _ in captions}) == 20, captions  # each its own SKU, from its own name
+        assert all(len(c) <= 19 and c.removeprefix("…")[:4] in t and c.removeprefix("…")[:4].isdigit()
+                   for c, t in captions), captions
+        assert browser.execute_script("return document.querySelector('[data-role=pager-bottom]').hidden")  # one page
+        tiles = browser.find_elements(By.CSS_SELECTOR, "[data-role=grid] > .tile")
+        per_row = browser.execute_script(
+            "return getComputedStyle(document.querySelector('[data-role=grid]')).gridTemplateColumns.split(' ').length")
+        tiles[per_row + 1].click()  # second row: the panel follows that row's last tile, inside the grid
+        wait(browser, "document.querySelectorAll('.detail [data-neighbour]').length === 5")
+        after = browser.execute_script("const d = document.querySelector('.detail'); "
+                                       "return [d.parentElement.dataset.role, d.previousElementSibling.dataset.item]")
+        assert after == ["grid", tiles[2 * per_row - 1].get_attribute("data-item")]
+        panel = browser.execute_script("return [...document.querySelectorAll('.detail .tile .cap:last-child')]"
+                                       ".map(c => c.textContent)")
+        assert len(set(panel)) == 6 and all(len(c) <= 19 for c in panel), panel
+        assert browser.execute_script(f"return {OUT_OF_CARDS}") == []
+        browser.execute_script("const f = document.querySelector('[data-role=filter]'); f.value = 'nothing-like-it';"
+                               "f.dispatchEvent(new Event('input'))")
+        wait(browser, "document.querySelector('[data-role=grid] .empty')")
+        assert browser.execute_script("return document.querySelector('.detail').hidden")
+    assert console_errors(browser) == []
+
+
+def test_the_pager_under_the_grid_turns_the_page_and_goes_back_to_its_top(report_run, browser):
+    out, _ = report_run
+    with viewport(browser, 390, 844):
+        browser.get((out / "outputs" / "report.html").as_uri())
+        wait(browser, "document.querySelectorAll('[data-role=grid] .tile').length")
+        bottom = "document.querySelector('[data-role=pager-bottom]')"
+        assert browser.execute_script(f"return {bottom}.textContent") == "‹ PreviousNext ›page 1 of 3 · 262 items"
+        browser.execute_script(f"{bottom}.scrollIntoView(); document.querySelector('[data-role=next-bottom]').click()")
+        wait(browser, "document.querySelector('[data-role=grid] .tile').dataset.item === '120'")
+        top = browser.execute_script("return document.querySelector('[data-role=filter]').getBoundingClientRect().top")
+        assert -2 <= top < 100  # the new page from its start, not its end
+    assert console_errors(browser) == []
