@@ -21,7 +21,7 @@ from .images import encode_jpeg
 THUMB_SIZE = 128  # the store's thumbnails (thumbnails.npy), and so the gallery pictures' tiles
 _PAD = 6
 _TILE_EDGE = (222, 226, 232)
-_QUERY_INK = (190, 20, 20)
+_QUERY_INK = (31, 82, 180)  # the pages' accent, darker: red read as an error
 _INK = (20, 24, 30)
 _MUTED_INK = (90, 98, 112)
 
@@ -145,35 +145,42 @@ def compose_matches(
     matches: Sequence[np.ndarray],
     labels: Sequence[str],
     title: str = "",
+    first_is_query: bool = True,
 ) -> Image.Image:
     """One row: the query tile, then each match tile with its caption (e.g. "d=0.123" over
-    "img_3f2a9c1e0b4d5a6f.jpg"), in a TrueType font sized to the tiles.
+    "img_3f2a9c1e0b4d5a6f.jpg"), in a TrueType font sized to the tiles; the row is as wide as its
+    title at least (a title is not cut to one tile's width).
 
     Args:
         query: uint8 (T, T, 3) RGB tile; T sets the size of every tile and of the text.
         matches: uint8 RGB tiles, best first (resized to T x T if they are another size).
         labels: one caption per match: up to two lines, the first drawn darker.
         title: a line above the row (bold), or nothing.
+        first_is_query: the first tile set apart (its caption in the query's colour, a rule after
+            it); False for a row of equals (a person's crops over time).
     """
     t = query.shape[0]
     tiles = [query, *(m if m.shape[:2] == (t, t) else _resized(m, t) for m in matches)]
     size = caption_size(t)
     line_h = round(size * 1.35)
     top = (round(line_h * 1.5) if title else 0) + 2  # the tiles' top edge
-    width = len(tiles) * (t + _PAD) + _PAD + (2 * _PAD if matches else 0)
+    gap = 2 * _PAD if matches and first_is_query else 0
+    width = len(tiles) * (t + _PAD) + _PAD + gap
+    if title:
+        width = max(width, int(caption_font(size + 1, True).getlength(drawable(title, True))) + 2 * _PAD + 2)
     canvas = Image.new("RGB", (width, top + t + 4 + 2 * line_h + _PAD), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     if title:
         draw_caption(canvas, (_PAD, round(line_h * 0.3)), title, width - 2 * _PAD, size + 1, _INK, bold=True)
     x = _PAD
     for i, (tile, label) in enumerate(zip(tiles, [query_label, *labels])):
-        if i == 1:
+        if i == 1 and first_is_query:
             x += 2 * _PAD  # a gap, with a rule, between the query and its matches
             draw.line([(x - _PAD - 4, top), (x - _PAD - 4, top + t)], fill=(170, 176, 186), width=1)
         draw.rectangle([x - 1, top - 1, x + t, top + t], outline=_TILE_EDGE)  # white tiles show their edge
         canvas.paste(Image.fromarray(tile), (x, top))
         for line_no, part in enumerate(label.split("\n")[:2]):
-            colour = _QUERY_INK if i == 0 else (_INK if line_no == 0 else _MUTED_INK)
+            colour = _QUERY_INK if i == 0 and first_is_query else (_INK if line_no == 0 else _MUTED_INK)
             draw_caption(canvas, (x, top + t + 4 + line_h * line_no), part, t, size, colour, bold=line_no == 0)
         x += t + _PAD
     return canvas

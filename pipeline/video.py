@@ -646,6 +646,7 @@ class VideoRun:
                 [c[2] for c in picks[1:]],
                 [f"{c[0]:.1f} s" for c in picks[1:]],
                 title=f"Track {track['id']}: the person over time",
+                first_is_query=False,
             )
             if picks
             else None

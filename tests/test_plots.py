@@ -68,8 +68,22 @@ def test_a_composite_has_smooth_readable_captions_under_each_tile():
     rows = np.flatnonzero((grey < 128).any(axis=1))
     assert rows.max() - rows.min() >= 20  # two lines of text about 9 px high each, not 7 px bitmap glyphs
     first = band[:, 6 : 6 + 128]
-    assert ((first[..., 0] > 150) & (first[..., 1] < 80)).any()  # the query's caption is red
+    assert ((first[..., 2] > 150) & (first[..., 0] < 80)).any()  # the query's caption in the accent's blue
     assert pic.size == (4 * (128 + 6) + 6 + 12, 2 + 128 + 4 + 2 * 16 + 6)
+
+
+def test_a_title_is_not_cut_to_a_short_rows_width_and_a_row_of_equals_sets_none_apart():
+    """A track seen once read "…rson over time" (its number cut off); a person's crops over time
+    are equals: no query colour and no rule after the first."""
+    tile = np.full((64, 64, 3), 200, np.uint8)
+    title = "Track 12: the person over time"
+    pic = compose_matches(tile, "0.0 s", [], [], title=title)
+    size = caption_size(64)
+    assert fit_text(title, pic.width - 2 * 6, size + 1, bold=True) == title
+    row = compose_matches(tile, "0.0 s", [tile], ["1.0 s"], title="t", first_is_query=False)
+    assert row.width == 2 * (64 + 6) + 6  # no gap for a rule
+    band = np.asarray(row)[:, 6:6 + 64]
+    assert not ((band[..., 2] > 150) & (band[..., 0] < 80)).any()  # no query-coloured caption
 
 
 def test_titles_long_captions_and_tiles_of_another_size():

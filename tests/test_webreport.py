@@ -401,6 +401,25 @@ def test_a_sprite_holds_each_thumbnail_in_its_cell_on_white():
         assert got.size == want.size and np.array_equal(np.asarray(got), np.asarray(want)), n
 
 
+def test_a_sprites_cells_keep_their_own_colours_to_their_edges():
+    """Halved colour (JPEG's 4:2:0) drew a line of each thumbnail's colour along its neighbour's edge."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.images import encode_jpeg
+    from pipeline.plots import THUMB_SIZE as T
+    from pipeline.webreport import SPRITE_QUALITY, sprite_image
+
+    colours = [(200, 20, 30), (255, 255, 255), (20, 60, 220), (30, 190, 60)]
+    sprite = sprite_image([np.full((T, T, 3), c, np.uint8) for c in colours])
+    data = encode_jpeg(sprite, quality=SPRITE_QUALITY, full_colour=True)
+    got = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    for k, colour in enumerate(colours):
+        cell = got[:T, k * T:(k + 1) * T]
+        assert np.abs(cell - np.array(colour)).max() <= 8, (k, np.abs(cell - np.array(colour)).max())
+
+
 def test_a_long_query_name_and_the_catalogues_values_fit_a_phone(tiny_onnx, tmp_path, browser):
     """At 390 px: a query picture's name with no space to break at (it stands in the query's notes)
     wraps inside its card instead of widening the page; an item's catalogue values read as the search
