@@ -47,9 +47,9 @@ from .ray_engine import RayBuild, build_gallery_ray
 from .remedy import (
     DECODE_OF_PIXELS,
     build_first,
-    cache_flag,
     finish_unfinished,
     flags_that_made,
+    from_cache,
     gallery_run,
     reuse_or_rebuild,
 )
@@ -256,9 +256,9 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
                                     search_from, cfg.gallery_flags)
             raise CacheMismatchError(f"{e}\n{line}") from None
         if not e.missing:  # a damaged store (a file cut short or replaced): no flag reuses it, a build makes it again
-            build = (f"a gallery run: {gallery_run(search_from, cfg.segmented)} with the flags that made it"
-                     if search_from is not None else f"running without {cache_flag(cfg.segmented)}")
-            raise CacheMismatchError(f"{e}\nRebuild it by {build} (the damaged store is replaced).") from None
+            build = (f" with a gallery run: {gallery_run(search_from, cfg.segmented)} with the flags that made it"
+                     if search_from is not None else f": {from_cache(cfg.segmented)}")
+            raise CacheMismatchError(f"{e}\nRebuild it{build} (the damaged store is replaced).") from None
         raise
 
 

@@ -348,7 +348,7 @@ def _interrupted(cfg: RunConfig) -> str:
         return "interrupted: nothing was written (the export moves its files into place only at its end)"
     if cfg.searches_only or cfg.evaluate.enabled:
         return "interrupted: this mode builds no store, so there is nothing to resume; run it again"
-    from .remedy import cache_flag
+    from .remedy import to_cache
     from .store import PARTIAL_DIR, SIDECAR_FILE
 
     sidecar = cfg.store_dir / SIDECAR_FILE
@@ -356,7 +356,7 @@ def _interrupted(cfg: RunConfig) -> str:
     built = (sidecar.is_file() and sidecar.stat().st_mtime >= STARTED and not (cfg.store_dir / PARTIAL_DIR).is_dir())
     if cfg.from_cache or (built and not cfg.update):
         # the store was finished before the stop: the same command without the flag would embed it all again
-        how = "run it again" if cfg.from_cache else f"add {cache_flag(cfg.segmented)} to the same command"
+        how = "run it again" if cfg.from_cache else to_cache(cfg.segmented)
         return (f"interrupted: the gallery's store in {cfg.store_dir} is complete; {how} to "
                 + ("play the clip against it" if cfg.video.clip is not None else
                    "finish its neighbours, pictures and report without embedding again"))

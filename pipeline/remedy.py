@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import ONNXRUNTIME, PRECISIONS
+from .config import flag_default
 from .fileio import sha256_file_once
 from .identity import GallerySource, VectorIdentity
 from .preprocess import PIXELS_OF_DECODE
@@ -43,6 +44,20 @@ def cache_flag(segmented: bool) -> str:
     return "--use-embedded-segment" if segmented else "--use-embeddings"
 
 
+def to_cache(segmented: bool) -> str:
+    """How the same command reuses the store it built (a segmented build's --use-segmentation and
+    --use-embedded-segment cannot be given together)."""
+    return ("replace --use-segmentation with --use-embedded-segment in the same command" if segmented
+            else "add --use-embeddings to the same command")
+
+
+def from_cache(segmented: bool) -> str:
+    """How a command with the cache flag builds the store instead (without --use-embedded-segment
+    alone, it would build the gallery of whole photos)."""
+    return ("run the same command with --use-segmentation in place of --use-embedded-segment" if segmented
+            else "run the same command without --use-embeddings")
+
+
 def gallery_run(output_dir: Path | str, segmented: bool, flags: Sequence[str] = ()) -> str:
     """The command that builds the store a search mode (--query-*, --serve, --export) reads
     (output_dir: a folder, or a URL as the user gave it; flags: the gallery-making options the
@@ -58,12 +73,16 @@ def build_first(store: Path, segmented: bool, search_from: Path | str | None = N
     search mode, which builds nothing itself (its command has no cache flag to leave out), and
     `flags` the gallery-making options it was typed with (the build takes them)."""
     if search_from is not None:
-        made_with = "" if flags else "with the --dataset and --model or --onnx to make it with; "
+        given = {w for w in flags if w.startswith("--")}
+        missing = [f for f, said in (("--dataset", "--dataset" in given),
+                                     ("--model or --onnx", bool(given & {"--model", "--onnx"}))) if not said]
+        made_with = "" if not missing else "with the --dataset and --model or --onnx to make it with; " if not flags \
+            else f"plus the {' and '.join(missing)} to make it with, where not the default; "
         return (f"Build it first with a gallery run: {gallery_run(search_from, segmented, flags)} ({made_with}it "
                 f"writes {store}), then search it.")
     return (
-        f"Build it first: run the same command without {cache_flag(segmented)} "
-        f"(it writes {store}); later runs add {cache_flag(segmented)} to reuse it."
+        f"Build it first: {from_cache(segmented)} (it writes {store}); later runs give {cache_flag(segmented)} to "
+        "reuse it."
     )
 
 
@@ -112,14 +131,33 @@ def reuse_or_rebuild(
     """
     flags = flags_that_made(differing, identity, source, onnx_asked)
     if search_from is not None:
-        want = "" if typed else " with the flags you want"
-        rebuild = (f"rebuild it with a gallery run: {gallery_run(search_from, segmented, typed)}{want} (the old store "
-                   "is replaced).")
+        flags_again = rebuild_flags(typed, identity, source, onnx_asked)
+        rebuild = (f"rebuild it with a gallery run: {gallery_run(search_from, segmented, flags_again)} (the old store "
+                   "is replaced; change what you want made otherwise).")
     else:
-        rebuild = f"rebuild it by running without {cache_flag(segmented)} (the old store is replaced)."
+        rebuild = f"rebuild it: {from_cache(segmented)} (the old store is replaced)."
     if not flags:  # no flag would reuse it
         return rebuild[0].upper() + rebuild[1:]
     return f"To reuse it, ask for what made it: {' '.join(flags)}; or {rebuild}"
+
+
+SOURCE_FIELDS = ("dataset", "config", "split", "limit", "image_column", "id_column")
+
+
+def rebuild_flags(typed: Sequence[str], identity: VectorIdentity, source: GallerySource,
+                  onnx_asked: str | None) -> list[str]:
+    """A rebuild's flags: what the store was made from and with, where the search did not say
+    otherwise (`typed`, words), then the typed ones. Typed alone, a rebuild would read the default
+    dataset and replace the user's store with the hub's."""
+    given = {w for w in typed if w.startswith("--")}
+    made = {**source.to_json(), **identity.to_json()}
+    words: list[str] = []
+    for name in SOURCE_FIELDS:
+        if FLAG_OF[name] not in given and made.get(name) is not None and made.get(name) != flag_default(name):
+            words += [w for w in _flags_for(name, made, onnx_asked) if not w.startswith("(")]
+    if not given & {"--model", "--onnx", "--backend"}:
+        words += _flags_for("onnx_sha256" if made.get("backend") == "onnx" else "model", made, onnx_asked)
+    return words + list(typed)
 
 
 def flags_that_made(differing: Iterable[str], identity: VectorIdentity, source: GallerySource,

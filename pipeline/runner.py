@@ -58,7 +58,7 @@ from .metadata import load_metadata
 from .modes import selected_mode
 from .pictures import PictureJob, draw_pictures, picture_name
 from .plots import neighbour_labels, pyplot, save_heatmap, save_histogram
-from .remedy import cache_flag
+from .remedy import to_cache
 from .remote import mirrored
 from .report import RunSummary
 from .retrieval import Neighbours, carried_matrix, iter_neighbour_rows, write_neighbours_csv
@@ -96,7 +96,7 @@ def run(cfg: RunConfig) -> RunSummary:
     run_mode = mode.load()
     resend = "run the same command again to send them"
     if mode.name in ("gallery", "video") and not cfg.from_cache and not cfg.update:  # again: every photo embedded again
-        resend = f"add {cache_flag(cfg.segmented)} to the same command to send them without embedding again"
+        resend = f"{to_cache(cfg.segmented)} to send them without embedding again"
     remote = (mirrored(cfg.output_url, cfg.output_dir, resend, sends=mode.sends_output)
               if cfg.output_url and mode.mirrors_output else nullcontext())
     with output_session(cfg) if mode.holds_output else nullcontext(), remote as copy:

@@ -318,7 +318,7 @@ def load_cache(
     sidecar_path = root / SIDECAR_FILE
     if not sidecar_path.is_file():
         partial = (
-            " (an unfinished run left shards in .partial/; run again without the cache flag to resume)"
+            " (an unfinished run left shards in .partial/; run the command that began it again to resume)"
             if (root / PARTIAL_DIR).is_dir()
             else ""
         )

@@ -187,7 +187,7 @@ def test_use_embeddings_refuses_edited_manifest_and_truncated_embeddings(standar
     err = capsys.readouterr().err
     assert "truncated or replaced" in err
     # damaged, not made otherwise: no flag reuses it, and the refusal says how to go on (it gave no way)
-    assert "Rebuild it by running without --use-embeddings (the damaged store is replaced)." in err
+    assert "Rebuild it: run the same command without --use-embeddings (the damaged store is replaced)." in err
     out = tmp_path / "c"  # a thumbnail's byte changed, the size kept: its stamp no longer holds, so it is hashed
     shutil.copytree(src, out)
     assert run(*base(out)) == 3
@@ -277,11 +277,35 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
         (["--evaluate", "--serve", "--video_clip", "c"], "--video_clip and --evaluate and --serve are separate"),
         (["--no-annotated-video"], "--no-annotated-video needs --video_clip NAME"),
         (["--video_dir", "v"], "--video_dir needs --video_clip NAME"),
+        # an empty value ("$CLIP" unset in a script) named the current folder, or ran another mode
+        (["--video_clip", ""], "argument --video_clip/--video-clip: an empty value names nothing"),
+        (["--output-dir", ""], "argument --output-dir: an empty value names nothing"),
+        (["--dataset", " "], "argument --dataset: an empty value names nothing"),
+        (["--model", ""], "argument --model: an empty value names nothing"),
+        (["--onnx", ""], "argument --onnx: an empty value names nothing"),
+        (["--query-image", ""], "argument --query-image: an empty value names nothing"),
+        (["--evaluate", "--eval-id-column", ""], "argument --eval-id-column: an empty value names nothing"),
+        (["--video_clip", "c", "--video_dir", ""], "argument --video_dir/--video-dir: an empty value names nothing"),
+        # a flag cut short is not taken for the one it begins: a flag added later could change its meaning
+        (["--lim", "5"], "unrecognized arguments: --lim 5; --lim: did you mean --limit?"),
+        (["--top-k", "30000000"], "argument --top-k: must be <= 1000, got 30000000"),
     ],
 )
 def test_bad_flags_exit_2(args, message, capsys):
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_query_flag_given_twice_keeps_both():
+    """--query-text a --query-text b searched only b, without a word."""
+    from pipeline.config import config_from_flags
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["--query-text", "red dress", "--query-text", "blue shoe", "--query-image", "a.jpg",
+                              "--query-image", "b.jpg", "c.jpg"])
+    assert (args.query_text, args.query_image) == (["red dress", "blue shoe"], ["a.jpg", "b.jpg", "c.jpg"])
+    cfg = config_from_flags(vars(parser.parse_args(["--filter", "", "--group-by", ""])))
+    assert (cfg.filter, cfg.group_by) == ("", None)  # an empty value that means something is taken
 
 
 def test_precision_is_refused_where_the_default_onnx_file_would_run(tmp_path, monkeypatch, capsys):
@@ -527,6 +551,11 @@ def test_ctrl_c_after_the_store_was_finished_says_to_go_on_from_it(standard_run,
         assert cli.main(["--output-dir", str(tmp_path), *flags]) == 130
         assert f"interrupted: the gallery's store in {tmp_path / 'embeddings'} is complete; {says}" in \
             capsys.readouterr().err
+    # a segmented build: --use-segmentation and --use-embedded-segment cannot be given together
+    shutil.copytree(out / "embeddings", tmp_path / "embeddings_segment")
+    assert cli.main(["--output-dir", str(tmp_path), "--use-segmentation"]) == 130
+    assert (f"the gallery's store in {tmp_path / 'embeddings_segment'} is complete; replace --use-segmentation with "
+            "--use-embedded-segment in the same command to finish its neighbours") in capsys.readouterr().err
     # a store older than this run (stopped while its model loaded, before it replaced that store): not this run's
     import os
 

@@ -85,8 +85,8 @@ def test_a_refused_cache_names_the_flags_that_made_it(two_onnx, mixed_dataset, t
     assert run(*base, "--onnx", asked, "--limit", "6", "--use-embeddings") == 1
     err = capsys.readouterr().err
     assert "onnx_sha256: cache has" in err and "limit: cache has 8, asked for 6" in err
-    assert f"To reuse it, ask for what made it: --onnx {made_with} --limit 8; or rebuild it by running without " \
-           "--use-embeddings" in err
+    assert f"To reuse it, ask for what made it: --onnx {made_with} --limit 8; or rebuild it: run the same command " \
+           "without --use-embeddings" in err
 
 
 def test_using_a_cache_that_was_never_built_says_to_build_it_first(tiny_onnx, tmp_path, capsys):
@@ -95,6 +95,10 @@ def test_using_a_cache_that_was_never_built_says_to_build_it_first(tiny_onnx, tm
     err = capsys.readouterr().err
     assert f"no complete cache in {out / 'embeddings'}" in err
     assert "Build it first: run the same command without --use-embeddings" in err
+    assert run("--onnx", tiny_onnx, "--output-dir", out, "--use-embedded-segment") == 1
+    assert (f"Build it first: run the same command with --use-segmentation in place of --use-embedded-segment (it "
+            f"writes {out / 'embeddings_segment'}); later runs give --use-embedded-segment to reuse it.") \
+        in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -108,8 +112,8 @@ def test_a_search_mode_is_told_the_gallery_run_that_builds_its_store(tiny_onnx, 
     assert run("--onnx", tiny_onnx, "--output-dir", out, "--query-text", "a red dress") == 1
     err = capsys.readouterr().err
     # the gallery-making flags the search was typed with go into the command: it can be pasted as it is
-    assert f"Build it first with a gallery run: python main.py --onnx {tiny_onnx} --output-dir {out} (it writes " \
-           f"{out / 'embeddings'}), then search it." in err
+    assert f"Build it first with a gallery run: python main.py --onnx {tiny_onnx} --output-dir {out} (plus the " \
+           f"--dataset to make it with, where not the default; it writes {out / 'embeddings'}), then search it." in err
     assert "without --use-embeddings" not in err
     # said before any model loads: with no model flag, not the default hub model's failure to load
     # offline (online, a download of it first)
@@ -121,7 +125,8 @@ def test_a_search_mode_is_told_the_gallery_run_that_builds_its_store(tiny_onnx, 
     assert run("--onnx", tiny_onnx, "--output-dir", out, "--query-text", "a red dress", "--use-embedded-segment") == 1
     err = capsys.readouterr().err  # with a cache flag too: leaving it out would build nothing either
     assert f"Build it first with a gallery run: python main.py --use-segmentation --onnx {tiny_onnx} --output-dir " \
-           f"{out} (it writes {out / 'embeddings_segment'})" in err
+           f"{out} (plus the --dataset to make it with, where not the default; it writes " \
+           f"{out / 'embeddings_segment'})" in err
     assert run("--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0") == 3
     capsys.readouterr()
     (tmp_path / "elsewhere" / "onnx").mkdir(parents=True)
@@ -134,8 +139,10 @@ def test_a_search_mode_is_told_the_gallery_run_that_builds_its_store(tiny_onnx, 
     assert remedy.startswith("To reuse it, ask for what made it: --backend onnx --onnx onnx/made.onnx; or "), remedy
     reuse = remedy.split("; or ")[0]
     assert "--precision" not in reuse and "--model" not in reuse
-    assert remedy.endswith(f"rebuild it with a gallery run: python main.py --model {tiny_clip} --backend torch "
-                           f"--output-dir {out} (the old store is replaced)."), remedy
+    # the store's dataset with the flags typed: the typed alone would rebuild from the default hub dataset
+    assert remedy.endswith(f"rebuild it with a gallery run: python main.py --dataset {mixed_dataset} --model "
+                           f"{tiny_clip} --backend torch --output-dir {out} (the old store is replaced; change what "
+                           "you want made otherwise)."), remedy
     from tests import assets
 
     (tmp_path / "look.jpg").write_bytes(assets.jpeg_bytes(40, 60))
@@ -170,9 +177,13 @@ def test_changed_weights_are_told_to_rebuild_not_to_reuse(tmp_path):
     made = VectorIdentity(backend="torch", family="clip", model="/models/clip", model_sha256="a" * 64, precision="fp32")
     source = GallerySource(kind="standard", dataset="/data/shop", split="train", limit=100, image_column="image")
     said = reuse_or_rebuild(["model_sha256"], made, source, False, None)
-    assert said.startswith("Rebuild it by running without --use-embeddings") and "--model" not in said
+    assert said.startswith("Rebuild it: run the same command without --use-embeddings") and "--model" not in said
     said = reuse_or_rebuild(["limit"], made, source, False, None)
     assert said.startswith("To reuse it, ask for what made it: --limit 100; or ") and "--model" not in said
+    # a segmented store: leaving out --use-embedded-segment alone would build the gallery of whole photos
+    said = reuse_or_rebuild(["model_sha256"], made, source, True, None)
+    assert said == ("Rebuild it: run the same command with --use-segmentation in place of --use-embedded-segment "
+                    "(the old store is replaced).")
     said = reuse_or_rebuild(["backend"], made, source, False, None)
     assert said.startswith("To reuse it, ask for what made it: --backend torch --model /models/clip; or "), said
 

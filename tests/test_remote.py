@@ -365,7 +365,7 @@ def test_a_search_at_a_url_without_a_store_is_told_the_url_and_an_export_to_a_ur
     url = _url()
     assert run("--query-text", "red", "--onnx", tiny_onnx, "--output-dir", url, "--work-dir", tmp_path / "w") == 1
     assert (f"Build it first with a gallery run: python main.py --onnx {tiny_onnx} --work-dir {tmp_path / 'w'} "
-            f"--output-dir {url} (it writes") in capsys.readouterr().err
+            f"--output-dir {url} (plus the --dataset to make it with") in capsys.readouterr().err
     # a store's files without its sidecar (sent last): an upload that stopped, not a store to build again
     fs, _ = s3
     root = url.removeprefix("s3://")
