@@ -435,10 +435,16 @@ class _ImageExport:
         report.text_lines = self.text.lines
         with waiting_lock(move_lock_path(self.int8_path), lambda: log.info(
                 "waiting for another export to %s to finish moving its files into place", self.int8_path.parent)):
-            report.kept_lines = keep_replaced(self.int8_path, self.tmp_int8, self.fp32_path, self.tmp_fp32)
-            _move_into_place(self.tmp_fp32, self.fp32_path)
-            _move_into_place(self.tmp_int8, self.int8_path)
-            self.text.commit()
+            renames = _Renames()
+            try:
+                report.kept_lines = keep_replaced(self.int8_path, self.tmp_int8, self.fp32_path, self.tmp_fp32,
+                                                  renames)
+                _move_into_place(self.tmp_fp32, self.fp32_path)
+                _move_into_place(self.tmp_int8, self.int8_path)
+                self.text.commit()
+            except BaseException:  # an error or a stop midway: the replaced files back where they were
+                renames.undo()
+                raise
 
     def remove_temp_files(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
@@ -537,8 +543,33 @@ def _as_one_file(path: Path) -> None:
         f.unlink(missing_ok=True)
 
 
+@dataclass
+class _Renames:
+    """The renames and links keep_replaced made, undone in reverse when the export cannot finish
+    moving its files into place: the files it replaced are where they were, not under kept names
+    beside no new file."""
+
+    moved: list[tuple[Path, Path]] = field(default_factory=list)
+    linked: list[Path] = field(default_factory=list)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        os.replace(src, dst)
+        self.moved.append((src, dst))
+
+    def link(self, src: Path, dst: Path) -> None:
+        link_or_copy(src, dst)
+        self.linked.append(dst)
+
+    def undo(self) -> None:
+        for made in reversed(self.linked):
+            made.unlink(missing_ok=True)
+        for src, dst in reversed(self.moved):
+            if dst.is_file():
+                os.replace(dst, src)  # over a new file moved there since: the old one back in its place
+
+
 def keep_replaced(int8_path: Path, new_int8: Path, fp32_path: Path | None = None,
-                  new_fp32: Path | None = None) -> list[str]:
+                  new_fp32: Path | None = None, renames: _Renames | None = None) -> list[str]:
     """The files an export replaces, when their bytes differ from the new ones', kept beside them
     under the first 12 hex digits of their sha256 (`<stem>.<sha>.onnx`): the int8 file with its text
     tower and tokenizer (renamed as text_onnx_path_for names them for that file; a text tower with
@@ -546,6 +577,7 @@ def keep_replaced(int8_path: Path, new_int8: Path, fp32_path: Path | None = None
     external data) with a link to that text tower. The stores made with either still open with it,
     and a refused store's remedy finds it by the sha256 the store records. Returns the report's
     lines (none when nothing was replaced)."""
+    renames = renames if renames is not None else _Renames()
     lines: list[str] = []
     kept_text: Path | None = None
     kept_int8: Path | None = None
@@ -559,7 +591,7 @@ def keep_replaced(int8_path: Path, new_int8: Path, fp32_path: Path | None = None
             moves += [(text, kept_text), (tokenizer_path_for(text), tokenizer_path_for(kept_text))]
         for src, dst in moves:
             if src.is_file():
-                os.replace(src, dst)
+                renames.replace(src, dst)
         text_said = (" with its text tower" if with_text else
                      " (its text tower, whose weights are in a .data file, is not kept: text queries need it "
                      "exported again)" if text.is_file() else "")
@@ -574,20 +606,20 @@ def keep_replaced(int8_path: Path, new_int8: Path, fp32_path: Path | None = None
     twin = fp32_path_for(kept_int8) if kept_int8 is not None else None  # where the kept int8 file's twin is looked for
     if not filecmp.cmp(fp32_path, new_fp32, shallow=False):
         keep = _kept_name(fp32_path)
-        os.replace(fp32_path, keep)
+        renames.replace(fp32_path, keep)
         if twin is not None and twin != keep:
-            link_or_copy(keep, twin)
+            renames.link(keep, twin)
         text_said = " (no text tower kept with it: text queries of its stores need it exported again)"
         if kept_text is not None and kept_text.is_file():  # the towers were exported together: the same text tower
             for src, dst in ((kept_text, text_onnx_path_for(keep)),
                              (tokenizer_path_for(kept_text), tokenizer_path_for(text_onnx_path_for(keep)))):
                 if src.is_file() and src != dst:
-                    link_or_copy(src, dst)
+                    renames.link(src, dst)
             text_said = " with its text tower"
         lines.append(f"the fp32 file this export replaced is kept as {keep}{text_said}: stores made with it open "
                      f"with --onnx {keep}; delete it when none does")
     elif twin is not None:  # the same fp32 bytes: the kept int8 file's twin still
-        link_or_copy(fp32_path, twin)
+        renames.link(fp32_path, twin)
     return lines
 
 

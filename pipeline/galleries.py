@@ -254,6 +254,12 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
             made = e.made_by
             line = reuse_or_rebuild(e.differing, made.identity, made.source, cfg.segmented, cfg.embedder.onnx,
                                     search_from, cfg.gallery_flags)
+            if (cfg.store_dir / PARTIAL_DIR).is_dir() and search_from is not None:  # a rebuild stopped early
+                line += "\n" + finish_unfinished(cfg.store_dir, cfg.segmented, shown, cfg.embedder.onnx)
+            elif (cfg.store_dir / PARTIAL_DIR).is_dir():
+                line += (f"\nA gallery run into it stopped before it finished (its shards are in "
+                         f"{cfg.store_dir / PARTIAL_DIR}): {from_cache(cfg.segmented)} to finish it, if it is that "
+                         "run's (it resumes where it stopped, and replaces this store).")
             raise CacheMismatchError(f"{e}\n{line}") from None
         if not e.missing:  # a damaged store (a file cut short or replaced): no flag reuses it, a build makes it again
             build = (f" with a gallery run: {gallery_run(search_from, cfg.segmented)} with the flags that made it"

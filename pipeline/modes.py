@@ -368,5 +368,7 @@ def _interrupted(cfg: RunConfig) -> str:
                 "finish its neighbours, pictures and report (nothing is embedded again)")
     if cfg.update:
         return "interrupted: the update's complete shards are kept; run the same command again to finish it"
-    return "interrupted: complete shards are kept; run the same command again to resume"
+    before = (" (the store there before stays whole, and searchable, until the build finishes)"
+              if sidecar.is_file() else "")
+    return f"interrupted: complete shards are kept; run the same command again to resume{before}"
 

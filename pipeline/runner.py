@@ -35,7 +35,7 @@ from .duplicates import (
     write_groups,
 )
 from .embedders import EmbedderSpec, model_reference, on_cuda, text_onnx_path_for, tokenizer_path_for
-from .errors import CacheMismatchError, PipelineError
+from .errors import CacheMismatchError, PipelineError, UsageError
 from .export import INT8_FORMATS, export_onnx, int8_profile, verification_images
 from .fileio import (
     OutputLock,
@@ -721,16 +721,21 @@ def _check_twins_are_its_own(cfg: RunConfig) -> None:
     from .export import fp32_path_for
 
     target = Path(cfg.embedder.onnx)
-    if target.is_file():
+    fp32 = fp32_path_for(target)
+    # the other int8 files whose fp32 and text files these are (m.onnx's, for m_int8.onnx)
+    sharing = sorted(p for p in target.parent.glob("*.onnx") if p.is_file() and p not in (target, fp32)
+                     and fp32_path_for(p) == fp32) if target.parent.is_dir() else []
+    if target.is_file() and not sharing:  # its own twins: replaced with it, the old ones kept (keep_replaced)
         return
     wanted = model_reference(cfg.embedder.model)
-    for twin in (fp32_path_for(target), text_onnx_path_for(target)):
+    for twin in (fp32, text_onnx_path_for(target)):
         made_from = exported_from(twin)
         if made_from and made_from != wanted:
-            raise PipelineError(
-                f"--onnx {target} would write {twin}, which is there, exported from {made_from} for another int8 "
-                f"file of {target.parent} (the names share their fp32 and text files): export {cfg.embedder.model} "
-                "under another name, or delete that file and its int8 file first")
+            of = f"of {', '.join(map(str, sharing))}" if sharing else f"of another int8 file of {target.parent}"
+            raise UsageError(
+                f"--onnx {target} would write {twin}, which is there, exported from {made_from}: the fp32 and text "
+                f"files {of} (the names share them), whose text queries would then be refused. Export "
+                f"{cfg.embedder.model} under another name, or delete those files first")
 
 
 def _run_export(cfg: RunConfig, sample_rows: int) -> RunSummary:

@@ -822,14 +822,14 @@ class ShardStore:
 
 
 class StoreBuild:
-    """One build of a store folder, whichever engine runs it: the folder made and its old store
-    invalidated (a half-replaced store is never read as whole), the unfinished run's shards found
-    (ShardStore: a resume with other parameters is refused), and at the end every shard joined into
-    the store and the shards removed."""
+    """One build of a store folder, whichever engine runs it: the folder made, the unfinished run's
+    shards found (ShardStore: a resume with other parameters is refused), and at the end the old
+    store invalidated (a half-replaced store is never read as whole), every shard joined into the
+    store and the shards removed. Until then the old store stays whole: a build stopped early (a
+    rebuild begun by mistake, without --use-embeddings) leaves it to be searched and served."""
 
     def __init__(self, store_dir: Path, params: dict[str, Any], fresh: bool) -> None:
         store_dir.mkdir(parents=True, exist_ok=True)
-        invalidate_store(store_dir)
         self.store_dir = store_dir
         self.shards = ShardStore(store_dir, params, fresh=fresh)
 
@@ -858,6 +858,7 @@ def finalize_store(
         (embeddings float32 (N, D), manifest rows)
     """
     root = Path(root)
+    invalidate_store(root)  # the old store's sidecar first: its files are replaced from here on
     rows: list[ManifestRow] = []
     emb_parts, shard_numbers = [], []
     offset = 0

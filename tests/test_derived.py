@@ -179,3 +179,37 @@ def test_a_search_of_a_folder_whose_build_stopped_names_the_run_that_finishes_it
     assert cli.main([*flags, "--output-dir", str(out), "--max-result-images", "0"]) == 0
     assert "resumed at row 8 from 1 complete shard(s)" in capsys.readouterr().out
     assert run("--output-dir", out, "--query-text", "red", "--onnx", tiny_onnx) == 0
+
+
+def test_a_rebuild_stopped_early_leaves_the_store_before_it_whole(tiny_onnx, tmp_path, monkeypatch, capsys):
+    """A rebuild begun by mistake (--use-embeddings forgotten, or other flags) and stopped: the store
+    there before still answers searches and --use-embeddings, and its refusal of the new flags names
+    the stopped run that finishes the rebuild; finished, the rebuild replaces it."""
+    import numpy as np
+
+    from tests.helpers import stop_after_shards
+
+    data = write_catalogue(tmp_path / "catalogue", list(range(20)))
+    out = tmp_path / "g"
+    assert run(*args(data, tiny_onnx, out), "--max-result-images", "0") == 0
+    before = np.load(out / "embeddings" / "embeddings.npy")
+    stop_after_shards(monkeypatch, 1)
+    assert run(*args(data, tiny_onnx, out), "--limit", "12", "--max-result-images", "0") == 130
+    monkeypatch.undo()
+    assert ("complete shards are kept; run the same command again to resume (the store there before stays whole, "
+            "and searchable, until the build finishes)") in capsys.readouterr().err
+    assert (out / "embeddings" / ".partial").is_dir()
+    assert run("--output-dir", out, "--query-text", "red", "--onnx", tiny_onnx) == 0  # still searchable
+    assert run(*args(data, tiny_onnx, out), "--use-embeddings", "--max-result-images", "0") == 0
+    np.testing.assert_array_equal(np.load(out / "embeddings" / "embeddings.npy"), before)
+    capsys.readouterr()
+    assert run(*args(data, tiny_onnx, out), "--limit", "12", "--use-embeddings") == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "limit: cache has every row (--limit 0), asked for 12" in err
+    assert (f"A gallery run into it stopped before it finished (its shards are in {out / 'embeddings' / '.partial'}):"
+            " run the same command without --use-embeddings to finish it") in err
+    assert run("--output-dir", out, "--query-text", "red", "--onnx", tiny_onnx, "--limit", "12") == 1
+    err = " ".join(capsys.readouterr().err.split())  # a search is told the flags that run began with
+    assert "--limit 12" in err.split("It began with ", 1)[1]
+    assert run(*args(data, tiny_onnx, out), "--limit", "12", "--max-result-images", "0") == 0  # resumed, finished
+    assert len(np.load(out / "embeddings" / "embeddings.npy")) == 12

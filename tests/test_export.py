@@ -196,6 +196,37 @@ def test_towers_too_big_for_one_file_keep_their_weights_beside_it(quantization, 
         "m_fp32.onnx", "m_int8_matmul.onnx", "m_text_fp32.onnx", "m_text_tokenizer.json", *kept])
 
 
+def test_an_export_that_cannot_finish_its_moves_puts_the_replaced_files_back(tiny_onnx, tmp_path, monkeypatch):
+    """The fp32 file could not be renamed (a file made immutable): the int8 file and its text tower
+    had been moved to their kept names already, and the next run found no file at --onnx."""
+    import shutil
+
+    names = [tiny_onnx, export.fp32_path_for(tiny_onnx), export.text_onnx_path_for(tiny_onnx),
+             export.tokenizer_path_for(export.text_onnx_path_for(tiny_onnx))]
+    for f in names:
+        shutil.copy(f, tmp_path / f.name)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    new = tmp_path / "new"
+    new.mkdir()
+    for f in names[:2]:  # other bytes: the old ones are to be kept
+        (new / f.name).write_bytes(f.read_bytes() + b"\0")
+    replace = os.replace
+
+    def refused(src, dst):
+        if Path(dst).name.startswith(export.fp32_path_for(tiny_onnx).stem + "."):
+            raise PermissionError(f"[Errno 1] Operation not permitted: {src!r} -> {dst!r}")
+        replace(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", refused)
+    renames = export._Renames()
+    with pytest.raises(PermissionError):
+        export.keep_replaced(tmp_path / tiny_onnx.name, new / tiny_onnx.name, tmp_path / names[1].name,
+                             new / names[1].name, renames)
+    assert (tmp_path / tiny_onnx.name).exists() is False  # moved to its kept name midway
+    renames.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
 def test_two_exports_into_one_folder_write_apart_and_leave_nothing(tiny_clip, tmp_path):
     first = export._ImageExport(str(tiny_clip), tmp_path / "a_int8.onnx", True, "static")
     second = export._ImageExport(str(tiny_clip), tmp_path / "a_int8.onnx", True, "static")
@@ -1729,10 +1760,17 @@ def test_an_export_that_would_replace_another_files_twins_or_names_a_folder_is_r
     for f in (tiny_onnx, fp32_path_for(tiny_onnx), text_onnx_path_for(tiny_onnx)):
         shutil.copy(f, tmp_path / f.name)
     other = tmp_path / "tiny.onnx"  # a sibling name: its twins are tiny_fp32.onnx and tiny_text_fp32.onnx
-    assert cli.main(["--export-onnx", "--model", "someone/another-model", "--onnx", str(other)]) == 1
+    assert cli.main(["--export-onnx", "--model", "someone/another-model", "--onnx", str(other)]) == 2
     said = capsys.readouterr().err
     assert f"--onnx {other} would write {tmp_path / 'tiny_fp32.onnx'}, which is there, exported from " in said
+    assert f"the fp32 and text files of {tmp_path / tiny_onnx.name} (the names share them)" in said
     assert not other.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [tiny_onnx.name, "tiny_fp32.onnx", "tiny_text_fp32.onnx"])
+    # the same when that name is there already: exported again from another model, it replaced the twins
+    # of the other int8 file too, which keep_replaced does not keep (they are not its own)
+    shutil.copy(tiny_onnx, other)
+    assert cli.main(["--export-onnx", "--model", "someone/another-model", "--onnx", str(other)]) == 2
+    assert f"the fp32 and text files of {tmp_path / tiny_onnx.name} (the names share them)" in capsys.readouterr().err
+    other.unlink()
     assert cli.main(["--export-onnx", "--onnx", str(tmp_path)]) == 1
     assert f"{tmp_path} is a folder: pass a file in it" in capsys.readouterr().err
