@@ -293,6 +293,10 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
         log.info("loaded %d embeddings from %s", len(cache.embeddings), cfg.store_dir)
         summary.model = cache.sidecar.identity.label()
         gallery = Gallery(cache.embeddings, cache.rows, embedder)
+        said = dataset_changed(cache.sidecar)
+        if said:
+            log.warning("%s", said)
+            summary.notes.append(said)
     else:
         # a name the dataset lacks fails before the build, and so does an image folder's metadata.csv
         # that cannot be used (its warnings said once, here)
@@ -655,6 +659,22 @@ def _taken_from_store(cfg: RunConfig, sidecar: Sidecar) -> list[str]:
     return [field for field, name in _STORE_DATASET.items()
             if field not in cfg.explicit and getattr(made, field) != getattr(cfg.dataset, name)
             and (getattr(made, field) is not None or field in ("config", "limit"))]
+
+
+def dataset_changed(sidecar: Sidecar) -> str | None:
+    """What a reuse of the store is told when the local dataset it was made from changed since (a
+    photo added, replaced, removed, or its metadata file edited): its vectors and metadata are of the
+    photos as they were. None when it did not, or nothing was recorded (a hub dataset, an older store)."""
+    made = sidecar.source
+    if sidecar.dataset_files is None or made.dataset is None:
+        return None
+    spec = replace(DatasetSpec(), **{name: getattr(made, f) for f, name in _STORE_DATASET.items()})
+    now = dataset_stamp(spec)
+    if now is None or now == sidecar.dataset_files:
+        return None
+    return (f"the dataset {made.dataset} changed since this store was made from it ({sidecar.dataset_files} then, "
+            f"{now} now): the store holds its photos as they were; --update brings it up to date, embedding only "
+            "what changed")
 
 
 def store_dataset_flags(cfg: RunConfig) -> str:

@@ -216,11 +216,16 @@ class Sidecar:
     thumbnail_segments: list[dict[str, Any]] = field(default_factory=list)
     # The CPU that computed the vectors (model, int8 instruction sets): recorded, never compared.
     machine: dict[str, Any] = field(default_factory=dict)
+    # The local dataset's files as the store was made from them (dataset.dataset_stamp): recorded,
+    # never compared; a run that reuses the store says when they changed since (--update catches up).
+    dataset_files: str | None = None
 
     def to_json(self) -> str:
         data = {**asdict(self), "identity": self.identity.to_json(), "source": self.source.to_json()}
         if not self.thumbnail_segments:  # a store without segments stays readable by versions before them
             del data["thumbnail_segments"]
+        if self.dataset_files is None:  # a hub dataset's: nothing recorded, as before
+            del data["dataset_files"]
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
@@ -874,7 +879,8 @@ def finalize_store(
     emb = np.concatenate(emb_parts) if emb_parts else np.zeros((0, dim), np.float32)
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     thumbs = (shard_store.thumbnails(n) for n in shard_numbers)
-    write_store(root, emb, rows, thumbs, identity, source, thumbnail_size)
+    write_store(root, emb, rows, thumbs, identity, source, thumbnail_size,
+                dataset_files=shard_store.run_params.get("dataset_files"))  # as the run began: its rows' files
     return emb, rows
 
 
@@ -900,10 +906,12 @@ def write_store(
     source: GallerySource,
     thumbnail_size: int,
     kept_thumbnails: Sequence[ThumbnailPart] = (),
+    dataset_files: str | None = None,
 ) -> None:
     """Write a store's files into `root`: the sidecar removed first and written last, from the hashes
-    of the bytes written (not read back). `thumbs`: uint8 (n, T, T, 3) chunks, in embedding-row order,
-    written one at a time, so memory does not grow with the gallery.
+    of the bytes written (not read back). `thumbs`: uint8 (n, T, T, 3) chunks, in embedding-row
+    order, written one at a time, so memory does not grow with the gallery. dataset_files: the
+    dataset's stamp (dataset.dataset_stamp) as the store was made from it.
 
     kept_thumbnails: the first rows' thumbnails files, kept from the store this one replaces (an
     update: thumbnails.npy first, then segments, all in the store's folder, not `root`); `thumbs` are
@@ -946,6 +954,7 @@ def write_store(
         thumbnail_size=thumbnail_size,
         machine=dict(cpu_info()),
         thumbnail_segments=[asdict(part) for part in parts[1:]],
+        dataset_files=dataset_files,
     )
     if not kept_thumbnails:
         # A whole store written in place: an older one's segments are not its. Removed before the sidecar is

@@ -622,7 +622,7 @@ def _write_next(
     at = sum(part.count for part in kept_parts)
     thumbs = _thumbnails(old, take[at:], new, cfg.store_dir / STAGING / "new")
     write_store(next_dir, emb, rows, thumbs, old.sidecar.identity, gallery_source(cfg), old.sidecar.thumbnail_size,
-                kept_thumbnails=kept_parts)
+                kept_thumbnails=kept_parts, dataset_files=dataset_stamp(cfg.dataset))
     return emb, rows, take
 
 

@@ -1592,3 +1592,31 @@ def test_an_update_without_dataset_flags_finishes_a_stopped_switch_on_the_stores
         capsys.readouterr().err
     assert sorted(r.sha256 for r in read_manifest(out / "embeddings" / "manifest.csv")) == sorted(
         hashlib.sha256(photo(k)).hexdigest() for k in [*range(1, 8), 50])  # the updated store's photos, not the old
+
+
+def test_a_reuse_of_a_store_whose_folder_changed_since_says_so_and_an_update_catches_up(tiny_onnx, tmp_path, capsys):
+    """--use-embeddings reused a store whose photos had been added, replaced or removed since, without
+    a word: its neighbours named photos no longer there. Said (a warning and a note); after --update,
+    no more."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"p{i}.jpg").write_bytes(assets.jpeg_bytes(40, 60, seed=i))
+    out = tmp_path / "out"
+    flags = ["--dataset", folder, "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0"]
+    assert run(*flags) == 0
+    assert run(*flags, "--use-embeddings") == 0
+    assert "changed since" not in capsys.readouterr().err
+    (folder / "p6.jpg").write_bytes(assets.jpeg_bytes(40, 60, seed=6))
+    (folder / "p1.jpg").unlink()
+    import main as cli
+
+    assert cli.main([str(f) for f in (*flags, "--use-embeddings")]) == 0
+    out_err = capsys.readouterr()
+    said = f"the dataset {folder} changed since this store was made from it (6 file(s)"
+    assert said in out_err.err and "--update brings it up to date" in out_err.err
+    assert said in out_err.out  # in the run's summary too
+    assert run(*flags, "--update") == 0
+    capsys.readouterr()
+    assert run(*flags, "--use-embeddings") == 0
+    assert "changed since" not in capsys.readouterr().err
