@@ -362,7 +362,9 @@ def _interrupted(cfg: RunConfig) -> str:
                    "finish its neighbours, pictures and report without embedding again"))
     kept = "the gallery's complete shards are kept (run the same command again to resume its build)"
     if cfg.video.clip is not None:
-        return f"interrupted: the clip starts over when run again; {kept}"
+        last = (f" (the results of its last complete run in {cfg.video_results_dir} are kept as they were)"
+                if (cfg.video_results_dir / "tracks.json").is_file() else "")
+        return f"interrupted: the clip starts over when run again{last}; {kept}"
     if cfg.update and built:  # switched in: what is left is the outputs, which the same command makes
         return (f"interrupted: the updated store in {cfg.store_dir} is in place; run the same command again to "
                 "finish its neighbours, pictures and report (nothing is embedded again)")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -753,13 +755,19 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
     embedder, gallery = load_gallery(cfg, summary)
     detector, segmenter = load_detector(cfg, summary, detector, segmenter)
     run = start_run(cfg, summary, path, embedder, gallery)
-    with summary.stage("clip", "clip (frame loop)"):
-        run.analyse_frames(detector, segmenter)
-        run.finish_video()
-    tracks = run.finish_tracks(summary)
-    results_path = run.write_results(tracks)
+    staging = run.out_dir
+    try:
+        with summary.stage("clip", "clip (frame loop)"):
+            run.analyse_frames(detector, segmenter)
+            run.finish_video()
+        tracks = run.finish_tracks(summary)
+        run.write_results(tracks)
+    except BaseException:  # a stop or a failure midway: the last complete run's results stay, whole
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    out_dir = publish(cfg, run)
+    results_path = out_dir / "results.jsonl"
     run.summarize(summary, tracks)
-    out_dir = run.out_dir
     summary.outputs["frame pictures"] = f"{out_dir}/frame_*.jpg ({run.n_frames})"
     summary.outputs["results"] = str(results_path)
     summary.outputs["tracks"] = str(out_dir / "tracks.json")
@@ -851,23 +859,43 @@ def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedde
         if allowed is not None:
             summary.notes.append(f"--filter {cfg.filter!r}: matches among {int(allowed.sum()):,} of "
                                  f"{len(allowed):,} items")
-    # Only now, with the clip, the index and the flags checked (a refused run leaves the last results
-    # whole), an earlier run's outputs go, all of them, and its report section first: a run that
-    # writes no annotated video, or stops midway, must not leave one that contradicts its own results
-    # beside them, nor a section naming files that are gone
     earlier = read_json_dict(out_dir / "tracks.json").get("source")
     if isinstance(earlier, str) and earlier != printable_name(str(path.resolve())):  # kept by the clip's name alone
         said = (f"{out_dir} held the results of another clip named alike, {earlier}: replaced by this clip's "
                 "(run that clip again to have them back)")
         log.warning(said)
         summary.notes.append(said)
+    # The run writes into a folder of its own, moved into place when it has finished (publish): one
+    # stopped midway leaves the last complete run's results and report section as they were
+    staging = out_dir / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)  # a stopped run's pictures
+    staging.mkdir(parents=True)
+    writer = AnnotatedVideoWriter(staging / "annotated.mp4", clip.fps, clip.small_size) if clip.small_size else None
+    run = VideoRun(cfg, embedder, searcher, staging, thumbs, clip, writer)
+    run.allowed = allowed
+    return run
+
+
+STAGING_DIR = ".partial"  # video_results/<clip>/.partial: a run's outputs until it has finished
+
+
+def publish(cfg: RunConfig, run: VideoRun) -> Path:
+    """A finished run's outputs moved from its staging folder into the clip's folder, in place of an
+    earlier run's (all of them, and its report section first: a run that writes no annotated video
+    must not leave one that contradicts its own results beside them, nor a section naming files that
+    are gone). Returns the clip's folder, which the run then names."""
+    staging = run.out_dir
+    out_dir = staging.parent
     drop_section(cfg.plots_dir, video_section_id(cfg))
     for old in video_outputs(out_dir):
         old.unlink(missing_ok=True)
-    writer = AnnotatedVideoWriter(out_dir / "annotated.mp4", clip.fps, clip.small_size) if clip.small_size else None
-    run = VideoRun(cfg, embedder, searcher, out_dir, thumbs, clip, writer)
-    run.allowed = allowed
-    return run
+    for made in video_outputs(staging):
+        os.replace(made, out_dir / made.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    run.out_dir = out_dir
+    if run.annotated is not None:
+        run.annotated = out_dir / run.annotated.name
+    return out_dir
 
 
 def write_video_section(cfg: RunConfig, summary: RunSummary, run: VideoRun, tracks: list[dict]) -> None:

@@ -262,7 +262,7 @@ class FakeDetector:
         return [persons([[0, 0, 80, 120], [90, 10, 150, 110]], [0.95, 0.6]) for _ in frames]
 
 
-def test_a_rerun_stopped_midway_leaves_no_report_section_naming_files_that_are_gone(
+def test_a_rerun_stopped_or_refused_leaves_the_last_results_and_their_section_whole(
         clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch):
     from pipeline.webreport import read_section
 
@@ -296,9 +296,12 @@ def test_a_rerun_stopped_midway_leaves_no_report_section_naming_files_that_are_g
                 raise KeyboardInterrupt
             return super().detect(frames)
 
+    # a rerun stopped midway (Ctrl-C, SIGTERM): the last complete run's results and section as they were,
+    # and none of the stopped run's pictures beside them (it wrote into a folder of its own)
     monkeypatch.setattr(video, "UltralyticsDetector", Stopped)
     assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q", "--use-embeddings")) == 130
-    assert read_section(out / "outputs", "video_clip_1") is None and "video_clip_1" not in sections.read_text()
+    assert {f.name: f.read_bytes() for f in results.iterdir()} == kept
+    assert (read_section(out / "outputs", "video_clip_1"), sections.read_text()) == section
 
 
 def test_video_end_to_end_with_fake_detector(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch):
