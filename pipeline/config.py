@@ -19,7 +19,9 @@ from .remote import default_work_dir, is_url
 from .store import PARTIAL_DIR
 from .yolo import SegmentSpec
 
-CLIP_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")  # the containers --video_clip finds
+# the containers --video_clip finds by a name without its suffix (a file named whole plays whatever its suffix)
+CLIP_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mts", ".m2ts", ".ts", ".mpg", ".mpeg", ".3gp",
+                 ".wmv", ".flv", ".ogv")
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ from .annotate import AnnotatedVideoWriter, Drawing, draw, output_size
 from .config import CLIP_SUFFIXES, RunConfig, VideoSpec
 from .derived import made_on, video_outputs
 from .embedders import Embedder, make_embedder, on_cuda
-from .errors import PipelineError
+from .errors import PipelineError, UsageError
 from .fileio import atomic_write_text, check_writable, printable_name, read_json_dict
+from .filters import FilterError
 from .galleries import (
     Gallery,
     group_by,
@@ -78,22 +79,29 @@ class Frame:
 
 def find_video(video_dir: Path, clip: str) -> Path:
     """<video_dir>/<clip>.mp4 (or another common container when that is what exists, its suffix in
-    any case: a phone's IMG_1234.MOV); else `clip` as a path to the file itself."""
+    any case: a phone's IMG_1234.MOV; the first in CLIP_SUFFIXES' order when several are, said); else
+    `clip` as a file's name in video_dir, or a path to the file itself, whatever its suffix (a
+    camcorder's .MTS: the decoder says whether it reads it)."""
     direct = video_dir / clip
     if direct.suffix.lower() in CLIP_SUFFIXES and direct.is_file():
         return direct
+    if video_dir.exists() and not video_dir.is_dir() and not Path(clip).is_file():
+        raise UsageError(f"--video_dir {video_dir} is a file, not a folder of clips; give the folder, or the clip's "
+                         "file as --video_clip")
     candidates = [video_dir / f"{clip}{s}" for s in CLIP_SUFFIXES]
-    for c in candidates:
-        if c.is_file():
-            return c
-    named = sorted((p for p in (video_dir.iterdir() if video_dir.is_dir() else ())
-                    if p.stem == clip and p.suffix.lower() in CLIP_SUFFIXES and p.is_file()),
+    folder = direct.parent  # <video_dir>/sub for a clip named sub/a
+    named = sorted({p for p in (folder.iterdir() if folder.is_dir() else ())
+                    if p.stem == direct.name and p.suffix.lower() in CLIP_SUFFIXES and p.is_file()},
                    key=lambda p: (CLIP_SUFFIXES.index(p.suffix.lower()), p.name))
     if named:
+        if len(named) > 1:
+            log.warning("%s are all clip %s: playing %s (give --video_clip the file's whole name to choose "
+                        "another)", ", ".join(p.name for p in named), clip, named[0].name)
         return named[0]
     own = Path(clip)  # a path to the clip itself (videos/clip_1.mp4), from here or absolute
-    if own.suffix.lower() in CLIP_SUFFIXES and own.is_file():
-        return own
+    for given in (direct, own):
+        if given.suffix and given.is_file():
+            return given
     if own.suffix.lower() in CLIP_SUFFIXES or own.is_absolute():
         also = "" if own.is_absolute() else f", nor {video_dir / clip}"
         raise PipelineError(f"video not found: {own}{also}; check --video_clip and --video_dir")
@@ -816,8 +824,12 @@ def load_detector(
 def short_read_note(clip: Clip, frames: int, seconds: float) -> str | None:
     """What a clip that ended well before its container's count says (a file cut short, a copy that
     stopped), so that the frames never analysed are not passed over in silence."""
-    if clip.frames_hint <= 0 or frames >= 0.95 * clip.frames_hint or clip.frames_hint - frames < 2:
+    if clip.frames_hint <= 0 or clip.frames_hint - frames < 2:
         return None
+    if frames >= 0.95 * clip.frames_hint:  # a few lost inside: damaged frames the decoder skipped, said as such
+        return (f"{clip.frames_hint - frames} of the {clip.frames_hint} frames its container announces were not read "
+                "(damaged frames the decoder skipped?): the frame numbers and times after them may be early by as "
+                "many frames")
     length = f" ({seconds:.1f} of {clip.frames_hint / clip.fps:.1f} s)" if clip.fps > 0 else ""
     return (f"the clip ended after {frames} of the {clip.frames_hint} frames its container announces{length}: the "
             f"file may be cut short (an interrupted copy or download); the rest was not analysed")
@@ -856,6 +868,10 @@ def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedde
     if cfg.filter or cfg.group_by:  # every person's and track's matches among the items the filter keeps
         group_by(cfg, with_metadata(cfg, searcher), summary)
         allowed = searcher.allowed(cfg.filter)
+        if allowed is not None and not allowed.any():  # before the clip is decoded: every person would match none
+            raise FilterError(f"--filter {cfg.filter!r} keeps none of the {len(allowed):,} gallery items: no person "
+                              "in the clip could be matched; loosen it (values are compared as written: 'Dress' is not "
+                              "'dress')")
         if allowed is not None:
             summary.notes.append(f"--filter {cfg.filter!r}: matches among {int(allowed.sum()):,} of "
                                  f"{len(allowed):,} items")

@@ -13,7 +13,7 @@ from PIL import Image
 
 import main as cli
 from pipeline import video
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UsageError
 from pipeline.persons import Person, box_iou, person_crop, with_masks
 from pipeline.video import FrameReader
 from pipeline.yolo import yolo_onnx_path
@@ -384,6 +384,14 @@ def test_video_matches_honour_filter_and_group_by(clip_dir, tiny_onnx, tmp_path,
         else:
             assert any(kind[r] == "coat" for rows in found for r in rows)
             assert any(len({product[r] for r in rows}) < 4 for rows in found)  # two photos of a product
+    # a filter that keeps no item: refused before the clip is decoded (every person would match none),
+    # the last results left as they were
+    results = (out / "video_results" / "clip_1" / "results.jsonl").read_bytes()
+    assert cli.main(_video_argv(clip_dir, data, tiny_onnx, out, "--use-embeddings", "--filter",
+                                "category = 'Dress'")) == 2
+    assert ("--filter \"category = 'Dress'\" keeps none of the 16 gallery items: no person in the clip could be "
+            "matched") in capsys.readouterr().err
+    assert (out / "video_results" / "clip_1" / "results.jsonl").read_bytes() == results
 
 
 def test_video_with_yolo_from_yaml(clip_dir, mixed_dataset, tiny_onnx, tmp_path):
@@ -501,6 +509,36 @@ def test_a_clip_is_found_whatever_the_case_of_its_suffix(tmp_path):
     assert find_video(tmp_path / "videos", str(tmp_path / "walk.avi")) == tmp_path / "walk.avi"
     with pytest.raises(PipelineError, match=f"video not found: {tmp_path / 'gone.mp4'}; check --video_clip"):
         find_video(tmp_path / "videos", str(tmp_path / "gone.mp4"))
+    # a camcorder's or a broadcast's container: by its name alone, or whole whatever its suffix
+    (tmp_path / "cam.MTS").write_bytes(b"x")
+    (tmp_path / "feed.xyz").write_bytes(b"x")
+    assert find_video(tmp_path, "cam") == tmp_path / "cam.MTS"
+    assert find_video(tmp_path / "videos", str(tmp_path / "feed.xyz")) == tmp_path / "feed.xyz"
+    assert find_video(tmp_path, "feed.xyz") == tmp_path / "feed.xyz"
+    with pytest.raises(UsageError, match=f"--video_dir {tmp_path / 'walk.avi'} is a file, not a folder of clips"):
+        find_video(tmp_path / "walk.avi", "clip_1")
+
+
+def test_two_files_of_one_clip_name_are_said(tmp_path, caplog):
+    from pipeline.video import find_video
+
+    for name in ("walk.MOV", "walk.avi"):
+        (tmp_path / name).write_bytes(b"x")
+    with caplog.at_level("WARNING"):
+        assert find_video(tmp_path, "walk") == tmp_path / "walk.avi"
+    assert "walk.avi, walk.MOV are all clip walk: playing walk.avi" in caplog.text
+
+
+def test_a_few_frames_lost_inside_a_clip_are_said():
+    """A damaged MJPG lost 3 of 90 frames (the decoder resynchronised) without a word: under 5% the
+    cut-short note stayed silent, and the frame numbers after them were early."""
+    from types import SimpleNamespace
+
+    clip = SimpleNamespace(frames_hint=90, fps=30.0)
+    assert video.short_read_note(clip, 90, 3.0) is None and video.short_read_note(clip, 89, 3.0) is None
+    said = video.short_read_note(clip, 87, 2.9)
+    assert said.startswith("3 of the 90 frames its container announces were not read") and "early" in said
+    assert "cut short" in video.short_read_note(clip, 40, 1.3)
 
 
 def test_video_shorter_than_stride_is_said(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch, capsys):
