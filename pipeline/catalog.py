@@ -698,7 +698,8 @@ def store_embedder_spec(made: VectorIdentity, root: Path, model: str | None, onn
             raise CacheMismatchError(
                 f"the store in {root} was made by an {kind} ONNX file (sha256 {(made.onnx_sha256 or '?')[:12]}…, "
                 f"exported from {made.model}), {why}: pass --onnx FILE (onnx='FILE.onnx' from Python), the file that "
-                "made it, or run from the folder it was exported in (its ./onnx)"
+                f"made it (one an export replaced is kept beside the new one as <name>.{(made.onnx_sha256 or '?')[:12]}"
+                ".onnx)"
             )
         if model is None:
             log.info("%s: the store was made by %s: its queries are embedded with it", root, found)

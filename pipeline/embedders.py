@@ -85,6 +85,7 @@ class Embedder(Protocol):
     dim: int
     identity: VectorIdentity
     lanes: int = 1
+    source_file: Path | None = None  # the file it runs (an ONNX file), which a summary names; None: a model's
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """Args: pixels float32 (B, 3, H, W), RGB. Returns: float32 (B, D), unit L2 norm per row."""
@@ -348,11 +349,16 @@ class OnnxEmbedder(SlicedEmbedder):
         except ImportError as e:  # pragma: no cover - depends on the install
             raise PipelineError("the ONNX backend needs onnxruntime: pip install onnxruntime") from e
         path = Path(path)
+        if path.is_dir():  # a model's folder, or the folder of the exports: "make it" there would be refused too
+            inside = sorted(p.name for p in path.glob("*.onnx"))[:6]
+            raise PipelineError(f"--onnx {path} is a folder: pass an ONNX file"
+                                + (f" in it ({', '.join(inside)})" if inside else
+                                   "; a model's folder is given as --model"))
         if not path.is_file():
             model = f" --model {model_hint}" if model_hint else ""  # the file of the model asked for, not the default's
             raise PipelineError(f"ONNX file {path} not found. Make it with: python main.py --export-onnx{model} --onnx "
                                 f"{path}")
-        self.path = path
+        self.path = self.source_file = path
         self._providers = self._text_providers = _providers_for(ort, device)  # the fp32 text tower may use the GPU
         if device == "auto" and "CUDAExecutionProvider" in self._providers and written_for_the_cpu(file_metadata(path)):
             # its int8 GEMMs have no CUDA kernel: they would run on the CPU anyway, with copies at every layer

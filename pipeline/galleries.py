@@ -291,7 +291,7 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
             cache = load_gallery_cache(cfg, identity=embedder.identity if embedder is not None
                                        else store_identity_if_default(cfg))
         log.info("loaded %d embeddings from %s", len(cache.embeddings), cfg.store_dir)
-        summary.model = cache.sidecar.identity.label()
+        summary.model = model_said(cache.sidecar.identity, embedder)
         gallery = Gallery(cache.embeddings, cache.rows, embedder)
         said = dataset_changed(cache.sidecar)
         if said:
@@ -313,7 +313,7 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
             gallery = update_gallery(cfg, summary, embedder)
         else:
             gallery = build(cfg, summary, embedder)
-        summary.model = store_model(cfg.store_dir)  # as the sidecar just written records it
+        summary.model = store_model(cfg.store_dir, gallery.embedder)  # as the sidecar just written records it
         if not cfg.images_url:  # hashed now (just written: read back from the page cache), so later loads hash none
             with summary.stage("verify image files"):
                 verify_images(cfg.store_dir, cfg.images_dir, gallery.rows)
@@ -340,12 +340,20 @@ def check_gallery_filter(text: str, schema: Any) -> None:
     Filter.parse(text, schema)
 
 
-def store_model(store_dir: Path) -> str:
+def store_model(store_dir: Path, embedder: Embedder | None = None) -> str:
     """What made a store's vectors, for the run's summary ("" when its sidecar cannot be read)."""
     try:
-        return Sidecar.read(store_dir / SIDECAR_FILE).identity.label()
+        return model_said(Sidecar.read(store_dir / SIDECAR_FILE).identity, embedder)
     except (OSError, ValueError, KeyError, PipelineError):
         return ""
+
+
+def model_said(made: VectorIdentity, embedder: Embedder | None) -> str:
+    """What made the vectors, for the run's summary, with the file that ran where it is the one that
+    made them (two exports of one model differ only by their files: "…/clip (onnx, …), edge/m.onnx")."""
+    file = embedder.source_file if embedder is not None else None
+    ran = file is not None and embedder is not None and embedder.identity.onnx_sha256 == made.onnx_sha256
+    return made.label() + (f", {file}" if ran else "")
 
 
 def check_gallery_group_by(column: str, schema: Any) -> None:
@@ -780,7 +788,7 @@ def open_catalog(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
         embedder = embedder or make_embedder(_search_embedder(cfg))
     with summary.stage("load cache"):
         cache = load_gallery_cache(cfg, identity=embedder.identity)
-    summary.model = cache.sidecar.identity.label()  # every search mode's summary says what made the vectors
+    summary.model = model_said(cache.sidecar.identity, embedder)  # every search mode's: what made the vectors
     with summary.stage("load index"):
         searcher = open_searcher(cfg, cache.embeddings, cache.embedded_rows, gpu=on_cuda(embedder),
                                  made_by=cache.sidecar)

@@ -102,7 +102,7 @@ class OpenVinoEmbedder(SlicedEmbedder):
         path = Path(path)
         if not path.is_file():
             raise PipelineError(f"ONNX file {path} not found. Make it with: python main.py --export-onnx --onnx {path}")
-        self.path = path
+        self.path = self.source_file = path
         self.device = "cpu"
         self.lanes = max(1, threads or available_cores())
         try:

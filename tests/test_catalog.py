@@ -459,7 +459,8 @@ def test_a_store_made_by_the_onnx_file_is_searched_with_it_when_opened_with_its_
     assert opened.neighbours(0, k=2)[0].row != 0
     with pytest.raises(CacheMismatchError, match=r"made by an int8 ONNX file \(sha256 [0-9a-f]{12}…, exported from "
                        r".*\), found neither at the default --onnx .* pass --onnx FILE \(onnx='FILE.onnx' from "
-                       r"Python\), the file that made it, or run from the folder it was exported in"):
+                       r"Python\), the file that made it \(one an export replaced is kept beside the new one as "
+                       r"<name>\.[0-9a-f]{12}\.onnx\)"):
         opened.search_text("red")
     capsys.readouterr()
     assert cli.main(["--query-text", "red", "--output-dir", str(out)]) == 1

@@ -130,7 +130,7 @@ def test_a_build_finds_the_planted_copies_and_nothing_else(tiny_onnx, tmp_path, 
     # a build's summary names the model that made the vectors, as the ONNX file records it, and how it ran
     made = {p.key: p.value for p in onnx.load(str(tiny_onnx), load_external_data=False).metadata_props}
     source, precision = made["fashion_pipeline.source_model"], made["fashion_pipeline.precision"]
-    assert f"\nmodel:    {source} (onnx, onnx-{precision})\n" in said
+    assert f"\nmodel:    {source} (onnx, onnx-{precision}), {tiny_onnx}\n" in said  # and the file that ran
     report = (out / "outputs" / "report" / "sections" / "gallery.js").read_text()
     assert '"duplicates":{"groups":4,"photos":11,"csv":"duplicates.csv"' in report
 

@@ -153,3 +153,15 @@ def test_sharded_or_oddly_named_weights_are_hashed_so_changed_weights_refuse_the
     sha = model_weights_sha256(str(odd))
     (odd / "weights.bin").write_bytes(b"two")
     assert sha and model_weights_sha256(str(odd)) not in ("", sha)
+
+
+def test_a_folder_given_as_the_onnx_file_is_said_with_the_files_in_it(tiny_onnx, tmp_path):
+    """--onnx FOLDER was told "not found. Make it with --export-onnx --onnx FOLDER", itself refused."""
+    from pipeline.embedders import OnnxEmbedder
+
+    with pytest.raises(PipelineError, match=f"--onnx {tiny_onnx.parent} is a folder: pass an ONNX file in it "
+                                            f"\\(.*{tiny_onnx.name}"):
+        OnnxEmbedder(tiny_onnx.parent)
+    with pytest.raises(PipelineError, match="is a folder: pass an ONNX file; a model's folder is given as --model"):
+        OnnxEmbedder(tmp_path)
+    assert OnnxEmbedder(tiny_onnx).source_file == tiny_onnx  # what a run's summary names
