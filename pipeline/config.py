@@ -303,12 +303,17 @@ def onnx_of_another_model_named(cfg: RunConfig) -> str | None:
     """--model and --onnx both typed, the file exported from another model: the file makes the
     vectors (and the store records its model), so the --model typed goes unused; what to say."""
     spec = cfg.embedder
-    if ("model" not in cfg.explicit or "onnx" not in cfg.explicit or cfg.export.enabled or cfg.evaluate.models
-            or spec.resolve_backend() != "onnx"):
+    if ("model" not in cfg.explicit or not {"onnx", "backend"} & cfg.explicit or cfg.export.enabled
+            or cfg.evaluate.models or spec.resolve_backend() != "onnx"):
         return None
     made_from = onnx_of_another_model(spec)
     if made_from is None:
         return None
+    if "onnx" not in cfg.explicit:  # --backend onnx --model X: the default file, which another model made
+        return (f"--model {spec.model} is not the model the default --onnx {spec.onnx} was exported from "
+                f"({made_from}): with --backend onnx the file makes the vectors, so {made_from} is what this run "
+                f"uses and records; run {spec.model} itself with --backend torch, or export it with --export-onnx "
+                f"--model {spec.model} --onnx FILE and pass that file")
     return (f"--model {spec.model} is not the model --onnx {spec.onnx} was exported from ({made_from}): the file "
             f"makes the vectors, so {made_from} is what this run uses and records; drop --model, or export "
             f"{spec.model} with --export-onnx --model {spec.model} --onnx FILE and pass that file")

@@ -143,7 +143,20 @@ _BEFORE: tuple[Check, ...] = (
         "or drop --use-embedded-segment to rebuild it",
     ),
 )
+# What only a build of the store uses: a mode that reads a store (--query-*, --serve, --export) would ignore it
+_BUILD_OPTIONS = frozenset({"shard_rows", "fresh", "meta_columns"})
+
 _AFTER: tuple[Check, ...] = (
+    (
+        lambda c: c.searches_only and bool(_BUILD_OPTIONS & c.explicit),
+        "{build_flags} {build_verb} how a gallery run builds its store; {mode_flag} reads the store as it was built, "
+        "so it would ignore {build_them}: drop {build_them}, or give {build_them} to the gallery run",
+    ),
+    (
+        lambda c: c.searches_only and c.index not in ("auto", "none"),
+        "--index {index} is built by a gallery run (python main.py --index {index}); {mode_flag} searches with the "
+        "index beside the store, or exactly with --index none",
+    ),
     (
         lambda c: c.dataset.config is not None and Path(c.dataset.name).exists(),
         "--config picks a configuration of a hub dataset; --dataset {dataset} is a local folder or file, read as it "
@@ -211,6 +224,12 @@ _AFTER: tuple[Check, ...] = (
         "(or --backend onnx), or drop --onnx-runtime",
     ),
     (
+        lambda c: "onnx" in c.explicit and c.embedder.backend == "torch" and not c.export.enabled
+        and not c.evaluate.enabled,
+        "--onnx names a file to run, and --backend torch runs --model itself, leaving the file unused: drop one "
+        "(--backend onnx or no --backend runs the file)",
+    ),
+    (
         lambda c: c.embedder.runtime != ONNXRUNTIME and c.embedder.device == "cuda",
         "--onnx-runtime {runtime} runs the file on the CPU: drop --device cuda (onnxruntime-gpu runs it on the GPU)",
     ),
@@ -238,7 +257,10 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
               "runtime": cfg.embedder.runtime,
               "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag,
               "search_verb": "change" if sum(bool(on) for _, on in shaping) > 1 else "changes",
-              "quantization": cfg.export.quantization, "dataset": cfg.dataset.name,
+              "quantization": cfg.export.quantization, "dataset": cfg.dataset.name, "index": cfg.index,
+              "build_flags": spell(set(_BUILD_OPTIONS & cfg.explicit)),
+              "build_verb": "says" if len(_BUILD_OPTIONS & cfg.explicit) == 1 else "say",
+              "build_them": "it" if len(_BUILD_OPTIONS & cfg.explicit) == 1 else "them",
               # --evaluate takes --filter and --group-by but refuses --dedup (its own check above).
               "searches": ", ".join(("queries", "neighbours") + (() if cfg.dedup else ("--evaluate",))
                                     + ("--serve", "--video_clip", "the Python API"))}

@@ -289,6 +289,12 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
         # a flag cut short is not taken for the one it begins: a flag added later could change its meaning
         (["--lim", "5"], "unrecognized arguments: --lim 5; --lim: did you mean --limit?"),
         (["--top-k", "30000000"], "argument --top-k: must be <= 1000, got 30000000"),
+        # what only a build uses, given to a mode that reads the store (it was ignored without a word)
+        (["--query-text", "a", "--shard-rows", "8"], "--shard-rows says how a gallery run builds its store; "
+                                                      "--query-image/--query-text reads the store as it was built"),
+        (["--serve", "--fresh", "--meta-columns", "x"], "--fresh, --meta-columns say how a gallery run builds"),
+        (["--query-text", "a", "--index", "hnsw"], "--index hnsw is built by a gallery run"),
+        (["--backend", "torch", "--onnx", "m.onnx"], "--onnx names a file to run, and --backend torch runs --model"),
     ],
 )
 def test_bad_flags_exit_2(args, message, capsys):
@@ -359,7 +365,9 @@ def test_an_onnx_file_named_but_missing_is_reported_not_replaced(tmp_path, mixed
     assert run(*args, "--onnx", absent) == 1
     assert f"ONNX file {absent} not found" in capsys.readouterr().err
     assert not (tmp_path / "out" / "embeddings" / "embeddings.npy").exists()
-    assert run(*args, "--onnx", absent, "--backend", "torch", "--limit", "4") in (0, 3)  # asked for: ignored
+    # with --backend torch the file would go unused: refused, not ignored without a word
+    assert run(*args, "--onnx", absent, "--backend", "torch", "--limit", "4") == 2
+    assert "--onnx names a file to run, and --backend torch runs --model itself" in capsys.readouterr().err
 
 
 def test_missing_dataset_column_message(tmp_path, mixed_dataset, tiny_clip, capsys):

@@ -962,7 +962,8 @@ def test_evaluation_counts_the_rows_without_a_product_among_those_the_filter_kee
     assert "without a value" not in notes(filter="collection = 'X'")
 
 
-def test_a_model_typed_beside_an_onnx_file_of_another_model_is_said_unused(tiny_onnx, tiny_clip, tmp_path, capsys):
+def test_a_model_typed_beside_an_onnx_file_of_another_model_is_said_unused(tiny_onnx, tiny_clip, tmp_path, capsys,
+                                                                           monkeypatch):
     other = assets.save_tiny_clip(tmp_path / "other", seed=1)
     data = assets.write_parquet_dataset(tmp_path / "data", [assets.jpeg_bytes(64, 80, seed=s) for s in range(4)])
     common = ["--dataset", str(data), "--onnx", str(tiny_onnx), "--limit", "0", "--max-result-images", "0"]
@@ -976,6 +977,20 @@ def test_a_model_typed_beside_an_onnx_file_of_another_model_is_said_unused(tiny_
     assert made["model"] == str(tiny_clip)  # the file's model: what made the vectors
     assert cli.main([*common, "--model", str(tiny_clip), "--output-dir", str(tmp_path / "b")]) == 0
     assert "is not the model" not in " ".join(capsys.readouterr().err.split())
+    # --backend onnx with the default file, exported from another model: said too (it ran without a word)
+    import shutil
+
+    from pipeline.embedders import EmbedderSpec
+
+    here = tmp_path / "here"
+    (here / EmbedderSpec().onnx).parent.mkdir(parents=True)
+    shutil.copy(tiny_onnx, here / EmbedderSpec().onnx)
+    monkeypatch.chdir(here)
+    assert cli.main(["--dataset", str(data), "--backend", "onnx", "--model", str(other), "--limit", "0",
+                     "--max-result-images", "0", "--output-dir", str(tmp_path / "c")]) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert (f"--model {other} is not the model the default --onnx {EmbedderSpec().onnx} was exported from "
+            f"({tiny_clip}): with --backend onnx the file makes the vectors") in said
 
 
 def test_same_product_counts_a_photos_byte_identical_copy_as_that_photo(tmp_path, monkeypatch, capsys):
