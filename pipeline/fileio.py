@@ -255,8 +255,9 @@ class OutputLock:
 
     NAME = ".pipeline.lock"
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, flag: str = "--output-dir") -> None:
         self.path = Path(folder) / self.NAME
+        self.flag = flag  # what chose the folder, named when it cannot be written
         self.fd: int | None = None
 
     def __enter__(self) -> OutputLock:
@@ -264,7 +265,7 @@ class OutputLock:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             return self
-        check_writable(self.path.parent)
+        check_writable(self.path.parent, self.flag)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -510,6 +511,10 @@ def check_writable(path: str | Path, flag: str = "--output-dir", remedy: str = "
     """Create `path` if needed and prove a file can be written there; PipelineError otherwise,
     saying to choose another with `flag` (or what `remedy` says)."""
     path = Path(path)
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # "not writable: File exists" said nothing of the file in the way
+        where = "is a file" if blocking == path else f"is under {blocking}, a file"
+        raise PipelineError(f"output folder {path} {where}, not a folder. {remedy or f'Choose a folder with {flag}.'}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=path)

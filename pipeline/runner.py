@@ -157,7 +157,9 @@ def output_session(cfg: RunConfig) -> Iterator[None]:
             "A search writes its results there (retrieval_results/queries/ and the report): copy the folder where "
             f"you can write, or search it where it is with --serve or Catalog.open('{cfg.output_dir}'), which write "
             "nothing"))
-    with removed_if_left_empty(layout), OutputLock(cfg.output_dir):
+    # with a URL output, the working copy is the folder written: --work-dir's (or its default's)
+    flag = "--work-dir" if cfg.output_url else "--output-dir"
+    with removed_if_left_empty(layout), OutputLock(cfg.output_dir, flag):
         removed = sum(remove_temp_leftovers(p) for p in cfg.owned_folders())
         if removed:
             log.info("removed %d temp file(s) left by an interrupted run in %s", removed, cfg.output_dir)

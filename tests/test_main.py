@@ -355,7 +355,11 @@ def test_unwritable_output_dir_is_refused_before_work(tmp_path, tiny_clip, capsy
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert run("--dataset", tmp_path, "--model", tiny_clip, "--output-dir", blocker / "sub") == 1
-    assert "not writable" in capsys.readouterr().err
+    # the file in the way named ("not writable: File exists" said nothing of it)
+    assert (f"output folder {blocker / 'sub'} is under {blocker}, a file, not a folder. Choose a folder with "
+            "--output-dir.") in capsys.readouterr().err
+    assert run("--dataset", tmp_path, "--model", tiny_clip, "--output-dir", blocker) == 1
+    assert f"output folder {blocker} is a file, not a folder." in capsys.readouterr().err
 
 
 def test_an_onnx_file_named_but_missing_is_reported_not_replaced(tmp_path, mixed_dataset, tiny_clip, capsys):
