@@ -264,14 +264,17 @@ def test_a_changed_embedder_is_refused(tiny_onnx, tiny_clip, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "was embedded differently from what is asked" in err
     assert "backend: cache has 'onnx', asked for 'torch'" in err
-    assert "building afresh: run without --update" in err
+    # with the store's dataset flags, which the update took from it (the build would read the hub's otherwise)
+    assert f"building afresh: run without --update, with the dataset flags that built it: --dataset {data} --limit 0." \
+        in " ".join(err.split())
     # what made it, named: the flags, or none of them
     assert "It was made with --backend onnx --onnx FILE (the file whose sha256 is" in err  # not in ./onnx here
     assert (out / "embeddings" / "embeddings.json").read_bytes() == before
+    assert "or leave out --backend, --model (an update then embeds with the store's own)." in " ".join(err.split())
+    # --onnx beside --backend torch: the file would go unused, refused before anything is read
     assert run("--dataset", data, "--model", tiny_clip, "--backend", "torch", "--output-dir", out, "--update",
-               "--onnx", tiny_onnx) == 1
-    assert f"It was made with --backend onnx --onnx {tiny_onnx}: ask for that, or leave out --backend, --model, " \
-           "--onnx (an update then embeds with the store's own)." in " ".join(capsys.readouterr().err.split())
+               "--onnx", tiny_onnx) == 2
+    assert "--onnx names a file to run, and --backend torch runs --model itself" in capsys.readouterr().err
 
 
 def test_an_embedder_that_makes_its_pixels_otherwise_is_refused_before_it_embeds(tiny_clip, tmp_path, capsys):
