@@ -215,6 +215,10 @@ def load_hint(model: str) -> str:
         return (f"{model} is a folder but not a model's: a transformers model folder has config.json and its "
                 f"weights (model.safetensors), an open_clip one open_clip_config.json; this one has "
                 f"{', '.join(names) or 'nothing'}{' ...' if len(names) == 8 else ''}.")
+    if folder.is_file() and not model.startswith("open_clip:"):  # a weights file: its folder is the model
+        return (f"{model} is a file: --model takes the model's folder ({folder.parent}, if it holds config.json), "
+                "or open_clip:ARCH:FILE for an open_clip checkpoint (e.g. open_clip:ViT-B-32:"
+                f"{model}).")
     if not model.startswith("open_clip:") and (
             re.fullmatch(r"(hf-hub:)?[\w-][\w.-]*(/[\w.-]+)?", model) is None or ".." in model):
         return f"{model} is neither an existing folder nor a hub id like 'owner/name': check the path."

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,22 @@ def text_onnx_path_for(image_onnx: str | Path) -> Path:
 def tokenizer_path_for(text_onnx: str | Path) -> Path:
     p = Path(text_onnx)
     return p.with_name(p.stem.replace("_fp32", "") + "_tokenizer.json")
+
+
+# What a checkpoint of another architecture says as it loads (open_clip's asserts, torch's load_state_dict)
+_OTHER_SHAPES = re.compile(r"size mismatch|width changed|Missing key\(s\)|Unexpected key\(s\)|shape mismatch")
+
+
+def weights_unread(model: str, e: Exception) -> str:
+    """Why a model's weights did not load: shapes of another architecture (open_clip:ARCH:FILE with
+    the wrong ARCH, a config.json of another size), or a file damaged or cut short."""
+    said = f"cannot load model {model!r}: its weights "
+    if isinstance(e, AssertionError) or _OTHER_SHAPES.search(str(e)):
+        return (said + f"do not fit its architecture ({type(e).__name__}: {first_line(e)}): they are of another "
+                "model; with open_clip:ARCH:FILE, ARCH must be the checkpoint's own (its training config says "
+                "which), and a folder's config.json must be its weights' own")
+    return said + (f"cannot be read ({type(e).__name__}: {first_line(e)}): a file damaged or cut short; download "
+                   "or save it again")
 
 
 class Embedder(Protocol):
@@ -716,8 +733,7 @@ class TorchEmbedder(Embedder):
         except OSError as e:
             raise PipelineError(f"cannot load model {model!r}: {first_line(e)} {load_hint(model)}") from e
         except Exception as e:  # noqa: BLE001 - damaged weights: safetensors', torch's unpickling errors and others
-            raise PipelineError(f"cannot load model {model!r}: its weights cannot be read ({type(e).__name__}: "
-                                f"{first_line(e)}): a file damaged or cut short; download or save it again") from e
+            raise PipelineError(weights_unread(model, e)) from e
         if self.precision != "int8":
             self.model.to(self.device)
         self._torch = torch

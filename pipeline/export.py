@@ -70,6 +70,7 @@ from .embedders import (
     text_context,
     text_onnx_path_for,
     tokenizer_path_for,
+    weights_unread,
 )
 from .errors import PipelineError, first_line
 from .fileio import link_or_copy, remove_abandoned, sha256_file, waiting_lock
@@ -268,6 +269,8 @@ class _ImageExport:
             self.clip = self.family.load(model, attn_implementation="eager").eval()
         except OSError as e:
             raise PipelineError(f"cannot load model {model!r}: {first_line(e)} {load_hint(model)}") from e
+        except Exception as e:  # noqa: BLE001 - weights of another architecture, or damaged: said as a run says them
+            raise PipelineError(weights_unread(model, e)) from e
         self.prep = preprocess_config_of(model, self.clip)
         self.tower = image_tower(self.clip)
         self.external = False  # weights in a .data file beside the fp32 file (export_fp32)

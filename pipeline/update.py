@@ -429,12 +429,12 @@ def _check_embedder(cfg: RunConfig, old: GalleryCache, made: VectorIdentity | No
                 hint += (f", or leave out {', '.join(f'--{f}' for f in sorted(typed))} (an update then embeds "
                          "with the store's own)")
             hint += "."
-        flags = store_dataset_flags(cfg)  # an update took them from the store: a build without it needs them typed
+        built_from = store_dataset_flags(cfg)  # an update took them from the store: a build without it needs them
         raise PipelineError(
             f"{cfg.store_dir} was embedded differently from what is asked:\n  " + "\n  ".join(problems)
             + f"\nAn update reuses the vectors the store has, so it needs the embedder that made them.{hint} A new "
             "embedder (model, backend, precision, preprocessing) means building afresh: run without --update"
-            + (f", with the dataset flags that built it: {flags}" if flags else "") + "."
+            + (f", with the dataset flags that built it: {built_from}" if built_from else "") + "."
         )
 
 

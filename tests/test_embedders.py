@@ -165,3 +165,22 @@ def test_a_folder_given_as_the_onnx_file_is_said_with_the_files_in_it(tiny_onnx,
     with pytest.raises(PipelineError, match="is a folder: pass an ONNX file; a model's folder is given as --model"):
         OnnxEmbedder(tmp_path)
     assert OnnxEmbedder(tiny_onnx).source_file == tiny_onnx  # what a run's summary names
+
+
+def test_weights_of_another_architecture_are_not_called_damaged(tmp_path):
+    """open_clip:ViT-B-32:FILE with a checkpoint of another size asserted 'text pos_embed width changed!',
+    said as 'a file damaged or cut short; download it again'; a weights file given as --model was told
+    to check its path."""
+    from pipeline.backends import load_hint
+    from pipeline.embedders import weights_unread
+
+    for e in (AssertionError("text pos_embed width changed!"),
+              RuntimeError("Error(s) in loading state_dict for CLIP:\n\tsize mismatch for visual.proj")):
+        said = weights_unread("open_clip:ViT-B-32:/w/tiny.bin", e)
+        assert "its weights do not fit its architecture" in said and "ARCH must be the checkpoint's own" in said
+        assert "damaged" not in said
+    said = weights_unread("/m", OSError("Error while deserializing header: HeaderTooLarge"))
+    assert "cannot be read (OSError: Error while deserializing header" in said and "damaged or cut short" in said
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x")
+    assert load_hint(str(weights)).startswith(f"{weights} is a file: --model takes the model's folder ({tmp_path}")
