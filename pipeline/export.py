@@ -194,6 +194,7 @@ def export_onnx(
     quantization: str = "static",
     calibration_images: Sequence[Image.Image] | None = None,
     profile: str = "auto",
+    threads: int = 0,
 ) -> ExportReport:
     """Export, quantize and verify; files appear at their final paths only if verification passes.
 
@@ -208,6 +209,7 @@ def export_onnx(
             are not the verification set); gallery images give the best ranges.
         profile: the static CPU graph for which CPU kind (INT8_PROFILES; "auto": this CPU's,
             `int8_profile`); the tower decides the graph (int8graph.static_graph).
+        threads: the threads the files' speed is measured with (--threads; 0: every core).
     Raises:
         PipelineError: the export, quantization or verification failed (nothing is left behind).
     """
@@ -219,7 +221,7 @@ def export_onnx(
         job.torch_steps(images)  # everything torch is needed for, then the model is let go
         job.quantize(calibration_images)
         report, records = job.verify()
-        report.speed_lines = job.speed()
+        report.speed_lines = job.speed(threads)
         if quantization == "static":  # the others have one graph for every CPU
             report.profile, report.graph = job.profile, job.graph
         job.write(report, records)
@@ -406,13 +408,14 @@ class _ImageExport:
             raise PipelineError("ONNX export failed verification; no file was written:\n" + "\n".join(report.lines()))
         return report, records
 
-    def speed(self) -> list[str]:
+    def speed(self, threads: int = 0) -> list[str]:
         """Both verified files on this CPU (onnxspeed.measure_export), the int8 one as a CPU session
-        will run it; a failed measurement is said in its line and fails nothing."""
+        will run it, on `threads` (0: every core); a failed measurement is said in its line and
+        fails nothing."""
         try:
             meta = {META_INT8_RECIPE: self.recipe}  # written into the file only later
             lines = measure_export(cpu_model(self.tmp_int8, meta) or self.tmp_int8, self.tmp_fp32,
-                                   dynamic=self.quantization == "dynamic").lines()
+                                   dynamic=self.quantization == "dynamic", threads=threads).lines()
         except Exception as e:  # onnxruntime raises many types; the files themselves are verified
             log.warning("could not measure the exported files' speed: %s: %s", type(e).__name__, first_line(e))
             return [f"speed on this CPU not measured ({type(e).__name__}: {first_line(e)})"]

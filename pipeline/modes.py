@@ -99,6 +99,9 @@ MODES: tuple[Mode, ...] = (
                  (lambda c: "output_dir" in c.explicit, _EXPORT_WRITES_ONNX),
                  (lambda c: "int8_profile" in c.explicit and c.export.quantization != "static", _PROFILE_IS_STATIC),
                  (lambda c: bool({"precision", "backend"} & c.explicit), _EXPORT_TAKES_NO_PRECISION),
+                 (lambda c: c.embedder.device == "cuda",
+                  "--export-onnx exports, quantizes and verifies on the CPU, for the CPU: drop --device cuda (a "
+                  "GPU runs the file with onnxruntime-gpu, or the model itself with --backend torch)"),
                  (lambda c: "onnx_runtime" in c.explicit,
                   "--export-onnx writes the file, which every runtime reads; --onnx-runtime says what runs it: give "
                   "it to the runs that embed with the file")),

@@ -183,13 +183,13 @@ class CpuSpeed:
 
 
 def measure_export(int8_model: str | bytes | Path, fp32_path: Path, batch: int = 32,
-                   seconds: float = 0.5, dynamic: bool = False) -> CpuSpeed:
+                   seconds: float = 0.5, dynamic: bool = False, threads: int = 0) -> CpuSpeed:
     """The int8 model (a path, or the bytes of the graph a CPU session runs) against the fp32 file,
-    one session each on every core; then whether the int8 model gives a picture alone what it
-    gives it in the batch, and its kernel time by op type."""
+    one session each on `threads` (0: every core); then whether the int8 model gives a picture
+    alone what it gives it in the batch, and its kernel time by op type."""
     import onnxruntime as ort
 
-    threads = available_cores()
+    threads = threads or available_cores()
     opts = _session_options(ort, threads)
     model = str(int8_model) if isinstance(int8_model, Path) else int8_model
     sessions = {

@@ -776,6 +776,7 @@ def _run_export(cfg: RunConfig, sample_rows: int) -> RunSummary:
             quantization=cfg.export.quantization,
             calibration_images=calibration,
             profile=cfg.export.int8_profile,
+            threads=cfg.embedder.threads,
         )
     summary.notes.extend(report.lines())
     summary.count("verification images", report.images)

@@ -122,7 +122,7 @@ def test_the_export_times_the_int8_file_as_a_cpu_session_will_run_it(quantizatio
 
     real = export.measure_export
     monkeypatch.setattr(export, "measure_export", measure)
-    r = export.export_onnx(str(tiny_clip), tmp_path / "s_int8.onnx", quantization=quantization)
+    r = export.export_onnx(str(tiny_clip), tmp_path / "s_int8.onnx", quantization=quantization, threads=1)
     [(int8_model, fp32_path)] = seen
     # the verified files in the export's own folder, before they are moved into place
     assert fp32_path.parent.parent == tmp_path and fp32_path.parent.name.startswith(".s_int8.export-")
@@ -132,7 +132,7 @@ def test_the_export_times_the_int8_file_as_a_cpu_session_will_run_it(quantizatio
     else:  # QDQ, which has no MatMulIntegerToFloat: the graph a CPU session rewrites it into
         assert isinstance(int8_model, bytes)
         assert "MatMulIntegerToFloat" in {n.op_type for n in onnx.load_from_string(int8_model).graph.node}
-    assert r.speed_lines[0].startswith(f"on this CPU, {cpu_label()}, batch 32")
+    assert r.speed_lines[0].startswith(f"on this CPU, {cpu_label()}, batch 32, 1 thread(s)")  # --threads 1's
 
 
 def test_a_failed_speed_measurement_is_said_and_fails_nothing(tiny_clip, tmp_path, monkeypatch, caplog):
