@@ -45,7 +45,7 @@ from .searcher import Hit, Searcher
 from .store import ThumbnailReader, shown_name
 from .tracking import Tracker
 from .webreport import Section, drop_section, relative_link, write_section
-from .yolo import ULTRALYTICS_MAX_DET, UltralyticsDetector
+from .yolo import ULTRALYTICS_MAX_DET, UltralyticsDetector, check_yolo_name
 
 log = logging.getLogger(__name__)
 
@@ -759,6 +759,8 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
         log.warning(said)
         summary.notes.append(said)
     open_video(path).close()  # fail on an unreadable file before any model is loaded
+    if detector is None and "det_model" in cfg.explicit:  # a path mistyped: said before the gallery is embedded
+        check_yolo_name(video.det_model)
     check_writable(cfg.video_results_dir)
     embedder, gallery = load_gallery(cfg, summary)
     detector, segmenter = load_detector(cfg, summary, detector, segmenter)

@@ -99,14 +99,10 @@ def _import_ultralytics():
     return YOLO
 
 
-def load_yolo(model: str, task: str, named: str | None = None):
-    """Load Ultralytics weights (.pt), a model yaml (random weights), or an exported .onnx.
-
-    A bare name such as yolov8l-seg.pt is fetched by Ultralytics on first use (needs network);
-    the error says how to pass a local file instead. named: what the user passed, when `model` is
-    its cached ONNX export (a refusal names that, not a file they never typed).
-    """
-    YOLO = _import_ultralytics()
+def check_yolo_name(model: str) -> None:
+    """What can be known of YOLO weights without loading them (a run checks its --det-model before it
+    embeds a gallery): a local file or folder that is there and can be weights, or a bare name
+    Ultralytics may fetch; PipelineError otherwise."""
     local = Path(model)
     # A bare *.yaml name is one of Ultralytics' bundled model configs: no download needed.
     if not local.exists() and not model.endswith(".yaml") and (os.sep in model or os.environ.get("YOLO_OFFLINE")):
@@ -122,6 +118,17 @@ def load_yolo(model: str, task: str, named: str | None = None):
         hint = ", the weights file in it" if local.is_dir() else ""
         raise PipelineError(f"YOLO model {model!r} is {what}, not YOLO weights: pass a .pt, .onnx or model .yaml "
                             f"file{hint}")
+
+
+def load_yolo(model: str, task: str, named: str | None = None):
+    """Load Ultralytics weights (.pt), a model yaml (random weights), or an exported .onnx.
+
+    A bare name such as yolov8l-seg.pt is fetched by Ultralytics on first use (needs network);
+    the error says how to pass a local file instead. named: what the user passed, when `model` is
+    its cached ONNX export (a refusal names that, not a file they never typed).
+    """
+    check_yolo_name(model)
+    YOLO = _import_ultralytics()
     # Its own task: a checkpoint's or a yaml's Ultralytics reads; an export's, its metadata (which
     # Ultralytics before 8.4 does not read, guessing from the file's name); an ONNX file that records
     # none is taken as asked

@@ -295,7 +295,7 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
         (["--serve", "--fresh", "--meta-columns", "x"], "--fresh, --meta-columns say how a gallery run builds"),
         (["--query-text", "a", "--index", "hnsw"], "--index hnsw is built by a gallery run"),
         (["--backend", "torch", "--onnx", "m.onnx"], "--onnx names a file to run, and --backend torch runs --model"),
-        (["--export-onnx", "--device", "cuda"], "--export-onnx exports, quantizes and verifies on the CPU, for the CPU"),
+        (["--export-onnx", "--device", "cuda"], "--export-onnx exports, quantizes and verifies on the CPU"),
     ],
 )
 def test_bad_flags_exit_2(args, message, capsys):

@@ -1142,3 +1142,17 @@ def test_a_matroska_clip_whose_sound_runs_longer_is_counted_by_its_video(tmp_pat
     list(reader)
     assert clip.frames_hint == 30 and reader.frames_read == 30
     assert video.short_read_note(clip, reader.frames_read, reader.seconds) is None
+
+
+def test_a_det_model_that_is_not_there_is_said_before_the_gallery_is_embedded(clip_dir, mixed_dataset, tiny_onnx,
+                                                                              tmp_path, monkeypatch, capsys):
+    """A mistyped --det-model was found after the gallery was embedded (minutes on 10,000 rows)."""
+
+    def no_gallery(*args, **kwargs):
+        raise AssertionError("the gallery was opened before --det-model was checked")
+
+    monkeypatch.setattr(video, "open_gallery", no_gallery)
+    for model, said in ((tmp_path / "nope.pt", "not found locally"), (clip_dir, "is a folder, not YOLO weights")):
+        assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, tmp_path / "o", "--det-model",
+                                    str(model))) == 1
+        assert f"YOLO model {str(model)!r} {said}" in capsys.readouterr().err
