@@ -238,12 +238,18 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
                 "(the working copy) that made it, which sends the rest; a build here would embed every photo again"
             ) from None
         other = cfg.output_dir / ("embeddings" if cfg.segmented else "embeddings_segment")
-        if (e.missing and cfg.searches_only and not (cfg.store_dir / PARTIAL_DIR).is_dir()
+        if (e.missing and (cfg.searches_only or cfg.from_cache) and not (cfg.store_dir / PARTIAL_DIR).is_dir()
                 and (other / SIDECAR_FILE).is_file()):  # the other gallery's there: the flag forgotten, not a build
-            flag = "--use-segmentation" if not cfg.segmented else "no --use-segmentation"
             kind = "a segmented gallery (person crops)" if not cfg.segmented else "a gallery of whole photos"
-            raise CacheMismatchError(f"{e}\n{cfg.output_dir} holds {kind} in {other}: to search that one, run the "
-                                     f"same command with {flag}") from None
+            if cfg.searches_only:
+                how = "to search that one, run the same command with " + (
+                    "--use-segmentation" if not cfg.segmented else "no --use-segmentation")
+            else:  # the other cache flag
+                how = ("to reuse that one, run the same command with --use-embedded-segment in place of "
+                       "--use-embeddings" if not cfg.segmented else
+                       "to reuse that one, run the same command with --use-embeddings in place of "
+                       "--use-embedded-segment")
+            raise CacheMismatchError(f"{e}\n{cfg.output_dir} holds {kind} in {other}: {how}") from None
         if e.missing and not (cfg.store_dir / PARTIAL_DIR).is_dir():
             line = build_first(cfg.store_dir, cfg.segmented, search_from, cfg.gallery_flags)
             raise CacheMismatchError(f"{e}\n{line}") from None

@@ -152,6 +152,8 @@ def output_session(cfg: RunConfig) -> Iterator[None]:
     folders of the output layout."""
     layout = [cfg.output_dir, cfg.images_dir, cfg.store_dir, cfg.store_dir / PARTIAL_DIR, cfg.results_dir,
               cfg.plots_dir, cfg.queries_dir]
+    if cfg.video.clip:  # a clip refused (empty, no frames) left video_results/<clip>/ behind
+        layout += [cfg.video_results_dir, cfg.video_results_dir.parent]
     if cfg.searches_only and (cfg.store_dir / SIDECAR_FILE).is_file():  # another --output-dir holds no gallery
         check_writable(cfg.output_dir, remedy=(
             "A search writes its results there (retrieval_results/queries/ and the report): copy the folder where "

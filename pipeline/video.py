@@ -307,13 +307,16 @@ def probe(path: Path) -> tuple[int, float, int, int]:
         rate = stream.average_rate or stream.guessed_rate
         width, height = stream.codec_context.width, stream.codec_context.height
         width = max(1, round(width * pixel_aspect(stream))) if width else width  # as shown: square pixels
-        turned, seen, read = False, False, {"ended": False}
+        turned, seen, read = False, False, {"ended": False, "damaged": False}
         for frame in _first_frames(container, stream, read):  # the rotation: from the first frame
             turned, seen = quarter_turns(frame) % 2 == 1, True
             break
+        if not seen and read["ended"] and not read["damaged"]:  # nothing in it: re-encoding would give nothing either
+            raise PipelineError(f"video {path} holds no frames: its video stream ended before its first (a recording "
+                                "stopped at once, or a file written without frames)")
         if not seen:  # refused now, before a run removes the clip's earlier outputs
             where = "" if read["ended"] else f" in its first {FIRST_PACKETS} packets"
-            raise PipelineError(f"video {path} has no readable frames{where} (empty or damaged); {REENCODE_HINT}")
+            raise PipelineError(f"video {path} has no readable frames{where} (damaged); {REENCODE_HINT}")
         count = int(stream.frames or 0)
         if count <= 0 and rate:  # Matroska and WebM count no frames: their video's length, at the rate, does
             count = int(round(_stream_seconds(stream, container) * float(rate)))
@@ -342,7 +345,8 @@ FIRST_PACKETS = 1024  # how far a clip's first frame is looked for (past a keyfr
 def _first_frames(container, stream, read: dict[str, bool] | None = None, max_packets: int = FIRST_PACKETS
                   ) -> Iterator:
     """The frames of the first packets that decode (a damaged packet is skipped, as FrameReader
-    skips it); read["ended"]: whether the stream ended within them."""
+    skips it); read["ended"]: whether the stream ended within them; read["damaged"]: whether a
+    packet failed to decode."""
     import av
 
     for k, packet in enumerate(container.demux(stream)):
@@ -351,6 +355,8 @@ def _first_frames(container, stream, read: dict[str, bool] | None = None, max_pa
         try:
             yield from packet.decode()
         except av.FFmpegError:
+            if read is not None:
+                read["damaged"] = True
             continue
     if read is not None:
         read["ended"] = True

@@ -432,6 +432,13 @@ def test_bad_videos(clip, message, clip_dir, tmp_path, capsys):
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_a_clip_of_no_frames_is_said_as_such_not_sent_to_be_re_encoded(tmp_path):
+    empty = assets.write_video(tmp_path / "zero.avi", 0, (64, 48))
+    with pytest.raises(PipelineError, match="holds no frames: its video stream ended before its first") as e:
+        video.Clip.from_file(empty, annotated_video=False)
+    assert "re-encode" not in str(e.value)
+
+
 def test_a_clip_of_damaged_packets_only_has_no_readable_frames(tmp_path):
     """Every packet damaged: refused as unreadable (counting damaged frames must not hide it), where a
     clip damaged at its end counts those frames as read."""
