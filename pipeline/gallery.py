@@ -567,8 +567,14 @@ def _resume(build: StoreBuild, summary: RunSummary) -> tuple[list[Shard], int]:
     next_row = done[-1].stop if done else 0
     if done:
         log.info("resuming: %d complete shard(s) found, continuing at row %d", len(done), next_row)
-        summary.notes.append(f"resumed at row {next_row} from {len(done)} complete shard(s)")
+        kept = sum(len(shard.embeddings) for shard in done)
+        summary.notes.append(f"resumed at row {next_row} from {len(done)} complete shard(s) ({kept:,} item(s) "
+                             "embedded before the stop)")
+        summary.count(RESUMED_COUNT, kept)
     return done, next_row
+
+
+RESUMED_COUNT = "embedded before the stop"  # a resumed build's: its "embedded" count is this run's
 
 
 def _record_times(

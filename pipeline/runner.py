@@ -49,6 +49,7 @@ from .fileio import (
     unlink_quietly,
 )
 from .galleries import group_by, open_gallery, open_searcher, store_embedder_note, with_metadata, with_store_source
+from .gallery import RESUMED_COUNT
 from .hub import go_offline_unless_reachable
 from .images import ImageDecodeError, decode_image
 from .index import INDEX_FILE
@@ -187,7 +188,10 @@ def run_gallery(cfg: RunConfig) -> RunSummary:
         if whole:
             summary.count("kept whole", whole)
     # an update embeds only its added and changed photos (counted by it), a cache run none
-    summary.count("items" if cfg.from_cache or cfg.update else "embedded", len(gallery.embeddings))
+    if cfg.from_cache or cfg.update:
+        summary.count("items", len(gallery.embeddings))
+    else:  # a resumed build's own work: the shards of the run it finished are counted apart (RESUMED_COUNT)
+        summary.count("embedded", len(gallery.embeddings) - summary.counts.get(RESUMED_COUNT, 0))
     summary.count("failed", len(summary.failures))
     summary.outputs["images"] = str(cfg.images_dir)
     summary.outputs["embeddings"] = str(cfg.store_dir)

@@ -380,8 +380,13 @@ def test_interrupted_run_resumes_each_row_exactly_once(ragged_dataset, tiny_onnx
     assert not (partial / "shard_00003.done").exists()
     capsys.readouterr()
     assert cli.main([*map(str, args(stopped))]) == 3
-    assert "resumed at row 48 from 3 complete shard(s)" in capsys.readouterr().out
+    said = capsys.readouterr().out
     rows = read_manifest(stopped / "embeddings" / "manifest.csv")
+    before = sum(r.embedding_row >= 0 for r in rows if r.source_row < 48)
+    assert f"resumed at row 48 from 3 complete shard(s) ({before} item(s) embedded before the stop)" in said
+    # this run's own work, and the stopped run's apart (it said the store's size as "embedded")
+    embedded = sum(r.embedding_row >= 0 for r in rows)
+    assert f"embedded {embedded - before}" in said and f"embedded before the stop {before}" in said
     assert [r.source_row for r in rows] == list(range(100))
     assert (stopped / "embeddings" / "manifest.csv").read_bytes() == (
         clean / "embeddings" / "manifest.csv"
