@@ -107,10 +107,26 @@ def _given_path(text: str) -> Path:
 EMPTY_MEANS_NONE = ("--filter", "--group-by", "--meta-columns")
 
 
+# What each option takes, as --help shows it (argparse's default is the option's name in capitals:
+# --seg-imgsz SEG_IMGSZ said nothing of pixels, --seg-conf SEG_CONF nothing of its range)
+METAVARS = {
+    "text_weight": "W", "port": "PORT", "host": "HOST", "eval_backends": "B1,B2", "eval_models": "M1,M2",
+    "eval_id_column": "COLUMN", "eval_cloth_column": "COLUMN", "dataset": "ID_OR_PATH", "split": "SPLIT",
+    "config": "NAME", "limit": "N", "image_column": "COLUMN", "id_column": "COLUMN", "meta_columns": "C1,C2",
+    "model": "MODEL", "onnx": "FILE", "batch_size": "N", "threads": "N", "ray_address": "ADDRESS",
+    "video_clip": "NAME", "video_dir": "DIR", "frame_stride": "N", "det_model": "WEIGHTS", "det_conf": "0-1",
+    "track_gap": "FRAMES", "seg_model": "WEIGHTS", "seg_conf": "0-1", "seg_imgsz": "PIXELS", "max_persons": "N",
+    "output_dir": "DIR_OR_URL", "work_dir": "DIR", "top_k": "K", "max_matrix": "N", "max_result_images": "N",
+    "filter": "EXPR", "group_by": "COLUMN", "shard_rows": "N",
+}
+
+
 def _add(group: Any, *names: str, **kw: Any) -> None:
     """An option whose default is its config field's (pipeline.config.FLAGS); a value it takes is
     refused when empty, unless an empty one means something (EMPTY_MEANS_NONE)."""
     dest = kw.get("dest") or names[0].lstrip("-").replace("-", "_")
+    if dest in METAVARS:
+        kw.setdefault("metavar", METAVARS[dest])
     if kw.get("action") != "store_true":
         kw.setdefault("default", flag_default(dest))
         if "choices" not in kw and names[0] not in EMPTY_MEANS_NONE:
@@ -396,6 +412,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="main.py",
+        usage="python main.py [a mode flag] [options]   (no mode flag: build the gallery and its neighbours)",
         allow_abbrev=False,  # --lim 5 taken as --limit: a flag added later could change what a script meant
         description="Fashion visual search: embed a catalogue, find look-alikes, match people in videos.",
         formatter_class=_HelpFormatter,
