@@ -37,7 +37,15 @@ from .galleries import (
     with_store_embedder,
 )
 from .persons import Detector, Person, Segmenter, person_crops, with_masks
-from .plots import THUMB_SIZE, compose_matches, make_thumbnail, neighbour_tiles, save_jpeg
+from .plots import (
+    THUMB_SIZE,
+    caption_size,
+    compose_matches,
+    draw_caption,
+    make_thumbnail,
+    neighbour_tiles,
+    save_jpeg,
+)
 from .preprocess import preprocess_batch
 from .report import RunSummary, terminal_text
 from .retrieval import Neighbours
@@ -569,8 +577,12 @@ class VideoRun:
         nb: Neighbours,
     ) -> tuple[list[dict], list[Image.Image]]:
         """Each cropped person's results entry and picture row (its tile, then its matches); its tile
-        kept for its track, weighted by area x score x the share of it not covered by others."""
-        found, rows = [], []
+        kept for its track, weighted by area x score x the share of it not covered by others. The
+        picture's rows: the first MAX_FRAME_ROWS persons', MAX_PICTURE_MATCHES matches each (a crowd
+        of 300 at --top-k 100 made a picture 822 x 51,780 px); results.jsonl holds them all."""
+        found: list[dict] = []
+        rows: list[Image.Image] = []
+        hidden = 0
         for qi, k in enumerate(images):
             tile = make_thumbnail(images[k], THUMB_SIZE)
             x1, y1, x2, y2 = (float(v) for v in persons[k].box_xyxy)
@@ -588,9 +600,17 @@ class VideoRun:
                     "matches": self.matches(self.searcher.hits(nb, qi)),
                 }
             )
-            shown = {int(j): self.searcher.rows[int(j)].shown_name for j in nb.indices[qi] if j >= 0}  # the hits'
-            tiles, labels = neighbour_tiles(nb.indices[qi], nb.distances[qi], lambda j: self.thumbs[j].copy(), shown)
+            if len(rows) == MAX_FRAME_ROWS:  # a crowd: the picture shows the first, results.jsonl every one
+                hidden += 1
+                continue
+            top = nb.indices[qi][:MAX_PICTURE_MATCHES]
+            shown = {int(j): self.searcher.rows[int(j)].shown_name for j in top if j >= 0}  # the hits'
+            tiles, labels = neighbour_tiles(top, nb.distances[qi][:MAX_PICTURE_MATCHES],
+                                            lambda j: self.thumbs[j].copy(), shown)
             rows.append(compose_matches(tile, f"#{track_of[k]}", tiles, labels))  # as its box is labelled
+        if hidden:
+            rows.append(note_row(f"+ {hidden} more person(s) with matches, not drawn here: results.jsonl lists "
+                                 "every person's"))
         return found, rows
 
     def best_match(self, track_id: int) -> tuple[str, np.ndarray | None]:
@@ -672,9 +692,9 @@ class VideoRun:
         looks = compose_matches(
             best,
             "best crop",
-            [self.thumbs[j].copy() for j in nb_idx],
+            [self.thumbs[j].copy() for j in nb_idx[:MAX_PICTURE_MATCHES]],
             # captioned from each match's own source: photos of equal bytes share a file, not a name
-            [f"d={m['distance']:.3f}\n{match_name(m)}" for m in track["matches"]],
+            [f"d={m['distance']:.3f}\n{match_name(m)}" for m in track["matches"][:MAX_PICTURE_MATCHES]],
             title=f"Track {track['id']}: its look's catalogue matches ({track['first_s']:.1f}-{track['last_s']:.1f} s)",
         )
         parts = [p for p in (strip, looks) if p is not None]
@@ -898,6 +918,18 @@ def start_run(cfg: RunConfig, summary: RunSummary, path: Path, embedder: Embedde
     run = VideoRun(cfg, embedder, searcher, staging, thumbs, clip, writer)
     run.allowed = allowed
     return run
+
+
+MAX_FRAME_ROWS = 12  # persons drawn with their matches under a frame picture
+MAX_PICTURE_MATCHES = 10  # matches drawn a person (or track); the rest are in results.jsonl and tracks.json
+
+
+def note_row(text: str, width: int = 640) -> Image.Image:
+    """A line of text under a frame picture's rows (what they leave out)."""
+    size = caption_size(THUMB_SIZE)
+    row = Image.new("RGB", (width, round(size * 2.4)), (255, 255, 255))
+    draw_caption(row, (8, round(size * 0.6)), text, width - 16, size, (90, 98, 112))
+    return row
 
 
 STAGING_DIR = ".partial"  # video_results/<clip>/.partial: a run's outputs until it has finished

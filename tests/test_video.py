@@ -1163,3 +1163,30 @@ def test_a_det_model_that_is_not_there_is_said_before_the_gallery_is_embedded(cl
         assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, tmp_path / "o", "--det-model",
                                     str(model))) == 1
         assert f"YOLO model {str(model)!r} {said}" in capsys.readouterr().err
+
+
+def test_a_crowd_is_drawn_in_part_and_listed_whole(clip_dir, mixed_dataset, tiny_onnx, tmp_path, monkeypatch):
+    """300 persons at --top-k 100 made a frame picture 822 x 51,780 px: the picture draws the first
+    persons and matches, says how many more, and results.jsonl still holds every person and match."""
+    from PIL import Image
+
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    monkeypatch.setattr(video, "MAX_FRAME_ROWS", 1)  # two persons a frame: one drawn
+    monkeypatch.setattr(video, "MAX_PICTURE_MATCHES", 2)
+    out = tmp_path / "out"
+    assert cli.main(_video_argv(clip_dir, mixed_dataset, tiny_onnx, out, "-q", "--top-k", "4")) == 3
+    folder = out / "video_results" / "clip_1"
+    lines = [json.loads(x) for x in (folder / "results.jsonl").read_text().splitlines()]
+    assert all(len(r["persons"]) == 2 and all(len(p["matches"]) == 4 for p in r["persons"]) for r in lines)
+    picture = Image.open(folder / f"frame_{lines[0]['frame']:06d}.jpg")
+    one_row = video.compose_matches(np.zeros((128, 128, 3), np.uint8), "#1", [np.zeros((128, 128, 3), np.uint8)] * 2,
+                                    ["d", "d"])
+    import cv2
+
+    capture = cv2.VideoCapture(str(next(clip_dir.glob("clip_1.*"))))
+    clip_h = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    capture.release()
+    # the frame, one person's row of two matches and the note: not two rows of four
+    assert picture.height == clip_h + one_row.height + video.note_row("x").height
+    pixels = np.asarray(picture.convert("L"))[-video.note_row("x").height:]
+    assert (pixels < 160).any()  # the note's text: "+ 1 more person(s) with matches, not drawn here"
