@@ -103,8 +103,9 @@ def _given_path(text: str) -> Path:
     return Path(_given(text))
 
 
-# Options where an empty value means something: no filter, each photo, no metadata columns kept
-EMPTY_MEANS_NONE = ("--filter", "--group-by", "--meta-columns")
+# Options where an empty value means something: no filter, each photo, no metadata columns kept, the
+# backend or model in use
+EMPTY_MEANS_NONE = ("--filter", "--group-by", "--meta-columns", "--eval-backends", "--eval-models")
 
 
 # What each option takes, as --help shows it (argparse's default is the option's name in capitals:

@@ -74,7 +74,8 @@ def tokenizer_path_for(text_onnx: str | Path) -> Path:
 
 
 # What a checkpoint of another architecture says as it loads (open_clip's asserts, torch's load_state_dict)
-_OTHER_SHAPES = re.compile(r"size mismatch|width changed|Missing key\(s\)|Unexpected key\(s\)|shape mismatch")
+_OTHER_SHAPES = re.compile(r"size mismatch|width changed|Missing key\(s\)|Unexpected key\(s\)|shape mismatch|"
+                           r"ignore_mismatched_sizes")  # transformers': a config.json not of its weights
 
 
 def weights_unread(model: str, e: Exception) -> str:

@@ -330,16 +330,21 @@ def check_filter(node: Node, text: str, schema: Any) -> None:
 
 def _kind_hint(t: Test, v: Any, kind: str, vk: str) -> str:
     """How to write the value for its column: a number bare, a text quoted (with the test's own column)."""
-    op = t.op if t.op in ("=", "!=", "<", "<=", ">", ">=") else "="
+    op = t.op if t.op in ("=", "!=", "<", "<=", ">", ">=") else t.op.upper() if t.op in ("in", "not in") else "="
     column = t.column if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t.column) else '"' + t.column.replace('"', '""') + '"'
+    listed = op in ("IN", "NOT IN")  # each value of the list written the same way: the first shown
     if kind == "number" and vk == "text":
         try:
-            return f" (leave a number bare: {column} {op} {float(v):g})"
+            said = f"{float(v):g}"
         except ValueError:
-            return f" (a number column is compared with numbers, written bare: {column} {op} 50)"
+            said = "50"
+            if not listed:
+                return f" (a number column is compared with numbers, written bare: {column} {op} 50)"
+        return f" (leave numbers bare: {column} {op} ({said}, …))" if listed else \
+            f" (leave a number bare: {column} {op} {said})"
     if kind == "text" and vk == "number":
-        return f" (quote a text: {column} {op} '{v:g}')" if isinstance(v, float) else \
-            f" (quote a text: {column} {op} '{v}')"
+        said = f"'{v:g}'" if isinstance(v, float) else f"'{v}'"
+        return f" (quote texts: {column} {op} ({said}, …))" if listed else f" (quote a text: {column} {op} {said})"
     return ""
 
 

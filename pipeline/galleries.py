@@ -244,11 +244,11 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
             if cfg.searches_only:
                 how = "to search that one, run the same command with " + (
                     "--use-segmentation" if not cfg.segmented else "no --use-segmentation")
-            else:  # the other cache flag
+            else:  # the other cache flag; or the build of this one
                 how = ("to reuse that one, run the same command with --use-embedded-segment in place of "
                        "--use-embeddings" if not cfg.segmented else
                        "to reuse that one, run the same command with --use-embeddings in place of "
-                       "--use-embedded-segment")
+                       "--use-embedded-segment") + f"; to build this one, {from_cache(cfg.segmented)}"
             raise CacheMismatchError(f"{e}\n{cfg.output_dir} holds {kind} in {other}: {how}") from None
         if e.missing and not (cfg.store_dir / PARTIAL_DIR).is_dir():
             line = build_first(cfg.store_dir, cfg.segmented, search_from, cfg.gallery_flags)
@@ -676,9 +676,10 @@ def _taken_from_store(cfg: RunConfig, sidecar: Sidecar) -> list[str]:
 
 
 def dataset_changed(sidecar: Sidecar) -> str | None:
-    """What a reuse of the store is told when the local dataset it was made from changed since (a
-    photo added, replaced, removed, or its metadata file edited): its vectors and metadata are of the
-    photos as they were. None when it did not, or nothing was recorded (a hub dataset, an older store)."""
+    """What a reuse of the store is told when the local dataset it was made from changed since (as
+    the resume check stamps it: a picture of a folder added, replaced or removed, a parquet file
+    rewritten; not a folder's metadata.csv, which --update reads): its vectors are of the photos as
+    they were. None when it did not, or nothing was recorded (a hub dataset, an older store)."""
     made = sidecar.source
     if sidecar.dataset_files is None or made.dataset is None:
         return None

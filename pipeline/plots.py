@@ -21,6 +21,7 @@ from .images import encode_jpeg
 THUMB_SIZE = 128  # the store's thumbnails (thumbnails.npy), and so the gallery pictures' tiles
 _PAD = 6
 _TILE_EDGE = (222, 226, 232)
+MAX_TITLE_PX = 960  # the most a row is widened for its title
 _QUERY_INK = (31, 82, 180)  # the pages' accent, darker: red read as an error
 _INK = (20, 24, 30)
 _MUTED_INK = (90, 98, 112)
@@ -166,8 +167,9 @@ def compose_matches(
     top = (round(line_h * 1.5) if title else 0) + 2  # the tiles' top edge
     gap = 2 * _PAD if matches and first_is_query else 0
     width = len(tiles) * (t + _PAD) + _PAD + gap
-    if title:
-        width = max(width, int(caption_font(size + 1, True).getlength(drawable(title, True))) + 2 * _PAD + 2)
+    if title:  # as wide as the title, up to MAX_TITLE_PX (a product description as a query is cut, not a banner)
+        needed = int(caption_font(size + 1, True).getlength(drawable(title, True))) + 2 * _PAD + 2
+        width = max(width, min(needed, MAX_TITLE_PX))
     canvas = Image.new("RGB", (width, top + t + 4 + 2 * line_h + _PAD), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     if title:

@@ -34,6 +34,7 @@ FLAG_OF = {
     "seg_conf": "--seg-conf",
     "seg_imgsz": "--seg-imgsz",
     "max_persons": "--max-persons",
+    "keep_unsegmented": "--keep-unsegmented",
     "id_column": "--id-column",
 }
 DECODE_OF_PIXELS = {pixels: decode for decode, pixels in PIXELS_OF_DECODE.items()}
@@ -142,6 +143,7 @@ def reuse_or_rebuild(
 
 
 SOURCE_FIELDS = ("dataset", "config", "split", "limit", "image_column", "id_column")
+SEGMENT_FIELDS = ("seg_model", "seg_backend", "seg_conf", "seg_imgsz", "max_persons", "keep_unsegmented")
 
 
 def rebuild_flags(typed: Sequence[str], identity: VectorIdentity, source: GallerySource,
@@ -151,12 +153,17 @@ def rebuild_flags(typed: Sequence[str], identity: VectorIdentity, source: Galler
     dataset and replace the user's store with the hub's."""
     given = {w for w in typed if w.startswith("--")}
     made = {**source.to_json(), **identity.to_json()}
+    made.setdefault("limit", None)  # every row, which to_json leaves out: --limit 0 asks for it
     words: list[str] = []
-    for name in SOURCE_FIELDS:
-        if FLAG_OF[name] not in given and made.get(name) is not None and made.get(name) != flag_default(name):
-            words += [w for w in _flags_for(name, made, onnx_asked) if not w.startswith("(")]
+    for name in (*SOURCE_FIELDS, *SEGMENT_FIELDS):
+        if (name not in made or FLAG_OF[name] in given or made[name] == flag_default(name)
+                or (made[name] is None and name != "limit")):
+            continue
+        words += [w for w in _flags_for(name, made, onnx_asked) if not w.startswith("(")]
     if not given & {"--model", "--onnx", "--backend"}:
         words += _flags_for("onnx_sha256" if made.get("backend") == "onnx" else "model", made, onnx_asked)
+        if made.get("backend") == "torch" and "--precision" not in given:
+            words += _flags_for("precision", made, onnx_asked)  # a model run at fp16 or int8 is rebuilt so
     return words + list(typed)
 
 

@@ -854,7 +854,12 @@ def short_read_note(clip: Clip, frames: int, seconds: float) -> str | None:
     stopped), so that the frames never analysed are not passed over in silence."""
     if clip.frames_hint <= 0 or clip.frames_hint - frames < 2:
         return None
-    if frames >= 0.95 * clip.frames_hint:  # a few lost inside: damaged frames the decoder skipped, said as such
+    if frames >= 0.95 * clip.frames_hint:
+        # A few lost inside: damaged frames the decoder skipped, said where the count is exact (AVI's
+        # header counts its frames; Matroska's is estimated from its length, an MP4's edit list may
+        # leave a frame or two out of a healthy clip)
+        if Path(clip.path).suffix.lower() != ".avi":
+            return None
         return (f"{clip.frames_hint - frames} of the {clip.frames_hint} frames its container announces were not read "
                 "(damaged frames the decoder skipped?): the frame numbers and times after them may be early by as "
                 "many frames")

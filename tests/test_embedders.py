@@ -175,7 +175,9 @@ def test_weights_of_another_architecture_are_not_called_damaged(tmp_path):
     from pipeline.embedders import weights_unread
 
     for e in (AssertionError("text pos_embed width changed!"),
-              RuntimeError("Error(s) in loading state_dict for CLIP:\n\tsize mismatch for visual.proj")):
+              RuntimeError("Error(s) in loading state_dict for CLIP:\n\tsize mismatch for visual.proj"),
+              RuntimeError("You set `ignore_mismatched_sizes` to `False`, thus raising an error. For details look at "
+                           "the above part of this error message")):
         said = weights_unread("open_clip:ViT-B-32:/w/tiny.bin", e)
         assert "its weights do not fit its architecture" in said and "ARCH must be the checkpoint's own" in said
         assert "damaged" not in said

@@ -126,7 +126,8 @@ def test_syntax_errors_point_at_the_place(shop, text, message, at):
                              "price >= 50)"),
         ("category = 3", "type mismatch: 'category' is a text column, compared with number 3 (quote a text: "
                          "category = '3')"),
-        ("category IN ('dress', 2.5)", "compared with number 2.5 (quote a text: category = '2.5')"),
+        ("category IN ('dress', 2.5)", "compared with number 2.5 (quote texts: category IN ('2.5', …))"),
+        ("category NOT IN (1)", "compared with number 1 (quote texts: category NOT IN ('1', …))"),
         ("in_sale > true", "'in_sale' is true/false: compare it with = or !="),
     ],
 )

@@ -312,8 +312,10 @@ def test_a_query_flag_given_twice_keeps_both():
     args = parser.parse_args(["--query-text", "red dress", "--query-text", "blue shoe", "--query-image", "a.jpg",
                               "--query-image", "b.jpg", "c.jpg"])
     assert (args.query_text, args.query_image) == (["red dress", "blue shoe"], ["a.jpg", "b.jpg", "c.jpg"])
-    cfg = config_from_flags(vars(parser.parse_args(["--filter", "", "--group-by", ""])))
+    cfg = config_from_flags(vars(parser.parse_args(["--filter", "", "--group-by", "", "--eval-models", "",
+                                                    "--eval-backends", ""])))
     assert (cfg.filter, cfg.group_by) == ("", None)  # an empty value that means something is taken
+    assert cfg.evaluate.models == () and cfg.evaluate.backends == ()  # the model and backend in use
 
 
 def test_precision_is_refused_where_the_default_onnx_file_would_run(tmp_path, monkeypatch, capsys):

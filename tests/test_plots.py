@@ -80,6 +80,9 @@ def test_a_title_is_not_cut_to_a_short_rows_width_and_a_row_of_equals_sets_none_
     pic = compose_matches(tile, "0.0 s", [], [], title=title)
     size = caption_size(64)
     assert fit_text(title, pic.width - 2 * 6, size + 1, bold=True) == title
+    from pipeline.plots import MAX_TITLE_PX
+
+    assert compose_matches(tile, "q", [tile] * 5, ["d"] * 5, title="a long description " * 100).width == MAX_TITLE_PX
     row = compose_matches(tile, "0.0 s", [tile], ["1.0 s"], title="t", first_is_query=False)
     assert row.width == 2 * (64 + 6) + 6  # no gap for a rule
     band = np.asarray(row)[:, 6:6 + 64]

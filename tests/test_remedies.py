@@ -319,3 +319,23 @@ def test_the_gallery_flags_a_search_was_typed_with_are_words_a_shell_reads_back(
     words = main.gallery_flags(parser, args, main.explicit_options(parser, argv))
     assert words == ("--dataset", "'my photos/'", "--limit", "5", "--model", "m", "--keep-unsegmented")
     assert shlex.split(" ".join(words))[1] == "my photos/"
+
+
+def test_a_rebuild_command_carries_everything_that_made_the_store_but_what_was_typed():
+    """The rebuild left out --limit 0 (every row: recorded as none) and every segmentation setting:
+    pasted, it replaced the store with 10,000 rows cut by the default segmenter."""
+    from pipeline.identity import GallerySource, VectorIdentity
+    from pipeline.remedy import reuse_or_rebuild
+
+    source = GallerySource(kind="segment", dataset="/data/shop", limit=None, seg_model="/w/custom-seg.pt",
+                           seg_conf=0.6, seg_imgsz=960, keep_unsegmented=True, max_persons=2)
+    made = VectorIdentity(backend="torch", family="clip", model="/models/clip", model_sha256="a" * 64,
+                          precision="fp16")
+    said = reuse_or_rebuild(["model"], made, source, True, None, search_from="out", typed=("--model", "/m/other"))
+    assert said.endswith("rebuild it with a gallery run: python main.py --use-segmentation --dataset /data/shop "
+                         "--limit 0 --seg-model /w/custom-seg.pt --seg-conf 0.6 --seg-imgsz 960 --max-persons 2 "
+                         "--keep-unsegmented --model /m/other --output-dir out (the old store is replaced; change "
+                         "what you want made otherwise)."), said
+    said = reuse_or_rebuild(["model"], made, source, True, None, search_from="out", typed=("--seg-conf", "0.3"))
+    assert "--seg-conf 0.6" not in said and "--seg-conf 0.3 --output-dir" in said
+    assert "--model /models/clip --precision fp16" in said.split("; or ")[1]  # the store's own model, as run

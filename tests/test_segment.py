@@ -207,7 +207,8 @@ def test_a_search_of_a_folder_of_a_segmented_gallery_alone_without_the_flag_says
     assert cli.main(["--use-embeddings", "--onnx", str(tiny_onnx), "--output-dir", str(out), "-q"]) == 1
     said = " ".join(capsys.readouterr().err.split())
     assert f"{out} holds a segmented gallery (person crops) in {out / 'embeddings_segment'}: to reuse that one, run " \
-           "the same command with --use-embedded-segment in place of --use-embeddings" in said
+           "the same command with --use-embedded-segment in place of --use-embeddings; to build this one, run the " \
+           "same command without --use-embeddings" in said
 
 
 # ----------------------------------------------------------------------------- ONNX segmentation backend

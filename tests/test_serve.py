@@ -131,6 +131,14 @@ def test_a_result_clicked_on_the_page_searches_its_look_alikes(served, browser, 
     wait(browser, "document.querySelectorAll('#results .tile[data-file]').length === 5")
     assert _page_results(browser) == [(h.file, round(h.distance, 3)) for h in hits]
     assert clicked not in [h.row for h in hits]
+    # Enter in a filter's box runs the last search again: this look-alike search, not the text's
+    browser.execute_script("window.__asked = []; const f = window.fetch;"
+                           "window.fetch = (u, o) => { window.__asked.push(u); return f(u, o); };"
+                           "document.getElementById('filter-text').dispatchEvent("
+                           "new KeyboardEvent('keydown', { key: 'Enter', bubbles: true }))")
+    wait(browser, "window.__asked.length === 1")
+    assert browser.execute_script("return window.__asked") == ["/api/similar"]
+    wait(browser, "document.querySelectorAll('#results .tile[data-file]').length === 5")
     # by the keyboard too: Enter on a focused result
     browser.find_elements(By.CSS_SELECTOR, "#results .tile[data-file]")[1].send_keys(Keys.ENTER)
     wait(browser, "document.querySelector('#results .query h2').textContent !== " + json.dumps(f"More like {name}"))

@@ -112,7 +112,7 @@ def test_the_report_shows_every_item_pages_and_follows_neighbours(report_run, br
     wait(
         browser,
         f"document.querySelector('.detail .sub').textContent.includes('img_') && "
-        f"document.querySelector('.detail .query .cap').title.endsWith("  # the source, then the gallery's file
+        f"document.querySelector('.detail .query .cap[title]').title.endsWith("  # the source, then the gallery's file
         f"window.__report.pages['gallery/' + Math.floor({first} / {PAGE_SIZE})].items[{first} % {PAGE_SIZE}].file)",
     )
     assert wait(browser, VISIBLE_IMAGES_LOADED)
@@ -260,7 +260,7 @@ def test_nothing_overflows_a_card_at_420_px(report_run, browser):
     assert console_errors(browser) == []
 
 
-def test_sub_stages_sit_under_the_stage_they_belong_to(report_run, browser):
+def test_sub_stages_sit_under_the_stage_they_belong_to(report_run, browser, tiny_onnx):
     out, _ = report_run
     browser.get((out / "outputs" / "report.html").as_uri())
     wait(browser, "document.querySelectorAll('#gallery tr[data-stage]').length")
@@ -273,7 +273,7 @@ def test_sub_stages_sit_under_the_stage_they_belong_to(report_run, browser):
     # the section says what made its vectors, as the printed summary's "model:" line does
     sub = browser.execute_script("return document.querySelector('#gallery > .sub').textContent")
     assert sub.startswith("standard · finished ") and " · vectors by " in sub
-    assert sub.endswith("tiny-clip (onnx, onnx-int8-static-matmul-per-channel-7bit)")
+    assert sub.endswith(f"tiny-clip (onnx, onnx-int8-static-matmul-per-channel-7bit), {tiny_onnx}")  # and its file
 
 
 def assert_parts_follow_their_stage(rows: list) -> None:
@@ -499,8 +499,15 @@ def test_the_pager_under_the_grid_turns_the_page_and_goes_back_to_its_top(report
         wait(browser, "document.querySelectorAll('[data-role=grid] .tile').length")
         bottom = "document.querySelector('[data-role=pager-bottom]')"
         assert browser.execute_script(f"return {bottom}.textContent") == "‹ PreviousNext ›page 1 of 3 · 262 items"
+        browser.execute_script("document.querySelectorAll('[data-role=grid] > .tile')[5].click()")
+        wait(browser, "document.querySelectorAll('.detail [data-neighbour]').length === 5")
         browser.execute_script(f"{bottom}.scrollIntoView(); document.querySelector('[data-role=next-bottom]').click()")
         wait(browser, "document.querySelector('[data-role=grid] .tile').dataset.item === '120'")
         top = browser.execute_script("return document.querySelector('[data-role=filter]').getBoundingClientRect().top")
         assert -2 <= top < 100  # the new page from its start, not its end
+        # the selection of page 1 let go: its panel filled the phone's screen above page 2
+        assert browser.execute_script("return document.querySelector('.detail').hidden")
+        first = browser.execute_script("return document.querySelector('[data-role=grid] > .tile')"
+                                       ".getBoundingClientRect().top")
+        assert first < 844
     assert console_errors(browser) == []
