@@ -149,17 +149,20 @@ _BEFORE: tuple[Check, ...] = (
 # What only a build of the store uses: a mode that reads a store (--query-*, --serve, --export) would ignore it
 _BUILD_OPTIONS = frozenset({"shard_rows", "fresh", "meta_columns"})
 
+def unused_build_flags(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None:
+    """What a search, --serve or --export is told of the build's flags it was given (the build's
+    command with a query added: taken, not refused, but not used without a word); None otherwise."""
+    if not cfg.searches_only:
+        return None
+    unused = set(_BUILD_OPTIONS & cfg.explicit) | ({"index"} if cfg.index not in ("auto", "none") else set())
+    if not unused:
+        return None
+    return (f"{spell(unused)} {'is' if len(unused) == 1 else 'are'} a gallery run's, not used here: "
+            f"{selected_mode(cfg).flag} reads the store as it was built"
+            + (", with the index beside it (or exactly, with --index none)" if "index" in unused else ""))
+
+
 _AFTER: tuple[Check, ...] = (
-    (
-        lambda c: c.searches_only and bool(_BUILD_OPTIONS & c.explicit),
-        "{build_flags} {build_verb} how a gallery run builds its store; {mode_flag} reads the store as it was built, "
-        "so it would ignore {build_them}: drop {build_them}, or give {build_them} to the gallery run",
-    ),
-    (
-        lambda c: c.searches_only and c.index not in ("auto", "none"),
-        "--index {index} is built by a gallery run (python main.py --index {index}); {mode_flag} searches with the "
-        "index beside the store, or exactly with --index none",
-    ),
     (
         lambda c: c.dataset.config is not None and Path(c.dataset.name).exists(),
         "--config picks a configuration of a hub dataset; --dataset {dataset} is a local folder or file, read as it "
@@ -260,10 +263,7 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
               "runtime": cfg.embedder.runtime,
               "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag,
               "search_verb": "change" if sum(bool(on) for _, on in shaping) > 1 else "changes",
-              "quantization": cfg.export.quantization, "dataset": cfg.dataset.name, "index": cfg.index,
-              "build_flags": spell(set(_BUILD_OPTIONS & cfg.explicit)),
-              "build_verb": "says" if len(_BUILD_OPTIONS & cfg.explicit) == 1 else "say",
-              "build_them": "it" if len(_BUILD_OPTIONS & cfg.explicit) == 1 else "them",
+              "quantization": cfg.export.quantization, "dataset": cfg.dataset.name,
               # --evaluate takes --filter and --group-by but refuses --dedup (its own check above).
               "searches": ", ".join(("queries", "neighbours") + (() if cfg.dedup else ("--evaluate",))
                                     + ("--serve", "--video_clip", "the Python API"))}

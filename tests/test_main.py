@@ -290,11 +290,6 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
         # a flag cut short is not taken for the one it begins: a flag added later could change its meaning
         (["--lim", "5"], "unrecognized arguments: --lim 5; --lim: did you mean --limit?"),
         (["--top-k", "30000000"], "argument --top-k: must be <= 1000, got 30000000"),
-        # what only a build uses, given to a mode that reads the store (it was ignored without a word)
-        (["--query-text", "a", "--shard-rows", "8"], "--shard-rows says how a gallery run builds its store; "
-                                                      "--query-image/--query-text reads the store as it was built"),
-        (["--serve", "--fresh", "--meta-columns", "x"], "--fresh, --meta-columns say how a gallery run builds"),
-        (["--query-text", "a", "--index", "hnsw"], "--index hnsw is built by a gallery run"),
         (["--backend", "torch", "--onnx", "m.onnx"], "--onnx names a file to run, and --backend torch runs --model"),
         (["--export-onnx", "--device", "cuda"], "--export-onnx exports, quantizes and verifies on the CPU"),
     ],
@@ -614,3 +609,23 @@ def test_help_says_what_each_option_takes():
         assert shown in said, shown
     placeholders = set(re.findall(r"--[a-z-]+ ([A-Z][A-Z_]{2,})\b", said))
     assert not {p for p in placeholders if "_" in p and p not in ("ID_OR_PATH", "DIR_OR_URL")}, placeholders
+
+
+def test_a_builds_flags_given_to_a_search_are_said_unused():
+    """The build's command with a query added: --shard-rows, --fresh, --meta-columns or an --index kind
+    were ignored without a word by a mode that reads the store as it was built."""
+    from pipeline.config import config_from_flags
+    from pipeline.modes import unused_build_flags
+
+    parser = cli.build_parser()
+
+    def said(*argv: str) -> str | None:
+        argv_ = list(argv)
+        cfg = config_from_flags(vars(parser.parse_args(argv_)), cli.explicit_options(parser, argv_))
+        return unused_build_flags(cfg, lambda dests: cli._flag_names(parser, dests))
+
+    assert said("--query-text", "a", "--shard-rows", "8", "--fresh") == (
+        "--fresh, --shard-rows are a gallery run's, not used here: --query-image/--query-text reads the store as "
+        "it was built")
+    assert said("--serve", "--index", "hnsw").endswith("with the index beside it (or exactly, with --index none)")
+    assert said("--shard-rows", "8") is None and said("--query-text", "a", "--index", "none") is None
