@@ -746,33 +746,38 @@ def _check_twins_are_its_own(cfg: RunConfig) -> None:
                 f"{cfg.embedder.model} under another name, or delete those files first")
 
 
+MIN_SAMPLE = 6  # dataset pictures an export needs to calibrate on (two thirds) and verify on (a third)
+
+
+def _unsampled(cfg: RunConfig, n: int, why: str | None) -> str:
+    """Why an export's pictures are generated ones: the dataset could not be read, or holds too few."""
+    if why:
+        return f"{cfg.dataset.name} could not be read ({why})"
+    return f"{cfg.dataset.name} has {n} readable picture(s), fewer than the {MIN_SAMPLE} an export needs"
+
+
 def _run_export(cfg: RunConfig, sample_rows: int) -> RunSummary:
     summary = RunSummary(mode="export-onnx")
     images, calibration = verification_images(), None
     with summary.stage("read calibration rows"):
         sample, why = calibration_sample(cfg, sample_rows)
     if cfg.export.quantization == "dynamic":  # its ranges are measured on each input as it runs: nothing to fit
-        if len(sample) >= 6:
+        if len(sample) >= MIN_SAMPLE:
             images = sample
             summary.notes.append(f"verified on {len(images)} rows of {cfg.dataset.name} (dynamic int8 is not "
                                  "calibrated: each input's ranges are measured as it runs)")
         else:
-            why = why or f"only {len(sample)} readable image(s)"
-            summary.notes.append(f"verified on generated pictures: {cfg.dataset.name} could not be read ({why}); "
-                                 "dynamic int8 is not calibrated")
-    elif len(sample) >= 6:
+            summary.notes.append(f"verified on generated pictures: {_unsampled(cfg, len(sample), why)}; dynamic "
+                                 "int8 is not calibrated")
+    elif len(sample) >= MIN_SAMPLE:
         cut = len(sample) * 2 // 3
         calibration, images = sample[:cut], sample[cut:]
         summary.notes.append(f"calibrated on {cut} and verified on {len(images)} rows of {cfg.dataset.name}")
     else:
-        why = why or f"only {len(sample)} readable image(s)"
-        log.warning(
-            "cannot calibrate on %s (%s): calibrating and verifying on generated pictures instead; "
-            "pass a readable --dataset to fit the int8 ranges to real photos",
-            cfg.dataset.name,
-            why,
-        )
-        summary.notes.append(f"calibrated on generated pictures: {cfg.dataset.name} could not be read ({why})")
+        log.warning("cannot calibrate on %s: calibrating and verifying on generated pictures instead; pass a "
+                    "readable --dataset of %d pictures or more to fit the int8 ranges to real photos",
+                    _unsampled(cfg, len(sample), why), MIN_SAMPLE)
+        summary.notes.append(f"calibrated on generated pictures: {_unsampled(cfg, len(sample), why)}")
     with summary.stage("export+quantize+verify"):
         report = export_onnx(
             cfg.embedder.model,

@@ -1774,3 +1774,14 @@ def test_an_export_that_would_replace_another_files_twins_or_names_a_folder_is_r
     other.unlink()
     assert cli.main(["--export-onnx", "--onnx", str(tmp_path)]) == 1
     assert f"{tmp_path} is a folder: pass a file in it" in capsys.readouterr().err
+
+
+def test_too_few_pictures_to_calibrate_on_are_not_said_unreadable(tmp_path):
+    """Three pictures read well were said 'could not be read (only 3 readable image(s))'."""
+    from pipeline import runner
+    from pipeline.config import config_from_flags
+
+    cfg = config_from_flags(vars(cli.build_parser().parse_args(["--export-onnx", "--dataset", str(tmp_path)])))
+    assert runner._unsampled(cfg, 3, None) == (f"{tmp_path} has 3 readable picture(s), fewer than the "
+                                               f"{runner.MIN_SAMPLE} an export needs")
+    assert runner._unsampled(cfg, 0, "offline") == f"{tmp_path} could not be read (offline)"
