@@ -255,7 +255,8 @@ class SearchService:
         hits = catalog.neighbours(row, k, filter=filter, group_by=group_by)
         name = catalog.searcher.rows[row].shown_name
         return {"queries": [{"label": f"More like {name}", "results": self.as_json(hits, catalog),
-                             "picture": f"/thumb/{row}.jpg?v={self.version(catalog)}", "caption": "this item"}],
+                             "picture": f"/thumb/{row}.jpg?v={self.version(catalog)}", "caption": "this item",
+                             "name": name}],
                 "store": self.store_json(catalog)}
 
     def image(self, data: bytes, name: str, k: int, segment: bool, filter: str | None = None,

@@ -125,7 +125,7 @@ def test_a_result_clicked_on_the_page_searches_its_look_alikes(served, browser, 
     wait(browser, "document.querySelector('#results .query')?.dataset.query.startsWith('More like ')")
     assert browser.find_element(By.CSS_SELECTOR, "#results .query h2").text == f"More like {name}"
     mine = browser.find_element(By.CSS_SELECTOR, "#results .tile.mine")
-    assert mine.text == "this item" and "/thumb/" in mine.find_element(By.TAG_NAME, "img").get_attribute("src")
+    assert mine.text == f"this item\n{name}" and "/thumb/" in mine.find_element(By.TAG_NAME, "img").get_attribute("src")
     clicked = next(r.embedding_row for r in rows if r.file == file)
     hits = service.current().neighbours(clicked, 5)
     wait(browser, "document.querySelectorAll('#results .tile[data-file]').length === 5")
