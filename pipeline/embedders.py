@@ -488,7 +488,10 @@ class OnnxEmbedder(SlicedEmbedder):
         """The session's one input, checked to be float (batch, 3, H, W)."""
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            raise PipelineError(f"{self.path}: expected one image input, found {[i.name for i in inputs]}")
+            names = [i.name for i in inputs]
+            text = " (a text tower: --onnx takes the image tower's file, which finds this one beside it)" \
+                if "input_ids" in names else ""
+            raise PipelineError(f"{self.path}: expected one image input, found {names}{text}")
         image = inputs[0]
         if image.type != "tensor(float)" or len(image.shape) != 4:
             raise PipelineError(

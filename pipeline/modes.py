@@ -99,6 +99,9 @@ MODES: tuple[Mode, ...] = (
                  (lambda c: "output_dir" in c.explicit, _EXPORT_WRITES_ONNX),
                  (lambda c: "int8_profile" in c.explicit and c.export.quantization != "static", _PROFILE_IS_STATIC),
                  (lambda c: bool({"precision", "backend"} & c.explicit), _EXPORT_TAKES_NO_PRECISION),
+                 (lambda c: not str(c.embedder.onnx).lower().endswith(".onnx"),
+                  "--export-onnx writes --onnx {onnx} and its fp32 and text files beside it, named from it: give it "
+                  "the .onnx suffix ({onnx}.onnx), as the runs that read them look for it"),
                  (lambda c: c.embedder.device == "cuda",
                   "--export-onnx exports, quantizes and verifies on the CPU, for the CPU: drop --device cuda (a "
                   "GPU runs the file with onnxruntime-gpu, or the model itself with --backend torch)"),
@@ -263,7 +266,7 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
               "runtime": cfg.embedder.runtime,
               "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag,
               "search_verb": "change" if sum(bool(on) for _, on in shaping) > 1 else "changes",
-              "quantization": cfg.export.quantization, "dataset": cfg.dataset.name,
+              "quantization": cfg.export.quantization, "dataset": cfg.dataset.name, "onnx": cfg.embedder.onnx,
               # --evaluate takes --filter and --group-by but refuses --dedup (its own check above).
               "searches": ", ".join(("queries", "neighbours") + (() if cfg.dedup else ("--evaluate",))
                                     + ("--serve", "--video_clip", "the Python API"))}

@@ -186,3 +186,11 @@ def test_weights_of_another_architecture_are_not_called_damaged(tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"x")
     assert load_hint(str(weights)).startswith(f"{weights} is a file: --model takes the model's folder ({tmp_path}")
+
+
+def test_a_text_tower_given_as_the_image_file_is_named_as_such(tiny_onnx):
+    from pipeline.embedders import OnnxEmbedder, text_onnx_path_for
+
+    with pytest.raises(PipelineError, match=r"expected one image input, found \['input_ids', .*\(a text tower: "
+                                            r"--onnx takes the image tower's file"):
+        OnnxEmbedder(text_onnx_path_for(tiny_onnx))

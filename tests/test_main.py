@@ -292,6 +292,7 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
         (["--top-k", "30000000"], "argument --top-k: must be <= 1000, got 30000000"),
         (["--backend", "torch", "--onnx", "m.onnx"], "--onnx names a file to run, and --backend torch runs --model"),
         (["--export-onnx", "--device", "cuda"], "--export-onnx exports, quantizes and verifies on the CPU"),
+        (["--export-onnx", "--onnx", "nos/model"], "give it the .onnx suffix (nos/model.onnx)"),
     ],
 )
 def test_bad_flags_exit_2(args, message, capsys):
