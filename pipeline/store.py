@@ -842,8 +842,13 @@ class StoreBuild:
         self, shards: list[Shard], identity: VectorIdentity, source: GallerySource, dim: int, thumbnail_size: int
     ) -> tuple[np.ndarray, list[ManifestRow]]:
         emb, rows = finalize_store(self.store_dir, self.shards, shards, identity, source, dim, thumbnail_size)
+        if "rows" in self.shards.run_params:  # a part (--update's new photos): what it was built for, kept with it
+            atomic_write_text(self.store_dir / PART_FILE, json.dumps(self.shards.run_params, sort_keys=True))
         self.shards.remove()
         return emb, rows
+
+
+PART_FILE = "part.json"  # beside a finished part's store: the run parameters it was built with (rows, sizes)
 
 
 def finalize_store(

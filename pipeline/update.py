@@ -68,6 +68,7 @@ from .store import (
     MANIFEST_FILE,
     MAX_THUMBNAIL_SEGMENTS,
     NEXT_DIR,
+    PART_FILE,
     SIDECAR_FILE,
     SWITCH_FILE,
     UPDATE_DIR,
@@ -548,6 +549,12 @@ def _embed_new(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, p
     part = BuildPart(cfg.store_dir / STAGING / "new", cfg.images_dir / STAGING, frozenset(plan.embed))
     if (part.store_dir / ".partial" / "run.json").is_file() and not _same_part(cfg, part):
         shutil.rmtree(part.store_dir)  # an earlier update's staging for other rows or flags: ours to discard
+    finished = _finished_part(cfg, part)
+    if finished is not None:  # an update stopped after it had embedded them: nothing to embed again
+        _check_embedder(cfg, old, finished.sidecar.identity)
+        summary.notes.append(f"the {len(finished.embeddings):,} new and changed photo(s) embedded by the update "
+                             "that stopped are taken as it left them (nothing embedded again)")
+        return Gallery(finished.embeddings, finished.rows, embedder)
     if embedder is None:  # on Ray too: the driver's model, which the store's identity is taken from
         with summary.stage("load model"):
             embedder = make_embedder(cfg.embedder)
@@ -555,6 +562,20 @@ def _embed_new(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, p
     new = build(cfg, summary, embedder, part=part)
     _check_embedder(cfg, old, Sidecar.read(part.store_dir / SIDECAR_FILE).identity)
     return new
+
+
+def _finished_part(cfg: RunConfig, part: BuildPart) -> GalleryCache | None:
+    """The staging store of the new photos as an update that stopped after building it left it
+    (whole, for these rows, sizes and dataset files: part.json), loaded; None otherwise."""
+    record = part.store_dir / PART_FILE
+    if (part.store_dir / ".partial").is_dir() or not (part.store_dir / SIDECAR_FILE).is_file() or not record.is_file():
+        return None
+    try:
+        if not _part_matches(cfg, part, json.loads(record.read_text())):
+            return None
+        return load_cache(part.store_dir, part.images_dir, identity=None)
+    except (OSError, ValueError, CacheMismatchError):  # damaged or partly there: built again
+        return None
 
 
 def _same_part(cfg: RunConfig, part: BuildPart) -> bool:
@@ -565,6 +586,10 @@ def _same_part(cfg: RunConfig, part: BuildPart) -> bool:
         run = json.loads((part.store_dir / ".partial" / "run.json").read_text())
     except (OSError, ValueError):
         return False
+    return _part_matches(cfg, part, run)
+
+
+def _part_matches(cfg: RunConfig, part: BuildPart, run: dict) -> bool:
     asked = {"rows": rows_key(part.rows), "batch_size": cfg.batch_size, "shard_rows": cfg.shard_rows}
     stamp = dataset_stamp(cfg.dataset)
     if "dataset_files" in run and stamp is not None:  # staged by a version that stamped the dataset, and stamped now

@@ -1623,3 +1623,37 @@ def test_a_reuse_of_a_store_whose_folder_changed_since_says_so_and_an_update_cat
     capsys.readouterr()
     assert run(*flags, "--use-embeddings") == 0
     assert "changed since" not in capsys.readouterr().err
+
+
+def test_an_update_stopped_after_its_new_photos_were_embedded_does_not_embed_them_again(tiny_onnx, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """Killed as it wrote the merged store, the next update embedded every new photo again: their
+    staged store was whole, but nothing said which rows it was built for."""
+
+    data = write_catalogue(tmp_path / "catalogue", list(range(PRODUCTS)))
+    out, fresh = tmp_path / "updated", tmp_path / "fresh"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    write_catalogue(data, [*range(3, PRODUCTS), *range(50, 70)])
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(update_module, "_write_next", stopped)
+    assert run(*args(data, tiny_onnx, out, "--update")) == 130
+    monkeypatch.undo()
+    staged = out / "embeddings" / ".update" / "new"
+    assert (staged / "embeddings.json").is_file() and (staged / "part.json").is_file()
+
+    def no_build(cfg, summary, embedder=None, part=None):
+        raise AssertionError("the new photos were embedded again")
+
+    monkeypatch.setattr(update_module, "build", no_build)
+    capsys.readouterr()
+    import main as cli
+
+    assert cli.main([*map(str, args(data, tiny_onnx, out, "--update"))]) == 0
+    assert "embedded by the update that stopped are taken as it left them" in " ".join(capsys.readouterr().out.split())
+    monkeypatch.undo()
+    assert run(*args(data, tiny_onnx, fresh)) == 0
+    assert_same_as_fresh(out, fresh)
+    assert not (out / "embeddings" / ".update").exists()
