@@ -402,7 +402,7 @@ def test_the_report_shows_each_items_metadata(built, tiny_onnx, browser):
                            "f.dispatchEvent(new Event('input'));")
     wait(browser, "document.querySelector('.tools .sub').textContent.includes('matching')")
     found = browser.execute_script(
-        "return [...document.querySelectorAll('[data-role=grid] .tile')].map(t => +t.dataset.item)")
+        "return [...document.querySelectorAll('[data-role=grid] > .tile')].map(t => +t.dataset.item)")
     assert 7 in found and len(found) == sum(v == item_id for v in shop()["item_id"])
     assert browser.execute_script("return document.querySelector('[data-role=filter]').placeholder") == (
         "Filter by name or value…")
@@ -413,7 +413,7 @@ def test_the_report_shows_each_items_metadata(built, tiny_onnx, browser):
     wait(browser, f"document.querySelector('.tools .sub').textContent.includes('matching') && "
                   f"document.querySelector('[data-role=filter]').value === '{price}'")
     found = browser.execute_script(
-        "return [...document.querySelectorAll('[data-role=grid] .tile')].map(t => +t.dataset.item)")
+        "return [...document.querySelectorAll('[data-role=grid] > .tile')].map(t => +t.dataset.item)")
     assert 7 in found
     assert not console_errors(browser)
 
