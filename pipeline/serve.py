@@ -44,6 +44,7 @@ from .galleries import open_catalog, store_embedder_note
 from .images import ImageDecodeError, encode_jpeg, pil_open
 from .report import RunSummary, terminal_text
 from .searcher import Hit
+from .webreport import template
 
 log = logging.getLogger(__name__)
 
@@ -633,7 +634,7 @@ def _add_page_endpoints(app, service: SearchService) -> None:
     from fastapi.responses import HTMLResponse
 
     cfg = service.cfg
-    page = PAGE.read_text(encoding="utf-8")
+    page = template(PAGE.name)
 
     controls: Any = weakref.WeakKeyDictionary()  # read once for each catalog served, let go with it
 

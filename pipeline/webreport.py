@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -295,4 +296,15 @@ def _section_order(section_id: str) -> tuple[int, str]:
     return (order.index(section_id), section_id) if section_id in order else (len(order), section_id)
 
 
-PAGE = (Path(__file__).parent / "templates" / "report.html").read_text(encoding="utf-8")
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def template(name: str) -> str:
+    """A page of templates/ with the scripts it shares inlined where "// @include NAME.js" stands
+    (the report opens from file://, where a page loads no script of another folder)."""
+    page = (TEMPLATES / name).read_text(encoding="utf-8")
+    return re.sub(r"^// @include ([\w.-]+\.js)$",
+                  lambda m: (TEMPLATES / m.group(1)).read_text(encoding="utf-8").rstrip(), page, flags=re.MULTILINE)
+
+
+PAGE = template("report.html")

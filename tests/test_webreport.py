@@ -511,3 +511,15 @@ def test_the_pager_under_the_grid_turns_the_page_and_goes_back_to_its_top(report
                                        ".getBoundingClientRect().top")
         assert first < 844
     assert console_errors(browser) == []
+
+
+def test_both_pages_carry_the_shared_caption_script_once():
+    """The report (opened from file://) and the search page inline templates/captions.js, not a copy each."""
+    import re
+
+    from pipeline.webreport import template
+
+    for page in ("report.html", "search.html"):
+        text = template(page)
+        assert text.count("function distinctCuts(") == 1 and text.count("function midCut(") == 1, page
+        assert not re.search(r"^// @include", text, flags=re.MULTILINE), page
