@@ -99,7 +99,7 @@ MODES: tuple[Mode, ...] = (
                  (lambda c: "output_dir" in c.explicit, _EXPORT_WRITES_ONNX),
                  (lambda c: "int8_profile" in c.explicit and c.export.quantization != "static", _PROFILE_IS_STATIC),
                  (lambda c: bool({"precision", "backend"} & c.explicit), _EXPORT_TAKES_NO_PRECISION),
-                 (lambda c: not str(c.embedder.onnx).lower().endswith(".onnx"),
+                 (lambda c: not str(c.embedder.onnx).lower().endswith(".onnx") and not Path(c.embedder.onnx).is_dir(),
                   "--export-onnx writes --onnx {onnx} and its fp32 and text files beside it, named from it: give it "
                   "the .onnx suffix ({onnx}.onnx), as the runs that read them look for it"),
                  (lambda c: c.embedder.device == "cuda",
