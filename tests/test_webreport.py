@@ -485,6 +485,13 @@ def test_shop_names_are_told_apart_and_a_selection_opens_under_its_tile(tiny_onn
                                        ".map(c => c.textContent)")
         assert len(set(panel)) == 6 and all(len(c) <= 19 for c in panel), panel
         assert browser.execute_script(f"return {OUT_OF_CARDS}") == []
+        # a neighbour followed: the panel goes under that item's own row (left under the first, it read as its)
+        followed = browser.execute_script("const n = document.querySelector('.detail [data-neighbour]');"
+                                          "const j = n.dataset.neighbour; n.click(); return +j;")
+        wait(browser, f"document.querySelector('[data-role=grid] > .tile.on')?.dataset.item === '{followed}'")
+        order = [int(t.get_attribute("data-item")) for t in tiles]
+        row_end = order[min(len(order), (order.index(followed) // per_row + 1) * per_row) - 1]
+        wait(browser, f"document.querySelector('.detail').previousElementSibling?.dataset.item === '{row_end}'")
         browser.execute_script("const f = document.querySelector('[data-role=filter]'); f.value = 'nothing-like-it';"
                                "f.dispatchEvent(new Event('input'))")
         wait(browser, "document.querySelector('[data-role=grid] .empty')")
