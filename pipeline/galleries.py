@@ -47,11 +47,13 @@ from .ray_engine import RayBuild, build_gallery_ray
 from .remedy import (
     DECODE_OF_PIXELS,
     build_first,
+    cache_flag,
     finish_unfinished,
     flags_that_made,
     from_cache,
     gallery_run,
     reuse_or_rebuild,
+    source_flags,
 )
 from .remote import images_there, remove_stale_at_url
 from .report import RunSummary
@@ -245,10 +247,8 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
                 how = "to search that one, run the same command with " + (
                     "--use-segmentation" if not cfg.segmented else "no --use-segmentation")
             else:  # the other cache flag; or the build of this one
-                how = ("to reuse that one, run the same command with --use-embedded-segment in place of "
-                       "--use-embeddings" if not cfg.segmented else
-                       "to reuse that one, run the same command with --use-embeddings in place of "
-                       "--use-embedded-segment") + f"; to build this one, {from_cache(cfg.segmented)}"
+                how = (f"to reuse that one, run the same command with {cache_flag(not cfg.segmented)} in place of "
+                       f"{cache_flag(cfg.segmented)}; to build this one, {from_cache(cfg.segmented)}")
             raise CacheMismatchError(f"{e}\n{cfg.output_dir} holds {kind} in {other}: {how}") from None
         if e.missing and not (cfg.store_dir / PARTIAL_DIR).is_dir():
             line = build_first(cfg.store_dir, cfg.segmented, search_from, cfg.gallery_flags)
@@ -699,10 +699,7 @@ def store_dataset_flags(cfg: RunConfig) -> str:
     sidecar = store_sidecar(cfg)
     if sidecar is None or sidecar.source.dataset is None:
         return ""
-    default = DatasetSpec()  # a setting the default gives needs no flag (--split train); every row does (--limit 0)
-    fields = [f for f, name in _STORE_DATASET.items()
-              if f == "dataset" or getattr(sidecar.source, f) != getattr(default, name)]
-    return " ".join(flags_that_made(fields, sidecar.identity, sidecar.source, None))
+    return " ".join(source_flags(sidecar.source, sidecar.identity))
 
 
 def store_identity_if_default(cfg: RunConfig) -> VectorIdentity | None:

@@ -153,18 +153,25 @@ def rebuild_flags(typed: Sequence[str], identity: VectorIdentity, source: Galler
     dataset and replace the user's store with the hub's."""
     given = {w for w in typed if w.startswith("--")}
     made = {**source.to_json(), **identity.to_json()}
-    made.setdefault("limit", None)  # every row, which to_json leaves out: --limit 0 asks for it
-    words: list[str] = []
-    for name in (*SOURCE_FIELDS, *SEGMENT_FIELDS):
-        if (name not in made or FLAG_OF[name] in given or made[name] == flag_default(name)
-                or (made[name] is None and name != "limit")):
-            continue
-        words += [w for w in _flags_for(name, made, onnx_asked) if not w.startswith("(")]
+    words = source_flags(source, identity, given)
+    for name in SEGMENT_FIELDS:
+        if name in made and FLAG_OF[name] not in given and made[name] not in (None, flag_default(name)):
+            words += _flags_for(name, made, onnx_asked)
     if not given & {"--model", "--onnx", "--backend"}:
         words += _flags_for("onnx_sha256" if made.get("backend") == "onnx" else "model", made, onnx_asked)
         if made.get("backend") == "torch" and "--precision" not in given:
             words += _flags_for("precision", made, onnx_asked)  # a model run at fp16 or int8 is rebuilt so
     return words + list(typed)
+
+
+def source_flags(source: GallerySource, identity: VectorIdentity, given: Iterable[str] = ()) -> list[str]:
+    """The flags that ask for the rows a store was made from: its --dataset, and the other dataset
+    settings where they are not the defaults (--limit 0 for every row), but for the flags in `given`."""
+    made = {**source.to_json(), **identity.to_json()}
+    given = set(given)
+    names = [n for n in SOURCE_FIELDS if FLAG_OF[n] not in given
+             and (n == "dataset" or made.get(n) != flag_default(n)) and (made.get(n) is not None or n == "limit")]
+    return flags_that_made(names, identity, source, None)
 
 
 def flags_that_made(differing: Iterable[str], identity: VectorIdentity, source: GallerySource,
