@@ -323,7 +323,8 @@ class Catalog:
         searcher.metadata = load_metadata(root, searcher.rows, cache.sidecar.manifest_sha256)
         searcher.group_by(group_by)
         try:
-            spec = store_embedder_spec(cache.sidecar.identity, cache.root, model, onnx, device, threads)
+            spec = store_embedder_spec(cache.sidecar.identity, cache.root, model, onnx, device, threads,
+                                       cache.sidecar.onnx_file)
         except CacheMismatchError as e:
             if model is not None:
                 raise  # a model asked for that cannot answer for this store: said at open
@@ -671,11 +672,12 @@ def _check_k(k: Whole) -> None:
 
 
 def store_embedder_spec(made: VectorIdentity, root: Path, model: str | None, onnx: str | None, device: str,
-                        threads: int) -> EmbedderSpec:
+                        threads: int, recorded: str | None = None) -> EmbedderSpec:
     """What embeds the queries of the store at `root`, which `made` made. A store made by an ONNX
     file is asked with that file: with `model=` (the model the file was exported from; its own
-    vectors are not the file's), the file whose sha256 the store records is looked for beside the
-    default one, in ./onnx and the project's onnx/, else refused with what to pass."""
+    vectors are not the file's), the file whose sha256 the store records is looked for where the
+    store recorded it (`recorded`, the sidecar's onnx_file), beside the default one, in ./onnx and
+    the project's onnx/, else refused with what to pass."""
     runtime = made.runtime or ONNXRUNTIME  # a store's queries run on the runtime that made its vectors
     if model is not None:
         model = model_by_name(model)  # a short name, as --model takes it (marqo-fashionsiglip)
@@ -687,12 +689,13 @@ def store_embedder_spec(made: VectorIdentity, root: Path, model: str | None, onn
         default = EmbedderSpec(backend="onnx", device=device, threads=threads, runtime=runtime)
         if model is None and Path(default.onnx).is_file() and sha256_file_once(default.onnx) == made.onnx_sha256:
             return default
-        found = find_file_with_sha256(made.onnx_sha256 or "", default.onnx)
+        found = find_file_with_sha256(made.onnx_sha256 or "", default.onnx, recorded)
         if found is None:
             # named by what the store records: the default file's "make it with --export-onnx" would make a
             # file of the default model, which this store's vectors may never have come from
             why = "whose vectors are not the model's own" if model is not None else (
-                f"found neither at the default --onnx {default.onnx} nor by its sha256 in ./onnx or the project's "
+                (f"not at {recorded} any more (or with other bytes), " if recorded else "")
+                + f"found neither at the default --onnx {default.onnx} nor by its sha256 in ./onnx or the project's "
                 "onnx/")
             kind = (made.precision or "onnx-int8").removeprefix("onnx-").split("-")[0]  # int8, fp32
             raise CacheMismatchError(

@@ -402,8 +402,8 @@ class _ImageExport:
             probe_int8_min=p8,
             probe_int8_bar=records[self.tmp_int8].min_cosine,
         )
-        for line in report.lines():
-            log.info(line)
+        for line in report.lines():  # the run's summary lists them (main.py); a caller of export_onnx has them
+            log.debug(line)          # in the report it returns
         if not report.passed:
             raise PipelineError("ONNX export failed verification; no file was written:\n" + "\n".join(report.lines()))
         return report, records
@@ -419,8 +419,8 @@ class _ImageExport:
         except Exception as e:  # onnxruntime raises many types; the files themselves are verified
             log.warning("could not measure the exported files' speed: %s: %s", type(e).__name__, first_line(e))
             return [f"speed on this CPU not measured ({type(e).__name__}: {first_line(e)})"]
-        for line in lines:
-            log.info(line)
+        for line in lines:  # in the report's lines, as the verification's
+            log.debug(line)
         return lines
 
     def write(self, report: ExportReport, records: dict[Path, ProbeRecord]) -> None:

@@ -97,6 +97,9 @@ class Gallery:
     # After --update: the old store's embedding rows it kept, in its order (the new items follow), and
     # the old store's embeddings sha256, so that neighbours can be carried over (runner.gallery_neighbours).
     carried: tuple[np.ndarray, str] | None = None
+    # After --update: each kept photo's source row in the old store -> its row in the dataset now (a
+    # photo removed or added before it moves it), for what compares the old store's rows with the new.
+    kept_rows: dict[int, int] | None = None
 
     @property
     def embedded(self) -> list[ManifestRow]:
@@ -325,7 +328,7 @@ def open_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None 
                 verify_images(cfg.store_dir, cfg.images_dir, gallery.rows)
         with summary.stage("metadata"):  # the plain columns only: on the hub, the row groups under --limit
             table = read_metadata(cfg.dataset, cfg.meta_columns, warn=not checked)  # said once
-        keep_metadata(cfg, table, gallery.rows, summary)
+        keep_metadata(cfg, table, gallery.rows, summary, gallery.kept_rows)
         # the query and video results made on the store before this run, if it changed
         retire_stale(cfg.store_dir, cfg.output_dir, cfg.plots_dir, summary, cfg.output_url)
     if cfg.segmented and not cfg.from_cache:
@@ -390,8 +393,11 @@ def group_by(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> None:
         )
 
 
-def keep_metadata(cfg: RunConfig, table: Any, rows: list[ManifestRow], summary: RunSummary) -> None:
-    """metadata.parquet beside the store (metadata.py): the dataset's plain columns for its rows."""
+def keep_metadata(cfg: RunConfig, table: Any, rows: list[ManifestRow], summary: RunSummary,
+                  kept_rows: dict[int, int] | None = None) -> None:
+    """metadata.parquet beside the store (metadata.py): the dataset's plain columns for its rows. After
+    an update, its note counts the kept photos whose values changed (kept_rows: their old source row ->
+    their row now)."""
     path = cfg.store_dir / METADATA_FILE
     if table is None:
         unlink_quietly(path)
@@ -404,7 +410,7 @@ def keep_metadata(cfg: RunConfig, table: Any, rows: list[ManifestRow], summary: 
         kept = ", ".join(columns)
         summary.notes.append(f"metadata: {len(columns)} column(s) kept for --filter and every hit: {kept}")
     if before is not None and written:  # an update whose photos stayed said "changed 0" of a price changed
-        changed = changed_rows(before, keep_for_store(table, rows))
+        changed = changed_rows(before, keep_for_store(table, rows), kept_rows)
         said = (f"values of {changed:,} kept photo(s) changed" if changed is not None
                 else "its columns or their types changed")
         summary.notes.append(f"metadata: {said} (metadata.parquet written anew)")
@@ -754,8 +760,10 @@ def _search_embedder(cfg: RunConfig) -> EmbedderSpec:
         return _on_store_runtime(cfg)
     from .catalog import store_embedder_spec
 
+    sidecar = store_sidecar(cfg)  # read a second time, lightly: its file where it recorded one
     # the store's ONNX file found nowhere: refused, naming it (CacheMismatchError)
-    spec = store_embedder_spec(made, cfg.store_dir, None, None, cfg.embedder.device, cfg.embedder.threads)
+    spec = store_embedder_spec(made, cfg.store_dir, None, None, cfg.embedder.device, cfg.embedder.threads,
+                               sidecar.onnx_file if sidecar is not None else None)
     # its file on the runtime that made its vectors, unless --onnx-runtime says another (refused, with its remedy)
     runtime = cfg.embedder.runtime if "onnx_runtime" in cfg.explicit else spec.runtime
     if spec.backend == "onnx" and spec.onnx == EmbedderSpec().onnx:

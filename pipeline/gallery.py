@@ -526,7 +526,8 @@ def build_gallery(
                  embedder.preprocess_cfg.decode_min_side, summary, threads=plan.workers, progress=progress)
     with summary.stage("finalize store"):
         # `done` holds every shard of this run, verified at resume or just written: no second read.
-        emb, all_rows = build.finalize(done, identity or embedder.identity, source, embedder.dim, THUMB_SIZE)
+        emb, all_rows = build.finalize(done, identity or embedder.identity, source, embedder.dim, THUMB_SIZE,
+                                        onnx_file=embedder.source_file)
         remove_stale_files(target, all_rows)
     return emb, all_rows
 

@@ -66,15 +66,23 @@ def write_metadata(store_dir: Path, table: Any, rows: Sequence[ManifestRow]) -> 
     return True
 
 
-def changed_rows(old: Any, new: Any) -> int | None:
-    """How many of the source rows both tables hold have another value in some column (a missing
-    value, NaN included, equal to a missing one); None when their columns or types differ."""
+def changed_rows(old: Any, new: Any, moved: dict[int, int] | None = None) -> int | None:
+    """How many of the photos both tables hold have another value in some column (a missing value,
+    NaN included, equal to a missing one); None when their columns or types differ. A photo is its
+    source row in both, or, with `moved` (an update's kept photos: old source row -> row now), the
+    old table's rows are renumbered so first, and those it does not name left out: a photo removed
+    before them moved every later row, and they were all counted as changed."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     names = [c for c in new.column_names if c != "source_row"]
     if sorted(names) != sorted(c for c in old.column_names if c != "source_row"):
         return None
+    if moved is not None:
+        was, now_at = int64_array(list(moved)), int64_array(list(moved.values()))
+        at = pc.index_in(old.column("source_row"), value_set=was)
+        old = old.filter(pc.is_valid(at))
+        old = old.set_column(old.column_names.index("source_row"), "source_row", now_at.take(pc.drop_null(at)))
     at = pc.index_in(new.column("source_row"), value_set=old.column("source_row"))
     both = pc.is_valid(at)
     now, before = new.filter(both), old.take(pc.drop_null(at))

@@ -293,7 +293,33 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     for when, message in _AFTER:
         if when(cfg):
             return _said(message, values, cfg)
-    return _filter_syntax(cfg.filter)
+    # a path typed where there is nothing, after what contradicts (said whatever the files)
+    return _missing_path(cfg) or _filter_syntax(cfg.filter)
+
+
+def _missing_path(c: RunConfig) -> str | None:
+    """A typed --dataset, --model or --onnx that names a path where there is nothing, said before any
+    dataset or model is opened (a typo in a path is a bad flag, exit 2, not a failure an hour in). A
+    name that could be a hub id (owner/name) is left to the hub; --export-onnx writes its --onnx."""
+    from .backends import OPEN_CLIP_HUB, open_clip_weights
+    from .dataset import is_hub_id
+
+    if "dataset" in c.explicit and not Path(c.dataset.name).expanduser().exists() and not is_hub_id(c.dataset.name):
+        return (f"--dataset {c.dataset.name}: no such file or folder (a local dataset is a folder of pictures, a "
+                "parquet file or folder, or a saved dataset; a hub dataset is owner/name)")
+    model = c.embedder.model
+    if "model" in c.explicit and not model.startswith(OPEN_CLIP_HUB):
+        named = open_clip_weights(model)
+        if named is not None:
+            if named[1] and not Path(named[1]).expanduser().exists():
+                return f"--model {model}: no weights file {named[1]}"
+        elif not Path(model).expanduser().exists() and not is_hub_id(model):
+            return (f"--model {model}: no such folder (a local model is the folder its save_pretrained wrote; a "
+                    "hub model is owner/name)")
+    if ("onnx" in c.explicit and not c.export.enabled and c.embedder.backend != "torch"  # that one is refused below
+            and not Path(c.embedder.onnx).expanduser().exists()):
+        return f"--onnx {c.embedder.onnx}: no such file (make it with python main.py --export-onnx --onnx FILE)"
+    return None
 
 
 def _said(message: str, values: dict[str, Any], cfg: RunConfig) -> str:

@@ -532,7 +532,8 @@ def _build(
     sign_resumed([r for shard in done.values() for r in shard.rows], image_reader(build.images),
                  embedder.preprocess_cfg.decode_min_side, summary, threads=available_cores(), progress=build.progress)
     with summary.stage("finalize store"):
-        emb, rows = store.finalize(all_shards, identity, source, embedder.dim, THUMB_SIZE)
+        emb, rows = store.finalize(all_shards, identity, source, embedder.dim, THUMB_SIZE,
+                                    onnx_file=embedder.source_file)
     return emb, rows
 
 

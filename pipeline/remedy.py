@@ -219,11 +219,14 @@ def _flags_for(name: str, made: dict[str, Any], onnx_asked: str | None) -> list[
     return []  # model_sha256, preprocess, dim: the model's files changed; only rebuilding helps
 
 
-def find_file_with_sha256(sha256: str, near: str | None) -> Path | None:
-    """An .onnx file beside `near`, in ./onnx or in the project's onnx/ (a run from another folder)
-    whose bytes hash to `sha256`."""
+def find_file_with_sha256(sha256: str, near: str | None, recorded: str | None = None) -> Path | None:
+    """The file a store recorded (`recorded`, where it still holds those bytes), else an .onnx file
+    beside `near`, in ./onnx or in the project's onnx/ (a run from another folder) whose bytes hash
+    to `sha256`."""
     if not sha256:  # a store that records none: no file can be it
         return None
+    if recorded and Path(recorded).is_file() and sha256_file_once(recorded) == sha256:
+        return Path(recorded)
     project = Path(__file__).resolve().parents[1] / "onnx"
     folders = {Path(near).parent if near else Path("onnx"), Path("onnx"), project}
     # a file kept under its own sha256 (export.keep_replaced: <stem>.<12 hex>.onnx) first: a kept int8

@@ -219,6 +219,10 @@ class Sidecar:
     # The local dataset's files as the store was made from them (dataset.dataset_stamp): recorded,
     # never compared; a run that reuses the store says when they changed since (--update catches up).
     dataset_files: str | None = None
+    # The ONNX file that made the vectors, its absolute path when the store was written: recorded,
+    # never compared (the identity's onnx_sha256 is what counts); where it still holds those bytes, a
+    # search with no --onnx finds it there (catalog.store_embedder_spec).
+    onnx_file: str | None = None
 
     def to_json(self) -> str:
         data = {**asdict(self), "identity": self.identity.to_json(), "source": self.source.to_json()}
@@ -226,6 +230,8 @@ class Sidecar:
             del data["thumbnail_segments"]
         if self.dataset_files is None:  # a hub dataset's: nothing recorded, as before
             del data["dataset_files"]
+        if self.onnx_file is None:  # a model's vectors: nothing recorded, as before
+            del data["onnx_file"]
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
@@ -727,6 +733,8 @@ class ShardStore:
             elif old != asked:
                 # what the run on disk recorded and this one does not (a weights file no longer at its path) too
                 diffs = describe_differences(asked, old) + _recorded_only_there(old, asked)
+                if any(d.startswith("source.seg_weights:") for d in diffs):  # one change of the weights, said once
+                    diffs = [d for d in diffs if not d.startswith("segmenter_weights:")]
                 if diffs and all(d.startswith("dataset_files:") for d in diffs):
                     raise PipelineError(
                         f"{self.dir} holds shards of an unfinished run on the dataset as it was:\n  {diffs[0]}\n"
@@ -839,9 +847,11 @@ class StoreBuild:
         self.shards = ShardStore(store_dir, params, fresh=fresh)
 
     def finalize(
-        self, shards: list[Shard], identity: VectorIdentity, source: GallerySource, dim: int, thumbnail_size: int
+        self, shards: list[Shard], identity: VectorIdentity, source: GallerySource, dim: int, thumbnail_size: int,
+        onnx_file: Path | None = None,
     ) -> tuple[np.ndarray, list[ManifestRow]]:
-        emb, rows = finalize_store(self.store_dir, self.shards, shards, identity, source, dim, thumbnail_size)
+        emb, rows = finalize_store(self.store_dir, self.shards, shards, identity, source, dim, thumbnail_size,
+                                   onnx_file=onnx_file)
         if "rows" in self.shards.run_params:  # a part (--update's new photos): what it was built for, kept with it
             atomic_write_text(self.store_dir / PART_FILE, json.dumps(self.shards.run_params, sort_keys=True))
         self.shards.remove()
@@ -859,6 +869,7 @@ def finalize_store(
     source: GallerySource,
     dim: int,
     thumbnail_size: int,
+    onnx_file: Path | None = None,
 ) -> tuple[np.ndarray, list[ManifestRow]]:
     """Join the run's completed shards (in order, as verified or written by this run) into the final
     files, renumbering rows; the sidecar goes last. Thumbnails are read back from `shard_store` one
@@ -885,7 +896,8 @@ def finalize_store(
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     thumbs = (shard_store.thumbnails(n) for n in shard_numbers)
     write_store(root, emb, rows, thumbs, identity, source, thumbnail_size,
-                dataset_files=shard_store.run_params.get("dataset_files"))  # as the run began: its rows' files
+                dataset_files=shard_store.run_params.get("dataset_files"),  # as the run began: its rows' files
+                onnx_file=onnx_file)
     return emb, rows
 
 
@@ -912,11 +924,13 @@ def write_store(
     thumbnail_size: int,
     kept_thumbnails: Sequence[ThumbnailPart] = (),
     dataset_files: str | None = None,
+    onnx_file: Path | None = None,
 ) -> None:
     """Write a store's files into `root`: the sidecar removed first and written last, from the hashes
     of the bytes written (not read back). `thumbs`: uint8 (n, T, T, 3) chunks, in embedding-row
     order, written one at a time, so memory does not grow with the gallery. dataset_files: the
-    dataset's stamp (dataset.dataset_stamp) as the store was made from it.
+    dataset's stamp (dataset.dataset_stamp) as the store was made from it. onnx_file: the ONNX file
+    that made the vectors (recorded by its absolute path), None for a model's.
 
     kept_thumbnails: the first rows' thumbnails files, kept from the store this one replaces (an
     update: thumbnails.npy first, then segments, all in the store's folder, not `root`); `thumbs` are
@@ -960,6 +974,7 @@ def write_store(
         machine=dict(cpu_info()),
         thumbnail_segments=[asdict(part) for part in parts[1:]],
         dataset_files=dataset_files,
+        onnx_file=str(Path(onnx_file).resolve()) if onnx_file is not None else None,
     )
     if not kept_thumbnails:
         # A whole store written in place: an older one's segments are not its. Removed before the sidecar is

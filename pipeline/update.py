@@ -45,7 +45,7 @@ from .dataset import Record, check_dataset, dataset_stamp
 from .duplicates import SIGNATURE_VERSION
 from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError, first_line
-from .fileio import link_or_copy, unlink_quietly
+from .fileio import link_or_copy, sha256_file_once, unlink_quietly
 from .galleries import (
     BuildPart,
     Gallery,
@@ -296,7 +296,7 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
         shutil.rmtree(cfg.images_dir / STAGING, ignore_errors=True)
         if cfg.images_url:
             UrlImages(cfg.images_url).drop_staged(keep=set())
-        return Gallery(old.embeddings, old.rows, embedder)
+        return Gallery(old.embeddings, old.rows, embedder, kept_rows=dict(plan.kept))
     new = _embed_new(cfg, summary, embedder, plan, old)
     with summary.stage("write the new store"):
         emb, rows, take = _write_next(cfg, old, groups, plan, new)
@@ -314,7 +314,7 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
     with summary.stage("switch"):
         switch(cfg)
     return Gallery(emb, rows, new.embedder if new is not None else embedder,
-                   carried=(np.asarray(take, np.int64), old.sidecar.embeddings_sha256))
+                   carried=(np.asarray(take, np.int64), old.sidecar.embeddings_sha256), kept_rows=dict(plan.kept))
 
 
 class _ModelLoad:
@@ -649,8 +649,20 @@ def _write_next(
     at = sum(part.count for part in kept_parts)
     thumbs = _thumbnails(old, take[at:], new, cfg.store_dir / STAGING / "new")
     write_store(next_dir, emb, rows, thumbs, old.sidecar.identity, gallery_source(cfg), old.sidecar.thumbnail_size,
-                kept_thumbnails=kept_parts, dataset_files=dataset_stamp(cfg.dataset))
+                kept_thumbnails=kept_parts, dataset_files=dataset_stamp(cfg.dataset),
+                onnx_file=_onnx_file(cfg, old.sidecar))
     return emb, rows, take
+
+
+def _onnx_file(cfg: RunConfig, made: Sidecar) -> Path | None:
+    """The ONNX file the updated store records: the one this update embedded with (checked to be the
+    store's by its sha256), else the one recorded before (an update that embedded nothing)."""
+    if made.identity.backend != "onnx":
+        return None
+    used = Path(cfg.embedder.onnx)
+    if used.is_file() and sha256_file_once(used) == made.identity.onnx_sha256:
+        return used
+    return Path(made.onnx_file) if made.onnx_file else None
 
 
 def kept_thumbnails(parts: list[ThumbnailPart], take: Sequence[int], total: int) -> list[ThumbnailPart]:

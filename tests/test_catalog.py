@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -446,10 +447,19 @@ def test_a_store_made_by_the_onnx_file_is_searched_with_it_when_opened_with_its_
     found, the refusal comes at open and says to pass onnx=."""
     import shutil
 
-    out = tmp_path / "out"
-    assert cli.main(["--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--output-dir", str(out),
+    out, built = tmp_path / "out", tmp_path / "built" / "m_int8.onnx"
+    built.parent.mkdir()
+    shutil.copy(tiny_onnx, built)
+    assert cli.main(["--dataset", str(mixed_dataset), "--onnx", str(built), "--output-dir", str(out),
                      "--max-result-images", "0", "-q"]) == 3
     monkeypatch.chdir(tmp_path)
+    # where the file is still where the store recorded it, a search with nothing named takes it from there
+    assert json.loads((out / "embeddings" / "embeddings.json").read_text())["onnx_file"] == str(built)
+    first = Catalog.open(out)
+    look = out / "images" / first.items[2].file
+    assert first.search_image(look, k=1)[0].hits[0].row == 2
+    assert cli.main(["--query-image", str(look), "--output-dir", str(out), "-q"]) == 0
+    built.rename(tmp_path / "moved.onnx")  # gone from there: looked for by its sha256, and not found
     with pytest.raises(CacheMismatchError,
                        match="made by an int8 ONNX file .* pass --onnx FILE \\(onnx='FILE.onnx' from Python\\)"):
         Catalog.open(out, model=str(tiny_clip))
@@ -458,7 +468,8 @@ def test_a_store_made_by_the_onnx_file_is_searched_with_it_when_opened_with_its_
     opened = Catalog.open(out)  # its vectors and neighbours need no embedder: said when a query needs one
     assert opened.neighbours(0, k=2)[0].row != 0
     with pytest.raises(CacheMismatchError, match=r"made by an int8 ONNX file \(sha256 [0-9a-f]{12}…, exported from "
-                       r".*\), found neither at the default --onnx .* pass --onnx FILE \(onnx='FILE.onnx' from "
+                       r".*\), not at .*m_int8\.onnx any more \(or with other bytes\), found neither at the default "
+                       r"--onnx .* pass --onnx FILE \(onnx='FILE.onnx' from "
                        r"Python\), the file that made it \(one an export replaced is kept beside the new one as "
                        r"<name>\.[0-9a-f]{12}\.onnx\)"):
         opened.search_text("red")
@@ -477,9 +488,11 @@ def test_a_store_made_by_the_onnx_file_is_searched_with_it_when_opened_with_its_
     # a store of the fp32 file is named as one, not as an int8 file's
     from pipeline.export import fp32_path_for
 
-    fp32 = tmp_path / "fp32"
-    assert cli.main(["--dataset", str(mixed_dataset), "--onnx", str(fp32_path_for(tiny_onnx)), "--output-dir",
+    fp32, fp32_file = tmp_path / "fp32", tmp_path / "built" / "m_fp32.onnx"
+    shutil.copy(fp32_path_for(tiny_onnx), fp32_file)
+    assert cli.main(["--dataset", str(mixed_dataset), "--onnx", str(fp32_file), "--output-dir",
                      str(fp32), "--max-result-images", "0", "-q"]) == 3
+    fp32_file.unlink()
     with pytest.raises(CacheMismatchError, match=r"made by an fp32 ONNX file \(sha256 "):
         Catalog.open(fp32).search_text("red")
 

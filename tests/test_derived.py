@@ -101,6 +101,16 @@ def test_query_results_go_when_the_catalogues_values_alone_change(tiny_onnx, tmp
     assert 0.99 in prices.values()  # the new price, in the results made again
     now = [0.99] + [10.0 + k for k in range(1, 8)]  # each photo's own price, not another's
     assert prices == {r.file: now[r.source_row] for r in read_manifest(out / "embeddings" / "manifest.csv")}
+    # a photo gone from the top moves every later row: still the one photo whose values changed is counted
+    # (matched by row number, all six kept photos were)
+    catalogue_now = assets.write_parquet_dataset(
+        tmp_path / "catalogue", [photo(k) for k in range(1, 8)],
+        extra={"item_id": [f"P{k:03d}" for k in range(1, 8)], "price": [10.0 + k for k in range(1, 7)] + [5.0]})
+    assert catalogue_now == data
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "removed 1, unchanged 7" in said and "values of 1 kept photo(s) changed" in said, said
 
 
 def _video_section(out: Path, stamp: dict, exist_ok: bool = False) -> Path:

@@ -30,8 +30,10 @@ def test_export_writes_both_files_with_metadata(quantization, tiny_clip, tmp_pat
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         assert cli.main(args) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "fp32 ONNX: min" in out and "int8 ONNX: min" in out
+    # each verification and speed line said once, in the summary (the log printed them a first time)
+    assert (out + err).count("int8 ONNX: min") == 1 and (out + err).count("on this CPU, ") == 1
     # torch's exporter says nothing of its own: no progress lines, no warnings about torch's internals
     assert "[torch.onnx]" not in out
     internal = [str(w.message) for w in seen if "reduce_op" in str(w.message) or "The axis name" in str(w.message)]

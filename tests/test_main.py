@@ -362,12 +362,46 @@ def test_unwritable_output_dir_is_refused_before_work(tmp_path, tiny_clip, capsy
     assert f"output folder {blocker} is a file, not a folder." in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, said", [
+    ("--dataset", "{tmp}/photos", "--dataset {tmp}/photos: no such file or folder"),
+    ("--dataset", "./shop.parquet", "--dataset ./shop.parquet: no such file or folder"),
+    ("--model", "{tmp}/models/fashion-clip", "--model {tmp}/models/fashion-clip: no such folder"),
+    ("--model", "open_clip:ViT-B-32:{tmp}/vit.bin", "--model open_clip:ViT-B-32:{tmp}/vit.bin: no weights file"),
+    ("--onnx", "{tmp}/m_int8.onnx", "--onnx {tmp}/m_int8.onnx: no such file (make it with"),
+])
+def test_a_typed_path_with_nothing_there_is_a_bad_flag_said_before_anything_opens(flag, value, said, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """A mistyped path exits 2 with the flag named, before the (default, hub) dataset or a model is
+    opened: --onnx was found missing after the dataset opened (offline, the hub's error hid it), and
+    --model /path was sent to the hub as an id."""
+    monkeypatch.chdir(tmp_path)
+    tmp = str(tmp_path)
+    assert run(flag, value.format(tmp=tmp), "--output-dir", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert said.format(tmp=tmp) in err and "hub" not in err.split(":", 2)[-1].split("(")[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_path_that_could_be_a_hub_id_or_is_written_by_the_run_is_not_refused(tmp_path):
+    from pipeline.config import config_from_flags
+    from pipeline.modes import _missing_path
+
+    def problem(**flags):
+        return _missing_path(config_from_flags(flags, frozenset(flags)))
+
+    assert problem(model="someone/fashion-model") is None  # the hub's to say
+    assert problem(model="hf-hub:Marqo/marqo-fashionSigLIP") is None
+    assert problem(dataset="owner/shop") is None
+    assert problem(onnx=str(tmp_path / "new_int8.onnx"), export_onnx=True) is None  # what the export writes
+    assert problem(dataset=str(tmp_path)) is None
+
+
 def test_an_onnx_file_named_but_missing_is_reported_not_replaced(tmp_path, mixed_dataset, tiny_clip, capsys):
     # --backend auto falls back to the transformers model only when --onnx is left at its default
     absent = tmp_path / "edge" / "model_int8.onnx"
     args = ("--dataset", mixed_dataset, "--model", tiny_clip, "--output-dir", tmp_path / "out", "-q")
-    assert run(*args, "--onnx", absent) == 1
-    assert f"ONNX file {absent} not found" in capsys.readouterr().err
+    assert run(*args, "--onnx", absent) == 2  # a bad flag, said before the dataset or a model is opened
+    assert f"--onnx {absent}: no such file (make it with python main.py --export-onnx" in capsys.readouterr().err
     assert not (tmp_path / "out" / "embeddings" / "embeddings.npy").exists()
     # with --backend torch the file would go unused: refused, not ignored without a word
     assert run(*args, "--onnx", absent, "--backend", "torch", "--limit", "4") == 2

@@ -946,3 +946,9 @@ def test_the_rows_whose_values_changed_are_counted_missing_and_nan_alike():
     assert changed_rows(old, new) == 1  # row 0's price; NaN and missing are as they were; row 4 is new, 3 gone
     assert changed_rows(old, new.drop_columns(["name"])) is None  # a column gone
     assert changed_rows(old, new.set_column(1, "price", pa.array([1, 2, 3, 4]))) is None  # another type
+    # an update's kept photos, renumbered: row 0 removed moves every later photo up one; only the price of
+    # the photo at 2 (now 1) changed. Matched by row number, every moved photo counted (3)
+    moved = pa.table({"source_row": [0, 1, 2], "price": [float("nan"), 7.0, 4.0], "name": ["b", None, "d"]})
+    assert changed_rows(old, moved) == 3
+    assert changed_rows(old, moved, {1: 0, 2: 1, 3: 2}) == 1
+    assert changed_rows(old, moved.slice(0, 2), {1: 0, 2: 1}) == 1  # a photo not kept: not compared

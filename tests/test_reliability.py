@@ -505,23 +505,23 @@ def test_resume_recomputes_a_shard_replaced_by_a_valid_different_file(
 
 
 @pytest.mark.parametrize(
-    "wrong, why",
+    "wrong, why, code",
     [
-        (["--dataset", "{missing}"], "is neither an existing path nor a hub id"),
-        (["--image-column", "photo"], "has no column 'photo'; its columns are ['image']"),
-        (["--split", "test"], "no parquet files for split 'test'"),
+        (["--dataset", "{missing}"], "does_not_exist: no such file or folder (a local dataset is", 2),
+        (["--image-column", "photo"], "has no column 'photo'; its columns are ['image']", 1),
+        (["--split", "test"], "no parquet files for split 'test'", 1),
     ],
     ids=["dataset", "column", "split"],
 )
 def test_a_run_that_fails_before_any_row_leaves_nothing_and_its_fix_runs(
-    wrong, why, mixed_dataset, tiny_onnx, tmp_path, capsys
+    wrong, why, code, mixed_dataset, tiny_onnx, tmp_path, capsys
 ):
     """The dataset, its split and its columns are checked before the run's state is written, so the
     corrected command is not refused as 'an unfinished run with different arguments'."""
     out = tmp_path / "runs" / "x"
     args = ["--dataset", mixed_dataset, "--onnx", tiny_onnx, "--output-dir", out, "--max-result-images", "0"]
     bad = [a.replace("{missing}", str(tmp_path / "does_not_exist")) for a in wrong]
-    assert run(*args, *bad) == 1
+    assert run(*args, *bad) == code
     assert why in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # no empty folders, no lock file
     assert run(*args) == 3  # the corrected command runs (3: the mixed dataset's broken rows)

@@ -246,9 +246,9 @@ def test_a_model_path_that_does_not_exist_is_said_to_be_neither_a_folder_nor_a_h
     nor the advice to go offline: the path is wrong."""
     missing = tmp_path / "no-such-model"
     data = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(40, 40)])
-    assert run("--model", missing, "--backend", backend, "--dataset", data, "--output-dir", tmp_path / "o") == 1
-    err = capsys.readouterr().err
-    assert f"{missing} is neither an existing folder nor a hub id like 'owner/name': check the path." in err
+    assert run("--model", missing, "--backend", backend, "--dataset", data, "--output-dir", tmp_path / "o") == 2
+    err = capsys.readouterr().err  # a bad flag, said before the model loads (10 s) or the dataset opens
+    assert f"--model {missing}: no such folder (a local model is the folder its save_pretrained wrote" in err
     assert "Without network access" not in err
 
 

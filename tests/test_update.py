@@ -1657,3 +1657,25 @@ def test_an_update_stopped_after_its_new_photos_were_embedded_does_not_embed_the
     assert run(*args(data, tiny_onnx, fresh)) == 0
     assert_same_as_fresh(out, fresh)
     assert not (out / "embeddings" / ".update").exists()
+
+
+def test_a_bare_update_embeds_with_the_onnx_file_the_store_records(tiny_onnx, tmp_path, monkeypatch):
+    """`python main.py --update --output-dir out` (the README's example) found the store's ONNX file
+    only in ./onnx or the project's onnx/: built with a file elsewhere, it was refused ("pass --onnx
+    FILE"). The store records the file's path, and the updated store records it again."""
+    import json
+    import shutil
+
+    from tests.helpers import run
+
+    file = tmp_path / "models" / "edge_int8.onnx"
+    file.parent.mkdir()
+    shutil.copy(tiny_onnx, file)
+    data = write_catalogue(tmp_path / "catalogue", list(range(6)))
+    out = tmp_path / "g"
+    assert run(*args(data, file, out)) == 0
+    monkeypatch.chdir(tmp_path / "models")  # from another folder, where no ./onnx holds it
+    write_catalogue(tmp_path / "catalogue", list(range(8)))
+    assert run("--update", "--output-dir", out) == 0
+    sidecar = json.loads((out / "embeddings" / "embeddings.json").read_text())
+    assert sidecar["onnx_file"] == str(file) and sidecar["count"] == 8
