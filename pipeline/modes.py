@@ -102,6 +102,9 @@ MODES: tuple[Mode, ...] = (
                  (lambda c: not str(c.embedder.onnx).lower().endswith(".onnx") and not Path(c.embedder.onnx).is_dir(),
                   "--export-onnx writes --onnx {onnx} and its fp32 and text files beside it, named from it: give it "
                   "the .onnx suffix ({onnx}.onnx), as the runs that read them look for it"),
+                 (lambda c: Path(c.embedder.onnx).stem.lower().endswith("_fp32"),
+                  "--export-onnx writes the int8 file at --onnx {onnx}, and its fp32 twin beside it: a name ending "
+                  "in _fp32 would hold the int8 file and read as the fp32 one. Name the int8 file (…_int8.onnx)"),
                  (lambda c: c.embedder.device == "cuda",
                   "--export-onnx exports, quantizes and verifies on the CPU, for the CPU: drop --device cuda (a "
                   "GPU runs the file with onnxruntime-gpu, or the model itself with --backend torch)"),

@@ -551,10 +551,11 @@ def _spec_for(cfg: RunConfig, name: str) -> EmbedderSpec:
         raise UsageError(f"--eval-backends {name}: --onnx {e.onnx} is an fp32 file; name the int8 file with --onnx "
                          "(its fp32 file is found beside it)")
     path = e.onnx if wanted.onnx_file == "int8" or fp32_file else str(fp32_path_for(e.onnx))
-    if path != e.onnx and Path(e.onnx).is_file():  # the fp32 twin of the int8 file named
+    if path != e.onnx:  # the fp32 twin of the int8 file named (or not there yet: the export makes both)
         from .embedders import META_PRECISION, exported_from, known_file_metadata
 
-        made_from = exported_from(e.onnx)
+        made_from = exported_from(e.onnx) if Path(e.onnx).is_file() else e.model
+        # the int8 file's name, never the fp32 twin's: an export to that name wrote an int8 file under it
         again = f"python main.py --export-onnx{f' --model {made_from}' if made_from else ''} --onnx {e.onnx}"
         if not Path(path).is_file():
             raise UsageError(f"--eval-backends {name}: {path} not found; it is the fp32 file that {again} writes "

@@ -293,6 +293,7 @@ def test_alignment_past_1000_rows(tmp_path, tiny_onnx):
         (["--backend", "torch", "--onnx", "m.onnx"], "--onnx names a file to run, and --backend torch runs --model"),
         (["--export-onnx", "--device", "cuda"], "--export-onnx exports, quantizes and verifies on the CPU"),
         (["--export-onnx", "--onnx", "nos/model"], "give it the .onnx suffix (nos/model.onnx)"),
+        (["--export-onnx", "--onnx", "onnx/m_fp32.onnx"], "a name ending in _fp32 would hold the int8 file"),
     ],
 )
 def test_bad_flags_exit_2(args, message, capsys):
