@@ -176,7 +176,8 @@ def _read_as_parquet(name: Any, read: Callable[[], Any]) -> Any:
 
 def check_dataset(spec: DatasetSpec) -> int | None:
     """Open the dataset, so a wrong name, split or column fails here, before a run writes anything;
-    then the rows that will be read (count_rows). Parquet files are checked by their first file's
+    then its rows, all of them, where cheap to know (dataset_size; capped_rows gives those --limit
+    reads). Parquet files are checked by their first file's
     footer (no image is read twice); other datasets by reading their first row.
 
     Raises:
@@ -208,11 +209,24 @@ def check_dataset(spec: DatasetSpec) -> int | None:
             next(records, None)
         finally:
             records.close()
-    return count_rows(spec)
+    return dataset_size(spec)
 
 
 def count_rows(spec: DatasetSpec) -> int | None:
     """Number of rows that will be read (for progress bars), when it is cheap to know."""
+    return capped_rows(dataset_size(spec), spec.limit)
+
+
+def capped_rows(size: int | None, limit: int | None) -> int | None:
+    """The rows of a dataset of `size` rows (None: not known) that --limit reads."""
+    if size is None:
+        return limit
+    return size if limit is None else min(size, limit)
+
+
+def dataset_size(spec: DatasetSpec) -> int | None:
+    """The dataset's rows, whatever --limit, where cheap to know (a folder's listing, parquet
+    footers, the hub's dataset card); None otherwise."""
     path = Path(spec.name)
     n: int | None = None
     if (root := _image_folder(spec)) is not None:
@@ -221,9 +235,7 @@ def count_rows(spec: DatasetSpec) -> int | None:
         n = sum(_parquet_footer(f, f).num_rows for f in files)
     elif not path.exists() and is_hub_id(spec.name):
         n = _hub_split(spec).num_rows  # from the dataset card: no shard is opened to count
-    if n is None:
-        return spec.limit
-    return n if spec.limit is None else min(n, spec.limit)
+    return n
 
 
 def is_hub_id(name: str) -> bool:

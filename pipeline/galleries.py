@@ -23,6 +23,7 @@ from .datarecord import file_stamps, record_build
 from .dataset import (
     DatasetSpec,
     Record,
+    capped_rows,
     check_dataset,
     check_meta_columns,
     dataset_stamp,
@@ -37,7 +38,7 @@ from .embedders import Embedder, EmbedderSpec, make_embedder, on_cuda, requested
 from .errors import CacheMismatchError, PipelineError
 from .fileio import being_written, read_json_dict, sha256_file_once, unlink_quietly
 from .gallery import STANDARD_FILES, DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
-from .identity import GallerySource, VectorIdentity
+from .identity import GallerySource, VectorIdentity, differences
 from .items import make_segment_items, make_standard_items, note_persons_cut
 from .machine import TreeMemory
 from .metadata import METADATA_FILE, changed_rows, keep_for_store, load_metadata, stored_table, write_metadata
@@ -492,7 +493,17 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
     """Build (or resume) the run's gallery store from its dataset (or, with `part`, some of its rows
     into other folders)."""
     # A wrong dataset, split or column fails here: before the model loads and before the run's state is written.
-    total_rows = check_dataset(cfg.dataset) if part is None else len(part.rows)
+    size = check_dataset(cfg.dataset) if part is None else None
+    total_rows = capped_rows(size, cfg.dataset.limit) if part is None else len(part.rows)
+    again = built_again(cfg) if part is None else None
+    if again:
+        log.warning("%s", again)
+        summary.notes.append(again)
+    if size is not None and total_rows is not None and size > total_rows:  # the default 10,000 cut a catalogue short
+        said = (f"--limit {total_rows:,}: the first {total_rows:,} of the dataset's {size:,} rows (--limit 0 reads "
+                "them all)")
+        log.info("%s", said)
+        summary.notes.append(said)
     if part is None:
         staged = [f for f in (cfg.store_dir / UPDATE_DIR, cfg.images_dir / UPDATE_DIR) if f.is_dir()]
         if staged:  # the build replaces the store: an update's work on the old one is moot
@@ -679,6 +690,26 @@ def _taken_from_store(cfg: RunConfig, sidecar: Sidecar) -> list[str]:
     return [field for field, name in _STORE_DATASET.items()
             if field not in cfg.explicit and getattr(made, field) != getattr(cfg.dataset, name)
             and (getattr(made, field) is not None or field in ("config", "limit"))]
+
+
+def built_again(cfg: RunConfig) -> str | None:
+    """What a gallery run is told over a complete store that the same flags made (the first
+    command run a second time, where --use-embeddings was meant): it embeds every photo again,
+    which --use-embeddings or --update would not. None for any other run (--fresh asks for it; a
+    stopped rebuild resumes)."""
+    if cfg.fresh or cfg.update or cfg.from_cache or (cfg.store_dir / PARTIAL_DIR).is_dir():
+        return None
+    sidecar = store_sidecar(cfg)
+    if sidecar is None or sidecar.source != gallery_source(cfg):
+        return None
+    try:
+        if differences(requested_identity(cfg.embedder), sidecar.identity):
+            return None
+    except PipelineError:  # the file asked for is not there: said when the run loads it
+        return None
+    how = ("the dataset changed since: --update embeds only its new and changed photos" if dataset_changed(sidecar)
+           else "--use-embeddings reuses it as it is, --update catches up with a changed dataset")
+    return f"{cfg.store_dir} holds a complete store these flags made: this run embeds every photo again ({how})"
 
 
 def dataset_changed(sidecar: Sidecar) -> str | None:

@@ -117,17 +117,21 @@ _ROW_SOURCE = re.compile(r"\[\d+\]$")  # "<dataset>[row]": a cell without a path
 
 
 def shown_name(source: str, file: str, lasting: bool = False, person: int = -1) -> str:
-    """What the user knows an item's photo by, short, for captions: the last part of its source (a
-    file of the dataset folder, or `<dataset>[row]`; `cat[12]` of `./cat/[12]` too), and a person
-    crop's number as query labels write it (`p01.jpg#p0`); the gallery's file where there is no
-    source.
+    """What the user knows an item's photo by, for captions: a file of the dataset folder by its
+    path in it (`SKU1001/front.jpg`: a shop's folder per product names every photo front.jpg, and the
+    folder alone tells them apart; a caption too long is cut in the middle, where it is shown), the
+    last part of any other source (a file by its absolute path, `<dataset>[row]`; `cat[12]` of
+    `./cat/[12]` too), and a person crop's number as query labels write it (`p01.jpg#p0`); the
+    gallery's file where there is no source.
     lasting: for a caption kept across runs (the result pictures), the file instead of a row
     number, which an update that removes or inserts rows before it changes."""
     row = _ROW_SOURCE.search(source)
     if not source or (lasting and row):
         return file
     path = source[: row.start()] if row else source
-    name = re.split(r"[\\/]", path.rstrip("\\/"))[-1] + (row.group(0) if row else "")
+    relative = not row and not re.match(r"([\\/]|[A-Za-z]:[\\/]|\.\.?[\\/])", path)
+    name = path.rstrip("\\/") if relative else re.split(r"[\\/]", path.rstrip("\\/"))[-1] + (
+        row.group(0) if row else "")
     return f"{name or file}#p{person}" if person >= 0 else name or file
 
 

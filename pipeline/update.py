@@ -41,7 +41,7 @@ from tqdm import tqdm
 from .backends import ONNXRUNTIME
 from .config import RunConfig
 from .datarecord import dataset_hashes, known_as_is
-from .dataset import Record, check_dataset, dataset_stamp
+from .dataset import Record, capped_rows, check_dataset, dataset_stamp
 from .duplicates import SIGNATURE_VERSION
 from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, requested_identity
 from .errors import CacheMismatchError, PipelineError, first_line
@@ -243,7 +243,7 @@ def update_gallery(cfg: RunConfig, summary: RunSummary, embedder: Embedder | Non
             switch(cfg)
         # what that update did (this run compares the store, now switched, with the dataset again)
         summary.notes.append("finished an interrupted update's switch" + (f" ({finished[0]})" if finished else ""))
-    rows_now = check_dataset(cfg.dataset)
+    rows_now = capped_rows(check_dataset(cfg.dataset), cfg.dataset.limit)
     with summary.stage("load store"):
         old = _old_store(cfg)
         if embedder is None:  # no --model, --onnx or --backend: the store's own embedder

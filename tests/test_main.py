@@ -665,3 +665,31 @@ def test_a_builds_flags_given_to_a_search_are_said_unused():
         "it was built")
     assert said("--serve", "--index", "hnsw").endswith("with the index beside it (or exactly, with --index none)")
     assert said("--shard-rows", "8") is None and said("--query-text", "a", "--index", "none") is None
+
+
+def test_a_limit_that_cuts_the_dataset_short_is_said(mixed_dataset, tiny_onnx, tmp_path, capsys):
+    """A 15,000-photo catalogue became a 10,000-photo gallery (the default --limit) without a word."""
+    args = ["--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--max-result-images", "0"]
+    assert cli.main([*args, "--output-dir", str(tmp_path / "cut"), "--limit", "5"]) in (0, 3)
+    said = " ".join(capsys.readouterr().out.split())
+    assert "--limit 5: the first 5 of the dataset's 24 rows (--limit 0 reads them all)" in said
+    assert cli.main([*args, "--output-dir", str(tmp_path / "all"), "--limit", "0"]) == 3
+    assert "--limit" not in capsys.readouterr().out
+
+
+def test_the_same_gallery_command_run_again_says_it_embeds_everything_again(mixed_dataset, tiny_onnx, tmp_path,
+                                                                            capsys):
+    """The first command run a second time (where --use-embeddings was meant) embedded every photo
+    again without a word; it says so, naming --use-embeddings, and not where flags differ or with --fresh."""
+    args = ["--dataset", str(mixed_dataset), "--onnx", str(tiny_onnx), "--max-result-images", "0",
+            "--output-dir", str(tmp_path / "g"), "--limit", "6"]
+    assert cli.main(args) in (0, 3)
+    assert "holds a complete store" not in capsys.readouterr().out
+    assert cli.main(args) in (0, 3)
+    said = " ".join(capsys.readouterr().out.split())
+    assert (f"{tmp_path / 'g' / 'embeddings'} holds a complete store these flags made: this run embeds every photo "
+            "again (--use-embeddings reuses it as it is") in said
+    assert cli.main([*args, "--fresh"]) in (0, 3)
+    assert "holds a complete store" not in capsys.readouterr().out
+    assert cli.main([*args[:-1], "7"]) in (0, 3)  # another --limit: another store, built as asked
+    assert "holds a complete store" not in capsys.readouterr().out

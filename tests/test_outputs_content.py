@@ -101,13 +101,16 @@ def test_search_hits_and_their_thumbnails_are_the_named_items_after_failed_rows(
 
 
 @pytest.mark.parametrize("source, file, lasting, person, shown", [
-    ("looks/p00.jpg", "img_a.jpg", False, -1, "p00.jpg"),  # a file of the dataset folder
-    ("looks/sub/p00.jpg", "img_a.jpg", True, -1, "p00.jpg"),  # a path lasts: kept in a result picture
+    ("p00.jpg", "img_a.jpg", False, -1, "p00.jpg"),  # a file of the dataset folder
+    # one in a subfolder, by its path there: a folder per product names each one's photos alike (front.jpg)
+    ("SKU1001/front.jpg", "img_a.jpg", False, -1, "SKU1001/front.jpg"),
+    ("looks/sub/p00.jpg", "img_a.jpg", True, -1, "looks/sub/p00.jpg"),  # a path lasts: kept in a result picture
+    ("/photos/looks/p00.jpg", "img_a.jpg", False, -1, "p00.jpg"),  # a parquet's path cell: absolute, its name
     ("C:\\shop\\looks\\p00.jpg", "img_a.jpg", False, -1, "p00.jpg"),
     ("/data/deepfashion[12]", "img_a.jpg", False, -1, "deepfashion[12]"),  # a parquet cell
     ("./cat/[12]", "img_a.jpg", False, -1, "cat[12]"),  # --dataset ./cat/ as the shell completes it
     ("/data/deepfashion[12]", "img_a.jpg", True, -1, "img_a.jpg"),  # a row moves with an update
-    ("looks/p01.jpg", "seg_b.png", False, 2, "p01.jpg#p2"),  # a person crop, as a query's person is labelled
+    ("looks/p01.jpg", "seg_b.png", False, 2, "looks/p01.jpg#p2"),  # a person crop, as a query's person is labelled
     ("", "img_a.jpg", False, -1, "img_a.jpg"),  # no source: the gallery's file
 ])
 def test_items_are_shown_by_what_the_user_knows_them_by(source, file, lasting, person, shown):
