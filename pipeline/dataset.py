@@ -647,7 +647,13 @@ def _hub_open_error(spec: DatasetSpec, e: BaseException) -> str:
     said = f"cannot open dataset {spec.name!r} from the Hugging Face hub ({type(e).__name__}: {first_line(e)})"
     if "/" not in spec.name:
         said += f", and there is no folder or file {spec.name!r} in {Path.cwd()}"
-    return said + ". Without network access, pass a local copy with --dataset DIR."
+    from .hub import run_hub_names  # hub.py builds on this module
+
+    model = next((name for name in run_hub_names() if name.startswith("--model ")), None)
+    also = (f"; this run's {model} comes from the hub too: pass a local one with --model DIR (a folder its "
+            "save_pretrained wrote)" if model else "")
+    return (said + ". Without network access, pass a local copy with --dataset DIR (a folder of your own pictures "
+            f"will do){also}.")
 
 
 @lru_cache(maxsize=8)

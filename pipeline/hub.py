@@ -47,6 +47,14 @@ def hub_names(cfg: RunConfig) -> list[str]:
     return names
 
 
+_RUN_NAMES: list[str] = []  # hub_names of the run under way (go_offline_unless_reachable sets them)
+
+
+def run_hub_names() -> list[str]:
+    """What the run under way fetches from the hub ("--dataset X", "--model Y"), for its messages."""
+    return list(_RUN_NAMES)
+
+
 def offline_already() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -59,6 +67,7 @@ def go_offline_unless_reachable(cfg: RunConfig) -> str | None:
         already set HF_HUB_OFFLINE).
     """
     names = hub_names(cfg)
+    _RUN_NAMES[:] = names
     if not names or offline_already():
         return None
     endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")

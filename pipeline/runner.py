@@ -751,8 +751,8 @@ MIN_SAMPLE = 6  # dataset pictures an export needs to calibrate on (two thirds) 
 
 def _unsampled(cfg: RunConfig, n: int, why: str | None) -> str:
     """Why an export's pictures are generated ones: the dataset could not be read, or holds too few."""
-    if why:
-        return f"{cfg.dataset.name} could not be read ({why})"
+    if why:  # its own advice left out: the export's warning says what to pass
+        return f"{cfg.dataset.name} could not be read ({why.split('. Without network access')[0].rstrip('.')})"
     return f"{cfg.dataset.name} has {n} readable picture(s), fewer than the {MIN_SAMPLE} an export needs"
 
 
@@ -774,8 +774,8 @@ def _run_export(cfg: RunConfig, sample_rows: int) -> RunSummary:
         calibration, images = sample[:cut], sample[cut:]
         summary.notes.append(f"calibrated on {cut} and verified on {len(images)} rows of {cfg.dataset.name}")
     else:
-        log.warning("cannot calibrate on %s: calibrating and verifying on generated pictures instead; pass a "
-                    "readable --dataset of %d pictures or more to fit the int8 ranges to real photos",
+        log.warning("calibrating and verifying on generated pictures, not real photos: %s. Pass a readable --dataset "
+                    "of %d pictures or more (a folder of your own will do) to fit the int8 ranges to real photos",
                     _unsampled(cfg, len(sample), why), MIN_SAMPLE)
         summary.notes.append(f"calibrated on generated pictures: {_unsampled(cfg, len(sample), why)}")
     with summary.stage("export+quantize+verify"):

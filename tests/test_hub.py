@@ -280,3 +280,18 @@ def test_missing_repo_or_file_is_one_line(args, message, run_main):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_offline_the_default_run_names_both_assets_it_lacks_at_once(tmp_path, monkeypatch, capsys):
+    """Offline, `python main.py` stopped on the dataset ("pass a local copy"), and once a folder was
+    given, 18 s later on the model: one message names both, and that a folder of one's own pictures
+    is a dataset."""
+    import main as cli
+
+    monkeypatch.chdir(tmp_path)  # no onnx/ here: the default model comes from the hub too
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["--output-dir", str(tmp_path / "o")]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("Without network access, pass a local copy with --dataset DIR (a folder of your own pictures will do); "
+            "this run's --model patrickjohncyh/fashion-clip comes from the hub too: pass a local one with --model DIR"
+            ) in err
