@@ -44,7 +44,7 @@ from .datarecord import dataset_hashes, known_as_is
 from .dataset import Record, capped_rows, check_dataset, dataset_stamp
 from .duplicates import SIGNATURE_VERSION
 from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, requested_identity
-from .errors import CacheMismatchError, PipelineError, first_line
+from .errors import CacheMismatchError, PipelineError, UsageError, first_line
 from .fileio import link_or_copy, sha256_file_once, unlink_quietly
 from .galleries import (
     BuildPart,
@@ -61,7 +61,7 @@ from .identity import VectorIdentity, differences
 from .index import INDEX_META, switch_index, update_index
 from .items import crop_file_name, file_signals, image_file_name, image_reader, signed_in_chunks, unsigned_lines
 from .preprocess import PreprocessConfig
-from .remedy import DECODE_OF_PIXELS, flags_that_made
+from .remedy import DECODE_OF_PIXELS, FLAG_OF, flags_that_made
 from .report import RunSummary
 from .store import (
     EMBEDDINGS_FILE,
@@ -369,6 +369,12 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
         old = load_cache(cfg.store_dir, cfg.images_dir, identity=None, source=gallery_source(cfg),
                          source_fields=fields, images_at=images_at)
     except CacheMismatchError as e:
+        other = cfg.output_dir / ("embeddings" if cfg.segmented else "embeddings_segment")
+        if e.missing and (other / SIDECAR_FILE).is_file():  # the other gallery's there: the flag forgotten
+            kind, how = (("a gallery of whole photos", "without --use-segmentation") if cfg.segmented
+                         else ("a segmented gallery (person crops)", "with --use-segmentation"))
+            raise UsageError(f"{e}\n{cfg.output_dir} holds {kind} in {other}: to update that one, run the same "
+                             f"command {how}.") from None
         if e.missing:
             raise PipelineError(f"{e}\nThere is no store to update in {cfg.output_dir.resolve()}: give --output-dir "
                                 "the folder the gallery was built in, or build it first, without --update.") from None
@@ -382,8 +388,11 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
                 f"{e}\nThe segmenter's weights file {cfg.segment.model} changed since the store was built: its "
                 "crops were cut by the old weights, the new photos' would be cut by these. Build afresh without "
                 "--update, or put the old weights back.") from None
-        raise PipelineError(f"{e}\nAn update keeps the photos the store has: use the flags that built it, or "
-                            "build afresh without --update.") from None
+        typed = [FLAG_OF[name] for name in e.differing if name in FLAG_OF and name in cfg.explicit]
+        drop = (f"drop {' and '.join(typed)} (an update takes the store's own where not given)" if typed
+                else "use the flags that built it")
+        raise UsageError(f"{e}\nAn update keeps the photos the store has, made as they were: {drop}, or build "
+                         "afresh without --update.") from None
     return old
 
 

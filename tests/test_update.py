@@ -470,6 +470,16 @@ def test_a_segmented_update_after_the_segmenters_weights_changed_in_place_is_ref
                "--output-dir", out) == 1
     assert "seg_weights: cache has" in capsys.readouterr().err
     weights.write_bytes(b"the weights the store was cut with")
+    # the segmentation flag left out: not "no store to update" (whose advice built a gallery of whole photos)
+    assert cli_update(data, tiny_onnx, out) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"{out} holds a segmented gallery (person crops) in {out / 'embeddings_segment'}: to update that one, run "
+            "the same command with --use-segmentation.") in err and "There is no store to update" not in err
+    # a setting typed otherwise than the store's: the flag to drop is named (the update takes the store's own)
+    assert cli_update(data, tiny_onnx, out, *seg, "--seg-conf", "0.5") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "seg_conf: cache has 0.25, asked for 0.5" in err
+    assert "made as they were: drop --seg-conf (an update takes the store's own where not given)" in err
     assert cli_update(data, tiny_onnx, out, *seg) == 0
     assert "added 2, changed 0, removed 0, unchanged 4" in capsys.readouterr().out
 
