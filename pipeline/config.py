@@ -357,8 +357,9 @@ def config_from_flags(
             continue
         if dest == "limit":
             value = value or None
-        elif dest == "group_by" and isinstance(value, str) and not value.strip():
-            value = None  # --group-by "": each photo, as "" means in the Catalog API and the page's JSON
+        elif dest in ("group_by", "filter") and isinstance(value, str) and not value.strip():
+            # --group-by "": each photo, --filter "  ": every item, as "" means in the Catalog API and the page's JSON
+            value = None
         elif dest in ("query_image", "query_text", "negative_text", "exports"):
             value = tuple(value or ())
         elif dest in ("eval_backends", "eval_models", "meta_columns") and isinstance(value, str):

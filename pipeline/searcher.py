@@ -129,8 +129,8 @@ class Searcher:
     def allowed(self, filter_text: str | None) -> np.ndarray | None:
         """bool (N,): the rows a metadata filter keeps (None: no filter). FilterError (exit 2) for a
         filter that cannot be used, or a store without metadata."""
-        if not filter_text:
-            return None
+        if not filter_text or isinstance(filter_text, str) and not filter_text.strip():
+            return None  # "" and "  " alike: every item (a script's --filter "$F" with $F empty or blank)
         if not isinstance(filter_text, str):
             raise UsageError(f"a filter is a text (\"category = 'dress' AND price < 50\"), not a "
                              f"{type(filter_text).__name__}")

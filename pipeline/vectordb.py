@@ -479,6 +479,19 @@ class _Parquet:
             raise
 
 
+def _check_apart(targets: list[ExportTarget]) -> None:
+    """Each --export of one command in a folder of its own, none inside another's: two into one folder
+    were found to clash only after the first was written, and one inside another was written there
+    without a word."""
+    where = [(t, t.folder.resolve()) for t in targets]
+    for i, (a, at) in enumerate(where):
+        for b, bt in where[i + 1:]:
+            if at == bt or at in bt.parents or bt in at.parents:
+                how = "the same folder" if at == bt else "one folder inside the other"
+                raise UsageError(f"--export {a.kind}:{a.folder} and --export {b.kind}:{b.folder} name {how}: each "
+                                 "export is a folder of its own (e.g. shop.lance and shop-parquet); nothing was written")
+
+
 def run_export_db(cfg: Any) -> Any:
     """--export KIND:DIR (repeatable): the run's store (embeddings/, or embeddings_segment/ with
     --use-segmentation) with its metadata, exported or brought up to date."""
@@ -487,6 +500,7 @@ def run_export_db(cfg: Any) -> Any:
     from .report import RunSummary
 
     targets = [ExportTarget.parse(t) for t in cfg.exports]  # a bad target fails before any work
+    _check_apart(targets)
     summary = RunSummary(mode="export")
     with summary.stage("load store"):
         cache = load_gallery_cache(cfg, identity=store_identity_if_default(cfg))

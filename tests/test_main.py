@@ -311,7 +311,10 @@ def test_a_query_flag_given_twice_keeps_both():
     assert (args.query_text, args.query_image) == (["red dress", "blue shoe"], ["a.jpg", "b.jpg", "c.jpg"])
     cfg = config_from_flags(vars(parser.parse_args(["--filter", "", "--group-by", "", "--eval-models", "",
                                                     "--eval-backends", ""])))
-    assert (cfg.filter, cfg.group_by) == ("", None)  # an empty value that means something is taken
+    assert (cfg.filter, cfg.group_by) == (None, None)  # an empty value that means something is taken
+    # a blank filter is an empty one (it was refused as "the filter is empty", where "" ran unfiltered)
+    blank = config_from_flags(vars(parser.parse_args(["--filter", "   ", "--group-by", " "])))
+    assert (blank.filter, blank.group_by) == (None, None)
     assert cfg.evaluate.models == () and cfg.evaluate.backends == ()  # the model and backend in use
 
 

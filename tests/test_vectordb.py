@@ -134,6 +134,14 @@ def test_another_embedders_export_is_refused(exported, tiny_onnx, tmp_path, caps
     assert f"{targets['parquet']} holds a parquet export, not lancedb: one folder holds one kind" in \
         capsys.readouterr().err
     assert sorted(p.name for p in targets["parquet"].rglob("*")) == before  # nothing written into it
+    # two targets of one command in one folder, or one inside the other: refused before either is written
+    both = tmp_path / "both"
+    assert cli.main(args(data, tiny_onnx, out, "--export", f"lancedb:{both}", "--export", f"parquet:{both}")) == 2
+    assert f"--export lancedb:{both} and --export parquet:{both} name the same folder" in capsys.readouterr().err
+    assert cli.main(args(data, tiny_onnx, out, "--export", f"lancedb:{both}", "--export",
+                         f"parquet:{both / 'sub'}")) == 2
+    assert "name one folder inside the other" in capsys.readouterr().err
+    assert not both.exists()
 
 
 def test_a_qdrant_folder_open_in_another_client_is_said_so_not_a_crash(exported, tiny_onnx, capsys):
