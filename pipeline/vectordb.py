@@ -488,8 +488,9 @@ def _check_apart(targets: list[ExportTarget]) -> None:
         for b, bt in where[i + 1:]:
             if at == bt or at in bt.parents or bt in at.parents:
                 how = "the same folder" if at == bt else "one folder inside the other"
-                raise UsageError(f"--export {a.kind}:{a.folder} and --export {b.kind}:{b.folder} name {how}: each "
-                                 "export is a folder of its own (e.g. shop.lance and shop-parquet); nothing was written")
+                raise UsageError(f"--export {a.kind}:{a.folder} and --export {b.kind}:{b.folder} name {how}: "
+                                 "each export is a folder of its own (e.g. shop.lance and shop-parquet); nothing was "
+                                 "written")
 
 
 def run_export_db(cfg: Any) -> Any:
