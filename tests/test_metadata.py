@@ -307,6 +307,12 @@ def test_group_by_in_the_gallery_run_and_its_messages(built, tiny_onnx, capsys):
     assert cli.main(args(data, tiny_onnx, out, "--use-embeddings", "--group-by", "item_id")) == 0
     said = capsys.readouterr().out
     assert "--group-by item_id: 20 products among 40 items" in said
+    # with a filter, the products counted are the filter's (the count of all read as what a search could return)
+    assert cli.main(args(data, tiny_onnx, out, "--query-text", "red", "--group-by", "item_id", "--top-k", "30",
+                         "--filter", "category = 'dress'")) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert ("--group-by item_id: 10 products among the 10 items --filter keeps (20 among all 40); a search returns "
+            "at most 10") in said, said
     with open(out / "retrieval_results" / "neighbours.csv", newline="") as f:
         lines = list(csv.DictReader(f))
     product = {f: f"P{i // 2:03d}" for i, f in row_files(out).items()}
