@@ -388,8 +388,8 @@ def group_by(cfg: RunConfig, searcher: Searcher, summary: RunSummary) -> None:
     missing = searcher.group_by(cfg.group_by)
     products = len(np.unique(searcher.group_of)) if searcher.group_of is not None else 0
     said = f"--group-by {cfg.group_by}: {products:,} products among {len(searcher.rows):,} items"
-    kept = searcher.allowed(cfg.filter) if cfg.filter and searcher.group_of is not None else None
-    if kept is not None:  # the searches' products are the filter's: a top-k of more is cut to them
+    kept = searcher.allowed(cfg.filter) if cfg.filter else None
+    if kept is not None and searcher.group_of is not None:  # the searches' products are the filter's
         among = len(np.unique(searcher.group_of[kept]))
         said = (f"--group-by {cfg.group_by}: {among:,} products among the {int(kept.sum()):,} items --filter keeps "
                 f"({products:,} among all {len(searcher.rows):,})"
