@@ -200,7 +200,7 @@ _AFTER: tuple[Check, ...] = (
     (
         lambda c: bool(c.filter or c.group_by or c.dedup) and selected_mode(c).name in _NO_SEARCH_OPTIONS,
         "{search_flags} only {search_verb} searches ({searches}); {mode_flag} does not search the catalogue, "
-        "so it would ignore them: drop them",
+        "so it would ignore {them}: drop {them}",
     ),
     (
         lambda c: c.fresh and c.from_cache,
@@ -269,6 +269,7 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
               "runtime": cfg.embedder.runtime,
               "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag,
               "search_verb": "change" if sum(bool(on) for _, on in shaping) > 1 else "changes",
+              "them": "them" if sum(bool(on) for _, on in shaping) > 1 else "it",
               "quantization": cfg.export.quantization, "dataset": cfg.dataset.name, "onnx": cfg.embedder.onnx,
               # --evaluate takes --filter and --group-by but refuses --dedup (its own check above).
               "searches": ", ".join(("queries", "neighbours") + (() if cfg.dedup else ("--evaluate",))

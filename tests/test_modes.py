@@ -61,9 +61,11 @@ def test_modes_are_declared_once_and_the_gallery_comes_last():
         (RunConfig(use_embeddings=True, fresh=True), "--fresh rebuilds the gallery"),
         (RunConfig(exports=("lancedb:shop.lance",), filter="price < 50"),
          "--filter only changes searches (queries, neighbours, --evaluate, --serve, --video_clip, the Python API); "
-         "--export does not search"),
+         "--export does not search the catalogue, so it would ignore it: drop it"),
         (RunConfig(exports=("parquet:out.parquet",), group_by="item_id", filter="price < 5"),
          "--filter and --group-by only change searches"),
+        (RunConfig(exports=("parquet:out.parquet",), group_by="item_id", filter="price < 5"),
+         "so it would ignore them: drop them"),
         (RunConfig(export=ExportSpec(enabled=True), group_by="item_id"), "--export-onnx does not search"),
         (RunConfig(export=ExportSpec(enabled=True), dedup=True),
          "--dedup only changes searches (queries, neighbours, --serve, --video_clip, the Python API)"),
