@@ -35,7 +35,7 @@ import numpy as np
 from .dataset import DatasetSpec, Piece, dataset_stamp, plan_pieces, read_piece
 from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, on_cuda
 from .errors import PipelineError, UsageError, first_line
-from .gallery import ShardAssembler, ShardMark, UnitResult
+from .gallery import RESUMED_COUNT, ShardAssembler, ShardMark, UnitResult
 from .identity import GallerySource, VectorIdentity
 from .items import ItemPipeline, image_reader, make_segment_items, make_standard_items, sign_resumed, write_image
 from .plots import THUMB_SIZE
@@ -142,6 +142,8 @@ class RaySession:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar: the run's own, which counts rows
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        if not log.isEnabledFor(logging.DEBUG):  # a dead worker's traceback: the run's one line says it (-v shows it)
+            logging.getLogger("ray.data._internal.execution.streaming_executor_state").setLevel(logging.CRITICAL)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
         # A dataset of fewer pieces than actors (a small catalogue) is not a problem worth a warning.
         warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
@@ -276,6 +278,9 @@ class _Plan:
     device: str
     prep: PreprocessConfig
     pixels: str
+    # the driver's working folder: a dataset cell that names its picture by a relative path (rel/a.jpg)
+    # is read from there, as the local engine reads it, not from a joined cluster's worker's own folder
+    cwd: str = ""
 
 
 class _ItemMaker:
@@ -285,6 +290,8 @@ class _ItemMaker:
 
     def __init__(self, plan: _Plan) -> None:
         self.plan, self.prep = plan, plan.prep
+        if plan.cwd and Path(plan.cwd).is_dir() and Path.cwd() != Path(plan.cwd):
+            os.chdir(plan.cwd)  # this job's worker process: its pieces' relative cell paths are the driver's
         segment = plan.build.segment
         if segment is not None:
             make = make_segment_items(make_segmenter(segment, device=plan.device), segment)
@@ -499,10 +506,13 @@ def _build(
     if done:  # counted in rows: an update's shards without new rows in them are complete but hold none
         summary.notes.append(f"resumed: {initial:,} of {asked:,} row(s) already done ({len(done)} of {len(ranges)} "
                              "shard(s) complete)")
+        # the stopped run's items counted apart, as the local engine counts them: "embedded" is this run's
+        summary.count(RESUMED_COUNT, sum(len(shard.embeddings) for shard in done.values()))
     # Pieces that touch a shard still to do (a piece crossing into a done shard is cut: rows by id).
     wanted = [p for p in split_at_shards(pieces, build.shard_rows) if p.first_row // build.shard_rows in todo
               and any(wanted_row(build, row) for row in range(p.first_row, p.first_row + p.rows))]
-    plan = _Plan(build, "cuda" if on_cuda(embedder) else "cpu", embedder.preprocess_cfg, build.pixels)
+    plan = _Plan(build, "cuda" if on_cuda(embedder) else "cpu", embedder.preprocess_cfg, build.pixels,
+                 cwd=str(Path.cwd()))
     resources = ray.cluster_resources()
     cores = int(resources.get("CPU", 0))
     if cores < 1:  # its actors would wait for a CPU forever (Ray says "may hang forever" after a minute)

@@ -174,6 +174,11 @@ def test_a_killed_ray_run_resumes_each_row_once(
     assert cli.main([a for a in _args(ragged, tiny_onnx, out, "--engine", "ray") if a != "-q"]) == 3
     said = capsys.readouterr().out
     assert "resumed: 32 of 60 row(s) already done (2 of 4 shard(s) complete)" in said
+    # this run's work and the stopped run's counted apart, as the local engine counts them (Ray said all as its own)
+    counts = next(line for line in said.splitlines() if "embedded" in line)
+    now, before = (int(re.search(rf"{what} (\d+)", counts).group(1))
+                   for what in ("embedded", "embedded before the stop"))
+    assert now + before == len(np.load(out / "embeddings" / "embeddings.npy")) and before > 0, counts
     assert f"duplicates: {rewritten} line(s) of the resumed shards signed again ({SIGNATURE_VERSION}" in said
     _same_store(local_run, out)
     assert [r.source_row for r in read_manifest(out / "embeddings" / "manifest.csv")] == list(range(60))
@@ -332,6 +337,25 @@ def test_ray_address_joins_a_cluster_started_on_loopback(ragged, tiny_onnx, loca
         assert f",{as_given}[0],".encode() in manifest.read_bytes()
         manifest.write_bytes(manifest.read_bytes().replace(f",{as_given}[".encode(), f",{ragged}[".encode()))
         _same_store(local_run, relative)
+        # a cell that names its picture by a path relative to the folder the run is given in: read from there,
+        # as the local engine reads it (a joined cluster's workers read it from their own folder: failed)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        (elsewhere / "rel").mkdir()
+        for i in range(3):
+            (elsewhere / "rel" / f"p{i}.jpg").write_bytes(assets.jpeg_bytes(40 + i, 50, seed=i))
+        linked = tmp_path / "linked"
+        (linked / "data").mkdir(parents=True)
+        cells = pa.array([{"bytes": None, "path": f"rel/p{i}.jpg"} for i in range(3)],
+                         pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        pq.write_table(pa.table({"image": cells}), linked / "data" / "train-00000-of-00001.parquet")
+        out_linked = tmp_path / "out-linked"
+        r = subprocess.run([sys.executable, str(ROOT / "main.py"), "--dataset", str(linked), "--onnx", str(tiny_onnx),
+                            "--output-dir", str(out_linked), "--max-result-images", "0", "--engine", "ray", *address],
+                           env=env, capture_output=True, text=True, timeout=600, cwd=elsewhere)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert [row.status for row in read_manifest(out_linked / "embeddings" / "manifest.csv")] == ["ok"] * 3
         assert (temp / "ray" / "ray_current_cluster").read_text().strip().endswith(f":{port}")  # Ray names its IP
         own = tmp_path / "own"
         r = run(own, RAY_TMPDIR=str(temp))
