@@ -844,6 +844,25 @@ class Piece:
         return Piece(self.kind, self.location, start, stop - start, self.group, self.offset + skip, names)
 
 
+def check_pieces(spec: DatasetSpec) -> None:
+    """UsageError, before a Ray build starts Ray or writes anything, for a dataset its workers cannot
+    read in pieces (a save_to_disk folder, a loading script's dataset)."""
+    if _image_folder(spec) is None:
+        _parquet_for_pieces(spec)
+
+
+def _parquet_for_pieces(spec: DatasetSpec) -> tuple[list[str], Callable[[str], AbstractContextManager[Any]]]:
+    path = Path(spec.name)
+    if files := _local_parquet_files(path, spec.split):
+        return [str(f) for f in files], _open_local_file
+    if not path.exists() and is_hub_id(spec.name) and _hub_split(spec).parquet_files:
+        return list(_hub_split(spec).parquet_files), _hub_file_opener()
+    raise UsageError(
+        f"--engine ray reads parquet datasets (a folder or the hub) and image folders; {spec.name!r} is neither: "
+        "use --engine local, or convert it to parquet (datasets' Dataset.to_parquet)"
+    )
+
+
 def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
     """Cut rows 0 .. limit-1 into pieces that workers can read in parallel, each record keeping its
     dataset row. Parquet datasets (local or on the hub) and image folders only.
@@ -853,7 +872,6 @@ def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
             parquet), which only the local engine reads.
     """
 
-    path = Path(spec.name)
     stop = spec.limit
     if (root := _image_folder(spec)) is not None:
         rels = list_pictures(root)[:stop]
@@ -861,16 +879,7 @@ def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
             Piece("folder", str(root), s, len(rels[s : s + rows_per_piece]), names=tuple(rels[s : s + rows_per_piece]))
             for s in range(0, len(rels), rows_per_piece)
         ]
-    opener: Callable[[str], AbstractContextManager[Any]]
-    if files := _local_parquet_files(path, spec.split):
-        located, opener = [str(f) for f in files], _open_local_file
-    elif not path.exists() and is_hub_id(spec.name) and _hub_split(spec).parquet_files:
-        located, opener = list(_hub_split(spec).parquet_files), _hub_file_opener()
-    else:
-        raise UsageError(
-            f"--engine ray reads parquet datasets (a folder or the hub) and image folders; {spec.name!r} is neither: "
-            "use --engine local, or convert it to parquet"
-        )
+    located, opener = _parquet_for_pieces(spec)
     pieces, row = [], 0
     for f in located:
         if stop is not None and row >= stop:

@@ -26,6 +26,7 @@ from .dataset import (
     capped_rows,
     check_dataset,
     check_meta_columns,
+    check_pieces,
     dataset_stamp,
     folder_metadata_files,
     iter_records,
@@ -501,6 +502,8 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
     into other folders)."""
     # A wrong dataset, split or column fails here: before the model loads and before the run's state is written.
     size = check_dataset(cfg.dataset) if part is None else None
+    if cfg.engine == "ray":  # a format its workers cannot read in pieces: said before Ray starts or a folder is made
+        check_pieces(cfg.dataset)
     total_rows = capped_rows(size, cfg.dataset.limit) if part is None else len(part.rows)
     again = built_again(cfg) if part is None else None
     if again:

@@ -551,6 +551,7 @@ def test_ray_refuses_a_format_it_does_not_read(ray_instance, tiny_onnx, tmp_path
         == 2
     )
     assert "--engine ray reads parquet datasets" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # said before a folder is made (an empty embeddings/ was left)
 
 
 def test_an_update_on_ray_equals_a_fresh_local_build(ray_instance, tiny_onnx, tmp_path):
