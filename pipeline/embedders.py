@@ -573,6 +573,22 @@ def cpu_file_on_gpu(path: Path) -> str:
             "CPU. Use --device cpu, or on a GPU the fp32 file the export wrote beside it, or --backend torch.")
 
 
+def check_device(spec: EmbedderSpec) -> None:
+    """PipelineError for --device cuda where the backend sees no GPU, as loading the model says it,
+    without loading it (a Ray build said it only once Ray had started, 15 s on)."""
+    if spec.device != "cuda":
+        return
+    if spec.resolve_backend() == "onnx":
+        import onnxruntime as ort
+
+        _providers_for(ort, "cuda")
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise PipelineError("--device cuda asked for, but torch sees no CUDA device")
+
+
 def _providers_for(ort: Any, device: str) -> list[str]:
     """onnxruntime execution providers for --device (auto: CUDA when this onnxruntime has it).
 

@@ -35,7 +35,7 @@ from .dataset import (
 )
 from .derived import retire_stale
 from .duplicates import stored_groups
-from .embedders import Embedder, EmbedderSpec, make_embedder, on_cuda, requested_identity
+from .embedders import Embedder, EmbedderSpec, check_device, make_embedder, on_cuda, requested_identity
 from .errors import CacheMismatchError, PipelineError
 from .fileio import being_written, read_json_dict, sha256_file_once, unlink_quietly
 from .gallery import STANDARD_FILES, DeviceEmbedding, GalleryTarget, build_gallery, record_failures, remove_stale_files
@@ -502,8 +502,9 @@ def build(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None = None,
     into other folders)."""
     # A wrong dataset, split or column fails here: before the model loads and before the run's state is written.
     size = check_dataset(cfg.dataset) if part is None else None
-    if cfg.engine == "ray":  # a format its workers cannot read in pieces: said before Ray starts or a folder is made
-        check_pieces(cfg.dataset)
+    if cfg.engine == "ray":  # said before Ray starts or a folder is made: a format its workers cannot read in
+        check_pieces(cfg.dataset)  # pieces, a GPU that is not there
+        check_device(cfg.embedder)
     total_rows = capped_rows(size, cfg.dataset.limit) if part is None else len(part.rows)
     again = built_again(cfg) if part is None else None
     if again:

@@ -465,12 +465,18 @@ def build_gallery_ray(
 ) -> tuple[np.ndarray, list[ManifestRow], Embedder]:
     """Build (or resume) a gallery store on Ray Data; the same store as gallery.build_gallery.
     The driver's model (for the store's identity, and the run's later stages) loads while Ray starts."""
-    with summary.stage("ray start + load model"), ThreadPoolExecutor(1, thread_name_prefix="model") as pool:
-        loading = pool.submit(load_embedder)
-        session = RaySession(build.address, build.cpus)
-        if not is_url(build.images):  # a URL output: the workers write the images there, the driver the rest
-            check_shared_folder(session.ray, build.store_dir.parent)
-        embedder = loading.result()
+    session: RaySession | None = None
+    try:
+        with summary.stage("ray start + load model"), ThreadPoolExecutor(1, thread_name_prefix="model") as pool:
+            loading = pool.submit(load_embedder)
+            session = RaySession(build.address, build.cpus)
+            if not is_url(build.images):  # a URL output: the workers write the images there, the driver the rest
+                check_shared_folder(session.ray, build.store_dir.parent)
+            embedder = loading.result()
+    except BaseException:
+        if session is not None:  # the model that failed to load, or a folder the nodes do not share: Ray stopped
+            session.release()
+        raise
     try:
         emb, rows = _build(session, build, summary, embedder, embedder.identity.asks(pixels=build.pixels), source)
     except BaseException:

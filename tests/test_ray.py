@@ -652,3 +652,21 @@ def test_a_ray_session_puts_the_runs_sigterm_handler_back(monkeypatch):
         assert signals.getsignal(signals.SIGTERM) is ours
     finally:
         signals.signal(signals.SIGTERM, before)
+
+
+def test_a_gpu_that_is_not_there_is_said_before_ray_starts(ragged, tiny_onnx, tmp_path, monkeypatch, capsys):
+    """--engine ray --device cuda on a machine without one was refused once Ray had started (15 s)."""
+    import onnxruntime as ort
+
+    from pipeline import ray_engine
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+
+    def started(*_: object, **__: object) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_engine, "RaySession", started)
+    assert cli.main(_args(ragged, tiny_onnx, tmp_path / "o", "--engine", "ray", "--device", "cuda")) == 1
+    assert "--device cuda asked for, but this onnxruntime has no CUDA provider" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "embeddings").exists()
