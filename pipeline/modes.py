@@ -293,7 +293,11 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
         return f"{spell(stray)} {'needs' if len(stray) == 1 else 'need'} --use-segmentation or --use-embedded-segment"
     mode = selected_mode(cfg)
     if cfg.engine not in mode.engines:
-        return f"--engine {cfg.engine} builds galleries (standard and --use-segmentation runs); other modes run locally"
+        then = ("build its gallery with --engine ray first, then run the same command without it and with "
+                f"{'--use-embedded-segment' if cfg.segmented else '--use-embeddings'}" if mode.name == "video"
+                else f"build the gallery with --engine ray first, then run {mode.flag} without it")
+        return (f"--engine {cfg.engine} builds galleries (standard and --use-segmentation runs); other modes run "
+                f"locally: {then}")
     for when, message in _AFTER:
         if when(cfg):
             return _said(message, values, cfg)
