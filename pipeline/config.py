@@ -293,10 +293,21 @@ def flag_default(dest: str) -> Any:
 def onnx_of_another_model(spec: EmbedderSpec) -> str | None:
     """The model the file at --onnx was exported from, when there is a file and it is not of
     --model (None otherwise, a file without that record included: it is taken as asked)."""
-    from .embedders import exported_from, model_reference
+    from .embedders import (
+        META_SOURCE_WEIGHTS,
+        exported_from,
+        known_file_metadata,
+        model_reference,
+        model_weights_sha256,
+    )
 
     made_from = exported_from(spec.onnx)
-    return made_from if made_from and made_from != model_reference(spec.model) else None
+    if not made_from or made_from == model_reference(spec.model):
+        return None
+    # another name: the same weights (a folder moved or copied since the export) are the same model
+    weights = known_file_metadata(spec.onnx).get(META_SOURCE_WEIGHTS) or (
+        model_weights_sha256(made_from) if Path(made_from).exists() else "")
+    return None if weights and weights == model_weights_sha256(spec.model) else made_from
 
 
 def onnx_of_another_model_named(cfg: RunConfig) -> str | None:

@@ -58,6 +58,9 @@ META_TEXT_SIDES = "fashion_pipeline.text_sides"  # the tokenizer's "padding,trun
 META_TEXT_CLEAN = "fashion_pipeline.text_clean"  # open_clip's cleaning before tokenizing (textclean.py); absent: none
 # in an image file exported without a text tower: why (no export can make one for its model)
 META_NO_TEXT = "fashion_pipeline.no_text_tower"
+# the sha256 of the source model's weights (model_weights_sha256), where they are local: a folder moved or
+# copied since the export is still the file's model; absent in files exported before 2026-12-07 and from the hub
+META_SOURCE_WEIGHTS = "fashion_pipeline.source_weights_sha256"
 
 
 def text_onnx_path_for(image_onnx: str | Path) -> Path:

@@ -60,11 +60,13 @@ from .embedders import (
     META_PRECISION,
     META_PREPROCESS,
     META_SOURCE_MODEL,
+    META_SOURCE_WEIGHTS,
     META_TEXT_CLEAN,
     META_TEXT_CONTEXT,
     META_TEXT_SIDES,
     l2_normalize,
     model_reference,
+    model_weights_sha256,
     preprocess_config_of,
     projected,
     text_context,
@@ -345,8 +347,10 @@ class _ImageExport:
     @property
     def meta(self) -> dict[str, str]:
         """What every file of this export records of its source."""
+        weights = model_weights_sha256(self.model)
         return {
             META_SOURCE_MODEL: model_reference(self.model),
+            **({META_SOURCE_WEIGHTS: weights} if weights else {}),
             META_PREPROCESS: self.prep.to_json(),
             META_KIND: f"{self.family.name}-image-tower",
             META_FAMILY: self.family.name,

@@ -43,6 +43,9 @@ def test_export_writes_both_files_with_metadata(quantization, tiny_clip, tmp_pat
     for path in (target, fp32):
         meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
         assert meta[META_SOURCE_MODEL] == str(tiny_clip)
+        from pipeline.embedders import META_SOURCE_WEIGHTS, model_weights_sha256  # the folder moved: still its model
+
+        assert meta[META_SOURCE_WEIGHTS] == model_weights_sha256(str(tiny_clip))
         assert '"crop_height": 224' in meta[META_PREPROCESS]
     ops = {n.op_type for n in onnx.load(str(target)).graph.node}
     assert "QuantizeLinear" in ops and "Conv" in ops and "ConvInteger" not in ops

@@ -339,3 +339,29 @@ def test_a_rebuild_command_carries_everything_that_made_the_store_but_what_was_t
     said = reuse_or_rebuild(["model"], made, source, True, None, search_from="out", typed=("--seg-conf", "0.3"))
     assert "--seg-conf 0.6" not in said and "--seg-conf 0.3 --output-dir" in said
     assert "--model /models/clip --precision fp16" in said.split("; or ")[1]  # the store's own model, as run
+
+
+def test_a_model_folder_moved_or_copied_since_the_export_is_the_files_model(tiny_clip, tiny_onnx, tmp_path):
+    """--eval-backends refused a moved folder with the same weights ("exported from .../repo, not from
+    --model .../moved"), and a typed --model beside such a file was said unused: the weights decide."""
+    import shutil
+
+    import onnx
+
+    from pipeline.config import onnx_of_another_model
+    from pipeline.embedders import META_SOURCE_MODEL, META_SOURCE_WEIGHTS, EmbedderSpec, model_weights_sha256
+
+    copied = tmp_path / "copied"
+    shutil.copytree(tiny_clip, copied)
+    assert onnx_of_another_model(EmbedderSpec(model=str(copied), onnx=str(tiny_onnx))) is None  # its folder is there
+    moved = tmp_path / "moved_int8.onnx"  # exported from a folder since moved: the weights the file records
+    model = onnx.load(str(tiny_onnx))
+    for prop in model.metadata_props:
+        if prop.key == META_SOURCE_MODEL:
+            prop.value = str(tmp_path / "gone")
+    model.metadata_props.add(key=META_SOURCE_WEIGHTS, value=model_weights_sha256(str(tiny_clip)))
+    onnx.save(model, str(moved))
+    assert onnx_of_another_model(EmbedderSpec(model=str(copied), onnx=str(moved))) is None
+    other = assets.save_tiny_clip(tmp_path / "other", seed=7)  # other weights: another model, said
+    assert onnx_of_another_model(EmbedderSpec(model=str(other), onnx=str(moved))) == str(tmp_path / "gone")
+    assert onnx_of_another_model(EmbedderSpec(model=str(other), onnx=str(tiny_onnx))) == str(tiny_clip)
