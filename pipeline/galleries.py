@@ -799,6 +799,7 @@ def _search_embedder(cfg: RunConfig) -> EmbedderSpec:
     cache checks, saying what to pass)."""
     made = store_identity_if_default(cfg)
     if made is None:
+        _backend_against_store(cfg)
         return _on_store_runtime(cfg)
     from .catalog import store_embedder_spec
 
@@ -814,6 +815,21 @@ def _search_embedder(cfg: RunConfig) -> EmbedderSpec:
              spec.onnx if spec.backend == "onnx" else spec.model)
     return replace(cfg.embedder, model=spec.model or cfg.embedder.model, onnx=spec.onnx, backend=spec.backend,
                    runtime=runtime)
+
+
+def _backend_against_store(cfg: RunConfig) -> None:
+    """--backend onnx alone against a store the torch backend made, the file not there: said as what
+    it is (its "make it with --export-onnx --model <the default model>" exported a model the store
+    was never made by), before a model loads."""
+    if "backend" not in cfg.explicit or {"model", "onnx"} & cfg.explicit or cfg.embedder.resolve_backend() != "onnx":
+        return
+    sidecar = store_sidecar(cfg)
+    if sidecar is None or sidecar.identity.backend != "torch" or Path(cfg.embedder.onnx).is_file():
+        return
+    raise CacheMismatchError(
+        f"{cfg.store_dir} was made by {sidecar.identity.label()}: --backend onnx would embed its queries with an ONNX "
+        f"file (the default, {cfg.embedder.onnx}, is not there), whose vectors are not the store's. Drop --backend "
+        "onnx: a search takes the store's own embedder")
 
 
 def _on_store_runtime(cfg: RunConfig) -> EmbedderSpec:

@@ -347,7 +347,6 @@ def test_a_model_folder_moved_or_copied_since_the_export_is_the_files_model(tiny
     import shutil
 
     import onnx
-
     from pipeline.config import onnx_of_another_model
     from pipeline.embedders import META_SOURCE_MODEL, META_SOURCE_WEIGHTS, EmbedderSpec, model_weights_sha256
 
@@ -365,3 +364,19 @@ def test_a_model_folder_moved_or_copied_since_the_export_is_the_files_model(tiny
     other = assets.save_tiny_clip(tmp_path / "other", seed=7)  # other weights: another model, said
     assert onnx_of_another_model(EmbedderSpec(model=str(other), onnx=str(moved))) == str(tmp_path / "gone")
     assert onnx_of_another_model(EmbedderSpec(model=str(other), onnx=str(tiny_onnx))) == str(tiny_clip)
+
+
+def test_backend_onnx_alone_against_a_store_the_torch_backend_made_is_said_as_such(tiny_clip, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """The default file not there: "make it with --export-onnx --model patrickjohncyh/fashion-clip"
+    exported a model the store (an open_clip model's, say) was never made by."""
+    data = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(40, 40, seed=i) for i in range(3)])
+    out = tmp_path / "g"
+    assert run("--dataset", data, "--model", tiny_clip, "--backend", "torch", "--output-dir", out,
+               "--max-result-images", "0") == 0
+    monkeypatch.chdir(tmp_path)  # no onnx/ here
+    capsys.readouterr()
+    assert run("--query-text", "red", "--backend", "onnx", "--output-dir", out) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"{out / 'embeddings'} was made by {tiny_clip} (torch, fp32): --backend onnx would embed its queries "
+            "with an ONNX file") in err and "Drop --backend onnx" in err and "fashion-clip" not in err
