@@ -17,6 +17,7 @@ open_clip is imported only here, and only for such a model: the default path nev
 from __future__ import annotations
 
 import logging
+import re
 import types
 from dataclasses import replace
 from pathlib import Path
@@ -25,12 +26,15 @@ from typing import Any
 import torch
 
 from .backends import OPEN_CLIP_HUB, open_clip_weights
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 from .preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 
 log = logging.getLogger(__name__)
 
 _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL's numbering
+# open_clip's words for a hub file it could not fetch (offline, or not in the hub cache)
+_NOT_DOWNLOADED = re.compile(r"Failed to download|local cache|OfflineModeIsEnabled|LocalEntryNotFound|"
+                             r"couldn't connect|Connection", re.IGNORECASE)
 
 
 def open_clip_source(model: str) -> tuple[str, str | None]:
@@ -156,6 +160,8 @@ class OpenClipModel(torch.nn.Module):
         try:
             net = open_clip.create_model(name, pretrained=pretrained, load_weights=True, require_pretrained=True)
         except (RuntimeError, ValueError, OSError) as e:  # open_clip raises these for names, files and downloads
+            if isinstance(e, OSError) or _NOT_DOWNLOADED.search(str(e)):  # a hub model not here: not "damaged"
+                raise OSError(first_line(e)) from e  # said with what to pass (embedders: load_hint)
             raise PipelineError(f"cannot load open_clip model {model!r}: {type(e).__name__}: {e}") from e
         if dtype is not None:
             net = net.to(dtype)

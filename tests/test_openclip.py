@@ -289,3 +289,16 @@ logging.getLogger("pipeline.x").info("the pipeline's own line")
     assert not cli._not_a_librarys_root_info(record)
     record.levelno = logging.WARNING
     assert cli._not_a_librarys_root_info(record)
+
+
+def test_an_open_clip_hub_model_not_downloaded_offline_is_said_as_such_not_damaged(monkeypatch):
+    """Offline, hf-hub:Marqo/marqo-fashionSigLIP not in the hub cache was "its weights cannot be read
+    (...): a file damaged or cut short"; the transformers models say what to pass."""
+    from pipeline.embedders import EmbedderSpec, make_embedder
+    from pipeline.errors import PipelineError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PipelineError) as e:
+        make_embedder(EmbedderSpec(model="hf-hub:someone/not-downloaded-model", backend="torch", device="cpu"))
+    said = str(e.value)
+    assert "Without network access pass a local folder with --model DIR" in said and "damaged" not in said, said
