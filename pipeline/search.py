@@ -38,13 +38,14 @@ from .dataset import (
     parquet_column_names,
 )
 from .derived import QUERY_TABLE, made_on, query_pictures
-from .embedders import Embedder, EmbedderSpec, make_embedder
+from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder
 from .errors import PipelineError, UsageError, first_line
 from .export import fp32_path_for
 from .fileio import atomic_write_text, printable_name, sha256_bytes
 from .galleries import open_catalog, segmenter_factory
 from .identity import VectorIdentity
 from .images import ImageDecodeError, decode_image
+from .machine import cpu_label
 from .metadata import prefixed_name
 from .persons import Segmenter, person_crops
 from .plots import (
@@ -397,7 +398,16 @@ class EvalBatcher:
         self.pending: list[dict[int, Image.Image]] = []  # per item: decode min_side -> image
         self.rows: list[int] = []
         self.vectors: dict[str, list[np.ndarray]] = {name: [] for name in embedders}
+        # inference seconds and pictures timed, each backend's first batch apart: its first call (a session's
+        # allocations, torch's first run) is no measure of its speed, and counts only where no other batch ran
         self.seconds: dict[str, float] = dict.fromkeys(embedders, 0.0)
+        self.timed: dict[str, int] = dict.fromkeys(embedders, 0)
+        self.first: dict[str, tuple[float, int]] = {}
+
+    def speed_parts(self, name: str) -> tuple[float, int, float, int]:
+        """(seconds, pictures) after the first batch, and (seconds, pictures) of the first batch."""
+        first = self.first.get(name, (0.0, 0))
+        return self.seconds[name], self.timed[name], first[0], first[1]
 
     def add(self, row: int, images: dict[int, Image.Image]) -> None:
         self.pending.append(images)
@@ -421,7 +431,12 @@ class EvalBatcher:
             except Exception as e:  # noqa: BLE001 - any model's failure is that model's, said in the summary
                 log.warning("--evaluate: %s failed (%s: %s); the others go on", name, type(e).__name__, e)
                 self.failed[name] = f"{type(e).__name__}: {first_line(e)}"
-            self.seconds[name] += time.perf_counter() - t
+            took = time.perf_counter() - t
+            if name not in self.first:
+                self.first[name] = (took, len(self.pending))
+            else:
+                self.seconds[name] += took
+                self.timed[name] += len(self.pending)
         self.pending = []
 
     def result(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -505,14 +520,21 @@ def embed_pass(
                  "made_by": {name: e.identity for name, e in embedders.items()}}
     for batcher in (photos, garments, crops):
         batcher.flush()  # the last partial batch counts in the timing
-    count = sum(len(b.rows) for b in (photos, garments, crops))
+    timed_pictures = 0
     for name in embedders:  # in the order given, as the results table
         if name in failed or name not in photos.seconds:
             continue
-        total = photos.seconds[name] + garments.seconds[name] + crops.seconds[name]
+        parts = [b.speed_parts(name) for b in (photos, garments, crops)]
+        after, counted = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        first, first_count = sum(p[2] for p in parts), sum(p[3] for p in parts)
         # a stage name's "/" nests it: a model's path is the label alone, its place in the order the key
-        summary.timed(f"embed/infer {list(embedders).index(name)}", total, f"inference {name}")
-        out["speed"][name] = count / total if total > 0 else float("nan")  # pictures a second, inference only
+        summary.timed(f"embed/infer {list(embedders).index(name)}", after + first, f"inference {name}")
+        seconds, pictures = (after, counted) if counted else (first, first_count)  # one batch in all: that one
+        timed_pictures = max(timed_pictures, pictures)
+        out["speed"][name] = pictures / seconds if seconds > 0 else float("nan")  # pictures a second, inference only
+    out["speed_how"] = {"batch": batch_size, "pictures_timed": timed_pictures,
+                        "first_batch": "not timed (warm-up)" if any(b.timed.get(n) for b in (photos, garments, crops)
+                                                                    for n in embedders) else "timed (the only one)"}
     for name in [n for n in embedders if n not in failed]:
         out[name] = {"photos": photos.result(name)}
         if cloth_column:
@@ -609,9 +631,15 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
             speed = float(got["speed"].get(name, float("nan")))
             m["img_per_s"] = round(speed, 1) if np.isfinite(speed) else None  # JSON has no NaN
     made_by = {name: got["made_by"][name] for name in backends}
+    how = {"cpu": cpu_label(), "threads": cfg.embedder.threads or available_cores(), **got.get("speed_how", {})}
+    summary.notes.append(
+        f"img/s: inference alone, batch {how.get('batch')} on {how['threads']} thread(s) of {how['cpu']}, "
+        f"{how.get('pictures_timed', 0):,} pictures a model, its first batch "
+        + ("not timed (warm-up)" if how.get("first_batch", "").startswith("not") else "timed, the only one")
+        + "; figures of one run compare, and other jobs on the machine slow them")
     summary.model = "; ".join(f"{name}: {identity.label()}" if len(made_by) > 1 else identity.label()
                               for name, identity in made_by.items())
-    _write_evaluation(cfg, summary, results, made_by, got["failed"], len(got[backends[0]]["photos"][1]))
+    _write_evaluation(cfg, summary, results, made_by, got["failed"], len(got[backends[0]]["photos"][1]), how)
     return summary
 
 
@@ -855,14 +883,16 @@ def _person_to_garment_metrics(got: dict, backends: list[str], segmented: bool, 
 
 
 def _write_evaluation(cfg: RunConfig, summary: RunSummary, results: dict[str, dict],
-                      made_by: dict[str, VectorIdentity], failed: dict[str, str], photos: int) -> None:
+                      made_by: dict[str, VectorIdentity], failed: dict[str, str], photos: int,
+                      speed: dict[str, Any] | None = None) -> None:
     """evaluation.json, evaluation.png, the table in the printed summary and the report's section.
     evaluation.json says what was measured: each entry's model and file (its sha256, runtime and
     precision), the photos embedded, the models that failed, and the run's notes."""
     cfg.plots_dir.mkdir(parents=True, exist_ok=True)
     report = {"dataset": cfg.dataset.name, **({"config": cfg.dataset.config} if cfg.dataset.config else {}),
               "split": cfg.dataset.split, "limit": cfg.dataset.limit,
-              "filter": cfg.filter, "group_by": cfg.group_by, "photos": photos,
+              "filter": cfg.filter, "group_by": cfg.group_by, "id_column": cfg.evaluate.id_column, "photos": photos,
+              "speed": speed or {},
               "made_by": {name: {"label": made.label(), **made.compared_json()} for name, made in made_by.items()},
               "failed": failed, "notes": summary.notes, "results": results}
     path = cfg.plots_dir / "evaluation.json"

@@ -204,6 +204,15 @@ def test_evaluate_person_to_garment_backends_side_by_side(tiny_clip, tiny_onnx, 
     for m in res.values():
         assert m["queries"] == n and m["recall@1"] >= 0.75 and m["recall@10"] == 1.0 and 0 < m["mrr"] <= 1
     assert abs(res["torch"]["mrr"] - res["onnx-fp32"]["mrr"]) < 1e-6
+    # how the speed was measured is said (the figures varied 5x between runs, with nothing to judge them by)
+    from pipeline.machine import cpu_label
+
+    how = report["speed"]
+    assert how["cpu"] == cpu_label() and how["threads"] >= 1 and how["batch"] >= 1
+    assert how["pictures_timed"] > 0 and all(m["img_per_s"] > 0 for m in res.values())
+    batches = -(-n // how["batch"])  # photos and garments each: the first batch of each untimed where others ran
+    assert how["first_batch"] == ("not timed (warm-up)" if batches > 1 else "timed (the only one)")
+    assert how["pictures_timed"] == (2 * n - 2 * min(n, how["batch"]) if batches > 1 else min(n, how["batch"]) * 2)
     # shuffled garments: the same code must find it much worse
     shuffled = assets.write_parquet_dataset(
         tmp_path / "shuffled",
