@@ -84,6 +84,8 @@ _EVAL_CHECKS: tuple[Check, ...] = (
      "--eval-models names every model compared (each .onnx file runs on onnxruntime, or OpenVINO with "
      "--onnx-runtime openvino; anything else on torch): "
      "drop --model, --onnx and --backend, or add that model to --eval-models"),
+    (lambda c: len(set(c.evaluate.models)) < len(c.evaluate.models),
+     "--eval-models names {twice} more than once: each model is one row of the comparison; name it once"),
     (lambda c: bool(c.evaluate.id_column) and "eval_cloth_column" in c.explicit,
      "--eval-id-column scores same-product retrieval, --eval-cloth-column person -> garment: choose one"),
     (lambda c: c.dedup,
@@ -269,6 +271,7 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
               "runtime": cfg.embedder.runtime,
               "search_flags": " and ".join(flag for flag, on in shaping if on), "mode_flag": selected_mode(cfg).flag,
               "search_verb": "change" if sum(bool(on) for _, on in shaping) > 1 else "changes",
+              "twice": ", ".join(sorted({m for m in cfg.evaluate.models if cfg.evaluate.models.count(m) > 1})),
               "them": "them" if sum(bool(on) for _, on in shaping) > 1 else "it",
               "quantization": cfg.export.quantization, "dataset": cfg.dataset.name, "onnx": cfg.embedder.onnx,
               # --evaluate takes --filter and --group-by but refuses --dedup (its own check above).

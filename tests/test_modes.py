@@ -73,6 +73,8 @@ def test_modes_are_declared_once_and_the_gallery_comes_last():
         (RunConfig(export=ExportSpec(enabled=True), dedup=True),
          "--dedup only changes searches (queries, neighbours, --serve, --video_clip, the Python API)"),
         (RunConfig(evaluate=EvalSpec(enabled=True), dedup=True), "--evaluate already counts byte-identical pictures"),
+        (RunConfig(evaluate=EvalSpec(enabled=True, models=("a/clip", "b", "a/clip"))),
+         "--eval-models names a/clip more than once"),
         (RunConfig(evaluate=EvalSpec(enabled=True, models=("a", "b")), explicit=frozenset({"onnx"})),
          "--eval-models names every model compared"),
         (RunConfig(evaluate=EvalSpec(enabled=True, id_column="item_ID"), explicit=frozenset({"eval_cloth_column"})),
