@@ -27,7 +27,14 @@ from pipeline.backends import (
 from pipeline.config import config_from_flags, flag_default
 from pipeline.errors import PipelineError, UsageError
 from pipeline.index import INDEX_KINDS
-from pipeline.modes import DISK_FULL, check_config, disk_full_said, interrupted_message, unused_build_flags
+from pipeline.modes import (
+    DISK_FULL,
+    check_config,
+    disk_full_said,
+    interrupted_message,
+    mark_started,
+    unused_build_flags,
+)
 from pipeline.report import EXIT_FATAL, EXIT_USAGE, terminal_text
 
 log = logging.getLogger("main")
@@ -557,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from pipeline.runner import run
 
+            mark_started()
             unused = unused_build_flags(cfg, lambda dests: _flag_names(parser, dests))
             if unused:  # a build's command with a query added: taken, and said
                 log.warning("%s", unused)

@@ -383,7 +383,14 @@ def _filter_syntax(text: str | None) -> str | None:
     return None
 
 
-STARTED = time.time()  # when this process began (the CLI imports this module first): what its run wrote is newer
+STARTED = time.time()  # when this run began (mark_started; the process's start until then): what it wrote is newer
+
+
+def mark_started() -> None:
+    """A run begins (main.py, before it runs): what the interrupt message takes for this run's own work
+    is what was written since (a second run in one process, as the tests make, is not the first's)."""
+    global STARTED
+    STARTED = time.time()
 
 
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space, over a quota, over the file-size limit
@@ -434,6 +441,12 @@ def _interrupted(cfg: RunConfig) -> str:
         return (f"interrupted: the updated store in {cfg.store_dir} is in place; run the same command again to "
                 "finish its neighbours, pictures and report (nothing is embedded again)")
     if cfg.update:
+        from .store import PART_FILE, UPDATE_DIR
+
+        staged = cfg.store_dir / UPDATE_DIR / "new"
+        if not (staged / PART_FILE).is_file() and not any((staged / PARTIAL_DIR).glob("shard_*.done")):
+            return ("interrupted before the update completed a shard of its new photos: the store stays as it was; "
+                    "run the same command again to update it")
         return "interrupted: the update's complete shards are kept; run the same command again to finish it"
     before = (" (the store there before stays whole, and searchable, until the build finishes)"
               if sidecar.is_file() else "")

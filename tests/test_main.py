@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -567,7 +568,9 @@ def test_a_usage_error_pointing_at_a_place_ends_with_its_caret(tmp_path, capsys)
     (["--output-dir", "TMP"], "complete shards are kept; run the same command again to resume"),
     (["--video_clip", "c", "--output-dir", "TMP"], "the clip starts over when run again"),
     (["--query-text", "red", "--output-dir", "TMP"], "builds no store, so there is nothing to resume"),
-    (["--update", "--output-dir", "TMP"], "the update's complete shards are kept"),
+    # no shard of the update's complete (one that is: test_update): not "its complete shards are kept"
+    (["--update", "--output-dir", "TMP"], "interrupted before the update completed a shard of its new photos: the "
+                                          "store stays as it was"),
     (["--export-onnx", "--onnx", "TMP/m_int8.onnx"], "nothing was written"),
     (["--output-dir", "memory://b/run", "--work-dir", "TMP"],
      "what was not sent to memory://b/run yet (an upload stopped too) is sent by the next run from this working copy"),
@@ -591,7 +594,12 @@ def test_ctrl_c_after_the_store_was_finished_says_to_go_on_from_it(standard_run,
     out, _ = standard_run
     shutil.copytree(out / "embeddings", tmp_path / "embeddings")
 
-    def interrupted(cfg):
+    def interrupted(cfg):  # stopped after this run wrote its store's sidecar (last)
+        sidecar = cfg.store_dir / "embeddings.json"
+        if sidecar.is_file() and sidecar.stat().st_mtime > 1e9 + 1:
+            import time
+
+            os.utime(sidecar, (time.time() + 1, time.time() + 1))  # after the run began, past the clock's grain
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runner, "run", interrupted)
@@ -607,8 +615,6 @@ def test_ctrl_c_after_the_store_was_finished_says_to_go_on_from_it(standard_run,
     assert (f"the gallery's store in {tmp_path / 'embeddings_segment'} is complete; replace --use-segmentation with "
             "--use-embedded-segment in the same command to finish its neighbours") in capsys.readouterr().err
     # a store older than this run (stopped while its model loaded, before it replaced that store): not this run's
-    import os
-
     os.utime(tmp_path / "embeddings" / "embeddings.json", (1e9, 1e9))
     assert cli.main(["--output-dir", str(tmp_path)]) == 130
     assert "complete shards are kept; run the same command again to resume" in capsys.readouterr().err

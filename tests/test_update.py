@@ -132,9 +132,11 @@ def test_an_interrupted_update_leaves_the_old_store_and_finishes_when_run_again(
     old = comparable(out)
     write_catalogue(data, [*range(3, PRODUCTS), *range(50, 70)])
     stop_after_shards(monkeypatch, 1)  # the new photos' build stops after its first shard
+    capsys.readouterr()
     assert run(*args(data, tiny_onnx, out, "--update")) == 130
     monkeypatch.undo()
     assert (out / "embeddings" / ".update" / "new" / ".partial").is_dir()
+    assert "interrupted: the update's complete shards are kept" in capsys.readouterr().err
     # The old store is whole and usable meanwhile.
     lines, vectors, files = comparable(out)
     assert lines == old[0] and np.array_equal(vectors, old[1]) and files == old[2]
