@@ -558,6 +558,10 @@ def _embed_new(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, p
     part = BuildPart(cfg.store_dir / STAGING / "new", cfg.images_dir / STAGING, frozenset(plan.embed))
     if (part.store_dir / ".partial" / "run.json").is_file() and not _same_part(cfg, part):
         shutil.rmtree(part.store_dir)  # an earlier update's staging for other rows or flags: ours to discard
+        said = ("the interrupted update's staged photos were of other rows or flags (the dataset changed since it "
+                "stopped): set aside, and the new photos embedded afresh")
+        log.info("%s", said)
+        summary.notes.append(said)
     finished = _finished_part(cfg, part)
     if finished is not None:  # an update stopped after it had embedded them: nothing to embed again
         _check_embedder(cfg, old, finished.sidecar.identity)

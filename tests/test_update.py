@@ -1691,3 +1691,23 @@ def test_a_bare_update_embeds_with_the_onnx_file_the_store_records(tiny_onnx, tm
     assert run("--update", "--output-dir", out) == 0
     sidecar = json.loads((out / "embeddings" / "embeddings.json").read_text())
     assert sidecar["onnx_file"] == str(file) and sidecar["count"] == 8
+
+
+def test_an_interrupted_updates_staging_for_another_dataset_is_said_set_aside(tiny_onnx, tmp_path, monkeypatch,
+                                                                               capsys):
+    """Stopped, then the dataset changed again: the staged shards are of other rows, and were thrown
+    away with an INFO line alone; the summary says the new photos were embedded afresh."""
+    data = write_catalogue(tmp_path / "catalogue", list(range(PRODUCTS)))
+    out = tmp_path / "g"
+    assert run(*args(data, tiny_onnx, out)) == 0
+    write_catalogue(data, [*range(PRODUCTS), *range(50, 70)])
+    stop_after_shards(monkeypatch, 1)
+    assert run(*args(data, tiny_onnx, out, "--update")) == 130
+    monkeypatch.undo()
+    write_catalogue(data, [*range(PRODUCTS), *range(80, 90)])  # other new photos meanwhile
+    capsys.readouterr()
+    assert cli_update(data, tiny_onnx, out) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "the interrupted update's staged photos were of other rows or flags (the dataset changed since it " \
+           "stopped): set aside, and the new photos embedded afresh" in said
+    assert f"added 10, changed 0, removed 0, unchanged {PRODUCTS}" in said
