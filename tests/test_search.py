@@ -888,25 +888,21 @@ def test_eval_backends_refuse_an_fp32_twin_that_is_missing_not_fp32_or_of_anothe
     cfg = config_from_flags({"evaluate": True, "onnx": str(int8), "eval_backends": "onnx-int8,onnx-fp32"},
                             explicit=frozenset({"onnx", "eval_backends"}))
     twin = tmp_path / "m_fp32.onnx"
-    with pytest.raises(UsageError, match=f"{twin} not found; it is the fp32 file that python main.py --export-onnx "
-                                         f"--model {tiny_clip} --onnx {int8} writes beside the int8 file"):
-        evaluation_specs(cfg)
-    shutil.copy(tiny_onnx, twin)
-    with pytest.raises(UsageError, match="is an int8-static.* export, not an fp32 one"):
-        evaluation_specs(cfg)
-    # neither file there yet (no export at all): the export named is the int8 file's, which writes both; an
-    # int8 file written under the fp32 name by the old advice is refused as such, not scored as fp32
-    int8.unlink()
-    twin.unlink()
+    # with the int8 file there; then with neither file there yet (no export at all): the export named is the int8
+    # file's, which writes both, and an int8 file written under the fp32 name by the old advice is refused as such
     fresh = config_from_flags({"evaluate": True, "onnx": str(int8), "model": str(tiny_clip),
-                               "eval_backends": "torch,onnx-fp32"}, explicit=frozenset({"onnx", "eval_backends",
-                                                                                        "model"}))
-    with pytest.raises(UsageError, match=f"{twin} not found; it is the fp32 file that python main.py --export-onnx "
-                                         f"--model {tiny_clip} --onnx {int8} writes"):
-        evaluation_specs(fresh)
-    shutil.copy(tiny_onnx, twin)
-    with pytest.raises(UsageError, match="is an int8-static.* export, not an fp32 one"):
-        evaluation_specs(fresh)
+                               "eval_backends": "torch,onnx-fp32"},
+                              explicit=frozenset({"onnx", "eval_backends", "model"}))
+    for asked in (cfg, fresh):
+        if asked is fresh:
+            int8.unlink()
+            twin.unlink()
+        with pytest.raises(UsageError, match=f"{twin} not found; it is the fp32 file that python main.py --export-onnx "
+                                             f"--model {tiny_clip} --onnx {int8} writes beside the int8 file"):
+            evaluation_specs(asked)
+        shutil.copy(tiny_onnx, twin)
+        with pytest.raises(UsageError, match="is an int8-static.* export, not an fp32 one"):
+            evaluation_specs(asked)
     shutil.copy(tiny_onnx, int8)
     model = onnx.load(str(fp32_path_for(tiny_onnx)))
     for prop in model.metadata_props:
