@@ -615,8 +615,10 @@ class Catalog:
             return int(item)
         rows = [r.embedding_row for r in self.searcher.rows if r.file == item]
         said = "is the file of {n} items with the same bytes"  # files are named by their bytes: equal photos are one
-        if not rows:  # the name the user knows it by: its source (a path in the dataset folder), or the last part of it
-            rows = [r.embedding_row for r in self.searcher.rows if item in (r.source, r.shown_name)]
+        if not rows:  # the name the user knows it by: its source (a path in the dataset folder), its caption
+            # (store.shown_name: its folder and name), or the file's name alone
+            rows = [r.embedding_row for r in self.searcher.rows
+                    if item in (r.source, r.shown_name, re.split(r"[\\/]", r.source)[-1])]
             said = "names {n} items"
         if len(rows) > 1:
             listed = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")

@@ -34,7 +34,7 @@ from .backends import (
     open_clip_weights,
 )
 from .errors import PipelineError, UsageError, first_line
-from .fileio import file_version, sha256_bytes, sha256_file, sha256_file_once, unlink_quietly
+from .fileio import file_version, sha256_bytes, sha256_file_once, unlink_quietly
 from .identity import VectorIdentity
 from .int8graph import CPU_GRAPH_RECIPES, META_INT8_RECIPE, cached_cpu_model, cpu_model, keep_cpu_model
 from .preprocess import PIXELS_OF_DECODE, PreprocessConfig
@@ -258,7 +258,8 @@ def requested_identity(spec: EmbedderSpec) -> VectorIdentity:
                 f"ONNX file {spec.onnx} not found. Make it with: python main.py --export-onnx --model {spec.model} "
                 f"--onnx {spec.onnx}"
             )
-        return VectorIdentity(backend="onnx", onnx_sha256=sha256_file(spec.onnx), pixels=pixels, runtime=spec.runtime)
+        return VectorIdentity(backend="onnx", onnx_sha256=sha256_file_once(spec.onnx), pixels=pixels,
+                              runtime=spec.runtime)
     return VectorIdentity(
         backend="torch",
         family=known_family(spec.model),  # from its config.json: SigLIP vectors never meet CLIP's
@@ -441,7 +442,7 @@ class OnnxEmbedder(SlicedEmbedder):
         replicas = 1 if "CUDAExecutionProvider" in self._providers else max(1, cores)
         self._opts = _session_options(ort, intra_op_threads=1 if replicas > 1 else cores)
         # On the CPU, the bias is fused into the int8 GEMM (int8graph.py), from the cache when it is there.
-        self.file_sha256 = sha256_file(self.path)
+        self.file_sha256 = sha256_file_once(self.path)  # once a run: the checks before the load asked too
         on_cpu = list(self._providers) == ["CPUExecutionProvider"]
         cached = cached_cpu_model(self.file_sha256) if on_cpu and use_cache else None
         source: str | bytes = str(cached) if isinstance(cached, Path) else str(self.path)

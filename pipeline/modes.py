@@ -298,7 +298,8 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
     if cfg.engine not in mode.engines:
         then = ("build its gallery with --engine ray first, then run the same command without it and with "
                 f"{'--use-embedded-segment' if cfg.segmented else '--use-embeddings'}" if mode.name == "video"
-                else f"build the gallery with --engine ray first, then run {mode.flag} without it")
+                else f"build the gallery with --engine ray first, then run {mode.flag} without it"
+                if mode.name not in ("evaluate", "export-onnx") else "drop --engine ray")  # they read no gallery
         return (f"--engine {cfg.engine} builds galleries (standard and --use-segmentation runs); other modes run "
                 f"locally: {then}")
     for when, message in _AFTER:
@@ -311,25 +312,34 @@ def check_config(cfg: RunConfig, spell: Callable[[set[str]], str]) -> str | None
 def _missing_path(c: RunConfig) -> str | None:
     """A typed --dataset, --model or --onnx that names a path where there is nothing, said before any
     dataset or model is opened (a typo in a path is a bad flag, exit 2, not a failure an hour in). A
-    name that could be a hub id (owner/name) is left to the hub; --export-onnx writes its --onnx."""
+    name that could be a hub id (owner/name) is left to the hub; --export-onnx writes its --onnx; a
+    mode that reads a store and not the dataset (a search, a cache flag) takes a --dataset moved since;
+    --evaluate says of its files what each of its backends needs."""
     from .backends import OPEN_CLIP_HUB, open_clip_weights
     from .dataset import is_hub_id
 
-    if "dataset" in c.explicit and not Path(c.dataset.name).expanduser().exists() and not is_hub_id(c.dataset.name):
+    reads_dataset = not (c.searches_only or c.from_cache)
+    if ("dataset" in c.explicit and reads_dataset and not Path(c.dataset.name).exists()
+            and not is_hub_id(c.dataset.name)):
         return (f"--dataset {c.dataset.name}: no such file or folder (a local dataset is a folder of pictures, a "
                 "parquet file or folder, or a saved dataset; a hub dataset is owner/name)")
     model = c.embedder.model
     if "model" in c.explicit and not model.startswith(OPEN_CLIP_HUB):
         named = open_clip_weights(model)
         if named is not None:
-            if named[1] and not Path(named[1]).expanduser().exists():
+            if named[1] and not Path(named[1]).exists():
                 return f"--model {model}: no weights file {named[1]}"
-        elif not Path(model).expanduser().exists() and not is_hub_id(model):
+        elif not Path(model).exists() and not is_hub_id(model):
             return (f"--model {model}: no such folder (a local model is the folder its save_pretrained wrote; a "
                     "hub model is owner/name)")
-    if ("onnx" in c.explicit and not c.export.enabled and c.embedder.backend != "torch"  # that one is refused below
-            and not Path(c.embedder.onnx).expanduser().exists()):
-        return f"--onnx {c.embedder.onnx}: no such file (make it with python main.py --export-onnx --onnx FILE)"
+    if ("onnx" in c.explicit and not c.export.enabled and not c.evaluate.enabled
+            and c.embedder.backend != "torch" and not Path(c.embedder.onnx).exists()):  # --backend torch: refused above
+        if c.searches_only or c.from_cache:  # the store's own file: another export would be another file
+            return (f"--onnx {c.embedder.onnx}: no such file; pass the file that made the store (or no --onnx: a "
+                    "search finds the store's own file where it recorded it, or by its sha256 in ./onnx)")
+        model = f" --model {c.embedder.model}" if "model" in c.explicit else ""
+        return (f"--onnx {c.embedder.onnx}: no such file (make it with python main.py --export-onnx{model} --onnx "
+                f"{c.embedder.onnx})")
     return None
 
 

@@ -38,7 +38,7 @@ from .dataset import (
     parquet_column_names,
 )
 from .derived import QUERY_TABLE, made_on, query_pictures
-from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder
+from .embedders import Embedder, EmbedderSpec, available_cores, make_embedder, on_cuda
 from .errors import PipelineError, UsageError, first_line
 from .export import fp32_path_for
 from .fileio import atomic_write_text, printable_name, sha256_bytes
@@ -517,7 +517,8 @@ def embed_pass(
         if segmenter is not None and (crop := first_person(rec.data, segmenter)) is not None:
             crops.add(rec.source_row, dict.fromkeys(min_sides, crop))
     out: dict = {"ids": ids, "garment_sha": garment_sha, "photo_sha": photo_sha, "speed": {}, "failed": failed,
-                 "made_by": {name: e.identity for name, e in embedders.items()}}
+                 "made_by": {name: e.identity for name, e in embedders.items()},
+                 "on_gpu": any(on_cuda(e) for e in embedders.values())}
     for batcher in (photos, garments, crops):
         batcher.flush()  # the last partial batch counts in the timing
     timed_pictures = 0
@@ -632,8 +633,11 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
             m["img_per_s"] = round(speed, 1) if np.isfinite(speed) else None  # JSON has no NaN
     made_by = {name: got["made_by"][name] for name in backends}
     how = {"cpu": cpu_label(), "threads": cfg.embedder.threads or available_cores(), **got.get("speed_how", {})}
+    on_gpu = bool(got.get("on_gpu"))
+    where = "the GPU (the CPU's: " if on_gpu else ""
     summary.notes.append(
-        f"img/s: inference alone, batch {how.get('batch')} on {how['threads']} thread(s) of {how['cpu']}, "
+        f"img/s: inference alone, batch {how.get('batch')} on {where}{how['threads']} thread(s) of {how['cpu']}"
+        + (")" if on_gpu else "") + ", "
         f"{how.get('pictures_timed', 0):,} pictures a model, its first batch "
         + ("not timed (warm-up)" if how.get("first_batch", "").startswith("not") else "timed, the only one")
         + "; figures of one run compare, and other jobs on the machine slow them")

@@ -68,7 +68,8 @@ class Hit:
 
     @property
     def shown_name(self) -> str:
-        """The last part of `source`, for a caption (store.shown_name)."""
+        """What the user knows the photo by, for a caption (store.shown_name: a relative path's folder and
+        name, the last part of any other source)."""
         return shown_name(self.source, self.file, person=self.person)
 
     def to_dict(self) -> dict[str, Any]:

@@ -117,12 +117,12 @@ _ROW_SOURCE = re.compile(r"\[\d+\]$")  # "<dataset>[row]": a cell without a path
 
 
 def shown_name(source: str, file: str, lasting: bool = False, person: int = -1) -> str:
-    """What the user knows an item's photo by, for captions: a file of the dataset folder by its
-    path in it (`SKU1001/front.jpg`: a shop's folder per product names every photo front.jpg, and the
-    folder alone tells them apart; a caption too long is cut in the middle, where it is shown), the
-    last part of any other source (a file by its absolute path, `<dataset>[row]`; `cat[12]` of
-    `./cat/[12]` too), and a person crop's number as query labels write it (`p01.jpg#p0`); the
-    gallery's file where there is no source.
+    """What the user knows an item's photo by, for captions: a relative path (a file of the dataset
+    folder, a parquet cell's relative path) by its folder and name (`SKU1001/front.jpg` of
+    `women/dresses/SKU1001/front.jpg`: a shop's folder per product names every photo front.jpg, and
+    the folder tells them apart; the whole path on hover), the last part of any other source (a
+    file by its absolute path, `<dataset>[row]`; `cat[12]` of `./cat/[12]` too), and a person crop's
+    number as query labels write it (`p01.jpg#p0`); the gallery's file where there is no source.
     lasting: for a caption kept across runs (the result pictures), the file instead of a row
     number, which an update that removes or inserts rows before it changes."""
     row = _ROW_SOURCE.search(source)
@@ -130,8 +130,8 @@ def shown_name(source: str, file: str, lasting: bool = False, person: int = -1) 
         return file
     path = source[: row.start()] if row else source
     relative = not row and not re.match(r"([\\/]|[A-Za-z]:[\\/]|\.\.?[\\/])", path)
-    name = path.rstrip("\\/") if relative else re.split(r"[\\/]", path.rstrip("\\/"))[-1] + (
-        row.group(0) if row else "")
+    parts = re.split(r"[\\/]", path.rstrip("\\/"))
+    name = "/".join(parts[-2:]) if relative else parts[-1] + (row.group(0) if row else "")
     return f"{name or file}#p{person}" if person >= 0 else name or file
 
 
@@ -223,10 +223,15 @@ class Sidecar:
     # The local dataset's files as the store was made from them (dataset.dataset_stamp): recorded,
     # never compared; a run that reuses the store says when they changed since (--update catches up).
     dataset_files: str | None = None
-    # The ONNX file that made the vectors, its absolute path when the store was written: recorded,
-    # never compared (the identity's onnx_sha256 is what counts); where it still holds those bytes, a
-    # search with no --onnx finds it there (catalog.store_embedder_spec).
-    onnx_file: str | None = None
+
+    @property
+    def onnx_file(self) -> str | None:
+        """The ONNX file that made the vectors, by its absolute path when the store was written
+        (`machine`'s "onnx_file": a path of that machine, recorded and never compared, where versions
+        before it read any key; the identity's onnx_sha256 is what counts). Where it still holds those
+        bytes, a search with no --onnx finds it there (catalog.store_embedder_spec)."""
+        value = self.machine.get("onnx_file")
+        return value if isinstance(value, str) and value else None
 
     def to_json(self) -> str:
         data = {**asdict(self), "identity": self.identity.to_json(), "source": self.source.to_json()}
@@ -234,8 +239,6 @@ class Sidecar:
             del data["thumbnail_segments"]
         if self.dataset_files is None:  # a hub dataset's: nothing recorded, as before
             del data["dataset_files"]
-        if self.onnx_file is None:  # a model's vectors: nothing recorded, as before
-            del data["onnx_file"]
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
@@ -975,10 +978,9 @@ def write_store(
         embeddings_sha256=emb_sha256,
         thumbnails_sha256=parts[0].sha256,
         thumbnail_size=thumbnail_size,
-        machine=dict(cpu_info()),
+        machine={**cpu_info(), **({"onnx_file": str(Path(onnx_file).resolve())} if onnx_file is not None else {})},
         thumbnail_segments=[asdict(part) for part in parts[1:]],
         dataset_files=dataset_files,
-        onnx_file=str(Path(onnx_file).resolve()) if onnx_file is not None else None,
     )
     if not kept_thumbnails:
         # A whole store written in place: an older one's segments are not its. Removed before the sidecar is

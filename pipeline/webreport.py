@@ -150,7 +150,8 @@ def write_gallery_pages(
             keys are those recorded for it (SPRITES_FILE) is kept, not drawn and encoded again
             (after an update most pages are the same). None: every sprite is drawn.
         sources, names: per item, what the user knows its photo by (manifest.csv's `source`) and
-            its caption (store.shown_name: the source's last part, a crop's person); the name is
+            its caption (store.shown_name: a relative path's folder and name, any other source's last part, a
+            crop's person); the name is
             shown, the source and file on hover, and the filter searches sources and file names,
             and the item's metadata values as its details show them (shown_value).
     Returns:

@@ -454,7 +454,7 @@ def test_a_store_made_by_the_onnx_file_is_searched_with_it_when_opened_with_its_
                      "--max-result-images", "0", "-q"]) == 3
     monkeypatch.chdir(tmp_path)
     # where the file is still where the store recorded it, a search with nothing named takes it from there
-    assert json.loads((out / "embeddings" / "embeddings.json").read_text())["onnx_file"] == str(built)
+    assert json.loads((out / "embeddings" / "embeddings.json").read_text())["machine"]["onnx_file"] == str(built)
     first = Catalog.open(out)
     look = out / "images" / first.items[2].file
     assert first.search_image(look, k=1)[0].hits[0].row == 2
@@ -649,3 +649,24 @@ def test_a_stores_metadata_written_in_nfd_before_is_filtered_by_an_nfc_filter(ti
                    path)
     hits = Catalog.open(out).search_text("summer", k=4, filter="category = 'été'")
     assert len(hits) == 2 and all(h.meta["category"] == "été" for h in hits)
+
+
+def test_an_item_of_a_folder_dataset_is_found_by_its_path_caption_or_name(tiny_onnx, tmp_path):
+    """Shown by its folder and name now (SKU1/front.jpg), a photo is still asked for by its file's
+    name alone where that is one photo's, and a name of several is refused naming their rows."""
+    from pipeline.errors import UsageError
+
+    for folder, name, seed in (("shop/SKU1", "front.jpg", 1), ("shop/SKU2", "front.jpg", 2),
+                               ("shop/SKU2", "side.jpg", 3)):
+        (tmp_path / "photos" / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "photos" / folder / name).write_bytes(assets.jpeg_bytes(60, 80, seed=seed))
+    out = tmp_path / "out"
+    assert cli.main(["--dataset", str(tmp_path / "photos"), "--onnx", str(tiny_onnx), "--output-dir", str(out),
+                     "--max-result-images", "0", "-q"]) == 0
+    cat = Catalog.open(out, onnx=str(tiny_onnx))
+    row = {cat.items[r].source: r for r in range(3)}
+    assert cat.neighbours("side.jpg", k=1)[0].row != row["shop/SKU2/side.jpg"]
+    assert cat.neighbours("SKU2/side.jpg", k=2) == cat.neighbours("side.jpg", k=2)
+    assert cat.neighbours("shop/SKU1/front.jpg", k=2) == cat.neighbours("SKU1/front.jpg", k=2)
+    with pytest.raises(UsageError, match=r"'front.jpg' names 2 items \(rows "):
+        cat.neighbours("front.jpg", k=1)

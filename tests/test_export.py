@@ -352,14 +352,19 @@ def test_a_file_named_otherwise_than_onnx_moves_with_its_external_data(tmp_path)
 
 def test_export_of_missing_model_is_a_clear_error(tmp_path, capsys):
     target = tmp_path / "new" / "folders" / "o.onnx"
+    assert cli.main(["--export-onnx", "--model", str(tmp_path / "nope"), "--onnx", str(target), "-q"]) == 2
+    assert f"--model {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err  # before anything is made
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "nope").mkdir()  # a folder, but not a model's: found when it loads
     assert cli.main(["--export-onnx", "--model", str(tmp_path / "nope"), "--onnx", str(target), "-q"]) == 1
     assert "cannot load model" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []  # the folders it made for the file are gone with the failure
+    assert list(tmp_path.iterdir()) == [tmp_path / "nope"]  # the folders it made for the file are gone with the failure
 
 
 def test_an_export_into_a_folder_it_cannot_write_says_so_before_loading_the_model(tmp_path, capsys):
     (tmp_path / "a-file").write_text("not a folder")
     target = tmp_path / "a-file" / "o.onnx"
+    (tmp_path / "nope").mkdir()  # a folder, but no model in it: never loaded
     assert cli.main(["--export-onnx", "--model", str(tmp_path / "nope"), "--onnx", str(target), "-q"]) == 1
     err = capsys.readouterr().err
     assert f"output folder {target.parent} is a file, not a folder. Choose a folder with --onnx." in err

@@ -399,6 +399,16 @@ def test_a_path_that_could_be_a_hub_id_or_is_written_by_the_run_is_not_refused(t
     assert problem(dataset="owner/shop") is None
     assert problem(onnx=str(tmp_path / "new_int8.onnx"), export_onnx=True) is None  # what the export writes
     assert problem(dataset=str(tmp_path)) is None
+    # a mode that reads the store, not the dataset: a --dataset moved since (typed to match the store) is taken
+    gone = str(tmp_path / "moved-away")
+    assert problem(dataset=gone, query_text=["red"]) is None and problem(dataset=gone, use_embeddings=True) is None
+    assert problem(dataset=gone) is not None and problem(dataset=gone, update=True) is not None
+    # the export advised makes the file of the model typed (the default hub model's before); a search is told
+    # to pass the store's own file, which another export would not give back
+    said = problem(onnx=str(tmp_path / "m_int8.onnx"), model=str(tmp_path))
+    assert said == (f"--onnx {tmp_path / 'm_int8.onnx'}: no such file (make it with python main.py --export-onnx "
+                    f"--model {tmp_path} --onnx {tmp_path / 'm_int8.onnx'})")
+    assert "pass the file that made the store" in problem(onnx=str(tmp_path / "m_int8.onnx"), query_text=["red"])
 
 
 def test_an_onnx_file_named_but_missing_is_reported_not_replaced(tmp_path, mixed_dataset, tiny_clip, capsys):

@@ -51,6 +51,7 @@ def test_modes_are_declared_once_and_the_gallery_comes_last():
         (RunConfig(evaluate=EvalSpec(enabled=True, backends=("tpu",))), "--eval-backends: unknown ['tpu']"),
         (RunConfig(evaluate=EvalSpec(enabled=True), use_embeddings=True), "does not read a cache"),
         (RunConfig(query=QuerySpec(texts=("x",)), engine="ray"), "--engine ray builds galleries"),
+        (RunConfig(evaluate=EvalSpec(enabled=True), engine="ray"), "other modes run locally: drop --engine ray"),
         (RunConfig(video=VideoSpec(clip="clip_1"), engine="ray"),
          "other modes run locally: build its gallery with --engine ray first, then run the same command without it "
          "and with --use-embeddings"),

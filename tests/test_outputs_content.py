@@ -104,7 +104,9 @@ def test_search_hits_and_their_thumbnails_are_the_named_items_after_failed_rows(
     ("p00.jpg", "img_a.jpg", False, -1, "p00.jpg"),  # a file of the dataset folder
     # one in a subfolder, by its path there: a folder per product names each one's photos alike (front.jpg)
     ("SKU1001/front.jpg", "img_a.jpg", False, -1, "SKU1001/front.jpg"),
-    ("looks/sub/p00.jpg", "img_a.jpg", True, -1, "looks/sub/p00.jpg"),  # a path lasts: kept in a result picture
+    ("looks/sub/p00.jpg", "img_a.jpg", True, -1, "sub/p00.jpg"),  # its folder and name; a path lasts: kept in a
+    # result picture
+    ("women/dresses/SKU2001/front.jpg", "img_a.jpg", False, -1, "SKU2001/front.jpg"),
     ("/photos/looks/p00.jpg", "img_a.jpg", False, -1, "p00.jpg"),  # a parquet's path cell: absolute, its name
     ("C:\\shop\\looks\\p00.jpg", "img_a.jpg", False, -1, "p00.jpg"),
     ("/data/deepfashion[12]", "img_a.jpg", False, -1, "deepfashion[12]"),  # a parquet cell

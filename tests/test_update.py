@@ -1690,7 +1690,7 @@ def test_a_bare_update_embeds_with_the_onnx_file_the_store_records(tiny_onnx, tm
     write_catalogue(tmp_path / "catalogue", list(range(8)))
     assert run("--update", "--output-dir", out) == 0
     sidecar = json.loads((out / "embeddings" / "embeddings.json").read_text())
-    assert sidecar["onnx_file"] == str(file) and sidecar["count"] == 8
+    assert sidecar["machine"]["onnx_file"] == str(file) and sidecar["count"] == 8
 
 
 def test_an_interrupted_updates_staging_for_another_dataset_is_said_set_aside(tiny_onnx, tmp_path, monkeypatch,

@@ -441,6 +441,7 @@ def test_an_export_without_model_flags_exports_the_store_as_made(exported, tmp_p
     assert np.array_equal(np.stack(again.column("embedding").to_numpy(zero_copy_only=False)),
                           np.stack(first.column("embedding").to_numpy(zero_copy_only=False)))
     capsys.readouterr()
+    (tmp_path / "other").mkdir()  # a folder there (a path with nothing there is refused as a bad flag, exit 2)
     assert cli.main(["--output-dir", str(out), "--model", str(tmp_path / "other"), "--backend", "torch",
                      "--export", f"parquet:{tmp_path / 'x.parquet'}"]) == 1
     assert "To reuse it, ask for what made it" in capsys.readouterr().err

@@ -158,6 +158,19 @@ def test_the_report_shows_every_item_pages_and_follows_neighbours(report_run, br
     # a name too long for a caption is cut in the middle, its end kept (a copy's suffix tells it apart)
     assert browser.execute_script("return [midCut('p02_q75_resized90_of_the_shoot.jpg'), midCut('short.jpg')]") == [
         "p02_q75_r…shoot.jpg", "short.jpg"]
+    # a photo's folder and name: the name kept whole, the folder cut in its middle ("front" was cut to "ront")
+    assert browser.execute_script(
+        "return [midCut('Robe-été-Käse-Ærø/side.jpg', 17), midCut('SKU2001/front.jpg', 17), "
+        "midCut('summer-collection-2024/a_very_long_photo_name.jpg', 17)]") == [
+        "Robe…Ærø/side.jpg", "SKU2001/front.jpg", "summer-c…name.jpg"]
+    # a video's matches are named in the page as Python names the gallery's items (store.shown_name)
+    from pipeline.store import shown_name
+
+    sources = ["p00.jpg", "SKU1/front.jpg", "women/dresses/SKU2/front.jpg", "/photos/a/b.jpg", "./cat/[12]",
+               "/data/deepfashion[3]", "C:\\shop\\x.jpg", ""]
+    for person in (-1, 2):
+        assert browser.execute_script("return arguments[0].map(s => nameOf('img_a.jpg', s, arguments[1]))",
+                                      sources, person) == [shown_name(s, "img_a.jpg", person=person) for s in sources]
     row = lines[200]
     by_source = filtered(f"[{row.source_row}]")  # the user's name of the photo finds it
     assert [t.split("\n")[-1] for _, t in by_source] == [row.file]

@@ -4,6 +4,10 @@
 // copy's suffix, a SKU's last digits) tells photos apart where its start does not; whole on hover.
 function midCut(name, most = 19) {
   if (!name || name.length <= most) return name;
+  // a photo's folder and name (SKU2001/front.jpg): the name kept whole where it leaves the folder room,
+  // the folder cut in its middle (Robe…Ærø/side.jpg), not "front" cut to "ront"
+  const slash = name.lastIndexOf("/"), file = name.slice(slash + 1);
+  if (slash > 0 && file.length + 5 <= most) return midCut(name.slice(0, slash), most - file.length - 1) + "/" + file;
   const head = Math.ceil((most - 1) / 2), tail = most - 1 - head;
   return name.slice(0, head) + "…" + name.slice(name.length - tail);
 }
