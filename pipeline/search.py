@@ -69,7 +69,8 @@ RECALL_AT = (1, 5, 10)
 # Tiles of the query pictures: the query picture itself and the matches' image files hold more than
 # the store's THUMB_SIZE thumbnails, and a query run draws a handful of pictures, not one per item.
 QUERY_TILE = 224
-_IMAGE_SUFFIX = re.compile("(?:" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES) + ")(?=#|$)", re.IGNORECASE)
+# a picture's suffix at the end of a label, before a person's #p0, or before a picture-plus-text query's text
+_IMAGE_SUFFIX = re.compile("(?:" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES) + ")(?=#| “| −|$)", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------- query
@@ -103,10 +104,21 @@ RRF_COLUMN = "rrf_score"  # query_results.csv: a reciprocal-rank fusion's score,
 
 
 def query_labels(paths: Sequence[Path]) -> dict[Path, str]:
-    """Each query picture's label: its file name, or the path as given where two pictures share a
-    name (x/a.jpg and y/a.jpg of a folder), so that no two queries' rows read alike."""
-    names = Counter(p.name for p in paths)
-    return {p: printable_name(p.name if names[p.name] == 1 else str(p)) for p in paths}
+    """Each query picture's label: its file name, or where pictures share it (SKU1/front.jpg and
+    SKU2/front.jpg of a folder) as many of its last folders as tell it apart (the whole path as given
+    where none do), so that no two queries' rows read alike and none reads /home/me/... in full."""
+    def tail(p: Path, depth: int) -> str:
+        return "/".join(p.parts[-depth:])
+
+    depth = dict.fromkeys(paths, 1)
+    while True:
+        labels = {p: tail(p, depth[p]) for p in paths}
+        seen = Counter(labels.values())
+        alike = [p for p in paths if seen[labels[p]] > 1 and depth[p] < len(p.parts)]
+        if not alike:
+            return {p: printable_name(labels[p] if seen[labels[p]] == 1 else str(p)) for p in paths}
+        for p in alike:
+            depth[p] += 1
 
 
 def run_query(cfg: RunConfig) -> RunSummary:

@@ -416,7 +416,8 @@ def test_query_paths_and_slugs(tmp_path):
     tile = np.zeros((2, 2, 3), np.uint8)
     assert [picture_name(i, Query(label, kind, tile)) for i, (label, kind) in enumerate([
         ("img_00042.jpg", "image"), ("look.PNG#p1", "image"), ("shot.webp", "image"), ("red dress.jpg", "text"),
-    ])] == ["q000_img_00042.jpg", "q001_look_p1.jpg", "q002_shot.jpg", "q003_red_dress.jpg"]
+        ("front.jpg “red dress”", "image+text"),  # a picture plus a text: not q004_front.jpg_red_dress.jpg
+    ])] == ["q000_img_00042.jpg", "q001_look_p1.jpg", "q002_shot.jpg", "q003_red_dress.jpg", "q004_front_red_dress.jpg"]
 
 
 def test_unreadable_query_image_is_recorded_and_a_personless_one_is_said(tmp_path):
@@ -933,7 +934,12 @@ def test_query_pictures_that_share_a_name_are_labelled_by_their_path():
     from pipeline.search import query_labels
 
     paths = [Path("q/x/a.jpg"), Path("q/y/a.jpg"), Path("q/b.jpg")]
-    assert query_labels(paths) == {paths[0]: "q/x/a.jpg", paths[1]: "q/y/a.jpg", paths[2]: "b.jpg"}
+    assert query_labels(paths) == {paths[0]: "x/a.jpg", paths[1]: "y/a.jpg", paths[2]: "b.jpg"}
+    # as many folders as tell them apart, not the whole path typed (/home/me/shop/... in every row)
+    deep = [Path("/home/me/shop/women/SKU1/front.jpg"), Path("/home/me/shop/men/SKU1/front.jpg"),
+            Path("/home/me/shop/men/SKU2/front.jpg"), Path("/home/me/shop/men/SKU2/side.jpg")]
+    assert list(query_labels(deep).values()) == ["women/SKU1/front.jpg", "men/SKU1/front.jpg", "SKU2/front.jpg",
+                                                 "side.jpg"]
 
 
 def test_a_torch_store_follows_its_model_folder_by_its_weights(tiny_clip, tmp_path, capsys):
