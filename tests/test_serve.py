@@ -958,6 +958,7 @@ def test_a_shop_on_a_phone_sees_each_search_end_and_reads_its_products(tiny_onnx
                                  f"price {1299.99 + row:,.2f}"]
             name_line = tile.find_elements(By.CSS_SELECTOR, ".meta > div")[0]
             assert name_line.size["height"] > 20  # two lines of 11.5 px type: wrapped, not one cut line
+            assert name_line.get_attribute("title") == lines[0].replace(" ", ": ", 1)  # whole on hover, if cut
             assert tile.find_element(By.CSS_SELECTOR, ".meta details summary").text == "2 more"
             alt = tile.find_element(By.TAG_NAME, "img").get_attribute("alt")
             assert alt == tile.find_element(By.CSS_SELECTOR, ".cap.name").text and not alt.startswith("img_")
