@@ -364,7 +364,12 @@ def model_said(made: VectorIdentity, embedder: Embedder | None) -> str:
     made them (two exports of one model differ only by their files: "…/clip (onnx, …), edge/m.onnx")."""
     file = embedder.source_file if embedder is not None else None
     ran = file is not None and embedder is not None and embedder.identity.onnx_sha256 == made.onnx_sha256
-    return made.label() + (f", {file}" if ran else "")
+    said = made.label() + (f", {file}" if ran else "")
+    loaded = embedder.identity.model if embedder is not None and embedder.identity.backend == "torch" else None
+    if loaded and made.model and loaded != made.model and made.model_sha256 and (
+            embedder is not None and embedder.identity.model_sha256 == made.model_sha256):
+        said += f", loaded from {loaded} (the same weights; the store records the folder it was made from)"
+    return said
 
 
 def check_gallery_group_by(column: str, schema: Any) -> None:

@@ -957,8 +957,10 @@ def test_a_torch_store_follows_its_model_folder_by_its_weights(tiny_clip, tmp_pa
     err = " ".join(capsys.readouterr().err.split())
     assert f"made by the model folder {folder}, which is not there any more: pass --model FOLDER" in err
     # the same weights in the folder it moved to are the same model
-    assert cli.main(["--output-dir", str(out), "--query-text", "red", "--model", str(moved), "-q"]) == 0
+    assert cli.main(["--output-dir", str(out), "--query-text", "red", "--model", str(moved)]) == 0
     assert len(read_results(out)) == 5
+    said = " ".join(capsys.readouterr().out.split())  # the folder loaded named beside the one the store records
+    assert f"model: {folder} (torch, fp32), loaded from {moved} (the same weights;" in said, said
     # other weights are not
     other = assets.save_tiny_clip(tmp_path / "clip_c", seed=1)
     capsys.readouterr()
