@@ -487,7 +487,8 @@ def test_batcher_batches_rows_times_and_empty_results(monkeypatch):
     assert (
         emb.dtype == np.float32 and np.allclose(emb[1], [0, 1], atol=1e-6) and np.allclose(emb[2], [-1, 0], atol=1e-6)
     )
-    assert b.seconds == {"fake": 3.0}  # three batches of one fake second each, added up
+    # three batches of one fake second each: the first (a warm-up) apart, the two after it added up
+    assert b.speed_parts("fake") == (2.0, 3, 1.0, 2)
 
 
 def test_rank_metrics_of_no_queries_and_blocks():
