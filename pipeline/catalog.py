@@ -615,10 +615,12 @@ class Catalog:
             return int(item)
         rows = [r.embedding_row for r in self.searcher.rows if r.file == item]
         said = "is the file of {n} items with the same bytes"  # files are named by their bytes: equal photos are one
-        if not rows:  # the name the user knows it by: its source (a path in the dataset folder), its caption
-            # (store.shown_name: its folder and name), or the file's name alone
-            rows = [r.embedding_row for r in self.searcher.rows
-                    if item in (r.source, r.shown_name, re.split(r"[\\/]", r.source)[-1])]
+        # the name the user knows it by: its source (a path in the dataset folder), else its caption
+        # (store.shown_name: its folder and name), else its file's name alone; the first that names any
+        for name_of in (lambda r: r.source, lambda r: r.shown_name, lambda r: re.split(r"[\\/]", r.source)[-1]):
+            if rows:
+                break
+            rows = [r.embedding_row for r in self.searcher.rows if r.source and name_of(r) == item]
             said = "names {n} items"
         if len(rows) > 1:
             listed = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
@@ -626,7 +628,8 @@ class Catalog:
                              f"neighbours({rows[0]})")
         if not rows:
             raise UsageError(f"no item named {item!r} in {self.cache.root}: an item is asked for by its row "
-                             "(hit.row), its store file (hit.file, img_….jpg) or its source (hit.source)")
+                             "(hit.row), its store file (hit.file, img_….jpg), its source (hit.source), its caption "
+                             "(hit.shown_name) or its file's name in the dataset")
         return rows[0]
 
 

@@ -332,9 +332,12 @@ def _missing_path(c: RunConfig) -> str | None:
         elif not Path(model).exists() and not is_hub_id(model):
             return (f"--model {model}: no such folder (a local model is the folder its save_pretrained wrote; a "
                     "hub model is owner/name)")
-    if ("onnx" in c.explicit and not c.export.enabled and not c.evaluate.enabled
+    # --evaluate needs the file named for its onnx-int8 row (its own backend's, where none is named); its fp32
+    # twin's row says what it needs itself
+    evaluated = not c.evaluate.enabled or "onnx-int8" in c.evaluate.backends or not c.evaluate.backends
+    if ("onnx" in c.explicit and not c.export.enabled and evaluated and not c.evaluate.models
             and c.embedder.backend != "torch" and not Path(c.embedder.onnx).exists()):  # --backend torch: refused above
-        if c.searches_only or c.from_cache:  # the store's own file: another export would be another file
+        if c.searches_only or c.from_cache or c.update:  # the store's own file: another export is another file
             return (f"--onnx {c.embedder.onnx}: no such file; pass the file that made the store (or no --onnx: a "
                     "search finds the store's own file where it recorded it, or by its sha256 in ./onnx)")
         model = f" --model {c.embedder.model}" if "model" in c.explicit else ""

@@ -108,13 +108,13 @@ def query_labels(paths: Sequence[Path]) -> dict[Path, str]:
     SKU2/front.jpg of a folder) as many of its last folders as tell it apart (the whole path as given
     where none do), so that no two queries' rows read alike and none reads /home/me/... in full."""
     def tail(p: Path, depth: int) -> str:
-        return "/".join(p.parts[-depth:])
+        return Path(*p.parts[-depth:]).as_posix()  # /f.jpg whole, not //f.jpg
 
-    depth = dict.fromkeys(paths, 1)
+    depth = dict.fromkeys(paths, 1)  # a picture given twice is one picture
     while True:
-        labels = {p: tail(p, depth[p]) for p in paths}
+        labels = {p: tail(p, depth[p]) for p in depth}
         seen = Counter(labels.values())
-        alike = [p for p in paths if seen[labels[p]] > 1 and depth[p] < len(p.parts)]
+        alike = [p for p in depth if seen[labels[p]] > 1 and depth[p] < len(p.parts)]
         if not alike:
             return {p: printable_name(labels[p] if seen[labels[p]] == 1 else str(p)) for p in paths}
         for p in alike:
@@ -646,7 +646,7 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
     made_by = {name: got["made_by"][name] for name in backends}
     how = {"cpu": cpu_label(), "threads": cfg.embedder.threads or available_cores(), **got.get("speed_how", {})}
     on_gpu = bool(got.get("on_gpu"))
-    where = "the GPU (the CPU's: " if on_gpu else ""
+    where = "the GPU for a model that runs there (else " if on_gpu else ""
     summary.notes.append(
         f"img/s: inference alone, batch {how.get('batch')} on {where}{how['threads']} thread(s) of {how['cpu']}"
         + (")" if on_gpu else "") + ", "

@@ -254,6 +254,9 @@ class Sidecar:
 
     @classmethod
     def parse(cls, data: dict[str, Any], path: Path) -> Sidecar:
+        if isinstance(data.get("onnx_file"), str):  # written for an hour of 2026-12-08 at the top: in machine now
+            data = {**data, "machine": {**(data.get("machine") or {}), "onnx_file": data["onnx_file"]}}
+            del data["onnx_file"]
         try:
             typed = {**data, "identity": VectorIdentity.from_json(data["identity"], "identity"),
                      "source": GallerySource.from_json(data["source"], "source")}

@@ -652,21 +652,26 @@ def test_a_stores_metadata_written_in_nfd_before_is_filtered_by_an_nfc_filter(ti
 
 
 def test_an_item_of_a_folder_dataset_is_found_by_its_path_caption_or_name(tiny_onnx, tmp_path):
-    """Shown by its folder and name now (SKU1/front.jpg), a photo is still asked for by its file's
-    name alone where that is one photo's, and a name of several is refused naming their rows."""
+    """Shown by its folder and name now (SKU1/front.jpg), a photo is asked for by its source first, then
+    its caption, then its file's name (an exact source was refused as ambiguous beside another item's
+    caption); a name of several in the first kind that names any is refused, naming their rows."""
     from pipeline.errors import UsageError
 
-    for folder, name, seed in (("shop/SKU1", "front.jpg", 1), ("shop/SKU2", "front.jpg", 2),
-                               ("shop/SKU2", "side.jpg", 3)):
-        (tmp_path / "photos" / folder).mkdir(parents=True, exist_ok=True)
-        (tmp_path / "photos" / folder / name).write_bytes(assets.jpeg_bytes(60, 80, seed=seed))
+    files = ("front.jpg", "SKU1/front.jpg", "SKU2/front.jpg", "SKU2/side.jpg", "x/SKU1/front.jpg", "y/SKU3/a.jpg",
+             "z/SKU3/a.jpg")
+    for seed, name in enumerate(files):
+        (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "photos" / name).write_bytes(assets.jpeg_bytes(60, 80, seed=seed))
     out = tmp_path / "out"
     assert cli.main(["--dataset", str(tmp_path / "photos"), "--onnx", str(tiny_onnx), "--output-dir", str(out),
                      "--max-result-images", "0", "-q"]) == 0
     cat = Catalog.open(out, onnx=str(tiny_onnx))
-    row = {cat.items[r].source: r for r in range(3)}
-    assert cat.neighbours("side.jpg", k=1)[0].row != row["shop/SKU2/side.jpg"]
-    assert cat.neighbours("SKU2/side.jpg", k=2) == cat.neighbours("side.jpg", k=2)
-    assert cat.neighbours("shop/SKU1/front.jpg", k=2) == cat.neighbours("SKU1/front.jpg", k=2)
-    with pytest.raises(UsageError, match=r"'front.jpg' names 2 items \(rows "):
-        cat.neighbours("front.jpg", k=1)
+    row = {cat.items[r].source: r for r in range(len(files))}
+    assert set(row) == set(files)
+    for asked, meant in (("front.jpg", "front.jpg"), ("SKU1/front.jpg", "SKU1/front.jpg"),  # sources, exactly
+                         ("side.jpg", "SKU2/side.jpg"), ("x/SKU1/front.jpg", "x/SKU1/front.jpg")):
+        assert cat._row_of(asked) == row[meant], asked
+    with pytest.raises(UsageError, match=r"'SKU3/a.jpg' names 2 items \(rows "):  # two captions alike
+        cat.neighbours("SKU3/a.jpg", k=1)
+    with pytest.raises(UsageError, match=r"its caption \(hit.shown_name\) or its file's name"):
+        cat.neighbours("nothing.jpg", k=1)

@@ -409,6 +409,11 @@ def test_a_path_that_could_be_a_hub_id_or_is_written_by_the_run_is_not_refused(t
     assert said == (f"--onnx {tmp_path / 'm_int8.onnx'}: no such file (make it with python main.py --export-onnx "
                     f"--model {tmp_path} --onnx {tmp_path / 'm_int8.onnx'})")
     assert "pass the file that made the store" in problem(onnx=str(tmp_path / "m_int8.onnx"), query_text=["red"])
+    assert "pass the file that made the store" in problem(onnx=str(tmp_path / "m_int8.onnx"), update=True)
+    # --evaluate: the file its onnx-int8 row runs, said at once; its fp32 row's twin says what it needs itself
+    assert problem(onnx=str(tmp_path / "m_int8.onnx"), evaluate=True, eval_backends="torch,onnx-int8") is not None
+    assert problem(onnx=str(tmp_path / "m_int8.onnx"), evaluate=True) is not None
+    assert problem(onnx=str(tmp_path / "m_int8.onnx"), evaluate=True, eval_backends="torch,onnx-fp32") is None
 
 
 def test_an_onnx_file_named_but_missing_is_reported_not_replaced(tmp_path, mixed_dataset, tiny_clip, capsys):

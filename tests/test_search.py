@@ -941,6 +941,10 @@ def test_query_pictures_that_share_a_name_are_labelled_by_their_path():
             Path("/home/me/shop/men/SKU2/front.jpg"), Path("/home/me/shop/men/SKU2/side.jpg")]
     assert list(query_labels(deep).values()) == ["women/SKU1/front.jpg", "men/SKU1/front.jpg", "SKU2/front.jpg",
                                                  "side.jpg"]
+    # a picture given twice is one picture (the other was left labelled like it); a root is written once
+    twice = [Path("a/x/f.jpg"), Path("a/x/f.jpg"), Path("b/x/f.jpg")]
+    assert query_labels(twice) == {twice[0]: "a/x/f.jpg", twice[2]: "b/x/f.jpg"}
+    assert list(query_labels([Path("f.jpg"), Path("/f.jpg")]).values()) == ["f.jpg", "/f.jpg"]
 
 
 def test_a_torch_store_follows_its_model_folder_by_its_weights(tiny_clip, tmp_path, capsys):

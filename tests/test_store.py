@@ -213,3 +213,22 @@ def test_a_stores_vectors_are_written_from_the_array_not_a_copy_of_it(tmp_path):
     assert written == npy_bytes(emb)  # the same bytes, so the same sha256 as every store before
     sidecar = json.loads((tmp_path / "embeddings.json").read_text())
     assert sidecar["embeddings_sha256"] == hashlib.sha256(written).hexdigest()
+
+
+def test_a_sidecar_with_the_onnx_file_at_its_top_is_read_with_it_in_its_machine_record(tmp_path):
+    """For an hour of 2026-12-08 the ONNX file's path was written at the sidecar's top, which this
+    version's reader refused as an unknown field; it is read into `machine`, where it is kept now."""
+    import json as _json
+
+    from pipeline.identity import GallerySource, VectorIdentity
+    from pipeline.store import Sidecar
+
+    made = Sidecar(identity=VectorIdentity(backend="onnx", onnx_sha256="a" * 64), source=GallerySource(kind="standard"),
+                   count=1, dim=2, manifest_rows=1, manifest_sha256="m", embeddings_sha256="e",
+                   thumbnails_sha256="t", thumbnail_size=128, machine={"cpu": "x"})
+    data = _json.loads(made.to_json())
+    assert "onnx_file" not in data
+    path = tmp_path / "embeddings.json"
+    path.write_text(_json.dumps({**data, "onnx_file": "/models/m_int8.onnx"}))
+    read = Sidecar.read(path)
+    assert read.onnx_file == "/models/m_int8.onnx" and read.machine["cpu"] == "x"
