@@ -641,6 +641,9 @@ class HubSplit:
     num_rows: int | None
 
 
+OFFLINE_ADVICE = "Without network access"  # where a hub error's advice begins (an export's warning leaves it out)
+
+
 def _hub_open_error(spec: DatasetSpec, e: BaseException) -> str:
     """Why a dataset could not be opened from the hub; a name of one word may be a local folder
     mistyped or looked for from another folder, so where it was looked for is said too."""
@@ -652,7 +655,7 @@ def _hub_open_error(spec: DatasetSpec, e: BaseException) -> str:
     model = next((name for name in run_hub_names() if name.startswith("--model ")), None)
     also = (f"; this run's {model} comes from the hub too: pass a local one with --model DIR (a folder its "
             "save_pretrained wrote)" if model else "")
-    return (said + ". Without network access, pass a local copy with --dataset DIR (a folder of your own pictures "
+    return (said + f". {OFFLINE_ADVICE}, pass a local copy with --dataset DIR (a folder of your own pictures "
             f"will do){also}.")
 
 

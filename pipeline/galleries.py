@@ -244,17 +244,17 @@ def load_gallery_cache(cfg: RunConfig, identity: VectorIdentity | None = None) -
                 "a run that wrote it is sending it now, or its upload stopped. Run that command again from the machine "
                 "(the working copy) that made it, which sends the rest; a build here would embed every photo again"
             ) from None
-        other = cfg.output_dir / ("embeddings" if cfg.segmented else "embeddings_segment")
+        other = other_gallery(cfg)
         if (e.missing and (cfg.searches_only or cfg.from_cache) and not (cfg.store_dir / PARTIAL_DIR).is_dir()
-                and (other / SIDECAR_FILE).is_file()):  # the other gallery's there: the flag forgotten, not a build
-            kind = "a segmented gallery (person crops)" if not cfg.segmented else "a gallery of whole photos"
+                and other is not None):  # the other gallery's there: the flag forgotten, not a build
+            other_dir, kind = other
             if cfg.searches_only:
                 how = "to search that one, run the same command with " + (
                     "--use-segmentation" if not cfg.segmented else "no --use-segmentation")
             else:  # the other cache flag; or the build of this one
                 how = (f"to reuse that one, run the same command with {cache_flag(not cfg.segmented)} in place of "
                        f"{cache_flag(cfg.segmented)}; to build this one, {from_cache(cfg.segmented)}")
-            raise CacheMismatchError(f"{e}\n{cfg.output_dir} holds {kind} in {other}: {how}") from None
+            raise CacheMismatchError(f"{e}\n{cfg.output_dir} holds {kind} in {other_dir}: {how}") from None
         if e.missing and not (cfg.store_dir / PARTIAL_DIR).is_dir():
             line = build_first(cfg.store_dir, cfg.segmented, search_from, cfg.gallery_flags)
             raise CacheMismatchError(f"{e}\n{line}") from None
@@ -362,13 +362,15 @@ def store_model(store_dir: Path, embedder: Embedder | None = None) -> str:
 def model_said(made: VectorIdentity, embedder: Embedder | None) -> str:
     """What made the vectors, for the run's summary, with the file that ran where it is the one that
     made them (two exports of one model differ only by their files: "…/clip (onnx, …), edge/m.onnx")."""
-    file = embedder.source_file if embedder is not None else None
-    ran = file is not None and embedder is not None and embedder.identity.onnx_sha256 == made.onnx_sha256
-    said = made.label() + (f", {file}" if ran else "")
-    loaded = embedder.identity.model if embedder is not None and embedder.identity.backend == "torch" else None
-    if loaded and made.model and loaded != made.model and made.model_sha256 and (
-            embedder is not None and embedder.identity.model_sha256 == made.model_sha256):
-        said += f", loaded from {loaded} (the same weights; the store records the folder it was made from)"
+    said = made.label()
+    if embedder is None:
+        return said
+    ran = embedder.identity
+    if embedder.source_file is not None and ran.onnx_sha256 == made.onnx_sha256:
+        said += f", {embedder.source_file}"
+    if (ran.backend == "torch" and ran.model and made.model and ran.model != made.model and made.model_sha256
+            and ran.model_sha256 == made.model_sha256):
+        said += f", loaded from {ran.model} (the same weights; the store records the folder it was made from)"
     return said
 
 
@@ -755,16 +757,32 @@ def store_dataset_flags(cfg: RunConfig) -> str:
     return " ".join(source_flags(sidecar.source, sidecar.identity))
 
 
+def other_gallery(cfg: RunConfig) -> tuple[Path, str] | None:
+    """The other gallery of the output folder (the segmented one beside a gallery of whole photos, or
+    that one beside a segmented), with what it is for a person, where it is complete; None otherwise.
+    A store missing beside it means a flag left out, not a store to build."""
+    other = cfg.output_dir / ("embeddings" if cfg.segmented else "embeddings_segment")
+    if not (other / SIDECAR_FILE).is_file():
+        return None
+    return other, "a gallery of whole photos" if cfg.segmented else "a segmented gallery (person crops)"
+
+
 def store_identity_if_default(cfg: RunConfig) -> VectorIdentity | None:
     """What made the store, for a mode that reads one when no --model, --onnx or --backend was given
     (the embedder is the default one); None when one was, or the store cannot be read (loading it
     then says what is wrong)."""
+    sidecar = store_sidecar_if_default(cfg)
+    return None if sidecar is None else sidecar.identity
+
+
+def store_sidecar_if_default(cfg: RunConfig) -> Sidecar | None:
+    """The store's sidecar for a mode that reads one with no --model, --onnx or --backend given (the
+    embedder is the store's own); None when one was, or the store cannot be read."""
     default, asked = EmbedderSpec(), cfg.embedder
     if {"model", "onnx", "backend"} & cfg.explicit or (asked.model, asked.onnx, asked.backend) != (
             default.model, default.onnx, default.backend):
         return None
-    sidecar = store_sidecar(cfg)
-    return None if sidecar is None else sidecar.identity
+    return store_sidecar(cfg)
 
 
 def store_sidecar(cfg: RunConfig) -> Sidecar | None:
@@ -802,16 +820,15 @@ def _search_embedder(cfg: RunConfig) -> EmbedderSpec:
     """--model / --onnx / --backend as given; none of them given, the embedder the store records
     where it is another than the default (its ONNX file not found: the default, which loading the
     cache checks, saying what to pass)."""
-    made = store_identity_if_default(cfg)
-    if made is None:
+    sidecar = store_sidecar_if_default(cfg)
+    if sidecar is None:
         _backend_against_store(cfg)
         return _on_store_runtime(cfg)
     from .catalog import store_embedder_spec
 
-    sidecar = store_sidecar(cfg)  # read a second time, lightly: its file where it recorded one
     # the store's ONNX file found nowhere: refused, naming it (CacheMismatchError)
-    spec = store_embedder_spec(made, cfg.store_dir, None, None, cfg.embedder.device, cfg.embedder.threads,
-                               sidecar.onnx_file if sidecar is not None else None)
+    spec = store_embedder_spec(sidecar.identity, cfg.store_dir, None, None, cfg.embedder.device, cfg.embedder.threads,
+                               sidecar.onnx_file)
     # its file on the runtime that made its vectors, unless --onnx-runtime says another (refused, with its remedy)
     runtime = cfg.embedder.runtime if "onnx_runtime" in cfg.explicit else spec.runtime
     if spec.backend == "onnx" and spec.onnx == EmbedderSpec().onnx:

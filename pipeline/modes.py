@@ -454,9 +454,9 @@ def _interrupted(cfg: RunConfig) -> str:
         return (f"interrupted: the updated store in {cfg.store_dir} is in place; run the same command again to "
                 "finish its neighbours, pictures and report (nothing is embedded again)")
     if cfg.update:
-        from .store import PART_FILE, UPDATE_DIR
+        from .store import NEW_PART_DIR, PART_FILE, UPDATE_DIR
 
-        staged = cfg.store_dir / UPDATE_DIR / "new"
+        staged = cfg.store_dir / UPDATE_DIR / NEW_PART_DIR
         if not (staged / PART_FILE).is_file() and not any((staged / PARTIAL_DIR).glob("shard_*.done")):
             return ("interrupted before the update completed a shard of its new photos: the store stays as it was; "
                     "run the same command again to update it")

@@ -25,7 +25,7 @@ from . import images as images_module
 from . import pictures as pictures_module
 from . import plots as plots_module
 from .config import RunConfig, onnx_fallback, onnx_of_another_model_named
-from .dataset import iter_records
+from .dataset import OFFLINE_ADVICE, iter_records
 from .duplicates import (
     SIGNATURE_VERSION,
     DuplicateGroup,
@@ -752,7 +752,7 @@ MIN_SAMPLE = 6  # dataset pictures an export needs to calibrate on (two thirds) 
 def _unsampled(cfg: RunConfig, n: int, why: str | None) -> str:
     """Why an export's pictures are generated ones: the dataset could not be read, or holds too few."""
     if why:  # its own advice left out: the export's warning says what to pass
-        return f"{cfg.dataset.name} could not be read ({why.split('. Without network access')[0].rstrip('.')})"
+        return f"{cfg.dataset.name} could not be read ({why.split('. ' + OFFLINE_ADVICE)[0].rstrip('.')})"
     return f"{cfg.dataset.name} has {n} readable picture(s), fewer than the {MIN_SAMPLE} an export needs"
 
 

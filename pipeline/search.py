@@ -396,6 +396,10 @@ def product_ids(values: Sequence) -> list[str | None]:
     return out
 
 
+# evaluation.json's "first_batch", as the summary says it: whether batches after each model's first were timed
+FIRST_BATCH_SAID = {True: "not timed (warm-up)", False: "timed (the only one)"}
+
+
 class EvalBatcher:
     """Collects decoded images and embeds them a batch at a time with every backend, remembering
     each vector's row. Pixels are preprocessed once per distinct preprocessing, not per backend."""
@@ -545,9 +549,9 @@ def embed_pass(
         seconds, pictures = (after, counted) if counted else (first, first_count)  # one batch in all: that one
         timed_pictures = max(timed_pictures, pictures)
         out["speed"][name] = pictures / seconds if seconds > 0 else float("nan")  # pictures a second, inference only
+    warmed = any(b.timed.get(n) for b in (photos, garments, crops) for n in embedders)  # a batch after the first
     out["speed_how"] = {"batch": batch_size, "pictures_timed": timed_pictures,
-                        "first_batch": "not timed (warm-up)" if any(b.timed.get(n) for b in (photos, garments, crops)
-                                                                    for n in embedders) else "timed (the only one)"}
+                        "first_batch": FIRST_BATCH_SAID[warmed]}
     for name in [n for n in embedders if n not in failed]:
         out[name] = {"photos": photos.result(name)}
         if cloth_column:
@@ -651,7 +655,7 @@ def run_evaluate(cfg: RunConfig) -> RunSummary:
         f"img/s: inference alone, batch {how.get('batch')} on {where}{how['threads']} thread(s) of {how['cpu']}"
         + (")" if on_gpu else "") + ", "
         f"{how.get('pictures_timed', 0):,} pictures a model, its first batch "
-        + ("not timed (warm-up)" if how.get("first_batch", "").startswith("not") else "timed, the only one")
+        + how.get("first_batch", FIRST_BATCH_SAID[False])
         + "; figures of one run compare, and other jobs on the machine slow them")
     summary.model = "; ".join(f"{name}: {identity.label()}" if len(made_by) > 1 else identity.label()
                               for name, identity in made_by.items())

@@ -60,6 +60,7 @@ MAX_THUMBNAIL_SEGMENTS = 8
 SIDECAR_FILE = "embeddings.json"
 PARTIAL_DIR = ".partial"
 UPDATE_DIR = ".update"  # --update's staging, in the store folder and in the image folder
+NEW_PART_DIR = "new"  # in the store's UPDATE_DIR: the store of the update's new photos, built as a part
 NEXT_DIR = "next"  # in the store's UPDATE_DIR: the staged store an update switches in
 SWITCH_FILE = "SWITCH"  # in the store's UPDATE_DIR: the staged store is complete, to be moved into place
 SWITCH_STOPPED = ("an update of {store} was interrupted in the middle of its switch: run the update's command "

@@ -53,6 +53,7 @@ from .galleries import (
     decoded_as_made,
     gallery_source,
     made_identity,
+    other_gallery,
     owned_files,
     store_dataset_flags,
     with_store_embedder,
@@ -67,8 +68,11 @@ from .store import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
     MAX_THUMBNAIL_SEGMENTS,
+    NEW_PART_DIR,
     NEXT_DIR,
     PART_FILE,
+    PARTIAL_DIR,
+    RUN_FILE,
     SIDECAR_FILE,
     SWITCH_FILE,
     UPDATE_DIR,
@@ -369,12 +373,11 @@ def _old_store(cfg: RunConfig) -> GalleryCache:
         old = load_cache(cfg.store_dir, cfg.images_dir, identity=None, source=gallery_source(cfg),
                          source_fields=fields, images_at=images_at)
     except CacheMismatchError as e:
-        other = cfg.output_dir / ("embeddings" if cfg.segmented else "embeddings_segment")
-        if e.missing and (other / SIDECAR_FILE).is_file():  # the other gallery's there: the flag forgotten
-            kind, how = (("a gallery of whole photos", "without --use-segmentation") if cfg.segmented
-                         else ("a segmented gallery (person crops)", "with --use-segmentation"))
-            raise UsageError(f"{e}\n{cfg.output_dir} holds {kind} in {other}: to update that one, run the same "
-                             f"command {how}.") from None
+        other = other_gallery(cfg)
+        if e.missing and other is not None:  # the other gallery's there: the flag forgotten
+            how = "without --use-segmentation" if cfg.segmented else "with --use-segmentation"
+            raise UsageError(f"{e}\n{cfg.output_dir} holds {other[1]} in {other[0]}: to update that one, run the "
+                             f"same command {how}.") from None
         if e.missing:
             raise PipelineError(f"{e}\nThere is no store to update in {cfg.output_dir.resolve()}: give --output-dir "
                                 "the folder the gallery was built in, or build it first, without --update.") from None
@@ -555,8 +558,8 @@ def _embed_new(cfg: RunConfig, summary: RunSummary, embedder: Embedder | None, p
     store's were made: checked before they are embedded, and after, from the staging store."""
     if not plan.embed:
         return None
-    part = BuildPart(cfg.store_dir / STAGING / "new", cfg.images_dir / STAGING, frozenset(plan.embed))
-    if (part.store_dir / ".partial" / "run.json").is_file() and not _same_part(cfg, part):
+    part = BuildPart(cfg.store_dir / STAGING / NEW_PART_DIR, cfg.images_dir / STAGING, frozenset(plan.embed))
+    if (part.store_dir / PARTIAL_DIR / RUN_FILE).is_file() and not _same_part(cfg, part):
         shutil.rmtree(part.store_dir)  # an earlier update's staging for other rows or flags: ours to discard
         said = ("the interrupted update's staged photos were of other rows or flags (the dataset changed since it "
                 "stopped): set aside, and the new photos embedded afresh")
@@ -581,7 +584,7 @@ def _finished_part(cfg: RunConfig, part: BuildPart) -> GalleryCache | None:
     """The staging store of the new photos as an update that stopped after building it left it
     (whole, for these rows, sizes and dataset files: part.json), loaded; None otherwise."""
     record = part.store_dir / PART_FILE
-    if (part.store_dir / ".partial").is_dir() or not (part.store_dir / SIDECAR_FILE).is_file() or not record.is_file():
+    if (part.store_dir / PARTIAL_DIR).is_dir() or not (part.store_dir / SIDECAR_FILE).is_file() or not record.is_file():
         return None
     try:
         if not _part_matches(cfg, part, json.loads(record.read_text())):
@@ -596,7 +599,7 @@ def _same_part(cfg: RunConfig, part: BuildPart) -> bool:
     dataset's files as they are now (its identity and source were checked against the store
     already)."""
     try:
-        run = json.loads((part.store_dir / ".partial" / "run.json").read_text())
+        run = json.loads((part.store_dir / PARTIAL_DIR / RUN_FILE).read_text())
     except (OSError, ValueError):
         return False
     return _part_matches(cfg, part, run)
@@ -660,7 +663,7 @@ def _write_next(
     emb = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
     kept_parts = kept_thumbnails(thumbnail_parts(old.sidecar), take, len(emb))
     at = sum(part.count for part in kept_parts)
-    thumbs = _thumbnails(old, take[at:], new, cfg.store_dir / STAGING / "new")
+    thumbs = _thumbnails(old, take[at:], new, cfg.store_dir / STAGING / NEW_PART_DIR)
     write_store(next_dir, emb, rows, thumbs, old.sidecar.identity, gallery_source(cfg), old.sidecar.thumbnail_size,
                 kept_thumbnails=kept_parts, dataset_files=dataset_stamp(cfg.dataset),
                 onnx_file=_onnx_file(cfg, old.sidecar))
