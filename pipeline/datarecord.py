@@ -263,7 +263,7 @@ def _read_file(spec: DatasetSpec, f: Path, known: _KnownGroups) -> tuple[list, l
     if not digests:  # no row group: nothing to read, but the columns asked for must be there
         import pyarrow.parquet as pq
 
-        check_columns(spec, pq.read_schema(f).names)
+        check_columns(spec, pq.read_schema(f))
     kept: list[list | None] = [known.get(d) for d, _ in digests]
     firsts = [0]
     for _, n in digests:

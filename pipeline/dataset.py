@@ -194,7 +194,7 @@ def check_dataset(spec: DatasetSpec) -> int | None:
             footer = _parquet_footer(parquet[0], source)
         if opener is not _open_local_file:
             _FOOTERS[str(parquet[0])] = footer  # a remote footer is kept for the read that follows
-        check_columns(spec, footer.schema.to_arrow_schema().names)
+        check_columns(spec, footer.schema.to_arrow_schema())
     elif _image_folder(spec) is not None:  # its split checked
         if spec.id_column:
             raise UsageError(
@@ -468,7 +468,7 @@ def hash_parquet_group(spec: DatasetSpec, pf: Any, group: int, first: int) -> li
     import numpy as np
     import pyarrow as pa
 
-    check_columns(spec, pf.schema_arrow.names)
+    check_columns(spec, pf.schema_arrow)
     columns = [spec.image_column] + ([spec.id_column] if spec.id_column else [])
     out: list[tuple[Record, str]] = []
     row = first
@@ -546,7 +546,7 @@ def _iter_parquet(
         try:
             with open_file(f) as source:
                 pf = _open_parquet(f, source, _footer(f, source))
-                check_columns(spec, pf.schema_arrow.names)
+                check_columns(spec, pf.schema_arrow)
                 sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
                 at = row
                 for g, n in enumerate(sizes):
@@ -752,7 +752,7 @@ def _iter_hf(ds, spec: DatasetSpec, start: int) -> Iterator[Record]:
     features = ds.features
     columns = spec.columns
     if features is not None:
-        check_columns(spec, list(features))
+        check_columns(spec, features)
     for col in columns:
         if features is not None and isinstance(features[col], datasets.Image):
             ds = ds.cast_column(col, datasets.Image(decode=False))
@@ -770,15 +770,51 @@ def _iter_hf(ds, spec: DatasetSpec, start: int) -> Iterator[Record]:
         yield _row_record(spec, i, row.get)
 
 
-def check_columns(spec: DatasetSpec, names: list[str], flags: dict[str | None, str] | None = None) -> None:
-    """Every column the dataset is read with is one of `names` (a file's columns); else a
-    PipelineError that names them (`flags`: a hint for a column another flag chose)."""
+def check_columns(spec: DatasetSpec, names: Any, flags: dict[str | None, str] | None = None) -> None:
+    """Every column the dataset is read with is one of `names` (a file's columns: their names, a
+    pyarrow schema or a datasets Features); else a PipelineError that names them (`flags`: a hint for
+    a column another flag chose). Given the columns' types, the image column must be able to hold a
+    picture: a column of numbers named by --image-column is refused here, not found by failing every row."""
     hints = {spec.image_column: "Choose one with --image-column.", spec.id_column: "Choose one with --id-column.",
              **(flags or {})}
+    typed = names if not isinstance(names, list) else None
+    names = list(names.names if hasattr(names, "names") and not isinstance(names, dict) else names)
     for col in spec.columns:
         if col not in names:
             hint = hints.get(col, "Check the evaluation column names.")
             raise PipelineError(f"dataset {spec.name!r} has no column {col!r}; its columns are {sorted(names)}. {hint}")
+    held = _unpictured_type(typed, spec.image_column) if typed is not None else None
+    if held is not None:
+        able = [n for n in names if n != spec.image_column and _unpictured_type(typed, n) is None]
+        raise PipelineError(
+            f"dataset {spec.name!r}'s column {spec.image_column!r} holds {held} values, not pictures (an image, "
+            f"its bytes or a path). " + (f"Columns that can hold pictures: {sorted(able)}; choose one with "
+                                         "--image-column." if able else "No column of it can hold pictures.")
+        )
+
+
+def _unpictured_type(typed: Any, column: str) -> str | None:
+    """The type of `column` in a pyarrow schema or datasets Features when it cannot hold a picture
+    (as _record_from_cell reads one: bytes, a path, or a struct of bytes and/or path), else None."""
+    try:
+        import pyarrow as pa
+    except ImportError:  # pragma: no cover - pyarrow comes with datasets
+        return None
+    if isinstance(typed, pa.Schema):
+        kind = typed.field(column).type
+    else:  # datasets Features: its arrow type (an Image feature is a struct of bytes and path)
+        try:
+            kind = typed.arrow_schema.field(column).type
+        except (AttributeError, KeyError, TypeError):
+            return None
+    if (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_string(kind)
+            or pa.types.is_large_string(kind) or pa.types.is_null(kind) or pa.types.is_dictionary(kind)
+            or pa.types.is_fixed_size_binary(kind) or getattr(pa.types, "is_binary_view", lambda _: False)(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        return None
+    if pa.types.is_struct(kind) and {kind.field(i).name for i in range(kind.num_fields)} & {"bytes", "path"}:
+        return None
+    return str(kind)
 
 
 def _row_record(spec: DatasetSpec, i: int, cell: Callable[[str], Any]) -> Record:
@@ -889,7 +925,7 @@ def plan_pieces(spec: DatasetSpec, rows_per_piece: int = 256) -> list[Piece]:
             break
         with opener(f) as source:
             pf = _open_parquet(f, source, _footer(f, source))
-            check_columns(spec, pf.schema_arrow.names)
+            check_columns(spec, pf.schema_arrow)
             for g in range(pf.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows
                 take = n if stop is None else max(0, min(n, stop - row))

@@ -386,3 +386,30 @@ def test_a_metadata_line_names_a_picture_whose_name_is_not_utf8_as_the_pipeline_
         f.write(assets.jpeg_bytes(8, 8, seed=1))
     (root / "metadata.csv").write_text("file_name,price\ncaf%E9.jpg,20\n", encoding="utf-8")
     assert read_metadata(DatasetSpec(str(root), limit=None)).column("price").to_pylist() == [20]
+
+
+def test_an_image_column_of_numbers_is_refused_before_any_row_is_read(tmp_path):
+    """--image-column naming a column of prices was found by failing every row ("image cell of
+    unexpected type float"); the dataset's types say it first, and which columns could hold pictures.
+    A column of paths or bytes is taken, in a parquet folder and in a save_to_disk dataset alike."""
+    import datasets
+
+    from pipeline.dataset import check_dataset
+
+    cells = [assets.jpeg_bytes(20, 30, seed=i) for i in range(3)]
+    folder = assets.write_parquet_dataset(tmp_path / "shop", cells, extra={
+        "price": [9.5, 12.0, 30.25], "stock": [3, 0, 12], "link": ["a.jpg", "b.jpg", "c.jpg"]})
+    saved = tmp_path / "saved"
+    datasets.load_dataset(str(folder), split="train").save_to_disk(str(saved))
+    for where in (folder, saved):
+        for column, held in (("price", "double"), ("stock", "int64")):
+            spec = DatasetSpec(str(where), image_column=column)
+            with pytest.raises(PipelineError) as e:
+                check_dataset(spec) if where == folder else list(iter_records(spec))
+            msg = str(e.value)
+            assert f"column '{column}' holds {held}" in msg and "not pictures" in msg, msg
+            assert "Columns that can hold pictures: ['image', 'link']; choose one with --image-column." in msg, msg
+        # a column of paths is a picture column: its rows are read (and fail here, as no such file is there)
+        recs = list(iter_records(DatasetSpec(str(where), image_column="link")))
+        assert [r.source for r in recs] == ["a.jpg", "b.jpg", "c.jpg"] and all(r.error for r in recs)
+    assert len(list(iter_records(DatasetSpec(str(folder))))) == 3
