@@ -460,6 +460,9 @@ class _ImageExport:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
+_EXPORTED_SINCE_WALK = False  # torch.onnx.export ran since _give_memory_back last looked for its matchers
+
+
 def _give_memory_back() -> None:
     """Collect what was let go and hand the freed heap back to the system (glibc's malloc_trim;
     elsewhere a no-op), so that the next step's peak does not stand on the last one's.
@@ -471,13 +474,17 @@ def _give_memory_back() -> None:
     import ctypes
     import gc
 
-    try:
-        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    global _EXPORTED_SINCE_WALK
+    matchers = []
+    if _EXPORTED_SINCE_WALK:  # the walk of every object (0.3-0.7 s) only where torch's exporter ran since the last
+        _EXPORTED_SINCE_WALK = False
+        try:
+            from onnxscript.rewriter._matcher import SimplePatternMatcher
 
-        with _exporter_quiet():  # the walk meets torch.distributed.reduce_op, whose isinstance check warns
-            matchers = [o for o in gc.get_objects() if isinstance(o, SimplePatternMatcher)]
-    except ImportError:  # pragma: no cover - another onnxscript
-        matchers = []
+            with _exporter_quiet():  # the walk meets torch.distributed.reduce_op, whose isinstance check warns
+                matchers = [o for o in gc.get_objects() if isinstance(o, SimplePatternMatcher)]
+        except ImportError:  # pragma: no cover - another onnxscript
+            pass
     for matcher in matchers:
         for attr in ("_graph", "_match", "_current_node", "_tracer"):
             if getattr(matcher, attr, None) is not None:
@@ -767,6 +774,8 @@ def torch_onnx_export(module, inputs: dict[str, Any], output: str, path: Path, e
     its weights in a .data file beside it where `external`; torch's own warnings quiet."""
     import torch
 
+    global _EXPORTED_SINCE_WALK
+    _EXPORTED_SINCE_WALK = True  # its rewrite rules' matchers may keep this graph: _give_memory_back lets it go
     batch = torch.export.Dim("batch")
     with _exporter_quiet():
         torch.onnx.export(

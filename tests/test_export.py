@@ -1607,6 +1607,7 @@ def test_the_cpu_graph_of_unnamed_nodes_has_unique_names_and_keeps_graph_outputs
 
 
 @pytest.mark.real_torch_export  # the graphs torch's exporter keeps are what is counted
+@pytest.mark.real_torch_export  # the exporter runs here (a cached trace leaves no matcher to let go)
 def test_quantization_runs_with_the_torch_model_and_exported_graphs_let_go(tiny_clip, tmp_path, monkeypatch):
     """Quantization takes about five times the tower's weights: it runs after everything torch is
     needed for, with the model's tensors emptied and no graph torch exported kept by onnxscript's
