@@ -281,7 +281,7 @@ def test_the_last_pieces_are_cut_smaller_so_the_workers_finish_together(workers)
 
 
 @pytest.mark.subprocess
-def test_ray_address_joins_a_cluster_started_on_loopback(ragged, tiny_onnx, local_run, tmp_path):
+def test_ray_address_joins_a_cluster_started_on_loopback(ragged, tiny_onnx, local_run, tmp_path, monkeypatch):
     """`ray start --head` on 127.0.0.1 (its own temp dir, token authentication), a run that joins it,
     then the head's processes (and only them) stopped.
     - Without RAY_AUTH_MODE=token, Ray does not send the token to an address named explicitly: the
@@ -308,12 +308,10 @@ def test_ray_address_joins_a_cluster_started_on_loopback(ragged, tiny_onnx, loca
         "--disable-usage-stats",
     ]
 
-    def run(out: Path, *extra: str, where: Path = ROOT, **env_change: str | None) -> subprocess.CompletedProcess:
+    def run(out: Path, *extra: str, **env_change: str | None) -> subprocess.CompletedProcess:
         run_env = {k: v for k, v in {**env, **env_change}.items() if v is not None}
-        paths = [Path(os.path.relpath(p, where)) for p in (ragged, tiny_onnx, out)] if where != ROOT else \
-            [ragged, tiny_onnx, out]
-        args = [sys.executable, str(ROOT / "main.py"), *_args(*paths, "--engine", "ray", *extra)]
-        return subprocess.run(args, env=run_env, capture_output=True, text=True, timeout=600, cwd=where)
+        args = [sys.executable, str(ROOT / "main.py"), *_args(ragged, tiny_onnx, out, "--engine", "ray", *extra)]
+        return subprocess.run(args, env=run_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     try:
@@ -326,36 +324,33 @@ def test_ray_address_joins_a_cluster_started_on_loopback(ragged, tiny_onnx, loca
         r = run(out, *address)
         assert r.returncode == 3, r.stderr[-2000:]
         _same_store(local_run, out)
-        # paths relative to the folder the run is given in, not the cluster's: every photo failed to be read
-        elsewhere = tmp_path / "desk"
-        elsewhere.mkdir()
-        relative = tmp_path / "relative"
-        r = run(relative, *address, where=elsewhere)
-        assert r.returncode == 3 and "unexpected" not in r.stderr, r.stderr[-2000:]
-        as_given = os.path.relpath(ragged, elsewhere)  # a row's source names the dataset as it was given
-        manifest = relative / "embeddings" / "manifest.csv"
-        assert f",{as_given}[0],".encode() in manifest.read_bytes()
-        manifest.write_bytes(manifest.read_bytes().replace(f",{as_given}[".encode(), f",{ragged}[".encode()))
-        _same_store(local_run, relative)
-        # a cell that names its picture by a path relative to the folder the run is given in: read from there,
-        # as the local engine reads it (a joined cluster's workers read it from their own folder: failed)
+        # paths relative to the folder the run is given in, not the cluster's (every photo failed to be read),
+        # the dataset's, the model's and the output's, and a cell's that names its picture by a path relative
+        # to that folder (a joined cluster's workers read it from their own folder: failed): the store of a
+        # local run from the same folder, with the same words
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        (elsewhere / "rel").mkdir()
+        elsewhere = tmp_path / "desk"
+        (elsewhere / "rel").mkdir(parents=True)
         for i in range(3):
             (elsewhere / "rel" / f"p{i}.jpg").write_bytes(assets.jpeg_bytes(40 + i, 50, seed=i))
         linked = tmp_path / "linked"
         (linked / "data").mkdir(parents=True)
-        cells = pa.array([{"bytes": None, "path": f"rel/p{i}.jpg"} for i in range(3)],
+        cells = pa.array([{"bytes": None, "path": f"rel/p{i}.jpg"} for i in range(3)]
+                         + [{"bytes": assets.jpeg_bytes(30, 60, seed=7), "path": None}],
                          pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
         pq.write_table(pa.table({"image": cells}), linked / "data" / "train-00000-of-00001.parquet")
-        out_linked = tmp_path / "out-linked"
-        r = subprocess.run([sys.executable, str(ROOT / "main.py"), "--dataset", str(linked), "--onnx", str(tiny_onnx),
-                            "--output-dir", str(out_linked), "--max-result-images", "0", "--engine", "ray", *address],
+        words = [os.path.relpath(p, elsewhere) for p in (linked, tiny_onnx, tmp_path / "relative")]
+        r = subprocess.run([sys.executable, str(ROOT / "main.py"), *_args(*words, "--engine", "ray", *address)],
                            env=env, capture_output=True, text=True, timeout=600, cwd=elsewhere)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert [row.status for row in read_manifest(out_linked / "embeddings" / "manifest.csv")] == ["ok"] * 3
+        assert r.returncode == 0 and "unexpected" not in r.stderr, r.stderr[-2000:]
+        statuses = [row.status for row in read_manifest(tmp_path / "relative" / "embeddings" / "manifest.csv")]
+        assert statuses == ["ok"] * 4, statuses
+        words[2] = os.path.relpath(tmp_path / "relative-local", elsewhere)
+        monkeypatch.chdir(elsewhere)
+        assert cli.main(_args(*words)) == 0
+        _same_store(tmp_path / "relative-local", tmp_path / "relative")
         assert (temp / "ray" / "ray_current_cluster").read_text().strip().endswith(f":{port}")  # Ray names its IP
         own = tmp_path / "own"
         r = run(own, RAY_TMPDIR=str(temp))
