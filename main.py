@@ -296,10 +296,23 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 
+class _OneClip(argparse.Action):
+    """--video_clip given twice is refused: a run follows one clip (the second replaced the first
+    without a word)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, None)
+        if before is not None and before != self.default:
+            parser.error(f"{option_string} given twice ({before}, {values}): a run follows one clip; run once for "
+                         "each (the gallery is embedded once: --use-embeddings from the second run on)")
+        setattr(namespace, self.dest, values)
+
+
 def _add_person_flags(p: argparse.ArgumentParser) -> None:
     """Video and segmentation."""
     video = p.add_argument_group("video")
-    _add(video, "--video_clip", "--video-clip", dest="video_clip", help="clip name: <video_dir>/<clip>.mp4")
+    _add(video, "--video_clip", "--video-clip", dest="video_clip", action=_OneClip,
+         help="clip name: <video_dir>/<clip>.mp4")
     _add(video, "--video_dir", "--video-dir", dest="video_dir", type=Path, help="folder of the clips")
     _add(video, "--frame-stride", type=_positive_int, help="analyse every Nth frame")
     _add(video, "--det-model", help="person detector: Ultralytics weights (.pt), .onnx or .yaml")

@@ -128,15 +128,18 @@ def reuse_or_rebuild(
         identity, source: what the sidecar says made the store.
         onnx_asked: the --onnx of the request, whose folder is searched for the file that made it.
         search_from: the output folder of a search mode (rebuilding is then a gallery run).
-        typed: the gallery-making options that search was typed with, which the rebuild takes.
+        typed: the gallery-making options the command was typed with, which the rebuild takes; what made
+            the store is added where they do not say (a cache run that left out --dataset or --model).
     """
     flags = flags_that_made(differing, identity, source, onnx_asked)
     if search_from is not None:
         flags_again = rebuild_flags(typed, identity, source, onnx_asked)
         rebuild = (f"rebuild it with a gallery run: {gallery_run(search_from, segmented, flags_again)} (the old store "
                    "is replaced; change what you want made otherwise).")
-    else:
-        rebuild = f"rebuild it: {from_cache(segmented)} (the old store is replaced)."
+    else:  # with what made the store where the command did not type it: left out, the defaults (the hub's)
+        adding = rebuild_flags(typed, identity, source, onnx_asked)[: -len(typed) or None]
+        rebuild = (f"rebuild it: {from_cache(segmented)}" + (f", adding {' '.join(adding)}" if adding else "")
+                   + " (the old store is replaced).")
     if not flags:  # no flag would reuse it
         return rebuild[0].upper() + rebuild[1:]
     return f"To reuse it, ask for what made it: {' '.join(flags)}; or {rebuild}"

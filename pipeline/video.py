@@ -30,6 +30,7 @@ from .filters import FilterError
 from .galleries import (
     Gallery,
     group_by,
+    load_gallery_cache,
     open_gallery,
     open_searcher,
     segmenter_factory,
@@ -50,7 +51,7 @@ from .preprocess import preprocess_batch
 from .report import RunSummary, terminal_text
 from .retrieval import Neighbours
 from .searcher import Hit, Searcher
-from .store import ThumbnailReader, shown_name
+from .store import SIDECAR_FILE, ThumbnailReader, shown_name
 from .tracking import Tracker
 from .webreport import Section, drop_section, relative_link, write_section
 from .yolo import ULTRALYTICS_MAX_DET, UltralyticsDetector, check_yolo_name
@@ -113,9 +114,14 @@ def find_video(video_dir: Path, clip: str) -> Path:
     if own.suffix.lower() in CLIP_SUFFIXES or own.is_absolute():
         also = "" if own.is_absolute() else f", nor {video_dir / clip}"
         raise PipelineError(f"video not found: {own}{also}; check --video_clip and --video_dir")
+    if not video_dir.is_dir():
+        raise PipelineError(f"video not found: the folder {video_dir} does not exist; check --video_dir")
+    there = sorted(p.name for p in video_dir.iterdir() if p.suffix.lower() in CLIP_SUFFIXES and p.is_file())
+    held = (f"; its clips: {', '.join(there[:8])}" + (f" and {len(there) - 8:,} more" if len(there) > 8 else "")
+            if there else f"; {video_dir} holds no video file")
     raise PipelineError(
         f"video not found: {video_dir / (clip + '.mp4')} (also looked for "
-        f"{', '.join(c.suffix for c in candidates[1:])}); check --video_dir and --video_clip"
+        f"{', '.join(c.suffix for c in candidates[1:])}){held}; check --video_dir and --video_clip"
     )
 
 
@@ -610,7 +616,7 @@ class VideoRun:
             rows.append(compose_matches(tile, f"#{track_of[k]}", tiles, labels))  # as its box is labelled
         if hidden:
             rows.append(note_row(f"+ {hidden} more person(s) with matches, not drawn here: results.jsonl lists "
-                                 "every person's"))
+                                 "every person's matches"))
         return found, rows
 
     def best_match(self, track_id: int) -> tuple[str, np.ndarray | None]:
@@ -817,6 +823,8 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
 
 def load_gallery(cfg: RunConfig, summary: RunSummary) -> tuple[Embedder, Gallery]:
     """The embedder and the gallery (cache or built) it matches against, which must hold embeddings."""
+    if cfg.from_cache and not cfg.output_url and not (cfg.store_dir / SIDECAR_FILE).is_file():
+        load_gallery_cache(cfg)  # no store there: refused with the command that builds one, before a model loads
     with summary.stage("load model"):  # the same stage as a gallery build's, which then finds it loaded
         # against the cached gallery with no --model, --onnx or --backend: the store's own embedder
         embedder = make_embedder((with_store_embedder(cfg) if cfg.from_cache else cfg).embedder)

@@ -176,14 +176,21 @@ def test_changed_weights_are_told_to_rebuild_not_to_reuse(tmp_path):
 
     made = VectorIdentity(backend="torch", family="clip", model="/models/clip", model_sha256="a" * 64, precision="fp32")
     source = GallerySource(kind="standard", dataset="/data/shop", split="train", limit=100, image_column="image")
-    said = reuse_or_rebuild(["model_sha256"], made, source, False, None)
+    typed = ("--dataset", "/data/shop", "--model", "/models/clip", "--limit", "100")
+    said = reuse_or_rebuild(["model_sha256"], made, source, False, None, typed=typed)
     assert said.startswith("Rebuild it: run the same command without --use-embeddings") and "--model" not in said
-    said = reuse_or_rebuild(["limit"], made, source, False, None)
+    said = reuse_or_rebuild(["limit"], made, source, False, None, typed=typed[:4])
     assert said.startswith("To reuse it, ask for what made it: --limit 100; or ") and "--model" not in said
     # a segmented store: leaving out --use-embedded-segment alone would build the gallery of whole photos
-    said = reuse_or_rebuild(["model_sha256"], made, source, True, None)
+    said = reuse_or_rebuild(["model_sha256"], made, source, True, None, typed=(*typed, "--precision", "fp32"))
     assert said == ("Rebuild it: run the same command with --use-segmentation in place of --use-embedded-segment "
                     "(the old store is replaced).")
+    # a cache command that left out the dataset and model (they are the store's): the rebuild adds them, as
+    # without them it would read the default dataset with the default model and replace this store with those
+    said = reuse_or_rebuild(["seg_conf"], made, source, True, None, typed=("--seg-conf", "0.9"))
+    assert said == ("Rebuild it: run the same command with --use-segmentation in place of --use-embedded-segment, "
+                    "adding --dataset /data/shop --limit 100 --model /models/clip --precision fp32 (the old store is "
+                    "replaced)."), said
     said = reuse_or_rebuild(["backend"], made, source, False, None)
     assert said.startswith("To reuse it, ask for what made it: --backend torch --model /models/clip; or "), said
 

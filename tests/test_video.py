@@ -524,6 +524,16 @@ def test_a_clip_is_found_whatever_the_case_of_its_suffix(tmp_path):
     assert find_video(tmp_path, "feed.xyz") == tmp_path / "feed.xyz"
     with pytest.raises(UsageError, match=f"--video_dir {tmp_path / 'walk.avi'} is a file, not a folder of clips"):
         find_video(tmp_path / "walk.avi", "clip_1")
+    # a clip name mistyped: the folder's clips are named; a folder that is not there is said as such
+    with pytest.raises(PipelineError, match=r"\(also looked for .*\); its clips: IMG_0001.MOV, cam.MTS, look.AVI, "
+                                            r"look.Mp4, walk.avi; check --video_dir and --video_clip"):
+        find_video(tmp_path, "wlak")
+    with pytest.raises(PipelineError, match=f"video not found: the folder {tmp_path / 'vidoes'} does not exist; "
+                                            "check --video_dir"):
+        find_video(tmp_path / "vidoes", "clip_1")
+    with pytest.raises(PipelineError, match=r"\); .*empty holds no video file; check"):
+        (tmp_path / "empty").mkdir()
+        find_video(tmp_path / "empty", "clip_1")
 
 
 def test_two_files_of_one_clip_name_are_said(tmp_path, caplog):
@@ -599,6 +609,10 @@ def test_video_flags_need_a_clip(capsys):
     assert "--frame-stride needs --video_clip" in capsys.readouterr().err
     assert cli.main(["--det-backend", "onnx", "--frame-stride", "3", "--video_dir", "v"]) == 2
     assert "error: --det-backend, --frame-stride, --video_dir need --video_clip NAME" in capsys.readouterr().err
+    # a second clip replaced the first without a word: a run follows one clip
+    assert cli.main(["--video_clip", "clip_1", "--video-clip", "clip_2", "--use-embeddings"]) == 2
+    assert "--video-clip given twice (clip_1, clip_2): a run follows one clip; run once for each" in (
+        capsys.readouterr().err)
 
 
 def test_a_models_own_task_is_read_a_segmentation_model_detects_and_a_detection_model_does_not_segment(tmp_path):
@@ -1192,3 +1206,17 @@ def test_a_crowd_is_drawn_in_part_and_listed_whole(clip_dir, mixed_dataset, tiny
     assert picture.height == clip_h + one_row.height + video.note_row("x").height
     pixels = np.asarray(picture.convert("L"))[-video.note_row("x").height:]
     assert (pixels < 160).any()  # the note's text: "+ 1 more person(s) with matches, not drawn here"
+
+
+def test_a_clip_against_a_cache_never_built_is_refused_before_a_model_loads(clip_dir, tmp_path, monkeypatch, capsys):
+    """--use-embeddings in an empty output folder: the refusal and the command that builds the gallery,
+    at once, as a search's (it loaded the default model first, or failed offline on it)."""
+    def no_model(*a, **kw):
+        raise AssertionError("a model was loaded for a gallery that is not there")
+
+    monkeypatch.setattr(video, "make_embedder", no_model)
+    args = ["--video_clip", "clip_1", "--video_dir", str(clip_dir), "--output-dir", str(tmp_path / "o"),
+            "--use-embeddings", "-q"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "no complete cache in" in err and "Build it first: run the same command without --use-embeddings" in err
