@@ -223,6 +223,13 @@ _PYTHON_WORDS = (
 )
 
 
+def _python_words(said: str) -> str:
+    """A refusal's words with the API's argument names for the command line's flags."""
+    for flag, word in _PYTHON_WORDS:
+        said = flag.sub(word, said)
+    return said
+
+
 def _in_python(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[Catalog, P], R]:
     """A public method of a catalog opened by Catalog.open: a refusal that names a flag names the
     argument instead (`filter: expected a value...`, not `--filter: ...`), the same error class."""
@@ -234,9 +241,7 @@ def _in_python(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concate
         except PipelineError as e:
             if not self.speaks_python:
                 raise
-            said = str(e)
-            for flag, word in _PYTHON_WORDS:
-                said = flag.sub(word, said)
+            said = _python_words(str(e))
             if said == str(e):
                 raise
             again = copy.copy(e)  # its class and attributes (a CacheMismatchError's), its words in Python's
@@ -321,7 +326,10 @@ class Catalog:
         if dedup:
             searcher.dedup(stored_groups(root, searcher.rows, cache.sidecar.manifest_sha256))
         searcher.metadata = load_metadata(root, searcher.rows, cache.sidecar.manifest_sha256)
-        searcher.group_by(group_by)
+        try:
+            searcher.group_by(group_by)
+        except PipelineError as e:  # said with the argument's name, as a query's group_by is
+            raise type(e)(_python_words(str(e)), *e.args[1:]) from e.__cause__
         try:
             spec = store_embedder_spec(cache.sidecar.identity, cache.root, model, onnx, device, threads,
                                        cache.sidecar.onnx_file)

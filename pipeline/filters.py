@@ -298,6 +298,11 @@ def _value_kind(v: Any) -> str:
     return "text"
 
 
+# what a filter over a store without metadata is told (a group-by says the same)
+NO_COLUMNS = ("none (the store keeps no metadata: a dataset's other columns, or an image folder's metadata.csv, "
+              "are kept when the gallery is built)")
+
+
 def check_filter(node: Node, text: str, schema: Any) -> None:
     """Every column exists in the table and is compared with values of its type (dates with texts
     such as '2026-01-31'); FilterError otherwise."""
@@ -308,7 +313,7 @@ def check_filter(node: Node, text: str, schema: Any) -> None:
             near = difflib.get_close_matches(t.column.lower(), [n.lower() for n in names if n != "source_row"], 1, 0.75)
             meant = next((f"did you mean {n!r}? " for n in names if near and n.lower() == near[0]), "")
             raise _point(text, t.at, f"unknown column {t.column!r}; {meant}the catalogue's columns are: "
-                                     f"{shown or 'none'}")
+                                     f"{shown or NO_COLUMNS}")
         kind = _kind(schema.field(t.column).type)
         for v in t.values:
             vk = _value_kind(v)

@@ -321,6 +321,8 @@ def test_a_catalog_opened_in_python_names_its_arguments_not_the_command_lines_fl
         cat.search_vectors(cat.embeddings[0], group_by="size")
     with pytest.raises(UsageError, match=r"^group_by=3: a metadata column's name, a text"):
         cat.search_text("red", group_by=3)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=rf"^group_by: unknown column 'size'; {columns}"):
+        Catalog.open(out, group_by="size")  # the catalog's own group-by, at its opening, said as the queries' is
     with pytest.raises(UsageError, match="lower --text-weight"):  # the function alone speaks as the tool does
         combine(cat.embeddings[0], -cat.embeddings[:1], text_weight=1.0)
     cat.speaks_python = False  # as the command line's own catalogs are

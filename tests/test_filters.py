@@ -137,6 +137,15 @@ def test_columns_and_types_are_checked(shop, text, message):
     assert message in str(e.value)
 
 
+def test_a_store_with_metadata_of_no_columns_says_how_columns_are_kept():
+    """A gallery of a dataset with no other column than its pictures: "the catalogue's columns are: none"
+    left the user to guess why; it says where columns come from."""
+    with pytest.raises(FilterError) as e:
+        Filter.parse("price < 1", pa.schema([("source_row", pa.int64())]))
+    assert ("unknown column 'price'; the catalogue's columns are: none (the store keeps no metadata: a dataset's "
+            "other columns, or an image folder's metadata.csv, are kept when the gallery is built)") in str(e.value)
+
+
 def test_the_text_is_parsed_never_run():
     node = parse_filter("name = '__import__(\"os\").system(\"false\")'")
     assert node.values == ('__import__("os").system("false")',)
