@@ -297,12 +297,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 class _OneClip(argparse.Action):
-    """--video_clip given twice is refused: a run follows one clip (the second replaced the first
-    without a word)."""
+    """--video_clip given twice, two clips, is refused: a run follows one clip (the second replaced
+    the first without a word)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         before = getattr(namespace, self.dest, None)
-        if before is not None and before != self.default:
+        if before is not None and before != self.default and before != values:  # the same one twice: one clip
             parser.error(f"{option_string} given twice ({before}, {values}): a run follows one clip; run once for "
                          "each (the gallery is embedded once: --use-embeddings from the second run on)")
         setattr(namespace, self.dest, values)

@@ -312,6 +312,10 @@ class Catalog:
             raise UsageError(f"folder={folder!r}: a store's folder (or a run's output folder), as a str or Path")
         # a Path is taken wherever a file or folder is (model=Path(...) failed at the first query)
         model, onnx, seg_model = (os.fspath(v) if isinstance(v, os.PathLike) else v for v in (model, onnx, seg_model))
+        # "~/models/fashion-clip", as the README's commands write it (a shell expands it; a hub id never starts so)
+        model, onnx, seg_model = (os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
+                                  for v in (model, onnx, seg_model))
+        folder = os.path.expanduser(folder) if isinstance(folder, str) and folder.startswith("~") else folder
         threads = int(threads) if isinstance(threads, np.integer) else threads
         if not isinstance(dedup, (bool, np.bool_)) and dedup not in (0, 1):  # dedup="no" was taken as True
             raise UsageError(f"dedup={dedup!r}: True or False")
@@ -542,13 +546,14 @@ class Catalog:
     @_in_python
     def search_combined(self, picture: str | Path | bytes | Image.Image, texts: str | Sequence[str],
                         negative: str | Sequence[str] = (), k: Whole = 5, fusion: str = "sum",
-                        text_weight: float = 0.5,
+                        text_weight: float | None = None,
                         segment: bool = False, name: str | None = None,
                         filter: str | None = None, group_by: str | None = None) -> list[QueryResult]:
         """"This dress, but in red": one query from a picture and texts (for each person in the picture
         with segment=True). fusion "sum": the weighted sum of the normalized vectors (searcher.combine;
         negative texts are subtracted); "rrf": reciprocal-rank fusion of the picture's and each text's
-        result lists (no negative texts). filter, group_by: as in search_vectors. texts, negative: a
+        result lists (no negative texts, no text_weight: the lists weigh alike). text_weight: the texts'
+        weight in the sum, 0.5 unless given. filter, group_by: as in search_vectors. texts, negative: a
         text or several."""
         k = self._k(k)
         texts, negative = _checked_texts(texts), _checked_texts(negative)
@@ -556,6 +561,10 @@ class Catalog:
             raise UsageError(f"fusion must be 'sum' or 'rrf', got {fusion!r}")
         if fusion == "rrf" and negative:
             raise UsageError("negative texts need fusion='sum' (--fusion sum): a rank fusion cannot subtract a list")
+        if fusion == "rrf" and text_weight is not None:  # it was taken and had no effect
+            raise UsageError("text_weight is fusion='sum''s: a rank fusion weighs the picture's and each text's "
+                             "lists alike (--fusion rrf has no --text-weight)")
+        text_weight = 0.5 if text_weight is None else text_weight
         if isinstance(text_weight, bool) or not isinstance(text_weight, (int, float, np.integer, np.floating)):
             raise UsageError(f"text_weight={text_weight!r}: a finite number >= 0")
         if not texts and not negative:
@@ -615,6 +624,21 @@ class Catalog:
             held = f"has rows 0..{len(self) - 1}" if len(self) else "is empty"
             raise UsageError(f"no item {row}: the store {held}")
 
+    def _as_source(self, item: str) -> str:
+        """A photo's path as a folder dataset's sources spell it: `/` between folders, no leading `./`,
+        and a path on disk inside the dataset's folder relative to that folder (as metadata.csv's
+        file names are read)."""
+        spelled = item.replace("\\", "/")
+        while spelled.startswith("./"):
+            spelled = spelled[2:]
+        dataset = self.cache.sidecar.source.dataset
+        if dataset and os.path.isabs(spelled) and Path(dataset).is_dir():
+            try:
+                spelled = Path(spelled).resolve().relative_to(Path(dataset).resolve()).as_posix()
+            except (ValueError, OSError):
+                pass
+        return spelled
+
     def _row_of(self, item: Whole | str | Path) -> int:
         if isinstance(item, Path):
             item = str(item)
@@ -629,6 +653,9 @@ class Catalog:
             if rows:
                 break
             rows = [r.embedding_row for r in self.searcher.rows if r.source and name_of(r) == item]
+            said = "names {n} items"
+        if not rows and (spelled := self._as_source(item)) != item:  # ./a.jpg, shirts\\a.jpg, its path on disk
+            rows = [r.embedding_row for r in self.searcher.rows if r.source == spelled]
             said = "names {n} items"
         if len(rows) > 1:
             listed = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")

@@ -61,6 +61,11 @@ class QuerySpec:
     def active(self) -> bool:
         return bool(self.images or self.texts)
 
+    @property
+    def weight_of_texts(self) -> float | None:
+        """The text weight Catalog.search_combined takes: a sum's; none for a rank fusion (refused there)."""
+        return self.text_weight if self.fusion == "sum" else None
+
 
 @dataclass(frozen=True)
 class EvalSpec:

@@ -524,3 +524,31 @@ def check_writable(path: str | Path, flag: str = "--output-dir", remedy: str = "
         raise PipelineError(
             f"output folder {path} is not writable: {e.strerror or e}. {remedy or f'Choose another with {flag}.'}"
         ) from e
+
+
+@contextmanager
+def stops_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back while a few file moves that must not be cut in two run (a clip's
+    results put in place of the last ones, and the report section naming them), then taken as they
+    would have been: a KeyboardInterrupt (main.py's SIGTERM handler raises its own) once the moves
+    are done. Off the main thread, where Python takes no signal, nothing is held."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[signal.Signals] = []
+    held = {s: signal.signal(s, lambda signum, frame: came.append(signal.Signals(signum)))
+            for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+    if came:
+        log.debug("a stop (signal %d) was held until the moves finished", came[0])
+        handler = held[came[0]]
+        if callable(handler) and handler not in (signal.default_int_handler,):
+            handler(came[0], None)
+        raise KeyboardInterrupt

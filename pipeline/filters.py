@@ -237,6 +237,9 @@ class _Parser:
             raise _point(self.text, t.at, f"expected a value, found {self._said(t)} before a text (a typed value "
                                           f"is one of {', '.join(sorted(TYPED_LITERALS)).upper()} 'text')")
         hint = f" (texts are quoted: '{str(t.value).replace(chr(39), chr(39) * 2)}')" if t.kind == "column" else ""
+        if t.kind == "column" and self.text[t.at:t.at + 1] == '"':  # "red": SQL's name of a column, not a text
+            hint = (f" (double quotes name a column, as in SQL; a text is in single quotes: "
+                    f"'{str(t.value).replace(chr(39), chr(39) * 2)}')")
         if t.kind == "null":
             hint = " (a missing value is tested with IS NULL, or IS NOT NULL)"
         raise _point(self.text, t.at, f"expected a value, found {self._said(t)}{hint}")

@@ -218,7 +218,7 @@ def combined_queries(cfg: RunConfig, catalog: Catalog, summary: RunSummary,
         for path in paths:
             try:
                 crops, _ = catalog.query_crops(path, segment=cfg.segmented, name=labels[path])
-                found = catalog.search_combined(path, q.texts, q.negative, cfg.top_k, q.fusion, q.text_weight,
+                found = catalog.search_combined(path, q.texts, q.negative, cfg.top_k, q.fusion, q.weight_of_texts,
                                                 segment=cfg.segmented, filter=cfg.filter, name=labels[path])
             except (ImageDecodeError, OSError) as e:
                 summary.fail(printable_name(str(path)), str(e))

@@ -273,7 +273,7 @@ class SearchService:
         catalog = catalog or self.current()
         if text.strip():
             q = self.cfg.query
-            found = catalog.search_combined(data, [text], (), k, q.fusion, q.text_weight, segment=segment,
+            found = catalog.search_combined(data, [text], (), k, q.fusion, q.weight_of_texts, segment=segment,
                                             name=name, filter=filter, group_by=group_by)
         else:
             found = catalog.search_image(data, k, segment=segment, name=name, filter=filter, group_by=group_by)

@@ -25,7 +25,7 @@ from .config import CLIP_SUFFIXES, RunConfig, VideoSpec
 from .derived import made_on, video_outputs
 from .embedders import Embedder, make_embedder, on_cuda
 from .errors import PipelineError, UsageError
-from .fileio import atomic_write_text, check_writable, printable_name, read_json_dict
+from .fileio import atomic_write_text, check_writable, printable_name, read_json_dict, stops_held
 from .filters import FilterError
 from .galleries import (
     Gallery,
@@ -507,6 +507,7 @@ class VideoRun:
         self.results: list[dict] = []
         self.times = dict.fromkeys(LOOP_STEPS, 0.0)
         self.n_frames = self.n_persons = self.n_empty = 0
+        self.n_unmasked = 0  # a segmented run's persons whom no segmented person overlapped: matched by their box
         self.annotated: Path | None = None  # the annotated video, once finished
         self.allowed: np.ndarray | None = None  # --filter: the items matches may come from
 
@@ -746,6 +747,11 @@ class VideoRun:
         if note := short_read_note(self.clip, read_frames, self.reader.seconds):
             log.warning("%s", note)
             summary.notes.append(note)
+        if self.n_unmasked:  # said, not passed over: these crops are boxes of background, not cut-outs
+            summary.notes.append(
+                f"{self.n_unmasked:,} of the {self.n_persons:,} persons had no mask (no person the segmenter found "
+                "overlapped the detector's box by IoU 0.5 or more): they were matched by their whole box, marked "
+                "\"masked\": false in results.jsonl")
         if self.n_frames and not self.n_persons:
             note = nobody_found_note(self.cfg.video, self.n_frames)
             log.warning("%s", note)
@@ -807,17 +813,18 @@ def run_video(cfg: RunConfig, detector: Detector | None = None, segmenter: Segme
     except BaseException:  # a stop or a failure midway: the last complete run's results stay, whole
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    out_dir = publish(cfg, run)
-    results_path = out_dir / "results.jsonl"
-    run.summarize(summary, tracks)
-    summary.outputs["frame pictures"] = f"{out_dir}/frame_*.jpg ({run.n_frames})"
-    summary.outputs["results"] = str(results_path)
-    summary.outputs["tracks"] = str(out_dir / "tracks.json")
-    if tracks:  # a contact sheet per track; none when nobody was found
-        summary.outputs["track sheets"] = f"{out_dir}/track_*.jpg ({len(tracks)})"
-    if run.annotated:
-        summary.outputs["annotated video"] = str(run.annotated)
-    write_video_section(cfg, summary, run, tracks)
+    with stops_held():  # the last results are replaced, and the report names the new ones, whole or not at all
+        out_dir = publish(cfg, run)
+        results_path = out_dir / "results.jsonl"
+        run.summarize(summary, tracks)
+        summary.outputs["frame pictures"] = f"{out_dir}/frame_*.jpg ({run.n_frames})"
+        summary.outputs["results"] = str(results_path)
+        summary.outputs["tracks"] = str(out_dir / "tracks.json")
+        if tracks:  # a contact sheet per track; none when nobody was found
+            summary.outputs["track sheets"] = f"{out_dir}/track_*.jpg ({len(tracks)})"
+        if run.annotated:
+            summary.outputs["annotated video"] = str(run.annotated)
+        write_video_section(cfg, summary, run, tracks)
     return summary
 
 
@@ -998,6 +1005,8 @@ def analyse(
         persons = with_masks(persons, segmenter.segment([rgb])[0])
     t2 = time.perf_counter()
     crops = person_crops(rgb, persons)
+    if segmenter is not None:
+        run.n_unmasked += sum(persons[k].mask is None for k in crops)
     images = {k: Image.fromarray(c) for k, c in crops.items()}
     vectors = embedder.embed(preprocess_batch(list(images.values()), embedder.preprocess_cfg)) if crops else None
     t3 = time.perf_counter()

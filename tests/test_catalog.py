@@ -297,7 +297,8 @@ def test_a_service_tells_a_requests_fault_from_its_own_by_the_class(built, tiny_
     assert not isinstance(fault.value, UsageError) and isinstance(fault.value, PipelineError)
 
 
-def test_a_catalog_opened_in_python_names_its_arguments_not_the_command_lines_flags(tiny_clip, tmp_path):
+def test_a_catalog_opened_in_python_names_its_arguments_not_the_command_lines_flags(tiny_clip, tmp_path,
+                                                                                      monkeypatch):
     """A programmer never typed --filter: `--filter: expected a value` named a flag of a tool they did not
     run. Catalog.open's catalogs name the argument; one the command line made keeps its flags."""
     from pipeline.errors import UsageError
@@ -328,6 +329,13 @@ def test_a_catalog_opened_in_python_names_its_arguments_not_the_command_lines_fl
     cat.speaks_python = False  # as the command line's own catalogs are
     with pytest.raises(FilterError, match=r"^--filter: expected a value, found 'cheap'"):
         cat.search_text("red", filter="price < cheap")
+    # "~/models/clip", as the README's commands write a model's folder: the home folder's, as a shell takes it
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "models").mkdir(parents=True)
+    (tmp_path / "home" / "models" / "clip").symlink_to(tiny_clip)
+    (tmp_path / "home" / "shop").symlink_to(out)
+    home = Catalog.open("~/shop", model="~/models/clip")
+    np.testing.assert_array_equal(home.search_text("red")[0].row, cat.search_text("red")[0].row)
 
 
 def test_the_duplicate_groups_handed_out_are_copies(tiny_onnx, tmp_path):
@@ -673,6 +681,10 @@ def test_an_item_of_a_folder_dataset_is_found_by_its_path_caption_or_name(tiny_o
     for asked, meant in (("front.jpg", "front.jpg"), ("SKU1/front.jpg", "SKU1/front.jpg"),  # sources, exactly
                          ("side.jpg", "SKU2/side.jpg"), ("x/SKU1/front.jpg", "x/SKU1/front.jpg")):
         assert cat._row_of(asked) == row[meant], asked
+    # as a user has the path at hand: ./, Windows' backslashes, the file's own path on disk
+    for asked in ("./x/SKU1/front.jpg", "x\\SKU1\\front.jpg", str(tmp_path / "photos" / "x" / "SKU1" / "front.jpg")):
+        assert cat.neighbours(asked, k=1)[0].row != row["x/SKU1/front.jpg"], asked  # its neighbour, not itself
+        assert cat._row_of(asked) == row["x/SKU1/front.jpg"], asked
     with pytest.raises(UsageError, match=r"'SKU3/a.jpg' names 2 items \(rows "):  # two captions alike
         cat.neighbours("SKU3/a.jpg", k=1)
     with pytest.raises(UsageError, match=r"its caption \(hit.shown_name\) or its file's name"):

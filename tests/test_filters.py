@@ -93,6 +93,8 @@ def test_a_missing_value_never_matches_even_negated(shop):
     [
         ("category = ", "expected a value, found the end of the filter", 10),
         ("category = dress", "expected a value, found 'dress' (texts are quoted: 'dress')", 11),
+        ('category = "dress"', "expected a value, found 'dress' (double quotes name a column, as in SQL; a text is "
+                               "in single quotes: 'dress')", 11),
         ("name = Product_5", "expected a value, found 'Product_5' (texts are quoted: 'Product_5')", 7),  # its own
         ("category == 'dress'", "expected a value, found '='", 10),
         ("(category = 'dress'", "expected ')', found the end of the filter", 19),

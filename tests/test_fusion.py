@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline import Catalog
+from pipeline.errors import UsageError
 from pipeline.preprocess import PreprocessConfig
 from pipeline.searcher import Searcher, combine
 from pipeline.store import load_cache
@@ -61,10 +62,13 @@ def test_the_combined_query_finds_what_neither_part_ranks_first(catalog):
     picture = assets.jpeg_bytes(40, 56, seed=1)
     assert first(catalog.search_image(picture, k=3)[0].hits) == 0
     assert first(catalog.search_text("in red", k=3)) == 1
-    for fusion, weight in (("sum", 1.0), ("rrf", 0.5)):
+    for fusion, weight in (("sum", 1.0), ("rrf", None)):
         hits = catalog.search_combined(picture, ["in red"], k=3, fusion=fusion, text_weight=weight)[0].hits
         assert first(hits) == 2, fusion
         assert [h.rank for h in hits] == [1, 2, 3]
+    # a weight given to a rank fusion was taken and changed nothing: refused, as the command line's
+    with pytest.raises(UsageError, match=r"^text_weight is fusion='sum''s: a rank fusion weighs the picture's"):
+        catalog.search_combined(picture, ["in red"], k=3, fusion="rrf", text_weight=-3)
     # the weight matters: with the text at 0.5 the picture still wins the sum
     assert first(catalog.search_combined(picture, ["in red"], k=3, text_weight=0.5)[0].hits) == 0
 

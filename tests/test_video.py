@@ -889,6 +889,12 @@ def test_a_segmented_gallerys_matches_name_the_crops_person(clip_dir, tiny_onnx,
     tracks = tracks["tracks"] if isinstance(tracks, dict) else tracks
     matches = [m for r in res for p in r["persons"] for m in p["matches"]] + [m for t in tracks for m in t["matches"]]
     assert matches and {m["person"] for m in matches} == {0, 1}  # images 1, 4: one person; 2, 5: two
+    # a person the segmenter did not find is matched by its box: counted, not passed over
+    unmasked = sum(not p["masked"] for r in res for p in r["persons"])
+    notes = read_section(out / "outputs", "video_clip_1")["summary"]["notes"]
+    persons = sum(len(r["persons"]) for r in res)
+    assert unmasked and f"{unmasked:,} of the {persons:,} persons had no mask (no person the segmenter found " in (
+        " ".join(notes))  # (the stand-in segmenter's persons lie elsewhere than the stand-in detector's)
     names = {video.match_name(m) for m in matches}
     assert names == {f"people[{m['source_row']}]#p{m['person']}" for m in matches}
     manifest = list(csv.DictReader((out / "embeddings_segment" / "manifest.csv").open(newline="")))
@@ -1220,3 +1226,38 @@ def test_a_clip_against_a_cache_never_built_is_refused_before_a_model_loads(clip
     assert cli.main(args) == 1
     err = capsys.readouterr().err
     assert "no complete cache in" in err and "Build it first: run the same command without --use-embeddings" in err
+
+
+def test_a_stop_while_a_clips_results_are_put_in_place_waits_for_the_moves(clip_dir, tiny_onnx, tmp_path,
+                                                                          monkeypatch):
+    """Ctrl-C (or SIGTERM) while the last results were unlinked and the new ones not yet all moved in
+    left the clip's folder with neither (the new ones in .partial, which the next run deletes): the
+    stop is taken once the results and their report section are in place."""
+    import os
+    import signal
+
+    ds = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(40, 60, seed=i) for i in range(4)])
+    monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
+    out = tmp_path / "out"
+    assert cli.main(_video_argv(clip_dir, ds, tiny_onnx, out, "-q")) == 0
+    folder = out / "video_results" / "clip_1"
+    before = sorted(p.name for p in folder.iterdir())
+    real_replace, real_publish, moved = os.replace, video.publish, []
+
+    def replace(a, b):  # the third file's move: a Ctrl-C comes
+        moved.append(b)
+        if len(moved) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_replace(a, b)
+
+    def publish(*args):
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", replace)
+            return real_publish(*args)
+
+    monkeypatch.setattr(video, "publish", publish)
+    assert cli.main(_video_argv(clip_dir, ds, tiny_onnx, out, "-q", "--use-embeddings")) == 130
+    assert len(moved) > 3 and sorted(p.name for p in folder.iterdir()) == before  # every new file in place
+    from pipeline.webreport import read_section
+
+    assert read_section(out / "outputs", "video_clip_1") is not None  # and the report names them
