@@ -452,6 +452,8 @@ class Catalog:
         group_by: a metadata column, one result per value of it ("" : each photo; None: as the
         catalog was opened)."""
         k = self._k(k)
+        if np.iscomplexobj(vectors):  # its imaginary part would be dropped with a ComplexWarning alone
+            raise UsageError("query vectors are real numbers, float32 (D,) or (Q, D): these are complex")
         try:
             q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         except (TypeError, ValueError) as e:
@@ -493,6 +495,10 @@ class Catalog:
         whole picture is decoded as the gallery's photos were (a JPEG at a reduced DCT scale when the
         model's size allows), so that a photo of the gallery gets the pixels, and so the vector, it has
         there; a picture to segment is decoded whole, as the gallery's photos to segment were."""
+        if not isinstance(segment, (bool, np.bool_)):  # segment="yes" was taken as True
+            raise UsageError(f"segment={segment!r}: True or False")
+        if name is not None and not isinstance(name, str):  # name=5 labelled the result with a number
+            raise UsageError(f"name={name!r}: the query's label, a text")
         if isinstance(picture, Image.Image):  # as a decoded file's: upright by its EXIF, alpha on white
             try:
                 image = to_rgb(ImageOps.exif_transpose(picture))

@@ -284,6 +284,9 @@ def test_a_service_tells_a_requests_fault_from_its_own_by_the_class(built, tiny_
         lambda: cat.neighbours("nope.jpg"),
         lambda: Catalog.open(None),  # type: ignore[arg-type]
         lambda: Catalog.open(out, dedup="no"),  # type: ignore[arg-type]
+        lambda: cat.search_image(picture, segment="yes"),  # type: ignore[arg-type]  # it loaded a segmenter
+        lambda: cat.search_image(picture, name=5),  # type: ignore[arg-type]  # a number as the result's label
+        lambda: cat.search_vectors(cat.embeddings[0].astype(complex)),  # its imaginary part dropped, warned alone
     ]
     for ask in wrong:
         with pytest.raises(UsageError):
