@@ -546,9 +546,10 @@ def stops_held() -> Iterator[None]:
     finally:
         for s, handler in held.items():
             signal.signal(s, handler)
+    came = [s for s in came if held[s] is not signal.SIG_IGN]  # a signal the process ignores stays ignored
     if came:
         log.debug("a stop (signal %d) was held until the moves finished", came[0])
         handler = held[came[0]]
-        if callable(handler) and handler not in (signal.default_int_handler,):
-            handler(came[0], None)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(came[0], None)  # main.py's SIGTERM handler: its own exception, exit 143
         raise KeyboardInterrupt

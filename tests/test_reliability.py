@@ -643,3 +643,39 @@ def test_a_full_disk_is_said_once_with_its_way_on(tmp_path):
     assert said.endswith("Choose another with --output-dir. Free space; complete shards are kept; run the same "
                          "command again to resume")
     assert disk_full_said("a model error", OSError(errno.EACCES, "Permission denied"), cfg) == "a model error"
+
+
+def test_stops_held_are_taken_after_the_moves_as_they_would_have_been(monkeypatch):
+    """fileio.stops_held: a Ctrl-C or SIGTERM inside lets the block finish, then is raised as the
+    process takes it (KeyboardInterrupt; the SIGTERM handler's own exception); a signal the process
+    ignores stays ignored; the handlers are put back."""
+    import os
+    import signal
+
+    from pipeline.fileio import stops_held
+
+    class Term(Exception):
+        pass
+
+    def term(signum, frame):
+        raise Term()
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, term)
+        for sig, taken in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Term)):
+            finished = []
+            with pytest.raises(taken):
+                with stops_held():
+                    os.kill(os.getpid(), sig)
+                    finished.append(sig)
+            assert finished == [sig]
+        assert signal.getsignal(signal.SIGTERM) is term
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with stops_held():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
