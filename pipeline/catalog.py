@@ -315,7 +315,8 @@ class Catalog:
         # "~/models/fashion-clip", as the README's commands write it (a shell expands it; a hub id never starts so)
         model, onnx, seg_model = (os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
                                   for v in (model, onnx, seg_model))
-        folder = os.path.expanduser(folder) if isinstance(folder, str) and folder.startswith("~") else folder
+        if isinstance(folder, (str, os.PathLike)) and os.fspath(folder).startswith("~"):
+            folder = os.path.expanduser(os.fspath(folder))
         threads = int(threads) if isinstance(threads, np.integer) else threads
         if not isinstance(dedup, (bool, np.bool_)) and dedup not in (0, 1):  # dedup="no" was taken as True
             raise UsageError(f"dedup={dedup!r}: True or False")
@@ -630,20 +631,22 @@ class Catalog:
             held = f"has rows 0..{len(self) - 1}" if len(self) else "is empty"
             raise UsageError(f"no item {row}: the store {held}")
 
-    def _as_source(self, item: str) -> str:
-        """A photo's path as a folder dataset's sources spell it: `/` between folders, no leading `./`,
-        and a path on disk inside the dataset's folder relative to that folder (as metadata.csv's
-        file names are read)."""
+    def _as_source(self, item: str) -> list[str]:
+        """A photo's path as a folder dataset's sources may spell it, other than `item`: `/` between
+        folders, no leading `./`, and a path on disk inside the dataset's folder relative to that
+        folder, or to its split's folder (train/, as a split dataset's sources are)."""
         spelled = item.replace("\\", "/")
         while spelled.startswith("./"):
             spelled = spelled[2:]
-        dataset = self.cache.sidecar.source.dataset
-        if dataset and os.path.isabs(spelled) and Path(dataset).is_dir():
+        source = self.cache.sidecar.source
+        if source.dataset and os.path.isabs(spelled) and Path(source.dataset).is_dir():
             try:
-                spelled = Path(spelled).resolve().relative_to(Path(dataset).resolve()).as_posix()
+                spelled = Path(spelled).resolve().relative_to(Path(source.dataset).resolve()).as_posix()
             except (ValueError, OSError):
                 pass
-        return spelled
+        split = f"{source.split}/" if source.split else None
+        ways = [spelled] + ([spelled[len(split):]] if split and spelled.startswith(split) else [])
+        return [w for w in ways if w != item]
 
     def _row_of(self, item: Whole | str | Path) -> int:
         if isinstance(item, Path):
@@ -660,9 +663,11 @@ class Catalog:
                 break
             rows = [r.embedding_row for r in self.searcher.rows if r.source and name_of(r) == item]
             said = "names {n} items"
-        if not rows and (spelled := self._as_source(item)) != item:  # ./a.jpg, shirts\\a.jpg, its path on disk
+        for spelled in self._as_source(item) if not rows else ():  # ./a.jpg, shirts\\a.jpg, its path on disk
             rows = [r.embedding_row for r in self.searcher.rows if r.source == spelled]
             said = "names {n} items"
+            if rows:
+                break
         if len(rows) > 1:
             listed = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
             raise UsageError(f"{item!r} {said.format(n=len(rows))} (rows {listed}): ask for one by its row, e.g. "

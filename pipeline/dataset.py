@@ -801,7 +801,10 @@ def _unpictured_type(typed: Any, column: str) -> str | None:
     except ImportError:  # pragma: no cover - pyarrow comes with datasets
         return None
     if isinstance(typed, pa.Schema):
-        kind = typed.field(column).type
+        try:
+            kind = typed.field(column).type
+        except KeyError:  # a name the file holds twice: its cells are read as before, each row said
+            return None
     else:  # datasets Features: its arrow type (an Image feature is a struct of bytes and path)
         try:
             kind = typed.arrow_schema.field(column).type

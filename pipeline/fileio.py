@@ -545,7 +545,7 @@ def stops_held() -> Iterator[None]:
         yield
     finally:
         for s, handler in held.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: one set outside Python
     came = [s for s in came if held[s] is not signal.SIG_IGN]  # a signal the process ignores stays ignored
     if came:
         log.debug("a stop (signal %d) was held until the moves finished", came[0])

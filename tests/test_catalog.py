@@ -337,7 +337,7 @@ def test_a_catalog_opened_in_python_names_its_arguments_not_the_command_lines_fl
     (tmp_path / "home" / "models").mkdir(parents=True)
     (tmp_path / "home" / "models" / "clip").symlink_to(tiny_clip)
     (tmp_path / "home" / "shop").symlink_to(out)
-    home = Catalog.open("~/shop", model="~/models/clip")
+    home = Catalog.open(Path("~/shop"), model="~/models/clip")
     np.testing.assert_array_equal(home.search_text("red")[0].row, cat.search_text("red")[0].row)
 
 
@@ -688,6 +688,15 @@ def test_an_item_of_a_folder_dataset_is_found_by_its_path_caption_or_name(tiny_o
     for asked in ("./x/SKU1/front.jpg", "x\\SKU1\\front.jpg", str(tmp_path / "photos" / "x" / "SKU1" / "front.jpg")):
         assert cat.neighbours(asked, k=1)[0].row != row["x/SKU1/front.jpg"], asked  # its neighbour, not itself
         assert cat._row_of(asked) == row["x/SKU1/front.jpg"], asked
+    # a dataset of split folders: its sources are its split's (SKU1/a.jpg of train/SKU1/a.jpg)
+    for seed, name in enumerate(("train/SKU1/a.jpg", "train/SKU2/b.jpg", "test/SKU3/c.jpg")):
+        (tmp_path / "split" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "split" / name).write_bytes(assets.jpeg_bytes(60, 80, seed=seed))
+    assert cli.main(["--dataset", str(tmp_path / "split"), "--onnx", str(tiny_onnx), "--output-dir",
+                     str(tmp_path / "split-out"), "--max-result-images", "0", "-q"]) == 0
+    split = Catalog.open(tmp_path / "split-out", onnx=str(tiny_onnx))
+    assert [i.source for i in split.items] == ["SKU1/a.jpg", "SKU2/b.jpg"]
+    assert split._row_of(str(tmp_path / "split" / "train" / "SKU2" / "b.jpg")) == 1
     with pytest.raises(UsageError, match=r"'SKU3/a.jpg' names 2 items \(rows "):  # two captions alike
         cat.neighbours("SKU3/a.jpg", k=1)
     with pytest.raises(UsageError, match=r"its caption \(hit.shown_name\) or its file's name"):

@@ -413,3 +413,9 @@ def test_an_image_column_of_numbers_is_refused_before_any_row_is_read(tmp_path):
         recs = list(iter_records(DatasetSpec(str(where), image_column="link")))
         assert [r.source for r in recs] == ["a.jpg", "b.jpg", "c.jpg"] and all(r.error for r in recs)
     assert len(list(iter_records(DatasetSpec(str(folder))))) == 3
+    # a file that names a column twice is read as before (its pictures' column is not told from the other)
+    import pyarrow as pa
+
+    from pipeline.dataset import check_columns
+
+    check_columns(DatasetSpec("x"), pa.schema([("image", pa.binary()), ("image", pa.float64())]))
