@@ -223,11 +223,17 @@ _PYTHON_WORDS = (
 )
 
 
-def _python_words(said: str) -> str:
-    """A refusal's words with the API's argument names for the command line's flags."""
+def _said_in_python(e: PipelineError) -> PipelineError | None:
+    """The refusal with the API's argument names for the command line's flags (its class and
+    attributes, a CacheMismatchError's, kept); None when it names no flag."""
+    said = str(e)
     for flag, word in _PYTHON_WORDS:
         said = flag.sub(word, said)
-    return said
+    if said == str(e):
+        return None
+    again = copy.copy(e)
+    again.args = (said, *e.args[1:])
+    return again
 
 
 def _in_python(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[Catalog, P], R]:
@@ -241,11 +247,9 @@ def _in_python(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concate
         except PipelineError as e:
             if not self.speaks_python:
                 raise
-            said = _python_words(str(e))
-            if said == str(e):
+            again = _said_in_python(e)
+            if again is None:
                 raise
-            again = copy.copy(e)  # its class and attributes (a CacheMismatchError's), its words in Python's
-            again.args = (said, *e.args[1:])
             raise again from e.__cause__
 
     return said_in_python
@@ -334,7 +338,10 @@ class Catalog:
         try:
             searcher.group_by(group_by)
         except PipelineError as e:  # said with the argument's name, as a query's group_by is
-            raise type(e)(_python_words(str(e)), *e.args[1:]) from e.__cause__
+            again = _said_in_python(e)
+            if again is None:
+                raise
+            raise again from e.__cause__
         try:
             spec = store_embedder_spec(cache.sidecar.identity, cache.root, model, onnx, device, threads,
                                        cache.sidecar.onnx_file)

@@ -777,8 +777,11 @@ def check_columns(spec: DatasetSpec, names: Any, flags: dict[str | None, str] | 
     picture: a column of numbers named by --image-column is refused here, not found by failing every row."""
     hints = {spec.image_column: "Choose one with --image-column.", spec.id_column: "Choose one with --id-column.",
              **(flags or {})}
-    typed = names if not isinstance(names, list) else None
-    names = list(names.names if hasattr(names, "names") and not isinstance(names, dict) else names)
+    import pyarrow as pa
+
+    typed = getattr(names, "arrow_schema", names)  # a datasets Features: its arrow schema, made once
+    typed = typed if isinstance(typed, pa.Schema) else None
+    names = list(typed.names if typed is not None else names)
     for col in spec.columns:
         if col not in names:
             hint = hints.get(col, "Check the evaluation column names.")
@@ -794,22 +797,14 @@ def check_columns(spec: DatasetSpec, names: Any, flags: dict[str | None, str] | 
 
 
 def _unpictured_type(typed: Any, column: str) -> str | None:
-    """The type of `column` in a pyarrow schema or datasets Features when it cannot hold a picture
-    (as _record_from_cell reads one: bytes, a path, or a struct of bytes and/or path), else None."""
+    """The type of `column` in a pyarrow schema when it cannot hold a picture (as _record_from_cell
+    reads one: bytes, a path, or a struct of bytes and/or path: an Image feature's), else None."""
+    import pyarrow as pa
+
     try:
-        import pyarrow as pa
-    except ImportError:  # pragma: no cover - pyarrow comes with datasets
+        kind = typed.field(column).type
+    except KeyError:  # a name the file holds twice: its cells are read as before, each row said
         return None
-    if isinstance(typed, pa.Schema):
-        try:
-            kind = typed.field(column).type
-        except KeyError:  # a name the file holds twice: its cells are read as before, each row said
-            return None
-    else:  # datasets Features: its arrow type (an Image feature is a struct of bytes and path)
-        try:
-            kind = typed.arrow_schema.field(column).type
-        except (AttributeError, KeyError, TypeError):
-            return None
     if (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_string(kind)
             or pa.types.is_large_string(kind) or pa.types.is_null(kind) or pa.types.is_dictionary(kind)
             or pa.types.is_fixed_size_binary(kind) or getattr(pa.types, "is_binary_view", lambda _: False)(kind)

@@ -1235,6 +1235,7 @@ def test_a_stop_while_a_clips_results_are_put_in_place_waits_for_the_moves(clip_
     stop is taken once the results and their report section are in place."""
     import os
     import signal
+    import time
 
     ds = assets.write_parquet_dataset(tmp_path / "ds", [assets.jpeg_bytes(40, 60, seed=i) for i in range(4)])
     monkeypatch.setattr(video, "UltralyticsDetector", FakeDetector)
@@ -1256,8 +1257,11 @@ def test_a_stop_while_a_clips_results_are_put_in_place_waits_for_the_moves(clip_
             return real_publish(*args)
 
     monkeypatch.setattr(video, "publish", publish)
+    time.sleep(0.2)
+    started = time.time() - 0.05  # the file system's clock may lag a tick
     assert cli.main(_video_argv(clip_dir, ds, tiny_onnx, out, "-q", "--use-embeddings")) == 130
     assert len(moved) > 3 and sorted(p.name for p in folder.iterdir()) == before  # every new file in place
+    assert all(p.stat().st_mtime >= started for p in folder.iterdir()), "an earlier run's file left in place"
     from pipeline.webreport import read_section
 
     assert read_section(out / "outputs", "video_clip_1") is not None  # and the report names them
